@@ -1,0 +1,32 @@
+# Local development and CI entry points. `make run` and `make test` are the two commands.
+PORT ?= 8000
+PYTEST_ARGS ?=
+PY := .venv/bin/python
+
+.PHONY: setup migrate run test clean
+
+setup:
+	bash scripts/setup.sh
+
+migrate: setup
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py setup_periodic_tasks
+	$(PY) manage.py collectstatic --noinput -v0
+
+run: migrate
+	$(PY) manage.py seed_demo
+	@echo ""
+	@echo "Admin (ops console): http://127.0.0.1:$(PORT)/admin/"
+	@echo "API docs:            http://127.0.0.1:$(PORT)/v2/docs/"
+	@echo "Ops login:           ops / $${DEMO_OPS_PASSWORD:-ops}"
+	@echo ""
+	rm -rf var/prometheus && mkdir -p var/prometheus
+	HTTP_PORT=$(PORT) PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus exec .venv/bin/honcho start -f Procfile
+
+# pytest-django creates its own test database, so no migrate here.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

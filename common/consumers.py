@@ -1,0 +1,75 @@
+"""Socket plumbing shared by consumers: token auth from the query string, origin checks."""
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.security.websocket import OriginValidator
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+
+
+def query_param(scope, name: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin1")).get(name)
+    return values[0] if values else None
+
+
+@database_sync_to_async
+def _user_for_token(key: str):
+    from rest_framework.authtoken.models import Token
+
+    token = Token.objects.select_related("user").filter(key=key).first()
+    if token is None or not token.user.is_active:
+        return None
+    return token.user
+
+
+class QueryTokenAuthMiddleware:
+    """Sets scope["user"] from `?token=<api token>` when present (else keeps the session user)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        key = query_param(scope, "token")
+        if key and len(key) <= 64:
+            user = await _user_for_token(key)
+            scope = dict(scope, user=user or AnonymousUser(), token_invalid=user is None)
+        return await self.app(scope, receive, send)
+
+
+class ApiOriginValidator(OriginValidator):
+    """Browsers must come from an allowed host; clients that send no Origin (apps, servers)
+    are allowed through and must authenticate with a token like any API client."""
+
+    def valid_origin(self, parsed_origin):
+        if parsed_origin is None:
+            return True
+        return self.validate_origin(parsed_origin)
+
+
+def origin_validator(app):
+    hosts = list(settings.ALLOWED_HOSTS)
+    return ApiOriginValidator(app, ["*"] if "*" in hosts else hosts)
+
+
+class RelayConsumer(AsyncJsonWebsocketConsumer):
+    """A consumer that only relays group events to its socket (STYLE rule 7)."""
+
+    groups_to_join: list[str]
+
+    async def relay(self, message):
+        await self.send_json(message["event"])
+
+    async def join(self, groups: list[str]) -> None:
+        self.groups_to_join = groups
+        for group in groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+
+    async def disconnect(self, code):
+        for group in getattr(self, "groups_to_join", []):
+            await self.channel_layer.group_discard(group, self.channel_name)

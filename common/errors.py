@@ -1,0 +1,109 @@
+"""The one error body of the API: {statusCode, timestamp, path, message, error, details?}."""
+from __future__ import annotations
+
+import logging
+from datetime import timezone as dt_timezone
+from http import HTTPStatus
+
+from django.core.exceptions import PermissionDenied, ValidationError as DjangoValidationError
+from django.db import DatabaseError
+from django.http import Http404, JsonResponse
+from django.utils import timezone
+from rest_framework import exceptions
+from rest_framework.response import Response
+from rest_framework.views import set_rollback
+
+logger = logging.getLogger(__name__)
+
+
+def iso_now() -> str:
+    return iso(timezone.now())
+
+
+def error_body(status_code: int, path: str, message: str, details=None) -> dict:
+    try:
+        reason = HTTPStatus(status_code).phrase
+    except ValueError:
+        reason = "Error"
+    body = {
+        "statusCode": status_code,
+        "timestamp": iso_now(),
+        "path": path,
+        "message": message,
+        "error": reason,
+    }
+    if details is not None:
+        body["details"] = details
+    return body
+
+
+def error_response(request, status_code: int, message: str, details=None) -> JsonResponse:
+    return JsonResponse(error_body(status_code, request.get_full_path(), message, details), status=status_code)
+
+
+def _flatten_message(detail) -> str:
+    """A readable one-line message from DRF's nested error detail."""
+    if isinstance(detail, dict):
+        parts = []
+        for field, value in detail.items():
+            text = _flatten_message(value)
+            parts.append(text if field in ("non_field_errors", "detail") else f"{field}: {text}")
+        return "; ".join(parts)
+    if isinstance(detail, list):
+        return " ".join(_flatten_message(v) for v in detail)
+    return str(detail)
+
+
+def _plain(detail):
+    if isinstance(detail, dict):
+        return {k: _plain(v) for k, v in detail.items()}
+    if isinstance(detail, list):
+        return [_plain(v) for v in detail]
+    return str(detail)
+
+
+def exception_handler(exc, context):
+    request = context.get("request")
+    path = request.get_full_path() if request is not None else ""
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    elif isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    elif isinstance(exc, DatabaseError) and _is_unavailable(exc):
+        logger.warning("database unavailable: %s", exc)
+        exc = exceptions.APIException("The database is unavailable.")
+        exc.status_code = 503
+
+    if not isinstance(exc, exceptions.APIException):
+        return None
+
+    headers = {}
+    if getattr(exc, "auth_header", None):
+        headers["WWW-Authenticate"] = exc.auth_header
+    if getattr(exc, "wait", None):
+        headers["Retry-After"] = "%d" % exc.wait
+
+    details = None
+    if isinstance(exc, exceptions.ValidationError):
+        details = _plain(exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail})
+        message = "Validation failed: " + _flatten_message(exc.detail)
+    else:
+        message = _flatten_message(exc.detail)
+    set_rollback()
+    return Response(error_body(exc.status_code, path, message, details), status=exc.status_code, headers=headers)
+
+
+def _is_unavailable(exc: DatabaseError) -> bool:
+    from django.db import OperationalError, InterfaceError
+
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
+def iso(dt) -> str | None:
+    """ISO 8601 UTC with a Z, as on the wire."""
+    if dt is None:
+        return None
+    value = dt.astimezone(dt_timezone.utc).isoformat() if dt.tzinfo else dt.isoformat()
+    return value[:-6] + "Z" if value.endswith("+00:00") else value

@@ -1,0 +1,124 @@
+"""`Idempotency-Key` on POSTs: the same key from the same caller within the TTL replays the
+first response and has no second effect; the same key with another body is a 409.
+
+The record is claimed (inserted with no response yet) before the view runs, so two
+concurrent requests with one key cannot both execute: the second sees the claim and gets 409.
+A response of 5xx or 429 releases the claim so that the caller can retry.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.http import HttpResponse
+from django.utils import timezone
+
+from common.errors import error_response
+from common.models import IdempotencyRecord
+
+logger = logging.getLogger(__name__)
+
+HEADER = "HTTP_IDEMPOTENCY_KEY"
+MAX_KEY_LENGTH = 255
+
+
+def _caller(request) -> str:
+    auth = request.META.get("HTTP_AUTHORIZATION")
+    if auth:
+        return "auth:" + hashlib.sha256(auth.encode("utf-8", "surrogatepass")).hexdigest()
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return f"user:{user.pk}"
+    return "anon:" + request.META.get("REMOTE_ADDR", "")
+
+
+def _request_hash(request) -> str:
+    h = hashlib.sha256()
+    h.update(request.method.encode())
+    h.update(b"\0")
+    h.update(request.get_full_path().encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+    h.update(request.body)
+    return h.hexdigest()
+
+
+class IdempotencyMiddleware:
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        key = request.META.get(HEADER)
+        if request.method != "POST" or key is None or not request.path.startswith("/v2/"):
+            return self.get_response(request)
+        key = key.strip()
+        if not key or len(key) > MAX_KEY_LENGTH:
+            return error_response(request, 400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.")
+
+        caller = _caller(request)
+        digest = _request_hash(request)
+        now = timezone.now()
+        record, replay = self._claim(request, caller, key, digest, now)
+        if replay is not None:
+            return replay
+
+        response = self.get_response(request)
+        try:
+            if response.status_code >= 500 or response.status_code == 429 or getattr(response, "streaming", False):
+                IdempotencyRecord.objects.filter(pk=record.pk).delete()
+            else:
+                IdempotencyRecord.objects.filter(pk=record.pk).update(
+                    status_code=response.status_code,
+                    response_body=bytes(response.content),
+                    content_type=response.get("Content-Type", ""),
+                )
+        except Exception:
+            logger.warning("idempotency record %s not saved", key, exc_info=True)
+        return response
+
+    def _claim(self, request, caller, key, digest, now):
+        ttl = timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
+        for _ in range(2):
+            try:
+                with transaction.atomic():
+                    record = IdempotencyRecord.objects.create(
+                        caller=caller, key=key, method=request.method, path=request.path[:500],
+                        request_hash=digest, created_at=now,
+                    )
+                return record, None
+            except IntegrityError:
+                existing = IdempotencyRecord.objects.filter(caller=caller, key=key).first()
+                if existing is None:
+                    continue  # released between our insert and read: try again
+                if existing.created_at < now - ttl:
+                    IdempotencyRecord.objects.filter(pk=existing.pk, created_at=existing.created_at).delete()
+                    continue
+                if existing.request_hash != digest:
+                    return None, error_response(
+                        request, 409, "This Idempotency-Key was used with a different request."
+                    )
+                if existing.status_code is None:
+                    return None, error_response(
+                        request, 409, "A request with this Idempotency-Key is still being processed."
+                    )
+                replay = HttpResponse(
+                    bytes(existing.response_body or b""),
+                    status=existing.status_code,
+                    content_type=existing.content_type or "application/json",
+                )
+                replay["Idempotent-Replayed"] = "true"
+                return None, replay
+        return None, error_response(request, 409, "This Idempotency-Key could not be claimed; retry.")
+
+
+def purge_expired_idempotency_records(*, now=None, batch_size: int = 5000) -> int:
+    """Delete records older than the TTL, in bounded batches. Returns how many were deleted."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS)
+    ids = list(IdempotencyRecord.objects.filter(created_at__lt=cutoff).values_list("pk", flat=True)[:batch_size])
+    if not ids:
+        return 0
+    deleted, _ = IdempotencyRecord.objects.filter(pk__in=ids).delete()
+    return deleted

@@ -1,0 +1,45 @@
+"""Prometheus metrics. Under several processes set PROMETHEUS_MULTIPROC_DIR (see docs)."""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+HTTP_REQUESTS = Counter(
+    "http_requests_total", "HTTP requests by method, route and status.", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "HTTP request latency by method and route.",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+def observe_http(method: str, route: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_LATENCY.labels(method, route).observe(seconds)
+
+
+_scrape_collectors = []
+
+
+def register_scrape_collector(collector) -> None:
+    """Collectors computed from the database at scrape time (gauges correct across processes)."""
+    _scrape_collectors.append(collector)
+
+
+def render() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY as registry  # noqa: N811
+    output = generate_latest(registry)
+    if _scrape_collectors:
+        extra = CollectorRegistry()
+        for c in _scrape_collectors:
+            extra.register(c)
+        output += generate_latest(extra)
+    return output, CONTENT_TYPE_LATEST

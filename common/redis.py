@@ -1,0 +1,34 @@
+"""One Redis client per process for derived state (GEO index, caches, throttles)."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_clients: dict[str, redis.Redis] = {}
+
+# What a Redis call raises when Redis is down or slow; callers catch this and degrade.
+RedisUnavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+def get_redis() -> redis.Redis:
+    url = settings.REDIS_URL
+    client = _clients.get(url)
+    if client is None:
+        with _lock:
+            client = _clients.get(url)
+            if client is None:
+                client = redis.Redis.from_url(
+                    url,
+                    socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+                    socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT,
+                    health_check_interval=30,
+                    decode_responses=True,
+                )
+                _clients[url] = client
+    return client

@@ -1,0 +1,10 @@
+"""The periodic schedule, declared once; `manage.py setup_periodic_tasks` installs it into
+django-celery-beat (which ops can then inspect and tune in the admin)."""
+
+# name: (task, every N seconds, options)
+PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
+    "purge idempotency records": ("common.purge_idempotency_records", 3600, {"expires": 3000}),
+}
+
+# Names of tasks we manage start with this, so stale ones can be removed safely.
+MANAGED_PREFIX = "[dispatch] "

@@ -1,0 +1,1 @@
+"""Settings modules: base (every environment) and test."""

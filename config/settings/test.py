@@ -1,0 +1,22 @@
+"""Test settings: the same real services, with a separate Redis database and prefixes."""
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+
+def _test_redis_url() -> str:
+    explicit = os.environ.get("TEST_REDIS_URL")
+    if explicit:
+        return explicit
+    parts = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    return urlunsplit((parts.scheme, parts.netloc, "/15", "", ""))
+
+
+os.environ["REDIS_URL"] = _test_redis_url()
+
+from .base import *  # noqa: E402,F401,F403
+from .base import CHANNEL_LAYERS, REST_FRAMEWORK, env  # noqa: E402
+
+CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = "test-asgi"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=True)
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"anon": "100000/min", "user": "100000/min"}

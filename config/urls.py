@@ -1,0 +1,31 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from common.views import AuthTokenView, health, prometheus_metrics
+from dispatch.api import views as dispatch_views
+
+api = [
+    path("auth/token", AuthTokenView.as_view(), name="auth-token"),
+    path("drivers", dispatch_views.DriverListCreateView.as_view(), name="drivers"),
+    path("drivers/<uuid:driver_id>", dispatch_views.DriverDetailView.as_view(), name="driver-detail"),
+    path(
+        "drivers/<uuid:driver_id>/deliveries/<uuid:delivery_id>/<str:step>",
+        dispatch_views.DeliveryStepView.as_view(),
+        name="driver-delivery-step",
+    ),
+    path("deliveries", dispatch_views.DeliveryListCreateView.as_view(), name="deliveries"),
+    path("deliveries/<uuid:delivery_id>", dispatch_views.DeliveryDetailView.as_view(), name="delivery-detail"),
+    path("deliveries/<uuid:delivery_id>/cancel", dispatch_views.DeliveryCancelView.as_view(), name="delivery-cancel"),
+    path("admin/deliveries/<uuid:delivery_id>/audit", dispatch_views.DeliveryAuditView.as_view(), name="delivery-audit"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+]
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("health/", health, name="health"),
+    path("health", health),
+    path("metrics", prometheus_metrics, name="metrics"),
+    path("v2/", include(api)),
+]

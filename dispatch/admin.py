@@ -1,0 +1,123 @@
+"""Ops console for drivers, deliveries and assignments. Actions call services."""
+from django.contrib import admin, messages
+from django.contrib.gis.admin import GISModelAdmin
+
+from audit.models import DeliveryAuditLog
+from availability.models import DriverAvailabilityHistory
+from common.actors import Actor
+from common.exceptions import Conflict, NotFound
+from dispatch import services
+from dispatch.models import Assignment, Delivery, Driver
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class AuditInline(ReadOnlyInline):
+    model = DeliveryAuditLog
+    fields = ("timestamp", "event_type", "actor_type", "actor_id", "details")
+    readonly_fields = fields
+    ordering = ("timestamp",)
+
+
+class AssignmentInline(ReadOnlyInline):
+    model = Assignment
+    fk_name = "delivery"
+    fields = ("driver", "status", "created_at", "ended_at", "end_reason")
+    readonly_fields = fields
+
+
+class DriverAssignmentInline(AssignmentInline):
+    fk_name = "driver"
+    fields = ("delivery", "status", "created_at", "ended_at", "end_reason")
+    readonly_fields = fields
+
+
+class AvailabilityHistoryInline(ReadOnlyInline):
+    model = DriverAvailabilityHistory
+    fields = ("timestamp", "from_state", "to_state", "reason", "actor_type", "actor_id")
+    readonly_fields = fields
+    ordering = ("-timestamp",)
+
+
+@admin.register(Driver)
+class DriverAdmin(GISModelAdmin):
+    list_display = ("name", "phone", "vehicle_type", "availability", "availability_until", "location_recorded_at", "rating")
+    list_filter = ("availability", "vehicle_type")
+    search_fields = ("name", "phone", "user__username", "id")
+    list_select_related = ("user",)
+    readonly_fields = (
+        "id", "user", "availability", "availability_until", "availability_reason", "last_availability_change",
+        "availability_change_actor", "availability_change_actor_type", "location_recorded_at", "created_at", "updated_at",
+    )
+    fieldsets = (
+        (None, {"fields": ("id", "user", "name", "phone", "vehicle", "vehicle_type", "rating")}),
+        ("Availability", {"fields": (
+            "availability", "availability_until", "availability_reason", "last_availability_change",
+            "availability_change_actor", "availability_change_actor_type",
+        )}),
+        ("Location", {"fields": ("location", "location_accuracy_m", "location_speed", "location_heading", "location_recorded_at", "home_location")}),
+        ("Timestamps", {"fields": ("created_at", "updated_at")}),
+    )
+    inlines = [AvailabilityHistoryInline, DriverAssignmentInline]
+
+    def has_add_permission(self, request):
+        return False  # drivers are created through the API (they need a login and token)
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(GISModelAdmin):
+    list_display = ("seller_order_id", "store_name", "status", "created_by", "ready_at", "assigned_at", "delivered_at")
+    list_filter = ("status",)
+    search_fields = ("seller_order_id", "store_name", "customer_name", "id")
+    list_select_related = ("created_by",)
+    date_hierarchy = "created_at"
+    readonly_fields = (
+        "id", "status", "created_by", "tracking_token", "offer_acceptance_count", "failure_reason",
+        "cancellation_reason", "created_at", "ready_at", "assigned_at", "pickup_started_at", "picked_up_at",
+        "in_transit_at", "delivered_at", "failed_at", "cancelled_at", "updated_at",
+    )
+    inlines = [AssignmentInline, AuditInline]
+    actions = ["cancel_deliveries"]
+
+    def has_add_permission(self, request):
+        return False  # deliveries come from sellers through the API
+
+    @admin.action(description="Cancel selected deliveries (reason: cancelled by ops)")
+    def cancel_deliveries(self, request, queryset):
+        done = 0
+        for delivery in queryset.order_by("pk"):
+            try:
+                services.delivery_cancel(delivery_id=delivery.pk, reason="cancelled by ops", actor=Actor.for_user(request.user))
+                done += 1
+            except (Conflict, NotFound) as exc:
+                self.message_user(request, f"{delivery.seller_order_id}: {exc.detail}", messages.WARNING)
+        if done:
+            self.message_user(request, f"Cancelled {done} deliveries.", messages.SUCCESS)
+
+
+@admin.register(Assignment)
+class AssignmentAdmin(admin.ModelAdmin):
+    list_display = ("delivery", "driver", "status", "created_at", "ended_at")
+    list_filter = ("status",)
+    search_fields = ("delivery__seller_order_id", "driver__name", "id")
+    list_select_related = ("delivery", "driver")
+    readonly_fields = ("id", "delivery", "driver", "status", "created_at", "ended_at", "end_reason")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

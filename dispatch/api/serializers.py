@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import re
+
+from rest_framework import serializers
+
+from audit.models import AuditEventType
+from common.fields import PointField
+from dispatch.models import Delivery, DeliveryStatus, Driver, DriverAvailability, VehicleType
+
+PHONE_RE = re.compile(r"^\+?[0-9 ()\-.]{4,32}$")
+
+
+def validate_phone(value: str) -> str:
+    if not PHONE_RE.match(value) or sum(c.isdigit() for c in value) < 4:
+        raise serializers.ValidationError("Enter a phone number: digits, spaces, + ( ) - . only, at least 4 digits.")
+    return value
+
+
+class DriverLocationSerializer(serializers.Serializer):
+    lat = serializers.FloatField()
+    lon = serializers.FloatField()
+    accuracyMeters = serializers.FloatField(allow_null=True)
+    speed = serializers.FloatField(allow_null=True)
+    heading = serializers.FloatField(allow_null=True)
+    recordedAt = serializers.DateTimeField(allow_null=True)
+
+
+class DriverSerializer(serializers.ModelSerializer):
+    vehicleType = serializers.CharField(source="vehicle_type")
+    rating = serializers.FloatField()
+    username = serializers.CharField(source="user.username")
+    availabilityUntil = serializers.DateTimeField(source="availability_until", allow_null=True)
+    availabilityReason = serializers.CharField(source="availability_reason")
+    lastAvailabilityChange = serializers.DateTimeField(source="last_availability_change", allow_null=True)
+    location = serializers.SerializerMethodField()
+    homeLocation = PointField(source="home_location", allow_null=True)
+    createdAt = serializers.DateTimeField(source="created_at")
+
+    class Meta:
+        model = Driver
+        fields = [
+            "id", "name", "phone", "vehicle", "vehicleType", "rating", "username", "availability",
+            "availabilityUntil", "availabilityReason", "lastAvailabilityChange", "location",
+            "homeLocation", "createdAt",
+        ]
+
+    def get_location(self, obj) -> DriverLocationSerializer(allow_null=True):  # type: ignore[valid-type]
+        if obj.location is None:
+            return None
+        return {
+            "lat": round(obj.location.y, 7),
+            "lon": round(obj.location.x, 7),
+            "accuracyMeters": obj.location_accuracy_m,
+            "speed": obj.location_speed,
+            "heading": obj.location_heading,
+            "recordedAt": serializers.DateTimeField().to_representation(obj.location_recorded_at)
+            if obj.location_recorded_at else None,
+        }
+
+
+class DriverCreatedSerializer(DriverSerializer):
+    apiToken = serializers.SerializerMethodField()
+
+    class Meta(DriverSerializer.Meta):
+        fields = DriverSerializer.Meta.fields + ["apiToken"]
+
+    def get_apiToken(self, obj) -> str:
+        return self.context["api_token"]
+
+
+class DriverCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    phone = serializers.CharField(max_length=32, validators=[validate_phone])
+    vehicle = serializers.CharField(max_length=200)
+    vehicleType = serializers.ChoiceField(choices=VehicleType.choices, required=False, default=VehicleType.CAR)
+    username = serializers.RegexField(r"^[\w.@+-]{3,150}$", max_length=150, required=False)
+    homeLocation = PointField(required=False)
+
+
+class DriverListQuerySerializer(serializers.Serializer):
+    availability = serializers.ChoiceField(choices=DriverAvailability.choices, required=False)
+
+
+class DeliveryCreateSerializer(serializers.Serializer):
+    sellerOrderId = serializers.CharField(max_length=255)
+    sellerId = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    storeName = serializers.CharField(max_length=255)
+    pickupLocation = PointField()
+    dropoffLocation = PointField()
+    dropoffAddress = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    customerName = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    customerPhone = serializers.CharField(
+        max_length=32, required=False, allow_blank=True, default="", validators=[]
+    )
+    prepTimeMinutes = serializers.IntegerField(min_value=0, max_value=240, required=False, default=0)
+    deliveryFee = serializers.DecimalField(
+        max_digits=10, decimal_places=2, min_value=0, required=False, allow_null=True, default=None
+    )
+    autoDispatch = serializers.BooleanField(required=False, default=True)
+
+    def validate_customerPhone(self, value):
+        return validate_phone(value) if value else value
+
+
+class DeliverySerializer(serializers.ModelSerializer):
+    sellerOrderId = serializers.CharField(source="seller_order_id")
+    sellerId = serializers.CharField(source="seller_id")
+    storeName = serializers.CharField(source="store_name")
+    pickupLocation = PointField(source="pickup_location")
+    dropoffLocation = PointField(source="dropoff_location")
+    dropoffAddress = serializers.CharField(source="dropoff_address")
+    customerName = serializers.CharField(source="customer_name")
+    customerPhone = serializers.CharField(source="customer_phone")
+    prepTimeMinutes = serializers.IntegerField(source="prep_time_minutes")
+    deliveryFee = serializers.DecimalField(source="delivery_fee", max_digits=10, decimal_places=2, allow_null=True)
+    zoneId = serializers.SerializerMethodField()
+    driverId = serializers.SerializerMethodField()
+    assignmentId = serializers.SerializerMethodField()
+    trackingUrl = serializers.SerializerMethodField()
+    offerAcceptanceCount = serializers.IntegerField(source="offer_acceptance_count")
+    failureReason = serializers.CharField(source="failure_reason")
+    cancellationReason = serializers.CharField(source="cancellation_reason")
+    createdAt = serializers.DateTimeField(source="created_at")
+    readyAt = serializers.DateTimeField(source="ready_at")
+    assignedAt = serializers.DateTimeField(source="assigned_at", allow_null=True)
+    pickupStartedAt = serializers.DateTimeField(source="pickup_started_at", allow_null=True)
+    pickedUpAt = serializers.DateTimeField(source="picked_up_at", allow_null=True)
+    inTransitAt = serializers.DateTimeField(source="in_transit_at", allow_null=True)
+    deliveredAt = serializers.DateTimeField(source="delivered_at", allow_null=True)
+    failedAt = serializers.DateTimeField(source="failed_at", allow_null=True)
+    cancelledAt = serializers.DateTimeField(source="cancelled_at", allow_null=True)
+    updatedAt = serializers.DateTimeField(source="updated_at")
+
+    class Meta:
+        model = Delivery
+        fields = [
+            "id", "sellerOrderId", "sellerId", "storeName", "status", "zoneId", "pickupLocation",
+            "dropoffLocation", "dropoffAddress", "customerName", "customerPhone", "prepTimeMinutes",
+            "deliveryFee", "driverId", "assignmentId", "trackingUrl", "offerAcceptanceCount",
+            "failureReason", "cancellationReason", "createdAt", "readyAt", "assignedAt",
+            "pickupStartedAt", "pickedUpAt", "inTransitAt", "deliveredAt", "failedAt", "cancelledAt",
+            "updatedAt",
+        ]
+
+    def _active(self, obj):
+        active = getattr(obj, "active_assignments", None)
+        if active is None:
+            active = list(obj.assignments.filter(status="active"))
+        return active[0] if active else None
+
+    def get_zoneId(self, obj) -> serializers.UUIDField(allow_null=True):  # type: ignore[valid-type]
+        zone_id = getattr(obj, "zone_id", None)
+        return str(zone_id) if zone_id else None
+
+    def get_driverId(self, obj) -> serializers.UUIDField(allow_null=True):  # type: ignore[valid-type]
+        a = self._active(obj)
+        return str(a.driver_id) if a else None
+
+    def get_assignmentId(self, obj) -> serializers.UUIDField(allow_null=True):  # type: ignore[valid-type]
+        a = self._active(obj)
+        return str(a.pk) if a else None
+
+    def get_trackingUrl(self, obj) -> serializers.URLField(allow_null=True):  # type: ignore[valid-type]
+        # The tracking link carries the customer's token: for the seller and ops, not drivers.
+        return None if self.context.get("hide_tracking") else obj.tracking_url
+
+
+class DeliveryListQuerySerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=DeliveryStatus.choices, required=False)
+    sellerOrderId = serializers.CharField(max_length=255, required=False)
+
+
+class ReasonSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=500)
+
+
+class OptionalReasonSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class AuditEventSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    timestamp = serializers.DateTimeField()
+    eventType = serializers.CharField(source="event_type")
+    actorId = serializers.UUIDField(source="actor_id", allow_null=True)
+    actorType = serializers.CharField(source="actor_type")
+    details = serializers.JSONField()
+    version = serializers.IntegerField()
+
+
+class AuditQuerySerializer(serializers.Serializer):
+    eventType = serializers.ChoiceField(choices=AuditEventType.choices, required=False)

@@ -1,0 +1,204 @@
+"""Thin views: validate, call one service or selector, render (STYLE rule 2)."""
+from __future__ import annotations
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from audit.selectors import audit_events_for_delivery, audit_summary
+from common.actors import Actor
+from common.exceptions import NotFound
+from common.pagination import paginate, paginated_schema
+from common.permissions import IsDriver, IsOps, IsOpsIntegrationOrDriver, IsOpsOrDriver, IsOpsOrIntegration
+from common.roles import driver_of, is_ops
+from common.schema import errors
+from dispatch import selectors, services
+from dispatch.api import serializers as s
+from dispatch.models import Delivery
+
+
+def _query(serializer_class, request):
+    q = serializer_class(data=request.query_params)
+    q.is_valid(raise_exception=True)
+    return q.validated_data
+
+
+def _delivery_context(request):
+    return {"request": request, "hide_tracking": not is_ops(request.user) and driver_of(request.user) is not None}
+
+
+class DriverListCreateView(APIView):
+    permission_classes = [IsOps]
+
+    @extend_schema(
+        operation_id="drivers_list",
+        parameters=[s.DriverListQuerySerializer, OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+        responses={200: paginated_schema("DriverPage", "drivers", s.DriverSerializer), **errors(400)},
+        tags=["drivers"],
+    )
+    def get(self, request):
+        q = _query(s.DriverListQuerySerializer, request)
+        qs = selectors.drivers_list(availability=q.get("availability"))
+        return paginate(request, qs, s.DriverSerializer, key="drivers")
+
+    @extend_schema(
+        operation_id="drivers_create",
+        request=s.DriverCreateSerializer,
+        responses={201: s.DriverCreatedSerializer, **errors(400, 409)},
+        tags=["drivers"],
+    )
+    def post(self, request):
+        data = s.DriverCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        driver, token = services.driver_create(
+            name=v["name"], phone=v["phone"], vehicle=v["vehicle"], vehicle_type=v["vehicleType"],
+            username=v.get("username"), home_location=v.get("homeLocation"),
+        )
+        body = s.DriverCreatedSerializer(driver, context={"api_token": token}).data
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class DriverDetailView(APIView):
+    permission_classes = [IsOpsOrDriver]
+
+    @extend_schema(operation_id="drivers_retrieve", responses={200: s.DriverSerializer, **errors(404)}, tags=["drivers"])
+    def get(self, request, driver_id):
+        driver = selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        return Response(s.DriverSerializer(driver).data)
+
+
+class DeliveryListCreateView(APIView):
+    permission_classes = [IsOpsIntegrationOrDriver]
+
+    def get_permissions(self):
+        if self.request.method == "POST":
+            return [IsOpsOrIntegration()]
+        return super().get_permissions()
+
+    @extend_schema(
+        operation_id="deliveries_list",
+        parameters=[s.DeliveryListQuerySerializer, OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+        responses={200: paginated_schema("DeliveryPage", "deliveries", s.DeliverySerializer), **errors(400)},
+        tags=["deliveries"],
+    )
+    def get(self, request):
+        q = _query(s.DeliveryListQuerySerializer, request)
+        qs = selectors.deliveries_list(user=request.user, status=q.get("status"), seller_order_id=q.get("sellerOrderId"))
+        return paginate(request, qs, s.DeliverySerializer, key="deliveries", context=_delivery_context(request))
+
+    @extend_schema(
+        operation_id="deliveries_create",
+        request=s.DeliveryCreateSerializer,
+        responses={201: s.DeliverySerializer, **errors(400, 409)},
+        tags=["deliveries"],
+    )
+    def post(self, request):
+        data = s.DeliveryCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        delivery = services.delivery_create(
+            data=services.DeliveryInput(
+                seller_order_id=v["sellerOrderId"], seller_id=v["sellerId"], store_name=v["storeName"],
+                pickup_location=v["pickupLocation"], dropoff_location=v["dropoffLocation"],
+                dropoff_address=v["dropoffAddress"], customer_name=v["customerName"],
+                customer_phone=v["customerPhone"], prep_time_minutes=v["prepTimeMinutes"],
+                delivery_fee=v["deliveryFee"],
+            ),
+            created_by=request.user,
+            actor=Actor.for_user(request.user),
+        )
+        delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery.pk)
+        return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data, status=status.HTTP_201_CREATED)
+
+
+class DeliveryDetailView(APIView):
+    permission_classes = [IsOpsIntegrationOrDriver]
+
+    @extend_schema(operation_id="deliveries_retrieve", responses={200: s.DeliverySerializer, **errors(404)}, tags=["deliveries"])
+    def get(self, request, delivery_id):
+        delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)
+        return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
+
+
+class DeliveryCancelView(APIView):
+    permission_classes = [IsOpsOrIntegration]
+
+    @extend_schema(
+        operation_id="deliveries_cancel",
+        request=s.ReasonSerializer,
+        responses={200: s.DeliverySerializer, **errors(400, 404, 409)},
+        tags=["deliveries"],
+    )
+    def post(self, request, delivery_id):
+        data = s.ReasonSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)  # ownership → 404
+        services.delivery_cancel(delivery_id=delivery_id, reason=data.validated_data["reason"], actor=Actor.for_user(request.user))
+        delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)
+        return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
+
+
+class DeliveryStepView(APIView):
+    """`POST /v2/drivers/{id}/deliveries/{deliveryId}/{step}` by the assigned driver."""
+
+    permission_classes = [IsDriver]
+
+    @extend_schema(
+        operation_id="drivers_delivery_step",
+        request=s.OptionalReasonSerializer,
+        parameters=[OpenApiParameter("step", str, OpenApiParameter.PATH, enum=list(services.STEP_NAMES))],
+        responses={200: s.DeliverySerializer, **errors(400, 404, 409)},
+        tags=["deliveries"],
+    )
+    def post(self, request, driver_id, delivery_id, step):
+        driver = selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        if step not in services.STEP_NAMES:
+            raise NotFound("Unknown step.")
+        data = s.OptionalReasonSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        reason = data.validated_data["reason"]
+        if step == "delivery-failed" and not reason:
+            raise serializers.ValidationError({"reason": ["A reason is required when a delivery fails."]})
+        services.delivery_advance(
+            delivery_id=delivery_id, driver_id=driver.pk, step=step, reason=reason, actor=Actor.for_user(request.user)
+        )
+        delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)
+        return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
+
+
+AuditResponse = paginated_schema(
+    "DeliveryAuditResponse",
+    "events",
+    s.AuditEventSerializer,
+    deliveryId=serializers.UUIDField(),
+    summary=inline_serializer(
+        name="DeliveryAuditSummary",
+        fields={
+            "totalEvents": serializers.IntegerField(),
+            "byEventType": serializers.DictField(child=serializers.IntegerField()),
+            "byActorType": serializers.DictField(child=serializers.IntegerField()),
+        },
+    ),
+)
+
+
+class DeliveryAuditView(APIView):
+    permission_classes = [IsOps]
+
+    @extend_schema(
+        operation_id="admin_delivery_audit",
+        parameters=[s.AuditQuerySerializer, OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+        responses={200: AuditResponse, **errors(400, 404)},
+        tags=["audit"],
+    )
+    def get(self, request, delivery_id):
+        q = _query(s.AuditQuerySerializer, request)
+        if not Delivery.objects.filter(pk=delivery_id).exists():
+            raise NotFound("Delivery not found.")
+        qs = audit_events_for_delivery(delivery_id=delivery_id, event_type=q.get("eventType"))
+        return paginate(
+            request, qs, s.AuditEventSerializer, key="events", ordering=("timestamp", "id"),
+            extra={"deliveryId": str(delivery_id), "summary": audit_summary(qs)},
+        )

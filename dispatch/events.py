@@ -1,0 +1,84 @@
+"""Live events of deliveries, for `/ws/ops/` and the delivery's own group."""
+from __future__ import annotations
+
+from typing import Literal, NotRequired, TypedDict
+
+from common.errors import iso
+from common.fields import point_json
+
+
+class LatLon(TypedDict):
+    lat: float
+    lon: float
+
+
+class DeliveryCreatedEvent(TypedDict):
+    type: Literal["delivery_created"]
+    deliveryId: str
+    sellerOrderId: str
+    storeName: str
+    status: str
+    zoneId: str | None
+    pickupLocation: LatLon
+    dropoffLocation: LatLon
+    createdAt: str
+
+
+class DeliveryStatusChangedEvent(TypedDict):
+    type: Literal["delivery_status_changed"]
+    deliveryId: str
+    sellerOrderId: str
+    fromStatus: str
+    status: str
+    driverId: str | None
+    reason: NotRequired[str]
+    changedAt: str
+
+
+class DeliveryCancelledEvent(TypedDict):
+    type: Literal["delivery_cancelled"]
+    deliveryId: str
+    sellerOrderId: str
+    fromStatus: str
+    reason: str
+    cancelledAt: str
+
+
+def delivery_created(delivery) -> DeliveryCreatedEvent:
+    return {
+        "type": "delivery_created",
+        "deliveryId": str(delivery.pk),
+        "sellerOrderId": delivery.seller_order_id,
+        "storeName": delivery.store_name,
+        "status": delivery.status,
+        "zoneId": str(delivery.zone_id) if getattr(delivery, "zone_id", None) else None,
+        "pickupLocation": point_json(delivery.pickup_location),
+        "dropoffLocation": point_json(delivery.dropoff_location),
+        "createdAt": iso(delivery.created_at),
+    }
+
+
+def delivery_status_changed(delivery, *, from_status: str, driver_id, changed_at, reason: str = "") -> DeliveryStatusChangedEvent:
+    event: DeliveryStatusChangedEvent = {
+        "type": "delivery_status_changed",
+        "deliveryId": str(delivery.pk),
+        "sellerOrderId": delivery.seller_order_id,
+        "fromStatus": from_status,
+        "status": delivery.status,
+        "driverId": str(driver_id) if driver_id else None,
+        "changedAt": iso(changed_at),
+    }
+    if reason:
+        event["reason"] = reason
+    return event
+
+
+def delivery_cancelled(delivery, *, from_status: str, reason: str, cancelled_at) -> DeliveryCancelledEvent:
+    return {
+        "type": "delivery_cancelled",
+        "deliveryId": str(delivery.pk),
+        "sellerOrderId": delivery.seller_order_id,
+        "fromStatus": from_status,
+        "reason": reason,
+        "cancelledAt": iso(cancelled_at),
+    }

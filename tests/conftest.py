@@ -1,0 +1,70 @@
+import pytest
+from rest_framework.test import APIClient
+
+from common.redis import get_redis
+from tests.factories import DeliveryFactory, DriverFactory, IntegrationUserFactory, OpsUserFactory
+
+
+@pytest.fixture(autouse=True)
+def clean_redis(settings):
+    """Tests use their own Redis database (see config/settings/test.py); empty it per test."""
+    assert settings.REDIS_URL.endswith("/15"), "tests must not touch the development Redis database"
+    get_redis().flushdb()
+    yield
+
+
+def client_for(user=None):
+    client = APIClient()
+    if user is not None:
+        client.credentials(HTTP_AUTHORIZATION=f"Token {user.auth_token.key}")
+    return client
+
+
+@pytest.fixture
+def anon():
+    return APIClient()
+
+
+@pytest.fixture
+def ops_user(db):
+    return OpsUserFactory()
+
+
+@pytest.fixture
+def ops(ops_user):
+    return client_for(ops_user)
+
+
+@pytest.fixture
+def integration_user(db):
+    return IntegrationUserFactory()
+
+
+@pytest.fixture
+def integration(integration_user):
+    return client_for(integration_user)
+
+
+@pytest.fixture
+def driver(db):
+    return DriverFactory()
+
+
+@pytest.fixture
+def driver_client(driver):
+    return client_for(driver.user)
+
+
+@pytest.fixture
+def delivery(integration_user):
+    return DeliveryFactory(created_by=integration_user)
+
+
+def assert_error(response, status):
+    assert response.status_code == status, (response.status_code, response.content)
+    body = response.json()
+    for key in ("statusCode", "timestamp", "path", "message", "error"):
+        assert key in body, (key, body)
+    assert body["statusCode"] == status
+    assert body["timestamp"].endswith("Z")
+    return body
