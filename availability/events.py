@@ -1,5 +1,4 @@
 """Live events of driver availability (seed: Availability Events)."""
-from __future__ import annotations
 
 from typing import Literal, NotRequired, TypedDict
 

@@ -1,12 +1,12 @@
 """The only way a driver's availability changes, whoever asks (SPEC "Driver availability")."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
-from availability import events
+from availability import events, geo
 from availability.models import DriverAvailabilityHistory
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group
@@ -79,6 +79,7 @@ def apply_availability_change(
         driver_id=driver.pk, from_state=from_state, to_state=to_state, reason=reason, until=until, changed_at=now
     )
     broadcast_on_commit([driver_group(driver.pk), OPS_GROUP], event)
+    geo.index_driver_on_commit(driver)
     return row
 
 
@@ -99,3 +100,94 @@ def availability_change(
         raise NotFound("Driver not found.")
     apply_availability_change(driver, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now)
     return driver
+
+
+# ----------------------------------------------------------------- driver-facing actions
+
+
+@transaction.atomic
+def availability_take_break(*, driver_id, duration_minutes: int, reason: str, actor: Actor, now: datetime | None = None) -> Driver:
+    now = now or timezone.now()
+    return availability_change(
+        driver_id=driver_id, to_state=A.ON_BREAK, reason=reason or "break", actor=actor,
+        until=now + timedelta(minutes=duration_minutes), by_ops=actor.type == "admin", now=now,
+    )
+
+
+@transaction.atomic
+def availability_end_shift(*, driver_id, actor: Actor, reason: str = "shift_ended", now: datetime | None = None) -> Driver:
+    return availability_change(
+        driver_id=driver_id, to_state=A.SHIFT_ENDED, reason=reason, actor=actor, by_ops=actor.type == "admin", now=now
+    )
+
+
+@transaction.atomic
+def availability_resume(*, driver_id, actor: Actor, now: datetime | None = None) -> Driver:
+    """Back to work. A paused driver can only be resumed by ops."""
+    return availability_change(
+        driver_id=driver_id, to_state=A.AVAILABLE, reason="resumed", actor=actor, by_ops=actor.type == "admin", now=now
+    )
+
+
+@transaction.atomic
+def availability_override(
+    *, driver_id, to_state: str, reason: str, actor: Actor, duration_minutes: int | None = None, now: datetime | None = None
+) -> Driver:
+    """Ops set a driver's state (e.g. `paused`); `busy` is never set by hand."""
+    now = now or timezone.now()
+    if to_state == A.BUSY:
+        raise Conflict("A driver becomes busy only by accepting an offer.")
+    until = now + timedelta(minutes=duration_minutes) if duration_minutes else None
+    return availability_change(
+        driver_id=driver_id, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=True, now=now
+    )
+
+
+# ------------------------------------------------------------------------------ jobs
+
+
+def breaks_expire(*, now: datetime | None = None, batch_size: int = 500) -> int:
+    """Return drivers whose break is over to `available` (reason `break_expired`).
+
+    Safe when two run at once: each driver is claimed with SKIP LOCKED and re-checked under
+    its lock. Returns how many breaks ended.
+    """
+    now = now or timezone.now()
+    ended = 0
+    with transaction.atomic():
+        drivers = list(
+            Driver.objects.select_for_update(of=("self",), skip_locked=True)
+            .filter(availability=A.ON_BREAK, availability_until__lte=now)
+            .order_by("pk")[:batch_size]
+        )
+        for driver in drivers:
+            started = driver.last_availability_change or driver.availability_until
+            minutes = max(0, round((driver.availability_until - started).total_seconds() / 60))
+            apply_availability_change(driver, to_state=A.AVAILABLE, reason="break_expired", actor=Actor.system(), now=now)
+            broadcast_on_commit(
+                [driver_group(driver.pk), OPS_GROUP],
+                events.break_expired(driver_id=driver.pk, duration_minutes=minutes, expired_at=driver.availability_until or now),
+            )
+            ended += 1
+    return ended
+
+
+def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int = 500) -> int:
+    """Set `offline` the available drivers with no fix newer than DRIVER_STALE_AFTER_SECONDS
+    (and who have not just come online). Safe when two run at once (SKIP LOCKED)."""
+    from django.conf import settings
+    from django.db.models import Q
+
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
+    with transaction.atomic():
+        drivers = list(
+            Driver.objects.select_for_update(of=("self",), skip_locked=True)
+            .filter(availability=A.AVAILABLE)
+            .filter(Q(location_recorded_at__lt=cutoff) | Q(location_recorded_at__isnull=True))
+            .filter(Q(last_availability_change__lt=cutoff) | Q(last_availability_change__isnull=True))
+            .order_by("pk")[:batch_size]
+        )
+        for driver in drivers:
+            apply_availability_change(driver, to_state=A.OFFLINE, reason="stale_location", actor=Actor.system(), now=now)
+    return len(drivers)

@@ -41,25 +41,31 @@ def error_response(request, status_code: int, message: str, details=None) -> Jso
     return JsonResponse(error_body(status_code, request.get_full_path(), message, details), status=status_code)
 
 
+def _text(value) -> str:
+    """Field errors may echo the input (a choice, a UUID); a lone surrogate there cannot be
+    encoded as UTF-8 and would turn a 400 into a 500 when the body is rendered."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _flatten_message(detail) -> str:
     """A readable one-line message from DRF's nested error detail."""
     if isinstance(detail, dict):
         parts = []
         for field, value in detail.items():
             text = _flatten_message(value)
-            parts.append(text if field in ("non_field_errors", "detail") else f"{field}: {text}")
+            parts.append(text if field in ("non_field_errors", "detail") else f"{_text(field)}: {text}")
         return "; ".join(parts)
     if isinstance(detail, list):
         return " ".join(_flatten_message(v) for v in detail)
-    return str(detail)
+    return _text(detail)
 
 
 def _plain(detail):
     if isinstance(detail, dict):
-        return {k: _plain(v) for k, v in detail.items()}
+        return {_text(k): _plain(v) for k, v in detail.items()}
     if isinstance(detail, list):
         return [_plain(v) for v in detail]
-    return str(detail)
+    return _text(detail)
 
 
 def exception_handler(exc, context):

@@ -4,6 +4,7 @@ import logging
 import time
 
 from django.http import JsonResponse
+from django.urls import Resolver404, resolve
 
 from common import metrics
 from common.errors import error_response
@@ -53,6 +54,15 @@ class MetricsMiddleware:
         start = time.perf_counter()
         response = self.get_response(request)
         match = getattr(request, "resolver_match", None)
+        if match is None:  # answered by a middleware (an Idempotency-Key replay) or a 404
+            match = _resolve(request)
         route = ("/" + match.route) if match is not None and match.route else "unmatched"
         metrics.observe_http(request.method, route, response.status_code, time.perf_counter() - start)
         return response
+
+
+def _resolve(request):
+    try:
+        return resolve(request.path_info, getattr(request, "urlconf", None))
+    except Resolver404:
+        return None

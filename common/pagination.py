@@ -1,4 +1,7 @@
 """Cursor pagination: `limit` + `cursor`, results under the endpoint's own key plus `next`."""
+from base64 import b64decode
+from urllib.parse import parse_qs
+
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import CursorPagination as _CursorPagination
 from rest_framework.response import Response
@@ -30,7 +33,13 @@ class CursorPagination(_CursorPagination):
 
     def decode_cursor(self, request):
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
+            if cursor is not None:
+                # DRF ignores unknown tokens, so base64 of anything restarts at page one.
+                raw = b64decode(request.query_params[self.cursor_query_param].encode("ascii")).decode("ascii")
+                if set(parse_qs(raw, keep_blank_values=True)) - {"o", "r", "p"}:
+                    raise ValueError("unknown cursor token")
+            return cursor
         except Exception as exc:  # DRF raises NotFound for a malformed cursor
             raise ValidationError({"cursor": [self.invalid_cursor_message]}) from exc
 

@@ -4,6 +4,9 @@ django-celery-beat (which ops can then inspect and tune in the admin)."""
 # name: (task, every N seconds, options)
 PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     "purge idempotency records": ("common.purge_idempotency_records", 3600, {"expires": 3000}),
+    "expire breaks": ("availability.expire_breaks", 10, {"expires": 10}),
+    "stale drivers offline": ("availability.mark_stale_drivers_offline", 60, {"expires": 55}),
+    "reconcile GEO index": ("availability.reconcile_geo_index", 60, {"expires": 55}),
 }
 
 # Names of tasks we manage start with this, so stale ones can be removed safely.

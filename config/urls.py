@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from availability.api import views as availability_views
 from common.views import AuthTokenView, health, prometheus_metrics
 from dispatch.api import views as dispatch_views
 
@@ -9,6 +10,12 @@ api = [
     path("auth/token", AuthTokenView.as_view(), name="auth-token"),
     path("drivers", dispatch_views.DriverListCreateView.as_view(), name="drivers"),
     path("drivers/<uuid:driver_id>", dispatch_views.DriverDetailView.as_view(), name="driver-detail"),
+    path("drivers/<uuid:driver_id>/location", availability_views.LocationView.as_view(), name="driver-location"),
+    path("drivers/<uuid:driver_id>/availability", availability_views.OverrideView.as_view(), name="driver-availability"),
+    path("drivers/<uuid:driver_id>/availability/take-break", availability_views.TakeBreakView.as_view(), name="driver-take-break"),
+    path("drivers/<uuid:driver_id>/availability/end-shift", availability_views.EndShiftView.as_view(), name="driver-end-shift"),
+    path("drivers/<uuid:driver_id>/availability/resume", availability_views.ResumeView.as_view(), name="driver-resume"),
+    path("drivers/<uuid:driver_id>/availability/history", availability_views.HistoryView.as_view(), name="driver-availability-history"),
     path(
         "drivers/<uuid:driver_id>/deliveries/<uuid:delivery_id>/<str:step>",
         dispatch_views.DeliveryStepView.as_view(),

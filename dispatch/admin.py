@@ -1,13 +1,30 @@
 """Ops console for drivers, deliveries and assignments. Actions call services."""
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.gis.admin import GISModelAdmin
+from django.template.response import TemplateResponse
 
 from audit.models import DeliveryAuditLog
 from availability.models import DriverAvailabilityHistory
+from availability.services import availability_override
 from common.actors import Actor
 from common.exceptions import Conflict, NotFound
 from dispatch import services
-from dispatch.models import Assignment, Delivery, Driver
+from dispatch.models import SETTABLE_AVAILABILITY_CHOICES, Assignment, Delivery, Driver, DriverAvailability
+
+
+class SetAvailabilityForm(forms.Form):
+    state = forms.ChoiceField(choices=SETTABLE_AVAILABILITY_CHOICES)
+    reason = forms.CharField(max_length=255)
+    duration_minutes = forms.IntegerField(
+        min_value=1, max_value=24 * 60, required=False, help_text="Required for on_break."
+    )
+
+    def clean(self):
+        data = super().clean()
+        if data.get("state") == DriverAvailability.ON_BREAK and not data.get("duration_minutes"):
+            self.add_error("duration_minutes", "Required when the state is on_break.")
+        return data
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -72,9 +89,32 @@ class DriverAdmin(GISModelAdmin):
         ("Timestamps", {"fields": ("created_at", "updated_at")}),
     )
     inlines = [AvailabilityHistoryInline, DriverAssignmentInline]
+    actions = ["set_availability"]
 
     def has_add_permission(self, request):
         return False  # drivers are created through the API (they need a login and token)
+
+    @admin.action(description="Set availability (with a reason)…")
+    def set_availability(self, request, queryset):
+        form = SetAvailabilityForm(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            done = 0
+            for driver in queryset.order_by("pk"):
+                try:
+                    availability_override(
+                        driver_id=driver.pk, to_state=form.cleaned_data["state"], reason=form.cleaned_data["reason"],
+                        duration_minutes=form.cleaned_data["duration_minutes"], actor=Actor.for_user(request.user),
+                    )
+                    done += 1
+                except (Conflict, NotFound) as exc:
+                    self.message_user(request, f"{driver.name}: {exc.detail}", messages.WARNING)
+            if done:
+                self.message_user(request, f"Availability set for {done} drivers.", messages.SUCCESS)
+            return None
+        return TemplateResponse(
+            request, "admin/dispatch/driver/set_availability.html",
+            {**self.admin_site.each_context(request), "form": form, "drivers": queryset, "title": "Set availability"},
+        )
 
 
 @admin.register(Delivery)

@@ -1,5 +1,4 @@
 """Live events of deliveries, for `/ws/ops/` and the delivery's own group."""
-from __future__ import annotations
 
 from typing import Literal, NotRequired, TypedDict
 

@@ -15,6 +15,10 @@ class DriverAvailability(models.TextChoices):
     PAUSED = "paused"
 
 
+# What ops may set by hand: everything but busy (a driver becomes busy only by accepting work).
+SETTABLE_AVAILABILITY_CHOICES = [c for c in DriverAvailability.choices if c[0] != DriverAvailability.BUSY]
+
+
 class VehicleType(models.TextChoices):
     CAR = "car"
     MOTORBIKE = "motorbike"

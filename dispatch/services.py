@@ -285,3 +285,61 @@ def delivery_advance(
     if to_status != from_status:
         _emit_status(delivery, from_status=from_status, driver_id=driver_id, now=now, reason=reason)
     return delivery
+
+
+# ---------------------------------------------------------------------------- location
+
+_LOCATION_UPDATE_SQL = """
+UPDATE dispatch_driver
+SET location = ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)::geography,
+    location_accuracy_m = %(accuracy)s,
+    location_speed = %(speed)s,
+    location_heading = %(heading)s,
+    location_recorded_at = %(recorded_at)s,
+    updated_at = %(now)s
+WHERE id = %(id)s AND (location_recorded_at IS NULL OR location_recorded_at < %(recorded_at)s)
+RETURNING availability
+"""
+
+
+@dataclass(frozen=True)
+class LocationResult:
+    accepted: bool
+    availability: str | None
+
+
+def driver_location_update(
+    *,
+    driver_id,
+    lat: float,
+    lon: float,
+    recorded_at: datetime,
+    accuracy_m: float | None = None,
+    speed: float | None = None,
+    heading: float | None = None,
+    now: datetime | None = None,
+) -> LocationResult:
+    """Store a driver's fix: one conditional UPDATE, so two fixes racing can never move the
+    driver back in time; a fix not newer than the stored one is ignored. No audit row per fix.
+    The GEO index is updated after commit."""
+    from django.db import connection
+
+    from availability import geo
+
+    now = now or timezone.now()
+    with connection.cursor() as cur:
+        cur.execute(
+            _LOCATION_UPDATE_SQL,
+            {"lat": lat, "lon": lon, "accuracy": accuracy_m, "speed": speed, "heading": heading,
+             "recorded_at": recorded_at, "now": now, "id": driver_id},
+        )
+        row = cur.fetchone()
+    if row is None:
+        return LocationResult(accepted=False, availability=None)
+    availability = row[0]
+    if availability == DriverAvailability.AVAILABLE:
+        transaction.on_commit(
+            lambda: geo.index_driver(driver_id=driver_id, availability=availability, lat=lat, lon=lon, recorded_at=recorded_at),
+            robust=True,
+        )
+    return LocationResult(accepted=True, availability=availability)

@@ -179,7 +179,13 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": r"/v2",
-    "ENUM_NAME_OVERRIDES": {},
+    "ENUM_NAME_OVERRIDES": {
+        "DriverAvailabilityEnum": "dispatch.models.DriverAvailability",
+        "SettableAvailabilityEnum": "dispatch.models.SETTABLE_AVAILABILITY_CHOICES",
+        "DeliveryStatusEnum": "dispatch.models.DeliveryStatus",
+        "VehicleTypeEnum": "dispatch.models.VehicleType",
+        "OnBreakStatusEnum": ["on_break"],
+    },
     "DISABLE_ERRORS_AND_WARNINGS": False,
 }
 

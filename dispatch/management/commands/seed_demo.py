@@ -63,7 +63,6 @@ class Command(BaseCommand):
         market.groups.add(integrations)
         market_token, _ = Token.objects.get_or_create(user=market)
 
-        now = timezone.now()
         driver_tokens = []
         for i, (name, vehicle, vtype) in enumerate(DRIVERS):
             username = f"demo-driver-{i + 1}"
@@ -75,9 +74,9 @@ class Command(BaseCommand):
                 )
             else:
                 key = Token.objects.get_or_create(user=driver.user)[0].key
-            # Demo fixes: written directly (no live device behind a demo driver).
-            Driver.objects.filter(pk=driver.pk).update(
-                location=near(*CITY, 3, rng), location_accuracy_m=15, location_recorded_at=now
+            fix = near(*CITY, 3, rng)
+            services.driver_location_update(
+                driver_id=driver.pk, lat=fix.y, lon=fix.x, accuracy_m=15, recorded_at=timezone.now()
             )
             if i < 8 and driver.availability in (DriverAvailability.OFFLINE, DriverAvailability.SHIFT_ENDED):
                 availability_change(driver_id=driver.pk, to_state=DriverAvailability.AVAILABLE, reason="demo", actor=Actor.system())

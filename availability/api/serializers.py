@@ -1,0 +1,80 @@
+from datetime import timedelta
+
+from django.utils import timezone
+from rest_framework import serializers
+
+from common.fields import FiniteFloatField
+from dispatch.models import SETTABLE_AVAILABILITY_CHOICES, DriverAvailability
+
+# How far in the future a device clock may be before a fix is refused.
+MAX_CLOCK_SKEW = timedelta(seconds=30)
+
+
+class TakeBreakSerializer(serializers.Serializer):
+    durationMinutes = serializers.IntegerField(min_value=1, max_value=240)
+    reason = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+
+
+class TakeBreakResponseSerializer(serializers.Serializer):
+    success = serializers.BooleanField()
+    status = serializers.ChoiceField(choices=["on_break"])
+    breakUntil = serializers.DateTimeField()
+    driverId = serializers.UUIDField()
+
+
+class StatusResponseSerializer(serializers.Serializer):
+    success = serializers.BooleanField()
+    status = serializers.ChoiceField(choices=DriverAvailability.choices)
+    driverId = serializers.UUIDField()
+
+
+class OverrideSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=SETTABLE_AVAILABILITY_CHOICES)
+    reason = serializers.CharField(max_length=255)
+    durationMinutes = serializers.IntegerField(min_value=1, max_value=24 * 60, required=False)
+
+    def validate(self, attrs):
+        if attrs["state"] == DriverAvailability.ON_BREAK and not attrs.get("durationMinutes"):
+            raise serializers.ValidationError({"durationMinutes": ["Required when the state is on_break."]})
+        return attrs
+
+
+class OverrideResponseSerializer(StatusResponseSerializer):
+    until = serializers.DateTimeField(allow_null=True)
+
+
+class HistoryEntrySerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    fromState = serializers.CharField(source="from_state")
+    toState = serializers.CharField(source="to_state")
+    reason = serializers.CharField()
+    actorId = serializers.UUIDField(source="actor_id", allow_null=True)
+    actorType = serializers.CharField(source="actor_type")
+    timestamp = serializers.DateTimeField()
+
+
+class LocationSerializer(serializers.Serializer):
+    lat = FiniteFloatField(min_value=-90, max_value=90)
+    lon = FiniteFloatField(min_value=-180, max_value=180)
+    accuracyMeters = FiniteFloatField(min_value=0, max_value=100_000, required=False, allow_null=True)
+    speed = FiniteFloatField(min_value=0, max_value=150, required=False, allow_null=True)
+    heading = FiniteFloatField(min_value=0, required=False, allow_null=True)
+    recordedAt = serializers.DateTimeField(required=False)
+
+    def validate_heading(self, value):
+        if value is not None and value >= 360:
+            raise serializers.ValidationError("Must be at least 0 and less than 360.")
+        return value
+
+    def validate_recordedAt(self, value):
+        if value > timezone.now() + MAX_CLOCK_SKEW:
+            raise serializers.ValidationError("Must not be in the future.")
+        return value
+
+
+class LocationResponseSerializer(serializers.Serializer):
+    success = serializers.BooleanField()
+    accepted = serializers.BooleanField()
+    driverId = serializers.UUIDField()
+    recordedAt = serializers.DateTimeField()
+    reason = serializers.CharField(required=False)

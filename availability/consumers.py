@@ -1,0 +1,45 @@
+from channels.db import database_sync_to_async
+
+from common.broadcast import driver_group
+from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer
+from common.errors import iso
+from common.roles import driver_of
+
+
+@database_sync_to_async
+def _own_driver(user, driver_id: str):
+    driver = driver_of(user)
+    if driver is None or str(driver.pk) != driver_id:
+        return None
+    driver.refresh_from_db(fields=["availability", "availability_until", "availability_reason", "last_availability_change"])
+    return driver
+
+
+class DriverConsumer(RelayConsumer):
+    """`/ws/drivers/<driverId>/?token=<apiToken>`: that driver's offers and availability."""
+
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        driver = await _own_driver(user, self.scope["url_route"]["kwargs"]["driver_id"])
+        if driver is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        await self.accept()
+        await self.join([driver_group(driver.pk)])
+        await self.send_json({
+            "type": "availability_snapshot",
+            "driverId": str(driver.pk),
+            "availability": driver.availability,
+            "until": iso(driver.availability_until),
+            "reason": driver.availability_reason,
+            "changedAt": iso(driver.last_availability_change),
+        })
+
+    async def availability_changed(self, message):
+        await self.relay(message)
+
+    async def break_expired(self, message):
+        await self.relay(message)

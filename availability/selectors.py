@@ -1,0 +1,5 @@
+from availability.models import DriverAvailabilityHistory
+
+
+def availability_history_for_driver(*, driver_id):
+    return DriverAvailabilityHistory.objects.filter(driver_id=driver_id)

@@ -1,0 +1,18 @@
+from celery import shared_task
+
+from availability import geo, services
+
+
+@shared_task(name="availability.expire_breaks")
+def expire_breaks() -> int:
+    return services.breaks_expire()
+
+
+@shared_task(name="availability.mark_stale_drivers_offline")
+def mark_stale_drivers_offline() -> int:
+    return services.stale_drivers_mark_offline()
+
+
+@shared_task(name="availability.reconcile_geo_index")
+def reconcile_geo_index() -> dict:
+    return geo.reconcile_index()

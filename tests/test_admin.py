@@ -1,0 +1,64 @@
+import pytest
+
+from audit.models import DeliveryAuditLog
+from common.actors import Actor
+from dispatch.services import assignment_create
+from tests.factories import DeliveryFactory, DriverFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/admin/", "/admin/dispatch/driver/", "/admin/dispatch/delivery/", "/admin/dispatch/assignment/",
+     "/admin/audit/deliveryauditlog/", "/admin/django_celery_beat/periodictask/"],
+)
+def test_ops_console_pages_render(admin_client, url):
+    DriverFactory()
+    DeliveryFactory()
+    assert admin_client.get(url).status_code == 200
+
+
+def test_filters_and_search_work(admin_client):
+    DriverFactory(name="Zed Zebra", availability="on_break")
+    DeliveryFactory(seller_order_id="FIND-ME")
+    assert b"Zed Zebra" in admin_client.get("/admin/dispatch/driver/?availability__exact=on_break").content
+    assert b"FIND-ME" in admin_client.get("/admin/dispatch/delivery/?q=FIND-ME").content
+
+
+def test_delivery_page_shows_a_map_and_the_audit_timeline(admin_client, delivery, driver):
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+
+    page = admin_client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/")
+
+    assert page.status_code == 200
+    assert b"driver_assigned" in page.content
+    assert b"olwidget" in page.content or b"ol.js" in page.content or b"OpenLayers" in page.content
+
+
+def test_driver_page_renders_with_history(admin_client, driver):
+    assert admin_client.get(f"/admin/dispatch/driver/{driver.pk}/change/").status_code == 200
+
+
+def test_cancel_action_goes_through_the_service(admin_client, admin_user, delivery):
+    r = admin_client.post(
+        "/admin/dispatch/delivery/",
+        {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)]},
+        follow=True,
+    )
+
+    assert r.status_code == 200
+    delivery.refresh_from_db()
+    assert delivery.status == "cancelled"
+    audit = DeliveryAuditLog.objects.get(delivery=delivery, event_type="delivery_cancelled")
+    assert audit.actor_type == "admin" and audit.actor_id == admin_user.pk
+
+
+def test_cancel_action_reports_deliveries_that_cannot_be_cancelled(admin_client):
+    done = DeliveryFactory(status="delivered")
+    r = admin_client.post(
+        "/admin/dispatch/delivery/", {"action": "cancel_deliveries", "_selected_action": [str(done.pk)]}, follow=True
+    )
+    assert b"no longer be cancelled" in r.content
+    done.refresh_from_db()
+    assert done.status == "delivered"
