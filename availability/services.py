@@ -13,11 +13,12 @@ from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group
 from common.exceptions import Conflict, NotFound
 from dispatch.models import Driver, DriverAvailability as A
 
-# What drivers, jobs and the offer flow may do.
+# What drivers, jobs and the offer flow may do. busy → available is not here: it happens only
+# when the driver's assignment ends (`releasing=True`), never because someone asked.
 TRANSITIONS: dict[str, frozenset[str]] = {
     A.AVAILABLE: frozenset({A.ON_BREAK, A.SHIFT_ENDED, A.OFFLINE, A.BUSY}),
     A.ON_BREAK: frozenset({A.AVAILABLE, A.SHIFT_ENDED}),
-    A.BUSY: frozenset({A.AVAILABLE}),
+    A.BUSY: frozenset(),
     A.SHIFT_ENDED: frozenset({A.AVAILABLE}),
     A.OFFLINE: frozenset({A.AVAILABLE}),
     A.PAUSED: frozenset(),
@@ -27,9 +28,11 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 OPS_TARGETS = frozenset({A.AVAILABLE, A.ON_BREAK, A.SHIFT_ENDED, A.OFFLINE, A.PAUSED})
 
 
-def transition_allowed(from_state: str, to_state: str, *, by_ops: bool) -> bool:
+def transition_allowed(from_state: str, to_state: str, *, by_ops: bool, releasing: bool = False) -> bool:
     if from_state == to_state:
         return False
+    if from_state == A.BUSY:
+        return releasing and to_state == A.AVAILABLE
     if to_state in TRANSITIONS.get(from_state, ()):
         return True
     return by_ops and from_state != A.BUSY and to_state in OPS_TARGETS
@@ -43,16 +46,18 @@ def apply_availability_change(
     actor: Actor,
     until: datetime | None = None,
     by_ops: bool = False,
+    releasing: bool = False,
     now: datetime | None = None,
 ) -> DriverAvailabilityHistory:
     """Move a driver the caller has already locked (select_for_update) to `to_state`.
 
     Writes the history row and the driver row, and emits `availability_changed` after commit.
+    `releasing` marks the end of the driver's assignment, the only way out of `busy`.
     Raises Conflict when the state machine does not allow the move.
     """
     now = now or timezone.now()
     from_state = driver.availability
-    if not transition_allowed(from_state, to_state, by_ops=by_ops):
+    if not transition_allowed(from_state, to_state, by_ops=by_ops, releasing=releasing):
         if from_state == A.PAUSED and to_state == A.AVAILABLE:
             raise Conflict("Driver is paused; only ops can resume a paused driver.")
         if from_state == A.BUSY:

@@ -133,7 +133,9 @@ def _release_driver(driver_id, *, reason: str, actor: Actor, now: datetime) -> N
     """Free a busy driver after their assignment ended. Caller holds the delivery lock."""
     driver = Driver.objects.select_for_update(of=("self",)).get(pk=driver_id)
     if driver.availability == DriverAvailability.BUSY:
-        apply_availability_change(driver, to_state=DriverAvailability.AVAILABLE, reason=reason, actor=actor, now=now)
+        apply_availability_change(
+            driver, to_state=DriverAvailability.AVAILABLE, reason=reason, actor=actor, releasing=True, now=now
+        )
 
 
 def _end_active_assignment(delivery: Delivery, *, status: str, reason: str, actor: Actor, now: datetime) -> Assignment | None:

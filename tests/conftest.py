@@ -1,4 +1,7 @@
+import uuid
+
 import pytest
+from asgiref.sync import async_to_sync
 from rest_framework.test import APIClient
 
 from common.redis import get_redis
@@ -68,3 +71,51 @@ def assert_error(response, status):
     assert body["statusCode"] == status
     assert body["timestamp"].endswith("Z")
     return body
+
+
+class ChannelListener:
+    """Joins groups on the real Redis channel layer and collects what is sent to them."""
+
+    def __init__(self, groups):
+        from channels.layers import get_channel_layer
+
+        self.layer = get_channel_layer()
+        self.groups = groups
+        # A plain channel name (no "!") is read straight from Redis, with no buffer tied to one
+        # event loop, so each drain() may run in its own loop.
+        self.channel = f"test-listener.{uuid.uuid4().hex}"
+        for g in groups:
+            async_to_sync(self.layer.group_add)(g, self.channel)
+
+    def drain(self, timeout=0.3):
+        import asyncio
+
+        async def collect():
+            out = []
+            while True:
+                try:
+                    msg = await asyncio.wait_for(self.layer.receive(self.channel), timeout)
+                except asyncio.TimeoutError:
+                    return out
+                out.append(msg["event"])
+
+        return async_to_sync(collect)()
+
+    def close(self):
+        for g in self.groups:
+            async_to_sync(self.layer.group_discard)(g, self.channel)
+
+
+@pytest.fixture
+def listen():
+    """`listen("ops", "driver.<id>")` → a listener; `.drain()` returns the events received."""
+    listeners = []
+
+    def make(*groups):
+        listener = ChannelListener(list(groups))
+        listeners.append(listener)
+        return listener
+
+    yield make
+    for listener in listeners:
+        listener.close()

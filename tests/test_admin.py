@@ -62,3 +62,28 @@ def test_cancel_action_reports_deliveries_that_cannot_be_cancelled(admin_client)
     assert b"no longer be cancelled" in r.content
     done.refresh_from_db()
     assert done.status == "delivered"
+
+
+def test_set_availability_action_asks_for_a_reason_then_uses_the_service(admin_client, admin_user):
+    a, b = DriverFactory(), DriverFactory(availability="busy")
+    selected = {"action": "set_availability", "_selected_action": [str(a.pk), str(b.pk)]}
+
+    form = admin_client.post("/admin/dispatch/driver/", selected)
+    assert form.status_code == 200 and b"reason" in form.content
+
+    missing = admin_client.post("/admin/dispatch/driver/", {**selected, "apply": "1", "state": "paused"})
+    assert missing.status_code == 200  # form shown again with the error
+    a.refresh_from_db()
+    assert a.availability == "available"
+
+    done = admin_client.post(
+        "/admin/dispatch/driver/", {**selected, "apply": "1", "state": "paused", "reason": "docs expired"}, follow=True
+    )
+    assert done.status_code == 200
+    a.refresh_from_db()
+    b.refresh_from_db()
+    assert a.availability == "paused" and a.availability_reason == "docs expired"
+    assert b.availability == "busy"  # refused, reported
+    assert b"busy" in done.content
+    row = a.availability_history.get()
+    assert (row.actor_type, row.actor_id) == ("admin", admin_user.pk)
