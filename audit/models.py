@@ -1,6 +1,12 @@
 import uuid
 
 from django.db import models
+from django.db.models import Func, Value
+
+
+class NextVal(Func):
+    function = "nextval"
+    output_field = models.BigIntegerField()
 
 
 class AuditEventType(models.TextChoices):
@@ -11,6 +17,7 @@ class AuditEventType(models.TextChoices):
     DRIVER_ACCEPTED = "driver_accepted"
     DRIVER_REJECTED = "driver_rejected"
     OFFER_EXPIRED = "offer_expired"
+    OFFER_CANCELLED = "offer_cancelled"
     DRIVER_ASSIGNED = "driver_assigned"
     ASSIGNMENT_REASSIGNED = "assignment_reassigned"
     PICKUP_STARTED = "pickup_started"
@@ -34,10 +41,13 @@ class DeliveryAuditLog(models.Model):
     actor_type = models.CharField(max_length=20, blank=True, default="")
     details = models.JSONField(default=dict)
     version = models.PositiveIntegerField(default=1)
+    # Insertion order, from a database sequence: several rows written in one transaction share
+    # a timestamp, and the timeline must still read in the order things happened.
+    seq = models.BigIntegerField(db_default=NextVal(Value("delivery_audit_logs_seq")), editable=False)
 
     class Meta:
         db_table = "delivery_audit_logs"
-        ordering = ["timestamp", "id"]
+        ordering = ["timestamp", "seq"]
         indexes = [
             models.Index(fields=["delivery", "timestamp"], name="idx_delivery_timestamp"),
             models.Index(fields=["event_type"], name="idx_event_type"),

@@ -43,3 +43,18 @@ class DriverConsumer(RelayConsumer):
 
     async def break_expired(self, message):
         await self.relay(message)
+
+    async def offer_created(self, message):
+        await self.relay(message)
+
+    async def offer_accepted(self, message):
+        await self.relay(message)
+
+    async def offer_rejected(self, message):
+        await self.relay(message)
+
+    async def offer_expired(self, message):
+        await self.relay(message)
+
+    async def offer_cancelled(self, message):
+        await self.relay(message)

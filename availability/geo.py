@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -27,6 +28,18 @@ logger = logging.getLogger(__name__)
 GEO_KEY = "drivers:geo"
 FIX_KEY = "drivers:fix"
 STATUS_KEY = "drivers:status"
+
+# Redis GEO cannot store latitudes beyond ±85.05112878° (one such pair fails a whole GEOADD);
+# a driver there is simply not indexed, and only the PostGIS path can find it.
+GEO_MAX_LAT = 85.05112878
+
+# Both implementations measure great-circle distance on a sphere, but not the same one: Redis
+# uses a radius of 6372797.560856 m, PostGIS (`use_spheroid=false`) the WGS84 mean radius
+# 6371008.7714 m, 1.4 m apart at 5 km. The PostGIS path is put on Redis's sphere so that both
+# answer "within 5 km" and "how far" identically.
+REDIS_EARTH_RADIUS_M = 6372797.560856
+POSTGIS_SPHERE_RADIUS_M = 6371008.7714150598
+_TO_REDIS_SPHERE = REDIS_EARTH_RADIUS_M / POSTGIS_SPHERE_RADIUS_M
 
 
 @dataclass(frozen=True)
@@ -44,21 +57,59 @@ def _stale_cutoff(now: datetime) -> datetime:
 # ----------------------------------------------------------------------------- writes
 
 
-def index_driver(*, driver_id, availability: str, lat: float | None, lon: float | None, recorded_at: datetime | None) -> None:
-    """Bring one driver's Redis entries in line with its committed state. Never raises."""
+# One atomic step per driver. A transition sets the status; a fix (from_fix) leaves it alone and
+# is dropped when the status already says the driver left `available` (a late fix write must not
+# bring back a driver whose break has begun). Either way a position older than the one indexed
+# is dropped, so after-commit writes that run out of order (two workers) never move a driver back.
+_INDEX_SCRIPT = """
+local member, state, lon, lat, ts = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+if ARGV[6] == '1' then
+  local known = redis.call('HGET', KEYS[3], member)
+  if known and known ~= 'available' then return 0 end
+else
+  redis.call('HSET', KEYS[3], member, state)
+end
+if state == 'available' and lon ~= '' then
+  local indexed_at = redis.call('ZSCORE', KEYS[2], member)
+  if indexed_at and tonumber(indexed_at) > tonumber(ts) then return 0 end
+  redis.call('GEOADD', KEYS[1], lon, lat, member)
+  redis.call('ZADD', KEYS[2], ts, member)
+else
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZREM', KEYS[2], member)
+end
+return 1
+"""
+_index_scripts: dict[int, "redis.commands.core.Script"] = {}
+
+
+def _indexable(lat: float | None, recorded_at: datetime | None) -> bool:
+    return lat is not None and recorded_at is not None and abs(lat) <= GEO_MAX_LAT
+
+
+def index_driver(
+    *, driver_id, availability: str, lat: float | None, lon: float | None, recorded_at: datetime | None,
+    from_fix: bool = False,
+) -> None:
+    """Bring one driver's Redis entries in line with its committed state. Never raises.
+
+    `from_fix`: called for a location fix rather than a transition (see _INDEX_SCRIPT)."""
     member = str(driver_id)
+    indexed = availability == DriverAvailability.AVAILABLE and _indexable(lat, recorded_at)
     try:
-        pipe = get_redis().pipeline(transaction=True)
-        pipe.hset(STATUS_KEY, member, availability)
-        if availability == DriverAvailability.AVAILABLE and lat is not None and recorded_at is not None:
-            pipe.geoadd(GEO_KEY, (lon, lat, member))
-            pipe.zadd(FIX_KEY, {member: recorded_at.timestamp()})
-        else:
-            pipe.zrem(GEO_KEY, member)
-            pipe.zrem(FIX_KEY, member)
-        pipe.execute()
+        client = get_redis()
+        script = _index_scripts.get(id(client))
+        if script is None:
+            script = _index_scripts.setdefault(id(client), client.register_script(_INDEX_SCRIPT))
+        script(
+            keys=[GEO_KEY, FIX_KEY, STATUS_KEY],
+            args=[member, availability, repr(lon) if indexed else "", repr(lat) if indexed else "",
+                  repr(recorded_at.timestamp()) if indexed else "", "1" if from_fix else "0"],
+        )
     except RedisUnavailable:
         logger.warning("GEO index not updated for driver %s: Redis unavailable (reconcile will repair)", member)
+    except redis.RedisError:
+        logger.exception("GEO index not updated for driver %s (reconcile will repair)", member)
 
 
 def index_driver_on_commit(driver: Driver) -> None:
@@ -80,7 +131,7 @@ def _desired_state(now: datetime):
     for pk, availability, loc, recorded_at in rows.iterator(chunk_size=2000):
         member = str(pk)
         statuses[member] = availability
-        if availability == DriverAvailability.AVAILABLE and loc is not None and recorded_at is not None:
+        if availability == DriverAvailability.AVAILABLE and loc is not None and _indexable(loc.y, recorded_at):
             geo[member] = (loc.x, loc.y, recorded_at.timestamp())
     return statuses, geo
 
@@ -142,35 +193,39 @@ def reconcile_index(*, now: datetime | None = None) -> dict[str, int]:
 
 def drivers_near_redis(*, lat: float, lon: float, radius_km: float, limit: int, now: datetime) -> list[NearbyDriver]:
     r = get_redis()
-    # Fetch a little more than asked: stale members are dropped below.
-    rows = r.geosearch(
-        GEO_KEY, longitude=lon, latitude=lat, radius=radius_km, unit="km", sort="ASC",
-        count=max(limit * 2, limit + 20), withdist=True, withcoord=True,
-    )
-    if not rows:
-        return []
-    members = [row[0] for row in rows]
-    fix_times = r.zmscore(FIX_KEY, members)
     cutoff = _stale_cutoff(now).timestamp()
-    out = []
-    for (member, dist, (m_lon, m_lat)), fixed_at in zip(rows, fix_times):
-        if fixed_at is None or fixed_at < cutoff:
-            continue
-        out.append(NearbyDriver(member, float(dist), float(m_lat), float(m_lon)))
-        if len(out) == limit:
-            break
-    return out
+    # Fetch a little more than asked, since stale members are dropped below; when that was not
+    # enough (many stale drivers nearest the point), search again for more.
+    count = max(limit * 2, limit + 20)
+    while True:
+        rows = r.geosearch(
+            GEO_KEY, longitude=lon, latitude=lat, radius=radius_km, unit="km", sort="ASC",
+            count=count, withdist=True, withcoord=True,
+        )
+        if not rows:
+            return []
+        fix_times = r.zmscore(FIX_KEY, [row[0] for row in rows])
+        out = []
+        for (member, dist, (m_lon, m_lat)), fixed_at in zip(rows, fix_times):
+            if fixed_at is None or fixed_at < cutoff:
+                continue
+            out.append(NearbyDriver(member, float(dist), float(m_lat), float(m_lon)))
+            if len(out) == limit:
+                return out
+        if len(rows) < count:
+            return out
+        count *= 4
 
 
 _KNN_SQL = """
 SELECT id, ST_Y(location::geometry), ST_X(location::geometry),
-       ST_Distance(location, ref.g, false) / 1000.0
+       ST_Distance(location, ref.g, false) * %(to_redis_sphere)s / 1000.0
 FROM dispatch_driver,
      (SELECT ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)::geography AS g) AS ref
 WHERE availability = 'available'
   AND location IS NOT NULL
   AND location_recorded_at >= %(cutoff)s
-  AND ST_DWithin(location, ref.g, %(radius_m)s, false)
+  AND ST_DWithin(location, ref.g, %(radius_m)s / %(to_redis_sphere)s, false)
 ORDER BY location <-> ref.g
 LIMIT %(limit)s
 """
@@ -180,7 +235,8 @@ def drivers_near_postgis(*, lat: float, lon: float, radius_km: float, limit: int
     with connection.cursor() as cur:
         cur.execute(
             _KNN_SQL,
-            {"lat": lat, "lon": lon, "radius_m": radius_km * 1000.0, "cutoff": _stale_cutoff(now), "limit": limit},
+            {"lat": lat, "lon": lon, "radius_m": radius_km * 1000.0, "cutoff": _stale_cutoff(now), "limit": limit,
+             "to_redis_sphere": _TO_REDIS_SPHERE},
         )
         return [NearbyDriver(str(pk), float(dist), float(y), float(x)) for pk, y, x, dist in cur.fetchall()]
 

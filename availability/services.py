@@ -99,11 +99,25 @@ def availability_change(
     by_ops: bool = False,
     now: datetime | None = None,
 ) -> Driver:
-    """Lock the driver and move it to `to_state` (see apply_availability_change)."""
+    """Lock the driver and move it to `to_state` (see apply_availability_change).
+
+    Going unavailable withdraws the driver's pending offer (CANCELLED) and the delivery moves
+    to its next candidate. The offer and its delivery are locked before the driver (the lock
+    order every service follows: offer → delivery → driver).
+    """
+    from dispatch.engine import dispatch_locked
+    from offers.services import lock_pending_offer_of_driver, offer_cancel_locked
+
+    now = now or timezone.now()
+    withdrawing = to_state not in (A.AVAILABLE, A.BUSY)
+    offer, delivery = lock_pending_offer_of_driver(driver_id) if withdrawing else (None, None)
     driver = Driver.objects.select_for_update(of=("self",)).filter(pk=driver_id).first()
     if driver is None:
         raise NotFound("Driver not found.")
     apply_availability_change(driver, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now)
+    if offer is not None:
+        offer_cancel_locked(offer, delivery=delivery, reason=f"driver_{to_state}", actor=actor, now=now)
+        dispatch_locked(delivery, actor=Actor.system(), now=now)
     return driver
 
 
@@ -185,14 +199,22 @@ def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int =
 
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
-    with transaction.atomic():
-        drivers = list(
-            Driver.objects.select_for_update(of=("self",), skip_locked=True)
-            .filter(availability=A.AVAILABLE)
-            .filter(Q(location_recorded_at__lt=cutoff) | Q(location_recorded_at__isnull=True))
-            .filter(Q(last_availability_change__lt=cutoff) | Q(last_availability_change__isnull=True))
-            .order_by("pk")[:batch_size]
-        )
-        for driver in drivers:
-            apply_availability_change(driver, to_state=A.OFFLINE, reason="stale_location", actor=Actor.system(), now=now)
-    return len(drivers)
+    stale = Q(location_recorded_at__lt=cutoff) | Q(location_recorded_at__isnull=True)
+    settled = Q(last_availability_change__lt=cutoff) | Q(last_availability_change__isnull=True)
+    ids = list(
+        Driver.objects.filter(stale, settled, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)[:batch_size]
+    )
+    changed = 0
+    for driver_id in ids:
+        # Each driver in its own transaction, through availability_change so that a pending
+        # offer is withdrawn in lock order; re-checked first (a fix may have arrived, or another
+        # run got there first, in which case the transition is refused as a no-op).
+        with transaction.atomic():
+            if not Driver.objects.filter(stale, settled, pk=driver_id, availability=A.AVAILABLE).exists():
+                continue
+            try:
+                availability_change(driver_id=driver_id, to_state=A.OFFLINE, reason="stale_location", actor=Actor.system(), now=now)
+            except Conflict:
+                continue
+            changed += 1
+    return changed

@@ -5,8 +5,11 @@ django-celery-beat (which ops can then inspect and tune in the admin)."""
 PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     "purge idempotency records": ("common.purge_idempotency_records", 3600, {"expires": 3000}),
     "expire breaks": ("availability.expire_breaks", 10, {"expires": 10}),
+    "expire offers sweep": ("offers.expire_overdue_offers", 5, {"expires": 5}),
+    "retry unassigned deliveries": ("dispatch.retry_unassigned", 30, {"expires": 30}),
     "stale drivers offline": ("availability.mark_stale_drivers_offline", 60, {"expires": 55}),
     "reconcile GEO index": ("availability.reconcile_geo_index", 60, {"expires": 55}),
+    "zone health": ("zones.refresh_zone_health", 60, {"expires": 55}),
 }
 
 # Names of tasks we manage start with this, so stale ones can be removed safely.

@@ -4,7 +4,9 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from availability.api import views as availability_views
 from common.views import AuthTokenView, health, prometheus_metrics
+from offers.api import views as offer_views
 from dispatch.api import views as dispatch_views
+from zones.api import views as zone_views
 
 api = [
     path("auth/token", AuthTokenView.as_view(), name="auth-token"),
@@ -23,8 +25,22 @@ api = [
     ),
     path("deliveries", dispatch_views.DeliveryListCreateView.as_view(), name="deliveries"),
     path("deliveries/<uuid:delivery_id>", dispatch_views.DeliveryDetailView.as_view(), name="delivery-detail"),
+    path("deliveries/<uuid:delivery_id>/offers", offer_views.DeliveryOffersView.as_view(), name="delivery-offers"),
+    path("deliveries/<uuid:delivery_id>/dispatch", offer_views.DispatchView.as_view(), name="delivery-dispatch"),
+    path("deliveries/<uuid:delivery_id>/reassign", offer_views.ReassignView.as_view(), name="delivery-reassign"),
+    path("drivers/<uuid:driver_id>/offers", offer_views.DriverOffersView.as_view(), name="driver-offers"),
+    path("drivers/<uuid:driver_id>/offers/<uuid:offer_id>/accept", offer_views.AcceptOfferView.as_view(), name="offer-accept"),
+    path("drivers/<uuid:driver_id>/offers/<uuid:offer_id>/reject", offer_views.RejectOfferView.as_view(), name="offer-reject"),
     path("deliveries/<uuid:delivery_id>/cancel", dispatch_views.DeliveryCancelView.as_view(), name="delivery-cancel"),
     path("admin/deliveries/<uuid:delivery_id>/audit", dispatch_views.DeliveryAuditView.as_view(), name="delivery-audit"),
+    path("zones", zone_views.ZoneListCreateView.as_view(), name="zones"),
+    path("zones/<uuid:zone_id>", zone_views.ZoneDetailView.as_view(), name="zone-detail"),
+    path("zones/<uuid:zone_id>/health", zone_views.ZoneHealthView.as_view(), name="zone-health"),
+    path(
+        "drivers/<uuid:driver_id>/zone-preferences",
+        zone_views.DriverZonePreferencesView.as_view(),
+        name="driver-zone-preferences",
+    ),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]

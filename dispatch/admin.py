@@ -9,8 +9,10 @@ from availability.models import DriverAvailabilityHistory
 from availability.services import availability_override
 from common.actors import Actor
 from common.exceptions import Conflict, NotFound
+from offers.admin import OfferInline
 from dispatch import services
 from dispatch.models import SETTABLE_AVAILABILITY_CHOICES, Assignment, Delivery, Driver, DriverAvailability
+from zones.admin import DriverZonePreferenceInline
 
 
 class SetAvailabilityForm(forms.Form):
@@ -46,7 +48,7 @@ class AuditInline(ReadOnlyInline):
     model = DeliveryAuditLog
     fields = ("timestamp", "event_type", "actor_type", "actor_id", "details")
     readonly_fields = fields
-    ordering = ("timestamp",)
+    ordering = ("timestamp", "seq")
 
 
 class AssignmentInline(ReadOnlyInline):
@@ -88,7 +90,7 @@ class DriverAdmin(GISModelAdmin):
         ("Location", {"fields": ("location", "location_accuracy_m", "location_speed", "location_heading", "location_recorded_at", "home_location")}),
         ("Timestamps", {"fields": ("created_at", "updated_at")}),
     )
-    inlines = [AvailabilityHistoryInline, DriverAssignmentInline]
+    inlines = [DriverZonePreferenceInline, AvailabilityHistoryInline, DriverAssignmentInline]
     actions = ["set_availability"]
 
     def has_add_permission(self, request):
@@ -129,11 +131,36 @@ class DeliveryAdmin(GISModelAdmin):
         "cancellation_reason", "created_at", "ready_at", "assigned_at", "pickup_started_at", "picked_up_at",
         "in_transit_at", "delivered_at", "failed_at", "cancelled_at", "updated_at",
     )
-    inlines = [AssignmentInline, AuditInline]
-    actions = ["cancel_deliveries"]
+    inlines = [OfferInline, AssignmentInline, AuditInline]
+    actions = ["dispatch_now", "reassign_deliveries", "cancel_deliveries"]
 
     def has_add_permission(self, request):
         return False  # deliveries come from sellers through the API
+
+    @admin.action(description="Dispatch selected ready deliveries now")
+    def dispatch_now(self, request, queryset):
+        from dispatch.engine import delivery_dispatch
+
+        for delivery in queryset.order_by("pk"):
+            try:
+                result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.for_user(request.user), strict=True)
+            except (Conflict, NotFound) as exc:
+                self.message_user(request, f"{delivery.seller_order_id}: {exc.detail}", messages.WARNING)
+                continue
+            text = f"offered to driver {result.offer.driver_id}" if result.offer else f"unassigned ({result.failure_reason})"
+            self.message_user(request, f"{delivery.seller_order_id}: {text}", messages.INFO)
+
+    @admin.action(description="Reassign selected deliveries to another driver (reason: reassigned by ops)")
+    def reassign_deliveries(self, request, queryset):
+        for delivery in queryset.order_by("pk"):
+            try:
+                previous, result = services.delivery_reassign(
+                    delivery_id=delivery.pk, reason="reassigned by ops", actor=Actor.for_user(request.user)
+                )
+            except (Conflict, NotFound) as exc:
+                self.message_user(request, f"{delivery.seller_order_id}: {exc.detail}", messages.WARNING)
+                continue
+            self.message_user(request, f"{delivery.seller_order_id}: taken from {previous}, {result.outcome}", messages.INFO)
 
     @admin.action(description="Cancel selected deliveries (reason: cancelled by ops)")
     def cancel_deliveries(self, request, queryset):

@@ -121,6 +121,13 @@ class Delivery(models.Model):
         max_length=20, choices=DeliveryStatus.choices, default=DeliveryStatus.READY, db_index=True
     )
     tracking_token = models.CharField(max_length=64, default=new_tracking_token, editable=False)
+    zone = models.ForeignKey("zones.DeliveryZone", null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries")
+    current_offer = models.ForeignKey(
+        "offers.DriverOffer", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    accepted_offer = models.ForeignKey(
+        "offers.DriverOffer", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     offer_acceptance_count = models.PositiveIntegerField(default=0)
 
     failure_reason = models.CharField(max_length=500, blank=True, default="")

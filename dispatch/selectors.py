@@ -59,8 +59,13 @@ def driver_get_for_user(*, user, driver_id) -> Driver:
     return driver
 
 
-def drivers_list(*, availability: str | None = None) -> QuerySet[Driver]:
+def drivers_list(*, availability: str | None = None, zone_id=None) -> QuerySet[Driver]:
+    """`zone_id`: only drivers whose last known location lies in that zone (unknown zone → 404)."""
     qs = Driver.objects.select_related("user")
     if availability:
         qs = qs.filter(availability=availability)
+    if zone_id:
+        from zones.selectors import drivers_inside_zone
+
+        qs = drivers_inside_zone(qs, zone_id=zone_id)
     return qs

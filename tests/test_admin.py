@@ -87,3 +87,24 @@ def test_set_availability_action_asks_for_a_reason_then_uses_the_service(admin_c
     assert b"busy" in done.content
     row = a.availability_history.get()
     assert (row.actor_type, row.actor_id) == ("admin", admin_user.pk)
+
+
+def test_dispatch_now_and_expire_actions_go_through_the_services(admin_client):
+    from offers.models import DriverOffer
+    from tests.factories import online_driver
+
+    a = online_driver(km=0.5)
+    b = online_driver(km=1.0)
+    delivery = DeliveryFactory()
+
+    r = admin_client.post("/admin/dispatch/delivery/", {"action": "dispatch_now", "_selected_action": [str(delivery.pk)]}, follow=True)
+    assert b"offered to driver" in r.content
+    first = DriverOffer.objects.get(delivery=delivery)
+    assert first.driver_id == a.pk
+    assert admin_client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/").status_code == 200
+    assert admin_client.get("/admin/offers/driveroffer/").status_code == 200
+
+    admin_client.post("/admin/offers/driveroffer/", {"action": "expire_now", "_selected_action": [str(first.pk)]}, follow=True)
+    first.refresh_from_db()
+    assert first.status == "EXPIRED"
+    assert DriverOffer.objects.get(delivery=delivery, status="PENDING").driver_id == b.pk

@@ -116,7 +116,7 @@ def test_a_device_clock_a_few_seconds_ahead_is_tolerated(old_driver, at_now):
 
 
 def test_a_fix_from_a_driver_who_is_not_available_is_stored_but_not_indexed(
-    at_now, django_capture_on_commit_callbacks
+    db, at_now, django_capture_on_commit_callbacks
 ):
     driver = DriverFactory(availability="on_break", location_recorded_at=at_now - timedelta(minutes=1))
 
@@ -191,7 +191,6 @@ INFINITY_LITERAL = '{"lat": 12.9, "lon": Infinity}'
         (fix(lat="nan"), "lat"),
         (fix(lon="Infinity"), "lon"),
         (fix(lon="-inf"), "lon"),
-        (fix(lat=1e309), "lat"),  # json renders it as Infinity
         (fix(lat="12.9"), "lat"),
         (fix(lon="77.6"), "lon"),
         (fix(lat=True), "lat"),
@@ -333,11 +332,14 @@ def test_the_service_applies_racing_fixes_so_that_the_newest_wins():
     barrier = threading.Barrier(6)
     accepted = []
 
+    def lat_of(ts):
+        return 10 + (ts - base).total_seconds() / 1000
+
     def run(share):
         try:
             barrier.wait()
             for ts in share:
-                result = driver_location_update(driver_id=driver.pk, lat=10 + ts.microsecond / 1e7, lon=77.0, recorded_at=ts)
+                result = driver_location_update(driver_id=driver.pk, lat=lat_of(ts), lon=77.0, recorded_at=ts)
                 accepted.append(result.accepted)
         finally:
             connection.close()
@@ -352,5 +354,5 @@ def test_the_service_applies_racing_fixes_so_that_the_newest_wins():
     newest = max(stamps)
     d = Driver.objects.get(pk=driver.pk)
     assert d.location_recorded_at == newest
-    assert d.location.y == pytest.approx(10 + newest.microsecond / 1e7, abs=1e-12)
+    assert d.location.y == pytest.approx(lat_of(newest), abs=1e-12)
     assert get_redis().zscore(geo.FIX_KEY, str(driver.pk)) == newest.timestamp()

@@ -53,12 +53,23 @@ class HistoryEntrySerializer(serializers.Serializer):
     timestamp = serializers.DateTimeField()
 
 
+class JsonNumberField(FiniteFloatField):
+    """A finite JSON number, nothing that merely converts to one: "12.9" and true are refused."""
+
+    default_error_messages = {"not_a_number": "Must be a number, not a string or a boolean."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            self.fail("not_a_number")
+        return super().to_internal_value(data)
+
+
 class LocationSerializer(serializers.Serializer):
-    lat = FiniteFloatField(min_value=-90, max_value=90)
-    lon = FiniteFloatField(min_value=-180, max_value=180)
-    accuracyMeters = FiniteFloatField(min_value=0, max_value=100_000, required=False, allow_null=True)
-    speed = FiniteFloatField(min_value=0, max_value=150, required=False, allow_null=True)
-    heading = FiniteFloatField(min_value=0, required=False, allow_null=True)
+    lat = JsonNumberField(min_value=-90, max_value=90)
+    lon = JsonNumberField(min_value=-180, max_value=180)
+    accuracyMeters = JsonNumberField(min_value=0, max_value=100_000, required=False, allow_null=True)
+    speed = JsonNumberField(min_value=0, max_value=150, required=False, allow_null=True)
+    heading = JsonNumberField(min_value=0, required=False, allow_null=True)
     recordedAt = serializers.DateTimeField(required=False)
 
     def validate_heading(self, value):

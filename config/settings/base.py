@@ -219,3 +219,9 @@ LOGGING = {
 # Debian 12 ships GDAL 3.6; the warning is about untrusted spatial reference input, which we
 # never pass to GDAL (points and polygons come in as numbers / GeoJSON and go to PostGIS).
 SILENCED_SYSTEM_CHECKS = ["gis.W001"]
+
+# Pricing (documented in docs/pricing.md). Money is Decimal; these are strings on purpose.
+DRIVER_BASE_PAY = env("DRIVER_BASE_PAY", default="30.00")
+DRIVER_PAY_PER_KM = env("DRIVER_PAY_PER_KM", default="8.00")
+# Where offers are pushed besides the driver's socket (dotted path to a PushBackend).
+PUSH_BACKEND = env("PUSH_BACKEND", default="offers.push.LoggingPushBackend")

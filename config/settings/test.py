@@ -20,3 +20,8 @@ CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = "test-asgi"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=True)
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"anon": "100000/min", "user": "100000/min"}
+
+# Parallel test runs on one machine can isolate themselves: TEST_DB_NAME=test_dispatch_2
+# TEST_REDIS_URL=redis://127.0.0.1:6379/14
+if env("TEST_DB_NAME", default=""):
+    DATABASES["default"]["TEST"] = {"NAME": env("TEST_DB_NAME")}  # noqa: F405

@@ -80,6 +80,9 @@ class DriverCreateSerializer(serializers.Serializer):
 
 class DriverListQuerySerializer(serializers.Serializer):
     availability = serializers.ChoiceField(choices=DriverAvailability.choices, required=False)
+    zone = serializers.UUIDField(
+        required=False, help_text="Only drivers whose last known location lies in this zone (an unknown zone is a 404)."
+    )
 
 
 class DeliveryCreateSerializer(serializers.Serializer):
@@ -119,6 +122,8 @@ class DeliverySerializer(serializers.ModelSerializer):
     assignmentId = serializers.SerializerMethodField()
     trackingUrl = serializers.SerializerMethodField()
     offerAcceptanceCount = serializers.IntegerField(source="offer_acceptance_count")
+    currentOfferId = serializers.UUIDField(source="current_offer_id", allow_null=True)
+    acceptedOfferId = serializers.UUIDField(source="accepted_offer_id", allow_null=True)
     failureReason = serializers.CharField(source="failure_reason")
     cancellationReason = serializers.CharField(source="cancellation_reason")
     createdAt = serializers.DateTimeField(source="created_at")
@@ -137,7 +142,7 @@ class DeliverySerializer(serializers.ModelSerializer):
         fields = [
             "id", "sellerOrderId", "sellerId", "storeName", "status", "zoneId", "pickupLocation",
             "dropoffLocation", "dropoffAddress", "customerName", "customerPhone", "prepTimeMinutes",
-            "deliveryFee", "driverId", "assignmentId", "trackingUrl", "offerAcceptanceCount",
+            "deliveryFee", "driverId", "assignmentId", "trackingUrl", "offerAcceptanceCount", "currentOfferId", "acceptedOfferId",
             "failureReason", "cancellationReason", "createdAt", "readyAt", "assignedAt",
             "pickupStartedAt", "pickedUpAt", "inTransitAt", "deliveredAt", "failedAt", "cancelledAt",
             "updatedAt",

@@ -34,12 +34,12 @@ class DriverListCreateView(APIView):
     @extend_schema(
         operation_id="drivers_list",
         parameters=[s.DriverListQuerySerializer, OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
-        responses={200: paginated_schema("DriverPage", "drivers", s.DriverSerializer), **errors(400)},
+        responses={200: paginated_schema("DriverPage", "drivers", s.DriverSerializer), **errors(400, 404)},
         tags=["drivers"],
     )
     def get(self, request):
         q = _query(s.DriverListQuerySerializer, request)
-        qs = selectors.drivers_list(availability=q.get("availability"))
+        qs = selectors.drivers_list(availability=q.get("availability"), zone_id=q.get("zone"))
         return paginate(request, qs, s.DriverSerializer, key="drivers")
 
     @extend_schema(
@@ -108,6 +108,7 @@ class DeliveryListCreateView(APIView):
             ),
             created_by=request.user,
             actor=Actor.for_user(request.user),
+            auto_dispatch=v["autoDispatch"],
         )
         delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery.pk)
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data, status=status.HTTP_201_CREATED)
@@ -199,6 +200,6 @@ class DeliveryAuditView(APIView):
             raise NotFound("Delivery not found.")
         qs = audit_events_for_delivery(delivery_id=delivery_id, event_type=q.get("eventType"))
         return paginate(
-            request, qs, s.AuditEventSerializer, key="events", ordering=("timestamp", "id"),
+            request, qs, s.AuditEventSerializer, key="events", ordering=("timestamp", "seq"),
             extra={"deliveryId": str(delivery_id), "summary": audit_summary(qs)},
         )

@@ -18,6 +18,8 @@ from common.actors import Actor
 from common.roles import INTEGRATIONS_GROUP, SUPPORT_GROUP
 from dispatch import services
 from dispatch.models import Delivery, Driver, DriverAvailability
+from zones.demo import ensure_demo_zones
+from zones.services import zone_health_refresh
 
 CITY = (12.9716, 77.5946)  # Bengaluru, as in the design's examples
 DRIVERS = [
@@ -82,6 +84,8 @@ class Command(BaseCommand):
                 availability_change(driver_id=driver.pk, to_state=DriverAvailability.AVAILABLE, reason="demo", actor=Actor.system())
             driver_tokens.append((name, str(driver.pk), key))
 
+        zones = ensure_demo_zones()  # before the deliveries, so that they get their zone
+
         for n, store in enumerate(STORES, start=1):
             order_id = f"DEMO-{n:04d}"
             if not Delivery.objects.filter(created_by=market, seller_order_id=order_id).exists():
@@ -96,6 +100,8 @@ class Command(BaseCommand):
                     actor=Actor.for_user(market),
                 )
 
+        zone_health_refresh()  # so the zones list shows health before the first beat tick
+
         out = self.stdout.write
         out("Demo data ready.")
         out(f"  ops console login:   ops / {settings.DEMO_OPS_PASSWORD}   (API token {ops_token.key})")
@@ -105,3 +111,4 @@ class Command(BaseCommand):
         for name, pk, key in driver_tokens[:5]:
             out(f"    {name:16} {pk} {key}")
         out(f"    ... and {len(driver_tokens) - 5} more (admin → Drivers)")
+        out(f"  zones: {len(zones)} (admin → Delivery zones)")

@@ -1,0 +1,49 @@
+from django.contrib import admin, messages
+from django.utils import timezone
+
+from offers import services
+from offers.models import DriverOffer
+
+
+class OfferInline(admin.TabularInline):
+    model = DriverOffer
+    fk_name = "delivery"
+    extra = 0
+    can_delete = False
+    fields = ("driver", "status", "created_at", "expires_at", "accepted_at", "rejected_at", "rejection_reason", "driver_response_time_ms")
+    readonly_fields = fields
+    ordering = ("created_at",)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(DriverOffer)
+class DriverOfferAdmin(admin.ModelAdmin):
+    list_display = ("id", "delivery", "driver", "status", "created_at", "expires_at", "driver_response_time_ms")
+    list_filter = ("status", "notification_method")
+    search_fields = ("delivery__seller_order_id", "driver__name", "id")
+    list_select_related = ("delivery", "driver")
+    date_hierarchy = "created_at"
+    actions = ["expire_now"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in DriverOffer._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Expire selected pending offers now (next candidate is offered)")
+    def expire_now(self, request, queryset):
+        done = 0
+        for offer in queryset.filter(status="PENDING").order_by("pk"):
+            # Expire as of now: pull the deadline in, then let the normal expiry run.
+            DriverOffer.objects.filter(pk=offer.pk, status="PENDING").update(expires_at=timezone.now())
+            done += services.offer_expire(offer_id=offer.pk)
+        self.message_user(request, f"Expired {done} offers.", messages.SUCCESS if done else messages.WARNING)

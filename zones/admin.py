@@ -1,0 +1,128 @@
+"""Ops console for zones: boundaries drawn on a map, staffing and live health at a glance.
+Saving goes through the zone services; driver preferences are an inline on the driver page."""
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.gis.admin import GISModelAdmin
+from django.core.exceptions import ValidationError
+from django.db.models import F
+from django.utils.html import format_html
+
+from zones import services
+from zones.geometry import validate_zone_polygon
+from zones.models import DeliveryZone, DriverZonePreference
+
+MAP_CENTER = getattr(settings, "ZONES_MAP_CENTER", (12.9716, 77.5946))  # (lat, lon): the demo city
+
+
+class DeliveryZoneForm(forms.ModelForm):
+    class Meta:
+        model = DeliveryZone
+        fields = "__all__"
+
+    def clean_geometry(self):
+        geometry = self.cleaned_data.get("geometry")
+        if geometry is None:
+            return geometry
+        try:
+            return validate_zone_polygon(geometry)
+        except ValidationError as exc:
+            raise forms.ValidationError(exc.messages)
+
+
+class BelowMinimumFilter(admin.SimpleListFilter):
+    title = "staffing"
+    parameter_name = "staffing"
+
+    def lookups(self, request, model_admin):
+        return [("below", "Below minimum drivers"), ("ok", "At or above minimum")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "below":
+            return queryset.filter(current_drivers_online__lt=F("min_drivers_online"))
+        if self.value() == "ok":
+            return queryset.filter(current_drivers_online__gte=F("min_drivers_online"))
+        return queryset
+
+
+@admin.register(DeliveryZone)
+class DeliveryZoneAdmin(GISModelAdmin):
+    form = DeliveryZoneForm
+    gis_widget_kwargs = {"attrs": {"default_lat": MAP_CENTER[0], "default_lon": MAP_CENTER[1], "default_zoom": 11}}
+    list_display = (
+        "name", "priority_level", "drivers_online", "below_minimum", "health", "demand_level",
+        "avg_wait_time_seconds", "target_wait_time_seconds", "last_updated",
+    )
+    list_filter = (BelowMinimumFilter, "priority_level")
+    search_fields = ("name",)
+    ordering = ("priority_level", "name")
+    readonly_fields = (
+        "id", "current_drivers_online", "avg_wait_time_seconds", "demand_level", "health_score", "last_updated",
+        "created_at", "updated_at",
+    )
+    fieldsets = (
+        (None, {"fields": ("id", "name", "geometry", "priority_level")}),
+        ("Staffing and targets", {"fields": ("min_drivers_online", "target_wait_time_seconds")}),
+        ("Dispatch overrides", {"fields": ("offer_expires_seconds", "search_radius_km")}),
+        ("Live health (updated every minute)", {"fields": (
+            "current_drivers_online", "avg_wait_time_seconds", "demand_level", "health_score", "last_updated",
+        )}),
+        ("Timestamps", {"fields": ("created_at", "updated_at")}),
+    )
+    actions = ["refresh_health"]
+
+    @admin.display(description="Drivers online / min", ordering="current_drivers_online")
+    def drivers_online(self, zone):
+        text = f"{zone.current_drivers_online} / {zone.min_drivers_online}"
+        if zone.below_minimum:
+            return format_html('<span class="zone-below-min" style="color:#ba2121;font-weight:bold">&#9888; {}</span>', text)
+        return format_html('<span style="color:#2e7d32">{}</span>', text)
+
+    @admin.display(description="Below min", boolean=True)
+    def below_minimum(self, zone):
+        return zone.below_minimum
+
+    @admin.display(description="Health", ordering="health_score")
+    def health(self, zone):
+        if zone.health_score is None:
+            return "—"
+        colour = "#2e7d32" if zone.health_score >= 70 else "#ef6c00" if zone.health_score >= 40 else "#ba2121"
+        return format_html('<span style="color:{};font-weight:bold">{}</span>', colour, zone.health_score)
+
+    def save_model(self, request, obj, form, change):
+        fields = {f: form.cleaned_data[f] for f in services.EDITABLE_FIELDS if f in form.cleaned_data}
+        if change:
+            changed = {f: v for f, v in fields.items() if f in form.changed_data}
+            services.zone_update(zone_id=obj.pk, **changed)
+        else:
+            zone = services.zone_create(**fields)
+            obj.pk = zone.pk
+            obj._state.adding = False
+            obj._state.db = zone._state.db
+
+    @admin.action(description="Recompute health now")
+    def refresh_health(self, request, queryset):
+        done = services.zone_health_refresh(zone_ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"Health recomputed for {done} zones.", messages.SUCCESS)
+
+
+class DriverZonePreferenceFormSet(forms.BaseInlineFormSet):
+    def save(self, commit=True):
+        saved = super().save(commit=commit)
+        if commit and self.instance.pk:
+            # Also runs when only the driver's home location changed on the same page.
+            services.zone_preferences_refresh_distances(driver_id=self.instance.pk)
+        return saved
+
+
+class DriverZonePreferenceInline(admin.TabularInline):
+    """Zone preferences on the driver page (dispatch.admin.DriverAdmin)."""
+
+    model = DriverZonePreference
+    fk_name = "driver"
+    formset = DriverZonePreferenceFormSet
+    fields = ("zone", "preference", "distance_to_zone_center")
+    readonly_fields = ("distance_to_zone_center",)
+    autocomplete_fields = ("zone",)
+    extra = 0
+    verbose_name = "zone preference"

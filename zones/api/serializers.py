@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+from rest_framework_gis.serializers import GeoFeatureModelSerializer
+
+from common.fields import FiniteFloatField
+from zones.geometry import polygon_from_geojson
+from zones.models import (
+    OFFER_EXPIRES_MAX,
+    OFFER_EXPIRES_MIN,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    SEARCH_RADIUS_MAX_KM,
+    DeliveryZone,
+    DriverZonePreference,
+    ZonePreference,
+)
+
+POLYGON_SCHEMA = {
+    "type": "object",
+    "description": "GeoJSON Polygon in WGS84 (SRID 4326): [lon, lat] positions, each ring closed.",
+    "required": ["type", "coordinates"],
+    "properties": {
+        "type": {"type": "string", "enum": ["Polygon"]},
+        "coordinates": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "array",
+                "minItems": 4,
+                "items": {"type": "array", "minItems": 2, "maxItems": 3, "items": {"type": "number"}},
+            },
+        },
+    },
+}
+
+
+@extend_schema_field(POLYGON_SCHEMA)
+class PolygonGeoJSONField(serializers.Field):
+    """A GeoJSON Polygon on the wire; a valid GEOS Polygon (SRID 4326) inside."""
+
+    def to_internal_value(self, data):
+        try:
+            return polygon_from_geojson(data)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages)
+
+    def to_representation(self, value):
+        import json
+
+        return json.loads(value.geojson)
+
+
+@extend_schema_field({"type": "string", "enum": ["FeatureCollection"]})
+class FeatureCollectionTypeField(serializers.ReadOnlyField):
+    pass
+
+
+class ZoneFeatureSerializer(GeoFeatureModelSerializer):
+    """A zone as a GeoJSON Feature: `id`, `geometry` (Polygon), camelCase `properties`."""
+
+    priorityLevel = serializers.IntegerField(source="priority_level")
+    minDriversOnline = serializers.IntegerField(source="min_drivers_online")
+    currentDriversOnline = serializers.IntegerField(source="current_drivers_online")
+    belowMinimum = serializers.BooleanField(source="below_minimum")
+    avgWaitTimeSeconds = serializers.IntegerField(source="avg_wait_time_seconds")
+    targetWaitTimeSeconds = serializers.IntegerField(source="target_wait_time_seconds")
+    demandLevel = serializers.IntegerField(source="demand_level")
+    healthScore = serializers.IntegerField(source="health_score", allow_null=True)
+    offerExpiresSeconds = serializers.IntegerField(source="offer_expires_seconds", allow_null=True)
+    searchRadiusKm = serializers.FloatField(source="search_radius_km", allow_null=True)
+    lastUpdated = serializers.DateTimeField(source="last_updated")
+
+    class Meta:
+        model = DeliveryZone
+        geo_field = "geometry"
+        id_field = "id"
+        # Pages are assembled by the view as {"type": "FeatureCollection", "features", "next"}.
+        list_serializer_class = serializers.ListSerializer
+        fields = [
+            "id", "geometry", "name", "priorityLevel", "minDriversOnline", "currentDriversOnline", "belowMinimum",
+            "avgWaitTimeSeconds", "targetWaitTimeSeconds", "demandLevel", "healthScore", "offerExpiresSeconds",
+            "searchRadiusKm", "lastUpdated",
+        ]
+
+
+class ZoneFeaturePageSerializer(serializers.Serializer):
+    type = FeatureCollectionTypeField()
+    features = ZoneFeatureSerializer(many=True)
+    next = serializers.CharField(allow_null=True)
+
+
+class ZoneWriteSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=255)
+    geometry = PolygonGeoJSONField()
+    priorityLevel = serializers.IntegerField(min_value=PRIORITY_MIN, max_value=PRIORITY_MAX, required=False, default=3)
+    minDriversOnline = serializers.IntegerField(min_value=0, max_value=100_000, required=False, default=5)
+    targetWaitTimeSeconds = serializers.IntegerField(min_value=1, max_value=86_400, required=False, default=300)
+    offerExpiresSeconds = serializers.IntegerField(
+        min_value=OFFER_EXPIRES_MIN, max_value=OFFER_EXPIRES_MAX, required=False, allow_null=True, default=None
+    )
+    searchRadiusKm = FiniteFloatField(max_value=SEARCH_RADIUS_MAX_KM, required=False, allow_null=True, default=None)
+
+    def validate_searchRadiusKm(self, value):
+        if value is not None and value <= 0:
+            raise serializers.ValidationError("Must be greater than 0.")
+        return value
+
+    FIELD_NAMES = {
+        "name": "name", "geometry": "geometry", "priorityLevel": "priority_level",
+        "minDriversOnline": "min_drivers_online", "targetWaitTimeSeconds": "target_wait_time_seconds",
+        "offerExpiresSeconds": "offer_expires_seconds", "searchRadiusKm": "search_radius_km",
+    }
+
+    def service_kwargs(self) -> dict:
+        return {self.FIELD_NAMES[k]: v for k, v in self.validated_data.items()}
+
+
+class ZoneHealthSerializer(serializers.Serializer):
+    zoneId = serializers.UUIDField()
+    currentDriversOnline = serializers.IntegerField()
+    minDriversRequired = serializers.IntegerField()
+    avgWaitTimeSeconds = serializers.IntegerField()
+    targetWaitTimeSeconds = serializers.IntegerField()
+    demandLevel = serializers.IntegerField(min_value=1, max_value=10)
+    healthScore = serializers.IntegerField(min_value=0, max_value=100)
+    updatedAt = serializers.DateTimeField()
+
+
+class ZonePreferenceItemSerializer(serializers.Serializer):
+    zoneId = serializers.UUIDField()
+    preference = serializers.ChoiceField(choices=ZonePreference.choices)
+
+
+class ZonePreferencesInputSerializer(serializers.Serializer):
+    """The PUT body is a bare list; it is validated as `preferences` so errors name the item."""
+
+    preferences = serializers.ListField(child=ZonePreferenceItemSerializer(), max_length=500, allow_empty=True)
+
+
+class ZonePreferenceSerializer(serializers.ModelSerializer):
+    driverId = serializers.UUIDField(source="driver_id")
+    zoneId = serializers.UUIDField(source="zone_id")
+    zoneName = serializers.CharField(source="zone.name")
+    distanceToZoneCenter = serializers.FloatField(
+        source="distance_to_zone_center", allow_null=True, help_text="km from the driver's home to the zone centre"
+    )
+
+    class Meta:
+        model = DriverZonePreference
+        fields = ["id", "driverId", "zoneId", "zoneName", "preference", "distanceToZoneCenter"]
+
+
+class DriverZonePreferencesSerializer(serializers.Serializer):
+    driverId = serializers.UUIDField()
+    preferences = ZonePreferenceSerializer(many=True)
