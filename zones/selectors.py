@@ -122,14 +122,14 @@ class ZoneMetrics:
 
 
 def demand_level_for(*, ready: int, online: int) -> int:
-    """1 (no one waiting) … 10 (two or more ready deliveries per online driver, or orders
-    waiting with no driver online). See docs/zones.md."""
+    """1 (nothing waiting) … 10 (two or more ready deliveries per online driver, or orders
+    waiting with no driver online); at least 2 while anything waits. See docs/zones.md."""
     if ready <= 0:
         return 1
     if online <= 0:
         return 10
     ratio = min(ready / online, 2.0)
-    return max(1, min(10, 1 + math.floor(4.5 * ratio + 0.5)))
+    return max(2, min(10, 1 + math.floor(4.5 * ratio + 0.5)))
 
 
 def health_score_for(*, online: int, min_drivers: int, avg_wait: int, target_wait: int, demand: int) -> int:
@@ -247,13 +247,13 @@ def zone_health_cached_many(zone_ids) -> dict[str, ZoneHealth]:
 
 
 def zone_health_cache_store(payloads: list[ZoneHealth]) -> None:
-    """SETEX every payload in one pipeline. Never raises: the cache is derived state."""
+    """SET … EX 60 every payload in one pipeline. Never raises: the cache is derived state."""
     if not payloads:
         return
     try:
         pipe = get_redis().pipeline(transaction=False)
         for p in payloads:
-            pipe.setex(health_cache_key(p["zoneId"]), HEALTH_CACHE_SECONDS, json.dumps(p))
+            pipe.set(health_cache_key(p["zoneId"]), json.dumps(p), ex=HEALTH_CACHE_SECONDS)
         pipe.execute()
     except RedisUnavailable:
         logger.warning("zone health not cached for %d zones: Redis unavailable", len(payloads))

@@ -80,6 +80,7 @@ def zone_create(
 ) -> DeliveryZone:
     """Create a zone. An invalid polygon or out-of-range value is a ValidationError (400);
     a name already in use is a Conflict (409)."""
+    geometry = _clean_geometry(geometry)
     zone = DeliveryZone(
         name=name, geometry=geometry, priority_level=priority_level, min_drivers_online=min_drivers_online,
         target_wait_time_seconds=target_wait_time_seconds, offer_expires_seconds=offer_expires_seconds,
@@ -122,7 +123,9 @@ def zone_update(
     changes = {k: v for k, v in changes.items() if v is not _UNSET}
     if not changes:
         return zone
-    geometry_changed = "geometry" in changes and (changes["geometry"] is None or not changes["geometry"].equals_exact(zone.geometry))
+    if "geometry" in changes:
+        changes["geometry"] = _clean_geometry(changes["geometry"])
+    geometry_changed = "geometry" in changes and not changes["geometry"].equals_exact(zone.geometry)
     for field, value in changes.items():
         setattr(zone, field, value)
     _validate(zone)

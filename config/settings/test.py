@@ -12,6 +12,8 @@ def _test_redis_url() -> str:
 
 
 os.environ["REDIS_URL"] = _test_redis_url()
+# The test runner renames and recreates the database; plain connections keep that simple.
+os.environ.setdefault("DB_POOL_MAX_SIZE", "0")
 
 from .base import *  # noqa: E402,F401,F403
 from .base import CHANNEL_LAYERS, REST_FRAMEWORK, env  # noqa: E402
