@@ -17,6 +17,18 @@ HTTP_LATENCY = Histogram(
 )
 
 
+# The seed's metrics (Monitoring and Metrics). Gauges are computed from PostgreSQL at scrape
+# time (dispatch/metrics.py), so they are right whatever number of processes serve.
+OFFER_CREATION_LATENCY = Histogram(
+    "offer_creation_latency_seconds", "Time taken to create an offer", buckets=(0.1, 0.5, 1, 2, 5)
+)
+ASSIGNMENT_LATENCY = Histogram(
+    "assignment_latency_seconds",
+    "Time from a delivery becoming ready to its assignment",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+
+
 def observe_http(method: str, route: str, status: int, seconds: float) -> None:
     HTTP_REQUESTS.labels(method, route, str(status)).inc()
     HTTP_LATENCY.labels(method, route).observe(seconds)

@@ -5,6 +5,8 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from availability.api import views as availability_views
 from common.views import AuthTokenView, health, prometheus_metrics
 from offers.api import views as offer_views
+from dispatch.admin_views import analytics_page
+from dispatch.api import analytics as analytics_views
 from dispatch.api import views as dispatch_views
 from zones.api import views as zone_views
 
@@ -32,6 +34,9 @@ api = [
     path("drivers/<uuid:driver_id>/offers/<uuid:offer_id>/accept", offer_views.AcceptOfferView.as_view(), name="offer-accept"),
     path("drivers/<uuid:driver_id>/offers/<uuid:offer_id>/reject", offer_views.RejectOfferView.as_view(), name="offer-reject"),
     path("deliveries/<uuid:delivery_id>/cancel", dispatch_views.DeliveryCancelView.as_view(), name="delivery-cancel"),
+    path("admin/analytics/drivers", analytics_views.DriverAnalyticsListView.as_view(), name="analytics-drivers"),
+    path("admin/analytics/drivers/<uuid:driver_id>", analytics_views.DriverAnalyticsDetailView.as_view(), name="analytics-driver"),
+    path("admin/analytics/summary", analytics_views.AnalyticsSummaryView.as_view(), name="analytics-summary"),
     path("admin/deliveries/<uuid:delivery_id>/audit", dispatch_views.DeliveryAuditView.as_view(), name="delivery-audit"),
     path("zones", zone_views.ZoneListCreateView.as_view(), name="zones"),
     path("zones/<uuid:zone_id>", zone_views.ZoneDetailView.as_view(), name="zone-detail"),
@@ -46,6 +51,7 @@ api = [
 ]
 
 urlpatterns = [
+    path("admin/analytics/", analytics_page, name="admin-analytics"),
     path("admin/", admin.site.urls),
     path("health/", health, name="health"),
     path("health", health),

@@ -11,7 +11,15 @@ from common.actors import Actor
 from common.exceptions import Conflict, NotFound
 from offers.admin import OfferInline
 from dispatch import services
-from dispatch.models import SETTABLE_AVAILABILITY_CHOICES, Assignment, Delivery, Driver, DriverAvailability
+from dispatch.models import (
+    SETTABLE_AVAILABILITY_CHOICES,
+    Assignment,
+    Delivery,
+    DeliveryCost,
+    DeliveryRevenue,
+    Driver,
+    DriverAvailability,
+)
 from zones.admin import DriverZonePreferenceInline
 
 
@@ -71,12 +79,29 @@ class AvailabilityHistoryInline(ReadOnlyInline):
     ordering = ("-timestamp",)
 
 
+class CostInline(ReadOnlyInline):
+    model = DeliveryCost
+
+    fields = ("driver_payment", "platform_fee", "postgres_cost", "redis_cost", "api_calls_cost", "total_cost", "created_at")
+    readonly_fields = fields
+
+
+class RevenueInline(ReadOnlyInline):
+    model = DeliveryRevenue
+
+    fields = ("delivery_fee", "commission", "total_revenue", "created_at")
+    readonly_fields = fields
+
+
 @admin.register(Driver)
 class DriverAdmin(GISModelAdmin):
-    list_display = ("name", "phone", "vehicle_type", "availability", "availability_until", "location_recorded_at", "rating")
+    list_display = (
+        "name", "phone", "vehicle_type", "availability", "availability_until", "location_recorded_at", "rating",
+        "deliveries_completed", "acceptance_rate", "on_time_rate", "avg_response_ms", "earnings",
+    )
     list_filter = ("availability", "vehicle_type")
     search_fields = ("name", "phone", "user__username", "id")
-    list_select_related = ("user",)
+    list_select_related = ("user", "performance")
     readonly_fields = (
         "id", "user", "availability", "availability_until", "availability_reason", "last_availability_change",
         "availability_change_actor", "availability_change_actor_type", "location_recorded_at", "created_at", "updated_at",
@@ -95,6 +120,34 @@ class DriverAdmin(GISModelAdmin):
 
     def has_add_permission(self, request):
         return False  # drivers are created through the API (they need a login and token)
+
+    def _perf(self, obj):
+        return getattr(obj, "performance", None)
+
+    @admin.display(description="delivered")
+    def deliveries_completed(self, obj):
+        p = self._perf(obj)
+        return p.deliveries_completed if p else 0
+
+    @admin.display(description="acceptance")
+    def acceptance_rate(self, obj):
+        p = self._perf(obj)
+        return f"{p.acceptance_rate:.0%}" if p else "–"
+
+    @admin.display(description="on time")
+    def on_time_rate(self, obj):
+        p = self._perf(obj)
+        return f"{p.on_time_rate:.0%}" if p and p.timed_deliveries else "–"
+
+    @admin.display(description="avg response (ms)")
+    def avg_response_ms(self, obj):
+        p = self._perf(obj)
+        return p.avg_response_time_ms if p else "–"
+
+    @admin.display(description="earnings")
+    def earnings(self, obj):
+        p = self._perf(obj)
+        return p.total_earnings if p else 0
 
     @admin.action(description="Set availability (with a reason)…")
     def set_availability(self, request, queryset):
@@ -131,7 +184,7 @@ class DeliveryAdmin(GISModelAdmin):
         "cancellation_reason", "created_at", "ready_at", "assigned_at", "pickup_started_at", "picked_up_at",
         "in_transit_at", "delivered_at", "failed_at", "cancelled_at", "updated_at",
     )
-    inlines = [OfferInline, AssignmentInline, AuditInline]
+    inlines = [OfferInline, AssignmentInline, CostInline, RevenueInline, AuditInline]
     actions = ["dispatch_now", "reassign_deliveries", "cancel_deliveries"]
 
     def has_add_permission(self, request):

@@ -144,6 +144,12 @@ class Delivery(models.Model):
     cancelled_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    # Latest ETA (dispatch/eta_service.py; docs/tracking.md), derived from the driver's fixes.
+    eta_pickup_at = models.DateTimeField(null=True, blank=True)
+    eta_delivery_at = models.DateTimeField(null=True, blank=True)
+    eta_confidence = models.FloatField(null=True, blank=True)
+    eta_calculated_at = models.DateTimeField(null=True, blank=True)
+
     class Meta:
         verbose_name_plural = "deliveries"
         ordering = ["-created_at"]
@@ -199,3 +205,92 @@ class Assignment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.driver} → {self.delivery} ({self.status})"
+
+
+class DriverPerformance(models.Model):
+    """Running counters per driver, bumped with F() as events happen (never a history scan on
+    read). Rates are derived from the counters; `manage.py recompute_driver_performance`
+    rebuilds them from history and must agree."""
+
+    driver = models.OneToOneField(Driver, on_delete=models.CASCADE, primary_key=True, related_name="performance")
+    deliveries_completed = models.PositiveIntegerField(default=0)
+    deliveries_failed = models.PositiveIntegerField(default=0)
+    offers_accepted = models.PositiveIntegerField(default=0)
+    offers_rejected = models.PositiveIntegerField(default=0)
+    offers_expired = models.PositiveIntegerField(default=0)
+    responses = models.PositiveIntegerField(default=0)
+    response_time_total_ms = models.BigIntegerField(default=0)
+    timed_deliveries = models.PositiveIntegerField(default=0, help_text="completed with an estimated delivery time")
+    on_time_deliveries = models.PositiveIntegerField(default=0)
+    total_earnings = models.DecimalField(max_digits=12, decimal_places=2, default=0)
+    updated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "driver performance"
+
+    def __str__(self) -> str:
+        return f"performance of {self.driver_id}"
+
+    @property
+    def acceptance_rate(self) -> float:
+        answered = self.offers_accepted + self.offers_rejected + self.offers_expired
+        return round(self.offers_accepted / answered, 4) if answered else 0.0
+
+    @property
+    def on_time_rate(self) -> float:
+        return round(self.on_time_deliveries / self.timed_deliveries, 4) if self.timed_deliveries else 0.0
+
+    @property
+    def avg_response_time_ms(self) -> int:
+        return round(self.response_time_total_ms / self.responses) if self.responses else 0
+
+
+class DeliveryCost(models.Model):
+    """Seed: delivery_costs. Written once when a delivery completes or fails."""
+
+    delivery = models.OneToOneField(Delivery, on_delete=models.PROTECT, primary_key=True, related_name="cost")
+    postgres_cost = models.DecimalField(max_digits=10, decimal_places=2, default=0)
+    redis_cost = models.DecimalField(max_digits=10, decimal_places=2, default=0)
+    api_calls_cost = models.DecimalField(max_digits=10, decimal_places=2, default=0)
+    driver_payment = models.DecimalField(max_digits=10, decimal_places=2)
+    platform_fee = models.DecimalField(max_digits=10, decimal_places=2, default=0)
+    total_cost = models.DecimalField(max_digits=10, decimal_places=2)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "delivery_costs"
+
+
+class DeliveryRevenue(models.Model):
+    """Seed: delivery_revenue. Written once when a delivery completes or fails."""
+
+    delivery = models.OneToOneField(Delivery, on_delete=models.PROTECT, primary_key=True, related_name="revenue")
+    commission = models.DecimalField(max_digits=10, decimal_places=2)
+    delivery_fee = models.DecimalField(max_digits=10, decimal_places=2)
+    total_revenue = models.DecimalField(max_digits=10, decimal_places=2)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "delivery_revenue"
+
+
+class DeliveryRating(models.Model):
+    """The customer's rating of a delivered delivery: one per delivery (docs/tracking.md)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    delivery = models.ForeignKey(Delivery, on_delete=models.PROTECT, related_name="ratings")
+    driver = models.ForeignKey(Driver, on_delete=models.PROTECT, related_name="ratings")
+    stars = models.PositiveSmallIntegerField()
+    comment = models.TextField(max_length=1000, blank=True, default="")
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["delivery"], name="delivery_rating_one_per_delivery"),
+            models.CheckConstraint(condition=Q(stars__gte=1, stars__lte=5), name="delivery_rating_stars_1_5"),
+        ]
+        indexes = [models.Index(fields=["driver", "created_at"], name="delivery_rating_driver_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.stars}★ for {self.delivery_id}"

@@ -166,6 +166,10 @@ def _end_active_assignment(delivery: Delivery, *, status: str, reason: str, acto
 def _emit_status(delivery: Delivery, *, from_status: str, driver_id, now: datetime, reason: str = "") -> None:
     event = events.delivery_status_changed(delivery, from_status=from_status, driver_id=driver_id, changed_at=now, reason=reason)
     broadcast_on_commit([OPS_GROUP, delivery_group(delivery.pk)], event)
+    if delivery.status in (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT):
+        from dispatch.eta_service import eta_refresh_on_commit
+
+        eta_refresh_on_commit(delivery.pk, now=now)  # the legs changed: a fresh ETA for the customer
 
 
 @transaction.atomic
@@ -321,6 +325,9 @@ def delivery_advance(
     delivery.save(update_fields=fields)
 
     if step in ("delivery-completed", "delivery-failed"):
+        from dispatch.economics import economics_record
+        from dispatch.performance import performance_delivery_finished
+
         _end_active_assignment(
             delivery,
             status=AssignmentStatus.COMPLETED if step == "delivery-completed" else AssignmentStatus.FAILED,
@@ -328,6 +335,8 @@ def delivery_advance(
             actor=actor,
             now=now,
         )
+        cost, _ = economics_record(delivery=delivery, now=now)
+        performance_delivery_finished(driver_id=driver_id, delivery=delivery, earning=cost.driver_payment, now=now)
     details = {"driverId": str(driver_id), "assignmentId": str(assignment.pk)}
     if reason:
         details["reason"] = reason

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -19,6 +20,7 @@ from django.utils import timezone
 
 from audit.models import AuditEventType as E
 from audit.services import audit_record
+from common import metrics
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group, enqueue_on_commit, send_now
 from common.errors import iso
@@ -26,6 +28,7 @@ from common.exceptions import Conflict, NotFound
 from common.fields import point_json
 from dispatch import eta
 from dispatch.models import Delivery, DeliveryStatus, Driver, DriverAvailability
+from dispatch.performance import performance_offer_answered
 from offers import events
 from offers.models import DriverOffer, NotificationMethod, OfferStatus
 
@@ -78,6 +81,7 @@ def offer_create_locked(
     """Offer `delivery` to `driver`. The caller holds both row locks (delivery, then driver)
     and has checked that the delivery is ready and the driver available. Raises Conflict when
     the database refuses a second pending offer for either of them."""
+    started = time.perf_counter()
     expires_in = expires_in_seconds or default_expires_seconds(delivery)
     try:
         with transaction.atomic():
@@ -100,6 +104,7 @@ def offer_create_locked(
     from offers.tasks import expire_offer
 
     enqueue_on_commit(expire_offer, str(offer.pk), eta=offer.expires_at)
+    metrics.OFFER_CREATION_LATENCY.observe(time.perf_counter() - started)
     return offer
 
 
@@ -214,6 +219,8 @@ def _offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime) -> Accept
                  "assignmentId": str(assignment.pk)},
     )
     unassigned_resolve(delivery=delivery, now=now)
+    performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)
+    metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
     broadcast_on_commit([driver_group(driver_id), OPS_GROUP], events.offer_accepted(offer, assignment_id=assignment.pk))
     return AcceptResult(offer=offer, assignment_id=str(assignment.pk))
 
@@ -242,6 +249,9 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
     audit_record(
         delivery=delivery, event_type=E.DRIVER_REJECTED, actor=actor, now=now,
         details={"offerId": str(offer.pk), "driverId": str(driver_id), "reason": reason},
+    )
+    performance_offer_answered(
+        driver_id=driver_id, outcome=OfferStatus.REJECTED, response_time_ms=offer.driver_response_time_ms, now=now
     )
     broadcast_on_commit([driver_group(driver_id), OPS_GROUP], events.offer_rejected(offer))
     result = dispatch_locked(delivery, actor=Actor.system(), now=now)
@@ -273,6 +283,7 @@ def offer_expire(*, offer_id, now: datetime | None = None) -> bool:
             delivery=delivery, event_type=E.OFFER_EXPIRED, actor=Actor.system(), now=now,
             details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "expiresAt": iso(offer.expires_at)},
         )
+        performance_offer_answered(driver_id=offer.driver_id, outcome=OfferStatus.EXPIRED, response_time_ms=None, now=now)
         broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], events.offer_expired(offer))
         dispatch_locked(delivery, actor=Actor.system(), now=now)
     return True

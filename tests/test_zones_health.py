@@ -297,7 +297,7 @@ def test_health_of_an_unknown_zone_is_a_404(ops):
 def test_the_periodic_task_refreshes_every_zone():
     a, b = make_zone("A"), make_zone("B", (30.7, 10.9, 30.8, 11.0))
 
-    assert refresh_zone_health.delay().get() == 2
+    assert refresh_zone_health.delay().get() >= 2  # every zone there is (other tests may leave some)
 
     assert set(DeliveryZone.objects.filter(pk__in=[a.pk, b.pk]).values_list("health_score", flat=True)) == {50}
 
@@ -324,7 +324,7 @@ def test_a_zone_another_run_is_refreshing_is_skipped_not_waited_for():
     other.start()
     try:
         assert locked.wait(10)
-        refreshed = zone_health_refresh(now=NOW)
+        refreshed = zone_health_refresh(now=NOW, zone_ids=[busy.pk, free.pk])
     finally:
         release.set()
         other.join()
@@ -336,13 +336,12 @@ def test_a_zone_another_run_is_refreshing_is_skipped_not_waited_for():
 
 @pytest.mark.django_db(transaction=True)
 def test_two_jobs_at_once_refresh_each_zone_and_both_finish():
-    for i in range(6):
-        make_zone(f"Z{i}", (30.5 + i, 10.9, 30.6 + i, 11.0))
+    ids = [make_zone(f"Z{i}", (30.5 + i, 10.9, 30.6 + i, 11.0)).pk for i in range(6)]
     results, errors = [], []
 
     def run():
         try:
-            results.append(zone_health_refresh(now=NOW, batch_size=2))
+            results.append(zone_health_refresh(now=NOW, zone_ids=ids, batch_size=2))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
         finally:
@@ -356,7 +355,7 @@ def test_two_jobs_at_once_refresh_each_zone_and_both_finish():
 
     assert errors == []
     assert 6 <= sum(results) <= 12
-    assert not DeliveryZone.objects.filter(health_score__isnull=True).exists()
+    assert not DeliveryZone.objects.filter(pk__in=ids, health_score__isnull=True).exists()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -369,8 +368,10 @@ def test_the_ops_socket_relays_zone_health_updates():
 
         comm = WebsocketCommunicator(application, f"/ws/ops/?token={ops_user.auth_token.key}")
         assert (await comm.connect())[0]
-        await database_sync_to_async(zone_health_refresh)(now=NOW)
+        await database_sync_to_async(zone_health_refresh)(now=NOW, zone_ids=[zone.pk])
         event = await comm.receive_json_from(timeout=5)
+        while event.get("zoneId") != str(zone.pk):  # the ops group is shared with other tests
+            event = await comm.receive_json_from(timeout=5)
         assert_event_shape(event, events.ZoneHealthUpdatedEvent)
         assert (event["zoneId"], event["metrics"]["minDriversRequired"]) == (str(zone.pk), 4)
         await comm.disconnect()

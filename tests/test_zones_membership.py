@@ -187,3 +187,24 @@ def test_filtering_drivers_by_an_unknown_zone_is_a_404(ops):
 def test_filtering_drivers_by_a_malformed_zone_id_is_a_400(ops):
     body = assert_error(ops.get("/v2/drivers?zone=downtown"), 400)
     assert "zone" in body["details"]
+
+
+# ------------------------------------------------------------------------ demo data
+
+
+def test_demo_data_has_bengaluru_zones_and_its_deliveries_get_one():
+    from django.core.management import call_command
+
+    from zones.demo import DEMO_ZONES
+    from zones.models import DeliveryZone
+
+    call_command("seed_demo")
+    call_command("seed_demo")
+
+    assert sorted(DeliveryZone.objects.filter(name__in=DEMO_ZONES).values_list("name", flat=True)) == sorted(DEMO_ZONES)
+    demo = Delivery.objects.filter(seller_order_id__startswith="DEMO-", created_by__username="marketplace")
+    assert demo.count() == 4 and not demo.filter(zone__isnull=True).exists()
+    # the catch-all city zone is under every neighbourhood
+    assert zone_for_point(at(77.5946, 12.9716)).name == "Central Business District"
+    assert zone_for_point(at(77.70, 13.05)).name == "Greater Bengaluru"
+    assert not DeliveryZone.objects.filter(name__in=DEMO_ZONES, health_score__isnull=True).exists()

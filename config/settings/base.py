@@ -231,8 +231,15 @@ LOGGING = {
 # never pass to GDAL (points and polygons come in as numbers / GeoJSON and go to PostGIS).
 SILENCED_SYSTEM_CHECKS = ["gis.W001"]
 
-# Pricing (documented in docs/pricing.md). Money is Decimal; these are strings on purpose.
+# Pricing (documented in docs/dispatch.md). Money is Decimal; these are strings on purpose.
 DRIVER_BASE_PAY = env("DRIVER_BASE_PAY", default="30.00")
 DRIVER_PAY_PER_KM = env("DRIVER_PAY_PER_KM", default="8.00")
 # Where offers are pushed besides the driver's socket (dotted path to a PushBackend).
 PUSH_BACKEND = env("PUSH_BACKEND", default="offers.push.LoggingPushBackend")
+# Delivery economics (docs/analytics.md): platform revenue and cost per delivery.
+DEFAULT_DELIVERY_FEE = env("DEFAULT_DELIVERY_FEE", default="49.00")
+SELLER_COMMISSION = env("SELLER_COMMISSION", default="10.00")
+PAYMENT_FEE_RATE = env("PAYMENT_FEE_RATE", default="0.029")
+INFRA_POSTGRES_COST = env("INFRA_POSTGRES_COST", default="0.02")
+INFRA_REDIS_COST = env("INFRA_REDIS_COST", default="0.01")
+INFRA_API_CALLS_COST = env("INFRA_API_CALLS_COST", default="0.03")

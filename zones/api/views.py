@@ -21,8 +21,6 @@ def _feature(zone):
 
 
 class ZoneListCreateView(APIView):
-    """`GET /v2/zones`: every zone as a GeoJSON FeatureCollection (paginated, by name).
-    `POST /v2/zones`: draw a zone through the API (the admin map does the same)."""
 
     permission_classes = [IsOps]
 
@@ -33,6 +31,7 @@ class ZoneListCreateView(APIView):
         tags=TAGS,
     )
     def get(self, request):
+        """Every zone as a GeoJSON FeatureCollection (paginated, by name), with its live health."""
         paginator = CursorPagination(results_key="features", ordering=("name", "id"))
         page = paginator.paginate_queryset(selectors.zones_list(), request)
         features = s.ZoneFeatureSerializer(page, many=True).data
@@ -45,6 +44,7 @@ class ZoneListCreateView(APIView):
         tags=TAGS,
     )
     def post(self, request):
+        """Draw a zone (a GeoJSON Polygon in WGS84); a broken polygon is a 400 naming the problem."""
         data = s.ZoneWriteSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         zone = services.zone_create(**data.service_kwargs())
@@ -102,6 +102,7 @@ class DriverZonePreferencesView(APIView):
         tags=TAGS,
     )
     def get(self, request, driver_id):
+        """The driver's zone preferences, with distances from its home to each zone centre (km)."""
         driver = driver_get_for_user(user=request.user, driver_id=driver_id)
         prefs = selectors.zone_preferences_of_driver(driver_id=driver.pk)
         return Response(s.DriverZonePreferencesSerializer({"driverId": driver.pk, "preferences": prefs}).data)
@@ -113,6 +114,7 @@ class DriverZonePreferencesView(APIView):
         tags=TAGS,
     )
     def put(self, request, driver_id):
+        """Replace the driver's preferences with this list; zones left out are AVAILABLE again."""
         driver = driver_get_for_user(user=request.user, driver_id=driver_id)
         data = s.ZonePreferencesInputSerializer(data={"preferences": request.data})
         data.is_valid(raise_exception=True)

@@ -1,0 +1,57 @@
+"""Ops alerts for escalations: an e-mail to `OPS_ALERT_EMAILS` through Django's e-mail backend,
+sent by a Celery task enqueued after commit (the socket side is the `unassigned_order_escalated`
+event). Nothing is sent for a transaction that rolls back."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from django.conf import settings
+from django.core.mail import send_mail
+
+from common.broadcast import enqueue_on_commit
+from common.errors import iso
+
+logger = logging.getLogger(__name__)
+
+WARNING = "warning"
+CRITICAL = "critical"
+
+
+def _url(path: str) -> str:
+    return settings.SITE_URL.rstrip("/") + path
+
+
+def ops_alert_on_commit(
+    *, record, delivery, level: int, severity: str, reason: str, waited_minutes: int, now: datetime, notes: str = ""
+) -> None:
+    """Queue the alert e-mail for after commit (no recipients configured: nothing to do)."""
+    recipients = list(settings.OPS_ALERT_EMAILS)
+    if not recipients:
+        return
+    prefix = "CRITICAL: " if severity == CRITICAL else ""
+    subject = f"[dispatch] {prefix}order {delivery.seller_order_id} unassigned for {waited_minutes} min (level {level})"
+    lines = [
+        f"Order {delivery.seller_order_id} from {delivery.store_name} has no driver.",
+        "",
+        f"Escalation level: {level} ({severity})",
+        f"Reason: {reason}",
+        f"Failure reason: {record.failure_reason}",
+        f"Ready since: {iso(delivery.ready_at)} ({waited_minutes} min)",
+        f"Dispatch attempts: {record.attempt_count}",
+        f"Escalated at: {iso(now)}",
+    ]
+    if notes:
+        lines.append(f"Notes: {notes}")
+    if record.support_ticket_id:
+        lines.append(f"Support ticket: {_url(f'/support/tickets/{record.support_ticket_id}/')}")
+    lines.append(f"Unassigned order (admin): {_url(f'/admin/escalation/unassignedorder/{record.pk}/change/')}")
+    lines.append(f"Delivery (admin): {_url(f'/admin/dispatch/delivery/{delivery.pk}/change/')}")
+    from escalation.tasks import send_ops_alert_email
+
+    enqueue_on_commit(send_ops_alert_email, subject, "\n".join(lines), recipients)
+
+
+def ops_alert_email_send(*, subject: str, body: str, recipients: list[str]) -> int:
+    """Send one alert e-mail now (called by the task)."""
+    return send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, recipients, fail_silently=False)
