@@ -28,6 +28,7 @@ class AuditEventType(models.TextChoices):
     DELIVERY_CANCELLED = "delivery_cancelled"
     ESCALATION_TRIGGERED = "escalation_triggered"
     ESCALATION_CRITICAL = "escalation_critical"
+    SUPPORT_TICKET_UPDATED = "support_ticket_updated"
 
 
 class DeliveryAuditLog(models.Model):

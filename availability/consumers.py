@@ -1,5 +1,8 @@
 from channels.db import database_sync_to_async
 
+from availability import events as availability_events
+from offers import events as offer_events
+
 from common.broadcast import driver_group
 from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer
 from common.errors import iso
@@ -17,6 +20,8 @@ def _own_driver(user, driver_id: str):
 
 class DriverConsumer(RelayConsumer):
     """`/ws/drivers/<driverId>/?token=<apiToken>`: that driver's offers and availability."""
+
+    relays = frozenset(availability_events.EVENT_TYPES + offer_events.EVENT_TYPES)
 
     async def connect(self):
         user = self.scope.get("user")
@@ -37,24 +42,3 @@ class DriverConsumer(RelayConsumer):
             "reason": driver.availability_reason,
             "changedAt": iso(driver.last_availability_change),
         })
-
-    async def availability_changed(self, message):
-        await self.relay(message)
-
-    async def break_expired(self, message):
-        await self.relay(message)
-
-    async def offer_created(self, message):
-        await self.relay(message)
-
-    async def offer_accepted(self, message):
-        await self.relay(message)
-
-    async def offer_rejected(self, message):
-        await self.relay(message)
-
-    async def offer_expired(self, message):
-        await self.relay(message)
-
-    async def offer_cancelled(self, message):
-        await self.relay(message)

@@ -22,6 +22,9 @@ class BreakExpiredEvent(TypedDict):
     expiredAt: str
 
 
+EVENT_TYPES = ("availability_changed", "break_expired")
+
+
 def availability_changed(*, driver_id, from_state, to_state, reason, until, changed_at) -> AvailabilityChangedEvent:
     event: AvailabilityChangedEvent = {
         "type": "availability_changed",

@@ -1,13 +1,17 @@
 """Socket plumbing shared by consumers: token auth from the query string, origin checks."""
 from __future__ import annotations
 
+import logging
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+
+logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -58,9 +62,24 @@ def origin_validator(app):
 
 
 class RelayConsumer(AsyncJsonWebsocketConsumer):
-    """A consumer that only relays group events to its socket (STYLE rule 7)."""
+    """A consumer that only relays group events to its socket (STYLE rule 7).
 
+    `relays` lists the event types sent on verbatim (no database, so no per-message thread
+    hop); a consumer may define a handler method for types that need more; anything else that
+    reaches its groups is dropped, never allowed to crash the socket.
+    """
+
+    relays: frozenset[str] = frozenset()
     groups_to_join: list[str]
+
+    async def dispatch(self, message):
+        kind = message.get("type", "")
+        if kind in self.relays and "event" in message:
+            await self.send_json(message["event"])
+        elif kind.startswith("websocket.") or hasattr(self, get_handler_name(message)):
+            await super().dispatch(message)
+        else:
+            logger.debug("%s dropped an event of type %s", type(self).__name__, kind)
 
     async def relay(self, message):
         await self.send_json(message["event"])

@@ -11,6 +11,7 @@ import hashlib
 import logging
 from datetime import timedelta
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import HttpResponse
@@ -46,25 +47,46 @@ def _request_hash(request) -> str:
 
 
 class IdempotencyMiddleware:
+    sync_capable = True
+    async_capable = True
+
     def __init__(self, get_response):
         self.get_response = get_response
+        if iscoroutinefunction(self.get_response):
+            markcoroutinefunction(self)
+
+    @staticmethod
+    def _applies(request) -> bool:
+        return request.method == "POST" and HEADER in request.META and request.path.startswith("/v2/")
 
     def __call__(self, request):
-        key = request.META.get(HEADER)
-        if request.method != "POST" or key is None or not request.path.startswith("/v2/"):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        if not self._applies(request):
             return self.get_response(request)
-        key = key.strip()
+        early, record = self._begin(request)
+        if early is not None:
+            return early
+        return self._finish(record, self.get_response(request))
+
+    async def __acall__(self, request):
+        if not self._applies(request):
+            return await self.get_response(request)
+        early, record = await sync_to_async(self._begin)(request)
+        if early is not None:
+            return early
+        response = await self.get_response(request)
+        return await sync_to_async(self._finish)(record, response)
+
+    def _begin(self, request):
+        key = request.META[HEADER].strip()
         if not key or len(key) > MAX_KEY_LENGTH:
-            return error_response(request, 400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.")
+            return error_response(request, 400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters."), None
+        record, replay = self._claim(request, _caller(request), key, _request_hash(request), timezone.now())
+        return replay, record
 
-        caller = _caller(request)
-        digest = _request_hash(request)
-        now = timezone.now()
-        record, replay = self._claim(request, caller, key, digest, now)
-        if replay is not None:
-            return replay
-
-        response = self.get_response(request)
+    def _finish(self, record, response):
+        key = record.key
         try:
             if response.status_code >= 500 or response.status_code == 429 or getattr(response, "streaming", False):
                 IdempotencyRecord.objects.filter(pk=record.pk).delete()

@@ -3,8 +3,10 @@ from __future__ import annotations
 import logging
 import time
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import JsonResponse
 from django.urls import Resolver404, resolve
+from whitenoise.middleware import WhiteNoiseMiddleware
 
 from common import metrics
 from common.errors import error_response
@@ -18,15 +20,58 @@ def _is_api(request) -> bool:
     return request.path.startswith(API_PREFIXES)
 
 
-class ApiErrorMiddleware:
-    """API paths always answer in the SPEC's error body, even for errors raised outside DRF
-    (unknown URLs, wrong path converters, unexpected exceptions)."""
+class AsyncCapableMiddleware:
+    """Runs in the server's mode: under ASGI a sync-only middleware costs a thread hop per
+    request on each side of it, which on the hottest endpoints was the largest single cost."""
+
+    sync_capable = True
+    async_capable = True
 
     def __init__(self, get_response):
         self.get_response = get_response
+        if iscoroutinefunction(self.get_response):
+            markcoroutinefunction(self)
 
     def __call__(self, request):
-        response = self.get_response(request)
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        return self.process(request, self.get_response(request))
+
+    async def __acall__(self, request):
+        return self.process(request, await self.get_response(request))
+
+    def process(self, request, response):
+        return response
+
+
+class StaticFilesMiddleware(AsyncCapableMiddleware, WhiteNoiseMiddleware):
+    """WhiteNoise (admin CSS/JS from the app server), async-capable."""
+
+    def __init__(self, get_response):
+        WhiteNoiseMiddleware.__init__(self, get_response)
+        AsyncCapableMiddleware.__init__(self, get_response)
+
+    def _static_file(self, request):
+        return self.find_file(request.path_info) if self.autorefresh else self.files.get(request.path_info)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        static_file = self._static_file(request)
+        return self.serve(static_file, request) if static_file is not None else self.get_response(request)
+
+    async def __acall__(self, request):
+        static_file = self._static_file(request)
+        if static_file is not None:
+            return self.serve(static_file, request)
+        return await self.get_response(request)
+
+
+class ApiErrorMiddleware(AsyncCapableMiddleware):
+    """API paths always answer in the SPEC's error body, even for errors raised outside DRF
+    (unknown URLs, wrong path converters, unexpected exceptions)."""
+
+    def process(self, request, response):
         if (
             _is_api(request)
             and response.status_code >= 400
@@ -44,22 +89,24 @@ class ApiErrorMiddleware:
         return error_response(request, 500, "Internal server error.")
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(AsyncCapableMiddleware):
     """HTTP request count and latency by route template (never by raw path: bounded labels)."""
 
-    def __init__(self, get_response):
-        self.get_response = get_response
-
     def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
         start = time.perf_counter()
-        response = self.get_response(request)
-        match = getattr(request, "resolver_match", None)
-        if match is None:  # answered by a middleware (an Idempotency-Key replay) or a 404
-            match = _resolve(request)
+        return self._observe(request, self.get_response(request), start)
+
+    async def __acall__(self, request):
+        start = time.perf_counter()
+        return self._observe(request, await self.get_response(request), start)
+
+    def _observe(self, request, response, start):
+        match = getattr(request, "resolver_match", None) or _resolve(request)
         route = ("/" + match.route) if match is not None and match.route else "unmatched"
         metrics.observe_http(request.method, route, response.status_code, time.perf_counter() - start)
         return response
-
 
 def _resolve(request):
     try:

@@ -1,6 +1,6 @@
 from rest_framework.permissions import BasePermission
 
-from common.roles import is_driver, is_integration, is_ops
+from common.roles import is_driver, is_integration, is_ops, is_support
 
 
 class IsOps(BasePermission):
@@ -37,3 +37,12 @@ class IsOpsIntegrationOrDriver(BasePermission):
     def has_permission(self, request, view):
         u = request.user
         return is_ops(u) or is_integration(u) or is_driver(u)
+
+
+class IsSupport(BasePermission):
+    """Support agents (group `support`) and staff."""
+
+    message = "Only support agents or ops staff may do this."
+
+    def has_permission(self, request, view):
+        return is_support(request.user) and request.user.is_active

@@ -7,6 +7,7 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     "expire breaks": ("availability.expire_breaks", 10, {"expires": 10}),
     "expire offers sweep": ("offers.expire_overdue_offers", 5, {"expires": 5}),
     "retry unassigned deliveries": ("dispatch.retry_unassigned", 30, {"expires": 30}),
+    "escalation check": ("escalation.check", 30, {"expires": 30}),
     "stale drivers offline": ("availability.mark_stale_drivers_offline", 60, {"expires": 55}),
     "reconcile GEO index": ("availability.reconcile_geo_index", 60, {"expires": 55}),
     "zone health": ("zones.refresh_zone_health", 60, {"expires": 55}),

@@ -7,7 +7,9 @@ from common.views import AuthTokenView, health, prometheus_metrics
 from offers.api import views as offer_views
 from dispatch.admin_views import analytics_page
 from dispatch.api import analytics as analytics_views
+from dispatch.api import tracking as tracking_views
 from dispatch.api import views as dispatch_views
+from escalation.api import views as escalation_views
 from zones.api import views as zone_views
 
 api = [
@@ -37,7 +39,23 @@ api = [
     path("admin/analytics/drivers", analytics_views.DriverAnalyticsListView.as_view(), name="analytics-drivers"),
     path("admin/analytics/drivers/<uuid:driver_id>", analytics_views.DriverAnalyticsDetailView.as_view(), name="analytics-driver"),
     path("admin/analytics/summary", analytics_views.AnalyticsSummaryView.as_view(), name="analytics-summary"),
+    path("orders/<str:seller_order_id>/delivery-status", tracking_views.DeliveryStatusView.as_view(), name="order-delivery-status"),
+    path("orders/<str:seller_order_id>/rating", tracking_views.RatingView.as_view(), name="order-rating"),
     path("admin/deliveries/<uuid:delivery_id>/audit", dispatch_views.DeliveryAuditView.as_view(), name="delivery-audit"),
+    path("admin/unassigned-orders", escalation_views.UnassignedOrderListView.as_view(), name="unassigned-orders"),
+    path(
+        "admin/unassigned-orders/<uuid:order_id>/escalate",
+        escalation_views.EscalateView.as_view(),
+        name="unassigned-order-escalate",
+    ),
+    path("admin/escalation/check", escalation_views.EscalationCheckView.as_view(), name="escalation-check"),
+    path("support/tickets", escalation_views.TicketListView.as_view(), name="support-tickets"),
+    path("support/tickets/<uuid:ticket_id>", escalation_views.TicketDetailView.as_view(), name="support-ticket"),
+    path(
+        "support/tickets/<uuid:ticket_id>/comments",
+        escalation_views.TicketCommentsView.as_view(),
+        name="support-ticket-comments",
+    ),
     path("zones", zone_views.ZoneListCreateView.as_view(), name="zones"),
     path("zones/<uuid:zone_id>", zone_views.ZoneDetailView.as_view(), name="zone-detail"),
     path("zones/<uuid:zone_id>/health", zone_views.ZoneHealthView.as_view(), name="zone-health"),
@@ -57,4 +75,6 @@ urlpatterns = [
     path("health", health),
     path("metrics", prometheus_metrics, name="metrics"),
     path("v2/", include(api)),
+    path("support/", include("escalation.urls")),
+    path("track/<uuid:delivery_id>", tracking_views.tracking_page, name="track"),
 ]

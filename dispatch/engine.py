@@ -247,19 +247,21 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
     from escalation.models import UnassignedOrder
 
     now = now or timezone.now()
-    ids = list(
+    rows = list(
         UnassignedOrder.objects.filter(
             resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True
-        ).order_by("last_attempt_at").values_list("delivery_id", flat=True)[:batch_size]
+        ).order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
     )
     offered = 0
-    for delivery_id in ids:
+    for delivery_id, level in rows:
+        # Once escalated to the wide-radius tier, keep searching that wide.
+        radius = settings.DISPATCH_WIDE_RADIUS_KM if level >= 2 else None
         try:
             with transaction.atomic():
                 delivery = Delivery.objects.select_for_update(of=("self",), skip_locked=True).filter(pk=delivery_id).first()
                 if delivery is None:
                     continue  # someone else is on it
-                result = dispatch_locked(delivery, actor=Actor.system(), now=now)
+                result = dispatch_locked(delivery, actor=Actor.system(), now=now, radius_km=radius)
                 offered += result.outcome == "offered"
         except Exception:
             logger.exception("retrying dispatch of delivery %s failed", delivery_id)

@@ -15,7 +15,6 @@ delivery and pushed to the delivery's group (docs/tracking.md).
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -140,7 +139,6 @@ def stored_eta(delivery: Delivery) -> Eta | None:
     )
 
 
-@transaction.atomic
 def delivery_eta_refresh(
     *, delivery_id, now: datetime | None = None, not_since: datetime | None = None, force_event: bool = False
 ) -> Eta | None:
@@ -148,8 +146,9 @@ def delivery_eta_refresh(
     fix; returns it, or None when there is nothing to compute or a newer one is stored.
 
     `not_since`: only when the stored one was calculated before then (the throttle when Redis
-    is down). No row lock: the write is one conditional UPDATE that never replaces a newer ETA
-    or writes over a status change."""
+    is down). No row lock and no transaction of its own: the write is one conditional UPDATE
+    that never replaces a newer ETA or writes over a status change; the event follows it (after
+    the caller's commit, if it has a transaction open)."""
     now = now or timezone.now()
     assignment = (
         Assignment.objects.select_related("delivery", "driver")
@@ -184,7 +183,9 @@ def delivery_eta_refresh(
             delivery_id=delivery.pk, pickup_at=new.pickup_at, delivery_at=new.delivery_at,
             confidence=new.confidence, calculated_at=new.calculated_at,
         )
-        broadcast_on_commit([delivery_group(delivery.pk), OPS_GROUP], event)
+        # After a status change (force_event) ops already have delivery_status_changed; they get
+        # the ETA again with the driver's next fix.
+        broadcast_on_commit([delivery_group(delivery.pk)] if force_event else [delivery_group(delivery.pk), OPS_GROUP], event)
     return new
 
 
@@ -270,7 +271,3 @@ def delivery_track_fix(
         delivery_eta_refresh(delivery_id=delivery_id, now=now, not_since=not_since)
     except Exception:
         logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
-
-
-def minutes_until(moment: datetime, now: datetime) -> int:
-    return max(0, math.ceil((moment - now).total_seconds() / 60))

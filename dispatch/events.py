@@ -137,3 +137,26 @@ def delivery_eta_updated(*, delivery_id, pickup_at, delivery_at, confidence: flo
         "confidence": confidence,
         "updatedAt": iso(calculated_at),
     }
+
+
+class PerformanceMetrics(TypedDict):
+    deliveriesCompleted: int
+    acceptanceRate: float
+    onTimeRate: float
+    customerRating: float
+    avgResponseTimeMs: int
+    totalEarnings: float
+
+
+class DriverPerformanceUpdatedEvent(TypedDict):
+    type: Literal["driver_performance_updated"]
+    driverId: str
+    driverName: str
+    metrics: PerformanceMetrics
+    updatedAt: str
+
+
+EVENT_TYPES = (
+    "delivery_created", "delivery_status_changed", "delivery_cancelled", "delivery_location_updated",
+    "delivery_eta_updated", "driver_performance_updated",
+)

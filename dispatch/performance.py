@@ -7,31 +7,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal, TypedDict
 
 from django.db.models import Count, F, Q, Sum
 from django.utils import timezone
 
 from common.broadcast import OPS_GROUP, broadcast_on_commit
 from common.errors import iso
+from dispatch.events import DriverPerformanceUpdatedEvent, PerformanceMetrics
 from dispatch.models import Delivery, DeliveryStatus, Driver, DriverPerformance
-
-
-class PerformanceMetrics(TypedDict):
-    deliveriesCompleted: int
-    acceptanceRate: float
-    onTimeRate: float
-    customerRating: float
-    avgResponseTimeMs: int
-    totalEarnings: float
-
-
-class DriverPerformanceUpdatedEvent(TypedDict):
-    type: Literal["driver_performance_updated"]
-    driverId: str
-    driverName: str
-    metrics: PerformanceMetrics
-    updatedAt: str
 
 
 def short_name(full_name: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -357,7 +358,10 @@ SET location = ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)::geography,
     location_recorded_at = %(recorded_at)s,
     updated_at = %(now)s
 WHERE id = %(id)s AND (location_recorded_at IS NULL OR location_recorded_at < %(recorded_at)s)
-RETURNING availability
+RETURNING availability,
+    -- the delivery this driver is on, for its customer's tracking: one probe of the partial
+    -- unique index assignment_one_active_per_driver, no second round trip (docs/tracking.md)
+    (SELECT a.delivery_id FROM dispatch_assignment a WHERE a.driver_id = dispatch_driver.id AND a.status = 'active')
 """
 
 
@@ -365,6 +369,7 @@ RETURNING availability
 class LocationResult:
     accepted: bool
     availability: str | None
+    active_delivery_id: uuid.UUID | None = None
 
 
 def driver_location_update(
@@ -395,7 +400,17 @@ def driver_location_update(
         row = cur.fetchone()
     if row is None:
         return LocationResult(accepted=False, availability=None)
-    availability = row[0]
+    availability, active_delivery_id = row
+    if active_delivery_id is not None:
+        from dispatch.eta_service import delivery_track_fix
+
+        transaction.on_commit(
+            lambda: delivery_track_fix(
+                delivery_id=active_delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed=speed,
+                heading=heading, recorded_at=recorded_at, now=now,
+            ),
+            robust=True,
+        )
     if availability == DriverAvailability.AVAILABLE:
         transaction.on_commit(
             lambda: geo.index_driver(
@@ -403,4 +418,4 @@ def driver_location_update(
             ),
             robust=True,
         )
-    return LocationResult(accepted=True, availability=availability)
+    return LocationResult(accepted=True, availability=availability, active_delivery_id=active_delivery_id)

@@ -83,3 +83,6 @@ def support_ticket_updated(ticket, *, seller_order_id: str, change: str) -> Supp
         "change": change,
         "updatedAt": iso(ticket.updated_at),
     }
+
+
+EVENT_TYPES = ("unassigned_order_escalated", "support_ticket_created", "support_ticket_updated")

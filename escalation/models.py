@@ -46,7 +46,7 @@ class UnassignedOrder(models.Model):
     escalation_status = models.CharField(max_length=50, choices=EscalationStatus.choices, default=EscalationStatus.PENDING)
     support_ticket_id = models.CharField(max_length=255, blank=True, default="")
     notification_sent_at = models.DateTimeField(null=True, blank=True)
-    # The last escalation: when, why, and by whom when a person did it (null: the check job).
+    # The last escalation (when, why) and the last manual one (by whom, with which notes).
     escalated_at = models.DateTimeField(null=True, blank=True)
     escalation_reason = models.CharField(max_length=500, blank=True, default="")
     escalation_notes = models.TextField(blank=True, default="")

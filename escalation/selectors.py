@@ -79,14 +79,15 @@ def deliveries_due_for_escalation(*, now: datetime, limit: int) -> list:
 # ---------------------------------------------------------------------------- support queue
 
 ACTIVE = "active"
+QUEUE_ORDERING = ("-priority_rank", "delivery__ready_at", "created_at", "id")
 
 
 def tickets_queue(
     *, status: str | None = ACTIVE, priority: str | None = None, zone_id=None, level: int | None = None,
     assignee=None, unassigned_only: bool = False,
 ) -> QuerySet[SupportTicket]:
-    """The support queue, most urgent first, then oldest first. `status` "active" (the
-    default) means open or in progress; None or "all" means every ticket."""
+    """The support queue: most urgent first, then the delivery waiting longest. `status`
+    "active" (the default) means open or in progress; None or "all" means every ticket."""
     qs = SupportTicket.objects.select_related("delivery", "delivery__zone", "unassigned_order", "assignee")
     if status == ACTIVE:
         qs = qs.filter(status__in=ACTIVE_TICKET_STATUSES)
@@ -102,13 +103,15 @@ def tickets_queue(
         qs = qs.filter(assignee=assignee)
     if unassigned_only:
         qs = qs.filter(assignee__isnull=True)
-    return qs.order_by("-priority_rank", "created_at", "id")
+    return qs.order_by(*QUEUE_ORDERING)
 
 
 def ticket_get(*, ticket_id) -> SupportTicket:
     ticket = (
-        SupportTicket.objects.select_related("delivery", "delivery__zone", "unassigned_order", "assignee")
-        .filter(pk=ticket_id).first()
+        SupportTicket.objects.select_related(
+            "delivery", "delivery__zone", "delivery__current_offer__driver", "unassigned_order",
+            "unassigned_order__escalated_by", "assignee",
+        ).filter(pk=ticket_id).first()
     )
     if ticket is None:
         raise NotFound("Ticket not found.")

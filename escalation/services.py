@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -29,7 +30,6 @@ from escalation import alerts, events
 from escalation.backends import get_ticket_backend
 from escalation.events import SUPPORT_EVENTS_GROUP
 from escalation.models import (
-    ACTIVE_TICKET_STATUSES,
     MAX_ESCALATION_LEVEL,
     CommentKind,
     EscalationStatus,
@@ -217,7 +217,7 @@ def _escalate_locked(
         audit_record(delivery=delivery, event_type=E.ESCALATION_TRIGGERED, actor=actor, now=now, details=details)
         if record.support_ticket_id:
             found = {
-                "offered": f"offered to driver {dispatched.offer.driver_id}" if dispatched.offer else "",
+                "offered": f"offered to {dispatched.offer.driver.name}" if dispatched.offer else "",
                 "already_offered": "an offer to a driver is already pending",
                 "unassigned": f"nobody found ({dispatched.failure_reason})",
             }.get(dispatched.outcome, dispatched.outcome)
@@ -249,10 +249,11 @@ def _escalate_locked(
     record.escalation_status = EscalationStatus.REASSIGNED if reassigned else EscalationStatus.NOTIFIED
     record.escalated_at = now
     record.escalation_reason = why(level)
-    record.escalation_notes = notes if manual else ""
-    record.escalated_by = user if manual else None
-    fields = ["escalation_level", "escalation_status", "support_ticket_id", "escalated_at", "escalation_reason",
-              "escalation_notes", "escalated_by"]
+    fields = ["escalation_level", "escalation_status", "support_ticket_id", "escalated_at", "escalation_reason"]
+    if manual:  # who escalated by hand, and why, stays on the record until the next manual escalation
+        record.escalation_notes = notes
+        record.escalated_by = user
+        fields += ["escalation_notes", "escalated_by"]
     if severity is not None:
         record.notification_sent_at = now
         fields.append("notification_sent_at")
@@ -425,7 +426,8 @@ def ticket_create_locked(
 def ticket_note_add(*, ticket_id, body: str, now: datetime) -> TicketComment:
     ticket = _lock_ticket(ticket_id)
     note = _note(ticket, body, now=now)
-    _touched(ticket, change="updated", now=now, fields=[])
+    ticket.updated_at = now
+    ticket.save(update_fields=["updated_at"])  # no event of its own: the escalation that wrote it has one
     return note
 
 
@@ -528,7 +530,7 @@ TRANSITIONS = {
 
 @transaction.atomic
 def ticket_update(
-    *, ticket_id, user, actor: Actor, status=_UNSET, priority=_UNSET, assignee=_UNSET, resolution=_UNSET,
+    *, ticket_id, user, actor: Actor, status=_UNSET, priority=_UNSET, assignee_id=_UNSET, resolution=_UNSET,
     now: datetime | None = None,
 ) -> SupportTicket:
     """Change a ticket's status, priority, assignee or resolution (PATCH, and the resolve
@@ -553,8 +555,9 @@ def ticket_update(
         changes["priority"] = [ticket.priority, priority]
         ticket.priority = priority
         fields.append("priority")
-    if assignee is not _UNSET and (assignee.pk if assignee else None) != ticket.assignee_id:
-        if assignee is not None and not (assignee.is_active and is_support(assignee)):
+    if assignee_id is not _UNSET and str(assignee_id or "") != str(ticket.assignee_id or ""):
+        assignee = get_user_model().objects.filter(pk=assignee_id).first() if assignee_id else None
+        if assignee_id and (assignee is None or not (assignee.is_active and is_support(assignee))):
             raise ValidationError({"assigneeId": ["Must be an active support agent or staff user."]})
         notes.append(f"Assigned to {_name(assignee)}." if assignee else "Unassigned.")
         changes["assigneeId"] = str(assignee.pk) if assignee else None
@@ -616,7 +619,7 @@ def ticket_redispatch(*, ticket_id, user, actor: Actor, now: datetime | None = N
     result = delivery_dispatch(delivery_id=delivery_id, actor=actor, radius_km=radius, strict=True, now=now)
     ticket = _lock_ticket(ticket_id)
     if result.offer is not None:
-        outcome = f"offered to driver {result.offer.driver_id}"
+        outcome = f"offered to {result.offer.driver.name}"
     else:
         outcome = f"nobody found ({result.failure_reason})"
     _note(ticket, f"Redispatched within {radius:g} km by {_name(user)}: {outcome}.", now=now)

@@ -65,6 +65,9 @@ class OfferCancelledEvent(TypedDict):
     cancelledAt: str
 
 
+EVENT_TYPES = ("offer_created", "offer_accepted", "offer_rejected", "offer_expired", "offer_cancelled")
+
+
 def offer_created(offer) -> OfferCreatedEvent:
     return {
         "type": "offer_created",

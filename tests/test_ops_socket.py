@@ -120,3 +120,28 @@ def test_a_browser_from_a_foreign_origin_is_refused_but_an_allowed_origin_connec
         await good.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_every_event_type_reaches_ops_and_unknown_ones_do_not_break_the_socket():
+    from common.broadcast import send_now
+    from dispatch.consumers import OpsConsumer
+
+    ops_user = OpsUserFactory()
+    expected = {
+        "delivery_created", "delivery_status_changed", "delivery_cancelled", "availability_changed", "break_expired",
+        "offer_created", "offer_accepted", "offer_rejected", "offer_expired", "offer_cancelled",
+        "unassigned_order_escalated", "support_ticket_created", "zone_health_updated", "driver_performance_updated",
+        "delivery_eta_updated", "delivery_location_updated",
+    }
+    assert expected <= OpsConsumer.relays
+
+    async def scenario():
+        comm = connect(f"/ws/ops/?token={ops_user.auth_token.key}")
+        assert (await comm.connect())[0]
+        await database_sync_to_async(send_now)(["ops"], {"type": "something_new", "x": 1})
+        await database_sync_to_async(send_now)(["ops"], {"type": "driver_performance_updated", "driverId": "d"})
+        got = await comm.receive_json_from(timeout=5)
+        assert got == {"type": "driver_performance_updated", "driverId": "d"}
+        await comm.disconnect()
+
+    async_to_sync(scenario)()

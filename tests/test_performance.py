@@ -13,7 +13,8 @@ from common.actors import Actor
 from dispatch.economics import money
 from dispatch.engine import delivery_dispatch
 from dispatch.models import DeliveryCost, DeliveryRevenue, DriverPerformance
-from dispatch.performance import DriverPerformanceUpdatedEvent, recompute_driver_performance
+from dispatch.events import DriverPerformanceUpdatedEvent
+from dispatch.performance import recompute_driver_performance
 from dispatch.services import delivery_advance
 from offers import services as offers
 from tests.conftest import assert_error

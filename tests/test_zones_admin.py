@@ -92,6 +92,17 @@ def test_the_zone_list_shows_priority_staffing_health_and_flags_understaffed_zon
     assert "Short-staffed" in below and "Fully staffed" not in below
 
 
+def test_a_boundary_drawn_on_the_map_in_web_mercator_is_stored_in_wgs84(admin_client):
+    # what the map widget submits: GeoJSON in the map's projection (SRID 3857)
+    square = Polygon.from_bbox((30.5, 10.9, 30.6, 11.0))
+    square.srid = 4326
+    r = admin_client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, "geometry": square.transform(3857, clone=True).json})
+
+    assert r.status_code == 302, r.content.decode()[:2000]
+    stored = DeliveryZone.objects.get(name="Downtown").geometry
+    assert stored.srid == 4326 and stored.equals_exact(square, tolerance=1e-9)
+
+
 def test_ops_draw_a_zone_in_the_admin(admin_client):
     r = admin_client.post("/admin/zones/deliveryzone/add/", ADD_FORM)
 
@@ -109,8 +120,10 @@ def test_ops_draw_a_zone_in_the_admin(admin_client):
         ("SRID=4326;POINT(30.5 10.9)", "Invalid geometry type"),
         ("SRID=4326;POLYGON EMPTY", "empty"),
         ("not a polygon at all", "Invalid geometry value"),
+        ("SRID=99999;POLYGON((0 0, 1 0, 1 1, 0 0))", "not SRID 99999"),
+        ("SRID=3857;POLYGON((0 0, 1e20 0, 1 1, 0 0))", "off the map"),
     ],
-    ids=["self-intersecting", "not closed", "a point", "empty", "garbage"],
+    ids=["self-intersecting", "not closed", "a point", "empty", "garbage", "unknown srid", "off the web mercator map"],
 )
 def test_a_broken_boundary_is_a_form_error_and_nothing_is_stored(admin_client, geometry, message):
     r = admin_client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, "geometry": geometry})

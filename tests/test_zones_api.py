@@ -1,5 +1,6 @@
 """Zones over the API: the GeoJSON list, drawing and editing zones (broken polygons are a 400,
 never a 500 or a stored row), and drivers' zone preferences."""
+import json
 import math
 import uuid
 
@@ -77,15 +78,11 @@ def test_the_zone_list_is_paginated_by_name(ops):
         make_zone(name)
 
     first = ops.get("/v2/zones?limit=2").json()
-    second = client_for_next(ops, first["next"])
+    second = ops.get(first["next"]).json()
 
     assert [f["properties"]["name"] for f in first["features"]] == ["Alpha", "Bravo"]
     assert [f["properties"]["name"] for f in second["features"]] == ["Charlie"]
     assert second["next"] is None and second["type"] == "FeatureCollection"
-
-
-def client_for_next(client, url):
-    return client.get(url).json()
 
 
 def test_only_ops_can_read_zones(anon, driver_client, integration):
@@ -339,8 +336,6 @@ def test_a_zone_listed_twice_is_a_400(driver, driver_client):
 )
 def test_malformed_preferences_are_a_400(driver, driver_client, payload):
     zone = make_zone("Downtown")
-    import json
-
     payload = json.loads(json.dumps(payload).replace("{zone}", str(zone.pk)))
 
     body = assert_error(put_prefs(driver_client, driver, payload), 400)

@@ -1,6 +1,10 @@
 """Ops console for zones: boundaries drawn on a map, staffing and live health at a glance.
 Saving goes through the zone services; driver preferences are an inline on the driver page."""
+import math
+
 from django import forms
+from django.contrib.gis import forms as gis_forms
+from django.contrib.gis.gdal import GDALException
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.gis.admin import GISModelAdmin
@@ -13,6 +17,30 @@ from zones.geometry import validate_zone_polygon
 from zones.models import DeliveryZone, DriverZonePreference
 
 MAP_CENTER = getattr(settings, "ZONES_MAP_CENTER", (12.9716, 77.5946))  # (lat, lon): the demo city
+
+
+WEB_MERCATOR_LIMIT_M = 20037508.35  # the square Web Mercator map, in metres
+
+
+class ZonePolygonFormField(gis_forms.PolygonField):
+    """GeoDjango's polygon field, refusing before it transforms what it cannot transform
+    safely: an SRID other than WGS84 or the map's Web Mercator (an unknown SRID raises a
+    GDAL error, a 500) and Web Mercator values off the map (PROJ can spin on them)."""
+
+    def clean(self, value):
+        geom = forms.Field.clean(self, value)  # parse only
+        if geom is None:
+            return None
+        if geom.srid not in (4326, 3857):
+            raise forms.ValidationError(f"Must be in WGS84 (SRID 4326) or the map's SRID 3857, not SRID {geom.srid}.")
+        if geom.srid == 3857 and not geom.empty:
+            extent = geom.extent
+            if not all(math.isfinite(v) and abs(v) <= WEB_MERCATOR_LIMIT_M for v in extent):
+                raise forms.ValidationError("Coordinates are off the map (Web Mercator, SRID 3857).")
+        try:
+            return super().clean(geom)
+        except GDALException:
+            raise forms.ValidationError("The boundary could not be converted to WGS84.")
 
 
 class DeliveryZoneForm(forms.ModelForm):
@@ -70,6 +98,11 @@ class DeliveryZoneAdmin(GISModelAdmin):
         ("Timestamps", {"fields": ("created_at", "updated_at")}),
     )
     actions = ["refresh_health"]
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        if db_field.name == "geometry":
+            kwargs["form_class"] = ZonePolygonFormField
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     @admin.display(description="Drivers online / min", ordering="current_drivers_online")
     def drivers_online(self, zone):

@@ -48,3 +48,6 @@ def zone_health_updated(*, zone_name: str, health: ZoneHealth) -> ZoneHealthUpda
         },
         "updatedAt": health["updatedAt"],
     }
+
+
+EVENT_TYPES = ("zone_health_updated",)

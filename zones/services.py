@@ -213,7 +213,9 @@ def zone_preferences_set(
     if bad:
         raise ValidationError({"preference": [f"{p!r} is not one of {', '.join(ZonePreference.values)}." for p in bad]})
 
-    driver = Driver.objects.select_for_update(of=("self",)).filter(pk=driver_id).first()
+    # Serialises two PUTs for one driver; NO KEY so that offers/assignments referencing the
+    # driver (FK checks take KEY SHARE) are not blocked.
+    driver = Driver.objects.select_for_update(of=("self",), no_key=True).filter(pk=driver_id).first()
     if driver is None:
         raise NotFound("Driver not found.")
     existing = _existing_zone_ids_locked(sorted(seen))

@@ -39,7 +39,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "common.middleware.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "common.middleware.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -157,7 +157,7 @@ LOGIN_URL = "/admin/login/"
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # Token first so that unauthenticated requests get 401 with a challenge.
-        "rest_framework.authentication.TokenAuthentication",
+        "common.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -243,3 +243,53 @@ PAYMENT_FEE_RATE = env("PAYMENT_FEE_RATE", default="0.029")
 INFRA_POSTGRES_COST = env("INFRA_POSTGRES_COST", default="0.02")
 INFRA_REDIS_COST = env("INFRA_REDIS_COST", default="0.01")
 INFRA_API_CALLS_COST = env("INFRA_API_CALLS_COST", default="0.03")
+
+# Customer tracking and ETA (docs/tracking.md).
+# Routing backend: "great_circle" (no I/O), "osrm" (OSRM_URL), or a dotted path to a class.
+ROUTING_BACKEND = env("ROUTING_BACKEND", default="great_circle")
+OSRM_URL = env("OSRM_URL", default="http://127.0.0.1:5000")
+OSRM_TIMEOUT_SECONDS = env.float("OSRM_TIMEOUT_SECONDS", default=1.0)
+OSRM_COOLDOWN_SECONDS = env.float("OSRM_COOLDOWN_SECONDS", default=30.0)
+ETA_MIN_INTERVAL_SECONDS = env.float("ETA_MIN_INTERVAL_SECONDS", default=15.0)
+ETA_MIN_MOVE_METERS = env.float("ETA_MIN_MOVE_METERS", default=250.0)
+ETA_CHANGE_THRESHOLD_SECONDS = env.float("ETA_CHANGE_THRESHOLD_SECONDS", default=30.0)
+ETA_CONFIDENCE_THRESHOLD = env.float("ETA_CONFIDENCE_THRESHOLD", default=0.05)
+# The tracking page's map: Leaflet from a CDN and a tile server; empty → no map (text only).
+TRACKING_LEAFLET_URL = env("TRACKING_LEAFLET_URL", default="https://unpkg.com/leaflet@1.9.4/dist")
+TRACKING_TILE_URL = env("TRACKING_TILE_URL", default="https://tile.openstreetmap.org/{z}/{x}/{y}.png")
+# Tokens travel in query strings (tracking links, socket URLs): redact them from log lines,
+# including uvicorn's "WebSocket /ws/...?token=..." line, which --no-access-log does not cover.
+LOGGING["filters"] = {"redact_tokens": {"()": "common.logfilters.RedactTokensFilter"}}
+LOGGING["handlers"]["console"]["filters"] = ["redact_tokens"]
+LOGGING["loggers"]["uvicorn.error"] = {"filters": ["redact_tokens"]}
+
+# Escalation and support (docs/escalation.md).
+# Ops alert e-mails (comma-separated; empty: no e-mail, the /ws/ops/ event still goes out).
+OPS_ALERT_EMAILS = env.list("OPS_ALERT_EMAILS", default=[])
+# Where support tickets live (dotted path to a TicketBackend); the default keeps them here.
+SUPPORT_TICKET_BACKEND = env("SUPPORT_TICKET_BACKEND", default="escalation.backends.LocalTicketBackend")
+# Absolute links in alert e-mails.
+SITE_URL = env("SITE_URL", default="http://127.0.0.1:8000")
+EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+EMAIL_HOST = env("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+EMAIL_HOST_USER = env("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="dispatch@localhost")
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"].update({
+    "SupportTicketStatusEnum": "escalation.models.TicketStatus",
+    "SupportTicketTypeEnum": "escalation.models.TicketType",
+    "SupportTicketPriorityEnum": "escalation.models.TicketPriority",
+    "EscalationStatusEnum": "escalation.models.EscalationStatus",
+    "FailureReasonEnum": "escalation.models.FailureReason",
+})
+
+# The channel layer waits on Redis with BZPOPMIN for up to 5 s (channels_redis' brpop_timeout);
+# redis-py 8's default socket timeout is also 5 s, so an idle socket's receive could time out
+# first and kill the consumer (customer, driver and ops sockets closed after a quiet spell).
+# Give reads a margin above the blocking timeout.
+CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+    {"address": REDIS_URL, "socket_timeout": env.float("CHANNELS_REDIS_SOCKET_TIMEOUT", default=15.0)}
+]

@@ -1,0 +1,111 @@
+"""Ops console for unassigned orders and support tickets. Records and tickets are written by
+the services only; the escalate action calls the same service as the API."""
+from django import forms
+from django.contrib import admin, messages
+from django.template.response import TemplateResponse
+from rest_framework.exceptions import APIException
+
+from common.actors import Actor
+from escalation import services
+from escalation.models import MAX_ESCALATION_LEVEL, SupportTicket, TicketComment, UnassignedOrder
+
+
+class EscalateForm(forms.Form):
+    level = forms.TypedChoiceField(coerce=int, choices=[(n, f"Level {n}") for n in range(1, MAX_ESCALATION_LEVEL + 1)])
+    reason = forms.CharField(max_length=500)
+    notes = forms.CharField(required=False, max_length=5000, widget=forms.Textarea(attrs={"rows": 3}))
+
+
+class OpenFilter(admin.SimpleListFilter):
+    title = "open"
+    parameter_name = "open"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Open"), ("no", "Resolved")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(resolved_at__isnull=True)
+        if self.value() == "no":
+            return queryset.filter(resolved_at__isnull=False)
+        return queryset
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in self.model._meta.fields]
+
+
+@admin.register(UnassignedOrder)
+class UnassignedOrderAdmin(ReadOnlyAdmin):
+    list_display = (
+        "seller_order_id", "failure_reason", "escalation_level", "escalation_status", "attempt_count",
+        "first_attempt_at", "last_attempt_at", "support_ticket_id", "escalated_by", "resolved_at",
+    )
+    list_filter = (OpenFilter, "escalation_level", "failure_reason", "escalation_status")
+    search_fields = ("seller_order_id", "delivery__id", "support_ticket_id")
+    list_select_related = ("escalated_by",)
+    date_hierarchy = "first_attempt_at"
+    actions = ["escalate"]
+
+    @admin.action(description="Escalate to a level (with a reason)…")
+    def escalate(self, request, queryset):
+        form = EscalateForm(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            done = 0
+            for record in queryset.order_by("pk"):
+                try:
+                    services.unassigned_escalate(
+                        record_id=record.pk, level=form.cleaned_data["level"], reason=form.cleaned_data["reason"],
+                        notes=form.cleaned_data["notes"], actor=Actor.for_user(request.user), user=request.user,
+                    )
+                    done += 1
+                except APIException as exc:
+                    self.message_user(request, f"{record.seller_order_id}: {exc.detail}", messages.WARNING)
+            if done:
+                self.message_user(request, f"Escalated {done} unassigned order{'s' if done != 1 else ''}.", messages.SUCCESS)
+            return None
+        return TemplateResponse(
+            request, "admin/escalation/unassignedorder/escalate.html",
+            {**self.admin_site.each_context(request), "form": form, "records": queryset, "title": "Escalate"},
+        )
+
+
+class TicketCommentInline(admin.TabularInline):
+    model = TicketComment
+    extra = 0
+    can_delete = False
+    fields = ("created_at", "kind", "author", "body")
+    readonly_fields = fields
+    ordering = ("created_at", "seq")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(SupportTicket)
+class SupportTicketAdmin(ReadOnlyAdmin):
+    list_display = ("title", "priority", "status", "type", "assignee", "created_at", "updated_at")
+    list_filter = ("status", "priority", "type")
+    search_fields = ("title", "delivery__seller_order_id", "id")
+    list_select_related = ("assignee", "delivery")
+    date_hierarchy = "created_at"
+    inlines = [TicketCommentInline]
+    actions = ["take"]
+
+    @admin.action(description="Take selected tickets (assign to me)")
+    def take(self, request, queryset):
+        for ticket in queryset.order_by("pk"):
+            try:
+                services.ticket_take(ticket_id=ticket.pk, user=request.user, actor=Actor.for_user(request.user))
+            except APIException as exc:
+                self.message_user(request, f"{ticket.title}: {exc.detail}", messages.WARNING)

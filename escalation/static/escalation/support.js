@@ -1,0 +1,65 @@
+// Live refresh for the support views: listen on the support socket and, when an escalation
+// or ticket event arrives, re-fetch this page and swap in its live regions
+// ([data-live-region] elements, matched by id). Forms are outside the regions, so nothing an
+// agent is typing is lost. Reconnects with backoff; the status pill shows the state.
+(function () {
+  "use strict";
+  var body = document.body;
+  var path = body.getAttribute("data-live-socket");
+  if (!path || !("WebSocket" in window)) return;
+  var match = (body.getAttribute("data-live-match") || "").split(/\s+/).filter(Boolean);
+  var TYPES = ["support_ticket_created", "support_ticket_updated", "unassigned_order_escalated"];
+  var pill = document.getElementById("live-status");
+  var retry = 1000;
+  var timer = null;
+
+  function state(name, text) {
+    body.setAttribute("data-live-state", name);
+    if (pill) {
+      pill.textContent = text;
+      pill.className = "live live-" + name;
+    }
+  }
+
+  function concerns(event) {
+    if (TYPES.indexOf(event.type) < 0) return false;
+    if (!match.length) return true;
+    return match.indexOf(event.ticketId) >= 0 || match.indexOf(event.deliveryId) >= 0 ||
+      match.indexOf(event.supportTicketId) >= 0;
+  }
+
+  function refresh() {
+    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Requested-With": "support-live" } })
+      .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+      .then(function (html) {
+        var doc = new DOMParser().parseFromString(html, "text/html");
+        document.querySelectorAll("[data-live-region]").forEach(function (region) {
+          var fresh = doc.getElementById(region.id);
+          if (fresh) region.innerHTML = fresh.innerHTML;
+        });
+        body.setAttribute("data-live-refreshed", String(Date.now()));
+      })
+      .catch(function () { /* the next event tries again */ });
+  }
+
+  function connect() {
+    state("connecting", "connecting…");
+    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+    var socket = new WebSocket(scheme + window.location.host + path);
+    socket.onopen = function () { retry = 1000; state("live", "live"); };
+    socket.onmessage = function (message) {
+      var event;
+      try { event = JSON.parse(message.data); } catch (e) { return; }
+      if (!concerns(event)) return;
+      clearTimeout(timer);
+      timer = setTimeout(refresh, 300);  // a burst of events: one refresh
+    };
+    socket.onclose = function () {
+      state("offline", "offline, retrying");
+      setTimeout(connect, retry);
+      retry = Math.min(retry * 2, 30000);
+    };
+  }
+
+  connect();
+})();

@@ -1,0 +1,185 @@
+"""The support agents' views at `/support/` (server-rendered; login required; group `support`
+or staff). Thin: each action validates a form, calls one service and redirects back."""
+from __future__ import annotations
+
+from functools import wraps
+
+from django.contrib import messages
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+from rest_framework.exceptions import APIException
+
+from common.actors import Actor
+from common.exceptions import NotFound
+from common.roles import is_support
+from escalation import forms, selectors, services
+from escalation.models import TicketStatus
+
+QUEUE_PAGE_SIZE = 50
+
+
+def support_required(view):
+    @wraps(view)
+    def wrapped(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path(), login_url=reverse("support:login"))
+        if not (request.user.is_active and is_support(request.user)):
+            raise PermissionDenied("Support agents only.")
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "support/login.html"
+    redirect_authenticated_user = True
+
+    def get_default_redirect_url(self):
+        return reverse("support:queue")
+
+
+@require_GET
+@support_required
+def queue(request):
+    form = forms.QueueFilterForm(request.GET or None)
+    f = form.cleaned_data if form.is_valid() else {}
+    tickets = selectors.tickets_queue(
+        status=f.get("status") or selectors.ACTIVE, priority=f.get("priority") or None,
+        zone_id=f["zone"].pk if f.get("zone") else None, level=f.get("level"),
+        assignee=request.user if f.get("mine") else None,
+    )
+    page = Paginator(tickets, QUEUE_PAGE_SIZE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    context = {"form": form, "page": page, "now": timezone.now(), "query": query.urlencode()}
+    partial = request.headers.get("X-Requested-With") == "support-live"
+    return render(request, "support/_queue_table.html" if partial else "support/queue.html", context)
+
+
+@require_GET
+@support_required
+def ticket_detail(request, ticket_id):
+    try:
+        ticket = selectors.ticket_get(ticket_id=ticket_id)
+    except NotFound:
+        raise Http404("Ticket not found.")
+    now = timezone.now()
+    context = {
+        "ticket": ticket,
+        "delivery": ticket.delivery,
+        "record": ticket.unassigned_order,
+        "comments": selectors.ticket_comments(ticket_id=ticket.pk),
+        "timeline": selectors.delivery_timeline(delivery_id=ticket.delivery_id),
+        "map": selectors.pickup_map(delivery=ticket.delivery, now=now),
+        "now": now,
+        "comment_form": forms.CommentForm(),
+        "cancel_form": forms.CancelDeliveryForm(),
+        "resolve_form": forms.ResolveForm(),
+        "active": ticket.status in (TicketStatus.OPEN, TicketStatus.IN_PROGRESS),
+    }
+    return render(request, "support/ticket.html", context)
+
+
+def _message(exc: APIException) -> str:
+    detail = exc.detail
+    if isinstance(detail, dict):
+        return " ".join(str(m) for msgs in detail.values() for m in (msgs if isinstance(msgs, list) else [msgs]))
+    if isinstance(detail, list):
+        return " ".join(str(m) for m in detail)
+    return str(detail)
+
+
+def _act(request, ticket_id, action, done: str):
+    """Run the action's service; its refusal (409, 400, 404) becomes a message on the page."""
+    try:
+        result = action(Actor.for_user(request.user))
+    except APIException as exc:
+        messages.error(request, _message(exc))
+        result = None
+    else:
+        messages.success(request, done)
+    return redirect("support:ticket", ticket_id=ticket_id), result
+
+
+def _form_error(request, ticket_id, form):
+    messages.error(request, " ".join(str(e) for errs in form.errors.values() for e in errs))
+    return redirect("support:ticket", ticket_id=ticket_id)
+
+
+@require_POST
+@support_required
+def ticket_take(request, ticket_id):
+    response, _ = _act(
+        request, ticket_id,
+        lambda actor: services.ticket_take(ticket_id=ticket_id, user=request.user, actor=actor),
+        "You have taken this ticket.",
+    )
+    return response
+
+
+@require_POST
+@support_required
+def ticket_comment(request, ticket_id):
+    form = forms.CommentForm(request.POST)
+    if not form.is_valid():
+        return _form_error(request, ticket_id, form)
+    response, _ = _act(
+        request, ticket_id,
+        lambda actor: services.ticket_comment(
+            ticket_id=ticket_id, user=request.user, actor=actor, body=form.cleaned_data["body"]
+        ),
+        "Comment added.",
+    )
+    return response
+
+
+@require_POST
+@support_required
+def ticket_redispatch(request, ticket_id):
+    response, dispatched = _act(
+        request, ticket_id,
+        lambda actor: services.ticket_redispatch(ticket_id=ticket_id, user=request.user, actor=actor),
+        "Dispatched again with the wide radius.",
+    )
+    if dispatched is not None and dispatched.offer is None:
+        messages.warning(request, f"No driver found ({dispatched.failure_reason}).")
+    return response
+
+
+@require_POST
+@support_required
+def ticket_cancel_delivery(request, ticket_id):
+    form = forms.CancelDeliveryForm(request.POST)
+    if not form.is_valid():
+        return _form_error(request, ticket_id, form)
+    response, _ = _act(
+        request, ticket_id,
+        lambda actor: services.ticket_cancel_delivery(
+            ticket_id=ticket_id, user=request.user, actor=actor, reason=form.cleaned_data["reason"]
+        ),
+        "The delivery is cancelled and the ticket closed.",
+    )
+    return response
+
+
+@require_POST
+@support_required
+def ticket_resolve(request, ticket_id):
+    form = forms.ResolveForm(request.POST)
+    if not form.is_valid():
+        return _form_error(request, ticket_id, form)
+    response, _ = _act(
+        request, ticket_id,
+        lambda actor: services.ticket_resolve(
+            ticket_id=ticket_id, user=request.user, actor=actor, resolution=form.cleaned_data["resolution"]
+        ),
+        "Ticket resolved.",
+    )
+    return response
