@@ -14,6 +14,7 @@ from common.actors import Actor
 from dispatch.engine import delivery_dispatch
 from escalation.models import SupportTicket
 from escalation.services import escalation_check
+from tests.browser import chrome_options
 from tests.factories import DeliveryFactory, SupportUserFactory, online_driver
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,16 +37,7 @@ def make_browser():
     from selenium.webdriver.chrome.service import Service
 
     os.environ["SE_OFFLINE"] = "true"  # belt and braces: Selenium Manager must not fetch anything
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1300,1000",
-        # nothing but the live server: no background traffic to outside services
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-        "--disable-default-apps", "--disable-domain-reliability", "--disable-client-side-phishing-detection",
-        "--no-pings", "--disable-features=OptimizationHints,MediaRouter,Translate",
-    ):
-        options.add_argument(flag)
+    options = chrome_options(CHROMIUM)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(30)
     return driver

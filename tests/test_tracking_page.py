@@ -15,6 +15,7 @@ from django.db import connection
 
 from common.actors import Actor
 from dispatch.services import assignment_create
+from tests.browser import chrome_options
 from tests.factories import DeliveryFactory, DriverFactory, km_north
 from tests.test_tracking_status import delivery_in
 
@@ -143,14 +144,9 @@ def chromium():
         missing.append("selenium (pip)")
     if missing:
         pytest.skip(f"headless browser check needs {', '.join(missing)} (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
-    options = Options()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-extensions", "--disable-background-networking"):
-        options.add_argument(arg)
+    options = chrome_options(CHROMIUM)
     browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     browser.set_page_load_timeout(30)
     yield browser

@@ -27,3 +27,8 @@ REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"anon": "100000/min", "user": "10000
 # TEST_REDIS_URL=redis://127.0.0.1:6379/14
 if env("TEST_DB_NAME", default=""):
     DATABASES["default"]["TEST"] = {"NAME": env("TEST_DB_NAME")}  # noqa: F405
+
+# No collectstatic before tests: serve from the app finders and keep WhiteNoise quiet about
+# the not-yet-collected STATIC_ROOT.
+WHITENOISE_USE_FINDERS = True
+STATIC_ROOT.mkdir(exist_ok=True)  # noqa: F405
