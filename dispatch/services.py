@@ -177,7 +177,7 @@ def _emit_status(delivery: Delivery, *, from_status: str, driver_id, now: dateti
 def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
     """Cancel an open delivery: its active assignment ends and the driver is freed."""
     from escalation.services import unassigned_cancel
-    from offers.services import lock_pending_offer_of_delivery, offer_cancel_locked
+    from offers.services import lock_offer_driver, lock_pending_offer_of_delivery, offer_cancel_locked
 
     now = now or timezone.now()
     offer = lock_pending_offer_of_delivery(delivery_id)
@@ -185,6 +185,7 @@ def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | N
     if not delivery.is_open:
         raise Conflict(f"Delivery is {delivery.status}; it can no longer be cancelled.")
     if offer is not None:
+        lock_offer_driver(offer)
         offer_cancel_locked(offer, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
     unassigned_cancel(delivery=delivery, now=now)
     from_status = delivery.status

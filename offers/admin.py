@@ -1,5 +1,4 @@
 from django.contrib import admin, messages
-from django.utils import timezone
 
 from offers import services
 from offers.models import DriverOffer
@@ -43,7 +42,5 @@ class DriverOfferAdmin(admin.ModelAdmin):
     def expire_now(self, request, queryset):
         done = 0
         for offer in queryset.filter(status="PENDING").order_by("pk"):
-            # Expire as of now: pull the deadline in, then let the normal expiry run.
-            DriverOffer.objects.filter(pk=offer.pk, status="PENDING").update(expires_at=timezone.now())
-            done += services.offer_expire(offer_id=offer.pk)
+            done += services.offer_expire(offer_id=offer.pk, force=True)
         self.message_user(request, f"Expired {done} offers.", messages.SUCCESS if done else messages.WARNING)

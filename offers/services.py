@@ -157,6 +157,14 @@ def _lock_offer_of_driver(offer_id, driver_id) -> DriverOffer:
     return offer
 
 
+def lock_offer_driver(offer: DriverOffer) -> Driver:
+    """Lock the offer's driver. Every change to a pending offer is made holding this lock (after
+    the offer's and the delivery's): dispatch only inserts offers for drivers it has locked
+    itself, so its unique-index checks can never wait on a transaction that is changing that
+    driver's pending offer — the deadlock this rule removes."""
+    return Driver.objects.select_for_update(of=("self",)).get(pk=offer.driver_id)
+
+
 def _ensure_pending(offer: DriverOffer, now: datetime) -> None:
     if offer.status != OfferStatus.PENDING:
         raise Conflict(f"Offer {offer.pk} has already been processed (status {offer.status}).")
@@ -202,6 +210,7 @@ def _offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime) -> Accept
         raise _Expired()
     _ensure_pending(offer, now)
     delivery = Delivery.objects.select_for_update(of=("self",)).get(pk=offer.delivery_id)
+    lock_offer_driver(offer)
     response_ms = max(0, int((now - offer.created_at).total_seconds() * 1000))
     offer.status = OfferStatus.ACCEPTED
     offer.accepted_at = now
@@ -240,6 +249,7 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
     offer = _lock_offer_of_driver(offer_id, driver_id)
     _ensure_pending(offer, now)
     delivery = Delivery.objects.select_for_update(of=("self",)).get(pk=offer.delivery_id)
+    lock_offer_driver(offer)
     offer.status = OfferStatus.REJECTED
     offer.rejected_at = now
     offer.rejection_reason = reason
@@ -258,23 +268,25 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
     return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
 
 
-def offer_expire(*, offer_id, now: datetime | None = None) -> bool:
+def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False) -> bool:
     """Expire a pending offer whose time is up and move its delivery to the next candidate.
 
     Idempotent and safe to race with accept/reject and with itself: a locked offer is skipped
     (whoever holds it decides), a processed or not-yet-due one is left alone. Returns True
-    when this call expired it.
+    when this call expired it. `force` expires it now, due or not (ops' "expire now").
     """
     from dispatch.engine import dispatch_locked
 
     now = now or timezone.now()
     with transaction.atomic():
+        due = {} if force else {"expires_at__lte": now}
         offer = DriverOffer.objects.select_for_update(of=("self",), skip_locked=True).filter(
-            pk=offer_id, status=OfferStatus.PENDING, expires_at__lte=now
+            pk=offer_id, status=OfferStatus.PENDING, **due
         ).first()
         if offer is None:
             return False
         delivery = Delivery.objects.select_for_update(of=("self",)).get(pk=offer.delivery_id)
+        lock_offer_driver(offer)
         offer.status = OfferStatus.EXPIRED
         offer.expired_at = now
         offer.save(update_fields=["status", "expired_at"])
@@ -306,7 +318,8 @@ def offers_expire_overdue(*, now: datetime | None = None, batch_size: int = 200)
 
 
 def offer_cancel_locked(offer: DriverOffer, *, delivery: Delivery, reason: str, actor: Actor, now: datetime) -> None:
-    """Withdraw a pending offer. The caller holds the offer's and the delivery's locks."""
+    """Withdraw a pending offer. The caller holds the offer's, the delivery's and the driver's
+    locks (see lock_offer_driver)."""
     offer.status = OfferStatus.CANCELLED
     offer.cancelled_at = now
     offer.cancellation_reason = reason

@@ -2,7 +2,7 @@
 from datetime import timedelta
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from availability import services as availability
@@ -107,3 +107,69 @@ def test_the_database_refuses_a_second_pending_or_accepted_offer():
     DriverOffer.objects.filter(pk=offer.pk).update(status="ACCEPTED")
     with pytest.raises(IntegrityError), transaction.atomic():
         DriverOffer.objects.create(delivery=delivery, driver=other, status="ACCEPTED", **fields)
+
+
+def test_changing_a_pending_offer_takes_its_drivers_lock_first_so_dispatch_never_deadlocks():
+    """The interleaving a benchmark once hit: dispatch holds driver X (skip-locked) and inserts
+    an offer for X while X's pending offer is being accepted. The accept must wait for X before
+    touching the offer, so the insert fails at once on the unique index instead of waiting on
+    the accept (which would wait on X: a deadlock)."""
+    import threading
+    import time as _time
+
+    from django.db import OperationalError, connections
+
+    driver, delivery, offer = make_offer()
+    other = DeliveryFactory()
+    holding = threading.Event()
+    release = threading.Event()
+    outcome = {}
+
+    def dispatcher():
+        try:
+            with transaction.atomic():
+                locked = type(driver).objects.select_for_update(of=("self",)).get(pk=driver.pk)
+                holding.set()
+                release.wait(20)
+                now = timezone.now()
+                try:
+                    with transaction.atomic():
+                        DriverOffer.objects.create(
+                            delivery=other, driver=locked, offer_payload={}, created_at=now,
+                            expires_at=now + timedelta(seconds=30),
+                        )
+                    outcome["insert"] = "inserted"
+                except IntegrityError:
+                    outcome["insert"] = "unique violation at once"
+        except OperationalError as exc:
+            outcome["insert"] = f"database error: {exc.__class__.__name__}"
+        finally:
+            connections.close_all()
+
+    def accepter():
+        try:
+            offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
+            outcome["accept"] = "accepted"
+        except Exception as exc:
+            outcome["accept"] = exc.__class__.__name__
+        finally:
+            connections.close_all()
+
+    a = threading.Thread(target=dispatcher)
+    a.start()
+    assert holding.wait(10)
+    b = threading.Thread(target=accepter)
+    b.start()
+    # wait until the accept is blocked on a row lock (it must be waiting for the driver)
+    deadline = _time.monotonic() + 10
+    with connection.cursor() as cur:
+        while _time.monotonic() < deadline:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+            if cur.fetchone()[0] >= 1:
+                break
+            _time.sleep(0.02)
+    release.set()
+    a.join(30)
+    b.join(30)
+
+    assert outcome == {"insert": "unique violation at once", "accept": "accepted"}
