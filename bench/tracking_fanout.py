@@ -39,7 +39,7 @@ import httpx
 from websockets.asyncio.client import connect as ws_connect
 
 sys.path.insert(0, os.path.dirname(__file__))
-from location_ingest import refuse_non_loopback  # noqa: E402
+from location_ingest import gather_bounded, refuse_non_loopback  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -284,22 +284,6 @@ class Bench:
                     pass
 
         await asyncio.gather(*(one(p) for p in pairs))
-
-
-async def gather_bounded(limit: int, factories) -> list:
-    sem = asyncio.Semaphore(limit)
-
-    async def run(make):
-        async with sem:
-            return await make()
-
-    tasks = [asyncio.ensure_future(run(f)) for f in factories]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def main(args) -> int:

@@ -49,6 +49,14 @@ def integration(integration_user):
 
 
 @pytest.fixture
+def agent(db):
+    """A support agent (group `support`, not staff)."""
+    from tests.factories import SupportUserFactory
+
+    return SupportUserFactory(first_name="Sam", last_name="Agent")
+
+
+@pytest.fixture
 def driver(db):
     return DriverFactory()
 

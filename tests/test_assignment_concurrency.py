@@ -1,38 +1,15 @@
 """Both assignment invariants under real concurrent transactions (STYLE rule 3 and 10)."""
-import threading
-
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 
 from common.actors import Actor
 from common.exceptions import Conflict
 from dispatch.models import Assignment
 from dispatch.services import assignment_create
+from tests.concurrency import race
 from tests.factories import DeliveryFactory, DriverFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def race(calls):
-    """Run the calls at the same moment in real threads; return (results, errors)."""
-    barrier = threading.Barrier(len(calls))
-    results, errors = [], []
-
-    def run(fn):
-        try:
-            barrier.wait()
-            results.append(fn())
-        except Exception as exc:  # collected and asserted on by the test
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(fn,)) for fn in calls]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return results, errors
 
 
 def test_two_drivers_racing_for_one_delivery_one_wins():

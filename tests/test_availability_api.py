@@ -3,7 +3,6 @@ history and events (SPEC "Driver availability")."""
 
 import pytest
 import time_machine
-from django.utils import timezone
 
 from availability.events import AvailabilityChangedEvent
 from availability.models import DriverAvailabilityHistory

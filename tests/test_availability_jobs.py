@@ -1,10 +1,8 @@
 """Break expiry and stale-driver jobs, moved through time with time-machine."""
-import threading
 from datetime import timedelta
 
 import pytest
 import time_machine
-from django.db import connection
 from django.utils import timezone
 
 from availability import services, tasks
@@ -12,6 +10,7 @@ from availability.events import AvailabilityChangedEvent, BreakExpiredEvent
 from availability.models import DriverAvailabilityHistory
 from common.actors import Actor
 from dispatch.models import Driver
+from tests.concurrency import race
 from tests.factories import DriverFactory
 from tests.typecheck import assert_event_shape
 
@@ -70,7 +69,7 @@ def test_a_driver_who_resumed_early_is_left_alone_by_the_break_job(driver):
 @pytest.mark.django_db
 def test_available_drivers_with_a_stale_fix_go_offline(settings):
     settings.DRIVER_STALE_AFTER_SECONDS = 600
-    with time_machine.travel(START, tick=False) as t:
+    with time_machine.travel(START, tick=False):
         now = timezone.now()
         stale = DriverFactory(location_recorded_at=now - timedelta(seconds=601), last_availability_change=now - timedelta(hours=1))
         fresh = DriverFactory(location_recorded_at=now - timedelta(seconds=599), last_availability_change=now - timedelta(hours=1))
@@ -96,22 +95,9 @@ def test_two_jobs_running_at_once_change_each_driver_once(job):
         20, availability="on_break" if job is services.breaks_expire else "available",
         availability_until=past, last_availability_change=past - timedelta(minutes=10), location_recorded_at=past,
     )
-    barrier = threading.Barrier(2)
-    counts = []
+    counts, errors = race([job, job])
 
-    def run():
-        try:
-            barrier.wait()
-            counts.append(job())
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-
+    assert errors == []
     assert sum(counts) == 20
     for d in drivers:
         assert DriverAvailabilityHistory.objects.filter(driver=d).count() == 1

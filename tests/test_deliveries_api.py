@@ -5,7 +5,7 @@ from dispatch.models import Delivery
 from dispatch.services import assignment_create
 from common.actors import Actor
 from tests.conftest import assert_error, client_for
-from tests.factories import DeliveryFactory, DriverFactory, IntegrationUserFactory
+from tests.factories import DeliveryFactory, IntegrationUserFactory
 
 pytestmark = pytest.mark.django_db
 

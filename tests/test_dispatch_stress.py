@@ -3,12 +3,10 @@ clean conflicts (no deadlock, no 500), and the invariants hold afterwards."""
 import random
 import threading
 import uuid
-from datetime import timedelta
 
 import pytest
 from django.contrib.gis.geos import Point
 from django.db import connection
-from django.utils import timezone
 
 from availability import services as availability
 from common.actors import Actor

@@ -13,7 +13,7 @@ from dispatch.models import Assignment, Delivery
 from offers import services as offers
 from offers.models import DriverOffer
 from tests.factories import DeliveryFactory, online_driver
-from tests.test_assignment_concurrency import race
+from tests.concurrency import race
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

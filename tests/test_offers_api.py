@@ -6,7 +6,7 @@ import time_machine
 from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
-from dispatch.models import Assignment, Delivery, Driver
+from dispatch.models import Assignment, Delivery
 from offers.events import OfferAcceptedEvent, OfferCreatedEvent, OfferRejectedEvent
 from offers.models import DriverOffer
 from tests.conftest import assert_error, client_for

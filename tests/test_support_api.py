@@ -1,34 +1,15 @@
 """`/v2/support/tickets` for support agents (group `support`) and staff."""
-from datetime import timedelta
 
 import pytest
-import time_machine
 from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
-from common.actors import Actor
-from dispatch.engine import delivery_dispatch
 from escalation.models import SupportTicket, TicketComment
-from escalation.services import escalation_check
 from tests.conftest import assert_error, client_for
-from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, SupportUserFactory
+from tests.factories import DriverFactory, OpsUserFactory, SupportUserFactory
+from tests.support_fixtures import ticket_for
 
 pytestmark = pytest.mark.django_db
-
-
-def ticket_for(minutes_waiting=6, **kwargs) -> SupportTicket:
-    """A stuck delivery, escalated by the check `minutes_waiting` after it became ready."""
-    ready = timezone.now() - timedelta(minutes=minutes_waiting)
-    with time_machine.travel(ready, tick=False):
-        delivery = DeliveryFactory(**kwargs)
-        delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
-    escalation_check()
-    return SupportTicket.objects.get(delivery=delivery)
-
-
-@pytest.fixture
-def agent():
-    return SupportUserFactory(first_name="Sam", last_name="Agent")
 
 
 @pytest.fixture

@@ -1,40 +1,22 @@
 """The support agents' server-rendered views at `/support/` (Django test client)."""
-from datetime import timedelta
 
 import pytest
-import time_machine
 from django.contrib.gis.geos import Polygon
 from django.test import Client
 from django.utils.html import escape
 from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
-from common.actors import Actor
-from dispatch.engine import delivery_dispatch
 from dispatch.models import Delivery
 from escalation.models import SupportTicket, TicketComment, UnassignedOrder
-from escalation.services import escalation_check
 from offers.models import DriverOffer
 from tests.factories import (
-    CITY, DeliveryFactory, DriverFactory, IntegrationUserFactory, OpsUserFactory, SupportUserFactory, online_driver,
+    CITY, DriverFactory, IntegrationUserFactory, OpsUserFactory, SupportUserFactory, online_driver,
 )
 from zones.models import DeliveryZone
+from tests.support_fixtures import ticket_for
 
 pytestmark = pytest.mark.django_db
-
-
-def ticket_for(minutes_waiting=6, **kwargs) -> SupportTicket:
-    ready = timezone.now() - timedelta(minutes=minutes_waiting)
-    with time_machine.travel(ready, tick=False):
-        delivery = DeliveryFactory(**kwargs)
-        delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
-    escalation_check()
-    return SupportTicket.objects.get(delivery=delivery)
-
-
-@pytest.fixture
-def agent():
-    return SupportUserFactory(first_name="Sam", last_name="Agent")
 
 
 @pytest.fixture

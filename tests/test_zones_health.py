@@ -14,6 +14,7 @@ from django.db import connection, transaction
 from common.redis import get_redis
 from config.asgi import application
 from tests.conftest import assert_error
+from tests.concurrency import race
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory
 from tests.typecheck import assert_event_shape
 from zones import events
@@ -337,21 +338,7 @@ def test_a_zone_another_run_is_refreshing_is_skipped_not_waited_for():
 @pytest.mark.django_db(transaction=True)
 def test_two_jobs_at_once_refresh_each_zone_and_both_finish():
     ids = [make_zone(f"Z{i}", (30.5 + i, 10.9, 30.6 + i, 11.0)).pk for i in range(6)]
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(zone_health_refresh(now=NOW, zone_ids=ids, batch_size=2))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results, errors = race([lambda: zone_health_refresh(now=NOW, zone_ids=ids, batch_size=2)] * 2)
 
     assert errors == []
     assert 6 <= sum(results) <= 12
