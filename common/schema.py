@@ -34,9 +34,21 @@ IDEMPOTENCY_KEY = OpenApiParameter(
     name="Idempotency-Key",
     location=OpenApiParameter.HEADER,
     required=False,
-    type=str,
-    description="Replays the first response for 24 h; reusing it with another body is a 409.",
+    # common.idempotency rejects a key that is blank after stripping or longer than 255 (400).
+    type={"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"\S"},
+    description="1 to 255 characters, not blank. Replays the first response for 24 h; "
+    "reusing it with another body is a 409, a blank or over-long key is a 400.",
 )
+
+# Any POST under /v2/ may answer these because of the Idempotency-Key header (common.idempotency).
+_IDEMPOTENCY_ERRORS = (400, 409)
+
+# The `limit` and `cursor` query parameters of every paginated list (common.pagination).
+PAGE_PARAMETERS = [
+    OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 200},
+                     description="Page size, 1 to 200 (default 50)."),
+    OpenApiParameter("cursor", str, description="The opaque cursor from a previous page's `next`."),
+]
 
 
 class AutoSchema(_AutoSchema):
@@ -45,6 +57,15 @@ class AutoSchema(_AutoSchema):
         if self.method == "POST":
             params.append(IDEMPOTENCY_KEY)
         return params
+
+    def _get_response_bodies(self, direction="response"):
+        # Not get_response_serializers: @extend_schema(responses=...) overrides that without super().
+        responses = super()._get_response_bodies(direction)
+        if self.method == "POST":
+            for code in _IDEMPOTENCY_ERRORS:
+                if str(code) not in responses:
+                    responses[str(code)] = self._get_response_for_code(errors(code)[code], str(code), direction=direction)
+        return responses
 
 
 def success_body(name: str, **fields):

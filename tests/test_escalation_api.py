@@ -3,6 +3,7 @@ from datetime import timedelta
 
 import pytest
 import time_machine
+import yaml
 from django.core import mail
 
 from audit.models import DeliveryAuditLog
@@ -181,6 +182,14 @@ def test_a_level_outside_1_to_3_is_400(ops, level, message):
     assert body["details"] == {"level": [message]}
     record.refresh_from_db()
     assert record.escalation_level == 0
+
+
+def test_the_schema_documents_the_escalation_level_as_1_to_3(anon, db):
+    # Found by schemathesis: `level: 0` was schema-valid but is a 400.
+    schema = yaml.safe_load(anon.get("/v2/schema/").content)
+    level = schema["components"]["schemas"]["EscalateRequest"]["properties"]["level"]
+
+    assert (level["type"], level["minimum"], level["maximum"]) == ("integer", 1, 3)
 
 
 @pytest.mark.parametrize("payload", [{"reason": "x"}, {"level": 1}, {"level": "high", "reason": "x"}, {}])

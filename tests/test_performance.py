@@ -5,6 +5,7 @@ from decimal import Decimal
 
 import pytest
 import time_machine
+import yaml
 from django.core.management import call_command
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
@@ -219,6 +220,22 @@ def test_summary_counts_latency_money_and_rejects_bad_ranges(ops):
     for bad in ("from=2026-02-02T00:00:00Z&to=2026-02-01T00:00:00Z", "from=yesterday",
                 "from=2024-01-01T00:00:00Z&to=2026-01-01T00:00:00Z", "zone=not-a-uuid"):
         assert_error(ops.get(f"/v2/admin/analytics/summary?{bad}"), 400)
+
+
+def test_summary_latency_of_the_zoneless_row_is_null_and_documented_nullable(ops, anon):
+    # Found by schemathesis: byZone[].assignmentLatencySeconds is null for deliveries outside
+    # every zone, but the schema said it was always an object.
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False):
+        DeliveryFactory(status="cancelled")
+
+    body = ops.get("/v2/admin/analytics/summary?from=2026-02-01T09:00:00Z&to=2026-02-01T11:00:00Z").json()
+    assert body["byZone"][0]["zoneId"] is None and body["byZone"][0]["assignmentLatencySeconds"] is None
+
+    schema = yaml.safe_load(anon.get("/v2/schema/").content)
+    assert schema["components"]["schemas"]["ZoneEconomics"]["properties"]["assignmentLatencySeconds"]["nullable"] is True
+    # Also found by schemathesis: `from=__main__` was schema-valid (a plain string) but is a 400.
+    params = {p["name"]: p["schema"] for p in schema["paths"]["/v2/admin/analytics/summary"]["get"]["parameters"]}
+    assert params["from"]["format"] == params["to"]["format"] == "date-time" and params["zone"]["format"] == "uuid"
 
 
 def test_metrics_expose_the_seeds_names_and_types(anon, ops):

@@ -1,5 +1,5 @@
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -8,7 +8,7 @@ from availability.api import serializers as s
 from common.actors import Actor
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsDriver, IsOps, IsOpsOrDriver
-from common.schema import errors
+from common.schema import PAGE_PARAMETERS, errors
 from dispatch.selectors import driver_get_for_user
 from dispatch.services import driver_location_update
 
@@ -78,7 +78,7 @@ class HistoryView(APIView):
     permission_classes = [IsOpsOrDriver]
 
     @extend_schema(operation_id="drivers_availability_history",
-                   parameters=[OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+                   parameters=[*PAGE_PARAMETERS],
                    responses={200: paginated_schema("AvailabilityHistoryPage", "history", s.HistoryEntrySerializer),
                               **errors(400, 404)}, tags=TAGS)
     def get(self, request, driver_id):

@@ -1,6 +1,7 @@
 from datetime import timedelta
 
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -9,7 +10,7 @@ from rest_framework.views import APIView
 from common.exceptions import NotFound
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsOps
-from common.schema import errors
+from common.schema import PAGE_PARAMETERS, errors
 from dispatch import analytics
 from dispatch.performance import short_name
 
@@ -66,7 +67,7 @@ class SummaryQuery(serializers.Serializer):
 class DriverAnalyticsListView(APIView):
     permission_classes = [IsOps]
 
-    @extend_schema(operation_id="analytics_drivers", parameters=[DriverAnalyticsQuery, OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+    @extend_schema(operation_id="analytics_drivers", parameters=[DriverAnalyticsQuery, *PAGE_PARAMETERS],
                    responses={200: paginated_schema("DriverAnalyticsPage", "drivers", DriverAnalyticsSerializer), **errors(400)}, tags=["analytics"])
     def get(self, request):
         q = DriverAnalyticsQuery(data=request.query_params)
@@ -88,9 +89,16 @@ class DriverAnalyticsDetailView(APIView):
         return Response(DriverAnalyticsSerializer(driver).data)
 
 
-_latency = inline_serializer("AssignmentLatency", {
-    "p50": serializers.FloatField(allow_null=True), "p95": serializers.FloatField(allow_null=True), "count": serializers.IntegerField(),
-})
+class AssignmentLatencySerializer(serializers.Serializer):
+    p50 = serializers.FloatField(allow_null=True)
+    p95 = serializers.FloatField(allow_null=True)
+    count = serializers.IntegerField()
+
+    class Meta:
+        ref_name = "AssignmentLatency"
+
+
+_latency = AssignmentLatencySerializer()
 SummaryResponse = inline_serializer("AnalyticsSummary", {
     "from": serializers.DateTimeField(), "to": serializers.DateTimeField(), "zoneId": serializers.UUIDField(allow_null=True),
     "deliveries": inline_serializer("DeliveryCounts", {"total": serializers.IntegerField(), "byStatus": serializers.DictField(child=serializers.IntegerField())}),
@@ -101,7 +109,8 @@ SummaryResponse = inline_serializer("AnalyticsSummary", {
     "byZone": inline_serializer("ZoneEconomics", {
         "zoneId": serializers.UUIDField(allow_null=True), "zoneName": serializers.CharField(allow_null=True),
         "deliveries": serializers.IntegerField(), "revenue": serializers.FloatField(), "cost": serializers.FloatField(),
-        "margin": serializers.FloatField(), "assignmentLatencySeconds": _latency,
+        # null for the row of deliveries outside every zone (dispatch.analytics.summary)
+        "margin": serializers.FloatField(), "assignmentLatencySeconds": AssignmentLatencySerializer(allow_null=True),
     }, many=True),
 })
 
@@ -110,9 +119,9 @@ class AnalyticsSummaryView(APIView):
     permission_classes = [IsOps]
 
     @extend_schema(operation_id="analytics_summary",
-                   parameters=[OpenApiParameter("from", str, description="ISO 8601; default: 24 h before `to`"),
-                               OpenApiParameter("to", str, description="ISO 8601; default: now"),
-                               OpenApiParameter("zone", str, description="zone id")],
+                   parameters=[OpenApiParameter("from", OpenApiTypes.DATETIME, description="ISO 8601; default: 24 h before `to`"),
+                               OpenApiParameter("to", OpenApiTypes.DATETIME, description="ISO 8601; default: now"),
+                               OpenApiParameter("zone", OpenApiTypes.UUID, description="zone id")],
                    responses={200: SummaryResponse, **errors(400)}, tags=["analytics"])
     def get(self, request):
         q = SummaryQuery(data=request.query_params)

@@ -12,7 +12,7 @@ from common.exceptions import NotFound
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsDriver, IsOps, IsOpsIntegrationOrDriver, IsOpsOrDriver, IsOpsOrIntegration
 from common.roles import driver_of, is_ops
-from common.schema import errors
+from common.schema import PAGE_PARAMETERS, errors
 from dispatch import selectors, services
 from dispatch.api import serializers as s
 from dispatch.models import Delivery
@@ -33,7 +33,7 @@ class DriverListCreateView(APIView):
 
     @extend_schema(
         operation_id="drivers_list",
-        parameters=[s.DriverListQuerySerializer, OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+        parameters=[s.DriverListQuerySerializer, *PAGE_PARAMETERS],
         responses={200: paginated_schema("DriverPage", "drivers", s.DriverSerializer), **errors(400, 404)},
         tags=["drivers"],
     )
@@ -79,7 +79,7 @@ class DeliveryListCreateView(APIView):
 
     @extend_schema(
         operation_id="deliveries_list",
-        parameters=[s.DeliveryListQuerySerializer, OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+        parameters=[s.DeliveryListQuerySerializer, *PAGE_PARAMETERS],
         responses={200: paginated_schema("DeliveryPage", "deliveries", s.DeliverySerializer), **errors(400)},
         tags=["deliveries"],
     )
@@ -190,7 +190,7 @@ class DeliveryAuditView(APIView):
 
     @extend_schema(
         operation_id="admin_delivery_audit",
-        parameters=[s.AuditQuerySerializer, OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+        parameters=[s.AuditQuerySerializer, *PAGE_PARAMETERS],
         responses={200: AuditResponse, **errors(400, 404)},
         tags=["audit"],
     )

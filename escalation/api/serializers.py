@@ -1,3 +1,4 @@
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from common.fields import PointField
@@ -55,8 +56,14 @@ class UnassignedSummarySerializer(serializers.Serializer):
     byFailureReason = serializers.DictField(child=serializers.IntegerField())
 
 
+@extend_schema_field({"type": "integer", "minimum": 1, "maximum": MAX_ESCALATION_LEVEL})
+class EscalationLevelField(serializers.IntegerField):
+    """The range is checked by the escalate view/service (its own message for 0 and for 4);
+    this only documents it, so a schema-valid level is never a 400 for being out of range."""
+
+
 class EscalateSerializer(serializers.Serializer):
-    level = serializers.IntegerField(help_text="1–3, above the current level.")
+    level = EscalationLevelField(help_text="1–3, above the current level.")
     reason = serializers.CharField(max_length=500)
     notes = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
 

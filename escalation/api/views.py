@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -10,11 +10,11 @@ from rest_framework.views import APIView
 from common.actors import Actor
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsOps, IsSupport
-from common.schema import errors
+from common.schema import PAGE_PARAMETERS, errors
 from escalation import selectors, services
 from escalation.api import serializers as s
 
-PAGE = [OpenApiParameter("limit", int), OpenApiParameter("cursor", str)]
+PAGE = PAGE_PARAMETERS
 
 
 def _query(serializer_class, request) -> dict:

@@ -1,5 +1,5 @@
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -8,7 +8,7 @@ from common.actors import Actor
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsDriver, IsOps, IsOpsIntegrationOrDriver, IsOpsOrDriver
 from common.roles import driver_of, is_ops
-from common.schema import errors
+from common.schema import PAGE_PARAMETERS, errors
 from dispatch.engine import delivery_dispatch
 from dispatch.selectors import delivery_get_for_user, driver_get_for_user
 from dispatch.services import delivery_reassign
@@ -17,7 +17,7 @@ from offers import selectors, services
 from offers.api import serializers as s
 
 TAGS = ["offers"]
-PAGE = [OpenApiParameter("limit", int), OpenApiParameter("cursor", str)]
+PAGE = PAGE_PARAMETERS
 
 
 class DeliveryOffersView(APIView):

@@ -1,14 +1,14 @@
 """Thin views: validate, call one service or selector, render (STYLE rule 2)."""
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common.pagination import CursorPagination
 from common.permissions import IsOps, IsOpsOrDriver
-from common.schema import errors
+from common.schema import PAGE_PARAMETERS, errors
 from dispatch.selectors import driver_get_for_user
 from zones import selectors, services
 from zones.api import serializers as s
@@ -26,7 +26,7 @@ class ZoneListCreateView(APIView):
 
     @extend_schema(
         operation_id="zones_list",
-        parameters=[OpenApiParameter("limit", int), OpenApiParameter("cursor", str)],
+        parameters=[*PAGE_PARAMETERS],
         responses={200: s.ZoneFeaturePageSerializer, **errors(400)},
         tags=TAGS,
     )
