@@ -26,11 +26,11 @@ class DriverConsumer(RelayConsumer):
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.deny(CLOSE_UNAUTHENTICATED)
             return
         driver = await _own_driver(user, self.scope["url_route"]["kwargs"]["driver_id"])
         if driver is None:
-            await self.close(code=CLOSE_FORBIDDEN)
+            await self.deny(CLOSE_FORBIDDEN)
             return
         await self.accept()
         await self.join([driver_group(driver.pk)])

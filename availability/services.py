@@ -10,6 +10,8 @@ from availability import events, geo
 from availability.models import DriverAvailabilityHistory
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group
+from rest_framework.exceptions import PermissionDenied
+
 from common.exceptions import Conflict, NotFound
 from dispatch.models import Driver, DriverAvailability as A
 
@@ -59,7 +61,8 @@ def apply_availability_change(
     from_state = driver.availability
     if not transition_allowed(from_state, to_state, by_ops=by_ops, releasing=releasing):
         if from_state == A.PAUSED and to_state == A.AVAILABLE:
-            raise Conflict("Driver is paused; only ops can resume a paused driver.")
+            # SPEC: resume is for the driver and ops, "paused: ops only" — a permission rule.
+            raise PermissionDenied("Driver is paused; only ops can resume a paused driver.")
         if from_state == A.BUSY:
             raise Conflict(f"Driver is busy with a delivery; cannot change to {to_state}.")
         raise Conflict(f"Driver is {from_state}; cannot change to {to_state}.")

@@ -81,6 +81,13 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         else:
             logger.debug("%s dropped an event of type %s", type(self).__name__, kind)
 
+    async def deny(self, code: int) -> None:
+        """Refuse the socket with an application close code (4401, 4403). The handshake is
+        accepted first: a close before accept becomes a bare HTTP 403 at the server, and the
+        client would never see the code."""
+        await self.accept()
+        await self.close(code=code)
+
     async def relay(self, message):
         await self.send_json(message["event"])
 

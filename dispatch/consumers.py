@@ -23,10 +23,10 @@ class OpsConsumer(RelayConsumer):
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.deny(CLOSE_UNAUTHENTICATED)
             return
         if not is_ops(user):
-            await self.close(code=CLOSE_FORBIDDEN)
+            await self.deny(CLOSE_FORBIDDEN)
             return
         await self.accept()
         await self.join([OPS_GROUP])
@@ -53,7 +53,7 @@ class TrackingConsumer(RelayConsumer):
             delivery_id=delivery_id, token=query_param(self.scope, "token")
         )
         if delivery is None:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.deny(CLOSE_UNAUTHENTICATED)
             return
         self.delivery_id = delivery.pk
         await self.accept()

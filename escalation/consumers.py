@@ -18,10 +18,10 @@ class SupportConsumer(RelayConsumer):
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self.deny(CLOSE_UNAUTHENTICATED)
             return
         if not await _is_support(user):
-            await self.close(code=CLOSE_FORBIDDEN)
+            await self.deny(CLOSE_FORBIDDEN)
             return
         await self.accept()
         await self.join([SUPPORT_EVENTS_GROUP])

@@ -216,16 +216,17 @@ def _offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime) -> Accept
     offer.accepted_at = now
     offer.driver_response_time_ms = response_ms
     offer.save(update_fields=["status", "accepted_at", "driver_response_time_ms"])
+    # The timeline reads: driver_accepted, then driver_assigned (written by assignment_create,
+    # with the assignment's id).
+    audit_record(
+        delivery=delivery, event_type=E.DRIVER_ACCEPTED, actor=actor, now=now,
+        details={"offerId": str(offer.pk), "driverId": str(driver_id), "responseTimeMs": response_ms},
+    )
     assignment = assignment_create(
         delivery_id=delivery.pk, driver_id=driver_id, actor=actor, now=now, details={"offerId": str(offer.pk)}
     )
     Delivery.objects.filter(pk=delivery.pk).update(
         current_offer=None, accepted_offer=offer, offer_acceptance_count=F("offer_acceptance_count") + 1
-    )
-    audit_record(
-        delivery=delivery, event_type=E.DRIVER_ACCEPTED, actor=actor, now=now,
-        details={"offerId": str(offer.pk), "driverId": str(driver_id), "responseTimeMs": response_ms,
-                 "assignmentId": str(assignment.pk)},
     )
     unassigned_resolve(delivery=delivery, now=now)
     performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)

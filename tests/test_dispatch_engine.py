@@ -294,6 +294,6 @@ def test_the_whole_offer_lifecycle_over_the_api(ops, integration):
     assert driver.availability == "available"
     trail = [e["eventType"] for e in ops.get(f"/v2/admin/deliveries/{created['id']}/audit").json()["events"]]
     assert trail == [
-        "created", "assignment_started", "driver_candidates_found", "driver_offer_sent", "driver_assigned",
-        "driver_accepted", "pickup_started", "pickup_completed", "delivery_started", "delivery_completed",
+        "created", "assignment_started", "driver_candidates_found", "driver_offer_sent", "driver_accepted",
+        "driver_assigned", "pickup_started", "pickup_completed", "delivery_started", "delivery_completed",
     ]

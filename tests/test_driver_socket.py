@@ -10,6 +10,7 @@ from common.actors import Actor
 from config.asgi import application
 from tests.factories import DriverFactory, OpsUserFactory
 from tests.typecheck import assert_event_shape
+from tests.sockets import refusal
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -54,6 +55,6 @@ def test_driver_socket_refuses_bad_tokens_and_other_drivers():
             (f"/ws/drivers/not-a-uuid/?token={driver.user.auth_token.key}", 4403),
         ):
             comm = WebsocketCommunicator(application, path)
-            assert await comm.connect() == (False, code), path
+            assert await refusal(comm) == code, path
 
     async_to_sync(scenario)()

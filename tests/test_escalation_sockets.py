@@ -16,6 +16,7 @@ from escalation.models import SupportTicket
 from escalation.services import escalation_check, ticket_take
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, SupportUserFactory
 from tests.typecheck import assert_event_shape
+from tests.sockets import refusal
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -71,12 +72,10 @@ def test_the_support_socket_is_for_support_agents_and_staff_only():
 
     async def scenario():
         anon = WebsocketCommunicator(application, "/ws/support/")
-        connected, code = await anon.connect()
-        assert not connected and code == 4401
+        assert await refusal(anon) == 4401
 
         as_driver = WebsocketCommunicator(application, f"/ws/support/?token={driver.user.auth_token.key}")
-        connected, code = await as_driver.connect()
-        assert not connected and code == 4403
+        assert await refusal(as_driver) == 4403
 
         as_staff = WebsocketCommunicator(application, f"/ws/support/?token={staff.auth_token.key}")
         connected, _ = await as_staff.connect()
@@ -86,7 +85,6 @@ def test_the_support_socket_is_for_support_agents_and_staff_only():
         # a support agent without staff may not use the ops socket
         agent = await database_sync_to_async(SupportUserFactory)()
         ops = WebsocketCommunicator(application, f"/ws/ops/?token={agent.auth_token.key}")
-        connected, code = await ops.connect()
-        assert not connected and code == 4403
+        assert await refusal(ops) == 4403
 
     async_to_sync(scenario)()

@@ -13,6 +13,7 @@ from dispatch import events
 from dispatch.services import DeliveryInput, assignment_create, delivery_cancel, delivery_create
 from tests.factories import DriverFactory, OpsUserFactory
 from tests.typecheck import assert_event_shape
+from tests.sockets import refusal
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -101,10 +102,9 @@ def test_sockets_without_a_valid_token_close_4401_and_non_staff_4403(integration
     async def scenario():
         for path in ("/ws/ops/", "/ws/ops/?token=nope"):
             comm = connect(path)
-            connected, code = await comm.connect()
-            assert (connected, code) == (False, 4401), path
+            assert await refusal(comm) == 4401, path
         comm = connect(f"/ws/ops/?token={integration_user.auth_token.key}")
-        assert await comm.connect() == (False, 4403)
+        assert await refusal(comm) == 4403
 
     async_to_sync(scenario)()
 

@@ -18,6 +18,7 @@ from dispatch.tracking import DeliverySnapshotMessage, DeliveryStatusUpdatedMess
 from tests.conftest import client_for
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, km_north
 from tests.typecheck import assert_event_shape
+from tests.sockets import refusal
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -52,7 +53,7 @@ def test_bad_links_are_closed_with_4401_and_no_hint():
             f"/ws/track/{delivery.pk}/?token={'x' * 500}",
         ):
             comm = WebsocketCommunicator(application, path)
-            assert await comm.connect() == (False, 4401), path
+            assert await refusal(comm) == 4401, path
 
     async_to_sync(scenario)()
 

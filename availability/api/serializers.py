@@ -68,7 +68,10 @@ class LocationSerializer(serializers.Serializer):
     lat = JsonNumberField(min_value=-90, max_value=90)
     lon = JsonNumberField(min_value=-180, max_value=180)
     accuracyMeters = JsonNumberField(min_value=0, max_value=100_000, required=False, allow_null=True)
-    speed = JsonNumberField(min_value=0, max_value=150, required=False, allow_null=True)
+    speed = JsonNumberField(
+        min_value=0, max_value=150, required=False, allow_null=True,
+        help_text="metres per second, as phones report it (the customer's socket shows km/h)",
+    )
     heading = JsonNumberField(min_value=0, required=False, allow_null=True)
     recordedAt = serializers.DateTimeField(required=False)
 
