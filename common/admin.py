@@ -7,3 +7,21 @@ from common.models import User
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
     list_filter = ("is_staff", "is_active", "groups")
+
+
+def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None) -> list:
+    """Admin actions call a service per selected row (in primary-key order, the lock order):
+    a row the service refuses (409/404/400...) is reported and skipped, the rest go on.
+    Returns the services' results; `done(results)` gives the summary message, if any."""
+    from django.contrib import messages
+    from rest_framework.exceptions import APIException
+
+    results = []
+    for obj in queryset.order_by("pk"):
+        try:
+            results.append(action(obj))
+        except APIException as exc:
+            modeladmin.message_user(request, f"{label(obj)}: {exc.detail}", messages.WARNING)
+    if done is not None and results:
+        modeladmin.message_user(request, done(results), messages.SUCCESS)
+    return results

@@ -8,7 +8,7 @@ from audit.models import DeliveryAuditLog
 from availability.models import DriverAvailabilityHistory
 from availability.services import availability_override
 from common.actors import Actor
-from common.exceptions import Conflict, NotFound
+from common.admin import run_for_each
 from offers.admin import OfferInline
 from dispatch import services
 from dispatch.models import (
@@ -153,18 +153,16 @@ class DriverAdmin(GISModelAdmin):
     def set_availability(self, request, queryset):
         form = SetAvailabilityForm(request.POST if "apply" in request.POST else None)
         if "apply" in request.POST and form.is_valid():
-            done = 0
-            for driver in queryset.order_by("pk"):
-                try:
-                    availability_override(
-                        driver_id=driver.pk, to_state=form.cleaned_data["state"], reason=form.cleaned_data["reason"],
-                        duration_minutes=form.cleaned_data["duration_minutes"], actor=Actor.for_user(request.user),
-                    )
-                    done += 1
-                except (Conflict, NotFound) as exc:
-                    self.message_user(request, f"{driver.name}: {exc.detail}", messages.WARNING)
-            if done:
-                self.message_user(request, f"Availability set for {done} drivers.", messages.SUCCESS)
+            v = form.cleaned_data
+            run_for_each(
+                self, request, queryset,
+                lambda driver: availability_override(
+                    driver_id=driver.pk, to_state=v["state"], reason=v["reason"],
+                    duration_minutes=v["duration_minutes"], actor=Actor.for_user(request.user),
+                ),
+                label=lambda driver: driver.name,
+                done=lambda results: f"Availability set for {len(results)} drivers.",
+            )
             return None
         return TemplateResponse(
             request, "admin/dispatch/driver/set_availability.html",
@@ -194,38 +192,31 @@ class DeliveryAdmin(GISModelAdmin):
     def dispatch_now(self, request, queryset):
         from dispatch.engine import delivery_dispatch
 
-        for delivery in queryset.order_by("pk"):
-            try:
-                result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.for_user(request.user), strict=True)
-            except (Conflict, NotFound) as exc:
-                self.message_user(request, f"{delivery.seller_order_id}: {exc.detail}", messages.WARNING)
-                continue
+        def dispatch(delivery):
+            result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.for_user(request.user), strict=True)
             text = f"offered to driver {result.offer.driver_id}" if result.offer else f"unassigned ({result.failure_reason})"
             self.message_user(request, f"{delivery.seller_order_id}: {text}", messages.INFO)
 
+        run_for_each(self, request, queryset, dispatch, label=lambda d: d.seller_order_id)
+
     @admin.action(description="Reassign selected deliveries to another driver (reason: reassigned by ops)")
     def reassign_deliveries(self, request, queryset):
-        for delivery in queryset.order_by("pk"):
-            try:
-                previous, result = services.delivery_reassign(
-                    delivery_id=delivery.pk, reason="reassigned by ops", actor=Actor.for_user(request.user)
-                )
-            except (Conflict, NotFound) as exc:
-                self.message_user(request, f"{delivery.seller_order_id}: {exc.detail}", messages.WARNING)
-                continue
+        def reassign(delivery):
+            previous, result = services.delivery_reassign(
+                delivery_id=delivery.pk, reason="reassigned by ops", actor=Actor.for_user(request.user)
+            )
             self.message_user(request, f"{delivery.seller_order_id}: taken from {previous}, {result.outcome}", messages.INFO)
+
+        run_for_each(self, request, queryset, reassign, label=lambda d: d.seller_order_id)
 
     @admin.action(description="Cancel selected deliveries (reason: cancelled by ops)")
     def cancel_deliveries(self, request, queryset):
-        done = 0
-        for delivery in queryset.order_by("pk"):
-            try:
-                services.delivery_cancel(delivery_id=delivery.pk, reason="cancelled by ops", actor=Actor.for_user(request.user))
-                done += 1
-            except (Conflict, NotFound) as exc:
-                self.message_user(request, f"{delivery.seller_order_id}: {exc.detail}", messages.WARNING)
-        if done:
-            self.message_user(request, f"Cancelled {done} deliveries.", messages.SUCCESS)
+        run_for_each(
+            self, request, queryset,
+            lambda d: services.delivery_cancel(delivery_id=d.pk, reason="cancelled by ops", actor=Actor.for_user(request.user)),
+            label=lambda d: d.seller_order_id,
+            done=lambda results: f"Cancelled {len(results)} deliveries.",
+        )
 
 
 @admin.register(Assignment)

@@ -250,7 +250,12 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
     rows = list(
         UnassignedOrder.objects.filter(
             resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True
-        ).order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
+        )
+        # A delivery created with autoDispatch false and never dispatched is recorded by the
+        # escalation check (reason "unassigned") to alert ops; retrying it here would dispatch
+        # it against the seller's choice. Once dispatch has been tried it has a real reason.
+        .exclude(failure_reason=FailureReason.UNASSIGNED)
+        .order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
     )
     offered = 0
     for delivery_id, level in rows:

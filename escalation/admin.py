@@ -6,6 +6,7 @@ from django.template.response import TemplateResponse
 from rest_framework.exceptions import APIException
 
 from common.actors import Actor
+from common.admin import run_for_each
 from escalation import services
 from escalation.models import MAX_ESCALATION_LEVEL, SupportTicket, TicketComment, UnassignedOrder
 
@@ -58,18 +59,16 @@ class UnassignedOrderAdmin(ReadOnlyAdmin):
     def escalate(self, request, queryset):
         form = EscalateForm(request.POST if "apply" in request.POST else None)
         if "apply" in request.POST and form.is_valid():
-            done = 0
-            for record in queryset.order_by("pk"):
-                try:
-                    services.unassigned_escalate(
-                        record_id=record.pk, level=form.cleaned_data["level"], reason=form.cleaned_data["reason"],
-                        notes=form.cleaned_data["notes"], actor=Actor.for_user(request.user), user=request.user,
-                    )
-                    done += 1
-                except APIException as exc:
-                    self.message_user(request, f"{record.seller_order_id}: {exc.detail}", messages.WARNING)
-            if done:
-                self.message_user(request, f"Escalated {done} unassigned order{'s' if done != 1 else ''}.", messages.SUCCESS)
+            v = form.cleaned_data
+            run_for_each(
+                self, request, queryset,
+                lambda record: services.unassigned_escalate(
+                    record_id=record.pk, level=v["level"], reason=v["reason"], notes=v["notes"],
+                    actor=Actor.for_user(request.user), user=request.user,
+                ),
+                label=lambda record: record.seller_order_id,
+                done=lambda r: f"Escalated {len(r)} unassigned order{'s' if len(r) != 1 else ''}.",
+            )
             return None
         return TemplateResponse(
             request, "admin/escalation/unassignedorder/escalate.html",

@@ -108,3 +108,26 @@ def test_dispatch_now_and_expire_actions_go_through_the_services(admin_client):
     first.refresh_from_db()
     assert first.status == "EXPIRED"
     assert DriverOffer.objects.get(delivery=delivery, status="PENDING").driver_id == b.pk
+
+
+def test_reassign_action_takes_the_delivery_from_its_driver_and_reports_refusals(admin_client):
+    from offers import services as offers
+    from tests.factories import online_driver
+
+    a, b = online_driver(km=0.5), online_driver(km=1.0)
+    delivery = DeliveryFactory()
+    offer = offers.offer_create(delivery_id=delivery.pk, driver_id=a.pk, actor=Actor.system())
+    offers.offer_accept(offer_id=offer.pk, driver_id=a.pk, actor=Actor("driver", a.pk))
+    ready = DeliveryFactory()
+
+    r = admin_client.post(
+        "/admin/dispatch/delivery/",
+        {"action": "reassign_deliveries", "_selected_action": [str(delivery.pk), str(ready.pk)]}, follow=True,
+    )
+
+    delivery.refresh_from_db()
+    a.refresh_from_db()
+    assert delivery.status == "ready" and a.availability == "available"
+    assert delivery.current_offer.driver_id == b.pk
+    assert f"taken from {a.pk}".encode() in r.content
+    assert b"only an assigned delivery" in r.content  # the ready one was refused, reported

@@ -297,3 +297,18 @@ def test_the_whole_offer_lifecycle_over_the_api(ops, integration):
         "created", "assignment_started", "driver_candidates_found", "driver_offer_sent", "driver_accepted",
         "driver_assigned", "pickup_started", "pickup_completed", "delivery_started", "delivery_completed",
     ]
+
+
+def test_the_retry_job_leaves_deliveries_that_were_never_dispatched_to_ops():
+    from escalation.services import escalation_check
+
+    online_driver(km=0.5)
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        manual = DeliveryFactory(ready_at=timezone.now())  # autoDispatch false: nobody dispatched it
+        t.shift(timedelta(minutes=6))
+        escalation_check()  # ops are alerted about it
+        record = UnassignedOrder.objects.get(delivery=manual)
+        assert record.failure_reason == "unassigned"
+        assert unassigned_retry() == 0
+
+    assert pending(manual) is None

@@ -139,6 +139,7 @@ class TestSupportQueueRefreshesLive(ChannelsLiveServerTestCase):
         settings.DATABASES["default"]["TEST"]["NAME"] = cls._saved_test_name
 
     def test_a_new_ticket_appears_in_an_open_queue_without_a_reload(self):
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
@@ -147,7 +148,9 @@ class TestSupportQueueRefreshesLive(ChannelsLiveServerTestCase):
         agent.save()
         browser = make_browser()
         try:
-            wait = WebDriverWait(browser, 20)
+            # The table is re-rendered once per event (escalated, ticket created): an element
+            # read a moment ago may already be replaced.
+            wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
             _login(browser, self.live_server_url, wait)
             body = browser.find_element(By.TAG_NAME, "body")
             wait.until(lambda d: body.get_attribute("data-live-state") == "live")
@@ -157,8 +160,10 @@ class TestSupportQueueRefreshesLive(ChannelsLiveServerTestCase):
             ticket = ticket_for(6, "ORD-LIVE")  # committed: the events go out
 
             wait.until(lambda d: "ORD-LIVE" in d.find_element(By.ID, "queue-table").text)
-            row = browser.find_element(By.CSS_SELECTOR, f'tr[data-ticket-id="{ticket.pk}"]')
-            assert "High" in row.text and "L1" in row.text
+            row_text = wait.until(
+                lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-ticket-id="{ticket.pk}"]').text or None
+            )
+            assert "High" in row_text and "L1" in row_text
             assert browser.execute_script("return window.__sameDocument === true;")  # not a reload
             assert body.get_attribute("data-live-refreshed")
         finally:
