@@ -32,8 +32,7 @@ class DriverConsumer(RelayConsumer):
         if driver is None:
             await self.deny(CLOSE_FORBIDDEN)
             return
-        await self.accept()
-        await self.join([driver_group(driver.pk)])
+        await self.join_and_accept([driver_group(driver.pk)])
         await self.send_json({
             "type": "availability_snapshot",
             "driverId": str(driver.pk),

@@ -91,10 +91,14 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
     async def relay(self, message):
         await self.send_json(message["event"])
 
-    async def join(self, groups: list[str]) -> None:
+    async def join_and_accept(self, groups: list[str]) -> None:
+        """Join the groups, then accept. In this order an event committed after the client
+        sees the socket open always reaches it; accepting first leaves a window in which the
+        client believes it is live while the group does not yet hold this channel."""
         self.groups_to_join = groups
         for group in groups:
             await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
 
     async def disconnect(self, code):
         for group in getattr(self, "groups_to_join", []):

@@ -28,8 +28,7 @@ class OpsConsumer(RelayConsumer):
         if not is_ops(user):
             await self.deny(CLOSE_FORBIDDEN)
             return
-        await self.accept()
-        await self.join([OPS_GROUP])
+        await self.join_and_accept([OPS_GROUP])
 
 
 class TrackingConsumer(RelayConsumer):
@@ -56,9 +55,8 @@ class TrackingConsumer(RelayConsumer):
             await self.deny(CLOSE_UNAUTHENTICATED)
             return
         self.delivery_id = delivery.pk
-        await self.accept()
         # Join first, then read: a change committed in between is sent after the snapshot.
-        await self.join([delivery_group(delivery.pk)])
+        await self.join_and_accept([delivery_group(delivery.pk)])
         await self._send_status("delivery_snapshot")
 
     async def dispatch(self, message):

@@ -23,8 +23,7 @@ class SupportConsumer(RelayConsumer):
         if not await _is_support(user):
             await self.deny(CLOSE_FORBIDDEN)
             return
-        await self.accept()
-        await self.join([SUPPORT_EVENTS_GROUP])
+        await self.join_and_accept([SUPPORT_EVENTS_GROUP])
 
 
 @database_sync_to_async

@@ -2,6 +2,10 @@
 // or ticket event arrives, re-fetch this page and swap in its live regions
 // ([data-live-region] elements, matched by id). Forms are outside the regions, so nothing an
 // agent is typing is lost. Reconnects with backoff; the status pill shows the state.
+// Every (re)open re-fetches too: whatever happened while the socket was down, or between the
+// page being rendered and the socket joining its groups, is on the page once it says "live".
+// Regions are rendered by the server per ticket, so a refresh never shows a ticket twice; a
+// response older than one already applied is dropped.
 (function () {
   "use strict";
   var body = document.body;
@@ -12,6 +16,8 @@
   var pill = document.getElementById("live-status");
   var retry = 1000;
   var timer = null;
+  var requested = 0;  // sequence of refreshes asked for
+  var applied = 0;    // the newest one swapped in
 
   function state(name, text) {
     body.setAttribute("data-live-state", name);
@@ -29,9 +35,12 @@
   }
 
   function refresh() {
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Requested-With": "support-live" } })
+    var seq = ++requested;
+    return fetch(window.location.href, { credentials: "same-origin", headers: { "X-Requested-With": "support-live" } })
       .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
       .then(function (html) {
+        if (seq < applied) return;  // a newer refresh landed first
+        applied = seq;
         var doc = new DOMParser().parseFromString(html, "text/html");
         document.querySelectorAll("[data-live-region]").forEach(function (region) {
           var fresh = doc.getElementById(region.id);
@@ -39,14 +48,21 @@
         });
         body.setAttribute("data-live-refreshed", String(Date.now()));
       })
-      .catch(function () { /* the next event tries again */ });
+      .catch(function () { /* the next event or reconnect tries again */ });
   }
 
   function connect() {
     state("connecting", "connecting…");
     var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     var socket = new WebSocket(scheme + window.location.host + path);
-    socket.onopen = function () { retry = 1000; state("live", "live"); };
+    socket.onopen = function () {
+      retry = 1000;
+      clearTimeout(timer);
+      // "live" once the page holds everything up to the moment the socket opened.
+      refresh().then(function () {
+        if (socket.readyState === WebSocket.OPEN) state("live", "live");
+      });
+    };
     socket.onmessage = function (message) {
       var event;
       try { event = JSON.parse(message.data); } catch (e) { return; }
