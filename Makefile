@@ -23,8 +23,10 @@ run: migrate
 	rm -rf var/prometheus && mkdir -p var/prometheus
 	HTTP_PORT=$(PORT) PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus exec .venv/bin/honcho start -f Procfile
 
-# pytest-django creates its own test database, so no migrate here.
+# pytest-django creates its own test database, so no migrate here. The import contracts
+# (.importlinter, docs/architecture.md) are checked first: a broken layer fails the run.
 test: setup
+	.venv/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

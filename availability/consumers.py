@@ -1,12 +1,11 @@
 from channels.db import database_sync_to_async
 
 from availability import events as availability_events
-from offers import events as offer_events
-
 from common.broadcast import driver_group
 from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer
 from common.errors import iso
 from common.roles import driver_of
+from offers import events as offer_events
 
 
 @database_sync_to_async

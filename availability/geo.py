@@ -20,8 +20,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from availability.models import Driver, DriverAvailability
 from common.redis import RedisUnavailable, get_redis
-from dispatch.models import Driver, DriverAvailability
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,88 @@
+"""Driver state: the driver, its availability state machine, its location and history."""
 import uuid
 
-from django.db import models
+from django.conf import settings
+from django.contrib.gis.db import models
+from django.db.models import Q
 
-from dispatch.models import ActorType, DriverAvailability
+
+class DriverAvailability(models.TextChoices):
+    AVAILABLE = "available"
+    BUSY = "busy"
+    ON_BREAK = "on_break"
+    SHIFT_ENDED = "shift_ended"
+    OFFLINE = "offline"
+    PAUSED = "paused"
+
+
+# What ops may set by hand: everything but busy (a driver becomes busy only by accepting work).
+SETTABLE_AVAILABILITY_CHOICES = [c for c in DriverAvailability.choices if c[0] != DriverAvailability.BUSY]
+
+
+class VehicleType(models.TextChoices):
+    CAR = "car"
+    MOTORBIKE = "motorbike"
+    SCOOTER = "scooter"
+    BICYCLE = "bicycle"
+    VAN = "van"
+    WALKING = "walking"
+
+
+class ActorType(models.TextChoices):
+    DRIVER = "driver"
+    ADMIN = "admin"
+    INTEGRATION = "integration"
+    SUPPORT = "support"
+    SYSTEM = "system"
+
+
+class Driver(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="driver")
+    name = models.CharField(max_length=200)
+    phone = models.CharField(max_length=32)
+    vehicle = models.CharField(max_length=200, help_text="As shown to customers, e.g. 'Honda Civic, Blue'.")
+    vehicle_type = models.CharField(max_length=20, choices=VehicleType.choices, default=VehicleType.CAR)
+    rating = models.DecimalField(max_digits=3, decimal_places=2, default=5)
+
+    availability = models.CharField(
+        max_length=20, choices=DriverAvailability.choices, default=DriverAvailability.OFFLINE, db_index=True
+    )
+    availability_until = models.DateTimeField(null=True, blank=True)
+    availability_reason = models.CharField(max_length=255, blank=True, default="")
+    last_availability_change = models.DateTimeField(null=True, blank=True)
+    availability_change_actor = models.UUIDField(null=True, blank=True)
+    availability_change_actor_type = models.CharField(max_length=20, choices=ActorType.choices, blank=True, default="")
+
+    location = models.PointField(geography=True, srid=4326, null=True, blank=True)
+    location_accuracy_m = models.FloatField(null=True, blank=True)
+    location_speed = models.FloatField(null=True, blank=True, help_text="m/s")
+    location_heading = models.FloatField(null=True, blank=True, help_text="degrees, 0-360")
+    location_recorded_at = models.DateTimeField(null=True, blank=True)
+    home_location = models.PointField(geography=True, srid=4326, null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "dispatch_driver"  # created by the dispatch app; the table kept its name
+        ordering = ["name"]
+        indexes = [
+            models.Index(fields=["created_at"], name="driver_created_idx"),
+            models.Index(
+                fields=["location_recorded_at"],
+                name="driver_available_fix_idx",
+                condition=Q(availability="available"),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class DriverAvailabilityHistory(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    driver = models.ForeignKey("dispatch.Driver", on_delete=models.PROTECT, related_name="availability_history")
+    driver = models.ForeignKey(Driver, on_delete=models.PROTECT, related_name="availability_history")
     from_state = models.CharField(max_length=20, choices=DriverAvailability.choices)
     to_state = models.CharField(max_length=20, choices=DriverAvailability.choices)
     reason = models.CharField(max_length=255, blank=True, default="")

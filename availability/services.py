@@ -1,19 +1,28 @@
-"""The only way a driver's availability changes, whoever asks (SPEC "Driver availability")."""
+"""Driver state: creating drivers, the availability state machine, location fixes.
+
+`apply_availability_change` is the only way a driver's availability changes, whoever asks
+(SPEC "Driver availability"); the workflows in `workflows/drivers.py` lock the rows and
+withdraw a pending offer around it."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
 
-from django.db import transaction
+from django.contrib.auth import get_user_model
+from django.contrib.gis.geos import Point
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from availability import events, geo
-from availability.models import DriverAvailabilityHistory
+from availability.models import Driver, DriverAvailabilityHistory
+from availability.models import DriverAvailability as A
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group
-from rest_framework.exceptions import PermissionDenied
-
-from common.exceptions import Conflict, NotFound
-from dispatch.models import Driver, DriverAvailability as A
+from common.exceptions import Conflict, Forbidden
+from common.tokens import api_token_create
 
 # What drivers, jobs and the offer flow may do. busy → available is not here: it happens only
 # when the driver's assignment ends (`releasing=True`), never because someone asked.
@@ -62,7 +71,7 @@ def apply_availability_change(
     if not transition_allowed(from_state, to_state, by_ops=by_ops, releasing=releasing):
         if from_state == A.PAUSED and to_state == A.AVAILABLE:
             # SPEC: resume is for the driver and ops, "paused: ops only" — a permission rule.
-            raise PermissionDenied("Driver is paused; only ops can resume a paused driver.")
+            raise Forbidden("Driver is paused; only ops can resume a paused driver.")
         if from_state == A.BUSY:
             raise Conflict(f"Driver is busy with a delivery; cannot change to {to_state}.")
         raise Conflict(f"Driver is {from_state}; cannot change to {to_state}.")
@@ -91,78 +100,41 @@ def apply_availability_change(
     return row
 
 
+
+# ----------------------------------------------------------------------------- drivers
+
+
 @transaction.atomic
-def availability_change(
+def driver_create(
     *,
-    driver_id,
-    to_state: str,
-    reason: str,
-    actor: Actor,
-    until: datetime | None = None,
-    by_ops: bool = False,
-    now: datetime | None = None,
-) -> Driver:
-    """Lock the driver and move it to `to_state` (see apply_availability_change).
+    name: str,
+    phone: str,
+    vehicle: str,
+    vehicle_type: str = "car",
+    username: str | None = None,
+    home_location: Point | None = None,
+) -> tuple[Driver, str]:
+    """Create a driver with its own login and API token; returns (driver, token key).
 
-    Going unavailable withdraws the driver's pending offer (CANCELLED) and the delivery moves
-    to its next candidate. The offer and its delivery are locked before the driver (the lock
-    order every service follows: offer → delivery → driver).
+    A new driver is `offline` until it resumes work.
     """
-    from dispatch.engine import dispatch_locked
-    from offers.services import lock_pending_offer_of_driver, offer_cancel_locked
-
-    now = now or timezone.now()
-    withdrawing = to_state not in (A.AVAILABLE, A.BUSY)
-    offer, delivery = lock_pending_offer_of_driver(driver_id) if withdrawing else (None, None)
-    driver = Driver.objects.select_for_update(of=("self",)).filter(pk=driver_id).first()
-    if driver is None:
-        raise NotFound("Driver not found.")
-    apply_availability_change(driver, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now)
-    if offer is not None:
-        offer_cancel_locked(offer, delivery=delivery, reason=f"driver_{to_state}", actor=actor, now=now)
-        dispatch_locked(delivery, actor=Actor.system(), now=now)
-    return driver
-
-
-# ----------------------------------------------------------------- driver-facing actions
-
-
-@transaction.atomic
-def availability_take_break(*, driver_id, duration_minutes: int, reason: str, actor: Actor, now: datetime | None = None) -> Driver:
-    now = now or timezone.now()
-    return availability_change(
-        driver_id=driver_id, to_state=A.ON_BREAK, reason=reason or "break", actor=actor,
-        until=now + timedelta(minutes=duration_minutes), by_ops=actor.type == "admin", now=now,
+    User = get_user_model()
+    if username is None:
+        base = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:100] or "driver"
+        username = f"driver-{base}-{secrets.token_hex(3)}"
+    elif User.objects.filter(username=username).exists():
+        raise Conflict(f"Username {username!r} is taken.")
+    try:
+        with transaction.atomic():
+            user = User.objects.create_user(username=username)
+    except IntegrityError:
+        raise Conflict(f"Username {username!r} is taken.")
+    user.set_unusable_password()
+    user.save(update_fields=["password"])
+    driver = Driver.objects.create(
+        user=user, name=name, phone=phone, vehicle=vehicle, vehicle_type=vehicle_type, home_location=home_location
     )
-
-
-@transaction.atomic
-def availability_end_shift(*, driver_id, actor: Actor, reason: str = "shift_ended", now: datetime | None = None) -> Driver:
-    return availability_change(
-        driver_id=driver_id, to_state=A.SHIFT_ENDED, reason=reason, actor=actor, by_ops=actor.type == "admin", now=now
-    )
-
-
-@transaction.atomic
-def availability_resume(*, driver_id, actor: Actor, now: datetime | None = None) -> Driver:
-    """Back to work. A paused driver can only be resumed by ops."""
-    return availability_change(
-        driver_id=driver_id, to_state=A.AVAILABLE, reason="resumed", actor=actor, by_ops=actor.type == "admin", now=now
-    )
-
-
-@transaction.atomic
-def availability_override(
-    *, driver_id, to_state: str, reason: str, actor: Actor, duration_minutes: int | None = None, now: datetime | None = None
-) -> Driver:
-    """Ops set a driver's state (e.g. `paused`); `busy` is never set by hand."""
-    now = now or timezone.now()
-    if to_state == A.BUSY:
-        raise Conflict("A driver becomes busy only by accepting an offer.")
-    until = now + timedelta(minutes=duration_minutes) if duration_minutes else None
-    return availability_change(
-        driver_id=driver_id, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=True, now=now
-    )
+    return driver, api_token_create(user)
 
 
 # ------------------------------------------------------------------------------ jobs
@@ -194,30 +166,62 @@ def breaks_expire(*, now: datetime | None = None, batch_size: int = 500) -> int:
     return ended
 
 
-def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int = 500) -> int:
-    """Set `offline` the available drivers with no fix newer than DRIVER_STALE_AFTER_SECONDS
-    (and who have not just come online). Safe when two run at once (SKIP LOCKED)."""
-    from django.conf import settings
-    from django.db.models import Q
+# ---------------------------------------------------------------------------- location
 
+_LOCATION_UPDATE_SQL = """
+UPDATE dispatch_driver
+SET location = ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)::geography,
+    location_accuracy_m = %(accuracy)s,
+    location_speed = %(speed)s,
+    location_heading = %(heading)s,
+    location_recorded_at = %(recorded_at)s,
+    updated_at = %(now)s
+WHERE id = %(id)s AND (location_recorded_at IS NULL OR location_recorded_at < %(recorded_at)s)
+RETURNING availability,
+    -- the delivery this driver is on, for its customer's tracking: one probe of the partial
+    -- unique index assignment_one_active_per_driver, no second round trip (docs/tracking.md)
+    (SELECT a.delivery_id FROM dispatch_assignment a WHERE a.driver_id = dispatch_driver.id AND a.status = 'active')
+"""
+
+
+@dataclass(frozen=True)
+class LocationResult:
+    accepted: bool
+    availability: str | None
+    active_delivery_id: uuid.UUID | None = None
+
+
+def driver_location_update(
+    *,
+    driver_id,
+    lat: float,
+    lon: float,
+    recorded_at: datetime,
+    accuracy_m: float | None = None,
+    speed: float | None = None,
+    heading: float | None = None,
+    now: datetime | None = None,
+) -> LocationResult:
+    """Store a driver's fix: one conditional UPDATE, so two fixes racing can never move the
+    driver back in time; a fix not newer than the stored one is ignored. No audit row per fix.
+    The GEO index is updated after commit; the result names the delivery the driver is on,
+    for its customer's tracking (the workflow hands the fix on)."""
     now = now or timezone.now()
-    cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
-    stale = Q(location_recorded_at__lt=cutoff) | Q(location_recorded_at__isnull=True)
-    settled = Q(last_availability_change__lt=cutoff) | Q(last_availability_change__isnull=True)
-    ids = list(
-        Driver.objects.filter(stale, settled, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)[:batch_size]
-    )
-    changed = 0
-    for driver_id in ids:
-        # Each driver in its own transaction, through availability_change so that a pending
-        # offer is withdrawn in lock order; re-checked first (a fix may have arrived, or another
-        # run got there first, in which case the transition is refused as a no-op).
-        with transaction.atomic():
-            if not Driver.objects.filter(stale, settled, pk=driver_id, availability=A.AVAILABLE).exists():
-                continue
-            try:
-                availability_change(driver_id=driver_id, to_state=A.OFFLINE, reason="stale_location", actor=Actor.system(), now=now)
-            except Conflict:
-                continue
-            changed += 1
-    return changed
+    with connection.cursor() as cur:
+        cur.execute(
+            _LOCATION_UPDATE_SQL,
+            {"lat": lat, "lon": lon, "accuracy": accuracy_m, "speed": speed, "heading": heading,
+             "recorded_at": recorded_at, "now": now, "id": driver_id},
+        )
+        row = cur.fetchone()
+    if row is None:
+        return LocationResult(accepted=False, availability=None)
+    availability, active_delivery_id = row
+    if availability == A.AVAILABLE:
+        transaction.on_commit(
+            lambda: geo.index_driver(
+                driver_id=driver_id, availability=availability, lat=lat, lon=lon, recorded_at=recorded_at, from_fix=True
+            ),
+            robust=True,
+        )
+    return LocationResult(accepted=True, availability=availability, active_delivery_id=active_delivery_id)

@@ -1,6 +1,7 @@
 from celery import shared_task
 
 from availability import geo, services
+from workflows import drivers as driver_workflows
 
 
 @shared_task(name="availability.expire_breaks")
@@ -10,7 +11,7 @@ def expire_breaks() -> int:
 
 @shared_task(name="availability.mark_stale_drivers_offline")
 def mark_stale_drivers_offline() -> int:
-    return services.stale_drivers_mark_offline()
+    return driver_workflows.stale_drivers_mark_offline()
 
 
 @shared_task(name="availability.reconcile_geo_index")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from common.roles import is_driver, is_integration, is_ops, is_support
+
 
 @dataclass(frozen=True)
 class Actor:
@@ -16,8 +18,6 @@ class Actor:
 
     @classmethod
     def for_user(cls, user) -> "Actor":
-        from common.roles import is_driver, is_integration, is_ops, is_support
-
         if user is None or not user.is_authenticated:
             return cls.system()
         if is_ops(user):

@@ -1,6 +1,7 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
+from common.exceptions import DomainError
 from common.models import User
 
 
@@ -13,15 +14,12 @@ def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None)
     """Admin actions call a service per selected row (in primary-key order, the lock order):
     a row the service refuses (409/404/400...) is reported and skipped, the rest go on.
     Returns the services' results; `done(results)` gives the summary message, if any."""
-    from django.contrib import messages
-    from rest_framework.exceptions import APIException
-
     results = []
     for obj in queryset.order_by("pk"):
         try:
             results.append(action(obj))
-        except APIException as exc:
-            modeladmin.message_user(request, f"{label(obj)}: {exc.detail}", messages.WARNING)
+        except DomainError as exc:
+            modeladmin.message_user(request, f"{label(obj)}: {exc.message}", messages.WARNING)
     if done is not None and results:
         modeladmin.message_user(request, done(results), messages.SUCCESS)
     return results

@@ -5,6 +5,7 @@ import logging
 from typing import Any, Iterable, Mapping
 
 from asgiref.sync import async_to_sync
+from celery import current_app
 from channels.layers import get_channel_layer
 from django.db import transaction
 
@@ -41,13 +42,24 @@ def broadcast_on_commit(groups: Iterable[str], event: Mapping[str, Any]) -> None
     transaction.on_commit(lambda: send_now(groups, payload), robust=True)
 
 
-def enqueue_on_commit(task, *args, **kwargs) -> None:
-    """`task.apply_async(args, **kwargs)` after commit; a broker failure is logged."""
+def enqueue_task_on_commit(name: str, *args, **options) -> None:
+    """Enqueue the registered Celery task `name` after commit (a broker failure is logged).
+
+    By name, so a lower layer can schedule work whose task lives in an interface module
+    (tasks call workflows; workflows and services schedule tasks) without importing it."""
 
     def _send():
         try:
-            task.apply_async(args=args, **kwargs)
+            _registered_task(name).apply_async(args=args, **options)
         except Exception:
-            logger.warning("enqueue of %s failed", getattr(task, "name", task), exc_info=True)
+            logger.warning("enqueue of %s failed", name, exc_info=True)
 
     transaction.on_commit(_send, robust=True)
+
+
+def _registered_task(name: str):
+    tasks = current_app.tasks
+    if name not in tasks:
+        # Outside a worker the apps' tasks modules load lazily: autodiscover them once.
+        current_app.loader.import_default_modules()
+    return tasks[name]

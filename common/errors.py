@@ -5,13 +5,16 @@ import logging
 from datetime import timezone as dt_timezone
 from http import HTTPStatus
 
-from django.core.exceptions import PermissionDenied, ValidationError as DjangoValidationError
+from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DatabaseError
 from django.http import Http404, JsonResponse
 from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
+
+from common.exceptions import DomainError, InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,9 @@ def _plain(detail):
 def exception_handler(exc, context):
     request = context.get("request")
     path = request.get_full_path() if request is not None else ""
-    if isinstance(exc, Http404):
+    if isinstance(exc, DomainError):
+        exc = api_exception_for(exc)
+    elif isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
@@ -101,8 +106,17 @@ def exception_handler(exc, context):
     return Response(error_body(exc.status_code, path, message, details), status=exc.status_code, headers=headers)
 
 
+def api_exception_for(exc: DomainError) -> exceptions.APIException:
+    """The one mapping of domain errors to DRF's exceptions (and so to the error body)."""
+    if isinstance(exc, InvalidInput):
+        return exceptions.ValidationError(exc.details)
+    api = exceptions.APIException(exc.message)
+    api.status_code = exc.status_code
+    return api
+
+
 def _is_unavailable(exc: DatabaseError) -> bool:
-    from django.db import OperationalError, InterfaceError
+    from django.db import InterfaceError, OperationalError
 
     return isinstance(exc, (OperationalError, InterfaceError))
 

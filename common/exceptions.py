@@ -1,21 +1,50 @@
-"""Domain exceptions raised by services; the API maps them to the SPEC's error body."""
-from rest_framework import status
-from rest_framework.exceptions import APIException
+"""Domain errors: what services raise when a request cannot be carried out.
+
+Services never import DRF; the API layer maps these to the SPEC's error body in one place
+(`common.errors.exception_handler`), and the support views and admin show `message`.
+"""
+from __future__ import annotations
 
 
-class Conflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "The resource is not in a state that allows this."
-    default_code = "conflict"
+class DomainError(Exception):
+    status_code = 400
+    default_message = "The request cannot be carried out."
+
+    def __init__(self, message: str | None = None, *, details: dict | None = None):
+        self.message = message or self.default_message
+        self.details = details
+        super().__init__(self.message)
 
 
-class NotFound(APIException):
-    status_code = status.HTTP_404_NOT_FOUND
-    default_detail = "Not found."
-    default_code = "not_found"
+class InvalidInput(DomainError):
+    """Bad input found by a service (a 400); `details` maps fields to their messages."""
+
+    status_code = 400
+    default_message = "Invalid input."
+
+    def __init__(self, details: dict[str, list[str]] | str, message: str | None = None):
+        if isinstance(details, str):
+            details = {"non_field_errors": [details]}
+        flat = "; ".join(f"{field}: {' '.join(msgs)}" if field != "non_field_errors" else " ".join(msgs)
+                         for field, msgs in details.items())
+        super().__init__(message or flat, details=details)
 
 
-class ServiceUnavailable(APIException):
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    default_detail = "A backing service is unavailable."
-    default_code = "service_unavailable"
+class Forbidden(DomainError):
+    status_code = 403
+    default_message = "You do not have permission to perform this action."
+
+
+class NotFound(DomainError):
+    status_code = 404
+    default_message = "Not found."
+
+
+class Conflict(DomainError):
+    status_code = 409
+    default_message = "The resource is not in a state that allows this."
+
+
+class ServiceUnavailable(DomainError):
+    status_code = 503
+    default_message = "A backing service is unavailable."

@@ -1,8 +1,9 @@
 from django.urls import path
 
 from availability.consumers import DriverConsumer
-from dispatch.consumers import OpsConsumer, TrackingConsumer
+from dispatch.consumers import OpsConsumer
 from escalation.consumers import SupportConsumer
+from tracking.consumers import TrackingConsumer
 
 websocket_urlpatterns = [
     path("ws/ops/", OpsConsumer.as_asgi()),

@@ -2,14 +2,14 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from analytics.admin import analytics_page
+from analytics.api import views as analytics_views
 from availability.api import views as availability_views
 from common.views import AuthTokenView, health, prometheus_metrics
-from offers.api import views as offer_views
-from dispatch.admin_views import analytics_page
-from dispatch.api import analytics as analytics_views
-from dispatch.api import tracking as tracking_views
 from dispatch.api import views as dispatch_views
 from escalation.api import views as escalation_views
+from offers.api import views as offer_views
+from tracking.api import views as tracking_views
 from zones.api import views as zone_views
 
 api = [

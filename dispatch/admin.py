@@ -4,22 +4,21 @@ from django.contrib import admin, messages
 from django.contrib.gis.admin import GISModelAdmin
 from django.template.response import TemplateResponse
 
+from analytics.models import DeliveryCost, DeliveryRevenue
 from audit.models import DeliveryAuditLog
-from availability.models import DriverAvailabilityHistory
-from availability.services import availability_override
-from common.actors import Actor
-from common.admin import run_for_each
-from offers.admin import OfferInline
-from dispatch import services
-from dispatch.models import (
+from availability.models import (
     SETTABLE_AVAILABILITY_CHOICES,
-    Assignment,
-    Delivery,
-    DeliveryCost,
-    DeliveryRevenue,
     Driver,
     DriverAvailability,
+    DriverAvailabilityHistory,
 )
+from common.actors import Actor
+from common.admin import run_for_each
+from dispatch.models import Assignment, Delivery
+from offers.admin import OfferInline
+from workflows import deliveries
+from workflows.dispatching import delivery_dispatch
+from workflows.drivers import availability_override
 from zones.admin import DriverZonePreferenceInline
 
 
@@ -190,7 +189,6 @@ class DeliveryAdmin(GISModelAdmin):
 
     @admin.action(description="Dispatch selected ready deliveries now")
     def dispatch_now(self, request, queryset):
-        from dispatch.engine import delivery_dispatch
 
         def dispatch(delivery):
             result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.for_user(request.user), strict=True)
@@ -202,7 +200,7 @@ class DeliveryAdmin(GISModelAdmin):
     @admin.action(description="Reassign selected deliveries to another driver (reason: reassigned by ops)")
     def reassign_deliveries(self, request, queryset):
         def reassign(delivery):
-            previous, result = services.delivery_reassign(
+            previous, result = deliveries.delivery_reassign(
                 delivery_id=delivery.pk, reason="reassigned by ops", actor=Actor.for_user(request.user)
             )
             self.message_user(request, f"{delivery.seller_order_id}: taken from {previous}, {result.outcome}", messages.INFO)
@@ -213,7 +211,7 @@ class DeliveryAdmin(GISModelAdmin):
     def cancel_deliveries(self, request, queryset):
         run_for_each(
             self, request, queryset,
-            lambda d: services.delivery_cancel(delivery_id=d.pk, reason="cancelled by ops", actor=Actor.for_user(request.user)),
+            lambda d: deliveries.delivery_cancel(delivery_id=d.pk, reason="cancelled by ops", actor=Actor.for_user(request.user)),
             label=lambda d: d.seller_order_id,
             done=lambda results: f"Cancelled {len(results)} deliveries.",
         )

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-from channels.db import database_sync_to_async
-
+from analytics import events as analytics_events
 from availability import events as availability_events
-from common.broadcast import OPS_GROUP, delivery_group
-from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer, query_param
+from common.broadcast import OPS_GROUP
+from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer
 from common.roles import is_ops
 from dispatch import events as dispatch_events
 from escalation import events as escalation_events
 from offers import events as offer_events
+from tracking import events as tracking_events
 from zones import events as zone_events
 
 
@@ -17,7 +17,8 @@ class OpsConsumer(RelayConsumer):
 
     relays = frozenset(
         dispatch_events.EVENT_TYPES + availability_events.EVENT_TYPES + offer_events.EVENT_TYPES
-        + zone_events.EVENT_TYPES + escalation_events.EVENT_TYPES
+        + zone_events.EVENT_TYPES + escalation_events.EVENT_TYPES + tracking_events.EVENT_TYPES
+        + analytics_events.EVENT_TYPES
     )
 
     async def connect(self):
@@ -29,60 +30,3 @@ class OpsConsumer(RelayConsumer):
             await self.deny(CLOSE_FORBIDDEN)
             return
         await self.join_and_accept([OPS_GROUP])
-
-
-class TrackingConsumer(RelayConsumer):
-    """`/ws/track/<deliveryId>/?token=<trackingToken>`: one customer watching one delivery.
-
-    A bad link closes with 4401 (no hint). On connect: a `delivery_snapshot` (the status
-    endpoint's body); then `delivery_location_updated` and `delivery_eta_updated` as relayed,
-    and on every status change a fresh `delivery_status_updated` (the status body again, read
-    after the change committed, so nothing internal such as driver ids or ops' reasons reaches
-    the customer). After a final status (delivered, failed, cancelled) it closes itself (1000).
-    Only event types with a handler here reach a customer; anything else sent to the group is
-    dropped."""
-
-    finished = False
-
-    async def connect(self):
-        from dispatch import tracking
-
-        delivery_id = self.scope["url_route"]["kwargs"]["delivery_id"]
-        delivery = await database_sync_to_async(tracking.delivery_for_tracking_link)(
-            delivery_id=delivery_id, token=query_param(self.scope, "token")
-        )
-        if delivery is None:
-            await self.deny(CLOSE_UNAUTHENTICATED)
-            return
-        self.delivery_id = delivery.pk
-        # Join first, then read: a change committed in between is sent after the snapshot.
-        await self.join_and_accept([delivery_group(delivery.pk)])
-        await self._send_status("delivery_snapshot")
-
-    async def dispatch(self, message):
-        # Location and ETA are pure relays (no database: no per-message thread hop), but
-        # nothing more reaches a customer once the delivery is finished.
-        if message.get("type") in ("delivery_location_updated", "delivery_eta_updated"):
-            if not self.finished:
-                await self.send_json(message["event"])
-            return
-        await super().dispatch(message)
-
-    async def _send_status(self, kind: str) -> None:
-        from dispatch import tracking
-
-        if self.finished:
-            return
-        body = await database_sync_to_async(tracking.tracking_update_for)(self.delivery_id, kind=kind)
-        if body is None:
-            return
-        await self.send_json(body)
-        if body["status"] in tracking.FINAL_STATUSES:
-            self.finished = True
-            await self.close(code=1000)
-
-    async def delivery_status_changed(self, message):
-        await self._send_status("delivery_status_updated")
-
-    async def delivery_cancelled(self, message):
-        await self._send_status("delivery_status_updated")

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from dispatch import engine
+from workflows import dispatching as engine
 
 
 @shared_task(name="dispatch.retry_unassigned")

@@ -1,14 +1,20 @@
 """Ops console for unassigned orders and support tickets. Records and tickets are written by
-the services only; the escalate action calls the same service as the API."""
+the services only; the escalate action calls the same workflow as the API."""
 from django import forms
 from django.contrib import admin, messages
 from django.template.response import TemplateResponse
-from rest_framework.exceptions import APIException
 
 from common.actors import Actor
 from common.admin import run_for_each
-from escalation import services
-from escalation.models import MAX_ESCALATION_LEVEL, SupportTicket, TicketComment, UnassignedOrder
+from common.exceptions import DomainError
+from escalation import tickets
+from escalation.models import (
+    MAX_ESCALATION_LEVEL,
+    SupportTicket,
+    TicketComment,
+    UnassignedOrder,
+)
+from workflows import escalations
 
 
 class EscalateForm(forms.Form):
@@ -62,7 +68,7 @@ class UnassignedOrderAdmin(ReadOnlyAdmin):
             v = form.cleaned_data
             run_for_each(
                 self, request, queryset,
-                lambda record: services.unassigned_escalate(
+                lambda record: escalations.unassigned_escalate(
                     record_id=record.pk, level=v["level"], reason=v["reason"], notes=v["notes"],
                     actor=Actor.for_user(request.user), user=request.user,
                 ),
@@ -105,6 +111,6 @@ class SupportTicketAdmin(ReadOnlyAdmin):
     def take(self, request, queryset):
         for ticket in queryset.order_by("pk"):
             try:
-                services.ticket_take(ticket_id=ticket.pk, user=request.user, actor=Actor.for_user(request.user))
-            except APIException as exc:
-                self.message_user(request, f"{ticket.title}: {exc.detail}", messages.WARNING)
+                tickets.ticket_take(ticket_id=ticket.pk, user=request.user, actor=Actor.for_user(request.user))
+            except DomainError as exc:
+                self.message_user(request, f"{ticket.title}: {exc.message}", messages.WARNING)

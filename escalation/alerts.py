@@ -9,7 +9,7 @@ from datetime import datetime
 from django.conf import settings
 from django.core.mail import send_mail
 
-from common.broadcast import enqueue_on_commit
+from common.broadcast import enqueue_task_on_commit
 from common.errors import iso
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ def ops_alert_on_commit(
         lines.append(f"Support ticket: {_url(f'/support/tickets/{record.support_ticket_id}/')}")
     lines.append(f"Unassigned order (admin): {_url(f'/admin/escalation/unassignedorder/{record.pk}/change/')}")
     lines.append(f"Delivery (admin): {_url(f'/admin/dispatch/delivery/{delivery.pk}/change/')}")
-    from escalation.tasks import send_ops_alert_email
-
-    enqueue_on_commit(send_ops_alert_email, subject, "\n".join(lines), recipients)
+    enqueue_task_on_commit("escalation.send_ops_alert_email", subject, "\n".join(lines), recipients)
 
 
 def ops_alert_email_send(*, subject: str, body: str, recipients: list[str]) -> int:

@@ -4,11 +4,12 @@ The default, `LocalTicketBackend`, keeps tickets in this project (`SupportTicket
 the `/support/` views). An external helpdesk can be plugged in by implementing the same four
 methods and pointing the setting at it.
 
-The escalation services call the backend inside their transaction, while holding the
-delivery's row lock, and store the id it returns on the unassigned-order record. A backend
-must therefore not block on the network: one that talks to an outside system should record
-what it has to send and send it after commit (e.g. `common.broadcast.enqueue_on_commit` with a
-Celery task that retries), returning its own reference at once.
+The escalation services and workflow (`escalation.services`, `workflows.escalations`) call
+the backend inside their transaction, while holding the delivery's row lock, and store the id
+it returns on the unassigned-order record. A backend must therefore not block on the network:
+one that talks to an outside system should record what it has to send and send it after
+commit (e.g. `common.broadcast.enqueue_task_on_commit` with a Celery task that retries), returning
+its own reference at once.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from django.conf import settings
 from django.utils.module_loading import import_string
 
 from common.actors import Actor
+from escalation import tickets
 
 
 class TicketBackend(Protocol):
@@ -39,31 +41,24 @@ class TicketBackend(Protocol):
 
 
 class LocalTicketBackend:
-    """Tickets in this project's database (`escalation.models.SupportTicket`)."""
+    """Tickets in this project's database (`escalation.models.SupportTicket`, written by
+    `escalation.tickets`, which never imports this module: no cycle)."""
 
     def open_ticket(self, *, delivery, unassigned_order, type, priority, title, description, now) -> str:
-        from escalation.services import ticket_create_locked
-
-        ticket = ticket_create_locked(
+        ticket = tickets.ticket_create_locked(
             delivery=delivery, unassigned_order=unassigned_order, type=type, priority=priority,
             title=title, description=description, now=now,
         )
         return str(ticket.pk)
 
     def add_note(self, *, ticket_id, body, now) -> None:
-        from escalation.services import ticket_note_add
-
-        ticket_note_add(ticket_id=ticket_id, body=body, now=now)
+        tickets.ticket_note_add(ticket_id=ticket_id, body=body, now=now)
 
     def raise_priority(self, *, ticket_id, priority, note, now) -> None:
-        from escalation.services import ticket_raise_priority
-
-        ticket_raise_priority(ticket_id=ticket_id, priority=priority, note=note, now=now)
+        tickets.ticket_raise_priority(ticket_id=ticket_id, priority=priority, note=note, now=now)
 
     def close_ticket(self, *, ticket_id, status, resolution, actor, now) -> None:
-        from escalation.services import ticket_finish
-
-        ticket_finish(ticket_id=ticket_id, status=status, resolution=resolution, actor=actor, now=now)
+        tickets.ticket_finish(ticket_id=ticket_id, status=status, resolution=resolution, actor=actor, now=now)
 
 
 def get_ticket_backend() -> TicketBackend:

@@ -13,10 +13,17 @@ from django.contrib.gis.measure import D
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 
 from audit.models import DeliveryAuditLog
+from availability.models import Driver, DriverAvailability
 from common.exceptions import NotFound
 from common.roles import SUPPORT_GROUP
-from dispatch.models import Delivery, DeliveryStatus, Driver, DriverAvailability
-from escalation.models import ACTIVE_TICKET_STATUSES, SupportTicket, TicketComment, UnassignedOrder
+from dispatch.models import Delivery, DeliveryStatus
+from escalation.levels import level_thresholds
+from escalation.models import (
+    ACTIVE_TICKET_STATUSES,
+    SupportTicket,
+    TicketComment,
+    UnassignedOrder,
+)
 
 # ------------------------------------------------------------------------- unassigned orders
 
@@ -51,12 +58,18 @@ def unassigned_orders_summary(queryset: QuerySet[UnassignedOrder]) -> dict:
     }
 
 
+def unassigned_delivery_id(*, record_id):
+    """The delivery of an unassigned-order record (to lock it first: delivery → record)."""
+    delivery_id = UnassignedOrder.objects.filter(pk=record_id).values_list("delivery_id", flat=True).first()
+    if delivery_id is None:
+        raise NotFound("Unassigned order not found.")
+    return delivery_id
+
+
 def deliveries_due_for_escalation(*, now: datetime, limit: int) -> list:
     """Ids of deliveries the escalation check must look at, longest waiting first: ready ones
     past a threshold whose open record (if any) is below the level due, and open records
     whose delivery is no longer ready (to be closed)."""
-    from escalation.services import level_thresholds
-
     thresholds = level_thresholds()
     open_record = UnassignedOrder.objects.filter(delivery=OuterRef("pk"), resolved_at__isnull=True)
     due = Q()
@@ -116,6 +129,14 @@ def ticket_get(*, ticket_id) -> SupportTicket:
     if ticket is None:
         raise NotFound("Ticket not found.")
     return ticket
+
+
+def ticket_delivery_id(*, ticket_id):
+    """The delivery of a ticket (to lock it before the ticket: delivery → ticket)."""
+    delivery_id = SupportTicket.objects.filter(pk=ticket_id).values_list("delivery_id", flat=True).first()
+    if delivery_id is None:
+        raise NotFound("Ticket not found.")
+    return delivery_id
 
 
 def ticket_comments(*, ticket_id) -> QuerySet[TicketComment]:

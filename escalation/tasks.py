@@ -2,14 +2,15 @@ from smtplib import SMTPException
 
 from celery import shared_task
 
-from escalation import alerts, services
+from escalation import alerts
+from workflows import escalations
 
 
 @shared_task(name="escalation.check")
 def escalation_check() -> dict:
     """Every 30 s: escalate unassigned deliveries by how long they have waited (idempotent,
     safe when two run at once, bounded batches)."""
-    return services.escalation_check().as_dict()
+    return escalations.escalation_check().as_dict()
 
 
 @shared_task(

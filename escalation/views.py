@@ -14,13 +14,13 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
-from rest_framework.exceptions import APIException
 
 from common.actors import Actor
-from common.exceptions import NotFound
+from common.exceptions import DomainError, NotFound
 from common.roles import is_support
-from escalation import forms, selectors, services
+from escalation import forms, selectors, tickets
 from escalation.models import TicketStatus
+from workflows import escalations
 
 QUEUE_PAGE_SIZE = 50
 
@@ -87,20 +87,21 @@ def ticket_detail(request, ticket_id):
     return render(request, "support/ticket.html", context)
 
 
-def _message(exc: APIException) -> str:
-    detail = exc.detail
-    if isinstance(detail, dict):
-        return " ".join(str(m) for msgs in detail.values() for m in (msgs if isinstance(msgs, list) else [msgs]))
-    if isinstance(detail, list):
-        return " ".join(str(m) for m in detail)
-    return str(detail)
+def _message(exc: DomainError) -> str:
+    """The refusal as the agent reads it: the field messages of invalid input, else the message."""
+    details = exc.details
+    if isinstance(details, dict):
+        return " ".join(str(m) for msgs in details.values() for m in (msgs if isinstance(msgs, list) else [msgs]))
+    if isinstance(details, list):
+        return " ".join(str(m) for m in details)
+    return exc.message
 
 
 def _act(request, ticket_id, action, done: str):
     """Run the action's service; its refusal (409, 400, 404) becomes a message on the page."""
     try:
         result = action(Actor.for_user(request.user))
-    except APIException as exc:
+    except DomainError as exc:
         messages.error(request, _message(exc))
         result = None
     else:
@@ -118,7 +119,7 @@ def _form_error(request, ticket_id, form):
 def ticket_take(request, ticket_id):
     response, _ = _act(
         request, ticket_id,
-        lambda actor: services.ticket_take(ticket_id=ticket_id, user=request.user, actor=actor),
+        lambda actor: tickets.ticket_take(ticket_id=ticket_id, user=request.user, actor=actor),
         "You have taken this ticket.",
     )
     return response
@@ -132,7 +133,7 @@ def ticket_comment(request, ticket_id):
         return _form_error(request, ticket_id, form)
     response, _ = _act(
         request, ticket_id,
-        lambda actor: services.ticket_comment(
+        lambda actor: tickets.ticket_comment(
             ticket_id=ticket_id, user=request.user, actor=actor, body=form.cleaned_data["body"]
         ),
         "Comment added.",
@@ -145,7 +146,7 @@ def ticket_comment(request, ticket_id):
 def ticket_redispatch(request, ticket_id):
     response, dispatched = _act(
         request, ticket_id,
-        lambda actor: services.ticket_redispatch(ticket_id=ticket_id, user=request.user, actor=actor),
+        lambda actor: escalations.ticket_redispatch(ticket_id=ticket_id, user=request.user, actor=actor),
         "Dispatched again with the wide radius.",
     )
     if dispatched is not None and dispatched.offer is None:
@@ -161,7 +162,7 @@ def ticket_cancel_delivery(request, ticket_id):
         return _form_error(request, ticket_id, form)
     response, _ = _act(
         request, ticket_id,
-        lambda actor: services.ticket_cancel_delivery(
+        lambda actor: escalations.ticket_cancel_delivery(
             ticket_id=ticket_id, user=request.user, actor=actor, reason=form.cleaned_data["reason"]
         ),
         "The delivery is cancelled and the ticket closed.",
@@ -177,7 +178,7 @@ def ticket_resolve(request, ticket_id):
         return _form_error(request, ticket_id, form)
     response, _ = _act(
         request, ticket_id,
-        lambda actor: services.ticket_resolve(
+        lambda actor: tickets.ticket_resolve(
             ticket_id=ticket_id, user=request.user, actor=actor, resolution=form.cleaned_data["resolution"]
         ),
         "Ticket resolved.",

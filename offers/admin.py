@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
-from offers import services
 from offers.models import DriverOffer
+from workflows.offers import offer_expire
 
 
 class OfferInline(admin.TabularInline):
@@ -42,5 +42,5 @@ class DriverOfferAdmin(admin.ModelAdmin):
     def expire_now(self, request, queryset):
         done = 0
         for offer in queryset.filter(status="PENDING").order_by("pk"):
-            done += services.offer_expire(offer_id=offer.pk, force=True)
+            done += offer_expire(offer_id=offer.pk, force=True)
         self.message_user(request, f"Expired {done} offers.", messages.SUCCESS if done else messages.WARNING)

@@ -34,7 +34,7 @@ class DriverOffer(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     delivery = models.ForeignKey("dispatch.Delivery", on_delete=models.PROTECT, related_name="offers")
-    driver = models.ForeignKey("dispatch.Driver", on_delete=models.PROTECT, related_name="offers")
+    driver = models.ForeignKey("availability.Driver", on_delete=models.PROTECT, related_name="offers")
     status = models.CharField(max_length=20, choices=OfferStatus.choices, default=OfferStatus.PENDING)
     offer_payload = models.JSONField()
     created_at = models.DateTimeField()

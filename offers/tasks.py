@@ -1,15 +1,26 @@
 from celery import shared_task
 
 from offers import services
+from workflows import offers as offer_workflows
 
 
 @shared_task(name="offers.expire_offer", ignore_result=True)
 def expire_offer(offer_id: str) -> bool:
     """Scheduled at the offer's expiresAt; a no-op if it was answered or is not due yet (the
     sweep catches anything this misses)."""
-    return services.offer_expire(offer_id=offer_id)
+    return offer_workflows.offer_expire(offer_id=offer_id)
 
 
 @shared_task(name="offers.expire_overdue_offers")
 def expire_overdue_offers() -> int:
-    return services.offers_expire_overdue()
+    return offer_workflows.offers_expire_overdue()
+
+
+@shared_task(
+    name="offers.push_offer", ignore_result=True, autoretry_for=(Exception,), retry_backoff=2,
+    retry_backoff_max=30, retry_jitter=True, max_retries=4,
+)
+def push_offer(offer_id: str, driver_id: str, event: dict) -> bool:
+    """The offer to the driver's phone, off the request thread; a gateway failure is retried
+    with backoff (an offer lives 10–120 s, so the retries stop within that)."""
+    return services.offer_push(offer_id=offer_id, driver_id=driver_id, event=event)

@@ -1,18 +1,33 @@
+from datetime import timedelta
+
 import factory
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.contrib.gis.geos import Point
+from django.contrib.gis.geos import Point, Polygon
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from common.roles import INTEGRATIONS_GROUP, SUPPORT_GROUP
-from dispatch.models import Delivery, Driver
+from availability.models import Driver
+from dispatch.models import Delivery
+from offers.models import DriverOffer
+from zones.models import DeliveryZone
 
 CITY = (12.9716, 77.5946)
+# A zone far from the demo city, which other tests crowd with drivers and deliveries, so that
+# foreign rows cannot fall in it: (lon min, lat min, lon max, lat max).
+ZONE_BBOX = (30.50, 10.90, 30.60, 11.00)
 
 
 def point(lat=CITY[0], lon=CITY[1]):
     return Point(lon, lat, srid=4326)
+
+
+def box(xmin, ymin, xmax, ymax):
+    """The rectangle (lon xmin..xmax, lat ymin..ymax) as a WGS84 polygon."""
+    polygon = Polygon.from_bbox((xmin, ymin, xmax, ymax))
+    polygon.srid = 4326
+    return polygon
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -97,3 +112,49 @@ def online_driver(km=0.5, **kwargs):
         recorded_at=driver.location_recorded_at,
     )
     return driver
+
+
+class ZoneFactory(factory.django.DjangoModelFactory):
+    """A delivery zone written straight to the table (the zone services validate what callers
+    draw; tests that check that call them). `bbox=(lon min, lat min, lon max, lat max)` draws
+    a rectangle; pass `geometry=` for any other polygon."""
+
+    class Meta:
+        model = DeliveryZone
+
+    class Params:
+        bbox = ZONE_BBOX
+
+    name = factory.Sequence(lambda n: f"Zone {n}")
+    geometry = factory.LazyAttribute(lambda o: box(*o.bbox))
+
+
+def offer_payload_for(delivery) -> dict:
+    """An offer payload of the seed's shape (offers.events.OfferPayload) for `delivery`."""
+    return {
+        "pickupLocation": {"lat": delivery.pickup_location.y, "lon": delivery.pickup_location.x},
+        "pickupStoreName": delivery.store_name,
+        "estimatedPickupTimeMin": 5,
+        "estimatedDeliveryTime": (timezone.now() + timedelta(minutes=25)).isoformat().replace("+00:00", "Z"),
+        "estimatedDistanceKm": 3.0,
+        "estimatedEarning": 6.5,
+    }
+
+
+class OfferFactory(factory.django.DjangoModelFactory):
+    """A PENDING offer written straight to the table: no dispatch, no locks, no events. For
+    constraint and race tests; an offer made the way dispatch makes it comes from the services.
+    `expires_in` (seconds, default 30) sets `expires_at` after `created_at`."""
+
+    class Meta:
+        model = DriverOffer
+
+    class Params:
+        expires_in = 30
+
+    delivery = factory.SubFactory(DeliveryFactory)
+    driver = factory.SubFactory(DriverFactory)
+    status = "PENDING"
+    offer_payload = factory.LazyAttribute(lambda o: offer_payload_for(o.delivery))
+    created_at = factory.LazyFunction(timezone.now)
+    expires_at = factory.LazyAttribute(lambda o: o.created_at + timedelta(seconds=o.expires_in))

@@ -5,9 +5,9 @@ import time_machine
 from django.utils import timezone
 
 from common.actors import Actor
-from dispatch.engine import delivery_dispatch
+from workflows.dispatching import delivery_dispatch
 from escalation.models import SupportTicket
-from escalation.services import escalation_check
+from workflows.escalations import escalation_check
 from tests.factories import DeliveryFactory
 
 

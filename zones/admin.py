@@ -3,11 +3,11 @@ Saving goes through the zone services; driver preferences are an inline on the d
 import math
 
 from django import forms
-from django.contrib.gis import forms as gis_forms
-from django.contrib.gis.gdal import GDALException
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.gis import forms as gis_forms
 from django.contrib.gis.admin import GISModelAdmin
+from django.contrib.gis.gdal import GDALException
 from django.core.exceptions import ValidationError
 from django.db.models import F
 from django.utils.html import format_html

@@ -116,7 +116,7 @@ class ZonePreference(models.TextChoices):
 
 class DriverZonePreference(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    driver = models.ForeignKey("dispatch.Driver", on_delete=models.CASCADE, related_name="zone_preferences")
+    driver = models.ForeignKey("availability.Driver", on_delete=models.CASCADE, related_name="zone_preferences")
     zone = models.ForeignKey(DeliveryZone, on_delete=models.CASCADE, related_name="driver_preferences")
     preference = models.CharField(max_length=20, choices=ZonePreference.choices, default=ZonePreference.AVAILABLE)
     # km from the driver's home to the zone's centroid, computed in PostGIS; null without a home.

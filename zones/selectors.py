@@ -19,10 +19,11 @@ from django.db.models import FloatField, Func, QuerySet
 from django.db.models.functions import Cast
 from django.utils import timezone
 
+from availability.models import Driver, DriverAvailability
 from common.errors import iso
 from common.exceptions import NotFound
 from common.redis import RedisUnavailable, get_redis
-from dispatch.models import Delivery, DeliveryStatus, Driver, DriverAvailability
+from dispatch.models import Delivery, DeliveryStatus
 from zones.events import ZoneHealth
 from zones.models import DeliveryZone, DriverZonePreference
 

@@ -16,10 +16,10 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from availability.models import Driver
 from common.broadcast import OPS_GROUP, broadcast_on_commit
 from common.exceptions import Conflict, NotFound
 from common.redis import RedisUnavailable, get_redis
-from dispatch.models import Driver
 from zones import events, selectors
 from zones.geometry import validate_zone_polygon
 from zones.models import DeliveryZone, DriverZonePreference, ZonePreference

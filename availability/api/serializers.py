@@ -3,8 +3,8 @@ from datetime import timedelta
 from django.utils import timezone
 from rest_framework import serializers
 
+from availability.models import SETTABLE_AVAILABILITY_CHOICES, DriverAvailability
 from common.fields import FiniteFloatField
-from dispatch.models import SETTABLE_AVAILABILITY_CHOICES, DriverAvailability
 
 # How far in the future a device clock may be before a fix is refused.
 MAX_CLOCK_SKEW = timedelta(seconds=30)

@@ -3,14 +3,14 @@ from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from availability import selectors, services
+from availability import selectors
 from availability.api import serializers as s
+from availability.selectors import driver_get_for_user
 from common.actors import Actor
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsDriver, IsOps, IsOpsOrDriver
 from common.schema import PAGE_PARAMETERS, errors
-from dispatch.selectors import driver_get_for_user
-from dispatch.services import driver_location_update
+from workflows import drivers as driver_workflows
 
 TAGS = ["availability"]
 
@@ -28,7 +28,7 @@ class TakeBreakView(APIView):
         driver = driver_get_for_user(user=request.user, driver_id=driver_id)
         data = s.TakeBreakSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        driver = services.availability_take_break(
+        driver = driver_workflows.availability_take_break(
             driver_id=driver.pk, duration_minutes=data.validated_data["durationMinutes"],
             reason=data.validated_data["reason"], actor=Actor.for_user(request.user),
         )
@@ -42,7 +42,7 @@ class EndShiftView(APIView):
                    responses={200: s.StatusResponseSerializer, **errors(404, 409)}, tags=TAGS)
     def post(self, request, driver_id):
         driver = driver_get_for_user(user=request.user, driver_id=driver_id)
-        driver = services.availability_end_shift(driver_id=driver.pk, actor=Actor.for_user(request.user))
+        driver = driver_workflows.availability_end_shift(driver_id=driver.pk, actor=Actor.for_user(request.user))
         return Response(_status(driver))
 
 
@@ -53,7 +53,7 @@ class ResumeView(APIView):
                    responses={200: s.StatusResponseSerializer, **errors(404, 409)}, tags=TAGS)
     def post(self, request, driver_id):
         driver = driver_get_for_user(user=request.user, driver_id=driver_id)
-        driver = services.availability_resume(driver_id=driver.pk, actor=Actor.for_user(request.user))
+        driver = driver_workflows.availability_resume(driver_id=driver.pk, actor=Actor.for_user(request.user))
         return Response(_status(driver))
 
 
@@ -66,7 +66,7 @@ class OverrideView(APIView):
         data = s.OverrideSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        driver = services.availability_override(
+        driver = driver_workflows.availability_override(
             driver_id=driver_id, to_state=v["state"], reason=v["reason"],
             duration_minutes=v.get("durationMinutes"), actor=Actor.for_user(request.user),
         )
@@ -101,7 +101,7 @@ class LocationView(APIView):
         v = data.validated_data
         now = timezone.now()
         recorded_at = v.get("recordedAt") or now
-        result = driver_location_update(
+        result = driver_workflows.driver_location_record(
             driver_id=driver.pk, lat=v["lat"], lon=v["lon"], recorded_at=recorded_at,
             accuracy_m=v.get("accuracyMeters"), speed=v.get("speed"), heading=v.get("heading"), now=now,
         )

@@ -28,12 +28,14 @@ INSTALLED_APPS = [
     "channels",
     "django_celery_beat",
     "common",
+    "availability",
     "dispatch",
     "offers",
-    "availability",
     "escalation",
     "audit",
     "zones",
+    "tracking",
+    "analytics",
 ]
 
 MIDDLEWARE = [
@@ -157,7 +159,7 @@ LOGIN_URL = "/admin/login/"
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # Token first so that unauthenticated requests get 401 with a challenge.
-        "common.authentication.TokenAuthentication",
+        "availability.api.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -191,10 +193,10 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "SCHEMA_PATH_PREFIX": r"/v2",
     "ENUM_NAME_OVERRIDES": {
-        "DriverAvailabilityEnum": "dispatch.models.DriverAvailability",
-        "SettableAvailabilityEnum": "dispatch.models.SETTABLE_AVAILABILITY_CHOICES",
+        "DriverAvailabilityEnum": "availability.models.DriverAvailability",
+        "SettableAvailabilityEnum": "availability.models.SETTABLE_AVAILABILITY_CHOICES",
         "DeliveryStatusEnum": "dispatch.models.DeliveryStatus",
-        "VehicleTypeEnum": "dispatch.models.VehicleType",
+        "VehicleTypeEnum": "availability.models.VehicleType",
         "OnBreakStatusEnum": ["on_break"],
     },
     "DISABLE_ERRORS_AND_WARNINGS": False,

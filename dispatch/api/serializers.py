@@ -5,8 +5,9 @@ import re
 from rest_framework import serializers
 
 from audit.models import AuditEventType
+from availability.models import Driver, DriverAvailability, VehicleType
 from common.fields import PointField
-from dispatch.models import Delivery, DeliveryStatus, Driver, DriverAvailability, VehicleType
+from dispatch.models import Delivery, DeliveryStatus
 
 PHONE_RE = re.compile(r"^\+?[0-9 ()\-.]{4,32}$")
 

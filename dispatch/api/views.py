@@ -7,15 +7,25 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from audit.selectors import audit_events_for_delivery, audit_summary
+from availability import selectors as driver_selectors
+from availability.services import driver_create
 from common.actors import Actor
 from common.exceptions import NotFound
 from common.pagination import paginate, paginated_schema
-from common.permissions import IsDriver, IsOps, IsOpsIntegrationOrDriver, IsOpsOrDriver, IsOpsOrIntegration
+from common.permissions import (
+    IsDriver,
+    IsOps,
+    IsOpsIntegrationOrDriver,
+    IsOpsOrDriver,
+    IsOpsOrIntegration,
+)
 from common.roles import driver_of, is_ops
 from common.schema import PAGE_PARAMETERS, errors
 from dispatch import selectors, services
 from dispatch.api import serializers as s
 from dispatch.models import Delivery
+from workflows import deliveries
+from zones.selectors import drivers_inside_zone
 
 
 def _query(serializer_class, request):
@@ -39,7 +49,9 @@ class DriverListCreateView(APIView):
     )
     def get(self, request):
         q = _query(s.DriverListQuerySerializer, request)
-        qs = selectors.drivers_list(availability=q.get("availability"), zone_id=q.get("zone"))
+        qs = driver_selectors.drivers_list(availability=q.get("availability"))
+        if q.get("zone"):
+            qs = drivers_inside_zone(qs, zone_id=q.get("zone"))
         return paginate(request, qs, s.DriverSerializer, key="drivers")
 
     @extend_schema(
@@ -52,7 +64,7 @@ class DriverListCreateView(APIView):
         data = s.DriverCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        driver, token = services.driver_create(
+        driver, token = driver_create(
             name=v["name"], phone=v["phone"], vehicle=v["vehicle"], vehicle_type=v["vehicleType"],
             username=v.get("username"), home_location=v.get("homeLocation"),
         )
@@ -65,7 +77,7 @@ class DriverDetailView(APIView):
 
     @extend_schema(operation_id="drivers_retrieve", responses={200: s.DriverSerializer, **errors(404)}, tags=["drivers"])
     def get(self, request, driver_id):
-        driver = selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
         return Response(s.DriverSerializer(driver).data)
 
 
@@ -98,7 +110,7 @@ class DeliveryListCreateView(APIView):
         data = s.DeliveryCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        delivery = services.delivery_create(
+        delivery = deliveries.delivery_create(
             data=services.DeliveryInput(
                 seller_order_id=v["sellerOrderId"], seller_id=v["sellerId"], store_name=v["storeName"],
                 pickup_location=v["pickupLocation"], dropoff_location=v["dropoffLocation"],
@@ -136,7 +148,7 @@ class DeliveryCancelView(APIView):
         data = s.ReasonSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)  # ownership → 404
-        services.delivery_cancel(delivery_id=delivery_id, reason=data.validated_data["reason"], actor=Actor.for_user(request.user))
+        deliveries.delivery_cancel(delivery_id=delivery_id, reason=data.validated_data["reason"], actor=Actor.for_user(request.user))
         delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
 
@@ -154,7 +166,7 @@ class DeliveryStepView(APIView):
         tags=["deliveries"],
     )
     def post(self, request, driver_id, delivery_id, step):
-        driver = selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
         if step not in services.STEP_NAMES:
             raise NotFound("Unknown step.")
         data = s.OptionalReasonSerializer(data=request.data)
@@ -162,7 +174,7 @@ class DeliveryStepView(APIView):
         reason = data.validated_data["reason"]
         if step == "delivery-failed" and not reason:
             raise serializers.ValidationError({"reason": ["A reason is required when a delivery fails."]})
-        services.delivery_advance(
+        deliveries.delivery_advance(
             delivery_id=delivery_id, driver_id=driver.pk, step=step, reason=reason, actor=Actor.for_user(request.user)
         )
         delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)

@@ -11,8 +11,9 @@ from common.actors import Actor
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsOps, IsSupport
 from common.schema import PAGE_PARAMETERS, errors
-from escalation import selectors, services
+from escalation import selectors, tickets
 from escalation.api import serializers as s
+from workflows import escalations
 
 PAGE = PAGE_PARAMETERS
 
@@ -54,7 +55,7 @@ class EscalateView(APIView):
         data = s.EscalateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
-        done = services.unassigned_escalate(
+        done = escalations.unassigned_escalate(
             record_id=order_id, level=v["level"], reason=v["reason"], notes=v["notes"],
             actor=Actor.for_user(request.user), user=request.user,
         )
@@ -71,7 +72,7 @@ class EscalationCheckView(APIView):
                    responses={200: s.EscalationCheckResponseSerializer, **errors()}, tags=["escalation"])
     def post(self, request):
         now = timezone.now()
-        result = services.escalation_check(now=now)
+        result = escalations.escalation_check(now=now)
         return Response(s.EscalationCheckResponseSerializer({"success": True, "checkedAt": now, **result.as_dict()}).data)
 
 
@@ -114,7 +115,7 @@ class TicketDetailView(APIView):
         changes = dict(data.validated_data)
         if "assigneeId" in changes:
             changes["assignee_id"] = changes.pop("assigneeId")
-        services.ticket_update(ticket_id=ticket_id, user=request.user, actor=Actor.for_user(request.user), **changes)
+        tickets.ticket_update(ticket_id=ticket_id, user=request.user, actor=Actor.for_user(request.user), **changes)
         return Response(_detail(ticket_id))
 
 
@@ -126,7 +127,7 @@ class TicketCommentsView(APIView):
     def post(self, request, ticket_id):
         data = s.CommentCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        comment = services.ticket_comment(
+        comment = tickets.ticket_comment(
             ticket_id=ticket_id, user=request.user, actor=Actor.for_user(request.user), body=data.validated_data["body"]
         )
         return Response(s.CommentSerializer(comment).data, status=status.HTTP_201_CREATED)

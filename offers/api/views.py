@@ -4,17 +4,19 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from availability.selectors import driver_get_for_user
 from common.actors import Actor
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsDriver, IsOps, IsOpsIntegrationOrDriver, IsOpsOrDriver
 from common.roles import driver_of, is_ops
 from common.schema import PAGE_PARAMETERS, errors
-from dispatch.engine import delivery_dispatch
-from dispatch.selectors import delivery_get_for_user, driver_get_for_user
-from dispatch.services import delivery_reassign
 from dispatch.api.serializers import ReasonSerializer
-from offers import selectors, services
+from dispatch.selectors import delivery_get_for_user
+from offers import selectors
 from offers.api import serializers as s
+from workflows import offers as offer_workflows
+from workflows.deliveries import delivery_reassign
+from workflows.dispatching import delivery_dispatch
 
 TAGS = ["offers"]
 PAGE = PAGE_PARAMETERS
@@ -41,7 +43,7 @@ class DeliveryOffersView(APIView):
     def post(self, request, delivery_id):
         data = s.OfferCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        offer = services.offer_create(
+        offer = offer_workflows.offer_create(
             delivery_id=delivery_id, driver_id=data.validated_data["driverId"], actor=Actor.for_user(request.user),
             expires_in_seconds=data.validated_data.get("expiresInSeconds"),
         )
@@ -70,7 +72,7 @@ class AcceptOfferView(APIView):
     def post(self, request, driver_id, offer_id):
         driver = driver_get_for_user(user=request.user, driver_id=driver_id)
         s.AcceptSerializer(data=request.data).is_valid(raise_exception=True)
-        result = services.offer_accept(offer_id=offer_id, driver_id=driver.pk, actor=Actor.for_user(request.user))
+        result = offer_workflows.offer_accept(offer_id=offer_id, driver_id=driver.pk, actor=Actor.for_user(request.user))
         return Response({
             "success": True, "assignmentId": result.assignment_id, "deliveryId": str(result.offer.delivery_id),
             "driverId": str(driver.pk), "responseTimeMs": result.offer.driver_response_time_ms,
@@ -87,7 +89,7 @@ class RejectOfferView(APIView):
         data = s.RejectSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         reason = data.validated_data["reason"]
-        result = services.offer_reject(offer_id=offer_id, driver_id=driver.pk, reason=reason, actor=Actor.for_user(request.user))
+        result = offer_workflows.offer_reject(offer_id=offer_id, driver_id=driver.pk, reason=reason, actor=Actor.for_user(request.user))
         body = {"success": True, "reason": reason}
         if result.next_offer is not None:
             body["nextOfferId"] = str(result.next_offer.pk)

@@ -6,10 +6,10 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from availability.selectors import driver_get_for_user
 from common.pagination import CursorPagination
 from common.permissions import IsOps, IsOpsOrDriver
 from common.schema import PAGE_PARAMETERS, errors
-from dispatch.selectors import driver_get_for_user
 from zones import selectors, services
 from zones.api import serializers as s
 

@@ -13,11 +13,14 @@ from django.db import transaction
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from availability.services import availability_change
+from availability.models import Driver, DriverAvailability
+from availability.services import driver_create, driver_location_update
 from common.actors import Actor
 from common.roles import INTEGRATIONS_GROUP, SUPPORT_GROUP
 from dispatch import services
-from dispatch.models import Delivery, Driver, DriverAvailability
+from dispatch.models import Delivery
+from workflows.deliveries import delivery_create
+from workflows.drivers import availability_change
 from zones.demo import ensure_demo_zones
 from zones.services import zone_health_refresh
 
@@ -70,14 +73,14 @@ class Command(BaseCommand):
             username = f"demo-driver-{i + 1}"
             driver = Driver.objects.filter(user__username=username).first()
             if driver is None:
-                driver, key = services.driver_create(
+                driver, key = driver_create(
                     name=name, phone=f"+9198450{i:05d}", vehicle=vehicle, vehicle_type=vtype, username=username,
                     home_location=near(*CITY, 6, rng),
                 )
             else:
                 key = Token.objects.get_or_create(user=driver.user)[0].key
             fix = near(*CITY, 3, rng)
-            services.driver_location_update(
+            driver_location_update(
                 driver_id=driver.pk, lat=fix.y, lon=fix.x, accuracy_m=15, recorded_at=timezone.now()
             )
             if i < 8 and driver.availability in (DriverAvailability.OFFLINE, DriverAvailability.SHIFT_ENDED):
@@ -89,7 +92,7 @@ class Command(BaseCommand):
         for n, store in enumerate(STORES, start=1):
             order_id = f"DEMO-{n:04d}"
             if not Delivery.objects.filter(created_by=market, seller_order_id=order_id).exists():
-                services.delivery_create(
+                delivery_create(
                     data=services.DeliveryInput(
                         seller_order_id=order_id, store_name=store, pickup_location=near(*CITY, 2, rng),
                         dropoff_location=near(*CITY, 4, rng), dropoff_address=f"{10 + n} Demo Street, Bengaluru",

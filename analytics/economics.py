@@ -1,0 +1,56 @@
+"""What a finished delivery cost and earned (seed: delivery_costs, delivery_revenue).
+
+Rules (docs/analytics.md):
+- Delivered: revenue = delivery fee (the delivery's, else DEFAULT_DELIVERY_FEE) + the seller
+  commission; the driver is paid the accepted offer's estimated earning.
+- Failed: the customer's delivery fee is refunded (0) but the seller commission is kept; the
+  driver is paid in full if the order was picked up (they did the driving), else the base pay.
+- Costs add the payment processing fee (PAYMENT_FEE_RATE × delivery fee charged) and per-
+  delivery infrastructure estimates (PostgreSQL, Redis, API calls).
+Money is Decimal, rounded half-up to the cent; never float.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+
+from django.conf import settings
+
+from analytics.models import DeliveryCost, DeliveryRevenue
+from dispatch.models import Delivery, DeliveryStatus
+
+CENT = Decimal("0.01")
+
+
+def money(value) -> Decimal:
+    return Decimal(str(value)).quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def driver_payment_for(delivery: Delivery) -> Decimal:
+    offer = delivery.accepted_offer if delivery.accepted_offer_id else None
+    full = money(offer.offer_payload.get("estimatedEarning", settings.DRIVER_BASE_PAY)) if offer else money(settings.DRIVER_BASE_PAY)
+    if delivery.status == DeliveryStatus.FAILED and delivery.picked_up_at is None:
+        return min(full, money(settings.DRIVER_BASE_PAY))
+    return full
+
+
+def economics_record(*, delivery: Delivery, now: datetime) -> tuple[DeliveryCost, DeliveryRevenue]:
+    """Write the cost and revenue rows of a delivered or failed delivery (once; a second call
+    returns the existing rows). Caller holds the delivery's lock."""
+    existing_cost = DeliveryCost.objects.filter(delivery=delivery).first()
+    if existing_cost is not None:
+        return existing_cost, DeliveryRevenue.objects.get(delivery=delivery)
+    fee = money(delivery.delivery_fee if delivery.delivery_fee is not None else settings.DEFAULT_DELIVERY_FEE)
+    charged_fee = fee if delivery.status == DeliveryStatus.DELIVERED else Decimal("0.00")
+    commission = money(settings.SELLER_COMMISSION)
+    driver_payment = driver_payment_for(delivery)
+    platform_fee = money(Decimal(settings.PAYMENT_FEE_RATE) * (charged_fee + commission))
+    pg, rd, api = money(settings.INFRA_POSTGRES_COST), money(settings.INFRA_REDIS_COST), money(settings.INFRA_API_CALLS_COST)
+    cost = DeliveryCost.objects.create(
+        delivery=delivery, postgres_cost=pg, redis_cost=rd, api_calls_cost=api, driver_payment=driver_payment,
+        platform_fee=platform_fee, total_cost=driver_payment + platform_fee + pg + rd + api, created_at=now,
+    )
+    revenue = DeliveryRevenue.objects.create(
+        delivery=delivery, commission=commission, delivery_fee=charged_fee, total_revenue=charged_fee + commission, created_at=now,
+    )
+    return cost, revenue

@@ -1,0 +1,61 @@
+"""`/ws/drivers/<id>/` over the real Redis channel layer."""
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+
+
+from workflows import drivers as driver_workflows
+from availability.events import AvailabilityChangedEvent
+from common.actors import Actor
+from config.asgi import application
+from tests.factories import DriverFactory, OpsUserFactory
+from tests.typecheck import assert_event_shape
+from tests.sockets import refusal
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_a_driver_gets_its_state_on_connect_and_its_availability_events():
+    driver = DriverFactory(availability="offline")
+    other = DriverFactory()
+    actor = Actor("driver", driver.pk)
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={driver.user.auth_token.key}")
+        connected, _ = await comm.connect()
+        assert connected
+        snapshot = await comm.receive_json_from(timeout=5)
+        assert snapshot["type"] == "availability_snapshot"
+        assert snapshot["driverId"] == str(driver.pk) and snapshot["availability"] == "offline"
+
+        await database_sync_to_async(driver_workflows.availability_resume)(driver_id=driver.pk, actor=actor)
+        event = await comm.receive_json_from(timeout=5)
+        assert_event_shape(event, AvailabilityChangedEvent)
+        assert (event["fromState"], event["toState"]) == ("offline", "available")
+
+        # another driver's change is not sent here
+        await database_sync_to_async(driver_workflows.availability_end_shift)(driver_id=other.pk, actor=Actor.system())
+        assert await comm.receive_nothing(timeout=0.3)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_driver_socket_refuses_bad_tokens_and_other_drivers():
+    driver = DriverFactory()
+    other = DriverFactory()
+    ops_user = OpsUserFactory()
+
+    async def scenario():
+        for path, code in (
+            (f"/ws/drivers/{driver.pk}/", 4401),
+            (f"/ws/drivers/{driver.pk}/?token=bad", 4401),
+            (f"/ws/drivers/{driver.pk}/?token={other.user.auth_token.key}", 4403),
+            (f"/ws/drivers/{driver.pk}/?token={ops_user.auth_token.key}", 4403),
+            (f"/ws/drivers/not-a-uuid/?token={driver.user.auth_token.key}", 4403),
+        ):
+            comm = WebsocketCommunicator(application, path)
+            assert await refusal(comm) == code, path
+
+    async_to_sync(scenario)()

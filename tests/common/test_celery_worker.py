@@ -1,0 +1,221 @@
+"""Periodic work really runs: a real `celery worker` (and `celery beat`) process, started
+against the test database and the test Redis, executes `common.purge_idempotency_records`.
+
+Each test routes its tasks to a queue of its own, so that no other worker on the machine can
+take them. The processes are stopped before pytest-django flushes the tables (the fixture
+depends on `transactional_db`, so it is torn down first).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+
+import factory
+import pytest
+from celery.result import EagerResult
+from django.conf import settings
+from django.core.management import call_command
+from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+from common.models import IdempotencyRecord
+from common.tasks import purge_idempotency_records
+from config.celery import app
+from config.periodic import MANAGED_PREFIX, PERIODIC_TASKS
+from tests.processes import subprocess_database_url
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+PURGE_TASK = "common.purge_idempotency_records"
+READY_TIMEOUT = 30
+STOP_TIMEOUT = 10
+
+
+class IdempotencyRecordFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = IdempotencyRecord
+
+    caller = factory.Sequence(lambda n: f"user:{n}")
+    key = factory.LazyFunction(lambda: uuid.uuid4().hex)
+    method = "POST"
+    path = "/v2/deliveries/"
+    request_hash = "0" * 64
+    status_code = 201
+    response_body = b"{}"
+    content_type = "application/json"
+    created_at = factory.LazyFunction(timezone.now)
+
+
+def _expired_at():
+    """Older than the TTL by a day (two days old with the default 24 h TTL)."""
+    return timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_TTL_SECONDS) - timedelta(days=1)
+
+
+class CeleryProcess:
+    """One `celery -A config <command>` subprocess, logging to a file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path):
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "config", *args],
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} did not log {text!r} within {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=STOP_TIMEOUT)
+        self._log.close()
+
+
+@pytest.fixture
+def celery_processes(transactional_db, tmp_path):
+    """Start real worker/beat processes on a queue of this test's own; stop them all after.
+
+    Depending on `transactional_db` makes this fixture's teardown run before the table flush,
+    so no worker or beat still holds a connection to the test database then.
+    """
+    queue = f"test-{uuid.uuid4().hex}"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "CELERY_TASK_ALWAYS_EAGER": "false",
+        "DATABASE_URL": subprocess_database_url(),
+        "PYTHONUNBUFFERED": "1",
+    }
+    started: list[CeleryProcess] = []
+
+    class Processes:
+        def __init__(self):
+            self.queue = queue
+
+        def worker(self) -> CeleryProcess:
+            worker = CeleryProcess(
+                "worker",
+                [
+                    "worker", "--pool=solo", "--concurrency=1", "-l", "info", "-Q", queue,
+                    "-n", f"{queue}@%h", "--without-heartbeat", "--without-gossip", "--without-mingle",
+                ],
+                env,
+                tmp_path / "worker.log",
+            )
+            started.append(worker)
+            worker.wait_for_log(" ready.")
+            return worker
+
+        def beat(self) -> CeleryProcess:
+            beat = CeleryProcess(
+                "beat",
+                [
+                    "beat", "-l", "info", "--scheduler", "django_celery_beat.schedulers:DatabaseScheduler",
+                    "-s", str(tmp_path / "celerybeat-schedule"), "--max-interval", "1",
+                ],
+                env,
+                tmp_path / "beat.log",
+            )
+            started.append(beat)
+            beat.wait_for_log("beat: Starting...")
+            return beat
+
+        @contextmanager
+        def logs_on_failure(self):
+            """Print every process's log if the block fails (pytest shows it with the failure)."""
+            try:
+                yield
+            except BaseException:
+                for process in started:
+                    print(f"----- {process.name} log ({process.log_path}) -----\n{process.log()}")
+                raise
+
+    yield Processes()
+
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture
+def sending_to_workers():
+    """The test settings run tasks eagerly; here the test process must only send them."""
+    previous = app.conf.task_always_eager
+    app.conf.task_always_eager = False
+    yield
+    app.conf.task_always_eager = previous
+
+
+def test_a_real_worker_purges_expired_idempotency_records_and_keeps_fresh_ones(
+    celery_processes, sending_to_workers
+):
+    old = IdempotencyRecordFactory(created_at=_expired_at())
+    fresh = IdempotencyRecordFactory()
+    worker = celery_processes.worker()
+
+    with celery_processes.logs_on_failure():
+        result = purge_idempotency_records.apply_async(queue=celery_processes.queue)
+        assert not isinstance(result, EagerResult)
+        deleted = result.get(timeout=60)
+
+        assert deleted == 1
+        assert not IdempotencyRecord.objects.filter(pk=old.pk).exists()
+        assert IdempotencyRecord.objects.filter(pk=fresh.pk).exists()
+        assert f"Task {PURGE_TASK}[{result.id}] succeeded" in worker.log()
+
+
+def test_beat_schedules_the_installed_purge_task_onto_a_real_worker(celery_processes):
+    call_command("setup_periodic_tasks", stdout=StringIO())
+    name = next(n for n, (task, _, _) in PERIODIC_TASKS.items() if task == PURGE_TASK)
+    periodic = PeriodicTask.objects.get(name=MANAGED_PREFIX + name)
+    assert (periodic.last_run_at, periodic.total_run_count) == (None, 0)
+    # Every second instead of hourly, onto this test's queue (the flush after the test undoes it).
+    periodic.interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    periodic.queue = celery_processes.queue
+    periodic.save()
+    old = IdempotencyRecordFactory(created_at=_expired_at())
+    fresh = IdempotencyRecordFactory()
+
+    worker = celery_processes.worker()
+    celery_processes.beat()
+
+    with celery_processes.logs_on_failure():
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            periodic.refresh_from_db()
+            if periodic.total_run_count > 0 and not IdempotencyRecord.objects.filter(pk=old.pk).exists():
+                break
+            time.sleep(0.25)
+
+        assert not IdempotencyRecord.objects.filter(pk=old.pk).exists(), "the beat-scheduled purge never ran"
+        assert IdempotencyRecord.objects.filter(pk=fresh.pk).exists()
+        assert periodic.total_run_count > 0
+        assert periodic.last_run_at is not None
+        assert f"Task {PURGE_TASK}[" in worker.log() and "succeeded" in worker.log()

@@ -1,0 +1,120 @@
+"""The SPEC's error body (SPEC "Wire conventions"): every 4xx an endpoint can answer comes in
+the one shape, with the status, the path (and query string), a message and the details."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.factories import DeliveryFactory, IntegrationUserFactory
+from tests.wire import assert_error_body, deliveries_of, delivery_body
+
+
+def test_an_invalid_json_body_is_a_400_in_the_error_body(integration, integration_user):
+    # given a body that is not JSON
+    # when it is posted
+    r = integration.post("/v2/deliveries", data=b'{"sellerOrderId": ', content_type="application/json")
+    # then
+    body = assert_error_body(r, 400, path="/v2/deliveries")
+    assert body["message"].startswith("JSON parse error")
+    assert deliveries_of(integration_user).count() == 0
+
+
+def test_a_json_array_instead_of_an_object_is_a_400_with_details(integration, integration_user):
+    r = integration.post("/v2/deliveries", data=json.dumps([delivery_body()]), content_type="application/json")
+
+    body = assert_error_body(r, 400, path="/v2/deliveries")
+    assert body["details"] == {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]}
+    assert deliveries_of(integration_user).count() == 0
+
+
+def test_missing_fields_are_a_400_listing_each_field_in_details(integration):
+    r = integration.post("/v2/deliveries", {"storeName": "Corner Shop"}, format="json")
+
+    body = assert_error_body(r, 400, path="/v2/deliveries")
+    assert body["details"] == {
+        "sellerOrderId": ["This field is required."],
+        "pickupLocation": ["This field is required."],
+        "dropoffLocation": ["This field is required."],
+    }
+    assert "sellerOrderId: This field is required." in body["message"]
+
+
+def test_the_error_path_keeps_the_query_string(ops):
+    r = ops.get("/v2/deliveries?limit=0&status=ready")
+
+    body = assert_error_body(r, 400, path="/v2/deliveries?limit=0&status=ready")
+    assert body["details"] == {"limit": ["Must be an integer between 1 and 200."]}
+
+
+def test_a_request_without_a_token_is_a_401_with_a_challenge(anon, db):
+    r = anon.get("/v2/deliveries")
+
+    body = assert_error_body(r, 401, path="/v2/deliveries")
+    assert body["message"] == "Authentication credentials were not provided."
+    assert r["WWW-Authenticate"] == "Token"
+
+
+def test_a_request_with_an_unknown_token_is_a_401_with_a_challenge(db):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Token 0000000000000000000000000000000000000000")
+
+    r = client.get("/v2/deliveries")
+
+    body = assert_error_body(r, 401, path="/v2/deliveries")
+    assert body["message"] == "Invalid token."
+    assert r["WWW-Authenticate"] == "Token"
+
+
+@pytest.mark.parametrize("caller", ["driver_client", "integration"])
+def test_a_driver_or_integration_calling_an_ops_endpoint_is_a_403(request, caller):
+    client = request.getfixturevalue(caller)
+
+    r = client.get("/v2/drivers")
+
+    body = assert_error_body(r, 403, path="/v2/drivers")
+    assert body["message"] == "Only ops staff may do this."
+
+
+def test_an_unknown_delivery_id_is_a_404(ops):
+    missing = uuid.uuid4()
+
+    r = ops.get(f"/v2/deliveries/{missing}")
+
+    body = assert_error_body(r, 404, path=f"/v2/deliveries/{missing}")
+    assert body["message"] == "Delivery not found."
+
+
+def test_another_integrations_delivery_is_a_404_not_a_403(integration, db):
+    # given a delivery owned by some other integration
+    theirs = DeliveryFactory(created_by=IntegrationUserFactory())
+    # when our integration asks for it
+    r = integration.get(f"/v2/deliveries/{theirs.pk}")
+    # then its existence is not revealed
+    assert_error_body(r, 404, path=f"/v2/deliveries/{theirs.pk}")
+
+
+@pytest.mark.parametrize("path", ["/v2/deliveries/not-a-uuid", "/v2/no-such-endpoint", "/v2/deliveries/"])
+def test_unknown_paths_under_v2_are_a_404_in_the_error_body(ops, path):
+    r = ops.get(path)
+
+    body = assert_error_body(r, 404, path=path)
+    assert body["message"] == "Not found."
+
+
+def test_an_unsupported_method_is_a_405_naming_the_allowed_ones(ops):
+    r = ops.delete("/v2/deliveries")
+
+    body = assert_error_body(r, 405, path="/v2/deliveries")
+    assert body["message"] == 'Method "DELETE" not allowed.'
+    assert {"GET", "POST"} <= {m.strip() for m in r["Allow"].split(",")}
+
+
+def test_a_text_plain_body_is_a_415(integration, integration_user):
+    r = integration.post("/v2/deliveries", data="sellerOrderId=1", content_type="text/plain")
+
+    body = assert_error_body(r, 415, path="/v2/deliveries")
+    assert body["message"] == 'Unsupported media type "text/plain" in request.'
+    assert deliveries_of(integration_user).count() == 0

@@ -1,0 +1,68 @@
+"""`/health/` and `/metrics` (SPEC "Wire conventions")."""
+from __future__ import annotations
+
+import uuid
+
+from prometheus_client.parser import text_string_to_metric_families
+from rest_framework.test import APIClient
+
+from tests.wire import CLOSED_REDIS_URL, assert_error_body, post_delivery
+
+
+def http_requests_total(**labels) -> float:
+    """Current value of http_requests_total for exactly these labels, read through /metrics."""
+    text = APIClient().get("/metrics").content.decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "http_requests_total" and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_health_is_ok_when_the_database_and_redis_answer(anon, db):
+    r = anon.get("/health/")
+
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
+
+
+def test_health_is_a_503_in_the_error_body_when_redis_is_down(anon, settings, db):
+    settings.REDIS_URL = CLOSED_REDIS_URL
+
+    r = anon.get("/health/")
+
+    body = assert_error_body(r, 503, path="/health/", extra_keys=frozenset({"status", "checks"}))
+    assert body["checks"] == {"database": "ok", "redis": "unavailable"}
+    assert body["status"] == "unavailable"
+    assert body["message"] == "Unavailable: redis."
+
+
+def test_metrics_count_requests_by_route_template_not_raw_path(ops, anon):
+    route = "/v2/deliveries/<uuid:delivery_id>"
+    before = http_requests_total(method="GET", route=route, status="404")
+    missing = uuid.uuid4()
+    ops.get(f"/v2/deliveries/{missing}")
+    ops.get("/v2/deliveries")
+
+    r = anon.get("/metrics")
+
+    assert r.status_code == 200
+    assert r["Content-Type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.content.decode())}
+    samples = families["http_requests"].samples
+    routes = {s.labels["route"] for s in samples if s.name == "http_requests_total"}
+    assert {"/v2/deliveries", route} <= routes
+    assert not any(str(missing) in r for r in routes)
+    assert http_requests_total(method="GET", route=route, status="404") == before + 1
+
+
+def test_a_replayed_post_is_counted_under_its_route(integration):
+    labels = {"method": "POST", "route": "/v2/deliveries", "status": "201"}
+    before = http_requests_total(**labels)
+
+    post_delivery(integration, key="metrics-1")
+    replay = post_delivery(integration, key="metrics-1")
+
+    assert replay["Idempotent-Replayed"] == "true"
+    assert http_requests_total(**labels) == before + 2

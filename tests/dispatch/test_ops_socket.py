@@ -1,0 +1,148 @@
+"""`/ws/ops/` over the real Redis channel layer."""
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from channels_redis.core import RedisChannelLayer
+from django.contrib.gis.geos import Point
+
+from common.actors import Actor
+from config.asgi import application
+from dispatch import events
+from dispatch.services import DeliveryInput
+from workflows.deliveries import assignment_create, delivery_cancel, delivery_create
+from tests.factories import DriverFactory, OpsUserFactory
+from tests.typecheck import assert_event_shape
+from tests.sockets import refusal
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def connect(path, headers=None):
+    comm = WebsocketCommunicator(application, path, headers=headers or [])
+    return comm
+
+
+def test_the_channel_layer_is_redis():
+    assert isinstance(get_channel_layer(), RedisChannelLayer)
+
+
+def test_staff_receive_delivery_events_after_commit(integration_user):
+    ops_user = OpsUserFactory()
+    driver = DriverFactory()
+    actor = Actor.for_user(integration_user)
+
+    async def scenario():
+        comm = connect(f"/ws/ops/?token={ops_user.auth_token.key}")
+        connected, _ = await comm.connect()
+        assert connected
+
+        delivery = await database_sync_to_async(delivery_create)(
+            data=DeliveryInput(
+                seller_order_id="WS-1", store_name="Store", pickup_location=Point(77.6, 12.9, srid=4326),
+                dropoff_location=Point(77.61, 12.91, srid=4326),
+            ),
+            created_by=integration_user,
+            actor=actor,
+        )
+        created = await comm.receive_json_from(timeout=5)
+        assert_event_shape(created, events.DeliveryCreatedEvent)
+        assert created["deliveryId"] == str(delivery.pk) and created["status"] == "ready"
+
+        await database_sync_to_async(assignment_create)(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+        received = [await comm.receive_json_from(timeout=5) for _ in range(2)]
+        by_type = {e["type"]: e for e in received}
+        assert set(by_type) == {"availability_changed", "delivery_status_changed"}
+        assert_event_shape(by_type["delivery_status_changed"], events.DeliveryStatusChangedEvent)
+        assert by_type["delivery_status_changed"]["status"] == "assigned"
+        assert by_type["delivery_status_changed"]["driverId"] == str(driver.pk)
+
+        await database_sync_to_async(delivery_cancel)(delivery_id=delivery.pk, reason="test", actor=Actor.system())
+        received = [await comm.receive_json_from(timeout=5) for _ in range(2)]
+        by_type = {e["type"]: e for e in received}
+        assert set(by_type) == {"availability_changed", "delivery_cancelled"}
+        assert_event_shape(by_type["delivery_cancelled"], events.DeliveryCancelledEvent)
+        assert by_type["delivery_cancelled"]["fromStatus"] == "assigned"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_nothing_is_sent_when_the_transaction_rolls_back(integration_user):
+    ops_user = OpsUserFactory()
+
+    def create_then_fail():
+        from django.db import transaction
+
+        try:
+            with transaction.atomic():
+                delivery_create(
+                    data=DeliveryInput(
+                        seller_order_id="WS-RB", store_name="Store", pickup_location=Point(77.6, 12.9, srid=4326),
+                        dropoff_location=Point(77.61, 12.91, srid=4326),
+                    ),
+                    created_by=integration_user,
+                    actor=Actor.system(),
+                )
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+
+    async def scenario():
+        comm = connect(f"/ws/ops/?token={ops_user.auth_token.key}")
+        assert (await comm.connect())[0]
+        await database_sync_to_async(create_then_fail)()
+        assert await comm.receive_nothing(timeout=0.5)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_sockets_without_a_valid_token_close_4401_and_non_staff_4403(integration_user):
+    async def scenario():
+        for path in ("/ws/ops/", "/ws/ops/?token=nope"):
+            comm = connect(path)
+            assert await refusal(comm) == 4401, path
+        comm = connect(f"/ws/ops/?token={integration_user.auth_token.key}")
+        assert await refusal(comm) == 4403
+
+    async_to_sync(scenario)()
+
+
+def test_a_browser_from_a_foreign_origin_is_refused_but_an_allowed_origin_connects():
+    ops_user = OpsUserFactory()
+
+    async def scenario():
+        bad = connect(f"/ws/ops/?token={ops_user.auth_token.key}", headers=[(b"origin", b"https://evil.example")])
+        assert (await bad.connect())[0] is False
+        good = connect(f"/ws/ops/?token={ops_user.auth_token.key}", headers=[(b"origin", b"http://localhost")])
+        assert (await good.connect())[0] is True
+        await good.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_every_event_type_reaches_ops_and_unknown_ones_do_not_break_the_socket():
+    from common.broadcast import send_now
+    from dispatch.consumers import OpsConsumer
+
+    ops_user = OpsUserFactory()
+    expected = {
+        "delivery_created", "delivery_status_changed", "delivery_cancelled", "availability_changed", "break_expired",
+        "offer_created", "offer_accepted", "offer_rejected", "offer_expired", "offer_cancelled",
+        "unassigned_order_escalated", "support_ticket_created", "zone_health_updated", "driver_performance_updated",
+        "delivery_eta_updated", "delivery_location_updated",
+    }
+    assert expected <= OpsConsumer.relays
+
+    async def scenario():
+        comm = connect(f"/ws/ops/?token={ops_user.auth_token.key}")
+        assert (await comm.connect())[0]
+        await database_sync_to_async(send_now)(["ops"], {"type": "something_new", "x": 1})
+        await database_sync_to_async(send_now)(["ops"], {"type": "driver_performance_updated", "driverId": "d"})
+        got = await comm.receive_json_from(timeout=5)
+        assert got == {"type": "driver_performance_updated", "driverId": "d"}
+        await comm.disconnect()
+
+    async_to_sync(scenario)()

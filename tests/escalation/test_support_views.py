@@ -1,0 +1,254 @@
+"""The support agents' server-rendered views at `/support/` (Django test client)."""
+
+import pytest
+from django.test import Client
+from django.utils.html import escape
+from django.utils import timezone
+
+from audit.models import DeliveryAuditLog
+from dispatch.models import Delivery
+from escalation.models import SupportTicket, TicketComment, UnassignedOrder
+from offers.models import DriverOffer
+from tests.factories import (
+    CITY, DriverFactory, IntegrationUserFactory, OpsUserFactory, SupportUserFactory, ZoneFactory, online_driver,
+)
+from tests.support_fixtures import ticket_for
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def web(agent):
+    c = Client()
+    c.force_login(agent)
+    return c
+
+
+def login(user) -> Client:
+    c = Client()
+    c.force_login(user)
+    return c
+
+
+def test_the_support_views_need_a_login(client):
+    ticket = ticket_for()
+    for url in ("/support/", f"/support/tickets/{ticket.pk}/"):
+        r = client.get(url)
+        assert r.status_code == 302 and r["Location"].startswith("/support/login/?next=")
+    r = client.post(f"/support/tickets/{ticket.pk}/take")
+    assert r.status_code == 302 and "/support/login/" in r["Location"]
+    assert SupportTicket.objects.get().assignee is None
+
+
+def test_a_support_agent_without_staff_logs_in_and_sees_the_queue(client):
+    agent = SupportUserFactory(username="night-shift")
+    agent.set_password("pw-123456")
+    agent.save()
+    assert not agent.is_staff
+
+    r = client.post("/support/login/?next=/support/", {"username": "night-shift", "password": "pw-123456"})
+
+    assert r.status_code == 302 and r["Location"] == "/support/"
+    assert client.get("/support/").status_code == 200
+    assert client.get("/admin/").status_code == 302  # the ops console stays closed to them
+
+
+def test_drivers_and_integrations_are_forbidden_and_staff_are_welcome():
+    ticket = ticket_for()
+    for user in (DriverFactory().user, IntegrationUserFactory()):
+        c = login(user)
+        assert c.get("/support/").status_code == 403
+        assert c.get(f"/support/tickets/{ticket.pk}/").status_code == 403
+        assert c.post(f"/support/tickets/{ticket.pk}/take").status_code == 403
+    assert SupportTicket.objects.get().assignee is None
+    assert login(OpsUserFactory()).get("/support/").status_code == 200
+
+
+def test_the_queue_lists_tickets_by_urgency_and_age_and_hooks_up_the_live_socket(web):
+    high = ticket_for(minutes_waiting=6, seller_order_id="ORD-HIGH")
+    urgent = ticket_for(minutes_waiting=40, seller_order_id="ORD-URGENT")
+    older_high = ticket_for(minutes_waiting=9, seller_order_id="ORD-OLDER")
+
+    r = web.get("/support/")
+
+    assert r.status_code == 200
+    html = r.content.decode()
+    assert html.index("ORD-URGENT") < html.index("ORD-OLDER") < html.index("ORD-HIGH")
+    assert f'href="/support/tickets/{urgent.pk}/"' in html and str(high.pk) in html and str(older_high.pk) in html
+    assert 'data-live-socket="/ws/support/"' in html
+    assert "escalation/support.js" in html
+    assert 'id="queue-table" data-live-region' in html
+
+    partial = web.get("/support/", HTTP_X_REQUESTED_WITH="support-live")
+    assert partial.status_code == 200
+    assert partial.content.decode().lstrip().startswith('<div id="queue-table" data-live-region>')
+    assert b"<html" not in partial.content
+
+
+def test_queue_filters_status_priority_zone_level_and_mine(web, agent):
+    zone = ZoneFactory(name="Downtown", bbox=(CITY[1] - 0.05, CITY[0] - 0.05, CITY[1] + 0.05, CITY[0] + 0.05))
+    in_zone = ticket_for(seller_order_id="ORD-ZONE")
+    Delivery.objects.filter(pk=in_zone.delivery_id).update(zone=zone)
+    urgent = ticket_for(minutes_waiting=31, seller_order_id="ORD-L3")
+    mine = ticket_for(seller_order_id="ORD-MINE")
+    SupportTicket.objects.filter(pk=mine.pk).update(assignee=agent, status="in_progress")
+    done = ticket_for(seller_order_id="ORD-DONE")
+    SupportTicket.objects.filter(pk=done.pk).update(status="resolved", resolved_at=timezone.now(), resolution="ok")
+
+    def orders(query):
+        r = web.get(f"/support/?{query}")
+        assert r.status_code == 200
+        return {o for o in ("ORD-ZONE", "ORD-L3", "ORD-MINE", "ORD-DONE") if o in r.content.decode()}
+
+    assert orders("") == {"ORD-ZONE", "ORD-L3", "ORD-MINE"}
+    assert orders("status=resolved") == {"ORD-DONE"}
+    assert orders("status=all") == {"ORD-ZONE", "ORD-L3", "ORD-MINE", "ORD-DONE"}
+    assert orders("priority=urgent") == {"ORD-L3"}
+    assert orders(f"zone={zone.pk}") == {"ORD-ZONE"}
+    assert orders("level=3") == {"ORD-L3"}
+    assert orders("mine=on") == {"ORD-MINE"}
+    assert orders("level=9&zone=nope") == {"ORD-ZONE", "ORD-L3", "ORD-MINE"}  # bad filters are ignored
+    assert urgent.priority == "urgent"
+
+
+def test_the_ticket_page_shows_the_delivery_its_map_record_timeline_and_comments(web, agent):
+    online_driver(km=7)  # in the wide radius: drawn on the map
+    ticket = ticket_for(seller_order_id="ORD-PAGE", store_name="Night Owl Pizza")
+    TicketComment.objects.create(ticket=ticket, author=agent, body="Rang the store", created_at=timezone.now())
+
+    r = web.get(f"/support/tickets/{ticket.pk}/")
+
+    assert r.status_code == 200
+    html = r.content.decode()
+    for text in ("ORD-PAGE", "Night Owl Pizza", ticket.title, "Rang the store", "escalation_triggered",
+                 "assignment_started", "distance_exceeded", 'id="pickup-map"', "class=\"pt pickup\"",
+                 "class=\"pt driver available\"", "Take ticket", "Redispatch (wide radius)", "Cancel delivery",
+                 "Resolve", f'data-live-match="{ticket.pk} {ticket.delivery_id}"'):
+        assert text in html, text
+    assert web.get("/support/tickets/7f0c5b8e-2a7e-4f53-9a53-0d0f7e1f0c11/").status_code == 404
+
+
+def test_taking_a_ticket(web, agent):
+    ticket = ticket_for()
+
+    r = web.post(f"/support/tickets/{ticket.pk}/take", follow=True)
+
+    assert r.status_code == 200 and b"You have taken this ticket." in r.content
+    ticket.refresh_from_db()
+    assert (ticket.assignee, ticket.status) == (agent, "in_progress") and ticket.taken_at
+    row = DeliveryAuditLog.objects.get(delivery=ticket.delivery, event_type="support_ticket_updated")
+    assert row.details["action"] == "taken" and (row.actor_type, row.actor_id) == ("support", agent.pk)
+    assert TicketComment.objects.filter(ticket=ticket, kind="system", body="Taken by Sam Agent.").exists()
+    assert f'data-ticket-id="{ticket.pk}"'.encode() in web.get("/support/?mine=on").content
+
+
+def test_commenting(web, agent):
+    ticket = ticket_for()
+    r = web.post(f"/support/tickets/{ticket.pk}/comment", {"body": "Store closes at 23:00"}, follow=True)
+    assert b"Comment added." in r.content and b"Store closes at 23:00" in r.content
+    assert TicketComment.objects.get(ticket=ticket, kind="comment").author == agent
+
+    r = web.post(f"/support/tickets/{ticket.pk}/comment", {"body": ""}, follow=True)
+    assert b"This field is required." in r.content
+    assert TicketComment.objects.filter(ticket=ticket, kind="comment").count() == 1
+
+
+def test_redispatching_searches_the_wide_radius(web, agent, settings):
+    ticket = ticket_for()
+    far = online_driver(km=8)
+
+    r = web.post(f"/support/tickets/{ticket.pk}/redispatch", follow=True)
+
+    assert b"Dispatched again with the wide radius." in r.content
+    offer = DriverOffer.objects.get(delivery=ticket.delivery, status="PENDING")
+    assert offer.driver_id == far.pk and offer.search_radius_km == settings.DISPATCH_WIDE_RADIUS_KM
+    started = DeliveryAuditLog.objects.filter(delivery=ticket.delivery, event_type="assignment_started").last()
+    assert started.details == {"searchRadiusKm": 10.0} and started.actor_type == "support"
+    row = DeliveryAuditLog.objects.get(delivery=ticket.delivery, event_type="support_ticket_updated")
+    assert row.details["action"] == "redispatched" and row.details["driverId"] == str(far.pk)
+
+    assert escape(f"pending with {far.name}").encode() in r.content
+    assert b"Redispatch (wide radius)" not in r.content  # no second search while an offer is out
+    again = web.post(f"/support/tickets/{ticket.pk}/redispatch", follow=True)
+    assert b"already has a pending offer" in again.content
+
+
+def test_redispatching_when_nobody_is_near_says_so(web):
+    ticket = ticket_for()
+    r = web.post(f"/support/tickets/{ticket.pk}/redispatch", follow=True)
+    assert b"No driver found (no_available_drivers)." in r.content
+
+
+def test_cancelling_the_delivery_from_the_ticket(web, agent):
+    ticket = ticket_for()
+
+    r = web.post(f"/support/tickets/{ticket.pk}/cancel-delivery", {"reason": "Store closed"}, follow=True)
+
+    assert b"The delivery is cancelled and the ticket closed." in r.content
+    ticket.refresh_from_db()
+    assert ticket.status == "closed" and ticket.resolution == "Delivery cancelled by Sam Agent: Store closed"
+    delivery = Delivery.objects.get(pk=ticket.delivery_id)
+    assert delivery.status == "cancelled" and delivery.cancellation_reason == "Store closed"
+    assert UnassignedOrder.objects.get(delivery=delivery).escalation_status == "CANCELLED"
+    cancelled = DeliveryAuditLog.objects.get(delivery=delivery, event_type="delivery_cancelled")
+    assert (cancelled.actor_type, cancelled.actor_id) == ("support", agent.pk)
+
+    again = web.post(f"/support/tickets/{ticket.pk}/cancel-delivery", {"reason": "x"}, follow=True)
+    assert b"can no longer be cancelled" in again.content
+
+
+def test_resolving_needs_a_note(web, agent):
+    ticket = ticket_for()
+
+    r = web.post(f"/support/tickets/{ticket.pk}/resolve", {"resolution": ""}, follow=True)
+    assert b"This field is required." in r.content
+    ticket.refresh_from_db()
+    assert ticket.status == "open"
+
+    r = web.post(f"/support/tickets/{ticket.pk}/resolve", {"resolution": "Driver found by phone"}, follow=True)
+    assert b"Ticket resolved." in r.content
+    ticket.refresh_from_db()
+    assert ticket.status == "resolved" and ticket.resolution == "Driver found by phone"
+    row = DeliveryAuditLog.objects.filter(delivery=ticket.delivery, event_type="support_ticket_updated").last()
+    assert row.details["action"] == "resolved" and row.actor_id == agent.pk
+
+    r = web.post(f"/support/tickets/{ticket.pk}/take", follow=True)
+    assert b"it can no longer be taken" in r.content
+
+
+def test_actions_only_accept_post(web):
+    ticket = ticket_for()
+    for action in ("take", "comment", "redispatch", "cancel-delivery", "resolve"):
+        assert web.get(f"/support/tickets/{ticket.pk}/{action}").status_code == 405
+
+
+def test_admin_lists_unassigned_orders_and_tickets_and_escalates_through_the_service(admin_client, admin_user):
+    ticket = ticket_for()
+    record = ticket.unassigned_order
+    for url in ("/admin/escalation/unassignedorder/", "/admin/escalation/unassignedorder/?escalation_level=1&open=yes",
+                "/admin/escalation/unassignedorder/?failure_reason=no_available_drivers&escalation_status=NOTIFIED",
+                f"/admin/escalation/unassignedorder/{record.pk}/change/", "/admin/escalation/supportticket/",
+                f"/admin/escalation/supportticket/{ticket.pk}/change/"):
+        assert admin_client.get(url).status_code == 200, url
+
+    form = admin_client.post("/admin/escalation/unassignedorder/",
+                             {"action": "escalate", "_selected_action": [str(record.pk)]})
+    assert form.status_code == 200 and b"Escalate unassigned orders" in form.content
+    r = admin_client.post("/admin/escalation/unassignedorder/", {
+        "action": "escalate", "_selected_action": [str(record.pk)], "apply": "1",
+        "level": "3", "reason": "vip", "notes": "call the store",
+    }, follow=True)
+
+    assert r.status_code == 200 and b"Escalated 1 unassigned order." in r.content
+    record.refresh_from_db()
+    assert record.escalation_level == 3 and record.escalated_by == admin_user
+    assert record.escalation_notes == "call the store"
+    ticket.refresh_from_db()
+    assert ticket.priority == "urgent"
+    page = admin_client.get(f"/admin/escalation/supportticket/{ticket.pk}/change/")
+    assert b"Escalated to level 3" in page.content  # comments inline
+
+    again = admin_client.post("/admin/escalation/unassignedorder/", {
+        "action": "escalate", "_selected_action": [str(record.pk)], "apply": "1", "level": "2", "reason": "x",
+    }, follow=True)
+    assert b"already at escalation level 3" in again.content

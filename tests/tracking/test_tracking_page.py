@@ -1,0 +1,176 @@
+"""The customer's tracking page `/track/<deliveryId>?token=`: server-rendered, and live in a real
+browser (headless Chromium) against a real ASGI server (uvicorn) started for the test."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+
+from common.actors import Actor
+from workflows.deliveries import assignment_create
+from tests.browser import chrome_options
+from tests.factories import DeliveryFactory, DriverFactory, km_north
+from tests.processes import free_port, subprocess_database_url
+from tests.tracking_fixtures import delivery_in
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+# ------------------------------------------------------------------------------ server-rendered
+
+
+@pytest.mark.django_db
+def test_the_page_renders_status_driver_and_eta_without_javascript(client, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        delivery = delivery_in("assigned")
+
+    response = client.get(f"/track/{delivery.pk}?token={delivery.tracking_token}")
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "A driver is on the way to the store" in html
+    assert 'data-status="assigned"' in html
+    assert "John S." in html and "***-***-5309" in html and "867" not in html
+    assert " UTC</time>" in html  # pickup and arrival times, readable without the script
+    assert response["Referrer-Policy"] == "no-referrer" and response["Cache-Control"] == "no-store"
+    assert delivery.tracking_token not in html  # the script reads it from the address bar
+
+
+@pytest.mark.django_db
+def test_a_pending_delivery_page_has_no_driver(client):
+    delivery = delivery_in("ready")
+
+    html = client.get(f"/track/{delivery.pk}?token={delivery.tracking_token}").content.decode()
+
+    assert "Your order is being prepared" in html and 'id="driver-card" hidden' in html
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("token", [None, "", "wrong"])
+def test_a_bad_tracking_link_is_a_404_page(client, token):
+    delivery = delivery_in("assigned")
+    url = f"/track/{delivery.pk}" + ("" if token is None else f"?token={token}")
+
+    response = client.get(url)
+
+    assert response.status_code == 404
+    assert "This tracking link is not valid" in response.content.decode()
+    assert "John" not in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_the_tracking_url_of_a_delivery_is_this_page(client):
+    delivery = delivery_in("ready")
+    path = delivery.tracking_url.removeprefix("http://127.0.0.1:8000")
+
+    assert client.get(path).status_code == 200
+
+
+# ------------------------------------------------------------------------------ live, in a browser
+
+
+@pytest.fixture
+def uvicorn_server(transactional_db, tmp_path):
+    """uvicorn serving config.asgi on a free loopback port, on the test database and Redis.
+
+    Depends on `transactional_db` so that it stops before the tables are flushed."""
+    port = free_port()
+    log_path = tmp_path / "uvicorn.log"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": subprocess_database_url(),
+        "TEST_REDIS_URL": settings.REDIS_URL,
+        "TRACKING_BASE_URL": f"http://127.0.0.1:{port}/track",
+        "TRACKING_LEAFLET_URL": "",  # no CDN from the test: the page must work without the map
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+         "--no-access-log", "--lifespan", "off", "--log-level", "info"],
+        cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"uvicorn did not start:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield base, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def chromium():
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    try:
+        from selenium import webdriver
+    except ImportError:
+        missing.append("selenium (pip)")
+    if missing:
+        pytest.skip(f"headless browser check needs {', '.join(missing)} (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = chrome_options(CHROMIUM)
+    browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    browser.set_page_load_timeout(30)
+    yield browser
+    browser.quit()
+
+
+@pytest.mark.slow
+def test_in_a_browser_the_page_renders_and_moves_the_driver_when_a_fix_arrives(uvicorn_server, chromium):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, log_path = uvicorn_server
+    delivery = DeliveryFactory(prep_time_minutes=0)
+    driver = DriverFactory(name="Maria Lopez", phone="+34 612 345 678", location=km_north(-2))
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    text = lambda element_id: chromium.find_element(By.ID, element_id).text  # noqa: E731
+
+    chromium.get(f"{base}/track/{delivery.pk}?token={delivery.tracking_token}")
+    WebDriverWait(chromium, 15).until(lambda b: text("connection") == "live")
+
+    assert text("status") == "assigned"
+    assert text("status-label") == "A driver is on the way to the store"
+    assert text("driver-name") == "Maria L." and text("driver-phone") == "***-***-5678"
+    assert text("eta-delivery") not in ("", "—")
+
+    new = km_north(-1.5)
+    response = httpx.post(
+        f"{base}/v2/drivers/{driver.pk}/location", json={"lat": new.y, "lon": new.x, "accuracyMeters": 7},
+        headers={"Authorization": f"Token {driver.user.auth_token.key}"}, timeout=10,
+    )
+    assert response.status_code == 200 and response.json()["accepted"], response.text
+
+    WebDriverWait(chromium, 10).until(
+        lambda b: b.find_element(By.ID, "location").get_attribute("data-lat") not in (None, "")
+        and abs(float(b.find_element(By.ID, "location").get_attribute("data-lat")) - new.y) < 1e-6
+    )
+    assert text("location").startswith(f"{new.y:.5f}, {new.x:.5f} at ")
+
+    log = log_path.read_text()
+    assert "/ws/track/" in log  # uvicorn logged the socket, ...
+    assert delivery.tracking_token not in log  # ... without its token
+    assert driver.user.auth_token.key not in log

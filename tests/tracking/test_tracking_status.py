@@ -1,0 +1,220 @@
+"""`GET /v2/orders/{sellerOrderId}/delivery-status`: every status, every caller, masking, tokens."""
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from common.actors import Actor
+from tracking import selectors as tracking
+from dispatch.models import Delivery
+from tests.conftest import assert_error, client_for
+from tests.factories import IntegrationUserFactory, OpsUserFactory, km_north
+from tests.tracking_fixtures import delivery_in, john
+
+pytestmark = pytest.mark.django_db
+
+
+def status_url(delivery, token=None):
+    url = f"/v2/orders/{delivery.seller_order_id}/delivery-status"
+    return url if token is None else f"{url}?token={token}"
+
+
+def customer_get(anon, delivery, token=None):
+    return anon.get(status_url(delivery, delivery.tracking_token if token is None else token))
+
+
+# ------------------------------------------------------------------------------ statuses
+
+
+def test_a_ready_delivery_is_pending_for_the_customer_with_prep_time_and_no_driver(anon):
+    with time_machine.travel(timezone.now(), tick=False):
+        delivery = delivery_in("ready", prep_time_minutes=12)
+        response = customer_get(anon, delivery)
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "pending",
+        "estimatedPrepTimeMinutes": 12,
+        "trackingUrl": delivery.tracking_url,
+        "deliveryId": str(delivery.pk),
+    }
+    assert response["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("status", ["assigned", "picked_up", "in_transit"])
+def test_under_way_the_customer_sees_the_driver_masked_their_fix_and_the_eta(anon, status, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        delivery = delivery_in(status)
+
+    body = customer_get(anon, delivery).json()
+
+    assert body["status"] == status
+    assert body["driver"] == {"name": "John S.", "rating": 4.8, "vehicle": "Honda Civic, Blue", "phone": "***-***-5309"}
+    assert body["location"]["accuracyMeters"] == 12.0
+    assert body["location"]["lat"] == pytest.approx(km_north(2).y)
+    assert body["location"]["lastUpdated"].endswith("Z")
+    assert body["estimatedPickupTime"].endswith("Z") and body["estimatedDeliveryTime"].endswith("Z")
+    assert body["estimatedDeliveryTime"] > body["estimatedPickupTime"]
+    assert ("estimatedPrepTimeMinutes" in body) == (status == "assigned")
+    assert body["trackingUrl"] == delivery.tracking_url and body["deliveryId"] == str(delivery.pk)
+    assert list(body) == [  # the seed's order
+        "status", "driver", "location", "estimatedPickupTime", "estimatedDeliveryTime",
+        *(["estimatedPrepTimeMinutes"] if status == "assigned" else []), "trackingUrl", "deliveryId",
+    ]
+
+
+@pytest.mark.parametrize("status", ["delivered", "failed", "cancelled"])
+def test_after_the_delivery_is_finished_only_the_final_state_is_shown(anon, status, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        delivery = delivery_in(status)
+
+    body = customer_get(anon, delivery).json()
+
+    assert body == {"status": status, "trackingUrl": delivery.tracking_url, "deliveryId": str(delivery.pk)}
+
+
+def test_a_reassigned_delivery_goes_back_to_pending_and_loses_its_driver(anon, ops_user, django_capture_on_commit_callbacks):
+    from workflows.deliveries import delivery_reassign
+
+    delivery = delivery_in("assigned")
+    delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.for_user(ops_user))
+
+    body = customer_get(anon, delivery).json()
+
+    assert body["status"] == "pending" and "driver" not in body and "location" not in body
+
+
+def test_a_driver_without_a_fix_is_shown_without_a_location(anon):
+    delivery = delivery_in("assigned", driver=john(location=None, location_recorded_at=None))
+
+    body = customer_get(anon, delivery).json()
+
+    assert "location" not in body and "estimatedPickupTime" not in body and body["driver"]["name"] == "John S."
+
+
+# ------------------------------------------------------------------------------ masking
+
+
+@pytest.mark.parametrize(
+    "name,shown",
+    [("John Smith", "John S."), ("John Quincy smith", "John S."), ("Cher", "Cher"), ("  Ana   de la Cruz ", "Ana C.")],
+)
+def test_driver_names_are_first_name_and_last_initial(name, shown):
+    assert tracking.driver_display_name(name) == shown
+
+
+@pytest.mark.parametrize(
+    "phone,shown",
+    [("+1 (555) 867-5309", "***-***-5309"), ("5309", "***-***-5309"), ("+91 98450 12345", "***-***-2345"), ("12", "***-***-****")],
+)
+def test_phones_are_masked_to_the_last_four_digits(phone, shown):
+    assert tracking.mask_phone(phone) == shown
+
+
+def test_the_full_phone_number_never_appears_in_the_body(anon):
+    delivery = delivery_in("assigned", driver=john(phone="+44 7700 900123"))
+
+    content = customer_get(anon, delivery).content.decode()
+
+    assert "7700" not in content and "900123" not in content and "***-***-0123" in content
+
+
+# ------------------------------------------------------------------------------ callers and tokens
+
+
+def test_a_wrong_token_and_an_unknown_order_look_the_same(anon):
+    delivery = delivery_in("assigned")
+
+    wrong = assert_error(customer_get(anon, delivery, token="A" * 32), 404)
+    unknown = assert_error(anon.get(f"/v2/orders/NO-SUCH-ORDER/delivery-status?token={delivery.tracking_token}"), 404)
+    empty = assert_error(customer_get(anon, delivery, token=""), 404)
+    too_long = assert_error(customer_get(anon, delivery, token=delivery.tracking_token + "x" * 100), 404)
+
+    assert wrong["message"] == unknown["message"] == empty["message"] == too_long["message"] == "Order not found."
+
+
+def test_without_a_token_an_anonymous_caller_or_a_driver_gets_a_404(anon):
+    driver = john()
+    delivery = delivery_in("assigned", driver=driver)
+
+    assert_error(anon.get(status_url(delivery)), 404)
+    assert_error(client_for(driver.user).get(status_url(delivery)), 404)
+
+
+def test_the_token_of_another_delivery_with_the_same_seller_order_id_does_not_open_this_one(anon):
+    mine = delivery_in("assigned", seller_order_id="ORDER-1")
+    theirs = delivery_in("ready", seller_order_id="ORDER-1")  # another integration's order
+
+    body = customer_get(anon, theirs).json()
+    assert body["deliveryId"] == str(theirs.pk) and body["status"] == "pending"
+    assert customer_get(anon, mine).json()["deliveryId"] == str(mine.pk)
+    assert_error(anon.get(f"/v2/orders/ORDER-2/delivery-status?token={mine.tracking_token}"), 404)
+
+
+def test_an_integration_reads_its_own_order_and_not_anothers():
+    owner, other = IntegrationUserFactory(), IntegrationUserFactory()
+    delivery = delivery_in("assigned", created_by=owner)
+
+    body = client_for(owner).get(status_url(delivery)).json()
+
+    assert body["deliveryId"] == str(delivery.pk) and body["driver"]["phone"] == "***-***-5309"
+    assert_error(client_for(other).get(status_url(delivery)), 404)
+
+
+def test_ops_read_the_most_recently_created_delivery_with_that_seller_order_id():
+    older = delivery_in("ready", seller_order_id="SHARED-1")
+    newer = delivery_in("assigned", seller_order_id="SHARED-1")
+    Delivery.objects.filter(pk=older.pk).update(created_at=timezone.now() - timedelta(hours=1))
+
+    body = client_for(OpsUserFactory()).get(status_url(newer)).json()
+
+    assert body["deliveryId"] == str(newer.pk) and body["status"] == "assigned"
+
+
+def test_with_a_token_anyone_logged_in_is_answered_as_the_customer(anon):
+    other = IntegrationUserFactory()
+    delivery = delivery_in("ready")
+
+    assert client_for(other).get(status_url(delivery, delivery.tracking_token)).json()["deliveryId"] == str(delivery.pk)
+    assert_error(client_for(OpsUserFactory()).get(status_url(delivery, "wrong")), 404)
+
+
+def test_tokens_are_compared_in_constant_time(anon, monkeypatch):
+    delivery = delivery_in("ready")
+    calls = []
+    real = tracking.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(tracking.hmac, "compare_digest", spy)
+    assert customer_get(anon, delivery).status_code == 200
+    assert_error(anon.get(f"/v2/orders/UNKNOWN/delivery-status?token={delivery.tracking_token}"), 404)
+
+    assert (delivery.tracking_token.encode(), delivery.tracking_token.encode()) in calls
+    assert len(calls) == 2  # the unknown order still costs one comparison
+
+
+def test_anonymous_status_requests_are_throttled_at_the_anonymous_rate(anon, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"anon": "3/min", "user": "1000/min"}}
+    delivery = delivery_in("ready")
+
+    codes = [customer_get(anon, delivery).status_code for _ in range(4)]
+
+    assert codes == [200, 200, 200, 429]
+
+
+def test_the_status_and_rating_endpoints_are_documented_with_the_token_parameter():
+    from drf_spectacular.generators import SchemaGenerator
+
+    paths = SchemaGenerator().get_schema(request=None, public=True)["paths"]
+
+    for path, method, codes in (
+        ("/v2/orders/{seller_order_id}/delivery-status", "get", {"200", "404", "429"}),
+        ("/v2/orders/{seller_order_id}/rating", "post", {"201", "400", "404", "409", "429"}),
+    ):
+        op = paths[path][method]
+        assert any(p["name"] == "token" and p["in"] == "query" for p in op["parameters"]), path
+        assert codes <= set(op["responses"]), (path, set(op["responses"]))

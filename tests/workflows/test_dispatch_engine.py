@@ -1,0 +1,334 @@
+"""The dispatch engine: candidates, ranking, sequential offers, expiry, withdrawal, unassigned."""
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from audit.models import DeliveryAuditLog
+from workflows import drivers as availability
+from common.actors import Actor
+from workflows.dispatching import delivery_dispatch, unassigned_retry
+from dispatch.models import Delivery
+from escalation.models import UnassignedOrder
+from workflows import offers
+from offers.events import OfferCancelledEvent, OfferExpiredEvent
+from offers.models import DriverOffer
+from offers.tasks import expire_offer, expire_overdue_offers
+from tests.conftest import assert_error, client_for
+from tests.factories import DeliveryFactory, DriverFactory, km_north, online_driver
+from tests.typecheck import assert_event_shape
+
+pytestmark = pytest.mark.django_db
+
+NEW = {
+    "sellerOrderId": "AUTO-1", "storeName": "Downtown Market",
+    "pickupLocation": {"lat": 12.9716, "lon": 77.5946}, "dropoffLocation": {"lat": 12.99, "lon": 77.6},
+    "prepTimeMinutes": 5,
+}
+
+
+def pending(delivery):
+    return DriverOffer.objects.filter(delivery=delivery, status="PENDING").first()
+
+
+def test_a_new_delivery_is_offered_to_the_nearest_available_driver(integration):
+    far = online_driver(km=3.0)
+    near = online_driver(km=1.0)
+    online_driver(km=0.5, availability="on_break")
+
+    r = integration.post("/v2/deliveries", NEW, format="json")
+
+    assert r.status_code == 201, r.content
+    delivery = Delivery.objects.get(pk=r.json()["id"])
+    offer = pending(delivery)
+    assert offer.driver_id == near.pk and offer.driver_id != far.pk
+    assert r.json()["currentOfferId"] == str(offer.pk)
+    kinds = list(DeliveryAuditLog.objects.filter(delivery=delivery).values_list("event_type", flat=True))
+    assert kinds == ["created", "assignment_started", "driver_candidates_found", "driver_offer_sent"]
+    started = DeliveryAuditLog.objects.get(delivery=delivery, event_type="assignment_started")
+    assert started.details == {"searchRadiusKm": 5.0}
+    found = DeliveryAuditLog.objects.get(delivery=delivery, event_type="driver_candidates_found")
+    assert found.details["count"] == 2
+    assert [c["driverId"] for c in found.details["topCandidates"]] == [str(near.pk), str(far.pk)]
+
+
+def test_auto_dispatch_false_leaves_the_delivery_ready(integration):
+    online_driver()
+    r = integration.post("/v2/deliveries", {**NEW, "autoDispatch": False}, format="json")
+    assert r.json()["currentOfferId"] is None
+    assert not DriverOffer.objects.exists()
+
+
+def test_candidates_exclude_stale_fixes_and_drivers_outside_the_radius(settings):
+    settings.DISPATCH_RADIUS_KM = 5
+    online_driver(km=6)
+    online_driver(km=1, location_recorded_at=timezone.now() - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS + 5))
+    delivery = DeliveryFactory()
+
+    result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+
+    assert result.outcome == "unassigned"
+    assert result.failure_reason == "distance_exceeded"  # someone is available, just too far
+
+
+@pytest.mark.parametrize(
+    "setup,reason",
+    [
+        (lambda: None, "no_available_drivers"),
+        (lambda: DriverFactory(availability="busy", location=km_north(1)), "all_drivers_busy"),
+        (lambda: online_driver(km=8), "distance_exceeded"),
+    ],
+)
+def test_no_candidate_records_an_unassigned_order_with_the_right_reason(setup, reason):
+    setup()
+    delivery = DeliveryFactory()
+
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False):
+        result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+
+    assert result.outcome == "unassigned"
+    record = UnassignedOrder.objects.get(delivery=delivery)
+    assert record.failure_reason == reason
+    assert (record.attempt_count, record.escalation_level, record.escalation_status) == (1, 0, "PENDING")
+    assert record.seller_order_id == delivery.seller_order_id
+    assert record.location.y == pytest.approx(delivery.pickup_location.y)
+
+
+def test_a_driver_with_a_pending_offer_elsewhere_is_busy_for_dispatch():
+    driver = online_driver(km=0.5)
+    offers.offer_create(delivery_id=DeliveryFactory().pk, driver_id=driver.pk, actor=Actor.system())
+    delivery = DeliveryFactory()
+
+    result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+
+    assert result.failure_reason == "all_drivers_busy"
+
+
+def test_the_retry_job_counts_attempts_and_offers_when_a_driver_appears():
+    delivery = DeliveryFactory()
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+        t.shift(timedelta(seconds=30))
+        assert unassigned_retry() == 0
+        record = UnassignedOrder.objects.get(delivery=delivery)
+        assert record.attempt_count == 2
+        assert record.last_attempt_at == timezone.now()
+        driver = online_driver(km=1)
+        t.shift(timedelta(seconds=30))
+        assert unassigned_retry() == 1
+        offer = pending(delivery)
+        assert offer.driver_id == driver.pk
+        offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
+
+    record.refresh_from_db()
+    assert record.resolved_at is not None and record.escalation_status == "RESOLVED"
+
+
+def test_ranking_prefers_acceptance_rate_among_near_equals():
+    delivery = DeliveryFactory()
+    flaky = online_driver(km=1.00)
+    steady = online_driver(km=1.05)  # a few seconds further: near-equal
+    for _ in range(3):
+        d = DeliveryFactory()
+        o = offers.offer_create(delivery_id=d.pk, driver_id=flaky.pk, actor=Actor.system())
+        offers.offer_reject(offer_id=o.pk, driver_id=flaky.pk, reason="no_time", actor=Actor.system())
+    DriverOffer.objects.filter(status="PENDING").update(status="CANCELLED")  # the rejects' follow-ups
+
+    result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+
+    assert result.offer.driver_id == steady.pk
+
+
+def test_ranking_keeps_distance_first_when_not_near_equal():
+    delivery = DeliveryFactory()
+    near = online_driver(km=0.5)
+    online_driver(km=3.0)
+    for _ in range(2):
+        d = DeliveryFactory()
+        o = offers.offer_create(delivery_id=d.pk, driver_id=near.pk, actor=Actor.system())
+        offers.offer_reject(offer_id=o.pk, driver_id=near.pk, reason="no_time", actor=Actor.system())
+    DriverOffer.objects.filter(status="PENDING").update(status="CANCELLED")
+
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer.driver_id == near.pk
+
+
+def test_a_delivery_is_never_offered_twice_to_the_same_driver(ops):
+    a = online_driver(km=0.5)
+    delivery = DeliveryFactory()
+    first = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+    offers.offer_reject(offer_id=first.pk, driver_id=a.pk, reason="too_far", actor=Actor.system())
+    assert pending(delivery) is None
+    assert unassigned_retry() == 0
+    assert DriverOffer.objects.filter(delivery=delivery, driver=a).count() == 1
+
+
+def test_expiry_the_scheduled_task_and_the_sweep_expire_once_and_move_on(listen, django_capture_on_commit_callbacks):
+    a = online_driver(km=0.5)
+    b = online_driver(km=1.0)
+    delivery = DeliveryFactory()
+    events = listen("ops")
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        first = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+        assert expire_offer(str(first.pk)) is False  # not due yet
+        t.shift(timedelta(seconds=30))
+        with django_capture_on_commit_callbacks(execute=True):
+            assert expire_offer(str(first.pk)) is True
+            assert expire_overdue_offers() == 0  # the sweep finds nothing left
+            assert expire_offer(str(first.pk)) is False
+
+    first.refresh_from_db()
+    assert first.status == "EXPIRED"
+    assert pending(delivery).driver_id == b.pk
+    expired = [e for e in events.drain() if e["type"] == "offer_expired"]
+    assert len(expired) == 1
+    assert_event_shape(expired[0], OfferExpiredEvent)
+    assert expired[0] == {"type": "offer_expired", "offerId": str(first.pk), "driverId": str(a.pk),
+                          "deliveryId": str(delivery.pk), "expiresAt": "2026-02-01T10:00:30Z"}
+    assert DeliveryAuditLog.objects.filter(delivery=delivery, event_type="offer_expired").count() == 1
+
+
+def test_the_sweep_catches_up_after_downtime():
+    deliveries = DeliveryFactory.create_batch(3)
+    drivers = [online_driver(km=0.2 * (i + 1)) for i in range(3)]
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        for d, drv in zip(deliveries, drivers):
+            offers.offer_create(delivery_id=d.pk, driver_id=drv.pk, actor=Actor.system())
+        t.shift(timedelta(hours=1))
+        assert expire_overdue_offers() == 3
+    assert not DriverOffer.objects.filter(status="PENDING").exclude(created_at__gte=timezone.now() - timedelta(days=1000)).exists()
+    assert DriverOffer.objects.filter(status="EXPIRED").count() == 3
+
+
+def test_a_driver_going_on_break_withdraws_its_offer_and_the_delivery_moves_on():
+    a = online_driver(km=0.5)
+    b = online_driver(km=1.0)
+    delivery = DeliveryFactory()
+    first = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+
+    availability.availability_take_break(driver_id=a.pk, duration_minutes=10, reason="", actor=Actor("driver", a.pk))
+
+    first.refresh_from_db()
+    assert (first.status, first.cancellation_reason) == ("CANCELLED", "driver_on_break")
+    assert pending(delivery).driver_id == b.pk
+    assert DeliveryAuditLog.objects.filter(delivery=delivery, event_type="offer_cancelled").count() == 1
+
+
+def test_a_withdrawn_offer_tells_the_driver_and_ops_in_the_offer_cancelled_shape(listen, django_capture_on_commit_callbacks):
+    a = online_driver(km=0.5)
+    delivery = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+    driver_events, ops_events = listen(f"driver.{a.pk}"), listen("ops")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        availability.availability_take_break(driver_id=a.pk, duration_minutes=10, reason="", actor=Actor("driver", a.pk))
+
+    offer.refresh_from_db()
+    (to_driver,) = [e for e in driver_events.drain() if e["type"] == "offer_cancelled"]
+    (to_ops,) = [e for e in ops_events.drain() if e["type"] == "offer_cancelled"]
+    assert_event_shape(to_driver, OfferCancelledEvent)
+    assert to_driver == to_ops == {
+        "type": "offer_cancelled", "offerId": str(offer.pk), "driverId": str(a.pk), "deliveryId": str(delivery.pk),
+        "reason": "driver_on_break", "cancelledAt": to_driver["cancelledAt"],
+    }
+    assert to_driver["cancelledAt"].endswith("Z") and offer.cancelled_at is not None
+
+
+def test_cancelling_a_delivery_withdraws_its_offer_and_closes_the_unassigned_record(ops):
+    a = online_driver(km=0.5)
+    offered = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=offered.pk, actor=Actor.system()).offer
+    stuck = DeliveryFactory(pickup_location=km_north(50))
+    delivery_dispatch(delivery_id=stuck.pk, actor=Actor.system())
+
+    assert ops.post(f"/v2/deliveries/{offered.pk}/cancel", {"reason": "x"}, format="json").status_code == 200
+    assert ops.post(f"/v2/deliveries/{stuck.pk}/cancel", {"reason": "x"}, format="json").status_code == 200
+
+    offer.refresh_from_db()
+    assert offer.status == "CANCELLED"
+    a.refresh_from_db()
+    assert a.availability == "available"
+    assert UnassignedOrder.objects.get(delivery=stuck).escalation_status == "CANCELLED"
+
+
+def test_ops_dispatch_endpoint(ops):
+    delivery = DeliveryFactory()
+    assert ops.post(f"/v2/deliveries/{delivery.pk}/dispatch").json()["outcome"] == "unassigned"
+    driver = online_driver()
+    body = ops.post(f"/v2/deliveries/{delivery.pk}/dispatch").json()
+    assert body["outcome"] == "offered" and body["driverId"] == str(driver.pk) and body["candidates"] == 1
+    assert_error(ops.post(f"/v2/deliveries/{delivery.pk}/dispatch"), 409)  # already has a pending offer
+    assert_error(ops.post(f"/v2/deliveries/{DeliveryFactory(status='delivered').pk}/dispatch"), 409)
+    assert_error(ops.post("/v2/deliveries/00000000-0000-0000-0000-000000000000/dispatch"), 404)
+
+
+def test_reassign_frees_the_driver_excludes_them_and_redispatches(ops, integration):
+    a = online_driver(km=0.5)
+    b = online_driver(km=1.0)
+    delivery = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+    offers.offer_accept(offer_id=offer.pk, driver_id=a.pk, actor=Actor("driver", a.pk))
+
+    r = ops.post(f"/v2/deliveries/{delivery.pk}/reassign", {"reason": "driver car broke down"}, format="json")
+
+    assert r.status_code == 200, r.content
+    body = r.json()
+    assert body["previousDriverId"] == str(a.pk) and body["driverId"] == str(b.pk)
+    a.refresh_from_db()
+    delivery.refresh_from_db()
+    assert a.availability == "available"
+    assert delivery.status == "ready" and delivery.accepted_offer_id is None
+    audit = DeliveryAuditLog.objects.get(delivery=delivery, event_type="assignment_reassigned")
+    assert audit.details["previousDriverId"] == str(a.pk) and audit.actor_type == "admin"
+    assert_error(ops.post(f"/v2/deliveries/{delivery.pk}/reassign", {"reason": "x"}, format="json"), 409)
+    assert_error(ops.post(f"/v2/deliveries/{delivery.pk}/reassign", {}, format="json"), 400)
+    assert_error(integration.post(f"/v2/deliveries/{delivery.pk}/reassign", {"reason": "x"}, format="json"), 403)
+
+
+def test_dispatch_works_from_postgis_when_redis_is_down(settings):
+    driver = online_driver(km=1.0)
+    delivery = DeliveryFactory()
+    settings.REDIS_URL = "redis://127.0.0.1:6399/0"  # nothing listens there
+
+    result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+
+    assert result.outcome == "offered" and result.offer.driver_id == driver.pk
+
+
+def test_the_whole_offer_lifecycle_over_the_api(ops, integration):
+    driver = online_driver(km=0.8)
+    me = client_for(driver.user)
+    created = integration.post("/v2/deliveries", NEW, format="json").json()
+    listed = me.get(f"/v2/drivers/{driver.pk}/offers").json()["offers"]
+    assert [o["deliveryId"] for o in listed] == [created["id"]]
+
+    accepted = me.post(f"/v2/drivers/{driver.pk}/offers/{listed[0]['id']}/accept", {}, format="json")
+    assert accepted.status_code == 200
+    for step in ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed"):
+        r = me.post(f"/v2/drivers/{driver.pk}/deliveries/{created['id']}/{step}", {}, format="json")
+        assert r.status_code == 200, (step, r.content)
+
+    final = integration.get(f"/v2/deliveries/{created['id']}").json()
+    assert final["status"] == "delivered"
+    driver.refresh_from_db()
+    assert driver.availability == "available"
+    trail = [e["eventType"] for e in ops.get(f"/v2/admin/deliveries/{created['id']}/audit").json()["events"]]
+    assert trail == [
+        "created", "assignment_started", "driver_candidates_found", "driver_offer_sent", "driver_accepted",
+        "driver_assigned", "pickup_started", "pickup_completed", "delivery_started", "delivery_completed",
+    ]
+
+
+def test_the_retry_job_leaves_deliveries_that_were_never_dispatched_to_ops():
+    from workflows.escalations import escalation_check
+
+    online_driver(km=0.5)
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        manual = DeliveryFactory(ready_at=timezone.now())  # autoDispatch false: nobody dispatched it
+        t.shift(timedelta(minutes=6))
+        escalation_check()  # ops are alerted about it
+        record = UnassignedOrder.objects.get(delivery=manual)
+        assert record.failure_reason == "unassigned"
+        assert unassigned_retry() == 0
+
+    assert pending(manual) is None

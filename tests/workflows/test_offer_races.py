@@ -1,0 +1,168 @@
+"""Races on offers with real threads and real transactions: exactly one winner, constraints hold."""
+from datetime import timedelta
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+
+from workflows import drivers as availability
+from common.actors import Actor
+from common.exceptions import Conflict
+from workflows.dispatching import delivery_dispatch
+from dispatch.models import Assignment, Delivery
+from workflows import offers
+from offers.models import DriverOffer
+from tests.factories import DeliveryFactory, OfferFactory, online_driver
+from tests.concurrency import race
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def make_offer(km=0.5):
+    driver = online_driver(km=km)
+    delivery = DeliveryFactory()
+    offer = offers.offer_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    return driver, delivery, offer
+
+
+def test_accept_reject_expire_and_withdraw_race_on_one_offer_with_one_winner():
+    for attempt in range(5):
+        driver, delivery, offer = make_offer()
+        online_driver(km=1.5)  # somewhere for the delivery to go next
+        due = offer.expires_at + timedelta(seconds=1)
+        actor = Actor("driver", driver.pk)
+        calls = [
+            lambda: ("accepted", offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=actor)),
+            lambda: ("rejected", offers.offer_reject(offer_id=offer.pk, driver_id=driver.pk, reason="other", actor=actor)),
+            lambda: ("expired", offers.offer_expire(offer_id=offer.pk, now=due) or None),
+            lambda: ("withdrawn", availability.availability_end_shift(driver_id=driver.pk, actor=actor)),
+        ]
+        results, errors = race(calls)
+
+        offer.refresh_from_db()
+        winners = [name for name, value in results if value is not None]
+        assert all(isinstance(e, Conflict) for e in errors), errors
+        if offer.status == "ACCEPTED":
+            # the driver is busy now, so ending the shift was refused, and nothing else won
+            assert winners == ["accepted"], (winners, errors)
+            assert Assignment.objects.filter(delivery=delivery, status="active").count() == 1
+        else:
+            assert offer.status in ("REJECTED", "EXPIRED", "CANCELLED")
+            assert not Assignment.objects.filter(delivery=delivery).exists()
+        assert DriverOffer.objects.filter(delivery=delivery, status="PENDING").count() <= 1
+        assert DriverOffer.objects.filter(delivery=delivery, status="ACCEPTED").count() <= 1
+
+
+def test_many_accepts_of_one_offer_make_one_assignment():
+    driver, delivery, offer = make_offer()
+    actor = Actor("driver", driver.pk)
+    results, errors = race([lambda: offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=actor)] * 6)
+    assert len(results) == 1 and len(errors) == 5
+    assert all(isinstance(e, Conflict) for e in errors)
+    assert Assignment.objects.filter(delivery=delivery).count() == 1
+    assert Delivery.objects.get(pk=delivery.pk).offer_acceptance_count == 1
+
+
+def test_the_sweep_and_the_scheduled_task_expire_an_offer_once():
+    driver, delivery, offer = make_offer()
+    due = offer.expires_at + timedelta(seconds=1)
+    results, errors = race(
+        [lambda: offers.offer_expire(offer_id=offer.pk, now=due), lambda: offers.offers_expire_overdue(now=due)] * 2
+    )
+    assert not errors
+    assert sum(int(r) for r in results) == 1
+    from audit.models import DeliveryAuditLog
+
+    assert DeliveryAuditLog.objects.filter(delivery=delivery, event_type="offer_expired").count() == 1
+
+
+def test_two_dispatches_of_one_delivery_make_one_pending_offer():
+    for _ in range(3):
+        online_driver(km=0.5)
+    delivery = DeliveryFactory()
+    results, errors = race([lambda: delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())] * 4)
+    assert not errors
+    assert sorted(r.outcome for r in results) == ["already_offered"] * 3 + ["offered"]
+    assert DriverOffer.objects.filter(delivery=delivery, status="PENDING").count() == 1
+
+
+def test_two_deliveries_racing_for_one_driver_get_one_offer():
+    driver = online_driver(km=0.5)
+    deliveries = DeliveryFactory.create_batch(4)
+    results, errors = race([lambda d=d: delivery_dispatch(delivery_id=d.pk, actor=Actor.system()) for d in deliveries])
+    assert not errors
+    assert [r.outcome for r in results].count("offered") == 1
+    assert DriverOffer.objects.filter(driver=driver, status="PENDING").count() == 1
+
+
+def test_the_database_refuses_a_second_pending_or_accepted_offer():
+    driver, delivery, offer = make_offer()
+    other = online_driver(km=0.7)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        OfferFactory(delivery=delivery, driver=other)  # second pending per delivery
+    with pytest.raises(IntegrityError), transaction.atomic():
+        OfferFactory(delivery=DeliveryFactory(), driver=driver)  # second pending per driver
+    DriverOffer.objects.filter(pk=offer.pk).update(status="ACCEPTED")
+    with pytest.raises(IntegrityError), transaction.atomic():
+        OfferFactory(delivery=delivery, driver=other, status="ACCEPTED")
+
+
+def test_changing_a_pending_offer_takes_its_drivers_lock_first_so_dispatch_never_deadlocks():
+    """The interleaving a benchmark once hit: dispatch holds driver X (skip-locked) and inserts
+    an offer for X while X's pending offer is being accepted. The accept must wait for X before
+    touching the offer, so the insert fails at once on the unique index instead of waiting on
+    the accept (which would wait on X: a deadlock)."""
+    import threading
+    import time as _time
+
+    from django.db import OperationalError, connections
+
+    driver, delivery, offer = make_offer()
+    other = DeliveryFactory()
+    holding = threading.Event()
+    release = threading.Event()
+    outcome = {}
+
+    def dispatcher():
+        try:
+            with transaction.atomic():
+                locked = type(driver).objects.select_for_update(of=("self",)).get(pk=driver.pk)
+                holding.set()
+                release.wait(20)
+                try:
+                    with transaction.atomic():
+                        OfferFactory(delivery=other, driver=locked)
+                    outcome["insert"] = "inserted"
+                except IntegrityError:
+                    outcome["insert"] = "unique violation at once"
+        except OperationalError as exc:
+            outcome["insert"] = f"database error: {exc.__class__.__name__}"
+        finally:
+            connections.close_all()
+
+    def accepter():
+        try:
+            offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
+            outcome["accept"] = "accepted"
+        except Exception as exc:
+            outcome["accept"] = exc.__class__.__name__
+        finally:
+            connections.close_all()
+
+    a = threading.Thread(target=dispatcher)
+    a.start()
+    assert holding.wait(10)
+    b = threading.Thread(target=accepter)
+    b.start()
+    # wait until the accept is blocked on a row lock (it must be waiting for the driver)
+    deadline = _time.monotonic() + 10
+    with connection.cursor() as cur:
+        while _time.monotonic() < deadline:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+            if cur.fetchone()[0] >= 1:
+                break
+            _time.sleep(0.02)
+    release.set()
+    a.join(30)
+    b.join(30)
+
+    assert outcome == {"insert": "unique violation at once", "accept": "accepted"}

@@ -1,0 +1,218 @@
+"""The ops console for zones: boundaries on a map, staffing and health at a glance, broken
+polygons refused as form errors, and zone preferences inline on the driver page."""
+from html.parser import HTMLParser
+
+import pytest
+from django.contrib.gis.geos import Point, Polygon
+
+from tests.factories import DriverFactory, ZoneFactory
+from zones.models import DeliveryZone, DriverZonePreference
+from zones.services import zone_preferences_set
+
+pytestmark = pytest.mark.django_db
+
+SQUARE_EWKT = "SRID=4326;POLYGON((30.5 10.9, 30.6 10.9, 30.6 11.0, 30.5 11.0, 30.5 10.9))"
+BOWTIE_EWKT = "SRID=4326;POLYGON((30.5 10.9, 30.6 11.0, 30.6 10.9, 30.5 11.0, 30.5 10.9))"
+
+
+class _FormFields(HTMLParser):
+    """The values a browser would submit for the first <form id="..._form"> of an admin page."""
+
+    def __init__(self):
+        super().__init__()
+        self.data, self._select, self._textarea = {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        name = a.get("name")
+        if tag == "input" and name and a.get("type") not in ("submit", "button", "file"):
+            if a.get("type") in ("checkbox", "radio") and "checked" not in a:
+                return
+            self.data[name] = a.get("value", "on" if a.get("type") == "checkbox" else "")
+        elif tag == "select" and name:
+            self._select = name
+            self.data.setdefault(name, "")
+        elif tag == "option" and self._select and "selected" in a:
+            self.data[self._select] = a.get("value", "")
+        elif tag == "textarea" and name:
+            self._textarea = name
+            self.data[name] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "select":
+            self._select = None
+        elif tag == "textarea":
+            self._textarea = None
+
+    def handle_data(self, data):
+        if self._textarea:
+            self.data[self._textarea] += data.strip("\n")
+
+
+def form_data(page) -> dict:
+    parser = _FormFields()
+    parser.feed(page.content.decode())
+    parser.data.pop("csrfmiddlewaretoken", None)
+    return parser.data
+
+
+ADD_FORM = {
+    "name": "Downtown", "geometry": SQUARE_EWKT, "priority_level": "2", "min_drivers_online": "3",
+    "target_wait_time_seconds": "300", "offer_expires_seconds": "", "search_radius_km": "",
+}
+
+
+def test_zone_pages_render_with_a_map(admin_client):
+    zone = ZoneFactory(name="Downtown")
+
+    assert admin_client.get("/admin/zones/deliveryzone/").status_code == 200
+    for url in ("/admin/zones/deliveryzone/add/", f"/admin/zones/deliveryzone/{zone.pk}/change/"):
+        page = admin_client.get(url)
+        assert page.status_code == 200
+        assert b"ol.js" in page.content or b"OpenLayers" in page.content
+
+
+def test_the_zone_list_shows_priority_staffing_health_and_flags_understaffed_zones(admin_client):
+    short = ZoneFactory(name="Short-staffed", priority_level=1, min_drivers_online=5)
+    DeliveryZone.objects.filter(pk=short.pk).update(current_drivers_online=1, health_score=35)
+    fine = ZoneFactory(name="Fully staffed", bbox=(30.7, 10.9, 30.8, 11.0), min_drivers_online=2)
+    DeliveryZone.objects.filter(pk=fine.pk).update(current_drivers_online=3, health_score=96)
+
+    page = admin_client.get("/admin/zones/deliveryzone/").content.decode()
+
+    short_row = next(r for r in page.split("<tr") if "Short-staffed" in r)
+    fine_row = next(r for r in page.split("<tr") if "Fully staffed" in r)
+    assert "1 / 5" in short_row and "zone-below-min" in short_row and ">35<" in short_row
+    assert "3 / 2" in fine_row and "zone-below-min" not in fine_row and ">96<" in fine_row
+    below = admin_client.get("/admin/zones/deliveryzone/?staffing=below").content.decode()
+    assert "Short-staffed" in below and "Fully staffed" not in below
+
+
+def test_a_boundary_drawn_on_the_map_in_web_mercator_is_stored_in_wgs84(admin_client):
+    # what the map widget submits: GeoJSON in the map's projection (SRID 3857)
+    square = Polygon.from_bbox((30.5, 10.9, 30.6, 11.0))
+    square.srid = 4326
+    r = admin_client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, "geometry": square.transform(3857, clone=True).json})
+
+    assert r.status_code == 302, r.content.decode()[:2000]
+    stored = DeliveryZone.objects.get(name="Downtown").geometry
+    assert stored.srid == 4326 and stored.equals_exact(square, tolerance=1e-9)
+
+
+def test_ops_draw_a_zone_in_the_admin(admin_client):
+    r = admin_client.post("/admin/zones/deliveryzone/add/", ADD_FORM)
+
+    assert r.status_code == 302, r.content.decode()[:2000]
+    zone = DeliveryZone.objects.get(name="Downtown")
+    assert zone.priority_level == 2 and zone.min_drivers_online == 3
+    assert zone.geometry.equals(Polygon.from_bbox((30.5, 10.9, 30.6, 11.0)))
+
+
+@pytest.mark.parametrize(
+    "geometry,message",
+    [
+        (BOWTIE_EWKT, "self-intersection"),
+        ("SRID=4326;POLYGON((30.5 10.9, 30.6 10.9, 30.6 11.0, 30.5 11.0))", "Invalid geometry value"),
+        ("SRID=4326;POINT(30.5 10.9)", "Invalid geometry type"),
+        ("SRID=4326;POLYGON EMPTY", "empty"),
+        ("not a polygon at all", "Invalid geometry value"),
+        ("SRID=99999;POLYGON((0 0, 1 0, 1 1, 0 0))", "not SRID 99999"),
+        ("SRID=3857;POLYGON((0 0, 1e20 0, 1 1, 0 0))", "off the map"),
+    ],
+    ids=["self-intersecting", "not closed", "a point", "empty", "garbage", "unknown srid", "off the web mercator map"],
+)
+def test_a_broken_boundary_is_a_form_error_and_nothing_is_stored(admin_client, geometry, message):
+    r = admin_client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, "geometry": geometry})
+
+    assert r.status_code == 200
+    assert "errorlist" in r.content.decode()
+    assert message.lower() in r.content.decode().lower()
+    assert not DeliveryZone.objects.exists()
+
+
+def test_out_of_range_overrides_are_form_errors(admin_client):
+    r = admin_client.post(
+        "/admin/zones/deliveryzone/add/", {**ADD_FORM, "offer_expires_seconds": "5", "search_radius_km": "0"}
+    )
+
+    assert r.status_code == 200
+    assert r.content.decode().count("errorlist") >= 2
+    assert not DeliveryZone.objects.exists()
+
+
+def test_editing_a_zone_in_the_admin_goes_through_the_service(admin_client):
+    zone = ZoneFactory(name="Downtown")
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    zone_preferences_set(driver_id=driver.pk, preferences=[(zone.pk, "PREFERRED")])
+    url = f"/admin/zones/deliveryzone/{zone.pk}/change/"
+    data = form_data(admin_client.get(url))
+
+    data.update(priority_level="1", geometry="SRID=4326;POLYGON((30.5 11.4, 30.6 11.4, 30.6 11.5, 30.5 11.5, 30.5 11.4))")
+    r = admin_client.post(url, data)
+
+    assert r.status_code == 302, r.content.decode()[:3000]
+    zone.refresh_from_db()
+    assert zone.priority_level == 1
+    # the boundary moved onto the driver's home: the service refreshed the distance
+    assert float(DriverZonePreference.objects.get(driver=driver).distance_to_zone_center) == pytest.approx(0, abs=0.01)
+
+
+def test_the_recompute_action_refreshes_the_selected_zones(admin_client):
+    zone = ZoneFactory(name="Downtown", min_drivers_online=0)
+
+    r = admin_client.post(
+        "/admin/zones/deliveryzone/", {"action": "refresh_health", "_selected_action": [str(zone.pk)]}, follow=True
+    )
+
+    assert b"Health recomputed for 1 zones" in r.content
+    zone.refresh_from_db()
+    assert zone.health_score == 100
+
+
+# ------------------------------------------------------------- driver page inline
+
+
+def test_the_driver_page_shows_zone_preferences_inline(admin_client):
+    zone = ZoneFactory(name="Downtown")
+    driver = DriverFactory()
+    zone_preferences_set(driver_id=driver.pk, preferences=[(zone.pk, "UNAVAILABLE")])
+
+    page = admin_client.get(f"/admin/availability/driver/{driver.pk}/change/")
+
+    assert page.status_code == 200
+    assert b"zone preference" in page.content.lower()
+    assert b"UNAVAILABLE" in page.content
+
+
+def test_adding_a_preference_on_the_driver_page_computes_its_distance(admin_client):
+    zone = ZoneFactory(name="Downtown")
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    url = f"/admin/availability/driver/{driver.pk}/change/"
+    data = form_data(admin_client.get(url))
+    prefix = "zone_preferences"
+    assert data[f"{prefix}-TOTAL_FORMS"] == "0"
+
+    data.update({
+        f"{prefix}-TOTAL_FORMS": "1", f"{prefix}-0-zone": str(zone.pk), f"{prefix}-0-preference": "PREFERRED",
+        f"{prefix}-0-driver": str(driver.pk),
+    })
+    r = admin_client.post(url, data)
+
+    assert r.status_code == 302, r.content.decode()[:3000]
+    row = DriverZonePreference.objects.get(driver=driver)
+    assert row.preference == "PREFERRED"
+    assert float(row.distance_to_zone_center) == pytest.approx(55.3, abs=0.5)
+
+
+def test_changing_a_drivers_home_on_the_driver_page_refreshes_its_distances(admin_client):
+    zone = ZoneFactory(name="Downtown")
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    zone_preferences_set(driver_id=driver.pk, preferences=[(zone.pk, "AVAILABLE")])
+    url = f"/admin/availability/driver/{driver.pk}/change/"
+    data = form_data(admin_client.get(url))
+
+    data["home_location"] = "SRID=4326;POINT(30.55 10.95)"  # the zone's centre
+    r = admin_client.post(url, data)
+
+    assert r.status_code == 302, r.content.decode()[:3000]
+    assert float(DriverZonePreference.objects.get(driver=driver).distance_to_zone_center) == pytest.approx(0, abs=0.01)

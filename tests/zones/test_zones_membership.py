@@ -1,0 +1,202 @@
+"""Which zone a point belongs to: deliveries get the highest-priority zone covering their pickup
+(boundary included), drivers can be listed by the zone they are in."""
+import pytest
+from django.contrib.gis.geos import LinearRing, Point, Polygon
+
+from dispatch.models import Delivery
+from tests.conftest import assert_error
+from tests.factories import DriverFactory, ZoneFactory, box
+from zones.selectors import zone_for_point
+from zones.services import zone_update
+
+pytestmark = pytest.mark.django_db
+
+
+def at(lon, lat):
+    return Point(lon, lat, srid=4326)
+
+
+# Far from the demo city other tests crowd with drivers, so foreign rows cannot fall in these zones.
+DOWNTOWN = (30.50, 10.90, 30.60, 11.00)
+
+
+def test_a_point_inside_a_zone_belongs_to_it():
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+
+    assert zone_for_point(at(30.55, 10.95)) == downtown
+
+
+def test_a_point_outside_every_zone_has_no_zone():
+    ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+
+    assert zone_for_point(at(30.65, 10.95)) is None
+    assert zone_for_point(None) is None
+
+
+@pytest.mark.parametrize(
+    "lon,lat",
+    [(30.55, 10.90), (30.60, 10.95), (30.50, 10.90), (30.60, 11.00)],
+    ids=["south edge", "east edge", "south-west corner", "north-east corner"],
+)
+def test_a_point_on_the_boundary_counts_as_inside(lon, lat):
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+
+    assert zone_for_point(at(lon, lat)) == downtown
+
+
+def test_a_point_just_beyond_the_boundary_is_outside():
+    ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+
+    assert zone_for_point(at(30.55, 10.8999999)) is None
+    assert zone_for_point(at(30.6000001, 10.95)) is None
+
+
+def test_a_point_in_a_hole_of_the_zone_is_outside_it():
+    shell = LinearRing((30.5, 10.9), (30.6, 10.9), (30.6, 11.0), (30.5, 11.0), (30.5, 10.9))
+    hole = LinearRing((30.54, 10.94), (30.56, 10.94), (30.56, 10.96), (30.54, 10.96), (30.54, 10.94))
+    ring_road = ZoneFactory(name="Ring road", geometry=Polygon(shell, hole))
+
+    assert zone_for_point(at(30.55, 10.95)) is None
+    assert zone_for_point(at(30.52, 10.92)) == ring_road
+
+
+def test_where_zones_overlap_the_highest_priority_wins_even_if_it_is_larger():
+    city = ZoneFactory(name="City", bbox=(30.0, 10.0, 31.0, 12.0), priority_level=1)
+    ZoneFactory(name="Downtown", bbox=DOWNTOWN, priority_level=3)
+
+    assert zone_for_point(at(30.55, 10.95)) == city
+
+
+def test_overlapping_zones_of_equal_priority_resolve_to_the_smaller_one():
+    ZoneFactory(name="City", bbox=(30.0, 10.0, 31.0, 12.0), priority_level=2)
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN, priority_level=2)
+
+    assert zone_for_point(at(30.55, 10.95)) == downtown
+
+
+def test_identical_overlapping_zones_resolve_by_id_every_time():
+    a = ZoneFactory(name="North", bbox=DOWNTOWN, priority_level=2)
+    b = ZoneFactory(name="North (copy)", bbox=DOWNTOWN, priority_level=2)
+
+    winners = {zone_for_point(at(30.55, 10.95)) for _ in range(5)}
+
+    assert winners == {min((a, b), key=lambda z: z.pk)}
+
+
+def test_on_a_shared_border_the_higher_priority_zone_wins():
+    ZoneFactory(name="West", bbox=(30.40, 10.90, 30.50, 11.00), priority_level=3)
+    east = ZoneFactory(name="East", bbox=DOWNTOWN, priority_level=2)
+
+    assert zone_for_point(at(30.50, 10.95)) == east
+
+
+# ----------------------------------------------------------------------- deliveries
+
+
+def _new_delivery(integration, order_id, lat, lon):
+    return integration.post(
+        "/v2/deliveries",
+        {
+            "sellerOrderId": order_id, "storeName": "Corner Store", "autoDispatch": False,
+            "pickupLocation": {"lat": lat, "lon": lon}, "dropoffLocation": {"lat": 10.97, "lon": 30.59},
+        },
+        format="json",
+    )
+
+
+def test_creating_a_delivery_sets_its_zone_from_the_pickup_point(integration):
+    ZoneFactory(name="City", bbox=(30.0, 10.0, 31.0, 12.0), priority_level=5)
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN, priority_level=1)
+
+    r = _new_delivery(integration, "Z-1", 10.95, 30.55)
+
+    assert r.status_code == 201, r.content
+    assert r.json()["zoneId"] == str(downtown.pk)
+    assert Delivery.objects.get(pk=r.json()["id"]).zone == downtown
+
+
+def test_a_delivery_picked_up_outside_every_zone_is_created_without_a_zone(integration):
+    ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+
+    r = _new_delivery(integration, "Z-2", 10.50, 30.10)
+
+    assert r.status_code == 201, r.content
+    assert r.json()["zoneId"] is None
+
+
+def test_moving_a_zone_boundary_does_not_move_existing_deliveries(integration):
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+    first = _new_delivery(integration, "Z-3", 10.95, 30.55).json()
+
+    zone_update(zone_id=downtown.pk, geometry=box(30.0, 10.0, 30.1, 10.1))
+    second = _new_delivery(integration, "Z-4", 10.95, 30.55).json()
+
+    assert first["zoneId"] == str(downtown.pk)
+    assert second["zoneId"] is None
+
+
+def test_deleting_a_zone_keeps_its_deliveries_without_a_zone(integration):
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+    body = _new_delivery(integration, "Z-5", 10.95, 30.55).json()
+
+    downtown.delete()
+
+    assert Delivery.objects.get(pk=body["id"]).zone_id is None
+
+
+# --------------------------------------------------------------------------- drivers
+
+
+def test_drivers_can_be_listed_by_the_zone_they_are_in(ops):
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+    inside = DriverFactory(location=at(30.55, 10.95))
+    on_edge = DriverFactory(location=at(30.60, 10.95), availability="busy")
+    DriverFactory(location=at(30.70, 10.95))  # outside
+    DriverFactory(location=None, location_recorded_at=None)  # never sent a fix
+
+    r = ops.get(f"/v2/drivers?zone={downtown.pk}")
+
+    assert r.status_code == 200, r.content
+    assert {d["id"] for d in r.json()["drivers"]} == {str(inside.pk), str(on_edge.pk)}
+
+
+def test_the_zone_filter_combines_with_the_availability_filter(ops):
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN)
+    DriverFactory(location=at(30.55, 10.95), availability="available")
+    busy = DriverFactory(location=at(30.56, 10.95), availability="busy")
+    DriverFactory(location=at(30.70, 10.95), availability="busy")
+
+    r = ops.get(f"/v2/drivers?zone={downtown.pk}&availability=busy")
+
+    assert [d["id"] for d in r.json()["drivers"]] == [str(busy.pk)]
+
+
+def test_filtering_drivers_by_an_unknown_zone_is_a_404(ops):
+    body = assert_error(ops.get("/v2/drivers?zone=00000000-0000-0000-0000-000000000000"), 404)
+    assert "Zone" in body["message"]
+
+
+def test_filtering_drivers_by_a_malformed_zone_id_is_a_400(ops):
+    body = assert_error(ops.get("/v2/drivers?zone=downtown"), 400)
+    assert "zone" in body["details"]
+
+
+# ------------------------------------------------------------------------ demo data
+
+
+def test_demo_data_has_bengaluru_zones_and_its_deliveries_get_one():
+    from django.core.management import call_command
+
+    from zones.demo import DEMO_ZONES
+    from zones.models import DeliveryZone
+
+    call_command("seed_demo")
+    call_command("seed_demo")
+
+    assert sorted(DeliveryZone.objects.filter(name__in=DEMO_ZONES).values_list("name", flat=True)) == sorted(DEMO_ZONES)
+    demo = Delivery.objects.filter(seller_order_id__startswith="DEMO-", created_by__username="marketplace")
+    assert demo.count() == 4 and not demo.filter(zone__isnull=True).exists()
+    # the catch-all city zone is under every neighbourhood
+    assert zone_for_point(at(77.5946, 12.9716)).name == "Central Business District"
+    assert zone_for_point(at(77.70, 13.05)).name == "Greater Bengaluru"
+    assert not DeliveryZone.objects.filter(name__in=DEMO_ZONES, health_score__isnull=True).exists()

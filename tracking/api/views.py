@@ -1,0 +1,179 @@
+"""Customer tracking over HTTP: the status endpoint, the rating, and the tracking page.
+
+The customer's credential is the tracking token in `?token=` (docs/tracking.md); these views
+are reachable without an API token and are throttled at the anonymous rate.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.http import require_GET
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from common.errors import iso
+from common.fields import point_json
+from common.schema import errors
+from tracking import selectors as tracking
+from tracking import services
+
+TAGS = ["tracking"]
+PRIVATE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+CUSTOMER_STATUSES = ["pending", "assigned", "picked_up", "in_transit", "delivered", "failed", "cancelled"]
+
+TOKEN = OpenApiParameter(
+    "token", str, required=False,
+    description="The customer's tracking token (from `trackingUrl`). Without it, an integration "
+                "or ops API token is needed. A wrong or missing token is a 404.",
+)
+
+
+class TrackingDriverSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text='First name and last initial, e.g. "John D."')
+    rating = serializers.FloatField()
+    vehicle = serializers.CharField()
+    phone = serializers.CharField(help_text='Masked to the last four digits: "***-***-1234".')
+
+
+class TrackingLocationSerializer(serializers.Serializer):
+    lat = serializers.FloatField()
+    lon = serializers.FloatField()
+    accuracyMeters = serializers.FloatField(allow_null=True)
+    lastUpdated = serializers.DateTimeField()
+
+
+class DeliveryStatusSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=CUSTOMER_STATUSES, help_text="`ready` is shown as `pending`.")
+    driver = TrackingDriverSerializer(required=False, help_text="Only while assigned, picked up or in transit.")
+    location = TrackingLocationSerializer(required=False, help_text="The driver's last fix, while under way.")
+    estimatedPickupTime = serializers.DateTimeField(required=False)
+    estimatedDeliveryTime = serializers.DateTimeField(required=False)
+    estimatedPrepTimeMinutes = serializers.IntegerField(required=False, help_text="Remaining, before pickup.")
+    trackingUrl = serializers.URLField()
+    deliveryId = serializers.UUIDField()
+
+
+class StrictIntegerField(serializers.IntegerField):
+    default_error_messages = {"not_an_integer": "Must be a whole number, not a string, a fraction or a boolean."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("not_an_integer")
+        return super().to_internal_value(data)
+
+
+class StrictCharField(serializers.CharField):
+    default_error_messages = {"not_a_string": "Must be a string."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_a_string")
+        return super().to_internal_value(data)
+
+
+class RatingSerializer(serializers.Serializer):
+    stars = StrictIntegerField(min_value=1, max_value=5)
+    comment = StrictCharField(max_length=1000, required=False, allow_blank=True, default="")
+
+
+class RatingResponseSerializer(serializers.Serializer):
+    success = serializers.BooleanField()
+    deliveryId = serializers.UUIDField()
+    stars = serializers.IntegerField()
+    comment = serializers.CharField()
+    createdAt = serializers.DateTimeField()
+
+
+class DeliveryStatusView(APIView):
+    """`GET /v2/orders/{sellerOrderId}/delivery-status`: the customer (`?token=`), the owning
+    integration, or ops (the most recently created delivery with that sellerOrderId)."""
+
+    permission_classes = [AllowAny]
+
+    @extend_schema(operation_id="orders_delivery_status", parameters=[TOKEN],
+                   responses={200: DeliveryStatusSerializer, **errors(404)}, tags=TAGS)
+    def get(self, request, seller_order_id):
+        token = request.query_params.get("token")
+        if token is not None:
+            delivery = tracking.delivery_for_customer(seller_order_id=seller_order_id, token=token)
+        else:
+            delivery = tracking.delivery_for_caller(user=request.user, seller_order_id=seller_order_id)
+        return Response(tracking.tracking_status(delivery), headers=PRIVATE_HEADERS)
+
+
+class RatingView(APIView):
+    """`POST /v2/orders/{sellerOrderId}/rating?token=` `{stars, comment?}`: once, after delivery."""
+
+    permission_classes = [AllowAny]
+    authentication_classes = []  # the tracking token is the credential (no session, so no CSRF)
+
+    @extend_schema(operation_id="orders_rating", parameters=[TOKEN], request=RatingSerializer,
+                   responses={201: RatingResponseSerializer, **errors(400, 404, 409)}, tags=TAGS)
+    def post(self, request, seller_order_id):
+        delivery = tracking.delivery_for_customer(seller_order_id=seller_order_id, token=request.query_params.get("token"))
+        data = RatingSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        rating = services.delivery_rate(
+            delivery_id=delivery.pk, stars=data.validated_data["stars"], comment=data.validated_data["comment"]
+        )
+        body = {"success": True, "deliveryId": str(delivery.pk), "stars": rating.stars, "comment": rating.comment,
+                "createdAt": iso(rating.created_at)}
+        return Response(body, status=status.HTTP_201_CREATED, headers=PRIVATE_HEADERS)
+
+
+STATUS_LABELS = {
+    "pending": "Your order is being prepared",
+    "assigned": "A driver is on the way to the store",
+    "picked_up": "Your order has been picked up",
+    "in_transit": "Your order is on its way",
+    "delivered": "Delivered",
+    "failed": "The delivery could not be completed",
+    "cancelled": "This delivery was cancelled",
+}
+
+
+def _clock(value: str | None) -> str:
+    """'2026-02-01T10:05:00Z' → '10:05 UTC' (the page's script shows local time instead)."""
+    if not value:
+        return ""
+    return datetime.fromisoformat(value).strftime("%H:%M UTC")
+
+
+@require_GET
+def tracking_page(request, delivery_id):
+    """`/track/<deliveryId>?token=`: the customer's page. Server-rendered status and ETA; the
+    map and live updates need JavaScript (the socket) and the map a CDN, neither is required."""
+    delivery = tracking.delivery_for_tracking_link(delivery_id=delivery_id, token=request.GET.get("token"))
+    if delivery is None:
+        response = render(request, "track/not_found.html", status=404)
+    else:
+        now = timezone.now()
+        body = tracking.tracking_status(delivery, now=now)
+        context = {
+            "body": body,
+            "label": STATUS_LABELS.get(body["status"], body["status"]),
+            "final": delivery.status in tracking.FINAL_STATUSES,
+            "pickup_clock": _clock(body.get("estimatedPickupTime")),
+            "delivery_clock": _clock(body.get("estimatedDeliveryTime")),
+            "location_clock": _clock(body["location"]["lastUpdated"]) if "location" in body else "",
+            "page": {
+                "deliveryId": str(delivery.pk),
+                "sellerOrderId": delivery.seller_order_id,
+                "labels": STATUS_LABELS,
+                "pickup": point_json(delivery.pickup_location),
+                "dropoff": point_json(delivery.dropoff_location),
+                "tileUrl": settings.TRACKING_TILE_URL,
+                "snapshot": {k: v for k, v in body.items() if k != "trackingUrl"},  # keep the token out of the page
+            },
+            "leaflet_url": settings.TRACKING_LEAFLET_URL.rstrip("/"),
+        }
+        response = render(request, "track/page.html", context)
+    for name, value in PRIVATE_HEADERS.items():
+        response[name] = value
+    return response

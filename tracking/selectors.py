@@ -1,0 +1,200 @@
+"""What a customer sees of a delivery, and the customer's rating of it (docs/tracking.md).
+
+The customer holds no account: the delivery's 192-bit `tracking_token`, from the tracking
+link, is the credential. It is compared in constant time, and every mismatch (unknown order,
+wrong or missing token) reads the same: 404, with no hint whether the order exists.
+
+Customer status maps `ready` to `pending`. The driver appears only while the delivery is
+assigned or under way, as "First L." with the phone masked to its last four digits. Once the
+delivery is delivered, failed or cancelled only that final state is shown.
+"""
+
+import hmac
+import math
+import uuid
+from datetime import datetime
+from typing import Literal, NotRequired, TypedDict
+
+from django.utils import timezone
+
+from availability.models import Driver
+from common.errors import iso
+from common.exceptions import NotFound
+from common.roles import is_integration, is_ops
+from dispatch.models import Assignment, AssignmentStatus, Delivery
+from dispatch.models import DeliveryStatus as S
+from tracking import eta
+
+CUSTOMER_STATUS = {S.READY: "pending"}
+ACTIVE_STATUSES = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
+FINAL_STATUSES = (S.DELIVERED, S.FAILED, S.CANCELLED)
+MAX_TOKEN_LENGTH = 64
+_NO_MATCH = "x" * 32  # compared against when there is no candidate, so a miss costs the same
+_NOT_FOUND = "Order not found."
+
+
+def customer_status(status: str) -> str:
+    return CUSTOMER_STATUS.get(status, status)
+
+
+def driver_display_name(name: str) -> str:
+    """'John Smith' → 'John S.'; a single name stays as it is."""
+    parts = name.split()
+    if not parts:
+        return ""
+    if len(parts) == 1:
+        return parts[0]
+    return f"{parts[0]} {parts[-1][0].upper()}."
+
+
+def mask_phone(phone: str) -> str:
+    digits = [c for c in phone if c.isdigit()]
+    last4 = "".join(digits[-4:]) if len(digits) >= 4 else "****"
+    return f"***-***-{last4}"
+
+
+def tokens_match(given: str | None, expected: str) -> bool:
+    if not given or len(given) > MAX_TOKEN_LENGTH:
+        hmac.compare_digest(_NO_MATCH.encode(), expected.encode())
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode())
+
+
+# ------------------------------------------------------------------------------ selectors
+
+
+def delivery_for_tracking_link(*, delivery_id, token: str | None) -> Delivery | None:
+    """The delivery behind `/track/<id>?token=` and `/ws/track/<id>/?token=`, or None."""
+    try:
+        delivery = Delivery.objects.filter(pk=uuid.UUID(str(delivery_id))).first()
+    except ValueError:  # not a UUID
+        delivery = None
+    if delivery is None:
+        tokens_match(token, _NO_MATCH)
+        return None
+    return delivery if tokens_match(token, delivery.tracking_token) else None
+
+
+def delivery_for_customer(*, seller_order_id: str, token: str | None) -> Delivery:
+    """The delivery with this sellerOrderId whose tracking token is `token`; else NotFound.
+
+    sellerOrderId is unique per creating account, so several accounts' deliveries may share
+    it: each candidate's token is compared (all of them, no early exit)."""
+    candidates = list(Delivery.objects.filter(seller_order_id=seller_order_id).values_list("pk", "tracking_token")[:20])
+    found = None
+    for pk, expected in candidates or [(None, _NO_MATCH)]:
+        if tokens_match(token, expected) and pk is not None:
+            found = pk
+    if found is None:
+        raise NotFound(_NOT_FOUND)
+    return Delivery.objects.get(pk=found)
+
+
+def delivery_for_caller(*, user, seller_order_id: str) -> Delivery:
+    """An integration reads its own delivery with this sellerOrderId; ops the most recently
+    created one with it (sellerOrderIds are unique per account, not globally). Anyone else: 404."""
+    qs = Delivery.objects.filter(seller_order_id=seller_order_id)
+    if is_ops(user):
+        qs = qs.order_by("-created_at", "-pk")
+    elif is_integration(user):
+        qs = qs.filter(created_by=user)
+    else:
+        qs = qs.none()
+    delivery = qs.first()
+    if delivery is None:
+        raise NotFound(_NOT_FOUND)
+    return delivery
+
+
+# ---------------------------------------------------------------------------- the body
+
+
+class TrackingDriver(TypedDict):
+    name: str
+    rating: float
+    vehicle: str
+    phone: str
+
+
+class TrackingLocation(TypedDict):
+    lat: float
+    lon: float
+    accuracyMeters: float | None
+    lastUpdated: str
+
+
+class TrackingStatus(TypedDict):
+    """The body of `GET /v2/orders/{sellerOrderId}/delivery-status` (seed shape)."""
+
+    status: str
+    driver: NotRequired[TrackingDriver]
+    location: NotRequired[TrackingLocation]
+    estimatedPickupTime: NotRequired[str]
+    estimatedDeliveryTime: NotRequired[str]
+    estimatedPrepTimeMinutes: NotRequired[int]
+    trackingUrl: str
+    deliveryId: str
+
+
+class DeliverySnapshotMessage(TrackingStatus):
+    """First message on `/ws/track/<id>/`: the status body with a type."""
+
+    type: Literal["delivery_snapshot"]
+
+
+class DeliveryStatusUpdatedMessage(TrackingStatus):
+    """Sent to the customer's socket on every status change: the status body, fresh."""
+
+    type: Literal["delivery_status_updated"]
+
+
+def _active_driver(delivery: Delivery) -> Driver | None:
+    assignment = (
+        Assignment.objects.select_related("driver")
+        .filter(delivery=delivery, status=AssignmentStatus.ACTIVE)
+        .first()
+    )
+    return assignment.driver if assignment else None
+
+
+def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> TrackingStatus:
+    now = now or timezone.now()
+    body: dict = {"status": customer_status(delivery.status)}
+    if delivery.status in ACTIVE_STATUSES and (driver := _active_driver(delivery)) is not None:
+        body["driver"] = {
+            "name": driver_display_name(driver.name),
+            "rating": float(driver.rating),
+            "vehicle": driver.vehicle,
+            "phone": mask_phone(driver.phone),
+        }
+        if driver.location is not None and driver.location_recorded_at is not None:
+            body["location"] = {
+                "lat": round(driver.location.y, 7),
+                "lon": round(driver.location.x, 7),
+                "accuracyMeters": driver.location_accuracy_m,
+                "lastUpdated": iso(driver.location_recorded_at),
+            }
+        if delivery.eta_calculated_at is not None and delivery.eta_pickup_at and delivery.eta_delivery_at:
+            body["estimatedPickupTime"] = iso(delivery.eta_pickup_at)
+            body["estimatedDeliveryTime"] = iso(delivery.eta_delivery_at)
+    if delivery.status in (S.READY, S.ASSIGNED):
+        body["estimatedPrepTimeMinutes"] = math.ceil(eta.remaining_prep_seconds(delivery, now) / 60)
+    body["trackingUrl"] = delivery.tracking_url
+    body["deliveryId"] = str(delivery.pk)
+    return body  # type: ignore[return-value]
+
+
+def tracking_message(delivery: Delivery, *, kind: str, now: datetime | None = None) -> dict:
+    """`{"type": kind, ...tracking_status}` for the customer's socket."""
+    return {"type": kind, **tracking_status(delivery, now=now)}
+
+
+def tracking_snapshot_for_link(*, delivery_id, token: str | None) -> dict | None:
+    """The socket's first message, or None for a bad link (the socket closes with 4401)."""
+    delivery = delivery_for_tracking_link(delivery_id=delivery_id, token=token)
+    return None if delivery is None else tracking_message(delivery, kind="delivery_snapshot")
+
+
+def tracking_update_for(delivery_id, *, kind: str = "delivery_status_updated") -> dict | None:
+    delivery = Delivery.objects.filter(pk=delivery_id).first()
+    return None if delivery is None else tracking_message(delivery, kind=kind)

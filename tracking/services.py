@@ -1,0 +1,319 @@
+"""Customer ETA: both legs of an assigned delivery from its driver's last fix, stored on the
+delivery and pushed to the delivery's group (docs/tracking.md).
+
+- `eta_compute` is pure: (delivery, driver fix, now, routing backend) → `Eta`.
+- `delivery_eta_refresh` reads the assignment, delivery and driver in one query, stores the new
+  ETA with a conditional UPDATE (never over a newer one) and emits `delivery_eta_updated` when
+  it changed meaningfully: either time moved by `ETA_CHANGE_THRESHOLD_SECONDS` or more, or the
+  confidence by `ETA_CONFIDENCE_THRESHOLD` or more, or there was none before.
+- `delivery_track_fix` is what the location hot path calls, after commit, for a driver with an
+  active assignment: `delivery_location_updated` for every accepted fix, and an ETA refresh at
+  most every `ETA_MIN_INTERVAL_SECONDS` per delivery, or sooner once the driver has moved
+  `ETA_MIN_MOVE_METERS` from where the last one was computed. The throttle is one Redis script
+  call (no database read); with Redis down the delivery's `eta_calculated_at` throttles instead.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import redis
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Avg, OuterRef, Q, Subquery
+from django.utils import timezone
+
+from availability.models import Driver
+from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group, send_now
+from common.exceptions import Conflict, NotFound
+from common.redis import RedisUnavailable, get_redis
+from dispatch.models import Assignment, AssignmentStatus, Delivery
+from dispatch.models import DeliveryStatus as S
+from tracking import eta, events, selectors
+from tracking.models import DeliveryRating
+from tracking.routing import Leg, RoutingBackend, get_routing_backend
+
+logger = logging.getLogger(__name__)
+
+TRACKED_STATUSES = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
+
+# Confidence falls with the age of the fix and with its reported accuracy: each factor is 1
+# up to the grace value and halves at grace + half-life.
+FIX_AGE_GRACE_S, FIX_AGE_HALF_LIFE_S = 30.0, 300.0
+ACCURACY_GRACE_M, ACCURACY_HALF_LIFE_M = 25.0, 250.0
+UNKNOWN_ACCURACY_M = 100.0
+MIN_CONFIDENCE = 0.05
+
+
+@dataclass(frozen=True)
+class Eta:
+    pickup_at: datetime
+    delivery_at: datetime
+    confidence: float
+    calculated_at: datetime
+
+
+def fix_confidence(*, base: float, fix_age_s: float, accuracy_m: float | None) -> float:
+    age_factor = 1.0 / (1.0 + max(0.0, fix_age_s - FIX_AGE_GRACE_S) / FIX_AGE_HALF_LIFE_S)
+    acc = UNKNOWN_ACCURACY_M if accuracy_m is None else accuracy_m
+    accuracy_factor = 1.0 / (1.0 + max(0.0, acc - ACCURACY_GRACE_M) / ACCURACY_HALF_LIFE_M)
+    return round(max(MIN_CONFIDENCE, min(1.0, base * age_factor * accuracy_factor)), 2)
+
+
+def _latlon(point) -> tuple[float, float]:
+    return (point.y, point.x)
+
+
+# The pickup → dropoff leg does not change during a delivery: remember the last few thousand.
+_LEG_CACHE_SIZE = 4096
+_leg_cache: OrderedDict[tuple, Leg] = OrderedDict()
+
+
+def _fixed_leg(backend: RoutingBackend, delivery: Delivery, vehicle_type: str) -> Leg:
+    key = (backend.name, _latlon(delivery.pickup_location), _latlon(delivery.dropoff_location), vehicle_type)
+    leg = _leg_cache.get(key)
+    if leg is None:
+        leg = backend.leg(origin=key[1], destination=key[2], vehicle_type=vehicle_type)
+        if leg.source == backend.name:  # do not remember a fallback answer
+            _leg_cache[key] = leg
+            while len(_leg_cache) > _LEG_CACHE_SIZE:
+                _leg_cache.popitem(last=False)
+    return leg
+
+
+def eta_compute(
+    *, delivery: Delivery, vehicle_type: str, driver_lat: float, driver_lon: float,
+    fix_recorded_at: datetime | None, accuracy_m: float | None, now: datetime, backend: RoutingBackend | None = None,
+) -> Eta | None:
+    """Both legs from the driver's position; None unless the delivery is assigned or under way.
+
+    Assigned: pickup = now + max(drive to the store, remaining prep); delivery = pickup + the
+    store → dropoff leg + handover. Picked up / in transit: pickup is when it happened;
+    delivery = now + drive to the dropoff + handover."""
+    backend = backend or get_routing_backend()
+    driver = (driver_lat, driver_lon)
+    if delivery.status == S.ASSIGNED:
+        to_store = backend.leg(origin=driver, destination=_latlon(delivery.pickup_location), vehicle_type=vehicle_type)
+        pickup_s = max(to_store.seconds, eta.remaining_prep_seconds(delivery, now))
+        pickup_at = now + timedelta(seconds=round(pickup_s))
+        leg = _fixed_leg(backend, delivery, vehicle_type)
+        delivery_at = pickup_at + timedelta(seconds=round(leg.seconds + eta.HANDOVER_SECONDS))
+        source = to_store.source if to_store.source == leg.source else "mixed"
+    elif delivery.status in (S.PICKED_UP, S.IN_TRANSIT):
+        to_door = backend.leg(origin=driver, destination=_latlon(delivery.dropoff_location), vehicle_type=vehicle_type)
+        pickup_at = delivery.picked_up_at or now
+        delivery_at = now + timedelta(seconds=round(to_door.seconds + eta.HANDOVER_SECONDS))
+        source = to_door.source
+    else:
+        return None
+    # A fallback answer is trusted as much as the fallback backend, not the configured one.
+    base = backend.base_confidence if source == backend.name else getattr(
+        getattr(backend, "fallback", None), "base_confidence", backend.base_confidence
+    )
+    age_s = max(0.0, (now - fix_recorded_at).total_seconds()) if fix_recorded_at else FIX_AGE_GRACE_S + 3600
+    return Eta(
+        pickup_at=pickup_at,
+        delivery_at=delivery_at,
+        confidence=fix_confidence(base=base, fix_age_s=age_s, accuracy_m=accuracy_m),
+        calculated_at=now,
+    )
+
+
+def eta_changed_meaningfully(*, old: Eta | None, new: Eta) -> bool:
+    if old is None:
+        return True
+    threshold = settings.ETA_CHANGE_THRESHOLD_SECONDS
+    return (
+        abs((new.pickup_at - old.pickup_at).total_seconds()) >= threshold
+        or abs((new.delivery_at - old.delivery_at).total_seconds()) >= threshold
+        or abs(new.confidence - old.confidence) >= settings.ETA_CONFIDENCE_THRESHOLD - 1e-9
+    )
+
+
+def stored_eta(delivery: Delivery) -> Eta | None:
+    if delivery.eta_calculated_at is None or delivery.eta_pickup_at is None or delivery.eta_delivery_at is None:
+        return None
+    return Eta(
+        pickup_at=delivery.eta_pickup_at,
+        delivery_at=delivery.eta_delivery_at,
+        confidence=delivery.eta_confidence or 0.0,
+        calculated_at=delivery.eta_calculated_at,
+    )
+
+
+def delivery_eta_refresh(
+    *, delivery_id, now: datetime | None = None, not_since: datetime | None = None, force_event: bool = False
+) -> Eta | None:
+    """Recompute and store the ETA of an assigned or under-way delivery from its driver's last
+    fix; returns it, or None when there is nothing to compute or a newer one is stored.
+
+    `not_since`: only when the stored one was calculated before then (the throttle when Redis
+    is down). No row lock and no transaction of its own: the write is one conditional UPDATE
+    that never replaces a newer ETA or writes over a status change; the event follows it (after
+    the caller's commit, if it has a transaction open)."""
+    now = now or timezone.now()
+    assignment = (
+        Assignment.objects.select_related("delivery", "driver")
+        .filter(delivery_id=delivery_id, status=AssignmentStatus.ACTIVE)
+        .first()
+    )
+    if assignment is None:
+        return None
+    delivery, driver = assignment.delivery, assignment.driver
+    if delivery.status not in TRACKED_STATUSES or driver.location is None:
+        return None
+    if not_since is not None and delivery.eta_calculated_at is not None and delivery.eta_calculated_at >= not_since:
+        return None
+    new = eta_compute(
+        delivery=delivery, vehicle_type=driver.vehicle_type, driver_lat=driver.location.y, driver_lon=driver.location.x,
+        fix_recorded_at=driver.location_recorded_at, accuracy_m=driver.location_accuracy_m, now=now,
+    )
+    if new is None:
+        return None
+    updated = (
+        Delivery.objects.filter(pk=delivery.pk, status=delivery.status)
+        .filter(Q(eta_calculated_at__isnull=True) | Q(eta_calculated_at__lte=now))
+        .update(
+            eta_pickup_at=new.pickup_at, eta_delivery_at=new.delivery_at,
+            eta_confidence=new.confidence, eta_calculated_at=new.calculated_at,
+        )
+    )
+    if not updated:
+        return None
+    if force_event or eta_changed_meaningfully(old=stored_eta(delivery), new=new):
+        event = events.delivery_eta_updated(
+            delivery_id=delivery.pk, pickup_at=new.pickup_at, delivery_at=new.delivery_at,
+            confidence=new.confidence, calculated_at=new.calculated_at,
+        )
+        # After a status change (force_event) ops already have delivery_status_changed; they get
+        # the ETA again with the driver's next fix.
+        broadcast_on_commit([delivery_group(delivery.pk)] if force_event else [delivery_group(delivery.pk), OPS_GROUP], event)
+    return new
+
+
+def eta_refresh_on_commit(delivery_id, *, now: datetime | None = None) -> None:
+    """After the current transaction commits (a status change): refresh the ETA and tell the
+    customer, whether or not the times moved, since the legs it covers have changed."""
+
+    def run():
+        try:
+            delivery_eta_refresh(delivery_id=delivery_id, now=now or timezone.now(), force_event=True)
+        except Exception:
+            logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
+
+    transaction.on_commit(run, robust=True)
+
+
+# ------------------------------------------------------------------------- throttle
+
+THROTTLE_KEY = "eta:last:{}"
+THROTTLE_TTL_SECONDS = 6 * 3600
+
+# Claim the right to recompute one delivery's ETA: yes when there was no computation yet, when
+# the last one is ETA_MIN_INTERVAL_SECONDS old, or when the driver has moved ETA_MIN_MOVE_METERS
+# from where it was made (equirectangular distance: exact enough at these ranges).
+_THROTTLE_SCRIPT = """
+local t, lat, lon = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local interval, min_move = tonumber(ARGV[4]), tonumber(ARGV[5])
+local prev = redis.call('HMGET', KEYS[1], 't', 'lat', 'lon')
+if prev[1] then
+  local elapsed = t - tonumber(prev[1])
+  if elapsed < interval then
+    local k = math.pi / 180
+    local dy = (lat - tonumber(prev[2])) * k
+    local dx = (lon - tonumber(prev[3])) * k * math.cos(lat * k)
+    if 6371008.8 * math.sqrt(dx * dx + dy * dy) < min_move then return 0 end
+  end
+end
+redis.call('HSET', KEYS[1], 't', ARGV[1], 'lat', ARGV[2], 'lon', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return 1
+"""
+_throttle_scripts: dict[int, object] = {}
+
+
+def eta_recompute_due(*, delivery_id, lat: float, lon: float, now: datetime) -> bool | None:
+    """True when this fix should recompute the ETA (and claims it), False when throttled, None
+    when Redis cannot say (the caller falls back to the stored calculation time)."""
+    try:
+        client = get_redis()
+        script = _throttle_scripts.get(id(client))
+        if script is None:
+            script = _throttle_scripts.setdefault(id(client), client.register_script(_THROTTLE_SCRIPT))
+        due = script(
+            keys=[THROTTLE_KEY.format(delivery_id)],
+            args=[repr(now.timestamp()), repr(lat), repr(lon), settings.ETA_MIN_INTERVAL_SECONDS,
+                  settings.ETA_MIN_MOVE_METERS, THROTTLE_TTL_SECONDS],
+        )
+        return bool(due)
+    except RedisUnavailable:
+        logger.warning("ETA throttle: Redis unavailable, using the stored calculation time")
+        return None
+    except redis.RedisError:
+        logger.exception("ETA throttle failed for delivery %s", delivery_id)
+        return None
+
+
+def delivery_track_fix(
+    *, delivery_id, lat: float, lon: float, accuracy_m: float | None, speed: float | None, heading: float | None,
+    recorded_at: datetime, now: datetime,
+) -> None:
+    """An accepted fix of the driver assigned to `delivery_id`, after it committed: the
+    location goes to the delivery's group and ops; the ETA is refreshed when due. Never raises."""
+    event = events.delivery_location_updated(
+        delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed_mps=speed, heading=heading,
+        recorded_at=recorded_at,
+    )
+    send_now([delivery_group(delivery_id), OPS_GROUP], event)
+    due = eta_recompute_due(delivery_id=delivery_id, lat=lat, lon=lon, now=now)
+    if due is False:
+        return
+    not_since = now - timedelta(seconds=settings.ETA_MIN_INTERVAL_SECONDS) if due is None else None
+    try:
+        delivery_eta_refresh(delivery_id=delivery_id, now=now, not_since=not_since)
+    except Exception:
+        logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
+
+
+# ------------------------------------------------------------------------------ rating
+
+
+@transaction.atomic
+def delivery_rate(
+    *, delivery_id, stars: int, comment: str = "", now: datetime | None = None
+) -> DeliveryRating:
+    """The customer rates a delivered delivery, once; the driver's rating becomes the average
+    of all their ratings.
+
+    Locks delivery then driver (the project's lock order). The average is computed by the
+    database in an UPDATE issued after the driver's row lock is held, so it sees every rating
+    committed before, and two ratings of one driver at once cannot lose each other."""
+    now = now or timezone.now()
+    delivery = Delivery.objects.select_for_update(of=("self",)).filter(pk=delivery_id).first()
+    if delivery is None:
+        raise NotFound("Order not found.")
+    if delivery.status != S.DELIVERED:
+        raise Conflict(f"Only a delivered order can be rated (this one is {selectors.customer_status(delivery.status)}).")
+    if DeliveryRating.objects.filter(delivery=delivery).exists():
+        raise Conflict("This delivery has already been rated.")
+    assignment = (
+        Assignment.objects.filter(delivery=delivery, status=AssignmentStatus.COMPLETED).order_by("-ended_at").first()
+    )
+    if assignment is None:
+        raise Conflict("This delivery has no driver to rate.")
+    driver_id = assignment.driver_id
+    try:
+        with transaction.atomic():
+            rating = DeliveryRating.objects.create(
+                delivery=delivery, driver_id=driver_id, stars=stars, comment=comment, created_at=now
+            )
+    except IntegrityError:
+        raise Conflict("This delivery has already been rated.")
+    list(Driver.objects.select_for_update(of=("self",)).filter(pk=driver_id).values_list("pk"))
+    average = (
+        DeliveryRating.objects.filter(driver_id=OuterRef("pk")).values("driver_id").annotate(a=Avg("stars")).values("a")
+    )
+    Driver.objects.filter(pk=driver_id).update(rating=Subquery(average))
+    return rating

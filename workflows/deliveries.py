@@ -1,0 +1,139 @@
+"""Delivery workflows: intake (with auto-dispatch), cancel, reassign, and the driver's steps
+through pickup and drop-off. Each reads top to bottom: lock (once, in the order of
+`workflows.locks`) → state changes → audit → events on commit."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import transaction
+from django.utils import timezone
+
+from analytics.economics import economics_record
+from analytics.services import performance_delivery_finished
+from common.actors import Actor
+from common.exceptions import Conflict, NotFound
+from dispatch import services as deliveries
+from dispatch.models import AssignmentStatus, Delivery
+from dispatch.models import DeliveryStatus as S
+from dispatch.services import DeliveryInput
+from escalation.services import unassigned_cancel, unassigned_resolve
+from offers.services import offer_cancel_locked
+from tracking.services import eta_refresh_on_commit
+from workflows import locks
+from workflows.dispatching import DispatchResult, dispatch_locked
+from zones.selectors import zone_for_point
+
+TRACKED = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
+
+
+@transaction.atomic
+def delivery_create(
+    *, data: DeliveryInput, created_by, actor: Actor, auto_dispatch: bool = False, now: datetime | None = None
+) -> Delivery:
+    """A `ready` delivery in the zone of its pickup. With `auto_dispatch` the first candidate
+    is offered in the same transaction (or the delivery is recorded as unassigned)."""
+    now = now or timezone.now()
+    delivery = deliveries.delivery_insert(
+        data=data, created_by=created_by, zone=zone_for_point(data.pickup_location), actor=actor, now=now
+    )
+    if auto_dispatch:
+        dispatch_locked(delivery, actor=Actor.system(), now=now)  # a new row: nobody else can hold it
+    return delivery
+
+
+@transaction.atomic
+def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | None = None, details: dict | None = None):
+    """Ops assign a ready delivery straight to an available driver (no offer): the driver
+    becomes busy, the delivery assigned, its unassigned record resolved."""
+    now = now or timezone.now()
+    offer = locks.lock_pending_offer_of_delivery(delivery_id)
+    if offer is not None:
+        raise Conflict("The delivery has a pending offer; withdraw it or wait for the answer.")
+    delivery = locks.lock_delivery(delivery_id)
+    driver = locks.lock_driver(driver_id)
+
+    assignment = deliveries.assignment_start_locked(delivery, driver, actor=actor, now=now, details=details)
+    unassigned_resolve(delivery=delivery, now=now)
+    eta_refresh_on_commit(delivery.pk, now=now)
+    return assignment
+
+
+@transaction.atomic
+def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
+    """Cancel an open delivery: its pending offer is withdrawn, its active assignment ends and
+    the driver is freed, its unassigned record and ticket are closed."""
+    now = now or timezone.now()
+    offer = locks.lock_pending_offer_of_delivery(delivery_id)
+    delivery = locks.lock_delivery(delivery_id)
+    if not delivery.is_open:
+        raise Conflict(f"Delivery is {delivery.status}; it can no longer be cancelled.")
+    assignment = locks.lock_active_assignment(delivery.pk)
+    driver_id = offer.driver_id if offer is not None else (assignment.driver_id if assignment else None)
+    driver = locks.lock_driver(driver_id) if driver_id else None
+
+    if offer is not None:
+        offer_cancel_locked(offer, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
+    unassigned_cancel(delivery=delivery, now=now)
+    if assignment is not None:
+        deliveries.assignment_end_locked(
+            assignment, driver=driver, status=AssignmentStatus.CANCELLED, reason="delivery_cancelled", actor=actor, now=now
+        )
+    deliveries.delivery_mark_cancelled(
+        delivery, reason=reason, driver_id=assignment.driver_id if assignment else None, actor=actor, now=now
+    )
+    return delivery
+
+
+@transaction.atomic
+def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> tuple[object, DispatchResult]:
+    """Ops take an assigned delivery away from its driver: the assignment is cancelled, the
+    driver freed, the delivery is ready again and goes to the next candidate (the previous
+    driver is excluded, having been offered it once). Returns (previous driver id, dispatch result)."""
+    now = now or timezone.now()
+    delivery = locks.lock_delivery(delivery_id)
+    if delivery.status != S.ASSIGNED:
+        raise Conflict(f"Delivery is {delivery.status}; only an assigned delivery (not yet picked up) can be reassigned.")
+    assignment = locks.lock_active_assignment(delivery.pk)
+    driver = locks.lock_driver(assignment.driver_id) if assignment else None
+
+    if assignment is not None:
+        deliveries.assignment_end_locked(
+            assignment, driver=driver, status=AssignmentStatus.CANCELLED, reason="reassigned", actor=actor, now=now
+        )
+    deliveries.delivery_mark_ready_again(delivery, reason=reason, previous=assignment, actor=actor, now=now)
+    previous = assignment.driver_id if assignment else None
+    result = dispatch_locked(delivery, actor=Actor.system(), now=now, exclude_driver_ids=[previous] if previous else ())
+    return previous, result
+
+
+@transaction.atomic
+def delivery_advance(
+    *, delivery_id, driver_id, step: str, actor: Actor, reason: str = "", now: datetime | None = None
+) -> Delivery:
+    """Move a delivery one step on, by its assigned driver. Out-of-order steps are a Conflict.
+    The last step (completed or failed) ends the assignment, frees the driver and records
+    the delivery's economics and the driver's performance."""
+    if step not in deliveries.STEPS:
+        raise NotFound("Unknown step.")
+    now = now or timezone.now()
+    delivery = locks.lock_delivery(delivery_id)
+    assignment = deliveries.assignment_of_driver(delivery, driver_id)
+    finishing = step in deliveries.FINISHING_STEPS
+    if finishing:
+        assignment = locks.lock_active_assignment(delivery.pk)
+        driver = locks.lock_driver(driver_id)
+
+    from_status = deliveries.delivery_step_apply(delivery, assignment=assignment, step=step, reason=reason, actor=actor, now=now)
+    if finishing:
+        deliveries.assignment_end_locked(
+            assignment, driver=driver, status=deliveries.FINISHING_STEPS[step], reason=step.replace("-", "_"),
+            actor=actor, now=now,
+        )
+        cost, _ = economics_record(delivery=delivery, now=now)
+        performance_delivery_finished(driver_id=driver_id, delivery=delivery, earning=cost.driver_payment, now=now)
+
+    if delivery.status != from_status:
+        deliveries.delivery_emit_status(delivery, from_status=from_status, driver_id=driver_id, now=now, reason=reason)
+        if delivery.status in TRACKED:
+            eta_refresh_on_commit(delivery.pk, now=now)  # the legs changed: a fresh ETA for the customer
+    return delivery

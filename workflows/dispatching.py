@@ -1,0 +1,268 @@
+"""The dispatch engine (a workflow: it reads drivers, zones and offers, writes offers and
+unassigned records): find candidates for a ready delivery and offer it to the best one.
+
+Candidates are available drivers with a fresh fix within the search radius (the zone's
+override, else DISPATCH_RADIUS_KM), not UNAVAILABLE for the delivery's zone, never offered
+this delivery before and with no pending offer. They are ranked by estimated pickup time;
+among near-equals (same two-minute band) PREFERRED-zone drivers come first, then the higher
+acceptance rate. One pending offer per delivery at a time (sequential dispatch).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from audit.models import AuditEventType as E
+from audit.services import audit_record
+from availability.geo import NearbyDriver, drivers_available_near
+from availability.models import Driver, DriverAvailability
+from common.actors import Actor
+from common.exceptions import Conflict
+from dispatch.models import Delivery, DeliveryStatus
+from escalation.models import FailureReason, UnassignedOrder
+from escalation.services import unassigned_record_failure
+from offers.models import DriverOffer, OfferStatus
+from offers.services import offer_insert_locked
+from tracking import eta
+from workflows import locks
+from zones.selectors import zone_preferences_for
+
+logger = logging.getLogger(__name__)
+
+CANDIDATE_POOL = 100  # nearest drivers considered per attempt
+NEAR_EQUAL_SECONDS = 120  # pickup estimates within the same band count as near-equal
+TOP_CANDIDATES_AUDITED = 5
+
+
+@dataclass
+class Candidate:
+    driver_id: str
+    distance_km: float
+    pickup_seconds: float
+    preference: str
+    acceptance_rate: float
+
+    def rank_key(self):
+        return (
+            int(self.pickup_seconds // NEAR_EQUAL_SECONDS),
+            0 if self.preference == "PREFERRED" else 1,
+            -self.acceptance_rate,
+            self.pickup_seconds,
+            self.driver_id,
+        )
+
+
+@dataclass
+class DispatchResult:
+    outcome: str  # offered | unassigned | not_ready | already_offered
+    offer: DriverOffer | None = None
+    failure_reason: str | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    search_radius_km: float | None = None
+
+
+def search_radius_for(delivery: Delivery) -> float:
+    zone = delivery.zone if getattr(delivery, "zone_id", None) else None
+    override = getattr(zone, "search_radius_km", None) if zone else None
+    return float(override or settings.DISPATCH_RADIUS_KM)
+
+
+def _acceptance_rates(driver_ids: list[str]) -> dict[str, float]:
+    """(accepted + 1) / (answered or expired + 1): new drivers start near the top, not at 0."""
+    rows = (
+        DriverOffer.objects.filter(
+            driver_id__in=driver_ids, status__in=[OfferStatus.ACCEPTED, OfferStatus.REJECTED, OfferStatus.EXPIRED]
+        )
+        .values("driver_id")
+        .annotate(n=Count("id"), accepted=Count("id", filter=Q(status=OfferStatus.ACCEPTED)))
+    )
+    return {str(r["driver_id"]): (r["accepted"] + 1) / (r["n"] + 1) for r in rows}
+
+
+def _zone_preferences(delivery: Delivery, driver_ids: list[str]) -> dict[str, str]:
+    if not getattr(delivery, "zone_id", None):
+        return {}
+    return zone_preferences_for(zone_id=delivery.zone_id, driver_ids=driver_ids)
+
+
+@dataclass
+class _Screening:
+    ranked: list[Candidate]
+    pending_elsewhere: int = 0
+    offered_before: int = 0
+    unavailable_for_zone: int = 0
+    no_longer_available: int = 0
+
+
+def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver]) -> _Screening:
+    ids = [n.driver_id for n in nearby]
+    if not ids:
+        return _Screening(ranked=[])
+    offered_before = {str(x) for x in DriverOffer.objects.filter(delivery=delivery).values_list("driver_id", flat=True)}
+    pending = {
+        str(x) for x in DriverOffer.objects.filter(status=OfferStatus.PENDING, driver_id__in=ids).values_list("driver_id", flat=True)
+    }
+    # PostgreSQL has the last word on availability (Redis is derived and may lag a moment).
+    vehicle = {
+        str(pk): vt for pk, vt in Driver.objects.filter(pk__in=ids, availability=DriverAvailability.AVAILABLE).values_list("pk", "vehicle_type")
+    }
+    prefs = _zone_preferences(delivery, ids)
+    rates = _acceptance_rates(ids)
+    screening = _Screening(ranked=[])
+    for n in nearby:
+        if n.driver_id in offered_before:
+            screening.offered_before += 1
+        elif n.driver_id in pending:
+            screening.pending_elsewhere += 1
+        elif prefs.get(n.driver_id) == "UNAVAILABLE":
+            screening.unavailable_for_zone += 1
+        elif n.driver_id not in vehicle:
+            screening.no_longer_available += 1
+        else:
+            screening.ranked.append(
+                Candidate(
+                    driver_id=n.driver_id,
+                    distance_km=n.distance_km,
+                    pickup_seconds=eta.travel_seconds(n.distance_km, vehicle[n.driver_id]),
+                    preference=prefs.get(n.driver_id, "AVAILABLE"),
+                    acceptance_rate=rates.get(n.driver_id, 1.0),
+                )
+            )
+    screening.ranked.sort(key=Candidate.rank_key)
+    return screening
+
+
+_BUSY_NEAR_SQL = """
+SELECT EXISTS (
+  SELECT 1 FROM dispatch_driver d
+  WHERE d.location IS NOT NULL AND d.location_recorded_at >= %(cutoff)s
+    AND (d.availability = 'busy'
+         OR EXISTS (SELECT 1 FROM driver_offers o WHERE o.driver_id = d.id AND o.status = 'PENDING'))
+    AND ST_DWithin(d.location, ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)::geography, %(radius_m)s, false)
+)
+"""
+
+
+def _failure_reason(delivery: Delivery, screening: _Screening, nearby: list, radius_km: float, now: datetime) -> str:
+    lat, lon = delivery.pickup_location.y, delivery.pickup_location.x
+    if nearby:
+        # Drivers are near but none could take it: busy with other offers or work, or they
+        # all declined this one (or do not work this zone).
+        if screening.pending_elsewhere or screening.no_longer_available:
+            return FailureReason.ALL_DRIVERS_BUSY
+        return FailureReason.NO_AVAILABLE_DRIVERS
+    cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
+    with connection.cursor() as cur:
+        cur.execute(_BUSY_NEAR_SQL, {"cutoff": cutoff, "lat": lat, "lon": lon, "radius_m": radius_km * 1000})
+        if cur.fetchone()[0]:
+            return FailureReason.ALL_DRIVERS_BUSY
+    wide = max(settings.DISPATCH_WIDE_RADIUS_KM, radius_km * 2)
+    if drivers_available_near(lat=lat, lon=lon, radius_km=wide, limit=1, now=now):
+        return FailureReason.DISTANCE_EXCEEDED
+    if getattr(delivery, "zone_id", None):
+        return FailureReason.ZONE_EMPTY
+    return FailureReason.NO_AVAILABLE_DRIVERS
+
+
+def dispatch_locked(
+    delivery: Delivery, *, actor: Actor, now: datetime, radius_km: float | None = None, exclude_driver_ids=()
+) -> DispatchResult:
+    """Offer a ready delivery to its best candidate. The caller holds the delivery's lock.
+
+    Candidate drivers are locked with SKIP LOCKED: a driver another transaction is working on
+    is passed over rather than waited for, so dispatch never deadlocks with accept/availability.
+    """
+    if delivery.status != DeliveryStatus.READY:
+        return DispatchResult("not_ready")
+    pending = DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).first()
+    if pending is not None:
+        return DispatchResult("already_offered", offer=pending)
+
+    radius = float(radius_km or search_radius_for(delivery))
+    lat, lon = delivery.pickup_location.y, delivery.pickup_location.x
+    audit_record(delivery=delivery, event_type=E.ASSIGNMENT_STARTED, actor=actor, now=now, details={"searchRadiusKm": radius})
+    nearby = drivers_available_near(lat=lat, lon=lon, radius_km=radius, limit=CANDIDATE_POOL, now=now)
+    if exclude_driver_ids:
+        excluded = {str(x) for x in exclude_driver_ids}
+        nearby = [n for n in nearby if n.driver_id not in excluded]
+    screening = rank_candidates(delivery, nearby)
+    audit_record(
+        delivery=delivery, event_type=E.DRIVER_CANDIDATES_FOUND, actor=actor, now=now,
+        details={
+            "count": len(screening.ranked),
+            "searchRadiusKm": radius,
+            "nearbyDrivers": len(nearby),
+            "topCandidates": [
+                {"driverId": c.driver_id, "distanceKm": round(c.distance_km, 3),
+                 "estimatedPickupMin": round(c.pickup_seconds / 60, 1), "preference": c.preference,
+                 "acceptanceRate": round(c.acceptance_rate, 3)}
+                for c in screening.ranked[:TOP_CANDIDATES_AUDITED]
+            ],
+        },
+    )
+    for candidate in screening.ranked:
+        driver = locks.lock_driver(
+            candidate.driver_id, skip_locked=True, availability=DriverAvailability.AVAILABLE, location__isnull=False
+        )
+        if driver is None:
+            continue
+        try:
+            offer = offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, search_radius_km=radius)
+        except Conflict:
+            screening.pending_elsewhere += 1
+            continue
+        return DispatchResult("offered", offer=offer, candidates=screening.ranked, search_radius_km=radius)
+
+    reason = _failure_reason(delivery, screening, nearby, radius, now)
+    unassigned_record_failure(delivery=delivery, reason=reason, now=now)
+    return DispatchResult("unassigned", failure_reason=reason, candidates=screening.ranked, search_radius_km=radius)
+
+
+@transaction.atomic
+def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = None, now: datetime | None = None, strict: bool = False) -> DispatchResult:
+    """Lock the delivery and dispatch it. With `strict` (ops asking), a delivery that is not
+    ready or already has a pending offer is a Conflict instead of a quiet no-op."""
+    now = now or timezone.now()
+    delivery = locks.lock_delivery(delivery_id)
+    result = dispatch_locked(delivery, actor=actor, now=now, radius_km=radius_km)
+    if strict and result.outcome == "not_ready":
+        raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be dispatched.")
+    if strict and result.outcome == "already_offered":
+        raise Conflict("The delivery already has a pending offer.")
+    return result
+
+
+def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> int:
+    """The retry job: dispatch again every open unassigned delivery that is still ready and has
+    no pending offer (oldest attempt first). Returns how many got an offer."""
+    now = now or timezone.now()
+    rows = list(
+        UnassignedOrder.objects.filter(
+            resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True
+        )
+        # A delivery created with autoDispatch false and never dispatched is recorded by the
+        # escalation check (reason "unassigned") to alert ops; retrying it here would dispatch
+        # it against the seller's choice. Once dispatch has been tried it has a real reason.
+        .exclude(failure_reason=FailureReason.UNASSIGNED)
+        .order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
+    )
+    offered = 0
+    for delivery_id, level in rows:
+        # Once escalated to the wide-radius tier, keep searching that wide.
+        radius = settings.DISPATCH_WIDE_RADIUS_KM if level >= 2 else None
+        try:
+            with transaction.atomic():
+                delivery = locks.lock_delivery(delivery_id, skip_locked=True)
+                if delivery is None:
+                    continue  # someone else is on it
+                result = dispatch_locked(delivery, actor=Actor.system(), now=now, radius_km=radius)
+                offered += result.outcome == "offered"
+        except Exception:
+            logger.exception("retrying dispatch of delivery %s failed", delivery_id)
+    return offered

@@ -1,0 +1,128 @@
+"""Driver workflows: availability changes that withdraw a pending offer, the stale-driver
+job, and a location fix reaching the customer's tracking."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from availability.models import Driver
+from availability.models import DriverAvailability as A
+from availability.services import (
+    LocationResult,
+    apply_availability_change,
+    driver_location_update,
+)
+from common.actors import Actor
+from common.exceptions import Conflict
+from offers.services import offer_cancel_locked
+from tracking.services import delivery_track_fix
+from workflows import locks
+from workflows.dispatching import dispatch_locked
+
+
+@transaction.atomic
+def availability_change(
+    *, driver_id, to_state: str, reason: str, actor: Actor, until: datetime | None = None,
+    by_ops: bool = False, now: datetime | None = None,
+) -> Driver:
+    """Move a driver to `to_state` (the state machine in availability.services decides).
+
+    Going unavailable withdraws the driver's pending offer (CANCELLED) and its delivery moves
+    to the next candidate. Locks: the pending offer, its delivery, then the driver."""
+    now = now or timezone.now()
+    withdrawing = to_state not in (A.AVAILABLE, A.BUSY)
+    offer = locks.lock_pending_offer_of_driver(driver_id) if withdrawing else None
+    delivery = locks.lock_delivery(offer.delivery_id) if offer is not None else None
+    driver = locks.lock_driver(driver_id)
+    apply_availability_change(driver, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now)
+    if offer is not None:
+        offer_cancel_locked(offer, delivery=delivery, reason=f"driver_{to_state}", actor=actor, now=now)
+        dispatch_locked(delivery, actor=Actor.system(), now=now)
+    return driver
+
+
+def availability_take_break(*, driver_id, duration_minutes: int, reason: str, actor: Actor, now: datetime | None = None) -> Driver:
+    now = now or timezone.now()
+    return availability_change(
+        driver_id=driver_id, to_state=A.ON_BREAK, reason=reason or "break", actor=actor,
+        until=now + timedelta(minutes=duration_minutes), by_ops=actor.type == "admin", now=now,
+    )
+
+
+def availability_end_shift(*, driver_id, actor: Actor, reason: str = "shift_ended", now: datetime | None = None) -> Driver:
+    return availability_change(
+        driver_id=driver_id, to_state=A.SHIFT_ENDED, reason=reason, actor=actor, by_ops=actor.type == "admin", now=now
+    )
+
+
+def availability_resume(*, driver_id, actor: Actor, now: datetime | None = None) -> Driver:
+    """Back to work. A paused driver can only be resumed by ops."""
+    return availability_change(
+        driver_id=driver_id, to_state=A.AVAILABLE, reason="resumed", actor=actor, by_ops=actor.type == "admin", now=now
+    )
+
+
+def availability_override(
+    *, driver_id, to_state: str, reason: str, actor: Actor, duration_minutes: int | None = None, now: datetime | None = None
+) -> Driver:
+    """Ops set a driver's state (e.g. `paused`); `busy` is never set by hand."""
+    now = now or timezone.now()
+    if to_state == A.BUSY:
+        raise Conflict("A driver becomes busy only by accepting an offer.")
+    until = now + timedelta(minutes=duration_minutes) if duration_minutes else None
+    return availability_change(
+        driver_id=driver_id, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=True, now=now
+    )
+
+
+def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int = 500) -> int:
+    """Set `offline` the available drivers with no fix newer than DRIVER_STALE_AFTER_SECONDS
+    (and who have not just come online). Safe when two run at once."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
+    stale = Q(location_recorded_at__lt=cutoff) | Q(location_recorded_at__isnull=True)
+    settled = Q(last_availability_change__lt=cutoff) | Q(last_availability_change__isnull=True)
+    ids = list(
+        Driver.objects.filter(stale, settled, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)[:batch_size]
+    )
+    changed = 0
+    for driver_id in ids:
+        # Each driver in its own transaction, through availability_change so that a pending
+        # offer is withdrawn in lock order; re-checked first (a fix may have arrived, or another
+        # run got there first, in which case the transition is refused as a no-op).
+        with transaction.atomic():
+            if not Driver.objects.filter(stale, settled, pk=driver_id, availability=A.AVAILABLE).exists():
+                continue
+            try:
+                availability_change(driver_id=driver_id, to_state=A.OFFLINE, reason="stale_location", actor=Actor.system(), now=now)
+            except Conflict:
+                continue
+            changed += 1
+    return changed
+
+
+def driver_location_record(
+    *, driver_id, lat: float, lon: float, recorded_at: datetime, accuracy_m: float | None = None,
+    speed: float | None = None, heading: float | None = None, now: datetime | None = None,
+) -> LocationResult:
+    """A driver's fix: stored (never back in time), the GEO index updated after commit, and,
+    when the driver is on a delivery, handed to that customer's tracking after commit."""
+    now = now or timezone.now()
+    result = driver_location_update(
+        driver_id=driver_id, lat=lat, lon=lon, recorded_at=recorded_at, accuracy_m=accuracy_m, speed=speed,
+        heading=heading, now=now,
+    )
+    if result.active_delivery_id is not None:
+        delivery_id = result.active_delivery_id
+        transaction.on_commit(
+            lambda: delivery_track_fix(
+                delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed=speed,
+                heading=heading, recorded_at=recorded_at, now=now,
+            ),
+            robust=True,
+        )
+    return result

@@ -1,0 +1,89 @@
+"""Every row lock a workflow takes, in the one order they are taken.
+
+    offer → delivery → driver → unassigned-order record / ticket
+
+Each row is locked at most once per transaction, by primary key, with
+`select_for_update(of=("self",))`, inside the workflow's atomic block. A workflow that needs
+several of them takes them top to bottom in this order, so two workflows can only ever wait
+on each other in one direction (no deadlock). Functions that receive a locked row say so in
+their docstring ("the caller holds the delivery's lock").
+
+Why the offer comes first: accept, reject, expire and withdraw all start from an offer; an
+ops action that starts from a delivery or a driver (cancel, reassign, going on break) first
+looks up and locks that delivery's or driver's pending offer, then the rest. Dispatch locks
+candidate drivers with SKIP LOCKED and inserts their offers: a driver being changed by
+another transaction is passed over instead of waited for.
+"""
+from __future__ import annotations
+
+from availability.models import Driver
+from common.exceptions import NotFound
+from dispatch.models import Assignment, AssignmentStatus, Delivery
+from offers.models import DriverOffer, OfferStatus
+
+
+def lock_offer(offer_id, *, driver_id=None) -> DriverOffer:
+    """The offer (of this driver, when given); NotFound otherwise."""
+    filters = {"pk": offer_id}
+    if driver_id is not None:
+        filters["driver_id"] = driver_id
+    offer = DriverOffer.objects.select_for_update(of=("self",)).filter(**filters).first()
+    if offer is None:
+        raise NotFound("Offer not found.")
+    return offer
+
+
+def lock_offer_if_due(offer_id, *, now, force: bool = False) -> DriverOffer | None:
+    """A pending offer whose time is up (any pending one with `force`), skipping it when
+    another transaction holds it: whoever holds it decides its fate."""
+    due = {} if force else {"expires_at__lte": now}
+    return (
+        DriverOffer.objects.select_for_update(of=("self",), skip_locked=True)
+        .filter(pk=offer_id, status=OfferStatus.PENDING, **due).first()
+    )
+
+
+def lock_pending_offer_of_delivery(delivery_id) -> DriverOffer | None:
+    return (
+        DriverOffer.objects.select_for_update(of=("self",))
+        .filter(delivery_id=delivery_id, status=OfferStatus.PENDING).first()
+    )
+
+
+def lock_pending_offer_of_driver(driver_id) -> DriverOffer | None:
+    return (
+        DriverOffer.objects.select_for_update(of=("self",))
+        .filter(driver_id=driver_id, status=OfferStatus.PENDING).first()
+    )
+
+
+def lock_delivery(delivery_id, *, skip_locked: bool = False, select_related: tuple[str, ...] = ()) -> Delivery | None:
+    """The delivery; NotFound when it does not exist. With `skip_locked` (jobs), None when it
+    is missing or another transaction holds it."""
+    qs = Delivery.objects.select_for_update(of=("self",), skip_locked=skip_locked)
+    if select_related:
+        qs = qs.select_related(*select_related)
+    delivery = qs.filter(pk=delivery_id).first()
+    if delivery is None and not skip_locked:
+        raise NotFound("Delivery not found.")
+    return delivery
+
+
+def lock_driver(driver_id, *, skip_locked: bool = False, **filters) -> Driver | None:
+    """The driver; NotFound when it does not exist. With `skip_locked` or extra filters
+    (dispatch claiming a candidate), None when it is held elsewhere or no longer matches."""
+    driver = (
+        Driver.objects.select_for_update(of=("self",), skip_locked=skip_locked)
+        .filter(pk=driver_id, **filters).first()
+    )
+    if driver is None and not (skip_locked or filters):
+        raise NotFound("Driver not found.")
+    return driver
+
+
+def lock_active_assignment(delivery_id) -> Assignment | None:
+    """The delivery's active assignment. The caller holds the delivery's lock."""
+    return (
+        Assignment.objects.select_for_update(of=("self",))
+        .filter(delivery_id=delivery_id, status=AssignmentStatus.ACTIVE).first()
+    )

@@ -1,0 +1,141 @@
+"""Offer workflows: ops offering a delivery, and a driver's answer (accept, reject) or its
+absence (expire). Each reads top to bottom: lock (once, in the order of `workflows.locks`) →
+state changes → audit → events on commit."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import transaction
+from django.utils import timezone
+
+from analytics.services import performance_offer_answered
+from availability.models import DriverAvailability
+from common import metrics
+from common.actors import Actor
+from common.exceptions import Conflict
+from dispatch.models import DeliveryStatus
+from dispatch.services import assignment_start_locked
+from escalation.services import unassigned_resolve
+from offers import services as offers
+from offers.models import DriverOffer, OfferStatus
+from tracking.services import eta_refresh_on_commit
+from workflows import locks
+from workflows.dispatching import dispatch_locked
+
+logger = logging.getLogger(__name__)
+
+
+@transaction.atomic
+def offer_create(
+    *, delivery_id, driver_id, actor: Actor, expires_in_seconds: int | None = None, now: datetime | None = None
+) -> DriverOffer:
+    """Ops offer a ready delivery to a chosen available driver."""
+    now = now or timezone.now()
+    delivery = locks.lock_delivery(delivery_id)
+    driver = locks.lock_driver(driver_id)
+    if delivery.status != DeliveryStatus.READY:
+        raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be offered.")
+    if driver.availability != DriverAvailability.AVAILABLE:
+        raise Conflict(f"Driver {driver.pk} is not available for assignment (currently {driver.availability}).")
+    if DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).exists():
+        raise Conflict("The delivery already has a pending offer.")
+    if DriverOffer.objects.filter(driver=driver, status=OfferStatus.PENDING).exists():
+        raise Conflict("The driver already has a pending offer.")
+    return offers.offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, expires_in_seconds=expires_in_seconds)
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    offer: DriverOffer
+    assignment_id: str
+
+
+def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = None) -> AcceptResult:
+    """The driver takes the delivery: offer ACCEPTED, an assignment, the driver busy, the
+    delivery assigned, its unassigned record resolved.
+
+    An offer past `expiresAt` cannot be accepted even if the expiry job has not run yet: it is
+    expired on the spot (and the next candidate offered) and the driver gets a 409.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        offer = locks.lock_offer(offer_id, driver_id=driver_id)
+        overdue = offers.offer_is_overdue(offer, now)
+        if not overdue:
+            offers.offer_ensure_pending(offer, now)
+            delivery = locks.lock_delivery(offer.delivery_id)
+            driver = locks.lock_driver(offer.driver_id)
+
+            response_ms = offers.offer_mark_accepted(offer, delivery=delivery, actor=actor, now=now)
+            assignment = assignment_start_locked(delivery, driver, actor=actor, now=now, details={"offerId": str(offer.pk)})
+            unassigned_resolve(delivery=delivery, now=now)
+            performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)
+
+            offers.offer_announce_accepted(offer, assignment_id=assignment.pk)
+            eta_refresh_on_commit(delivery.pk, now=now)
+            metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
+            return AcceptResult(offer=offer, assignment_id=str(assignment.pk))
+    offer_expire(offer_id=offer_id, now=now)
+    raise Conflict(f"Offer {offer_id} has expired.")
+
+
+@dataclass(frozen=True)
+class RejectResult:
+    offer: DriverOffer
+    next_offer: DriverOffer | None
+
+
+@transaction.atomic
+def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetime | None = None) -> RejectResult:
+    """The driver declines; the delivery goes to its next candidate in the same transaction."""
+    now = now or timezone.now()
+    offer = locks.lock_offer(offer_id, driver_id=driver_id)
+    offers.offer_ensure_pending(offer, now)
+    delivery = locks.lock_delivery(offer.delivery_id)
+    locks.lock_driver(offer.driver_id)
+
+    offers.offer_mark_rejected(offer, delivery=delivery, reason=reason, actor=actor, now=now)
+    performance_offer_answered(
+        driver_id=driver_id, outcome=OfferStatus.REJECTED, response_time_ms=offer.driver_response_time_ms, now=now
+    )
+    result = dispatch_locked(delivery, actor=Actor.system(), now=now)
+    return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
+
+
+def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False) -> bool:
+    """Expire a pending offer whose time is up and move its delivery to the next candidate.
+
+    Idempotent and safe to race with accept/reject and with itself: a locked offer is skipped
+    (whoever holds it decides), a processed or not-yet-due one is left alone. Returns True
+    when this call expired it. `force` expires it now, due or not (ops' "expire now").
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        offer = locks.lock_offer_if_due(offer_id, now=now, force=force)
+        if offer is None:
+            return False
+        delivery = locks.lock_delivery(offer.delivery_id)
+        locks.lock_driver(offer.driver_id)
+
+        offers.offer_mark_expired(offer, delivery=delivery, now=now)
+        performance_offer_answered(driver_id=offer.driver_id, outcome=OfferStatus.EXPIRED, response_time_ms=None, now=now)
+        dispatch_locked(delivery, actor=Actor.system(), now=now)
+    return True
+
+
+def offers_expire_overdue(*, now: datetime | None = None, batch_size: int = 200) -> int:
+    """The sweep: expire every pending offer past its time (bounded batch, oldest first)."""
+    now = now or timezone.now()
+    ids = list(
+        DriverOffer.objects.filter(status=OfferStatus.PENDING, expires_at__lte=now)
+        .order_by("expires_at").values_list("pk", flat=True)[:batch_size]
+    )
+    expired = 0
+    for offer_id in ids:
+        try:
+            expired += offer_expire(offer_id=offer_id, now=now)
+        except Exception:  # one bad offer must not stop the sweep
+            logger.exception("expiring offer %s failed", offer_id)
+    return expired
