@@ -23,3 +23,18 @@ def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None)
     if done is not None and results:
         modeladmin.message_user(request, done(results), messages.SUCCESS)
     return results
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
