@@ -32,3 +32,12 @@ def get_redis() -> redis.Redis:
                 )
                 _clients[url] = client
     return client
+
+
+def fleet_key(name: str) -> str:
+    """A key of the live fleet state (driver positions, GEO index, fix stream, digests).
+
+    Every such key carries the fleet's hash tag, `{<REDIS_FLEET_TAG>}:<name>`, so one Lua
+    script or MULTI may touch several of them under Redis Cluster (they share a hash slot);
+    a deployment running several cities gives each its own tag, and so its own slot/node."""
+    return f"{{{settings.REDIS_FLEET_TAG}}}:{name}"

@@ -98,6 +98,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
 # Seconds a Redis call may take before we treat Redis as down and fall back.
 REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.5)
+# Hash tag of the live fleet keys (common.redis.fleet_key): one slot per fleet under Redis Cluster.
+REDIS_FLEET_TAG = env("REDIS_FLEET_TAG", default="fleet")
 
 CACHES = {
     "default": {
