@@ -1,5 +1,6 @@
 """Live events of driver availability (seed: Availability Events)."""
 
+from datetime import datetime, timezone
 from typing import Literal, NotRequired, TypedDict
 
 from common.errors import iso
@@ -22,7 +23,25 @@ class BreakExpiredEvent(TypedDict):
     expiredAt: str
 
 
-EVENT_TYPES = ("availability_changed", "break_expired")
+class DriverPosition(TypedDict):
+    driverId: str
+    lat: float
+    lon: float
+    heading: float | None
+    availability: str | None
+    recordedAt: str
+
+
+class DriverPositionsEvent(TypedDict):
+    """Ops: every driver that moved in the last second, in one message (the live map's feed;
+    one message per fix would not scale to a fleet)."""
+
+    type: Literal["driver_positions"]
+    drivers: list[DriverPosition]
+    sentAt: str
+
+
+EVENT_TYPES = ("availability_changed", "break_expired", "driver_positions")
 
 
 def availability_changed(*, driver_id, from_state, to_state, reason, until, changed_at) -> AvailabilityChangedEvent:
@@ -47,3 +66,19 @@ def break_expired(*, driver_id, duration_minutes: int, expired_at) -> BreakExpir
         "breakDurationMinutes": int(duration_minutes),
         "expiredAt": iso(expired_at),
     }
+
+
+def driver_positions(moved: dict[str, str], *, sent_at) -> DriverPositionsEvent:
+    """From availability.live.moved_drain(): driver id → "lat,lon,t,heading,status"."""
+    drivers: list[DriverPosition] = []
+    for driver_id, packed in moved.items():
+        lat, lon, t, heading, status = (packed.split(",") + ["", "", "", "", ""])[:5]
+        drivers.append({
+            "driverId": driver_id,
+            "lat": round(float(lat), 7),
+            "lon": round(float(lon), 7),
+            "heading": float(heading) if heading else None,
+            "availability": status or None,
+            "recordedAt": iso(datetime.fromtimestamp(float(t), tz=timezone.utc)),
+        })
+    return {"type": "driver_positions", "drivers": drivers, "sentAt": iso(sent_at)}

@@ -9,14 +9,14 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone as dt_timezone
 
 from django.contrib.auth import get_user_model
 from django.contrib.gis.geos import Point
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from availability import events, geo
+from availability import events, geo, live
 from availability.models import Driver, DriverAvailabilityHistory
 from availability.models import DriverAvailability as A
 from common.actors import Actor
@@ -217,11 +217,58 @@ def driver_location_update(
     if row is None:
         return LocationResult(accepted=False, availability=None)
     availability, active_delivery_id = row
-    if availability == A.AVAILABLE:
-        transaction.on_commit(
-            lambda: geo.index_driver(
+    fix = live.Fix(driver_id=str(driver_id), lat=lat, lon=lon, recorded_at=recorded_at.timestamp(),
+                   accuracy_m=accuracy_m, speed=speed, heading=heading)
+
+    def after_commit():
+        live.fix_record_persisted(fix)  # the live position (and GEO entry, when Redis knows the status)
+        if availability == A.AVAILABLE:
+            geo.index_driver(
                 driver_id=driver_id, availability=availability, lat=lat, lon=lon, recorded_at=recorded_at, from_fix=True
-            ),
-            robust=True,
-        )
+            )
+
+    transaction.on_commit(after_commit, robust=True)
     return LocationResult(accepted=True, availability=availability, active_delivery_id=active_delivery_id)
+
+
+# The stream consumer's batch write: the newest fix per driver, one statement, with the same
+# recorded-at guard as the direct write (PostgreSQL never moves a driver back in time).
+_BATCH_UPDATE_SQL = """
+UPDATE dispatch_driver AS d
+SET location = ST_SetSRID(ST_MakePoint(v.lon, v.lat), 4326)::geography,
+    location_accuracy_m = v.acc, location_speed = v.speed, location_heading = v.heading,
+    location_recorded_at = v.t, updated_at = %s
+FROM (VALUES {rows}) AS v(id, lat, lon, t, acc, speed, heading)
+WHERE d.id = v.id AND (d.location_recorded_at IS NULL OR d.location_recorded_at < v.t)
+RETURNING d.id, d.availability,
+    (SELECT a.delivery_id FROM dispatch_assignment a WHERE a.driver_id = d.id AND a.status = 'active')
+"""
+_BATCH_ROW = "(%s::uuid, %s::float8, %s::float8, %s::timestamptz, %s::float8, %s::float8, %s::float8)"
+
+
+@dataclass(frozen=True)
+class PersistedFix:
+    fix: live.Fix
+    availability: str
+    active_delivery_id: str | None
+
+
+def positions_persist(fixes: list[live.Fix], *, now: datetime | None = None) -> list[PersistedFix]:
+    """Write a batch of fixes from the stream: the newest per driver, in one UPDATE … FROM
+    (VALUES …). Returns the fixes PostgreSQL took (a fix older than the stored one is not)."""
+    newest: dict[str, live.Fix] = {}
+    for fix in fixes:
+        if fix.driver_id not in newest or fix.recorded_at > newest[fix.driver_id].recorded_at:
+            newest[fix.driver_id] = fix
+    if not newest:
+        return []
+    now = now or timezone.now()
+    params: list = [now]
+    for f in newest.values():
+        recorded_at = datetime.fromtimestamp(f.recorded_at, tz=dt_timezone.utc)
+        params += [f.driver_id, f.lat, f.lon, recorded_at, f.accuracy_m, f.speed, f.heading]
+    sql = _BATCH_UPDATE_SQL.format(rows=", ".join([_BATCH_ROW] * len(newest)))
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
+        rows = cur.fetchall()
+    return [PersistedFix(newest[str(pk)], availability, str(active) if active else None) for pk, availability, active in rows]

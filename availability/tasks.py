@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from availability import geo, services
+from availability import geo, live, services
 from workflows import drivers as driver_workflows
 
 
@@ -16,4 +16,6 @@ def mark_stale_drivers_offline() -> int:
 
 @shared_task(name="availability.reconcile_geo_index")
 def reconcile_geo_index() -> dict:
-    return geo.reconcile_index()
+    result = geo.reconcile_index()
+    result["activeDeliveries"] = live.active_reconcile()
+    return result

@@ -1,6 +1,10 @@
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
+from rest_framework.authtoken.admin import TokenAdmin as DrfTokenAdmin
+from rest_framework.authtoken.models import TokenProxy
+
+from common import hooks
 from common.exceptions import DomainError
 from common.models import User
 
@@ -8,6 +12,31 @@ from common.models import User
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
     list_filter = ("is_staff", "is_active", "groups")
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            hooks.login_revoked(obj)
+
+
+admin.site.unregister(TokenProxy)
+
+
+@admin.register(TokenProxy)
+class TokenAdmin(DrfTokenAdmin):
+    """DRF's token admin; deleting a token also tells the apps that cache it (the location
+    fast lane), so it stops working at once."""
+
+    def delete_model(self, request, obj):
+        user = obj.user
+        super().delete_model(request, obj)
+        hooks.login_revoked(user)
+
+    def delete_queryset(self, request, queryset):
+        users = [t.user for t in queryset.select_related("user")]
+        super().delete_queryset(request, queryset)
+        for user in users:
+            hooks.login_revoked(user)
 
 
 def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None) -> list:

@@ -8,12 +8,13 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from availability.api.fastlane import LocationFastLane  # noqa: E402
 from common.consumers import QueryTokenAuthMiddleware, origin_validator  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": LocationFastLane(django_asgi_app),
         "websocket": origin_validator(AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns)))),
     }
 )

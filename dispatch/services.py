@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 
 from audit.models import AuditEventType as E
 from audit.services import audit_record
+from availability import live
 from availability.models import Driver, DriverAvailability
 from availability.services import apply_availability_change
 from common.actors import Actor
@@ -91,6 +92,7 @@ def assignment_start_locked(
     except IntegrityError:
         raise Conflict("The delivery or the driver already has an active assignment.")
     apply_availability_change(driver, to_state=DriverAvailability.BUSY, reason="assigned", actor=actor, now=now)
+    transaction.on_commit(lambda: live.active_delivery_set(driver.pk, delivery.pk), robust=True)  # its fixes reach the customer
     delivery.status = S.ASSIGNED
     delivery.assigned_at = now
     delivery.save(update_fields=["status", "assigned_at", "updated_at"])
@@ -111,6 +113,7 @@ def assignment_end_locked(
     assignment.ended_at = now
     assignment.end_reason = reason
     assignment.save(update_fields=["status", "ended_at", "end_reason"])
+    transaction.on_commit(lambda: live.active_delivery_clear(assignment.driver_id), robust=True)
     if driver.availability == DriverAvailability.BUSY:
         apply_availability_change(
             driver, to_state=DriverAvailability.AVAILABLE, reason=reason, actor=actor, releasing=True, now=now

@@ -256,17 +256,22 @@ def eta_recompute_due(*, delivery_id, lat: float, lon: float, now: datetime) -> 
         return None
 
 
-def delivery_track_fix(
+def delivery_location_send(
     *, delivery_id, lat: float, lon: float, accuracy_m: float | None, speed: float | None, heading: float | None,
-    recorded_at: datetime, now: datetime,
+    recorded_at: datetime,
 ) -> None:
-    """An accepted fix of the driver assigned to `delivery_id`, after it committed: the
-    location goes to the delivery's group and ops; the ETA is refreshed when due. Never raises."""
+    """`delivery_location_updated` to the delivery's customers (ops follow the fleet through
+    the per-second position digest instead). Never raises."""
     event = events.delivery_location_updated(
         delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed_mps=speed, heading=heading,
         recorded_at=recorded_at,
     )
-    send_now([delivery_group(delivery_id), OPS_GROUP], event)
+    send_now([delivery_group(delivery_id)], event)
+
+
+def delivery_eta_on_fix(*, delivery_id, lat: float, lon: float, now: datetime) -> None:
+    """A fix of the driver on `delivery_id`: refresh the ETA when due (throttled per delivery
+    in Redis; without Redis, by the stored calculation time). Never raises."""
     due = eta_recompute_due(delivery_id=delivery_id, lat=lat, lon=lon, now=now)
     if due is False:
         return
@@ -275,6 +280,19 @@ def delivery_track_fix(
         delivery_eta_refresh(delivery_id=delivery_id, now=now, not_since=not_since)
     except Exception:
         logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
+
+
+def delivery_track_fix(
+    *, delivery_id, lat: float, lon: float, accuracy_m: float | None, speed: float | None, heading: float | None,
+    recorded_at: datetime, now: datetime,
+) -> None:
+    """An accepted fix of the driver assigned to `delivery_id`, after it committed (the direct
+    database path): the location to the customer, the ETA when due. Never raises."""
+    delivery_location_send(
+        delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed=speed, heading=heading,
+        recorded_at=recorded_at,
+    )
+    delivery_eta_on_fix(delivery_id=delivery_id, lat=lat, lon=lon, now=now)
 
 
 # ------------------------------------------------------------------------------ rating

@@ -2,24 +2,29 @@
 job, and a location fix reaching the customer's tracking."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from availability import live
+from availability.geo import index_driver
+from availability.live import Fix
 from availability.models import Driver
 from availability.models import DriverAvailability as A
 from availability.services import (
     LocationResult,
+    PersistedFix,
     apply_availability_change,
     driver_location_update,
+    positions_persist,
 )
 from common.actors import Actor
 from common.exceptions import Conflict
 from offers.services import offer_cancel_locked
-from tracking.services import delivery_track_fix
+from tracking.services import delivery_eta_on_fix, delivery_location_send, delivery_track_fix
 from workflows import locks
 from workflows.dispatching import dispatch_locked
 
@@ -126,3 +131,30 @@ def driver_location_record(
             robust=True,
         )
     return result
+
+
+def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[PersistedFix]:
+    """A batch of fixes from the stream (the fast lane already answered, indexed and told the
+    customer): PostgreSQL in one statement, then, after commit, what Redis could not know by
+    itself — the GEO entry of an available driver whose status Redis lacked, the customer of
+    a delivery Redis did not know the driver was on — and the throttled ETA refresh."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        persisted = positions_persist(fixes, now=now)
+    known = live.known_state([p.fix.driver_id for p in persisted])
+    for p in persisted:
+        fix = p.fix
+        status, active = known.get(fix.driver_id, (None, None))
+        recorded_at = datetime.fromtimestamp(fix.recorded_at, tz=dt_timezone.utc)
+        if p.availability == A.AVAILABLE and status is None:
+            index_driver(driver_id=fix.driver_id, availability=p.availability, lat=fix.lat, lon=fix.lon,
+                         recorded_at=recorded_at, from_fix=True)
+        if p.active_delivery_id != active:
+            live.active_delivery_repair(fix.driver_id, p.active_delivery_id)
+            if p.active_delivery_id:
+                delivery_location_send(delivery_id=p.active_delivery_id, lat=fix.lat, lon=fix.lon,
+                                       accuracy_m=fix.accuracy_m, speed=fix.speed, heading=fix.heading,
+                                       recorded_at=recorded_at)
+        if p.active_delivery_id:
+            delivery_eta_on_fix(delivery_id=p.active_delivery_id, lat=fix.lat, lon=fix.lon, now=now)
+    return persisted

@@ -100,6 +100,11 @@ REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
 REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.5)
 # Hash tag of the live fleet keys (common.redis.fleet_key): one slot per fleet under Redis Cluster.
 REDIS_FLEET_TAG = env("REDIS_FLEET_TAG", default="fleet")
+# The location fast lane (availability/api/fastlane.py) and its stream (docs/architecture.md).
+LOCATION_FAST_LANE = env.bool("LOCATION_FAST_LANE", default=True)
+FAST_LANE_REDIS_CONNECTIONS = env.int("FAST_LANE_REDIS_CONNECTIONS", default=64)
+FIX_STREAM_MAXLEN = env.int("FIX_STREAM_MAXLEN", default=1_000_000)
+FIX_BATCH_SIZE = env.int("FIX_BATCH_SIZE", default=1000)
 
 CACHES = {
     "default": {

@@ -6,6 +6,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.core.management import call_command
 from django.utils import timezone
 
 from common.actors import Actor
@@ -16,7 +17,7 @@ from tracking.events import DeliveryEtaUpdatedEvent, DeliveryLocationUpdatedEven
 from workflows.deliveries import assignment_create, delivery_advance, delivery_cancel
 from workflows.drivers import driver_location_record
 from tracking.selectors import DeliverySnapshotMessage, DeliveryStatusUpdatedMessage
-from tests.conftest import client_for
+from tests.api import client_for
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, km_north
 from tests.typecheck import assert_event_shape
 from tests.sockets import refusal
@@ -168,7 +169,7 @@ def test_other_deliveries_and_internal_event_types_never_reach_the_customer():
     async_to_sync(scenario)()
 
 
-def test_ops_get_the_location_and_eta_events_too():
+def test_ops_get_the_eta_events_and_the_position_digest_not_one_message_per_fix():
     delivery = DeliveryFactory()
     driver = driver_on(delivery)
     ops_user = OpsUserFactory()
@@ -179,10 +180,11 @@ def test_ops_get_the_location_and_eta_events_too():
         await database_sync_to_async(driver_location_record)(
             driver_id=driver.pk, lat=12.96, lon=77.59, recorded_at=timezone.now() + timedelta(seconds=1)
         )
+        await database_sync_to_async(call_command)("consume_fixes", "--once")  # publishes the digest
         types = set()
         while len(types) < 2:
             types.add((await comm.receive_json_from(timeout=5))["type"])
-        assert types == {"delivery_location_updated", "delivery_eta_updated"}
+        assert types == {"driver_positions", "delivery_eta_updated"}
         await comm.disconnect()
 
     async_to_sync(scenario)()

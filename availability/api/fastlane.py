@@ -1,0 +1,289 @@
+"""The location fast lane: `POST /v2/drivers/{id}/location` served by a native ASGI handler in
+front of Django (no middleware, no DRF, no thread hop), answering once Redis has the fix.
+
+The happy path only: a driver's own token, a JSON body that validates, no Idempotency-Key.
+Everything else, and everything when Redis does not answer, is handed to the Django view
+unchanged (the body replayed), so validation errors, 401/403/404, idempotent replays and the
+Redis-down fallback (the direct PostgreSQL write) are exactly the ones the API always gave.
+
+One Redis round trip per fix (availability/live.py's script: auth, throttle, older-fix guard,
+position, GEO index, stream append, ops digest entry); the customer's
+`delivery_location_updated` goes to the delivery's group from here, one hop. PostgreSQL is
+written in batches by `manage.py consume_fixes`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from datetime import datetime, timezone as dt_timezone
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+from rest_framework.settings import api_settings
+
+from availability import live
+from availability.api.serializers import MAX_CLOCK_SKEW
+from common import metrics
+from common.broadcast import delivery_group
+from common.errors import error_body
+from common.redis import RedisUnavailable, fleet_key
+from common.throttling import parse_rate
+from tracking.events import delivery_location_updated
+
+logger = logging.getLogger(__name__)
+
+PATH = re.compile(r"^/v2/drivers/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/location$")
+MAX_BODY = 16 * 1024
+ROUTE = "/v2/drivers/<uuid:driver_id>/location"
+_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    (b"vary", b"Accept"),
+    (b"allow", b"POST, OPTIONS"),
+]
+
+
+class _Delegate(Exception):
+    """Not for the fast lane: let Django answer."""
+
+
+def _number(body: dict, name: str, low: float, high: float | None, *, required: bool, below: float | None = None):
+    value = body.get(name)
+    if value is None:  # missing or null: an error for lat/lon, allowed for the optional ones
+        if required:
+            raise _Delegate
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Delegate
+    value = float(value)
+    if not math.isfinite(value) or value < low or (high is not None and value > high) or (below is not None and value >= below):
+        raise _Delegate
+    return value
+
+
+def _recorded_at(body: dict, now: datetime) -> datetime:
+    if "recordedAt" not in body:
+        return now
+    raw = body["recordedAt"]
+    if not isinstance(raw, str):
+        raise _Delegate
+    try:
+        parsed = parse_datetime(raw)
+    except (ValueError, OverflowError):
+        raise _Delegate
+    if parsed is None:
+        raise _Delegate
+    if timezone.is_naive(parsed):
+        parsed = timezone.make_aware(parsed, timezone.get_default_timezone())
+    parsed = parsed.astimezone(dt_timezone.utc)
+    if parsed > now + MAX_CLOCK_SKEW:
+        raise _Delegate
+    return parsed
+
+
+def parse_fix(driver_id: str, raw: bytes, now: datetime) -> tuple[live.Fix, datetime]:
+    """The body, validated by the LocationSerializer's rules; _Delegate for anything else."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _Delegate
+    if not isinstance(body, dict):
+        raise _Delegate
+    recorded_at = _recorded_at(body, now)
+    fix = live.Fix(
+        driver_id=driver_id,
+        lat=_number(body, "lat", -90, 90, required=True),
+        lon=_number(body, "lon", -180, 180, required=True),
+        recorded_at=recorded_at.timestamp(),
+        accuracy_m=_number(body, "accuracyMeters", 0, 100_000, required=False),
+        speed=_number(body, "speed", 0, 150, required=False),
+        heading=_number(body, "heading", 0, None, required=False, below=360),
+    )
+    return fix, recorded_at
+
+
+def _iso(dt: datetime) -> str:
+    value = dt.astimezone(dt_timezone.utc).isoformat()
+    return value[:-6] + "Z" if value.endswith("+00:00") else value
+
+
+def _token(headers: dict[bytes, bytes]) -> str | None:
+    parts = headers.get(b"authorization", b"").split()
+    if len(parts) != 2 or parts[0].lower() != b"token":
+        return None
+    try:
+        return parts[1].decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _token_owner(key: str) -> tuple[str, bool, live.Fix | None] | None:
+    """(driver id, login active, the driver's stored fix) of the token's user, or None: a
+    token that is not a driver's. One query, on a cache miss only (the fast lane then
+    remembers the token in Redis, and seeds the driver's position there so that a fix older
+    than the stored one is refused as the database would)."""
+    try:
+        with connection.cursor() as cur:
+            cur.execute(_OWNER_SQL, [key])
+            row = cur.fetchone()
+    finally:
+        connection.close()  # a worker thread, outside any request: hand the connection back
+    if row is None:
+        return None
+    driver_id, active, lat, lon, recorded_at, acc, speed, heading = row
+    stored = None
+    if recorded_at is not None and lat is not None:
+        stored = live.Fix(driver_id=str(driver_id), lat=lat, lon=lon, recorded_at=recorded_at.timestamp(),
+                          accuracy_m=acc, speed=speed, heading=heading)
+    return str(driver_id), bool(active), stored
+
+
+_OWNER_SQL = (
+    "SELECT d.id, u.is_active, ST_Y(d.location::geometry), ST_X(d.location::geometry), d.location_recorded_at, "
+    "d.location_accuracy_m, d.location_speed, d.location_heading "
+    "FROM authtoken_token t JOIN common_user u ON u.id = t.user_id "
+    "JOIN dispatch_driver d ON d.user_id = u.id WHERE t.key = %s"
+)
+
+
+class LocationFastLane:
+    """ASGI app: the fast lane for location fixes, Django for everything else."""
+
+    def __init__(self, django_app):
+        self.django_app = django_app
+        self._clients: dict[int, tuple[asyncio.AbstractEventLoop, aioredis.Redis]] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not settings.LOCATION_FAST_LANE:
+            return await self.django_app(scope, receive, send)
+        match = PATH.match(scope["path"])
+        if match is None:
+            return await self.django_app(scope, receive, send)
+        started = time.perf_counter()
+        chunks, complete = await self._read_body(receive)
+        if complete:
+            try:
+                status = await self._serve(scope, match["id"], b"".join(chunks), send)
+                metrics.observe_http("POST", ROUTE, status, time.perf_counter() - started)
+                return
+            except _Delegate:
+                pass
+        await self.django_app(scope, _replay(chunks, complete, receive), send)
+
+    async def _read_body(self, receive) -> tuple[list[bytes], bool]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return chunks, False
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if not message.get("more_body", False):
+                return chunks, True
+            if size > MAX_BODY:
+                return chunks, False
+
+    def _redis(self) -> aioredis.Redis:
+        """One async client (and connection pool) per event loop: a server runs one loop per
+        process; the loop is kept with its client so that its id cannot be reused."""
+        loop = asyncio.get_running_loop()
+        entry = self._clients.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            client = aioredis.Redis.from_url(
+                settings.REDIS_URL, decode_responses=True, socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+                socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT, max_connections=settings.FAST_LANE_REDIS_CONNECTIONS,
+            )
+            entry = self._clients[id(loop)] = (loop, client)
+        return entry[1]
+
+    async def _serve(self, scope, driver_id: str, raw: bytes, send) -> int:
+        headers = dict(scope["headers"])
+        if b"idempotency-key" in headers or b"json" not in headers.get(b"content-type", b""):
+            raise _Delegate
+        key = _token(headers)
+        if key is None:
+            raise _Delegate
+        now = datetime.now(dt_timezone.utc)
+        fix, recorded_at = parse_fix(driver_id, raw, now)
+        limit, period = parse_rate(api_settings.DEFAULT_THROTTLE_RATES["user"])  # as DRF's user throttle
+        window = int(time.time() // period)
+        throttle_key = fleet_key(f"throttle:drv:{driver_id}:{window}")
+        client = self._redis()
+        digest = live.token_digest(key)
+        try:
+            outcome = await live.fix_record_async(
+                client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
+            )
+            if outcome.code == "auth":
+                owner = await sync_to_async(_token_owner, thread_sensitive=False)(key)
+                if owner is None or owner[:2] != (driver_id, True):
+                    raise _Delegate  # not this driver's live token: Django answers 401/403/404
+                if owner[2] is not None:
+                    await live.position_seed_async(client, owner[2])
+                await live.auth_remember_async(client, driver_id=driver_id, token_key=key)
+                outcome = await live.fix_record_async(
+                    client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
+                )
+        except (redis.RedisError, *RedisUnavailable):
+            logger.warning("location fast lane: Redis unavailable, falling back to the database path")
+            raise _Delegate
+        if outcome.code == "throttled":
+            return await self._throttled(scope, send, window, period)
+        if outcome.code != "ok":
+            raise _Delegate
+        body = {"success": True, "accepted": outcome.accepted, "driverId": driver_id, "recordedAt": _iso(recorded_at)}
+        if not outcome.accepted:
+            body["reason"] = "older_than_last_fix"
+        await _respond(send, 200, orjson.dumps(body))
+        if outcome.accepted and outcome.active_delivery_id:
+            # After the driver has its answer; the server keeps this call alive until it ends.
+            await self._tell_customer(outcome.active_delivery_id, fix, recorded_at)
+        return 200
+
+    async def _throttled(self, scope, send, window: int, period: int) -> int:
+        wait = max(1, math.ceil((window + 1) * period - time.time()))
+        message = f"Request was throttled. Expected available in {wait} second{'s' if wait != 1 else ''}."
+        await _respond(send, 429, orjson.dumps(error_body(429, scope["path"], message)),
+                       extra=[(b"retry-after", str(wait).encode())])
+        return 429
+
+    async def _tell_customer(self, delivery_id: str, fix: live.Fix, recorded_at: datetime) -> None:
+        event = delivery_location_updated(
+            delivery_id=delivery_id, lat=fix.lat, lon=fix.lon, accuracy_m=fix.accuracy_m, speed_mps=fix.speed,
+            heading=fix.heading, recorded_at=recorded_at,
+        )
+        try:
+            await get_channel_layer().group_send(delivery_group(delivery_id), {"type": event["type"], "event": event})
+        except Exception:  # live events are best-effort
+            logger.warning("location of delivery %s not sent to its customer", delivery_id, exc_info=True)
+
+
+async def _respond(send, status: int, body: bytes, extra=()) -> None:
+    headers = [*_HEADERS, (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _replay(chunks: list[bytes], complete: bool, receive):
+    """A `receive` that hands Django the body chunks already read, then the rest."""
+    pending = list(chunks)
+
+    async def replay():
+        if pending:
+            body = pending.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(pending) or not complete}
+        return await receive()  # the rest of the body, or (Django listens for it) the disconnect
+
+    return replay

@@ -1,0 +1,299 @@
+"""The live fleet state in Redis: where each driver is now, written first by the location
+fast lane, then persisted to PostgreSQL in batches from a stream.
+
+Keys (all under the fleet's hash tag, `common.redis.fleet_key`, so one script may touch them
+under Redis Cluster):
+
+`{fleet}:drv:<id>`        hash: lat, lon, t (recorded-at, epoch s), acc, speed, heading
+`{fleet}:auth:<id>`       sha256 of the driver's API token (60 s; forgotten on revoke)
+`{fleet}:fixes`           stream of accepted fixes, read by `manage.py consume_fixes`
+`{fleet}:moved`           hash driver id → latest position since the last ops digest
+`{fleet}:drivers:active`  hash driver id → the delivery it is on (for customer tracking)
+plus the GEO index of availability/geo.py (`drivers:geo`, `drivers:fix`, `drivers:status`).
+
+PostgreSQL stays the source of truth for everything but the last second of positions: the
+stream consumer writes each fix with the same recorded-at guard, and the reconcile job and
+`rebuild_geo_index` repair Redis from PostgreSQL.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone as dt_timezone
+
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+from django.db import connection
+
+from availability import geo
+from availability.models import Driver
+from common.redis import RedisUnavailable, fleet_key, get_redis
+
+logger = logging.getLogger(__name__)
+
+STREAM_KEY = fleet_key("fixes")
+MOVED_KEY = fleet_key("moved")
+ACTIVE_KEY = fleet_key("drivers:active")
+STREAM_GROUP = "pg"
+AUTH_TTL_SECONDS = 60
+
+
+def driver_key(driver_id) -> str:
+    return fleet_key(f"drv:{driver_id}")
+
+
+def auth_key(driver_id) -> str:
+    return fleet_key(f"auth:{driver_id}")
+
+
+def token_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# One round trip per fix. KEYS: driver hash, status hash, GEO set, fix zset, stream, moved
+# hash, active hash, auth key, throttle key. ARGV: driver id, lat, lon, t, acc, speed, heading,
+# token digest ('' = already authenticated: the database path), throttle limit, period,
+# stream max length, append (1: fast lane, 0: already in PostgreSQL), max GEO latitude.
+# Returns {code, accepted, active delivery id}: code 'ok', 'auth' (the token is not known to
+# belong to this driver: resolve it and retry) or 'throttled'.
+_FIX_SCRIPT = """
+local id = ARGV[1]
+if ARGV[8] ~= '' then
+  if redis.call('GET', KEYS[8]) ~= ARGV[8] then return {'auth', 0, ''} end
+  local n = redis.call('INCR', KEYS[9])
+  if n == 1 then redis.call('EXPIRE', KEYS[9], tonumber(ARGV[10]) + 1) end
+  if n > tonumber(ARGV[9]) then return {'throttled', 0, ''} end
+end
+local active = redis.call('HGET', KEYS[7], id) or ''
+local t = tonumber(ARGV[4])
+local prev = redis.call('HGET', KEYS[1], 't')
+if prev and tonumber(prev) >= t then return {'ok', 0, active} end
+redis.call('HSET', KEYS[1], 'lat', ARGV[2], 'lon', ARGV[3], 't', ARGV[4], 'acc', ARGV[5], 'speed', ARGV[6], 'heading', ARGV[7])
+local status = redis.call('HGET', KEYS[2], id)
+if status == 'available' and math.abs(tonumber(ARGV[2])) <= tonumber(ARGV[13]) then
+  local indexed_at = redis.call('ZSCORE', KEYS[4], id)
+  if not indexed_at or tonumber(indexed_at) <= t then
+    redis.call('GEOADD', KEYS[3], ARGV[3], ARGV[2], id)
+    redis.call('ZADD', KEYS[4], ARGV[4], id)
+  end
+end
+if ARGV[12] == '1' then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[11], '*', 'd', id, 'lat', ARGV[2], 'lon', ARGV[3], 't', ARGV[4],
+             'acc', ARGV[5], 'speed', ARGV[6], 'heading', ARGV[7])
+end
+redis.call('HSET', KEYS[6], id, ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. ARGV[7] .. ',' .. (status or ''))
+return {'ok', 1, active}
+"""
+_FIX_SHA = hashlib.sha1(_FIX_SCRIPT.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Fix:
+    driver_id: str
+    lat: float
+    lon: float
+    recorded_at: float  # epoch seconds
+    accuracy_m: float | None = None
+    speed: float | None = None
+    heading: float | None = None
+
+
+@dataclass(frozen=True)
+class FixOutcome:
+    code: str  # ok | auth | throttled
+    accepted: bool = False
+    active_delivery_id: str | None = None
+
+
+def _num(value) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _script_call(fix: Fix, *, token_digest_: str, throttle_key: str, limit: int, period: int, append: bool):
+    keys = [driver_key(fix.driver_id), geo.STATUS_KEY, geo.GEO_KEY, geo.FIX_KEY, STREAM_KEY, MOVED_KEY, ACTIVE_KEY,
+            auth_key(fix.driver_id), throttle_key]
+    args = [fix.driver_id, repr(fix.lat), repr(fix.lon), repr(fix.recorded_at), _num(fix.accuracy_m), _num(fix.speed),
+            _num(fix.heading), token_digest_, limit, period, settings.FIX_STREAM_MAXLEN, "1" if append else "0",
+            geo.GEO_MAX_LAT]
+    return keys, args
+
+
+def _outcome(reply) -> FixOutcome:
+    code, accepted, active = reply
+    return FixOutcome(code=code, accepted=bool(int(accepted)), active_delivery_id=active or None)
+
+
+async def fix_record_async(
+    client: aioredis.Redis, fix: Fix, *, token_digest_: str, throttle_key: str, limit: int, period: int
+) -> FixOutcome:
+    """The fast lane's one round trip: auth, throttle, older-fix guard, position, GEO index,
+    stream append, ops digest entry. Raises redis errors (the caller falls back)."""
+    keys, args = _script_call(fix, token_digest_=token_digest_, throttle_key=throttle_key, limit=limit, period=period, append=True)
+    try:
+        reply = await client.evalsha(_FIX_SHA, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        reply = await client.eval(_FIX_SCRIPT, len(keys), *keys, *args)
+    return _outcome(reply)
+
+
+async def position_seed_async(client: aioredis.Redis, stored: Fix) -> None:
+    """The position PostgreSQL has, into Redis unless Redis already knows a newer one."""
+    keys, args = _script_call(stored, token_digest_="", throttle_key=fleet_key("throttle:none"), limit=0, period=1, append=False)
+    try:
+        await client.evalsha(_FIX_SHA, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        await client.eval(_FIX_SCRIPT, len(keys), *keys, *args)
+
+
+def fix_record_persisted(fix: Fix) -> None:
+    """A fix PostgreSQL already has (the direct write path): bring the live state up to it.
+    Never raises."""
+    keys, args = _script_call(fix, token_digest_="", throttle_key=fleet_key("throttle:none"), limit=0, period=1, append=False)
+    try:
+        client = get_redis()
+        try:
+            client.evalsha(_FIX_SHA, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            client.eval(_FIX_SCRIPT, len(keys), *keys, *args)
+    except (redis.RedisError, *RedisUnavailable):
+        logger.warning("live position of driver %s not updated (Redis unavailable)", fix.driver_id)
+
+
+# ------------------------------------------------------------------------------ auth cache
+
+
+async def auth_remember_async(client: aioredis.Redis, *, driver_id, token_key: str) -> None:
+    await client.set(auth_key(driver_id), token_digest(token_key), ex=AUTH_TTL_SECONDS)
+
+
+def driver_auth_forget(driver_id) -> None:
+    """The driver's token was revoked or its login deactivated: the fast lane asks PostgreSQL
+    again on its next fix (and is refused). Never raises."""
+    try:
+        get_redis().delete(auth_key(driver_id))
+    except (redis.RedisError, *RedisUnavailable):
+        logger.warning("auth cache of driver %s not cleared (Redis unavailable; it expires in %s s)",
+                       driver_id, AUTH_TTL_SECONDS)
+
+
+def driver_auth_forget_for_user(user) -> None:
+    driver_id = Driver.objects.filter(user_id=user.pk).values_list("pk", flat=True).first()
+    if driver_id is not None:
+        driver_auth_forget(driver_id)
+
+
+# --------------------------------------------------------------------- active deliveries
+
+
+def active_delivery_set(driver_id, delivery_id) -> None:
+    """After commit: the driver is now on `delivery_id` (its fixes reach that customer)."""
+    _active_write(lambda r: r.hset(ACTIVE_KEY, str(driver_id), str(delivery_id)), driver_id)
+
+
+def active_delivery_clear(driver_id) -> None:
+    _active_write(lambda r: r.hdel(ACTIVE_KEY, str(driver_id)), driver_id)
+
+
+def active_delivery_repair(driver_id, delivery_id: str | None) -> None:
+    """PostgreSQL says the driver is on `delivery_id` (or none): make Redis agree."""
+    if delivery_id:
+        active_delivery_set(driver_id, delivery_id)
+    else:
+        active_delivery_clear(driver_id)
+
+
+def known_state(driver_ids: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """Driver id → (availability status, active delivery) as Redis knows them ({} when Redis
+    does not answer: nothing is repaired then)."""
+    if not driver_ids:
+        return {}
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        pipe.hmget(geo.STATUS_KEY, driver_ids)
+        pipe.hmget(ACTIVE_KEY, driver_ids)
+        statuses, actives = pipe.execute()
+    except (redis.RedisError, *RedisUnavailable):
+        return {}
+    return {d: (s, a) for d, s, a in zip(driver_ids, statuses, actives)}
+
+
+_ACTIVE_SQL = "SELECT driver_id::text, delivery_id::text FROM dispatch_assignment WHERE status = 'active'"
+
+
+def active_reconcile() -> int:
+    """Make the active-delivery map equal PostgreSQL's active assignments (the reconcile job)."""
+    with connection.cursor() as cur:
+        cur.execute(_ACTIVE_SQL)
+        desired = dict(cur.fetchall())
+    r = get_redis()
+    extra = set(r.hkeys(ACTIVE_KEY)) - set(desired)
+    pipe = r.pipeline(transaction=False)
+    if extra:
+        pipe.hdel(ACTIVE_KEY, *extra)
+    if desired:
+        pipe.hset(ACTIVE_KEY, mapping=desired)
+    pipe.execute()
+    return len(desired)
+
+
+def _active_write(op, driver_id) -> None:
+    try:
+        op(get_redis())
+    except (redis.RedisError, *RedisUnavailable):
+        logger.warning("active delivery of driver %s not updated in Redis (the fix consumer repairs it)", driver_id)
+
+
+# ------------------------------------------------------------------------------ reads
+
+
+@dataclass(frozen=True)
+class Position:
+    lat: float
+    lon: float
+    recorded_at: datetime
+    accuracy_m: float | None
+    speed: float | None
+    heading: float | None
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def positions_of(driver_ids) -> dict[str, Position]:
+    """The freshest known position of each driver, from Redis ({} when Redis is down: the
+    caller reads PostgreSQL, at most a second behind)."""
+    ids = [str(i) for i in driver_ids]
+    if not ids:
+        return {}
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(driver_key(i))
+        rows = pipe.execute()
+    except (redis.RedisError, *RedisUnavailable):
+        return {}
+    out = {}
+    for i, row in zip(ids, rows):
+        if row and row.get("t"):
+            out[i] = Position(
+                lat=float(row["lat"]), lon=float(row["lon"]),
+                recorded_at=datetime.fromtimestamp(float(row["t"]), tz=dt_timezone.utc),
+                accuracy_m=_float(row.get("acc")), speed=_float(row.get("speed")), heading=_float(row.get("heading")),
+            )
+    return out
+
+
+_DRAIN_SCRIPT = """
+local moved = redis.call('HGETALL', KEYS[1])
+redis.call('DEL', KEYS[1])
+return moved
+"""
+
+
+def moved_drain() -> dict[str, str]:
+    """Every driver that moved since the last call, with its latest position (atomic)."""
+    flat = get_redis().eval(_DRAIN_SCRIPT, 1, MOVED_KEY)
+    return dict(zip(flat[0::2], flat[1::2]))

@@ -1,0 +1,159 @@
+"""`manage.py consume_fixes`: the location stream into PostgreSQL, in batches.
+
+Reads `{fleet}:fixes` with the consumer group `pg` (several consumers may run at once; each
+entry goes to one of them), writes each batch with one UPDATE … FROM (VALUES …) guarded by
+recorded-at, and acknowledges the entries only after the transaction committed. An entry
+read but not acknowledged (a consumer killed mid-batch) stays pending: on start, and every
+`--claim-every` seconds, a consumer claims entries idle longer than `--claim-idle-ms` from any
+consumer and writes them. Once a second one consumer (a Redis lock decides which) publishes
+the ops position digest: every driver that moved, in one `driver_positions` message.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+
+import redis
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from django.db import DatabaseError, close_old_connections
+from django.utils import timezone
+
+from availability import events, live
+from common.broadcast import OPS_GROUP, send_now
+from common.redis import RedisUnavailable, fleet_key, get_redis
+from workflows.drivers import fixes_process
+
+logger = logging.getLogger(__name__)
+
+DIGEST_LOCK = fleet_key("moved:lock")
+
+
+def parse_entries(entries) -> tuple[list[str], list[live.Fix]]:
+    ids, fixes = [], []
+    for entry_id, fields in entries:
+        ids.append(entry_id)
+        try:
+            fixes.append(live.Fix(
+                driver_id=fields["d"], lat=float(fields["lat"]), lon=float(fields["lon"]), recorded_at=float(fields["t"]),
+                accuracy_m=float(fields["acc"]) if fields.get("acc") else None,
+                speed=float(fields["speed"]) if fields.get("speed") else None,
+                heading=float(fields["heading"]) if fields.get("heading") else None,
+            ))
+        except (KeyError, ValueError):
+            logger.error("dropping malformed fix %s: %r", entry_id, fields)
+    return ids, fixes
+
+
+class Command(BaseCommand):
+    help = "Persist the location stream to PostgreSQL in batches and publish the ops position digest."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}")
+        parser.add_argument("--batch", type=int, default=None, help="entries per batch (FIX_BATCH_SIZE)")
+        parser.add_argument("--block-ms", type=int, default=200)
+        parser.add_argument("--claim-idle-ms", type=int, default=30_000)
+        parser.add_argument("--claim-every", type=float, default=15.0)
+        parser.add_argument("--digest-every", type=float, default=1.0)
+        parser.add_argument("--once", action="store_true", help="drain what is there (pending included), then stop")
+
+    def handle(self, *args, consumer, batch, block_ms, claim_idle_ms, claim_every, digest_every, once, **options):
+        self.name, self.batch = consumer, batch or settings.FIX_BATCH_SIZE
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        self.r = get_redis()
+        self._ensure_group()
+        own_pending, next_claim, next_digest, next_trim = True, 0.0, 0.0, 0.0
+        written = 0
+        while not self.stopping:
+            now = time.monotonic()
+            try:
+                if now >= next_claim:
+                    written += self._claim(claim_idle_ms)
+                    next_claim = now + claim_every
+                if now >= next_digest:
+                    self._digest()
+                    next_digest = now + digest_every
+                if now >= next_trim:
+                    self._trim()
+                    next_trim = now + 5
+                entries = self._read("0" if own_pending else ">", 0 if own_pending or once else block_ms)
+                if not entries:
+                    if own_pending:
+                        own_pending = False
+                        continue
+                    if once:
+                        break
+                    continue
+                written += self._write(entries)
+            except (redis.RedisError, *RedisUnavailable):
+                logger.warning("consume_fixes: Redis unavailable; retrying", exc_info=True)
+                time.sleep(1)
+            except DatabaseError:
+                logger.warning("consume_fixes: database unavailable; the batch stays pending", exc_info=True)
+                close_old_connections()
+                own_pending = True
+                time.sleep(1)
+        if once:
+            self._digest()
+        self.stdout.write(f"consume_fixes {self.name}: {written} fixes written")
+
+    def _stop(self, *_):
+        self.stopping = True
+
+    def _ensure_group(self):
+        try:
+            self.r.xgroup_create(live.STREAM_KEY, live.STREAM_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _read(self, start: str, block_ms: int):
+        kwargs = {"count": self.batch}
+        if block_ms:
+            kwargs["block"] = block_ms
+        reply = self.r.xreadgroup(live.STREAM_GROUP, self.name, {live.STREAM_KEY: start}, **kwargs)
+        return reply[0][1] if reply else []
+
+    def _write(self, entries) -> int:
+        ids, fixes = parse_entries(entries)
+        written = len(fixes_process(fixes)) if fixes else 0
+        if ids:
+            self.r.xack(live.STREAM_KEY, live.STREAM_GROUP, *ids)
+        return written
+
+    def _claim(self, idle_ms: int) -> int:
+        """Entries a dead consumer read and never acknowledged: written here."""
+        written, cursor = 0, "0-0"
+        while True:
+            cursor, entries, *_ = self.r.xautoclaim(
+                live.STREAM_KEY, live.STREAM_GROUP, self.name, min_idle_time=idle_ms, start_id=cursor, count=self.batch
+            )
+            entries = [e for e in entries if e and e[1] is not None]
+            if entries:
+                written += self._write(entries)
+            if cursor == "0-0" or not entries:
+                return written
+
+    def _trim(self):
+        """Drop entries every consumer is done with (acknowledged): the stream stays short
+        while consumers keep up; FIX_STREAM_MAXLEN caps it when they do not."""
+        pending = self.r.xpending(live.STREAM_KEY, live.STREAM_GROUP)
+        if pending["pending"]:
+            floor = pending["min"]
+        else:
+            groups = {g["name"]: g for g in self.r.xinfo_groups(live.STREAM_KEY)}
+            floor = groups[live.STREAM_GROUP]["last-delivered-id"]
+        if floor and floor != "0-0":
+            self.r.xtrim(live.STREAM_KEY, minid=floor, approximate=True)
+
+    def _digest(self):
+        if not self.r.set(DIGEST_LOCK, self.name, nx=True, px=900):
+            return  # another consumer published this second's digest
+        moved = live.moved_drain()
+        if moved:
+            send_now([OPS_GROUP], events.driver_positions(moved, sent_at=timezone.now()))

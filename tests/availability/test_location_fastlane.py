@@ -1,0 +1,236 @@
+"""The location fast lane (availability/api/fastlane.py) in front of Django, through the real
+ASGI application: same answers as the database path, Redis first, PostgreSQL from the stream.
+
+These tests commit (`transaction=True`): the fast lane looks tokens up on a worker thread,
+which sees only committed rows, as in production."""
+import json
+import threading
+from datetime import timedelta
+
+import httpx
+import pytest
+import redis
+from asgiref.sync import async_to_sync
+from django.core.management import call_command
+from django.utils import timezone
+
+from availability import geo, live
+from availability.events import DriverPositionsEvent
+from availability.models import Driver
+from common import hooks
+from common.actors import Actor
+from common.broadcast import OPS_GROUP, delivery_group
+from common.redis import get_redis
+from config.asgi import application
+from tests.factories import DeliveryFactory, DriverFactory, IntegrationUserFactory, OpsUserFactory, online_driver
+from tests.typecheck import assert_event_shape
+from tracking.events import DeliveryLocationUpdatedEvent
+from workflows.deliveries import assignment_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def post(path, body=None, *, token=None, raw=None, headers=None):
+    async def go():
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            h = {"Content-Type": "application/json", **(headers or {})}
+            if token:
+                h["Authorization"] = f"Token {token}"
+            content = raw if raw is not None else json.dumps(body)
+            return await client.post(path, content=content, headers=h)
+
+    return async_to_sync(go)()
+
+
+def url(driver):
+    return f"/v2/drivers/{driver.pk}/location"
+
+
+def token(driver):
+    return driver.user.auth_token.key
+
+
+def recorded(offset=1):
+    """A fix time `offset` seconds from now (the factories' drivers have a fix from now)."""
+    return (timezone.now() + timedelta(seconds=offset)).isoformat().replace("+00:00", "Z")
+
+
+def pg_fix_time(driver):
+    return Driver.objects.get(pk=driver.pk).location_recorded_at
+
+
+def comparable(response, driver):
+    body = json.loads(response.content.decode().replace(str(driver.pk), "<driver>"))
+    body.pop("timestamp", None)
+    return response.status_code, body
+
+
+CASES = {
+    "valid": lambda d: ({"lat": 12.98, "lon": 77.6, "accuracyMeters": 5, "speed": 3.5, "heading": 90,
+                         "recordedAt": "2026-01-01T10:00:00.250+05:30"}, token(d)),
+    "nulls allowed": lambda d: ({"lat": 12.98, "lon": 77.6, "accuracyMeters": None, "speed": None, "heading": None,
+                                 "recordedAt": "2026-01-01T04:30:00Z"}, token(d)),
+    "naive time": lambda d: ({"lat": 12.98, "lon": 77.6, "recordedAt": "2026-01-01T04:30:00"}, token(d)),
+    "string lat": lambda d: ({"lat": "12.9", "lon": 77.6}, token(d)),
+    "bool lon": lambda d: ({"lat": 12.9, "lon": True}, token(d)),
+    "lat out of range": lambda d: ({"lat": 90.5, "lon": 77.6}, token(d)),
+    "missing lon": lambda d: ({"lat": 12.9}, token(d)),
+    "null lat": lambda d: ({"lat": None, "lon": 77.6}, token(d)),
+    "heading 360": lambda d: ({"lat": 12.9, "lon": 77.6, "heading": 360}, token(d)),
+    "negative speed": lambda d: ({"lat": 12.9, "lon": 77.6, "speed": -1}, token(d)),
+    "future": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "2099-01-01T00:00:00Z"}, token(d)),
+    "bad time": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "yesterday"}, token(d)),
+    "null time": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": None}, token(d)),
+    "a list": lambda d: ([12.9, 77.6], token(d)),
+    "no token": lambda d: ({"lat": 12.9, "lon": 77.6}, None),
+    "bad token": lambda d: ({"lat": 12.9, "lon": 77.6}, "not-a-token"),
+    "another driver": lambda d: ({"lat": 12.9, "lon": 77.6}, token(DriverFactory())),
+    "ops": lambda d: ({"lat": 12.9, "lon": 77.6}, OpsUserFactory().auth_token.key),
+    "integration": lambda d: ({"lat": 12.9, "lon": 77.6}, IntegrationUserFactory().auth_token.key),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_fast_lane_answers_exactly_like_the_database_path(case, settings):
+    answers = []
+    for fast in (False, True):
+        settings.LOCATION_FAST_LANE = fast
+        driver = DriverFactory()
+        body, key = CASES[case](driver)
+        answers.append(comparable(post(url(driver), body, token=key), driver))
+    assert answers[0] == answers[1]
+
+
+def test_malformed_json_and_an_unknown_driver_are_answered_by_django(settings):
+    driver = DriverFactory()
+    bad = post(url(driver), raw=b'{"lat": 12.9,', token=token(driver))
+    assert bad.status_code == 400 and bad.json()["error"] == "Bad Request"
+    other = post("/v2/drivers/00000000-0000-0000-0000-000000000000/location", {"lat": 1, "lon": 2}, token=token(driver))
+    assert other.status_code == 404
+
+
+def test_a_fix_is_in_redis_at_once_and_in_postgres_after_the_stream_consumer():
+    driver = online_driver()
+    before = pg_fix_time(driver)
+    response = post(url(driver), {"lat": 12.99, "lon": 77.61, "recordedAt": recorded()}, token=token(driver))
+    assert response.status_code == 200 and response.json()["accepted"] is True
+
+    assert pg_fix_time(driver) == before  # PostgreSQL has not been touched by the request
+    position = live.positions_of([driver.pk])[str(driver.pk)]
+    assert (round(position.lat, 5), round(position.lon, 5)) == (12.99, 77.61)
+    lon, lat = get_redis().geopos(geo.GEO_KEY, str(driver.pk))[0]
+    assert round(lat, 4) == 12.99  # available: the GEO index moved with the fix
+
+    call_command("consume_fixes", "--once")
+    stored = Driver.objects.get(pk=driver.pk)
+    assert (round(stored.location.y, 5), round(stored.location.x, 5)) == (12.99, 77.61)
+    assert stored.location_recorded_at == position.recorded_at
+
+
+def test_an_older_fix_is_ignored_in_redis_and_in_postgres_even_under_concurrency():
+    driver = online_driver()
+    key = token(driver)
+    base = timezone.now() - timedelta(seconds=20)
+    times = [base + timedelta(seconds=i) for i in range(40)]
+    order = list(reversed(times[::2])) + times[1::2]
+
+    def send(ts):
+        post(url(driver), {"lat": 12.9 + ts.second / 1000, "lon": 77.6, "recordedAt": ts.isoformat()}, token=key)
+
+    threads = [threading.Thread(target=send, args=(ts,)) for ts in order]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    call_command("consume_fixes", "--once")
+    newest = max(times)
+    assert live.positions_of([driver.pk])[str(driver.pk)].recorded_at == newest
+    assert pg_fix_time(driver) == newest
+    late = post(url(driver), {"lat": 1, "lon": 1, "recordedAt": (newest - timedelta(seconds=1)).isoformat()}, token=key)
+    assert late.json() == {**late.json(), "accepted": False, "reason": "older_than_last_fix"}
+
+
+def test_a_consumer_killed_mid_batch_loses_nothing_it_read():
+    driver = online_driver()
+    post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded(1)}, token=token(driver))
+    r = get_redis()
+    call_command("consume_fixes", "--once")  # creates the group, drains what was there
+    post(url(driver), {"lat": 12.96, "lon": 77.56, "recordedAt": recorded(2)}, token=token(driver))
+    # A consumer reads the entry and dies before writing and acknowledging it.
+    read = r.xreadgroup(live.STREAM_GROUP, "dead-consumer", {live.STREAM_KEY: ">"}, count=10)
+    assert read and read[0][1]
+    assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.95
+
+    call_command("consume_fixes", "--once", "--claim-idle-ms", "0", "--consumer", "restarted")
+    assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.96
+    assert r.xpending(live.STREAM_KEY, live.STREAM_GROUP)["pending"] == 0
+
+
+def test_with_redis_unreachable_the_fix_goes_straight_to_postgres(monkeypatch):
+    driver = online_driver()
+
+    async def down(*args, **kwargs):
+        raise redis.ConnectionError("Redis is down")
+
+    monkeypatch.setattr(live, "fix_record_async", down)
+    response = post(url(driver), {"lat": 12.93, "lon": 77.53, "recordedAt": recorded()}, token=token(driver))
+    assert response.status_code == 200 and response.json()["accepted"] is True
+    assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.93  # written by the request itself
+
+
+def test_a_revoked_token_stops_working_at_once():
+    driver = online_driver()
+    key = token(driver)
+    assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1)}, token=key).status_code == 200
+    assert get_redis().get(live.auth_key(driver.pk))  # the fast lane remembers the token
+
+    driver.user.auth_token.delete()
+    hooks.login_revoked(driver.user)  # what the token and user admins call
+    refused = post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(2)}, token=key)
+    assert refused.status_code == 401
+
+
+def test_a_deactivated_login_stops_working_even_with_a_cached_token():
+    driver = online_driver()
+    key = token(driver)
+    assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1)}, token=key).status_code == 200
+    driver.user.is_active = False
+    driver.user.save(update_fields=["is_active"])
+    hooks.login_revoked(driver.user)
+    assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(2)}, token=key).status_code == 401
+
+
+def test_the_fast_lane_throttles_like_the_api(settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": "2/min"}}
+    driver = online_driver()
+    codes = [post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1 + i)}, token=token(driver))
+             for i in range(3)]
+    assert [c.status_code for c in codes] == [200, 200, 429]
+    body = codes[2].json()
+    assert body["error"] == "Too Many Requests" and body["message"].startswith("Request was throttled.")
+    assert int(codes[2].headers["Retry-After"]) >= 1
+
+
+def test_the_customer_gets_the_fix_from_the_fast_lane_and_ops_a_digest(listen):
+    driver = online_driver()
+    delivery = DeliveryFactory()
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    customer = listen(delivery_group(delivery.pk))
+    ops = listen(OPS_GROUP)
+    customer.drain()
+    ops.drain()
+
+    post(url(driver), {"lat": 12.975, "lon": 77.605, "speed": 5.0, "recordedAt": recorded()}, token=token(driver))
+    events = [e for e in customer.drain(timeout=1.0) if e["type"] == "delivery_location_updated"]
+    assert len(events) == 1
+    assert_event_shape(events[0], DeliveryLocationUpdatedEvent)
+    assert events[0]["location"]["lat"] == 12.975 and events[0]["speed"] == 18.0  # km/h
+
+    call_command("consume_fixes", "--once")  # publishes the digest
+    digests = [e for e in ops.drain(timeout=1.0) if e["type"] == "driver_positions"]
+    assert len(digests) == 1
+    assert_event_shape(digests[0], DriverPositionsEvent)
+    assert [d["driverId"] for d in digests[0]["drivers"]] == [str(driver.pk)]
+    assert not [e for e in ops.drain(timeout=0.2) if e["type"] == "delivery_location_updated"]
