@@ -1,3 +1,5 @@
+"""ASGI entry point: the location fast lane, then Django (a lean middleware stack for
+token-authenticated API requests, the full one for everything else), and the sockets."""
 import os
 
 from django.core.asgi import get_asgi_application
@@ -7,14 +9,48 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
 from availability.api.fastlane import LocationFastLane  # noqa: E402
 from common.consumers import QueryTokenAuthMiddleware, origin_validator  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
 
+
+class LeanApiHandler(ASGIHandler):
+    """Django's ASGI handler with settings.API_MIDDLEWARE instead of settings.MIDDLEWARE.
+    Django builds the chain from settings.MIDDLEWARE once, at start-up, in one thread: the
+    setting is swapped for that moment only."""
+
+    def load_middleware(self, is_async=False):
+        full = settings.MIDDLEWARE
+        settings.MIDDLEWARE = settings.API_MIDDLEWARE
+        try:
+            super().load_middleware(is_async=is_async)
+        finally:
+            settings.MIDDLEWARE = full
+
+
+class ApiSplit:
+    """`/v2/…` with `Authorization: Token …` → the lean handler; the rest → the full one
+    (the admin, /support/, the docs in a browser, session-authenticated API calls)."""
+
+    def __init__(self, full, lean):
+        self.full, self.lean = full, lean
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v2/"):
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    if value[:6].lower() == b"token ":
+                        return await self.lean(scope, receive, send)
+                    break
+        return await self.full(scope, receive, send)
+
+
 application = ProtocolTypeRouter(
     {
-        "http": LocationFastLane(django_asgi_app),
+        "http": LocationFastLane(ApiSplit(django_asgi_app, LeanApiHandler())),
         "websocket": origin_validator(AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns)))),
     }
 )

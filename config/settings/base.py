@@ -51,6 +51,15 @@ MIDDLEWARE = [
     "common.middleware.ApiErrorMiddleware",
     "common.idempotency.IdempotencyMiddleware",
 ]
+# Token-authenticated API requests under ASGI skip the session stack (no session, CSRF,
+# messages or auth middleware: DRF authenticates the token itself) and every middleware here
+# is async-native, so such a request makes one thread hop, into the DRF view (config/asgi.py).
+API_MIDDLEWARE = [
+    "common.middleware.MetricsMiddleware",
+    "common.middleware.ApiHeadersMiddleware",
+    "common.middleware.ApiErrorMiddleware",
+    "common.idempotency.IdempotencyMiddleware",
+]
 
 ROOT_URLCONF = "config.urls"
 APPEND_SLASH = False
