@@ -17,6 +17,7 @@ from typing import Literal, NotRequired, TypedDict
 
 from django.utils import timezone
 
+from availability import live
 from availability.models import Driver
 from common.errors import iso
 from common.exceptions import NotFound
@@ -167,7 +168,15 @@ def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> Track
             "vehicle": driver.vehicle,
             "phone": mask_phone(driver.phone),
         }
-        if driver.location is not None and driver.location_recorded_at is not None:
+        fresh = live.positions_of([driver.pk]).get(str(driver.pk))  # Redis is ahead of PostgreSQL
+        if fresh is not None and (driver.location_recorded_at is None or fresh.recorded_at >= driver.location_recorded_at):
+            body["location"] = {
+                "lat": round(fresh.lat, 7),
+                "lon": round(fresh.lon, 7),
+                "accuracyMeters": fresh.accuracy_m,
+                "lastUpdated": iso(fresh.recorded_at),
+            }
+        elif driver.location is not None and driver.location_recorded_at is not None:
             body["location"] = {
                 "lat": round(driver.location.y, 7),
                 "lon": round(driver.location.x, 7),

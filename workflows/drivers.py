@@ -94,6 +94,10 @@ def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int =
     ids = list(
         Driver.objects.filter(stale, settled, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)[:batch_size]
     )
+    # PostgreSQL's fix time trails Redis by the stream consumer's lag (more while it is down):
+    # a driver whose live position is fresh is not stale.
+    fresh = live.positions_of(ids)
+    ids = [i for i in ids if str(i) not in fresh or fresh[str(i)].recorded_at < cutoff]
     changed = 0
     for driver_id in ids:
         # Each driver in its own transaction, through availability_change so that a pending

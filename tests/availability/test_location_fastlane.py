@@ -22,10 +22,19 @@ from common.actors import Actor
 from common.broadcast import OPS_GROUP, delivery_group
 from common.redis import get_redis
 from config.asgi import application
-from tests.factories import DeliveryFactory, DriverFactory, IntegrationUserFactory, OpsUserFactory, online_driver
+from dispatch.models import Delivery
+from tests.factories import (
+    DeliveryFactory,
+    DriverFactory,
+    IntegrationUserFactory,
+    OpsUserFactory,
+    online_driver,
+)
 from tests.typecheck import assert_event_shape
 from tracking.events import DeliveryLocationUpdatedEvent
+from tracking.selectors import tracking_status
 from workflows.deliveries import assignment_create
+from workflows.drivers import stale_drivers_mark_offline
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -234,3 +243,22 @@ def test_the_customer_gets_the_fix_from_the_fast_lane_and_ops_a_digest(listen):
     assert_event_shape(digests[0], DriverPositionsEvent)
     assert [d["driverId"] for d in digests[0]["drivers"]] == [str(driver.pk)]
     assert not [e for e in ops.drain(timeout=0.2) if e["type"] == "delivery_location_updated"]
+
+
+def test_readers_of_the_position_see_the_fast_lane_before_postgres_does():
+    """Tracking status and the stale-driver job read the live position, not PostgreSQL's,
+    which trails by the consumer's lag (or more, while the consumer is down)."""
+    driver = online_driver()
+    delivery = DeliveryFactory()
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    post(url(driver), {"lat": 12.991, "lon": 77.611, "recordedAt": recorded(1)}, token=token(driver))
+
+    status = tracking_status(Delivery.objects.get(pk=delivery.pk))
+    assert status["location"]["lat"] == 12.991 and status["location"]["lon"] == 77.611
+
+    idle = online_driver()
+    Driver.objects.filter(pk=idle.pk).update(location_recorded_at=timezone.now() - timedelta(hours=1),
+                                             last_availability_change=timezone.now() - timedelta(hours=1))
+    post(url(idle), {"lat": 12.97, "lon": 77.59, "recordedAt": recorded(1)}, token=token(idle))
+    assert stale_drivers_mark_offline() == 0  # PostgreSQL says an hour old; Redis says now
+    assert Driver.objects.get(pk=idle.pk).availability == "available"
