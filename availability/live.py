@@ -9,7 +9,7 @@ under Redis Cluster):
 `{fleet}:fixes`           stream of accepted fixes, read by `manage.py consume_fixes`
 `{fleet}:moved`           hash driver id → latest position since the last ops digest
 `{fleet}:drivers:active`  hash driver id → the delivery it is on (for customer tracking)
-plus the GEO index of availability/geo.py (`drivers:geo`, `drivers:fix`, `drivers:status`).
+plus the GEO index of availability/geo.py (`{fleet}:drivers:geo`, `…:fix`, `…:status`).
 
 PostgreSQL stays the source of truth for everything but the last second of positions: the
 stream consumer writes each fix with the same recorded-at guard, and the reconcile job and

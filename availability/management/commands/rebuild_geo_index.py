@@ -4,7 +4,7 @@ from availability.geo import rebuild_index
 
 
 class Command(BaseCommand):
-    help = "Rebuild the Redis GEO index (drivers:geo, drivers:fix, drivers:status) from PostgreSQL."
+    help = "Rebuild the Redis GEO index ({fleet}:drivers:geo, {fleet}:drivers:fix, {fleet}:drivers:status) from PostgreSQL."
 
     def handle(self, *args, **options):
         count = rebuild_index()
