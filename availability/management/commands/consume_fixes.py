@@ -63,8 +63,15 @@ class Command(BaseCommand):
     def handle(self, *args, consumer, batch, block_ms, claim_idle_ms, claim_every, digest_every, once, **options):
         self.name, self.batch = consumer, batch or settings.FIX_BATCH_SIZE
         self.stopping = False
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._run(claim_idle_ms=claim_idle_ms, claim_every=claim_every, digest_every=digest_every,
+                      block_ms=block_ms, once=once)
+        finally:
+            for sig, handler in previous.items():  # called in-process (tests, scripts): leave it as found
+                signal.signal(sig, handler)
+
+    def _run(self, *, claim_idle_ms, claim_every, digest_every, block_ms, once):
         self.r = get_redis()
         self._ensure_group()
         own_pending, next_claim, next_digest, next_trim = True, 0.0, 0.0, 0.0
@@ -91,9 +98,13 @@ class Command(BaseCommand):
                     continue
                 written += self._write(entries)
             except (redis.RedisError, *RedisUnavailable):
+                if once:
+                    raise
                 logger.warning("consume_fixes: Redis unavailable; retrying", exc_info=True)
                 time.sleep(1)
             except DatabaseError:
+                if once:
+                    raise
                 logger.warning("consume_fixes: database unavailable; the batch stays pending", exc_info=True)
                 close_old_connections()
                 own_pending = True
