@@ -17,6 +17,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from django.conf import settings
 
 from analytics.models import DeliveryCost, DeliveryRevenue
+from common.db import insert_all_unless_conflict
 from dispatch.models import Delivery, DeliveryStatus
 
 CENT = Decimal("0.01")
@@ -37,20 +38,23 @@ def driver_payment_for(delivery: Delivery) -> Decimal:
 def economics_record(*, delivery: Delivery, now: datetime) -> tuple[DeliveryCost, DeliveryRevenue]:
     """Write the cost and revenue rows of a delivered or failed delivery (once; a second call
     returns the existing rows). Caller holds the delivery's lock."""
-    existing_cost = DeliveryCost.objects.filter(delivery=delivery).first()
-    if existing_cost is not None:
-        return existing_cost, DeliveryRevenue.objects.get(delivery=delivery)
     fee = money(delivery.delivery_fee if delivery.delivery_fee is not None else settings.DEFAULT_DELIVERY_FEE)
     charged_fee = fee if delivery.status == DeliveryStatus.DELIVERED else Decimal("0.00")
     commission = money(settings.SELLER_COMMISSION)
     driver_payment = driver_payment_for(delivery)
     platform_fee = money(Decimal(settings.PAYMENT_FEE_RATE) * (charged_fee + commission))
     pg, rd, api = money(settings.INFRA_POSTGRES_COST), money(settings.INFRA_REDIS_COST), money(settings.INFRA_API_CALLS_COST)
-    cost = DeliveryCost.objects.create(
+    cost = DeliveryCost(
         delivery=delivery, postgres_cost=pg, redis_cost=rd, api_calls_cost=api, driver_payment=driver_payment,
         platform_fee=platform_fee, total_cost=driver_payment + platform_fee + pg + rd + api, created_at=now,
     )
-    revenue = DeliveryRevenue.objects.create(
+    revenue = DeliveryRevenue(
         delivery=delivery, commission=commission, delivery_fee=charged_fee, total_revenue=charged_fee + commission, created_at=now,
     )
+    # Both rows in one statement; a delivery recorded before keeps what was recorded.
+    cost_in, revenue_in = insert_all_unless_conflict(cost, revenue)
+    if not cost_in:
+        cost = DeliveryCost.objects.get(delivery=delivery)
+    if not revenue_in:
+        revenue = DeliveryRevenue.objects.get(delivery=delivery)
     return cost, revenue

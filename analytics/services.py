@@ -1,4 +1,4 @@
-"""Driver performance, kept current as events happen (counters bumped with F()).
+"""Driver performance, kept current as events happen (counters bumped by one upsert each).
 
 Called by the offer and delivery services inside their transactions; each call emits
 `driver_performance_updated` to ops after commit.
@@ -8,7 +8,8 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import Count, F, Q, Sum
+from django.db import connection
+from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from analytics.events import DriverPerformanceUpdatedEvent, PerformanceMetrics
@@ -39,17 +40,43 @@ def metrics_of(perf: DriverPerformance, rating) -> PerformanceMetrics:
     }
 
 
-def _bump(driver_id, now: datetime, **increments) -> None:
-    DriverPerformance.objects.get_or_create(driver_id=driver_id)
-    DriverPerformance.objects.filter(driver_id=driver_id).update(
-        updated_at=now, **{field: F(field) + value for field, value in increments.items()}
+_COUNTERS = (
+    "deliveries_completed", "deliveries_failed", "offers_accepted", "offers_rejected", "offers_expired",
+    "responses", "response_time_total_ms", "timed_deliveries", "on_time_deliveries", "total_earnings",
+)
+
+
+def _bump_sql() -> str:
+    table = DriverPerformance._meta.db_table
+    columns = ", ".join(_COUNTERS)
+    placeholders = ", ".join(f"%({c})s" for c in _COUNTERS)
+    increments = ", ".join(f"{c} = p.{c} + EXCLUDED.{c}" for c in _COUNTERS)
+    returning = ", ".join(f.column for f in DriverPerformance._meta.concrete_fields)
+    driver_table = Driver._meta.db_table
+    return (
+        f"INSERT INTO {table} AS p (driver_id, {columns}, updated_at) VALUES (%(driver_id)s, {placeholders}, %(now)s) "
+        f"ON CONFLICT (driver_id) DO UPDATE SET updated_at = EXCLUDED.updated_at, {increments} "
+        f"RETURNING {returning}, "
+        f"(SELECT d.name FROM {driver_table} d WHERE d.id = p.driver_id), "
+        f"(SELECT d.rating FROM {driver_table} d WHERE d.id = p.driver_id)"
     )
-    perf = DriverPerformance.objects.select_related("driver").get(driver_id=driver_id)
+
+
+def _bump(driver_id, now: datetime, **increments) -> None:
+    """Add `increments` to the driver's counters (creating the row on the first event) in one
+    upsert, which also returns the row and the driver's name and rating for the event."""
+    params = {c: increments.get(c, 0) for c in _COUNTERS}
+    params.update(driver_id=driver_id, now=now)
+    with connection.cursor() as cursor:
+        cursor.execute(_bump_sql(), params)
+        *values, name, rating = cursor.fetchone()
+    fields = [f.attname for f in DriverPerformance._meta.concrete_fields]
+    perf = DriverPerformance.from_db(connection.alias, fields, values)
     event: DriverPerformanceUpdatedEvent = {
         "type": "driver_performance_updated",
         "driverId": str(driver_id),
-        "driverName": short_name(perf.driver.name),
-        "metrics": metrics_of(perf, perf.driver.rating),
+        "driverName": short_name(name),
+        "metrics": metrics_of(perf, rating),
         "updatedAt": iso(now),
     }
     broadcast_on_commit([OPS_GROUP], event)

@@ -5,20 +5,24 @@ of `workflows/locks.py` and call these for the state change, its audit row and i
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
 from django.contrib.gis.geos import Point
-from django.db import IntegrityError, transaction
+from django.db import transaction
+from django.utils import timezone
 
 from audit.models import AuditEventType as E
+from audit.models import DeliveryAuditLog
 from audit.services import audit_record
 from availability import live
 from availability.models import Driver, DriverAvailability
 from availability.services import apply_availability_change
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group
+from common.db import insert_unless_conflict
 from common.exceptions import Conflict, NotFound
 from dispatch import events
 from dispatch.models import Assignment, AssignmentStatus, Delivery
@@ -42,26 +46,24 @@ class DeliveryInput:
 def delivery_insert(*, data: DeliveryInput, created_by, zone, actor: Actor, now: datetime) -> Delivery:
     """A new `ready` delivery owned by `created_by` (sellerOrderId is unique per owner), its
     `created` audit row and `delivery_created` for ops."""
-    if Delivery.objects.filter(created_by=created_by, seller_order_id=data.seller_order_id).exists():
-        raise Conflict(f"A delivery for sellerOrderId {data.seller_order_id!r} already exists.")
-    try:
-        with transaction.atomic():
-            delivery = Delivery.objects.create(
-                created_by=created_by,
-                seller_order_id=data.seller_order_id,
-                seller_id=data.seller_id,
-                store_name=data.store_name,
-                pickup_location=data.pickup_location,
-                dropoff_location=data.dropoff_location,
-                dropoff_address=data.dropoff_address,
-                customer_name=data.customer_name,
-                customer_phone=data.customer_phone,
-                prep_time_minutes=data.prep_time_minutes,
-                delivery_fee=data.delivery_fee,
-                ready_at=now,
-                zone=zone,
-            )
-    except IntegrityError:
+    delivery = Delivery(
+        created_by=created_by,
+        seller_order_id=data.seller_order_id,
+        seller_id=data.seller_id,
+        store_name=data.store_name,
+        pickup_location=data.pickup_location,
+        dropoff_location=data.dropoff_location,
+        dropoff_address=data.dropoff_address,
+        customer_name=data.customer_name,
+        customer_phone=data.customer_phone,
+        prep_time_minutes=data.prep_time_minutes,
+        delivery_fee=data.delivery_fee,
+        ready_at=now,
+        zone=zone,
+    )
+    # sellerOrderId is unique per owner (delivery_seller_order_uniq): the database decides,
+    # also between two concurrent requests, without a savepoint.
+    if not insert_unless_conflict(delivery):
         raise Conflict(f"A delivery for sellerOrderId {data.seller_order_id!r} already exists.")
     audit_record(
         delivery=delivery, event_type=E.CREATED, actor=actor, now=now,
@@ -77,25 +79,25 @@ def delivery_emit_status(delivery: Delivery, *, from_status: str, driver_id, now
 
 
 def assignment_start_locked(
-    delivery: Delivery, driver: Driver, *, actor: Actor, now: datetime, details: dict | None = None
+    delivery: Delivery, driver: Driver, *, actor: Actor, now: datetime, details: dict | None = None,
+    also_save: tuple[str, ...] = (),
 ) -> Assignment:
     """Assign a ready delivery to an available driver, who becomes busy. The caller holds the
     delivery's and the driver's locks. The partial unique constraints (one active assignment
-    per delivery and per driver) have the last word; the loser gets a Conflict."""
+    per delivery and per driver) have the last word; the loser gets a Conflict. `also_save`:
+    delivery fields the caller changed on the locked row, written in the same UPDATE."""
     if delivery.status != S.READY:
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be assigned.")
     if driver.availability != DriverAvailability.AVAILABLE:
         raise Conflict(f"Driver {driver.pk} is not available for assignment (currently {driver.availability}).")
-    try:
-        with transaction.atomic():
-            assignment = Assignment.objects.create(delivery=delivery, driver=driver, status=AssignmentStatus.ACTIVE)
-    except IntegrityError:
+    assignment = Assignment(delivery=delivery, driver=driver, status=AssignmentStatus.ACTIVE)
+    if not insert_unless_conflict(assignment):
         raise Conflict("The delivery or the driver already has an active assignment.")
     apply_availability_change(driver, to_state=DriverAvailability.BUSY, reason="assigned", actor=actor, now=now)
     transaction.on_commit(lambda: live.active_delivery_set(driver.pk, delivery.pk), robust=True)  # its fixes reach the customer
     delivery.status = S.ASSIGNED
     delivery.assigned_at = now
-    delivery.save(update_fields=["status", "assigned_at", "updated_at"])
+    delivery.save(update_fields=["status", "assigned_at", "updated_at", *also_save])
     audit_record(
         delivery=delivery, event_type=E.DRIVER_ASSIGNED, actor=actor, now=now,
         details={"driverId": str(driver.pk), "assignmentId": str(assignment.pk), **(details or {})},
@@ -166,15 +168,68 @@ STEP_NAMES = tuple(STEPS)
 FINISHING_STEPS = {"delivery-completed": AssignmentStatus.COMPLETED, "delivery-failed": AssignmentStatus.FAILED}
 
 
-def assignment_of_driver(delivery: Delivery, driver_id) -> Assignment:
-    """The driver's latest assignment of this delivery, which must still be active. NotFound
-    for a delivery that was never this driver's (do not reveal it exists)."""
-    assignment = Assignment.objects.filter(delivery=delivery, driver_id=driver_id).order_by("-created_at").first()
-    if assignment is None:
-        raise NotFound("Delivery not found.")
+def assignment_ensure_active(assignment: Assignment, delivery: Delivery) -> None:
+    """The driver's latest assignment of the delivery must still be active."""
     if assignment.status != AssignmentStatus.ACTIVE:
         raise Conflict(f"Delivery is {delivery.status} and no longer assigned to this driver.")
-    return assignment
+
+
+# A step that only moves the delivery on, in one statement (no transaction of its own): lock
+# the delivery in the state the step starts from, then the driver's active assignment (the lock
+# order of workflows/locks.py; both rows locked, so both are re-read at their latest version
+# after any wait), update the delivery and append the audit row. No row back: the step does
+# not apply as asked, and the caller takes the full path, which says why.
+_QUICK_STEP_SQL = """
+WITH d AS MATERIALIZED (
+    SELECT id FROM {delivery} WHERE id = %(delivery_id)s AND status = %(from_status)s {guard} FOR UPDATE
+), a AS MATERIALIZED (
+    SELECT a.id FROM {assignment} a JOIN d ON a.delivery_id = d.id
+    WHERE a.driver_id = %(driver_id)s AND a.status = %(active)s FOR UPDATE OF a
+), u AS (
+    UPDATE {delivery} SET status = %(to_status)s, {stamp} = %(now)s, updated_at = %(updated_at)s
+    FROM a WHERE {delivery}.id = %(delivery_id)s
+    RETURNING {delivery}.*, a.id AS step_assignment_id
+), log AS (
+    INSERT INTO {audit} (id, delivery_id, timestamp, event_type, actor_id, actor_type, details, version)
+    SELECT %(audit_id)s, u.id, %(now)s, %(event_type)s, %(actor_id)s, %(actor_type)s,
+           jsonb_build_object('driverId', %(driver_text)s::text, 'assignmentId', u.step_assignment_id::text), 1
+    FROM u
+)
+SELECT * FROM u
+"""
+_QUICK_GUARDS = {
+    "pickup-started": "AND pickup_started_at IS NULL",
+    "pickup-completed": "AND pickup_started_at IS NOT NULL",
+}
+
+
+def delivery_step_quick(*, delivery_id, driver_id, step: str, actor: Actor, now: datetime) -> tuple[Delivery, str] | None:
+    """Apply a step that is not the last one (pickup-started, pickup-completed,
+    delivery-started) by the driver's active assignment in one statement: the same row,
+    audit row and result as `delivery_step_apply` under the workflow's locks. Returns the
+    delivery as written (with `active_assignments`) and the status it came from; None when the
+    step does not apply as asked (unknown delivery, not this driver's, out of order), for the
+    caller to take the full path."""
+    if step not in STEPS or step in FINISHING_STEPS:
+        return None
+    (from_status,), to_status, event_type, stamp = STEPS[step]
+    sql = _QUICK_STEP_SQL.format(
+        delivery=Delivery._meta.db_table, assignment=Assignment._meta.db_table, audit=DeliveryAuditLog._meta.db_table,
+        stamp=Delivery._meta.get_field(stamp).column, guard=_QUICK_GUARDS.get(step, ""),
+    )
+    params = {
+        "delivery_id": delivery_id, "driver_id": driver_id, "driver_text": str(driver_id), "from_status": from_status,
+        "to_status": to_status, "active": AssignmentStatus.ACTIVE, "now": now, "updated_at": timezone.now(),
+        "audit_id": uuid.uuid4(), "event_type": event_type, "actor_id": actor.id, "actor_type": actor.type,
+    }
+    rows = list(Delivery.objects.raw(sql, params))
+    if not rows:
+        return None
+    (delivery,) = rows
+    delivery.active_assignments = [
+        Assignment(pk=delivery.step_assignment_id, delivery_id=delivery.pk, driver_id=driver_id, status=AssignmentStatus.ACTIVE)
+    ]
+    return delivery, from_status
 
 
 def delivery_step_apply(

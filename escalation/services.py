@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from django.db import connection
 from django.db.models import F
 
 from common.actors import Actor
@@ -90,19 +91,32 @@ def _close_record_ticket(record: UnassignedOrder, *, status: str, resolution: st
         )
 
 
+_RESOLVE_FIELDS = ("id", "delivery_id", "escalation_level", "escalation_status", "support_ticket_id", "resolved_at")
+_RESOLVE_SQL = (
+    f"UPDATE {UnassignedOrder._meta.db_table} SET resolved_at = %(now)s, escalation_status = COALESCE(%(status)s, "
+    f"CASE WHEN escalation_level >= 2 THEN '{EscalationStatus.REASSIGNED}' ELSE '{EscalationStatus.RESOLVED}' END) "
+    f"WHERE delivery_id = %(delivery_id)s AND resolved_at IS NULL RETURNING {', '.join(_RESOLVE_FIELDS)}"
+)
+
+
+def _resolve_open_record(*, delivery_id, status: str | None, now: datetime) -> UnassignedOrder | None:
+    """Close the open record, if any, in one UPDATE (no read first: most deliveries never had
+    one). The row comes back with the fields above (the rest load on access)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_RESOLVE_SQL, {"now": now, "status": status, "delivery_id": delivery_id})
+        row = cursor.fetchone()
+    return None if row is None else UnassignedOrder.from_db(connection.alias, _RESOLVE_FIELDS, row)
+
+
 def unassigned_resolve(
     *, delivery, now: datetime, status: str | None = None, actor: Actor | None = None
 ) -> UnassignedOrder | None:
     """Close the delivery's open record (assignment: RESOLVED, or REASSIGNED once escalated to
     the wide-radius retry) and resolve its support ticket. Caller holds the delivery's lock."""
-    record = unassigned_lock_open(delivery=delivery)
+    record = _resolve_open_record(delivery_id=delivery.pk, status=status, now=now)
     if record is None:
         return None
-    if status is None:
-        status = EscalationStatus.REASSIGNED if record.escalation_level >= 2 else EscalationStatus.RESOLVED
-    record.resolved_at = now
-    record.escalation_status = status
-    record.save(update_fields=["resolved_at", "escalation_status"])
+    status = record.escalation_status
     if status == EscalationStatus.CANCELLED:
         _close_record_ticket(record, status=TicketStatus.CLOSED, resolution="Delivery cancelled.",
                              actor=actor or Actor.system(), now=now)

@@ -13,8 +13,6 @@ from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from audit.models import AuditEventType as E
@@ -28,6 +26,7 @@ from common.broadcast import (
     driver_group,
     enqueue_task_on_commit,
 )
+from common.db import insert_unless_conflict
 from common.errors import iso
 from common.exceptions import Conflict
 from common.fields import point_json
@@ -87,17 +86,19 @@ def offer_insert_locked(
     `offer_created`, the push goes out from a task, and the expiry is scheduled."""
     started = time.perf_counter()
     expires_in = expires_in_seconds or default_expires_seconds(delivery)
-    try:
-        with transaction.atomic():
-            offer = DriverOffer.objects.create(
-                delivery=delivery, driver=driver, status=OfferStatus.PENDING,
-                offer_payload=offer_payload(delivery=delivery, driver=driver, now=now),
-                created_at=now, expires_at=now + timedelta(seconds=expires_in), search_radius_km=search_radius_km,
-            )
-    except IntegrityError:
+    offer = DriverOffer(
+        delivery=delivery, driver=driver, status=OfferStatus.PENDING,
+        offer_payload=offer_payload(delivery=delivery, driver=driver, now=now),
+        created_at=now, expires_at=now + timedelta(seconds=expires_in), search_radius_km=search_radius_km,
+    )
+    # The partial unique indexes (one pending offer per delivery, per driver) have the last
+    # word: ON CONFLICT DO NOTHING instead of a savepoint around a failing INSERT; the
+    # delivery's current offer is set by the same statement.
+    current = (Delivery.objects.filter(pk=delivery.pk), {"current_offer": offer, "updated_at": now})
+    if not insert_unless_conflict(offer, then_update=current):
         raise Conflict("The delivery or the driver already has a pending offer.")
-    Delivery.objects.filter(pk=delivery.pk).update(current_offer=offer, updated_at=now)
     delivery.current_offer = offer
+    delivery.updated_at = now
     audit_record(
         delivery=delivery, event_type=E.DRIVER_OFFER_SENT, actor=actor, now=now,
         details={"offerId": str(offer.pk), "driverId": str(driver.pk), "expiresAt": iso(offer.expires_at),
@@ -143,21 +144,31 @@ def _response_ms(offer: DriverOffer, now: datetime) -> int:
     return max(0, int((now - offer.created_at).total_seconds() * 1000))
 
 
-def _close_current_offer(delivery_id, offer: DriverOffer, now: datetime) -> None:
-    Delivery.objects.filter(pk=delivery_id, current_offer=offer).update(current_offer=None, updated_at=now)
+def _close_current_offer(delivery: Delivery, offer: DriverOffer, now: datetime) -> None:
+    """The delivery no longer waits on `offer` (the locked row is kept in step)."""
+    if delivery.current_offer_id == offer.pk:  # the caller holds the lock: the row is current
+        delivery.current_offer = None
+        delivery.updated_at = now
+        Delivery.objects.filter(pk=delivery.pk).update(current_offer=None, updated_at=now)
+
+
+# The delivery fields `offer_mark_accepted` changes on the locked row; the caller writes them
+# with the assignment (`assignment_start_locked(..., also_save=ACCEPTED_OFFER_FIELDS)`).
+ACCEPTED_OFFER_FIELDS = ("current_offer", "accepted_offer", "offer_acceptance_count")
 
 
 def offer_mark_accepted(offer: DriverOffer, *, delivery: Delivery, actor: Actor, now: datetime) -> int:
     """ACCEPTED, the delivery's accepted offer, audit `driver_accepted`. The caller holds the
-    offer's, the delivery's and the driver's locks. Returns the response time in ms."""
+    offer's, the delivery's and the driver's locks, and saves ACCEPTED_OFFER_FIELDS of the
+    delivery (with the assignment, in one UPDATE). Returns the response time in ms."""
     response_ms = _response_ms(offer, now)
     offer.status = OfferStatus.ACCEPTED
     offer.accepted_at = now
     offer.driver_response_time_ms = response_ms
     offer.save(update_fields=["status", "accepted_at", "driver_response_time_ms"])
-    Delivery.objects.filter(pk=delivery.pk).update(
-        current_offer=None, accepted_offer=offer, offer_acceptance_count=F("offer_acceptance_count") + 1
-    )
+    delivery.current_offer = None
+    delivery.accepted_offer = offer
+    delivery.offer_acceptance_count += 1  # the row is locked: the same as F() + 1
     audit_record(
         delivery=delivery, event_type=E.DRIVER_ACCEPTED, actor=actor, now=now,
         details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "responseTimeMs": response_ms},
@@ -176,7 +187,7 @@ def offer_mark_rejected(offer: DriverOffer, *, delivery: Delivery, reason: str, 
     offer.rejection_reason = reason
     offer.driver_response_time_ms = _response_ms(offer, now)
     offer.save(update_fields=["status", "rejected_at", "rejection_reason", "driver_response_time_ms"])
-    _close_current_offer(delivery.pk, offer, now)
+    _close_current_offer(delivery, offer, now)
     audit_record(
         delivery=delivery, event_type=E.DRIVER_REJECTED, actor=actor, now=now,
         details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "reason": reason},
@@ -189,7 +200,7 @@ def offer_mark_expired(offer: DriverOffer, *, delivery: Delivery, now: datetime)
     offer.status = OfferStatus.EXPIRED
     offer.expired_at = now
     offer.save(update_fields=["status", "expired_at"])
-    _close_current_offer(delivery.pk, offer, now)
+    _close_current_offer(delivery, offer, now)
     audit_record(
         delivery=delivery, event_type=E.OFFER_EXPIRED, actor=Actor.system(), now=now,
         details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "expiresAt": iso(offer.expires_at)},
@@ -204,7 +215,7 @@ def offer_cancel_locked(offer: DriverOffer, *, delivery: Delivery, reason: str, 
     offer.cancelled_at = now
     offer.cancellation_reason = reason
     offer.save(update_fields=["status", "cancelled_at", "cancellation_reason"])
-    _close_current_offer(delivery.pk, offer, now)
+    _close_current_offer(delivery, offer, now)
     audit_record(
         delivery=delivery, event_type=E.OFFER_CANCELLED, actor=actor, now=now,
         details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "reason": reason},

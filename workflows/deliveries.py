@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.db import transaction
 from django.utils import timezone
 
 from analytics.economics import economics_record
@@ -18,30 +17,35 @@ from dispatch.models import DeliveryStatus as S
 from dispatch.services import DeliveryInput
 from escalation.services import unassigned_cancel, unassigned_resolve
 from offers.services import offer_cancel_locked
-from tracking.services import eta_refresh_on_commit
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_locked
+from workflows.unit import eta_refresh_enqueue, unit_of_work
 from zones.selectors import zone_for_point
 
 TRACKED = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
 
 
-@transaction.atomic
+@unit_of_work()
 def delivery_create(
     *, data: DeliveryInput, created_by, actor: Actor, auto_dispatch: bool = False, now: datetime | None = None
 ) -> Delivery:
     """A `ready` delivery in the zone of its pickup. With `auto_dispatch` the first candidate
-    is offered in the same transaction (or the delivery is recorded as unassigned)."""
+    is offered in the same transaction (or the delivery is recorded as unassigned).
+
+    Returns the row as written (no active assignment: `active_assignments` is set), ready to
+    render without reading it again."""
     now = now or timezone.now()
     delivery = deliveries.delivery_insert(
         data=data, created_by=created_by, zone=zone_for_point(data.pickup_location), actor=actor, now=now
     )
     if auto_dispatch:
-        dispatch_locked(delivery, actor=Actor.system(), now=now)  # a new row: nobody else can hold it
+        # A new row: nobody else can hold it, and it has no offer yet.
+        dispatch_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
+    delivery.active_assignments = []
     return delivery
 
 
-@transaction.atomic
+@unit_of_work()
 def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | None = None, details: dict | None = None):
     """Ops assign a ready delivery straight to an available driver (no offer): the driver
     becomes busy, the delivery assigned, its unassigned record resolved."""
@@ -54,11 +58,11 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
 
     assignment = deliveries.assignment_start_locked(delivery, driver, actor=actor, now=now, details=details)
     unassigned_resolve(delivery=delivery, now=now)
-    eta_refresh_on_commit(delivery.pk, now=now)
+    eta_refresh_enqueue(delivery.pk, now=now)
     return assignment
 
 
-@transaction.atomic
+@unit_of_work()
 def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
     """Cancel an open delivery: its pending offer is withdrawn, its active assignment ends and
     the driver is freed, its unassigned record and ticket are closed."""
@@ -84,13 +88,13 @@ def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | N
     return delivery
 
 
-@transaction.atomic
+@unit_of_work()
 def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> tuple[object, DispatchResult]:
     """Ops take an assigned delivery away from its driver: the assignment is cancelled, the
     driver freed, the delivery is ready again and goes to the next candidate (the previous
     driver is excluded, having been offered it once). Returns (previous driver id, dispatch result)."""
     now = now or timezone.now()
-    delivery = locks.lock_delivery(delivery_id)
+    delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     if delivery.status != S.ASSIGNED:
         raise Conflict(f"Delivery is {delivery.status}; only an assigned delivery (not yet picked up) can be reassigned.")
     assignment = locks.lock_active_assignment(delivery.pk)
@@ -106,34 +110,56 @@ def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime |
     return previous, result
 
 
-@transaction.atomic
 def delivery_advance(
     *, delivery_id, driver_id, step: str, actor: Actor, reason: str = "", now: datetime | None = None
 ) -> Delivery:
     """Move a delivery one step on, by its assigned driver. Out-of-order steps are a Conflict.
     The last step (completed or failed) ends the assignment, frees the driver and records
-    the delivery's economics and the driver's performance."""
+    the delivery's economics and the driver's performance.
+
+    Returns the row as written, with `active_assignments` set, ready to render without
+    reading it again. A step that only moves the delivery on (not the last) is first tried as
+    one statement (`delivery_step_quick`); when that cannot apply it, the full path below
+    decides (and raises the NotFound or Conflict)."""
     if step not in deliveries.STEPS:
         raise NotFound("Unknown step.")
     now = now or timezone.now()
-    delivery = locks.lock_delivery(delivery_id)
-    assignment = deliveries.assignment_of_driver(delivery, driver_id)
+    if step not in deliveries.FINISHING_STEPS and not reason:
+        quick = deliveries.delivery_step_quick(delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, now=now)
+        if quick is not None:
+            delivery, from_status = quick
+            _after_step(delivery, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
+            return delivery
+    return _delivery_advance_locked(
+        delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, reason=reason, now=now
+    )
+
+
+@unit_of_work()
+def _delivery_advance_locked(*, delivery_id, driver_id, step: str, actor: Actor, reason: str, now: datetime) -> Delivery:
     finishing = step in deliveries.FINISHING_STEPS
-    if finishing:
-        assignment = locks.lock_active_assignment(delivery.pk)
-        driver = locks.lock_driver(driver_id)
+    # delivery → assignment (→ driver, for the last step): one statement, in the lock order
+    assignment = locks.lock_assignment_of_driver(delivery_id, driver_id, with_driver=finishing)
+    if assignment is None:
+        raise NotFound("Delivery not found.")
+    delivery = assignment.delivery
+    deliveries.assignment_ensure_active(assignment, delivery)
 
     from_status = deliveries.delivery_step_apply(delivery, assignment=assignment, step=step, reason=reason, actor=actor, now=now)
     if finishing:
         deliveries.assignment_end_locked(
-            assignment, driver=driver, status=deliveries.FINISHING_STEPS[step], reason=step.replace("-", "_"),
+            assignment, driver=assignment.driver, status=deliveries.FINISHING_STEPS[step], reason=step.replace("-", "_"),
             actor=actor, now=now,
         )
         cost, _ = economics_record(delivery=delivery, now=now)
         performance_delivery_finished(driver_id=driver_id, delivery=delivery, earning=cost.driver_payment, now=now)
+    delivery.active_assignments = [] if finishing else [assignment]
+    _after_step(delivery, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
+    return delivery
 
+
+def _after_step(delivery: Delivery, *, from_status: str, driver_id, reason: str, now: datetime) -> None:
     if delivery.status != from_status:
         deliveries.delivery_emit_status(delivery, from_status=from_status, driver_id=driver_id, now=now, reason=reason)
         if delivery.status in TRACKED:
-            eta_refresh_on_commit(delivery.pk, now=now)  # the legs changed: a fresh ETA for the customer
-    return delivery
+            eta_refresh_enqueue(delivery.pk, now=now)  # the legs changed: a fresh ETA for the customer

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import Count, Q
+from django.db import connection
+from django.db.models import CharField, Count, Exists, OuterRef, Subquery, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from audit.models import AuditEventType as E
@@ -31,7 +32,8 @@ from offers.models import DriverOffer, OfferStatus
 from offers.services import offer_insert_locked
 from tracking import eta
 from workflows import locks
-from zones.selectors import zone_preferences_for
+from workflows.unit import unit_of_work
+from zones.models import DriverZonePreference
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +75,6 @@ def search_radius_for(delivery: Delivery) -> float:
     return float(override or settings.DISPATCH_RADIUS_KM)
 
 
-def _acceptance_rates(driver_ids: list[str]) -> dict[str, float]:
-    """(accepted + 1) / (answered or expired + 1): new drivers start near the top, not at 0."""
-    rows = (
-        DriverOffer.objects.filter(
-            driver_id__in=driver_ids, status__in=[OfferStatus.ACCEPTED, OfferStatus.REJECTED, OfferStatus.EXPIRED]
-        )
-        .values("driver_id")
-        .annotate(n=Count("id"), accepted=Count("id", filter=Q(status=OfferStatus.ACCEPTED)))
-    )
-    return {str(r["driver_id"]): (r["accepted"] + 1) / (r["n"] + 1) for r in rows}
-
-
-def _zone_preferences(delivery: Delivery, driver_ids: list[str]) -> dict[str, str]:
-    if not getattr(delivery, "zone_id", None):
-        return {}
-    return zone_preferences_for(zone_id=delivery.zone_id, driver_ids=driver_ids)
-
-
 @dataclass
 class _Screening:
     ranked: list[Candidate]
@@ -100,38 +84,68 @@ class _Screening:
     no_longer_available: int = 0
 
 
+_ANSWERED = [OfferStatus.ACCEPTED, OfferStatus.REJECTED, OfferStatus.EXPIRED]
+
+
+def _count_offers(**filters):
+    return Coalesce(
+        Subquery(
+            DriverOffer.objects.filter(driver=OuterRef("pk"), **filters)
+            .order_by().values("driver").annotate(n=Count("pk")).values("n")
+        ),
+        0,
+    )
+
+
+def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
+    """What screening needs of each nearby driver, in one statement: availability and vehicle
+    (PostgreSQL has the last word: Redis is derived and may lag a moment), whether it was
+    offered this delivery before, whether it has a pending offer, its preference for the
+    delivery's zone, and its answered / accepted offer counts (the acceptance rate)."""
+    offers = DriverOffer.objects.filter(driver=OuterRef("pk"))
+    zone_id = getattr(delivery, "zone_id", None)
+    preference = (
+        Subquery(DriverZonePreference.objects.filter(zone_id=zone_id, driver=OuterRef("pk")).values("preference")[:1])
+        if zone_id else Value(None, output_field=CharField())
+    )
+    rows = Driver.objects.filter(pk__in=ids).order_by().values_list(
+        "pk", "availability", "vehicle_type",
+        Exists(offers.filter(delivery_id=delivery.pk)),
+        Exists(offers.filter(status=OfferStatus.PENDING)),
+        preference,
+        _count_offers(status__in=_ANSWERED),
+        _count_offers(status=OfferStatus.ACCEPTED),
+    )
+    return {str(row[0]): row[1:] for row in rows}
+
+
 def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver]) -> _Screening:
     ids = [n.driver_id for n in nearby]
     if not ids:
         return _Screening(ranked=[])
-    offered_before = {str(x) for x in DriverOffer.objects.filter(delivery=delivery).values_list("driver_id", flat=True)}
-    pending = {
-        str(x) for x in DriverOffer.objects.filter(status=OfferStatus.PENDING, driver_id__in=ids).values_list("driver_id", flat=True)
-    }
-    # PostgreSQL has the last word on availability (Redis is derived and may lag a moment).
-    vehicle = {
-        str(pk): vt for pk, vt in Driver.objects.filter(pk__in=ids, availability=DriverAvailability.AVAILABLE).values_list("pk", "vehicle_type")
-    }
-    prefs = _zone_preferences(delivery, ids)
-    rates = _acceptance_rates(ids)
+    rows = _screening_rows(delivery, ids)
     screening = _Screening(ranked=[])
     for n in nearby:
-        if n.driver_id in offered_before:
+        availability, vehicle_type, offered_before, pending, preference, answered, accepted = rows.get(
+            n.driver_id, (None, None, False, False, None, 0, 0)
+        )
+        if offered_before:
             screening.offered_before += 1
-        elif n.driver_id in pending:
+        elif pending:
             screening.pending_elsewhere += 1
-        elif prefs.get(n.driver_id) == "UNAVAILABLE":
+        elif preference == "UNAVAILABLE":
             screening.unavailable_for_zone += 1
-        elif n.driver_id not in vehicle:
+        elif availability != DriverAvailability.AVAILABLE:
             screening.no_longer_available += 1
         else:
             screening.ranked.append(
                 Candidate(
                     driver_id=n.driver_id,
                     distance_km=n.distance_km,
-                    pickup_seconds=eta.travel_seconds(n.distance_km, vehicle[n.driver_id]),
-                    preference=prefs.get(n.driver_id, "AVAILABLE"),
-                    acceptance_rate=rates.get(n.driver_id, 1.0),
+                    pickup_seconds=eta.travel_seconds(n.distance_km, vehicle_type),
+                    preference=preference or "AVAILABLE",
+                    # (accepted + 1) / (answered or expired + 1): new drivers start near the top, not at 0
+                    acceptance_rate=(accepted + 1) / (answered + 1),
                 )
             )
     screening.ranked.sort(key=Candidate.rank_key)
@@ -171,18 +185,22 @@ def _failure_reason(delivery: Delivery, screening: _Screening, nearby: list, rad
 
 
 def dispatch_locked(
-    delivery: Delivery, *, actor: Actor, now: datetime, radius_km: float | None = None, exclude_driver_ids=()
+    delivery: Delivery, *, actor: Actor, now: datetime, radius_km: float | None = None, exclude_driver_ids=(),
+    no_pending_offer: bool = False,
 ) -> DispatchResult:
     """Offer a ready delivery to its best candidate. The caller holds the delivery's lock.
+    `no_pending_offer`: the caller knows the delivery has none (a new delivery, or its pending
+    one was just answered), so it is not looked up; the database still refuses a second one.
 
     Candidate drivers are locked with SKIP LOCKED: a driver another transaction is working on
     is passed over rather than waited for, so dispatch never deadlocks with accept/availability.
     """
     if delivery.status != DeliveryStatus.READY:
         return DispatchResult("not_ready")
-    pending = DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).first()
-    if pending is not None:
-        return DispatchResult("already_offered", offer=pending)
+    if not no_pending_offer:
+        pending = DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).first()
+        if pending is not None:
+            return DispatchResult("already_offered", offer=pending)
 
     radius = float(radius_km or search_radius_for(delivery))
     lat, lon = delivery.pickup_location.y, delivery.pickup_location.x
@@ -224,12 +242,12 @@ def dispatch_locked(
     return DispatchResult("unassigned", failure_reason=reason, candidates=screening.ranked, search_radius_km=radius)
 
 
-@transaction.atomic
+@unit_of_work()
 def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = None, now: datetime | None = None, strict: bool = False) -> DispatchResult:
     """Lock the delivery and dispatch it. With `strict` (ops asking), a delivery that is not
     ready or already has a pending offer is a Conflict instead of a quiet no-op."""
     now = now or timezone.now()
-    delivery = locks.lock_delivery(delivery_id)
+    delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     result = dispatch_locked(delivery, actor=actor, now=now, radius_km=radius_km)
     if strict and result.outcome == "not_ready":
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be dispatched.")
@@ -257,8 +275,8 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
         # Once escalated to the wide-radius tier, keep searching that wide.
         radius = settings.DISPATCH_WIDE_RADIUS_KM if level >= 2 else None
         try:
-            with transaction.atomic():
-                delivery = locks.lock_delivery(delivery_id, skip_locked=True)
+            with unit_of_work():
+                delivery = locks.lock_delivery(delivery_id, skip_locked=True, select_related=("zone",))
                 if delivery is None:
                     continue  # someone else is on it
                 result = dispatch_locked(delivery, actor=Actor.system(), now=now, radius_km=radius)

@@ -3,7 +3,10 @@
     offer → delivery → driver → unassigned-order record / ticket
 
 Each row is locked at most once per transaction, by primary key, with
-`select_for_update(of=("self",))`, inside the workflow's atomic block. A workflow that needs
+`select_for_update(of=("self",))`, inside the workflow's atomic block. Where a workflow needs
+rows that follow from one another (an offer's delivery and driver, a delivery's assignment
+and driver), one statement may lock them together: `FOR UPDATE OF` lists them in this order,
+and PostgreSQL takes the row locks in that order, so the order below holds all the same. A workflow that needs
 several of them takes them top to bottom in this order, so two workflows can only ever wait
 on each other in one direction (no deadlock). Functions that receive a locked row say so in
 their docstring ("the caller holds the delivery's lock").
@@ -28,6 +31,21 @@ def lock_offer(offer_id, *, driver_id=None) -> DriverOffer:
     if driver_id is not None:
         filters["driver_id"] = driver_id
     offer = DriverOffer.objects.select_for_update(of=("self",)).filter(**filters).first()
+    if offer is None:
+        raise NotFound("Offer not found.")
+    return offer
+
+
+def lock_offer_delivery_driver(offer_id, *, driver_id) -> DriverOffer:
+    """The offer of this driver with its delivery and its driver, the three rows locked by one
+    statement in the order of this module (`FOR UPDATE OF` offer, delivery, driver: PostgreSQL
+    takes them in that order). `offer.delivery` (with its zone, not locked) and `offer.driver`
+    are the locked rows. NotFound when there is no such offer."""
+    offer = (
+        DriverOffer.objects.select_related("delivery", "delivery__zone", "driver")
+        .select_for_update(of=("self", "delivery", "driver"))
+        .filter(pk=offer_id, driver_id=driver_id).first()
+    )
     if offer is None:
         raise NotFound("Offer not found.")
     return offer
@@ -86,4 +104,19 @@ def lock_active_assignment(delivery_id) -> Assignment | None:
     return (
         Assignment.objects.select_for_update(of=("self",))
         .filter(delivery_id=delivery_id, status=AssignmentStatus.ACTIVE).first()
+    )
+
+
+def lock_assignment_of_driver(delivery_id, driver_id, *, with_driver: bool = False) -> Assignment | None:
+    """The driver's latest assignment of the delivery with the delivery, locked by one
+    statement in the order of this module: delivery, then the assignment, then (with
+    `with_driver`) the driver. `assignment.delivery` (with its accepted offer, not locked) and
+    `assignment.driver` are the locked rows. None when the driver never had the delivery (or
+    it does not exist)."""
+    of = ("delivery", "self", "driver") if with_driver else ("delivery", "self")
+    related = ("delivery", "delivery__accepted_offer", "driver") if with_driver else ("delivery", "delivery__accepted_offer")
+    return (
+        Assignment.objects.select_related(*related)
+        .select_for_update(of=of)
+        .filter(delivery_id=delivery_id, driver_id=driver_id).order_by("-created_at").first()
     )

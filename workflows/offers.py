@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db import transaction
 from django.utils import timezone
 
 from analytics.services import performance_offer_answered
@@ -20,30 +19,34 @@ from dispatch.services import assignment_start_locked
 from escalation.services import unassigned_resolve
 from offers import services as offers
 from offers.models import DriverOffer, OfferStatus
-from tracking.services import eta_refresh_on_commit
 from workflows import locks
 from workflows.dispatching import dispatch_locked
+from workflows.unit import eta_refresh_enqueue, unit_of_work
 
 logger = logging.getLogger(__name__)
 
 
-@transaction.atomic
+@unit_of_work()
 def offer_create(
     *, delivery_id, driver_id, actor: Actor, expires_in_seconds: int | None = None, now: datetime | None = None
 ) -> DriverOffer:
     """Ops offer a ready delivery to a chosen available driver."""
     now = now or timezone.now()
-    delivery = locks.lock_delivery(delivery_id)
+    delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     driver = locks.lock_driver(driver_id)
     if delivery.status != DeliveryStatus.READY:
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be offered.")
     if driver.availability != DriverAvailability.AVAILABLE:
         raise Conflict(f"Driver {driver.pk} is not available for assignment (currently {driver.availability}).")
-    if DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).exists():
-        raise Conflict("The delivery already has a pending offer.")
-    if DriverOffer.objects.filter(driver=driver, status=OfferStatus.PENDING).exists():
-        raise Conflict("The driver already has a pending offer.")
-    return offers.offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, expires_in_seconds=expires_in_seconds)
+    try:
+        return offers.offer_insert_locked(
+            delivery=delivery, driver=driver, actor=actor, now=now, expires_in_seconds=expires_in_seconds
+        )
+    except Conflict:
+        # The partial unique indexes refused it (nothing was written): say whose offer it was.
+        if DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).exists():
+            raise Conflict("The delivery already has a pending offer.") from None
+        raise Conflict("The driver already has a pending offer.") from None
 
 
 @dataclass(frozen=True)
@@ -60,21 +63,23 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
     expired on the spot (and the next candidate offered) and the driver gets a 409.
     """
     now = now or timezone.now()
-    with transaction.atomic():
-        offer = locks.lock_offer(offer_id, driver_id=driver_id)
+    with unit_of_work():
+        offer = locks.lock_offer_delivery_driver(offer_id, driver_id=driver_id)  # offer → delivery → driver
         overdue = offers.offer_is_overdue(offer, now)
         if not overdue:
             offers.offer_ensure_pending(offer, now)
-            delivery = locks.lock_delivery(offer.delivery_id)
-            driver = locks.lock_driver(offer.driver_id)
+            delivery, driver = offer.delivery, offer.driver
 
             response_ms = offers.offer_mark_accepted(offer, delivery=delivery, actor=actor, now=now)
-            assignment = assignment_start_locked(delivery, driver, actor=actor, now=now, details={"offerId": str(offer.pk)})
+            assignment = assignment_start_locked(
+                delivery, driver, actor=actor, now=now, details={"offerId": str(offer.pk)},
+                also_save=offers.ACCEPTED_OFFER_FIELDS,
+            )
             unassigned_resolve(delivery=delivery, now=now)
             performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)
 
             offers.offer_announce_accepted(offer, assignment_id=assignment.pk)
-            eta_refresh_on_commit(delivery.pk, now=now)
+            eta_refresh_enqueue(delivery.pk, now=now)
             metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
             return AcceptResult(offer=offer, assignment_id=str(assignment.pk))
     offer_expire(offer_id=offer_id, now=now)
@@ -87,20 +92,20 @@ class RejectResult:
     next_offer: DriverOffer | None
 
 
-@transaction.atomic
+@unit_of_work()
 def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetime | None = None) -> RejectResult:
     """The driver declines; the delivery goes to its next candidate in the same transaction."""
     now = now or timezone.now()
-    offer = locks.lock_offer(offer_id, driver_id=driver_id)
+    offer = locks.lock_offer_delivery_driver(offer_id, driver_id=driver_id)  # offer → delivery → driver
     offers.offer_ensure_pending(offer, now)
-    delivery = locks.lock_delivery(offer.delivery_id)
-    locks.lock_driver(offer.driver_id)
+    delivery = offer.delivery
 
     offers.offer_mark_rejected(offer, delivery=delivery, reason=reason, actor=actor, now=now)
     performance_offer_answered(
         driver_id=driver_id, outcome=OfferStatus.REJECTED, response_time_ms=offer.driver_response_time_ms, now=now
     )
-    result = dispatch_locked(delivery, actor=Actor.system(), now=now)
+    # The offer just closed was the delivery's pending one (one at a time, under its lock).
+    result = dispatch_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
     return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
 
 
@@ -112,16 +117,16 @@ def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False) 
     when this call expired it. `force` expires it now, due or not (ops' "expire now").
     """
     now = now or timezone.now()
-    with transaction.atomic():
+    with unit_of_work():
         offer = locks.lock_offer_if_due(offer_id, now=now, force=force)
         if offer is None:
             return False
-        delivery = locks.lock_delivery(offer.delivery_id)
+        delivery = locks.lock_delivery(offer.delivery_id, select_related=("zone",))
         locks.lock_driver(offer.driver_id)
 
         offers.offer_mark_expired(offer, delivery=delivery, now=now)
         performance_offer_answered(driver_id=offer.driver_id, outcome=OfferStatus.EXPIRED, response_time_ms=None, now=now)
-        dispatch_locked(delivery, actor=Actor.system(), now=now)
+        dispatch_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
     return True
 
 

@@ -122,7 +122,7 @@ class DeliveryListCreateView(APIView):
             actor=Actor.for_user(request.user),
             auto_dispatch=v["autoDispatch"],
         )
-        delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery.pk)
+        # the row as the workflow wrote it (its creator may read it): no second read
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data, status=status.HTTP_201_CREATED)
 
 
@@ -174,10 +174,10 @@ class DeliveryStepView(APIView):
         reason = data.validated_data["reason"]
         if step == "delivery-failed" and not reason:
             raise serializers.ValidationError({"reason": ["A reason is required when a delivery fails."]})
-        deliveries.delivery_advance(
+        # the row as the step wrote it (the assigned driver may read it): no second read
+        delivery = deliveries.delivery_advance(
             delivery_id=delivery_id, driver_id=driver.pk, step=step, reason=reason, actor=Actor.for_user(request.user)
         )
-        delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
 
 

@@ -11,11 +11,12 @@ from common.actors import Actor
 from workflows.dispatching import delivery_dispatch, unassigned_retry
 from dispatch.models import Delivery
 from escalation.models import UnassignedOrder
+from workflows.escalations import escalation_check
 from workflows import offers
 from offers.events import OfferCancelledEvent, OfferExpiredEvent
 from offers.models import DriverOffer
 from offers.tasks import expire_offer, expire_overdue_offers
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DeliveryFactory, DriverFactory, km_north, online_driver
 from tests.typecheck import assert_event_shape
 
@@ -320,8 +321,6 @@ def test_the_whole_offer_lifecycle_over_the_api(ops, integration):
 
 
 def test_the_retry_job_leaves_deliveries_that_were_never_dispatched_to_ops():
-    from workflows.escalations import escalation_check
-
     online_driver(km=0.5)
     with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
         manual = DeliveryFactory(ready_at=timezone.now())  # autoDispatch false: nobody dispatched it

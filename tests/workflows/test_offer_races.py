@@ -4,6 +4,7 @@ from datetime import timedelta
 import pytest
 from django.db import IntegrityError, connection, transaction
 
+from audit.models import DeliveryAuditLog
 from workflows import drivers as availability
 from common.actors import Actor
 from common.exceptions import Conflict
@@ -70,8 +71,6 @@ def test_the_sweep_and_the_scheduled_task_expire_an_offer_once():
     )
     assert not errors
     assert sum(int(r) for r in results) == 1
-    from audit.models import DeliveryAuditLog
-
     assert DeliveryAuditLog.objects.filter(delivery=delivery, event_type="offer_expired").count() == 1
 
 

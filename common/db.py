@@ -1,0 +1,74 @@
+"""Small SQL helpers the ORM has no single call for: INSERT … ON CONFLICT DO NOTHING that says
+whether the row went in, several of them (or one and an UPDATE) in one statement."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connections, router
+from django.db.models import Model, QuerySet
+from django.db.models.constants import OnConflict
+from django.db.models.sql import InsertQuery, UpdateQuery
+
+
+def _insert_sql(obj: Model, using: str) -> tuple[str, tuple]:
+    """`INSERT … ON CONFLICT DO NOTHING` of the unsaved `obj`, its fields prepared as `save()`
+    prepares them (defaults, `auto_now_add`)."""
+    model = type(obj)
+    fields = [f for f in model._meta.local_concrete_fields if not f.generated]
+    query = InsertQuery(model, on_conflict=OnConflict.IGNORE)
+    query.insert_values(fields, [obj])
+    ((sql, params),) = query.get_compiler(using=using).as_sql()
+    return sql, tuple(params)
+
+
+def _saved(obj: Model, using: str) -> None:
+    obj._state.adding = False
+    obj._state.db = using
+
+
+def insert_unless_conflict(obj: Model, *, then_update: tuple[QuerySet, dict[str, Any]] | None = None) -> bool:
+    """INSERT the unsaved `obj` unless a unique constraint (partial ones included) already
+    holds a row like it: `INSERT … ON CONFLICT DO NOTHING`. True when the row went in. A
+    conflict is not an error, so the transaction stays usable without a savepoint, and the
+    database keeps the last word on the constraint. Nothing is read back, so give the primary
+    key a Python default.
+
+    `then_update=(queryset, values)`: when the row went in, `queryset.update(**values)` in the
+    same statement (a data-modifying WITH); not at all when it did not."""
+    using = router.db_for_write(type(obj), instance=obj)
+    sql, params = _insert_sql(obj, using)
+    if then_update is None:
+        sql = f"{sql} RETURNING 1"
+    else:
+        queryset, values = then_update
+        query = queryset.query.chain(UpdateQuery)
+        query.add_update_values(values)
+        update_sql, update_params = query.get_compiler(using=using).as_sql()
+        assert " WHERE " in update_sql, update_sql
+        sql = f"WITH inserted AS ({sql} RETURNING 1) {update_sql} AND EXISTS (SELECT 1 FROM inserted) RETURNING 1"
+        params = params + tuple(update_params)
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, params)
+        inserted = cursor.fetchone() is not None
+    if inserted:
+        _saved(obj, using)
+    return inserted
+
+
+def insert_all_unless_conflict(*objs: Model) -> list[bool]:
+    """`insert_unless_conflict` of several unsaved rows (of any models) in one statement, in
+    the order given; one True/False per row."""
+    using = router.db_for_write(type(objs[0]), instance=objs[0])
+    ctes, params = [], []
+    for i, obj in enumerate(objs):
+        sql, p = _insert_sql(obj, using)
+        ctes.append(f"i{i} AS ({sql} RETURNING 1)")
+        params.extend(p)
+    counts = ", ".join(f"(SELECT count(*) FROM i{i})" for i in range(len(objs)))
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"WITH {', '.join(ctes)} SELECT {counts}", params)
+        inserted = [bool(n) for n in cursor.fetchone()]
+    for obj, went_in in zip(objs, inserted, strict=True):
+        if went_in:
+            _saved(obj, using)
+    return inserted
