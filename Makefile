@@ -19,9 +19,12 @@ run: migrate
 	@echo "Admin (ops console): http://127.0.0.1:$(PORT)/admin/"
 	@echo "API docs:            http://127.0.0.1:$(PORT)/v2/docs/"
 	@echo "Ops login:           ops / $${DEMO_OPS_PASSWORD:-ops}"
+	@echo "Processes:           PORT=$(PORT) supervisorctl -c deploy/supervisord.conf status"
 	@echo ""
-	rm -rf var/prometheus && mkdir -p var/prometheus
-	HTTP_PORT=$(PORT) PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus exec .venv/bin/honcho start -f Procfile
+	rm -rf var/prometheus/$(PORT) && mkdir -p var/prometheus/$(PORT) var/run var/log
+	PORT=$(PORT) HOST=$${HOST:-127.0.0.1} WEB_CONCURRENCY=$${WEB_CONCURRENCY:-2} \
+		CELERY_CONCURRENCY=$${CELERY_CONCURRENCY:-2} PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus/$(PORT) \
+		exec supervisord -n -c deploy/supervisord.conf
 
 # pytest-django creates its own test database, so no migrate here. The import contracts
 # (.importlinter, docs/architecture.md) are checked first: a broken layer fails the run.

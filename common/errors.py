@@ -5,10 +5,12 @@ import logging
 from datetime import timezone as dt_timezone
 from http import HTTPStatus
 
-from django.core.exceptions import PermissionDenied
+import psycopg
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import DatabaseError
-from django.http import Http404, JsonResponse
+from django.db import InterfaceError, OperationalError
+from django.http import Http404, HttpResponse, JsonResponse
 from django.utils import timezone
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -17,6 +19,13 @@ from rest_framework.views import set_rollback
 from common.exceptions import DomainError, InvalidInput
 
 logger = logging.getLogger(__name__)
+
+DATABASE_UNAVAILABLE = "The database is unavailable."
+BODY_TOO_LARGE = "The request body is too large (at most {limit} bytes)."
+# The connection is gone or cannot be had (server restarted or shut down, network, pool
+# exhausted): Django's wrappers of psycopg's errors and, should one escape them, psycopg's own
+# (psycopg.errors.AdminShutdown is an OperationalError).
+_UNAVAILABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
 
 
 def iso_now() -> str:
@@ -82,10 +91,13 @@ def exception_handler(exc, context):
         exc = exceptions.PermissionDenied()
     elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
-    elif isinstance(exc, DatabaseError) and _is_unavailable(exc):
+    elif is_database_unavailable(exc):
         logger.warning("database unavailable: %s", exc)
-        exc = exceptions.APIException("The database is unavailable.")
+        exc = exceptions.APIException(DATABASE_UNAVAILABLE)
         exc.status_code = 503
+    elif isinstance(exc, RequestDataTooBig):
+        exc = exceptions.APIException(body_too_large_message())
+        exc.status_code = 413
 
     if not isinstance(exc, exceptions.APIException):
         return None
@@ -115,10 +127,29 @@ def api_exception_for(exc: DomainError) -> exceptions.APIException:
     return api
 
 
-def _is_unavailable(exc: DatabaseError) -> bool:
-    from django.db import InterfaceError, OperationalError
+def is_database_unavailable(exc: BaseException) -> bool:
+    """A database error that says nothing about the request: the answer is 503, not 500."""
+    return isinstance(exc, _UNAVAILABLE)
 
-    return isinstance(exc, (OperationalError, InterfaceError))
+
+def body_too_large_message() -> str:
+    return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES)
+
+
+def response_for_exception(request, exc: BaseException, *, api: bool = True) -> HttpResponse | None:
+    """The answer to an exception raised outside DRF (middleware, plain Django views): 503 when
+    the database is unavailable, 413 for a body over the limit; None for anything else. `api`:
+    the SPEC's error body; otherwise plain text (the admin, the support and tracking pages)."""
+    if is_database_unavailable(exc):
+        logger.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
+        status, message = 503, DATABASE_UNAVAILABLE
+    elif isinstance(exc, RequestDataTooBig):
+        status, message = 413, body_too_large_message()
+    else:
+        return None
+    if api:
+        return error_response(request, status, message)
+    return HttpResponse(message, status=status, content_type="text/plain; charset=utf-8")
 
 
 def iso(dt) -> str | None:

@@ -1,21 +1,120 @@
-"""Serializer fields shared by every app: finite floats and {lat, lon} points."""
+"""Serializer fields shared by every app: finite floats, {lat, lon} points, and the strict
+fields of request bodies.
+
+DRF converts what it can: "12" passes for an integer, 12 for a string, "true" for a boolean.
+A JSON body has types, and the schema states them, so the fields of request bodies take the
+JSON type they document and refuse anything that merely converts to it (a 400 naming the
+field). Query strings have no types: their serializers keep DRF's converting fields."""
 import math
+import re
 
 from django.contrib.gis.geos import Point
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 
-class FiniteFloatField(serializers.FloatField):
+class _JsonTyped:
+    """Refuses a JSON value whose type is not `json_types` before the field converts it.
+    A boolean is never a number (`True` is an `int` in Python)."""
+
+    json_types: tuple[type, ...] = ()
+    default_error_messages = {"wrong_type": "Must be a {expected}, not {actual}."}
+    expected = "value"
+
+    def to_internal_value(self, data):
+        if not isinstance(data, self.json_types) or (isinstance(data, bool) and bool not in self.json_types):
+            self.fail("wrong_type", expected=self.expected, actual=_json_type_name(data))
+        return super().to_internal_value(data)
+
+
+def _json_type_name(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float):
+        return "a number with a decimal point"
+    if isinstance(value, int):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "null" if value is None else type(value).__name__
+
+
+class StrictCharField(_JsonTyped, serializers.CharField):
+    json_types = (str,)
+    expected = "string"
+
+
+class StrictRegexField(_JsonTyped, serializers.RegexField):
+    json_types = (str,)
+    expected = "string"
+
+
+class StrictUUIDField(_JsonTyped, serializers.UUIDField):
+    json_types = (str,)
+    expected = "UUID string"
+
+
+class StrictIntegerField(_JsonTyped, serializers.IntegerField):
+    """A JSON integer: "12", 12.0, 12.5 and true are refused."""
+
+    json_types = (int,)
+    expected = "whole number"
+
+
+class StrictBooleanField(_JsonTyped, serializers.BooleanField):
+    json_types = (bool,)
+    expected = "boolean (true or false)"
+
+
+class FiniteFloatField(_JsonTyped, serializers.FloatField):
+    """A finite JSON number: "12.5", true, NaN and ±Infinity are refused."""
+
+    json_types = (int, float)
+    expected = "number"
     default_error_messages = {"not_finite": "Must be a finite number."}
 
     def to_internal_value(self, data):
-        if isinstance(data, bool) or (isinstance(data, str) and data.strip().lower() in ("nan", "inf", "-inf", "infinity", "-infinity", "+inf")):
-            self.fail("invalid")
         value = super().to_internal_value(data)
         if not math.isfinite(value):
             self.fail("not_finite")
         return value
+
+
+MONEY_MAX_DIGITS, MONEY_DECIMAL_PLACES = 10, 2
+_DECIMAL_STRING = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "number", "minimum": 0, "maximum": 99999999.99},
+            {"type": "string", "pattern": r"^\d{1,8}(\.\d{1,2})?$", "example": "49.50"},
+        ],
+        "description": "An amount of money: a JSON number, or a decimal string (exact) such as \"49.50\".",
+    }
+)
+class MoneyField(serializers.DecimalField):
+    """Money, at most two decimal places: a JSON number or a decimal string ("49.50", exact,
+    the usual form for money); a boolean, an object or an array is refused."""
+
+    default_error_messages = {"wrong_type": "Must be a number or a decimal string, not {actual}."}
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("max_digits", MONEY_MAX_DIGITS)
+        kwargs.setdefault("decimal_places", MONEY_DECIMAL_PLACES)
+        kwargs.setdefault("min_value", 0)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, (int, float, str)):
+            self.fail("wrong_type", actual=_json_type_name(data))
+        if isinstance(data, str) and not _DECIMAL_STRING.fullmatch(data):
+            self.fail("invalid")  # plain notation only: no exponent, no NaN, no spaces
+        return super().to_internal_value(data)
 
 
 class LocationInputSerializer(serializers.Serializer):

@@ -17,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.http import HttpResponse
 from django.utils import timezone
 
-from common.errors import error_response
+from common.errors import error_response, is_database_unavailable, response_for_exception
 from common.models import IdempotencyRecord
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,12 @@ class IdempotencyMiddleware:
         key = request.META[HEADER].strip()
         if not key or len(key) > MAX_KEY_LENGTH:
             return error_response(request, 400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters."), None
-        record, replay = self._claim(request, _caller(request), key, _request_hash(request), timezone.now())
+        try:
+            record, replay = self._claim(request, _caller(request), key, _request_hash(request), timezone.now())
+        except Exception as exc:
+            if not is_database_unavailable(exc):
+                raise
+            return response_for_exception(request, exc), None  # 503: the caller may retry the key
         return replay, record
 
     def _finish(self, record, response):

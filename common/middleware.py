@@ -1,16 +1,19 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
-from django.http import JsonResponse
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 from common import metrics
-from common.errors import error_response
+from common.errors import body_too_large_message, error_response, response_for_exception
+from common.parsers import PARSED_ATTR, BodyRejected, load_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +104,96 @@ class ApiErrorMiddleware(AsyncCapableMiddleware):
         return response
 
     def process_exception(self, request, exception):
-        if not _is_api(request):
-            return None
+        mapped = response_for_exception(request, exception, api=_is_api(request))
+        if mapped is not None or not _is_api(request):
+            return mapped
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(request, 500, "Internal server error.")
+
+
+# In API paths and query values: control characters (NUL first: PostgreSQL refuses it in
+# text), lone surrogates, and U+FFFD, which a percent-escape that is not UTF-8 decodes to. The
+# pages (admin, support, tracking) refuse NUL only: a tab pasted into a search box is harmless.
+_BAD_API_URL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
+_BAD_PAGE_URL_CHARS = re.compile("\x00")
+# In header values a tab is allowed (RFC 9110 field-value); other control characters are not.
+_BAD_HEADER_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+_CHECKED_HEADERS = {"HTTP_AUTHORIZATION": "Authorization", "HTTP_IDEMPOTENCY_KEY": "Idempotency-Key"}
+# A JSON body larger than this is parsed on a worker thread, not on the event loop.
+_PARSE_IN_LOOP_MAX_BYTES = 64 * 1024
+
+
+class RequestGuardMiddleware(AsyncCapableMiddleware):
+    """Hostile input is refused before anything reads it (SPEC "Wire conventions": bad input
+    never produces a 500).
+
+    API paths: invalid characters in the path, a query key or value, or the Authorization or
+    Idempotency-Key header are a 400; a body over `API_MAX_BODY_BYTES` is a 413; a JSON body
+    is read here, once, by `common.parsers.load_json_body` (malformed, nested too deep, NaN,
+    NUL or lone surrogates in a string: 400), so an endpoint that reads no body refuses a
+    broken one too, and DRF's parser reuses what was read. Other paths: NUL in the path or
+    the query string is a 400 (plain text)."""
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        refused = self.refuse(request)
+        return refused if refused is not None else self.get_response(request)
+
+    async def __acall__(self, request):
+        # Under ASGI the body is already in memory (or a spooled file): a small one is checked
+        # here, a large one on a worker thread.
+        if _content_length(request) > _PARSE_IN_LOOP_MAX_BYTES:
+            refused = await sync_to_async(self.refuse, thread_sensitive=False)(request)
+        else:
+            refused = self.refuse(request)
+        return refused if refused is not None else await self.get_response(request)
+
+    def refuse(self, request):
+        if not _is_api(request):
+            if _url_problem(request, _BAD_PAGE_URL_CHARS):
+                return HttpResponse("Invalid characters in the URL.", status=400, content_type="text/plain; charset=utf-8")
+            return None
+        problem = _url_problem(request, _BAD_API_URL_CHARS) or _header_problem(request)
+        if problem:
+            return error_response(request, 400, problem)
+        length = _content_length(request)
+        if length < 0:
+            return error_response(request, 400, "Content-Length must be a whole number of bytes.")
+        if length > settings.API_MAX_BODY_BYTES:
+            return error_response(request, 413, body_too_large_message())
+        if length and request.content_type.lower() == "application/json":
+            try:
+                setattr(request, PARSED_ATTR, load_json_body(request.body, request.encoding))
+            except BodyRejected as exc:
+                return error_response(request, 400, exc.message, exc.details)
+            except RequestDataTooBig:  # Django's own limit (DATA_UPLOAD_MAX_MEMORY_SIZE) is lower
+                return error_response(request, 413, body_too_large_message())
+        return None
+
+
+def _content_length(request) -> int:
+    """The declared body size; -1 when the header is not a whole number."""
+    try:
+        return int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return -1
+
+
+def _url_problem(request, pattern) -> str | None:
+    if pattern.search(request.path):
+        return "The path contains invalid characters (control characters or invalid UTF-8)."
+    for key, values in request.GET.lists():
+        if pattern.search(key) or any(pattern.search(v) for v in values):
+            return "The query string contains invalid characters (control characters or invalid UTF-8)."
+    return None
+
+
+def _header_problem(request) -> str | None:
+    for meta_key, header in _CHECKED_HEADERS.items():
+        if _BAD_HEADER_CHARS.search(request.META.get(meta_key, "")):
+            return f"The {header} header contains invalid characters."
+    return None
 
 
 class MetricsMiddleware(AsyncCapableMiddleware):

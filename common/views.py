@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from django.contrib.auth import authenticate
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.http import HttpResponse, JsonResponse
+from django_celery_beat.models import PeriodicTask
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.authtoken.models import Token
@@ -13,15 +15,23 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from common import metrics
+from common import heartbeat, metrics
 from common.errors import error_body
+from common.fields import StrictCharField
 from common.redis import get_redis
 from common.schema import errors
+from config.celery import app as celery_app
+from config.periodic import MANAGED_PREFIX, PERIODIC_TASKS
 
 logger = logging.getLogger(__name__)
 
 
-def health(request):
+def live(request):
+    """`/health/live`: the process answers (no dependency is checked: restart me if not)."""
+    return JsonResponse({"status": "ok"})
+
+
+def _dependency_checks() -> dict[str, str]:
     checks = {}
     try:
         with connection.cursor() as cur:
@@ -36,6 +46,12 @@ def health(request):
     except Exception as exc:
         logger.warning("health: redis check failed: %s", exc)
         checks["redis"] = "unavailable"
+    return checks
+
+
+def health(request):
+    """`/health/` and `/health/ready`: PostgreSQL and Redis answer (send me traffic)."""
+    checks = _dependency_checks()
     if all(v == "ok" for v in checks.values()):
         return JsonResponse({"status": "ok", "checks": checks})
     down = ", ".join(k for k, v in checks.items() if v != "ok")
@@ -43,6 +59,62 @@ def health(request):
     body["status"] = "unavailable"
     body["checks"] = checks  # where the 200 body has them, so a monitor reads one shape
     return JsonResponse(body, status=503)
+
+
+ready = health
+
+
+def periodic_jobs() -> list[heartbeat.Job]:
+    """The schedule as beat runs it: config/periodic.py, with what ops changed in the admin
+    (a disabled job is not expected to run; an interval edited there is the one that counts)."""
+    jobs = {name: heartbeat.Job(name, task, float(every)) for name, (task, every, _) in PERIODIC_TASKS.items()}
+    try:
+        rows = PeriodicTask.objects.filter(name__startswith=MANAGED_PREFIX).select_related("interval")
+        for row in rows:
+            name = row.name.removeprefix(MANAGED_PREFIX)
+            if name not in jobs:
+                continue
+            if not row.enabled:
+                del jobs[name]
+            elif row.interval is not None:
+                every = row.interval.schedule.run_every.total_seconds()
+                jobs[name] = heartbeat.Job(name, row.task, every)
+    except DatabaseError as exc:
+        logger.warning("health: periodic schedule not readable, using config/periodic.py: %s", exc)
+    return list(jobs.values())
+
+
+def celery_queues() -> list[str]:
+    names = {celery_app.conf.task_default_queue}
+    names.update(q.name for q in celery_app.conf.task_queues or ())
+    return sorted(names)
+
+
+def jobs(request):
+    """`/health/jobs`: every periodic job ran within twice its interval, and a worker answers.
+
+    200 with each job's and worker's ages; 503 in the error body naming the late job(s) or
+    the missing workers (the same report under the same keys)."""
+    path = request.get_full_path()
+    try:
+        now = time.time()
+        snap = heartbeat.snapshot(celery_queues(), now=now)
+    except heartbeat.REDIS_ERRORS as exc:
+        logger.warning("health: job liveness unknown, redis unavailable: %s", exc)
+        body = error_body(503, path, "Unavailable: redis (job liveness is recorded there).")
+        body["status"] = "unavailable"
+        return JsonResponse(body, status=503)
+    result = heartbeat.assess(periodic_jobs(), snap, now=now)
+    report = {"jobs": result.jobs, "workers": result.workers, "queues": snap.queues}
+    if result.ok:
+        return JsonResponse({"status": "ok", **report})
+    body = error_body(503, path, result.message, {"lateJobs": result.late_jobs, "workersAlive": result.workers_alive})
+    body["status"] = "unavailable"
+    body.update(report)
+    return JsonResponse(body, status=503)
+
+
+metrics.register_scrape_collector(heartbeat.JobHealthCollector(periodic_jobs, celery_queues))
 
 
 def prometheus_metrics(request):
@@ -58,8 +130,8 @@ class InvalidCredentials(APIException):
 
 
 class TokenRequestSerializer(serializers.Serializer):
-    username = serializers.CharField(max_length=150)
-    password = serializers.CharField(max_length=256, trim_whitespace=False)
+    username = StrictCharField(max_length=150)
+    password = StrictCharField(max_length=256, trim_whitespace=False)
 
 
 class TokenResponseSerializer(serializers.Serializer):

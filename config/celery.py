@@ -1,9 +1,69 @@
 import os
 
-from celery import Celery
+from celery import Celery, bootsteps
+from celery.signals import after_task_publish, beat_init, task_postrun
+
+from common import heartbeat
+from config.periodic import PERIODIC_TASKS
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
 app = Celery("dispatch")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+# --------------------------------------------------------------------------- job liveness
+# /health/jobs and the job gauges read what these write (common/heartbeat.py, docs/operations.md).
+PERIODIC_TASK_NAMES = frozenset(task for task, _, _ in PERIODIC_TASKS.values())
+
+
+class HealthHeartbeat(bootsteps.StartStopStep):
+    """Every worker heartbeats into Redis from its consumer's event loop (the timer celery's
+    own event heartbeat uses), so a worker whose loop is stuck stops answering too."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c, **kwargs):
+        self.tref = None
+        super().__init__(c, **kwargs)
+
+    def start(self, c):
+        heartbeat.worker_alive(c.hostname)
+        self.tref = c.timer.call_repeatedly(heartbeat.WORKER_BEAT_EVERY, heartbeat.worker_alive, (c.hostname,))
+
+    def stop(self, c):
+        if self.tref is not None:
+            c.timer.cancel(self.tref)
+            self.tref = None
+
+    def shutdown(self, c):
+        self.stop(c)
+        heartbeat.worker_gone(c.hostname)
+
+
+app.steps["consumer"].add(HealthHeartbeat)
+
+
+@task_postrun.connect
+def _record_periodic_run(sender=None, state=None, **kwargs):
+    """Each run of a scheduled job, wherever it ran (the worker; eagerly in tests)."""
+    name = getattr(sender, "name", None)
+    if name in PERIODIC_TASK_NAMES:
+        heartbeat.job_ran(name, state)
+
+
+_in_beat = False
+
+
+@beat_init.connect
+def _beat_started(sender=None, **kwargs):
+    global _in_beat
+    _in_beat = True
+    heartbeat.mark_since()
+
+
+@after_task_publish.connect
+def _record_periodic_send(sender=None, **kwargs):
+    """Beat's sends of scheduled jobs (sends from elsewhere, e.g. the API, do not count)."""
+    if _in_beat and sender in PERIODIC_TASK_NAMES:
+        heartbeat.job_sent(sender)

@@ -5,7 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from analytics.admin import analytics_page
 from analytics.api import views as analytics_views
 from availability.api import views as availability_views
-from common.views import AuthTokenView, health, prometheus_metrics
+from common.views import AuthTokenView, health, jobs, live, prometheus_metrics, ready
 from dispatch.api import views as dispatch_views
 from escalation.api import views as escalation_views
 from offers.api import views as offer_views
@@ -73,6 +73,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("health/", health, name="health"),
     path("health", health),
+    path("health/live", live, name="health-live"),
+    path("health/ready", ready, name="health-ready"),
+    path("health/jobs", jobs, name="health-jobs"),
     path("metrics", prometheus_metrics, name="metrics"),
     path("v2/", include(api)),
     path("support/", include("escalation.urls")),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this machine for running and testing the project (Debian 12, run as root):
-#   1. system packages (PostgreSQL 15 + PostGIS, GDAL/GEOS/PROJ, Redis, Python build deps,
-#      Chromium + chromedriver for the headless browser test)
+#   1. system packages (PostgreSQL 15 + PostGIS, GDAL/GEOS/PROJ, Redis, supervisor for
+#      `make run`, Python build deps, Chromium + chromedriver for the headless browser test)
 #   2. a running PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379
 #   3. the local `dispatch` role and database with PostGIS
 #   4. the virtualenv in .venv with requirements.txt installed
@@ -21,6 +21,7 @@ APT_PACKAGES=(
   postgresql postgresql-15-postgis-3
   gdal-bin libgdal-dev libgeos-dev libproj-dev binutils
   redis-server
+  supervisor
   python3-venv python3-dev build-essential libpq-dev
   chromium chromium-driver
 )

@@ -8,6 +8,7 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from common.roles import INTEGRATIONS_GROUP, SUPPORT_GROUP
+from availability.geo import index_driver
 from availability.models import Driver
 from dispatch.models import Delivery
 from offers.models import DriverOffer
@@ -104,8 +105,6 @@ def km_north(km, lat=CITY[0], lon=CITY[1]):
 
 def online_driver(km=0.5, **kwargs):
     """An available driver with a fresh fix `km` north of the city centre, in the GEO index."""
-    from availability.geo import index_driver
-
     driver = DriverFactory(location=km_north(km), **kwargs)
     index_driver(
         driver_id=driver.pk, availability=driver.availability, lat=driver.location.y, lon=driver.location.x,

@@ -8,7 +8,7 @@ from http import HTTPStatus
 from django.utils import timezone
 
 from dispatch.models import Delivery
-from tests.conftest import assert_error
+from tests.api import assert_error
 
 CLOSED_REDIS_URL = "redis://127.0.0.1:6399/0"  # nothing listens there
 ERROR_KEYS = {"statusCode", "timestamp", "path", "message", "error", "details"}

@@ -94,7 +94,12 @@ def _recorded_at(body: dict, now: datetime) -> datetime:
 
 
 def parse_fix(driver_id: str, raw: bytes, now: datetime) -> tuple[live.Fix, datetime]:
-    """The body, validated by the LocationSerializer's rules; _Delegate for anything else."""
+    """The body, validated by the LocationSerializer's rules; _Delegate for anything else.
+    So is a large body (not parsed on the event loop: Django answers 413 past its limit) and a
+    \\u escape: NUL or a lone surrogate, in any key or string, is refused there
+    (common.parsers), and orjson takes NUL."""
+    if len(raw) > MAX_BODY or b"\\u" in raw:
+        raise _Delegate
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -210,8 +215,8 @@ class LocationFastLane:
 
     async def _serve(self, scope, driver_id: str, raw: bytes, send) -> int:
         headers = dict(scope["headers"])
-        if b"idempotency-key" in headers or b"json" not in headers.get(b"content-type", b""):
-            raise _Delegate
+        if b"idempotency-key" in headers or b"json" not in headers.get(b"content-type", b"") or scope.get("query_string"):
+            raise _Delegate  # (the endpoint takes no query: Django's request guard judges one)
         key = _token(headers)
         if key is None:
             raise _Delegate

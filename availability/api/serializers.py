@@ -4,15 +4,15 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from availability.models import SETTABLE_AVAILABILITY_CHOICES, DriverAvailability
-from common.fields import FiniteFloatField
+from common.fields import FiniteFloatField, StrictCharField, StrictIntegerField
 
 # How far in the future a device clock may be before a fix is refused.
 MAX_CLOCK_SKEW = timedelta(seconds=30)
 
 
 class TakeBreakSerializer(serializers.Serializer):
-    durationMinutes = serializers.IntegerField(min_value=1, max_value=240)
-    reason = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    durationMinutes = StrictIntegerField(min_value=1, max_value=240)
+    reason = StrictCharField(max_length=255, required=False, allow_blank=True, default="")
 
 
 class TakeBreakResponseSerializer(serializers.Serializer):
@@ -30,8 +30,8 @@ class StatusResponseSerializer(serializers.Serializer):
 
 class OverrideSerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=SETTABLE_AVAILABILITY_CHOICES)
-    reason = serializers.CharField(max_length=255)
-    durationMinutes = serializers.IntegerField(min_value=1, max_value=24 * 60, required=False)
+    reason = StrictCharField(max_length=255)
+    durationMinutes = StrictIntegerField(min_value=1, max_value=24 * 60, required=False)
 
     def validate(self, attrs):
         if attrs["state"] == DriverAvailability.ON_BREAK and not attrs.get("durationMinutes"):

@@ -48,6 +48,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "common.middleware.RequestGuardMiddleware",
     "common.middleware.ApiErrorMiddleware",
     "common.idempotency.IdempotencyMiddleware",
 ]
@@ -57,6 +58,7 @@ MIDDLEWARE = [
 API_MIDDLEWARE = [
     "common.middleware.MetricsMiddleware",
     "common.middleware.ApiHeadersMiddleware",
+    "common.middleware.RequestGuardMiddleware",
     "common.middleware.ApiErrorMiddleware",
     "common.idempotency.IdempotencyMiddleware",
 ]
@@ -99,6 +101,11 @@ if DB_POOL_MAX_SIZE > 0:
         "max_size": DB_POOL_MAX_SIZE,
         "timeout": env.float("DB_POOL_TIMEOUT", default=10.0),
     }
+    # Check each pooled connection as it is handed out (psycopg_pool's `check`, one empty
+    # round trip): after a PostgreSQL restart the idle ones are dead, and are replaced instead
+    # of failing the request. Django passes `check=ConnectionPool.check_connection` itself
+    # when CONN_HEALTH_CHECKS is set ("check" in the pool options would be passed twice).
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
@@ -108,6 +115,8 @@ if env.bool("DB_BEHIND_PGBOUNCER", default=False):
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
     DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = None
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# The largest request body the API reads (bytes); a larger one is a 413 (common.middleware).
+API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)
 
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
 # Seconds a Redis call may take before we treat Redis as down and fall back.
@@ -185,7 +194,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["common.parsers.JSONParser"],
     "DEFAULT_THROTTLE_CLASSES": [
         "common.throttling.AnonRateThrottle",
         "common.throttling.UserRateThrottle",

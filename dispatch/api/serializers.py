@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
-from common.fields import PointField
+from common.fields import MoneyField, PointField, StrictBooleanField, StrictCharField, StrictIntegerField, StrictRegexField
 from dispatch.models import Delivery, DeliveryStatus
 
 PHONE_RE = re.compile(r"^\+?[0-9 ()\-.]{4,32}$")
@@ -71,11 +71,11 @@ class DriverCreatedSerializer(DriverSerializer):
 
 
 class DriverCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=200)
-    phone = serializers.CharField(max_length=32, validators=[validate_phone])
-    vehicle = serializers.CharField(max_length=200)
+    name = StrictCharField(max_length=200)
+    phone = StrictCharField(max_length=32, validators=[validate_phone])
+    vehicle = StrictCharField(max_length=200)
     vehicleType = serializers.ChoiceField(choices=VehicleType.choices, required=False, default=VehicleType.CAR)
-    username = serializers.RegexField(r"^[\w.@+-]{3,150}$", max_length=150, required=False)
+    username = StrictRegexField(r"^[\w.@+-]{3,150}$", max_length=150, required=False)
     homeLocation = PointField(required=False)
 
 
@@ -87,21 +87,19 @@ class DriverListQuerySerializer(serializers.Serializer):
 
 
 class DeliveryCreateSerializer(serializers.Serializer):
-    sellerOrderId = serializers.CharField(max_length=255)
-    sellerId = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
-    storeName = serializers.CharField(max_length=255)
+    sellerOrderId = StrictCharField(max_length=255)
+    sellerId = StrictCharField(max_length=255, required=False, allow_blank=True, default="")
+    storeName = StrictCharField(max_length=255)
     pickupLocation = PointField()
     dropoffLocation = PointField()
-    dropoffAddress = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
-    customerName = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    customerPhone = serializers.CharField(
+    dropoffAddress = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
+    customerName = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
+    customerPhone = StrictCharField(
         max_length=32, required=False, allow_blank=True, default="", validators=[]
     )
-    prepTimeMinutes = serializers.IntegerField(min_value=0, max_value=240, required=False, default=0)
-    deliveryFee = serializers.DecimalField(
-        max_digits=10, decimal_places=2, min_value=0, required=False, allow_null=True, default=None
-    )
-    autoDispatch = serializers.BooleanField(required=False, default=True)
+    prepTimeMinutes = StrictIntegerField(min_value=0, max_value=240, required=False, default=0)
+    deliveryFee = MoneyField(required=False, allow_null=True, default=None)
+    autoDispatch = StrictBooleanField(required=False, default=True)
 
     def validate_customerPhone(self, value):
         return validate_phone(value) if value else value
@@ -178,11 +176,11 @@ class DeliveryListQuerySerializer(serializers.Serializer):
 
 
 class ReasonSerializer(serializers.Serializer):
-    reason = serializers.CharField(max_length=500)
+    reason = StrictCharField(max_length=500)
 
 
 class OptionalReasonSerializer(serializers.Serializer):
-    reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    reason = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
 
 
 class AuditEventSerializer(serializers.Serializer):

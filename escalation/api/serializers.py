@@ -1,7 +1,7 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from common.fields import PointField
+from common.fields import PointField, StrictCharField, StrictIntegerField, StrictUUIDField
 from escalation.models import (
     MAX_ESCALATION_LEVEL,
     CommentKind,
@@ -57,15 +57,15 @@ class UnassignedSummarySerializer(serializers.Serializer):
 
 
 @extend_schema_field({"type": "integer", "minimum": 1, "maximum": MAX_ESCALATION_LEVEL})
-class EscalationLevelField(serializers.IntegerField):
+class EscalationLevelField(StrictIntegerField):
     """The range is checked by the escalate view/service (its own message for 0 and for 4);
     this only documents it, so a schema-valid level is never a 400 for being out of range."""
 
 
 class EscalateSerializer(serializers.Serializer):
     level = EscalationLevelField(help_text="1–3, above the current level.")
-    reason = serializers.CharField(max_length=500)
-    notes = serializers.CharField(max_length=5000, required=False, allow_blank=True, default="")
+    reason = StrictCharField(max_length=500)
+    notes = StrictCharField(max_length=5000, required=False, allow_blank=True, default="")
 
 
 class EscalateResponseSerializer(serializers.Serializer):
@@ -167,8 +167,8 @@ class TicketQuerySerializer(serializers.Serializer):
 class TicketPatchSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=TicketStatus.choices, required=False)
     priority = serializers.ChoiceField(choices=TicketPriority.choices, required=False)
-    assigneeId = serializers.UUIDField(required=False, allow_null=True)
-    resolution = serializers.CharField(max_length=5000, required=False, allow_blank=True)
+    assigneeId = StrictUUIDField(required=False, allow_null=True)
+    resolution = StrictCharField(max_length=5000, required=False, allow_blank=True)
 
     def validate(self, attrs):
         if not attrs:
@@ -177,4 +177,4 @@ class TicketPatchSerializer(serializers.Serializer):
 
 
 class CommentCreateSerializer(serializers.Serializer):
-    body = serializers.CharField(max_length=5000)
+    body = StrictCharField(max_length=5000)

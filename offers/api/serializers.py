@@ -1,5 +1,6 @@
 from rest_framework import serializers
 
+from common.fields import StrictIntegerField, StrictUUIDField
 from offers.models import OfferStatus, RejectionReason
 from offers.services import MAX_EXPIRES_SECONDS, MIN_EXPIRES_SECONDS
 
@@ -19,8 +20,8 @@ class OfferPayloadSerializer(serializers.Serializer):
 
 
 class OfferCreateSerializer(serializers.Serializer):
-    driverId = serializers.UUIDField()
-    expiresInSeconds = serializers.IntegerField(min_value=MIN_EXPIRES_SECONDS, max_value=MAX_EXPIRES_SECONDS, required=False)
+    driverId = StrictUUIDField()
+    expiresInSeconds = StrictIntegerField(min_value=MIN_EXPIRES_SECONDS, max_value=MAX_EXPIRES_SECONDS, required=False)
 
 
 class OfferCreatedSerializer(serializers.Serializer):

@@ -17,8 +17,9 @@ from analytics.models import DeliveryCost, DeliveryRevenue, DriverPerformance
 from analytics.events import DriverPerformanceUpdatedEvent
 from workflows.deliveries import delivery_advance
 from offers import services as offer_services
+from offers.models import DriverOffer
 from workflows import offers
-from tests.conftest import assert_error
+from tests.api import assert_error
 from tests.factories import DeliveryFactory, online_driver
 from tests.typecheck import assert_event_shape
 
@@ -150,8 +151,6 @@ def test_recompute_agrees_with_the_incremental_counters_on_a_random_history():
                 t.shift(timedelta(minutes=rng.randint(1, 40)))
                 walk(driver, delivery, fail_at=rng.choice([None, None, None, "delivery-started", "pickup-completed"]))
             # follow-up offers made by rejects/expiries go nowhere in this story
-            from offers.models import DriverOffer
-
             for pending in DriverOffer.objects.filter(status="PENDING"):
                 offer_services.offer_cancel_locked(pending, delivery=pending.delivery, reason="test", actor=Actor.system(), now=timezone.now())
 

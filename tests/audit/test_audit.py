@@ -5,7 +5,7 @@ from audit.models import DeliveryAuditLog
 from audit.services import audit_record
 from common.actors import Actor
 from workflows.deliveries import assignment_create, delivery_cancel
-from tests.conftest import assert_error
+from tests.api import assert_error
 
 pytestmark = pytest.mark.django_db
 

@@ -8,7 +8,7 @@ from availability.events import AvailabilityChangedEvent
 from availability.models import DriverAvailabilityHistory
 from common.actors import Actor
 from workflows.deliveries import assignment_create
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DriverFactory
 from tests.typecheck import assert_event_shape
 

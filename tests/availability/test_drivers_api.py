@@ -2,7 +2,7 @@ import pytest
 from rest_framework.authtoken.models import Token
 
 from availability.models import Driver
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DriverFactory
 
 pytestmark = pytest.mark.django_db

@@ -24,7 +24,7 @@ from availability.models import Driver
 from workflows.deliveries import assignment_create, delivery_cancel
 from workflows import drivers as driver_workflows
 from workflows.drivers import driver_location_record
-from tests.conftest import client_for
+from tests.api import client_for
 from tests.factories import CITY, DeliveryFactory, DriverFactory, point
 
 pytestmark = pytest.mark.django_db

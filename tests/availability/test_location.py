@@ -17,7 +17,8 @@ from availability import geo
 from availability.models import DriverAvailabilityHistory
 from common.redis import get_redis
 from availability.models import Driver
-from tests.conftest import assert_error, client_for
+from workflows.drivers import driver_location_record
+from tests.api import assert_error, client_for
 from tests.factories import DriverFactory, point
 
 NOW = "2026-02-01T10:00:00Z"
@@ -323,8 +324,6 @@ def test_fixes_racing_from_many_threads_leave_the_newest_one_stored_and_indexed(
 
 @pytest.mark.django_db(transaction=True)
 def test_the_service_applies_racing_fixes_so_that_the_newest_wins():
-    from workflows.drivers import driver_location_record
-
     base = timezone.now() - timedelta(minutes=5)
     driver = DriverFactory(location_recorded_at=base - timedelta(seconds=1))
     stamps = [base + timedelta(milliseconds=37 * i) for i in range(400)]

@@ -25,8 +25,11 @@ from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from rest_framework.test import APIClient
 
+from common import heartbeat
 from common.models import IdempotencyRecord
+from common.redis import get_redis
 from common.tasks import purge_idempotency_records
 from config.celery import app
 from config.periodic import MANAGED_PREFIX, PERIODIC_TASKS
@@ -200,6 +203,9 @@ def test_beat_schedules_the_installed_purge_task_onto_a_real_worker(celery_proce
     periodic.interval, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
     periodic.queue = celery_processes.queue
     periodic.save()
+    # Beat writes run counts back after its first send and then only every few minutes: with
+    # the other jobs due too, one of them could take that write-back (seen under load).
+    PeriodicTask.objects.exclude(pk=periodic.pk).update(enabled=False)
     old = IdempotencyRecordFactory(created_at=_expired_at())
     fresh = IdempotencyRecordFactory()
 
@@ -219,3 +225,32 @@ def test_beat_schedules_the_installed_purge_task_onto_a_real_worker(celery_proce
         assert periodic.total_run_count > 0
         assert periodic.last_run_at is not None
         assert f"Task {PURGE_TASK}[" in worker.log() and "succeeded" in worker.log()
+        # job liveness (/health/jobs): beat recorded the send, the worker the successful run
+        # (just after the task's own commit, so it may land a moment after what the loop saw)
+        wanted = {f"{PURGE_TASK}:sent", f"{PURGE_TASK}:ok"}
+        deadline = time.monotonic() + 10
+        while not wanted <= set(records := get_redis().hgetall(heartbeat.JOBS_KEY)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert wanted <= set(records), records
+        assert records[f"{PURGE_TASK}:state"] == "SUCCESS"
+
+
+def test_a_real_worker_heartbeats_while_it_runs_and_says_goodbye_when_it_stops(celery_processes):
+    worker = celery_processes.worker()
+
+    def our_workers() -> dict[str, float]:
+        members = get_redis().zrange(heartbeat.WORKERS_KEY, 0, -1, withscores=True)
+        return {host: seen for host, seen in members if host.startswith(f"{celery_processes.queue}@")}
+
+    with celery_processes.logs_on_failure():
+        deadline = time.monotonic() + 10
+        while not our_workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [(hostname, seen)] = our_workers().items()
+        assert abs(time.time() - seen) < heartbeat.WORKER_TIMEOUT
+
+        workers = APIClient().get("/health/jobs").json()["workers"]
+        assert workers[hostname]["alive"] is True
+
+        worker.stop()
+        assert our_workers() == {}

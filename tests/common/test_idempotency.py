@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 from common.idempotency import MAX_KEY_LENGTH, purge_expired_idempotency_records
 from common.models import IdempotencyRecord
 from common.tasks import purge_idempotency_records
-from tests.conftest import client_for
+from tests.api import client_for
 from tests.factories import IntegrationUserFactory
 from tests.wire import MID_MINUTE, assert_error_body, deliveries_of, delivery_body, post_delivery, with_throttle_rates
 

@@ -2,8 +2,10 @@ import pytest
 
 from audit.models import DeliveryAuditLog
 from common.actors import Actor
+from offers.models import DriverOffer
+from workflows import offers
 from workflows.deliveries import assignment_create
-from tests.factories import DeliveryFactory, DriverFactory
+from tests.factories import DeliveryFactory, DriverFactory, online_driver
 
 pytestmark = pytest.mark.django_db
 
@@ -90,9 +92,6 @@ def test_set_availability_action_asks_for_a_reason_then_uses_the_service(admin_c
 
 
 def test_dispatch_now_and_expire_actions_go_through_the_services(admin_client):
-    from offers.models import DriverOffer
-    from tests.factories import online_driver
-
     a = online_driver(km=0.5)
     b = online_driver(km=1.0)
     delivery = DeliveryFactory()
@@ -111,9 +110,6 @@ def test_dispatch_now_and_expire_actions_go_through_the_services(admin_client):
 
 
 def test_reassign_action_takes_the_delivery_from_its_driver_and_reports_refusals(admin_client):
-    from workflows import offers
-    from tests.factories import online_driver
-
     a, b = online_driver(km=0.5), online_driver(km=1.0)
     delivery = DeliveryFactory()
     offer = offers.offer_create(delivery_id=delivery.pk, driver_id=a.pk, actor=Actor.system())

@@ -4,7 +4,7 @@ from audit.models import DeliveryAuditLog
 from dispatch.models import Delivery
 from workflows.deliveries import assignment_create
 from common.actors import Actor
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DeliveryFactory, IntegrationUserFactory
 
 pytestmark = pytest.mark.django_db

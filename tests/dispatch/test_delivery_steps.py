@@ -4,7 +4,7 @@ from audit.models import DeliveryAuditLog
 from common.actors import Actor
 from dispatch.models import Assignment
 from workflows.deliveries import assignment_create
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DeliveryFactory, DriverFactory
 
 pytestmark = pytest.mark.django_db

@@ -8,8 +8,10 @@ from channels_redis.core import RedisChannelLayer
 from django.contrib.gis.geos import Point
 
 from common.actors import Actor
+from common.broadcast import send_now
 from config.asgi import application
 from dispatch import events
+from dispatch.consumers import OpsConsumer
 from dispatch.services import DeliveryInput
 from workflows.deliveries import assignment_create, delivery_cancel, delivery_create
 from tests.factories import DriverFactory, OpsUserFactory
@@ -124,9 +126,6 @@ def test_a_browser_from_a_foreign_origin_is_refused_but_an_allowed_origin_connec
 
 
 def test_every_event_type_reaches_ops_and_unknown_ones_do_not_break_the_socket():
-    from common.broadcast import send_now
-    from dispatch.consumers import OpsConsumer
-
     ops_user = OpsUserFactory()
     expected = {
         "delivery_created", "delivery_status_changed", "delivery_cancelled", "availability_changed", "break_expired",

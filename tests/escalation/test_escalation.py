@@ -8,15 +8,17 @@ from django.db import transaction
 
 from audit.models import DeliveryAuditLog
 from common.actors import Actor
+from config.periodic import PERIODIC_TASKS
 from workflows.dispatching import delivery_dispatch, unassigned_retry
 from workflows.deliveries import delivery_cancel
 from escalation import events as ev
 from escalation.models import SupportTicket, TicketComment, UnassignedOrder
 from workflows.escalations import escalation_check
 from escalation.tasks import escalation_check as escalation_check_task
+from escalation.tickets import ticket_resolve
 from workflows import offers
 from offers.models import DriverOffer
-from tests.factories import DeliveryFactory, online_driver
+from tests.factories import DeliveryFactory, SupportUserFactory, online_driver
 from tests.fakes import FakeHelpdesk
 from tests.typecheck import assert_event_shape
 
@@ -298,9 +300,6 @@ def test_cancelling_the_delivery_sets_cancelled_and_closes_its_ticket(ops, djang
 def test_a_resolved_ticket_is_reopened_when_its_still_unassigned_delivery_goes_critical(
     django_capture_on_commit_callbacks,
 ):
-    from escalation.tickets import ticket_resolve
-    from tests.factories import SupportUserFactory
-
     agent = SupportUserFactory()
     with time_machine.travel(T0, tick=False) as t:
         delivery = stuck_delivery()
@@ -356,8 +355,6 @@ def test_no_recipients_means_no_email_but_the_event_still_goes_out(settings, lis
 
 
 def test_the_periodic_task_runs_the_same_check(django_capture_on_commit_callbacks):
-    from config.periodic import PERIODIC_TASKS
-
     assert PERIODIC_TASKS["escalation check"][:2] == ("escalation.check", 30)
     with time_machine.travel(T0, tick=False) as t:
         delivery = stuck_delivery()

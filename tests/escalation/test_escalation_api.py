@@ -10,7 +10,7 @@ from audit.models import DeliveryAuditLog
 from common.actors import Actor
 from workflows.dispatching import delivery_dispatch
 from escalation.models import SupportTicket, TicketComment, UnassignedOrder
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DeliveryFactory, DriverFactory, SupportUserFactory, km_north, online_driver
 
 pytestmark = pytest.mark.django_db

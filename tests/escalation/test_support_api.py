@@ -5,7 +5,7 @@ from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
 from escalation.models import SupportTicket, TicketComment
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DriverFactory, OpsUserFactory, SupportUserFactory
 from tests.support_fixtures import ticket_for
 

@@ -9,7 +9,7 @@ from audit.models import DeliveryAuditLog
 from dispatch.models import Assignment, Delivery
 from offers.events import OfferAcceptedEvent, OfferCreatedEvent, OfferRejectedEvent
 from offers.models import DriverOffer
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DeliveryFactory, DriverFactory, online_driver
 from tests.fakes import SENT
 from tests.typecheck import assert_event_shape

@@ -9,7 +9,7 @@ from django.db import IntegrityError, connection, transaction
 from availability.models import Driver
 from tracking.models import DeliveryRating
 from tracking.services import delivery_rate
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.tracking_fixtures import delivery_in, john
 
 

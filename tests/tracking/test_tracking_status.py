@@ -8,7 +8,8 @@ from django.utils import timezone
 from common.actors import Actor
 from tracking import selectors as tracking
 from dispatch.models import Delivery
-from tests.conftest import assert_error, client_for
+from workflows.deliveries import delivery_reassign
+from tests.api import assert_error, client_for
 from tests.factories import IntegrationUserFactory, OpsUserFactory, km_north
 from tests.tracking_fixtures import delivery_in, john
 
@@ -75,8 +76,6 @@ def test_after_the_delivery_is_finished_only_the_final_state_is_shown(anon, stat
 
 
 def test_a_reassigned_delivery_goes_back_to_pending_and_loses_its_driver(anon, ops_user, django_capture_on_commit_callbacks):
-    from workflows.deliveries import delivery_reassign
-
     delivery = delivery_in("assigned")
     delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.for_user(ops_user))
 

@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from availability.models import Driver
-from tests.conftest import assert_error, client_for
+from tests.api import assert_error, client_for
 from tests.factories import DriverFactory, IntegrationUserFactory, ZoneFactory, box
 from zones.models import DeliveryZone, DriverZonePreference
 from zones.selectors import zone_preferences_for

@@ -13,7 +13,7 @@ from django.db import connection, transaction
 
 from common.redis import get_redis
 from config.asgi import application
-from tests.conftest import assert_error
+from tests.api import assert_error
 from tests.concurrency import race
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory
 from tests.typecheck import assert_event_shape

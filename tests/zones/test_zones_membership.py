@@ -2,10 +2,13 @@
 (boundary included), drivers can be listed by the zone they are in."""
 import pytest
 from django.contrib.gis.geos import LinearRing, Point, Polygon
+from django.core.management import call_command
 
 from dispatch.models import Delivery
-from tests.conftest import assert_error
+from tests.api import assert_error
 from tests.factories import DriverFactory, ZoneFactory, box
+from zones.demo import DEMO_ZONES
+from zones.models import DeliveryZone
 from zones.selectors import zone_for_point
 from zones.services import zone_update
 
@@ -185,11 +188,6 @@ def test_filtering_drivers_by_a_malformed_zone_id_is_a_400(ops):
 
 
 def test_demo_data_has_bengaluru_zones_and_its_deliveries_get_one():
-    from django.core.management import call_command
-
-    from zones.demo import DEMO_ZONES
-    from zones.models import DeliveryZone
-
     call_command("seed_demo")
     call_command("seed_demo")
 

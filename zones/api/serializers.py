@@ -5,7 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework_gis.serializers import GeoFeatureModelSerializer
 
-from common.fields import FiniteFloatField
+from common.fields import FiniteFloatField, StrictCharField, StrictIntegerField, StrictUUIDField
 from zones.geometry import polygon_from_geojson
 from zones.models import (
     OFFER_EXPIRES_MAX,
@@ -93,12 +93,12 @@ class ZoneFeaturePageSerializer(serializers.Serializer):
 
 
 class ZoneWriteSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=255)
+    name = StrictCharField(max_length=255)
     geometry = PolygonGeoJSONField()
-    priorityLevel = serializers.IntegerField(min_value=PRIORITY_MIN, max_value=PRIORITY_MAX, required=False, default=3)
-    minDriversOnline = serializers.IntegerField(min_value=0, max_value=100_000, required=False, default=5)
-    targetWaitTimeSeconds = serializers.IntegerField(min_value=1, max_value=86_400, required=False, default=300)
-    offerExpiresSeconds = serializers.IntegerField(
+    priorityLevel = StrictIntegerField(min_value=PRIORITY_MIN, max_value=PRIORITY_MAX, required=False, default=3)
+    minDriversOnline = StrictIntegerField(min_value=0, max_value=100_000, required=False, default=5)
+    targetWaitTimeSeconds = StrictIntegerField(min_value=1, max_value=86_400, required=False, default=300)
+    offerExpiresSeconds = StrictIntegerField(
         min_value=OFFER_EXPIRES_MIN, max_value=OFFER_EXPIRES_MAX, required=False, allow_null=True, default=None
     )
     searchRadiusKm = FiniteFloatField(max_value=SEARCH_RADIUS_MAX_KM, required=False, allow_null=True, default=None)
@@ -130,7 +130,7 @@ class ZoneHealthSerializer(serializers.Serializer):
 
 
 class ZonePreferenceItemSerializer(serializers.Serializer):
-    zoneId = serializers.UUIDField()
+    zoneId = StrictUUIDField()
     preference = serializers.ChoiceField(choices=ZonePreference.choices)
 
 

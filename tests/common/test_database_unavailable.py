@@ -1,0 +1,197 @@
+"""A database that is down or was restarted (SPEC "Wire conventions": 503 when a backing service
+is down, never a 500), and the connection pool after a PostgreSQL restart.
+
+Tests run without a pool (config/settings/test.py), so the pool tests set one up on the test
+database, as production's settings do, through the real ASGI application (which hands each
+request's connection back to the pool, as a server does), and kill its connections the way a
+restart does: `pg_terminate_backend`, which the server reports as AdminShutdown."""
+from __future__ import annotations
+
+import runpy
+import time
+import uuid
+
+import httpx
+import psycopg
+import pytest
+from asgiref.sync import async_to_sync
+from django.conf import settings as django_settings
+from django.db import OperationalError, ProgrammingError, connection
+from django.db.utils import ConnectionHandler
+from psycopg_pool import ConnectionPool
+
+from common import views as common_views
+from common.idempotency import IdempotencyMiddleware
+from config.asgi import application
+from escalation.api import views as escalation_views
+from tests.factories import OpsUserFactory
+from tests.wire import assert_error_body
+from tracking import selectors as tracking_selectors
+
+KEY = {"HTTP_IDEMPOTENCY_KEY": "check-1"}
+
+
+def admin_shutdown() -> OperationalError:
+    """What Django raises when the server ended the connection (psycopg's AdminShutdown,
+    wrapped), built as Django's error wrapper builds it."""
+    cause = psycopg.errors.AdminShutdown("terminating connection due to administrator command")
+    exc = OperationalError(*cause.args)
+    exc.__cause__ = cause
+    return exc
+
+
+def _raise(exc):
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
+# -------------------------------------------------------------------------- the 503 mapping
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [admin_shutdown(), psycopg.errors.AdminShutdown("terminating connection"), psycopg.OperationalError("server closed")],
+    ids=["Django's OperationalError", "psycopg's AdminShutdown", "psycopg's OperationalError"],
+)
+def test_a_database_error_in_a_drf_view_is_a_503(ops, monkeypatch, exc):
+    monkeypatch.setattr(escalation_views.escalations, "escalation_check", _raise(exc))
+
+    r = ops.post("/v2/admin/escalation/check")
+
+    body = assert_error_body(r, 503, path="/v2/admin/escalation/check")
+    assert body["message"] == "The database is unavailable."
+
+
+def test_a_database_error_in_the_idempotency_middleware_is_a_503(ops, monkeypatch):
+    monkeypatch.setattr(IdempotencyMiddleware, "_claim", _raise(admin_shutdown()))
+
+    r = ops.post("/v2/admin/escalation/check", **KEY)
+
+    body = assert_error_body(r, 503, path="/v2/admin/escalation/check")
+    assert body["message"] == "The database is unavailable."
+
+
+def test_a_database_error_in_a_plain_django_api_view_is_a_503_in_the_error_body(anon, db, monkeypatch):
+    monkeypatch.setattr(common_views.metrics, "render", _raise(admin_shutdown()))
+
+    r = anon.get("/metrics")
+
+    assert_error_body(r, 503, path="/metrics")
+
+
+def test_a_database_error_on_a_page_is_a_plain_503(client, db, monkeypatch):
+    monkeypatch.setattr(tracking_selectors, "delivery_for_tracking_link", _raise(admin_shutdown()))
+
+    r = client.get(f"/track/{uuid.uuid4()}?token=abc")
+
+    assert r.status_code == 503
+    assert b"The database is unavailable." in r.content
+
+
+def test_other_database_errors_stay_500s(ops, monkeypatch):
+    monkeypatch.setattr(escalation_views.escalations, "escalation_check", _raise(ProgrammingError("a bug")))
+
+    r = ops.post("/v2/admin/escalation/check")
+
+    assert_error_body(r, 500, path="/v2/admin/escalation/check")
+
+
+# ------------------------------------------------------------------------------- the pool
+
+
+def test_with_a_pool_each_connection_is_checked_as_it_is_handed_out(monkeypatch):
+    # the production settings with a pool (the default: DB_POOL_MAX_SIZE=8)
+    monkeypatch.setenv("DB_POOL_MAX_SIZE", "4")
+    production = runpy.run_path(str(django_settings.BASE_DIR / "config" / "settings" / "base.py"))
+    database = production["DATABASES"]["default"]
+    assert database["OPTIONS"]["pool"]["max_size"] == 4 and database["CONN_MAX_AGE"] == 0
+    assert "check" not in database["OPTIONS"]["pool"]  # Django passes it: twice would be a TypeError
+
+    # the pool Django builds from them (not opened: no connection is made)
+    probe = ConnectionHandler({"default": dict(database), "pool-probe": dict(database)})["pool-probe"]
+    try:
+        assert probe.pool._check is ConnectionPool.check_connection
+    finally:
+        probe.close_pool()
+
+
+@pytest.fixture
+def pooled():
+    """`pooled(check=True)`: the default database through a psycopg pool from here on."""
+    saved = {key: connection.settings_dict[key] for key in ("OPTIONS", "CONN_HEALTH_CHECKS", "CONN_MAX_AGE")}
+
+    def configure(*, check: bool):
+        connection.close()
+        connection.settings_dict["OPTIONS"] = {**saved["OPTIONS"], "pool": {"min_size": 2, "max_size": 4, "timeout": 5}}
+        connection.settings_dict["CONN_HEALTH_CHECKS"] = check
+        connection.settings_dict["CONN_MAX_AGE"] = 0
+        connection.pool.open(wait=True)
+
+    yield configure
+    connection.close()
+    connection.close_pool()
+    connection.settings_dict.update(saved)
+
+
+def restart_database():
+    """End every other connection to the test database, as a PostgreSQL restart does, and wait
+    until they are gone."""
+    params = {k: v for k, v in connection.get_connection_params().items() if k in ("dbname", "user", "password", "host", "port")}
+    with psycopg.connect(**params, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        for _ in range(100):
+            others = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+            if others == 0:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the connections did not end")
+
+
+def asgi(method, path, token, **headers):
+    async def go():
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await client.request(method, path, headers={"Authorization": f"Token {token}", **headers})
+
+    return async_to_sync(go)()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_after_a_restart_dead_pooled_connections_are_replaced_not_handed_out(pooled):
+    token = OpsUserFactory().auth_token.key
+    pooled(check=True)
+    assert asgi("GET", "/v2/drivers", token).status_code == 200
+    idle_before = connection.pool.get_stats()["pool_available"]
+    assert idle_before >= 1  # the request's connection went back to the pool
+
+    restart_database()
+
+    # the first requests after the restart: the dead connections are found on checkout
+    check = asgi("POST", "/v2/admin/escalation/check", token, **{"Idempotency-Key": "after-restart"})
+    listing = asgi("GET", "/v2/drivers", token)
+    assert (check.status_code, listing.status_code) == (200, 200), (check.content, listing.content)
+    assert connection.pool.get_stats().get("connections_errors", 0) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_the_check_a_dead_pooled_connection_is_a_503_never_a_500(pooled):
+    """What the check prevents (the issue's symptom), and that it is a 503 when it happens:
+    from the idempotency middleware as from the view."""
+    token = OpsUserFactory().auth_token.key
+    pooled(check=False)
+    assert asgi("GET", "/v2/drivers", token).status_code == 200
+
+    restart_database()
+
+    check = asgi("POST", "/v2/admin/escalation/check", token, **{"Idempotency-Key": "after-restart"})
+    listing = asgi("GET", "/v2/drivers", token)
+    for r in (check, listing):
+        assert r.status_code == 503, r.content
+        assert r.json()["message"] == "The database is unavailable."
