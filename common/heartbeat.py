@@ -20,7 +20,6 @@ Nothing here ever raises into a worker or beat: a Redis failure is logged and sk
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -113,28 +112,12 @@ class Snapshot:
     queues: dict[str, int | None]
 
 
-_broker_lock = threading.Lock()
-_broker_clients: dict[str, redis.Redis] = {}
-
-
 def _broker_redis() -> redis.Redis | None:
     """The Celery broker's Redis (its lists are the queues); None for a non-Redis broker."""
     url = settings.CELERY_BROKER_URL
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
-    if url == settings.REDIS_URL:
-        return get_redis()
-    with _broker_lock:
-        client = _broker_clients.get(url)
-        if client is None:
-            client = redis.Redis.from_url(
-                url,
-                socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
-                socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT,
-                decode_responses=True,
-            )
-            _broker_clients[url] = client
-    return client
+    return get_redis(url)
 
 
 def queue_lengths(queues: Iterable[str]) -> dict[str, int | None]:

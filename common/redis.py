@@ -16,8 +16,9 @@ _clients: dict[str, redis.Redis] = {}
 RedisUnavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
-def get_redis() -> redis.Redis:
-    url = settings.REDIS_URL
+def get_redis(url: str | None = None) -> redis.Redis:
+    """The process's client for `url` (default REDIS_URL)."""
+    url = url or settings.REDIS_URL
     client = _clients.get(url)
     if client is None:
         with _lock:
