@@ -10,14 +10,17 @@ from django.test.utils import CaptureQueriesContext
 
 from audit.models import DeliveryAuditLog
 from audit.services import audit_record
+from availability.models import Driver
+from common import broadcast
 from common.actors import Actor
 from common.broadcast import broadcast_on_commit
 from common.exceptions import Conflict
 from dispatch.models import Assignment, Delivery
 from dispatch.services import DeliveryInput
+from offers.models import DriverOffer
 from tests.concurrency import race
 from tests.factories import DeliveryFactory, online_driver, point
-from workflows import deliveries, offers
+from workflows import deliveries, locks, offers
 from workflows.unit import unit_of_work
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -58,8 +61,6 @@ def test_audit_rows_of_a_failed_workflow_or_a_rolled_back_savepoint_are_not_writ
 
 
 def test_events_of_a_workflow_go_after_commit_in_one_send_in_order_per_group(listen, monkeypatch):
-    from common import broadcast
-
     sends, real_send_many = [], broadcast.send_many
 
     def spy(entries):
@@ -177,10 +178,6 @@ def test_the_one_statement_lock_takes_offer_then_delivery_then_driver():
     import time
 
     from django.db import OperationalError, connections
-
-    from availability.models import Driver
-    from offers.models import DriverOffer
-    from workflows import locks
 
     driver = online_driver(km=0.5)
     delivery = DeliveryFactory()
