@@ -151,5 +151,20 @@ class PointField(serializers.Field):
         return {"lat": round(value.y, 7), "lon": round(value.x, 7)}
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "nullable": True,
+        "required": ["lat", "lon"],
+        "properties": {
+            "lat": {"type": "number", "minimum": -90, "maximum": 90},
+            "lon": {"type": "number", "minimum": -180, "maximum": 180},
+        },
+    }
+)
+class NullablePointField(PointField):
+    """A {lat, lon} object, or null where the reader may not see it (output)."""
+
+
 def point_json(point):
     return None if point is None else {"lat": round(point.y, 7), "lon": round(point.x, 7)}

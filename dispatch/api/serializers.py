@@ -6,7 +6,7 @@ from rest_framework import serializers
 
 from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
-from common.fields import MoneyField, PointField, StrictBooleanField, StrictCharField, StrictIntegerField, StrictRegexField
+from common.fields import NullablePointField, MoneyField, PointField, StrictBooleanField, StrictCharField, StrictIntegerField, StrictRegexField
 from dispatch.models import Delivery, DeliveryStatus
 
 PHONE_RE = re.compile(r"^\+?[0-9 ()\-.]{4,32}$")
@@ -110,7 +110,10 @@ class DeliverySerializer(serializers.ModelSerializer):
     sellerId = serializers.CharField(source="seller_id")
     storeName = serializers.CharField(source="store_name")
     pickupLocation = PointField(source="pickup_location")
-    dropoffLocation = PointField(source="dropoff_location")
+    dropoffLocation = NullablePointField(
+        source="dropoff_location", allow_null=True,
+        help_text="null for a driver whose assignment of this delivery has ended (customer data)",
+    )
     dropoffAddress = serializers.CharField(source="dropoff_address")
     customerName = serializers.CharField(source="customer_name")
     customerPhone = serializers.CharField(source="customer_phone")
@@ -146,6 +149,19 @@ class DeliverySerializer(serializers.ModelSerializer):
             "pickupStartedAt", "pickedUpAt", "inTransitAt", "deliveredAt", "failedAt", "cancelledAt",
             "updatedAt",
         ]
+
+    # What a driver sees of the customer only while its own assignment is active.
+    CUSTOMER_FIELDS = {"customerName": "", "customerPhone": "", "dropoffAddress": "", "dropoffLocation": None}
+
+    def to_representation(self, obj):
+        data = super().to_representation(obj)
+        viewer = self.context.get("viewing_driver_id")
+        if viewer is not None:
+            active = self._active(obj)
+            if active is None or active.driver_id != viewer:
+                data.update(self.CUSTOMER_FIELDS)  # a past job: the delivery stays in the history, its customer does not
+                data["driverId"] = data["assignmentId"] = None
+        return data
 
     def _active(self, obj):
         active = getattr(obj, "active_assignments", None)

@@ -35,7 +35,8 @@ def _query(serializer_class, request):
 
 
 def _delivery_context(request):
-    return {"request": request, "hide_tracking": not is_ops(request.user) and driver_of(request.user) is not None}
+    driver = None if is_ops(request.user) else driver_of(request.user)
+    return {"request": request, "hide_tracking": driver is not None, "viewing_driver_id": driver.pk if driver else None}
 
 
 class DriverListCreateView(APIView):
