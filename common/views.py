@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import hmac
+
 import logging
 import time
 
+from django.conf import settings
 from django.contrib.auth import authenticate
 from django.db import DatabaseError, connection
 from django.http import HttpResponse, JsonResponse
@@ -16,7 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common import heartbeat, metrics
-from common.errors import error_body
+from common.errors import error_body, error_response
 from common.fields import StrictCharField
 from common.redis import get_redis
 from common.schema import errors
@@ -117,7 +120,21 @@ def jobs(request):
 metrics.register_scrape_collector(heartbeat.JobHealthCollector(periodic_jobs, celery_queues))
 
 
+LOOPBACK = {"127.0.0.1", "::1"}
+
+
 def prometheus_metrics(request):
+    """Prometheus scrape. With METRICS_TOKEN set it needs `Authorization: Bearer <token>`;
+    without one it answers only the machine itself (a scraper on the box or a sidecar)."""
+    expected = settings.METRICS_TOKEN
+    if expected:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            response = error_response(request, 401, "A bearer token is required for /metrics.")
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    elif request.META.get("REMOTE_ADDR") not in LOOPBACK:
+        return error_response(request, 403, "/metrics answers only this machine unless METRICS_TOKEN is set.")
     output, content_type = metrics.render()
     return HttpResponse(output, content_type=content_type)
 

@@ -119,6 +119,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)
 
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
+# /metrics: with a token, `Authorization: Bearer <token>` is required; without, loopback only.
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
 # Seconds a Redis call may take before we treat Redis as down and fall back.
 REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.5)
 # Hash tag of the live fleet keys (common.redis.fleet_key): one slot per fleet under Redis Cluster.

@@ -66,3 +66,19 @@ def test_a_replayed_post_is_counted_under_its_route(integration):
 
     assert replay["Idempotent-Replayed"] == "true"
     assert http_requests_total(**labels) == before + 2
+
+
+def test_metrics_answer_only_this_machine_unless_a_token_is_set(db, anon, settings):
+    settings.METRICS_TOKEN = ""
+    assert anon.get("/metrics").status_code == 200  # the test client comes from 127.0.0.1
+    remote = anon.get("/metrics", REMOTE_ADDR="203.0.113.9")
+    assert remote.status_code == 403 and remote.json()["error"] == "Forbidden"
+
+
+def test_with_a_metrics_token_a_bearer_is_required_from_anywhere(db, anon, settings):
+    settings.METRICS_TOKEN = "s3cret-scrape"
+    missing = anon.get("/metrics")
+    assert missing.status_code == 401 and missing["WWW-Authenticate"].startswith("Bearer")
+    assert anon.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    ok = anon.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-scrape", REMOTE_ADDR="203.0.113.9")
+    assert ok.status_code == 200 and b"http_requests_total" in ok.content
