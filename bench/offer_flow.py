@@ -2,20 +2,29 @@
 """Offer flow load test: create a delivery, let dispatch offer it, accept it as the offered
 driver, walk it through pickup and drop-off. Repeats with C flows in flight for T seconds.
 
-Against a server that is already up, on this machine only (loopback targets). It logs in as
-ops, creates K drivers around a random spot far from the demo city, gives each a fix and
-resumes it, measures the same server's GET /health/ rate for a few seconds as a yardstick,
-then runs the flows and prints flows/s, per-request latency percentiles by step and errors.
+On this machine only (loopback targets). Without `--base` it starts its own server on a free
+port (uvicorn config.asgi --workers 2 and one `manage.py consume_fixes`) and stops it after;
+with `--base URL` it uses a server that is already up. It prints the machine's state, logs in
+as ops, creates K drivers around a random spot far from the demo city, gives each a fix and
+resumes it, measures the same server's GET /health/ with wrk (`--health-seconds`), then runs
+the flows and prints flows/s, requests/s and their ratio to /health/, per-request latency
+percentiles by step, errors, and CPU per process group over the run.
 
-    .venv/bin/python bench/offer_flow.py --base http://127.0.0.1:8000 --drivers 60 --seconds 20 --concurrency 16
+    .venv/bin/python bench/offer_flow.py --drivers 60 --seconds 20 --concurrency 16
+    .venv/bin/python bench/offer_flow.py --base http://127.0.0.1:8000
 
-Standard library plus httpx.
+The flows go through bench/rawhttp.py (a keep-alive client cheap enough that the client is not
+what is measured); `--client httpx` uses httpx as before. Drivers end their shift afterwards
+(they stay in the database, as do the delivered deliveries).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import random
+import signal
 import sys
 import time
 import uuid
@@ -23,8 +32,62 @@ from collections import Counter, defaultdict
 
 import httpx
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from location_ingest import refuse_non_loopback  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+from benchlib import CpuMeter, Server, format_cpu, health_baseline, machine_state, refuse_non_loopback  # noqa: E402
+from rawhttp import HttpError, RawHttp  # noqa: E402
+
+TARGET_RATIO, TARGET_P99_MS = 0.3, 100.0
+
+
+class Response:
+    """What the flows read of a response: status_code, json(), text."""
+
+    def __init__(self, status: int, body: bytes):
+        self.status_code, self.content = status, body
+
+    def json(self):
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def raise_for_status(self):
+        if self.status_code >= 400:
+            raise RuntimeError(f"HTTP {self.status_code}: {self.text[:300]}")
+
+
+class RawClient:
+    """httpx.AsyncClient's request/get/post, as far as this bench uses them, over RawHttp."""
+
+    def __init__(self, base: str, connections: int, timeout: float = 30):
+        self.http = RawHttp(base, connections, timeout=timeout)
+
+    async def __aenter__(self):
+        await self.http.open()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.http.close()
+
+    async def request(self, method, url, headers=None, json=None):
+        h = dict(headers or {})
+        body = b""
+        if json is not None:
+            body = __import__("json").dumps(json).encode()
+            h["Content-Type"] = "application/json"
+        try:
+            status, data = await self.http.request(method, url, headers=h, body=body)
+        except HttpError as exc:
+            raise httpx.TransportError(str(exc)) from exc
+        return Response(status, data)
+
+    async def get(self, url, headers=None):
+        return await self.request("GET", url, headers=headers)
+
+    async def post(self, url, headers=None, json=None):
+        return await self.request("POST", url, headers=headers, json=json)
 
 STEPS = ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed")
 
@@ -109,48 +172,53 @@ async def one_flow(run: Run, tokens, centre, rng) -> None:
     run.flows += 1
 
 
-async def health_rate(client, seconds, concurrency) -> float:
-    done = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker():
-        nonlocal done
-        while time.perf_counter() < deadline:
-            r = await client.get("/health/")
-            done += r.status_code == 200
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - start)
-
-
-async def main(args) -> None:
-    refuse_non_loopback(args.base)
+async def main(args, base: str, server_pids: list[int]) -> int:
     rng = random.Random(args.seed)
     centre = (rng.uniform(-40, 40), rng.uniform(-140, 140))
-    limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
-    async with httpx.AsyncClient(base_url=args.base, timeout=30, limits=limits) as client:
+    if args.client == "raw":
+        client_cm = RawClient(base, args.concurrency * 2)
+    else:
+        limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
+        client_cm = httpx.AsyncClient(base_url=base, timeout=30, limits=limits)
+    async with client_cm as client:
         r = await client.post("/v2/auth/token", json={"username": args.user, "password": args.password})
         r.raise_for_status()
         run = Run(client, r.json()["token"])
         print(f"setting up {args.drivers} drivers around {centre[0]:.3f},{centre[1]:.3f} ...", flush=True)
         tokens = await setup_drivers(run, args.drivers, centre, rng)
-        hz = await health_rate(client, args.health_seconds, args.concurrency)
-        print(f"GET /health/ alone: {hz:.0f} req/s at concurrency {args.concurrency}", flush=True)
+        if args.wait_quiet:
+            print(f"waiting for a quiet machine: {await asyncio.to_thread(benchlib.wait_quiet, args.wait_quiet)}", flush=True)
+            machine_state("machine at the start of the measurement")
+        health = await asyncio.to_thread(health_baseline, base, seconds=args.health_seconds, threads=2,
+                                         connections=args.concurrency)
 
+        meter = CpuMeter({"uvicorn": server_pids, "bench (this)": [os.getpid()]})
         deadline = time.perf_counter() + args.seconds
 
         async def worker():
             while time.perf_counter() < deadline:
                 await one_flow(run, tokens, centre, rng)
 
+        before = meter.snapshot()
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         elapsed = time.perf_counter() - start
+        after = meter.snapshot()
+
+        ended = 0
+        for driver_id, token in tokens.items():
+            r = await client.post(f"/v2/drivers/{driver_id}/availability/end-shift", headers={"Authorization": f"Token {token}"})
+            ended += r.status_code == 200
+    after_state = machine_state("machine after")
 
     requests = sum(len(v) for v in run.lat.values())
-    print(f"\nflows completed: {run.flows} in {elapsed:.1f}s = {run.flows / elapsed:.1f} flows/s "
-          f"({requests / elapsed:.0f} req/s; {run.unassigned} deliveries found nobody free)")
+    rate = requests / elapsed
+    ratio = rate / health.ok_rate if health.ok_rate else float("nan")
+    print(f"\noffer flow: {args.concurrency} flows in flight, {args.drivers} drivers, {elapsed:.1f} s, {args.client} client, against {base}")
+    print(f"flows completed: {run.flows} = {run.flows / elapsed:.1f} flows/s ({rate:.0f} req/s; "
+          f"{run.unassigned} deliveries found nobody free)")
+    print(f"GET /health/: {health.ok_rate:,.0f} req/s (wrk -t2 -c{args.concurrency})  →  offer-flow req/s ÷ health req/s = {ratio:.2f}"
+          f"  (target ≥ {TARGET_RATIO})")
     print(f"{'request':20} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     everything = []
     for name, values in run.lat.items():
@@ -161,16 +229,51 @@ async def main(args) -> None:
     print("errors:", errors or "none")
     for name, sample in run.samples.items():
         print(f"  first {name} error: {sample}")
+    print(f"CPU over the run (% of one core; machine: % of all {benchlib.NPROC} cores): {format_cpu(meter.report(before, after))}")
+    print(f"machine time by kind: {CpuMeter.split(before, after)}")
+    print(f"load average after {after_state['loadavg']}; {ended}/{len(tokens)} bench drivers ended their shift")
+    worst = max((pct(v, 99) for v in run.lat.values()), default=float("nan"))
+    met = ratio >= TARGET_RATIO and worst < TARGET_P99_MS
+    print(f"target: ≥ {TARGET_RATIO} of /health/, every request's p99 < {TARGET_P99_MS:.0f} ms at {args.concurrency} in flight: "
+          f"{'met' if met else 'not met'} (worst p99 {worst:.1f} ms)")
+    return 1 if errors else 0
+
+
+def entry(args) -> int:
+    benchlib.ensure_wrk()
+    machine_state("machine before")
+    server = None
+    try:
+        if args.base:
+            refuse_non_loopback(args.base)
+            base = args.base
+            server_pids = benchlib.uvicorn_pids(int(base.rsplit(":", 1)[1].split("/")[0]))
+        else:
+            server = Server(workers=args.workers, consumers=1)
+            server.start()
+            base, server_pids = server.base, server.web_pids()
+        return asyncio.run(main(args, base, server_pids))
+    finally:
+        if server:
+            server.stop()
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: clean up and stop the server first
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="http://127.0.0.1:8000")
+    p.add_argument("--base", default=None, help="a running server (loopback only); default: start one here")
+    p.add_argument("--workers", type=int, default=2, help="uvicorn workers of the server started here")
     p.add_argument("--user", default="ops")
     p.add_argument("--password", default="ops")
     p.add_argument("--drivers", type=int, default=60)
     p.add_argument("--seconds", type=float, default=20)
-    p.add_argument("--health-seconds", type=float, default=5)
+    p.add_argument("--health-seconds", type=float, default=10)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw")
     p.add_argument("--seed", type=int, default=None)
-    asyncio.run(main(p.parse_args()))
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="after setup, wait up to this long for the machine to be quiet (< 10 %% busy, no pytest)")
+    a = p.parse_args()
+    if not (0 < a.seconds <= 600 and 1 <= a.concurrency <= 256 and 1 <= a.drivers <= 2000):
+        p.error("--seconds 0..600, --concurrency 1..256, --drivers 1..2000")
+    sys.exit(entry(a))

@@ -1,33 +1,43 @@
 #!/usr/bin/env python
 """Customer tracking fan-out: S customer sockets on S active deliveries, their drivers posting
-fixes at a set rate; end-to-end latency from the POST to the customer's socket.
+fixes to the location fast lane at a set rate; end-to-end latency from the POST to the
+customer's socket.
 
-Against a server that is already up, on this machine only (loopback targets). As ops it
-creates S drivers and S deliveries around a random spot far from the demo city (so the demo's
-own dispatching leaves them alone), offers delivery i to driver i, accepts as the driver, and
-opens `/ws/track/<id>/?token=` for every delivery (the token from `trackingUrl`). Then each
-driver posts a fix every `--fix-interval` seconds (phases spread evenly) for `--seconds`.
+Loopback targets only. By default it starts its own server on a free port (uvicorn
+config.asgi --workers 2, one `manage.py consume_fixes`) and stops it afterwards; `--base URL`
+uses a server that is already up. Setup (`--setup orm`, the default) makes S drivers (created,
+first fix, resumed) and S deliveries around a random spot far from the demo city in-process
+through the workflows, and assigns delivery i to driver i (ops assignment); `--setup api` does
+it over HTTP as ops (create, offer, accept: slower, ~6 requests a pair). It measures the same
+server's GET /health/ with wrk, opens `/ws/track/<id>/?token=` for every delivery (each must
+get its `delivery_snapshot`), then each driver posts a fix every `--fix-interval` seconds
+(phases spread evenly) for `--seconds`, through a small keep-alive HTTP client (bench/rawhttp.py;
+httpx could not post 1,000/s from one process alongside 5,000 sockets).
 
 For every accepted fix it waits for the `delivery_location_updated` with that fix's time on
 that delivery's socket: latency = socket receive − POST start (one clock, this process).
-A fix whose event has not arrived `--grace` seconds after the run is a drop. CPU is read from
-/proc over the measured window: the server (the uvicorn process listening on the base URL's
-port and its children, or `--server-pid`), PostgreSQL, Redis, this client, and the machine.
-Afterwards the deliveries are cancelled and the drivers end their shift (they stay in the DB).
+A fix whose event has not arrived `--grace` seconds after the run is a drop. CPU per process
+group over the measured window comes from /proc. Afterwards the deliveries are cancelled and
+the drivers end their shift (they stay in the database: deliveries have an append-only audit
+trail).
 
+    .venv/bin/python bench/tracking_fanout.py --sockets 5000 --seconds 60 --fix-interval 5
     .venv/bin/python bench/tracking_fanout.py --base http://127.0.0.1:8127 --sockets 500 --seconds 20
 
-Prints p50/p95/p99/max latency, drops, achieved fix rate, ETA events seen and CPU. Exit 1 on
-drops or errors, 2 when setup failed. Standard library plus httpx and websockets.
+Prints the machine state before and after, /health/ req/s, p50/p95/p99/max latency, drops,
+achieved fix rate and its ratio to /health/, ETA events seen and CPU per group. Exit 1 on
+drops or errors, 2 when setup failed. Needs websockets and httpx (requirements.txt).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import logging
 import math
 import os
 import random
+import signal
 import resource
 import sys
 import time
@@ -38,103 +48,23 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from websockets.asyncio.client import connect as ws_connect
 
-sys.path.insert(0, os.path.dirname(__file__))
-from location_ingest import gather_bounded, refuse_non_loopback  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+from benchlib import ROOT, CpuMeter, Server, format_cpu, health_baseline, machine_state, refuse_non_loopback  # noqa: E402
+from rawhttp import HttpError, RawHttp  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
-
-# ---------------------------------------------------------------------------- /proc
-
-
-def _proc_ticks(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def server_pids(port: int, explicit: list[int]) -> list[int]:
-    """The uvicorn process serving `port` (`--port N` on its command line) and its descendants."""
-    roots = set(explicit)
-    if not roots:
-        for pid in _all_pids():
-            args = _cmdline(pid)
-            if any("uvicorn" in a for a in args) and (
-                ("--port" in args and args[args.index("--port") + 1:][:1] == [str(port)]) or f"--port={port}" in args
-            ):
-                roots.add(pid)
-    pids = set(roots)
-    changed = True
-    while changed:
-        changed = False
-        for pid in _all_pids():
-            if pid not in pids and _ppid(pid) in pids:
-                pids.add(pid)
-                changed = True
-    return sorted(pids)
-
-
-def machine_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
-
-
-class CpuMeter:
-    def __init__(self, groups: dict[str, list[int]]):
-        self.groups = groups
-
-    def snapshot(self) -> dict:
-        return {name: sum(_proc_ticks(p) for p in pids) for name, pids in self.groups.items()} | {
-            "_machine": machine_ticks(), "_t": time.perf_counter()
-        }
-
-    def report(self, before: dict, after: dict) -> dict[str, float]:
-        elapsed = after["_t"] - before["_t"]
-        out = {name: (after[name] - before[name]) / CLK_TCK / elapsed * 100 for name in self.groups}
-        busy = after["_machine"][0] - before["_machine"][0]
-        total = after["_machine"][1] - before["_machine"][1]
-        out["machine (all cores)"] = busy / total * 100 if total else float("nan")
-        return out
+TARGET_P99_MS = 200.0
 
 
 # ---------------------------------------------------------------------------- the run
 
 
 def iso_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    # milliseconds: the event's updatedAt is matched against it as a datetime
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(value: str) -> datetime:
@@ -158,20 +88,127 @@ def expect(response: httpx.Response, status: int, what: str) -> dict:
     return response.json()
 
 
+async def gather_bounded(limit: int, make_coros) -> list:
+    """Run the coroutines, `limit` at a time; the first failure cancels the rest."""
+    sem = asyncio.Semaphore(limit)
+
+    async def run(make):
+        async with sem:
+            return await make()
+
+    tasks = [asyncio.ensure_future(run(m)) for m in make_coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Pair:
     def __init__(self, n: int, driver_id: str, driver_token: str, lat: float, lon: float):
         self.n, self.driver_id, self.driver_token, self.lat, self.lon = n, driver_id, driver_token, lat, lon
         self.delivery_id = ""
         self.tracking_token = ""
+        self.path = f"/v2/drivers/{driver_id}/location"
+        self.headers = {"Authorization": f"Token {driver_token}", "Content-Type": "application/json"}
 
     def auth(self) -> dict:
         return {"Authorization": f"Token {self.driver_token}"}
 
 
+# ------------------------------------------------------------------- setup in-process (orm)
+
+
+def orm_setup(count: int, centre: tuple[float, float], rng: random.Random, run_id: str, ops_username: str,
+              parallel: int) -> list[Pair]:
+    """Drivers and deliveries through the workflows, delivery i assigned to driver i by ops."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timedelta
+
+    from django.contrib.auth import get_user_model
+    from django.contrib.gis.geos import Point
+    from django.db import connection
+    from django.utils import timezone as dj_tz
+
+    from availability.services import driver_create
+    from common.actors import Actor
+    from dispatch.services import DeliveryInput
+    from workflows.deliveries import assignment_create, delivery_create
+    from workflows.drivers import availability_resume, driver_location_record
+
+    # In this process Celery's tasks are not registered: the ETA refresh each assignment
+    # enqueues is skipped with a logged warning (the consumer refreshes ETAs on fixes anyway).
+    logging.getLogger("common.broadcast").setLevel(logging.ERROR)
+    ops = get_user_model().objects.get(username=ops_username)
+    ops_actor = Actor("admin", ops.pk)
+    spots = [(centre[0] + rng.uniform(-0.03, 0.03), centre[1] + rng.uniform(-0.03, 0.03)) for _ in range(count)]
+
+    def one(n: int) -> Pair:
+        lat, lon = spots[n]
+        driver, token = driver_create(name=f"Track Bench {run_id} {n}", phone=f"+1 555 {n:07d}", vehicle="Bench scooter",
+                                      vehicle_type="scooter")
+        driver_location_record(driver_id=driver.pk, lat=lat, lon=lon, recorded_at=dj_tz.now() - timedelta(seconds=5),
+                               accuracy_m=10)
+        availability_resume(driver_id=driver.pk, actor=Actor("driver", driver.pk))
+        delivery = delivery_create(data=DeliveryInput(
+            seller_order_id=f"TRACK-BENCH-{run_id}-{n}", store_name="Bench store",
+            pickup_location=Point(lon, lat + 0.005, srid=4326), dropoff_location=Point(lon + 0.01, lat + 0.02, srid=4326),
+        ), created_by=ops, actor=ops_actor)
+        assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=ops_actor)
+        pair = Pair(n, str(driver.pk), token, lat, lon)
+        pair.delivery_id = str(delivery.pk)
+        pair.tracking_token = delivery.tracking_token
+        return pair
+
+    def chunk(indices: range) -> list[Pair]:
+        try:
+            return [one(n) for n in indices]
+        finally:
+            connection.close()
+
+    size = math.ceil(count / parallel)
+    with ThreadPoolExecutor(parallel) as pool:
+        parts = list(pool.map(chunk, [range(k, min(count, k + size)) for k in range(0, count, size)]))
+    return [p for part in parts for p in part]
+
+
+def orm_teardown(pairs: list[Pair], ops_username: str, parallel: int) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    from common.actors import Actor
+    from workflows.deliveries import delivery_cancel
+    from workflows.drivers import availability_end_shift
+
+    ops = get_user_model().objects.get(username=ops_username)
+
+    def chunk(part: list[Pair]) -> int:
+        failed = 0
+        try:
+            for p in part:
+                try:
+                    delivery_cancel(delivery_id=p.delivery_id, reason="tracking bench finished", actor=Actor("admin", ops.pk))
+                    availability_end_shift(driver_id=p.driver_id, actor=Actor("driver", p.driver_id))
+                except Exception:  # noqa: BLE001 - counted
+                    failed += 1
+            return failed
+        finally:
+            connection.close()
+
+    size = max(1, math.ceil(len(pairs) / parallel))
+    with ThreadPoolExecutor(parallel) as pool:
+        return sum(pool.map(chunk, [pairs[k:k + size] for k in range(0, len(pairs), size)]))
+
+
+# ------------------------------------------------------------------------- the bench
+
+
 class Bench:
-    def __init__(self, args, client: httpx.AsyncClient, ops_token: str, rng: random.Random):
-        self.args, self.client, self.rng = args, client, rng
-        self.ops = {"Authorization": f"Token {ops_token}"}
+    def __init__(self, args, base: str, rng: random.Random):
+        self.args, self.base, self.rng = args, base, rng
         self.run_id = f"{int(time.time()) % 1000000:06d}-{rng.randrange(1000):03d}"
         self.centre = (rng.uniform(-30, 30), rng.uniform(-120, 120))  # far from the demo city
         self.sent: dict[tuple[str, datetime], float] = {}
@@ -180,13 +217,17 @@ class Bench:
         self.late_or_unknown = 0
         self.statuses: Counter = Counter()
         self.exceptions: Counter = Counter()
+        self.error_bodies: dict[int, str] = {}
         self.ignored = 0
         self.eta_events = 0
+        self.other_events: Counter = Counter()
         self.socket_errors: Counter = Counter()
-        self.measuring = False
+        self.closed_early = 0
+        self.skipped = 0
 
-    async def setup_pair(self, n: int) -> Pair:
-        c, ops = self.client, self.ops
+    # -- setup over HTTP (`--setup api`)
+
+    async def api_setup_pair(self, c: httpx.AsyncClient, ops: dict, n: int) -> Pair:
         body = expect(await c.post("/v2/drivers", headers=ops, json={
             "name": f"Track Bench {self.run_id} {n}", "phone": f"+1 555 {n:07d}", "vehicle": "Bench scooter",
             "vehicleType": "scooter",
@@ -210,176 +251,313 @@ class Bench:
                200, "accept")
         return pair
 
-    async def socket(self, pair: Pair, ready: asyncio.Event, opened: list, stop: asyncio.Event) -> None:
-        scheme = "wss" if self.args.base.startswith("https") else "ws"
-        host = urlsplit(self.args.base).netloc
-        url = f"{scheme}://{host}/ws/track/{pair.delivery_id}/?token={pair.tracking_token}"
+    async def api_teardown(self, c: httpx.AsyncClient, ops: dict, pairs: list[Pair]) -> None:
+        sem = asyncio.Semaphore(self.args.setup_concurrency)
+
+        async def one(pair: Pair):
+            async with sem:
+                try:
+                    await c.post(f"/v2/deliveries/{pair.delivery_id}/cancel", headers=ops, json={"reason": "tracking bench finished"})
+                    await c.post(f"/v2/drivers/{pair.driver_id}/availability/end-shift", headers=pair.auth())
+                except httpx.HTTPError:
+                    pass
+
+        await asyncio.gather(*(one(p) for p in pairs))
+
+    # -- the measured part
+
+    async def socket(self, pair: Pair, opened: list, ready: asyncio.Event) -> None:
+        host = urlsplit(self.base).netloc
+        url = f"ws://{host}/ws/track/{pair.delivery_id}/?token={pair.tracking_token}"
+        loads, sent, latencies = json.loads, self.sent, self.latencies
         try:
-            async with ws_connect(url, open_timeout=30, max_queue=None, ping_interval=None) as ws:
-                snapshot = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            async with ws_connect(url, open_timeout=self.args.open_timeout, max_queue=None, ping_interval=None,
+                                  compression=None) as ws:
+                snapshot = loads(await asyncio.wait_for(ws.recv(), self.args.open_timeout))
                 if snapshot.get("type") != "delivery_snapshot":
                     raise RuntimeError(f"first message {snapshot.get('type')}")
                 opened.append(pair)
                 if len(opened) == self.args.sockets:
                     ready.set()
-                while not stop.is_set():
-                    try:
-                        raw = await asyncio.wait_for(ws.recv(), 0.5)
-                    except asyncio.TimeoutError:
-                        continue
+                async for raw in ws:  # until cancelled at the end of the run
                     now = time.perf_counter()
-                    msg = json.loads(raw)
-                    if msg.get("type") == "delivery_location_updated":
-                        start = self.sent.pop((msg["deliveryId"], parse_time(msg["updatedAt"])), None)
+                    msg = loads(raw)
+                    kind = msg.get("type")
+                    if kind == "delivery_location_updated":
+                        start = sent.pop((msg["deliveryId"], parse_time(msg["updatedAt"])), None)
                         if start is None:
                             self.late_or_unknown += 1
                         else:
-                            self.latencies.append((now - start) * 1000)
-                    elif msg.get("type") == "delivery_eta_updated":
+                            latencies.append((now - start) * 1000)
+                    elif kind == "delivery_eta_updated":
                         self.eta_events += 1
+                    else:
+                        self.other_events[kind] += 1
+                self.closed_early += 1
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001 - counted and reported
             self.socket_errors[type(exc).__name__] += 1
             opened.append(None)
             if len(opened) == self.args.sockets:
                 ready.set()
 
-    async def driver_loop(self, pair: Pair, start: float, deadline: float, sem: asyncio.Semaphore) -> None:
+    async def driver_loop(self, http: RawHttp, pair: Pair, start: float, deadline: float) -> None:
         interval = self.args.fix_interval
         t = start + (pair.n % max(1, self.args.sockets)) / self.args.sockets * interval
+        rng = self.rng
         while t < deadline:
             delay = t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            elif time.perf_counter() >= deadline:
+                self.skipped += 1  # the server fell behind: stop at the deadline, not after every fix
+                break
             t += interval
-            pair.lat += self.rng.uniform(-0.0003, 0.0003)
-            pair.lon += self.rng.uniform(-0.0003, 0.0003)
+            pair.lat += rng.uniform(-0.0003, 0.0003)
+            pair.lon += rng.uniform(-0.0003, 0.0003)
             recorded = iso_now()
-            body = {"lat": round(pair.lat, 7), "lon": round(pair.lon, 7), "accuracyMeters": 8, "speed": 6.5,
-                    "heading": 90, "recordedAt": recorded}
-            async with sem:
-                key = (pair.delivery_id, parse_time(recorded))
+            body = json.dumps({"lat": round(pair.lat, 7), "lon": round(pair.lon, 7), "accuracyMeters": 8, "speed": 6.5,
+                               "heading": 90, "recordedAt": recorded}).encode()
+            key = (pair.delivery_id, parse_time(recorded))
+            t_start = time.perf_counter()
+
+            def sent_now():  # the clock starts when the request is written (not while queued)
+                nonlocal t_start
                 t_start = self.sent[key] = time.perf_counter()
-                try:
-                    r = await self.client.post(f"/v2/drivers/{pair.driver_id}/location", json=body, headers=pair.auth())
-                except httpx.HTTPError as exc:
-                    self.exceptions[type(exc).__name__] += 1
-                    self.sent.pop(key, None)
-                    continue
-                self.post_latencies.append((time.perf_counter() - t_start) * 1000)
-            self.statuses[r.status_code] += 1
-            if r.status_code != 200 or r.json().get("accepted") is not True:
+
+            try:
+                status, data = await http.request("POST", pair.path, headers=pair.headers, body=body, on_sent=sent_now)
+            except HttpError as exc:
+                self.exceptions[str(exc).split(":")[0]] += 1
                 self.sent.pop(key, None)
-                self.ignored += r.status_code == 200
-
-    async def teardown(self, pairs: list[Pair]) -> None:
-        sem = asyncio.Semaphore(self.args.setup_concurrency)
-
-        async def one(pair: Pair):
-            async with sem:
-                try:
-                    await self.client.post(f"/v2/deliveries/{pair.delivery_id}/cancel", headers=self.ops,
-                                           json={"reason": "tracking bench finished"})
-                    await self.client.post(f"/v2/drivers/{pair.driver_id}/availability/end-shift", headers=pair.auth())
-                except httpx.HTTPError:
-                    pass
-
-        await asyncio.gather(*(one(p) for p in pairs))
+                continue
+            self.post_latencies.append((time.perf_counter() - t_start) * 1000)
+            self.statuses[status] += 1
+            if status != 200 or b'"accepted":true' not in data:
+                self.sent.pop(key, None)
+                self.ignored += status == 200
+                if status != 200:
+                    self.error_bodies.setdefault(status, data[:300].decode(errors="replace"))
 
 
-async def main(args) -> int:
-    refuse_non_loopback(args.base)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, args.sockets + args.concurrency + 256))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+async def run(args, base: str, server_pids: list[int], consumer_pids: list[int]) -> int:
     rng = random.Random(args.seed)
-    port = urlsplit(args.base).port or 80
-    servers = server_pids(port, args.server_pid)
-    groups = {
-        "server": servers,
-        "postgres": [p for p in _all_pids() if _comm(p) in ("postgres", "postmaster")],
-        "redis": [p for p in _all_pids() if _comm(p) == "redis-server"],
-        "bench client": [os.getpid()],
-    }
-    meter = CpuMeter(groups)
-    limits = httpx.Limits(max_connections=args.concurrency + args.setup_concurrency,
-                          max_keepalive_connections=args.concurrency + args.setup_concurrency)
-    async with httpx.AsyncClient(base_url=args.base, limits=limits, timeout=args.timeout) as client:
-        t0 = time.perf_counter()
-        try:
-            r = await client.post("/v2/auth/token", json={"username": args.user, "password": args.password})
-            ops_token = expect(r, 200, "login")["token"]
-            bench = Bench(args, client, ops_token, rng)
-            pairs = await gather_bounded(args.setup_concurrency, [lambda n=n: bench.setup_pair(n) for n in range(args.sockets)])
-        except (SetupFailed, httpx.HTTPError) as exc:
-            print(f"setup failed: {exc}", file=sys.stderr)
-            return 2
-        print(f"setup: {len(pairs)} drivers assigned to {len(pairs)} deliveries ({time.perf_counter() - t0:.1f} s); "
-              f"server pids {servers or 'not found'}")
-
-        ready, stop, opened = asyncio.Event(), asyncio.Event(), []
+    bench = Bench(args, base, rng)
+    t0 = time.perf_counter()
+    api_client = None
+    pairs: list[Pair] = []
+    try:
+        if args.setup == "orm":
+            pairs = await asyncio.to_thread(orm_setup, args.sockets, bench.centre, rng, bench.run_id, args.user,
+                                            args.setup_concurrency)
+        else:
+            api_client = httpx.AsyncClient(base_url=base, timeout=args.timeout,
+                                           limits=httpx.Limits(max_connections=args.setup_concurrency))
+            r = await api_client.post("/v2/auth/token", json={"username": args.user, "password": args.password})
+            ops = {"Authorization": f"Token {expect(r, 200, 'login')['token']}"}
+            pairs = await gather_bounded(args.setup_concurrency,
+                                         [lambda n=n: bench.api_setup_pair(api_client, ops, n) for n in range(args.sockets)])
+    except Exception as exc:  # noqa: BLE001
+        print(f"setup failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if api_client:
+            await api_client.aclose()
+        return 2
+    print(f"setup ({args.setup}, run {bench.run_id}): {len(pairs)} drivers assigned to {len(pairs)} deliveries around "
+          f"{bench.centre[0]:.3f},{bench.centre[1]:.3f} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    try:
+        return await measure(args, bench, pairs, server_pids, consumer_pids)
+    finally:
         t1 = time.perf_counter()
-        sockets = []
-        for i, pair in enumerate(pairs):  # open them at a bounded pace
-            sockets.append(asyncio.ensure_future(bench.socket(pair, ready, opened, stop)))
-            if i % 50 == 49:
-                await asyncio.sleep(0.05)
-        try:
-            await asyncio.wait_for(ready.wait(), 120)
-        except asyncio.TimeoutError:
-            pass
-        connected = sum(1 for p in opened if p is not None)
-        print(f"sockets: {connected}/{len(pairs)} connected with a snapshot ({time.perf_counter() - t1:.1f} s)"
-              + (f", errors {dict(bench.socket_errors)}" if bench.socket_errors else ""))
+        if args.setup == "orm":
+            failed = await asyncio.to_thread(orm_teardown, pairs, args.user, args.setup_concurrency)
+        else:
+            await bench.api_teardown(api_client, ops, pairs)
+            await api_client.aclose()
+            failed = "?"
+        print(f"cleanup: {len(pairs)} deliveries cancelled, drivers' shift ended ({failed} failed; "
+              f"{time.perf_counter() - t1:.1f} s)", flush=True)
 
-        sem = asyncio.Semaphore(args.concurrency)
-        before = meter.snapshot()
-        start = time.perf_counter()
-        deadline = start + args.seconds
-        await asyncio.gather(*(bench.driver_loop(p, start, deadline, sem) for p in pairs))
-        after = meter.snapshot()
-        elapsed = time.perf_counter() - start
-        grace_end = time.perf_counter() + args.grace
-        while bench.sent and time.perf_counter() < grace_end:
-            await asyncio.sleep(0.1)
-        drops = len(bench.sent)
-        stop.set()
-        await asyncio.gather(*sockets, return_exceptions=True)
-        await bench.teardown(pairs)
+
+async def measure(args, bench: Bench, pairs: list[Pair], server_pids: list[int], consumer_pids: list[int]) -> int:
+    base = bench.base
+    if args.wait_quiet:
+        print(f"waiting for a quiet machine: {await asyncio.to_thread(benchlib.wait_quiet, args.wait_quiet)}", flush=True)
+        machine_state("machine at the start of the measurement")
+    health = await asyncio.to_thread(health_baseline, base, seconds=args.health_seconds, threads=2, connections=32)
+
+    ready, opened = asyncio.Event(), []
+    t1 = time.perf_counter()
+    sockets = []
+    for i, pair in enumerate(pairs):  # open them at a bounded pace
+        sockets.append(asyncio.ensure_future(bench.socket(pair, opened, ready)))
+        if i % args.open_batch == args.open_batch - 1:
+            await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(ready.wait(), args.open_timeout)
+    except asyncio.TimeoutError:
+        pass
+    connected = sum(1 for p in opened if p is not None)
+    print(f"sockets: {connected}/{len(pairs)} connected with a snapshot ({time.perf_counter() - t1:.1f} s)"
+          + (f", errors {dict(bench.socket_errors)}" if bench.socket_errors else ""), flush=True)
+
+    http = RawHttp(base, args.concurrency, timeout=args.timeout)
+    await http.open()
+    meter = CpuMeter({"uvicorn": server_pids, "consume_fixes": consumer_pids, "bench (this)": [os.getpid()]})
+    before = meter.snapshot()
+    start = time.perf_counter()
+    deadline = start + args.seconds
+    await asyncio.gather(*(bench.driver_loop(http, p, start, deadline) for p in pairs))
+    after = meter.snapshot()
+    elapsed = time.perf_counter() - start
+    grace_end = time.perf_counter() + args.grace
+    while bench.sent and time.perf_counter() < grace_end:
+        await asyncio.sleep(0.1)
+    drops = len(bench.sent)
+    await http.close()
+    for task in sockets:
+        task.cancel()
+    await asyncio.gather(*sockets, return_exceptions=True)
+    await asyncio.sleep(2)  # let the server see the sockets close
+    health_after = await asyncio.to_thread(health_baseline, base, seconds=args.health_seconds, threads=2, connections=32)
+    after_state = machine_state("machine after")
 
     lat = sorted(bench.latencies)
     accepted = len(lat) + drops
-    print(f"fixes: {sum(bench.statuses.values())} posted in {elapsed:.1f} s "
-          f"({sum(bench.statuses.values()) / elapsed:.0f}/s; target {args.sockets / args.fix_interval:.0f}/s), "
-          f"statuses {dict(bench.statuses)}" + (f", exceptions {dict(bench.exceptions)}" if bench.exceptions else "")
-          + (f", not accepted {bench.ignored}" if bench.ignored else ""))
-    print(f"POST → customer socket (ms): p50 {pct(lat, 50):.1f}  p95 {pct(lat, 95):.1f}  p99 {pct(lat, 99):.1f}  "
-          f"max {lat[-1] if lat else float('nan'):.1f}  (n={len(lat)})")
+    posted = sum(bench.statuses.values())
+    rate = posted / elapsed
+    target_rate = args.sockets / args.fix_interval
+    print()
+    print(f"tracking fan-out: {connected} sockets, one fix per delivery every {args.fix_interval:g} s, {elapsed:.1f} s, against {base}")
+    print(f"  fixes          {posted} posted ({rate:,.0f}/s; target {target_rate:,.0f}/s), statuses {dict(bench.statuses)}"
+          + (f", exceptions {dict(bench.exceptions)}" if bench.exceptions else "")
+          + (f", not accepted {bench.ignored}" if bench.ignored else "")
+          + (f"; {bench.skipped} drivers still behind schedule at the deadline" if bench.skipped else ""))
+    for status, sample in bench.error_bodies.items():
+        print(f"    first {status}: {sample}")
+    print(f"  POST → socket  p50 {pct(lat, 50):.1f}  p95 {pct(lat, 95):.1f}  p99 {pct(lat, 99):.1f}  "
+          f"max {lat[-1] if lat else float('nan'):.1f} ms  (n={len(lat)}; target p99 < {TARGET_P99_MS:.0f})")
     post = sorted(bench.post_latencies)
-    print(f"POST response (ms):         p50 {pct(post, 50):.1f}  p95 {pct(post, 95):.1f}  p99 {pct(post, 99):.1f}")
-    print(f"drops: {drops} of {accepted} accepted fixes ({drops / accepted * 100 if accepted else 0:.2f} %); "
-          f"unmatched events {bench.late_or_unknown}; ETA events {bench.eta_events}; socket errors {dict(bench.socket_errors) or 0}")
-    cpu = meter.report(before, after)
-    print("CPU over the run (% of one core; machine: % of all cores): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
-    return 1 if drops or bench.exceptions or bench.socket_errors or any(s != 200 for s in bench.statuses) else 0
+    print(f"  POST response  p50 {pct(post, 50):.1f}  p95 {pct(post, 95):.1f}  p99 {pct(post, 99):.1f}  "
+          f"max {post[-1] if post else float('nan'):.1f} ms")
+    print(f"  drops          {drops} of {accepted} accepted fixes ({drops / accepted * 100 if accepted else 0:.2f} %); "
+          f"unmatched events {bench.late_or_unknown}; ETA events {bench.eta_events}; other events {dict(bench.other_events) or 0}; "
+          f"socket errors {dict(bench.socket_errors) or 0}; closed by the server {bench.closed_early}")
+    best_health = max(health.ok_rate, health_after.ok_rate)
+    print(f"  /health/       {health.ok_rate:,.0f} req/s before the sockets opened, {health_after.ok_rate:,.0f} after they closed"
+          f"  →  fixes/s ÷ best health req/s = {rate / best_health if best_health else float('nan'):.2f}")
+    print(f"  CPU over the run (% of one core; machine: % of all {benchlib.NPROC} cores): "
+          f"{format_cpu(meter.report(before, after))}; machine time by kind: {CpuMeter.split(before, after)}")
+    print(f"  load average after {after_state['loadavg']}")
+    met = connected >= args.sockets and not drops and lat and pct(lat, 99) < TARGET_P99_MS and rate >= 0.98 * target_rate
+    print(f"  target         {args.sockets:,} sockets, p99 < {TARGET_P99_MS:.0f} ms, 0 drops: {'met' if met else 'not met'}")
+    bad = drops or bench.exceptions or bench.socket_errors or any(s != 200 for s in bench.statuses) or connected < len(pairs)
+    return 1 if bad else 0
+
+
+def cleanup_run(run_id: str, ops_username: str, parallel: int) -> int:
+    """A run that was interrupted: cancel its deliveries still open, end its drivers' shift."""
+    import django
+
+    django.setup()
+    from availability.models import Driver
+    from dispatch.models import Delivery
+
+    logging.getLogger("common.broadcast").setLevel(logging.ERROR)
+    prefix = f"TRACK-BENCH-{run_id}-"
+    pairs = []
+    for n, (delivery_id, driver_id) in enumerate(
+        Delivery.objects.filter(seller_order_id__startswith=prefix).exclude(status__in=("cancelled", "delivered", "failed"))
+        .values_list("pk", "assignments__driver_id")
+    ):
+        pair = Pair(n, str(driver_id) if driver_id else "", "", 0, 0)
+        pair.delivery_id = str(delivery_id)
+        pairs.append(pair)
+    failed = orm_teardown(pairs, ops_username, parallel)
+    from common.actors import Actor
+    from workflows.drivers import availability_end_shift
+
+    left = Driver.objects.filter(name__startswith=f"Track Bench {run_id} ").exclude(availability="shift_ended")
+    ended = 0
+    for driver_id in left.values_list("pk", flat=True):
+        try:
+            availability_end_shift(driver_id=driver_id, actor=Actor("driver", driver_id))
+            ended += 1
+        except Exception:  # noqa: BLE001 - reported below
+            pass
+    print(f"run {run_id}: {len(pairs)} open deliveries cancelled ({failed} failed), {ended} more drivers' shift ended")
+    return 0
+
+
+def main(args) -> int:
+    if args.cleanup_run:
+        return cleanup_run(args.cleanup_run, args.user, args.setup_concurrency)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, args.sockets + args.concurrency + 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < args.sockets + args.concurrency + 64:
+        print(f"warning: open files limit {want} is below what {args.sockets} sockets need", file=sys.stderr)
+    benchlib.ensure_wrk()
+    machine_state("machine before")
+    if args.setup == "orm":
+        import django
+
+        django.setup()
+    server = None
+    try:
+        if args.base:
+            refuse_non_loopback(args.base)
+            base = args.base
+            port = urlsplit(base).port or 80
+            server_pids = benchlib.with_descendants(args.server_pid) if args.server_pid else benchlib.uvicorn_pids(port)
+        else:
+            server = Server(workers=args.workers, consumers=1)
+            server.start()
+            base, server_pids = server.base, server.web_pids()
+        consumer_pids = benchlib.running("consume_fixes")
+        if not consumer_pids:
+            print("warning: no `manage.py consume_fixes` running (ETA refresh and PostgreSQL follow from it)", file=sys.stderr)
+        print(f"server pids {server_pids or 'not found'}; consume_fixes {consumer_pids}", flush=True)
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        return runner(run(args, base, server_pids, consumer_pids))
+    finally:
+        if server:
+            server.stop()
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="http://127.0.0.1:8000")
+    p.add_argument("--base", default=None, help="a running server (loopback only); default: start one here")
+    p.add_argument("--workers", type=int, default=2, help="uvicorn workers of the server started here")
     p.add_argument("--user", default="ops")
-    p.add_argument("--password", default="ops")
+    p.add_argument("--password", default="ops", help="(--setup api)")
+    p.add_argument("--setup", choices=("orm", "api"), default="orm")
     p.add_argument("--sockets", type=int, default=500, help="S: deliveries, drivers and customer sockets")
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--fix-interval", type=float, default=5.0, help="seconds between two fixes of one driver")
-    p.add_argument("--concurrency", type=int, default=64, help="location POSTs in flight at most")
-    p.add_argument("--setup-concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=64, help="location POSTs in flight at most (connections)")
+    p.add_argument("--setup-concurrency", type=int, default=6, help="threads (orm) or requests (api) while setting up")
+    p.add_argument("--open-batch", type=int, default=50, help="sockets opened per 50 ms")
+    p.add_argument("--open-timeout", type=float, default=300, help="seconds for all sockets to open")
+    p.add_argument("--health-seconds", type=float, default=10)
     p.add_argument("--grace", type=float, default=3.0, help="seconds to wait for the last events")
     p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--server-pid", type=int, action="append", default=[], help="measure these pids (and children)")
+    p.add_argument("--server-pid", type=int, action="append", default=[], help="with --base: measure these pids (and children)")
     p.add_argument("--seed", type=int, default=None)
-    return p.parse_args(argv)
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                   help="after setup, wait up to this long for the machine to be quiet (< 10 %% busy, no pytest)")
+    p.add_argument("--cleanup-run", metavar="RUN_ID", help="only clean up an interrupted run (its id is in the setup line)")
+    args = p.parse_args(argv)
+    if not (1 <= args.sockets <= 20_000 and 0 < args.seconds <= 600 and args.fix_interval > 0 and 1 <= args.concurrency <= 1000):
+        p.error("--sockets 1..20000, --seconds 0..600, --concurrency 1..1000")
+    return args
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse_args())))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: clean up and stop the server first
+    sys.exit(main(parse_args()))

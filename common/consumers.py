@@ -11,6 +11,8 @@ from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 
+from common.logfilters import new_request_id, request_id
+
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
@@ -39,6 +41,11 @@ class QueryTokenAuthMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
+        # The socket's log lines, for as long as it lives, carry one id (a trusted proxy's).
+        headers = dict(scope.get("headers") or ())
+        client = (scope.get("client") or ("",))[0]
+        given = headers.get(b"x-request-id", b"").decode("latin1") if client in settings.REQUEST_ID_TRUSTED_PROXIES else None
+        request_id.set(new_request_id(given))
         key = query_param(scope, "token")
         if key and len(key) <= 64:
             user = await _user_for_token(key)

@@ -1,6 +1,27 @@
 """Logging filters, importable while settings load (no Django imports)."""
+import contextvars
 import logging
 import re
+import uuid
+
+# The id of the request (or task, or socket) being served, on every log line it writes:
+# set by common.middleware.RequestIdMiddleware, the fast lane, the socket auth middleware
+# and the Celery task signals (config/celery.py), which carry it from request to task.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def new_request_id(given: str | None = None) -> str:
+    """`given` when it is a sane id (from a trusted proxy), else a fresh one."""
+    if given and _VALID_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
 
 
 class RedactTokensFilter(logging.Filter):

@@ -13,6 +13,7 @@ from whitenoise.middleware import WhiteNoiseMiddleware
 
 from common import metrics
 from common.errors import body_too_large_message, error_response, response_for_exception
+from common.logfilters import new_request_id, request_id
 from common.parsers import PARSED_ATTR, BodyRejected, load_json_body
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,37 @@ class AsyncCapableMiddleware:
         return self.process(request, await self.get_response(request))
 
     def process(self, request, response):
+        return response
+
+
+class RequestIdMiddleware(AsyncCapableMiddleware):
+    """`X-Request-ID`: taken from a trusted proxy (REQUEST_ID_TRUSTED_PROXIES), else made
+    here; on every log line of the request (and the tasks it enqueues) and in the response."""
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        token = self._begin(request)
+        try:
+            return self.process(request, self.get_response(request))
+        finally:
+            request_id.reset(token)
+
+    async def __acall__(self, request):
+        token = self._begin(request)
+        try:
+            return self.process(request, await self.get_response(request))
+        finally:
+            request_id.reset(token)
+
+    @staticmethod
+    def _begin(request):
+        trusted = request.META.get("REMOTE_ADDR") in settings.REQUEST_ID_TRUSTED_PROXIES
+        request.request_id = new_request_id(request.headers.get("X-Request-ID") if trusted else None)
+        return request_id.set(request.request_id)
+
+    def process(self, request, response):
+        response.headers["X-Request-ID"] = request.request_id
         return response
 
 

@@ -1,9 +1,16 @@
 import os
 
 from celery import Celery, bootsteps
-from celery.signals import after_task_publish, beat_init, task_postrun
+from celery.signals import (
+    after_task_publish,
+    beat_init,
+    before_task_publish,
+    task_postrun,
+    task_prerun,
+)
 
 from common import heartbeat
+from common.logfilters import request_id
 from config.periodic import PERIODIC_TASKS
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
@@ -67,3 +74,28 @@ def _record_periodic_send(sender=None, **kwargs):
     """Beat's sends of scheduled jobs (sends from elsewhere, e.g. the API, do not count)."""
     if _in_beat and sender in PERIODIC_TASK_NAMES:
         heartbeat.job_sent(sender)
+
+
+# ----------------------------------------------------------------------------- request ids
+# A task's log lines carry the id of the request (or task) that enqueued it.
+_request_id_tokens: dict[str, object] = {}
+
+
+@before_task_publish.connect
+def _carry_request_id(headers=None, **kwargs):
+    if headers is not None and "request_id" not in headers:
+        headers["request_id"] = request_id.get()
+
+
+@task_prerun.connect
+def _adopt_request_id(task_id=None, task=None, **kwargs):
+    given = getattr(task.request, "request_id", None) if task is not None else None
+    if given and task_id and not task.request.is_eager:
+        _request_id_tokens[task_id] = request_id.set(given)
+
+
+@task_postrun.connect
+def _drop_request_id(task_id=None, **kwargs):
+    token = _request_id_tokens.pop(task_id, None)
+    if token is not None:
+        request_id.reset(token)

@@ -18,7 +18,8 @@ import logging
 import math
 import re
 import time
-from datetime import datetime, timezone as dt_timezone
+from datetime import datetime
+from datetime import timezone as dt_timezone
 
 import orjson
 import redis
@@ -36,6 +37,7 @@ from availability.api.serializers import MAX_CLOCK_SKEW
 from common import metrics
 from common.broadcast import delivery_group
 from common.errors import error_body
+from common.logfilters import new_request_id, request_id
 from common.redis import RedisUnavailable, fleet_key
 from common.throttling import parse_rate
 from tracking.events import delivery_location_updated
@@ -177,6 +179,16 @@ class LocationFastLane:
         if match is None:
             return await self.django_app(scope, receive, send)
         started = time.perf_counter()
+        headers = dict(scope["headers"])
+        trusted = (scope.get("client") or ("",))[0] in settings.REQUEST_ID_TRUSTED_PROXIES
+        rid = new_request_id(headers.get(b"x-request-id", b"").decode("latin1") if trusted else None)
+        token = request_id.set(rid)
+        try:
+            await self._handle(scope, receive, send, match, started)
+        finally:
+            request_id.reset(token)
+
+    async def _handle(self, scope, receive, send, match, started):
         chunks, complete = await self._read_body(receive)
         if complete:
             try:
@@ -276,7 +288,7 @@ class LocationFastLane:
 
 
 async def _respond(send, status: int, body: bytes, extra=()) -> None:
-    headers = [*_HEADERS, (b"content-length", str(len(body)).encode()), *extra]
+    headers = [*_HEADERS, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.get().encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

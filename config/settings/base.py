@@ -39,6 +39,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "common.middleware.RequestIdMiddleware",
     "common.middleware.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "common.middleware.StaticFilesMiddleware",
@@ -56,6 +57,7 @@ MIDDLEWARE = [
 # messages or auth middleware: DRF authenticates the token itself) and every middleware here
 # is async-native, so such a request makes one thread hop, into the DRF view (config/asgi.py).
 API_MIDDLEWARE = [
+    "common.middleware.RequestIdMiddleware",
     "common.middleware.MetricsMiddleware",
     "common.middleware.ApiHeadersMiddleware",
     "common.middleware.RequestGuardMiddleware",
@@ -145,15 +147,23 @@ CACHES = {
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "common.channels.PooledRedisChannelLayer",
         "CONFIG": {
             "hosts": [REDIS_URL],
             "prefix": env("CHANNELS_PREFIX", default="asgi"),
             "capacity": 1000,
+            # A process's sockets share one Redis list ("specific.<process>!"): give it room
+            # for a burst to thousands of customers while its receive loop catches up.
+            "channel_capacity": {"specific.*": env.int("CHANNELS_PROCESS_CAPACITY", default=20000)},
             "expiry": 30,
         },
     }
 }
+
+# The channel layer's Redis pool per event loop (common/channels.py): callers wait for a
+# free connection rather than fail during a socket storm.
+CHANNELS_REDIS_MAX_CONNECTIONS = env.int("CHANNELS_REDIS_MAX_CONNECTIONS", default=200)
+CHANNELS_REDIS_POOL_TIMEOUT = env.float("CHANNELS_REDIS_POOL_TIMEOUT", default=10.0)
 
 # Celery
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
@@ -293,8 +303,22 @@ TRACKING_LEAFLET_URL = env("TRACKING_LEAFLET_URL", default="https://unpkg.com/le
 TRACKING_TILE_URL = env("TRACKING_TILE_URL", default="https://tile.openstreetmap.org/{z}/{x}/{y}.png")
 # Tokens travel in query strings (tracking links, socket URLs): redact them from log lines,
 # including uvicorn's "WebSocket /ws/...?token=..." line, which --no-access-log does not cover.
-LOGGING["filters"] = {"redact_tokens": {"()": "common.logfilters.RedactTokensFilter"}}
-LOGGING["handlers"]["console"]["filters"] = ["redact_tokens"]
+# Structured logs: one JSON object a line (LOG_FORMAT=plain for a terminal), each with the
+# request id that X-Request-ID returns; tokens in URLs redacted.
+LOGGING["formatters"]["json"] = {
+    "()": "pythonjsonlogger.json.JsonFormatter",
+    "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
+    "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+}
+LOGGING["formatters"]["plain"]["format"] = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+LOGGING["handlers"]["console"]["formatter"] = env("LOG_FORMAT", default="json")
+LOGGING["filters"] = {
+    "redact_tokens": {"()": "common.logfilters.RedactTokensFilter"},
+    "request_id": {"()": "common.logfilters.RequestIdFilter"},
+}
+LOGGING["handlers"]["console"]["filters"] = ["redact_tokens", "request_id"]
+# Proxies whose X-Request-ID is taken as given (others get a fresh id).
+REQUEST_ID_TRUSTED_PROXIES = env.list("REQUEST_ID_TRUSTED_PROXIES", default=["127.0.0.1", "::1"])
 LOGGING["loggers"]["uvicorn.error"] = {"filters": ["redact_tokens"]}
 
 # Escalation and support (docs/escalation.md).

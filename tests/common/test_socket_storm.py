@@ -1,0 +1,41 @@
+"""A socket storm: many sockets opening and closing at once share a small channel-layer pool
+(common/channels.py); they wait for a connection instead of failing (redis-py's default
+pool raises MaxConnectionsError past its size), and the storm reuses the pool's connections."""
+import asyncio
+import logging
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+
+from config.asgi import application
+from tests.factories import OpsUserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SOCKETS = 60
+
+
+def test_a_storm_of_sockets_on_a_small_pool_connects_and_closes_without_errors(settings, caplog):
+    settings.CHANNELS_REDIS_MAX_CONNECTIONS = 8  # far fewer than the sockets at once
+    token = OpsUserFactory().auth_token.key
+
+    async def storm():
+        comms = [WebsocketCommunicator(application, f"/ws/ops/?token={token}") for _ in range(SOCKETS)]
+        connected = await asyncio.gather(*(c.connect(timeout=30) for c in comms))
+        layer = get_channel_layer()
+        await layer.group_send("ops", {"type": "zone_health_updated", "event": {"type": "zone_health_updated"}})
+        received = await asyncio.gather(*(c.receive_json_from(timeout=30) for c in comms))
+        await asyncio.gather(*(c.disconnect(timeout=30) for c in comms))
+        pool = layer._layers[asyncio.get_running_loop()].get_connection(0).connection_pool
+        opened = len(pool._available_connections) + len(pool._in_use_connections)
+        return connected, received, opened
+
+    with caplog.at_level(logging.WARNING):
+        connected, received, opened = async_to_sync(storm)()
+
+    assert all(ok for ok, _ in connected)
+    assert len(received) == SOCKETS
+    assert opened <= 8  # the storm reused the pool's connections
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "MaxConnections" in r.getMessage()]
