@@ -6,6 +6,7 @@ Standard library only, so every bench can import it before Django or httpx.
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -480,3 +481,20 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+async def gather_bounded(limit: int, make_coros) -> list:
+    """Run the coroutines, `limit` at a time; the first failure cancels the rest."""
+    sem = asyncio.Semaphore(limit)
+
+    async def run(make):
+        async with sem:
+            return await make()
+
+    tasks = [asyncio.ensure_future(run(m)) for m in make_coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

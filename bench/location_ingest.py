@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import math
+import os
 import random
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
 import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import gather_bounded, refuse_non_loopback  # noqa: E402
 
 CENTRE = (12.9716, 77.5946)  # the demo city (seed_demo)
 SPREAD_KM = 8.0
@@ -58,20 +60,6 @@ class Stats:
     samples: dict = field(default_factory=dict)  # status -> first error body seen
     ignored: int = 0  # 200 but accepted=false (should stay 0: every fix is newer than the last)
 
-
-def refuse_non_loopback(base: str) -> None:
-    parts = urlsplit(base)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        sys.exit(f"--base must be an http(s) URL, got {base!r}")
-    host = parts.hostname
-    if host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
-    sys.exit(f"refusing to load-test {host!r}: only loopback targets (127.0.0.0/8, ::1, localhost) are allowed")
 
 
 def iso_now() -> str:
@@ -117,22 +105,6 @@ async def create_driver(client: httpx.AsyncClient, ops_token: str, n: int, run_i
     await expect(await client.post(f"/v2/drivers/{driver.id}/availability/resume", headers=auth), 200, "resume")
     return driver
 
-
-async def gather_bounded(limit: int, make_coros) -> list:
-    """Run the coroutines, `limit` at a time; the first failure cancels the rest."""
-    sem = asyncio.Semaphore(limit)
-
-    async def run(make):
-        async with sem:
-            return await make()
-
-    tasks = [asyncio.ensure_future(run(m)) for m in make_coros]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def post_fixes(client: httpx.AsyncClient, queue: asyncio.Queue, deadline: float, stats: Stats, rng: random.Random) -> None:

@@ -49,7 +49,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
-from benchlib import ROOT, CpuMeter, Server, format_cpu, health_baseline, machine_state, refuse_non_loopback  # noqa: E402
+from benchlib import ROOT, CpuMeter, gather_bounded, Server, format_cpu, health_baseline, machine_state, refuse_non_loopback  # noqa: E402
 from rawhttp import HttpError, RawHttp  # noqa: E402
 from tracking_setup import Pair, cleanup_run, orm_setup, orm_teardown  # noqa: E402
 
@@ -87,22 +87,6 @@ def expect(response: httpx.Response, status: int, what: str) -> dict:
         raise SetupFailed(f"{what}: expected {status}, got {response.status_code}: {response.text[:300]}")
     return response.json()
 
-
-async def gather_bounded(limit: int, make_coros) -> list:
-    """Run the coroutines, `limit` at a time; the first failure cancels the rest."""
-    sem = asyncio.Semaphore(limit)
-
-    async def run(make):
-        async with sem:
-            return await make()
-
-    tasks = [asyncio.ensure_future(run(m)) for m in make_coros]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Bench:
