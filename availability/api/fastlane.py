@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from rest_framework.settings import api_settings
@@ -256,6 +256,8 @@ class LocationFastLane:
         except (redis.RedisError, *RedisUnavailable):
             logger.warning("location fast lane: Redis unavailable, falling back to the database path")
             raise _Delegate
+        except DatabaseError:
+            raise _Delegate  # the token lookup failed: Django answers (a 503 in the SPEC's body)
         if outcome.code == "throttled":
             return await self._throttled(scope, send, window, period)
         if outcome.code != "ok":
