@@ -90,6 +90,7 @@ def periodic_jobs() -> list[heartbeat.Job]:
 def celery_queues() -> list[str]:
     names = {celery_app.conf.task_default_queue}
     names.update(q.name for q in celery_app.conf.task_queues or ())
+    names.update(route["queue"] for route in (celery_app.conf.task_routes or {}).values() if "queue" in route)
     return sorted(names)
 
 

@@ -178,6 +178,10 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_EXPIRES = 3600
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# High-volume work (an ETA refresh per assignment and step) has its own queue, so that a
+# backlog of it never delays the periodic safety nets (offer expiry, escalation) on "celery".
+# Workers consume both: `celery worker -Q celery,eta`.
+CELERY_TASK_ROUTES = {"tracking.refresh_eta": {"queue": "eta"}}
 CELERY_TIMEZONE = "UTC"
 
 AUTH_PASSWORD_VALIDATORS = [
