@@ -20,6 +20,7 @@ from availability import live
 from common import heartbeat
 from common.redis import get_redis
 from common.tasks import purge_idempotency_records
+from config.celery import app as celery_app
 from config.periodic import MANAGED_PREFIX, PERIODIC_TASKS
 from tests.wire import CLOSED_REDIS_URL, assert_error_body
 
@@ -329,8 +330,6 @@ def test_healthcheck_fails_when_redis_is_down(settings):
 
 
 def test_eta_refreshes_have_their_own_queue_so_a_backlog_never_delays_the_safety_nets():
-    from config.celery import app  # noqa: PLC0415 (the Celery app, configured from settings)
-
-    router = app.amqp.router
+    router = celery_app.amqp.router
     assert router.route({}, "tracking.refresh_eta")["queue"].name == "eta"
     assert router.route({}, "offers.expire_overdue_offers")["queue"].name == "celery"
