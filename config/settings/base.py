@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "audit",
     "zones",
     "tracking",
+    "leaflet",
     "analytics",
 ]
 
@@ -303,7 +304,9 @@ ETA_MIN_MOVE_METERS = env.float("ETA_MIN_MOVE_METERS", default=250.0)
 ETA_CHANGE_THRESHOLD_SECONDS = env.float("ETA_CHANGE_THRESHOLD_SECONDS", default=30.0)
 ETA_CONFIDENCE_THRESHOLD = env.float("ETA_CONFIDENCE_THRESHOLD", default=0.05)
 # The tracking page's map: Leaflet from a CDN and a tile server; empty → no map (text only).
-TRACKING_LEAFLET_URL = env("TRACKING_LEAFLET_URL", default="https://unpkg.com/leaflet@1.9.4/dist")
+# Leaflet is served from our static files (django-leaflet bundles a pinned release with its
+# licence): the customer's page, which carries a token, loads no third-party code.
+TRACKING_LEAFLET_URL = env("TRACKING_LEAFLET_URL", default="/static/leaflet")
 TRACKING_TILE_URL = env("TRACKING_TILE_URL", default="https://tile.openstreetmap.org/{z}/{x}/{y}.png")
 # Tokens travel in query strings (tracking links, socket URLs): redact them from log lines,
 # including uvicorn's "WebSocket /ws/...?token=..." line, which --no-access-log does not cover.

@@ -174,3 +174,14 @@ def test_in_a_browser_the_page_renders_and_moves_the_driver_when_a_fix_arrives(u
     assert "/ws/track/" in log  # uvicorn logged the socket, ...
     assert delivery.tracking_token not in log  # ... without its token
     assert driver.user.auth_token.key not in log
+
+
+@pytest.mark.django_db
+def test_the_page_loads_leaflet_from_our_own_static_files(client, settings):
+    settings.TRACKING_LEAFLET_URL = "/static/leaflet"  # the default
+    delivery = DeliveryFactory()
+    page = client.get(f"/track/{delivery.pk}?token={delivery.tracking_token}").content.decode()
+    assert 'src="/static/leaflet/leaflet.js"' in page and 'href="/static/leaflet/leaflet.css"' in page
+    assert "unpkg" not in page and "cdn" not in page.lower()
+    for asset in ("leaflet.js", "leaflet.css", "images/marker-icon.png"):
+        assert client.get(f"/static/leaflet/{asset}").status_code == 200, asset
