@@ -155,12 +155,15 @@ def breaks_expire(*, now: datetime | None = None, batch_size: int = 500) -> int:
             .order_by("pk")[:batch_size]
         )
         for driver in drivers:
-            started = driver.last_availability_change or driver.availability_until
-            minutes = max(0, round((driver.availability_until - started).total_seconds() / 60))
+            # Read before the change clears it: the event says when the break ended, not when
+            # this job (which may run late) noticed.
+            ended_at = driver.availability_until
+            started = driver.last_availability_change or ended_at
+            minutes = max(0, round((ended_at - started).total_seconds() / 60))
             apply_availability_change(driver, to_state=A.AVAILABLE, reason="break_expired", actor=Actor.system(), now=now)
             broadcast_on_commit(
                 [driver_group(driver.pk), OPS_GROUP],
-                events.break_expired(driver_id=driver.pk, duration_minutes=minutes, expired_at=driver.availability_until or now),
+                events.break_expired(driver_id=driver.pk, duration_minutes=minutes, expired_at=ended_at),
             )
             ended += 1
     return ended

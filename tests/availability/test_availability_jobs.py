@@ -47,6 +47,23 @@ def test_a_break_ends_by_itself_when_its_time_is_up(driver, listen, django_captu
 
 
 @pytest.mark.django_db
+def test_a_late_job_reports_when_the_break_ended_not_when_it_ran(driver, listen, django_capture_on_commit_callbacks):
+    events = listen(f"driver.{driver.pk}")
+    with time_machine.travel(START, tick=False) as t:
+        driver_workflows.availability_take_break(driver_id=driver.pk, duration_minutes=30, reason="", actor=Actor.system())
+        events.drain()
+        t.shift(timedelta(minutes=37))  # the job was down for seven minutes
+        with django_capture_on_commit_callbacks(execute=True):
+            assert services.breaks_expire() == 1
+
+    (expired,) = [e for e in events.drain() if e["type"] == "break_expired"]
+    assert expired["expiredAt"] == "2026-02-01T10:30:00Z"
+    assert expired["breakDurationMinutes"] == 30
+    # the history row still says when the driver actually came back
+    assert driver.availability_history.order_by("-timestamp").first().timestamp.isoformat() == "2026-02-01T10:37:00+00:00"
+
+
+@pytest.mark.django_db
 def test_a_job_that_was_down_catches_up_on_every_overdue_break():
     drivers = DriverFactory.create_batch(3)
     with time_machine.travel(START, tick=False) as t:
