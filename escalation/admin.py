@@ -24,11 +24,26 @@ class EscalateForm(forms.Form):
 
 
 class OpenFilter(admin.SimpleListFilter):
+    """Open records by default, as `GET /v2/admin/unassigned-orders` (resolved and cancelled
+    ones on asking: "Resolved" or "All")."""
+
     title = "open"
     parameter_name = "open"
 
     def lookups(self, request, model_admin):
-        return [("yes", "Open"), ("no", "Resolved")]
+        return [("yes", "Open"), ("no", "Resolved"), ("all", "All")]
+
+    def value(self):
+        return super().value() or "yes"
+
+    def choices(self, changelist):
+        # Django's own "All" link drops the parameter, which here means open: list ours only.
+        for lookup, title in self.lookup_choices:
+            yield {
+                "selected": self.value() == lookup,
+                "query_string": changelist.get_query_string({self.parameter_name: lookup}),
+                "display": title,
+            }
 
     def queryset(self, request, queryset):
         if self.value() == "yes":
@@ -61,7 +76,7 @@ class UnassignedOrderAdmin(ReadOnlyAdmin):
     date_hierarchy = "first_attempt_at"
     actions = ["escalate"]
 
-    @admin.action(description="Escalate to a level (with a reason)…")
+    @admin.action(description="Escalate to a level (with a reason)…", permissions=["change"])
     def escalate(self, request, queryset):
         form = EscalateForm(request.POST if "apply" in request.POST else None)
         if "apply" in request.POST and form.is_valid():
@@ -107,7 +122,7 @@ class SupportTicketAdmin(ReadOnlyAdmin):
     inlines = [TicketCommentInline]
     actions = ["take"]
 
-    @admin.action(description="Take selected tickets (assign to me)")
+    @admin.action(description="Take selected tickets (assign to me)", permissions=["change"])
     def take(self, request, queryset):
         for ticket in queryset.order_by("pk"):
             try:

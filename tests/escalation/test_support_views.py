@@ -6,6 +6,7 @@ from django.utils.html import escape
 from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
+from common.actors import Actor
 from dispatch.models import Delivery
 from escalation.models import SupportTicket, TicketComment, UnassignedOrder
 from offers.models import DriverOffer
@@ -13,6 +14,7 @@ from tests.factories import (
     CITY, DriverFactory, IntegrationUserFactory, OpsUserFactory, SupportUserFactory, ZoneFactory, online_driver,
 )
 from tests.support_fixtures import ticket_for
+from workflows.deliveries import delivery_cancel
 
 pytestmark = pytest.mark.django_db
 
@@ -252,3 +254,21 @@ def test_admin_lists_unassigned_orders_and_tickets_and_escalates_through_the_ser
         "action": "escalate", "_selected_action": [str(record.pk)], "apply": "1", "level": "2", "reason": "x",
     }, follow=True)
     assert b"already at escalation level 3" in again.content
+
+
+def test_the_unassigned_orders_admin_lists_open_records_by_default(admin_client):
+    open_record = ticket_for().unassigned_order
+    cancelled = ticket_for().unassigned_order
+    delivery_cancel(delivery_id=cancelled.delivery_id, reason="customer left", actor=Actor.system())
+    resolved = ticket_for().unassigned_order
+    UnassignedOrder.objects.filter(pk=resolved.pk).update(resolved_at=timezone.now(), escalation_status="RESOLVED")
+
+    def listed(query=""):
+        page = admin_client.get(f"/admin/escalation/unassignedorder/{query}")
+        assert page.status_code == 200
+        return set(page.context["cl"].result_list.values_list("pk", flat=True))
+
+    assert listed() == {open_record.pk}
+    assert listed("?open=yes") == {open_record.pk}
+    assert listed("?open=no") == {cancelled.pk, resolved.pk}
+    assert listed("?open=all") == {open_record.pk, cancelled.pk, resolved.pk}
