@@ -1,7 +1,7 @@
 """Where support tickets live: a small interface, chosen by `SUPPORT_TICKET_BACKEND`.
 
 The default, `LocalTicketBackend`, keeps tickets in this project (`SupportTicket`, worked in
-the `/support/` views). An external helpdesk can be plugged in by implementing the same four
+the `/support/` views). An external helpdesk can be plugged in by implementing the same five
 methods and pointing the setting at it.
 
 The escalation services and workflow (`escalation.services`, `workflows.escalations`) call
@@ -35,6 +35,10 @@ class TicketBackend(Protocol):
     def raise_priority(self, *, ticket_id: str, priority: str, note: str, now: datetime) -> None:
         """Raise the priority (level 3: urgent); a resolved or closed ticket is reopened."""
 
+    def retitle_ticket(self, *, ticket_id: str, title: str, note: str, now: datetime) -> None:
+        """The record went to another escalation level: a title naming the new level, and a
+        note of the move in the ticket's history."""
+
     def close_ticket(self, *, ticket_id: str, status: str, resolution: str, actor: Actor, now: datetime) -> None:
         """Finish the ticket as `resolved` (the delivery got a driver) or `closed` (it was
         cancelled). A ticket already finished that way is left alone."""
@@ -56,6 +60,9 @@ class LocalTicketBackend:
 
     def raise_priority(self, *, ticket_id, priority, note, now) -> None:
         tickets.ticket_raise_priority(ticket_id=ticket_id, priority=priority, note=note, now=now)
+
+    def retitle_ticket(self, *, ticket_id, title, note, now) -> None:
+        tickets.ticket_retitle(ticket_id=ticket_id, title=title, note=note, now=now)
 
     def close_ticket(self, *, ticket_id, status, resolution, actor, now) -> None:
         tickets.ticket_finish(ticket_id=ticket_id, status=status, resolution=resolution, actor=actor, now=now)

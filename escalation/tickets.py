@@ -120,6 +120,17 @@ def ticket_raise_priority(*, ticket_id, priority: str, note: str, now: datetime)
 
 
 @transaction.atomic
+def ticket_retitle(*, ticket_id, title: str, note: str, now: datetime) -> SupportTicket:
+    """Escalation moved the ticket's record to another level: the title says the new level and
+    the note (its history) says the move."""
+    ticket = _lock_ticket(ticket_id)
+    ticket.title = title[:255]
+    _note(ticket, note, now=now)
+    _touched(ticket, change="escalated", now=now, fields=["title"])
+    return ticket
+
+
+@transaction.atomic
 def ticket_finish(*, ticket_id, status: str, resolution: str, actor: Actor, now: datetime) -> SupportTicket:
     """Resolve or close a ticket because of what happened to its delivery (assigned,
     cancelled). Already finished that way: left alone."""

@@ -30,5 +30,8 @@ class FakeHelpdesk:
     def raise_priority(self, *, ticket_id, priority, note, now):
         self.calls.append(("raise", ticket_id, priority))
 
+    def retitle_ticket(self, *, ticket_id, title, note, now):
+        self.calls.append(("retitle", ticket_id, title))
+
     def close_ticket(self, *, ticket_id, status, resolution, actor, now):
         self.calls.append(("close", ticket_id, status))

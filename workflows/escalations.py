@@ -104,16 +104,22 @@ class _Step:
         return self.reason if self.manual else threshold_reason(tier)
 
 
+def _ticket_title(step: _Step) -> str:
+    """The ticket's title names the level the record is at now (retitled as it goes up)."""
+    order = step.delivery.seller_order_id
+    if step.manual:
+        return f"Order {order} escalated to level {step.level}: {step.reason}"[:255]
+    title = f"Order {order} unassigned for {level_thresholds()[step.level] // 60}+ minutes"
+    return title if step.level == 1 else f"{title} (level {step.level})"
+
+
 def _tier1_ticket(step: _Step, result: Escalation) -> None:
     """Level 1: open a support ticket (whenever the record has none, so a record that jumped
     tiers still gets one) and audit `escalation_triggered` when the record first escalates."""
     record, delivery = step.record, step.delivery
     if not record.support_ticket_id:
         priority = TicketPriority.URGENT if step.level >= 3 else TicketPriority.HIGH
-        if step.manual:
-            title = f"Order {delivery.seller_order_id} escalated to level {step.level}: {step.reason}"[:255]
-        else:
-            title = f"Order {delivery.seller_order_id} unassigned for {level_thresholds()[step.level] // 60}+ minutes"
+        title = _ticket_title(step)
         zone = delivery.zone.name if getattr(delivery, "zone_id", None) else "no zone"
         description = (
             f"Delivery {delivery.pk} from {delivery.store_name} in {zone} has been waiting for a driver "
@@ -181,11 +187,14 @@ def _tier3_critical(step: _Step, result: Escalation) -> None:
     )
 
 
-def _note_manual_escalation(step: _Step) -> None:
-    """A manual escalation says who and why on a ticket it did not open."""
-    step.backend.add_note(
-        ticket_id=step.record.support_ticket_id, now=step.now,
-        body=f"Escalated to level {step.level}{step.who}: {step.reason}" + (f"\n{step.notes}" if step.notes else ""),
+def _retitle_ticket(step: _Step) -> None:
+    """A ticket this escalation did not open gets the new level in its title, and the move
+    (with who and why, for a manual one) in its history."""
+    note = f"Escalated to level {step.level}{step.who} (from level {step.from_level})"
+    if step.manual:
+        note += f": {step.reason}" + (f"\n{step.notes}" if step.notes else "")
+    step.backend.retitle_ticket(
+        ticket_id=step.record.support_ticket_id, title=_ticket_title(step), note=note, now=step.now
     )
 
 
@@ -206,8 +215,8 @@ def _escalate_locked(
         _tier2_wide_redispatch(step, result)
     if level >= 3 and step.from_level < 3:
         _tier3_critical(step, result)
-    if step.manual and record.support_ticket_id and not result.ticket_created:
-        _note_manual_escalation(step)
+    if record.support_ticket_id and not result.ticket_created:
+        _retitle_ticket(step)
     services.unassigned_mark_escalated(
         record, delivery=delivery, level=level, reassigned=result.dispatch_outcome == "offered",
         reason=step.why(level), event_reason=reason if step.manual else record.failure_reason,

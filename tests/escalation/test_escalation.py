@@ -201,7 +201,7 @@ def test_a_delivery_that_jumped_tiers_goes_straight_to_level_3_and_still_gets_it
     record = record_of(delivery)
     ticket = SupportTicket.objects.get()
     assert record.escalation_level == 3 and record.support_ticket_id == str(ticket.pk)
-    assert ticket.priority == "urgent" and ticket.title.endswith("30+ minutes")
+    assert ticket.priority == "urgent" and ticket.title.endswith("30+ minutes (level 3)")
     triggered = audit(delivery, "escalation_triggered")
     assert [r.details["level"] for r in triggered] == [1, 2]
     assert len(audit(delivery, "escalation_critical")) == 1

@@ -9,6 +9,7 @@ from django.core import mail
 from audit.models import DeliveryAuditLog
 from common.actors import Actor
 from workflows.dispatching import delivery_dispatch
+from workflows.escalations import escalation_check
 from escalation.models import SupportTicket, TicketComment, UnassignedOrder
 from tests.api import assert_error, client_for
 from tests.factories import DeliveryFactory, DriverFactory, SupportUserFactory, km_north, online_driver
@@ -168,6 +169,38 @@ def test_manual_escalation_above_an_existing_ticket_notes_it_on_the_ticket(ops, 
     level2 = [r for r in DeliveryAuditLog.objects.filter(delivery=delivery, event_type="escalation_triggered")
               if r.details["level"] == 2]
     assert len(level2) == 1 and level2[0].details["searchRadiusKm"] == 10
+
+
+def test_a_manual_escalation_past_a_ticket_retitles_it_with_the_new_level(ops, ops_user):
+    delivery = stuck_delivery(seller_order_id="ORD-L13")
+    record = record_of(delivery)
+    ops.post(f"/v2/admin/unassigned-orders/{record.pk}/escalate", {"level": 1, "reason": "slow"}, format="json")
+    assert SupportTicket.objects.get().title == "Order ORD-L13 escalated to level 1: slow"
+
+    r = ops.post(f"/v2/admin/unassigned-orders/{record.pk}/escalate", {"level": 3, "reason": "store is calling"},
+                 format="json")
+
+    assert r.status_code == 200, r.content
+    ticket = SupportTicket.objects.get()
+    assert ticket.title == "Order ORD-L13 escalated to level 3: store is calling"
+    history = list(TicketComment.objects.filter(ticket=ticket).order_by("created_at", "seq").values_list("body", flat=True))
+    assert f"Escalated to level 3 by {ops_user.username} (from level 1): store is calling" in history
+    assert not any("level 1" in body and "to level 3" not in body for body in history[1:])
+
+
+def test_the_check_retitles_a_ticket_as_the_record_goes_up(settings):
+    with time_machine.travel(T0, tick=False) as t:
+        delivery = stuck_delivery(seller_order_id="ORD-L2")
+        t.shift(timedelta(minutes=5, seconds=1))
+        escalation_check()
+        assert SupportTicket.objects.get().title == "Order ORD-L2 unassigned for 5+ minutes"
+        t.shift(timedelta(minutes=10))
+        escalation_check()
+
+    assert record_of(delivery).escalation_level == 2
+    ticket = SupportTicket.objects.get()
+    assert ticket.title == "Order ORD-L2 unassigned for 15+ minutes (level 2)"
+    assert TicketComment.objects.filter(ticket=ticket, body="Escalated to level 2 (from level 1)").exists()
 
 
 @pytest.mark.parametrize("level,message", [
