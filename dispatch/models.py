@@ -43,6 +43,10 @@ class Delivery(models.Model):
     customer_phone = models.CharField(max_length=32, blank=True, default="")
     prep_time_minutes = models.PositiveIntegerField(default=0)
     delivery_fee = models.DecimalField(max_digits=10, decimal_places=2, null=True, blank=True)
+    # False: offered by ops only. No automatic offer is ever made for it (at intake, after a
+    # rejected, expired or withdrawn offer, on reassignment, by the retry job or the escalation
+    # check): it goes back to ops (docs/dispatch.md, "autoDispatch").
+    auto_dispatch = models.BooleanField(default=True)
 
     status = models.CharField(
         max_length=20, choices=DeliveryStatus.choices, default=DeliveryStatus.READY, db_index=True

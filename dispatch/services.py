@@ -43,9 +43,11 @@ class DeliveryInput:
     delivery_fee: Decimal | None = None
 
 
-def delivery_insert(*, data: DeliveryInput, created_by, zone, actor: Actor, now: datetime) -> Delivery:
+def delivery_insert(
+    *, data: DeliveryInput, created_by, zone, actor: Actor, now: datetime, auto_dispatch: bool = True
+) -> Delivery:
     """A new `ready` delivery owned by `created_by` (sellerOrderId is unique per owner), its
-    `created` audit row and `delivery_created` for ops."""
+    `created` audit row and `delivery_created` for ops. `auto_dispatch` False: ops offer it."""
     delivery = Delivery(
         created_by=created_by,
         seller_order_id=data.seller_order_id,
@@ -58,6 +60,7 @@ def delivery_insert(*, data: DeliveryInput, created_by, zone, actor: Actor, now:
         customer_phone=data.customer_phone,
         prep_time_minutes=data.prep_time_minutes,
         delivery_fee=data.delivery_fee,
+        auto_dispatch=auto_dispatch,
         ready_at=now,
         zone=zone,
     )

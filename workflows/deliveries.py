@@ -18,7 +18,7 @@ from dispatch.services import DeliveryInput
 from escalation.services import unassigned_cancel, unassigned_resolve
 from offers.services import offer_cancel_locked
 from workflows import locks
-from workflows.dispatching import DispatchResult, dispatch_locked
+from workflows.dispatching import DispatchResult, dispatch_locked, dispatch_next_locked
 from workflows.unit import eta_refresh_enqueue, unit_of_work
 from zones.selectors import zone_for_point
 
@@ -30,13 +30,15 @@ def delivery_create(
     *, data: DeliveryInput, created_by, actor: Actor, auto_dispatch: bool = False, now: datetime | None = None
 ) -> Delivery:
     """A `ready` delivery in the zone of its pickup. With `auto_dispatch` the first candidate
-    is offered in the same transaction (or the delivery is recorded as unassigned).
+    is offered in the same transaction (or the delivery is recorded as unassigned); without
+    it, ops offer it, and no automatic offer is ever made for it (`dispatch_next_locked`).
 
     Returns the row as written (no active assignment: `active_assignments` is set), ready to
     render without reading it again."""
     now = now or timezone.now()
     delivery = deliveries.delivery_insert(
-        data=data, created_by=created_by, zone=zone_for_point(data.pickup_location), actor=actor, now=now
+        data=data, created_by=created_by, zone=zone_for_point(data.pickup_location), actor=actor, now=now,
+        auto_dispatch=auto_dispatch,
     )
     if auto_dispatch:
         # A new row: nobody else can hold it, and it has no offer yet.
@@ -92,7 +94,8 @@ def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | N
 def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> tuple[object, DispatchResult]:
     """Ops take an assigned delivery away from its driver: the assignment is cancelled, the
     driver freed, the delivery is ready again and goes to the next candidate (the previous
-    driver is excluded, having been offered it once). Returns (previous driver id, dispatch result)."""
+    driver is excluded, having been offered it once), or back to ops for an autoDispatch false
+    delivery. Returns (previous driver id, dispatch result)."""
     now = now or timezone.now()
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     if delivery.status != S.ASSIGNED:
@@ -106,7 +109,7 @@ def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime |
         )
     deliveries.delivery_mark_ready_again(delivery, reason=reason, previous=assignment, actor=actor, now=now)
     previous = assignment.driver_id if assignment else None
-    result = dispatch_locked(delivery, actor=Actor.system(), now=now, exclude_driver_ids=[previous] if previous else ())
+    result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, exclude_driver_ids=[previous] if previous else ())
     return previous, result
 
 

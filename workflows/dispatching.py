@@ -62,7 +62,7 @@ class Candidate:
 
 @dataclass
 class DispatchResult:
-    outcome: str  # offered | unassigned | not_ready | already_offered
+    outcome: str  # offered | unassigned | not_ready | already_offered | ops_only
     offer: DriverOffer | None = None
     failure_reason: str | None = None
     candidates: list[Candidate] = field(default_factory=list)
@@ -242,6 +242,21 @@ def dispatch_locked(
     return DispatchResult("unassigned", failure_reason=reason, candidates=screening.ranked, search_radius_km=radius)
 
 
+def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **kwargs) -> DispatchResult:
+    """The automatic next offer: after a rejected, expired or withdrawn offer, a reassignment,
+    by the retry job and the escalation check. The caller holds the delivery's lock.
+
+    One rule for a delivery created with autoDispatch false: no automatic offer, ever. It goes
+    back to ops instead: still ready, with an open unassigned record (reason `unassigned`)
+    that lists it in `/v2/admin/unassigned-orders` at once, for ops to offer or dispatch it."""
+    if delivery.auto_dispatch:
+        return dispatch_locked(delivery, actor=actor, now=now, **kwargs)
+    if delivery.status != DeliveryStatus.READY:
+        return DispatchResult("not_ready")
+    unassigned_record_failure(delivery=delivery, reason=FailureReason.UNASSIGNED, now=now)
+    return DispatchResult("ops_only", failure_reason=FailureReason.UNASSIGNED)
+
+
 @unit_of_work()
 def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = None, now: datetime | None = None, strict: bool = False) -> DispatchResult:
     """Lock the delivery and dispatch it. With `strict` (ops asking), a delivery that is not
@@ -258,16 +273,15 @@ def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = No
 
 def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> int:
     """The retry job: dispatch again every open unassigned delivery that is still ready and has
-    no pending offer (oldest attempt first). Returns how many got an offer."""
+    no pending offer (oldest attempt first), except those created with autoDispatch false
+    (ops offer them: `dispatch_next_locked`). Returns how many got an offer."""
     now = now or timezone.now()
     rows = list(
         UnassignedOrder.objects.filter(
-            resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True
+            resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True,
+            # autoDispatch false: ops offer it; retrying here would dispatch it against the seller's choice
+            delivery__auto_dispatch=True,
         )
-        # A delivery created with autoDispatch false and never dispatched is recorded by the
-        # escalation check (reason "unassigned") to alert ops; retrying it here would dispatch
-        # it against the seller's choice. Once dispatch has been tried it has a real reason.
-        .exclude(failure_reason=FailureReason.UNASSIGNED)
         .order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
     )
     offered = 0

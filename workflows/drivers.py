@@ -26,7 +26,7 @@ from common.exceptions import Conflict
 from offers.services import offer_cancel_locked
 from tracking.services import delivery_eta_on_fix, delivery_location_send, delivery_track_fix
 from workflows import locks
-from workflows.dispatching import dispatch_locked
+from workflows.dispatching import dispatch_next_locked
 
 
 @transaction.atomic
@@ -46,7 +46,7 @@ def availability_change(
     apply_availability_change(driver, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now)
     if offer is not None:
         offer_cancel_locked(offer, delivery=delivery, reason=f"driver_{to_state}", actor=actor, now=now)
-        dispatch_locked(delivery, actor=Actor.system(), now=now)
+        dispatch_next_locked(delivery, actor=Actor.system(), now=now)
     return driver
 
 

@@ -40,7 +40,7 @@ from escalation.models import (
     UnassignedOrder,
 )
 from workflows.deliveries import delivery_cancel
-from workflows.dispatching import DispatchResult, delivery_dispatch, dispatch_locked
+from workflows.dispatching import DispatchResult, delivery_dispatch, dispatch_locked, dispatch_next_locked
 from workflows.locks import lock_delivery
 
 logger = logging.getLogger(__name__)
@@ -146,15 +146,18 @@ def _found_text(dispatched: DispatchResult) -> str:
         "offered": f"offered to {dispatched.offer.driver.name}" if dispatched.offer else "",
         "already_offered": "an offer to a driver is already pending",
         "unassigned": f"nobody found ({dispatched.failure_reason})",
+        "ops_only": "not offered: the delivery was created with autoDispatch false, ops offer it",
     }.get(dispatched.outcome, dispatched.outcome)
 
 
 def _tier2_wide_redispatch(step: _Step, result: Escalation) -> None:
     """Level 2: dispatch again within the wide radius, audit it (`escalation_triggered`) and
-    note the outcome on the ticket."""
+    note the outcome on the ticket. The check does not dispatch an autoDispatch false delivery
+    (ops offer it: `dispatch_next_locked`); ops escalating by hand do."""
     record, delivery = step.record, step.delivery
     radius = float(settings.DISPATCH_WIDE_RADIUS_KM)
-    dispatched = dispatch_locked(delivery, actor=step.actor, now=step.now, radius_km=radius)
+    dispatch = dispatch_locked if step.manual else dispatch_next_locked
+    dispatched = dispatch(delivery, actor=step.actor, now=step.now, radius_km=radius)
     result.dispatch_outcome = dispatched.outcome
     record.refresh_from_db(fields=["attempt_count", "last_attempt_at", "failure_reason"])
     details = {"level": 2, "reason": step.why(2), "searchRadiusKm": radius, "outcome": dispatched.outcome,

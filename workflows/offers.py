@@ -20,7 +20,7 @@ from escalation.services import unassigned_resolve
 from offers import services as offers
 from offers.models import DriverOffer, OfferStatus
 from workflows import locks
-from workflows.dispatching import dispatch_locked
+from workflows.dispatching import dispatch_next_locked
 from workflows.unit import eta_refresh_enqueue, unit_of_work
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ class RejectResult:
 
 @unit_of_work()
 def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetime | None = None) -> RejectResult:
-    """The driver declines; the delivery goes to its next candidate in the same transaction."""
+    """The driver declines; the delivery goes to its next candidate in the same transaction
+    (back to ops for an autoDispatch false delivery)."""
     now = now or timezone.now()
     offer = locks.lock_offer_delivery_driver(offer_id, driver_id=driver_id)  # offer → delivery → driver
     offers.offer_ensure_pending(offer, now)
@@ -105,12 +106,13 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
         driver_id=driver_id, outcome=OfferStatus.REJECTED, response_time_ms=offer.driver_response_time_ms, now=now
     )
     # The offer just closed was the delivery's pending one (one at a time, under its lock).
-    result = dispatch_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
+    result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
     return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
 
 
 def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False) -> bool:
-    """Expire a pending offer whose time is up and move its delivery to the next candidate.
+    """Expire a pending offer whose time is up and move its delivery to the next candidate
+    (back to ops for an autoDispatch false delivery).
 
     Idempotent and safe to race with accept/reject and with itself: a locked offer is skipped
     (whoever holds it decides), a processed or not-yet-due one is left alone. Returns True
@@ -126,7 +128,7 @@ def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False) 
 
         offers.offer_mark_expired(offer, delivery=delivery, now=now)
         performance_offer_answered(driver_id=offer.driver_id, outcome=OfferStatus.EXPIRED, response_time_ms=None, now=now)
-        dispatch_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
+        dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
     return True
 
 

@@ -323,7 +323,7 @@ def test_the_whole_offer_lifecycle_over_the_api(ops, integration):
 def test_the_retry_job_leaves_deliveries_that_were_never_dispatched_to_ops():
     online_driver(km=0.5)
     with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
-        manual = DeliveryFactory(ready_at=timezone.now())  # autoDispatch false: nobody dispatched it
+        manual = DeliveryFactory(ready_at=timezone.now(), auto_dispatch=False)  # nobody dispatched it
         t.shift(timedelta(minutes=6))
         escalation_check()  # ops are alerted about it
         record = UnassignedOrder.objects.get(delivery=manual)
@@ -331,3 +331,92 @@ def test_the_retry_job_leaves_deliveries_that_were_never_dispatched_to_ops():
         assert unassigned_retry() == 0
 
     assert pending(manual) is None
+
+
+def _manual_delivery_offered_by_ops(integration, ops, first, order_id="MANUAL-1"):
+    created = integration.post("/v2/deliveries", {**NEW, "sellerOrderId": order_id, "autoDispatch": False}, format="json")
+    assert created.status_code == 201, created.content
+    delivery = Delivery.objects.get(pk=created.json()["id"])
+    assert delivery.auto_dispatch is False
+    r = ops.post(f"/v2/deliveries/{delivery.pk}/offers", {"driverId": str(first.pk), "expiresInSeconds": 30}, format="json")
+    assert r.status_code == 201, r.content
+    return delivery
+
+
+def _back_with_ops(delivery):
+    delivery.refresh_from_db()
+    assert delivery.status == "ready" and delivery.current_offer_id is None
+    assert DriverOffer.objects.filter(delivery=delivery).count() == 1  # nobody else was offered it
+    record = UnassignedOrder.objects.get(delivery=delivery, resolved_at__isnull=True)  # listed for ops at once
+    assert record.failure_reason == "unassigned"
+    assert unassigned_retry() == 0  # the retry job leaves it to ops as well
+    assert pending(delivery) is None
+
+
+def test_an_expired_manual_offer_on_an_auto_dispatch_false_delivery_goes_back_to_ops(integration, ops):
+    first, _second = online_driver(km=0.5), online_driver(km=1.0)
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        delivery = _manual_delivery_offered_by_ops(integration, ops, first)
+        t.shift(timedelta(seconds=31))
+        assert expire_overdue_offers() == 1
+        _back_with_ops(delivery)
+        listed = ops.get("/v2/admin/unassigned-orders").json()["orders"]
+        assert [o["deliveryId"] for o in listed] == [str(delivery.pk)]
+
+
+def test_a_rejected_manual_offer_on_an_auto_dispatch_false_delivery_goes_back_to_ops(integration, ops):
+    first, _second = online_driver(km=0.5), online_driver(km=1.0)
+    delivery = _manual_delivery_offered_by_ops(integration, ops, first)
+    offer = pending(delivery)
+
+    r = client_for(first.user).post(f"/v2/drivers/{first.pk}/offers/{offer.pk}/reject", {"reason": "too_far"}, format="json")
+
+    assert r.status_code == 200, r.content
+    assert r.json().get("nextOfferId") is None
+    _back_with_ops(delivery)
+
+
+def test_a_withdrawn_manual_offer_on_an_auto_dispatch_false_delivery_goes_back_to_ops(integration, ops):
+    first, _second = online_driver(km=0.5), online_driver(km=1.0)
+    delivery = _manual_delivery_offered_by_ops(integration, ops, first)
+
+    availability.availability_take_break(driver_id=first.pk, duration_minutes=15, reason="", actor=Actor("driver", first.pk))
+
+    _back_with_ops(delivery)
+
+
+def test_the_escalation_check_does_not_dispatch_an_auto_dispatch_false_delivery(integration, ops):
+    online_driver(km=0.5)
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        created = integration.post("/v2/deliveries", {**NEW, "autoDispatch": False}, format="json").json()
+        t.shift(timedelta(minutes=16))  # past level 2: the wide-radius search tier
+        escalation_check()
+
+    record = UnassignedOrder.objects.get(delivery_id=created["id"])
+    assert record.escalation_level == 2
+    assert not DriverOffer.objects.exists()
+    level2 = [r for r in DeliveryAuditLog.objects.filter(delivery_id=created["id"], event_type="escalation_triggered")
+              if r.details["level"] == 2]
+    assert level2[0].details["outcome"] == "ops_only"
+
+
+def test_ops_can_still_dispatch_an_auto_dispatch_false_delivery_by_hand(integration, ops):
+    driver = online_driver(km=0.5)
+    created = integration.post("/v2/deliveries", {**NEW, "autoDispatch": False}, format="json").json()
+
+    r = ops.post(f"/v2/deliveries/{created['id']}/dispatch", format="json")
+
+    assert r.status_code == 200, r.content
+    assert pending(Delivery.objects.get(pk=created["id"])).driver_id == driver.pk
+
+
+def test_an_auto_dispatch_delivery_still_moves_to_the_next_candidate_on_expiry(integration):
+    first = online_driver(km=0.5)
+    second = online_driver(km=1.0)
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        created = integration.post("/v2/deliveries", NEW, format="json").json()
+        delivery = Delivery.objects.get(pk=created["id"])
+        assert pending(delivery).driver_id == first.pk
+        t.shift(timedelta(seconds=31))
+        assert expire_overdue_offers() == 1
+    assert pending(delivery).driver_id == second.pk
