@@ -5,7 +5,8 @@ Keys (all under the fleet's hash tag, `common.redis.fleet_key`, so one script ma
 under Redis Cluster):
 
 `{fleet}:drv:<id>`        hash: lat, lon, t (recorded-at, epoch s), acc, speed, heading
-`{fleet}:auth:<id>`       sha256 of the driver's API token (60 s; forgotten on revoke)
+`{fleet}:tokens:<id>`     set: sha256 of the driver's API tokens seen (60 s at most, never
+                          past a token's expiry; forgotten on revoke)
 `{fleet}:fixes`           stream of accepted fixes, read by `manage.py consume_fixes`
 `{fleet}:moved`           hash driver id → latest position since the last ops digest
 `{fleet}:drivers:active`  hash driver id → the delivery it is on (for customer tracking)
@@ -45,11 +46,7 @@ def driver_key(driver_id) -> str:
 
 
 def auth_key(driver_id) -> str:
-    return fleet_key(f"auth:{driver_id}")
-
-
-def token_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    return fleet_key(f"tokens:{driver_id}")
 
 
 # One round trip per fix. KEYS: driver hash, status hash, GEO set, fix zset, stream, moved
@@ -61,7 +58,7 @@ def token_digest(key: str) -> str:
 _FIX_SCRIPT = """
 local id = ARGV[1]
 if ARGV[8] ~= '' then
-  if redis.call('GET', KEYS[8]) ~= ARGV[8] then return {'auth', 0, ''} end
+  if redis.call('SISMEMBER', KEYS[8], ARGV[8]) == 0 then return {'auth', 0, ''} end
   local n = redis.call('INCR', KEYS[9])
   if n == 1 then redis.call('EXPIRE', KEYS[9], tonumber(ARGV[10]) + 1) end
   if n > tonumber(ARGV[9]) then return {'throttled', 0, ''} end
@@ -164,8 +161,15 @@ def fix_record_persisted(fix: Fix) -> None:
 # ------------------------------------------------------------------------------ auth cache
 
 
-async def auth_remember_async(client: aioredis.Redis, *, driver_id, token_key: str) -> None:
-    await client.set(auth_key(driver_id), token_digest(token_key), ex=AUTH_TTL_SECONDS)
+async def auth_remember_async(client: aioredis.Redis, *, driver_id, digest: str, ttl: int) -> None:
+    """The token with this digest is the driver's, usable for `ttl` seconds more. The set
+    lives as long as its shortest-lived token (EXPIRE LT), at most AUTH_TTL_SECONDS."""
+    key = auth_key(driver_id)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.sadd(key, digest)
+        pipe.expire(key, AUTH_TTL_SECONDS, nx=True)
+        pipe.expire(key, max(1, min(ttl, AUTH_TTL_SECONDS)), lt=True)
+        await pipe.execute()
 
 
 def driver_auth_forget(driver_id) -> None:

@@ -134,7 +134,7 @@ def driver_create(
     driver = Driver.objects.create(
         user=user, name=name, phone=phone, vehicle=vehicle, vehicle_type=vehicle_type, home_location=home_location
     )
-    return driver, api_token_create(user)
+    return driver, api_token_create(user, name="onboarding")
 
 
 # ------------------------------------------------------------------------------ jobs

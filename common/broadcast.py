@@ -18,12 +18,19 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from celery import current_app
+from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import get_channel_layer
 from django.db import transaction
+
+from common.hooks import event_emitted
 
 logger = logging.getLogger(__name__)
 
 OPS_GROUP = "ops"
+# The channel layer (settings.CHANNEL_LAYERS) of the customers' groups, "delivery.<id>":
+# Redis pub/sub, for fan-out to thousands of tracking sockets. Every other group is on the
+# default layer.
+TRACKING_LAYER = "tracking"
 
 Entry = tuple[Sequence[str], Mapping[str, Any]]
 
@@ -36,12 +43,17 @@ def delivery_group(delivery_id) -> str:
     return f"delivery.{delivery_id}"
 
 
+def layer_alias(group: str) -> str:
+    """The channel layer a group lives on."""
+    return TRACKING_LAYER if group.startswith("delivery.") else DEFAULT_CHANNEL_LAYER
+
+
 def _message(event: Mapping[str, Any]) -> dict:
     return {"type": event["type"], "event": dict(event)}
 
 
-async def _send_all(layer, entries: Sequence[Entry]) -> None:
-    """Each group's messages in order; different groups concurrently."""
+async def _send_all(entries: Sequence[Entry]) -> None:
+    """Each group's messages in order; different groups concurrently, each on its layer."""
     by_group: dict[str, list[dict]] = {}
     for groups, event in entries:
         message = _message(event)
@@ -49,6 +61,9 @@ async def _send_all(layer, entries: Sequence[Entry]) -> None:
             by_group.setdefault(group, []).append(message)
 
     async def to_group(group: str, messages: list[dict]) -> None:
+        layer = get_channel_layer(layer_alias(group))
+        if layer is None:
+            return
         for message in messages:
             try:
                 await layer.group_send(group, message)
@@ -63,11 +78,8 @@ def send_many(entries: Sequence[Entry]) -> None:
     failure is logged, never raised."""
     if not entries:
         return
-    layer = get_channel_layer()
-    if layer is None:
-        return
     try:
-        async_to_sync(_send_all)(layer, entries)
+        async_to_sync(_send_all)(entries)
     except Exception:
         logger.warning("broadcast of %d events failed", len(entries), exc_info=True)
 
@@ -148,6 +160,7 @@ def broadcast_batch():
 def broadcast_on_commit(groups: Iterable[str], event: Mapping[str, Any]) -> None:
     """Send `event` to `groups` once the current transaction commits (at once outside one)."""
     entry = (list(groups), dict(event))
+    event_emitted(entry[1])  # e.g. the webhook outbox, which writes in this transaction
     batch = getattr(_local, "batch", None)
     if batch is not None:
         batch.add(entry)

@@ -26,12 +26,9 @@ def query_param(scope, name: str) -> str | None:
 
 @database_sync_to_async
 def _user_for_token(key: str):
-    from rest_framework.authtoken.models import Token
+    from common.tokens import api_token_user
 
-    token = Token.objects.select_related("user").filter(key=key).first()
-    if token is None or not token.user.is_active:
-        return None
-    return token.user
+    return api_token_user(key)
 
 
 class QueryTokenAuthMiddleware:

@@ -33,3 +33,23 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.method} {self.path} [{self.key}]"
+
+
+class ApiToken(models.Model):
+    """An API token: only its SHA-256 is stored (the key is shown once, when created).
+    `prefix` (the key's first characters) tells tokens apart in the console without the key.
+    A user may hold several (one per login, one from onboarding); deleting one revokes it."""
+
+    user = models.ForeignKey("common.User", on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=64, blank=True, default="")
+    prefix = models.CharField(max_length=8, db_index=True, editable=False)
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+
+    class Meta:
+        verbose_name = "API token"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name or 'token'})"

@@ -4,6 +4,7 @@ import hmac
 
 import logging
 import time
+from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import authenticate
@@ -12,9 +13,8 @@ from django.http import HttpResponse, JsonResponse
 from django_celery_beat.models import PeriodicTask
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
-from rest_framework.authtoken.models import Token
 from rest_framework.exceptions import APIException
-from rest_framework.permissions import AllowAny
+from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -23,6 +23,8 @@ from common.errors import error_body, error_response
 from common.fields import StrictCharField
 from common.redis import get_redis
 from common.schema import errors
+from common.exceptions import InvalidInput
+from common.tokens import api_token_issue, api_tokens_prune, api_tokens_revoke
 from config.celery import app as celery_app
 from config.periodic import MANAGED_PREFIX, PERIODIC_TASKS
 
@@ -154,13 +156,19 @@ class TokenRequestSerializer(serializers.Serializer):
 
 class TokenResponseSerializer(serializers.Serializer):
     token = serializers.CharField()
+    expiresAt = serializers.DateTimeField(allow_null=True)
 
 
 class AuthTokenView(APIView):
-    """`POST /v2/auth/token {username, password}` → `{token}`."""
+    """`POST /v2/auth/token {username, password}` → `{token, expiresAt}`: a new token per
+    login (shown once; only its hash is kept), expiring after API_LOGIN_TOKEN_TTL_SECONDS.
+    `DELETE /v2/auth/token` with `Authorization: Token <key>` revokes that token (log out)."""
 
-    permission_classes = [AllowAny]
-    authentication_classes: list = []
+    def get_authenticators(self):
+        return super().get_authenticators() if getattr(self.request, "method", None) == "DELETE" else []
+
+    def get_permissions(self):
+        return [IsAuthenticated()] if getattr(self.request, "method", None) == "DELETE" else [AllowAny()]
 
     @extend_schema(request=TokenRequestSerializer, responses={200: TokenResponseSerializer, **errors(400, 401)}, tags=["auth"])
     def post(self, request):
@@ -169,5 +177,14 @@ class AuthTokenView(APIView):
         user = authenticate(request._request, **s.validated_data)
         if user is None or not user.is_active:
             raise InvalidCredentials()
-        token, _ = Token.objects.get_or_create(user=user)
-        return Response({"token": token.key})
+        ttl = settings.API_LOGIN_TOKEN_TTL_SECONDS
+        api_tokens_prune(user)
+        key, token = api_token_issue(user, name="login", ttl=timedelta(seconds=ttl) if ttl else None)
+        return Response({"token": key, "expiresAt": token.expires_at})
+
+    @extend_schema(request=None, responses={204: None, **errors(400, 401)}, tags=["auth"])
+    def delete(self, request):
+        if request.auth is None:
+            raise InvalidInput("This login has no API token to revoke (send Authorization: Token <key>).")
+        api_tokens_revoke(request.user, token_id=request.auth.pk)
+        return Response(status=204)

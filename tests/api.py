@@ -8,10 +8,19 @@ from channels.layers import get_channel_layer
 from rest_framework.test import APIClient
 
 
+def token_for(user) -> str:
+    """An API token of `user` (one per user object: made on first use, then remembered)."""
+    from common.tokens import api_token_create
+
+    if getattr(user, "_test_api_key", None) is None:
+        user._test_api_key = api_token_create(user, name="test")
+    return user._test_api_key
+
+
 def client_for(user=None):
     client = APIClient()
     if user is not None:
-        client.credentials(HTTP_AUTHORIZATION=f"Token {user.auth_token.key}")
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(user)}")
     return client
 
 
@@ -26,16 +35,37 @@ def assert_error(response, status):
 
 
 class ChannelListener:
-    """Joins groups on the real Redis channel layer and collects what is sent to them."""
+    """Joins groups on the real Redis channel layers and collects what is sent to them.
+
+    Groups on the default (core) layer are joined with a plain channel name (no "!"), read
+    straight from Redis with no buffer tied to one event loop, so each drain() may run in its
+    own loop. The customers' groups live on the pub/sub layer (common.broadcast.layer_alias):
+    they are subscribed to in Redis directly, on the layer's own channel names, so the test
+    sees exactly what a web process subscribed to the group receives."""
 
     def __init__(self, groups):
+        from django.conf import settings
+
+        from common.broadcast import TRACKING_LAYER, layer_alias
+        import redis
+
         self.layer = get_channel_layer()
-        self.groups = groups
-        # A plain channel name (no "!") is read straight from Redis, with no buffer tied to one
-        # event loop, so each drain() may run in its own loop.
+        self.groups = [g for g in groups if layer_alias(g) != TRACKING_LAYER]
         self.channel = f"test-listener.{uuid.uuid4().hex}"
-        for g in groups:
+        for g in self.groups:
             async_to_sync(self.layer.group_add)(g, self.channel)
+        self.pubsub = None
+        pubsub_groups = [g for g in groups if layer_alias(g) == TRACKING_LAYER]
+        if pubsub_groups:
+            self.tracking_layer = get_channel_layer(TRACKING_LAYER)
+            prefix = settings.CHANNEL_LAYERS[TRACKING_LAYER]["CONFIG"]["prefix"]
+            self.pubsub = redis.Redis.from_url(settings.REDIS_URL).pubsub()  # bytes: msgpack
+            self.pubsub.subscribe(*(f"{prefix}__group__{g}" for g in pubsub_groups))
+            confirmed = 0
+            while confirmed < len(pubsub_groups):  # Redis has the subscriptions before we go on
+                message = self.pubsub.get_message(timeout=5)
+                assert message is not None, "no subscribe confirmation from Redis"
+                confirmed += message["type"] == "subscribe"
 
     def drain(self, timeout=0.3):
         async def collect():
@@ -47,8 +77,15 @@ class ChannelListener:
                     return out
                 out.append(msg["event"])
 
-        return async_to_sync(collect)()
+        out = async_to_sync(collect)() if self.groups else []
+        if self.pubsub is not None:
+            while (message := self.pubsub.get_message(timeout=timeout)) is not None:
+                if message["type"] == "message":
+                    out.append(self.tracking_layer.deserialize(message["data"])["event"])
+        return out
 
     def close(self):
         for g in self.groups:
             async_to_sync(self.layer.group_discard)(g, self.channel)
+        if self.pubsub is not None:
+            self.pubsub.close()

@@ -5,9 +5,9 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.gis.geos import Point, Polygon
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 
 from common.roles import INTEGRATIONS_GROUP, SUPPORT_GROUP
+from tests.api import token_for
 from availability.geo import index_driver
 from availability.models import Driver
 from dispatch.models import Delivery
@@ -42,8 +42,10 @@ class UserFactory(factory.django.DjangoModelFactory):
 
     @factory.post_generation
     def token(obj, create, extracted, **kwargs):
+        # Every login a factory makes has an API token (tests.api.token_for reads it), made
+        # here, in sync code, so that async tests can use it without a database call.
         if create:
-            Token.objects.get_or_create(user=obj)
+            token_for(obj)
 
 
 class OpsUserFactory(UserFactory):

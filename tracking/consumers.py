@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from channels.db import database_sync_to_async
 
-from common.broadcast import delivery_group
+from common.broadcast import TRACKING_LAYER, delivery_group
 from common.consumers import CLOSE_UNAUTHENTICATED, RelayConsumer, query_param
 from tracking import selectors
 
@@ -18,6 +18,7 @@ class TrackingConsumer(RelayConsumer):
     Only event types with a handler here reach a customer; anything else sent to the group is
     dropped."""
 
+    channel_layer_alias = TRACKING_LAYER  # Redis pub/sub: see settings.CHANNEL_LAYERS
     finished = False
 
     async def connect(self):

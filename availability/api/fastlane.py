@@ -35,11 +35,12 @@ from rest_framework.settings import api_settings
 from availability import live
 from availability.api.serializers import MAX_CLOCK_SKEW
 from common import metrics
-from common.broadcast import delivery_group
+from common.broadcast import TRACKING_LAYER, delivery_group
 from common.errors import error_body
 from common.logfilters import new_request_id, request_id
 from common.redis import RedisUnavailable, fleet_key
 from common.throttling import parse_rate
+from common.tokens import token_digest
 from tracking.events import delivery_location_updated
 
 logger = logging.getLogger(__name__)
@@ -136,32 +137,36 @@ def _token(headers: dict[bytes, bytes]) -> str | None:
         return None
 
 
-def _token_owner(key: str) -> tuple[str, bool, live.Fix | None] | None:
-    """(driver id, login active, the driver's stored fix) of the token's user, or None: a
-    token that is not a driver's. One query, on a cache miss only (the fast lane then
+def _token_owner(digest: str) -> tuple[str, bool, live.Fix | None, int] | None:
+    """(driver id, usable, the driver's stored fix, seconds the answer may be cached) of the
+    token with this digest, or None: a token that is not a driver's. Usable: the login is
+    active and the token unexpired. One query, on a cache miss only (the fast lane then
     remembers the token in Redis, and seeds the driver's position there so that a fix older
     than the stored one is refused as the database would)."""
     try:
         with connection.cursor() as cur:
-            cur.execute(_OWNER_SQL, [key])
+            cur.execute(_OWNER_SQL, [digest])
             row = cur.fetchone()
     finally:
         connection.close()  # a worker thread, outside any request: hand the connection back
     if row is None:
         return None
-    driver_id, active, lat, lon, recorded_at, acc, speed, heading = row
+    driver_id, active, lat, lon, recorded_at, acc, speed, heading, expires_at = row
     stored = None
     if recorded_at is not None and lat is not None:
         stored = live.Fix(driver_id=str(driver_id), lat=lat, lon=lon, recorded_at=recorded_at.timestamp(),
                           accuracy_m=acc, speed=speed, heading=heading)
-    return str(driver_id), bool(active), stored
+    ttl = live.AUTH_TTL_SECONDS
+    if expires_at is not None:
+        ttl = min(ttl, math.floor((expires_at - datetime.now(dt_timezone.utc)).total_seconds()))
+    return str(driver_id), bool(active) and ttl > 0, stored, ttl
 
 
 _OWNER_SQL = (
     "SELECT d.id, u.is_active, ST_Y(d.location::geometry), ST_X(d.location::geometry), d.location_recorded_at, "
-    "d.location_accuracy_m, d.location_speed, d.location_heading "
-    "FROM authtoken_token t JOIN common_user u ON u.id = t.user_id "
-    "JOIN dispatch_driver d ON d.user_id = u.id WHERE t.key = %s"
+    "d.location_accuracy_m, d.location_speed, d.location_heading, t.expires_at "
+    "FROM common_apitoken t JOIN common_user u ON u.id = t.user_id "
+    "JOIN dispatch_driver d ON d.user_id = u.id WHERE t.digest = %s"
 )
 
 
@@ -238,18 +243,18 @@ class LocationFastLane:
         window = int(time.time() // period)
         throttle_key = fleet_key(f"throttle:drv:{driver_id}:{window}")
         client = self._redis()
-        digest = live.token_digest(key)
+        digest = token_digest(key)
         try:
             outcome = await live.fix_record_async(
                 client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
             )
             if outcome.code == "auth":
-                owner = await sync_to_async(_token_owner, thread_sensitive=False)(key)
+                owner = await sync_to_async(_token_owner, thread_sensitive=False)(digest)
                 if owner is None or owner[:2] != (driver_id, True):
                     raise _Delegate  # not this driver's live token: Django answers 401/403/404
                 if owner[2] is not None:
                     await live.position_seed_async(client, owner[2])
-                await live.auth_remember_async(client, driver_id=driver_id, token_key=key)
+                await live.auth_remember_async(client, driver_id=driver_id, digest=digest, ttl=owner[3])
                 outcome = await live.fix_record_async(
                     client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
                 )
@@ -284,7 +289,7 @@ class LocationFastLane:
             heading=fix.heading, recorded_at=recorded_at,
         )
         try:
-            await get_channel_layer().group_send(delivery_group(delivery_id), {"type": event["type"], "event": event})
+            await get_channel_layer(TRACKING_LAYER).group_send(delivery_group(delivery_id), {"type": event["type"], "event": event})
         except Exception:  # live events are best-effort
             logger.warning("location of delivery %s not sent to its customer", delivery_id, exc_info=True)
 

@@ -22,7 +22,6 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.gis",
     "rest_framework",
-    "rest_framework.authtoken",
     "rest_framework_gis",
     "drf_spectacular",
     "channels",
@@ -158,7 +157,19 @@ CHANNEL_LAYERS = {
             "channel_capacity": {"specific.*": env.int("CHANNELS_PROCESS_CAPACITY", default=20000)},
             "expiry": 30,
         },
-    }
+    },
+    # Customer tracking (groups "delivery.<id>", common.broadcast.TRACKING_LAYER): Redis
+    # pub/sub. A message is pushed to the processes whose sockets joined the group and put on
+    # the socket's queue in memory: no per-message round trip or poll, which is what let the
+    # core layer serve 5,000 tracking sockets (bench/README.md). At most once, like every
+    # live event here: a customer who misses one gets the next fix a few seconds later.
+    "tracking": {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            "prefix": env("CHANNELS_PREFIX", default="asgi") + ".tracking",
+        },
+    },
 }
 
 # The channel layer's Redis pool per event loop (common/channels.py): callers wait for a
@@ -267,6 +278,8 @@ PROMETHEUS_MULTIPROC_DIR = env("PROMETHEUS_MULTIPROC_DIR", default="")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+# A token from POST /v2/auth/token expires after this (0: never). Onboarding tokens never do.
+API_LOGIN_TOKEN_TTL_SECONDS = env.int("API_LOGIN_TOKEN_TTL_SECONDS", default=30 * 24 * 3600)
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},

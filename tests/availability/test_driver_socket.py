@@ -12,6 +12,7 @@ from config.asgi import application
 from tests.factories import DriverFactory, OpsUserFactory
 from tests.typecheck import assert_event_shape
 from tests.sockets import refusal
+from tests.api import token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -22,7 +23,7 @@ def test_a_driver_gets_its_state_on_connect_and_its_availability_events():
     actor = Actor("driver", driver.pk)
 
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={driver.user.auth_token.key}")
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
         connected, _ = await comm.connect()
         assert connected
         snapshot = await comm.receive_json_from(timeout=5)
@@ -51,9 +52,9 @@ def test_driver_socket_refuses_bad_tokens_and_other_drivers():
         for path, code in (
             (f"/ws/drivers/{driver.pk}/", 4401),
             (f"/ws/drivers/{driver.pk}/?token=bad", 4401),
-            (f"/ws/drivers/{driver.pk}/?token={other.user.auth_token.key}", 4403),
-            (f"/ws/drivers/{driver.pk}/?token={ops_user.auth_token.key}", 4403),
-            (f"/ws/drivers/not-a-uuid/?token={driver.user.auth_token.key}", 4403),
+            (f"/ws/drivers/{driver.pk}/?token={token_for(other.user)}", 4403),
+            (f"/ws/drivers/{driver.pk}/?token={token_for(ops_user)}", 4403),
+            (f"/ws/drivers/not-a-uuid/?token={token_for(driver.user)}", 4403),
         ):
             comm = WebsocketCommunicator(application, path)
             assert await refusal(comm) == code, path

@@ -1,7 +1,8 @@
 import pytest
-from rest_framework.authtoken.models import Token
 
 from availability.models import Driver
+from common.models import ApiToken
+from common.tokens import token_digest
 from tests.api import assert_error, client_for
 from tests.factories import DriverFactory
 
@@ -18,7 +19,8 @@ def test_ops_creates_a_driver_who_starts_offline_with_a_token_shown_once(ops):
     assert body["availability"] == "offline"
     assert body["homeLocation"] == {"lat": 12.9, "lon": 77.6}
     driver = Driver.objects.get(pk=body["id"])
-    assert Token.objects.get(user=driver.user).key == body["apiToken"]
+    stored = ApiToken.objects.get(user=driver.user)  # only its hash is kept
+    assert stored.digest == token_digest(body["apiToken"]) and body["apiToken"] not in (stored.digest, stored.prefix)
     # the token is not shown again
     again = ops.get(f"/v2/drivers/{body['id']}").json()
     assert "apiToken" not in again

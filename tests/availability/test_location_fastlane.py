@@ -20,9 +20,12 @@ from availability.models import Driver
 from common import hooks
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, delivery_group
+from common.models import ApiToken
 from common.redis import get_redis
+from common.tokens import api_token_create, api_token_issue, api_tokens_revoke
 from config.asgi import application
 from dispatch.models import Delivery
+from tests.api import token_for
 from tests.factories import (
     DeliveryFactory,
     DriverFactory,
@@ -57,7 +60,7 @@ def url(driver):
 
 
 def token(driver):
-    return driver.user.auth_token.key
+    return token_for(driver.user)
 
 
 def recorded(offset=1):
@@ -95,8 +98,8 @@ CASES = {
     "no token": lambda d: ({"lat": 12.9, "lon": 77.6}, None),
     "bad token": lambda d: ({"lat": 12.9, "lon": 77.6}, "not-a-token"),
     "another driver": lambda d: ({"lat": 12.9, "lon": 77.6}, token(DriverFactory())),
-    "ops": lambda d: ({"lat": 12.9, "lon": 77.6}, OpsUserFactory().auth_token.key),
-    "integration": lambda d: ({"lat": 12.9, "lon": 77.6}, IntegrationUserFactory().auth_token.key),
+    "ops": lambda d: ({"lat": 12.9, "lon": 77.6}, token_for(OpsUserFactory())),
+    "integration": lambda d: ({"lat": 12.9, "lon": 77.6}, token_for(IntegrationUserFactory())),
 }
 
 
@@ -192,12 +195,31 @@ def test_a_revoked_token_stops_working_at_once():
     driver = online_driver()
     key = token(driver)
     assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1)}, token=key).status_code == 200
-    assert get_redis().get(live.auth_key(driver.pk))  # the fast lane remembers the token
+    assert get_redis().smembers(live.auth_key(driver.pk))  # the fast lane remembers the token
 
-    driver.user.auth_token.delete()
-    hooks.login_revoked(driver.user)  # what the token and user admins call
+    api_tokens_revoke(driver.user)  # what logout and the token admin call (the cache is told)
     refused = post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(2)}, token=key)
     assert refused.status_code == 401
+
+
+def test_an_expired_token_is_refused_even_when_cached():
+    driver = online_driver()
+    key, api_token = api_token_issue(driver.user, ttl=timedelta(seconds=30))
+    assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1)}, token=key).status_code == 200
+    assert 0 < get_redis().ttl(live.auth_key(driver.pk)) <= 30  # never cached past its expiry
+
+    ApiToken.objects.filter(pk=api_token.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    get_redis().delete(live.auth_key(driver.pk))  # as the cache would have expired by now
+    refused = post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(2)}, token=key)
+    assert refused.status_code == 401
+
+
+def test_a_driver_with_two_tokens_may_use_both():
+    driver = online_driver()
+    first, second = token(driver), api_token_create(driver.user, name="second phone")
+    for n, key in enumerate([first, second, first, second], start=1):
+        assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(n)}, token=key).status_code == 200
+    assert len(get_redis().smembers(live.auth_key(driver.pk))) == 2
 
 
 def test_a_deactivated_login_stops_working_even_with_a_cached_token():

@@ -27,6 +27,7 @@ from escalation.api import views as escalation_views
 from tests.factories import OpsUserFactory
 from tests.wire import assert_error_body
 from tracking import selectors as tracking_selectors
+from tests.api import token_for
 
 KEY = {"HTTP_IDEMPOTENCY_KEY": "check-1"}
 
@@ -165,7 +166,7 @@ def asgi(method, path, token, **headers):
 
 @pytest.mark.django_db(transaction=True)
 def test_after_a_restart_dead_pooled_connections_are_replaced_not_handed_out(pooled):
-    token = OpsUserFactory().auth_token.key
+    token = token_for(OpsUserFactory())
     pooled(check=True)
     assert asgi("GET", "/v2/drivers", token).status_code == 200
     idle_before = connection.pool.get_stats()["pool_available"]
@@ -184,7 +185,7 @@ def test_after_a_restart_dead_pooled_connections_are_replaced_not_handed_out(poo
 def test_without_the_check_a_dead_pooled_connection_is_a_503_never_a_500(pooled):
     """What the check prevents (the issue's symptom), and that it is a 503 when it happens:
     from the idempotency middleware as from the view."""
-    token = OpsUserFactory().auth_token.key
+    token = token_for(OpsUserFactory())
     pooled(check=False)
     assert asgi("GET", "/v2/drivers", token).status_code == 200
 

@@ -30,7 +30,7 @@ from rest_framework.test import APIClient
 
 from common.parsers import MAX_DEPTH
 from config.asgi import application
-from tests.api import assert_error, client_for
+from tests.api import assert_error, client_for, token_for
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory
 from tests.wire import ERROR_KEYS
 
@@ -413,7 +413,7 @@ def test_hostile_location_fixes_through_the_asgi_app_are_refused_as_by_django():
     it as the walk above expects: the same answers whichever path a fix takes."""
     driver = DriverFactory()
     url = f"/v2/drivers/{driver.pk}/location"
-    headers = {"Authorization": f"Token {driver.user.auth_token.key}"}
+    headers = {"Authorization": f"Token {token_for(driver.user)}"}
     fix = {"lat": 12.98, "lon": 77.6}
     cases = [
         *asgi_cases(url, fix),
@@ -434,7 +434,7 @@ def test_hostile_location_fixes_through_the_asgi_app_are_refused_as_by_django():
 @pytest.mark.django_db(transaction=True)
 def test_hostile_requests_through_both_django_stacks_of_the_asgi_app():
     stacks = {
-        "lean (token)": ("/v2/deliveries", {"Authorization": f"Token {OpsUserFactory().auth_token.key}"}),
+        "lean (token)": ("/v2/deliveries", {"Authorization": f"Token {token_for(OpsUserFactory())}"}),
         "full (anonymous)": ("/v2/auth/token", {}),
     }
     failures = []

@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 from common.idempotency import MAX_KEY_LENGTH, purge_expired_idempotency_records
 from common.models import IdempotencyRecord
 from common.tasks import purge_idempotency_records
-from tests.api import client_for
+from tests.api import client_for, token_for
 from tests.factories import IntegrationUserFactory
 from tests.wire import MID_MINUTE, assert_error_body, deliveries_of, delivery_body, post_delivery, with_throttle_rates
 
@@ -131,7 +131,7 @@ def test_an_idempotency_key_of_exactly_255_characters_is_accepted(integration):
 def test_concurrent_requests_with_one_idempotency_key_create_exactly_one_delivery():
     # given four copies of one request, released at the same moment
     user = IntegrationUserFactory()
-    token = user.auth_token.key
+    token = token_for(user)
     n = 4
     barrier = threading.Barrier(n)
     results: list = [None] * n

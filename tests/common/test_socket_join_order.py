@@ -16,6 +16,7 @@ from common.broadcast import OPS_GROUP
 from config.asgi import application
 from escalation.events import SUPPORT_EVENTS_GROUP
 from tests.factories import OpsUserFactory, SupportUserFactory
+from tests.api import token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -50,12 +51,12 @@ def _first_event_after_open(path: str, group: str) -> dict:
 
 def test_the_support_socket_gets_an_event_sent_the_moment_it_opens(slow_group_add):
     agent = SupportUserFactory()
-    got = _first_event_after_open(f"/ws/support/?token={agent.auth_token.key}", SUPPORT_EVENTS_GROUP)
+    got = _first_event_after_open(f"/ws/support/?token={token_for(agent)}", SUPPORT_EVENTS_GROUP)
     assert got["ticketId"] == "probe"
 
 
 def test_the_ops_socket_gets_an_event_sent_the_moment_it_opens(slow_group_add):
     staff = OpsUserFactory()
-    got = _first_event_after_open(f"/ws/ops/?token={staff.auth_token.key}", OPS_GROUP)
+    got = _first_event_after_open(f"/ws/ops/?token={token_for(staff)}", OPS_GROUP)
     assert got["ticketId"] == "probe"
 

@@ -11,6 +11,7 @@ from channels.testing import WebsocketCommunicator
 
 from config.asgi import application
 from tests.factories import OpsUserFactory
+from tests.api import token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -19,7 +20,7 @@ SOCKETS = 60
 
 def test_a_storm_of_sockets_on_a_small_pool_connects_and_closes_without_errors(settings, caplog):
     settings.CHANNELS_REDIS_MAX_CONNECTIONS = 8  # far fewer than the sockets at once
-    token = OpsUserFactory().auth_token.key
+    token = token_for(OpsUserFactory())
 
     async def storm():
         comms = [WebsocketCommunicator(application, f"/ws/ops/?token={token}") for _ in range(SOCKETS)]

@@ -17,6 +17,7 @@ from workflows.deliveries import assignment_create, delivery_cancel, delivery_cr
 from tests.factories import DriverFactory, OpsUserFactory
 from tests.typecheck import assert_event_shape
 from tests.sockets import refusal
+from tests.api import token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,7 +37,7 @@ def test_staff_receive_delivery_events_after_commit(integration_user):
     actor = Actor.for_user(integration_user)
 
     async def scenario():
-        comm = connect(f"/ws/ops/?token={ops_user.auth_token.key}")
+        comm = connect(f"/ws/ops/?token={token_for(ops_user)}")
         connected, _ = await comm.connect()
         assert connected
 
@@ -92,7 +93,7 @@ def test_nothing_is_sent_when_the_transaction_rolls_back(integration_user):
             pass
 
     async def scenario():
-        comm = connect(f"/ws/ops/?token={ops_user.auth_token.key}")
+        comm = connect(f"/ws/ops/?token={token_for(ops_user)}")
         assert (await comm.connect())[0]
         await database_sync_to_async(create_then_fail)()
         assert await comm.receive_nothing(timeout=0.5)
@@ -106,7 +107,7 @@ def test_sockets_without_a_valid_token_close_4401_and_non_staff_4403(integration
         for path in ("/ws/ops/", "/ws/ops/?token=nope"):
             comm = connect(path)
             assert await refusal(comm) == 4401, path
-        comm = connect(f"/ws/ops/?token={integration_user.auth_token.key}")
+        comm = connect(f"/ws/ops/?token={token_for(integration_user)}")
         assert await refusal(comm) == 4403
 
     async_to_sync(scenario)()
@@ -116,9 +117,9 @@ def test_a_browser_from_a_foreign_origin_is_refused_but_an_allowed_origin_connec
     ops_user = OpsUserFactory()
 
     async def scenario():
-        bad = connect(f"/ws/ops/?token={ops_user.auth_token.key}", headers=[(b"origin", b"https://evil.example")])
+        bad = connect(f"/ws/ops/?token={token_for(ops_user)}", headers=[(b"origin", b"https://evil.example")])
         assert (await bad.connect())[0] is False
-        good = connect(f"/ws/ops/?token={ops_user.auth_token.key}", headers=[(b"origin", b"http://localhost")])
+        good = connect(f"/ws/ops/?token={token_for(ops_user)}", headers=[(b"origin", b"http://localhost")])
         assert (await good.connect())[0] is True
         await good.disconnect()
 
@@ -136,7 +137,7 @@ def test_every_event_type_reaches_ops_and_unknown_ones_do_not_break_the_socket()
     assert expected <= OpsConsumer.relays
 
     async def scenario():
-        comm = connect(f"/ws/ops/?token={ops_user.auth_token.key}")
+        comm = connect(f"/ws/ops/?token={token_for(ops_user)}")
         assert (await comm.connect())[0]
         await database_sync_to_async(send_now)(["ops"], {"type": "something_new", "x": 1})
         await database_sync_to_async(send_now)(["ops"], {"type": "driver_performance_updated", "driverId": "d"})

@@ -18,6 +18,7 @@ from workflows.escalations import escalation_check
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, SupportUserFactory
 from tests.typecheck import assert_event_shape
 from tests.sockets import refusal
+from tests.api import token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,8 +41,8 @@ def test_ops_and_support_sockets_get_the_escalation_and_ticket_events():
     delivery = stuck_delivery_ready_for(6)
 
     async def scenario():
-        ops = WebsocketCommunicator(application, f"/ws/ops/?token={staff.auth_token.key}")
-        support = WebsocketCommunicator(application, f"/ws/support/?token={agent.auth_token.key}")
+        ops = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(staff)}")
+        support = WebsocketCommunicator(application, f"/ws/support/?token={token_for(agent)}")
         assert (await ops.connect())[0] and (await support.connect())[0]
 
         await database_sync_to_async(escalation_check)()
@@ -75,17 +76,17 @@ def test_the_support_socket_is_for_support_agents_and_staff_only():
         anon = WebsocketCommunicator(application, "/ws/support/")
         assert await refusal(anon) == 4401
 
-        as_driver = WebsocketCommunicator(application, f"/ws/support/?token={driver.user.auth_token.key}")
+        as_driver = WebsocketCommunicator(application, f"/ws/support/?token={token_for(driver.user)}")
         assert await refusal(as_driver) == 4403
 
-        as_staff = WebsocketCommunicator(application, f"/ws/support/?token={staff.auth_token.key}")
+        as_staff = WebsocketCommunicator(application, f"/ws/support/?token={token_for(staff)}")
         connected, _ = await as_staff.connect()
         assert connected
         await as_staff.disconnect()
 
         # a support agent without staff may not use the ops socket
         agent = await database_sync_to_async(SupportUserFactory)()
-        ops = WebsocketCommunicator(application, f"/ws/ops/?token={agent.auth_token.key}")
+        ops = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(agent)}")
         assert await refusal(ops) == 4403
 
     async_to_sync(scenario)()

@@ -16,6 +16,7 @@ from tests.browser import chrome_options
 from tests.factories import DeliveryFactory, DriverFactory, km_north
 from tests.processes import free_port, subprocess_database_url
 from tests.tracking_fixtures import delivery_in
+from tests.api import token_for
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -160,7 +161,7 @@ def test_in_a_browser_the_page_renders_and_moves_the_driver_when_a_fix_arrives(u
     new = km_north(-1.5)
     response = httpx.post(
         f"{base}/v2/drivers/{driver.pk}/location", json={"lat": new.y, "lon": new.x, "accuracyMeters": 7},
-        headers={"Authorization": f"Token {driver.user.auth_token.key}"}, timeout=10,
+        headers={"Authorization": f"Token {token_for(driver.user)}"}, timeout=10,
     )
     assert response.status_code == 200 and response.json()["accepted"], response.text
 
@@ -173,7 +174,7 @@ def test_in_a_browser_the_page_renders_and_moves_the_driver_when_a_fix_arrives(u
     log = log_path.read_text()
     assert "/ws/track/" in log  # uvicorn logged the socket, ...
     assert delivery.tracking_token not in log  # ... without its token
-    assert driver.user.auth_token.key not in log
+    assert token_for(driver.user) not in log
 
 
 @pytest.mark.django_db

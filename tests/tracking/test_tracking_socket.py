@@ -17,7 +17,7 @@ from tracking.events import DeliveryEtaUpdatedEvent, DeliveryLocationUpdatedEven
 from workflows.deliveries import assignment_create, delivery_advance, delivery_cancel
 from workflows.drivers import driver_location_record
 from tracking.selectors import DeliverySnapshotMessage, DeliveryStatusUpdatedMessage
-from tests.api import client_for
+from tests.api import client_for, token_for
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, km_north
 from tests.typecheck import assert_event_shape
 from tests.sockets import refusal
@@ -175,7 +175,7 @@ def test_ops_get_the_eta_events_and_the_position_digest_not_one_message_per_fix(
     ops_user = OpsUserFactory()
 
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/ops/?token={ops_user.auth_token.key}")
+        comm = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}")
         assert (await comm.connect())[0]
         await database_sync_to_async(driver_location_record)(
             driver_id=driver.pk, lat=12.96, lon=77.59, recorded_at=timezone.now() + timedelta(seconds=1)

@@ -44,6 +44,7 @@ from audit.models import DeliveryAuditLog
 from config.celery import app as celery_app
 from dispatch.models import Delivery
 from offers.models import DriverOffer
+from tests.api import token_for
 from tests.factories import (
     CITY,
     DeliveryFactory,
@@ -57,7 +58,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def client_for(user):
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {user.auth_token.key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token_for(user)}")
     return client
 
 

@@ -13,7 +13,7 @@ from django.db import connection, transaction
 
 from common.redis import get_redis
 from config.asgi import application
-from tests.api import assert_error
+from tests.api import assert_error, token_for
 from tests.concurrency import race
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory
 from tests.typecheck import assert_event_shape
@@ -348,7 +348,7 @@ def test_the_ops_socket_relays_zone_health_updates():
     async def scenario():
         from channels.db import database_sync_to_async
 
-        comm = WebsocketCommunicator(application, f"/ws/ops/?token={ops_user.auth_token.key}")
+        comm = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}")
         assert (await comm.connect())[0]
         await database_sync_to_async(zone_health_refresh)(now=NOW, zone_ids=[zone.pk])
         event = await comm.receive_json_from(timeout=5)

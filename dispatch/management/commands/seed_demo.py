@@ -11,12 +11,12 @@ from django.contrib.gis.geos import Point
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 
 from availability.models import Driver, DriverAvailability
 from availability.services import driver_create, driver_location_update
 from common.actors import Actor
 from common.roles import INTEGRATIONS_GROUP, SUPPORT_GROUP
+from common.tokens import api_token_create, api_tokens_revoke
 from dispatch import services
 from dispatch.models import Delivery
 from workflows.deliveries import delivery_create
@@ -41,6 +41,13 @@ def near(lat, lon, km, rng):
     return Point(lon + rng.uniform(-d, d) / math.cos(math.radians(lat)), lat + rng.uniform(-d, d), srid=4326)
 
 
+def demo_token(user) -> str:
+    """A fresh demo token (tokens are stored hashed, so the last run's cannot be shown
+    again): the previous demo token of `user` is revoked."""
+    api_tokens_revoke(user, name="demo")
+    return api_token_create(user, name="demo")
+
+
 class Command(BaseCommand):
     help = "Load demo data (idempotent)."
 
@@ -55,7 +62,7 @@ class Command(BaseCommand):
         ops.is_staff = ops.is_superuser = True
         ops.set_password(settings.DEMO_OPS_PASSWORD)
         ops.save()
-        ops_token, _ = Token.objects.get_or_create(user=ops)
+        ops_token = demo_token(ops)
 
         agent, _ = User.objects.get_or_create(username="support", defaults={"email": "support@example.com"})
         agent.set_password(settings.DEMO_OPS_PASSWORD)
@@ -66,7 +73,7 @@ class Command(BaseCommand):
         market.set_unusable_password()
         market.save()
         market.groups.add(integrations)
-        market_token, _ = Token.objects.get_or_create(user=market)
+        market_token = demo_token(market)
 
         driver_tokens = []
         for i, (name, vehicle, vtype) in enumerate(DRIVERS):
@@ -78,7 +85,7 @@ class Command(BaseCommand):
                     home_location=near(*CITY, 6, rng),
                 )
             else:
-                key = Token.objects.get_or_create(user=driver.user)[0].key
+                key = demo_token(driver.user)
             fix = near(*CITY, 3, rng)
             driver_location_update(
                 driver_id=driver.pk, lat=fix.y, lon=fix.x, accuracy_m=15, recorded_at=timezone.now()
@@ -107,9 +114,9 @@ class Command(BaseCommand):
 
         out = self.stdout.write
         out("Demo data ready.")
-        out(f"  ops console login:   ops / {settings.DEMO_OPS_PASSWORD}   (API token {ops_token.key})")
+        out(f"  ops console login:   ops / {settings.DEMO_OPS_PASSWORD}   (API token {ops_token})")
         out(f"  support agent login: support / {settings.DEMO_OPS_PASSWORD}")
-        out(f"  integration token:   {market_token.key}   (user 'marketplace')")
+        out(f"  integration token:   {market_token}   (user 'marketplace')")
         out("  drivers (name, id, API token):")
         for name, pk, key in driver_tokens[:5]:
             out(f"    {name:16} {pk} {key}")
