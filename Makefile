@@ -3,7 +3,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 PY := .venv/bin/python
 
-.PHONY: setup migrate run test clean
+.PHONY: setup migrate run test clean cluster cluster-stop cluster-status
 
 setup:
 	bash scripts/setup.sh
@@ -25,6 +25,19 @@ run: migrate
 	PORT=$(PORT) HOST=$${HOST:-127.0.0.1} WEB_CONCURRENCY=$${WEB_CONCURRENCY:-2} \
 		CELERY_CONCURRENCY=$${CELERY_CONCURRENCY:-2} PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus/$(PORT) \
 		exec supervisord -n -c deploy/supervisord.conf
+
+# The local multi-node run: HAProxy :8080 → two web instances (:8101, :8102), PgBouncer :6433
+# (transaction mode) → PostgreSQL, two workers, beat, fixes (docs/operations.md). It migrates and
+# seeds like `run`, then runs in the foreground (Ctrl-C stops it; DETACH=1: in the background,
+# `make cluster-stop` stops it). Running it again while it runs changes nothing.
+cluster: setup
+	bash scripts/cluster.sh start $(if $(DETACH),--detach)
+
+cluster-stop:
+	bash scripts/cluster.sh stop
+
+cluster-status:
+	bash scripts/cluster.sh status
 
 # pytest-django creates its own test database, so no migrate here. The import contracts
 # (.importlinter, docs/architecture.md) are checked first: a broken layer fails the run.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare this machine for running and testing the project (Debian 12, run as root):
 #   1. system packages (PostgreSQL 15 + PostGIS, GDAL/GEOS/PROJ, Redis, supervisor for
-#      `make run`, Python build deps, Chromium + chromedriver for the headless browser test)
+#      `make run`, HAProxy + PgBouncer for `make cluster`, Python build deps, Chromium +
+#      chromedriver for the headless browser test)
 #   2. a running PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379
 #   3. the local `dispatch` role and database with PostGIS
 #   4. the virtualenv in .venv with requirements.txt installed
@@ -22,6 +23,7 @@ APT_PACKAGES=(
   gdal-bin libgdal-dev libgeos-dev libproj-dev binutils
   redis-server
   supervisor
+  haproxy pgbouncer
   python3-venv python3-dev build-essential libpq-dev
   chromium chromium-driver
 )
