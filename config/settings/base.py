@@ -180,6 +180,8 @@ CHANNELS_REDIS_POOL_TIMEOUT = env.float("CHANNELS_REDIS_POOL_TIMEOUT", default=1
 # Celery
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL)
+# Idle connections a pool keeps after a burst; beyond this they are closed as they come back.
+CHANNELS_REDIS_MAX_IDLE = env.int("CHANNELS_REDIS_MAX_IDLE", default=16)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

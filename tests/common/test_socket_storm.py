@@ -40,3 +40,40 @@ def test_a_storm_of_sockets_on_a_small_pool_connects_and_closes_without_errors(s
     assert len(received) == SOCKETS
     assert opened <= 8  # the storm reused the pool's connections
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "MaxConnections" in r.getMessage()]
+
+
+def test_after_a_storm_the_pool_keeps_only_its_idle_cap_open(settings):
+    """Redis's connection count returns to its baseline when the storm ends: the pool closes
+    what it holds idle beyond CHANNELS_REDIS_MAX_IDLE (Redis's own CLIENT LIST is the judge)."""
+    from common.redis import get_redis
+
+    settings.CHANNELS_REDIS_MAX_CONNECTIONS = 40
+    settings.CHANNELS_REDIS_MAX_IDLE = 3
+    token = token_for(OpsUserFactory())
+    name = "storm-pool-test"
+
+    def ours() -> int:
+        return sum(1 for c in get_redis().client_list() if c.get("name") == name)
+
+    async def storm():
+        layer = get_channel_layer()
+        comms = [WebsocketCommunicator(application, f"/ws/ops/?token={token}") for _ in range(SOCKETS)]
+        await asyncio.gather(*(c.connect(timeout=30) for c in comms))
+        pool = layer._layers[asyncio.get_running_loop()].get_connection(0).connection_pool
+        pool.connection_kwargs["client_name"] = name  # new connections name themselves
+        for conn in pool._available_connections:  # and the ones already open are closed
+            await conn.disconnect()
+        pool._available_connections.clear()
+        held = []
+        for _ in range(12):  # a burst: 12 connections in use at once, named
+            held.append(await pool.get_connection())
+        peak = ours()
+        for conn in held:
+            await pool.release(conn)
+        await asyncio.gather(*(c.disconnect(timeout=30) for c in comms))
+        return peak, ours(), len(pool._available_connections)
+
+    peak, after, idle = async_to_sync(storm)()
+
+    assert peak >= 12
+    assert after <= 3 and idle <= 3
