@@ -29,6 +29,7 @@ api = [
     ),
     path("deliveries", dispatch_views.DeliveryListCreateView.as_view(), name="deliveries"),
     path("deliveries/<uuid:delivery_id>", dispatch_views.DeliveryDetailView.as_view(), name="delivery-detail"),
+    path("deliveries/<uuid:delivery_id>/assignments", dispatch_views.DeliveryAssignmentsView.as_view(), name="delivery-assignments"),
     path("deliveries/<uuid:delivery_id>/offers", offer_views.DeliveryOffersView.as_view(), name="delivery-offers"),
     path("deliveries/<uuid:delivery_id>/dispatch", offer_views.DispatchView.as_view(), name="delivery-dispatch"),
     path("deliveries/<uuid:delivery_id>/reassign", offer_views.ReassignView.as_view(), name="delivery-reassign"),

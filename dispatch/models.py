@@ -114,10 +114,21 @@ class AssignmentStatus(models.TextChoices):
     CANCELLED = "cancelled"
 
 
+class AssignmentEndReason(models.TextChoices):
+    """Why an assignment ended, as the assignment record shows it (`GET /v2/deliveries/{id}/assignments`)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REASSIGNED = "reassigned"
+    CANCELLED = "cancelled"
+
+
 class Assignment(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     delivery = models.ForeignKey(Delivery, on_delete=models.PROTECT, related_name="assignments")
     driver = models.ForeignKey("availability.Driver", on_delete=models.PROTECT, related_name="assignments")
+    # The offer the driver accepted; null when ops assigned the driver directly.
+    offer = models.ForeignKey("offers.DriverOffer", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     status = models.CharField(max_length=20, choices=AssignmentStatus.choices, default=AssignmentStatus.ACTIVE)
     created_at = models.DateTimeField(auto_now_add=True)
     ended_at = models.DateTimeField(null=True, blank=True)
@@ -136,3 +147,16 @@ class Assignment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.driver} → {self.delivery} ({self.status})"
+
+    @property
+    def ended_because(self) -> str | None:
+        """completed, failed, reassigned (ops took the delivery away) or cancelled (the delivery
+        was); None while active."""
+        if self.status == AssignmentStatus.ACTIVE:
+            return None
+        if self.status == AssignmentStatus.CANCELLED and self.end_reason == "reassigned":
+            return AssignmentEndReason.REASSIGNED
+        return {
+            AssignmentStatus.COMPLETED: AssignmentEndReason.COMPLETED,
+            AssignmentStatus.FAILED: AssignmentEndReason.FAILED,
+        }.get(self.status, AssignmentEndReason.CANCELLED)

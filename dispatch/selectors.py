@@ -4,15 +4,18 @@ from django.db.models import Prefetch, QuerySet
 
 from common.exceptions import NotFound
 from common.roles import driver_of, is_integration, is_ops
-from dispatch.models import Assignment, AssignmentStatus, Delivery
+from dispatch.models import Assignment, Delivery
 
 
-def _with_active_assignment(qs: QuerySet) -> QuerySet:
+def _with_latest_assignment(qs: QuerySet) -> QuerySet:
+    """Each delivery's latest assignment as `latest_assignments` (a list of at most one): the
+    active one while there is one (a new assignment starts only after the last one ended), else
+    the one a finished delivery ended with. One query for the whole page."""
     return qs.prefetch_related(
         Prefetch(
             "assignments",
-            queryset=Assignment.objects.filter(status=AssignmentStatus.ACTIVE),
-            to_attr="active_assignments",
+            queryset=Assignment.objects.order_by("-created_at", "-id")[:1],
+            to_attr="latest_assignments",
         )
     )
 
@@ -28,7 +31,7 @@ def deliveries_visible_to(user) -> QuerySet[Delivery]:
         qs = qs.filter(assignments__driver=driver).distinct()
     else:
         qs = qs.none()
-    return _with_active_assignment(qs)
+    return _with_latest_assignment(qs)
 
 
 def delivery_get_for_user(*, user, delivery_id) -> Delivery:
@@ -44,4 +47,22 @@ def deliveries_list(*, user, status: str | None = None, seller_order_id: str | N
         qs = qs.filter(status=status)
     if seller_order_id:
         qs = qs.filter(seller_order_id=seller_order_id)
+    return qs
+
+
+def assignments_for_user(*, user, delivery_id) -> QuerySet[Assignment]:
+    """The delivery's assignment record, oldest first: every assignment for ops and the owning
+    integration, a driver's own only (a driver who never had it, or anyone else: NotFound)."""
+    qs = Assignment.objects.filter(delivery_id=delivery_id).order_by("created_at", "id")
+    if is_ops(user):
+        found = Delivery.objects.filter(pk=delivery_id).exists()
+    elif is_integration(user):
+        found = Delivery.objects.filter(pk=delivery_id, created_by=user).exists()
+    elif (driver := driver_of(user)) is not None:
+        qs = qs.filter(driver=driver)
+        found = qs.exists()
+    else:
+        found = False
+    if not found:
+        raise NotFound("Delivery not found.")
     return qs

@@ -83,17 +83,18 @@ def delivery_emit_status(delivery: Delivery, *, from_status: str, driver_id, now
 
 def assignment_start_locked(
     delivery: Delivery, driver: Driver, *, actor: Actor, now: datetime, details: dict | None = None,
-    also_save: tuple[str, ...] = (),
+    also_save: tuple[str, ...] = (), offer=None,
 ) -> Assignment:
     """Assign a ready delivery to an available driver, who becomes busy. The caller holds the
     delivery's and the driver's locks. The partial unique constraints (one active assignment
     per delivery and per driver) have the last word; the loser gets a Conflict. `also_save`:
-    delivery fields the caller changed on the locked row, written in the same UPDATE."""
+    delivery fields the caller changed on the locked row, written in the same UPDATE. `offer`:
+    the offer the driver accepted (none when ops assign directly)."""
     if delivery.status != S.READY:
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be assigned.")
     if driver.availability != DriverAvailability.AVAILABLE:
         raise Conflict(f"Driver {driver.pk} is not available for assignment (currently {driver.availability}).")
-    assignment = Assignment(delivery=delivery, driver=driver, status=AssignmentStatus.ACTIVE)
+    assignment = Assignment(delivery=delivery, driver=driver, offer=offer, status=AssignmentStatus.ACTIVE)
     if not insert_unless_conflict(assignment):
         raise Conflict("The delivery or the driver already has an active assignment.")
     apply_availability_change(driver, to_state=DriverAvailability.BUSY, reason="assigned", actor=actor, now=now)
@@ -210,7 +211,7 @@ def delivery_step_quick(*, delivery_id, driver_id, step: str, actor: Actor, now:
     """Apply a step that is not the last one (pickup-started, pickup-completed,
     delivery-started) by the driver's active assignment in one statement: the same row,
     audit row and result as `delivery_step_apply` under the workflow's locks. Returns the
-    delivery as written (with `active_assignments`) and the status it came from; None when the
+    delivery as written (with `latest_assignments`) and the status it came from; None when the
     step does not apply as asked (unknown delivery, not this driver's, out of order), for the
     caller to take the full path."""
     if step not in STEPS or step in FINISHING_STEPS:
@@ -229,7 +230,7 @@ def delivery_step_quick(*, delivery_id, driver_id, step: str, actor: Actor, now:
     if not rows:
         return None
     (delivery,) = rows
-    delivery.active_assignments = [
+    delivery.latest_assignments = [
         Assignment(pk=delivery.step_assignment_id, delivery_id=delivery.pk, driver_id=driver_id, status=AssignmentStatus.ACTIVE)
     ]
     return delivery, from_status

@@ -33,7 +33,7 @@ def delivery_create(
     is offered in the same transaction (or the delivery is recorded as unassigned); without
     it, ops offer it, and no automatic offer is ever made for it (`dispatch_next_locked`).
 
-    Returns the row as written (no active assignment: `active_assignments` is set), ready to
+    Returns the row as written (no assignment yet: `latest_assignments` is set), ready to
     render without reading it again."""
     now = now or timezone.now()
     delivery = deliveries.delivery_insert(
@@ -43,7 +43,7 @@ def delivery_create(
     if auto_dispatch:
         # A new row: nobody else can hold it, and it has no offer yet.
         dispatch_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
-    delivery.active_assignments = []
+    delivery.latest_assignments = []
     return delivery
 
 
@@ -120,7 +120,7 @@ def delivery_advance(
     The last step (completed or failed) ends the assignment, frees the driver and records
     the delivery's economics and the driver's performance.
 
-    Returns the row as written, with `active_assignments` set, ready to render without
+    Returns the row as written, with `latest_assignments` set, ready to render without
     reading it again. A step that only moves the delivery on (not the last) is first tried as
     one statement (`delivery_step_quick`); when that cannot apply it, the full path below
     decides (and raises the NotFound or Conflict)."""
@@ -156,7 +156,7 @@ def _delivery_advance_locked(*, delivery_id, driver_id, step: str, actor: Actor,
         )
         cost, _ = economics_record(delivery=delivery, now=now)
         performance_delivery_finished(driver_id=driver_id, delivery=delivery, earning=cost.driver_payment, now=now)
-    delivery.active_assignments = [] if finishing else [assignment]
+    delivery.latest_assignments = [assignment]  # ended by the last step: a finished delivery keeps it
     _after_step(delivery, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
     return delivery
 

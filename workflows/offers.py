@@ -73,7 +73,7 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
             response_ms = offers.offer_mark_accepted(offer, delivery=delivery, actor=actor, now=now)
             assignment = assignment_start_locked(
                 delivery, driver, actor=actor, now=now, details={"offerId": str(offer.pk)},
-                also_save=offers.ACCEPTED_OFFER_FIELDS,
+                also_save=offers.ACCEPTED_OFFER_FIELDS, offer=offer,
             )
             unassigned_resolve(delivery=delivery, now=now)
             performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)

@@ -7,7 +7,9 @@ from rest_framework import serializers
 from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
 from common.fields import NullablePointField, MoneyField, PointField, StrictBooleanField, StrictCharField, StrictIntegerField, StrictRegexField
-from dispatch.models import Delivery, DeliveryStatus
+from dispatch.models import Assignment, AssignmentEndReason, AssignmentStatus, Delivery, DeliveryStatus
+
+FINISHED_DELIVERY_STATUSES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
 
 PHONE_RE = re.compile(r"^\+?[0-9 ()\-.]{4,32}$")
 
@@ -120,8 +122,11 @@ class DeliverySerializer(serializers.ModelSerializer):
     prepTimeMinutes = serializers.IntegerField(source="prep_time_minutes")
     deliveryFee = serializers.DecimalField(source="delivery_fee", max_digits=10, decimal_places=2, allow_null=True)
     zoneId = serializers.SerializerMethodField()
-    driverId = serializers.SerializerMethodField()
-    assignmentId = serializers.SerializerMethodField()
+    driverId = serializers.SerializerMethodField(
+        help_text="The driver of the active assignment; for a delivered, failed or cancelled delivery, of the "
+        "assignment it ended with. null while it waits for a driver.",
+    )
+    assignmentId = serializers.SerializerMethodField(help_text="The assignment behind driverId (same rule).")
     trackingUrl = serializers.SerializerMethodField()
     offerAcceptanceCount = serializers.IntegerField(source="offer_acceptance_count")
     currentOfferId = serializers.UUIDField(source="current_offer_id", allow_null=True)
@@ -157,28 +162,41 @@ class DeliverySerializer(serializers.ModelSerializer):
         data = super().to_representation(obj)
         viewer = self.context.get("viewing_driver_id")
         if viewer is not None:
-            active = self._active(obj)
-            if active is None or active.driver_id != viewer:
-                data.update(self.CUSTOMER_FIELDS)  # a past job: the delivery stays in the history, its customer does not
+            shown = self._shown(obj)
+            if shown is None or shown.driver_id != viewer:  # someone else's assignment (or none)
                 data["driverId"] = data["assignmentId"] = None
+            if shown is None or shown.driver_id != viewer or shown.status != AssignmentStatus.ACTIVE:
+                data.update(self.CUSTOMER_FIELDS)  # a past job: the delivery stays in the history, its customer does not
         return data
 
-    def _active(self, obj):
-        active = getattr(obj, "active_assignments", None)
-        if active is None:
-            active = list(obj.assignments.filter(status="active"))
-        return active[0] if active else None
+    def _latest(self, obj):
+        latest = getattr(obj, "latest_assignments", None)
+        if latest is None:
+            latest = list(obj.assignments.order_by("-created_at", "-id")[:1])
+            obj.latest_assignments = latest
+        return latest[0] if latest else None
+
+    def _shown(self, obj):
+        """The assignment behind `driverId`/`assignmentId`: the active one, or the one a
+        finished delivery (delivered, failed, cancelled while assigned) ended with. Not one ops
+        took away (reassigned): that delivery waits for a driver."""
+        latest = self._latest(obj)
+        if latest is None or latest.status == AssignmentStatus.ACTIVE:
+            return latest
+        if obj.status in FINISHED_DELIVERY_STATUSES and latest.end_reason != "reassigned":
+            return latest
+        return None
 
     def get_zoneId(self, obj) -> serializers.UUIDField(allow_null=True):  # type: ignore[valid-type]
         zone_id = getattr(obj, "zone_id", None)
         return str(zone_id) if zone_id else None
 
     def get_driverId(self, obj) -> serializers.UUIDField(allow_null=True):  # type: ignore[valid-type]
-        a = self._active(obj)
+        a = self._shown(obj)
         return str(a.driver_id) if a else None
 
     def get_assignmentId(self, obj) -> serializers.UUIDField(allow_null=True):  # type: ignore[valid-type]
-        a = self._active(obj)
+        a = self._shown(obj)
         return str(a.pk) if a else None
 
     def get_trackingUrl(self, obj) -> serializers.URLField(allow_null=True):  # type: ignore[valid-type]
@@ -211,3 +229,21 @@ class AuditEventSerializer(serializers.Serializer):
 
 class AuditQuerySerializer(serializers.Serializer):
     eventType = serializers.ChoiceField(choices=AuditEventType.choices, required=False)
+
+
+class AssignmentSerializer(serializers.ModelSerializer):
+    deliveryId = serializers.UUIDField(source="delivery_id")
+    driverId = serializers.UUIDField(source="driver_id")
+    offerId = serializers.UUIDField(source="offer_id", allow_null=True, help_text="null when ops assigned the driver directly")
+    status = serializers.ChoiceField(choices=AssignmentStatus.choices)
+    startedAt = serializers.DateTimeField(source="created_at")
+    endedAt = serializers.DateTimeField(source="ended_at", allow_null=True)
+    endReason = serializers.ChoiceField(
+        source="ended_because", choices=AssignmentEndReason.choices, allow_null=True,
+        help_text="Why it ended: completed, failed, reassigned (ops took the delivery away) or cancelled "
+        "(the delivery was). null while active.",
+    )
+
+    class Meta:
+        model = Assignment
+        fields = ["id", "deliveryId", "driverId", "offerId", "status", "startedAt", "endedAt", "endReason"]

@@ -136,6 +136,24 @@ class DeliveryDetailView(APIView):
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
 
 
+class DeliveryAssignmentsView(APIView):
+    """`GET /v2/deliveries/{id}/assignments`: the delivery's assignment record, oldest first."""
+
+    permission_classes = [IsOpsIntegrationOrDriver]
+
+    @extend_schema(
+        operation_id="deliveries_assignments",
+        parameters=PAGE_PARAMETERS,
+        responses={200: paginated_schema("DeliveryAssignmentPage", "assignments", s.AssignmentSerializer), **errors(400, 404)},
+        tags=["deliveries"],
+        description="Every assignment of the delivery, oldest first: ops and the owning integration see all; "
+        "a driver sees only its own (404 for a delivery it never had).",
+    )
+    def get(self, request, delivery_id):
+        qs = selectors.assignments_for_user(user=request.user, delivery_id=delivery_id)
+        return paginate(request, qs, s.AssignmentSerializer, key="assignments", ordering=("created_at", "id"))
+
+
 class DeliveryCancelView(APIView):
     permission_classes = [IsOpsOrIntegration]
 
