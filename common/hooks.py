@@ -16,3 +16,19 @@ def on_login_revoked(handler: Callable[[object], None]) -> None:
 def login_revoked(user) -> None:
     for handler in _login_revoked:
         handler(user)
+
+
+_event_emitted: list[Callable[[dict], None]] = []
+
+
+def on_event_emitted(handler: Callable[[dict], None]) -> None:
+    """`handler(event)` runs for every live event a service emits (`broadcast_on_commit`), at
+    the moment it is emitted: inside the emitting transaction, so what it writes commits or
+    rolls back with the change (the webhook outbox)."""
+    if handler not in _event_emitted:
+        _event_emitted.append(handler)
+
+
+def event_emitted(event: dict) -> None:
+    for handler in _event_emitted:
+        handler(event)
