@@ -53,6 +53,19 @@ class StrictRegexField(_JsonTyped, serializers.RegexField):
     expected = "string"
 
 
+class StrictChoiceField(_JsonTyped, serializers.ChoiceField):
+    """One of the choices, given as a JSON string (12 is not "12")."""
+
+    json_types = (str,)
+    expected = "string"
+
+
+@extend_schema_field({"type": "string", "format": "uri"})
+class StrictUrlStringField(StrictCharField):
+    """A URL as a JSON string; the service that stores it checks its form (DRF's URLField
+    would refuse host names without a dot, which an intranet or test host may have)."""
+
+
 class StrictUUIDField(_JsonTyped, serializers.UUIDField):
     json_types = (str,)
     expected = "UUID string"

@@ -8,6 +8,7 @@ from availability.api import views as availability_views
 from common.views import AuthTokenView, health, jobs, live, prometheus_metrics, ready
 from dispatch.api import views as dispatch_views
 from escalation.api import views as escalation_views
+from notifications.api import views as webhook_views
 from offers.api import views as offer_views
 from tracking.api import views as tracking_views
 from zones.api import views as zone_views
@@ -65,6 +66,11 @@ api = [
         zone_views.DriverZonePreferencesView.as_view(),
         name="driver-zone-preferences",
     ),
+    path("webhooks", webhook_views.WebhookListCreateView.as_view(), name="webhooks"),
+    path("webhooks/<uuid:webhook_id>", webhook_views.WebhookDetailView.as_view(), name="webhook-detail"),
+    path("webhooks/<uuid:webhook_id>/rotate-secret", webhook_views.WebhookRotateSecretView.as_view(), name="webhook-rotate-secret"),
+    path("webhooks/<uuid:webhook_id>/test", webhook_views.WebhookTestView.as_view(), name="webhook-test"),
+    path("webhooks/<uuid:webhook_id>/attempts", webhook_views.WebhookAttemptsView.as_view(), name="webhook-attempts"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]

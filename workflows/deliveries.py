@@ -128,10 +128,13 @@ def delivery_advance(
         raise NotFound("Unknown step.")
     now = now or timezone.now()
     if step not in deliveries.FINISHING_STEPS and not reason:
-        quick = deliveries.delivery_step_quick(delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, now=now)
+        # A transaction of its own, for the webhook outbox rows of the change (written with it)
+        with unit_of_work():
+            quick = deliveries.delivery_step_quick(delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, now=now)
+            if quick is not None:
+                delivery, from_status = quick
+                _after_step(delivery, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
         if quick is not None:
-            delivery, from_status = quick
-            _after_step(delivery, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
             return delivery
     return _delivery_advance_locked(
         delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, reason=reason, now=now

@@ -1,5 +1,6 @@
 """The transaction of a workflow: one atomic block whose audit rows are written by one INSERT
-before commit (`audit_buffer`) and whose live events go out together after commit
+before commit (`audit_buffer`), whose webhook outbox rows likewise (`outbox_buffer`: one
+SELECT of the deliveries, one INSERT) and whose live events go out together after commit
 (`broadcast_batch`)."""
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from django.db import transaction
 from audit.services import audit_buffer
 from common.broadcast import broadcast_batch, enqueue_task_on_commit
 from common.errors import iso
+from notifications.outbox import outbox_buffer
 
 
 @contextmanager
 def unit_of_work():
     """`with unit_of_work():` or `@unit_of_work()` in place of `transaction.atomic`."""
-    with transaction.atomic(), broadcast_batch(), audit_buffer():
+    with transaction.atomic(), broadcast_batch(), audit_buffer(), outbox_buffer():
         yield
 
 

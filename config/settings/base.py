@@ -36,6 +36,7 @@ INSTALLED_APPS = [
     "tracking",
     "leaflet",
     "analytics",
+    "notifications",
 ]
 
 MIDDLEWARE = [
@@ -373,3 +374,25 @@ SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"].update({
 CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
     {"address": REDIS_URL, "socket_timeout": env.float("CHANNELS_REDIS_SOCKET_TIMEOUT", default=15.0)}
 ]
+
+# Telling the people outside (docs/notifications.md): signed webhooks to merchants from a
+# transactional outbox, and ops alerts by chat.
+# Loopback, private and link-local webhook targets are refused (SSRF), checked at send time
+# against the resolved address; true only for development and tests.
+WEBHOOK_ALLOW_PRIVATE_TARGETS = env.bool("WEBHOOK_ALLOW_PRIVATE_TARGETS", default=False)
+WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=10.0)
+# Retries with exponential backoff and jitter from BASE up to MAX_DELAY between attempts, for
+# the retry window (24 h); an endpoint failing that long is disabled and ops are alerted.
+WEBHOOK_RETRY_BASE_SECONDS = env.float("WEBHOOK_RETRY_BASE_SECONDS", default=10.0)
+WEBHOOK_RETRY_MAX_DELAY_SECONDS = env.float("WEBHOOK_RETRY_MAX_DELAY_SECONDS", default=2 * 3600.0)
+WEBHOOK_RETRY_WINDOW_SECONDS = env.int("WEBHOOK_RETRY_WINDOW_SECONDS", default=24 * 3600)
+WEBHOOK_DISABLE_AFTER_SECONDS = env.int("WEBHOOK_DISABLE_AFTER_SECONDS", default=24 * 3600)
+# After a rotation the old secret signs too for this long.
+WEBHOOK_SECRET_OVERLAP_SECONDS = env.int("WEBHOOK_SECRET_OVERLAP_SECONDS", default=24 * 3600)
+# At most one delivery.eta_updated per delivery in this interval.
+WEBHOOK_ETA_MIN_INTERVAL_SECONDS = env.float("WEBHOOK_ETA_MIN_INTERVAL_SECONDS", default=60.0)
+# One send task stops taking new messages after this long (below the task time limit).
+WEBHOOK_SEND_BUDGET_SECONDS = env.float("WEBHOOK_SEND_BUDGET_SECONDS", default=30.0)
+WEBHOOK_RETENTION_DAYS = env.int("WEBHOOK_RETENTION_DAYS", default=14)
+# A Slack-compatible incoming webhook for ops alerts (escalations, disabled endpoints); empty: none.
+OPS_ALERT_CHAT_WEBHOOK_URL = env("OPS_ALERT_CHAT_WEBHOOK_URL", default="")

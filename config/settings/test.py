@@ -32,3 +32,6 @@ if env("TEST_DB_NAME", default=""):
 # the not-yet-collected STATIC_ROOT.
 WHITENOISE_USE_FINDERS = True
 STATIC_ROOT.mkdir(exist_ok=True)  # noqa: F405
+
+# The webhook tests' receivers listen on 127.0.0.1 (the SSRF tests switch this off).
+WEBHOOK_ALLOW_PRIVATE_TARGETS = True

@@ -30,6 +30,7 @@ from rest_framework.test import APIClient
 
 from common.parsers import MAX_DEPTH
 from config.asgi import application
+from notifications.services import endpoint_create
 from tests.api import assert_error, client_for, token_for
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory
 from tests.wire import ERROR_KEYS
@@ -95,6 +96,8 @@ def example(node: dict, name: str = ""):
         return False
     if node.get("format") == "uuid":
         return str(uuid.uuid4())
+    if node.get("format") == "uri":
+        return "https://example.com/walker-1"
     if node.get("format") == "date-time":
         return timezone.now().isoformat().replace("+00:00", "Z")
     if "phone" in name.lower():
@@ -169,7 +172,8 @@ def _get(body, path):
 
 class World:
     def __init__(self):
-        self.ops = client_for(OpsUserFactory())
+        ops_user = OpsUserFactory()
+        self.ops = client_for(ops_user)
         self.driver = DriverFactory()
         self.driver_client = client_for(self.driver.user)
         self.delivery = DeliveryFactory()
@@ -177,6 +181,7 @@ class World:
         self.params = {
             "driver_id": str(self.driver.pk), "delivery_id": str(self.delivery.pk), "zone_id": str(self.zone.pk),
             "seller_order_id": self.delivery.seller_order_id, "step": "pickup-started",
+            "webhook_id": str(endpoint_create(owner=ops_user, all_deliveries=True, url="https://example.com/h", events=["*"]).pk),
         }
 
     def client(self, template):

@@ -1,0 +1,182 @@
+"""Ops console for webhooks: endpoints (change, switch off/on, replay the failed events since a
+time), every message with its attempt log (replay one or a selection), the outbox. Rows are
+written by the services only; the actions call the same services as the API."""
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+
+from common.admin import ReadOnlyInline, run_for_each
+from common.exceptions import InvalidInput
+from notifications import services
+from notifications.models import OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
+
+RECENT_ATTEMPTS = 20
+
+
+class _ReadOnly(admin.ModelAdmin):
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return request.method in ("GET", "HEAD") and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class ReplaySinceForm(forms.Form):
+    since = forms.SplitDateTimeField(help_text="Events written at or after this time (the console's time zone).")
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    url = forms.URLField(max_length=2000, assume_scheme="https")
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ("url", "description", "events", "active")
+
+    def clean_url(self):
+        return _clean(services.endpoint_url_clean, self.cleaned_data["url"])
+
+    def clean_events(self):
+        return _clean(services.endpoint_events_clean, self.cleaned_data["events"])
+
+
+def _clean(check, value):
+    """A service's check as a form field's: its InvalidInput becomes the field's error."""
+    try:
+        return check(value)
+    except InvalidInput as exc:
+        raise forms.ValidationError([m for msgs in exc.details.values() for m in msgs]) from exc
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    form = WebhookEndpointForm
+    list_display = ("url", "owner", "active", "all_deliveries", "events_list", "failing_since", "disabled_at", "created_at")
+    list_filter = ("active", "all_deliveries")
+    search_fields = ("url", "description", "owner__username", "id")
+    list_select_related = ("owner",)
+    readonly_fields = ("id", "owner", "all_deliveries", "failing_since", "disabled_at", "disabled_reason",
+                       "previous_secret_expires_at", "created_at", "updated_at", "recent_attempts")
+    actions = ["replay_failed_since", "switch_on", "switch_off"]
+
+    def has_add_permission(self, request):
+        return False  # created through the API, which shows the secret once
+
+    @admin.display(description="events")
+    def events_list(self, endpoint):
+        return ", ".join(endpoint.events)
+
+    @admin.display(description=f"last {RECENT_ATTEMPTS} attempts")
+    def recent_attempts(self, endpoint):
+        attempts = WebhookAttempt.objects.filter(endpoint=endpoint).select_related("message__event")[:RECENT_ATTEMPTS]
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ms</td><td>{}</td><td>{}</td></tr>",
+            ((a.attempted_at, a.message.event.webhook_id, a.message.event.type, a.status_code or "—", a.duration_ms,
+              a.error or "", a.next_retry_at or "") for a in attempts),
+        )
+        link = reverse("admin:notifications_webhookattempt_changelist") + f"?endpoint__id__exact={endpoint.pk}"
+        return format_html(
+            '<table><tr><th>at</th><th>webhook-id</th><th>type</th><th>HTTP</th><th>took</th><th>error</th>'
+            '<th>next retry</th></tr>{}</table><p><a href="{}">All attempts</a></p>', rows, link,
+        )
+
+    def save_model(self, request, obj, form, change):
+        v = form.cleaned_data
+        services.endpoint_update(endpoint_id=obj.pk, url=v["url"], events=v["events"], description=v["description"],
+                                 active=v["active"])
+
+    def delete_model(self, request, obj):
+        services.endpoint_delete(endpoint_id=obj.pk)
+
+    @admin.action(description="Replay failed events since…", permissions=["change"])
+    def replay_failed_since(self, request, queryset):
+        form = ReplaySinceForm(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            since = form.cleaned_data["since"]
+            counts = [services.endpoint_replay_failed(endpoint_id=e.pk, since=since) for e in queryset.order_by("pk")]
+            self.message_user(request, f"Queued {sum(counts)} failed event(s) to send again.", messages.SUCCESS)
+            return None
+        return TemplateResponse(
+            request, "admin/notifications/webhookendpoint/replay.html",
+            {**self.admin_site.each_context(request), "form": form, "endpoints": queryset, "title": "Replay failed events"},
+        )
+
+    @admin.action(description="Switch on (and send what waited)", permissions=["change"])
+    def switch_on(self, request, queryset):
+        run_for_each(self, request, queryset, lambda e: services.endpoint_update(endpoint_id=e.pk, active=True),
+                     done=lambda r: f"Switched on {len(r)} endpoint(s).")
+
+    @admin.action(description="Switch off", permissions=["change"])
+    def switch_off(self, request, queryset):
+        run_for_each(self, request, queryset, lambda e: services.endpoint_update(endpoint_id=e.pk, active=False),
+                     done=lambda r: f"Switched off {len(r)} endpoint(s).")
+
+
+class AttemptInline(ReadOnlyInline):
+    model = WebhookAttempt
+    fields = ("attempted_at", "status_code", "duration_ms", "error", "next_retry_at")
+    readonly_fields = fields
+    ordering = ("-attempted_at", "-id")
+
+
+@admin.register(WebhookMessage)
+class WebhookMessageAdmin(_ReadOnly):
+    list_display = ("webhook_id", "event_type", "endpoint", "delivery_id", "status", "attempt_count", "next_attempt_at",
+                    "last_status_code", "last_error", "created_at")
+    list_filter = ("status", "event__type", "endpoint")
+    search_fields = ("delivery_id", "event__event_id", "endpoint__url")
+    list_select_related = ("event", "endpoint")
+    date_hierarchy = "created_at"
+    readonly_fields = ("event", "endpoint", "delivery_id", "status", "attempt_count", "next_attempt_at",
+                       "window_started_at", "leased_until", "last_status_code", "last_error", "delivered_at",
+                       "created_at", "payload")
+    fields = readonly_fields
+    inlines = [AttemptInline]
+    actions = ["replay"]
+
+    @admin.display(description="webhook-id")
+    def webhook_id(self, message):
+        return message.event.webhook_id
+
+    @admin.display(description="type", ordering="event__type")
+    def event_type(self, message):
+        return message.event.type
+
+    @admin.display(description="payload")
+    def payload(self, message):
+        return format_html("<pre>{}</pre>", message.event.payload)
+
+    def has_change_permission(self, request, obj=None):
+        # read-only pages, but the replay action needs the change permission
+        return admin.ModelAdmin.has_change_permission(self, request, obj)
+
+    def get_readonly_fields(self, request, obj=None):
+        return self.readonly_fields
+
+    @admin.action(description="Replay (send again with the same webhook-id)", permissions=["change"])
+    def replay(self, request, queryset):
+        count = services.messages_replay(message_ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"Queued {count} message(s) to send again.", messages.SUCCESS)
+
+
+@admin.register(WebhookAttempt)
+class WebhookAttemptAdmin(_ReadOnly):
+    list_display = ("attempted_at", "endpoint", "message", "status_code", "duration_ms", "error", "next_retry_at")
+    list_filter = ("endpoint", "status_code")
+    list_select_related = ("endpoint", "message__event")
+    date_hierarchy = "attempted_at"
+
+
+@admin.register(OutboxEvent)
+class OutboxEventAdmin(_ReadOnly):
+    list_display = ("seq", "type", "delivery_id", "owner", "created_at", "fanned_out_at")
+    list_filter = ("type",)
+    search_fields = ("delivery__id", "delivery__seller_order_id", "event_id")
+    list_select_related = ("owner",)
+    date_hierarchy = "created_at"

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from common.fields import StrictBooleanField, StrictCharField, StrictChoiceField, StrictUrlStringField
+from notifications.models import ALL_EVENTS, WEBHOOK_EVENT_TYPES, WebhookAttempt, WebhookEndpoint
+
+EVENT_CHOICES = [*WEBHOOK_EVENT_TYPES, ALL_EVENTS]
+EVENTS_HELP = f"Event types to receive: any of {', '.join(WEBHOOK_EVENT_TYPES)}, or [\"{ALL_EVENTS}\"] for all."
+
+
+class WebhookEndpointCreateSerializer(serializers.Serializer):
+    url = StrictUrlStringField(max_length=2000, help_text="http(s) URL; private, loopback and link-local targets are refused.")
+    events = serializers.ListField(child=StrictChoiceField(choices=EVENT_CHOICES), max_length=len(EVENT_CHOICES), help_text=EVENTS_HELP)
+    description = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class WebhookEndpointUpdateSerializer(serializers.Serializer):
+    url = StrictUrlStringField(max_length=2000, required=False)
+    events = serializers.ListField(child=StrictChoiceField(choices=EVENT_CHOICES), max_length=len(EVENT_CHOICES),
+                                   required=False, help_text=EVENTS_HELP)
+    description = StrictCharField(max_length=500, required=False, allow_blank=True)
+    active = StrictBooleanField(required=False, help_text="false switches the endpoint off; true switches it back on.")
+
+
+class WebhookEndpointSerializer(serializers.ModelSerializer):
+    events = serializers.ListField(child=serializers.CharField())
+    allDeliveries = serializers.BooleanField(source="all_deliveries")
+    failingSince = serializers.DateTimeField(source="failing_since", allow_null=True)
+    disabledAt = serializers.DateTimeField(source="disabled_at", allow_null=True)
+    disabledReason = serializers.CharField(source="disabled_reason")
+    createdAt = serializers.DateTimeField(source="created_at")
+    updatedAt = serializers.DateTimeField(source="updated_at")
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ["id", "url", "description", "events", "active", "allDeliveries", "failingSince", "disabledAt",
+                  "disabledReason", "createdAt", "updatedAt"]
+
+
+class WebhookEndpointWithSecretSerializer(WebhookEndpointSerializer):
+    secret = serializers.CharField(help_text="whsec_…: shown only here; verify signatures with it (Standard Webhooks).")
+    previousSecretExpiresAt = serializers.DateTimeField(source="previous_secret_expires_at", allow_null=True)
+
+    class Meta(WebhookEndpointSerializer.Meta):
+        fields = WebhookEndpointSerializer.Meta.fields + ["secret", "previousSecretExpiresAt"]
+
+
+class WebhookTestSerializer(serializers.Serializer):
+    eventId = serializers.CharField(help_text="The webhook-id of the test event.")
+    type = serializers.CharField()
+
+
+class WebhookAttemptSerializer(serializers.ModelSerializer):
+    eventId = serializers.SerializerMethodField()
+    type = serializers.CharField(source="message.event.type")
+    deliveryId = serializers.UUIDField(source="message.delivery_id", allow_null=True)
+    attemptedAt = serializers.DateTimeField(source="attempted_at")
+    statusCode = serializers.IntegerField(source="status_code", allow_null=True)
+    durationMs = serializers.IntegerField(source="duration_ms")
+    nextRetryAt = serializers.DateTimeField(source="next_retry_at", allow_null=True)
+    messageStatus = serializers.CharField(source="message.status")
+
+    class Meta:
+        model = WebhookAttempt
+        fields = ["id", "eventId", "type", "deliveryId", "attemptedAt", "statusCode", "durationMs", "error",
+                  "nextRetryAt", "messageStatus"]
+
+    def get_eventId(self, obj) -> str:
+        return obj.message.event.webhook_id

@@ -1,0 +1,113 @@
+"""`/v2/webhooks`: integrations manage their own endpoints (another's is a 404); ops see and
+manage all. Thin views: validate, call one service or selector, render."""
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from common.pagination import paginate, paginated_schema
+from common.permissions import IsOpsOrIntegration
+from common.roles import is_ops
+from common.schema import PAGE_PARAMETERS, errors
+from notifications import selectors, services
+from notifications.api import serializers as s
+
+TAGS = ["webhooks"]
+
+
+class WebhookListCreateView(APIView):
+    permission_classes = [IsOpsOrIntegration]
+
+    @extend_schema(
+        operation_id="webhooks_list", parameters=PAGE_PARAMETERS,
+        responses={200: paginated_schema("WebhookEndpointPage", "webhooks", s.WebhookEndpointSerializer), **errors(400)},
+        tags=TAGS,
+    )
+    def get(self, request):
+        qs = selectors.endpoints_for_user(user=request.user)
+        return paginate(request, qs, s.WebhookEndpointSerializer, key="webhooks")
+
+    @extend_schema(
+        operation_id="webhooks_create", request=s.WebhookEndpointCreateSerializer,
+        responses={201: s.WebhookEndpointWithSecretSerializer, **errors(400)}, tags=TAGS,
+        description="An endpoint for signed events (Standard Webhooks). An integration's gets the events of its own "
+                    "deliveries, an ops endpoint every delivery's. The secret is shown only in this response.",
+    )
+    def post(self, request):
+        data = s.WebhookEndpointCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        endpoint = services.endpoint_create(
+            owner=request.user, all_deliveries=is_ops(request.user), url=v["url"], events=v["events"],
+            description=v["description"],
+        )
+        return Response(s.WebhookEndpointWithSecretSerializer(endpoint).data, status=status.HTTP_201_CREATED)
+
+
+class WebhookDetailView(APIView):
+    permission_classes = [IsOpsOrIntegration]
+
+    @extend_schema(operation_id="webhooks_retrieve", responses={200: s.WebhookEndpointSerializer, **errors(404)}, tags=TAGS)
+    def get(self, request, webhook_id):
+        endpoint = selectors.endpoint_get_for_user(user=request.user, endpoint_id=webhook_id)
+        return Response(s.WebhookEndpointSerializer(endpoint).data)
+
+    @extend_schema(
+        operation_id="webhooks_update", request=s.WebhookEndpointUpdateSerializer,
+        responses={200: s.WebhookEndpointSerializer, **errors(400, 404)}, tags=TAGS,
+    )
+    def patch(self, request, webhook_id):
+        data = s.WebhookEndpointUpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        selectors.endpoint_get_for_user(user=request.user, endpoint_id=webhook_id)  # ownership → 404
+        endpoint = services.endpoint_update(endpoint_id=webhook_id, **data.validated_data)
+        return Response(s.WebhookEndpointSerializer(endpoint).data)
+
+    @extend_schema(operation_id="webhooks_destroy", request=None, responses={204: None, **errors(404)}, tags=TAGS)
+    def delete(self, request, webhook_id):
+        selectors.endpoint_get_for_user(user=request.user, endpoint_id=webhook_id)
+        services.endpoint_delete(endpoint_id=webhook_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class WebhookRotateSecretView(APIView):
+    permission_classes = [IsOpsOrIntegration]
+
+    @extend_schema(
+        operation_id="webhooks_rotate_secret", request=None,
+        responses={200: s.WebhookEndpointWithSecretSerializer, **errors(404)}, tags=TAGS,
+        description="A new secret, shown once; the previous one keeps signing too (both signatures are sent) for 24 h.",
+    )
+    def post(self, request, webhook_id):
+        selectors.endpoint_get_for_user(user=request.user, endpoint_id=webhook_id)
+        endpoint = services.endpoint_rotate_secret(endpoint_id=webhook_id)
+        return Response(s.WebhookEndpointWithSecretSerializer(endpoint).data)
+
+
+class WebhookTestView(APIView):
+    permission_classes = [IsOpsOrIntegration]
+
+    @extend_schema(
+        operation_id="webhooks_test", request=None, responses={202: s.WebhookTestSerializer, **errors(404, 409)}, tags=TAGS,
+        description="Queue a signed `webhook.test` event to this endpoint; its attempts show in the log.",
+    )
+    def post(self, request, webhook_id):
+        selectors.endpoint_get_for_user(user=request.user, endpoint_id=webhook_id)
+        event = services.endpoint_send_test(endpoint_id=webhook_id)
+        return Response({"eventId": event.webhook_id, "type": event.type}, status=status.HTTP_202_ACCEPTED)
+
+
+class WebhookAttemptsView(APIView):
+    permission_classes = [IsOpsOrIntegration]
+
+    @extend_schema(
+        operation_id="webhooks_attempts", parameters=PAGE_PARAMETERS,
+        responses={200: paginated_schema("WebhookAttemptPage", "attempts", s.WebhookAttemptSerializer), **errors(400, 404)},
+        tags=TAGS,
+    )
+    def get(self, request, webhook_id):
+        endpoint = selectors.endpoint_get_for_user(user=request.user, endpoint_id=webhook_id)
+        return paginate(request, selectors.attempts_for_endpoint(endpoint=endpoint), s.WebhookAttemptSerializer,
+                        key="attempts", ordering=("-attempted_at", "-id"))

@@ -1,0 +1,14 @@
+from django.apps import AppConfig
+
+
+class NotificationsConfig(AppConfig):
+    name = "notifications"
+
+    def ready(self):
+        # Start-up wiring: every live event a service emits (`common.broadcast`) is offered to
+        # the webhook outbox, which writes its rows in the emitting transaction. The outbox
+        # reads models, which exist only once apps are ready.
+        from common.hooks import on_event_emitted
+        from notifications.outbox import outbox_capture
+
+        on_event_emitted(outbox_capture)

@@ -1,0 +1,144 @@
+"""Outbound HTTP to addresses our users give us (webhook endpoints, chat webhooks), with the
+SSRF checks made at send time: only http(s), and the host's resolved addresses must all be
+public unless `WEBHOOK_ALLOW_PRIVATE_TARGETS` (development, tests). The connection goes to the
+address that was checked (no second DNS look-up a rebinding attacker could answer
+differently); TLS still verifies the certificate for the host name. Redirects are not
+followed. The timeout bounds connecting and each read."""
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+MAX_RESPONSE_BYTES = 4096
+
+
+class TargetRefused(Exception):
+    """The URL is not one we send to (scheme, credentials, a private address)."""
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    status: int | None
+    headers: dict[str, str]
+    body: bytes
+    duration_ms: int
+    error: str = ""
+
+
+def address_allowed(ip: str) -> bool:
+    if settings.WEBHOOK_ALLOW_PRIVATE_TARGETS:
+        return True
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+def url_check(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path?query) of an acceptable URL, or TargetRefused. Checks the form
+    only (no DNS): a host given as an IP literal must be public; so must `localhost`."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise TargetRefused(f"Not a valid URL: {exc}.") from exc
+    if parts.scheme not in ("http", "https"):
+        raise TargetRefused("Only http and https URLs are allowed.")
+    if parts.username or parts.password:
+        raise TargetRefused("URLs with credentials are not allowed.")
+    host = parts.hostname
+    if not host:
+        raise TargetRefused("The URL has no host.")
+    if not settings.WEBHOOK_ALLOW_PRIVATE_TARGETS:
+        if host == "localhost" or host.endswith(".localhost"):
+            raise TargetRefused("Loopback targets are not allowed.")
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None and not address_allowed(str(literal)):
+            raise TargetRefused("Private, loopback and link-local addresses are not allowed.")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), path
+
+
+def resolve_checked(host: str, port: int, *, trusted: bool = False) -> str:
+    """The first address of `host`, after checking that every address it resolves to is
+    allowed (an attacker's name may resolve to several)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConnectionError(f"DNS lookup failed: {exc}") from exc
+    addresses = [info[4][0] for info in infos]
+    refused = [] if trusted else [a for a in addresses if not address_allowed(a)]
+    if refused or not addresses:
+        raise TargetRefused(f"{host} resolves to a private, loopback or link-local address ({refused[0] if refused else 'none'}).")
+    return addresses[0]
+
+
+def _url_parts(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TargetRefused("Only http and https URLs are allowed.")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), path
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host, port, *, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host, port, *, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self):
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float, trusted: bool = False) -> HttpResult:
+    """POST `body` to `url`. Raises TargetRefused before sending anything to a refused target;
+    a network failure or timeout comes back as a result with `status=None` and the error.
+    `trusted`: a URL from our own settings (the ops chat webhook), which may be private."""
+    scheme, host, port, path = url_check(url) if not trusted else _url_parts(url)
+    started = time.monotonic()
+    try:
+        address = resolve_checked(host, port, trusted=trusted)
+    except ConnectionError as exc:
+        return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=str(exc)[:500])
+    cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+    connection = cls(host, port, address=address, timeout=timeout)
+    try:
+        connection.request("POST", path, body=body, headers={
+            "Content-Type": "application/json", "User-Agent": "dispatch-webhooks/1", **headers,
+        })
+        response = connection.getresponse()
+        data = response.read(MAX_RESPONSE_BYTES)
+        return HttpResult(
+            status=response.status, headers={k.lower(): v for k, v in response.getheaders()}, body=data,
+            duration_ms=int((time.monotonic() - started) * 1000),
+        )
+    except (OSError, http.client.HTTPException) as exc:
+        kind = "timeout" if isinstance(exc, (TimeoutError, socket.timeout)) else type(exc).__name__
+        return HttpResult(
+            status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
+            error=f"{kind}: {exc}"[:500],
+        )
+    finally:
+        connection.close()

@@ -1,0 +1,137 @@
+"""Webhooks to merchants: their endpoints, the transactional outbox of delivery events, one
+message per (event, endpoint) with its retry state, and the log of every attempt."""
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+from django.db.models import Q
+
+# The webhook event types a merchant can subscribe to ("*": all of them).
+WEBHOOK_EVENT_TYPES = (
+    "delivery.created",
+    "delivery.assigned",
+    "delivery.status_changed",
+    "delivery.eta_updated",
+    "delivery.unassigned",
+    "delivery.escalated",
+)
+TEST_EVENT_TYPE = "webhook.test"
+ALL_EVENTS = "*"
+
+
+class WebhookEndpoint(models.Model):
+    """A URL that receives signed events. An integration's endpoint gets the events of its own
+    deliveries; an endpoint created by ops (`all_deliveries`) gets every delivery's."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="webhook_endpoints")
+    all_deliveries = models.BooleanField(default=False, help_text="Receives the events of every delivery (ops).")
+    url = models.URLField(max_length=2000)
+    description = models.CharField(max_length=500, blank=True, default="")
+    events = ArrayField(models.CharField(max_length=64), default=list)
+    active = models.BooleanField(default=True)
+    secret = models.CharField(max_length=100, editable=False)
+    previous_secret = models.CharField(max_length=100, blank=True, default="", editable=False)
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True)
+    failing_since = models.DateTimeField(null=True, blank=True)
+    disabled_at = models.DateTimeField(null=True, blank=True)
+    disabled_reason = models.CharField(max_length=200, blank=True, default="")
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["owner", "created_at"], name="webhook_endpoint_owner_idx")]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def subscribes_to(self, event_type: str) -> bool:
+        return ALL_EVENTS in self.events or event_type in self.events
+
+
+class OutboxEvent(models.Model):
+    """One delivery event, written in the transaction of the change that caused it. `seq`
+    orders the events (per delivery, the order of the changes: they hold the delivery's row
+    lock). `fanned_out_at`: a message was made for each endpoint that wants it."""
+
+    seq = models.BigAutoField(primary_key=True)
+    event_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    type = models.CharField(max_length=64)
+    delivery = models.ForeignKey("dispatch.Delivery", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.CASCADE, related_name="+")
+    # A test event is for one endpoint only.
+    endpoint = models.ForeignKey(WebhookEndpoint, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    payload = models.JSONField()
+    created_at = models.DateTimeField()
+    fanned_out_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["seq"], name="outbox_unfanned_idx", condition=Q(fanned_out_at__isnull=True)),
+            models.Index(fields=["created_at"], name="outbox_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.webhook_id}"
+
+    @property
+    def webhook_id(self) -> str:
+        return f"msg_{self.event_id.hex}"
+
+
+class MessageStatus(models.TextChoices):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class WebhookMessage(models.Model):
+    """One event for one endpoint: sent until it is delivered, stopped by the receiver (a 4xx
+    other than 408/429) or its retry window passes. Per (endpoint, delivery) a message waits
+    for the earlier pending ones: the receiver gets each delivery's events in order."""
+
+    id = models.BigAutoField(primary_key=True)
+    event = models.ForeignKey(OutboxEvent, on_delete=models.CASCADE, related_name="messages")
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="messages")
+    delivery_id = models.UUIDField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=MessageStatus.choices, default=MessageStatus.PENDING)
+    attempt_count = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    window_started_at = models.DateTimeField(help_text="Retries go on for the retry window from here (a replay restarts it).")
+    leased_until = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["event", "endpoint"], name="webhook_message_once_per_endpoint")]
+        indexes = [
+            models.Index(fields=["next_attempt_at"], name="webhook_message_due_idx", condition=Q(status="pending")),
+            # a delivery's messages to one endpoint, in the order of their events
+            models.Index(fields=["endpoint", "delivery_id", "event"], name="webhook_message_chain_idx", condition=Q(status="pending")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} → {self.endpoint_id} ({self.status})"
+
+
+class WebhookAttempt(models.Model):
+    """One HTTP attempt of a message (append-only log shown in the API and the admin)."""
+
+    id = models.BigAutoField(primary_key=True)
+    message = models.ForeignKey(WebhookMessage, on_delete=models.CASCADE, related_name="attempts")
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="attempts")
+    attempted_at = models.DateTimeField()
+    status_code = models.PositiveIntegerField(null=True, blank=True)
+    duration_ms = models.PositiveIntegerField(default=0)
+    error = models.CharField(max_length=500, blank=True, default="")
+    next_retry_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-attempted_at", "-id"]
+        indexes = [models.Index(fields=["endpoint", "attempted_at"], name="webhook_attempt_endpoint_idx")]

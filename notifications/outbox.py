@@ -1,0 +1,151 @@
+"""The transactional outbox: every live event about a delivery that a service emits
+(`common.broadcast.broadcast_on_commit`, offered here through `common.hooks.event_emitted`)
+becomes a webhook event row in the same transaction as the change. It commits with the change
+or not at all; a worker delivers it after commit (`notifications.deliver_webhooks`, enqueued
+on commit, plus a sweep for what that missed: Redis or Celery down at commit, a worker killed
+before it sent).
+
+Inside a workflow's `unit_of_work()` (`outbox_buffer`) the rows of the transaction are written
+together just before commit: one SELECT of the deliveries (their representation at the end of
+the change) and one INSERT, in the order emitted (`seq`). Outside a buffer each event is
+written at once, in the caller's transaction if one is open.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from contextlib import contextmanager
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from common.broadcast import enqueue_task_on_commit
+from dispatch.models import DeliveryStatus
+from notifications.models import OutboxEvent
+from notifications.payloads import deliveries_for_payload, delivery_data, webhook_body
+
+DELIVER_TASK = "notifications.deliver_webhooks"
+ETA_TYPE = "delivery.eta_updated"
+_SKIP_KEYS = {"type", "deliveryId", "sellerOrderId"}
+
+_local = threading.local()
+
+
+def webhook_type_for(event: dict) -> str | None:
+    """The webhook event type of a live event, or None when merchants are not told of it."""
+    kind = event.get("type")
+    if kind == "delivery_created":
+        return "delivery.created"
+    if kind == "delivery_status_changed":
+        if event.get("status") == DeliveryStatus.ASSIGNED:
+            return "delivery.assigned"
+        if event.get("status") == DeliveryStatus.READY:
+            return "delivery.unassigned"  # ops took it away from its driver: waiting for another
+        return "delivery.status_changed"
+    if kind == "delivery_cancelled":
+        return "delivery.status_changed"
+    if kind == "delivery_eta_updated":
+        return ETA_TYPE
+    if kind == "unassigned_order_escalated":
+        return "delivery.escalated"
+    return None
+
+
+def _change(event: dict) -> dict:
+    change = {k: v for k, v in event.items() if k not in _SKIP_KEYS}
+    if event.get("type") == "delivery_cancelled":
+        change["status"] = DeliveryStatus.CANCELLED
+    return change
+
+
+class _Buffer:
+    def __init__(self, connection):
+        self.connection = connection
+        self.start_sids = set(connection.savepoint_ids)
+        self.events: list[tuple[dict, object | None]] = []
+
+    def add(self, event: dict) -> None:
+        marker = None
+        if set(self.connection.savepoint_ids) - self.start_sids:
+            # Emitted inside a savepoint opened within the buffer: Django drops this marker if
+            # that savepoint rolls back, and the event goes with it.
+            def marker():
+                return None
+
+            transaction.on_commit(marker)
+        self.events.append((event, marker))
+
+    def flush(self) -> None:
+        pending = {id(func) for _, func, _ in self.connection.run_on_commit}
+        events = [e for e, m in self.events if m is None or id(m) in pending]
+        self.events = []
+        outbox_write(events)
+
+
+@contextmanager
+def outbox_buffer():
+    """Collect the events emitted inside and write their outbox rows when the block ends,
+    still inside the caller's transaction (open it inside `transaction.atomic()`). A buffer
+    inside a buffer joins the outer one; on an exception nothing is written."""
+    outer = getattr(_local, "buffer", None)
+    connection = transaction.get_connection()
+    if outer is not None or not connection.in_atomic_block:
+        yield outer
+        return
+    buffer = _Buffer(connection)
+    _local.buffer = buffer
+    try:
+        yield buffer
+    finally:
+        _local.buffer = None
+    buffer.flush()
+
+
+def outbox_capture(event: dict) -> None:
+    """The `common.hooks.on_event_emitted` handler: keep the events merchants are told of."""
+    if webhook_type_for(event) is None or not event.get("deliveryId"):
+        return
+    buffer = getattr(_local, "buffer", None)
+    if buffer is not None:
+        buffer.add(dict(event))
+    else:
+        outbox_write([dict(event)])
+
+
+def outbox_write(events: list[dict]) -> list[OutboxEvent]:
+    """Write the outbox rows of `events` (live events about deliveries), in order, and have a
+    worker deliver them after commit. ETA updates go out at most once per
+    `WEBHOOK_ETA_MIN_INTERVAL_SECONDS` per delivery."""
+    if not events:
+        return []
+    now = timezone.now()
+    deliveries = deliveries_for_payload({e["deliveryId"] for e in events})
+    throttled = _eta_throttled({e["deliveryId"] for e in events if webhook_type_for(e) == ETA_TYPE}, now=now)
+    rows = []
+    for event in events:
+        kind = webhook_type_for(event)
+        delivery = deliveries.get(event["deliveryId"])
+        if delivery is None or (kind == ETA_TYPE and event["deliveryId"] in throttled):
+            continue
+        if kind == ETA_TYPE:
+            throttled.add(event["deliveryId"])  # one per delivery and transaction as well
+        event_id = uuid.uuid4()
+        data = {**delivery_data(delivery), "change": _change(event)}
+        rows.append(OutboxEvent(
+            event_id=event_id, type=kind, delivery_id=delivery.pk, owner_id=delivery.created_by_id, created_at=now,
+            payload=webhook_body(webhook_id=f"msg_{event_id.hex}", type=kind, created_at=now, data=data),
+        ))
+    if rows:
+        OutboxEvent.objects.bulk_create(rows)  # `seq` drawn row by row, in list order
+        enqueue_task_on_commit(DELIVER_TASK)
+    return rows
+
+
+def _eta_throttled(delivery_ids: set[str], *, now) -> set[str]:
+    if not delivery_ids:
+        return set()
+    since = now - timedelta(seconds=settings.WEBHOOK_ETA_MIN_INTERVAL_SECONDS)
+    recent = OutboxEvent.objects.filter(delivery_id__in=list(delivery_ids), type=ETA_TYPE, created_at__gt=since)
+    return {str(d) for d in recent.values_list("delivery_id", flat=True)}

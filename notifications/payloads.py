@@ -1,0 +1,87 @@
+"""What a webhook carries: `{id, type, createdAt, data}`, where `data` is the delivery as the
+API represents it to its owner (`GET /v2/deliveries/{id}`, the same camelCase keys and
+values; `tests/notifications/test_webhook_payloads.py` holds the two together) plus `change`,
+the fields of the change itself (from/to status, reason, escalation level, ETA)."""
+from __future__ import annotations
+
+from django.db.models import OuterRef, Subquery
+
+from common.errors import iso
+from common.fields import point_json
+from dispatch.models import Assignment, AssignmentStatus, Delivery, DeliveryStatus
+
+
+FINISHED = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
+
+
+def deliveries_for_payload(ids) -> dict[str, Delivery]:
+    """The deliveries by id (as text), each with its latest assignment's id, driver, status and
+    end reason annotated: one statement."""
+    latest = Assignment.objects.filter(delivery_id=OuterRef("pk")).order_by("-created_at", "-id")
+    rows = Delivery.objects.filter(pk__in=list(ids)).annotate(
+        latest_assignment_id=Subquery(latest.values("pk")[:1]),
+        latest_driver_id=Subquery(latest.values("driver_id")[:1]),
+        latest_assignment_status=Subquery(latest.values("status")[:1]),
+        latest_end_reason=Subquery(latest.values("end_reason")[:1]),
+    )
+    return {str(d.pk): d for d in rows}
+
+
+def _shown_assignment(delivery) -> tuple[object, object]:
+    """(assignment id, driver id) as the API shows them: the active assignment, or the one a
+    finished delivery ended with (not one ops took away), else none."""
+    if delivery.latest_assignment_id is None:
+        return None, None
+    if delivery.latest_assignment_status == AssignmentStatus.ACTIVE or (
+        delivery.status in FINISHED and delivery.latest_end_reason != "reassigned"
+    ):
+        return delivery.latest_assignment_id, delivery.latest_driver_id
+    return None, None
+
+
+def _text(value) -> str | None:
+    return str(value) if value else None
+
+
+def delivery_data(delivery: Delivery) -> dict:
+    """The delivery's API representation (ops/owner view). `delivery` comes from
+    `deliveries_for_payload` (its latest assignment annotated)."""
+    fee = delivery.delivery_fee
+    assignment_id, driver_id = _shown_assignment(delivery)
+    return {
+        "id": str(delivery.pk),
+        "sellerOrderId": delivery.seller_order_id,
+        "sellerId": delivery.seller_id,
+        "storeName": delivery.store_name,
+        "status": delivery.status,
+        "zoneId": _text(delivery.zone_id),
+        "pickupLocation": point_json(delivery.pickup_location),
+        "dropoffLocation": point_json(delivery.dropoff_location),
+        "dropoffAddress": delivery.dropoff_address,
+        "customerName": delivery.customer_name,
+        "customerPhone": delivery.customer_phone,
+        "prepTimeMinutes": delivery.prep_time_minutes,
+        "deliveryFee": float(fee) if fee is not None else None,
+        "driverId": _text(driver_id),
+        "assignmentId": _text(assignment_id),
+        "trackingUrl": delivery.tracking_url,
+        "offerAcceptanceCount": delivery.offer_acceptance_count,
+        "currentOfferId": _text(delivery.current_offer_id),
+        "acceptedOfferId": _text(delivery.accepted_offer_id),
+        "failureReason": delivery.failure_reason,
+        "cancellationReason": delivery.cancellation_reason,
+        "createdAt": iso(delivery.created_at),
+        "readyAt": iso(delivery.ready_at),
+        "assignedAt": iso(delivery.assigned_at),
+        "pickupStartedAt": iso(delivery.pickup_started_at),
+        "pickedUpAt": iso(delivery.picked_up_at),
+        "inTransitAt": iso(delivery.in_transit_at),
+        "deliveredAt": iso(delivery.delivered_at),
+        "failedAt": iso(delivery.failed_at),
+        "cancelledAt": iso(delivery.cancelled_at),
+        "updatedAt": iso(delivery.updated_at),
+    }
+
+
+def webhook_body(*, webhook_id: str, type: str, created_at, data: dict) -> dict:
+    return {"id": webhook_id, "type": type, "createdAt": iso(created_at), "data": data}

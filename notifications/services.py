@@ -1,0 +1,405 @@
+"""Every write of the webhooks: endpoints (create, change, rotate, delete, test), the fan-out
+of outbox events to the endpoints that want them, sending what is due, recording each
+attempt, replay.
+
+How a message goes out, and the races it has to survive:
+- `webhooks_fan_out` makes one message per (event, endpoint) under `SKIP LOCKED`; the unique
+  constraint (event, endpoint) has the last word if two fan-outs meet.
+- `webhooks_claim_due` leases due messages by one conditional UPDATE (`FOR UPDATE SKIP
+  LOCKED` in its sub-select): two workers never send one message at once, and a worker that
+  dies after claiming leaves a lease that expires, after which the sweep sends it again (the
+  receiver sees the same `webhook-id`: at least once). A message is not due while an earlier
+  event of the same delivery is pending for that endpoint or not yet fanned out: per delivery
+  the receiver gets events in order.
+- The HTTP request runs outside any transaction; `message_attempt_record` then locks the
+  message and the endpoint and writes the outcome, the attempt row and, after 24 h of
+  failures, disables the endpoint and alerts ops on commit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from common.broadcast import enqueue_task_on_commit
+from common.errors import iso
+from common.exceptions import Conflict, InvalidInput
+from notifications import alerts
+from notifications.egress import HttpResult, TargetRefused, post_json, url_check
+from notifications.models import (
+    ALL_EVENTS,
+    TEST_EVENT_TYPE,
+    WEBHOOK_EVENT_TYPES,
+    MessageStatus,
+    OutboxEvent,
+    WebhookAttempt,
+    WebhookEndpoint,
+    WebhookMessage,
+)
+from notifications.outbox import DELIVER_TASK
+from notifications.payloads import webhook_body
+from notifications.signing import secret_new, signed_headers
+
+logger = logging.getLogger(__name__)
+
+LEASE_SECONDS = 120  # longer than one attempt (≤ WEBHOOK_TIMEOUT_SECONDS) times a claimed batch
+
+
+# ------------------------------------------------------------------------------ endpoints
+
+
+def endpoint_events_clean(events: list[str]) -> list[str]:
+    """The subscription as stored, or InvalidInput naming `events`."""
+    if not events:
+        raise InvalidInput({"events": ['Subscribe to at least one event type, or ["*"] for all.']})
+    unknown = sorted(set(events) - set(WEBHOOK_EVENT_TYPES) - {ALL_EVENTS})
+    if unknown:
+        raise InvalidInput({"events": [f"Unknown event type {u!r}; one of {', '.join(WEBHOOK_EVENT_TYPES)} or \"*\"." for u in unknown]})
+    return [ALL_EVENTS] if ALL_EVENTS in events else list(dict.fromkeys(events))
+
+
+def endpoint_url_clean(url: str) -> str:
+    """The URL if we would send to its form (scheme, no credentials, no private literal), or
+    InvalidInput naming `url`. Its addresses are checked again at each send."""
+    try:
+        url_check(url)
+    except TargetRefused as exc:
+        raise InvalidInput({"url": [str(exc)]}) from exc
+    return url
+
+
+def endpoint_create(*, owner, all_deliveries: bool, url: str, events: list[str], description: str = "",
+                    now: datetime | None = None) -> WebhookEndpoint:
+    now = now or timezone.now()
+    return WebhookEndpoint.objects.create(
+        owner=owner, all_deliveries=all_deliveries, url=endpoint_url_clean(url), events=endpoint_events_clean(events),
+        description=description, secret=secret_new(), created_at=now, updated_at=now,
+    )
+
+
+@transaction.atomic
+def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | None = None,
+                    description: str | None = None, active: bool | None = None, now: datetime | None = None) -> WebhookEndpoint:
+    """Change an endpoint. Switching it back on clears its failure record and sends what
+    waited meanwhile."""
+    now = now or timezone.now()
+    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).get(pk=endpoint_id)
+    if url is not None:
+        endpoint.url = endpoint_url_clean(url)
+    if events is not None:
+        endpoint.events = endpoint_events_clean(events)
+    if description is not None:
+        endpoint.description = description
+    if active is not None and active != endpoint.active:
+        endpoint.active = active
+        if active:
+            endpoint.failing_since = None
+            endpoint.disabled_at = None
+            endpoint.disabled_reason = ""
+            enqueue_task_on_commit(DELIVER_TASK)
+        else:
+            endpoint.disabled_at = now
+            endpoint.disabled_reason = "switched off"
+    endpoint.updated_at = now
+    endpoint.save()
+    return endpoint
+
+
+def endpoint_delete(*, endpoint_id) -> None:
+    WebhookEndpoint.objects.filter(pk=endpoint_id).delete()
+
+
+@transaction.atomic
+def endpoint_rotate_secret(*, endpoint_id, now: datetime | None = None) -> WebhookEndpoint:
+    """A new secret; the current one keeps signing too for `WEBHOOK_SECRET_OVERLAP_SECONDS`."""
+    now = now or timezone.now()
+    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).get(pk=endpoint_id)
+    endpoint.previous_secret = endpoint.secret
+    endpoint.previous_secret_expires_at = now + timedelta(seconds=settings.WEBHOOK_SECRET_OVERLAP_SECONDS)
+    endpoint.secret = secret_new()
+    endpoint.updated_at = now
+    endpoint.save(update_fields=["secret", "previous_secret", "previous_secret_expires_at", "updated_at"])
+    return endpoint
+
+
+def endpoint_signing_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> list[str]:
+    secrets_ = [endpoint.secret]
+    if endpoint.previous_secret and endpoint.previous_secret_expires_at and endpoint.previous_secret_expires_at > now:
+        secrets_.append(endpoint.previous_secret)
+    return secrets_
+
+
+@transaction.atomic
+def endpoint_send_test(*, endpoint_id, now: datetime | None = None) -> OutboxEvent:
+    """A `webhook.test` event for this endpoint only, sent like any other."""
+    now = now or timezone.now()
+    endpoint = WebhookEndpoint.objects.get(pk=endpoint_id)
+    if not endpoint.active:
+        raise Conflict("The endpoint is disabled; enable it first.")
+    event = OutboxEvent(type=TEST_EVENT_TYPE, endpoint=endpoint, owner_id=endpoint.owner_id, created_at=now, payload={})
+    event.payload = webhook_body(
+        webhook_id=event.webhook_id, type=TEST_EVENT_TYPE, created_at=now,
+        data={"endpointId": str(endpoint.pk), "message": "A test event from the dispatch platform."},
+    )
+    event.save(force_insert=True)
+    enqueue_task_on_commit(DELIVER_TASK)
+    return event
+
+
+# ------------------------------------------------------------------------------ fan-out
+
+
+@transaction.atomic
+def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> int:
+    """One message per (event, endpoint that wants it) for the events not yet fanned out.
+    An endpoint gets the events written after it was created: its owner's deliveries', or
+    every delivery's for an ops endpoint. A switched-off endpoint gets its messages too; they
+    wait until it is switched on again."""
+    now = now or timezone.now()
+    events = list(
+        OutboxEvent.objects.select_for_update(skip_locked=True).filter(fanned_out_at__isnull=True).order_by("seq")[:batch_size]
+    )
+    if not events:
+        return 0
+    owners = {e.owner_id for e in events if e.endpoint_id is None}
+    # switched-off endpoints too: their messages wait, and go out when they are switched on
+    endpoints = list(
+        WebhookEndpoint.objects.filter(Q(all_deliveries=True) | Q(owner_id__in=list(owners)))
+    ) if owners else []
+    messages = []
+    for event in events:
+        if event.endpoint_id is not None:
+            targets = [event.endpoint_id]
+        else:
+            targets = [
+                ep.pk for ep in endpoints
+                if (ep.all_deliveries or ep.owner_id == event.owner_id) and ep.subscribes_to(event.type)
+                and ep.created_at <= event.created_at
+            ]
+        messages += [
+            WebhookMessage(event=event, endpoint_id=target, delivery_id=event.delivery_id, next_attempt_at=event.created_at,
+                           window_started_at=event.created_at, created_at=now)
+            for target in targets
+        ]
+    WebhookMessage.objects.bulk_create(messages, ignore_conflicts=True)
+    OutboxEvent.objects.filter(seq__in=[e.seq for e in events]).update(fanned_out_at=now)
+    return len(messages)
+
+
+# ------------------------------------------------------------------------------ sending
+
+_CLAIM_SQL = """
+UPDATE {message} SET leased_until = %(lease)s
+WHERE id IN (
+    SELECT m.id FROM {message} m
+    JOIN {endpoint} e ON e.id = m.endpoint_id AND e.active
+    WHERE m.status = 'pending' AND m.next_attempt_at <= %(now)s
+      AND (m.leased_until IS NULL OR m.leased_until < %(now)s)
+      AND NOT EXISTS (
+          SELECT 1 FROM {message} p
+          WHERE p.endpoint_id = m.endpoint_id AND p.delivery_id = m.delivery_id
+            AND p.status = 'pending' AND p.event_id < m.event_id
+      )
+      AND NOT EXISTS (
+          SELECT 1 FROM {outbox} o
+          WHERE o.delivery_id = m.delivery_id AND o.fanned_out_at IS NULL AND o.seq < m.event_id
+      )
+    ORDER BY m.event_id
+    LIMIT %(limit)s
+    FOR UPDATE OF m SKIP LOCKED
+)
+RETURNING id
+"""
+
+
+def webhooks_claim_due(*, now: datetime, limit: int) -> list[int]:
+    """Lease up to `limit` due messages (see the module docstring), oldest event first."""
+    sql = _CLAIM_SQL.format(
+        message=WebhookMessage._meta.db_table, endpoint=WebhookEndpoint._meta.db_table, outbox=OutboxEvent._meta.db_table
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"now": now, "lease": now + timedelta(seconds=LEASE_SECONDS), "limit": limit})
+        return sorted(row[0] for row in cursor.fetchall())
+
+
+def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = None) -> int:
+    """Fan out, then send what is due until nothing is or `max_seconds` have passed (a task's
+    time limit). Returns the number of attempts made. Safe to run in several workers at once."""
+    started = timezone.now()
+    budget = timedelta(seconds=max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS)
+    attempts = 0
+    while True:
+        now = timezone.now()
+        while webhooks_fan_out(now=now):
+            pass
+        claimed = webhooks_claim_due(now=now, limit=batch_size)
+        if not claimed:
+            return attempts
+        for message_id in claimed:
+            try:
+                message_send(message_id=message_id)
+            except Exception:  # one bad message never stops the sweep; its lease expires
+                logger.exception("webhook message %s could not be sent", message_id)
+            attempts += 1
+        if timezone.now() - started > budget:
+            return attempts
+
+
+def message_send(*, message_id: int) -> WebhookAttempt | None:
+    """One attempt of a claimed message: sign, POST, record the outcome."""
+    message = WebhookMessage.objects.select_related("event", "endpoint").get(pk=message_id)
+    if message.status != MessageStatus.PENDING:
+        return None
+    endpoint, event = message.endpoint, message.event
+    now = timezone.now()
+    body = json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)
+    headers = signed_headers(
+        webhook_id=event.webhook_id, timestamp=now, body=body, secrets_=endpoint_signing_secrets(endpoint, now=now)
+    )
+    try:
+        result = post_json(endpoint.url, body.encode("utf-8"), headers, timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
+    except TargetRefused as exc:
+        result = HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"refused: {exc}"[:500])
+    return message_attempt_record(message_id=message_id, result=result, now=timezone.now())
+
+
+def _retryable(status: int | None) -> bool:
+    return status is None or status in (408, 429) or status >= 500 or 300 <= status < 400
+
+
+def retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
+    """`Retry-After` as seconds from now (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - now).total_seconds(), 0.0)
+
+
+def retry_delay(attempt_count: int, *, retry_after: float | None = None) -> timedelta:
+    """Exponential backoff with jitter (±20 %), capped at `WEBHOOK_RETRY_MAX_DELAY_SECONDS`; a
+    receiver's `Retry-After` wins (at least a second, at most a day)."""
+    if retry_after is not None:
+        return timedelta(seconds=min(max(retry_after, 1.0), 24 * 3600))
+    base = settings.WEBHOOK_RETRY_BASE_SECONDS * 2 ** max(attempt_count - 1, 0)
+    capped = min(base, settings.WEBHOOK_RETRY_MAX_DELAY_SECONDS)
+    return timedelta(seconds=capped * random.uniform(0.8, 1.2))
+
+
+@transaction.atomic
+def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime) -> WebhookAttempt:
+    """Write the outcome of one attempt: delivered (2xx), stopped (a 4xx other than 408/429),
+    retried later, or given up when the retry window has passed. Failures for
+    `WEBHOOK_DISABLE_AFTER_SECONDS` disable the endpoint and alert ops."""
+    message = WebhookMessage.objects.select_for_update(of=("self",)).select_related("event").get(pk=message_id)
+    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).get(pk=message.endpoint_id)
+    message.attempt_count += 1
+    message.leased_until = None
+    message.last_status_code = result.status
+    next_retry = None
+    ok = result.status is not None and 200 <= result.status < 300
+    if ok:
+        message.status = MessageStatus.DELIVERED
+        message.delivered_at = now
+        message.last_error = ""
+        if endpoint.failing_since is not None:
+            endpoint.failing_since = None
+            endpoint.save(update_fields=["failing_since"])
+    else:
+        error = result.error or f"HTTP {result.status}"
+        message.last_error = error[:500]
+        window_end = message.window_started_at + timedelta(seconds=settings.WEBHOOK_RETRY_WINDOW_SECONDS)
+        if not _retryable(result.status):
+            message.status = MessageStatus.FAILED
+        elif now >= window_end:
+            message.status = MessageStatus.FAILED
+            message.last_error = f"gave up after {message.attempt_count} attempts: {error}"[:500]
+        else:
+            delay = retry_delay(message.attempt_count, retry_after=retry_after_seconds(result.headers.get("retry-after"), now=now))
+            next_retry = min(now + delay, window_end)  # one last attempt at the end of the window
+            message.next_attempt_at = next_retry
+        _endpoint_failed(endpoint, error=error, now=now)
+    message.save(update_fields=[
+        "status", "attempt_count", "leased_until", "last_status_code", "last_error", "delivered_at", "next_attempt_at",
+    ])
+    return WebhookAttempt.objects.create(
+        message=message, endpoint_id=endpoint.pk, attempted_at=now, status_code=result.status,
+        duration_ms=result.duration_ms, error=(result.error or ("" if ok else f"HTTP {result.status}"))[:500],
+        next_retry_at=next_retry,
+    )
+
+
+def _endpoint_failed(endpoint: WebhookEndpoint, *, error: str, now: datetime) -> None:
+    """The caller holds the endpoint's lock."""
+    if endpoint.failing_since is None:
+        endpoint.failing_since = now
+        endpoint.save(update_fields=["failing_since"])
+        return
+    if endpoint.active and now - endpoint.failing_since >= timedelta(seconds=settings.WEBHOOK_DISABLE_AFTER_SECONDS):
+        endpoint.active = False
+        endpoint.disabled_at = now
+        endpoint.disabled_reason = "failing for 24 h"
+        endpoint.save(update_fields=["active", "disabled_at", "disabled_reason"])
+        hours = int((now - endpoint.failing_since).total_seconds() // 3600)
+        alerts.ops_alert_on_commit(
+            subject=f"[dispatch] webhook endpoint disabled: {endpoint.url}",
+            body="\n".join([
+                f"The webhook endpoint {endpoint.url} ({endpoint.pk}) of {endpoint.owner} has failed for {hours} h",
+                f"(since {iso(endpoint.failing_since)}) and was disabled at {iso(now)}.",
+                f"Last error: {error}",
+                "Its pending events wait; enable it again (API PATCH active=true or the admin) to send them.",
+                f"Admin: {settings.SITE_URL.rstrip('/')}/admin/notifications/webhookendpoint/{endpoint.pk}/change/",
+            ]),
+        )
+
+
+# ------------------------------------------------------------------------------ replay, purge
+
+
+@transaction.atomic
+def messages_replay(*, message_ids, now: datetime | None = None) -> int:
+    """Send these messages again (same event, same `webhook-id`), now, with a fresh retry
+    window. Returns how many were queued."""
+    now = now or timezone.now()
+    count = WebhookMessage.objects.filter(pk__in=list(message_ids)).update(
+        status=MessageStatus.PENDING, next_attempt_at=now, window_started_at=now, leased_until=None,
+    )
+    if count:
+        enqueue_task_on_commit(DELIVER_TASK)
+    return count
+
+
+def endpoint_replay_failed(*, endpoint_id, since: datetime, now: datetime | None = None) -> int:
+    """Replay every failed message of the endpoint whose event was written since `since`."""
+    ids = WebhookMessage.objects.filter(
+        endpoint_id=endpoint_id, status=MessageStatus.FAILED, event__created_at__gte=since
+    ).values_list("pk", flat=True)
+    return messages_replay(message_ids=list(ids), now=now)
+
+
+def webhooks_purge(*, now: datetime | None = None, batch_size: int = 5000) -> int:
+    """Delete outbox events older than `WEBHOOK_RETENTION_DAYS` with nothing left to send
+    (their messages and attempts go with them)."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.WEBHOOK_RETENTION_DAYS)
+    old = (
+        OutboxEvent.objects.filter(created_at__lt=cutoff, fanned_out_at__isnull=False)
+        .exclude(messages__status=MessageStatus.PENDING)
+        .values_list("seq", flat=True)[:batch_size]
+    )
+    deleted, _ = OutboxEvent.objects.filter(seq__in=list(old)).delete()
+    return deleted

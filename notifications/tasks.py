@@ -1,0 +1,33 @@
+from smtplib import SMTPException
+
+from celery import shared_task
+
+from notifications import alerts, services
+
+
+@shared_task(name="notifications.deliver_webhooks", ignore_result=True)
+def deliver_webhooks() -> int:
+    """After each commit that wrote outbox rows, and every 10 s as the sweep: fan out and send
+    what is due (idempotent; several may run at once)."""
+    return services.webhooks_deliver_due()
+
+
+@shared_task(name="notifications.purge_webhook_events", ignore_result=True)
+def purge_webhook_events() -> int:
+    return services.webhooks_purge()
+
+
+@shared_task(
+    name="notifications.send_ops_alert_email", ignore_result=True,
+    autoretry_for=(SMTPException, OSError), retry_backoff=True, max_retries=5,
+)
+def send_ops_alert_email(subject: str, body: str) -> int:
+    return alerts.ops_alert_email_send(subject=subject, body=body)
+
+
+@shared_task(
+    name="notifications.send_ops_alert_chat", ignore_result=True,
+    autoretry_for=(alerts.ChatAlertFailed, OSError), retry_backoff=True, max_retries=8,
+)
+def send_ops_alert_chat(subject: str, body: str) -> int:
+    return alerts.ops_alert_chat_send(subject=subject, body=body)

@@ -1,0 +1,126 @@
+"""What the outbox writes: the delivery as the API shows it to its owner (same keys, same
+values) plus the change; only the events merchants are told of; ETA updates throttled; nothing
+from a rolled-back savepoint inside a workflow."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.db import transaction
+from django.utils import timezone
+from rest_framework.test import APIRequestFactory
+
+from common.actors import Actor
+from common.broadcast import broadcast_on_commit
+from dispatch.api.serializers import DeliverySerializer
+from dispatch.models import Delivery
+from notifications.models import OutboxEvent
+from notifications.outbox import outbox_write
+from tests.factories import DeliveryFactory, IntegrationUserFactory, online_driver
+from tracking import events as tracking_events
+from workflows import deliveries as flows
+from workflows.unit import unit_of_work
+
+pytestmark = pytest.mark.django_db
+
+
+def _api_view(delivery_id):
+    delivery = Delivery.objects.get(pk=delivery_id)
+    request = APIRequestFactory().get("/")
+    return dict(DeliverySerializer(delivery, context={"request": request}).data)
+
+
+def test_the_payload_is_the_delivery_as_the_api_shows_it_plus_the_change():
+    merchant = IntegrationUserFactory()
+    delivery = DeliveryFactory(created_by=merchant, delivery_fee="12.50", dropoff_address="1 Main St")
+    driver = online_driver()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+
+    (event,) = OutboxEvent.objects.filter(delivery=delivery)
+    assert event.type == "delivery.assigned" and event.owner_id == merchant.pk
+    payload = event.payload
+    assert set(payload) == {"id", "type", "createdAt", "data"} and payload["id"] == event.webhook_id
+    data = dict(payload["data"])
+    change = data.pop("change")
+    assert data == _api_view(delivery.pk)
+    assert data["driverId"] == str(driver.pk) and data["assignmentId"] and data["deliveryFee"] == 12.5
+    assert change["fromStatus"] == "ready" and change["status"] == "assigned" and change["driverId"] == str(driver.pk)
+
+
+def test_a_cancellation_is_a_status_change_to_cancelled():
+    delivery = DeliveryFactory()
+    flows.delivery_cancel(delivery_id=delivery.pk, reason="customer left", actor=Actor.system())
+    (event,) = OutboxEvent.objects.filter(delivery=delivery)
+    assert event.type == "delivery.status_changed"
+    assert event.payload["data"]["status"] == "cancelled"
+    assert event.payload["data"]["change"] == {
+        "fromStatus": "ready", "reason": "customer left", "cancelledAt": event.payload["data"]["cancelledAt"], "status": "cancelled",
+    }
+
+
+def test_events_merchants_are_not_told_of_write_nothing():
+    delivery = DeliveryFactory()
+    with unit_of_work():
+        broadcast_on_commit(["ops"], {"type": "zone_health_updated", "zoneName": "x", "health": {}})
+        broadcast_on_commit(["ops"], {"type": "offer_created", "deliveryId": str(delivery.pk)})
+    assert not OutboxEvent.objects.exists()
+
+
+def test_eta_updates_go_out_at_most_once_a_minute_per_delivery(settings):
+    delivery, other = DeliveryFactory(), DeliveryFactory()
+    now = timezone.now()
+
+    def eta(d):
+        return tracking_events.delivery_eta_updated(delivery_id=d.pk, pickup_at=now, delivery_at=now, confidence=0.8, calculated_at=now)
+
+    with time_machine.travel(now, tick=False):
+        outbox_write([eta(delivery), eta(delivery), eta(other)])
+    with time_machine.travel(now + timedelta(seconds=30), tick=False):
+        outbox_write([eta(delivery)])
+    with time_machine.travel(now + timedelta(seconds=61), tick=False):
+        outbox_write([eta(delivery)])
+    counts = {d.pk: OutboxEvent.objects.filter(delivery=d, type="delivery.eta_updated").count() for d in (delivery, other)}
+    assert counts == {delivery.pk: 2, other.pk: 1}
+
+
+def test_an_event_emitted_in_a_rolled_back_savepoint_is_not_written():
+    kept, dropped = DeliveryFactory(), DeliveryFactory()
+    with unit_of_work():
+        flows.delivery_cancel(delivery_id=kept.pk, reason="one", actor=Actor.system())
+        try:
+            with transaction.atomic():
+                flows.delivery_cancel(delivery_id=dropped.pk, reason="two", actor=Actor.system())
+                raise RuntimeError
+        except RuntimeError:
+            pass
+    assert list(OutboxEvent.objects.values_list("delivery_id", flat=True)) == [kept.pk]
+
+
+def test_the_events_of_one_workflow_are_written_in_the_order_emitted():
+    merchant = IntegrationUserFactory()
+    delivery = DeliveryFactory(created_by=merchant)
+    driver = online_driver()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    flows.delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.system())
+    types = list(OutboxEvent.objects.filter(delivery=delivery).order_by("seq").values_list("type", flat=True))
+    assert types[:2] == ["delivery.assigned", "delivery.unassigned"]
+
+
+@pytest.mark.parametrize("steps", [
+    ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed"),
+    ("pickup-started", "delivery-failed"),
+])
+def test_every_payload_of_a_walk_matches_the_api_at_that_moment(steps):
+    merchant = IntegrationUserFactory()
+    delivery = DeliveryFactory(created_by=merchant)
+    driver = online_driver()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    for step in steps:
+        before = OutboxEvent.objects.count()
+        flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user),
+                               reason="customer not home" if step == "delivery-failed" else "")
+        for event in OutboxEvent.objects.filter(delivery=delivery).order_by("seq")[before:]:
+            data = dict(event.payload["data"])
+            data.pop("change")
+            assert data == _api_view(delivery.pk), step

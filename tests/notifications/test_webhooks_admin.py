@@ -1,0 +1,82 @@
+"""The ops console for webhooks: an endpoint's page with its recent attempts, the message list,
+replaying one message, replaying an endpoint's failed events since a time."""
+from __future__ import annotations
+
+import zoneinfo
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from notifications.models import MessageStatus, WebhookMessage
+from tests.factories import IntegrationUserFactory
+from tests.notifications.receiver import Answer
+from tests.notifications.webhook_helpers import delivery_walk, endpoint_via_api, messages_of
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _failed_walk(receiver):
+    merchant = IntegrationUserFactory()
+    endpoint_id, _ = endpoint_via_api(merchant, receiver.url, events=["delivery.assigned"])
+    receiver.answer(Answer(404))
+    delivery, _ = delivery_walk(merchant, steps=())
+    (message,) = messages_of(delivery)
+    assert message.status == MessageStatus.FAILED
+    return endpoint_id, message
+
+
+def test_the_endpoint_page_shows_its_attempt_log(admin_client, receiver):
+    endpoint_id, message = _failed_walk(receiver)
+    page = admin_client.get(f"/admin/notifications/webhookendpoint/{endpoint_id}/change/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert message.event.webhook_id in html and "delivery.assigned" in html and "HTTP 404" in html
+    assert message.endpoint.secret not in html
+    for path in ("webhookendpoint", "webhookmessage", "webhookattempt", "outboxevent"):
+        assert admin_client.get(f"/admin/notifications/{path}/").status_code == 200
+    assert admin_client.get(f"/admin/notifications/webhookmessage/{message.pk}/change/").status_code == 200
+
+
+def test_replaying_one_message_from_the_admin(admin_client, receiver):
+    _, message = _failed_walk(receiver)
+    response = admin_client.post("/admin/notifications/webhookmessage/", {"action": "replay", "_selected_action": [message.pk]})
+    assert response.status_code == 302
+    message.refresh_from_db()
+    assert message.status == MessageStatus.DELIVERED
+    assert [r.headers["webhook-id"] for r in receiver.requests] == [message.event.webhook_id] * 2
+
+
+def _console_time(moment, settings) -> dict:
+    """The split date/time fields as ops type them: in the console's time zone when the
+    console has one (OPS_TIME_ZONE), else UTC."""
+    zone = "UTC"
+    if "common.middleware.OpsTimeZoneMiddleware" in settings.MIDDLEWARE:
+        zone = settings.OPS_TIME_ZONE
+    local = timezone.localtime(moment, zoneinfo.ZoneInfo(zone))
+    return {"since_0": local.strftime("%Y-%m-%d"), "since_1": local.strftime("%H:%M:%S")}
+
+
+def test_replaying_an_endpoints_failed_events_since_a_time(admin_client, receiver, settings):
+    endpoint_id, message = _failed_walk(receiver)
+    url = "/admin/notifications/webhookendpoint/"
+    form = admin_client.post(url, {"action": "replay_failed_since", "_selected_action": [endpoint_id]})
+    assert form.status_code == 200 and b"Replay failed webhook events" in form.content
+    since = message.event.created_at + timedelta(seconds=5)  # after it: nothing to replay
+    admin_client.post(url, {"action": "replay_failed_since", "_selected_action": [endpoint_id], "apply": "1",
+                            **_console_time(since, settings)})
+    assert WebhookMessage.objects.get(pk=message.pk).status == MessageStatus.FAILED
+    since = message.event.created_at - timedelta(minutes=1)
+    done = admin_client.post(url, {"action": "replay_failed_since", "_selected_action": [endpoint_id], "apply": "1",
+                                   **_console_time(since, settings)})
+    assert done.status_code == 302
+    assert WebhookMessage.objects.get(pk=message.pk).status == MessageStatus.DELIVERED
+
+
+def test_an_endpoint_changed_in_the_admin_goes_through_the_service(admin_client, receiver, settings):
+    endpoint_id, _ = _failed_walk(receiver)
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
+    page = admin_client.post(f"/admin/notifications/webhookendpoint/{endpoint_id}/change/", {
+        "url": "http://10.0.0.8/hook", "description": "", "events": "delivery.assigned", "active": "on",
+    })
+    assert page.status_code == 200 and b"not allowed" in page.content

@@ -1,0 +1,222 @@
+"""`/v2/webhooks`: integrations manage their own endpoints and see only their own events (another
+integration's endpoint is a 404, never a 403), ops see all; the secret is shown once; rotation
+signs with both secrets for a day; a test event; the attempt log; SSRF refusals."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from notifications.egress import address_allowed
+from notifications.models import OutboxEvent, WebhookAttempt, WebhookEndpoint
+from tests.api import assert_error, client_for
+from tests.factories import IntegrationUserFactory, OpsUserFactory
+from tests.notifications.receiver import Answer
+from tests.notifications.webhook_helpers import delivery_walk, endpoint_via_api, sweep
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_creating_an_endpoint_shows_the_secret_once(receiver):
+    merchant = IntegrationUserFactory()
+    response = client_for(merchant).post(
+        "/v2/webhooks", {"url": receiver.url, "events": ["delivery.assigned"], "description": "orders"}, format="json"
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert body["events"] == ["delivery.assigned"] and body["active"] is True and body["allDeliveries"] is False
+    assert body["secret"].startswith("whsec_")
+    shown = client_for(merchant).get(f"/v2/webhooks/{body['id']}").json()
+    assert "secret" not in shown and shown["url"] == receiver.url
+    listed = client_for(merchant).get("/v2/webhooks").json()
+    assert [w["id"] for w in listed["webhooks"]] == [body["id"]] and listed["next"] is None
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"url": "http://example.com/h", "events": []}, "events"),
+    ({"url": "http://example.com/h", "events": ["delivery.teleported"]}, "events"),
+    ({"url": "http://example.com/h", "events": "*"}, "events"),
+    ({"url": "ftp://example.com/h", "events": ["*"]}, "url"),
+    ({"url": "http://user:pw@example.com/h", "events": ["*"]}, "url"),
+    ({"url": "not a url", "events": ["*"]}, "url"),
+    ({"url": 12, "events": ["*"]}, "url"),
+    ({"events": ["*"]}, "url"),
+])
+def test_bad_endpoint_input_is_a_400_naming_the_field(db, body, field):
+    response = client_for(IntegrationUserFactory()).post("/v2/webhooks", body, format="json")
+    assert field in assert_error(response, 400)["details"]
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/h", "http://localhost/h", "http://10.1.2.3/h", "http://169.254.169.254/latest/meta-data",
+    "http://[::1]/h", "http://192.168.0.10/h", "http://[::ffff:127.0.0.1]/h", "http://100.64.0.1/h",
+])
+def test_private_targets_are_refused_when_the_endpoint_is_made(db, settings, url):
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
+    response = client_for(IntegrationUserFactory()).post("/v2/webhooks", {"url": url, "events": ["*"]}, format="json")
+    assert "url" in assert_error(response, 400)["details"]
+
+
+def test_a_name_that_resolves_to_a_private_address_is_refused_at_send_time(receiver, settings):
+    """The name passes when the endpoint is made; at send time it resolves to loopback, and
+    nothing is sent (the attempt says why)."""
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
+    merchant = IntegrationUserFactory()
+    port = receiver.server.server_address[1]
+    name = _a_name_for_this_machine()
+    endpoint_id, _ = endpoint_via_api(merchant, f"http://{name}:{port}/hooks", events=["delivery.assigned"])
+    delivery_walk(merchant, steps=())
+    assert receiver.requests == []
+    (attempt,) = WebhookAttempt.objects.filter(endpoint_id=endpoint_id)
+    assert attempt.status_code is None and "refused" in attempt.error and name in attempt.error
+
+
+def _a_name_for_this_machine() -> str:
+    """A host name (not "localhost") that resolves to this machine: its own name, or one of
+    /etc/hosts' loopback aliases."""
+    for name in (socket.gethostname(), "vm", "runsc", "localhost.localdomain", "ip6-localhost"):
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)}
+        except socket.gaierror:
+            continue
+        if addresses and not any(address_allowed_public(a) for a in addresses):
+            return name
+    raise AssertionError("no host name of this machine resolves to a private address")
+
+
+def address_allowed_public(address: str) -> bool:
+    return ipaddress.ip_address(address).is_global
+
+
+def test_a_target_that_turned_private_is_refused_at_send_time(receiver, settings):
+    merchant = IntegrationUserFactory()
+    endpoint_id, _ = endpoint_via_api(merchant, receiver.url, events=["delivery.assigned"])
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
+    delivery_walk(merchant, steps=())
+    assert receiver.requests == []
+    assert "refused" in WebhookAttempt.objects.get(endpoint_id=endpoint_id).error
+
+
+@pytest.mark.parametrize(("address", "allowed"), [
+    ("93.184.216.34", True), ("2606:2800:220:1:248:1893:25c8:1946", True), ("127.0.0.1", False), ("10.0.0.1", False),
+    ("172.16.5.4", False), ("192.168.1.1", False), ("169.254.169.254", False), ("::1", False), ("fe80::1", False),
+    ("fc00::1", False), ("::ffff:10.0.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False), ("100.64.0.1", False),
+])
+def test_which_addresses_are_public(settings, address, allowed):
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
+    assert address_allowed(address) is allowed
+
+
+def test_an_integration_cannot_see_or_manage_another_integrations_endpoints(receiver):
+    alice, bob = IntegrationUserFactory(), IntegrationUserFactory()
+    endpoint_id, _ = endpoint_via_api(alice, receiver.url)
+    as_bob = client_for(bob)
+    for method, path, body in [
+        ("get", f"/v2/webhooks/{endpoint_id}", None),
+        ("patch", f"/v2/webhooks/{endpoint_id}", {"active": False}),
+        ("delete", f"/v2/webhooks/{endpoint_id}", None),
+        ("post", f"/v2/webhooks/{endpoint_id}/rotate-secret", None),
+        ("post", f"/v2/webhooks/{endpoint_id}/test", None),
+        ("get", f"/v2/webhooks/{endpoint_id}/attempts", None),
+    ]:
+        assert_error(getattr(as_bob, method)(path, body, format="json"), 404)
+    assert as_bob.get("/v2/webhooks").json()["webhooks"] == []
+    assert WebhookEndpoint.objects.get(pk=endpoint_id).active
+    # ops see and manage all
+    ops = client_for(OpsUserFactory())
+    assert [w["id"] for w in ops.get("/v2/webhooks").json()["webhooks"]] == [endpoint_id]
+    assert ops.patch(f"/v2/webhooks/{endpoint_id}", {"description": "checked by ops"}, format="json").status_code == 200
+
+
+def test_an_integration_gets_only_its_own_deliveries_events_and_ops_get_all(receiver):
+    alice, bob = IntegrationUserFactory(), IntegrationUserFactory()
+    endpoint_via_api(alice, receiver.url + "/alice", events=["delivery.assigned"])
+    endpoint_via_api(OpsUserFactory(), receiver.url + "/ops", events=["delivery.assigned"])
+    alices, _ = delivery_walk(alice, steps=())
+    bobs, _ = delivery_walk(bob, steps=())
+    by_path = {}
+    for r in receiver.requests:
+        by_path.setdefault(r.path, []).append(r.json()["data"]["id"])
+    assert by_path["/hooks/alice"] == [str(alices.pk)]
+    assert sorted(by_path["/hooks/ops"]) == sorted([str(alices.pk), str(bobs.pk)])
+
+
+def test_a_drivers_token_cannot_use_webhooks(driver_client):
+    assert_error(driver_client.get("/v2/webhooks"), 403)
+
+
+def test_an_endpoint_is_switched_off_and_on_and_what_waited_goes_out(receiver):
+    merchant = IntegrationUserFactory()
+    endpoint_id, secret = endpoint_via_api(merchant, receiver.url, events=["delivery.assigned"])
+    api = client_for(merchant)
+    assert api.patch(f"/v2/webhooks/{endpoint_id}", {"active": False}, format="json").json()["active"] is False
+    delivery_walk(merchant, steps=())
+    assert receiver.requests == []
+    on = api.patch(f"/v2/webhooks/{endpoint_id}", {"active": True, "events": ["*"]}, format="json")
+    assert on.status_code == 200 and on.json()["events"] == ["*"]
+    assert [r.verified(secret)["type"] for r in receiver.requests] == ["delivery.assigned"]
+
+
+def test_deleting_an_endpoint(receiver):
+    merchant = IntegrationUserFactory()
+    endpoint_id, _ = endpoint_via_api(merchant, receiver.url)
+    assert client_for(merchant).delete(f"/v2/webhooks/{endpoint_id}").status_code == 204
+    assert_error(client_for(merchant).get(f"/v2/webhooks/{endpoint_id}"), 404)
+
+
+def test_after_a_rotation_both_secrets_sign_for_a_day(receiver):
+    merchant = IntegrationUserFactory()
+    endpoint_id, old = endpoint_via_api(merchant, receiver.url)
+    now = timezone.now()
+    with time_machine.travel(now, tick=False):
+        rotated = client_for(merchant).post(f"/v2/webhooks/{endpoint_id}/rotate-secret")
+    assert rotated.status_code == 200
+    new = rotated.json()["secret"]
+    assert new != old and rotated.json()["previousSecretExpiresAt"]
+    with time_machine.travel(now + timedelta(hours=23), tick=False):
+        client_for(merchant).post(f"/v2/webhooks/{endpoint_id}/test")
+        (during,) = receiver.requests
+        assert during.verified(old) == during.verified(new)
+        assert len(during.headers["webhook-signature"].split(" ")) == 2
+    with time_machine.travel(now + timedelta(hours=25), tick=False):
+        client_for(merchant).post(f"/v2/webhooks/{endpoint_id}/test")
+        after = receiver.requests[1]
+        assert after.verified(new)["type"] == "webhook.test"
+        with pytest.raises(WebhookVerificationError):
+            Webhook(old).verify(after.body, after.headers)
+
+
+def test_a_test_event_and_the_attempt_log(receiver):
+    merchant = IntegrationUserFactory()
+    endpoint_id, secret = endpoint_via_api(merchant, receiver.url)
+    receiver.answer(Answer(500))
+    queued = client_for(merchant).post(f"/v2/webhooks/{endpoint_id}/test")
+    assert queued.status_code == 202
+    event_id = queued.json()["eventId"]
+    assert event_id.startswith("msg_")
+    payload = receiver.requests[0].verified(secret)
+    assert payload["id"] == event_id and payload["type"] == "webhook.test" and payload["data"]["endpointId"] == endpoint_id
+    log = client_for(merchant).get(f"/v2/webhooks/{endpoint_id}/attempts").json()
+    (attempt,) = log["attempts"]
+    assert attempt["eventId"] == event_id and attempt["statusCode"] == 500 and attempt["error"] == "HTTP 500"
+    assert attempt["nextRetryAt"] and attempt["messageStatus"] == "pending" and attempt["durationMs"] >= 0
+
+
+def test_a_test_event_to_a_switched_off_endpoint_is_a_conflict(receiver):
+    merchant = IntegrationUserFactory()
+    endpoint_id, _ = endpoint_via_api(merchant, receiver.url)
+    client_for(merchant).patch(f"/v2/webhooks/{endpoint_id}", {"active": False}, format="json")
+    assert_error(client_for(merchant).post(f"/v2/webhooks/{endpoint_id}/test"), 409)
+
+
+def test_an_endpoint_made_later_does_not_get_older_events(receiver):
+    merchant = IntegrationUserFactory()
+    delivery_walk(merchant, steps=())
+    endpoint_via_api(merchant, receiver.url)
+    sweep()
+    assert receiver.requests == [] and OutboxEvent.objects.exists()
