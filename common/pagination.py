@@ -36,7 +36,8 @@ class CursorPagination(_CursorPagination):
             cursor = super().decode_cursor(request)
             if cursor is not None:
                 # DRF ignores unknown tokens, so base64 of anything restarts at page one.
-                raw = b64decode(request.query_params[self.cursor_query_param].encode("ascii")).decode("ascii")
+                # validate: base64 only (DRF drops other characters, so "!!!" read as page one)
+                raw = b64decode(request.query_params[self.cursor_query_param].encode("ascii"), validate=True).decode("ascii")
                 if set(parse_qs(raw, keep_blank_values=True)) - {"o", "r", "p"}:
                     raise ValueError("unknown cursor token")
             return cursor

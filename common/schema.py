@@ -44,11 +44,38 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 _IDEMPOTENCY_ERRORS = (400, 409)
 
 # The `limit` and `cursor` query parameters of every paginated list (common.pagination).
+CURSOR_PATTERN = r"^[A-Za-z0-9+/]+={0,2}$"  # what common.pagination hands out: base64
 PAGE_PARAMETERS = [
     OpenApiParameter("limit", {"type": "integer", "minimum": 1, "maximum": 200},
-                     description="Page size, 1 to 200 (default 50)."),
-    OpenApiParameter("cursor", str, description="The opaque cursor from a previous page's `next`."),
+                     description="Page size, 1 to 200 (default 50). An empty value is a 400."),
+    OpenApiParameter(
+        "cursor", {"type": "string", "pattern": CURSOR_PATTERN},
+        description="The opaque cursor from a previous page's `next` of the same endpoint and filters. Anything "
+        "else is a 400 (`details.cursor`), even when it matches the pattern.",
+    ),
 ]
+
+# Query parameters whose empty value (`?status=`) is a 400, not "left out" (all others: DRF
+# reads an empty value of an optional field as absent).
+_EMPTY_IS_AN_ERROR = {"limit", "token"}
+_EMPTY_NOTE = "An empty value is the same as leaving the parameter out."
+
+
+def query_parameters_as_served(result, generator, request, public):
+    """Postprocessing hook: optional query parameters say what the server does with an empty
+    value (`?sort=`): it is read as absent (DRF's rule for optional fields), so the schema
+    allows it (`allowEmptyValue`) instead of claiming `minLength: 1`."""
+    for item in result.get("paths", {}).values():
+        for operation in item.values():
+            for param in operation.get("parameters", []) if isinstance(operation, dict) else ():
+                if param.get("in") != "query" or param.get("required") or param["name"] in _EMPTY_IS_AN_ERROR:
+                    continue
+                param["allowEmptyValue"] = True
+                param.get("schema", {}).pop("minLength", None)
+                description = param.get("description", "")
+                if _EMPTY_NOTE not in description:
+                    param["description"] = f"{description}\n\n{_EMPTY_NOTE}".strip()
+    return result
 
 
 class AutoSchema(_AutoSchema):

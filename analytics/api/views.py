@@ -119,7 +119,8 @@ class AnalyticsSummaryView(APIView):
     permission_classes = [IsOps]
 
     @extend_schema(operation_id="analytics_summary",
-                   parameters=[OpenApiParameter("from", OpenApiTypes.DATETIME, description="ISO 8601; default: 24 h before `to`"),
+                   parameters=[OpenApiParameter("from", OpenApiTypes.DATETIME, description="ISO 8601; default: 24 h before `to`. "
+                                                "Must be before `to`, and the range at most 366 days (else 400, `details.from`)."),
                                OpenApiParameter("to", OpenApiTypes.DATETIME, description="ISO 8601; default: now"),
                                OpenApiParameter("zone", OpenApiTypes.UUID, description="zone id")],
                    responses={200: SummaryResponse, **errors(400)}, tags=["analytics"])

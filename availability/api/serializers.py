@@ -1,6 +1,7 @@
 from datetime import timedelta
 
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from availability.models import SETTABLE_AVAILABILITY_CHOICES, DriverAvailability
@@ -31,7 +32,10 @@ class StatusResponseSerializer(serializers.Serializer):
 class OverrideSerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=SETTABLE_AVAILABILITY_CHOICES)
     reason = StrictCharField(max_length=255)
-    durationMinutes = StrictIntegerField(min_value=1, max_value=24 * 60, required=False)
+    durationMinutes = StrictIntegerField(
+        min_value=1, max_value=24 * 60, required=False,
+        help_text="Required when `state` is on_break (else 400, `details.durationMinutes`); ignored otherwise.",
+    )
 
     def validate(self, attrs):
         if attrs["state"] == DriverAvailability.ON_BREAK and not attrs.get("durationMinutes"):
@@ -64,6 +68,11 @@ class JsonNumberField(FiniteFloatField):
         return super().to_internal_value(data)
 
 
+@extend_schema_field({"type": "number", "format": "double", "minimum": 0, "maximum": 360, "exclusiveMaximum": True, "nullable": True})
+class HeadingField(JsonNumberField):
+    """0 ≤ heading < 360 (`validate_heading`); the schema says so."""
+
+
 class LocationSerializer(serializers.Serializer):
     lat = JsonNumberField(min_value=-90, max_value=90)
     lon = JsonNumberField(min_value=-180, max_value=180)
@@ -72,8 +81,10 @@ class LocationSerializer(serializers.Serializer):
         min_value=0, max_value=150, required=False, allow_null=True,
         help_text="metres per second, as phones report it (the customer's socket shows km/h)",
     )
-    heading = JsonNumberField(min_value=0, required=False, allow_null=True)
-    recordedAt = serializers.DateTimeField(required=False)
+    heading = HeadingField(min_value=0, required=False, allow_null=True, help_text="degrees, 0 to less than 360")
+    recordedAt = serializers.DateTimeField(
+        required=False, help_text="When the phone took the fix; not in the future (a little clock skew is allowed). Default: now.",
+    )
 
     def validate_heading(self, value):
         if value is not None and value >= 360:

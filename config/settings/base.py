@@ -261,6 +261,8 @@ SPECTACULAR_SETTINGS = {
         "OnBreakStatusEnum": ["on_break"],
     },
     "DISABLE_ERRORS_AND_WARNINGS": False,
+    # The schema says what the server does with empty query values (common.schema).
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "common.schema.query_parameters_as_served"],
 }
 
 # Domain settings (SPEC "Settings")

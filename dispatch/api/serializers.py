@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from audit.models import AuditEventType
@@ -12,6 +13,14 @@ from dispatch.models import Assignment, AssignmentEndReason, AssignmentStatus, D
 FINISHED_DELIVERY_STATUSES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
 
 PHONE_RE = re.compile(r"^\+?[0-9 ()\-.]{4,32}$")
+# validate_phone as one pattern (PHONE_RE and at least 4 digits), for the schema
+PHONE_PATTERN = r"^(?=(?:\D*\d){4})\+?[0-9 ()\-.]{4,32}$"
+PHONE_HELP = "digits, spaces, + ( ) - . only, with at least 4 digits"
+
+
+@extend_schema_field({"type": "string", "pattern": PHONE_PATTERN, "maxLength": 32, "description": PHONE_HELP})
+class PhoneField(StrictCharField):
+    """A phone number (`validate_phone`); the schema carries its rule."""
 
 
 def validate_phone(value: str) -> str:
@@ -74,7 +83,7 @@ class DriverCreatedSerializer(DriverSerializer):
 
 class DriverCreateSerializer(serializers.Serializer):
     name = StrictCharField(max_length=200)
-    phone = StrictCharField(max_length=32, validators=[validate_phone])
+    phone = PhoneField(max_length=32, validators=[validate_phone])
     vehicle = StrictCharField(max_length=200)
     vehicleType = serializers.ChoiceField(choices=VehicleType.choices, required=False, default=VehicleType.CAR)
     username = StrictRegexField(r"^[\w.@+-]{3,150}$", max_length=150, required=False)
@@ -96,9 +105,7 @@ class DeliveryCreateSerializer(serializers.Serializer):
     dropoffLocation = PointField()
     dropoffAddress = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
     customerName = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
-    customerPhone = StrictCharField(
-        max_length=32, required=False, allow_blank=True, default="", validators=[]
-    )
+    customerPhone = PhoneField(max_length=32, required=False, allow_blank=True, default="")
     prepTimeMinutes = StrictIntegerField(min_value=0, max_value=240, required=False, default=0)
     deliveryFee = MoneyField(required=False, allow_null=True, default=None)
     autoDispatch = StrictBooleanField(required=False, default=True)

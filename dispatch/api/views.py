@@ -180,6 +180,8 @@ class DeliveryStepView(APIView):
     @extend_schema(
         operation_id="drivers_delivery_step",
         request=s.OptionalReasonSerializer,
+        description="Move the delivery one step on. `reason` is required (non-empty) for delivery-failed "
+        "(else 400, `details.reason`) and ignored by the other steps. A step out of order is a 409.",
         parameters=[OpenApiParameter("step", str, OpenApiParameter.PATH, enum=list(services.STEP_NAMES))],
         responses={200: s.DeliverySerializer, **errors(400, 404, 409)},
         tags=["deliveries"],

@@ -165,6 +165,10 @@ class TicketQuerySerializer(serializers.Serializer):
 
 
 class TicketPatchSerializer(serializers.Serializer):
+    """At least one of status, priority, assigneeId, resolution (an empty object is a 400).
+    Moving to resolved or closed needs a resolution note, sent here or already on the ticket;
+    a closed ticket is final (409)."""
+
     status = serializers.ChoiceField(choices=TicketStatus.choices, required=False)
     priority = serializers.ChoiceField(choices=TicketPriority.choices, required=False)
     assigneeId = StrictUUIDField(required=False, allow_null=True)

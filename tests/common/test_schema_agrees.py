@@ -1,0 +1,160 @@
+"""The OpenAPI schema says what the server does (issue 15, defect 5): every query parameter of
+every GET in the schema is sent the values its schema refuses, and values it allows that a
+client could be surprised by (an empty one), and the answer must agree with the schema. Body
+rules the schema states as patterns or bounds are checked against the server the same way."""
+from __future__ import annotations
+
+import functools
+import re
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import time_machine
+from django.utils import timezone
+from drf_spectacular.generators import SchemaGenerator
+
+from tests.api import client_for
+from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@functools.cache
+def _schema() -> dict:
+    return SchemaGenerator().get_schema(request=None, public=True)
+
+
+def _component(name: str) -> dict:
+    return _schema()["components"]["schemas"][name]
+
+
+def _string_allows(rule: dict, value: str) -> bool:
+    if "oneOf" in rule:
+        return sum(_string_allows(branch, value) for branch in rule["oneOf"]) == 1
+    return (
+        rule.get("minLength", 0) <= len(value) <= rule.get("maxLength", 10**9)
+        and ("pattern" not in rule or bool(re.search(rule["pattern"], value)))
+    )
+
+
+def query_parameters() -> list[tuple[str, dict]]:
+    return [
+        (path, param)
+        for path, item in sorted(_schema()["paths"].items())
+        for method, op in item.items() if method == "get"
+        for param in op.get("parameters", []) if param["in"] == "query"
+    ]
+
+
+def refused_by_schema(param: dict) -> list[str]:
+    """Values the parameter's schema does not allow."""
+    schema = param["schema"]
+    values = [] if param.get("allowEmptyValue") else [""]
+    if "enum" in schema:
+        values.append("not-one-of-them")
+    if schema.get("type") == "integer":
+        values += ["x", "1.5"]
+        values += [str(schema["maximum"] + 1)] if "maximum" in schema else []
+        values += [str(schema["minimum"] - 1)] if "minimum" in schema else []
+    if schema.get("format") in ("uuid", "date-time"):
+        values.append("nope")
+    if schema.get("type") == "boolean":
+        values.append("maybe")
+    if "maxLength" in schema:
+        values.append("a" * (schema["maxLength"] + 1))
+    if "pattern" in schema:
+        values += [v for v in ("!!!", "a b") if not re.search(schema["pattern"], v)]
+    return [v for v in values if not (v == "" and "pattern" not in schema and schema.get("type") == "string"
+                                       and "enum" not in schema and "format" not in schema and not schema.get("minLength"))]
+
+
+@pytest.fixture
+def urls():
+    delivery = DeliveryFactory()
+    ids = {"driver_id": DriverFactory().pk, "delivery_id": delivery.pk, "zone_id": ZoneFactory().pk,
+           "seller_order_id": delivery.seller_order_id}
+
+    def url(path):
+        for key, value in ids.items():
+            path = path.replace("{%s}" % key, str(value))
+        return path
+
+    return url
+
+
+def test_every_query_parameter_answers_as_its_schema_says(urls):
+    ops = client_for(OpsUserFactory())
+    surprises = []
+    checked = 0
+    for path, param in query_parameters():
+        if param["name"] == "token" or "{" in urls(path):
+            continue  # the customer's token: its own tests (tracking)
+        for value in refused_by_schema(param):
+            r = ops.get(urls(path), {param["name"]: value})
+            checked += 1
+            if r.status_code != 400:
+                surprises.append(f"{path} {param['name']}={value!r}: {r.status_code}, the schema refuses it")
+            elif param["name"] not in r.json().get("details", {}):
+                surprises.append(f"{path} {param['name']}={value!r}: 400 without details.{param['name']}")
+        if param.get("allowEmptyValue"):
+            with time_machine.travel(timezone.now(), tick=False):  # the same "now" for both (summary windows)
+                empty, absent = ops.get(urls(path), {param["name"]: ""}), ops.get(urls(path))
+            checked += 1
+            if empty.status_code != absent.status_code or empty.json() != absent.json():
+                surprises.append(f"{path} {param['name']}='': {empty.status_code}, the schema says it is as if left out")
+    assert checked > 60
+    assert surprises == [], "\n".join(surprises)
+
+
+def test_cursors_are_documented_as_what_the_server_accepts(ops, db):
+    cursor = next(p for _, p in query_parameters() if p["name"] == "cursor")["schema"]
+    for garbage in ("!!!", "garbage", "b3JkZXI9MQ=="):  # not base64; bad padding; base64 of an unknown token
+        body = ops.get("/v2/deliveries", {"cursor": garbage}).json()
+        assert body["statusCode"] == 400 and "cursor" in body["details"], garbage
+    assert not re.search(cursor["pattern"], "!!!")
+    DriverFactory.create_batch(2)
+    page = ops.get("/v2/drivers", {"limit": 1}).json()
+    issued = parse_qs(urlsplit(page["next"]).query)["cursor"][0]
+    assert re.search(cursor["pattern"], issued)  # what the server hands out fits the pattern
+
+
+@pytest.mark.parametrize("phone", ["+1 555 0100", "1234", "(080) 4110-2233", "12a4", "(12)", "----", "+12 3", "1" * 33, ""])
+def test_the_phone_pattern_is_the_servers_rule(ops, phone):
+    matches = _string_allows(_component("DriverCreateRequest")["properties"]["phone"], phone)
+    r = ops.post("/v2/drivers", {"name": "Ann", "phone": phone, "vehicle": "bike"}, format="json")
+    assert (r.status_code == 201) == matches, (phone, r.content)
+
+    matches = _string_allows(_component("DeliveryCreateRequest")["properties"]["customerPhone"], phone)
+    body = {"sellerOrderId": f"PH-{phone}", "storeName": "S", "pickupLocation": {"lat": 1, "lon": 1},
+            "dropoffLocation": {"lat": 1.01, "lon": 1}, "customerPhone": phone, "autoDispatch": False}
+    r = ops.post("/v2/deliveries", body, format="json")
+    assert (r.status_code == 201) == matches, (phone, r.content)
+
+
+def test_the_heading_bound_is_exclusive_as_documented(db):
+    heading = _component("LocationRequest")["properties"]["heading"]
+    assert (heading["minimum"], heading["maximum"], heading["exclusiveMaximum"]) == (0, 360, True)
+    driver = DriverFactory()
+    me = client_for(driver.user)
+    fix = {"lat": 12.9, "lon": 77.6}
+    assert me.post(f"/v2/drivers/{driver.pk}/location", {**fix, "heading": 359.9}, format="json").status_code == 200
+    assert me.post(f"/v2/drivers/{driver.pk}/location", {**fix, "heading": 360}, format="json").status_code == 400
+
+
+def test_cross_field_rules_are_in_the_schema_and_enforced(ops, db):
+    paths = _schema()["paths"]
+    override = _component("OverrideRequest")["properties"]["durationMinutes"]
+    assert "on_break" in override["description"]
+    driver = DriverFactory()
+    r = ops.post(f"/v2/drivers/{driver.pk}/availability", {"state": "on_break", "reason": "x"}, format="json")
+    assert r.status_code == 400 and "durationMinutes" in r.json()["details"]
+
+    step = paths["/v2/drivers/{driver_id}/deliveries/{delivery_id}/{step}"]["post"]
+    assert "delivery-failed" in step["description"] and "reason" in step["description"]
+
+    summary = {p["name"]: p for p in paths["/v2/admin/analytics/summary"]["get"]["parameters"]}
+    assert "before `to`" in summary["from"]["description"] and "366 days" in summary["from"]["description"]
+    r = ops.get("/v2/admin/analytics/summary", {"from": "2026-02-02T00:00:00Z", "to": "2026-02-01T00:00:00Z"})
+    assert r.status_code == 400 and "from" in r.json()["details"]
+
+    assert "At least one of" in _component("PatchedTicketPatchRequest")["description"]
