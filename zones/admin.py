@@ -1,31 +1,51 @@
 """Ops console for zones: boundaries drawn on a map, staffing and live health at a glance.
-Saving goes through the zone services; driver preferences are an inline on the driver page."""
+Saving goes through the zone services; driver preferences are an inline on the driver page.
+
+The map is django-leaflet's admin widget: Leaflet and Leaflet.draw from our static files (no
+CDN), so a zone can be drawn on a machine without internet; tiles come from OPS_MAP_TILE_URL
+and the editor works without them."""
 import math
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.gis import forms as gis_forms
-from django.contrib.gis.admin import GISModelAdmin
 from django.contrib.gis.gdal import GDALException
 from django.core.exceptions import ValidationError
 from django.db.models import F
 from django.utils.html import format_html
+from leaflet.admin import LeafletAdminWidget, LeafletGeoAdminMixin
 
 from zones import services
 from zones.geometry import validate_zone_polygon
 from zones.models import DeliveryZone, DriverZonePreference
 
-MAP_CENTER = getattr(settings, "ZONES_MAP_CENTER", (12.9716, 77.5946))  # (lat, lon): the demo city
-
-
 WEB_MERCATOR_LIMIT_M = 20037508.35  # the square Web Mercator map, in metres
+
+
+def off_web_mercator(geom) -> bool:
+    """Web Mercator values off the map (or not numbers): PROJ can spin on them."""
+    if geom.srid != 3857 or geom.empty:
+        return False
+    return not all(math.isfinite(v) and abs(v) <= WEB_MERCATOR_LIMIT_M for v in geom.extent)
+
+
+class ZoneMapWidget(LeafletAdminWidget):
+    """django-leaflet's admin widget, which redraws a refused value in the map's WGS84: a
+    value off the Web Mercator map is not redrawn (transforming it can spin in PROJ)."""
+
+    def get_context(self, name, value, attrs):
+        if isinstance(value, str) and value:
+            geom = self.deserialize(value)
+            if geom is not None and off_web_mercator(geom):
+                value = None
+        return super().get_context(name, value, attrs)
 
 
 class ZonePolygonFormField(gis_forms.PolygonField):
     """GeoDjango's polygon field, refusing before it transforms what it cannot transform
-    safely: an SRID other than WGS84 or the map's Web Mercator (an unknown SRID raises a
-    GDAL error, a 500) and Web Mercator values off the map (PROJ can spin on them)."""
+    safely: an SRID other than WGS84 or Web Mercator (an unknown SRID raises a GDAL error,
+    a 500) and Web Mercator values off the map (PROJ can spin on them). The Leaflet editor
+    submits GeoJSON in WGS84; EWKT and Web Mercator still come from scripts and old forms."""
 
     def clean(self, value):
         geom = forms.Field.clean(self, value)  # parse only
@@ -33,10 +53,8 @@ class ZonePolygonFormField(gis_forms.PolygonField):
             return None
         if geom.srid not in (4326, 3857):
             raise forms.ValidationError(f"Must be in WGS84 (SRID 4326) or the map's SRID 3857, not SRID {geom.srid}.")
-        if geom.srid == 3857 and not geom.empty:
-            extent = geom.extent
-            if not all(math.isfinite(v) and abs(v) <= WEB_MERCATOR_LIMIT_M for v in extent):
-                raise forms.ValidationError("Coordinates are off the map (Web Mercator, SRID 3857).")
+        if off_web_mercator(geom):
+            raise forms.ValidationError("Coordinates are off the map (Web Mercator, SRID 3857).")
         try:
             return super().clean(geom)
         except GDALException:
@@ -74,9 +92,9 @@ class BelowMinimumFilter(admin.SimpleListFilter):
 
 
 @admin.register(DeliveryZone)
-class DeliveryZoneAdmin(GISModelAdmin):
+class DeliveryZoneAdmin(LeafletGeoAdminMixin, admin.ModelAdmin):
     form = DeliveryZoneForm
-    gis_widget_kwargs = {"attrs": {"default_lat": MAP_CENTER[0], "default_lon": MAP_CENTER[1], "default_zoom": 11}}
+    widget = ZoneMapWidget
     list_display = (
         "name", "priority_level", "drivers_online", "below_minimum", "health", "demand_level",
         "avg_wait_time_seconds", "target_wait_time_seconds", "last_updated",
@@ -111,9 +129,12 @@ class DeliveryZoneAdmin(GISModelAdmin):
             return format_html('<span class="zone-below-min" style="color:#ba2121;font-weight:bold">&#9888; {}</span>', text)
         return format_html('<span style="color:#2e7d32">{}</span>', text)
 
-    @admin.display(description="Below min", boolean=True)
+    @admin.display(description="Below min", ordering="current_drivers_online")
     def below_minimum(self, zone):
-        return zone.below_minimum
+        """Coloured by meaning: below the minimum is the bad case (red), not a green tick."""
+        if zone.below_minimum:
+            return format_html('<span class="flag-bad" style="color:#ba2121;font-weight:bold">{}</span>', "yes")
+        return format_html('<span class="flag-ok" style="color:#2e7d32">{}</span>', "no")
 
     @admin.display(description="Health", ordering="health_score")
     def health(self, zone):
@@ -133,7 +154,7 @@ class DeliveryZoneAdmin(GISModelAdmin):
             obj._state.adding = False
             obj._state.db = zone._state.db
 
-    @admin.action(description="Recompute health now")
+    @admin.action(description="Recompute health now", permissions=["change"])
     def refresh_health(self, request, queryset):
         done = services.zone_health_refresh(zone_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"Health recomputed for {done} zones.", messages.SUCCESS)

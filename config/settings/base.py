@@ -24,6 +24,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework_gis",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc served from our static files (no CDN)
     "channels",
     "django_celery_beat",
     "common",
@@ -261,6 +262,10 @@ SPECTACULAR_SETTINGS = {
         "OnBreakStatusEnum": ["on_break"],
     },
     "DISABLE_ERRORS_AND_WARNINGS": False,
+    # Swagger UI and ReDoc from drf-spectacular-sidecar's pinned builds in our static files.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # The schema says what the server does with empty query values (common.schema).
     "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "common.schema.query_parameters_as_served"],
 }
@@ -376,6 +381,24 @@ SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"].update({
 CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
     {"address": REDIS_URL, "socket_timeout": env.float("CHANNELS_REDIS_SOCKET_TIMEOUT", default=15.0)}
 ]
+
+# Map tiles are the one outside resource (STYLE "Nothing from a CDN"): a tile URL template, or
+# empty for none. Every map (live ops map, zone editor, delivery page) still shows zones,
+# drivers and deliveries on a plain background when no tile loads.
+OPS_MAP_TILE_URL = env("OPS_MAP_TILE_URL", default="https://tile.openstreetmap.org/{z}/{x}/{y}.png")
+OPS_MAP_TILE_ATTRIBUTION = env(
+    "OPS_MAP_TILE_ATTRIBUTION", default='&copy; <a href="https://www.openstreetmap.org/copyright">OpenStreetMap</a> contributors'
+)
+OPS_MAP_CENTER = (env.float("OPS_MAP_CENTER_LAT", default=12.9716), env.float("OPS_MAP_CENTER_LON", default=77.5946))
+# django-leaflet (the admin's geometry widgets): its bundled Leaflet and Leaflet.draw, our tiles.
+LEAFLET_CONFIG = {
+    "DEFAULT_CENTER": OPS_MAP_CENTER,
+    "DEFAULT_ZOOM": 11,
+    "MIN_ZOOM": 2,
+    "MAX_ZOOM": 19,
+    "TILES": [("Map", OPS_MAP_TILE_URL, {"attribution": OPS_MAP_TILE_ATTRIBUTION, "maxZoom": 19})] if OPS_MAP_TILE_URL else [],
+    "RESET_VIEW": False,
+}
 
 # Telling the people outside (docs/notifications.md): signed webhooks to merchants from a
 # transactional outbox, and ops alerts by chat.
