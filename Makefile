@@ -11,6 +11,7 @@ setup:
 migrate: setup
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py setup_periodic_tasks
+	$(PY) manage.py setup_roles
 	$(PY) manage.py collectstatic --noinput -v0
 
 run: migrate

@@ -1,8 +1,12 @@
 """Ops console for drivers: availability, location, performance, zone preferences."""
 from django import forms
 from django.contrib import admin
-from django.contrib.gis.admin import GISModelAdmin
 from django.template.response import TemplateResponse
+from import_export import fields as export_fields
+from import_export import resources
+from import_export.admin import ExportMixin
+from import_export.formats.base_formats import CSV, XLSX
+from leaflet.admin import LeafletGeoAdminMixin
 
 from availability.models import (
     SETTABLE_AVAILABILITY_CHOICES,
@@ -45,18 +49,48 @@ class AvailabilityHistoryInline(ReadOnlyInline):
     ordering = ("-timestamp",)
 
 
+class DriverPerformanceExport(resources.ModelResource):
+    """Driver performance as CSV/XLSX: one row per driver of the (filtered) list."""
+
+    deliveries_completed = export_fields.Field(attribute="performance__deliveries_completed", column_name="deliveries_completed")
+    deliveries_failed = export_fields.Field(attribute="performance__deliveries_failed", column_name="deliveries_failed")
+    offers_accepted = export_fields.Field(attribute="performance__offers_accepted", column_name="offers_accepted")
+    offers_rejected = export_fields.Field(attribute="performance__offers_rejected", column_name="offers_rejected")
+    offers_expired = export_fields.Field(attribute="performance__offers_expired", column_name="offers_expired")
+    acceptance_rate = export_fields.Field(attribute="performance__acceptance_rate", column_name="acceptance_rate")
+    on_time_rate = export_fields.Field(attribute="performance__on_time_rate", column_name="on_time_rate")
+    avg_response_ms = export_fields.Field(attribute="performance__avg_response_time_ms", column_name="avg_response_ms")
+    total_earnings = export_fields.Field(attribute="performance__total_earnings", column_name="total_earnings")
+
+    class Meta:
+        model = Driver
+        fields = (
+            "id", "name", "vehicle_type", "availability", "rating", "deliveries_completed", "deliveries_failed",
+            "offers_accepted", "offers_rejected", "offers_expired", "acceptance_rate", "on_time_rate",
+            "avg_response_ms", "total_earnings",
+        )
+        export_order = fields
+
+
 @admin.register(Driver)
-class DriverAdmin(GISModelAdmin):
+class DriverAdmin(ExportMixin, LeafletGeoAdminMixin, admin.ModelAdmin):
+    """Profile fields and the home location (Leaflet, from our static files) are editable; the
+    live location, availability and rating change only through the services (fixes, the
+    availability action below, customer ratings)."""
+
     list_display = (
         "name", "phone", "vehicle_type", "availability", "availability_until", "location_recorded_at", "rating",
         "deliveries_completed", "acceptance_rate", "on_time_rate", "avg_response_ms", "earnings",
     )
     list_filter = ("availability", "vehicle_type")
+    resource_classes = [DriverPerformanceExport]
+    formats = [CSV, XLSX]
     search_fields = ("name", "phone", "user__username", "id")
     list_select_related = ("user", "performance")
     readonly_fields = (
         "id", "user", "availability", "availability_until", "availability_reason", "last_availability_change",
-        "availability_change_actor", "availability_change_actor_type", "location_recorded_at", "created_at", "updated_at",
+        "availability_change_actor", "availability_change_actor_type", "rating", "location", "location_accuracy_m",
+        "location_speed", "location_heading", "location_recorded_at", "created_at", "updated_at",
     )
     fieldsets = (
         (None, {"fields": ("id", "user", "name", "phone", "vehicle", "vehicle_type", "rating")}),
@@ -101,7 +135,7 @@ class DriverAdmin(GISModelAdmin):
         p = self._perf(obj)
         return p.total_earnings if p else 0
 
-    @admin.action(description="Set availability (with a reason)…")
+    @admin.action(description="Set availability (with a reason)…", permissions=["change"])
     def set_availability(self, request, queryset):
         form = SetAvailabilityForm(request.POST if "apply" in request.POST else None)
         if "apply" in request.POST and form.is_valid():

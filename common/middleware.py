@@ -3,12 +3,14 @@ from __future__ import annotations
 import logging
 import re
 import time
+import zoneinfo
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse
 from django.urls import Resolver404, resolve
+from django.utils import timezone as dj_timezone
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 from common import metrics
@@ -78,6 +80,41 @@ class RequestIdMiddleware(AsyncCapableMiddleware):
     def process(self, request, response):
         response.headers["X-Request-ID"] = request.request_id
         return response
+
+
+class OpsTimeZoneMiddleware:
+    """The ops console (admin) and the support views show times in OPS_TIME_ZONE; the API, the
+    tracking page and everything else stay UTC. Activated for the request, reset after it."""
+
+    sync_capable = True
+    async_capable = True
+    PREFIXES = ("/admin/", "/support/")
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        self.zone = zoneinfo.ZoneInfo(settings.OPS_TIME_ZONE)
+        if iscoroutinefunction(self.get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        if not request.path.startswith(self.PREFIXES):
+            return self.get_response(request)
+        dj_timezone.activate(self.zone)
+        try:
+            return self.get_response(request)
+        finally:
+            dj_timezone.deactivate()
+
+    async def __acall__(self, request):
+        if not request.path.startswith(self.PREFIXES):
+            return await self.get_response(request)
+        dj_timezone.activate(self.zone)
+        try:
+            return await self.get_response(request)
+        finally:
+            dj_timezone.deactivate()
 
 
 class ApiHeadersMiddleware(AsyncCapableMiddleware):

@@ -3,6 +3,9 @@ from django.core.exceptions import ObjectDoesNotExist
 
 INTEGRATIONS_GROUP = "integrations"
 SUPPORT_GROUP = "support"
+# The ops console's roles (common/groups.py): staff logins with least-privilege admin permissions.
+DISPATCHER_GROUP = "Dispatcher"
+VIEWER_GROUP = "Viewer"
 
 
 def _in_group(user, name: str) -> bool:

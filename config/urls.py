@@ -2,10 +2,11 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from analytics.admin import analytics_page
+from analytics.admin import analytics_page, ops_map_page
 from analytics.api import views as analytics_views
 from availability.api import views as availability_views
 from common.views import AuthTokenView, health, jobs, live, prometheus_metrics, ready
+from config.views import home
 from dispatch.api import views as dispatch_views
 from escalation.api import views as escalation_views
 from notifications.api import views as webhook_views
@@ -29,6 +30,7 @@ api = [
         name="driver-delivery-step",
     ),
     path("deliveries", dispatch_views.DeliveryListCreateView.as_view(), name="deliveries"),
+    path("quotes", dispatch_views.QuoteView.as_view(), name="quotes"),
     path("deliveries/<uuid:delivery_id>", dispatch_views.DeliveryDetailView.as_view(), name="delivery-detail"),
     path("deliveries/<uuid:delivery_id>/assignments", dispatch_views.DeliveryAssignmentsView.as_view(), name="delivery-assignments"),
     path("deliveries/<uuid:delivery_id>/offers", offer_views.DeliveryOffersView.as_view(), name="delivery-offers"),
@@ -41,6 +43,7 @@ api = [
     path("admin/analytics/drivers", analytics_views.DriverAnalyticsListView.as_view(), name="analytics-drivers"),
     path("admin/analytics/drivers/<uuid:driver_id>", analytics_views.DriverAnalyticsDetailView.as_view(), name="analytics-driver"),
     path("admin/analytics/summary", analytics_views.AnalyticsSummaryView.as_view(), name="analytics-summary"),
+    path("admin/live-map", analytics_views.LiveMapView.as_view(), name="admin-live-map-state"),
     path("orders/<str:seller_order_id>/delivery-status", tracking_views.DeliveryStatusView.as_view(), name="order-delivery-status"),
     path("orders/<str:seller_order_id>/rating", tracking_views.RatingView.as_view(), name="order-rating"),
     path("admin/deliveries/<uuid:delivery_id>/audit", dispatch_views.DeliveryAuditView.as_view(), name="delivery-audit"),
@@ -77,7 +80,9 @@ api = [
 ]
 
 urlpatterns = [
+    path("", home, name="home"),
     path("admin/analytics/", analytics_page, name="admin-analytics"),
+    path("admin/map/", ops_map_page, name="admin-map"),
     path("admin/", admin.site.urls),
     path("health/", health, name="health"),
     path("health", health),

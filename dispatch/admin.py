@@ -1,22 +1,35 @@
-"""Ops console for drivers, deliveries and assignments. Actions call services."""
+"""Ops console for deliveries and assignments. Every field of a delivery is read-only here:
+state changes only through the workflows (the actions below), which write the audit rows.
+Cancel and reassign ask for confirmation and a typed reason; "assign to a driver" offers the
+delivery to a chosen nearby driver through the same workflow as `POST /v2/deliveries/{id}/offers`."""
+from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
-from django.contrib.gis.admin import GISModelAdmin
+from django.contrib.auth import get_user_model
+from django.template.response import TemplateResponse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from import_export import fields as export_fields
+from import_export import resources
+from import_export.admin import ExportMixin
+from import_export.formats.base_formats import CSV, XLSX
 
 from analytics.models import DeliveryCost, DeliveryRevenue
 from audit.models import DeliveryAuditLog
+from availability.geo import drivers_available_near
+from availability.live import positions_of
+from availability.models import Driver
 from common.actors import Actor
 from common.admin import ReadOnlyInline, run_for_each
-from dispatch.models import Assignment, Delivery
+from common.admin_confirm import confirm_then
+from dispatch.models import Assignment, Delivery, DeliveryStatus
+from notifications.admin import CustomerMessageInline
 from offers.admin import OfferInline
 from workflows import deliveries
 from workflows.dispatching import delivery_dispatch
+from workflows.offers import offer_create
 
-
-class AuditInline(ReadOnlyInline):
-    model = DeliveryAuditLog
-    fields = ("timestamp", "event_type", "actor_type", "actor_id", "details")
-    readonly_fields = fields
-    ordering = ("timestamp", "seq")
+User = get_user_model()
 
 
 class AssignmentInline(ReadOnlyInline):
@@ -40,25 +53,188 @@ class RevenueInline(ReadOnlyInline):
     readonly_fields = fields
 
 
+class LateFilter(admin.SimpleListFilter):
+    """In progress (assigned, picked up, in transit) with the delivery ETA already passed."""
+
+    title = "late"
+    parameter_name = "late"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Late (ETA passed)")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(
+                status__in=(DeliveryStatus.ASSIGNED, DeliveryStatus.PICKED_UP, DeliveryStatus.IN_TRANSIT),
+                eta_delivery_at__lt=timezone.now(),
+            )
+        return queryset
+
+
+def timeline_names(rows) -> dict[str, str]:
+    """Names of the people and drivers an audit trail mentions, by id (one query each)."""
+    user_ids, driver_ids = set(), set()
+    for row in rows:
+        if row.actor_id:
+            (driver_ids if row.actor_type == "driver" else user_ids).add(row.actor_id)
+        for key in ("driverId", "previousDriverId"):
+            if row.details.get(key):
+                driver_ids.add(row.details[key])
+    names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=driver_ids).values_list("pk", "name")}
+    for user in User.objects.filter(pk__in=user_ids).only("pk", "username", "first_name", "last_name"):
+        names[str(user.pk)] = user.get_full_name() or user.username
+    return names
+
+
+def actor_name(row, names) -> str:
+    if row.actor_type == "system" or not row.actor_type:
+        return "system"
+    who = names.get(str(row.actor_id), "unknown")
+    return {"admin": f"{who} (ops)", "driver": f"{who} (driver)", "support": f"{who} (support)",
+            "integration": f"{who} (integration)"}.get(row.actor_type, who)
+
+
+def describe_event(row, names) -> str:
+    """One audit row in words."""
+    d = row.details or {}
+    driver = names.get(str(d.get("driverId")), "a driver") if d.get("driverId") else "a driver"
+    reason = f": {d['reason']}" if d.get("reason") else ""
+    text = {
+        "created": f"Order received from {d.get('storeName', 'the store')}",
+        "driver_offer_sent": f"Offered to {driver}",
+        "driver_accepted": f"{driver} accepted" + (f" after {d['responseTimeMs'] / 1000:.1f} s" if d.get("responseTimeMs") else ""),
+        "driver_rejected": f"{driver} declined{reason}",
+        "offer_expired": f"The offer to {driver} expired unanswered",
+        "offer_cancelled": f"The offer to {driver} was withdrawn{reason}",
+        "driver_assigned": f"Assigned to {driver}",
+        "assignment_started": f"Assignment to {driver} started",
+        "assignment_reassigned": f"Taken from {names.get(str(d.get('previousDriverId')), 'the driver')}{reason}",
+        "pickup_started": f"{driver} is heading to the store",
+        "pickup_completed": f"{driver} picked up the order",
+        "delivery_started": f"{driver} is on the way to the customer",
+        "delivery_completed": "Delivered",
+        "delivery_failed": f"Delivery failed{reason}",
+        "delivery_cancelled": f"Cancelled (was {d.get('fromStatus', '?')}){reason}",
+        "escalation_triggered": f"Escalated to level {d.get('level', '?')}{reason}",
+        "escalation_critical": f"Critical escalation{reason}",
+        "driver_candidates_found": "Candidate drivers found" + (f": {d['count']}" if d.get("count") is not None else ""),
+        "support_ticket_updated": "Support ticket updated" + (f" ({d['change']})" if d.get("change") else ""),
+    }.get(row.event_type)
+    if text is None:
+        text = row.get_event_type_display()
+        extra = ", ".join(f"{k}: {v}" for k, v in d.items() if k not in ("driverId", "offerId", "assignmentId"))
+        text += f" ({extra})" if extra else ""
+    return text
+
+
+def delivery_map_data(delivery: Delivery) -> dict:
+    """Pickup, drop-off and, while known, the driver's latest position (its live one first)."""
+    data = {
+        "pickup": [delivery.pickup_location.y, delivery.pickup_location.x],
+        "dropoff": [delivery.dropoff_location.y, delivery.dropoff_location.x],
+        "driver": None,
+    }
+    assignment = Assignment.objects.filter(delivery=delivery).select_related("driver").order_by("-created_at").first()
+    if assignment is not None and assignment.driver.location is not None:
+        driver = assignment.driver
+        fresh = positions_of([driver.pk]).get(str(driver.pk))
+        lat, lon = (fresh.lat, fresh.lon) if fresh else (driver.location.y, driver.location.x)
+        data["driver"] = {"name": driver.name, "position": [lat, lon], "active": assignment.status == "active"}
+    return data
+
+
+ASSIGN_RADIUS_KM = 15.0  # how far "assign to a driver" looks for available drivers
+
+
+class AssignToDriverForm(forms.Form):
+    driver = forms.ChoiceField(label="Driver (available, nearest first)")
+
+    def __init__(self, *args, candidates=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["driver"].choices = [(pk, label) for pk, label in candidates]
+
+
+def assign_candidates(delivery: Delivery) -> list[tuple[str, str]]:
+    """Available drivers with a fresh fix near the pickup, nearest first, as (id, "name · 1.2 km")."""
+    pickup = delivery.pickup_location
+    nearby = drivers_available_near(lat=pickup.y, lon=pickup.x, radius_km=ASSIGN_RADIUS_KM, limit=25)
+    names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=[n.driver_id for n in nearby]).values_list("pk", "name")}
+    return [(n.driver_id, f"{names.get(n.driver_id, n.driver_id)} · {n.distance_km:.1f} km") for n in nearby]
+
+
+class DeliveryExport(resources.ModelResource):
+    """The delivery list as CSV/XLSX (times in UTC, ISO 8601; money in the platform currency)."""
+
+    zone = export_fields.Field(attribute="zone__name", column_name="zone")
+    created_by = export_fields.Field(attribute="created_by__username", column_name="created_by")
+
+    class Meta:
+        model = Delivery
+        fields = (
+            "id", "seller_order_id", "store_name", "status", "zone", "created_by", "delivery_fee",
+            "created_at", "ready_at", "assigned_at", "picked_up_at", "delivered_at", "failed_at", "cancelled_at",
+            "eta_delivery_at", "failure_reason", "cancellation_reason",
+        )
+        export_order = fields
+
+
 @admin.register(Delivery)
-class DeliveryAdmin(GISModelAdmin):
-    list_display = ("seller_order_id", "store_name", "status", "created_by", "ready_at", "assigned_at", "delivered_at")
-    list_filter = ("status",)
+class DeliveryAdmin(ExportMixin, admin.ModelAdmin):
+    resource_classes = [DeliveryExport]
+    formats = [CSV, XLSX]
+    list_display = ("seller_order_id", "store_name", "status", "zone", "created_by", "ready_at", "assigned_at", "delivered_at")
+    list_filter = ("status", LateFilter, "zone")
     search_fields = ("seller_order_id", "store_name", "customer_name", "id")
-    list_select_related = ("created_by",)
+    list_select_related = ("created_by", "zone")
     date_hierarchy = "created_at"
-    readonly_fields = (
-        "id", "status", "created_by", "tracking_token", "offer_acceptance_count", "failure_reason",
-        "cancellation_reason", "created_at", "ready_at", "assigned_at", "pickup_started_at", "picked_up_at",
-        "in_transit_at", "delivered_at", "failed_at", "cancelled_at", "updated_at",
-    )
-    inlines = [OfferInline, AssignmentInline, CostInline, RevenueInline, AuditInline]
-    actions = ["dispatch_now", "reassign_deliveries", "cancel_deliveries"]
+    inlines = [OfferInline, AssignmentInline, CostInline, RevenueInline, CustomerMessageInline]
+    actions = ["dispatch_now", "assign_to_driver", "reassign_deliveries", "cancel_deliveries"]
+
+    change_form_template = "admin/dispatch/delivery/change_form.html"
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in Delivery._meta.fields] + ["customer_tracking_link", "timeline"]
+
+    def get_fieldsets(self, request, obj=None):
+        fields = [f.name for f in Delivery._meta.fields]
+        return [
+            (None, {"fields": fields[:12]}),
+            ("Customer tracking", {"fields": ["customer_tracking_link"]}),
+            ("Status, times and ETA", {"fields": fields[12:], "classes": ["collapse"]}),
+            ("Timeline", {"fields": ["timeline"]}),
+        ]
+
+    @admin.display(description="tracking link")
+    def customer_tracking_link(self, delivery):
+        return format_html('<a href="{0}" target="_blank" rel="noopener noreferrer" id="tracking-link">{0}</a>', delivery.tracking_url)
+
+    @admin.display(description="what happened")
+    def timeline(self, delivery):
+        rows = list(DeliveryAuditLog.objects.filter(delivery=delivery).order_by("timestamp", "seq"))
+        names = timeline_names(rows)
+        return format_html(
+            '<table id="delivery-timeline"><thead><tr><th>time ({})</th><th>who</th><th>what</th></tr></thead><tbody>{}</tbody></table>',
+            timezone.get_current_timezone_name(),
+            format_html_join("", "<tr data-event='{}'><td><time datetime='{}'>{}</time></td><td>{}</td><td>{}</td></tr>", (
+                (row.event_type, row.timestamp.isoformat(), timezone.localtime(row.timestamp).strftime("%Y-%m-%d %H:%M:%S %Z"),
+                 actor_name(row, names), describe_event(row, names))
+                for row in rows
+            )) or format_html("<tr><td colspan='3'>{}</td></tr>", "Nothing recorded yet."),
+        )
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context["delivery_map"] = delivery_map_data(obj)
+            context["tile_url"] = settings.OPS_MAP_TILE_URL
+        return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
 
     def has_add_permission(self, request):
         return False  # deliveries come from sellers through the API
 
-    @admin.action(description="Dispatch selected ready deliveries now")
+    def has_delete_permission(self, request, obj=None):
+        return False  # cancel instead: the audit trail keeps the delivery
+
+    @admin.action(description="Dispatch selected ready deliveries now", permissions=["change"])
     def dispatch_now(self, request, queryset):
 
         def dispatch(delivery):
@@ -68,23 +244,68 @@ class DeliveryAdmin(GISModelAdmin):
 
         run_for_each(self, request, queryset, dispatch, label=lambda d: d.seller_order_id)
 
-    @admin.action(description="Reassign selected deliveries to another driver (reason: reassigned by ops)")
-    def reassign_deliveries(self, request, queryset):
-        def reassign(delivery):
-            previous, result = deliveries.delivery_reassign(
-                delivery_id=delivery.pk, reason="reassigned by ops", actor=Actor.for_user(request.user)
+    @admin.action(description="Assign to a driver (offer it to a nearby available driver)…", permissions=["change"])
+    def assign_to_driver(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Choose exactly one delivery to assign.", messages.WARNING)
+            return None
+        delivery = queryset.get()
+        candidates = assign_candidates(delivery)
+        applying = "apply" in request.POST
+        form = AssignToDriverForm(request.POST if applying else None, candidates=candidates)
+        if applying and form.is_valid():
+            driver_id = form.cleaned_data["driver"]
+            results = run_for_each(
+                self, request, queryset,
+                lambda d: offer_create(delivery_id=d.pk, driver_id=driver_id, actor=Actor.for_user(request.user)),
+                label=lambda d: d.seller_order_id,
             )
-            self.message_user(request, f"{delivery.seller_order_id}: taken from {previous}, {result.outcome}", messages.INFO)
+            if results:
+                name = dict(candidates).get(driver_id, driver_id)
+                self.message_user(
+                    request, f"{delivery.seller_order_id}: offered to {name}; the driver has until "
+                    f"{results[0].expires_at:%H:%M:%S} UTC to accept.", messages.SUCCESS,
+                )
+            return None
+        return TemplateResponse(request, "admin/dispatch/delivery/assign_to_driver.html", {
+            **self.admin_site.each_context(request), "title": f"Assign {delivery.seller_order_id} to a driver",
+            "form": form, "delivery": delivery, "candidates": candidates, "radius_km": ASSIGN_RADIUS_KM,
+            "opts": self.model._meta,
+        })
 
-        run_for_each(self, request, queryset, reassign, label=lambda d: d.seller_order_id)
+    @admin.action(description="Reassign selected deliveries to another driver (asks for a reason)…", permissions=["change"])
+    def reassign_deliveries(self, request, queryset):
+        def run(form):
+            reason = form.cleaned_data["reason"]
 
-    @admin.action(description="Cancel selected deliveries (reason: cancelled by ops)")
+            def reassign(delivery):
+                previous, result = deliveries.delivery_reassign(delivery_id=delivery.pk, reason=reason, actor=Actor.for_user(request.user))
+                self.message_user(request, f"{delivery.seller_order_id}: taken from {previous}, {result.outcome}", messages.INFO)
+                return result
+
+            run_for_each(self, request, queryset, reassign, label=lambda d: d.seller_order_id)
+
+        return confirm_then(
+            self, request, queryset, action="reassign_deliveries", title="Reassign deliveries",
+            explanation="Each delivery is taken from its driver (who becomes available again) and offered to the next candidate.",
+            button="Yes, reassign", run=run, describe=lambda d: f"{d.seller_order_id} · {d.store_name} ({d.status})",
+        )
+
+    @admin.action(description="Cancel selected deliveries (asks for a reason)…", permissions=["change"])
     def cancel_deliveries(self, request, queryset):
-        run_for_each(
-            self, request, queryset,
-            lambda d: deliveries.delivery_cancel(delivery_id=d.pk, reason="cancelled by ops", actor=Actor.for_user(request.user)),
-            label=lambda d: d.seller_order_id,
-            done=lambda results: f"Cancelled {len(results)} deliveries.",
+        def run(form):
+            reason = form.cleaned_data["reason"]
+            run_for_each(
+                self, request, queryset,
+                lambda d: deliveries.delivery_cancel(delivery_id=d.pk, reason=reason, actor=Actor.for_user(request.user)),
+                label=lambda d: d.seller_order_id,
+                done=lambda results: f"Cancelled {len(results)} deliveries.",
+            )
+
+        return confirm_then(
+            self, request, queryset, action="cancel_deliveries", title="Cancel deliveries",
+            explanation="Cancelling withdraws any pending offer, frees the driver and closes the unassigned record. It cannot be undone.",
+            button="Yes, cancel", run=run, describe=lambda d: f"{d.seller_order_id} · {d.store_name} ({d.status})",
         )
 
 

@@ -1,14 +1,19 @@
 """Ops console for unassigned orders and support tickets. Records and tickets are written by
 the services only; the escalate action calls the same workflow as the API."""
+import uuid
+
 from django import forms
 from django.contrib import admin, messages
 from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.html import format_html
 
 from common.actors import Actor
 from common.admin import run_for_each
 from common.exceptions import DomainError
 from escalation import tickets
 from escalation.models import (
+    ACTIVE_TICKET_STATUSES,
     MAX_ESCALATION_LEVEL,
     SupportTicket,
     TicketComment,
@@ -53,6 +58,21 @@ class OpenFilter(admin.SimpleListFilter):
         return queryset
 
 
+class ActiveTicketFilter(admin.SimpleListFilter):
+    title = "active"
+    parameter_name = "active"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Open or in progress"), ("no", "Resolved or closed")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(status__in=ACTIVE_TICKET_STATUSES)
+        if self.value() == "no":
+            return queryset.exclude(status__in=ACTIVE_TICKET_STATUSES)
+        return queryset
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request, obj=None):
         return False
@@ -68,13 +88,24 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class UnassignedOrderAdmin(ReadOnlyAdmin):
     list_display = (
         "seller_order_id", "failure_reason", "escalation_level", "escalation_status", "attempt_count",
-        "first_attempt_at", "last_attempt_at", "support_ticket_id", "escalated_by", "resolved_at",
+        "first_attempt_at", "last_attempt_at", "ticket", "escalated_by", "resolved_at",
     )
     list_filter = (OpenFilter, "escalation_level", "failure_reason", "escalation_status")
     search_fields = ("seller_order_id", "delivery__id", "support_ticket_id")
     list_select_related = ("escalated_by",)
     date_hierarchy = "first_attempt_at"
     actions = ["escalate"]
+
+    @admin.display(description="support ticket", ordering="support_ticket_id")
+    def ticket(self, record):
+        """A link to the ticket when it lives here (the local backend); the external id otherwise."""
+        if not record.support_ticket_id:
+            return "—"
+        try:
+            pk = uuid.UUID(record.support_ticket_id)
+        except ValueError:
+            return record.support_ticket_id
+        return format_html('<a href="{}">{}</a>', reverse("admin:escalation_supportticket_change", args=[pk]), str(pk)[:8])
 
     @admin.action(description="Escalate to a level (with a reason)…", permissions=["change"])
     def escalate(self, request, queryset):
@@ -115,7 +146,7 @@ class TicketCommentInline(admin.TabularInline):
 @admin.register(SupportTicket)
 class SupportTicketAdmin(ReadOnlyAdmin):
     list_display = ("title", "priority", "status", "type", "assignee", "created_at", "updated_at")
-    list_filter = ("status", "priority", "type")
+    list_filter = (ActiveTicketFilter, "status", "priority", "type")
     search_fields = ("title", "delivery__seller_order_id", "id")
     list_select_related = ("assignee", "delivery")
     date_hierarchy = "created_at"

@@ -38,7 +38,7 @@ class DriverOfferAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
-    @admin.action(description="Expire selected pending offers now (next candidate is offered)")
+    @admin.action(description="Expire selected pending offers now (next candidate is offered)", permissions=["change"])
     def expire_now(self, request, queryset):
         done = 0
         for offer in queryset.filter(status="PENDING").order_by("pk"):

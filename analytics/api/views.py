@@ -7,6 +7,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from analytics import console
 from analytics import selectors as analytics
 from analytics.services import short_name
 from common.exceptions import NotFound
@@ -133,3 +134,19 @@ class AnalyticsSummaryView(APIView):
         field = serializers.DateTimeField()
         return Response({"from": field.to_representation(v["start"]), "to": field.to_representation(v["end"]),
                          "zoneId": str(zone) if zone else None, **body})
+
+
+class LiveMapView(APIView):
+    """`GET /v2/admin/live-map` (ops): what the live ops map starts from (drivers with their
+    position and availability, open deliveries, zones with health); the page then follows
+    `/ws/ops/`."""
+
+    permission_classes = [IsOps]
+
+    @extend_schema(
+        operation_id="admin_live_map",
+        responses={200: OpenApiTypes.OBJECT, **errors(401, 403)},
+        tags=["analytics"],
+    )
+    def get(self, request):
+        return Response(console.live_map_state(now=timezone.now()))

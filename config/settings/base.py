@@ -25,6 +25,7 @@ INSTALLED_APPS = [
     "rest_framework_gis",
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI and ReDoc served from our static files (no CDN)
+    "import_export",
     "channels",
     "django_celery_beat",
     "common",
@@ -49,6 +50,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "common.middleware.OpsTimeZoneMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "common.middleware.RequestGuardMiddleware",
@@ -382,6 +384,9 @@ CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
     {"address": REDIS_URL, "socket_timeout": env.float("CHANNELS_REDIS_SOCKET_TIMEOUT", default=15.0)}
 ]
 
+# The ops console (docs/console.md). Times in the admin, the support views and
+# the dashboard are shown in OPS_TIME_ZONE (the zone is printed beside them); the API stays UTC.
+OPS_TIME_ZONE = env("OPS_TIME_ZONE", default="Asia/Kolkata")
 # Map tiles are the one outside resource (STYLE "Nothing from a CDN"): a tile URL template, or
 # empty for none. Every map (live ops map, zone editor, delivery page) still shows zones,
 # drivers and deliveries on a plain background when no tile loads.

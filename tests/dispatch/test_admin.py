@@ -34,8 +34,8 @@ def test_delivery_page_shows_a_map_and_the_audit_timeline(admin_client, delivery
     page = admin_client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/")
 
     assert page.status_code == 200
-    assert b"driver_assigned" in page.content
-    assert b"olwidget" in page.content or b"ol.js" in page.content or b"OpenLayers" in page.content
+    assert b"Assigned to" in page.content and b'id="delivery-timeline"' in page.content
+    assert b'id="delivery-map"' in page.content and b"/static/leaflet/leaflet.js" in page.content
 
 
 def test_driver_page_renders_with_history(admin_client, driver):
@@ -45,7 +45,7 @@ def test_driver_page_renders_with_history(admin_client, driver):
 def test_cancel_action_goes_through_the_service(admin_client, admin_user, delivery):
     r = admin_client.post(
         "/admin/dispatch/delivery/",
-        {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)]},
+        {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)], "apply": "1", "reason": "store closed"},
         follow=True,
     )
 
@@ -59,7 +59,8 @@ def test_cancel_action_goes_through_the_service(admin_client, admin_user, delive
 def test_cancel_action_reports_deliveries_that_cannot_be_cancelled(admin_client):
     done = DeliveryFactory(status="delivered")
     r = admin_client.post(
-        "/admin/dispatch/delivery/", {"action": "cancel_deliveries", "_selected_action": [str(done.pk)]}, follow=True
+        "/admin/dispatch/delivery/",
+        {"action": "cancel_deliveries", "_selected_action": [str(done.pk)], "apply": "1", "reason": "duplicate order"}, follow=True,
     )
     assert b"no longer be cancelled" in r.content
     done.refresh_from_db()
@@ -118,7 +119,8 @@ def test_reassign_action_takes_the_delivery_from_its_driver_and_reports_refusals
 
     r = admin_client.post(
         "/admin/dispatch/delivery/",
-        {"action": "reassign_deliveries", "_selected_action": [str(delivery.pk), str(ready.pk)]}, follow=True,
+        {"action": "reassign_deliveries", "_selected_action": [str(delivery.pk), str(ready.pk)], "apply": "1",
+         "reason": "driver stuck in traffic"}, follow=True,
     )
 
     delivery.refresh_from_db()

@@ -15,7 +15,8 @@ from django.utils import timezone
 from availability.models import Driver, DriverAvailability
 from availability.services import driver_create, driver_location_update
 from common.actors import Actor
-from common.roles import INTEGRATIONS_GROUP, SUPPORT_GROUP
+from common.groups import groups_sync
+from common.roles import DISPATCHER_GROUP, INTEGRATIONS_GROUP, SUPPORT_GROUP
 from common.tokens import api_token_create, api_tokens_revoke
 from dispatch import services
 from dispatch.models import Delivery
@@ -58,10 +59,18 @@ class Command(BaseCommand):
         integrations, _ = Group.objects.get_or_create(name=INTEGRATIONS_GROUP)
         support, _ = Group.objects.get_or_create(name=SUPPORT_GROUP)
 
+        # `ops` runs the console as a Dispatcher (staff, least privilege: no users, tokens or
+        # schedule); `admin` is the separate superuser login for those.
+        roles = groups_sync()
         ops, _ = User.objects.get_or_create(username="ops", defaults={"email": "ops@example.com"})
-        ops.is_staff = ops.is_superuser = True
+        ops.is_staff, ops.is_superuser = True, False
         ops.set_password(settings.DEMO_OPS_PASSWORD)
         ops.save()
+        ops.groups.add(roles[DISPATCHER_GROUP])
+        admin, _ = User.objects.get_or_create(username="admin", defaults={"email": "admin@example.com"})
+        admin.is_staff = admin.is_superuser = True
+        admin.set_password(settings.DEMO_OPS_PASSWORD)
+        admin.save()
         ops_token = demo_token(ops)
 
         agent, _ = User.objects.get_or_create(username="support", defaults={"email": "support@example.com"})
@@ -115,6 +124,7 @@ class Command(BaseCommand):
         out = self.stdout.write
         out("Demo data ready.")
         out(f"  ops console login:   ops / {settings.DEMO_OPS_PASSWORD}   (API token {ops_token})")
+        out(f"  admin (superuser):   admin / {settings.DEMO_OPS_PASSWORD}   (users, API tokens, schedule)")
         out(f"  support agent login: support / {settings.DEMO_OPS_PASSWORD}")
         out(f"  integration token:   {market_token}   (user 'marketplace')")
         out("  drivers (name, id, API token):")

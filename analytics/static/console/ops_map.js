@@ -1,0 +1,306 @@
+/* The live ops map (/admin/map/): the state from the API, then /ws/ops/ with reconnect and backoff.
+ *
+ * Every marker's element carries data-driver-id / data-delivery-id (and data-lat/data-lon of
+ * where it is drawn), for automation and the browser tests. The page's root carries
+ * data-live-state: connecting | live | offline. No tiles needed: without OPS_MAP_TILE_URL, or
+ * with no tile server reachable, the zones, drivers and deliveries show on a plain background. */
+(function () {
+  "use strict";
+  const config = JSON.parse(document.getElementById("ops-map-config").textContent);
+  const root = document.getElementById("ops-map-page");
+  const statusText = document.getElementById("ops-map-status");
+  const zoneSelect = document.getElementById("filter-zone");
+  const OFFLINE_STATES = ["offline", "shift_ended"];
+  const TERMINAL = ["delivered", "failed", "cancelled"];
+
+  const map = L.map("ops-map", { preferCanvas: false }).setView(config.center, config.zoom);
+  if (config.tileUrl) {
+    L.tileLayer(config.tileUrl, { attribution: config.tileAttribution, maxZoom: 19 }).addTo(map);
+  }
+  const layers = { zones: L.layerGroup().addTo(map), routes: L.layerGroup().addTo(map), deliveries: L.layerGroup().addTo(map), drivers: L.layerGroup().addTo(map) };
+  const drivers = new Map();     // id → {data, marker}
+  const deliveries = new Map();  // id → {data, pickup, dropoff, route}
+  const zones = new Map();       // id → {data, polygon}
+
+  function adminUrl(template, id) { return template.replace("00000000-0000-0000-0000-000000000000", id); }
+  function esc(text) {
+    const d = document.createElement("div");
+    d.textContent = text == null ? "" : String(text);
+    return d.innerHTML;
+  }
+  function when(iso) {
+    if (!iso) return "—";
+    const t = new Date(iso);
+    return t.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+  function setState(state, text) {
+    root.dataset.liveState = state;
+    statusText.textContent = text;
+  }
+
+  // ---------------------------------------------------------------- filters
+  function checked(fieldsetId) {
+    return new Set(Array.from(document.querySelectorAll(`#${fieldsetId} input:checked`)).map((i) => i.value));
+  }
+  function insidePolygon(lat, lon, ring) {
+    let inside = false;
+    for (let i = 0, j = ring.length - 1; i < ring.length; j = i++) {
+      const [yi, xi] = ring[i], [yj, xj] = ring[j];
+      if ((yi > lat) !== (yj > lat) && lon < ((xj - xi) * (lat - yi)) / (yj - yi) + xi) inside = !inside;
+    }
+    return inside;
+  }
+  function zoneFilter() {
+    const zone = zoneSelect.value ? zones.get(zoneSelect.value) : null;
+    return zone ? zone.data : null;
+  }
+  function driverVisible(d) {
+    const states = checked("filter-drivers");
+    const state = OFFLINE_STATES.includes(d.availability) ? "offline" : d.availability;
+    if (!states.has(state)) return false;
+    const zone = zoneFilter();
+    return !zone || insidePolygon(d.lat, d.lon, zone.polygon);
+  }
+  function deliveryVisible(d) {
+    const kinds = checked("filter-deliveries");
+    const kind = d.unassigned ? "unassigned" : (d.status === "in_transit" ? "picked_up" : d.status);
+    if (!kinds.has(kind)) return false;
+    const zone = zoneFilter();
+    return !zone || d.zoneId === zone.zoneId;
+  }
+  function show(group, layer, visible) {
+    if (visible && !group.hasLayer(layer)) group.addLayer(layer);
+    if (!visible && group.hasLayer(layer)) group.removeLayer(layer);
+  }
+  function applyFilters() {
+    drivers.forEach((entry) => { show(layers.drivers, entry.marker, driverVisible(entry.data)); stamp(entry.marker); });
+    deliveries.forEach((entry) => {
+      const visible = deliveryVisible(entry.data);
+      show(layers.deliveries, entry.pickup, visible);
+      show(layers.deliveries, entry.dropoff, visible);
+      show(layers.routes, entry.route, visible);
+      stamp(entry.pickup);
+    });
+    counts();
+  }
+  function counts() {
+    const shownDrivers = Array.from(drivers.values()).filter((e) => layers.drivers.hasLayer(e.marker)).length;
+    const shownDeliveries = Array.from(deliveries.values()).filter((e) => layers.deliveries.hasLayer(e.pickup)).length;
+    document.getElementById("ops-map-counts").textContent = `${shownDrivers} drivers, ${shownDeliveries} open deliveries shown`;
+  }
+  document.querySelectorAll("#filter-drivers input, #filter-deliveries input").forEach((i) => i.addEventListener("change", applyFilters));
+  zoneSelect.addEventListener("change", () => {
+    const zone = zoneFilter();
+    if (zone) map.fitBounds(L.latLngBounds(zone.polygon), { padding: [20, 20] });
+    applyFilters();
+  });
+
+  // ---------------------------------------------------------------- markers
+  /** Writes the data attributes on a marker's element (it exists once the marker is on the map). */
+  function stamp(marker) {
+    const el = marker.getElement && marker.getElement();
+    if (!el) return;
+    for (const [key, value] of Object.entries(marker.options.dataset || {})) el.dataset[key] = value;
+    const at = marker.getLatLng();
+    el.dataset.lat = at.lat.toFixed(7);
+    el.dataset.lon = at.lng.toFixed(7);
+  }
+
+  function driverCard(d) {
+    return `<div class="ops-card" data-card-driver-id="${esc(d.driverId)}"><h3>${esc(d.name || "Driver")}</h3><dl>
+      <dt>State</dt><dd>${esc(d.availability || "unknown")}</dd>
+      <dt>Last fix</dt><dd>${esc(when(d.recordedAt))}</dd>
+      <dt>Position</dt><dd>${d.lat.toFixed(5)}, ${d.lon.toFixed(5)}</dd></dl>
+      <p><a href="${adminUrl(config.driverUrl, d.driverId)}">Open driver in the admin</a></p></div>`;
+  }
+  function deliveryCard(d) {
+    const driver = d.driverId && drivers.get(d.driverId);
+    return `<div class="ops-card" data-card-delivery-id="${esc(d.deliveryId)}"><h3>${esc(d.sellerOrderId)} · ${esc(d.storeName)}</h3><dl>
+      <dt>Status</dt><dd>${esc(d.status)}${d.unassigned ? ` (unassigned, level ${esc(d.escalationLevel)})` : ""}</dd>
+      <dt>Driver</dt><dd>${driver ? esc(driver.data.name) : (d.driverId ? esc(d.driverId) : "—")}</dd>
+      <dt>Ready at</dt><dd>${esc(when(d.readyAt))}</dd></dl>
+      <p><a href="${adminUrl(config.deliveryUrl, d.deliveryId)}">Open delivery in the admin</a></p></div>`;
+  }
+
+  function driverIcon(d) {
+    return L.divIcon({ className: "", html: `<div class="ops-driver avail-${esc(d.availability || "offline")}"></div>`, iconSize: [16, 16], iconAnchor: [8, 8] });
+  }
+  function upsertDriver(d) {
+    let entry = drivers.get(d.driverId);
+    if (!entry) {
+      const marker = L.marker([d.lat, d.lon], {
+        icon: driverIcon(d), title: d.name || d.driverId, keyboard: true, zIndexOffset: 500,
+        dataset: { driverId: d.driverId, kind: "driver", availability: d.availability || "" },
+      });
+      marker.on("add", () => stamp(marker));
+      entry = { data: d, marker };
+      drivers.set(d.driverId, entry);
+      marker.bindPopup(() => driverCard(entry.data));
+    } else {
+      const availabilityChanged = d.availability && d.availability !== entry.data.availability;
+      entry.data = Object.assign({}, entry.data, d);
+      entry.marker.setLatLng([entry.data.lat, entry.data.lon]);
+      if (availabilityChanged) {
+        entry.marker.options.dataset.availability = entry.data.availability;
+        entry.marker.setIcon(driverIcon(entry.data));
+      }
+    }
+    show(layers.drivers, entry.marker, driverVisible(entry.data));
+    stamp(entry.marker);
+  }
+
+  function deliveryIcon(d) {
+    const level = d.unassigned ? ` unassigned lvl-${d.escalationLevel || 0}` : "";
+    return L.divIcon({ className: "", html: `<div class="ops-delivery status-${esc(d.status)}${level}"></div>`, iconSize: [14, 14], iconAnchor: [7, 7] });
+  }
+  function upsertDelivery(d) {
+    let entry = deliveries.get(d.deliveryId);
+    if (TERMINAL.includes(d.status)) { removeDelivery(d.deliveryId); return; }
+    if (!entry) {
+      const pickup = L.marker([d.pickup.lat, d.pickup.lon], {
+        icon: deliveryIcon(d), title: d.sellerOrderId, zIndexOffset: d.unassigned ? 400 : 0,
+        dataset: { deliveryId: d.deliveryId, kind: "pickup", status: d.status },
+      });
+      const dropoff = L.marker([d.dropoff.lat, d.dropoff.lon], {
+        icon: L.divIcon({ className: "", html: '<div class="ops-dropoff"></div>', iconSize: [10, 10], iconAnchor: [5, 5] }),
+        title: `${d.sellerOrderId} drop-off`, dataset: { deliveryDropoffId: d.deliveryId, kind: "dropoff" },
+      });
+      const route = L.polyline([[d.pickup.lat, d.pickup.lon], [d.dropoff.lat, d.dropoff.lon]], { color: "#1565c0", weight: 2, dashArray: "4 4", opacity: 0.7 });
+      pickup.on("add", () => stamp(pickup));
+      dropoff.on("add", () => stamp(dropoff));
+      entry = { data: d, pickup, dropoff, route };
+      deliveries.set(d.deliveryId, entry);
+      pickup.bindPopup(() => deliveryCard(entry.data));
+      dropoff.bindPopup(() => deliveryCard(entry.data));
+    } else {
+      entry.data = Object.assign({}, entry.data, d);
+      entry.pickup.options.dataset.status = entry.data.status;
+      entry.pickup.setIcon(deliveryIcon(entry.data));
+    }
+    show(layers.deliveries, entry.pickup, deliveryVisible(entry.data));
+    show(layers.deliveries, entry.dropoff, deliveryVisible(entry.data));
+    show(layers.routes, entry.route, deliveryVisible(entry.data));
+    stamp(entry.pickup);
+  }
+  function removeDelivery(id) {
+    const entry = deliveries.get(id);
+    if (!entry) return;
+    layers.deliveries.removeLayer(entry.pickup);
+    layers.deliveries.removeLayer(entry.dropoff);
+    layers.routes.removeLayer(entry.route);
+    deliveries.delete(id);
+  }
+
+  const HEALTH_COLOURS = { good: "#2e7d32", fair: "#ef6c00", poor: "#ba2121", unknown: "#607d8b" };
+  function band(score) { return score == null ? "unknown" : score >= 70 ? "good" : score >= 40 ? "fair" : "poor"; }
+  function upsertZone(z) {
+    let entry = zones.get(z.zoneId);
+    if (!entry) {
+      const polygon = L.polygon(z.polygon, { weight: 2, fillOpacity: 0.08 });
+      entry = { data: z, polygon };
+      zones.set(z.zoneId, entry);
+      layers.zones.addLayer(polygon);
+      polygon.bindPopup(() => `<div class="ops-card"><h3>${esc(entry.data.name)}</h3><dl>
+        <dt>Health</dt><dd>${esc(entry.data.healthScore ?? "—")} / 100</dd>
+        <dt>Drivers online</dt><dd>${esc(entry.data.driversOnline)} (min ${esc(entry.data.minDriversOnline)})</dd></dl>
+        <p><a href="${adminUrl(config.zoneUrl, entry.data.zoneId)}">Open zone in the admin</a></p></div>`);
+      const option = document.createElement("option");
+      option.value = z.zoneId;
+      option.textContent = z.name;
+      zoneSelect.appendChild(option);
+    } else {
+      entry.data = Object.assign({}, entry.data, z);
+    }
+    const colour = HEALTH_COLOURS[band(entry.data.healthScore)];
+    entry.polygon.setStyle({ color: colour, fillColor: colour });
+    const el = entry.polygon.getElement();
+    if (el) { el.dataset.zoneId = z.zoneId; el.dataset.health = band(entry.data.healthScore); }
+  }
+
+  // ---------------------------------------------------------------- state over the API
+  let loadSeq = 0;
+  async function loadState() {
+    const seq = ++loadSeq;
+    const response = await fetch(config.stateUrl, { credentials: "same-origin", headers: { Accept: "application/json" } });
+    if (!response.ok) throw new Error(`state: HTTP ${response.status}`);
+    const state = await response.json();
+    if (seq !== loadSeq) return;  // a newer load is on its way
+    state.zones.forEach(upsertZone);
+    state.drivers.forEach(upsertDriver);
+    const open = new Set(state.deliveries.map((d) => d.deliveryId));
+    Array.from(deliveries.keys()).filter((id) => !open.has(id)).forEach(removeDelivery);
+    state.deliveries.forEach(upsertDelivery);
+    counts();
+    root.dataset.loadedAt = state.generatedAt;
+  }
+
+  // ---------------------------------------------------------------- events from /ws/ops/
+  const handlers = {
+    driver_positions(e) {
+      e.drivers.forEach((p) => upsertDriver(Object.assign({ driverId: p.driverId, lat: p.lat, lon: p.lon, recordedAt: p.recordedAt },
+        p.heading != null ? { heading: p.heading } : {}, p.availability ? { availability: p.availability } : {})));
+      counts();
+    },
+    availability_changed(e) {
+      const entry = drivers.get(e.driverId);
+      if (entry) upsertDriver({ driverId: e.driverId, availability: e.toState });
+    },
+    delivery_created(e) {
+      upsertDelivery({ deliveryId: e.deliveryId, sellerOrderId: e.sellerOrderId, storeName: e.storeName, status: e.status,
+        zoneId: e.zoneId, pickup: e.pickupLocation, dropoff: e.dropoffLocation, driverId: null, unassigned: false,
+        escalationLevel: null, readyAt: e.createdAt });
+      counts();
+    },
+    delivery_status_changed(e) {
+      if (deliveries.has(e.deliveryId) || TERMINAL.includes(e.status)) {
+        upsertDelivery({ deliveryId: e.deliveryId, status: e.status, driverId: e.driverId, unassigned: e.status === "ready" && deliveries.get(e.deliveryId)?.data.unassigned });
+      } else {
+        scheduleReload();
+      }
+      counts();
+    },
+    delivery_cancelled(e) { removeDelivery(e.deliveryId); counts(); },
+    unassigned_order_escalated(e) {
+      if (deliveries.has(e.deliveryId)) upsertDelivery({ deliveryId: e.deliveryId, unassigned: true, escalationLevel: e.level });
+    },
+    zone_health_updated(e) {
+      if (zones.has(e.zoneId)) upsertZone({ zoneId: e.zoneId, healthScore: e.metrics.healthScore, driversOnline: e.metrics.currentDriversOnline });
+    },
+  };
+  let reloadTimer = null;
+  function scheduleReload() {  // an event about something not on the map yet: fetch the state again, at most once a second
+    if (reloadTimer) return;
+    reloadTimer = setTimeout(() => { reloadTimer = null; loadState().catch(() => {}); }, 1000);
+  }
+
+  let socket = null, attempt = 0;
+  function connect() {
+    setState(attempt ? "offline" : "connecting", attempt ? `Reconnecting (try ${attempt})…` : "Connecting…");
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    socket = new WebSocket(`${scheme}://${location.host}${config.socketPath}`);
+    socket.onopen = () => {
+      attempt = 0;
+      // Joined before it opened (the server's order), so reloading now misses nothing.
+      loadState().then(() => setState("live", "Live")).catch(() => setState("live", "Live (state reload failed)"));
+    };
+    socket.onmessage = (message) => {
+      let event;
+      try { event = JSON.parse(message.data); } catch (err) { return; }
+      const handle = handlers[event.type];
+      if (handle) handle(event);
+      root.dataset.lastEvent = event.type;
+    };
+    socket.onclose = (close) => {
+      if (close.code === 4401 || close.code === 4403) {
+        setState("offline", "Signed out: reload the page to sign in again");
+        return;
+      }
+      attempt += 1;
+      const delay = Math.min(30000, 1000 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() * 0.5);
+      setState("offline", `Offline: reconnecting in ${Math.round(delay / 1000)} s`);
+      setTimeout(connect, delay);
+    };
+  }
+
+  loadState().catch((err) => setState("offline", `Could not load the map state (${err.message})`)).finally(connect);
+})();

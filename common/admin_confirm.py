@@ -1,0 +1,41 @@
+"""Admin actions that change state ask first: a confirmation page listing the rows, with a
+required typed reason, and only then the service (through `common.admin.run_for_each`).
+
+Used by the delivery actions (cancel, reassign) and the unassigned-order escalation."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from django import forms
+from django.template.response import TemplateResponse
+
+
+class ReasonForm(forms.Form):
+    """A typed reason: required, and not just spaces (it goes into the audit trail)."""
+
+    reason = forms.CharField(
+        max_length=500, strip=True,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "required": True, "autofocus": True}),
+        help_text="Required. Recorded in the audit trail with your name.",
+    )
+
+
+def confirm_then(
+    modeladmin, request, queryset, *, action: str, title: str, explanation: str, button: str,
+    run: Callable[[forms.Form], None], form_class: type[forms.Form] = ReasonForm, describe: Callable = str,
+):
+    """The first POST (from the change list) shows the confirmation page; the second, with
+    `apply` and a valid form, calls `run(form)` and returns to the list. An invalid form
+    (no reason) shows the page again with the error."""
+    applying = "apply" in request.POST
+    form = form_class(request.POST if applying else None)
+    if applying and form.is_valid():
+        run(form)
+        return None
+    opts = modeladmin.model._meta
+    return TemplateResponse(request, "admin/console/confirm_action.html", {
+        **modeladmin.admin_site.each_context(request),
+        "title": title, "explanation": explanation, "button": button, "action": action,
+        "form": form, "objects": [(obj.pk, describe(obj)) for obj in queryset.order_by("pk")],
+        "opts": opts, "media": modeladmin.media + form.media,
+    })

@@ -1,0 +1,328 @@
+"""The ops console without a browser: roles, the live map's state, the KPI dashboard, the
+actions that ask first, the delivery page, the ops time zone and `/`."""
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Group
+from django.core.management import call_command
+from django.test import Client
+from django.utils import timezone
+
+from analytics.console import dashboard_kpis
+from audit.models import DeliveryAuditLog
+from common.actors import Actor
+from common.groups import groups_sync
+from common.roles import DISPATCHER_GROUP, VIEWER_GROUP
+from dispatch.models import Delivery, DeliveryStatus
+from escalation.models import UnassignedOrder
+from offers.models import DriverOffer
+from tests.api import client_for
+from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, UserFactory, ZoneFactory, online_driver
+from workflows.deliveries import assignment_create
+from workflows.dispatching import delivery_dispatch
+from zones.models import DeliveryZone
+
+pytestmark = pytest.mark.django_db
+
+
+def staff_in(group_name: str, **kwargs):
+    user = UserFactory(is_staff=True, **kwargs)
+    user.groups.add(groups_sync()[group_name])
+    client = Client()
+    client.force_login(user)
+    return user, client
+
+
+# ------------------------------------------------------------------------------ roles
+
+
+@pytest.mark.parametrize("url", [
+    "/admin/common/user/", "/admin/common/apitoken/", "/admin/auth/group/",
+    "/admin/django_celery_beat/periodictask/", "/admin/common/apitoken/add/",
+])
+def test_a_dispatcher_cannot_open_users_tokens_groups_or_the_schedule(url):
+    _, client = staff_in(DISPATCHER_GROUP)
+    assert client.get(url).status_code == 403
+
+
+def test_a_dispatcher_runs_the_console_pages():
+    _, client = staff_in(DISPATCHER_GROUP)
+    delivery, zone, driver = DeliveryFactory(), ZoneFactory(), DriverFactory()
+    for url in ("/admin/", "/admin/map/", "/admin/analytics/", "/admin/dispatch/delivery/",
+                f"/admin/dispatch/delivery/{delivery.pk}/change/", "/admin/zones/deliveryzone/add/",
+                f"/admin/zones/deliveryzone/{zone.pk}/change/", f"/admin/availability/driver/{driver.pk}/change/",
+                "/admin/escalation/unassignedorder/", "/admin/escalation/supportticket/", "/admin/audit/deliveryauditlog/"):
+        assert client.get(url).status_code == 200, url
+    index = client.get("/admin/").content.decode()
+    assert "Users" not in index and "Api tokens" not in index and "Periodic tasks" not in index
+    actions = client.get("/admin/dispatch/delivery/").content.decode()
+    assert 'value="cancel_deliveries"' in actions and 'value="assign_to_driver"' in actions
+
+
+def test_a_dispatcher_who_is_not_a_superuser_passes_the_apis_ops_permission():
+    user, _ = staff_in(DISPATCHER_GROUP)
+    assert not user.is_superuser
+    api = client_for(user)
+    assert api.get("/v2/deliveries").status_code == 200
+    assert api.get("/v2/admin/unassigned-orders").status_code == 200
+    assert api.get("/v2/admin/live-map").status_code == 200
+
+
+def test_a_viewer_reads_but_has_no_actions_and_cannot_change_anything():
+    _, client = staff_in(VIEWER_GROUP)
+    delivery = DeliveryFactory()
+    assert client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/").status_code == 200
+    page = client.get("/admin/dispatch/delivery/").content.decode()
+    assert 'value="cancel_deliveries"' not in page and 'value="dispatch_now"' not in page
+    # even a hand-made POST of the action does nothing
+    client.post("/admin/dispatch/delivery/", {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)],
+                                              "apply": "1", "reason": "sneaky"})
+    assert Delivery.objects.get(pk=delivery.pk).status == "ready"
+    assert client.get("/admin/zones/deliveryzone/add/").status_code == 403
+    assert client.get("/admin/common/user/").status_code == 403
+
+
+def test_the_groups_are_exactly_what_the_roles_need_and_syncing_twice_changes_nothing():
+    groups_sync()
+    groups_sync()
+    dispatcher = set(Group.objects.get(name=DISPATCHER_GROUP).permissions.values_list("codename", flat=True))
+    viewer = set(Group.objects.get(name=VIEWER_GROUP).permissions.values_list("codename", flat=True))
+    assert {"change_delivery", "view_delivery", "add_deliveryzone", "change_unassignedorder"} <= dispatcher
+    assert not {c for c in dispatcher if c.endswith(("_user", "_apitoken", "_group", "_periodictask", "_permission"))}
+    assert not {c for c in dispatcher if c.startswith("delete_") and c != "delete_driverzonepreference"}
+    assert viewer and all(c.startswith("view_") for c in viewer)
+
+
+def test_seed_demo_makes_ops_a_dispatcher_whose_password_login_still_gets_an_ops_token(client):
+    call_command("seed_demo")
+    ops = Delivery.objects.model._meta.get_field("created_by").related_model.objects.get(username="ops")
+    assert ops.is_staff and not ops.is_superuser
+    assert ops.groups.filter(name=DISPATCHER_GROUP).exists()
+    token = client.post("/v2/auth/token", {"username": "ops", "password": "ops"}, content_type="application/json")
+    assert token.status_code == 200, token.content
+    api = Client(HTTP_AUTHORIZATION=f"Token {token.json()['token']}")
+    assert api.get("/v2/deliveries").status_code == 200
+    assert client.login(username="ops", password="ops")
+    assert client.get("/admin/common/user/").status_code == 403
+    assert client.get("/admin/").status_code == 200
+
+
+# ------------------------------------------------------------------------------ live map
+
+
+def test_the_live_map_is_for_staff_only(client):
+    assert client.get("/admin/map/").status_code == 302  # to the login page
+    assert client_for(UserFactory()).get("/v2/admin/live-map").status_code == 403
+    page_client = Client()
+    page_client.force_login(OpsUserFactory())
+    page = page_client.get("/admin/map/").content.decode()
+    assert 'id="ops-map"' in page and "/static/leaflet/leaflet.js" in page and '"socketPath": "/ws/ops/"' in page
+
+
+def test_the_live_map_state_has_drivers_open_deliveries_with_escalation_and_zones(ops):
+    zone = ZoneFactory(name="Centre", bbox=(77.55, 12.93, 77.65, 13.02), min_drivers_online=3)
+    DeliveryZone.objects.filter(pk=zone.pk).update(health_score=35, current_drivers_online=1)
+    driver = DriverFactory(name="Asha Rao")
+    busy = DriverFactory(name="Busy Bee")
+    assigned = DeliveryFactory()
+    assignment_create(delivery_id=assigned.pk, driver_id=busy.pk, actor=Actor.system())
+    stranded = DeliveryFactory()
+    delivery_dispatch(delivery_id=stranded.pk, actor=Actor.system())  # nobody in the GEO index: unassigned
+    UnassignedOrder.objects.filter(delivery=stranded).update(escalation_level=2)
+    DeliveryFactory(status=DeliveryStatus.DELIVERED)
+
+    state = ops.get("/v2/admin/live-map").json()
+
+    drivers = {d["driverId"]: d for d in state["drivers"]}
+    assert drivers[str(driver.pk)]["name"] == "Asha Rao" and drivers[str(driver.pk)]["availability"] == "available"
+    assert drivers[str(busy.pk)]["availability"] == "busy"
+    deliveries = {d["deliveryId"]: d for d in state["deliveries"]}
+    assert set(deliveries) == {str(assigned.pk), str(stranded.pk)}  # open ones only
+    assert deliveries[str(assigned.pk)]["driverId"] == str(busy.pk) and not deliveries[str(assigned.pk)]["unassigned"]
+    assert deliveries[str(stranded.pk)]["unassigned"] and deliveries[str(stranded.pk)]["escalationLevel"] == 2
+    (centre,) = state["zones"]
+    assert centre["health"] == "poor" and centre["belowMinimum"] and len(centre["polygon"]) == 5
+    assert centre["polygon"][0] == [12.93, 77.55]  # [lat, lon], as Leaflet takes them
+
+
+# ------------------------------------------------------------------------------ dashboard
+
+
+def test_the_dashboard_counts_what_ops_act_on():
+    now = timezone.now()
+    online_driver(km=20)  # available (far from the pickups below? no: 20 km is outside the 5 km radius)
+    DriverFactory(availability="on_break")
+    late = DeliveryFactory(status=DeliveryStatus.IN_TRANSIT)
+    Delivery.objects.filter(pk=late.pk).update(eta_delivery_at=now - timedelta(minutes=5))
+    stranded = DeliveryFactory()
+    delivery_dispatch(delivery_id=stranded.pk, actor=Actor.system())
+    quick = DeliveryFactory(ready_at=now - timedelta(seconds=90))
+    assignment_create(delivery_id=quick.pk, driver_id=DriverFactory().pk, actor=Actor.system(), now=now)
+    ZoneFactory(min_drivers_online=4)
+
+    k = dashboard_kpis(now=now)
+
+    assert k.unassigned_total == 1 and k.unassigned_by_level[0] == 1
+    assert k.late_deliveries == 1
+    assert k.drivers["available"] == 1 and k.drivers["busy"] == 1 and k.drivers["on_break"] == 1 and k.drivers["online"] == 2
+    assert k.zones[0]["below"] and k.zones[0]["min"] == 4
+    assert k.assigned_last_hour == 1 and 89 <= k.median_seconds_to_assign <= 91
+    assert k.offers_in_flight == 0 and k.acceptance_rate is None
+
+
+def test_the_admin_index_shows_the_kpi_tiles_with_links_to_their_lists(admin_client):
+    DeliveryFactory()
+    page = admin_client.get("/admin/").content.decode()
+    for tile in ("kpi-unassigned", "kpi-late", "kpi-drivers", "kpi-zones", "kpi-offers", "kpi-acceptance",
+                 "kpi-time-to-assign", "kpi-tickets"):
+        assert f'id="{tile}"' in page, tile
+    assert "/admin/escalation/unassignedorder/?open=yes&amp;escalation_level__exact=3" in page
+    assert "/admin/dispatch/delivery/?late=yes" in page and 'href="/admin/map/"' in page
+    for link in ("/admin/dispatch/delivery/?late=yes", "/admin/escalation/supportticket/?active=yes&priority__exact=urgent",
+                 "/admin/availability/driver/?availability__exact=busy", "/admin/offers/driveroffer/?status__exact=PENDING"):
+        assert admin_client.get(link).status_code == 200, link
+
+
+# ------------------------------------------------------------------------------ actions that ask first
+
+
+def test_cancel_asks_for_a_reason_and_records_it_with_the_dispatcher(django_capture_on_commit_callbacks):
+    user, client = staff_in(DISPATCHER_GROUP, first_name="Dina", last_name="Patcher")
+    delivery = DeliveryFactory()
+    selected = {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)]}
+
+    confirm = client.post("/admin/dispatch/delivery/", selected)
+    assert confirm.status_code == 200 and 'id="confirm-action"' in confirm.content.decode()
+    blank = client.post("/admin/dispatch/delivery/", {**selected, "apply": "1", "reason": "   "})
+    assert blank.status_code == 200 and "This field is required" in blank.content.decode()
+    assert Delivery.objects.get(pk=delivery.pk).status == "ready"
+
+    with django_capture_on_commit_callbacks(execute=True):
+        done = client.post("/admin/dispatch/delivery/", {**selected, "apply": "1", "reason": "Customer phoned to cancel"}, follow=True)
+
+    assert "Cancelled 1 deliveries." in done.content.decode()
+    delivery.refresh_from_db()
+    assert delivery.status == "cancelled" and delivery.cancellation_reason == "Customer phoned to cancel"
+    audit = DeliveryAuditLog.objects.get(delivery=delivery, event_type="delivery_cancelled")
+    assert audit.actor_id == user.pk and audit.details["reason"] == "Customer phoned to cancel"
+
+
+def test_reassign_asks_for_a_reason_and_passes_it_to_the_workflow():
+    _, client = staff_in(DISPATCHER_GROUP)
+    delivery, first = DeliveryFactory(), DriverFactory()
+    assignment_create(delivery_id=delivery.pk, driver_id=first.pk, actor=Actor.system())
+    selected = {"action": "reassign_deliveries", "_selected_action": [str(delivery.pk)]}
+
+    assert 'id="confirm-action"' in client.post("/admin/dispatch/delivery/", selected).content.decode()
+    assert Delivery.objects.get(pk=delivery.pk).status == "assigned"
+    client.post("/admin/dispatch/delivery/", {**selected, "apply": "1", "reason": "Driver's scooter broke down"})
+
+    audit = DeliveryAuditLog.objects.get(delivery=delivery, event_type="assignment_reassigned")
+    assert audit.details["reason"] == "Driver's scooter broke down"
+    first.refresh_from_db()
+    assert first.availability == "available"
+
+
+def test_assign_to_driver_lists_nearby_available_drivers_by_distance_and_offers_through_the_workflow():
+    _, client = staff_in(DISPATCHER_GROUP)
+    near = online_driver(km=0.5, name="Near Nadia")
+    far = online_driver(km=3, name="Far Farid")
+    online_driver(km=40, name="Out Of Town")
+    DriverFactory(name="Resting Ravi", availability="on_break")
+    delivery = DeliveryFactory()
+    selected = {"action": "assign_to_driver", "_selected_action": [str(delivery.pk)]}
+
+    page = client.post("/admin/dispatch/delivery/", selected).content.decode()
+    assert page.index("Near Nadia · 0.5 km") < page.index("Far Farid · 3.0 km")
+    assert "Out Of Town" not in page and "Resting Ravi" not in page
+
+    client.post("/admin/dispatch/delivery/", {**selected, "apply": "1", "driver": str(far.pk)})
+
+    offer = DriverOffer.objects.get(delivery=delivery)
+    assert offer.driver_id == far.pk and offer.status == "PENDING"
+    assert DeliveryAuditLog.objects.filter(delivery=delivery, event_type="driver_offer_sent").exists()
+    assert near.pk != far.pk
+
+
+def test_service_only_fields_are_read_only():
+    _, client = staff_in(DISPATCHER_GROUP)
+    delivery, driver = DeliveryFactory(), DriverFactory()
+    page = client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/").content.decode()
+    for name in ("pickup_location", "dropoff_location", "eta_delivery_at", "zone", "current_offer", "accepted_offer", "status"):
+        assert f'name="{name}"' not in page, name
+    driver_page = client.get(f"/admin/availability/driver/{driver.pk}/change/").content.decode()
+    for name in ("location", "rating", "availability", "location_recorded_at"):
+        assert f'name="{name}"' not in driver_page, name
+    assert 'name="home_location"' in driver_page and 'name="name"' in driver_page
+
+
+# ------------------------------------------------------------------------------ readable records, time zone, /
+
+
+def test_the_delivery_page_has_a_timeline_in_words_in_the_ops_time_zone_and_the_tracking_link():
+    user, client = staff_in(DISPATCHER_GROUP, first_name="Dina", last_name="Patcher")
+    delivery, driver = DeliveryFactory(), DriverFactory(name="Maria Lopez")
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.for_user(user))
+
+    page = client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/").content.decode()
+
+    assert 'id="delivery-timeline"' in page and "Assigned to Maria Lopez" in page and "Dina Patcher (ops)" in page
+    assert "time (Asia/Kolkata)" in page and " IST</time>" in page
+    assert delivery.tracking_url.replace("&", "&amp;") in page
+    assert 'id="delivery-map"' in page and "Maria Lopez" in page
+
+
+def test_the_api_stays_utc_while_the_console_shows_ops_time(ops, admin_client):
+    delivery = DeliveryFactory()
+    body = ops.get(f"/v2/deliveries/{delivery.pk}").json()
+    assert body["createdAt"].endswith("Z") or body["createdAt"].endswith("+00:00")
+    assert "Asia/Kolkata" in admin_client.get("/admin/").content.decode()
+
+
+def test_root_sends_staff_to_the_console_and_everyone_else_to_the_docs(client, admin_client):
+    assert client.get("/")["Location"] == "/v2/docs/"
+    assert admin_client.get("/")["Location"] == "/admin/"
+
+
+def test_api_docs_pages_render_from_the_sidecar(client):
+    for url in ("/v2/docs/", "/v2/redoc/"):
+        page = client.get(url)
+        assert page.status_code == 200 and b"drf_spectacular_sidecar" in page.content, url
+
+
+# ------------------------------------------------------------------------------ exports
+
+
+def test_deliveries_export_as_csv_with_the_lists_filters_applied():
+    _, client = staff_in(DISPATCHER_GROUP)
+    DeliveryFactory(seller_order_id="ORD-KEPT", status=DeliveryStatus.CANCELLED)
+    DeliveryFactory(seller_order_id="ORD-FILTERED-OUT")
+    form = {"format": "0", "resource": "0", "deliveryexport_seller_order_id": "on", "deliveryexport_status": "on"}
+
+    response = client.post("/admin/dispatch/delivery/export/?status__exact=cancelled", form)
+
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
+    body = response.content.decode()
+    assert body.splitlines()[0].strip() == "seller_order_id,status"
+    assert "ORD-KEPT,cancelled" in body and "ORD-FILTERED-OUT" not in body
+
+
+def test_driver_performance_and_costs_export_as_xlsx():
+    from io import BytesIO
+
+    from openpyxl import load_workbook
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    DriverFactory(name="Perf Pia")
+    page = client.get("/admin/availability/driver/export/")
+    assert page.status_code == 200 and "XLSX" in page.content.decode().upper()
+    response = client.post("/admin/availability/driver/export/", {
+        "format": "1", "resource": "0", "driverperformanceexport_name": "on",
+        "driverperformanceexport_deliveries_completed": "on", "driverperformanceexport_total_earnings": "on",
+    })
+    assert response.status_code == 200
+    sheet = load_workbook(BytesIO(response.content)).active
+    rows = list(sheet.iter_rows(values_only=True))
+    assert rows[0] == ("name", "deliveries_completed", "total_earnings") and rows[1][0] == "Perf Pia"
+    assert client.get("/admin/analytics/deliverycost/").status_code == 200
+    assert client.get("/admin/analytics/deliverycost/export/").status_code == 200

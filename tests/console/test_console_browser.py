@@ -1,0 +1,161 @@
+"""The ops console in real headless Chromium (Debian's chromium + chromedriver) against real
+uvicorn and consume_fixes processes, with every off-machine name unresolvable: a Dispatcher
+logs in, reads the dashboard, watches a driver move on the live map, draws a zone, cancels a
+delivery with a reason, reads the API docs, and is refused the user and token admin.
+
+Every wait is on a DOM condition; screenshots go to artifacts/console/ (not committed)."""
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from audit.models import DeliveryAuditLog
+from common.actors import Actor
+from dispatch.models import Delivery
+from tests.api import token_for
+from tests.console.conftest import login, requested_urls, screenshot
+from tests.factories import DeliveryFactory, DriverFactory, km_north
+from workflows.dispatching import delivery_dispatch
+from zones.models import DeliveryZone
+
+pytestmark = pytest.mark.slow
+
+
+def assert_nothing_loaded_from_elsewhere(browser, base):
+    """Every script, stylesheet, font and XHR the pages asked for came from our server (map
+    tiles are the one outside resource, and the browser could not reach them)."""
+    ours = urlsplit(base).netloc
+    outside = [
+        (kind, url) for kind, url in requested_urls(browser)
+        if url.startswith("http") and urlsplit(url).netloc != ours and kind != "Image"
+    ]
+    assert outside == []
+    # and no script failed (failed loads, such as the unreachable tiles or the 403 pages a
+    # Dispatcher is refused, are the network's entries, not script errors)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and e.get("source") != "network"]
+    assert errors == []
+
+
+def test_a_dispatcher_sees_a_driver_move_on_the_live_map_within_two_seconds(console_server, fixes_consumer, chromium, dispatcher):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base = console_server
+    driver = DriverFactory(name="Maria Lopez", location=km_north(1))
+    delivery = DeliveryFactory(seller_order_id="ORD-ON-MAP", store_name="Corner Shop")
+    wait = WebDriverWait(chromium, 15)
+    login(chromium, base, dispatcher, wait)
+
+    chromium.find_element(By.ID, "link-live-map").click()
+    wait.until(lambda b: b.find_element(By.ID, "ops-map-page").get_attribute("data-live-state") == "live")
+    marker = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]'))
+    assert abs(float(marker.get_attribute("data-lat")) - driver.location.y) < 1e-6
+    assert chromium.find_elements(By.CSS_SELECTOR, f'[data-delivery-id="{delivery.pk}"]')
+    before = marker.rect
+    screenshot(chromium, "live-map-before")
+
+    new = km_north(-1.5)
+    started = time.monotonic()
+    response = httpx.post(
+        f"{base}/v2/drivers/{driver.pk}/location", json={"lat": new.y, "lon": new.x, "accuracyMeters": 8},
+        headers={"Authorization": f"Token {token_for(driver.user)}"}, timeout=10,
+    )
+    assert response.status_code == 200 and response.json()["accepted"], response.text
+
+    def moved(b):
+        element = b.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]')
+        return abs(float(element.get_attribute("data-lat")) - new.y) < 1e-6 and element
+
+    element = WebDriverWait(chromium, 2, poll_frequency=0.05).until(moved)
+    assert time.monotonic() - started < 2.0
+    assert element.rect["y"] > before["y"]  # drawn further south (down the screen), not just relabelled
+    screenshot(chromium, "live-map-after")
+
+    element.click()  # the driver's card, with a link into the admin
+    card = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f'[data-card-driver-id="{driver.pk}"]'))
+    assert "Maria Lopez" in card.text
+    assert card.find_element(By.TAG_NAME, "a").get_attribute("href").endswith(f"/admin/availability/driver/{driver.pk}/change/")
+    assert_nothing_loaded_from_elsewhere(chromium, base)
+
+
+def test_a_dispatcher_runs_the_console_in_chromium(console_server, chromium, dispatcher):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    base = console_server
+    unassigned = DeliveryFactory(seller_order_id="ORD-NOBODY")
+    delivery_dispatch(delivery_id=unassigned.pk, actor=Actor.system())  # no driver anywhere: unassigned
+    doomed = DeliveryFactory(seller_order_id="ORD-DOOMED", store_name="Doomed Deli")
+    wait = WebDriverWait(chromium, 15)
+
+    # the dashboard
+    login(chromium, base, dispatcher, wait)
+    tile = chromium.find_element(By.ID, "kpi-unassigned")
+    assert tile.get_attribute("data-value") == "1" and "Level 0: 1" in tile.text
+    for kpi in ("kpi-late", "kpi-drivers", "kpi-zones", "kpi-offers", "kpi-acceptance", "kpi-time-to-assign", "kpi-tickets"):
+        assert chromium.find_element(By.ID, kpi).is_displayed(), kpi
+    assert "Asia/Kolkata" in chromium.find_element(By.CLASS_NAME, "kpi-meta").text
+    assert "Users" not in chromium.find_element(By.ID, "content-main").text
+    screenshot(chromium, "dashboard")
+
+    # a Dispatcher cannot open the user or the token admin
+    for path in ("/admin/common/user/", "/admin/common/apitoken/", "/admin/django_celery_beat/periodictask/"):
+        chromium.get(base + path)
+        wait.until(lambda b: "403" in b.title or "Forbidden" in b.find_element(By.TAG_NAME, "body").text)
+
+    # draw a zone on the map (Leaflet.draw from our static files, no tiles) and save it
+    chromium.get(f"{base}/admin/zones/deliveryzone/add/")
+    wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, ".leaflet-draw-draw-polygon"))).click()
+    map_element = chromium.find_element(By.CSS_SELECTOR, ".leaflet-container")
+    corners = [(-120, -80), (120, -80), (120, 80), (-120, 80)]
+    for x, y in corners:
+        ActionChains(chromium).move_to_element_with_offset(map_element, x, y).click().perform()
+    ActionChains(chromium).move_to_element_with_offset(map_element, *corners[0]).click().perform()  # close the ring
+    wait.until(lambda b: '"Polygon"' in (b.find_element(By.ID, "id_geometry").get_attribute("value") or ""))
+    chromium.find_element(By.ID, "id_name").send_keys("Drawn in Chromium")
+    chromium.find_element(By.ID, "id_min_drivers_online").clear()
+    chromium.find_element(By.ID, "id_min_drivers_online").send_keys("4")
+    screenshot(chromium, "zone-drawn")
+    chromium.find_element(By.CSS_SELECTOR, "input[name=_save]").click()
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".messagelist"), "Drawn in Chromium"))
+    zone = DeliveryZone.objects.get(name="Drawn in Chromium")
+    assert len(zone.geometry.exterior_ring) == 5 and zone.geometry.area > 0 and zone.min_drivers_online == 4
+    assert zone.geometry.contains(zone.geometry.centroid)
+
+    # cancel: a confirmation page, a reason required, an audit row with it
+    chromium.get(f"{base}/admin/dispatch/delivery/?q=ORD-DOOMED")
+    wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, f'input.action-select[value="{doomed.pk}"]'))).click()
+    Select(chromium.find_element(By.NAME, "action")).select_by_value("cancel_deliveries")
+    chromium.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+    wait.until(EC.presence_of_element_located((By.ID, "confirm-action")))
+    assert "ORD-DOOMED" in chromium.find_element(By.ID, "confirm-objects").text
+    assert Delivery.objects.get(pk=doomed.pk).status == "ready"  # asked, not done
+    chromium.find_element(By.ID, "confirm-submit").click()  # no reason
+    wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#confirm-form .errorlist")))
+    assert Delivery.objects.get(pk=doomed.pk).status == "ready"
+    chromium.find_element(By.ID, "id_reason").send_keys("Store closed early (called 18:05)")
+    screenshot(chromium, "cancel-confirm")
+    chromium.find_element(By.ID, "confirm-submit").click()
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".messagelist"), "Cancelled 1 deliveries."))
+    doomed.refresh_from_db()
+    assert doomed.status == "cancelled" and doomed.cancellation_reason == "Store closed early (called 18:05)"
+    audit = DeliveryAuditLog.objects.get(delivery=doomed, event_type="delivery_cancelled")
+    assert audit.actor_id == dispatcher.pk and audit.actor_type == "admin"
+
+    # the delivery page: a readable timeline and its map
+    chromium.get(f"{base}/admin/dispatch/delivery/{doomed.pk}/change/")
+    timeline = wait.until(EC.presence_of_element_located((By.ID, "delivery-timeline")))
+    assert "Dina Patcher" in timeline.text and "Store closed early" in timeline.text and "IST" in timeline.text
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#delivery-map [data-kind=pickup]"))
+    screenshot(chromium, "delivery-page")
+
+    # the API docs render their operations from our static files
+    chromium.get(f"{base}/v2/docs/")
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock")) > 20)
+    assert chromium.find_elements(By.CSS_SELECTOR, '.opblock[id*="deliveries"]')
+    screenshot(chromium, "api-docs")
+
+    assert_nothing_loaded_from_elsewhere(chromium, base)
