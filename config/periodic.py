@@ -13,6 +13,7 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     "zone health": ("zones.refresh_zone_health", 60, {"expires": 55}),
     "webhooks sweep": ("notifications.deliver_webhooks", 10, {"expires": 10}),
     "purge webhook events": ("notifications.purge_webhook_events", 3600, {"expires": 3000}),
+    "customer messages sweep": ("notifications.send_customer_messages", 15, {"expires": 15}),
 }
 
 # Names of tasks we manage start with this, so stale ones can be removed safely.

@@ -40,7 +40,11 @@ class Delivery(models.Model):
     dropoff_location = models.PointField(geography=True, srid=4326)
     dropoff_address = models.CharField(max_length=500, blank=True, default="")
     customer_name = models.CharField(max_length=200, blank=True, default="")
-    customer_phone = models.CharField(max_length=32, blank=True, default="")
+    customer_phone = models.CharField(max_length=32, blank=True, default="", help_text="E.164 (+4915123456789)")
+    customer_email = models.EmailField(max_length=254, blank=True, default="")
+    customer_language = models.CharField(
+        max_length=16, blank=True, default="", help_text="The customer's language for messages (e.g. en, es, hi); empty: English"
+    )
     prep_time_minutes = models.PositiveIntegerField(default=0)
     delivery_fee = models.DecimalField(max_digits=10, decimal_places=2, null=True, blank=True)
     # False: offered by ops only. No automatic offer is ever made for it (at intake, after a

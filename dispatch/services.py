@@ -39,6 +39,8 @@ class DeliveryInput:
     dropoff_address: str = ""
     customer_name: str = ""
     customer_phone: str = ""
+    customer_email: str = ""
+    customer_language: str = ""
     prep_time_minutes: int = 0
     delivery_fee: Decimal | None = None
 
@@ -58,6 +60,8 @@ def delivery_insert(
         dropoff_address=data.dropoff_address,
         customer_name=data.customer_name,
         customer_phone=data.customer_phone,
+        customer_email=data.customer_email,
+        customer_language=data.customer_language,
         prep_time_minutes=data.prep_time_minutes,
         delivery_fee=data.delivery_fee,
         auto_dispatch=auto_dispatch,

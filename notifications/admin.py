@@ -12,7 +12,7 @@ from django.utils.html import format_html, format_html_join
 from common.admin import ReadOnlyInline, run_for_each
 from common.exceptions import InvalidInput
 from notifications import services
-from notifications.models import OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
+from notifications.models import CustomerMessage, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
 
 RECENT_ATTEMPTS = 20
 
@@ -179,4 +179,24 @@ class OutboxEventAdmin(_ReadOnly):
     list_filter = ("type",)
     search_fields = ("delivery__id", "delivery__seller_order_id", "event_id")
     list_select_related = ("owner",)
+    date_hierarchy = "created_at"
+
+
+class CustomerMessageInline(ReadOnlyInline):
+    """On the delivery's admin page: every message its customer got (or did not)."""
+
+    model = CustomerMessage
+    fields = ("created_at", "kind", "channel", "recipient", "language", "status", "template", "provider_id", "error",
+              "attempts", "sent_at")
+    readonly_fields = fields
+    ordering = ("created_at",)
+    verbose_name_plural = "customer messages"
+
+
+@admin.register(CustomerMessage)
+class CustomerMessageAdmin(_ReadOnly):
+    list_display = ("created_at", "delivery", "kind", "channel", "recipient", "status", "provider_id", "error", "sent_at")
+    list_filter = ("status", "kind", "channel")
+    search_fields = ("delivery__seller_order_id", "recipient", "provider_id")
+    list_select_related = ("delivery",)
     date_hierarchy = "created_at"

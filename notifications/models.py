@@ -135,3 +135,56 @@ class WebhookAttempt(models.Model):
     class Meta:
         ordering = ["-attempted_at", "-id"]
         indexes = [models.Index(fields=["endpoint", "attempted_at"], name="webhook_attempt_endpoint_idx")]
+
+
+class MessageKind(models.TextChoices):
+    ASSIGNED = "assigned"
+    ARRIVING = "arriving"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Channel(models.TextChoices):
+    SMS = "sms"
+    EMAIL = "email"
+
+
+class CustomerMessageStatus(models.TextChoices):
+    PENDING = "pending"
+    SENDING = "sending"  # handed to the provider; a worker that died here leaves it so (never sent twice)
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # nothing to send to (no valid number or address)
+
+
+class CustomerMessage(models.Model):
+    """One message to a delivery's customer. At most one per (delivery, kind, channel): the
+    unique constraint has the last word, and a message is handed to its provider once (a
+    send whose outcome is unknown is not repeated)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    delivery = models.ForeignKey("dispatch.Delivery", on_delete=models.CASCADE, related_name="customer_messages")
+    kind = models.CharField(max_length=16, choices=MessageKind.choices)
+    channel = models.CharField(max_length=8, choices=Channel.choices)
+    recipient = models.CharField(max_length=254, help_text="E.164 number or e-mail address")
+    language = models.CharField(max_length=16, default="en")
+    template = models.CharField(max_length=200, blank=True, default="")
+    status = models.CharField(max_length=16, choices=CustomerMessageStatus.choices, default=CustomerMessageStatus.PENDING)
+    provider_id = models.CharField(max_length=200, blank=True, default="")
+    error = models.CharField(max_length=500, blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    created_at = models.DateTimeField()
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["delivery", "kind", "channel"], name="customer_message_once_per_delivery"),
+        ]
+        indexes = [
+            models.Index(fields=["next_attempt_at"], name="customer_message_due_idx", condition=Q(status="pending")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.channel} to {self.recipient} ({self.status})"

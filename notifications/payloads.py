@@ -60,6 +60,8 @@ def delivery_data(delivery: Delivery) -> dict:
         "dropoffAddress": delivery.dropoff_address,
         "customerName": delivery.customer_name,
         "customerPhone": delivery.customer_phone,
+        "customerEmail": delivery.customer_email,
+        "customerLanguage": delivery.customer_language,
         "prepTimeMinutes": delivery.prep_time_minutes,
         "deliveryFee": float(fee) if fee is not None else None,
         "driverId": _text(driver_id),

@@ -32,6 +32,7 @@ from common.broadcast import enqueue_task_on_commit
 from common.errors import iso
 from common.exceptions import Conflict, InvalidInput
 from notifications import alerts
+from notifications.customers import message_rows_for_events
 from notifications.egress import HttpResult, TargetRefused, post_json, url_check
 from notifications.models import (
     ALL_EVENTS,
@@ -189,6 +190,7 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
             for target in targets
         ]
     WebhookMessage.objects.bulk_create(messages, ignore_conflicts=True)
+    message_rows_for_events(events, now=now)  # the customer's SMS and e-mail, once each
     OutboxEvent.objects.filter(seq__in=[e.seq for e in events]).update(fanned_out_at=now)
     return len(messages)
 

@@ -2,7 +2,7 @@ from smtplib import SMTPException
 
 from celery import shared_task
 
-from notifications import alerts, services
+from notifications import alerts, customers, services
 
 
 @shared_task(name="notifications.deliver_webhooks", ignore_result=True)
@@ -31,3 +31,9 @@ def send_ops_alert_email(subject: str, body: str) -> int:
 )
 def send_ops_alert_chat(subject: str, body: str) -> int:
     return alerts.ops_alert_chat_send(subject=subject, body=body)
+
+
+@shared_task(name="notifications.send_customer_messages", ignore_result=True)
+def send_customer_messages() -> int:
+    """After a fan-out made customer messages, and every 15 s for retries: send what is due."""
+    return customers.customer_messages_send_due()

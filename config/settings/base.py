@@ -426,3 +426,16 @@ WEBHOOK_SEND_BUDGET_SECONDS = env.float("WEBHOOK_SEND_BUDGET_SECONDS", default=3
 WEBHOOK_RETENTION_DAYS = env.int("WEBHOOK_RETENTION_DAYS", default=14)
 # A Slack-compatible incoming webhook for ops alerts (escalations, disabled endpoints); empty: none.
 OPS_ALERT_CHAT_WEBHOOK_URL = env("OPS_ALERT_CHAT_WEBHOOK_URL", default="")
+# Customer messages (docs/notifications.md): SMS through CUSTOMER_SMS_BACKEND (the console
+# backend logs; notifications.sms.TwilioSmsBackend sends through Twilio's REST API), e-mail
+# through EMAIL_BACKEND (SMTP, or django-anymail's for a provider).
+PHONE_DEFAULT_REGION = env("PHONE_DEFAULT_REGION", default="IN")
+CUSTOMER_MESSAGES_ENABLED = env.bool("CUSTOMER_MESSAGES_ENABLED", default=True)
+CUSTOMER_SMS_BACKEND = env("CUSTOMER_SMS_BACKEND", default="notifications.sms.ConsoleSmsBackend")
+CUSTOMER_EMAIL_FROM = env("CUSTOMER_EMAIL_FROM", default=DEFAULT_FROM_EMAIL)
+CUSTOMER_ARRIVING_METERS = env.float("CUSTOMER_ARRIVING_METERS", default=500.0)
+CUSTOMER_MESSAGE_MAX_ATTEMPTS = env.int("CUSTOMER_MESSAGE_MAX_ATTEMPTS", default=5)
+TWILIO_API_BASE = env("TWILIO_API_BASE", default="https://api.twilio.com")
+TWILIO_ACCOUNT_SID = env("TWILIO_ACCOUNT_SID", default="")
+TWILIO_AUTH_TOKEN = env("TWILIO_AUTH_TOKEN", default="")
+TWILIO_FROM_NUMBER = env("TWILIO_FROM_NUMBER", default="")

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import re
 
+import phonenumbers
+from django.conf import settings
+from django.core.validators import EmailValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -21,6 +24,22 @@ PHONE_HELP = "digits, spaces, + ( ) - . only, with at least 4 digits"
 @extend_schema_field({"type": "string", "pattern": PHONE_PATTERN, "maxLength": 32, "description": PHONE_HELP})
 class PhoneField(StrictCharField):
     """A phone number (`validate_phone`); the schema carries its rule."""
+
+
+LANGUAGE_RE = r"^[a-zA-Z]{2,3}(-[a-zA-Z0-9]{2,8})?$"
+
+
+def phone_e164(value: str) -> str:
+    """A possible phone number (international, or of PHONE_DEFAULT_REGION) in E.164."""
+    try:
+        number = phonenumbers.parse(value, settings.PHONE_DEFAULT_REGION)
+    except phonenumbers.NumberParseException:
+        number = None
+    if number is None or phonenumbers.is_possible_number_with_reason(number) != phonenumbers.ValidationResult.IS_POSSIBLE:
+        raise serializers.ValidationError(
+            f"Not a possible phone number: give it in international form (+…) or as a number of {settings.PHONE_DEFAULT_REGION}."
+        )
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 def validate_phone(value: str) -> str:
@@ -105,13 +124,21 @@ class DeliveryCreateSerializer(serializers.Serializer):
     dropoffLocation = PointField()
     dropoffAddress = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
     customerName = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
-    customerPhone = PhoneField(max_length=32, required=False, allow_blank=True, default="")
+    customerPhone = PhoneField(
+        max_length=32, required=False, allow_blank=True, default="",
+        help_text="International (+…) or in PHONE_DEFAULT_REGION's format; stored as E.164",
+    )
+    customerEmail = StrictCharField(max_length=254, required=False, allow_blank=True, default="", validators=[EmailValidator()])
+    customerLanguage = StrictRegexField(
+        LANGUAGE_RE, max_length=16, required=False, allow_blank=True, default="",
+        help_text="The customer's language for messages, e.g. en, es, pt-BR (default English)",
+    )
     prepTimeMinutes = StrictIntegerField(min_value=0, max_value=240, required=False, default=0)
     deliveryFee = MoneyField(required=False, allow_null=True, default=None)
     autoDispatch = StrictBooleanField(required=False, default=True)
 
     def validate_customerPhone(self, value):
-        return validate_phone(value) if value else value
+        return phone_e164(validate_phone(value)) if value else value
 
 
 class DeliverySerializer(serializers.ModelSerializer):
@@ -126,6 +153,8 @@ class DeliverySerializer(serializers.ModelSerializer):
     dropoffAddress = serializers.CharField(source="dropoff_address")
     customerName = serializers.CharField(source="customer_name")
     customerPhone = serializers.CharField(source="customer_phone")
+    customerEmail = serializers.CharField(source="customer_email")
+    customerLanguage = serializers.CharField(source="customer_language")
     prepTimeMinutes = serializers.IntegerField(source="prep_time_minutes")
     deliveryFee = serializers.DecimalField(source="delivery_fee", max_digits=10, decimal_places=2, allow_null=True)
     zoneId = serializers.SerializerMethodField()
@@ -155,7 +184,8 @@ class DeliverySerializer(serializers.ModelSerializer):
         model = Delivery
         fields = [
             "id", "sellerOrderId", "sellerId", "storeName", "status", "zoneId", "pickupLocation",
-            "dropoffLocation", "dropoffAddress", "customerName", "customerPhone", "prepTimeMinutes",
+            "dropoffLocation", "dropoffAddress", "customerName", "customerPhone", "customerEmail",
+            "customerLanguage", "prepTimeMinutes",
             "deliveryFee", "driverId", "assignmentId", "trackingUrl", "offerAcceptanceCount", "currentOfferId", "acceptedOfferId",
             "failureReason", "cancellationReason", "createdAt", "readyAt", "assignedAt",
             "pickupStartedAt", "pickedUpAt", "inTransitAt", "deliveredAt", "failedAt", "cancelledAt",
@@ -163,7 +193,9 @@ class DeliverySerializer(serializers.ModelSerializer):
         ]
 
     # What a driver sees of the customer only while its own assignment is active.
-    CUSTOMER_FIELDS = {"customerName": "", "customerPhone": "", "dropoffAddress": "", "dropoffLocation": None}
+    CUSTOMER_FIELDS = {
+        "customerName": "", "customerPhone": "", "customerEmail": "", "dropoffAddress": "", "dropoffLocation": None,
+    }
 
     def to_representation(self, obj):
         data = super().to_representation(obj)

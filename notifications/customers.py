@@ -1,0 +1,193 @@
+"""Messages to a delivery's customer: on assignment (with the tracking link), when the driver
+is arriving (within `CUSTOMER_ARRIVING_METERS` of the drop-off, once), delivered and failed; an
+SMS to `customerPhone` and an e-mail to `customerEmail` when the delivery has them.
+
+They are made from the webhook outbox (`message_rows_for_events`, called by the fan-out after
+commit): the outbox event is the durable record of the change, so nothing is lost and nothing
+runs in the request. One row per (delivery, kind, channel), unique in the database: a customer
+gets each message at most once, however often an event is fanned out. A worker claims a row
+by a conditional UPDATE (pending → sending) before handing it to the provider; only a send
+that certainly did not happen goes back to pending for a retry, so an unknown outcome (a
+timeout, a worker killed mid-send) is never sent twice. Templates: `notifications/customer/
+<language>/<kind>.{sms,subject,email}.txt`, falling back to the base language, then English."""
+from __future__ import annotations
+
+import logging
+import smtplib
+from datetime import datetime, timedelta
+from email.utils import make_msgid
+
+import phonenumbers
+from django.conf import settings
+from django.core.mail import EmailMessage
+from django.db.models import F
+from django.template.loader import select_template
+from django.utils import timezone
+
+from availability.models import Driver
+from common.broadcast import enqueue_task_on_commit
+from notifications.models import Channel, CustomerMessage, MessageKind, OutboxEvent
+from notifications.models import CustomerMessageStatus as St
+from notifications.sms import SmsNotSent, SmsOutcomeUnknown, get_sms_backend
+from tracking.eta import haversine_km
+
+logger = logging.getLogger(__name__)
+
+SEND_TASK = "notifications.send_customer_messages"
+DEFAULT_LANGUAGE = "en"
+
+
+def _kind_for(event: OutboxEvent) -> str | None:
+    data = event.payload.get("data", {})
+    if event.type == "delivery.assigned":
+        return MessageKind.ASSIGNED
+    if event.type == "delivery.status_changed" and data.get("status") in ("delivered", "failed"):
+        return MessageKind.DELIVERED if data["status"] == "delivered" else MessageKind.FAILED
+    if event.type == "delivery.eta_updated" and data.get("status") == "in_transit" and _arriving(data):
+        return MessageKind.ARRIVING
+    return None
+
+
+def _arriving(data: dict) -> bool:
+    """The delivery's driver is within CUSTOMER_ARRIVING_METERS of the drop-off (its last fix)."""
+    if not data.get("driverId") or not data.get("dropoffLocation"):
+        return False
+    location = Driver.objects.filter(pk=data["driverId"]).values_list("location", flat=True).first()
+    if location is None:
+        return False
+    drop = data["dropoffLocation"]
+    return haversine_km(location.y, location.x, drop["lat"], drop["lon"]) * 1000 <= settings.CUSTOMER_ARRIVING_METERS
+
+
+def sms_number(raw: str) -> str | None:
+    """The customer's number in E.164 when it is a valid one, else None."""
+    try:
+        number = phonenumbers.parse(raw, settings.PHONE_DEFAULT_REGION)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def message_rows_for_events(events: list[OutboxEvent], *, now: datetime) -> int:
+    """The customer messages these outbox events call for (once each: existing rows win).
+    The caller is the fan-out, inside its transaction; sending follows after commit."""
+    if not settings.CUSTOMER_MESSAGES_ENABLED:
+        return 0
+    rows = []
+    for event in events:
+        if event.delivery_id is None:
+            continue
+        kind = _kind_for(event)
+        if kind is None:
+            continue
+        data = event.payload["data"]
+        language = data.get("customerLanguage") or DEFAULT_LANGUAGE
+        if data.get("customerPhone"):
+            number = sms_number(data["customerPhone"])
+            rows.append(CustomerMessage(
+                delivery_id=event.delivery_id, kind=kind, channel=Channel.SMS, recipient=number or data["customerPhone"],
+                language=language, status=St.PENDING if number else St.SKIPPED,
+                error="" if number else "not a valid phone number", next_attempt_at=now, created_at=now,
+            ))
+        if data.get("customerEmail"):
+            rows.append(CustomerMessage(
+                delivery_id=event.delivery_id, kind=kind, channel=Channel.EMAIL, recipient=data["customerEmail"],
+                language=language, next_attempt_at=now, created_at=now,
+            ))
+    if not rows:
+        return 0
+    made = CustomerMessage.objects.bulk_create(rows, ignore_conflicts=True)
+    enqueue_task_on_commit(SEND_TASK)
+    return len(made)
+
+
+def _templates(message: CustomerMessage, part: str) -> list[str]:
+    languages = [message.language, message.language.split("-")[0], DEFAULT_LANGUAGE]
+    return [f"notifications/customer/{lang}/{message.kind}.{part}.txt" for lang in dict.fromkeys(languages)]
+
+
+def _render(message: CustomerMessage, context: dict, part: str) -> tuple[str, str]:
+    template = select_template(_templates(message, part))
+    return template.template.name, template.render(context).strip()
+
+
+def _context(message: CustomerMessage) -> dict:
+    delivery = message.delivery
+    driver = None
+    if message.kind in (MessageKind.ASSIGNED, MessageKind.ARRIVING):
+        assignment = delivery.assignments.select_related("driver").order_by("-created_at").first()
+        driver = assignment.driver.name.split(" ")[0] if assignment else None
+    return {
+        "customer_name": delivery.customer_name, "store_name": delivery.store_name,
+        "seller_order_id": delivery.seller_order_id, "tracking_url": delivery.tracking_url,
+        "driver_first_name": driver, "failure_reason": delivery.failure_reason,
+    }
+
+
+def customer_messages_send_due(*, now: datetime | None = None, batch_size: int = 50) -> int:
+    """Send the due pending messages (bounded). Safe in several workers at once."""
+    now = now or timezone.now()
+    ids = list(
+        CustomerMessage.objects.filter(status=St.PENDING, next_attempt_at__lte=now)
+        .order_by("next_attempt_at").values_list("pk", flat=True)[:batch_size]
+    )
+    sent = 0
+    for message_id in ids:
+        try:
+            sent += customer_message_send(message_id=message_id)
+        except Exception:  # one bad message never stops the rest
+            logger.exception("customer message %s failed", message_id)
+    return sent
+
+
+def customer_message_send(*, message_id) -> int:
+    """Claim the message (pending → sending), render it, hand it to its provider once."""
+    now = timezone.now()
+    claimed = CustomerMessage.objects.filter(pk=message_id, status=St.PENDING, next_attempt_at__lte=now).update(
+        status=St.SENDING, attempts=F("attempts") + 1
+    )
+    if claimed != 1:
+        return 0
+    message = CustomerMessage.objects.select_related("delivery").get(pk=message_id)
+    context = _context(message)
+    try:
+        if message.channel == Channel.SMS:
+            template, body = _render(message, context, "sms")
+            provider_id = get_sms_backend().send(to=message.recipient, body=body)
+        else:
+            template, body = _render(message, context, "email")
+            _, subject = _render(message, context, "subject")
+            provider_id = make_msgid(domain=settings.CUSTOMER_EMAIL_FROM.rsplit("@", 1)[-1] or "localhost")
+            email = EmailMessage(subject, body, settings.CUSTOMER_EMAIL_FROM, [message.recipient], headers={"Message-ID": provider_id})
+            email.send(fail_silently=False)
+            status = getattr(email, "anymail_status", None)  # django-anymail's backends report the provider's id
+            if status is not None and getattr(status, "message_id", None):
+                provider_id = str(status.message_id)
+    except (SmsNotSent, smtplib.SMTPConnectError, ConnectionRefusedError, smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as exc:
+        retry = getattr(exc, "retry", isinstance(exc, (smtplib.SMTPConnectError, ConnectionRefusedError)))
+        _not_sent(message, error=str(exc) or type(exc).__name__, retry=retry, now=now)
+        return 0
+    except (SmsOutcomeUnknown, smtplib.SMTPException, OSError) as exc:
+        _finish(message, status=St.FAILED, error=f"outcome unknown, not retried: {exc or type(exc).__name__}", now=now)
+        return 0
+    _finish(message, status=St.SENT, template=template, provider_id=provider_id, now=now)
+    return 1
+
+
+def _not_sent(message: CustomerMessage, *, error: str, retry: bool, now: datetime) -> None:
+    if retry and message.attempts < settings.CUSTOMER_MESSAGE_MAX_ATTEMPTS:
+        delay = timedelta(seconds=30 * 2 ** (message.attempts - 1))
+        CustomerMessage.objects.filter(pk=message.pk, status=St.SENDING).update(
+            status=St.PENDING, error=error[:500], next_attempt_at=now + delay
+        )
+    else:
+        _finish(message, status=St.FAILED, error=error, now=now)
+
+
+def _finish(message: CustomerMessage, *, status: str, now: datetime, error: str = "", template: str = "", provider_id: str = "") -> None:
+    CustomerMessage.objects.filter(pk=message.pk, status=St.SENDING).update(
+        status=status, error=error[:500], template=template, provider_id=provider_id[:200],
+        sent_at=now if status == St.SENT else None,
+    )
