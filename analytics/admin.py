@@ -18,7 +18,12 @@ def analytics_page(request):
         **admin.site.each_context(request),
         "title": "Analytics",
         "days": 7,
-        "summary_url": reverse("analytics-summary"),
+        "ops_time_zone": settings.OPS_TIME_ZONE,
+        "currency": settings.OPS_CURRENCY,
+        "chart_config": {
+            "summaryUrl": reverse("analytics-summary"), "days": 7, "currency": settings.OPS_CURRENCY,
+            "timeZone": settings.OPS_TIME_ZONE,
+        },
     })
 
 

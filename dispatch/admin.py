@@ -199,9 +199,9 @@ class DeliveryAdmin(ExportMixin, admin.ModelAdmin):
         fields = [f.name for f in Delivery._meta.fields]
         return [
             (None, {"fields": fields[:12]}),
+            ("Timeline", {"fields": ["timeline"]}),
             ("Customer tracking", {"fields": ["customer_tracking_link"]}),
             ("Status, times and ETA", {"fields": fields[12:], "classes": ["collapse"]}),
-            ("Timeline", {"fields": ["timeline"]}),
         ]
 
     @admin.display(description="tracking link")

@@ -387,6 +387,8 @@ CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
 # The ops console (docs/console.md). Times in the admin, the support views and
 # the dashboard are shown in OPS_TIME_ZONE (the zone is printed beside them); the API stays UTC.
 OPS_TIME_ZONE = env("OPS_TIME_ZONE", default="Asia/Kolkata")
+# The currency money is shown in on the console (ISO 4217; amounts are stored without one).
+OPS_CURRENCY = env("OPS_CURRENCY", default="INR")
 # Map tiles are the one outside resource (STYLE "Nothing from a CDN"): a tile URL template, or
 # empty for none. Every map (live ops map, zone editor, delivery page) still shows zones,
 # drivers and deliveries on a plain background when no tile loads.

@@ -151,6 +151,18 @@ def test_a_dispatcher_runs_the_console_in_chromium(console_server, chromium, dis
     assert "Dina Patcher" in timeline.text and "Store closed early" in timeline.text and "IST" in timeline.text
     wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#delivery-map [data-kind=pickup]"))
     screenshot(chromium, "delivery-page")
+    chromium.execute_script("arguments[0].scrollIntoView()", timeline)
+    screenshot(chromium, "delivery-timeline")
+
+    # the analytics page: three charts (Chart.js from our static files) with titled axes
+    chromium.find_element(By.ID, "nav-analytics").click()
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-charts-ready") == "true")
+    titles = chromium.execute_script(
+        "return window.opsCharts.map(c => [c.options.scales.x.title.text, c.options.scales.y.title.text]);"
+    )
+    assert titles == [["day (Asia/Kolkata)", "seconds, ready → assigned"], ["day (Asia/Kolkata)", "% of offers answered"],
+                      ["zone", "INR"]]
+    screenshot(chromium, "analytics")
 
     # the API docs render their operations from our static files
     chromium.get(f"{base}/v2/docs/")
