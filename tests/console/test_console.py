@@ -326,3 +326,10 @@ def test_driver_performance_and_costs_export_as_xlsx():
     assert rows[0] == ("name", "deliveries_completed", "total_earnings") and rows[1][0] == "Perf Pia"
     assert client.get("/admin/analytics/deliverycost/").status_code == 200
     assert client.get("/admin/analytics/deliverycost/export/").status_code == 200
+
+
+def test_the_support_views_say_which_time_zone_their_times_are_in(client):
+    agent = UserFactory(is_staff=True)
+    client.force_login(agent)
+    page = client.get("/support/").content.decode()
+    assert "times in Asia/Kolkata" in page
