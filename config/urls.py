@@ -69,6 +69,8 @@ api = [
         zone_views.DriverZonePreferencesView.as_view(),
         name="driver-zone-preferences",
     ),
+    path("drivers/<uuid:driver_id>/devices", webhook_views.DeviceListCreateView.as_view(), name="driver-devices"),
+    path("drivers/<uuid:driver_id>/devices/<uuid:device_id>", webhook_views.DeviceDeleteView.as_view(), name="driver-device"),
     path("webhooks", webhook_views.WebhookListCreateView.as_view(), name="webhooks"),
     path("webhooks/<uuid:webhook_id>", webhook_views.WebhookDetailView.as_view(), name="webhook-detail"),
     path("webhooks/<uuid:webhook_id>/rotate-secret", webhook_views.WebhookRotateSecretView.as_view(), name="webhook-rotate-secret"),

@@ -10,5 +10,7 @@ class NotificationsConfig(AppConfig):
         # reads models, which exist only once apps are ready.
         from common.hooks import on_event_emitted
         from notifications.outbox import outbox_capture
+        from notifications.push import push_notice_capture
 
         on_event_emitted(outbox_capture)
+        on_event_emitted(push_notice_capture)  # offer withdrawn, break ended: to the driver's phone

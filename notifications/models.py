@@ -188,3 +188,27 @@ class CustomerMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.channel} to {self.recipient} ({self.status})"
+
+
+class DevicePlatform(models.TextChoices):
+    ANDROID = "android"
+    IOS = "ios"
+    WEB = "web"
+
+
+class PushDevice(models.Model):
+    """A driver's phone or browser registered for push (an FCM registration token). A token
+    belongs to one driver at a time: registering it again moves it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    driver = models.ForeignKey("availability.Driver", on_delete=models.CASCADE, related_name="push_devices")
+    platform = models.CharField(max_length=16, choices=DevicePlatform.choices)
+    token = models.CharField(max_length=4096, unique=True)
+    created_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.platform} device of {self.driver_id}"

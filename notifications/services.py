@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from common.broadcast import enqueue_task_on_commit
 from common.errors import iso
-from common.exceptions import Conflict, InvalidInput
+from common.exceptions import Conflict, InvalidInput, NotFound
 from notifications import alerts
 from notifications.customers import message_rows_for_events
 from notifications.egress import HttpResult, TargetRefused, post_json, url_check
@@ -40,6 +40,7 @@ from notifications.models import (
     WEBHOOK_EVENT_TYPES,
     MessageStatus,
     OutboxEvent,
+    PushDevice,
     WebhookAttempt,
     WebhookEndpoint,
     WebhookMessage,
@@ -405,3 +406,26 @@ def webhooks_purge(*, now: datetime | None = None, batch_size: int = 5000) -> in
     )
     deleted, _ = OutboxEvent.objects.filter(seq__in=list(old)).delete()
     return deleted
+
+
+# ------------------------------------------------------------------------------ push devices
+
+
+def device_register(*, driver, platform: str, token: str, now: datetime | None = None) -> tuple[PushDevice, bool]:
+    """Register the driver's device for push; (device, created). A token already registered
+    (by this driver, or by another who had the phone before) becomes this driver's. The token
+    is unique in the database: of two registrations racing, `update_or_create` turns the
+    loser's IntegrityError into an update."""
+    now = now or timezone.now()
+    device, created = PushDevice.objects.update_or_create(
+        token=token, defaults={"driver": driver, "platform": platform, "last_seen_at": now},
+        create_defaults={"driver": driver, "platform": platform, "created_at": now, "last_seen_at": now},
+    )
+    return device, created
+
+
+def device_delete(*, driver_id, device_id) -> None:
+    """Remove one of the driver's devices (another driver's is a NotFound)."""
+    deleted, _ = PushDevice.objects.filter(pk=device_id, driver_id=driver_id).delete()
+    if not deleted:
+        raise NotFound("Device not found.")

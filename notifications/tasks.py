@@ -2,7 +2,10 @@ from smtplib import SMTPException
 
 from celery import shared_task
 
+from offers.push import get_push_backend
+
 from notifications import alerts, customers, services
+from notifications.push import PushTransientError
 
 
 @shared_task(name="notifications.deliver_webhooks", ignore_result=True)
@@ -37,3 +40,12 @@ def send_ops_alert_chat(subject: str, body: str) -> int:
 def send_customer_messages() -> int:
     """After a fan-out made customer messages, and every 15 s for retries: send what is due."""
     return customers.customer_messages_send_due()
+
+
+@shared_task(
+    name="notifications.push_driver_notice", ignore_result=True,
+    autoretry_for=(PushTransientError, OSError), retry_backoff=2, max_retries=3,
+)
+def push_driver_notice(driver_id: str, kind: str, event: dict) -> bool:
+    """An offer withdrawn or a break ended, to the driver's phone (PUSH_BACKEND)."""
+    return bool(get_push_backend().send_notice(driver_id=driver_id, kind=kind, event=event))

@@ -1,7 +1,8 @@
 """Push notifications of offers to drivers' phones, behind a small interface.
 
 The default logs the push; a deployment sets PUSH_BACKEND to a class that talks to its push
-gateway (FCM/APNs). Tests replace it with a recording backend: it is the one thing that
+gateway: `notifications.push.FcmPushBackend` (FCM HTTP v1, docs/notifications.md). Tests
+replace it with a recording backend: it is the one thing that
 leaves the machine.
 """
 from __future__ import annotations
@@ -21,10 +22,18 @@ class PushBackend:
         """Send an offer notification; return True when the gateway accepted it."""
         raise NotImplementedError
 
+    def send_notice(self, *, driver_id: str, kind: str, event: dict) -> bool:
+        """Tell the driver of `offer_cancelled` (withdrawn) or `break_expired`; True when sent."""
+        return False
+
 
 class LoggingPushBackend(PushBackend):
     def send_offer(self, *, driver_id: str, event: dict) -> bool:
         logger.info("push offer %s to driver %s (expires %s)", event["offerId"], driver_id, event["expiresAt"])
+        return True
+
+    def send_notice(self, *, driver_id: str, kind: str, event: dict) -> bool:
+        logger.info("push %s to driver %s", kind, driver_id)
         return True
 
 

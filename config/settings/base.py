@@ -441,3 +441,8 @@ TWILIO_API_BASE = env("TWILIO_API_BASE", default="https://api.twilio.com")
 TWILIO_ACCOUNT_SID = env("TWILIO_ACCOUNT_SID", default="")
 TWILIO_AUTH_TOKEN = env("TWILIO_AUTH_TOKEN", default="")
 TWILIO_FROM_NUMBER = env("TWILIO_FROM_NUMBER", default="")
+# Driver push through FCM's HTTP v1 API: PUSH_BACKEND=notifications.push.FcmPushBackend with a
+# Google service account's JSON key file (FCM_PROJECT_ID defaults to the file's project_id).
+FCM_SERVICE_ACCOUNT_FILE = env("FCM_SERVICE_ACCOUNT_FILE", default="")
+FCM_PROJECT_ID = env("FCM_PROJECT_ID", default="")
+FCM_API_BASE = env("FCM_API_BASE", default="https://fcm.googleapis.com")

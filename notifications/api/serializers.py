@@ -68,3 +68,19 @@ class WebhookAttemptSerializer(serializers.ModelSerializer):
 
     def get_eventId(self, obj) -> str:
         return obj.message.event.webhook_id
+
+
+class DeviceRegisterSerializer(serializers.Serializer):
+    platform = StrictChoiceField(choices=[("android", "android"), ("ios", "ios"), ("web", "web")])
+    token = StrictCharField(max_length=4096, help_text="The FCM registration token of the app on this device.")
+
+
+class DeviceSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    platform = serializers.CharField()
+    tokenEnd = serializers.SerializerMethodField(help_text="The token's last 8 characters, to tell devices apart.")
+    createdAt = serializers.DateTimeField(source="created_at")
+    lastSeenAt = serializers.DateTimeField(source="last_seen_at")
+
+    def get_tokenEnd(self, obj) -> str:
+        return obj.token[-8:]

@@ -1,14 +1,15 @@
 """`/v2/webhooks`: integrations manage their own endpoints (another's is a 404); ops see and
-manage all. Thin views: validate, call one service or selector, render."""
+manage all. `/v2/drivers/{id}/devices`: a driver's phones for push. Thin views: validate, call one service or selector, render."""
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common.pagination import paginate, paginated_schema
-from common.permissions import IsOpsOrIntegration
+from availability import selectors as driver_selectors
+from common.permissions import IsDriver, IsOpsOrDriver, IsOpsOrIntegration
 from common.roles import is_ops
 from common.schema import PAGE_PARAMETERS, errors
 from notifications import selectors, services
@@ -111,3 +112,46 @@ class WebhookAttemptsView(APIView):
         endpoint = selectors.endpoint_get_for_user(user=request.user, endpoint_id=webhook_id)
         return paginate(request, selectors.attempts_for_endpoint(endpoint=endpoint), s.WebhookAttemptSerializer,
                         key="attempts", ordering=("-attempted_at", "-id"))
+
+
+class DeviceListCreateView(APIView):
+    """`/v2/drivers/{id}/devices`: a driver registers its own phones for push (another
+    driver's id is a 404); ops may list them."""
+
+    permission_classes = [IsOpsOrDriver]
+
+    def get_permissions(self):
+        if self.request.method == "POST":
+            return [IsDriver()]
+        return super().get_permissions()
+
+    @extend_schema(
+        operation_id="drivers_devices_list", tags=["drivers"],
+        responses={200: inline_serializer("DeviceList", {"devices": s.DeviceSerializer(many=True)}), **errors(404)},
+    )
+    def get(self, request, driver_id):
+        driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        return Response({"devices": s.DeviceSerializer(driver.push_devices.all(), many=True).data})
+
+    @extend_schema(
+        operation_id="drivers_devices_register", request=s.DeviceRegisterSerializer,
+        responses={201: s.DeviceSerializer, 200: s.DeviceSerializer, **errors(400, 404)}, tags=["drivers"],
+        description="Register this device's FCM token for offers, withdrawn offers and the end of a break. "
+                    "The same token again is a 200; a token another driver had moves to this one.",
+    )
+    def post(self, request, driver_id):
+        driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        data = s.DeviceRegisterSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        device, created = services.device_register(driver=driver, **data.validated_data)
+        return Response(s.DeviceSerializer(device).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class DeviceDeleteView(APIView):
+    permission_classes = [IsOpsOrDriver]
+
+    @extend_schema(operation_id="drivers_devices_destroy", request=None, responses={204: None, **errors(404)}, tags=["drivers"])
+    def delete(self, request, driver_id, device_id):
+        driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        services.device_delete(driver_id=driver.pk, device_id=device_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)

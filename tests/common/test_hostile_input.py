@@ -30,7 +30,7 @@ from rest_framework.test import APIClient
 
 from common.parsers import MAX_DEPTH
 from config.asgi import application
-from notifications.services import endpoint_create
+from notifications.services import device_register, endpoint_create
 from tests.api import assert_error, client_for, token_for
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory
 from tests.wire import ERROR_KEYS
@@ -43,6 +43,8 @@ DRIVER_OPERATIONS = {
     "/v2/drivers/{driver_id}/offers/{offer_id}/accept",
     "/v2/drivers/{driver_id}/offers/{offer_id}/reject",
     "/v2/drivers/{driver_id}/deliveries/{delivery_id}/{step}",
+    "/v2/drivers/{driver_id}/devices",
+    "/v2/drivers/{driver_id}/devices/{device_id}",
 }
 ANONYMOUS_OPERATIONS = {"/v2/auth/token", "/v2/orders/{seller_order_id}/rating"}
 SQUARE = {"type": "Polygon", "coordinates": [[[30.5, 10.9], [30.6, 10.9], [30.6, 11.0], [30.5, 11.0], [30.5, 10.9]]]}
@@ -182,6 +184,7 @@ class World:
             "driver_id": str(self.driver.pk), "delivery_id": str(self.delivery.pk), "zone_id": str(self.zone.pk),
             "seller_order_id": self.delivery.seller_order_id, "step": "pickup-started",
             "webhook_id": str(endpoint_create(owner=ops_user, all_deliveries=True, url="https://example.com/h", events=["*"]).pk),
+            "device_id": str(device_register(driver=self.driver, platform="android", token="walker-device")[0].pk),
         }
 
     def client(self, template):

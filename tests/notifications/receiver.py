@@ -40,6 +40,7 @@ class Receiver:
         self.requests: list[Received] = []
         self.script: deque[Answer] = deque()
         self.default = Answer()
+        self.responder = None  # optional: received -> Answer (a provider's API by path)
         self.lock = threading.Lock()
         receiver = self
 
@@ -47,9 +48,15 @@ class Receiver:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                received = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                 with receiver.lock:
-                    receiver.requests.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                    answer = receiver.script.popleft() if receiver.script else receiver.default
+                    receiver.requests.append(received)
+                    if receiver.script:
+                        answer = receiver.script.popleft()
+                    elif receiver.responder is not None:
+                        answer = receiver.responder(received)
+                    else:
+                        answer = receiver.default
                 if answer.delay:
                     time.sleep(answer.delay)
                 try:
