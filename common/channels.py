@@ -5,10 +5,14 @@ MaxConnectionsError beyond that: thousands of sockets connecting or closing at o
 socket storm) each take one for group_add/group_discard, and the overflow turned into
 exceptions and dropped sockets. This pool is sized by setting and makes a caller wait for a
 free connection (up to a timeout) instead, and connections are reused. After the storm the
-pool keeps at most CHANNELS_REDIS_MAX_IDLE idle connections (the least recently used beyond
-that are closed as they come back), so Redis's count returns to its baseline at once instead
-of staying at the storm's peak (~184 idle connections were still held 20 minutes later)."""
+pool keeps at most CHANNELS_REDIS_MAX_IDLE idle connections (those idle longer than
+CHANNELS_REDIS_IDLE_SECONDS beyond the cap are closed), so Redis's count returns to its
+baseline seconds after the storm instead of staying at its peak (~184 idle connections were
+still held 20 minutes later)."""
 from __future__ import annotations
+
+import asyncio
+import time
 
 import redis.asyncio as aioredis
 from channels_redis.core import RedisChannelLayer
@@ -16,21 +20,39 @@ from django.conf import settings
 
 
 class IdleCappedBlockingPool(aioredis.BlockingConnectionPool):
-    """A blocking pool that keeps at most `max_idle` idle connections."""
+    """A blocking pool that, once a burst is over, keeps at most `max_idle` idle connections:
+    connections idle for `idle_seconds` beyond the cap are closed by a timer. During a burst
+    nothing is closed (that would only make the storm reconnect)."""
 
-    def __init__(self, *args, max_idle: int = 16, **kwargs):
+    def __init__(self, *args, max_idle: int = 16, idle_seconds: float = 5.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.max_idle = max_idle
+        self.max_idle, self.idle_seconds = max_idle, idle_seconds
+        self._reaper: asyncio.TimerHandle | None = None
 
     async def release(self, connection):
+        connection._released_at = time.monotonic()
         await super().release(connection)
+        if len(self._available_connections) > self.max_idle and self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(self.idle_seconds, self._reap_soon)
+
+    def _reap_soon(self) -> None:
+        self._reaper = None
+        asyncio.ensure_future(self.reap())
+
+    async def reap(self) -> int:
+        """Close the connections idle for idle_seconds beyond the cap; returns how many."""
+        cutoff = time.monotonic() - self.idle_seconds
         surplus = []
         async with self._condition:
             # LIFO: the pool hands out from the end, so the front holds the longest idle.
-            while len(self._available_connections) > self.max_idle:
+            while (len(self._available_connections) > self.max_idle
+                   and getattr(self._available_connections[0], "_released_at", 0) <= cutoff):
                 surplus.append(self._available_connections.pop(0))
         for extra in surplus:
             await extra.disconnect()
+        if len(self._available_connections) > self.max_idle and self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(self.idle_seconds, self._reap_soon)
+        return len(surplus)
 
 
 class PooledRedisChannelLayer(RedisChannelLayer):
@@ -42,5 +64,6 @@ class PooledRedisChannelLayer(RedisChannelLayer):
             max_connections=settings.CHANNELS_REDIS_MAX_CONNECTIONS,
             timeout=settings.CHANNELS_REDIS_POOL_TIMEOUT,
             max_idle=settings.CHANNELS_REDIS_MAX_IDLE,
+            idle_seconds=settings.CHANNELS_REDIS_IDLE_SECONDS,
             **host,
         )

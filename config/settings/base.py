@@ -180,12 +180,13 @@ CHANNEL_LAYERS = {
 # free connection rather than fail during a socket storm.
 CHANNELS_REDIS_MAX_CONNECTIONS = env.int("CHANNELS_REDIS_MAX_CONNECTIONS", default=200)
 CHANNELS_REDIS_POOL_TIMEOUT = env.float("CHANNELS_REDIS_POOL_TIMEOUT", default=10.0)
+# Idle connections a pool keeps after a burst; beyond this, those idle for IDLE_SECONDS close.
+CHANNELS_REDIS_MAX_IDLE = env.int("CHANNELS_REDIS_MAX_IDLE", default=16)
+CHANNELS_REDIS_IDLE_SECONDS = env.float("CHANNELS_REDIS_IDLE_SECONDS", default=5.0)
 
 # Celery
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL)
-# Idle connections a pool keeps after a burst; beyond this they are closed as they come back.
-CHANNELS_REDIS_MAX_IDLE = env.int("CHANNELS_REDIS_MAX_IDLE", default=16)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

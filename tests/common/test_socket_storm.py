@@ -43,12 +43,14 @@ def test_a_storm_of_sockets_on_a_small_pool_connects_and_closes_without_errors(s
 
 
 def test_after_a_storm_the_pool_keeps_only_its_idle_cap_open(settings):
-    """Redis's connection count returns to its baseline when the storm ends: the pool closes
-    what it holds idle beyond CHANNELS_REDIS_MAX_IDLE (Redis's own CLIENT LIST is the judge)."""
+    """Redis's connection count returns to its baseline once the storm is over: the pool
+    closes what it holds idle beyond CHANNELS_REDIS_MAX_IDLE after CHANNELS_REDIS_IDLE_SECONDS
+    (a timer), and nothing while the burst lasts. Redis's own CLIENT LIST is the judge."""
     from common.redis import get_redis
 
     settings.CHANNELS_REDIS_MAX_CONNECTIONS = 40
     settings.CHANNELS_REDIS_MAX_IDLE = 3
+    settings.CHANNELS_REDIS_IDLE_SECONDS = 3600  # the timer never fires in this test: reap() is called
     token = token_for(OpsUserFactory())
     name = "storm-pool-test"
 
@@ -64,16 +66,19 @@ def test_after_a_storm_the_pool_keeps_only_its_idle_cap_open(settings):
         for conn in pool._available_connections:  # and the ones already open are closed
             await conn.disconnect()
         pool._available_connections.clear()
-        held = []
-        for _ in range(12):  # a burst: 12 connections in use at once, named
-            held.append(await pool.get_connection())
+        held = [await pool.get_connection() for _ in range(12)]  # a burst: 12 in use at once
         peak = ours()
         for conn in held:
             await pool.release(conn)
+        during = ours()  # just released: still the burst, nothing closed
+        timer_set = pool._reaper is not None
+        pool.idle_seconds = 0  # as if the timer fired after the idle time
+        closed = await pool.reap()
+        after, idle = ours(), len(pool._available_connections)
         await asyncio.gather(*(c.disconnect(timeout=30) for c in comms))
-        return peak, ours(), len(pool._available_connections)
+        return peak, during, timer_set, closed, after, idle
 
-    peak, after, idle = async_to_sync(storm)()
+    peak, during, timer_set, closed, after, idle = async_to_sync(storm)()
 
-    assert peak >= 12
-    assert after <= 3 and idle <= 3
+    assert peak >= 12 and during == peak and timer_set
+    assert closed >= 9 and after <= 3 and idle <= 3
