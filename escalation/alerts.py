@@ -1,6 +1,8 @@
 """Ops alerts for escalations: an e-mail to `OPS_ALERT_EMAILS` through Django's e-mail backend,
-sent by a Celery task enqueued after commit (the socket side is the `unassigned_order_escalated`
-event). Nothing is sent for a transaction that rolls back."""
+and a message to the Slack-compatible chat webhook `OPS_ALERT_CHAT_WEBHOOK_URL`, each sent by a
+Celery task enqueued after commit (the socket side is the `unassigned_order_escalated` event).
+Nothing is sent for a transaction that rolls back. The chat task lives in `notifications`
+(a higher layer): it is enqueued by name."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +16,7 @@ from common.errors import iso
 
 logger = logging.getLogger(__name__)
 
+CHAT_TASK = "notifications.send_ops_alert_chat"
 WARNING = "warning"
 CRITICAL = "critical"
 
@@ -25,9 +28,9 @@ def _url(path: str) -> str:
 def ops_alert_on_commit(
     *, record, delivery, level: int, severity: str, reason: str, waited_minutes: int, now: datetime, notes: str = ""
 ) -> None:
-    """Queue the alert e-mail for after commit (no recipients configured: nothing to do)."""
+    """Queue the alert e-mail and chat message for after commit (each only when configured)."""
     recipients = list(settings.OPS_ALERT_EMAILS)
-    if not recipients:
+    if not recipients and not settings.OPS_ALERT_CHAT_WEBHOOK_URL:
         return
     prefix = "CRITICAL: " if severity == CRITICAL else ""
     subject = f"[dispatch] {prefix}order {delivery.seller_order_id} unassigned for {waited_minutes} min (level {level})"
@@ -47,7 +50,10 @@ def ops_alert_on_commit(
         lines.append(f"Support ticket: {_url(f'/support/tickets/{record.support_ticket_id}/')}")
     lines.append(f"Unassigned order (admin): {_url(f'/admin/escalation/unassignedorder/{record.pk}/change/')}")
     lines.append(f"Delivery (admin): {_url(f'/admin/dispatch/delivery/{delivery.pk}/change/')}")
-    enqueue_task_on_commit("escalation.send_ops_alert_email", subject, "\n".join(lines), recipients)
+    if recipients:
+        enqueue_task_on_commit("escalation.send_ops_alert_email", subject, "\n".join(lines), recipients)
+    if settings.OPS_ALERT_CHAT_WEBHOOK_URL:
+        enqueue_task_on_commit(CHAT_TASK, subject, "\n".join(lines))
 
 
 def ops_alert_email_send(*, subject: str, body: str, recipients: list[str]) -> int:
