@@ -1,5 +1,6 @@
 """The admin index's KPI tiles (templates/admin/index.html): `{% ops_kpis as kpis %}`."""
 from datetime import timedelta
+from urllib.parse import quote
 
 from django import template
 from django.conf import settings
@@ -19,7 +20,8 @@ def ops_kpis():
     drivers = reverse("admin:availability_driver_changelist")
     tickets = reverse("admin:escalation_supportticket_changelist")
     offers = reverse("admin:offers_driveroffer_changelist")
-    hour_ago = timezone.localtime(now - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+    # with its offset (a naive time would be read as UTC), URL-quoted (the "+")
+    hour_ago = quote(timezone.localtime(now - timedelta(hours=1)).isoformat(timespec="seconds"))
     return {
         "now": now,
         "tz": settings.OPS_TIME_ZONE,

@@ -333,3 +333,17 @@ def test_the_support_views_say_which_time_zone_their_times_are_in(client):
     client.force_login(agent)
     page = client.get("/support/").content.decode()
     assert "times in Asia/Kolkata" in page
+
+
+def test_the_last_hour_tiles_link_to_exactly_the_last_hours_rows(admin_client):
+    now = timezone.now()
+    DeliveryFactory(seller_order_id="ORD-RECENT", status=DeliveryStatus.ASSIGNED)
+    Delivery.objects.filter(seller_order_id="ORD-RECENT").update(assigned_at=now - timedelta(minutes=20))
+    DeliveryFactory(seller_order_id="ORD-EARLIER", status=DeliveryStatus.ASSIGNED)
+    Delivery.objects.filter(seller_order_id="ORD-EARLIER").update(assigned_at=now - timedelta(minutes=100))
+
+    index = admin_client.get("/admin/").content.decode()
+    link = index.split('id="kpi-time-to-assign"')[1].split('href="')[1].split('"')[0].replace("&amp;", "&")
+    listed = admin_client.get(link).content.decode()
+
+    assert "ORD-RECENT" in listed and "ORD-EARLIER" not in listed  # an hour in the ops zone is still an hour
