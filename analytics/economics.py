@@ -1,8 +1,9 @@
 """What a finished delivery cost and earned (seed: delivery_costs, delivery_revenue).
 
 Rules (docs/analytics.md):
-- Delivered: revenue = delivery fee (the delivery's, else DEFAULT_DELIVERY_FEE) + the seller
-  commission; the driver is paid the accepted offer's estimated earning.
+- Delivered: revenue = delivery fee (the delivery's, else the pricing rule's for its leg:
+  `zones.pricing.delivery_fee`) + the seller commission; the driver is paid the accepted
+  offer's estimated earning, never above the pay cap of the delivery's zone (or the global one).
 - Failed: the customer's delivery fee is refunded (0) but the seller commission is kept; the
   driver is paid in full if the order was picked up (they did the driving), else the base pay.
 - Costs add the payment processing fee (PAYMENT_FEE_RATE × delivery fee charged) and per-
@@ -19,6 +20,8 @@ from django.conf import settings
 from analytics.models import DeliveryCost, DeliveryRevenue
 from common.db import insert_all_unless_conflict
 from dispatch.models import Delivery, DeliveryStatus
+from tracking import eta
+from zones import pricing
 
 CENT = Decimal("0.01")
 
@@ -27,9 +30,14 @@ def money(value) -> Decimal:
     return Decimal(str(value)).quantize(CENT, rounding=ROUND_HALF_UP)
 
 
+def _zone_of(delivery: Delivery):
+    return delivery.zone if delivery.zone_id else None
+
+
 def driver_payment_for(delivery: Delivery) -> Decimal:
     offer = delivery.accepted_offer if delivery.accepted_offer_id else None
     full = money(offer.offer_payload.get("estimatedEarning", settings.DRIVER_BASE_PAY)) if offer else money(settings.DRIVER_BASE_PAY)
+    full = min(full, pricing.driver_pay_cap(_zone_of(delivery)))  # whatever an offer said: never above the cap
     if delivery.status == DeliveryStatus.FAILED and delivery.picked_up_at is None:
         return min(full, money(settings.DRIVER_BASE_PAY))
     return full
@@ -38,7 +46,7 @@ def driver_payment_for(delivery: Delivery) -> Decimal:
 def economics_record(*, delivery: Delivery, now: datetime) -> tuple[DeliveryCost, DeliveryRevenue]:
     """Write the cost and revenue rows of a delivered or failed delivery (once; a second call
     returns the existing rows). Caller holds the delivery's lock."""
-    fee = money(delivery.delivery_fee if delivery.delivery_fee is not None else settings.DEFAULT_DELIVERY_FEE)
+    fee = money(delivery.delivery_fee) if delivery.delivery_fee is not None else pricing.delivery_fee(leg_km=eta.delivery_leg_km(delivery))
     charged_fee = fee if delivery.status == DeliveryStatus.DELIVERED else Decimal("0.00")
     commission = money(settings.SELLER_COMMISSION)
     driver_payment = driver_payment_for(delivery)

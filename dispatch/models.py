@@ -164,3 +164,29 @@ class Assignment(models.Model):
             AssignmentStatus.COMPLETED: AssignmentEndReason.COMPLETED,
             AssignmentStatus.FAILED: AssignmentEndReason.FAILED,
         }.get(self.status, AssignmentEndReason.CANCELLED)
+
+
+class Quote(models.Model):
+    """What a delivery from `pickup` to `dropoff` would cost, and that it can be delivered
+    (`POST /v2/quotes`). A serviceable quote locks its fee: passed as `quoteId` to `POST
+    /v2/deliveries` before `expires_at`, once, by its owner, for the same pickup and drop-off."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quotes")
+    pickup_location = models.PointField(geography=True, srid=4326)
+    dropoff_location = models.PointField(geography=True, srid=4326)
+    prep_time_minutes = models.PositiveIntegerField(default=0)
+    zone = models.ForeignKey("zones.DeliveryZone", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    distance_km = models.FloatField()
+    delivery_fee = models.DecimalField(max_digits=10, decimal_places=2)
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    delivery = models.OneToOneField(Delivery, null=True, blank=True, on_delete=models.SET_NULL, related_name="quote")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["expires_at"], name="quote_expires_idx")]
+
+    def __str__(self) -> str:
+        return f"quote {self.pk} ({self.delivery_fee})"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.contrib.gis.geos import Point
@@ -23,9 +23,9 @@ from availability.services import apply_availability_change
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group
 from common.db import insert_unless_conflict
-from common.exceptions import Conflict, NotFound
+from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import events
-from dispatch.models import Assignment, AssignmentStatus, Delivery
+from dispatch.models import Assignment, AssignmentStatus, Delivery, Quote
 from dispatch.models import DeliveryStatus as S
 
 
@@ -270,3 +270,44 @@ def delivery_step_apply(
         details["reason"] = reason
     audit_record(delivery=delivery, event_type=event_type, actor=actor, details=details, now=now)
     return from_status
+
+
+# ------------------------------------------------------------------------------- quotes
+
+
+def quote_insert(
+    *, created_by, pickup_location: Point, dropoff_location: Point, prep_time_minutes: int, zone, distance_km: float,
+    delivery_fee: Decimal, now: datetime, ttl_seconds: int,
+) -> Quote:
+    """A serviceable quote, its fee locked until `now + ttl_seconds`."""
+    return Quote.objects.create(
+        created_by=created_by, pickup_location=pickup_location, dropoff_location=dropoff_location,
+        prep_time_minutes=prep_time_minutes, zone=zone, distance_km=distance_km, delivery_fee=delivery_fee,
+        created_at=now, expires_at=now + timedelta(seconds=ttl_seconds),
+    )
+
+
+def quote_link(quote: Quote, *, delivery: Delivery) -> None:
+    """The delivery made from a claimed quote."""
+    Quote.objects.filter(pk=quote.pk).update(delivery=delivery)
+    quote.delivery = delivery
+
+
+def _same_place(a: Point, b: Point) -> bool:
+    return round(a.x, 6) == round(b.x, 6) and round(a.y, 6) == round(b.y, 6)
+
+
+def quote_claim(*, quote_id, created_by, pickup_location: Point, dropoff_location: Point, now: datetime) -> Quote:
+    """Use a quote for a new delivery: the caller's own, for the same pickup and drop-off,
+    unexpired and unused. The claim is one conditional UPDATE, so two deliveries racing for
+    one quote cannot both have it (the loser gets a Conflict). The caller links the delivery."""
+    quote = Quote.objects.filter(pk=quote_id, created_by=created_by).first()
+    if quote is None:
+        raise InvalidInput({"quoteId": ["No such quote of yours."]})
+    if not (_same_place(quote.pickup_location, pickup_location) and _same_place(quote.dropoff_location, dropoff_location)):
+        raise InvalidInput({"quoteId": ["The quote is for another pickup or drop-off."]})
+    claimed = Quote.objects.filter(pk=quote.pk, used_at__isnull=True, expires_at__gt=now).update(used_at=now)
+    if claimed != 1:
+        raise Conflict("The quote has expired or was already used; ask for a new one.")
+    quote.used_at = now
+    return quote

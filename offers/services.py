@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 
 from django.conf import settings
 from django.utils import timezone
@@ -35,6 +35,7 @@ from offers import events
 from offers.models import DriverOffer, NotificationMethod, OfferStatus
 from offers.push import get_push_backend
 from tracking import eta
+from zones import pricing
 
 MIN_EXPIRES_SECONDS = 10
 MAX_EXPIRES_SECONDS = 120
@@ -43,10 +44,14 @@ MAX_EXPIRES_SECONDS = 120
 # ------------------------------------------------------------------------ payload
 
 
-def driver_earning(*, total_km: float) -> Decimal:
-    """Base pay + per-km pay over the trip (driver → pickup → dropoff), to the cent."""
-    amount = Decimal(settings.DRIVER_BASE_PAY) + Decimal(settings.DRIVER_PAY_PER_KM) * Decimal(str(total_km))
-    return amount.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+def driver_earning(*, total_km: float, zone=None) -> Decimal:
+    """Base pay + per-km pay over the trip (driver → pickup → dropoff), to the cent, never
+    above the zone's (or the global) cap: `zones.pricing.driver_pay`."""
+    return pricing.driver_pay(total_km=total_km, zone=zone)
+
+
+def _zone_of(delivery: Delivery):
+    return delivery.zone if getattr(delivery, "zone_id", None) else None
 
 
 def offer_payload(*, delivery: Delivery, driver: Driver, now: datetime) -> dict:
@@ -63,7 +68,7 @@ def offer_payload(*, delivery: Delivery, driver: Driver, now: datetime) -> dict:
         "estimatedPickupTimeMin": max(1, math.ceil(pickup_s / 60)),
         "estimatedDeliveryTime": iso(now + timedelta(seconds=round(deliver_s))),
         "estimatedDistanceKm": round(to_pickup_km, 2),
-        "estimatedEarning": float(driver_earning(total_km=to_pickup_km + leg_km)),
+        "estimatedEarning": float(driver_earning(total_km=to_pickup_km + leg_km, zone=_zone_of(delivery))),
     }
 
 

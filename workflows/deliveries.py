@@ -3,6 +3,7 @@ through pickup and drop-off. Each reads top to bottom: lock (once, in the order 
 `workflows.locks`) → state changes → audit → events on commit."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 from django.utils import timezone
@@ -20,26 +21,33 @@ from offers.services import offer_cancel_locked
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_locked, dispatch_next_locked
 from workflows.unit import eta_refresh_enqueue, unit_of_work
-from zones.selectors import zone_for_point
+from workflows.quotes import quote_use, serviceability_ensure
 
 TRACKED = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
 
 
 @unit_of_work()
 def delivery_create(
-    *, data: DeliveryInput, created_by, actor: Actor, auto_dispatch: bool = False, now: datetime | None = None
+    *, data: DeliveryInput, created_by, actor: Actor, auto_dispatch: bool = False, now: datetime | None = None,
+    quote_id=None,
 ) -> Delivery:
-    """A `ready` delivery in the zone of its pickup. With `auto_dispatch` the first candidate
+    """A `ready` delivery in the zone of its pickup, if serviceable (else InvalidInput:
+    `workflows.quotes`); with `quote_id`, at the fee the quote locked. With `auto_dispatch` the first candidate
     is offered in the same transaction (or the delivery is recorded as unassigned); without
     it, ops offer it, and no automatic offer is ever made for it (`dispatch_next_locked`).
 
     Returns the row as written (no assignment yet: `latest_assignments` is set), ready to
     render without reading it again."""
     now = now or timezone.now()
+    service = serviceability_ensure(pickup=data.pickup_location, dropoff=data.dropoff_location)
+    quote = quote_use(quote_id=quote_id, created_by=created_by, data=data, now=now) if quote_id else None
+    if quote is not None:
+        data = replace(data, delivery_fee=quote.delivery_fee)  # the fee the quote locked
     delivery = deliveries.delivery_insert(
-        data=data, created_by=created_by, zone=zone_for_point(data.pickup_location), actor=actor, now=now,
-        auto_dispatch=auto_dispatch,
+        data=data, created_by=created_by, zone=service.zone, actor=actor, now=now, auto_dispatch=auto_dispatch,
     )
+    if quote is not None:
+        deliveries.quote_link(quote, delivery=delivery)
     if auto_dispatch:
         # A new row: nobody else can hold it, and it has no offer yet.
         dispatch_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)

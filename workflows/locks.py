@@ -110,11 +110,12 @@ def lock_active_assignment(delivery_id) -> Assignment | None:
 def lock_assignment_of_driver(delivery_id, driver_id, *, with_driver: bool = False) -> Assignment | None:
     """The driver's latest assignment of the delivery with the delivery, locked by one
     statement in the order of this module: delivery, then the assignment, then (with
-    `with_driver`) the driver. `assignment.delivery` (with its accepted offer, not locked) and
+    `with_driver`) the driver. `assignment.delivery` (with its accepted offer and zone, not locked) and
     `assignment.driver` are the locked rows. None when the driver never had the delivery (or
     it does not exist)."""
     of = ("delivery", "self", "driver") if with_driver else ("delivery", "self")
-    related = ("delivery", "delivery__accepted_offer", "driver") if with_driver else ("delivery", "delivery__accepted_offer")
+    related = ("delivery", "delivery__accepted_offer", "delivery__zone")  # the zone: the pay cap, no extra query
+    related = (*related, "driver") if with_driver else related
     return (
         Assignment.objects.select_related(*related)
         .select_for_update(of=of)

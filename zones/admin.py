@@ -110,6 +110,9 @@ class DeliveryZoneAdmin(LeafletGeoAdminMixin, admin.ModelAdmin):
         (None, {"fields": ("id", "name", "geometry", "priority_level")}),
         ("Staffing and targets", {"fields": ("min_drivers_online", "target_wait_time_seconds")}),
         ("Dispatch overrides", {"fields": ("offer_expires_seconds", "search_radius_km")}),
+        ("Serviceability and pay (empty: the global settings)", {"fields": (
+            "max_delivery_distance_km", "driver_pay_per_km", "driver_pay_cap",
+        )}),
         ("Live health (updated every minute)", {"fields": (
             "current_drivers_online", "avg_wait_time_seconds", "demand_level", "health_score", "last_updated",
         )}),

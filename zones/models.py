@@ -48,6 +48,20 @@ class DeliveryZone(models.Model):
         help_text="Driver search radius for deliveries in this zone (empty: DISPATCH_RADIUS_KM).",
     )
 
+    # Serviceability and pricing overrides (null: the global setting; zones/pricing.py).
+    max_delivery_distance_km = models.FloatField(
+        null=True, blank=True, validators=[validate_positive, MaxValueValidator(1000)],
+        help_text="Longest pickup-to-drop-off leg accepted for a pickup in this zone (empty: MAX_DELIVERY_DISTANCE_KM).",
+    )
+    driver_pay_per_km = models.DecimalField(
+        max_digits=8, decimal_places=2, null=True, blank=True, validators=[MinValueValidator(0)],
+        help_text="Driver pay per km for deliveries in this zone (empty: DRIVER_PAY_PER_KM).",
+    )
+    driver_pay_cap = models.DecimalField(
+        max_digits=10, decimal_places=2, null=True, blank=True, validators=[MinValueValidator(0)],
+        help_text="Highest payout for one delivery in this zone (empty: DRIVER_PAY_CAP).",
+    )
+
     # Live health, written by the zone-health job (derived state).
     current_drivers_online = models.PositiveIntegerField(default=0)
     avg_wait_time_seconds = models.PositiveIntegerField(default=300)

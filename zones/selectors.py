@@ -15,7 +15,7 @@ from django.conf import settings
 from django.contrib.gis.db.models import PointField
 from django.contrib.gis.geos import Point
 from django.db import connection
-from django.db.models import FloatField, Func, QuerySet
+from django.db.models import BooleanField, ExpressionWrapper, FloatField, Func, Q, QuerySet
 from django.db.models.functions import Cast
 from django.utils import timezone
 
@@ -68,6 +68,23 @@ def zone_for_point(point: Point | None) -> DeliveryZone | None:
     if point.srid is None:
         point = Point(point.x, point.y, srid=4326)
     return zones_covering(point).first()
+
+
+def zone_for_point_and_any(point: Point) -> tuple[DeliveryZone | None, bool]:
+    """(the zone of `point` as `zone_for_point` picks it, whether any zone exists) in one
+    query: intake refuses a pickup outside every zone only while there are zones."""
+    if point.srid is None:
+        point = Point(point.x, point.y, srid=4326)
+    best = (
+        DeliveryZone.objects.annotate(
+            covering=ExpressionWrapper(Q(geometry__covers=point), output_field=BooleanField()),
+            area_m2=_GeographyArea("geometry"),
+        )
+        .order_by("-covering", "priority_level", "area_m2", "id").first()
+    )
+    if best is None:
+        return None, False
+    return (best if best.covering else None), True
 
 
 def zone_get(*, zone_id) -> DeliveryZone:

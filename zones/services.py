@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Iterable
 
 from django.contrib.gis.geos import Polygon
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 _UNSET: Any = object()
 EDITABLE_FIELDS = (
     "name", "geometry", "priority_level", "min_drivers_online", "target_wait_time_seconds",
-    "offer_expires_seconds", "search_radius_km",
+    "offer_expires_seconds", "search_radius_km", "max_delivery_distance_km", "driver_pay_per_km", "driver_pay_cap",
 )
 HEALTH_FIELDS = ("current_drivers_online", "avg_wait_time_seconds", "demand_level", "health_score", "last_updated")
 
@@ -77,6 +78,9 @@ def zone_create(
     target_wait_time_seconds: int = 300,
     offer_expires_seconds: int | None = None,
     search_radius_km: float | None = None,
+    max_delivery_distance_km: float | None = None,
+    driver_pay_per_km: Decimal | None = None,
+    driver_pay_cap: Decimal | None = None,
 ) -> DeliveryZone:
     """Create a zone. An invalid polygon or out-of-range value is a ValidationError (400);
     a name already in use is a Conflict (409)."""
@@ -84,7 +88,8 @@ def zone_create(
     zone = DeliveryZone(
         name=name, geometry=geometry, priority_level=priority_level, min_drivers_online=min_drivers_online,
         target_wait_time_seconds=target_wait_time_seconds, offer_expires_seconds=offer_expires_seconds,
-        search_radius_km=search_radius_km,
+        search_radius_km=search_radius_km, max_delivery_distance_km=max_delivery_distance_km,
+        driver_pay_per_km=driver_pay_per_km, driver_pay_cap=driver_pay_cap,
     )
     _validate(zone)
     if _name_taken(name):
@@ -108,6 +113,9 @@ def zone_update(
     target_wait_time_seconds: int = _UNSET,
     offer_expires_seconds: int | None = _UNSET,
     search_radius_km: float | None = _UNSET,
+    max_delivery_distance_km: float | None = _UNSET,
+    driver_pay_per_km: Decimal | None = _UNSET,
+    driver_pay_cap: Decimal | None = _UNSET,
 ) -> DeliveryZone:
     """Change a zone's settings or boundary. A new boundary refreshes the drivers' distances
     to the zone centre; the cached health is dropped after commit. Deliveries keep the zone
@@ -119,6 +127,8 @@ def zone_update(
         "name": name, "geometry": geometry, "priority_level": priority_level,
         "min_drivers_online": min_drivers_online, "target_wait_time_seconds": target_wait_time_seconds,
         "offer_expires_seconds": offer_expires_seconds, "search_radius_km": search_radius_km,
+        "max_delivery_distance_km": max_delivery_distance_km, "driver_pay_per_km": driver_pay_per_km,
+        "driver_pay_cap": driver_pay_cap,
     }
     changes = {k: v for k, v in changes.items() if v is not _UNSET}
     if not changes:

@@ -309,6 +309,17 @@ SILENCED_SYSTEM_CHECKS = ["gis.W001"]
 # Pricing (documented in docs/dispatch.md). Money is Decimal; these are strings on purpose.
 DRIVER_BASE_PAY = env("DRIVER_BASE_PAY", default="30.00")
 DRIVER_PAY_PER_KM = env("DRIVER_PAY_PER_KM", default="8.00")
+# No payout above this, whatever the distance (a zone may set its own per-km rate and cap).
+DRIVER_PAY_CAP = env("DRIVER_PAY_CAP", default="300.00")
+# The fee of a delivery created without one (and of a quote): base + per km of the leg, capped.
+DELIVERY_FEE_PER_KM = env("DELIVERY_FEE_PER_KM", default="0.00")
+DELIVERY_FEE_CAP = env("DELIVERY_FEE_CAP", default="500.00")
+# Serviceability at intake and in quotes (docs/dispatch.md): a pickup outside every zone is
+# refused while any zone exists (false: allowed), and so is a leg longer than the limit (a zone
+# may set its own).
+SERVICEABILITY_REQUIRE_ZONE = env.bool("SERVICEABILITY_REQUIRE_ZONE", default=True)
+MAX_DELIVERY_DISTANCE_KM = env.float("MAX_DELIVERY_DISTANCE_KM", default=30.0)
+QUOTE_TTL_SECONDS = env.int("QUOTE_TTL_SECONDS", default=300)
 # Where offers are pushed besides the driver's socket (dotted path to a PushBackend).
 PUSH_BACKEND = env("PUSH_BACKEND", default="offers.push.LoggingPushBackend")
 # Delivery economics (docs/analytics.md): platform revenue and cost per delivery.

@@ -10,7 +10,16 @@ from rest_framework import serializers
 
 from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
-from common.fields import NullablePointField, MoneyField, PointField, StrictBooleanField, StrictCharField, StrictIntegerField, StrictRegexField
+from common.fields import (
+    MoneyField,
+    NullablePointField,
+    PointField,
+    StrictBooleanField,
+    StrictCharField,
+    StrictIntegerField,
+    StrictRegexField,
+    StrictUUIDField,
+)
 from dispatch.models import Assignment, AssignmentEndReason, AssignmentStatus, Delivery, DeliveryStatus
 
 FINISHED_DELIVERY_STATUSES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
@@ -134,11 +143,26 @@ class DeliveryCreateSerializer(serializers.Serializer):
         help_text="The customer's language for messages, e.g. en, es, pt-BR (default English)",
     )
     prepTimeMinutes = StrictIntegerField(min_value=0, max_value=240, required=False, default=0)
-    deliveryFee = MoneyField(required=False, allow_null=True, default=None)
+    deliveryFee = MoneyField(
+        required=False, allow_null=True, default=None,
+        help_text="Not with quoteId (400). Omitted: the pricing rule's fee for the leg.",
+    )
     autoDispatch = StrictBooleanField(required=False, default=True)
+    quoteId = StrictUUIDField(
+        required=False,
+        help_text="A serviceable quote of yours (POST /v2/quotes) for the same pickupLocation and dropoffLocation: "
+        "the delivery gets the fee it locked. Not with deliveryFee (400); unknown or for other places: 400; "
+        "expired or already used: 409.",
+    )
 
     def validate_customerPhone(self, value):
         return phone_e164(validate_phone(value)) if value else value
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        if attrs.get("quoteId") and attrs.get("deliveryFee") is not None:
+            raise serializers.ValidationError({"deliveryFee": ["Leave it out with quoteId: the quote sets the fee."]})
+        return attrs
 
 
 class DeliverySerializer(serializers.ModelSerializer):
@@ -286,3 +310,46 @@ class AssignmentSerializer(serializers.ModelSerializer):
     class Meta:
         model = Assignment
         fields = ["id", "deliveryId", "driverId", "offerId", "status", "startedAt", "endedAt", "endReason"]
+
+
+class QuoteCreateSerializer(serializers.Serializer):
+    pickupLocation = PointField()
+    dropoffLocation = PointField()
+    prepTimeMinutes = StrictIntegerField(min_value=0, max_value=240, required=False, default=0)
+
+
+class QuoteReasonSerializer(serializers.Serializer):
+    code = serializers.ChoiceField(choices=["outside_zones", "distance_exceeded"])
+    field = serializers.CharField(help_text="the request field it is about")
+    message = serializers.CharField()
+
+
+class QuoteSerializer(serializers.Serializer):
+    quoteId = serializers.UUIDField(
+        allow_null=True, help_text="Pass to POST /v2/deliveries as quoteId to get deliveryFee; null when not serviceable.",
+    )
+    expiresAt = serializers.DateTimeField(allow_null=True, help_text="Until when quoteId holds the fee.")
+    serviceable = serializers.BooleanField()
+    reasons = QuoteReasonSerializer(many=True, help_text="Why not serviceable (empty when serviceable).")
+    zoneId = serializers.UUIDField(allow_null=True)
+    distanceKm = serializers.FloatField(help_text="great-circle pickup to drop-off")
+    estimatedPickupAt = serializers.DateTimeField(allow_null=True, help_text="null when no driver is available nearby")
+    estimatedDeliveryAt = serializers.DateTimeField(allow_null=True)
+    deliveryFee = serializers.DecimalField(max_digits=10, decimal_places=2, coerce_to_string=False)
+    availableDriversNearby = serializers.IntegerField()
+
+    @staticmethod
+    def from_result(result) -> dict:
+        service = result.serviceability
+        return {
+            "quoteId": result.quote.pk if result.quote else None,
+            "expiresAt": result.quote.expires_at if result.quote else None,
+            "serviceable": service.serviceable,
+            "reasons": [{"code": r.code, "field": r.field, "message": r.message} for r in service.reasons],
+            "zoneId": service.zone.pk if service.zone else None,
+            "distanceKm": round(service.distance_km, 3),
+            "estimatedPickupAt": result.estimated_pickup_at,
+            "estimatedDeliveryAt": result.estimated_delivery_at,
+            "deliveryFee": result.delivery_fee,
+            "availableDriversNearby": result.drivers_nearby,
+        }

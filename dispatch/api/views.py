@@ -24,7 +24,7 @@ from common.schema import PAGE_PARAMETERS, errors
 from dispatch import selectors, services
 from dispatch.api import serializers as s
 from dispatch.models import Delivery
-from workflows import deliveries
+from workflows import deliveries, quotes
 from zones.selectors import drivers_inside_zone
 
 
@@ -104,6 +104,9 @@ class DeliveryListCreateView(APIView):
     @extend_schema(
         operation_id="deliveries_create",
         request=s.DeliveryCreateSerializer,
+        description="A ready delivery. Refused with a 400 (the field in `details`) when not serviceable: a pickup "
+        "outside every zone while zones exist (`SERVICEABILITY_REQUIRE_ZONE`), or a pickup-to-drop-off leg over "
+        "the zone's or the global `MAX_DELIVERY_DISTANCE_KM`. POST /v2/quotes answers the same rules beforehand.",
         responses={201: s.DeliverySerializer, **errors(400, 409)},
         tags=["deliveries"],
     )
@@ -123,9 +126,35 @@ class DeliveryListCreateView(APIView):
             created_by=request.user,
             actor=Actor.for_user(request.user),
             auto_dispatch=v["autoDispatch"],
+            quote_id=v.get("quoteId"),
         )
         # the row as the workflow wrote it (its creator may read it): no second read
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data, status=status.HTTP_201_CREATED)
+
+
+class QuoteView(APIView):
+    """`POST /v2/quotes`: would this delivery be taken, at what fee, and when would it arrive."""
+
+    permission_classes = [IsOpsOrIntegration]
+
+    @extend_schema(
+        operation_id="quotes_create",
+        request=s.QuoteCreateSerializer,
+        responses={200: s.QuoteSerializer, **errors(400)},
+        tags=["deliveries"],
+        description="The rules, ETA estimates and pricing of POST /v2/deliveries, without creating one. A "
+        "serviceable answer carries a quoteId that locks deliveryFee for QUOTE_TTL_SECONDS (300) for one "
+        "delivery of yours with the same pickup and drop-off; an unserviceable one says why in `reasons`.",
+    )
+    def post(self, request):
+        data = s.QuoteCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        result = quotes.quote_create(
+            created_by=request.user, pickup=v["pickupLocation"], dropoff=v["dropoffLocation"],
+            prep_time_minutes=v["prepTimeMinutes"],
+        )
+        return Response(s.QuoteSerializer(s.QuoteSerializer.from_result(result)).data)
 
 
 class DeliveryDetailView(APIView):

@@ -1,5 +1,6 @@
 """The ops console for zones: boundaries on a map, staffing and health at a glance, broken
 polygons refused as form errors, and zone preferences inline on the driver page."""
+from decimal import Decimal
 from html.parser import HTMLParser
 
 import pytest
@@ -7,7 +8,7 @@ from django.contrib.gis.geos import Point, Polygon
 
 from tests.factories import DriverFactory, ZoneFactory
 from zones.models import DeliveryZone, DriverZonePreference
-from zones.services import zone_preferences_set
+from zones.services import zone_preferences_set, zone_update
 
 pytestmark = pytest.mark.django_db
 
@@ -217,3 +218,14 @@ def test_changing_a_drivers_home_on_the_driver_page_refreshes_its_distances(admi
 
     assert r.status_code == 302, r.content.decode()[:3000]
     assert float(DriverZonePreference.objects.get(driver=driver).distance_to_zone_center) == pytest.approx(0, abs=0.01)
+
+
+def test_the_zone_admin_shows_the_serviceability_and_pay_overrides_and_the_service_saves_them(admin_client):
+    zone = ZoneFactory(name="Pay zone")
+    page = admin_client.get(f"/admin/zones/deliveryzone/{zone.pk}/change/")
+    assert page.status_code == 200 and b"driver_pay_cap" in page.content
+
+    zone_update(zone_id=zone.pk, max_delivery_distance_km=12.5, driver_pay_per_km=Decimal("9.50"), driver_pay_cap=Decimal("80.00"))
+
+    zone.refresh_from_db()
+    assert (zone.max_delivery_distance_km, zone.driver_pay_per_km, zone.driver_pay_cap) == (12.5, Decimal("9.50"), Decimal("80.00"))

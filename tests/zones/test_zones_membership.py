@@ -118,7 +118,9 @@ def test_creating_a_delivery_sets_its_zone_from_the_pickup_point(integration):
     assert Delivery.objects.get(pk=r.json()["id"]).zone == downtown
 
 
-def test_a_delivery_picked_up_outside_every_zone_is_created_without_a_zone(integration):
+def test_a_delivery_picked_up_outside_every_zone_is_created_without_a_zone_when_zones_are_not_required(integration, settings):
+    settings.SERVICEABILITY_REQUIRE_ZONE = False  # else a 400 (tests/dispatch/test_serviceability_and_quotes.py)
+    settings.MAX_DELIVERY_DISTANCE_KM = 100  # the helper's drop-off is 75 km away
     ZoneFactory(name="Downtown", bbox=DOWNTOWN)
 
     r = _new_delivery(integration, "Z-2", 10.50, 30.10)
@@ -127,7 +129,8 @@ def test_a_delivery_picked_up_outside_every_zone_is_created_without_a_zone(integ
     assert r.json()["zoneId"] is None
 
 
-def test_moving_a_zone_boundary_does_not_move_existing_deliveries(integration):
+def test_moving_a_zone_boundary_does_not_move_existing_deliveries(integration, settings):
+    settings.SERVICEABILITY_REQUIRE_ZONE = False  # the second pickup is outside every zone
     downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN)
     first = _new_delivery(integration, "Z-3", 10.95, 30.55).json()
 
