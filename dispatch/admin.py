@@ -226,6 +226,8 @@ class DeliveryAdmin(ExportMixin, admin.ModelAdmin):
         if obj is not None:
             context["delivery_map"] = delivery_map_data(obj)
             context["tile_url"] = settings.OPS_MAP_TILE_URL
+        # Nothing here is editable (changes go through the actions): no Save buttons.
+        context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
         return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
 
     def has_add_permission(self, request):

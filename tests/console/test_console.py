@@ -250,6 +250,7 @@ def test_service_only_fields_are_read_only():
     page = client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/").content.decode()
     for name in ("pickup_location", "dropoff_location", "eta_delivery_at", "zone", "current_offer", "accepted_offer", "status"):
         assert f'name="{name}"' not in page, name
+    assert 'name="_save"' not in page and 'name="_continue"' not in page  # nothing to save here
     driver_page = client.get(f"/admin/availability/driver/{driver.pk}/change/").content.decode()
     for name in ("location", "rating", "availability", "location_recorded_at"):
         assert f'name="{name}"' not in driver_page, name
