@@ -283,6 +283,8 @@ ESCALATION_LEVEL2_SECONDS = env.int("ESCALATION_LEVEL2_SECONDS", default=900)
 ESCALATION_LEVEL3_SECONDS = env.int("ESCALATION_LEVEL3_SECONDS", default=1800)
 DRIVER_STALE_AFTER_SECONDS = env.int("DRIVER_STALE_AFTER_SECONDS", default=600)
 IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=24 * 3600)
+# A token from POST /v2/auth/token expires after this (0: never). Onboarding tokens never do.
+API_LOGIN_TOKEN_TTL_SECONDS = env.int("API_LOGIN_TOKEN_TTL_SECONDS", default=30 * 24 * 3600)
 DEMO_OPS_PASSWORD = env("DEMO_OPS_PASSWORD", default="ops")
 
 # Prometheus: set PROMETHEUS_MULTIPROC_DIR when running several processes.
@@ -291,8 +293,6 @@ PROMETHEUS_MULTIPROC_DIR = env("PROMETHEUS_MULTIPROC_DIR", default="")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-# A token from POST /v2/auth/token expires after this (0: never). Onboarding tokens never do.
-API_LOGIN_TOKEN_TTL_SECONDS = env.int("API_LOGIN_TOKEN_TTL_SECONDS", default=30 * 24 * 3600)
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
