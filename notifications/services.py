@@ -163,7 +163,7 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
     """One message per (event, endpoint that wants it) for the events not yet fanned out.
     An endpoint gets the events written after it was created: its owner's deliveries', or
     every delivery's for an ops endpoint. A switched-off endpoint gets its messages too; they
-    wait until it is switched on again."""
+    wait until it is switched on again. Returns the number of events fanned out."""
     now = now or timezone.now()
     events = list(
         OutboxEvent.objects.select_for_update(skip_locked=True).filter(fanned_out_at__isnull=True).order_by("seq")[:batch_size]
@@ -193,7 +193,7 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
     WebhookMessage.objects.bulk_create(messages, ignore_conflicts=True)
     message_rows_for_events(events, now=now)  # the customer's SMS and e-mail, once each
     OutboxEvent.objects.filter(seq__in=[e.seq for e in events]).update(fanned_out_at=now)
-    return len(messages)
+    return len(events)
 
 
 # ------------------------------------------------------------------------------ sending

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import base64
 import email
+import threading
 from datetime import timedelta
 from urllib.parse import parse_qs
 
 import pytest
 import time_machine
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
@@ -184,3 +186,29 @@ def test_the_delivery_admin_page_lists_the_customer_messages(twilio):
     assert page.status_code == 200
     html = page.content.decode()
     assert "customer messages" in html.lower() and "SM00000000000000000000000000000001" in html
+
+
+def test_two_workers_sending_one_message_at_once_send_it_once(twilio, no_worker):
+    delivery = DeliveryFactory(customer_phone=PHONE)
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+    services.webhooks_deliver_due(max_seconds=10)  # the fan-out makes the message; no worker sent it
+    (message,) = CustomerMessage.objects.filter(delivery=delivery, status="pending")
+    barrier = threading.Barrier(2)
+    results = []
+
+    def worker():
+        try:
+            barrier.wait()
+            results.append(customers.customer_message_send(message_id=message.pk))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == [0, 1]
+    assert len(twilio.requests) == 1
+    message.refresh_from_db()
+    assert message.status == "sent" and message.attempts == 1
