@@ -17,11 +17,11 @@ from common.actors import Actor
 from common.exceptions import Conflict
 from dispatch.models import Delivery
 from notifications import services
-from notifications.models import MessageStatus, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
+from notifications.models import MessageStatus, OutboxEvent, WebhookAttempt, WebhookEndpoint
 from tests.api import client_for
 from tests.factories import CITY, DeliveryFactory, IntegrationUserFactory, online_driver
 from tests.notifications.receiver import Answer
-from tests.notifications.webhook_helpers import delivery_walk, endpoint_via_api, messages_of, outbox_types, sweep
+from tests.notifications.webhook_helpers import delivery_walk, endpoint_via_api, messages_of, sweep
 from workflows import deliveries as flows
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from common.actors import Actor
 from notifications import services
-from notifications.models import OutboxEvent, WebhookMessage
+from notifications.models import WebhookMessage
 from tests.api import client_for
 from tests.factories import DeliveryFactory, online_driver
 from workflows import deliveries as flows
@@ -40,6 +40,3 @@ def sweep() -> int:
 def messages_of(delivery):
     return list(WebhookMessage.objects.filter(delivery_id=delivery.pk).select_related("event").order_by("event__seq"))
 
-
-def outbox_types(delivery) -> list[str]:
-    return list(OutboxEvent.objects.filter(delivery=delivery).order_by("seq").values_list("type", flat=True))
