@@ -213,6 +213,19 @@ def offer_mark_expired(offer: DriverOffer, *, delivery: Delivery, now: datetime)
     broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], events.offer_expired(offer))
 
 
+def offer_mark_superseded(offer: DriverOffer, *, now: datetime) -> None:
+    """Ops took the delivery away from the driver who accepted `offer` (reassign): it is no
+    longer the delivery's accepted offer, and the database allows one per delivery
+    (`offer_one_accepted_per_delivery`), so the next driver's accept can take its place. It
+    becomes CANCELLED with reason `reassigned`; `acceptedAt` stays, and the assignment it
+    started keeps pointing at it. The caller holds the offer's lock (taken before the
+    delivery's) and audits the reassign."""
+    offer.status = OfferStatus.CANCELLED
+    offer.cancelled_at = now
+    offer.cancellation_reason = "reassigned"
+    offer.save(update_fields=["status", "cancelled_at", "cancellation_reason"])
+
+
 def offer_cancel_locked(offer: DriverOffer, *, delivery: Delivery, reason: str, actor: Actor, now: datetime) -> None:
     """Withdraw a pending offer (CANCELLED, `offer_cancelled`). The caller holds the offer's,
     the delivery's and the driver's locks."""

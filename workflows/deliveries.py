@@ -17,7 +17,7 @@ from dispatch.models import AssignmentStatus, Delivery
 from dispatch.models import DeliveryStatus as S
 from dispatch.services import DeliveryInput
 from escalation.services import unassigned_cancel, unassigned_resolve
-from offers.services import offer_cancel_locked
+from offers.services import offer_cancel_locked, offer_mark_superseded
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_locked, dispatch_next_locked
 from workflows.unit import eta_refresh_enqueue, unit_of_work
@@ -105,6 +105,7 @@ def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime |
     driver is excluded, having been offered it once), or back to ops for an autoDispatch false
     delivery. Returns (previous driver id, dispatch result)."""
     now = now or timezone.now()
+    accepted = locks.lock_accepted_offer_of_delivery(delivery_id)  # offer → delivery, the lock order
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     if delivery.status != S.ASSIGNED:
         raise Conflict(f"Delivery is {delivery.status}; only an assigned delivery (not yet picked up) can be reassigned.")
@@ -115,6 +116,8 @@ def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime |
         deliveries.assignment_end_locked(
             assignment, driver=driver, status=AssignmentStatus.CANCELLED, reason="reassigned", actor=actor, now=now
         )
+    if accepted is not None:  # the next driver's accept takes its place (one accepted offer per delivery)
+        offer_mark_superseded(accepted, now=now)
     deliveries.delivery_mark_ready_again(delivery, reason=reason, previous=assignment, actor=actor, now=now)
     previous = assignment.driver_id if assignment else None
     result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, exclude_driver_ids=[previous] if previous else ())

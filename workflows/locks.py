@@ -68,6 +68,14 @@ def lock_pending_offer_of_delivery(delivery_id) -> DriverOffer | None:
     )
 
 
+def lock_accepted_offer_of_delivery(delivery_id) -> DriverOffer | None:
+    """The delivery's accepted offer (at most one), locked before the delivery."""
+    return (
+        DriverOffer.objects.select_for_update(of=("self",))
+        .filter(delivery_id=delivery_id, status=OfferStatus.ACCEPTED).first()
+    )
+
+
 def lock_pending_offer_of_driver(driver_id) -> DriverOffer | None:
     return (
         DriverOffer.objects.select_for_update(of=("self",))

@@ -166,3 +166,25 @@ def test_the_delivery_list_reads_the_assignments_in_one_query(ops, django_assert
     with django_assert_max_num_queries(3):  # the token, the page, the latest assignments: not one per delivery
         body = ops.get("/v2/deliveries").json()
     assert all(d["driverId"] for d in body["deliveries"])
+
+
+def test_after_a_reassign_the_next_driver_can_accept_its_offer(ops):
+    """The first driver's accepted offer used to stay ACCEPTED, and the database allows one per
+    delivery: the second driver's accept failed with an IntegrityError (a 500)."""
+    first, second = online_driver(km=0.3), online_driver(km=0.6)
+    delivery = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+    offer_accept(offer_id=offer.pk, driver_id=first.pk, actor=Actor("driver", first.pk))
+    _, redispatched = delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor("admin", None))
+    assert redispatched.outcome == "offered", redispatched
+    assert redispatched.offer.driver_id == second.pk
+
+    r = client_for(second.user).post(f"/v2/drivers/{second.pk}/offers/{redispatched.offer.pk}/accept", {}, format="json")
+
+    assert r.status_code == 200, r.content
+    offer.refresh_from_db()
+    assert (offer.status, offer.cancellation_reason) == ("CANCELLED", "reassigned") and offer.accepted_at is not None
+    rows = ops.get(f"/v2/deliveries/{delivery.pk}/assignments").json()["assignments"]
+    assert [(row["driverId"], row["offerId"], row["endReason"]) for row in rows] == [
+        (str(first.pk), str(offer.pk), "reassigned"), (str(second.pk), str(redispatched.offer.pk), None),
+    ]
