@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -190,3 +191,20 @@ def delivery_body(lat: float, lon: float, *, auto: bool = False, prefix: str = "
         "prepTimeMinutes": 5,
         "autoDispatch": auto,
     }
+
+
+def haproxy_stat(sock: str) -> dict[str, list[str]]:
+    """HAProxy's `show stat` rows of backend web by server name (field 7 is stot, the requests
+    or sessions sent to it; 17 its status); {} when the stats socket does not answer."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(sock)
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError:
+        return {}
+    rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
+    return {row[1]: row for row in rows if len(row) > 17 and row[0] == "web"}

@@ -37,7 +37,10 @@ import psycopg  # noqa: E402
 from websockets.asyncio.client import connect as ws_connect  # noqa: E402
 
 from benchlib import refuse_non_loopback  # noqa: E402
-from cluster_client import ApiError, Conn, ConnectionFailed, delivery_body, driver_create, expect, login, random_spot  # noqa: E402
+from benchlib import ROOT  # noqa: E402
+from cluster_client import (  # noqa: E402
+    ApiError, Conn, ConnectionFailed, delivery_body, driver_create, expect, haproxy_stat, login, random_spot,
+)
 
 ERROR_KEYS = {"statusCode", "timestamp", "path", "message", "error"}
 
@@ -159,6 +162,8 @@ async def main() -> int:
     ap.add_argument("--rejects", type=int, default=4)
     ap.add_argument("--user", default="ops")
     ap.add_argument("--password", default="ops")
+    ap.add_argument("--haproxy-sock", default=str(ROOT / "var/run/cluster-haproxy.sock"),
+                    help="HAProxy's stats socket, to show how the load balancer split the requests")
     ap.add_argument("--dsn", default="postgresql://dispatch:dispatch@127.0.0.1:5432/dispatch",
                     help="PostgreSQL itself (not PgBouncer), read-only use")
     args = ap.parse_args()
@@ -174,6 +179,7 @@ async def main() -> int:
         print(f"setup failed: {exc}", file=sys.stderr)
         return 2
 
+    before = haproxy_stat(args.haproxy_sock)
     print(f"{args.rounds} rounds, each {args.accepts} accepts + {args.rejects} rejects of one offer, "
           f"round-robin over {', '.join(f'{n} ({b})' for n, b in targets)}")
     results = []
@@ -191,6 +197,11 @@ async def main() -> int:
             print(f"      {p}")
     ops.close()
     db.close()
+    after = haproxy_stat(args.haproxy_sock)
+    if before and after:
+        split = {name: int(after[name][7]) - int(before[name][7]) for name in after if name in before and name != "BACKEND"}
+        print("the load balancer sent (all requests of the run, setup included): "
+              + ", ".join(f"{name} {n}" for name, n in split.items()))
 
     total: Counter = Counter()
     for res in results:

@@ -75,7 +75,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psycopg  # noqa: E402
 
 from benchlib import ROOT, machine_state, refuse_non_loopback  # noqa: E402
-from cluster_client import ApiError, Conn, ConnectionFailed, delivery_body, driver_create, expect, iso_now, login, near, random_spot  # noqa: E402
+from cluster_client import (  # noqa: E402
+    ApiError, Conn, ConnectionFailed, delivery_body, driver_create, expect, haproxy_stat, iso_now, login, near, random_spot,
+)
 
 SCENARIOS = ["baseline", "kill-worker", "kill-beat", "kill-web", "redis-pause", "pg-restart"]
 DISRUPTIVE = {"redis-pause", "pg-restart"}
@@ -376,36 +378,27 @@ async def inject(name: str, args, sup: Supervisor, run: Run) -> FaultResult:
         run.fault_note = f"kill -9 {proc} (pid {pid}; {len(kids)} child processes left to exit on their own)"
     elif name == "redis-pause":
         run.fault_at = time.monotonic()
-        out = subprocess.run(["redis-cli", "-h", args.redis_host, "-p", str(args.redis_port), "CLIENT", "PAUSE", str(args.pause_ms), "ALL"],
-                             capture_output=True, text=True, timeout=10)
-        run.fault_note = f"CLIENT PAUSE {args.pause_ms} ALL: {out.stdout.strip() or out.stderr.strip()}"
+        rc, out = await command("redis-cli", "-h", args.redis_host, "-p", str(args.redis_port), "CLIENT", "PAUSE", str(args.pause_ms), "ALL")
+        run.fault_note = f"CLIENT PAUSE {args.pause_ms} ALL: {out}"
     elif name == "pg-restart":
         run.fault_at = time.monotonic()
-        out = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", args.pg_version, args.pg_cluster, "restart"],
-                             capture_output=True, text=True, timeout=120)
+        rc, out = await command("pg_ctlcluster", "--skip-systemctl-redirect", args.pg_version, args.pg_cluster, "restart")
         took = time.monotonic() - run.fault_at
-        run.fault_note = f"pg_ctlcluster restart exit {out.returncode} in {took:.1f} s {out.stderr.strip()[:200]}"
+        run.fault_note = f"pg_ctlcluster restart exit {rc} in {took:.1f} s {out[:200]}"
     return res
 
 
+async def command(*argv: str) -> tuple[int, str]:
+    """Run a command without blocking the event loop (the load keeps going meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, out.decode(errors="replace").strip()
+
+
 def haproxy_server_status(sock: str, server: str) -> str | None:
-    """HAProxy's status of `server` in backend web ("UP", "DOWN", "UP 1/2", ...), from its
-    stats socket; None when the socket does not answer."""
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(2)
-            s.connect(sock)
-            s.sendall(b"show stat\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-    except OSError:
-        return None
-    for line in data.decode().splitlines():
-        row = line.split(",")
-        if len(row) > 17 and row[0] == "web" and row[1] == server:
-            return row[17]
-    return None
+    """HAProxy's status of `server` in backend web ("UP", "DOWN", "UP 1/2", ...)."""
+    row = haproxy_stat(sock).get(server)
+    return row[17] if row else None
 
 
 async def process_back(sup: Supervisor, res: FaultResult, fault_at: float, timeout: float, args) -> None:
@@ -535,6 +528,19 @@ async def setup(args) -> tuple[str, str, list[dict], dict]:
     return ops_token, integ_token, fix_drivers, probe
 
 
+async def refresh_driver(args, d: dict) -> None:
+    """A fresh fix and resume for the probe driver: after 10 min without a fix (a long wait for
+    the gate) the stale-driver job has set it offline, and offers to it would be refused."""
+    c = Conn(args.base, token=d["token"])
+    try:
+        await c.post(f"/v2/drivers/{d['id']}/location", {"lat": d["lat"], "lon": d["lon"], "accuracyMeters": 10, "recordedAt": iso_now()})
+        await c.post(f"/v2/drivers/{d['id']}/availability/resume")
+    except ConnectionFailed:
+        pass
+    finally:
+        c.close()
+
+
 async def cancel_leftovers(args, ops_token: str, run: Run) -> None:
     """Cancel what a scenario left open (probe deliveries, abandoned flows, failed cancels), so
     the escalation check does not turn them into support tickets later."""
@@ -613,6 +619,7 @@ async def scenario(name: str, args, sup: Supervisor, tokens) -> dict:
     if name in DISRUPTIVE and not await asyncio.to_thread(gate_open, args):
         return {"name": name, "skipped": f"{args.gate} absent for {args.gate_wait:.0f} s"}
     run = Run()
+    await refresh_driver(args, probe)
     load = Load(args, run, ops_token, integ_token, fix_drivers, probe)
     t_start = time.monotonic()
     done = asyncio.Event()
