@@ -8,7 +8,7 @@ DISPATCHER_GROUP = "Dispatcher"
 VIEWER_GROUP = "Viewer"
 
 
-def _in_group(user, name: str) -> bool:
+def in_group(user, name: str) -> bool:
     cache = getattr(user, "_group_names", None)
     if cache is None:
         cache = set(user.groups.values_list("name", flat=True))
@@ -21,11 +21,11 @@ def is_ops(user) -> bool:
 
 
 def is_integration(user) -> bool:
-    return bool(user and user.is_authenticated and _in_group(user, INTEGRATIONS_GROUP))
+    return bool(user and user.is_authenticated and in_group(user, INTEGRATIONS_GROUP))
 
 
 def is_support(user) -> bool:
-    return bool(user and user.is_authenticated and (user.is_staff or _in_group(user, SUPPORT_GROUP)))
+    return bool(user and user.is_authenticated and (user.is_staff or in_group(user, SUPPORT_GROUP)))
 
 
 def driver_of(user):

@@ -17,7 +17,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from common.actors import Actor
 from common.exceptions import DomainError, NotFound
-from common.roles import is_support
+from common.roles import VIEWER_GROUP, in_group, is_support
 from escalation import forms, selectors, tickets
 from escalation.models import TicketStatus
 from workflows import escalations
@@ -32,6 +32,8 @@ def support_required(view):
             return redirect_to_login(request.get_full_path(), login_url=reverse("support:login"))
         if not (request.user.is_active and is_support(request.user)):
             raise PermissionDenied("Support agents only.")
+        if request.method == "POST" and request.user.is_staff and in_group(request.user, VIEWER_GROUP):
+            raise PermissionDenied("Viewers may only read.")  # the console's read-only role
         return view(request, *args, **kwargs)
 
     return wrapped

@@ -66,6 +66,21 @@ def test_drivers_and_integrations_are_forbidden_and_staff_are_welcome():
     assert login(OpsUserFactory()).get("/support/").status_code == 200
 
 
+def test_a_viewer_reads_the_support_views_but_changes_nothing():
+    from django.contrib.auth.models import Group
+
+    from common.roles import VIEWER_GROUP
+
+    ticket = ticket_for()
+    viewer = OpsUserFactory()
+    viewer.groups.add(Group.objects.get_or_create(name=VIEWER_GROUP)[0])
+    c = login(viewer)
+    assert c.get("/support/").status_code == 200
+    assert c.get(f"/support/tickets/{ticket.pk}/").status_code == 200
+    assert c.post(f"/support/tickets/{ticket.pk}/take").status_code == 403
+    assert SupportTicket.objects.get().assignee is None
+
+
 def test_the_queue_lists_tickets_by_urgency_and_age_and_hooks_up_the_live_socket(web):
     high = ticket_for(minutes_waiting=6, seller_order_id="ORD-HIGH")
     urgent = ticket_for(minutes_waiting=40, seller_order_id="ORD-URGENT")
