@@ -11,7 +11,7 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     "stale drivers offline": ("availability.mark_stale_drivers_offline", 60, {"expires": 55}),
     "reconcile GEO index": ("availability.reconcile_geo_index", 60, {"expires": 55}),
     "zone health": ("zones.refresh_zone_health", 60, {"expires": 55}),
-    "webhooks sweep": ("notifications.deliver_webhooks", 10, {"expires": 10}),
+    "webhooks sweep": ("notifications.deliver_webhooks", 15, {"expires": 15}),
     "purge webhook events": ("notifications.purge_webhook_events", 3600, {"expires": 3000}),
     "customer messages sweep": ("notifications.send_customer_messages", 15, {"expires": 15}),
 }

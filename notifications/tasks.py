@@ -10,7 +10,7 @@ from notifications.push import PushTransientError
 
 @shared_task(name="notifications.deliver_webhooks", ignore_result=True)
 def deliver_webhooks() -> int:
-    """After each commit that wrote outbox rows, and every 10 s as the sweep: fan out and send
+    """After each commit that wrote outbox rows, and every 15 s as the sweep: fan out and send
     what is due (idempotent; several may run at once)."""
     return services.webhooks_deliver_due()
 
