@@ -29,6 +29,8 @@ class AuditEventType(models.TextChoices):
     ESCALATION_TRIGGERED = "escalation_triggered"
     ESCALATION_CRITICAL = "escalation_critical"
     SUPPORT_TICKET_UPDATED = "support_ticket_updated"
+    HANDOFF_CODE_FAILED = "handoff_code_failed"
+    HANDOFF_CODE_RESET = "handoff_code_reset"
 
 
 class DeliveryAuditLog(models.Model):

@@ -40,6 +40,10 @@ api = [
     path("drivers/<uuid:driver_id>/offers/<uuid:offer_id>/accept", offer_views.AcceptOfferView.as_view(), name="offer-accept"),
     path("drivers/<uuid:driver_id>/offers/<uuid:offer_id>/reject", offer_views.RejectOfferView.as_view(), name="offer-reject"),
     path("deliveries/<uuid:delivery_id>/cancel", dispatch_views.DeliveryCancelView.as_view(), name="delivery-cancel"),
+    path(
+        "deliveries/<uuid:delivery_id>/handoff-code/reset", dispatch_views.DeliveryHandoffCodeResetView.as_view(),
+        name="delivery-handoff-code-reset",
+    ),
     path("admin/analytics/drivers", analytics_views.DriverAnalyticsListView.as_view(), name="analytics-drivers"),
     path("admin/analytics/drivers/<uuid:driver_id>", analytics_views.DriverAnalyticsDetailView.as_view(), name="analytics-driver"),
     path("admin/analytics/summary", analytics_views.AnalyticsSummaryView.as_view(), name="analytics-summary"),

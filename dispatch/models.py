@@ -28,6 +28,25 @@ def new_tracking_token() -> str:
     return secrets.token_urlsafe(24)  # 192 bits
 
 
+class ProofPolicy(models.TextChoices):
+    """What the driver must show to complete a delivery (docs/dispatch.md, "Proof of delivery").
+    Photo and signature policies come with the proof upload (issue 15), not before: a policy
+    is offered only once it is enforced."""
+
+    NONE = "none"
+    CODE = "code"
+
+
+# The policies that ask for the customer's handoff code at delivery-completed.
+CODE_POLICIES = (ProofPolicy.CODE,)
+HANDOFF_CODE_MAX_FAILURES = 5
+
+
+def new_handoff_code() -> str:
+    """The 4-digit code the customer tells the driver at the door."""
+    return f"{secrets.randbelow(10_000):04d}"
+
+
 class Delivery(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     seller_order_id = models.CharField(max_length=255)
@@ -51,6 +70,15 @@ class Delivery(models.Model):
     # rejected, expired or withdrawn offer, on reassignment, by the retry job or the escalation
     # check): it goes back to ops (docs/dispatch.md, "autoDispatch").
     auto_dispatch = models.BooleanField(default=True)
+
+    # Proof of delivery (docs/dispatch.md): the policy, the customer's handoff code (never shown
+    # to a driver), wrong codes given for it, and when ops were flagged (codes refused until reset).
+    proof_required = models.CharField(max_length=20, choices=ProofPolicy.choices, default=ProofPolicy.NONE)
+    handoff_code = models.CharField(max_length=4, default=new_handoff_code, editable=False)
+    handoff_code_failures = models.PositiveSmallIntegerField(default=0)
+    handoff_code_locked_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set after the 5th wrong handoff code: codes are refused until ops reset it."
+    )
 
     status = models.CharField(
         max_length=20, choices=DeliveryStatus.choices, default=DeliveryStatus.READY, db_index=True

@@ -5,6 +5,7 @@ of `workflows/locks.py` and call these for the state change, its audit row and i
 """
 from __future__ import annotations
 
+import hmac
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -12,6 +13,7 @@ from decimal import Decimal
 
 from django.contrib.gis.geos import Point
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from audit.models import AuditEventType as E
@@ -25,7 +27,7 @@ from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group
 from common.db import insert_unless_conflict
 from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import events
-from dispatch.models import Assignment, AssignmentStatus, Delivery, Quote
+from dispatch.models import CODE_POLICIES, HANDOFF_CODE_MAX_FAILURES, Assignment, AssignmentStatus, Delivery, ProofPolicy, Quote
 from dispatch.models import DeliveryStatus as S
 
 
@@ -43,6 +45,7 @@ class DeliveryInput:
     customer_language: str = ""
     prep_time_minutes: int = 0
     delivery_fee: Decimal | None = None
+    proof_required: str = ProofPolicy.NONE
 
 
 def delivery_insert(
@@ -65,6 +68,7 @@ def delivery_insert(
         prep_time_minutes=data.prep_time_minutes,
         delivery_fee=data.delivery_fee,
         auto_dispatch=auto_dispatch,
+        proof_required=data.proof_required,
         ready_at=now,
         zone=zone,
     )
@@ -270,6 +274,51 @@ def delivery_step_apply(
         details["reason"] = reason
     audit_record(delivery=delivery, event_type=event_type, actor=actor, details=details, now=now)
     return from_status
+
+
+# ----------------------------------------------------------------------- handoff code
+
+
+def delivery_handoff_code_check(delivery: Delivery, *, code: str, driver_id, actor: Actor, now: datetime) -> bool:
+    """Is `code` the customer's handoff code of a delivery whose policy asks for one? True when
+    the policy asks for none. The caller holds the delivery's lock, so two wrong codes racing
+    are counted one after the other. A wrong code is counted and audited (`handoff_code_failed`)
+    and False returned, for the caller to commit the count before it answers 400; the 5th flags
+    the delivery for ops (`handoff_code_locked_at`). A flagged delivery refuses every code
+    (Conflict) until ops reset it; no code at all is InvalidInput."""
+    if delivery.proof_required not in CODE_POLICIES:
+        return True
+    if delivery.handoff_code_locked_at is not None:
+        raise Conflict(
+            f"Handoff codes are refused after {HANDOFF_CODE_MAX_FAILURES} wrong ones; ops have been asked to reset it."
+        )
+    if not code:
+        raise InvalidInput({"handoffCode": ["This delivery needs the customer's handoff code to complete."]})
+    if hmac.compare_digest(code.encode(), delivery.handoff_code.encode()):
+        return True
+    failures = delivery.handoff_code_failures + 1  # the row is locked: this is the count
+    locked_at = now if failures >= HANDOFF_CODE_MAX_FAILURES else None
+    Delivery.objects.filter(pk=delivery.pk).update(
+        handoff_code_failures=F("handoff_code_failures") + 1, handoff_code_locked_at=locked_at, updated_at=now,
+    )
+    delivery.handoff_code_failures, delivery.handoff_code_locked_at = failures, locked_at
+    audit_record(
+        delivery=delivery, event_type=E.HANDOFF_CODE_FAILED, actor=actor, now=now,
+        details={"driverId": str(driver_id), "failures": failures, "locked": locked_at is not None},
+    )
+    return False
+
+
+def delivery_handoff_code_reset(delivery: Delivery, *, reason: str, actor: Actor, now: datetime) -> None:
+    """Ops clear the wrong-code count of a flagged delivery: codes are taken again. The caller
+    holds the delivery's lock."""
+    previous = delivery.handoff_code_failures
+    delivery.handoff_code_failures, delivery.handoff_code_locked_at = 0, None
+    delivery.save(update_fields=["handoff_code_failures", "handoff_code_locked_at", "updated_at"])
+    audit_record(
+        delivery=delivery, event_type=E.HANDOFF_CODE_RESET, actor=actor, now=now,
+        details={"previousFailures": previous, "reason": reason},
+    )
 
 
 # ------------------------------------------------------------------------------- quotes

@@ -9,8 +9,11 @@ class NotificationsConfig(AppConfig):
         # the webhook outbox, which writes its rows in the emitting transaction. The outbox
         # reads models, which exist only once apps are ready.
         from common.hooks import on_event_emitted
+        from notifications.api.payload import delivery_representation
         from notifications.outbox import outbox_capture
+        from notifications.payloads import set_delivery_renderer
         from notifications.push import push_notice_capture
 
+        set_delivery_renderer(delivery_representation)  # the API's own view of a delivery
         on_event_emitted(outbox_capture)
         on_event_emitted(push_notice_capture)  # offer withdrawn, break ended: to the driver's phone

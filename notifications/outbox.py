@@ -24,7 +24,7 @@ from django.utils import timezone
 from common.broadcast import enqueue_task_on_commit
 from dispatch.models import DeliveryStatus
 from notifications.models import OutboxEvent
-from notifications.payloads import deliveries_for_payload, delivery_data, webhook_body
+from notifications.payloads import deliveries_for_payload, render_delivery, webhook_body
 
 DELIVER_TASK = "notifications.deliver_webhooks"
 ETA_TYPE = "delivery.eta_updated"
@@ -132,7 +132,7 @@ def outbox_write(events: list[dict]) -> list[OutboxEvent]:
         if kind == ETA_TYPE:
             throttled.add(event["deliveryId"])  # one per delivery and transaction as well
         event_id = uuid.uuid4()
-        data = {**delivery_data(delivery), "change": _change(event)}
+        data = {**render_delivery(delivery), "change": _change(event)}
         rows.append(OutboxEvent(
             event_id=event_id, type=kind, delivery_id=delivery.pk, owner_id=delivery.created_by_id, created_at=now,
             payload=webhook_body(webhook_id=f"msg_{event_id.hex}", type=kind, created_at=now, data=data),

@@ -1,7 +1,11 @@
 """What a webhook carries: `{id, type, createdAt, data}`, where `data` is the delivery as the
-API represents it to its owner (`GET /v2/deliveries/{id}`, the same camelCase keys and
-values; `tests/notifications/test_webhook_payloads.py` holds the two together) plus `change`,
-the fields of the change itself (from/to status, reason, escalation level, ETA)."""
+API represents it to its owner (`GET /v2/deliveries/{id}`, the same camelCase keys and values)
+plus `change`, the fields of the change itself (from/to status, reason, escalation level, ETA).
+
+The representation is the API's own: `notifications/apps.py` registers it at start-up
+(`set_delivery_renderer`, the API serializer lives in an interface module this layer does not
+import), so a field the API gains is in the webhooks too. `delivery_data` is the fallback
+before start-up wiring (and a reference kept equal by the tests)."""
 from __future__ import annotations
 
 from django.db.models import OuterRef, Subquery
@@ -83,6 +87,30 @@ def delivery_data(delivery: Delivery) -> dict:
         "cancelledAt": iso(delivery.cancelled_at),
         "updatedAt": iso(delivery.updated_at),
     }
+
+
+_renderer = None
+
+
+def set_delivery_renderer(renderer) -> None:
+    """`renderer(delivery) -> dict` (JSON-ready) renders a delivery from
+    `deliveries_for_payload` as the API does."""
+    global _renderer
+    _renderer = renderer
+
+
+def render_delivery(delivery: Delivery) -> dict:
+    return (_renderer or delivery_data)(delivery)
+
+
+def latest_assignments_of(delivery: Delivery) -> list[Assignment]:
+    """The annotated latest assignment as the API serializer's prefetch gives it."""
+    if delivery.latest_assignment_id is None:
+        return []
+    return [Assignment(
+        pk=delivery.latest_assignment_id, delivery_id=delivery.pk, driver_id=delivery.latest_driver_id,
+        status=delivery.latest_assignment_status, end_reason=delivery.latest_end_reason,
+    )]
 
 
 def webhook_body(*, webhook_id: str, type: str, created_at, data: dict) -> dict:

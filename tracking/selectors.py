@@ -4,7 +4,9 @@ The customer holds no account: the delivery's 192-bit `tracking_token`, from the
 link, is the credential. It is compared in constant time, and every mismatch (unknown order,
 wrong or missing token) reads the same: 404, with no hint whether the order exists.
 
-Customer status maps `ready` to `pending`. The driver appears only while the delivery is
+Customer status maps `ready` to `pending`. While an open delivery's proof policy asks for
+the customer's handoff code, the body carries it (`handoffCode`): the customer tells it to the
+driver at the door. No driver-facing payload ever does. The driver appears only while the delivery is
 assigned or under way, as "First L." with the phone masked to its last four digits. Once the
 delivery is delivered, failed or cancelled only that final state is shown.
 """
@@ -22,7 +24,7 @@ from availability.models import Driver
 from common.errors import iso
 from common.exceptions import NotFound
 from common.roles import is_integration, is_ops
-from dispatch.models import Assignment, AssignmentStatus, Delivery
+from dispatch.models import CODE_POLICIES, Assignment, AssignmentStatus, Delivery
 from dispatch.models import DeliveryStatus as S
 from tracking import eta
 
@@ -133,6 +135,7 @@ class TrackingStatus(TypedDict):
     estimatedPickupTime: NotRequired[str]
     estimatedDeliveryTime: NotRequired[str]
     estimatedPrepTimeMinutes: NotRequired[int]
+    handoffCode: NotRequired[str]
     trackingUrl: str
     deliveryId: str
 
@@ -188,6 +191,8 @@ def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> Track
             body["estimatedDeliveryTime"] = iso(delivery.eta_delivery_at)
     if delivery.status in (S.READY, S.ASSIGNED):
         body["estimatedPrepTimeMinutes"] = math.ceil(eta.remaining_prep_seconds(delivery, now) / 60)
+    if delivery.proof_required in CODE_POLICIES and delivery.status not in FINAL_STATUSES:
+        body["handoffCode"] = delivery.handoff_code  # for the customer to give the driver; never to a driver
     body["trackingUrl"] = delivery.tracking_url
     body["deliveryId"] = str(delivery.pk)
     return body  # type: ignore[return-value]

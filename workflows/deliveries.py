@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
+from django.conf import settings
 from django.utils import timezone
 
 from analytics.economics import economics_record
 from analytics.services import performance_delivery_finished
 from common.actors import Actor
-from common.exceptions import Conflict, NotFound
+from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import services as deliveries
 from dispatch.models import AssignmentStatus, Delivery
 from dispatch.models import DeliveryStatus as S
@@ -40,6 +41,9 @@ def delivery_create(
     render without reading it again."""
     now = now or timezone.now()
     service = serviceability_ensure(pickup=data.pickup_location, dropoff=data.dropoff_location)
+    if not data.proof_required:  # not asked for: the zone's policy, else DEFAULT_PROOF_POLICY
+        zone_policy = service.zone.proof_required if service.zone is not None else ""
+        data = replace(data, proof_required=zone_policy or settings.DEFAULT_PROOF_POLICY)
     quote = quote_use(quote_id=quote_id, created_by=created_by, data=data, now=now) if quote_id else None
     if quote is not None:
         data = replace(data, delivery_fee=quote.delivery_fee)  # the fee the quote locked
@@ -124,12 +128,28 @@ def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime |
     return previous, result
 
 
+@unit_of_work()
+def delivery_handoff_code_reset(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
+    """Ops clear the wrong handoff codes of a delivery (after the 5th its codes are refused):
+    the driver may try the customer's code again. Nothing to clear is a Conflict."""
+    now = now or timezone.now()
+    delivery = locks.lock_delivery(delivery_id)
+    if delivery.handoff_code_failures == 0 and delivery.handoff_code_locked_at is None:
+        raise Conflict("No wrong handoff codes to reset.")
+    deliveries.delivery_handoff_code_reset(delivery, reason=reason, actor=actor, now=now)
+    return delivery
+
+
 def delivery_advance(
-    *, delivery_id, driver_id, step: str, actor: Actor, reason: str = "", now: datetime | None = None
+    *, delivery_id, driver_id, step: str, actor: Actor, reason: str = "", handoff_code: str = "",
+    now: datetime | None = None,
 ) -> Delivery:
     """Move a delivery one step on, by its assigned driver. Out-of-order steps are a Conflict.
     The last step (completed or failed) ends the assignment, frees the driver and records
-    the delivery's economics and the driver's performance.
+    the delivery's economics and the driver's performance. Completing a delivery whose proof
+    policy asks for the customer's handoff code takes `handoff_code`: a wrong one is counted
+    (committed) and then refused with InvalidInput; after 5 every code is a Conflict until ops
+    reset it (`delivery_handoff_code_reset`).
 
     Returns the row as written, with `latest_assignments` set, ready to render without
     reading it again. A step that only moves the delivery on (not the last) is first tried as
@@ -147,13 +167,21 @@ def delivery_advance(
                 _after_step(delivery, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
         if quick is not None:
             return delivery
-    return _delivery_advance_locked(
-        delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, reason=reason, now=now
+    delivery = _delivery_advance_locked(
+        delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, reason=reason, handoff_code=handoff_code,
+        now=now,
     )
+    if delivery is None:  # the wrong code is counted and committed; now the answer
+        raise InvalidInput({"handoffCode": ["Wrong handoff code."]})
+    return delivery
 
 
 @unit_of_work()
-def _delivery_advance_locked(*, delivery_id, driver_id, step: str, actor: Actor, reason: str, now: datetime) -> Delivery:
+def _delivery_advance_locked(
+    *, delivery_id, driver_id, step: str, actor: Actor, reason: str, handoff_code: str, now: datetime
+) -> Delivery | None:
+    """The step under the locks; None for a wrong handoff code (its count is written and
+    commits with this transaction)."""
     finishing = step in deliveries.FINISHING_STEPS
     # delivery → assignment (→ driver, for the last step): one statement, in the lock order
     assignment = locks.lock_assignment_of_driver(delivery_id, driver_id, with_driver=finishing)
@@ -161,6 +189,9 @@ def _delivery_advance_locked(*, delivery_id, driver_id, step: str, actor: Actor,
         raise NotFound("Delivery not found.")
     delivery = assignment.delivery
     deliveries.assignment_ensure_active(assignment, delivery)
+    if step == "delivery-completed" and delivery.status == S.IN_TRANSIT:  # (out of order: the step says so below)
+        if not deliveries.delivery_handoff_code_check(delivery, code=handoff_code, driver_id=driver_id, actor=actor, now=now):
+            return None
 
     from_status = deliveries.delivery_step_apply(delivery, assignment=assignment, step=step, reason=reason, actor=actor, now=now)
     if finishing:

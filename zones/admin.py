@@ -113,6 +113,7 @@ class DeliveryZoneAdmin(LeafletGeoAdminMixin, admin.ModelAdmin):
         ("Serviceability and pay (empty: the global settings)", {"fields": (
             "max_delivery_distance_km", "driver_pay_per_km", "driver_pay_cap",
         )}),
+        ("Proof of delivery (empty: DEFAULT_PROOF_POLICY)", {"fields": ("proof_required",)}),
         ("Live health (updated every minute)", {"fields": (
             "current_drivers_online", "avg_wait_time_seconds", "demand_level", "health_score", "last_updated",
         )}),

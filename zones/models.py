@@ -12,6 +12,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db.models import Q
 from django.utils import timezone
 
+from dispatch.models import ProofPolicy
+
 PRIORITY_MIN, PRIORITY_MAX = 1, 5
 OFFER_EXPIRES_MIN, OFFER_EXPIRES_MAX = 10, 120
 SEARCH_RADIUS_MAX_KM = 100
@@ -60,6 +62,11 @@ class DeliveryZone(models.Model):
     driver_pay_cap = models.DecimalField(
         max_digits=10, decimal_places=2, null=True, blank=True, validators=[MinValueValidator(0)],
         help_text="Highest payout for one delivery in this zone (empty: DRIVER_PAY_CAP).",
+    )
+    # Proof of delivery for deliveries created in this zone without proofRequired (docs/dispatch.md).
+    proof_required = models.CharField(
+        max_length=20, choices=ProofPolicy.choices, blank=True, default="",
+        help_text="Proof of delivery asked of deliveries in this zone (empty: DEFAULT_PROOF_POLICY).",
     )
 
     # Live health, written by the zone-health job (derived state).

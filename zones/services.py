@@ -31,6 +31,7 @@ _UNSET: Any = object()
 EDITABLE_FIELDS = (
     "name", "geometry", "priority_level", "min_drivers_online", "target_wait_time_seconds",
     "offer_expires_seconds", "search_radius_km", "max_delivery_distance_km", "driver_pay_per_km", "driver_pay_cap",
+    "proof_required",
 )
 HEALTH_FIELDS = ("current_drivers_online", "avg_wait_time_seconds", "demand_level", "health_score", "last_updated")
 
@@ -81,6 +82,7 @@ def zone_create(
     max_delivery_distance_km: float | None = None,
     driver_pay_per_km: Decimal | None = None,
     driver_pay_cap: Decimal | None = None,
+    proof_required: str = "",
 ) -> DeliveryZone:
     """Create a zone. An invalid polygon or out-of-range value is a ValidationError (400);
     a name already in use is a Conflict (409)."""
@@ -89,7 +91,7 @@ def zone_create(
         name=name, geometry=geometry, priority_level=priority_level, min_drivers_online=min_drivers_online,
         target_wait_time_seconds=target_wait_time_seconds, offer_expires_seconds=offer_expires_seconds,
         search_radius_km=search_radius_km, max_delivery_distance_km=max_delivery_distance_km,
-        driver_pay_per_km=driver_pay_per_km, driver_pay_cap=driver_pay_cap,
+        driver_pay_per_km=driver_pay_per_km, driver_pay_cap=driver_pay_cap, proof_required=proof_required,
     )
     _validate(zone)
     if _name_taken(name):
@@ -116,6 +118,7 @@ def zone_update(
     max_delivery_distance_km: float | None = _UNSET,
     driver_pay_per_km: Decimal | None = _UNSET,
     driver_pay_cap: Decimal | None = _UNSET,
+    proof_required: str = _UNSET,
 ) -> DeliveryZone:
     """Change a zone's settings or boundary. A new boundary refreshes the drivers' distances
     to the zone centre; the cached health is dropped after commit. Deliveries keep the zone
@@ -128,7 +131,7 @@ def zone_update(
         "min_drivers_online": min_drivers_online, "target_wait_time_seconds": target_wait_time_seconds,
         "offer_expires_seconds": offer_expires_seconds, "search_radius_km": search_radius_km,
         "max_delivery_distance_km": max_delivery_distance_km, "driver_pay_per_km": driver_pay_per_km,
-        "driver_pay_cap": driver_pay_cap,
+        "driver_pay_cap": driver_pay_cap, "proof_required": proof_required,
     }
     changes = {k: v for k, v in changes.items() if v is not _UNSET}
     if not changes:

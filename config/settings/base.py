@@ -320,6 +320,9 @@ DELIVERY_FEE_CAP = env("DELIVERY_FEE_CAP", default="500.00")
 SERVICEABILITY_REQUIRE_ZONE = env.bool("SERVICEABILITY_REQUIRE_ZONE", default=True)
 MAX_DELIVERY_DISTANCE_KM = env.float("MAX_DELIVERY_DISTANCE_KM", default=30.0)
 QUOTE_TTL_SECONDS = env.int("QUOTE_TTL_SECONDS", default=300)
+# Proof of delivery (docs/dispatch.md): the policy of a delivery created without proofRequired
+# in a zone that sets none (none, code).
+DEFAULT_PROOF_POLICY = env("DEFAULT_PROOF_POLICY", default="none")
 # Where offers are pushed besides the driver's socket (dotted path to a PushBackend).
 PUSH_BACKEND = env("PUSH_BACKEND", default="offers.push.LoggingPushBackend")
 # Delivery economics (docs/analytics.md): platform revenue and cost per delivery.

@@ -16,11 +16,12 @@ from common.fields import (
     PointField,
     StrictBooleanField,
     StrictCharField,
+    StrictChoiceField,
     StrictIntegerField,
     StrictRegexField,
     StrictUUIDField,
 )
-from dispatch.models import Assignment, AssignmentEndReason, AssignmentStatus, Delivery, DeliveryStatus
+from dispatch.models import Assignment, AssignmentEndReason, AssignmentStatus, Delivery, DeliveryStatus, ProofPolicy
 
 FINISHED_DELIVERY_STATUSES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
 
@@ -148,6 +149,11 @@ class DeliveryCreateSerializer(serializers.Serializer):
         help_text="Not with quoteId (400). Omitted: the pricing rule's fee for the leg.",
     )
     autoDispatch = StrictBooleanField(required=False, default=True)
+    proofRequired = StrictChoiceField(
+        choices=ProofPolicy.choices, required=False,
+        help_text="Proof the driver must give to complete it: none, or code (the customer's 4-digit handoff code, "
+        "shown on the customer's status and tracking page). Omitted: the zone's policy, else DEFAULT_PROOF_POLICY (none).",
+    )
     quoteId = StrictUUIDField(
         required=False,
         help_text="A serviceable quote of yours (POST /v2/quotes) for the same pickupLocation and dropoffLocation: "
@@ -193,6 +199,14 @@ class DeliverySerializer(serializers.ModelSerializer):
     acceptedOfferId = serializers.UUIDField(source="accepted_offer_id", allow_null=True)
     failureReason = serializers.CharField(source="failure_reason")
     cancellationReason = serializers.CharField(source="cancellation_reason")
+    proofRequired = serializers.ChoiceField(source="proof_required", choices=ProofPolicy.choices)
+    handoffCodeFailures = serializers.IntegerField(
+        source="handoff_code_failures", help_text="Wrong handoff codes given since the last reset (the code itself is never here)."
+    )
+    handoffCodeLockedAt = serializers.DateTimeField(
+        source="handoff_code_locked_at", allow_null=True,
+        help_text="When the 5th wrong code flagged it for ops; codes are refused (409) until ops reset it.",
+    )
     createdAt = serializers.DateTimeField(source="created_at")
     readyAt = serializers.DateTimeField(source="ready_at")
     assignedAt = serializers.DateTimeField(source="assigned_at", allow_null=True)
@@ -211,7 +225,7 @@ class DeliverySerializer(serializers.ModelSerializer):
             "dropoffLocation", "dropoffAddress", "customerName", "customerPhone", "customerEmail",
             "customerLanguage", "prepTimeMinutes",
             "deliveryFee", "driverId", "assignmentId", "trackingUrl", "offerAcceptanceCount", "currentOfferId", "acceptedOfferId",
-            "failureReason", "cancellationReason", "createdAt", "readyAt", "assignedAt",
+            "failureReason", "cancellationReason", "proofRequired", "handoffCodeFailures", "handoffCodeLockedAt", "createdAt", "readyAt", "assignedAt",
             "pickupStartedAt", "pickedUpAt", "inTransitAt", "deliveredAt", "failedAt", "cancelledAt",
             "updatedAt",
         ]
@@ -278,6 +292,14 @@ class ReasonSerializer(serializers.Serializer):
 
 class OptionalReasonSerializer(serializers.Serializer):
     reason = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class DeliveryStepSerializer(OptionalReasonSerializer):
+    handoffCode = StrictRegexField(
+        r"^[0-9]{4}$", max_length=4, required=False, default="",
+        help_text="delivery-completed of a delivery whose proofRequired is code: the customer's 4-digit code "
+        "(missing or wrong: 400, details.handoffCode; after 5 wrong codes 409 until ops reset it). Ignored otherwise.",
+    )
 
 
 class AuditEventSerializer(serializers.Serializer):

@@ -121,7 +121,7 @@ class DeliveryListCreateView(APIView):
                 dropoff_address=v["dropoffAddress"], customer_name=v["customerName"],
                 customer_phone=v["customerPhone"], customer_email=v["customerEmail"],
                 customer_language=v["customerLanguage"], prep_time_minutes=v["prepTimeMinutes"],
-                delivery_fee=v["deliveryFee"],
+                delivery_fee=v["deliveryFee"], proof_required=v.get("proofRequired", ""),
             ),
             created_by=request.user,
             actor=Actor.for_user(request.user),
@@ -209,9 +209,12 @@ class DeliveryStepView(APIView):
 
     @extend_schema(
         operation_id="drivers_delivery_step",
-        request=s.OptionalReasonSerializer,
+        request=s.DeliveryStepSerializer,
         description="Move the delivery one step on. `reason` is required (non-empty) for delivery-failed "
-        "(else 400, `details.reason`) and ignored by the other steps. A step out of order is a 409.",
+        "(else 400, `details.reason`) and ignored by the other steps. A step out of order is a 409. "
+        "delivery-completed of a delivery with proofRequired code takes `handoffCode`: missing or wrong is a 400 "
+        "(`details.handoffCode`; each wrong code is counted), and after 5 wrong codes the delivery is flagged for "
+        "ops and every code is a 409 until ops reset it (POST /v2/deliveries/{id}/handoff-code/reset).",
         parameters=[OpenApiParameter("step", str, OpenApiParameter.PATH, enum=list(services.STEP_NAMES))],
         responses={200: s.DeliverySerializer, **errors(400, 404, 409)},
         tags=["deliveries"],
@@ -220,14 +223,37 @@ class DeliveryStepView(APIView):
         driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
         if step not in services.STEP_NAMES:
             raise NotFound("Unknown step.")
-        data = s.OptionalReasonSerializer(data=request.data)
+        data = s.DeliveryStepSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         reason = data.validated_data["reason"]
         if step == "delivery-failed" and not reason:
             raise serializers.ValidationError({"reason": ["A reason is required when a delivery fails."]})
         # the row as the step wrote it (the assigned driver may read it): no second read
         delivery = deliveries.delivery_advance(
-            delivery_id=delivery_id, driver_id=driver.pk, step=step, reason=reason, actor=Actor.for_user(request.user)
+            delivery_id=delivery_id, driver_id=driver.pk, step=step, reason=reason,
+            handoff_code=data.validated_data["handoffCode"], actor=Actor.for_user(request.user),
+        )
+        return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
+
+
+class DeliveryHandoffCodeResetView(APIView):
+    """`POST /v2/deliveries/{id}/handoff-code/reset` (ops): codes are taken again."""
+
+    permission_classes = [IsOps]
+
+    @extend_schema(
+        operation_id="deliveries_handoff_code_reset",
+        request=s.ReasonSerializer,
+        responses={200: s.DeliverySerializer, **errors(400, 404, 409)},
+        tags=["deliveries"],
+        description="Clear the wrong handoff codes of a delivery (after 5 its codes are refused with 409): the "
+        "driver may give the customer's code again. Audited (`handoff_code_reset`). Nothing to clear: 409.",
+    )
+    def post(self, request, delivery_id):
+        data = s.ReasonSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        delivery = deliveries.delivery_handoff_code_reset(
+            delivery_id=delivery_id, reason=data.validated_data["reason"], actor=Actor.for_user(request.user)
         )
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
 

@@ -104,6 +104,8 @@ def example(node: dict, name: str = ""):
         return timezone.now().isoformat().replace("+00:00", "Z")
     if "phone" in name.lower():
         return "+15551234567"
+    if name == "handoffCode":  # four digits (its pattern)
+        return "1234"
     return "walker-1"
 
 

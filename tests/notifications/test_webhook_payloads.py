@@ -17,6 +17,7 @@ from dispatch.api.serializers import DeliverySerializer
 from dispatch.models import Delivery
 from notifications.models import OutboxEvent
 from notifications.outbox import outbox_write
+from notifications.payloads import deliveries_for_payload, delivery_data
 from tests.factories import DeliveryFactory, IntegrationUserFactory, online_driver
 from tracking import events as tracking_events
 from workflows import deliveries as flows
@@ -44,6 +45,8 @@ def test_the_payload_is_the_delivery_as_the_api_shows_it_plus_the_change():
     data = dict(payload["data"])
     change = data.pop("change")
     assert data == _api_view(delivery.pk)
+    fallback = delivery_data(deliveries_for_payload([delivery.pk])[str(delivery.pk)])  # before start-up wiring
+    assert {k: data[k] for k in fallback} == fallback
     assert data["driverId"] == str(driver.pk) and data["assignmentId"] and data["deliveryFee"] == 12.5
     assert change["fromStatus"] == "ready" and change["status"] == "assigned" and change["driverId"] == str(driver.pk)
 

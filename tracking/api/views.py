@@ -55,6 +55,11 @@ class DeliveryStatusSerializer(serializers.Serializer):
     estimatedPickupTime = serializers.DateTimeField(required=False)
     estimatedDeliveryTime = serializers.DateTimeField(required=False)
     estimatedPrepTimeMinutes = serializers.IntegerField(required=False, help_text="Remaining, before pickup.")
+    handoffCode = serializers.RegexField(
+        r"^[0-9]{4}$", required=False,
+        help_text="While the delivery is open and its proofRequired is code: the 4-digit code the customer gives "
+        "the driver at the door.",
+    )
     trackingUrl = serializers.URLField()
     deliveryId = serializers.UUIDField()
 
