@@ -42,6 +42,17 @@ CODE_POLICIES = (ProofPolicy.CODE,)
 HANDOFF_CODE_MAX_FAILURES = 5
 
 
+class FailureReason(models.TextChoices):
+    """Why a delivery failed, as the driver says at delivery-failed (docs/dispatch.md)."""
+
+    CUSTOMER_UNAVAILABLE = "customer_unavailable"
+    ADDRESS_NOT_FOUND = "address_not_found"
+    REFUSED = "refused"
+    DAMAGED = "damaged"
+    UNSAFE = "unsafe"
+    OTHER = "other"
+
+
 def new_handoff_code() -> str:
     """The 4-digit code the customer tells the driver at the door."""
     return f"{secrets.randbelow(10_000):04d}"
@@ -94,6 +105,10 @@ class Delivery(models.Model):
     offer_acceptance_count = models.PositiveIntegerField(default=0)
 
     failure_reason = models.CharField(max_length=500, blank=True, default="")
+    # The reason as one of FailureReason (free text given as `reason`, as the SPEC allows, is
+    # `other` with the text as its note) and the driver's note.
+    failure_code = models.CharField(max_length=30, choices=FailureReason.choices, blank=True, default="")
+    failure_note = models.CharField(max_length=1000, blank=True, default="")
     cancellation_reason = models.CharField(max_length=500, blank=True, default="")
 
     created_at = models.DateTimeField(auto_now_add=True)

@@ -27,7 +27,16 @@ from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group
 from common.db import insert_unless_conflict
 from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import events
-from dispatch.models import CODE_POLICIES, HANDOFF_CODE_MAX_FAILURES, Assignment, AssignmentStatus, Delivery, ProofPolicy, Quote
+from dispatch.models import (
+    CODE_POLICIES,
+    HANDOFF_CODE_MAX_FAILURES,
+    Assignment,
+    AssignmentStatus,
+    Delivery,
+    FailureReason,
+    ProofPolicy,
+    Quote,
+)
 from dispatch.models import DeliveryStatus as S
 
 
@@ -244,12 +253,22 @@ def delivery_step_quick(*, delivery_id, driver_id, step: str, actor: Actor, now:
     return delivery, from_status
 
 
+def failure_code_and_note(reason: str, note: str = "") -> tuple[str, str]:
+    """delivery-failed's `reason` as one of FailureReason, and its note. The SPEC takes any
+    reason text: text that is not one of the codes is `other`, and becomes the note when no
+    note was given (nothing the driver wrote is lost)."""
+    if reason in FailureReason.values:
+        return reason, note
+    return FailureReason.OTHER, note or reason
+
+
 def delivery_step_apply(
-    delivery: Delivery, *, assignment: Assignment, step: str, reason: str, actor: Actor, now: datetime
+    delivery: Delivery, *, assignment: Assignment, step: str, reason: str, actor: Actor, now: datetime, note: str = ""
 ) -> str:
     """Move the delivery one step on. Out-of-order steps are a Conflict. The caller holds the
     delivery's lock. Writes the audit row; returns the status it came from (the workflow
-    emits the change once the step's other effects are written)."""
+    emits the change once the step's other effects are written). delivery-failed records its
+    reason as given, its code and note (`failure_code_and_note`)."""
     if step not in STEPS:
         raise NotFound("Unknown step.")
     allowed_from, to_status, event_type, stamp = STEPS[step]
@@ -267,11 +286,16 @@ def delivery_step_apply(
     fields = ["status", "updated_at", stamp]
     if step == "delivery-failed":
         delivery.failure_reason = reason
-        fields.append("failure_reason")
+        delivery.failure_code, delivery.failure_note = failure_code_and_note(reason, note)
+        fields += ["failure_reason", "failure_code", "failure_note"]
     delivery.save(update_fields=fields)
     details = {"driverId": str(assignment.driver_id), "assignmentId": str(assignment.pk)}
     if reason:
         details["reason"] = reason
+    if step == "delivery-failed":
+        details["failureCode"] = delivery.failure_code
+        if delivery.failure_note:
+            details["note"] = delivery.failure_note
     audit_record(delivery=delivery, event_type=event_type, actor=actor, details=details, now=now)
     return from_status
 

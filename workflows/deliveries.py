@@ -141,7 +141,7 @@ def delivery_handoff_code_reset(*, delivery_id, reason: str, actor: Actor, now: 
 
 
 def delivery_advance(
-    *, delivery_id, driver_id, step: str, actor: Actor, reason: str = "", handoff_code: str = "",
+    *, delivery_id, driver_id, step: str, actor: Actor, reason: str = "", note: str = "", handoff_code: str = "",
     now: datetime | None = None,
 ) -> Delivery:
     """Move a delivery one step on, by its assigned driver. Out-of-order steps are a Conflict.
@@ -149,7 +149,8 @@ def delivery_advance(
     the delivery's economics and the driver's performance. Completing a delivery whose proof
     policy asks for the customer's handoff code takes `handoff_code`: a wrong one is counted
     (committed) and then refused with InvalidInput; after 5 every code is a Conflict until ops
-    reset it (`delivery_handoff_code_reset`).
+    reset it (`delivery_handoff_code_reset`). delivery-failed takes `reason` (one of
+    FailureReason, or free text: `other`) and `note`.
 
     Returns the row as written, with `latest_assignments` set, ready to render without
     reading it again. A step that only moves the delivery on (not the last) is first tried as
@@ -168,8 +169,8 @@ def delivery_advance(
         if quick is not None:
             return delivery
     delivery = _delivery_advance_locked(
-        delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, reason=reason, handoff_code=handoff_code,
-        now=now,
+        delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, reason=reason, note=note,
+        handoff_code=handoff_code, now=now,
     )
     if delivery is None:  # the wrong code is counted and committed; now the answer
         raise InvalidInput({"handoffCode": ["Wrong handoff code."]})
@@ -178,7 +179,7 @@ def delivery_advance(
 
 @unit_of_work()
 def _delivery_advance_locked(
-    *, delivery_id, driver_id, step: str, actor: Actor, reason: str, handoff_code: str, now: datetime
+    *, delivery_id, driver_id, step: str, actor: Actor, reason: str, note: str, handoff_code: str, now: datetime
 ) -> Delivery | None:
     """The step under the locks; None for a wrong handoff code (its count is written and
     commits with this transaction)."""
@@ -193,7 +194,9 @@ def _delivery_advance_locked(
         if not deliveries.delivery_handoff_code_check(delivery, code=handoff_code, driver_id=driver_id, actor=actor, now=now):
             return None
 
-    from_status = deliveries.delivery_step_apply(delivery, assignment=assignment, step=step, reason=reason, actor=actor, now=now)
+    from_status = deliveries.delivery_step_apply(
+        delivery, assignment=assignment, step=step, reason=reason, note=note, actor=actor, now=now
+    )
     if finishing:
         deliveries.assignment_end_locked(
             assignment, driver=assignment.driver, status=deliveries.FINISHING_STEPS[step], reason=step.replace("-", "_"),

@@ -21,7 +21,15 @@ from common.fields import (
     StrictRegexField,
     StrictUUIDField,
 )
-from dispatch.models import Assignment, AssignmentEndReason, AssignmentStatus, Delivery, DeliveryStatus, ProofPolicy
+from dispatch.models import (
+    Assignment,
+    AssignmentEndReason,
+    AssignmentStatus,
+    Delivery,
+    DeliveryStatus,
+    FailureReason,
+    ProofPolicy,
+)
 
 FINISHED_DELIVERY_STATUSES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
 
@@ -199,6 +207,11 @@ class DeliverySerializer(serializers.ModelSerializer):
     acceptedOfferId = serializers.UUIDField(source="accepted_offer_id", allow_null=True)
     failureReason = serializers.CharField(source="failure_reason")
     cancellationReason = serializers.CharField(source="cancellation_reason")
+    failureCode = serializers.ChoiceField(
+        source="failure_code", choices=FailureReason.choices, allow_null=True,
+        help_text="A failed delivery's reason as a code (free text given as reason: other); null otherwise.",
+    )
+    failureNote = serializers.CharField(source="failure_note", help_text="A failed delivery's note from the driver.")
     proofRequired = serializers.ChoiceField(source="proof_required", choices=ProofPolicy.choices)
     handoffCodeFailures = serializers.IntegerField(
         source="handoff_code_failures", help_text="Wrong handoff codes given since the last reset (the code itself is never here)."
@@ -225,7 +238,7 @@ class DeliverySerializer(serializers.ModelSerializer):
             "dropoffLocation", "dropoffAddress", "customerName", "customerPhone", "customerEmail",
             "customerLanguage", "prepTimeMinutes",
             "deliveryFee", "driverId", "assignmentId", "trackingUrl", "offerAcceptanceCount", "currentOfferId", "acceptedOfferId",
-            "failureReason", "cancellationReason", "proofRequired", "handoffCodeFailures", "handoffCodeLockedAt", "createdAt", "readyAt", "assignedAt",
+            "failureReason", "failureCode", "failureNote", "cancellationReason", "proofRequired", "handoffCodeFailures", "handoffCodeLockedAt", "createdAt", "readyAt", "assignedAt",
             "pickupStartedAt", "pickedUpAt", "inTransitAt", "deliveredAt", "failedAt", "cancelledAt",
             "updatedAt",
         ]
@@ -237,6 +250,7 @@ class DeliverySerializer(serializers.ModelSerializer):
 
     def to_representation(self, obj):
         data = super().to_representation(obj)
+        data["failureCode"] = data["failureCode"] or None
         viewer = self.context.get("viewing_driver_id")
         if viewer is not None:
             shown = self._shown(obj)
@@ -290,11 +304,16 @@ class ReasonSerializer(serializers.Serializer):
     reason = StrictCharField(max_length=500)
 
 
-class OptionalReasonSerializer(serializers.Serializer):
-    reason = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
-
-
-class DeliveryStepSerializer(OptionalReasonSerializer):
+class DeliveryStepSerializer(serializers.Serializer):
+    reason = StrictCharField(
+        max_length=500, required=False, allow_blank=True, default="",
+        help_text="delivery-failed (required, non-empty): one of " + ", ".join(FailureReason.values) + "; any other "
+        "text is accepted as `other` with the text as its note (failureCode, failureNote). Ignored by the other steps.",
+    )
+    note = StrictCharField(
+        max_length=1000, required=False, allow_blank=True, default="",
+        help_text="delivery-failed: what happened, in the driver's words. Ignored by the other steps.",
+    )
     handoffCode = StrictRegexField(
         r"^[0-9]{4}$", max_length=4, required=False, default="",
         help_text="delivery-completed of a delivery whose proofRequired is code: the customer's 4-digit code "

@@ -211,7 +211,9 @@ class DeliveryStepView(APIView):
         operation_id="drivers_delivery_step",
         request=s.DeliveryStepSerializer,
         description="Move the delivery one step on. `reason` is required (non-empty) for delivery-failed "
-        "(else 400, `details.reason`) and ignored by the other steps. A step out of order is a 409. "
+        "(else 400, `details.reason`) and ignored by the other steps, as is `note`. A reason that is not one of "
+        "the codes (customer_unavailable, address_not_found, refused, damaged, unsafe, other) is taken as `other`, "
+        "its text kept as the note when none is given. A step out of order is a 409. "
         "delivery-completed of a delivery with proofRequired code takes `handoffCode`: missing or wrong is a 400 "
         "(`details.handoffCode`; each wrong code is counted), and after 5 wrong codes the delivery is flagged for "
         "ops and every code is a 409 until ops reset it (POST /v2/deliveries/{id}/handoff-code/reset).",
@@ -230,7 +232,7 @@ class DeliveryStepView(APIView):
             raise serializers.ValidationError({"reason": ["A reason is required when a delivery fails."]})
         # the row as the step wrote it (the assigned driver may read it): no second read
         delivery = deliveries.delivery_advance(
-            delivery_id=delivery_id, driver_id=driver.pk, step=step, reason=reason,
+            delivery_id=delivery_id, driver_id=driver.pk, step=step, reason=reason, note=data.validated_data["note"],
             handoff_code=data.validated_data["handoffCode"], actor=Actor.for_user(request.user),
         )
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
