@@ -1,6 +1,12 @@
 """For tests that start real server processes (uvicorn, celery) against the test database."""
 import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from urllib.parse import quote
+
+import httpx
 
 from django.db import connection
 
@@ -21,3 +27,46 @@ def subprocess_database_url() -> str:
     host = db["HOST"] or "127.0.0.1"
     port = db["PORT"] or "5432"
     return f"postgis://{user}:{password}@{host}:{port}/{quote(db['NAME'], safe='')}"
+
+
+def stop(proc, log) -> None:
+    """End a child process (terminate, then kill) and close its log."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    log.close()
+
+
+@contextmanager
+def uvicorn(port: int, env: dict, log_path, *, log_level: str = "warning", ready_path: str = "/health/live",
+            timeout: float = 40):
+    """uvicorn serving config.asgi on 127.0.0.1:`port` with `env`, its output in `log_path`;
+    yields the base URL once `ready_path` answers, and stops it afterwards."""
+    from django.conf import settings
+
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+         "--no-access-log", "--lifespan", "off", "--log-level", log_level],
+        cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(base + ready_path, timeout=1).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"uvicorn did not start:\n{log_path.read_text()}")
+            time.sleep(0.2)  # polling a starting process, not waiting on a page
+        yield base
+    finally:
+        stop(proc, log)

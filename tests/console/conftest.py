@@ -6,10 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from django.conf import settings
 
@@ -17,7 +15,7 @@ from common.groups import groups_sync
 from common.roles import DISPATCHER_GROUP, VIEWER_GROUP
 from tests.browser import chrome_options
 from tests.factories import UserFactory
-from tests.processes import free_port, subprocess_database_url
+from tests.processes import free_port, stop, subprocess_database_url, uvicorn
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Screenshots for a reviewer (not committed: /artifacts/ is in .gitignore).
@@ -38,45 +36,13 @@ def _env(port: int) -> dict:
     }
 
 
-def _stop(proc, log):
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    log.close()
-
-
 @pytest.fixture
 def console_server(transactional_db, tmp_path):
     """uvicorn on a free loopback port. Depends on `transactional_db` so that it stops before
     the tables are flushed."""
     port = free_port()
-    log_path = tmp_path / "uvicorn.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-         "--no-access-log", "--lifespan", "off", "--log-level", "warning"],
-        cwd=settings.BASE_DIR, env=_env(port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 40
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(base + "/health/live", timeout=1).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"uvicorn did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)  # polling a starting process, not waiting on the page
+    with uvicorn(port, _env(port), tmp_path / "uvicorn.log") as base:
         yield base
-    finally:
-        _stop(proc, log)
 
 
 @pytest.fixture
@@ -92,7 +58,7 @@ def fixes_consumer(console_server, tmp_path):
         yield log_path
         assert proc.poll() is None, f"consume_fixes died:\n{log_path.read_text()}"
     finally:
-        _stop(proc, log)
+        stop(proc, log)
 
 
 @pytest.fixture

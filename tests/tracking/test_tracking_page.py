@@ -1,9 +1,6 @@
 """The customer's tracking page `/track/<deliveryId>?token=`: server-rendered, and live in a real
 browser (headless Chromium) against a real ASGI server (uvicorn) started for the test."""
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +11,7 @@ from common.actors import Actor
 from workflows.deliveries import assignment_create
 from tests.browser import chrome_options
 from tests.factories import DeliveryFactory, DriverFactory, km_north
-from tests.processes import free_port, subprocess_database_url
+from tests.processes import free_port, subprocess_database_url, uvicorn
 from tests.tracking_fixtures import delivery_in
 from tests.api import token_for
 
@@ -90,35 +87,8 @@ def uvicorn_server(transactional_db, tmp_path):
         "TRACKING_LEAFLET_URL": "",  # no CDN from the test: the page must work without the map
         "PYTHONUNBUFFERED": "1",
     }
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-         "--no-access-log", "--lifespan", "off", "--log-level", "info"],
-        cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"uvicorn did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    with uvicorn(port, env, log_path, log_level="info", ready_path="/health", timeout=30) as base:
         yield base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture
