@@ -22,12 +22,16 @@ from django.db import transaction
 from django.utils import timezone
 
 from common.broadcast import enqueue_task_on_commit
+from common.errors import iso
 from dispatch.models import DeliveryStatus
 from notifications.models import OutboxEvent
 from notifications.payloads import deliveries_for_payload, render_delivery, webhook_body
 
 DELIVER_TASK = "notifications.deliver_webhooks"
 ETA_TYPE = "delivery.eta_updated"
+# Not a live event: pickup-started changes no status and emits none, yet merchants are told of
+# it (`outbox_pickup_started`). Only the outbox knows this type; no socket ever carries it.
+PICKUP_STARTED = "delivery_pickup_started"
 _SKIP_KEYS = {"type", "deliveryId", "sellerOrderId"}
 
 _local = threading.local()
@@ -44,7 +48,7 @@ def webhook_type_for(event: dict) -> str | None:
         if event.get("status") == DeliveryStatus.READY:
             return "delivery.unassigned"  # ops took it away from its driver: waiting for another
         return "delivery.status_changed"
-    if kind == "delivery_cancelled":
+    if kind in ("delivery_cancelled", PICKUP_STARTED):
         return "delivery.status_changed"
     if kind == "delivery_eta_updated":
         return ETA_TYPE
@@ -112,6 +116,27 @@ def outbox_capture(event: dict) -> None:
         buffer.add(dict(event))
     else:
         outbox_write([dict(event)])
+
+
+def outbox_pickup_started(delivery, *, driver_id, started_at, reason: str = "") -> None:
+    """The driver started the pickup (the status stays `assigned`): a `delivery.status_changed`
+    whose change has the fields of a status change plus `step` and `pickupStartedAt`. Written
+    like a captured event: with the workflow's buffered rows, or at once in the caller's
+    transaction."""
+    event = {
+        "type": PICKUP_STARTED,
+        "deliveryId": str(delivery.pk),
+        "sellerOrderId": delivery.seller_order_id,
+        "step": "pickup_started",
+        "fromStatus": delivery.status,
+        "status": delivery.status,
+        "driverId": str(driver_id) if driver_id else None,
+        "changedAt": iso(started_at),
+        "pickupStartedAt": iso(started_at),
+    }
+    if reason:
+        event["reason"] = reason
+    outbox_capture(event)
 
 
 def outbox_write(events: list[dict]) -> list[OutboxEvent]:

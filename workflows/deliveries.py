@@ -18,6 +18,7 @@ from dispatch.models import AssignmentStatus, Delivery
 from dispatch.models import DeliveryStatus as S
 from dispatch.services import DeliveryInput
 from escalation.services import unassigned_cancel, unassigned_resolve
+from notifications.outbox import outbox_pickup_started
 from offers.services import offer_cancel_locked, offer_mark_superseded
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_locked, dispatch_next_locked
@@ -165,7 +166,7 @@ def delivery_advance(
             quick = deliveries.delivery_step_quick(delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, now=now)
             if quick is not None:
                 delivery, from_status = quick
-                _after_step(delivery, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
+                _after_step(delivery, step=step, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
         if quick is not None:
             return delivery
     delivery = _delivery_advance_locked(
@@ -205,11 +206,13 @@ def _delivery_advance_locked(
         cost, _ = economics_record(delivery=delivery, now=now)
         performance_delivery_finished(driver_id=driver_id, delivery=delivery, earning=cost.driver_payment, now=now)
     delivery.latest_assignments = [assignment]  # ended by the last step: a finished delivery keeps it
-    _after_step(delivery, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
+    _after_step(delivery, step=step, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
     return delivery
 
 
-def _after_step(delivery: Delivery, *, from_status: str, driver_id, reason: str, now: datetime) -> None:
+def _after_step(delivery: Delivery, *, step: str, from_status: str, driver_id, reason: str, now: datetime) -> None:
+    if step == "pickup-started":  # no status change, no live event: merchants are told through the outbox
+        outbox_pickup_started(delivery, driver_id=driver_id, started_at=now, reason=reason)
     if delivery.status != from_status:
         deliveries.delivery_emit_status(delivery, from_status=from_status, driver_id=driver_id, now=now, reason=reason)
         if delivery.status in TRACKED:

@@ -43,13 +43,16 @@ def test_a_delivery_reaches_its_merchant_signed_and_in_order(receiver):
     # Celery runs eagerly in tests: each commit's task has sent its events already
     payloads = [r.verified(secret) for r in receiver.requests]
     assert [p["type"] for p in payloads] == [
-        "delivery.created", "delivery.assigned", "delivery.status_changed", "delivery.status_changed", "delivery.status_changed",
+        "delivery.created", "delivery.assigned", *["delivery.status_changed"] * 4,
     ]
-    assert [p["data"]["status"] for p in payloads] == ["ready", "assigned", "picked_up", "in_transit", "delivered"]
-    assert [p["data"]["change"].get("fromStatus") for p in payloads[1:]] == ["ready", "assigned", "picked_up", "in_transit"]
+    assert [p["data"]["status"] for p in payloads] == ["ready", "assigned", "assigned", "picked_up", "in_transit", "delivered"]
+    assert [p["data"]["change"].get("fromStatus") for p in payloads[1:]] == [
+        "ready", "assigned", "assigned", "picked_up", "in_transit",
+    ]
+    assert payloads[2]["data"]["change"]["step"] == "pickup_started"  # no status change, still told
     assert payloads[1]["data"]["driverId"] == str(driver.pk)
     assert all(p["data"]["id"] == str(delivery.pk) and p["data"]["sellerOrderId"] == "ORD-WH-1" for p in payloads)
-    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 5
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 6
     assert all(p["id"] == r.headers["webhook-id"] for p, r in zip(payloads, receiver.requests))
     assert all(m.status == MessageStatus.DELIVERED for m in messages_of(delivery))
 
@@ -71,7 +74,7 @@ def test_the_outbox_row_commits_with_the_change_or_not_at_all(receiver):
             raise RuntimeError("the caller's transaction rolls back")
 
     assert OutboxEvent.objects.count() == before
-    assert len(receiver.requests) == 4
+    assert len(receiver.requests) == 5  # assigned, pickup started, picked up, in transit, delivered
 
 
 def test_events_wait_through_an_outage_and_arrive_in_order_with_the_same_ids(receiver, settings):
@@ -99,12 +102,12 @@ def test_events_wait_through_an_outage_and_arrive_in_order_with_the_same_ids(rec
                 break
 
     statuses = [m.status for m in messages_of(delivery)]
-    assert statuses == [MessageStatus.DELIVERED] * 4
+    assert statuses == [MessageStatus.DELIVERED] * 5
     ids = [r.headers["webhook-id"] for r in receiver.requests]
     first_id = messages_of(delivery)[0].event.webhook_id
     assert ids[:4] == [first_id] * 4  # 503, timeout (the receiver got it anyway), 502, 200: one id throughout
     delivered_after = [r.verified(secret)["data"]["status"] for r in receiver.requests[3:]]
-    assert delivered_after == ["assigned", "picked_up", "in_transit", "delivered"]
+    assert delivered_after == ["assigned", "assigned", "picked_up", "in_transit", "delivered"]  # 2nd: pickup started
     attempts = list(WebhookAttempt.objects.filter(message=first).order_by("attempted_at"))
     assert [a.status_code for a in attempts] == [503, None, 502, 200]
     assert "timeout" in attempts[1].error
@@ -135,9 +138,10 @@ def test_a_4xx_stops_that_event_and_the_next_ones_go_on(receiver):
     _, secret = endpoint_via_api(merchant, receiver.url)
     receiver.answer(Answer(400))
     delivery, _ = delivery_walk(merchant, steps=("pickup-started", "pickup-completed"))
-    first, second = messages_of(delivery)
-    assert (first.status, first.last_status_code, second.status) == (MessageStatus.FAILED, 400, MessageStatus.DELIVERED)
-    assert len(receiver.requests) == 2
+    first, *later = messages_of(delivery)  # assigned, then pickup started and picked up
+    assert (first.status, first.last_status_code) == (MessageStatus.FAILED, 400)
+    assert [m.status for m in later] == [MessageStatus.DELIVERED] * 2
+    assert len(receiver.requests) == 3
 
 
 def test_an_event_written_while_redis_is_down_goes_out_with_the_sweep(receiver, broker_down):
@@ -191,10 +195,10 @@ def test_two_workers_sweeping_at_once_send_each_event_once_and_in_order(receiver
         t.join(60)
     assert not errors
     ids = [r.headers["webhook-id"] for r in receiver.requests]
-    assert len(ids) == len(set(ids)) == 12
+    assert len(ids) == len(set(ids)) == 15
     for delivery in walked:
         mine = [r.verified(secret) for r in receiver.requests if r.json()["data"]["id"] == str(delivery.pk)]
-        assert [p["data"]["status"] for p in mine] == ["assigned", "picked_up", "in_transit", "delivered"]
+        assert [p["data"]["status"] for p in mine] == ["assigned", "assigned", "picked_up", "in_transit", "delivered"]
 
 
 def test_an_endpoint_failing_for_a_day_is_disabled_and_ops_are_told(receiver, settings):
