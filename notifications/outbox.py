@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import threading
 import uuid
-from contextlib import contextmanager
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
 from common.broadcast import enqueue_task_on_commit
+from common.txbuffer import current, transaction_buffer
 from common.errors import iso
 from dispatch.models import DeliveryStatus
 from notifications.models import OutboxEvent
@@ -64,54 +63,18 @@ def _change(event: dict) -> dict:
     return change
 
 
-class _Buffer:
-    def __init__(self, connection):
-        self.connection = connection
-        self.start_sids = set(connection.savepoint_ids)
-        self.events: list[tuple[dict, object | None]] = []
-
-    def add(self, event: dict) -> None:
-        marker = None
-        if set(self.connection.savepoint_ids) - self.start_sids:
-            # Emitted inside a savepoint opened within the buffer: Django drops this marker if
-            # that savepoint rolls back, and the event goes with it.
-            def marker():
-                return None
-
-            transaction.on_commit(marker)
-        self.events.append((event, marker))
-
-    def flush(self) -> None:
-        pending = {id(func) for _, func, _ in self.connection.run_on_commit}
-        events = [e for e, m in self.events if m is None or id(m) in pending]
-        self.events = []
-        outbox_write(events)
-
-
-@contextmanager
 def outbox_buffer():
     """Collect the events emitted inside and write their outbox rows when the block ends,
     still inside the caller's transaction (open it inside `transaction.atomic()`). A buffer
     inside a buffer joins the outer one; on an exception nothing is written."""
-    outer = getattr(_local, "buffer", None)
-    connection = transaction.get_connection()
-    if outer is not None or not connection.in_atomic_block:
-        yield outer
-        return
-    buffer = _Buffer(connection)
-    _local.buffer = buffer
-    try:
-        yield buffer
-    finally:
-        _local.buffer = None
-    buffer.flush()
+    return transaction_buffer(_local, outbox_write)
 
 
 def outbox_capture(event: dict) -> None:
     """The `common.hooks.on_event_emitted` handler: keep the events merchants are told of."""
     if webhook_type_for(event) is None or not event.get("deliveryId"):
         return
-    buffer = getattr(_local, "buffer", None)
+    buffer = current(_local)
     if buffer is not None:
         buffer.add(dict(event))
     else:
