@@ -58,7 +58,7 @@ def serviceability_of(*, pickup: Point, dropoff: Point) -> Serviceability:
     if zone is None and any_zone and settings.SERVICEABILITY_REQUIRE_ZONE:
         result.reasons.append(Reason("outside_zones", "pickupLocation", "The pickup is outside every delivery zone."))
     limit = pricing.max_leg_km(zone)
-    if distance > limit:
+    if limit is not None and distance > limit:
         result.reasons.append(Reason(
             "distance_exceeded", "dropoffLocation",
             f"The pickup-to-drop-off distance ({distance:.1f} km) is over the {limit:g} km limit.",

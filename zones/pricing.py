@@ -44,6 +44,10 @@ def delivery_fee(*, leg_km: float) -> Decimal:
     return min(money(amount), money(settings.DELIVERY_FEE_CAP))
 
 
-def max_leg_km(zone) -> float:
+def max_leg_km(zone) -> float | None:
+    """The longest leg accepted for a pickup in `zone`: its own limit, else
+    MAX_DELIVERY_DISTANCE_KM; None when there is none (the global setting 0)."""
     limit = _override(zone, "max_delivery_distance_km")
-    return float(limit if limit is not None else settings.MAX_DELIVERY_DISTANCE_KM)
+    if limit is not None:
+        return float(limit)
+    return float(settings.MAX_DELIVERY_DISTANCE_KM) or None

@@ -28,12 +28,30 @@ def body(order="SV-1", pickup=CITY, dropoff=NEAR, **extra):
             "autoDispatch": False, **extra}
 
 
+@pytest.fixture(autouse=True)
+def city_rules(settings):
+    """A city running on zones (the defaults are off: the SPEC takes a delivery anywhere)."""
+    settings.SERVICEABILITY_REQUIRE_ZONE = True
+    settings.MAX_DELIVERY_DISTANCE_KM = 30
+
+
 def north_of(point, km):
     p = km_north(km, lat=point["lat"], lon=point["lon"])
     return {"lat": round(p.y, 6), "lon": round(p.x, 6)}
 
 
 # ------------------------------------------------------------------------- intake
+
+
+@pytest.mark.parametrize("city_rules", [None])  # replaces the autouse fixture: the defaults
+def test_by_default_a_delivery_is_taken_anywhere_as_the_spec_says(integration, city_rules):
+    """The shared contract tests create deliveries at random spots with legs of thousands of km."""
+    ZoneFactory(bbox=CITY_BOX)
+    far = {"lat": -33.9, "lon": 151.2}
+
+    r = integration.post("/v2/deliveries", body("ANY-1", pickup=far, dropoff={"lat": 28.61, "lon": 77.21}), format="json")
+
+    assert r.status_code == 201, r.content
 
 
 def test_a_pickup_outside_every_zone_is_refused_while_zones_exist(integration):
