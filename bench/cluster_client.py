@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from rawhttp import read_chunked
+
 
 class ConnectionFailed(Exception):
     """No HTTP response: refused, reset, closed before the status line, or timed out."""
@@ -113,15 +115,7 @@ class Conn:
                 headers[name.strip().lower()] = value.strip()
         keep = "close" not in headers.get("connection", "").lower()
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            parts = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    await reader.readuntil(b"\r\n")
-                    break
-                parts.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            return status, b"".join(parts), headers, keep
+            return status, await read_chunked(reader), headers, keep
         if "content-length" not in headers:
             return status, await reader.read(), headers, False
         return status, await reader.readexactly(int(headers["content-length"])), headers, keep

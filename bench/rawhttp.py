@@ -11,6 +11,18 @@ import asyncio
 from urllib.parse import urlsplit
 
 
+async def read_chunked(reader) -> bytes:
+    """A chunked HTTP/1.1 body (after the headers), trailers skipped."""
+    parts = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return b"".join(parts)
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
 class HttpError(Exception):
     pass
 
@@ -88,15 +100,7 @@ class RawHttp:
             elif name == b"connection" and b"close" in value.lower():
                 keep = False
         if chunked:
-            parts = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    await reader.readuntil(b"\r\n")
-                    break
-                parts.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            return status, b"".join(parts), keep
+            return status, await read_chunked(reader), keep
         if length is None:
             return status, await reader.read(), False
         return status, await reader.readexactly(length), keep
