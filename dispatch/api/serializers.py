@@ -48,15 +48,16 @@ LANGUAGE_RE = r"^[a-zA-Z]{2,3}(-[a-zA-Z0-9]{2,8})?$"
 
 
 def phone_e164(value: str) -> str:
-    """A possible phone number (international, or of PHONE_DEFAULT_REGION) in E.164."""
+    """A possible phone number (international, or of PHONE_DEFAULT_REGION) in E.164; anything
+    else the SPEC's phone rule accepted (`validate_phone`, e.g. "+1-555-0100") is kept as given.
+    The SPEC takes any such string, so intake never refuses it; customer SMS go only to numbers
+    that are valid (notifications/customers.py)."""
     try:
         number = phonenumbers.parse(value, settings.PHONE_DEFAULT_REGION)
     except phonenumbers.NumberParseException:
-        number = None
-    if number is None or phonenumbers.is_possible_number_with_reason(number) != phonenumbers.ValidationResult.IS_POSSIBLE:
-        raise serializers.ValidationError(
-            f"Not a possible phone number: give it in international form (+…) or as a number of {settings.PHONE_DEFAULT_REGION}."
-        )
+        return value
+    if phonenumbers.is_possible_number_with_reason(number) != phonenumbers.ValidationResult.IS_POSSIBLE:
+        return value
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
@@ -144,7 +145,8 @@ class DeliveryCreateSerializer(serializers.Serializer):
     customerName = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
     customerPhone = PhoneField(
         max_length=32, required=False, allow_blank=True, default="",
-        help_text="International (+…) or in PHONE_DEFAULT_REGION's format; stored as E.164",
+        help_text="International (+…) or in PHONE_DEFAULT_REGION's format; a possible number is stored as E.164, "
+        "anything else matching the pattern as given (customer SMS go to valid numbers only)",
     )
     customerEmail = StrictCharField(max_length=254, required=False, allow_blank=True, default="", validators=[EmailValidator()])
     customerLanguage = StrictRegexField(

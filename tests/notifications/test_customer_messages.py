@@ -171,6 +171,9 @@ def test_the_delivery_api_takes_an_email_and_a_language_and_stores_the_phone_as_
     assert created.status_code == 201, created.content
     data = created.json()
     assert (data["customerPhone"], data["customerEmail"], data["customerLanguage"]) == ("+14155552671", "jane@example.com", "es")
+    # The SPEC takes any phone string of its pattern: one that is not a possible number is kept as given
+    odd = client_for(merchant).post("/v2/deliveries", {**body, "sellerOrderId": "ORD-ODD", "customerPhone": "+1-555-0100"}, format="json")
+    assert odd.status_code == 201 and odd.json()["customerPhone"] == "+1-555-0100"
     for field, value in (("customerEmail", "not-an-address"), ("customerLanguage", "español"), ("customerPhone", "12")):
         bad = client_for(merchant).post("/v2/deliveries", {**body, "sellerOrderId": f"ORD-BAD-{field}", field: value}, format="json")
         assert field in assert_error(bad, 400)["details"]
