@@ -73,8 +73,10 @@ def test_a_dispatcher_sees_a_driver_move_on_the_live_map_within_two_seconds(cons
     screenshot(chromium, "live-map-after")
 
     element.click()  # the driver's card, with a link into the admin
-    card = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f'[data-card-driver-id="{driver.pk}"]'))
-    assert "Maria Lopez" in card.text
+    # The card is in the DOM before Leaflet's popup has faded in (opacity 0: Selenium reads no
+    # text from it yet), so wait for it to be shown, not merely present.
+    card = wait.until(lambda b: (c := b.find_element(By.CSS_SELECTOR, f'[data-card-driver-id="{driver.pk}"]')).is_displayed()
+                      and "Maria Lopez" in c.text and c)
     assert card.find_element(By.TAG_NAME, "a").get_attribute("href").endswith(f"/admin/availability/driver/{driver.pk}/change/")
     assert_nothing_loaded_from_elsewhere(chromium, base)
 
