@@ -37,6 +37,16 @@ class ProofPolicy(models.TextChoices):
     CODE = "code"
 
 
+class DispatchPolicy(models.TextChoices):
+    """How a ready delivery is offered (docs/dispatch.md, "Dispatch policies"): per zone, else
+    the DISPATCH_POLICY setting."""
+
+    SEQUENTIAL = "sequential"  # the best-ranked driver, then the next on reject/expiry
+    BATCH = "batch"  # the top N at once; the first accept wins, the others are withdrawn
+    BROADCAST = "broadcast"  # every eligible driver in the radius (capped); first accept wins
+    BATCHED_MATCHING = "batched_matching"  # collected for a window, matched by minimum total cost
+
+
 # The policies that ask for the customer's handoff code at delivery-completed.
 CODE_POLICIES = (ProofPolicy.CODE,)
 HANDOFF_CODE_MAX_FAILURES = 5

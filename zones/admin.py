@@ -110,6 +110,10 @@ class DeliveryZoneAdmin(LeafletGeoAdminMixin, admin.ModelAdmin):
         (None, {"fields": ("id", "name", "geometry", "priority_level")}),
         ("Staffing and targets", {"fields": ("min_drivers_online", "target_wait_time_seconds")}),
         ("Dispatch overrides", {"fields": ("offer_expires_seconds", "search_radius_km")}),
+        ("Dispatch policy and order stacking (empty: the global settings; docs/dispatch.md)", {"fields": (
+            "dispatch_policy", "offer_batch_size", "broadcast_max_drivers", "matching_window_seconds",
+            "stacking_enabled", "stacking_max_detour_minutes",
+        )}),
         ("Serviceability and pay (empty: the global settings)", {"fields": (
             "max_delivery_distance_km", "driver_pay_per_km", "driver_pay_cap",
         )}),

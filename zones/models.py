@@ -12,11 +12,15 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db.models import Q
 from django.utils import timezone
 
-from dispatch.models import ProofPolicy
+from dispatch.models import DispatchPolicy, ProofPolicy
 
 PRIORITY_MIN, PRIORITY_MAX = 1, 5
 OFFER_EXPIRES_MIN, OFFER_EXPIRES_MAX = 10, 120
 SEARCH_RADIUS_MAX_KM = 100
+BATCH_SIZE_MIN, BATCH_SIZE_MAX = 2, 20
+BROADCAST_MAX_MIN, BROADCAST_MAX_MAX = 1, 200
+MATCHING_WINDOW_MAX = 60
+DETOUR_MINUTES_MIN, DETOUR_MINUTES_MAX = 1, 60
 
 
 def validate_positive(value) -> None:
@@ -69,6 +73,38 @@ class DeliveryZone(models.Model):
         help_text="Proof of delivery asked of deliveries in this zone (empty: DEFAULT_PROOF_POLICY).",
     )
 
+    # Dispatch policy (docs/dispatch.md, "Dispatch policies"); empty/null: the global settings
+    # (zones/policies.py resolves them).
+    dispatch_policy = models.CharField(
+        max_length=20, choices=DispatchPolicy.choices, blank=True, default="",
+        help_text="How deliveries in this zone are offered (empty: DISPATCH_POLICY).",
+    )
+    offer_batch_size = models.PositiveSmallIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(BATCH_SIZE_MIN), MaxValueValidator(BATCH_SIZE_MAX)],
+        help_text="batch policy: drivers offered at once, 2-20 (empty: DISPATCH_BATCH_SIZE).",
+    )
+    broadcast_max_drivers = models.PositiveSmallIntegerField(
+        null=True, blank=True,
+        validators=[MinValueValidator(BROADCAST_MAX_MIN), MaxValueValidator(BROADCAST_MAX_MAX)],
+        help_text="broadcast policy: most drivers offered at once, 1-200 (empty: DISPATCH_BROADCAST_MAX).",
+    )
+    matching_window_seconds = models.PositiveSmallIntegerField(
+        null=True, blank=True, validators=[MaxValueValidator(MATCHING_WINDOW_MAX)],
+        help_text="batched_matching policy: seconds ready deliveries are collected, 0-60; 0 disables "
+        "(empty: DISPATCH_MATCHING_WINDOW_SECONDS).",
+    )
+    stacking_enabled = models.BooleanField(
+        null=True, blank=True,
+        help_text="Order stacking: a driver on a delivery may take a second from the same pickup "
+        "(empty: STACKING_ENABLED).",
+    )
+    stacking_max_detour_minutes = models.PositiveSmallIntegerField(
+        null=True, blank=True,
+        validators=[MinValueValidator(DETOUR_MINUTES_MIN), MaxValueValidator(DETOUR_MINUTES_MAX)],
+        help_text="Order stacking: most minutes a stacked drop-off may add to the first, 1-60 "
+        "(empty: STACKING_MAX_DETOUR_MINUTES).",
+    )
+
     # Live health, written by the zone-health job (derived state).
     current_drivers_online = models.PositiveIntegerField(default=0)
     avg_wait_time_seconds = models.PositiveIntegerField(default=300)
@@ -104,6 +140,25 @@ class DeliveryZone(models.Model):
             ),
             models.CheckConstraint(
                 condition=Q(demand_level__gte=1, demand_level__lte=10), name="zone_demand_level_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(offer_batch_size__isnull=True)
+                | Q(offer_batch_size__gte=BATCH_SIZE_MIN, offer_batch_size__lte=BATCH_SIZE_MAX),
+                name="zone_offer_batch_size_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(broadcast_max_drivers__isnull=True)
+                | Q(broadcast_max_drivers__gte=BROADCAST_MAX_MIN, broadcast_max_drivers__lte=BROADCAST_MAX_MAX),
+                name="zone_broadcast_max_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(matching_window_seconds__isnull=True) | Q(matching_window_seconds__lte=MATCHING_WINDOW_MAX),
+                name="zone_matching_window_range",
+            ),
+            models.CheckConstraint(
+                condition=Q(stacking_max_detour_minutes__isnull=True)
+                | Q(stacking_max_detour_minutes__gte=DETOUR_MINUTES_MIN, stacking_max_detour_minutes__lte=DETOUR_MINUTES_MAX),
+                name="zone_stacking_detour_range",
             ),
             models.CheckConstraint(
                 condition=Q(health_score__isnull=True) | Q(health_score__lte=100), name="zone_health_score_range"

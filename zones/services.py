@@ -31,7 +31,8 @@ _UNSET: Any = object()
 EDITABLE_FIELDS = (
     "name", "geometry", "priority_level", "min_drivers_online", "target_wait_time_seconds",
     "offer_expires_seconds", "search_radius_km", "max_delivery_distance_km", "driver_pay_per_km", "driver_pay_cap",
-    "proof_required",
+    "proof_required", "dispatch_policy", "offer_batch_size", "broadcast_max_drivers", "matching_window_seconds",
+    "stacking_enabled", "stacking_max_detour_minutes",
 )
 HEALTH_FIELDS = ("current_drivers_online", "avg_wait_time_seconds", "demand_level", "health_score", "last_updated")
 
@@ -83,6 +84,12 @@ def zone_create(
     driver_pay_per_km: Decimal | None = None,
     driver_pay_cap: Decimal | None = None,
     proof_required: str = "",
+    dispatch_policy: str = "",
+    offer_batch_size: int | None = None,
+    broadcast_max_drivers: int | None = None,
+    matching_window_seconds: int | None = None,
+    stacking_enabled: bool | None = None,
+    stacking_max_detour_minutes: int | None = None,
 ) -> DeliveryZone:
     """Create a zone. An invalid polygon or out-of-range value is a ValidationError (400);
     a name already in use is a Conflict (409)."""
@@ -92,6 +99,9 @@ def zone_create(
         target_wait_time_seconds=target_wait_time_seconds, offer_expires_seconds=offer_expires_seconds,
         search_radius_km=search_radius_km, max_delivery_distance_km=max_delivery_distance_km,
         driver_pay_per_km=driver_pay_per_km, driver_pay_cap=driver_pay_cap, proof_required=proof_required,
+        dispatch_policy=dispatch_policy, offer_batch_size=offer_batch_size, broadcast_max_drivers=broadcast_max_drivers,
+        matching_window_seconds=matching_window_seconds, stacking_enabled=stacking_enabled,
+        stacking_max_detour_minutes=stacking_max_detour_minutes,
     )
     _validate(zone)
     if _name_taken(name):
@@ -119,6 +129,12 @@ def zone_update(
     driver_pay_per_km: Decimal | None = _UNSET,
     driver_pay_cap: Decimal | None = _UNSET,
     proof_required: str = _UNSET,
+    dispatch_policy: str = _UNSET,
+    offer_batch_size: int | None = _UNSET,
+    broadcast_max_drivers: int | None = _UNSET,
+    matching_window_seconds: int | None = _UNSET,
+    stacking_enabled: bool | None = _UNSET,
+    stacking_max_detour_minutes: int | None = _UNSET,
 ) -> DeliveryZone:
     """Change a zone's settings or boundary. A new boundary refreshes the drivers' distances
     to the zone centre; the cached health is dropped after commit. Deliveries keep the zone
@@ -131,7 +147,10 @@ def zone_update(
         "min_drivers_online": min_drivers_online, "target_wait_time_seconds": target_wait_time_seconds,
         "offer_expires_seconds": offer_expires_seconds, "search_radius_km": search_radius_km,
         "max_delivery_distance_km": max_delivery_distance_km, "driver_pay_per_km": driver_pay_per_km,
-        "driver_pay_cap": driver_pay_cap, "proof_required": proof_required,
+        "driver_pay_cap": driver_pay_cap, "proof_required": proof_required, "dispatch_policy": dispatch_policy,
+        "offer_batch_size": offer_batch_size, "broadcast_max_drivers": broadcast_max_drivers,
+        "matching_window_seconds": matching_window_seconds, "stacking_enabled": stacking_enabled,
+        "stacking_max_detour_minutes": stacking_max_detour_minutes,
     }
     changes = {k: v for k, v in changes.items() if v is not _UNSET}
     if not changes:

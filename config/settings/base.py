@@ -326,6 +326,22 @@ QUOTE_TTL_SECONDS = env.int("QUOTE_TTL_SECONDS", default=300)
 # Proof of delivery (docs/dispatch.md): the policy of a delivery created without proofRequired
 # in a zone that sets none (none, code).
 DEFAULT_PROOF_POLICY = env("DEFAULT_PROOF_POLICY", default="none")
+# Dispatch policies (docs/dispatch.md, "Dispatch policies"): the default for a zone that sets
+# none, and each policy's knobs (zones/policies.py).
+DISPATCH_POLICY = env("DISPATCH_POLICY", default="sequential")
+DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=3)
+DISPATCH_BROADCAST_MAX = env.int("DISPATCH_BROADCAST_MAX", default=25)
+DISPATCH_MATCHING_WINDOW_SECONDS = env.int("DISPATCH_MATCHING_WINDOW_SECONDS", default=5)
+# Order stacking: off unless a zone or this turns it on; a second delivery from a pickup within
+# the radius of the first's, adding at most the detour to the first's drop-off, up to the
+# vehicle's capacity.
+STACKING_ENABLED = env.bool("STACKING_ENABLED", default=False)
+STACKING_PICKUP_RADIUS_METERS = env.int("STACKING_PICKUP_RADIUS_METERS", default=300)
+STACKING_MAX_DETOUR_MINUTES = env.int("STACKING_MAX_DETOUR_MINUTES", default=10)
+VEHICLE_CAPACITY = {
+    "bicycle": 2, "motorbike": 2, "scooter": 2, "walking": 1, "car": 3, "van": 3, "default": 1,
+    **env.dict("VEHICLE_CAPACITY", cast={"value": int}, default={}),
+}
 # Where offers are pushed besides the driver's socket (dotted path to a PushBackend).
 PUSH_BACKEND = env("PUSH_BACKEND", default="offers.push.LoggingPushBackend")
 # Delivery economics (docs/analytics.md): platform revenue and cost per delivery.

@@ -13,6 +13,7 @@ from availability.models import Driver
 from tests.api import assert_error, client_for
 from tests.factories import DriverFactory, IntegrationUserFactory, ZoneFactory, box
 from zones.models import DeliveryZone, DriverZonePreference
+from zones.policies import zone_policy
 from zones.selectors import zone_preferences_for
 from zones.services import zone_create, zone_preferences_refresh_distances, zone_preferences_set, zone_update
 
@@ -60,6 +61,12 @@ def test_zones_are_listed_as_a_geojson_feature_collection_with_camelcase_propert
         "healthScore": None,
         "offerExpiresSeconds": 20,
         "searchRadiusKm": 3.5,
+        "dispatchPolicy": "",
+        "offerBatchSize": None,
+        "broadcastMaxDrivers": None,
+        "matchingWindowSeconds": None,
+        "stackingEnabled": None,
+        "stackingMaxDetourMinutes": None,
         "lastUpdated": feature["properties"]["lastUpdated"],
     }
     assert feature["properties"]["lastUpdated"].endswith("Z")
@@ -142,12 +149,43 @@ def test_a_zone_name_already_in_use_is_a_conflict(ops):
         ({"minDriversOnline": -1}, "minDriversOnline"),
         ({"targetWaitTimeSeconds": 0}, "targetWaitTimeSeconds"),
         ({"name": ""}, "name"),
+        ({"dispatchPolicy": "nearest"}, "dispatchPolicy"),
+        ({"offerBatchSize": 1}, "offerBatchSize"),
+        ({"offerBatchSize": 21}, "offerBatchSize"),
+        ({"broadcastMaxDrivers": 0}, "broadcastMaxDrivers"),
+        ({"matchingWindowSeconds": 61}, "matchingWindowSeconds"),
+        ({"matchingWindowSeconds": -1}, "matchingWindowSeconds"),
+        ({"stackingEnabled": "yes"}, "stackingEnabled"),
+        ({"stackingMaxDetourMinutes": 0}, "stackingMaxDetourMinutes"),
     ],
 )
 def test_out_of_range_zone_settings_are_a_400_naming_the_field(ops, patch, field):
     body = assert_error(ops.post("/v2/zones", {"name": "Downtown", "geometry": SQUARE, **patch}, format="json"), 400)
     assert field in body["details"]
     assert not DeliveryZone.objects.exists()
+
+
+def test_a_zone_dispatch_policy_is_set_with_patch_and_cleared_back_to_the_default(ops, settings):
+    settings.DISPATCH_POLICY, settings.DISPATCH_BATCH_SIZE = "sequential", 3
+    zone = ZoneFactory()
+
+    r = ops.patch(
+        f"/v2/zones/{zone.pk}",
+        {"dispatchPolicy": "batch", "offerBatchSize": 4, "matchingWindowSeconds": 0, "stackingEnabled": True},
+        format="json",
+    )
+
+    assert r.status_code == 200, r.content
+    props = r.json()["properties"]
+    assert props["dispatchPolicy"] == "batch" and props["offerBatchSize"] == 4 and props["stackingEnabled"] is True
+    zone.refresh_from_db()
+    policy = zone_policy(zone)
+    assert (policy.policy, policy.batch_size, policy.matching_window_seconds, policy.stacking) == ("batch", 4, 0, True)
+
+    ops.patch(f"/v2/zones/{zone.pk}", {"dispatchPolicy": "", "offerBatchSize": None}, format="json")
+    zone.refresh_from_db()
+    assert (zone_policy(zone).policy, zone_policy(zone).batch_size) == ("sequential", 3)
+    assert zone_policy(None).policy == "sequential"
 
 
 BOWTIE = [[30.5, 10.9], [30.6, 11.0], [30.6, 10.9], [30.5, 11.0], [30.5, 10.9]]

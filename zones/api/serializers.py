@@ -5,9 +5,17 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework_gis.serializers import GeoFeatureModelSerializer
 
-from common.fields import FiniteFloatField, StrictCharField, StrictIntegerField, StrictUUIDField
+from common.fields import FiniteFloatField, StrictBooleanField, StrictCharField, StrictIntegerField, StrictUUIDField
 from zones.geometry import polygon_from_geojson
+from dispatch.models import DispatchPolicy
 from zones.models import (
+    BATCH_SIZE_MAX,
+    BATCH_SIZE_MIN,
+    BROADCAST_MAX_MAX,
+    BROADCAST_MAX_MIN,
+    DETOUR_MINUTES_MAX,
+    DETOUR_MINUTES_MIN,
+    MATCHING_WINDOW_MAX,
     OFFER_EXPIRES_MAX,
     OFFER_EXPIRES_MIN,
     PRIORITY_MAX,
@@ -71,6 +79,14 @@ class ZoneFeatureSerializer(GeoFeatureModelSerializer):
     healthScore = serializers.IntegerField(source="health_score", allow_null=True)
     offerExpiresSeconds = serializers.IntegerField(source="offer_expires_seconds", allow_null=True)
     searchRadiusKm = serializers.FloatField(source="search_radius_km", allow_null=True)
+    dispatchPolicy = serializers.CharField(
+        source="dispatch_policy", help_text="sequential | batch | broadcast | batched_matching; empty: the global default"
+    )
+    offerBatchSize = serializers.IntegerField(source="offer_batch_size", allow_null=True)
+    broadcastMaxDrivers = serializers.IntegerField(source="broadcast_max_drivers", allow_null=True)
+    matchingWindowSeconds = serializers.IntegerField(source="matching_window_seconds", allow_null=True)
+    stackingEnabled = serializers.BooleanField(source="stacking_enabled", allow_null=True)
+    stackingMaxDetourMinutes = serializers.IntegerField(source="stacking_max_detour_minutes", allow_null=True)
     lastUpdated = serializers.DateTimeField(source="last_updated")
 
     class Meta:
@@ -82,7 +98,8 @@ class ZoneFeatureSerializer(GeoFeatureModelSerializer):
         fields = [
             "id", "geometry", "name", "priorityLevel", "minDriversOnline", "currentDriversOnline", "belowMinimum",
             "avgWaitTimeSeconds", "targetWaitTimeSeconds", "demandLevel", "healthScore", "offerExpiresSeconds",
-            "searchRadiusKm", "lastUpdated",
+            "searchRadiusKm", "dispatchPolicy", "offerBatchSize", "broadcastMaxDrivers", "matchingWindowSeconds",
+            "stackingEnabled", "stackingMaxDetourMinutes", "lastUpdated",
         ]
 
 
@@ -102,6 +119,24 @@ class ZoneWriteSerializer(serializers.Serializer):
         min_value=OFFER_EXPIRES_MIN, max_value=OFFER_EXPIRES_MAX, required=False, allow_null=True, default=None
     )
     searchRadiusKm = FiniteFloatField(max_value=SEARCH_RADIUS_MAX_KM, required=False, allow_null=True, default=None)
+    dispatchPolicy = serializers.ChoiceField(
+        choices=[("", "global default"), *DispatchPolicy.choices], required=False, default="",
+        help_text="How deliveries in this zone are offered; empty: the DISPATCH_POLICY setting.",
+    )
+    offerBatchSize = StrictIntegerField(
+        min_value=BATCH_SIZE_MIN, max_value=BATCH_SIZE_MAX, required=False, allow_null=True, default=None
+    )
+    broadcastMaxDrivers = StrictIntegerField(
+        min_value=BROADCAST_MAX_MIN, max_value=BROADCAST_MAX_MAX, required=False, allow_null=True, default=None
+    )
+    matchingWindowSeconds = StrictIntegerField(
+        min_value=0, max_value=MATCHING_WINDOW_MAX, required=False, allow_null=True, default=None,
+        help_text="batched_matching: seconds ready deliveries are collected; 0 offers at once.",
+    )
+    stackingEnabled = StrictBooleanField(required=False, allow_null=True, default=None)
+    stackingMaxDetourMinutes = StrictIntegerField(
+        min_value=DETOUR_MINUTES_MIN, max_value=DETOUR_MINUTES_MAX, required=False, allow_null=True, default=None
+    )
 
     def validate_searchRadiusKm(self, value):
         if value is not None and value <= 0:
@@ -112,6 +147,9 @@ class ZoneWriteSerializer(serializers.Serializer):
         "name": "name", "geometry": "geometry", "priorityLevel": "priority_level",
         "minDriversOnline": "min_drivers_online", "targetWaitTimeSeconds": "target_wait_time_seconds",
         "offerExpiresSeconds": "offer_expires_seconds", "searchRadiusKm": "search_radius_km",
+        "dispatchPolicy": "dispatch_policy", "offerBatchSize": "offer_batch_size",
+        "broadcastMaxDrivers": "broadcast_max_drivers", "matchingWindowSeconds": "matching_window_seconds",
+        "stackingEnabled": "stacking_enabled", "stackingMaxDetourMinutes": "stacking_max_detour_minutes",
     }
 
     def service_kwargs(self) -> dict:
