@@ -31,6 +31,7 @@ class AuditEventType(models.TextChoices):
     SUPPORT_TICKET_UPDATED = "support_ticket_updated"
     HANDOFF_CODE_FAILED = "handoff_code_failed"
     HANDOFF_CODE_RESET = "handoff_code_reset"
+    GEOFENCE_OVERRIDE = "geofence_override"
 
 
 class DeliveryAuditLog(models.Model):

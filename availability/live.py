@@ -290,6 +290,22 @@ def positions_of(driver_ids) -> dict[str, Position]:
     return out
 
 
+def position_latest(driver: Driver) -> Position | None:
+    """The driver's latest fix: the fresher of its live position in Redis (one round trip)
+    and the fix on `driver` as the caller read the row (PostgreSQL trails Redis by the stream
+    consumer's lag; Redis may have lost the key, or be down). None when neither has one."""
+    live = positions_of([driver.pk]).get(str(driver.pk))
+    stored = None
+    if driver.location is not None and driver.location_recorded_at is not None:
+        stored = Position(
+            lat=driver.location.y, lon=driver.location.x, recorded_at=driver.location_recorded_at,
+            accuracy_m=driver.location_accuracy_m, speed=driver.location_speed, heading=driver.location_heading,
+        )
+    if live is None or (stored is not None and stored.recorded_at > live.recorded_at):
+        return stored
+    return live
+
+
 _DRAIN_SCRIPT = """
 local moved = redis.call('HGETALL', KEYS[1])
 redis.call('DEL', KEYS[1])

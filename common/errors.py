@@ -114,6 +114,7 @@ def exception_handler(exc, context):
         message = "Validation failed: " + _flatten_message(exc.detail)
     else:
         message = _flatten_message(exc.detail)
+        details = getattr(exc, "domain_details", None)
     set_rollback()
     return Response(error_body(exc.status_code, path, message, details), status=exc.status_code, headers=headers)
 
@@ -124,6 +125,7 @@ def api_exception_for(exc: DomainError) -> exceptions.APIException:
         return exceptions.ValidationError(exc.details)
     api = exceptions.APIException(exc.message)
     api.status_code = exc.status_code
+    api.domain_details = exc.details  # e.g. a 409 naming what it measured (the geofence's distance)
     return api
 
 

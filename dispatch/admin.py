@@ -71,6 +71,21 @@ class LateFilter(admin.SimpleListFilter):
         return queryset
 
 
+class GeofenceOverrideFilter(admin.SimpleListFilter):
+    """Completed away from the drop-off on the driver's word (docs/dispatch.md, "Geofence")."""
+
+    title = "away from drop-off"
+    parameter_name = "geofence_override"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Completed away from the drop-off")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.exclude(geofence_override_reason="")
+        return queryset
+
+
 def timeline_names(rows) -> dict[str, str]:
     """Names of the people and drivers an audit trail mentions, by id (one query each)."""
     user_ids, driver_ids = set(), set()
@@ -118,6 +133,9 @@ def describe_event(row, names) -> str:
         "escalation_triggered": f"Escalated to level {d.get('level', '?')}{reason}",
         "escalation_critical": f"Critical escalation{reason}",
         "driver_candidates_found": "Candidate drivers found" + (f": {d['count']}" if d.get("count") is not None else ""),
+        "geofence_override": f"{driver} completed it " + (
+            f"{d['distanceMeters']:,} m from the drop-off" if d.get("distanceMeters") is not None else "with no recent location"
+        ) + f" (limit {d.get('limitMeters', '?')} m){reason}",
         "support_ticket_updated": "Support ticket updated" + (f" ({d['change']})" if d.get("change") else ""),
     }.get(row.event_type)
     if text is None:
@@ -183,7 +201,7 @@ class DeliveryAdmin(ExportMixin, admin.ModelAdmin):
     resource_classes = [DeliveryExport]
     formats = [CSV, XLSX]
     list_display = ("seller_order_id", "store_name", "status", "zone", "created_by", "ready_at", "assigned_at", "delivered_at")
-    list_filter = ("status", LateFilter, "zone")
+    list_filter = ("status", LateFilter, GeofenceOverrideFilter, "zone")
     search_fields = ("seller_order_id", "store_name", "customer_name", "id")
     list_select_related = ("created_by", "zone")
     date_hierarchy = "created_at"
@@ -195,10 +213,16 @@ class DeliveryAdmin(ExportMixin, admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in Delivery._meta.fields] + ["customer_tracking_link", "timeline"]
 
+    GEOFENCE_FIELDS = ("geofence_override_reason", "geofence_override_distance_m")
+
     def get_fieldsets(self, request, obj=None):
-        fields = [f.name for f in Delivery._meta.fields]
+        fields = [f.name for f in Delivery._meta.fields if f.name not in self.GEOFENCE_FIELDS]
+        # Completed away from the drop-off on the driver's word: in sight, not among the times.
+        flagged = [("Completed away from the drop-off", {"fields": list(self.GEOFENCE_FIELDS)})] if (
+            obj is not None and obj.geofence_override_reason) else []
         return [
             (None, {"fields": fields[:12]}),
+            *flagged,
             ("Timeline", {"fields": ["timeline"]}),
             ("Customer tracking", {"fields": ["customer_tracking_link"]}),
             ("Status, times and ETA", {"fields": fields[12:], "classes": ["collapse"]}),

@@ -100,6 +100,16 @@ class Delivery(models.Model):
     handoff_code_locked_at = models.DateTimeField(
         null=True, blank=True, help_text="Set after the 5th wrong handoff code: codes are refused until ops reset it."
     )
+    # Completed outside the drop-off geofence, or with no recent fix, on the driver's word
+    # (docs/dispatch.md, "Geofence"): the overrideReason given, and how far from the drop-off the
+    # driver's latest fix was (null: no recent fix). Empty reason: completed within the geofence.
+    geofence_override_reason = models.CharField(
+        max_length=500, blank=True, default="",
+        help_text="Set when the driver completed it away from the drop-off (or without a recent location): their reason.",
+    )
+    geofence_override_distance_m = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Metres from the drop-off at that completion (empty: no recent location)."
+    )
 
     status = models.CharField(
         max_length=20, choices=DeliveryStatus.choices, default=DeliveryStatus.READY, db_index=True

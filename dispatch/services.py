@@ -345,6 +345,27 @@ def delivery_handoff_code_reset(delivery: Delivery, *, reason: str, actor: Actor
     )
 
 
+# --------------------------------------------------------------------------- geofence
+
+
+def delivery_geofence_override(
+    delivery: Delivery, *, reason: str, distance_m: int | None, limit_m: int, fix_recorded_at: datetime | None,
+    driver_id, actor: Actor, now: datetime,
+) -> None:
+    """The driver completes the delivery away from its drop-off (`distance_m` metres, None:
+    no recent fix) on their word: flagged on the delivery and audited (`geofence_override`).
+    The caller holds the delivery's lock and completes it in the same transaction."""
+    delivery.geofence_override_reason, delivery.geofence_override_distance_m = reason, distance_m
+    delivery.save(update_fields=["geofence_override_reason", "geofence_override_distance_m", "updated_at"])
+    audit_record(
+        delivery=delivery, event_type=E.GEOFENCE_OVERRIDE, actor=actor, now=now,
+        details={
+            "driverId": str(driver_id), "reason": reason, "distanceMeters": distance_m, "limitMeters": limit_m,
+            "fixRecordedAt": fix_recorded_at.isoformat().replace("+00:00", "Z") if fix_recorded_at else None,
+        },
+    )
+
+
 # ------------------------------------------------------------------------------- quotes
 
 

@@ -22,6 +22,7 @@ from notifications.outbox import outbox_pickup_started
 from offers.services import offer_cancel_locked, offer_mark_superseded
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_locked, dispatch_next_locked
+from workflows.geofence import geofence_check
 from workflows.unit import eta_refresh_enqueue, unit_of_work
 from workflows.quotes import quote_use, serviceability_ensure
 
@@ -143,15 +144,17 @@ def delivery_handoff_code_reset(*, delivery_id, reason: str, actor: Actor, now: 
 
 def delivery_advance(
     *, delivery_id, driver_id, step: str, actor: Actor, reason: str = "", note: str = "", handoff_code: str = "",
-    now: datetime | None = None,
+    override_reason: str = "", now: datetime | None = None,
 ) -> Delivery:
     """Move a delivery one step on, by its assigned driver. Out-of-order steps are a Conflict.
     The last step (completed or failed) ends the assignment, frees the driver and records
     the delivery's economics and the driver's performance. Completing a delivery whose proof
     policy asks for the customer's handoff code takes `handoff_code`: a wrong one is counted
     (committed) and then refused with InvalidInput; after 5 every code is a Conflict until ops
-    reset it (`delivery_handoff_code_reset`). delivery-failed takes `reason` (one of
-    FailureReason, or free text: `other`) and `note`.
+    reset it (`delivery_handoff_code_reset`). Completing farther than DROPOFF_GEOFENCE_METERS
+    from the drop-off (or with no recent fix) is a Conflict unless `override_reason` is given
+    (`workflows.geofence`). delivery-failed takes `reason` (one of FailureReason, or free text:
+    `other`) and `note`.
 
     Returns the row as written, with `latest_assignments` set, ready to render without
     reading it again. A step that only moves the delivery on (not the last) is first tried as
@@ -171,7 +174,7 @@ def delivery_advance(
             return delivery
     delivery = _delivery_advance_locked(
         delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, reason=reason, note=note,
-        handoff_code=handoff_code, now=now,
+        handoff_code=handoff_code, override_reason=override_reason, now=now,
     )
     if delivery is None:  # the wrong code is counted and committed; now the answer
         raise InvalidInput({"handoffCode": ["Wrong handoff code."]})
@@ -180,7 +183,8 @@ def delivery_advance(
 
 @unit_of_work()
 def _delivery_advance_locked(
-    *, delivery_id, driver_id, step: str, actor: Actor, reason: str, note: str, handoff_code: str, now: datetime
+    *, delivery_id, driver_id, step: str, actor: Actor, reason: str, note: str, handoff_code: str, override_reason: str,
+    now: datetime,
 ) -> Delivery | None:
     """The step under the locks; None for a wrong handoff code (its count is written and
     commits with this transaction)."""
@@ -194,6 +198,7 @@ def _delivery_advance_locked(
     if step == "delivery-completed" and delivery.status == S.IN_TRANSIT:  # (out of order: the step says so below)
         if not deliveries.delivery_handoff_code_check(delivery, code=handoff_code, driver_id=driver_id, actor=actor, now=now):
             return None
+        geofence_check(delivery, driver=assignment.driver, override_reason=override_reason, actor=actor, now=now)
 
     from_status = deliveries.delivery_step_apply(
         delivery, assignment=assignment, step=step, reason=reason, note=note, actor=actor, now=now

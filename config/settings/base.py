@@ -326,6 +326,11 @@ QUOTE_TTL_SECONDS = env.int("QUOTE_TTL_SECONDS", default=300)
 # Proof of delivery (docs/dispatch.md): the policy of a delivery created without proofRequired
 # in a zone that sets none (none, code).
 DEFAULT_PROOF_POLICY = env("DEFAULT_PROOF_POLICY", default="none")
+# The drop-off geofence (docs/dispatch.md, "Geofence"): delivery-completed more than this many
+# metres from the drop-off, by the driver's latest fix (none, or older than
+# DRIVER_STALE_AFTER_SECONDS, counts as unknown), is a 409 unless the driver gives an
+# overrideReason (then flagged on the delivery and audited). 0 switches the check off.
+DROPOFF_GEOFENCE_METERS = env.int("DROPOFF_GEOFENCE_METERS", default=200)
 # Dispatch policies (docs/dispatch.md, "Dispatch policies"): the default for a zone that sets
 # none, and each policy's knobs (zones/policies.py).
 DISPATCH_POLICY = env("DISPATCH_POLICY", default="sequential")

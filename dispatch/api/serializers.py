@@ -222,6 +222,15 @@ class DeliverySerializer(serializers.ModelSerializer):
         source="handoff_code_locked_at", allow_null=True,
         help_text="When the 5th wrong code flagged it for ops; codes are refused (409) until ops reset it.",
     )
+    geofenceOverrideReason = serializers.SerializerMethodField(
+        help_text="Set when the driver completed it away from the drop-off (farther than DROPOFF_GEOFENCE_METERS, or "
+        "with no recent location) giving this overrideReason; null otherwise.",
+    )
+    geofenceOverrideDistanceMeters = serializers.IntegerField(
+        source="geofence_override_distance_m", allow_null=True,
+        help_text="With geofenceOverrideReason: metres from the drop-off of the driver's latest location at completion "
+        "(null: no recent location, or no override).",
+    )
     createdAt = serializers.DateTimeField(source="created_at")
     readyAt = serializers.DateTimeField(source="ready_at")
     assignedAt = serializers.DateTimeField(source="assigned_at", allow_null=True)
@@ -240,7 +249,8 @@ class DeliverySerializer(serializers.ModelSerializer):
             "dropoffLocation", "dropoffAddress", "customerName", "customerPhone", "customerEmail",
             "customerLanguage", "prepTimeMinutes",
             "deliveryFee", "driverId", "assignmentId", "trackingUrl", "offerAcceptanceCount", "currentOfferId", "acceptedOfferId",
-            "failureReason", "failureCode", "failureNote", "cancellationReason", "proofRequired", "handoffCodeFailures", "handoffCodeLockedAt", "createdAt", "readyAt", "assignedAt",
+            "failureReason", "failureCode", "failureNote", "cancellationReason", "proofRequired", "handoffCodeFailures", "handoffCodeLockedAt",
+            "geofenceOverrideReason", "geofenceOverrideDistanceMeters", "createdAt", "readyAt", "assignedAt",
             "pickupStartedAt", "pickedUpAt", "inTransitAt", "deliveredAt", "failedAt", "cancelledAt",
             "updatedAt",
         ]
@@ -279,6 +289,9 @@ class DeliverySerializer(serializers.ModelSerializer):
         if obj.status in FINISHED_DELIVERY_STATUSES and latest.end_reason != "reassigned":
             return latest
         return None
+
+    def get_geofenceOverrideReason(self, obj) -> serializers.CharField(allow_null=True):  # type: ignore[valid-type]
+        return obj.geofence_override_reason or None
 
     def get_zoneId(self, obj) -> serializers.UUIDField(allow_null=True):  # type: ignore[valid-type]
         zone_id = getattr(obj, "zone_id", None)
@@ -320,6 +333,15 @@ class DeliveryStepSerializer(serializers.Serializer):
         r"^[0-9]{4}$", max_length=4, required=False, default="",
         help_text="delivery-completed of a delivery whose proofRequired is code: the customer's 4-digit code "
         "(missing or wrong: 400, details.handoffCode; after 5 wrong codes 409 until ops reset it). Ignored otherwise.",
+    )
+    overrideReason = StrictRegexField(
+        r"\S", max_length=500, required=False,
+        help_text="delivery-completed: why the driver completes it away from the drop-off. Without it, completing "
+        "farther than DROPOFF_GEOFENCE_METERS (default 200 m) from the drop-off by the driver's latest location, or "
+        "with no location in the last DRIVER_STALE_AFTER_SECONDS, is a 409 naming the distance "
+        "(details.distanceMeters, null when unknown; details.limitMeters). With it the delivery is completed and "
+        "flagged (geofenceOverrideReason, geofenceOverrideDistanceMeters) and audited (geofence_override). Not "
+        "recorded within the geofence; ignored by the other steps. Not blank (leading and trailing spaces are dropped).",
     )
 
 

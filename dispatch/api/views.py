@@ -216,7 +216,11 @@ class DeliveryStepView(APIView):
         "its text kept as the note when none is given. A step out of order is a 409. "
         "delivery-completed of a delivery with proofRequired code takes `handoffCode`: missing or wrong is a 400 "
         "(`details.handoffCode`; each wrong code is counted), and after 5 wrong codes the delivery is flagged for "
-        "ops and every code is a 409 until ops reset it (POST /v2/deliveries/{id}/handoff-code/reset).",
+        "ops and every code is a 409 until ops reset it (POST /v2/deliveries/{id}/handoff-code/reset). "
+        "delivery-completed farther than DROPOFF_GEOFENCE_METERS (default 200 m) from the drop-off, judged by the "
+        "driver's latest location (none in the last DRIVER_STALE_AFTER_SECONDS: unknown), is a 409 naming the "
+        "distance (`details.distanceMeters`, null when unknown, `details.limitMeters`, `details.lastFixAt`) unless "
+        "the body gives `overrideReason`: then it completes, flagged for ops and audited (`geofence_override`).",
         parameters=[OpenApiParameter("step", str, OpenApiParameter.PATH, enum=list(services.STEP_NAMES))],
         responses={200: s.DeliverySerializer, **errors(400, 404, 409)},
         tags=["deliveries"],
@@ -233,7 +237,8 @@ class DeliveryStepView(APIView):
         # the row as the step wrote it (the assigned driver may read it): no second read
         delivery = deliveries.delivery_advance(
             delivery_id=delivery_id, driver_id=driver.pk, step=step, reason=reason, note=data.validated_data["note"],
-            handoff_code=data.validated_data["handoffCode"], actor=Actor.for_user(request.user),
+            handoff_code=data.validated_data["handoffCode"], override_reason=data.validated_data.get("overrideReason", ""),
+            actor=Actor.for_user(request.user),
         )
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
 
