@@ -22,7 +22,8 @@ The load (closed loop, paced to --rps requests/s in all), through --base (the lo
   - fixes: POST /v2/drivers/{id}/location for --drivers offline drivers, each fix newer than
     the last (the fast lane: Redis, then the stream consumer writes PostgreSQL);
   - flows: ops creates a delivery at a flow driver's spot and offers it to the driver; the
-    driver accepts and walks it to delivery-completed. A flow whose step fails is abandoned
+    driver accepts and walks it to delivery-completed, sending a fix at the drop-off first
+    (the drop-off geofence). A flow whose step fails is abandoned
     (cancelled) and the next one starts with a new driver;
   - an expiry probe: every --probe-every s an offer with expiresInSeconds=10 to a driver who
     never answers; the time from its expiresAt to EXPIRED in PostgreSQL is the expiry lag
@@ -234,6 +235,12 @@ class Load:
                 await self.abandon(ops, delivery_id)
                 return False
             next_at = await self.pace(next_at)
+            if step == "delivery-completed":  # the app's fix at the door: the drop-off geofence judges by it
+                r = await self.call(dc, "flow", "POST", f"/v2/drivers/{drv['id']}/location", body["dropoffLocation"])
+                if r is None or r.status != 200:
+                    await self.abandon(ops, delivery_id)
+                    return False
+                drv["lat"], drv["lon"] = body["dropoffLocation"]["lat"], body["dropoffLocation"]["lon"]  # the next pickup
             r = await self.call(dc, "flow", "POST", f"/v2/drivers/{drv['id']}/deliveries/{delivery_id}/{step}", {})
             if r is None or r.status != 200:
                 await self.abandon(ops, delivery_id)

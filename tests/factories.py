@@ -8,8 +8,10 @@ from django.utils import timezone
 
 from common.roles import INTEGRATIONS_GROUP, SUPPORT_GROUP
 from tests.api import token_for
+from availability import live
 from availability.geo import index_driver
 from availability.models import Driver
+from availability.services import driver_location_update
 from dispatch.models import Delivery
 from offers.models import DriverOffer
 from zones.models import DeliveryZone
@@ -113,6 +115,30 @@ def online_driver(km=0.5, **kwargs):
         recorded_at=driver.location_recorded_at,
     )
     return driver
+
+
+def driver_at_dropoff(driver, delivery, *, at=None, metres_off: float = 0.0):
+    """Record a fix of `driver` at `delivery`'s drop-off (`metres_off` north of it) through the
+    location service (the stored fix; the live position after commit), so that
+    delivery-completed passes the drop-off geofence (DROPOFF_GEOFENCE_METERS, docs/dispatch.md
+    "Geofence"). Call it just before completing; it sends nothing to the customer's tracking.
+    The fix is taken at `at`, default now — or just after the driver's latest known fix when
+    that is later (a test that travelled back in time after the factory gave the driver a fix
+    "now"). `driver` and `delivery`: rows or ids. Returns the fix's time."""
+    if not isinstance(delivery, Delivery):
+        delivery = Delivery.objects.get(pk=delivery)
+    driver_id = getattr(driver, "pk", driver)
+    recorded_at = at
+    if recorded_at is None:
+        known = [Driver.objects.filter(pk=driver_id).values_list("location_recorded_at", flat=True).first()]
+        known += [p.recorded_at for p in live.positions_of([driver_id]).values()]
+        recorded_at = max([timezone.now()] + [t + timedelta(milliseconds=1) for t in known if t is not None])
+    lat, lon = delivery.dropoff_location.y + metres_off / 111_195.0, delivery.dropoff_location.x
+    result = driver_location_update(driver_id=driver_id, lat=lat, lon=lon, recorded_at=recorded_at, accuracy_m=5.0)
+    assert result.accepted, f"driver {driver_id} has a fix newer than {recorded_at}"
+    if isinstance(driver, Driver):
+        driver.location, driver.location_recorded_at = point(lat, lon), recorded_at
+    return recorded_at
 
 
 class ZoneFactory(factory.django.DjangoModelFactory):

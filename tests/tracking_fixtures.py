@@ -5,7 +5,7 @@ from django.utils import timezone
 from common.actors import Actor
 from dispatch.models import Delivery
 from workflows.deliveries import assignment_create, delivery_advance, delivery_cancel
-from tests.factories import DeliveryFactory, DriverFactory, km_north
+from tests.factories import DeliveryFactory, DriverFactory, driver_at_dropoff, km_north
 
 STEPS_TO = {
     "assigned": [],
@@ -36,6 +36,8 @@ def delivery_in(status: str, *, driver=None, **kwargs) -> Delivery:
     driver = driver or john()
     assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     for step in STEPS_TO[status]:
+        if step == "delivery-completed":
+            driver_at_dropoff(driver, delivery)
         delivery_advance(
             delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor("driver", driver.pk),
             reason="nobody home" if step == "delivery-failed" else "",

@@ -20,7 +20,7 @@ from offers import services as offer_services
 from offers.models import DriverOffer
 from workflows import offers
 from tests.api import assert_error
-from tests.factories import DeliveryFactory, online_driver
+from tests.factories import DeliveryFactory, driver_at_dropoff, online_driver
 from tests.typecheck import assert_event_shape
 
 pytestmark = pytest.mark.django_db
@@ -42,6 +42,8 @@ def walk(driver, delivery, *, fail_at=None):
         if step == fail_at:
             return delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step="delivery-failed",
                                     reason="customer unreachable", actor=Actor("driver", driver.pk))
+        if step == "delivery-completed":
+            driver_at_dropoff(driver, delivery)
         delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor("driver", driver.pk))
     return delivery
 

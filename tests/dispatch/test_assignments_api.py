@@ -6,7 +6,7 @@ import time_machine
 from common.actors import Actor
 from offers.models import DriverOffer
 from tests.api import assert_error, client_for
-from tests.factories import DeliveryFactory, IntegrationUserFactory, online_driver
+from tests.factories import DeliveryFactory, IntegrationUserFactory, driver_at_dropoff, online_driver
 from workflows.deliveries import assignment_create, delivery_advance, delivery_cancel, delivery_reassign
 from workflows.dispatching import delivery_dispatch
 from workflows.offers import offer_accept
@@ -19,6 +19,8 @@ ROW_KEYS = {"id", "deliveryId", "driverId", "offerId", "status", "startedAt", "e
 def finish(delivery, driver, last="delivery-completed", reason=""):
     steps = ["pickup-started", "pickup-completed", "delivery-started"] if last == "delivery-completed" else []
     for step in [*steps, last]:
+        if step == "delivery-completed":
+            driver_at_dropoff(driver, delivery)
         delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, reason=reason, actor=Actor("driver", driver.pk))
 
 
@@ -120,6 +122,7 @@ def test_a_finished_delivery_keeps_its_driver_and_assignment(ops, integration_us
     assignment = assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     for step in ("pickup-started", "pickup-completed", "delivery-started"):
         delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor("driver", driver.pk))
+    driver_at_dropoff(driver, delivery)
 
     done = client_for(driver.user).post(f"/v2/drivers/{driver.pk}/deliveries/{delivery.pk}/delivery-completed", {}, format="json")
 

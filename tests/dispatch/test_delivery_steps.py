@@ -5,7 +5,7 @@ from common.actors import Actor
 from dispatch.models import Assignment
 from workflows.deliveries import assignment_create
 from tests.api import assert_error, client_for
-from tests.factories import DeliveryFactory, DriverFactory
+from tests.factories import DeliveryFactory, DriverFactory, driver_at_dropoff
 
 pytestmark = pytest.mark.django_db
 
@@ -24,6 +24,7 @@ def test_the_assigned_driver_moves_a_delivery_through_every_step(driver, driver_
     assert step(driver_client, driver, assigned, "pickup-started").json()["status"] == "assigned"
     assert step(driver_client, driver, assigned, "pickup-completed").json()["status"] == "picked_up"
     assert step(driver_client, driver, assigned, "delivery-started").json()["status"] == "in_transit"
+    driver_at_dropoff(driver, assigned)
     body = step(driver_client, driver, assigned, "delivery-completed").json()
 
     assert body["status"] == "delivered"

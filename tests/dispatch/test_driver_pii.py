@@ -4,7 +4,7 @@ import pytest
 
 from common.actors import Actor
 from tests.api import client_for
-from tests.factories import DeliveryFactory, online_driver
+from tests.factories import DeliveryFactory, driver_at_dropoff, online_driver
 from workflows.deliveries import assignment_create, delivery_advance, delivery_reassign
 from workflows.offers import offer_accept
 
@@ -46,6 +46,8 @@ def test_after_the_drop_off_the_customer_leaves_the_drivers_view():
     delivery = DeliveryFactory()
     assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     for step in ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed"):
+        if step == "delivery-completed":
+            driver_at_dropoff(driver, delivery)
         delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor("driver", driver.pk))
     done = seen_by(driver, delivery)
     assert done["status"] == "delivered" and done["customerPhone"] == "" and done["dropoffLocation"] is None

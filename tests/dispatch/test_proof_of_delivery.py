@@ -11,7 +11,7 @@ from dispatch.models import Delivery
 from tests.api import assert_error, client_for
 from tests.concurrency import race
 from tests.dispatch.test_deliveries_api import new_delivery
-from tests.factories import DeliveryFactory, DriverFactory, ZoneFactory, box, point
+from tests.factories import DeliveryFactory, DriverFactory, ZoneFactory, box, driver_at_dropoff, point
 from workflows.deliveries import assignment_create, delivery_advance
 from zones.services import zone_create, zone_update
 
@@ -19,9 +19,11 @@ pytestmark = pytest.mark.django_db
 
 
 def in_transit(delivery, driver):
+    """In transit with `driver`, who is at the drop-off (the geofence is tests/dispatch/test_geofence.py's)."""
     assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     for name in ("pickup-started", "pickup-completed", "delivery-started"):
         delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=name, actor=Actor.system())
+    driver_at_dropoff(driver, delivery)
     return delivery
 
 

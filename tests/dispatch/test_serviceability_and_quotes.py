@@ -11,7 +11,7 @@ from dispatch.models import Delivery, Quote
 from offers.models import DriverOffer
 from tests.api import assert_error, client_for
 from tests.concurrency import race
-from tests.factories import DeliveryFactory, IntegrationUserFactory, ZoneFactory, km_north, online_driver
+from tests.factories import DeliveryFactory, IntegrationUserFactory, ZoneFactory, driver_at_dropoff, km_north, online_driver
 from workflows.deliveries import assignment_create, delivery_advance
 from workflows.offers import offer_accept
 from workflows.dispatching import delivery_dispatch
@@ -242,6 +242,8 @@ def test_economics_never_pay_above_the_cap(settings):
     DriverOffer.objects.filter(pk=offer.pk).update(offer_payload={**offer.offer_payload, "estimatedEarning": 149129.0})
     offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
     for step in ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed"):
+        if step == "delivery-completed":
+            driver_at_dropoff(driver, delivery)
         delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor("driver", driver.pk))
 
     assert DeliveryCost.objects.get(delivery=delivery).driver_payment == Decimal("150.00")
@@ -257,6 +259,8 @@ def test_a_delivery_without_a_fee_is_charged_the_pricing_rule(settings):
     for delivery in (short, long):
         assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
         for step in ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed"):
+            if step == "delivery-completed":
+                driver_at_dropoff(driver, delivery)
             delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor("driver", driver.pk))
 
     assert DeliveryRevenue.objects.get(delivery=short).delivery_fee == Decimal("30.00")  # 20 + 10 × 1 km leg

@@ -21,7 +21,9 @@ from notifications import customers, services
 from notifications.models import CustomerMessage, OutboxEvent
 from notifications.outbox import outbox_write
 from tests.api import assert_error, client_for
-from tests.factories import CITY, DeliveryFactory, IntegrationUserFactory, OpsUserFactory, online_driver, point
+from tests.factories import (
+    CITY, DeliveryFactory, IntegrationUserFactory, OpsUserFactory, driver_at_dropoff, online_driver, point,
+)
 from tests.notifications.receiver import Answer
 from tracking import events as tracking_events
 from workflows import deliveries as flows
@@ -72,6 +74,8 @@ def test_delivered_and_failed_messages_and_each_only_once(smtp_server, twilio):
         driver = online_driver()
         flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
         for step in ("pickup-started", "pickup-completed", "delivery-started", last):
+            if step == "delivery-completed":
+                driver_at_dropoff(driver, delivery)
             flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user),
                                    reason="customer not home" if last == "delivery-failed" and step == last else "")
     kinds = sorted((m.delivery_id == done.pk, m.kind, m.channel) for m in CustomerMessage.objects.filter(status="sent"))

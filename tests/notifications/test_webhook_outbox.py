@@ -19,7 +19,7 @@ from dispatch.models import Delivery
 from notifications import services
 from notifications.models import MessageStatus, OutboxEvent, WebhookAttempt, WebhookEndpoint
 from tests.api import client_for
-from tests.factories import CITY, DeliveryFactory, IntegrationUserFactory, online_driver
+from tests.factories import CITY, DeliveryFactory, IntegrationUserFactory, driver_at_dropoff, online_driver
 from tests.notifications.receiver import Answer
 from tests.notifications.webhook_helpers import delivery_walk, endpoint_via_api, messages_of, sweep
 from workflows import deliveries as flows
@@ -38,6 +38,8 @@ def test_a_delivery_reaches_its_merchant_signed_and_in_order(receiver):
     driver = online_driver()
     flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     for step in ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed"):
+        if step == "delivery-completed":
+            driver_at_dropoff(driver, delivery)
         flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user))
 
     # Celery runs eagerly in tests: each commit's task has sent its events already

@@ -18,7 +18,7 @@ from dispatch.models import Delivery
 from notifications.models import OutboxEvent
 from notifications.outbox import outbox_write
 from notifications.payloads import deliveries_for_payload, delivery_data
-from tests.factories import DeliveryFactory, IntegrationUserFactory, online_driver
+from tests.factories import DeliveryFactory, IntegrationUserFactory, driver_at_dropoff, online_driver
 from tracking import events as tracking_events
 from workflows import deliveries as flows
 from workflows.unit import unit_of_work
@@ -120,6 +120,8 @@ def test_every_payload_of_a_walk_matches_the_api_at_that_moment(steps):
     driver = online_driver()
     flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     for step in steps:
+        if step == "delivery-completed":
+            driver_at_dropoff(driver, delivery)
         before = OutboxEvent.objects.count()
         flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user),
                                reason="customer not home" if step == "delivery-failed" else "")

@@ -6,7 +6,7 @@ from common.actors import Actor
 from notifications import services
 from notifications.models import WebhookMessage
 from tests.api import client_for
-from tests.factories import DeliveryFactory, online_driver
+from tests.factories import DeliveryFactory, driver_at_dropoff, online_driver
 from workflows import deliveries as flows
 
 
@@ -29,6 +29,8 @@ def delivery_walk(owner, *, steps=("pickup-started", "pickup-completed", "delive
     driver = online_driver()
     flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     for step in steps:
+        if step == "delivery-completed":
+            driver_at_dropoff(driver, delivery)
         flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user))
     return delivery, driver
 

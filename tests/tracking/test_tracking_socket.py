@@ -18,7 +18,7 @@ from workflows.deliveries import assignment_create, delivery_advance, delivery_c
 from workflows.drivers import driver_location_record
 from tracking.selectors import DeliverySnapshotMessage, DeliveryStatusUpdatedMessage
 from tests.api import client_for, token_for
-from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, km_north
+from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, driver_at_dropoff, km_north
 from tests.typecheck import assert_event_shape
 from tests.sockets import refusal
 
@@ -98,6 +98,7 @@ def test_the_customer_gets_a_snapshot_then_location_eta_and_status_updates_then_
             assert update["status"] == status and "driverId" not in update and update["driver"]["phone"] == "***-***-5678"
             assert {m["type"] for m in messages} == {"delivery_status_updated", "delivery_eta_updated"}
 
+        await database_sync_to_async(driver_at_dropoff)(driver, delivery)  # at the door; nothing for the customer
         await database_sync_to_async(delivery_advance)(
             delivery_id=delivery.pk, driver_id=driver.pk, step="delivery-completed", actor=actor
         )

@@ -306,6 +306,8 @@ def test_the_whole_offer_lifecycle_over_the_api(ops, integration):
     accepted = me.post(f"/v2/drivers/{driver.pk}/offers/{listed[0]['id']}/accept", {}, format="json")
     assert accepted.status_code == 200
     for step in ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed"):
+        if step == "delivery-completed":  # at the door (the drop-off geofence)
+            assert me.post(f"/v2/drivers/{driver.pk}/location", NEW["dropoffLocation"], format="json").json()["accepted"]
         r = me.post(f"/v2/drivers/{driver.pk}/deliveries/{created['id']}/{step}", {}, format="json")
         assert r.status_code == 200, (step, r.content)
 

@@ -16,7 +16,7 @@ from dispatch.services import DeliveryInput
 from workflows.deliveries import delivery_advance, delivery_create
 from workflows import offers
 from offers.models import DriverOffer
-from tests.factories import CITY, IntegrationUserFactory, online_driver
+from tests.factories import CITY, IntegrationUserFactory, driver_at_dropoff, online_driver
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -48,6 +48,8 @@ def test_mixed_concurrent_flows_never_deadlock_and_keep_the_invariants():
                     if action == "accept":
                         offers.offer_accept(offer_id=offer.pk, driver_id=offer.driver_id, actor=Actor.system())
                         for step in STEPS:
+                            if step == "delivery-completed":
+                                driver_at_dropoff(offer.driver_id, delivery)
                             delivery_advance(delivery_id=delivery.pk, driver_id=offer.driver_id, step=step, actor=Actor.system())
                     elif action == "reject":
                         offers.offer_reject(offer_id=offer.pk, driver_id=offer.driver_id, reason="other", actor=Actor.system())
