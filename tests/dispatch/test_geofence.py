@@ -18,7 +18,7 @@ from availability.models import Driver
 from common.actors import Actor
 from common.exceptions import Conflict
 from config.asgi import application
-from dispatch.models import Assignment, Delivery
+from dispatch.models import Assignment
 from tests.api import assert_error, client_for, token_for
 from tests.concurrency import race
 from tests.factories import (
