@@ -14,6 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
+from availability import live
 from availability.models import Driver
 from common.actors import Actor
 from common.exceptions import Conflict
@@ -283,8 +284,6 @@ def test_the_handoff_code_is_judged_first_and_a_right_code_far_away_spends_nothi
 def test_the_fresher_of_the_live_position_and_the_stored_one_is_judged(driver, driver_client, on_the_way):
     # Redis (the fast lane) knows an older fix at the drop-off; PostgreSQL a newer one 2.4 km
     # away: the newer one wins, and the other way round.
-    from availability import live
-
     drop = on_the_way.dropoff_location
     live.fix_record_persisted(live.Fix(
         driver_id=str(driver.pk), lat=drop.y, lon=drop.x, recorded_at=(timezone.now() - timedelta(seconds=30)).timestamp(),
