@@ -55,6 +55,29 @@ def insert_unless_conflict(obj: Model, *, then_update: tuple[QuerySet, dict[str,
     return inserted
 
 
+def insert_many_unless_conflict(objs: list[Model]) -> list[bool]:
+    """`insert_unless_conflict` of several unsaved rows of one model in ONE multi-row
+    `INSERT … VALUES (…), (…) ON CONFLICT DO NOTHING RETURNING pk`; one True/False per row, in
+    the order given. The primary keys need a Python default (they say which rows went in)."""
+    if not objs:
+        return []
+    model = type(objs[0])
+    using = router.db_for_write(model, instance=objs[0])
+    fields = [f for f in model._meta.local_concrete_fields if not f.generated]
+    query = InsertQuery(model, on_conflict=OnConflict.IGNORE)
+    query.insert_values(fields, objs)
+    ((sql, params),) = query.get_compiler(using=using).as_sql()
+    pk_column = connections[using].ops.quote_name(model._meta.pk.column)
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING {pk_column}", params)
+        went_in = {row[0] for row in cursor.fetchall()}
+    inserted = [obj.pk in went_in for obj in objs]
+    for obj, ok in zip(objs, inserted, strict=True):
+        if ok:
+            _saved(obj, using)
+    return inserted
+
+
 def insert_all_unless_conflict(*objs: Model) -> list[bool]:
     """`insert_unless_conflict` of several unsaved rows (of any models) in one statement, in
     the order given; one True/False per row."""

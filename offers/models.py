@@ -1,7 +1,17 @@
 import uuid
 
+from django.contrib.postgres.constraints import ExclusionConstraint
+from django.contrib.postgres.fields import RangeOperators
 from django.db import models
-from django.db.models import Q
+from django.db.models import Q, Value
+from django.db.models.functions import Least
+
+from zones.models import BROADCAST_MAX_MAX
+
+# `DriverOffer.slot`: 0 is a single offer (sequential dispatch, an ops offer); 1..SLOT_MAX are
+# the offers of one batch or broadcast round (as many as the largest broadcast a zone allows).
+SINGLE_SLOT = 0
+SLOT_MAX = BROADCAST_MAX_MAX
 
 
 class OfferStatus(models.TextChoices):
@@ -28,8 +38,10 @@ class NotificationMethod(models.TextChoices):
 class DriverOffer(models.Model):
     """A timed offer of one delivery to one driver (seed: driver_offers).
 
-    The database enforces: one PENDING offer per delivery (sequential dispatch), one PENDING
-    offer per driver, one ACCEPTED offer per delivery.
+    The database enforces: one PENDING offer per driver, one ACCEPTED offer per delivery, and
+    per delivery either one single PENDING offer (slot 0: sequential dispatch, an ops offer)
+    or the PENDING offers of one batch/broadcast round, one per slot 1..SLOT_MAX, never both
+    (docs/dispatch.md, "Dispatch policies").
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -51,12 +63,24 @@ class DriverOffer(models.Model):
     )
     driver_response_time_ms = models.PositiveIntegerField(null=True, blank=True)
     search_radius_km = models.FloatField(null=True, blank=True)
+    # 0: a single offer; 1..N: its rank in a batch/broadcast round (1 = best-ranked driver)
+    slot = models.PositiveSmallIntegerField(default=SINGLE_SLOT)
 
     class Meta:
         db_table = "driver_offers"
         ordering = ["-created_at"]
         constraints = [
-            models.UniqueConstraint(fields=["delivery"], condition=Q(status="PENDING"), name="idx_delivery_pending"),
+            # One pending offer per (delivery, slot): a sequential offer (slot 0) is unique per
+            # delivery, as before; a round's offers take distinct slots.
+            models.UniqueConstraint(fields=["delivery", "slot"], condition=Q(status="PENDING"), name="idx_delivery_slot_pending"),
+            # ... and a single offer (slot 0) is never pending beside a round's (slot >= 1):
+            # pending offers of one delivery all agree on LEAST(slot, 1).
+            ExclusionConstraint(
+                name="offer_single_pending_alone", index_type="gist",
+                expressions=[("delivery", RangeOperators.EQUAL), (Least("slot", Value(1)), RangeOperators.NOT_EQUAL)],
+                condition=Q(status="PENDING"),
+            ),
+            models.CheckConstraint(condition=Q(slot__gte=SINGLE_SLOT, slot__lte=SLOT_MAX), name="offer_slot_range"),
             models.UniqueConstraint(fields=["driver"], condition=Q(status="PENDING"), name="idx_driver_pending"),
             models.UniqueConstraint(fields=["delivery"], condition=Q(status="ACCEPTED"), name="offer_one_accepted_per_delivery"),
             models.CheckConstraint(condition=Q(expires_at__gt=models.F("created_at")), name="offer_expires_after_creation"),

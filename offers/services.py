@@ -26,13 +26,13 @@ from common.broadcast import (
     driver_group,
     enqueue_task_on_commit,
 )
-from common.db import insert_unless_conflict
+from common.db import insert_many_unless_conflict, insert_unless_conflict
 from common.errors import iso
 from common.exceptions import Conflict
 from common.fields import point_json
 from dispatch.models import Delivery
 from offers import events
-from offers.models import DriverOffer, NotificationMethod, OfferStatus
+from offers.models import SINGLE_SLOT, DriverOffer, NotificationMethod, OfferStatus
 from offers.push import get_push_backend
 from tracking import eta
 from zones import pricing
@@ -117,6 +117,50 @@ def offer_insert_locked(
     return offer
 
 
+def offers_insert_round_locked(
+    *, delivery: Delivery, drivers: list[Driver], first_slot: int, actor: Actor, now: datetime,
+    search_radius_km: float | None = None,
+) -> list[DriverOffer]:
+    """Offer `delivery` to several drivers at once (a batch or broadcast round), the driver
+    at `drivers[i]` in slot `first_slot + i` (their rank). The caller holds the delivery's and
+    the drivers' locks and has checked that the delivery is ready (with no single offer
+    pending) and the drivers available. ONE multi-row INSERT … ON CONFLICT DO NOTHING: a
+    driver the database refuses (a pending offer elsewhere) is left out. Returns the offers
+    that went in; each is audited (`driver_offer_sent`) and announced exactly as
+    `offer_insert_locked` does. The delivery's current offer becomes the best-ranked pending
+    one (the lowest slot) if it had none."""
+    started = time.perf_counter()
+    expires_at = now + timedelta(seconds=default_expires_seconds(delivery))
+    candidates = [
+        DriverOffer(
+            delivery=delivery, driver=driver, status=OfferStatus.PENDING, slot=first_slot + i,
+            offer_payload=offer_payload(delivery=delivery, driver=driver, now=now),
+            created_at=now, expires_at=expires_at, search_radius_km=search_radius_km,
+        )
+        for i, driver in enumerate(drivers)
+    ]
+    made = [o for o, ok in zip(candidates, insert_many_unless_conflict(candidates), strict=True) if ok]
+    if not made:
+        return []
+    if delivery.current_offer_id is None:
+        delivery.current_offer = made[0]
+        delivery.updated_at = now
+        Delivery.objects.filter(pk=delivery.pk).update(current_offer=made[0], updated_at=now)
+    elapsed = time.perf_counter() - started
+    for offer in made:
+        audit_record(
+            delivery=delivery, event_type=E.DRIVER_OFFER_SENT, actor=actor, now=now,
+            details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "expiresAt": iso(offer.expires_at),
+                     "payload": offer.offer_payload, "slot": offer.slot},
+        )
+        event = events.offer_created(offer)
+        broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], event)
+        enqueue_task_on_commit("offers.push_offer", str(offer.pk), str(offer.driver_id), event)
+        enqueue_task_on_commit("offers.expire_offer", str(offer.pk), eta=offer.expires_at)
+        metrics.OFFER_CREATION_LATENCY.observe(elapsed)
+    return made
+
+
 def offer_push(*, offer_id, driver_id, event: dict) -> bool:
     """Send the offer to the driver's phone through the push backend and record how the
     driver was told. Runs in a Celery task (retried with backoff when the gateway fails);
@@ -150,11 +194,21 @@ def _response_ms(offer: DriverOffer, now: datetime) -> int:
 
 
 def _close_current_offer(delivery: Delivery, offer: DriverOffer, now: datetime) -> None:
-    """The delivery no longer waits on `offer` (the locked row is kept in step)."""
+    """The delivery no longer waits on `offer` (the locked row is kept in step). In a batch or
+    broadcast round the current offer passes to the best-ranked offer of the round still
+    pending, so `current_offer` is set exactly while some offer of the delivery is pending.
+    Every change to a pending offer holds its delivery's lock, which the caller holds: the
+    siblings read here cannot change under it."""
     if delivery.current_offer_id == offer.pk:  # the caller holds the lock: the row is current
-        delivery.current_offer = None
+        successor = None
+        if offer.slot != SINGLE_SLOT:
+            successor = (
+                DriverOffer.objects.filter(delivery_id=delivery.pk, status=OfferStatus.PENDING)
+                .exclude(pk=offer.pk).order_by("slot").only("pk", "driver_id").first()
+            )
+        delivery.current_offer = successor
         delivery.updated_at = now
-        Delivery.objects.filter(pk=delivery.pk).update(current_offer=None, updated_at=now)
+        Delivery.objects.filter(pk=delivery.pk).update(current_offer=successor, updated_at=now)
 
 
 # The delivery fields `offer_mark_accepted` changes on the locked row; the caller writes them
@@ -239,3 +293,31 @@ def offer_cancel_locked(offer: DriverOffer, *, delivery: Delivery, reason: str, 
         details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "reason": reason},
     )
     broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], events.offer_cancelled(offer))
+
+
+def offers_withdraw_locked(offers: list[DriverOffer], *, delivery: Delivery, reason: str, actor: Actor, now: datetime) -> None:
+    """Withdraw all the pending offers of one delivery at once (the rest of a round when one
+    of its drivers accepted, or all of them when the delivery is cancelled): ONE UPDATE to
+    CANCELLED, then per offer the audit `offer_cancelled` and the `offer_cancelled` event to
+    its driver and ops. The caller holds the offers' locks (taken before the delivery's) and
+    the delivery's; not their drivers': nothing after this waits on a driver, so a dispatch
+    holding one of them and waiting on these rows (its insert meets the driver's pending
+    offer) only waits for this transaction to end, never the other way round."""
+    if not offers:
+        return
+    DriverOffer.objects.filter(pk__in=[o.pk for o in offers], status=OfferStatus.PENDING).update(
+        status=OfferStatus.CANCELLED, cancelled_at=now, cancellation_reason=reason
+    )
+    if delivery.current_offer_id in {o.pk for o in offers}:
+        delivery.current_offer = None
+        delivery.updated_at = now
+        Delivery.objects.filter(pk=delivery.pk).update(current_offer=None, updated_at=now)
+    for offer in offers:
+        offer.status = OfferStatus.CANCELLED
+        offer.cancelled_at = now
+        offer.cancellation_reason = reason
+        audit_record(
+            delivery=delivery, event_type=E.OFFER_CANCELLED, actor=actor, now=now,
+            details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "reason": reason},
+        )
+        broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], events.offer_cancelled(offer))

@@ -19,7 +19,7 @@ from dispatch.models import DeliveryStatus as S
 from dispatch.services import DeliveryInput
 from escalation.services import unassigned_cancel, unassigned_resolve
 from notifications.outbox import outbox_pickup_started
-from offers.services import offer_cancel_locked, offer_mark_superseded
+from offers.services import offer_cancel_locked, offer_mark_superseded, offers_withdraw_locked
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_locked, dispatch_next_locked
 from workflows.geofence import geofence_check
@@ -80,19 +80,22 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
 
 @unit_of_work()
 def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
-    """Cancel an open delivery: its pending offer is withdrawn, its active assignment ends and
+    """Cancel an open delivery: its pending offer (all of a round's) is withdrawn, its active assignment ends and
     the driver is freed, its unassigned record and ticket are closed."""
     now = now or timezone.now()
-    offer = locks.lock_pending_offer_of_delivery(delivery_id)
+    pending = locks.lock_pending_offers_of_delivery(delivery_id)  # a round's several, in pk order
     delivery = locks.lock_delivery(delivery_id)
     if not delivery.is_open:
         raise Conflict(f"Delivery is {delivery.status}; it can no longer be cancelled.")
     assignment = locks.lock_active_assignment(delivery.pk)
+    offer = pending[0] if len(pending) == 1 else None  # a single offer: as always, with its driver's lock
     driver_id = offer.driver_id if offer is not None else (assignment.driver_id if assignment else None)
     driver = locks.lock_driver(driver_id) if driver_id else None
 
     if offer is not None:
         offer_cancel_locked(offer, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
+    elif pending:  # a batch/broadcast round: withdrawn at once (offers_withdraw_locked says why no driver locks)
+        offers_withdraw_locked(pending, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
     unassigned_cancel(delivery=delivery, now=now)
     if assignment is not None:
         deliveries.assignment_end_locked(

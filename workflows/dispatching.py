@@ -5,13 +5,21 @@ Candidates are available drivers with a fresh fix within the search radius (the 
 override, else DISPATCH_RADIUS_KM), not UNAVAILABLE for the delivery's zone, never offered
 this delivery before and with no pending offer. They are ranked by estimated pickup time;
 among near-equals (same two-minute band) PREFERRED-zone drivers come first, then the higher
-acceptance rate. One pending offer per delivery at a time (sequential dispatch).
+acceptance rate.
+
+How many are offered at once is the zone's dispatch policy (`zones.policies.zone_policy`,
+docs/dispatch.md "Dispatch policies"): `sequential` offers the best one (one pending offer per
+delivery at a time); `batch` the best N of them in one round, `broadcast` all of them up to the
+zone's cap. In a round the first accept wins and withdraws the others
+(`workflows.offers.offer_accept`); the next round starts only when no offer of the delivery
+is pending any more.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import islice
 
 from django.conf import settings
 from django.db import connection
@@ -25,15 +33,16 @@ from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
 from common.actors import Actor
 from common.exceptions import Conflict
-from dispatch.models import Delivery, DeliveryStatus
+from dispatch.models import Delivery, DeliveryStatus, DispatchPolicy
 from escalation.models import FailureReason, UnassignedOrder
 from escalation.services import unassigned_record_failure
 from offers.models import DriverOffer, OfferStatus
-from offers.services import offer_insert_locked
+from offers.services import offer_insert_locked, offers_insert_round_locked
 from tracking import eta
 from workflows import locks
 from workflows.unit import unit_of_work
 from zones.models import DriverZonePreference
+from zones.policies import zone_policy
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +72,27 @@ class Candidate:
 @dataclass
 class DispatchResult:
     outcome: str  # offered | unassigned | not_ready | already_offered | ops_only
-    offer: DriverOffer | None = None
+    offer: DriverOffer | None = None  # offered: the best-ranked offer made (the delivery's current offer)
+    offers: list[DriverOffer] = field(default_factory=list)  # offered: every offer of the round (one when sequential)
     failure_reason: str | None = None
     candidates: list[Candidate] = field(default_factory=list)
     search_radius_km: float | None = None
+
+
+def _zone(delivery: Delivery):
+    return delivery.zone if getattr(delivery, "zone_id", None) else None
+
+
+def round_size_for(delivery: Delivery) -> int:
+    """How many drivers one dispatch round offers the delivery at once, by its zone's policy:
+    1 (sequential; batched_matching offers its matches one by one), the batch size (batch), the
+    broadcast cap (broadcast)."""
+    policy = zone_policy(_zone(delivery))
+    if policy.policy == DispatchPolicy.BATCH:
+        return policy.batch_size
+    if policy.policy == DispatchPolicy.BROADCAST:
+        return policy.broadcast_max
+    return 1
 
 
 def search_radius_for(delivery: Delivery) -> float:
@@ -184,28 +210,71 @@ def _failure_reason(delivery: Delivery, screening: _Screening, nearby: list, rad
     return FailureReason.NO_AVAILABLE_DRIVERS
 
 
+def _pending_offer(delivery: Delivery, *, no_pending_offer: bool) -> DispatchResult | None:
+    """`already_offered` while an offer of the delivery is pending, else None. With
+    `no_pending_offer` the caller has just closed one (or the delivery is new): the locked
+    row's `current_offer` says whether another offer of its round still waits for an answer
+    (it is set exactly while one is pending), without a query."""
+    if no_pending_offer:
+        return DispatchResult("already_offered") if delivery.current_offer_id is not None else None
+    pending = DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).order_by("slot").first()
+    return DispatchResult("already_offered", offer=pending) if pending is not None else None
+
+
+def _offer_round(
+    delivery: Delivery, screening: _Screening, *, size: int, actor: Actor, now: datetime, radius: float
+) -> list[DriverOffer]:
+    """A batch or broadcast round: the best `size` candidates, claimed with SKIP LOCKED in one
+    statement and offered by one INSERT. A candidate held elsewhere, no longer available or
+    refused by the database (a pending offer elsewhere) is replaced by the next ones in rank
+    order until the round is full or the candidates run out."""
+    made: list[DriverOffer] = []
+    queue = iter(screening.ranked)
+    slot = 1
+    while len(made) < size:
+        chunk = list(islice(queue, size - len(made)))
+        if not chunk:
+            break
+        claimed = locks.lock_drivers_skip_locked(
+            [c.driver_id for c in chunk], availability=DriverAvailability.AVAILABLE, location__isnull=False
+        )
+        drivers = [claimed[c.driver_id] for c in chunk if c.driver_id in claimed]
+        if not drivers:
+            continue
+        offers = offers_insert_round_locked(
+            delivery=delivery, drivers=drivers, first_slot=slot, actor=actor, now=now, search_radius_km=radius
+        )
+        screening.pending_elsewhere += len(drivers) - len(offers)
+        slot += len(drivers)
+        made.extend(offers)
+    return made
+
+
 def dispatch_locked(
     delivery: Delivery, *, actor: Actor, now: datetime, radius_km: float | None = None, exclude_driver_ids=(),
     no_pending_offer: bool = False,
 ) -> DispatchResult:
-    """Offer a ready delivery to its best candidate. The caller holds the delivery's lock.
-    `no_pending_offer`: the caller knows the delivery has none (a new delivery, or its pending
-    one was just answered), so it is not looked up; the database still refuses a second one.
+    """Offer a ready delivery to its best candidate, or to its best N in one round (the zone's
+    policy: `round_size_for`). The caller holds the delivery's lock.
+    `no_pending_offer`: the caller knows the delivery has none (a new delivery) or has just
+    closed one (answered, expired, withdrawn), so it is not looked up: the locked row's
+    `current_offer` says whether another offer of the same round still waits (then no new
+    round: `already_offered`); the database still refuses a second single offer.
 
     Candidate drivers are locked with SKIP LOCKED: a driver another transaction is working on
     is passed over rather than waited for, so dispatch never deadlocks with accept/availability.
     """
     if delivery.status != DeliveryStatus.READY:
         return DispatchResult("not_ready")
-    if not no_pending_offer:
-        pending = DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).first()
-        if pending is not None:
-            return DispatchResult("already_offered", offer=pending)
+    waiting = _pending_offer(delivery, no_pending_offer=no_pending_offer)
+    if waiting is not None:
+        return waiting
 
     radius = float(radius_km or search_radius_for(delivery))
+    size = round_size_for(delivery)
     lat, lon = delivery.pickup_location.y, delivery.pickup_location.x
     audit_record(delivery=delivery, event_type=E.ASSIGNMENT_STARTED, actor=actor, now=now, details={"searchRadiusKm": radius})
-    nearby = drivers_available_near(lat=lat, lon=lon, radius_km=radius, limit=CANDIDATE_POOL, now=now)
+    nearby = drivers_available_near(lat=lat, lon=lon, radius_km=radius, limit=max(CANDIDATE_POOL, size), now=now)
     if exclude_driver_ids:
         excluded = {str(x) for x in exclude_driver_ids}
         nearby = [n for n in nearby if n.driver_id not in excluded]
@@ -224,7 +293,11 @@ def dispatch_locked(
             ],
         },
     )
-    for candidate in screening.ranked:
+    if size > 1:
+        made = _offer_round(delivery, screening, size=size, actor=actor, now=now, radius=radius)
+        if made:
+            return DispatchResult("offered", offer=made[0], offers=made, candidates=screening.ranked, search_radius_km=radius)
+    for candidate in screening.ranked if size == 1 else ():
         driver = locks.lock_driver(
             candidate.driver_id, skip_locked=True, availability=DriverAvailability.AVAILABLE, location__isnull=False
         )
@@ -235,7 +308,7 @@ def dispatch_locked(
         except Conflict:
             screening.pending_elsewhere += 1
             continue
-        return DispatchResult("offered", offer=offer, candidates=screening.ranked, search_radius_km=radius)
+        return DispatchResult("offered", offer=offer, offers=[offer], candidates=screening.ranked, search_radius_km=radius)
 
     reason = _failure_reason(delivery, screening, nearby, radius, now)
     unassigned_record_failure(delivery=delivery, reason=reason, now=now)
@@ -253,6 +326,9 @@ def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **k
         return dispatch_locked(delivery, actor=actor, now=now, **kwargs)
     if delivery.status != DeliveryStatus.READY:
         return DispatchResult("not_ready")
+    waiting = _pending_offer(delivery, no_pending_offer=kwargs.get("no_pending_offer", False))
+    if waiting is not None:  # the rest of an ops-dispatched round still waits for its answers
+        return waiting
     unassigned_record_failure(delivery=delivery, reason=FailureReason.UNASSIGNED, now=now)
     return DispatchResult("ops_only", failure_reason=FailureReason.UNASSIGNED)
 

@@ -2,6 +2,10 @@
 
     offer → delivery → driver → unassigned-order record / ticket
 
+Several offers of one delivery (a batch or broadcast round) are locked by one statement in
+primary-key order (`lock_offer_and_its_round`, `lock_pending_offers_of_delivery`), before
+the delivery; several drivers (a round's candidates) only with SKIP LOCKED, which never waits.
+
 Each row is locked at most once per transaction, by primary key, with
 `select_for_update(of=("self",))`, inside the workflow's atomic block. Where a workflow needs
 rows that follow from one another (an offer's delivery and driver, a delivery's assignment
@@ -18,6 +22,8 @@ candidate drivers with SKIP LOCKED and inserts their offers: a driver being chan
 another transaction is passed over instead of waited for.
 """
 from __future__ import annotations
+
+from django.db.models import Q, Subquery
 
 from availability.models import Driver
 from common.exceptions import NotFound
@@ -51,6 +57,20 @@ def lock_offer_delivery_driver(offer_id, *, driver_id) -> DriverOffer:
     return offer
 
 
+def lock_offer_and_its_round(offer_id, *, driver_id) -> list[DriverOffer]:
+    """The offer of this driver and every other pending offer of its delivery (the rest of
+    its batch or broadcast round; none in sequential dispatch), locked by one statement in
+    primary-key order, so two accepts of one round queue on the same first row instead of
+    deadlocking. Taken before the delivery (`lock_offer_delivery_driver` next): the accept
+    withdraws the siblings it holds. Empty when there is no such offer."""
+    delivery_id = DriverOffer.objects.filter(pk=offer_id, driver_id=driver_id).values("delivery_id")[:1]
+    return list(
+        DriverOffer.objects.select_for_update(of=("self",))
+        .filter(Q(pk=offer_id) | Q(status=OfferStatus.PENDING), delivery_id=Subquery(delivery_id))
+        .order_by("pk")
+    )
+
+
 def lock_offer_if_due(offer_id, *, now, force: bool = False) -> DriverOffer | None:
     """A pending offer whose time is up (any pending one with `force`), skipping it when
     another transaction holds it: whoever holds it decides its fate."""
@@ -65,6 +85,15 @@ def lock_pending_offer_of_delivery(delivery_id) -> DriverOffer | None:
     return (
         DriverOffer.objects.select_for_update(of=("self",))
         .filter(delivery_id=delivery_id, status=OfferStatus.PENDING).first()
+    )
+
+
+def lock_pending_offers_of_delivery(delivery_id) -> list[DriverOffer]:
+    """All the delivery's pending offers (one in sequential dispatch, a round's in batch or
+    broadcast), locked in primary-key order by one statement."""
+    return list(
+        DriverOffer.objects.select_for_update(of=("self",))
+        .filter(delivery_id=delivery_id, status=OfferStatus.PENDING).order_by("pk")
     )
 
 
@@ -105,6 +134,17 @@ def lock_driver(driver_id, *, skip_locked: bool = False, **filters) -> Driver | 
     if driver is None and not (skip_locked or filters):
         raise NotFound("Driver not found.")
     return driver
+
+
+def lock_drivers_skip_locked(driver_ids, **filters) -> dict[str, Driver]:
+    """Dispatch claiming a round's candidates: the drivers among `driver_ids` that match
+    `filters` and no other transaction holds, locked by one statement (SKIP LOCKED: it never
+    waits, so the order does not matter), by id as text."""
+    drivers = (
+        Driver.objects.select_for_update(of=("self",), skip_locked=True)
+        .filter(pk__in=list(driver_ids), **filters)
+    )
+    return {str(d.pk): d for d in drivers}
 
 
 def lock_active_assignment(delivery_id) -> Assignment | None:

@@ -25,6 +25,8 @@ from workflows.unit import eta_refresh_enqueue, unit_of_work
 
 logger = logging.getLogger(__name__)
 
+TAKEN_BY_ANOTHER_DRIVER = "taken_by_another_driver"  # why the rest of a round is withdrawn
+
 
 @unit_of_work()
 def offer_create(
@@ -59,12 +61,21 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
     """The driver takes the delivery: offer ACCEPTED, an assignment, the driver busy, the
     delivery assigned, its unassigned record resolved.
 
+    In a batch or broadcast round the first accept wins: the round's other pending offers are
+    withdrawn in the same transaction (CANCELLED, reason `taken_by_another_driver`,
+    `offer_cancelled` to their drivers and ops); a later accept of one of them is a 409.
+
     An offer past `expiresAt` cannot be accepted even if the expiry job has not run yet: it is
     expired on the spot (and the next candidate offered) and the driver gets a 409.
     """
     now = now or timezone.now()
     with unit_of_work():
-        offer = locks.lock_offer_delivery_driver(offer_id, driver_id=driver_id)  # offer → delivery → driver
+        # The offer and the rest of its round (batch/broadcast: the delivery's other pending
+        # offers; none in sequential dispatch) in primary-key order, then the delivery and the
+        # driver: two accepts of one round queue on the round's first row, and the winner
+        # withdraws the siblings it holds (offers → delivery → driver).
+        round_offers = locks.lock_offer_and_its_round(offer_id, driver_id=driver_id)
+        offer = locks.lock_offer_delivery_driver(offer_id, driver_id=driver_id)
         overdue = offers.offer_is_overdue(offer, now)
         if not overdue:
             offers.offer_ensure_pending(offer, now)
@@ -74,6 +85,10 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
             assignment = assignment_start_locked(
                 delivery, driver, actor=actor, now=now, details={"offerId": str(offer.pk)},
                 also_save=offers.ACCEPTED_OFFER_FIELDS, offer=offer,
+            )
+            siblings = [o for o in round_offers if o.pk != offer.pk and o.status == OfferStatus.PENDING]
+            offers.offers_withdraw_locked(
+                siblings, delivery=delivery, reason=TAKEN_BY_ANOTHER_DRIVER, actor=Actor.system(), now=now
             )
             unassigned_resolve(delivery=delivery, now=now)
             performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)
@@ -105,7 +120,8 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
     performance_offer_answered(
         driver_id=driver_id, outcome=OfferStatus.REJECTED, response_time_ms=offer.driver_response_time_ms, now=now
     )
-    # The offer just closed was the delivery's pending one (one at a time, under its lock).
+    # The offer just closed was the delivery's pending one, or one of its round's (under its
+    # lock): the next round starts once none of the round is pending (`dispatch_locked`).
     result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
     return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
 

@@ -76,9 +76,13 @@ STEPS = ("pickup-started", "pickup-completed", "delivery-started", "delivery-com
 # `delivery.status_changed` for it (issue 14); its workflow writes that row through the same
 # outbox buffer as the other steps (one SELECT for the snapshot, one INSERT), the path
 # pickup-completed pays for as well. Flow 54 -> 56.
+# accept 14 -> 15 (issue 16, batch and broadcast offers): the accept first locks its offer and
+# the rest of its round (the delivery's other pending offers, none in sequential dispatch) in
+# primary-key order, then the delivery and the driver, so two accepts of one round never
+# deadlock and the winner withdraws the others in its transaction. Flow 56 -> 57.
 BUDGET = {
     "create": 11,
-    "accept": 14,
+    "accept": 15,
     "pickup-started": 6,
     "pickup-completed": 6,
     "delivery-started": 6,
@@ -87,7 +91,7 @@ BUDGET = {
     "dispatch": 9,
     "offer": 7,
 }
-FLOW_BUDGET = 56
+FLOW_BUDGET = 57
 
 
 class StatementLog:
