@@ -6,6 +6,12 @@ Several offers of one delivery (a batch or broadcast round) are locked by one st
 primary-key order (`lock_offer_and_its_round`, `lock_pending_offers_of_delivery`), before
 the delivery; several drivers (a round's candidates) only with SKIP LOCKED, which never waits.
 
+Offers are locked `FOR NO KEY UPDATE` (`no_key=True`): no workflow changes an offer's key,
+and the foreign-key check of a delivery whose `current_offer` passes to another offer of its
+round (`offers.services._close_current_offer`) takes `FOR KEY SHARE` on that offer, which a
+plain `FOR UPDATE` held by the offer's own expiry or answer (waiting for the delivery) would
+block: a deadlock. `FOR NO KEY UPDATE` still excludes every other writer of the offer.
+
 Each row is locked at most once per transaction, by primary key, with
 `select_for_update(of=("self",))`, inside the workflow's atomic block. Where a workflow needs
 rows that follow from one another (an offer's delivery and driver, a delivery's assignment
@@ -36,7 +42,7 @@ def lock_offer(offer_id, *, driver_id=None) -> DriverOffer:
     filters = {"pk": offer_id}
     if driver_id is not None:
         filters["driver_id"] = driver_id
-    offer = DriverOffer.objects.select_for_update(of=("self",)).filter(**filters).first()
+    offer = DriverOffer.objects.select_for_update(of=("self",), no_key=True).filter(**filters).first()
     if offer is None:
         raise NotFound("Offer not found.")
     return offer
@@ -44,12 +50,13 @@ def lock_offer(offer_id, *, driver_id=None) -> DriverOffer:
 
 def lock_offer_delivery_driver(offer_id, *, driver_id) -> DriverOffer:
     """The offer of this driver with its delivery and its driver, the three rows locked by one
-    statement in the order of this module (`FOR UPDATE OF` offer, delivery, driver: PostgreSQL
-    takes them in that order). `offer.delivery` (with its zone, not locked) and `offer.driver`
+    statement in the order of this module (`FOR NO KEY UPDATE OF` offer, delivery, driver:
+    PostgreSQL takes them in that order; no key strength for the delivery and driver either,
+    as no workflow changes their keys: they still exclude every other writer). `offer.delivery` (with its zone, not locked) and `offer.driver`
     are the locked rows. NotFound when there is no such offer."""
     offer = (
         DriverOffer.objects.select_related("delivery", "delivery__zone", "driver")
-        .select_for_update(of=("self", "delivery", "driver"))
+        .select_for_update(of=("self", "delivery", "driver"), no_key=True)
         .filter(pk=offer_id, driver_id=driver_id).first()
     )
     if offer is None:
@@ -65,7 +72,7 @@ def lock_offer_and_its_round(offer_id, *, driver_id) -> list[DriverOffer]:
     withdraws the siblings it holds. Empty when there is no such offer."""
     delivery_id = DriverOffer.objects.filter(pk=offer_id, driver_id=driver_id).values("delivery_id")[:1]
     return list(
-        DriverOffer.objects.select_for_update(of=("self",))
+        DriverOffer.objects.select_for_update(of=("self",), no_key=True)
         .filter(Q(pk=offer_id) | Q(status=OfferStatus.PENDING), delivery_id=Subquery(delivery_id))
         .order_by("pk")
     )
@@ -76,14 +83,14 @@ def lock_offer_if_due(offer_id, *, now, force: bool = False) -> DriverOffer | No
     another transaction holds it: whoever holds it decides its fate."""
     due = {} if force else {"expires_at__lte": now}
     return (
-        DriverOffer.objects.select_for_update(of=("self",), skip_locked=True)
+        DriverOffer.objects.select_for_update(of=("self",), no_key=True, skip_locked=True)
         .filter(pk=offer_id, status=OfferStatus.PENDING, **due).first()
     )
 
 
 def lock_pending_offer_of_delivery(delivery_id) -> DriverOffer | None:
     return (
-        DriverOffer.objects.select_for_update(of=("self",))
+        DriverOffer.objects.select_for_update(of=("self",), no_key=True)
         .filter(delivery_id=delivery_id, status=OfferStatus.PENDING).first()
     )
 
@@ -92,7 +99,7 @@ def lock_pending_offers_of_delivery(delivery_id) -> list[DriverOffer]:
     """All the delivery's pending offers (one in sequential dispatch, a round's in batch or
     broadcast), locked in primary-key order by one statement."""
     return list(
-        DriverOffer.objects.select_for_update(of=("self",))
+        DriverOffer.objects.select_for_update(of=("self",), no_key=True)
         .filter(delivery_id=delivery_id, status=OfferStatus.PENDING).order_by("pk")
     )
 
@@ -100,14 +107,14 @@ def lock_pending_offers_of_delivery(delivery_id) -> list[DriverOffer]:
 def lock_accepted_offer_of_delivery(delivery_id) -> DriverOffer | None:
     """The delivery's accepted offer (at most one), locked before the delivery."""
     return (
-        DriverOffer.objects.select_for_update(of=("self",))
+        DriverOffer.objects.select_for_update(of=("self",), no_key=True)
         .filter(delivery_id=delivery_id, status=OfferStatus.ACCEPTED).first()
     )
 
 
 def lock_pending_offer_of_driver(driver_id) -> DriverOffer | None:
     return (
-        DriverOffer.objects.select_for_update(of=("self",))
+        DriverOffer.objects.select_for_update(of=("self",), no_key=True)
         .filter(driver_id=driver_id, status=OfferStatus.PENDING).first()
     )
 
