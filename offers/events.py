@@ -55,7 +55,8 @@ class OfferExpiredEvent(TypedDict):
 
 
 class OfferCancelledEvent(TypedDict):
-    """Not in the seed: the offer was withdrawn (driver went unavailable, delivery cancelled)."""
+    """Not in the seed: the offer was withdrawn (driver went unavailable, delivery cancelled,
+    another driver of its batch/broadcast round accepted: reason `taken_by_another_driver`)."""
 
     type: Literal["offer_cancelled"]
     offerId: str
