@@ -86,7 +86,7 @@ def _zone(delivery: Delivery):
 def round_size_for(delivery: Delivery) -> int:
     """How many drivers one dispatch round offers the delivery at once, by its zone's policy:
     1 (sequential; batched_matching offers its matches one by one), the batch size (batch), the
-    broadcast cap (broadcast)."""
+    broadcast cap (broadcast; a cap of 1 is sequential dispatch: one single offer)."""
     policy = zone_policy(_zone(delivery))
     if policy.policy == DispatchPolicy.BATCH:
         return policy.batch_size
@@ -96,7 +96,7 @@ def round_size_for(delivery: Delivery) -> int:
 
 
 def search_radius_for(delivery: Delivery) -> float:
-    zone = delivery.zone if getattr(delivery, "zone_id", None) else None
+    zone = _zone(delivery)
     override = getattr(zone, "search_radius_km", None) if zone else None
     return float(override or settings.DISPATCH_RADIUS_KM)
 
@@ -297,18 +297,19 @@ def dispatch_locked(
         made = _offer_round(delivery, screening, size=size, actor=actor, now=now, radius=radius)
         if made:
             return DispatchResult("offered", offer=made[0], offers=made, candidates=screening.ranked, search_radius_km=radius)
-    for candidate in screening.ranked if size == 1 else ():
-        driver = locks.lock_driver(
-            candidate.driver_id, skip_locked=True, availability=DriverAvailability.AVAILABLE, location__isnull=False
-        )
-        if driver is None:
-            continue
-        try:
-            offer = offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, search_radius_km=radius)
-        except Conflict:
-            screening.pending_elsewhere += 1
-            continue
-        return DispatchResult("offered", offer=offer, offers=[offer], candidates=screening.ranked, search_radius_km=radius)
+    else:
+        for candidate in screening.ranked:
+            driver = locks.lock_driver(
+                candidate.driver_id, skip_locked=True, availability=DriverAvailability.AVAILABLE, location__isnull=False
+            )
+            if driver is None:
+                continue
+            try:
+                offer = offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, search_radius_km=radius)
+            except Conflict:
+                screening.pending_elsewhere += 1
+                continue
+            return DispatchResult("offered", offer=offer, offers=[offer], candidates=screening.ranked, search_radius_km=radius)
 
     reason = _failure_reason(delivery, screening, nearby, radius, now)
     unassigned_record_failure(delivery=delivery, reason=reason, now=now)

@@ -21,6 +21,7 @@ from workflows import drivers as availability
 from workflows import offers
 from workflows.deliveries import delivery_cancel
 from workflows.dispatching import delivery_dispatch, unassigned_retry
+from workflows.escalations import escalation_check
 
 pytestmark = pytest.mark.django_db
 
@@ -261,6 +262,19 @@ def test_the_retry_job_dispatches_an_unassigned_delivery_as_a_batch():
     assert unassigned_retry() == 1
     assert [o.slot for o in pending(delivery)] == [1, 2]
     assert unassigned_retry() == 0  # it has pending offers: not retried again
+
+
+def test_the_level_2_escalation_searches_wide_with_a_batch():
+    zone = batch_zone(size=2)
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        delivery = DeliveryFactory(zone=zone, ready_at=timezone.now())
+        assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
+        t.shift(timedelta(minutes=16))  # past level 2
+        beyond = drivers_at(7.0, 7.5, 8.0)  # outside the 5 km radius, inside the 10 km wide one
+        escalation_check()
+        made = pending(delivery)
+    assert [o.driver_id for o in made] == [beyond[0].pk, beyond[1].pk]
+    assert [o.slot for o in made] == [1, 2]
 
 
 # --------------------------------------------------------------------- broadcast
