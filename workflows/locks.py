@@ -70,7 +70,7 @@ def lock_offer_and_its_round(offer_id, *, driver_id) -> list[DriverOffer]:
     primary-key order, so two accepts of one round queue on the same first row instead of
     deadlocking. Taken before the delivery (`lock_offer_delivery_driver` next): the accept
     withdraws the siblings it holds. Empty when there is no such offer."""
-    delivery_id = DriverOffer.objects.filter(pk=offer_id, driver_id=driver_id).values("delivery_id")[:1]
+    delivery_id = DriverOffer.objects.filter(pk=offer_id, driver_id=driver_id).order_by().values("delivery_id")[:1]
     return list(
         DriverOffer.objects.select_for_update(of=("self",), no_key=True)
         .filter(Q(pk=offer_id) | Q(status=OfferStatus.PENDING), delivery_id=Subquery(delivery_id))
