@@ -80,7 +80,7 @@ def test_the_support_socket_is_for_support_agents_and_staff_only():
         assert await refusal(as_driver) == 4403
 
         as_staff = WebsocketCommunicator(application, f"/ws/support/?token={token_for(staff)}")
-        connected, _ = await as_staff.connect()
+        connected, _ = await as_staff.connect(timeout=10)
         assert connected
         await as_staff.disconnect()
 
