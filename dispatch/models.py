@@ -123,6 +123,10 @@ class Delivery(models.Model):
         "offers.DriverOffer", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     offer_acceptance_count = models.PositiveIntegerField(default=0)
+    # batched_matching (docs/dispatch.md): since when the delivery waits for its zone's next
+    # matching round (null: not waiting). Written under the delivery's lock by
+    # workflows.matching; the round's query reads it through the partial index below.
+    matching_since = models.DateTimeField(null=True, blank=True)
 
     failure_reason = models.CharField(max_length=500, blank=True, default="")
     # The reason as one of FailureReason (free text given as `reason`, as the SPEC allows, is
@@ -159,6 +163,10 @@ class Delivery(models.Model):
             models.Index(fields=["seller_order_id"], name="delivery_seller_order_idx"),
             models.Index(fields=["created_at"], name="delivery_created_idx"),
             models.Index(fields=["ready_at"], name="delivery_open_ready_idx", condition=Q(status="ready")),
+            models.Index(
+                fields=["zone", "matching_since"], name="delivery_matching_wait_idx",
+                condition=Q(status="ready", matching_since__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -21,7 +21,7 @@ from escalation.services import unassigned_cancel, unassigned_resolve
 from notifications.outbox import outbox_pickup_started
 from offers.services import offer_cancel_locked, offer_mark_superseded, offers_withdraw_locked
 from workflows import locks
-from workflows.dispatching import DispatchResult, dispatch_locked, dispatch_next_locked
+from workflows.dispatching import DispatchResult, dispatch_next_locked
 from workflows.geofence import geofence_check
 from workflows.unit import eta_refresh_enqueue, unit_of_work
 from workflows.quotes import quote_use, serviceability_ensure
@@ -36,7 +36,8 @@ def delivery_create(
 ) -> Delivery:
     """A `ready` delivery in the zone of its pickup, if serviceable (else InvalidInput:
     `workflows.quotes`); with `quote_id`, at the fee the quote locked. With `auto_dispatch` the first candidate
-    is offered in the same transaction (or the delivery is recorded as unassigned); without
+    is offered in the same transaction (or the delivery is recorded as unassigned; in a
+    batched_matching zone it waits for the zone's next matching round instead); without
     it, ops offer it, and no automatic offer is ever made for it (`dispatch_next_locked`).
 
     Returns the row as written (no assignment yet: `latest_assignments` is set), ready to
@@ -56,7 +57,7 @@ def delivery_create(
         deliveries.quote_link(quote, delivery=delivery)
     if auto_dispatch:
         # A new row: nobody else can hold it, and it has no offer yet.
-        dispatch_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
+        dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
     delivery.latest_assignments = []
     return delivery
 

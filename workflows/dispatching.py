@@ -40,6 +40,7 @@ from offers.models import DriverOffer, OfferStatus
 from offers.services import offer_insert_locked, offers_insert_round_locked
 from tracking import eta
 from workflows import locks
+from workflows.matching_window import delivery_wait_for_round_locked
 from workflows.unit import unit_of_work
 from zones.models import DriverZonePreference
 from zones.policies import zone_policy
@@ -71,7 +72,7 @@ class Candidate:
 
 @dataclass
 class DispatchResult:
-    outcome: str  # offered | unassigned | not_ready | already_offered | ops_only
+    outcome: str  # offered | unassigned | not_ready | already_offered | ops_only | waiting (batched_matching)
     offer: DriverOffer | None = None  # offered: the best-ranked offer made (the delivery's current offer)
     offers: list[DriverOffer] = field(default_factory=list)  # offered: every offer of the round (one when sequential)
     failure_reason: str | None = None
@@ -322,8 +323,18 @@ def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **k
 
     One rule for a delivery created with autoDispatch false: no automatic offer, ever. It goes
     back to ops instead: still ready, with an open unassigned record (reason `unassigned`)
-    that lists it in `/v2/admin/unassigned-orders` at once, for ops to offer or dispatch it."""
+    that lists it in `/v2/admin/unassigned-orders` at once, for ops to offer or dispatch it.
+
+    In a batched_matching zone the delivery waits for the zone's next matching round instead
+    (outcome `waiting`; `workflows.matching`), unless that would carry it past the zone's target
+    wait. Ops asking (`delivery_dispatch`, a manual escalation) are served at once."""
     if delivery.auto_dispatch:
+        if (
+            delivery.status == DeliveryStatus.READY
+            and delivery.current_offer_id is None  # set exactly while an offer is pending
+            and delivery_wait_for_round_locked(delivery, now=now)
+        ):
+            return DispatchResult("waiting")
         return dispatch_locked(delivery, actor=actor, now=now, **kwargs)
     if delivery.status != DeliveryStatus.READY:
         return DispatchResult("not_ready")
@@ -351,13 +362,15 @@ def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = No
 def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> int:
     """The retry job: dispatch again every open unassigned delivery that is still ready and has
     no pending offer (oldest attempt first), except those created with autoDispatch false
-    (ops offer them: `dispatch_next_locked`). Returns how many got an offer."""
+    (ops offer them: `dispatch_next_locked`) and those already waiting for a matching round.
+    In a batched_matching zone the retry enters the next round. Returns how many got an offer."""
     now = now or timezone.now()
     rows = list(
         UnassignedOrder.objects.filter(
             resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True,
             # autoDispatch false: ops offer it; retrying here would dispatch it against the seller's choice
             delivery__auto_dispatch=True,
+            delivery__matching_since__isnull=True,  # waiting: the zone's matching round has it
         )
         .order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
     )
@@ -370,7 +383,7 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
                 delivery = locks.lock_delivery(delivery_id, skip_locked=True, select_related=("zone",))
                 if delivery is None:
                     continue  # someone else is on it
-                result = dispatch_locked(delivery, actor=Actor.system(), now=now, radius_km=radius)
+                result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=radius)
                 offered += result.outcome == "offered"
         except Exception:
             logger.exception("retrying dispatch of delivery %s failed", delivery_id)

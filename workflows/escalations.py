@@ -147,6 +147,7 @@ def _found_text(dispatched: DispatchResult) -> str:
         "already_offered": "an offer to a driver is already pending",
         "unassigned": f"nobody found ({dispatched.failure_reason})",
         "ops_only": "not offered: the delivery was created with autoDispatch false, ops offer it",
+        "waiting": "waiting for the zone's next matching round (batched_matching)",
     }.get(dispatched.outcome, dispatched.outcome)
 
 

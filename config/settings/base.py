@@ -337,6 +337,13 @@ DISPATCH_POLICY = env("DISPATCH_POLICY", default="sequential")
 DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=3)
 DISPATCH_BROADCAST_MAX = env.int("DISPATCH_BROADCAST_MAX", default=25)
 DISPATCH_MATCHING_WINDOW_SECONDS = env.int("DISPATCH_MATCHING_WINDOW_SECONDS", default=5)
+# batched_matching's cost of a driver for a delivery (workflows/matching.py), in seconds added to
+# the estimated pickup time: PENALTY × (1 − acceptance rate), and the flat penalty of a driver
+# whose preference for the zone is not PREFERRED; and the most deliveries one round matches
+# (the oldest; the rest wait for the next round).
+DISPATCH_MATCHING_ACCEPTANCE_PENALTY_SECONDS = env.float("DISPATCH_MATCHING_ACCEPTANCE_PENALTY_SECONDS", default=120.0)
+DISPATCH_MATCHING_NOT_PREFERRED_PENALTY_SECONDS = env.float("DISPATCH_MATCHING_NOT_PREFERRED_PENALTY_SECONDS", default=60.0)
+DISPATCH_MATCHING_MAX_DELIVERIES = env.int("DISPATCH_MATCHING_MAX_DELIVERIES", default=200)
 # Order stacking: off unless a zone or this turns it on; a second delivery from a pickup within
 # the radius of the first's, adding at most the detour to the first's drop-off, up to the
 # vehicle's capacity.
