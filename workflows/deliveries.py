@@ -88,6 +88,13 @@ def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | N
     delivery = locks.lock_delivery(delivery_id)
     if not delivery.is_open:
         raise Conflict(f"Delivery is {delivery.status}; it can no longer be cancelled.")
+    if offer is None and delivery.current_offer_id is not None:
+        # Offered while we waited for the delivery (a dispatch or a matching round committed
+        # in between). Its lock comes after the delivery's here, so never wait for it: whoever
+        # holds it (an answer in flight) waits for us, and ops try again.
+        offer = locks.lock_offer_if_due(delivery.current_offer_id, now=now, force=True)
+        if offer is None:
+            raise Conflict("The delivery's offer is being answered; try again.")
     assignment = locks.lock_active_assignment(delivery.pk)
     offer = pending[0] if len(pending) == 1 else None  # a single offer: as always, with its driver's lock
     driver_id = offer.driver_id if offer is not None else (assignment.driver_id if assignment else None)
