@@ -7,9 +7,9 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     "expire breaks": ("availability.expire_breaks", 10, {"expires": 10}),
     "expire offers sweep": ("offers.expire_overdue_offers", 5, {"expires": 5}),
     "retry unassigned deliveries": ("dispatch.retry_unassigned", 30, {"expires": 30}),
-    # batched_matching: each zone's round is due once its oldest waiting delivery has waited the
-    # zone's window (1-60 s); checked every second, so a round starts at most ~1 s late.
-    "batched matching rounds": ("dispatch.run_matching_rounds", 1, {"expires": 2}),
+    # batched_matching: each zone's round runs from a task scheduled for the end of its window;
+    # this sweep runs any due round such a task missed (a worker that died holding it).
+    "batched matching sweep": ("dispatch.run_matching_rounds", 15, {"expires": 15}),
     "escalation check": ("escalation.check", 30, {"expires": 30}),
     "stale drivers offline": ("availability.mark_stale_drivers_offline", 60, {"expires": 55}),
     "reconcile GEO index": ("availability.reconcile_geo_index", 60, {"expires": 55}),

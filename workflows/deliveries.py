@@ -79,22 +79,35 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
     return assignment
 
 
-@unit_of_work()
+class _OfferMadeMeanwhile(Exception):
+    """The delivery got an offer between the offer look-up and the delivery's lock."""
+
+
 def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
-    """Cancel an open delivery: its pending offer (all of a round's) is withdrawn, its active assignment ends and
-    the driver is freed, its unassigned record and ticket are closed."""
+    """Cancel an open delivery: its pending offer (all of a round's) is withdrawn, its active
+    assignment ends and the driver is freed, its unassigned record and ticket are closed.
+
+    The pending offers are looked up and locked before the delivery (the lock order). A dispatch
+    that commits an offer in between (a reject's next offer, the retry job, a matching round,
+    whose delivery lock we were waiting for) would go unseen: the attempt then rolls back and
+    starts again, locking that offer first."""
     now = now or timezone.now()
+    for _ in range(3):
+        try:
+            return _delivery_cancel_attempt(delivery_id=delivery_id, reason=reason, actor=actor, now=now)
+        except _OfferMadeMeanwhile:
+            continue
+    raise Conflict("The delivery keeps getting new offers; try again.")
+
+
+@unit_of_work()
+def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: datetime) -> Delivery:
     pending = locks.lock_pending_offers_of_delivery(delivery_id)  # a round's several, in pk order
     delivery = locks.lock_delivery(delivery_id)
     if not delivery.is_open:
         raise Conflict(f"Delivery is {delivery.status}; it can no longer be cancelled.")
-    if offer is None and delivery.current_offer_id is not None:
-        # Offered while we waited for the delivery (a dispatch or a matching round committed
-        # in between). Its lock comes after the delivery's here, so never wait for it: whoever
-        # holds it (an answer in flight) waits for us, and ops try again.
-        offer = locks.lock_offer_if_due(delivery.current_offer_id, now=now, force=True)
-        if offer is None:
-            raise Conflict("The delivery's offer is being answered; try again.")
+    if not pending and delivery.current_offer_id is not None:  # set exactly while one is pending
+        raise _OfferMadeMeanwhile()
     assignment = locks.lock_active_assignment(delivery.pk)
     offer = pending[0] if len(pending) == 1 else None  # a single offer: as always, with its driver's lock
     driver_id = offer.driver_id if offer is not None else (assignment.driver_id if assignment else None)

@@ -1,10 +1,11 @@
 """batched_matching: the zone's matching rounds (docs/dispatch.md, "batched_matching").
 
 A ready delivery in a batched_matching zone is not offered when it is created, rejected or
-expired: it waits (`Delivery.matching_since`, `workflows.matching_window`). A Celery beat job
-runs every second (`dispatch.run_matching_rounds`); a zone's round is due once its oldest
-waiting delivery has waited the zone's window. The round takes every waiting delivery of the
-zone, and
+expired: it waits (`Delivery.matching_since`, `workflows.matching_window`). A zone's round is
+due once its oldest waiting delivery has waited the zone's window: a Celery task scheduled for
+that moment (`dispatch.run_matching_round`, ETA) runs it, and a beat sweep every 15 s
+(`dispatch.run_matching_rounds`) runs any due round a lost task missed — the pattern of offer
+expiry. The round takes every waiting delivery of the zone, and
 
 1. finds each one's candidates as sequential dispatch does (the nearest available drivers with
    a fresh fix within its radius — the wide radius once escalated to level 2 — with no pending
@@ -20,21 +21,23 @@ zone, and
    with no candidate at all is recorded unassigned as today (the retry job brings it back).
 
 Race safety: a round holds a transaction-scoped advisory lock on its zone (a second round of
-the same zone, in another worker, skips it), locks the waiting deliveries and the candidate
-drivers with `FOR UPDATE SKIP LOCKED` (a row an ops action, an accept or another dispatch is
-changing is left for the next round, never waited for: no deadlock), and the database refuses
-a second pending offer per delivery and per driver whatever happens.
+the same zone, in another worker, waits for it, then finds nothing due), locks the waiting
+deliveries and the candidate drivers with `FOR UPDATE SKIP LOCKED` (a row that an ops action,
+an accept or another dispatch is changing is left for the next round, never waited for: no
+deadlock), and the database refuses a second pending offer per delivery and per driver
+whatever happens.
 """
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 from django.conf import settings
 from django.db import connection
-from django.db.models import CharField, Exists, Min, OuterRef, Subquery, Value
+from django.db.models import CharField, Exists, Min, OuterRef, Q, Subquery, Value
 from django.utils import timezone
 from scipy.optimize import linear_sum_assignment
 
@@ -43,6 +46,7 @@ from audit.services import audit_record
 from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
 from common.actors import Actor
+from common.broadcast import enqueue_task_on_commit
 from common.exceptions import Conflict
 from dispatch.models import Delivery, DeliveryStatus
 from escalation.models import UnassignedOrder
@@ -60,7 +64,7 @@ from workflows.dispatching import (
     _Screening,
     search_radius_for,
 )
-from workflows.matching_window import past_target, policy_of, window_seconds
+from workflows.matching_window import ROUND_TASK, past_target, policy_of, window_seconds
 from workflows.unit import unit_of_work
 from zones.models import DeliveryZone, DriverZonePreference
 from zones.policies import zone_policy
@@ -106,18 +110,32 @@ def _waiting():
     )
 
 
-def zones_due(now: datetime) -> list:
-    """Zone ids (None: deliveries outside every zone) whose round is due: the oldest waiting
-    delivery has waited the zone's window. A zone no longer on batched_matching (or with window
-    0) is due at once, so what waits there is matched one last time. Two queries."""
-    oldest = dict(_waiting().order_by().values("zone_id").annotate(oldest=Min("matching_since")).values_list("zone_id", "oldest"))
+def round_times(*, zone_ids=None) -> dict:
+    """When each zone's round is due (zone id → datetime; None: deliveries outside every zone):
+    once its oldest waiting delivery has waited the zone's window. A zone no longer on
+    batched_matching (or with window 0) is due at once, so what waits there is matched one
+    last time. `zone_ids`: only these. Two queries."""
+    waiting = _waiting()
+    if zone_ids is not None:
+        known = [z for z in zone_ids if z is not None]
+        in_zones = Q(zone_id__in=known)
+        waiting = waiting.filter(in_zones | Q(zone__isnull=True) if None in zone_ids else in_zones)
+    oldest = dict(waiting.order_by().values("zone_id").annotate(oldest=Min("matching_since")).values_list("zone_id", "oldest"))
     zones = DeliveryZone.objects.in_bulk([z for z in oldest if z is not None])
-    due = []
-    for zone_id, since in oldest.items():
-        window = window_seconds(zone_policy(zones.get(zone_id)))
-        if (now - since).total_seconds() >= window:
-            due.append(zone_id)
-    return due
+    return {
+        zone_id: since + timedelta(seconds=window_seconds(zone_policy(zones.get(zone_id))))
+        for zone_id, since in oldest.items()
+    }
+
+
+def zones_due(now: datetime) -> list:
+    """Zone ids whose round is due now (see `round_times`)."""
+    return [zone_id for zone_id, due in round_times().items() if due <= now]
+
+
+def round_schedule(zone_id, *, at: datetime) -> None:
+    """After commit, a task runs the zone's round at `at` (the sweep catches a lost one)."""
+    enqueue_task_on_commit(ROUND_TASK, None if zone_id is None else str(zone_id), eta=at)
 
 
 # --------------------------------------------------------------------------- one round
@@ -126,7 +144,7 @@ def zones_due(now: datetime) -> list:
 @dataclass
 class RoundResult:
     zone_id: object
-    skipped: bool = False  # another round of this zone was running
+    not_due: bool = False  # it waited behind another round of the zone, which did the work
     deliveries: int = 0
     drivers: int = 0
     offered: list[DriverOffer] = field(default_factory=list)
@@ -147,11 +165,12 @@ class _Item:
     screening: _Screening = field(default_factory=lambda: _Screening(ranked=[]))
 
 
-def _zone_lock(zone_id) -> bool:
-    """The zone's round lock for this transaction (False: another round of the zone holds it)."""
+def _zone_lock(zone_id) -> None:
+    """The zone's round lock, held until the transaction ends: rounds of one zone run one after
+    the other (a round waits only for another round; it never waits for a row, see SKIP LOCKED
+    below, so this wait cannot be part of a deadlock)."""
     with connection.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", [f"dispatch.matching:{zone_id or 'none'}"])
-        return bool(cur.fetchone()[0])
+        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"dispatch.matching:{zone_id or 'none'}"])
 
 
 def _lock_waiting(zone_id, now: datetime) -> list[Delivery]:
@@ -279,13 +298,17 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
     now = now or timezone.now()
     actor = Actor.system()
     result = RoundResult(zone_id=zone_id)
-    if not _zone_lock(zone_id):
-        result.skipped = True
-        return result
+    _zone_lock(zone_id)
     deliveries = _lock_waiting(zone_id, now)
     if not deliveries:
         return result
     policy = policy_of(deliveries[0])
+    oldest = min(d.matching_since for d in deliveries)
+    if (now - oldest).total_seconds() < window_seconds(policy):
+        # Not due: a round that waited for the zone's lock behind another, which matched what
+        # was due and put the rest back in the window.
+        result.not_due = True
+        return result
     items: list[_Item] = []
     for delivery in deliveries:
         wide = delivery.open_level is not None and delivery.open_level >= 2
@@ -358,13 +381,21 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         offer(item, next(x for x in item.candidates if x.driver_id == columns[c]))
 
     # 3. Out of the queue: offered or unassigned. The rest (their candidates went to others in
-    # this round) re-enter the next window.
+    # this round) re-enter the next window; in a zone no longer matching in batches (window 0)
+    # they are recorded unassigned, as sequential dispatch would, rather than wait.
+    window = window_seconds(policy)
+    if window == 0:
+        for item in items:
+            if item.delivery.pk not in done:
+                item.screening.pending_elsewhere += item.held_elsewhere + len(item.candidates)
+                unassigned(item)
     waiting = [d.pk for d in deliveries if d.pk not in done]
     result.waiting = len(waiting)
     if done:
         Delivery.objects.filter(pk__in=list(done)).update(matching_since=None)
     if waiting:
         Delivery.objects.filter(pk__in=waiting).update(matching_since=now)
+        round_schedule(zone_id, at=now + timedelta(seconds=window))
     logger.info(
         "matching round zone=%s deliveries=%d drivers=%d offered=%d greedy=%d unassigned=%d waiting=%d cost=%.0fs",
         zone_id, result.deliveries, result.drivers, len(result.offered), result.greedy, result.unassigned,
@@ -373,9 +404,23 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
     return result
 
 
+def matching_round_when_due(*, zone_id, now: datetime | None = None) -> int:
+    """The task scheduled for the end of a waiting delivery's window: the zone's round, if it
+    is due. Not due: the delivery was matched already by an earlier round (a newer one waits
+    with a task of its own), or the task fired early (the sweep runs the round then). Returns
+    the offers made."""
+    now = now or timezone.now()
+    zone_id = None if zone_id in (None, "") else uuid.UUID(str(zone_id))
+    due = round_times(zone_ids=[zone_id]).get(zone_id)
+    if due is None or due > now:
+        return 0
+    return len(matching_round(zone_id=zone_id, now=now).offered)
+
+
 def matching_rounds_run(*, now: datetime | None = None) -> int:
-    """The job (every second): run the round of every zone that is due, each in its own
-    transaction; one failing zone does not stop the others. Returns the offers made."""
+    """The sweep (every 15 s, the safety net of the scheduled rounds: a worker that was down, a
+    lost task): run the round of every zone that is due, each in its own transaction; one
+    failing zone does not stop the others. Returns the offers made."""
     now = now or timezone.now()
     offered = 0
     for zone_id in zones_due(now):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from common.broadcast import enqueue_task_on_commit
 from dispatch.models import Delivery, DispatchPolicy
 from zones.policies import ZonePolicy, zone_policy
+
+ROUND_TASK = "dispatch.run_matching_round"  # one zone's round, scheduled for when it is due
 
 
 def policy_of(delivery: Delivery) -> ZonePolicy:
@@ -34,12 +37,16 @@ def past_target(delivery: Delivery, policy: ZonePolicy, *, now: datetime) -> boo
 
 def delivery_wait_for_round_locked(delivery: Delivery, *, now: datetime) -> bool:
     """An automatic dispatch in a batched_matching zone (window > 0): the delivery waits for
-    the zone's next round (`matching_since` = now) and True is returned; the caller makes no
-    offer. False: dispatch as usual (other policies, window 0, or past the target wait). The
+    the zone's next round (`matching_since` = now; after commit, a task is scheduled for the end
+    of its window) and True is returned; the caller makes no offer. False: dispatch as usual (other policies, window 0, or past the target wait). The
     caller holds the delivery's lock and has checked that it is ready with no pending offer."""
     policy = policy_of(delivery)
     if window_seconds(policy) == 0 or past_target(delivery, policy, now=now):
         return False
     Delivery.objects.filter(pk=delivery.pk).update(matching_since=now)
     delivery.matching_since = now
+    zone_id = getattr(delivery, "zone_id", None)
+    enqueue_task_on_commit(
+        ROUND_TASK, None if zone_id is None else str(zone_id), eta=now + timedelta(seconds=window_seconds(policy))
+    )
     return True

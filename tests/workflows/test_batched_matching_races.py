@@ -48,11 +48,11 @@ def assert_no_double_offers():
 @pytest.mark.parametrize("zone_lock", [True, False], ids=["advisory-lock", "row-locks-only"])
 def test_two_rounds_of_one_zone_and_ops_at_the_same_moment_never_double_offer(zone_lock, monkeypatch):
     """Two workers run the zone's round at once while ops dispatch one of its deliveries.
-    With the zone's advisory lock the second round skips; without it (row locks alone, SKIP
-    LOCKED), the rounds split the rows. Either way: one pending offer at most per driver and per
+    With the zone's advisory lock the second round waits, then finds nothing due; without it
+    (row locks alone, SKIP LOCKED), the rounds split the rows. Either way: one pending offer at most per driver and per
     delivery, and the rounds that follow offer every driver."""
     if not zone_lock:
-        monkeypatch.setattr(matching, "_zone_lock", lambda zone_id: True)
+        monkeypatch.setattr(matching, "_zone_lock", lambda zone_id: None)
     for attempt in range(3):
         now = timezone.now()
         zone, deliveries = waiting_zone(attempt, deliveries=6, drivers=4, now=now)
