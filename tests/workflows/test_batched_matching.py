@@ -20,7 +20,14 @@ from tracking import eta
 from zones.models import DriverZonePreference
 from workflows import locks, offers
 from workflows.dispatching import delivery_dispatch, dispatch_next_locked, unassigned_retry
-from workflows.matching import INFEASIBLE, assign_min_cost, matching_round, matching_rounds_run, pair_cost
+from dispatch.tasks import run_matching_round
+from workflows.matching import (
+    INFEASIBLE,
+    assign_min_cost,
+    matching_round,
+    matching_round_when_due,
+    matching_rounds_run,
+)
 from workflows.unit import unit_of_work
 
 pytestmark = pytest.mark.django_db
@@ -118,6 +125,24 @@ def test_the_round_offers_only_once_the_window_has_passed_and_collects_what_arri
     assert found.details["matching"]["deliveries"] == 2 and found.details["matching"]["greedy"] is False
     sent = DeliveryAuditLog.objects.get(delivery=first, event_type="driver_offer_sent")
     assert sent.details["payload"] == pending(first).offer_payload
+
+
+def test_waiting_schedules_the_zones_round_for_the_end_of_the_window(django_capture_on_commit_callbacks, monkeypatch):
+    zone = matching_zone(matching_window_seconds=7)
+    driver = driver_at(0.5)
+    sent = []
+    monkeypatch.setattr(run_matching_round, "apply_async", lambda args, **options: sent.append((args, options)))
+    with time_machine.travel(T0, tick=False):
+        with django_capture_on_commit_callbacks(execute=True):
+            delivery, _ = new_delivery(zone)
+
+    assert sent == [((str(zone.pk),), {"eta": T0 + timedelta(seconds=7)})]
+    # the task itself: nothing before the window ends, the round once it has
+    assert matching_round_when_due(zone_id=str(zone.pk), now=T0 + timedelta(seconds=6)) == 0
+    assert pending(delivery) is None
+    assert matching_round_when_due(zone_id=str(zone.pk), now=T0 + timedelta(seconds=7)) == 1
+    assert pending(delivery).driver_id == driver.pk
+    assert matching_round_when_due(zone_id=str(zone.pk), now=T0 + timedelta(seconds=8)) == 0  # done
 
 
 def test_window_zero_offers_at_once_and_other_policies_are_untouched():
