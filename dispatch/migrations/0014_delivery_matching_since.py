@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('dispatch', '0012_delivery_failure_code_and_note'),
+        ('dispatch', '0013_delivery_geofence_override'),
         ('offers', '0002_driver_in_availability'),
         ('zones', '0005_zone_dispatch_policy'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
