@@ -23,13 +23,17 @@ from availability.services import (
 )
 from common.actors import Actor
 from common.exceptions import Conflict
+from offers.models import DriverOffer, OfferStatus
 from offers.services import offer_cancel_locked
 from tracking.services import delivery_eta_on_fix, delivery_location_send, delivery_track_fix
 from workflows import locks
 from workflows.dispatching import dispatch_next_locked
 
 
-@transaction.atomic
+class _OfferMadeMeanwhile(Exception):
+    """The driver got an offer between the offer look-up and the driver's lock."""
+
+
 def availability_change(
     *, driver_id, to_state: str, reason: str, actor: Actor, until: datetime | None = None,
     by_ops: bool = False, now: datetime | None = None,
@@ -37,12 +41,31 @@ def availability_change(
     """Move a driver to `to_state` (the state machine in availability.services decides).
 
     Going unavailable withdraws the driver's pending offer (CANCELLED) and its delivery moves
-    to the next candidate. Locks: the pending offer, its delivery, then the driver."""
+    to the next candidate. Locks: the pending offer, its delivery, then the driver. A dispatch
+    that offered the driver while we waited for the driver's lock (it holds candidates' locks
+    while it offers: a matching round, a batch) would go unseen: the attempt then rolls back
+    and starts again, locking that offer first."""
     now = now or timezone.now()
+    for _ in range(3):
+        try:
+            return _availability_change_attempt(
+                driver_id=driver_id, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now
+            )
+        except _OfferMadeMeanwhile:
+            continue
+    raise Conflict("The driver keeps getting new offers; try again.")
+
+
+@transaction.atomic
+def _availability_change_attempt(
+    *, driver_id, to_state: str, reason: str, actor: Actor, until: datetime | None, by_ops: bool, now: datetime,
+) -> Driver:
     withdrawing = to_state not in (A.AVAILABLE, A.BUSY)
     offer = locks.lock_pending_offer_of_driver(driver_id) if withdrawing else None
     delivery = locks.lock_delivery(offer.delivery_id) if offer is not None else None
     driver = locks.lock_driver(driver_id)
+    if withdrawing and offer is None and DriverOffer.objects.filter(driver_id=driver_id, status=OfferStatus.PENDING).exists():
+        raise _OfferMadeMeanwhile()
     apply_availability_change(driver, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now)
     if offer is not None:
         offer_cancel_locked(offer, delivery=delivery, reason=f"driver_{to_state}", actor=actor, now=now)

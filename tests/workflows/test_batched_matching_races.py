@@ -8,6 +8,7 @@ from django.db import connection
 from django.db.models import Count
 from django.utils import timezone
 
+from availability.models import Driver
 from common.actors import Actor
 from common.exceptions import Conflict
 from offers.models import DriverOffer
@@ -15,6 +16,7 @@ from tests.concurrency import race
 from dispatch.models import Delivery
 from tests.factories import DeliveryFactory
 from tests.workflows.test_batched_matching import at, dispatch_automatically, driver_at, matching_zone
+from workflows import drivers as availability
 from workflows import matching
 from workflows.deliveries import delivery_cancel
 from workflows.dispatching import delivery_dispatch
@@ -146,3 +148,50 @@ def test_ops_cancelling_a_delivery_while_a_round_offers_it_withdraws_that_offer(
     assert target.status == "cancelled", results
     assert not DriverOffer.objects.filter(delivery=target, status="PENDING").exists()
     assert DriverOffer.objects.get(delivery=target).status == "CANCELLED"
+
+
+def test_a_driver_going_off_shift_while_a_round_offers_him_a_delivery_keeps_no_pending_offer(monkeypatch):
+    """The interleaving forced: the round has locked its drivers when one of them ends his
+    shift (the change waits for the driver's lock); the round offers him the delivery and
+    commits; the shift's end must then withdraw that offer and the delivery wait again."""
+    now = timezone.now()
+    zone, [delivery] = waiting_zone(0, deliveries=1, drivers=1, now=now)
+    [driver] = Driver.objects.all()
+    drivers_locked, go_on = threading.Event(), threading.Event()
+    real_facts = matching._driver_facts
+
+    def slow_facts(ids, zone_id):
+        drivers_locked.set()
+        go_on.wait(10)
+        return real_facts(ids, zone_id)
+
+    monkeypatch.setattr(matching, "_driver_facts", slow_facts)
+    results = {}
+
+    def run(name, fn):
+        try:
+            results[name] = fn()
+        except Exception as exc:
+            results[name] = exc
+        finally:
+            connection.close()
+
+    a = threading.Thread(target=run, args=("round", lambda: matching.matching_round(zone_id=zone.pk, now=now + timedelta(seconds=5))))
+    a.start()
+    assert drivers_locked.wait(10)
+    b = threading.Thread(target=run, args=("end_shift", lambda: availability.availability_end_shift(
+        driver_id=driver.pk, actor=Actor.system())))
+    b.start()
+    b.join(1)  # it waits for the driver's lock
+    go_on.set()
+    a.join(10)
+    b.join(10)
+
+    assert not isinstance(results["end_shift"], Exception), results
+    assert len(results["round"].offered) == 1
+    driver.refresh_from_db()
+    assert driver.availability == "shift_ended"
+    assert not DriverOffer.objects.filter(driver=driver, status="PENDING").exists()
+    assert DriverOffer.objects.get(driver=driver).status == "CANCELLED"
+    delivery.refresh_from_db()
+    assert delivery.current_offer_id is None and delivery.matching_since is not None  # waits again
