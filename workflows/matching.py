@@ -359,10 +359,15 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         if not item.candidates and not item.held_elsewhere:
             unassigned(item)
 
-    # 1. At the target wait: offered at once, oldest first, to the best-ranked free candidate.
+    # 1. At the target wait: offered at once, oldest first, to the best-ranked free candidate,
+    # as sequential dispatch would; with every candidate taken by an older one, unassigned
+    # (all drivers busy) as sequential dispatch would record it, and out of the queue.
     for item in (i for i in items if i.urgent and i.candidates):
         best = next((c for c in item.candidates if c.driver_id not in taken), None)
-        if best is not None and offer(item, best):
+        if best is None:
+            item.screening.pending_elsewhere += len(item.candidates)
+            unassigned(item)
+        elif offer(item, best):
             result.greedy += 1
 
     # 2. The others: minimum total cost over the drivers left.

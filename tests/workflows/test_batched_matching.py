@@ -314,6 +314,22 @@ def test_in_a_round_a_delivery_at_its_target_wait_is_served_first():
     assert b.matching_since == T0 + timedelta(seconds=16)  # it re-enters the next window
 
 
+def test_past_its_target_a_delivery_whose_drivers_all_went_to_older_ones_is_unassigned_as_sequential():
+    zone = matching_zone(matching_window_seconds=5, target_wait_time_seconds=120)
+    driver = driver_at(0.0)
+    with time_machine.travel(T0, tick=False) as clock:
+        older, _ = new_delivery(zone, km=0.5, ready_at=T0 - timedelta(seconds=110))
+        younger, _ = new_delivery(zone, km=0.1, ready_at=T0 - timedelta(seconds=100))
+        clock.shift(timedelta(seconds=16))  # both past 120 s by the next window
+        result = matching_round(zone_id=zone.pk)
+
+    assert pending(older).driver_id == driver.pk
+    assert (result.greedy, result.unassigned, result.waiting) == (1, 1, 0)
+    assert UnassignedOrder.objects.get(delivery=younger).failure_reason == "all_drivers_busy"
+    younger.refresh_from_db()
+    assert younger.matching_since is None  # the retry job serves it, at once (past its target)
+
+
 def test_without_the_target_wait_rule_the_nearer_delivery_wins_the_driver():
     """The counterpart of the test above: neither near its target, the cheaper pair is matched."""
     zone = matching_zone(matching_window_seconds=5, target_wait_time_seconds=3600)
