@@ -32,6 +32,7 @@ class AuditEventType(models.TextChoices):
     HANDOFF_CODE_FAILED = "handoff_code_failed"
     HANDOFF_CODE_RESET = "handoff_code_reset"
     GEOFENCE_OVERRIDE = "geofence_override"
+    PROOF_ADDED = "proof_added"
 
 
 class DeliveryAuditLog(models.Model):

@@ -134,8 +134,8 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE)
 
 
-def body_too_large_message() -> str:
-    return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES)
+def body_too_large_message(limit: int | None = None) -> str:
+    return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES if limit is None else limit)
 
 
 def response_for_exception(request, exc: BaseException, *, api: bool = True) -> HttpResponse | None:

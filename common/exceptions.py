@@ -45,6 +45,13 @@ class Conflict(DomainError):
     default_message = "The resource is not in a state that allows this."
 
 
+class PayloadTooLarge(DomainError):
+    """An upload over its size limit (a 413)."""
+
+    status_code = 413
+    default_message = "The upload is too large."
+
+
 class ServiceUnavailable(DomainError):
     status_code = 503
     default_message = "A backing service is unavailable."

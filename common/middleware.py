@@ -192,6 +192,28 @@ _CHECKED_HEADERS = {"HTTP_AUTHORIZATION": "Authorization", "HTTP_IDEMPOTENCY_KEY
 _PARSE_IN_LOOP_MAX_BYTES = 64 * 1024
 
 
+# Routes that take larger multipart bodies than API_MAX_BODY_BYTES (file uploads): (path
+# pattern, limit in bytes, read when a request comes). Registered by the app that owns the
+# route, at start-up (`allow_larger_body`), so this module names no route of a higher layer.
+_LARGER_BODIES: list[tuple[re.Pattern, object]] = []
+
+
+def allow_larger_body(pattern: str, limit) -> None:
+    """multipart/form-data requests whose path matches `pattern` may have a body of up to
+    `limit()` bytes (any other body there keeps API_MAX_BODY_BYTES)."""
+    compiled = re.compile(pattern)
+    if all(p.pattern != compiled.pattern for p, _ in _LARGER_BODIES):
+        _LARGER_BODIES.append((compiled, limit))
+
+
+def body_limit(request) -> int:
+    if request.content_type.lower() == "multipart/form-data":
+        for pattern, limit in _LARGER_BODIES:
+            if pattern.match(request.path):
+                return max(settings.API_MAX_BODY_BYTES, limit())
+    return settings.API_MAX_BODY_BYTES
+
+
 class RequestGuardMiddleware(AsyncCapableMiddleware):
     """Hostile input is refused before anything reads it (SPEC "Wire conventions": bad input
     never produces a 500).
@@ -229,8 +251,9 @@ class RequestGuardMiddleware(AsyncCapableMiddleware):
         length = _content_length(request)
         if length < 0:
             return error_response(request, 400, "Content-Length must be a whole number of bytes.")
-        if length > settings.API_MAX_BODY_BYTES:
-            return error_response(request, 413, body_too_large_message())
+        limit = body_limit(request)
+        if length > limit:
+            return error_response(request, 413, body_too_large_message(limit))
         if length and request.content_type.lower() == "application/json":
             try:
                 setattr(request, PARSED_ATTR, load_json_body(request.body, request.encoding))

@@ -8,6 +8,7 @@ from availability.api import views as availability_views
 from common.views import AuthTokenView, health, jobs, live, prometheus_metrics, ready
 from config.views import home
 from dispatch.api import views as dispatch_views
+from dispatch.views import proof_file
 from escalation.api import views as escalation_views
 from notifications.api import views as webhook_views
 from offers.api import views as offer_views
@@ -24,6 +25,11 @@ api = [
     path("drivers/<uuid:driver_id>/availability/end-shift", availability_views.EndShiftView.as_view(), name="driver-end-shift"),
     path("drivers/<uuid:driver_id>/availability/resume", availability_views.ResumeView.as_view(), name="driver-resume"),
     path("drivers/<uuid:driver_id>/availability/history", availability_views.HistoryView.as_view(), name="driver-availability-history"),
+    path(
+        "drivers/<uuid:driver_id>/deliveries/<uuid:delivery_id>/proof",
+        dispatch_views.DeliveryProofUploadView.as_view(),
+        name="driver-delivery-proof",
+    ),
     path(
         "drivers/<uuid:driver_id>/deliveries/<uuid:delivery_id>/<str:step>",
         dispatch_views.DeliveryStepView.as_view(),
@@ -99,4 +105,5 @@ urlpatterns = [
     path("v2/", include(api)),
     path("support/", include("escalation.urls")),
     path("track/<uuid:delivery_id>", tracking_views.tracking_page, name="track"),
+    path("proofs/<str:token>", proof_file, name="proof-file"),
 ]

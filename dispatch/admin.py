@@ -22,7 +22,8 @@ from availability.models import Driver
 from common.actors import Actor
 from common.admin import ReadOnlyInline, run_for_each
 from common.admin_confirm import confirm_then
-from dispatch.models import Assignment, Delivery, DeliveryStatus
+from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
+from dispatch.proofs import proof_signed_path
 from notifications.admin import CustomerMessageInline
 from offers.admin import OfferInline
 from workflows import deliveries
@@ -37,6 +38,28 @@ class AssignmentInline(ReadOnlyInline):
     fk_name = "delivery"
     fields = ("driver", "status", "created_at", "ended_at", "end_reason")
     readonly_fields = fields
+
+
+class ProofInline(ReadOnlyInline):
+    """The driver's photos and signatures, as thumbnails linking to the full image; both through
+    signed URLs that expire after PROOF_URL_TTL_SECONDS (reload the page for fresh ones)."""
+
+    model = DeliveryProof
+    fk_name = "delivery"
+    fields = ("image", "kind", "note", "driver", "delivery_status", "created_at", "size_bytes")
+    readonly_fields = fields
+    verbose_name = "proof of delivery"
+    verbose_name_plural = "proof of delivery (photos and signatures)"
+
+    @admin.display(description="image")
+    def image(self, proof):
+        url = proof_signed_path(proof.pk)
+        return format_html(
+            '<a href="{0}" target="_blank" rel="noopener noreferrer" class="proof-link">'
+            '<img src="{0}" alt="{1}" class="proof-thumbnail" loading="lazy" '
+            'style="max-width:160px;max-height:160px;object-fit:contain;border:1px solid #ccc"></a>',
+            url, f"{proof.kind} {proof.width}×{proof.height}",
+        )
 
 
 class CostInline(ReadOnlyInline):
@@ -137,6 +160,7 @@ def describe_event(row, names) -> str:
             f"{d['distanceMeters']:,} m from the drop-off" if d.get("distanceMeters") is not None else "with no recent location"
         ) + f" (limit {d.get('limitMeters', '?')} m){reason}",
         "support_ticket_updated": "Support ticket updated" + (f" ({d['change']})" if d.get("change") else ""),
+        "proof_added": f"{driver} added a {d.get('kind', 'proof')}" + (f": {d['note']}" if d.get("note") else ""),
     }.get(row.event_type)
     if text is None:
         text = row.get_event_type_display()
@@ -205,7 +229,7 @@ class DeliveryAdmin(ExportMixin, admin.ModelAdmin):
     search_fields = ("seller_order_id", "store_name", "customer_name", "id")
     list_select_related = ("created_by", "zone")
     date_hierarchy = "created_at"
-    inlines = [OfferInline, AssignmentInline, CostInline, RevenueInline, CustomerMessageInline]
+    inlines = [OfferInline, AssignmentInline, ProofInline, CostInline, RevenueInline, CustomerMessageInline]
     actions = ["dispatch_now", "assign_to_driver", "reassign_deliveries", "cancel_deliveries"]
 
     change_form_template = "admin/dispatch/delivery/change_form.html"

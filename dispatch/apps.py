@@ -1,6 +1,11 @@
+import importlib.util
+
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
+
+PROOF_UPLOAD_PATH = r"^/v2/drivers/[^/]+/deliveries/[^/]+/proof$"
+PROOF_UPLOAD_OVERHEAD_BYTES = 64 * 1024
 
 
 def check_default_proof_policy(app_configs=None, **kwargs):
@@ -16,8 +21,33 @@ def check_default_proof_policy(app_configs=None, **kwargs):
     return []
 
 
+def check_proof_settings(app_configs=None, **kwargs):
+    """PROOF_FAILURE_PHOTO_POLICIES must name policies; PROOF_STORAGE is local or s3, and s3
+    needs boto3 (not a dependency unless configured)."""
+    errors = []
+    field = apps.get_model("dispatch", "Delivery")._meta.get_field("proof_required")
+    policies = [value for value, _ in field.choices]
+    unknown = [p for p in settings.PROOF_FAILURE_PHOTO_POLICIES if p not in policies]
+    if unknown:
+        errors.append(checks.Error(
+            f"PROOF_FAILURE_PHOTO_POLICIES names {', '.join(unknown)}; each must be one of {', '.join(policies)}.",
+            id="dispatch.E002",
+        ))
+    if settings.PROOF_STORAGE not in ("local", "s3"):
+        errors.append(checks.Error(f"PROOF_STORAGE is {settings.PROOF_STORAGE!r}; it must be local or s3.", id="dispatch.E003"))
+    elif settings.PROOF_STORAGE == "s3" and importlib.util.find_spec("boto3") is None:
+        errors.append(checks.Error("PROOF_STORAGE=s3 needs boto3: pip install boto3.", id="dispatch.E004"))
+    return errors
+
+
 class DispatchConfig(AppConfig):
     name = "dispatch"
 
     def ready(self):
+        # Imported once apps are loaded: the middleware module reads DRF, which reads models.
+        from common.middleware import allow_larger_body
+
         checks.register(check_default_proof_policy)
+        checks.register(check_proof_settings)
+        # The proof upload takes a file of up to PROOF_MAX_BYTES, plus its multipart framing and note.
+        allow_larger_body(PROOF_UPLOAD_PATH, lambda: settings.PROOF_MAX_BYTES + PROOF_UPLOAD_OVERHEAD_BYTES)

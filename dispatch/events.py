@@ -83,4 +83,35 @@ def delivery_cancelled(delivery, *, from_status: str, reason: str, cancelled_at)
     }
 
 
-EVENT_TYPES = ("delivery_created", "delivery_status_changed", "delivery_cancelled")
+class DeliveryProofAddedEvent(TypedDict):
+    """The assigned driver uploaded a photo or signature (to ops, and merchants as
+    `delivery.proof_added`; never to the customer's socket, and never with a file URL)."""
+
+    type: Literal["delivery_proof_added"]
+    deliveryId: str
+    sellerOrderId: str
+    proofId: str
+    kind: str
+    driverId: str
+    deliveryStatus: str
+    note: NotRequired[str]
+    addedAt: str
+
+
+def delivery_proof_added(delivery, proof) -> DeliveryProofAddedEvent:
+    event: DeliveryProofAddedEvent = {
+        "type": "delivery_proof_added",
+        "deliveryId": str(delivery.pk),
+        "sellerOrderId": delivery.seller_order_id,
+        "proofId": str(proof.pk),
+        "kind": proof.kind,
+        "driverId": str(proof.driver_id),
+        "deliveryStatus": proof.delivery_status,
+        "addedAt": iso(proof.created_at),
+    }
+    if proof.note:
+        event["note"] = proof.note
+    return event
+
+
+EVENT_TYPES = ("delivery_created", "delivery_status_changed", "delivery_cancelled", "delivery_proof_added")

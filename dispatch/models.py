@@ -3,6 +3,7 @@ import uuid
 
 from django.conf import settings
 from django.contrib.gis.db import models
+from django.core.files.storage import storages
 from django.db.models import Q
 
 
@@ -29,12 +30,22 @@ def new_tracking_token() -> str:
 
 
 class ProofPolicy(models.TextChoices):
-    """What the driver must show to complete a delivery (docs/dispatch.md, "Proof of delivery").
-    Photo and signature policies come with the proof upload (issue 15), not before: a policy
-    is offered only once it is enforced."""
+    """What the driver must show to complete a delivery (docs/dispatch.md, "Proof of delivery"):
+    nothing, the customer's handoff code, a photo, a signature (both uploaded as a
+    `DeliveryProof`), or either the code or a photo."""
 
     NONE = "none"
     CODE = "code"
+    PHOTO = "photo"
+    SIGNATURE = "signature"
+    CODE_OR_PHOTO = "code_or_photo"
+
+
+class ProofKind(models.TextChoices):
+    """What an uploaded proof shows."""
+
+    PHOTO = "photo"
+    SIGNATURE = "signature"
 
 
 class DispatchPolicy(models.TextChoices):
@@ -47,8 +58,15 @@ class DispatchPolicy(models.TextChoices):
     BATCHED_MATCHING = "batched_matching"  # collected for a window, matched by minimum total cost
 
 
-# The policies that ask for the customer's handoff code at delivery-completed.
-CODE_POLICIES = (ProofPolicy.CODE,)
+# The policies that ask for (or take) the customer's handoff code at delivery-completed: the
+# customer is shown the code for these.
+CODE_POLICIES = (ProofPolicy.CODE, ProofPolicy.CODE_OR_PHOTO)
+# The uploaded proof each policy needs at delivery-completed (code_or_photo: a photo, or the code).
+POLICY_PROOF_KIND = {
+    ProofPolicy.PHOTO: ProofKind.PHOTO,
+    ProofPolicy.SIGNATURE: ProofKind.SIGNATURE,
+    ProofPolicy.CODE_OR_PHOTO: ProofKind.PHOTO,
+}
 HANDOFF_CODE_MAX_FAILURES = 5
 
 
@@ -261,3 +279,49 @@ class Quote(models.Model):
 
     def __str__(self) -> str:
         return f"quote {self.pk} ({self.delivery_fee})"
+
+
+def proof_storage():
+    """Where proof files live: the "proofs" storage of settings.STORAGES (local files by
+    default, an S3-compatible bucket with PROOF_STORAGE=s3). A callable, so no setting lands in
+    a migration. Django calls it once, when the model loads: code that stores or reads a proof
+    file calls it again (not `proof.file.storage`), so a changed STORAGES (tests) is seen."""
+    return storages["proofs"]
+
+
+def proof_file_name(*, delivery_id, proof_id, extension: str) -> str:
+    """`<delivery id>/<proof id>.<ext>` in the proofs storage: nothing of the uploaded name."""
+    return f"{delivery_id}/{proof_id}.{extension}"
+
+
+def proof_upload_to(proof: "DeliveryProof", filename: str) -> str:
+    extension = filename.rsplit(".", 1)[-1] if "." in filename else "bin"
+    return proof_file_name(delivery_id=proof.delivery_id, proof_id=proof.pk, extension=extension)
+
+
+class DeliveryProof(models.Model):
+    """A photo or signature the assigned driver uploaded (`POST /v2/drivers/{id}/deliveries/
+    {deliveryId}/proof`): checked by its content and re-encoded without any metadata (EXIF,
+    GPS) before it is stored. Its file is served only through a signed, expiring URL
+    (`dispatch.proofs.proof_signed_url`)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    delivery = models.ForeignKey(Delivery, on_delete=models.PROTECT, related_name="proofs")
+    driver = models.ForeignKey("availability.Driver", on_delete=models.PROTECT, related_name="+")
+    kind = models.CharField(max_length=20, choices=ProofKind.choices)
+    file = models.FileField(upload_to=proof_upload_to, storage=proof_storage, max_length=255)
+    content_type = models.CharField(max_length=50)
+    size_bytes = models.PositiveIntegerField()
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    note = models.CharField(max_length=1000, blank=True, default="")
+    # The delivery's status when the proof came (in_transit, or failed for evidence after a failure).
+    delivery_status = models.CharField(max_length=20, choices=DeliveryStatus.choices)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["delivery", "kind"], name="proof_delivery_kind_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} for {self.delivery_id}"

@@ -4,7 +4,7 @@ from django.db.models import Prefetch, QuerySet
 
 from common.exceptions import NotFound
 from common.roles import driver_of, is_integration, is_ops
-from dispatch.models import Assignment, Delivery
+from dispatch.models import Assignment, Delivery, DeliveryProof
 
 
 def _with_latest_assignment(qs: QuerySet) -> QuerySet:
@@ -66,3 +66,12 @@ def assignments_for_user(*, user, delivery_id) -> QuerySet[Assignment]:
     if not found:
         raise NotFound("Delivery not found.")
     return qs
+
+
+def proof_get(proof_id) -> DeliveryProof | None:
+    """A proof by id (its file is served only for a signed URL: `dispatch.views.proof_file`)."""
+    return DeliveryProof.objects.filter(pk=proof_id).first()
+
+
+def proofs_of_delivery(delivery_id) -> list[DeliveryProof]:
+    return list(DeliveryProof.objects.filter(delivery_id=delivery_id).order_by("created_at", "id"))

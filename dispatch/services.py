@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib.gis.geos import Point
 from django.db import transaction
 from django.db.models import F
@@ -30,10 +31,14 @@ from dispatch import events
 from dispatch.models import (
     CODE_POLICIES,
     HANDOFF_CODE_MAX_FAILURES,
+    OPEN_DELIVERY_STATUSES,
+    POLICY_PROOF_KIND,
     Assignment,
     AssignmentStatus,
     Delivery,
+    DeliveryProof,
     FailureReason,
+    ProofKind,
     ProofPolicy,
     Quote,
 )
@@ -364,6 +369,87 @@ def delivery_geofence_override(
             "fixRecordedAt": fix_recorded_at.isoformat().replace("+00:00", "Z") if fix_recorded_at else None,
         },
     )
+
+
+# ------------------------------------------------------------------- photo and signature
+
+
+def proof_upload_ensure_allowed(assignment: Assignment, delivery: Delivery, *, now: datetime) -> None:
+    """May the driver of `assignment` add a proof to `delivery` now? While its assignment is
+    active (assigned, picked up, in transit), and for PROOF_FAILURE_EVIDENCE_SECONDS after it
+    failed the delivery (evidence of the failure). Anything else is a Conflict. The caller
+    holds the delivery's lock."""
+    if assignment.status == AssignmentStatus.ACTIVE and delivery.status in OPEN_DELIVERY_STATUSES:
+        return
+    window = settings.PROOF_FAILURE_EVIDENCE_SECONDS
+    if (
+        assignment.status == AssignmentStatus.FAILED and delivery.status == S.FAILED and delivery.failed_at is not None
+        and window > 0 and now - delivery.failed_at <= timedelta(seconds=window)
+    ):
+        return
+    if delivery.status == S.FAILED and window > 0:
+        raise Conflict(f"Delivery failed more than {window} s ago; evidence can no longer be added.")
+    raise Conflict(f"Delivery is {delivery.status}; proof can no longer be added.")
+
+
+def delivery_proof_insert(
+    delivery: Delivery, *, driver_id, kind: str, file_name: str, content_type: str, size_bytes: int, width: int,
+    height: int, note: str, actor: Actor, now: datetime, proof_id: uuid.UUID,
+) -> DeliveryProof:
+    """The row of a proof whose cleaned file is stored as `file_name`, its `proof_added`
+    audit row and `delivery_proof_added` for ops (and the merchant's webhook, through the
+    outbox). The caller holds the delivery's lock and has checked that the upload is allowed."""
+    proof = DeliveryProof(
+        id=proof_id, delivery=delivery, driver_id=driver_id, kind=kind, file=file_name, content_type=content_type,
+        size_bytes=size_bytes, width=width, height=height, note=note, delivery_status=delivery.status, created_at=now,
+    )
+    proof.save(force_insert=True)
+    details = {"driverId": str(driver_id), "proofId": str(proof.pk), "kind": kind, "deliveryStatus": delivery.status}
+    if note:
+        details["note"] = note
+    audit_record(delivery=delivery, event_type=E.PROOF_ADDED, actor=actor, now=now, details=details)
+    broadcast_on_commit([OPS_GROUP], events.delivery_proof_added(delivery, proof))
+    return proof
+
+
+def _has_proof(delivery: Delivery, kind: str, statuses) -> bool:
+    return DeliveryProof.objects.filter(delivery=delivery, kind=kind, delivery_status__in=statuses).exists()
+
+
+def delivery_proof_check(delivery: Delivery, *, step: str, code: str, driver_id, actor: Actor, now: datetime) -> bool:
+    """Has the driver given the proof the delivery's policy asks for at this finishing step?
+    The caller holds the delivery's lock and calls this only when the step applies to the
+    delivery's status.
+
+    delivery-completed: `code` → the handoff code (`delivery_handoff_code_check`); `photo`,
+    `signature` → one uploaded while in transit; `code_or_photo` → such a photo, else the code.
+    delivery-failed: a photo (uploaded before failing) when the policy is in
+    PROOF_FAILURE_PHOTO_POLICIES. A missing proof is a Conflict naming it. False: a wrong
+    handoff code was counted (see `delivery_handoff_code_check`)."""
+    policy = delivery.proof_required
+    if step == "delivery-failed":
+        if policy in settings.PROOF_FAILURE_PHOTO_POLICIES and not _has_proof(delivery, ProofKind.PHOTO, OPEN_DELIVERY_STATUSES):
+            raise Conflict(
+                f"A photo is required to fail a delivery with proof policy {policy}: upload one (kind photo) first."
+            )
+        return True
+    if policy == ProofPolicy.NONE:
+        return True
+    if policy == ProofPolicy.CODE:
+        return delivery_handoff_code_check(delivery, code=code, driver_id=driver_id, actor=actor, now=now)
+    kind = POLICY_PROOF_KIND[policy]
+    if _has_proof(delivery, kind, (S.IN_TRANSIT,)):
+        return True
+    if policy == ProofPolicy.CODE_OR_PHOTO:
+        if delivery.handoff_code_locked_at is not None:
+            raise Conflict(
+                f"Handoff codes are refused after {HANDOFF_CODE_MAX_FAILURES} wrong ones until ops reset it; "
+                "a photo (kind photo) completes the delivery instead."
+            )
+        if not code:
+            raise Conflict("This delivery needs the customer's handoff code or a photo (kind photo) to complete.")
+        return delivery_handoff_code_check(delivery, code=code, driver_id=driver_id, actor=actor, now=now)
+    raise Conflict(f"This delivery needs a {kind} to complete: upload one (kind {kind}) first.")
 
 
 # ------------------------------------------------------------------------------- quotes

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from availability.models import Driver
 from common.broadcast import enqueue_task_on_commit
+from dispatch.models import CODE_POLICIES
 from notifications.models import Channel, CustomerMessage, MessageKind, OutboxEvent
 from notifications.models import CustomerMessageStatus as St
 from notifications.sms import SmsNotSent, SmsOutcomeUnknown, get_sms_backend
@@ -123,6 +124,11 @@ def _context(message: CustomerMessage) -> dict:
         "customer_name": delivery.customer_name, "store_name": delivery.store_name,
         "seller_order_id": delivery.seller_order_id, "tracking_url": delivery.tracking_url,
         "driver_first_name": driver, "failure_reason": delivery.failure_reason,
+        # The code the customer gives the driver at the door (code and code_or_photo policies):
+        # in the customer's messages while it is on its way, never anywhere a driver reads.
+        "handoff_code": delivery.handoff_code
+        if delivery.proof_required in CODE_POLICIES and message.kind in (MessageKind.ASSIGNED, MessageKind.ARRIVING)
+        else "",
     }
 
 

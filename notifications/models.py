@@ -17,6 +17,7 @@ WEBHOOK_EVENT_TYPES = (
     "delivery.eta_updated",
     "delivery.unassigned",
     "delivery.escalated",
+    "delivery.proof_added",
 )
 TEST_EVENT_TYPE = "webhook.test"
 ALL_EVENTS = "*"

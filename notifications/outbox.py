@@ -53,6 +53,8 @@ def webhook_type_for(event: dict) -> str | None:
         return ETA_TYPE
     if kind == "unassigned_order_escalated":
         return "delivery.escalated"
+    if kind == "delivery_proof_added":
+        return "delivery.proof_added"
     return None
 
 

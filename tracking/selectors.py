@@ -17,6 +17,7 @@ import uuid
 from datetime import datetime
 from typing import Literal, NotRequired, TypedDict
 
+from django.conf import settings
 from django.utils import timezone
 
 from availability import live
@@ -24,7 +25,8 @@ from availability.models import Driver
 from common.errors import iso
 from common.exceptions import NotFound
 from common.roles import is_integration, is_ops
-from dispatch.models import CODE_POLICIES, Assignment, AssignmentStatus, Delivery
+from dispatch.models import CODE_POLICIES, Assignment, AssignmentStatus, Delivery, DeliveryProof
+from dispatch.proofs import proof_signed_url
 from dispatch.models import DeliveryStatus as S
 from tracking import eta
 
@@ -126,6 +128,15 @@ class TrackingLocation(TypedDict):
     lastUpdated: str
 
 
+class TrackingProof(TypedDict):
+    """That a photo or signature was given, and when; `url` (signed, expiring) only with
+    PROOF_URLS_FOR_CUSTOMERS."""
+
+    kind: str
+    addedAt: str
+    url: NotRequired[str]
+
+
 class TrackingStatus(TypedDict):
     """The body of `GET /v2/orders/{sellerOrderId}/delivery-status` (seed shape)."""
 
@@ -136,6 +147,7 @@ class TrackingStatus(TypedDict):
     estimatedDeliveryTime: NotRequired[str]
     estimatedPrepTimeMinutes: NotRequired[int]
     handoffCode: NotRequired[str]
+    proofs: NotRequired[list[TrackingProof]]
     trackingUrl: str
     deliveryId: str
 
@@ -193,9 +205,25 @@ def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> Track
         body["estimatedPrepTimeMinutes"] = math.ceil(eta.remaining_prep_seconds(delivery, now) / 60)
     if delivery.proof_required in CODE_POLICIES and delivery.status not in FINAL_STATUSES:
         body["handoffCode"] = delivery.handoff_code  # for the customer to give the driver; never to a driver
+    if delivery.status != S.READY:  # nothing can be uploaded before a driver has it
+        proofs = _customer_proofs(delivery)
+        if proofs:
+            body["proofs"] = proofs
     body["trackingUrl"] = delivery.tracking_url
     body["deliveryId"] = str(delivery.pk)
     return body  # type: ignore[return-value]
+
+
+def _customer_proofs(delivery: Delivery) -> list[TrackingProof]:
+    """Which proofs exist and when; the file's URL never, unless PROOF_URLS_FOR_CUSTOMERS."""
+    rows = DeliveryProof.objects.filter(delivery=delivery).order_by("created_at", "id").values_list("id", "kind", "created_at")
+    proofs: list[TrackingProof] = []
+    for proof_id, kind, created_at in rows:
+        proof: TrackingProof = {"kind": kind, "addedAt": iso(created_at)}
+        if settings.PROOF_URLS_FOR_CUSTOMERS:
+            proof["url"] = proof_signed_url(proof_id)
+        proofs.append(proof)
+    return proofs
 
 
 def tracking_message(delivery: Delivery, *, kind: str, now: datetime | None = None) -> dict:

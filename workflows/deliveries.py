@@ -3,6 +3,7 @@ through pickup and drop-off. Each reads top to bottom: lock (once, in the order 
 `workflows.locks`) → state changes → audit → events on commit."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 from datetime import datetime
 
@@ -14,8 +15,9 @@ from analytics.services import performance_delivery_finished
 from common.actors import Actor
 from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import services as deliveries
-from dispatch.models import AssignmentStatus, Delivery
+from dispatch.models import AssignmentStatus, Delivery, DeliveryProof, proof_file_name
 from dispatch.models import DeliveryStatus as S
+from dispatch.proofs import proof_file_discard, proof_file_store, proof_image_clean
 from dispatch.services import DeliveryInput
 from escalation.services import unassigned_cancel, unassigned_resolve
 from notifications.outbox import outbox_pickup_started
@@ -166,6 +168,43 @@ def delivery_handoff_code_reset(*, delivery_id, reason: str, actor: Actor, now: 
     return delivery
 
 
+def delivery_proof_add(
+    *, delivery_id, driver_id, kind: str, upload, note: str, actor: Actor, now: datetime | None = None,
+) -> DeliveryProof:
+    """A photo or signature by the delivery's assigned driver (docs/dispatch.md, "Proof of
+    delivery"): checked by its content and re-encoded without metadata (`dispatch.proofs`), then
+    stored, and only then the delivery locked: no lock is held while an image is decoded or a
+    file written to its storage. Under the lock: the driver's assignment of it must allow the
+    upload (`proof_upload_ensure_allowed`, else Conflict; never had it: NotFound), then the row,
+    its audit row and its event. A stored file whose row does not commit is deleted."""
+    now = now or timezone.now()
+    image = proof_image_clean(upload)
+    proof_id = uuid.uuid4()
+    name = proof_file_store(proof_file_name(delivery_id=delivery_id, proof_id=proof_id, extension=image.extension), image)
+    try:
+        return _delivery_proof_add_locked(
+            delivery_id=delivery_id, driver_id=driver_id, kind=kind, name=name, image=image, note=note, actor=actor,
+            now=now, proof_id=proof_id,
+        )
+    except BaseException:
+        proof_file_discard(name)  # the row did not commit: no file without its row
+        raise
+
+
+@unit_of_work()
+def _delivery_proof_add_locked(*, delivery_id, driver_id, kind, name, image, note, actor, now, proof_id) -> DeliveryProof:
+    assignment = locks.lock_assignment_of_driver(delivery_id, driver_id)
+    if assignment is None:
+        raise NotFound("Delivery not found.")
+    delivery = assignment.delivery
+    deliveries.proof_upload_ensure_allowed(assignment, delivery, now=now)
+    return deliveries.delivery_proof_insert(
+        delivery, driver_id=driver_id, kind=kind, file_name=name, content_type=image.content_type,
+        size_bytes=len(image.content), width=image.width, height=image.height, note=note, actor=actor, now=now,
+        proof_id=proof_id,
+    )
+
+
 def delivery_advance(
     *, delivery_id, driver_id, step: str, actor: Actor, reason: str = "", note: str = "", handoff_code: str = "",
     override_reason: str = "", now: datetime | None = None,
@@ -219,10 +258,11 @@ def _delivery_advance_locked(
         raise NotFound("Delivery not found.")
     delivery = assignment.delivery
     deliveries.assignment_ensure_active(assignment, delivery)
-    if step == "delivery-completed" and delivery.status == S.IN_TRANSIT:  # (out of order: the step says so below)
-        if not deliveries.delivery_handoff_code_check(delivery, code=handoff_code, driver_id=driver_id, actor=actor, now=now):
+    if finishing and delivery.status in deliveries.STEPS[step][0]:  # (out of order: the step says so below)
+        if not deliveries.delivery_proof_check(delivery, step=step, code=handoff_code, driver_id=driver_id, actor=actor, now=now):
             return None
-        geofence_check(delivery, driver=assignment.driver, override_reason=override_reason, actor=actor, now=now)
+        if step == "delivery-completed":
+            geofence_check(delivery, driver=assignment.driver, override_reason=override_reason, actor=actor, now=now)
 
     from_status = deliveries.delivery_step_apply(
         delivery, assignment=assignment, step=step, reason=reason, note=note, actor=actor, now=now

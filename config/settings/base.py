@@ -214,6 +214,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+MEDIA_ROOT = env("MEDIA_ROOT", default=str(BASE_DIR / "media"))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -263,6 +264,7 @@ SPECTACULAR_SETTINGS = {
         "DeliveryStatusEnum": "dispatch.models.DeliveryStatus",
         "VehicleTypeEnum": "availability.models.VehicleType",
         "OnBreakStatusEnum": ["on_break"],
+        "ProofKindEnum": "dispatch.models.ProofKind",
     },
     "DISABLE_ERRORS_AND_WARNINGS": False,
     # Swagger UI and ReDoc from drf-spectacular-sidecar's pinned builds in our static files.
@@ -331,6 +333,48 @@ DEFAULT_PROOF_POLICY = env("DEFAULT_PROOF_POLICY", default="none")
 # DRIVER_STALE_AFTER_SECONDS, counts as unknown), is a 409 unless the driver gives an
 # overrideReason (then flagged on the delivery and audited). 0 switches the check off.
 DROPOFF_GEOFENCE_METERS = env.int("DROPOFF_GEOFENCE_METERS", default=200)
+# Photo and signature proofs (docs/dispatch.md, "Proof of delivery"): the largest file taken
+# (bytes; more is a 413), the most pixels an image may have (decompression bombs are refused
+# before they are decoded), the policies whose deliveries need a photo to fail (comma list, e.g.
+# "photo,code_or_photo"; empty: none), how long after a failure its driver may still add
+# evidence (seconds; 0: not after), how long a signed proof URL works, and whether the customer
+# status carries proof URLs (off: it says only which proofs exist and when).
+PROOF_MAX_BYTES = env.int("PROOF_MAX_BYTES", default=5 * 1024 * 1024)
+PROOF_MAX_PIXELS = env.int("PROOF_MAX_PIXELS", default=40_000_000)
+PROOF_FAILURE_PHOTO_POLICIES = env.list("PROOF_FAILURE_PHOTO_POLICIES", default=[])
+PROOF_FAILURE_EVIDENCE_SECONDS = env.int("PROOF_FAILURE_EVIDENCE_SECONDS", default=900)
+PROOF_URL_TTL_SECONDS = env.int("PROOF_URL_TTL_SECONDS", default=300)
+PROOF_URLS_FOR_CUSTOMERS = env.bool("PROOF_URLS_FOR_CUSTOMERS", default=False)
+# Where proof files are stored (the "proofs" storage below): local files under PROOF_MEDIA_ROOT
+# by default, never served directly (only through the signed /proofs/<token> view), or an
+# S3-compatible bucket through django-storages (PROOF_STORAGE=s3; boto3 must then be installed).
+PROOF_STORAGE = env("PROOF_STORAGE", default="local")
+# Django reads at most this much of a request body into memory; uploads of PROOF_MAX_BYTES (plus
+# their multipart framing) must fit, also when an Idempotency-Key makes the body be hashed. API
+# bodies stay capped by API_MAX_BODY_BYTES (common.middleware), the proof upload's by PROOF_MAX_BYTES.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(2_621_440, PROOF_MAX_BYTES + 64 * 1024)
+PROOF_MEDIA_ROOT = env("PROOF_MEDIA_ROOT", default=str(BASE_DIR / "media" / "proofs"))
+if PROOF_STORAGE == "s3":
+    # django-storages' S3 backend (AWS S3, MinIO, Ceph, R2, …): a private bucket; the app reads
+    # the file and serves it itself, so bucket URLs are never handed out.
+    STORAGES["proofs"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env("PROOF_S3_BUCKET", default=""),
+            "endpoint_url": env("PROOF_S3_ENDPOINT_URL", default=None),
+            "region_name": env("PROOF_S3_REGION", default=None),
+            "access_key": env("PROOF_S3_ACCESS_KEY_ID", default=None),
+            "secret_key": env("PROOF_S3_SECRET_ACCESS_KEY", default=None),
+            "location": env("PROOF_S3_PREFIX", default="proofs"),
+            "default_acl": "private",
+            "file_overwrite": False,
+        },
+    }
+else:
+    STORAGES["proofs"] = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": PROOF_MEDIA_ROOT},
+    }
 # Dispatch policies (docs/dispatch.md, "Dispatch policies"): the default for a zone that sets
 # none, and each policy's knobs (zones/policies.py).
 DISPATCH_POLICY = env("DISPATCH_POLICY", default="sequential")

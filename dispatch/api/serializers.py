@@ -26,10 +26,13 @@ from dispatch.models import (
     AssignmentEndReason,
     AssignmentStatus,
     Delivery,
+    DeliveryProof,
     DeliveryStatus,
     FailureReason,
+    ProofKind,
     ProofPolicy,
 )
+from dispatch.proofs import proof_signed_url
 
 FINISHED_DELIVERY_STATUSES = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
 
@@ -161,8 +164,10 @@ class DeliveryCreateSerializer(serializers.Serializer):
     autoDispatch = StrictBooleanField(required=False, default=True)
     proofRequired = StrictChoiceField(
         choices=ProofPolicy.choices, required=False,
-        help_text="Proof the driver must give to complete it: none, or code (the customer's 4-digit handoff code, "
-        "shown on the customer's status and tracking page). Omitted: the zone's policy, else DEFAULT_PROOF_POLICY (none).",
+        help_text="Proof the driver must give to complete it: none; code (the customer's 4-digit handoff code, "
+        "shown on the customer's status and tracking page and in the customer's messages); photo or signature "
+        "(uploaded by the driver while in transit, POST /v2/drivers/{id}/deliveries/{deliveryId}/proof); "
+        "code_or_photo (either). Omitted: the zone's policy, else DEFAULT_PROOF_POLICY (none).",
     )
     quoteId = StrictUUIDField(
         required=False,
@@ -310,6 +315,61 @@ class DeliverySerializer(serializers.ModelSerializer):
         return None if self.context.get("hide_tracking") else obj.tracking_url
 
 
+class ProofSerializer(serializers.ModelSerializer):
+    """A photo or signature of a delivery. `url` is signed and works for PROOF_URL_TTL_SECONDS;
+    it is given to ops and the delivery's owner only (null for drivers)."""
+
+    deliveryId = serializers.UUIDField(source="delivery_id")
+    driverId = serializers.UUIDField(source="driver_id")
+    kind = serializers.ChoiceField(choices=ProofKind.choices)
+    note = serializers.CharField()
+    contentType = serializers.ChoiceField(source="content_type", choices=["image/jpeg", "image/png", "image/webp"])
+    sizeBytes = serializers.IntegerField(source="size_bytes", help_text="of the stored (re-encoded) file")
+    width = serializers.IntegerField()
+    height = serializers.IntegerField()
+    deliveryStatus = serializers.ChoiceField(
+        source="delivery_status", choices=DeliveryStatus.choices, help_text="The delivery's status when it was added."
+    )
+    createdAt = serializers.DateTimeField(source="created_at")
+    url = serializers.SerializerMethodField(
+        help_text="Signed URL of the file (expires after PROOF_URL_TTL_SECONDS); null for drivers."
+    )
+
+    class Meta:
+        model = DeliveryProof
+        fields = [
+            "id", "deliveryId", "driverId", "kind", "note", "contentType", "sizeBytes", "width", "height",
+            "deliveryStatus", "createdAt", "url",
+        ]
+
+    def get_url(self, obj) -> serializers.URLField(allow_null=True):  # type: ignore[valid-type]
+        if not self.context.get("proof_urls"):
+            return None
+        return proof_signed_url(obj, request=self.context.get("request"))
+
+
+class DeliveryDetailSerializer(DeliverySerializer):
+    """`GET /v2/deliveries/{id}`: the delivery with its proofs."""
+
+    proofs = serializers.SerializerMethodField(help_text="Photos and signatures, oldest first (signed URLs: ops and owner).")
+
+    class Meta(DeliverySerializer.Meta):
+        fields = DeliverySerializer.Meta.fields + ["proofs"]
+
+    def get_proofs(self, obj) -> ProofSerializer(many=True):  # type: ignore[valid-type]
+        context = {**self.context, "proof_urls": self.context.get("viewing_driver_id") is None}
+        return ProofSerializer(obj.proofs.order_by("created_at", "id"), many=True, context=context).data
+
+
+class ProofUploadSerializer(serializers.Serializer):
+    kind = StrictChoiceField(choices=ProofKind.choices)
+    file = serializers.FileField(
+        help_text="A JPEG, PNG or WebP image (judged by content), at most PROOF_MAX_BYTES (5 MB: larger is a 413) "
+        "and PROOF_MAX_PIXELS pixels. Stored re-encoded, without EXIF/GPS or any other metadata.",
+    )
+    note = StrictCharField(max_length=1000, required=False, allow_blank=True, default="")
+
+
 class DeliveryListQuerySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=DeliveryStatus.choices, required=False)
     sellerOrderId = serializers.CharField(max_length=255, required=False)
@@ -332,7 +392,8 @@ class DeliveryStepSerializer(serializers.Serializer):
     handoffCode = StrictRegexField(
         r"^[0-9]{4}$", max_length=4, required=False, default="",
         help_text="delivery-completed of a delivery whose proofRequired is code: the customer's 4-digit code "
-        "(missing or wrong: 400, details.handoffCode; after 5 wrong codes 409 until ops reset it). Ignored otherwise.",
+        "(missing or wrong: 400, details.handoffCode; after 5 wrong codes 409 until ops reset it); code_or_photo: "
+        "the code unless a photo was uploaded in transit (neither: 409). Ignored otherwise.",
     )
     overrideReason = StrictRegexField(
         r"\S", max_length=500, required=False,

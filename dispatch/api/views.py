@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -160,10 +161,14 @@ class QuoteView(APIView):
 class DeliveryDetailView(APIView):
     permission_classes = [IsOpsIntegrationOrDriver]
 
-    @extend_schema(operation_id="deliveries_retrieve", responses={200: s.DeliverySerializer, **errors(404)}, tags=["deliveries"])
+    @extend_schema(
+        operation_id="deliveries_retrieve", responses={200: s.DeliveryDetailSerializer, **errors(404)}, tags=["deliveries"],
+        description="The delivery with its proofs (photos, signatures); their signed `url`s (valid for "
+        "PROOF_URL_TTL_SECONDS) for ops and the owning integration, null for the driver.",
+    )
     def get(self, request, delivery_id):
         delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)
-        return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
+        return Response(s.DeliveryDetailSerializer(delivery, context=_delivery_context(request)).data)
 
 
 class DeliveryAssignmentsView(APIView):
@@ -220,7 +225,10 @@ class DeliveryStepView(APIView):
         "delivery-completed farther than DROPOFF_GEOFENCE_METERS (default 200 m) from the drop-off, judged by the "
         "driver's latest location (none in the last DRIVER_STALE_AFTER_SECONDS: unknown), is a 409 naming the "
         "distance (`details.distanceMeters`, null when unknown, `details.limitMeters`, `details.lastFixAt`) unless "
-        "the body gives `overrideReason`: then it completes, flagged for ops and audited (`geofence_override`).",
+        "the body gives `overrideReason`: then it completes, flagged for ops and audited (`geofence_override`). With "
+        "proofRequired photo or signature, delivery-completed without one uploaded in transit is a 409 naming it; "
+        "code_or_photo takes such a photo or else the code (neither: 409). delivery-failed of a delivery whose "
+        "policy is in PROOF_FAILURE_PHOTO_POLICIES without a photo uploaded first is a 409.",
         parameters=[OpenApiParameter("step", str, OpenApiParameter.PATH, enum=list(services.STEP_NAMES))],
         responses={200: s.DeliverySerializer, **errors(400, 404, 409)},
         tags=["deliveries"],
@@ -241,6 +249,36 @@ class DeliveryStepView(APIView):
             actor=Actor.for_user(request.user),
         )
         return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
+
+
+class DeliveryProofUploadView(APIView):
+    """`POST /v2/drivers/{id}/deliveries/{deliveryId}/proof` (multipart) by the assigned driver."""
+
+    permission_classes = [IsDriver]
+    parser_classes = [MultiPartParser]
+
+    @extend_schema(
+        operation_id="drivers_delivery_proof",
+        request={"multipart/form-data": s.ProofUploadSerializer},
+        responses={201: s.ProofSerializer, **errors(400, 404, 409, 413)},
+        tags=["deliveries"],
+        description="A photo or signature of the delivery, by its assigned driver (another driver: 404), while it "
+        "is assigned, picked up or in transit, and for PROOF_FAILURE_EVIDENCE_SECONDS (900) after the driver failed "
+        "it; otherwise (delivered, cancelled, failed longer ago) 409. `file` must be a JPEG, PNG or WebP image by "
+        "its content (anything else, or a broken image: 400, details.file), at most PROOF_MAX_BYTES (413) and "
+        "PROOF_MAX_PIXELS pixels (400). It is stored re-encoded, without EXIF/GPS or any other metadata. The "
+        "photo or signature a delivery's proofRequired asks for must be uploaded while it is in transit.",
+    )
+    def post(self, request, driver_id, delivery_id):
+        driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        data = s.ProofUploadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        proof = deliveries.delivery_proof_add(
+            delivery_id=delivery_id, driver_id=driver.pk, kind=v["kind"], upload=v["file"], note=v["note"],
+            actor=Actor.for_user(request.user),
+        )
+        return Response(s.ProofSerializer(proof, context={"request": request}).data, status=status.HTTP_201_CREATED)
 
 
 class DeliveryHandoffCodeResetView(APIView):

@@ -67,7 +67,7 @@ def test_an_integration_asks_for_the_customer_code(integration):
     assert "handoffCode" not in r.json()
 
 
-@pytest.mark.parametrize("value", ["photo", "CODE", "", 1, None, ["code"]])
+@pytest.mark.parametrize("value", ["selfie", "CODE", "Photo", "", 1, None, ["code"]])
 def test_an_unknown_policy_is_refused_naming_the_field(integration, value):
     body = assert_error(integration.post("/v2/deliveries", new_delivery(proofRequired=value), format="json"), 400)
 
@@ -267,7 +267,7 @@ def test_ops_set_a_zone_policy_through_the_zone_services(integration):
     zone = zone_create(name="Centre", geometry=box(77.0, 12.5, 78.0, 13.5))
     assert zone.proof_required == ""
     with pytest.raises(ValidationError):
-        zone_update(zone_id=zone.pk, proof_required="photo")  # not a policy (yet)
+        zone_update(zone_id=zone.pk, proof_required="selfie")  # not a policy
     zone_update(zone_id=zone.pk, proof_required="code")
 
     assert integration.post("/v2/deliveries", new_delivery(), format="json").json()["proofRequired"] == "code"
@@ -275,5 +275,5 @@ def test_ops_set_a_zone_policy_through_the_zone_services(integration):
 
 def test_a_default_policy_nothing_enforces_fails_the_system_check(settings):
     assert check_default_proof_policy() == []
-    settings.DEFAULT_PROOF_POLICY = "photo"
+    settings.DEFAULT_PROOF_POLICY = "selfie"
     assert [e.id for e in check_default_proof_policy()] == ["dispatch.E001"]

@@ -91,6 +91,32 @@ def test_delivered_and_failed_messages_and_each_only_once(smtp_server, twilio):
     assert (len(twilio.requests), len(smtp_server)) == sent == (4, 4)
 
 
+@pytest.mark.parametrize("policy", ["code", "code_or_photo"])
+def test_the_customer_is_sent_the_handoff_code_with_the_assignment(smtp_server, twilio, policy):
+    delivery = _delivery(proof_required=policy)
+    driver = online_driver()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+
+    assert f"Handoff code: {delivery.handoff_code}." in _sms(twilio.requests[0])["Body"]
+    assert f"Your handoff code is {delivery.handoff_code}" in _mails(smtp_server)[0].get_payload(decode=True).decode()
+
+
+def test_no_code_is_sent_for_policies_that_do_not_take_one(smtp_server, twilio):
+    for policy in ("none", "photo", "signature"):
+        flows.assignment_create(delivery_id=_delivery(proof_required=policy).pk, driver_id=online_driver().pk, actor=Actor.system())
+
+    assert len(twilio.requests) == 3 and len(smtp_server) == 3
+    assert not any("code" in _sms(r)["Body"].lower() for r in twilio.requests)
+    assert not any("code" in m.get_payload(decode=True).decode().lower() for m in _mails(smtp_server))
+
+
+def test_the_spanish_message_carries_the_code_too(smtp_server, twilio):
+    delivery = _delivery(proof_required="code", customer_language="es")
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+
+    assert f"Código de entrega: {delivery.handoff_code}." in _sms(twilio.requests[0])["Body"]
+
+
 def test_messages_in_the_customers_language(smtp_server, twilio):
     delivery = _delivery(customer_language="es-MX")
     flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())

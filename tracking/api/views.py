@@ -48,6 +48,14 @@ class TrackingLocationSerializer(serializers.Serializer):
     lastUpdated = serializers.DateTimeField()
 
 
+class TrackingProofSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["photo", "signature"])
+    addedAt = serializers.DateTimeField()
+    url = serializers.URLField(
+        required=False, help_text="Signed, expires after PROOF_URL_TTL_SECONDS; only with PROOF_URLS_FOR_CUSTOMERS."
+    )
+
+
 class DeliveryStatusSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=CUSTOMER_STATUSES, help_text="`ready` is shown as `pending`.")
     driver = TrackingDriverSerializer(required=False, help_text="Only while assigned, picked up or in transit.")
@@ -57,8 +65,13 @@ class DeliveryStatusSerializer(serializers.Serializer):
     estimatedPrepTimeMinutes = serializers.IntegerField(required=False, help_text="Remaining, before pickup.")
     handoffCode = serializers.RegexField(
         r"^[0-9]{4}$", required=False,
-        help_text="While the delivery is open and its proofRequired is code: the 4-digit code the customer gives "
-        "the driver at the door.",
+        help_text="While the delivery is open and its proofRequired is code or code_or_photo: the 4-digit code "
+        "the customer gives the driver at the door.",
+    )
+    proofs = TrackingProofSerializer(
+        many=True, required=False,
+        help_text="Photos and signatures the driver gave, when there are any: kind and time only; `url` only "
+        "when PROOF_URLS_FOR_CUSTOMERS is on.",
     )
     trackingUrl = serializers.URLField()
     deliveryId = serializers.UUIDField()

@@ -1,0 +1,149 @@
+"""Proof files (docs/dispatch.md, "Proof of delivery"): what an upload must be, how it is
+cleaned before it is stored, and the signed, expiring URLs it is served by.
+
+An upload is judged by its content, never its name or declared type: Pillow must recognise it
+as JPEG, PNG or WebP, its header must say at most PROOF_MAX_PIXELS pixels (checked before a
+single pixel is decoded, so a decompression bomb costs nothing), and it must decode. What is
+stored is a re-encoding of the pixels alone (EXIF orientation applied first): no EXIF, no GPS,
+no XMP, no ICC profile, no text chunks survive.
+
+A URL to a file is `/proofs/<token>`, the token being the proof id signed with a timestamp
+(`django.core.signing.TimestampSigner`, salted for this use); `dispatch.views.proof_file`
+serves the file for PROOF_URL_TTL_SECONDS after signing and refuses anything else.
+"""
+from __future__ import annotations
+
+import io
+import uuid
+import warnings
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core import signing
+from django.core.files.base import ContentFile
+from django.urls import reverse
+from PIL import Image, ImageOps
+
+from common.exceptions import DomainError, InvalidInput, PayloadTooLarge
+from dispatch.models import DeliveryProof, proof_storage
+
+# Pillow format → (content type, file extension). Nothing else is accepted.
+FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "WEBP": ("image/webp", "webp")}
+_URL_SALT = "dispatch.proof-file"
+_NOT_AN_IMAGE = "Not a JPEG, PNG or WebP image (judged by the file's content, not its name)."
+
+
+@dataclass(frozen=True)
+class CleanImage:
+    """An upload as it will be stored: re-encoded pixels, without metadata."""
+
+    content: bytes
+    content_type: str
+    extension: str
+    width: int
+    height: int
+
+
+def proof_image_clean(upload) -> CleanImage:
+    """The upload (a Django UploadedFile or any binary file object with `size`) checked and
+    re-encoded; InvalidInput (`details.file`) when it is not an acceptable image,
+    PayloadTooLarge over PROOF_MAX_BYTES."""
+    size = getattr(upload, "size", None)
+    if size is None:
+        upload.seek(0, io.SEEK_END)
+        size = upload.tell()
+    if size > settings.PROOF_MAX_BYTES:
+        raise PayloadTooLarge(f"file: {size} bytes is over the limit of {settings.PROOF_MAX_BYTES} bytes (PROOF_MAX_BYTES).")
+    if size == 0:
+        raise InvalidInput({"file": ["The file is empty."]})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _clean(upload)
+    except DomainError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidInput({"file": [f"The image has more than {settings.PROOF_MAX_PIXELS} pixels (PROOF_MAX_PIXELS)."]})
+    except Exception:  # whatever a malformed file makes a decoder raise: bad input, never a 500
+        raise InvalidInput({"file": [_NOT_AN_IMAGE]})
+
+
+def _clean(upload) -> CleanImage:
+    upload.seek(0)
+    with Image.open(upload, formats=list(FORMATS)) as probe:  # reads the header only
+        kind = probe.format
+        width, height = probe.size
+        if kind not in FORMATS:
+            raise InvalidInput({"file": [_NOT_AN_IMAGE]})
+        if width * height > settings.PROOF_MAX_PIXELS:
+            raise InvalidInput({"file": [f"The image has {width}×{height} pixels, more than PROOF_MAX_PIXELS ({settings.PROOF_MAX_PIXELS})."]})
+        probe.verify()  # structure and checksums, still without decoding
+    upload.seek(0)
+    with Image.open(upload, formats=[kind]) as image:
+        image.load()
+        upright = ImageOps.exif_transpose(image)  # the way the camera held it, before the EXIF goes
+    mode = "RGBA" if ("A" in upright.getbands() or "transparency" in upright.info) and kind != "JPEG" else "RGB"
+    if upright.mode == "L" and kind != "WEBP":
+        mode = "L"
+    converted = upright.convert(mode)
+    # A new image from the pixels alone: no info dict, no cached EXIF, nothing to carry over.
+    bare = Image.frombytes(mode, converted.size, converted.tobytes())
+    out = io.BytesIO()
+    if kind == "JPEG":
+        bare.save(out, "JPEG", quality=85, optimize=True)
+    elif kind == "PNG":
+        bare.save(out, "PNG", optimize=True)
+    else:
+        bare.save(out, "WEBP", quality=85)
+    content_type, extension = FORMATS[kind]
+    return CleanImage(out.getvalue(), content_type, extension, bare.width, bare.height)
+
+
+def proof_file_store(name: str, image: CleanImage) -> str:
+    """Store the cleaned image under `name`; returns the name the storage used."""
+    return proof_storage().save(name, ContentFile(image.content))
+
+
+def proof_file_discard(name: str) -> None:
+    """Delete a stored file whose row never committed (a failed upload)."""
+    proof_storage().delete(name)
+
+
+# ------------------------------------------------------------------------- signed URLs
+
+
+def _signer() -> signing.TimestampSigner:
+    return signing.TimestampSigner(salt=_URL_SALT)
+
+
+def proof_url_token(proof_id) -> str:
+    return _signer().sign(str(proof_id))
+
+
+def proof_id_from_token(token: str) -> uuid.UUID:
+    """The proof id a URL token was signed for. `signing.SignatureExpired` once it is older
+    than PROOF_URL_TTL_SECONDS; `signing.BadSignature` for anything not signed by us."""
+    value = _signer().unsign(token, max_age=settings.PROOF_URL_TTL_SECONDS)
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise signing.BadSignature("not a proof id")
+
+
+def _public_origin() -> str:
+    """scheme://host of the public site, from TRACKING_BASE_URL (for URLs made without a request)."""
+    parts = urlsplit(settings.TRACKING_BASE_URL)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+
+
+def proof_signed_path(proof_id) -> str:
+    """`/proofs/<token>`: the signed URL's path, for pages served on the same host (the admin)."""
+    return reverse("proof-file", args=[proof_url_token(proof_id)])
+
+
+def proof_signed_url(proof: DeliveryProof | uuid.UUID, *, request=None) -> str:
+    """An absolute URL that serves the proof's file for PROOF_URL_TTL_SECONDS: on the host of
+    `request` when given, else on TRACKING_BASE_URL's."""
+    path = proof_signed_path(proof.pk if isinstance(proof, DeliveryProof) else proof)
+    return request.build_absolute_uri(path) if request is not None else _public_origin() + path

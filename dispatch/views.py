@@ -1,0 +1,48 @@
+"""`/proofs/<token>`: a proof's file, for a signed URL that has not expired (dispatch/proofs.py).
+
+The token is the credential: whoever was handed the URL (ops on the admin page, the owning
+integration from `GET /v2/deliveries/{id}`, a customer when PROOF_URLS_FOR_CUSTOMERS is on) may
+fetch the file until PROOF_URL_TTL_SECONDS after it was signed. A token that is not ours, or
+tampered with, or expired, is a 403; a valid one for a proof (or file) that is gone is a 404.
+Nothing here is cached by a browser or a proxy.
+"""
+from __future__ import annotations
+
+from django.core import signing
+from django.http import FileResponse
+from django.views.decorators.http import require_GET
+
+from common.errors import error_response
+from dispatch import proofs, selectors
+from dispatch.models import proof_storage
+
+NO_STORE = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def _refused(request, status: int, message: str):
+    response = error_response(request, status, message)
+    for header, value in NO_STORE.items():
+        response[header] = value
+    return response
+
+
+@require_GET
+def proof_file(request, token: str):
+    try:
+        proof_id = proofs.proof_id_from_token(token)
+    except signing.SignatureExpired:
+        return _refused(request, 403, "This proof link has expired; ask for a fresh one.")
+    except signing.BadSignature:
+        return _refused(request, 403, "This is not a valid proof link.")
+    proof = selectors.proof_get(proof_id)
+    if proof is None:
+        return _refused(request, 404, "Proof not found.")
+    try:
+        handle = proof_storage().open(proof.file.name, "rb")
+    except (FileNotFoundError, OSError):
+        return _refused(request, 404, "Proof file not found.")
+    response = FileResponse(handle, content_type=proof.content_type)
+    response["Content-Disposition"] = f'inline; filename="{proof.kind}-{proof.pk}.{proof.file.name.rsplit(".", 1)[-1]}"'
+    for header, value in NO_STORE.items():
+        response[header] = value
+    return response

@@ -1,0 +1,553 @@
+"""Photo and signature proof (docs/dispatch.md, "Proof of delivery"): the upload by the assigned
+driver, checked by content and stored without metadata; the policies that need it at
+completion and failure; the signed, expiring URLs it is served by; who sees what."""
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
+from PIL import ExifTags, Image
+
+from audit.models import DeliveryAuditLog
+from common.actors import Actor
+from dispatch import proofs
+from dispatch.models import Delivery, DeliveryProof, proof_storage
+from notifications.models import OutboxEvent
+from tests.api import assert_error, client_for
+from tests.dispatch.test_proof_of_delivery import complete, in_transit, wrong
+from tests.factories import DeliveryFactory, DriverFactory, IntegrationUserFactory
+from workflows.deliveries import assignment_create, delivery_advance, delivery_cancel
+
+pytestmark = pytest.mark.django_db
+
+GPS = ExifTags.IFD.GPSInfo
+
+
+@pytest.fixture(autouse=True)
+def proof_dir(settings, tmp_path):
+    """Proof files of this test in a directory of its own (the "proofs" storage)."""
+    location = tmp_path / "proofs"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "proofs": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": str(location)}},
+    }
+    return location
+
+
+def stored_files(location) -> list:
+    return [p for p in location.rglob("*") if p.is_file()] if location.exists() else []
+
+
+def jpeg_with_gps(size=(64, 48)) -> bytes:
+    """A real JPEG whose EXIF holds a camera make and a GPS position (Bengaluru)."""
+    image = Image.new("RGB", size, (200, 30, 30))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "PhoneCam"
+    exif[ExifTags.Base.Orientation] = 1
+    exif[GPS] = {
+        ExifTags.GPS.GPSLatitudeRef: "N", ExifTags.GPS.GPSLatitude: (12.0, 58.0, 18.0),
+        ExifTags.GPS.GPSLongitudeRef: "E", ExifTags.GPS.GPSLongitude: (77.0, 35.0, 40.0),
+    }
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=exif)
+    raw = out.getvalue()
+    assert Image.open(io.BytesIO(raw)).getexif().get_ifd(GPS)  # the fixture really carries a location
+    return raw
+
+
+def image_bytes(kind: str, size=(40, 30), mode="RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, 128 if mode in ("L", "1") else (10, 120, 200)).save(out, kind)
+    return out.getvalue()
+
+
+def upload(client, driver, delivery, *, kind="photo", content=None, name="proof.jpg", content_type="image/jpeg", **extra):
+    body = {"kind": kind, **extra}
+    if content is not False:
+        body["file"] = SimpleUploadedFile(name, jpeg_with_gps() if content is None else content, content_type=content_type)
+    return client.post(f"/v2/drivers/{driver.pk}/deliveries/{delivery.pk}/proof", body, format="multipart")
+
+
+def with_policy(integration_user, driver, policy):
+    return in_transit(DeliveryFactory(created_by=integration_user, proof_required=policy), driver)
+
+
+@pytest.fixture
+def moving(integration_user, driver):
+    """A delivery (no proof policy) in transit with `driver`."""
+    return with_policy(integration_user, driver, "none")
+
+
+# ----------------------------------------------------------------------------- upload
+
+
+def test_the_assigned_driver_uploads_a_photo_stored_without_exif_or_gps(moving, driver, driver_client, proof_dir):
+    original = jpeg_with_gps()
+    r = upload(driver_client, driver, moving, content=original, note="Left with the concierge")
+
+    assert r.status_code == 201, r.content
+    body = r.json()
+    assert body["kind"] == "photo" and body["contentType"] == "image/jpeg" and body["note"] == "Left with the concierge"
+    assert body["deliveryStatus"] == "in_transit" and body["driverId"] == str(driver.pk)
+    assert (body["width"], body["height"]) == (64, 48)
+    assert body["url"] is None  # a driver is given no file URL
+
+    proof = DeliveryProof.objects.get(pk=body["id"])
+    assert proof.file.name == f"{moving.pk}/{proof.pk}.jpg"  # nothing of the phone's file name
+    (path,) = stored_files(proof_dir)
+    stored = path.read_bytes()
+    assert b"PhoneCam" in original and b"PhoneCam" not in stored
+    assert b"Exif" not in stored
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.format == "JPEG" and image.size == (64, 48)
+        assert len(image.getexif()) == 0 and not image.getexif().get_ifd(GPS)
+        assert "exif" not in image.info and "icc_profile" not in image.info
+    assert proof.size_bytes == len(stored)
+
+
+def test_a_proof_is_audited_and_told_to_merchants(moving, driver, driver_client):
+    proof_id = upload(driver_client, driver, moving, note="door").json()["id"]
+
+    audit = DeliveryAuditLog.objects.get(delivery=moving, event_type="proof_added")
+    assert audit.details == {
+        "driverId": str(driver.pk), "proofId": proof_id, "kind": "photo", "deliveryStatus": "in_transit", "note": "door",
+    }
+    assert audit.actor_type == "driver"
+    (event,) = OutboxEvent.objects.filter(delivery=moving, type="delivery.proof_added")
+    change = event.payload["data"]["change"]
+    assert change["proofId"] == proof_id and change["kind"] == "photo" and change["driverId"] == str(driver.pk)
+    assert "/proofs/" not in str(event.payload)  # no file URL travels in a webhook
+
+
+@pytest.mark.parametrize(("fmt", "content_type"), [("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_png_and_webp_are_taken_by_their_content_whatever_the_name(moving, driver, driver_client, fmt, content_type):
+    r = upload(driver_client, driver, moving, kind="signature", content=image_bytes(fmt), name="sig.jpg")
+
+    assert r.status_code == 201, r.content
+    assert r.json()["contentType"] == content_type and r.json()["kind"] == "signature"
+    with proof_storage().open(DeliveryProof.objects.get().file.name) as f, Image.open(f) as image:
+        assert image.format == fmt
+
+
+def test_a_png_signature_keeps_its_transparency_and_loses_its_text_chunks(moving, driver, driver_client):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "signed at 12.97,77.59")
+    image = Image.new("RGBA", (30, 20), (0, 0, 0, 0))
+    image.putpixel((3, 3), (0, 0, 0, 255))
+    out = io.BytesIO()
+    image.save(out, "PNG", pnginfo=info)
+
+    assert upload(driver_client, driver, moving, kind="signature", content=out.getvalue(), name="s.png").status_code == 201
+    with proof_storage().open(DeliveryProof.objects.get().file.name) as f, Image.open(f) as stored:
+        assert stored.mode == "RGBA" and stored.getpixel((0, 0))[3] == 0 and stored.getpixel((3, 3))[3] == 255
+        assert "Comment" not in stored.info
+
+
+def test_the_camera_orientation_is_applied_before_the_exif_goes(moving, driver, driver_client):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # rotated 90° clockwise
+    out = io.BytesIO()
+    Image.new("RGB", (60, 20), "white").save(out, "JPEG", exif=exif)
+
+    assert upload(driver_client, driver, moving, content=out.getvalue()).status_code == 201
+    assert (DeliveryProof.objects.get().width, DeliveryProof.objects.get().height) == (20, 60)
+
+
+@pytest.mark.parametrize(
+    ("content", "name"),
+    [
+        (b"just some text, renamed\n" * 20, "photo.jpg"),
+        (b"%PDF-1.4 not an image", "photo.png"),
+        (image_bytes("GIF"), "photo.gif"),  # a real image, but not one of the three
+        (image_bytes("BMP"), "photo.jpg"),
+        (image_bytes("JPEG")[:200], "cut.jpg"),  # a JPEG cut short
+    ],
+    ids=["text", "pdf", "gif", "bmp", "truncated-jpeg"],
+)
+def test_anything_but_a_whole_jpeg_png_or_webp_is_a_400_and_nothing_is_kept(moving, driver, driver_client, proof_dir, content, name):
+    body = assert_error(upload(driver_client, driver, moving, content=content, name=name), 400)
+
+    assert "file" in body["details"]
+    assert not DeliveryProof.objects.exists()
+    assert stored_files(proof_dir) == []
+    assert not DeliveryAuditLog.objects.filter(event_type="proof_added").exists()
+
+
+def test_a_file_over_the_size_limit_is_a_413(moving, driver, driver_client, settings, proof_dir):
+    settings.PROOF_MAX_BYTES = 500
+    content = jpeg_with_gps((200, 200))
+    assert len(content) > 500
+
+    body = assert_error(upload(driver_client, driver, moving, content=content), 413)
+
+    assert "PROOF_MAX_BYTES" in body["message"]
+    assert not DeliveryProof.objects.exists() and stored_files(proof_dir) == []
+
+
+def test_a_body_over_the_upload_limit_is_refused_before_it_is_read(moving, driver, driver_client, settings):
+    settings.API_MAX_BODY_BYTES, settings.PROOF_MAX_BYTES = 2048, 1000  # the limit: 1000 + 64 KiB of framing
+    url = f"/v2/drivers/{driver.pk}/deliveries/{moving.pk}/proof"
+    r = driver_client.generic("POST", url, b"x" * 10, content_type="multipart/form-data; boundary=x", CONTENT_LENGTH="200000")
+
+    assert "at most" in assert_error(r, 413)["message"]
+
+
+def test_the_upload_takes_files_larger_than_the_json_body_limit(moving, driver, driver_client, settings):
+    settings.API_MAX_BODY_BYTES = 2048
+    noisy = Image.effect_noise((120, 120), 80).convert("RGB")
+    out = io.BytesIO()
+    noisy.save(out, "JPEG", quality=95)
+    assert len(out.getvalue()) > 2048
+
+    assert upload(driver_client, driver, moving, content=out.getvalue()).status_code == 201
+
+
+def test_an_image_with_too_many_pixels_is_refused_before_it_is_decoded(moving, driver, driver_client, settings):
+    settings.PROOF_MAX_PIXELS = 1_000_000
+    bomb = image_bytes("PNG", size=(4000, 4000), mode="L")  # 16 megapixels of one grey, a few KB
+    assert len(bomb) < 100_000
+
+    body = assert_error(upload(driver_client, driver, moving, content=bomb, name="b.png"), 400)
+
+    assert "PROOF_MAX_PIXELS" in body["details"]["file"][0]
+    assert not DeliveryProof.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"kind": "selfie"}, "kind"),
+        ({"kind": ""}, "kind"),
+        ({}, "kind"),
+        ({"kind": "photo", "note": "x" * 1001}, "note"),
+    ],
+    ids=["unknown-kind", "empty-kind", "no-kind", "long-note"],
+)
+def test_bad_fields_are_a_400_naming_them(moving, driver, driver_client, fields, named):
+    form = {"file": SimpleUploadedFile("p.jpg", jpeg_with_gps(), content_type="image/jpeg"), **fields}
+
+    r = driver_client.post(f"/v2/drivers/{driver.pk}/deliveries/{moving.pk}/proof", form, format="multipart")
+
+    assert set(assert_error(r, 400)["details"]) == {named}
+    assert not DeliveryProof.objects.exists()
+
+
+def test_a_missing_or_empty_file_is_a_400(moving, driver, driver_client):
+    assert "file" in assert_error(upload(driver_client, driver, moving, content=False), 400)["details"]
+    assert "file" in assert_error(upload(driver_client, driver, moving, content=b""), 400)["details"]
+
+
+def test_a_json_body_is_refused(moving, driver, driver_client):
+    r = driver_client.post(f"/v2/drivers/{driver.pk}/deliveries/{moving.pk}/proof", {"kind": "photo"}, format="json")
+
+    assert_error(r, 415)
+
+
+# ------------------------------------------------------------------------ who and when
+
+
+def test_another_driver_gets_a_404_and_ops_and_integrations_a_403(moving, driver, ops, integration, proof_dir):
+    other = DriverFactory()
+    assert_error(upload(client_for(other.user), other, moving), 404)  # its own id: not its delivery
+    assert_error(upload(client_for(other.user), driver, moving), 404)  # the assigned driver's id
+    assert_error(upload(ops, driver, moving), 403)
+    assert_error(upload(integration, driver, moving), 403)
+    assert not DeliveryProof.objects.exists()
+    assert stored_files(proof_dir) == []
+
+
+def test_no_proof_before_the_driver_has_the_delivery(integration_user, driver, driver_client):
+    delivery = DeliveryFactory(created_by=integration_user)
+
+    assert_error(upload(driver_client, driver, delivery), 404)
+
+
+@pytest.mark.parametrize("status", ["assigned", "picked_up"])
+def test_a_proof_may_come_before_the_delivery_is_in_transit(integration_user, driver, driver_client, status):
+    delivery = DeliveryFactory(created_by=integration_user)
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    if status == "picked_up":
+        for step in ("pickup-started", "pickup-completed"):
+            delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.system())
+
+    assert upload(driver_client, driver, delivery).json()["deliveryStatus"] == status
+
+
+def test_no_proof_after_delivery_or_cancellation(integration_user, driver, driver_client, proof_dir):
+    delivered = with_policy(integration_user, driver, "none")
+    assert complete(driver_client, driver, delivered).status_code == 200
+    assert "delivered" in assert_error(upload(driver_client, driver, delivered), 409)["message"]
+
+    cancelled = with_policy(integration_user, driver, "none")
+    delivery_cancel(delivery_id=cancelled.pk, reason="customer changed mind", actor=Actor.system())
+    assert_error(upload(driver_client, driver, cancelled), 409)
+
+    assert not DeliveryProof.objects.exists()
+    assert stored_files(proof_dir) == []  # the file stored before the lock went with the refusal
+
+
+def test_evidence_may_follow_a_failure_within_the_window_only(moving, driver, driver_client, settings):
+    settings.PROOF_FAILURE_EVIDENCE_SECONDS = 600
+    r = driver_client.post(f"/v2/drivers/{driver.pk}/deliveries/{moving.pk}/delivery-failed", {"reason": "unsafe"}, format="json")
+    assert r.status_code == 200
+
+    assert upload(driver_client, driver, moving).json()["deliveryStatus"] == "failed"
+    with time_machine.travel(timezone.now() + timedelta(seconds=601)):
+        assert "600" in assert_error(upload(driver_client, driver, moving), 409)["message"]
+    assert DeliveryProof.objects.count() == 1
+
+
+# -------------------------------------------------------------------- policies at the door
+
+
+def test_photo_policy_completion_needs_a_photo_taken_in_transit(integration_user, driver, driver_client):
+    delivery = DeliveryFactory(created_by=integration_user, proof_required="photo")
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    upload(driver_client, driver, delivery)  # at the store: not a proof of delivery
+    for step in ("pickup-started", "pickup-completed", "delivery-started"):
+        delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.system())
+
+    body = assert_error(complete(driver_client, driver, delivery), 409)
+    assert "photo" in body["message"]
+    assert Delivery.objects.get(pk=delivery.pk).status == "in_transit"
+
+    upload(driver_client, driver, delivery, kind="signature", content=image_bytes("PNG"), name="s.png")
+    assert_error(complete(driver_client, driver, delivery), 409)  # a signature is not a photo
+
+    assert upload(driver_client, driver, delivery).status_code == 201
+    assert complete(driver_client, driver, delivery).json()["status"] == "delivered"
+
+
+def test_signature_policy_completion_needs_a_signature(integration_user, driver, driver_client):
+    delivery = with_policy(integration_user, driver, "signature")
+    upload(driver_client, driver, delivery)  # a photo
+
+    assert "signature" in assert_error(complete(driver_client, driver, delivery), 409)["message"]
+
+    upload(driver_client, driver, delivery, kind="signature", content=image_bytes("PNG"), name="s.png")
+    assert complete(driver_client, driver, delivery).json()["status"] == "delivered"
+
+
+def test_code_or_photo_without_either_is_a_409_naming_both(integration_user, driver, driver_client):
+    delivery = with_policy(integration_user, driver, "code_or_photo")
+
+    message = assert_error(complete(driver_client, driver, delivery), 409)["message"]
+
+    assert "code" in message and "photo" in message
+    assert Delivery.objects.get(pk=delivery.pk).status == "in_transit"
+
+
+def test_code_or_photo_completes_with_the_code(integration_user, driver, driver_client, anon):
+    delivery = with_policy(integration_user, driver, "code_or_photo")
+    shown = anon.get(f"/v2/orders/{delivery.seller_order_id}/delivery-status?token={delivery.tracking_token}").json()
+    assert shown["handoffCode"] == delivery.handoff_code  # the customer has the code
+
+    bad = assert_error(complete(driver_client, driver, delivery, handoffCode=wrong(delivery.handoff_code)), 400)
+    assert "handoffCode" in bad["details"]
+    assert Delivery.objects.get(pk=delivery.pk).handoff_code_failures == 1
+
+    assert complete(driver_client, driver, delivery, handoffCode=delivery.handoff_code).json()["status"] == "delivered"
+
+
+def test_code_or_photo_completes_with_a_photo_and_no_code_even_after_the_code_lockout(integration_user, driver, driver_client):
+    delivery = with_policy(integration_user, driver, "code_or_photo")
+    Delivery.objects.filter(pk=delivery.pk).update(handoff_code_failures=5, handoff_code_locked_at=timezone.now())
+    assert "photo" in assert_error(complete(driver_client, driver, delivery), 409)["message"]
+
+    upload(driver_client, driver, delivery)
+
+    assert complete(driver_client, driver, delivery).json()["status"] == "delivered"
+
+
+def test_the_code_policy_is_not_met_by_a_photo(integration_user, driver, driver_client):
+    delivery = with_policy(integration_user, driver, "code")
+    upload(driver_client, driver, delivery)
+
+    assert "handoffCode" in assert_error(complete(driver_client, driver, delivery), 400)["details"]
+
+
+def test_no_policy_needs_nothing(moving, driver, driver_client):
+    assert complete(driver_client, driver, moving).json()["status"] == "delivered"
+
+
+@pytest.mark.parametrize("policy", ["photo", "signature", "code_or_photo"])
+def test_each_policy_is_taken_at_intake(integration, policy):
+    from tests.dispatch.test_deliveries_api import new_delivery
+
+    r = integration.post("/v2/deliveries", new_delivery(proofRequired=policy), format="json")
+
+    assert r.status_code == 201, r.content
+    assert r.json()["proofRequired"] == policy
+
+
+# ----------------------------------------------------------------------- failure photo
+
+
+def fail(client, driver, delivery):
+    return client.post(f"/v2/drivers/{driver.pk}/deliveries/{delivery.pk}/delivery-failed", {"reason": "refused"}, format="json")
+
+
+def test_a_policy_set_to_need_a_failure_photo_refuses_a_failure_without_one(integration_user, driver, driver_client, settings):
+    settings.PROOF_FAILURE_PHOTO_POLICIES = ["photo", "code_or_photo"]
+    delivery = with_policy(integration_user, driver, "photo")
+
+    assert "photo" in assert_error(fail(driver_client, driver, delivery), 409)["message"]
+    assert Delivery.objects.get(pk=delivery.pk).status == "in_transit"
+
+    upload(driver_client, driver, delivery, note="customer refused at the door")
+    assert fail(driver_client, driver, delivery).json()["status"] == "failed"
+
+
+def test_other_policies_fail_without_a_photo(integration_user, driver, driver_client, settings):
+    settings.PROOF_FAILURE_PHOTO_POLICIES = ["photo"]
+    delivery = with_policy(integration_user, driver, "code")
+
+    assert fail(driver_client, driver, delivery).json()["status"] == "failed"
+
+
+def test_by_default_no_photo_is_needed_to_fail(integration_user, driver, driver_client):
+    assert fail(driver_client, driver, with_policy(integration_user, driver, "photo")).json()["status"] == "failed"
+
+
+def test_an_unknown_failure_photo_policy_fails_the_system_check(settings):
+    from dispatch.apps import check_proof_settings
+
+    assert check_proof_settings() == []
+    settings.PROOF_FAILURE_PHOTO_POLICIES = ["photo", "selfie"]
+    assert [e.id for e in check_proof_settings()] == ["dispatch.E002"]
+    settings.PROOF_FAILURE_PHOTO_POLICIES = []
+    settings.PROOF_STORAGE = "ftp"
+    assert [e.id for e in check_proof_settings()] == ["dispatch.E003"]
+
+
+# ------------------------------------------------------------------------- signed URLs
+
+
+@pytest.fixture
+def photo(moving, driver, driver_client):
+    upload(driver_client, driver, moving)
+    return DeliveryProof.objects.get()
+
+
+def test_ops_and_the_owner_get_signed_urls_and_the_driver_none(photo, moving, ops, integration, driver_client):
+    for client in (ops, integration):
+        (listed,) = client.get(f"/v2/deliveries/{moving.pk}").json()["proofs"]
+        assert listed["id"] == str(photo.pk) and listed["kind"] == "photo"
+        assert listed["url"].startswith("http://testserver/proofs/")
+    (driver_view,) = driver_client.get(f"/v2/deliveries/{moving.pk}").json()["proofs"]
+    assert driver_view["url"] is None
+    assert client_for(IntegrationUserFactory()).get(f"/v2/deliveries/{moving.pk}").status_code == 404
+
+
+def test_a_signed_url_serves_the_file_privately(photo, moving, ops, anon):
+    url = ops.get(f"/v2/deliveries/{moving.pk}").json()["proofs"][0]["url"]
+
+    r = anon.get(url)
+
+    assert r.status_code == 200
+    assert r["Content-Type"] == "image/jpeg"
+    assert "no-store" in r["Cache-Control"] and "private" in r["Cache-Control"]
+    assert r["X-Content-Type-Options"] == "nosniff"
+    with proof_storage().open(photo.file.name) as f:
+        assert b"".join(r.streaming_content) == f.read()
+
+
+def test_a_signed_url_expires(photo, anon, settings):
+    settings.PROOF_URL_TTL_SECONDS = 300
+    url = proofs.proof_signed_path(photo.pk)
+    assert anon.get(url).status_code == 200
+
+    with time_machine.travel(timezone.now() + timedelta(seconds=301)):
+        body = assert_error(anon.get(url), 403)
+    assert "expired" in body["message"]
+    assert "no-store" in anon.get(url.replace("/proofs/", "/proofs/x")).headers["Cache-Control"]
+
+
+def test_a_tampered_or_made_up_url_is_refused(photo, anon):
+    token = proofs.proof_url_token(photo.pk)
+    other_id = str(uuid.uuid4())
+    forged = token.replace(str(photo.pk), other_id)  # another id under the same signature
+    last = token[-1]
+    flipped = token[:-1] + ("A" if last != "A" else "B")
+
+    assert_error(anon.get(f"/proofs/{forged}"), 403)
+    assert_error(anon.get(f"/proofs/{flipped}"), 403)
+    assert_error(anon.get(f"/proofs/{photo.pk}"), 403)  # the bare id
+    assert_error(anon.get(f"/proofs/{proofs.proof_url_token(other_id)}"), 404)  # signed, but no such proof
+
+
+def test_a_url_for_a_file_that_is_gone_is_a_404(photo, anon):
+    proof_storage().delete(photo.file.name)
+
+    assert_error(anon.get(proofs.proof_signed_path(photo.pk)), 404)
+
+
+# ------------------------------------------------------------------------- the customer
+
+
+def test_the_customer_sees_that_proof_exists_but_never_its_url(photo, moving, anon):
+    r = anon.get(f"/v2/orders/{moving.seller_order_id}/delivery-status?token={moving.tracking_token}")
+
+    assert r.status_code == 200
+    assert r.json()["proofs"] == [{"kind": "photo", "addedAt": photo.created_at.isoformat().replace("+00:00", "Z")}]
+    assert "/proofs/" not in r.content.decode() and "url" not in r.json()["proofs"][0]
+
+
+def test_a_setting_gives_the_customer_working_urls(photo, moving, anon, settings):
+    settings.PROOF_URLS_FOR_CUSTOMERS = True
+    settings.TRACKING_BASE_URL = "http://testserver/track"
+
+    (shown,) = anon.get(f"/v2/orders/{moving.seller_order_id}/delivery-status?token={moving.tracking_token}").json()["proofs"]
+
+    assert shown["url"].startswith("http://testserver/proofs/")
+    assert anon.get(shown["url"]).status_code == 200
+
+
+def test_no_proofs_key_without_proofs(moving, anon):
+    body = anon.get(f"/v2/orders/{moving.seller_order_id}/delivery-status?token={moving.tracking_token}").json()
+
+    assert "proofs" not in body
+
+
+# -------------------------------------------------------------------------------- admin
+
+
+def test_the_admin_page_shows_thumbnails_through_signed_urls(photo, moving, admin_client):
+    page = admin_client.get(f"/admin/dispatch/delivery/{moving.pk}/change/").content.decode()
+
+    assert 'class="proof-thumbnail"' in page
+    start = page.index('<img src="/proofs/') + len('<img src="')
+    src = page[start:page.index('"', start)]
+    assert proofs.proof_id_from_token(src.removeprefix("/proofs/")) == photo.pk
+    assert admin_client.get(src)["Content-Type"] == "image/jpeg"
+    assert "added a photo" in page  # the timeline names it
+
+
+# ----------------------------------------------------------------- after commit, for real
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ops_are_told_after_commit_and_merchants_get_a_signed_webhook_row(listen, proof_dir):
+    from dispatch.events import DeliveryProofAddedEvent
+    from tests.typecheck import assert_event_shape
+
+    driver = DriverFactory()
+    delivery = in_transit(DeliveryFactory(), driver)
+    ops = listen("ops")
+    ops.drain()
+
+    proof_id = upload(client_for(driver.user), driver, delivery, note="porch").json()["id"]
+
+    (event,) = [e for e in ops.drain() if e["type"] == "delivery_proof_added"]
+    assert_event_shape(event, DeliveryProofAddedEvent)
+    assert event["proofId"] == proof_id and event["note"] == "porch" and event["deliveryStatus"] == "in_transit"
+    (row,) = OutboxEvent.objects.filter(delivery=delivery, type="delivery.proof_added")
+    assert row.payload["type"] == "delivery.proof_added" and row.payload["data"]["id"] == str(delivery.pk)
+    assert row.payload["data"]["change"] == {k: v for k, v in event.items() if k not in ("type", "deliveryId", "sellerOrderId")}
