@@ -38,6 +38,7 @@ api = [
     path("deliveries", dispatch_views.DeliveryListCreateView.as_view(), name="deliveries"),
     path("quotes", dispatch_views.QuoteView.as_view(), name="quotes"),
     path("deliveries/<uuid:delivery_id>", dispatch_views.DeliveryDetailView.as_view(), name="delivery-detail"),
+    path("deliveries/<uuid:delivery_id>/proofs", dispatch_views.DeliveryProofsView.as_view(), name="delivery-proofs"),
     path("deliveries/<uuid:delivery_id>/assignments", dispatch_views.DeliveryAssignmentsView.as_view(), name="delivery-assignments"),
     path("deliveries/<uuid:delivery_id>/offers", offer_views.DeliveryOffersView.as_view(), name="delivery-offers"),
     path("deliveries/<uuid:delivery_id>/dispatch", offer_views.DispatchView.as_view(), name="delivery-dispatch"),

@@ -73,5 +73,7 @@ def proof_get(proof_id) -> DeliveryProof | None:
     return DeliveryProof.objects.filter(pk=proof_id).first()
 
 
-def proofs_of_delivery(delivery_id) -> list[DeliveryProof]:
-    return list(DeliveryProof.objects.filter(delivery_id=delivery_id).order_by("created_at", "id"))
+def proofs_for_user(*, user, delivery_id) -> QuerySet[DeliveryProof]:
+    """The proofs of a delivery `user` may read (NotFound otherwise), oldest first."""
+    delivery = delivery_get_for_user(user=user, delivery_id=delivery_id)
+    return DeliveryProof.objects.filter(delivery=delivery).order_by("created_at", "id")

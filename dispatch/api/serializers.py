@@ -348,19 +348,6 @@ class ProofSerializer(serializers.ModelSerializer):
         return proof_signed_url(obj, request=self.context.get("request"))
 
 
-class DeliveryDetailSerializer(DeliverySerializer):
-    """`GET /v2/deliveries/{id}`: the delivery with its proofs."""
-
-    proofs = serializers.SerializerMethodField(help_text="Photos and signatures, oldest first (signed URLs: ops and owner).")
-
-    class Meta(DeliverySerializer.Meta):
-        fields = DeliverySerializer.Meta.fields + ["proofs"]
-
-    def get_proofs(self, obj) -> ProofSerializer(many=True):  # type: ignore[valid-type]
-        context = {**self.context, "proof_urls": self.context.get("viewing_driver_id") is None}
-        return ProofSerializer(obj.proofs.order_by("created_at", "id"), many=True, context=context).data
-
-
 class ProofUploadSerializer(serializers.Serializer):
     kind = StrictChoiceField(choices=ProofKind.choices)
     file = serializers.FileField(

@@ -161,14 +161,30 @@ class QuoteView(APIView):
 class DeliveryDetailView(APIView):
     permission_classes = [IsOpsIntegrationOrDriver]
 
-    @extend_schema(
-        operation_id="deliveries_retrieve", responses={200: s.DeliveryDetailSerializer, **errors(404)}, tags=["deliveries"],
-        description="The delivery with its proofs (photos, signatures); their signed `url`s (valid for "
-        "PROOF_URL_TTL_SECONDS) for ops and the owning integration, null for the driver.",
-    )
+    @extend_schema(operation_id="deliveries_retrieve", responses={200: s.DeliverySerializer, **errors(404)}, tags=["deliveries"])
     def get(self, request, delivery_id):
         delivery = selectors.delivery_get_for_user(user=request.user, delivery_id=delivery_id)
-        return Response(s.DeliveryDetailSerializer(delivery, context=_delivery_context(request)).data)
+        return Response(s.DeliverySerializer(delivery, context=_delivery_context(request)).data)
+
+
+class DeliveryProofsView(APIView):
+    """`GET /v2/deliveries/{id}/proofs`: the delivery's photos and signatures, oldest first."""
+
+    permission_classes = [IsOpsIntegrationOrDriver]
+
+    @extend_schema(
+        operation_id="deliveries_proofs",
+        parameters=PAGE_PARAMETERS,
+        responses={200: paginated_schema("DeliveryProofPage", "proofs", s.ProofSerializer), **errors(400, 404)},
+        tags=["deliveries"],
+        description="Photos and signatures of the delivery, oldest first, for whoever may read the delivery. "
+        "`url` is signed and works for PROOF_URL_TTL_SECONDS (300): given to ops and the owning integration, "
+        "null for drivers.",
+    )
+    def get(self, request, delivery_id):
+        qs = selectors.proofs_for_user(user=request.user, delivery_id=delivery_id)
+        context = {"request": request, "proof_urls": _delivery_context(request)["viewing_driver_id"] is None}
+        return paginate(request, qs, s.ProofSerializer, key="proofs", ordering=("created_at", "id"), context=context)
 
 
 class DeliveryAssignmentsView(APIView):

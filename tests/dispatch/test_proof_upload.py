@@ -438,16 +438,18 @@ def photo(moving, driver, driver_client):
 
 def test_ops_and_the_owner_get_signed_urls_and_the_driver_none(photo, moving, ops, integration, driver_client):
     for client in (ops, integration):
-        (listed,) = client.get(f"/v2/deliveries/{moving.pk}").json()["proofs"]
+        (listed,) = client.get(f"/v2/deliveries/{moving.pk}/proofs").json()["proofs"]
         assert listed["id"] == str(photo.pk) and listed["kind"] == "photo"
         assert listed["url"].startswith("http://testserver/proofs/")
-    (driver_view,) = driver_client.get(f"/v2/deliveries/{moving.pk}").json()["proofs"]
+    (driver_view,) = driver_client.get(f"/v2/deliveries/{moving.pk}/proofs").json()["proofs"]
     assert driver_view["url"] is None
-    assert client_for(IntegrationUserFactory()).get(f"/v2/deliveries/{moving.pk}").status_code == 404
+    assert_error(client_for(IntegrationUserFactory()).get(f"/v2/deliveries/{moving.pk}/proofs"), 404)
+    assert_error(client_for(DriverFactory().user).get(f"/v2/deliveries/{moving.pk}/proofs"), 404)
+    assert "proofs" not in ops.get(f"/v2/deliveries/{moving.pk}").json()  # the representation is the same everywhere
 
 
 def test_a_signed_url_serves_the_file_privately(photo, moving, ops, anon):
-    url = ops.get(f"/v2/deliveries/{moving.pk}").json()["proofs"][0]["url"]
+    url = ops.get(f"/v2/deliveries/{moving.pk}/proofs").json()["proofs"][0]["url"]
 
     r = anon.get(url)
 
