@@ -250,6 +250,21 @@ def test_a_json_body_is_refused(moving, driver, driver_client):
     assert_error(r, 415)
 
 
+def test_the_same_idempotency_key_stores_one_proof(moving, driver, driver_client, proof_dir):
+    url = f"/v2/drivers/{driver.pk}/deliveries/{moving.pk}/proof"
+    content = jpeg_with_gps()
+
+    def send():
+        form = {"kind": "photo", "file": SimpleUploadedFile("p.jpg", content, content_type="image/jpeg")}
+        return driver_client.post(url, form, format="multipart", HTTP_IDEMPOTENCY_KEY="proof-1")
+
+    first, again = send(), send()
+
+    assert first.status_code == again.status_code == 201
+    assert again["Idempotent-Replayed"] == "true" and again.json()["id"] == first.json()["id"]
+    assert DeliveryProof.objects.count() == 1 and len(stored_files(proof_dir)) == 1
+
+
 # ------------------------------------------------------------------------ who and when
 
 
@@ -553,3 +568,29 @@ def test_ops_are_told_after_commit_and_merchants_get_a_signed_webhook_row(listen
     (row,) = OutboxEvent.objects.filter(delivery=delivery, type="delivery.proof_added")
     assert row.payload["type"] == "delivery.proof_added" and row.payload["data"]["id"] == str(delivery.pk)
     assert row.payload["data"]["change"] == {k: v for k, v in event.items() if k not in ("type", "deliveryId", "sellerOrderId")}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_racing_the_completion_either_lands_in_transit_or_leaves_no_file(proof_dir):
+    from common.exceptions import Conflict
+    from tests.concurrency import race
+    from workflows.deliveries import delivery_proof_add
+
+    for _ in range(4):
+        driver = DriverFactory()
+        delivery = in_transit(DeliveryFactory(proof_required="photo"), driver)
+        upload(client_for(driver.user), driver, delivery)  # the photo that lets it complete
+
+        results, errors = race([
+            lambda: delivery_proof_add(
+                delivery_id=delivery.pk, driver_id=driver.pk, kind="photo", note="",
+                upload=SimpleUploadedFile("late.jpg", jpeg_with_gps()), actor=Actor.system(),
+            ),
+            lambda: delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step="delivery-completed", actor=Actor.system()),
+        ])
+
+        assert Delivery.objects.get(pk=delivery.pk).status == "delivered"
+        assert not DeliveryProof.objects.filter(delivery=delivery).exclude(delivery_status="in_transit").exists()
+        assert all(isinstance(e, Conflict) for e in errors) and len(results) + len(errors) == 2
+    rows = DeliveryProof.objects.count()
+    assert len(stored_files(proof_dir)) == rows  # a refused upload's file went with it
