@@ -20,7 +20,7 @@ from dispatch.models import Delivery, DeliveryProof, proof_storage
 from notifications.models import OutboxEvent
 from tests.api import assert_error, client_for
 from tests.dispatch.test_proof_of_delivery import complete, in_transit, wrong
-from tests.factories import DeliveryFactory, DriverFactory, IntegrationUserFactory
+from tests.factories import DeliveryFactory, DriverFactory, IntegrationUserFactory, driver_at_dropoff
 from workflows.deliveries import assignment_create, delivery_advance, delivery_cancel
 
 pytestmark = pytest.mark.django_db
@@ -328,6 +328,7 @@ def test_photo_policy_completion_needs_a_photo_taken_in_transit(integration_user
     upload(driver_client, driver, delivery)  # at the store: not a proof of delivery
     for step in ("pickup-started", "pickup-completed", "delivery-started"):
         delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.system())
+    driver_at_dropoff(driver, delivery)
 
     body = assert_error(complete(driver_client, driver, delivery), 409)
     assert "photo" in body["message"]
