@@ -19,8 +19,11 @@ RUN pip install -r requirements.txt
 COPY . .
 RUN python manage.py collectstatic --noinput -v0
 
-RUN useradd --system --uid 10001 --home-dir /app app
+RUN useradd --system --uid 10001 --home-dir /app app \
+    && mkdir -p /var/lib/dispatch/proofs && chown -R app /var/lib/dispatch
 USER app
+# Proof-of-delivery photos and signatures (local storage): a volume in docker-compose.yml
+ENV PROOF_MEDIA_ROOT=/var/lib/dispatch/proofs
 
 EXPOSE 8000
 CMD ["uvicorn", "config.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--no-access-log"]
