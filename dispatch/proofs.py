@@ -82,13 +82,18 @@ def _clean(upload) -> CleanImage:
     upload.seek(0)
     with Image.open(upload, formats=[kind]) as image:
         image.load()
-        upright = ImageOps.exif_transpose(image)  # the way the camera held it, before the EXIF goes
-    mode = "RGBA" if ("A" in upright.getbands() or "transparency" in upright.info) and kind != "JPEG" else "RGB"
-    if upright.mode == "L" and kind != "WEBP":
-        mode = "L"
-    converted = upright.convert(mode)
-    # A new image from the pixels alone: no info dict, no cached EXIF, nothing to carry over.
-    bare = Image.frombytes(mode, converted.size, converted.tobytes())
+        try:  # the way the camera held it, before the EXIF goes; a broken EXIF is no reason to refuse
+            ImageOps.exif_transpose(image, in_place=True)
+        except Exception:
+            pass
+        mode = "RGBA" if ("A" in image.getbands() or "transparency" in image.info) and kind != "JPEG" else "RGB"
+        if image.mode == "L" and mode == "RGB" and kind != "WEBP":
+            mode = "L"
+        converted = image if image.mode == mode else image.convert(mode)
+        # A new image holding the pixels alone: no info dict, no cached EXIF, nothing carried over.
+        bare = Image.new(mode, converted.size)
+        bare.paste(converted)
+        del converted
     out = io.BytesIO()
     if kind == "JPEG":
         bare.save(out, "JPEG", quality=85, optimize=True)

@@ -340,7 +340,7 @@ DROPOFF_GEOFENCE_METERS = env.int("DROPOFF_GEOFENCE_METERS", default=200)
 # evidence (seconds; 0: not after), how long a signed proof URL works, and whether the customer
 # status carries proof URLs (off: it says only which proofs exist and when).
 PROOF_MAX_BYTES = env.int("PROOF_MAX_BYTES", default=5 * 1024 * 1024)
-PROOF_MAX_PIXELS = env.int("PROOF_MAX_PIXELS", default=40_000_000)
+PROOF_MAX_PIXELS = env.int("PROOF_MAX_PIXELS", default=25_000_000)
 PROOF_FAILURE_PHOTO_POLICIES = env.list("PROOF_FAILURE_PHOTO_POLICIES", default=[])
 PROOF_FAILURE_EVIDENCE_SECONDS = env.int("PROOF_FAILURE_EVIDENCE_SECONDS", default=900)
 PROOF_URL_TTL_SECONDS = env.int("PROOF_URL_TTL_SECONDS", default=300)

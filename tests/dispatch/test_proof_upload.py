@@ -134,6 +134,21 @@ def test_png_and_webp_are_taken_by_their_content_whatever_the_name(moving, drive
         assert image.format == fmt
 
 
+def test_a_webp_loses_its_exif_too(moving, driver, driver_client, proof_dir):
+    with Image.open(io.BytesIO(jpeg_with_gps())) as photo:
+        exif = photo.getexif()
+        out = io.BytesIO()
+        photo.save(out, "WEBP", exif=exif)
+    assert b"PhoneCam" in out.getvalue()
+
+    assert upload(driver_client, driver, moving, content=out.getvalue(), name="p.webp").status_code == 201
+
+    (path,) = stored_files(proof_dir)
+    assert b"PhoneCam" not in path.read_bytes() and b"EXIF" not in path.read_bytes()
+    with Image.open(path) as stored:
+        assert stored.format == "WEBP" and len(stored.getexif()) == 0
+
+
 def test_a_png_signature_keeps_its_transparency_and_loses_its_text_chunks(moving, driver, driver_client):
     from PIL import PngImagePlugin
 
