@@ -10,7 +10,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('availability', '0003_driver_moves_here'),
-        ('dispatch', '0013_delivery_geofence_override'),
+        ('dispatch', '0014_delivery_matching_since'),
     ]
 
     operations = [
