@@ -9,7 +9,8 @@ under Redis Cluster):
                           past a token's expiry; forgotten on revoke)
 `{fleet}:fixes`           stream of accepted fixes, read by `manage.py consume_fixes`
 `{fleet}:moved`           hash driver id → latest position since the last ops digest
-`{fleet}:drivers:active`  hash driver id → the delivery it is on (for customer tracking)
+`{fleet}:drivers:active`  hash driver id → the deliveries it is on, comma-separated in the order
+                          they were assigned (for customer tracking; several with order stacking)
 plus the GEO index of availability/geo.py (`{fleet}:drivers:geo`, `…:fix`, `…:status`).
 
 PostgreSQL stays the source of truth for everything but the last second of positions: the
@@ -53,7 +54,7 @@ def auth_key(driver_id) -> str:
 # hash, active hash, auth key, throttle key. ARGV: driver id, lat, lon, t, acc, speed, heading,
 # token digest ('' = already authenticated: the database path), throttle limit, period,
 # stream max length, append (1: fast lane, 0: already in PostgreSQL), max GEO latitude.
-# Returns {code, accepted, active delivery id}: code 'ok', 'auth' (the token is not known to
+# Returns {code, accepted, active delivery ids (comma-separated)}: code 'ok', 'auth' (the token is not known to
 # belong to this driver: resolve it and retry) or 'throttled'.
 _FIX_SCRIPT = """
 local id = ARGV[1]
@@ -101,7 +102,7 @@ class Fix:
 class FixOutcome:
     code: str  # ok | auth | throttled
     accepted: bool = False
-    active_delivery_id: str | None = None
+    active_delivery_ids: tuple[str, ...] = ()
 
 
 def _num(value) -> str:
@@ -119,7 +120,7 @@ def _script_call(fix: Fix, *, token_digest_: str, throttle_key: str, limit: int,
 
 def _outcome(reply) -> FixOutcome:
     code, accepted, active = reply
-    return FixOutcome(code=code, accepted=bool(int(accepted)), active_delivery_id=active or None)
+    return FixOutcome(code=code, accepted=bool(int(accepted)), active_delivery_ids=split_ids(active))
 
 
 async def fix_record_async(
@@ -191,25 +192,53 @@ def driver_auth_forget_for_user(user) -> None:
 # --------------------------------------------------------------------- active deliveries
 
 
+def split_ids(value) -> tuple[str, ...]:
+    """The comma-separated delivery ids of the active map (or of the location SQL) as a tuple."""
+    return tuple(v for v in (value or "").split(",") if v)
+
+
+# Add / remove one delivery in a driver's comma-separated list, atomically (two assignments of
+# one stacked driver committing at once must not lose each other).
+_ACTIVE_ADD_SCRIPT = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur or cur == '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1 end
+for id in string.gmatch(cur, '[^,]+') do if id == ARGV[2] then return 0 end end
+redis.call('HSET', KEYS[1], ARGV[1], cur .. ',' .. ARGV[2])
+return 1
+"""
+_ACTIVE_REMOVE_SCRIPT = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 0 end
+local kept = {}
+for id in string.gmatch(cur, '[^,]+') do if id ~= ARGV[2] then table.insert(kept, id) end end
+if #kept == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], table.concat(kept, ',')) end
+return 1
+"""
+
+
 def active_delivery_set(driver_id, delivery_id) -> None:
-    """After commit: the driver is now on `delivery_id` (its fixes reach that customer)."""
-    _active_write(lambda r: r.hset(ACTIVE_KEY, str(driver_id), str(delivery_id)), driver_id)
+    """After commit: the driver is now (also) on `delivery_id` (its fixes reach that customer)."""
+    _active_write(lambda r: r.eval(_ACTIVE_ADD_SCRIPT, 1, ACTIVE_KEY, str(driver_id), str(delivery_id)), driver_id)
 
 
-def active_delivery_clear(driver_id) -> None:
-    _active_write(lambda r: r.hdel(ACTIVE_KEY, str(driver_id)), driver_id)
+def active_delivery_clear(driver_id, delivery_id=None) -> None:
+    """After commit: the driver is no longer on `delivery_id` (on none, without one)."""
+    if delivery_id is None:
+        _active_write(lambda r: r.hdel(ACTIVE_KEY, str(driver_id)), driver_id)
+    else:
+        _active_write(lambda r: r.eval(_ACTIVE_REMOVE_SCRIPT, 1, ACTIVE_KEY, str(driver_id), str(delivery_id)), driver_id)
 
 
-def active_delivery_repair(driver_id, delivery_id: str | None) -> None:
-    """PostgreSQL says the driver is on `delivery_id` (or none): make Redis agree."""
-    if delivery_id:
-        active_delivery_set(driver_id, delivery_id)
+def active_delivery_repair(driver_id, delivery_ids: tuple[str, ...]) -> None:
+    """PostgreSQL says the driver is on `delivery_ids` (or none): make Redis agree."""
+    if delivery_ids:
+        _active_write(lambda r: r.hset(ACTIVE_KEY, str(driver_id), ",".join(delivery_ids)), driver_id)
     else:
         active_delivery_clear(driver_id)
 
 
-def known_state(driver_ids: list[str]) -> dict[str, tuple[str | None, str | None]]:
-    """Driver id → (availability status, active delivery) as Redis knows them ({} when Redis
+def known_state(driver_ids: list[str]) -> dict[str, tuple[str | None, tuple[str, ...]]]:
+    """Driver id → (availability status, active deliveries) as Redis knows them ({} when Redis
     does not answer: nothing is repaired then)."""
     if not driver_ids:
         return {}
@@ -220,10 +249,13 @@ def known_state(driver_ids: list[str]) -> dict[str, tuple[str | None, str | None
         statuses, actives = pipe.execute()
     except (redis.RedisError, *RedisUnavailable):
         return {}
-    return {d: (s, a) for d, s, a in zip(driver_ids, statuses, actives)}
+    return {d: (s, split_ids(a)) for d, s, a in zip(driver_ids, statuses, actives)}
 
 
-_ACTIVE_SQL = "SELECT driver_id::text, delivery_id::text FROM dispatch_assignment WHERE status = 'active'"
+_ACTIVE_SQL = (
+    "SELECT driver_id::text, string_agg(delivery_id::text, ',' ORDER BY created_at, id) "
+    "FROM dispatch_assignment WHERE status = 'active' GROUP BY driver_id"
+)
 
 
 def active_reconcile() -> int:

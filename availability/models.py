@@ -3,7 +3,7 @@ import uuid
 
 from django.conf import settings
 from django.contrib.gis.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 
 
 class DriverAvailability(models.TextChoices):
@@ -26,6 +26,14 @@ class VehicleType(models.TextChoices):
     BICYCLE = "bicycle"
     VAN = "van"
     WALKING = "walking"
+
+
+def capacity_for_vehicle(vehicle_type: str | None) -> int:
+    """How many deliveries a driver of this vehicle type may carry at once (VEHICLE_CAPACITY;
+    docs/dispatch.md, "Order stacking"). Only zones with stacking on ever give a driver more
+    than one."""
+    capacities = settings.VEHICLE_CAPACITY
+    return max(1, int(capacities.get((vehicle_type or "").lower(), capacities.get("default", 1))))
 
 
 class ActorType(models.TextChoices):
@@ -61,6 +69,14 @@ class Driver(models.Model):
     location_recorded_at = models.DateTimeField(null=True, blank=True)
     home_location = models.PointField(geography=True, srid=4326, null=True, blank=True)
 
+    # "At most `capacity` active assignments per driver", kept by the database: a trigger on
+    # dispatch_assignment counts the driver's active assignments into `active_assignments`
+    # (under the driver's row lock), and the CHECK driver_active_assignments_within_capacity
+    # refuses a count above `capacity`, which follows the vehicle type (docs/dispatch.md,
+    # "Order stacking"). Neither is written by a plain save().
+    capacity = models.PositiveSmallIntegerField(default=1, editable=False)
+    active_assignments = models.PositiveSmallIntegerField(default=0, editable=False)
+
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -75,9 +91,38 @@ class Driver(models.Model):
                 condition=Q(availability="available"),
             ),
         ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(active_assignments__gte=0, active_assignments__lte=F("capacity")),
+                name="driver_active_assignments_within_capacity",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self):
+        """A vehicle that carries fewer deliveries than the driver has now is refused (ops
+        change it once the driver has delivered them)."""
+        from django.core.exceptions import ValidationError
+
+        if self.pk is None:
+            return
+        active = Driver.objects.filter(pk=self.pk).values_list("active_assignments", flat=True).first() or 0
+        if capacity_for_vehicle(self.vehicle_type) < active:
+            raise ValidationError(
+                {"vehicle_type": f"The driver carries {active} deliveries; this vehicle takes fewer."}
+            )
+
+    def save(self, *args, **kwargs):
+        # The capacity follows the vehicle type; the count is the trigger's alone: a full save
+        # of a row read earlier must not write back a stale count.
+        self.capacity = capacity_for_vehicle(self.vehicle_type)
+        if not self._state.adding and kwargs.get("update_fields") is None and not kwargs.get("force_insert"):
+            kwargs["update_fields"] = [
+                f.name for f in self._meta.concrete_fields if not f.primary_key and f.name != "active_assignments"
+            ]
+        super().save(*args, **kwargs)
 
 
 class DriverAvailabilityHistory(models.Model):

@@ -181,9 +181,11 @@ SET location = ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)::geography,
     updated_at = %(now)s
 WHERE id = %(id)s AND (location_recorded_at IS NULL OR location_recorded_at < %(recorded_at)s)
 RETURNING availability,
-    -- the delivery this driver is on, for its customer's tracking: one probe of the partial
-    -- unique index assignment_one_active_per_driver, no second round trip (docs/tracking.md)
-    (SELECT a.delivery_id FROM dispatch_assignment a WHERE a.driver_id = dispatch_driver.id AND a.status = 'active')
+    -- the deliveries this driver is on (several with order stacking, in the order assigned), for
+    -- their customers' tracking: one probe of the partial index assignment_active_driver_idx,
+    -- no second round trip (docs/tracking.md)
+    (SELECT string_agg(a.delivery_id::text, ',' ORDER BY a.created_at, a.id) FROM dispatch_assignment a
+     WHERE a.driver_id = dispatch_driver.id AND a.status = 'active')
 """
 
 
@@ -191,7 +193,7 @@ RETURNING availability,
 class LocationResult:
     accepted: bool
     availability: str | None
-    active_delivery_id: uuid.UUID | None = None
+    active_delivery_ids: tuple[str, ...] = ()  # in the order assigned
 
 
 def driver_location_update(
@@ -219,7 +221,7 @@ def driver_location_update(
         row = cur.fetchone()
     if row is None:
         return LocationResult(accepted=False, availability=None)
-    availability, active_delivery_id = row
+    availability, active = row
     fix = live.Fix(driver_id=str(driver_id), lat=lat, lon=lon, recorded_at=recorded_at.timestamp(),
                    accuracy_m=accuracy_m, speed=speed, heading=heading)
 
@@ -231,7 +233,7 @@ def driver_location_update(
             )
 
     transaction.on_commit(after_commit, robust=True)
-    return LocationResult(accepted=True, availability=availability, active_delivery_id=active_delivery_id)
+    return LocationResult(accepted=True, availability=availability, active_delivery_ids=live.split_ids(active))
 
 
 # The stream consumer's batch write: the newest fix per driver, one statement, with the same
@@ -244,7 +246,8 @@ SET location = ST_SetSRID(ST_MakePoint(v.lon, v.lat), 4326)::geography,
 FROM (VALUES {rows}) AS v(id, lat, lon, t, acc, speed, heading)
 WHERE d.id = v.id AND (d.location_recorded_at IS NULL OR d.location_recorded_at < v.t)
 RETURNING d.id, d.availability,
-    (SELECT a.delivery_id FROM dispatch_assignment a WHERE a.driver_id = d.id AND a.status = 'active')
+    (SELECT string_agg(a.delivery_id::text, ',' ORDER BY a.created_at, a.id) FROM dispatch_assignment a
+     WHERE a.driver_id = d.id AND a.status = 'active')
 """
 _BATCH_ROW = "(%s::uuid, %s::float8, %s::float8, %s::timestamptz, %s::float8, %s::float8, %s::float8)"
 
@@ -253,7 +256,7 @@ _BATCH_ROW = "(%s::uuid, %s::float8, %s::float8, %s::timestamptz, %s::float8, %s
 class PersistedFix:
     fix: live.Fix
     availability: str
-    active_delivery_id: str | None
+    active_delivery_ids: tuple[str, ...]
 
 
 def positions_persist(fixes: list[live.Fix], *, now: datetime | None = None) -> list[PersistedFix]:
@@ -274,4 +277,4 @@ def positions_persist(fixes: list[live.Fix], *, now: datetime | None = None) -> 
     with connection.cursor() as cur:
         cur.execute(sql, params)
         rows = cur.fetchall()
-    return [PersistedFix(newest[str(pk)], availability, str(active) if active else None) for pk, availability, active in rows]
+    return [PersistedFix(newest[str(pk)], availability, live.split_ids(active)) for pk, availability, active in rows]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.db import connection
 from django.db.models import Prefetch, QuerySet
 
 from common.exceptions import NotFound
@@ -77,3 +78,46 @@ def proofs_for_user(*, user, delivery_id) -> QuerySet[DeliveryProof]:
     """The proofs of a delivery `user` may read (NotFound otherwise), oldest first."""
     delivery = delivery_get_for_user(user=user, delivery_id=delivery_id)
     return DeliveryProof.objects.filter(delivery=delivery).order_by("created_at", "id")
+
+
+# Busy drivers with room under their capacity who carry a delivery not yet on its way (assigned,
+# or picked up and still at the store) whose pickup is within `radius_m` of a new pickup: the
+# candidates for order stacking (docs/dispatch.md). Nearest first.
+_STACKABLE_SQL = """
+SELECT d.id, d.vehicle_type, ST_Y(d.location::geometry), ST_X(d.location::geometry),
+       ST_Distance(d.location, %(pickup)s, false) / 1000.0 AS km
+FROM dispatch_driver d
+WHERE d.availability = 'busy' AND d.active_assignments < d.capacity
+  AND d.location IS NOT NULL AND d.location_recorded_at >= %(cutoff)s
+  AND EXISTS (
+    SELECT 1 FROM dispatch_assignment a JOIN dispatch_delivery x ON x.id = a.delivery_id
+    WHERE a.driver_id = d.id AND a.status = 'active' AND x.status IN ('assigned', 'picked_up')
+      AND ST_DWithin(x.pickup_location, %(pickup)s, %(radius_m)s, false)
+  )
+ORDER BY km, d.id
+LIMIT %(limit)s
+"""
+
+
+def stackable_drivers_near(*, lat: float, lon: float, radius_m: float, cutoff, limit: int = 50) -> list[tuple]:
+    """(driver id, vehicle type, lat, lon, km to the pickup) of each busy driver that may stack a delivery
+    picked up at (lat, lon), by pickup distance and room only (the detour is the caller's)."""
+    pickup = f"SRID=4326;POINT({float(lon)!r} {float(lat)!r})"
+    with connection.cursor() as cur:
+        cur.execute(
+            _STACKABLE_SQL.replace("%(pickup)s", "ST_GeogFromText(%(pickup)s)"),
+            {"pickup": pickup, "radius_m": float(radius_m), "cutoff": cutoff, "limit": limit},
+        )
+        return [(str(pk), vt, float(y), float(x), float(km)) for pk, vt, y, x, km in cur.fetchall()]
+
+
+def carried_deliveries(driver_ids) -> dict[str, list[Delivery]]:
+    """Driver id → the deliveries it carries (active assignments), in the order assigned."""
+    out: dict[str, list[Delivery]] = {}
+    rows = (
+        Assignment.objects.select_related("delivery")
+        .filter(driver_id__in=list(driver_ids), status="active").order_by("created_at", "id")
+    )
+    for a in rows:
+        out.setdefault(str(a.driver_id), []).append(a.delivery)
+    return out

@@ -21,7 +21,7 @@ from audit.models import AuditEventType as E
 from audit.models import DeliveryAuditLog
 from audit.services import audit_record
 from availability import live
-from availability.models import Driver, DriverAvailability
+from availability.models import Driver, DriverAvailability, capacity_for_vehicle
 from availability.services import apply_availability_change
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group
@@ -105,25 +105,37 @@ def delivery_emit_status(delivery: Delivery, *, from_status: str, driver_id, now
 
 def assignment_start_locked(
     delivery: Delivery, driver: Driver, *, actor: Actor, now: datetime, details: dict | None = None,
-    also_save: tuple[str, ...] = (), offer=None,
+    also_save: tuple[str, ...] = (), offer=None, stacking: bool = False,
 ) -> Assignment:
     """Assign a ready delivery to an available driver, who becomes busy. The caller holds the
-    delivery's and the driver's locks. The partial unique constraints (one active assignment
-    per delivery and per driver) have the last word; the loser gets a Conflict. `also_save`:
+    delivery's and the driver's locks. `stacking` (the delivery's zone stacks orders, and the
+    caller checked that this one qualifies: docs/dispatch.md, "Order stacking"): a busy driver
+    with room under its capacity takes it as well and stays busy. The database has the last
+    word (one active assignment per delivery: a partial unique index; at most `capacity` per
+    driver: the trigger-kept count under a CHECK); the loser gets a Conflict. `also_save`:
     delivery fields the caller changed on the locked row, written in the same UPDATE. `offer`:
     the offer the driver accepted (none when ops assign directly)."""
     if delivery.status != S.READY:
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be assigned.")
-    if driver.availability != DriverAvailability.AVAILABLE:
+    stacked = stacking and driver.availability == DriverAvailability.BUSY
+    if driver.availability != DriverAvailability.AVAILABLE and not stacked:
         raise Conflict(f"Driver {driver.pk} is not available for assignment (currently {driver.availability}).")
+    if stacked:
+        _capacity_refresh_locked(driver)
+        if driver.active_assignments >= driver.capacity:
+            raise Conflict(f"Driver {driver.pk} already carries {driver.active_assignments} deliveries, its capacity.")
     assignment = Assignment(delivery=delivery, driver=driver, offer=offer, status=AssignmentStatus.ACTIVE)
     if not insert_unless_conflict(assignment):
         raise Conflict("The delivery or the driver already has an active assignment.")
-    apply_availability_change(driver, to_state=DriverAvailability.BUSY, reason="assigned", actor=actor, now=now)
+    driver.active_assignments += 1  # the trigger's count, as the row now has it
+    if not stacked:
+        apply_availability_change(driver, to_state=DriverAvailability.BUSY, reason="assigned", actor=actor, now=now)
     transaction.on_commit(lambda: live.active_delivery_set(driver.pk, delivery.pk), robust=True)  # its fixes reach the customer
     delivery.status = S.ASSIGNED
     delivery.assigned_at = now
     delivery.save(update_fields=["status", "assigned_at", "updated_at", *also_save])
+    if stacked:
+        details = {**(details or {}), "stacked": True, "activeAssignments": driver.active_assignments}
     audit_record(
         delivery=delivery, event_type=E.DRIVER_ASSIGNED, actor=actor, now=now,
         details={"driverId": str(driver.pk), "assignmentId": str(assignment.pk), **(details or {})},
@@ -132,20 +144,40 @@ def assignment_start_locked(
     return assignment
 
 
+def _capacity_refresh_locked(driver: Driver) -> None:
+    """The locked driver's capacity column, brought up to VEHICLE_CAPACITY if the setting
+    changed since the row was written (never below what it carries now)."""
+    capacity = capacity_for_vehicle(driver.vehicle_type)
+    if driver.capacity != capacity:
+        driver.capacity = max(capacity, driver.active_assignments)
+        Driver.objects.filter(pk=driver.pk).update(capacity=driver.capacity)
+
+
 def assignment_end_locked(
     assignment: Assignment, *, driver: Driver, status: str, reason: str, actor: Actor, now: datetime
 ) -> None:
-    """End an active assignment and free its busy driver. The caller holds the delivery's,
-    the assignment's and the driver's locks."""
+    """End an active assignment. The caller holds the delivery's, the assignment's and the
+    driver's locks. The busy driver is free again once its last active assignment ends (with
+    order stacking it may carry others: it stays busy)."""
     assignment.status = status
     assignment.ended_at = now
     assignment.end_reason = reason
     assignment.save(update_fields=["status", "ended_at", "end_reason"])
-    transaction.on_commit(lambda: live.active_delivery_clear(assignment.driver_id), robust=True)
-    if driver.availability == DriverAvailability.BUSY:
+    driver.active_assignments = max(0, driver.active_assignments - 1)  # the trigger's count, as the row now has it
+    delivery_id = assignment.delivery_id
+    transaction.on_commit(lambda: live.active_delivery_clear(assignment.driver_id, delivery_id), robust=True)
+    if driver.availability == DriverAvailability.BUSY and driver.active_assignments == 0:
         apply_availability_change(
             driver, to_state=DriverAvailability.AVAILABLE, reason=reason, actor=actor, releasing=True, now=now
         )
+
+
+def active_deliveries_of(driver_id) -> list:
+    """The ids of the deliveries a driver carries now (several with order stacking)."""
+    return list(
+        Assignment.objects.filter(driver_id=driver_id, status=AssignmentStatus.ACTIVE)
+        .order_by("created_at", "id").values_list("delivery_id", flat=True)
+    )
 
 
 def delivery_mark_cancelled(delivery: Delivery, *, reason: str, driver_id, actor: Actor, now: datetime) -> None:

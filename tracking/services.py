@@ -33,6 +33,7 @@ from dispatch.models import Assignment, AssignmentStatus, Delivery
 from dispatch.models import DeliveryStatus as S
 from tracking import eta, events, selectors
 from tracking.models import DeliveryRating
+from tracking.route import route_plan
 from tracking.routing import Leg, RoutingBackend, get_routing_backend
 
 logger = logging.getLogger(__name__)
@@ -86,15 +87,25 @@ def _fixed_leg(backend: RoutingBackend, delivery: Delivery, vehicle_type: str) -
 def eta_compute(
     *, delivery: Delivery, vehicle_type: str, driver_lat: float, driver_lon: float,
     fix_recorded_at: datetime | None, accuracy_m: float | None, now: datetime, backend: RoutingBackend | None = None,
+    stack: list | None = None,
 ) -> Eta | None:
     """Both legs from the driver's position; None unless the delivery is assigned or under way.
 
     Assigned: pickup = now + max(drive to the store, remaining prep); delivery = pickup + the
     store → dropoff leg + handover. Picked up / in transit: pickup is when it happened;
-    delivery = now + drive to the dropoff + handover."""
+    delivery = now + drive to the dropoff + handover. `stack`: every delivery the driver
+    carries (order stacking), in the order assigned: the times are those of the driver's route
+    through all of them (`tracking.route`: the pickups not yet made, then the drop-offs in
+    that order), so a stacked delivery's ETA counts the drop-offs before it."""
     backend = backend or get_routing_backend()
     driver = (driver_lat, driver_lon)
-    if delivery.status == S.ASSIGNED:
+    if delivery.status not in TRACKED_STATUSES:
+        return None
+    if stack and len(stack) > 1 and any(d.pk == delivery.pk for d in stack):
+        route = route_plan(stack, vehicle_type=vehicle_type, driver_lat=driver_lat, driver_lon=driver_lon, now=now, backend=backend)
+        pickup_at, delivery_at = route.times[delivery.pk].pickup_at, route.times[delivery.pk].delivery_at
+        source = route.source
+    elif delivery.status == S.ASSIGNED:
         to_store = backend.leg(origin=driver, destination=_latlon(delivery.pickup_location), vehicle_type=vehicle_type)
         pickup_s = max(to_store.seconds, eta.remaining_prep_seconds(delivery, now))
         pickup_at = now + timedelta(seconds=round(pickup_s))
@@ -119,6 +130,14 @@ def eta_compute(
         confidence=fix_confidence(base=base, fix_age_s=age_s, accuracy_m=accuracy_m),
         calculated_at=now,
     )
+
+
+def driver_stack(driver_id) -> list[Delivery]:
+    """The deliveries a driver carries (order stacking), in the order they were assigned."""
+    return [
+        a.delivery for a in Assignment.objects.select_related("delivery")
+        .filter(driver_id=driver_id, status=AssignmentStatus.ACTIVE).order_by("created_at", "id")
+    ]
 
 
 def eta_changed_meaningfully(*, old: Eta | None, new: Eta) -> bool:
@@ -169,6 +188,7 @@ def delivery_eta_refresh(
     new = eta_compute(
         delivery=delivery, vehicle_type=driver.vehicle_type, driver_lat=driver.location.y, driver_lon=driver.location.x,
         fix_recorded_at=driver.location_recorded_at, accuracy_m=driver.location_accuracy_m, now=now,
+        stack=driver_stack(driver.pk) if driver.active_assignments > 1 else None,
     )
     if new is None:
         return None

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from analytics.economics import economics_record
 from analytics.services import performance_delivery_finished
+from availability.models import DriverAvailability
 from common.actors import Actor
 from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import services as deliveries
@@ -25,6 +26,7 @@ from offers.services import offer_cancel_locked, offer_mark_superseded, offers_w
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_next_locked
 from workflows.geofence import geofence_check
+from workflows.stacking import driver_may_stack
 from workflows.unit import eta_refresh_enqueue, unit_of_work
 from workflows.quotes import quote_use, serviceability_ensure
 
@@ -67,15 +69,19 @@ def delivery_create(
 @unit_of_work()
 def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | None = None, details: dict | None = None):
     """Ops assign a ready delivery straight to an available driver (no offer): the driver
-    becomes busy, the delivery assigned, its unassigned record resolved."""
+    becomes busy, the delivery assigned, its unassigned record resolved. In a zone with order
+    stacking on, a busy driver who qualifies (`workflows.stacking`) takes it as well."""
     now = now or timezone.now()
     offer = locks.lock_pending_offer_of_delivery(delivery_id)
     if offer is not None:
         raise Conflict("The delivery has a pending offer; withdraw it or wait for the answer.")
-    delivery = locks.lock_delivery(delivery_id)
+    delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     driver = locks.lock_driver(driver_id)
 
-    assignment = deliveries.assignment_start_locked(delivery, driver, actor=actor, now=now, details=details)
+    stacking = driver.availability == DriverAvailability.BUSY and driver_may_stack(delivery, driver, now=now)
+    assignment = deliveries.assignment_start_locked(
+        delivery, driver, actor=actor, now=now, details=details, stacking=stacking
+    )
     unassigned_resolve(delivery=delivery, now=now)
     eta_refresh_enqueue(delivery.pk, now=now)
     return assignment
@@ -272,6 +278,9 @@ def _delivery_advance_locked(
             assignment, driver=assignment.driver, status=deliveries.FINISHING_STEPS[step], reason=step.replace("-", "_"),
             actor=actor, now=now,
         )
+        if assignment.driver.active_assignments:  # order stacking: the route of the others changed
+            for other_id in deliveries.active_deliveries_of(assignment.driver_id):
+                eta_refresh_enqueue(other_id, now=now)
         cost, _ = economics_record(delivery=delivery, now=now)
         performance_delivery_finished(driver_id=driver_id, delivery=delivery, earning=cost.driver_payment, now=now)
     delivery.latest_assignments = [assignment]  # ended by the last step: a finished delivery keeps it

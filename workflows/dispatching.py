@@ -13,6 +13,10 @@ delivery at a time); `batch` the best N of them in one round, `broadcast` all of
 zone's cap. In a round the first accept wins and withdraws the others
 (`workflows.offers.offer_accept`); the next round starts only when no offer of the delivery
 is pending any more.
+
+In a zone with order stacking on, busy drivers with room who qualify (`workflows.stacking`)
+are candidates too, ranked with the rest by the same key (one at the same store has a pickup
+estimate near zero, so it usually wins). A driver never has two pending offers either way.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from itertools import islice
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import CharField, Count, Exists, OuterRef, Subquery, Value
+from django.db.models import CharField, Count, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -41,6 +45,7 @@ from offers.services import offer_insert_locked, offers_insert_round_locked
 from tracking import eta
 from workflows import locks
 from workflows.matching_window import delivery_wait_for_round_locked
+from workflows.stacking import stacking_candidates
 from workflows.unit import unit_of_work
 from zones.models import DriverZonePreference
 from zones.policies import zone_policy
@@ -59,6 +64,7 @@ class Candidate:
     pickup_seconds: float
     preference: str
     acceptance_rate: float
+    stacked: bool = False  # busy, taking it on top of what it carries (order stacking)
 
     def rank_key(self):
         return (
@@ -146,7 +152,8 @@ def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
     return {str(row[0]): row[1:] for row in rows}
 
 
-def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver]) -> _Screening:
+def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver], *, stackable=frozenset()) -> _Screening:
+    """`stackable`: ids of busy drivers who qualified for order stacking (busy is fine for them)."""
     ids = [n.driver_id for n in nearby]
     if not ids:
         return _Screening(ranked=[])
@@ -162,7 +169,9 @@ def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver]) -> _Screenin
             screening.pending_elsewhere += 1
         elif preference == "UNAVAILABLE":
             screening.unavailable_for_zone += 1
-        elif availability != DriverAvailability.AVAILABLE:
+        elif availability != DriverAvailability.AVAILABLE and not (
+            n.driver_id in stackable and availability == DriverAvailability.BUSY
+        ):
             screening.no_longer_available += 1
         else:
             screening.ranked.append(
@@ -173,6 +182,7 @@ def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver]) -> _Screenin
                     preference=preference or "AVAILABLE",
                     # (accepted + 1) / (answered or expired + 1): new drivers start near the top, not at 0
                     acceptance_rate=(accepted + 1) / (answered + 1),
+                    stacked=availability == DriverAvailability.BUSY,
                 )
             )
     screening.ranked.sort(key=Candidate.rank_key)
@@ -222,6 +232,14 @@ def _pending_offer(delivery: Delivery, *, no_pending_offer: bool) -> DispatchRes
     return DispatchResult("already_offered", offer=pending) if pending is not None else None
 
 
+def _claim(candidate: Candidate | None = None, *, stacked: bool = False) -> dict:
+    """What a candidate must still be when claimed under its lock: available, or — a stacked
+    one — busy with room under its capacity."""
+    if stacked or (candidate is not None and candidate.stacked):
+        return {"availability": DriverAvailability.BUSY, "active_assignments__lt": F("capacity")}
+    return {"availability": DriverAvailability.AVAILABLE}
+
+
 def _offer_round(
     delivery: Delivery, screening: _Screening, *, size: int, actor: Actor, now: datetime, radius: float
 ) -> list[DriverOffer]:
@@ -237,8 +255,12 @@ def _offer_round(
         if not chunk:
             break
         claimed = locks.lock_drivers_skip_locked(
-            [c.driver_id for c in chunk], availability=DriverAvailability.AVAILABLE, location__isnull=False
+            [c.driver_id for c in chunk if not c.stacked], availability=DriverAvailability.AVAILABLE, location__isnull=False
         )
+        if any(c.stacked for c in chunk):  # order stacking: busy with room (a second statement only then)
+            claimed.update(locks.lock_drivers_skip_locked(
+                [c.driver_id for c in chunk if c.stacked], location__isnull=False, **_claim(stacked=True)
+            ))
         drivers = [claimed[c.driver_id] for c in chunk if c.driver_id in claimed]
         if not drivers:
             continue
@@ -276,10 +298,14 @@ def dispatch_locked(
     lat, lon = delivery.pickup_location.y, delivery.pickup_location.x
     audit_record(delivery=delivery, event_type=E.ASSIGNMENT_STARTED, actor=actor, now=now, details={"searchRadiusKm": radius})
     nearby = drivers_available_near(lat=lat, lon=lon, radius_km=radius, limit=max(CANDIDATE_POOL, size), now=now)
+    stackable = stacking_candidates(delivery, now=now)  # none unless the zone stacks orders
+    if stackable:  # (the GEO index may still list one as available for a moment)
+        listed = {n.driver_id for n in nearby}
+        nearby = [*nearby, *(s for s in stackable if s.driver_id not in listed)]
     if exclude_driver_ids:
         excluded = {str(x) for x in exclude_driver_ids}
         nearby = [n for n in nearby if n.driver_id not in excluded]
-    screening = rank_candidates(delivery, nearby)
+    screening = rank_candidates(delivery, nearby, stackable=frozenset(n.driver_id for n in stackable))
     audit_record(
         delivery=delivery, event_type=E.DRIVER_CANDIDATES_FOUND, actor=actor, now=now,
         details={
@@ -289,7 +315,7 @@ def dispatch_locked(
             "topCandidates": [
                 {"driverId": c.driver_id, "distanceKm": round(c.distance_km, 3),
                  "estimatedPickupMin": round(c.pickup_seconds / 60, 1), "preference": c.preference,
-                 "acceptanceRate": round(c.acceptance_rate, 3)}
+                 "acceptanceRate": round(c.acceptance_rate, 3), **({"stacked": True} if c.stacked else {})}
                 for c in screening.ranked[:TOP_CANDIDATES_AUDITED]
             ],
         },
@@ -300,9 +326,7 @@ def dispatch_locked(
             return DispatchResult("offered", offer=made[0], offers=made, candidates=screening.ranked, search_radius_km=radius)
     else:
         for candidate in screening.ranked:
-            driver = locks.lock_driver(
-                candidate.driver_id, skip_locked=True, availability=DriverAvailability.AVAILABLE, location__isnull=False
-            )
+            driver = locks.lock_driver(candidate.driver_id, skip_locked=True, location__isnull=False, **_claim(candidate))
             if driver is None:
                 continue
             try:

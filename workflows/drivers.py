@@ -148,10 +148,9 @@ def driver_location_record(
         driver_id=driver_id, lat=lat, lon=lon, recorded_at=recorded_at, accuracy_m=accuracy_m, speed=speed,
         heading=heading, now=now,
     )
-    if result.active_delivery_id is not None:
-        delivery_id = result.active_delivery_id
+    for delivery_id in result.active_delivery_ids:  # several with order stacking
         transaction.on_commit(
-            lambda: delivery_track_fix(
+            lambda delivery_id=delivery_id: delivery_track_fix(
                 delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed=speed,
                 heading=heading, recorded_at=recorded_at, now=now,
             ),
@@ -171,17 +170,17 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
     known = live.known_state([p.fix.driver_id for p in persisted])
     for p in persisted:
         fix = p.fix
-        status, active = known.get(fix.driver_id, (None, None))
+        status, active = known.get(fix.driver_id, (None, ()))
         recorded_at = datetime.fromtimestamp(fix.recorded_at, tz=dt_timezone.utc)
         if p.availability == A.AVAILABLE and status is None:
             index_driver(driver_id=fix.driver_id, availability=p.availability, lat=fix.lat, lon=fix.lon,
                          recorded_at=recorded_at, from_fix=True)
-        if p.active_delivery_id != active:
-            live.active_delivery_repair(fix.driver_id, p.active_delivery_id)
-            if p.active_delivery_id:
-                delivery_location_send(delivery_id=p.active_delivery_id, lat=fix.lat, lon=fix.lon,
+        if p.active_delivery_ids != active:
+            live.active_delivery_repair(fix.driver_id, p.active_delivery_ids)
+            for delivery_id in set(p.active_delivery_ids) - set(active):  # customers Redis did not know of
+                delivery_location_send(delivery_id=delivery_id, lat=fix.lat, lon=fix.lon,
                                        accuracy_m=fix.accuracy_m, speed=fix.speed, heading=fix.heading,
                                        recorded_at=recorded_at)
-        if p.active_delivery_id:
-            delivery_eta_on_fix(delivery_id=p.active_delivery_id, lat=fix.lat, lon=fix.lon, now=now)
+        for delivery_id in p.active_delivery_ids:
+            delivery_eta_on_fix(delivery_id=delivery_id, lat=fix.lat, lon=fix.lon, now=now)
     return persisted

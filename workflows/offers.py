@@ -21,6 +21,7 @@ from offers import services as offers
 from offers.models import DriverOffer, OfferStatus
 from workflows import locks
 from workflows.dispatching import dispatch_next_locked
+from workflows.stacking import driver_may_stack
 from workflows.unit import eta_refresh_enqueue, unit_of_work
 
 logger = logging.getLogger(__name__)
@@ -81,10 +82,13 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
             offers.offer_ensure_pending(offer, now)
             delivery, driver = offer.delivery, offer.driver
 
+            # A busy driver was offered it for order stacking: it must still qualify (its first
+            # delivery may have left the store since).
+            stacking = driver.availability == DriverAvailability.BUSY and driver_may_stack(delivery, driver, now=now)
             response_ms = offers.offer_mark_accepted(offer, delivery=delivery, actor=actor, now=now)
             assignment = assignment_start_locked(
                 delivery, driver, actor=actor, now=now, details={"offerId": str(offer.pk)},
-                also_save=offers.ACCEPTED_OFFER_FIELDS, offer=offer,
+                also_save=offers.ACCEPTED_OFFER_FIELDS, offer=offer, stacking=stacking,
             )
             siblings = [o for o in round_offers if o.pk != offer.pk and o.status == OfferStatus.PENDING]
             offers.offers_withdraw_locked(

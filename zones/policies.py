@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from availability.models import capacity_for_vehicle
 from zones.models import DeliveryZone
 
 # The target wait of a delivery outside every zone: a zone's default.
@@ -45,6 +46,6 @@ def zone_policy(zone) -> ZonePolicy:
 
 
 def vehicle_capacity(vehicle_type: str | None) -> int:
-    """Deliveries a driver may carry at once with stacking on (1 without stacking)."""
-    capacities = settings.VEHICLE_CAPACITY
-    return int(capacities.get((vehicle_type or "").lower(), capacities.get("default", 1)))
+    """Deliveries a driver may carry at once with stacking on (1 without stacking); the
+    driver row's `capacity` column holds the same (availability.models.capacity_for_vehicle)."""
+    return capacity_for_vehicle(vehicle_type)

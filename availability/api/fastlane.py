@@ -271,9 +271,10 @@ class LocationFastLane:
         if not outcome.accepted:
             body["reason"] = "older_than_last_fix"
         await _respond(send, 200, orjson.dumps(body))
-        if outcome.accepted and outcome.active_delivery_id:
+        if outcome.accepted:
             # After the driver has its answer; the server keeps this call alive until it ends.
-            await self._tell_customer(outcome.active_delivery_id, fix, recorded_at)
+            for delivery_id in outcome.active_delivery_ids:  # several with order stacking
+                await self._tell_customer(delivery_id, fix, recorded_at)
         return 200
 
     async def _throttled(self, scope, send, window: int, period: int) -> int:

@@ -44,8 +44,10 @@ def test_two_deliveries_racing_for_one_driver_one_wins():
 
 
 def test_the_database_itself_refuses_a_second_active_assignment():
+    """One active assignment per delivery; per driver at most its vehicle's capacity (walking:
+    1, so a second is refused by the database itself, whatever the code above it does)."""
     delivery = DeliveryFactory()
-    a, b = DriverFactory.create_batch(2)
+    a, b = DriverFactory.create_batch(2, vehicle_type="walking")
     Assignment.objects.create(delivery=delivery, driver=a)
 
     with pytest.raises(IntegrityError), transaction.atomic():
