@@ -91,12 +91,13 @@ class DriverAdmin(ExportMixin, LeafletGeoAdminMixin, admin.ModelAdmin):
         "id", "user", "availability", "availability_until", "availability_reason", "last_availability_change",
         "availability_change_actor", "availability_change_actor_type", "rating", "location", "location_accuracy_m",
         "location_speed", "location_heading", "location_recorded_at", "created_at", "updated_at",
+        "active_assignments", "capacity",
     )
     fieldsets = (
         (None, {"fields": ("id", "user", "name", "phone", "vehicle", "vehicle_type", "rating")}),
         ("Availability", {"fields": (
             "availability", "availability_until", "availability_reason", "last_availability_change",
-            "availability_change_actor", "availability_change_actor_type",
+            "availability_change_actor", "availability_change_actor_type", "active_assignments", "capacity",
         )}),
         ("Location", {"fields": ("location", "location_accuracy_m", "location_speed", "location_heading", "location_recorded_at", "home_location")}),
         ("Timestamps", {"fields": ("created_at", "updated_at")}),
