@@ -83,7 +83,8 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
         delivery, driver, actor=actor, now=now, details=details, stacking=stacking
     )
     unassigned_resolve(delivery=delivery, now=now)
-    eta_refresh_enqueue(delivery.pk, now=now)
+    for other_id in deliveries.active_deliveries_of(driver.pk) if stacking else (delivery.pk,):
+        eta_refresh_enqueue(other_id, now=now)  # stacked: the others' route has a new stop
     return assignment
 
 

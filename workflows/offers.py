@@ -15,7 +15,7 @@ from common import metrics
 from common.actors import Actor
 from common.exceptions import Conflict
 from dispatch.models import DeliveryStatus
-from dispatch.services import assignment_start_locked
+from dispatch.services import active_deliveries_of, assignment_start_locked
 from escalation.services import unassigned_resolve
 from offers import services as offers
 from offers.models import DriverOffer, OfferStatus
@@ -98,7 +98,8 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
             performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)
 
             offers.offer_announce_accepted(offer, assignment_id=assignment.pk)
-            eta_refresh_enqueue(delivery.pk, now=now)
+            for delivery_id in active_deliveries_of(driver.pk) if stacking else (delivery.pk,):
+                eta_refresh_enqueue(delivery_id, now=now)  # stacked: the others' route has a new stop
             metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
             return AcceptResult(offer=offer, assignment_id=str(assignment.pk))
     offer_expire(offer_id=offer_id, now=now)

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.django_db
 
 CITY_BBOX = (CITY[1] - 0.2, CITY[0] - 0.2, CITY[1] + 0.2, CITY[0] + 0.2)
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=dt_timezone.utc)
+PLAIN_DISPATCH_QUERIES = 8  # a sequential dispatch that offers (delivery_dispatch)
 
 
 def zone(stacking=True, **kwargs):
@@ -37,8 +38,8 @@ def order(zone_, *, pickup_km=0.0, dropoff_km=2.0, **kwargs):
     """A ready delivery `pickup_km` north of the store (the city centre), dropped off
     `dropoff_km` north of it; ready now."""
     return DeliveryFactory(
-        zone=zone_, pickup_location=km_north(pickup_km), dropoff_location=km_north(dropoff_km), prep_time_minutes=0,
-        **kwargs,
+        zone=zone_, pickup_location=km_north(pickup_km), dropoff_location=km_north(dropoff_km),
+        **{"prep_time_minutes": 0, **kwargs},
     )
 
 
@@ -364,6 +365,21 @@ def test_the_eta_of_the_second_delivery_counts_the_drop_off_before_it():
     assert abs((alone.delivery_at - T0).total_seconds() - 1 - (eta.travel_seconds(2.3, "car") + eta.HANDOVER_SECONDS)) < 1
 
 
+def test_stacking_an_order_still_being_prepared_moves_the_first_customers_eta(django_capture_on_commit_callbacks):
+    z = zone()
+    with django_capture_on_commit_callbacks(execute=True):
+        stacker, (first,) = carrying(z, km=0.0)
+    before = Delivery.objects.get(pk=first.pk).eta_delivery_at
+    second = order(z, dropoff_km=2.3, prep_time_minutes=4)  # the driver waits for it at the store
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assignment_create(delivery_id=second.pk, driver_id=stacker.pk, actor=Actor.system())
+
+    after = Delivery.objects.get(pk=first.pk).eta_delivery_at
+    assert 200 < (after - before).total_seconds() < 260  # ~4 minutes later (less the time the test took)
+    assert Delivery.objects.get(pk=second.pk).eta_delivery_at > after
+
+
 def test_every_fix_of_a_stacked_driver_reaches_both_customers(listen, django_capture_on_commit_callbacks):
     z = zone()
     with django_capture_on_commit_callbacks(execute=True):
@@ -398,3 +414,28 @@ def test_the_reconcile_job_rebuilds_both_deliveries_of_a_driver():
     live.active_reconcile()
 
     assert live.known_state([str(stacker.pk)])[str(stacker.pk)][1] == (str(first.pk), str(second.pk))
+
+
+# ------------------------------------------------------------------------ query budget
+
+
+def _dispatch_queries(stacking, django_assert_max_num_queries, limit):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    z = zone(stacking=stacking)
+    carrying(z)
+    online_driver(km=2.0)
+    second = order(z)
+    with django_assert_max_num_queries(limit), CaptureQueriesContext(connection) as ctx:
+        result = delivery_dispatch(delivery_id=second.pk, actor=Actor.system())
+    assert result.outcome == "offered"
+    return [q["sql"] for q in ctx.captured_queries]
+
+
+@pytest.mark.parametrize("stacking", [False, True])
+def test_query_budget_of_a_dispatch_with_and_without_stacking(stacking, django_assert_max_num_queries):
+    """The stacked search costs two statements (the busy drivers near the store, then what
+    they carry), and nothing in a zone without stacking."""
+    sql = _dispatch_queries(stacking, django_assert_max_num_queries, PLAIN_DISPATCH_QUERIES + (2 if stacking else 0))
+    assert sum("x.pickup_location" in q for q in sql) == (1 if stacking else 0)
