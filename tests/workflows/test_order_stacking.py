@@ -21,7 +21,7 @@ from workflows.deliveries import assignment_create, delivery_advance, delivery_c
 from workflows.dispatching import delivery_dispatch
 from workflows.drivers import driver_location_record
 from tests.api import client_for
-from tests.factories import CITY, DeliveryFactory, DriverFactory, ZoneFactory, km_north, online_driver
+from tests.factories import CITY, DeliveryFactory, DriverFactory, ZoneFactory, driver_at_dropoff, km_north, online_driver
 
 pytestmark = pytest.mark.django_db
 
@@ -304,12 +304,14 @@ def test_the_driver_is_available_again_only_when_the_last_delivery_ends():
         step(first, name)
         step(second, name)
     step(first, "delivery-started")
+    driver_at_dropoff(stacker, first)
     assert step(first, "delivery-completed")["status"] == "delivered"
 
     stacker.refresh_from_db()
     assert (stacker.availability, stacker.active_assignments) == ("busy", 1)
 
     step(second, "delivery-started")
+    driver_at_dropoff(stacker, second)
     step(second, "delivery-completed")
     stacker.refresh_from_db()
     assert (stacker.availability, stacker.active_assignments) == ("available", 0)
@@ -358,11 +360,16 @@ def test_the_eta_of_the_second_delivery_counts_the_drop_off_before_it():
     stored = Delivery.objects.get(pk=second.pk)
     assert stored.eta_delivery_at == second_eta.delivery_at
 
-    # Once the first is delivered, the second's ETA is a plain one again: straight to its door.
-    for name in ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed"):
+    # Once the first is delivered (at its door), the second's ETA is a plain one again: from
+    # there straight to its own door.
+    for name in ("pickup-started", "pickup-completed"):  # both collected at the store
         delivery_advance(delivery_id=first.pk, driver_id=stacker.pk, step=name, actor=Actor.system(), now=T0)
+        delivery_advance(delivery_id=second.pk, driver_id=stacker.pk, step=name, actor=Actor.system(), now=T0)
+    delivery_advance(delivery_id=first.pk, driver_id=stacker.pk, step="delivery-started", actor=Actor.system(), now=T0)
+    driver_at_dropoff(stacker, first, at=T0)
+    delivery_advance(delivery_id=first.pk, driver_id=stacker.pk, step="delivery-completed", actor=Actor.system(), now=T0)
     alone = delivery_eta_refresh(delivery_id=second.pk, now=T0 + timedelta(seconds=1))
-    assert abs((alone.delivery_at - T0).total_seconds() - 1 - (eta.travel_seconds(2.3, "car") + eta.HANDOVER_SECONDS)) < 1
+    assert abs((alone.delivery_at - T0).total_seconds() - 1 - then_second) < 1
 
 
 def test_stacking_an_order_still_being_prepared_moves_the_first_customers_eta(django_capture_on_commit_callbacks):
