@@ -3,6 +3,7 @@ import uuid
 
 from django.conf import settings
 from django.contrib.gis.db import models
+from django.core.exceptions import ValidationError
 from django.db.models import F, Q
 
 
@@ -104,8 +105,6 @@ class Driver(models.Model):
     def clean(self):
         """A vehicle that carries fewer deliveries than the driver has now is refused (ops
         change it once the driver has delivered them)."""
-        from django.core.exceptions import ValidationError
-
         if self.pk is None:
             return
         active = Driver.objects.filter(pk=self.pk).values_list("active_assignments", flat=True).first() or 0

@@ -5,7 +5,9 @@ from datetime import datetime, timedelta, timezone as dt_timezone
 
 import pytest
 import time_machine
-from django.db import IntegrityError, transaction
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from audit.models import DeliveryAuditLog
 from availability import live
@@ -274,8 +276,6 @@ def test_a_full_save_of_a_stale_driver_row_does_not_write_the_count_back():
 
 
 def test_a_vehicle_that_carries_fewer_than_the_driver_has_is_refused():
-    from django.core.exceptions import ValidationError
-
     car = DriverFactory(vehicle_type="car")
     Assignment.objects.create(delivery=DeliveryFactory(), driver=car)
     Assignment.objects.create(delivery=DeliveryFactory(), driver=car)
@@ -427,9 +427,6 @@ def test_the_reconcile_job_rebuilds_both_deliveries_of_a_driver():
 
 
 def _dispatch_queries(stacking, django_assert_max_num_queries, limit):
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
-
     z = zone(stacking=stacking)
     carrying(z)
     online_driver(km=2.0)
