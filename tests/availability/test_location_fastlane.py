@@ -267,6 +267,26 @@ def test_the_customer_gets_the_fix_from_the_fast_lane_and_ops_a_digest(listen):
     assert not [e for e in ops.drain(timeout=0.2) if e["type"] == "delivery_location_updated"]
 
 
+def test_a_stacked_driver_s_fix_reaches_every_customer_it_carries_for(listen, settings):
+    """Order stacking: the live map holds both deliveries; the fast lane tells both customers,
+    and the stream consumer (the database path) agrees with Redis, so it repeats nothing."""
+    settings.STACKING_ENABLED = True
+    driver = online_driver(km=0.0, vehicle_type="bicycle")
+    first, second = DeliveryFactory(prep_time_minutes=0), DeliveryFactory(prep_time_minutes=0)
+    assignment_create(delivery_id=first.pk, driver_id=driver.pk, actor=Actor.system())
+    assignment_create(delivery_id=second.pk, driver_id=driver.pk, actor=Actor.system())
+    assert live.known_state([str(driver.pk)])[str(driver.pk)][1] == (str(first.pk), str(second.pk))
+    customers = listen(delivery_group(first.pk), delivery_group(second.pk))
+    customers.drain()
+
+    post(url(driver), {"lat": 12.972, "lon": 77.595, "recordedAt": recorded()}, token=token(driver))
+    sent = [e["deliveryId"] for e in customers.drain(timeout=1.0) if e["type"] == "delivery_location_updated"]
+    assert sorted(sent) == sorted([str(first.pk), str(second.pk)])
+
+    call_command("consume_fixes", "--once")
+    assert not [e for e in customers.drain(timeout=0.3) if e["type"] == "delivery_location_updated"]
+
+
 def test_readers_of_the_position_see_the_fast_lane_before_postgres_does():
     """Tracking status and the stale-driver job read the live position, not PostgreSQL's,
     which trails by the consumer's lag (or more, while the consumer is down)."""
