@@ -443,3 +443,18 @@ def test_query_budget_of_a_dispatch_with_and_without_stacking(stacking, django_a
     they carry), and nothing in a zone without stacking."""
     sql = _dispatch_queries(stacking, django_assert_max_num_queries, PLAIN_DISPATCH_QUERIES + (2 if stacking else 0))
     assert sum("x.pickup_location" in q for q in sql) == (1 if stacking else 0)
+
+
+def test_a_batch_round_offers_a_stacked_driver_with_the_available_ones():
+    z = zone(dispatch_policy="batch", offer_batch_size=3)
+    stacker, _ = carrying(z)
+    free = online_driver(km=2.0)
+    second = order(z)
+
+    result = delivery_dispatch(delivery_id=second.pk, actor=Actor.system())
+
+    assert result.outcome == "offered"
+    assert {o.driver_id for o in result.offers} == {stacker.pk, free.pk}
+    offers.offer_accept(offer_id=next(o.pk for o in result.offers if o.driver_id == stacker.pk), driver_id=stacker.pk, actor=Actor.system())
+    assert Driver.objects.get(pk=stacker.pk).active_assignments == 2
+    assert DriverOffer.objects.get(delivery=second, driver=free).status == "CANCELLED"
