@@ -236,7 +236,7 @@ class Assignment(models.Model):
         ]
         # Per driver: at most its capacity of active assignments, counted by a trigger into
         # dispatch_driver.active_assignments under a CHECK (availability.models.Driver; the
-        # migration 0015_assignment_capacity_per_driver creates the trigger). Lookups by driver use this index.
+        # migration 0016_assignment_capacity_per_driver creates the trigger). Lookups by driver use this index.
         indexes = [
             models.Index(fields=["driver"], condition=Q(status="active"), name="assignment_active_driver_idx"),
         ]

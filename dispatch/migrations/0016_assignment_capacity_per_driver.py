@@ -55,7 +55,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('availability', '0004_driver_capacity_and_active_count'),
-        ('dispatch', '0014_delivery_matching_since'),
+        ('dispatch', '0015_delivery_proof'),
         ('offers', '0002_driver_in_availability'),
     ]
 
