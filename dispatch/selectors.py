@@ -69,6 +69,15 @@ def assignments_for_user(*, user, delivery_id) -> QuerySet[Assignment]:
     return qs
 
 
+def assignment_of_driver(*, delivery_id, driver_id) -> Assignment | None:
+    """The driver's latest assignment of the delivery, with the delivery, unlocked (the same row
+    `workflows.locks.lock_assignment_of_driver` locks); None when the driver never had it."""
+    return (
+        Assignment.objects.select_related("delivery")
+        .filter(delivery_id=delivery_id, driver_id=driver_id).order_by("-created_at").first()
+    )
+
+
 def proof_get(proof_id) -> DeliveryProof | None:
     """A proof by id (its file is served only for a signed URL: `dispatch.views.proof_file`)."""
     return DeliveryProof.objects.filter(pk=proof_id).first()

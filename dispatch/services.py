@@ -409,8 +409,8 @@ def delivery_geofence_override(
 def proof_upload_ensure_allowed(assignment: Assignment, delivery: Delivery, *, now: datetime) -> None:
     """May the driver of `assignment` add a proof to `delivery` now? While its assignment is
     active (assigned, picked up, in transit), and for PROOF_FAILURE_EVIDENCE_SECONDS after it
-    failed the delivery (evidence of the failure). Anything else is a Conflict. The caller
-    holds the delivery's lock."""
+    failed the delivery (evidence of the failure). Anything else is a Conflict. Asked once
+    without a lock before the image is decoded, and again under the delivery's lock."""
     if assignment.status == AssignmentStatus.ACTIVE and delivery.status in OPEN_DELIVERY_STATUSES:
         return
     window = settings.PROOF_FAILURE_EVIDENCE_SECONDS

@@ -15,6 +15,7 @@ from analytics.services import performance_delivery_finished
 from availability.models import DriverAvailability
 from common.actors import Actor
 from common.exceptions import Conflict, InvalidInput, NotFound
+from dispatch import selectors as delivery_selectors
 from dispatch import services as deliveries
 from dispatch.models import AssignmentStatus, Delivery, DeliveryProof, proof_file_name
 from dispatch.models import DeliveryStatus as S
@@ -179,12 +180,15 @@ def delivery_proof_add(
     *, delivery_id, driver_id, kind: str, upload, note: str, actor: Actor, now: datetime | None = None,
 ) -> DeliveryProof:
     """A photo or signature by the delivery's assigned driver (docs/dispatch.md, "Proof of
-    delivery"): checked by its content and re-encoded without metadata (`dispatch.proofs`), then
-    stored, and only then the delivery locked: no lock is held while an image is decoded or a
-    file written to its storage. Under the lock: the driver's assignment of it must allow the
-    upload (`proof_upload_ensure_allowed`, else Conflict; never had it: NotFound), then the row,
-    its audit row and its event. A stored file whose row does not commit is deleted."""
+    delivery"). First, without a lock, the driver's assignment of it must allow the upload
+    (`proof_upload_ensure_allowed`, else Conflict; never had it: NotFound): nobody else gets an
+    image decoded. Then the image is checked by its content and re-encoded without metadata
+    (`dispatch.proofs`), stored, and only then the delivery locked: no lock is held while an
+    image is decoded or a file written to its storage. Under the lock the same check again (the
+    delivery may have moved on meanwhile), then the row, its audit row and its event. A stored
+    file whose row does not commit is deleted."""
     now = now or timezone.now()
+    _proof_upload_precheck(delivery_id=delivery_id, driver_id=driver_id, now=now)
     image = proof_image_clean(upload)
     proof_id = uuid.uuid4()
     name = proof_file_store(proof_file_name(delivery_id=delivery_id, proof_id=proof_id, extension=image.extension), image)
@@ -196,6 +200,14 @@ def delivery_proof_add(
     except BaseException:
         proof_file_discard(name)  # the row did not commit: no file without its row
         raise
+
+
+def _proof_upload_precheck(*, delivery_id, driver_id, now: datetime) -> None:
+    """The locked path's answer (NotFound, Conflict), given cheaply before any decoding."""
+    assignment = delivery_selectors.assignment_of_driver(delivery_id=delivery_id, driver_id=driver_id)
+    if assignment is None:
+        raise NotFound("Delivery not found.")
+    deliveries.proof_upload_ensure_allowed(assignment, assignment.delivery, now=now)
 
 
 @unit_of_work()

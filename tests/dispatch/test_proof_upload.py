@@ -612,3 +612,60 @@ def test_an_upload_racing_the_completion_either_lands_in_transit_or_leaves_no_fi
         assert all(isinstance(e, Conflict) for e in errors) and len(results) + len(errors) == 2
     rows = DeliveryProof.objects.count()
     assert len(stored_files(proof_dir)) == rows  # a refused upload's file went with it
+
+
+# ------------------------------------------------------- who may make the server decode
+
+
+@pytest.fixture
+def clean_spy(monkeypatch):
+    """`proof_image_clean` as the upload calls it, recording each call (then doing the real work)."""
+    import workflows.deliveries as workflow
+
+    calls = []
+    real = workflow.proof_image_clean
+
+    def spy(upload_file):
+        calls.append(upload_file)
+        return real(upload_file)
+
+    monkeypatch.setattr(workflow, "proof_image_clean", spy)
+    return calls
+
+
+def test_a_driver_who_may_not_upload_gets_no_image_decoded(integration_user, moving, driver, clean_spy, proof_dir):
+    other = DriverFactory()
+    assert_error(upload(client_for(other.user), other, moving), 404)  # not its delivery
+    assert_error(upload(client_for(other.user), other, DeliveryFactory(created_by=integration_user)), 404)
+    assert_error(upload(client_for(other.user), other, type(moving)(pk=uuid.uuid4())), 404)  # no such delivery
+    delivered = with_policy(integration_user, other, "none")
+    assert complete(client_for(other.user), other, delivered).status_code == 200
+    assert "delivered" in assert_error(upload(client_for(other.user), other, delivered), 409)["message"]
+
+    assert clean_spy == []  # refused before a single pixel was decoded
+    assert not DeliveryProof.objects.exists() and stored_files(proof_dir) == []
+
+
+def test_the_check_comes_before_the_decoding_and_again_under_the_lock(moving, driver, driver_client, monkeypatch, proof_dir):
+    """The cheap check first; a delivery cancelled while its image is decoded is still refused."""
+    import workflows.deliveries as workflow
+
+    order = []
+    real_check, real_clean = workflow._proof_upload_precheck, workflow.proof_image_clean
+
+    def check(**kwargs):
+        order.append("check")
+        return real_check(**kwargs)
+
+    def clean(upload_file):
+        order.append("decode")
+        image = real_clean(upload_file)
+        delivery_cancel(delivery_id=moving.pk, reason="customer changed mind", actor=Actor.system())
+        return image
+
+    monkeypatch.setattr(workflow, "_proof_upload_precheck", check)
+    monkeypatch.setattr(workflow, "proof_image_clean", clean)
+
+    assert "cancelled" in assert_error(upload(driver_client, driver, moving), 409)["message"]
+    assert order == ["check", "decode"]
+    assert not DeliveryProof.objects.exists() and stored_files(proof_dir) == []
