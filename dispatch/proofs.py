@@ -2,10 +2,16 @@
 cleaned before it is stored, and the signed, expiring URLs it is served by.
 
 An upload is judged by its content, never its name or declared type: Pillow must recognise it
-as JPEG, PNG or WebP, its header must say at most PROOF_MAX_PIXELS pixels (checked before a
-single pixel is decoded, so a decompression bomb costs nothing), and it must decode. What is
-stored is a re-encoding of the pixels alone (EXIF orientation applied first): no EXIF, no GPS,
-no XMP, no ICC profile, no text chunks survive.
+as JPEG (a JPEG with MPF data, "MPO" to Pillow: the HDR photos of recent phones, is a JPEG and
+its first frame is kept), PNG or WebP, its header must say at most PROOF_MAX_PIXELS pixels
+(checked before a single pixel is decoded, so a decompression bomb costs nothing), and it must
+decode. What is stored is a re-encoding of the pixels alone (EXIF orientation applied first): no
+EXIF, no GPS, no XMP, no ICC profile, no text chunks survive. A proof is evidence, not an
+original: an image whose long side is over PROOF_MAX_DIMENSION pixels is scaled down to it.
+
+Decoding and re-encoding cost CPU, so at most PROOF_DECODE_CONCURRENCY of them run at once in a
+process; an upload that waits more than DECODE_WAIT_SECONDS for its turn is a 503. The callers
+check who may upload before calling `proof_image_clean` (workflows.deliveries.delivery_proof_add).
 
 A URL to a file is `/proofs/<token>`, the token being the proof id signed with a timestamp
 (`django.core.signing.TimestampSigner`, salted for this use); `dispatch.views.proof_file`
@@ -14,6 +20,7 @@ serves the file for PROOF_URL_TTL_SECONDS after signing and refuses anything els
 from __future__ import annotations
 
 import io
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -25,11 +32,19 @@ from django.core.files.base import ContentFile
 from django.urls import reverse
 from PIL import Image, ImageOps
 
-from common.exceptions import DomainError, InvalidInput, PayloadTooLarge
+from common.exceptions import DomainError, InvalidInput, PayloadTooLarge, ServiceUnavailable
 from dispatch.models import DeliveryProof, proof_storage
 
-# Pillow format → (content type, file extension). Nothing else is accepted.
-FORMATS = {"JPEG": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "WEBP": ("image/webp", "webp")}
+# Pillow format → (content type, file extension). Nothing else is accepted. MPO is a JPEG with
+# MPF data (Ultra HDR, HDR gain maps): Pillow's JPEG opener reports it so; stored as a JPEG.
+FORMATS = {
+    "JPEG": ("image/jpeg", "jpg"), "MPO": ("image/jpeg", "jpg"), "PNG": ("image/png", "png"), "WEBP": ("image/webp", "webp"),
+}
+_OPENERS = ["JPEG", "PNG", "WEBP"]  # the Pillow openers tried (the JPEG one opens MPO files too)
+_JPEG_KINDS = ("JPEG", "MPO")
+PNG_COMPRESS_LEVEL = 6  # zlib's default: optimize=True (every filter, level 9) cost seconds on a large image
+DECODE_WAIT_SECONDS = 30  # how long an upload waits for a decode slot before it is a 503
+_decode_slots = threading.BoundedSemaphore(max(1, settings.PROOF_DECODE_CONCURRENCY))
 _URL_SALT = "dispatch.proof-file"
 _NOT_AN_IMAGE = "Not a JPEG, PNG or WebP image (judged by the file's content, not its name)."
 
@@ -57,6 +72,8 @@ def proof_image_clean(upload) -> CleanImage:
         raise PayloadTooLarge(f"file: {size} bytes is over the limit of {settings.PROOF_MAX_BYTES} bytes (PROOF_MAX_BYTES).")
     if size == 0:
         raise InvalidInput({"file": ["The file is empty."]})
+    if not _decode_slots.acquire(timeout=DECODE_WAIT_SECONDS):
+        raise ServiceUnavailable("Too many proof images are being processed; try again shortly.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -67,11 +84,13 @@ def proof_image_clean(upload) -> CleanImage:
         raise InvalidInput({"file": [f"The image has more than {settings.PROOF_MAX_PIXELS} pixels (PROOF_MAX_PIXELS)."]})
     except Exception:  # whatever a malformed file makes a decoder raise: bad input, never a 500
         raise InvalidInput({"file": [_NOT_AN_IMAGE]})
+    finally:
+        _decode_slots.release()
 
 
 def _clean(upload) -> CleanImage:
     upload.seek(0)
-    with Image.open(upload, formats=list(FORMATS)) as probe:  # reads the header only
+    with Image.open(upload, formats=_OPENERS) as probe:  # reads the header only
         kind = probe.format
         width, height = probe.size
         if kind not in FORMATS:
@@ -80,13 +99,19 @@ def _clean(upload) -> CleanImage:
             raise InvalidInput({"file": [f"The image has {width}×{height} pixels, more than PROOF_MAX_PIXELS ({settings.PROOF_MAX_PIXELS})."]})
         probe.verify()  # structure and checksums, still without decoding
     upload.seek(0)
-    with Image.open(upload, formats=[kind]) as image:
-        image.load()
+    longest = settings.PROOF_MAX_DIMENSION
+    with Image.open(upload, formats=["JPEG" if kind in _JPEG_KINDS else kind]) as image:
+        if kind in _JPEG_KINDS and max(image.size) > longest:
+            image.draft(image.mode, (longest, longest))  # decoded at 1/2, 1/4 or 1/8 scale: still ≥ the target
+        image.load()  # an MPO: its first frame, the photo
         try:  # the way the camera held it, before the EXIF goes; a broken EXIF is no reason to refuse
             ImageOps.exif_transpose(image, in_place=True)
         except Exception:
             pass
-        mode = "RGBA" if ("A" in image.getbands() or "transparency" in image.info) and kind != "JPEG" else "RGB"
+        if max(image.size) > longest:
+            image.thumbnail((longest, longest), Image.Resampling.LANCZOS)
+        jpeg = kind in _JPEG_KINDS
+        mode = "RGBA" if ("A" in image.getbands() or "transparency" in image.info) and not jpeg else "RGB"
         if image.mode == "L" and mode == "RGB" and kind != "WEBP":
             mode = "L"
         converted = image if image.mode == mode else image.convert(mode)
@@ -95,10 +120,10 @@ def _clean(upload) -> CleanImage:
         bare.paste(converted)
         del converted
     out = io.BytesIO()
-    if kind == "JPEG":
+    if kind in _JPEG_KINDS:
         bare.save(out, "JPEG", quality=85, optimize=True)
     elif kind == "PNG":
-        bare.save(out, "PNG", optimize=True)
+        bare.save(out, "PNG", compress_level=PNG_COMPRESS_LEVEL)
     else:
         bare.save(out, "WEBP", quality=85)
     content_type, extension = FORMATS[kind]

@@ -340,7 +340,13 @@ DROPOFF_GEOFENCE_METERS = env.int("DROPOFF_GEOFENCE_METERS", default=200)
 # evidence (seconds; 0: not after), how long a signed proof URL works, and whether the customer
 # status carries proof URLs (off: it says only which proofs exist and when).
 PROOF_MAX_BYTES = env.int("PROOF_MAX_BYTES", default=5 * 1024 * 1024)
-PROOF_MAX_PIXELS = env.int("PROOF_MAX_PIXELS", default=25_000_000)
+PROOF_MAX_PIXELS = env.int("PROOF_MAX_PIXELS", default=12_000_000)
+# The long side (pixels) a stored proof is scaled down to when larger: proofs are evidence photos,
+# not originals, and a smaller image is cheaper to re-encode, store and serve.
+PROOF_MAX_DIMENSION = env.int("PROOF_MAX_DIMENSION", default=2560)
+# How many proof images one process decodes and re-encodes at once (the others wait their turn,
+# up to 30 s, then a 503): a burst of large uploads cannot take every core of the box.
+PROOF_DECODE_CONCURRENCY = env.int("PROOF_DECODE_CONCURRENCY", default=2)
 PROOF_FAILURE_PHOTO_POLICIES = env.list("PROOF_FAILURE_PHOTO_POLICIES", default=[])
 PROOF_FAILURE_EVIDENCE_SECONDS = env.int("PROOF_FAILURE_EVIDENCE_SECONDS", default=900)
 PROOF_URL_TTL_SECONDS = env.int("PROOF_URL_TTL_SECONDS", default=300)

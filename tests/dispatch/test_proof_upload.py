@@ -669,3 +669,105 @@ def test_the_check_comes_before_the_decoding_and_again_under_the_lock(moving, dr
     assert "cancelled" in assert_error(upload(driver_client, driver, moving), 409)["message"]
     assert order == ["check", "decode"]
     assert not DeliveryProof.objects.exists() and stored_files(proof_dir) == []
+
+
+def test_a_large_image_is_scaled_down_to_the_longest_side(moving, driver, driver_client, settings, proof_dir):
+    settings.PROOF_MAX_DIMENSION = 100
+    for fmt, size, expected in (("JPEG", (800, 400), (100, 50)), ("PNG", (150, 300), (50, 100)), ("WEBP", (90, 60), (90, 60))):
+        body = upload(driver_client, driver, moving, content=image_bytes(fmt, size=size)).json()
+        assert (body["width"], body["height"]) == expected, fmt
+        with Image.open(proof_storage().open(DeliveryProof.objects.get(pk=body["id"]).file.name)) as stored:
+            assert stored.size == expected
+
+
+def test_a_png_is_stored_with_a_moderate_compression(moving, driver, driver_client, monkeypatch):
+    """optimize=True tries every filter at level 9: seconds of CPU for one large image."""
+    saved = []
+    real_save = Image.Image.save
+    content = image_bytes("PNG")
+
+    def save(self, fp, format=None, **params):
+        saved.append((format, params))
+        return real_save(self, fp, format, **params)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    upload(driver_client, driver, moving, content=content)
+
+    ((fmt, params),) = [s for s in saved if s[0] == "PNG"]
+    assert "optimize" not in params and params["compress_level"] == proofs.PNG_COMPRESS_LEVEL == 6
+
+
+def test_the_default_limits_suit_evidence_photos():
+    from django.conf import settings as live
+
+    assert live.PROOF_MAX_PIXELS == 12_000_000 and live.PROOF_MAX_DIMENSION == 2560 and live.PROOF_DECODE_CONCURRENCY == 2
+
+
+def test_no_more_decodes_at_once_than_the_slots_and_a_long_wait_is_a_503(moving, driver, driver_client, monkeypatch, proof_dir):
+    import threading
+
+    monkeypatch.setattr(proofs, "_decode_slots", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(proofs, "DECODE_WAIT_SECONDS", 0.05)
+    real_clean = proofs._clean
+    inside = threading.Condition()
+    entered = []
+    gate = threading.Event()
+
+    def slow_clean(upload_file):
+        with inside:
+            entered.append(upload_file)
+            inside.notify_all()
+        gate.wait(5)  # held until the test lets go (5 s: a failing test does not hang)
+        return real_clean(upload_file)
+
+    monkeypatch.setattr(proofs, "_clean", slow_clean)
+    results = []
+    workers = [
+        threading.Thread(target=lambda: results.append(proofs.proof_image_clean(SimpleUploadedFile("a.png", image_bytes("PNG")))))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        with inside:
+            assert inside.wait_for(lambda: len(entered) == 2, timeout=5)
+        r = upload(driver_client, driver, moving)  # a third while both slots decode
+        assert_error(r, 503)
+        assert len(entered) == 2  # it never reached the decoder
+    finally:
+        gate.set()
+        for worker in workers:
+            worker.join(5)
+    assert len(results) == 2 and all(image.content_type == "image/png" for image in results)
+    assert not DeliveryProof.objects.exists() and stored_files(proof_dir) == []
+
+
+# ------------------------------------------------------------------ JPEGs with MPF data
+
+
+def mpo_with_gps() -> bytes:
+    """A JPEG with MPF data (as Ultra HDR / gain-map photos are): Pillow calls it MPO."""
+    first, second = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (32, 24), (0, 0, 0))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "PhoneCam"
+    out = io.BytesIO()
+    first.save(out, "MPO", save_all=True, append_images=[second], exif=exif)
+    raw = out.getvalue()
+    with Image.open(io.BytesIO(raw)) as probe:
+        assert probe.format == "MPO" and probe.n_frames == 2
+    return raw
+
+
+def test_a_jpeg_with_mpf_data_is_taken_as_a_jpeg_of_its_first_frame(moving, driver, driver_client, proof_dir):
+    r = upload(driver_client, driver, moving, content=mpo_with_gps(), name="hdr.jpg")
+
+    assert r.status_code == 201, r.content
+    body = r.json()
+    assert body["contentType"] == "image/jpeg" and (body["width"], body["height"]) == (64, 48)
+    proof = DeliveryProof.objects.get(pk=body["id"])
+    assert proof.file.name.endswith(".jpg")
+    stored = proof_storage().open(proof.file.name).read()
+    assert b"PhoneCam" not in stored and b"MPF" not in stored
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.format == "JPEG" and image.size == (64, 48) and getattr(image, "n_frames", 1) == 1
+        assert image.getpixel((10, 10))[0] > 150  # the first frame's red, not the black second one
