@@ -444,11 +444,18 @@ def delivery_proof_insert(
     return proof
 
 
-def _has_proof(delivery: Delivery, kind: str, statuses) -> bool:
-    return DeliveryProof.objects.filter(delivery=delivery, kind=kind, delivery_status__in=statuses).exists()
+def _has_proof(delivery: Delivery, kind: str, statuses, *, assignment: Assignment) -> bool:
+    """A proof of `kind` uploaded in one of `statuses` by the driver of `assignment` during it
+    (a previous driver's proof, or this driver's from an earlier assignment, does not count)."""
+    return DeliveryProof.objects.filter(
+        delivery=delivery, kind=kind, delivery_status__in=statuses, driver_id=assignment.driver_id,
+        created_at__gte=assignment.created_at,
+    ).exists()
 
 
-def delivery_proof_check(delivery: Delivery, *, step: str, code: str, driver_id, actor: Actor, now: datetime) -> bool:
+def delivery_proof_check(
+    delivery: Delivery, *, assignment: Assignment, step: str, code: str, driver_id, actor: Actor, now: datetime,
+) -> bool:
     """Has the driver given the proof the delivery's policy asks for at this finishing step?
     The caller holds the delivery's lock and calls this only when the step applies to the
     delivery's status.
@@ -456,11 +463,14 @@ def delivery_proof_check(delivery: Delivery, *, step: str, code: str, driver_id,
     delivery-completed: `code` → the handoff code (`delivery_handoff_code_check`); `photo`,
     `signature` → one uploaded while in transit; `code_or_photo` → such a photo, else the code.
     delivery-failed: a photo (uploaded before failing) when the policy is in
-    PROOF_FAILURE_PHOTO_POLICIES. A missing proof is a Conflict naming it. False: a wrong
+    PROOF_FAILURE_PHOTO_POLICIES. Only proofs of the current assignment (`assignment`: its
+    driver, since it began) count. A missing proof is a Conflict naming it. False: a wrong
     handoff code was counted (see `delivery_handoff_code_check`)."""
     policy = delivery.proof_required
     if step == "delivery-failed":
-        if policy in settings.PROOF_FAILURE_PHOTO_POLICIES and not _has_proof(delivery, ProofKind.PHOTO, OPEN_DELIVERY_STATUSES):
+        if policy in settings.PROOF_FAILURE_PHOTO_POLICIES and not _has_proof(
+            delivery, ProofKind.PHOTO, OPEN_DELIVERY_STATUSES, assignment=assignment
+        ):
             raise Conflict(
                 f"A photo is required to fail a delivery with proof policy {policy}: upload one (kind photo) first."
             )
@@ -470,7 +480,7 @@ def delivery_proof_check(delivery: Delivery, *, step: str, code: str, driver_id,
     if policy == ProofPolicy.CODE:
         return delivery_handoff_code_check(delivery, code=code, driver_id=driver_id, actor=actor, now=now)
     kind = POLICY_PROOF_KIND[policy]
-    if _has_proof(delivery, kind, (S.IN_TRANSIT,)):
+    if _has_proof(delivery, kind, (S.IN_TRANSIT,), assignment=assignment):
         return True
     if policy == ProofPolicy.CODE_OR_PHOTO:
         if delivery.handoff_code_locked_at is not None:

@@ -278,7 +278,9 @@ def _delivery_advance_locked(
     delivery = assignment.delivery
     deliveries.assignment_ensure_active(assignment, delivery)
     if finishing and delivery.status in deliveries.STEPS[step][0]:  # (out of order: the step says so below)
-        if not deliveries.delivery_proof_check(delivery, step=step, code=handoff_code, driver_id=driver_id, actor=actor, now=now):
+        if not deliveries.delivery_proof_check(
+            delivery, assignment=assignment, step=step, code=handoff_code, driver_id=driver_id, actor=actor, now=now
+        ):
             return None
         if step == "delivery-completed":
             geofence_check(delivery, driver=assignment.driver, override_reason=override_reason, actor=actor, now=now)

@@ -771,3 +771,56 @@ def test_a_jpeg_with_mpf_data_is_taken_as_a_jpeg_of_its_first_frame(moving, driv
     with Image.open(io.BytesIO(stored)) as image:
         assert image.format == "JPEG" and image.size == (64, 48) and getattr(image, "n_frames", 1) == 1
         assert image.getpixel((10, 10))[0] > 150  # the first frame's red, not the black second one
+
+
+# --------------------------------------------------------- proofs of the current driver
+
+
+def reassigned_to(delivery, first, second):
+    """`delivery` (assigned to `first`) taken from it by ops and given to `second`, in transit."""
+    from workflows.deliveries import delivery_reassign
+
+    delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.system())
+    return in_transit(Delivery.objects.get(pk=delivery.pk), second)
+
+
+def assigned(integration_user, driver, policy):
+    delivery = DeliveryFactory(created_by=integration_user, proof_required=policy)
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    return delivery
+
+
+def test_a_failure_needs_a_photo_of_the_current_driver(integration_user, driver, driver_client, settings):
+    settings.PROOF_FAILURE_PHOTO_POLICIES = ["photo"]
+    delivery = assigned(integration_user, driver, "photo")
+    assert upload(driver_client, driver, delivery).status_code == 201  # the first driver's photo
+    second = DriverFactory()
+    reassigned_to(delivery, driver, second)
+
+    assert "photo" in assert_error(fail(client_for(second.user), second, delivery), 409)["message"]
+    assert upload(client_for(second.user), second, delivery).status_code == 201
+    assert fail(client_for(second.user), second, delivery).json()["status"] == "failed"
+
+
+def test_a_photo_from_an_earlier_assignment_does_not_count(integration_user, driver, driver_client, settings):
+    settings.PROOF_FAILURE_PHOTO_POLICIES = ["photo"]
+    delivery = assigned(integration_user, driver, "photo")
+    assert upload(driver_client, driver, delivery).status_code == 201
+    from workflows.deliveries import delivery_reassign
+
+    delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.system())
+    in_transit(Delivery.objects.get(pk=delivery.pk), driver)  # given back to the same driver later
+
+    assert_error(fail(driver_client, driver, delivery), 409)
+
+
+def test_completion_needs_a_proof_of_the_current_driver(integration_user, driver, driver_client):
+    delivery = with_policy(integration_user, driver, "photo")
+    DeliveryProof.objects.create(  # in transit, but another driver's (none can be made through the API)
+        delivery=delivery, driver=DriverFactory(), kind="photo", file=f"{delivery.pk}/x.jpg", content_type="image/jpeg",
+        size_bytes=1, width=1, height=1, delivery_status="in_transit", created_at=timezone.now(),
+    )
+
+    assert "photo" in assert_error(complete(driver_client, driver, delivery), 409)["message"]
+    upload(driver_client, driver, delivery)
+    assert complete(driver_client, driver, delivery).json()["status"] == "delivered"
