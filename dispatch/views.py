@@ -5,16 +5,25 @@ integration from `GET /v2/deliveries/{id}`, a customer when PROOF_URLS_FOR_CUSTO
 fetch the file until PROOF_URL_TTL_SECONDS after it was signed. A token that is not ours, or
 tampered with, or expired, is a 403; a valid one for a proof (or file) that is gone is a 404.
 Nothing here is cached by a browser or a proxy.
+
+The file is asked for (`exists`) and read whole before the response starts: with S3 an open
+file is read lazily, and a missing or unreadable object would otherwise fail in the middle of
+streaming (a broken 200, or a 500). A proof is at most PROOF_MAX_BYTES. A storage that fails
+(not a missing file) is a 503.
 """
 from __future__ import annotations
 
+import logging
+
 from django.core import signing
-from django.http import FileResponse
+from django.http import HttpResponse
 from django.views.decorators.http import require_GET
 
 from common.errors import error_response
 from dispatch import proofs, selectors
 from dispatch.models import proof_storage
+
+logger = logging.getLogger(__name__)
 
 NO_STORE = {"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
@@ -37,11 +46,18 @@ def proof_file(request, token: str):
     proof = selectors.proof_get(proof_id)
     if proof is None:
         return _refused(request, 404, "Proof not found.")
+    storage, name = proof_storage(), proof.file.name
     try:
-        handle = proof_storage().open(proof.file.name, "rb")
-    except (FileNotFoundError, OSError):
+        if not storage.exists(name):
+            return _refused(request, 404, "Proof file not found.")
+        with storage.open(name, "rb") as handle:
+            content = handle.read()
+    except FileNotFoundError:  # gone between the two
         return _refused(request, 404, "Proof file not found.")
-    response = FileResponse(handle, content_type=proof.content_type)
+    except Exception:  # the storage failing (an OSError, botocore's ClientError...): not the client's fault, never a 500
+        logger.exception("proof file %s could not be read", name)
+        return _refused(request, 503, "The proof file cannot be read right now; try again shortly.")
+    response = HttpResponse(content, content_type=proof.content_type)
     response["Content-Disposition"] = f'inline; filename="{proof.kind}-{proof.pk}.{proof.file.name.rsplit(".", 1)[-1]}"'
     for header, value in NO_STORE.items():
         response[header] = value

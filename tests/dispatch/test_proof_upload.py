@@ -491,7 +491,7 @@ def test_a_signed_url_serves_the_file_privately(photo, moving, ops, anon):
     assert "no-store" in r["Cache-Control"] and "private" in r["Cache-Control"]
     assert r["X-Content-Type-Options"] == "nosniff"
     with proof_storage().open(photo.file.name) as f:
-        assert b"".join(r.streaming_content) == f.read()
+        assert r.content == f.read()
 
 
 def test_a_signed_url_expires(photo, anon, settings):
@@ -824,3 +824,58 @@ def test_completion_needs_a_proof_of_the_current_driver(integration_user, driver
     assert "photo" in assert_error(complete(driver_client, driver, delivery), 409)["message"]
     upload(driver_client, driver, delivery)
     assert complete(driver_client, driver, delivery).json()["status"] == "delivered"
+
+
+# ------------------------------------------------------------- serving a file that is gone
+
+
+class LazyStorage(__import__("django.core.files.storage", fromlist=["FileSystemStorage"]).FileSystemStorage):
+    """Opens like S3's storage: nothing is read (or found missing) before the first read."""
+
+    failure: Exception | None = None
+
+    def _open(self, name, mode="rb"):
+        from django.core.files.base import File
+
+        storage = self
+
+        class Lazy(io.RawIOBase):
+            handle = None
+
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                if storage.failure is not None:
+                    raise storage.failure
+                if self.handle is None:
+                    self.handle = open(storage.path(name), "rb")
+                return self.handle.readinto(buffer)
+
+        return File(io.BufferedReader(Lazy()), name=name)
+
+
+@pytest.fixture
+def lazy_storage(settings, proof_dir):
+    settings.STORAGES = {
+        **settings.STORAGES, "proofs": {"BACKEND": f"{__name__}.LazyStorage", "OPTIONS": {"location": str(proof_dir)}},
+    }
+    LazyStorage.failure = None
+    yield
+    LazyStorage.failure = None
+
+
+def test_a_lazily_read_file_that_is_gone_is_a_404_before_the_response_starts(lazy_storage, photo, anon):
+    r = anon.get(proofs.proof_signed_path(photo.pk))
+    assert r.status_code == 200 and not r.streaming and r.content[:2] == b"\xff\xd8"
+
+    proof_storage().delete(photo.file.name)
+    assert_error(anon.get(proofs.proof_signed_path(photo.pk)), 404)
+
+
+def test_a_storage_that_fails_to_read_is_a_503(lazy_storage, photo, anon):
+    LazyStorage.failure = OSError("the bucket is unreachable")
+
+    r = anon.get(proofs.proof_signed_path(photo.pk))
+    assert_error(r, 503)
+    assert r["Cache-Control"] == "private, no-store"
