@@ -205,10 +205,9 @@ def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> Track
         body["estimatedPrepTimeMinutes"] = math.ceil(eta.remaining_prep_seconds(delivery, now) / 60)
     if delivery.proof_required in CODE_POLICIES and delivery.status not in FINAL_STATUSES:
         body["handoffCode"] = delivery.handoff_code  # for the customer to give the driver; never to a driver
-    if delivery.status != S.READY:  # nothing can be uploaded before a driver has it
-        proofs = _customer_proofs(delivery)
-        if proofs:
-            body["proofs"] = proofs
+    proofs = _customer_proofs(delivery)  # whatever the status: a reassigned (ready again) delivery keeps its earlier ones
+    if proofs:
+        body["proofs"] = proofs
     body["trackingUrl"] = delivery.tracking_url
     body["deliveryId"] = str(delivery.pk)
     return body  # type: ignore[return-value]

@@ -879,3 +879,19 @@ def test_a_storage_that_fails_to_read_is_a_503(lazy_storage, photo, anon):
     r = anon.get(proofs.proof_signed_path(photo.pk))
     assert_error(r, 503)
     assert r["Cache-Control"] == "private, no-store"
+
+
+# ------------------------------------------------------------- the customer, after a reassignment
+
+
+def test_the_customer_keeps_seeing_proofs_when_the_delivery_is_ready_again(integration_user, driver, driver_client, anon):
+    from workflows.deliveries import delivery_reassign
+
+    delivery = assigned(integration_user, driver, "none")
+    upload(driver_client, driver, delivery)
+    delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.system())
+    delivery.refresh_from_db()
+    assert delivery.status == "ready"
+
+    body = anon.get(f"/v2/orders/{delivery.seller_order_id}/delivery-status?token={delivery.tracking_token}").json()
+    assert [p["kind"] for p in body["proofs"]] == ["photo"]
