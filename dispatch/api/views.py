@@ -276,7 +276,7 @@ class DeliveryProofUploadView(APIView):
     @extend_schema(
         operation_id="drivers_delivery_proof",
         request={"multipart/form-data": s.ProofUploadSerializer},
-        responses={201: s.ProofSerializer, **errors(400, 404, 409, 413)},
+        responses={201: s.ProofSerializer, **errors(400, 404, 409, 413, 503)},
         tags=["deliveries"],
         description="A photo or signature of the delivery, by its assigned driver (another driver: 404), while it "
         "is assigned, picked up or in transit, and for PROOF_FAILURE_EVIDENCE_SECONDS (900) after the driver failed "
