@@ -13,6 +13,7 @@ from availability.models import Driver
 from tests.api import assert_error, client_for
 from tests.factories import DriverFactory, IntegrationUserFactory, ZoneFactory, box
 from zones.models import DeliveryZone, DriverZonePreference
+from zones.apps import check_dispatch_policy_settings
 from zones.policies import zone_policy
 from zones.selectors import zone_preferences_for
 from zones.services import zone_create, zone_preferences_refresh_distances, zone_preferences_set, zone_update
@@ -436,3 +437,20 @@ def test_zone_update_with_an_unchanged_boundary_leaves_distances_alone(homed_dri
     zone_update(zone_id=zone.pk, priority_level=1, geometry=box(30.50, 10.90, 30.60, 11.00))
 
     assert DriverZonePreference.objects.get().distance_to_zone_center is None
+
+
+@pytest.mark.parametrize(
+    "name,value,error",
+    [
+        ("DISPATCH_POLICY", "batched-matching", "zones.E001"),
+        ("DISPATCH_BATCH_SIZE", 1, "zones.E002"),
+        ("DISPATCH_BROADCAST_MAX", 500, "zones.E002"),
+        ("DISPATCH_MATCHING_WINDOW_SECONDS", 61, "zones.E002"),
+        ("STACKING_MAX_DETOUR_MINUTES", 0, "zones.E002"),
+        ("VEHICLE_CAPACITY", {"car": 0, "default": 1}, "zones.E003"),
+    ],
+)
+def test_global_dispatch_policy_settings_out_of_range_fail_the_system_check(settings, name, value, error):
+    assert check_dispatch_policy_settings() == []
+    setattr(settings, name, value)
+    assert [e.id for e in check_dispatch_policy_settings()] == [error]
