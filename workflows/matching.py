@@ -401,6 +401,10 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
     if waiting:
         Delivery.objects.filter(pk__in=waiting).update(matching_since=now)
         round_schedule(zone_id, at=now + timedelta(seconds=window))
+    if len(deliveries) >= settings.DISPATCH_MATCHING_MAX_DELIVERIES:
+        # The round took as many as it may: more may be due behind them. The next round now,
+        # not at the sweep (up to 15 s on, perhaps past their target wait).
+        round_schedule(zone_id, at=now)
     logger.info(
         "matching round zone=%s deliveries=%d drivers=%d offered=%d greedy=%d unassigned=%d waiting=%d cost=%.0fs",
         zone_id, result.deliveries, result.drivers, len(result.offered), result.greedy, result.unassigned,

@@ -145,6 +145,25 @@ def test_waiting_schedules_the_zones_round_for_the_end_of_the_window(django_capt
     assert matching_round_when_due(zone_id=str(zone.pk), now=T0 + timedelta(seconds=8)) == 0  # done
 
 
+def test_a_round_at_its_delivery_cap_schedules_the_next_round_at_once(settings, django_capture_on_commit_callbacks, monkeypatch):
+    settings.DISPATCH_MATCHING_MAX_DELIVERIES = 2
+    zone = matching_zone(matching_window_seconds=5)
+    for km in (0.2, 0.4, 0.6):
+        driver_at(km)
+    sent = []
+    monkeypatch.setattr(run_matching_round, "apply_async", lambda args, **options: sent.append((args, options)))
+    with time_machine.travel(T0, tick=False) as clock:
+        deliveries = [new_delivery(zone, km=km)[0] for km in (0.0, 0.1, 0.2)]
+        clock.shift(timedelta(seconds=5))
+        sent.clear()
+        with django_capture_on_commit_callbacks(execute=True):
+            assert len(matching_round(zone_id=zone.pk).offered) == 2  # the two oldest
+        assert sent == [((str(zone.pk),), {"eta": T0 + timedelta(seconds=5)})]  # the rest: now
+        assert matching_round_when_due(zone_id=str(zone.pk)) == 1
+
+    assert all(pending(d) is not None for d in deliveries)
+
+
 def test_window_zero_offers_at_once_and_other_policies_are_untouched():
     instant = matching_zone(matching_window_seconds=0)
     driver_at(0.5)
