@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -14,13 +15,13 @@ from django.utils import timezone as dj_timezone
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 from common import metrics
-from common.errors import body_too_large_message, error_response, response_for_exception
+from common.errors import body_too_large_message, error_body, error_response, response_for_exception
 from common.logfilters import new_request_id, request_id
 from common.parsers import PARSED_ATTR, BodyRejected, load_json_body
 
 logger = logging.getLogger(__name__)
 
-API_PREFIXES = ("/v2/", "/health", "/metrics")
+API_PREFIXES = ("/v2/", "/health", "/metrics", "/proofs/")  # /proofs/: the signed proof-file links the API hands out
 
 
 def _is_api(request) -> bool:
@@ -207,11 +208,86 @@ def allow_larger_body(pattern: str, limit) -> None:
 
 
 def body_limit(request) -> int:
-    if request.content_type.lower() == "multipart/form-data":
+    return body_limit_for(request.path, request.content_type)
+
+
+def body_limit_for(path: str, content_type: str) -> int:
+    if content_type.lower() == "multipart/form-data":
         for pattern, limit in _LARGER_BODIES:
-            if pattern.match(request.path):
+            if pattern.match(path):
                 return max(settings.API_MAX_BODY_BYTES, limit())
     return settings.API_MAX_BODY_BYTES
+
+
+class EarlyBodyLimit:
+    """ASGI, in front of Django for API paths: a body larger than the route takes is a 413
+    before it is read. Django's handler reads the whole body (to a temporary file past 2.5 MB)
+    before any middleware runs, so without this a client could make the server store 200 MB,
+    or wait on a body announced but never sent, just to be told it is too large.
+
+    A declared Content-Length over the limit is answered at once (the rest of the upload is
+    never read; the server closes the connection). A body without Content-Length (chunked) is
+    read up to the limit and answered 413 past it, else handed to Django whole, with its
+    Content-Length (Django's handler reads no body without one). A malformed
+    Content-Length is left to RequestGuardMiddleware (400)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v2/"):
+            return await self.app(scope, receive, send)
+        declared, content_type = None, ""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                declared = value
+            elif name == b"content-type":
+                content_type = value.split(b";", 1)[0].strip().decode("latin-1")
+        limit = body_limit_for(scope["path"], content_type)
+        if declared is not None:
+            try:
+                too_large = int(declared) > limit
+            except ValueError:
+                too_large = False
+            if too_large:
+                return await self._refuse(scope, send, limit)
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._refuse(scope, send, limit)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        # Django reads only as many bytes as Content-Length says (none without it): the body
+        # now has a length.
+        scope = {**scope, "headers": [*scope["headers"], (b"content-length", str(len(body)).encode())]}
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope, send, limit: int) -> None:
+        path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+        body = json.dumps(error_body(413, path, body_too_large_message(limit))).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"x-content-type-options", b"nosniff"), (b"x-request-id", new_request_id().encode()),
+            (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class RequestGuardMiddleware(AsyncCapableMiddleware):

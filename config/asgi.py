@@ -14,6 +14,7 @@ from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
 from availability.api.fastlane import LocationFastLane  # noqa: E402
 from common.consumers import QueryTokenAuthMiddleware, origin_validator  # noqa: E402
+from common.middleware import EarlyBodyLimit  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
 
 
@@ -50,7 +51,7 @@ class ApiSplit:
 
 application = ProtocolTypeRouter(
     {
-        "http": LocationFastLane(ApiSplit(django_asgi_app, LeanApiHandler())),
+        "http": LocationFastLane(EarlyBodyLimit(ApiSplit(django_asgi_app, LeanApiHandler()))),
         "websocket": origin_validator(AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns)))),
     }
 )

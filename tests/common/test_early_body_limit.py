@@ -1,0 +1,88 @@
+"""A body larger than the route takes is a 413 before Django reads it (common.middleware.
+EarlyBodyLimit in config.asgi): a declared Content-Length at once, a chunked body as soon as it
+passes the limit. Driven as raw ASGI calls, so what is read is counted exactly."""
+import asyncio
+import json
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from config.asgi import application
+from tests.api import token_for
+from tests.factories import OpsUserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def call(path, *, headers, chunks, method="POST"):
+    """Run one HTTP request through the ASGI app: (status, headers, body, chunks read)."""
+    queue = list(chunks)
+    read = []
+    sent = []
+
+    async def receive():
+        if not queue:  # Django then listens for a disconnect: none comes
+            await asyncio.Event().wait()
+        chunk = queue.pop(0)
+        read.append(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": bool(queue)}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+    }
+    async_to_sync(application)(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), body, len(read)
+
+
+def test_a_declared_body_over_the_limit_is_a_413_before_a_byte_is_read(settings):
+    settings.API_MAX_BODY_BYTES = 1024
+    token = token_for(OpsUserFactory())
+    status, headers, body, read = call(
+        "/v2/zones", headers={"Authorization": f"Token {token}", "Content-Type": "application/json",
+                              "Content-Length": str(10 * 1024 ** 3)},
+        chunks=[b"x" * 1024] * 3,
+    )
+    assert status == 413 and read == 0
+    error = json.loads(body)
+    assert error["statusCode"] == 413 and error["path"] == "/v2/zones" and "1024 bytes" in error["message"]
+    assert headers[b"content-type"] == b"application/json"
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(settings):
+    settings.API_MAX_BODY_BYTES = 1024
+    status, _, body, read = call(
+        "/v2/zones", headers={"Content-Type": "application/json"}, chunks=[b"x" * 600] * 10,
+    )
+    assert status == 413 and read == 2  # 1,200 bytes read of 6,000: the rest never
+    assert json.loads(body)["error"] == "Request Entity Too Large"
+
+
+def test_a_chunked_body_within_the_limit_reaches_the_view_whole():
+    token = token_for(OpsUserFactory())
+    payload = json.dumps({"name": "Chunked", "geometry": {"type": "Polygon", "coordinates": [
+        [[30.5, 10.9], [30.6, 10.9], [30.6, 11.0], [30.5, 11.0], [30.5, 10.9]]]}}).encode()
+    status, _, body, _ = call(
+        "/v2/zones", headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+        chunks=[payload[:40], payload[40:90], payload[90:]],
+    )
+    assert status == 201, body
+    assert json.loads(body)["properties"]["name"] == "Chunked"
+
+
+def test_the_proof_upload_route_takes_its_own_larger_limit_for_multipart_only(settings):
+    settings.API_MAX_BODY_BYTES = 1024
+    settings.PROOF_MAX_BYTES = 4096
+    path = "/v2/drivers/00000000-0000-0000-0000-000000000001/deliveries/00000000-0000-0000-0000-000000000002/proof"
+    multipart = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": "3000"}
+    status, _, _, read = call(path, headers=multipart, chunks=[b"-" * 3000])
+    assert status != 413 and read == 1  # past the early check: Django answers (401 without a token)
+    as_json = {"Content-Type": "application/json", "Content-Length": "3000"}
+    assert call(path, headers=as_json, chunks=[b"-" * 3000])[0] == 413
