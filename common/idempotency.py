@@ -42,8 +42,18 @@ def _request_hash(request) -> str:
     h.update(b"\0")
     h.update(request.get_full_path().encode("utf-8", "surrogatepass"))
     h.update(b"\0")
-    h.update(request.body)
+    h.update(_comparable_body(request))
     return h.hexdigest()
+
+
+def _comparable_body(request) -> bytes:
+    """The body, with a multipart body's boundary replaced by a fixed one: clients pick a new
+    random boundary on every retry, which must not make the same upload a different request."""
+    body = request.body
+    content_type, params = request.content_type.lower(), request.content_params
+    if content_type == "multipart/form-data" and params.get("boundary"):
+        body = body.replace(b"--" + params["boundary"].encode("latin-1", "replace"), b"--\0boundary\0")
+    return body
 
 
 class IdempotencyMiddleware:

@@ -17,7 +17,7 @@ import logging
 
 from django.core import signing
 from django.http import HttpResponse
-from django.views.decorators.http import require_GET
+from django.views.decorators.csrf import csrf_exempt
 
 from common.errors import error_response
 from dispatch import proofs, selectors
@@ -35,8 +35,12 @@ def _refused(request, status: int, message: str):
     return response
 
 
-@require_GET
+@csrf_exempt  # no method here writes: anything but GET/HEAD is a 405 in the API's error body
 def proof_file(request, token: str):
+    if request.method not in ("GET", "HEAD"):
+        response = _refused(request, 405, f'Method "{request.method}" not allowed.')
+        response["Allow"] = "GET, HEAD"
+        return response
     try:
         proof_id = proofs.proof_id_from_token(token)
     except signing.SignatureExpired:

@@ -356,6 +356,16 @@ class ProofUploadSerializer(serializers.Serializer):
     )
     note = StrictCharField(max_length=1000, required=False, allow_blank=True, default="")
 
+    def validate(self, attrs):
+        # One proof per request: a second `file` part would otherwise be dropped without a word
+        # (and `kind`/`note` given twice keep only one value the same way).
+        data = self.initial_data
+        if hasattr(data, "getlist"):
+            repeated = [name for name in ("file", "kind", "note") if len(data.getlist(name)) > 1]
+            if repeated:
+                raise serializers.ValidationError({name: ["Give exactly one."] for name in repeated})
+        return attrs
+
 
 class DeliveryListQuerySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=DeliveryStatus.choices, required=False)

@@ -10,6 +10,8 @@ from datetime import timedelta
 import pytest
 import time_machine
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+from django.test.client import encode_multipart
 from django.utils import timezone
 from PIL import ExifTags, Image
 
@@ -280,6 +282,35 @@ def test_the_same_idempotency_key_stores_one_proof(moving, driver, driver_client
     assert DeliveryProof.objects.count() == 1 and len(stored_files(proof_dir)) == 1
 
 
+def test_a_retry_with_a_new_multipart_boundary_is_the_same_request(moving, driver, driver_client, proof_dir):
+    url = f"/v2/drivers/{driver.pk}/deliveries/{moving.pk}/proof"
+    content = jpeg_with_gps()
+
+    def send(boundary, kind="photo"):
+        form = {"kind": kind, "file": SimpleUploadedFile("p.jpg", content, content_type="image/jpeg")}
+        return driver_client.post(
+            url, encode_multipart(boundary, form), content_type=f"multipart/form-data; boundary={boundary}",
+            HTTP_IDEMPOTENCY_KEY="proof-2",
+        )
+
+    first, again = send("first-boundary-1a2b"), send("retry-boundary-9z8y7x")
+
+    assert first.status_code == again.status_code == 201
+    assert again["Idempotent-Replayed"] == "true" and again.json()["id"] == first.json()["id"]
+    assert DeliveryProof.objects.count() == 1
+    assert_error(send("third-boundary", kind="signature"), 409)  # other fields: another request
+
+
+def test_two_files_in_one_upload_are_a_400_and_nothing_is_kept(moving, driver, driver_client, proof_dir):
+    url = f"/v2/drivers/{driver.pk}/deliveries/{moving.pk}/proof"
+    files = [SimpleUploadedFile(f"p{i}.jpg", jpeg_with_gps(), content_type="image/jpeg") for i in range(2)]
+
+    body = assert_error(driver_client.post(url, {"kind": "photo", "file": files}, format="multipart"), 400)
+
+    assert "file" in body["details"]
+    assert not DeliveryProof.objects.exists() and stored_files(proof_dir) == []
+
+
 # ------------------------------------------------------------------------ who and when
 
 
@@ -516,6 +547,18 @@ def test_a_tampered_or_made_up_url_is_refused(photo, anon):
     assert_error(anon.get(f"/proofs/{flipped}"), 403)
     assert_error(anon.get(f"/proofs/{photo.pk}"), 403)  # the bare id
     assert_error(anon.get(f"/proofs/{proofs.proof_url_token(other_id)}"), 404)  # signed, but no such proof
+
+
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete", "options"])
+def test_a_proof_url_only_answers_get_and_head(photo, method):
+    url = proofs.proof_signed_path(photo.pk)
+    browser = Client(enforce_csrf_checks=True)  # as a real client: no CSRF exemption by the test client
+
+    body = assert_error(getattr(browser, method)(url), 405)
+
+    assert body["path"].startswith("/proofs/")
+    assert browser.head(url).status_code == 200
+    assert_error(browser.get("/proofs/x/extra"), 404)
 
 
 def test_a_url_for_a_file_that_is_gone_is_a_404(photo, anon):
