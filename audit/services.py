@@ -8,16 +8,16 @@ from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
 from common.actors import Actor
-from common.txbuffer import current, transaction_buffer
+from common.txbuffer import current, insert_rows, transaction_buffer
 
 _local = threading.local()
 
 
 def _insert(rows: list[DeliveryAuditLog]) -> None:
-    if rows:
-        # One multi-row INSERT; `seq` (nextval) is drawn row by row in list order, so the
-        # timeline reads in the order the rows were recorded.
-        DeliveryAuditLog.objects.bulk_create(rows)
+    # One multi-row INSERT (inside a workflow's `insert_batch`, in the statement that writes
+    # its outbox rows too); `seq` (nextval) is drawn row by row in list order, so the timeline
+    # reads in the order the rows were recorded.
+    insert_rows(rows)
 
 
 def audit_buffer():

@@ -22,6 +22,7 @@ from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group
 from common.exceptions import Conflict, Forbidden
 from common.tokens import api_token_create
+from common.txbuffer import insert_rows
 
 # What drivers, jobs and the offer flow may do. busy → available is not here: it happens only
 # when the driver's assignment ends (`releasing=True`), never because someone asked.
@@ -87,10 +88,11 @@ def apply_availability_change(
             "availability_change_actor", "availability_change_actor_type", "updated_at",
         ]
     )
-    row = DriverAvailabilityHistory.objects.create(
+    row = DriverAvailabilityHistory(
         driver=driver, from_state=from_state, to_state=to_state, reason=reason or "",
         actor_id=actor.id, actor_type=actor.type, timestamp=now,
     )
+    insert_rows([row])  # in a workflow: with its audit and outbox rows, one statement before commit
     event = events.availability_changed(
         driver_id=driver.pk, from_state=from_state, to_state=to_state, reason=reason, until=until, changed_at=now
     )

@@ -1,5 +1,6 @@
 """Small SQL helpers the ORM has no single call for: INSERT … ON CONFLICT DO NOTHING that says
-whether the row went in, several of them (or one and an UPDATE) in one statement."""
+whether the row went in, several of them (or one and an UPDATE) in one statement; the rows of
+several tables in one statement (`insert_many`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -95,3 +96,46 @@ def insert_all_unless_conflict(*objs: Model) -> list[bool]:
         if went_in:
             _saved(obj, using)
     return inserted
+
+
+def insert_many(*batches) -> None:
+    """Several multi-row INSERTs (one list of unsaved rows of one model each) in one statement:
+    `WITH i0 AS (INSERT … VALUES (…), (…) RETURNING …), i1 AS (…) SELECT …`. Rows are
+    prepared as `bulk_create` prepares them (defaults, `auto_now_add`, `db_default` as
+    DEFAULT), and what the database generates (an auto primary key, a `db_default` such as a
+    sequence) is set on each row from RETURNING, in the order given, as `bulk_create` does.
+    No ON CONFLICT: a constraint violation is an error, as it is for `bulk_create`."""
+    batches = [list(rows) for rows in batches if rows]
+    if not batches:
+        return
+    if len(batches) == 1:  # one table: the plain multi-row INSERT
+        type(batches[0][0]).objects.bulk_create(batches[0])
+        return
+    using = router.db_for_write(type(batches[0][0]), instance=batches[0][0])
+    ctes, params, selects, returned = [], [], [], []
+    for i, rows in enumerate(batches):
+        model = type(rows[0])
+        opts = model._meta
+        # a database-generated primary key (AutoField) is left out and read back, with every
+        # `db_default` field (written as DEFAULT)
+        fields = [f for f in opts.local_concrete_fields if not f.generated and not (f.primary_key and f.db_returning)]
+        back = list(opts.db_returning_fields)
+        query = InsertQuery(model)
+        query.insert_values(fields, rows)
+        ((sql, p),) = query.get_compiler(using=using).as_sql()
+        columns = ", ".join(connections[using].ops.quote_name(f.column) for f in back)
+        ctes.append(f"i{i} AS ({sql} RETURNING {columns})" if back else f"i{i} AS ({sql})")
+        params.extend(p)
+        for f in back:
+            selects.append(f"ARRAY(SELECT {connections[using].ops.quote_name(f.column)} FROM i{i})")
+            returned.append((rows, f))
+    select = ", ".join(selects) if selects else "1"
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"WITH {', '.join(ctes)} SELECT {select}", params)
+        values = cursor.fetchone()
+    for (rows, field), column in zip(returned, values if selects else (), strict=True):
+        for row, value in zip(rows, column, strict=True):
+            setattr(row, field.attname, value)
+    for rows in batches:
+        for row in rows:
+            _saved(row, using)

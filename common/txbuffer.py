@@ -1,7 +1,12 @@
 """A per-transaction buffer: what a workflow records while its transaction is open, handed
-over in one piece just before it ends (the audit rows, the webhook outbox rows: one INSERT
-each instead of one per row). An item added inside a savepoint that later rolls back is
-dropped with it, as the INSERT it stands for would have been."""
+over in one piece just before it ends (the audit rows, the webhook outbox rows). An item added
+inside a savepoint that later rolls back is dropped with it, as the INSERT it stands for would
+have been.
+
+`insert_batch()` goes one step further: the buffers that end inside it hand their rows to it
+(`insert_rows`) instead of inserting them, and it writes the rows of every table with one
+statement when it ends (`common.db.insert_many`): a workflow's audit rows and webhook outbox
+rows are one INSERT … INSERT statement, not one per table."""
 from __future__ import annotations
 
 import threading
@@ -9,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from django.db import transaction
+
+from common.db import insert_many
 
 
 class TransactionBuffer:
@@ -58,3 +65,29 @@ def transaction_buffer(local: threading.local, flush: Callable[[list], object]) 
     finally:
         local.buffer = None
     flush(buffer.take())
+
+
+_batch = threading.local()
+
+
+def insert_rows(rows: list) -> None:
+    """Insert the unsaved `rows` (one model): inside an `insert_batch()` with the batch's
+    other rows when it ends (rows given inside a savepoint that rolls back are dropped with
+    it), else at once (one multi-row INSERT)."""
+    if not rows:
+        return
+    buffer = current(_batch)
+    if buffer is not None:
+        buffer.add(list(rows))
+    else:
+        insert_many(rows)
+
+
+def insert_batch():
+    """The rows given to `insert_rows` inside the block are written by one statement when it
+    ends (`common.db.insert_many`: one multi-row INSERT per list, in the order given), still
+    inside the caller's transaction (open it inside `transaction.atomic()`; outside a
+    transaction it does nothing). A batch inside a batch joins the outer one; on an exception
+    nothing is written (the transaction rolls back). Open it around the buffers that flush
+    into it (`workflows.unit`)."""
+    return transaction_buffer(_batch, lambda groups: insert_many(*groups))

@@ -235,8 +235,10 @@ def assignment_ensure_active(assignment: Assignment, delivery: Delivery) -> None
 # A step that only moves the delivery on, in one statement (no transaction of its own): lock
 # the delivery in the state the step starts from, then the driver's active assignment (the lock
 # order of workflows/locks.py; both rows locked, so both are re-read at their latest version
-# after any wait), update the delivery and append the audit row. No row back: the step does
-# not apply as asked, and the caller takes the full path, which says why.
+# after any wait), update the delivery and append the audit row, and whatever else the caller
+# writes from the updated row `u` ({also}: e.g. the webhook outbox row). No row back: the step
+# does not apply as asked, nothing was written, and the caller takes the full path, which says
+# why.
 _QUICK_STEP_SQL = """
 WITH d AS MATERIALIZED (
     SELECT id FROM {delivery} WHERE id = %(delivery_id)s AND status = %(from_status)s {guard} FOR UPDATE
@@ -252,7 +254,7 @@ WITH d AS MATERIALIZED (
     SELECT %(audit_id)s, u.id, %(now)s, %(event_type)s, %(actor_id)s, %(actor_type)s,
            jsonb_build_object('driverId', %(driver_text)s::text, 'assignmentId', u.step_assignment_id::text), 1
     FROM u
-)
+){also}
 SELECT * FROM u
 """
 _QUICK_GUARDS = {
@@ -261,21 +263,41 @@ _QUICK_GUARDS = {
 }
 
 
-def delivery_step_quick(*, delivery_id, driver_id, step: str, actor: Actor, now: datetime) -> tuple[Delivery, str] | None:
+def quick_step_statuses(step: str) -> tuple[str, str] | None:
+    """(from, to) status of a step `delivery_step_quick` takes; None for the others."""
+    if step not in STEPS or step in FINISHING_STEPS:
+        return None
+    (from_status,), to_status, _, _ = STEPS[step]
+    return from_status, to_status
+
+
+def delivery_step_quick(
+    *, delivery_id, driver_id, step: str, actor: Actor, now: datetime, also: list[tuple[str, dict]] = (),
+) -> tuple[Delivery, str] | None:
     """Apply a step that is not the last one (pickup-started, pickup-completed,
     delivery-started) by the driver's active assignment in one statement: the same row,
     audit row and result as `delivery_step_apply` under the workflow's locks. Returns the
     delivery as written (with `latest_assignments`) and the status it came from; None when the
     step does not apply as asked (unknown delivery, not this driver's, out of order), for the
-    caller to take the full path."""
-    if step not in STEPS or step in FINISHING_STEPS:
+    caller to take the full path.
+
+    `also`: (sql, params) of data-modifying statements over `u` (the delivery's row as the
+    step leaves it, one row or none) added to the statement as CTEs, so they commit with the
+    step or not at all (the webhook outbox row: `notifications.outbox.outbox_row_sql(event,
+    source="u")`); their parameters are named, and must not clash with the step's."""
+    if quick_step_statuses(step) is None:
         return None
     (from_status,), to_status, event_type, stamp = STEPS[step]
+    extra_params: dict = {}
+    for _, p in also:
+        extra_params |= p
     sql = _QUICK_STEP_SQL.format(
         delivery=Delivery._meta.db_table, assignment=Assignment._meta.db_table, audit=DeliveryAuditLog._meta.db_table,
         stamp=Delivery._meta.get_field(stamp).column, guard=_QUICK_GUARDS.get(step, ""),
+        also="".join(f", also{i} AS ({cte})" for i, (cte, _) in enumerate(also)),
     )
     params = {
+        **extra_params,
         "delivery_id": delivery_id, "driver_id": driver_id, "driver_text": str(driver_id), "from_status": from_status,
         "to_status": to_status, "active": AssignmentStatus.ACTIVE, "now": now, "updated_at": timezone.now(),
         "audit_id": uuid.uuid4(), "event_type": event_type, "actor_id": actor.id, "actor_type": actor.type,

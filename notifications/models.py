@@ -69,6 +69,10 @@ class OutboxEvent(models.Model):
     payload = models.JSONField()
     created_at = models.DateTimeField()
     fanned_out_at = models.DateTimeField(null=True, blank=True)
+    # Written by a one-statement change (notifications.outbox.outbox_row_sql): the delivery's
+    # row as that statement left it and its latest assignment; `payload.data` holds the change
+    # alone until the worker renders the delivery from this (before fan-out) and clears it.
+    delivery_row = models.JSONField(null=True, blank=True, editable=False)
 
     class Meta:
         indexes = [

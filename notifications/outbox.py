@@ -5,26 +5,47 @@ or not at all; a worker delivers it after commit (`notifications.deliver_webhook
 on commit, plus a sweep for what that missed: Redis or Celery down at commit, a worker killed
 before it sent).
 
-Inside a workflow's `unit_of_work()` (`outbox_buffer`) the rows of the transaction are written
-together just before commit: one SELECT of the deliveries (their representation at the end of
-the change) and one INSERT, in the order emitted (`seq`). Outside a buffer each event is
-written at once, in the caller's transaction if one is open.
+The payload is the delivery as the API shows it to its owner as the change left it, plus the
+change. It is rendered in one of two ways, both from the row as the change left it:
+
+- Inside a workflow's `unit_of_work()` (`outbox_buffer`) the rows of the transaction are
+  written together just before commit, in the order emitted (`seq`), by the workflow's one
+  INSERT statement (`common.txbuffer.insert_batch`, with its audit rows). The delivery is
+  rendered from the row the workflow holds when it handed it over (`outbox_hold`: every field
+  it changed is set on it, its latest assignment too), else read (one SELECT of the
+  deliveries its events are about).
+- A change made by one statement (the quick delivery steps, `outbox_row_sql`) writes its row in
+  that statement: the envelope and the change are known beforehand, the delivery is not (the
+  statement makes it). The row keeps the delivery's row as that statement left it
+  (`delivery_row`: `to_jsonb` of the row and its latest assignment) and the worker renders
+  the payload from it before fan-out (`outbox_render_pending`). The trade-off: the payload
+  is the state at the event, as before, but is only complete once a worker has fanned the
+  event out (a reader of the outbox table sees `data.change` alone until then), the JSON
+  snapshot is kept until then, and it is rendered by the code the worker runs (after a
+  deploy in between: the new serializer, a column added since: null).
 """
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import uuid
-from datetime import timedelta
+from contextlib import contextmanager
+from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import DatabaseError, transaction
+from django.db.models import Model
 from django.utils import timezone
 
 from common.broadcast import enqueue_task_on_commit
-from common.txbuffer import current, transaction_buffer
+from common.txbuffer import current, insert_rows, transaction_buffer
 from common.errors import iso
 from dispatch.models import DeliveryStatus
 from notifications.models import OutboxEvent
-from notifications.payloads import deliveries_for_payload, render_delivery, webhook_body
+from notifications.payloads import deliveries_for_payload, deliveries_from_rows, held_for_payload, render_delivery, webhook_body
+
+logger = logging.getLogger(__name__)
 
 DELIVER_TASK = "notifications.deliver_webhooks"
 ETA_TYPE = "delivery.eta_updated"
@@ -73,9 +94,16 @@ def outbox_buffer():
 
 
 def outbox_capture(event: dict) -> None:
-    """The `common.hooks.on_event_emitted` handler: keep the events merchants are told of."""
+    """The `common.hooks.on_event_emitted` handler: keep the events merchants are told of
+    (except one whose row its statement wrote already: `outbox_written`)."""
     if webhook_type_for(event) is None or not event.get("deliveryId"):
         return
+    written = getattr(_local, "written", None)
+    if written:
+        key = _key(event)
+        if key in written:
+            written.remove(key)
+            return
     buffer = current(_local)
     if buffer is not None:
         buffer.add(dict(event))
@@ -83,35 +111,121 @@ def outbox_capture(event: dict) -> None:
         outbox_write([dict(event)])
 
 
-def outbox_pickup_started(delivery, *, driver_id, started_at, reason: str = "") -> None:
-    """The driver started the pickup (the status stays `assigned`): a `delivery.status_changed`
-    whose change has the fields of a status change plus `step` and `pickupStartedAt`. Written
-    like a captured event: with the workflow's buffered rows, or at once in the caller's
-    transaction."""
+def pickup_started_event(*, delivery_id, seller_order_id: str, status: str, driver_id, started_at, reason: str = "") -> dict:
+    """The outbox's own event for a started pickup (`outbox_pickup_started`)."""
     event = {
         "type": PICKUP_STARTED,
-        "deliveryId": str(delivery.pk),
-        "sellerOrderId": delivery.seller_order_id,
+        "deliveryId": str(delivery_id),
+        "sellerOrderId": seller_order_id,
         "step": "pickup_started",
-        "fromStatus": delivery.status,
-        "status": delivery.status,
+        "fromStatus": status,
+        "status": status,
         "driverId": str(driver_id) if driver_id else None,
         "changedAt": iso(started_at),
         "pickupStartedAt": iso(started_at),
     }
     if reason:
         event["reason"] = reason
-    outbox_capture(event)
+    return event
 
 
-def outbox_write(events: list[dict]) -> list[OutboxEvent]:
-    """Write the outbox rows of `events` (live events about deliveries), in order, and have a
-    worker deliver them after commit. ETA updates go out at most once per
-    `WEBHOOK_ETA_MIN_INTERVAL_SECONDS` per delivery."""
+def outbox_pickup_started(delivery, *, driver_id, started_at, reason: str = "") -> None:
+    """The driver started the pickup (the status stays `assigned`): a `delivery.status_changed`
+    whose change has the fields of a status change plus `step` and `pickupStartedAt`. Written
+    like a captured event: with the workflow's buffered rows, or at once in the caller's
+    transaction."""
+    outbox_capture(pickup_started_event(
+        delivery_id=delivery.pk, seller_order_id=delivery.seller_order_id, status=delivery.status,
+        driver_id=driver_id, started_at=started_at, reason=reason,
+    ))
+
+
+def outbox_hold(delivery: Model) -> None:
+    """The workflow holds `delivery` as its transaction will leave it: every field it changes
+    is set on this instance, and `latest_assignments` (the latest assignment, or none) too.
+    Inside an `outbox_buffer` the payloads of its events are rendered from it when the buffer
+    ends, instead of reading the row again (outside a buffer: nothing to do, events are
+    written as they come). Dropped with a savepoint that rolls back, as an event is."""
+    buffer = current(_local)
+    if buffer is not None:
+        buffer.add(delivery)
+
+
+def _key(event: dict) -> tuple:
+    return webhook_type_for(event), str(event.get("deliveryId")), json.dumps(_change(event), sort_keys=True)
+
+
+@contextmanager
+def outbox_written(*events: dict):
+    """The rows of `events` were written by the statement of the change (`outbox_row_sql`):
+    a worker delivers them after commit, and when the workflow emits them inside the block
+    they are not written again. Any other event is written as usual."""
+    enqueue_task_on_commit(DELIVER_TASK)
+    previous = getattr(_local, "written", None)
+    _local.written = [_key(e) for e in events]
+    try:
+        yield
+    finally:
+        _local.written = previous
+
+
+# Writes the outbox row of one event for the delivery row(s) of `{source}` (a CTE of the
+# caller's statement: the delivery's row as that statement leaves it), keeping that row and
+# its latest assignment (as `deliveries_for_payload` picks it: at the statement's snapshot)
+# for the worker to render the payload from.
+_ROW_SQL = """
+INSERT INTO {outbox} (event_id, type, delivery_id, owner_id, endpoint_id, payload, created_at, fanned_out_at, delivery_row)
+SELECT %(ob_event_id)s::uuid, %(ob_type)s::text, src.id, src.created_by_id, NULL, %(ob_payload)s::jsonb,
+       %(ob_created_at)s::timestamptz, NULL,
+       jsonb_build_object('delivery', to_jsonb(src), 'assignment', (
+           SELECT jsonb_build_object('id', a.id, 'driver_id', a.driver_id, 'status', a.status, 'end_reason', a.end_reason)
+           FROM {assignment} a WHERE a.delivery_id = src.id ORDER BY a.created_at DESC, a.id DESC LIMIT 1
+       ))
+FROM {source} src
+"""
+
+
+def outbox_row_sql(event: dict, *, source: str, now: datetime | None = None) -> tuple[str, dict] | None:
+    """For a change made by one statement: the data-modifying SQL (`INSERT … SELECT … FROM
+    {source}`, to add to that statement as a CTE) that writes the outbox row of `event`, the
+    live event the change will emit, for the delivery row of the CTE `source`, and its
+    parameters (named `ob_*`). None when merchants are not told of the event. The statement
+    writes nothing when `source` is empty. When it wrote the row, emit the event inside
+    `outbox_written(event)`.
+    ETA updates are throttled by what was sent before, so not written this way."""
+    kind = webhook_type_for(event)
+    if kind is None or not event.get("deliveryId"):
+        return None
+    if kind == ETA_TYPE:
+        raise ValueError("ETA updates are written by outbox_write (they are throttled)")
+    from dispatch.models import Assignment  # noqa: PLC0415 (the table name only)
+
+    now = now or timezone.now()
+    event_id = uuid.uuid4()
+    payload = webhook_body(webhook_id=f"msg_{event_id.hex}", type=kind, created_at=now, data={"change": _change(event)})
+    sql = _ROW_SQL.format(outbox=OutboxEvent._meta.db_table, assignment=Assignment._meta.db_table, source=source)
+    return sql, {
+        "ob_event_id": event_id, "ob_type": kind, "ob_payload": json.dumps(payload), "ob_created_at": now,
+    }
+
+
+def outbox_write(items: list) -> list[OutboxEvent]:
+    """Write the outbox rows of the events in `items` (live events about deliveries), in
+    order, and have a worker deliver them after commit. ETA updates go out at most once per
+    `WEBHOOK_ETA_MIN_INTERVAL_SECONDS` per delivery. A delivery in `items` (`outbox_hold`) is
+    rendered as it is; the others are read."""
+    events = [item for item in items if isinstance(item, dict)]
     if not events:
         return []
     now = timezone.now()
-    deliveries = deliveries_for_payload({e["deliveryId"] for e in events})
+    held = {  # without its latest assignment set it is read like the others
+        str(item.pk): held_for_payload(item) for item in items
+        if not isinstance(item, dict) and getattr(item, "latest_assignments", None) is not None
+    }
+    deliveries = {key: held[key] for key in {e["deliveryId"] for e in events} if key in held}
+    unknown = {e["deliveryId"] for e in events} - set(deliveries)
+    if unknown:
+        deliveries |= deliveries_for_payload(unknown)
     throttled = _eta_throttled({e["deliveryId"] for e in events if webhook_type_for(e) == ETA_TYPE}, now=now)
     rows = []
     for event in events:
@@ -128,9 +242,44 @@ def outbox_write(events: list[dict]) -> list[OutboxEvent]:
             payload=webhook_body(webhook_id=f"msg_{event_id.hex}", type=kind, created_at=now, data=data),
         ))
     if rows:
-        OutboxEvent.objects.bulk_create(rows)  # `seq` drawn row by row, in list order
+        insert_rows(rows)  # `seq` drawn row by row, in list order (with the audit rows, in a workflow)
         enqueue_task_on_commit(DELIVER_TASK)
     return rows
+
+
+def outbox_render_pending(events: list[OutboxEvent]) -> list[OutboxEvent]:
+    """Render the payloads still to be rendered (`delivery_row`, see the module docstring) of
+    `events` (locked by the caller) and save them; returns the events ready to fan out (an
+    event whose row cannot be rendered is logged and left for a later try: the events of its
+    delivery after it wait, in order)."""
+    pending = [e for e in events if e.delivery_row is not None]
+    if not pending:
+        return events
+    rendered, failed = [], set()
+    try:
+        with transaction.atomic():  # a row PostgreSQL cannot read back must not stop the others
+            deliveries = deliveries_from_rows({e.seq: e.delivery_row for e in pending})
+    except DatabaseError:
+        deliveries = {}
+        for event in pending:
+            try:
+                with transaction.atomic():
+                    deliveries |= deliveries_from_rows({event.seq: event.delivery_row})
+            except DatabaseError:
+                pass  # logged below, as not rendered
+    for event in pending:
+        try:
+            data = {**render_delivery(deliveries[event.seq]), "change": event.payload["data"]["change"]}
+        except Exception:
+            logger.exception("webhook event %s: its payload could not be rendered", event.seq)
+            failed.add(event.seq)
+            continue
+        event.payload = {**event.payload, "data": data}
+        event.delivery_row = None
+        rendered.append(event)
+    if rendered:
+        OutboxEvent.objects.bulk_update(rendered, ["payload", "delivery_row"])
+    return [e for e in events if e.seq not in failed]
 
 
 def _eta_throttled(delivery_ids: set[str], *, now) -> set[str]:

@@ -8,6 +8,8 @@ import), so a field the API gains is in the webhooks too. `delivery_data` is the
 before start-up wiring (and a reference kept equal by the tests)."""
 from __future__ import annotations
 
+import json
+
 from django.db.models import OuterRef, Subquery
 
 from common.errors import iso
@@ -29,6 +31,42 @@ def deliveries_for_payload(ids) -> dict[str, Delivery]:
         latest_end_reason=Subquery(latest.values("end_reason")[:1]),
     )
     return {str(d.pk): d for d in rows}
+
+
+def held_for_payload(delivery: Delivery) -> Delivery:
+    """A delivery a workflow holds (`latest_assignments` set: its latest assignment, or none)
+    with the annotations of `deliveries_for_payload`, for either renderer."""
+    latest = delivery.latest_assignments[0] if delivery.latest_assignments else None
+    delivery.latest_assignment_id = latest.pk if latest else None
+    delivery.latest_driver_id = latest.driver_id if latest else None
+    delivery.latest_assignment_status = latest.status if latest else None
+    delivery.latest_end_reason = latest.end_reason if latest else None
+    return delivery
+
+
+_FROM_ROWS_SQL = """
+SELECT d.*, s.key AS snapshot_key,
+       (s.snapshot->'assignment'->>'id')::uuid AS latest_assignment_id,
+       (s.snapshot->'assignment'->>'driver_id')::uuid AS latest_driver_id,
+       s.snapshot->'assignment'->>'status' AS latest_assignment_status,
+       s.snapshot->'assignment'->>'end_reason' AS latest_end_reason
+FROM jsonb_each(%s::jsonb) AS s(key, snapshot),
+     jsonb_populate_record(NULL::{table}, s.snapshot->'delivery') AS d
+"""
+
+
+def deliveries_from_rows(snapshots: dict) -> dict:
+    """Deliveries rebuilt from snapshots written with an event (`{"delivery": to_jsonb(row),
+    "assignment": {id, driver_id, status, end_reason} | null}`, see `notifications.outbox`),
+    by key, annotated as `deliveries_for_payload` annotates them: one statement, in which
+    PostgreSQL turns each JSON row back into a row of the table (`jsonb_populate_record`), so
+    every column is read exactly as the ORM reads the table."""
+    if not snapshots:
+        return {}
+    by_text = {str(key): key for key in snapshots}
+    param = json.dumps({str(key): snapshot for key, snapshot in snapshots.items()})
+    rows = Delivery.objects.raw(_FROM_ROWS_SQL.format(table=Delivery._meta.db_table), [param])
+    return {by_text[d.snapshot_key]: d for d in rows if d.pk is not None}  # no row in it: not rendered
 
 
 def _shown_assignment(delivery) -> tuple[object, object]:

@@ -45,7 +45,7 @@ from notifications.models import (
     WebhookEndpoint,
     WebhookMessage,
 )
-from notifications.outbox import DELIVER_TASK
+from notifications.outbox import DELIVER_TASK, outbox_render_pending
 from notifications.payloads import webhook_body
 from notifications.signing import secret_new, signed_headers
 
@@ -168,6 +168,7 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
     events = list(
         OutboxEvent.objects.select_for_update(skip_locked=True).filter(fanned_out_at__isnull=True).order_by("seq")[:batch_size]
     )
+    events = outbox_render_pending(events)  # the payloads written by one-statement changes
     if not events:
         return 0
     owners = {e.owner_id for e in events if e.endpoint_id is None}

@@ -15,6 +15,7 @@ from analytics.services import performance_delivery_finished
 from availability.models import DriverAvailability
 from common.actors import Actor
 from common.exceptions import Conflict, InvalidInput, NotFound
+from dispatch import events as dispatch_events
 from dispatch import selectors as delivery_selectors
 from dispatch import services as deliveries
 from dispatch.models import AssignmentStatus, Delivery, DeliveryProof, proof_file_name
@@ -22,7 +23,7 @@ from dispatch.models import DeliveryStatus as S
 from dispatch.proofs import proof_file_discard, proof_file_store, proof_image_clean
 from dispatch.services import DeliveryInput
 from escalation.services import unassigned_cancel, unassigned_resolve
-from notifications.outbox import outbox_pickup_started
+from notifications.outbox import outbox_hold, outbox_pickup_started, outbox_row_sql, outbox_written, pickup_started_event
 from offers.services import offer_cancel_locked, offer_mark_superseded, offers_withdraw_locked
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_next_locked
@@ -64,6 +65,7 @@ def delivery_create(
         # A new row: nobody else can hold it, and it has no offer yet.
         dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
     delivery.latest_assignments = []
+    outbox_hold(delivery)  # the webhook payloads render this row: not read again
     return delivery
 
 
@@ -246,20 +248,41 @@ def delivery_advance(
         raise NotFound("Unknown step.")
     now = now or timezone.now()
     if step not in deliveries.FINISHING_STEPS and not reason:
-        # A transaction of its own, for the webhook outbox rows of the change (written with it)
-        with unit_of_work():
-            quick = deliveries.delivery_step_quick(delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, now=now)
-            if quick is not None:
-                delivery, from_status = quick
-                _after_step(delivery, step=step, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
+        quick = _delivery_step_quick(delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, now=now)
         if quick is not None:
-            return delivery
+            return quick
     delivery = _delivery_advance_locked(
         delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, reason=reason, note=note,
         handoff_code=handoff_code, override_reason=override_reason, now=now,
     )
     if delivery is None:  # the wrong code is counted and committed; now the answer
         raise InvalidInput({"handoffCode": ["Wrong handoff code."]})
+    return delivery
+
+
+def _delivery_step_quick(*, delivery_id, driver_id, step: str, actor: Actor, now: datetime) -> Delivery | None:
+    """The step as one statement, without a transaction of its own: the delivery's row, its
+    audit row and the webhook outbox row of the event the step emits (its payload rendered
+    later, from the row the statement keeps with it: `notifications.outbox`) commit together.
+    None when the step does not apply as asked (nothing written)."""
+    from_status, to_status = deliveries.quick_step_statuses(step)
+    if step == "pickup-started":
+        event = pickup_started_event(
+            delivery_id=delivery_id, seller_order_id="", status=from_status, driver_id=driver_id, started_at=now,
+        )
+    else:
+        event = dispatch_events.delivery_status_changed(
+            Delivery(pk=delivery_id, status=to_status), from_status=from_status, driver_id=driver_id, changed_at=now,
+        )
+    outbox = outbox_row_sql(event, source="u")
+    quick = deliveries.delivery_step_quick(
+        delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, now=now, also=[outbox] if outbox else [],
+    )
+    if quick is None:
+        return None
+    delivery, from_status = quick
+    with outbox_written(event):  # its row is in: the live event alone goes out
+        _after_step(delivery, step=step, from_status=from_status, driver_id=driver_id, reason="", now=now)
     return delivery
 
 
@@ -299,6 +322,7 @@ def _delivery_advance_locked(
         cost, _ = economics_record(delivery=delivery, now=now)
         performance_delivery_finished(driver_id=driver_id, delivery=delivery, earning=cost.driver_payment, now=now)
     delivery.latest_assignments = [assignment]  # ended by the last step: a finished delivery keeps it
+    outbox_hold(delivery)  # the webhook payloads render this row: not read again
     _after_step(delivery, step=step, from_status=from_status, driver_id=driver_id, reason=reason, now=now)
     return delivery
 

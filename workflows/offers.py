@@ -17,6 +17,7 @@ from common.exceptions import Conflict
 from dispatch.models import DeliveryStatus
 from dispatch.services import active_deliveries_of, assignment_start_locked
 from escalation.services import unassigned_resolve
+from notifications.outbox import outbox_hold
 from offers import services as offers
 from offers.models import DriverOffer, OfferStatus
 from workflows import locks
@@ -96,6 +97,8 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
             )
             unassigned_resolve(delivery=delivery, now=now)
             performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)
+            delivery.latest_assignments = [assignment]
+            outbox_hold(delivery)  # the webhook payload renders this row: not read again
 
             offers.offer_announce_accepted(offer, assignment_id=assignment.pk)
             for delivery_id in active_deliveries_of(driver.pk) if stacking else (delivery.pk,):

@@ -1,7 +1,7 @@
-"""The transaction of a workflow: one atomic block whose audit rows are written by one INSERT
-before commit (`audit_buffer`), whose webhook outbox rows likewise (`outbox_buffer`: one
-SELECT of the deliveries, one INSERT) and whose live events go out together after commit
-(`broadcast_batch`)."""
+"""The transaction of a workflow: one atomic block whose audit rows (`audit_buffer`) and webhook
+outbox rows (`outbox_buffer`) are written by one statement before commit (`insert_batch`: a
+multi-row INSERT per table, both in one WITH), and whose live events go out together after
+commit (`broadcast_batch`)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,13 +12,14 @@ from django.db import transaction
 from audit.services import audit_buffer
 from common.broadcast import broadcast_batch, enqueue_task_on_commit
 from common.errors import iso
+from common.txbuffer import insert_batch
 from notifications.outbox import outbox_buffer
 
 
 @contextmanager
 def unit_of_work():
     """`with unit_of_work():` or `@unit_of_work()` in place of `transaction.atomic`."""
-    with transaction.atomic(), broadcast_batch(), audit_buffer(), outbox_buffer():
+    with transaction.atomic(), broadcast_batch(), insert_batch(), audit_buffer(), outbox_buffer():
         yield
 
 

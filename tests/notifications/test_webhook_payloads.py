@@ -16,7 +16,7 @@ from common.broadcast import broadcast_on_commit
 from dispatch.api.serializers import DeliverySerializer
 from dispatch.models import Delivery
 from notifications.models import OutboxEvent
-from notifications.outbox import outbox_write
+from notifications.outbox import outbox_render_pending, outbox_write
 from notifications.payloads import deliveries_for_payload, delivery_data
 from tests.factories import DeliveryFactory, IntegrationUserFactory, driver_at_dropoff, online_driver
 from tracking import events as tracking_events
@@ -115,17 +115,29 @@ def test_the_events_of_one_workflow_are_written_in_the_order_emitted():
     ("pickup-started", "delivery-failed"),
 ])
 def test_every_payload_of_a_walk_matches_the_api_at_that_moment(steps):
+    """Each step's payload is the delivery as the API showed it right after that step, also
+    for the one-statement steps, whose payloads the worker renders before fan-out
+    (`outbox_render_pending`): here only once the walk is over, so a payload rendered from the
+    current row instead of the row the step left would show the later steps' changes."""
     merchant = IntegrationUserFactory()
     delivery = DeliveryFactory(created_by=merchant)
     driver = online_driver()
     flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    expected = {}
     for step in steps:
         if step == "delivery-completed":
             driver_at_dropoff(driver, delivery)
         before = OutboxEvent.objects.count()
         flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user),
                                reason="customer not home" if step == "delivery-failed" else "")
-        for event in OutboxEvent.objects.filter(delivery=delivery).order_by("seq")[before:]:
-            data = dict(event.payload["data"])
-            data.pop("change")
-            assert data == _api_view(delivery.pk), step
+        new = list(OutboxEvent.objects.filter(delivery=delivery).order_by("seq")[before:])
+        assert len(new) == 1, step
+        expected[new[0].seq] = (step, _api_view(delivery.pk))
+    events = outbox_render_pending(list(OutboxEvent.objects.filter(seq__in=list(expected)).order_by("seq")))
+    assert [e.seq for e in events] == sorted(expected)
+    for event in OutboxEvent.objects.filter(seq__in=list(expected)).order_by("seq"):
+        step, view = expected[event.seq]
+        assert event.delivery_row is None, step
+        data = dict(event.payload["data"])
+        data.pop("change")
+        assert data == view, step
