@@ -41,7 +41,7 @@ from django.utils import timezone
 from common.broadcast import enqueue_task_on_commit
 from common.txbuffer import current, insert_rows, transaction_buffer
 from common.errors import iso
-from dispatch.models import DeliveryStatus
+from dispatch.models import Assignment, DeliveryStatus
 from notifications.models import OutboxEvent
 from notifications.payloads import deliveries_for_payload, deliveries_from_rows, held_for_payload, render_delivery, webhook_body
 
@@ -198,8 +198,6 @@ def outbox_row_sql(event: dict, *, source: str, now: datetime | None = None) -> 
         return None
     if kind == ETA_TYPE:
         raise ValueError("ETA updates are written by outbox_write (they are throttled)")
-    from dispatch.models import Assignment  # noqa: PLC0415 (the table name only)
-
     now = now or timezone.now()
     event_id = uuid.uuid4()
     payload = webhook_body(webhook_id=f"msg_{event_id.hex}", type=kind, created_at=now, data={"change": _change(event)})

@@ -19,7 +19,8 @@ from dispatch.api.serializers import DeliverySerializer
 from dispatch.models import Delivery
 from notifications import services
 from notifications.models import OutboxEvent
-from tests.factories import DeliveryFactory, IntegrationUserFactory, online_driver
+from tests.api import client_for
+from tests.factories import CITY, DeliveryFactory, IntegrationUserFactory, online_driver
 from tests.notifications.webhook_helpers import endpoint_via_api
 from workflows import deliveries as flows
 from workflows.unit import unit_of_work
@@ -161,3 +162,55 @@ def test_an_event_whose_row_cannot_be_rendered_waits_and_does_not_stop_the_other
     assert not OutboxEvent.objects.filter(delivery=other, fanned_out_at__isnull=True).exists()
     done = OutboxEvent.objects.get(delivery=other, type="delivery.status_changed")
     assert done.payload["data"]["status"] == "assigned" and done.delivery_row is None
+
+
+def _body(n, **extra):
+    lat, lon = CITY
+    return {"sellerOrderId": f"HELD-{n}", "storeName": "Held Store", "pickupLocation": {"lat": lat, "lon": lon},
+            "dropoffLocation": {"lat": lat + 0.02, "lon": lon + 0.01}, "prepTimeMinutes": 0, "autoDispatch": True, **extra}
+
+
+def _get(owner, delivery_id):
+    """The delivery as its owner reads it: GET /v2/deliveries/{id}, JSON."""
+    r = client_for(owner).get(f"/v2/deliveries/{delivery_id}")
+    assert r.status_code == 200, r.content
+    return r.json()
+
+
+def _last_payload(delivery_id):
+    event = OutboxEvent.objects.filter(delivery_id=delivery_id).order_by("-seq").first()
+    assert event.delivery_row is None  # rendered when written
+    data = dict(event.payload["data"])
+    return event.type, data.pop("change"), data
+
+
+def test_create_and_accept_render_the_row_they_hold_equal_to_a_fresh_read(no_worker):
+    """Through the API, as the flow runs: the created (offered) delivery's payload and the
+    accepted one's are what the API shows right after, read afresh."""
+    merchant = IntegrationUserFactory()
+    driver = online_driver(km=0.5)
+    r = client_for(merchant).post("/v2/deliveries", _body(1, deliveryFee="9.90", dropoffAddress="2 High St"), format="json")
+    assert r.status_code == 201, r.content
+    delivery_id = r.json()["id"]
+    kind, change, data = _last_payload(delivery_id)
+    assert kind == "delivery.created" and data == _get(merchant, delivery_id) and data["currentOfferId"]
+    assert data["deliveryFee"] == 9.9 and data["driverId"] is None
+
+    r = client_for(driver.user).post(f"/v2/drivers/{driver.pk}/offers/{data['currentOfferId']}/accept", {}, format="json")
+    assert r.status_code == 200, r.content
+    kind, change, data = _last_payload(delivery_id)
+    assert kind == "delivery.assigned" and change["status"] == "assigned"
+    assert data == _get(merchant, delivery_id)
+    assert data["assignmentId"] == r.json()["assignmentId"] and data["driverId"] == str(driver.pk)
+    assert data["acceptedOfferId"] and data["currentOfferId"] is None and data["offerAcceptanceCount"] == 1
+
+
+def test_a_delivery_created_with_no_driver_near_renders_the_row_it_holds_too(no_worker):
+    merchant = IntegrationUserFactory()
+    r = client_for(merchant).post("/v2/deliveries", _body(2), format="json")
+    assert r.status_code == 201, r.content
+    delivery_id = r.json()["id"]
+    for event in OutboxEvent.objects.filter(delivery_id=delivery_id).order_by("seq"):
+        data = dict(event.payload["data"])
+        data.pop("change")
+        assert data == _get(merchant, delivery_id), event.type

@@ -24,11 +24,12 @@ here: a task enqueued on commit runs in a worker, not in the request, as in prod
 Connection set-up (the psycopg type look-ups after connecting) is not counted: production
 reuses pooled connections.
 
-Both counts pin each request: `django_assert_max_num_queries` (pytest-django; Django logs
+Both counts pin each request exactly: `django_assert_num_queries` (pytest-django; Django logs
 BEGIN/COMMIT/ROLLBACK as queries since 4.2, so it counts them too, though it takes every atomic
 block's switch off autocommit for a BEGIN, whether or not psycopg sends one) and
-`StatementLog` (what goes over the wire). A regression above the budget fails CI; the failure
-lists every statement (STATEMENT_REPORT=1 prints them for a passing run too).
+`StatementLog` (what goes over the wire). A regression fails CI, and so does a saving not
+written down in BUDGET; the failure lists every statement (STATEMENT_REPORT=1 prints them
+for a passing run too). bench/README.md has the per-step table.
 """
 from __future__ import annotations
 
@@ -65,33 +66,35 @@ def client_for(user):
 
 STEPS = ("pickup-started", "pickup-completed", "delivery-started", "delivery-completed")
 
-# Statements per request, BEGIN/COMMIT included (the achieved numbers). Measured
-# before this budget: create 25, accept 25, pickup-started 10, pickup-completed 12,
-# delivery-started 12, delivery-completed 22 (whole flow 106).
-# The webhook outbox (issue 14) writes its rows in the transaction of the change: a request
-# whose workflow emits delivery events pays one SELECT of the deliveries and one INSERT; the
-# one-statement steps run in a transaction of their own for it (BEGIN/COMMIT), so the
-# statement, its outbox rows and their snapshot commit together.
-# pickup-started 4 -> 6: it changes no status and emits no live event, but merchants get a
-# `delivery.status_changed` for it (issue 14); its workflow writes that row through the same
-# outbox buffer as the other steps (one SELECT for the snapshot, one INSERT), the path
-# pickup-completed pays for as well. Flow 54 -> 56.
+# Statements per request, BEGIN/COMMIT included: exact, so a regression fails and a saving
+# is written down here. Measured before this budget: create 25, accept 25, pickup-started 10,
+# pickup-completed 12, delivery-started 12, delivery-completed 22 (whole flow 106).
+# The webhook outbox (issue 14) took the flow from 54 to 56: a SELECT of the deliveries to
+# render each payload and an INSERT per workflow, and BEGIN/COMMIT around the quick steps.
 # accept 14 -> 15 (issue 16, batch and broadcast offers): the accept first locks its offer and
 # the rest of its round (the delivery's other pending offers, none in sequential dispatch) in
 # primary-key order, then the delivery and the driver, so two accepts of one round never
 # deadlock and the winner withdraws the others in its transaction. Flow 56 -> 57.
+# Issue 12 (lean offer flow), 57 -> 37:
+# - a quick step (pickup-started, pickup-completed, delivery-started) writes its outbox row in
+#   its one statement (`outbox_row_sql`, a CTE over the updated row: the payload is rendered
+#   by the worker from the row the step left) and needs no transaction: 6 -> 2 each;
+# - create, accept and delivery-completed render the payload from the row the workflow holds
+#   (`outbox_hold`): no SELECT (-1 each);
+# - a workflow's audit, outbox and availability-history rows go in by one statement
+#   (`insert_batch`): accept and delivery-completed -2, create -1.
 BUDGET = {
-    "create": 11,
-    "accept": 15,
-    "pickup-started": 6,
-    "pickup-completed": 6,
-    "delivery-started": 6,
-    "delivery-completed": 13,
+    "create": 9,
+    "accept": 12,
+    "pickup-started": 2,
+    "pickup-completed": 2,
+    "delivery-started": 2,
+    "delivery-completed": 10,
     "reject": 11,
     "dispatch": 9,
     "offer": 7,
 }
-FLOW_BUDGET = 57
+FLOW_BUDGET = 37  # the issue's target: <= 40
 
 
 class StatementLog:
@@ -149,9 +152,10 @@ def celery_not_eager():
 
 
 @pytest.fixture
-def budget(django_assert_max_num_queries):
-    """`with budget("accept") as log:` — fails when the request sends more statements than
-    BUDGET["accept"] allows (transaction boundaries included) or Django captures more."""
+def budget(django_assert_num_queries):
+    """`with budget("accept") as log:` — fails when the request sends another number of
+    statements than BUDGET["accept"] (transaction boundaries included), over the wire
+    (`StatementLog`) or as Django captures them."""
     logs: dict[str, StatementLog] = {}
 
     @contextmanager
@@ -159,13 +163,13 @@ def budget(django_assert_max_num_queries):
         limit = BUDGET[name]
         log = StatementLog()
         with ExitStack() as stack:
-            stack.enter_context(django_assert_max_num_queries(limit))
+            stack.enter_context(django_assert_num_queries(limit))
             stack.enter_context(log.recording())
             yield log
         logs[name] = log
         if os.environ.get("STATEMENT_REPORT"):
             print(f"\n=== {name}: {len(log)} statements\n{log.report()}")
-        assert len(log) <= limit, f"{name}: {len(log)} statements > {limit}\n{log.report()}"
+        assert len(log) == limit, f"{name}: {len(log)} statements, pinned {limit}\n{log.report()}"
 
     measure.logs = logs
     return measure
@@ -241,7 +245,7 @@ def test_the_whole_offer_flow_stays_within_its_statement_budget(integration_clie
     counts = {name: len(log) for name, log in budget.logs.items()}
     total = sum(counts.values())
     print("\nstatements per request:", counts, "whole flow:", total)
-    assert total <= FLOW_BUDGET, (counts, total)
+    assert total == FLOW_BUDGET <= 40, (counts, total)
 
 
 def test_reject_hands_the_delivery_to_the_next_driver_within_budget(integration_client, budget):
