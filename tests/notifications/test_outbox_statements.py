@@ -20,7 +20,7 @@ from dispatch.models import Delivery
 from notifications import services
 from notifications.models import OutboxEvent
 from tests.api import client_for
-from tests.factories import CITY, DeliveryFactory, IntegrationUserFactory, online_driver
+from tests.factories import CITY, DeliveryFactory, IntegrationUserFactory, driver_at_dropoff, online_driver
 from tests.notifications.webhook_helpers import endpoint_via_api
 from workflows import deliveries as flows
 from workflows.unit import unit_of_work
@@ -72,12 +72,13 @@ def test_a_failed_workflow_writes_neither_its_audit_nor_its_outbox_rows():
 
 
 def test_the_flows_payloads_are_rendered_from_the_rows_the_workflows_hold_without_reading_them_again():
-    """create (auto-dispatch) → accept → delivery-completed render the delivery they hold: no
-    SELECT of the delivery after the change, and the payload is what a fresh read shows."""
+    """delivery-completed renders the delivery it holds: no SELECT of the delivery after the
+    change, and the payload is what a fresh read shows."""
     merchant = IntegrationUserFactory()
     delivery, driver = _assigned(merchant)
     for step in ("pickup-started", "pickup-completed", "delivery-started"):
         flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user))
+    driver_at_dropoff(driver, delivery)  # the drop-off geofence
     with CaptureQueriesContext(connection) as queries:
         flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step="delivery-completed",
                                actor=Actor.for_user(driver.user))
