@@ -195,6 +195,13 @@ CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=60)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_EXPIRES = 3600
+# Every task is fire-and-forget (none of ours reads a result): sending one then costs no result
+# subscription (the Redis result backend SUBSCRIBEs per task sent unless results are ignored),
+# and the backend is one object for all threads (under ASGI each request runs on a thread of its
+# own, and a per-thread backend was built anew for most requests that enqueue a task).
+# A caller that wants a result asks for it: apply_async(..., ignore_result=False).
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_RESULT_BACKEND_THREAD_SAFE = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # High-volume work (an ETA refresh per assignment and step) has its own queue, so that a

@@ -184,7 +184,7 @@ def test_a_real_worker_purges_expired_idempotency_records_and_keeps_fresh_ones(
     worker = celery_processes.worker()
 
     with celery_processes.logs_on_failure():
-        result = purge_idempotency_records.apply_async(queue=celery_processes.queue)
+        result = purge_idempotency_records.apply_async(queue=celery_processes.queue, ignore_result=False)
         assert not isinstance(result, EagerResult)
         # Eager tasks (the rest of the suite) guard joins with a process-wide flag that they save
         # and restore: two threads running eager tasks at once (the race tests) can leave it

@@ -88,7 +88,7 @@ def test_the_sweep_on_a_real_worker_runs_a_due_round_whose_task_was_lost(celery_
     worker = celery_processes.worker()
 
     with celery_processes.logs_on_failure():
-        result = run_matching_rounds.apply_async(queue=celery_processes.queue)
+        result = run_matching_rounds.apply_async(queue=celery_processes.queue, ignore_result=False)
         assert not isinstance(result, EagerResult)
         # (another test's eager run may have left celery believing this thread is a task)
         assert result.get(timeout=60, disable_sync_subtasks=False) == 1
