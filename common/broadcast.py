@@ -78,6 +78,10 @@ def send_many(entries: Sequence[Entry]) -> None:
     failure is logged, never raised."""
     if not entries:
         return
+    sink = getattr(_local, "event_sink", None)
+    if sink is not None:
+        sink(entries)
+        return
     try:
         async_to_sync(_send_all)(entries)
     except Exception:
@@ -168,11 +172,41 @@ def broadcast_on_commit(groups: Iterable[str], event: Mapping[str, Any]) -> None
     transaction.on_commit(lambda: send_many([entry]), robust=True)
 
 
+@contextmanager
+def events_diverted(sink):
+    """Inside, this thread's committed live events go to `sink(entries)` instead of the channel
+    layers (the simulator: no socket listens to a simulated city). The webhook outbox still
+    sees every event as it is emitted (`event_emitted`)."""
+    previous = getattr(_local, "event_sink", None)
+    _local.event_sink = sink
+    try:
+        yield
+    finally:
+        _local.event_sink = previous
+
+
+@contextmanager
+def tasks_diverted(sink):
+    """Inside, this thread's enqueues go to `sink(name, args, options)` after commit instead of
+    the broker: the simulator (simulation/) plays the workers itself, on its own clock (an
+    offer's push is the driver hearing of it, `offers.expire_offer` runs at its eta)."""
+    previous = getattr(_local, "task_sink", None)
+    _local.task_sink = sink
+    try:
+        yield
+    finally:
+        _local.task_sink = previous
+
+
 def enqueue_task_on_commit(name: str, *args, **options) -> None:
     """Enqueue the registered Celery task `name` after commit (a broker failure is logged).
 
     By name, so a lower layer can schedule work whose task lives in an interface module
     (tasks call workflows; workflows and services schedule tasks) without importing it."""
+    sink = getattr(_local, "task_sink", None)
+    if sink is not None:
+        transaction.on_commit(lambda: sink(name, args, options))
+        return
 
     def _send():
         try:

@@ -39,6 +39,7 @@ INSTALLED_APPS = [
     "leaflet",
     "analytics",
     "notifications",
+    "simulation",
 ]
 
 MIDDLEWARE = [
@@ -207,7 +208,9 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # High-volume work (an ETA refresh per assignment and step) has its own queue, so that a
 # backlog of it never delays the periodic safety nets (offer expiry, escalation) on "celery".
 # Workers consume both: `celery worker -Q celery,eta`.
-CELERY_TASK_ROUTES = {"tracking.refresh_eta": {"queue": "eta"}}
+# simulation.run takes over its worker process's database connection for minutes: a worker of
+# its own (`-Q simulation --concurrency 1`, docs/dispatch.md "The simulator").
+CELERY_TASK_ROUTES = {"tracking.refresh_eta": {"queue": "eta"}, "simulation.run": {"queue": "simulation"}}
 CELERY_TIMEZONE = "UTC"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -549,3 +552,9 @@ TWILIO_FROM_NUMBER = env("TWILIO_FROM_NUMBER", default="")
 FCM_SERVICE_ACCOUNT_FILE = env("FCM_SERVICE_ACCOUNT_FILE", default="")
 FCM_PROJECT_ID = env("FCM_PROJECT_ID", default="")
 FCM_API_BASE = env("FCM_API_BASE", default="https://fcm.googleapis.com")
+
+# The dispatch simulator (`manage.py simulate`, docs/dispatch.md "The simulator"): the Redis
+# database a run uses in place of REDIS_URL (never REDIS_URL's own: the run flushes it when done).
+SIMULATION_REDIS_URL = env("SIMULATION_REDIS_URL", default=REDIS_URL.rsplit("/", 1)[0] + "/10")
+# The longest a simulation run started from the admin may take in its Celery worker (seconds).
+SIMULATION_TASK_TIME_LIMIT = env.int("SIMULATION_TASK_TIME_LIMIT", default=3 * 3600)

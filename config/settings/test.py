@@ -35,3 +35,6 @@ STATIC_ROOT.mkdir(exist_ok=True)  # noqa: F405
 
 # The webhook tests' receivers listen on 127.0.0.1 (the SSRF tests switch this off).
 WEBHOOK_ALLOW_PRIVATE_TARGETS = True
+
+# The simulator's own Redis database in tests (another than the tests' REDIS_URL: a run flushes it).
+SIMULATION_REDIS_URL = env("TEST_SIMULATION_REDIS_URL", default=REDIS_URL.rsplit("/", 1)[0] + "/9")  # noqa: F405

@@ -1,0 +1,103 @@
+"""The run's figures, read from what the platform recorded (the delivery's timestamps, the
+offers, the unassigned records), on the simulated clock. Keys are stable: tools compare runs
+by them (docs/dispatch.md, "The simulator")."""
+from __future__ import annotations
+
+import math
+
+from django.db.models import Count
+
+from dispatch.models import Delivery
+from escalation.models import UnassignedOrder
+from offers.models import DriverOffer
+from simulation.engine import START, Params, Trace
+
+METRIC_KEYS = (
+    "assignmentRate", "meanTimeToAssignSeconds", "p95TimeToAssignSeconds", "meanPickupEtaSeconds",
+    "meanDeliverySeconds", "offersPerAssignment", "driverUtilization", "escalations", "ordersPerDriverHour",
+)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _r(x: float | None, digits: int = 1) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def collect(params: Params, trace: Trace) -> tuple[dict, dict]:
+    """(the JSON result, the series the report plots)."""
+    horizon = params.minutes * 60
+    rows = list(
+        Delivery.objects.order_by("seller_order_id").values_list(
+            "pk", "ready_at", "assigned_at", "pickup_started_at", "delivered_at", "pickup_location"
+        )
+    )
+    tta, pickup, delivery, delivered_in_window = [], [], [], 0
+    for _pk, ready, assigned, arrived, delivered, _loc in rows:
+        if assigned is not None:
+            tta.append((assigned - ready).total_seconds())
+            if arrived is not None:
+                pickup.append((arrived - assigned).total_seconds())
+        if delivered is not None:
+            delivery.append((delivered - ready).total_seconds())
+            delivered_in_window += (delivered - START).total_seconds() <= horizon
+    created, assigned_n = len(rows), len(tta)
+    offers = DriverOffer.objects.count()
+    by_status = dict(DriverOffer.objects.order_by().values_list("status").annotate(n=Count("pk")))
+    ever_unassigned = set(UnassignedOrder.objects.values_list("delivery_id", flat=True))
+    escalated = UnassignedOrder.objects.filter(escalation_level__gte=1).count()
+
+    window = [s for s in trace.samples if s["t"] < horizon]
+    utilization = []
+    active_hours = 0.0
+    for s in window:
+        busy, available = s["counts"].get("busy", 0), s["counts"].get("available", 0)
+        utilization.append(busy / (busy + available) if busy + available else 0.0)
+        active_hours += (busy + available) / 60.0  # one sample a minute
+    result = {
+        "assignmentRate": _r(assigned_n / created if created else None, 4),
+        "meanTimeToAssignSeconds": _r(_mean(tta)),
+        "p95TimeToAssignSeconds": _r(percentile(tta, 95)),
+        "meanPickupEtaSeconds": _r(_mean(pickup)),
+        "meanDeliverySeconds": _r(_mean(delivery)),
+        "p95DeliverySeconds": _r(percentile(delivery, 95)),
+        "offersPerAssignment": _r(offers / assigned_n if assigned_n else None, 3),
+        "driverUtilization": _r(_mean(utilization), 4),
+        "escalations": escalated,
+        "ordersPerDriverHour": _r(delivered_in_window / active_hours if active_hours else None, 3),
+        "ordersCreated": created,
+        "ordersAssigned": assigned_n,
+        "ordersDelivered": len(delivery),
+        "ordersEverUnassigned": len(ever_unassigned),
+        "offers": offers,
+        "offersByStatus": {k: by_status[k] for k in sorted(by_status)},
+        "driverAnswers": dict(trace.answers),
+        "breaks": trace.breaks,
+        "simulatedSeconds": trace.end_s,
+        "parameters": params.as_json(),
+        "seed": params.seed,
+        "policy": params.policy,
+        "stacking": params.stacking,
+    }
+    heat = [(loc.y, loc.x) for pk, *_rest, loc in rows if pk in ever_unassigned]
+    series = {
+        "timeToAssign": tta,
+        "pickupEta": pickup,
+        "delivery": delivery,
+        "utilization": [(s["t"] / 60, (s["counts"].get("busy", 0) / max(1, s["counts"].get("busy", 0) + s["counts"].get("available", 0))))
+                        for s in trace.samples],
+        "unassignedOpen": [(s["t"] / 60, s["unassigned"]) for s in trace.samples],
+        "unassignedHeat": heat,
+    }
+    return result, series

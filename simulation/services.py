@@ -1,0 +1,164 @@
+"""Running simulations: one policy, or several side by side on the same seeded city."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from django.utils import timezone
+
+from common.exceptions import InvalidInput
+from dispatch.models import DispatchPolicy
+from simulation import report as report_module
+from simulation.city import CITIES
+from simulation.engine import Params, Simulation
+from simulation.metrics import collect
+from simulation.models import SimulationRun, SimulationStatus
+from simulation.sandbox import control_connection, sandbox
+
+logger = logging.getLogger(__name__)
+
+LIMITS = {"drivers": (1, 5000), "orders_per_hour": (1, 50000), "minutes": (1, 240), "seed": (0, 2**31 - 1)}
+
+# progress(fraction done 0..1, label)
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Outcome:
+    json: dict
+    series: dict  # policy label → series for the report
+
+
+STACKING_SUFFIX = "+stacking"
+
+
+def label(policy: str, stacking: bool) -> str:
+    return f"{policy}{STACKING_SUFFIX}" if stacking else policy
+
+
+def variants(policies: list[str], *, stacking: bool) -> list[tuple[str, bool]]:
+    """"batch" or "batch+stacking" → (policy, stacking); `stacking` (the --stacking flag) turns
+    it on for all."""
+    out = []
+    for name in policies:
+        policy = name.removesuffix(STACKING_SUFFIX)
+        out.append((policy, stacking or policy != name))
+    return out
+
+
+def validate(*, drivers, orders_per_hour, minutes, seed, policies: list[str], city: str) -> None:
+    """InvalidInput (field → messages) for anything out of range."""
+    errors: dict[str, list[str]] = {}
+    for name, value in (("drivers", drivers), ("orders_per_hour", orders_per_hour), ("minutes", minutes), ("seed", seed)):
+        lo, hi = LIMITS[name]
+        if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
+            errors[name] = [f"Must be a number from {lo} to {hi}."]
+    known = list(DispatchPolicy.values)
+    if not policies:
+        errors["policy"] = ["Give at least one policy."]
+    for p in policies:
+        if p.removesuffix(STACKING_SUFFIX) not in known:
+            errors.setdefault("policy", []).append(f"Unknown policy {p!r}; one of {', '.join(known)}.")
+    if len(set(policies)) != len(policies):
+        errors.setdefault("policy", []).append("A policy is listed twice.")
+    if city not in CITIES:
+        errors["city"] = [f"Unknown city {city!r}; one of {', '.join(CITIES)}."]
+    if errors:
+        raise InvalidInput(errors)
+
+
+def simulate(params: Params, *, progress: Progress | None = None) -> tuple[dict, dict]:
+    """One run in its own sandbox: (JSON result, report series)."""
+    overrides = {"DISPATCH_POLICY": params.policy, "STACKING_ENABLED": params.stacking}
+    with sandbox(seed=params.seed, settings_overrides=overrides) as claim:
+
+        def tick(done: float, total: float) -> None:
+            claim.refresh()
+            if progress is not None:
+                progress(done / total if total else 1.0, label(params.policy, params.stacking))
+
+        trace = Simulation(params, progress=tick).run()
+        return collect(params, trace)
+
+
+def run(base: Params, policies: list[str], *, progress: Progress | None = None) -> Outcome:
+    """Each policy ("batch", or "batch+stacking") on the same city, seed and load; one JSON
+    (flat for one policy, `runs` keyed by policy for several) and the series for the report."""
+    validate(drivers=base.drivers, orders_per_hour=base.orders_per_hour, minutes=base.minutes, seed=base.seed,
+             policies=policies, city=base.city)
+    todo = variants(policies, stacking=base.stacking)
+    if len(set(todo)) != len(todo):
+        raise InvalidInput({"policy": ["A policy is listed twice."]})
+    results, series = {}, {}
+    for i, (policy, stacking) in enumerate(todo):
+        params = replace(base, policy=policy, stacking=stacking)
+
+        def part(fraction: float, name: str, i=i) -> None:
+            if progress is not None:
+                progress((i + fraction) / len(todo), name)
+
+        result, s = simulate(params, progress=part)
+        results[label(policy, stacking)] = result
+        series[label(policy, stacking)] = s
+    if len(policies) == 1:
+        return Outcome(json=next(iter(results.values())), series=series)
+    parameters = {k: v for k, v in base.as_json().items() if k not in ("policy", "stacking")}
+    return Outcome(
+        json={"parameters": {**parameters, "policies": [label(p, st) for p, st in todo]}, "seed": base.seed, "runs": results},
+        series=series,
+    )
+
+
+def render_report(outcome: Outcome) -> str:
+    runs = outcome.json["runs"] if "runs" in outcome.json else {label(outcome.json["policy"], outcome.json["stacking"]): outcome.json}
+    return report_module.render(runs, outcome.series)
+
+
+# ------------------------------------------------------------------------------ admin runs
+
+
+def run_create(*, parameters: dict, user) -> SimulationRun:
+    """A queued run (validated); the caller enqueues `simulation.run` after commit."""
+    validate(drivers=parameters.get("drivers"), orders_per_hour=parameters.get("ordersPerHour"),
+             minutes=parameters.get("minutes"), seed=parameters.get("seed"), policies=list(parameters.get("policies") or []),
+             city=parameters.get("city", "demo"))
+    return SimulationRun.objects.create(parameters=parameters, created_by=user)
+
+
+def run_execute(run_id: int) -> str:
+    """Run a queued SimulationRun to its end (the Celery task): progress while it runs, then
+    the JSON result and the report, or the error. Returns the final status."""
+    with control_connection() as control:
+        runs = SimulationRun.objects.using(control)
+        claimed = runs.filter(pk=run_id, status=SimulationStatus.QUEUED).update(
+            status=SimulationStatus.RUNNING, started_at=timezone.now(), progress=0
+        )
+        if not claimed:
+            return runs.get(pk=run_id).status if runs.filter(pk=run_id).exists() else "missing"
+        p = runs.get(pk=run_id).parameters
+        base = Params(drivers=p["drivers"], orders_per_hour=p["ordersPerHour"], minutes=p["minutes"], seed=p["seed"],
+                      policy=p["policies"][0], stacking=bool(p.get("stacking")), city=p.get("city", "demo"))
+        last = {"progress": -1, "stage": ""}
+
+        def progress(fraction: float, stage: str) -> None:
+            percent = min(99, int(fraction * 100))
+            if (percent, stage) != (last["progress"], last["stage"]):
+                last.update(progress=percent, stage=stage)
+                runs.filter(pk=run_id).update(progress=percent, stage=stage[:60])
+
+        started = time.perf_counter()
+        try:
+            outcome = run(base, list(p["policies"]), progress=progress)
+            report = render_report(outcome)
+        except Exception as e:  # recorded for ops to read; the worker log has the traceback
+            logger.exception("simulation run %s failed", run_id)
+            runs.filter(pk=run_id).update(status=SimulationStatus.FAILED, error=f"{type(e).__name__}: {e}"[:5000],
+                                          finished_at=timezone.now(), runtime_seconds=time.perf_counter() - started)
+            return SimulationStatus.FAILED
+        runs.filter(pk=run_id).update(
+            status=SimulationStatus.DONE, progress=100, stage="", result=outcome.json, report_html=report,
+            finished_at=timezone.now(), runtime_seconds=time.perf_counter() - started,
+        )
+        return SimulationStatus.DONE

@@ -1,0 +1,94 @@
+"""Ops start a simulation from the admin: the add page is the start form, a Celery task runs
+it (eager in tests), the run's page shows its progress, and the report downloads when done."""
+import pytest
+from django.conf import settings
+from django.test import Client
+
+from common.redis import get_redis
+from simulation import services
+from simulation.models import SimulationRun, SimulationStatus
+from tests.factories import OpsUserFactory, UserFactory
+
+
+@pytest.fixture
+def admin_client(db):
+    client = Client()
+    client.force_login(OpsUserFactory(is_superuser=True))
+    return client
+
+
+FORM = {"drivers": "20", "orders_per_hour": "60", "minutes": "10", "seed": "7", "policies": ["sequential"], "city": "demo"}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.django_db(transaction=True)
+def test_start_runs_the_task_and_the_report_downloads(admin_client):
+    get_redis(settings.SIMULATION_REDIS_URL).flushdb()
+    response = admin_client.post("/admin/simulation/simulationrun/add/", FORM)
+    assert response.status_code == 302, response.content[:2000]
+
+    run = SimulationRun.objects.get()
+    assert run.status == SimulationStatus.DONE, run.error
+    assert run.progress == 100
+    assert run.parameters == {"drivers": 20, "ordersPerHour": 60, "minutes": 10, "seed": 7, "policies": ["sequential"],
+                              "stacking": False, "city": "demo"}
+    assert run.result["assignmentRate"] > 0 and run.result["seed"] == 7
+    assert run.started_at <= run.finished_at and run.runtime_seconds > 0
+
+    page = admin_client.get(f"/admin/simulation/simulationrun/{run.pk}/change/")
+    assert page.status_code == 200
+    assert b"assignmentRate" in page.content and b'http-equiv="refresh"' not in page.content
+    listing = admin_client.get("/admin/simulation/simulationrun/")
+    assert f"/admin/simulation/simulationrun/{run.pk}/report/".encode() in listing.content
+
+    report = admin_client.get(f"/admin/simulation/simulationrun/{run.pk}/report/")
+    assert report.status_code == 200
+    assert report["Content-Disposition"] == f'attachment; filename="simulation-{run.pk}.html"'
+    assert report.content.startswith(b"<!DOCTYPE html>") and b"data:image/png;base64," in report.content
+
+
+def test_a_running_run_shows_its_progress_and_has_no_report_yet(admin_client):
+    run = SimulationRun.objects.create(
+        parameters={**services_params(), "policies": ["sequential", "batch"]}, status=SimulationStatus.RUNNING,
+        progress=42, stage="batch",
+    )
+    page = admin_client.get(f"/admin/simulation/simulationrun/{run.pk}/change/")
+    assert page.status_code == 200
+    assert b'<progress max="100" value="42">' in page.content and b'http-equiv="refresh"' in page.content
+    assert admin_client.get(f"/admin/simulation/simulationrun/{run.pk}/report/").status_code == 404
+
+
+def test_bad_parameters_are_form_errors_and_start_nothing(admin_client):
+    response = admin_client.post("/admin/simulation/simulationrun/add/", {**FORM, "drivers": "0", "policies": []})
+    assert response.status_code == 200
+    assert b"errorlist" in response.content
+    assert not SimulationRun.objects.exists()
+    with pytest.raises(services.InvalidInput):
+        services.run_create(parameters={**services_params(), "policies": ["nope"]}, user=None)
+
+
+def test_the_report_needs_admin_access(db):
+    run = SimulationRun.objects.create(parameters=services_params(), status=SimulationStatus.DONE, report_html="<p>x</p>")
+    client = Client()
+    client.force_login(UserFactory())
+    response = client.get(f"/admin/simulation/simulationrun/{run.pk}/report/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_that_fails_records_its_error(monkeypatch):
+    run = SimulationRun.objects.create(parameters=services_params())
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("city on fire")
+
+    monkeypatch.setattr(services, "run", boom)
+    assert services.run_execute(run.pk) == SimulationStatus.FAILED
+    run.refresh_from_db()
+    assert run.status == SimulationStatus.FAILED and run.error == "RuntimeError: city on fire"
+    assert services.run_execute(run.pk) == SimulationStatus.FAILED  # not started twice
+
+
+def services_params() -> dict:
+    return {"drivers": 20, "ordersPerHour": 60, "minutes": 10, "seed": 7, "policies": ["sequential"], "stacking": False,
+            "city": "demo"}

@@ -1,0 +1,129 @@
+"""The simulator (docs/dispatch.md, "The simulator"): small runs on the real services, in a
+database and a Redis database of their own that are gone afterwards; the same seed gives the
+same figures; the report is one self-contained HTML file; bad arguments are a CommandError."""
+import json
+import re
+
+import pytest
+from django.conf import settings
+from django.core.management import CommandError, call_command
+from django.db import connection, transaction
+from django.db.utils import load_backend
+
+from common.broadcast import enqueue_task_on_commit, tasks_diverted
+from common.redis import get_redis
+from simulation.city import City
+from simulation.metrics import METRIC_KEYS, percentile
+from simulation.sandbox import CLAIM_KEY
+
+SMALL = ["--drivers", "20", "--orders-per-hour", "60", "--minutes", "10", "--seed", "7", "--no-progress"]
+
+
+def _run_schemas() -> list[str]:
+    """Schemas of simulation runs left in the simulation database."""
+    conf = {**connection.settings_dict, "NAME": connection.settings_dict["NAME"] + "_sim"}
+    conn = load_backend(conf["ENGINE"]).DatabaseWrapper(conf, "schemas_probe")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'run\\_%%'")
+            return [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def sim_redis():
+    client = get_redis(settings.SIMULATION_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.django_db(transaction=True)
+def test_same_seed_same_figures_and_a_self_contained_report(tmp_path, sim_redis):
+    first, second, report = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "r.html"
+    call_command("simulate", *SMALL, "--json", str(first), "--report", str(report))
+    call_command("simulate", *SMALL, "--json", str(second))
+
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert a == b
+    for key in METRIC_KEYS:
+        assert key in a
+    assert a["parameters"] == {"drivers": 20, "ordersPerHour": 60, "minutes": 10, "seed": 7, "policy": "sequential",
+                               "stacking": False, "city": "demo"}
+    assert a["seed"] == 7
+    assert a["ordersCreated"] > 0 and a["offers"] >= a["ordersAssigned"] > 0
+    assert 0 < a["assignmentRate"] <= 1
+    assert a["meanTimeToAssignSeconds"] >= 0 and a["p95TimeToAssignSeconds"] >= a["meanTimeToAssignSeconds"] * 0.5
+    assert a["meanPickupEtaSeconds"] > 0 and a["meanDeliverySeconds"] > a["meanPickupEtaSeconds"]
+
+    html = report.read_text()
+    assert html.startswith("<!DOCTYPE html>")
+    assert len(re.findall(r'<img alt="" src="data:image/png;base64,[A-Za-z0-9+/=]{100,}">', html)) >= 5
+    assert "<script" not in html and "<link" not in html and "url(" not in html
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+
+    # nothing left behind: the run's schema is dropped, its Redis database flushed
+    assert _run_schemas() == []
+    assert sim_redis.dbsize() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_run_at_the_same_time_is_refused(sim_redis):
+    sim_redis.set(CLAIM_KEY, "someone else", ex=60)
+    with pytest.raises(CommandError, match="Another simulation is running"):
+        call_command("simulate", *SMALL)
+    assert sim_redis.get(CLAIM_KEY) == "someone else"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "fastest"], "Unknown policy 'fastest'"),
+    (["--compare", "sequential,nope"], "Unknown policy 'nope'"),
+    (["--compare", "batch,batch"], "listed twice"),
+    (["--policy", "batch", "--compare", "batch,broadcast"], "not both"),
+    (["--drivers", "0"], "drivers: Must be a number from 1 to 5000"),
+    (["--orders-per-hour", "-5"], "orders_per_hour"),
+    (["--minutes", "100000"], "minutes"),
+    (["--city", "atlantis"], "Unknown city 'atlantis'"),
+    (["--drivers", "many"], "invalid int value"),
+    (["--json", "/nonexistent-dir/out.json"], "directory does not exist"),
+])
+def test_bad_arguments_are_a_clear_command_error(args, message):
+    with pytest.raises(CommandError, match=re.escape(message)):
+        call_command("simulate", "--no-progress", *args)
+
+
+def test_the_city_is_seeded_and_orders_are_poisson_near_the_stores():
+    a, b, c = City(seed=7), City(seed=7), City(seed=8)
+    assert a.orders(per_hour=600, seconds=3600) == b.orders(per_hour=600, seconds=3600)
+    assert a.drivers(50) == b.drivers(50)
+    assert a.orders(per_hour=600, seconds=3600) != c.orders(per_hour=600, seconds=3600)
+    orders = City(seed=3).orders(per_hour=3000, seconds=3600)
+    assert 2800 < len(orders) < 3200  # Poisson: 3000 ± 3.7σ
+    busiest = max(a.stores, key=lambda s: s.popularity)
+    share = sum(o.store is busiest for o in a.orders(per_hour=5000, seconds=3600)) / 5000
+    assert share > 1.5 / len(a.stores)  # hotspots: the busiest store well above an even share
+
+
+def test_percentile_is_nearest_rank():
+    assert percentile([], 95) is None
+    assert percentile([5.0], 95) == 5.0
+    assert percentile(list(range(1, 101)), 95) == 95
+    assert percentile([3, 1, 2], 50) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_diverted_tasks_reach_the_sink_after_commit_and_not_on_rollback():
+    seen = []
+    with tasks_diverted(lambda name, args, options: seen.append((name, args, options))):
+        with transaction.atomic():
+            enqueue_task_on_commit("offers.expire_offer", "o1", eta="later")
+            assert seen == []
+        try:
+            with transaction.atomic():
+                enqueue_task_on_commit("offers.expire_offer", "o2")
+                raise RuntimeError
+        except RuntimeError:
+            pass
+    assert seen == [("offers.expire_offer", ("o1",), {"eta": "later"})]
