@@ -5,20 +5,24 @@ Every platform action is the production code path, called with `now=` the simula
 under time-machine for whatever reads the clock itself:
 
 - an order: `workflows.deliveries.delivery_create(auto_dispatch=True)`;
-- a driver hears of an offer when its push task would run (`offers.push_offer`, taken from
-  the task queue by `common.broadcast.tasks_diverted`), answers after its own delay with
-  `workflows.offers.offer_accept` / `offer_reject`, or not at all; `offers.expire_offer` runs
-  at its eta (`offer_expire`), and the sweep every 5 s (`offers_expire_overdue`);
+- the tasks the platform enqueues are taken from the queue (`common.broadcast.tasks_diverted`)
+  and played as a worker would: the offer's push (`offers.push_offer`) is the driver hearing
+  of the offer; a task with an eta (`offers.expire_offer`, a batched_matching round) runs at
+  its eta, through the task registry; the rest (ETA refreshes, webhooks, alerts) is counted
+  and dropped;
+- a driver answers after its own delay with `workflows.offers.offer_accept` /
+  `offer_reject`, or not at all;
 - the steps (`delivery_advance`: pickup-started on arrival, pickup-completed and
   delivery-started on leaving, delivery-completed at the door), breaks
-  (`availability_take_break`, ended by `breaks_expire`);
+  (`availability_take_break`);
 - location fixes as the fast lane records them (the live state in Redis, then
   `availability.services.positions_persist` into PostgreSQL, one statement a batch), every
   FIX_INTERVAL_S for moving drivers and at every stop, every IDLE_FIX_INTERVAL_S for waiting
   ones; the customer-tracking ETA refresh a fix may start is left out (it does not feed
   dispatch), like the live events to sockets (counted, not sent: no socket listens);
-- the periodic jobs at their production intervals (config/periodic.py): unassigned retry,
-  escalation check, break expiry, stale drivers.
+- the periodic jobs that touch dispatch, by task name at their production intervals
+  (PERIODIC_TASKS: offer sweep, break expiry, matching sweep, unassigned retry, escalation
+  check, stale drivers).
 
 Nothing sleeps: the clock jumps from one event to the next.
 """
@@ -32,14 +36,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 import time_machine
+from celery import current_app
 from django.contrib.auth import get_user_model
 from django.contrib.gis.geos import Point
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count
 
 from availability import live
 from availability.models import Driver, DriverAvailability
-from availability.services import breaks_expire, driver_create, positions_persist
+from availability.services import driver_create, positions_persist
 from common.actors import Actor
 from common.broadcast import events_diverted, tasks_diverted
 from common.exceptions import Conflict, NotFound
@@ -49,8 +54,6 @@ from offers.models import RejectionReason
 from simulation.city import City, DriverMind, Order
 from tracking import eta
 from workflows import deliveries, drivers as driver_workflows, offers as offer_workflows
-from workflows.dispatching import unassigned_retry
-from workflows.escalations import escalation_check
 from zones.demo import ensure_demo_zones
 from zones.services import zone_update
 
@@ -60,15 +63,28 @@ START = datetime(2026, 1, 5, 11, 0, tzinfo=dt_timezone.utc)  # a Monday's lunch 
 FIX_INTERVAL_S = 30
 IDLE_FIX_INTERVAL_S = 120
 SAMPLE_S = 60
+# The run's tables start empty and fill fast: refresh the planner's statistics as autovacuum
+# keeps them in a long-lived database (without, the screening query picks plans for empty
+# tables: 10× slower by the middle of a run).
+ANALYZE_EVERY_S = 300
 DRAIN_MAX_S = 30 * 60  # after the last order, run on until every order is finished, at most this long
-# name: (every N seconds, job(now)) — the production schedule (config/periodic.py)
-PERIODIC_JOBS = {
-    "expire offers sweep": (5, lambda now: offer_workflows.offers_expire_overdue(now=now)),
-    "expire breaks": (10, lambda now: breaks_expire(now=now)),
-    "retry unassigned deliveries": (30, lambda now: unassigned_retry(now=now)),
-    "escalation check": (30, lambda now: escalation_check(now=now)),
-    "stale drivers offline": (60, lambda now: driver_workflows.stale_drivers_mark_offline(now=now)),
+# The periodic jobs that touch dispatch, by task name, every N seconds: the production schedule
+# (config/periodic.py). A task this code base does not register is skipped.
+PERIODIC_TASKS = {
+    "offers.expire_overdue_offers": 5,
+    "availability.expire_breaks": 10,
+    "dispatch.run_matching_rounds": 15,
+    "dispatch.retry_unassigned": 30,
+    "escalation.check": 30,
+    "availability.mark_stale_drivers_offline": 60,
 }
+PUSH_TASK = "offers.push_offer"
+
+
+def registered_tasks() -> dict:
+    """The Celery tasks by name, the apps' tasks modules loaded (as a worker has them)."""
+    current_app.loader.import_default_modules()
+    return dict(current_app.tasks)
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,7 @@ class Trace:
     offers_heard: int = 0
     answers: dict[str, int] = field(default_factory=lambda: {"accept": 0, "reject": 0, "ignore": 0})
     lost_races: int = 0
+    steps_refused: int = 0
     tasks_dropped: dict[str, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)  # live events by type (no socket listens)
     breaks: int = 0
@@ -134,6 +151,7 @@ class Simulation:
         self.order_of: dict[str, Order] = {}  # delivery id → order
         self.open: set[str] = set()  # delivery ids not finished yet
         self.delivery_ids: list[str] = []
+        self.tasks = registered_tasks()
 
     # ---------------------------------------------------------------- clock
     def at(self, seconds: float) -> datetime:
@@ -171,10 +189,12 @@ class Simulation:
             self._setup()
         for order in self.orders:
             self.schedule(order.at_s, "order", order)
-        for name, (every, _job) in PERIODIC_JOBS.items():
-            self.schedule(float(every), "job", name)
+        for name, every in PERIODIC_TASKS.items():
+            if name in self.tasks:
+                self.schedule(float(every), "periodic", name, every)
         self.schedule(float(FIX_INTERVAL_S), "fixes")
         self.schedule(0.0, "sample")
+        self.schedule(float(ANALYZE_EVERY_S), "analyze")
         minute = 0
         while self._heap:
             # One simulated minute per time travel; progress in between, on the wall clock.
@@ -206,17 +226,20 @@ class Simulation:
             self.trace.events[kind] = self.trace.events.get(kind, 0) + 1
 
     def _task(self, name: str, args: tuple, options: dict) -> None:
-        if name == "offers.push_offer":
-            offer_id, driver_id, event = args
-            self._offer_heard(offer_id, driver_id, event)
-        elif name == "offers.expire_offer":
-            eta_at = options.get("eta")
-            due = (eta_at - START).total_seconds() if eta_at is not None else self.now_s
-            self.schedule(max(due, self.now_s), "expire", args[0])
-        else:  # ETA refreshes, webhooks, alerts: not part of the model (docs/dispatch.md)
+        """A task the platform enqueued. The offer's push: the driver hears of it. A task with
+        an eta (the offer's expiry, a matching round): a worker runs it then. Anything else
+        (ETA refreshes, webhooks, alerts) is not part of the model (docs/dispatch.md)."""
+        eta_at = options.get("eta")
+        if name == PUSH_TASK:
+            # Heard once the current event is over (the push runs after commit, and the order's
+            # delivery id is known to the loop only when delivery_create has returned).
+            self.schedule(self.now_s, "heard", *args)
+        elif isinstance(eta_at, datetime) and name in self.tasks:
+            self.schedule(max((eta_at - START).total_seconds(), self.now_s), "task", name, args)
+        else:
             self.trace.tasks_dropped[name] = self.trace.tasks_dropped.get(name, 0) + 1
 
-    def _offer_heard(self, offer_id: str, driver_id: str, event: dict) -> None:
+    def _on_heard(self, t: float, offer_id: str, driver_id: str, event: dict) -> None:
         """The driver's phone shows the offer: it decides from the pickup distance, and answers
         after its own delay (or never: the offer expires)."""
         self.trace.offers_heard += 1
@@ -260,13 +283,13 @@ class Simulation:
         except (Conflict, NotFound):
             self.trace.lost_races += 1  # expired, withdrawn, or another driver's accept came first
 
-    def _on_expire(self, t: float, offer_id: str) -> None:
-        offer_workflows.offer_expire(offer_id=offer_id, now=self.at(t))
+    def _on_task(self, t: float, name: str, args: tuple) -> None:
+        """A worker runs the task at its eta; the task reads the clock (time-machine: now is t)."""
+        self.tasks[name].run(*args)
 
-    def _on_job(self, t: float, name: str) -> None:
-        every, job = PERIODIC_JOBS[name]
-        job(self.at(t))
-        self.schedule(t + every, "job", name)
+    def _on_periodic(self, t: float, name: str, every: int) -> None:
+        self.tasks[name].run()
+        self.schedule(t + every, "periodic", name, every)
 
     def _on_fixes(self, t: float) -> None:
         due = [
@@ -282,6 +305,13 @@ class Simulation:
         self.trace.samples.append({"t": t, "counts": {k: counts.get(k, 0) for k in DriverAvailability.values},
                                    "unassigned": unassigned, "open": len(self.open)})
         self.schedule(t + SAMPLE_S, "sample")
+
+    def _on_analyze(self, t: float) -> None:
+        with connection.cursor() as cur:
+            cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename")
+            for (table,) in cur.fetchall():
+                cur.execute(f'ANALYZE "{table}"')
+        self.schedule(t + ANALYZE_EVERY_S, "analyze")
 
     # ---------------------------------------------------------------- a driver's trip
     def _assigned(self, t: float, driver: SimDriver, delivery_id: str) -> None:
@@ -311,6 +341,8 @@ class Simulation:
             deliveries.delivery_advance(delivery_id=delivery_id, driver_id=driver.pk, step=step, actor=driver.actor, now=self.at(t))
             return True
         except (Conflict, NotFound):  # cancelled or reassigned meanwhile (ops, escalation)
+            logger.info("simulated driver %s: %s of delivery %s refused", driver.pk, step, delivery_id, exc_info=True)
+            self.trace.steps_refused += 1
             driver.jobs.pop(delivery_id, None)
             return False
 

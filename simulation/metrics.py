@@ -80,6 +80,8 @@ def collect(params: Params, trace: Trace) -> tuple[dict, dict]:
         "ordersAssigned": assigned_n,
         "ordersDelivered": len(delivery),
         "ordersEverUnassigned": len(ever_unassigned),
+        "ordersByStatus": dict(sorted(Delivery.objects.order_by().values_list("status").annotate(n=Count("pk")))),
+        "stepsRefused": trace.steps_refused,
         "offers": offers,
         "offersByStatus": {k: by_status[k] for k in sorted(by_status)},
         "driverAnswers": dict(trace.answers),

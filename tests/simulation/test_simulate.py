@@ -54,6 +54,7 @@ def test_same_seed_same_figures_and_a_self_contained_report(tmp_path, sim_redis)
                                "stacking": False, "city": "demo"}
     assert a["seed"] == 7
     assert a["ordersCreated"] > 0 and a["offers"] >= a["ordersAssigned"] > 0
+    assert sum(a["driverAnswers"].values()) == a["offers"]  # every offer reached its driver's phone
     assert 0 < a["assignmentRate"] <= 1
     assert a["meanTimeToAssignSeconds"] >= 0 and a["p95TimeToAssignSeconds"] >= a["meanTimeToAssignSeconds"] * 0.5
     assert a["meanPickupEtaSeconds"] > 0 and a["meanDeliverySeconds"] > a["meanPickupEtaSeconds"]
@@ -127,3 +128,19 @@ def test_diverted_tasks_reach_the_sink_after_commit_and_not_on_rollback():
         except RuntimeError:
             pass
     assert seen == [("offers.expire_offer", ("o1",), {"eta": "later"})]
+
+
+def test_the_periodic_jobs_run_on_the_production_schedule():
+    """The simulator runs the dispatch-related periodic tasks by name, at the intervals
+    config/periodic.py installs; a task renamed or retimed there shows here."""
+    from config.periodic import PERIODIC_TASKS as production
+    from simulation.engine import PERIODIC_TASKS, registered_tasks
+
+    schedule = {task: every for task, every, _options in production.values()}
+    tasks = registered_tasks()
+    for name, every in PERIODIC_TASKS.items():
+        if name in schedule:
+            assert schedule[name] == every, name
+            assert name in tasks, name
+        else:  # not on this code base (yet): the simulator skips it
+            assert name not in tasks, name
