@@ -70,6 +70,27 @@ def test_same_seed_same_figures_and_a_self_contained_report(tmp_path, sim_redis)
     assert sim_redis.dbsize() == 0
 
 
+@pytest.mark.timeout(900)
+@pytest.mark.django_db(transaction=True)
+def test_compare_runs_the_policies_side_by_side_on_the_same_city(tmp_path, sim_redis):
+    out, report = tmp_path / "c.json", tmp_path / "c.html"
+    call_command("simulate", "--drivers", "10", "--orders-per-hour", "40", "--minutes", "5", "--seed", "3",
+                 "--compare", "sequential,batch+stacking", "--no-progress", "--json", str(out), "--report", str(report))
+    result = json.loads(out.read_text())
+    assert result["parameters"] == {"drivers": 10, "ordersPerHour": 40, "minutes": 5, "seed": 3, "city": "demo",
+                                    "policies": ["sequential", "batch+stacking"]}
+    assert list(result["runs"]) == ["sequential", "batch+stacking"]
+    sequential, batch = result["runs"]["sequential"], result["runs"]["batch+stacking"]
+    assert (sequential["policy"], sequential["stacking"]) == ("sequential", False)
+    assert (batch["policy"], batch["stacking"]) == ("batch", True)
+    assert sequential["ordersCreated"] == batch["ordersCreated"] > 0  # the same orders for both
+    for key in METRIC_KEYS:
+        assert key in sequential and key in batch
+    html = report.read_text()
+    assert "Policies side by side" in html and "batch+stacking" in html
+    assert _run_schemas() == [] and sim_redis.dbsize() == 0
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_second_run_at_the_same_time_is_refused(sim_redis):
     sim_redis.set(CLAIM_KEY, "someone else", ex=60)
