@@ -64,8 +64,8 @@ FIX_INTERVAL_S = 30
 IDLE_FIX_INTERVAL_S = 120
 SAMPLE_S = 60
 # The run's tables start empty and fill fast: refresh the planner's statistics as autovacuum
-# keeps them in a long-lived database (without, the screening query picks plans for empty
-# tables: 10× slower by the middle of a run).
+# keeps them in a long-lived database (without, the screening query keeps the plans of empty
+# tables: 13 ms by the middle of a peak run, bench/README.md).
 ANALYZE_EVERY_S = 300
 DRAIN_MAX_S = 30 * 60  # after the last order, run on until every order is finished, at most this long
 # The periodic jobs that touch dispatch, by task name, every N seconds: the production schedule
