@@ -10,7 +10,6 @@ from django.utils import timezone
 
 from common.exceptions import InvalidInput
 from dispatch.models import DispatchPolicy
-from simulation import report as report_module
 from simulation.city import CITIES
 from simulation.engine import Params, Simulation
 from simulation.metrics import collect
@@ -113,6 +112,8 @@ def run(base: Params, policies: list[str], *, progress: Progress | None = None) 
 
 def render_report(outcome: Outcome) -> str:
     runs = outcome.json["runs"] if "runs" in outcome.json else {label(outcome.json["policy"], outcome.json["stacking"]): outcome.json}
+    from simulation import report as report_module  # matplotlib: loaded by a run, not by every web process
+
     return report_module.render(runs, outcome.series)
 
 
