@@ -225,6 +225,7 @@ class EarlyBodyLimit:
     before any middleware runs, so without this a client could make the server store 200 MB,
     or wait on a body announced but never sent, just to be told it is too large.
 
+    A request with neither Content-Length nor chunked encoding has no body and passes untouched.
     A declared Content-Length over the limit is answered at once (the rest of the upload is
     never read; the server closes the connection). A body without Content-Length (chunked) is
     read up to the limit and answered 413 past it, else handed to Django whole, with its
@@ -237,12 +238,16 @@ class EarlyBodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v2/"):
             return await self.app(scope, receive, send)
-        declared, content_type = None, ""
+        declared, content_type, chunked = None, "", False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 declared = value
             elif name == b"content-type":
                 content_type = value.split(b";", 1)[0].strip().decode("latin-1")
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+        if declared is None and not chunked:  # no body (most GETs): nothing to judge
+            return await self.app(scope, receive, send)
         limit = body_limit_for(scope["path"], content_type)
         if declared is not None:
             try:

@@ -59,7 +59,7 @@ def test_a_declared_body_over_the_limit_is_a_413_before_a_byte_is_read(settings)
 def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(settings):
     settings.API_MAX_BODY_BYTES = 1024
     status, _, body, read = call(
-        "/v2/zones", headers={"Content-Type": "application/json"}, chunks=[b"x" * 600] * 10,
+        "/v2/zones", headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"}, chunks=[b"x" * 600] * 10,
     )
     assert status == 413 and read == 2  # 1,200 bytes read of 6,000: the rest never
     assert json.loads(body)["error"] == "Request Entity Too Large"
@@ -70,7 +70,8 @@ def test_a_chunked_body_within_the_limit_reaches_the_view_whole():
     payload = json.dumps({"name": "Chunked", "geometry": {"type": "Polygon", "coordinates": [
         [[30.5, 10.9], [30.6, 10.9], [30.6, 11.0], [30.5, 11.0], [30.5, 10.9]]]}}).encode()
     status, _, body, _ = call(
-        "/v2/zones", headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+        "/v2/zones", headers={"Authorization": f"Token {token}", "Content-Type": "application/json",
+                              "Transfer-Encoding": "chunked"},
         chunks=[payload[:40], payload[40:90], payload[90:]],
     )
     assert status == 201, body
