@@ -15,8 +15,10 @@ PostGIS implementation answers the same question.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import redis
 from django.conf import settings
@@ -46,12 +48,14 @@ POSTGIS_SPHERE_RADIUS_M = 6371008.7714150598
 _TO_REDIS_SPHERE = REDIS_EARTH_RADIUS_M / POSTGIS_SPHERE_RADIUS_M
 
 
-@dataclass(frozen=True)
-class NearbyDriver:
+class NearbyDriver(NamedTuple):
+    """A driver found near a point. lat/lon: the position the index holds (None when the
+    caller asked for no positions). A named tuple: the search builds up to hundreds a call."""
+
     driver_id: str
     distance_km: float
-    lat: float
-    lon: float
+    lat: float | None = None
+    lon: float | None = None
 
 
 def _stale_cutoff(now: datetime) -> datetime:
@@ -199,28 +203,52 @@ def reconcile_index(*, now: datetime | None = None) -> dict[str, int]:
 # of the geohash boxes that cover R — 5,000 drivers within 5 km of a busy pickup and many more
 # around them — however few it returns. The script instead searches growing rings
 # r₀ < r₁ < … ≤ R, each `ASC COUNT c`: Redis returns the c nearest members within r, in its
-# own exact order. Walking them nearest first, the first `limit` with a fresh fix are the answer
-# as soon as there are `limit` of them: every member not returned, within the ring or beyond it,
+# own exact order.
+#
+# Stale members first leave the index: the script removes (from both sets) up to PURGE_MAX
+# members whose fix is older than the cutoff by the caller's clock *and* by Redis's (`TIME`),
+# so the set holds fresh drivers only and the rings need not ask for spares. What is removed is
+# stale for good (a later fix puts the driver back: the fix script and `index_driver` add a
+# driver whose fix time is missing); a caller's `now` ahead of Redis's clock never removes a
+# driver that is fresh by Redis's. Freshness is still checked, but only on the rows that make
+# the answer: whatever the purge could not remove (fix times between Redis's cutoff and a
+# later caller's, more than PURGE_MAX stale at once, a member without a fix time) is skipped
+# exactly as before.
+#
+# Walking a ring's rows nearest first, the first `limit` with a fresh fix are the answer as
+# soon as there are `limit` of them: every member not returned, within the ring or beyond it,
 # is farther. Otherwise:
-#   - the ring returned c members (there may be more within it, and the nearest c are mostly
-#     stale): ask the same ring for ×4 as many;
+#   - the ring returned c members (there may be more within it, and the nearest c include
+#     stale ones): ask the same ring for ×4 as many;
 #   - the ring returned fewer than c (it is complete, so its member count and fresh share give
 #     the density): grow the ring so that it should hold 1.25 × limit fresh drivers (×1.25 to ×4
 #     per step), and c so that those are among the nearest c; at R, what the ring holds is the
 #     answer.
-# The answer is therefore exactly what one sorted search over R would give (the previous
-# implementation), in the same order. Each ring scans only the boxes around its own radius;
-# the first is a probe at R/8 whose density sizes the second, which usually suffices.
+# The answer is therefore exactly what one sorted search over R would give, in the same order,
+# whatever the first ring and COUNT. The first ring comes from the caller: the distance of the
+# limit-th driver the last search of that area found (×RING_HINT_MARGIN, see drivers_near_redis),
+# so one ring of COUNT limit + a few usually suffices; without one, R × FIRST_RING_SHARE.
 # Everything runs in one script: one round trip, one consistent snapshot; the two keys share a
-# hash slot (fleet_key). The answer comes back as one string, "member\\ndist_m\\nlon\\nlat\\n…"
-# (members are driver UUIDs): one bulk reply parses much faster than 4 × limit of them.
+# hash slot (fleet_key). The answer comes back as one string, "member\\ndist_m[\\nlon\\nlat]\\n…"
+# (members are driver UUIDs; positions only when asked for): one bulk reply parses much faster
+# than 2–4 × limit of them.
 #
-# ARGV: lon, lat, R (m), limit, stale cutoff (epoch s), first ring (m), first COUNT.
-# Returns {answer, rings searched, last ring (m), its COUNT}.
+# ARGV: lon, lat, R (m), limit, stale cutoff (epoch s), first ring (m), first COUNT, stale after
+# (s), positions ('1' or '0'), PURGE_MAX.
+# Returns {answer, rings searched, last ring (m), its COUNT, members purged}.
 _SEARCH_SCRIPT = """
 local lon, lat = ARGV[1], ARGV[2]
 local R, limit, cutoff = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local r, c = tonumber(ARGV[6]), tonumber(ARGV[7])
+-- stale by both clocks: out of the index
+local now = redis.call('TIME')
+local below = math.min(cutoff, tonumber(now[1]) + tonumber(now[2]) / 1000000 - tonumber(ARGV[8]))
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%.17g', below),
+                        'LIMIT', 0, tonumber(ARGV[10]))
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('ZREM', KEYS[2], unpack(gone))
+end
 local rings = 0
 while true do
   rings = rings + 1
@@ -256,18 +284,22 @@ while true do
   end
   if f >= limit or (last and n < c) then
     local out = {}
-    for i = 1, f, 1000 do
-      local j = math.min(f, i + 999)
-      local pos = redis.call('GEOPOS', KEYS[1], unpack(members, i, j))
-      for k = i, j do
-        local p = pos[k - i + 1]
-        out[#out + 1] = members[k] .. '\\n' .. dists[k] .. '\\n' .. p[1] .. '\\n' .. p[2]
+    if ARGV[9] == '1' then
+      for i = 1, f, 1000 do
+        local j = math.min(f, i + 999)
+        local pos = redis.call('GEOPOS', KEYS[1], unpack(members, i, j))
+        for k = i, j do
+          local p, o = pos[k - i + 1], 4 * k
+          out[o - 3] = members[k]; out[o - 2] = dists[k]; out[o - 1] = p[1]; out[o] = p[2]
+        end
       end
+    else
+      for k = 1, f do out[2 * k - 1] = members[k]; out[2 * k] = dists[k] end
     end
-    return {table.concat(out, '\\n'), rings, tostring(last and R or r), c}
+    return {table.concat(out, '\\n'), rings, tostring(last and R or r), c, #gone}
   end
   if n >= c then
-    -- the c nearest within the ring are mostly stale: the same ring, ×4 as many
+    -- the c nearest within the ring include stale ones: the same ring, ×4 as many
     c = c * 4
   else
     -- the ring holds n members, f of them fresh: grow it to hold 1.25 × limit (+4) fresh
@@ -282,55 +314,103 @@ end
 """
 _search_scripts: dict[int, redis.commands.core.Script] = {}
 
-# The first ring, as a share of the radius, and the first COUNT (bench/candidate_search.py).
+# Without a hint, the first ring as a share of the radius (bench/candidate_search.py).
 FIRST_RING_SHARE = 0.125
+# Stale members one search removes at most (a search after a long outage, or after the
+# reconcile job re-added stale drivers, stays short; the rest go with the next searches).
+PURGE_MAX = 256
+# The first ring from a hint: the last search's limit-th distance in that area × this margin
+# (density varies within an area; a ring that turns out short costs a second, larger one).
+RING_HINT_MARGIN = 1.15
+RING_HINT_MIN_M = 10.0
+# Hints per process, by (limit, ~5.5 km cell): at most this many, then forgotten.
+RING_HINT_CELLS_PER_DEGREE = 20
+RING_HINTS_MAX = 4096
+_ring_hints: dict[tuple[int, int, int], float] = {}
 
 
 def _first_count(limit: int) -> int:
-    return max(2 * limit, limit + 20)
+    # the index holds fresh drivers only (the purge): a few spares for what it could not remove
+    return limit + max(2, limit // 16)
 
 
 @dataclass(frozen=True)
 class SearchTrace:
     """How a search went, for the benchmark and tests: GEOSEARCH calls made (asking a ring again
-    for more counts as another), the radius of the last one in metres and its COUNT."""
+    for more counts as another), the radius of the first and the last one in metres, the last
+    one's COUNT, and how many stale members the search removed from the index."""
 
     rings: int
     last_radius_m: float
     last_count: int
+    first_radius_m: float = 0.0
+    purged: int = 0
 
 
 def candidate_search(
     client: redis.Redis, *, geo_key: str, fix_key: str, lat: float, lon: float, radius_km: float, limit: int,
-    cutoff: float,
+    cutoff: float, positions: bool = True, first_ring_m: float | None = None, stale_after: float | None = None,
 ) -> tuple[list[NearbyDriver], SearchTrace]:
     """The `limit` nearest members of `geo_key` within `radius_km` whose score in `fix_key` is
-    at least `cutoff` (epoch seconds), nearest first; see _SEARCH_SCRIPT."""
+    at least `cutoff` (epoch seconds), nearest first; see _SEARCH_SCRIPT. Members older than
+    both `cutoff` and Redis's clock − `stale_after` (default DRIVER_STALE_AFTER_SECONDS) are
+    removed from both keys on the way. `positions=False`: lat and lon are None (cheaper).
+    `first_ring_m`: the first ring's radius (default radius × FIRST_RING_SHARE)."""
     if limit <= 0:
         return [], SearchTrace(0, 0.0, 0)
     script = _search_scripts.get(id(client))
     if script is None:
         script = _search_scripts.setdefault(id(client), client.register_script(_SEARCH_SCRIPT))
     radius_m = radius_km * 1000.0
-    payload, rings, last_radius, last_count = script(
+    first = radius_m * FIRST_RING_SHARE if first_ring_m is None else min(first_ring_m, radius_m)
+    if stale_after is None:
+        stale_after = settings.DRIVER_STALE_AFTER_SECONDS
+    payload, rings, last_radius, last_count, purged = script(
         keys=[geo_key, fix_key],
-        args=[repr(float(lon)), repr(float(lat)), repr(radius_m), int(limit), repr(float(cutoff)),
-              repr(radius_m * FIRST_RING_SHARE), _first_count(limit)],
+        args=[repr(float(lon)), repr(float(lat)), repr(radius_m), int(limit), repr(float(cutoff)), repr(first),
+              _first_count(limit), repr(float(stale_after)), "1" if positions else "0", PURGE_MAX],
     )
-    parts = payload.split("\n") if payload else []
-    found = [
-        NearbyDriver(parts[i], float(parts[i + 1]) / 1000.0, float(parts[i + 3]), float(parts[i + 2]))
-        for i in range(0, len(parts), 4)
-    ]
-    return found, SearchTrace(int(rings), float(last_radius), int(last_count))
+    trace = SearchTrace(int(rings), float(last_radius), int(last_count), first, int(purged))
+    if not payload:
+        return [], trace
+    parts = payload.split("\n")
+    make = tuple.__new__  # NearbyDriver(...) without the keyword machinery: 100 of them add up
+    if positions:
+        found = [make(NearbyDriver, (m, float(d) / 1000.0, float(la), float(lo)))
+                 for m, d, lo, la in zip(parts[0::4], parts[1::4], parts[2::4], parts[3::4])]
+    else:
+        found = [make(NearbyDriver, (m, float(d) / 1000.0, None, None)) for m, d in zip(parts[0::2], parts[1::2])]
+    return found, trace
 
 
-def drivers_near_redis(*, lat: float, lon: float, radius_km: float, limit: int, now: datetime) -> list[NearbyDriver]:
-    found, _ = candidate_search(
+def _hint_key(lat: float, lon: float, limit: int) -> tuple[int, int, int]:
+    return limit, math.floor(lat * RING_HINT_CELLS_PER_DEGREE), math.floor(lon * RING_HINT_CELLS_PER_DEGREE)
+
+
+def drivers_near_redis(
+    *, lat: float, lon: float, radius_km: float, limit: int, now: datetime, positions: bool = True,
+) -> list[NearbyDriver]:
+    return search_near_redis(lat=lat, lon=lon, radius_km=radius_km, limit=limit, now=now, positions=positions)[0]
+
+
+def search_near_redis(
+    *, lat: float, lon: float, radius_km: float, limit: int, now: datetime, positions: bool = True,
+) -> tuple[list[NearbyDriver], SearchTrace]:
+    """drivers_near_redis, and how the search went (bench/candidate_search.py)."""
+    # The first ring: where the last search for as many drivers around here found the last of
+    # them (this process's memory; a wrong hint costs time, never changes the answer).
+    key = _hint_key(lat, lon, limit)
+    hint = _ring_hints.get(key)
+    found, trace = candidate_search(
         get_redis(), geo_key=GEO_KEY, fix_key=FIX_KEY, lat=lat, lon=lon, radius_km=radius_km, limit=limit,
-        cutoff=_stale_cutoff(now).timestamp(),
+        cutoff=_stale_cutoff(now).timestamp(), positions=positions,
+        first_ring_m=None if hint is None else max(RING_HINT_MIN_M, hint * RING_HINT_MARGIN),
     )
-    return found
+    if limit > 0:
+        if len(_ring_hints) >= RING_HINTS_MAX and key not in _ring_hints:
+            _ring_hints.clear()
+        _ring_hints[key] = found[-1].distance_km * 1000.0 if len(found) == limit else radius_km * 1000.0
+    return found, trace
 
 
 _KNN_SQL = """
@@ -347,24 +427,32 @@ LIMIT %(limit)s
 """
 
 
-def drivers_near_postgis(*, lat: float, lon: float, radius_km: float, limit: int, now: datetime) -> list[NearbyDriver]:
+def drivers_near_postgis(
+    *, lat: float, lon: float, radius_km: float, limit: int, now: datetime, positions: bool = True,
+) -> list[NearbyDriver]:
     with connection.cursor() as cur:
         cur.execute(
             _KNN_SQL,
             {"lat": lat, "lon": lon, "radius_m": radius_km * 1000.0, "cutoff": _stale_cutoff(now), "limit": limit,
              "to_redis_sphere": _TO_REDIS_SPHERE},
         )
+        if not positions:
+            return [NearbyDriver(str(pk), float(dist)) for pk, _, _, dist in cur.fetchall()]
         return [NearbyDriver(str(pk), float(dist), float(y), float(x)) for pk, y, x, dist in cur.fetchall()]
 
 
-def drivers_available_near(*, lat: float, lon: float, radius_km: float, limit: int = 20, now: datetime | None = None) -> list[NearbyDriver]:
+def drivers_available_near(
+    *, lat: float, lon: float, radius_km: float, limit: int = 20, now: datetime | None = None, positions: bool = True,
+) -> list[NearbyDriver]:
     """Available drivers with a fresh fix within `radius_km`, nearest first.
 
     Redis GEOSEARCH first; PostGIS (`ST_DWithin` + KNN on the GiST index) when Redis is down.
+    `positions=False`: each driver's lat and lon are None (dispatch ranks by distance only, and
+    the search skips reading and sending the positions).
     """
     now = now or timezone.now()
     try:
-        return drivers_near_redis(lat=lat, lon=lon, radius_km=radius_km, limit=limit, now=now)
+        return drivers_near_redis(lat=lat, lon=lon, radius_km=radius_km, limit=limit, now=now, positions=positions)
     except RedisUnavailable:
         logger.warning("drivers_available_near: Redis unavailable, using PostGIS")
-        return drivers_near_postgis(lat=lat, lon=lon, radius_km=radius_km, limit=limit, now=now)
+        return drivers_near_postgis(lat=lat, lon=lon, radius_km=radius_km, limit=limit, now=now, positions=positions)

@@ -199,7 +199,7 @@ class AssignToDriverForm(forms.Form):
 def assign_candidates(delivery: Delivery) -> list[tuple[str, str]]:
     """Available drivers with a fresh fix near the pickup, nearest first, as (id, "name · 1.2 km")."""
     pickup = delivery.pickup_location
-    nearby = drivers_available_near(lat=pickup.y, lon=pickup.x, radius_km=ASSIGN_RADIUS_KM, limit=25)
+    nearby = drivers_available_near(lat=pickup.y, lon=pickup.x, radius_km=ASSIGN_RADIUS_KM, limit=25, positions=False)
     names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=[n.driver_id for n in nearby]).values_list("pk", "name")}
     return [(n.driver_id, f"{names.get(n.driver_id, n.driver_id)} · {n.distance_km:.1f} km") for n in nearby]
 

@@ -214,7 +214,7 @@ def _failure_reason(delivery: Delivery, screening: _Screening, nearby: list, rad
         if cur.fetchone()[0]:
             return FailureReason.ALL_DRIVERS_BUSY
     wide = max(settings.DISPATCH_WIDE_RADIUS_KM, radius_km * 2)
-    if drivers_available_near(lat=lat, lon=lon, radius_km=wide, limit=1, now=now):
+    if drivers_available_near(lat=lat, lon=lon, radius_km=wide, limit=1, now=now, positions=False):
         return FailureReason.DISTANCE_EXCEEDED
     if getattr(delivery, "zone_id", None):
         return FailureReason.ZONE_EMPTY
@@ -297,7 +297,8 @@ def dispatch_locked(
     size = round_size_for(delivery)
     lat, lon = delivery.pickup_location.y, delivery.pickup_location.x
     audit_record(delivery=delivery, event_type=E.ASSIGNMENT_STARTED, actor=actor, now=now, details={"searchRadiusKm": radius})
-    nearby = drivers_available_near(lat=lat, lon=lon, radius_km=radius, limit=max(CANDIDATE_POOL, size), now=now)
+    nearby = drivers_available_near(
+        lat=lat, lon=lon, radius_km=radius, limit=max(CANDIDATE_POOL, size), now=now, positions=False)
     stackable = stacking_candidates(delivery, now=now)  # none unless the zone stacks orders
     if stackable:  # (the GEO index may still list one as available for a moment)
         listed = {n.driver_id for n in nearby}

@@ -316,7 +316,8 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         lat, lon = delivery.pickup_location.y, delivery.pickup_location.x
         items.append(_Item(
             delivery=delivery, radius_km=radius,
-            nearby=drivers_available_near(lat=lat, lon=lon, radius_km=radius, limit=CANDIDATE_POOL, now=now),
+            nearby=drivers_available_near(lat=lat, lon=lon, radius_km=radius, limit=CANDIDATE_POOL, now=now,
+                                          positions=False),
             urgent=past_target(delivery, policy, now=now),
         ))
     driver_ids = sorted({n.driver_id for item in items for n in item.nearby})

@@ -103,7 +103,7 @@ def quote_create(
     draft = Delivery(pickup_location=pickup, dropoff_location=dropoff, prep_time_minutes=prep_time_minutes,
                      ready_at=now, zone=result.zone)
     nearby = drivers_available_near(
-        lat=pickup.y, lon=pickup.x, radius_km=search_radius_for(draft), limit=NEARBY_LIMIT, now=now,
+        lat=pickup.y, lon=pickup.x, radius_km=search_radius_for(draft), limit=NEARBY_LIMIT, now=now, positions=False,
     ) if result.serviceable else []
     pickup_at = delivery_at = None
     if nearby:
