@@ -156,7 +156,11 @@ def resolve(specs, centre):
 
 
 @pytest.mark.parametrize("seed", range(24))
-def test_the_search_answers_what_a_brute_force_search_answers(seed):
+def test_the_search_answers_what_a_brute_force_search_answers(seed, monkeypatch):
+    if seed % 4 == 1:
+        # the walk past stale members, as when the purge cannot remove them (a caller whose
+        # clock is ahead of Redis's, more than PURGE_MAX at once); the other seeds purge
+        monkeypatch.setattr(geo, "PURGE_MAX", 0)
     rng = random.Random(seed)
     centre = CITY if seed % 3 == 0 else (rng.uniform(-60, 60), rng.uniform(-170, 170))
     radius_km = rng.choice([0.3, 1, 2.5, 5, 5, 12])
@@ -191,7 +195,8 @@ def test_a_city_at_dispatch_scale_is_answered_from_small_rings():
     assert trace.last_count < 1_000
 
 
-def test_stale_drivers_nearest_the_point_make_the_search_ask_for_more_not_give_fewer():
+def test_stale_drivers_nearest_the_point_make_the_search_ask_for_more_not_give_fewer(monkeypatch):
+    monkeypatch.setattr(geo, "PURGE_MAX", 0)  # stale members the purge did not remove
     rng = random.Random(11)
     fleet = Fleet(CITY, timezone.now())
     fleet.add([(rng.uniform(0, 400), rng.uniform(0, 360), "stale") for _ in range(1_500)], rng)
@@ -205,9 +210,10 @@ def test_stale_drivers_nearest_the_point_make_the_search_ask_for_more_not_give_f
     assert 2 <= trace.rings <= 6, trace  # asked the same ring for ×4 more, a few times
 
 
-def test_a_band_of_stale_drivers_at_the_edge_of_the_radius_does_not_hide_the_fresh_ones_beyond_it():
+def test_a_band_of_stale_drivers_at_the_edge_of_the_radius_does_not_hide_the_fresh_ones_beyond_it(monkeypatch):
     """Nobody near the point, so the rings grow to the whole radius and find it crowded with
     stale drivers: a full COUNT there is not the whole radius; the search must ask for more."""
+    monkeypatch.setattr(geo, "PURGE_MAX", 0)
     rng = random.Random(12)
     fleet = Fleet(CITY, timezone.now())
     fleet.add([(rng.uniform(600, 900), rng.uniform(0, 360), "stale") for _ in range(300)], rng)
@@ -218,8 +224,9 @@ def test_a_band_of_stale_drivers_at_the_edge_of_the_radius_does_not_hide_the_fre
     assert len(found) == 20 and trace.last_radius_m == 1_000, trace
 
 
-def test_more_than_a_thousand_asked_for_and_more_than_a_thousand_stale():
+def test_more_than_a_thousand_asked_for_and_more_than_a_thousand_stale(monkeypatch):
     """Fix times and positions are read a thousand members at a time (Lua's unpack limit)."""
+    monkeypatch.setattr(geo, "PURGE_MAX", 0)
     rng = random.Random(3)
     fleet = Fleet(CITY, timezone.now())
     fleet.add([(rng.uniform(0, 300), rng.uniform(0, 360), "stale") for _ in range(2_500)], rng)
@@ -277,6 +284,130 @@ def test_edge_cases_limit_zero_radius_zero_empty_index():
     found = geo.drivers_near_redis(lat=CITY[0], lon=CITY[1], radius_km=0, limit=5, now=now)
     assert [round(d.distance_km * 1000, 1) for d in found] == [round(fleet.distance_m(d.driver_id), 1) for d in found]
     assert all(d.distance_km * 1000 <= 0.5 for d in found)
+
+
+# ------------------------------------------------- stale members leave, the first ring
+
+
+def fix_time(member):
+    return r().zscore(geo.FIX_KEY, member)
+
+
+def test_a_search_removes_the_stale_members_from_the_index_and_keeps_the_fresh_and_fixless_ones():
+    rng = random.Random(31)
+    fleet = Fleet(CITY, timezone.now())
+    fleet.add([(rng.uniform(0, 3_000), rng.uniform(0, 360), kind)
+               for kind in ["stale"] * 120 + ["fresh"] * 200 + ["nofix"] * 10], rng)
+    stale = {m for m, k in fleet.kind.items() if k == "stale"}
+
+    found, trace = fleet.check(5, 20)
+
+    assert trace.purged == len(stale)
+    assert all(fix_time(m) is None and r().geopos(geo.GEO_KEY, m)[0] is None for m in stale)
+    kept = set(r().zrange(geo.GEO_KEY, 0, -1))
+    assert kept == {m for m, k in fleet.kind.items() if k != "stale"}
+    # the index now holds fresh drivers only (and the fix-less, never returned): one ring of
+    # limit + a few answers
+    found_again, trace = fleet.search(5, 20)
+    assert found_again == found and trace.purged == 0
+
+
+def test_one_search_removes_at_most_purge_max_and_still_answers_exactly(monkeypatch):
+    monkeypatch.setattr(geo, "PURGE_MAX", 40)
+    rng = random.Random(32)
+    fleet = Fleet(CITY, timezone.now())
+    fleet.add([(rng.uniform(0, 500), rng.uniform(0, 360), "stale") for _ in range(100)], rng)
+    fleet.add([(rng.uniform(500, 3_000), rng.uniform(0, 360), "fresh") for _ in range(300)], rng)
+
+    _, trace = fleet.check(5, 30)  # exact with 60 stale left, then again (drivers_near_redis) with 20
+    assert trace.purged == 40 and r().zcard(geo.FIX_KEY) == 300 + 20
+    _, trace = fleet.search(5, 30)
+    assert trace.purged == 20
+    _, trace = fleet.search(5, 30)
+    assert trace.purged == 0
+    assert r().zcard(geo.GEO_KEY) == r().zcard(geo.FIX_KEY) == 300
+
+
+def test_a_caller_whose_clock_is_ahead_never_removes_a_driver_fresh_by_redis_clock():
+    """`now` later than Redis's clock (a test, a skewed web server): a driver stale by that `now`
+    but fresh by Redis's clock is not returned, and stays in the index for everyone else."""
+    real_now = timezone.now()
+    fleet = Fleet(CITY, real_now)
+    fleet.add([(100, 0, "fresh"), (200, 90, "fresh")], random.Random(33))
+    nearer, farther = sorted(fleet.pos, key=fleet.distance_m)
+    r().zadd(geo.FIX_KEY, {nearer: fleet.cutoff + 60})  # fresh for another minute
+    r().zadd(geo.FIX_KEY, {farther: fleet.cutoff + 500})
+
+    later = geo.drivers_near_redis(lat=CITY[0], lon=CITY[1], radius_km=1, limit=5,
+                                   now=real_now + timedelta(seconds=120))
+
+    assert [d.driver_id for d in later] == [farther]
+    assert fix_time(nearer) == fleet.cutoff + 60
+    assert [d.driver_id for d in geo.drivers_near_redis(lat=CITY[0], lon=CITY[1], radius_km=1, limit=5,
+                                                        now=real_now)] == [nearer, farther]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_whatever_the_first_ring_the_answer_is_the_same(seed):
+    """The first ring (a hint from an earlier search, maybe of a denser or emptier place) only
+    changes how many rings the search takes, never what it answers."""
+    rng = random.Random(100 + seed)
+    fleet = Fleet(CITY, timezone.now())
+    fleet.add(resolve(random_specs(rng, rng.choice([300, 1500]), 3_000, kinds=(80, 15, 5)), CITY), rng)
+    fleet.drop_ambiguous(3_000)
+    for limit in (1, 20, 100):
+        expected = fleet.expected(3_000, limit)
+        for first_ring_m in (0.5, 40, 400, 1_500, 3_000, 30_000):
+            found, trace = geo.candidate_search(
+                r(), geo_key=geo.GEO_KEY, fix_key=geo.FIX_KEY, lat=CITY[0], lon=CITY[1], radius_km=3, limit=limit,
+                cutoff=fleet.cutoff, first_ring_m=first_ring_m)
+            assert [d.driver_id for d in found] == expected, (limit, first_ring_m, trace)
+            assert trace.first_radius_m == min(first_ring_m, 3_000)
+
+
+def test_without_positions_the_same_drivers_and_distances_and_no_positions():
+    rng = random.Random(34)
+    fleet = Fleet(CITY, timezone.now())
+    fleet.add([(rng.uniform(0, 4_000), rng.uniform(0, 360), rng.choice(["fresh", "fresh", "stale", "nofix"]))
+               for _ in range(400)], rng)
+    with_positions, _ = fleet.check(5, 50)
+
+    without = geo.drivers_near_redis(lat=CITY[0], lon=CITY[1], radius_km=5, limit=50, now=fleet.now, positions=False)
+
+    assert [(d.driver_id, d.distance_km) for d in without] == [(d.driver_id, d.distance_km) for d in with_positions]
+    assert all(d.lat is None and d.lon is None for d in without)
+
+
+def test_at_dispatch_scale_a_search_after_the_first_in_the_area_takes_one_ring():
+    """5,000 drivers within 5 km, a tenth of them stale: the first searches remove the stale ones
+    (PURGE_MAX a search) and leave a hint; the next, from a point nearby, searches one ring of
+    COUNT limit + a few."""
+    rng = random.Random(35)
+    fleet = Fleet(CITY, timezone.now())
+    specs = [(4_990 * math.sqrt(rng.random()), rng.uniform(0, 360), "stale" if rng.random() < 0.1 else "fresh")
+             for _ in range(5_000)]
+    specs += [(math.sqrt(rng.uniform(5_010 ** 2, 15_000 ** 2)), rng.uniform(0, 360), "fresh") for _ in range(5_000)]
+    fleet.add(specs, rng)
+    stale = sum(1 for k in fleet.kind.values() if k == "stale")
+    searches = math.ceil(stale / geo.PURGE_MAX)
+    assert searches >= 2
+    geo._ring_hints.clear()
+    near_here = dict(radius_km=5, limit=100, now=fleet.now, positions=False)
+
+    traces = []
+    for _ in range(searches):
+        previous, trace = geo.search_near_redis(lat=CITY[0], lon=CITY[1], **near_here)
+        traces.append(trace)
+    assert traces[0].first_radius_m == 5_000 * geo.FIRST_RING_SHARE
+    assert [t.purged for t in traces] == [geo.PURGE_MAX] * (searches - 1) + [stale - (searches - 1) * geo.PURGE_MAX]
+    assert r().zcard(geo.GEO_KEY) == r().zcard(geo.FIX_KEY) == 10_000 - stale
+
+    found, trace = geo.search_near_redis(**dict(zip(("lat", "lon"), destination(*CITY, 30, 45))), **near_here)
+
+    assert len(found) == 100
+    assert trace.rings == 1 and trace.last_count == geo._first_count(100) and trace.purged == 0, trace
+    assert trace.first_radius_m == pytest.approx(previous[-1].distance_km * 1000 * geo.RING_HINT_MARGIN)
+    assert all(fleet.kind[d.driver_id] == "fresh" for d in found)
 
 
 # -------------------------------------------------------------------- through PostgreSQL

@@ -15,7 +15,7 @@ from django.core.management import call_command
 from django.db import transaction
 from django.utils import timezone
 
-from availability import geo
+from availability import geo, live
 from availability.models import DriverAvailabilityHistory
 from availability.tasks import reconcile_geo_index
 from common.actors import Actor
@@ -473,6 +473,32 @@ def test_many_stale_drivers_nearest_the_point_do_not_hide_the_fresh_ones_from_re
 
     assert [d.driver_id for d in by_postgis] == [str(d.pk) for d in fresh[:5]]
     assert [d.driver_id for d in by_redis] == [str(d.pk) for d in fresh[:5]]
+
+
+def test_a_driver_a_search_removed_as_stale_comes_back_with_its_next_fix(django_capture_on_commit_callbacks):
+    """The search removes stale members from the index (they stay available: the stale job
+    decides that); the next fix, by the database path or the fast lane's script, indexes the
+    driver again."""
+    now = timezone.now()
+    stale_at = now - timedelta(seconds=django_settings.DRIVER_STALE_AFTER_SECONDS + 30)
+    by_db, by_fast_lane = (DriverFactory(location=near(300 + 100 * i), location_recorded_at=stale_at) for i in range(2))
+    geo.rebuild_index()
+    assert in_geo(by_db) and in_geo(by_fast_lane)
+
+    assert geo.drivers_near_redis(lat=CITY[0], lon=CITY[1], radius_km=5, limit=10, now=now) == []
+
+    for driver in (by_db, by_fast_lane):
+        assert not in_geo(driver) and r().zscore(geo.FIX_KEY, str(driver.pk)) is None
+        assert r().hget(geo.STATUS_KEY, str(driver.pk)) == "available"
+    lat, lon = destination(*CITY, 250, 0)
+    with django_capture_on_commit_callbacks(execute=True):
+        driver_location_record(driver_id=by_db.pk, lat=lat, lon=lon, recorded_at=timezone.now())
+    lat, lon = destination(*CITY, 350, 0)
+    live.fix_record_persisted(live.Fix(driver_id=str(by_fast_lane.pk), lat=lat, lon=lon,
+                                       recorded_at=timezone.now().timestamp()))
+
+    found = geo.drivers_near_redis(lat=CITY[0], lon=CITY[1], radius_km=5, limit=10, now=timezone.now())
+    assert [d.driver_id for d in found] == [str(by_db.pk), str(by_fast_lane.pk)]
 
 
 def test_an_empty_index_finds_nobody():
