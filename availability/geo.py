@@ -3,9 +3,10 @@
 The keys are fleet keys (`common.redis.fleet_key`): they share one hash tag, so the index
 script and the search script, which touch several of them, stay in one Redis Cluster slot.
 
-`{fleet}:drivers:geo`    GEO set of drivers that are `available` with a location fix.
-`{fleet}:drivers:fix`    sorted set: the same drivers scored by the fix time (epoch seconds),
-                         so a search can drop stale fixes without touching PostgreSQL.
+`{fleet}:drivers:geo`    GEO set of drivers that are `available` with a fresh location fix.
+`{fleet}:drivers:fix`    sorted set: the same drivers scored by the fix time (epoch seconds).
+                         A search removes the members whose fix went stale from both (see
+                         _SEARCH_SCRIPT); their next fix puts them back.
 `{fleet}:drivers:status` hash driver id → availability, for every driver.
 
 Redis holds derived state only. It is written after commit, rebuilt by

@@ -19,13 +19,14 @@ round as `now`, through:
                 COUNT max(2 × limit, limit + 20), ZMSCORE on every row walked, positions
   today         the implementation before the rings: one sorted GEOSEARCH over the whole
                 radius, COUNT 2 × limit WITHDIST WITHCOORD, then ZMSCORE (×4 more while short)
-  raw-ring      raw GEOSEARCH over the last ring `new` searched for that point, with its COUNT
-                c, ASC WITHDIST: the same command as new's last step, alone, parsed by redis-py
+  raw-ring      raw GEOSEARCH over the last ring `new` searched for that point (or the previous
+                one, when it runs first), with its COUNT c, ASC WITHDIST: the same command as
+                new's last step, alone, parsed by redis-py
   raw-ring-any  the same ring, COUNT c ANY WITHDIST
   raw-sorted    raw GEOSEARCH over the whole radius, ASC COUNT limit WITHDIST
   ping          PING: the round trip alone, the floor on this machine at this moment
 
-round robin, so a load spike hits them alike. It prints p50/p95/p99/max in ms per variant,
+in a new random order every round, so a load spike hits them alike. It prints p50/p95/p99/max in ms per variant,
 the ratios of new / new-pos / new-cold to raw-ring (the target: within 3×), to prev and to
 today, how many rings `new` searched and how many stale members it removed, whether every
 search variant gave today's drivers in today's order for every search, and the machine's
@@ -352,9 +353,19 @@ def main(argv=None) -> int:
         R = args.radius_km * 1000.0
         ring = {}  # the last ring `new` searched, per round (for raw-ring): set by `new` itself
 
+        purged = [0]  # stale members removed by any of the new variants
+
         def new(lat, lon, now, cutoff, positions=False):
             found, trace = geo.search_near_redis(lat=lat, lon=lon, now=now, positions=positions, **kw)
-            ring.setdefault("trace", trace)
+            if not positions:
+                ring["trace"] = trace
+            purged[0] += trace.purged
+            return found
+
+        def new_cold(lat, lon, now, cutoff):
+            found, trace = geo.candidate_search(client, geo_key=geo.GEO_KEY, fix_key=geo.FIX_KEY, lat=lat, lon=lon,
+                                                cutoff=cutoff, positions=False, **kw)
+            purged[0] += trace.purged
             return found
 
         def raw(lat, lon, radius_m, count, **more):
@@ -368,9 +379,7 @@ def main(argv=None) -> int:
         funcs = {
             "new": new,
             "new-pos": lambda lat, lon, now, cutoff: new(lat, lon, now, cutoff, positions=True),
-            "new-cold": lambda lat, lon, now, cutoff: geo.candidate_search(
-                client, geo_key=geo.GEO_KEY, fix_key=geo.FIX_KEY, lat=lat, lon=lon, cutoff=cutoff, positions=False,
-                **kw)[0],
+            "new-cold": new_cold,
             "prev": lambda lat, lon, now, cutoff: prev_search(prev_script, *keys, lat=lat, lon=lon, cutoff=cutoff,
                                                               NearbyDriver=geo.NearbyDriver, **kw),
             "today": lambda lat, lon, now, cutoff: today_search(client, *keys, lat=lat, lon=lon, cutoff=cutoff,
@@ -380,15 +389,18 @@ def main(argv=None) -> int:
             "raw-sorted": lambda lat, lon, now, cutoff: raw(lat, lon, R, args.limit, sort="ASC"),
             "ping": lambda lat, lon, now, cutoff: client.ping(),
         }
-        # `new` runs first in every round, so the raw-ring baselines search the ring it searched
-        # for that very point; the others take turns (round robin), so a load spike hits them alike.
-        others = [v for v in variants if v != "new"]
+        # A new random order every round: the first call of a round follows the harness's own
+        # work and pays for it more often, and a call after a heavy one (today) finds the
+        # caches cold; a load spike hits all alike. The raw-ring baselines search the ring
+        # `new` searched for this point, or, when they run before it, for the previous point
+        # (< 100 m away; the ring differs by a few metres).
+        shuffler = random.Random(args.seed + 1)
         checked = [v for v in CHECKED if v in variants]
         timings = {v: [] for v in variants}
         mismatches = {v: 0 for v in checked}
         short = {v: 0 for v in checked}
         rings_hist, radii, counts = {}, [], []
-        purged_warmup = purged_timed = 0
+        purged_warmup = 0
         last_trace = [geo.SearchTrace(1, R * geo.FIRST_RING_SHARE, geo._first_count(args.limit))]
         compared = 0
         # As timeit does: no garbage collection inside a timed call (a full collection of this
@@ -407,8 +419,7 @@ def main(argv=None) -> int:
             cutoff = (now - timedelta(seconds=stale_after)).timestamp()
             ring.clear()
             results = {}
-            k = i % len(others) if others else 0
-            order = (["new"] if "new" in variants else []) + others[k:] + others[:k]
+            order = shuffler.sample(variants, len(variants))
             for v in order:
                 t = time.perf_counter_ns()
                 results[v] = funcs[v](lat, lon, now, cutoff)
@@ -419,12 +430,11 @@ def main(argv=None) -> int:
             if trace is not None:
                 last_trace[0] = trace
                 if i >= args.warmup:
-                    purged_timed += trace.purged
                     rings_hist[trace.rings] = rings_hist.get(trace.rings, 0) + 1
                     radii.append(trace.last_radius_m)
                     counts.append(trace.last_count)
-                else:
-                    purged_warmup += trace.purged
+            if i + 1 == args.warmup:
+                purged_warmup = purged[0]
             compared += "today" in results
             fresh_inside = len(inside_fixes) - bisect_left(inside_fixes, cutoff)
             for v in checked:
@@ -440,7 +450,7 @@ def main(argv=None) -> int:
         gc.enable()
         print(f"machine after:  {machine_state(client)}")
         print(f"in the index at the end: {client.zcard(geo.GEO_KEY):,} (stale members removed by the searches: "
-              f"{purged_warmup:,} during the warm-up, {purged_timed:,} during the timed rounds)")
+              f"{purged_warmup:,} during the warm-up, {purged[0] - purged_warmup:,} during the timed rounds)")
 
         print(f"\n{'variant':<14} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8}")
         summary = {}
