@@ -10,6 +10,9 @@ from tests.factories import (
     OpsUserFactory,
     SupportUserFactory,
 )
+from tests.fast_flush import install as install_fast_flush
+
+install_fast_flush()  # the flush after each transactional test: DELETE, not TRUNCATE (tests/fast_flush.py)
 
 
 @pytest.fixture(autouse=True)
