@@ -8,15 +8,47 @@ free connection (up to a timeout) instead, and connections are reused. After the
 pool keeps at most CHANNELS_REDIS_MAX_IDLE idle connections (those idle longer than
 CHANNELS_REDIS_IDLE_SECONDS beyond the cap are closed), so Redis's count returns to its
 baseline seconds after the storm instead of staying at its peak (~184 idle connections were
-still held 20 minutes later)."""
+still held 20 minutes later).
+
+The pool's connections also deliver a task's cancellation that redis-py drops: with a
+socket_timeout set (the hosts' CHANNELS_REDIS_SOCKET_TIMEOUT) it writes each command under
+asyncio.wait_for, and on Python 3.11 wait_for returns normally when the task is cancelled
+just as the write completes (CPython gh-86296, fixed in 3.12). A consumer's receive task,
+cancelled when its socket closed, then went on with BZPOPMIN every 5 s and its socket's
+application never ended (the socket storm tests waited out their 30 s disconnect timeout).
+"""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
+
+
+class DeliversCancellation:
+    """On a redis-py connection class: a command write never swallows its task's
+    cancellation (see above)."""
+
+    async def send_packed_command(self, command, check_health: bool = True) -> None:
+        task = asyncio.current_task()
+        requested = task.cancelling() if task is not None else 0
+        await super().send_packed_command(command, check_health)
+        if task is not None and task.cancelling() > requested:
+            # Cancelled while the command went out, and wait_for returned anyway. The reply
+            # will not be read: close the connection, as redis-py does for a cancelled write.
+            await self.disconnect(nowait=True)
+            raise asyncio.CancelledError
+
+
+@functools.cache
+def delivering_cancellation(connection_class: type) -> type:
+    """`connection_class` (plain, TLS or Unix socket, as the URL's scheme says) with
+    DeliversCancellation."""
+    return type(connection_class.__name__, (DeliversCancellation, connection_class), {})
 
 
 class IdleCappedBlockingPool(aioredis.BlockingConnectionPool):
@@ -59,11 +91,14 @@ class PooledRedisChannelLayer(RedisChannelLayer):
     def create_pool(self, index):
         host = dict(self.hosts[index])
         address = host.pop("address")
-        return IdleCappedBlockingPool.from_url(
-            address,
+        # What from_url does, with the URL's connection class wrapped.
+        options = {**host, **parse_url(address)}
+        connection_class = delivering_cancellation(options.pop("connection_class", aioredis.Connection))
+        return IdleCappedBlockingPool(
+            connection_class=connection_class,
             max_connections=settings.CHANNELS_REDIS_MAX_CONNECTIONS,
             timeout=settings.CHANNELS_REDIS_POOL_TIMEOUT,
             max_idle=settings.CHANNELS_REDIS_MAX_IDLE,
             idle_seconds=settings.CHANNELS_REDIS_IDLE_SECONDS,
-            **host,
+            **options,
         )
