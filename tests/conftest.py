@@ -10,9 +10,18 @@ from tests.factories import (
     OpsUserFactory,
     SupportUserFactory,
 )
-from tests.fast_flush import install as install_fast_flush
+from tests import fast_flush
 
-install_fast_flush()  # the flush after each transactional test: DELETE, not TRUNCATE (tests/fast_flush.py)
+fast_flush.install()  # the flush after each transactional test: DELETE, not TRUNCATE (tests/fast_flush.py)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def post_migrate_rows(django_db_setup, django_db_blocker):
+    """The content types and permissions of the new test database, for tests/fast_flush.py."""
+    from django.db import connection
+
+    with django_db_blocker.unblock():
+        fast_flush.remember_post_migrate_rows(connection)
 
 
 @pytest.fixture(autouse=True)
