@@ -60,17 +60,35 @@ async def _send_all(entries: Sequence[Entry]) -> None:
         for group in groups:
             by_group.setdefault(group, []).append(message)
 
-    async def to_group(group: str, messages: list[dict]) -> None:
-        layer = get_channel_layer(layer_alias(group))
-        if layer is None:
-            return
+    async def to_group(layer, group: str, messages: list[dict]) -> None:
         for message in messages:
             try:
                 await layer.group_send(group, message)
             except Exception:  # Redis down or full: live events are best-effort
                 logger.warning("broadcast to %s failed for %s", group, message["type"], exc_info=True)
 
-    await asyncio.gather(*(to_group(g, ms) for g, ms in by_group.items()))
+    async def to_layer(layer, batches: dict[str, list[dict]]) -> None:
+        try:
+            failed = await layer.group_send_many(batches)
+        except Exception as exc:  # e.g. Redis down before any group was tried
+            failed = dict.fromkeys(batches, exc)
+        for group, exc in failed.items():
+            logger.warning("broadcast to %s failed for %s", group, [m["type"] for m in batches[group]],
+                           exc_info=(type(exc), exc, exc.__traceback__))
+
+    by_layer: dict[str, dict[str, list[dict]]] = {}
+    for group, messages in by_group.items():
+        by_layer.setdefault(layer_alias(group), {})[group] = messages
+    sends = []
+    for alias, batches in by_layer.items():
+        layer = get_channel_layer(alias)
+        if layer is None:
+            continue
+        if hasattr(layer, "group_send_many"):  # one round trip for every group's members
+            sends.append(to_layer(layer, batches))
+        else:
+            sends += [to_group(layer, g, ms) for g, ms in batches.items()]
+    await asyncio.gather(*sends)
 
 
 def send_many(entries: Sequence[Entry]) -> None:

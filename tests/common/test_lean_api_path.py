@@ -1,10 +1,14 @@
 """Token-authenticated API requests take the lean middleware stack under ASGI (config/asgi.py):
 the same answer as the full stack, without its per-middleware thread hops."""
+import asyncio
+import threading
+
 import httpx
 import pytest
 from asgiref.sync import SyncToAsync, async_to_sync
+from django.core import signals
 
-from config.asgi import ApiSplit, application, django_asgi_app
+from config.asgi import ApiSplit, LeanApiHandler, application, django_asgi_app
 from tests.factories import DriverFactory
 from tests.api import token_for
 
@@ -77,3 +81,81 @@ def test_only_token_requests_to_the_api_take_the_lean_stack():
     ]:
         async_to_sync(split)({"type": "http", "path": path, "headers": headers}, None, None)
     assert seen == ["lean", "lean", "full", "full", "full"]
+
+
+
+@pytest.fixture
+def request_threads():
+    """The thread each request's sync code ran on (request_started is its first call there)."""
+    seen = []
+
+    def record(**kwargs):
+        seen.append(threading.get_ident())
+
+    signals.request_started.connect(record, weak=False, dispatch_uid="test-request-threads")
+    yield seen
+    signals.request_started.disconnect(dispatch_uid="test-request-threads")
+
+
+def get_together(app, requests):
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            return await asyncio.gather(*(client.get(path, headers=headers) for path, headers in requests))
+
+    return async_to_sync(go)()
+
+
+def test_token_requests_one_after_another_reuse_one_request_thread_and_leave_no_connection_open(request_threads):
+    driver = DriverFactory()
+    path, auth = f"/v2/drivers/{driver.pk}", {"Authorization": f"Token {token_for(driver.user)}"}
+    handler = LeanApiHandler()
+    for _ in range(3):
+        response = get(handler, path, auth)
+        assert response.status_code == 200 and response.json()["id"] == str(driver.pk)
+    assert len(request_threads) == 3 and len(set(request_threads)) == 1  # one thread, not one per request
+    assert len(handler._idle) == 1
+
+    def connection_closed():
+        from django.db import connection
+
+        return connection.connection is None
+
+    # What Django does after each request on its thread (request_finished) still happens.
+    assert handler._idle[0].submit(connection_closed).result()
+
+
+def test_token_requests_in_flight_together_each_run_on_a_thread_of_their_own(request_threads):
+    a, b = DriverFactory(), DriverFactory()
+    both_started = threading.Barrier(2, timeout=30)
+
+    def wait_for_the_other(**kwargs):
+        both_started.wait()  # two requests on one thread would never both get here
+
+    signals.request_started.connect(wait_for_the_other, weak=False, dispatch_uid="test-both-started")
+    try:
+        handler = LeanApiHandler()
+        responses = get_together(handler, [
+            (f"/v2/drivers/{d.pk}", {"Authorization": f"Token {token_for(d.user)}"}) for d in (a, b)
+        ])
+    finally:
+        signals.request_started.disconnect(dispatch_uid="test-both-started")
+    assert [r.status_code for r in responses] == [200, 200]
+    assert [r.json()["id"] for r in responses] == [str(a.pk), str(b.pk)]
+    assert len(set(request_threads)) == 2
+    assert len(handler._idle) == 2  # both handed back for the next requests
+
+
+def test_at_most_idle_executors_are_kept(monkeypatch):
+    driver = DriverFactory()
+    monkeypatch.setattr(LeanApiHandler, "IDLE_EXECUTORS", 1)
+    handler = LeanApiHandler()
+    auth = {"Authorization": f"Token {token_for(driver.user)}"}
+    all_started = threading.Barrier(3, timeout=30)
+    signals.request_started.connect(lambda **kw: all_started.wait(), weak=False, dispatch_uid="test-all-started")
+    try:
+        responses = get_together(handler, [(f"/v2/drivers/{driver.pk}", auth)] * 3)  # three executors at once
+    finally:
+        signals.request_started.disconnect(dispatch_uid="test-all-started")
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert len(handler._idle) == 1  # the other two were shut down

@@ -1,0 +1,75 @@
+"""A request's live events go to the default channel layer through `group_send_many`
+(common/channels.py): one pipelined read of every group's members, then each group with
+members gets its messages in order, exactly as one `group_send` per message would; a group
+that fails is logged and does not stop the others."""
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+
+from common import broadcast
+from common.channels import PooledRedisChannelLayer
+
+
+def test_the_default_layer_sends_batches():
+    assert isinstance(get_channel_layer(), PooledRedisChannelLayer)
+
+
+def test_a_batch_reaches_each_member_in_order_and_skips_empty_groups_without_group_send(listen, monkeypatch):
+    ops, drv, both = listen("ops"), listen("driver.b1"), listen("ops", "driver.b1")
+
+    async def no_group_send(self, group, message):
+        raise AssertionError(f"group_send({group}) used for a batch")
+
+    monkeypatch.setattr(PooledRedisChannelLayer, "group_send", no_group_send)
+    broadcast.send_many([
+        (["ops", "driver.b1", "driver.nobody"], {"type": "offer_created", "n": 0}),
+        (["ops"], {"type": "offer_created", "n": 1}),
+        (["driver.b1", "driver.nobody"], {"type": "offer_created", "n": 2}),
+        (["ops"], {"type": "offer_created", "n": 3}),
+    ])
+    assert [e["n"] for e in ops.drain()] == [0, 1, 3]
+    assert [e["n"] for e in drv.drain()] == [0, 2]
+    assert sorted(e["n"] for e in both.drain()) == [0, 0, 1, 2, 3]
+
+
+def test_a_batch_leaves_out_members_whose_membership_expired(listen):
+    layer = get_channel_layer()
+    stale = listen("driver.stale")
+    fresh = listen("driver.stale")
+
+    async def expire(channel):  # as if it joined longer ago than group_expiry
+        connection = layer.connection(layer.consistent_hash("driver.stale"))
+        await connection.zadd(layer._group_key("driver.stale"), {channel: 1})
+
+    async_to_sync(expire)(stale.channel)
+    broadcast.send_many([(["driver.stale"], {"type": "offer_created", "n": 7})])
+    assert [e["n"] for e in fresh.drain()] == [7]
+    assert stale.drain() == []
+
+
+def test_a_failing_group_is_logged_and_the_others_still_get_theirs(listen, monkeypatch, caplog):
+    ops = listen("ops")
+    listen("driver.broken")
+    original = PooledRedisChannelLayer._send_to_members
+
+    async def failing(self, group, channel_names, message):
+        if group == "driver.broken":
+            raise ConnectionError("boom")
+        return await original(self, group, channel_names, message)
+
+    monkeypatch.setattr(PooledRedisChannelLayer, "_send_to_members", failing)
+    with caplog.at_level(logging.WARNING, logger="common.broadcast"):
+        broadcast.send_many([(["driver.broken", "ops"], {"type": "offer_created", "n": 1})])
+    assert [e["n"] for e in ops.drain()] == [1]
+    assert any("driver.broken" in r.getMessage() for r in caplog.records)
+
+
+def test_redis_down_for_a_batch_is_logged_never_raised(monkeypatch, caplog):
+    async def down(self, batches):
+        raise ConnectionError("redis down")
+
+    monkeypatch.setattr(PooledRedisChannelLayer, "group_send_many", down)
+    with caplog.at_level(logging.WARNING, logger="common.broadcast"):
+        broadcast.send_many([(["ops"], {"type": "offer_created", "n": 1})])
+    assert any("ops" in r.getMessage() for r in caplog.records)
