@@ -10,6 +10,7 @@ from rest_framework import serializers
 
 from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
+from common.representation import PlainRepresentation
 from common.fields import (
     MoneyField,
     NullablePointField,
@@ -186,7 +187,9 @@ class DeliveryCreateSerializer(serializers.Serializer):
         return attrs
 
 
-class DeliverySerializer(serializers.ModelSerializer):
+class DeliverySerializer(PlainRepresentation, serializers.ModelSerializer):
+    """Rendered by `PlainRepresentation` (fields built once per class, not per delivery)."""
+
     sellerOrderId = serializers.CharField(source="seller_order_id")
     sellerId = serializers.CharField(source="seller_id")
     storeName = serializers.CharField(source="store_name")
