@@ -23,6 +23,7 @@ from channels.layers import get_channel_layer
 from django.db import transaction
 
 from common.hooks import event_emitted
+from common.redis import RedisUnavailable, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,57 @@ def enqueue_task_on_commit(name: str, *args, **options) -> None:
             logger.warning("enqueue of %s failed", name, exc_info=True)
 
     transaction.on_commit(_send, robust=True)
+
+
+# How long a queued kick keeps later commits from queueing another, at most (if its message is
+# lost, the next commit after this queues a new one; the task's own sweep covers the gap).
+KICK_TTL_MS = 5000
+
+
+def kick_key(name: str) -> str:
+    return f"kick:{name}"
+
+
+def enqueue_kick_on_commit(name: str) -> None:
+    """After commit, enqueue the argument-less Celery task `name`, which does whatever is due
+    (e.g. deliver the pending webhook messages), unless one is already queued and has not
+    started: every request that writes outbox rows kicks the webhook worker, and one queued
+    kick serves them all (a Celery publish costs ~0.4 ms of the request's CPU, a Redis SET NX
+    a tenth of that). The task calls `kick_started(name)` before it reads what is due, so a
+    commit after that queues a new kick and nothing committed is left waiting for a kick.
+    Redis down: enqueued as before; a failed enqueue frees the slot for the next commit."""
+    sink = getattr(_local, "task_sink", None)
+    if sink is not None:
+        transaction.on_commit(lambda: sink(name, (), {}))
+        return
+
+    def _send():
+        key = kick_key(name)
+        try:
+            queued = not get_redis().set(key, "1", nx=True, px=KICK_TTL_MS)
+        except RedisUnavailable:
+            queued = False
+        if queued:
+            return
+        try:
+            _registered_task(name).apply_async()
+        except Exception:
+            logger.warning("enqueue of %s failed", name, exc_info=True)
+            try:
+                get_redis().delete(key)
+            except RedisUnavailable:
+                pass
+
+    transaction.on_commit(_send, robust=True)
+
+
+def kick_started(name: str) -> None:
+    """A kicked task (`enqueue_kick_on_commit`) starting, before it reads what is due: the
+    next commit queues a new kick."""
+    try:
+        get_redis().delete(kick_key(name))
+    except RedisUnavailable:
+        pass
 
 
 def _registered_task(name: str):

@@ -38,7 +38,7 @@ from django.db import DatabaseError, transaction
 from django.db.models import Model
 from django.utils import timezone
 
-from common.broadcast import enqueue_task_on_commit
+from common.broadcast import enqueue_kick_on_commit
 from common.txbuffer import current, insert_rows, transaction_buffer
 from common.errors import iso
 from dispatch.models import Assignment, DeliveryStatus
@@ -160,7 +160,7 @@ def outbox_written(*events: dict):
     """The rows of `events` were written by the statement of the change (`outbox_row_sql`):
     a worker delivers them after commit, and when the workflow emits them inside the block
     they are not written again. Any other event is written as usual."""
-    enqueue_task_on_commit(DELIVER_TASK)
+    enqueue_kick_on_commit(DELIVER_TASK)
     previous = getattr(_local, "written", None)
     _local.written = [_key(e) for e in events]
     try:
@@ -241,7 +241,7 @@ def outbox_write(items: list) -> list[OutboxEvent]:
         ))
     if rows:
         insert_rows(rows)  # `seq` drawn row by row, in list order (with the audit rows, in a workflow)
-        enqueue_task_on_commit(DELIVER_TASK)
+        enqueue_kick_on_commit(DELIVER_TASK)
     return rows
 
 

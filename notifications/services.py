@@ -28,7 +28,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from common.broadcast import enqueue_task_on_commit
+from common.broadcast import enqueue_kick_on_commit
 from common.errors import iso
 from common.exceptions import Conflict, InvalidInput, NotFound
 from notifications import alerts
@@ -105,7 +105,7 @@ def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | 
             endpoint.failing_since = None
             endpoint.disabled_at = None
             endpoint.disabled_reason = ""
-            enqueue_task_on_commit(DELIVER_TASK)
+            enqueue_kick_on_commit(DELIVER_TASK)
         else:
             endpoint.disabled_at = now
             endpoint.disabled_reason = "switched off"
@@ -151,7 +151,7 @@ def endpoint_send_test(*, endpoint_id, now: datetime | None = None) -> OutboxEve
         data={"endpointId": str(endpoint.pk), "message": "A test event from the dispatch platform."},
     )
     event.save(force_insert=True)
-    enqueue_task_on_commit(DELIVER_TASK)
+    enqueue_kick_on_commit(DELIVER_TASK)
     return event
 
 
@@ -383,7 +383,7 @@ def messages_replay(*, message_ids, now: datetime | None = None) -> int:
         status=MessageStatus.PENDING, next_attempt_at=now, window_started_at=now, leased_until=None,
     )
     if count:
-        enqueue_task_on_commit(DELIVER_TASK)
+        enqueue_kick_on_commit(DELIVER_TASK)
     return count
 
 

@@ -2,16 +2,21 @@ from smtplib import SMTPException
 
 from celery import shared_task
 
+from common.broadcast import kick_started
 from offers.push import get_push_backend
 
 from notifications import alerts, customers, services
+from notifications.outbox import DELIVER_TASK
 from notifications.push import PushTransientError
 
 
 @shared_task(name="notifications.deliver_webhooks", ignore_result=True)
 def deliver_webhooks() -> int:
     """After each commit that wrote outbox rows, and every 15 s as the sweep: fan out and send
-    what is due (idempotent; several may run at once)."""
+    what is due (idempotent; several may run at once). A commit kicks it only when no kick is
+    queued yet (`common.broadcast.enqueue_kick_on_commit`): taking the kick first means any
+    commit from now on queues the next one."""
+    kick_started(DELIVER_TASK)
     return services.webhooks_deliver_due()
 
 
