@@ -42,6 +42,14 @@ def delivery_get_for_user(*, user, delivery_id) -> Delivery:
     return delivery
 
 
+def delivery_check_visible(*, user, delivery_id) -> None:
+    """NotFound unless `user` may see the delivery (the rule of `delivery_get_for_user`), for
+    an endpoint that needs only that: one `SELECT 1 … LIMIT 1`, no row built, no latest
+    assignment fetched."""
+    if not deliveries_visible_to(user).filter(pk=delivery_id).exists():
+        raise NotFound("Delivery not found.")
+
+
 def deliveries_list(*, user, status: str | None = None, seller_order_id: str | None = None) -> QuerySet[Delivery]:
     qs = deliveries_visible_to(user)
     if status:

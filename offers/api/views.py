@@ -11,7 +11,7 @@ from common.permissions import IsDriver, IsOps, IsOpsIntegrationOrDriver, IsOpsO
 from common.roles import driver_of, is_ops
 from common.schema import PAGE_PARAMETERS, errors
 from dispatch.api.serializers import ReasonSerializer
-from dispatch.selectors import delivery_get_for_user
+from dispatch.selectors import delivery_check_visible
 from offers import selectors
 from offers.api import serializers as s
 from workflows import offers as offer_workflows
@@ -33,9 +33,9 @@ class DeliveryOffersView(APIView):
     @extend_schema(operation_id="deliveries_offers_list", parameters=PAGE,
                    responses={200: paginated_schema("DeliveryOfferPage", "offers", s.OfferSerializer), **errors(400, 404)}, tags=TAGS)
     def get(self, request, delivery_id):
-        delivery = delivery_get_for_user(user=request.user, delivery_id=delivery_id)
+        delivery_check_visible(user=request.user, delivery_id=delivery_id)
         driver = None if is_ops(request.user) else driver_of(request.user)
-        qs = selectors.offers_for_delivery(delivery_id=delivery.pk, driver_id=driver.pk if driver else None)
+        qs = selectors.offers_for_delivery(delivery_id=delivery_id, driver_id=driver.pk if driver else None)
         return paginate(request, qs, s.OfferSerializer, key="offers")
 
     @extend_schema(operation_id="deliveries_offers_create", request=s.OfferCreateSerializer,

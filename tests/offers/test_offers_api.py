@@ -232,3 +232,15 @@ def test_delivery_offers_list_for_ops_owner_and_the_offered_driver(ops, integrat
     mine = client_for(b.user).get(f"/v2/deliveries/{delivery.pk}/offers").json()["offers"]
     assert [o["driverId"] for o in mine] == [str(b.pk)]  # the driver sees only its own
     assert_error(client_for(DriverFactory().user).get(f"/v2/deliveries/{delivery.pk}/offers"), 404)
+
+
+def test_delivery_offers_list_reads_no_delivery_row(ops, integration, delivery, django_assert_max_num_queries):
+    """The list checks who may see the delivery with one `SELECT 1` and reads the page: the
+    token lookup, that check, the page (no delivery row, no latest assignment)."""
+    driver = online_driver()
+    create_offer(ops, delivery, driver)
+    for client in (ops, integration):
+        with django_assert_max_num_queries(3):
+            r = client.get(f"/v2/deliveries/{delivery.pk}/offers")
+        assert [o["driverId"] for o in r.json()["offers"]] == [str(driver.pk)]
+    assert_error(ops.get("/v2/deliveries/00000000-0000-0000-0000-000000000000/offers"), 404)
