@@ -148,15 +148,33 @@ async def position_seed_async(client: aioredis.Redis, stored: Fix) -> None:
 def fix_record_persisted(fix: Fix) -> None:
     """A fix PostgreSQL already has (the direct write path): bring the live state up to it.
     Never raises."""
-    keys, args = _script_call(fix, token_digest_="", throttle_key=fleet_key("throttle:none"), limit=0, period=1, append=False)
+    fixes_record_persisted([fix])
+
+
+def fixes_record_persisted(fixes: list[Fix]) -> None:
+    """`fix_record_persisted` for several fixes in one round trip (a pipeline of the script,
+    each fix still atomic on its own). Never raises."""
+    if not fixes:
+        return
+    calls = [
+        _script_call(fix, token_digest_="", throttle_key=fleet_key("throttle:none"), limit=0, period=1, append=False)
+        for fix in fixes
+    ]
     try:
         client = get_redis()
-        try:
-            client.evalsha(_FIX_SHA, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            client.eval(_FIX_SCRIPT, len(keys), *keys, *args)
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(_FIX_SHA, len(keys), *keys, *args)
+            try:
+                pipe.execute()
+                break
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                client.script_load(_FIX_SCRIPT)  # a restarted Redis forgot it: load it once, send again
     except (redis.RedisError, *RedisUnavailable):
-        logger.warning("live position of driver %s not updated (Redis unavailable)", fix.driver_id)
+        logger.warning("live positions of %d driver(s) not updated (Redis unavailable)", len(fixes))
 
 
 # ------------------------------------------------------------------------------ auth cache

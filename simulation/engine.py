@@ -414,7 +414,6 @@ class Simulation:
             lat, lon = d.position(t)
             d.last_fix_s = t
             fixes.append(live.Fix(driver_id=pk, lat=lat, lon=lon, recorded_at=epoch, accuracy_m=10.0))
-        for fix in fixes:
-            live.fix_record_persisted(fix)
+        live.fixes_record_persisted(fixes)
         with transaction.atomic():
             positions_persist(fixes, now=now)

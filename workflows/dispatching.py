@@ -27,7 +27,7 @@ from itertools import islice
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import CharField, Count, Exists, F, OuterRef, Subquery, Value
+from django.db.models import CharField, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -117,17 +117,14 @@ class _Screening:
     no_longer_available: int = 0
 
 
-_ANSWERED = [OfferStatus.ACCEPTED, OfferStatus.REJECTED, OfferStatus.EXPIRED]
-
-
-def _count_offers(**filters):
-    return Coalesce(
-        Subquery(
-            DriverOffer.objects.filter(driver=OuterRef("pk"), **filters)
-            .order_by().values("driver").annotate(n=Count("pk")).values("n")
-        ),
-        0,
-    )
+def answer_counts():
+    """A driver's answered (accepted, rejected or expired) and accepted offer counts, as two
+    expressions on `Driver`: its running performance counters (`analytics.DriverPerformance`,
+    bumped in the transaction of every answer and expiry), never a count over its offer
+    history, which grows with every offer it ever had (a hundred candidates a dispatch)."""
+    accepted = F("performance__offers_accepted")
+    answered = accepted + F("performance__offers_rejected") + F("performance__offers_expired")
+    return Coalesce(answered, 0), Coalesce(accepted, 0)
 
 
 def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
@@ -146,8 +143,7 @@ def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
         Exists(offers.filter(delivery_id=delivery.pk)),
         Exists(offers.filter(status=OfferStatus.PENDING)),
         preference,
-        _count_offers(status__in=_ANSWERED),
-        _count_offers(status=OfferStatus.ACCEPTED),
+        *answer_counts(),
     )
     return {str(row[0]): row[1:] for row in rows}
 

@@ -55,11 +55,10 @@ from offers.models import DriverOffer, OfferStatus
 from offers.services import offer_insert_locked
 from tracking import eta
 from workflows.dispatching import (
-    _ANSWERED,
     CANDIDATE_POOL,
     TOP_CANDIDATES_AUDITED,
     Candidate,
-    _count_offers,
+    answer_counts,
     _failure_reason,
     _Screening,
     search_radius_for,
@@ -84,6 +83,15 @@ def pair_cost(candidate: Candidate) -> float:
     if candidate.preference != "PREFERRED":
         cost += settings.DISPATCH_MATCHING_NOT_PREFERRED_PENALTY_SECONDS
     return cost
+
+
+def wait_credit(delivery: Delivery, now: datetime) -> float:
+    """What a delivery's wait is worth in a round, in seconds of cost: WAIT_CREDIT × the seconds
+    since it was ready. The same for each of its pairs, so it never changes which driver a
+    matched delivery gets; when deliveries outnumber the drivers they could have, it makes the
+    older ones win unless a newer one is nearer by more than the wait it has over them."""
+    waited = max(0.0, (now - delivery.ready_at).total_seconds())
+    return settings.DISPATCH_MATCHING_WAIT_CREDIT * waited
 
 
 def assign_min_cost(costs: list[list[float]]) -> list[tuple[int, int]]:
@@ -148,7 +156,7 @@ class RoundResult:
     deliveries: int = 0
     drivers: int = 0
     offered: list[DriverOffer] = field(default_factory=list)
-    greedy: int = 0  # offers made to deliveries at their target wait
+    past_target: int = 0  # offers made to deliveries at their target wait
     unassigned: int = 0
     waiting: int = 0  # lost the matching: the next round has them
     total_cost_seconds: float = 0.0
@@ -220,7 +228,7 @@ def _driver_facts(ids: list[str], zone_id) -> dict[str, _Facts]:
     )
     rows = Driver.objects.filter(pk__in=ids).order_by().values_list(
         "pk", "availability", Exists(DriverOffer.objects.filter(driver=OuterRef("pk"), status=OfferStatus.PENDING)),
-        preference, _count_offers(status__in=_ANSWERED), _count_offers(status=OfferStatus.ACCEPTED),
+        preference, *answer_counts(),
     )
     return {
         str(pk): _Facts(available=availability == DriverAvailability.AVAILABLE, pending=pending, preference=pref,
@@ -285,7 +293,7 @@ def _audit_search(item: _Item, *, actor: Actor, now: datetime, round_size: tuple
             for c in by_cost[:TOP_CANDIDATES_AUDITED]
         ],
         "policy": POLICY,
-        "matching": {"deliveries": round_size[0], "drivers": round_size[1], "greedy": item.urgent,
+        "matching": {"deliveries": round_size[0], "drivers": round_size[1], "pastTarget": item.urgent,
                      "costSeconds": None if cost is None else round(cost, 1)},
     }
     audit_record(delivery=delivery, event_type=E.DRIVER_CANDIDATES_FOUND, actor=actor, now=now, details=details)
@@ -329,7 +337,6 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
     result.deliveries, result.drivers = len(items), len(drivers)
     size = (len(items), len(drivers))
 
-    taken: set[str] = set()
     done: set = set()  # delivery ids offered or recorded unassigned: out of the queue
 
     def offer(item: _Item, candidate: Candidate) -> bool:
@@ -340,7 +347,6 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         except Conflict:  # the database refused it: the delivery waits for the next round
             logger.warning("matching: offer of %s to %s refused", item.delivery.pk, candidate.driver_id)
             return False
-        taken.add(candidate.driver_id)
         done.add(item.delivery.pk)
         result.offered.append(made)
         result.total_cost_seconds += pair_cost(candidate)
@@ -360,31 +366,32 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         if not item.candidates and not item.held_elsewhere:
             unassigned(item)
 
-    # 1. At the target wait: offered at once, oldest first, to the best-ranked free candidate,
-    # as sequential dispatch would; with every candidate taken by an older one, unassigned
-    # (all drivers busy) as sequential dispatch would record it, and out of the queue.
-    for item in (i for i in items if i.urgent and i.candidates):
-        best = next((c for c in item.candidates if c.driver_id not in taken), None)
-        if best is None:
-            item.screening.pending_elsewhere += len(item.candidates)
-            unassigned(item)
-        elif offer(item, best):
-            result.greedy += 1
-
-    # 2. The others: minimum total cost over the drivers left.
-    rest = [i for i in items if not i.urgent and i.candidates]
-    columns = sorted({c.driver_id for i in rest for c in i.candidates if c.driver_id not in taken})
+    # 1. Minimum total cost over every delivery with candidates, those at their target wait
+    # included (they made the round due at once: no window carried them past it). Each
+    # delivery's row is credited for how long it has waited, so an old one wins a driver from
+    # a newer one unless that costs more pickup than the wait it saves (`wait_credit`).
+    matched = [i for i in items if i.candidates]
+    columns = sorted({c.driver_id for i in matched for c in i.candidates})
     column_of = {driver_id: n for n, driver_id in enumerate(columns)}
     costs = []
-    for item in rest:
+    for item in matched:
+        credit = wait_credit(item.delivery, now)
         row = [INFEASIBLE] * len(columns)
         for c in item.candidates:
-            if c.driver_id in column_of:
-                row[column_of[c.driver_id]] = pair_cost(c)
+            row[column_of[c.driver_id]] = pair_cost(c) - credit
         costs.append(row)
     for r, c in assign_min_cost(costs):
-        item = rest[r]
-        offer(item, next(x for x in item.candidates if x.driver_id == columns[c]))
+        item = matched[r]
+        if offer(item, next(x for x in item.candidates if x.driver_id == columns[c])):
+            result.past_target += item.urgent
+
+    # 2. At its target wait and every candidate matched to others: unassigned (all drivers
+    # busy), as sequential dispatch records it, and out of the queue (the retry job brings it
+    # back at once); waiting one more window would carry it further past its target.
+    for item in matched:
+        if item.urgent and item.delivery.pk not in done:
+            item.screening.pending_elsewhere += len(item.candidates)
+            unassigned(item)
 
     # 3. Out of the queue: offered or unassigned. The rest (their candidates went to others in
     # this round) re-enter the next window; in a zone no longer matching in batches (window 0)
@@ -407,8 +414,8 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         # not at the sweep (up to 15 s on, perhaps past their target wait).
         round_schedule(zone_id, at=now)
     logger.info(
-        "matching round zone=%s deliveries=%d drivers=%d offered=%d greedy=%d unassigned=%d waiting=%d cost=%.0fs",
-        zone_id, result.deliveries, result.drivers, len(result.offered), result.greedy, result.unassigned,
+        "matching round zone=%s deliveries=%d drivers=%d offered=%d past_target=%d unassigned=%d waiting=%d cost=%.0fs",
+        zone_id, result.deliveries, result.drivers, len(result.offered), result.past_target, result.unassigned,
         result.waiting, result.total_cost_seconds,
     )
     return result

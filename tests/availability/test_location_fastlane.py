@@ -304,3 +304,22 @@ def test_readers_of_the_position_see_the_fast_lane_before_postgres_does():
     post(url(idle), {"lat": 12.97, "lon": 77.59, "recordedAt": recorded(1)}, token=token(idle))
     assert stale_drivers_mark_offline() == 0  # PostgreSQL says an hour old; Redis says now
     assert Driver.objects.get(pk=idle.pk).availability == "available"
+
+
+def test_fixes_already_in_postgres_reach_the_live_state_in_one_pipeline_even_after_redis_forgot_the_script():
+    """`fixes_record_persisted` (the simulator's fixes, one round trip a batch): every fix lands,
+    an older one never wins, and a Redis that lost its scripts (restart, SCRIPT FLUSH) is
+    served by loading the script once and sending again."""
+    first, second = online_driver(), online_driver()
+    now = timezone.now().timestamp()
+    get_redis().script_flush()
+    live.fixes_record_persisted([
+        live.Fix(driver_id=str(first.pk), lat=12.91, lon=77.51, recorded_at=now),
+        live.Fix(driver_id=str(second.pk), lat=12.92, lon=77.52, recorded_at=now),
+        live.Fix(driver_id=str(first.pk), lat=12.99, lon=77.59, recorded_at=now - 30),  # older: ignored
+    ])
+    positions = live.positions_of([first.pk, second.pk])
+    assert (round(positions[str(first.pk)].lat, 5), round(positions[str(first.pk)].lon, 5)) == (12.91, 77.51)
+    assert (round(positions[str(second.pk)].lat, 5), round(positions[str(second.pk)].lon, 5)) == (12.92, 77.52)
+    lon, lat = get_redis().geopos(geo.GEO_KEY, str(second.pk))[0]
+    assert round(lat, 4) == 12.92  # available: in the GEO index where the fix says
