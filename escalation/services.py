@@ -41,20 +41,18 @@ __all__ = [
 # ------------------------------------------------------------------ records (dispatch engine)
 
 
-def unassigned_record_failure(*, delivery, reason: str, now: datetime) -> UnassignedOrder:
-    """Record a dispatch attempt that found nobody. Caller holds the delivery's lock, so the
-    open record (one per delivery, enforced by a partial unique constraint) cannot race."""
-    record = UnassignedOrder.objects.filter(delivery=delivery, resolved_at__isnull=True).first()
-    if record is None:
-        return UnassignedOrder.objects.create(
+def unassigned_record_failure(*, delivery, reason: str, now: datetime) -> None:
+    """Record a dispatch attempt that found nobody: one UPDATE of the open record, or, when the
+    delivery has none, one INSERT. Caller holds the delivery's lock, so the open record (one
+    per delivery, enforced by a partial unique constraint) cannot race."""
+    bumped = UnassignedOrder.objects.filter(delivery=delivery, resolved_at__isnull=True).update(
+        attempt_count=F("attempt_count") + 1, last_attempt_at=now, failure_reason=reason
+    )
+    if not bumped:
+        UnassignedOrder.objects.create(
             delivery=delivery, seller_order_id=delivery.seller_order_id, location=delivery.pickup_location,
             failure_reason=reason, first_attempt_at=now, last_attempt_at=now, attempt_count=1,
         )
-    UnassignedOrder.objects.filter(pk=record.pk).update(
-        attempt_count=F("attempt_count") + 1, last_attempt_at=now, failure_reason=reason
-    )
-    record.refresh_from_db()
-    return record
 
 
 def unassigned_record_detected(*, delivery, now: datetime) -> UnassignedOrder:
