@@ -10,12 +10,14 @@ expiry. The round takes every waiting delivery of the zone, and
 1. finds each one's candidates as sequential dispatch does (the nearest available drivers with
    a fresh fix within its radius — the wide radius once escalated to level 2 — with no pending
    offer, not UNAVAILABLE for the zone, never offered it before);
-2. serves first, greedily and oldest first, the deliveries the window would otherwise carry
-   past the zone's target wait (each to its best-ranked free candidate, the sequential rank);
-3. matches the others to the remaining drivers by minimum total cost
-   (`scipy.optimize.linear_sum_assignment`): cost = estimated pickup seconds
-   + ACCEPTANCE_PENALTY × (1 − acceptance rate) + NOT_PREFERRED_PENALTY unless the driver
-   PREFERS the zone; pairs that are not candidates cannot be matched;
+2. matches them to the drivers by minimum total cost (`scipy.optimize.linear_sum_assignment`):
+   cost = estimated pickup seconds + ACCEPTANCE_PENALTY × (1 − acceptance rate)
+   + NOT_PREFERRED_PENALTY unless the driver PREFERS the zone, less WAIT_CREDIT × the
+   delivery's wait (`wait_credit`); pairs that are not candidates cannot be matched. A delivery
+   that another window would carry past its target wait made the round due at once
+   (`workflows.matching_window`) and is matched with the rest;
+3. records unassigned a delivery at its target wait that lost the matching (the retry job
+   brings it back at once);
 4. offers each matched pair through the sequential offer path (one offer per delivery, the same
    payload, audit and events); a delivery that lost the matching waits for the next round; one
    with no candidate at all is recorded unassigned as today (the retry job brings it back).
