@@ -78,7 +78,14 @@ def simulate(params: Params, *, progress: Progress | None = None) -> tuple[dict,
             if progress is not None:
                 progress(done / total if total else 1.0, label(params.policy, params.stacking))
 
-        trace = Simulation(params, progress=tick).run()
+        # The simulated city's own INFO lines (a log line per matching round, per refused step:
+        # tens of thousands at peak) say nothing about the platform: warnings and errors only.
+        previous = logging.root.manager.disable
+        logging.disable(logging.INFO)
+        try:
+            trace = Simulation(params, progress=tick).run()
+        finally:
+            logging.disable(previous)
         return collect(params, trace)
 
 
@@ -107,6 +114,40 @@ def run(base: Params, policies: list[str], *, progress: Progress | None = None) 
     return Outcome(
         json={"parameters": {**parameters, "policies": [label(p, st) for p, st in todo]}, "seed": base.seed, "runs": results},
         series=series,
+    )
+
+
+_PARAMETER_ORDER = ("drivers", "ordersPerHour", "minutes", "seed", "policy", "stacking", "city")
+
+
+def outcome_merge(parts: list[tuple[dict, dict]]) -> Outcome:
+    """One side-by-side outcome from runs made apart (`simulate --json … --series …`, e.g. two
+    processes at once): each part is (the JSON of a run or of a comparison, its series). They
+    must share the city, seed and load (only the policy differs), or the comparison means
+    nothing; a policy may appear once."""
+    runs, series = {}, {}
+    base = None
+    for result, part_series in parts:
+        part_runs = result["runs"] if "runs" in result else {label(result["policy"], result["stacking"]): result}
+        for name, run in part_runs.items():
+            # in `Params.as_json` order, as a run writes them (a JSON file may have sorted them)
+            given = run["parameters"]
+            run = {**run, "parameters": {k: given[k] for k in _PARAMETER_ORDER if k in given}
+                   | {k: v for k, v in given.items() if k not in _PARAMETER_ORDER}}
+            parameters = {k: v for k, v in run["parameters"].items() if k not in ("policy", "stacking")}
+            if base is None:
+                base = parameters
+            elif parameters != base:
+                raise InvalidInput({"runs": [f"{name} ran on {parameters}, not {base}: only the policy may differ."]})
+            if name in runs:
+                raise InvalidInput({"runs": [f"{name} is given twice."]})
+            if name not in part_series:
+                raise InvalidInput({"runs": [f"The series of {name} are missing."]})
+            runs[name], series[name] = run, part_series[name]
+    if not runs:
+        raise InvalidInput({"runs": ["No run given."]})
+    return Outcome(
+        json={"parameters": {**base, "policies": list(runs)}, "seed": base["seed"], "runs": runs}, series=series
     )
 
 

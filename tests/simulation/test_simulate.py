@@ -73,9 +73,10 @@ def test_same_seed_same_figures_and_a_self_contained_report(tmp_path, sim_redis)
 @pytest.mark.timeout(900)
 @pytest.mark.django_db(transaction=True)
 def test_compare_runs_the_policies_side_by_side_on_the_same_city(tmp_path, sim_redis):
-    out, report = tmp_path / "c.json", tmp_path / "c.html"
+    out, report, series_path = tmp_path / "c.json", tmp_path / "c.html", tmp_path / "c.series.json"
     call_command("simulate", "--drivers", "10", "--orders-per-hour", "40", "--minutes", "5", "--seed", "3",
-                 "--compare", "sequential,batch+stacking", "--no-progress", "--json", str(out), "--report", str(report))
+                 "--compare", "sequential,batch+stacking", "--no-progress", "--json", str(out), "--report", str(report),
+                 "--series", str(series_path))
     result = json.loads(out.read_text())
     assert result["parameters"] == {"drivers": 10, "ordersPerHour": 40, "minutes": 5, "seed": 3, "city": "demo",
                                     "policies": ["sequential", "batch+stacking"]}
@@ -89,6 +90,29 @@ def test_compare_runs_the_policies_side_by_side_on_the_same_city(tmp_path, sim_r
     html = report.read_text()
     assert "Policies side by side" in html and "batch+stacking" in html
     assert _run_schemas() == [] and sim_redis.dbsize() == 0
+
+    # The same two runs made apart (each its own `simulate --json … --series …`, e.g. two
+    # processes at once) give the same side-by-side report through `simulate_report`.
+    series = json.loads(series_path.read_text())
+    assert sorted(series) == ["batch+stacking", "sequential"]
+    parts = []
+    for name in ("sequential", "batch+stacking"):
+        run_json, run_series = tmp_path / f"{name}.json", tmp_path / f"{name}.series.json"
+        run_json.write_text(json.dumps(result["runs"][name]))
+        run_series.write_text(json.dumps({name: series[name]}))
+        parts += ["--run", str(run_json), str(run_series)]
+    merged, merged_report = tmp_path / "m.json", tmp_path / "m.html"
+    call_command("simulate_report", *parts, "--report", str(merged_report), "--json", str(merged))
+    assert json.loads(merged.read_text()) == result
+    assert merged_report.read_text() == html
+
+    other = dict(result["runs"]["sequential"], parameters={**result["runs"]["sequential"]["parameters"], "seed": 4})
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(CommandError, match="only the policy may differ"):
+        call_command("simulate_report", *parts[:3], "--run", str(tmp_path / "other.json"), parts[2],
+                     "--report", str(tmp_path / "x.html"))
+    with pytest.raises(CommandError, match="given twice"):
+        call_command("simulate_report", *parts[:3], *parts[:3], "--report", str(tmp_path / "x.html"))
 
 
 @pytest.mark.django_db(transaction=True)

@@ -26,13 +26,15 @@ class Command(BaseCommand):
                             help="several policies side by side, comma-separated (a policy+stacking is allowed)")
         parser.add_argument("--json", dest="json_path", default=None, help="write the JSON result here")
         parser.add_argument("--report", dest="report_path", default=None, help="write the HTML report here")
+        parser.add_argument("--series", dest="series_path", default=None,
+                            help="write the report's series here (JSON), for `simulate_report` to put runs made apart side by side")
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **o):
         if o["policy"] and o["compare"]:
             raise CommandError("Give --policy or --compare, not both.")
         policies = [p.strip() for p in o["compare"].split(",")] if o["compare"] else [o["policy"] or "sequential"]
-        for path in (o["json_path"], o["report_path"]):
+        for path in (o["json_path"], o["report_path"], o["series_path"]):
             if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise CommandError(f"Cannot write {path}: its directory does not exist.")
         base = Params(drivers=o["drivers"], orders_per_hour=o["orders_per_hour"], minutes=o["minutes"], seed=o["seed"],
@@ -68,6 +70,9 @@ class Command(BaseCommand):
         if o["report_path"]:
             with open(o["report_path"], "w") as f:
                 f.write(services.render_report(outcome))
+        if o["series_path"]:
+            with open(o["series_path"], "w") as f:
+                json.dump(outcome.series, f)
         self.stderr.write(f"done in {elapsed:.1f} s (wall clock)")
 
 
