@@ -10,14 +10,12 @@ expiry. The round takes every waiting delivery of the zone, and
 1. finds each one's candidates as sequential dispatch does (the nearest available drivers with
    a fresh fix within its radius — the wide radius once escalated to level 2 — with no pending
    offer, not UNAVAILABLE for the zone, never offered it before);
-2. matches them to the drivers by minimum total cost (`scipy.optimize.linear_sum_assignment`):
-   cost = estimated pickup seconds + ACCEPTANCE_PENALTY × (1 − acceptance rate)
-   + NOT_PREFERRED_PENALTY unless the driver PREFERS the zone, less WAIT_CREDIT × the
-   delivery's wait (`wait_credit`); pairs that are not candidates cannot be matched. A delivery
-   that another window would carry past its target wait made the round due at once
-   (`workflows.matching_window`) and is matched with the rest;
-3. records unassigned a delivery at its target wait that lost the matching (the retry job
-   brings it back at once);
+2. serves first, greedily and oldest first, the deliveries the window would otherwise carry
+   past the zone's target wait (each to its best-ranked free candidate, the sequential rank);
+3. matches the others to the remaining drivers by minimum total cost
+   (`scipy.optimize.linear_sum_assignment`): cost = estimated pickup seconds
+   + ACCEPTANCE_PENALTY × (1 − acceptance rate) + NOT_PREFERRED_PENALTY unless the driver
+   PREFERS the zone; pairs that are not candidates cannot be matched;
 4. offers each matched pair through the sequential offer path (one offer per delivery, the same
    payload, audit and events); a delivery that lost the matching waits for the next round; one
    with no candidate at all is recorded unassigned as today (the retry job brings it back).
@@ -87,15 +85,6 @@ def pair_cost(candidate: Candidate) -> float:
     return cost
 
 
-def wait_credit(delivery: Delivery, now: datetime) -> float:
-    """What a delivery's wait is worth in a round, in seconds of cost: WAIT_CREDIT × the seconds
-    since it was ready. The same for each of its pairs, so it never changes which driver a
-    matched delivery gets; when deliveries outnumber the drivers they could have, it makes the
-    older ones win unless a newer one is nearer by more than the wait it has over them."""
-    waited = max(0.0, (now - delivery.ready_at).total_seconds())
-    return settings.DISPATCH_MATCHING_WAIT_CREDIT * waited
-
-
 def assign_min_cost(costs: list[list[float]]) -> list[tuple[int, int]]:
     """Row → column pairs of minimum total cost, at most one per row and per column, never an
     INFEASIBLE one. The INFEASIBLE entries outweigh any sum of real costs, so the solution
@@ -158,7 +147,7 @@ class RoundResult:
     deliveries: int = 0
     drivers: int = 0
     offered: list[DriverOffer] = field(default_factory=list)
-    past_target: int = 0  # offers made to deliveries at their target wait
+    greedy: int = 0  # offers made to deliveries at their target wait
     unassigned: int = 0
     waiting: int = 0  # lost the matching: the next round has them
     total_cost_seconds: float = 0.0
@@ -295,7 +284,7 @@ def _audit_search(item: _Item, *, actor: Actor, now: datetime, round_size: tuple
             for c in by_cost[:TOP_CANDIDATES_AUDITED]
         ],
         "policy": POLICY,
-        "matching": {"deliveries": round_size[0], "drivers": round_size[1], "pastTarget": item.urgent,
+        "matching": {"deliveries": round_size[0], "drivers": round_size[1], "greedy": item.urgent,
                      "costSeconds": None if cost is None else round(cost, 1)},
     }
     audit_record(delivery=delivery, event_type=E.DRIVER_CANDIDATES_FOUND, actor=actor, now=now, details=details)
@@ -339,6 +328,7 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
     result.deliveries, result.drivers = len(items), len(drivers)
     size = (len(items), len(drivers))
 
+    taken: set[str] = set()
     done: set = set()  # delivery ids offered or recorded unassigned: out of the queue
 
     def offer(item: _Item, candidate: Candidate) -> bool:
@@ -349,6 +339,7 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         except Conflict:  # the database refused it: the delivery waits for the next round
             logger.warning("matching: offer of %s to %s refused", item.delivery.pk, candidate.driver_id)
             return False
+        taken.add(candidate.driver_id)
         done.add(item.delivery.pk)
         result.offered.append(made)
         result.total_cost_seconds += pair_cost(candidate)
@@ -368,32 +359,31 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         if not item.candidates and not item.held_elsewhere:
             unassigned(item)
 
-    # 1. Minimum total cost over every delivery with candidates, those at their target wait
-    # included (they made the round due at once: no window carried them past it). Each
-    # delivery's row is credited for how long it has waited, so an old one wins a driver from
-    # a newer one unless that costs more pickup than the wait it saves (`wait_credit`).
-    matched = [i for i in items if i.candidates]
-    columns = sorted({c.driver_id for i in matched for c in i.candidates})
-    column_of = {driver_id: n for n, driver_id in enumerate(columns)}
-    costs = []
-    for item in matched:
-        credit = wait_credit(item.delivery, now)
-        row = [INFEASIBLE] * len(columns)
-        for c in item.candidates:
-            row[column_of[c.driver_id]] = pair_cost(c) - credit
-        costs.append(row)
-    for r, c in assign_min_cost(costs):
-        item = matched[r]
-        if offer(item, next(x for x in item.candidates if x.driver_id == columns[c])):
-            result.past_target += item.urgent
-
-    # 2. At its target wait and every candidate matched to others: unassigned (all drivers
-    # busy), as sequential dispatch records it, and out of the queue (the retry job brings it
-    # back at once); waiting one more window would carry it further past its target.
-    for item in matched:
-        if item.urgent and item.delivery.pk not in done:
+    # 1. At the target wait: offered at once, oldest first, to the best-ranked free candidate,
+    # as sequential dispatch would; with every candidate taken by an older one, unassigned
+    # (all drivers busy) as sequential dispatch would record it, and out of the queue.
+    for item in (i for i in items if i.urgent and i.candidates):
+        best = next((c for c in item.candidates if c.driver_id not in taken), None)
+        if best is None:
             item.screening.pending_elsewhere += len(item.candidates)
             unassigned(item)
+        elif offer(item, best):
+            result.greedy += 1
+
+    # 2. The others: minimum total cost over the drivers left.
+    rest = [i for i in items if not i.urgent and i.candidates]
+    columns = sorted({c.driver_id for i in rest for c in i.candidates if c.driver_id not in taken})
+    column_of = {driver_id: n for n, driver_id in enumerate(columns)}
+    costs = []
+    for item in rest:
+        row = [INFEASIBLE] * len(columns)
+        for c in item.candidates:
+            if c.driver_id in column_of:
+                row[column_of[c.driver_id]] = pair_cost(c)
+        costs.append(row)
+    for r, c in assign_min_cost(costs):
+        item = rest[r]
+        offer(item, next(x for x in item.candidates if x.driver_id == columns[c]))
 
     # 3. Out of the queue: offered or unassigned. The rest (their candidates went to others in
     # this round) re-enter the next window; in a zone no longer matching in batches (window 0)
@@ -416,8 +406,8 @@ def matching_round(*, zone_id, now: datetime | None = None) -> RoundResult:
         # not at the sweep (up to 15 s on, perhaps past their target wait).
         round_schedule(zone_id, at=now)
     logger.info(
-        "matching round zone=%s deliveries=%d drivers=%d offered=%d past_target=%d unassigned=%d waiting=%d cost=%.0fs",
-        zone_id, result.deliveries, result.drivers, len(result.offered), result.past_target, result.unassigned,
+        "matching round zone=%s deliveries=%d drivers=%d offered=%d greedy=%d unassigned=%d waiting=%d cost=%.0fs",
+        zone_id, result.deliveries, result.drivers, len(result.offered), result.greedy, result.unassigned,
         result.waiting, result.total_cost_seconds,
     )
     return result

@@ -30,27 +30,23 @@ def window_seconds(policy: ZonePolicy) -> int:
 def past_target(delivery: Delivery, policy: ZonePolicy, *, now: datetime) -> bool:
     """The target-wait rule: waiting one more window (until `now` + window) would carry the
     delivery past its zone's target wait, counted from `ready_at`. Such a delivery is not held
-    back: its zone's round is due at once (`delivery_wait_for_round_locked`)."""
+    back: it is offered at once, greedily (the sequential way)."""
     deadline = delivery.ready_at + timedelta(seconds=policy.target_wait_seconds)
     return now + timedelta(seconds=window_seconds(policy)) > deadline
 
 
 def delivery_wait_for_round_locked(delivery: Delivery, *, now: datetime) -> bool:
     """An automatic dispatch in a batched_matching zone (window > 0): the delivery waits for
-    the zone's next round and True is returned; the caller makes no offer. `matching_since` is
-    when its window started: now, and the round's task is scheduled (after commit) for the end
-    of the window; for a delivery past its target wait the window is over already (`now` −
-    window), so the zone's round is due at once and its task scheduled for now: it is matched
-    with what else waits, without waiting. False: dispatch as usual (other policies, window 0).
-    The caller holds the delivery's lock and has checked that it is ready with no pending offer."""
+    the zone's next round (`matching_since` = now; after commit, a task is scheduled for the end
+    of its window) and True is returned; the caller makes no offer. False: dispatch as usual (other policies, window 0, or past the target wait). The
+    caller holds the delivery's lock and has checked that it is ready with no pending offer."""
     policy = policy_of(delivery)
-    window = window_seconds(policy)
-    if window == 0:
+    if window_seconds(policy) == 0 or past_target(delivery, policy, now=now):
         return False
-    urgent = past_target(delivery, policy, now=now)
-    since = now - timedelta(seconds=window) if urgent else now
-    Delivery.objects.filter(pk=delivery.pk).update(matching_since=since)
-    delivery.matching_since = since
+    Delivery.objects.filter(pk=delivery.pk).update(matching_since=now)
+    delivery.matching_since = now
     zone_id = getattr(delivery, "zone_id", None)
-    enqueue_task_on_commit(ROUND_TASK, None if zone_id is None else str(zone_id), eta=since + timedelta(seconds=window))
+    enqueue_task_on_commit(
+        ROUND_TASK, None if zone_id is None else str(zone_id), eta=now + timedelta(seconds=window_seconds(policy))
+    )
     return True

@@ -403,10 +403,6 @@ DISPATCH_MATCHING_WINDOW_SECONDS = env.int("DISPATCH_MATCHING_WINDOW_SECONDS", d
 # (the oldest; the rest wait for the next round).
 DISPATCH_MATCHING_ACCEPTANCE_PENALTY_SECONDS = env.float("DISPATCH_MATCHING_ACCEPTANCE_PENALTY_SECONDS", default=120.0)
 DISPATCH_MATCHING_NOT_PREFERRED_PENALTY_SECONDS = env.float("DISPATCH_MATCHING_NOT_PREFERRED_PENALTY_SECONDS", default=60.0)
-# What a second of a delivery's wait (since ready) is worth against a second of pickup when
-# deliveries outnumber the free drivers: 0 = the least total pickup whoever waited longest;
-# large = oldest first (workflows.matching.wait_credit, docs/dispatch.md).
-DISPATCH_MATCHING_WAIT_CREDIT = env.float("DISPATCH_MATCHING_WAIT_CREDIT", default=0.5)
 DISPATCH_MATCHING_MAX_DELIVERIES = env.int("DISPATCH_MATCHING_MAX_DELIVERIES", default=200)
 # Order stacking: off unless a zone or this turns it on; a second delivery from a pickup within
 # the radius of the first's, adding at most the detour to the first's drop-off, up to the

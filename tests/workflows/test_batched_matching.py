@@ -28,7 +28,6 @@ from workflows.matching import (
     matching_round,
     matching_round_when_due,
     matching_rounds_run,
-    round_times,
 )
 from workflows.unit import unit_of_work
 
@@ -124,7 +123,7 @@ def test_the_round_offers_only_once_the_window_has_passed_and_collects_what_arri
         assert kinds == ["assignment_started", "driver_candidates_found", "driver_offer_sent"]
     found = DeliveryAuditLog.objects.get(delivery=first, event_type="driver_candidates_found")
     assert found.details["policy"] == "batched_matching"
-    assert found.details["matching"]["deliveries"] == 2 and found.details["matching"]["pastTarget"] is False
+    assert found.details["matching"]["deliveries"] == 2 and found.details["matching"]["greedy"] is False
     sent = DeliveryAuditLog.objects.get(delivery=first, event_type="driver_offer_sent")
     assert sent.details["payload"] == pending(first).offer_payload
 
@@ -301,59 +300,43 @@ def test_assign_min_cost_never_returns_an_infeasible_pair_and_matches_as_many_as
 
 
 def test_the_window_never_carries_a_delivery_past_its_target_wait():
-    """A delivery that one more window would carry past its target does not wait for it: its
-    window is over on arrival (`matching_since` = now − window), so the zone's round is due at
-    once and matches it with what else waits."""
     zone = matching_zone(matching_window_seconds=10, target_wait_time_seconds=60)
     driver = driver_at(0.5)
     with time_machine.travel(T0, tick=False):
         # ready 45 s ago: 45 + 10 = 55 s ≤ 60 s, so it may wait for the round
         fits, result = new_delivery(zone, ready_at=T0 - timedelta(seconds=45))
         assert result.outcome == "waiting"
-        assert round_times()[zone.pk] == T0 + timedelta(seconds=10)
-        # ready 51 s ago: a round at 61 s would be past the target: the round is due now
+        # ready 51 s ago: the round could come at 61 s, past the target: offered at once
         late, result = new_delivery(zone, km=0.2, ready_at=T0 - timedelta(seconds=51))
-        assert result.outcome == "waiting"
-        late.refresh_from_db()
-        assert late.matching_since == T0 - timedelta(seconds=10)
-        assert round_times()[zone.pk] == T0
-        assert matching_rounds_run() == 1  # the sweep (or the task scheduled for now): at once
 
-    assert pending(late).driver_id == driver.pk  # nearer and older: it wins the one driver
+    assert result.outcome == "offered"
+    assert pending(late).driver_id == driver.pk
     late.refresh_from_db()
     assert late.matching_since is None
     assert pending(fits) is None
-    fits.refresh_from_db()
-    assert fits.matching_since == T0  # lost the round: a new window from the round's time
 
 
-def test_a_delivery_past_its_target_wins_the_driver_when_its_wait_outweighs_the_pickup_it_costs(settings):
-    """One driver, two deliveries: A, at its target wait, 0.7 km further from the driver than
-    B, but waiting 100 s longer. With WAIT_CREDIT 5, A's wait is worth 500 s, more than the
-    ~110 s of pickup it costs over B: A gets the driver, B waits for the next window."""
-    settings.DISPATCH_MATCHING_WAIT_CREDIT = 5.0
+def test_in_a_round_a_delivery_at_its_target_wait_is_served_first():
+    """One driver, two deliveries: the matching alone would give the driver to the nearer one
+    (B); A would then wait another window past its target, so A is served first, greedily."""
     zone = matching_zone(matching_window_seconds=5, target_wait_time_seconds=120)
     driver = driver_at(0.0)
     with time_machine.travel(T0, tick=False) as clock:
-        a, _ = new_delivery(zone, km=1.0, ready_at=T0 - timedelta(seconds=100))  # 100 + 5 ≤ 120: waits
+        a, _ = new_delivery(zone, km=2.0, ready_at=T0 - timedelta(seconds=100))  # 100 + 5 ≤ 120: waits
         b, _ = new_delivery(zone, km=0.3)
         clock.shift(timedelta(seconds=16))  # A is now at 116 s: the next window would pass 120 s
         result = matching_round(zone_id=zone.pk)
 
     assert pending(a).driver_id == driver.pk
     assert pending(b) is None
-    assert (result.past_target, len(result.offered), result.waiting) == (1, 1, 1)
+    assert (result.greedy, len(result.offered), result.waiting) == (1, 1, 1)
     found = DeliveryAuditLog.objects.get(delivery=a, event_type="driver_candidates_found")
-    assert found.details["matching"]["pastTarget"] is True
+    assert found.details["matching"]["greedy"] is True
     b.refresh_from_db()
     assert b.matching_since == T0 + timedelta(seconds=16)  # it re-enters the next window
 
 
-def test_past_its_target_a_delivery_whose_driver_went_to_another_is_unassigned_as_sequential():
-    """Both past their target, one driver: the default credit (0.5) is worth 5 s for the 10 s
-    the older one waited longer, less than the ~60 s of pickup the younger one saves: the
-    younger gets the driver; the older cannot wait another window, so it is recorded unassigned
-    (all drivers busy) and the retry job serves it, as sequential dispatch does."""
+def test_past_its_target_a_delivery_whose_drivers_all_went_to_older_ones_is_unassigned_as_sequential():
     zone = matching_zone(matching_window_seconds=5, target_wait_time_seconds=120)
     driver = driver_at(0.0)
     with time_machine.travel(T0, tick=False) as clock:
@@ -362,11 +345,11 @@ def test_past_its_target_a_delivery_whose_driver_went_to_another_is_unassigned_a
         clock.shift(timedelta(seconds=16))  # both past 120 s by the next window
         result = matching_round(zone_id=zone.pk)
 
-    assert pending(younger).driver_id == driver.pk
-    assert (result.past_target, result.unassigned, result.waiting) == (1, 1, 0)
-    assert UnassignedOrder.objects.get(delivery=older).failure_reason == "all_drivers_busy"
-    older.refresh_from_db()
-    assert older.matching_since is None  # out of the queue: the retry job brings it back
+    assert pending(older).driver_id == driver.pk
+    assert (result.greedy, result.unassigned, result.waiting) == (1, 1, 0)
+    assert UnassignedOrder.objects.get(delivery=younger).failure_reason == "all_drivers_busy"
+    younger.refresh_from_db()
+    assert younger.matching_since is None  # the retry job serves it, at once (past its target)
 
 
 def test_without_the_target_wait_rule_the_nearer_delivery_wins_the_driver():
@@ -380,7 +363,7 @@ def test_without_the_target_wait_rule_the_nearer_delivery_wins_the_driver():
         result = matching_round(zone_id=zone.pk)
 
     assert pending(b).driver_id == driver.pk and pending(a) is None
-    assert (result.past_target, result.waiting) == (0, 1)
+    assert (result.greedy, result.waiting) == (0, 1)
 
 
 # ------------------------------------------------------------------------- reject / expiry
