@@ -6,17 +6,28 @@ atomic block: its events are then sent together after commit, in one hop into th
 for a single event: nothing is sent for a transaction (or savepoint) that rolls back, a Redis
 failure is logged and never raised, and each group gets its events in the order they were
 emitted.
+
+Where the events go from: under the ASGI server (a sync view in its worker thread) they are
+sent on the server's event loop, as `async_to_sync` does. In a process with no event loop of its
+own (`manage.py consume_fixes`, Celery workers, shell), `async_to_sync` would start a new loop
+per call, and the channel layers, which keep their Redis connections per loop, would connect
+anew for every event (a TCP connect and redis-py's client-info lookup per call: a third of the
+stream consumer's CPU at 200 fixes/s, bench/README.md "Tracking fan-out"). There the events go
+through one long-lived loop in a daemon thread of the process (`_sender_loop`), whose
+connections are reused.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import SyncToAsync, async_to_sync
 from celery import current_app
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import get_channel_layer
@@ -102,9 +113,43 @@ def send_many(entries: Sequence[Entry]) -> None:
         sink(entries)
         return
     try:
-        async_to_sync(_send_all)(entries)
+        if _server_loop() is not None:
+            async_to_sync(_send_all)(entries)
+        else:
+            future = asyncio.run_coroutine_threadsafe(_send_all(entries), _sender_loop())
+            future.result(timeout=SEND_TIMEOUT)
+    except concurrent.futures.TimeoutError:
+        logger.warning("broadcast of %d events timed out", len(entries))
     except Exception:
         logger.warning("broadcast of %d events failed", len(entries), exc_info=True)
+
+
+# A caller outside the ASGI server waits at most this long for its events to go out.
+SEND_TIMEOUT = 15.0
+
+_sender_lock = threading.Lock()
+_sender: tuple[int, asyncio.AbstractEventLoop] | None = None
+
+
+def _server_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop of the ASGI server this sync code runs under (via `sync_to_async`), if
+    any: `async_to_sync` sends there."""
+    if getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) != os.getpid():
+        return None
+    loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)
+    return loop if loop is not None and loop.is_running() else None
+
+
+def _sender_loop() -> asyncio.AbstractEventLoop:
+    """This process's long-lived loop for sending events from sync code (started on first
+    use; a forked child, such as a Celery prefork worker, starts its own)."""
+    global _sender
+    with _sender_lock:
+        if _sender is None or _sender[0] != os.getpid():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="broadcast-sender", daemon=True).start()
+            _sender = (os.getpid(), loop)
+        return _sender[1]
 
 
 def send_now(groups: Iterable[str], event: Mapping[str, Any]) -> None:
