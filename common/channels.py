@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from channels_redis.core import RedisChannelLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
 logger = logging.getLogger(__name__)
@@ -182,3 +183,74 @@ class PooledRedisChannelLayer(RedisChannelLayer):
             over = await connection.eval(_GROUP_SEND_LUA, len(channel_keys), *channel_keys, *args)
             if over > 0:
                 logger.info("%s of %s channels over capacity in group %s", over, len(channel_names), group)
+
+
+class _Coalescer:
+    """Per event loop: publishes go out in one pipeline per Redis shard, at most one pipeline
+    in flight per shard; what arrives meanwhile goes with the next. Under load the batch grows
+    instead of the queue of waiters on the shard's lock."""
+
+    def __init__(self):
+        self.pending: dict[object, list[tuple[str, bytes, asyncio.Future]]] = {}
+        self.running: dict[object, asyncio.Task] = {}  # (the loop keeps only weak references)
+
+    async def publish(self, shard, channel: str, payload: bytes) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.setdefault(shard, []).append((channel, payload, future))
+        if shard not in self.running:
+            self.running[shard] = asyncio.ensure_future(self._drain(shard))  # after this tick's publishes
+        await future
+
+    async def _drain(self, shard) -> None:
+        try:
+            while batch := self.pending.pop(shard, None):
+                try:
+                    shard._ensure_redis()
+                    pipe = shard._redis.pipeline(transaction=False)
+                    for channel, payload, _ in batch:
+                        pipe.publish(channel, payload)
+                    await pipe.execute()
+                except Exception as exc:  # noqa: BLE001 - each caller gets the error
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self.running.pop(shard, None)
+
+
+class CoalescingPubSubChannelLayer(RedisPubSubChannelLayer):
+    """channels_redis's pub/sub layer (the customers' tracking groups) whose group sends are
+    pipelined. channels_redis publishes one message per round trip under a per-shard lock that
+    subscribes also take, so a worker's concurrent fixes (and a socket storm's subscribes)
+    queued behind one another; here the publishes of a loop tick, and those arriving while a
+    pipeline is in flight, go in one pipeline (`_Coalescer`). The messages and what a
+    subscriber receives are unchanged."""
+
+    def _coalescer(self) -> _Coalescer:
+        layer = self._get_layer()
+        coalescer = layer.__dict__.get("_coalescer")
+        if coalescer is None:
+            coalescer = layer._coalescer = _Coalescer()
+        return coalescer
+
+    async def group_send(self, group, message):
+        layer = self._get_layer()
+        channel = layer._get_group_channel_name(group)
+        await self._coalescer().publish(layer._get_shard(channel), channel, self.serialize(message))
+
+    async def group_send_many(self, batches: Mapping[str, Sequence[dict]]) -> dict[str, BaseException]:
+        """As `PooledRedisChannelLayer.group_send_many`: each group's messages in order (one
+        pipeline keeps the order), all groups at once; returns the groups whose send failed."""
+        layer = self._get_layer()
+        coalescer = self._coalescer()
+        sends = []
+        for group, messages in batches.items():
+            channel = layer._get_group_channel_name(group)
+            shard = layer._get_shard(channel)
+            sends += [(group, coalescer.publish(shard, channel, self.serialize(m))) for m in messages]
+        results = await asyncio.gather(*(s for _, s in sends), return_exceptions=True)
+        return {group: r for (group, _), r in zip(sends, results) if isinstance(r, BaseException)}

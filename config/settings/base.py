@@ -169,7 +169,7 @@ CHANNEL_LAYERS = {
     # core layer serve 5,000 tracking sockets (bench/README.md). At most once, like every
     # live event here: a customer who misses one gets the next fix a few seconds later.
     "tracking": {
-        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "BACKEND": "common.channels.CoalescingPubSubChannelLayer",
         "CONFIG": {
             "hosts": [REDIS_URL],
             "prefix": env("CHANNELS_PREFIX", default="asgi") + ".tracking",
