@@ -15,7 +15,7 @@ from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
 from availability.api.fastlane import LocationFastLane  # noqa: E402
-from common.consumers import QueryTokenAuthMiddleware, origin_validator  # noqa: E402
+from common.consumers import QueryTokenAuthMiddleware, SocketRequestId, TrackingSocketSplit, origin_validator  # noqa: E402
 from common.middleware import EarlyBodyLimit  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
 
@@ -79,6 +79,9 @@ class ApiSplit:
 application = ProtocolTypeRouter(
     {
         "http": LocationFastLane(EarlyBodyLimit(ApiSplit(django_asgi_app, LeanApiHandler()))),
-        "websocket": origin_validator(AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns)))),
+        "websocket": origin_validator(TrackingSocketSplit(
+            AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
+            SocketRequestId(URLRouter(websocket_urlpatterns)),
+        )),
     }
 )
