@@ -216,6 +216,12 @@ def outbox_write(items: list) -> list[OutboxEvent]:
     if not events:
         return []
     now = timezone.now()
+    # The throttle first: an ETA update it drops (most of them: the stream consumer refreshes
+    # ETAs more often than merchants hear of them) needs no delivery read and rendered.
+    throttled = _eta_throttled({e["deliveryId"] for e in events if webhook_type_for(e) == ETA_TYPE}, now=now)
+    events = [e for e in events if not (webhook_type_for(e) == ETA_TYPE and e["deliveryId"] in throttled)]
+    if not events:
+        return []
     held = {  # without its latest assignment set it is read like the others
         str(item.pk): held_for_payload(item) for item in items
         if not isinstance(item, dict) and getattr(item, "latest_assignments", None) is not None
@@ -224,7 +230,6 @@ def outbox_write(items: list) -> list[OutboxEvent]:
     unknown = {e["deliveryId"] for e in events} - set(deliveries)
     if unknown:
         deliveries |= deliveries_for_payload(unknown)
-    throttled = _eta_throttled({e["deliveryId"] for e in events if webhook_type_for(e) == ETA_TYPE}, now=now)
     rows = []
     for event in events:
         kind = webhook_type_for(event)
