@@ -9,7 +9,8 @@ uses a server that is already up. Setup (`--setup orm`, the default) makes S dri
 first fix, resumed) and S deliveries around a random spot far from the demo city in-process
 through the workflows, and assigns delivery i to driver i (ops assignment); `--setup api` does
 it over HTTP as ops (create, offer, accept: slower, ~6 requests a pair). It measures the same
-server's GET /health/ with wrk, opens `/ws/track/<id>/?token=` for every delivery (each must
+server's GET /health/ with wrk, posts one warm-up fix per driver (`--warmup`; the server's token
+cache then knows every driver), opens `/ws/track/<id>/?token=` for every delivery (each must
 get its `delivery_snapshot`), then each driver posts a fix every `--fix-interval` seconds
 (phases spread evenly) for `--seconds`, through a small keep-alive HTTP client (bench/rawhttp.py;
 httpx could not post 1,000/s from one process alongside 5,000 sockets).
