@@ -33,16 +33,19 @@ from django.db.models import Q, Subquery
 
 from availability.models import Driver
 from common.exceptions import NotFound
+from common.hotsql import cached_first, cached_instances
 from dispatch.models import Assignment, AssignmentStatus, Delivery
 from offers.models import DriverOffer, OfferStatus
 
 
 def lock_offer(offer_id, *, driver_id=None) -> DriverOffer:
     """The offer (of this driver, when given); NotFound otherwise."""
-    filters = {"pk": offer_id}
-    if driver_id is not None:
-        filters["driver_id"] = driver_id
-    offer = DriverOffer.objects.select_for_update(of=("self",), no_key=True).filter(**filters).first()
+    if driver_id is None:
+        offer = cached_first(("lock_offer",), DriverOffer, lambda o: (
+            DriverOffer.objects.select_for_update(of=("self",), no_key=True).filter(pk=o)), offer_id)
+    else:
+        offer = cached_first(("lock_offer", "driver"), DriverOffer, lambda o, d: (
+            DriverOffer.objects.select_for_update(of=("self",), no_key=True).filter(pk=o, driver_id=d)), offer_id, driver_id)
     if offer is None:
         raise NotFound("Offer not found.")
     return offer
@@ -54,11 +57,10 @@ def lock_offer_delivery_driver(offer_id, *, driver_id) -> DriverOffer:
     PostgreSQL takes them in that order; no key strength for the delivery and driver either,
     as no workflow changes their keys: they still exclude every other writer). `offer.delivery` (with its zone, not locked) and `offer.driver`
     are the locked rows. NotFound when there is no such offer."""
-    offer = (
+    offer = cached_first(("lock_offer_delivery_driver",), DriverOffer, lambda o, d: (
         DriverOffer.objects.select_related("delivery", "delivery__zone", "driver")
         .select_for_update(of=("self", "delivery", "driver"), no_key=True)
-        .filter(pk=offer_id, driver_id=driver_id).first()
-    )
+        .filter(pk=o, driver_id=d)), offer_id, driver_id)
     if offer is None:
         raise NotFound("Offer not found.")
     return offer
@@ -70,62 +72,62 @@ def lock_offer_and_its_round(offer_id, *, driver_id) -> list[DriverOffer]:
     primary-key order, so two accepts of one round queue on the same first row instead of
     deadlocking. Taken before the delivery (`lock_offer_delivery_driver` next): the accept
     withdraws the siblings it holds. Empty when there is no such offer."""
-    delivery_id = DriverOffer.objects.filter(pk=offer_id, driver_id=driver_id).order_by().values("delivery_id")[:1]
-    return list(
-        DriverOffer.objects.select_for_update(of=("self",), no_key=True)
-        .filter(Q(pk=offer_id) | Q(status=OfferStatus.PENDING), delivery_id=Subquery(delivery_id))
-        .order_by("pk")
-    )
+    def build(o, d):
+        delivery_id = DriverOffer.objects.filter(pk=o, driver_id=d).order_by().values("delivery_id")[:1]
+        return (
+            DriverOffer.objects.select_for_update(of=("self",), no_key=True)
+            .filter(Q(pk=o) | Q(status=OfferStatus.PENDING), delivery_id=Subquery(delivery_id))
+            .order_by("pk")
+        )
+    return cached_instances(("lock_offer_and_its_round",), DriverOffer, build, offer_id, driver_id)
 
 
 def lock_offer_if_due(offer_id, *, now, force: bool = False) -> DriverOffer | None:
     """A pending offer whose time is up (any pending one with `force`), skipping it when
     another transaction holds it: whoever holds it decides its fate."""
-    due = {} if force else {"expires_at__lte": now}
-    return (
-        DriverOffer.objects.select_for_update(of=("self",), no_key=True, skip_locked=True)
-        .filter(pk=offer_id, status=OfferStatus.PENDING, **due).first()
-    )
+    def build(o, *t):
+        due = {"expires_at__lte": t[0]} if t else {}
+        return (DriverOffer.objects.select_for_update(of=("self",), no_key=True, skip_locked=True)
+                .filter(pk=o, status=OfferStatus.PENDING, **due))
+    if force:
+        return cached_first(("lock_offer_if_due", "force"), DriverOffer, build, offer_id)
+    return cached_first(("lock_offer_if_due",), DriverOffer, build, offer_id, now)
 
 
 def lock_pending_offer_of_delivery(delivery_id) -> DriverOffer | None:
-    return (
+    return cached_first(("lock_pending_offer_of_delivery",), DriverOffer, lambda x: (
         DriverOffer.objects.select_for_update(of=("self",), no_key=True)
-        .filter(delivery_id=delivery_id, status=OfferStatus.PENDING).first()
-    )
+        .filter(delivery_id=x, status=OfferStatus.PENDING)), delivery_id)
 
 
 def lock_pending_offers_of_delivery(delivery_id) -> list[DriverOffer]:
     """All the delivery's pending offers (one in sequential dispatch, a round's in batch or
     broadcast), locked in primary-key order by one statement."""
-    return list(
+    return cached_instances(("lock_pending_offers_of_delivery",), DriverOffer, lambda x: (
         DriverOffer.objects.select_for_update(of=("self",), no_key=True)
-        .filter(delivery_id=delivery_id, status=OfferStatus.PENDING).order_by("pk")
-    )
+        .filter(delivery_id=x, status=OfferStatus.PENDING).order_by("pk")), delivery_id)
 
 
 def lock_accepted_offer_of_delivery(delivery_id) -> DriverOffer | None:
     """The delivery's accepted offer (at most one), locked before the delivery."""
-    return (
+    return cached_first(("lock_accepted_offer_of_delivery",), DriverOffer, lambda x: (
         DriverOffer.objects.select_for_update(of=("self",), no_key=True)
-        .filter(delivery_id=delivery_id, status=OfferStatus.ACCEPTED).first()
-    )
+        .filter(delivery_id=x, status=OfferStatus.ACCEPTED)), delivery_id)
 
 
 def lock_pending_offer_of_driver(driver_id) -> DriverOffer | None:
-    return (
+    return cached_first(("lock_pending_offer_of_driver",), DriverOffer, lambda x: (
         DriverOffer.objects.select_for_update(of=("self",), no_key=True)
-        .filter(driver_id=driver_id, status=OfferStatus.PENDING).first()
-    )
+        .filter(driver_id=x, status=OfferStatus.PENDING)), driver_id)
 
 
 def lock_delivery(delivery_id, *, skip_locked: bool = False, select_related: tuple[str, ...] = ()) -> Delivery | None:
     """The delivery; NotFound when it does not exist. With `skip_locked` (jobs), None when it
     is missing or another transaction holds it."""
-    qs = Delivery.objects.select_for_update(of=("self",), skip_locked=skip_locked)
-    if select_related:
-        qs = qs.select_related(*select_related)
-    delivery = qs.filter(pk=delivery_id).first()
+    def build(x):
+        qs = Delivery.objects.select_for_update(of=("self",), skip_locked=skip_locked)
+        return (qs.select_related(*select_related) if select_related else qs).filter(pk=x)
+    delivery = cached_first(("lock_delivery", skip_locked, select_related), Delivery, build, delivery_id)
     if delivery is None and not skip_locked:
         raise NotFound("Delivery not found.")
     return delivery
@@ -134,10 +136,9 @@ def lock_delivery(delivery_id, *, skip_locked: bool = False, select_related: tup
 def lock_driver(driver_id, *, skip_locked: bool = False, **filters) -> Driver | None:
     """The driver; NotFound when it does not exist. With `skip_locked` or extra filters
     (dispatch claiming a candidate), None when it is held elsewhere or no longer matches."""
-    driver = (
-        Driver.objects.select_for_update(of=("self",), skip_locked=skip_locked)
-        .filter(pk=driver_id, **filters).first()
-    )
+    key = ("lock_driver", skip_locked, *sorted((k, repr(v)) for k, v in filters.items()))  # constant filters only
+    driver = cached_first(key, Driver, lambda x: (
+        Driver.objects.select_for_update(of=("self",), skip_locked=skip_locked).filter(pk=x, **filters)), driver_id)
     if driver is None and not (skip_locked or filters):
         raise NotFound("Driver not found.")
     return driver
@@ -156,10 +157,9 @@ def lock_drivers_skip_locked(driver_ids, **filters) -> dict[str, Driver]:
 
 def lock_active_assignment(delivery_id) -> Assignment | None:
     """The delivery's active assignment. The caller holds the delivery's lock."""
-    return (
+    return cached_first(("lock_active_assignment",), Assignment, lambda x: (
         Assignment.objects.select_for_update(of=("self",))
-        .filter(delivery_id=delivery_id, status=AssignmentStatus.ACTIVE).first()
-    )
+        .filter(delivery_id=x, status=AssignmentStatus.ACTIVE)), delivery_id)
 
 
 def lock_assignment_of_driver(delivery_id, driver_id, *, with_driver: bool = False) -> Assignment | None:
@@ -171,8 +171,7 @@ def lock_assignment_of_driver(delivery_id, driver_id, *, with_driver: bool = Fal
     of = ("delivery", "self", "driver") if with_driver else ("delivery", "self")
     related = ("delivery", "delivery__accepted_offer", "delivery__zone")  # the zone: the pay cap, no extra query
     related = (*related, "driver") if with_driver else related
-    return (
+    return cached_first(("lock_assignment_of_driver", with_driver), Assignment, lambda x, d: (
         Assignment.objects.select_related(*related)
         .select_for_update(of=of)
-        .filter(delivery_id=delivery_id, driver_id=driver_id).order_by("-created_at").first()
-    )
+        .filter(delivery_id=x, driver_id=d).order_by("-created_at")), delivery_id, driver_id)

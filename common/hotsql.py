@@ -1,0 +1,116 @@
+"""Fixed hot statements compiled once per connection instead of once per call.
+
+A locking read such as "the offer of this driver with its delivery and driver, FOR NO KEY
+UPDATE OF …" has the same SQL text on every call; only its parameters (ids, a time) change.
+Building its queryset and compiling it costs more CPU than the round trip it makes.
+`cached_instances` builds and compiles the queryset once per database connection with stand-in
+values for the parameters, remembers the SQL, where each stand-in landed in the parameter list
+and the compiler (its select list, converters and `select_related` layout), and from then on
+only runs the SQL with the call's values and builds the instances as Django's `ModelIterable`
+does (`Model.from_db`, the related populators, the field converters). The statement, its locks
+(`select_for_update`, `of`, `no_key`, `skip_locked`) and the rows are those of the queryset.
+
+Only for querysets whose shape is fixed: every value that changes between calls must be one of
+the parameters (a UUID, or an aware datetime); everything else (statuses, lookups, ordering,
+slicing, `select_related`) belongs to the key. No annotations, prefetches or deferred fields.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+from django.db import connections, models, router
+from django.db.models.query import get_related_populators
+from django.db.transaction import TransactionManagementError
+
+_UUID = models.UUIDField()
+_MAX_ENTRIES = 64  # per connection; more distinct keys run uncached (a caller folding a value into its key)
+
+
+class _Compiled:
+    __slots__ = ("sql", "slots", "compiler", "model", "start", "end", "init_list", "populators", "for_update")
+
+    def __init__(self, queryset, stand_ins: list, alias: str) -> None:
+        compiler = queryset.query.get_compiler(using=alias)
+        sql, params = compiler.as_sql()
+        if compiler.annotation_col_map or queryset._known_related_objects or queryset._prefetch_related_lookups:
+            raise ValueError("cached_instances: annotations, known related objects and prefetches are not supported")
+        positions = {id(s): i for i, s in enumerate(stand_ins)}
+        slots = []  # (True, index of the call's argument) or (False, a constant parameter)
+        seen = set()
+        for p in params:
+            i = positions.get(id(p))
+            if i is None:  # the field's preparation may have copied the stand-in: compare by value
+                i = next((j for j, s in enumerate(stand_ins) if type(s) is type(p) and s == p), None)
+            if i is None:
+                slots.append((False, p))
+            else:
+                slots.append((True, i))
+                seen.add(i)
+        if len(seen) != len(stand_ins):
+            raise ValueError("cached_instances: a parameter does not reach the statement")
+        self.sql, self.slots, self.compiler = sql, tuple(slots), compiler
+        self.for_update = queryset.query.select_for_update
+        klass_info, select = compiler.klass_info, compiler.select
+        self.model = klass_info["model"]
+        select_fields = klass_info["select_fields"]
+        self.start, self.end = select_fields[0], select_fields[-1] + 1
+        self.init_list = [f[0].target.attname for f in select[self.start:self.end]]
+        self.populators = get_related_populators(klass_info, select, alias)
+
+
+def _stand_in(i: int, value):
+    if isinstance(value, datetime):
+        return datetime(1901, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=i + 1)
+    return uuid.UUID(int=0x5EED_0000_0000_0000_0000_0000_0000_0000 + i + 1)
+
+
+def _prepare(value):
+    if isinstance(value, datetime):
+        return value
+    return _UUID.to_python(value)  # as the lookup would: a UUID, ValidationError on bad text
+
+
+def cached_instances(key: tuple, model: type[models.Model], build: Callable[..., models.QuerySet], *args) -> list:
+    """The instances `build(*args)` would return (evaluated as a list), by the SQL compiled
+    once per connection for `key`. `args` are UUIDs (or their text) and aware datetimes, each
+    reaching the statement as a parameter; `build` must depend on nothing else but the key."""
+    alias = router.db_for_write(model)
+    connection = connections[alias]
+    cache = connection.__dict__.setdefault("_hot_sql", {})
+    compiled = cache.get(key)
+    values = [_prepare(a) for a in args]
+    if None in values:  # `= NULL` is not `IS NULL`: the queryset's own statement
+        return list(build(*values).using(alias))
+    if compiled is None:
+        if len(cache) >= _MAX_ENTRIES:
+            return list(build(*values).using(alias))
+        stand_ins = [_stand_in(i, v) for i, v in enumerate(values)]
+        compiled = cache[key] = _Compiled(build(*stand_ins), stand_ins, alias)
+    if compiled.for_update and connection.get_autocommit():
+        raise TransactionManagementError("select_for_update cannot be used outside of a transaction.")
+    params = [values[v] if is_arg else v for is_arg, v in compiled.slots]
+    with connection.cursor() as cursor:
+        cursor.execute(compiled.sql, params)
+        rows = cursor.fetchall()
+    if not rows:
+        return []
+    start, end, init_list, populators = compiled.start, compiled.end, compiled.init_list, compiled.populators
+    from_db = compiled.model.from_db
+    out = []
+    for row in compiled.compiler.results_iter([rows]):
+        obj = from_db(alias, init_list, row[start:end])
+        for populator in populators:
+            populator.populate(row, obj)
+        out.append(obj)
+    return out
+
+
+def cached_first(key: tuple, model: type[models.Model], build: Callable[..., models.QuerySet], *args):
+    """`build(*args).first()` by `cached_instances` (the model's ordering, else the primary key)."""
+    def first(*values):
+        qs = build(*values)
+        return (qs if qs.ordered else qs.order_by("pk"))[:1]
+    found = cached_instances(key, model, first, *args)
+    return found[0] if found else None

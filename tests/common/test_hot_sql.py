@@ -1,0 +1,80 @@
+"""common.hotsql: the cached locking reads return what their querysets return, compile once
+per connection, and keep the queryset's failures (bad id text, no transaction)."""
+import uuid
+from unittest import mock
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.db import connection, transaction
+from django.db.models.sql.compiler import SQLCompiler
+from django.db.transaction import TransactionManagementError
+
+from common.actors import Actor
+from common.hotsql import cached_first
+from dispatch.models import Assignment
+from offers.models import DriverOffer
+from tests.factories import DeliveryFactory, online_driver
+from workflows import locks, offers
+
+pytestmark = pytest.mark.django_db
+
+
+def _fields(obj):
+    return {f.attname: getattr(obj, f.attname) for f in type(obj)._meta.concrete_fields}
+
+
+def _offer():
+    driver = online_driver(km=0.5)
+    delivery = DeliveryFactory()
+    offer = offers.offer_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    return driver, delivery, offer
+
+
+def test_locking_reads_match_the_orm_and_compile_once_per_connection():
+    driver, delivery, offer = _offer()
+    connection.__dict__.pop("_hot_sql", None)
+    with transaction.atomic():
+        got = locks.lock_offer_delivery_driver(offer.pk, driver_id=str(driver.pk))  # the id as text too
+        orm = (DriverOffer.objects.select_related("delivery", "delivery__zone", "driver")
+               .filter(pk=offer.pk).first())
+        assert _fields(got) == _fields(orm)
+        assert _fields(got.delivery) == _fields(orm.delivery)  # geometry fields converted alike
+        assert _fields(got.driver) == _fields(orm.driver)
+        assert got.delivery.zone_id == orm.delivery.zone_id
+        assert got._state.db == "default" and not got._state.adding
+
+        with mock.patch.object(SQLCompiler, "as_sql", autospec=True, side_effect=SQLCompiler.as_sql) as as_sql:
+            again = locks.lock_offer_delivery_driver(offer.pk, driver_id=driver.pk)
+            assert [o.pk for o in locks.lock_offer_and_its_round(offer.pk, driver_id=driver.pk)] == [offer.pk]
+            compiled_round = as_sql.call_count
+            assert [o.pk for o in locks.lock_offer_and_its_round(offer.pk, driver_id=driver.pk)] == [offer.pk]
+        assert again.pk == offer.pk
+        assert compiled_round > 0 and as_sql.call_count == compiled_round  # the second round read compiled nothing
+
+        with pytest.raises(Exception) as missing:
+            locks.lock_offer_delivery_driver(offer.pk, driver_id=uuid.uuid4())  # another driver's
+        assert missing.type.__name__ == "NotFound"
+        assert locks.lock_pending_offer_of_delivery(delivery.pk).pk == offer.pk
+        assert locks.lock_pending_offer_of_driver(uuid.uuid4()) is None
+        assert locks.lock_delivery(delivery.pk, select_related=("zone",)).pk == delivery.pk
+        assert locks.lock_driver(driver.pk, skip_locked=True, location__isnull=False).pk == driver.pk
+
+
+def test_bad_id_text_and_no_transaction_fail_as_the_queryset_does():
+    driver, delivery, offer = _offer()
+    with transaction.atomic(), pytest.raises(ValidationError) as bad:
+        locks.lock_offer(offer.pk, driver_id="not-a-uuid")
+    with pytest.raises(ValidationError) as orm_bad:
+        DriverOffer.objects.filter(pk="not-a-uuid")
+    assert bad.value.messages == orm_bad.value.messages
+    locks.lock_offer(offer.pk)  # compiled and cached (the test runs in a transaction)
+    # then, with no transaction, the cached statement refuses as the ORM does
+    with pytest.raises(TransactionManagementError):
+        with mock.patch.object(connection, "get_autocommit", return_value=True):
+            locks.lock_offer(offer.pk)
+
+
+def test_none_runs_the_querysets_own_is_null():
+    _offer()
+    assignment_none = cached_first(("test_none",), Assignment, lambda d: Assignment.objects.filter(driver_id=d), None)
+    assert assignment_none == Assignment.objects.filter(driver_id=None).first()
