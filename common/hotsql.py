@@ -16,26 +16,27 @@ slicing, `select_related`) belongs to the key. No annotations, prefetches or def
 """
 from __future__ import annotations
 
+import operator
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from django.db import connections, models, router
-from django.db.models.query import get_related_populators
+from django.db.models.query import ModelIterable, ValuesListIterable, get_related_populators
 from django.db.transaction import TransactionManagementError
 
 _UUID = models.UUIDField()
-_MAX_ENTRIES = 64  # per connection; more distinct keys run uncached (a caller folding a value into its key)
+_MAX_ENTRIES = 256  # per connection; more distinct keys run uncached (a caller folding a value into its key)
 
 
 class _Compiled:
-    __slots__ = ("sql", "slots", "compiler", "model", "start", "end", "init_list", "populators", "for_update")
+    __slots__ = ("sql", "slots", "compiler", "model", "start", "end", "init_list", "populators", "for_update", "reorder")
 
-    def __init__(self, queryset, stand_ins: list, alias: str) -> None:
+    def __init__(self, queryset, stand_ins: list, alias: str, rows: bool) -> None:
         compiler = queryset.query.get_compiler(using=alias)
         sql, params = compiler.as_sql()
-        if compiler.annotation_col_map or queryset._known_related_objects or queryset._prefetch_related_lookups:
-            raise ValueError("cached_instances: annotations, known related objects and prefetches are not supported")
+        if queryset._known_related_objects or queryset._prefetch_related_lookups:
+            raise ValueError("cached_instances: known related objects and prefetches are not supported")
         positions = {id(s): i for i, s in enumerate(stand_ins)}
         slots = []  # (True, index of the call's argument) or (False, a constant parameter)
         seen = set()
@@ -53,6 +54,18 @@ class _Compiled:
         self.sql, self.slots, self.compiler = sql, tuple(slots), compiler
         self.for_update = queryset.query.select_for_update
         klass_info, select = compiler.klass_info, compiler.select
+        self.reorder = None
+        if rows:  # values_list(): rows, not instances, in its order (as ValuesListIterable)
+            self.model = None
+            query = queryset.query
+            names = [*query.extra_select, *query.values_select, *query.annotation_select]
+            fields = [*queryset._fields, *(f for f in query.annotation_select if f not in queryset._fields)]
+            if queryset._fields and fields != names:
+                index = {name: i for i, name in enumerate(names)}
+                self.reorder = operator.itemgetter(*[index[f] for f in fields])
+            return
+        if compiler.annotation_col_map:
+            raise ValueError("cached_instances: annotations are not supported")
         self.model = klass_info["model"]
         select_fields = klass_info["select_fields"]
         self.start, self.end = select_fields[0], select_fields[-1] + 1
@@ -76,18 +89,29 @@ def cached_instances(key: tuple, model: type[models.Model], build: Callable[...,
     """The instances `build(*args)` would return (evaluated as a list), by the SQL compiled
     once per connection for `key`. `args` are UUIDs (or their text) and aware datetimes, each
     reaching the statement as a parameter; `build` must depend on nothing else but the key."""
-    alias = router.db_for_write(model)
+    return _run(key, model, build, args, ModelIterable)
+
+
+def cached_rows(key: tuple, model: type[models.Model], build: Callable[..., models.QuerySet], *args) -> list[tuple]:
+    """`cached_instances` for a `values_list()` queryset (not flat, not named): its tuples."""
+    return _run(key, model, build, args, ValuesListIterable)
+
+
+def _run(key, model, build, args, iterable) -> list:
+    alias = router.db_for_write(model) if iterable is ModelIterable else router.db_for_read(model)
     connection = connections[alias]
     cache = connection.__dict__.setdefault("_hot_sql", {})
     compiled = cache.get(key)
     values = [_prepare(a) for a in args]
-    if None in values:  # `= NULL` is not `IS NULL`: the queryset's own statement
+    if None in values or (compiled is None and len(cache) >= _MAX_ENTRIES):
+        # `= NULL` is not `IS NULL`; too many keys: the queryset's own statement
         return list(build(*values).using(alias))
     if compiled is None:
-        if len(cache) >= _MAX_ENTRIES:
-            return list(build(*values).using(alias))
         stand_ins = [_stand_in(i, v) for i, v in enumerate(values)]
-        compiled = cache[key] = _Compiled(build(*stand_ins), stand_ins, alias)
+        queryset = build(*stand_ins).using(alias)
+        if queryset._iterable_class is not iterable:
+            raise ValueError(f"cached_instances/cached_rows: {queryset._iterable_class.__name__} is not {iterable.__name__}")
+        compiled = cache[key] = _Compiled(queryset, stand_ins, alias, rows=iterable is ValuesListIterable)
     if compiled.for_update and connection.get_autocommit():
         raise TransactionManagementError("select_for_update cannot be used outside of a transaction.")
     params = [values[v] if is_arg else v for is_arg, v in compiled.slots]
@@ -96,6 +120,10 @@ def cached_instances(key: tuple, model: type[models.Model], build: Callable[...,
         rows = cursor.fetchall()
     if not rows:
         return []
+    if compiled.model is None:
+        if compiled.reorder is not None:
+            return list(map(compiled.reorder, compiled.compiler.results_iter([rows])))
+        return list(compiled.compiler.results_iter([rows], tuple_expected=True))
     start, end, init_list, populators = compiled.start, compiled.end, compiled.init_list, compiled.populators
     from_db = compiled.model.from_db
     out = []

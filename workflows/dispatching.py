@@ -37,6 +37,7 @@ from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
 from common.actors import Actor
 from common.exceptions import Conflict
+from common.hotsql import cached_rows
 from dispatch.models import Delivery, DeliveryStatus, DispatchPolicy
 from escalation.models import FailureReason, UnassignedOrder
 from escalation.services import unassigned_record_failure
@@ -132,19 +133,29 @@ def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
     (PostgreSQL has the last word: Redis is derived and may lag a moment), whether it was
     offered this delivery before, whether it has a pending offer, its preference for the
     delivery's zone, and its answered / accepted offer counts (the acceptance rate)."""
-    offers = DriverOffer.objects.filter(driver=OuterRef("pk"))
     zone_id = getattr(delivery, "zone_id", None)
-    preference = (
-        Subquery(DriverZonePreference.objects.filter(zone_id=zone_id, driver=OuterRef("pk")).values("preference")[:1])
-        if zone_id else Value(None, output_field=CharField())
-    )
-    rows = Driver.objects.filter(pk__in=ids).order_by().values_list(
-        "pk", "availability", "vehicle_type",
-        Exists(offers.filter(delivery_id=delivery.pk)),
-        Exists(offers.filter(status=OfferStatus.PENDING)),
-        preference,
-        *answer_counts(),
-    )
+    ids = list(dict.fromkeys(ids))
+    # The statement's shape is its number of ids: padded to a power of two with the last one
+    # repeated (harmless in IN), a handful of shapes to compile per connection, not one per count.
+    ids += ids[-1:] * ((1 << (len(ids) - 1).bit_length()) - len(ids))
+
+    def build(delivery_id, *rest):
+        offers = DriverOffer.objects.filter(driver=OuterRef("pk"))
+        zone, driver_ids = (rest[0], rest[1:]) if zone_id else (None, rest)
+        preference = (
+            Subquery(DriverZonePreference.objects.filter(zone_id=zone, driver=OuterRef("pk")).values("preference")[:1])
+            if zone_id else Value(None, output_field=CharField())
+        )
+        return Driver.objects.filter(pk__in=driver_ids).order_by().values_list(
+            "pk", "availability", "vehicle_type",
+            Exists(offers.filter(delivery_id=delivery_id)),
+            Exists(offers.filter(status=OfferStatus.PENDING)),
+            preference,
+            *answer_counts(),
+        )
+    # compiled once per connection and shape (with or without a zone, how many candidates)
+    rows = cached_rows(("screening", bool(zone_id), len(ids)), Driver, build,
+                       delivery.pk, *((zone_id,) if zone_id else ()), *ids)
     return {str(row[0]): row[1:] for row in rows}
 
 

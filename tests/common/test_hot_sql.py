@@ -78,3 +78,31 @@ def test_none_runs_the_querysets_own_is_null():
     _offer()
     assignment_none = cached_first(("test_none",), Assignment, lambda d: Assignment.objects.filter(driver_id=d), None)
     assert assignment_none == Assignment.objects.filter(driver_id=None).first()
+
+
+def test_screening_rows_match_the_uncached_query_for_every_shape():
+    from django.db.models import CharField, Exists, OuterRef, Value
+
+    from workflows.dispatching import _ANSWERED, _count_offers, _screening_rows
+    from availability.models import Driver
+    from offers.models import OfferStatus
+
+    driver, delivery, offer = _offer()
+    others = [online_driver(km=0.5 + i / 10) for i in range(4)]
+    offers_q = DriverOffer.objects.filter(driver=OuterRef("pk"))
+    for ids in ([driver.pk], [driver.pk, others[0].pk, others[1].pk], [str(d.pk) for d in [driver, *others]],
+                [driver.pk, driver.pk, str(uuid.uuid4())]):
+        ids = [str(i) for i in ids]
+        expected = {
+            str(r[0]): r[1:] for r in Driver.objects.filter(pk__in=ids).order_by().values_list(
+                "pk", "availability", "vehicle_type",
+                Exists(offers_q.filter(delivery_id=delivery.pk)),
+                Exists(offers_q.filter(status=OfferStatus.PENDING)),
+                Value(None, output_field=CharField()) if not delivery.zone_id else Value("x"),
+                _count_offers(status__in=_ANSWERED), _count_offers(status=OfferStatus.ACCEPTED))
+        }
+        got = _screening_rows(delivery, ids)
+        assert set(got) == set(expected)
+        for k, row in got.items():
+            assert row[:4] == expected[k][:4] and row[5:] == expected[k][5:]
+    assert got[str(driver.pk)][2] is True and got[str(driver.pk)][3] is True  # offered this delivery, pending
