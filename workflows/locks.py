@@ -127,7 +127,7 @@ def lock_delivery(delivery_id, *, skip_locked: bool = False, select_related: tup
     def build(x):
         qs = Delivery.objects.select_for_update(of=("self",), skip_locked=skip_locked)
         return (qs.select_related(*select_related) if select_related else qs).filter(pk=x)
-    delivery = cached_first(("lock_delivery", skip_locked, select_related), Delivery, build, delivery_id)
+    delivery = cached_first(("lock_delivery", skip_locked, tuple(select_related)), Delivery, build, delivery_id)
     if delivery is None and not skip_locked:
         raise NotFound("Delivery not found.")
     return delivery
