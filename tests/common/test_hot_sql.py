@@ -5,7 +5,7 @@ from unittest import mock
 
 import pytest
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.models.sql.compiler import SQLCompiler
 from django.db.transaction import TransactionManagementError
 
@@ -32,7 +32,7 @@ def _offer():
 
 def test_locking_reads_match_the_orm_and_compile_once_per_connection():
     driver, delivery, offer = _offer()
-    connection.__dict__.pop("_hot_sql", None)
+    connections["default"].__dict__.pop("_hot_sql", None)  # the wrapper, not the proxy
     with transaction.atomic():
         got = locks.lock_offer_delivery_driver(offer.pk, driver_id=str(driver.pk))  # the id as text too
         orm = (DriverOffer.objects.select_related("delivery", "delivery__zone", "driver")
