@@ -83,7 +83,7 @@ def test_none_runs_the_querysets_own_is_null():
 def test_screening_rows_match_the_uncached_query_for_every_shape():
     from django.db.models import CharField, Exists, OuterRef, Value
 
-    from workflows.dispatching import _ANSWERED, _count_offers, _screening_rows
+    from workflows.dispatching import _screening_rows, answer_counts
     from availability.models import Driver
     from offers.models import OfferStatus
 
@@ -99,7 +99,7 @@ def test_screening_rows_match_the_uncached_query_for_every_shape():
                 Exists(offers_q.filter(delivery_id=delivery.pk)),
                 Exists(offers_q.filter(status=OfferStatus.PENDING)),
                 Value(None, output_field=CharField()) if not delivery.zone_id else Value("x"),
-                _count_offers(status__in=_ANSWERED), _count_offers(status=OfferStatus.ACCEPTED))
+                *answer_counts())
         }
         got = _screening_rows(delivery, ids)
         assert set(got) == set(expected)
