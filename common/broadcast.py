@@ -237,16 +237,23 @@ def broadcast_on_commit(groups: Iterable[str], event: Mapping[str, Any]) -> None
 
 
 @contextmanager
+def _thread_sink(name: str, sink):
+    """This thread's `name` sink is `sink` inside, the previous one again afterwards."""
+    previous = getattr(_local, name, None)
+    setattr(_local, name, sink)
+    try:
+        yield
+    finally:
+        setattr(_local, name, previous)
+
+
+@contextmanager
 def events_diverted(sink):
     """Inside, this thread's committed live events go to `sink(entries)` instead of the channel
     layers (the simulator: no socket listens to a simulated city). The webhook outbox still
     sees every event as it is emitted (`event_emitted`)."""
-    previous = getattr(_local, "event_sink", None)
-    _local.event_sink = sink
-    try:
+    with _thread_sink("event_sink", sink):
         yield
-    finally:
-        _local.event_sink = previous
 
 
 @contextmanager
@@ -254,12 +261,8 @@ def tasks_diverted(sink):
     """Inside, this thread's enqueues go to `sink(name, args, options)` after commit instead of
     the broker: the simulator (simulation/) plays the workers itself, on its own clock (an
     offer's push is the driver hearing of it, `offers.expire_offer` runs at its eta)."""
-    previous = getattr(_local, "task_sink", None)
-    _local.task_sink = sink
-    try:
+    with _thread_sink("task_sink", sink):
         yield
-    finally:
-        _local.task_sink = previous
 
 
 def enqueue_task_on_commit(name: str, *args, **options) -> None:
