@@ -8,7 +8,8 @@ failure is logged and never raised, and each group gets its events in the order 
 emitted.
 
 Where the events go from: under the ASGI server (a sync view in its worker thread) they are
-sent on the server's event loop, as `async_to_sync` does. In a process with no event loop of its
+sent on the server's event loop, as `async_to_sync` does (the lean API handler's request
+threads name that loop with `bind_server_loop`). In a process with no event loop of its
 own (`manage.py consume_fixes`, Celery workers, shell), `async_to_sync` would start a new loop
 per call, and the channel layers, which keep their Redis connections per loop, would connect
 anew for every event (a TCP connect and redis-py's client-info lookup per call: a third of the
@@ -113,7 +114,10 @@ def send_many(entries: Sequence[Entry]) -> None:
         sink(entries)
         return
     try:
-        if _server_loop() is not None:
+        bound = getattr(_local, "server_loop", None)
+        if bound is not None and bound.is_running():
+            asyncio.run_coroutine_threadsafe(_send_all(entries), bound).result(timeout=SEND_TIMEOUT)
+        elif _server_loop() is not None:
             async_to_sync(_send_all)(entries)
         else:
             future = asyncio.run_coroutine_threadsafe(_send_all(entries), _sender_loop())
@@ -129,6 +133,12 @@ SEND_TIMEOUT = 15.0
 
 _sender_lock = threading.Lock()
 _sender: tuple[int, asyncio.AbstractEventLoop] | None = None
+
+
+def bind_server_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Send this thread's events on `loop`: for a request thread the ASGI server runs sync code
+    on without `sync_to_async` (config.asgi.LeanApiHandler); None unbinds."""
+    _local.server_loop = loop
 
 
 def _server_loop() -> asyncio.AbstractEventLoop | None:

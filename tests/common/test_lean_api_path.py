@@ -50,17 +50,29 @@ def test_a_token_request_gets_the_same_answer_from_the_lean_stack():
     assert bad.status_code == 401 and bad.json()["error"] == "Unauthorized"
 
 
-def test_the_lean_stack_hops_into_threads_only_for_the_view_where_the_full_stack_hops_per_middleware(hops):
+def test_a_lean_request_runs_on_one_thread_start_to_end_where_the_full_stack_hops_per_step(hops):
     driver = DriverFactory()
     path, auth = f"/v2/drivers/{driver.pk}", {"Authorization": f"Token {token_for(driver.user)}"}
-    get(application, path, auth)
-    lean = [h for h in hops if "signal" not in h.lower() and "close_old_connections" not in h]
-    hops.clear()
+    threads = []
+
+    def record(**kwargs):
+        threads.append(threading.get_ident())
+
+    signals.request_started.connect(record, weak=False, dispatch_uid="test-one-hop-start")
+    signals.request_finished.connect(record, weak=False, dispatch_uid="test-one-hop-end")
+    try:
+        response = get(application, path, auth)
+    finally:
+        signals.request_started.disconnect(dispatch_uid="test-one-hop-start")
+        signals.request_finished.disconnect(dispatch_uid="test-one-hop-end")
+    assert response.status_code == 200
+    # request_started, the view and request_finished on one thread, entered once, not via sync_to_async
+    assert hops == [] and len(threads) == 2 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
     get(django_asgi_app, path, auth)
     full = [h for h in hops if "signal" not in h.lower() and "close_old_connections" not in h]
-    # The DRF view, and Django's own render and close of its response: nothing per middleware.
-    assert sorted(lean) == sorted(["View.as_view.<locals>.view", "SimpleTemplateResponse.render", "HttpResponseBase.close"])
-    assert len(full) >= len(lean) + 6, full
+    # Django's handler: the DRF view, its render and its close, each a hop of its own, plus the middlewares'.
+    assert {"View.as_view.<locals>.view", "SimpleTemplateResponse.render", "HttpResponseBase.close"} <= set(full)
+    assert len(full) >= 6, full
 
 
 def test_only_token_requests_to_the_api_take_the_lean_stack():
@@ -159,3 +171,33 @@ def test_at_most_idle_executors_are_kept(monkeypatch):
         signals.request_started.disconnect(dispatch_uid="test-all-started")
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert len(handler._idle) == 1  # the other two were shut down
+
+
+def test_a_lean_requests_events_go_out_on_the_servers_loop_before_its_response(monkeypatch):
+    """The request thread is not a sync_to_async thread: its on-commit events are sent on the
+    loop serving it (not the process's spare sender loop), and are out before the response."""
+    from channels.testing import WebsocketCommunicator
+
+    import common.broadcast
+
+    def no_sender_loop():
+        raise AssertionError("a request's events went to the spare sender loop")
+
+    monkeypatch.setattr(common.broadcast, "_sender_loop", no_sender_loop)
+    driver = DriverFactory(availability="available")
+    auth = {"Authorization": f"Token {token_for(driver.user)}"}
+
+    async def scenario():
+        sock = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        assert (await sock.connect())[0]
+        assert (await sock.receive_json_from(timeout=5))["type"] == "availability_snapshot"
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            response = await client.post(f"/v2/drivers/{driver.pk}/availability/take-break",
+                                         json={"durationMinutes": 15, "reason": "lunch_break"}, headers=auth)
+        assert response.status_code == 200, response.text
+        event = await sock.receive_json_from(timeout=5)
+        assert (event["type"], event["fromState"], event["toState"]) == ("availability_changed", "available", "on_break")
+        await sock.disconnect()
+
+    async_to_sync(scenario)()
