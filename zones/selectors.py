@@ -22,6 +22,7 @@ from django.utils import timezone
 from availability.models import Driver, DriverAvailability
 from common.errors import iso
 from common.exceptions import NotFound
+from common.hotsql import cached_first
 from common.redis import RedisUnavailable, get_redis
 from dispatch.models import Delivery, DeliveryStatus
 from zones.events import ZoneHealth
@@ -75,16 +76,19 @@ def zone_for_point_and_any(point: Point) -> tuple[DeliveryZone | None, bool]:
     query: intake refuses a pickup outside every zone only while there are zones."""
     if point.srid is None:
         point = Point(point.x, point.y, srid=4326)
-    best = (
-        DeliveryZone.objects.annotate(
-            covering=ExpressionWrapper(Q(geometry__covers=point), output_field=BooleanField()),
-            area_m2=_GeographyArea("geometry"),
-        )
-        .order_by("-covering", "priority_level", "area_m2", "id").first()
-    )
+    # every create and quote asks: compiled once per connection (common.hotsql), the point its
+    # one parameter; the zones themselves are read by the statement every time
+    best = cached_first(("zones.zone_for_point_and_any",), DeliveryZone, _best_zone_first, point)
     if best is None:
         return None, False
     return (best if best.covering else None), True
+
+
+def _best_zone_first(point: Point) -> QuerySet[DeliveryZone]:
+    return DeliveryZone.objects.annotate(
+        covering=ExpressionWrapper(Q(geometry__covers=point), output_field=BooleanField()),
+        area_m2=_GeographyArea("geometry"),
+    ).order_by("-covering", "priority_level", "area_m2", "id")
 
 
 def zone_get(*, zone_id) -> DeliveryZone:

@@ -106,3 +106,33 @@ def test_screening_rows_match_the_uncached_query_for_every_shape():
         for k, row in got.items():
             assert row[:4] == expected[k][:4] and row[5:] == expected[k][5:]
     assert got[str(driver.pk)][2] is True and got[str(driver.pk)][3] is True  # offered this delivery, pending
+
+
+def test_a_geometry_parameter_is_bound_per_call_and_annotations_come_back():
+    """The zone lookup of intake: a Point parameter (a PostGIS adapter in the statement) and two
+    annotations; the same zones, `covering` and `area_m2` as the ORM's queryset, compiled once."""
+    from django.contrib.gis.geos import Point
+
+    from tests.factories import ZoneFactory
+    from zones.selectors import _best_zone_first, zone_for_point_and_any
+
+    big = ZoneFactory(name="Big", bbox=(40.0, 20.0, 41.0, 21.0), priority_level=3)
+    small = ZoneFactory(name="Small", bbox=(40.4, 20.4, 40.5, 20.5), priority_level=3)
+    connections["default"].__dict__.pop("_hot_sql", None)
+    points = [Point(40.45, 20.45, srid=4326), Point(40.9, 20.9, srid=4326), Point(-3.0, 5.0, srid=4326),
+              Point(40.45, 20.45)]  # no SRID: taken as 4326, as the uncached lookup did
+    expected = [small, big, None, small]
+    for point, zone in zip(points, expected):
+        got, any_zone = zone_for_point_and_any(point)
+        assert got == zone and any_zone
+        orm = _best_zone_first(Point(point.x, point.y, srid=4326)).first()
+        cached = cached_first(("zones.zone_for_point_and_any",), type(big), _best_zone_first,
+                              Point(point.x, point.y, srid=4326))
+        assert _fields(cached) == _fields(orm)
+        assert (cached.covering, cached.area_m2) == (orm.covering, orm.area_m2)
+    with mock.patch.object(SQLCompiler, "as_sql", autospec=True, side_effect=SQLCompiler.as_sql) as as_sql:
+        assert zone_for_point_and_any(Point(40.9, 20.9, srid=4326)) == (big, True)
+    assert as_sql.call_count == 0
+    # another SRID is another statement (ST_Transform), compiled for itself
+    in_small_3857 = Point(40.45, 20.45, srid=4326).transform(3857, clone=True)
+    assert cached_first(("zones.zone_for_point_and_any",), type(big), _best_zone_first, in_small_3857) == small

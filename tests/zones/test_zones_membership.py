@@ -201,3 +201,32 @@ def test_demo_data_has_bengaluru_zones_and_its_deliveries_get_one():
     assert zone_for_point(at(77.5946, 12.9716)).name == "Central Business District"
     assert zone_for_point(at(77.70, 13.05)).name == "Greater Bengaluru"
     assert not DeliveryZone.objects.filter(name__in=DEMO_ZONES, health_score__isnull=True).exists()
+
+
+def test_the_zone_lookup_of_intake_sees_every_zone_edit_at_once(integration, settings):
+    """Intake's zone lookup is compiled once per connection (common.hotsql), but the zones are
+    read by the statement on every create: an edit, a new zone, a priority change and a
+    deletion each decide the very next create on the same connection."""
+    settings.SERVICEABILITY_REQUIRE_ZONE = True
+    settings.MAX_DELIVERY_DISTANCE_KM = 100
+    downtown = ZoneFactory(name="Downtown", bbox=DOWNTOWN, priority_level=3)
+    assert _new_delivery(integration, "E-1", 10.95, 30.55).json()["zoneId"] == str(downtown.pk)
+
+    zone_update(zone_id=downtown.pk, geometry=box(30.0, 10.0, 30.1, 10.1))  # moved away
+    moved = _new_delivery(integration, "E-2", 10.95, 30.55)
+    assert_error(moved, 400)
+    assert list(moved.json()["details"]) == ["pickupLocation"]  # outside every zone while zones exist
+
+    city = ZoneFactory(name="City", bbox=(30.0, 10.0, 31.0, 12.0), priority_level=4)  # drawn
+    assert _new_delivery(integration, "E-3", 10.95, 30.55).json()["zoneId"] == str(city.pk)
+    zone_update(zone_id=downtown.pk, geometry=box(*DOWNTOWN))  # back, now the better zone
+    assert _new_delivery(integration, "E-4", 10.95, 30.55).json()["zoneId"] == str(downtown.pk)
+    zone_update(zone_id=city.pk, priority_level=1)  # reprioritised
+    assert _new_delivery(integration, "E-5", 10.95, 30.55).json()["zoneId"] == str(city.pk)
+
+    city.delete()
+    assert _new_delivery(integration, "E-6", 10.95, 30.55).json()["zoneId"] == str(downtown.pk)
+    downtown.delete()  # no zone left: a pickup anywhere is taken, without a zone
+    last = _new_delivery(integration, "E-7", 10.95, 30.55)
+    assert last.status_code == 201, last.content
+    assert last.json()["zoneId"] is None
