@@ -6,6 +6,8 @@ from django.contrib.gis.db import models
 from django.core.exceptions import ValidationError
 from django.db.models import F, Q
 
+from common.db import save_fields
+
 
 class DriverAvailability(models.TextChoices):
     AVAILABLE = "available"
@@ -122,6 +124,12 @@ class Driver(models.Model):
                 f.name for f in self._meta.concrete_fields if not f.primary_key and f.name != "active_assignments"
             ]
         super().save(*args, **kwargs)
+
+    def save_fields(self, *fields: str) -> None:
+        """`save(update_fields=fields)` of a driver that exists, its UPDATE built once
+        (`common.db.save_fields`), the capacity set as `save()` sets it."""
+        self.capacity = capacity_for_vehicle(self.vehicle_type)
+        save_fields(self, fields)
 
 
 class DriverAvailabilityHistory(models.Model):

@@ -82,11 +82,9 @@ def apply_availability_change(
     driver.last_availability_change = now
     driver.availability_change_actor = actor.id
     driver.availability_change_actor_type = actor.type
-    driver.save(
-        update_fields=[
-            "availability", "availability_until", "availability_reason", "last_availability_change",
-            "availability_change_actor", "availability_change_actor_type", "updated_at",
-        ]
+    driver.save_fields(
+        "availability", "availability_until", "availability_reason", "last_availability_change",
+        "availability_change_actor", "availability_change_actor_type", "updated_at",
     )
     row = DriverAvailabilityHistory(
         driver=driver, from_state=from_state, to_state=to_state, reason=reason or "",

@@ -1,12 +1,13 @@
 """Small SQL helpers the ORM has no single call for: INSERT … ON CONFLICT DO NOTHING that says
 whether the row went in, several of them (or one and an UPDATE) in one statement; the rows of
-several tables in one statement (`insert_many`)."""
+several tables in one statement (`insert_many`); `save(update_fields=…)` without compiling
+its UPDATE each time (`save_fields`)."""
 from __future__ import annotations
 
 from typing import Any
 
-from django.db import connections, router
-from django.db.models import Model, QuerySet
+from django.db import DatabaseError, connections, router
+from django.db.models import Model, QuerySet, signals
 from django.db.models.constants import OnConflict
 from django.db.models.sql import InsertQuery, UpdateQuery
 
@@ -139,3 +140,63 @@ def insert_many(*batches) -> None:
     for rows in batches:
         for row in rows:
             _saved(row, using)
+
+
+_updates: dict[tuple, tuple[str, list] | None] = {}
+
+
+def _update_of(model, fields: tuple, using: str) -> tuple[str, list] | None:
+    """(the UPDATE's text, its fields) for `save_fields`, or None where `save()` must do it."""
+    opts = model._meta
+    targets = [opts.get_field(name) for name in fields]  # an unknown name raises FieldDoesNotExist
+    if opts.parents or any(f.primary_key or not f.concrete or f.generated or hasattr(f, "get_placeholder")
+                           for f in targets):
+        return None
+    quote = connections[using].ops.quote_name
+    sql = (f"UPDATE {quote(opts.db_table)} SET " + ", ".join(f"{quote(f.column)} = %s" for f in targets)
+           + f" WHERE {quote(opts.db_table)}.{quote(opts.pk.column)} = %s")
+    return sql, targets
+
+
+def save_fields(obj: Model, fields) -> None:
+    """`obj.save(update_fields=fields)` for a row that exists, by an UPDATE whose text is built
+    once per (model, fields, database) instead of compiled on every save: the same statement
+    (`UPDATE … SET f = %s, … WHERE pk = %s`), the values prepared as `save()` prepares them
+    (`pre_save`, so an `auto_now` field in `fields` gets the time; `get_db_prep_save`), the
+    unsaved-related-object check, and "did not affect any rows" as a DatabaseError. With a
+    pre_save/post_save receiver, an unsaved `obj`, a value the SQL would have to compile (an
+    expression) or a field with a placeholder of its own (a geometry), it is `obj.save(…)`.
+    A model whose `save()` does more must do that itself before calling this."""
+    fields = tuple(fields)
+    if not fields:
+        return  # as save(update_fields=[])
+    model = type(obj)
+    using = router.db_for_write(model, instance=obj)
+    key = (model, fields, using)
+    try:
+        update = _updates[key]
+    except KeyError:
+        update = _updates[key] = _update_of(model, fields, using)
+    if (update is None or obj._state.adding or signals.pre_save.has_listeners(model)
+            or signals.post_save.has_listeners(model)):
+        return obj.save(update_fields=fields)
+    sql, targets = update
+    obj._prepare_related_fields_for_save(operation_name="save")  # as save() does, on every relation
+    connection = connections[using]
+    params = []
+    for field in targets:
+        value = field.pre_save(obj, False)
+        if hasattr(value, "resolve_expression") or hasattr(value, "prepare_database_save"):
+            return obj.save(update_fields=fields)
+        params.append(field.get_db_prep_save(value, connection=connection))
+    params.append(model._meta.pk.get_db_prep_value(obj.pk, connection))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            if cursor.rowcount < 1:
+                raise DatabaseError("Save with update_fields did not affect any rows.")
+    except Exception:
+        if connection.in_atomic_block:  # as save()'s `transaction.mark_for_rollback_on_error`
+            connection.needs_rollback = True
+        raise
+    obj._state.db = using

@@ -25,7 +25,7 @@ from availability.models import Driver, DriverAvailability, capacity_for_vehicle
 from availability.services import apply_availability_change
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group
-from common.db import insert_unless_conflict
+from common.db import insert_unless_conflict, save_fields
 from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import events
 from dispatch.models import (
@@ -133,7 +133,7 @@ def assignment_start_locked(
     transaction.on_commit(lambda: live.active_delivery_set(driver.pk, delivery.pk), robust=True)  # its fixes reach the customer
     delivery.status = S.ASSIGNED
     delivery.assigned_at = now
-    delivery.save(update_fields=["status", "assigned_at", "updated_at", *also_save])
+    save_fields(delivery, ["status", "assigned_at", "updated_at", *also_save])
     if stacked:
         details = {**(details or {}), "stacked": True, "activeAssignments": driver.active_assignments}
     audit_record(
@@ -162,7 +162,7 @@ def assignment_end_locked(
     assignment.status = status
     assignment.ended_at = now
     assignment.end_reason = reason
-    assignment.save(update_fields=["status", "ended_at", "end_reason"])
+    save_fields(assignment, ["status", "ended_at", "end_reason"])
     driver.active_assignments = max(0, driver.active_assignments - 1)  # the trigger's count, as the row now has it
     delivery_id = assignment.delivery_id
     transaction.on_commit(lambda: live.active_delivery_clear(assignment.driver_id, delivery_id), robust=True)
@@ -347,7 +347,7 @@ def delivery_step_apply(
         delivery.failure_reason = reason
         delivery.failure_code, delivery.failure_note = failure_code_and_note(reason, note)
         fields += ["failure_reason", "failure_code", "failure_note"]
-    delivery.save(update_fields=fields)
+    save_fields(delivery, fields)
     details = {"driverId": str(assignment.driver_id), "assignmentId": str(assignment.pk)}
     if reason:
         details["reason"] = reason

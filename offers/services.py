@@ -26,7 +26,7 @@ from common.broadcast import (
     driver_group,
     enqueue_task_on_commit,
 )
-from common.db import insert_many_unless_conflict, insert_unless_conflict
+from common.db import insert_many_unless_conflict, insert_unless_conflict, save_fields
 from common.errors import iso
 from common.exceptions import Conflict
 from common.fields import point_json
@@ -224,7 +224,7 @@ def offer_mark_accepted(offer: DriverOffer, *, delivery: Delivery, actor: Actor,
     offer.status = OfferStatus.ACCEPTED
     offer.accepted_at = now
     offer.driver_response_time_ms = response_ms
-    offer.save(update_fields=["status", "accepted_at", "driver_response_time_ms"])
+    save_fields(offer, ["status", "accepted_at", "driver_response_time_ms"])
     delivery.current_offer = None
     delivery.accepted_offer = offer
     delivery.offer_acceptance_count += 1  # the row is locked: the same as F() + 1
@@ -245,7 +245,7 @@ def offer_mark_rejected(offer: DriverOffer, *, delivery: Delivery, reason: str, 
     offer.rejected_at = now
     offer.rejection_reason = reason
     offer.driver_response_time_ms = _response_ms(offer, now)
-    offer.save(update_fields=["status", "rejected_at", "rejection_reason", "driver_response_time_ms"])
+    save_fields(offer, ["status", "rejected_at", "rejection_reason", "driver_response_time_ms"])
     _close_current_offer(delivery, offer, now)
     audit_record(
         delivery=delivery, event_type=E.DRIVER_REJECTED, actor=actor, now=now,
