@@ -9,6 +9,7 @@ from typing import Any
 from django.db import DatabaseError, connections, router
 from django.db.models import Model, QuerySet, signals
 from django.db.models.constants import OnConflict
+from django.db.models.expressions import DatabaseDefault
 from django.db.models.sql import InsertQuery, UpdateQuery
 
 
@@ -99,6 +100,45 @@ def insert_all_unless_conflict(*objs: Model) -> list[bool]:
     return inserted
 
 
+_insert_texts: dict[tuple, str] = {}
+_INSERT_ROWS_CACHED, _INSERT_SHAPES_MAX = 8, 512  # a request's few rows; larger batches compile
+
+
+def _insert_rows_sql(model, fields: list, rows: list, using: str) -> tuple[str, list]:
+    """The multi-row INSERT of `rows` as InsertQuery compiles it, its text compiled once per
+    shape (model, fields, number of rows, which values are DEFAULT) and its parameters
+    prepared as the compiler prepares them (`pre_save(add=True)`, `get_db_prep_save`). A
+    value that is another expression, or a field with a placeholder of its own, compiles."""
+    connection = connections[using]
+    params, defaults = [], []
+    for i, obj in enumerate(rows):
+        for j, field in enumerate(fields):
+            value = field.pre_save(obj, add=True)
+            if isinstance(value, DatabaseDefault):
+                defaults.append((i, j))
+                continue
+            if hasattr(value, "resolve_expression") or hasattr(field, "get_placeholder"):
+                return _insert_compiled(model, fields, rows, using)
+            params.append(field.get_db_prep_save(value, connection=connection))
+    key = (model, tuple(fields), len(rows), tuple(defaults), using)
+    sql = _insert_texts.get(key)
+    if sql is not None:
+        return sql, params
+    # compiled (pre_save again: the compiler's values are the ones the rows now hold)
+    sql, compiled = _insert_compiled(model, fields, rows, using)
+    if len(rows) <= _INSERT_ROWS_CACHED and len(_insert_texts) < _INSERT_SHAPES_MAX \
+            and [type(p) for p in compiled] == [type(p) for p in params]:  # else not the shape we think
+        _insert_texts[key] = sql
+    return sql, compiled
+
+
+def _insert_compiled(model, fields: list, rows: list, using: str) -> tuple[str, list]:
+    query = InsertQuery(model)
+    query.insert_values(fields, rows)
+    ((sql, params),) = query.get_compiler(using=using).as_sql()
+    return sql, list(params)
+
+
 def insert_many(*batches) -> None:
     """Several multi-row INSERTs (one list of unsaved rows of one model each) in one statement:
     `WITH i0 AS (INSERT … VALUES (…), (…) RETURNING …), i1 AS (…) SELECT …`. Rows are
@@ -121,9 +161,7 @@ def insert_many(*batches) -> None:
         # `db_default` field (written as DEFAULT)
         fields = [f for f in opts.local_concrete_fields if not f.generated and not (f.primary_key and f.db_returning)]
         back = list(opts.db_returning_fields)
-        query = InsertQuery(model)
-        query.insert_values(fields, rows)
-        ((sql, p),) = query.get_compiler(using=using).as_sql()
+        sql, p = _insert_rows_sql(model, fields, rows, using)
         columns = ", ".join(connections[using].ops.quote_name(f.column) for f in back)
         ctes.append(f"i{i} AS ({sql} RETURNING {columns})" if back else f"i{i} AS ({sql})")
         params.extend(p)

@@ -1,12 +1,12 @@
-"""common.db.save_fields: `save(update_fields=…)` by an UPDATE built once, with save()'s
-preparation, checks and failures."""
+"""common.db: `save_fields` (save(update_fields=…) by an UPDATE built once, with save()'s
+preparation, checks and failures) and `insert_many`'s INSERT text kept per shape."""
 import uuid
 from unittest import mock
 
 import pytest
 from django.db import DatabaseError, connection, transaction
 from django.db.models import F, signals
-from django.db.models.sql.compiler import SQLCompiler
+from django.db.models.sql.compiler import SQLCompiler, SQLInsertCompiler
 from django.test.utils import CaptureQueriesContext
 
 from common.db import save_fields
@@ -78,3 +78,41 @@ def test_receivers_and_expressions_go_through_save():
     d.handoff_code_failures = F("handoff_code_failures") + 2
     save_fields(d, ["handoff_code_failures"])
     assert Delivery.objects.get(pk=d.pk).handoff_code_failures == 2
+
+
+def test_insert_many_compiles_each_shape_once_and_writes_what_the_compiler_writes():
+    """`insert_many` of a workflow's rows (audit rows with a database sequence as `db_default`,
+    availability history): the first time compiled, then the text reused; every value and the
+    sequence read back are those of the rows."""
+    from django.utils import timezone
+
+    from audit.models import DeliveryAuditLog
+    from availability.models import DriverAvailabilityHistory
+    from common.db import insert_many
+    from tests.factories import online_driver
+
+    d, driver = DeliveryFactory(), online_driver(km=0.3)
+
+    def rows(n):
+        now = timezone.now()
+        audit = [DeliveryAuditLog(delivery=d, timestamp=now, event_type="delivery_created", details={"n": i, "x": [1]})
+                 for i in range(n)]
+        history = [DriverAvailabilityHistory(driver=driver, from_state="AVAILABLE", to_state="BUSY", reason="assigned",
+                                             actor_type="system", timestamp=now)]
+        return audit, history
+
+    insert_many(*rows(2))  # compiled and kept
+    with mock.patch.object(SQLInsertCompiler, "as_sql", autospec=True, side_effect=SQLInsertCompiler.as_sql) as as_sql:
+        audit, history = rows(2)
+        insert_many(audit, history)
+        assert as_sql.call_count == 0
+        insert_many(*rows(3))  # another shape: compiled
+        assert as_sql.call_count > 0
+    stored = {a.pk: a for a in DeliveryAuditLog.objects.filter(pk__in=[a.pk for a in audit])}
+    for a in audit:
+        s = stored[a.pk]
+        assert (s.seq, s.details, s.timestamp, s.delivery_id, s.event_type) == (a.seq, a.details, a.timestamp, d.pk, a.event_type)
+        assert not a._state.adding
+    assert audit[1].seq == audit[0].seq + 1
+    h = DriverAvailabilityHistory.objects.get(pk=history[0].pk)
+    assert (h.driver_id, h.to_state, h.timestamp) == (driver.pk, "BUSY", history[0].timestamp)
