@@ -12,6 +12,8 @@ from django.contrib.gis.geos import Point
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from common.validation import PlainValidation
+
 
 class _JsonTyped:
     """Refuses a JSON value whose type is not `json_types` before the field converts it.
@@ -130,7 +132,7 @@ class MoneyField(serializers.DecimalField):
         return super().to_internal_value(data)
 
 
-class LocationInputSerializer(serializers.Serializer):
+class LocationInputSerializer(PlainValidation, serializers.Serializer):
     lat = FiniteFloatField(min_value=-90, max_value=90)
     lon = FiniteFloatField(min_value=-180, max_value=180)
 

@@ -11,6 +11,7 @@ from rest_framework import serializers
 from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
 from common.representation import PlainRepresentation
+from common.validation import PlainValidation
 from common.fields import (
     MoneyField,
     NullablePointField,
@@ -139,7 +140,7 @@ class DriverListQuerySerializer(serializers.Serializer):
     )
 
 
-class DeliveryCreateSerializer(serializers.Serializer):
+class DeliveryCreateSerializer(PlainValidation, serializers.Serializer):
     sellerOrderId = StrictCharField(max_length=255)
     sellerId = StrictCharField(max_length=255, required=False, allow_blank=True, default="")
     storeName = StrictCharField(max_length=255)
@@ -379,7 +380,7 @@ class ReasonSerializer(serializers.Serializer):
     reason = StrictCharField(max_length=500)
 
 
-class DeliveryStepSerializer(serializers.Serializer):
+class DeliveryStepSerializer(PlainValidation, serializers.Serializer):
     reason = StrictCharField(
         max_length=500, required=False, allow_blank=True, default="",
         help_text="delivery-failed (required, non-empty): one of " + ", ".join(FailureReason.values) + "; any other "

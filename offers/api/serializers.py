@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from common.fields import StrictIntegerField, StrictUUIDField
+from common.validation import PlainValidation
 from offers.models import OfferStatus, RejectionReason
 from offers.services import MAX_EXPIRES_SECONDS, MIN_EXPIRES_SECONDS
 
@@ -51,7 +52,7 @@ class OfferListQuerySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=OfferStatus.choices, required=False)
 
 
-class AcceptSerializer(serializers.Serializer):
+class AcceptSerializer(PlainValidation, serializers.Serializer):
     acceptedAt = serializers.DateTimeField(required=False, help_text="The device's time; response time uses the server clock.")
 
 
