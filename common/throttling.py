@@ -24,6 +24,24 @@ def parse_rate(rate: str) -> tuple[int, int]:
     return int(count), _PERIODS[period.strip().lower()]
 
 
+# INCR and EXPIRE as one command (one script call costs the request less Python than a
+# two-command pipeline; the same round trip, the same key and TTL)
+_COUNT_LUA = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return n
+"""
+_scripts: dict[int, object] = {}
+
+
+def _count(key: str, ttl: int) -> int:
+    client = get_redis()
+    script = _scripts.get(id(client))
+    if script is None:
+        script = _scripts[id(client)] = client.register_script(_COUNT_LUA)
+    return int(script(keys=[key], args=[ttl]))
+
+
 class RedisRateThrottle(BaseThrottle):
     scope = ""
 
@@ -43,10 +61,7 @@ class RedisRateThrottle(BaseThrottle):
         self._wait = period - (now % period)
         key = f"throttle:{self.scope}:{ident}:{window}"
         try:
-            pipe = get_redis().pipeline(transaction=False)
-            pipe.incr(key)
-            pipe.expire(key, period + 1)
-            count, _ = pipe.execute()
+            count = _count(key, period + 1)
         except RedisUnavailable:
             logger.warning("throttle skipped: Redis unavailable")
             return True
