@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.gis.db.models.fields import BaseSpatialField
 from django.db import DatabaseError, connections, router
 from django.db.models import Model, QuerySet, signals
 from django.db.models.constants import OnConflict
@@ -18,9 +19,7 @@ def _insert_sql(obj: Model, using: str) -> tuple[str, tuple]:
     prepares them (defaults, `auto_now_add`)."""
     model = type(obj)
     fields = [f for f in model._meta.local_concrete_fields if not f.generated]
-    query = InsertQuery(model, on_conflict=OnConflict.IGNORE)
-    query.insert_values(fields, [obj])
-    ((sql, params),) = query.get_compiler(using=using).as_sql()
+    sql, params = _insert_rows_sql(model, fields, [obj], using, on_conflict=OnConflict.IGNORE)
     return sql, tuple(params)
 
 
@@ -104,36 +103,41 @@ _insert_texts: dict[tuple, str] = {}
 _INSERT_ROWS_CACHED, _INSERT_SHAPES_MAX = 8, 512  # a request's few rows; larger batches compile
 
 
-def _insert_rows_sql(model, fields: list, rows: list, using: str) -> tuple[str, list]:
+def _insert_rows_sql(model, fields: list, rows: list, using: str, on_conflict=None) -> tuple[str, list]:
     """The multi-row INSERT of `rows` as InsertQuery compiles it, its text compiled once per
-    shape (model, fields, number of rows, which values are DEFAULT) and its parameters
-    prepared as the compiler prepares them (`pre_save(add=True)`, `get_db_prep_save`). A
-    value that is another expression, or a field with a placeholder of its own, compiles."""
+    shape (model, fields, number of rows, which values are DEFAULT, the placeholders of the
+    geometries) and its parameters prepared as the compiler prepares them (`pre_save(add=True)`,
+    `get_db_prep_save`). A value that is another expression, or another field with a
+    placeholder of its own, compiles."""
     connection = connections[using]
-    params, defaults = [], []
+    params, shape = [], []  # shape: (row, field, "DEFAULT" or a geometry's placeholder)
     for i, obj in enumerate(rows):
         for j, field in enumerate(fields):
             value = field.pre_save(obj, add=True)
             if isinstance(value, DatabaseDefault):
-                defaults.append((i, j))
+                shape.append((i, j, "DEFAULT"))
                 continue
-            if hasattr(value, "resolve_expression") or hasattr(field, "get_placeholder"):
-                return _insert_compiled(model, fields, rows, using)
-            params.append(field.get_db_prep_save(value, connection=connection))
-    key = (model, tuple(fields), len(rows), tuple(defaults), using)
+            if hasattr(value, "resolve_expression") or (
+                    hasattr(field, "get_placeholder") and not isinstance(field, BaseSpatialField)):
+                return _insert_compiled(model, fields, rows, using, on_conflict)
+            value = field.get_db_prep_save(value, connection=connection)
+            if isinstance(field, BaseSpatialField):  # "%s", or ST_Transform(%s, srid) for another SRID
+                shape.append((i, j, field.get_placeholder(value, None, connection)))
+            params.append(value)
+    key = (model, tuple(fields), len(rows), tuple(shape), on_conflict, using)
     sql = _insert_texts.get(key)
     if sql is not None:
         return sql, params
     # compiled (pre_save again: the compiler's values are the ones the rows now hold)
-    sql, compiled = _insert_compiled(model, fields, rows, using)
+    sql, compiled = _insert_compiled(model, fields, rows, using, on_conflict)
     if len(rows) <= _INSERT_ROWS_CACHED and len(_insert_texts) < _INSERT_SHAPES_MAX \
             and [type(p) for p in compiled] == [type(p) for p in params]:  # else not the shape we think
         _insert_texts[key] = sql
     return sql, compiled
 
 
-def _insert_compiled(model, fields: list, rows: list, using: str) -> tuple[str, list]:
-    query = InsertQuery(model)
+def _insert_compiled(model, fields: list, rows: list, using: str, on_conflict=None) -> tuple[str, list]:
+    query = InsertQuery(model, on_conflict=on_conflict)
     query.insert_values(fields, rows)
     ((sql, params),) = query.get_compiler(using=using).as_sql()
     return sql, list(params)

@@ -119,3 +119,32 @@ def test_insert_many_compiles_each_shape_once_and_writes_what_the_compiler_write
     assert audit[1].seq == audit[0].seq + 1
     h = DriverAvailabilityHistory.objects.get(pk=history[0].pk)
     assert (h.driver_id, h.to_state, h.timestamp) == (driver.pk, "BUSY", history[0].timestamp)
+
+
+def test_insert_unless_conflict_keeps_its_text_with_geometries_and_still_sees_the_conflict():
+    """A delivery (two geography points) by INSERT … ON CONFLICT DO NOTHING: the second
+    compiles nothing, the rows hold what was given, the conflict is still seen."""
+    from django.contrib.gis.geos import Point
+    from django.utils import timezone
+
+    from common.db import insert_unless_conflict
+    from tests.factories import IntegrationUserFactory
+
+    owner, now = IntegrationUserFactory(), timezone.now()
+
+    def new(order, lon, lat):
+        return Delivery(created_by=owner, seller_order_id=order, store_name="S", pickup_location=Point(lon, lat, srid=4326),
+                        dropoff_location=Point(77.6, 13.0, srid=4326), prep_time_minutes=0, ready_at=now)
+
+    compiled = mock.patch.object(SQLInsertCompiler, "as_sql", autospec=True, side_effect=SQLInsertCompiler.as_sql)
+    with mock.patch.dict(db._insert_texts, clear=True):
+        assert insert_unless_conflict(new("G-1", 77.59, 12.97))
+        with compiled as as_sql:
+            second = new("G-2", 77.5, 12.9)
+            assert insert_unless_conflict(second)
+            assert not insert_unless_conflict(new("G-2", 70.0, 10.0))  # sellerOrderId taken
+            assert as_sql.call_count == 0
+    rows = {d.seller_order_id: d for d in Delivery.objects.filter(created_by=owner)}
+    assert set(rows) == {"G-1", "G-2"}
+    assert rows["G-2"].pk == second.pk and rows["G-2"].pickup_location.coords == (77.5, 12.9)
+    assert rows["G-1"].pickup_location.coords == (77.59, 12.97) and rows["G-1"].dropoff_location.coords == (77.6, 13.0)
