@@ -97,7 +97,8 @@ DATABASES = {
         "DATABASE_URL", default="postgis://dispatch:dispatch@127.0.0.1:5432/dispatch"
     )
 }
-DATABASES["default"]["ENGINE"] = "django.contrib.gis.db.backends.postgis"
+# Django's PostGIS backend, its geometry adapters registered once per pooled connection
+DATABASES["default"]["ENGINE"] = "common.postgis"
 # Under ASGI every request runs in its own thread, so persistent per-thread connections pile
 # up; Django's built-in psycopg pool bounds them per process instead (CONN_MAX_AGE must be 0).
 DB_POOL_MAX_SIZE = env.int("DB_POOL_MAX_SIZE", default=8)

@@ -1,0 +1,1 @@
+"""The PostGIS database backend, registering its geometry adapters once per connection."""
