@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 import redis
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Avg, OuterRef, Q, Subquery
 from django.utils import timezone
 
@@ -213,6 +213,86 @@ def delivery_eta_refresh(
     return new
 
 
+# The ETAs of several deliveries in one statement: each row only if the delivery still has the
+# status its ETA was computed for and no newer ETA is stored (as `delivery_eta_refresh`'s
+# UPDATE); the rows are locked in pk order first, as every workflow that locks several does.
+_BATCH_ETA_SQL = """
+WITH v (id, status, pickup_at, delivery_at, confidence, calculated_at) AS (VALUES {rows}),
+locked AS (
+    SELECT d.id FROM {table} d JOIN v ON v.id = d.id
+    WHERE d.status = v.status AND (d.eta_calculated_at IS NULL OR d.eta_calculated_at <= v.calculated_at)
+    ORDER BY d.id FOR UPDATE OF d
+)
+UPDATE {table} d SET eta_pickup_at = v.pickup_at, eta_delivery_at = v.delivery_at, eta_confidence = v.confidence,
+    eta_calculated_at = v.calculated_at
+FROM v, locked
+WHERE d.id = v.id AND locked.id = d.id AND d.status = v.status
+    AND (d.eta_calculated_at IS NULL OR d.eta_calculated_at <= v.calculated_at)
+RETURNING d.id
+"""
+_BATCH_ETA_ROW = "(%s::uuid, %s::text, %s::timestamptz, %s::timestamptz, %s::double precision, %s::timestamptz)"
+
+
+def deliveries_eta_refresh(*, due: dict[str, datetime | None], now: datetime) -> dict[str, Eta]:
+    """`delivery_eta_refresh` of several deliveries at once (a batch of fixes): one read of
+    their assignments, deliveries and drivers, one UPDATE, and the events of those whose ETA
+    changed meaningfully emitted in the order of `due`. `due`: delivery id → its `not_since`
+    (None: none). Returns the ETAs stored, by delivery id.
+
+    Open a transaction around it with the event batch and the outbox buffer (a workflow's
+    `unit_of_work`), so that the events go out together and their outbox rows are one INSERT;
+    the UPDATE then holds the rows it changed (locked in pk order) until that commits."""
+    if not due:
+        return {}
+    assignments = {
+        str(a.delivery_id): a for a in Assignment.objects.select_related("delivery", "driver")
+        .filter(delivery_id__in=list(due), status=AssignmentStatus.ACTIVE)
+    }
+    stacks: dict = {}
+    computed: list[tuple[Delivery, Eta]] = []
+    for delivery_id, not_since in due.items():
+        assignment = assignments.get(str(delivery_id))
+        if assignment is None:
+            continue
+        delivery, driver = assignment.delivery, assignment.driver
+        if delivery.status not in TRACKED_STATUSES or driver.location is None:
+            continue
+        if not_since is not None and delivery.eta_calculated_at is not None and delivery.eta_calculated_at >= not_since:
+            continue
+        stack = None
+        if driver.active_assignments > 1:
+            if driver.pk not in stacks:
+                stacks[driver.pk] = driver_stack(driver.pk)
+            stack = stacks[driver.pk]
+        new = eta_compute(
+            delivery=delivery, vehicle_type=driver.vehicle_type, driver_lat=driver.location.y,
+            driver_lon=driver.location.x, fix_recorded_at=driver.location_recorded_at,
+            accuracy_m=driver.location_accuracy_m, now=now, stack=stack,
+        )
+        if new is not None:
+            computed.append((delivery, new))
+    if not computed:
+        return {}
+    params: list = []
+    for delivery, new in computed:
+        params += [delivery.pk, delivery.status, new.pickup_at, new.delivery_at, new.confidence, new.calculated_at]
+    sql = _BATCH_ETA_SQL.format(table=Delivery._meta.db_table, rows=", ".join([_BATCH_ETA_ROW] * len(computed)))
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
+        updated = {row[0] for row in cur.fetchall()}
+    stored = {}
+    for delivery, new in computed:
+        if delivery.pk not in updated:
+            continue
+        stored[str(delivery.pk)] = new
+        if eta_changed_meaningfully(old=stored_eta(delivery), new=new):
+            broadcast_on_commit([delivery_group(delivery.pk), OPS_GROUP], events.delivery_eta_updated(
+                delivery_id=delivery.pk, pickup_at=new.pickup_at, delivery_at=new.delivery_at,
+                confidence=new.confidence, calculated_at=new.calculated_at,
+            ))
+    return stored
+
+
 def eta_refresh_on_commit(delivery_id, *, now: datetime | None = None) -> None:
     """After the current transaction commits (a status change): refresh the ETA and tell the
     customer, whether or not the times moved, since the legs it covers have changed."""
@@ -252,6 +332,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 return 1
 """
 _throttle_scripts: dict[int, object] = {}
+_throttle_shas: dict[int, str] = {}
 
 
 def eta_recompute_due(*, delivery_id, lat: float, lon: float, now: datetime) -> bool | None:
@@ -274,6 +355,37 @@ def eta_recompute_due(*, delivery_id, lat: float, lon: float, now: datetime) -> 
     except redis.RedisError:
         logger.exception("ETA throttle failed for delivery %s", delivery_id)
         return None
+
+
+def etas_recompute_due(fixes: list[tuple[str, float, float]], *, now: datetime) -> list[bool | None]:
+    """`eta_recompute_due` of several (delivery id, lat, lon) at once, in one round trip (a
+    pipeline of the throttle script, each claim still atomic on its own), in order. All None
+    when Redis cannot say."""
+    if not fixes:
+        return []
+    try:
+        client = get_redis()
+        sha = _throttle_shas.get(id(client))
+        for attempt in range(2):
+            if sha is None:
+                sha = _throttle_shas[id(client)] = client.script_load(_THROTTLE_SCRIPT)
+            pipe = client.pipeline(transaction=False)
+            t = repr(now.timestamp())
+            interval, min_move = settings.ETA_MIN_INTERVAL_SECONDS, settings.ETA_MIN_MOVE_METERS
+            for delivery_id, lat, lon in fixes:
+                pipe.evalsha(sha, 1, THROTTLE_KEY.format(delivery_id), t, repr(lat), repr(lon), interval, min_move,
+                             THROTTLE_TTL_SECONDS)
+            try:
+                return [bool(due) for due in pipe.execute()]
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                sha = None  # a restarted Redis forgot it: load it once, send again
+    except RedisUnavailable:
+        logger.warning("ETA throttle: Redis unavailable, using the stored calculation time")
+    except redis.RedisError:
+        logger.exception("ETA throttle failed for %d deliveries", len(fixes))
+    return [None] * len(fixes)
 
 
 def delivery_location_send(

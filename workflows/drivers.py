@@ -2,6 +2,7 @@
 job, and a location fix reaching the customer's tracking."""
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.conf import settings
@@ -25,9 +26,18 @@ from common.actors import Actor
 from common.exceptions import Conflict
 from offers.models import DriverOffer, OfferStatus
 from offers.services import offer_cancel_locked
-from tracking.services import delivery_eta_on_fix, delivery_location_send, delivery_track_fix
+from tracking.services import (
+    deliveries_eta_refresh,
+    delivery_eta_refresh,
+    delivery_location_send,
+    delivery_track_fix,
+    etas_recompute_due,
+)
 from workflows import locks
 from workflows.dispatching import dispatch_next_locked
+from workflows.unit import unit_of_work
+
+logger = logging.getLogger(__name__)
 
 
 class _OfferMadeMeanwhile(Exception):
@@ -168,6 +178,7 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
     with transaction.atomic():
         persisted = positions_persist(fixes, now=now)
     known = live.known_state([p.fix.driver_id for p in persisted])
+    on_fix: list[tuple[str, float, float]] = []
     for p in persisted:
         fix = p.fix
         status, active = known.get(fix.driver_id, (None, ()))
@@ -181,6 +192,32 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
                 delivery_location_send(delivery_id=delivery_id, lat=fix.lat, lon=fix.lon,
                                        accuracy_m=fix.accuracy_m, speed=fix.speed, heading=fix.heading,
                                        recorded_at=recorded_at)
-        for delivery_id in p.active_delivery_ids:
-            delivery_eta_on_fix(delivery_id=delivery_id, lat=fix.lat, lon=fix.lon, now=now)
+        on_fix += [(delivery_id, fix.lat, fix.lon) for delivery_id in p.active_delivery_ids]
+    etas_on_fixes(on_fix, now=now)
     return persisted
+
+
+def etas_on_fixes(fixes: list[tuple[str, float, float]], *, now: datetime) -> None:
+    """`tracking.services.delivery_eta_on_fix` of each (delivery id, lat, lon) of a batch, the
+    deliveries due together: one throttle round trip to Redis, then one transaction that
+    reads them, stores their ETAs with one UPDATE, writes their webhook rows with one INSERT
+    and sends their events together after commit. The same ETAs, events and outbox rows as one
+    by one. Should the batch fail, each delivery is tried on its own. Never raises."""
+    due: dict[str, datetime | None] = {}
+    fallback = now - timedelta(seconds=settings.ETA_MIN_INTERVAL_SECONDS)
+    for (delivery_id, _, _), claimed in zip(fixes, etas_recompute_due(fixes, now=now)):
+        if claimed is not False:
+            due[delivery_id] = None if claimed else fallback  # Redis cannot say: by the stored time
+    if not due:
+        return
+    try:
+        with unit_of_work():
+            deliveries_eta_refresh(due=due, now=now)
+        return
+    except Exception:
+        logger.warning("ETA refresh of %d deliveries failed; one by one", len(due), exc_info=True)
+    for delivery_id, not_since in due.items():
+        try:
+            delivery_eta_refresh(delivery_id=delivery_id, now=now, not_since=not_since)
+        except Exception:
+            logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
