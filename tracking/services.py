@@ -233,6 +233,19 @@ RETURNING d.id
 _BATCH_ETA_ROW = "(%s::uuid, %s::text, %s::timestamptz, %s::timestamptz, %s::double precision, %s::timestamptz)"
 
 
+# What `eta_compute` and the stored ETA read of an assignment's delivery and driver (a batch
+# reads only these; `tests/tracking/test_eta_batch.py` counts the statements, so a field read
+# that is not here, loaded row by row, would show).
+_ETA_FIELDS = (
+    "delivery_id", "driver_id",
+    *(f"delivery__{f}" for f in ("status", "pickup_location", "dropoff_location", "picked_up_at", "ready_at",
+                                 "prep_time_minutes", "eta_pickup_at", "eta_delivery_at", "eta_confidence",
+                                 "eta_calculated_at")),
+    *(f"driver__{f}" for f in ("vehicle_type", "location", "location_recorded_at", "location_accuracy_m",
+                               "active_assignments")),
+)
+
+
 def deliveries_eta_refresh(*, due: dict[str, datetime | None], now: datetime) -> dict[str, Eta]:
     """`delivery_eta_refresh` of several deliveries at once (a batch of fixes): one read of
     their assignments, deliveries and drivers, one UPDATE, and the events of those whose ETA
@@ -246,7 +259,7 @@ def deliveries_eta_refresh(*, due: dict[str, datetime | None], now: datetime) ->
         return {}
     assignments = {
         str(a.delivery_id): a for a in Assignment.objects.select_related("delivery", "driver")
-        .filter(delivery_id__in=list(due), status=AssignmentStatus.ACTIVE)
+        .filter(delivery_id__in=list(due), status=AssignmentStatus.ACTIVE).only(*_ETA_FIELDS)
     }
     stacks: dict = {}
     computed: list[tuple[Delivery, Eta]] = []
