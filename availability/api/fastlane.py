@@ -223,8 +223,11 @@ class LocationFastLane:
         loop = asyncio.get_running_loop()
         entry = self._clients.get(id(loop))
         if entry is None or entry[0] is not loop:
+            # No socket timeout: redis-py would wrap every send in `asyncio.wait_for`, a
+            # task per command (a tenth of a POST's CPU); `_serve` bounds each step with one
+            # `asyncio.timeout` instead, and redis-py drops a connection whose command was cut.
             client = aioredis.Redis.from_url(
-                settings.REDIS_URL, decode_responses=True, socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
+                settings.REDIS_URL, decode_responses=True, socket_timeout=None,
                 socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT, max_connections=settings.FAST_LANE_REDIS_CONNECTIONS,
             )
             entry = self._clients[id(loop)] = (loop, client)
@@ -245,20 +248,22 @@ class LocationFastLane:
         client = self._redis()
         digest = token_digest(key)
         try:
-            outcome = await live.fix_record_async(
-                client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
-            )
+            async with asyncio.timeout(settings.REDIS_SOCKET_TIMEOUT):
+                outcome = await live.fix_record_async(
+                    client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
+                )
             if outcome.code == "auth":
                 owner = await sync_to_async(_token_owner, thread_sensitive=False)(digest)
                 if owner is None or owner[:2] != (driver_id, True):
                     raise _Delegate  # not this driver's live token: Django answers 401/403/404
-                if owner[2] is not None:
-                    await live.position_seed_async(client, owner[2])
-                await live.auth_remember_async(client, driver_id=driver_id, digest=digest, ttl=owner[3])
-                outcome = await live.fix_record_async(
-                    client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
-                )
-        except (redis.RedisError, *RedisUnavailable):
+                async with asyncio.timeout(settings.REDIS_SOCKET_TIMEOUT):
+                    if owner[2] is not None:
+                        await live.position_seed_async(client, owner[2])
+                    await live.auth_remember_async(client, driver_id=driver_id, digest=digest, ttl=owner[3])
+                    outcome = await live.fix_record_async(
+                        client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
+                    )
+        except (redis.RedisError, *RedisUnavailable):  # TimeoutError (asyncio.timeout) is an OSError
             logger.warning("location fast lane: Redis unavailable, falling back to the database path")
             raise _Delegate
         except DatabaseError:

@@ -4,7 +4,9 @@ ASGI application: same answers as the database path, Redis first, PostgreSQL fro
 These tests commit (`transaction=True`): the fast lane looks tokens up on a worker thread,
 which sees only committed rows, as in production."""
 import json
+import socket
 import threading
+import time
 from datetime import timedelta
 
 import httpx
@@ -189,6 +191,27 @@ def test_with_redis_unreachable_the_fix_goes_straight_to_postgres(monkeypatch):
     response = post(url(driver), {"lat": 12.93, "lon": 77.53, "recordedAt": recorded()}, token=token(driver))
     assert response.status_code == 200 and response.json()["accepted"] is True
     assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.93  # written by the request itself
+
+
+def test_with_redis_hanging_the_fast_lane_gives_up_after_the_socket_timeout_and_postgres_takes_the_fix(settings):
+    """A Redis that accepts the connection and never answers: the fast lane stops waiting after
+    REDIS_SOCKET_TIMEOUT (its own timeout: its client has no socket timeout) and hands the fix
+    to the database path."""
+    driver = online_driver()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    settings.REDIS_URL = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    settings.REDIS_SOCKET_TIMEOUT = 0.3
+    try:
+        started = time.monotonic()
+        response = post(url(driver), {"lat": 12.94, "lon": 77.54, "recordedAt": recorded()}, token=token(driver))
+        waited = time.monotonic() - started
+    finally:
+        silent.close()
+    assert response.status_code == 200 and response.json()["accepted"] is True
+    assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.94  # written by the request itself
+    assert waited < 5  # not redis-py's default socket timeout (5 s), nor forever
 
 
 def test_a_revoked_token_stops_working_at_once():
