@@ -216,21 +216,23 @@ def delivery_eta_refresh(
 # The ETAs of several deliveries in one statement: each row only if the delivery still has the
 # status its ETA was computed for and no newer ETA is stored (as `delivery_eta_refresh`'s
 # UPDATE); the rows are locked in pk order first, as every workflow that locks several does.
-_BATCH_ETA_SQL = """
-WITH v (id, status, pickup_at, delivery_at, confidence, calculated_at) AS (VALUES {rows}),
+_BATCH_ETA_SQL = f"""
+WITH v (id, status, pickup_at, delivery_at, confidence, calculated_at) AS (
+    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::float8[], %s::timestamptz[])
+),
 locked AS (
-    SELECT d.id FROM {table} d JOIN v ON v.id = d.id
+    SELECT d.id FROM {Delivery._meta.db_table} d JOIN v ON v.id = d.id
     WHERE d.status = v.status AND (d.eta_calculated_at IS NULL OR d.eta_calculated_at <= v.calculated_at)
     ORDER BY d.id FOR UPDATE OF d
 )
-UPDATE {table} d SET eta_pickup_at = v.pickup_at, eta_delivery_at = v.delivery_at, eta_confidence = v.confidence,
+UPDATE {Delivery._meta.db_table} d
+SET eta_pickup_at = v.pickup_at, eta_delivery_at = v.delivery_at, eta_confidence = v.confidence,
     eta_calculated_at = v.calculated_at
 FROM v, locked
 WHERE d.id = v.id AND locked.id = d.id AND d.status = v.status
     AND (d.eta_calculated_at IS NULL OR d.eta_calculated_at <= v.calculated_at)
 RETURNING d.id
 """
-_BATCH_ETA_ROW = "(%s::uuid, %s::text, %s::timestamptz, %s::timestamptz, %s::double precision, %s::timestamptz)"
 
 
 # What `eta_compute` and the stored ETA read of an assignment's delivery and driver (a batch
@@ -286,12 +288,11 @@ def deliveries_eta_refresh(*, due: dict[str, datetime | None], now: datetime) ->
             computed.append((delivery, new))
     if not computed:
         return {}
-    params: list = []
-    for delivery, new in computed:
-        params += [delivery.pk, delivery.status, new.pickup_at, new.delivery_at, new.confidence, new.calculated_at]
-    sql = _BATCH_ETA_SQL.format(table=Delivery._meta.db_table, rows=", ".join([_BATCH_ETA_ROW] * len(computed)))
+    params = [[d.pk for d, _ in computed], [d.status for d, _ in computed], [e.pickup_at for _, e in computed],
+              [e.delivery_at for _, e in computed], [e.confidence for _, e in computed],
+              [e.calculated_at for _, e in computed]]
     with connection.cursor() as cur:
-        cur.execute(sql, params)
+        cur.execute(_BATCH_ETA_SQL, params)
         updated = {row[0] for row in cur.fetchall()}
     stored = {}
     for delivery, new in computed:
