@@ -9,7 +9,7 @@ driver every `--fix-interval` seconds, a few metres of random walk each, the ETA
 which fixes refresh the ETA), and prints the consumer's CPU per fix (all its threads: the
 batch, the after-commit sends) and its PostgreSQL backends' CPU per fix, from /proc.
 
-Its own Redis database (`--redis-db`, default 13: the stream, the live state, the channel
+Its own Redis database (`--redis-db`, default 14, which nobody else may use: the stream, the live state, the channel
 layers, the Celery broker of this run; nothing else reads it), so another consumer on the dev
 stream does not take its fixes. The dev PostgreSQL database (`dispatch`), as the other benches.
 
@@ -226,7 +226,7 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--fix-interval", type=float, default=5.0, help="seconds between two fixes of one driver")
-    p.add_argument("--redis-db", type=int, default=13)
+    p.add_argument("--redis-db", type=int, default=14)
     p.add_argument("--code", help="the checkout whose consume_fixes runs (default: this one)")
     p.add_argument("--keep", action="store_true", help="leave the drivers and deliveries for --reuse")
     p.add_argument("--reuse", metavar="RUN_ID")

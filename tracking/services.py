@@ -215,7 +215,9 @@ def delivery_eta_refresh(
 
 # The ETAs of several deliveries in one statement: each row only if the delivery still has the
 # status its ETA was computed for and no newer ETA is stored (as `delivery_eta_refresh`'s
-# UPDATE); the rows are locked in pk order first, as every workflow that locks several does.
+# UPDATE). The rows are locked in pk order first, so that two consumers' batches (a driver's
+# fixes may go to either) cannot deadlock; `FOR NO KEY UPDATE`, the lock the UPDATE itself
+# takes, so an insert that references a delivery (its `FOR KEY SHARE`) is not held up.
 _BATCH_ETA_SQL = f"""
 WITH v (id, status, pickup_at, delivery_at, confidence, calculated_at) AS (
     SELECT * FROM unnest(%s::uuid[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::float8[], %s::timestamptz[])
@@ -223,7 +225,7 @@ WITH v (id, status, pickup_at, delivery_at, confidence, calculated_at) AS (
 locked AS (
     SELECT d.id FROM {Delivery._meta.db_table} d JOIN v ON v.id = d.id
     WHERE d.status = v.status AND (d.eta_calculated_at IS NULL OR d.eta_calculated_at <= v.calculated_at)
-    ORDER BY d.id FOR UPDATE OF d
+    ORDER BY d.id FOR NO KEY UPDATE OF d
 )
 UPDATE {Delivery._meta.db_table} d
 SET eta_pickup_at = v.pickup_at, eta_delivery_at = v.delivery_at, eta_confidence = v.confidence,
