@@ -6,7 +6,7 @@ minimal HTTP scope, one request at a time, no HTTP client or server in between, 
 process's CPU per POST (`time.process_time()`). What it covers is the fast lane's own work:
 parse and validate, the token cache, the Redis script, the answer, the metrics; not uvicorn's
 HTTP parsing, and no customer send (its drivers carry no delivery). Its own Redis database
-(`--redis-db`), the dev PostgreSQL database (its drivers, made once and kept: `--tokens`).
+(`--redis-db`, default 14: not one another test suite flushes), the dev PostgreSQL database (its drivers, made once and kept: `--tokens`).
 
     .venv/bin/python bench/location_post_cpu.py --posts 4000
     … --code /tmp/other-checkout     # that checkout's fast lane (compare versions)
@@ -115,7 +115,7 @@ if __name__ == "__main__":
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--drivers", type=int, default=20, help="made once (--tokens); the POSTs rotate over them")
     p.add_argument("--tokens", default="/tmp/location_post_cpu.tokens", help="driver id and token, one a line")
-    p.add_argument("--redis-db", type=int, default=13)
+    p.add_argument("--redis-db", type=int, default=14)
     p.add_argument("--code", help="the checkout whose fast lane runs (default: this one)")
     p.add_argument("--pyspy", metavar="FILE")
     p.add_argument("--seed", type=int, default=1)
