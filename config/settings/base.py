@@ -126,6 +126,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # The largest request body the API reads (bytes); a larger one is a 413 (common.middleware).
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)
 
+# Web processes collect their youngest generation of objects every this many allocations
+# (CPython's default 700): config/asgi.py, docs/operations.md.
+GC_YOUNG_THRESHOLD = env.int("GC_YOUNG_THRESHOLD", default=50_000)
+
 REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
 # /metrics: with a token, `Authorization: Bearer <token>` is required; without, loopback only.
 METRICS_TOKEN = env("METRICS_TOKEN", default="")
