@@ -403,6 +403,15 @@ def _get(url: str, timeout: float = 2.0) -> int:
         return 0
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM a helper process the bench started (a consumer), SIGKILL it after `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 class Server:
     """uvicorn (config.asgi, N workers) on a free loopback port, plus `consumers` × consume_fixes;
     logs in a temporary directory; `stop()` ends exactly the processes it started."""

@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from benchlib import CLK_TCK, ROOT, machine_state, proc_ticks, with_descendants  # noqa: E402
+from benchlib import CLK_TCK, ROOT, machine_state, proc_ticks, stop_process, with_descendants  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
@@ -197,11 +197,7 @@ def main(args) -> int:
               f"PostgreSQL backend(s) {pgs}: {(g1 - g0) * ms / sent:.3f} ms CPU per fix "
               f"({(g1 - g0) * ms / wall / 10:.0f} % of a core); together {((c1 - c0) + (g1 - g0)) * ms / sent:.3f} ms per fix")
     finally:
-        consumer.send_signal(signal.SIGTERM)
-        try:
-            consumer.wait(15)
-        except subprocess.TimeoutExpired:
-            consumer.kill()
+        stop_process(consumer)
     if args.keep:
         print(f"kept: reuse with --reuse {run_id}; clean up with --cleanup-run {run_id}")
     else:

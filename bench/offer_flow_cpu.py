@@ -40,7 +40,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
 import httpx  # noqa: E402
 
-from benchlib import machine_state  # noqa: E402
+from benchlib import machine_state, stop_process  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -184,11 +184,7 @@ def main() -> None:
         django.setup()
         asyncio.run(run(args))
     finally:
-        consumer.send_signal(signal.SIGTERM)
-        try:
-            consumer.wait(15)
-        except subprocess.TimeoutExpired:
-            consumer.kill()
+        stop_process(consumer)
     machine_state("machine after")
 
 
