@@ -1,6 +1,7 @@
 """ASGI entry point: the location fast lane, then Django (a lean middleware stack for
 token-authenticated API requests, the full one for everything else), and the sockets."""
 import asyncio
+import contextvars
 import gc
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -66,14 +67,15 @@ class LeanApiHandler(ASGIHandler):
         executor = self._idle.pop() if self._idle else ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-request")
         try:
             loop = asyncio.get_running_loop()
-            response = await loop.run_in_executor(executor, self._respond, scope, body_file, loop)
+            context = contextvars.copy_context()  # as sync_to_async: the request sees the loop's, and leaves none behind
+            response = await loop.run_in_executor(executor, context.run, self._respond, scope, body_file, loop)
             try:
                 await self.send_response(response, send)
             except asyncio.CancelledError:
                 pass  # the client went away while the response was being sent
             finally:
                 if response.streaming:  # not closed on the thread: its content is read here
-                    await loop.run_in_executor(executor, response.close)
+                    await loop.run_in_executor(executor, context.run, response.close)
         finally:
             body_file.close()
             if len(self._idle) < self.IDLE_EXECUTORS:

@@ -201,3 +201,36 @@ def test_a_lean_requests_events_go_out_on_the_servers_loop_before_its_response(m
         await sock.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_lean_request_runs_in_a_copy_of_the_loops_context_and_leaves_nothing_on_its_thread():
+    import contextvars
+
+    probe = contextvars.ContextVar("probe", default="unset")
+    seen = []
+
+    def record(**kwargs):
+        seen.append(probe.get())
+        probe.set("set by the request")  # must not reach the next request on this thread
+
+    driver = DriverFactory()
+    path, auth = f"/v2/drivers/{driver.pk}", {"Authorization": f"Token {token_for(driver.user)}"}
+    handler = LeanApiHandler()
+
+    async def two_requests():
+        probe.set("from the loop")
+        transport = httpx.ASGITransport(app=handler)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            first = await client.get(path, headers=auth)
+            probe.set("later on the loop")
+            second = await client.get(path, headers=auth)
+        return first, second, probe.get()
+
+    signals.request_started.connect(record, weak=False, dispatch_uid="test-context-probe")
+    try:
+        first, second, after = async_to_sync(two_requests)()
+    finally:
+        signals.request_started.disconnect(dispatch_uid="test-context-probe")
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert seen == ["from the loop", "later on the loop"] and after == "later on the loop"
+    assert len(handler._idle) == 1  # both ran on the one borrowed thread
