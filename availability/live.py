@@ -31,7 +31,7 @@ from django.db import connection
 
 from availability import geo
 from availability.models import Driver
-from common.redis import RedisUnavailable, fleet_key, get_redis
+from common.redis import RedisUnavailable, evalsha_many, fleet_key, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -161,18 +161,7 @@ def fixes_record_persisted(fixes: list[Fix]) -> None:
         for fix in fixes
     ]
     try:
-        client = get_redis()
-        for attempt in range(2):
-            pipe = client.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(_FIX_SHA, len(keys), *keys, *args)
-            try:
-                pipe.execute()
-                break
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                client.script_load(_FIX_SCRIPT)  # a restarted Redis forgot it: load it once, send again
+        evalsha_many(get_redis(), _FIX_SCRIPT, calls)
     except (redis.RedisError, *RedisUnavailable):
         logger.warning("live positions of %d driver(s) not updated (Redis unavailable)", len(fixes))
 

@@ -1,6 +1,7 @@
 """One Redis client per process for derived state (GEO index, caches, throttles)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 
@@ -42,3 +43,31 @@ def fleet_key(name: str) -> str:
     script or MULTI may touch several of them under Redis Cluster (they share a hash slot);
     a deployment running several cities gives each its own tag, and so its own slot/node."""
     return f"{{{settings.REDIS_FLEET_TAG}}}:{name}"
+
+
+def evalsha_many(client: redis.Redis, script: str, calls) -> list:
+    """`script` once per (keys, args) of `calls`, in one round trip: a pipeline of EVALSHA,
+    each call atomic on its own; the replies in order. A Redis that forgot the script (a
+    restart, SCRIPT FLUSH) has it loaded once and gets the pipeline again."""
+    sha = _sha(script)
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        try:
+            return pipe.execute()
+        except redis.exceptions.NoScriptError:
+            if attempt:
+                raise
+            client.script_load(script)
+    raise AssertionError("unreachable")
+
+
+_shas: dict[str, str] = {}
+
+
+def _sha(script: str) -> str:
+    sha = _shas.get(script)
+    if sha is None:
+        sha = _shas[script] = hashlib.sha1(script.encode()).hexdigest()
+    return sha

@@ -28,7 +28,7 @@ from django.utils import timezone
 from availability.models import Driver
 from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group, send_now
 from common.exceptions import Conflict, NotFound
-from common.redis import RedisUnavailable, get_redis
+from common.redis import RedisUnavailable, evalsha_many, get_redis
 from dispatch.models import Assignment, AssignmentStatus, Delivery
 from dispatch.models import DeliveryStatus as S
 from tracking import eta, events, selectors
@@ -348,7 +348,6 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 return 1
 """
 _throttle_scripts: dict[int, object] = {}
-_throttle_shas: dict[int, str] = {}
 
 
 def eta_recompute_due(*, delivery_id, lat: float, lon: float, now: datetime) -> bool | None:
@@ -379,24 +378,12 @@ def etas_recompute_due(fixes: list[tuple[str, float, float]], *, now: datetime) 
     when Redis cannot say."""
     if not fixes:
         return []
+    t = repr(now.timestamp())
+    interval, min_move = settings.ETA_MIN_INTERVAL_SECONDS, settings.ETA_MIN_MOVE_METERS
+    calls = [([THROTTLE_KEY.format(delivery_id)], [t, repr(lat), repr(lon), interval, min_move, THROTTLE_TTL_SECONDS])
+             for delivery_id, lat, lon in fixes]
     try:
-        client = get_redis()
-        sha = _throttle_shas.get(id(client))
-        for attempt in range(2):
-            if sha is None:
-                sha = _throttle_shas[id(client)] = client.script_load(_THROTTLE_SCRIPT)
-            pipe = client.pipeline(transaction=False)
-            t = repr(now.timestamp())
-            interval, min_move = settings.ETA_MIN_INTERVAL_SECONDS, settings.ETA_MIN_MOVE_METERS
-            for delivery_id, lat, lon in fixes:
-                pipe.evalsha(sha, 1, THROTTLE_KEY.format(delivery_id), t, repr(lat), repr(lon), interval, min_move,
-                             THROTTLE_TTL_SECONDS)
-            try:
-                return [bool(due) for due in pipe.execute()]
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                sha = None  # a restarted Redis forgot it: load it once, send again
+        return [bool(due) for due in evalsha_many(get_redis(), _THROTTLE_SCRIPT, calls)]
     except RedisUnavailable:
         logger.warning("ETA throttle: Redis unavailable, using the stored calculation time")
     except redis.RedisError:
