@@ -2,10 +2,14 @@
 delivery and pushed to the delivery's group (docs/tracking.md).
 
 - `eta_compute` is pure: (delivery, driver fix, now, routing backend) → `Eta`.
-- `delivery_eta_refresh` reads the assignment, delivery and driver in one query, stores the new
-  ETA with a conditional UPDATE (never over a newer one) and emits `delivery_eta_updated` when
-  it changed meaningfully: either time moved by `ETA_CHANGE_THRESHOLD_SECONDS` or more, or the
-  confidence by `ETA_CONFIDENCE_THRESHOLD` or more, or there was none before.
+- `delivery_eta_refresh` reads the assignment, delivery and driver in one query, and when the
+  new ETA changed meaningfully from the stored one (either time moved by
+  `ETA_CHANGE_THRESHOLD_SECONDS` or more, or the confidence by `ETA_CONFIDENCE_THRESHOLD` or
+  more, or there was none before) stores it and emits `delivery_eta_updated`; otherwise it
+  stores only the calculation time. Both with one conditional UPDATE (never over a newer one).
+  So the stored times are always the ones the customer was last told, and an estimate that
+  slips a little at every recompute (a driver stuck in traffic) is announced once it has
+  slipped by the threshold in all, not never.
 - `delivery_track_fix` is what the location hot path calls, after commit, for a driver with an
   active assignment: `delivery_location_updated` for every accepted fix, and an ETA refresh at
   most every `ETA_MIN_INTERVAL_SECONDS` per delivery, or sooner once the driver has moved
@@ -166,7 +170,9 @@ def delivery_eta_refresh(
     *, delivery_id, now: datetime | None = None, not_since: datetime | None = None, force_event: bool = False
 ) -> Eta | None:
     """Recompute and store the ETA of an assigned or under-way delivery from its driver's last
-    fix; returns it, or None when there is nothing to compute or a newer one is stored.
+    fix; returns it, or None when there is nothing to compute or a newer one is stored. The
+    times and confidence are stored only with an event (see the module's docstring); a
+    recompute that moved nothing by the thresholds stores its calculation time.
 
     `not_since`: only when the stored one was calculated before then (the throttle when Redis
     is down). No row lock and no transaction of its own: the write is one conditional UPDATE
@@ -192,17 +198,18 @@ def delivery_eta_refresh(
     )
     if new is None:
         return None
+    announce = force_event or eta_changed_meaningfully(old=stored_eta(delivery), new=new)
+    fields = {"eta_calculated_at": new.calculated_at}
+    if announce:
+        fields.update(eta_pickup_at=new.pickup_at, eta_delivery_at=new.delivery_at, eta_confidence=new.confidence)
     updated = (
         Delivery.objects.filter(pk=delivery.pk, status=delivery.status)
         .filter(Q(eta_calculated_at__isnull=True) | Q(eta_calculated_at__lte=now))
-        .update(
-            eta_pickup_at=new.pickup_at, eta_delivery_at=new.delivery_at,
-            eta_confidence=new.confidence, eta_calculated_at=new.calculated_at,
-        )
+        .update(**fields)
     )
     if not updated:
         return None
-    if force_event or eta_changed_meaningfully(old=stored_eta(delivery), new=new):
+    if announce:
         event = events.delivery_eta_updated(
             delivery_id=delivery.pk, pickup_at=new.pickup_at, delivery_at=new.delivery_at,
             confidence=new.confidence, calculated_at=new.calculated_at,
@@ -219,8 +226,9 @@ def delivery_eta_refresh(
 # fixes may go to either) cannot deadlock; `FOR NO KEY UPDATE`, the lock the UPDATE itself
 # takes, so an insert that references a delivery (its `FOR KEY SHARE`) is not held up.
 _BATCH_ETA_SQL = f"""
-WITH v (id, status, pickup_at, delivery_at, confidence, calculated_at) AS (
-    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::float8[], %s::timestamptz[])
+WITH v (id, status, pickup_at, delivery_at, confidence, calculated_at, announce) AS (
+    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::float8[], %s::timestamptz[],
+                         %s::bool[])
 ),
 locked AS (
     SELECT d.id FROM {Delivery._meta.db_table} d JOIN v ON v.id = d.id
@@ -228,7 +236,9 @@ locked AS (
     ORDER BY d.id FOR NO KEY UPDATE OF d
 )
 UPDATE {Delivery._meta.db_table} d
-SET eta_pickup_at = v.pickup_at, eta_delivery_at = v.delivery_at, eta_confidence = v.confidence,
+SET eta_pickup_at = CASE WHEN v.announce THEN v.pickup_at ELSE d.eta_pickup_at END,
+    eta_delivery_at = CASE WHEN v.announce THEN v.delivery_at ELSE d.eta_delivery_at END,
+    eta_confidence = CASE WHEN v.announce THEN v.confidence ELSE d.eta_confidence END,
     eta_calculated_at = v.calculated_at
 FROM v, locked
 WHERE d.id = v.id AND locked.id = d.id AND d.status = v.status
@@ -254,7 +264,8 @@ def deliveries_eta_refresh(*, due: dict[str, datetime | None], now: datetime) ->
     """`delivery_eta_refresh` of several deliveries at once (a batch of fixes): one read of
     their assignments, deliveries and drivers, one UPDATE, and the events of those whose ETA
     changed meaningfully emitted in the order of `due`. `due`: delivery id → its `not_since`
-    (None: none). Returns the ETAs stored, by delivery id.
+    (None: none). Returns the ETAs computed and recorded (as `delivery_eta_refresh`: the
+    times only with an event), by delivery id.
 
     Open a transaction around it with the event batch and the outbox buffer (a workflow's
     `unit_of_work`), so that the events go out together and their outbox rows are one INSERT;
@@ -287,21 +298,22 @@ def deliveries_eta_refresh(*, due: dict[str, datetime | None], now: datetime) ->
             accuracy_m=driver.location_accuracy_m, now=now, stack=stack,
         )
         if new is not None:
-            computed.append((delivery, new))
+            computed.append((delivery, new, eta_changed_meaningfully(old=stored_eta(delivery), new=new)))
     if not computed:
         return {}
-    params = [[d.pk for d, _ in computed], [d.status for d, _ in computed], [e.pickup_at for _, e in computed],
-              [e.delivery_at for _, e in computed], [e.confidence for _, e in computed],
-              [e.calculated_at for _, e in computed]]
+    params = [[d.pk for d, _, _ in computed], [d.status for d, _, _ in computed],
+              [e.pickup_at for _, e, _ in computed], [e.delivery_at for _, e, _ in computed],
+              [e.confidence for _, e, _ in computed], [e.calculated_at for _, e, _ in computed],
+              [announce for _, _, announce in computed]]
     with connection.cursor() as cur:
         cur.execute(_BATCH_ETA_SQL, params)
         updated = {row[0] for row in cur.fetchall()}
     stored = {}
-    for delivery, new in computed:
+    for delivery, new, announce in computed:
         if delivery.pk not in updated:
             continue
         stored[str(delivery.pk)] = new
-        if eta_changed_meaningfully(old=stored_eta(delivery), new=new):
+        if announce:
             broadcast_on_commit([delivery_group(delivery.pk), OPS_GROUP], events.delivery_eta_updated(
                 delivery_id=delivery.pk, pickup_at=new.pickup_at, delivery_at=new.delivery_at,
                 confidence=new.confidence, calculated_at=new.calculated_at,

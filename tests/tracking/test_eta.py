@@ -202,6 +202,35 @@ def test_an_eta_event_goes_out_only_when_the_eta_changed_meaningfully(job, liste
     }
 
 
+def test_an_eta_that_slips_a_little_at_every_recompute_is_announced_once_it_slipped_the_threshold(
+    job, listen, django_capture_on_commit_callbacks, settings
+):
+    """A driver stuck in traffic, posting every 5 s: each recompute (every 15 s) finds the ETA
+    15 s later than the one before, never 30 s. The customer is told once it is 30 s later than
+    what they were last told, and the stored times stay what they were told until then."""
+    settings.ETA_MIN_INTERVAL_SECONDS = 15
+    settings.ETA_MIN_MOVE_METERS = 250
+    delivery, driver = job
+    customer = listen(f"delivery.{delivery.pk}")
+    told_at_assignment = Delivery.objects.get(pk=delivery.pk).eta_pickup_at
+
+    seen = []
+    for s in range(5, 70, 5):
+        post_fix(driver, T0 + timedelta(seconds=s), -2.0, capture=django_capture_on_commit_callbacks)
+        seen += [(s, e["estimatedPickupTime"]) for e in by_type(customer.drain(), "delivery_eta_updated")]
+        stored = Delivery.objects.get(pk=delivery.pk)
+        if s == 20:  # recomputed, 15 s after the last: not announced, only the calculation time stored
+            assert (stored.eta_pickup_at, stored.eta_calculated_at) == (told_at_assignment, T0 + timedelta(seconds=20))
+
+    # Recomputed at 5 (the first fix), 20, 35, 50 and 65 s: told at 35 s (35 s later than at
+    # T0) and at 65 s (30 s later than at 35 s).
+    assert seen == [
+        (35, (told_at_assignment + timedelta(seconds=35)).isoformat().replace("+00:00", "Z")),
+        (65, (told_at_assignment + timedelta(seconds=65)).isoformat().replace("+00:00", "Z")),
+    ]
+    assert Delivery.objects.get(pk=delivery.pk).eta_pickup_at == told_at_assignment + timedelta(seconds=65)
+
+
 def test_status_changes_refresh_the_eta_for_the_customer(job, listen, django_capture_on_commit_callbacks):
     delivery, driver = job
     customer = listen(f"delivery.{delivery.pk}")

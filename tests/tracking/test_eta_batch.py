@@ -175,3 +175,33 @@ def test_the_batch_throttle_claims_like_the_single_one_and_survives_a_redis_that
 
     assert due == [False, True, True]  # throttled; moved 300 m; never claimed
     assert eta_service.eta_recompute_due(delivery_id=b, lat=far.y, lon=far.x, now=T0 + timedelta(seconds=6)) is False
+
+
+def test_a_batch_announces_an_eta_that_slipped_by_the_threshold_over_several_recomputes(
+    listen, django_capture_on_commit_callbacks, settings
+):
+    """As one by one (tests/tracking/test_eta.py): a stuck driver's ETA, 15 s later at every
+    recompute, is stored and announced once it is 30 s later than the one last announced."""
+    settings.ETA_MIN_INTERVAL_SECONDS = 15
+    with time_machine.travel(T0, tick=False):
+        driver = DriverFactory(location=km_north(-2.0), location_recorded_at=T0, location_accuracy_m=8)
+        delivery = DeliveryFactory(prep_time_minutes=0, ready_at=T0 - timedelta(minutes=10))
+        with django_capture_on_commit_callbacks(execute=True):
+            assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    told = Delivery.objects.get(pk=delivery.pk).eta_pickup_at
+    customer = listen(delivery_group(delivery.pk))
+    customer.drain()
+
+    announced = []
+    for s in (15, 30, 45, 60):
+        now = T0 + timedelta(seconds=s)
+        Driver.objects.filter(pk=driver.pk).update(location_recorded_at=now)
+        with time_machine.travel(now, tick=False), django_capture_on_commit_callbacks(execute=True):
+            etas_on_fixes([(str(delivery.pk), km_north(-2.0).y, km_north(-2.0).x)], now=now)
+        stored = Delivery.objects.get(pk=delivery.pk)
+        assert stored.eta_calculated_at == now
+        announced += [(s, e["estimatedPickupTime"]) for e in customer.drain() if e["type"] == "delivery_eta_updated"]
+        assert stored.eta_pickup_at == told + timedelta(seconds=announced[-1][0] if announced else 0)
+
+    assert announced == [(30, (told + timedelta(seconds=30)).isoformat().replace("+00:00", "Z")),
+                         (60, (told + timedelta(seconds=60)).isoformat().replace("+00:00", "Z"))]
