@@ -19,6 +19,8 @@ class Pair:
     def __init__(self, n: int, driver_id: str, driver_token: str, lat: float, lon: float):
         self.n, self.driver_id, self.driver_token, self.lat, self.lon = n, driver_id, driver_token, lat, lon
         self.delivery_id = ""
+        self.store: float | None = None  # (--movement route) the store's latitude, and the driver's pace in m/s
+        self.pace = 0.0
         self.tracking_token = ""
         self.path = f"/v2/drivers/{driver_id}/location"
         self.headers = {"Authorization": f"Token {driver_token}", "Content-Type": "application/json"}
@@ -111,6 +113,19 @@ def orm_teardown(pairs: list[Pair], ops_username: str, parallel: int) -> int:
     size = max(1, math.ceil(len(pairs) / parallel))
     with ThreadPoolExecutor(parallel) as pool:
         return sum(pool.map(chunk, [pairs[k:k + size] for k in range(0, len(pairs), size)]))
+
+
+def etas_stored(pairs: list[Pair]) -> int:
+    """How many of the pairs' deliveries have an ETA stored (the stream consumer has refreshed
+    it after their driver's fix)."""
+    from django.db import connection
+
+    from dispatch.models import Delivery
+
+    try:
+        return Delivery.objects.filter(pk__in=[p.delivery_id for p in pairs], eta_calculated_at__isnull=False).count()
+    finally:
+        connection.close()
 
 
 # ------------------------------------------------------------------------- the bench
