@@ -9,10 +9,11 @@ uses a server that is already up. Setup (`--setup orm`, the default) makes S dri
 first fix, resumed) and S deliveries around a random spot far from the demo city in-process
 through the workflows, and assigns delivery i to driver i (ops assignment); `--setup api` does
 it over HTTP as ops (create, offer, accept: slower, ~6 requests a pair). It measures the same
-server's GET /health/ with wrk, posts one warm-up fix per driver (`--warmup`; the server's token
-cache then knows every driver), opens `/ws/track/<id>/?token=` for every delivery (each must
-get its `delivery_snapshot`), then each driver posts a fix every `--fix-interval` seconds
-(phases spread evenly) for `--seconds`, through a small keep-alive HTTP client (bench/rawhttp.py;
+server's GET /health/ with wrk, opens `/ws/track/<id>/?token=` for every delivery (each must
+get its `delivery_snapshot`), posts one warm-up fix per driver (`--warmup`; the server's token
+cache then knows every driver, and every delivery gets its first ETA: the bench waits for the
+consumer to store them all), then each driver posts a fix every `--fix-interval` seconds
+(phases spread evenly) for `--seconds`, moving as `--movement` says, through a small keep-alive HTTP client (bench/rawhttp.py;
 httpx could not post 1,000/s from one process alongside 5,000 sockets).
 
 For every accepted fix it waits for the `delivery_location_updated` with that fix's time on
@@ -307,31 +308,6 @@ async def measure(args, bench: Bench, pairs: list[Pair], server_pids: list[int],
 
     http = RawHttp(base, args.concurrency, timeout=args.timeout)
     await http.open()
-    if args.warmup:
-        # One fix per driver before the sockets open (their events reach no one): the fast lane
-        # then knows every driver's token. Without it the measured window began with S token
-        # lookups in PostgreSQL (the setup's fixes go in-process, not through the fast lane),
-        # which the server would pay again only when its token cache expires.
-        t1 = time.perf_counter()
-        warm = Bench(args, base, bench.rng)
-        await gather_bounded(args.concurrency, [
-            lambda p=p: warm.driver_loop(http, p, 0.0, 0.0, once=True)
-            for p in pairs])
-        print(f"warm-up: one fix per driver, statuses {dict(warm.statuses)} ({time.perf_counter() - t1:.1f} s)", flush=True)
-        if args.setup == "orm":
-            # The warm-up's fixes give every delivery its first ETA (the bench's server runs no
-            # Celery worker, so the assignment computed none): a burst of S computations and
-            # announcements. Wait for the consumer to finish it, so that it falls in neither the
-            # measured window nor the sockets' events (before 2026-12-03 it spilled into both).
-            t1, stored = time.perf_counter(), 0
-            while time.perf_counter() - t1 < 120:
-                stored = await asyncio.to_thread(tracking_setup.etas_stored, pairs)
-                if stored >= len(pairs):
-                    break
-                await asyncio.sleep(0.5)
-            await asyncio.sleep(1.0)  # their events, sent after commit
-            print(f"warm-up ETAs: {stored}/{len(pairs)} stored by the consumer ({time.perf_counter() - t1:.1f} s)", flush=True)
-
     ready, opened = asyncio.Event(), []
     t1 = time.perf_counter()
     sockets = []
@@ -346,6 +322,38 @@ async def measure(args, bench: Bench, pairs: list[Pair], server_pids: list[int],
     connected = sum(1 for p in opened if p is not None)
     print(f"sockets: {connected}/{len(pairs)} connected with a snapshot ({time.perf_counter() - t1:.1f} s)"
           + (f", errors {dict(bench.socket_errors)}" if bench.socket_errors else ""), flush=True)
+
+    if args.warmup:
+        # One fix per driver once the sockets are open, before the measured window: the fast
+        # lane then knows every driver's token, and every delivery has its first ETA, computed
+        # where the driver is then (before 2026-12-03 the warm-up came before the sockets
+        # opened, so at 5,000 sockets each driver's first fix of the window came ~50 s after
+        # its warm-up one, with its ETA ~50 s later: 5,000 announcements in the window).
+        # Without it the measured window began with S token lookups in PostgreSQL (the setup's
+        # fixes go in-process, not through the fast lane), which the server would pay again
+        # only when its token cache expires.
+        t1 = time.perf_counter()
+        warm = Bench(args, base, bench.rng)
+        await gather_bounded(args.concurrency, [
+            lambda p=p: warm.driver_loop(http, p, 0.0, 0.0, once=True)
+            for p in pairs])
+        print(f"warm-up: one fix per driver, statuses {dict(warm.statuses)} ({time.perf_counter() - t1:.1f} s)", flush=True)
+        if args.setup == "orm":
+            # The warm-up's fixes give every delivery its first ETA (the bench's server runs no
+            # Celery worker, so the assignment computed none): a burst of S computations and
+            # announcements. Wait for the consumer to finish it, so that it falls in neither the
+            # measured window nor its counts.
+            t1, stored = time.perf_counter(), 0
+            while time.perf_counter() - t1 < 120:
+                stored = await asyncio.to_thread(tracking_setup.etas_stored, pairs)
+                if stored >= len(pairs):
+                    break
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)  # their events, sent after commit
+            print(f"warm-up ETAs: {stored}/{len(pairs)} stored by the consumer ({time.perf_counter() - t1:.1f} s)", flush=True)
+
+        bench.late_or_unknown, bench.eta_events = 0, 0
+        bench.other_events.clear()
 
     meter = CpuMeter({"uvicorn": server_pids, "consume_fixes": consumer_pids, "bench (this)": [os.getpid()]})
     before = meter.snapshot()
