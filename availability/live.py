@@ -31,7 +31,7 @@ from django.db import connection
 
 from availability import geo
 from availability.models import Driver
-from common.redis import RedisUnavailable, evalsha_many, fleet_key, get_redis
+from common.redis import RedisUnavailable, ScriptBatcher, evalsha_many, fleet_key, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +129,9 @@ async def fix_record_async(
     """The fast lane's one round trip: auth, throttle, older-fix guard, position, GEO index,
     stream append, ops digest entry. Raises redis errors (the caller falls back)."""
     keys, args = _script_call(fix, token_digest_=token_digest_, throttle_key=throttle_key, limit=limit, period=period, append=True)
-    try:
-        reply = await client.evalsha(_FIX_SHA, len(keys), *keys, *args)
-    except redis.exceptions.NoScriptError:
-        reply = await client.eval(_FIX_SCRIPT, len(keys), *keys, *args)
-    return _outcome(reply)
+    # The fixes a worker receives together share one pipeline (ScriptBatcher).
+    batcher = ScriptBatcher.for_client(client, _FIX_SCRIPT, settings.REDIS_SOCKET_TIMEOUT)
+    return _outcome(await batcher.call(keys, args))
 
 
 async def position_seed_async(client: aioredis.Redis, stored: Fix) -> None:

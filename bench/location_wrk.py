@@ -103,7 +103,7 @@ def cleanup_drivers(ids: list[str], mode: str) -> str:
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.db import transaction
-    from rest_framework.authtoken.models import Token
+    from common.models import ApiToken
 
     from availability import geo, live
     from availability.models import Driver, DriverAvailabilityHistory
@@ -135,7 +135,7 @@ def cleanup_drivers(ids: list[str], mode: str) -> str:
     with transaction.atomic():
         user_ids = list(Driver.objects.filter(pk__in=ids).values_list("user_id", flat=True))
         DriverAvailabilityHistory.objects.filter(driver_id__in=ids).delete()
-        Token.objects.filter(user_id__in=user_ids).delete()
+        ApiToken.objects.filter(user_id__in=user_ids).delete()
         deleted = Driver.objects.filter(pk__in=ids).delete()[0]
         User.objects.filter(pk__in=user_ids).delete()
     return f"deleted ({deleted} rows with cascades; Redis entries removed)"
