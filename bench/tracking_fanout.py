@@ -13,8 +13,9 @@ server's GET /health/ with wrk, opens `/ws/track/<id>/?token=` for every deliver
 get its `delivery_snapshot`), posts one warm-up fix per driver (`--warmup`; the server's token
 cache then knows every driver, and every delivery gets its first ETA: the bench waits for the
 consumer to store them all), then each driver posts a fix every `--fix-interval` seconds
-(phases spread evenly) for `--seconds`, moving as `--movement` says, through a small keep-alive HTTP client (bench/rawhttp.py;
-httpx could not post 1,000/s from one process alongside 5,000 sockets).
+(phases spread evenly) for `--seconds`, moving as `--movement` says, through a small
+keep-alive HTTP client (bench/rawhttp.py; httpx could not post 1,000/s from one process
+alongside 5,000 sockets).
 
 For every accepted fix it waits for the `delivery_location_updated` with that fix's time on
 that delivery's socket: latency = socket receive − POST start (one clock, this process).
