@@ -36,6 +36,8 @@ from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
+from common.redis import TickBatcher
+
 logger = logging.getLogger(__name__)
 
 _GROUP_SEND_LUA = """
@@ -185,41 +187,36 @@ class PooledRedisChannelLayer(RedisChannelLayer):
                 logger.info("%s of %s channels over capacity in group %s", over, len(channel_names), group)
 
 
+class _ShardPublisher(TickBatcher):
+    """One Redis shard's publishes, auto-pipelined (`common.redis.TickBatcher`; the shard's
+    client has its own socket timeout)."""
+
+    def __init__(self, shard):
+        super().__init__()
+        self.shard = shard
+
+    async def _flush(self, items: list) -> list:
+        self.shard._ensure_redis()
+        pipe = self.shard._redis.pipeline(transaction=False)
+        for channel, payload in items:
+            pipe.publish(channel, payload)
+        await pipe.execute()
+        return [None] * len(items)
+
+
 class _Coalescer:
     """Per event loop: publishes go out in one pipeline per Redis shard, at most one pipeline
     in flight per shard; what arrives meanwhile goes with the next. Under load the batch grows
     instead of the queue of waiters on the shard's lock."""
 
     def __init__(self):
-        self.pending: dict[object, list[tuple[str, bytes, asyncio.Future]]] = {}
-        self.running: dict[object, asyncio.Task] = {}  # (the loop keeps only weak references)
+        self.shards: dict[object, _ShardPublisher] = {}
 
     async def publish(self, shard, channel: str, payload: bytes) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.setdefault(shard, []).append((channel, payload, future))
-        if shard not in self.running:
-            self.running[shard] = asyncio.ensure_future(self._drain(shard))  # after this tick's publishes
-        await future
-
-    async def _drain(self, shard) -> None:
-        try:
-            while batch := self.pending.pop(shard, None):
-                try:
-                    shard._ensure_redis()
-                    pipe = shard._redis.pipeline(transaction=False)
-                    for channel, payload, _ in batch:
-                        pipe.publish(channel, payload)
-                    await pipe.execute()
-                except Exception as exc:  # noqa: BLE001 - each caller gets the error
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                else:
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_result(None)
-        finally:
-            self.running.pop(shard, None)
+        publisher = self.shards.get(shard)
+        if publisher is None:
+            publisher = self.shards[shard] = _ShardPublisher(shard)
+        await publisher.submit((channel, payload))
 
 
 class CoalescingPubSubChannelLayer(RedisPubSubChannelLayer):

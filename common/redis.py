@@ -64,22 +64,62 @@ def evalsha_many(client: redis.Redis, script: str, calls) -> list:
     raise AssertionError("unreachable")
 
 
-class ScriptBatcher:
-    """Auto-pipelining of one Lua script on an async client (redis.asyncio): the calls made in
-    one loop tick, and those made while a pipeline is in flight, go out together as one
-    pipeline of EVALSHA — each call still atomic on its own, each caller gets its own reply or
-    error — with at most one pipeline in flight. A request then costs Redis and the process a
-    share of one write and one read instead of its own; under load the batch grows instead of
-    the number of round trips. (The pattern of `common.channels._Coalescer`, for replies.)
+class TickBatcher:
+    """Auto-pipelining: the items submitted in one loop tick, and those submitted while a flush
+    is in flight, are flushed together, with at most one flush in flight; under load the batch
+    grows instead of the number of round trips. Each submitter gets its own reply or error.
+    Subclasses write `_flush(items) -> replies` (one per item, in order; an Exception instance
+    is raised to that item's submitter). Used from one event loop only.
 
-    One per client (`for_client`), used from that client's event loop only. A pipeline that
-    has not answered after `timeout` seconds fails its calls with TimeoutError (the client has
-    no socket timeout of its own, and no caller must wait forever behind a hung Redis)."""
+    `timeout`: a flush that has not finished after that many seconds fails its items with
+    TimeoutError (for a client without a socket timeout of its own: no submitter waits forever
+    behind a hung Redis); None: the client's own timeouts bound it."""
+
+    def __init__(self, timeout: float | None = None):
+        self.timeout = timeout
+        self.pending: list[tuple[object, asyncio.Future]] = []
+        self.running: asyncio.Task | None = None  # (the loop keeps only weak references to tasks)
+
+    async def submit(self, item):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((item, future))
+        if self.running is None:
+            self.running = asyncio.ensure_future(self._drain())  # after this tick's submissions
+        return await future
+
+    async def _flush(self, items: list) -> list:
+        raise NotImplementedError
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                items = [item for item, _ in batch]
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        replies = await self._flush(items)
+                except Exception as exc:  # noqa: BLE001 - each submitter gets the error
+                    replies = [exc] * len(batch)
+                for (_, future), reply in zip(batch, replies):
+                    if future.done():  # the submitter gave up (its own timeout, a closed connection)
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self.running = None
+
+
+class ScriptBatcher(TickBatcher):
+    """One Lua script's calls on an async client (redis.asyncio), auto-pipelined (`TickBatcher`):
+    a batch goes out as one pipeline of EVALSHA, each call still atomic on its own; a call
+    answered NOSCRIPT (a restarted Redis, SCRIPT FLUSH) has the script loaded once and is sent
+    again. One per client and script (`for_client`)."""
 
     def __init__(self, client, script: str, timeout: float):
-        self.client, self.script, self.sha, self.timeout = client, script, _sha(script), timeout
-        self.pending: list[tuple[list, list, asyncio.Future]] = []
-        self.running: asyncio.Task | None = None  # (the loop keeps only weak references to tasks)
+        super().__init__(timeout)
+        self.client, self.script, self.sha = client, script, _sha(script)
 
     @classmethod
     def for_client(cls, client, script: str, timeout: float) -> ScriptBatcher:
@@ -90,37 +130,14 @@ class ScriptBatcher:
         return batcher
 
     async def call(self, keys: list, args: list):
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((keys, args, future))
-        if self.running is None:
-            self.running = asyncio.ensure_future(self._drain())  # after this tick's calls
-        return await future
+        return await self.submit((keys, args))
 
-    async def _drain(self) -> None:
-        try:
-            while self.pending:
-                batch, self.pending = self.pending, []
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        replies = await self._execute(batch)
-                except Exception as exc:  # noqa: BLE001 - each caller gets the error
-                    replies = [exc] * len(batch)
-                for (_, _, future), reply in zip(batch, replies):
-                    if future.done():  # the caller gave up (its own timeout, a closed connection)
-                        continue
-                    if isinstance(reply, Exception):
-                        future.set_exception(reply)
-                    else:
-                        future.set_result(reply)
-        finally:
-            self.running = None
-
-    async def _execute(self, batch) -> list:
-        replies = await self._pipeline([(keys, args) for keys, args, _ in batch])
+    async def _flush(self, calls: list) -> list:
+        replies = await self._pipeline(calls)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
-        if missing:  # Redis forgot the script (a restart, SCRIPT FLUSH): load it once, run those again
+        if missing:
             await self.client.script_load(self.script)
-            for i, reply in zip(missing, await self._pipeline([batch[i][:2] for i in missing])):
+            for i, reply in zip(missing, await self._pipeline([calls[i] for i in missing])):
                 replies[i] = reply
         return replies
 
