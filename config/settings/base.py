@@ -142,6 +142,10 @@ LOCATION_FAST_LANE = env.bool("LOCATION_FAST_LANE", default=True)
 FAST_LANE_REDIS_CONNECTIONS = env.int("FAST_LANE_REDIS_CONNECTIONS", default=64)
 FIX_STREAM_MAXLEN = env.int("FIX_STREAM_MAXLEN", default=1_000_000)
 FIX_BATCH_SIZE = env.int("FIX_BATCH_SIZE", default=1000)
+# Niceness the stream consumer adds to its own process (manage.py consume_fixes): it has a
+# second to write a fix, the web workers milliseconds to answer one, so under CPU contention
+# the scheduler runs them first (0: as the shell started it).
+FIX_CONSUMER_NICE = env.int("FIX_CONSUMER_NICE", default=10)
 
 CACHES = {
     "default": {

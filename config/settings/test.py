@@ -21,6 +21,8 @@ from .base import CHANNEL_LAYERS, REST_FRAMEWORK, env  # noqa: E402
 CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = "test-asgi"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=True)
+# The consumer runs inside the test process: it must not renice the test run.
+FIX_CONSUMER_NICE = 0
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"anon": "100000/min", "user": "100000/min"}
 
 # Parallel test runs on one machine can isolate themselves: TEST_DB_NAME=test_dispatch_2

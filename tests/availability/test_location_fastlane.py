@@ -181,6 +181,18 @@ def test_a_consumer_killed_mid_batch_loses_nothing_it_read():
     assert r.xpending(live.STREAM_KEY, live.STREAM_GROUP)["pending"] == 0
 
 
+def test_the_consumer_lowers_its_own_priority_below_the_web_workers(monkeypatch, settings):
+    from availability.management.commands import consume_fixes
+
+    calls = []
+    monkeypatch.setattr(consume_fixes.os, "nice", lambda n: calls.append(n) or n)
+    settings.FIX_CONSUMER_NICE = 7
+    call_command("consume_fixes", "--once")
+    call_command("consume_fixes", "--once", "--nice", "3")
+    call_command("consume_fixes", "--once", "--nice", "0")  # as the shell started it
+    assert calls == [7, 3]
+
+
 def test_with_redis_unreachable_the_fix_goes_straight_to_postgres(monkeypatch):
     driver = online_driver()
 

@@ -7,6 +7,10 @@ read but not acknowledged (a consumer killed mid-batch) stays pending: on start,
 `--claim-every` seconds, a consumer claims entries idle longer than `--claim-idle-ms` from any
 consumer and writes them. Once a second one consumer (a Redis lock decides which) publishes
 the ops position digest: every driver that moved, in one `driver_positions` message.
+
+The process lowers its own priority (`--nice`, FIX_CONSUMER_NICE, default 10): its deadline
+is PostgreSQL one second behind Redis, the web workers' is a request's milliseconds, and on a
+box where both want the CPU the scheduler should make the consumer wait, not a request.
 """
 from __future__ import annotations
 
@@ -59,9 +63,15 @@ class Command(BaseCommand):
         parser.add_argument("--claim-every", type=float, default=15.0)
         parser.add_argument("--digest-every", type=float, default=1.0)
         parser.add_argument("--once", action="store_true", help="drain what is there (pending included), then stop")
+        parser.add_argument("--nice", type=int, default=None,
+                            help="niceness to add to this process (FIX_CONSUMER_NICE; 0: none)")
 
-    def handle(self, *args, consumer, batch, block_ms, claim_idle_ms, claim_every, digest_every, once, **options):
+    def handle(self, *args, consumer, batch, block_ms, claim_idle_ms, claim_every, digest_every, once, nice, **options):
         self.name, self.batch = consumer, batch or settings.FIX_BATCH_SIZE
+        nice = settings.FIX_CONSUMER_NICE if nice is None else nice
+        if nice > 0:
+            # Below the web workers: a fix may wait here up to a second, a request must not.
+            logger.info("consume_fixes: niceness now %d", os.nice(nice))
         self.stopping = False
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
