@@ -193,7 +193,7 @@ async def main(args, base: str, server_pids: list[int]) -> int:
         if args.wait_quiet:
             print(f"waiting for a quiet machine: {await asyncio.to_thread(benchlib.wait_quiet, args.wait_quiet)}", flush=True)
             machine_state("machine at the start of the measurement")
-        health = await asyncio.to_thread(health_baseline, base, seconds=args.health_seconds, threads=2,
+        health = await asyncio.to_thread(health_baseline, base, seconds=args.health_seconds, threads=min(2, args.concurrency),
                                          connections=args.concurrency)
 
         meter = CpuMeter({"uvicorn": server_pids, "bench (this)": [os.getpid()]})
@@ -221,7 +221,7 @@ async def main(args, base: str, server_pids: list[int]) -> int:
     print(f"\noffer flow: {args.concurrency} flows in flight, {args.drivers} drivers, {elapsed:.1f} s, {args.client} client, against {base}")
     print(f"flows completed: {run.flows} = {run.flows / elapsed:.1f} flows/s ({rate:.0f} req/s; "
           f"{run.unassigned} deliveries found nobody free)")
-    print(f"GET /health/: {health.ok_rate:,.0f} req/s (wrk -t2 -c{args.concurrency})  →  offer-flow req/s ÷ health req/s = {ratio:.2f}"
+    print(f"GET /health/: {health.ok_rate:,.0f} req/s (wrk -t{min(2, args.concurrency)} -c{args.concurrency})  →  offer-flow req/s ÷ health req/s = {ratio:.2f}"
           f"  (target ≥ {TARGET_RATIO})")
     print(f"{'request':20} {'n':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     everything = []

@@ -24,6 +24,7 @@ from availability.api.fastlane import LocationFastLane  # noqa: E402
 from common.broadcast import bind_server_loop  # noqa: E402
 from common.consumers import QueryTokenAuthMiddleware, SocketRequestId, TrackingSocketSplit, origin_validator  # noqa: E402
 from common.middleware import EarlyBodyLimit  # noqa: E402
+from config import celery_app  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
 
 
@@ -211,6 +212,14 @@ application = ProtocolTypeRouter(
     }
 )
 
+
+# The apps' Celery task modules, loaded now rather than by the first request that enqueues a
+# task: outside a worker Celery imports them lazily (`common.broadcast._registered_task`), ~170
+# modules and 0.4 s of one request's time, and a fresh worker's first burst of requests queued
+# behind the import lock (the first 16 deliveries created at 16 in flight took 0.45-3 s;
+# bench/README.md). Before the freeze below, so they are frozen with the rest.
+celery_app.loader.import_default_modules()
+celery_app.finalize(auto=True)
 
 # The collector in a process holding thousands of sockets. CPython collects its youngest
 # generation every 700 net allocations; at a thousand fixes a second, the objects of messages in
