@@ -237,17 +237,31 @@ def driver_location_update(
 
 # The stream consumer's batch write: the newest fix per driver, one statement, with the same
 # recorded-at guard as the direct write (PostgreSQL never moves a driver back in time).
-_BATCH_UPDATE_SQL = """
-UPDATE dispatch_driver AS d
-SET location = ST_SetSRID(ST_MakePoint(v.lon, v.lat), 4326)::geography,
+_BATCH_FIXES = """unnest(%(id)s::uuid[], %(lat)s::float8[], %(lon)s::float8[], %(t)s::timestamptz[],
+    %(acc)s::float8[], %(speed)s::float8[], %(heading)s::float8[]) AS v(id, lat, lon, t, acc, speed, heading)"""
+_BATCH_NEWER = "(d.location_recorded_at IS NULL OR d.location_recorded_at < v.t)"
+_BATCH_SET = """SET location = ST_SetSRID(ST_MakePoint(v.lon, v.lat), 4326)::geography,
     location_accuracy_m = v.acc, location_speed = v.speed, location_heading = v.heading,
-    location_recorded_at = v.t, updated_at = %s
-FROM unnest(%s::uuid[], %s::float8[], %s::float8[], %s::timestamptz[], %s::float8[], %s::float8[], %s::float8[])
-    AS v(id, lat, lon, t, acc, speed, heading)
-WHERE d.id = v.id AND (d.location_recorded_at IS NULL OR d.location_recorded_at < v.t)
-RETURNING d.id, d.availability,
+    location_recorded_at = v.t, updated_at = %(now)s"""
+_BATCH_RETURNING = """RETURNING d.id, d.availability,
     (SELECT string_agg(a.delivery_id::text, ',' ORDER BY a.created_at, a.id) FROM dispatch_assignment a
-     WHERE a.driver_id = d.id AND a.status = 'active')
+     WHERE a.driver_id = d.id AND a.status = 'active')"""
+_BATCH_UPDATE_SQL = f"""
+UPDATE dispatch_driver AS d {_BATCH_SET}
+FROM {_BATCH_FIXES}
+WHERE d.id = v.id AND {_BATCH_NEWER}
+{_BATCH_RETURNING}
+"""
+# The same, leaving out the rows another transaction holds locked (a request working on that
+# driver) instead of waiting for them while holding the rest of the batch's rows.
+_BATCH_UPDATE_SKIP_LOCKED_SQL = f"""
+WITH v AS (SELECT * FROM {_BATCH_FIXES}),
+free AS (SELECT d.id FROM dispatch_driver d JOIN v ON v.id = d.id WHERE {_BATCH_NEWER}
+         FOR NO KEY UPDATE OF d SKIP LOCKED)
+UPDATE dispatch_driver AS d {_BATCH_SET}
+FROM v JOIN free ON free.id = v.id
+WHERE d.id = v.id AND {_BATCH_NEWER}
+{_BATCH_RETURNING}
 """
 
 
@@ -258,9 +272,12 @@ class PersistedFix:
     active_delivery_ids: tuple[str, ...]
 
 
-def positions_persist(fixes: list[live.Fix], *, now: datetime | None = None) -> list[PersistedFix]:
+def positions_persist(fixes: list[live.Fix], *, now: datetime | None = None,
+                      skip_locked: bool = False) -> list[PersistedFix]:
     """Write a batch of fixes from the stream: the newest per driver, in one UPDATE … FROM
-    unnest(…). Returns the fixes PostgreSQL took (a fix older than the stored one is not)."""
+    unnest(…). Returns the fixes PostgreSQL took (a fix older than the stored one is not).
+    `skip_locked`: the drivers whose row another transaction holds locked are left out (not
+    returned, not waited for); the caller writes them later."""
     newest: dict[str, live.Fix] = {}
     for fix in fixes:
         if fix.driver_id not in newest or fix.recorded_at > newest[fix.driver_id].recorded_at:
@@ -272,10 +289,10 @@ def positions_persist(fixes: list[live.Fix], *, now: datetime | None = None) -> 
     # for every batch, so psycopg parses it once (a VALUES list of n rows was parsed anew for
     # each batch: a sixth of the stream consumer's CPU).
     fs = list(newest.values())
-    params = [now, [f.driver_id for f in fs], [f.lat for f in fs], [f.lon for f in fs],
-              [datetime.fromtimestamp(f.recorded_at, tz=dt_timezone.utc) for f in fs],
-              [f.accuracy_m for f in fs], [f.speed for f in fs], [f.heading for f in fs]]
+    params = {"now": now, "id": [f.driver_id for f in fs], "lat": [f.lat for f in fs], "lon": [f.lon for f in fs],
+              "t": [datetime.fromtimestamp(f.recorded_at, tz=dt_timezone.utc) for f in fs],
+              "acc": [f.accuracy_m for f in fs], "speed": [f.speed for f in fs], "heading": [f.heading for f in fs]}
     with connection.cursor() as cur:
-        cur.execute(_BATCH_UPDATE_SQL, params)
+        cur.execute(_BATCH_UPDATE_SKIP_LOCKED_SQL if skip_locked else _BATCH_UPDATE_SQL, params)
         rows = cur.fetchall()
     return [PersistedFix(newest[str(pk)], availability, live.split_ids(active)) for pk, availability, active in rows]

@@ -171,12 +171,21 @@ def driver_location_record(
 
 def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[PersistedFix]:
     """A batch of fixes from the stream (the fast lane already answered, indexed and told the
-    customer): PostgreSQL in one statement, then, after commit, what Redis could not know by
-    itself — the GEO entry of an available driver whose status Redis lacked, the customer of
-    a delivery Redis did not know the driver was on — and the throttled ETA refresh."""
+    customer): PostgreSQL in one statement (a second for the drivers a request held locked),
+    then, after commit, what Redis could not know by itself — the GEO entry of an available
+    driver whose status Redis lacked, the customer of a delivery Redis did not know the driver
+    was on — and the throttled ETA refresh."""
     now = now or timezone.now()
+    # First the drivers nobody holds locked, committed at once; then, in a transaction of their
+    # own, those a request was working on (waiting for its commit). A batch that waited inside
+    # one statement would hold the rows it had already written meanwhile, and the requests that
+    # wanted one of those would wait for the whole batch in turn.
     with transaction.atomic():
-        persisted = positions_persist(fixes, now=now)
+        persisted = positions_persist(fixes, now=now, skip_locked=True)
+    taken = {p.fix.driver_id for p in persisted}
+    if left := [fix for fix in fixes if fix.driver_id not in taken]:  # (and those older than PostgreSQL's)
+        with transaction.atomic():
+            persisted += positions_persist(left, now=now)
     known = live.known_state([p.fix.driver_id for p in persisted])
     on_fix: list[tuple[str, float, float]] = []
     for p in persisted:

@@ -14,6 +14,7 @@ import pytest
 import redis
 from asgiref.sync import async_to_sync
 from django.core.management import call_command
+from django.db import connection, transaction
 from django.utils import timezone
 
 from availability import geo, live
@@ -179,6 +180,50 @@ def test_a_consumer_killed_mid_batch_loses_nothing_it_read():
     call_command("consume_fixes", "--once", "--claim-idle-ms", "0", "--consumer", "restarted")
     assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.96
     assert r.xpending(live.STREAM_KEY, live.STREAM_GROUP)["pending"] == 0
+
+
+def test_the_consumer_writes_the_free_drivers_before_it_waits_for_one_a_request_holds():
+    """A request holding a driver's row must not make the consumer hold the rest of its batch
+    uncommitted while it waits (the requests wanting those rows would queue behind it)."""
+    held, free = online_driver(), online_driver()
+    for driver in (held, free):
+        assert post(url(driver), {"lat": 12.98, "lon": 77.62, "recordedAt": recorded()}, token=token(driver)).status_code == 200
+    before = {d.pk: pg_fix_time(d) for d in (held, free)}
+    locked, release, seen = threading.Event(), threading.Event(), {}
+
+    def request_holding_the_row():
+        with transaction.atomic():
+            list(Driver.objects.select_for_update().filter(pk=held.pk))
+            locked.set()
+            release.wait(30)
+        connection.close()
+
+    def watch_the_consumer():
+        try:
+            deadline = time.monotonic() + 20
+            with connection.cursor() as cur:
+                while time.monotonic() < deadline and "waiting" not in seen:
+                    cur.execute("SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                                " AND wait_event_type = 'Lock' AND query LIKE '%%UPDATE dispatch_driver%%'")
+                    if cur.fetchone():
+                        seen["waiting"] = True
+                    else:
+                        release.wait(0.005)
+            seen["free"], seen["held"] = pg_fix_time(free), pg_fix_time(held)  # committed rows only
+        finally:
+            release.set()
+            connection.close()
+
+    holder, watcher = threading.Thread(target=request_holding_the_row), threading.Thread(target=watch_the_consumer)
+    holder.start()
+    assert locked.wait(10)
+    watcher.start()
+    call_command("consume_fixes", "--once")
+    watcher.join(30), holder.join(30)
+
+    assert seen.get("waiting") is True  # the consumer did wait for the held row
+    assert seen["free"] > before[free.pk] and seen["held"] == before[held.pk]  # the free one already committed
+    assert pg_fix_time(held) > before[held.pk]  # and the held one once the request let go
 
 
 def test_the_consumer_lowers_its_own_priority_below_the_web_workers(monkeypatch, settings):
