@@ -246,23 +246,25 @@ _BATCH_SET = """SET location = ST_SetSRID(ST_MakePoint(v.lon, v.lat), 4326)::geo
 _BATCH_RETURNING = """RETURNING d.id, d.availability,
     (SELECT string_agg(a.delivery_id::text, ',' ORDER BY a.created_at, a.id) FROM dispatch_assignment a
      WHERE a.driver_id = d.id AND a.status = 'active')"""
-_BATCH_UPDATE_SQL = f"""
+
+
+def _batch_update_sql(lock: str) -> str:
+    return f"""
+WITH v AS (SELECT * FROM {_BATCH_FIXES}),
+locked AS (SELECT d.id FROM dispatch_driver d JOIN v ON v.id = d.id WHERE {_BATCH_NEWER} {lock})
 UPDATE dispatch_driver AS d {_BATCH_SET}
-FROM {_BATCH_FIXES}
+FROM v JOIN locked ON locked.id = v.id
 WHERE d.id = v.id AND {_BATCH_NEWER}
 {_BATCH_RETURNING}
 """
+
+
+# The rows locked in primary-key order, as the services lock contested rows (no deadlock with
+# a request that holds one driver and wants another).
+_BATCH_UPDATE_SQL = _batch_update_sql("ORDER BY d.id FOR NO KEY UPDATE OF d")
 # The same, leaving out the rows another transaction holds locked (a request working on that
 # driver) instead of waiting for them while holding the rest of the batch's rows.
-_BATCH_UPDATE_SKIP_LOCKED_SQL = f"""
-WITH v AS (SELECT * FROM {_BATCH_FIXES}),
-free AS (SELECT d.id FROM dispatch_driver d JOIN v ON v.id = d.id WHERE {_BATCH_NEWER}
-         FOR NO KEY UPDATE OF d SKIP LOCKED)
-UPDATE dispatch_driver AS d {_BATCH_SET}
-FROM v JOIN free ON free.id = v.id
-WHERE d.id = v.id AND {_BATCH_NEWER}
-{_BATCH_RETURNING}
-"""
+_BATCH_UPDATE_SKIP_LOCKED_SQL = _batch_update_sql("FOR NO KEY UPDATE OF d SKIP LOCKED")
 
 
 @dataclass(frozen=True)
