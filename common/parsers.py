@@ -2,7 +2,7 @@
 never produces a 500).
 
 `load_json_body` is the one reading: UTF-8 (or the declared charset), strict JSON (no NaN or
-Infinity), at most `MAX_DEPTH` levels of nesting (no `RecursionError`), no NUL and no lone
+Infinity), at most `MAX_DEPTH` levels of nesting, no NUL and no lone
 surrogate in any string or key (PostgreSQL cannot store the one, UTF-8 cannot encode the
 other). `common.middleware.RequestGuardMiddleware` applies it to every API request with a JSON
 body, before any view, so endpoints that read no body refuse a broken one too, and leaves the
@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import accumulate
 
 from django.conf import settings
 from rest_framework import exceptions, parsers
 
 MAX_DEPTH = 32
 PARSED_ATTR = "_api_json_body"
+# json.loads recurses once per level of nesting. A body that could nest deeper than this is
+# refused before it is parsed: deep in the recursion a garbage collection runs other objects'
+# finalizers on a nearly full stack, where they fail ("Exception ignored in ...",
+# RecursionError) and leave what they should have closed.
+PARSE_DEPTH = 100
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 class BodyRejected(Exception):
@@ -40,14 +49,24 @@ def load_json_body(raw: bytes, charset: str | None = None):
         text = raw.decode(charset or settings.DEFAULT_CHARSET)
     except (UnicodeDecodeError, LookupError) as exc:
         raise BodyRejected(f"JSON parse error - {exc}") from exc
+    if _may_nest_deeper(text, PARSE_DEPTH):
+        raise BodyRejected(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.")
     try:
         data = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise BodyRejected(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.") from None
     except ValueError as exc:
         raise BodyRejected(f"JSON parse error - {exc}") from exc
     check_json_value(data)
     return data
+
+
+def _may_nest_deeper(text: str, limit: int) -> bool:
+    """Whether `text`, parsed, could nest deeper than `limit` levels: the deepest point of its
+    brackets outside strings (a running count, in C iterators). A body with no more openers
+    than the limit is not scanned."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0) > limit
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
