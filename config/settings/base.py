@@ -117,11 +117,22 @@ if DB_POOL_MAX_SIZE > 0:
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-# Behind PgBouncer in transaction mode a server connection changes between transactions:
-# no server-side cursors, no prepared statements (psycopg prepares after 5 runs by default).
+# Parameters bound by the server and, after DB_PREPARE_THRESHOLD runs of the same statement on a
+# connection, prepared statements: PostgreSQL parses and plans a pooled connection's repeated
+# statements once (Django's default is client-side binding, every statement parsed and planned
+# again: half the database's CPU of an offer flow, bench/README.md). Behind PgBouncer in
+# transaction mode a server connection changes between transactions: no server-side cursors,
+# no prepared statements, parameters bound client-side as Django does by default.
+_prepare_threshold = env.str("DB_PREPARE_THRESHOLD", default="5").strip().lower()
+_prepare_threshold = None if _prepare_threshold in ("", "none", "off") else int(_prepare_threshold)
 if env.bool("DB_BEHIND_PGBOUNCER", default=False):
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
     DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = None
+else:
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        server_side_binding=True,
+        prepare_threshold=_prepare_threshold,
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # The largest request body the API reads (bytes); a larger one is a 413 (common.middleware).
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)
