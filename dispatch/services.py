@@ -5,6 +5,7 @@ of `workflows/locks.py` and call these for the state change, its audit row and i
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import uuid
 from dataclasses import dataclass
@@ -248,7 +249,7 @@ WITH d AS MATERIALIZED (
 ), u AS (
     UPDATE {delivery} SET status = %(to_status)s, {stamp} = %(now)s, updated_at = %(updated_at)s
     FROM a WHERE {delivery}.id = %(delivery_id)s
-    RETURNING {delivery}.*, a.id AS step_assignment_id
+    RETURNING {returning}, a.id AS step_assignment_id
 ), log AS (
     INSERT INTO {audit} (id, delivery_id, timestamp, event_type, actor_id, actor_type, details, version)
     SELECT %(audit_id)s, u.id, %(now)s, %(event_type)s, %(actor_id)s, %(actor_type)s,
@@ -257,6 +258,17 @@ WITH d AS MATERIALIZED (
 ){also}
 SELECT * FROM u
 """
+
+
+@functools.cache
+def delivery_columns_sql(alias: str) -> str:
+    """The delivery's columns by name, qualified by `alias`, for a hand-written statement's
+    result: never `alias.*`, whose columns PostgreSQL fixes when it prepares the statement, so a
+    column added by a migration would fail every prepared run ("cached plan must not change
+    result type") until the process restarts."""
+    return ", ".join(f'{alias}."{f.column}"' for f in Delivery._meta.concrete_fields)
+
+
 _QUICK_GUARDS = {
     "pickup-started": "AND pickup_started_at IS NULL",
     "pickup-completed": "AND pickup_started_at IS NOT NULL",
@@ -292,7 +304,7 @@ def delivery_step_quick(
     for _, p in also:
         extra_params |= p
     sql = _QUICK_STEP_SQL.format(
-        delivery=Delivery._meta.db_table, assignment=Assignment._meta.db_table, audit=DeliveryAuditLog._meta.db_table,
+        delivery=Delivery._meta.db_table, returning=delivery_columns_sql(Delivery._meta.db_table), assignment=Assignment._meta.db_table, audit=DeliveryAuditLog._meta.db_table,
         stamp=Delivery._meta.get_field(stamp).column, guard=_QUICK_GUARDS.get(step, ""),
         also="".join(f", also{i} AS ({cte})" for i, (cte, _) in enumerate(also)),
     )

@@ -44,10 +44,16 @@ class DatabaseFeatures(PostGISFeatures):
 class DatabaseOperations(PostGISOperations):
     def bulk_batch_size(self, fields, objs):
         limit = self.connection.features.max_query_params
-        columns = sum(len(f.fields) if isinstance(f, models.CompositePrimaryKey) else 1 for f in fields)
-        if not limit or not columns:
+        if not limit or not fields:
             return super().bulk_batch_size(fields, objs)
-        return max(1, min(len(objs), limit // columns))
+        width = [len(f.fields) if isinstance(f, models.CompositePrimaryKey) else 1 for f in fields]
+        if len(fields) > 2 and fields[0] is fields[1] and getattr(fields[0], "primary_key", False):
+            # bulk_update's [pk, pk, *fields]: each field is `WHEN pk = %s THEN %s` per object,
+            # and the pk once more in the WHERE
+            per_object = width[0] + sum(width[0] + w for w in width[2:])
+        else:
+            per_object = sum(width)
+        return max(1, min(len(objs), limit // per_object))
 
 
 class DatabaseWrapper(PostGISDatabaseWrapper):

@@ -120,7 +120,7 @@ else:
 # Parameters bound by the server and, after DB_PREPARE_THRESHOLD runs of the same statement on a
 # connection, prepared statements: PostgreSQL parses and plans a pooled connection's repeated
 # statements once (Django's default is client-side binding, every statement parsed and planned
-# again: half the database's CPU of an offer flow, bench/README.md). Behind PgBouncer in
+# again: a third to a half of the database's CPU of an offer flow, bench/README.md). Behind PgBouncer in
 # transaction mode a server connection changes between transactions: no server-side cursors,
 # no prepared statements, parameters bound client-side as Django does by default.
 _prepare_threshold = env.str("DB_PREPARE_THRESHOLD", default="5").strip().lower()

@@ -121,3 +121,31 @@ def test_pgbouncer_mode_binds_client_side_without_prepared_statements(behind_pgb
     env.pop("DB_PREPARE_THRESHOLD", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_bulk_update_batches_count_the_pk_beside_every_field():
+    """bulk_update sends `WHEN pk = %s THEN %s` per field and object, and the pk in the WHERE:
+    2F + 1 parameters an object (F + 2 as counted for an insert would overflow)."""
+    from audit.models import DeliveryAuditLog
+
+    pk = Delivery._meta.pk
+    fields = [Delivery._meta.get_field(n) for n in ("status", "store_name", "seller_order_id")]
+    objs = [None] * 100_000
+    assert connection.ops.bulk_batch_size([pk, pk, *fields], objs) == 65535 // 7
+    columns = [f for f in DeliveryAuditLog._meta.concrete_fields if f.attname != "seq"]
+    assert connection.ops.bulk_batch_size(columns, objs) == 65535 // 8
+    assert connection.ops.bulk_batch_size(columns, objs[:10]) == 10
+
+
+def test_bulk_update_over_the_limit_goes_in_statements_that_fit():
+    deliveries = DeliveryFactory.create_batch(3)
+    for d in deliveries:
+        d.store_name = "Renamed"
+    from django.test.utils import CaptureQueriesContext
+
+    with mock.patch.object(type(connection.features), "max_query_params", new_callable=mock.PropertyMock,
+                           return_value=8):  # 3 parameters an object with one field: 2 a statement
+        with CaptureQueriesContext(connection) as ctx:
+            Delivery.objects.bulk_update(deliveries, ["store_name"])
+    assert sum(q["sql"].startswith("UPDATE") for q in ctx.captured_queries) == 2
+    assert set(Delivery.objects.filter(pk__in=[d.pk for d in deliveries]).values_list("store_name", flat=True)) == {"Renamed"}
