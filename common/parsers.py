@@ -25,7 +25,9 @@ PARSED_ATTR = "_api_json_body"
 # finalizers on a nearly full stack, where they fail ("Exception ignored in ...",
 # RecursionError) and leave what they should have closed.
 PARSE_DEPTH = 100
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+# A string, or one never closed: to the end of the text (json stops there; and a match that
+# needed the closing quote would be retried from every later quote, quadratic in the body).
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
@@ -53,6 +55,8 @@ def load_json_body(raw: bytes, charset: str | None = None):
         raise BodyRejected(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.")
     try:
         data = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:  # not reached past the scan above; a 400 all the same
+        raise BodyRejected(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.") from None
     except ValueError as exc:
         raise BodyRejected(f"JSON parse error - {exc}") from exc
     check_json_value(data)

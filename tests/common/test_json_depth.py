@@ -53,3 +53,13 @@ def test_bodies_up_to_the_parse_depth_and_brackets_in_strings_still_parse(recurs
 def test_a_malformed_shallow_body_keeps_the_parsers_own_message():
     with pytest.raises(BodyRejected, match="Expecting"):
         load_json_body(b"[" + b"[1]," * 200 + b"]")
+
+
+def test_a_string_never_closed_ends_the_scan_where_json_stops_reading():
+    # the brackets after an unclosed quote are never parsed: json's own message, not "too deep"
+    with pytest.raises(BodyRejected, match="Unterminated string"):
+        load_json_body(b'[[["' + b"[" * 5000)
+    # an unclosed string of escaped quotes after too many openers: refused for the openers (and
+    # in one pass: a pattern that needed the closing quote retried from every later quote)
+    with pytest.raises(BodyRejected, match=f"nested deeper than {MAX_DEPTH} levels"):
+        load_json_body(b"[" * (PARSE_DEPTH + 1) + b'"' + b'\\"' * 20_000)
