@@ -304,7 +304,8 @@ def delivery_step_quick(
     for _, p in also:
         extra_params |= p
     sql = _QUICK_STEP_SQL.format(
-        delivery=Delivery._meta.db_table, returning=delivery_columns_sql(Delivery._meta.db_table), assignment=Assignment._meta.db_table, audit=DeliveryAuditLog._meta.db_table,
+        delivery=Delivery._meta.db_table, returning=delivery_columns_sql(Delivery._meta.db_table),
+        assignment=Assignment._meta.db_table, audit=DeliveryAuditLog._meta.db_table,
         stamp=Delivery._meta.get_field(stamp).column, guard=_QUICK_GUARDS.get(step, ""),
         also="".join(f", also{i} AS ({cte})" for i, (cte, _) in enumerate(also)),
     )

@@ -28,8 +28,6 @@ from django.db import models
 _MARK = "_dispatch_postgis_adapters"
 # alias -> (host, port, database) of the connection the cached type OIDs were read from
 _TYPES_READ_FROM: dict[str, tuple] = {}
-
-
 MAX_SERVER_BOUND_PARAMS = 65535
 
 
