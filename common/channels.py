@@ -20,7 +20,8 @@ application never ended (the socket storm tests waited out their 30 s disconnect
 `group_send_many` sends several groups' messages with one round trip for all their member
 lists (a request's events, `common.broadcast.send_many`): `group_send` reads the members with
 two commands per message, and most of a request's groups (ops, a driver's) have few or no
-sockets.
+sockets. The members of a shard's groups are read by one script (one command to pack and one
+reply to parse: redis-py's per-command cost was most of a request's event sending).
 """
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ _GROUP_SEND_LUA = """
         end
     end
     return over_capacity
+"""
+
+# Every group's members, the expired ones dropped first: what `group_send` does with two
+# commands per group, for all the groups of a shard in one script (one reply to parse).
+_GROUP_MEMBERS_LUA = """
+    local members = {}
+    for i=1,#KEYS do
+        redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, ARGV[1])
+        members[i] = redis.call('ZRANGE', KEYS[i], 0, -1)
+    end
+    return members
 """
 
 
@@ -145,18 +157,14 @@ class PooledRedisChannelLayer(RedisChannelLayer):
         cutoff = int(time.time()) - self.group_expiry
 
         async def read_members(index: int, groups: list[str]) -> None:
+            keys = [self._group_key(group) for group in groups]
             try:
-                pipe = self.connection(index).pipeline(transaction=False)
-                for group in groups:
-                    key = self._group_key(group)
-                    pipe.zremrangebyscore(key, min=0, max=cutoff)
-                    pipe.zrange(key, 0, -1)
-                replies = await pipe.execute()
+                replies = await self.connection(index).eval(_GROUP_MEMBERS_LUA, len(keys), *keys, cutoff)
             except Exception as exc:
                 failed.update(dict.fromkeys(groups, exc))
                 return
-            for i, group in enumerate(groups):
-                members[group] = [x.decode("utf8") for x in replies[2 * i + 1]]
+            for group, names in zip(groups, replies):
+                members[group] = [x.decode("utf8") for x in names]
 
         await asyncio.gather(*(read_members(i, gs) for i, gs in by_index.items()))
 
