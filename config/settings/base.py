@@ -70,6 +70,10 @@ API_MIDDLEWARE = [
     "common.idempotency.IdempotencyMiddleware",
 ]
 
+# Token-authenticated API requests a web process runs at once (config/asgi.py, LeanApiHandler);
+# the rest wait their turn, first come first served. 0: no limit.
+API_REQUEST_CONCURRENCY = env.int("API_REQUEST_CONCURRENCY", default=4)
+
 ROOT_URLCONF = "config.urls"
 APPEND_SLASH = False
 AUTH_USER_MODEL = "common.User"
@@ -414,7 +418,7 @@ else:
 # Dispatch policies (docs/dispatch.md, "Dispatch policies"): the default for a zone that sets
 # none, and each policy's knobs (zones/policies.py).
 DISPATCH_POLICY = env("DISPATCH_POLICY", default="sequential")
-DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=3)
+DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=4)
 DISPATCH_BROADCAST_MAX = env.int("DISPATCH_BROADCAST_MAX", default=25)
 DISPATCH_MATCHING_WINDOW_SECONDS = env.int("DISPATCH_MATCHING_WINDOW_SECONDS", default=5)
 # batched_matching's cost of a driver for a delivery (workflows/matching.py), in seconds added to

@@ -2,6 +2,7 @@
 the same answer as the full stack, without its per-middleware thread hops."""
 import asyncio
 import threading
+import time
 
 import httpx
 import pytest
@@ -137,7 +138,8 @@ def test_token_requests_one_after_another_reuse_one_request_thread_and_leave_no_
     assert handler._idle[0].submit(connection_closed).result()
 
 
-def test_token_requests_in_flight_together_each_run_on_a_thread_of_their_own(request_threads):
+def test_token_requests_in_flight_together_each_run_on_a_thread_of_their_own(request_threads, settings):
+    settings.API_REQUEST_CONCURRENCY = 0
     a, b = DriverFactory(), DriverFactory()
     both_started = threading.Barrier(2, timeout=30)
 
@@ -158,7 +160,8 @@ def test_token_requests_in_flight_together_each_run_on_a_thread_of_their_own(req
     assert len(handler._idle) == 2  # both handed back for the next requests
 
 
-def test_at_most_idle_executors_are_kept(monkeypatch):
+def test_at_most_idle_executors_are_kept(monkeypatch, settings):
+    settings.API_REQUEST_CONCURRENCY = 0
     driver = DriverFactory()
     monkeypatch.setattr(LeanApiHandler, "IDLE_EXECUTORS", 1)
     handler = LeanApiHandler()
@@ -171,6 +174,78 @@ def test_at_most_idle_executors_are_kept(monkeypatch):
         signals.request_started.disconnect(dispatch_uid="test-all-started")
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert len(handler._idle) == 1  # the other two were shut down
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_at_most_api_request_concurrency_requests_run_at_once_the_others_wait_their_turn_in_order(settings, limit):
+    settings.API_REQUEST_CONCURRENCY = limit
+    drivers = DriverFactory.create_batch(limit + 2)
+    handler = LeanApiHandler()
+    started, running, most = [], [0], [0]
+    lock = threading.Lock()
+    all_in = threading.Barrier(limit, timeout=30)
+
+    def on_start(scope, **kwargs):
+        with lock:
+            started.append(scope["path"].rsplit("/", 1)[1])
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            first_ones = len(started) <= limit
+        if first_ones:
+            all_in.wait()  # the first `limit` are all running at once, and stay until the others queue up
+            slots = next(iter(handler._slots.values()), None)
+            assert slots is not None, "no limit on requests at once"
+            wait_until(lambda: len(slots._waiters or ()) == 2, "the other two requests wait for a slot")
+            assert len(started) == limit  # ... and neither has started
+
+    def on_finish(**kwargs):
+        with lock:
+            running[0] -= 1
+
+    signals.request_started.connect(on_start, weak=False, dispatch_uid="test-limit-start")
+    signals.request_finished.connect(on_finish, weak=False, dispatch_uid="test-limit-finish")
+    try:
+        responses = get_together(handler, [
+            (f"/v2/drivers/{d.pk}", {"Authorization": f"Token {token_for(d.user)}"}) for d in drivers
+        ])
+    finally:
+        signals.request_started.disconnect(dispatch_uid="test-limit-start")
+        signals.request_finished.disconnect(dispatch_uid="test-limit-finish")
+    assert [r.status_code for r in responses] == [200] * len(drivers)
+    assert [r.json()["id"] for r in responses] == [str(d.pk) for d in drivers]
+    assert most[0] == limit
+    ids = [str(d.pk) for d in drivers]
+    assert sorted(started[:limit]) == sorted(ids[:limit]) and sorted(started[limit:]) == sorted(ids[limit:])
+    if limit == 1:
+        assert started == ids  # first come, first served
+
+
+def test_a_request_that_fails_gives_its_slot_back(settings, monkeypatch):
+    settings.API_REQUEST_CONCURRENCY = 1
+    driver = DriverFactory()
+    path, auth = f"/v2/drivers/{driver.pk}", {"Authorization": f"Token {token_for(driver.user)}"}
+    handler = LeanApiHandler()
+    original = handler.get_response
+    calls = []
+
+    def fail_once(request):
+        calls.append(request.path)
+        if len(calls) == 1:
+            raise RuntimeError("the request's thread failed")
+        return original(request)
+
+    monkeypatch.setattr(handler, "get_response", fail_once)
+    with pytest.raises(RuntimeError):
+        get(handler, path, auth)
+    response = get(handler, path, auth)
+    assert response.status_code == 200 and len(calls) == 2
 
 
 def test_a_lean_requests_events_go_out_on_the_servers_loop_before_its_response(monkeypatch):
