@@ -21,7 +21,9 @@ application never ended (the socket storm tests waited out their 30 s disconnect
 lists (a request's events, `common.broadcast.send_many`): `group_send` reads the members with
 two commands per message, and most of a request's groups (ops, a driver's) have few or no
 sockets. The members of a shard's groups are read by one script (one command to pack and one
-reply to parse: redis-py's per-command cost was most of a request's event sending).
+reply to parse: redis-py's per-command cost was most of a request's event sending), and a
+group's messages go to its members by one script per shard, in order, where `group_send`
+makes two round trips a message.
 """
 from __future__ import annotations
 
@@ -41,16 +43,29 @@ from common.redis import TickBatcher
 
 logger = logging.getLogger(__name__)
 
-_GROUP_SEND_LUA = """
-    local over_capacity = 0
-    local current_time = ARGV[#ARGV - 1]
+# A group's messages, in order, to each of its members' channels (the expired messages of
+# those channels dropped first, each channel's capacity respected): what `group_send` does
+# with a pipeline and a script per message, in one script. KEYS: the channel keys (n);
+# ARGV: message i's payload for key j at (i-1)*n+j, for m messages; then each key's
+# capacity; then each message's time (its score: later messages score higher, so they are
+# received in order); then m, the expiry cutoff and the expiry in seconds.
+_GROUP_SEND_MANY_LUA = """
+    local n = #KEYS
+    local m = tonumber(ARGV[#ARGV - 2])
+    local cutoff = ARGV[#ARGV - 1]
     local expiry = ARGV[#ARGV]
-    for i=1,#KEYS do
-        if redis.call('ZCOUNT', KEYS[i], '-inf', '+inf') < tonumber(ARGV[i + #KEYS]) then
-            redis.call('ZADD', KEYS[i], current_time, ARGV[i])
-            redis.call('EXPIRE', KEYS[i], expiry)
-        else
-            over_capacity = over_capacity + 1
+    local over_capacity = 0
+    for j=1,n do
+        redis.call('ZREMRANGEBYSCORE', KEYS[j], 0, cutoff)
+    end
+    for i=1,m do
+        for j=1,n do
+            if redis.call('ZCOUNT', KEYS[j], '-inf', '+inf') < tonumber(ARGV[m * n + j]) then
+                redis.call('ZADD', KEYS[j], ARGV[m * n + n + i], ARGV[(i - 1) * n + j])
+                redis.call('EXPIRE', KEYS[j], expiry)
+            else
+                over_capacity = over_capacity + 1
+            end
         end
     end
     return over_capacity
@@ -170,29 +185,33 @@ class PooledRedisChannelLayer(RedisChannelLayer):
 
         async def to_group(group: str) -> None:
             try:
-                for message in batches[group]:
-                    await self._send_to_members(group, members[group], message)
+                await self._send_to_members(group, members[group], batches[group])
             except Exception as exc:
                 failed[group] = exc
 
         await asyncio.gather(*(to_group(g) for g, names in members.items() if names))
         return failed
 
-    async def _send_to_members(self, group: str, channel_names: list[str], message: dict) -> None:
-        """The second half of channels_redis's `group_send`: put `message` on these channels
-        (expired messages dropped first, capacity respected) with one script per shard."""
-        keys_by_index, key_to_message, key_to_capacity = self._map_channel_keys_to_connection(channel_names, message)
+    async def _send_to_members(self, group: str, channel_names: list[str], messages: Sequence[dict]) -> None:
+        """The second half of channels_redis's `group_send`, for several messages: put them on
+        these channels in order (expired messages dropped first, capacity respected), one
+        script per shard for all of them."""
+        if not messages:
+            return
+        payloads: dict[str, list[bytes]] = {}
+        for message in messages:
+            keys_by_index, key_to_message, key_to_capacity = self._map_channel_keys_to_connection(channel_names, message)
+            for key, payload in key_to_message.items():
+                payloads.setdefault(key, []).append(payload)
+        now = time.time()
+        times = [now + i * 1e-5 for i in range(len(messages))]  # distinct, increasing scores
+        cutoff = int(now) - int(self.expiry)
         for index, channel_keys in keys_by_index.items():
-            connection = self.connection(index)
-            pipe = connection.pipeline(transaction=False)
-            for key in channel_keys:
-                pipe.zremrangebyscore(key, min=0, max=int(time.time()) - int(self.expiry))
-            await pipe.execute()
-            args = [key_to_message[k] for k in channel_keys] + [key_to_capacity[k] for k in channel_keys]
-            args += [time.time(), self.expiry]
-            over = await connection.eval(_GROUP_SEND_LUA, len(channel_keys), *channel_keys, *args)
+            args = [payloads[k][i] for i in range(len(messages)) for k in channel_keys]
+            args += [key_to_capacity[k] for k in channel_keys] + times + [len(messages), cutoff, self.expiry]
+            over = await self.connection(index).eval(_GROUP_SEND_MANY_LUA, len(channel_keys), *channel_keys, *args)
             if over > 0:
-                logger.info("%s of %s channels over capacity in group %s", over, len(channel_names), group)
+                logger.info("%s of %s messages over capacity in group %s", over, len(channel_names) * len(messages), group)
 
 
 class _ShardPublisher(TickBatcher):

@@ -33,6 +33,25 @@ def test_a_batch_reaches_each_member_in_order_and_skips_empty_groups_without_gro
     assert sorted(e["n"] for e in both.drain()) == [0, 0, 1, 2, 3]
 
 
+def test_many_messages_to_a_group_in_one_batch_arrive_in_order_at_every_member(listen):
+    """One script puts all of a group's messages on its members' channels: each gets its own
+    time, so they are received in order (messages of one time would come out in the random
+    order of their serialized prefixes)."""
+    first, second = listen("ops"), listen("ops")
+    broadcast.send_many([(["ops"], {"type": "offer_created", "n": n}) for n in range(40)])
+    assert [e["n"] for e in first.drain()] == list(range(40))
+    assert [e["n"] for e in second.drain()] == list(range(40))
+
+
+def test_a_full_channel_gets_no_more_and_the_others_still_do(listen, monkeypatch):
+    full, other = listen("driver.cap"), listen("ops")
+    layer = get_channel_layer()
+    monkeypatch.setattr(layer, "get_capacity", lambda channel: 3 if channel == full.channel else 100)
+    broadcast.send_many([(["driver.cap", "ops"], {"type": "offer_created", "n": n}) for n in range(5)])
+    assert [e["n"] for e in full.drain()] == [0, 1, 2]
+    assert [e["n"] for e in other.drain()] == [0, 1, 2, 3, 4]
+
+
 def test_a_batch_leaves_out_members_whose_membership_expired(listen):
     layer = get_channel_layer()
     stale = listen("driver.stale")
