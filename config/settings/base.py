@@ -418,7 +418,7 @@ else:
 # Dispatch policies (docs/dispatch.md, "Dispatch policies"): the default for a zone that sets
 # none, and each policy's knobs (zones/policies.py).
 DISPATCH_POLICY = env("DISPATCH_POLICY", default="sequential")
-DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=4)
+DISPATCH_BATCH_SIZE = env.int("DISPATCH_BATCH_SIZE", default=3)
 DISPATCH_BROADCAST_MAX = env.int("DISPATCH_BROADCAST_MAX", default=25)
 DISPATCH_MATCHING_WINDOW_SECONDS = env.int("DISPATCH_MATCHING_WINDOW_SECONDS", default=5)
 # batched_matching's cost of a driver for a delivery (workflows/matching.py), in seconds added to
