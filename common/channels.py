@@ -47,25 +47,38 @@ logger = logging.getLogger(__name__)
 # those channels dropped first, each channel's capacity respected): what `group_send` does
 # with a pipeline and a script per message, in one script. KEYS: the channel keys (n);
 # ARGV: message i's payload for key j at (i-1)*n+j, for m messages; then each key's
-# capacity; then each message's time (its score: later messages score higher, so they are
-# received in order); then m, the expiry cutoff and the expiry in seconds.
+# capacity; then the time, m, the expiry cutoff and the expiry in seconds. A message's score
+# (the order receivers pop them in) is the time, or just above the channel's newest message
+# if that is later: each message above the one before it, so a channel's messages from these
+# scripts come out in the order sent (one score for all would let the random prefix of each
+# payload decide; scores run ahead of the clock would put a later send's behind them).
 _GROUP_SEND_MANY_LUA = """
     local n = #KEYS
+    local now = tonumber(ARGV[#ARGV - 3])
     local m = tonumber(ARGV[#ARGV - 2])
     local cutoff = ARGV[#ARGV - 1]
     local expiry = ARGV[#ARGV]
     local over_capacity = 0
     for j=1,n do
         redis.call('ZREMRANGEBYSCORE', KEYS[j], 0, cutoff)
-    end
-    for i=1,m do
-        for j=1,n do
-            if redis.call('ZCOUNT', KEYS[j], '-inf', '+inf') < tonumber(ARGV[m * n + j]) then
-                redis.call('ZADD', KEYS[j], ARGV[m * n + n + i], ARGV[(i - 1) * n + j])
-                redis.call('EXPIRE', KEYS[j], expiry)
+        local score = now
+        local newest = redis.call('ZREVRANGE', KEYS[j], 0, 0, 'WITHSCORES')
+        if newest[2] and tonumber(newest[2]) >= score then
+            score = tonumber(newest[2]) + 0.000001
+        end
+        local capacity = tonumber(ARGV[m * n + j])
+        local added = false
+        for i=1,m do
+            if redis.call('ZCARD', KEYS[j]) < capacity then
+                redis.call('ZADD', KEYS[j], score, ARGV[(i - 1) * n + j])
+                score = score + 0.000001
+                added = true
             else
                 over_capacity = over_capacity + 1
             end
+        end
+        if added then
+            redis.call('EXPIRE', KEYS[j], expiry)
         end
     end
     return over_capacity
@@ -159,7 +172,7 @@ class PooledRedisChannelLayer(RedisChannelLayer):
 
     async def group_send_many(self, batches: Mapping[str, Sequence[dict]]) -> dict[str, BaseException]:
         """Send each group its messages, in order, as `group_send` would one by one, but read
-        every group's members (dropping the expired ones first) in one pipelined round trip
+        every group's members (dropping the expired ones first) in one script (one round trip)
         per Redis shard; a group with no member costs nothing more. Groups are sent to
         concurrently. Returns the groups whose send failed, with the error (the caller logs:
         live events are best-effort), so one group's failure does not stop the others."""
@@ -204,14 +217,13 @@ class PooledRedisChannelLayer(RedisChannelLayer):
             for key, payload in key_to_message.items():
                 payloads.setdefault(key, []).append(payload)
         now = time.time()
-        times = [now + i * 1e-5 for i in range(len(messages))]  # distinct, increasing scores
         cutoff = int(now) - int(self.expiry)
         for index, channel_keys in keys_by_index.items():
             args = [payloads[k][i] for i in range(len(messages)) for k in channel_keys]
-            args += [key_to_capacity[k] for k in channel_keys] + times + [len(messages), cutoff, self.expiry]
+            args += [key_to_capacity[k] for k in channel_keys] + [now, len(messages), cutoff, self.expiry]
             over = await self.connection(index).eval(_GROUP_SEND_MANY_LUA, len(channel_keys), *channel_keys, *args)
             if over > 0:
-                logger.info("%s of %s messages over capacity in group %s", over, len(channel_names) * len(messages), group)
+                logger.info("%s of %s messages over capacity in group %s", over, len(channel_keys) * len(messages), group)
 
 
 class _ShardPublisher(TickBatcher):

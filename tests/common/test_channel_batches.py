@@ -1,8 +1,11 @@
 """A request's live events go to the default channel layer through `group_send_many`
-(common/channels.py): one pipelined read of every group's members, then each group with
+(common/channels.py): one scripted read of every group's members, then each group with
 members gets its messages in order, exactly as one `group_send` per message would; a group
 that fails is logged and does not stop the others."""
 import logging
+import time
+
+import time_machine
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -41,6 +44,16 @@ def test_many_messages_to_a_group_in_one_batch_arrive_in_order_at_every_member(l
     broadcast.send_many([(["ops"], {"type": "offer_created", "n": n}) for n in range(40)])
     assert [e["n"] for e in first.drain()] == list(range(40))
     assert [e["n"] for e in second.drain()] == list(range(40))
+
+
+def test_a_later_batch_in_the_same_instant_comes_after_the_earlier_one(listen):
+    """Each message scores just above the channel's newest: a batch's scores never run ahead of
+    the next batch's, even when the clock has not moved between them."""
+    ops = listen("ops")
+    with time_machine.travel(time.time(), tick=False):
+        broadcast.send_many([(["ops"], {"type": "offer_created", "n": n}) for n in range(20)])
+        broadcast.send_many([(["ops"], {"type": "offer_created", "n": 20})])
+    assert [e["n"] for e in ops.drain()] == list(range(21))
 
 
 def test_a_full_channel_gets_no_more_and_the_others_still_do(listen, monkeypatch):
