@@ -12,6 +12,7 @@ percentiles by step, errors, and CPU per process group over the run.
 
     .venv/bin/python bench/offer_flow.py --drivers 60 --seconds 20 --concurrency 16
     .venv/bin/python bench/offer_flow.py --base http://127.0.0.1:8000
+    .venv/bin/python bench/offer_flow.py --ops-sockets 2   # with two ops consoles open
 
 The flows go through bench/rawhttp.py (a keep-alive client cheap enough that the client is not
 what is measured); `--client httpx` uses httpx as before. Drivers end their shift afterwards
@@ -31,6 +32,7 @@ import uuid
 from collections import Counter, defaultdict
 
 import httpx
+from websockets.asyncio.client import connect as ws_connect
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
@@ -196,6 +198,19 @@ async def main(args, base: str, server_pids: list[int]) -> int:
         health = await asyncio.to_thread(health_baseline, base, seconds=args.health_seconds, threads=min(2, args.concurrency),
                                          connections=args.concurrency)
 
+        ops_events = [0]
+        ops_sockets, readers = [], []
+        if args.ops_sockets:
+            ws_base = base.replace("http", "ws", 1)
+            ops_sockets = [await ws_connect(f"{ws_base}/ws/ops/?token={run.ops['Authorization'][6:]}", max_size=2**22)
+                           for _ in range(args.ops_sockets)]
+
+            async def read(sock):
+                async for _ in sock:
+                    ops_events[0] += 1
+
+            readers = [asyncio.create_task(read(sock)) for sock in ops_sockets]
+
         meter = CpuMeter({"uvicorn": server_pids, "bench (this)": [os.getpid()]})
         deadline = time.perf_counter() + args.seconds
 
@@ -208,6 +223,9 @@ async def main(args, base: str, server_pids: list[int]) -> int:
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         elapsed = time.perf_counter() - start
         after = meter.snapshot()
+        for sock in ops_sockets:
+            await sock.close()
+        await asyncio.gather(*readers, return_exceptions=True)
 
         ended = 0
         for driver_id, token in tokens.items():
@@ -229,6 +247,8 @@ async def main(args, base: str, server_pids: list[int]) -> int:
         everything += values
         print(f"{name:20} {len(values):6d} {pct(values, 50):8.1f} {pct(values, 95):8.1f} {pct(values, 99):8.1f}")
     print(f"{'all':20} {len(everything):6d} {pct(everything, 50):8.1f} {pct(everything, 95):8.1f} {pct(everything, 99):8.1f}")
+    if args.ops_sockets:
+        print(f"ops consoles: {args.ops_sockets} sockets on /ws/ops/ open through the run, {ops_events[0]:,} events received")
     errors = {k: v for k, v in run.status.items() if not k.endswith((":200", ":201"))}
     print("errors:", errors or "none")
     for name, sample in run.samples.items():
@@ -274,6 +294,8 @@ if __name__ == "__main__":
     p.add_argument("--health-seconds", type=float, default=10)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--client", choices=("raw", "httpx"), default="raw")
+    p.add_argument("--ops-sockets", type=int, default=0,
+                   help="ops console sockets (/ws/ops/) kept open through the flows: the ops group's events then go out")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="after setup, wait up to this long for the machine to be quiet (< 10 %% busy, no pytest)")
