@@ -73,15 +73,18 @@ class LeanApiHandler(ASGIHandler):
     more requests in flight than that start threads of their own.
 
     At most API_REQUEST_CONCURRENCY requests of a process run at once (0: no limit); the others
-    wait on the loop, first come first served, their body already read. Python runs one thread
-    at a time: with every request in flight on a thread of its own, they share the interpreter
-    and each takes as long as all of them together, a heavy one (a delivery created and
-    dispatched) several times a light one, and the threads hand the interpreter to one another
-    at every query. A few at a time still overlap one's queries with another's Python; a
-    request waits its turn, then runs without sharing the interpreter with a dozen others
-    (offer flow at 16 in flight: +10 % requests/s, p99 −15 %; bench/README.md, 2026-12-04,
-    third session). Requests wait with their body read: the limit holds no more memory than
-    the requests in flight already do."""
+    wait on the loop, first come first served, their body already read, and one whose client
+    disconnects while it waits never runs. A request holds its slot while its thread runs, not
+    while its response is sent. Python runs one thread at a time: with every request in flight
+    on a thread of its own, they share the interpreter and each takes as long as all of them
+    together, a heavy one (a delivery created and dispatched) several times a light one. A few
+    at a time still overlap one's queries with another's Python; a request waits its turn, then
+    runs without sharing the interpreter with a dozen others (offer flow at 16 in flight, limit
+    3 against none: flows +10 %, all requests' p99 -14 %; bench/README.md, 2026-12-04, third
+    session). Only these requests are limited: the fast lane's fixes (but not those it hands
+    to Django, e.g. with Redis down), the sockets and the full stack (admin, /support/,
+    session-authenticated API calls) are not.
+    """
 
     IDLE_EXECUTORS = 32
 
@@ -106,37 +109,87 @@ class LeanApiHandler(ASGIHandler):
             body_file = await self.read_body(receive)
         except RequestAborted:
             return
+        try:
+            slots = self._slots_of_running_loop()
+            if slots is not None and not await self._turn(slots, receive):
+                return  # the client left while the request waited: it never runs
+            executor = self._idle.pop() if self._idle else ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-request")
+            try:
+                loop = asyncio.get_running_loop()
+                context = contextvars.copy_context()  # as sync_to_async: the request sees the loop's, and leaves none behind
+                try:
+                    response = await self._on_thread(executor, context.run, self._respond, scope, body_file, loop)
+                finally:
+                    if slots is not None:
+                        slots.release()  # the response is made; sending it takes no turn
+                try:
+                    await self.send_response(response, send)
+                except asyncio.CancelledError:
+                    pass  # the client went away while the response was being sent
+                finally:
+                    if response.streaming:  # not closed on the thread: its content is read here
+                        await self._on_thread(executor, context.run, response.close)
+            finally:
+                if len(self._idle) < self.IDLE_EXECUTORS:
+                    self._idle.append(executor)
+                else:
+                    executor.shutdown(wait=False)
+        finally:
+            body_file.close()
+
+    def _slots_of_running_loop(self) -> asyncio.Semaphore | None:
         if not self._concurrency:
-            return await self._serve(scope, body_file, send)
+            return None
         loop = asyncio.get_running_loop()
         slots = self._slots.get(loop)
         if slots is None:
             slots = self._slots[loop] = asyncio.Semaphore(self._concurrency)
-        try:
-            async with slots:  # first come, first served
-                return await self._serve(scope, body_file, send)
-        finally:
-            body_file.close()  # (cancelled while waiting: _serve never ran)
+        return slots
 
-    async def _serve(self, scope, body_file, send):
-        executor = self._idle.pop() if self._idle else ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-request")
+    @staticmethod
+    async def _turn(slots: asyncio.Semaphore, receive) -> bool:
+        """Wait for a slot, first come first served. False, holding no slot, if the client
+        disconnects first: a request whose client gave up (and may have retried) never runs."""
+        if not slots.locked():
+            await slots.acquire()  # a free slot: no wait
+            return True
+
+        async def disconnected():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        acquire, gone = asyncio.ensure_future(slots.acquire()), asyncio.ensure_future(disconnected())
         try:
-            loop = asyncio.get_running_loop()
-            context = contextvars.copy_context()  # as sync_to_async: the request sees the loop's, and leaves none behind
-            response = await loop.run_in_executor(executor, context.run, self._respond, scope, body_file, loop)
-            try:
-                await self.send_response(response, send)
-            except asyncio.CancelledError:
-                pass  # the client went away while the response was being sent
-            finally:
-                if response.streaming:  # not closed on the thread: its content is read here
-                    await loop.run_in_executor(executor, context.run, response.close)
-        finally:
-            body_file.close()
-            if len(self._idle) < self.IDLE_EXECUTORS:
-                self._idle.append(executor)
-            else:
-                executor.shutdown(wait=False)
+            await asyncio.wait({acquire, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled while waiting
+            gone.cancel()
+            acquire.cancel()
+            if acquire.done() and not acquire.cancelled():
+                slots.release()
+            raise
+        gone.cancel()
+        if gone.done() and not gone.cancelled():
+            gone.exception()  # (retrieved: a receive that failed counts as the client gone)
+        if acquire.done():
+            return True
+        acquire.cancel()  # (a Semaphore waiter cancelled after it was woken hands the slot on)
+        try:
+            await acquire
+        except asyncio.CancelledError:
+            return False
+        slots.release()  # it got the slot as the client left
+        return False
+
+    @staticmethod
+    async def _on_thread(executor, fn, *args):
+        """`run_in_executor`, but a cancelled caller still waits for the thread to finish (the
+        thread cannot be stopped): its slot and its executor are not handed on while it runs."""
+        future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait({future})
+            raise
 
     def _respond(self, scope, body_file, loop):
         """On the request's thread: what WSGIHandler does, up to a response with its content."""

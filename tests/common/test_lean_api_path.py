@@ -227,6 +227,105 @@ def test_at_most_api_request_concurrency_requests_run_at_once_the_others_wait_th
         assert started == ids  # first come, first served
 
 
+def asgi_get(path: str, token: str) -> dict:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Token {token}".encode())],
+        "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+    }
+
+
+class Client:
+    """One ASGI request's client side: its body, then a disconnect when `leave()` is called (or
+    after the response, as servers say); what the app sent."""
+
+    def __init__(self):
+        self.left, self.sent, self.body_given = asyncio.Event(), [], False
+
+    async def receive(self):
+        if not self.body_given:
+            self.body_given = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message):
+        self.sent.append(message)
+
+    def status(self):
+        return next((m["status"] for m in self.sent if m["type"] == "http.response.start"), None)
+
+
+def test_a_request_whose_client_leaves_while_it_waits_never_runs(settings):
+    settings.API_REQUEST_CONCURRENCY = 1
+    first, second = DriverFactory(), DriverFactory()
+    handler = LeanApiHandler()
+    started = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        a, b = Client(), Client()
+        b_done = threading.Event()
+
+        def on_start(scope, **kwargs):
+            started.append(scope["path"])
+            if len(started) == 1:  # the first holds its slot until the second waited and gave up
+                slots = handler._slots[loop]
+                wait_until(lambda: len(slots._waiters or ()) == 1, "the second request waits")
+                loop.call_soon_threadsafe(b.left.set)
+                assert b_done.wait(10), "the second request did not give up"
+
+        async def run_b():
+            await handler(asgi_get(f"/v2/drivers/{second.pk}", token_for(second.user)), b.receive, b.send)
+            b_done.set()
+
+        signals.request_started.connect(on_start, weak=False, dispatch_uid="test-leave-start")
+        try:
+            task_a = asyncio.ensure_future(handler(asgi_get(f"/v2/drivers/{first.pk}", token_for(first.user)), a.receive, a.send))
+            await asyncio.sleep(0)  # the first takes the slot
+            await asyncio.gather(task_a, run_b())
+        finally:
+            signals.request_started.disconnect(dispatch_uid="test-leave-start")
+        return a, b, handler._slots[loop]
+
+    a, b, slots = async_to_sync(scenario)()
+    assert a.status() == 200
+    assert b.sent == [] and started == [f"/v2/drivers/{first.pk}"]  # the second never ran
+    assert slots._value == 1 and not slots._waiters  # and holds no slot
+
+
+def test_a_request_gives_its_slot_back_before_its_response_is_sent(settings):
+    """A slow reader of a response does not hold up the next request."""
+    settings.API_REQUEST_CONCURRENCY = 1
+    first, second = DriverFactory(), DriverFactory()
+    handler = LeanApiHandler()
+
+    async def scenario():
+        a, b = Client(), Client()
+        sending = asyncio.Event()
+        b_done = asyncio.Event()
+
+        async def slow_send(message):  # the first client reads its response only once the second has its own
+            a.sent.append(message)
+            if message["type"] == "http.response.start":
+                sending.set()
+                await b_done.wait()
+
+        async def run_b():
+            await sending.wait()
+            await handler(asgi_get(f"/v2/drivers/{second.pk}", token_for(second.user)), b.receive, b.send)
+            b_done.set()
+
+        await asyncio.wait_for(asyncio.gather(
+            handler(asgi_get(f"/v2/drivers/{first.pk}", token_for(first.user)), a.receive, slow_send), run_b(),
+        ), timeout=30)
+        return a, b
+
+    a, b = async_to_sync(scenario)()
+    assert (a.status(), b.status()) == (200, 200)
+
+
 def test_a_request_that_fails_gives_its_slot_back(settings, monkeypatch):
     settings.API_REQUEST_CONCURRENCY = 1
     driver = DriverFactory()
