@@ -128,11 +128,11 @@ async def run(args) -> None:
             for _ in range(3):
                 await call("health", "GET", "/health/", {})
 
+        spy = None
         try:
             for _ in range(args.warmup):
                 await flow()
             dbname = settings.DATABASES["default"]["NAME"]
-            spy = None
             if args.pyspy:
                 spy = subprocess.Popen([args.pyspy_bin, "record", "--gil", "--format", "raw", "-r", "1000", "-o", args.pyspy,
                                         "--pid", str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -143,12 +143,15 @@ async def run(args) -> None:
                 await flow()
             measuring = False
             pg_ms = (pg_backend_ticks(dbname) - pg_before) * 1000 / os.sysconf("SC_CLK_TCK") / args.flows
-            if spy:
+        finally:  # a run that fails part-way ends its drivers' shifts too (else the next run's offers go to them)
+            if spy and spy.poll() is None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait()
-        finally:  # a run that fails part-way ends its drivers' shifts too (else the next run's offers go to them)
             for driver, token in tokens.items():
-                await call("teardown", "POST", f"/v2/drivers/{driver}/availability/end-shift", {"Authorization": f"Token {token}"})
+                try:
+                    await call("teardown", "POST", f"/v2/drivers/{driver}/availability/end-shift", {"Authorization": f"Token {token}"})
+                except Exception as exc:  # (not in place of the error that ended the run)
+                    print(f"teardown: driver {driver} did not end its shift: {exc}", file=sys.stderr)
 
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     print(f"\noffer flow CPU per request, in-process, {args.flows} flows one at a time (+{args.warmup} warm-up)")
