@@ -4,6 +4,7 @@ import asyncio
 import contextvars
 import gc
 import os
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +25,7 @@ from django.urls import set_script_prefix  # noqa: E402
 from availability.api.fastlane import LocationFastLane  # noqa: E402
 from common.broadcast import bind_server_loop  # noqa: E402
 from common.consumers import QueryTokenAuthMiddleware, SocketRequestId, TrackingSocketSplit, origin_validator  # noqa: E402
+from common.metrics import API_REQUEST_WAIT, API_REQUESTS_ABANDONED  # noqa: E402
 from common.middleware import EarlyBodyLimit  # noqa: E402
 from config import celery_app  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
@@ -159,6 +161,7 @@ class LeanApiHandler(ASGIHandler):
                 pass
 
         acquire, gone = asyncio.ensure_future(slots.acquire()), asyncio.ensure_future(disconnected())
+        started = time.perf_counter()
         try:
             await asyncio.wait({acquire, gone}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # cancelled while waiting
@@ -171,7 +174,9 @@ class LeanApiHandler(ASGIHandler):
         if gone.done() and not gone.cancelled():
             gone.exception()  # (retrieved: a receive that failed counts as the client gone)
         if acquire.done():
+            API_REQUEST_WAIT.observe(time.perf_counter() - started)
             return True
+        API_REQUESTS_ABANDONED.inc()
         acquire.cancel()  # (a Semaphore waiter cancelled after it was woken hands the slot on)
         try:
             await acquire
