@@ -1,5 +1,6 @@
 """Helpers for the wire-convention tests (SPEC "Wire conventions"): a valid delivery body, the
-error body checked field by field, posting with an Idempotency-Key, throttle rates."""
+error body checked field by field, posting with an Idempotency-Key, throttle rates, an ASGI
+HTTP scope for driving the app without a client."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone as dt_timezone
@@ -13,6 +14,15 @@ from tests.api import assert_error
 CLOSED_REDIS_URL = "redis://127.0.0.1:6399/0"  # nothing listens there
 ERROR_KEYS = {"statusCode", "timestamp", "path", "message", "error", "details"}
 MID_MINUTE = datetime(2026, 3, 2, 10, 0, 5, tzinfo=dt_timezone.utc)  # 55 s left in the window
+
+
+def http_scope(method: str, path: str, headers: list[tuple[bytes, bytes]] = (), port: int = 50000) -> dict:
+    """The ASGI scope of one HTTP request to the app (headers as lower-case byte pairs)."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": list(headers), "client": ("127.0.0.1", port), "server": ("testserver", 80),
+    }
 
 
 def delivery_body(**overrides) -> dict:

@@ -10,6 +10,7 @@ from asgiref.sync import async_to_sync
 from config.asgi import application
 from tests.api import token_for
 from tests.factories import OpsUserFactory
+from tests.wire import http_scope
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,12 +31,7 @@ def call(path, *, headers, chunks, method="POST"):
     async def send(message):
         sent.append(message)
 
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
-    }
+    scope = http_scope(method, path, [(k.lower().encode(), v.encode()) for k, v in headers.items()])
     async_to_sync(application)(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")

@@ -13,6 +13,7 @@ from django.core import signals
 from config.asgi import ApiSplit, LeanApiHandler, application, django_asgi_app
 from tests.factories import DriverFactory
 from tests.api import token_for
+from tests.wire import http_scope
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -231,12 +232,7 @@ def test_at_most_api_request_concurrency_requests_run_at_once_the_others_wait_th
 
 
 def asgi_get(path: str, token: str) -> dict:
-    return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"testserver"), (b"authorization", f"Token {token}".encode())],
-        "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
-    }
+    return http_scope("GET", path, [(b"host", b"testserver"), (b"authorization", f"Token {token}".encode())])
 
 
 class Client:

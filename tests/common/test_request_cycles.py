@@ -24,6 +24,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from config.asgi import application, django_asgi_app
 from tests.api import token_for
 from tests.factories import DriverFactory
+from tests.wire import http_scope
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -31,11 +32,7 @@ REQUESTS = 20
 
 
 async def _get(app, path: str, headers: list[tuple[bytes, bytes]]) -> int:
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 40000), "server": ("testserver", 80),
-    }
+    scope = http_scope("GET", path, [(b"host", b"testserver"), *headers], port=40000)
     answered = asyncio.Event()
     requested = False
     status = []
@@ -138,9 +135,7 @@ def test_a_client_gone_before_the_response_still_cancels_the_request(monkeypatch
     monkeypatch.setattr(type(django_asgi_app), "get_response_async", never_answers)
 
     async def go():
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-                 "path": "/health/", "raw_path": b"/health/", "query_string": b"", "root_path": "",
-                 "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 40000), "server": ("testserver", 80)}
+        scope = http_scope("GET", "/health/", [(b"host", b"testserver")], port=40000)
         messages = [{"type": "http.request", "body": b"", "more_body": False}]
 
         async def receive():
