@@ -134,7 +134,7 @@ async def run(args) -> None:
                 await flow()
             dbname = settings.DATABASES["default"]["NAME"]
             if args.pyspy:
-                spy = subprocess.Popen([args.pyspy_bin, "record", "--gil", "--format", "raw", "-r", "1000", "-o", args.pyspy,
+                spy = subprocess.Popen([args.pyspy_bin, "record", "--gil", "--nonblocking", "--format", "raw", "-r", "1000", "-o", args.pyspy,
                                         "--pid", str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.5)
             pg_before = pg_backend_ticks(dbname)

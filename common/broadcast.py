@@ -345,6 +345,68 @@ def kick_started(name: str) -> None:
         pass
 
 
+def enqueue_due_on_commit(
+    name: str, due_key: str, item: str, value: str, *, fallback: tuple[str, tuple], countdown: float = 0,
+) -> None:
+    """After commit, mark `item` due in the Redis hash `due_key` (a later `value` for the same
+    item replaces the earlier) and kick the argument-less task `name` as
+    `enqueue_kick_on_commit` does, in one round trip; the task calls `kick_started(name)`, then
+    takes what is due with `take_due(due_key)`. Work that one task per item did (the ETA
+    refresh after each status change) costs a request a pipeline instead of a Celery publish
+    (~0.8 ms of its CPU each), and the worker one task per batch instead of per item. With a
+    `countdown` (seconds) the kick runs that long after it was queued, so every item marked
+    meanwhile rides on it: at most one message per countdown even when a worker is idle and
+    takes each kick at once.
+    Redis down: the task `fallback` = (name, args) is enqueued per item, as before; so it is
+    inside `tasks_diverted` (the simulator plays the per-item tasks)."""
+    sink = getattr(_local, "task_sink", None)
+    fallback_name, fallback_args = fallback
+    if sink is not None:
+        transaction.on_commit(lambda: sink(fallback_name, fallback_args, {}))
+        return
+
+    def _send():
+        key = kick_key(name)
+        try:
+            pipe = get_redis().pipeline(transaction=False)
+            pipe.hset(due_key, item, value)
+            pipe.set(key, "1", nx=True, px=KICK_TTL_MS)
+            _, kicked = pipe.execute()
+        except RedisUnavailable:
+            try:
+                _registered_task(fallback_name).apply_async(args=fallback_args)
+            except Exception:
+                logger.warning("enqueue of %s failed", fallback_name, exc_info=True)
+            return
+        if not kicked:
+            return  # a kick is queued and has not started: it takes this item too
+        try:
+            _registered_task(name).apply_async(countdown=countdown or None)
+        except Exception:
+            logger.warning("enqueue of %s failed", name, exc_info=True)
+            try:
+                get_redis().delete(key)  # the next commit kicks again; the sweep takes what waits
+            except RedisUnavailable:
+                pass
+
+    transaction.on_commit(_send, robust=True)
+
+
+def take_due(due_key: str) -> dict[str, str]:
+    """What `enqueue_due_on_commit` marked due in `due_key` (item → its latest value), taken
+    atomically: a mark after this is in the next take. Empty when Redis is down (the items
+    stay for the next take)."""
+    try:
+        pipe = get_redis().pipeline(transaction=True)
+        pipe.hgetall(due_key)
+        pipe.delete(due_key)
+        due, _ = pipe.execute()
+    except RedisUnavailable:
+        logger.warning("could not take what is due in %s", due_key, exc_info=True)
+        return {}
+    return due
+
+
 def _registered_task(name: str):
     tasks = current_app.tasks
     if name not in tasks:

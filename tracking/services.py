@@ -43,6 +43,11 @@ from tracking.routing import Leg, RoutingBackend, get_routing_backend
 logger = logging.getLogger(__name__)
 
 TRACKED_STATUSES = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
+# The ETA refreshes after status changes wait here (delivery id → the change's time) for one
+# task to take them all (`common.broadcast.enqueue_due_on_commit`, `workflows.unit.eta_refresh_enqueue`).
+ETA_DUE_KEY = "eta:due"
+ETA_REFRESH_DUE_TASK = "tracking.refresh_due_etas"
+ETA_REFRESH_TASK = "tracking.refresh_eta"  # one delivery's: when Redis is down, and messages queued before
 
 # Confidence falls with the age of the fix and with its reported accuracy: each factor is 1
 # up to the grace value and halves at grace + half-life.

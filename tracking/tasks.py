@@ -3,19 +3,34 @@ from datetime import datetime
 
 from celery import shared_task
 
+from common.broadcast import kick_started, take_due
 from tracking import services
 
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="tracking.refresh_eta", ignore_result=True)
+@shared_task(name=services.ETA_REFRESH_TASK, ignore_result=True)
 def refresh_eta(delivery_id: str, now: str | None = None) -> None:
     """After a status change committed: refresh the delivery's ETA and tell the customer,
     whether or not the times moved, since the legs it covers have changed. Off the request
-    thread; a failure is logged (the driver's next fix refreshes it again)."""
+    thread; a failure is logged (the driver's next fix refreshes it again). Enqueued per
+    delivery only when Redis is down (`refresh_due_etas` otherwise)."""
     try:
         services.delivery_eta_refresh(
             delivery_id=delivery_id, now=datetime.fromisoformat(now) if now else None, force_event=True
         )
     except Exception:
         logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
+
+
+@shared_task(name=services.ETA_REFRESH_DUE_TASK, ignore_result=True)
+def refresh_due_etas() -> int:
+    """`refresh_eta` of every delivery whose status changed since the last run (marked in
+    Redis by `workflows.unit.eta_refresh_enqueue`): kicked by the first commit that marks one
+    while no kick is queued, and every 15 s as the sweep. Takes the kick first, so a commit
+    from now on kicks the next run. Returns how many deliveries it refreshed."""
+    kick_started(services.ETA_REFRESH_DUE_TASK)
+    due = take_due(services.ETA_DUE_KEY)
+    for delivery_id, now in due.items():
+        refresh_eta(delivery_id, now)
+    return len(due)

@@ -234,7 +234,10 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Workers consume both: `celery worker -Q celery,eta`.
 # simulation.run takes over its worker process's database connection for minutes: a worker of
 # its own (`-Q simulation --concurrency 1`, docs/dispatch.md "The simulator").
-CELERY_TASK_ROUTES = {"tracking.refresh_eta": {"queue": "eta"}, "simulation.run": {"queue": "simulation"}}
+CELERY_TASK_ROUTES = {
+    "tracking.refresh_eta": {"queue": "eta"}, "tracking.refresh_due_etas": {"queue": "eta"},
+    "simulation.run": {"queue": "simulation"},
+}
 CELERY_TIMEZONE = "UTC"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -456,6 +459,9 @@ OSRM_TIMEOUT_SECONDS = env.float("OSRM_TIMEOUT_SECONDS", default=1.0)
 OSRM_COOLDOWN_SECONDS = env.float("OSRM_COOLDOWN_SECONDS", default=30.0)
 ETA_MIN_INTERVAL_SECONDS = env.float("ETA_MIN_INTERVAL_SECONDS", default=15.0)
 ETA_MIN_MOVE_METERS = env.float("ETA_MIN_MOVE_METERS", default=250.0)
+# The ETA refresh after a status change runs this long after the first change that kicked it,
+# with every change marked meanwhile (one Celery message a second at most, whatever the fleet).
+ETA_REFRESH_BATCH_SECONDS = env.float("ETA_REFRESH_BATCH_SECONDS", default=1.0)
 ETA_CHANGE_THRESHOLD_SECONDS = env.float("ETA_CHANGE_THRESHOLD_SECONDS", default=30.0)
 ETA_CONFIDENCE_THRESHOLD = env.float("ETA_CONFIDENCE_THRESHOLD", default=0.05)
 # The tracking page's map: Leaflet from a CDN and a tile server; empty → no map (text only).

@@ -332,4 +332,5 @@ def test_healthcheck_fails_when_redis_is_down(settings):
 def test_eta_refreshes_have_their_own_queue_so_a_backlog_never_delays_the_safety_nets():
     router = celery_app.amqp.router
     assert router.route({}, "tracking.refresh_eta")["queue"].name == "eta"
+    assert router.route({}, "tracking.refresh_due_etas")["queue"].name == "eta"
     assert router.route({}, "offers.expire_overdue_offers")["queue"].name == "celery"

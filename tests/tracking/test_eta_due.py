@@ -1,0 +1,180 @@
+"""The ETA refresh after a status change (`workflows.unit.eta_refresh_enqueue`): the delivery
+is marked due in Redis and one `tracking.refresh_due_etas` kick is queued per burst
+(`common.broadcast.enqueue_due_on_commit`), not one Celery message per change; the run takes
+every delivery marked before it started, a mark after that kicks the next run, and with Redis
+down each change enqueues its own `tracking.refresh_eta` as before. (With Celery eager, as in
+the rest of the suite, the kick runs at commit: tests/tracking/test_eta.py sees the events.)"""
+import logging
+from unittest.mock import patch
+from datetime import datetime, timedelta, timezone as dt_timezone
+
+import pytest
+import time_machine
+from celery.app.task import Task
+from django.conf import settings
+from django.db import transaction
+
+from common import broadcast
+from common.actors import Actor
+from common.broadcast import enqueue_due_on_commit, kick_key, take_due
+from common.redis import get_redis
+from tracking.services import ETA_DUE_KEY, ETA_REFRESH_DUE_TASK, ETA_REFRESH_TASK
+import tracking.tasks
+from tracking.tasks import refresh_due_etas
+from workflows.deliveries import assignment_create, delivery_advance
+from tests.factories import DeliveryFactory, DriverFactory, km_north
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+T0 = datetime(2026, 2, 1, 9, 45, tzinfo=dt_timezone.utc)
+STEPS = ("pickup-started", "pickup-completed", "delivery-started")
+
+
+class Published(list):
+    countdowns: list
+
+    def clear(self):
+        super().clear()
+        self.countdowns.clear()
+
+
+@pytest.fixture
+def published(monkeypatch):
+    """The ETA tasks published to the broker, (name, args), in order (no task runs)."""
+    sent = Published()
+
+    def publish(self, args=None, **kwargs):
+        if self.name in (ETA_REFRESH_DUE_TASK, ETA_REFRESH_TASK):
+            sent.append((self.name, tuple(args or ())))
+            countdowns.append(kwargs.get("countdown"))
+
+    countdowns = []
+
+    monkeypatch.setattr(Task, "apply_async", publish)
+    sent.countdowns = countdowns
+    return sent
+
+
+def assigned_delivery(published=None):
+    """A delivery assigned to a driver 2 km south of its store (the assignment's own ETA
+    refresh is taken and its kick forgotten, so each test starts with nothing due)."""
+    with time_machine.travel(T0, tick=False):
+        driver = DriverFactory(location=km_north(-2.0), location_recorded_at=T0 - timedelta(seconds=1), location_accuracy_m=8)
+        delivery = DeliveryFactory(prep_time_minutes=0, ready_at=T0 - timedelta(minutes=10), dropoff_location=km_north(3.0))
+        assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    take_due(ETA_DUE_KEY)
+    get_redis().delete(kick_key(ETA_REFRESH_DUE_TASK))
+    if published is not None:
+        published.clear()
+    return delivery, driver
+
+
+def advance(delivery, driver, step, minutes):
+    with time_machine.travel(T0 + timedelta(minutes=minutes), tick=False):
+        delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor("driver", driver.pk))
+
+
+def test_status_changes_while_a_run_is_queued_queue_nothing_more_and_the_run_refreshes_them(published, listen):
+    delivery, driver = assigned_delivery(published)
+    customer = listen(f"delivery.{delivery.pk}")
+    for minutes, step in enumerate(STEPS, start=1):
+        advance(delivery, driver, step, minutes)
+
+    assert published == [(ETA_REFRESH_DUE_TASK, ())]  # one kick for the burst, no message per change
+    assert published.countdowns == [settings.ETA_REFRESH_BATCH_SECONDS]  # the changes of the next second ride on it
+    # picked_up and in_transit are tracked: the delivery is due once, at its latest change's time
+    assert get_redis().hgetall(ETA_DUE_KEY) == {str(delivery.pk): "2026-02-01T09:48:00Z"}
+
+    assert refresh_due_etas() == 1  # the worker runs the kick
+    assert get_redis().hgetall(ETA_DUE_KEY) == {}
+    assert not get_redis().exists(kick_key(ETA_REFRESH_DUE_TASK))
+    (eta_event,) = [e for e in customer.drain() if e["type"] == "delivery_eta_updated"]
+    assert eta_event["deliveryId"] == str(delivery.pk)
+    delivery.refresh_from_db()
+    assert delivery.eta_calculated_at == datetime(2026, 2, 1, 9, 48, tzinfo=dt_timezone.utc)
+
+
+def test_one_run_refreshes_every_delivery_marked_before_it_started(published, listen):
+    jobs = [assigned_delivery(published) for _ in range(3)]
+    groups = listen(*(f"delivery.{d.pk}" for d, _ in jobs))
+    for delivery, driver in jobs:
+        advance(delivery, driver, "pickup-started", 1)
+        advance(delivery, driver, "pickup-completed", 2)
+
+    assert published == [(ETA_REFRESH_DUE_TASK, ())]
+    assert refresh_due_etas() == 3
+    announced = {e["deliveryId"] for e in groups.drain() if e["type"] == "delivery_eta_updated"}
+    assert announced == {str(d.pk) for d, _ in jobs}
+
+
+def test_a_run_that_started_lets_the_next_change_kick_again_and_takes_only_what_was_marked_before(published):
+    (delivery, driver), (second, _) = assigned_delivery(), assigned_delivery(published)
+    other = str(second.pk)
+    advance(delivery, driver, "pickup-started", 1)
+    advance(delivery, driver, "pickup-completed", 2)
+    marks_at_the_take = []
+
+    def start_then_change(name):
+        broadcast.kick_started(name)
+        # the kick is taken; a change committed now, before the take, is taken by this run
+        with transaction.atomic():
+            enqueue_due_on_commit(ETA_REFRESH_DUE_TASK, ETA_DUE_KEY, other, "2026-02-01T09:47:30Z",
+                                  fallback=(ETA_REFRESH_TASK, (other, "2026-02-01T09:47:30Z")))
+        marks_at_the_take.append(get_redis().hgetall(ETA_DUE_KEY))
+
+    with patch.object(tracking.tasks, "kick_started", start_then_change):
+        assert refresh_due_etas() == 2
+    assert marks_at_the_take == [{str(delivery.pk): "2026-02-01T09:47:00Z", other: "2026-02-01T09:47:30Z"}]
+    assert published == [(ETA_REFRESH_DUE_TASK, ()), (ETA_REFRESH_DUE_TASK, ())]  # the change kicked the next run
+    assert get_redis().hgetall(ETA_DUE_KEY) == {}  # this run took both
+
+    with transaction.atomic():
+        enqueue_due_on_commit(ETA_REFRESH_DUE_TASK, ETA_DUE_KEY, other, "2026-02-01T09:49:00Z",
+                              fallback=(ETA_REFRESH_TASK, (other, "2026-02-01T09:49:00Z")))
+    assert take_due(ETA_DUE_KEY) == {other: "2026-02-01T09:49:00Z"}  # a mark after the take: the next run's
+
+
+def test_a_rolled_back_change_marks_nothing(published):
+    delivery, driver = assigned_delivery(published)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        advance(delivery, driver, "pickup-started", 1)
+        advance(delivery, driver, "pickup-completed", 2)
+        raise RuntimeError("no")
+    assert published == [] and get_redis().hgetall(ETA_DUE_KEY) == {}
+
+
+def test_a_failed_kick_is_logged_frees_the_slot_and_the_sweep_takes_what_waits(monkeypatch, caplog, listen):
+    delivery, driver = assigned_delivery()
+    customer = listen(f"delivery.{delivery.pk}")
+
+    def down(self, *args, **kwargs):
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(Task, "apply_async", down)
+    advance(delivery, driver, "pickup-started", 1)
+    with caplog.at_level(logging.WARNING, logger="common.broadcast"):
+        advance(delivery, driver, "pickup-completed", 2)
+    assert any(f"enqueue of {ETA_REFRESH_DUE_TASK} failed" in r.getMessage() for r in caplog.records)
+    assert not get_redis().exists(kick_key(ETA_REFRESH_DUE_TASK))
+    assert get_redis().hgetall(ETA_DUE_KEY) == {str(delivery.pk): "2026-02-01T09:47:00Z"}
+
+    assert refresh_due_etas() == 1  # the 15 s sweep (config.periodic)
+    assert [e["type"] for e in customer.drain() if e["type"] == "delivery_eta_updated"] == ["delivery_eta_updated"]
+
+
+def test_with_redis_down_each_change_enqueues_its_own_refresh(published, monkeypatch):
+    delivery, driver = assigned_delivery(published)
+
+    class Down:
+        def __getattr__(self, name):
+            raise ConnectionError("redis down")
+
+    monkeypatch.setattr(broadcast, "get_redis", lambda: Down())
+    advance(delivery, driver, "pickup-started", 1)
+    advance(delivery, driver, "pickup-completed", 2)
+    advance(delivery, driver, "delivery-started", 3)
+    assert published == [
+        (ETA_REFRESH_TASK, (str(delivery.pk), "2026-02-01T09:47:00Z")),
+        (ETA_REFRESH_TASK, (str(delivery.pk), "2026-02-01T09:48:00Z")),
+    ]
+    assert take_due(ETA_DUE_KEY) == {}  # Redis down for the take too: nothing, no error
