@@ -9,8 +9,8 @@ before start-up wiring (and a reference kept equal by the tests)."""
 from __future__ import annotations
 
 import json
+import uuid
 
-from django.db.models import OuterRef, Subquery
 
 from common.errors import iso
 from common.fields import point_json
@@ -20,17 +20,28 @@ from dispatch.models import Assignment, AssignmentStatus, Delivery, DeliveryStat
 FINISHED = (DeliveryStatus.DELIVERED, DeliveryStatus.FAILED, DeliveryStatus.CANCELLED)
 
 
+_FOR_PAYLOAD_SQL = """
+SELECT d.*, a.id AS latest_assignment_id, a.driver_id AS latest_driver_id,
+       a.status AS latest_assignment_status, a.end_reason AS latest_end_reason
+FROM {deliveries} d
+LEFT JOIN LATERAL (
+    SELECT id, driver_id, status, end_reason FROM {assignments}
+    WHERE delivery_id = d.id ORDER BY created_at DESC, id DESC LIMIT 1
+) a ON true
+WHERE d.id = ANY(%s)
+"""
+
+
 def deliveries_for_payload(ids) -> dict[str, Delivery]:
     """The deliveries by id (as text), each with its latest assignment's id, driver, status and
-    end reason annotated: one statement."""
-    latest = Assignment.objects.filter(delivery_id=OuterRef("pk")).order_by("-created_at", "-id")
-    rows = Delivery.objects.filter(pk__in=list(ids)).annotate(
-        latest_assignment_id=Subquery(latest.values("pk")[:1]),
-        latest_driver_id=Subquery(latest.values("driver_id")[:1]),
-        latest_assignment_status=Subquery(latest.values("status")[:1]),
-        latest_end_reason=Subquery(latest.values("end_reason")[:1]),
-    )
-    return {str(d.pk): d for d in rows}
+    end reason annotated: one statement, written by hand (a raw query builds the rows as the
+    ORM does; compiling the equivalent queryset, four correlated subqueries, was a third of
+    the fix consumer's CPU when each batch's ETA update rendered its delivery)."""
+    ids = [i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)) for i in ids]
+    if not ids:
+        return {}
+    sql = _FOR_PAYLOAD_SQL.format(deliveries=Delivery._meta.db_table, assignments=Assignment._meta.db_table)
+    return {str(d.pk): d for d in Delivery.objects.raw(sql, [ids])}
 
 
 def held_for_payload(delivery: Delivery) -> Delivery:

@@ -141,3 +141,42 @@ def test_every_payload_of_a_walk_matches_the_api_at_that_moment(steps):
         data = dict(event.payload["data"])
         data.pop("change")
         assert data == view, step
+
+
+def _queryset_form(ids) -> dict:
+    """The queryset `deliveries_for_payload` was before it was written by hand (the reference)."""
+    from django.db.models import OuterRef, Subquery
+
+    from dispatch.models import Assignment
+
+    latest = Assignment.objects.filter(delivery_id=OuterRef("pk")).order_by("-created_at", "-id")
+    rows = Delivery.objects.filter(pk__in=list(ids)).annotate(
+        latest_assignment_id=Subquery(latest.values("pk")[:1]),
+        latest_driver_id=Subquery(latest.values("driver_id")[:1]),
+        latest_assignment_status=Subquery(latest.values("status")[:1]),
+        latest_end_reason=Subquery(latest.values("end_reason")[:1]),
+    )
+    return {str(d.pk): d for d in rows}
+
+
+def test_the_payload_read_finds_each_deliverys_latest_assignment_as_the_queryset_did():
+    never = DeliveryFactory()
+    once = DeliveryFactory()
+    flows.assignment_create(delivery_id=once.pk, driver_id=online_driver().pk, actor=Actor.system())
+    twice = DeliveryFactory(auto_dispatch=False)  # reassigned: back to ops, not offered on
+    first, second = online_driver(), online_driver()
+    flows.assignment_create(delivery_id=twice.pk, driver_id=first.pk, actor=Actor.system())
+    flows.delivery_reassign(delivery_id=twice.pk, reason="closer", actor=Actor.system())
+    flows.assignment_create(delivery_id=twice.pk, driver_id=second.pk, actor=Actor.system())
+    ids = [never.pk, str(once.pk), twice.pk]  # UUIDs or their text, as callers pass them
+
+    got, want = deliveries_for_payload(ids), _queryset_form(ids)
+    assert set(got) == set(want) == {str(never.pk), str(once.pk), str(twice.pk)}
+    annotations = ("latest_assignment_id", "latest_driver_id", "latest_assignment_status", "latest_end_reason")
+    for key, delivery in want.items():
+        for name in annotations:
+            assert getattr(got[key], name) == getattr(delivery, name), (key, name)
+        assert delivery_data(got[key]) == delivery_data(delivery)
+    assert got[str(never.pk)].latest_assignment_id is None
+    assert got[str(twice.pk)].latest_driver_id == second.pk  # the newer of its two assignments
+    assert deliveries_for_payload([]) == {}
