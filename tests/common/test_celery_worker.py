@@ -102,6 +102,26 @@ class CeleryProcess:
         self._log.close()
 
 
+@contextmanager
+def worker_on(queue: str, log_path: Path):
+    """A real worker taking `queue` (with the test settings, the test database and Redis),
+    ready when entered, stopped on exit. For tasks routed to a named queue (`celery`, `eta`):
+    each test's Redis database is its own and flushed before it, so nothing else is queued."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "CELERY_TASK_ALWAYS_EAGER": "false",
+           "DATABASE_URL": subprocess_database_url(), "PYTHONUNBUFFERED": "1"}
+    worker = CeleryProcess(
+        "worker",
+        ["worker", "--pool=solo", "--concurrency=1", "-l", "info", "-Q", queue,
+         "-n", f"test-{uuid.uuid4().hex}@%h", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        env, log_path,
+    )
+    try:
+        worker.wait_for_log(" ready.")
+        yield worker
+    finally:
+        worker.stop()
+
+
 @pytest.fixture
 def celery_processes(transactional_db, tmp_path):
     """Start real worker/beat processes on a queue of this test's own; stop them all after.

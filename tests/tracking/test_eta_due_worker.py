@@ -1,10 +1,8 @@
 """The ETA refresh after status changes on a real `celery worker` (tests/common/test_celery_worker.py):
 a burst of changes sends one kick, which the worker on the `eta` queue runs
 `ETA_REFRESH_BATCH_SECONDS` later (3 s here: the burst's commits take milliseconds), refreshing the delivery once with the latest change's time."""
-import os
 import re
 import time
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -13,9 +11,8 @@ from django.utils import timezone
 from common.actors import Actor
 from common.redis import get_redis
 from dispatch.models import Delivery
-from tests.common.test_celery_worker import CeleryProcess, sending_to_workers  # noqa: F401 (fixture)
+from tests.common.test_celery_worker import sending_to_workers, worker_on  # noqa: F401 (fixture)
 from tests.factories import DeliveryFactory, DriverFactory, km_north
-from tests.processes import subprocess_database_url
 from tracking.services import ETA_DUE_KEY, ETA_REFRESH_DUE_TASK
 from workflows.deliveries import assignment_create, delivery_advance
 
@@ -24,21 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 @pytest.fixture
 def eta_queue_worker(transactional_db, tmp_path, sending_to_workers):  # noqa: F811
-    """A real worker on the `eta` queue (this test's Redis database is its own and flushed
-    before each test, so nothing else is queued there)."""
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "CELERY_TASK_ALWAYS_EAGER": "false",
-           "DATABASE_URL": subprocess_database_url(), "PYTHONUNBUFFERED": "1"}
-    worker = CeleryProcess(
-        "worker",
-        ["worker", "--pool=solo", "--concurrency=1", "-l", "info", "-Q", "eta",
-         "-n", f"test-{uuid.uuid4().hex}@%h", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-        env, tmp_path / "worker.log",
-    )
-    try:
-        worker.wait_for_log(" ready.")
+    """A real worker on the `eta` queue."""
+    with worker_on("eta", tmp_path / "worker.log") as worker:
         yield worker
-    finally:
-        worker.stop()
 
 
 def test_a_burst_of_status_changes_is_one_refresh_on_a_real_worker(eta_queue_worker, settings):

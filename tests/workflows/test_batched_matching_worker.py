@@ -2,9 +2,7 @@
 (tests/common/test_celery_worker.py): the task scheduled when a delivery starts waiting runs
 the zone's round at the end of its window, and the sweep that `manage.py setup_periodic_tasks`
 installs runs a due round whose task was lost."""
-import os
 import time
-import uuid
 from datetime import timedelta
 from io import StringIO
 
@@ -20,11 +18,10 @@ from config.periodic import MANAGED_PREFIX, PERIODIC_TASKS
 from dispatch.tasks import run_matching_rounds
 from offers.models import DriverOffer
 from tests.common.test_celery_worker import (  # noqa: F401 (fixtures)
-    CeleryProcess,
     celery_processes,
     sending_to_workers,
+    worker_on,
 )
-from tests.processes import subprocess_database_url
 from tests.factories import DeliveryFactory
 from tests.workflows.test_batched_matching import at, dispatch_automatically, driver_at, matching_zone
 
@@ -50,21 +47,9 @@ def test_the_sweep_is_declared_every_15_seconds():
 
 @pytest.fixture
 def default_queue_worker(transactional_db, tmp_path, sending_to_workers):  # noqa: F811
-    """A real worker on the default queue, where the scheduled round goes (this test's Redis
-    database is its own and flushed before each test, so nothing else is queued there)."""
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "CELERY_TASK_ALWAYS_EAGER": "false",
-           "DATABASE_URL": subprocess_database_url(), "PYTHONUNBUFFERED": "1"}
-    worker = CeleryProcess(
-        "worker",
-        ["worker", "--pool=solo", "--concurrency=1", "-l", "info", "-Q", "celery",
-         "-n", f"test-{uuid.uuid4().hex}@%h", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-        env, tmp_path / "worker.log",
-    )
-    try:
-        worker.wait_for_log(" ready.")
+    """A real worker on the default queue, where the scheduled round goes."""
+    with worker_on("celery", tmp_path / "worker.log") as worker:
         yield worker
-    finally:
-        worker.stop()
 
 
 def test_the_round_scheduled_when_a_delivery_starts_waiting_runs_at_the_end_of_its_window(default_queue_worker):
