@@ -1,6 +1,8 @@
 """What a request's commit pays to have background work done: a Celery publish per item (the
-ETA refresh as `tracking.refresh_eta` was enqueued) against marking the item due in Redis and
-kicking one task (`common.broadcast.enqueue_due_on_commit`'s pipeline: HSET + SET NX).
+ETA refresh as `tracking.refresh_eta` was enqueued), through kombu's Redis transport and through
+ours (`common.celery_transport`: one redis-py client per pool instead of one per message),
+against marking the item due in Redis and kicking one task
+(`common.broadcast.enqueue_due_on_commit`'s pipeline: HSET + SET NX).
 
 CPU time of this process per enqueue (time.process_time), alternating rounds so both see the
 same machine load; the median of the rounds. The Celery messages go to a queue of the bench's
@@ -27,6 +29,7 @@ django.setup()
 
 from benchlib import machine_state  # noqa: E402
 from common.broadcast import KICK_TTL_MS, _registered_task  # noqa: E402
+from config.celery import app  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 from tracking.services import ETA_REFRESH_TASK  # noqa: E402
 
@@ -42,8 +45,16 @@ def main() -> None:
     task, redis = _registered_task(ETA_REFRESH_TASK), get_redis()
     at = "2026-12-04T10:00:00Z"
 
-    def celery_per_item():
-        task.apply_async(args=(str(uuid.uuid4()), at), queue=queue)
+    kombus = app.connection_for_write(transport="kombu.transport.redis:Transport")
+    ours = app.connection_for_write()
+    assert type(ours.transport).__module__ == "common.celery_transport", "the broker is not redis://"
+    kombu_producer, our_producer = app.amqp.Producer(kombus), app.amqp.Producer(ours)
+
+    def celery_kombus_transport():
+        task.apply_async(args=(str(uuid.uuid4()), at), queue=queue, producer=kombu_producer)
+
+    def celery_our_transport():
+        task.apply_async(args=(str(uuid.uuid4()), at), queue=queue, producer=our_producer)
 
     def due_and_kick():
         pipe = redis.pipeline(transaction=False)
@@ -51,7 +62,11 @@ def main() -> None:
         pipe.set(kick, "1", nx=True, px=KICK_TTL_MS)
         pipe.execute()
 
-    ways = {"Celery publish per item": celery_per_item, "due mark + kick (one pipeline)": due_and_kick}
+    ways = {
+        "Celery publish, kombu's transport": celery_kombus_transport,
+        "Celery publish, ours": celery_our_transport,
+        "due mark + kick (one pipeline)": due_and_kick,
+    }
     machine_state("machine before")
     cpu_us = {name: [] for name in ways}
     try:
@@ -65,9 +80,11 @@ def main() -> None:
                 cpu_us[name].append((time.process_time() - start) / args.per_round * 1e6)
     finally:
         redis.delete(queue, due_key, kick)
+        kombus.release()
+        ours.release()
     print(f"\nCPU of this process per enqueue, {args.rounds} alternating rounds of {args.per_round}:")
     for name, values in cpu_us.items():
-        print(f"  {name:32s} median {statistics.median(values):6.0f} µs   rounds: "
+        print(f"  {name:34s} median {statistics.median(values):6.0f} µs   rounds: "
               + ", ".join(f"{v:.0f}" for v in values))
     machine_state("machine after")
 

@@ -211,6 +211,10 @@ CHANNELS_REDIS_IDLE_SECONDS = env.float("CHANNELS_REDIS_IDLE_SECONDS", default=5
 
 # Celery
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
+# kombu's Redis transport with one client per pool (common/celery_transport.py); other brokers
+# (amqp://, sentinel://) keep kombu's transport for their scheme.
+if CELERY_BROKER_URL.split("://", 1)[0] in ("redis", "rediss"):
+    CELERY_BROKER_TRANSPORT = "common.celery_transport:Transport"
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

@@ -1,0 +1,65 @@
+"""Celery's Redis transport (common/celery_transport.py): one redis-py client per connection
+pool for the channel's commands (kombu built one per publish), the messages unchanged."""
+import threading
+import uuid
+
+import pytest
+from kombu.transport import redis as kombu_redis
+
+from common.broadcast import _registered_task
+from common.celery_transport import Transport
+from common.redis import get_redis
+from config.celery import app
+from tests.common.test_celery_worker import sending_to_workers  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def connection():
+    conn = app.connection_for_write()
+    yield conn
+    conn.release()
+
+
+@pytest.fixture
+def queue():
+    name = f"test-transport-{uuid.uuid4().hex}"
+    yield name
+    get_redis().delete(name)
+
+
+def test_the_redis_broker_goes_through_our_transport(connection):
+    assert isinstance(connection.transport, Transport)
+    assert isinstance(connection.default_channel, kombu_redis.Channel)
+
+
+def test_a_channel_runs_its_commands_on_one_client_per_pool(connection):
+    channel = connection.default_channel
+    first = channel._create_client()
+    assert channel._create_client() is first
+    assert first.connection_pool is channel.pool
+    assert channel._create_client(asynchronous=True) is not first  # the worker's BRPOP client: kombu's own
+
+    channel._after_fork()  # a forked worker child drops the parent's pools
+    again = channel._create_client()
+    assert again is not first and again.connection_pool is channel.pool
+
+
+def test_publishes_from_many_threads_all_arrive(connection, queue, sending_to_workers):  # noqa: F811
+    task = _registered_task("tracking.refresh_eta")
+    producer = app.amqp.Producer(connection)  # one producer, one channel: every thread on its client
+    errors = []
+
+    def publish(n):
+        try:
+            for i in range(50):
+                task.apply_async(args=(f"{n}-{i}", "2026-12-04T10:00:00Z"), queue=queue, producer=producer)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert get_redis().llen(queue) == 400
