@@ -2,6 +2,7 @@ import logging
 from datetime import datetime
 
 from celery import shared_task
+from django.utils import timezone
 
 from common.broadcast import kick_started, take_due
 from tracking import services
@@ -28,9 +29,12 @@ def refresh_due_etas() -> int:
     """`refresh_eta` of every delivery whose status changed since the last run (marked in
     Redis by `workflows.unit.eta_refresh_enqueue`): kicked by the first commit that marks one
     while no kick is queued, and every 15 s as the sweep. Takes the kick first, so a commit
-    from now on kicks the next run. Returns how many deliveries it refreshed."""
+    from now on kicks the next run. Each is refreshed as of now (never before its change: a
+    driver fix's ETA computed since the change must not make the forced refresh a no-op).
+    Returns how many deliveries it took."""
     kick_started(services.ETA_REFRESH_DUE_TASK)
     due = take_due(services.ETA_DUE_KEY)
-    for delivery_id, now in due.items():
-        refresh_eta(delivery_id, now)
+    for delivery_id, changed_at in due.items():
+        now = max(datetime.fromisoformat(changed_at), timezone.now())
+        refresh_eta(delivery_id, now.isoformat())
     return len(due)

@@ -213,7 +213,7 @@ CHANNELS_REDIS_IDLE_SECONDS = env.float("CHANNELS_REDIS_IDLE_SECONDS", default=5
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 # kombu's Redis transport with one client per pool (common/celery_transport.py); other brokers
 # (amqp://, sentinel://) keep kombu's transport for their scheme.
-if CELERY_BROKER_URL.split("://", 1)[0] in ("redis", "rediss"):
+if CELERY_BROKER_URL.split("://", 1)[0] == "redis":  # not rediss: kombu turns TLS on by its scheme name
     CELERY_BROKER_TRANSPORT = "common.celery_transport:Transport"
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL)
 CELERY_TASK_ACKS_LATE = True
@@ -233,8 +233,9 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND_THREAD_SAFE = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
-# High-volume work (an ETA refresh per assignment and step) has its own queue, so that a
-# backlog of it never delays the periodic safety nets (offer expiry, escalation) on "celery".
+# High-volume work (the ETA refreshes after status changes: at most one run a second for the
+# whole fleet, or one task per change while Redis is down) has its own queue, so that a backlog of
+# it never delays the periodic safety nets (offer expiry, escalation) on "celery".
 # Workers consume both: `celery worker -Q celery,eta`.
 # simulation.run takes over its worker process's database connection for minutes: a worker of
 # its own (`-Q simulation --concurrency 1`, docs/dispatch.md "The simulator").

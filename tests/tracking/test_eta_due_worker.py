@@ -1,6 +1,7 @@
 """The ETA refresh after status changes on a real `celery worker` (tests/common/test_celery_worker.py):
 a burst of changes sends one kick, which the worker on the `eta` queue runs
-`ETA_REFRESH_BATCH_SECONDS` later (3 s here: the burst's commits take milliseconds), refreshing the delivery once with the latest change's time."""
+`ETA_REFRESH_BATCH_SECONDS` later (3 s here: the burst's commits take milliseconds), refreshing
+the delivery once, as of the run."""
 import re
 import time
 from datetime import timedelta
@@ -48,5 +49,5 @@ def test_a_burst_of_status_changes_is_one_refresh_on_a_real_worker(eta_queue_wor
     assert re.search(r"succeeded in [0-9.]+s: 1\b", log), log  # it refreshed one delivery
     refreshed = Delivery.objects.get(pk=delivery.pk)
     assert refreshed.status == "in_transit"
-    # the run used the latest change's time, marked by the last of the four commits
-    assert refreshed.eta_calculated_at is not None and now <= refreshed.eta_calculated_at <= last_change
+    # refreshed as of the run: after the last change, by about the countdown
+    assert refreshed.eta_calculated_at is not None and refreshed.eta_calculated_at >= last_change
