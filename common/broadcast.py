@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import redis
 from asgiref.sync import SyncToAsync, async_to_sync
 from celery import current_app
 from channels import DEFAULT_CHANNEL_LAYER
@@ -36,6 +37,10 @@ from django.db import transaction
 
 from common.hooks import event_emitted
 from common.redis import RedisUnavailable, get_redis
+
+# Redis down, or refusing a command (OOM, a read-only replica after a failover): the callers
+# of the due marks fall back rather than lose the item
+_REDIS_FAILED = (redis.exceptions.RedisError, *RedisUnavailable)
 
 logger = logging.getLogger(__name__)
 
@@ -317,23 +322,27 @@ def enqueue_kick_on_commit(name: str) -> None:
         return
 
     def _send():
-        key = kick_key(name)
         try:
-            queued = not get_redis().set(key, "1", nx=True, px=KICK_TTL_MS)
+            kicked = get_redis().set(kick_key(name), "1", nx=True, px=KICK_TTL_MS)
         except RedisUnavailable:
-            queued = False
-        if queued:
-            return
-        try:
-            _registered_task(name).apply_async()
-        except Exception:
-            logger.warning("enqueue of %s failed", name, exc_info=True)
-            try:
-                get_redis().delete(key)
-            except RedisUnavailable:
-                pass
+            kicked = True
+        if kicked:
+            _kick(name)
 
     transaction.on_commit(_send, robust=True)
+
+
+def _kick(name: str, countdown: float = 0) -> None:
+    """Publish the kick whose slot (`kick_key(name)`) the caller just took; a failed publish is
+    logged and frees the slot for the next commit."""
+    try:
+        _registered_task(name).apply_async(countdown=countdown or None)
+    except Exception:
+        logger.warning("enqueue of %s failed", name, exc_info=True)
+        try:
+            get_redis().delete(kick_key(name))
+        except _REDIS_FAILED:
+            pass
 
 
 def kick_started(name: str) -> None:
@@ -366,28 +375,21 @@ def enqueue_due_on_commit(
         return
 
     def _send():
-        key = kick_key(name)
         try:
             pipe = get_redis().pipeline(transaction=False)
             pipe.hset(due_key, item, value)
-            pipe.set(key, "1", nx=True, px=KICK_TTL_MS)
+            # the slot outlives the countdown: a queued kick keeps later commits from queueing more
+            pipe.set(kick_key(name), "1", nx=True, px=KICK_TTL_MS + int(countdown * 1000))
             _, kicked = pipe.execute()
-        except RedisUnavailable:
+        except _REDIS_FAILED:
+            logger.warning("could not mark %s due in %s; enqueued on its own", item, due_key, exc_info=True)
             try:
                 _registered_task(fallback_name).apply_async(args=fallback_args)
             except Exception:
                 logger.warning("enqueue of %s failed", fallback_name, exc_info=True)
             return
-        if not kicked:
-            return  # a kick is queued and has not started: it takes this item too
-        try:
-            _registered_task(name).apply_async(countdown=countdown or None)
-        except Exception:
-            logger.warning("enqueue of %s failed", name, exc_info=True)
-            try:
-                get_redis().delete(key)  # the next commit kicks again; the sweep takes what waits
-            except RedisUnavailable:
-                pass
+        if kicked:  # else a kick is queued and has not started: it takes this item too
+            _kick(name, countdown)
 
     transaction.on_commit(_send, robust=True)
 
@@ -401,10 +403,24 @@ def take_due(due_key: str) -> dict[str, str]:
         pipe.hgetall(due_key)
         pipe.delete(due_key)
         due, _ = pipe.execute()
-    except RedisUnavailable:
+    except _REDIS_FAILED:
         logger.warning("could not take what is due in %s", due_key, exc_info=True)
         return {}
     return due
+
+
+def put_back_due(due_key: str, items: dict[str, str]) -> None:
+    """Give back items a run took and did not do (its time ran out): each goes back unless a
+    newer mark of it arrived meanwhile, for the next run (the sweep at the latest)."""
+    if not items:
+        return
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        for item, value in items.items():
+            pipe.hsetnx(due_key, item, value)
+        pipe.execute()
+    except _REDIS_FAILED:
+        logger.warning("could not put %d items back in %s", len(items), due_key, exc_info=True)
 
 
 def _registered_task(name: str):

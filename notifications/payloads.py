@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import uuid
 
-
 from common.errors import iso
 from common.fields import point_json
 from dispatch.models import Assignment, AssignmentStatus, Delivery, DeliveryStatus

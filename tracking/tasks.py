@@ -2,9 +2,10 @@ import logging
 from datetime import datetime
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from django.utils import timezone
 
-from common.broadcast import kick_started, take_due
+from common.broadcast import kick_started, put_back_due, take_due
 from tracking import services
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,8 @@ def refresh_eta(delivery_id: str, now: str | None = None) -> None:
         services.delivery_eta_refresh(
             delivery_id=delivery_id, now=datetime.fromisoformat(now) if now else None, force_event=True
         )
+    except SoftTimeLimitExceeded:
+        raise  # the task's time is up: not one delivery's failure
     except Exception:
         logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
 
@@ -31,10 +34,17 @@ def refresh_due_etas() -> int:
     while no kick is queued, and every 15 s as the sweep. Takes the kick first, so a commit
     from now on kicks the next run. Each is refreshed as of now (never before its change: a
     driver fix's ETA computed since the change must not make the forced refresh a no-op).
+    A run out of time (the soft limit) puts back what it did not do, for the next run.
     Returns how many deliveries it took."""
     kick_started(services.ETA_REFRESH_DUE_TASK)
     due = take_due(services.ETA_DUE_KEY)
-    for delivery_id, changed_at in due.items():
-        now = max(datetime.fromisoformat(changed_at), timezone.now())
-        refresh_eta(delivery_id, now.isoformat())
+    left = dict(due)
+    try:
+        for delivery_id, changed_at in due.items():
+            now = max(datetime.fromisoformat(changed_at), timezone.now())
+            refresh_eta(delivery_id, now.isoformat())
+            del left[delivery_id]
+    except SoftTimeLimitExceeded:
+        logger.warning("ETA refresh run out of time: %d of %d deliveries put back", len(left), len(due))
+        put_back_due(services.ETA_DUE_KEY, left)
     return len(due)

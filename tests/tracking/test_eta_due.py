@@ -9,8 +9,10 @@ from unittest.mock import patch
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 import pytest
+import redis
 import time_machine
 from celery.app.task import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
 
@@ -180,3 +182,48 @@ def test_with_redis_down_each_change_enqueues_its_own_refresh(published, monkeyp
         (ETA_REFRESH_TASK, (str(delivery.pk), "2026-02-01T09:48:00Z")),
     ]
     assert take_due(ETA_DUE_KEY) == {}  # Redis down for the take too: nothing, no error
+
+
+def test_a_run_out_of_time_puts_back_what_it_did_not_do_and_keeps_newer_marks(published, monkeypatch):
+    jobs = [assigned_delivery(published) for _ in range(3)]
+    for delivery, driver in jobs:
+        advance(delivery, driver, "pickup-started", 1)
+        advance(delivery, driver, "pickup-completed", 2)
+    done = []
+    newer = {}
+
+    def refresh(delivery_id, now):
+        if len(done) == 1:  # the second delivery: a newer mark arrives, then the time is up
+            newer[delivery_id] = "2026-02-01T09:59:00Z"
+            get_redis().hset(ETA_DUE_KEY, delivery_id, newer[delivery_id])
+            raise SoftTimeLimitExceeded()
+        done.append(delivery_id)
+
+    monkeypatch.setattr(tracking.tasks, "refresh_eta", refresh)
+    assert refresh_due_etas() == 3
+    (second,) = newer
+    (third,) = {str(d.pk) for d, _ in jobs} - set(done) - {second}
+    assert get_redis().hgetall(ETA_DUE_KEY) == {second: newer[second], third: "2026-02-01T09:47:00Z"}
+
+
+def test_the_kick_holds_its_slot_past_its_countdown(published, settings):
+    settings.ETA_REFRESH_BATCH_SECONDS = 8
+    delivery, driver = assigned_delivery(published)
+    advance(delivery, driver, "pickup-started", 1)
+    advance(delivery, driver, "pickup-completed", 2)
+    assert broadcast.KICK_TTL_MS + 7000 < get_redis().pttl(kick_key(ETA_REFRESH_DUE_TASK)) <= broadcast.KICK_TTL_MS + 8000
+    advance(delivery, driver, "delivery-started", 3)
+    assert published == [(ETA_REFRESH_DUE_TASK, ())]
+
+
+def test_a_redis_that_refuses_the_write_still_gets_each_change_refreshed(published, monkeypatch):
+    delivery, driver = assigned_delivery(published)
+
+    class ReadOnly:
+        def pipeline(self, *args, **kwargs):
+            raise redis.exceptions.ReadOnlyError("You can't write against a read only replica.")
+
+    advance(delivery, driver, "pickup-started", 1)
+    monkeypatch.setattr(broadcast, "get_redis", lambda: ReadOnly())
+    advance(delivery, driver, "pickup-completed", 2)
+    assert published == [(ETA_REFRESH_TASK, (str(delivery.pk), "2026-02-01T09:47:00Z"))]
