@@ -360,7 +360,7 @@ def enqueue_due_on_commit(
     """After commit, mark `item` due in the Redis hash `due_key` (a later `value` for the same
     item replaces the earlier) and kick the argument-less task `name` as
     `enqueue_kick_on_commit` does, in one round trip; the task calls `kick_started(name)`, then
-    takes what is due with `take_due(due_key)`. Work that one task per item did (the ETA
+    takes what is due with `take_due` and says when it is done (`done_due`). Work that one task per item did (the ETA
     refresh after each status change) costs a request a pipeline instead of a Celery publish
     (~0.8 ms of its CPU each), and the worker one task per batch instead of per item. With a
     `countdown` (seconds) the kick runs that long after it was queued, so every item marked
@@ -394,33 +394,99 @@ def enqueue_due_on_commit(
     transaction.on_commit(_send, robust=True)
 
 
-def take_due(due_key: str) -> dict[str, str]:
+# What a run took stays in `<due key>:taken` (item -> "<lease deadline>|<run>|<value>") until
+# the run says it is done, so the items of a run whose worker died (killed, out of memory, the
+# hard time limit) go back to the due hash when the lease ends and the next run takes them.
+# Redis's own clock (TIME) dates the leases: the workers' clocks may differ.
+_TAKE_DUE_LUA = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local taken = redis.call('HGETALL', KEYS[2])
+for i = 1, #taken, 2 do
+  local v = taken[i + 1]
+  local a = string.find(v, '|', 1, true)
+  if a and tonumber(string.sub(v, 1, a - 1)) <= now then
+    local b = string.find(v, '|', a + 1, true)
+    redis.call('HSETNX', KEYS[1], taken[i], string.sub(v, b + 1))
+    redis.call('HDEL', KEYS[2], taken[i])
+  end
+end
+local due = redis.call('HGETALL', KEYS[1])
+if #due == 0 then return due end
+redis.call('DEL', KEYS[1])
+local lease = string.format('%.6f', now + tonumber(ARGV[1])) .. '|' .. ARGV[2] .. '|'
+for i = 1, #due, 2 do
+  redis.call('HSET', KEYS[2], due[i], lease .. due[i + 1])
+end
+return due
+"""
+# Items the run `ARGV[1]` is done with, or `ARGV[2]` = "1": gives them back to the due hash
+# first (unless a newer mark is there); an item another run has taken since is that run's.
+_DONE_DUE_LUA = """
+for i = 3, #ARGV do
+  local v = redis.call('HGET', KEYS[2], ARGV[i])
+  if v then
+    local a = string.find(v, '|', 1, true)
+    local b = string.find(v, '|', a + 1, true)
+    if string.sub(v, a + 1, b - 1) == ARGV[1] then
+      if ARGV[2] == '1' then redis.call('HSETNX', KEYS[1], ARGV[i], string.sub(v, b + 1)) end
+      redis.call('HDEL', KEYS[2], ARGV[i])
+    end
+  end
+end
+return 0
+"""
+_due_scripts: dict[tuple[int, str], Any] = {}
+
+
+def _due_script(client, source: str):
+    script = _due_scripts.get((id(client), source))
+    if script is None:
+        script = _due_scripts[(id(client), source)] = client.register_script(source)
+    return script
+
+
+def taken_key(due_key: str) -> str:
+    """Where a run's items wait until it is done; `due_key` carries a hash tag (`{eta}:due`)
+    so both share a Redis Cluster slot."""
+    return f"{due_key}:taken"
+
+
+def take_due(due_key: str, run: str, lease_seconds: float) -> dict[str, str]:
     """What `enqueue_due_on_commit` marked due in `due_key` (item → its latest value), taken
-    atomically: a mark after this is in the next take. Empty when Redis is down (the items
-    stay for the next take)."""
+    atomically for the run `run` (e.g. its task id) for `lease_seconds`: a mark after this is in
+    the next take. The run calls `done_due` when it has done them (or `put_back_due` for those
+    it did not get to); if it never does (its worker died), they are due again once the lease
+    has ended, for the next take (a newer mark of an item wins). So the lease must outlast the
+    run (the task's hard time limit). Empty when Redis is down (the items stay for the next
+    take)."""
     try:
-        pipe = get_redis().pipeline(transaction=True)
-        pipe.hgetall(due_key)
-        pipe.delete(due_key)
-        due, _ = pipe.execute()
+        client = get_redis()
+        flat = _due_script(client, _TAKE_DUE_LUA)(keys=[due_key, taken_key(due_key)], args=[lease_seconds, run])
     except _REDIS_FAILED:
         logger.warning("could not take what is due in %s", due_key, exc_info=True)
         return {}
-    return due
+    return dict(zip(flat[::2], flat[1::2]))
 
 
-def put_back_due(due_key: str, items: dict[str, str]) -> None:
-    """Give back items a run took and did not do (its time ran out): each goes back unless a
-    newer mark of it arrived meanwhile, for the next run (the sweep at the latest)."""
+def done_due(due_key: str, run: str, items: Iterable[str], *, put_back: bool = False) -> None:
+    """The run `run` is done with `items` it took (`take_due`); with `put_back` it did not do
+    them (its time ran out): each is due again for the next run (the sweep at the latest) unless
+    a newer mark of it arrived meanwhile. Redis down: the lease ends instead, with the same
+    effect for what it did not do (and those it did are done again)."""
+    items = list(items)
     if not items:
         return
     try:
-        pipe = get_redis().pipeline(transaction=False)
-        for item, value in items.items():
-            pipe.hsetnx(due_key, item, value)
-        pipe.execute()
+        client = get_redis()
+        _due_script(client, _DONE_DUE_LUA)(keys=[due_key, taken_key(due_key)], args=[run, "1" if put_back else "0", *items])
     except _REDIS_FAILED:
-        logger.warning("could not put %d items back in %s", len(items), due_key, exc_info=True)
+        logger.warning("could not release %d items of %s", len(items), due_key, exc_info=True)
+
+
+def put_back_due(due_key: str, run: str, items: Iterable[str]) -> None:
+    """`done_due(..., put_back=True)`: the items the run took and did not do."""
+    done_due(due_key, run, items, put_back=True)
 
 
 def _registered_task(name: str):

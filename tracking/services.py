@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 TRACKED_STATUSES = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
 # The ETA refreshes after status changes wait here (delivery id → the change's time) for one
 # task to take them all (`common.broadcast.enqueue_due_on_commit`, `workflows.unit.eta_refresh_enqueue`).
-ETA_DUE_KEY = "eta:due"
+ETA_DUE_KEY = "{eta}:due"  # hash-tagged: its `:taken` twin (common.broadcast.taken_key) shares the slot
 ETA_REFRESH_DUE_TASK = "tracking.refresh_due_etas"
 ETA_REFRESH_TASK = "tracking.refresh_eta"  # one delivery's: when Redis is down, and messages queued before
 

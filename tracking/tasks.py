@@ -1,14 +1,20 @@
 import logging
+import uuid
 from datetime import datetime
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 from django.utils import timezone
 
-from common.broadcast import kick_started, put_back_due, take_due
+from common.broadcast import done_due, kick_started, put_back_due, take_due
 from tracking import services
 
 logger = logging.getLogger(__name__)
+
+# a run's lease on what it took outlasts its hard time limit by this much (a live run's items
+# are never handed to another)
+DUE_LEASE_MARGIN_SECONDS = 15
 
 
 @shared_task(name=services.ETA_REFRESH_TASK, ignore_result=True)
@@ -27,17 +33,19 @@ def refresh_eta(delivery_id: str, now: str | None = None) -> None:
         logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
 
 
-@shared_task(name=services.ETA_REFRESH_DUE_TASK, ignore_result=True)
-def refresh_due_etas() -> int:
+@shared_task(name=services.ETA_REFRESH_DUE_TASK, ignore_result=True, bind=True)
+def refresh_due_etas(self) -> int:
     """`refresh_eta` of every delivery whose status changed since the last run (marked in
     Redis by `workflows.unit.eta_refresh_enqueue`): kicked by the first commit that marks one
     while no kick is queued, and every 15 s as the sweep. Takes the kick first, so a commit
     from now on kicks the next run. Each is refreshed as of now (never before its change: a
     driver fix's ETA computed since the change must not make the forced refresh a no-op).
-    A run out of time (the soft limit) puts back what it did not do, for the next run.
-    Returns how many deliveries it took."""
+    What it takes is leased to it until past the task's hard time limit: a run whose worker
+    dies leaves them to the first run after the lease; a run out of time (the soft limit)
+    puts back what it did not do at once. Returns how many deliveries it took."""
+    run = self.request.id or uuid.uuid4().hex
     kick_started(services.ETA_REFRESH_DUE_TASK)
-    due = take_due(services.ETA_DUE_KEY)
+    due = take_due(services.ETA_DUE_KEY, run, settings.CELERY_TASK_TIME_LIMIT + DUE_LEASE_MARGIN_SECONDS)
     left = dict(due)
     try:
         for delivery_id, changed_at in due.items():
@@ -46,5 +54,6 @@ def refresh_due_etas() -> int:
             del left[delivery_id]
     except SoftTimeLimitExceeded:
         logger.warning("ETA refresh run out of time: %d of %d deliveries put back", len(left), len(due))
-        put_back_due(services.ETA_DUE_KEY, left)
+        put_back_due(services.ETA_DUE_KEY, run, left)
+    done_due(services.ETA_DUE_KEY, run, [item for item in due if item not in left])
     return len(due)

@@ -18,7 +18,7 @@ from django.db import transaction
 
 from common import broadcast
 from common.actors import Actor
-from common.broadcast import enqueue_due_on_commit, kick_key, take_due
+from common.broadcast import done_due, enqueue_due_on_commit, kick_key, taken_key, take_due
 from common.redis import get_redis
 from tracking.services import ETA_DUE_KEY, ETA_REFRESH_DUE_TASK, ETA_REFRESH_TASK
 import tracking.tasks
@@ -64,8 +64,7 @@ def assigned_delivery(published=None):
         driver = DriverFactory(location=km_north(-2.0), location_recorded_at=T0 - timedelta(seconds=1), location_accuracy_m=8)
         delivery = DeliveryFactory(prep_time_minutes=0, ready_at=T0 - timedelta(minutes=10), dropoff_location=km_north(3.0))
         assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
-    take_due(ETA_DUE_KEY)
-    get_redis().delete(kick_key(ETA_REFRESH_DUE_TASK))
+    get_redis().delete(ETA_DUE_KEY, kick_key(ETA_REFRESH_DUE_TASK))
     if published is not None:
         published.clear()
     return delivery, driver
@@ -90,6 +89,7 @@ def test_status_changes_while_a_run_is_queued_queue_nothing_more_and_the_run_ref
     with time_machine.travel(T0 + timedelta(minutes=3, seconds=1), tick=False):
         assert refresh_due_etas() == 1  # the worker runs the kick, a second after the last change
     assert get_redis().hgetall(ETA_DUE_KEY) == {}
+    assert get_redis().hgetall(taken_key(ETA_DUE_KEY)) == {}  # done: nothing left leased
     assert not get_redis().exists(kick_key(ETA_REFRESH_DUE_TASK))
     (eta_event,) = [e for e in customer.drain() if e["type"] == "delivery_eta_updated"]
     assert eta_event["deliveryId"] == str(delivery.pk)
@@ -135,7 +135,7 @@ def test_a_run_that_started_lets_the_next_change_kick_again_and_takes_only_what_
     with transaction.atomic():
         enqueue_due_on_commit(ETA_REFRESH_DUE_TASK, ETA_DUE_KEY, other, "2026-02-01T09:49:00Z",
                               fallback=(ETA_REFRESH_TASK, (other, "2026-02-01T09:49:00Z")))
-    assert take_due(ETA_DUE_KEY) == {other: "2026-02-01T09:49:00Z"}  # a mark after the take: the next run's
+    assert take_due(ETA_DUE_KEY, "next", 60) == {other: "2026-02-01T09:49:00Z"}  # a mark after the take: the next run's
 
 
 def test_a_rolled_back_change_marks_nothing(published):
@@ -181,7 +181,7 @@ def test_with_redis_down_each_change_enqueues_its_own_refresh(published, monkeyp
         (ETA_REFRESH_TASK, (str(delivery.pk), "2026-02-01T09:47:00Z")),
         (ETA_REFRESH_TASK, (str(delivery.pk), "2026-02-01T09:48:00Z")),
     ]
-    assert take_due(ETA_DUE_KEY) == {}  # Redis down for the take too: nothing, no error
+    assert take_due(ETA_DUE_KEY, "run", 60) == {}  # Redis down for the take too: nothing, no error
 
 
 def test_a_run_out_of_time_puts_back_what_it_did_not_do_and_keeps_newer_marks(published, monkeypatch):
@@ -204,6 +204,45 @@ def test_a_run_out_of_time_puts_back_what_it_did_not_do_and_keeps_newer_marks(pu
     (second,) = newer
     (third,) = {str(d.pk) for d, _ in jobs} - set(done) - {second}
     assert get_redis().hgetall(ETA_DUE_KEY) == {second: newer[second], third: "2026-02-01T09:47:00Z"}
+    assert get_redis().hgetall(taken_key(ETA_DUE_KEY)) == {}  # the done one released, the others put back
+
+
+def test_what_a_run_took_goes_back_when_its_worker_died_and_its_lease_ended(published, listen):
+    (delivery, driver), (second, second_driver) = assigned_delivery(), assigned_delivery(published)
+    customer = listen(f"delivery.{delivery.pk}", f"delivery.{second.pk}")
+    advance(delivery, driver, "pickup-started", 1)
+    advance(delivery, driver, "pickup-completed", 1)
+    advance(second, second_driver, "pickup-started", 1)
+    advance(second, second_driver, "pickup-completed", 2)
+    # a run takes both and its worker dies before it is done: its lease ends (0 s here)
+    assert take_due(ETA_DUE_KEY, "dead-run", 0) == {str(delivery.pk): "2026-02-01T09:46:00Z",
+                                                   str(second.pk): "2026-02-01T09:47:00Z"}
+    assert get_redis().hgetall(ETA_DUE_KEY) == {}
+    # meanwhile the second delivery changes again: its newer mark wins over the dead run's
+    get_redis().hset(ETA_DUE_KEY, str(second.pk), "2026-02-01T09:48:00Z")
+
+    with time_machine.travel(T0 + timedelta(minutes=4), tick=False):
+        assert refresh_due_etas() == 2  # the next run (a kick or the sweep) takes them back
+    assert get_redis().hgetall(ETA_DUE_KEY) == {} and get_redis().hgetall(taken_key(ETA_DUE_KEY)) == {}
+    announced = [e["deliveryId"] for e in customer.drain() if e["type"] == "delivery_eta_updated"]
+    assert sorted(announced) == sorted([str(delivery.pk), str(second.pk)])
+
+
+def test_what_a_live_run_took_is_not_taken_by_another_and_its_done_releases_only_its_own(published):
+    (delivery, driver), (second, second_driver) = assigned_delivery(), assigned_delivery(published)
+    for job in ((delivery, driver), (second, second_driver)):
+        advance(*job, "pickup-started", 1)
+        advance(*job, "pickup-completed", 2)
+    taken = take_due(ETA_DUE_KEY, "slow-run", 60)  # still running, its lease a minute long
+    assert set(taken) == {str(delivery.pk), str(second.pk)}
+
+    assert refresh_due_etas() == 0  # another run (the sweep) leaves the live run's items alone
+    get_redis().hset(ETA_DUE_KEY, str(second.pk), "2026-02-01T09:49:00Z")  # a newer change...
+    assert take_due(ETA_DUE_KEY, "next-run", 60) == {str(second.pk): "2026-02-01T09:49:00Z"}  # ...is the next run's
+    done_due(ETA_DUE_KEY, "slow-run", taken)
+    # the slow run released its own; the second delivery is the next run's now, leased to it
+    assert list(get_redis().hgetall(taken_key(ETA_DUE_KEY))) == [str(second.pk)]
+    assert get_redis().hget(taken_key(ETA_DUE_KEY), str(second.pk)).endswith("|next-run|2026-02-01T09:49:00Z")
 
 
 def test_the_kick_holds_its_slot_past_its_countdown(published, settings):
