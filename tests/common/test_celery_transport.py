@@ -63,3 +63,23 @@ def test_publishes_from_many_threads_all_arrive(connection, queue, sending_to_wo
         t.join()
     assert errors == []
     assert get_redis().llen(queue) == 400
+
+
+def test_publishes_build_no_client_per_message(connection, queue, sending_to_workers):  # noqa: F811
+    """kombu's own channel builds a redis-py client for every publish (20 here); ours one."""
+    task = _registered_task("tracking.refresh_eta")
+    producer = app.amqp.Producer(connection)
+    channel = producer.channel
+    built = []
+    client_class = channel.Client
+
+    def counting_client(*args, **kwargs):
+        built.append(kwargs)
+        return client_class(*args, **kwargs)
+
+    channel._command_client = None  # nothing cached yet: the first publish builds the one client
+    channel.Client = counting_client
+    for i in range(20):
+        task.apply_async(args=(f"count-{i}", "2026-12-04T10:00:00Z"), queue=queue, producer=producer)
+    assert get_redis().llen(queue) == 20
+    assert len(built) == 1
