@@ -47,7 +47,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--calls", type=int, default=300)
     args = p.parse_args()
-    ids = list(Assignment.objects.order_by("-created_at").values_list("delivery_id", flat=True)[:20])
+    ids = []  # the 20 most recently assigned deliveries, each once (a reassigned one has several)
+    for delivery_id in Assignment.objects.order_by("-created_at").values_list("delivery_id", flat=True)[:200]:
+        if delivery_id not in ids:
+            ids.append(delivery_id)
+    ids = ids[:20]
     if len(ids) < 20:
         sys.exit("need 20 assigned deliveries in the dev database (run bench/offer_flow.py first)")
     machine_state("machine before")
