@@ -7,6 +7,7 @@ under Redis Cluster):
 `{fleet}:drv:<id>`        hash: lat, lon, t (recorded-at, epoch s), acc, speed, heading
 `{fleet}:tokens:<id>`     set: sha256 of the driver's API tokens seen (60 s at most, never
                           past a token's expiry; forgotten on revoke)
+`{fleet}:tokens:gen`      counter of revocations: a token looked up before one is not cached
 `{fleet}:fixes`           stream of accepted fixes, read by `manage.py consume_fixes`
 `{fleet}:moved`           hash driver id → latest position since the last ops digest
 `{fleet}:drivers:active`  hash driver id → the deliveries it is on, comma-separated in the order
@@ -40,6 +41,7 @@ MOVED_KEY = fleet_key("moved")
 ACTIVE_KEY = fleet_key("drivers:active")
 STREAM_GROUP = "pg"
 AUTH_TTL_SECONDS = 60
+AUTH_GEN_KEY = fleet_key("tokens:gen")
 
 
 def driver_key(driver_id) -> str:
@@ -51,18 +53,20 @@ def auth_key(driver_id) -> str:
 
 
 # One round trip per fix. KEYS: driver hash, status hash, GEO set, fix zset, stream, moved
-# hash, active hash, auth key, throttle key. ARGV: driver id, lat, lon, t, acc, speed, heading,
-# token digest ('' = already authenticated: the database path), throttle limit, period,
+# hash, active hash, auth key, throttle key, auth generation. ARGV: driver id, lat, lon, t, acc, speed, heading,
+# token digest ('' = already authenticated: the database path), throttle limit (-1: none), period,
 # stream max length, append (1: fast lane, 0: already in PostgreSQL), max GEO latitude.
 # Returns {code, accepted, active delivery ids (comma-separated)}: code 'ok', 'auth' (the token is not known to
-# belong to this driver: resolve it and retry) or 'throttled'.
+# belong to this driver: resolve it and retry; the third item is then the auth generation) or 'throttled'.
 _FIX_SCRIPT = """
 local id = ARGV[1]
 if ARGV[8] ~= '' then
-  if redis.call('SISMEMBER', KEYS[8], ARGV[8]) == 0 then return {'auth', 0, ''} end
-  local n = redis.call('INCR', KEYS[9])
-  if n == 1 then redis.call('EXPIRE', KEYS[9], tonumber(ARGV[10]) + 1) end
-  if n > tonumber(ARGV[9]) then return {'throttled', 0, ''} end
+  if redis.call('SISMEMBER', KEYS[8], ARGV[8]) == 0 then return {'auth', 0, redis.call('GET', KEYS[10]) or ''} end
+  if tonumber(ARGV[9]) >= 0 then
+    local n = redis.call('INCR', KEYS[9])
+    if n == 1 then redis.call('EXPIRE', KEYS[9], tonumber(ARGV[10]) + 1) end
+    if n > tonumber(ARGV[9]) then return {'throttled', 0, ''} end
+  end
 end
 local active = redis.call('HGET', KEYS[7], id) or ''
 local t = tonumber(ARGV[4])
@@ -103,6 +107,7 @@ class FixOutcome:
     code: str  # ok | auth | throttled
     accepted: bool = False
     active_delivery_ids: tuple[str, ...] = ()
+    auth_generation: str = ""  # (code auth) the revocations counted before the token is looked up
 
 
 def _num(value) -> str:
@@ -111,7 +116,7 @@ def _num(value) -> str:
 
 def _script_call(fix: Fix, *, token_digest_: str, throttle_key: str, limit: int, period: int, append: bool):
     keys = [driver_key(fix.driver_id), geo.STATUS_KEY, geo.GEO_KEY, geo.FIX_KEY, STREAM_KEY, MOVED_KEY, ACTIVE_KEY,
-            auth_key(fix.driver_id), throttle_key]
+            auth_key(fix.driver_id), throttle_key, AUTH_GEN_KEY]
     args = [fix.driver_id, repr(fix.lat), repr(fix.lon), repr(fix.recorded_at), _num(fix.accuracy_m), _num(fix.speed),
             _num(fix.heading), token_digest_, limit, period, settings.FIX_STREAM_MAXLEN, "1" if append else "0",
             geo.GEO_MAX_LAT]
@@ -119,8 +124,10 @@ def _script_call(fix: Fix, *, token_digest_: str, throttle_key: str, limit: int,
 
 
 def _outcome(reply) -> FixOutcome:
-    code, accepted, active = reply
-    return FixOutcome(code=code, accepted=bool(int(accepted)), active_delivery_ids=split_ids(active))
+    code, accepted, third = reply
+    if code == "auth":
+        return FixOutcome(code=code, auth_generation=third or "")
+    return FixOutcome(code=code, accepted=bool(int(accepted)), active_delivery_ids=split_ids(third))
 
 
 async def fix_record_async(
@@ -167,22 +174,37 @@ def fixes_record_persisted(fixes: list[Fix]) -> None:
 # ------------------------------------------------------------------------------ auth cache
 
 
-async def auth_remember_async(client: aioredis.Redis, *, driver_id, digest: str, ttl: int) -> None:
-    """The token with this digest is the driver's, usable for `ttl` seconds more. The set
-    lives as long as its shortest-lived token (EXPIRE LT), at most AUTH_TTL_SECONDS."""
-    key = auth_key(driver_id)
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.sadd(key, digest)
-        pipe.expire(key, AUTH_TTL_SECONDS, nx=True)
-        pipe.expire(key, max(1, min(ttl, AUTH_TTL_SECONDS)), lt=True)
-        await pipe.execute()
+# Remember a token unless a revocation happened since the caller's lookup began (it read the
+# generation before asking PostgreSQL): a lookup that raced a revoke must not cache it again.
+# KEYS: auth set, generation. ARGV: generation seen, digest, max TTL, the token's TTL.
+_REMEMBER_SCRIPT = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX')
+redis.call('EXPIRE', KEYS[1], ARGV[4], 'LT')
+return 1
+"""
+
+
+async def auth_remember_async(client: aioredis.Redis, *, driver_id, digest: str, ttl: int, generation: str) -> bool:
+    """The token with this digest is the driver's, usable for `ttl` seconds more, as PostgreSQL
+    said after the revocation count was `generation` (`FixOutcome.auth_generation`): remembered
+    unless a token was revoked since. The set lives as long as its shortest-lived token (EXPIRE
+    LT), at most AUTH_TTL_SECONDS. True if remembered."""
+    keys = [auth_key(driver_id), AUTH_GEN_KEY]
+    args = [generation, digest, AUTH_TTL_SECONDS, max(1, min(ttl, AUTH_TTL_SECONDS))]
+    return bool(await client.eval(_REMEMBER_SCRIPT, len(keys), *keys, *args))
 
 
 def driver_auth_forget(driver_id) -> None:
     """The driver's token was revoked or its login deactivated: the fast lane asks PostgreSQL
-    again on its next fix (and is refused). Never raises."""
+    again on its next fix (and is refused), and a lookup already under way is not cached.
+    Never raises."""
     try:
-        get_redis().delete(auth_key(driver_id))
+        pipe = get_redis().pipeline(transaction=True)
+        pipe.incr(AUTH_GEN_KEY)
+        pipe.delete(auth_key(driver_id))
+        pipe.execute()
     except (redis.RedisError, *RedisUnavailable):
         logger.warning("auth cache of driver %s not cleared (Redis unavailable; it expires in %s s)",
                        driver_id, AUTH_TTL_SECONDS)
@@ -325,6 +347,17 @@ def positions_of(driver_ids) -> dict[str, Position]:
                 accuracy_m=_float(row.get("acc")), speed=_float(row.get("speed")), heading=_float(row.get("heading")),
             )
     return out
+
+
+def fix_time_of(driver_id) -> float | None:
+    """The recorded-at (epoch seconds) of the driver's live position in Redis, the newest fix
+    any path accepted (the stream consumer may not have written it to PostgreSQL yet); None
+    when Redis has none or is down."""
+    try:
+        value = get_redis().hget(driver_key(driver_id), "t")
+    except (redis.RedisError, *RedisUnavailable):
+        return None
+    return _float(value)
 
 
 def position_latest(driver: Driver) -> Position | None:

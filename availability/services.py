@@ -209,8 +209,13 @@ def driver_location_update(
     """Store a driver's fix: one conditional UPDATE, so two fixes racing can never move the
     driver back in time; a fix not newer than the stored one is ignored. No audit row per fix.
     The GEO index is updated after commit; the result names the delivery the driver is on,
-    for its customer's tracking (the workflow hands the fix on)."""
+    for its customer's tracking (the workflow hands the fix on). A fix not newer than the live
+    position in Redis (one the fast lane accepted that the stream consumer has not yet written
+    here) is ignored too, as the fast lane would."""
     now = now or timezone.now()
+    live_at = live.fix_time_of(driver_id)
+    if live_at is not None and live_at >= recorded_at.timestamp():
+        return LocationResult(accepted=False, availability=None)
     with connection.cursor() as cur:
         cur.execute(
             _LOCATION_UPDATE_SQL,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from django.db import transaction
+
 _login_revoked: list[Callable[[object], None]] = []
 
 
@@ -14,6 +16,14 @@ def on_login_revoked(handler: Callable[[object], None]) -> None:
 
 
 def login_revoked(user) -> None:
+    """Now, and again once the caller's transaction commits (at once outside one): a cache
+    that re-read the login between the two, before the commit made the change visible, would
+    otherwise keep the revoked login."""
+    _run_login_revoked(user)
+    transaction.on_commit(lambda: _run_login_revoked(user), robust=True)
+
+
+def _run_login_revoked(user) -> None:
     for handler in _login_revoked:
         handler(user)
 

@@ -12,7 +12,7 @@ import time
 from rest_framework.settings import api_settings
 from rest_framework.throttling import BaseThrottle
 
-from common.redis import RedisUnavailable, get_redis
+from common.redis import RedisUnavailable, fleet_key, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +59,16 @@ class RedisRateThrottle(BaseThrottle):
         now = time.time()
         window = int(now // period)
         self._wait = period - (now % period)
-        key = f"throttle:{self.scope}:{ident}:{window}"
+        key = self.key_for(request, ident, window)
         try:
             count = _count(key, period + 1)
         except RedisUnavailable:
             logger.warning("throttle skipped: Redis unavailable")
             return True
         return count <= limit
+
+    def key_for(self, request, ident: str, window: int) -> str:
+        return f"throttle:{self.scope}:{ident}:{window}"
 
     def wait(self):
         return getattr(self, "_wait", None)
@@ -87,3 +90,18 @@ class UserRateThrottle(RedisRateThrottle):
         if request.user and request.user.is_authenticated:
             return str(request.user.pk)
         return None
+
+    def key_for(self, request, ident, window):
+        # a driver's count is the one the location fast lane keeps (its fixes count too); the
+        # token authentication has the driver at hand (no query for it here)
+        state = getattr(request.user, "_state", None)
+        driver = state.fields_cache.get("driver") if state is not None else None
+        if driver is not None:
+            return driver_throttle_key(driver.pk, window)
+        return super().key_for(request, ident, window)
+
+
+def driver_throttle_key(driver_id, window: int) -> str:
+    """The user throttle's count of a driver's login in one window, shared by the API and the
+    location fast lane (whose fix script counts it: under the fleet's hash tag)."""
+    return fleet_key(f"throttle:drv:{driver_id}:{window}")

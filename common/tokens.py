@@ -10,7 +10,6 @@ import hashlib
 import secrets
 from datetime import timedelta
 
-from django.db import transaction
 from django.utils import timezone
 
 from common import hooks
@@ -70,7 +69,7 @@ def api_tokens_revoke(user, *, token_id: int | None = None, name: str | None = N
         tokens = tokens.filter(name=name)
     count, _ = tokens.delete()
     if count:
-        transaction.on_commit(lambda: hooks.login_revoked(user))
+        hooks.login_revoked(user)  # (now and after commit)
     return count
 
 

@@ -37,9 +37,10 @@ from availability.api.serializers import MAX_CLOCK_SKEW
 from common import metrics
 from common.broadcast import TRACKING_LAYER, delivery_group
 from common.errors import error_body
+from common.parsers import MAX_DEPTH
 from common.logfilters import new_request_id, request_id
-from common.redis import RedisUnavailable, fleet_key
-from common.throttling import parse_rate
+from common.redis import RedisUnavailable
+from common.throttling import driver_throttle_key, parse_rate
 from common.tokens import token_digest
 from tracking.events import delivery_location_updated
 
@@ -48,14 +49,24 @@ logger = logging.getLogger(__name__)
 PATH = re.compile(r"^/v2/drivers/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/location$")
 MAX_BODY = 16 * 1024
 ROUTE = "/v2/drivers/<uuid:driver_id>/location"
-_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"same-origin"),
-    (b"vary", b"Accept"),
-    (b"allow", b"POST, OPTIONS"),
-]
+
+
+def _headers() -> list[tuple[bytes, bytes]]:
+    """The headers the Django view's response has on the lean stack (ApiHeadersMiddleware)."""
+    headers = [(b"content-type", b"application/json"), (b"allow", b"POST, OPTIONS"),
+               (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+    if settings.SECURE_REFERRER_POLICY:
+        headers.append((b"referrer-policy", settings.SECURE_REFERRER_POLICY.encode()))
+    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
+        headers.append((b"cross-origin-opener-policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY.encode()))
+    return headers
+
+
+# Request headers the fast lane reads: a request with two of one of them is Django's to judge
+# (it joins them), as is any Accept but these (Django's negotiation answers 406 or picks JSON)
+_READ_HEADERS = frozenset((b"authorization", b"content-type", b"accept", b"content-length", b"idempotency-key",
+                           b"transfer-encoding"))
+_PLAIN_ACCEPT = frozenset((b"*/*", b"application/json"))
 
 
 class _Delegate(Exception):
@@ -88,9 +99,12 @@ def _recorded_at(body: dict, now: datetime) -> datetime:
         raise _Delegate
     if parsed is None:
         raise _Delegate
-    if timezone.is_naive(parsed):
-        parsed = timezone.make_aware(parsed, timezone.get_default_timezone())
-    parsed = parsed.astimezone(dt_timezone.utc)
+    try:
+        if timezone.is_naive(parsed):
+            parsed = timezone.make_aware(parsed, timezone.get_default_timezone())
+        parsed = parsed.astimezone(dt_timezone.utc)
+    except (ValueError, OverflowError):  # out of range once in UTC (year 1 or 9999 with an offset)
+        raise _Delegate
     if parsed > now + MAX_CLOCK_SKEW:
         raise _Delegate
     return parsed
@@ -101,8 +115,8 @@ def parse_fix(driver_id: str, raw: bytes, now: datetime) -> tuple[live.Fix, date
     So is a large body (not parsed on the event loop: Django answers 413 past its limit) and a
     \\u escape: NUL or a lone surrogate, in any key or string, is refused there
     (common.parsers), and orjson takes NUL."""
-    if len(raw) > MAX_BODY or b"\\u" in raw:
-        raise _Delegate
+    if len(raw) > MAX_BODY or b"\\u" in raw or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        raise _Delegate  # (more openers than the depth limit: the parser there judges the nesting)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -125,6 +139,43 @@ def parse_fix(driver_id: str, raw: bytes, now: datetime) -> tuple[live.Fix, date
 def _iso(dt: datetime) -> str:
     value = dt.astimezone(dt_timezone.utc).isoformat()
     return value[:-6] + "Z" if value.endswith("+00:00") else value
+
+
+def _fast_headers(scope) -> dict[bytes, bytes] | None:
+    """The request's headers, or None when Django is to answer it: a query (the endpoint takes
+    none: Django's request guard judges one), two of a header the fast lane reads (Django joins
+    them), an Idempotency-Key (a replay), a body without Content-Length or larger than the fast
+    lane parses, a Content-Type other than JSON in UTF-8, an Accept other than JSON or anything
+    (Django's negotiation), no token."""
+    if scope.get("query_string"):
+        return None
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        if name in headers and name in _READ_HEADERS:
+            return None
+        headers[name] = value
+    if b"idempotency-key" in headers or b"transfer-encoding" in headers:
+        return None
+    declared = headers.get(b"content-length", b"")
+    if not declared.isdigit() or int(declared) > MAX_BODY:
+        return None
+    if not _utf8_json(headers.get(b"content-type", b"")):
+        return None
+    accept = headers.get(b"accept")
+    if accept is not None and accept.strip() not in _PLAIN_ACCEPT:
+        return None
+    return headers if _token(headers) is not None else None
+
+
+def _utf8_json(content_type: bytes) -> bool:
+    media, _, params = content_type.partition(b";")
+    if media.strip().lower() != b"application/json":
+        return False
+    for param in params.split(b";"):
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"charset" and value.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
+            return False
+    return True
 
 
 def _token(headers: dict[bytes, bytes]) -> str | None:
@@ -194,10 +245,13 @@ class LocationFastLane:
             request_id.reset(token)
 
     async def _handle(self, scope, receive, send, match, started):
+        headers = _fast_headers(scope)
+        if headers is None:  # Django's to answer, its body unread (a 413 at once past the limit)
+            return await self.django_app(scope, receive, send)
         chunks, complete = await self._read_body(receive)
         if complete:
             try:
-                status = await self._serve(scope, match["id"], b"".join(chunks), send)
+                status = await self._serve(scope, headers, match["id"], b"".join(chunks), send)
                 metrics.observe_http("POST", ROUTE, status, time.perf_counter() - started)
                 return
             except _Delegate:
@@ -233,18 +287,14 @@ class LocationFastLane:
             entry = self._clients[id(loop)] = (loop, client)
         return entry[1]
 
-    async def _serve(self, scope, driver_id: str, raw: bytes, send) -> int:
-        headers = dict(scope["headers"])
-        if b"idempotency-key" in headers or b"json" not in headers.get(b"content-type", b"") or scope.get("query_string"):
-            raise _Delegate  # (the endpoint takes no query: Django's request guard judges one)
+    async def _serve(self, scope, headers: dict[bytes, bytes], driver_id: str, raw: bytes, send) -> int:
         key = _token(headers)
-        if key is None:
-            raise _Delegate
         now = datetime.now(dt_timezone.utc)
         fix, recorded_at = parse_fix(driver_id, raw, now)
-        limit, period = parse_rate(api_settings.DEFAULT_THROTTLE_RATES["user"])  # as DRF's user throttle
+        rate = api_settings.DEFAULT_THROTTLE_RATES.get("user")  # DRF's user throttle, its count shared
+        limit, period = parse_rate(rate) if rate else (-1, 1)  # (-1: no limit)
         window = int(time.time() // period)
-        throttle_key = fleet_key(f"throttle:drv:{driver_id}:{window}")
+        throttle_key = driver_throttle_key(driver_id, window)
         client = self._redis()
         digest = token_digest(key)
         try:
@@ -259,7 +309,8 @@ class LocationFastLane:
                 async with asyncio.timeout(settings.REDIS_SOCKET_TIMEOUT):
                     if owner[2] is not None:
                         await live.position_seed_async(client, owner[2])
-                    await live.auth_remember_async(client, driver_id=driver_id, digest=digest, ttl=owner[3])
+                    await live.auth_remember_async(client, driver_id=driver_id, digest=digest, ttl=owner[3],
+                                                   generation=outcome.auth_generation)
                     outcome = await live.fix_record_async(
                         client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
                     )
@@ -301,7 +352,7 @@ class LocationFastLane:
 
 
 async def _respond(send, status: int, body: bytes, extra=()) -> None:
-    headers = [*_HEADERS, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.get().encode()), *extra]
+    headers = [*_headers(), (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.get().encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -25,7 +25,7 @@ from common.actors import Actor
 from common.broadcast import OPS_GROUP, delivery_group
 from common.models import ApiToken
 from common.redis import get_redis
-from common.tokens import api_token_create, api_token_issue, api_tokens_revoke
+from common.tokens import api_token_create, api_token_issue, api_tokens_revoke, token_digest
 from config.asgi import application
 from dispatch.models import Delivery
 from tests.api import token_for
@@ -97,6 +97,9 @@ CASES = {
     "future": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "2099-01-01T00:00:00Z"}, token(d)),
     "bad time": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "yesterday"}, token(d)),
     "null time": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": None}, token(d)),
+    "year 1 east of UTC": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "0001-01-01T00:00:00+01:00"}, token(d)),
+    "year 9999 west of UTC": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "9999-12-31T23:30:00-01:00"}, token(d)),
+    "nested 40 deep": lambda d: ({"lat": 12.9, "lon": 77.6, "x": json.loads("[" * 40 + "]" * 40)}, token(d)),
     "a list": lambda d: ([12.9, 77.6], token(d)),
     "no token": lambda d: ({"lat": 12.9, "lon": 77.6}, None),
     "bad token": lambda d: ({"lat": 12.9, "lon": 77.6}, "not-a-token"),
@@ -115,6 +118,160 @@ def test_the_fast_lane_answers_exactly_like_the_database_path(case, settings):
         body, key = CASES[case](driver)
         answers.append(comparable(post(url(driver), body, token=key), driver))
     assert answers[0] == answers[1]
+
+
+def raw_post(path, content, headers):
+    """A POST with exactly these headers (a list: a name may repeat)."""
+    async def go():
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            request = client.build_request("POST", path, content=content)
+            request.headers = httpx.Headers([(k, v) for k, v in request.headers.items() if k.lower() in ("host", "content-length")]
+                                            + headers)
+            return await client.send(request)
+
+    return async_to_sync(go)()
+
+
+# (extra headers, Content-Type) of requests whose answer the Django view gives: the fast lane
+# hands them over rather than answer otherwise
+HEADER_CASES = {
+    "text/json": ([], "text/json"),
+    "json suffix type": ([], "application/merge-patch+json"),
+    "utf-16 charset": ([], "application/json; charset=utf-16"),
+    "upper-case type, utf-8": ([], "Application/JSON; charset=UTF-8"),
+    "two content types": ([("Content-Type", "text/plain")], "application/json"),
+    "accept html": ([("Accept", "text/html")], "application/json"),
+    "accept xml or json": ([("Accept", "application/xml, application/json;q=0.5")], "application/json"),
+    "accept anything": ([("Accept", "*/*")], "application/json"),
+    "two authorizations": ([("Authorization", "Token bogus")], "application/json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_headers_the_fast_lane_does_not_take_as_they_come_get_the_django_answer(case, settings):
+    answers = []
+    for fast in (False, True):
+        settings.LOCATION_FAST_LANE = fast
+        driver = DriverFactory()
+        extra, content_type = HEADER_CASES[case]
+        headers = [*extra, ("Content-Type", content_type), ("Authorization", f"Token {token(driver)}")]
+        body = {"lat": 12.9, "lon": 77.6, "recordedAt": "2026-01-01T04:30:00Z"}
+        response = raw_post(url(driver), json.dumps(body).encode(), headers)
+        kept = {k: v for k, v in response.headers.items() if k not in ("x-request-id", "date", "content-length")}
+        answers.append((*comparable(response, driver), kept))
+    assert answers[0] == answers[1]
+
+
+def test_the_fast_lane_s_answer_has_the_api_s_headers(settings):
+    answers = []
+    for fast in (False, True):
+        settings.LOCATION_FAST_LANE = fast
+        driver = DriverFactory()
+        response = post(url(driver), {"lat": 12.9, "lon": 77.6}, token=token(driver))
+        assert response.status_code == 200
+        answers.append([(k, v) for k, v in response.headers.items() if k not in ("x-request-id", "content-length", "date")])
+    assert sorted(answers[0]) == sorted(answers[1])
+    assert ("cross-origin-opener-policy", "same-origin") in answers[1] and "vary" not in dict(answers[1])
+
+
+def test_a_body_declared_too_large_is_refused_before_it_is_read(settings):
+    driver = DriverFactory()
+    sent = {"more": 0}
+
+    async def go():
+        messages = [{"type": "http.request", "body": b"{", "more_body": True}]
+
+        async def receive():
+            sent["more"] += 1
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        out = []
+
+        async def send(message):
+            out.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": url(driver), "raw_path": url(driver).encode(),
+                 "query_string": b"", "root_path": "", "scheme": "http", "server": ("testserver", 80),
+                 "client": ("127.0.0.1", 5000), "http_version": "1.1", "asgi": {"version": "3.0"},
+                 "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                             (b"content-length", b"1000000000"), (b"authorization", f"Token {token(driver)}".encode())]}
+        await application(scope, receive, send)
+        return out
+
+    out = async_to_sync(go)()
+    assert out[0]["status"] == 413 and sent["more"] == 0  # answered without reading the upload
+
+
+def test_with_throttling_switched_off_the_fast_lane_takes_every_fix(settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": None}}
+    driver = online_driver()
+    codes = [post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1 + i)}, token=token(driver)).status_code
+             for i in range(3)]
+    assert codes == [200, 200, 200]
+
+
+def test_the_fast_lane_and_the_api_count_a_driver_s_requests_together(settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": "3/min"}}
+    driver = online_driver()
+    key = token(driver)
+    fast = [post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1 + i)}, token=key).status_code
+            for i in range(2)]
+    api = post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(3)}, token=key,
+               headers={"Idempotency-Key": "through-django"})  # the Django view, the same count
+    assert fast == [200, 200] and api.status_code == 200
+    assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(4)}, token=key).status_code == 429
+
+
+def test_a_fix_through_django_older_than_the_one_redis_has_is_ignored_as_the_fast_lane_would(listen):
+    driver = online_driver()
+    delivery = DeliveryFactory()
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    key = token(driver)
+    assert post(url(driver), {"lat": 12.99, "lon": 77.6, "recordedAt": recorded(2)}, token=key).json()["accepted"]
+    customer = listen(f"delivery.{delivery.pk}")
+    older = post(url(driver), {"lat": 12.90, "lon": 77.6, "recordedAt": recorded(1)}, token=key,
+                 headers={"Idempotency-Key": "late-fix"})  # no stream consumer has written the newer one yet
+    assert older.status_code == 200
+    assert older.json()["accepted"] is False and older.json()["reason"] == "older_than_last_fix"
+    assert [e for e in customer.drain() if e["type"] == "delivery_location_updated"] == []
+    assert round(live.positions_of([driver.pk])[str(driver.pk)].lat, 2) == 12.99
+
+
+def test_a_token_looked_up_while_it_was_revoked_is_not_cached(monkeypatch):
+    """The fast lane's lookup reads the token before the revoke commits, the revoke clears the
+    cache, then the lookup would remember the token again: a revocation since the lookup began
+    keeps it out."""
+    from availability.api import fastlane
+
+    driver = online_driver()
+    key = token(driver)
+    lookup = fastlane._token_owner
+
+    def lookup_then_revoked(digest):
+        owner = lookup(digest)  # the token was live when read
+        live.driver_auth_forget(driver.pk)  # ...and is revoked before the fast lane remembers it
+        return owner
+
+    monkeypatch.setattr(fastlane, "_token_owner", lookup_then_revoked)
+    post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1)}, token=key)
+    assert not get_redis().smembers(live.auth_key(driver.pk))  # not remembered
+
+
+def test_a_login_deactivated_in_a_transaction_is_forgotten_again_when_it_commits(settings):
+    driver = online_driver()
+    key = token(driver)
+    assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(1)}, token=key).status_code == 200
+    with transaction.atomic():  # as the user admin saves: the hook runs before the commit
+        driver.user.is_active = False
+        driver.user.save(update_fields=["is_active"])
+        hooks.login_revoked(driver.user)
+        # a fix meanwhile sees the login still active (not committed) and caches the token again
+        get_redis().sadd(live.auth_key(driver.pk), token_digest(key))
+    assert not get_redis().smembers(live.auth_key(driver.pk))  # forgotten again at the commit
+    assert post(url(driver), {"lat": 12.9, "lon": 77.6, "recordedAt": recorded(2)}, token=key).status_code == 401
 
 
 def test_malformed_json_and_an_unknown_driver_are_answered_by_django(settings):
