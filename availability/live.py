@@ -328,16 +328,22 @@ def _float(value: str | None) -> float | None:
 def positions_of(driver_ids) -> dict[str, Position]:
     """The freshest known position of each driver, from Redis ({} when Redis is down: the
     caller reads PostgreSQL, at most a second behind)."""
+    try:
+        return positions_known(driver_ids)
+    except (redis.RedisError, *RedisUnavailable):
+        return {}
+
+
+def positions_known(driver_ids) -> dict[str, Position]:
+    """`positions_of`, raising when Redis cannot answer: for a caller that must not take "no
+    live position" for "none fresher than PostgreSQL's" (the stale-driver job)."""
     ids = [str(i) for i in driver_ids]
     if not ids:
         return {}
-    try:
-        pipe = get_redis().pipeline(transaction=False)
-        for i in ids:
-            pipe.hgetall(driver_key(i))
-        rows = pipe.execute()
-    except (redis.RedisError, *RedisUnavailable):
-        return {}
+    pipe = get_redis().pipeline(transaction=False)
+    for i in ids:
+        pipe.hgetall(driver_key(i))
+    rows = pipe.execute()
     out = {}
     for i, row in zip(ids, rows):
         if row and row.get("t"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone as dt_timezone
 
+import redis
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
@@ -23,6 +24,7 @@ from availability.services import (
     positions_persist,
 )
 from common.actors import Actor
+from common.redis import RedisUnavailable
 from common.exceptions import Conflict
 from offers.models import DriverOffer, OfferStatus
 from offers.services import offer_cancel_locked
@@ -117,6 +119,10 @@ def availability_override(
     )
 
 
+# Pages of `batch_size` candidates one run of the stale-driver job reads at most
+STALE_SCAN_PAGES = 20
+
+
 def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int = 500) -> int:
     """Set `offline` the available drivers with no fix newer than DRIVER_STALE_AFTER_SECONDS
     (and who have not just come online). Safe when two run at once."""
@@ -124,13 +130,27 @@ def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int =
     cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
     stale = Q(location_recorded_at__lt=cutoff) | Q(location_recorded_at__isnull=True)
     settled = Q(last_availability_change__lt=cutoff) | Q(last_availability_change__isnull=True)
-    ids = list(
-        Driver.objects.filter(stale, settled, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)[:batch_size]
-    )
+    candidates = Driver.objects.filter(stale, settled, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)
     # PostgreSQL's fix time trails Redis by the stream consumer's lag (more while it is down):
-    # a driver whose live position is fresh is not stale.
-    fresh = live.positions_of(ids)
-    ids = [i for i in ids if str(i) not in fresh or fresh[str(i)].recorded_at < cutoff]
+    # a driver whose live position is fresh is not stale. Pages of candidates until a batch of
+    # really stale ones, so that drivers fresh only in Redis cannot crowd the stale ones out.
+    ids, after = [], None
+    for _ in range(STALE_SCAN_PAGES):
+        page = list((candidates.filter(pk__gt=after) if after is not None else candidates)[:batch_size])
+        if not page:
+            break
+        try:
+            fresh = live.positions_known(page)
+        except (redis.RedisError, *RedisUnavailable):
+            # Redis cannot say who is fresh: PostgreSQL alone would take a lagging consumer's
+            # drivers for stale. The next run judges them.
+            logger.warning("stale drivers: Redis unavailable, nobody marked offline this run")
+            return 0
+        ids += [i for i in page if str(i) not in fresh or fresh[str(i)].recorded_at < cutoff]
+        if len(ids) >= batch_size or len(page) < batch_size:
+            break
+        after = page[-1]
+    ids = ids[:batch_size]
     changed = 0
     for driver_id in ids:
         # Each driver in its own transaction, through availability_change so that a pending

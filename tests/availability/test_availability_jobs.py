@@ -120,3 +120,45 @@ def test_two_jobs_running_at_once_change_each_driver_once(job):
     assert sum(counts) == 20
     for d in drivers:
         assert DriverAvailabilityHistory.objects.filter(driver=d).count() == 1
+
+
+def _live_fix(driver, at):
+    from availability import live
+
+    live.fix_record_persisted(live.Fix(driver_id=str(driver.pk), lat=12.9, lon=77.6, recorded_at=at.timestamp()))
+
+
+@pytest.mark.django_db
+def test_drivers_fresh_only_in_redis_do_not_crowd_the_stale_ones_out_of_a_run(settings):
+    """The stream consumer behind: PostgreSQL says stale, Redis says fresh, for the lower
+    primary keys; the stale driver past them still goes offline."""
+    settings.DRIVER_STALE_AFTER_SECONDS = 600
+    with time_machine.travel(START, tick=False):
+        now = timezone.now()
+        old = dict(location_recorded_at=now - timedelta(seconds=700), last_availability_change=now - timedelta(hours=1))
+        drivers = sorted(DriverFactory.create_batch(5, **old), key=lambda d: d.pk)
+        for driver in drivers[:4]:
+            _live_fix(driver, now - timedelta(seconds=10))  # fresh in Redis only
+        assert driver_workflows.stale_drivers_mark_offline(batch_size=2) == 1
+
+    states = dict(Driver.objects.values_list("pk", "availability"))
+    assert [states[d.pk] for d in drivers] == ["available"] * 4 + ["offline"]
+
+
+@pytest.mark.django_db
+def test_with_redis_unable_to_say_who_is_fresh_nobody_is_marked_offline(settings, monkeypatch, caplog):
+    from availability import live
+
+    settings.DRIVER_STALE_AFTER_SECONDS = 600
+    with time_machine.travel(START, tick=False):
+        now = timezone.now()
+        driver = DriverFactory(location_recorded_at=now - timedelta(seconds=700), last_availability_change=now - timedelta(hours=1))
+        _live_fix(driver, now - timedelta(seconds=10))
+
+        def down():
+            raise ConnectionError("redis down")
+
+        monkeypatch.setattr(live, "get_redis", down)
+        assert driver_workflows.stale_drivers_mark_offline() == 0
+    assert Driver.objects.get(pk=driver.pk).availability == "available"
+    assert "Redis unavailable" in caplog.text

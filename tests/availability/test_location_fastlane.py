@@ -323,6 +323,67 @@ def test_an_older_fix_is_ignored_in_redis_and_in_postgres_even_under_concurrency
     assert late.json() == {**late.json(), "accepted": False, "reason": "older_than_last_fix"}
 
 
+def _wait_for(check, seconds=15):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def test_a_running_consumer_makes_its_group_again_when_the_stream_is_gone():
+    """Redis restarted empty, or the stream deleted: the fast lane's next fix makes the stream
+    again without the group; the running consumer makes the group and goes on."""
+    from availability.management.commands.consume_fixes import Command
+
+    driver = online_driver()
+    consumer = Command()
+    consumer.name, consumer.batch, consumer.stopping = "survivor", 100, False
+
+    def run():
+        try:
+            consumer._run(claim_idle_ms=30_000, claim_every=15, digest_every=1, block_ms=50, once=False)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded(1)}, token=token(driver))
+        assert _wait_for(lambda: round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.95)
+        get_redis().delete(live.STREAM_KEY)
+        post(url(driver), {"lat": 12.96, "lon": 77.56, "recordedAt": recorded(2)}, token=token(driver))
+        assert _wait_for(lambda: round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.96)
+    finally:
+        consumer.stopping = True
+        thread.join(10)
+    assert [g["name"] for g in get_redis().xinfo_groups(live.STREAM_KEY)] == [live.STREAM_GROUP]
+
+
+def test_malformed_stream_entries_are_dropped_without_holding_up_or_crashing_the_batch(caplog):
+    driver = online_driver()
+    r = get_redis()
+    call_command("consume_fixes", "--once")  # the group
+    t = str(time.time() + 1)
+    bad = [
+        {"d": "not-a-uuid", "lat": "1", "lon": "2", "t": t},
+        {"d": str(driver.pk), "lat": "1", "lon": "2", "t": "1e20"},
+        {"d": str(driver.pk), "lat": "1", "lon": "2", "t": "nan"},
+        {"d": str(driver.pk), "lat": "95", "lon": "2", "t": t},
+        {"d": str(driver.pk), "lat": "1", "lon": "2", "t": t, "speed": "inf"},
+    ]
+    for fields in bad:
+        r.xadd(live.STREAM_KEY, fields)
+    # the same driver in upper case, unhyphenated: the same driver
+    r.xadd(live.STREAM_KEY, {"d": driver.pk.hex.upper(), "lat": "12.97", "lon": "77.57", "t": t})
+
+    call_command("consume_fixes", "--once")
+    assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.97
+    assert r.xpending(live.STREAM_KEY, live.STREAM_GROUP)["pending"] == 0
+    assert caplog.text.count("dropping malformed fix") == len(bad)
+
+
 def test_a_consumer_killed_mid_batch_loses_nothing_it_read():
     driver = online_driver()
     post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded(1)}, token=token(driver))

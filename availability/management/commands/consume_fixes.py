@@ -15,10 +15,13 @@ box where both want the CPU the scheduler should make the consumer wait, not a r
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
 import time
+import uuid
+from datetime import datetime, timezone as dt_timezone
 
 import redis
 from django.conf import settings
@@ -36,18 +39,42 @@ logger = logging.getLogger(__name__)
 DIGEST_LOCK = fleet_key("moved:lock")
 
 
+# What a fix's time may be (epoch seconds): a datetime PostgreSQL and Python both hold
+_LATEST_TIME = datetime(9999, 1, 1, tzinfo=dt_timezone.utc).timestamp()
+
+
+def _optional(fields, name: str) -> float | None:
+    value = fields.get(name)
+    if not value:
+        return None
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} is not finite")
+    return number
+
+
+def parse_fix(fields) -> live.Fix:
+    """A stream entry as the fast lane's script wrote it; ValueError/KeyError for anything else
+    (an entry another writer put there): its driver id a UUID (made canonical), the position
+    on the globe, its time a finite moment after 1970."""
+    lat, lon, t = float(fields["lat"]), float(fields["lon"]), float(fields["t"])
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180 and 0 < t < _LATEST_TIME):  # (NaN fails each)
+        raise ValueError("position or time out of range")
+    return live.Fix(
+        driver_id=str(uuid.UUID(fields["d"])), lat=lat, lon=lon, recorded_at=t,
+        accuracy_m=_optional(fields, "acc"), speed=_optional(fields, "speed"), heading=_optional(fields, "heading"),
+    )
+
+
 def parse_entries(entries) -> tuple[list[str], list[live.Fix]]:
+    """The entries' ids (all of them: each is acknowledged) and their fixes; a malformed entry
+    is logged and dropped, so that it cannot hold up or crash the batch it came in."""
     ids, fixes = [], []
     for entry_id, fields in entries:
         ids.append(entry_id)
         try:
-            fixes.append(live.Fix(
-                driver_id=fields["d"], lat=float(fields["lat"]), lon=float(fields["lon"]), recorded_at=float(fields["t"]),
-                accuracy_m=float(fields["acc"]) if fields.get("acc") else None,
-                speed=float(fields["speed"]) if fields.get("speed") else None,
-                heading=float(fields["heading"]) if fields.get("heading") else None,
-            ))
-        except (KeyError, ValueError):
+            fixes.append(parse_fix(fields))
+        except (KeyError, ValueError, TypeError, AttributeError):
             logger.error("dropping malformed fix %s: %r", entry_id, fields)
     return ids, fixes
 
@@ -107,6 +134,19 @@ class Command(BaseCommand):
                         break
                     continue
                 written += self._write(entries)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    if once:
+                        raise
+                    logger.warning("consume_fixes: Redis refused a command; retrying", exc_info=True)
+                    time.sleep(1)
+                    continue
+                # The stream or its group is gone (Redis restarted empty, the key deleted): make
+                # the group again, from the start of what the stream holds (PostgreSQL's guard
+                # makes a fix written twice harmless).
+                logger.warning("consume_fixes: the consumer group is gone; creating it again")
+                self._ensure_group()
+                own_pending = True
             except (redis.RedisError, *RedisUnavailable):
                 if once:
                     raise
