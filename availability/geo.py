@@ -169,32 +169,65 @@ def rebuild_index(*, now: datetime | None = None) -> int:
     return len(geo)
 
 
+# The reconcile's repair of a chunk of members, each atomic and each only if its status in
+# Redis is still the one the reconcile read before it read PostgreSQL (else a live write since
+# is newer than the snapshot and wins), and never moving a member to an older fix than the one
+# indexed. KEYS: GEO set, fix zset, status hash. ARGV: six per member: member, status read
+# ('' = none), PostgreSQL's status ('' = no such driver), lon, lat, fix time ('' = no fix).
+# Returns {removed from the index, statuses changed}.
+_RECONCILE_SCRIPT = """
+local removed, fixed = 0, 0
+for i = 1, #ARGV, 6 do
+  local m, want = ARGV[i], ARGV[i + 2]
+  local cur = redis.call('HGET', KEYS[3], m) or ''
+  if cur == ARGV[i + 1] then
+    if want == '' then
+      if cur ~= '' then redis.call('HDEL', KEYS[3], m) fixed = fixed + 1 end
+    elseif cur ~= want then
+      redis.call('HSET', KEYS[3], m, want) fixed = fixed + 1
+    end
+    if want == 'available' then
+      if ARGV[i + 5] ~= '' then
+        local at = redis.call('ZSCORE', KEYS[2], m)
+        if not at or tonumber(at) <= tonumber(ARGV[i + 5]) then
+          redis.call('GEOADD', KEYS[1], ARGV[i + 3], ARGV[i + 4], m)
+          redis.call('ZADD', KEYS[2], ARGV[i + 5], m)
+        end
+      end
+    elseif redis.call('ZREM', KEYS[2], m) + redis.call('ZREM', KEYS[1], m) > 0 then
+      removed = removed + 1
+    end
+  end
+end
+return {removed, fixed}
+"""
+_RECONCILE_CHUNK = 500
+
+
 def reconcile_index(*, now: datetime | None = None) -> dict[str, int]:
-    """Repair drift between Redis and PostgreSQL without a full swap (safe to run concurrently
-    with live updates: it only adds what PostgreSQL says and removes what it does not have)."""
-    statuses, geo = _desired_state(now or timezone.now())
+    """Repair drift between Redis and PostgreSQL without a full swap, safe alongside live
+    updates: Redis is read first, then PostgreSQL, and each member is repaired only if its
+    status in Redis has not changed since (a transition committed meanwhile has written Redis
+    itself, and is newer than the snapshot), never to an older fix than the one indexed (the
+    fast lane's fixes reach PostgreSQL later), and a driver PostgreSQL says is available stays
+    indexed with the fix only Redis has."""
     r = get_redis()
-    indexed = set(r.zrange(FIX_KEY, 0, -1)) | set(r.zrange(GEO_KEY, 0, -1))
-    extra = indexed - set(geo)
     known = r.hgetall(STATUS_KEY)
-    wrong_status = {m: s for m, s in statuses.items() if known.get(m) != s}
-    unknown_status = set(known) - set(statuses)
-    pipe = r.pipeline(transaction=False)
-    if extra:
-        pipe.zrem(GEO_KEY, *extra)
-        pipe.zrem(FIX_KEY, *extra)
-    if geo:
-        items = []
-        for member, (lon, lat, _) in geo.items():
-            items.extend((lon, lat, member))
-        pipe.geoadd(GEO_KEY, items)
-        pipe.zadd(FIX_KEY, {m: ts for m, (_, _, ts) in geo.items()})
-    if wrong_status:
-        pipe.hset(STATUS_KEY, mapping=wrong_status)
-    if unknown_status:
-        pipe.hdel(STATUS_KEY, *unknown_status)
-    pipe.execute()
-    return {"removed": len(extra), "indexed": len(geo), "statusFixed": len(wrong_status) + len(unknown_status)}
+    indexed = set(r.zrange(FIX_KEY, 0, -1)) | set(r.zrange(GEO_KEY, 0, -1))
+    statuses, geo = _desired_state(now or timezone.now())
+    members = set(statuses) | set(known) | indexed
+    args = []
+    for member in members:
+        lon, lat, ts = geo.get(member, ("", "", ""))
+        args.append((member, known.get(member, ""), statuses.get(member, ""),
+                     repr(lon) if ts != "" else "", repr(lat) if ts != "" else "", repr(ts) if ts != "" else ""))
+    removed = fixed = 0
+    client_script = r.register_script(_RECONCILE_SCRIPT)
+    for start in range(0, len(args), _RECONCILE_CHUNK):
+        flat = [value for member_args in args[start : start + _RECONCILE_CHUNK] for value in member_args]
+        chunk_removed, chunk_fixed = client_script(keys=[GEO_KEY, FIX_KEY, STATUS_KEY], args=flat)
+        removed, fixed = removed + chunk_removed, fixed + chunk_fixed
+    return {"removed": removed, "indexed": len(geo), "statusFixed": fixed}
 
 
 # ------------------------------------------------------------------------------ reads

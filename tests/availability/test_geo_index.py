@@ -277,6 +277,45 @@ def test_reconcile_moves_a_member_indexed_at_the_wrong_place():
                           pytest.approx(fleet["available"].location.x, abs=1e-5))
 
 
+def test_reconcile_keeps_a_newer_fix_that_only_redis_has():
+    """The fast lane's fixes reach PostgreSQL later (the stream consumer; more while it is
+    down): the reconcile must not move a driver back to PostgreSQL's older fix, nor hand the
+    index a stale fix time that the search would purge."""
+    driver = DriverFactory(location_recorded_at=timezone.now() - timedelta(seconds=700))
+    geo.rebuild_index()
+    now = timezone.now()
+    live.fix_record_persisted(live.Fix(driver_id=str(driver.pk), lat=12.99, lon=77.61, recorded_at=now.timestamp()))
+
+    geo.reconcile_index()
+
+    lon, lat = r().geopos(geo.GEO_KEY, str(driver.pk))[0]
+    assert (round(lat, 4), round(lon, 4)) == (12.99, 77.61)
+    assert r().zscore(geo.FIX_KEY, str(driver.pk)) == pytest.approx(now.timestamp())
+    found = geo.drivers_available_near(lat=12.99, lon=77.61, radius_km=1, limit=5)
+    assert str(driver.pk) in [d.driver_id for d in found]
+
+
+def test_reconcile_racing_a_break_leaves_the_break_in_the_index(django_capture_on_commit_callbacks, monkeypatch):
+    """The snapshot is read, then the driver goes on break (its own write to Redis), then the
+    reconcile writes: the break, newer than the snapshot, stays."""
+    driver = DriverFactory()
+    geo.rebuild_index()
+    snapshot = geo._desired_state
+
+    def snapshot_then_break(now):
+        state = snapshot(now)  # the driver available here
+        with django_capture_on_commit_callbacks(execute=True):
+            driver_workflows.availability_take_break(driver_id=driver.pk, duration_minutes=15, reason="tea",
+                                                     actor=Actor("driver", driver.pk))
+        return state
+
+    monkeypatch.setattr(geo, "_desired_state", snapshot_then_break)
+    geo.reconcile_index()
+
+    assert r().hget(geo.STATUS_KEY, str(driver.pk)) == "on_break"
+    assert not in_geo(driver)
+
+
 def test_the_reconcile_task_runs_and_repairs_the_index():
     fleet = make_fleet()
     r().hset(geo.STATUS_KEY, "junk", "busy")
