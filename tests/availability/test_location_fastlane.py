@@ -384,6 +384,48 @@ def test_malformed_stream_entries_are_dropped_without_holding_up_or_crashing_the
     assert caplog.text.count("dropping malformed fix") == len(bad)
 
 
+def test_the_trim_never_drops_entries_another_consumer_reads_meanwhile():
+    """Another consumer's read may come between any two round trips of this one's trim: the
+    floor and the trim are one step, so what that consumer holds pending stays."""
+    from availability.management.commands.consume_fixes import Command
+
+    r = get_redis()
+    call_command("consume_fixes", "--once")  # the group, with everything so far acknowledged
+    driver = online_driver()
+    for i in range(300):
+        r.xadd(live.STREAM_KEY, {"d": str(driver.pk), "lat": "12.9", "lon": "77.6", "t": str(time.time() - 1000 + i)})
+    held = []
+
+    def other_consumer_reads():
+        held.extend(r.xreadgroup(live.STREAM_GROUP, "other", {live.STREAM_KEY: ">"}, count=1000)[0][1])
+
+    calls = []
+
+    class Interleaved:
+        """The consumer's Redis client: the other consumer reads just before its second command."""
+
+        def __getattr__(self, name):
+            attr = getattr(r, name)
+            if not callable(attr):
+                return attr
+
+            def call(*args, **kwargs):
+                calls.append(name)
+                if len(calls) == 2:
+                    other_consumer_reads()
+                return attr(*args, **kwargs)
+
+            return call
+
+    consumer = Command()
+    consumer.r = Interleaved()
+    consumer._trim()
+    if not held:
+        other_consumer_reads()  # (the trim was one round trip: the read comes after it)
+    assert len(held) == 300
+    assert len(r.xrange(live.STREAM_KEY, min=held[0][0], max=held[-1][0])) == 300  # all still there
+
+
 def test_a_consumer_killed_mid_batch_loses_nothing_it_read():
     driver = online_driver()
     post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded(1)}, token=token(driver))

@@ -38,6 +38,26 @@ logger = logging.getLogger(__name__)
 
 DIGEST_LOCK = fleet_key("moved:lock")
 
+# The oldest entry still pending in the group, else the last one delivered (everything before
+# it acknowledged): the stream trimmed up to it. KEYS: the stream. ARGV: the group.
+_TRIM_SCRIPT = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
+local floor = nil
+if pending[1] > 0 then
+  floor = pending[2]
+else
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local name, last = nil, nil
+    for i = 1, #group, 2 do
+      if group[i] == 'name' then name = group[i + 1] elseif group[i] == 'last-delivered-id' then last = group[i + 1] end
+    end
+    if name == ARGV[1] then floor = last end
+  end
+end
+if floor and floor ~= '0-0' then return redis.call('XTRIM', KEYS[1], 'MINID', '~', floor) end
+return 0
+"""
+
 
 # What a fix's time may be (epoch seconds): a datetime PostgreSQL and Python both hold
 _LATEST_TIME = datetime(9999, 1, 1, tzinfo=dt_timezone.utc).timestamp()
@@ -202,15 +222,10 @@ class Command(BaseCommand):
 
     def _trim(self):
         """Drop entries every consumer is done with (acknowledged): the stream stays short
-        while consumers keep up; FIX_STREAM_MAXLEN caps it when they do not."""
-        pending = self.r.xpending(live.STREAM_KEY, live.STREAM_GROUP)
-        if pending["pending"]:
-            floor = pending["min"]
-        else:
-            groups = {g["name"]: g for g in self.r.xinfo_groups(live.STREAM_KEY)}
-            floor = groups[live.STREAM_GROUP]["last-delivered-id"]
-        if floor and floor != "0-0":
-            self.r.xtrim(live.STREAM_KEY, minid=floor, approximate=True)
+        while consumers keep up; FIX_STREAM_MAXLEN caps it when they do not. One script, so
+        that no consumer reads between the floor and the trim (a floor taken from the group's
+        last-delivered id after another consumer's read would trim what it holds pending)."""
+        self.r.eval(_TRIM_SCRIPT, 1, live.STREAM_KEY, live.STREAM_GROUP)
 
     def _digest(self):
         if not self.r.set(DIGEST_LOCK, self.name, nx=True, px=900):
