@@ -432,6 +432,21 @@ def test_the_trim_never_drops_entries_another_consumer_reads_meanwhile():
     assert len(r.xrange(live.STREAM_KEY, min=held[0][0], max=held[-1][0])) == 300  # all still there
 
 
+def test_the_group_forgets_consumers_long_gone_with_nothing_pending(monkeypatch):
+    from availability.management.commands import consume_fixes
+
+    driver = online_driver()
+    r = get_redis()
+    call_command("consume_fixes", "--once", "--consumer", "gone")  # reads, writes, acknowledges: nothing pending
+    post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded(1)}, token=token(driver))
+    r.xreadgroup(live.STREAM_GROUP, "holding", {live.STREAM_KEY: ">"}, count=10)  # holds an entry
+    monkeypatch.setattr(consume_fixes, "DEAD_CONSUMER_IDLE_MS", -1)  # every consumer "long gone"
+
+    call_command("consume_fixes", "--once", "--consumer", "survivor", "--claim-idle-ms", "3600000")
+    names = {c["name"] for c in r.xinfo_consumers(live.STREAM_KEY, live.STREAM_GROUP)}
+    assert names == {"holding", "survivor"}  # the one with an entry pending stays, and so does this one
+
+
 def test_a_consumer_killed_mid_batch_loses_nothing_it_read():
     driver = online_driver()
     post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded(1)}, token=token(driver))

@@ -4,8 +4,8 @@ Reads `{fleet}:fixes` with the consumer group `pg` (several consumers may run at
 entry goes to one of them), writes each batch with one UPDATE … FROM (VALUES …) guarded by
 recorded-at, and acknowledges the entries only after the transaction committed. An entry
 read but not acknowledged (a consumer killed mid-batch) stays pending: on start, and every
-`--claim-every` seconds, a consumer claims entries idle longer than `--claim-idle-ms` from any
-consumer and writes them. Once a second one consumer (a Redis lock decides which) publishes
+`--claim-every` (5) seconds, a consumer claims entries idle longer than `--claim-idle-ms` (10 s)
+from any consumer and writes them: a killed consumer's batch is in PostgreSQL 10–15 s later. Once a second one consumer (a Redis lock decides which) publishes
 the ops position digest: every driver that moved, in one `driver_positions` message.
 
 The process lowers its own priority (`--nice`, FIX_CONSUMER_NICE, default 10): its deadline
@@ -37,6 +37,9 @@ from workflows.drivers import fixes_process
 logger = logging.getLogger(__name__)
 
 DIGEST_LOCK = fleet_key("moved:lock")
+# A consumer the group forgets: idle this long with nothing pending (a live one reads every
+# --block-ms, so it never is)
+DEAD_CONSUMER_IDLE_MS = 3_600_000
 
 # The oldest entry still pending in the group, else the last one delivered (everything before
 # it acknowledged): the stream trimmed up to it. KEYS: the stream. ARGV: the group.
@@ -106,8 +109,11 @@ class Command(BaseCommand):
         parser.add_argument("--consumer", default=f"{socket.gethostname()}-{os.getpid()}")
         parser.add_argument("--batch", type=int, default=None, help="entries per batch (FIX_BATCH_SIZE)")
         parser.add_argument("--block-ms", type=int, default=200)
-        parser.add_argument("--claim-idle-ms", type=int, default=30_000)
-        parser.add_argument("--claim-every", type=float, default=15.0)
+        # A live consumer touches Redis every --block-ms and writes a batch in well under a
+        # second: entries idle 10 s belong to a dead one (a slow live one that loses a batch to
+        # the claim only makes its fixes written twice, which the recorded-at guard makes moot)
+        parser.add_argument("--claim-idle-ms", type=int, default=10_000)
+        parser.add_argument("--claim-every", type=float, default=5.0)
         parser.add_argument("--digest-every", type=float, default=1.0)
         parser.add_argument("--once", action="store_true", help="drain what is there (pending included), then stop")
         parser.add_argument("--nice", type=int, default=None,
@@ -208,7 +214,8 @@ class Command(BaseCommand):
         return written
 
     def _claim(self, idle_ms: int) -> int:
-        """Entries a dead consumer read and never acknowledged: written here."""
+        """Entries a dead consumer read and never acknowledged: written here. Then the group
+        forgets consumers gone for an hour with nothing pending (each restart is a new name)."""
         written, cursor = 0, "0-0"
         while True:
             cursor, entries, *_ = self.r.xautoclaim(
@@ -218,7 +225,11 @@ class Command(BaseCommand):
             if entries:
                 written += self._write(entries)
             if cursor == "0-0" or not entries:
-                return written
+                break
+        for consumer in self.r.xinfo_consumers(live.STREAM_KEY, live.STREAM_GROUP):
+            if consumer["name"] != self.name and not consumer["pending"] and consumer["idle"] > DEAD_CONSUMER_IDLE_MS:
+                self.r.xgroup_delconsumer(live.STREAM_KEY, live.STREAM_GROUP, consumer["name"])
+        return written
 
     def _trim(self):
         """Drop entries every consumer is done with (acknowledged): the stream stays short
