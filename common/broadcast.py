@@ -405,8 +405,10 @@ local taken = redis.call('HGETALL', KEYS[2])
 for i = 1, #taken, 2 do
   local v = taken[i + 1]
   local a = string.find(v, '|', 1, true)
-  if a and tonumber(string.sub(v, 1, a - 1)) <= now then
-    local b = string.find(v, '|', a + 1, true)
+  local b = a and string.find(v, '|', a + 1, true)
+  -- the lease ended, or the run itself is back (Celery redelivered it: the same task id)
+  local ends = b and tonumber(string.sub(v, 1, a - 1))
+  if b and ((ends and ends <= now) or string.sub(v, a + 1, b - 1) == ARGV[2]) then
     redis.call('HSETNX', KEYS[1], taken[i], string.sub(v, b + 1))
     redis.call('HDEL', KEYS[2], taken[i])
   end

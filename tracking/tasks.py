@@ -49,8 +49,12 @@ def refresh_due_etas(self) -> int:
     left = dict(due)
     try:
         for delivery_id, changed_at in due.items():
-            now = max(datetime.fromisoformat(changed_at), timezone.now())
-            refresh_eta(delivery_id, now.isoformat())
+            try:
+                now = max(datetime.fromisoformat(changed_at), timezone.now())
+            except (TypeError, ValueError):  # not a mark this code wrote: dropped, not retried forever
+                logger.warning("ETA refresh of delivery %s dropped: unreadable change time %r", delivery_id, changed_at)
+            else:
+                refresh_eta(delivery_id, now.isoformat())
             del left[delivery_id]
     except SoftTimeLimitExceeded:
         logger.warning("ETA refresh run out of time: %d of %d deliveries put back", len(left), len(due))

@@ -266,3 +266,24 @@ def test_a_redis_that_refuses_the_write_still_gets_each_change_refreshed(publish
     monkeypatch.setattr(broadcast, "get_redis", lambda: ReadOnly())
     advance(delivery, driver, "pickup-completed", 2)
     assert published == [(ETA_REFRESH_TASK, (str(delivery.pk), "2026-02-01T09:47:00Z"))]
+
+
+def test_an_unreadable_mark_is_dropped_not_retried_forever(published, caplog):
+    delivery, driver = assigned_delivery(published)
+    advance(delivery, driver, "pickup-started", 1)
+    advance(delivery, driver, "pickup-completed", 2)
+    get_redis().hset(ETA_DUE_KEY, "junk", "not a time")
+    with caplog.at_level(logging.WARNING, logger="tracking.tasks"):
+        assert refresh_due_etas() == 2
+    assert "unreadable change time" in caplog.text
+    assert get_redis().hgetall(ETA_DUE_KEY) == {} and get_redis().hgetall(taken_key(ETA_DUE_KEY)) == {}
+
+
+def test_a_run_redelivered_after_its_worker_died_takes_its_own_items_back_at_once(published):
+    delivery, driver = assigned_delivery(published)
+    advance(delivery, driver, "pickup-started", 1)
+    advance(delivery, driver, "pickup-completed", 2)
+    assert list(take_due(ETA_DUE_KEY, "task-1", 60)) == [str(delivery.pk)]  # then the worker dies
+    assert take_due(ETA_DUE_KEY, "task-2", 60) == {}  # another run: the lease holds
+    # Celery redelivers task-1 (acks_late): the same id takes its items back without waiting
+    assert take_due(ETA_DUE_KEY, "task-1", 60) == {str(delivery.pk): "2026-02-01T09:47:00Z"}
