@@ -8,6 +8,8 @@ script and the search script, which touch several of them, stay in one Redis Clu
                          A search removes the members whose fix went stale from both (see
                          _SEARCH_SCRIPT); their next fix puts them back.
 `{fleet}:drivers:status` hash driver id → availability, for every driver.
+`{fleet}:drivers:version` hash driver id → how many transitions `index_driver` has written
+                         (the reconcile repairs a member only if none came since it read).
 
 Redis holds derived state only. It is written after commit, rebuilt by
 `manage.py rebuild_geo_index` and repaired by the reconcile job; when Redis is unreachable the
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 GEO_KEY = fleet_key("drivers:geo")
 FIX_KEY = fleet_key("drivers:fix")
 STATUS_KEY = fleet_key("drivers:status")
+VERSION_KEY = fleet_key("drivers:version")
 
 # Redis GEO cannot store latitudes beyond ±85.05112878° (one such pair fails a whole GEOADD);
 # a driver there is simply not indexed, and only the PostGIS path can find it.
@@ -77,6 +80,7 @@ if ARGV[6] == '1' then
   if known and known ~= 'available' then return 0 end
 else
   redis.call('HSET', KEYS[3], member, state)
+  redis.call('HINCRBY', KEYS[4], member, 1)
 end
 if state == 'available' and lon ~= '' then
   local indexed_at = redis.call('ZSCORE', KEYS[2], member)
@@ -111,7 +115,7 @@ def index_driver(
         if script is None:
             script = _index_scripts.setdefault(id(client), client.register_script(_INDEX_SCRIPT))
         script(
-            keys=[GEO_KEY, FIX_KEY, STATUS_KEY],
+            keys=[GEO_KEY, FIX_KEY, STATUS_KEY, VERSION_KEY],
             args=[member, availability, repr(lon) if indexed else "", repr(lat) if indexed else "",
                   repr(recorded_at.timestamp()) if indexed else "", "1" if from_fix else "0"],
         )
@@ -169,29 +173,30 @@ def rebuild_index(*, now: datetime | None = None) -> int:
     return len(geo)
 
 
-# The reconcile's repair of a chunk of members, each atomic and each only if its status in
-# Redis is still the one the reconcile read before it read PostgreSQL (else a live write since
-# is newer than the snapshot and wins), and never moving a member to an older fix than the one
-# indexed. KEYS: GEO set, fix zset, status hash. ARGV: six per member: member, status read
-# ('' = none), PostgreSQL's status ('' = no such driver), lon, lat, fix time ('' = no fix).
-# Returns {removed from the index, statuses changed}.
+# The reconcile's repair of a chunk of members, each atomic and each only if no transition
+# wrote the member since the reconcile read Redis, before it read PostgreSQL (its version and
+# status unchanged: a transition meanwhile wrote Redis itself and is newer than the snapshot,
+# even one undone since), and never moving a member to an older fix than the one indexed.
+# KEYS: GEO set, fix zset, status hash, version hash. ARGV: seven per member: member, version
+# read ('' = none), status read ('' = none), PostgreSQL's status ('' = no such driver), lon,
+# lat, fix time ('' = no fix). Returns {removed from the index, statuses changed}.
 _RECONCILE_SCRIPT = """
 local removed, fixed = 0, 0
-for i = 1, #ARGV, 6 do
-  local m, want = ARGV[i], ARGV[i + 2]
+for i = 1, #ARGV, 7 do
+  local m, want = ARGV[i], ARGV[i + 3]
   local cur = redis.call('HGET', KEYS[3], m) or ''
-  if cur == ARGV[i + 1] then
+  if (redis.call('HGET', KEYS[4], m) or '') == ARGV[i + 1] and cur == ARGV[i + 2] then
     if want == '' then
       if cur ~= '' then redis.call('HDEL', KEYS[3], m) fixed = fixed + 1 end
     elseif cur ~= want then
       redis.call('HSET', KEYS[3], m, want) fixed = fixed + 1
     end
     if want == 'available' then
-      if ARGV[i + 5] ~= '' then
+      if ARGV[i + 6] ~= '' then
         local at = redis.call('ZSCORE', KEYS[2], m)
-        if not at or tonumber(at) <= tonumber(ARGV[i + 5]) then
-          redis.call('GEOADD', KEYS[1], ARGV[i + 3], ARGV[i + 4], m)
-          redis.call('ZADD', KEYS[2], ARGV[i + 5], m)
+        if not at or tonumber(at) <= tonumber(ARGV[i + 6]) then
+          redis.call('GEOADD', KEYS[1], ARGV[i + 4], ARGV[i + 5], m)
+          redis.call('ZADD', KEYS[2], ARGV[i + 6], m)
         end
       end
     elseif redis.call('ZREM', KEYS[2], m) + redis.call('ZREM', KEYS[1], m) > 0 then
@@ -202,30 +207,53 @@ end
 return {removed, fixed}
 """
 _RECONCILE_CHUNK = 500
+_SAME_PLACE_DEG = 1e-5  # GEO's 52-bit geohash keeps a position to ~0.6 m
 
 
 def reconcile_index(*, now: datetime | None = None) -> dict[str, int]:
     """Repair drift between Redis and PostgreSQL without a full swap, safe alongside live
-    updates: Redis is read first, then PostgreSQL, and each member is repaired only if its
-    status in Redis has not changed since (a transition committed meanwhile has written Redis
-    itself, and is newer than the snapshot), never to an older fix than the one indexed (the
-    fast lane's fixes reach PostgreSQL later), and a driver PostgreSQL says is available stays
-    indexed with the fix only Redis has."""
+    updates: Redis is read first (one MULTI), then PostgreSQL, and only the members that differ
+    are sent to `_RECONCILE_SCRIPT`, which repairs each only if no transition wrote it since,
+    never to an older fix than the one indexed (the fast lane's fixes reach PostgreSQL later),
+    and keeps indexed a driver PostgreSQL says is available with the fix only Redis has."""
     r = get_redis()
-    known = r.hgetall(STATUS_KEY)
-    indexed = set(r.zrange(FIX_KEY, 0, -1)) | set(r.zrange(GEO_KEY, 0, -1))
+    pipe = r.pipeline(transaction=True)
+    pipe.hgetall(STATUS_KEY)
+    pipe.hgetall(VERSION_KEY)
+    pipe.zrange(FIX_KEY, 0, -1, withscores=True)
+    pipe.zrange(GEO_KEY, 0, -1)
+    known, versions, scored, in_geo = pipe.execute()
+    scores = dict(scored)
+    indexed = set(scores) | set(in_geo)
     statuses, geo = _desired_state(now or timezone.now())
-    members = set(statuses) | set(known) | indexed
+
+    # members indexed at the fix time PostgreSQL has: repaired only if at another place
+    same_time = [m for m, (_, _, ts) in geo.items() if statuses[m] == known.get(m) and scores.get(m) == ts and m in in_geo]
+    moved = set()
+    for start in range(0, len(same_time), 5000):
+        chunk = same_time[start : start + 5000]
+        for member, place in zip(chunk, r.geopos(GEO_KEY, *chunk)):
+            lon, lat, _ = geo[member]
+            if place is None or abs(place[0] - lon) > _SAME_PLACE_DEG or abs(place[1] - lat) > _SAME_PLACE_DEG:
+                moved.add(member)
+
     args = []
-    for member in members:
+    for member in set(statuses) | set(known) | indexed:
+        want = statuses.get(member, "")
         lon, lat, ts = geo.get(member, ("", "", ""))
-        args.append((member, known.get(member, ""), statuses.get(member, ""),
+        if want == known.get(member, ""):
+            if want != "available" and member not in indexed:
+                continue  # nothing to change
+            if want == "available" and (ts == "" or (member in in_geo and scores.get(member, -1) >= ts
+                                                      and member not in moved)):
+                continue  # indexed at this fix or a newer one only Redis has (or no fix to index)
+        args.append((member, versions.get(member, ""), known.get(member, ""), want,
                      repr(lon) if ts != "" else "", repr(lat) if ts != "" else "", repr(ts) if ts != "" else ""))
     removed = fixed = 0
-    client_script = r.register_script(_RECONCILE_SCRIPT)
+    script = r.register_script(_RECONCILE_SCRIPT)
     for start in range(0, len(args), _RECONCILE_CHUNK):
         flat = [value for member_args in args[start : start + _RECONCILE_CHUNK] for value in member_args]
-        chunk_removed, chunk_fixed = client_script(keys=[GEO_KEY, FIX_KEY, STATUS_KEY], args=flat)
+        chunk_removed, chunk_fixed = script(keys=[GEO_KEY, FIX_KEY, STATUS_KEY, VERSION_KEY], args=flat)
         removed, fixed = removed + chunk_removed, fixed + chunk_fixed
     return {"removed": removed, "indexed": len(geo), "statusFixed": fixed}
 

@@ -316,6 +316,53 @@ def test_reconcile_racing_a_break_leaves_the_break_in_the_index(django_capture_o
     assert not in_geo(driver)
 
 
+def test_reconcile_racing_a_break_and_a_resume_leaves_the_driver_available(django_capture_on_commit_callbacks, monkeypatch):
+    """Redis is read (available), the driver goes on break, PostgreSQL is read (on break), the
+    driver resumes: the status the reconcile read is back, but the snapshot is older than it."""
+    driver = DriverFactory()
+    geo.rebuild_index()
+    snapshot = geo._desired_state
+    actor = Actor("driver", driver.pk)
+
+    def break_snapshot_resume(now):
+        with django_capture_on_commit_callbacks(execute=True):
+            driver_workflows.availability_take_break(driver_id=driver.pk, duration_minutes=15, reason="tea", actor=actor)
+        state = snapshot(now)  # the driver on break here
+        with django_capture_on_commit_callbacks(execute=True):
+            driver_workflows.availability_resume(driver_id=driver.pk, actor=actor)
+        return state
+
+    monkeypatch.setattr(geo, "_desired_state", break_snapshot_resume)
+    geo.reconcile_index()
+
+    assert Driver.objects.get(pk=driver.pk).availability == "available"
+    assert r().hget(geo.STATUS_KEY, str(driver.pk)) == "available"
+    assert in_geo(driver)
+
+
+def test_reconcile_sends_only_the_members_that_differ(monkeypatch):
+    fleet = make_fleet()
+    geo.rebuild_index()
+    sent = []
+    register = get_redis().register_script
+
+    def counting(source):
+        script = register(source)
+
+        def call(keys, args):
+            sent.append(len(args))
+            return script(keys=keys, args=args)
+
+        return call
+
+    monkeypatch.setattr(type(get_redis()), "register_script", lambda self, source: counting(source))
+    assert geo.reconcile_index() == {"removed": 0, "indexed": 3, "statusFixed": 0}
+    assert sent == []  # nothing differs: nothing written
+    r().geoadd(geo.GEO_KEY, (0.0, 0.0, str(fleet["available"].pk)))  # one member at the wrong place
+    geo.reconcile_index()
+    assert sent == [7]  # that member alone
+
+
 def test_the_reconcile_task_runs_and_repairs_the_index():
     fleet = make_fleet()
     r().hset(geo.STATUS_KEY, "junk", "busy")
