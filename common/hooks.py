@@ -19,8 +19,9 @@ def login_revoked(user) -> None:
     """Now, and again once the caller's transaction commits (at once outside one): a cache
     that re-read the login between the two, before the commit made the change visible, would
     otherwise keep the revoked login."""
-    _run_login_revoked(user)
-    transaction.on_commit(lambda: _run_login_revoked(user), robust=True)
+    if transaction.get_connection().in_atomic_block:
+        _run_login_revoked(user)
+    transaction.on_commit(lambda: _run_login_revoked(user), robust=True)  # (at once outside a transaction)
 
 
 def _run_login_revoked(user) -> None:

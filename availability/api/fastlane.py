@@ -52,18 +52,27 @@ ROUTE = "/v2/drivers/<uuid:driver_id>/location"
 
 
 def _headers() -> list[tuple[bytes, bytes]]:
-    """The headers the Django view's response has on the lean stack (ApiHeadersMiddleware)."""
-    headers = [(b"content-type", b"application/json"), (b"allow", b"POST, OPTIONS"),
-               (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
-    if settings.SECURE_REFERRER_POLICY:
-        headers.append((b"referrer-policy", settings.SECURE_REFERRER_POLICY.encode()))
-    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
-        headers.append((b"cross-origin-opener-policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY.encode()))
+    """The headers the Django view's response has on the lean stack (ApiHeadersMiddleware),
+    built once per value of the settings they follow."""
+    key = (settings.SECURE_REFERRER_POLICY, settings.SECURE_CROSS_ORIGIN_OPENER_POLICY)
+    headers = _headers_by_settings.get(key)
+    if headers is None:
+        headers = [(b"content-type", b"application/json"), (b"allow", b"POST, OPTIONS"),
+                   (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+        if key[0]:
+            headers.append((b"referrer-policy", key[0].encode()))
+        if key[1]:
+            headers.append((b"cross-origin-opener-policy", key[1].encode()))
+        _headers_by_settings[key] = headers
     return headers
 
 
+_headers_by_settings: dict[tuple, list[tuple[bytes, bytes]]] = {}
+
+
 # Request headers the fast lane reads: a request with two of one of them is Django's to judge
-# (it joins them), as is any Accept but these (Django's negotiation answers 406 or picks JSON)
+# (it joins them), as is an Accept with no plain JSON range (Django's negotiation answers 406,
+# or renders otherwise)
 _READ_HEADERS = frozenset((b"authorization", b"content-type", b"accept", b"content-length", b"idempotency-key",
                            b"transfer-encoding"))
 _PLAIN_ACCEPT = frozenset((b"*/*", b"application/json"))
@@ -162,9 +171,21 @@ def _fast_headers(scope) -> dict[bytes, bytes] | None:
     if not _utf8_json(headers.get(b"content-type", b"")):
         return None
     accept = headers.get(b"accept")
-    if accept is not None and accept.strip() not in _PLAIN_ACCEPT:
+    if accept is not None and accept not in _PLAIN_ACCEPT and not _accepts_plain_json(accept):
         return None
     return headers if _token(headers) is not None else None
+
+
+def _accepts_plain_json(accept: bytes) -> bool:
+    """Some range of the Accept header takes JSON as the view renders it (a range with other
+    parameters than q, such as `indent=4`, changes the rendering: Django's)."""
+    for media_range in accept.split(b","):
+        media, _, params = media_range.partition(b";")
+        if media.strip().lower() in (b"application/json", b"application/*", b"*/*") and all(
+            not p.strip() or p.strip().lower().startswith(b"q=") for p in params.split(b";")
+        ):
+            return True
+    return False
 
 
 def _utf8_json(content_type: bytes) -> bool:
@@ -235,19 +256,18 @@ class LocationFastLane:
         if match is None:
             return await self.django_app(scope, receive, send)
         started = time.perf_counter()
-        headers = dict(scope["headers"])
+        headers = _fast_headers(scope)
+        if headers is None:  # Django's to answer, its body unread (a 413 at once past the limit)
+            return await self.django_app(scope, receive, send)
         trusted = (scope.get("client") or ("",))[0] in settings.REQUEST_ID_TRUSTED_PROXIES
         rid = new_request_id(headers.get(b"x-request-id", b"").decode("latin1") if trusted else None)
         token = request_id.set(rid)
         try:
-            await self._handle(scope, receive, send, match, started)
+            await self._handle(scope, receive, send, match, started, headers)
         finally:
             request_id.reset(token)
 
-    async def _handle(self, scope, receive, send, match, started):
-        headers = _fast_headers(scope)
-        if headers is None:  # Django's to answer, its body unread (a 413 at once past the limit)
-            return await self.django_app(scope, receive, send)
+    async def _handle(self, scope, receive, send, match, started, headers):
         chunks, complete = await self._read_body(receive)
         if complete:
             try:

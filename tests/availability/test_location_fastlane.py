@@ -152,6 +152,9 @@ HEADER_CASES = {
     "accept html": ([("Accept", "text/html")], "application/json"),
     "accept xml or json": ([("Accept", "application/xml, application/json;q=0.5")], "application/json"),
     "accept anything": ([("Accept", "*/*")], "application/json"),
+    "axios's accept": ([("Accept", "application/json, text/plain, */*")], "application/json"),
+    "accept html, else anything": ([("Accept", "text/html, */*;q=0.1")], "application/json"),
+    "accept json indented": ([("Accept", "application/json; indent=4")], "application/json"),
     "two authorizations": ([("Authorization", "Token bogus")], "application/json"),
 }
 
@@ -168,6 +171,16 @@ def test_headers_the_fast_lane_does_not_take_as_they_come_get_the_django_answer(
 
     django, fast = both_ways(settings, ask)
     assert django == fast
+
+
+@pytest.mark.parametrize("accept", ["*/*", "application/json, text/plain, */*", "text/html, application/json;q=0.9"])
+def test_common_accept_headers_are_served_by_the_fast_lane(accept):
+    driver = online_driver()
+    before = pg_fix_time(driver)
+    response = post(url(driver), {"lat": 12.99, "lon": 77.61, "recordedAt": recorded()}, token=token(driver),
+                    headers={"Accept": accept})
+    assert response.status_code == 200 and response.json()["accepted"] is True
+    assert pg_fix_time(driver) == before  # Redis only: the fast lane answered, not the view
 
 
 def test_the_fast_lane_s_answer_has_the_api_s_headers(settings):

@@ -171,7 +171,13 @@ class Command(BaseCommand):
                 # the group again, from the start of what the stream holds (PostgreSQL's guard
                 # makes a fix written twice harmless).
                 logger.warning("consume_fixes: the consumer group is gone; creating it again")
-                self._ensure_group()
+                try:
+                    self._ensure_group()
+                except (redis.RedisError, *RedisUnavailable):
+                    if once:
+                        raise
+                    logger.warning("consume_fixes: could not create the group; retrying", exc_info=True)
+                    time.sleep(1)
                 own_pending = True
             except (redis.RedisError, *RedisUnavailable):
                 if once:
