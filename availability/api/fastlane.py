@@ -154,7 +154,7 @@ def _fast_headers(scope) -> dict[bytes, bytes] | None:
     """The request's headers, or None when Django is to answer it: a query (the endpoint takes
     none: Django's request guard judges one), two of a header the fast lane reads (Django joins
     them), an Idempotency-Key (a replay), a body without Content-Length or larger than the fast
-    lane parses, a Content-Type other than JSON in UTF-8, an Accept other than JSON or anything
+    lane parses, a Content-Type other than JSON in UTF-8, an Accept with no plain JSON range
     (Django's negotiation), no token."""
     if scope.get("query_string"):
         return None
