@@ -32,7 +32,7 @@ from django.db import connection
 
 from availability import geo
 from availability.models import Driver
-from common.redis import RedisUnavailable, ScriptBatcher, evalsha_many, fleet_key, get_redis
+from common.redis import RedisFailed, ScriptBatcher, evalsha_many, fleet_key, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def fixes_record_persisted(fixes: list[Fix]) -> None:
     ]
     try:
         evalsha_many(get_redis(), _FIX_SCRIPT, calls)
-    except (redis.RedisError, *RedisUnavailable):
+    except RedisFailed:
         logger.warning("live positions of %d driver(s) not updated (Redis unavailable)", len(fixes))
 
 
@@ -205,7 +205,7 @@ def driver_auth_forget(driver_id) -> None:
         pipe.incr(AUTH_GEN_KEY)
         pipe.delete(auth_key(driver_id))
         pipe.execute()
-    except (redis.RedisError, *RedisUnavailable):
+    except RedisFailed:
         logger.warning("auth cache of driver %s not cleared (Redis unavailable; it expires in %s s)",
                        driver_id, AUTH_TTL_SECONDS)
 
@@ -274,7 +274,7 @@ def known_state(driver_ids: list[str]) -> dict[str, tuple[str | None, tuple[str,
         pipe.hmget(geo.STATUS_KEY, driver_ids)
         pipe.hmget(ACTIVE_KEY, driver_ids)
         statuses, actives = pipe.execute()
-    except (redis.RedisError, *RedisUnavailable):
+    except RedisFailed:
         return {}
     return {d: (s, split_ids(a)) for d, s, a in zip(driver_ids, statuses, actives)}
 
@@ -304,7 +304,7 @@ def active_reconcile() -> int:
 def _active_write(op, driver_id) -> None:
     try:
         op(get_redis())
-    except (redis.RedisError, *RedisUnavailable):
+    except RedisFailed:
         logger.warning("active delivery of driver %s not updated in Redis (the fix consumer repairs it)", driver_id)
 
 
@@ -330,7 +330,7 @@ def positions_of(driver_ids) -> dict[str, Position]:
     caller reads PostgreSQL, at most a second behind)."""
     try:
         return positions_known(driver_ids)
-    except (redis.RedisError, *RedisUnavailable):
+    except RedisFailed:
         return {}
 
 
@@ -361,7 +361,7 @@ def fix_time_of(driver_id) -> float | None:
     when Redis has none or is down."""
     try:
         value = get_redis().hget(driver_key(driver_id), "t")
-    except (redis.RedisError, *RedisUnavailable):
+    except RedisFailed:
         return None
     return _float(value)
 

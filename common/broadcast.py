@@ -28,7 +28,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import redis
 from asgiref.sync import SyncToAsync, async_to_sync
 from celery import current_app
 from channels import DEFAULT_CHANNEL_LAYER
@@ -36,11 +35,7 @@ from channels.layers import get_channel_layer
 from django.db import transaction
 
 from common.hooks import event_emitted
-from common.redis import RedisUnavailable, get_redis
-
-# Redis down, or refusing a command (OOM, a read-only replica after a failover): the callers
-# of the due marks fall back rather than lose the item
-_REDIS_FAILED = (redis.exceptions.RedisError, *RedisUnavailable)
+from common.redis import RedisFailed, RedisUnavailable, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +336,7 @@ def _kick(name: str, countdown: float = 0) -> None:
         logger.warning("enqueue of %s failed", name, exc_info=True)
         try:
             get_redis().delete(kick_key(name))
-        except _REDIS_FAILED:
+        except RedisFailed:
             pass
 
 
@@ -381,7 +376,7 @@ def enqueue_due_on_commit(
             # the slot outlives the countdown: a queued kick keeps later commits from queueing more
             pipe.set(kick_key(name), "1", nx=True, px=KICK_TTL_MS + int(countdown * 1000))
             _, kicked = pipe.execute()
-        except _REDIS_FAILED:
+        except RedisFailed:
             logger.warning("could not mark %s due in %s; enqueued on its own", item, due_key, exc_info=True)
             try:
                 _registered_task(fallback_name).apply_async(args=fallback_args)
@@ -465,7 +460,7 @@ def take_due(due_key: str, run: str, lease_seconds: float) -> dict[str, str]:
     try:
         client = get_redis()
         flat = _due_script(client, _TAKE_DUE_LUA)(keys=[due_key, taken_key(due_key)], args=[lease_seconds, run])
-    except _REDIS_FAILED:
+    except RedisFailed:
         logger.warning("could not take what is due in %s", due_key, exc_info=True)
         return {}
     return dict(zip(flat[::2], flat[1::2]))
@@ -482,7 +477,7 @@ def done_due(due_key: str, run: str, items: Iterable[str], *, put_back: bool = F
     try:
         client = get_redis()
         _due_script(client, _DONE_DUE_LUA)(keys=[due_key, taken_key(due_key)], args=[run, "1" if put_back else "0", *items])
-    except _REDIS_FAILED:
+    except RedisFailed:
         logger.warning("could not release %d items of %s", len(items), due_key, exc_info=True)
 
 

@@ -16,6 +16,9 @@ _clients: dict[str, redis.Redis] = {}
 
 # What a Redis call raises when Redis is down or slow; callers catch this and degrade.
 RedisUnavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# Redis down, or refusing a command (OOM, a read-only replica after a failover, NOGROUP…):
+# what a caller that must not fail on Redis catches
+RedisFailed = (redis.exceptions.RedisError, *RedisUnavailable)
 
 
 def get_redis(url: str | None = None) -> redis.Redis:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone as dt_timezone
 
-import redis
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
@@ -24,7 +23,7 @@ from availability.services import (
     positions_persist,
 )
 from common.actors import Actor
-from common.redis import RedisUnavailable
+from common.redis import RedisFailed
 from common.exceptions import Conflict
 from offers.models import DriverOffer, OfferStatus
 from offers.services import offer_cancel_locked
@@ -141,7 +140,7 @@ def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int =
             break
         try:
             fresh = live.positions_known(page)
-        except (redis.RedisError, *RedisUnavailable):
+        except RedisFailed:
             # Redis cannot say who is fresh: PostgreSQL alone would take a lagging consumer's
             # drivers for stale. The next run judges them.
             logger.warning("stale drivers: Redis unavailable, nobody marked offline this run")

@@ -22,7 +22,6 @@ from datetime import datetime
 from datetime import timezone as dt_timezone
 
 import orjson
-import redis
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
@@ -39,7 +38,7 @@ from common.broadcast import TRACKING_LAYER, delivery_group
 from common.errors import error_body
 from common.parsers import MAX_DEPTH
 from common.logfilters import new_request_id, request_id
-from common.redis import RedisUnavailable
+from common.redis import RedisFailed
 from common.throttling import driver_throttle_key, parse_rate
 from common.tokens import token_digest
 from tracking.events import delivery_location_updated
@@ -334,7 +333,7 @@ class LocationFastLane:
                     outcome = await live.fix_record_async(
                         client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
                     )
-        except (redis.RedisError, *RedisUnavailable):  # TimeoutError (asyncio.timeout) is an OSError
+        except RedisFailed:  # TimeoutError (asyncio.timeout) is an OSError
             logger.warning("location fast lane: Redis unavailable, falling back to the database path")
             raise _Delegate
         except DatabaseError:

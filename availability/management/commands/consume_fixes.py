@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from availability import events, live
 from common.broadcast import OPS_GROUP, send_now
-from common.redis import RedisUnavailable, fleet_key, get_redis
+from common.redis import RedisFailed, fleet_key, get_redis
 from workflows.drivers import fixes_process
 
 logger = logging.getLogger(__name__)
@@ -173,13 +173,13 @@ class Command(BaseCommand):
                 logger.warning("consume_fixes: the consumer group is gone; creating it again")
                 try:
                     self._ensure_group()
-                except (redis.RedisError, *RedisUnavailable):
+                except RedisFailed:
                     if once:
                         raise
                     logger.warning("consume_fixes: could not create the group; retrying", exc_info=True)
                     time.sleep(1)
                 own_pending = True
-            except (redis.RedisError, *RedisUnavailable):
+            except RedisFailed:
                 if once:
                     raise
                 logger.warning("consume_fixes: Redis unavailable; retrying", exc_info=True)
