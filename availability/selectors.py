@@ -23,6 +23,16 @@ def driver_get_for_user(*, user, driver_id) -> Driver:
     return driver
 
 
+def driver_get_own(*, user, driver_id) -> Driver:
+    """What only the driver itself may do (post a location, answer an offer, move a delivery):
+    the login's own driver, whatever other role it has (another driver's id is a 404, the
+    fast lane's answer too)."""
+    own = driver_of(user)
+    if own is None or str(own.pk) != str(driver_id):
+        raise NotFound("Driver not found.")
+    return own
+
+
 def drivers_list(*, availability: str | None = None) -> QuerySet[Driver]:
     qs = Driver.objects.select_related("user")
     if availability:

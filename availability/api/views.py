@@ -5,7 +5,7 @@ from rest_framework.views import APIView
 
 from availability import selectors
 from availability.api import serializers as s
-from availability.selectors import driver_get_for_user
+from availability.selectors import driver_get_for_user, driver_get_own
 from common.actors import Actor
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsDriver, IsOps, IsOpsOrDriver
@@ -95,7 +95,7 @@ class LocationView(APIView):
     @extend_schema(operation_id="drivers_location", request=s.LocationSerializer,
                    responses={200: s.LocationResponseSerializer, **errors(400, 404)}, tags=["drivers"])
     def post(self, request, driver_id):
-        driver = driver_get_for_user(user=request.user, driver_id=driver_id)
+        driver = driver_get_own(user=request.user, driver_id=driver_id)
         data = s.LocationSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data

@@ -250,7 +250,7 @@ class DeliveryStepView(APIView):
         tags=["deliveries"],
     )
     def post(self, request, driver_id, delivery_id, step):
-        driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        driver = driver_selectors.driver_get_own(user=request.user, driver_id=driver_id)
         if step not in services.STEP_NAMES:
             raise NotFound("Unknown step.")
         data = s.DeliveryStepSerializer(data=request.data)
@@ -286,7 +286,7 @@ class DeliveryProofUploadView(APIView):
         "photo or signature a delivery's proofRequired asks for must be uploaded while it is in transit.",
     )
     def post(self, request, driver_id, delivery_id):
-        driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
+        driver = driver_selectors.driver_get_own(user=request.user, driver_id=driver_id)
         data = s.ProofUploadSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data

@@ -4,7 +4,7 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from availability.selectors import driver_get_for_user
+from availability.selectors import driver_get_for_user, driver_get_own
 from common.actors import Actor
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsDriver, IsOps, IsOpsIntegrationOrDriver, IsOpsOrDriver
@@ -70,7 +70,7 @@ class AcceptOfferView(APIView):
     @extend_schema(operation_id="drivers_offers_accept", request=s.AcceptSerializer,
                    responses={200: s.AcceptResponseSerializer, **errors(400, 404, 409)}, tags=TAGS)
     def post(self, request, driver_id, offer_id):
-        driver = driver_get_for_user(user=request.user, driver_id=driver_id)
+        driver = driver_get_own(user=request.user, driver_id=driver_id)
         s.AcceptSerializer(data=request.data).is_valid(raise_exception=True)
         result = offer_workflows.offer_accept(offer_id=offer_id, driver_id=driver.pk, actor=Actor.for_user(request.user))
         return Response({
@@ -85,7 +85,7 @@ class RejectOfferView(APIView):
     @extend_schema(operation_id="drivers_offers_reject", request=s.RejectSerializer,
                    responses={200: s.RejectResponseSerializer, **errors(400, 404, 409)}, tags=TAGS)
     def post(self, request, driver_id, offer_id):
-        driver = driver_get_for_user(user=request.user, driver_id=driver_id)
+        driver = driver_get_own(user=request.user, driver_id=driver_id)
         data = s.RejectSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         reason = data.validated_data["reason"]
