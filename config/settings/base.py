@@ -3,6 +3,8 @@ from pathlib import Path
 
 import environ
 
+from config.periodic import TIMER_TASKS, TIMERS_QUEUE
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
 env = environ.Env()
@@ -234,12 +236,13 @@ CELERY_RESULT_BACKEND_THREAD_SAFE = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # High-volume work (the ETA refreshes after status changes: at most one run a second for the
-# whole fleet, or one task per change while Redis is down) has its own queue, so that a backlog of
-# it never delays the periodic safety nets (offer expiry, escalation) on "celery".
-# Workers consume both: `celery worker -Q celery,eta`.
+# whole fleet, or one task per change while Redis is down) has its own queue, `eta`; work due at
+# a moment (offer expiry, the safety nets) has `timers` (config/periodic.py). Every worker takes
+# the three: `celery worker -Q timers,celery,eta`.
 # simulation.run takes over its worker process's database connection for minutes: a worker of
 # its own (`-Q simulation --concurrency 1`, docs/dispatch.md "The simulator").
 CELERY_TASK_ROUTES = {
+    **{task: {"queue": TIMERS_QUEUE} for task in TIMER_TASKS},
     "tracking.refresh_eta": {"queue": "eta"}, "tracking.refresh_due_etas": {"queue": "eta"},
     "simulation.run": {"queue": "simulation"},
 }

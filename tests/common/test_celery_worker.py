@@ -8,6 +8,7 @@ depends on `transactional_db`, so it is torn down first).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -278,3 +279,18 @@ def test_a_real_worker_heartbeats_while_it_runs_and_says_goodbye_when_it_stops(c
 
         worker.stop()
         assert our_workers() == {}
+
+
+def test_a_backlog_on_the_celery_queue_does_not_hold_back_the_expiry_sweep(transactional_db, tmp_path, sending_to_workers):
+    """The safety nets' own queue (config/periodic.py TIMER_TASKS): sent after a backlog of other
+    tasks, the offer-expiry sweep is among the first two a worker on every queue takes (kombu
+    rotates the queues it pops); on the shared queue it came after the whole backlog."""
+    backlog = [purge_idempotency_records.apply_async() for _ in range(40)]
+    sweep = app.send_task("offers.expire_overdue_offers", expires=60)
+    with worker_on("timers,celery", tmp_path / "worker.log") as worker:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and f"[{backlog[-1].id}] succeeded" not in worker.log():
+            time.sleep(0.1)
+        received = re.findall(r"Task [\w.]+\[([\w-]+)\] received", worker.log())
+    assert len(received) == 41, worker.log()
+    assert received.index(sweep.id) <= 1, worker.log()

@@ -46,13 +46,13 @@ def test_the_sweep_is_declared_every_15_seconds():
 
 
 @pytest.fixture
-def default_queue_worker(transactional_db, tmp_path, sending_to_workers):  # noqa: F811
-    """A real worker on the default queue, where the scheduled round goes."""
-    with worker_on("celery", tmp_path / "worker.log") as worker:
+def timers_worker(transactional_db, tmp_path, sending_to_workers):  # noqa: F811
+    """A real worker on the `timers` queue, where the scheduled round goes."""
+    with worker_on("timers", tmp_path / "worker.log") as worker:
         yield worker
 
 
-def test_the_round_scheduled_when_a_delivery_starts_waiting_runs_at_the_end_of_its_window(default_queue_worker):
+def test_the_round_scheduled_when_a_delivery_starts_waiting_runs_at_the_end_of_its_window(timers_worker):
     delivery, driver, since = waiting_delivery(seconds_ago=0)  # schedules the round for since + 5 s
 
     deadline = time.monotonic() + 45
@@ -61,10 +61,10 @@ def test_the_round_scheduled_when_a_delivery_starts_waiting_runs_at_the_end_of_i
     try:
         offer = DriverOffer.objects.get(delivery=delivery, status="PENDING")
     except DriverOffer.DoesNotExist:
-        raise AssertionError(default_queue_worker.log()) from None
+        raise AssertionError(timers_worker.log()) from None
     assert offer.driver_id == driver.pk
     assert offer.created_at >= since + timedelta(seconds=5)  # not before the window ends
-    assert f"Task {ROUND}[" in default_queue_worker.log()
+    assert f"Task {ROUND}[" in timers_worker.log()
 
 
 def test_the_sweep_on_a_real_worker_runs_a_due_round_whose_task_was_lost(celery_processes, sending_to_workers):  # noqa: F811
