@@ -32,10 +32,11 @@ from asgiref.sync import SyncToAsync, async_to_sync
 from celery import current_app
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
 
 from common.hooks import event_emitted
-from common.redis import RedisFailed, RedisUnavailable, get_redis
+from common.redis import RedisFailed, RedisUnavailable, breaker, get_redis, is_timeout, redis_address
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ async def _send_all(entries: Sequence[Entry]) -> None:
         for message in messages:
             try:
                 await layer.group_send(group, message)
-            except Exception:  # Redis down or full: live events are best-effort
+            except Exception as exc:  # Redis down or full: live events are best-effort
+                _tell_breaker(exc, _layers_address())
                 logger.warning("broadcast to %s failed for %s", group, message["type"], exc_info=True)
 
     async def to_layer(layer, batches: dict[str, list[dict]]) -> None:
@@ -85,6 +87,8 @@ async def _send_all(entries: Sequence[Entry]) -> None:
             failed = await layer.group_send_many(batches)
         except Exception as exc:  # e.g. Redis down before any group was tried
             failed = dict.fromkeys(batches, exc)
+        for exc in {id(exc): exc for exc in failed.values()}.values():
+            _tell_breaker(exc, _layers_address())
         for group, exc in failed.items():
             logger.warning("broadcast to %s failed for %s", group, [m["type"] for m in batches[group]],
                            exc_info=(type(exc), exc, exc.__traceback__))
@@ -113,6 +117,9 @@ def send_many(entries: Sequence[Entry]) -> None:
     if sink is not None:
         sink(entries)
         return
+    if breaker.is_open(_layers_address()):  # a hung Redis: do not wait for it again
+        logger.warning("broadcast of %d events skipped: Redis unavailable", len(entries))
+        return
     try:
         bound = getattr(_local, "server_loop", None)
         if bound is not None and bound.is_running():
@@ -123,6 +130,7 @@ def send_many(entries: Sequence[Entry]) -> None:
             future = asyncio.run_coroutine_threadsafe(_send_all(entries), _sender_loop())
             future.result(timeout=SEND_TIMEOUT)
     except concurrent.futures.TimeoutError:
+        breaker.timed_out(_layers_address())
         logger.warning("broadcast of %d events timed out", len(entries))
     except Exception:
         logger.warning("broadcast of %d events failed", len(entries), exc_info=True)
@@ -130,6 +138,21 @@ def send_many(entries: Sequence[Entry]) -> None:
 
 # A caller outside the ASGI server waits at most this long for its events to go out.
 SEND_TIMEOUT = 15.0
+
+
+def _layers_address() -> str:
+    """The Redis server of the channel layers (both on REDIS_URL), as the breaker names it."""
+    return redis_address(settings.REDIS_URL)
+
+
+def _broker_address() -> str | None:
+    url = current_app.conf.broker_url or ""
+    return redis_address(url) if url.split("://", 1)[0] in ("redis", "rediss", "unix") else None
+
+
+def _tell_breaker(exc: BaseException, address: str | None) -> None:
+    if address is not None and is_timeout(exc):
+        breaker.timed_out(address)
 
 _sender_lock = threading.Lock()
 _sender: tuple[int, asyncio.AbstractEventLoop] | None = None
@@ -285,13 +308,23 @@ def enqueue_task_on_commit(name: str, *args, **options) -> None:
         transaction.on_commit(lambda: sink(name, args, options))
         return
 
-    def _send():
-        try:
-            _registered_task(name).apply_async(args=args, **options)
-        except Exception:
-            logger.warning("enqueue of %s failed", name, exc_info=True)
+    transaction.on_commit(lambda: _publish(name, args, **options), robust=True)
 
-    transaction.on_commit(_send, robust=True)
+
+def _publish(name: str, args=(), **options) -> bool:
+    """Publish the registered task `name`; False (logged) when the broker failed, or is a Redis
+    the breaker says is hung (not waited for again)."""
+    broker = _broker_address()
+    if broker is not None and breaker.is_open(broker):
+        logger.warning("enqueue of %s skipped: the broker's Redis is unavailable", name)
+        return False
+    try:
+        _registered_task(name).apply_async(args=args, **options)
+    except Exception as exc:
+        _tell_breaker(exc, broker)
+        logger.warning("enqueue of %s failed", name, exc_info=True)
+        return False
+    return True
 
 
 # How long a queued kick keeps later commits from queueing another, at most (if its message is
@@ -330,10 +363,7 @@ def enqueue_kick_on_commit(name: str) -> None:
 def _kick(name: str, countdown: float = 0) -> None:
     """Publish the kick whose slot (`kick_key(name)`) the caller just took; a failed publish is
     logged and frees the slot for the next commit."""
-    try:
-        _registered_task(name).apply_async(countdown=countdown or None)
-    except Exception:
-        logger.warning("enqueue of %s failed", name, exc_info=True)
+    if not _publish(name, countdown=countdown or None):
         try:
             get_redis().delete(kick_key(name))
         except RedisFailed:
@@ -378,10 +408,7 @@ def enqueue_due_on_commit(
             _, kicked = pipe.execute()
         except RedisFailed:
             logger.warning("could not mark %s due in %s; enqueued on its own", item, due_key, exc_info=True)
-            try:
-                _registered_task(fallback_name).apply_async(args=fallback_args)
-            except Exception:
-                logger.warning("enqueue of %s failed", fallback_name, exc_info=True)
+            _publish(fallback_name, fallback_args)
             return
         if kicked:  # else a kick is queued and has not started: it takes this item too
             _kick(name, countdown)

@@ -2,17 +2,26 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import threading
+import time
 
 import redis
 from django.conf import settings
+from redis.connection import parse_url
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _clients: dict[str, redis.Redis] = {}
+
+
+class RedisBreakerOpen(redis.exceptions.ConnectionError):
+    """Raised at once, instead of waiting out a timeout, by a call to a Redis that has just timed
+    out again and again (`RedisBreaker`)."""
+
 
 # What a Redis call raises when Redis is down or slow; callers catch this and degrade.
 RedisUnavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -21,22 +30,140 @@ RedisUnavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutEr
 RedisFailed = (redis.exceptions.RedisError, *RedisUnavailable)
 
 
+class RedisBreaker:
+    """A Redis that hangs (a paused or partitioned server, a failover whose old address drops
+    packets) costs every call its whole timeout: a request made four or five Redis calls, and
+    its after-commit broadcast waited for the channel layer's 15 s, so one hung Redis stalled
+    every write for seconds. After REDIS_BREAKER_TIMEOUTS timeouts to one server within
+    REDIS_BREAKER_SECONDS, this process's calls to it fail at once (`RedisBreakerOpen`, a
+    ConnectionError: every caller already degrades on it) for REDIS_BREAKER_SECONDS; then calls
+    go through again, and one timeout in the next REDIS_BREAKER_SECONDS opens it again.
+    Timeouts only: a refused connection fails at once anyway, and one slow reply under load (a
+    single timeout) opens nothing."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._timeouts: dict[str, list[float]] = {}
+        self._open_until: dict[str, float] = {}
+
+    def is_open(self, address: str) -> bool:
+        until = self._open_until.get(address)
+        return until is not None and self._clock() < until
+
+    def check(self, address: str) -> None:
+        if self.is_open(address):
+            raise RedisBreakerOpen(f"Redis at {address} timed out just now; not waiting for it again yet")
+
+    def timed_out(self, address: str) -> None:
+        seconds = settings.REDIS_BREAKER_SECONDS
+        if seconds <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            recent = [t for t in self._timeouts.get(address, ()) if now - t < seconds] + [now]
+            until = self._open_until.get(address)
+            # a timeout just after the breaker closed (the first call through a Redis still
+            # hung) opens it again at once
+            if len(recent) < settings.REDIS_BREAKER_TIMEOUTS and (until is None or now - until >= seconds):
+                self._timeouts[address] = recent
+                return
+            self._timeouts.pop(address, None)
+            was_open = until is not None and now < until
+            self._open_until[address] = now + seconds
+        if not was_open:
+            logger.warning("Redis at %s timed out %d times: calls to it fail at once for %.1f s",
+                           address, len(recent), seconds)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._timeouts.clear()
+            self._open_until.clear()
+
+
+breaker = RedisBreaker()
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """A timeout waiting for Redis (redis-py's, or asyncio's/the socket's), also as the cause of
+    another error (kombu wraps redis-py's)."""
+    return any(isinstance(e, (redis.exceptions.TimeoutError, TimeoutError))
+               for e in (exc, exc.__cause__, exc.__context__))
+
+
+@functools.lru_cache(maxsize=32)
+def redis_address(url: str) -> str:
+    """How the breaker names the server of `url`: host:port, or the socket's path."""
+    options = parse_url(url)
+    return options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+
+
+def _address(connection) -> str:
+    address = connection.__dict__.get("_breaker_address")
+    if address is None:
+        address = connection._breaker_address = getattr(connection, "path", None) or f"{connection.host}:{connection.port}"
+    return address
+
+
+class BreakerGuarded:
+    """On a redis-py (sync) connection class: each connect and command first asks the breaker,
+    and tells it of a timeout (once per call: a connect inside a command raises through both)."""
+
+    def connect_check_health(self, *args, **kwargs):
+        breaker.check(_address(self))
+        try:
+            return super().connect_check_health(*args, **kwargs)
+        except redis.exceptions.TimeoutError as exc:
+            _count(self, exc)
+            raise
+
+    def send_packed_command(self, *args, **kwargs):
+        breaker.check(_address(self))
+        try:
+            return super().send_packed_command(*args, **kwargs)
+        except redis.exceptions.TimeoutError as exc:
+            _count(self, exc)
+            raise
+
+    def read_response(self, *args, **kwargs):
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.exceptions.TimeoutError as exc:
+            _count(self, exc)
+            raise
+
+
+def _count(connection, exc: BaseException) -> None:
+    if not getattr(exc, "_breaker_counted", False):
+        exc._breaker_counted = True
+        breaker.timed_out(_address(connection))
+
+
+@functools.cache
+def breaker_guarded(connection_class: type) -> type:
+    """`connection_class` (plain, TLS or Unix socket, as the URL's scheme says) with BreakerGuarded."""
+    return type(connection_class.__name__, (BreakerGuarded, connection_class), {})
+
+
 def get_redis(url: str | None = None) -> redis.Redis:
-    """The process's client for `url` (default REDIS_URL)."""
+    """The process's client for `url` (default REDIS_URL), its calls guarded by the breaker."""
     url = url or settings.REDIS_URL
     client = _clients.get(url)
     if client is None:
         with _lock:
             client = _clients.get(url)
             if client is None:
-                client = redis.Redis.from_url(
-                    url,
+                options = parse_url(url)  # what from_url does, with the URL's connection class wrapped
+                connection_class = breaker_guarded(options.pop("connection_class", redis.Connection))
+                pool = redis.ConnectionPool(
+                    connection_class=connection_class,
                     socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
                     socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT,
                     health_check_interval=30,
                     decode_responses=True,
+                    **options,
                 )
-                _clients[url] = client
+                client = _clients[url] = redis.Redis(connection_pool=pool)
     return client
 
 

@@ -1,7 +1,7 @@
 import pytest
 from rest_framework.test import APIClient
 
-from common.redis import get_redis
+from common.redis import breaker, get_redis
 from tests.api import ChannelListener, client_for
 from tests.factories import (
     DeliveryFactory,
@@ -28,8 +28,10 @@ def post_migrate_rows(django_db_setup, django_db_blocker):
 def clean_redis(settings):
     """Tests use their own Redis database (see config/settings/test.py); empty it per test."""
     assert not settings.REDIS_URL.endswith("/0"), "tests must not touch the development Redis database"
+    breaker.reset()  # a test that made Redis time out leaves no open breaker to the next
     get_redis().flushdb()
     yield
+    breaker.reset()
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from common.broadcast import TRACKING_LAYER, delivery_group
 from common.errors import error_body
 from common.parsers import MAX_DEPTH
 from common.logfilters import new_request_id, request_id
-from common.redis import RedisFailed
+from common.redis import RedisFailed, breaker, is_timeout, redis_address
 from common.throttling import driver_throttle_key, parse_rate
 from common.tokens import token_digest
 from tracking.events import delivery_location_updated
@@ -316,6 +316,9 @@ class LocationFastLane:
         throttle_key = driver_throttle_key(driver_id, window)
         client = self._redis()
         digest = token_digest(key)
+        address = redis_address(settings.REDIS_URL)
+        if breaker.is_open(address):
+            raise _Delegate  # a hung Redis: the database path at once, not after a timeout
         try:
             async with asyncio.timeout(settings.REDIS_SOCKET_TIMEOUT):
                 outcome = await live.fix_record_async(
@@ -333,7 +336,9 @@ class LocationFastLane:
                     outcome = await live.fix_record_async(
                         client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
                     )
-        except RedisFailed:  # TimeoutError (asyncio.timeout) is an OSError
+        except RedisFailed as exc:  # TimeoutError (asyncio.timeout) is an OSError
+            if is_timeout(exc):
+                breaker.timed_out(address)
             logger.warning("location fast lane: Redis unavailable, falling back to the database path")
             raise _Delegate
         except DatabaseError:

@@ -152,6 +152,11 @@ REDIS_URL = env("REDIS_URL", default="redis://127.0.0.1:6379/0")
 METRICS_TOKEN = env("METRICS_TOKEN", default="")
 # Seconds a Redis call may take before we treat Redis as down and fall back.
 REDIS_SOCKET_TIMEOUT = env.float("REDIS_SOCKET_TIMEOUT", default=0.5)
+# A Redis that times out REDIS_BREAKER_TIMEOUTS times within REDIS_BREAKER_SECONDS is not
+# waited for again by this process for REDIS_BREAKER_SECONDS: calls fail at once and fall back
+# (common.redis.RedisBreaker; 0 seconds: never).
+REDIS_BREAKER_SECONDS = env.float("REDIS_BREAKER_SECONDS", default=2.0)
+REDIS_BREAKER_TIMEOUTS = env.int("REDIS_BREAKER_TIMEOUTS", default=2)
 # Hash tag of the live fleet keys (common.redis.fleet_key): one slot per fleet under Redis Cluster.
 REDIS_FLEET_TAG = env("REDIS_FLEET_TAG", default="fleet")
 # The location fast lane (availability/api/fastlane.py) and its stream (docs/architecture.md).
@@ -217,6 +222,12 @@ CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 # (amqp://, sentinel://) keep kombu's transport for their scheme.
 if CELERY_BROKER_URL.split("://", 1)[0] == "redis":  # not rediss: kombu turns TLS on by its scheme name
     CELERY_BROKER_TRANSPORT = "common.celery_transport:Transport"
+# kombu waits for a Redis broker with no timeout by default: a request that enqueued a task while
+# the broker hung waited as long as the hang. Above the consumers' 1 s BRPOP.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "socket_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=2.0),
+    "socket_connect_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=2.0),
+}
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL)
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

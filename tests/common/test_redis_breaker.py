@@ -1,0 +1,210 @@
+"""A hung Redis is waited for once, not by every call (common.redis.RedisBreaker).
+
+A Redis that accepts connections and never answers (a paused server, a partition, a failover
+whose old address drops packets) used to cost every call its whole timeout: a location fix
+through the fallback 2.5 s, a delivery create 15 s and more (its after-commit broadcast waited
+for the channel layer's socket timeout, its task publish for kombu, which had none).
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import redis
+
+from availability.models import Driver
+from common import broadcast, redis as common_redis
+from common.redis import RedisBreaker, RedisBreakerOpen, breaker, get_redis, redis_address
+from config.celery import app as celery_app
+from tests.api import client_for
+from tests.factories import online_driver
+
+pytestmark = pytest.mark.django_db
+
+
+class HungRedis:
+    """A TCP server that accepts every connection, reads nothing and never answers; counts the
+    connections made to it."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.accepted.append(conn)
+
+    @property
+    def connections(self) -> int:
+        return len(self.accepted)
+
+    def close(self):
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def hung(settings):
+    settings.REDIS_SOCKET_TIMEOUT = 0.2
+    server = HungRedis()
+    yield server
+    server.close()
+    common_redis._clients.pop(server.url, None)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+# ------------------------------------------------------------------------------ the breaker
+def test_two_timeouts_within_the_window_open_it_for_the_window_then_one_more_opens_it_again(settings):
+    settings.REDIS_BREAKER_SECONDS, settings.REDIS_BREAKER_TIMEOUTS = 2.0, 2
+    clock = Clock()
+    b = RedisBreaker(clock=clock)
+
+    b.timed_out("a:1")
+    assert not b.is_open("a:1")  # one slow reply opens nothing
+    clock.now += 2.5
+    b.timed_out("a:1")
+    assert not b.is_open("a:1")  # the first one is out of the window
+    clock.now += 1.0
+    b.timed_out("a:1")
+    assert b.is_open("a:1") and not b.is_open("b:2")  # per server
+    with pytest.raises(RedisBreakerOpen):
+        b.check("a:1")
+    assert issubclass(RedisBreakerOpen, redis.exceptions.ConnectionError)  # what callers degrade on
+
+    clock.now += 2.0
+    assert not b.is_open("a:1")
+    b.check("a:1")  # calls go through again
+    clock.now += 1.0
+    b.timed_out("a:1")  # still hung: one timeout is enough now
+    assert b.is_open("a:1")
+
+    clock.now += 2.0 + 2.0  # closed for a whole window: two needed again
+    b.timed_out("a:1")
+    assert not b.is_open("a:1")
+
+
+def test_zero_seconds_turns_it_off(settings):
+    settings.REDIS_BREAKER_SECONDS = 0
+    b = RedisBreaker(clock=Clock())
+    for _ in range(5):
+        b.timed_out("a:1")
+    assert not b.is_open("a:1")
+
+
+# ------------------------------------------------------------------------------ clients
+def test_the_client_waits_for_a_hung_redis_twice_then_fails_at_once_without_connecting(hung):
+    client = get_redis(hung.url)
+    for _ in range(2):
+        with pytest.raises(redis.exceptions.TimeoutError):
+            client.ping()
+    made = hung.connections
+    for _ in range(20):
+        with pytest.raises(RedisBreakerOpen):
+            client.ping()
+    assert hung.connections == made
+    assert get_redis().ping()  # the other server is not concerned
+
+
+def test_fixes_during_a_hang_wait_once_then_go_to_postgres_without_touching_redis(hung, settings):
+    driver = online_driver()
+    token = client_for(driver.user)
+    settings.REDIS_URL = hung.url
+    for n in range(1, 5):
+        response = token.post(f"/v2/drivers/{driver.pk}/location", {"lat": 12.9 + n / 100, "lon": 77.6}, format="json")
+        assert response.status_code == 200 and response.json()["accepted"] is True
+        assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == round(12.9 + n / 100, 5)
+        if n == 1:
+            made = hung.connections
+            assert breaker.is_open(redis_address(hung.url))
+    assert hung.connections == made  # the three later fixes never tried the hung Redis
+
+
+@pytest.mark.django_db(transaction=True)  # the ASGI app's threads read the token
+def test_the_fast_lane_hands_a_fix_to_the_database_path_at_once_while_the_breaker_is_open(hung, settings):
+    from tests.availability.test_location_fastlane import post, recorded, token, url
+
+    driver = online_driver()
+    key = token(driver)
+    settings.REDIS_URL = hung.url
+    for _ in range(2):
+        breaker.timed_out(redis_address(hung.url))
+    response = post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded()}, token=key)
+    assert response.status_code == 200 and response.json()["accepted"] is True
+    assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.95  # the database path wrote it
+    assert hung.connections == 0  # neither the fast lane nor the database path tried Redis
+
+
+# ------------------------------------------------------------------------------ broadcasts and tasks
+def test_a_broadcast_is_skipped_while_the_breaker_is_open_and_sent_after(listen, settings):
+    listener = listen("ops")
+    address = redis_address(settings.REDIS_URL)
+    for _ in range(2):
+        breaker.timed_out(address)
+    broadcast.send_now(["ops"], {"type": "skipped_event"})
+    breaker.reset()
+    broadcast.send_now(["ops"], {"type": "sent_event"})
+    assert [e["type"] for e in listener.drain()] == ["sent_event"]
+
+
+@pytest.fixture
+def publishing():
+    """Tasks published to the broker (the test Redis), not run eagerly."""
+    previous = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = False
+    yield
+    celery_app.conf.task_always_eager = previous
+
+
+def test_a_task_is_not_published_while_the_breaker_is_open_for_the_broker(publishing, django_capture_on_commit_callbacks):
+    address = redis_address(celery_app.conf.broker_url)
+    for _ in range(2):
+        breaker.timed_out(address)
+    with django_capture_on_commit_callbacks(execute=True):
+        broadcast.enqueue_task_on_commit("offers.expire_overdue_offers")
+    breaker.reset()
+    assert get_redis().llen("timers") == 0
+    with django_capture_on_commit_callbacks(execute=True):
+        broadcast.enqueue_task_on_commit("offers.expire_overdue_offers", countdown=0)
+    assert get_redis().llen("timers") == 1
+
+
+def test_a_publish_to_a_hung_broker_gives_up_after_its_socket_timeout(hung, publishing):
+    """kombu's Redis transport waits forever unless given a socket timeout
+    (CELERY_BROKER_TRANSPORT_OPTIONS, above its consumers' 1 s BRPOP)."""
+    options = celery_app.conf.broker_transport_options
+    assert options["socket_timeout"] > 1 and options["socket_connect_timeout"] > 0
+    outcome = []
+
+    def publish():
+        celery_app.conf.broker_transport_options = {**options, "socket_timeout": 0.3, "socket_connect_timeout": 0.3}
+        try:
+            with celery_app.connection_for_write(hung.url) as conn:
+                celery_app.send_task("offers.expire_overdue_offers", connection=conn, retry=False)
+        except Exception as exc:  # noqa: BLE001 - what the publish raised
+            outcome.append(exc)
+        finally:
+            celery_app.conf.broker_transport_options = options
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "the publish to a hung broker is still waiting"
+    assert outcome and common_redis.is_timeout(outcome[0]), outcome
