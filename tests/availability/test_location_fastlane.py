@@ -460,6 +460,50 @@ def test_the_group_forgets_consumers_long_gone_with_nothing_pending(monkeypatch)
     assert names == {"holding", "survivor"}  # the one with an entry pending stays, and so does this one
 
 
+def test_forgetting_a_consumer_never_drops_what_it_reads_meanwhile(monkeypatch):
+    """A consumer of the name being forgotten (a restart that reused host and pid) may read
+    between any two round trips of the one forgetting it: the look and the removal are one
+    step, so the entry it takes stays pending (claimable), not lost with a removed consumer."""
+    from availability.management.commands import consume_fixes
+
+    r = get_redis()
+    call_command("consume_fixes", "--once", "--consumer", "gone")  # the group; "gone" holds nothing
+    driver = online_driver()
+    r.xadd(live.STREAM_KEY, {"d": str(driver.pk), "lat": "12.9", "lon": "77.6", "t": str(time.time() - 10)})
+    monkeypatch.setattr(consume_fixes, "DEAD_CONSUMER_IDLE_MS", -1)  # every consumer "long gone"
+    held = []
+
+    def gone_reads_again():
+        held.extend(r.xreadgroup(live.STREAM_GROUP, "gone", {live.STREAM_KEY: ">"}, count=10)[0][1])
+
+    calls = []
+
+    class Interleaved:
+        """The forgetting consumer's client: "gone" reads just before its third command (the
+        first is the claim)."""
+
+        def __getattr__(self, name):
+            attr = getattr(r, name)
+            if not callable(attr):
+                return attr
+
+            def call(*args, **kwargs):
+                calls.append(name)
+                if len(calls) == 3:
+                    gone_reads_again()
+                return attr(*args, **kwargs)
+
+            return call
+
+    consumer = consume_fixes.Command()
+    consumer.r, consumer.name, consumer.batch = Interleaved(), "survivor", 100
+    consumer._claim(3_600_000)
+    if not held:
+        gone_reads_again()  # (the look and the removal were one round trip: the read comes after)
+    assert len(held) == 1
+    assert r.xpending(live.STREAM_KEY, live.STREAM_GROUP)["pending"] == 1  # still there to be claimed
+
+
 def test_a_consumer_killed_mid_batch_loses_nothing_it_read():
     driver = online_driver()
     post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded(1)}, token=token(driver))

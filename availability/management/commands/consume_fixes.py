@@ -61,6 +61,22 @@ if floor and floor ~= '0-0' then return redis.call('XTRIM', KEYS[1], 'MINID', '~
 return 0
 """
 
+# The consumers idle past ARGV[3] ms with nothing pending, other than ARGV[2], removed from the
+# group ARGV[1]; how many. One script: a consumer of the same name reading between a look and
+# a removal would otherwise lose the entries it just took. KEYS: the stream.
+_FORGET_SCRIPT = """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[2] and info['pending'] == 0 and info['idle'] > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 
 # What a fix's time may be (epoch seconds): a datetime PostgreSQL and Python both hold
 _LATEST_TIME = datetime(9999, 1, 1, tzinfo=dt_timezone.utc).timestamp()
@@ -232,9 +248,7 @@ class Command(BaseCommand):
                 written += self._write(entries)
             if cursor == "0-0" or not entries:
                 break
-        for consumer in self.r.xinfo_consumers(live.STREAM_KEY, live.STREAM_GROUP):
-            if consumer["name"] != self.name and not consumer["pending"] and consumer["idle"] > DEAD_CONSUMER_IDLE_MS:
-                self.r.xgroup_delconsumer(live.STREAM_KEY, live.STREAM_GROUP, consumer["name"])
+        self.r.eval(_FORGET_SCRIPT, 1, live.STREAM_KEY, live.STREAM_GROUP, self.name, DEAD_CONSUMER_IDLE_MS)
         return written
 
     def _trim(self):
