@@ -256,17 +256,30 @@ def active_delivery_clear(driver_id, delivery_id=None) -> None:
         _active_write(lambda r: r.eval(_ACTIVE_REMOVE_SCRIPT, 1, ACTIVE_KEY, str(driver_id), str(delivery_id)), driver_id)
 
 
-def active_delivery_repair(driver_id, delivery_ids: tuple[str, ...]) -> None:
-    """PostgreSQL says the driver is on `delivery_ids` (or none): make Redis agree."""
-    if delivery_ids:
-        _active_write(lambda r: r.hset(ACTIVE_KEY, str(driver_id), ",".join(delivery_ids)), driver_id)
-    else:
-        active_delivery_clear(driver_id)
+# A driver's list set to ARGV[3] ('' = none) only if it is still ARGV[2], what was read before
+# PostgreSQL was: an assignment made or ended since then wrote Redis itself, and is newer.
+_ACTIVE_REPAIR_SCRIPT = """
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"""
 
 
-def known_state(driver_ids: list[str]) -> dict[str, tuple[str | None, tuple[str, ...]]]:
-    """Driver id → (availability status, active deliveries) as Redis knows them ({} when Redis
-    does not answer: nothing is repaired then)."""
+def active_delivery_repair(driver_id, delivery_ids: tuple[str, ...], *, read: tuple[str, ...]) -> bool:
+    """PostgreSQL says the driver is on `delivery_ids` (or none): make Redis agree, unless its
+    list changed since it was `read` (before PostgreSQL was read). Whether it was repaired."""
+    try:
+        return bool(get_redis().eval(
+            _ACTIVE_REPAIR_SCRIPT, 1, ACTIVE_KEY, str(driver_id), ",".join(read), ",".join(delivery_ids)
+        ))
+    except RedisFailed:
+        logger.warning("active delivery of driver %s not updated in Redis (the fix consumer repairs it)", driver_id)
+        return False
+
+
+def known_state(driver_ids: list[str]) -> dict[str, tuple[str | None, tuple[str, ...]]] | None:
+    """Driver id → (availability status, active deliveries) as Redis knows them; None when
+    Redis does not answer (nothing is repaired then)."""
     if not driver_ids:
         return {}
     try:
@@ -275,7 +288,7 @@ def known_state(driver_ids: list[str]) -> dict[str, tuple[str | None, tuple[str,
         pipe.hmget(ACTIVE_KEY, driver_ids)
         statuses, actives = pipe.execute()
     except RedisFailed:
-        return {}
+        return None
     return {d: (s, split_ids(a)) for d, s, a in zip(driver_ids, statuses, actives)}
 
 

@@ -195,6 +195,10 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
     driver whose status Redis lacked, the customer of a delivery Redis did not know the driver
     was on — and the throttled ETA refresh."""
     now = now or timezone.now()
+    # What Redis knows, read before PostgreSQL: an assignment made or ended between the two
+    # reads then makes PostgreSQL's the newer, and one after them has written Redis itself,
+    # which the repair (a compare-and-set on this read) leaves alone.
+    known = live.known_state(list({fix.driver_id for fix in fixes}))
     # First the drivers nobody holds locked, committed at once; then, in a transaction of their
     # own, those a request was working on (waiting for its commit). A batch that waited inside
     # one statement would hold the rows it had already written meanwhile, and the requests that
@@ -205,22 +209,24 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
     if left := [fix for fix in fixes if fix.driver_id not in taken]:  # (and those older than PostgreSQL's)
         with transaction.atomic():
             persisted += positions_persist(left, now=now)
-    known = live.known_state([p.fix.driver_id for p in persisted])
     on_fix: list[tuple[str, float, float]] = []
     for p in persisted:
         fix = p.fix
-        status, active = known.get(fix.driver_id, (None, ()))
         recorded_at = datetime.fromtimestamp(fix.recorded_at, tz=dt_timezone.utc)
+        on_fix += [(delivery_id, fix.lat, fix.lon) for delivery_id in p.active_delivery_ids]
+        if known is None:  # Redis did not answer: nothing to compare with, nothing to repair
+            continue
+        status, active = known.get(fix.driver_id, (None, ()))
         if p.availability == A.AVAILABLE and status is None:
             index_driver(driver_id=fix.driver_id, availability=p.availability, lat=fix.lat, lon=fix.lon,
                          recorded_at=recorded_at, from_fix=True)
-        if p.active_delivery_ids != active:
-            live.active_delivery_repair(fix.driver_id, p.active_delivery_ids)
+        if p.active_delivery_ids != active and live.active_delivery_repair(
+            fix.driver_id, p.active_delivery_ids, read=active
+        ):
             for delivery_id in set(p.active_delivery_ids) - set(active):  # customers Redis did not know of
                 delivery_location_send(delivery_id=delivery_id, lat=fix.lat, lon=fix.lon,
                                        accuracy_m=fix.accuracy_m, speed=fix.speed, heading=fix.heading,
                                        recorded_at=recorded_at)
-        on_fix += [(delivery_id, fix.lat, fix.lon) for delivery_id in p.active_delivery_ids]
     etas_on_fixes(on_fix, now=now)
     return persisted
 

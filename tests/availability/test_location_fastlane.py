@@ -705,6 +705,34 @@ def test_a_stacked_driver_s_fix_reaches_every_customer_it_carries_for(listen, se
     assert not [e for e in customers.drain(timeout=0.3) if e["type"] == "delivery_location_updated"]
 
 
+@pytest.mark.parametrize("change", ["ended", "made"])
+def test_an_assignment_made_or_ended_while_the_consumer_reads_postgres_is_not_undone(monkeypatch, change):
+    """The consumer compares PostgreSQL's active deliveries with Redis's active map and repairs
+    Redis; an assignment that changes after its PostgreSQL read (and writes Redis after its
+    commit) must stay as its workflow wrote it, not be put back by the consumer's older read."""
+    from workflows import drivers as driver_workflows
+
+    driver = online_driver()
+    delivery = DeliveryFactory()
+    if change == "ended":
+        assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    real, changed = driver_workflows.positions_persist, []
+
+    def persist_then_change(*args, **kwargs):
+        persisted = real(*args, **kwargs)  # PostgreSQL read: the assignment as it was
+        if not changed:  # now it changes, and its workflow writes Redis after commit
+            changed.append(True)
+            if change == "ended":
+                live.active_delivery_clear(driver.pk, delivery.pk)
+            else:
+                live.active_delivery_set(driver.pk, delivery.pk)
+        return persisted
+
+    monkeypatch.setattr(driver_workflows, "positions_persist", persist_then_change)
+    driver_workflows.fixes_process([live.Fix(driver_id=str(driver.pk), lat=12.95, lon=77.55, recorded_at=time.time())])
+    assert live.known_state([str(driver.pk)])[str(driver.pk)][1] == (() if change == "ended" else (str(delivery.pk),))
+
+
 def test_readers_of_the_position_see_the_fast_lane_before_postgres_does():
     """Tracking status and the stale-driver job read the live position, not PostgreSQL's,
     which trails by the consumer's lag (or more, while the consumer is down)."""
