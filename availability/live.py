@@ -299,18 +299,20 @@ _ACTIVE_SQL = (
 
 
 def active_reconcile() -> int:
-    """Make the active-delivery map equal PostgreSQL's active assignments (the reconcile job)."""
+    """Make the active-delivery map equal PostgreSQL's active assignments (the reconcile job):
+    Redis read first, then PostgreSQL, and each differing driver set only if Redis still holds
+    what was read (an assignment made or ended meanwhile wrote Redis itself, and is newer)."""
+    r = get_redis()
+    read = r.hgetall(ACTIVE_KEY)
     with connection.cursor() as cur:
         cur.execute(_ACTIVE_SQL)
         desired = dict(cur.fetchall())
-    r = get_redis()
-    extra = set(r.hkeys(ACTIVE_KEY)) - set(desired)
-    pipe = r.pipeline(transaction=False)
-    if extra:
-        pipe.hdel(ACTIVE_KEY, *extra)
-    if desired:
-        pipe.hset(ACTIVE_KEY, mapping=desired)
-    pipe.execute()
+    calls = [
+        ([ACTIVE_KEY], [driver, read.get(driver, ""), desired.get(driver, "")])
+        for driver in read.keys() | desired.keys() if read.get(driver, "") != desired.get(driver, "")
+    ]
+    if calls:
+        evalsha_many(r, _ACTIVE_REPAIR_SCRIPT, calls)
     return len(desired)
 
 

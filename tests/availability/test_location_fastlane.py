@@ -733,6 +733,36 @@ def test_an_assignment_made_or_ended_while_the_consumer_reads_postgres_is_not_un
     assert live.known_state([str(driver.pk)])[str(driver.pk)][1] == (() if change == "ended" else (str(delivery.pk),))
 
 
+def test_the_reconcile_job_does_not_undo_an_assignment_made_after_its_postgres_read(monkeypatch):
+    """`live.active_reconcile` (every minute): an assignment committed after the job read
+    PostgreSQL writes Redis itself; the job's older snapshot leaves it, and repairs the rest."""
+    driver, stray = online_driver(), online_driver()
+    delivery = DeliveryFactory()
+    live.active_delivery_set(stray.pk, "00000000-0000-0000-0000-000000000001")  # PostgreSQL knows no such
+
+    class ThenAssigned:
+        """The job's database connection: right after its read, the assignment commits and
+        its workflow writes Redis."""
+
+        def cursor(self):
+            cursor = connection.cursor()
+            fetchall = cursor.fetchall
+
+            def read_then_assign():
+                rows = fetchall()
+                live.active_delivery_set(driver.pk, delivery.pk)
+                return rows
+
+            cursor.fetchall = read_then_assign
+            return cursor
+
+    monkeypatch.setattr(live, "connection", ThenAssigned())
+    live.active_reconcile()
+    state = live.known_state([str(driver.pk), str(stray.pk)])
+    assert state[str(driver.pk)][1] == (str(delivery.pk),)
+    assert state[str(stray.pk)][1] == ()
+
+
 def test_readers_of_the_position_see_the_fast_lane_before_postgres_does():
     """Tracking status and the stale-driver job read the live position, not PostgreSQL's,
     which trails by the consumer's lag (or more, while the consumer is down)."""
