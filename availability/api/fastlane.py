@@ -38,7 +38,7 @@ from common.broadcast import TRACKING_LAYER, delivery_group
 from common.errors import error_body
 from common.parsers import MAX_DEPTH
 from common.logfilters import new_request_id, request_id
-from common.redis import RedisFailed, breaker, is_timeout, redis_address
+from common.redis import RedisFailed, breaker, redis_address
 from common.throttling import driver_throttle_key, parse_rate
 from common.tokens import token_digest
 from tracking.events import delivery_location_updated
@@ -336,9 +336,10 @@ class LocationFastLane:
                     outcome = await live.fix_record_async(
                         client, fix, token_digest_=digest, throttle_key=throttle_key, limit=limit, period=period
                     )
-        except RedisFailed as exc:  # TimeoutError (asyncio.timeout) is an OSError
-            if is_timeout(exc):
-                breaker.timed_out(address)
+        except RedisFailed:  # TimeoutError (asyncio.timeout) is an OSError
+            # Not counted by the breaker: this timeout also runs while the fix waits on a busy
+            # event loop, and a breaker opened by load would send every fix to the slow path.
+            # The database path's own Redis calls (socket timeouts) count a hung Redis.
             logger.warning("location fast lane: Redis unavailable, falling back to the database path")
             raise _Delegate
         except DatabaseError:
