@@ -155,14 +155,14 @@ def get_redis(url: str | None = None) -> redis.Redis:
             if client is None:
                 options = parse_url(url)  # what from_url does, with the URL's connection class wrapped
                 connection_class = breaker_guarded(options.pop("connection_class", redis.Connection))
-                pool = redis.ConnectionPool(
-                    connection_class=connection_class,
-                    socket_timeout=settings.REDIS_SOCKET_TIMEOUT,
-                    socket_connect_timeout=settings.REDIS_SOCKET_TIMEOUT,
-                    health_check_interval=30,
-                    decode_responses=True,
-                    **options,
-                )
+                kwargs = {
+                    "socket_timeout": settings.REDIS_SOCKET_TIMEOUT,
+                    "socket_connect_timeout": settings.REDIS_SOCKET_TIMEOUT,
+                    "health_check_interval": 30,
+                    "decode_responses": True,
+                }
+                kwargs.update(options)  # the URL's own options win, as with from_url
+                pool = redis.ConnectionPool(connection_class=connection_class, **kwargs)
                 client = _clients[url] = redis.Redis(connection_pool=pool)
     return client
 

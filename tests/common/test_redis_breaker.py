@@ -208,3 +208,13 @@ def test_a_publish_to_a_hung_broker_gives_up_after_its_socket_timeout(hung, publ
     thread.join(timeout=20)
     assert not thread.is_alive(), "the publish to a hung broker is still waiting"
     assert outcome and common_redis.is_timeout(outcome[0]), outcome
+
+
+def test_options_in_the_url_win_as_with_from_url(settings):
+    url = settings.REDIS_URL + ("&" if "?" in settings.REDIS_URL else "?") + "socket_timeout=3"
+    try:
+        client = get_redis(url)
+        assert client.ping()
+        assert client.connection_pool.connection_kwargs["socket_timeout"] == 3.0
+    finally:
+        common_redis._clients.pop(url, None)
