@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -36,24 +37,51 @@ class RedisBreaker:
     its after-commit broadcast waited for the channel layer's 15 s, so one hung Redis stalled
     every write for seconds. After REDIS_BREAKER_TIMEOUTS timeouts to one server within
     REDIS_BREAKER_SECONDS, this process's calls to it fail at once (`RedisBreakerOpen`, a
-    ConnectionError: every caller already degrades on it) for REDIS_BREAKER_SECONDS; then calls
-    go through again, and one timeout in the next REDIS_BREAKER_SECONDS opens it again.
-    Timeouts only: a refused connection fails at once anyway, and one slow reply under load (a
-    single timeout) opens nothing."""
+    ConnectionError: every caller already degrades on it) for REDIS_BREAKER_SECONDS; then one
+    call goes through as a probe (the others still fail at once): its success closes the
+    breaker, its timeout opens it again.
+
+    What counts: timeouts of a command on its connection only (not a wait for a free pooled
+    connection, not the fast lane's own timeout: both grow with load), and timeouts within half
+    REDIS_SOCKET_TIMEOUT of the last one counted are one stall (one slow reply that timed out
+    every call in flight at once), so only a Redis that stays silent call after call opens it."""
 
     def __init__(self, clock=time.monotonic):
         self._clock = clock
         self._lock = threading.Lock()
         self._timeouts: dict[str, list[float]] = {}
         self._open_until: dict[str, float] = {}
+        self._probe_until: dict[str, float] = {}
+
+    def allow(self, address: str) -> bool:
+        """Whether a call to `address` may go out now (the first after the open spell is the probe)."""
+        if address not in self._open_until:
+            return True
+        now = self._clock()
+        with self._lock:
+            until = self._open_until.get(address)
+            if until is None:
+                return True
+            if now < until or now < self._probe_until.get(address, 0.0):
+                return False
+            self._probe_until[address] = now + settings.REDIS_BREAKER_SECONDS
+            return True
 
     def is_open(self, address: str) -> bool:
-        until = self._open_until.get(address)
-        return until is not None and self._clock() < until
+        """True while calls to `address` should not be made (taking the probe when it is due)."""
+        return not self.allow(address)
 
     def check(self, address: str) -> None:
-        if self.is_open(address):
+        if not self.allow(address):
             raise RedisBreakerOpen(f"Redis at {address} timed out just now; not waiting for it again yet")
+
+    def succeeded(self, address: str) -> None:
+        """A call to `address` was answered: a probe closes the breaker."""
+        if address in self._open_until:
+            with self._lock:
+                self._open_until.pop(address, None)
+                self._probe_until.pop(address, None)
+                self._timeouts.pop(address, None)
 
     def timed_out(self, address: str) -> None:
         seconds = settings.REDIS_BREAKER_SECONDS
@@ -61,34 +89,43 @@ class RedisBreaker:
             return
         now = self._clock()
         with self._lock:
-            recent = [t for t in self._timeouts.get(address, ()) if now - t < seconds] + [now]
             until = self._open_until.get(address)
-            # a timeout just after the breaker closed (the first call through a Redis still
-            # hung) opens it again at once
-            if len(recent) < settings.REDIS_BREAKER_TIMEOUTS and (until is None or now - until >= seconds):
+            if until is not None:
+                if now < until:
+                    return  # a call sent before it opened: not a new failure
+                self._open_until[address] = now + seconds  # the probe (or a call beside it) timed out
+                self._probe_until.pop(address, None)
+                return
+            seen = self._timeouts.get(address, [])
+            if seen and now - seen[-1] < settings.REDIS_SOCKET_TIMEOUT / 2:
+                return  # the same stall
+            recent = [t for t in seen if now - t < seconds] + [now]
+            if len(recent) < settings.REDIS_BREAKER_TIMEOUTS:
                 self._timeouts[address] = recent
                 return
             self._timeouts.pop(address, None)
-            was_open = until is not None and now < until
             self._open_until[address] = now + seconds
-        if not was_open:
-            logger.warning("Redis at %s timed out %d times: calls to it fail at once for %.1f s",
-                           address, len(recent), seconds)
+        logger.warning("Redis at %s timed out %d times: calls to it fail at once for %.1f s",
+                       address, len(recent), seconds)
 
     def reset(self) -> None:
         with self._lock:
             self._timeouts.clear()
             self._open_until.clear()
+            self._probe_until.clear()
 
 
 breaker = RedisBreaker()
 
 
 def is_timeout(exc: BaseException) -> bool:
-    """A timeout waiting for Redis (redis-py's, or asyncio's/the socket's), also as the cause of
-    another error (kombu wraps redis-py's)."""
+    """A command that timed out waiting for Redis (redis-py's timeout, a socket's, asyncio's),
+    also as the cause of another error (kombu wraps redis-py's) — but not a ConnectionError
+    caused by a timeout: that is a wait for a free pooled connection, which grows with load."""
+    if isinstance(exc, redis.exceptions.ConnectionError):
+        return False
     return any(isinstance(e, (redis.exceptions.TimeoutError, TimeoutError))
-               for e in (exc, exc.__cause__, exc.__context__))
+               for e in (exc, exc.__cause__, exc.__context__) if e is not None)
 
 
 @functools.lru_cache(maxsize=32)
@@ -105,48 +142,79 @@ def _address(connection) -> str:
     return address
 
 
-class BreakerGuarded:
-    """On a redis-py (sync) connection class: each connect and command first asks the breaker,
-    and tells it of a timeout (once per call: a connect inside a command raises through both)."""
+class TimeoutCounting:
+    """On a redis-py (sync) connection class: a command's timeout is told to the breaker (once
+    per call: a connect inside a command raises through both)."""
 
     def connect_check_health(self, *args, **kwargs):
-        breaker.check(_address(self))
-        try:
+        with _counting(self):
             return super().connect_check_health(*args, **kwargs)
-        except redis.exceptions.TimeoutError as exc:
-            _count(self, exc)
-            raise
 
     def send_packed_command(self, *args, **kwargs):
-        breaker.check(_address(self))
-        try:
+        with _counting(self):
             return super().send_packed_command(*args, **kwargs)
-        except redis.exceptions.TimeoutError as exc:
-            _count(self, exc)
-            raise
 
     def read_response(self, *args, **kwargs):
-        try:
+        with _counting(self):
             return super().read_response(*args, **kwargs)
-        except redis.exceptions.TimeoutError as exc:
-            _count(self, exc)
-            raise
 
 
-def _count(connection, exc: BaseException) -> None:
-    if not getattr(exc, "_breaker_counted", False):
-        exc._breaker_counted = True
-        breaker.timed_out(_address(connection))
+@contextlib.contextmanager
+def _counting(connection):
+    try:
+        yield
+    except redis.exceptions.TimeoutError as exc:
+        if not getattr(exc, "_breaker_counted", False):
+            exc._breaker_counted = True
+            breaker.timed_out(_address(connection))
+        raise
 
 
 @functools.cache
-def breaker_guarded(connection_class: type) -> type:
-    """`connection_class` (plain, TLS or Unix socket, as the URL's scheme says) with BreakerGuarded."""
-    return type(connection_class.__name__, (BreakerGuarded, connection_class), {})
+def timeout_counting(connection_class: type) -> type:
+    """`connection_class` (plain, TLS or Unix socket, as the URL's scheme says) with TimeoutCounting."""
+    return type(connection_class.__name__, (TimeoutCounting, connection_class), {})
+
+
+class GuardedPipeline(redis.client.Pipeline):
+    breaker_address = ""
+
+    def execute(self, raise_on_error: bool = True):
+        if self.command_stack or self.watching:
+            breaker.check(self.breaker_address)
+        result = super().execute(raise_on_error)
+        breaker.succeeded(self.breaker_address)
+        return result
+
+
+class GuardedRedis(redis.Redis):
+    """A client that asks the breaker before each command or pipeline, before it takes a pooled
+    connection (a healthy connection is not closed for it), and tells it of each answer."""
+
+    breaker_address = ""
+
+    def execute_command(self, *args, **options):
+        breaker.check(self.breaker_address)
+        result = super().execute_command(*args, **options)
+        breaker.succeeded(self.breaker_address)
+        return result
+
+    def pipeline(self, transaction=True, shard_hint=None) -> GuardedPipeline:
+        pipe = GuardedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.breaker_address = self.breaker_address
+        return pipe
+
+
+def unguarded(client: redis.Redis) -> redis.Redis:
+    """The same pool without the breaker's gate (the health check asks Redis itself)."""
+    plain = client.__dict__.get("_unguarded")
+    if plain is None:
+        plain = client._unguarded = redis.Redis(connection_pool=client.connection_pool)
+    return plain
 
 
 def get_redis(url: str | None = None) -> redis.Redis:
-    """The process's client for `url` (default REDIS_URL), its calls guarded by the breaker."""
+    """The process's client for `url` (default REDIS_URL), its calls gated by the breaker."""
     url = url or settings.REDIS_URL
     client = _clients.get(url)
     if client is None:
@@ -154,7 +222,7 @@ def get_redis(url: str | None = None) -> redis.Redis:
             client = _clients.get(url)
             if client is None:
                 options = parse_url(url)  # what from_url does, with the URL's connection class wrapped
-                connection_class = breaker_guarded(options.pop("connection_class", redis.Connection))
+                connection_class = timeout_counting(options.pop("connection_class", redis.Connection))
                 kwargs = {
                     "socket_timeout": settings.REDIS_SOCKET_TIMEOUT,
                     "socket_connect_timeout": settings.REDIS_SOCKET_TIMEOUT,
@@ -163,7 +231,9 @@ def get_redis(url: str | None = None) -> redis.Redis:
                 }
                 kwargs.update(options)  # the URL's own options win, as with from_url
                 pool = redis.ConnectionPool(connection_class=connection_class, **kwargs)
-                client = _clients[url] = redis.Redis(connection_pool=pool)
+                client = GuardedRedis(connection_pool=pool)
+                client.breaker_address = redis_address(url)
+                _clients[url] = client
     return client
 
 

@@ -344,6 +344,7 @@ class LocationFastLane:
             raise _Delegate
         except DatabaseError:
             raise _Delegate  # the token lookup failed: Django answers (a 503 in the SPEC's body)
+        breaker.succeeded(address)  # (a probe after the breaker's open spell closes it)
         if outcome.code == "throttled":
             return await self._throttled(scope, send, window, period)
         if outcome.code != "ok":

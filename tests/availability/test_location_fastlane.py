@@ -403,6 +403,27 @@ def test_malformed_stream_entries_are_dropped_without_holding_up_or_crashing_the
     assert caplog.text.count("dropping malformed fix") == len(bad)
 
 
+class Interleaved:
+    """A consumer's Redis client (wrapping `client`) that runs `action` (another consumer's
+    read) just before its `before_call`-th command."""
+
+    def __init__(self, client, *, before_call: int, action):
+        self._client, self._before, self._action, self._calls = client, before_call, action, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self._calls += 1
+            if self._calls == self._before:
+                self._action()
+            return attr(*args, **kwargs)
+
+        return call
+
+
 def test_the_trim_never_drops_entries_another_consumer_reads_meanwhile():
     """Another consumer's read may come between any two round trips of this one's trim: the
     floor and the trim are one step, so what that consumer holds pending stays."""
@@ -418,26 +439,8 @@ def test_the_trim_never_drops_entries_another_consumer_reads_meanwhile():
     def other_consumer_reads():
         held.extend(r.xreadgroup(live.STREAM_GROUP, "other", {live.STREAM_KEY: ">"}, count=1000)[0][1])
 
-    calls = []
-
-    class Interleaved:
-        """The consumer's Redis client: the other consumer reads just before its second command."""
-
-        def __getattr__(self, name):
-            attr = getattr(r, name)
-            if not callable(attr):
-                return attr
-
-            def call(*args, **kwargs):
-                calls.append(name)
-                if len(calls) == 2:
-                    other_consumer_reads()
-                return attr(*args, **kwargs)
-
-            return call
-
     consumer = Command()
-    consumer.r = Interleaved()
+    consumer.r = Interleaved(r, before_call=2, action=other_consumer_reads)  # before its second command
     consumer._trim()
     if not held:
         other_consumer_reads()  # (the trim was one round trip: the read comes after it)
@@ -476,27 +479,9 @@ def test_forgetting_a_consumer_never_drops_what_it_reads_meanwhile(monkeypatch):
     def gone_reads_again():
         held.extend(r.xreadgroup(live.STREAM_GROUP, "gone", {live.STREAM_KEY: ">"}, count=10)[0][1])
 
-    calls = []
-
-    class Interleaved:
-        """The forgetting consumer's client: "gone" reads just before its third command (the
-        first is the claim)."""
-
-        def __getattr__(self, name):
-            attr = getattr(r, name)
-            if not callable(attr):
-                return attr
-
-            def call(*args, **kwargs):
-                calls.append(name)
-                if len(calls) == 3:
-                    gone_reads_again()
-                return attr(*args, **kwargs)
-
-            return call
-
     consumer = consume_fixes.Command()
-    consumer.r, consumer.name, consumer.batch = Interleaved(), "survivor", 100
+    # "gone" reads just before the forgetting consumer's third command (the first is the claim)
+    consumer.r, consumer.name, consumer.batch = Interleaved(r, before_call=3, action=gone_reads_again), "survivor", 100
     consumer._claim(3_600_000)
     if not held:
         gone_reads_again()  # (the look and the removal were one round trip: the read comes after)
@@ -705,17 +690,23 @@ def test_a_stacked_driver_s_fix_reaches_every_customer_it_carries_for(listen, se
     assert not [e for e in customers.drain(timeout=0.3) if e["type"] == "delivery_location_updated"]
 
 
-@pytest.mark.parametrize("change", ["ended", "made"])
+@pytest.mark.parametrize("change", ["ended", "made", "made_after_redis_lost_one"])
 def test_an_assignment_made_or_ended_while_the_consumer_reads_postgres_is_not_undone(monkeypatch, change):
     """The consumer compares PostgreSQL's active deliveries with Redis's active map and repairs
     Redis; an assignment that changes after its PostgreSQL read (and writes Redis after its
-    commit) must stay as its workflow wrote it, not be put back by the consumer's older read."""
+    commit) must stay as its workflow wrote it, not be put back by the consumer's older read —
+    also when Redis and PostgreSQL differed before (Redis had lost a delivery): the repair then
+    is a compare-and-set on what was read, and leaves the newer write."""
     from workflows import drivers as driver_workflows
 
     driver = online_driver()
     delivery = DeliveryFactory()
     if change == "ended":
         assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    if change == "made_after_redis_lost_one":
+        lost = DeliveryFactory()
+        assignment_create(delivery_id=lost.pk, driver_id=driver.pk, actor=Actor.system())
+        get_redis().hdel(live.ACTIVE_KEY, str(driver.pk))  # Redis lost it (PostgreSQL has it)
     real, changed = driver_workflows.positions_persist, []
 
     def persist_then_change(*args, **kwargs):
@@ -731,14 +722,18 @@ def test_an_assignment_made_or_ended_while_the_consumer_reads_postgres_is_not_un
     monkeypatch.setattr(driver_workflows, "positions_persist", persist_then_change)
     driver_workflows.fixes_process([live.Fix(driver_id=str(driver.pk), lat=12.95, lon=77.55, recorded_at=time.time())])
     assert live.known_state([str(driver.pk)])[str(driver.pk)][1] == (() if change == "ended" else (str(delivery.pk),))
+    # (after "made_after_redis_lost_one" the lost delivery comes back with the driver's next batch)
 
 
 def test_the_reconcile_job_does_not_undo_an_assignment_made_after_its_postgres_read(monkeypatch):
     """`live.active_reconcile` (every minute): an assignment committed after the job read
-    PostgreSQL writes Redis itself; the job's older snapshot leaves it, and repairs the rest."""
+    PostgreSQL writes Redis itself; the job's older snapshot leaves it (a compare-and-set on
+    what it read first), and repairs the rest."""
     driver, stray = online_driver(), online_driver()
-    delivery = DeliveryFactory()
+    delivery, lost = DeliveryFactory(), DeliveryFactory()
     live.active_delivery_set(stray.pk, "00000000-0000-0000-0000-000000000001")  # PostgreSQL knows no such
+    assignment_create(delivery_id=lost.pk, driver_id=driver.pk, actor=Actor.system())
+    get_redis().hdel(live.ACTIVE_KEY, str(driver.pk))  # Redis lost it: the job's read differs from PostgreSQL's
 
     class ThenAssigned:
         """The job's database connection: right after its read, the assignment commits and

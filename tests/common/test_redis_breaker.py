@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import redis
@@ -18,6 +19,7 @@ from common import broadcast, redis as common_redis
 from common.redis import RedisBreaker, RedisBreakerOpen, breaker, get_redis, redis_address
 from config.celery import app as celery_app
 from tests.api import client_for
+from tests.common.test_celery_worker import sending_to_workers  # noqa: F401 - a fixture
 from tests.factories import online_driver
 
 pytestmark = pytest.mark.django_db
@@ -63,6 +65,11 @@ def hung(settings):
     common_redis._clients.pop(server.url, None)
 
 
+def open_breaker(address: str) -> None:
+    """The process's breaker open for `address`, as two timeouts a while apart would leave it."""
+    breaker._open_until[address] = time.monotonic() + 60
+
+
 class Clock:
     def __init__(self):
         self.now = 1000.0
@@ -72,41 +79,79 @@ class Clock:
 
 
 # ------------------------------------------------------------------------------ the breaker
-def test_two_timeouts_within_the_window_open_it_for_the_window_then_one_more_opens_it_again(settings):
-    settings.REDIS_BREAKER_SECONDS, settings.REDIS_BREAKER_TIMEOUTS = 2.0, 2
+def test_two_timeouts_within_the_window_open_it_then_one_probe_closes_or_reopens_it(settings):
+    settings.REDIS_BREAKER_SECONDS, settings.REDIS_BREAKER_TIMEOUTS, settings.REDIS_SOCKET_TIMEOUT = 2.0, 2, 0.5
     clock = Clock()
     b = RedisBreaker(clock=clock)
 
     b.timed_out("a:1")
-    assert not b.is_open("a:1")  # one slow reply opens nothing
+    assert b.allow("a:1")  # one slow reply opens nothing
     clock.now += 2.5
     b.timed_out("a:1")
-    assert not b.is_open("a:1")  # the first one is out of the window
+    assert b.allow("a:1")  # the first one is out of the window
     clock.now += 1.0
     b.timed_out("a:1")
-    assert b.is_open("a:1") and not b.is_open("b:2")  # per server
+    assert not b.allow("a:1") and b.allow("b:2")  # open, per server
     with pytest.raises(RedisBreakerOpen):
         b.check("a:1")
     assert issubclass(RedisBreakerOpen, redis.exceptions.ConnectionError)  # what callers degrade on
-
-    clock.now += 2.0
-    assert not b.is_open("a:1")
-    b.check("a:1")  # calls go through again
     clock.now += 1.0
-    b.timed_out("a:1")  # still hung: one timeout is enough now
-    assert b.is_open("a:1")
-
-    clock.now += 2.0 + 2.0  # closed for a whole window: two needed again
+    b.timed_out("a:1")  # a call sent before it opened, timing out now: not a new failure
+    clock.now += 1.0
+    assert b.allow("a:1")  # open for 2 s from the opening, not extended: this call is the probe
+    assert not b.allow("a:1") and b.is_open("a:1")  # the others wait for the probe
+    b.timed_out("a:1")  # the probe timed out: open again at once
+    assert not b.allow("a:1")
+    clock.now += 2.0
+    assert b.allow("a:1")  # the next probe
+    b.succeeded("a:1")  # answered: closed
+    assert b.allow("a:1") and b.allow("a:1")
     b.timed_out("a:1")
-    assert not b.is_open("a:1")
+    assert b.allow("a:1")  # closed: two needed again
+
+
+def test_timeouts_of_one_stall_count_once(settings):
+    """A single slow reply times out every call in flight at once: one stall, not a hang."""
+    settings.REDIS_BREAKER_SECONDS, settings.REDIS_BREAKER_TIMEOUTS, settings.REDIS_SOCKET_TIMEOUT = 2.0, 2, 0.5
+    clock = Clock()
+    b = RedisBreaker(clock=clock)
+    for _ in range(10):
+        b.timed_out("a:1")
+        clock.now += 0.01
+    assert b.allow("a:1")
+    clock.now += 0.5  # the next call, sent after the stall, times out too
+    b.timed_out("a:1")
+    assert not b.allow("a:1")
+
+
+def test_a_wait_for_a_free_pooled_connection_is_not_a_redis_timeout():
+    """redis-py raises ConnectionError("No connection available.") from the pool's wait: load,
+    not a silent Redis."""
+    try:
+        try:
+            raise TimeoutError
+        except TimeoutError as wait:
+            raise redis.exceptions.ConnectionError("No connection available.") from wait
+    except redis.exceptions.ConnectionError as exc:
+        assert not common_redis.is_timeout(exc)
+    assert common_redis.is_timeout(redis.exceptions.TimeoutError("Timeout reading from socket"))
+    try:
+        try:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        except redis.exceptions.TimeoutError as cause:
+            raise RuntimeError("kombu's wrapper") from cause
+    except RuntimeError as exc:
+        assert common_redis.is_timeout(exc)
 
 
 def test_zero_seconds_turns_it_off(settings):
     settings.REDIS_BREAKER_SECONDS = 0
-    b = RedisBreaker(clock=Clock())
+    clock = Clock()
+    b = RedisBreaker(clock=clock)
     for _ in range(5):
         b.timed_out("a:1")
-    assert not b.is_open("a:1")
+        clock.now += 1
+    assert b.allow("a:1")
 
 
 # ------------------------------------------------------------------------------ clients
@@ -121,6 +166,24 @@ def test_the_client_waits_for_a_hung_redis_twice_then_fails_at_once_without_conn
             client.ping()
     assert hung.connections == made
     assert get_redis().ping()  # the other server is not concerned
+
+
+def test_after_the_open_spell_one_call_probes_and_an_answer_closes_it(settings):
+    """With the breaker open for the test Redis (which answers), the first call after the spell
+    goes through and closes it; during the spell none is made."""
+    address = redis_address(settings.REDIS_URL)
+    client = get_redis()
+    client.ping()
+    open_breaker(address)
+    with pytest.raises(RedisBreakerOpen):
+        client.ping()
+    connections = client.connection_pool._created_connections
+    with pytest.raises(RedisBreakerOpen):
+        client.pipeline().get("x").execute()
+    assert client.connection_pool._created_connections == connections  # nothing taken from the pool
+    breaker._open_until[address] = 0.0  # the spell is over
+    assert client.ping()  # the probe
+    assert breaker.allow(address) and breaker.allow(address)  # closed by its answer
 
 
 def test_fixes_during_a_hang_wait_once_then_go_to_postgres_without_touching_redis(hung, settings):
@@ -144,8 +207,7 @@ def test_the_fast_lane_hands_a_fix_to_the_database_path_at_once_while_the_breake
     driver = online_driver()
     key = token(driver)
     settings.REDIS_URL = hung.url
-    for _ in range(2):
-        breaker.timed_out(redis_address(hung.url))
+    open_breaker(redis_address(hung.url))
     response = post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded()}, token=key)
     assert response.status_code == 200 and response.json()["accepted"] is True
     assert round(Driver.objects.get(pk=driver.pk).location.y, 5) == 12.95  # the database path wrote it
@@ -156,27 +218,16 @@ def test_the_fast_lane_hands_a_fix_to_the_database_path_at_once_while_the_breake
 def test_a_broadcast_is_skipped_while_the_breaker_is_open_and_sent_after(listen, settings):
     listener = listen("ops")
     address = redis_address(settings.REDIS_URL)
-    for _ in range(2):
-        breaker.timed_out(address)
+    open_breaker(address)
     broadcast.send_now(["ops"], {"type": "skipped_event"})
     breaker.reset()
     broadcast.send_now(["ops"], {"type": "sent_event"})
     assert [e["type"] for e in listener.drain()] == ["sent_event"]
 
 
-@pytest.fixture
-def publishing():
-    """Tasks published to the broker (the test Redis), not run eagerly."""
-    previous = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = False
-    yield
-    celery_app.conf.task_always_eager = previous
-
-
-def test_a_task_is_not_published_while_the_breaker_is_open_for_the_broker(publishing, django_capture_on_commit_callbacks):
+def test_a_task_is_not_published_while_the_breaker_is_open_for_the_broker(sending_to_workers, django_capture_on_commit_callbacks):  # noqa: F811
     address = redis_address(celery_app.conf.broker_url)
-    for _ in range(2):
-        breaker.timed_out(address)
+    open_breaker(address)
     with django_capture_on_commit_callbacks(execute=True):
         broadcast.enqueue_task_on_commit("offers.expire_overdue_offers")
     breaker.reset()
@@ -186,7 +237,7 @@ def test_a_task_is_not_published_while_the_breaker_is_open_for_the_broker(publis
     assert get_redis().llen("timers") == 1
 
 
-def test_a_publish_to_a_hung_broker_gives_up_after_its_socket_timeout(hung, publishing):
+def test_a_publish_to_a_hung_broker_gives_up_after_its_socket_timeout(hung, sending_to_workers):  # noqa: F811
     """kombu's Redis transport waits forever unless given a socket timeout
     (CELERY_BROKER_TRANSPORT_OPTIONS, above its consumers' 1 s BRPOP)."""
     options = celery_app.conf.broker_transport_options

@@ -68,7 +68,7 @@ def test_the_round_scheduled_when_a_delivery_starts_waiting_runs_at_the_end_of_i
 
 
 def test_the_sweep_on_a_real_worker_runs_a_due_round_whose_task_was_lost(celery_processes, sending_to_workers):  # noqa: F811
-    # its scheduled round went to the default queue, which no worker here consumes: lost
+    # its scheduled round went to the `timers` queue, which no worker here consumes: lost
     delivery, driver, _ = waiting_delivery(seconds_ago=10)
     worker = celery_processes.worker()
 
