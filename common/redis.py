@@ -68,8 +68,13 @@ class RedisBreaker:
             return True
 
     def is_open(self, address: str) -> bool:
-        """True while calls to `address` should not be made (taking the probe when it is due)."""
-        return not self.allow(address)
+        """True while calls to `address` should not be made: open, or its probe out (a caller
+        that cannot tell the breaker of an answer asks this; it never takes the probe)."""
+        until = self._open_until.get(address)
+        if until is None:
+            return False
+        now = self._clock()
+        return now < until or now < self._probe_until.get(address, 0.0)
 
     def check(self, address: str) -> None:
         if not self.allow(address):

@@ -317,7 +317,7 @@ class LocationFastLane:
         client = self._redis()
         digest = token_digest(key)
         address = redis_address(settings.REDIS_URL)
-        if breaker.is_open(address):
+        if not breaker.allow(address):
             raise _Delegate  # a hung Redis: the database path at once, not after a timeout
         try:
             async with asyncio.timeout(settings.REDIS_SOCKET_TIMEOUT):

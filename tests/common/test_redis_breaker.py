@@ -98,6 +98,7 @@ def test_two_timeouts_within_the_window_open_it_then_one_probe_closes_or_reopens
     clock.now += 1.0
     b.timed_out("a:1")  # a call sent before it opened, timing out now: not a new failure
     clock.now += 1.0
+    assert not b.is_open("a:1")  # the spell is over; asking this takes no probe
     assert b.allow("a:1")  # open for 2 s from the opening, not extended: this call is the probe
     assert not b.allow("a:1") and b.is_open("a:1")  # the others wait for the probe
     b.timed_out("a:1")  # the probe timed out: open again at once
