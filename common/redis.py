@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -149,30 +148,35 @@ def _address(connection) -> str:
 
 class TimeoutCounting:
     """On a redis-py (sync) connection class: a command's timeout is told to the breaker (once
-    per call: a connect inside a command raises through both)."""
+    per call: a connect inside a command raises through both). Plain try blocks, not a context
+    manager: every Redis command of the web and the consumer runs through these."""
 
     def connect_check_health(self, *args, **kwargs):
-        with _counting(self):
+        try:
             return super().connect_check_health(*args, **kwargs)
+        except redis.exceptions.TimeoutError as exc:
+            _count(self, exc)
+            raise
 
     def send_packed_command(self, *args, **kwargs):
-        with _counting(self):
+        try:
             return super().send_packed_command(*args, **kwargs)
+        except redis.exceptions.TimeoutError as exc:
+            _count(self, exc)
+            raise
 
     def read_response(self, *args, **kwargs):
-        with _counting(self):
+        try:
             return super().read_response(*args, **kwargs)
+        except redis.exceptions.TimeoutError as exc:
+            _count(self, exc)
+            raise
 
 
-@contextlib.contextmanager
-def _counting(connection):
-    try:
-        yield
-    except redis.exceptions.TimeoutError as exc:
-        if not getattr(exc, "_breaker_counted", False):
-            exc._breaker_counted = True
-            breaker.timed_out(_address(connection))
-        raise
+def _count(connection, exc: BaseException) -> None:
+    if not getattr(exc, "_breaker_counted", False):
+        exc._breaker_counted = True
+        breaker.timed_out(_address(connection))
 
 
 @functools.cache

@@ -70,6 +70,13 @@ def open_breaker(address: str) -> None:
     breaker._open_until[address] = time.monotonic() + 60
 
 
+def time_out(b: RedisBreaker, clock, *, times: int, apart: float) -> None:
+    """`times` timeouts to "a:1", `apart` seconds apart."""
+    for _ in range(times):
+        b.timed_out("a:1")
+        clock.now += apart
+
+
 class Clock:
     def __init__(self):
         self.now = 1000.0
@@ -116,9 +123,7 @@ def test_timeouts_of_one_stall_count_once(settings):
     settings.REDIS_BREAKER_SECONDS, settings.REDIS_BREAKER_TIMEOUTS, settings.REDIS_SOCKET_TIMEOUT = 2.0, 2, 0.5
     clock = Clock()
     b = RedisBreaker(clock=clock)
-    for _ in range(10):
-        b.timed_out("a:1")
-        clock.now += 0.01
+    time_out(b, clock, times=10, apart=0.01)
     assert b.allow("a:1")
     clock.now += 0.5  # the next call, sent after the stall, times out too
     b.timed_out("a:1")
@@ -128,30 +133,22 @@ def test_timeouts_of_one_stall_count_once(settings):
 def test_a_wait_for_a_free_pooled_connection_is_not_a_redis_timeout():
     """redis-py raises ConnectionError("No connection available.") from the pool's wait: load,
     not a silent Redis."""
-    try:
-        try:
-            raise TimeoutError
-        except TimeoutError as wait:
-            raise redis.exceptions.ConnectionError("No connection available.") from wait
-    except redis.exceptions.ConnectionError as exc:
-        assert not common_redis.is_timeout(exc)
+    assert not common_redis.is_timeout(caused(redis.exceptions.ConnectionError("No connection available."), TimeoutError()))
     assert common_redis.is_timeout(redis.exceptions.TimeoutError("Timeout reading from socket"))
-    try:
-        try:
-            raise redis.exceptions.TimeoutError("Timeout reading from socket")
-        except redis.exceptions.TimeoutError as cause:
-            raise RuntimeError("kombu's wrapper") from cause
-    except RuntimeError as exc:
-        assert common_redis.is_timeout(exc)
+    assert common_redis.is_timeout(caused(RuntimeError("kombu's wrapper"), redis.exceptions.TimeoutError("Timeout reading")))
+
+
+def caused(exc: BaseException, cause: BaseException) -> BaseException:
+    """`exc` raised from `cause`."""
+    exc.__cause__ = cause
+    return exc
 
 
 def test_zero_seconds_turns_it_off(settings):
     settings.REDIS_BREAKER_SECONDS = 0
     clock = Clock()
     b = RedisBreaker(clock=clock)
-    for _ in range(5):
-        b.timed_out("a:1")
-        clock.now += 1
+    time_out(b, clock, times=5, apart=1.0)
     assert b.allow("a:1")
 
 
