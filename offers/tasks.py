@@ -17,10 +17,16 @@ def expire_overdue_offers() -> int:
 
 
 @shared_task(
-    name="offers.push_offer", ignore_result=True, autoretry_for=(Exception,), retry_backoff=2,
+    name="offers.push_offer", bind=True, ignore_result=True, autoretry_for=(Exception,), retry_backoff=2,
     retry_backoff_max=30, retry_jitter=True, max_retries=4,
 )
-def push_offer(offer_id: str, driver_id: str, event: dict) -> bool:
+def push_offer(self, offer_id: str, driver_id: str, event: dict) -> bool:
     """The offer to the driver's phone, off the request thread; a gateway failure is retried
     with backoff (an offer lives 10–120 s, so the retries stop within that)."""
-    return services.offer_push(offer_id=offer_id, driver_id=driver_id, event=event)
+    return services.offer_push(offer_id=offer_id, driver_id=driver_id, event=event, retrying=self.request.retries > 0)
+
+
+@shared_task(name="offers.push_unsent_offers")
+def push_unsent_offers() -> int:
+    """The push sweep: pushes whose task was never queued (services.offers_push_unsent)."""
+    return services.offers_push_unsent()
