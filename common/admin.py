@@ -3,7 +3,7 @@ from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
 from common import hooks
 from common.exceptions import DomainError
-from common.models import ApiToken, User
+from common.models import ApiToken, DeferredTask, User
 from common.tokens import api_token_new_key
 
 
@@ -69,6 +69,23 @@ def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None)
     if done is not None and results:
         modeladmin.message_user(request, done(results), messages.SUCCESS)
     return results
+
+
+@admin.register(DeferredTask)
+class DeferredTaskAdmin(admin.ModelAdmin):
+    """Task publishes that failed after commit (the broker down, or the Redis breaker open), waiting
+    for the sweep to publish them again (common.deferred); read-only, and deleting one drops it."""
+
+    list_display = ("task", "created_at", "expires_at", "attempts")
+    list_filter = ("task",)
+    ordering = ("created_at",)
+    readonly_fields = ("task", "args", "created_at", "expires_at", "attempts")
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
 
 class ReadOnlyInline(admin.TabularInline):

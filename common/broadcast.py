@@ -297,33 +297,50 @@ def tasks_diverted(sink):
         yield
 
 
-def enqueue_task_on_commit(name: str, *args, **options) -> None:
+def enqueue_task_on_commit(name: str, *args, durable_seconds: float | None = None, **options) -> None:
     """Enqueue the registered Celery task `name` after commit (a broker failure is logged).
+    With `durable_seconds`, a publish that fails is kept in PostgreSQL and published again by
+    the sweep for that long (common.deferred): for tasks nothing else re-sends.
 
     By name, so a lower layer can schedule work whose task lives in an interface module
     (tasks call workflows; workflows and services schedule tasks) without importing it."""
+    if durable_seconds and options:
+        raise ValueError("a durable task is published again without options: pass none")
     sink = getattr(_local, "task_sink", None)
     if sink is not None:
         transaction.on_commit(lambda: sink(name, args, options))
         return
 
-    transaction.on_commit(lambda: _publish(name, args, **options), robust=True)
+    transaction.on_commit(lambda: publish(name, args, durable_seconds=durable_seconds, **options), robust=True)
 
 
-def _publish(name: str, args=(), **options) -> bool:
-    """Publish the registered task `name`; False (logged) when the broker failed, or is a Redis
-    the breaker says is hung (not waited for again)."""
+def broker_is_open() -> bool:
+    """The broker is a Redis the breaker says is hung (publishes are skipped)."""
     broker = _broker_address()
-    if broker is not None and breaker.is_open(broker):
+    return broker is not None and breaker.is_open(broker)
+
+
+def publish(name: str, args=(), *, durable_seconds: float | None = None, **options) -> bool:
+    """Publish the registered task `name`; False (logged) when the broker failed, or is a Redis
+    the breaker says is hung (not waited for again). With `durable_seconds` a failed publish
+    is kept for the sweep."""
+    if broker_is_open():
         logger.warning("enqueue of %s skipped: the broker's Redis is unavailable", name)
-        return False
-    try:
-        _registered_task(name).apply_async(args=args, **options)
-    except Exception as exc:
-        _tell_breaker(exc, broker)
-        logger.warning("enqueue of %s failed", name, exc_info=True)
-        return False
-    return True
+    else:
+        try:
+            _registered_task(name).apply_async(args=args, **options)
+            return True
+        except Exception as exc:
+            _tell_breaker(exc, _broker_address())
+            logger.warning("enqueue of %s failed", name, exc_info=True)
+    if durable_seconds:
+        from common.deferred import defer  # the model module: not at import time
+
+        try:
+            defer(name, args, seconds=durable_seconds)
+        except Exception:
+            logger.exception("keeping the failed publish of %s failed: it is lost", name)
+    return False
 
 
 # How long a queued kick keeps later commits from queueing another, at most (if its message is
@@ -362,7 +379,7 @@ def enqueue_kick_on_commit(name: str) -> None:
 def _kick(name: str, countdown: float = 0) -> None:
     """Publish the kick whose slot (`kick_key(name)`) the caller just took; a failed publish is
     logged and frees the slot for the next commit."""
-    if not _publish(name, countdown=countdown or None):
+    if not publish(name, countdown=countdown or None):
         try:
             get_redis().delete(kick_key(name))
         except RedisFailed:
@@ -407,7 +424,7 @@ def enqueue_due_on_commit(
             _, kicked = pipe.execute()
         except RedisFailed:
             logger.warning("could not mark %s due in %s; enqueued on its own", item, due_key, exc_info=True)
-            _publish(fallback_name, fallback_args)
+            publish(fallback_name, fallback_args)
             return
         if kicked:  # else a kick is queued and has not started: it takes this item too
             _kick(name, countdown)

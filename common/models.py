@@ -1,6 +1,7 @@
 import uuid
 
 from django.contrib.auth.models import AbstractUser
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
 
 
@@ -53,3 +54,20 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.name or 'token'})"
+
+
+class DeferredTask(models.Model):
+    """A Celery task whose after-commit publish failed (the broker down, or the Redis breaker
+    open after a hang), kept to be published again by the sweep (`common.deferred`) until
+    `expires_at`. Only tasks enqueued with `durable_seconds` (ops alerts, driver notices, a
+    simulation run) are kept; the others have sweeps of their own or do not matter late."""
+
+    id = models.BigAutoField(primary_key=True)
+    task = models.CharField(max_length=200)
+    args = models.JSONField(encoder=DjangoJSONEncoder)
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.task} (deferred {self.created_at:%H:%M:%S})"

@@ -22,6 +22,8 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     # sweep takes what a lost kick left (tracking.refresh_due_etas)
     "ETA refresh sweep": ("tracking.refresh_due_etas", 15, {"expires": 15}),
     "customer messages sweep": ("notifications.send_customer_messages", 15, {"expires": 15}),
+    # publishes that failed after commit and were kept (ops alerts, driver notices: common.deferred)
+    "republish deferred tasks": ("common.republish_deferred_tasks", 10, {"expires": 10}),
 }
 
 # Work due at a moment — the safety nets above that keep the fleet moving, an offer's push (the
@@ -37,7 +39,7 @@ TIMER_TASKS = frozenset({
     "offers.push_offer", "offers.push_unsent_offers", "offers.expire_offer", "offers.expire_overdue_offers",
     "availability.expire_breaks", "dispatch.retry_unassigned", "dispatch.run_matching_round",
     "dispatch.run_matching_rounds", "escalation.check", "availability.mark_stale_drivers_offline",
-    "availability.reconcile_geo_index", "zones.refresh_zone_health",
+    "availability.reconcile_geo_index", "zones.refresh_zone_health", "common.republish_deferred_tasks",
 })
 
 # Names of tasks we manage start with this, so stale ones can be removed safely.

@@ -126,10 +126,13 @@ class FcmPushBackend:
 
 NOTICE_TASK = "notifications.push_driver_notice"
 NOTICE_EVENTS = ("offer_cancelled", "break_expired")
+NOTICE_KEEP_SECONDS = 60  # a notice whose publish failed is kept and sent this late at most
 
 
 def push_notice_capture(event: dict) -> None:
     """The `common.hooks.on_event_emitted` handler: an offer withdrawn or a break ended is also
     pushed to the driver's phone, after commit, from a task."""
     if event.get("type") in NOTICE_EVENTS and event.get("driverId"):
-        enqueue_task_on_commit(NOTICE_TASK, event["driverId"], event["type"], dict(event))
+        enqueue_task_on_commit(
+            NOTICE_TASK, event["driverId"], event["type"], dict(event), durable_seconds=NOTICE_KEEP_SECONDS
+        )

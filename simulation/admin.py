@@ -76,7 +76,7 @@ class SimulationRunAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         run = services.run_create(parameters=form.parameters(), user=request.user)
         obj.pk, obj.parameters = run.pk, run.parameters
-        enqueue_task_on_commit("simulation.run", run.pk)
+        enqueue_task_on_commit("simulation.run", run.pk, durable_seconds=3600)  # a failed publish is sent again
 
     def get_urls(self):
         return [
