@@ -10,14 +10,58 @@ command a connection of its own, so one per pool serves them all; a new pool (af
 kombu's `_after_fork` drops the old one) gets a new client. The asynchronous clients the
 worker consumes with (BRPOP, pub/sub) are kombu's own, unchanged.
 
+And an ack that fails still frees its prefetch slot (`QoS`).
+
 Selected by `CELERY_BROKER_TRANSPORT` for `redis://` brokers (config/settings/base.py); not for
 `rediss://`, where kombu turns TLS on by the transport's name."""
 from __future__ import annotations
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+# At most this many acks whose removal failed are kept to be retried with the next acks.
+UNREMOVED_MAX = 1000
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS frees a message's prefetch slot only after the message is removed from
+    Redis's unacked index: when that removal fails (the broker's socket timeout while Redis
+    hangs, a connection reset while it restarts; Celery logs "Couldn't ack") the slot stays
+    taken for good, and a worker (prefetch 1 × 2 processes) stopped consuming after two such
+    acks until restarted, every timer with it (seen with Redis paused 8 s under make run). Here
+    the slot is freed whatever happens, and the removal is retried with the next acks; until
+    then the message stays in the unacked index, which kombu restores after its visibility
+    timeout (a late duplicate run, as after a worker crash)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unremoved: list = []
+
+    def ack(self, delivery_tag):
+        tags = [*self._unremoved, delivery_tag]
+        try:
+            with self.pipe_or_acquire() as pipe:
+                for tag in tags:
+                    self._remove_from_indices(tag, pipe)
+                pipe.execute()
+            self._unremoved = []
+        except Exception:
+            self._unremoved = tags[-UNREMOVED_MAX:]
+            raise
+        finally:
+            virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        if not requeue:
+            return self.ack(delivery_tag)
+        try:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        finally:
+            virtual.QoS.ack(self, delivery_tag)
 
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _command_client: tuple | None = None  # (pool, client)
 
     def _create_client(self, asynchronous=False):

@@ -4,6 +4,7 @@ import threading
 import uuid
 
 import pytest
+import redis
 from kombu.transport import redis as kombu_redis
 
 from common.broadcast import _registered_task
@@ -83,3 +84,35 @@ def test_publishes_build_no_client_per_message(connection, queue, sending_to_wor
         task.apply_async(args=(f"count-{i}", "2026-12-04T10:00:00Z"), queue=queue, producer=producer)
     assert get_redis().llen(queue) == 20
     assert len(built) == 1
+
+
+def test_an_ack_that_fails_frees_its_prefetch_slot_and_is_removed_with_the_next(connection, queue, monkeypatch):
+    """kombu's QoS kept the slot of an ack whose removal from Redis failed (Redis hung or
+    restarting): a worker with prefetch 2 stopped consuming for good after two."""
+    channel = connection.default_channel
+    channel.basic_qos(prefetch_count=1)
+    qos = channel.qos
+    for n in range(2):
+        connection.Producer(channel).publish({"n": n}, routing_key=queue)
+    channel.queue_declare(queue)
+    unacked = get_redis().hlen
+
+    first = channel.basic_get(queue, no_ack=False)
+    assert not qos.can_consume() and unacked(qos.unacked_key) >= 1
+    acquire = qos.pipe_or_acquire
+
+    def hung(*args, **kwargs):
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(qos, "pipe_or_acquire", hung)
+    with pytest.raises(redis.exceptions.TimeoutError):
+        first.ack()
+    assert qos.can_consume()  # the slot is free though Redis still lists the message as unacked
+    assert get_redis().hexists(qos.unacked_key, first.delivery_tag)
+
+    monkeypatch.setattr(qos, "pipe_or_acquire", acquire)  # Redis is back
+    second = channel.basic_get(queue, no_ack=False)
+    second.ack()
+    assert qos.can_consume()
+    assert not get_redis().hexists(qos.unacked_key, first.delivery_tag)
+    assert not get_redis().hexists(qos.unacked_key, second.delivery_tag)
