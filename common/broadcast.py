@@ -15,7 +15,7 @@ per call, and the channel layers, which keep their Redis connections per loop, w
 anew for every event (a TCP connect and redis-py's client-info lookup per call: a third of the
 stream consumer's CPU at 200 fixes/s, bench/README.md "Tracking fan-out"). There the events go
 through one long-lived loop in a daemon thread of the process (`_sender_loop`), whose
-connections are reused.
+connections are reused. The sync caller waits for its send at most `SEND_WAIT_SECONDS`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from asgiref.sync import SyncToAsync, async_to_sync
+from asgiref.sync import SyncToAsync
 from celery import current_app
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import get_channel_layer
@@ -120,23 +120,24 @@ def send_many(entries: Sequence[Entry]) -> None:
     if breaker.is_open(_layers_address()):  # a hung Redis: do not wait for it again
         logger.warning("broadcast of %d events skipped: Redis unavailable", len(entries))
         return
+    loop = getattr(_local, "server_loop", None)
+    if loop is None or not loop.is_running():
+        loop = _server_loop() or _sender_loop()
+    future = asyncio.run_coroutine_threadsafe(_send_all(entries), loop)
     try:
-        bound = getattr(_local, "server_loop", None)
-        if bound is not None and bound.is_running():
-            asyncio.run_coroutine_threadsafe(_send_all(entries), bound).result(timeout=SEND_TIMEOUT)
-        elif _server_loop() is not None:
-            async_to_sync(_send_all)(entries)
-        else:
-            future = asyncio.run_coroutine_threadsafe(_send_all(entries), _sender_loop())
-            future.result(timeout=SEND_TIMEOUT)
+        future.result(timeout=SEND_WAIT_SECONDS)
     except concurrent.futures.TimeoutError:  # (not counted by the breaker: a busy loop makes it too)
-        logger.warning("broadcast of %d events timed out", len(entries))
+        logger.warning("broadcast of %d events not sent within %.1f s: it goes on without the caller",
+                       len(entries), SEND_WAIT_SECONDS)
     except Exception:
         logger.warning("broadcast of %d events failed", len(entries), exc_info=True)
 
 
-# A caller outside the ASGI server waits at most this long for its events to go out.
-SEND_TIMEOUT = 15.0
+# A sync caller (a request thread, a task) waits at most this long for its events to go out (a
+# few ms as a rule); then the send goes on in the background without it. A hung Redis costs
+# the send the channel layer's socket timeout (15 s: its receive blocks for 5), which is what
+# every request and task touching it used to wait, twice before the breaker opened.
+SEND_WAIT_SECONDS = 1.0
 
 
 def _layers_address() -> str:
@@ -153,6 +154,18 @@ def _tell_breaker(exc: BaseException, address: str | None) -> None:
     if address is not None and is_timeout(exc):
         breaker.timed_out(address)
 
+
+def publish_retry_errback(exc: BaseException, interval: float) -> None:
+    """kombu's callback on each failed attempt of a publish (config/celery.py puts it in the
+    publish retry policy): a timeout counts for the breaker at once, not once per publish, and
+    a publish stops retrying as soon as the breaker opens (a hung broker cost the first request
+    two publishes of two attempts each, 8 s)."""
+    broker = _broker_address()
+    _tell_breaker(exc, broker)
+    if broker is not None and breaker.is_open(broker):
+        raise exc
+
+
 _sender_lock = threading.Lock()
 _sender: tuple[int, asyncio.AbstractEventLoop] | None = None
 
@@ -165,7 +178,7 @@ def bind_server_loop(loop: asyncio.AbstractEventLoop | None) -> None:
 
 def _server_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop of the ASGI server this sync code runs under (via `sync_to_async`), if
-    any: `async_to_sync` sends there."""
+    any: the events are sent there."""
     if getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) != os.getpid():
         return None
     loop = getattr(SyncToAsync.threadlocal, "main_event_loop", None)

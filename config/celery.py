@@ -17,6 +17,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
 app = Celery("dispatch")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+
+
+def _publish_retry_errback(exc, interval):
+    from common.broadcast import publish_retry_errback  # Django's apps are not loaded yet here
+
+    publish_retry_errback(exc, interval)
+
+
+app.conf.task_publish_retry_policy = {**app.conf.task_publish_retry_policy, "errback": _publish_retry_errback}
 app.autodiscover_tasks()
 
 # --------------------------------------------------------------------------- job liveness

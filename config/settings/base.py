@@ -223,13 +223,16 @@ CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
 if CELERY_BROKER_URL.split("://", 1)[0] == "redis":  # not rediss: kombu turns TLS on by its scheme name
     CELERY_BROKER_TRANSPORT = "common.celery_transport:Transport"
 # kombu waits for a Redis broker with no timeout by default: a request that enqueued a task while
-# the broker hung waited as long as the hang. Above the consumers' 1 s BRPOP.
+# the broker hung waited as long as the hang. Above the consumers' 1 s BRPOP, and under the
+# Redis breaker's 2 s window (REDIS_BREAKER_SECONDS), so that the two attempts of one publish
+# open it (at 2 s they fell just outside it, and the next publish waited its two timeouts too).
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "socket_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=2.0),
-    "socket_connect_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=2.0),
+    "socket_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=1.5),
+    "socket_connect_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=1.5),
 }
 # One retry of a failed publish (Celery's default is three): with the broker hung, a request
-# waits at most two socket timeouts for it.
+# waits at most two socket timeouts for it. Each timed-out attempt counts for the breaker
+# (config/celery.py adds the errback).
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL)
 CELERY_TASK_ACKS_LATE = True

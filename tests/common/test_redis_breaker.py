@@ -7,6 +7,7 @@ for the channel layer's socket timeout, its task publish for kombu, which had no
 """
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -223,6 +224,31 @@ def test_a_broadcast_is_skipped_while_the_breaker_is_open_and_sent_after(listen,
     assert [e["type"] for e in listener.drain()] == ["sent_event"]
 
 
+def test_a_caller_waits_for_a_hanging_send_one_second_and_the_send_goes_on(listen, monkeypatch):
+    """A hung Redis held every request's and task's broadcast for the channel layer's 15 s socket
+    timeout (an ops offer took 25 s with Redis paused): the caller stops waiting after
+    SEND_WAIT_SECONDS; the send is not dropped."""
+    listener = listen("ops")
+    release = threading.Event()
+    send_all = broadcast._send_all
+
+    async def held(entries):
+        await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        await send_all(entries)
+
+    monkeypatch.setattr(broadcast, "_send_all", held)
+    monkeypatch.setattr(broadcast, "SEND_WAIT_SECONDS", 0.05)
+    caller = threading.Thread(target=broadcast.send_now, args=(["ops"], {"type": "late_event"}))
+    caller.start()
+    caller.join(timeout=10)  # a hang detector, not a measurement: it returns after 0.05 s
+    try:
+        assert not caller.is_alive()
+        assert listener.drain() == []
+    finally:
+        release.set()
+    assert [e["type"] for e in listener.drain(timeout=2)] == ["late_event"]
+
+
 def test_a_task_is_not_published_while_the_breaker_is_open_for_the_broker(sending_to_workers, django_capture_on_commit_callbacks):  # noqa: F811
     address = redis_address(celery_app.conf.broker_url)
     open_breaker(address)
@@ -257,6 +283,28 @@ def test_a_publish_to_a_hung_broker_gives_up_after_its_socket_timeout(hung, send
     thread.join(timeout=20)
     assert not thread.is_alive(), "the publish to a hung broker is still waiting"
     assert outcome and common_redis.is_timeout(outcome[0]), outcome
+
+
+def test_a_publish_to_a_hung_broker_counts_each_attempt_and_opens_the_breaker(hung, sending_to_workers):  # noqa: F811
+    """Each timed-out attempt of a publish (its retry policy's errback) counts: one publish of
+    two attempts opens the breaker, so the request's next publishes are skipped, not waited for."""
+    options, url = celery_app.conf.broker_transport_options, celery_app.conf.broker_url
+    outcome = []
+
+    def publish():
+        celery_app.conf.broker_transport_options = {**options, "socket_timeout": 0.3, "socket_connect_timeout": 0.3}
+        celery_app.conf.broker_url = hung.url
+        try:
+            with celery_app.connection_for_write() as conn:  # the app's retry policy applies
+                outcome.append(broadcast.publish("offers.expire_overdue_offers", connection=conn))
+        finally:
+            celery_app.conf.broker_transport_options, celery_app.conf.broker_url = options, url
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "the publish to a hung broker is still waiting"
+    assert outcome == [False] and breaker.is_open(redis_address(hung.url))
 
 
 def test_options_in_the_url_win_as_with_from_url(settings):
