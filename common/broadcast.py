@@ -136,7 +136,8 @@ def send_many(entries: Sequence[Entry]) -> None:
 # A sync caller (a request thread, a task) waits at most this long for its events to go out (a
 # few ms as a rule); then the send goes on in the background without it. A hung Redis costs
 # the send the channel layer's socket timeout (15 s: its receive blocks for 5), which is what
-# every request and task touching it used to wait, twice before the breaker opened.
+# every request and task touching it used to wait, twice before the breaker opened. (A send not
+# waited for can be overtaken by the caller's next one: live events are best-effort anyway.)
 SEND_WAIT_SECONDS = 1.0
 
 
