@@ -59,8 +59,9 @@ class ApiToken(models.Model):
 class DeferredTask(models.Model):
     """A Celery task whose after-commit publish failed (the broker down, or the Redis breaker
     open after a hang), kept to be published again by the sweep (`common.deferred`) until
-    `expires_at`. Only tasks enqueued with `durable_seconds` (ops alerts, driver notices, a
-    simulation run) are kept; the others have sweeps of their own or do not matter late."""
+    `expires_at`. Only tasks enqueued with `durable_seconds` (offer pushes, ops alerts, driver
+    notices, a simulation run) are kept; the others have sweeps of their own or do not matter
+    late. At least once: a publish that timed out may have reached the broker all the same."""
 
     id = models.BigAutoField(primary_key=True)
     task = models.CharField(max_length=200)

@@ -6,8 +6,6 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     "purge idempotency records": ("common.purge_idempotency_records", 3600, {"expires": 3000}),
     "expire breaks": ("availability.expire_breaks", 10, {"expires": 10}),
     "expire offers sweep": ("offers.expire_overdue_offers", 5, {"expires": 5}),
-    # an offer's push is queued after commit; this sweep queues the pushes that never were
-    "offer push sweep": ("offers.push_unsent_offers", 5, {"expires": 5}),
     "retry unassigned deliveries": ("dispatch.retry_unassigned", 30, {"expires": 30}),
     # batched_matching: each zone's round runs from a task scheduled for the end of its window;
     # this sweep runs any due round such a task missed (a worker that died holding it).
@@ -22,24 +20,26 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     # sweep takes what a lost kick left (tracking.refresh_due_etas)
     "ETA refresh sweep": ("tracking.refresh_due_etas", 15, {"expires": 15}),
     "customer messages sweep": ("notifications.send_customer_messages", 15, {"expires": 15}),
-    # publishes that failed after commit and were kept (ops alerts, driver notices: common.deferred)
+    # publishes that failed after commit and were kept (offer pushes, ops alerts, driver notices:
+    # common.deferred)
     "republish deferred tasks": ("common.republish_deferred_tasks", 10, {"expires": 10}),
 }
 
-# Work due at a moment — the safety nets above that keep the fleet moving, an offer's push (the
-# driver has 10–120 s to answer) and its expiry at its deadline, a zone's matching round at the
-# end of its window — has a queue of its own, taken by every worker (`-Q timers,celery,eta`):
-# kombu's Redis transport rotates the queues it pops, so a backlog on `celery` (a slow webhook
-# endpoint) delays it by one message at most, where it used to wait behind the whole backlog and
-# the jobs' `expires` discarded it. The sweeps of outbound messages (webhooks, customer messages;
-# also kicked after commits, and they call other services) and the hourly purges stay on
-# `celery`; the ETA sweep is on `eta`.
+# Work due at a moment — the safety nets above that keep the fleet moving, an offer's expiry at
+# its deadline, a zone's matching round at the end of its window — has a queue of its own, taken
+# by every worker (`-Q timers,celery,eta`): kombu's Redis transport rotates the queues it pops, so
+# a backlog on `celery` (a burst of pushes, a slow webhook endpoint) delays it by one message at
+# most, where it used to wait behind the whole backlog and the jobs' `expires` discarded it.
+# The sweeps of outbound messages (webhooks, customer messages; also kicked after commits, and
+# they call other services) and the hourly purges stay on `celery`; the ETA sweep is on `eta`.
+# (Offer pushes call FCM: on `celery`, so a worker on `-Q timers` alone keeps outbound calls off
+# the timers, docs/operations.md.)
 TIMERS_QUEUE = "timers"
 TIMER_TASKS = frozenset({
-    "offers.push_offer", "offers.push_unsent_offers", "offers.expire_offer", "offers.expire_overdue_offers",
-    "availability.expire_breaks", "dispatch.retry_unassigned", "dispatch.run_matching_round",
-    "dispatch.run_matching_rounds", "escalation.check", "availability.mark_stale_drivers_offline",
-    "availability.reconcile_geo_index", "zones.refresh_zone_health", "common.republish_deferred_tasks",
+    "offers.expire_offer", "offers.expire_overdue_offers", "availability.expire_breaks",
+    "dispatch.retry_unassigned", "dispatch.run_matching_round", "dispatch.run_matching_rounds",
+    "escalation.check", "availability.mark_stale_drivers_offline", "availability.reconcile_geo_index",
+    "zones.refresh_zone_health", "common.republish_deferred_tasks",
 })
 
 # Names of tasks we manage start with this, so stale ones can be removed safely.

@@ -112,7 +112,7 @@ def offer_insert_locked(
     )
     event = events.offer_created(offer)
     broadcast_on_commit([driver_group(driver.pk), OPS_GROUP], event)
-    enqueue_task_on_commit(PUSH_TASK, str(offer.pk), str(driver.pk), event)
+    enqueue_task_on_commit(PUSH_TASK, str(offer.pk), str(driver.pk), event, durable_seconds=expires_in)
     enqueue_task_on_commit("offers.expire_offer", str(offer.pk), eta=offer.expires_at)
     metrics.OFFER_CREATION_LATENCY.observe(time.perf_counter() - started)
     return offer
@@ -131,7 +131,8 @@ def offers_insert_round_locked(
     `offer_insert_locked` does. The delivery's current offer becomes the best-ranked pending
     one (the lowest slot) if it had none."""
     started = time.perf_counter()
-    expires_at = now + timedelta(seconds=default_expires_seconds(delivery))
+    expires_in = default_expires_seconds(delivery)
+    expires_at = now + timedelta(seconds=expires_in)
     candidates = [
         DriverOffer(
             delivery=delivery, driver=driver, status=OfferStatus.PENDING, slot=first_slot + i,
@@ -156,60 +157,52 @@ def offers_insert_round_locked(
         )
         event = events.offer_created(offer)
         broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], event)
-        enqueue_task_on_commit(PUSH_TASK, str(offer.pk), str(offer.driver_id), event)
+        enqueue_task_on_commit(PUSH_TASK, str(offer.pk), str(offer.driver_id), event, durable_seconds=expires_in)
         enqueue_task_on_commit("offers.expire_offer", str(offer.pk), eta=offer.expires_at)
         metrics.OFFER_CREATION_LATENCY.observe(elapsed)
     return made
 
 
-def offer_push(*, offer_id, driver_id, event: dict, retrying: bool = False) -> bool:
+class PushFailed(Exception):
+    """The push gateway failed after this run claimed the offer at `claimed_at` (the task's
+    retry holds the claim)."""
+
+    def __init__(self, claimed_at: datetime):
+        super().__init__(f"push gateway failed (claimed at {iso(claimed_at)})")
+        self.claimed_at = claimed_at
+
+
+def offer_push(*, offer_id, driver_id, event: dict, claimed_at: datetime | None = None) -> bool:
     """Send the offer to the driver's phone through the push backend and record how the
     driver was told. Runs in a Celery task (retried with backoff when the gateway fails);
     the socket already had it at commit.
 
-    Once per offer: the run claims the offer first (`notification_sent_at`, set only while it
-    is pending, unexpired and not yet claimed), so the sweep's copy of a push that was only
-    late, or a push of an offer answered, expired or withdrawn while its task waited, sends
-    nothing. A retry after a gateway failure holds the claim already (`retrying`)."""
+    Once per offer: the run claims the offer first (sets `notification_sent_at`, only while it
+    is pending, unexpired and unclaimed; `notification_method` "push" while the push is out),
+    so a second copy of the task (a publish that timed out but reached the broker, then was
+    kept and published again: common.deferred), or a push of an offer answered, expired or
+    withdrawn while its task waited, sends nothing. A retry after a gateway failure passes the
+    claim it holds (`claimed_at`)."""
     now = timezone.now()
     live = DriverOffer.objects.filter(pk=offer_id, status=OfferStatus.PENDING, expires_at__gt=now)
-    claim = live if retrying else live.filter(notification_sent_at__isnull=True)
-    if not claim.update(notification_sent_at=now, notification_method=NotificationMethod.BOTH):
+    if claimed_at is None:
+        claimed_at = now
+        claimed = live.filter(notification_sent_at__isnull=True).update(
+            notification_sent_at=now, notification_method=NotificationMethod.PUSH
+        )
+    else:
+        claimed = live.filter(notification_sent_at=claimed_at).exists()
+    if not claimed:
         return False
-    pushed = False
     try:
         pushed = bool(get_push_backend().send_offer(driver_id=str(driver_id), event=event))
-    finally:
-        if not pushed:  # told on its socket only (unless a retry gets through)
-            DriverOffer.objects.filter(pk=offer_id).update(notification_method=NotificationMethod.WEBSOCKET)
-    return pushed
-
-
-# A pending offer whose push has not run this long after commit lost its task (the publish
-# failed: the broker was down, or the Redis breaker open): the push sweep queues it again, while
-# at least PUSH_MIN_LEFT_SECONDS of the offer are left for the driver to answer.
-PUSH_SWEEP_AFTER_SECONDS = 5
-PUSH_MIN_LEFT_SECONDS = 3
-
-
-def offers_push_unsent(*, now: datetime | None = None, batch_size: int = 200) -> int:
-    """The push sweep (every 5 s): queue `offers.push_offer` again for each pending offer made
-    at least PUSH_SWEEP_AFTER_SECONDS ago that no push has claimed. The offer row is the
-    outbox: a push that was only late claims first and the other copy sends nothing."""
-    now = now or timezone.now()
-    offers = (
-        DriverOffer.objects.filter(
-            status=OfferStatus.PENDING, notification_sent_at__isnull=True,
-            created_at__lte=now - timedelta(seconds=PUSH_SWEEP_AFTER_SECONDS),
-            expires_at__gt=now + timedelta(seconds=PUSH_MIN_LEFT_SECONDS),
-        )
-        .order_by("expires_at")
-        .only("pk", "delivery_id", "driver_id", "offer_payload", "created_at", "expires_at")[:batch_size]
+    except Exception as exc:
+        DriverOffer.objects.filter(pk=offer_id).update(notification_method=NotificationMethod.WEBSOCKET)
+        raise PushFailed(claimed_at) from exc
+    DriverOffer.objects.filter(pk=offer_id).update(
+        notification_method=NotificationMethod.BOTH if pushed else NotificationMethod.WEBSOCKET
     )
-    offers = list(offers)
-    for offer in offers:
-        enqueue_task_on_commit(PUSH_TASK, str(offer.pk), str(offer.driver_id), events.offer_created(offer))
-    return len(offers)
+    return pushed
 
 
 # ------------------------------------------------------------------------- answer

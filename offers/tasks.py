@@ -1,4 +1,7 @@
+from datetime import datetime
+
 from celery import shared_task
+from celery.utils.time import get_exponential_backoff_interval
 
 from offers import services
 from workflows import offers as offer_workflows
@@ -20,13 +23,15 @@ def expire_overdue_offers() -> int:
     name="offers.push_offer", bind=True, ignore_result=True, autoretry_for=(Exception,), retry_backoff=2,
     retry_backoff_max=30, retry_jitter=True, max_retries=4,
 )
-def push_offer(self, offer_id: str, driver_id: str, event: dict) -> bool:
+def push_offer(self, offer_id: str, driver_id: str, event: dict, claimed_at: str | None = None) -> bool:
     """The offer to the driver's phone, off the request thread; a gateway failure is retried
-    with backoff (an offer lives 10–120 s, so the retries stop within that)."""
-    return services.offer_push(offer_id=offer_id, driver_id=driver_id, event=event, retrying=self.request.retries > 0)
-
-
-@shared_task(name="offers.push_unsent_offers")
-def push_unsent_offers() -> int:
-    """The push sweep: pushes whose task was never queued (services.offers_push_unsent)."""
-    return services.offers_push_unsent()
+    with backoff (an offer lives 10–120 s, so the retries stop within that), holding the claim
+    the first run made (services.offer_push)."""
+    try:
+        return services.offer_push(
+            offer_id=offer_id, driver_id=driver_id, event=event,
+            claimed_at=None if claimed_at is None else datetime.fromisoformat(claimed_at),
+        )
+    except services.PushFailed as failed:
+        countdown = get_exponential_backoff_interval(2, self.request.retries, 30, full_jitter=True)
+        raise self.retry(exc=failed, countdown=countdown, kwargs={"claimed_at": failed.claimed_at.isoformat()})

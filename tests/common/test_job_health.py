@@ -337,8 +337,8 @@ def test_eta_refreshes_and_work_due_at_a_moment_have_queues_of_their_own():
     router = celery_app.amqp.router
     assert router.route({}, "tracking.refresh_eta")["queue"].name == "eta"
     assert router.route({}, "tracking.refresh_due_etas")["queue"].name == "eta"
-    for task in ("offers.expire_overdue_offers", "offers.expire_offer", "offers.push_offer", "offers.push_unsent_offers",
-                 "escalation.check", "dispatch.run_matching_round"):
+    for task in ("offers.expire_overdue_offers", "offers.expire_offer", "escalation.check", "dispatch.run_matching_round",
+                 "common.republish_deferred_tasks"):
         assert router.route({}, task)["queue"].name == "timers", task
-    for task in ("notifications.deliver_webhooks", "common.purge_idempotency_records"):
+    for task in ("notifications.deliver_webhooks", "offers.push_offer", "common.purge_idempotency_records"):
         assert router.route({}, task)["queue"].name == "celery", task

@@ -1,15 +1,19 @@
-"""An offer's push reaches the driver's phone once, even when its task was never queued.
+"""An offer's push reaches the driver's phone once, even when its task's publish failed.
 
-The push is a Celery task queued after commit; a publish that fails (the broker down, or the
+The push is a Celery task queued after commit; a publish that failed (the broker down, or the
 Redis breaker open after a hang) used to lose it, and the driver heard of the offer only if its
-socket was up. The offer row is the outbox: the push claims it (`notification_sent_at`), and a
-sweep every 5 s queues the pushes of pending offers nobody claimed.
+socket was up. Now the publish is kept and published again (common.deferred), and the push
+claims its offer (`notification_sent_at`), so a second copy, or a push of an offer answered or
+expired meanwhile, sends nothing.
 """
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 import pytest
 import time_machine
+from celery.exceptions import Retry
 
+from common.deferred import deferred_tasks_republish
+from common.models import DeferredTask
 from common.redis import breaker, redis_address
 from config.celery import app as celery_app
 from offers import events, services, tasks
@@ -65,46 +69,37 @@ def make_offer(ops, delivery, capture, *, lost: bool, **body) -> DriverOffer:
     return DriverOffer.objects.get(pk=r.json()["offerId"])
 
 
-def sweep_at(seconds: float, capture) -> int:
+def republish_at(seconds: float, capture) -> int:
     with time_machine.travel(T0 + timedelta(seconds=seconds), tick=False), capture(execute=True):
-        return tasks.push_unsent_offers.apply().get()
+        return deferred_tasks_republish()
 
 
-def test_a_push_whose_task_was_never_queued_is_sent_by_the_sweep_once(ops, delivery, django_capture_on_commit_callbacks):
+def push_copy(offer, at: float, **kwargs):
+    with time_machine.travel(T0 + timedelta(seconds=at), tick=False):
+        return tasks.push_offer.apply(args=(str(offer.pk), str(offer.driver_id), events.offer_created(offer)), **kwargs).get()
+
+
+def test_a_push_whose_publish_failed_is_kept_and_sent_once(ops, delivery, django_capture_on_commit_callbacks):
     capture = django_capture_on_commit_callbacks
     offer = make_offer(ops, delivery, capture, lost=True)
     assert SENT == [] and offer.notification_sent_at is None
+    kept = DeferredTask.objects.get(task=services.PUSH_TASK)
+    assert kept.expires_at == offer.expires_at  # worth sending while the driver can answer
 
-    assert sweep_at(4.9, capture) == 0  # its task may only be late
-    assert SENT == []
-    assert sweep_at(5, capture) == 1
+    assert republish_at(10, capture) == 1
     assert SENT == [(str(offer.driver_id), events.offer_created(offer))]
     offer.refresh_from_db()
-    assert offer.notification_sent_at == T0 + timedelta(seconds=5) and offer.notification_method == "both"
+    assert offer.notification_sent_at == T0 + timedelta(seconds=10) and offer.notification_method == "both"
+    assert push_copy(offer, 11) is False  # the first publish reached the broker after all: one push
+    assert len(SENT) == 1 and not DeferredTask.objects.exists()
 
-    assert sweep_at(10, capture) == 0
-    assert len(SENT) == 1
 
-
-def test_the_sweep_leaves_an_offer_with_too_little_time_left_to_answer(ops, delivery, django_capture_on_commit_callbacks):
+def test_a_kept_push_of_an_offer_past_its_time_is_dropped(ops, delivery, django_capture_on_commit_callbacks):
     capture = django_capture_on_commit_callbacks
     make_offer(ops, delivery, capture, lost=True, expiresInSeconds=10)
 
-    assert sweep_at(7.5, capture) == 0  # 2.5 s left
-    assert SENT == []
-    assert sweep_at(6.5, capture) == 1  # 3.5 s left
-    assert len(SENT) == 1
-
-
-def test_a_push_that_ran_late_or_twice_is_sent_once(ops, delivery, django_capture_on_commit_callbacks):
-    capture = django_capture_on_commit_callbacks
-    offer = make_offer(ops, delivery, capture, lost=False)
-    assert len(SENT) == 1
-
-    with time_machine.travel(T0 + timedelta(seconds=6), tick=False):
-        assert tasks.push_offer.apply(args=(str(offer.pk), str(offer.driver_id), SENT[0][1])).get() is False
-    assert sweep_at(6, capture) == 0
-    assert len(SENT) == 1
+    assert republish_at(10, capture) == 0
+    assert SENT == [] and not DeferredTask.objects.exists()
 
 
 def test_an_offer_answered_while_its_push_waited_is_not_pushed(ops, delivery, django_capture_on_commit_callbacks):
@@ -115,42 +110,55 @@ def test_an_offer_answered_while_its_push_waited_is_not_pushed(ops, delivery, dj
         r = me.post(f"/v2/drivers/{offer.driver_id}/offers/{offer.pk}/reject", {"reason": "too_far"}, format="json")
     assert r.status_code == 200, r.content
 
-    with time_machine.travel(T0 + timedelta(seconds=3), tick=False):
-        assert tasks.push_offer.apply(args=(str(offer.pk), str(offer.driver_id), events.offer_created(offer))).get() is False
-    assert sweep_at(6, capture) == 0
+    assert republish_at(10, capture) == 1  # published; the push finds nothing to send
     assert SENT == []
+    offer.refresh_from_db()
+    assert offer.notification_sent_at is None
 
 
-def test_a_gateway_failure_keeps_the_claim_for_the_retries(ops, delivery, django_capture_on_commit_callbacks, settings):
+def test_a_push_that_ran_twice_is_sent_once(ops, delivery, django_capture_on_commit_callbacks):
+    capture = django_capture_on_commit_callbacks
+    offer = make_offer(ops, delivery, capture, lost=False)
+    assert len(SENT) == 1 and not DeferredTask.objects.exists()
+
+    assert push_copy(offer, 6) is False
+    assert len(SENT) == 1
+
+
+def test_a_gateway_failure_keeps_the_claim_for_the_retries_only(ops, delivery, django_capture_on_commit_callbacks, settings):
     capture = django_capture_on_commit_callbacks
     offer = make_offer(ops, delivery, capture, lost=True)
     event = events.offer_created(offer)
     settings.PUSH_BACKEND = f"{__name__}.FailingPush"
-    with time_machine.travel(T0 + timedelta(seconds=1), tick=False), pytest.raises(ConnectionError):
+    with time_machine.travel(T0 + timedelta(seconds=1), tick=False), pytest.raises(services.PushFailed) as failed:
         services.offer_push(offer_id=offer.pk, driver_id=offer.driver_id, event=event)
+    claimed_at = failed.value.claimed_at
     offer.refresh_from_db()
-    assert offer.notification_sent_at == T0 + timedelta(seconds=1) and offer.notification_method == "websocket"
+    assert offer.notification_sent_at == claimed_at == T0 + timedelta(seconds=1)
+    assert offer.notification_method == "websocket"
 
     settings.PUSH_BACKEND = "tests.fakes.RecordingPush"
-    assert sweep_at(6, capture) == 0  # the task's retries have it
     with time_machine.travel(T0 + timedelta(seconds=7), tick=False):
-        assert services.offer_push(offer_id=offer.pk, driver_id=offer.driver_id, event=event, retrying=True) is True
+        assert services.offer_push(offer_id=offer.pk, driver_id=offer.driver_id, event=event) is False  # a copy
+        stale = claimed_at - timedelta(seconds=1)
+        assert services.offer_push(offer_id=offer.pk, driver_id=offer.driver_id, event=event, claimed_at=stale) is False
+        assert services.offer_push(offer_id=offer.pk, driver_id=offer.driver_id, event=event, claimed_at=claimed_at) is True
     offer.refresh_from_db()
     assert offer.notification_method == "both" and len(SENT) == 1
 
 
-def test_the_tasks_retry_sends_what_its_first_run_claimed(ops, delivery, django_capture_on_commit_callbacks, settings):
-    """Eager Celery does not run retries: the retry is run by hand as the worker would."""
-    capture = django_capture_on_commit_callbacks
+def test_the_tasks_retry_carries_the_claim_its_first_run_made(ops, delivery, django_capture_on_commit_callbacks, settings):
+    """Eager Celery raises the retry instead of running it: it is run by hand as the worker would."""
     FlakyPush.calls = 0
     settings.PUSH_BACKEND = f"{__name__}.FlakyPush"
-    offer = make_offer(ops, delivery, capture, lost=False)  # the first run fails: the task retries
-    assert FlakyPush.calls == 1 and SENT == []
-    args = (str(offer.pk), str(offer.driver_id), events.offer_created(offer))
+    offer = make_offer(ops, delivery, django_capture_on_commit_callbacks, lost=True)
 
-    with time_machine.travel(T0 + timedelta(seconds=2), tick=False):
-        assert tasks.push_offer.apply(args=args).get() is False  # a copy: claimed already
-        assert tasks.push_offer.apply(args=args, retries=1).get() is True
-    assert FlakyPush.calls == 2 and len(SENT) == 1
+    with time_machine.travel(T0 + timedelta(seconds=1), tick=False), pytest.raises(Retry) as retry:
+        tasks.push_offer.apply(args=(str(offer.pk), str(offer.driver_id), events.offer_created(offer))).get()
+    assert FlakyPush.calls == 1 and SENT == []
+    claimed_at = retry.value.sig.kwargs["claimed_at"]
     offer.refresh_from_db()
-    assert offer.notification_method == "both"
+    assert offer.notification_sent_at.isoformat() == claimed_at
+
+    assert push_copy(offer, 3, kwargs={"claimed_at": claimed_at}, retries=1) is True
+    assert FlakyPush.calls == 2 and len(SENT) == 1
