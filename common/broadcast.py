@@ -5,7 +5,7 @@ atomic block: its events are then sent together after commit, in one hop into th
 (`send_many`), instead of one `async_to_sync` per group per event. Everything else holds as
 for a single event: nothing is sent for a transaction (or savepoint) that rolls back, a Redis
 failure is logged and never raised, and each group gets its events in the order they were
-emitted.
+emitted (unless a send outlasts `SEND_WAIT_SECONDS`: the caller's next one can overtake it).
 
 Where the events go from: under the ASGI server (a sync view in its worker thread) they are
 sent on the server's event loop, as `async_to_sync` does (the lean API handler's request
@@ -336,16 +336,21 @@ def broker_is_open() -> bool:
 
 def publish(name: str, args=(), *, durable_seconds: float | None = None, **options) -> bool:
     """Publish the registered task `name`; False (logged) when the broker failed, or is a Redis
-    the breaker says is hung (not waited for again). With `durable_seconds` a failed publish
-    is kept for the sweep."""
-    if broker_is_open():
+    the breaker says is hung (not waited for again; after its open spell one publish is the
+    probe, and its answer closes the breaker). With `durable_seconds` a failed publish is kept
+    for the sweep: at least once, since a publish that timed out may still have reached a
+    Redis that was only slow."""
+    broker = _broker_address()
+    if broker is not None and not breaker.allow(broker):  # the first after an open spell probes
         logger.warning("enqueue of %s skipped: the broker's Redis is unavailable", name)
     else:
         try:
             _registered_task(name).apply_async(args=args, **options)
+            if broker is not None:
+                breaker.succeeded(broker)
             return True
         except Exception as exc:
-            _tell_breaker(exc, _broker_address())
+            _tell_breaker(exc, broker)
             logger.warning("enqueue of %s failed", name, exc_info=True)
     if durable_seconds:
         from common.deferred import defer  # the model module: not at import time
@@ -541,6 +546,14 @@ def done_due(due_key: str, run: str, items: Iterable[str], *, put_back: bool = F
 def put_back_due(due_key: str, run: str, items: Iterable[str]) -> None:
     """`done_due(..., put_back=True)`: the items the run took and did not do."""
     done_due(due_key, run, items, put_back=True)
+
+
+def task_registered(name: str) -> bool:
+    try:
+        _registered_task(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _registered_task(name: str):

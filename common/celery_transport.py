@@ -16,11 +16,16 @@ Selected by `CELERY_BROKER_TRANSPORT` for `redis://` brokers (config/settings/ba
 `rediss://`, where kombu turns TLS on by the transport's name."""
 from __future__ import annotations
 
+from time import monotonic
+
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
-# At most this many acks whose removal failed are kept to be retried with the next acks.
+# Acks whose removal failed are retried with the next acks: at most this many, for at most this
+# long (well inside kombu's 1 h visibility timeout, after which the message is restored and
+# delivered again under the same tag: removing that one's index entry would lose it on a crash).
 UNREMOVED_MAX = 1000
+UNREMOVED_SECONDS = 600
 
 
 class QoS(kombu_redis.QoS):
@@ -29,24 +34,27 @@ class QoS(kombu_redis.QoS):
     hangs, a connection reset while it restarts; Celery logs "Couldn't ack") the slot stays
     taken for good, and a worker (prefetch 1 × 2 processes) stopped consuming after two such
     acks until restarted, every timer with it (seen with Redis paused 8 s under make run). Here
-    the slot is freed whatever happens, and the removal is retried with the next acks; until
-    then the message stays in the unacked index, which kombu restores after its visibility
+    the slot is freed whatever happens, and the removal is retried with the next acks of the
+    channel (for UNREMOVED_SECONDS; a reconnect starts a new channel and forgets them); a
+    message not removed stays in the unacked index, which kombu restores after its visibility
     timeout (a late duplicate run, as after a worker crash)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._unremoved: list = []
+        self._unremoved: list[tuple[str, float]] = []  # (delivery tag, when its ack failed)
 
     def ack(self, delivery_tag):
-        tags = [*self._unremoved, delivery_tag]
+        now = monotonic()
+        retry = [(tag, at) for tag, at in self._unremoved if now - at < UNREMOVED_SECONDS]
         try:
             with self.pipe_or_acquire() as pipe:
-                for tag in tags:
+                for tag, _ in retry:
                     self._remove_from_indices(tag, pipe)
+                self._remove_from_indices(delivery_tag, pipe)
                 pipe.execute()
             self._unremoved = []
         except Exception:
-            self._unremoved = tags[-UNREMOVED_MAX:]
+            self._unremoved = [*retry, (delivery_tag, now)][-UNREMOVED_MAX:]
             raise
         finally:
             virtual.QoS.ack(self, delivery_tag)

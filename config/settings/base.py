@@ -231,8 +231,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_connect_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=1.5),
 }
 # One retry of a failed publish (Celery's default is three): with the broker hung, a request
-# waits at most two socket timeouts for it. Each timed-out attempt counts for the breaker
-# (config/celery.py adds the errback).
+# waits two or three socket timeouts for it (the retry reconnects, and a new channel PINGs)
+# unless the breaker opens first: each timed-out attempt counts (config/celery.py's errback).
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=REDIS_URL)
 CELERY_TASK_ACKS_LATE = True

@@ -92,20 +92,19 @@ def test_a_publish_that_fails_again_keeps_its_row_and_the_others_still_go(django
         enqueue(django_capture_on_commit_callbacks, EMAIL_TASK, subject, "body", ["ops-oncall@example.com"], durable_seconds=600)
     breaker.reset()
     registered = broadcast._registered_task
+    refused = []
 
-    class Refused:
+    class FirstPublishRefused:
+        def __init__(self, task):
+            self.task = task
+
         def apply_async(self, **kwargs):
-            raise OSError("connection refused")
+            if not refused:
+                refused.append(kwargs)
+                raise OSError("connection refused")
+            return self.task.apply_async(**kwargs)
 
-    def first_fails(name):
-        task = registered(name)
-        if Refused.once:
-            Refused.once = False
-            return Refused()
-        return task
-
-    Refused.once = True
-    monkeypatch.setattr(broadcast, "_registered_task", first_fails)
+    monkeypatch.setattr(broadcast, "_registered_task", lambda name: FirstPublishRefused(registered(name)))
     with django_capture_on_commit_callbacks(execute=True):
         assert deferred_tasks_republish() == 1
 
@@ -128,3 +127,13 @@ def test_ops_see_the_kept_publishes_in_the_admin_and_may_drop_one(client, django
     assert client.get("/admin/common/deferredtask/add/").status_code == 403
     r = client.post(f"/admin/common/deferredtask/{row.pk}/delete/", {"post": "yes"})
     assert r.status_code == 302 and not DeferredTask.objects.exists()
+
+
+def test_a_kept_task_no_longer_registered_is_dropped(django_capture_on_commit_callbacks):
+    broker_hung()
+    enqueue(django_capture_on_commit_callbacks, EMAIL_TASK, "kept", "body", ["ops-oncall@example.com"], durable_seconds=600)
+    breaker.reset()
+    DeferredTask.objects.update(task="escalation.renamed_since")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert deferred_tasks_republish() == 1
+    assert not DeferredTask.objects.exists() and mail.outbox == []

@@ -261,6 +261,22 @@ def test_a_task_is_not_published_while_the_breaker_is_open_for_the_broker(sendin
     assert get_redis().llen("timers") == 1
 
 
+def test_after_the_open_spell_one_publish_is_the_probe_and_its_answer_closes_the_breaker(sending_to_workers):  # noqa: F811
+    """Publishes asked only `is_open`: when the spell ended every publish of the moment went out
+    and waited for a Redis still hung; now one is the probe, as for the other clients."""
+    address = redis_address(celery_app.conf.broker_url)
+    open_breaker(address)
+    breaker._open_until[address] = 0.0  # the spell is over
+    assert breaker.allow(address)  # another caller took the probe
+    assert broadcast.publish("offers.expire_overdue_offers", countdown=0) is False
+
+    breaker.reset()
+    open_breaker(address)
+    breaker._open_until[address] = 0.0
+    assert broadcast.publish("offers.expire_overdue_offers", countdown=0) is True  # the probe
+    assert address not in breaker._open_until and breaker.allow(address)
+
+
 def test_a_publish_to_a_hung_broker_gives_up_after_its_socket_timeout(hung, sending_to_workers):  # noqa: F811
     """kombu's Redis transport waits forever unless given a socket timeout
     (CELERY_BROKER_TRANSPORT_OPTIONS, above its consumers' 1 s BRPOP)."""
