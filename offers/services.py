@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from audit.models import AuditEventType as E
@@ -172,7 +173,9 @@ class PushFailed(Exception):
         self.claimed_at = claimed_at
 
 
-def offer_push(*, offer_id, driver_id, event: dict, claimed_at: datetime | None = None) -> bool:
+def offer_push(
+    *, offer_id, driver_id, event: dict, claimed_at: datetime | None = None, redelivered: bool = False
+) -> bool:
     """Send the offer to the driver's phone through the push backend and record how the
     driver was told. Runs in a Celery task (retried with backoff when the gateway fails);
     the socket already had it at commit.
@@ -182,14 +185,17 @@ def offer_push(*, offer_id, driver_id, event: dict, claimed_at: datetime | None 
     so a second copy of the task (a publish that timed out but reached the broker, then was
     kept and published again: common.deferred), or a push of an offer answered, expired or
     withdrawn while its task waited, sends nothing. A retry after a gateway failure passes the
-    claim it holds (`claimed_at`)."""
+    claim it holds (`claimed_at`); a task redelivered because its worker died (`redelivered`:
+    acks late, rejected on worker loss) takes over a claim left "push" (the push was out when
+    the worker died)."""
     now = timezone.now()
     live = DriverOffer.objects.filter(pk=offer_id, status=OfferStatus.PENDING, expires_at__gt=now)
     if claimed_at is None:
         claimed_at = now
-        claimed = live.filter(notification_sent_at__isnull=True).update(
-            notification_sent_at=now, notification_method=NotificationMethod.PUSH
-        )
+        unclaimed = Q(notification_sent_at__isnull=True)
+        if redelivered:
+            unclaimed |= Q(notification_method=NotificationMethod.PUSH)
+        claimed = live.filter(unclaimed).update(notification_sent_at=now, notification_method=NotificationMethod.PUSH)
     else:
         claimed = live.filter(notification_sent_at=claimed_at).exists()
     if not claimed:

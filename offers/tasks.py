@@ -26,11 +26,13 @@ def expire_overdue_offers() -> int:
 def push_offer(self, offer_id: str, driver_id: str, event: dict, claimed_at: str | None = None) -> bool:
     """The offer to the driver's phone, off the request thread; a gateway failure is retried
     with backoff (an offer lives 10–120 s, so the retries stop within that), holding the claim
-    the first run made (services.offer_push)."""
+    the first run made; redelivered after its worker died, it takes over the claim left
+    (services.offer_push)."""
     try:
         return services.offer_push(
             offer_id=offer_id, driver_id=driver_id, event=event,
             claimed_at=None if claimed_at is None else datetime.fromisoformat(claimed_at),
+            redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
         )
     except services.PushFailed as failed:
         countdown = get_exponential_backoff_interval(2, self.request.retries, 30, full_jitter=True)

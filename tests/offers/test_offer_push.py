@@ -162,3 +162,25 @@ def test_the_tasks_retry_carries_the_claim_its_first_run_made(ops, delivery, dja
 
     assert push_copy(offer, 3, kwargs={"claimed_at": claimed_at}, retries=1) is True
     assert FlakyPush.calls == 2 and len(SENT) == 1
+
+
+def test_a_push_redelivered_after_its_worker_died_takes_over_the_claim(ops, delivery, django_capture_on_commit_callbacks):
+    offer = make_offer(ops, delivery, django_capture_on_commit_callbacks, lost=True)
+    # what a worker killed while the push was out leaves (acks late: the task is redelivered)
+    DriverOffer.objects.filter(pk=offer.pk).update(notification_sent_at=T0 + timedelta(seconds=1), notification_method="push")
+    args = (str(offer.pk), str(offer.driver_id), events.offer_created(offer))
+    assert push_copy(offer, 3) is False  # a copy that was not redelivered: claimed
+
+    def redelivered_run():
+        tasks.push_offer.push_request(delivery_info={"redelivered": True}, retries=0)
+        try:
+            with time_machine.travel(T0 + timedelta(seconds=3), tick=False):
+                return tasks.push_offer.run(*args)
+        finally:
+            tasks.push_offer.pop_request()
+
+    assert redelivered_run() is True
+    offer.refresh_from_db()
+    assert offer.notification_method == "both" and len(SENT) == 1
+    assert redelivered_run() is False  # a push that went out is not sent again
+    assert len(SENT) == 1
