@@ -137,3 +137,20 @@ def test_a_kept_task_no_longer_registered_is_dropped(django_capture_on_commit_ca
     with django_capture_on_commit_callbacks(execute=True):
         assert deferred_tasks_republish() == 1
     assert not DeferredTask.objects.exists() and mail.outbox == []
+
+
+def test_every_durable_caller_keeps_its_failed_publish(django_capture_on_commit_callbacks, settings):
+    """Ops alerts (notifications.alerts), a driver's notice (notifications.push) and escalation
+    alerts are enqueued durable."""
+    from notifications import alerts
+    from notifications.push import NOTICE_TASK, push_notice_capture
+
+    settings.OPS_ALERT_EMAILS = ["ops-oncall@example.com"]
+    settings.OPS_ALERT_CHAT_WEBHOOK_URL = "http://127.0.0.1:9/hook"
+    broker_hung()
+    with django_capture_on_commit_callbacks(execute=True):
+        alerts.ops_alert_on_commit(subject="webhook endpoint disabled", body="body")
+        push_notice_capture({"type": "offer_cancelled", "driverId": "d-1", "offerId": "o-1", "reason": "x"})
+    assert sorted(DeferredTask.objects.values_list("task", flat=True)) == sorted(
+        [alerts.EMAIL_TASK, alerts.CHAT_TASK, NOTICE_TASK]
+    )
