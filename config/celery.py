@@ -30,6 +30,8 @@ def _count_publish_timeouts(sender, **kwargs):
     """Each failed attempt of a publish tells the Redis breaker (once the configuration is read:
     not while Django's settings module is still being imported)."""
     sender.conf.task_publish_retry_policy = {**sender.conf.task_publish_retry_policy, "errback": _publish_retry_errback}
+
+
 app.autodiscover_tasks()
 
 # --------------------------------------------------------------------------- job liveness
