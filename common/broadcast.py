@@ -311,6 +311,10 @@ def tasks_diverted(sink):
         yield
 
 
+# How long an ops alert (e-mail, chat) whose publish failed is kept to be sent late.
+OPS_ALERT_KEEP_SECONDS = 1800
+
+
 def enqueue_task_on_commit(name: str, *args, durable_seconds: float | None = None, **options) -> None:
     """Enqueue the registered Celery task `name` after commit (a broker failure is logged).
     With `durable_seconds`, a publish that fails is kept in PostgreSQL and published again by

@@ -11,14 +11,12 @@ from datetime import datetime
 from django.conf import settings
 from django.core.mail import send_mail
 
-from common.broadcast import enqueue_task_on_commit
+from common.broadcast import OPS_ALERT_KEEP_SECONDS, enqueue_task_on_commit
 from common.errors import iso
 
 logger = logging.getLogger(__name__)
 
 CHAT_TASK = "notifications.send_ops_alert_chat"
-# An alert whose publish failed (broker down, Redis breaker open) is kept and sent this late at most.
-ALERT_KEEP_SECONDS = 1800
 WARNING = "warning"
 CRITICAL = "critical"
 
@@ -52,12 +50,13 @@ def ops_alert_on_commit(
         lines.append(f"Support ticket: {_url(f'/support/tickets/{record.support_ticket_id}/')}")
     lines.append(f"Unassigned order (admin): {_url(f'/admin/escalation/unassignedorder/{record.pk}/change/')}")
     lines.append(f"Delivery (admin): {_url(f'/admin/dispatch/delivery/{delivery.pk}/change/')}")
+    body = "\n".join(lines)
     if recipients:
         enqueue_task_on_commit(
-            "escalation.send_ops_alert_email", subject, "\n".join(lines), recipients, durable_seconds=ALERT_KEEP_SECONDS
+            "escalation.send_ops_alert_email", subject, body, recipients, durable_seconds=OPS_ALERT_KEEP_SECONDS
         )
     if settings.OPS_ALERT_CHAT_WEBHOOK_URL:
-        enqueue_task_on_commit(CHAT_TASK, subject, "\n".join(lines), durable_seconds=ALERT_KEEP_SECONDS)
+        enqueue_task_on_commit(CHAT_TASK, subject, body, durable_seconds=OPS_ALERT_KEEP_SECONDS)
 
 
 def ops_alert_email_send(*, subject: str, body: str, recipients: list[str]) -> int:

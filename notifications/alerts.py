@@ -9,25 +9,23 @@ import json
 from django.conf import settings
 from django.core.mail import send_mail
 
-from common.broadcast import enqueue_task_on_commit
+from common.broadcast import OPS_ALERT_KEEP_SECONDS, enqueue_task_on_commit
 from notifications.egress import post_json
 
 EMAIL_TASK = "notifications.send_ops_alert_email"
 CHAT_TASK = "notifications.send_ops_alert_chat"
-# An alert whose publish failed (broker down, Redis breaker open) is kept and sent this late at most.
-ALERT_KEEP_SECONDS = 1800
 
 
 def ops_alert_on_commit(*, subject: str, body: str) -> None:
     """E-mail and chat, after commit (each only when configured)."""
     if settings.OPS_ALERT_EMAILS:
-        enqueue_task_on_commit(EMAIL_TASK, subject, body, durable_seconds=ALERT_KEEP_SECONDS)
+        enqueue_task_on_commit(EMAIL_TASK, subject, body, durable_seconds=OPS_ALERT_KEEP_SECONDS)
     ops_chat_alert_on_commit(subject=subject, body=body)
 
 
 def ops_chat_alert_on_commit(*, subject: str, body: str) -> None:
     if settings.OPS_ALERT_CHAT_WEBHOOK_URL:
-        enqueue_task_on_commit(CHAT_TASK, subject, body, durable_seconds=ALERT_KEEP_SECONDS)
+        enqueue_task_on_commit(CHAT_TASK, subject, body, durable_seconds=OPS_ALERT_KEEP_SECONDS)
 
 
 def ops_alert_email_send(*, subject: str, body: str) -> int:

@@ -14,12 +14,11 @@ from celery.exceptions import Retry
 
 from common.deferred import deferred_tasks_republish
 from common.models import DeferredTask
-from common.redis import breaker, redis_address
-from config.celery import app as celery_app
+from common.redis import breaker
 from offers import events, services, tasks
 from offers.models import DriverOffer
 from tests.api import client_for
-from tests.common.test_redis_breaker import open_breaker
+from tests.common.test_deferred_tasks import broker_hung
 from tests.factories import online_driver
 from tests.fakes import SENT
 
@@ -61,7 +60,7 @@ def make_offer(ops, delivery, capture, *, lost: bool, **body) -> DriverOffer:
     driver = online_driver()
     with time_machine.travel(T0, tick=False):
         if lost:
-            open_breaker(redis_address(celery_app.conf.broker_url))
+            broker_hung()
         with capture(execute=True):
             r = ops.post(f"/v2/deliveries/{delivery.pk}/offers", {"driverId": str(driver.pk), **body}, format="json")
         breaker.reset()
