@@ -4,8 +4,8 @@ A workflow that emits several events in one transaction opens a `broadcast_batch
 atomic block: its events are then sent together after commit, in one hop into the event loop
 (`send_many`), instead of one `async_to_sync` per group per event. Everything else holds as
 for a single event: nothing is sent for a transaction (or savepoint) that rolls back, a Redis
-failure is logged and never raised, and each group gets its events in the order they were
-emitted (unless a send outlasts `SEND_WAIT_SECONDS`: the caller's next one can overtake it).
+failure is logged and never raised, and each group gets a thread's events in the order they
+were emitted (a send that outlasts its caller's wait is waited for by the caller's next one).
 
 Where the events go from: under the ASGI server (a sync view in its worker thread) they are
 sent on the server's event loop, as `async_to_sync` does (the lean API handler's request
@@ -36,6 +36,7 @@ from django.conf import settings
 from django.db import transaction
 
 from common.hooks import event_emitted
+from common.metrics import LIVE_EVENTS_DROPPED
 from common.redis import RedisFailed, RedisUnavailable, breaker, get_redis, is_timeout, redis_address
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ async def _send_all(entries: Sequence[Entry]) -> None:
                 await layer.group_send(group, message)
             except Exception as exc:  # Redis down or full: live events are best-effort
                 _tell_breaker(exc, _layers_address())
+                LIVE_EVENTS_DROPPED.labels("send_failed").inc()
                 logger.warning("broadcast to %s failed for %s", group, message["type"], exc_info=True)
 
     async def to_layer(layer, batches: dict[str, list[dict]]) -> None:
@@ -90,6 +92,7 @@ async def _send_all(entries: Sequence[Entry]) -> None:
         for exc in {id(exc): exc for exc in failed.values()}.values():
             _tell_breaker(exc, _layers_address())
         for group, exc in failed.items():
+            LIVE_EVENTS_DROPPED.labels("send_failed").inc(len(batches[group]))
             logger.warning("broadcast to %s failed for %s", group, [m["type"] for m in batches[group]],
                            exc_info=(type(exc), exc, exc.__traceback__))
 
@@ -119,26 +122,75 @@ def send_many(entries: Sequence[Entry]) -> None:
         return
     if breaker.is_open(_layers_address()):  # a hung Redis: do not wait for it again
         logger.warning("broadcast of %d events skipped: Redis unavailable", len(entries))
+        _dropped("redis_unavailable", entries)
+        return
+    if _late.count >= MAX_LATE_SENDS:  # a slow Redis: do not pile more onto the loop
+        logger.warning("broadcast of %d events skipped: %d sends already running late", len(entries), _late.count)
+        _dropped("backlog", entries)
         return
     loop = getattr(_local, "server_loop", None)
     if loop is None or not loop.is_running():
         loop = _server_loop() or _sender_loop()
-    future = asyncio.run_coroutine_threadsafe(_send_all(entries), loop)
+    previous = getattr(_local, "late_send", None)
+    if previous is not None and previous.done():
+        previous = None
+    future = asyncio.run_coroutine_threadsafe(_send_after(previous, entries), loop)
     try:
         future.result(timeout=SEND_WAIT_SECONDS)
     except concurrent.futures.TimeoutError:  # (not counted by the breaker: a busy loop makes it too)
         logger.warning("broadcast of %d events not sent within %.1f s: it goes on without the caller",
                        len(entries), SEND_WAIT_SECONDS)
+        _late.started(future)
+        _local.late_send = future
+        return
     except Exception:
         logger.warning("broadcast of %d events failed", len(entries), exc_info=True)
+    _local.late_send = None
+
+
+async def _send_after(previous: concurrent.futures.Future | None, entries: Sequence[Entry]) -> None:
+    """`_send_all` once this thread's previous send, still running late, has ended: a caller's
+    events keep their order even when one send outlasts its wait."""
+    if previous is not None:  # (its failure, if any, was logged: this send goes anyway)
+        await asyncio.wait([asyncio.wrap_future(previous)])
+    await _send_all(entries)
 
 
 # A sync caller (a request thread, a task) waits at most this long for its events to go out (a
 # few ms as a rule); then the send goes on in the background without it. A hung Redis costs
 # the send the channel layer's socket timeout (15 s: its receive blocks for 5), which is what
-# every request and task touching it used to wait, twice before the breaker opened. (A send not
-# waited for can be overtaken by the caller's next one: live events are best-effort anyway.)
+# every request and task touching it used to wait, twice before the breaker opened. The
+# caller's next send waits for that one on the loop, so its events stay in order.
 SEND_WAIT_SECONDS = 1.0
+# Sends running past their caller's wait, at most, in a process. While Redis is slow but
+# answering (the breaker counts only timeouts), every request would leave one more on the
+# event loop, each holding its events and a connection; past this many, sends are skipped
+# (logged, and counted in `live_events_dropped_total{reason="backlog"}`) until they drain.
+MAX_LATE_SENDS = 200
+
+
+class _LateSends:
+    """How many sends are running past their caller's wait (thread-safe)."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def started(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self.count += 1
+        future.add_done_callback(self._ended)
+
+    def _ended(self, _future) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+_late = _LateSends()
+
+
+def _dropped(reason: str, entries: Sequence[Entry]) -> None:
+    LIVE_EVENTS_DROPPED.labels(reason).inc(sum(len(groups) for groups, _ in entries))
 
 
 def _layers_address() -> str:

@@ -33,6 +33,13 @@ API_REQUESTS_ABANDONED = Counter(
     "api_requests_abandoned_total", "Token-authenticated API requests whose client left while they waited for a turn"
 )
 
+# Live socket events not sent (common/broadcast.py), one per event and group: Redis known to
+# be unavailable (the breaker open), too many sends already running late (`MAX_LATE_SENDS`), or
+# the channel layer failing the send. Live events are best-effort; this says how much was lost.
+LIVE_EVENTS_DROPPED = Counter(
+    "live_events_dropped_total", "Live socket events not sent to a group, by reason", ["reason"]
+)
+
 
 # The seed's metrics (Monitoring and Metrics). Gauges are computed from PostgreSQL at scrape
 # time (dispatch/metrics.py), so they are right whatever number of processes serve.

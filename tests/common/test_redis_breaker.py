@@ -14,6 +14,7 @@ import time
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from availability.models import Driver
 from common import broadcast, redis as common_redis
@@ -247,6 +248,84 @@ def test_a_caller_waits_for_a_hanging_send_one_second_and_the_send_goes_on(liste
     finally:
         release.set()
     assert [e["type"] for e in listener.drain(timeout=2)] == ["late_event"]
+
+
+def dropped(reason: str) -> float:
+    return REGISTRY.get_sample_value("live_events_dropped_total", {"reason": reason}) or 0
+
+
+def held_sends(monkeypatch, holding=lambda entries: True) -> threading.Event:
+    """The sends `holding` picks wait for the returned event to be set (a slow Redis), and
+    callers wait 0.05 s for their send."""
+    release = threading.Event()
+    send_all = broadcast._send_all
+
+    async def held(entries):
+        if holding(entries):
+            await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        await send_all(entries)
+
+    monkeypatch.setattr(broadcast, "_send_all", held)
+    monkeypatch.setattr(broadcast, "SEND_WAIT_SECONDS", 0.05)
+    return release
+
+
+def test_a_callers_next_send_waits_for_its_late_one_and_the_events_keep_their_order(listen, monkeypatch):
+    """A send not waited for could be overtaken by the caller's next one (a delivery's
+    "picked up" after its "delivered" on the customer's socket)."""
+    listener = listen("ops")
+    release = held_sends(monkeypatch, holding=lambda entries: entries[0][1]["type"] == "first_event")
+    broadcast.send_now(["ops"], {"type": "first_event"})  # late: goes on without the caller
+    try:
+        broadcast.send_now(["ops"], {"type": "second_event"})
+        assert listener.drain() == []  # the second waits for the first
+    finally:
+        release.set()
+    assert [e["type"] for e in listener.drain(timeout=2)] == ["first_event", "second_event"]
+
+
+def test_past_the_limit_of_late_sends_a_send_is_skipped_and_counted(listen, monkeypatch):
+    """While Redis is slow but answering (no timeout for the breaker), every request left one
+    more send on the loop, without bound."""
+    listener = listen("ops")
+    release = held_sends(monkeypatch)
+    monkeypatch.setattr(broadcast, "MAX_LATE_SENDS", 2)
+    skipped_before = dropped("backlog")
+    callers = [threading.Thread(target=broadcast.send_now, args=(["ops"], {"type": f"late_{n}"})) for n in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=10)
+    try:
+        broadcast.send_now(["ops", "driver.x"], {"type": "skipped_event"})
+        assert dropped("backlog") - skipped_before == 2  # one event, two groups
+    finally:
+        release.set()
+    assert sorted(e["type"] for e in listener.drain(timeout=2)) == ["late_0", "late_1"]
+    deadline = time.monotonic() + 5  # a hang detector: the late sends' callbacks run at once
+    while broadcast._late.count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    broadcast.send_now(["ops"], {"type": "sent_event"})
+    assert [e["type"] for e in listener.drain()] == ["sent_event"]
+    assert dropped("backlog") - skipped_before == 2
+
+
+def test_a_broadcast_skipped_or_failed_is_counted(listen, settings, monkeypatch):
+    address = redis_address(settings.REDIS_URL)
+    unavailable_before, failed_before = dropped("redis_unavailable"), dropped("send_failed")
+    open_breaker(address)
+    broadcast.send_now(["ops", "driver.x"], {"type": "skipped_event"})
+    breaker.reset()
+
+    async def refused(self, batches):
+        raise redis.ConnectionError("refused")
+
+    from common.channels import PooledRedisChannelLayer
+    monkeypatch.setattr(PooledRedisChannelLayer, "group_send_many", refused)
+    broadcast.send_many([(["ops"], {"type": "a"}), (["ops", "driver.x"], {"type": "b"})])
+
+    assert dropped("redis_unavailable") - unavailable_before == 2
+    assert dropped("send_failed") - failed_before == 3
 
 
 def test_a_task_is_not_published_while_the_breaker_is_open_for_the_broker(sending_to_workers, django_capture_on_commit_callbacks):  # noqa: F811
