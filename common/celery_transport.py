@@ -16,6 +16,8 @@ Selected by `CELERY_BROKER_TRANSPORT` for `redis://` brokers (config/settings/ba
 `rediss://`, where kombu turns TLS on by the transport's name."""
 from __future__ import annotations
 
+import os
+import threading
 from time import monotonic
 
 from kombu.transport import redis as kombu_redis
@@ -27,6 +29,21 @@ from kombu.transport import virtual
 UNREMOVED_MAX = 1000
 UNREMOVED_SECONDS = 600
 
+# The process's acks whose removal failed: (delivery tag, when its ack failed). Kept across
+# channels: a failed ack comes with a broken connection as a rule, and the next acks are on the
+# channel of the reconnect (kombu does not restore these on close: they are no longer delivered).
+_unremoved: list[tuple[str, float]] = []
+_unremoved_lock = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    global _unremoved_lock
+    _unremoved.clear()  # the parent's acks are the parent's
+    _unremoved_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
 
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS frees a message's prefetch slot only after the message is removed from
@@ -34,27 +51,26 @@ class QoS(kombu_redis.QoS):
     hangs, a connection reset while it restarts; Celery logs "Couldn't ack") the slot stays
     taken for good, and a worker (prefetch 1 × 2 processes) stopped consuming after two such
     acks until restarted, every timer with it (seen with Redis paused 8 s under make run). Here
-    the slot is freed whatever happens, and the removal is retried with the next acks of the
-    channel (for UNREMOVED_SECONDS; a reconnect starts a new channel and forgets them); a
-    message not removed stays in the unacked index, which kombu restores after its visibility
-    timeout (a late duplicate run, as after a worker crash)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._unremoved: list[tuple[str, float]] = []  # (delivery tag, when its ack failed)
+    the slot is freed whatever happens, and the removal is retried with the process's next acks,
+    on this channel or the one of a reconnect (for UNREMOVED_SECONDS); a message not removed
+    by then stays in the unacked index, which kombu restores after its visibility timeout (a
+    late duplicate run, as after a worker crash)."""
 
     def ack(self, delivery_tag):
         now = monotonic()
-        retry = [(tag, at) for tag, at in self._unremoved if now - at < UNREMOVED_SECONDS]
+        with _unremoved_lock:
+            retry = [(tag, at) for tag, at in _unremoved if now - at < UNREMOVED_SECONDS]
+            _unremoved.clear()
         try:
             with self.pipe_or_acquire() as pipe:
                 for tag, _ in retry:
                     self._remove_from_indices(tag, pipe)
                 self._remove_from_indices(delivery_tag, pipe)
                 pipe.execute()
-            self._unremoved = []
         except Exception:
-            self._unremoved = [*retry, (delivery_tag, now)][-UNREMOVED_MAX:]
+            with _unremoved_lock:
+                _unremoved[:0] = [*retry, (delivery_tag, now)]
+                del _unremoved[:-UNREMOVED_MAX]
             raise
         finally:
             virtual.QoS.ack(self, delivery_tag)

@@ -116,3 +116,30 @@ def test_an_ack_that_fails_frees_its_prefetch_slot_and_is_removed_with_the_next(
     assert qos.can_consume()
     assert not get_redis().hexists(qos.unacked_key, first.delivery_tag)
     assert not get_redis().hexists(qos.unacked_key, second.delivery_tag)
+
+
+def test_an_ack_that_failed_is_removed_by_the_next_ack_on_the_channel_of_a_reconnect(connection, queue, monkeypatch):
+    """A failed ack comes with a broken connection as a rule: its removal was kept by the old
+    channel's QoS, which the reconnect drops, and the message ran again an hour later."""
+    channel = connection.default_channel
+    channel.basic_qos(prefetch_count=1)
+    connection.Producer(channel).publish({"n": 0}, routing_key=queue)
+    channel.queue_declare(queue)
+    first = channel.basic_get(queue, no_ack=False)
+
+    def hung(*args, **kwargs):
+        raise redis.exceptions.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(channel.qos, "pipe_or_acquire", hung)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        first.ack()
+    assert get_redis().hexists(channel.qos.unacked_key, first.delivery_tag)
+
+    with app.connection_for_write() as reconnected:  # a new connection, a new channel and QoS
+        other = reconnected.default_channel
+        assert other.qos is not channel.qos
+        reconnected.Producer(other).publish({"n": 1}, routing_key=queue)
+        second = other.basic_get(queue, no_ack=False)
+        second.ack()
+        assert not get_redis().hexists(other.qos.unacked_key, first.delivery_tag)
+        assert not get_redis().hexists(other.qos.unacked_key, second.delivery_tag)
