@@ -21,11 +21,15 @@ from common.exceptions import DomainError, InvalidInput
 logger = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = "The database is unavailable."
+DATABASE_TIMED_OUT = "The database did not answer in time; nothing was changed. Try again."
 BODY_TOO_LARGE = "The request body is too large (at most {limit} bytes)."
 # The connection is gone or cannot be had (server restarted or shut down, network, pool
 # exhausted): Django's wrappers of psycopg's errors and, should one escape them, psycopg's own
 # (psycopg.errors.AdminShutdown is an OperationalError).
 _UNAVAILABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
+# A statement cancelled by the connection's statement_timeout or lock_timeout (settings
+# DB_STATEMENT_TIMEOUT_MS, DB_LOCK_TIMEOUT_MS), also operational errors: the same 503, told apart.
+_TIMED_OUT = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
 
 
 def iso_now() -> str:
@@ -93,7 +97,7 @@ def exception_handler(exc, context):
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
     elif is_database_unavailable(exc):
         logger.warning("database unavailable: %s", exc)
-        exc = exceptions.APIException(DATABASE_UNAVAILABLE)
+        exc = exceptions.APIException(database_unavailable_message(exc))
         exc.status_code = 503
     elif isinstance(exc, RequestDataTooBig):
         exc = exceptions.APIException(body_too_large_message())
@@ -134,6 +138,13 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE)
 
 
+def database_unavailable_message(exc: BaseException) -> str:
+    """What a 503 for a database error says: the statement ran out of time, or the database
+    could not be reached."""
+    cause = exc if isinstance(exc, _TIMED_OUT) else exc.__cause__
+    return DATABASE_TIMED_OUT if isinstance(cause, _TIMED_OUT) else DATABASE_UNAVAILABLE
+
+
 def body_too_large_message(limit: int | None = None) -> str:
     return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES if limit is None else limit)
 
@@ -144,7 +155,7 @@ def response_for_exception(request, exc: BaseException, *, api: bool = True) -> 
     the SPEC's error body; otherwise plain text (the admin, the support and tracking pages)."""
     if is_database_unavailable(exc):
         logger.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
-        status, message = 503, DATABASE_UNAVAILABLE
+        status, message = 503, database_unavailable_message(exc)
     elif isinstance(exc, RequestDataTooBig):
         status, message = 413, body_too_large_message()
     else:

@@ -11,6 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+# A web process's statements and lock waits are cancelled past these (settings.base, where every
+# other process has no limit): a request is not held without end by a stuck query or a lock.
+os.environ.setdefault("DB_STATEMENT_TIMEOUT_MS", "30000")
+os.environ.setdefault("DB_LOCK_TIMEOUT_MS", "10000")
 django.setup(set_prefix=False)  # as get_asgi_application(); its handler is DjangoHandler below
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402

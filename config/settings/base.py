@@ -139,6 +139,22 @@ else:
         server_side_binding=True,
         prepare_threshold=_prepare_threshold,
     )
+# The longest PostgreSQL runs one statement of this process, and waits for one lock, before
+# cancelling it (milliseconds; 0: no limit, PostgreSQL's default). A request cancelled so gets a
+# 503 (common.errors) and changes nothing. Off for every process unless set; web processes
+# default to 30 s and 10 s (config/asgi.py): a stuck query or a transaction left holding a row
+# lock held its requests without end, and four such took all of a process's token requests'
+# turns (API_REQUEST_CONCURRENCY). Sent as the connection's startup options, which PgBouncer
+# refuses: behind it, set them on the role instead (docs/operations.md).
+DB_STATEMENT_TIMEOUT_MS = env.int("DB_STATEMENT_TIMEOUT_MS", default=0)
+DB_LOCK_TIMEOUT_MS = env.int("DB_LOCK_TIMEOUT_MS", default=0)
+_session_options = " ".join(
+    f"-c {name}={ms}"
+    for name, ms in (("statement_timeout", DB_STATEMENT_TIMEOUT_MS), ("lock_timeout", DB_LOCK_TIMEOUT_MS))
+    if ms > 0
+)
+if _session_options and not env.bool("DB_BEHIND_PGBOUNCER", default=False):
+    DATABASES["default"].setdefault("OPTIONS", {})["options"] = _session_options
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # The largest request body the API reads (bytes); a larger one is a 413 (common.middleware).
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)

@@ -199,3 +199,83 @@ def test_without_the_check_a_dead_pooled_connection_is_a_503_never_a_500(pooled)
     for r in (check, listing):
         assert r.status_code == 503, r.content
         assert r.json()["message"] == "The database is unavailable."
+
+
+# -------------------------------------------------------------------------- statement and lock timeouts
+
+
+@pytest.mark.django_db(transaction=True)  # the lock is held by another connection, in a thread
+def test_a_request_past_its_lock_wait_is_a_503_that_changes_nothing():
+    """A transaction left holding a driver's row lock held every request for that driver without
+    end (and took one of the process's four API turns each); with the web's lock_timeout it is
+    cancelled, and the answer says so."""
+    import threading
+
+    from django.db import connections, transaction
+
+    from availability.models import Driver
+    from tests.api import client_for
+    from tests.factories import online_driver
+
+    driver = online_driver()
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row():
+        try:
+            with transaction.atomic():
+                Driver.objects.select_for_update().get(pk=driver.pk)
+                locked.set()
+                release.wait(timeout=30)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(timeout=10)
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = 200")  # what DB_LOCK_TIMEOUT_MS sets per connection
+        r = client_for(driver.user).post(
+            f"/v2/drivers/{driver.pk}/availability/take-break", {"durationMinutes": 30}, format="json"
+        )
+    finally:
+        release.set()
+        holder.join(timeout=30)
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
+
+    body = assert_error_body(r, 503, path=f"/v2/drivers/{driver.pk}/availability/take-break")
+    assert body["message"] == "The database did not answer in time; nothing was changed. Try again."
+    driver.refresh_from_db()
+    assert driver.availability == "available"
+
+
+def test_a_web_process_cancels_long_statements_and_lock_waits_and_other_processes_do_not(db):
+    """config.asgi sets the web's defaults before the settings read them (DB_STATEMENT_TIMEOUT_MS,
+    DB_LOCK_TIMEOUT_MS); a worker, the consumer or a migration keeps PostgreSQL's (none)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.processes import subprocess_database_url
+
+    show = (
+        "from django.db import connection\n"
+        "with connection.cursor() as c:\n"
+        "    c.execute('SHOW statement_timeout'); s = c.fetchone()[0]\n"
+        "    c.execute('SHOW lock_timeout'); l = c.fetchone()[0]\n"
+        "print(s, l)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")}
+    env.update(DATABASE_URL=subprocess_database_url(), DJANGO_SETTINGS_MODULE="config.settings.base")
+
+    def run(setup: str, **extra) -> str:
+        done = subprocess.run([sys.executable, "-c", setup + show], env={**env, **extra}, cwd=django_settings.BASE_DIR,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split("\n")[-2]
+
+    assert run("import config.asgi\n") == "30s 10s"
+    assert run("import django; django.setup()\n") == "0 0"
+    assert run("import config.asgi\n", DB_STATEMENT_TIMEOUT_MS="0", DB_LOCK_TIMEOUT_MS="2500") == "0 2500ms"
+    assert run("import config.asgi\n", DB_LOCK_TIMEOUT_MS="2500", DB_BEHIND_PGBOUNCER="true") == "0 0"
