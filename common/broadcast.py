@@ -4,8 +4,9 @@ A workflow that emits several events in one transaction opens a `broadcast_batch
 atomic block: its events are then sent together after commit, in one hop into the event loop
 (`send_many`), instead of one `async_to_sync` per group per event. Everything else holds as
 for a single event: nothing is sent for a transaction (or savepoint) that rolls back, a Redis
-failure is logged and never raised, and each group gets a thread's events in the order they
-were emitted (a send that outlasts its caller's wait is waited for by the caller's next one).
+failure is logged and never raised, and each group gets the events of one thread (a request, a
+task, the fix consumer) in the order they were emitted, also when a send outlasts its caller's
+wait (what the thread emits meanwhile waits behind it).
 
 Where the events go from: under the ASGI server (a sync view in its worker thread) they are
 sent on the server's event loop, as `async_to_sync` does (the lean API handler's request
@@ -131,46 +132,92 @@ def send_many(entries: Sequence[Entry]) -> None:
     loop = getattr(_local, "server_loop", None)
     if loop is None or not loop.is_running():
         loop = _server_loop() or _sender_loop()
-    previous = getattr(_local, "late_send", None)
-    if previous is not None and previous.done():
-        previous = None
-    future = asyncio.run_coroutine_threadsafe(_send_after(previous, entries), loop)
+    tail = getattr(_local, "tail", None)
+    if tail is not None and not tail.done():  # this thread's last send is running late
+        _send_behind(tail, entries, loop)
+        return
+    future = asyncio.run_coroutine_threadsafe(_send_all(entries), loop)
     try:
         future.result(timeout=SEND_WAIT_SECONDS)
     except concurrent.futures.TimeoutError:  # (not counted by the breaker: a busy loop makes it too)
         logger.warning("broadcast of %d events not sent within %.1f s: it goes on without the caller",
                        len(entries), SEND_WAIT_SECONDS)
         _late.started(future)
-        _local.late_send = future
+        _local.tail, _local.queued = future, None
         return
     except Exception:
         logger.warning("broadcast of %d events failed", len(entries), exc_info=True)
-    _local.late_send = None
+        _dropped("send_failed", entries)
+    _local.tail = _local.queued = None
 
 
-async def _send_after(previous: concurrent.futures.Future | None, entries: Sequence[Entry]) -> None:
-    """`_send_all` once this thread's previous send, still running late, has ended: a caller's
-    events keep their order even when one send outlasts its wait."""
-    if previous is not None:  # (its failure, if any, was logged: this send goes anyway)
-        await asyncio.wait([asyncio.wrap_future(previous)])
-    await _send_all(entries)
+def _send_behind(tail: concurrent.futures.Future, entries: Sequence[Entry], loop) -> None:
+    """Send `entries` once this thread's late send `tail` has ended, without waiting: they join
+    the batch already waiting behind it, if any (so at most one send runs late and one waits
+    per thread, whatever the thread emits meanwhile), else start one."""
+    queued = getattr(_local, "queued", None)
+    if queued is not None:
+        joined = queued.add(entries)
+        if joined is not None:
+            if not joined:
+                logger.warning("broadcast of %d events skipped: %d events already wait behind a late send",
+                               len(entries), MAX_QUEUED_EVENTS)
+                _dropped("backlog", entries)
+            return
+    queued = _Queued(entries)
+    future = asyncio.run_coroutine_threadsafe(_send_queued(tail, queued), loop)
+    _late.started(future)
+    _local.tail, _local.queued = future, queued
+
+
+async def _send_queued(previous: concurrent.futures.Future, queued: _Queued) -> None:
+    await asyncio.wait([asyncio.wrap_future(previous)])  # (its failure, if any, was logged)
+    await _send_all(queued.take())
+
+
+class _Queued:
+    """A thread's events waiting for its late send to end, to go together after it."""
+
+    def __init__(self, entries: Sequence[Entry]):
+        self.entries = list(entries)
+        self._taken = False
+        self._lock = threading.Lock()
+
+    def add(self, entries: Sequence[Entry]) -> bool | None:
+        """True: added; False: full (not added); None: already being sent (not added)."""
+        with self._lock:
+            if self._taken:
+                return None
+            if len(self.entries) + len(entries) > MAX_QUEUED_EVENTS:
+                return False
+            self.entries.extend(entries)
+            return True
+
+    def take(self) -> list[Entry]:
+        with self._lock:
+            self._taken = True
+            return self.entries
 
 
 # A sync caller (a request thread, a task) waits at most this long for its events to go out (a
 # few ms as a rule); then the send goes on in the background without it. A hung Redis costs
 # the send the channel layer's socket timeout (15 s: its receive blocks for 5), which is what
-# every request and task touching it used to wait, twice before the breaker opened. The
-# caller's next send waits for that one on the loop, so its events stay in order.
+# every request and task touching it used to wait, twice before the breaker opened. While it
+# runs late, what the same thread emits waits behind it in one batch and the caller does not
+# wait at all: a thread's events stay in order (`_send_behind`).
 SEND_WAIT_SECONDS = 1.0
-# Sends running past their caller's wait, at most, in a process. While Redis is slow but
-# answering (the breaker counts only timeouts), every request would leave one more on the
-# event loop, each holding its events and a connection; past this many, sends are skipped
-# (logged, and counted in `live_events_dropped_total{reason="backlog"}`) until they drain.
+# Sends running past their caller's wait, or waiting behind one, at most, in a process. While
+# Redis is slow but answering (the breaker counts only timeouts), every request thread would
+# leave more on the event loop, each holding its events and a connection; past this many, sends
+# are skipped (logged, and counted in `live_events_dropped_total{reason="backlog"}`) until they
+# drain. And at most this many events wait behind one thread's late send (the fix consumer
+# emits ~200 a second), the rest skipped and counted the same way.
 MAX_LATE_SENDS = 200
+MAX_QUEUED_EVENTS = 2000
 
 
 class _LateSends:
-    """How many sends are running past their caller's wait (thread-safe)."""
+    """How many sends are running late or waiting behind one (thread-safe)."""
 
     def __init__(self):
         self.count = 0
@@ -187,6 +234,17 @@ class _LateSends:
 
 
 _late = _LateSends()
+
+
+def _forget_late_sends_in_child() -> None:
+    """A forked child has no loop to finish the parent's sends: it starts with none."""
+    global _late
+    _late = _LateSends()
+    _local.__dict__.pop("tail", None)
+    _local.__dict__.pop("queued", None)
+
+
+os.register_at_fork(after_in_child=_forget_late_sends_in_child)
 
 
 def _dropped(reason: str, entries: Sequence[Entry]) -> None:

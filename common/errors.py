@@ -21,15 +21,16 @@ from common.exceptions import DomainError, InvalidInput
 logger = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = "The database is unavailable."
-DATABASE_TIMED_OUT = "The database did not answer in time; nothing was changed. Try again."
+DATABASE_TIMED_OUT = "The database did not answer in time."
 BODY_TOO_LARGE = "The request body is too large (at most {limit} bytes)."
 # The connection is gone or cannot be had (server restarted or shut down, network, pool
 # exhausted): Django's wrappers of psycopg's errors and, should one escape them, psycopg's own
 # (psycopg.errors.AdminShutdown is an OperationalError).
 _UNAVAILABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
 # A statement cancelled by the connection's statement_timeout or lock_timeout (settings
-# DB_STATEMENT_TIMEOUT_MS, DB_LOCK_TIMEOUT_MS), also operational errors: the same 503, told apart.
-_TIMED_OUT = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
+# DB_STATEMENT_TIMEOUT_MS, DB_LOCK_TIMEOUT_MS), also operational errors: the same 503, told
+# apart (QueryCanceled is also a cancel by hand, pg_cancel_backend: "due to user request").
+_CANCELLED = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
 
 
 def iso_now() -> str:
@@ -96,7 +97,7 @@ def exception_handler(exc, context):
     elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
     elif is_database_unavailable(exc):
-        logger.warning("database unavailable: %s", exc)
+        logger.warning("database %s: %s", "timed out" if is_database_timeout(exc) else "unavailable", exc)
         exc = exceptions.APIException(database_unavailable_message(exc))
         exc.status_code = 503
     elif isinstance(exc, RequestDataTooBig):
@@ -138,11 +139,16 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, _UNAVAILABLE)
 
 
+def is_database_timeout(exc: BaseException) -> bool:
+    """A statement cancelled by the statement or lock timeout."""
+    cause = exc if isinstance(exc, _CANCELLED) else exc.__cause__
+    return isinstance(cause, _CANCELLED) and "timeout" in (cause.diag.message_primary or "")
+
+
 def database_unavailable_message(exc: BaseException) -> str:
-    """What a 503 for a database error says: the statement ran out of time, or the database
-    could not be reached."""
-    cause = exc if isinstance(exc, _TIMED_OUT) else exc.__cause__
-    return DATABASE_TIMED_OUT if isinstance(cause, _TIMED_OUT) else DATABASE_UNAVAILABLE
+    """What a 503 for a database error says: a statement ran out of time, or the database could
+    not be reached. (Not that nothing changed: a request may have committed before.)"""
+    return DATABASE_TIMED_OUT if is_database_timeout(exc) else DATABASE_UNAVAILABLE
 
 
 def body_too_large_message(limit: int | None = None) -> str:
@@ -154,7 +160,8 @@ def response_for_exception(request, exc: BaseException, *, api: bool = True) -> 
     the database is unavailable, 413 for a body over the limit; None for anything else. `api`:
     the SPEC's error body; otherwise plain text (the admin, the support and tracking pages)."""
     if is_database_unavailable(exc):
-        logger.warning("database unavailable on %s %s: %s", request.method, request.path, exc)
+        logger.warning("database %s on %s %s: %s", "timed out" if is_database_timeout(exc) else "unavailable",
+                       request.method, request.path, exc)
         status, message = 503, database_unavailable_message(exc)
     elif isinstance(exc, RequestDataTooBig):
         status, message = 413, body_too_large_message()

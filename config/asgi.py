@@ -13,9 +13,15 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 # A web process's statements and lock waits are cancelled past these (settings.base, where every
 # other process has no limit): a request is not held without end by a stuck query or a lock.
-os.environ.setdefault("DB_STATEMENT_TIMEOUT_MS", "30000")
-os.environ.setdefault("DB_LOCK_TIMEOUT_MS", "10000")
-django.setup(set_prefix=False)  # as get_asgi_application(); its handler is DjangoHandler below
+# Only while the settings are read: not for the processes this one starts (or a test run's).
+_WEB_DEFAULTS = {"DB_STATEMENT_TIMEOUT_MS": "30000", "DB_LOCK_TIMEOUT_MS": "10000"}
+_set_here = [name for name in _WEB_DEFAULTS if name not in os.environ]
+os.environ.update({name: _WEB_DEFAULTS[name] for name in _set_here})
+try:
+    django.setup(set_prefix=False)  # as get_asgi_application(); its handler is DjangoHandler below
+finally:
+    for _name in _set_here:
+        del os.environ[_name]
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -154,7 +154,8 @@ _session_options = " ".join(
     if ms > 0
 )
 if _session_options and not env.bool("DB_BEHIND_PGBOUNCER", default=False):
-    DATABASES["default"].setdefault("OPTIONS", {})["options"] = _session_options
+    _options = DATABASES["default"].setdefault("OPTIONS", {})
+    _options["options"] = f"{_options['options']} {_session_options}" if _options.get("options") else _session_options
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # The largest request body the API reads (bytes); a larger one is a 413 (common.middleware).
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)

@@ -143,3 +143,12 @@ def test_an_ack_that_failed_is_removed_by_the_next_ack_on_the_channel_of_a_recon
         second.ack()
         assert not get_redis().hexists(other.qos.unacked_key, first.delivery_tag)
         assert not get_redis().hexists(other.qos.unacked_key, second.delivery_tag)
+
+
+def test_a_forked_child_does_not_retry_the_parent_s_failed_acks(monkeypatch):
+    from common import celery_transport
+    from tests.common.test_redis_breaker import forked_child_says
+
+    monkeypatch.setattr(celery_transport, "_unremoved", [("parent-tag", 0.0)])
+    assert forked_child_says(lambda: celery_transport._unremoved == [])
+    assert celery_transport._unremoved == [("parent-tag", 0.0)]

@@ -245,9 +245,37 @@ def test_a_request_past_its_lock_wait_is_a_503_that_changes_nothing():
             cursor.execute("RESET lock_timeout")
 
     body = assert_error_body(r, 503, path=f"/v2/drivers/{driver.pk}/availability/take-break")
-    assert body["message"] == "The database did not answer in time; nothing was changed. Try again."
+    assert body["message"] == "The database did not answer in time."
     driver.refresh_from_db()
     assert driver.availability == "available"
+
+
+@pytest.mark.django_db(transaction=True)  # the cancelled statement aborts the transaction it is in
+def test_a_statement_past_its_time_is_a_503_that_says_so(ops, monkeypatch):
+    def slow(*args, **kwargs):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(5)")
+
+    monkeypatch.setattr(escalation_views.escalations, "escalation_check", slow)
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = 100")  # what DB_STATEMENT_TIMEOUT_MS sets per connection
+    try:
+        r = ops.post("/v2/admin/escalation/check")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET statement_timeout")
+
+    body = assert_error_body(r, 503, path="/v2/admin/escalation/check")
+    assert body["message"] == "The database did not answer in time."
+
+
+def test_a_statement_cancelled_by_hand_is_the_plain_503():
+    from common.errors import database_unavailable_message
+
+    cancelled = psycopg.errors.QueryCanceled("canceling statement due to user request")
+    wrapped = OperationalError(*cancelled.args)
+    wrapped.__cause__ = cancelled
+    assert database_unavailable_message(wrapped) == "The database is unavailable."
 
 
 def test_a_web_process_cancels_long_statements_and_lock_waits_and_other_processes_do_not(db):
@@ -259,23 +287,25 @@ def test_a_web_process_cancels_long_statements_and_lock_waits_and_other_processe
 
     from tests.processes import subprocess_database_url
 
-    show = (
-        "from django.db import connection\n"
-        "with connection.cursor() as c:\n"
-        "    c.execute('SHOW statement_timeout'); s = c.fetchone()[0]\n"
-        "    c.execute('SHOW lock_timeout'); l = c.fetchone()[0]\n"
-        "print(s, l)\n"
-    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")}
     env.update(DATABASE_URL=subprocess_database_url(), DJANGO_SETTINGS_MODULE="config.settings.base")
 
-    def run(setup: str, **extra) -> str:
+    def run(setup: str, shown=("statement_timeout", "lock_timeout"), **extra) -> str:
+        show = (
+            "from django.db import connection\n"
+            "with connection.cursor() as c:\n"
+            f"    print(*[c.execute('SHOW ' + name).fetchone()[0] for name in {list(shown)!r}])\n"
+        )
         done = subprocess.run([sys.executable, "-c", setup + show], env={**env, **extra}, cwd=django_settings.BASE_DIR,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return done.stdout.split("\n")[-2]
 
-    assert run("import config.asgi\n") == "30s 10s"
+    assert run("import os, config.asgi\nassert 'DB_LOCK_TIMEOUT_MS' not in os.environ  # not for its children\n") == "30s 10s"
     assert run("import django; django.setup()\n") == "0 0"
     assert run("import config.asgi\n", DB_STATEMENT_TIMEOUT_MS="0", DB_LOCK_TIMEOUT_MS="2500") == "0 2500ms"
     assert run("import config.asgi\n", DB_LOCK_TIMEOUT_MS="2500", DB_BEHIND_PGBOUNCER="true") == "0 0"
+    # options already in DATABASE_URL are kept
+    with_options = subprocess_database_url() + "?options=-c%20search_path%3Dpublic%20-c%20work_mem%3D8MB"
+    assert run("import config.asgi\n", ("statement_timeout", "lock_timeout", "work_mem"),
+               DATABASE_URL=with_options) == "30s 10s 8MB"

@@ -8,6 +8,7 @@ for the channel layer's socket timeout, its task publish for kombu, which had no
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -254,41 +255,80 @@ def dropped(reason: str) -> float:
     return REGISTRY.get_sample_value("live_events_dropped_total", {"reason": reason}) or 0
 
 
-def held_sends(monkeypatch, holding=lambda entries: True) -> threading.Event:
+@pytest.fixture(autouse=True)
+def _late_sends_ended():
+    """A late send left by a test ends before the next test sends (which would wait behind it)."""
+    yield
+    no_late_sends()
+
+
+def no_late_sends() -> int:
+    """Wait (5 s at most) for the late sends to end (their done-callbacks run on the loop) and
+    forget this thread's last one: the count is per process and the chain per thread. Returns
+    how many are still running."""
+    deadline = time.monotonic() + 5
+    while broadcast._late.count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    broadcast._local.tail = broadcast._local.queued = None
+    return broadcast._late.count
+
+
+def held_sends(monkeypatch, holding=lambda entries: True) -> tuple[threading.Event, list]:
     """The sends `holding` picks wait for the returned event to be set (a slow Redis), and
-    callers wait 0.05 s for their send."""
-    release = threading.Event()
+    callers wait 0.05 s for their send; the list gets each send's event types."""
+    assert no_late_sends() == 0
+    release, sends = threading.Event(), []
     send_all = broadcast._send_all
 
     async def held(entries):
+        sends.append([event["type"] for _, event in entries])
         if holding(entries):
             await asyncio.get_running_loop().run_in_executor(None, release.wait)
         await send_all(entries)
 
     monkeypatch.setattr(broadcast, "_send_all", held)
     monkeypatch.setattr(broadcast, "SEND_WAIT_SECONDS", 0.05)
-    return release
+    return release, sends
 
 
-def test_a_callers_next_send_waits_for_its_late_one_and_the_events_keep_their_order(listen, monkeypatch):
-    """A send not waited for could be overtaken by the caller's next one (a delivery's
-    "picked up" after its "delivered" on the customer's socket)."""
+def test_a_thread_s_sends_behind_a_late_one_wait_in_one_batch_and_keep_their_order(listen, monkeypatch):
+    """A send not waited for could be overtaken by the thread's next one (the fix consumer: an
+    older position after a newer one on the customer's map); and the caller does not wait."""
     listener = listen("ops")
-    release = held_sends(monkeypatch, holding=lambda entries: entries[0][1]["type"] == "first_event")
+    release, sends = held_sends(monkeypatch, holding=lambda entries: entries[0][1]["type"] == "first_event")
     broadcast.send_now(["ops"], {"type": "first_event"})  # late: goes on without the caller
     try:
-        broadcast.send_now(["ops"], {"type": "second_event"})
-        assert listener.drain() == []  # the second waits for the first
+        monkeypatch.setattr(broadcast, "SEND_WAIT_SECONDS", 2)  # a caller that waited: 2 s each, then late
+        for n in range(5):
+            broadcast.send_now(["ops"], {"type": f"next_{n}"})
+        assert listener.drain() == []  # they wait for the first
+        assert broadcast._late.count == 2  # the late one and one batch behind it
     finally:
         release.set()
-    assert [e["type"] for e in listener.drain(timeout=2)] == ["first_event", "second_event"]
+    assert [e["type"] for e in listener.drain(timeout=2)] == ["first_event"] + [f"next_{n}" for n in range(5)]
+    assert sends == [["first_event"], [f"next_{n}" for n in range(5)]]
+
+
+def test_events_past_the_limit_behind_a_late_send_are_skipped_and_counted(listen, monkeypatch):
+    listener = listen("ops")
+    release, _ = held_sends(monkeypatch, holding=lambda entries: entries[0][1]["type"] == "first_event")
+    monkeypatch.setattr(broadcast, "MAX_QUEUED_EVENTS", 3)
+    skipped_before = dropped("backlog")
+    broadcast.send_now(["ops"], {"type": "first_event"})
+    try:
+        for n in range(4):
+            broadcast.send_now(["ops"], {"type": f"next_{n}"})
+        assert dropped("backlog") - skipped_before == 1
+    finally:
+        release.set()
+    assert [e["type"] for e in listener.drain(timeout=2)] == ["first_event", "next_0", "next_1", "next_2"]
 
 
 def test_past_the_limit_of_late_sends_a_send_is_skipped_and_counted(listen, monkeypatch):
     """While Redis is slow but answering (no timeout for the breaker), every request left one
     more send on the loop, without bound."""
     listener = listen("ops")
-    release = held_sends(monkeypatch)
+    release, _ = held_sends(monkeypatch)
     monkeypatch.setattr(broadcast, "MAX_LATE_SENDS", 2)
     skipped_before = dropped("backlog")
     callers = [threading.Thread(target=broadcast.send_now, args=(["ops"], {"type": f"late_{n}"})) for n in range(2)]
@@ -410,3 +450,24 @@ def test_options_in_the_url_win_as_with_from_url(settings):
         assert client.connection_pool.connection_kwargs["socket_timeout"] == 3.0
     finally:
         common_redis._clients.pop(url, None)
+
+
+def forked_child_says(check) -> bool:
+    """Run `check()` in a forked child of this process; its answer."""
+    pid = os.fork()
+    if pid == 0:  # the child: no cleanup of the parent's state (os._exit)
+        os._exit(0 if check() else 1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_forked_child_starts_with_no_late_sends(listen, monkeypatch):
+    """The child has no loop to finish the parent's late send: its sends would have waited
+    behind it for ever."""
+    release, _ = held_sends(monkeypatch)
+    broadcast.send_now(["ops"], {"type": "first_event"})
+    try:
+        assert broadcast._late.count == 1 and broadcast._local.tail is not None
+        assert forked_child_says(lambda: broadcast._late.count == 0 and getattr(broadcast._local, "tail", None) is None)
+    finally:
+        release.set()
