@@ -508,11 +508,15 @@ def drivers_available_near(
 ) -> list[NearbyDriver]:
     """Available drivers with a fresh fix within `radius_km`, nearest first.
 
-    Redis GEOSEARCH first; PostGIS (`ST_DWithin` + KNN on the GiST index) when Redis is down.
+    Redis GEOSEARCH first; PostGIS (`ST_DWithin` + KNN on the GiST index) when Redis is down,
+    and around a point beyond GEO_MAX_LAT, which GEOSEARCH refuses (a pickup at -87° was a 500
+    on create and quote) and near which no driver is indexed.
     `positions=False`: each driver's lat and lon are None (dispatch ranks by distance only, and
     the search skips reading and sending the positions).
     """
     now = now or timezone.now()
+    if abs(lat) > GEO_MAX_LAT:
+        return drivers_near_postgis(lat=lat, lon=lon, radius_km=radius_km, limit=limit, now=now, positions=positions)
     try:
         return drivers_near_redis(lat=lat, lon=lon, radius_km=radius_km, limit=limit, now=now, positions=positions)
     except RedisUnavailable:

@@ -395,6 +395,24 @@ def test_a_driver_beyond_redis_geo_latitudes_is_stored_without_breaking_the_inde
     assert in_geo(other)
 
 
+def test_a_search_around_a_point_beyond_redis_geo_latitudes_finds_drivers_there(ops, django_capture_on_commit_callbacks):
+    """GEOSEARCH refuses a centre beyond ±85.05°: a delivery or a quote with such a pickup was a
+    500 (found by schemathesis); the PostGIS path searches there, where drivers are stored."""
+    polar = DriverFactory(location=point(-87.30, -71.10))
+    pickup, dropoff = {"lat": -87.301, "lon": -71.10}, {"lat": -87.31, "lon": -71.12}
+
+    quote = ops.post("/v2/quotes", {"pickupLocation": pickup, "dropoffLocation": dropoff}, format="json")
+    assert quote.status_code == 200, quote.content
+    assert [d.driver_id for d in geo.drivers_available_near(lat=-87.301, lon=-71.10, radius_km=5)] == [str(polar.pk)]
+
+    with django_capture_on_commit_callbacks(execute=True):
+        created = ops.post("/v2/deliveries", {"sellerOrderId": "polar-1", "storeName": "Polar store",
+                                               "pickupLocation": pickup, "dropoffLocation": dropoff}, format="json")
+    assert created.status_code == 201, created.content
+    offers = ops.get(f"/v2/deliveries/{created.json()['id']}/offers").json()
+    assert [o["driverId"] for o in offers["offers"]] == [str(polar.pk)]
+
+
 # ---------------------------------------------------------------------------- Redis down
 
 
