@@ -150,7 +150,12 @@ def _desired_state(now: datetime):
 
 
 def rebuild_index(*, now: datetime | None = None) -> int:
-    """Replace the index with PostgreSQL's state in one atomic swap. Returns GEO set size."""
+    """Replace the index with PostgreSQL's state in one atomic swap. Returns GEO set size.
+
+    Every driver's version is bumped in the swap, so that a reconcile that read Redis before
+    it does not write its older reading over it. What changed between the read of PostgreSQL
+    and the swap (a transition, a fix) is overwritten: `manage.py rebuild_geo_index` runs a
+    reconcile right after, which repairs the statuses (positions follow with the next fix)."""
     statuses, geo = _desired_state(now or timezone.now())
     r = get_redis()
     tmp = {k: f"{k}:rebuild" for k in (GEO_KEY, FIX_KEY, STATUS_KEY)}
@@ -169,6 +174,8 @@ def rebuild_index(*, now: datetime | None = None) -> int:
             pipe.delete(key)
         else:
             pipe.rename(temp, key)
+    for member in statuses:
+        pipe.hincrby(VERSION_KEY, member, 1)
     pipe.execute()
     return len(geo)
 

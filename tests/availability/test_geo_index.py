@@ -235,6 +235,41 @@ def test_rebuild_geo_index_drops_members_postgresql_does_not_know():
     assert ghost not in index_snapshot()["status"]
 
 
+def test_a_rebuild_bumps_every_driver_s_version(monkeypatch):
+    """So that a reconcile that read Redis before the swap does not write its reading over it."""
+    fleet = make_fleet()
+    before = {m: int(v) for m, v in r().hgetall(geo.VERSION_KEY).items()}
+    geo.rebuild_index()
+    after = {m: int(v) for m, v in r().hgetall(geo.VERSION_KEY).items()}
+    assert {str(d.pk) for d in fleet.values()} <= set(after)
+    assert all(after[m] == before.get(m, 0) + 1 for m in after)
+
+
+def test_the_rebuild_command_repairs_what_changed_while_it_read_postgresql(monkeypatch):
+    """The swap writes the state read from PostgreSQL: a driver who went on break in between
+    was indexed as available until the reconcile job's next run."""
+    fleet = make_fleet()
+    driver = fleet["available"]
+    real = geo._desired_state
+    reads = []
+
+    def read_then_break(now):
+        state = real(now)
+        if not reads:  # the rebuild's read; the break commits before its swap
+            Driver.objects.filter(pk=driver.pk).update(availability="on_break")
+        reads.append(now)
+        return state
+
+    monkeypatch.setattr(geo, "_desired_state", read_then_break)
+    out = io.StringIO()
+    call_command("rebuild_geo_index", stdout=out)
+
+    assert len(reads) == 2  # the rebuild's and the reconcile's
+    assert r().hget(geo.STATUS_KEY, str(driver.pk)) == "on_break"
+    assert not in_geo(driver)
+    assert "reconciled" in out.getvalue()
+
+
 def test_rebuild_on_an_empty_database_empties_the_index():
     r().geoadd(geo.GEO_KEY, (77.6, 12.97, "junk"))
     r().hset(geo.STATUS_KEY, "junk", "available")
