@@ -121,6 +121,14 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         else:
             logger.debug("%s dropped an event of type %s", type(self).__name__, kind)
 
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        """Clients have nothing to say on these sockets (events go one way): any frame, JSON or
+        not, text or binary, is ignored. Channels' JSON consumer decoded it and a frame that was
+        not JSON (an app's keep-alive "ping") or was binary raised out of the consumer: the
+        socket dropped without a close code and the server logged an error."""
+        logger.debug("%s ignored a %s frame from its client", type(self).__name__,
+                     "binary" if text_data is None else "text")
+
     async def deny(self, code: int) -> None:
         """Refuse the socket with an application close code (4401, 4403). The handshake is
         accepted first: a close before accept becomes a bare HTTP 403 at the server, and the

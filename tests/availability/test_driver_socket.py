@@ -60,3 +60,25 @@ def test_driver_socket_refuses_bad_tokens_and_other_drivers():
             assert await refusal(comm) == code, path
 
     async_to_sync(scenario)()
+
+
+def test_frames_from_the_client_are_ignored_and_the_socket_stays_live():
+    """A frame that was not JSON (an app's keep-alive "ping") or a binary one raised out of the
+    consumer: the socket dropped without a close code and the server logged an error."""
+    driver = DriverFactory(availability="offline")
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        connected, _ = await comm.connect()
+        assert connected
+        assert (await comm.receive_json_from(timeout=5))["type"] == "availability_snapshot"
+        for frame in ({"text_data": "ping"}, {"bytes_data": b"\x00\xff"}, {"text_data": '{"type": "websocket.disconnect"}'},
+                      {"text_data": "[1, 2]"}, {"text_data": '{"type": "offer_created", "event": {}}'}):
+            await comm.send_to(**frame)
+        assert await comm.receive_nothing(timeout=0.3)  # nothing answered, nothing closed
+
+        await database_sync_to_async(driver_workflows.availability_resume)(driver_id=driver.pk, actor=Actor("driver", driver.pk))
+        assert (await comm.receive_json_from(timeout=5))["type"] == "availability_changed"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
