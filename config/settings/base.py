@@ -141,7 +141,7 @@ else:
     )
 # The longest PostgreSQL runs one statement of this process, and waits for one lock, before
 # cancelling it (milliseconds; 0: no limit, PostgreSQL's default). A request cancelled so gets a
-# 503 (common.errors) and changes nothing. Off for every process unless set; web processes
+# 503 (common.errors) and the transaction it was in rolls back. Off for every process unless set; web processes
 # default to 30 s and 10 s (config/asgi.py): a stuck query or a transaction left holding a row
 # lock held its requests without end, and four such took all of a process's token requests'
 # turns (API_REQUEST_CONCURRENCY). Sent as the connection's startup options, which PgBouncer
