@@ -125,6 +125,10 @@ def send_many(entries: Sequence[Entry]) -> None:
         logger.warning("broadcast of %d events skipped: Redis unavailable", len(entries))
         _dropped("redis_unavailable", entries)
         return
+    tail = getattr(_local, "tail", None)
+    behind = tail is not None and not tail.done()  # this thread's last send is running late
+    if behind and _joined_queued(entries):  # (adds no send to the loop: allowed past the limit)
+        return
     if _late.count >= MAX_LATE_SENDS:  # a slow Redis: do not pile more onto the loop
         logger.warning("broadcast of %d events skipped: %d sends already running late", len(entries), _late.count)
         _dropped("backlog", entries)
@@ -132,8 +136,7 @@ def send_many(entries: Sequence[Entry]) -> None:
     loop = getattr(_local, "server_loop", None)
     if loop is None or not loop.is_running():
         loop = _server_loop() or _sender_loop()
-    tail = getattr(_local, "tail", None)
-    if tail is not None and not tail.done():  # this thread's last send is running late
+    if behind:
         _send_behind(tail, entries, loop)
         return
     future = asyncio.run_coroutine_threadsafe(_send_all(entries), loop)
@@ -151,19 +154,26 @@ def send_many(entries: Sequence[Entry]) -> None:
     _local.tail = _local.queued = None
 
 
-def _send_behind(tail: concurrent.futures.Future, entries: Sequence[Entry], loop) -> None:
-    """Send `entries` once this thread's late send `tail` has ended, without waiting: they join
-    the batch already waiting behind it, if any (so at most one send runs late and one waits
-    per thread, whatever the thread emits meanwhile), else start one."""
+def _joined_queued(entries: Sequence[Entry]) -> bool:
+    """Whether `entries` were dealt with by the batch waiting behind this thread's late send:
+    added to it, or skipped because it is full. False when no batch waits (or it has started)."""
     queued = getattr(_local, "queued", None)
-    if queued is not None:
-        joined = queued.add(entries)
-        if joined is not None:
-            if not joined:
-                logger.warning("broadcast of %d events skipped: %d events already wait behind a late send",
-                               len(entries), MAX_QUEUED_EVENTS)
-                _dropped("backlog", entries)
-            return
+    if queued is None:
+        return False
+    joined = queued.add(entries)
+    if joined is None:
+        return False
+    if not joined:
+        logger.warning("broadcast of %d events skipped: %d events already wait behind a late send",
+                       len(entries), MAX_QUEUED_EVENTS)
+        _dropped("backlog", entries)
+    return True
+
+
+def _send_behind(tail: concurrent.futures.Future, entries: Sequence[Entry], loop) -> None:
+    """Send `entries` once this thread's late send `tail` has ended, without waiting, in a new
+    batch (`send_many` first offers them to the batch already waiting, if any: so at most one
+    send runs late and one waits per thread, whatever the thread emits meanwhile)."""
     queued = _Queued(entries)
     future = asyncio.run_coroutine_threadsafe(_send_queued(tail, queued), loop)
     _late.started(future)

@@ -324,6 +324,25 @@ def test_events_past_the_limit_behind_a_late_send_are_skipped_and_counted(listen
     assert [e["type"] for e in listener.drain(timeout=2)] == ["first_event", "next_0", "next_1", "next_2"]
 
 
+def test_at_the_limit_of_late_sends_events_still_join_the_batch_waiting_behind_a_late_one(listen, monkeypatch):
+    """Joining a batch adds no send to the loop: at the limit, a thread's events were skipped
+    that could have ridden along with the batch already waiting."""
+    listener = listen("ops")
+    release, sends = held_sends(monkeypatch, holding=lambda entries: entries[0][1]["type"] == "first_event")
+    monkeypatch.setattr(broadcast, "MAX_LATE_SENDS", 2)
+    skipped_before = dropped("backlog")
+    broadcast.send_now(["ops"], {"type": "first_event"})  # late: one
+    try:
+        for n in range(3):  # the first starts the batch behind it (two: the limit), the rest join it
+            broadcast.send_now(["ops"], {"type": f"next_{n}"})
+        assert broadcast._late.count == 2
+        assert dropped("backlog") == skipped_before
+    finally:
+        release.set()
+    assert [e["type"] for e in listener.drain(timeout=2)] == ["first_event", "next_0", "next_1", "next_2"]
+    assert sends == [["first_event"], ["next_0", "next_1", "next_2"]]
+
+
 def test_past_the_limit_of_late_sends_a_send_is_skipped_and_counted(listen, monkeypatch):
     """While Redis is slow but answering (no timeout for the breaker), every request left one
     more send on the loop, without bound."""
