@@ -40,6 +40,9 @@ IDEMPOTENCY_KEY = OpenApiParameter(
     "reusing it with another body is a 409, a blank or over-long key is a 400.",
 )
 
+# Any request under /v2/ may answer these: a control character or invalid UTF-8 in its path,
+# query string or Authorization header (common.middleware).
+_ANY_REQUEST_ERRORS = (400,)
 # Any POST under /v2/ may answer these because of the Idempotency-Key header (common.idempotency).
 _IDEMPOTENCY_ERRORS = (400, 409)
 
@@ -88,10 +91,10 @@ class AutoSchema(_AutoSchema):
     def _get_response_bodies(self, direction="response"):
         # Not get_response_serializers: @extend_schema(responses=...) overrides that without super().
         responses = super()._get_response_bodies(direction)
-        if self.method == "POST":
-            for code in _IDEMPOTENCY_ERRORS:
-                if str(code) not in responses:
-                    responses[str(code)] = self._get_response_for_code(errors(code)[code], str(code), direction=direction)
+        codes = (_ANY_REQUEST_ERRORS + _IDEMPOTENCY_ERRORS) if self.method == "POST" else _ANY_REQUEST_ERRORS
+        for code in codes:
+            if str(code) not in responses:
+                responses[str(code)] = self._get_response_for_code(errors(code)[code], str(code), direction=direction)
         return responses
 
 
