@@ -99,6 +99,19 @@ class FiniteFloatField(_JsonTyped, serializers.FloatField):
         return value
 
 
+@extend_schema_field({"type": "number", "format": "double", "minimum": 0, "exclusiveMinimum": True})
+class PositiveFloatField(FiniteFloatField):
+    """A finite JSON number greater than 0 (a radius, a distance)."""
+
+    default_error_messages = {"not_positive": "Must be greater than 0."}
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if value <= 0:
+            self.fail("not_positive")
+        return value
+
+
 MONEY_MAX_DIGITS, MONEY_DECIMAL_PLACES = 10, 2
 _DECIMAL_STRING = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 

@@ -64,13 +64,23 @@ _EMPTY_IS_AN_ERROR = {"limit", "token"}
 _EMPTY_NOTE = "An empty value is the same as leaving the parameter out."
 
 
+# What common.middleware refuses in any path or query string (400): control characters (C0, DEL,
+# C1) and U+FFFD, what invalid UTF-8 decodes to. Given to free-text path and query parameters.
+URL_TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd]*$"
+
+
 def query_parameters_as_served(result, generator, request, public):
     """Postprocessing hook: optional query parameters say what the server does with an empty
     value (`?sort=`): it is read as absent (DRF's rule for optional fields), so the schema
-    allows it (`allowEmptyValue`) instead of claiming `minLength: 1`."""
+    allows it (`allowEmptyValue`) instead of claiming `minLength: 1`. And free-text path and
+    query parameters say which characters the server refuses in any URL (`URL_TEXT_PATTERN`)."""
     for item in result.get("paths", {}).values():
         for operation in item.values():
             for param in operation.get("parameters", []) if isinstance(operation, dict) else ():
+                schema = param.get("schema", {})
+                if param.get("in") in ("path", "query") and schema.get("type") == "string" \
+                        and not {"format", "enum", "pattern"} & schema.keys():
+                    schema["pattern"] = URL_TEXT_PATTERN
                 if param.get("in") != "query" or param.get("required") or param["name"] in _EMPTY_IS_AN_ERROR:
                     continue
                 param["allowEmptyValue"] = True

@@ -1,3 +1,4 @@
+from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -178,6 +179,17 @@ class TicketPatchSerializer(serializers.Serializer):
         if not attrs:
             raise serializers.ValidationError("Send at least one of status, priority, assigneeId, resolution.")
         return attrs
+
+
+class TicketPatchSchema(OpenApiSerializerExtension):
+    """The schema says what `validate` does: at least one of the fields (anyOf)."""
+
+    target_class = TicketPatchSerializer
+
+    def map_serializer(self, auto_schema, direction):
+        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        schema["anyOf"] = [{"required": [name]} for name in TicketPatchSerializer._declared_fields]
+        return schema
 
 
 class CommentCreateSerializer(serializers.Serializer):

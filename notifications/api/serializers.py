@@ -7,18 +7,21 @@ from notifications.models import ALL_EVENTS, WEBHOOK_EVENT_TYPES, WebhookAttempt
 
 EVENT_CHOICES = [*WEBHOOK_EVENT_TYPES, ALL_EVENTS]
 EVENTS_HELP = f"Event types to receive: any of {', '.join(WEBHOOK_EVENT_TYPES)}, or [\"{ALL_EVENTS}\"] for all."
+# (notifications.services.endpoint_events_clean says the same; here it is in the schema: minItems)
+EVENTS_ERRORS = {"min_length": f'Subscribe to at least one event type, or ["{ALL_EVENTS}"] for all.'}
 
 
 class WebhookEndpointCreateSerializer(serializers.Serializer):
     url = StrictUrlStringField(max_length=2000, help_text="http(s) URL; private, loopback and link-local targets are refused.")
-    events = serializers.ListField(child=StrictChoiceField(choices=EVENT_CHOICES), max_length=len(EVENT_CHOICES), help_text=EVENTS_HELP)
+    events = serializers.ListField(child=StrictChoiceField(choices=EVENT_CHOICES), min_length=1, max_length=len(EVENT_CHOICES),
+                                   error_messages=EVENTS_ERRORS, help_text=EVENTS_HELP)
     description = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
 
 
 class WebhookEndpointUpdateSerializer(serializers.Serializer):
     url = StrictUrlStringField(max_length=2000, required=False)
-    events = serializers.ListField(child=StrictChoiceField(choices=EVENT_CHOICES), max_length=len(EVENT_CHOICES),
-                                   required=False, help_text=EVENTS_HELP)
+    events = serializers.ListField(child=StrictChoiceField(choices=EVENT_CHOICES), min_length=1, max_length=len(EVENT_CHOICES),
+                                   error_messages=EVENTS_ERRORS, required=False, help_text=EVENTS_HELP)
     description = StrictCharField(max_length=500, required=False, allow_blank=True)
     active = StrictBooleanField(required=False, help_text="false switches the endpoint off; true switches it back on.")
 

@@ -90,10 +90,11 @@ def example(node: dict, name: str = ""):
         return {key: example(sub, key) for key, sub in node.get("properties", {}).items()}
     if kind == "array":
         return [example(node["items"], name) for _ in range(max(1, node.get("minItems", 1)))]
+    above = 1 if node.get("exclusiveMinimum") else 0
     if kind == "integer":
-        return int(node.get("minimum", 1))
+        return int(node.get("minimum", 1)) + above
     if kind == "number":
-        return float(node.get("minimum", 1))
+        return float(node.get("minimum", 1)) + above
     if kind == "boolean":
         return False
     if node.get("format") == "uuid":

@@ -150,3 +150,62 @@ def test_the_schema_s_phone_pattern_is_the_phone_rule():
                "1 2 3 4", "..1.2.3.4..", "+", "", "12a4", "++1234", "1234+", "+" + "1" * 31, "1" * 32, "1" * 33,
                "+" + "1" * 32, "(((1)))234", "12 34\u0662", " 1234", "12\n34"]
     assert [(v, rule(v)) for v in samples] == [(v, schema(v)) for v in samples]
+
+
+def schema_of(client) -> dict:
+    return yaml.safe_load(client.get("/v2/schema/").content)
+
+
+def test_free_text_path_and_query_parameters_document_the_characters_any_url_refuses(ops, db):
+    """Found by schemathesis (positive data refused): `seller_order_id` and `token` allowed any
+    string, and a control character in them is the middleware's 400."""
+    from common.middleware import _BAD_API_URL_CHARS
+
+    schema = schema_of(ops)
+    free_text = {
+        (path, param["in"], param["name"]): param["schema"].get("pattern")
+        for path, item in schema["paths"].items()
+        for op in item.values() if isinstance(op, dict)
+        for param in op.get("parameters", [])
+        if param["in"] in ("path", "query") and param["schema"].get("type") == "string"
+        and not {"format", "enum"} & param["schema"].keys()
+    }
+    assert ("/v2/orders/{seller_order_id}/rating", "path", "seller_order_id") in free_text
+    assert ("/v2/deliveries", "query", "sellerOrderId") in free_text
+    assert [key for key, pattern in free_text.items() if pattern is None] == []
+    url_text = re.compile(free_text["/v2/orders/{seller_order_id}/rating", "path", "seller_order_id"])
+    for code in [*range(0x00, 0xA1), 0xAD, 0x2028, 0xFFFD, 0xFFFF, 0x1F600]:
+        char = chr(code)
+        assert bool(url_text.match(f"a{char}b")) == (not _BAD_API_URL_CHARS.search(char)), hex(code)
+
+
+def test_a_zone_s_search_radius_is_documented_and_checked_as_greater_than_0(ops, db):
+    schema = schema_of(ops)
+    for name in ("ZoneWriteRequest", "PatchedZoneWriteRequest"):
+        radius = schema["components"]["schemas"][name]["properties"]["searchRadiusKm"]
+        assert (radius["minimum"], radius["exclusiveMinimum"], radius["maximum"], radius["nullable"]) == (0, True, 100, True)
+
+    square = {"type": "Polygon", "coordinates": [[[77.5, 12.9], [77.6, 12.9], [77.6, 13.0], [77.5, 13.0], [77.5, 12.9]]]}
+    refused = ops.post("/v2/zones", {"name": "Zero", "geometry": square, "searchRadiusKm": 0}, format="json")
+    assert refused.status_code == 400
+    assert refused.json()["details"] == {"searchRadiusKm": ["Must be greater than 0."]}
+    created = ops.post("/v2/zones", {"name": "Small", "geometry": square, "searchRadiusKm": 0.5}, format="json")
+    assert created.status_code == 201, created.json()
+
+
+def test_a_webhook_s_events_are_documented_and_checked_as_at_least_one(ops, db):
+    schema = schema_of(ops)
+    for name in ("WebhookEndpointCreateRequest", "PatchedWebhookEndpointUpdateRequest"):
+        assert schema["components"]["schemas"][name]["properties"]["events"]["minItems"] == 1
+
+    refused = ops.post("/v2/webhooks", {"url": "https://example.com/hook", "events": []}, format="json")
+    assert refused.status_code == 400
+    assert refused.json()["details"] == {"events": ['Subscribe to at least one event type, or ["*"] for all.']}
+
+
+def test_a_ticket_patch_documents_that_it_needs_one_of_its_fields(ops, db):
+    """Found by schemathesis (positive data refused): `{}` was schema-valid but is a 400."""
+    patch = schema_of(ops)["components"]["schemas"]["PatchedTicketPatchRequest"]
+
+    assert patch["anyOf"] == [{"required": [name]} for name in ("status", "priority", "assigneeId", "resolution")]
+    assert set(patch["properties"]) == {"status", "priority", "assigneeId", "resolution"}

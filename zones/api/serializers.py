@@ -5,7 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework_gis.serializers import GeoFeatureModelSerializer
 
-from common.fields import FiniteFloatField, StrictBooleanField, StrictCharField, StrictIntegerField, StrictUUIDField
+from common.fields import PositiveFloatField, StrictBooleanField, StrictCharField, StrictIntegerField, StrictUUIDField
 from zones.geometry import polygon_from_geojson
 from dispatch.models import DispatchPolicy
 from zones.models import (
@@ -118,7 +118,7 @@ class ZoneWriteSerializer(serializers.Serializer):
     offerExpiresSeconds = StrictIntegerField(
         min_value=OFFER_EXPIRES_MIN, max_value=OFFER_EXPIRES_MAX, required=False, allow_null=True, default=None
     )
-    searchRadiusKm = FiniteFloatField(max_value=SEARCH_RADIUS_MAX_KM, required=False, allow_null=True, default=None)
+    searchRadiusKm = PositiveFloatField(max_value=SEARCH_RADIUS_MAX_KM, required=False, allow_null=True, default=None)
     dispatchPolicy = serializers.ChoiceField(
         choices=[("", "global default"), *DispatchPolicy.choices], required=False, default="",
         help_text="How deliveries in this zone are offered; empty: the DISPATCH_POLICY setting.",
@@ -137,11 +137,6 @@ class ZoneWriteSerializer(serializers.Serializer):
     stackingMaxDetourMinutes = StrictIntegerField(
         min_value=DETOUR_MINUTES_MIN, max_value=DETOUR_MINUTES_MAX, required=False, allow_null=True, default=None
     )
-
-    def validate_searchRadiusKm(self, value):
-        if value is not None and value <= 0:
-            raise serializers.ValidationError("Must be greater than 0.")
-        return value
 
     FIELD_NAMES = {
         "name": "name", "geometry": "geometry", "priorityLevel": "priority_level",
