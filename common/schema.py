@@ -66,7 +66,7 @@ _EMPTY_NOTE = "An empty value is the same as leaving the parameter out."
 
 # What common.middleware refuses in any path or query string (400): control characters (C0, DEL,
 # C1) and U+FFFD, what invalid UTF-8 decodes to. Given to free-text path and query parameters.
-URL_TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd]*$"
+URL_TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd]+$"
 
 
 def query_parameters_as_served(result, generator, request, public):

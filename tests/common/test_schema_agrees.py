@@ -160,4 +160,51 @@ def test_cross_field_rules_are_in_the_schema_and_enforced(ops, db):
     r = ops.get("/v2/admin/analytics/summary", {"from": "2026-02-02T00:00:00Z", "to": "2026-02-01T00:00:00Z"})
     assert r.status_code == 400 and "from" in r.json()["details"]
 
-    assert "At least one of" in _component("PatchedTicketPatchRequest")["description"]
+    ticket_patch = _component("PatchedTicketPatchRequest")  # and as anyOf (found by schemathesis: `{}` was valid)
+    assert "At least one of" in ticket_patch["description"]
+    assert ticket_patch["anyOf"] == [{"required": [name]} for name in ("status", "priority", "assigneeId", "resolution")]
+
+
+def test_free_text_path_and_query_parameters_document_the_characters_any_url_refuses(db):
+    """Found by schemathesis (positive data refused): `seller_order_id` and `token` allowed any
+    string, and a control character in them is the middleware's 400."""
+    from common.middleware import _BAD_API_URL_CHARS
+
+    free_text = {
+        (path, param["in"], param["name"]): param["schema"].get("pattern")
+        for path, item in _schema()["paths"].items()
+        for op in item.values() if isinstance(op, dict)
+        for param in op.get("parameters", [])
+        if param["in"] in ("path", "query") and param["schema"].get("type") == "string"
+        and not {"format", "enum"} & param["schema"].keys()
+    }
+    assert ("/v2/orders/{seller_order_id}/rating", "path", "seller_order_id") in free_text
+    assert ("/v2/deliveries", "query", "sellerOrderId") in free_text
+    assert [key for key, pattern in free_text.items() if pattern is None] == []
+    url_text = re.compile(free_text["/v2/orders/{seller_order_id}/rating", "path", "seller_order_id"])
+    for code in [*range(0x00, 0xA1), 0xAD, 0x2028, 0xFFFD, 0xFFFF, 0x1F600]:
+        char = chr(code)
+        assert bool(url_text.match(f"a{char}b")) == (not _BAD_API_URL_CHARS.search(char)), hex(code)
+
+
+def test_a_zone_s_search_radius_is_documented_and_checked_as_greater_than_0(ops, db):
+    for name in ("ZoneWriteRequest", "PatchedZoneWriteRequest"):
+        radius = _component(name)["properties"]["searchRadiusKm"]
+        assert (radius["minimum"], radius["exclusiveMinimum"], radius["maximum"], radius["nullable"]) == (0, True, 100, True)
+
+    square = {"type": "Polygon", "coordinates": [[[77.5, 12.9], [77.6, 12.9], [77.6, 13.0], [77.5, 13.0], [77.5, 12.9]]]}
+    refused = ops.post("/v2/zones", {"name": "Zero", "geometry": square, "searchRadiusKm": 0}, format="json")
+    assert refused.status_code == 400
+    assert refused.json()["details"] == {"searchRadiusKm": ["Must be greater than 0."]}
+    created = ops.post("/v2/zones", {"name": "Small", "geometry": square, "searchRadiusKm": 0.5}, format="json")
+    assert created.status_code == 201, created.json()
+
+
+def test_a_webhook_s_events_are_documented_and_checked_as_at_least_one(ops, db):
+    for name in ("WebhookEndpointCreateRequest", "PatchedWebhookEndpointUpdateRequest"):
+        assert _component(name)["properties"]["events"]["minItems"] == 1
+
+    refused = ops.post("/v2/webhooks", {"url": "https://example.com/hook", "events": []}, format="json")
+    assert refused.status_code == 400
+    assert refused.json()["details"] == {"events": ['Subscribe to at least one event type, or ["*"] for all.']}
+
