@@ -13,6 +13,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from common.validation import PlainValidation
+from common.validators import validate_positive
 
 
 class _JsonTyped:
@@ -101,15 +102,11 @@ class FiniteFloatField(_JsonTyped, serializers.FloatField):
 
 @extend_schema_field({"type": "number", "format": "double", "minimum": 0, "exclusiveMinimum": True})
 class PositiveFloatField(FiniteFloatField):
-    """A finite JSON number greater than 0 (a radius, a distance)."""
+    """A finite JSON number greater than 0 (a radius, a distance): the models' own rule."""
 
-    default_error_messages = {"not_positive": "Must be greater than 0."}
-
-    def to_internal_value(self, data):
-        value = super().to_internal_value(data)
-        if value <= 0:
-            self.fail("not_positive")
-        return value
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.validators.append(validate_positive)
 
 
 MONEY_MAX_DIGITS, MONEY_DECIMAL_PLACES = 10, 2

@@ -12,6 +12,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db.models import Q
 from django.utils import timezone
 
+from common.validators import validate_positive
 from dispatch.models import DispatchPolicy, ProofPolicy
 
 PRIORITY_MIN, PRIORITY_MAX = 1, 5
@@ -21,11 +22,6 @@ BATCH_SIZE_MIN, BATCH_SIZE_MAX = 2, 20
 BROADCAST_MAX_MIN, BROADCAST_MAX_MAX = 1, 200
 MATCHING_WINDOW_MAX = 60
 DETOUR_MINUTES_MIN, DETOUR_MINUTES_MAX = 1, 60
-
-
-def validate_positive(value) -> None:
-    if value is not None and not value > 0:
-        raise ValidationError("Must be greater than 0.")
 
 
 class DeliveryZone(models.Model):

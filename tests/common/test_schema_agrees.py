@@ -10,11 +10,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import time_machine
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 from drf_spectacular.generators import SchemaGenerator
 
+from common.validators import validate_positive
 from tests.api import client_for
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory
+from zones.api.serializers import ZoneWriteSerializer
+from zones.models import DeliveryZone
 
 pytestmark = pytest.mark.django_db
 
@@ -198,6 +202,14 @@ def test_a_zone_s_search_radius_is_documented_and_checked_as_greater_than_0(ops,
     assert refused.json()["details"] == {"searchRadiusKm": ["Must be greater than 0."]}
     created = ops.post("/v2/zones", {"name": "Small", "geometry": square, "searchRadiusKm": 0.5}, format="json")
     assert created.status_code == 201, created.json()
+
+    # One rule, written once: the admin's form (the model field) and the API's field run the same check.
+    model_field = DeliveryZone._meta.get_field("search_radius_km")
+    assert validate_positive in model_field.validators
+    assert validate_positive in ZoneWriteSerializer().fields["searchRadiusKm"].validators
+    with pytest.raises(ValidationError) as refused_by_admin:
+        model_field.clean(0.0, None)
+    assert refused_by_admin.value.messages == ["Must be greater than 0."]
 
 
 def test_a_webhook_s_events_are_documented_and_checked_as_at_least_one(ops, db):
