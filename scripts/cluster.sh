@@ -32,6 +32,9 @@ STATS_PORT=8404
 # a transaction pool); every supervised process goes through PgBouncer.
 DIRECT_DATABASE_URL="postgis://dispatch:dispatch@127.0.0.1:5432/dispatch"
 POOLED_DATABASE_URL="postgis://dispatch:dispatch@127.0.0.1:$PGBOUNCER_PORT/dispatch"
+# The web instances' pool: the same database, with the web's statement and lock timeouts
+# (deploy/cluster/pgbouncer.ini).
+WEB_DATABASE_URL="postgis://dispatch:dispatch@127.0.0.1:$PGBOUNCER_PORT/dispatch_web"
 
 say() { printf '==> %s\n' "$*"; }
 ok() { printf '    %s\n' "$*"; }
@@ -74,6 +77,7 @@ PYEOF
 environment() {
   mkdir -p "$RUN_DIR" "$LOG_DIR"
   export DATABASE_URL="$POOLED_DATABASE_URL"
+  export CLUSTER_WEB_DATABASE_URL="$WEB_DATABASE_URL"
   export DB_BEHIND_PGBOUNCER=true
   export CLUSTER_RUN_DIR="$RUN_DIR"
   export CLUSTER_CELERY_CONCURRENCY="${CLUSTER_CELERY_CONCURRENCY:-1}"
