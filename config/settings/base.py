@@ -155,7 +155,10 @@ _session_options = " ".join(
 )
 if _session_options and not env.bool("DB_BEHIND_PGBOUNCER", default=False):
     _options = DATABASES["default"].setdefault("OPTIONS", {})
-    _options["options"] = f"{_options['options']} {_session_options}" if _options.get("options") else _session_options
+    # The URL's own options first; else the environment's PGOPTIONS, which libpq would drop
+    # once any options are given.
+    _given = _options.get("options") or env.str("PGOPTIONS", default="")
+    _options["options"] = f"{_given} {_session_options}" if _given.strip() else _session_options
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # The largest request body the API reads (bytes); a larger one is a 413 (common.middleware).
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)

@@ -309,3 +309,7 @@ def test_a_web_process_cancels_long_statements_and_lock_waits_and_other_processe
     with_options = subprocess_database_url() + "?options=-c%20search_path%3Dpublic%20-c%20work_mem%3D8MB"
     assert run("import config.asgi\n", ("statement_timeout", "lock_timeout", "work_mem"),
                DATABASE_URL=with_options) == "30s 10s 8MB"
+    # and so is the environment's PGOPTIONS, which libpq alone would drop beside the timeouts
+    assert run("import config.asgi\n", ("statement_timeout", "lock_timeout", "work_mem"),
+               PGOPTIONS="-c work_mem=9MB") == "30s 10s 9MB"
+    assert run("import django; django.setup()\n", ("statement_timeout", "work_mem"), PGOPTIONS="-c work_mem=9MB") == "0 9MB"
