@@ -157,3 +157,10 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
                 # keeps a dead channel, whose messages expire unread (channels_redis drops it
                 # from the group after group_expiry). Nothing for the client to see.
                 logger.warning("socket left group %s without group_discard: %s", group, type(exc).__name__)
+
+
+class UnknownPathConsumer(RelayConsumer):
+    """A socket path no route knows: closed with 4404, the way the others refuse (4401, 4403)."""
+
+    async def connect(self):
+        await self.deny(4404)
