@@ -2,6 +2,8 @@ import os
 
 from celery import Celery, bootsteps
 from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
     after_task_publish,
     beat_init,
     before_task_publish,
@@ -10,7 +12,7 @@ from celery.signals import (
 )
 
 from common import heartbeat
-from common.logfilters import request_id
+from common.logfilters import RedactTokensFilter, request_id
 from config.periodic import PERIODIC_TASKS
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
@@ -33,6 +35,17 @@ def _count_publish_timeouts(sender, **kwargs):
 
 
 app.autodiscover_tasks()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_tokens_in_worker_logs(sender=None, logger=None, **kwargs):
+    """A worker or beat logs through the handlers Celery installs in place of Django's LOGGING
+    (whose console handler redacts): tracking links (`?token=`) in a task's log line, e.g. the
+    console SMS backend's, must not keep the token there either."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactTokensFilter) for f in handler.filters):
+            handler.addFilter(RedactTokensFilter())
 
 # --------------------------------------------------------------------------- job liveness
 # /health/jobs and the job gauges read what these write (common/heartbeat.py, docs/operations.md).
