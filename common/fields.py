@@ -106,7 +106,8 @@ class PositiveFloatField(FiniteFloatField):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.validators.append(validate_positive)
+        if validate_positive not in self.validators:  # (a caller may have given it)
+            self.validators.append(validate_positive)
 
 
 MONEY_MAX_DIGITS, MONEY_DECIMAL_PLACES = 10, 2

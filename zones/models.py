@@ -7,7 +7,6 @@ overrides the dispatch engine reads (`offer_expires_seconds`, `search_radius_km`
 import uuid
 
 from django.contrib.gis.db import models
-from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db.models import Q
 from django.utils import timezone
