@@ -145,7 +145,7 @@ else:
 # default to 30 s and 10 s (config/asgi.py): a stuck query or a transaction left holding a row
 # lock held its requests without end, and four such took all of a process's token requests'
 # turns (API_REQUEST_CONCURRENCY). Sent as the connection's startup options, which PgBouncer
-# refuses: behind it, set them on the role instead (docs/operations.md).
+# refuses: behind it the pool sets them (the cluster's `dispatch_web`, docs/operations.md).
 DB_STATEMENT_TIMEOUT_MS = env.int("DB_STATEMENT_TIMEOUT_MS", default=0)
 DB_LOCK_TIMEOUT_MS = env.int("DB_LOCK_TIMEOUT_MS", default=0)
 _session_options = " ".join(
