@@ -1,0 +1,24 @@
+"""`make run PORT=…`: the customers' tracking links it hands out point at the server it starts
+(they pointed at port 8000 whatever PORT was, so a demo on another port sent dead links)."""
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_command(**env) -> str:
+    """TRACKING_BASE_URL as the shell line `make run` starts the processes with sets it (make -n
+    prints the line and runs nothing; the line is then run with printenv for supervisord).
+    `env`: variables to set, or None to unset."""
+    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    out = subprocess.run(["make", "-n", "run", "PORT=8311"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.replace("\\\n", " ").splitlines() if "exec supervisord" in line)
+    return subprocess.run(["sh", "-c", line.replace("exec supervisord", "printenv TRACKING_BASE_URL #")],
+                          env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def test_make_run_gives_tracking_links_of_its_own_port_unless_told_otherwise():
+    assert _run_command(TRACKING_BASE_URL=None) == "http://127.0.0.1:8311/track"
+    assert _run_command(TRACKING_BASE_URL="https://track.example.com/t") == "https://track.example.com/t"
