@@ -32,14 +32,14 @@ CLUSTER = ROOT / "deploy" / "cluster"
 def pgbouncer(db):
     """The repository's pgbouncer.ini in front of the test database (its `[databases]` lines
     pointed there, never at the dev database), on a free port; yields the port."""
-    db = connection.settings_dict
-    assert db["NAME"].startswith("test_"), db["NAME"]
+    test_db = connection.settings_dict
+    assert test_db["NAME"].startswith("test_"), test_db["NAME"]
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="pgbouncer-test-"))
     ini = (CLUSTER / "pgbouncer.ini").read_text()
     ini, replaced = re.subn(r"(?m)^listen_port = \d+$", f"listen_port = {port}", ini)
     assert replaced == 1
-    target = f"host={db['HOST'] or '127.0.0.1'} port={db['PORT'] or 5432} dbname={db['NAME']}"
+    target = f"host={test_db['HOST'] or '127.0.0.1'} port={test_db['PORT'] or 5432} dbname={test_db['NAME']}"
     ini, replaced = re.subn(r"(?m)^(dispatch|dispatch_web) = host=127\.0\.0\.1 port=5432 dbname=dispatch\b",
                             rf"\1 = {target}", ini)
     assert replaced == 2
