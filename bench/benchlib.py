@@ -440,6 +440,7 @@ class Server:
             self.web = self._spawn("uvicorn", [
                 str(ROOT / ".venv/bin/uvicorn"), "config.asgi:application", "--host", "127.0.0.1", "--port", str(self.port),
                 "--workers", str(self.workers), "--no-access-log", "--lifespan", "off",
+                "--ws", "common.wsprotocol:WebSocketProtocol", "--ws-max-size", "65536",  # as deployed
             ])
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and self.web.poll() is None:

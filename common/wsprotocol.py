@@ -1,0 +1,59 @@
+"""uvicorn's WebSocket protocol, answering the upgrades it refuses before the application sees them.
+
+Every web process runs uvicorn with `--ws common.wsprotocol:WebSocketProtocol` (deploy/, the
+Dockerfile, tests.processes). uvicorn 0.54's default protocol (websockets-sansio) hands the
+upgrade request to the websockets library, which refuses a request line or a header line over
+8 KiB (a long `?token=`, a large cookie) or more than 128 headers, and queues its refusal (414 or
+431); uvicorn writes the library's output only when the library reports an event, and a refusal
+is none. The client heard nothing until its own timeout and the connection stayed open until
+the client closed it. Here the refusal is answered at once, in the API's error body, and the
+connection is closed."""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import orjson
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+
+
+def _refusal(exc: Exception) -> tuple[int, str]:
+    if isinstance(exc, RequestLineTooLong):
+        return 414, f"The request line is too long (at most {MAX_LINE_LENGTH} bytes)."
+    if isinstance(exc, HeaderLineTooLong):
+        return 431, f"A request header is too long (at most {MAX_LINE_LENGTH} bytes a line)."
+    if isinstance(exc, TooManyHeaders):
+        return 431, f"The request has too many headers (at most {MAX_NUM_HEADERS})."
+    return 400, "The request is not a valid WebSocket upgrade."
+
+
+def _path(request: bytes) -> str:
+    """The request target's path (no query: it may carry a token), from the request line uvicorn
+    rebuilt from what it parsed: `METHOD SP target SP HTTP/1.1`."""
+    parts = request.split(b"\r\n", 1)[0].split(b" ")
+    target = parts[1] if len(parts) > 2 else b""
+    return target.split(b"?", 1)[0].decode("latin1")
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():
+            self._refuse(self.conn.handshake_exc, data)
+
+    def _refuse(self, exc: Exception, request: bytes) -> None:
+        from common.errors import error_body  # Django is set up once the application is loaded
+
+        status, message = _refusal(exc)
+        body = orjson.dumps(error_body(status, _path(request), message))
+        head = [
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        head += [f"{name.decode('latin1')}: {value.decode('latin1')}" for name, value in self.default_headers]
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.transport.write("\r\n".join(head).encode("latin1") + b"\r\n\r\n" + body)
+        self.transport.close()

@@ -1,0 +1,97 @@
+"""A socket upgrade the WebSocket library refuses (a request line or header line over 8 KiB, too
+many headers) is answered at once, in the API's error body, under the real server with the
+deployed protocol (common.wsprotocol). Under uvicorn's own protocol the client heard nothing
+and the connection stayed open until the client gave up."""
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from tests.processes import free_port, subprocess_database_url, uvicorn
+
+PROTOCOL = "common.wsprotocol:WebSocketProtocol"
+UPGRADE_HEADERS = [
+    "Host: 127.0.0.1",
+    "Upgrade: websocket",
+    "Connection: Upgrade",
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version: 13",
+]
+ERROR_KEYS = {"statusCode", "timestamp", "path", "message", "error"}
+
+
+@pytest.fixture
+def server(transactional_db, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": subprocess_database_url(),
+        "TEST_REDIS_URL": settings.REDIS_URL,
+        "PYTHONUNBUFFERED": "1",
+    }
+    with uvicorn(port, env, tmp_path / "uvicorn.log", log_level="info") as base:
+        yield port, tmp_path / "uvicorn.log"
+
+
+def exchange(port: int, target: str, headers: list[str]) -> bytes:
+    """Send an upgrade request; everything the server sends until it closes (or, for an accepted
+    socket, its handshake answer). A server that never answers fails on the timeout."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"GET {target} HTTP/1.1\r\n{''.join(h + chr(13) + chr(10) for h in headers)}\r\n".encode())
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+            if received.startswith(b"HTTP/1.1 101") and b"\r\n\r\n" in received:
+                break
+        return received
+
+
+def parse(answer: bytes) -> tuple[int, dict, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    fields = {name.lower(): value for name, _, value in (line.partition(": ") for line in lines[1:])}
+    assert int(fields.get("content-length", 0)) == len(body)
+    return status, fields, json.loads(body) if body else {}
+
+
+def test_a_refused_upgrade_is_answered_at_once_with_the_error_body(server):
+    port, log_path = server
+    token = "t" * 9000
+
+    status, fields, body = parse(exchange(port, f"/ws/track/1/?token={token}", UPGRADE_HEADERS))
+    assert status == 414
+    assert fields["content-type"] == "application/json"
+    assert fields["connection"] == "close"
+    assert ERROR_KEYS <= set(body)
+    assert body["statusCode"] == 414 and body["error"] == "Request-URI Too Long"
+    assert body["path"] == "/ws/track/1/"  # the query, which may hold a token, is not echoed
+    assert body["message"] == "The request line is too long (at most 8192 bytes)."
+
+    status, _, body = parse(exchange(port, "/ws/ops/", [*UPGRADE_HEADERS, "Cookie: sessionid=" + "c" * 9000]))
+    assert (status, body["statusCode"], body["path"]) == (431, 431, "/ws/ops/")
+    assert body["message"] == "A request header is too long (at most 8192 bytes a line)."
+
+    many = [f"X-Extra-{n}: {n}" for n in range(130)]
+    status, _, body = parse(exchange(port, "/ws/ops/", [*UPGRADE_HEADERS, *many]))
+    assert (status, body["message"]) == (431, "The request has too many headers (at most 128).")
+
+    # An upgrade within the limits still reaches the application (which closes a socket with no
+    # token with 4401 after accepting it), and nothing above was logged as an error.
+    assert exchange(port, "/ws/ops/?token=" + "t" * 8000, UPGRADE_HEADERS).startswith(b"HTTP/1.1 101")
+    assert "Traceback" not in log_path.read_text()
+    assert token not in log_path.read_text()
+
+
+@pytest.mark.parametrize("path", ["deploy/supervisord.conf", "deploy/cluster/supervisord.conf", "Dockerfile"])
+def test_every_deployed_web_process_runs_the_protocol_that_answers_refusals(path):
+    text = (Path(settings.BASE_DIR) / path).read_text()
+    commands = [line for line in text.splitlines() if re.search(r'uvicorn"?,? "?config\.asgi', line)]
+    assert commands, f"no uvicorn command found in {path}"
+    for command in commands:
+        assert re.search(rf'--ws"?,? "?{re.escape(PROTOCOL)}', command), command
