@@ -18,9 +18,10 @@ def _own_driver(user, driver_id: str):
 
 
 class DriverConsumer(RelayConsumer):
-    """`/ws/drivers/<driverId>/?token=<apiToken>`: that driver's offers and availability."""
+    """`/ws/drivers/<driverId>/?token=<apiToken>`: that driver's offers and availability, and
+    a delivery taken away from them (`assignment_cancelled`)."""
 
-    relays = frozenset(availability_events.EVENT_TYPES + offer_events.EVENT_TYPES)
+    relays = frozenset(availability_events.EVENT_TYPES + offer_events.EVENT_TYPES) | {"assignment_cancelled"}
 
     async def connect(self):
         user = self.scope.get("user")

@@ -83,6 +83,31 @@ def delivery_cancelled(delivery, *, from_status: str, reason: str, cancelled_at)
     }
 
 
+class AssignmentCancelledEvent(TypedDict):
+    """To the driver only (`/ws/drivers/<id>/` and a push): a delivery they carry was taken
+    away from them, cancelled (`reason` "delivery_cancelled") or given back to dispatch by ops
+    ("reassigned"). With order stacking the driver may stay busy with others, so this is the one
+    event that tells them to drop this one."""
+
+    type: Literal["assignment_cancelled"]
+    assignmentId: str
+    deliveryId: str
+    driverId: str
+    reason: str
+    cancelledAt: str
+
+
+def assignment_cancelled(assignment) -> AssignmentCancelledEvent:
+    return {
+        "type": "assignment_cancelled",
+        "assignmentId": str(assignment.pk),
+        "deliveryId": str(assignment.delivery_id),
+        "driverId": str(assignment.driver_id),
+        "reason": assignment.end_reason,
+        "cancelledAt": iso(assignment.ended_at),
+    }
+
+
 class DeliveryProofAddedEvent(TypedDict):
     """The assigned driver uploaded a photo or signature (to ops, and merchants as
     `delivery.proof_added`; never to the customer's socket, and never with a file URL)."""
@@ -114,4 +139,6 @@ def delivery_proof_added(delivery, proof) -> DeliveryProofAddedEvent:
     return event
 
 
-EVENT_TYPES = ("delivery_created", "delivery_status_changed", "delivery_cancelled", "delivery_proof_added")
+EVENT_TYPES = (
+    "delivery_created", "delivery_status_changed", "delivery_cancelled", "delivery_proof_added", "assignment_cancelled",
+)

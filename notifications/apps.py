@@ -16,4 +16,4 @@ class NotificationsConfig(AppConfig):
 
         set_delivery_renderer(delivery_representation)  # the API's own view of a delivery
         on_event_emitted(outbox_capture)
-        on_event_emitted(push_notice_capture)  # offer withdrawn, break ended: to the driver's phone
+        on_event_emitted(push_notice_capture)  # offer withdrawn, delivery taken away, break ended: to the phone

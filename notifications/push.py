@@ -1,7 +1,8 @@
 """Push to drivers' phones through Firebase Cloud Messaging's HTTP v1 API.
 
 `FcmPushBackend` is a `PUSH_BACKEND` (offers.push): new offers (with their expiry as the
-message's time to live), and `send_notice` for an offer withdrawn and a break that has ended.
+message's time to live), and `send_notice` for an offer withdrawn, a delivery taken away
+(cancelled, or reassigned by ops) and a break that has ended.
 It sends to every device the driver registered (`PushDevice`); a token FCM reports as no
 longer valid (UNREGISTERED, SENDER_ID_MISMATCH, or an INVALID_ARGUMENT about the token) is
 deleted. Credentials: a Google service account (`FCM_SERVICE_ACCOUNT_FILE`), exchanged for an
@@ -84,6 +85,13 @@ class FcmPushBackend:
         if kind == "offer_cancelled":
             title, body = "Offer withdrawn", "The delivery offer was withdrawn."
             data = {"type": kind, "offerId": event["offerId"], "reason": event.get("reason", "")}
+        elif kind == "assignment_cancelled":
+            reassigned = event.get("reason") == "reassigned"
+            title = "Delivery reassigned" if reassigned else "Delivery cancelled"
+            body = ("Ops gave the delivery to another driver: do not pick it up." if reassigned
+                    else "The delivery was cancelled: do not pick it up or deliver it.")
+            data = {"type": kind, "deliveryId": event["deliveryId"], "assignmentId": event["assignmentId"],
+                    "reason": event.get("reason", "")}
         elif kind == "break_expired":
             title, body = "Break over", "Your break has ended: you are available for offers again."
             data = {"type": kind, "expiredAt": event.get("expiredAt", "")}
@@ -125,13 +133,13 @@ class FcmPushBackend:
 
 
 NOTICE_TASK = "notifications.push_driver_notice"
-NOTICE_EVENTS = ("offer_cancelled", "break_expired")
+NOTICE_EVENTS = ("offer_cancelled", "break_expired", "assignment_cancelled")
 NOTICE_KEEP_SECONDS = 60  # a notice whose publish failed is kept and sent this late at most
 
 
 def push_notice_capture(event: dict) -> None:
-    """The `common.hooks.on_event_emitted` handler: an offer withdrawn or a break ended is also
-    pushed to the driver's phone, after commit, from a task."""
+    """The `common.hooks.on_event_emitted` handler: an offer withdrawn, a delivery taken away
+    or a break ended is also pushed to the driver's phone, after commit, from a task."""
     if event.get("type") in NOTICE_EVENTS and event.get("driverId"):
         enqueue_task_on_commit(
             NOTICE_TASK, event["driverId"], event["type"], dict(event), durable_seconds=NOTICE_KEEP_SECONDS

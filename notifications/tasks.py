@@ -52,5 +52,5 @@ def send_customer_messages() -> int:
     autoretry_for=(PushTransientError, OSError), retry_backoff=2, max_retries=3,
 )
 def push_driver_notice(driver_id: str, kind: str, event: dict) -> bool:
-    """An offer withdrawn or a break ended, to the driver's phone (PUSH_BACKEND)."""
+    """An offer withdrawn, a delivery taken away or a break ended, to the driver's phone (PUSH_BACKEND)."""
     return bool(get_push_backend().send_notice(driver_id=driver_id, kind=kind, event=event))

@@ -23,7 +23,8 @@ class PushBackend:
         raise NotImplementedError
 
     def send_notice(self, *, driver_id: str, kind: str, event: dict) -> bool:
-        """Tell the driver of `offer_cancelled` (withdrawn) or `break_expired`; True when sent."""
+        """Tell the driver of `offer_cancelled` (withdrawn), `assignment_cancelled` (a delivery
+        taken away) or `break_expired`; True when sent."""
         return False
 
 

@@ -6,10 +6,14 @@ from channels.testing import WebsocketCommunicator
 
 
 from workflows import drivers as driver_workflows
+from workflows.deliveries import assignment_create, delivery_cancel, delivery_reassign
 from availability.events import AvailabilityChangedEvent
 from common.actors import Actor
+from common.errors import iso
 from config.asgi import application
-from tests.factories import DriverFactory, OpsUserFactory
+from dispatch.events import AssignmentCancelledEvent
+from dispatch.models import Assignment
+from tests.factories import CITY, DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory, km_north, online_driver
 from tests.typecheck import assert_event_shape
 from tests.sockets import refusal
 from tests.api import token_for
@@ -79,6 +83,50 @@ def test_frames_from_the_client_are_ignored_and_the_socket_stays_live():
 
         await database_sync_to_async(driver_workflows.availability_resume)(driver_id=driver.pk, actor=Actor("driver", driver.pk))
         assert (await comm.receive_json_from(timeout=5))["type"] == "availability_changed"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_a_driver_hears_of_each_delivery_taken_away_even_while_still_busy_with_another():
+    """Cancelled or reassigned by ops: `assignment_cancelled` to that driver. With order
+    stacking the driver stays busy with the other delivery, so no availability change says it."""
+    zone = ZoneFactory(bbox=(CITY[1] - 0.2, CITY[0] - 0.2, CITY[1] + 0.2, CITY[0] + 0.2), stacking_enabled=True)
+    driver = online_driver(km=0.02, vehicle_type="car")
+    first, second, elsewhere = (
+        DeliveryFactory(zone=zone, pickup_location=km_north(0), dropoff_location=km_north(2), prep_time_minutes=0)
+        for _ in range(3)
+    )
+    for delivery in (first, second):
+        assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    assignment_create(delivery_id=elsewhere.pk, driver_id=online_driver(km=1).pk, actor=Actor.system())
+    ops = Actor.for_user(OpsUserFactory())
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        connected, _ = await comm.connect()
+        assert connected
+        assert (await comm.receive_json_from(timeout=5))["availability"] == "busy"
+
+        await database_sync_to_async(delivery_cancel)(delivery_id=first.pk, reason="store closed", actor=ops)
+        event = await comm.receive_json_from(timeout=5)
+        assert_event_shape(event, AssignmentCancelledEvent)
+        assignment = await database_sync_to_async(Assignment.objects.get)(delivery=first)
+        assert event == {
+            "type": "assignment_cancelled", "assignmentId": str(assignment.pk), "deliveryId": str(first.pk),
+            "driverId": str(driver.pk), "reason": "delivery_cancelled", "cancelledAt": iso(assignment.ended_at),
+        }
+        assert await comm.receive_nothing(timeout=0.3)  # still busy with the second
+
+        await database_sync_to_async(delivery_reassign)(delivery_id=second.pk, reason="too slow", actor=ops)
+        event = await comm.receive_json_from(timeout=5)
+        assert (event["type"], event["deliveryId"], event["reason"]) == ("assignment_cancelled", str(second.pk), "reassigned")
+        freed = await comm.receive_json_from(timeout=5)
+        assert (freed["type"], freed["fromState"], freed["toState"]) == ("availability_changed", "busy", "available")
+
+        # another driver's delivery cancelled: nothing here
+        await database_sync_to_async(delivery_cancel)(delivery_id=elsewhere.pk, reason="x", actor=ops)
+        assert await comm.receive_nothing(timeout=0.3)
         await comm.disconnect()
 
     async_to_sync(scenario)()

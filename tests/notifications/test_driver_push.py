@@ -1,7 +1,8 @@
 """Drivers register their phones for push; FCM's HTTP v1 backend sends new offers (time to live
-= the offer's expiry), withdrawn offers and the end of a break to every device, authenticated
-with a service account's OAuth2 token, and forgets tokens FCM reports as unregistered. FCM and
-Google's token endpoint are a local server answering as their documented APIs do."""
+= the offer's expiry), withdrawn offers, deliveries taken away and the end of a break to every
+device, authenticated with a service account's OAuth2 token, and forgets tokens FCM reports as
+unregistered. FCM and Google's token endpoint are a local server answering as their documented
+APIs do."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, onli
 from tests.notifications.receiver import Answer, Receiver
 from workflows import drivers as driver_flows
 from workflows import offers as offer_flows
+from workflows.deliveries import assignment_create, delivery_cancel, delivery_reassign
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -157,3 +159,21 @@ def test_a_withdrawn_offer_and_the_end_of_a_break_are_pushed(fcm):
         breaks_expire()
     types = [r.json()["message"]["data"]["type"] for r in _sent(fcm)]
     assert types[-1] == "break_expired"
+
+
+def test_a_delivery_taken_away_from_its_driver_is_pushed(fcm):
+    driver = online_driver()
+    _register(driver, "phone")
+    cancelled, reassigned = DeliveryFactory(), DeliveryFactory()
+    ops = Actor.for_user(OpsUserFactory())
+    assignment_create(delivery_id=cancelled.pk, driver_id=driver.pk, actor=ops)
+    delivery_cancel(delivery_id=cancelled.pk, reason="store closed", actor=ops)
+    assignment_create(delivery_id=reassigned.pk, driver_id=driver.pk, actor=ops)
+    delivery_reassign(delivery_id=reassigned.pk, reason="too slow", actor=ops)
+
+    messages = [r.json()["message"] for r in _sent(fcm)]
+    assert [(m["notification"]["title"], m["data"]["type"], m["data"]["deliveryId"], m["data"]["reason"]) for m in messages] == [
+        ("Delivery cancelled", "assignment_cancelled", str(cancelled.pk), "delivery_cancelled"),
+        ("Delivery reassigned", "assignment_cancelled", str(reassigned.pk), "reassigned"),
+    ]
+    assert all(m["token"] == "phone" and m["android"]["ttl"] == "300s" for m in messages)
