@@ -66,15 +66,26 @@ class TrackingSocketSplit:
         return await self.full(scope, receive, send)
 
 
+def _header_token(scope) -> str | None:
+    """The key of an `Authorization: Token <key>` header (the REST API's scheme), for clients
+    that can set headers on an upgrade (apps, servers; browsers cannot)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"authorization":
+            scheme, _, key = value.decode("latin1").partition(" ")
+            return key.strip() if scheme.lower() == "token" else None
+    return None
+
+
 class QueryTokenAuthMiddleware:
-    """Sets scope["user"] from `?token=<api token>` when present (else keeps the session user)."""
+    """Sets scope["user"] from `?token=<api token>`, or else an `Authorization: Token <key>`
+    header, when present (else keeps the session user)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
         _set_request_id(scope)
-        key = query_param(scope, "token")
+        key = query_param(scope, "token") or _header_token(scope)
         if key and len(key) <= 64:
             user = await _user_for_token(key)
             scope = dict(scope, user=user or AnonymousUser(), token_invalid=user is None)

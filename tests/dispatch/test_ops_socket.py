@@ -113,6 +113,29 @@ def test_sockets_without_a_valid_token_close_4401_and_non_staff_4403(integration
     async_to_sync(scenario)()
 
 
+def test_a_client_that_sets_headers_may_send_its_token_as_on_the_api(integration_user):
+    """`Authorization: Token <key>`, the REST API's scheme; `?token=` wins when both are given."""
+    ops_user = OpsUserFactory()
+
+    def auth(key):
+        return [(b"authorization", f"Token {key}".encode())]
+
+    async def scenario():
+        comm = connect("/ws/ops/", headers=auth(token_for(ops_user)))
+        assert (await comm.connect())[0] is True
+        assert await comm.receive_nothing(timeout=0.2)  # open, not closed
+        await comm.disconnect()
+        for path, headers, code in (
+            ("/ws/ops/", auth("nope"), 4401),
+            ("/ws/ops/", [(b"authorization", f"Bearer {token_for(ops_user)}".encode())], 4401),
+            ("/ws/ops/", auth(token_for(integration_user)), 4403),
+            (f"/ws/ops/?token={token_for(integration_user)}", auth(token_for(ops_user)), 4403),
+        ):
+            assert await refusal(connect(path, headers=headers)) == code, (path, headers)
+
+    async_to_sync(scenario)()
+
+
 def test_a_browser_from_a_foreign_origin_is_refused_but_an_allowed_origin_connects():
     ops_user = OpsUserFactory()
 
