@@ -1,4 +1,5 @@
-"""Socket plumbing shared by consumers: token auth from the query string, origin checks."""
+"""Socket plumbing shared by consumers: token auth (`?token=` or an `Authorization: Token`
+header), origin checks."""
 from __future__ import annotations
 
 import logging
@@ -69,10 +70,11 @@ class TrackingSocketSplit:
 def _header_token(scope) -> str | None:
     """The key of an `Authorization: Token <key>` header (the REST API's scheme), for clients
     that can set headers on an upgrade (apps, servers; browsers cannot)."""
+    from common.tokens import authorization_token
+
     for name, value in scope.get("headers") or ():
-        if name == b"authorization":
-            scheme, _, key = value.decode("latin1").partition(" ")
-            return key.strip() if scheme.lower() == "token" else None
+        if name == b"authorization" and (key := authorization_token(value)) is not None:
+            return key
     return None
 
 

@@ -18,6 +18,9 @@ from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooMany
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
 
+PATH_ECHO = 256  # httptools has no limit of its own: a 9 KB path is not sent back whole
+
+
 def _refusal(exc: Exception) -> tuple[int, str]:
     if isinstance(exc, RequestLineTooLong):
         return 414, f"The request line is too long (at most {MAX_LINE_LENGTH} bytes)."
@@ -29,11 +32,11 @@ def _refusal(exc: Exception) -> tuple[int, str]:
 
 
 def _path(request: bytes) -> str:
-    """The request target's path (no query: it may carry a token), from the request line uvicorn
-    rebuilt from what it parsed: `METHOD SP target SP HTTP/1.1`."""
+    """The request target's path (no query: it may carry a token; at most PATH_ECHO characters),
+    from the request line uvicorn rebuilt from what it parsed: `METHOD SP target SP HTTP/1.1`."""
     parts = request.split(b"\r\n", 1)[0].split(b" ")
     target = parts[1] if len(parts) > 2 else b""
-    return target.split(b"?", 1)[0].decode("latin1")
+    return target.split(b"?", 1)[0][:PATH_ECHO].decode("latin1")
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):

@@ -84,7 +84,7 @@ def delivery_cancelled(delivery, *, from_status: str, reason: str, cancelled_at)
 
 
 class AssignmentCancelledEvent(TypedDict):
-    """To the driver only (`/ws/drivers/<id>/` and a push): a delivery they carry was taken
+    """To the driver (`/ws/drivers/<id>/` and a push) and ops: a delivery they carry was taken
     away from them, cancelled (`reason` "delivery_cancelled") or given back to dispatch by ops
     ("reassigned"). With order stacking the driver may stay busy with others, so this is the one
     event that tells them to drop this one."""
@@ -93,7 +93,7 @@ class AssignmentCancelledEvent(TypedDict):
     assignmentId: str
     deliveryId: str
     driverId: str
-    reason: str
+    reason: Literal["delivery_cancelled", "reassigned"]
     cancelledAt: str
 
 

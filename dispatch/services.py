@@ -160,13 +160,13 @@ def assignment_end_locked(
     """End an active assignment. The caller holds the delivery's, the assignment's and the
     driver's locks. The busy driver is free again once its last active assignment ends (with
     order stacking it may carry others: it stays busy). A cancelled one (the delivery cancelled,
-    or reassigned by ops) is told to its driver: `assignment_cancelled`."""
+    or reassigned by ops) is told to its driver (and ops): `assignment_cancelled`."""
     assignment.status = status
     assignment.ended_at = now
     assignment.end_reason = reason
     save_fields(assignment, ["status", "ended_at", "end_reason"])
     if status == AssignmentStatus.CANCELLED:
-        broadcast_on_commit([driver_group(assignment.driver_id)], events.assignment_cancelled(assignment))
+        broadcast_on_commit([driver_group(assignment.driver_id), OPS_GROUP], events.assignment_cancelled(assignment))
     driver.active_assignments = max(0, driver.active_assignments - 1)  # the trigger's count, as the row now has it
     delivery_id = assignment.delivery_id
     transaction.on_commit(lambda: live.active_delivery_clear(assignment.driver_id, delivery_id), robust=True)

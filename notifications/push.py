@@ -88,7 +88,7 @@ class FcmPushBackend:
         elif kind == "assignment_cancelled":
             reassigned = event.get("reason") == "reassigned"
             title = "Delivery reassigned" if reassigned else "Delivery cancelled"
-            body = ("Ops gave the delivery to another driver: do not pick it up." if reassigned
+            body = ("Ops took this delivery off you: do not pick it up." if reassigned
                     else "The delivery was cancelled: do not pick it up or deliver it.")
             data = {"type": kind, "deliveryId": event["deliveryId"], "assignmentId": event["assignmentId"],
                     "reason": event.get("reason", "")}

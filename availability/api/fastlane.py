@@ -40,7 +40,7 @@ from common.parsers import MAX_DEPTH
 from common.logfilters import new_request_id, request_id
 from common.redis import RedisFailed, breaker, redis_address
 from common.throttling import driver_throttle_key, parse_rate
-from common.tokens import token_digest
+from common.tokens import authorization_token, token_digest
 from tracking.events import delivery_location_updated
 
 logger = logging.getLogger(__name__)
@@ -199,13 +199,7 @@ def _utf8_json(content_type: bytes) -> bool:
 
 
 def _token(headers: dict[bytes, bytes]) -> str | None:
-    parts = headers.get(b"authorization", b"").split()
-    if len(parts) != 2 or parts[0].lower() != b"token":
-        return None
-    try:
-        return parts[1].decode()
-    except UnicodeDecodeError:
-        return None
+    return authorization_token(headers.get(b"authorization", b""))
 
 
 def _token_owner(digest: str) -> tuple[str, bool, live.Fix | None, int] | None:

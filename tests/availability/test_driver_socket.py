@@ -100,13 +100,18 @@ def test_a_driver_hears_of_each_delivery_taken_away_even_while_still_busy_with_a
     for delivery in (first, second):
         assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     assignment_create(delivery_id=elsewhere.pk, driver_id=online_driver(km=1).pk, actor=Actor.system())
-    ops = Actor.for_user(OpsUserFactory())
+    ops_user = OpsUserFactory()
+    ops, ops_token, driver_token = Actor.for_user(ops_user), token_for(ops_user), token_for(driver.user)
 
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        # the driver's app sends its token as on the REST API, in the header
+        auth = [(b"authorization", f"Token {driver_token}".encode())]
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/", headers=auth)
         connected, _ = await comm.connect()
         assert connected
         assert (await comm.receive_json_from(timeout=5))["availability"] == "busy"
+        ops_comm = WebsocketCommunicator(application, f"/ws/ops/?token={ops_token}")
+        assert (await ops_comm.connect())[0]
 
         await database_sync_to_async(delivery_cancel)(delivery_id=first.pk, reason="store closed", actor=ops)
         event = await comm.receive_json_from(timeout=5)
@@ -128,5 +133,15 @@ def test_a_driver_hears_of_each_delivery_taken_away_even_while_still_busy_with_a
         await database_sync_to_async(delivery_cancel)(delivery_id=elsewhere.pk, reason="x", actor=ops)
         assert await comm.receive_nothing(timeout=0.3)
         await comm.disconnect()
+
+        # ops saw all three (among the deliveries' and drivers' other events)
+        seen = []
+        while len(seen) < 3:
+            event = await ops_comm.receive_json_from(timeout=5)
+            if event["type"] == "assignment_cancelled":
+                seen.append((event["deliveryId"], event["reason"]))
+        assert seen == [(str(first.pk), "delivery_cancelled"), (str(second.pk), "reassigned"),
+                        (str(elsewhere.pk), "delivery_cancelled")]
+        await ops_comm.disconnect()
 
     async_to_sync(scenario)()

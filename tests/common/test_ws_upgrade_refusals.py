@@ -81,6 +81,14 @@ def test_a_refused_upgrade_is_answered_at_once_with_the_error_body(server):
     status, _, body = parse(exchange(port, "/ws/ops/", [*UPGRADE_HEADERS, *many]))
     assert (status, body["message"]) == (431, "The request has too many headers (at most 128).")
 
+    # a request the library cannot take as an upgrade at all (a body announced on a GET upgrade)
+    status, _, body = parse(exchange(port, "/ws/ops/", [*UPGRADE_HEADERS, "Transfer-Encoding: chunked"]))
+    assert (status, body["message"]) == (400, "The request is not a valid WebSocket upgrade.")
+
+    # the path is echoed, but not a huge one whole
+    status, _, body = parse(exchange(port, "/ws/" + "p" * 9000, UPGRADE_HEADERS))
+    assert (status, body["path"]) == (414, "/ws/" + "p" * 252)
+
     # An upgrade within the limits still reaches the application (which closes a socket with no
     # token with 4401 after accepting it), and nothing above was logged as an error.
     assert exchange(port, "/ws/ops/?token=" + "t" * 8000, UPGRADE_HEADERS).startswith(b"HTTP/1.1 101")
@@ -88,10 +96,12 @@ def test_a_refused_upgrade_is_answered_at_once_with_the_error_body(server):
     assert token not in log_path.read_text()
 
 
-@pytest.mark.parametrize("path", ["deploy/supervisord.conf", "deploy/cluster/supervisord.conf", "Dockerfile"])
+@pytest.mark.parametrize("path", [
+    "deploy/supervisord.conf", "deploy/cluster/supervisord.conf", "Dockerfile", "docs/operations.md",  # its systemd unit
+])
 def test_every_deployed_web_process_runs_the_protocol_that_answers_refusals(path):
     text = (Path(settings.BASE_DIR) / path).read_text()
-    commands = [line for line in text.splitlines() if re.search(r'uvicorn"?,? "?config\.asgi', line)]
+    commands = [line for line in text.splitlines() if re.search(r'(bin/uvicorn|"uvicorn",) "?config\.asgi', line)]
     assert commands, f"no uvicorn command found in {path}"
     for command in commands:
         assert re.search(rf'--ws"?,? "?{re.escape(PROTOCOL)}', command), command

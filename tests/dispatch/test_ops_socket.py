@@ -62,10 +62,12 @@ def test_staff_receive_delivery_events_after_commit(integration_user):
         assert by_type["delivery_status_changed"]["driverId"] == str(driver.pk)
 
         await database_sync_to_async(delivery_cancel)(delivery_id=delivery.pk, reason="test", actor=Actor.system())
-        received = [await comm.receive_json_from(timeout=5) for _ in range(2)]
+        received = [await comm.receive_json_from(timeout=5) for _ in range(3)]
         by_type = {e["type"]: e for e in received}
-        assert set(by_type) == {"availability_changed", "delivery_cancelled"}
+        assert set(by_type) == {"assignment_cancelled", "availability_changed", "delivery_cancelled"}
         assert_event_shape(by_type["delivery_cancelled"], events.DeliveryCancelledEvent)
+        assert_event_shape(by_type["assignment_cancelled"], events.AssignmentCancelledEvent)
+        assert by_type["assignment_cancelled"]["driverId"] == str(driver.pk)
         assert by_type["delivery_cancelled"]["fromStatus"] == "assigned"
         await comm.disconnect()
 
@@ -125,8 +127,13 @@ def test_a_client_that_sets_headers_may_send_its_token_as_on_the_api(integration
         assert (await comm.connect())[0] is True
         assert await comm.receive_nothing(timeout=0.2)  # open, not closed
         await comm.disconnect()
+        lower = connect("/ws/ops/", headers=[(b"authorization", f"token  {token_for(ops_user)}".encode())])
+        assert (await lower.connect())[0] is True  # the scheme in any case, as DRF reads it
+        assert await lower.receive_nothing(timeout=0.2)
+        await lower.disconnect()
         for path, headers, code in (
             ("/ws/ops/", auth("nope"), 4401),
+            ("/ws/ops/", auth(f"{token_for(ops_user)} extra"), 4401),
             ("/ws/ops/", [(b"authorization", f"Bearer {token_for(ops_user)}".encode())], 4401),
             ("/ws/ops/", auth(token_for(integration_user)), 4403),
             (f"/ws/ops/?token={token_for(integration_user)}", auth(token_for(ops_user)), 4403),
