@@ -88,8 +88,10 @@ class QueryTokenAuthMiddleware:
     async def __call__(self, scope, receive, send):
         _set_request_id(scope)
         key = query_param(scope, "token") or _header_token(scope)
-        if key and len(key) <= 64:
-            user = await _user_for_token(key)
+        if key:
+            # A key is 40 characters; a longer one is nobody's, and not worth a lookup. A bad
+            # token never falls back to the session's user.
+            user = await _user_for_token(key) if len(key) <= 64 else None
             scope = dict(scope, user=user or AnonymousUser(), token_invalid=user is None)
         return await self.app(scope, receive, send)
 

@@ -143,6 +143,30 @@ def test_a_client_that_sets_headers_may_send_its_token_as_on_the_api(integration
     async_to_sync(scenario)()
 
 
+def test_a_bad_token_never_falls_back_to_the_browsers_session():
+    """A console logged in by session that also sends a token: the token decides, and a bad
+    one, short or absurdly long, is refused (before, a key over 64 characters was skipped and
+    the session's user let in)."""
+    from django.test import Client
+
+    ops_user = OpsUserFactory()
+    browser = Client()
+    browser.force_login(ops_user)
+    cookie = [(b"cookie", f"sessionid={browser.cookies['sessionid'].value}".encode())]
+
+    async def scenario():
+        comm = connect("/ws/ops/", headers=cookie)
+        assert (await comm.connect())[0] is True  # the session alone lets the console in
+        assert await comm.receive_nothing(timeout=0.2)
+        await comm.disconnect()
+        for key in ("nope", "x" * 65, "y" * 9000):
+            assert await refusal(connect(f"/ws/ops/?token={key}", headers=cookie)) == 4401, len(key)
+            auth = [*cookie, (b"authorization", f"Token {key}".encode())]
+            assert await refusal(connect("/ws/ops/", headers=auth)) == 4401, len(key)
+
+    async_to_sync(scenario)()
+
+
 def test_a_browser_from_a_foreign_origin_is_refused_but_an_allowed_origin_connects():
     ops_user = OpsUserFactory()
 
