@@ -23,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone as dt_timezone
+from datetime import datetime, timedelta, timezone as dt_timezone
 
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
 from availability import geo
 from availability.models import Driver
@@ -169,6 +170,53 @@ def fixes_record_persisted(fixes: list[Fix]) -> None:
         evalsha_many(get_redis(), _FIX_SCRIPT, calls)
     except RedisFailed:
         logger.warning("live positions of %d driver(s) not updated (Redis unavailable)", len(fixes))
+
+
+# Every driver's fix of the last DRIVER_STALE_AFTER_SECONDS as PostgreSQL has it (older ones
+# have left dispatch: the stale-driver job takes those drivers offline).
+_RECENT_FIXES_SQL = (
+    "SELECT id::text, ST_Y(location::geometry), ST_X(location::geometry), "
+    "extract(epoch FROM location_recorded_at)::float8, location_accuracy_m, location_speed, location_heading "
+    "FROM dispatch_driver WHERE location IS NOT NULL AND location_recorded_at > %s"
+)
+_RESEED_CHUNK = 2000
+
+
+def positions_reseed(*, now: datetime | None = None) -> int:
+    """Bring Redis's live positions up to PostgreSQL's where PostgreSQL's are newer (the
+    reconcile job). While Redis was unreachable, fixes went straight to PostgreSQL; until each
+    driver's next fix, Redis kept the older one, which readers of Redis saw (dispatch ranking,
+    the ops map), and against which an out-of-order fix older than PostgreSQL's was still
+    accepted and reached the customer. A missing key (Redis restarted empty) is reseeded too.
+
+    Redis is read first (each driver's fix time), then only the drivers PostgreSQL is ahead on
+    go through the fix script, whose guard compares again atomically: a fix the fast lane
+    accepts meanwhile is never overwritten. Returns how many were reseeded; raises RedisFailed
+    when Redis cannot answer (the job then has nothing to repair yet)."""
+    cutoff = (now or timezone.now()) - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
+    with connection.cursor() as cur:
+        cur.execute(_RECENT_FIXES_SQL, [cutoff])
+        stored = [Fix(pk, lat, lon, t, acc, speed, heading) for pk, lat, lon, t, acc, speed, heading in cur.fetchall()]
+    r = get_redis()
+    behind = []
+    for start in range(0, len(stored), _RESEED_CHUNK):
+        chunk = stored[start : start + _RESEED_CHUNK]
+        pipe = r.pipeline(transaction=False)
+        for fix in chunk:
+            pipe.hget(driver_key(fix.driver_id), "t")
+        for fix, live_t in zip(chunk, pipe.execute()):
+            if live_t is None or float(live_t) < fix.recorded_at:
+                behind.append(fix)
+    reseeded = 0
+    for start in range(0, len(behind), _RESEED_CHUNK):
+        calls = [
+            _script_call(fix, token_digest_="", throttle_key=fleet_key("throttle:none"), limit=0, period=1, append=False)
+            for fix in behind[start : start + _RESEED_CHUNK]
+        ]
+        reseeded += sum(int(accepted) for _, accepted, _ in evalsha_many(r, _FIX_SCRIPT, calls))
+    if reseeded:
+        logger.warning("live positions of %d driver(s) were behind PostgreSQL's; reseeded", reseeded)
+    return reseeded
 
 
 # ------------------------------------------------------------------------------ auth cache

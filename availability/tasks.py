@@ -18,4 +18,5 @@ def mark_stale_drivers_offline() -> int:
 def reconcile_geo_index() -> dict:
     result = geo.reconcile_index()
     result["activeDeliveries"] = live.active_reconcile()
+    result["positionsReseeded"] = live.positions_reseed()
     return result

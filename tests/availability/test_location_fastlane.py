@@ -794,3 +794,43 @@ def test_fixes_already_in_postgres_reach_the_live_state_in_one_pipeline_even_aft
     assert (round(positions[str(second.pk)].lat, 5), round(positions[str(second.pk)].lon, 5)) == (12.92, 77.52)
     lon, lat = get_redis().geopos(geo.GEO_KEY, str(second.pk))[0]
     assert round(lat, 4) == 12.92  # available: in the GEO index where the fix says
+
+
+def test_after_a_redis_outage_the_reconcile_job_brings_redis_up_to_the_fixes_postgres_took(monkeypatch):
+    """While Redis was unreachable the fixes went straight to PostgreSQL; Redis kept the fix
+    before the outage. The reconcile job (every minute) reseeds it from PostgreSQL, so readers
+    of Redis see the newer position and an out-of-order fix older than PostgreSQL's is no longer
+    taken by the fast lane; a fix newer than PostgreSQL's that Redis took meanwhile stays."""
+    from availability.tasks import reconcile_geo_index
+
+    driver, other = online_driver(), online_driver()  # other: a fix in PostgreSQL only (a Redis restarted empty)
+    key = token(driver)
+    assert str(other.pk) not in live.positions_of([other.pk])
+    assert post(url(driver), {"lat": 12.91, "lon": 77.51, "recordedAt": recorded(1)}, token=key).json()["accepted"]
+
+    async def down(*args, **kwargs):
+        raise redis.ConnectionError("Redis is down")
+
+    with monkeypatch.context() as outage:  # every Redis write of the location path fails
+        outage.setattr(live, "fix_record_async", down)
+        outage.setattr(live, "fix_time_of", lambda driver_id: None)
+        outage.setattr(live, "fix_record_persisted", lambda fix: None)
+        outage.setattr(geo, "index_driver", lambda **kwargs: None)
+        response = post(url(driver), {"lat": 12.93, "lon": 77.53, "recordedAt": recorded(3)}, token=key)
+        assert response.json()["accepted"] is True
+    assert round(pg_fix_time(driver).timestamp()) == round((timezone.now() + timedelta(seconds=3)).timestamp())
+    assert round(live.positions_of([driver.pk])[str(driver.pk)].lat, 5) == 12.91  # Redis: the fix before
+
+    result = reconcile_geo_index.delay().get(timeout=10)
+
+    assert result["positionsReseeded"] == 2
+    position = live.positions_of([driver.pk])[str(driver.pk)]
+    assert (round(position.lat, 5), round(position.lon, 5)) == (12.93, 77.53)
+    assert round(get_redis().geopos(geo.GEO_KEY, str(driver.pk))[0][1], 4) == 12.93  # available: indexed there
+    older = post(url(driver), {"lat": 12.92, "lon": 77.52, "recordedAt": recorded(2)}, token=key)
+    assert older.status_code == 200 and older.json()["accepted"] is False
+
+    assert post(url(driver), {"lat": 12.95, "lon": 77.55, "recordedAt": recorded(4)}, token=key).json()["accepted"]
+    assert live.positions_reseed() == 0  # Redis ahead of PostgreSQL (the consumer has not run): kept
+    assert round(live.positions_of([driver.pk])[str(driver.pk)].lat, 5) == 12.95
+    assert live.positions_of([other.pk])[str(other.pk)].recorded_at == pg_fix_time(other)
