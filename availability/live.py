@@ -179,7 +179,18 @@ _RECENT_FIXES_SQL = (
     "extract(epoch FROM location_recorded_at)::float8, location_accuracy_m, location_speed, location_heading "
     "FROM dispatch_driver WHERE location IS NOT NULL AND location_recorded_at > %s"
 )
-_RESEED_CHUNK = 2000
+_RESEED_CHUNK = 1000  # a compare call of 1,000 drivers holds Redis ~1.3 ms here
+# The indexes (1-based) of the drivers whose live fix time is missing or older than PostgreSQL's.
+# KEYS: driver hashes. ARGV: PostgreSQL's fix time of each. (One script a chunk, not an HGET a
+# driver: at 100k drivers 65 ms of the job's CPU instead of 600.)
+_BEHIND_SCRIPT = """
+local out = {}
+for i = 1, #KEYS do
+  local t = redis.call('HGET', KEYS[i], 't')
+  if not t or tonumber(t) < tonumber(ARGV[i]) then out[#out + 1] = i end
+end
+return out
+"""
 
 
 def positions_reseed(*, now: datetime | None = None) -> int:
@@ -189,7 +200,7 @@ def positions_reseed(*, now: datetime | None = None) -> int:
     the ops map), and against which an out-of-order fix older than PostgreSQL's was still
     accepted and reached the customer. A missing key (Redis restarted empty) is reseeded too.
 
-    Redis is read first (each driver's fix time), then only the drivers PostgreSQL is ahead on
+    Redis is compared first (each driver's fix time, by script), then only the drivers PostgreSQL is ahead on
     go through the fix script, whose guard compares again atomically: a fix the fast lane
     accepts meanwhile is never overwritten. Returns how many were reseeded; raises RedisFailed
     when Redis cannot answer (the job then has nothing to repair yet)."""
@@ -201,12 +212,8 @@ def positions_reseed(*, now: datetime | None = None) -> int:
     behind = []
     for start in range(0, len(stored), _RESEED_CHUNK):
         chunk = stored[start : start + _RESEED_CHUNK]
-        pipe = r.pipeline(transaction=False)
-        for fix in chunk:
-            pipe.hget(driver_key(fix.driver_id), "t")
-        for fix, live_t in zip(chunk, pipe.execute()):
-            if live_t is None or float(live_t) < fix.recorded_at:
-                behind.append(fix)
+        call = ([driver_key(fix.driver_id) for fix in chunk], [repr(fix.recorded_at) for fix in chunk])
+        behind.extend(chunk[i - 1] for i in evalsha_many(r, _BEHIND_SCRIPT, [call])[0])
     reseeded = 0
     for start in range(0, len(behind), _RESEED_CHUNK):
         calls = [
