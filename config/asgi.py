@@ -31,6 +31,7 @@ from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
 from django.db.models import Model  # noqa: E402
 from django.urls import set_script_prefix  # noqa: E402
+from django.utils.functional import SimpleLazyObject  # noqa: E402
 
 from availability.api.fastlane import LocationFastLane  # noqa: E402
 from common.broadcast import bind_server_loop  # noqa: E402
@@ -261,7 +262,11 @@ def _release(request, response) -> None:
         serializer = getattr(part, "serializer", None)  # ReturnDict, ReturnList
         if serializer is not None:
             _unbind(serializer)
-    user = vars(request).get("user")  # (never the lazy session user: it is not evaluated here)
+    user = vars(request).get("user")
+    if type(user) is SimpleLazyObject:
+        # The full stack's lazy session user, only if a view evaluated it: isinstance() would
+        # evaluate it here (a session read, from the event loop: SynchronousOnlyOperation).
+        user = vars(user).get("_wrapped")
     if isinstance(user, Model):
         user._state.fields_cache.clear()
     vars(request).clear()

@@ -154,3 +154,19 @@ def test_a_client_gone_before_the_response_still_cancels_the_request(monkeypatch
 
     assert async_to_sync(go)() == []
     assert cancelled == ["/health/"]
+
+
+@pytest.mark.parametrize("path, expected", [("/health/", 200), ("/nothing-here", 404), ("/v2/nothing-here", 404)])
+def test_a_session_cookie_on_a_page_that_never_reads_the_user_is_no_500(path, expected):
+    """The request's release must not evaluate the full stack's lazy session user: from the
+    event loop that is a session read, SynchronousOnlyOperation, a 500 for any browser with a
+    session cookie (a made-up one or a logged-in console's) on /health/, /metrics, a customer's
+    tracking page or any 404."""
+    from django.test import Client
+
+    from tests.factories import OpsUserFactory
+
+    browser = Client()
+    browser.force_login(OpsUserFactory())
+    for cookie in (b"sessionid=made-up-123", f"sessionid={browser.cookies['sessionid'].value}".encode()):
+        assert async_to_sync(_get)(application, path, [(b"cookie", cookie)]) == expected, cookie
