@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from datetime import timedelta
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import HttpResponse
 from django.utils import timezone
 
 from common.errors import error_response, is_database_unavailable, response_for_exception
-from common.models import IdempotencyRecord
+from common.models import ApiToken, IdempotencyRecord
+from common.tokens import authorization_token, token_digest
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +31,56 @@ MAX_KEY_LENGTH = 255
 
 
 def _caller(request) -> str:
+    """Who sent the request: the account, however it authenticates (any of its API tokens,
+    the header written in any case, or its session), so that a retry is recognised. A token no
+    account holds is its own caller (the view refuses it); so is an unknown scheme."""
     auth = request.META.get("HTTP_AUTHORIZATION")
     if auth:
+        key = authorization_token(auth.encode("latin-1", "replace"))
+        if key is not None:
+            digest = token_digest(key)
+            user_id = ApiToken.objects.filter(digest=digest).values_list("user_id", flat=True).first()
+            return f"user:{user_id}" if user_id is not None else f"token:{digest}"
         return "auth:" + hashlib.sha256(auth.encode("utf-8", "surrogatepass")).hexdigest()
     user = getattr(request, "user", None)
     if user is not None and user.is_authenticated:
         return f"user:{user.pk}"
     return "anon:" + request.META.get("REMOTE_ADDR", "")
+
+
+# Stored responses are sealed (AES-GCM under a key derived from SECRET_KEY, bound to their
+# record's caller and key): a response may carry a secret shown once (a new driver's
+# `apiToken`, a login's token) or a customer's details, and a copy of the database must hold
+# no usable token (common/tokens.py). Rows written before sealing are replayed as stored.
+_SEALED = b"\x00seal1"
+_NONCE_BYTES = 12
+
+
+def _sealing_key(secret: str) -> bytes:
+    return hashlib.sha256(b"dispatch.idempotency.response\0" + secret.encode("utf-8", "surrogatepass")).digest()
+
+
+def _bound_to(caller: str, key: str) -> bytes:
+    return f"{caller}\0{key}".encode("utf-8", "surrogatepass")
+
+
+def seal_response(body: bytes, *, caller: str, key: str) -> bytes:
+    nonce = os.urandom(_NONCE_BYTES)
+    return _SEALED + nonce + AESGCM(_sealing_key(settings.SECRET_KEY)).encrypt(nonce, body, _bound_to(caller, key))
+
+
+def unseal_response(stored: bytes, *, caller: str, key: str) -> bytes | None:
+    """The response body as it was sent, or None when no key this server holds (SECRET_KEY,
+    SECRET_KEY_FALLBACKS) opens it."""
+    if not stored.startswith(_SEALED):
+        return stored
+    nonce, sealed = stored[len(_SEALED) : len(_SEALED) + _NONCE_BYTES], stored[len(_SEALED) + _NONCE_BYTES :]
+    for secret in (settings.SECRET_KEY, *settings.SECRET_KEY_FALLBACKS):
+        try:
+            return AESGCM(_sealing_key(secret)).decrypt(nonce, sealed, _bound_to(caller, key))
+        except InvalidTag:
+            continue
+    return None
 
 
 def _request_hash(request) -> str:
@@ -108,7 +155,7 @@ class IdempotencyMiddleware:
             else:
                 IdempotencyRecord.objects.filter(pk=record.pk).update(
                     status_code=response.status_code,
-                    response_body=bytes(response.content),
+                    response_body=seal_response(bytes(response.content), caller=record.caller, key=record.key),
                     content_type=response.get("Content-Type", ""),
                 )
         except Exception:
@@ -140,8 +187,14 @@ class IdempotencyMiddleware:
                     return None, error_response(
                         request, 409, "A request with this Idempotency-Key is still being processed."
                     )
+                body = unseal_response(bytes(existing.response_body or b""), caller=caller, key=key)
+                if body is None:
+                    return None, error_response(
+                        request, 409, "This Idempotency-Key's first response can no longer be replayed "
+                        "(the server's secret key changed); send the request with a new key."
+                    )
                 replay = HttpResponse(
-                    bytes(existing.response_body or b""),
+                    body,
                     status=existing.status_code,
                     content_type=existing.content_type or "application/json",
                 )

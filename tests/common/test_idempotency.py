@@ -60,6 +60,24 @@ def test_the_same_idempotency_key_from_another_caller_is_independent(integration
     assert deliveries_of(other_user).count() == 1
 
 
+def test_the_same_account_is_the_same_caller_however_it_sends_its_token(integration_user):
+    """A retry is recognised when the header's scheme is written in another case (DRF takes
+    any) or comes with another of the account's tokens (a new login): before, the caller was
+    the header's exact text, and the retry ran the request a second time."""
+    from common.tokens import api_token_create
+
+    first = post_delivery(client_for(integration_user), key="retry-1")
+    assert first.status_code == 201, first.content
+    for header in (f"token {token_for(integration_user)}", f"TOKEN  {token_for(integration_user)}",
+                   f"Token {api_token_create(integration_user, name='second login')}"):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=header)
+        again = post_delivery(client, key="retry-1")
+        assert again.status_code == 201 and again["Idempotent-Replayed"] == "true", header
+        assert again.content == first.content
+    assert deliveries_of(integration_user).count() == 1
+
+
 def test_an_idempotency_key_is_replayed_until_24_hours_and_executed_again_after(integration, integration_user):
     t0 = datetime(2026, 3, 1, 9, 0, tzinfo=dt_timezone.utc)
     with time_machine.travel(t0, tick=False):
@@ -79,6 +97,41 @@ def test_an_idempotency_key_is_replayed_until_24_hours_and_executed_again_after(
     assert "Idempotent-Replayed" not in after
     assert body["message"] == "A delivery for sellerOrderId 'ORD-CONV-1' already exists."
     assert deliveries_of(integration_user).count() == 1
+
+
+def test_a_new_drivers_token_is_replayed_to_a_retry_but_never_stored_readable(ops, settings):
+    """The first response is sealed at rest: the database holds no usable token (the new
+    driver's `apiToken`, shown once), yet a retry that lost the response gets it whole. The
+    sealing key comes from SECRET_KEY; after a rotation the old one opens it from
+    SECRET_KEY_FALLBACKS, and without it the replay is a clear 409, never another driver."""
+    from availability.models import Driver
+
+    body = {"name": "Ann Idem", "phone": "+15550001234", "vehicle": "bike"}
+    first = ops.post("/v2/drivers", body, format="json", HTTP_IDEMPOTENCY_KEY="driver-1")
+    assert first.status_code == 201, first.content
+    key = first.json()["apiToken"].encode()
+    stored = bytes(IdempotencyRecord.objects.get(key="driver-1").response_body)
+    assert key not in stored and b"apiToken" not in stored and b"Ann Idem" not in stored
+
+    again = ops.post("/v2/drivers", body, format="json", HTTP_IDEMPOTENCY_KEY="driver-1")
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+
+    old_secret = settings.SECRET_KEY
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "rotated-" + old_secret, [old_secret]
+    assert ops.post("/v2/drivers", body, format="json", HTTP_IDEMPOTENCY_KEY="driver-1").content == first.content
+    settings.SECRET_KEY_FALLBACKS = []
+    lost = ops.post("/v2/drivers", body, format="json", HTTP_IDEMPOTENCY_KEY="driver-1")
+    assert_error_body(lost, 409, path="/v2/drivers")
+    assert "new key" in lost.json()["message"]
+    assert Driver.objects.filter(name="Ann Idem").count() == 1
+
+
+def test_a_record_stored_before_sealing_is_replayed_as_it_was(integration, integration_user):
+    first = post_delivery(integration, key="plain-1")
+    IdempotencyRecord.objects.filter(key="plain-1").update(response_body=first.content)  # as an older server wrote it
+    again = post_delivery(integration, key="plain-1")
+    assert again["Idempotent-Replayed"] == "true" and again.content == first.content
 
 
 def test_a_400_response_is_replayed_too(integration, integration_user):
