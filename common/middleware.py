@@ -18,6 +18,7 @@ from common import metrics
 from common.errors import body_too_large_message, error_body, error_response, response_for_exception
 from common.logfilters import new_request_id, request_id
 from common.parsers import PARSED_ATTR, BodyRejected, load_json_body
+from common.validators import URL_UNSAFE_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +182,9 @@ class ApiErrorMiddleware(AsyncCapableMiddleware):
         return error_response(request, 500, "Internal server error.")
 
 
-# In API paths and query values: control characters (NUL first: PostgreSQL refuses it in
-# text), lone surrogates, and U+FFFD, which a percent-escape that is not UTF-8 decodes to. The
+# In API paths and query values: common.validators.URL_UNSAFE_CHARS. The
 # pages (admin, support, tracking) refuse NUL only: a tab pasted into a search box is harmless.
-_BAD_API_URL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
+_BAD_API_URL_CHARS = URL_UNSAFE_CHARS
 _BAD_PAGE_URL_CHARS = re.compile("\x00")
 # In header values a tab is allowed (RFC 9110 field-value); other control characters are not.
 _BAD_HEADER_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")

@@ -1,4 +1,6 @@
 """Value rules that a model's form (the admin) and the API's field both apply, written once."""
+import re
+
 from django.core.exceptions import ValidationError
 
 NOT_POSITIVE = "Must be greater than 0."
@@ -8,3 +10,17 @@ def validate_positive(value) -> None:
     """Greater than 0 (a radius, a distance). None passes: the field's own null rule decides."""
     if value is not None and not value > 0:
         raise ValidationError(NOT_POSITIVE, code="not_positive")
+
+
+# What the API refuses in any path or query value (common.middleware, 400): control characters
+# (C0, DEL, C1; NUL first: PostgreSQL refuses it in text), lone surrogates, and U+FFFD, which a
+# percent-escape that is not UTF-8 decodes to.
+URL_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
+URL_UNSAFE_MESSAGE = "Must not contain control characters or U+FFFD: it is looked up by URL."
+
+
+def validate_url_safe_text(value) -> None:
+    """Text the API is later asked for by path or query (a seller's order id:
+    `/v2/orders/{sellerOrderId}/…`, `?sellerOrderId=`): nothing such a URL could not carry."""
+    if value and URL_UNSAFE_CHARS.search(value):
+        raise ValidationError(URL_UNSAFE_MESSAGE, code="url_unsafe")

@@ -55,8 +55,9 @@ api = [
     path("admin/analytics/drivers/<uuid:driver_id>", analytics_views.DriverAnalyticsDetailView.as_view(), name="analytics-driver"),
     path("admin/analytics/summary", analytics_views.AnalyticsSummaryView.as_view(), name="analytics-summary"),
     path("admin/live-map", analytics_views.LiveMapView.as_view(), name="admin-live-map-state"),
-    path("orders/<str:seller_order_id>/delivery-status", tracking_views.DeliveryStatusView.as_view(), name="order-delivery-status"),
-    path("orders/<str:seller_order_id>/rating", tracking_views.RatingView.as_view(), name="order-rating"),
+    # <path:>: an order id may hold a slash (sent as %2F or as it is)
+    path("orders/<path:seller_order_id>/delivery-status", tracking_views.DeliveryStatusView.as_view(), name="order-delivery-status"),
+    path("orders/<path:seller_order_id>/rating", tracking_views.RatingView.as_view(), name="order-rating"),
     path("admin/deliveries/<uuid:delivery_id>/audit", dispatch_views.DeliveryAuditView.as_view(), name="delivery-audit"),
     path("admin/unassigned-orders", escalation_views.UnassignedOrderListView.as_view(), name="unassigned-orders"),
     path(

@@ -6,6 +6,8 @@ from django.contrib.gis.db import models
 from django.core.files.storage import storages
 from django.db.models import Q
 
+from common.validators import validate_url_safe_text
+
 
 class DeliveryStatus(models.TextChoices):
     READY = "ready"
@@ -88,7 +90,7 @@ def new_handoff_code() -> str:
 
 class Delivery(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    seller_order_id = models.CharField(max_length=255)
+    seller_order_id = models.CharField(max_length=255, validators=[validate_url_safe_text])
     seller_id = models.CharField(max_length=255, blank=True, default="")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="created_deliveries"

@@ -12,6 +12,8 @@ from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
 from common.representation import PlainRepresentation
 from common.validation import PlainValidation
+from common.schema import URL_TEXT_PATTERN
+from common.validators import URL_UNSAFE_MESSAGE
 from common.fields import (
     MoneyField,
     NullablePointField,
@@ -143,7 +145,11 @@ class DriverListQuerySerializer(serializers.Serializer):
 
 
 class DeliveryCreateSerializer(PlainValidation, serializers.Serializer):
-    sellerOrderId = StrictCharField(max_length=255)
+    sellerOrderId = StrictRegexField(
+        URL_TEXT_PATTERN, max_length=255, help_text="Looked up by URL later (`/v2/orders/{sellerOrderId}/…`): no "
+        "control characters or U+FFFD; a slash is fine (%2F in a URL).",
+        error_messages={"invalid": URL_UNSAFE_MESSAGE},
+    )
     sellerId = StrictCharField(max_length=255, required=False, allow_blank=True, default="")
     storeName = StrictCharField(max_length=255)
     pickupLocation = PointField()

@@ -217,3 +217,40 @@ def test_the_status_and_rating_endpoints_are_documented_with_the_token_parameter
         op = paths[path][method]
         assert any(p["name"] == "token" and p["in"] == "query" for p in op["parameters"]), path
         assert codes <= set(op["responses"]), (path, set(op["responses"]))
+
+
+# ------------------------------------------------------------------------------ order ids in URLs
+
+
+def test_an_order_id_with_a_slash_is_found_by_its_status_and_rating_urls(anon, integration, integration_user):
+    """Sellers' order ids like "2026/12/0001": taken at creation, so reachable by path, the
+    slash sent as %2F or as it is (before, `<str:>` could not match it: a 404 for ever)."""
+    from urllib.parse import quote
+
+    created = integration.post("/v2/deliveries", {
+        "sellerOrderId": "2026/12/0001", "storeName": "Store", "pickupLocation": {"lat": 12.9, "lon": 77.6},
+        "dropoffLocation": {"lat": 12.91, "lon": 77.61},
+    }, format="json")
+    assert created.status_code == 201, created.content
+    delivery = Delivery.objects.get(pk=created.json()["id"])
+    for order_id in (quote(delivery.seller_order_id, safe=""), delivery.seller_order_id):
+        seller = integration.get(f"/v2/orders/{order_id}/delivery-status")
+        assert seller.status_code == 200 and seller.json()["deliveryId"] == str(delivery.pk), order_id
+        customer = anon.get(f"/v2/orders/{order_id}/delivery-status?token={delivery.tracking_token}")
+        assert customer.status_code == 200, order_id
+    rating = anon.post(f"/v2/orders/{quote(delivery.seller_order_id, safe='')}/rating?token={delivery.tracking_token}",
+                       {"stars": 5}, format="json")
+    assert rating.status_code == 409, rating.content  # found: not delivered yet (a 404 before)
+
+
+@pytest.mark.parametrize("order_id", ["AUD\t1", "AUD\n2", "AUD\u00853", "AUD\ufffd4", "AUD\x7f5"])
+def test_an_order_id_no_url_can_carry_is_refused_at_creation(integration, integration_user, order_id):
+    """The status and rating URLs (and `?sellerOrderId=`) refuse control characters and U+FFFD
+    with a 400, so creating such an order made one nobody could look up by its id."""
+    created = integration.post("/v2/deliveries", {
+        "sellerOrderId": order_id, "storeName": "Store", "pickupLocation": {"lat": 12.9, "lon": 77.6},
+        "dropoffLocation": {"lat": 12.91, "lon": 77.61},
+    }, format="json")
+    assert_error(created, 400)
+    assert "sellerOrderId" in created.json()["details"]
+    assert not Delivery.objects.filter(created_by=integration_user).exists()
