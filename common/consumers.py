@@ -1,7 +1,8 @@
 """Socket plumbing shared by consumers: token auth (`?token=` or an `Authorization: Token`
-header), origin checks."""
+header), closing a socket whose login is revoked, origin checks."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import parse_qs
 
@@ -12,6 +13,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.utils import timezone as django_timezone
 
 from common.logfilters import new_request_id, request_id
 
@@ -27,10 +29,38 @@ def query_param(scope, name: str) -> str | None:
 
 
 @database_sync_to_async
-def _user_for_token(key: str):
-    from common.tokens import api_token_user
+def _live_token(digest: str):
+    from common.tokens import api_token_live
 
-    return api_token_user(key)
+    return api_token_live(digest)
+
+
+@database_sync_to_async
+def _login_still_valid(scope) -> tuple[bool, object]:
+    """Whether the socket's credentials still hold: its API token live and still the same
+    user's, or (a session's socket) its user still active. Also the token's expiry."""
+    from common.models import User
+    from common.tokens import api_token_live
+
+    user, digest = scope.get("user"), scope.get("api_token_digest")
+    if digest:
+        token = api_token_live(digest)
+        return (token is not None and token.user_id == user.pk), getattr(token, "expires_at", None)
+    return User.objects.filter(pk=user.pk, is_active=True).exists(), None
+
+
+def login_group(user_id) -> str:
+    """Every open socket of one login (ops, driver, support; not the customers')."""
+    return f"login.{user_id}"
+
+
+def sockets_recheck_login(user) -> None:
+    """`hooks.on_login_revoked`: the user's open sockets check their credentials again, and
+    those whose token was revoked or expired, or whose login was deactivated, close with 4401.
+    Never raises (a channel-layer failure is logged)."""
+    from common.broadcast import send_now
+
+    send_now([login_group(user.pk)], {"type": "login.revoked", "userId": str(user.pk)})
 
 
 def _set_request_id(scope) -> None:
@@ -89,10 +119,15 @@ class QueryTokenAuthMiddleware:
         _set_request_id(scope)
         key = query_param(scope, "token") or _header_token(scope)
         if key:
+            from common.tokens import token_digest
+
             # A key is 40 characters; a longer one is nobody's, and not worth a lookup. A bad
             # token never falls back to the session's user.
-            user = await _user_for_token(key) if len(key) <= 64 else None
-            scope = dict(scope, user=user or AnonymousUser(), token_invalid=user is None)
+            digest = token_digest(key)
+            token = await _live_token(digest) if len(key) <= 64 else None
+            scope = dict(scope, user=token.user if token else AnonymousUser(), token_invalid=token is None,
+                         api_token_digest=digest if token else None,
+                         api_token_expires_at=token.expires_at if token else None)
         return await self.app(scope, receive, send)
 
 
@@ -157,13 +192,45 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
     async def join_and_accept(self, groups: list[str]) -> None:
         """Join the groups, then accept. In this order an event committed after the client
         sees the socket open always reaches it; accepting first leaves a window in which the
-        client believes it is live while the group does not yet hold this channel."""
+        client believes it is live while the group does not yet hold this channel.
+
+        A logged-in socket also joins its login's group: a revoked token or a deactivated
+        login closes it (`login_revoked`), and it closes when its token expires."""
+        user = self.scope.get("user")
+        if getattr(user, "is_authenticated", False):
+            groups = [*groups, login_group(user.pk)]
         self.groups_to_join = groups
         for group in groups:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
+        self._close_at(self.scope.get("api_token_expires_at"))
+
+    async def login_revoked(self, message):
+        """A login of this user was revoked or changed: close if this socket's credentials no
+        longer hold (another of the user's tokens may have gone; this one may stay)."""
+        valid, expires_at = await _login_still_valid(self.scope)
+        if not valid:
+            logger.info("%s closed: its login was revoked", type(self).__name__)
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self._close_at(expires_at)  # (an expiry moved by the admin)
+
+    def _close_at(self, expires_at) -> None:
+        """Check the credentials again when the token expires (and close then)."""
+        timer = getattr(self, "_expiry", None)
+        if timer is not None:
+            timer.cancel()
+        self._expiry = None
+        if expires_at is not None:
+            delay = max(0.0, (expires_at - django_timezone.now()).total_seconds())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        # The task is kept: the loop holds tasks only weakly.
+        self._expiry_check = asyncio.ensure_future(self.login_revoked({"type": "login.revoked"}))
 
     async def disconnect(self, code):
+        self._close_at(None)
         for group in getattr(self, "groups_to_join", []):
             try:
                 await self.channel_layer.group_discard(group, self.channel_name)

@@ -56,16 +56,12 @@ def api_token_create(user, *, name: str = "", ttl: timedelta | None = None) -> s
     return api_token_issue(user, name=name, ttl=ttl)[0]
 
 
-def api_token_user(key: str):
-    """The active user whose live (unexpired) token `key` is, or None."""
-    token = (
-        ApiToken.objects.select_related("user")
-        .filter(digest=token_digest(key))
-        .first()
-    )
+def api_token_live(digest: str) -> ApiToken | None:
+    """The live (unexpired) token with this digest, of an active user (loaded with it), or None."""
+    token = ApiToken.objects.select_related("user").filter(digest=digest).first()
     if token is None or not token.user.is_active or api_token_expired(token.expires_at):
         return None
-    return token.user
+    return token
 
 
 def api_token_expired(expires_at) -> bool:
