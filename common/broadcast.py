@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from asgiref.sync import SyncToAsync
 from celery import current_app
 from channels import DEFAULT_CHANNEL_LAYER
@@ -359,7 +360,20 @@ class _Batch:
 
     def send(self) -> None:
         entries, self.entries = [e for e, _ in self.entries], []
-        send_many(entries)
+        send_many(_distinct(entries))
+
+
+def _distinct(entries: list[Entry]) -> list[Entry]:
+    """The entries without repeats: an event identical to one already sent to the same groups
+    by the transaction (two steps of one escalation each announcing the same ticket state)
+    tells nobody anything."""
+    seen, out = set(), []
+    for groups, event in entries:
+        key = (tuple(groups), orjson.dumps(event, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str))
+        if key not in seen:
+            seen.add(key)
+            out.append((groups, event))
+    return out
 
 
 def _marker():

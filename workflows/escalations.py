@@ -21,6 +21,7 @@ from django.utils import timezone
 from audit.models import AuditEventType as E
 from audit.services import audit_record
 from common.actors import Actor
+from common.broadcast import broadcast_batch
 from common.exceptions import Conflict, InvalidInput
 from dispatch.models import Delivery, DeliveryStatus
 from escalation import selectors, services, tickets
@@ -209,6 +210,15 @@ def _escalate_locked(
     """Take an open record up to `level`, doing every tier it passes on the way. Manual
     escalations pass `reason`, `notes` and `user`. The caller holds the delivery's and the
     record's locks and has checked level > current."""
+    with broadcast_batch():  # one send after commit; the tiers' identical ticket events go once
+        return _escalate_tiers(record, delivery, level=level, actor=actor, now=now, reason=reason, notes=notes,
+                               user=user)
+
+
+def _escalate_tiers(
+    record: UnassignedOrder, delivery: Delivery, *, level: int, actor: Actor, now: datetime,
+    reason: str, notes: str, user,
+) -> Escalation:
     step = _Step(record=record, delivery=delivery, level=level, from_level=record.escalation_level, actor=actor,
                  now=now, backend=get_ticket_backend(), waited=waited_minutes(delivery, now),
                  reason=reason, notes=notes, user=user)

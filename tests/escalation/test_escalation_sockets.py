@@ -90,3 +90,32 @@ def test_the_support_socket_is_for_support_agents_and_staff_only():
         assert await refusal(ops) == 4403
 
     async_to_sync(scenario)()
+
+
+def test_a_manual_escalation_to_level_3_announces_the_ticket_once():
+    """Level 3 raises the ticket's priority and retitles it: two steps, one ticket state. The
+    support queue got the same `support_ticket_updated` twice; identical events of one
+    transaction now go once."""
+    from workflows.escalations import unassigned_escalate
+
+    staff = OpsUserFactory()
+    agent = SupportUserFactory()
+    stuck_delivery_ready_for(6)
+    escalation_check()  # level 1: the ticket
+    record = SupportTicket.objects.get().unassigned_order
+
+    async def scenario():
+        support = WebsocketCommunicator(application, f"/ws/support/?token={token_for(agent)}")
+        assert (await support.connect())[0]
+        await database_sync_to_async(unassigned_escalate)(
+            record_id=record.pk, level=3, reason="VIP order", actor=Actor.for_user(staff), user=staff,
+        )
+        got = []
+        while not await support.receive_nothing(timeout=0.5):
+            got.append(await support.receive_json_from(timeout=5))
+        updates = [e for e in got if e["type"] == "support_ticket_updated"]
+        assert [(e["priority"], e["change"]) for e in updates] == [("urgent", "escalated")], got
+        assert [e["type"] for e in got].count("unassigned_order_escalated") == 1
+        await support.disconnect()
+
+    async_to_sync(scenario)()
