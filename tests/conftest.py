@@ -34,6 +34,17 @@ def clean_redis(settings):
     breaker.reset()
 
 
+@pytest.fixture(autouse=True)
+def no_join_block_left_over():
+    """Eager tasks guard joins with a process-wide Celery flag that each saves and restores;
+    two threads running eager tasks at once (the race tests) can leave it set, and a later
+    test's `task.delay().get()` then raises "Never call result.get() within a task!" (seen:
+    tests/workflows/test_batch_races.py before the reconcile test). No test starts in a task."""
+    from celery._state import _set_task_join_will_block
+
+    _set_task_join_will_block(False)
+
+
 @pytest.fixture
 def anon():
     return APIClient()

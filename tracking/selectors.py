@@ -21,7 +21,6 @@ from django.conf import settings
 from django.utils import timezone
 
 from availability import live
-from availability.models import Driver
 from common.errors import iso
 from common.exceptions import NotFound
 from common.roles import is_integration, is_ops
@@ -164,19 +163,19 @@ class DeliveryStatusUpdatedMessage(TrackingStatus):
     type: Literal["delivery_status_updated"]
 
 
-def _active_driver(delivery: Delivery) -> Driver | None:
-    assignment = (
+def _active_assignment(delivery: Delivery) -> Assignment | None:
+    return (
         Assignment.objects.select_related("driver")
         .filter(delivery=delivery, status=AssignmentStatus.ACTIVE)
         .first()
     )
-    return assignment.driver if assignment else None
 
 
 def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> TrackingStatus:
     now = now or timezone.now()
     body: dict = {"status": customer_status(delivery.status)}
-    if delivery.status in ACTIVE_STATUSES and (driver := _active_driver(delivery)) is not None:
+    if delivery.status in ACTIVE_STATUSES and (assignment := _active_assignment(delivery)) is not None:
+        driver = assignment.driver
         body["driver"] = {
             "name": driver_display_name(driver.name),
             "rating": float(driver.rating),
@@ -198,7 +197,10 @@ def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> Track
                 "accuracyMeters": driver.location_accuracy_m,
                 "lastUpdated": iso(driver.location_recorded_at),
             }
-        if delivery.eta_calculated_at is not None and delivery.eta_pickup_at and delivery.eta_delivery_at:
+        # Estimates made for this driver only: after a reassign the stored ones are the previous
+        # driver's until the first refresh for the new one (about a second later).
+        if (delivery.eta_calculated_at is not None and delivery.eta_calculated_at >= assignment.created_at
+                and delivery.eta_pickup_at and delivery.eta_delivery_at):
             body["estimatedPickupTime"] = iso(delivery.eta_pickup_at)
             body["estimatedDeliveryTime"] = iso(delivery.eta_delivery_at)
     if delivery.status in (S.READY, S.ASSIGNED):

@@ -254,3 +254,26 @@ def test_an_order_id_no_url_can_carry_is_refused_at_creation(integration, integr
     assert_error(created, 400)
     assert "sellerOrderId" in created.json()["details"]
     assert not Delivery.objects.filter(created_by=integration_user).exists()
+
+
+def test_after_a_reassign_the_new_drivers_customer_never_sees_the_previous_drivers_estimates(
+    anon, ops_user, django_capture_on_commit_callbacks
+):
+    """The stored estimates were made for the previous driver; until the first refresh for the
+    new one (about a second later, by the ETA task) the status shows none."""
+    from tracking.services import delivery_eta_refresh
+    from workflows.deliveries import assignment_create
+
+    with django_capture_on_commit_callbacks(execute=True):
+        delivery = delivery_in("assigned")
+    assert "estimatedPickupTime" in customer_get(anon, delivery).json()  # the first driver's
+    delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.for_user(ops_user))
+    second = john(name="Second Driver", phone="+15555550999", location=km_north(4))
+    assignment_create(delivery_id=delivery.pk, driver_id=second.pk, actor=Actor.system())
+
+    body = customer_get(anon, delivery).json()
+    assert body["status"] == "assigned" and body["driver"]["name"] == "Second D."
+    assert "estimatedPickupTime" not in body and "estimatedDeliveryTime" not in body
+
+    delivery_eta_refresh(delivery_id=delivery.pk)  # the refresh for the new driver
+    assert "estimatedPickupTime" in customer_get(anon, delivery).json()
