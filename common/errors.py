@@ -16,7 +16,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
-from common.exceptions import DomainError, InvalidInput
+from common.exceptions import NON_FIELD_ERRORS, DomainError, InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _flatten_message(detail) -> str:
         parts = []
         for field, value in detail.items():
             text = _flatten_message(value)
-            parts.append(text if field in ("non_field_errors", "detail") else f"{_text(field)}: {text}")
+            parts.append(text if field in (NON_FIELD_ERRORS, "detail") else f"{_text(field)}: {text}")
         return "; ".join(parts)
     if isinstance(detail, list):
         return " ".join(_flatten_message(v) for v in detail)
@@ -115,7 +115,7 @@ def exception_handler(exc, context):
 
     details = None
     if isinstance(exc, exceptions.ValidationError):
-        details = _plain(exc.detail if isinstance(exc.detail, dict) else {"non_field_errors": exc.detail})
+        details = _plain(exc.detail if isinstance(exc.detail, dict) else {NON_FIELD_ERRORS: exc.detail})
         message = "Validation failed: " + _flatten_message(exc.detail)
     else:
         message = _flatten_message(exc.detail)

@@ -5,6 +5,10 @@ Services never import DRF; the API layer maps these to the SPEC's error body in 
 """
 from __future__ import annotations
 
+# The `details` key of errors not of one field (SPEC: JSON keys are camelCase); DRF's own
+# serializers use it too (REST_FRAMEWORK["NON_FIELD_ERRORS_KEY"], the same value).
+NON_FIELD_ERRORS = "nonFieldErrors"
+
 
 class DomainError(Exception):
     status_code = 400
@@ -24,8 +28,8 @@ class InvalidInput(DomainError):
 
     def __init__(self, details: dict[str, list[str]] | str, message: str | None = None):
         if isinstance(details, str):
-            details = {"non_field_errors": [details]}
-        flat = "; ".join(f"{field}: {' '.join(msgs)}" if field != "non_field_errors" else " ".join(msgs)
+            details = {NON_FIELD_ERRORS: [details]}
+        flat = "; ".join(f"{field}: {' '.join(msgs)}" if field != NON_FIELD_ERRORS else " ".join(msgs)
                          for field, msgs in details.items())
         super().__init__(message or flat, details=details)
 

@@ -18,6 +18,8 @@ from itertools import accumulate
 from django.conf import settings
 from rest_framework import exceptions, parsers
 
+from common.exceptions import NON_FIELD_ERRORS
+
 MAX_DEPTH = 32
 PARSED_ATTR = "_api_json_body"
 # json.loads recurses once per level of nesting. A body that could nest deeper than this is
@@ -86,7 +88,7 @@ def _bad_string(value: str) -> str | None:
 
 def check_json_value(data) -> None:
     """Depth, NUL and lone surrogates, walked without recursion. Errors name the top-level
-    field the bad value sits in (as DRF's field errors do), or `non_field_errors`."""
+    field the bad value sits in (as DRF's field errors do), or `nonFieldErrors` (common.exceptions.NON_FIELD_ERRORS)."""
     stack = [(data, 1, None)]
     while stack:
         value, depth, field = stack.pop()
@@ -95,7 +97,7 @@ def check_json_value(data) -> None:
             if problem:
                 raise BodyRejected(
                     f"Validation failed: {field + ': ' if field else ''}{problem}",
-                    {_safe(field) if field else "non_field_errors": [problem]},
+                    {_safe(field) if field else NON_FIELD_ERRORS: [problem]},
                 )
             continue
         if not isinstance(value, (dict, list)):
@@ -106,7 +108,7 @@ def check_json_value(data) -> None:
             for key, item in value.items():
                 problem = _bad_string(key)
                 if problem:
-                    raise BodyRejected(f"Validation failed: a key: {problem}", {"non_field_errors": [f"A key: {problem}"]})
+                    raise BodyRejected(f"Validation failed: a key: {problem}", {NON_FIELD_ERRORS: [f"A key: {problem}"]})
                 stack.append((item, depth + 1, field if depth > 1 else key))
         else:
             stack.extend((item, depth + 1, field) for item in value)

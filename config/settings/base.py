@@ -316,6 +316,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["common.parsers.JSONParser"],
+    # Errors not of one field, under `details` (SPEC: JSON keys are camelCase)
+    "NON_FIELD_ERRORS_KEY": "nonFieldErrors",
     "DEFAULT_THROTTLE_CLASSES": [
         "common.throttling.AnonRateThrottle",
         "common.throttling.UserRateThrottle",

@@ -26,7 +26,7 @@ def test_a_json_array_instead_of_an_object_is_a_400_with_details(integration, in
     r = integration.post("/v2/deliveries", data=json.dumps([delivery_body()]), content_type="application/json")
 
     body = assert_error_body(r, 400, path="/v2/deliveries")
-    assert body["details"] == {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]}
+    assert body["details"] == {"nonFieldErrors": ["Invalid data. Expected a dictionary, but got list."]}
     assert deliveries_of(integration_user).count() == 0
 
 
@@ -118,3 +118,9 @@ def test_a_text_plain_body_is_a_415(integration, integration_user):
     body = assert_error_body(r, 415, path="/v2/deliveries")
     assert body["message"] == 'Unsupported media type "text/plain" in request.'
     assert deliveries_of(integration_user).count() == 0
+
+
+def test_errors_of_no_one_field_are_under_a_camel_case_key_everywhere(settings):
+    from common.exceptions import NON_FIELD_ERRORS
+
+    assert NON_FIELD_ERRORS == settings.REST_FRAMEWORK["NON_FIELD_ERRORS_KEY"] == "nonFieldErrors"
