@@ -21,8 +21,8 @@ from django.http import HttpResponse
 from django.utils import timezone
 
 from common.errors import error_response, is_database_unavailable, response_for_exception
-from common.models import ApiToken, IdempotencyRecord
-from common.tokens import authorization_token, token_digest
+from common.models import IdempotencyRecord
+from common.tokens import api_token_live, authorization_token, token_digest
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ def _caller(request) -> str:
         key = authorization_token(auth.encode("latin-1", "replace"))
         if key is not None:
             digest = token_digest(key)
-            user_id = ApiToken.objects.filter(digest=digest).values_list("user_id", flat=True).first()
-            return f"user:{user_id}" if user_id is not None else f"token:{digest}"
-        return "auth:" + hashlib.sha256(auth.encode("utf-8", "surrogatepass")).hexdigest()
+            token = api_token_live(digest)  # an expired token, or a deactivated user's, is nobody's
+            return f"user:{token.user_id}" if token is not None else f"token:{digest}"
+        return _header_caller(auth)
     user = getattr(request, "user", None)
     if user is not None and user.is_authenticated:
         return f"user:{user.pk}"
@@ -81,6 +81,22 @@ def unseal_response(stored: bytes, *, caller: str, key: str) -> bytes | None:
         except InvalidTag:
             continue
     return None
+
+
+def _header_caller(auth: str) -> str:
+    """The caller by the header's exact text: how records were keyed before callers were
+    accounts (still the caller for a header that is no `Token <key>`)."""
+    return "auth:" + hashlib.sha256(auth.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _caller_of_record(request, caller: str, key: str) -> str:
+    """`caller`, or the header-text caller when a record of this key was stored that way (in
+    the 24 h after the deploy that made callers accounts): a retry across it is replayed."""
+    auth = request.META.get("HTTP_AUTHORIZATION")
+    if not auth or caller.startswith("auth:"):
+        return caller
+    legacy = _header_caller(auth)
+    return legacy if IdempotencyRecord.objects.filter(caller=legacy, key=key).exists() else caller
 
 
 def _request_hash(request) -> str:
@@ -140,7 +156,8 @@ class IdempotencyMiddleware:
         if not key or len(key) > MAX_KEY_LENGTH:
             return error_response(request, 400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters."), None
         try:
-            record, replay = self._claim(request, _caller(request), key, _request_hash(request), timezone.now())
+            caller = _caller_of_record(request, _caller(request), key)
+            record, replay = self._claim(request, caller, key, _request_hash(request), timezone.now())
         except Exception as exc:
             if not is_database_unavailable(exc):
                 raise

@@ -99,6 +99,43 @@ def test_an_idempotency_key_is_replayed_until_24_hours_and_executed_again_after(
     assert deliveries_of(integration_user).count() == 1
 
 
+def test_a_dead_token_of_the_account_gets_no_replay(integration_user):
+    """The replay comes before the view authenticates: an expired token of the account, or any
+    token of a deactivated one, must not be taken for the account (a 401 from the view, as
+    without the key)."""
+    from datetime import timedelta as td
+
+    from common.tokens import api_token_issue
+
+    first = post_delivery(client_for(integration_user), key="dead-1")
+    assert first.status_code == 201
+    expired, token = api_token_issue(integration_user, name="old login", ttl=td(days=1))
+    type(token).objects.filter(pk=token.pk).update(expires_at=timezone.now() - td(seconds=1))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {expired}")
+    again = post_delivery(client, key="dead-1")
+    assert again.status_code == 401 and "Idempotent-Replayed" not in again
+
+    type(integration_user).objects.filter(pk=integration_user.pk).update(is_active=False)
+    again = post_delivery(client_for(integration_user), key="dead-1")
+    assert again.status_code == 401 and "Idempotent-Replayed" not in again
+
+
+def test_a_retry_across_the_deploy_that_made_callers_accounts_is_still_replayed(integration, integration_user):
+    """Records stored before were keyed by the header's text; for their 24 h a retry with the
+    same header finds them."""
+    import hashlib
+
+    first = post_delivery(integration, key="legacy-1")
+    header = f"Token {token_for(integration_user)}"
+    IdempotencyRecord.objects.filter(key="legacy-1").update(  # as the older server wrote it
+        caller="auth:" + hashlib.sha256(header.encode()).hexdigest(), response_body=first.content,
+    )
+    again = post_delivery(integration, key="legacy-1")
+    assert again["Idempotent-Replayed"] == "true" and again.content == first.content
+    assert deliveries_of(integration_user).count() == 1
+
+
 def test_a_new_drivers_token_is_replayed_to_a_retry_but_never_stored_readable(ops, settings):
     """The first response is sealed at rest: the database holds no usable token (the new
     driver's `apiToken`, shown once), yet a retry that lost the response gets it whole. The
