@@ -209,7 +209,11 @@ def delivery_mark_ready_again(delivery: Delivery, *, reason: str, previous: Assi
     delivery.assigned_at = None
     delivery.pickup_started_at = None
     delivery.accepted_offer = None
-    delivery.save(update_fields=["status", "assigned_at", "pickup_started_at", "accepted_offer", "updated_at"])
+    # The estimates were the previous driver's: the next driver's customer sees none until its
+    # first refresh (about a second after the assignment), never the old ones.
+    delivery.eta_pickup_at = delivery.eta_delivery_at = delivery.eta_confidence = delivery.eta_calculated_at = None
+    delivery.save(update_fields=["status", "assigned_at", "pickup_started_at", "accepted_offer", "eta_pickup_at",
+                                 "eta_delivery_at", "eta_confidence", "eta_calculated_at", "updated_at"])
     audit_record(
         delivery=delivery, event_type=E.ASSIGNMENT_REASSIGNED, actor=actor, now=now,
         details={"reason": reason, "previousDriverId": str(previous.driver_id) if previous else None,

@@ -197,10 +197,7 @@ def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> Track
                 "accuracyMeters": driver.location_accuracy_m,
                 "lastUpdated": iso(driver.location_recorded_at),
             }
-        # Estimates made for this driver only: after a reassign the stored ones are the previous
-        # driver's until the first refresh for the new one (about a second later).
-        if (delivery.eta_calculated_at is not None and delivery.eta_calculated_at >= assignment.created_at
-                and delivery.eta_pickup_at and delivery.eta_delivery_at):
+        if delivery.eta_calculated_at is not None and delivery.eta_pickup_at and delivery.eta_delivery_at:
             body["estimatedPickupTime"] = iso(delivery.eta_pickup_at)
             body["estimatedDeliveryTime"] = iso(delivery.eta_delivery_at)
     if delivery.status in (S.READY, S.ASSIGNED):
