@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from importlib import import_module
 from urllib.parse import parse_qs
 
 import orjson
@@ -14,6 +15,7 @@ from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone as django_timezone
+from django.utils.crypto import constant_time_compare
 
 from common.logfilters import new_request_id, request_id
 
@@ -38,15 +40,36 @@ def _live_token(digest: str):
 @database_sync_to_async
 def _login_still_valid(scope) -> tuple[bool, object]:
     """Whether the socket's credentials still hold: its API token live and still the same
-    user's, or (a session's socket) its user still active. Also the token's expiry."""
-    from common.models import User
+    user's, or (a session's socket) its session still there, still this user's, with the
+    user active and the password it was made with. Also the token's expiry."""
     from common.tokens import api_token_live
 
     user, digest = scope.get("user"), scope.get("api_token_digest")
     if digest:
         token = api_token_live(digest)
         return (token is not None and token.user_id == user.pk), getattr(token, "expires_at", None)
-    return User.objects.filter(pk=user.pk, is_active=True).exists(), None
+    session = scope.get("session")
+    return _session_still_valid(getattr(session, "session_key", None), user.pk), None
+
+
+def _session_still_valid(session_key: str | None, user_id) -> bool:
+    """As `django.contrib.auth.get_user` decides, read afresh (the socket's session object
+    holds what it read at connect): logged out, deactivated or password changed → False."""
+    from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
+
+    if not session_key:
+        return False
+    stored = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    if str(stored.get(SESSION_KEY)) != str(user_id):
+        return False
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    if user is None:
+        return False
+    given = stored.get(HASH_SESSION_KEY) or ""
+    return any(
+        constant_time_compare(given, expected)
+        for expected in (user.get_session_auth_hash(), *user.get_session_auth_fallback_hash())
+    )
 
 
 def login_group(user_id) -> str:
@@ -57,10 +80,24 @@ def login_group(user_id) -> str:
 def sockets_recheck_login(user) -> None:
     """`hooks.on_login_revoked`: the user's open sockets check their credentials again, and
     those whose token was revoked or expired, or whose login was deactivated, close with 4401.
-    Never raises (a channel-layer failure is logged)."""
+    Only once the change is committed (the hook also runs inside the transaction, for caches:
+    a check then would read the old state). Never raises (a channel-layer failure is logged)."""
+    from django.db import transaction
+
     from common.broadcast import send_now
 
+    if transaction.get_connection().in_atomic_block:
+        return
     send_now([login_group(user.pk)], {"type": "login.revoked", "userId": str(user.pk)})
+
+
+def session_logged_out(sender, request, user, **kwargs) -> None:
+    """`user_logged_out`: Django flushes the session after this signal; the sockets of that
+    session must find it gone, so it is flushed first (flushing again is harmless)."""
+    if user is None:
+        return
+    request.session.flush()
+    sockets_recheck_login(user)
 
 
 def _set_request_id(scope) -> None:
@@ -207,13 +244,32 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
 
     async def login_revoked(self, message):
         """A login of this user was revoked or changed: close if this socket's credentials no
-        longer hold (another of the user's tokens may have gone; this one may stay)."""
-        valid, expires_at = await _login_still_valid(self.scope)
+        longer hold (another of the user's tokens may have gone; this one may stay). If the
+        check itself fails (the database away), close with 1011: the client reconnects, and
+        its connect decides."""
+        if getattr(self, "_closing", False):
+            return
+        try:
+            valid, expires_at = await _login_still_valid(self.scope)
+        except Exception:  # noqa: BLE001 - never left open unchecked
+            logger.warning("%s: its login could not be checked again; closing", type(self).__name__, exc_info=True)
+            await self._close_once(1011)
+            return
         if not valid:
             logger.info("%s closed: its login was revoked", type(self).__name__)
-            await self.close(code=CLOSE_UNAUTHENTICATED)
+            await self._close_once(CLOSE_UNAUTHENTICATED)
             return
         self._close_at(expires_at)  # (an expiry moved by the admin)
+
+    async def _close_once(self, code: int) -> None:
+        if getattr(self, "_closing", False):
+            return
+        self._closing = True
+        self._close_at(None)
+        try:
+            await self.close(code=code)
+        except Exception:  # noqa: BLE001 - the client left meanwhile: nothing to close
+            logger.debug("%s was gone before its close", type(self).__name__)
 
     def _close_at(self, expires_at) -> None:
         """Check the credentials again when the token expires (and close then)."""
@@ -230,7 +286,11 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         self._expiry_check = asyncio.ensure_future(self.login_revoked({"type": "login.revoked"}))
 
     async def disconnect(self, code):
+        self._closing = True
         self._close_at(None)
+        check = getattr(self, "_expiry_check", None)
+        if check is not None and not check.done():
+            check.cancel()
         for group in getattr(self, "groups_to_join", []):
             try:
                 await self.channel_layer.group_discard(group, self.channel_name)

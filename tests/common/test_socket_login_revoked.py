@@ -106,3 +106,47 @@ def test_a_drivers_socket_closes_when_its_token_expires_or_its_expiry_is_brought
         assert await closed_with(other) == 4401
 
     async_to_sync(scenario)()
+
+
+def test_logging_out_of_one_browser_closes_that_sessions_sockets_only():
+    """Django's logout flushes the session after its signal; the sockets of that session are
+    told once it is gone. The same agent's other browser (another session) stays."""
+    agent = SupportUserFactory()
+    leaving, staying = Client(), Client()
+    leaving.force_login(agent)
+    staying.force_login(agent)
+
+    def cookie(browser):
+        return [(b"cookie", f"sessionid={browser.cookies['sessionid'].value}".encode())]
+
+    async def scenario():
+        gone = await open_socket("/ws/support/", cookie(leaving))
+        kept = await open_socket("/ws/support/", cookie(staying))
+        response = await database_sync_to_async(leaving.post)("/support/logout/")
+        assert response.status_code == 302
+        assert await closed_with(gone) == 4401
+        assert await kept.receive_nothing(timeout=0.5)
+        await kept.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_a_check_that_cannot_run_closes_the_socket_for_its_client_to_reconnect(monkeypatch):
+    """The database away during the re-check: the socket is not left open unchecked; 1011 (a
+    server error: reconnect), not 4401 (which would send the user to log in again)."""
+    from common import consumers
+
+    ops_user = OpsUserFactory()
+    key = api_token_create(ops_user, name="t")
+
+    @database_sync_to_async
+    def broken(scope):
+        raise RuntimeError("database away")
+
+    async def scenario():
+        comm = await open_socket(f"/ws/ops/?token={key}")
+        monkeypatch.setattr(consumers, "_login_still_valid", broken)
+        await database_sync_to_async(hooks.login_revoked)(ops_user)
+        assert await closed_with(comm) == 1011
+
+    async_to_sync(scenario)()
