@@ -162,14 +162,20 @@ def fixes_record_persisted(fixes: list[Fix]) -> None:
     each fix still atomic on its own). Never raises."""
     if not fixes:
         return
+    try:
+        _fixes_record(get_redis(), fixes)
+    except RedisFailed:
+        logger.warning("live positions of %d driver(s) not updated (Redis unavailable)", len(fixes))
+
+
+def _fixes_record(client: redis.Redis, fixes: list[Fix]) -> int:
+    """Fixes PostgreSQL has, through the fix script in one pipeline (each newer-only, atomic);
+    how many Redis took. Raises RedisFailed."""
     calls = [
         _script_call(fix, token_digest_="", throttle_key=fleet_key("throttle:none"), limit=0, period=1, append=False)
         for fix in fixes
     ]
-    try:
-        evalsha_many(get_redis(), _FIX_SCRIPT, calls)
-    except RedisFailed:
-        logger.warning("live positions of %d driver(s) not updated (Redis unavailable)", len(fixes))
+    return sum(int(accepted) for _, accepted, _ in evalsha_many(client, _FIX_SCRIPT, calls))
 
 
 # Every driver's fix of the last DRIVER_STALE_AFTER_SECONDS as PostgreSQL has it (older ones
@@ -214,13 +220,7 @@ def positions_reseed(*, now: datetime | None = None) -> int:
         chunk = stored[start : start + _RESEED_CHUNK]
         call = ([driver_key(fix.driver_id) for fix in chunk], [repr(fix.recorded_at) for fix in chunk])
         behind.extend(chunk[i - 1] for i in evalsha_many(r, _BEHIND_SCRIPT, [call])[0])
-    reseeded = 0
-    for start in range(0, len(behind), _RESEED_CHUNK):
-        calls = [
-            _script_call(fix, token_digest_="", throttle_key=fleet_key("throttle:none"), limit=0, period=1, append=False)
-            for fix in behind[start : start + _RESEED_CHUNK]
-        ]
-        reseeded += sum(int(accepted) for _, accepted, _ in evalsha_many(r, _FIX_SCRIPT, calls))
+    reseeded = sum(_fixes_record(r, behind[start : start + _RESEED_CHUNK]) for start in range(0, len(behind), _RESEED_CHUNK))
     if reseeded:
         logger.warning("live positions of %d driver(s) were behind PostgreSQL's; reseeded", reseeded)
     return reseeded

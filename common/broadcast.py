@@ -364,14 +364,15 @@ class _Batch:
 
 
 def _distinct(entries: list[Entry]) -> list[Entry]:
-    """The entries without repeats: an event identical to one already sent to the same groups
-    by the transaction (two steps of one escalation each announcing the same ticket state)
-    tells nobody anything."""
-    seen, out = set(), []
+    """The entries without repeats: an event identical to the last one the transaction sent to
+    the same groups (two steps of one escalation each announcing the same ticket state) tells
+    nobody anything. Only the last: a state that went A, B, A again must end on A."""
+    last: dict[tuple[str, ...], bytes] = {}
+    out = []
     for groups, event in entries:
-        key = (tuple(groups), orjson.dumps(event, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str))
-        if key not in seen:
-            seen.add(key)
+        key, body = tuple(groups), orjson.dumps(event, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+        if last.get(key) != body:
+            last[key] = body
             out.append((groups, event))
     return out
 

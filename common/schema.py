@@ -3,6 +3,8 @@ from drf_spectacular.openapi import AutoSchema as _AutoSchema
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_serializer
 from rest_framework import serializers
 
+from common.validators import URL_TEXT_PATTERN
+
 
 class ErrorSerializer(serializers.Serializer):
     statusCode = serializers.IntegerField()
@@ -64,9 +66,8 @@ _EMPTY_IS_AN_ERROR = {"limit", "token"}
 _EMPTY_NOTE = "An empty value is the same as leaving the parameter out."
 
 
-# What common.middleware refuses in any path or query string (400): control characters (C0, DEL,
-# C1) and U+FFFD, what invalid UTF-8 decodes to. Given to free-text path and query parameters.
-URL_TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd]+$"
+# What common.middleware refuses in any path or query string (400), `URL_TEXT_PATTERN`
+# (common.validators), is given to free-text path and query parameters.
 
 
 def query_parameters_as_served(result, generator, request, public):

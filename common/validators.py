@@ -16,6 +16,9 @@ def validate_positive(value) -> None:
 # (C0, DEL, C1; NUL first: PostgreSQL refuses it in text), lone surrogates, and U+FFFD, which a
 # percent-escape that is not UTF-8 decodes to.
 URL_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
+# The same as a pattern of text a URL can carry, for the schema and regex fields (lone
+# surrogates left out: JSON Schema tools cannot write them, and the JSON parser refuses them).
+URL_TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd]+$"
 URL_UNSAFE_MESSAGE = "Must not contain control characters or U+FFFD: it is looked up by URL."
 
 

@@ -12,8 +12,7 @@ from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
 from common.representation import PlainRepresentation
 from common.validation import PlainValidation
-from common.schema import URL_TEXT_PATTERN
-from common.validators import URL_UNSAFE_MESSAGE
+from common.validators import URL_TEXT_PATTERN, URL_UNSAFE_MESSAGE
 from common.fields import (
     MoneyField,
     NullablePointField,
