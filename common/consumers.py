@@ -96,7 +96,9 @@ def session_logged_out(sender, request, user, **kwargs) -> None:
     session must find it gone, so it is flushed first (flushing again is harmless)."""
     if user is None:
         return
-    request.session.flush()
+    session = getattr(request, "session", None)
+    if session is not None:
+        session.flush()
     sockets_recheck_login(user)
 
 

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from availability import live
+from availability.models import Driver
 from common.errors import iso
 from common.exceptions import NotFound
 from common.roles import is_integration, is_ops
@@ -163,19 +164,19 @@ class DeliveryStatusUpdatedMessage(TrackingStatus):
     type: Literal["delivery_status_updated"]
 
 
-def _active_assignment(delivery: Delivery) -> Assignment | None:
-    return (
+def _active_driver(delivery: Delivery) -> Driver | None:
+    assignment = (
         Assignment.objects.select_related("driver")
         .filter(delivery=delivery, status=AssignmentStatus.ACTIVE)
         .first()
     )
+    return assignment.driver if assignment else None
 
 
 def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> TrackingStatus:
     now = now or timezone.now()
     body: dict = {"status": customer_status(delivery.status)}
-    if delivery.status in ACTIVE_STATUSES and (assignment := _active_assignment(delivery)) is not None:
-        driver = assignment.driver
+    if delivery.status in ACTIVE_STATUSES and (driver := _active_driver(delivery)) is not None:
         body["driver"] = {
             "name": driver_display_name(driver.name),
             "rating": float(driver.rating),
