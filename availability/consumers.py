@@ -8,10 +8,15 @@ from common.roles import driver_of
 from offers import events as offer_events
 
 
+def _own_driver_of(user, driver_id: str):
+    driver = driver_of(user)
+    return driver if driver is not None and str(driver.pk) == driver_id else None
+
+
 @database_sync_to_async
 def _own_driver(user, driver_id: str):
-    driver = driver_of(user)
-    if driver is None or str(driver.pk) != driver_id:
+    driver = _own_driver_of(user, driver_id)
+    if driver is None:
         return None
     driver.refresh_from_db(fields=["availability", "availability_until", "availability_reason", "last_availability_change"])
     return driver
@@ -41,3 +46,6 @@ class DriverConsumer(RelayConsumer):
             "reason": driver.availability_reason,
             "changedAt": iso(driver.last_availability_change),
         })
+
+    def allowed(self, user) -> bool:
+        return _own_driver_of(user, self.scope["url_route"]["kwargs"]["driver_id"]) is not None

@@ -125,11 +125,9 @@ def driver_create(
         raise Conflict(f"Username {username!r} is taken.")
     try:
         with transaction.atomic():
-            user = User.objects.create_user(username=username)
+            user = User.objects.create_user(username=username)  # (no password: an unusable one)
     except IntegrityError:
         raise Conflict(f"Username {username!r} is taken.")
-    user.set_unusable_password()
-    user.save(update_fields=["password"])
     driver = Driver.objects.create(
         user=user, name=name, phone=phone, vehicle=vehicle, vehicle_type=vehicle_type, home_location=home_location
     )

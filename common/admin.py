@@ -9,12 +9,10 @@ from common.tokens import api_token_new_key
 
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
-    list_filter = ("is_staff", "is_active", "groups")
+    """A login changed here (deactivated, staff flag, groups, password) is checked again on
+    its open sockets and in the fast lane's cache: `common.hooks.user_saved`."""
 
-    def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        if change and "is_active" in form.changed_data and not obj.is_active:
-            hooks.login_revoked(obj)
+    list_filter = ("is_staff", "is_active", "groups")
 
 
 @admin.register(ApiToken)

@@ -38,38 +38,47 @@ def _live_token(digest: str):
 
 
 @database_sync_to_async
-def _login_still_valid(scope) -> tuple[bool, object]:
+def _login_check(scope, allowed) -> tuple[int | None, object]:
     """Whether the socket's credentials still hold: its API token live and still the same
     user's, or (a session's socket) its session still there, still this user's, with the
-    user active and the password it was made with. Also the token's expiry."""
+    user active and the password it was made with; and whether that user, read afresh, may
+    still have this socket (`allowed(user)`: a staff flag or a group taken away). Returns the
+    close code (None: stays open) and the token's expiry."""
     from common.tokens import api_token_live
 
     user, digest = scope.get("user"), scope.get("api_token_digest")
     if digest:
         token = api_token_live(digest)
-        return (token is not None and token.user_id == user.pk), getattr(token, "expires_at", None)
-    session = scope.get("session")
-    return _session_still_valid(getattr(session, "session_key", None), user.pk), None
+        fresh = token.user if token is not None and token.user_id == user.pk else None
+        expires_at = getattr(token, "expires_at", None)
+    else:
+        fresh = _session_user(getattr(scope.get("session"), "session_key", None), user.pk)
+        expires_at = None
+    if fresh is None:
+        return CLOSE_UNAUTHENTICATED, None
+    return (None if allowed(fresh) else CLOSE_FORBIDDEN), expires_at
 
 
-def _session_still_valid(session_key: str | None, user_id) -> bool:
-    """As `django.contrib.auth.get_user` decides, read afresh (the socket's session object
-    holds what it read at connect): logged out, deactivated or password changed → False."""
+def _session_user(session_key: str | None, user_id):
+    """The session's user as `django.contrib.auth.get_user` decides, read afresh (the socket's
+    session object holds what it read at connect): None if logged out, deactivated or the
+    password changed."""
     from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
 
     if not session_key:
-        return False
+        return None
     stored = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     if str(stored.get(SESSION_KEY)) != str(user_id):
-        return False
+        return None
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
     if user is None:
-        return False
+        return None
     given = stored.get(HASH_SESSION_KEY) or ""
-    return any(
+    valid = any(
         constant_time_compare(given, expected)
         for expected in (user.get_session_auth_hash(), *user.get_session_auth_fallback_hash())
     )
+    return user if valid else None
 
 
 def login_group(user_id) -> str:
@@ -78,8 +87,9 @@ def login_group(user_id) -> str:
 
 
 def sockets_recheck_login(user) -> None:
-    """`hooks.on_login_revoked`: the user's open sockets check their credentials again, and
-    those whose token was revoked or expired, or whose login was deactivated, close with 4401.
+    """`hooks.on_login_revoked`: the user's open sockets check their credentials again: those
+    whose token was revoked or expired, or whose login was deactivated or its password changed,
+    close with 4401; those whose user lost the role the socket needs close with 4403.
     Only once the change is committed (the hook also runs inside the transaction, for caches:
     a check then would read the old state). Never raises (a channel-layer failure is logged)."""
     from django.db import transaction
@@ -244,22 +254,28 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         self._close_at(self.scope.get("api_token_expires_at"))
 
+    def allowed(self, user) -> bool:
+        """Whether `user` may have this socket; checked again, in a worker thread, on a
+        fresh read of the user whenever the login changes (`login_revoked`)."""
+        return True
+
     async def login_revoked(self, message):
         """A login of this user was revoked or changed: close if this socket's credentials no
-        longer hold (another of the user's tokens may have gone; this one may stay). If the
-        check itself fails (the database away), close with 1011: the client reconnects, and
-        its connect decides."""
+        longer hold (another of the user's tokens may have gone; this one may stay), 4401, or
+        if its user may no longer have it (a role taken away), 4403. If the check itself
+        fails (the database away), close with 1011: the client reconnects, and its connect
+        decides."""
         if getattr(self, "_closing", False):
             return
         try:
-            valid, expires_at = await _login_still_valid(self.scope)
+            code, expires_at = await _login_check(self.scope, self.allowed)
         except Exception:  # noqa: BLE001 - never left open unchecked
             logger.warning("%s: its login could not be checked again; closing", type(self).__name__, exc_info=True)
             await self._close_once(1011)
             return
-        if not valid:
-            logger.info("%s closed: its login was revoked", type(self).__name__)
-            await self._close_once(CLOSE_UNAUTHENTICATED)
+        if code is not None:
+            logger.info("%s closed (%s): its login was revoked or its role changed", type(self).__name__, code)
+            await self._close_once(code)
             return
         self._close_at(expires_at)  # (an expiry moved by the admin)
 

@@ -10,7 +10,8 @@ _login_revoked: list[Callable[[object], None]] = []
 
 
 def on_login_revoked(handler: Callable[[object], None]) -> None:
-    """`handler(user)` runs after a user's API token is deleted or the user is deactivated."""
+    """`handler(user)` runs after a user's API token is deleted or changed, or the user is
+    changed (deactivated, a role or the password changed)."""
     if handler not in _login_revoked:
         _login_revoked.append(handler)
 
@@ -27,6 +28,33 @@ def login_revoked(user) -> None:
 def _run_login_revoked(user) -> None:
     for handler in _login_revoked:
         handler(user)
+
+
+def user_saved(sender, instance, created, update_fields=None, **kwargs) -> None:
+    """`post_save` of the user model, from any path (the admin's user and password forms,
+    `changepassword`, a shell): a login changed (active or staff flag, password, ...) is
+    checked again everywhere it is held. Not for a new user, nor Django's `last_login` stamp."""
+    if created or (update_fields is not None and set(update_fields) <= {"last_login"}):
+        return
+    login_revoked(instance)
+
+
+def user_groups_changed(sender, instance, action, reverse, model, pk_set, **kwargs) -> None:
+    """`m2m_changed` of the user's groups, from either side (`user.groups`, `group.user_set`):
+    a role given or taken away is checked again on the users' open sockets."""
+    if action == "pre_clear" and reverse:
+        instance._login_users_cleared = list(instance.user_set.all())  # (post_clear has no pk_set)
+        return
+    if action not in ("post_add", "post_remove", "post_clear"):
+        return
+    if not reverse:
+        login_revoked(instance)
+    elif action == "post_clear":
+        for user in getattr(instance, "_login_users_cleared", ()):
+            login_revoked(user)
+    else:
+        for user in model.objects.filter(pk__in=pk_set or ()):
+            login_revoked(user)
 
 
 _event_emitted: list[Callable[[dict], None]] = []

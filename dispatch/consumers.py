@@ -26,7 +26,10 @@ class OpsConsumer(RelayConsumer):
         if user is None or not user.is_authenticated:
             await self.deny(CLOSE_UNAUTHENTICATED)
             return
-        if not is_ops(user):
+        if not self.allowed(user):
             await self.deny(CLOSE_FORBIDDEN)
             return
         await self.join_and_accept([OPS_GROUP])
+
+    def allowed(self, user) -> bool:
+        return is_ops(user)

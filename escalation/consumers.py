@@ -20,12 +20,10 @@ class SupportConsumer(RelayConsumer):
         if user is None or not user.is_authenticated:
             await self.deny(CLOSE_UNAUTHENTICATED)
             return
-        if not await _is_support(user):
+        if not await database_sync_to_async(self.allowed)(user):
             await self.deny(CLOSE_FORBIDDEN)
             return
         await self.join_and_accept([SUPPORT_EVENTS_GROUP])
 
-
-@database_sync_to_async
-def _is_support(user) -> bool:
-    return user.is_active and is_support(user)
+    def allowed(self, user) -> bool:
+        return user.is_active and is_support(user)

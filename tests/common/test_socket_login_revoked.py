@@ -9,11 +9,13 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import Group
 from django.test import Client
 from django.utils import timezone
 
 from common import hooks
 from common.models import ApiToken
+from common.roles import SUPPORT_GROUP
 from common.tokens import api_token_create, api_token_issue, api_tokens_revoke
 from config.asgi import application
 from tests.api import client_for
@@ -75,8 +77,8 @@ def test_a_deactivated_login_closes_its_token_and_session_sockets():
     cookie = (b"cookie", f"sessionid={browser.cookies['sessionid'].value}".encode())
 
     def deactivate():
-        type(ops_user).objects.filter(pk=ops_user.pk).update(is_active=False)
-        hooks.login_revoked(ops_user)  # as the admin's user form does
+        ops_user.is_active = False
+        ops_user.save()  # (any path: the admin's form, a shell)
 
     async def scenario():
         by_token = await open_socket(f"/ws/ops/?token={key}")
@@ -140,13 +142,107 @@ def test_a_check_that_cannot_run_closes_the_socket_for_its_client_to_reconnect(m
     key = api_token_create(ops_user, name="t")
 
     @database_sync_to_async
-    def broken(scope):
+    def broken(scope, allowed):
         raise RuntimeError("database away")
 
     async def scenario():
         comm = await open_socket(f"/ws/ops/?token={key}")
-        monkeypatch.setattr(consumers, "_login_still_valid", broken)
+        monkeypatch.setattr(consumers, "_login_check", broken)
         await database_sync_to_async(hooks.login_revoked)(ops_user)
         assert await closed_with(comm) == 1011
+
+    async_to_sync(scenario)()
+
+
+def test_a_role_taken_away_closes_the_sockets_that_needed_it_with_4403():
+    """A staff flag removed closes the ops socket; the support group removed (from either side
+    of the relation) closes the agent's support socket. The login itself still holds: 4403."""
+    ops_user = OpsUserFactory()
+    agent, other_agent = SupportUserFactory(), SupportUserFactory()
+    ops_key = api_token_create(ops_user, name="t")
+    agent_key, other_key = api_token_create(agent, name="t"), api_token_create(other_agent, name="t")
+
+    def demote():
+        ops_user.is_staff = False
+        ops_user.save(update_fields=["is_staff"])
+
+    def remove_from_support(user, *, from_group_side=False):
+        group = Group.objects.get(name=SUPPORT_GROUP)
+        if from_group_side:
+            group.user_set.remove(user)
+        else:
+            user.groups.remove(group)
+
+    async def scenario():
+        ops_socket = await open_socket(f"/ws/ops/?token={ops_key}")
+        ops_support_socket = await open_socket(f"/ws/support/?token={ops_key}")
+        agent_socket = await open_socket(f"/ws/support/?token={agent_key}")
+        other_socket = await open_socket(f"/ws/support/?token={other_key}")
+        await database_sync_to_async(demote)()
+        assert await closed_with(ops_socket) == 4403
+        assert await closed_with(ops_support_socket) == 4403  # staff could see support's queue too
+        assert await agent_socket.receive_nothing(timeout=0.3)
+        await database_sync_to_async(remove_from_support)(agent)
+        assert await closed_with(agent_socket) == 4403
+        assert await other_socket.receive_nothing(timeout=0.3)
+        await database_sync_to_async(remove_from_support)(other_agent, from_group_side=True)
+        assert await closed_with(other_socket) == 4403
+
+    async_to_sync(scenario)()
+
+
+def test_clearing_a_group_closes_its_members_support_sockets():
+    agent = SupportUserFactory()
+    key = api_token_create(agent, name="t")
+
+    async def scenario():
+        comm = await open_socket(f"/ws/support/?token={key}")
+        await database_sync_to_async(lambda: Group.objects.get(name=SUPPORT_GROUP).user_set.clear())()
+        assert await closed_with(comm) == 4403
+
+    async_to_sync(scenario)()
+
+
+def test_a_password_changed_in_the_admin_closes_that_users_session_sockets_and_keeps_token_sockets():
+    """The admin's password form (an ops lead resetting a lost laptop's login): the user's
+    browser sessions end, so do their sockets; sockets on an API token (which a password
+    change does not revoke, as in Django) stay."""
+    agent = SupportUserFactory()
+    key = api_token_create(agent, name="t")
+    browser, admin = Client(), Client()
+    browser.force_login(agent)
+    admin.force_login(OpsUserFactory(is_superuser=True))
+    cookie = [(b"cookie", f"sessionid={browser.cookies['sessionid'].value}".encode())]
+
+    def reset_password():
+        return admin.post(f"/admin/common/user/{agent.pk}/password/",
+                          {"password1": "a-new-Pass-4242", "password2": "a-new-Pass-4242"})
+
+    async def scenario():
+        by_session = await open_socket("/ws/support/", cookie)
+        by_token = await open_socket(f"/ws/support/?token={key}")
+        response = await database_sync_to_async(reset_password)()
+        assert response.status_code == 302, getattr(response, "context", None) and response.context["form"].errors
+        assert await closed_with(by_session) == 4401
+        assert await by_token.receive_nothing(timeout=0.5)
+        await by_token.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_a_drivers_socket_stays_open_when_their_login_is_edited_without_losing_anything():
+    """A harmless edit (a name) re-checks the socket, which passes."""
+    driver = DriverFactory()
+    key = api_token_create(driver.user, name="t")
+
+    def rename():
+        driver.user.first_name = "Renamed"
+        driver.user.save()
+
+    async def scenario():
+        comm = await open_socket(f"/ws/drivers/{driver.pk}/?token={key}")
+        await database_sync_to_async(rename)()
+        assert await comm.receive_nothing(timeout=0.8)
+        await comm.disconnect()
 
     async_to_sync(scenario)()
