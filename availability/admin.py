@@ -6,7 +6,6 @@ from import_export import fields as export_fields
 from import_export import resources
 from import_export.admin import ExportMixin
 from import_export.formats.base_formats import CSV, XLSX
-from leaflet.admin import LeafletGeoAdminMixin
 
 from availability.models import (
     SETTABLE_AVAILABILITY_CHOICES,
@@ -15,7 +14,7 @@ from availability.models import (
     DriverAvailabilityHistory,
 )
 from common.actors import Actor
-from common.admin import ReadOnlyInline, run_for_each
+from common.admin import MapAdminMixin, ReadOnlyInline, run_for_each
 from dispatch.models import Assignment
 from workflows.drivers import availability_override
 from zones.admin import DriverZonePreferenceInline
@@ -73,7 +72,7 @@ class DriverPerformanceExport(resources.ModelResource):
 
 
 @admin.register(Driver)
-class DriverAdmin(ExportMixin, LeafletGeoAdminMixin, admin.ModelAdmin):
+class DriverAdmin(ExportMixin, MapAdminMixin, admin.ModelAdmin):
     """Profile fields and the home location (Leaflet, from our static files) are editable; the
     live location, availability and rating change only through the services (fixes, the
     availability action below, customer ratings)."""

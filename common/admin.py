@@ -1,8 +1,11 @@
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
+from django.contrib.gis.db import models as gis_models
+from leaflet.admin import LeafletGeoAdminMixin
 
 from common import hooks
 from common.exceptions import DomainError
+from common.forms import MapPointField, MapPolygonField, SafeMapWidget
 from common.models import ApiToken, DeferredTask, User
 from common.tokens import api_token_new_key
 
@@ -99,3 +102,17 @@ class ReadOnlyInline(admin.TabularInline):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class MapAdminMixin(LeafletGeoAdminMixin):
+    """django-leaflet's map for the geometry fields (our static files, no CDN), with the
+    checks of `common.forms`: nothing is transformed, stored or redrawn that may not be."""
+
+    widget = SafeMapWidget
+    MAP_FIELDS = ((gis_models.PolygonField, MapPolygonField), (gis_models.PointField, MapPointField))
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        for model_field, form_field in self.MAP_FIELDS:
+            if isinstance(db_field, model_field):
+                kwargs.setdefault("form_class", form_field)
+        return super().formfield_for_dbfield(db_field, request, **kwargs)

@@ -27,3 +27,23 @@ def validate_url_safe_text(value) -> None:
     `/v2/orders/{sellerOrderId}/…`, `?sellerOrderId=`): nothing such a URL could not carry."""
     if value and URL_UNSAFE_CHARS.search(value):
         raise ValidationError(URL_UNSAFE_MESSAGE, code="url_unsafe")
+
+
+# GeoJSON's `crs` member, where a client sends one: only the names of WGS84 (lon, lat) pass.
+WGS84_CRS_NAMES = frozenset({
+    "EPSG:4326",
+    "urn:ogc:def:crs:EPSG::4326",
+    "urn:ogc:def:crs:EPSG:6.6:4326",
+    "urn:ogc:def:crs:OGC:1.3:CRS84",
+    "urn:ogc:def:crs:OGC::CRS84",
+    "CRS84",
+})
+
+
+def validate_wgs84_crs(crs) -> None:
+    """A GeoJSON `crs` member: absent, or a name of WGS84 (SRID 4326, lon/lat)."""
+    if crs is None:
+        return
+    name = crs.get("properties", {}).get("name") if isinstance(crs, dict) else None
+    if name not in WGS84_CRS_NAMES:
+        raise ValidationError(f"Only WGS84 coordinates (SRID 4326, lon/lat) are accepted; got crs {name or crs!r}.")

@@ -4,62 +4,16 @@ Saving goes through the zone services; driver preferences are an inline on the d
 The map is django-leaflet's admin widget: Leaflet and Leaflet.draw from our static files (no
 CDN), so a zone can be drawn on a machine without internet; tiles come from OPS_MAP_TILE_URL
 and the editor works without them."""
-import math
-
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.gis import forms as gis_forms
-from django.contrib.gis.gdal import GDALException
 from django.core.exceptions import ValidationError
 from django.db.models import F
 from django.utils.html import format_html
-from leaflet.admin import LeafletAdminWidget, LeafletGeoAdminMixin
 
+from common.admin import MapAdminMixin
 from zones import services
 from zones.geometry import validate_zone_polygon
 from zones.models import DeliveryZone, DriverZonePreference
-
-WEB_MERCATOR_LIMIT_M = 20037508.35  # the square Web Mercator map, in metres
-
-
-def off_web_mercator(geom) -> bool:
-    """Web Mercator values off the map (or not numbers): PROJ can spin on them."""
-    if geom.srid != 3857 or geom.empty:
-        return False
-    return not all(math.isfinite(v) and abs(v) <= WEB_MERCATOR_LIMIT_M for v in geom.extent)
-
-
-class ZoneMapWidget(LeafletAdminWidget):
-    """django-leaflet's admin widget, which redraws a refused value in the map's WGS84: a
-    value off the Web Mercator map is not redrawn (transforming it can spin in PROJ)."""
-
-    def get_context(self, name, value, attrs):
-        if isinstance(value, str) and value:
-            geom = self.deserialize(value)
-            if geom is not None and off_web_mercator(geom):
-                value = None
-        return super().get_context(name, value, attrs)
-
-
-class ZonePolygonFormField(gis_forms.PolygonField):
-    """GeoDjango's polygon field, refusing before it transforms what it cannot transform
-    safely: an SRID other than WGS84 or Web Mercator (an unknown SRID raises a GDAL error,
-    a 500) and Web Mercator values off the map (PROJ can spin on them). The Leaflet editor
-    submits GeoJSON in WGS84; EWKT and Web Mercator still come from scripts and old forms."""
-
-    def clean(self, value):
-        geom = forms.Field.clean(self, value)  # parse only
-        if geom is None:
-            return None
-        if geom.srid not in (4326, 3857):
-            raise forms.ValidationError(f"Must be in WGS84 (SRID 4326) or the map's SRID 3857, not SRID {geom.srid}.")
-        if off_web_mercator(geom):
-            raise forms.ValidationError("Coordinates are off the map (Web Mercator, SRID 3857).")
-        try:
-            return super().clean(geom)
-        except GDALException:
-            raise forms.ValidationError("The boundary could not be converted to WGS84.")
-
 
 class DeliveryZoneForm(forms.ModelForm):
     class Meta:
@@ -92,9 +46,8 @@ class BelowMinimumFilter(admin.SimpleListFilter):
 
 
 @admin.register(DeliveryZone)
-class DeliveryZoneAdmin(LeafletGeoAdminMixin, admin.ModelAdmin):
+class DeliveryZoneAdmin(MapAdminMixin, admin.ModelAdmin):
     form = DeliveryZoneForm
-    widget = ZoneMapWidget
     list_display = (
         "name", "priority_level", "drivers_online", "below_minimum", "health", "demand_level",
         "avg_wait_time_seconds", "target_wait_time_seconds", "last_updated",
@@ -124,11 +77,6 @@ class DeliveryZoneAdmin(LeafletGeoAdminMixin, admin.ModelAdmin):
         ("Timestamps", {"fields": ("created_at", "updated_at")}),
     )
     actions = ["refresh_health"]
-
-    def formfield_for_dbfield(self, db_field, request, **kwargs):
-        if db_field.name == "geometry":
-            kwargs["form_class"] = ZonePolygonFormField
-        return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     @admin.display(description="Drivers online / min", ordering="current_drivers_online")
     def drivers_online(self, zone):

@@ -10,30 +10,16 @@ import math
 from django.contrib.gis.geos import GEOSException, GEOSGeometry, LinearRing, Polygon
 from django.core.exceptions import ValidationError
 
+from common.validators import validate_wgs84_crs
+
 SRID = 4326
 MAX_POSITIONS = 10_000
-_WGS84_CRS_NAMES = {
-    "EPSG:4326",
-    "urn:ogc:def:crs:EPSG::4326",
-    "urn:ogc:def:crs:EPSG:6.6:4326",
-    "urn:ogc:def:crs:OGC:1.3:CRS84",
-    "urn:ogc:def:crs:OGC::CRS84",
-    "CRS84",
-}
 
 GEOJSON_HINT = 'a GeoJSON Polygon, e.g. {"type": "Polygon", "coordinates": [[[lon, lat], [lon, lat], [lon, lat], [lon, lat]]]}'
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_crs(crs) -> None:
-    if crs is None:
-        return
-    name = crs.get("properties", {}).get("name") if isinstance(crs, dict) else None
-    if name not in _WGS84_CRS_NAMES:
-        raise ValidationError(f"Only WGS84 coordinates (SRID {SRID}, lon/lat) are accepted; got crs {name or crs!r}.")
 
 
 def _ring(positions, n: int) -> LinearRing:
@@ -65,7 +51,7 @@ def polygon_from_geojson(data) -> Polygon:
     kind = data.get("type")
     if kind != "Polygon":
         raise ValidationError(f"Must be a Polygon, not {kind!s:.40}.")
-    _check_crs(data.get("crs"))
+    validate_wgs84_crs(data.get("crs"))
     rings = data.get("coordinates")
     if not isinstance(rings, list):
         raise ValidationError(f"Must be {GEOJSON_HINT}.")
@@ -103,9 +89,26 @@ def validate_zone_polygon(geometry) -> Polygon:
     xmin, ymin, xmax, ymax = geometry.extent
     if not (all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)) and -180 <= xmin and xmax <= 180 and -90 <= ymin and ymax <= 90):
         raise ValidationError(f"Coordinates must be WGS84 lon/lat (SRID {SRID}): lon -180..180, lat -90..90.")
+    if geometry.hasz:
+        raise ValidationError("Must be flat: [lon, lat] positions, without a height (Z).")
     if not geometry.valid:
         raise ValidationError(f"The polygon is not valid: {_reason(geometry.valid_reason)}.")
+    _check_edges(geometry)
     return geometry
+
+
+def _check_edges(polygon: Polygon) -> None:
+    """Zones are drawn flat (lon/lat) and measured on the globe (`::geography`): an edge that
+    spans 180° of longitude or more runs the other way round the globe there (exactly 180°
+    makes PostGIS raise on every zone query, so one such zone broke every order's intake)."""
+    for ring in polygon:
+        coords = ring.coords
+        for (lon_a, lat_a), (lon_b, lat_b) in zip(coords, coords[1:]):
+            if abs(lon_b - lon_a) >= 180:
+                raise ValidationError(
+                    f"The edge from ({lon_a}, {lat_a}) to ({lon_b}, {lat_b}) spans 180° of longitude or "
+                    "more, so on the globe it would run the other way round: add points along it."
+                )
 
 
 def _reason(reason: str) -> str:

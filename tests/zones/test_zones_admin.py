@@ -120,8 +120,16 @@ def test_ops_draw_a_zone_in_the_admin(admin_client):
         ("not a polygon at all", "Invalid geometry value"),
         ("SRID=99999;POLYGON((0 0, 1 0, 1 1, 0 0))", "not SRID 99999"),
         ("SRID=3857;POLYGON((0 0, 1e20 0, 1 1, 0 0))", "off the map"),
+        ("SRID=4326;POLYGON((-180 -90, 180 -90, 180 90, -180 90, -180 -90))", "180°"),
+        ("SRID=4326;POLYGON((-179 -80, 179 -80, 179 80, -179 80, -179 -80))", "the other way round"),
+        ("SRID=4326;POLYGON Z((0 0 0, 1 0 0, 1 1 0, 0 1 0, 0 0 0))", "height"),
+        ('{"type": "Polygon", "coordinates": "x"}', "Invalid geometry value"),
+        ('{"type": "Polygon", "coordinates": [[[30.5, 10.9], [30.6, 10.9], [30.6, 11.0], [30.5, 10.9]]],'
+         ' "crs": {"type": "name", "properties": {"name": "EPSG:999999"}}}', "Only WGS84"),
     ],
-    ids=["self-intersecting", "not closed", "a point", "empty", "garbage", "unknown srid", "off the web mercator map"],
+    ids=["self-intersecting", "not closed", "a point", "empty", "garbage", "unknown srid", "off the web mercator map",
+         "the whole world (antipodal edges)", "edges longer than 180 degrees", "with heights", "unreadable geojson",
+         "geojson in another crs"],
 )
 def test_a_broken_boundary_is_a_form_error_and_nothing_is_stored(admin_client, geometry, message):
     r = admin_client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, "geometry": geometry})
@@ -229,3 +237,44 @@ def test_the_zone_admin_shows_the_serviceability_and_pay_overrides_and_the_servi
 
     zone.refresh_from_db()
     assert (zone.max_delivery_distance_km, zone.driver_pay_per_km, zone.driver_pay_cap) == (12.5, Decimal("9.50"), Decimal("80.00"))
+
+
+@pytest.mark.parametrize(
+    "home,message",
+    [
+        ("SRID=3857;POINT(1e30 1e30)", "off the map"),  # PROJ spun on it: a CPU held for good
+        ("SRID=4326;POINT(NaN NaN)", "empty"),  # was stored as an empty point: the drivers API's 500
+        ('{"type": "Point", "coordinates": [78.5, 1000]}', "WGS84 lon/lat"),  # was stored, read back as lat -80
+        ("SRID=4326;POINT Z(78.5 13.5 1)", "height"),
+        ('{"type": "Point", "coordinates": "x"}', "Invalid geometry value"),
+        ("SRID=99999;POINT(1 1)", "not SRID 99999"),
+        ("SRID=4326;POINT EMPTY", "empty"),
+    ],
+    ids=["off the web mercator map", "nan", "latitude 1000", "with a height", "unreadable geojson", "unknown srid",
+         "empty"],
+)
+def test_a_broken_home_location_on_the_driver_page_is_a_form_error_and_nothing_changes(admin_client, home, message):
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    url = f"/admin/availability/driver/{driver.pk}/change/"
+    data = form_data(admin_client.get(url))
+
+    r = admin_client.post(url, {**data, "home_location": home})
+
+    assert r.status_code == 200
+    assert message.lower() in r.content.decode().lower()
+    driver.refresh_from_db()
+    assert (driver.home_location.x, driver.home_location.y) == (30.55, 11.45)
+    assert admin_client.get(f"/v2/drivers/{driver.pk}").status_code == 200
+
+
+def test_a_home_location_in_web_mercator_is_stored_in_wgs84(admin_client):
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    url = f"/admin/availability/driver/{driver.pk}/change/"
+    data = form_data(admin_client.get(url))
+
+    r = admin_client.post(url, {**data, "home_location": "SRID=3857;POINT(3400810.44 1232106.8)"})
+
+    assert r.status_code == 302, r.content.decode()[:3000]
+    driver.refresh_from_db()
+    assert driver.home_location.srid == 4326
+    assert driver.home_location.x == pytest.approx(30.55, abs=1e-4) and driver.home_location.y == pytest.approx(11.0, abs=1e-2)

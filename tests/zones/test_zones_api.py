@@ -212,6 +212,13 @@ INVALID_GEOMETRIES = {
         {"type": "Polygon", "coordinates": [RING, [[31.0, 12.0], [31.1, 12.0], [31.1, 12.1], [31.0, 12.0]]]}, "not valid",
     ),
     "duplicate points only": ({"type": "Polygon", "coordinates": [[[30.5, 10.9]] * 4]}, "not valid"),
+    # One zone with an edge of exactly 180° of longitude made every order's intake a 500.
+    "the whole world (antipodal edges)": (
+        {"type": "Polygon", "coordinates": [[[-180, -90], [180, -90], [180, 90], [-180, 90], [-180, -90]]]}, "180°",
+    ),
+    "an edge the globe runs the other way round": (
+        {"type": "Polygon", "coordinates": [[[-179, -80], [179, -80], [179, 80], [-179, 80], [-179, -80]]]}, "180°",
+    ),
 }
 
 
