@@ -92,7 +92,8 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
 
 
 class _OfferMadeMeanwhile(Exception):
-    """The delivery got an offer between the offer look-up and the delivery's lock."""
+    """The delivery got an offer, or its offer was accepted, between the offer look-up and the
+    delivery's lock."""
 
 
 def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
@@ -140,18 +141,35 @@ def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: dat
     return delivery
 
 
-@unit_of_work()
 def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> tuple[object, DispatchResult]:
     """Ops take an assigned delivery away from its driver: the assignment is cancelled, the
     driver freed, the delivery is ready again and goes to the next candidate (the previous
     driver is excluded, having been offered it once), or back to ops for an autoDispatch false
-    delivery. Returns (previous driver id, dispatch result)."""
+    delivery. Returns (previous driver id, dispatch result).
+
+    The accepted offer is looked up and locked before the delivery (the lock order). An accept
+    that commits in between (its offer was still pending at the look-up, and we waited for the
+    delivery's lock) would leave its offer ACCEPTED beside the ended assignment, and every later
+    accept of the delivery would break on the one-accepted-offer rule: the attempt then rolls
+    back and starts again, locking that offer first."""
     now = now or timezone.now()
+    for _ in range(3):
+        try:
+            return _delivery_reassign_attempt(delivery_id=delivery_id, reason=reason, actor=actor, now=now)
+        except _OfferMadeMeanwhile:
+            continue
+    raise Conflict("The delivery keeps changing drivers; try again.")
+
+
+@unit_of_work()
+def _delivery_reassign_attempt(*, delivery_id, reason: str, actor: Actor, now: datetime) -> tuple[object, DispatchResult]:
     accepted = locks.lock_accepted_offer_of_delivery(delivery_id)  # offer → delivery, the lock order
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     if delivery.status != S.ASSIGNED:
         raise Conflict(f"Delivery is {delivery.status}; only an assigned delivery (not yet picked up) can be reassigned.")
     assignment = locks.lock_active_assignment(delivery.pk)
+    if accepted is None and assignment is not None and assignment.offer_id is not None:
+        raise _OfferMadeMeanwhile()  # accepted while we waited for the delivery
     driver = locks.lock_driver(assignment.driver_id) if assignment else None
 
     if assignment is not None:

@@ -1,4 +1,6 @@
 """Races on offers with real threads and real transactions: exactly one winner, constraints hold."""
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -165,3 +167,77 @@ def test_changing_a_pending_offer_takes_its_drivers_lock_first_so_dispatch_never
     b.join(30)
 
     assert outcome == {"insert": "unique violation at once", "accept": "accepted"}
+
+
+def test_a_reassign_that_waited_on_an_accept_supersedes_the_offer_that_accept_made():
+    """The accept holds the delivery while the reassign, which found no accepted offer (it was
+    still pending), waits for it. Before: the reassign went on with the offer left ACCEPTED
+    beside the ended assignment, and every later accept of the delivery was a 500 (the
+    one-accepted-offer rule). Deterministic: the accept commits only once the reassign waits."""
+    from workflows.deliveries import delivery_reassign
+
+    driver, delivery, offer = make_offer()
+    nxt = online_driver(km=1.5)
+    accepted_uncommitted, reassign_waits, reassigned = threading.Event(), threading.Event(), []
+
+    def accept_and_hold():
+        with transaction.atomic():
+            offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
+            accepted_uncommitted.set()
+            reassign_waits.wait(10)
+
+    def reassign():
+        reassigned.append(delivery_reassign(delivery_id=delivery.pk, reason="ops", actor=Actor.system()))
+
+    holder = threading.Thread(target=lambda: (accept_and_hold(), connection.close()))
+    holder.start()
+    assert accepted_uncommitted.wait(10)
+    worker = threading.Thread(target=lambda: (reassign(), connection.close()))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not _lock_waiters() and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the reassign waits on the delivery's lock
+    reassign_waits.set()
+    holder.join(10)
+    worker.join(10)
+
+    assert reassigned, "the reassign did not finish"
+    offer.refresh_from_db()
+    assert offer.status == "CANCELLED" and offer.cancellation_reason == "reassigned"
+    assert Assignment.objects.get(delivery=delivery, driver=driver).status == "cancelled"
+    next_offer = DriverOffer.objects.get(delivery=delivery, driver=nxt, status="PENDING")
+    offers.offer_accept(offer_id=next_offer.pk, driver_id=nxt.pk, actor=Actor("driver", nxt.pk))  # was the 500
+    assert Assignment.objects.get(delivery=delivery, status="active").driver_id == nxt.pk
+
+
+def _lock_waiters() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        return cursor.fetchone()[0]
+
+
+def test_the_repair_migration_releases_deliveries_the_old_race_left_stuck():
+    """offers 0004: the offer left ACCEPTED beside its assignment ended by a reassign becomes
+    what a reassign makes it, and the delivery can be accepted again. Other accepted offers
+    (an active assignment's) are left alone."""
+    from importlib import import_module
+
+    from workflows.deliveries import delivery_reassign
+
+    repair = import_module("offers.migrations.0004_repair_offers_left_accepted_by_a_reassign").REPAIR
+    stuck_driver, stuck, stuck_offer = make_offer()
+    kept_driver, kept, kept_offer = make_offer(km=0.7)
+    online_driver(km=1.5)
+    for driver, offer in ((stuck_driver, stuck_offer), (kept_driver, kept_offer)):
+        offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
+    delivery_reassign(delivery_id=stuck.pk, reason="ops", actor=Actor.system())
+    DriverOffer.objects.filter(pk=stuck_offer.pk).update(status="ACCEPTED", cancelled_at=None, cancellation_reason="")
+
+    with connection.cursor() as cursor:
+        cursor.execute(repair)
+
+    stuck_offer.refresh_from_db()
+    kept_offer.refresh_from_db()
+    ended = Assignment.objects.get(offer_id=stuck_offer.pk)
+    assert (stuck_offer.status, stuck_offer.cancellation_reason, stuck_offer.cancelled_at) == ("CANCELLED", "reassigned", ended.ended_at)
+    assert kept_offer.status == "ACCEPTED"
