@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -41,9 +42,38 @@ def address_allowed(ip: str) -> bool:
     return address.is_global and not address.is_multicast
 
 
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")  # (an underscore: names in the wild have them)
+
+
+def _host_literal(host: str):
+    """The address a host written as a number stands for, in any form a resolver takes
+    (`127.1`, `2130706433`, `0x7f000001`, `0177.0.0.1`, `0`; IPv6), or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fx.]+", host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _host_name_ok(host: str) -> bool:
+    """A DNS name (IDNA for non-ASCII): labels of letters, digits, underscores and inner
+    hyphens; no spaces or other characters a resolver would not look up."""
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return len(ascii_host) <= 253 and all(_LABEL.match(label) for label in ascii_host.split("."))
+
+
 def url_check(url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, path?query) of an acceptable URL, or TargetRefused. Checks the form
-    only (no DNS): a host given as an IP literal must be public; so must `localhost`."""
+    only (no DNS): a host given as an address, in any of the forms a resolver reads, must be
+    public; so must `localhost` (a trailing dot included)."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -56,13 +86,15 @@ def url_check(url: str) -> tuple[str, str, int, str]:
     host = parts.hostname
     if not host:
         raise TargetRefused("The URL has no host.")
+    if port == 0:
+        raise TargetRefused("Port 0 is not a port to send to.")
+    bare = host[:-1] if host.endswith(".") else host
+    literal = _host_literal(bare)
+    if literal is None and not _host_name_ok(bare):
+        raise TargetRefused(f"{host!r} is not a valid host name.")
     if not settings.WEBHOOK_ALLOW_PRIVATE_TARGETS:
-        if host == "localhost" or host.endswith(".localhost"):
+        if bare == "localhost" or bare.endswith(".localhost"):
             raise TargetRefused("Loopback targets are not allowed.")
-        try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            literal = None
         if literal is not None and not address_allowed(str(literal)):
             raise TargetRefused("Private, loopback and link-local addresses are not allowed.")
     path = parts.path or "/"

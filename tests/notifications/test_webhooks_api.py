@@ -44,6 +44,9 @@ def test_creating_an_endpoint_shows_the_secret_once(receiver):
     ({"url": "ftp://example.com/h", "events": ["*"]}, "url"),
     ({"url": "http://user:pw@example.com/h", "events": ["*"]}, "url"),
     ({"url": "not a url", "events": ["*"]}, "url"),
+    ({"url": "http://ex ample.com/h", "events": ["*"]}, "url"),
+    ({"url": "http://example.com:0/h", "events": ["*"]}, "url"),
+    ({"url": "http://exa<mple.com/h", "events": ["*"]}, "url"),
     ({"url": 12, "events": ["*"]}, "url"),
     ({"events": ["*"]}, "url"),
 ])
@@ -55,6 +58,9 @@ def test_bad_endpoint_input_is_a_400_naming_the_field(db, body, field):
 @pytest.mark.parametrize("url", [
     "http://127.0.0.1:9/h", "http://localhost/h", "http://10.1.2.3/h", "http://169.254.169.254/latest/meta-data",
     "http://[::1]/h", "http://192.168.0.10/h", "http://[::ffff:127.0.0.1]/h", "http://100.64.0.1/h",
+    # Loopback as a resolver also reads it: short, decimal, hex, octal, zero-padded, a trailing dot.
+    "http://0/h", "http://127.1/h", "http://2130706433/h", "http://0x7f000001/h", "http://017700000001/h",
+    "http://0177.0.0.1/h", "http://127.000.000.001/h", "http://localhost./h", "http://0xa9.254.169.254/h",
 ])
 def test_private_targets_are_refused_when_the_endpoint_is_made(db, settings, url):
     settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
@@ -220,3 +226,13 @@ def test_an_endpoint_made_later_does_not_get_older_events(receiver):
     endpoint_via_api(merchant, receiver.url)
     sweep()
     assert receiver.requests == [] and OutboxEvent.objects.exists()
+
+
+@pytest.mark.parametrize("url", [
+    "https://hooks.example.com./h", "http://bücher.example/h", "http://my_hooks.example.com/h",
+    "http://[2606:4700::1111]:8443/h", "http://8.8.8.8/h", "http://deadbeef.example/h",
+])
+def test_public_names_and_addresses_in_their_usual_forms_are_accepted(db, settings, url):
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
+    response = client_for(IntegrationUserFactory()).post("/v2/webhooks", {"url": url, "events": ["*"]}, format="json")
+    assert response.status_code == 201, response.content
