@@ -26,7 +26,7 @@ API_PREFIXES = ("/v2/", "/health", "/metrics", "/proofs/")  # /proofs/: the sign
 
 
 def _is_api(request) -> bool:
-    return request.path.startswith(API_PREFIXES)
+    return request.path.startswith(API_PREFIXES) or request.path == "/v2"
 
 
 class AsyncCapableMiddleware:
@@ -159,6 +159,9 @@ class StaticFilesMiddleware(AsyncCapableMiddleware, WhiteNoiseMiddleware):
         return await self.get_response(request)
 
 
+_KEPT_ERROR_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
+
 class ApiErrorMiddleware(AsyncCapableMiddleware):
     """API paths always answer in the SPEC's error body, even for errors raised outside DRF
     (unknown URLs, wrong path converters, unexpected exceptions)."""
@@ -171,7 +174,11 @@ class ApiErrorMiddleware(AsyncCapableMiddleware):
             and "json" not in response.get("Content-Type", "")
         ):
             messages = {404: "Not found.", 405: f'Method "{request.method}" not allowed.', 400: "Bad request."}
-            return error_response(request, response.status_code, messages.get(response.status_code, "Request failed."))
+            replaced = error_response(request, response.status_code, messages.get(response.status_code, "Request failed."))
+            for header in _KEPT_ERROR_HEADERS:  # what the client needs to act on the error
+                if header in response:
+                    replaced[header] = response[header]
+            return replaced
         return response
 
     def process_exception(self, request, exception):

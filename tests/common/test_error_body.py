@@ -96,7 +96,7 @@ def test_another_integrations_delivery_is_a_404_not_a_403(integration, db):
     assert_error_body(r, 404, path=f"/v2/deliveries/{theirs.pk}")
 
 
-@pytest.mark.parametrize("path", ["/v2/deliveries/not-a-uuid", "/v2/no-such-endpoint", "/v2/deliveries/"])
+@pytest.mark.parametrize("path", ["/v2/deliveries/not-a-uuid", "/v2/no-such-endpoint", "/v2/deliveries/", "/v2"])
 def test_unknown_paths_under_v2_are_a_404_in_the_error_body(ops, path):
     r = ops.get(path)
 
@@ -110,6 +110,16 @@ def test_an_unsupported_method_is_a_405_naming_the_allowed_ones(ops):
     body = assert_error_body(r, 405, path="/v2/deliveries")
     assert body["message"] == 'Method "DELETE" not allowed.'
     assert {"GET", "POST"} <= {m.strip() for m in r["Allow"].split(",")}
+
+
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])
+def test_a_405_from_outside_drf_keeps_its_allow_header(ops, method):
+    """The schema view is Django's (drf-spectacular serves it with GET only): the error body
+    replaces its HTML answer and keeps the header that says what to use instead."""
+    r = getattr(ops, method)("/v2/schema/")
+
+    assert_error_body(r, 405, path="/v2/schema/")
+    assert {"GET"} <= {m.strip() for m in r["Allow"].split(",")}
 
 
 def test_a_text_plain_body_is_a_415(integration, integration_user):
