@@ -4,11 +4,11 @@ from django.contrib.admin.views.decorators import staff_member_required
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from import_export import fields as export_fields
-from import_export import resources
 from import_export.admin import ExportMixin
 from import_export.formats.base_formats import CSV, XLSX
 
 from analytics.models import DeliveryCost
+from common.admin import ExportResource
 
 
 @staff_member_required
@@ -49,7 +49,7 @@ def ops_map_page(request):
     })
 
 
-class DeliveryCostExport(resources.ModelResource):
+class DeliveryCostExport(ExportResource):
     """Cost per delivery as CSV/XLSX (money in the platform currency, as stored)."""
 
     delivery_id = export_fields.Field(attribute="delivery_id", column_name="delivery_id")

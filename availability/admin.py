@@ -3,7 +3,6 @@ from django import forms
 from django.contrib import admin
 from django.template.response import TemplateResponse
 from import_export import fields as export_fields
-from import_export import resources
 from import_export.admin import ExportMixin
 from import_export.formats.base_formats import CSV, XLSX
 
@@ -14,7 +13,7 @@ from availability.models import (
     DriverAvailabilityHistory,
 )
 from common.actors import Actor
-from common.admin import MapAdminMixin, ReadOnlyInline, run_for_each
+from common.admin import ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
 from dispatch.models import Assignment
 from workflows.drivers import availability_override
 from zones.admin import DriverZonePreferenceInline
@@ -48,7 +47,7 @@ class AvailabilityHistoryInline(ReadOnlyInline):
     ordering = ("-timestamp",)
 
 
-class DriverPerformanceExport(resources.ModelResource):
+class DriverPerformanceExport(ExportResource):
     """Driver performance as CSV/XLSX: one row per driver of the (filtered) list."""
 
     deliveries_completed = export_fields.Field(attribute="performance__deliveries_completed", column_name="deliveries_completed")

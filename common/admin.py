@@ -1,6 +1,7 @@
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.gis.db import models as gis_models
+from import_export import resources
 from leaflet.admin import LeafletGeoAdminMixin
 
 from common import hooks
@@ -116,3 +117,21 @@ class MapAdminMixin(LeafletGeoAdminMixin):
             if isinstance(db_field, model_field):
                 kwargs.setdefault("form_class", form_field)
         return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+
+# A text cell starting with one of these is a formula to a spreadsheet (OWASP "CSV
+# injection"): `=HYPERLINK(...)` in a store name would run on the ops laptop that opens the export.
+FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+class ExportResource(resources.ModelResource):
+    """The console's exports (CSV, XLSX): text that a spreadsheet would read as a formula is
+    written with a leading `'`, which spreadsheets show as text; numbers and dates stay as they
+    are. (django-import-export's own `IMPORT_EXPORT_ESCAPE_FORMULAE_ON_EXPORT` only drops a
+    first `=`, and turns every cell into text.)"""
+
+    def export_field(self, field, instance, **kwargs):
+        value = super().export_field(field, instance, **kwargs)
+        if isinstance(value, str) and value.startswith(FORMULA_LEADS):
+            return "'" + value
+        return value

@@ -13,9 +13,11 @@ import json
 import math
 
 from django import forms
+from django.contrib.admin.widgets import AutocompleteSelect
 from django.contrib.gis import forms as gis_forms
 from django.contrib.gis.gdal import GDALException
 from django.contrib.gis.geos import GEOSGeometry
+from django.core.exceptions import ValidationError
 from leaflet.admin import LeafletAdminWidget
 
 from common.validators import validate_wgs84_crs
@@ -108,3 +110,21 @@ class SafeMapWidget(LeafletAdminWidget):
         if isinstance(value, GEOSGeometry) and map_geometry_problem(value):
             value = None
         return super().get_context(name, value, attrs)
+
+
+class SafeAutocompleteSelect(AutocompleteSelect):
+    """Django's autocomplete select, which redraws a refused value by looking it up: a value
+    that is no key of the related model (`notauuid`) raised there, a 500 in place of the form
+    error. Such a value is not looked up (nothing is shown selected)."""
+
+    def optgroups(self, name, value, attr=None):
+        key = self.field.remote_field.model._meta.get_field(self.field.remote_field.field_name)
+
+        def is_key(v) -> bool:
+            try:
+                key.to_python(v)
+            except (ValidationError, ValueError, TypeError):
+                return False
+            return True
+
+        return super().optgroups(name, [v for v in value if v in (None, "") or is_key(v)], attr)

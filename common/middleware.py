@@ -400,3 +400,80 @@ def _resolve(request):
         return resolve(request.path_info, getattr(request, "urlconf", None))
     except Resolver404:
         return None
+
+
+# The ops console's lists and their exports: /admin/<app>/<model>/ and …/export/.
+_ADMIN_LIST_PATH = re.compile(r"^/admin/(?P<app>\w+)/(?P<model>\w+)/(?P<export>export/)?$")
+
+
+def _admin_list_model(request):
+    """The model of the admin list (or export) `request` is for, or None."""
+    from django.apps import apps
+    from django.contrib import admin
+
+    match = _ADMIN_LIST_PATH.match(request.path)
+    if match is None:
+        return None
+    try:
+        model = apps.get_model(match["app"], match["model"])
+    except LookupError:
+        return None
+    return model if admin.site.is_registered(model) else None
+
+
+class AdminListGuardMiddleware(AsyncCapableMiddleware):
+    """Parameters no page of the console sends (a stale bookmark, a hand-edited URL, a tampered
+    form) get the console's own answers, never a 500:
+    - a filter the database cannot take on a list or an export (`?created_at__year=99999`, an
+      unknown field on an export, a date that is none): the list again with `?e=1`, Django's
+      answer to a wacky lookup, which Django gives only when the filter fails to build, not
+      when it fails to run (and django-import-export not at all);
+    - an action on selected ids that are not ids of the list: nothing done, and a message
+      (Django raised on them while building the action's queryset)."""
+
+    def __call__(self, request):
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
+        refused = self.refuse_selection(request)
+        return refused if refused is not None else self.get_response(request)
+
+    async def __acall__(self, request):
+        refused = self.refuse_selection(request)  # (a form post: small, already in memory)
+        return refused if refused is not None else await self.get_response(request)
+
+    def refuse_selection(self, request):
+        from django.contrib import messages
+        from django.contrib.admin import helpers
+        from django.core.exceptions import ValidationError
+        from django.http import HttpResponseRedirect
+
+        if request.method != "POST" or not _ADMIN_LIST_PATH.match(request.path):
+            return None
+        model = _admin_list_model(request)
+        if model is None or "action" not in request.POST:
+            return None
+        bad = []
+        for value in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME):
+            try:
+                model._meta.pk.to_python(value)
+            except (ValidationError, ValueError, TypeError):
+                bad.append(value)
+        if not bad:
+            return None
+        shown = ", ".join(repr(v[:40]) for v in bad[:3])
+        messages.error(request, f"Nothing was done: {shown} {'is not an id' if len(bad) == 1 else 'are not ids'} of this list.")
+        return HttpResponseRedirect(request.get_full_path())
+
+    def process_exception(self, request, exception):
+        from django.contrib.admin.options import IncorrectLookupParameters
+        from django.contrib.admin.views.main import ERROR_FLAG
+        from django.core.exceptions import FieldError, ValidationError
+        from django.http import HttpResponseRedirect
+
+        if not isinstance(exception, (IncorrectLookupParameters, FieldError, ValidationError, ValueError, OverflowError)):
+            return None
+        if not request.GET or ERROR_FLAG in request.GET or _admin_list_model(request) is None:
+            return None
+        logger.warning("admin list %s: parameters refused (%s: %s)", request.path, type(exception).__name__, exception)
+        changelist = request.path.removesuffix("export/")
+        return HttpResponseRedirect(f"{changelist}?{ERROR_FLAG}=1")

@@ -10,7 +10,6 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from import_export import fields as export_fields
-from import_export import resources
 from import_export.admin import ExportMixin
 from import_export.formats.base_formats import CSV, XLSX
 
@@ -20,7 +19,7 @@ from availability.geo import drivers_available_near
 from availability.live import positions_of
 from availability.models import Driver
 from common.actors import Actor
-from common.admin import ReadOnlyInline, run_for_each
+from common.admin import ExportResource, ReadOnlyInline, run_for_each
 from common.admin_confirm import confirm_then
 from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
 from dispatch.proofs import proof_signed_path
@@ -204,7 +203,7 @@ def assign_candidates(delivery: Delivery) -> list[tuple[str, str]]:
     return [(n.driver_id, f"{names.get(n.driver_id, n.driver_id)} · {n.distance_km:.1f} km") for n in nearby]
 
 
-class DeliveryExport(resources.ModelResource):
+class DeliveryExport(ExportResource):
     """The delivery list as CSV/XLSX (times in UTC, ISO 8601; money in the platform currency)."""
 
     zone = export_fields.Field(attribute="zone__name", column_name="zone")

