@@ -84,7 +84,7 @@ def ticket_create_locked(
         with transaction.atomic():
             ticket = SupportTicket.objects.create(
                 delivery=delivery, unassigned_order=unassigned_order, type=type, priority=priority,
-                title=title, description=description, created_at=now, updated_at=now,
+                title=title[:255], description=description, created_at=now, updated_at=now,
             )
     except IntegrityError:
         raise Conflict("This unassigned order already has a ticket.")

@@ -105,9 +105,16 @@ class _Step:
         return self.reason if self.manual else threshold_reason(tier)
 
 
+TITLE_ORDER_ID_MAX = 64
+
+
 def _ticket_title(step: _Step) -> str:
-    """The ticket's title names the level the record is at now (retitled as it goes up)."""
+    """The ticket's title names the level the record is at now (retitled as it goes up). It
+    fits the ticket's 255 characters: a long seller order id (up to 255 itself) is shortened
+    in it (the ticket links the delivery), then a manual reason is cut."""
     order = step.delivery.seller_order_id
+    if len(order) > TITLE_ORDER_ID_MAX:
+        order = order[: TITLE_ORDER_ID_MAX - 1] + "…"
     if step.manual:
         return f"Order {order} escalated to level {step.level}: {step.reason}"[:255]
     title = f"Order {order} unassigned for {level_thresholds()[step.level] // 60}+ minutes"

@@ -203,6 +203,23 @@ def test_the_check_retitles_a_ticket_as_the_record_goes_up(settings):
     assert TicketComment.objects.filter(ticket=ticket, body="Escalated to level 2 (from level 1)").exists()
 
 
+def test_a_long_seller_order_id_still_gets_its_ticket(settings):
+    """A seller order id may be 255 characters: the title (255 too) shortens it. Before, the
+    ticket's INSERT failed on every check, and the order never reached support."""
+    long_id = "L" * 255
+    with time_machine.travel(T0, tick=False) as t:
+        delivery = stuck_delivery(seller_order_id=long_id)
+        t.shift(timedelta(minutes=5, seconds=1))
+        escalation_check()
+        t.shift(timedelta(minutes=10))
+        escalation_check()
+
+    assert record_of(delivery).escalation_level == 2
+    ticket = SupportTicket.objects.get()
+    assert ticket.title == f"Order {'L' * 63}… unassigned for 15+ minutes (level 2)"
+    assert long_id in ticket.description or str(delivery.pk) in ticket.description
+
+
 @pytest.mark.parametrize("level,message", [
     (4, "Escalation level 4 exceeded maximum allowed level"),
     (0, "Escalation level must be between 1 and 3."),
