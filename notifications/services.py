@@ -257,9 +257,10 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
 
 
 def message_send(*, message_id: int) -> WebhookAttempt | None:
-    """One attempt of a claimed message: sign, POST, record the outcome."""
-    message = WebhookMessage.objects.select_related("event", "endpoint").get(pk=message_id)
-    if message.status != MessageStatus.PENDING:
+    """One attempt of a claimed message: sign, POST, record the outcome. A message whose
+    endpoint was deleted after the claim (its messages go with it) is not sent."""
+    message = WebhookMessage.objects.select_related("event", "endpoint").filter(pk=message_id).first()
+    if message is None or message.status != MessageStatus.PENDING:
         return None
     endpoint, event = message.endpoint, message.event
     now = timezone.now()
@@ -305,11 +306,14 @@ def retry_delay(attempt_count: int, *, retry_after: float | None = None) -> time
 
 
 @transaction.atomic
-def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime) -> WebhookAttempt:
+def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime) -> WebhookAttempt | None:
     """Write the outcome of one attempt: delivered (2xx), stopped (a 4xx other than 408/429),
     retried later, or given up when the retry window has passed. Failures for
-    `WEBHOOK_DISABLE_AFTER_SECONDS` disable the endpoint and alert ops."""
-    message = WebhookMessage.objects.select_for_update(of=("self",)).select_related("event").get(pk=message_id)
+    `WEBHOOK_DISABLE_AFTER_SECONDS` disable the endpoint and alert ops. The endpoint deleted
+    during the attempt (the message with it): nothing to record, None."""
+    message = WebhookMessage.objects.select_for_update(of=("self",)).select_related("event").filter(pk=message_id).first()
+    if message is None:
+        return None
     endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).get(pk=message.endpoint_id)
     message.attempt_count += 1
     message.leased_until = None

@@ -174,6 +174,24 @@ def test_a_worker_killed_after_claiming_leaves_the_event_to_the_sweep(receiver, 
     assert len(receiver.requests) == 1
 
 
+def test_an_endpoint_deleted_after_its_messages_were_claimed_is_sent_nothing(receiver, no_worker, caplog):
+    """The merchant deletes the endpoint while a worker holds its claimed messages (they go
+    with it): nothing is sent and nothing is logged as an error. Before: one traceback per
+    message ("could not be sent", DoesNotExist)."""
+    merchant = IntegrationUserFactory()
+    endpoint, _ = endpoint_via_api(merchant, receiver.url, events=["delivery.assigned"])
+    delivery_walk(merchant, steps=())
+    now = timezone.now()
+    services.webhooks_fan_out(now=now)
+    claimed = services.webhooks_claim_due(now=now, limit=10)
+    assert len(claimed) == 1
+    WebhookEndpoint.objects.filter(pk=endpoint).delete()
+
+    with caplog.at_level("ERROR"):
+        assert services.message_send(message_id=claimed[0]) is None
+    assert receiver.requests == [] and not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_two_workers_sweeping_at_once_send_each_event_once_and_in_order(receiver, no_worker):
     merchant = IntegrationUserFactory()
     _, secret = endpoint_via_api(merchant, receiver.url)
