@@ -132,6 +132,15 @@ class ExportResource(resources.ModelResource):
 
     def export_field(self, field, instance, **kwargs):
         value = super().export_field(field, instance, **kwargs)
-        if isinstance(value, str) and value.startswith(FORMULA_LEADS):
+        if isinstance(value, str) and value.startswith(FORMULA_LEADS) and not _is_number(value):
             return "'" + value
         return value
+
+
+def _is_number(text: str) -> bool:
+    """A number as CSV writes it (`-3.50`): a value, not a formula; left as it is."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -20,7 +20,7 @@ from django.contrib.gis.geos import GEOSGeometry
 from django.core.exceptions import ValidationError
 from leaflet.admin import LeafletAdminWidget
 
-from common.validators import validate_wgs84_crs
+from common.validators import geometry_positions, lonlat_in_range, validate_wgs84_crs
 
 WGS84, WEB_MERCATOR = 4326, 3857
 WEB_MERCATOR_LIMIT_M = 20037508.35  # the square Web Mercator map, in metres
@@ -28,14 +28,18 @@ WEB_MERCATOR_LIMIT_M = 20037508.35  # the square Web Mercator map, in metres
 
 def off_web_mercator(geom) -> bool:
     """Web Mercator values off the map (or not numbers): PROJ can spin on them."""
-    if geom.srid != WEB_MERCATOR or geom.empty:
+    if (geom.srid or WGS84) != WEB_MERCATOR:
         return False
-    return not all(math.isfinite(v) and abs(v) <= WEB_MERCATOR_LIMIT_M for v in geom.extent)
+    return not all(
+        math.isfinite(x) and math.isfinite(y) and abs(x) <= WEB_MERCATOR_LIMIT_M and abs(y) <= WEB_MERCATOR_LIMIT_M
+        for x, y, *_ in geometry_positions(geom)
+    )
 
 
 def map_geometry_problem(geom) -> str | None:
     """Why a parsed geometry may not be transformed, stored or redrawn; None if it may. No
-    SRID is WGS84 (the map's, as GeoDjango's fields take it)."""
+    SRID is WGS84 (the map's, as GeoDjango's fields take it). Every position is checked (NaN
+    anywhere refuses it)."""
     srid = geom.srid or WGS84
     if srid not in (WGS84, WEB_MERCATOR):
         return f"Must be in WGS84 (SRID {WGS84}) or the map's SRID {WEB_MERCATOR}, not SRID {srid}."
@@ -45,10 +49,8 @@ def map_geometry_problem(geom) -> str | None:
         return "Must not be empty."
     if off_web_mercator(geom):
         return f"Coordinates are off the map (Web Mercator, SRID {WEB_MERCATOR})."
-    if srid == WGS84:
-        xmin, ymin, xmax, ymax = geom.extent
-        if not (all(math.isfinite(v) for v in geom.extent) and -180 <= xmin and xmax <= 180 and -90 <= ymin and ymax <= 90):
-            return f"Coordinates must be WGS84 lon/lat (SRID {WGS84}): lon -180..180, lat -90..90."
+    if srid == WGS84 and not lonlat_in_range(geom):
+        return f"Coordinates must be WGS84 lon/lat (SRID {WGS84}): lon -180..180, lat -90..90."
     return None
 
 

@@ -34,14 +34,37 @@ def user_saved(sender, instance, created, update_fields=None, **kwargs) -> None:
     """`post_save` of the user model, from any path (the admin's user and password forms,
     `changepassword`, a shell): a login changed (active or staff flag, password, ...) is
     checked again everywhere it is held. Not for a new user, nor Django's `last_login` stamp."""
-    if created or (update_fields is not None and set(update_fields) <= {"last_login"}):
+    if created or kwargs.get("raw") or (update_fields is not None and set(update_fields) <= {"last_login"}):
         return
     login_revoked(instance)
+
+
+def user_deleted(sender, instance, **kwargs) -> None:
+    """`post_delete` of the user model: its tokens went with it; its sockets close."""
+    login_revoked(instance)
+
+
+def group_deleting(sender, instance, **kwargs) -> None:
+    """`pre_delete` of a group: its members, read before the rows go (the cascade sends no
+    `m2m_changed`)."""
+    instance._login_members = list(instance.user_set.all())
+
+
+def group_changed(sender, instance, created=False, **kwargs) -> None:
+    """`post_save` (a rename: roles are group names) or `post_delete` of a group: its members'
+    sockets are checked again."""
+    if created or kwargs.get("raw"):
+        return
+    members = getattr(instance, "_login_members", None)
+    for user in members if members is not None else instance.user_set.all():
+        login_revoked(user)
 
 
 def user_groups_changed(sender, instance, action, reverse, model, pk_set, **kwargs) -> None:
     """`m2m_changed` of the user's groups, from either side (`user.groups`, `group.user_set`):
     a role given or taken away is checked again on the users' open sockets."""
+    if kwargs.get("raw"):
+        return
     if action == "pre_clear" and reverse:
         instance._login_users_cleared = list(instance.user_set.all())  # (post_clear has no pk_set)
         return

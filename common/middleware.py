@@ -427,30 +427,28 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
     - a filter the database cannot take on a list or an export (`?created_at__year=99999`, an
       unknown field on an export, a date that is none): the list again with `?e=1`, Django's
       answer to a wacky lookup, which Django gives only when the filter fails to build, not
-      when it fails to run (and django-import-export not at all);
+      when it fails to run (and django-import-export not at all). Only for reading a list
+      (GET) and for an export: an error of an action is the action's, a 500 as ever;
     - an action on selected ids that are not ids of the list: nothing done, and a message
-      (Django raised on them while building the action's queryset)."""
+      (Django raised on them while building the action's queryset). Checked after the CSRF
+      check (`process_view`), for a staff login that may change the list; anyone else gets
+      the admin's own answer."""
 
-    def __call__(self, request):
-        if iscoroutinefunction(self):
-            return self.__acall__(request)
-        refused = self.refuse_selection(request)
-        return refused if refused is not None else self.get_response(request)
-
-    async def __acall__(self, request):
-        refused = self.refuse_selection(request)  # (a form post: small, already in memory)
-        return refused if refused is not None else await self.get_response(request)
-
-    def refuse_selection(self, request):
-        from django.contrib import messages
+    def process_view(self, request, view_func, view_args, view_kwargs):
+        from django.contrib import admin, messages
         from django.contrib.admin import helpers
         from django.core.exceptions import ValidationError
         from django.http import HttpResponseRedirect
 
         if request.method != "POST" or not _ADMIN_LIST_PATH.match(request.path):
             return None
+        if getattr(request, "csrf_processing_done", False) is not True:
+            return None  # (refused by the CSRF check: its 403 stands)
         model = _admin_list_model(request)
-        if model is None or "action" not in request.POST:
+        user = getattr(request, "user", None)
+        if model is None or not (user is not None and user.is_active and user.is_staff) or "action" not in request.POST:
+            return None
+        if not admin.site.get_model_admin(model).has_change_permission(request):
             return None
         bad = []
         for value in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME):
@@ -472,8 +470,12 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
 
         if not isinstance(exception, (IncorrectLookupParameters, FieldError, ValidationError, ValueError, OverflowError)):
             return None
+        match = _ADMIN_LIST_PATH.match(request.path)
+        if match is None or not (request.method == "GET" or match["export"]):
+            return None
         if not request.GET or ERROR_FLAG in request.GET or _admin_list_model(request) is None:
             return None
-        logger.warning("admin list %s: parameters refused (%s: %s)", request.path, type(exception).__name__, exception)
+        logger.error("admin list %s: parameters it cannot run (%s); sent back to the list", request.get_full_path(),
+                     type(exception).__name__, exc_info=exception)
         changelist = request.path.removesuffix("export/")
         return HttpResponseRedirect(f"{changelist}?{ERROR_FLAG}=1")

@@ -1,4 +1,5 @@
 """Value rules that a model's form (the admin) and the API's field both apply, written once."""
+import math
 import re
 
 from django.core.exceptions import ValidationError
@@ -47,3 +48,25 @@ def validate_wgs84_crs(crs) -> None:
     name = crs.get("properties", {}).get("name") if isinstance(crs, dict) else None
     if name not in WGS84_CRS_NAMES:
         raise ValidationError(f"Only WGS84 coordinates (SRID 4326, lon/lat) are accepted; got crs {name or crs!r}.")
+
+
+def geometry_positions(geom):
+    """Every position (x, y[, z]) of a GEOS geometry, however nested (GEOS's `extent` skips NaN
+    in a polygon and raises on it in a point: no use for checking values)."""
+    def walk(coords):
+        if coords and not isinstance(coords[0], tuple):
+            yield coords
+            return
+        for inner in coords:
+            yield from walk(inner)
+
+    coords = geom.coords
+    yield from walk(coords if isinstance(coords, tuple) else tuple(coords))
+
+
+def lonlat_in_range(geom) -> bool:
+    """Every position a finite WGS84 lon/lat: lon -180..180, lat -90..90."""
+    return all(
+        math.isfinite(x) and math.isfinite(y) and -180 <= x <= 180 and -90 <= y <= 90
+        for x, y, *_ in geometry_positions(geom)
+    )

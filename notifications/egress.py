@@ -33,12 +33,23 @@ class HttpResult:
     error: str = ""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
 def address_allowed(ip: str) -> bool:
     if settings.WEBHOOK_ALLOW_PRIVATE_TARGETS:
         return True
     address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one is judged as itself: mapped (::ffff:a.b.c.d),
+        # compatible (::a.b.c.d), 6to4 (2002:…) and NAT64 (64:ff9b::/96, which a cloud's
+        # gateway forwards to the IPv4 address).
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and (address in _NAT64 or address in _IPV4_COMPATIBLE):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            address = embedded
     return address.is_global and not address.is_multicast
 
 
@@ -89,6 +100,11 @@ def url_check(url: str) -> tuple[str, str, int, str]:
     if port == 0:
         raise TargetRefused("Port 0 is not a port to send to.")
     bare = host[:-1] if host.endswith(".") else host
+    if not bare.isascii() and ":" not in bare:
+        try:  # as a resolver reads it: IDNA, full-width digits and letters folded (NFKC)
+            bare = bare.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise TargetRefused(f"{host!r} is not a valid host name.") from None
     literal = _host_literal(bare)
     if literal is None and not _host_name_ok(bare):
         raise TargetRefused(f"{host!r} is not a valid host name.")

@@ -129,7 +129,7 @@ class DriverZonePreferenceFormSet(forms.BaseInlineFormSet):
         taken = set(
             DriverZonePreference.objects.filter(driver=self.instance).exclude(pk__in=on_page).values_list("zone_id", flat=True)
         )
-        for form in self.extra_forms:
+        for form in self.forms:  # (a row of the page moved to a zone another tab added, too)
             zone = getattr(form, "cleaned_data", {}).get("zone")
             if zone is not None and not form.cleaned_data.get("DELETE") and zone.pk in taken:
                 form.add_error("zone", "The driver already has a preference for this zone: reload the page to edit it.")

@@ -10,7 +10,7 @@ import math
 from django.contrib.gis.geos import GEOSException, GEOSGeometry, LinearRing, Polygon
 from django.core.exceptions import ValidationError
 
-from common.validators import validate_wgs84_crs
+from common.validators import lonlat_in_range, validate_wgs84_crs
 
 SRID = 4326
 MAX_POSITIONS = 10_000
@@ -86,8 +86,7 @@ def validate_zone_polygon(geometry) -> Polygon:
         raise ValidationError("The polygon is empty.")
     if geometry.num_coords > MAX_POSITIONS:
         raise ValidationError(f"Too many positions (at most {MAX_POSITIONS}).")
-    xmin, ymin, xmax, ymax = geometry.extent
-    if not (all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)) and -180 <= xmin and xmax <= 180 and -90 <= ymin and ymax <= 90):
+    if not lonlat_in_range(geometry):
         raise ValidationError(f"Coordinates must be WGS84 lon/lat (SRID {SRID}): lon -180..180, lat -90..90.")
     if geometry.hasz:
         raise ValidationError("Must be flat: [lon, lat] positions, without a height (Z).")

@@ -246,3 +246,39 @@ def test_a_drivers_socket_stays_open_when_their_login_is_edited_without_losing_a
         await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+
+@pytest.mark.parametrize("change", ["rename", "delete"])
+def test_renaming_or_deleting_the_support_group_closes_its_members_support_sockets(change):
+    """Roles are group names: a renamed group is no longer the role; a deleted one takes its
+    memberships with it, and sends no m2m signal."""
+    agent = SupportUserFactory()
+    key = api_token_create(agent, name="t")
+
+    def apply():
+        group = Group.objects.get(name=SUPPORT_GROUP)
+        if change == "rename":
+            group.name = "support-old"
+            group.save()
+        else:
+            group.delete()
+
+    async def scenario():
+        comm = await open_socket(f"/ws/support/?token={key}")
+        await database_sync_to_async(apply)()
+        assert await closed_with(comm) == 4403
+
+    async_to_sync(scenario)()
+
+
+def test_deleting_a_user_closes_their_sockets():
+    agent = SupportUserFactory()
+    key = api_token_create(agent, name="t")
+
+    async def scenario():
+        comm = await open_socket(f"/ws/support/?token={key}")
+        await database_sync_to_async(agent.delete)()
+        assert await closed_with(comm) == 4401
+
+    async_to_sync(scenario)()

@@ -88,3 +88,29 @@ def test_a_second_preference_for_the_same_zone_is_a_form_error(admin_client):
 
     assert r.status_code == 200 and "errorlist" in r.content.decode()
     assert DriverZonePreference.objects.get(driver=driver).preference == "AVAILABLE"
+
+
+def test_a_bad_selection_from_someone_not_logged_in_gets_the_admins_own_answer(client):
+    """The selection is checked after the login, CSRF and permission checks: no message is
+    queued, and nothing tells an outsider which lists exist."""
+    r = client.post("/admin/dispatch/delivery/", {"action": "delete_selected", "_selected_action": ["notauuid"]})
+
+    assert r.status_code == 302 and r["Location"].startswith("/admin/login/")
+
+
+def test_an_error_in_an_action_on_a_filtered_list_is_not_hidden_as_a_bad_filter(admin_client, monkeypatch):
+    """Only reading a list (and exports) turns a failing filter into `?e=1`; an action's own
+    error stays the 500 it is, with its traceback in the log."""
+    from zones import admin as zones_admin
+
+    def broken(self, request, queryset):
+        raise ValueError("a bug in the action")
+
+    monkeypatch.setattr(zones_admin.DeliveryZoneAdmin, "refresh_health", broken)
+    zone = ZoneFactory(name="Downtown")
+    admin_client.raise_request_exception = False
+
+    r = admin_client.post("/admin/zones/deliveryzone/?priority_level=1",
+                          {"action": "refresh_health", "_selected_action": [str(zone.pk)]})
+
+    assert r.status_code == 500

@@ -61,6 +61,9 @@ def test_bad_endpoint_input_is_a_400_naming_the_field(db, body, field):
     # Loopback as a resolver also reads it: short, decimal, hex, octal, zero-padded, a trailing dot.
     "http://0/h", "http://127.1/h", "http://2130706433/h", "http://0x7f000001/h", "http://017700000001/h",
     "http://0177.0.0.1/h", "http://127.000.000.001/h", "http://localhost./h", "http://0xa9.254.169.254/h",
+    # Full-width forms (a resolver folds them), and IPv4 inside IPv6: compatible, NAT64, 6to4.
+    "http://１２７.０.０.１/h", "http://ｌｏｃａｌｈｏｓｔ/h", "http://[::127.0.0.1]/h", "http://[64:ff9b::7f00:1]/h",
+    "http://[2002:7f00:1::1]/h", "http://[64:ff9b::a9fe:a9fe]/h",
 ])
 def test_private_targets_are_refused_when_the_endpoint_is_made(db, settings, url):
     settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False

@@ -123,12 +123,13 @@ def test_ops_draw_a_zone_in_the_admin(admin_client):
         ("SRID=4326;POLYGON((-180 -90, 180 -90, 180 90, -180 90, -180 -90))", "180°"),
         ("SRID=4326;POLYGON((-179 -80, 179 -80, 179 80, -179 80, -179 -80))", "the other way round"),
         ("SRID=4326;POLYGON Z((0 0 0, 1 0 0, 1 1 0, 0 1 0, 0 0 0))", "height"),
+        ("SRID=3857;POLYGON((0 0, 1 0, nan 1, 0 0))", "off the map"),  # (GEOS's extent skips the NaN)
         ('{"type": "Polygon", "coordinates": "x"}', "Invalid geometry value"),
         ('{"type": "Polygon", "coordinates": [[[30.5, 10.9], [30.6, 10.9], [30.6, 11.0], [30.5, 10.9]]],'
          ' "crs": {"type": "name", "properties": {"name": "EPSG:999999"}}}', "Only WGS84"),
     ],
     ids=["self-intersecting", "not closed", "a point", "empty", "garbage", "unknown srid", "off the web mercator map",
-         "the whole world (antipodal edges)", "edges longer than 180 degrees", "with heights", "unreadable geojson",
+         "the whole world (antipodal edges)", "edges longer than 180 degrees", "with heights", "a nan in web mercator", "unreadable geojson",
          "geojson in another crs"],
 )
 def test_a_broken_boundary_is_a_form_error_and_nothing_is_stored(admin_client, geometry, message):
@@ -243,14 +244,15 @@ def test_the_zone_admin_shows_the_serviceability_and_pay_overrides_and_the_servi
     "home,message",
     [
         ("SRID=3857;POINT(1e30 1e30)", "off the map"),  # PROJ spun on it: a CPU held for good
-        ("SRID=4326;POINT(NaN NaN)", "empty"),  # was stored as an empty point: the drivers API's 500
+        ("SRID=4326;POINT(NaN NaN)", "empty"),
+        ("SRID=4326;POINT(1 nan)", "WGS84 lon/lat"),  # (GEOS's extent raises on it: a 500)  # was stored as an empty point: the drivers API's 500
         ('{"type": "Point", "coordinates": [78.5, 1000]}', "WGS84 lon/lat"),  # was stored, read back as lat -80
         ("SRID=4326;POINT Z(78.5 13.5 1)", "height"),
         ('{"type": "Point", "coordinates": "x"}', "Invalid geometry value"),
         ("SRID=99999;POINT(1 1)", "not SRID 99999"),
         ("SRID=4326;POINT EMPTY", "empty"),
     ],
-    ids=["off the web mercator map", "nan", "latitude 1000", "with a height", "unreadable geojson", "unknown srid",
+    ids=["off the web mercator map", "nan", "one nan", "latitude 1000", "with a height", "unreadable geojson", "unknown srid",
          "empty"],
 )
 def test_a_broken_home_location_on_the_driver_page_is_a_form_error_and_nothing_changes(admin_client, home, message):
