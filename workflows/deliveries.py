@@ -96,6 +96,17 @@ class _OfferMadeMeanwhile(Exception):
     delivery's lock."""
 
 
+def _retried(attempt, gave_up: str, **kwargs):
+    """`attempt(**kwargs)`, again (up to three times in all) while it rolls back on
+    `_OfferMadeMeanwhile`; then a Conflict saying `gave_up`."""
+    for _ in range(3):
+        try:
+            return attempt(**kwargs)
+        except _OfferMadeMeanwhile:
+            continue
+    raise Conflict(gave_up)
+
+
 def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
     """Cancel an open delivery: its pending offer (all of a round's) is withdrawn, its active
     assignment ends and the driver is freed, its unassigned record and ticket are closed.
@@ -104,13 +115,8 @@ def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | N
     that commits an offer in between (a reject's next offer, the retry job, a matching round,
     whose delivery lock we were waiting for) would go unseen: the attempt then rolls back and
     starts again, locking that offer first."""
-    now = now or timezone.now()
-    for _ in range(3):
-        try:
-            return _delivery_cancel_attempt(delivery_id=delivery_id, reason=reason, actor=actor, now=now)
-        except _OfferMadeMeanwhile:
-            continue
-    raise Conflict("The delivery keeps getting new offers; try again.")
+    return _retried(_delivery_cancel_attempt, "The delivery keeps getting new offers; try again.",
+                    delivery_id=delivery_id, reason=reason, actor=actor, now=now or timezone.now())
 
 
 @unit_of_work()
@@ -152,13 +158,8 @@ def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime |
     delivery's lock) would leave its offer ACCEPTED beside the ended assignment, and every later
     accept of the delivery would break on the one-accepted-offer rule: the attempt then rolls
     back and starts again, locking that offer first."""
-    now = now or timezone.now()
-    for _ in range(3):
-        try:
-            return _delivery_reassign_attempt(delivery_id=delivery_id, reason=reason, actor=actor, now=now)
-        except _OfferMadeMeanwhile:
-            continue
-    raise Conflict("The delivery keeps changing drivers; try again.")
+    return _retried(_delivery_reassign_attempt, "The delivery keeps changing drivers; try again.",
+                    delivery_id=delivery_id, reason=reason, actor=actor, now=now or timezone.now())
 
 
 @unit_of_work()

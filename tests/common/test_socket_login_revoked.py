@@ -191,16 +191,23 @@ def test_a_role_taken_away_closes_the_sockets_that_needed_it_with_4403():
     async_to_sync(scenario)()
 
 
-def test_clearing_a_group_closes_its_members_support_sockets():
-    agent = SupportUserFactory()
+def support_socket_closes_on(change, agent=None) -> int | None:
+    """The close code of an agent's support socket (on a token) after `change()` commits."""
+    agent = agent or SupportUserFactory()
     key = api_token_create(agent, name="t")
+    codes = []
 
     async def scenario():
         comm = await open_socket(f"/ws/support/?token={key}")
-        await database_sync_to_async(lambda: Group.objects.get(name=SUPPORT_GROUP).user_set.clear())()
-        assert await closed_with(comm) == 4403
+        await database_sync_to_async(change)()
+        codes.append(await closed_with(comm))
 
     async_to_sync(scenario)()
+    return codes[0]
+
+
+def test_clearing_a_group_closes_its_members_support_sockets():
+    assert support_socket_closes_on(lambda: Group.objects.get(name=SUPPORT_GROUP).user_set.clear()) == 4403
 
 
 def test_a_password_changed_in_the_admin_closes_that_users_session_sockets_and_keeps_token_sockets():
@@ -253,9 +260,6 @@ def test_a_drivers_socket_stays_open_when_their_login_is_edited_without_losing_a
 def test_renaming_or_deleting_the_support_group_closes_its_members_support_sockets(change):
     """Roles are group names: a renamed group is no longer the role; a deleted one takes its
     memberships with it, and sends no m2m signal."""
-    agent = SupportUserFactory()
-    key = api_token_create(agent, name="t")
-
     def apply():
         group = Group.objects.get(name=SUPPORT_GROUP)
         if change == "rename":
@@ -264,21 +268,9 @@ def test_renaming_or_deleting_the_support_group_closes_its_members_support_socke
         else:
             group.delete()
 
-    async def scenario():
-        comm = await open_socket(f"/ws/support/?token={key}")
-        await database_sync_to_async(apply)()
-        assert await closed_with(comm) == 4403
-
-    async_to_sync(scenario)()
+    assert support_socket_closes_on(apply) == 4403
 
 
 def test_deleting_a_user_closes_their_sockets():
     agent = SupportUserFactory()
-    key = api_token_create(agent, name="t")
-
-    async def scenario():
-        comm = await open_socket(f"/ws/support/?token={key}")
-        await database_sync_to_async(agent.delete)()
-        assert await closed_with(comm) == 4401
-
-    async_to_sync(scenario)()
+    assert support_socket_closes_on(agent.delete, agent) == 4401
