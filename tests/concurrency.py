@@ -1,7 +1,8 @@
 """Run calls at the same moment in real threads (with real transactions)."""
 import threading
+import time
 
-from django.db import connection
+from django.db import connection, transaction
 
 
 def race(calls):
@@ -24,3 +25,52 @@ def race(calls):
     for t in threads:
         t.join(30)
     return results, errors
+
+
+def behind_lock(hold, call, timeout=10):
+    """Run `call` while another transaction holds what it needs, deterministically.
+
+    `hold()` runs in its own thread inside a transaction (it takes its locks and writes); once it
+    has returned, `call()` starts in a second thread, and only when PostgreSQL shows a session
+    waiting on a lock does the first transaction commit. Returns what `call()` returned (an
+    exception it raised is raised here)."""
+    held, release, outcome = threading.Event(), threading.Event(), {}
+
+    def holder():
+        try:
+            with transaction.atomic():
+                hold()
+                held.set()
+                release.wait(timeout)
+        finally:
+            connection.close()
+
+    def caller():
+        try:
+            outcome["result"] = call()
+        except Exception as exc:  # re-raised below, in the test's thread
+            outcome["error"] = exc
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert held.wait(timeout), "the holding transaction did not get its locks"
+    second = threading.Thread(target=caller)
+    second.start()
+    deadline = time.monotonic() + timeout
+    while not _lock_waiters() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    first.join(timeout)
+    second.join(timeout)
+    if "error" in outcome:
+        raise outcome["error"]
+    assert "result" in outcome, "the call did not finish"
+    return outcome["result"]
+
+
+def _lock_waiters() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        return cursor.fetchone()[0]

@@ -125,6 +125,10 @@ class DriverZonePreferenceFormSet(forms.BaseInlineFormSet):
         super().clean()
         if self.instance.pk is None:
             return
+        # Two tabs saving at the same instant: the admin's save is one transaction, so the
+        # driver's lock (the one zone_preferences_set takes) makes the second wait and then
+        # see the first's row, instead of meeting the database's constraint (a 500).
+        type(self.instance).objects.select_for_update(of=("self",), no_key=True).filter(pk=self.instance.pk).first()
         on_page = [form.instance.pk for form in self.initial_forms]  # (edited or deleted here)
         taken = set(
             DriverZonePreference.objects.filter(driver=self.instance).exclude(pk__in=on_page).values_list("zone_id", flat=True)

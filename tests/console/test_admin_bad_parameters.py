@@ -5,6 +5,7 @@ import pytest
 from django.contrib import admin
 from django.contrib.gis.geos import Point
 
+from tests.concurrency import behind_lock
 from tests.factories import DeliveryFactory, DriverFactory, ZoneFactory
 from zones.models import DriverZonePreference
 from zones.services import zone_preferences_set
@@ -114,3 +115,22 @@ def test_an_error_in_an_action_on_a_filtered_list_is_not_hidden_as_a_bad_filter(
                           {"action": "refresh_health", "_selected_action": [str(zone.pk)]})
 
     assert r.status_code == 500
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_tabs_adding_the_same_zone_at_the_same_instant_give_a_form_error(admin_client):
+    """The other tab's save holds the driver's lock with its row not yet committed; this page's
+    save waits for it and then sees the row (it was the database's constraint, a 500)."""
+    zone = ZoneFactory(name="Downtown")
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    url, data = _driver_page(admin_client, driver)
+    data.update({"zone_preferences-TOTAL_FORMS": "1", "zone_preferences-0-zone": str(zone.pk),
+                 "zone_preferences-0-preference": "PREFERRED", "zone_preferences-0-driver": str(driver.pk)})
+    answer = behind_lock(
+        lambda: zone_preferences_set(driver_id=driver.pk, preferences=[(zone.pk, "AVAILABLE")]),
+        lambda: admin_client.post(url, data),
+    )
+
+    assert answer.status_code == 200 and "errorlist" in answer.content.decode()
+    assert DriverZonePreference.objects.get(driver=driver).preference == "AVAILABLE"
+

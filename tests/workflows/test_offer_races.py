@@ -1,6 +1,4 @@
 """Races on offers with real threads and real transactions: exactly one winner, constraints hold."""
-import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -15,7 +13,7 @@ from dispatch.models import Assignment, Delivery
 from workflows import offers
 from offers.models import DriverOffer
 from tests.factories import DeliveryFactory, OfferFactory, online_driver
-from tests.concurrency import race
+from tests.concurrency import behind_lock, race
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -178,42 +176,18 @@ def test_a_reassign_that_waited_on_an_accept_supersedes_the_offer_that_accept_ma
 
     driver, delivery, offer = make_offer()
     nxt = online_driver(km=1.5)
-    accepted_uncommitted, reassign_waits, reassigned = threading.Event(), threading.Event(), []
 
-    def accept_and_hold():
-        with transaction.atomic():
-            offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
-            accepted_uncommitted.set()
-            reassign_waits.wait(10)
+    behind_lock(
+        lambda: offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk)),
+        lambda: delivery_reassign(delivery_id=delivery.pk, reason="ops", actor=Actor.system()),
+    )
 
-    def reassign():
-        reassigned.append(delivery_reassign(delivery_id=delivery.pk, reason="ops", actor=Actor.system()))
-
-    holder = threading.Thread(target=lambda: (accept_and_hold(), connection.close()))
-    holder.start()
-    assert accepted_uncommitted.wait(10)
-    worker = threading.Thread(target=lambda: (reassign(), connection.close()))
-    worker.start()
-    deadline = time.monotonic() + 10
-    while not _lock_waiters() and time.monotonic() < deadline:
-        time.sleep(0.01)  # until the reassign waits on the delivery's lock
-    reassign_waits.set()
-    holder.join(10)
-    worker.join(10)
-
-    assert reassigned, "the reassign did not finish"
     offer.refresh_from_db()
     assert offer.status == "CANCELLED" and offer.cancellation_reason == "reassigned"
     assert Assignment.objects.get(delivery=delivery, driver=driver).status == "cancelled"
     next_offer = DriverOffer.objects.get(delivery=delivery, driver=nxt, status="PENDING")
     offers.offer_accept(offer_id=next_offer.pk, driver_id=nxt.pk, actor=Actor("driver", nxt.pk))  # was the 500
     assert Assignment.objects.get(delivery=delivery, status="active").driver_id == nxt.pk
-
-
-def _lock_waiters() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
-        return cursor.fetchone()[0]
 
 
 def test_the_repair_migration_releases_deliveries_the_old_race_left_stuck():
