@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from importlib import import_module
 from urllib.parse import parse_qs
 
@@ -244,7 +245,9 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         client believes it is live while the group does not yet hold this channel.
 
         A logged-in socket also joins its login's group: a revoked token or a deactivated
-        login closes it (`login_revoked`), and it closes when its token expires."""
+        login closes it (`login_revoked`), and it closes when its token expires. It also checks
+        again every SOCKET_LOGIN_RECHECK_SECONDS (jittered), for changes no hook sees (a bulk
+        `QuerySet.update`, SQL)."""
         user = self.scope.get("user")
         if getattr(user, "is_authenticated", False):
             groups = [*groups, login_group(user.pk)]
@@ -270,6 +273,10 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         try:
             code, expires_at = await _login_check(self.scope, self.allowed)
         except Exception:  # noqa: BLE001 - never left open unchecked
+            if message.get("routine"):  # nothing changed that we know of: try again later
+                logger.warning("%s: its routine login check failed; trying again later", type(self).__name__, exc_info=True)
+                self._close_at(self.scope.get("api_token_expires_at"))
+                return
             logger.warning("%s: its login could not be checked again; closing", type(self).__name__, exc_info=True)
             await self._close_once(1011)
             return
@@ -290,18 +297,26 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
             logger.debug("%s was gone before its close", type(self).__name__)
 
     def _close_at(self, expires_at) -> None:
-        """Check the credentials again when the token expires (and close then)."""
+        """Check the credentials again when the token expires (and close then), or at the next
+        routine check if that comes first (a logged-in socket only; 0 turns it off)."""
         timer = getattr(self, "_expiry", None)
         if timer is not None:
             timer.cancel()
         self._expiry = None
+        if getattr(self, "_closing", False):
+            return
+        delays = []
         if expires_at is not None:
-            delay = max(0.0, (expires_at - django_timezone.now()).total_seconds())
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+            delays.append(max(0.0, (expires_at - django_timezone.now()).total_seconds()))
+        every = settings.SOCKET_LOGIN_RECHECK_SECONDS
+        if every > 0 and getattr(self.scope.get("user"), "is_authenticated", False):
+            delays.append(every * random.uniform(0.8, 1.0))  # (spread: not every socket at once)
+        if delays:
+            self._expiry = asyncio.get_running_loop().call_later(min(delays), self._expired)
 
     def _expired(self) -> None:
         # The task is kept: the loop holds tasks only weakly.
-        self._expiry_check = asyncio.ensure_future(self.login_revoked({"type": "login.revoked"}))
+        self._expiry_check = asyncio.ensure_future(self.login_revoked({"type": "login.revoked", "routine": True}))
 
     async def disconnect(self, code):
         self._closing = True

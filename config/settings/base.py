@@ -375,6 +375,9 @@ DRIVER_STALE_AFTER_SECONDS = env.int("DRIVER_STALE_AFTER_SECONDS", default=600)
 IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=24 * 3600)
 # A token from POST /v2/auth/token expires after this (0: never). Onboarding tokens never do.
 API_LOGIN_TOKEN_TTL_SECONDS = env.int("API_LOGIN_TOKEN_TTL_SECONDS", default=30 * 24 * 3600)
+# Open ops/driver/support sockets re-check their login this often (jittered down to 80%), for
+# changes no model signal reports (bulk updates, SQL); 0 = only on signals and token expiry.
+SOCKET_LOGIN_RECHECK_SECONDS = env.int("SOCKET_LOGIN_RECHECK_SECONDS", default=300)
 DEMO_OPS_PASSWORD = env("DEMO_OPS_PASSWORD", default="ops")
 
 # Prometheus: set PROMETHEUS_MULTIPROC_DIR when running several processes.

@@ -274,3 +274,37 @@ def test_renaming_or_deleting_the_support_group_closes_its_members_support_socke
 def test_deleting_a_user_closes_their_sockets():
     agent = SupportUserFactory()
     assert support_socket_closes_on(agent.delete, agent) == 4401
+
+
+def test_a_routine_check_sees_what_sends_no_signal_and_keeps_sockets_open_when_it_cannot_run(monkeypatch, settings):
+    """A bulk update (no model signal) takes the staff flag away: the next routine check
+    (every SOCKET_LOGIN_RECHECK_SECONDS) closes the ops socket with 4403. A routine check that
+    cannot run (the database away) is no reason to drop every client: the socket stays open
+    and checks again later. A token socket of a still-staff user stays open throughout."""
+    from django.contrib.auth import get_user_model
+
+    from common import consumers
+
+    settings.SOCKET_LOGIN_RECHECK_SECONDS = 1
+    demoted, kept = OpsUserFactory(), OpsUserFactory()
+    demoted_key, kept_key = api_token_create(demoted, name="t"), api_token_create(kept, name="t")
+    real_check, failures = consumers._login_check, []
+
+    @database_sync_to_async
+    def broken(scope, allowed):
+        failures.append(scope["user"].pk)
+        raise RuntimeError("database away")
+
+    async def scenario():
+        monkeypatch.setattr(consumers, "_login_check", broken)
+        losing = await open_socket(f"/ws/ops/?token={demoted_key}")
+        staying = await open_socket(f"/ws/ops/?token={kept_key}")
+        assert await losing.receive_nothing(timeout=2.5)  # two routine checks failed: still open
+        assert demoted.pk in failures and kept.pk in failures
+        monkeypatch.setattr(consumers, "_login_check", real_check)
+        await database_sync_to_async(get_user_model().objects.filter(pk=demoted.pk).update)(is_staff=False)
+        assert await closed_with(losing, timeout=3) == 4403
+        assert await staying.receive_nothing(timeout=1.5)
+        await staying.disconnect()
+
+    async_to_sync(scenario)()
