@@ -40,9 +40,20 @@ class RedactTokensFilter(logging.Filter):
                 record.args = {k: self._redact(v) for k, v in record.args.items()}
             else:
                 record.args = tuple(self._redact(a) for a in record.args)
+        # Extras a formatter writes out too (the JSON one writes them all): Django's request
+        # log carries the request, whose text is its path with the query string.
+        for key in record.__dict__.keys() - _STANDARD_ATTRIBUTES:
+            record.__dict__[key] = self._redact(record.__dict__[key])
         return True
 
     def _redact(self, value):
+        if hasattr(value, "get_full_path"):  # a Django request, shown as its path and query:
+            text = repr(value)  # its text once redacted (only these: str() of any object could run a query)
+            return self._TOKEN.sub(r"\1[redacted]", text) if "token=" in text.lower() else value
         if isinstance(value, str) and "token=" in value.lower():
             return self._TOKEN.sub(r"\1[redacted]", value)
         return value
+
+
+_STANDARD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "request_id"}
+
