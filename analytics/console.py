@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import connection
-from django.db.models import Count, Q
+from django.db.models import Count
 
 from availability import live
 from availability.models import Driver, DriverAvailability
 from common.errors import iso
 from dispatch.models import OPEN_DELIVERY_STATUSES, Assignment, AssignmentStatus, Delivery, DeliveryStatus
 from escalation.models import ACTIVE_TICKET_STATUSES, SupportTicket, TicketPriority, UnassignedOrder
-from offers.models import DriverOffer, OfferStatus
+from offers.models import ANSWER_ACCEPTED, ANSWERED, DriverOffer, OfferStatus
 from zones.models import DeliveryZone
 
 LIVE_MAP_MAX_DRIVERS = 5000
@@ -129,9 +129,9 @@ def dashboard_kpis(*, now: datetime) -> Kpis:
         for z in DeliveryZone.objects.order_by("priority_level", "name")
         .values("pk", "name", "current_drivers_online", "min_drivers_online")
     ]
-    answered = DriverOffer.objects.filter(
-        created_at__gte=hour_ago, status__in=(OfferStatus.ACCEPTED, OfferStatus.REJECTED, OfferStatus.EXPIRED)
-    ).aggregate(total=Count("pk"), accepted=Count("pk", filter=Q(status=OfferStatus.ACCEPTED)))
+    answered = DriverOffer.objects.filter(ANSWERED, created_at__gte=hour_ago).aggregate(
+        total=Count("pk"), accepted=Count("pk", filter=ANSWER_ACCEPTED)
+    )
     with connection.cursor() as cur:
         cur.execute(_MEDIAN_TO_ASSIGN_SQL, {"since": hour_ago, "now": now})
         median, assigned = cur.fetchone()

@@ -1,13 +1,13 @@
 """Gauges computed from PostgreSQL at scrape time: correct under any number of processes."""
 from datetime import timedelta
 
-from django.db.models import Count, Q
+from django.db.models import Count
 from django.utils import timezone
 from prometheus_client.core import GaugeMetricFamily
 
 from availability.models import Driver, DriverAvailability
 from escalation.models import UnassignedOrder
-from offers.models import DriverOffer
+from offers.models import ANSWER_ACCEPTED, ANSWERED, DriverOffer
 
 ACCEPTANCE_WINDOW = timedelta(hours=24)
 
@@ -25,8 +25,8 @@ class DispatchCollector:
 
         since = timezone.now() - ACCEPTANCE_WINDOW
         answered = DriverOffer.objects.filter(created_at__gte=since).aggregate(
-            accepted=Count("id", filter=Q(status="ACCEPTED")),
-            answered=Count("id", filter=Q(status__in=["ACCEPTED", "REJECTED", "EXPIRED"])),
+            accepted=Count("id", filter=ANSWER_ACCEPTED),
+            answered=Count("id", filter=ANSWERED),
         )
         rate = answered["accepted"] / answered["answered"] if answered["answered"] else 0.0
         yield GaugeMetricFamily("offer_acceptance_rate", "Rate of offer acceptance (offers of the last 24 h)", value=rate)

@@ -45,12 +45,12 @@ class DeliveryCost(models.Model):
     """Seed: delivery_costs. Written once when a delivery completes or fails."""
 
     delivery = models.OneToOneField("dispatch.Delivery", on_delete=models.PROTECT, primary_key=True, related_name="cost")
-    postgres_cost = models.DecimalField(max_digits=10, decimal_places=2, default=0)
-    redis_cost = models.DecimalField(max_digits=10, decimal_places=2, default=0)
-    api_calls_cost = models.DecimalField(max_digits=10, decimal_places=2, default=0)
-    driver_payment = models.DecimalField(max_digits=10, decimal_places=2)
-    platform_fee = models.DecimalField(max_digits=10, decimal_places=2, default=0)
-    total_cost = models.DecimalField(max_digits=10, decimal_places=2)
+    postgres_cost = models.DecimalField(max_digits=14, decimal_places=2, default=0)
+    redis_cost = models.DecimalField(max_digits=14, decimal_places=2, default=0)
+    api_calls_cost = models.DecimalField(max_digits=14, decimal_places=2, default=0)
+    driver_payment = models.DecimalField(max_digits=14, decimal_places=2)
+    platform_fee = models.DecimalField(max_digits=14, decimal_places=2, default=0)
+    total_cost = models.DecimalField(max_digits=14, decimal_places=2)
     created_at = models.DateTimeField()
 
     class Meta:
@@ -61,9 +61,9 @@ class DeliveryRevenue(models.Model):
     """Seed: delivery_revenue. Written once when a delivery completes or fails."""
 
     delivery = models.OneToOneField("dispatch.Delivery", on_delete=models.PROTECT, primary_key=True, related_name="revenue")
-    commission = models.DecimalField(max_digits=10, decimal_places=2)
-    delivery_fee = models.DecimalField(max_digits=10, decimal_places=2)
-    total_revenue = models.DecimalField(max_digits=10, decimal_places=2)
+    commission = models.DecimalField(max_digits=14, decimal_places=2)
+    delivery_fee = models.DecimalField(max_digits=14, decimal_places=2)
+    total_revenue = models.DecimalField(max_digits=14, decimal_places=2)
     created_at = models.DateTimeField()
 
     class Meta:

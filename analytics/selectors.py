@@ -21,7 +21,7 @@ from django.db.models.functions import Cast, Coalesce
 
 from availability.models import Driver
 from dispatch.models import Delivery
-from offers.models import DriverOffer
+from offers.models import ANSWER_ACCEPTED, ANSWER_WITHDRAWN, DriverOffer
 
 # API sort key → annotation on Driver
 SORTS = {
@@ -91,10 +91,10 @@ def summary(*, start: datetime, end: datetime, zone_id=None) -> dict:
     by_status = dict(deliveries.order_by().values_list("status").annotate(n=Count("id")))
     o = offers.aggregate(
         total=Count("id"),
-        accepted=Count("id", filter=Q(status="ACCEPTED")),
+        accepted=Count("id", filter=ANSWER_ACCEPTED),  # (also those a reassign cancelled since)
         rejected=Count("id", filter=Q(status="REJECTED")),
         expired=Count("id", filter=Q(status="EXPIRED")),
-        cancelled=Count("id", filter=Q(status="CANCELLED")),
+        cancelled=Count("id", filter=ANSWER_WITHDRAWN),
     )
     answered = o["accepted"] + o["rejected"] + o["expired"]
     money = deliveries.aggregate(revenue=Sum("revenue__total_revenue"), cost=Sum("cost__total_cost"))

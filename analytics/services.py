@@ -18,7 +18,7 @@ from availability.models import Driver
 from common.broadcast import OPS_GROUP, broadcast_on_commit
 from common.errors import iso
 from dispatch.models import Delivery, DeliveryStatus
-from offers.models import DriverOffer
+from offers.models import ANSWER_ACCEPTED, DriverOffer
 
 
 def short_name(full_name: str) -> str:
@@ -121,11 +121,11 @@ def recompute_driver_performance(*, driver_ids=None, now: datetime | None = None
     count = 0
     for driver in drivers.iterator():
         offers = DriverOffer.objects.filter(driver=driver).aggregate(
-            accepted=Count("id", filter=Q(status="ACCEPTED")),
+            accepted=Count("id", filter=ANSWER_ACCEPTED),
             rejected=Count("id", filter=Q(status="REJECTED")),
             expired=Count("id", filter=Q(status="EXPIRED")),
-            responses=Count("id", filter=Q(status__in=["ACCEPTED", "REJECTED"], driver_response_time_ms__isnull=False)),
-            response_ms=Sum("driver_response_time_ms", filter=Q(status__in=["ACCEPTED", "REJECTED"])),
+            responses=Count("id", filter=(ANSWER_ACCEPTED | Q(status="REJECTED")) & Q(driver_response_time_ms__isnull=False)),
+            response_ms=Sum("driver_response_time_ms", filter=ANSWER_ACCEPTED | Q(status="REJECTED")),
         )
         finished = Delivery.objects.filter(
             assignments__driver=driver, assignments__status__in=["completed", "failed"]

@@ -22,6 +22,14 @@ class OfferStatus(models.TextChoices):
     CANCELLED = "CANCELLED"
 
 
+# Offers as the driver answered them, for counting (analytics): an accepted offer that a
+# reassign later cancelled was still accepted, so "accepted" is `accepted_at` set, whatever the
+# status now; "withdrawn" is an offer cancelled before any answer.
+ANSWER_ACCEPTED = Q(accepted_at__isnull=False)
+ANSWER_WITHDRAWN = Q(status=OfferStatus.CANCELLED, accepted_at__isnull=True)
+ANSWERED = ANSWER_ACCEPTED | Q(status__in=(OfferStatus.REJECTED, OfferStatus.EXPIRED))
+
+
 class RejectionReason(models.TextChoices):
     TOO_FAR = "too_far"
     NO_TIME = "no_time"

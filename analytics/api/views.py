@@ -14,14 +14,22 @@ from common.exceptions import NotFound
 from common.pagination import paginate, paginated_schema
 from common.permissions import IsOps
 from common.schema import PAGE_PARAMETERS, errors
+from zones.models import DeliveryZone
 
 MAX_RANGE = timedelta(days=366)
 
 
+class RateField(serializers.FloatField):
+    """A rate to 4 places, as the performance rows and the socket event give it."""
+
+    def to_representation(self, value):
+        return round(super().to_representation(value), 4)
+
+
 class MetricsSerializer(serializers.Serializer):
     deliveriesCompleted = serializers.IntegerField(source="m_deliveries_completed")
-    acceptanceRate = serializers.FloatField(source="m_acceptance_rate")
-    onTimeRate = serializers.FloatField(source="m_on_time_rate")
+    acceptanceRate = RateField(source="m_acceptance_rate")
+    onTimeRate = RateField(source="m_on_time_rate")
     customerRating = serializers.FloatField(source="rating")
     avgResponseTimeMs = serializers.IntegerField(source="m_avg_response_time_ms")
     totalEarnings = serializers.FloatField(source="m_total_earnings")
@@ -54,9 +62,17 @@ class SummaryQuery(serializers.Serializer):
         fields["from"] = serializers.DateTimeField(required=False)
         return fields
 
+    def validate_zone(self, value):
+        if not DeliveryZone.objects.filter(pk=value).exists():
+            raise serializers.ValidationError("No zone has this id.")
+        return value
+
     def validate(self, attrs):
         end = attrs.get("to") or timezone.now()
-        start = attrs.get("from") or end - timedelta(days=1)
+        try:
+            start = attrs.get("from") or end - timedelta(days=1)
+        except OverflowError:  # (`to` on the first day of year 1)
+            raise serializers.ValidationError({"to": ["Must be after 0001-01-02."]}) from None
         if start >= end:
             raise serializers.ValidationError({"from": ["Must be before `to`."]})
         if end - start > MAX_RANGE:
@@ -76,7 +92,7 @@ class DriverAnalyticsListView(APIView):
         field = analytics.SORTS[q.validated_data["sort"]]
         sign = "-" if q.validated_data["order"] == "desc" else ""
         return paginate(request, analytics.drivers_with_performance(), DriverAnalyticsSerializer, key="drivers",
-                        ordering=(f"{sign}{field}", f"{sign}id"))
+                        ordering=(f"{sign}{field}", f"{sign}id"), keyset=True)
 
 
 class DriverAnalyticsDetailView(APIView):

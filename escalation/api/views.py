@@ -90,7 +90,7 @@ class TicketListView(APIView):
             status=q["status"], priority=q.get("priority"), zone_id=q.get("zoneId"), level=q.get("escalationLevel"),
             assignee=request.user if q["mine"] else None, unassigned_only=q["unassigned"],
         )
-        return paginate(request, qs, s.TicketSerializer, key="tickets", ordering=selectors.QUEUE_ORDERING)
+        return paginate(request, qs, s.TicketSerializer, key="tickets", ordering=selectors.QUEUE_ORDERING, keyset=True)
 
 
 def _detail(ticket_id) -> dict:

@@ -220,7 +220,8 @@ def test_summary_counts_latency_money_and_rejects_bad_ranges(ops):
     assert body["byZone"][0]["zoneId"] is None and body["byZone"][0]["deliveries"] == 3
 
     for bad in ("from=2026-02-02T00:00:00Z&to=2026-02-01T00:00:00Z", "from=yesterday",
-                "from=2024-01-01T00:00:00Z&to=2026-01-01T00:00:00Z", "zone=not-a-uuid"):
+                "from=2024-01-01T00:00:00Z&to=2026-01-01T00:00:00Z", "zone=not-a-uuid",
+                "zone=00000000-0000-0000-0000-000000000000", "to=0001-01-01T00:00:00Z", "to=0001-01-01"):
         assert_error(ops.get(f"/v2/admin/analytics/summary?{bad}"), 400)
 
 
@@ -274,3 +275,51 @@ def test_admin_shows_performance_costs_and_the_analytics_page(admin_client):
     assert analytics.status_code == 200
     assert b"/v2/admin/analytics/summary" in analytics.content and b"/static/vendor/chartjs/chart.umd.min.js" in analytics.content
     assert admin_client.get("/v2/admin/analytics/summary").status_code == 200  # the page's data, via the session
+
+
+def test_a_fee_as_large_as_the_api_takes_completes_and_is_recorded(settings):
+    """The largest fee `POST /v2/deliveries` takes plus the seller's commission overflowed the
+    revenue row's numeric(10,2): every delivery-completed was a 500 and the driver stayed busy."""
+    settings.SELLER_COMMISSION = "10.00"
+    driver = online_driver(km=1.0)
+    delivery, offer = offer_to(driver, delivery_fee=Decimal("99999999.99"))
+    accept(driver, offer)
+    walk(driver, delivery)
+
+    delivery.refresh_from_db()
+    assert delivery.status == "delivered"
+    assert DeliveryRevenue.objects.get(delivery=delivery).total_revenue == Decimal("100000009.99")
+
+
+def test_an_offer_accepted_then_reassigned_counts_as_accepted_everywhere(ops, settings):
+    """The reassign cancels the first driver's accepted offer; the driver still accepted it.
+    The live counters, a rebuild from history, the summary and the gauge agree."""
+    from workflows.deliveries import delivery_reassign
+
+    first = online_driver(km=0.4)
+    delivery, offer = offer_to(first)
+    accept(first, offer)
+    second = online_driver(km=0.6)
+    delivery_reassign(delivery_id=delivery.pk, reason="ops", actor=Actor.system())
+    offer.refresh_from_db()
+    assert offer.status == "CANCELLED"
+    follow_up = DriverOffer.objects.get(delivery=delivery, driver=second, status="PENDING")
+    accept(second, follow_up)
+
+    live = DriverPerformance.objects.get(driver=first).offers_accepted
+    call_command("recompute_driver_performance")
+    assert DriverPerformance.objects.get(driver=first).offers_accepted == live == 1
+    detail = ops.get(f"/v2/admin/analytics/drivers/{first.pk}").json()
+    assert detail["metrics"]["acceptanceRate"] == 1.0 and detail["offersAnswered"] == 1
+    summary = ops.get("/v2/admin/analytics/summary").json()
+    assert summary["offers"] == {"total": 2, "accepted": 2, "rejected": 0, "expired": 0, "cancelled": 0}
+    assert summary["acceptanceRate"] == 1.0
+
+
+def test_rates_are_given_to_four_places(ops):
+    driver = online_driver(km=0.4)
+    DriverPerformance.objects.create(driver=driver, offers_accepted=2, offers_rejected=1)
+
+    metrics = ops.get(f"/v2/admin/analytics/drivers/{driver.pk}").json()["metrics"]
+
+    assert metrics["acceptanceRate"] == 0.6667

@@ -2,10 +2,13 @@
 for a bad limit or cursor."""
 from __future__ import annotations
 
+import json
+from decimal import Decimal
+
 import pytest
 import time_machine
 
-from tests.factories import DeliveryFactory
+from tests.factories import DeliveryFactory, DriverFactory, ZoneFactory
 from tests.wire import MID_MINUTE, assert_error_body
 
 
@@ -71,3 +74,109 @@ def test_a_garbage_cursor_is_a_400(ops, cursor):
     r = ops.get(f"/v2/deliveries?cursor={cursor}")
 
     assert_error_body(r, 400, path=f"/v2/deliveries?cursor={cursor}")
+
+
+# Lists whose first sort field ties often carry the whole sort key in the cursor
+# (common.pagination.KeysetPagination): analytics drivers, support tickets, zones.
+
+def _ids_through(client, url: str, key: str, id_key: str, between_pages=None) -> list[str]:
+    ids, pages = [], 0
+    while url:
+        r = client.get(url)
+        assert r.status_code == 200, r.content
+        body = r.json()
+        ids += [item[id_key] for item in body[key]]
+        url, pages = body["next"], pages + 1
+        if between_pages:
+            between_pages(pages)
+        assert pages <= 50, "pagination does not terminate"
+    return ids
+
+
+def test_drivers_sorted_by_earnings_are_all_reached_past_the_ties_at_zero(ops):
+    """Drivers with a performance row of 0.00 and drivers with none (0) tie; DRF's position
+    compared them as text ('0' ≠ '0.00') and the second page was empty."""
+    from analytics.models import DriverPerformance
+
+    drivers = DriverFactory.create_batch(7)
+    for driver, earned in zip(drivers[:4], ("12.50", "0.00", "0.00", "3.00")):
+        DriverPerformance.objects.create(driver=driver, total_earnings=Decimal(earned))
+
+    for order in ("desc", "asc"):
+        ids = _ids_through(ops, f"/v2/admin/analytics/drivers?sort=totalEarnings&order={order}&limit=2", "drivers", "driverId")
+        assert sorted(ids) == sorted(str(d.pk) for d in drivers) and len(ids) == 7
+        earned = {str(d.pk): i for i, d in enumerate(drivers)}
+        assert ids[0 if order == "desc" else -1] == str(drivers[0].pk)
+        assert earned[ids[1 if order == "desc" else -2]] == 3
+
+
+def test_drivers_added_while_ops_page_through_ties_are_neither_repeated_nor_skip_others(ops):
+    """All at 0 completed deliveries; drivers joining between pages sort first (the highest
+    ids): DRF's offset past the ties shifted and repeated rows."""
+    from uuid import UUID
+
+    first = [DriverFactory(id=UUID(int=i + 1)) for i in range(6)]
+    joined = []
+
+    def join(page):
+        joined.append(DriverFactory(id=UUID(int=2**127 + page)))
+
+    ids = _ids_through(ops, "/v2/admin/analytics/drivers?limit=2", "drivers", "driverId", between_pages=join)
+
+    assert len(ids) == len(set(ids))
+    assert {str(d.pk) for d in first} <= set(ids)
+
+
+def test_the_ticket_queue_pages_through_tickets_of_one_priority_in_queue_order(ops):
+    from tests.support_fixtures import ticket_for
+
+    tickets = [ticket_for(minutes_waiting=6 + i) for i in range(5)]
+    assert len({t.priority_rank for t in tickets}) == 1
+
+    ids = _ids_through(ops, "/v2/support/tickets?limit=2", "tickets", "id")
+
+    assert ids == [str(t.pk) for t in reversed(tickets)]  # the longest waiting first
+
+
+def _b64(raw: bytes) -> str:
+    from base64 import urlsafe_b64encode
+
+    return urlsafe_b64encode(raw).decode()
+
+
+@pytest.mark.parametrize("url", ["/v2/admin/analytics/drivers", "/v2/admin/analytics/drivers?sort=totalEarnings",
+                                 "/v2/support/tickets", "/v2/zones"])
+@pytest.mark.parametrize("raw", [
+    b"p=abc", b"o=99999999999999999999", b'["x"]', b'["x", "y", "z", "w", "v"]', b'[NaN, "x"]',
+    b'["a\\u0000b", "00000000-0000-0000-0000-000000000001"]',
+    b'[{"a": 1}, "00000000-0000-0000-0000-000000000001"]', b'["9999-12-31T23:59:59-14:00", "x"]', b"\xff",
+])
+def test_a_hand_made_or_foreign_cursor_on_a_keyset_list_is_a_400(ops, url, raw):
+    from tests.support_fixtures import ticket_for
+
+    ZoneFactory.create_batch(2)
+    ticket_for()
+    cursor = _b64(raw)
+    sep = "&" if "?" in url else "?"
+
+    r = ops.get(f"{url}{sep}cursor={cursor}")
+
+    assert_error_body(r, 400, path=f"{url}{sep}cursor={cursor}")
+    assert r.json()["details"] == {"cursor": ["Invalid cursor."]}
+
+
+def test_a_position_out_of_its_fields_range_is_a_400_or_an_empty_page_never_a_500(ops):
+    ZoneFactory.create_batch(2)
+    for url in ("/v2/admin/analytics/drivers?sort=totalEarnings", "/v2/admin/analytics/drivers", "/v2/zones"):
+        for value in ("1e400", "-1e400", 1e300, "9" * 500):
+            cursor = _b64(json.dumps([value, "00000000-0000-0000-0000-000000000001"]).encode())
+            r = ops.get(f"{url}{'&' if '?' in url else '?'}cursor={cursor}")
+            assert r.status_code in (200, 400), (url, value, r.content)
+
+
+def test_another_lists_cursor_on_a_keyset_list_is_a_400(ops):
+    DeliveryFactory.create_batch(2)
+    foreign = ops.get("/v2/deliveries?limit=1").json()["next"].split("cursor=")[1].split("&")[0]
+
+    for url in ("/v2/admin/analytics/drivers", "/v2/support/tickets", "/v2/zones"):
+        assert_error_body(ops.get(f"{url}?cursor={foreign}"), 400, path=f"{url}?cursor={foreign}")

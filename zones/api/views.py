@@ -7,7 +7,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from availability.selectors import driver_get_for_user
-from common.pagination import CursorPagination
+from common.pagination import KeysetPagination
 from common.permissions import IsOps, IsOpsOrDriver
 from common.schema import PAGE_PARAMETERS, errors
 from zones import selectors, services
@@ -32,7 +32,7 @@ class ZoneListCreateView(APIView):
     )
     def get(self, request):
         """Every zone as a GeoJSON FeatureCollection (paginated, by name), with its live health."""
-        paginator = CursorPagination(results_key="features", ordering=("name", "id"))
+        paginator = KeysetPagination(results_key="features", ordering=("name", "id"))
         page = paginator.paginate_queryset(selectors.zones_list(), request)
         features = s.ZoneFeatureSerializer(page, many=True).data
         return Response({"type": "FeatureCollection", "features": features, "next": paginator.get_next_link()})
