@@ -112,7 +112,9 @@ def availability_override(
     now = now or timezone.now()
     if to_state == A.BUSY:
         raise Conflict("A driver becomes busy only by accepting an offer.")
-    until = now + timedelta(minutes=duration_minutes) if duration_minutes else None
+    # Only a break ends by itself (the break job); a duration given with another state would
+    # show an end nothing acts on.
+    until = now + timedelta(minutes=duration_minutes) if duration_minutes and to_state == A.ON_BREAK else None
     return availability_change(
         driver_id=driver_id, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=True, now=now
     )

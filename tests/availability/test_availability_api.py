@@ -156,6 +156,19 @@ def test_ops_override_rules(driver, ops, delivery):
     assert_error(ops.post("/v2/drivers/00000000-0000-0000-0000-000000000000/availability", {"state": "paused", "reason": "x"}, format="json"), 404)
 
 
+@pytest.mark.parametrize("state", ["paused", "offline"])
+def test_a_duration_given_with_a_state_other_than_a_break_is_ignored(driver, ops, state):
+    """Nothing ends a pause or an offline by itself: an `until` would be a promise nobody keeps
+    (the schema: durationMinutes is "ignored otherwise")."""
+    r = ops.post(url(driver), {"state": state, "reason": "x", "durationMinutes": 30}, format="json")
+
+    assert r.status_code == 200 and r.json()["until"] is None
+    driver.refresh_from_db()
+    assert driver.availability == state and driver.availability_until is None
+    r = ops.post(url(driver), {"state": "available", "reason": "x", "durationMinutes": 5}, format="json")
+    assert r.status_code == 200 and r.json()["until"] is None
+
+
 def test_who_may_change_availability(driver, integration, ops):
     other = DriverFactory()
     other_client = client_for(other.user)
