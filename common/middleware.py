@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -233,11 +234,17 @@ class EarlyBodyLimit:
     or wait on a body announced but never sent, just to be told it is too large.
 
     A request with neither Content-Length nor chunked encoding has no body and passes untouched.
-    A declared Content-Length over the limit is answered at once (the rest of the upload is
-    never read; the server closes the connection). A body without Content-Length (chunked) is
-    read up to the limit and answered 413 past it, else handed to Django whole, with its
-    Content-Length (Django's handler reads no body without one). A malformed
-    Content-Length is left to RequestGuardMiddleware (400)."""
+    A declared Content-Length over the limit is answered without a byte reaching Django. A body
+    without Content-Length (chunked) is read up to the limit and answered 413 past it, else
+    handed to Django whole, with its Content-Length (Django's handler reads no body without
+    one). A malformed Content-Length is left to RequestGuardMiddleware (400).
+
+    Before a 413 the rest of the upload is read and thrown away, up to API_BODY_DRAIN_BYTES in
+    API_BODY_DRAIN_SECONDS: a server that closes with the upload unread makes the kernel reset
+    the connection, and a client still sending (most do: a phone uploading a photo) then sees
+    a network error, not the 413, and retries. Not for a client that sent `Expect:
+    100-continue` (it waits for our answer before sending), nor a declared body over the drain
+    budget (answered at once; the server closes the connection)."""
 
     def __init__(self, app):
         self.app = app
@@ -245,7 +252,7 @@ class EarlyBodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v2/"):
             return await self.app(scope, receive, send)
-        declared, content_type, chunked = None, "", False
+        declared, content_type, chunked, expects_continue = None, "", False, False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 declared = value
@@ -253,6 +260,8 @@ class EarlyBodyLimit:
                 content_type = value.split(b";", 1)[0].strip().decode("latin-1")
             elif name == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
+            elif name == b"expect":
+                expects_continue = value.strip().lower() == b"100-continue"
         if declared is None and not chunked:  # no body (most GETs): nothing to judge
             return await self.app(scope, receive, send)
         limit = body_limit_for(scope["path"], content_type)
@@ -262,6 +271,9 @@ class EarlyBodyLimit:
             except ValueError:
                 too_large = False
             if too_large:
+                if not expects_continue and int(declared) <= settings.API_BODY_DRAIN_BYTES:
+                    if not await _drain(receive, settings.API_BODY_DRAIN_BYTES):
+                        return None  # the client left
                 return await self._refuse(scope, send, limit)
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -272,6 +284,8 @@ class EarlyBodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
+                if message.get("more_body", False) and not await _drain(receive, settings.API_BODY_DRAIN_BYTES - size):
+                    return None
                 return await self._refuse(scope, send, limit)
             if not message.get("more_body", False):
                 break
@@ -300,6 +314,24 @@ class EarlyBodyLimit:
             (b"connection", b"close"),
         ]})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive, budget: int) -> bool:
+    """Read and drop the rest of a refused upload, at most `budget` bytes and
+    API_BODY_DRAIN_SECONDS; False if the client left meanwhile (nobody to answer)."""
+    read = 0
+    try:
+        async with asyncio.timeout(settings.API_BODY_DRAIN_SECONDS):
+            while read <= budget:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+    except TimeoutError:
+        pass
+    return True  # (over the budget or too slow: answered anyway; the server closes)
 
 
 class RequestGuardMiddleware(AsyncCapableMiddleware):

@@ -166,6 +166,10 @@ if _session_options and not env.bool("DB_BEHIND_PGBOUNCER", default=False):
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # The largest request body the API reads (bytes); a larger one is a 413 (common.middleware).
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)
+# Before a 413 the rest of the upload is read and dropped, up to this many bytes in this many
+# seconds, so the client sees the 413 rather than a reset connection.
+API_BODY_DRAIN_BYTES = env.int("API_BODY_DRAIN_BYTES", default=32 * 1024 * 1024)
+API_BODY_DRAIN_SECONDS = env.float("API_BODY_DRAIN_SECONDS", default=10.0)
 
 # Web processes collect their youngest generation of objects every this many allocations
 # (CPython's default 700): config/asgi.py, docs/operations.md.

@@ -53,12 +53,39 @@ def test_a_declared_body_over_the_limit_is_a_413_before_a_byte_is_read(settings)
 
 
 def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(settings):
+    """Refused once past the limit; the rest is read and dropped (up to the drain budget)
+    before the 413 goes out, so the client, still sending, gets it rather than a reset."""
     settings.API_MAX_BODY_BYTES = 1024
+    settings.API_BODY_DRAIN_BYTES = 3000
     status, _, body, read = call(
         "/v2/zones", headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"}, chunks=[b"x" * 600] * 10,
     )
-    assert status == 413 and read == 2  # 1,200 bytes read of 6,000: the rest never
+    assert status == 413 and read == 6  # 1,200 bytes to judge, then dropped up to the 3,000 budget: never all 6,000
     assert json.loads(body)["error"] == "Request Entity Too Large"
+
+
+def test_a_declared_body_over_the_limit_is_read_and_dropped_before_the_413_unless_the_client_waits(settings):
+    """A client still sending when the server closes gets a reset, not the 413 (a phone's photo
+    upload: a network error and a retry). Within the drain budget, the rest is read, never
+    handed on. A client that sent `Expect: 100-continue` has sent nothing yet: answered at once."""
+    settings.API_MAX_BODY_BYTES = 1024
+    settings.API_BODY_DRAIN_BYTES = 8192
+    headers = {"Content-Type": "application/json", "Content-Length": "6000"}
+
+    status, _, _, read = call("/v2/zones", headers=headers, chunks=[b"x" * 1000] * 6)
+    assert status == 413 and read == 6
+    status, _, _, read = call("/v2/zones", headers={**headers, "Expect": "100-continue"}, chunks=[b"x" * 1000] * 6)
+    assert status == 413 and read == 0
+    status, _, _, read = call("/v2/zones", headers={**headers, "Content-Length": "9000"}, chunks=[b"x" * 1000] * 9)
+    assert status == 413 and read == 0  # over the drain budget: answered at once
+
+
+def test_a_sender_that_stalls_is_answered_after_the_drain_time(settings):
+    settings.API_MAX_BODY_BYTES = 1024
+    settings.API_BODY_DRAIN_SECONDS = 0.2
+    status, _, _, read = call("/v2/zones", headers={"Content-Type": "application/json", "Content-Length": "6000"},
+                              chunks=[b"x" * 1000] * 2)  # then nothing more comes
+    assert status == 413 and read == 2
 
 
 def test_a_chunked_body_within_the_limit_reaches_the_view_whole():
