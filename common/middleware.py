@@ -374,6 +374,10 @@ class RequestGuardMiddleware(AsyncCapableMiddleware):
         limit = body_limit(request)
         if length > limit:
             return error_response(request, 413, body_too_large_message(limit))
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if length and encoding not in ("", "identity"):
+            # (read as it came, a gzip body was "malformed JSON" and a `br` one taken as is)
+            return error_response(request, 415, f'Content-Encoding "{encoding[:40]}" is not supported: send the body uncompressed.')
         if length and request.content_type.lower() == "application/json":
             try:
                 setattr(request, PARSED_ATTR, load_json_body(request.body, request.encoding))

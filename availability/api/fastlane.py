@@ -152,8 +152,8 @@ def _iso(dt: datetime) -> str:
 def _fast_headers(scope) -> dict[bytes, bytes] | None:
     """The request's headers, or None when Django is to answer it: a query (the endpoint takes
     none: Django's request guard judges one), two of a header the fast lane reads (Django joins
-    them), an Idempotency-Key (a replay), a body without Content-Length or larger than the fast
-    lane parses, a Content-Type other than JSON in UTF-8, an Accept with no plain JSON range
+    them), an Idempotency-Key (a replay), a Content-Encoding (a 415 unless identity), a body
+    without Content-Length or larger than the fast lane parses, a Content-Type other than JSON in UTF-8, an Accept with no plain JSON range
     (Django's negotiation), no token."""
     if scope.get("query_string"):
         return None
@@ -162,7 +162,7 @@ def _fast_headers(scope) -> dict[bytes, bytes] | None:
         if name in headers and name in _READ_HEADERS:
             return None
         headers[name] = value
-    if b"idempotency-key" in headers or b"transfer-encoding" in headers:
+    if b"idempotency-key" in headers or b"transfer-encoding" in headers or b"content-encoding" in headers:
         return None
     declared = headers.get(b"content-length", b"")
     if not declared.isdigit() or int(declared) > MAX_BODY:

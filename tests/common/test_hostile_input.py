@@ -456,3 +456,31 @@ def test_hostile_requests_through_both_django_stacks_of_the_asgi_app():
                 failures.append(f"{stack}, {name}: {problem}")
 
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_compressed_body_is_a_415_on_every_stack_and_identity_is_plain():
+    """Read as it came, a gzip body was "malformed JSON" (400) and a `br` label on plain JSON
+    was taken as is (201): the server decodes no Content-Encoding, so it says so."""
+    import gzip
+
+    driver = DriverFactory()
+    targets = {
+        "fast lane": (f"/v2/drivers/{driver.pk}/location", {"Authorization": f"Token {token_for(driver.user)}"},
+                      {"lat": 12.98, "lon": 77.6}),
+        "lean (token)": ("/v2/quotes", {"Authorization": f"Token {token_for(OpsUserFactory())}"},
+                         {"pickupLocation": {"lat": 12.97, "lon": 77.59}, "dropoffLocation": {"lat": 12.99, "lon": 77.6}}),
+        "full (anonymous)": ("/v2/auth/token", {}, {"username": "x", "password": "y"}),
+    }
+    failures = []
+    for stack, (path, headers, body) in targets.items():
+        plain = json.dumps(body).encode()
+        for label, raw in (("gzip", gzip.compress(plain)), ("br", plain), ("gzip, identity", plain)):
+            problem = spec_error_problem(_AsgiResponse(asgi_post(path, raw, {**headers, "Content-Encoding": label})), 415)
+            if problem:
+                failures.append(f"{stack}, {label}: {problem}")
+        answer = asgi_post(path, plain, {**headers, "Content-Encoding": "identity"})
+        if answer.status_code == 415:
+            failures.append(f"{stack}: identity refused")
+
+    assert not failures, "\n".join(failures)
