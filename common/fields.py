@@ -81,6 +81,16 @@ class StrictIntegerField(_JsonTyped, serializers.IntegerField):
     expected = "whole number"
 
 
+class QueryIntegerField(serializers.IntegerField):
+    """An integer in a query string: ASCII digits only. DRF's takes what `int()` takes:
+    Arabic-Indic or full-width digits, `1_0`, `+3`, ` 3`."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and not (data.isascii() and data.isdigit()):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class StrictBooleanField(_JsonTyped, serializers.BooleanField):
     json_types = (bool,)
     expected = "boolean (true or false)"

@@ -37,10 +37,9 @@ class CursorPagination(_CursorPagination):
         raw = request.query_params.get(self.page_size_query_param)
         if raw is None:
             return self.page_size
-        try:
-            value = int(raw)
-        except ValueError:
+        if not (raw.isascii() and raw.isdigit()):  # (int() takes "٣", "３", "1_0", " 3")
             raise ValidationError({"limit": ["Must be an integer between 1 and 200."]})
+        value = int(raw)
         if not 1 <= value <= self.max_page_size:
             raise ValidationError({"limit": ["Must be an integer between 1 and 200."]})
         return value

@@ -2,7 +2,7 @@ from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from common.fields import PointField, StrictCharField, StrictIntegerField, StrictUUIDField
+from common.fields import PointField, QueryIntegerField, StrictCharField, StrictIntegerField, StrictUUIDField
 from escalation.models import (
     MAX_ESCALATION_LEVEL,
     CommentKind,
@@ -46,7 +46,7 @@ class UnassignedOrderQuerySerializer(serializers.Serializer):
         choices=[OPEN, RESOLVED, ALL], default=OPEN, required=False,
         help_text="open (default): not yet resolved; resolved: assigned or cancelled; all.",
     )
-    escalationLevel = serializers.IntegerField(min_value=0, max_value=MAX_ESCALATION_LEVEL, required=False)
+    escalationLevel = QueryIntegerField(min_value=0, max_value=MAX_ESCALATION_LEVEL, required=False)
     failureReason = serializers.ChoiceField(choices=FailureReason.choices, required=False)
     escalationStatus = serializers.ChoiceField(choices=EscalationStatus.choices, required=False)
 
@@ -160,7 +160,7 @@ class TicketQuerySerializer(serializers.Serializer):
     )
     priority = serializers.ChoiceField(choices=TicketPriority.choices, required=False)
     zoneId = serializers.UUIDField(required=False)
-    escalationLevel = serializers.IntegerField(min_value=0, max_value=MAX_ESCALATION_LEVEL, required=False)
+    escalationLevel = QueryIntegerField(min_value=0, max_value=MAX_ESCALATION_LEVEL, required=False)
     mine = serializers.BooleanField(required=False, default=False, help_text="Only tickets assigned to me.")
     unassigned = serializers.BooleanField(required=False, default=False, help_text="Only tickets nobody has taken.")
 

@@ -180,3 +180,13 @@ def test_another_lists_cursor_on_a_keyset_list_is_a_400(ops):
 
     for url in ("/v2/admin/analytics/drivers", "/v2/support/tickets", "/v2/zones"):
         assert_error_body(ops.get(f"{url}?cursor={foreign}"), 400, path=f"{url}?cursor={foreign}")
+
+
+@pytest.mark.parametrize("value", ["٣", "３", "1_0", "+3", " 3", "3 "])
+def test_a_limit_or_level_in_other_digits_or_python_forms_is_a_400(ops, value):
+    from urllib.parse import quote
+
+    for url in (f"/v2/deliveries?limit={quote(value)}", f"/v2/support/tickets?escalationLevel={quote(value)}",
+                f"/v2/admin/unassigned-orders?escalationLevel={quote(value)}"):
+        r = ops.get(url)
+        assert r.status_code == 400, (url, r.content)
