@@ -150,7 +150,8 @@ class MoneyField(serializers.DecimalField):
             self.fail("wrong_type", actual=_json_type_name(data))
         if isinstance(data, str) and not _DECIMAL_STRING.fullmatch(data):
             self.fail("invalid")  # plain notation only: no exponent, no NaN, no spaces
-        return super().to_internal_value(data)
+        value = super().to_internal_value(data)
+        return value + 0 if value.is_zero() else value  # (-0 and -0.00 are 0: never shown as -0.0)
 
 
 class LocationInputSerializer(PlainValidation, serializers.Serializer):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import uuid
 from http import HTTPStatus
 
@@ -484,3 +485,16 @@ def test_a_compressed_body_is_a_415_on_every_stack_and_identity_is_plain():
             failures.append(f"{stack}: identity refused")
 
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("value", ["-0", "-0.00", -0.0])
+def test_a_negative_zero_fee_is_stored_and_shown_as_zero(integration, value):
+    body = {"sellerOrderId": f"ORD-ZERO-{uuid.uuid4().hex[:8]}", "storeName": "Corner Shop", "autoDispatch": False,
+            "pickupLocation": {"lat": 12.97, "lon": 77.59}, "dropoffLocation": {"lat": 12.99, "lon": 77.6},
+            "deliveryFee": value}
+
+    r = integration.post("/v2/deliveries", body, format="json")
+
+    assert r.status_code == 201, r.content
+    fee = r.json()["deliveryFee"]
+    assert fee == 0 and math.copysign(1, fee) == 1  # not -0.0

@@ -40,6 +40,18 @@ def test_the_page_renders_status_driver_and_eta_without_javascript(client, djang
 
 
 @pytest.mark.django_db
+def test_head_answers_as_get_does_without_a_body_and_other_methods_are_405(client):
+    delivery = delivery_in("assigned")
+    url = f"/track/{delivery.pk}?token={delivery.tracking_token}"
+
+    head = client.head(url)
+
+    assert head.status_code == 200 and head.content == b"" and head["Cache-Control"] == "no-store"
+    assert client.head(f"/track/{delivery.pk}?token=wrong").status_code == 404
+    assert client.post(url).status_code == 405
+
+
+@pytest.mark.django_db
 def test_a_pending_delivery_page_has_no_driver(client):
     delivery = delivery_in("ready")
 

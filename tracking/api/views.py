@@ -10,7 +10,7 @@ from datetime import datetime
 from django.conf import settings
 from django.shortcuts import render
 from django.utils import timezone
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
@@ -163,7 +163,7 @@ def _clock(value: str | None) -> str:
     return datetime.fromisoformat(value).strftime("%H:%M UTC")
 
 
-@require_GET
+@require_safe
 def tracking_page(request, delivery_id):
     """`/track/<deliveryId>?token=`: the customer's page. Server-rendered status and ETA; the
     map and live updates need JavaScript (the socket) and the map a CDN, neither is required."""
