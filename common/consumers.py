@@ -273,9 +273,11 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         try:
             code, expires_at = await _login_check(self.scope, self.allowed)
         except Exception:  # noqa: BLE001 - never left open unchecked
-            if message.get("routine"):  # nothing changed that we know of: try again later
+            expires_at = getattr(self, "_expires_at", None)
+            expired = expires_at is not None and expires_at <= django_timezone.now()
+            if message.get("routine") and not expired:  # nothing changed that we know of: try again later
                 logger.warning("%s: its routine login check failed; trying again later", type(self).__name__, exc_info=True)
-                self._close_at(self.scope.get("api_token_expires_at"))
+                self._close_at(expires_at)
                 return
             logger.warning("%s: its login could not be checked again; closing", type(self).__name__, exc_info=True)
             await self._close_once(1011)
@@ -305,6 +307,7 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         self._expiry = None
         if getattr(self, "_closing", False):
             return
+        self._expires_at = expires_at  # (the latest a check read: an expiry the admin moved)
         delays = []
         if expires_at is not None:
             delays.append(max(0.0, (expires_at - django_timezone.now()).total_seconds()))

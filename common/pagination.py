@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 from uuid import UUID
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import DataError
 from django.db.models import F, Q
 from rest_framework.exceptions import ValidationError
 from rest_framework.utils.urls import replace_query_param
@@ -37,7 +38,7 @@ class CursorPagination(_CursorPagination):
         raw = request.query_params.get(self.page_size_query_param)
         if raw is None:
             return self.page_size
-        if not (raw.isascii() and raw.isdigit()):  # (int() takes "٣", "３", "1_0", " 3")
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 3:  # (int() takes "٣", "３", "1_0", " 3")
             raise ValidationError({"limit": ["Must be an integer between 1 and 200."]})
         value = int(raw)
         if not 1 <= value <= self.max_page_size:
@@ -60,9 +61,11 @@ class CursorPagination(_CursorPagination):
             raise ValidationError({"cursor": [self.invalid_cursor_message]}) from exc
 
     def paginate_queryset(self, queryset, request, view=None):
+        if self.cursor_query_param not in request.query_params:  # (a bug then is a logged 500)
+            return super().paginate_queryset(queryset, request, view)
         try:
             return super().paginate_queryset(queryset, request, view)
-        except (ValueError, TypeError, ArithmeticError, DjangoValidationError) as exc:
+        except (ValueError, TypeError, ArithmeticError, DataError, DjangoValidationError) as exc:
             # A hand-made or another endpoint's position that is no value of this list's field.
             raise ValidationError({"cursor": [self.invalid_cursor_message]}) from exc
 
@@ -98,11 +101,14 @@ class KeysetPagination(CursorPagination):
         ])
         if after is not None:
             queryset = queryset.filter(_after(terms, after))
-        try:
+        if after is None:
             rows = list(queryset[: self.page_size + 1])
-        except (ValueError, TypeError, ArithmeticError, DjangoValidationError) as exc:
-            # (a position its field cannot hold: a decimal of 400 digits, a year past 9999)
-            raise ValidationError({"cursor": [self.invalid_cursor_message]}) from exc
+        else:
+            try:
+                rows = list(queryset[: self.page_size + 1])
+            except (ValueError, TypeError, ArithmeticError, DataError, DjangoValidationError) as exc:
+                # (a position its field cannot hold, e.g. a year past 9999)
+                raise ValidationError({"cursor": [self.invalid_cursor_message]}) from exc
         self.page = rows[: self.page_size]
         self.has_next = len(rows) > self.page_size
         self._last = [_value(self.page[-1], name) for name, _ in terms] if self.has_next else None
@@ -110,16 +116,18 @@ class KeysetPagination(CursorPagination):
 
     def _decode(self, request, fields):
         raw = request.query_params.get(self.cursor_query_param)
-        if raw is None:
+        if not raw:  # (`cursor=` is as if left out)
             return None
         try:
+            if len(raw) > 4096:
+                raise ValueError("longer than any position")
             values = json.loads(urlsafe_b64decode(raw.encode("ascii")), parse_constant=_no_constant)
             if not isinstance(values, list) or len(values) != len(fields):
                 raise ValueError("not this list's position")
             if not all(v is None or isinstance(v, (str, int, float)) for v in values):
                 raise ValueError("not a value of a field")
-            return [None if v is None else field.to_python(_text(v)) for field, v in zip(fields, values)]
-        except (ValueError, TypeError, ArithmeticError, DjangoValidationError) as exc:
+            return [None if v is None else _in_range(field.to_python(_text(v))) for field, v in zip(fields, values)]
+        except (ValueError, TypeError, ArithmeticError, RecursionError, DjangoValidationError) as exc:
             raise ValidationError({"cursor": [self.invalid_cursor_message]}) from exc
 
     def get_next_link(self):
@@ -159,6 +167,13 @@ def _json_value(value):
 def _text(value):
     if isinstance(value, str) and "\x00" in value:
         raise ValueError("NUL in the position")
+    return value
+
+
+def _in_range(value):
+    """PostgreSQL's numeric refuses exponents past ±16383 (a DataError, raised mid-query)."""
+    if isinstance(value, Decimal) and (not value.is_finite() or abs(value.adjusted()) > 1000):
+        raise ValueError("a decimal out of range")
     return value
 
 

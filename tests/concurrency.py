@@ -40,8 +40,14 @@ def behind_lock(hold, call, timeout=10):
         try:
             with transaction.atomic():
                 hold()
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    outcome["holder_pid"] = cursor.fetchone()[0]
                 held.set()
                 release.wait(timeout)
+        except Exception as exc:  # re-raised below, in the test's thread
+            outcome["hold_error"] = exc
+            held.set()
         finally:
             connection.close()
 
@@ -56,10 +62,12 @@ def behind_lock(hold, call, timeout=10):
     first = threading.Thread(target=holder)
     first.start()
     assert held.wait(timeout), "the holding transaction did not get its locks"
+    if "hold_error" in outcome:
+        raise outcome["hold_error"]
     second = threading.Thread(target=caller)
     second.start()
     deadline = time.monotonic() + timeout
-    while not _lock_waiters() and time.monotonic() < deadline:
+    while not _blocked_by(outcome["holder_pid"]) and second.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
     release.set()
     first.join(timeout)
@@ -70,7 +78,8 @@ def behind_lock(hold, call, timeout=10):
     return outcome["result"]
 
 
-def _lock_waiters() -> int:
+def _blocked_by(pid: int) -> int:
+    """Sessions waiting on a lock this backend holds (not any test's, anywhere on the server)."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", [pid])
         return cursor.fetchone()[0]

@@ -308,3 +308,27 @@ def test_a_routine_check_sees_what_sends_no_signal_and_keeps_sockets_open_when_i
         await staying.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_socket_whose_token_expired_closes_even_when_the_check_cannot_run(monkeypatch, settings):
+    """At its token's expiry the check fails (the database away): the socket closes (1011)
+    rather than staying open past its expiry, or checking again at once in a loop."""
+    from common import consumers
+
+    settings.SOCKET_LOGIN_RECHECK_SECONDS = 60
+    ops_user = OpsUserFactory()
+    key, _ = api_token_issue(ops_user, name="short", ttl=timedelta(seconds=2))
+    calls = []
+
+    @database_sync_to_async
+    def broken(scope, allowed):
+        calls.append(1)
+        raise RuntimeError("database away")
+
+    async def scenario():
+        comm = await open_socket(f"/ws/ops/?token={key}")
+        monkeypatch.setattr(consumers, "_login_check", broken)
+        assert await closed_with(comm, timeout=6) == 1011
+        assert len(calls) == 1
+
+    async_to_sync(scenario)()
