@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 from importlib import import_module
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 import orjson
 from channels.consumer import get_handler_name
@@ -27,8 +27,14 @@ CLOSE_FORBIDDEN = 4403
 
 
 def query_param(scope, name: str) -> str | None:
-    values = parse_qs(scope.get("query_string", b"").decode("latin1")).get(name)
-    return values[0] if values else None
+    """The query parameter as the HTTP side reads it (Django's `QueryDict.get`): UTF-8, the last
+    of repeated values, an empty value kept as ""."""
+    query = scope.get("query_string", b"").decode("utf-8", "replace")
+    value = None
+    for key, item in parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            value = item
+    return value
 
 
 @database_sync_to_async
@@ -207,6 +213,16 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
     relays: frozenset[str] = frozenset()
     groups_to_join: list[str]
 
+    async def __call__(self, scope, receive, send):
+        """The consumer's whole life: its login timer goes with it however it ends. An
+        application cancelled mid-handler (a server shutting down, a client gone while a
+        handler awaited) never reaches `disconnect`, and its timer kept it alive, checking
+        its login every few minutes."""
+        try:
+            return await super().__call__(scope, receive, send)
+        finally:
+            self._stop_checks()
+
     @classmethod
     async def encode_json(cls, content) -> str:
         # orjson: the same JSON, compact, several times faster than json.dumps per frame.
@@ -321,12 +337,15 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         # The task is kept: the loop holds tasks only weakly.
         self._expiry_check = asyncio.ensure_future(self.login_revoked({"type": "login.revoked", "routine": True}))
 
-    async def disconnect(self, code):
+    def _stop_checks(self) -> None:
         self._closing = True
         self._close_at(None)
         check = getattr(self, "_expiry_check", None)
         if check is not None and not check.done():
             check.cancel()
+
+    async def disconnect(self, code):
+        self._stop_checks()
         for group in getattr(self, "groups_to_join", []):
             try:
                 await self.channel_layer.group_discard(group, self.channel_name)

@@ -377,7 +377,9 @@ class RequestGuardMiddleware(AsyncCapableMiddleware):
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if length and encoding not in ("", "identity"):
             # (read as it came, a gzip body was "malformed JSON" and a `br` one taken as is)
-            return error_response(request, 415, f'Content-Encoding "{encoding[:40]}" is not supported: send the body uncompressed.')
+            response = error_response(request, 415, f'Content-Encoding "{encoding[:40]}" is not supported: send the body uncompressed.')
+            response["Accept-Encoding"] = "identity"  # (RFC 9110 15.5.16: the codings a body may have)
+            return response
         if length and request.content_type.lower() == "application/json":
             try:
                 setattr(request, PARSED_ATTR, load_json_body(request.body, request.encoding))

@@ -7,7 +7,12 @@ upgrade request to the websockets library, which refuses a request line or a hea
 431); uvicorn writes the library's output only when the library reports an event, and a refusal
 is none. The client heard nothing until its own timeout and the connection stayed open until
 the client closed it. Here the refusal is answered at once, in the API's error body, and the
-connection is closed."""
+connection is closed.
+
+An upgrade the library parses but will not accept (no `Sec-WebSocket-Key`, a version other than
+13, a method other than GET) and the answers uvicorn builds itself (a 500 when the application
+fails before accepting) go through the library's `reject`, which wrote a plain-text body; here
+`reject` writes the API's error body too."""
 from __future__ import annotations
 
 from http import HTTPStatus
@@ -15,7 +20,9 @@ from http import HTTPStatus
 import orjson
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
-from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+from websockets.datastructures import Headers
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Response
+from websockets.server import ServerProtocol
 
 
 PATH_ECHO = 256  # httptools has no limit of its own: a 9 KB path is not sent back whole
@@ -31,15 +38,41 @@ def _refusal(exc: Exception) -> tuple[int, str]:
     return 400, "The request is not a valid WebSocket upgrade."
 
 
+def _echo(target: str) -> str:
+    return target.split("?", 1)[0][:PATH_ECHO]
+
+
 def _path(request: bytes) -> str:
     """The request target's path (no query: it may carry a token; at most PATH_ECHO characters),
     from the request line uvicorn rebuilt from what it parsed: `METHOD SP target SP HTTP/1.1`."""
     parts = request.split(b"\r\n", 1)[0].split(b" ")
     target = parts[1] if len(parts) > 2 else b""
-    return target.split(b"?", 1)[0][:PATH_ECHO].decode("latin1")
+    return _echo(target.decode("latin1"))
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._target = ""
+        self.conn.reject = self._reject
+
+    def handle_connect(self, event) -> None:
+        self._target = event.path
+        super().handle_connect(event)
+
+    def _reject(self, status, text: str) -> Response:
+        """The library's refusal (status, headers such as `Allow` or `Upgrade` that the caller adds
+        afterwards), with the API's error body in place of its text."""
+        from common.errors import error_body
+
+        response = ServerProtocol.reject(self.conn, status, text)
+        message = " ".join(text.split()) or HTTPStatus(response.status_code).phrase + "."
+        body = orjson.dumps(error_body(response.status_code, _echo(self._target), message))
+        headers = Headers([(k, v) for k, v in response.headers.raw_items() if k.lower() not in ("content-type", "content-length")])
+        headers["Content-Length"] = str(len(body))
+        headers["Content-Type"] = "application/json"
+        return Response(response.status_code, response.reason_phrase, headers, body)
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():

@@ -462,7 +462,8 @@ def test_hostile_requests_through_both_django_stacks_of_the_asgi_app():
 @pytest.mark.django_db(transaction=True)
 def test_a_compressed_body_is_a_415_on_every_stack_and_identity_is_plain():
     """Read as it came, a gzip body was "malformed JSON" (400) and a `br` label on plain JSON
-    was taken as is (201): the server decodes no Content-Encoding, so it says so."""
+    was taken as is (201): the server decodes no Content-Encoding, so it says so, and names the
+    one it takes in `Accept-Encoding`."""
     import gzip
 
     driver = DriverFactory()
@@ -477,9 +478,12 @@ def test_a_compressed_body_is_a_415_on_every_stack_and_identity_is_plain():
     for stack, (path, headers, body) in targets.items():
         plain = json.dumps(body).encode()
         for label, raw in (("gzip", gzip.compress(plain)), ("br", plain), ("gzip, identity", plain)):
-            problem = spec_error_problem(_AsgiResponse(asgi_post(path, raw, {**headers, "Content-Encoding": label})), 415)
+            answer = asgi_post(path, raw, {**headers, "Content-Encoding": label})
+            problem = spec_error_problem(_AsgiResponse(answer), 415)
             if problem:
                 failures.append(f"{stack}, {label}: {problem}")
+            if answer.headers.get("Accept-Encoding") != "identity":  # (RFC 9110: say which codings are taken)
+                failures.append(f"{stack}, {label}: Accept-Encoding {answer.headers.get('Accept-Encoding')!r}")
         answer = asgi_post(path, plain, {**headers, "Content-Encoding": "identity"})
         if answer.status_code == 415:
             failures.append(f"{stack}: identity refused")

@@ -332,3 +332,31 @@ def test_a_socket_whose_token_expired_closes_even_when_the_check_cannot_run(monk
         assert len(calls) == 1
 
     async_to_sync(scenario)()
+
+
+def test_a_consumer_cancelled_without_its_disconnect_stops_checking(monkeypatch, settings):
+    """An application task cancelled mid-life (a server shutting down, a client gone while a
+    handler awaited) never reaches `disconnect`: its routine login check still goes with it,
+    instead of keeping the dead consumer alive and checking every few minutes."""
+    import asyncio
+
+    from common import consumers
+
+    settings.SOCKET_LOGIN_RECHECK_SECONDS = 1
+    key = api_token_create(OpsUserFactory(), name="t")
+    real_check, calls = consumers._login_check, []
+
+    async def counting(scope, allowed):
+        calls.append(1)
+        return await real_check(scope, allowed)
+
+    async def scenario():
+        monkeypatch.setattr(consumers, "_login_check", counting)
+        comm = await open_socket(f"/ws/ops/?token={key}")
+        comm.future.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await comm.future
+        await asyncio.sleep(1.5)  # past the first routine check (0.8-1.0 s after connect)
+        assert calls == []
+
+    async_to_sync(scenario)()

@@ -53,3 +53,19 @@ def test_the_sockets_answer_without_their_trailing_slash_too():
         assert await refusal(WebsocketCommunicator(application, f"/ws/track/{driver.pk}?token=bad")) == 4401
 
     async_to_sync(scenario)()
+
+
+@pytest.mark.parametrize("method", ["get", "post", "head"])
+@pytest.mark.parametrize("path", ["/ws/ops/", "/ws/drivers/x/?token=secret-token", "/ws/nope"])
+def test_a_socket_path_asked_over_plain_http_says_it_wants_an_upgrade(method, path):
+    """A browser tab or curl on a socket path got Django's HTML 404 (and a POST, the CSRF page)."""
+    from django.test import Client
+
+    response = getattr(Client(), method)(path)
+
+    assert response.status_code == 426
+    assert response["Upgrade"] == "websocket" and response["Content-Type"] == "application/json"
+    if method != "head":
+        body = response.json()
+        assert (body["statusCode"], body["error"], body["path"]) == (426, "Upgrade Required", path.split("?")[0])
+        assert "WebSocket" in body["message"] and "secret-token" not in response.content.decode()

@@ -85,6 +85,22 @@ def test_a_refused_upgrade_is_answered_at_once_with_the_error_body(server):
     status, _, body = parse(exchange(port, "/ws/ops/", [*UPGRADE_HEADERS, "Transfer-Encoding: chunked"]))
     assert (status, body["message"]) == (400, "The request is not a valid WebSocket upgrade.")
 
+    # upgrades the library parses but will not accept: its plain-text answer was sent as is
+    headers = [h for h in UPGRADE_HEADERS if not h.startswith("Sec-WebSocket-Version")]
+    status, fields, body = parse(exchange(port, f"/ws/track/1/?token={token[:50]}", [*headers, "Sec-WebSocket-Version: 8"]))
+    assert (status, fields["content-type"], fields["connection"]) == (400, "application/json", "close")
+    assert ERROR_KEYS <= set(body) and (body["statusCode"], body["error"]) == (400, "Bad Request")
+    assert body["path"] == "/ws/track/1/"
+    assert body["message"] == "Failed to open a WebSocket connection: invalid Sec-WebSocket-Version header: 8."
+    headers = [h for h in UPGRADE_HEADERS if not h.startswith("Sec-WebSocket-Key")]
+    status, _, body = parse(exchange(port, "/ws/ops/", headers))
+    assert (status, body["message"]) == (400, "Failed to open a WebSocket connection: missing Sec-WebSocket-Key header.")
+    headers = [h for h in UPGRADE_HEADERS if not h.startswith("Connection")]
+    status, fields, body = parse(exchange(port, "/ws/ops/", [*headers, "Connection: keep-alive"]))
+    assert (status, body["statusCode"], fields["upgrade"]) == (426, 426, "websocket")  # (plain HTTP: config.views)
+    assert body["message"].startswith("This is a WebSocket endpoint")
+    assert exchange(port, "/ws/ops/", [*headers, "Connection: keep-alive, Upgrade"]).startswith(b"HTTP/1.1 101")
+
     # the path is echoed, but not a huge one whole
     status, _, body = parse(exchange(port, "/ws/" + "p" * 9000, UPGRADE_HEADERS))
     assert (status, body["path"]) == (414, "/ws/" + "p" * 252)

@@ -60,6 +60,23 @@ def test_bad_links_are_closed_with_4401_and_no_hint():
     async_to_sync(scenario)()
 
 
+def test_a_repeated_token_is_read_as_the_http_side_reads_it_the_last_one():
+    delivery = DeliveryFactory()
+    good, bad = delivery.tracking_token, "wrong"
+    page = client_for(None).get(f"/v2/orders/{delivery.seller_order_id}/delivery-status?token={good}&token={bad}")
+    assert page.status_code == 404
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/track/{delivery.pk}/?token={good}&token={bad}")
+        assert await refusal(comm) == 4401
+        comm = WebsocketCommunicator(application, f"/ws/track/{delivery.pk}/?token={bad}&token={good}")
+        assert (await comm.connect())[0]
+        assert (await comm.receive_json_from(timeout=5))["type"] == "delivery_snapshot"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
 def test_the_customer_gets_a_snapshot_then_location_eta_and_status_updates_then_a_final_close():
     delivery = DeliveryFactory(prep_time_minutes=0)
     driver = driver_on(delivery)
