@@ -13,7 +13,7 @@ from availability.models import (
     DriverAvailabilityHistory,
 )
 from common.actors import Actor
-from common.admin import ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
+from common.admin import ChangedFieldsOnlyAdmin, ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
 from dispatch.models import Assignment
 from workflows.drivers import availability_override
 from zones.admin import DriverZonePreferenceInline
@@ -71,7 +71,7 @@ class DriverPerformanceExport(ExportResource):
 
 
 @admin.register(Driver)
-class DriverAdmin(ExportMixin, MapAdminMixin, admin.ModelAdmin):
+class DriverAdmin(ExportMixin, MapAdminMixin, ChangedFieldsOnlyAdmin):
     """Profile fields and the home location (Leaflet, from our static files) are editable; the
     live location, availability and rating change only through the services (fixes, the
     availability action below, customer ratings)."""

@@ -123,6 +123,8 @@ class Driver(models.Model):
             kwargs["update_fields"] = [
                 f.name for f in self._meta.concrete_fields if not f.primary_key and f.name != "active_assignments"
             ]
+        elif kwargs.get("update_fields") is not None and "vehicle_type" in kwargs["update_fields"]:
+            kwargs["update_fields"] = {*kwargs["update_fields"], "capacity"}
         super().save(*args, **kwargs)
 
     def save_fields(self, *fields: str) -> None:

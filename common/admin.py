@@ -105,6 +105,27 @@ class ReadOnlyInline(admin.TabularInline):
         return False
 
 
+class ChangedFieldsOnlyAdmin(admin.ModelAdmin):
+    """A change form writes the fields its form changed, and nothing else.
+
+    Django's `save_model` saves the whole row as the request read it: an edit of a driver's
+    vehicle put back the availability a `resume` had changed while the page was being saved,
+    and a crafted POST to a page of read-only fields (a delivery, a ticket) wrote the delivery
+    back over a concurrent cancel. The services own every other column; a form that changed
+    nothing writes nothing. (A new row is saved as Django saves it.)"""
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            return super().save_model(request, obj, form, change)
+        concrete = {f.name: f for f in obj._meta.concrete_fields if not f.primary_key}
+        fields = [name for name in form.changed_data if name in concrete]
+        if not fields:
+            return None
+        fields += [name for name, f in concrete.items() if getattr(f, "auto_now", False) and name not in fields]
+        obj.save(update_fields=fields)
+        return None
+
+
 class MapAdminMixin(LeafletGeoAdminMixin):
     """django-leaflet's map for the geometry fields (our static files, no CDN), with the
     checks of `common.forms`: nothing is transformed, stored or redrawn that may not be."""

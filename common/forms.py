@@ -65,6 +65,8 @@ class MapGeometryFieldMixin:
                 data = json.loads(value)
             except ValueError:
                 data = None
+            except RecursionError:  # nested thousands deep: GeoDjango's own json.loads would raise it too
+                raise forms.ValidationError(self.error_messages["invalid_geom"], code="invalid_geom") from None
             if isinstance(data, dict) and "crs" in data:
                 validate_wgs84_crs(data["crs"])
         return super().to_python(value)
@@ -107,7 +109,7 @@ class SafeMapWidget(LeafletAdminWidget):
         if isinstance(value, str) and value:
             try:
                 value = self.deserialize(value)
-            except GDALException:  # (GeoDjango's deserialize lets GDAL's errors out: a 500)
+            except (GDALException, RecursionError):  # (GeoDjango lets these out: a 500)
                 value = None
         if isinstance(value, GEOSGeometry) and map_geometry_problem(value):
             value = None

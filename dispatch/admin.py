@@ -19,7 +19,7 @@ from availability.geo import drivers_available_near
 from availability.live import positions_of
 from availability.models import Driver
 from common.actors import Actor
-from common.admin import ExportResource, ReadOnlyInline, run_for_each
+from common.admin import ChangedFieldsOnlyAdmin, ExportResource, ReadOnlyInline, run_for_each
 from common.admin_confirm import confirm_then
 from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
 from dispatch.proofs import proof_signed_path
@@ -220,7 +220,7 @@ class DeliveryExport(ExportResource):
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(ExportMixin, admin.ModelAdmin):
+class DeliveryAdmin(ExportMixin, ChangedFieldsOnlyAdmin):
     resource_classes = [DeliveryExport]
     formats = [CSV, XLSX]
     list_display = ("seller_order_id", "store_name", "status", "zone", "created_by", "ready_at", "assigned_at", "delivered_at")
@@ -359,7 +359,7 @@ class DeliveryAdmin(ExportMixin, admin.ModelAdmin):
 
 
 @admin.register(Assignment)
-class AssignmentAdmin(admin.ModelAdmin):
+class AssignmentAdmin(ChangedFieldsOnlyAdmin):
     list_display = ("delivery", "driver", "status", "created_at", "ended_at")
     list_filter = ("status",)
     search_fields = ("delivery__seller_order_id", "driver__name", "id")

@@ -9,7 +9,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from common.actors import Actor
-from common.admin import run_for_each
+from common.admin import ChangedFieldsOnlyAdmin, run_for_each
 from common.exceptions import DomainError
 from escalation import tickets
 from escalation.models import (
@@ -73,7 +73,7 @@ class ActiveTicketFilter(admin.SimpleListFilter):
         return queryset
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(ChangedFieldsOnlyAdmin):
     def has_add_permission(self, request, obj=None):
         return False
 

@@ -1,5 +1,6 @@
 from django.contrib import admin, messages
 
+from common.admin import ChangedFieldsOnlyAdmin
 from offers.models import DriverOffer
 from workflows.offers import offer_expire
 
@@ -21,7 +22,7 @@ class OfferInline(admin.TabularInline):
 
 
 @admin.register(DriverOffer)
-class DriverOfferAdmin(admin.ModelAdmin):
+class DriverOfferAdmin(ChangedFieldsOnlyAdmin):
     list_display = ("id", "delivery", "driver", "status", "created_at", "expires_at", "driver_response_time_ms")
     list_filter = ("status", "notification_method")
     search_fields = ("delivery__seller_order_id", "driver__name", "id")

@@ -164,6 +164,10 @@ if _session_options and not env.bool("DB_BEHIND_PGBOUNCER", default=False):
     _given = _options.get("options") or env.str("PGOPTIONS", default="")
     _options["options"] = f"{_given} {_session_options}" if _given.strip() else _session_options
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# The console's exports need the model's view permission, as its list does (django-import-export
+# checks none by default: a staff login in no group downloaded every delivery).
+IMPORT_EXPORT_EXPORT_PERMISSION_CODE = "view"
+
 # The largest request body the API reads (bytes); a larger one is a 413 (common.middleware).
 API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)
 # Before a 413 the rest of the upload is read and dropped, up to this many bytes in this many

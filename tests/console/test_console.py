@@ -308,6 +308,23 @@ def test_deliveries_export_as_csv_with_the_lists_filters_applied():
     assert "ORD-KEPT,cancelled" in body and "ORD-FILTERED-OUT" not in body
 
 
+@pytest.mark.parametrize("url", [
+    "/admin/dispatch/delivery/export/", "/admin/availability/driver/export/", "/admin/analytics/deliverycost/export/",
+])
+def test_an_export_needs_the_lists_view_permission(url):
+    """A staff login in no group (no view permission: its list is a 403) downloaded every row."""
+    DeliveryFactory(seller_order_id="ORD-SECRET")
+    nobody = UserFactory(is_staff=True)
+    client = Client()
+    client.force_login(nobody)
+
+    assert client.get(url.removesuffix("export/")).status_code == 403
+    assert client.get(url).status_code == 403
+    assert client.post(url, {"format": "0", "resource": "0"}).status_code == 403
+    _, viewer = staff_in(VIEWER_GROUP)
+    assert viewer.get(url).status_code == 200
+
+
 def test_text_a_spreadsheet_would_run_as_a_formula_is_exported_as_text():
     """OWASP "CSV injection": a seller's store name `=HYPERLINK(...)` must not become a live
     formula on the ops laptop that opens the export (CSV or XLSX)."""

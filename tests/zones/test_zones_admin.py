@@ -127,10 +127,12 @@ def test_ops_draw_a_zone_in_the_admin(admin_client):
         ('{"type": "Polygon", "coordinates": "x"}', "Invalid geometry value"),
         ('{"type": "Polygon", "coordinates": [[[30.5, 10.9], [30.6, 10.9], [30.6, 11.0], [30.5, 10.9]]],'
          ' "crs": {"type": "name", "properties": {"name": "EPSG:999999"}}}', "Only WGS84"),
+        ('{"type": "Polygon", "coordinates": ' + "[" * 3000 + "]" * 3000 + "}", "Invalid geometry value"),
+        ('{"a": ' * 3000 + "1" + "}" * 3000, "Invalid geometry value"),
     ],
     ids=["self-intersecting", "not closed", "a point", "empty", "garbage", "unknown srid", "off the web mercator map",
          "the whole world (antipodal edges)", "edges longer than 180 degrees", "with heights", "a nan in web mercator", "unreadable geojson",
-         "geojson in another crs"],
+         "geojson in another crs", "geojson nested 3,000 deep", "an object nested 3,000 deep"],
 )
 def test_a_broken_boundary_is_a_form_error_and_nothing_is_stored(admin_client, geometry, message):
     r = admin_client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, "geometry": geometry})
