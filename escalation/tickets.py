@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -22,6 +22,7 @@ from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit
 from common.exceptions import Conflict, InvalidInput, NotFound
 from common.roles import is_support
+from dispatch.models import Delivery
 from escalation import events
 from escalation.events import SUPPORT_EVENTS_GROUP
 from escalation.models import (
@@ -38,12 +39,23 @@ LIVE_GROUPS = (OPS_GROUP, SUPPORT_EVENTS_GROUP)
 # type, the action in `details.action`. Not (yet) in audit.AuditEventType's choices.
 TICKET_AUDIT_EVENT = "support_ticket_updated"
 
+_UNSET = object()
+
 
 def _lock_ticket(ticket_id) -> SupportTicket:
-    ticket = (
-        SupportTicket.objects.select_for_update(of=("self",))
-        .select_related("delivery", "assignee").filter(pk=ticket_id).first()
-    )
+    """The ticket, locked, after a key-share lock on its delivery: the lock the audit row's
+    foreign key takes anyway, taken first, in the order of the workflows (delivery, then
+    ticket). Taken after, an agent's resolve (ticket, then delivery) and a cancel of the
+    same delivery (delivery, then ticket) deadlocked. The assignee is not joined: after a wait
+    for the lock, PostgreSQL re-reads the locked row but not the joined ones, and a take
+    read the assignee the other agent had just replaced."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT 1 FROM {Delivery._meta.db_table} WHERE id = "
+            f"(SELECT delivery_id FROM {SupportTicket._meta.db_table} WHERE id = %s) FOR KEY SHARE",
+            [ticket_id],
+        )
+    ticket = SupportTicket.objects.select_for_update(of=("self",)).select_related("delivery").filter(pk=ticket_id).first()
     if ticket is None:
         raise NotFound("Ticket not found.")
     return ticket
@@ -158,14 +170,19 @@ def ticket_finish(*, ticket_id, status: str, resolution: str, actor: Actor, now:
 
 
 @transaction.atomic
-def ticket_take(*, ticket_id, user, actor: Actor, now: datetime | None = None) -> SupportTicket:
-    """An agent takes the ticket: assigned to them, in progress."""
+def ticket_take(*, ticket_id, user, actor: Actor, now: datetime | None = None, seen_assignee_id=_UNSET) -> SupportTicket:
+    """An agent takes the ticket: assigned to them, in progress. `seen_assignee_id`: who held
+    it on the page the agent pressed Take on (None: nobody); if another agent took it since,
+    nothing changes (409), and the page, reloaded, offers to take it over."""
     now = now or timezone.now()
     ticket = _lock_ticket(ticket_id)
     if not ticket.is_active:
         raise Conflict(f"Ticket is {ticket.status}; it can no longer be taken.")
     if ticket.assignee_id == user.pk and ticket.status == TicketStatus.IN_PROGRESS:
         return ticket
+    if seen_assignee_id is not _UNSET and str(ticket.assignee_id or "") != str(seen_assignee_id or "") \
+            and ticket.assignee_id != user.pk:
+        raise Conflict(f"{_name(ticket.assignee)} took this ticket meanwhile; reload the page to take it over.")
     previous = ticket.assignee
     ticket.assignee = user
     ticket.status = TicketStatus.IN_PROGRESS
@@ -200,8 +217,6 @@ def ticket_resolve(*, ticket_id, user, actor: Actor, resolution: str, now: datet
     return ticket_update(ticket_id=ticket_id, user=user, actor=actor, status=TicketStatus.RESOLVED,
                          resolution=resolution, now=now)
 
-
-_UNSET = object()
 
 # Status changes a person may make (the system may also reopen a finished ticket on escalation).
 TRANSITIONS = {

@@ -119,9 +119,12 @@ def _form_error(request, ticket_id, form):
 @require_POST
 @support_required
 def ticket_take(request, ticket_id):
+    # Who held the ticket on the page (its hidden field; "" nobody): another agent's take since
+    # then is not silently taken over.
+    seen = {"seen_assignee_id": request.POST["assignee"]} if "assignee" in request.POST else {}
     response, _ = _act(
         request, ticket_id,
-        lambda actor: tickets.ticket_take(ticket_id=ticket_id, user=request.user, actor=actor),
+        lambda actor: tickets.ticket_take(ticket_id=ticket_id, user=request.user, actor=actor, **seen),
         "You have taken this ticket.",
     )
     return response

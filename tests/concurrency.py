@@ -27,13 +27,14 @@ def race(calls):
     return results, errors
 
 
-def behind_lock(hold, call, timeout=10):
+def behind_lock(hold, call, timeout=10, while_blocked=None):
     """Run `call` while another transaction holds what it needs, deterministically.
 
     `hold()` runs in its own thread inside a transaction (it takes its locks and writes); once it
     has returned, `call()` starts in a second thread, and only when PostgreSQL shows a session
-    waiting on a lock does the first transaction commit. Returns what `call()` returned (an
-    exception it raised is raised here)."""
+    waiting on a lock does the first transaction commit; `while_blocked()`, if given, runs in that
+    transaction (in a savepoint) just before. Returns what `call()` returned (an exception it
+    raised is raised here)."""
     held, release, outcome = threading.Event(), threading.Event(), {}
 
     def holder():
@@ -45,6 +46,9 @@ def behind_lock(hold, call, timeout=10):
                     outcome["holder_pid"] = cursor.fetchone()[0]
                 held.set()
                 release.wait(timeout)
+                if while_blocked is not None:
+                    with transaction.atomic():
+                        while_blocked()
         except Exception as exc:  # re-raised below, in the test's thread
             outcome["hold_error"] = exc
             held.set()
