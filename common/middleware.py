@@ -468,7 +468,8 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
       when it fails to run (and django-import-export not at all). Only for reading a list
       (GET) and for an export: an error of an action is the action's, a 500 as ever;
     - an action on selected ids that are not ids of the list: nothing done, and a message
-      (Django raised on them while building the action's queryset). Checked after the CSRF
+      (Django raised on them while building the action's queryset), and the same for ids of
+      rows the list does not have (Django ran the action on none of them and said nothing). Checked after the CSRF
       check (`process_view`), for a staff login that may change the list; anyone else gets
       the admin's own answer."""
 
@@ -494,10 +495,20 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
                 model._meta.pk.to_python(value)
             except (ValidationError, ValueError, TypeError):
                 bad.append(value)
-        if not bad:
+        if bad:
+            shown = ", ".join(repr(v[:40]) for v in bad[:3])
+            messages.error(request, f"Nothing was done: {shown} {'is not an id' if len(bad) == 1 else 'are not ids'} of this list.")
+            return HttpResponseRedirect(request.get_full_path())
+        selected = set(request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))
+        if not selected or request.POST.get("select_across") == "1":
             return None
-        shown = ", ".join(repr(v[:40]) for v in bad[:3])
-        messages.error(request, f"Nothing was done: {shown} {'is not an id' if len(bad) == 1 else 'are not ids'} of this list.")
+        # Ids, but not of rows of this list (a hand-made form, a row gone since the page was
+        # drawn): Django ran the action on the rows it found, none, and said nothing.
+        found = admin.site.get_model_admin(model).get_queryset(request).filter(pk__in=selected).count()
+        if found == len(selected):
+            return None
+        missing = len(selected) - found
+        messages.error(request, f"Nothing was done: {missing} of the selected rows {'is' if missing == 1 else 'are'} not in this list.")
         return HttpResponseRedirect(request.get_full_path())
 
     def process_exception(self, request, exception):

@@ -117,6 +117,9 @@ def timeline_names(rows) -> dict[str, str]:
         for key in ("driverId", "previousDriverId"):
             if row.details.get(key):
                 driver_ids.add(row.details[key])
+        for key in ("assigneeId", "previousAssigneeId"):  # (support tickets' agents)
+            if row.details.get(key):
+                user_ids.add(row.details[key])
     names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=driver_ids).values_list("pk", "name")}
     for user in User.objects.filter(pk__in=user_ids).only("pk", "username", "first_name", "last_name"):
         names[str(user.pk)] = user.get_full_name() or user.username
@@ -129,6 +132,23 @@ def actor_name(row, names) -> str:
     who = names.get(str(row.actor_id), "unknown")
     return {"admin": f"{who} (ops)", "driver": f"{who} (driver)", "support": f"{who} (support)",
             "integration": f"{who} (integration)"}.get(row.actor_type, who)
+
+
+def describe_ticket_action(d: dict, names) -> str:
+    """A support ticket's audit row (`escalation.tickets`: the action in `details.action`)."""
+    action = d.get("action") or "updated"
+    if action == "taken":
+        who = names.get(str(d.get("assigneeId")), "an agent")
+        previous = names.get(str(d.get("previousAssigneeId")), "another agent") if d.get("previousAssigneeId") else None
+        return f"Support ticket taken by {who}" + (f" (over from {previous})" if previous and d.get("previousAssigneeId") != d.get("assigneeId") else "")
+    if action == "redispatched":
+        found = f"offered to {names.get(str(d.get('driverId')), 'a driver')}" if d.get("driverId") else "nobody found"
+        return f"Support redispatched within {d.get('searchRadiusKm', '?')} km: {found}"
+    if action == "delivery_cancelled":
+        return "Support cancelled the delivery" + (f": {d['reason']}" if d.get("reason") else "")
+    text = "Comment on the support ticket" if action == "commented" else f"Support ticket {action.replace('_', ' ')}"
+    resolution = d.get("resolution") or (d.get("changes") or {}).get("resolution")
+    return text + (f": {resolution}" if resolution and action in ("resolved", "closed") else "")
 
 
 def describe_event(row, names) -> str:
@@ -158,7 +178,7 @@ def describe_event(row, names) -> str:
         "geofence_override": f"{driver} completed it " + (
             f"{d['distanceMeters']:,} m from the drop-off" if d.get("distanceMeters") is not None else "with no recent location"
         ) + f" (limit {d.get('limitMeters', '?')} m){reason}",
-        "support_ticket_updated": "Support ticket updated" + (f" ({d['change']})" if d.get("change") else ""),
+        "support_ticket_updated": describe_ticket_action(d, names),
         "proof_added": f"{driver} added a {d.get('kind', 'proof')}" + (f": {d['note']}" if d.get("note") else ""),
     }.get(row.event_type)
     if text is None:

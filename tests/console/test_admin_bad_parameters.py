@@ -77,6 +77,34 @@ def test_an_action_on_ids_that_are_no_ids_of_the_list_changes_nothing_and_says_s
     delivery.refresh_from_db()
 
 
+@pytest.mark.parametrize(("url", "action"), [
+    ("/admin/dispatch/delivery/", "cancel_deliveries"),
+    ("/admin/availability/driver/", "set_availability"),
+    ("/admin/escalation/unassignedorder/", "escalate"),
+    ("/admin/zones/deliveryzone/", "refresh_health"),
+])
+def test_an_action_on_ids_of_no_row_of_the_list_changes_nothing_and_says_so(admin_client, url, action):
+    """Ids, but of no row here (a hand-made form, a row gone since): Django ran the action on
+    none of them and said nothing (a confirmation page listing nothing, then a bare redirect)."""
+    delivery = DeliveryFactory()
+    missing = "00000000-0000-0000-0000-000000000000"
+
+    r = admin_client.post(url, {"action": action, "_selected_action": [missing], "index": "0",
+                                "apply": "1", "reason": "stale page"}, follow=True)
+
+    assert r.status_code == 200
+    assert "Nothing was done: 1 of the selected rows is not in this list." in r.content.decode()
+    delivery.refresh_from_db()
+    assert delivery.status == "ready"
+    # a real row with a missing one: nothing done either
+    r = admin_client.post("/admin/dispatch/delivery/", {"action": "cancel_deliveries", "index": "0", "apply": "1",
+                                                        "_selected_action": [str(delivery.pk), missing], "reason": "x"},
+                          follow=True)
+    assert "1 of the selected rows is not in this list" in r.content.decode()
+    delivery.refresh_from_db()
+    assert delivery.status == "ready"
+
+
 def _driver_page(admin_client, driver):
     from tests.zones.test_zones_admin import form_data
 

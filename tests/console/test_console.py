@@ -389,3 +389,25 @@ def test_the_last_hour_tiles_link_to_exactly_the_last_hours_rows(admin_client):
     listed = admin_client.get(link).content.decode()
 
     assert "ORD-RECENT" in listed and "ORD-EARLIER" not in listed  # an hour in the ops zone is still an hour
+
+
+def test_the_timeline_says_what_support_did_on_the_ticket(admin_client):
+    """Every ticket row read "Support ticket updated" (it looked for `details.change`)."""
+    from escalation import tickets
+    from tests.factories import SupportUserFactory
+    from tests.support_fixtures import ticket_for
+
+    ticket = ticket_for()
+    ana = SupportUserFactory(first_name="Ana", last_name="First")
+    ben = SupportUserFactory(first_name="Ben", last_name="Second")
+    tickets.ticket_take(ticket_id=ticket.pk, user=ana, actor=Actor.for_user(ana))
+    tickets.ticket_take(ticket_id=ticket.pk, user=ben, actor=Actor.for_user(ben))
+    tickets.ticket_comment(ticket_id=ticket.pk, user=ben, actor=Actor.for_user(ben), body="Calling the store")
+    tickets.ticket_resolve(ticket_id=ticket.pk, user=ben, actor=Actor.for_user(ben), resolution="Store will call back")
+
+    page = admin_client.get(f"/admin/dispatch/delivery/{ticket.delivery_id}/change/").content.decode()
+
+    for text in ("Support ticket taken by Ana First", "Support ticket taken by Ben Second (over from Ana First)",
+                 "Comment on the support ticket", "Support ticket resolved: Store will call back"):
+        assert text in page, text
+    assert "Support ticket updated" not in page
