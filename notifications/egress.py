@@ -3,14 +3,17 @@ SSRF checks made at send time: only http(s), and the host's resolved addresses m
 public unless `WEBHOOK_ALLOW_PRIVATE_TARGETS` (development, tests). The connection goes to the
 address that was checked (no second DNS look-up a rebinding attacker could answer
 differently); TLS still verifies the certificate for the host name. Redirects are not
-followed. The timeout bounds connecting and each read."""
+followed. The timeout bounds connecting and each read, and the whole attempt: a receiver that
+answers a byte at a time is cut off when it runs out (`post_json`)."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import re
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -172,21 +175,41 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
         return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=str(exc)[:500])
     cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
     connection = cls(host, port, address=address, timeout=timeout)
+    # The socket timeout bounds each read; a receiver trickling its answer (a byte every few
+    # seconds) kept one attempt, and the worker, for minutes. The watchdog ends the attempt
+    # at `timeout` from its start, whatever stage it is in.
+    cut_off = threading.Event()
+    watchdog = threading.Timer(max(0.0, timeout - (time.monotonic() - started)), _cut_off, args=(connection, cut_off))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         connection.request("POST", path, body=body, headers={
             "Content-Type": "application/json", "User-Agent": "dispatch-webhooks/1", **headers,
         })
         response = connection.getresponse()
         data = response.read(MAX_RESPONSE_BYTES)
+        if cut_off.is_set():  # (a read the shutdown ended early looks like a short answer)
+            raise TimeoutError(f"no complete answer within {timeout:g} s")
         return HttpResult(
             status=response.status, headers={k.lower(): v for k, v in response.getheaders()}, body=data,
             duration_ms=int((time.monotonic() - started) * 1000),
         )
     except (OSError, http.client.HTTPException) as exc:
-        kind = "timeout" if isinstance(exc, (TimeoutError, socket.timeout)) else type(exc).__name__
+        timed_out = cut_off.is_set() or isinstance(exc, (TimeoutError, socket.timeout))
+        message = f"no complete answer within {timeout:g} s" if cut_off.is_set() else exc
         return HttpResult(
             status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
-            error=f"{kind}: {exc}"[:500],
+            error=f"{'timeout' if timed_out else type(exc).__name__}: {message}"[:500],
         )
     finally:
+        watchdog.cancel()
         connection.close()
+
+
+def _cut_off(connection: http.client.HTTPConnection, flag: threading.Event) -> None:
+    """The attempt's time is up: shut its socket, which ends the read or write it is blocked in."""
+    flag.set()
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):  # (closed meanwhile: nothing left to end)
+            sock.shutdown(socket.SHUT_RDWR)

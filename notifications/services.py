@@ -20,6 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -51,7 +54,7 @@ from notifications.signing import secret_new, signed_headers
 
 logger = logging.getLogger(__name__)
 
-LEASE_SECONDS = 120  # longer than one attempt (≤ WEBHOOK_TIMEOUT_SECONDS) times a claimed batch
+LEASE_SECONDS = 120  # longer than a sweep's budget (WEBHOOK_SEND_BUDGET_SECONDS) and one attempt (WEBHOOK_TIMEOUT_SECONDS)
 
 
 # ------------------------------------------------------------------------------ endpoints
@@ -199,45 +202,69 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
 
 # ------------------------------------------------------------------------------ sending
 
+# The due messages, at most `per_endpoint` of each endpoint (oldest first), so that one
+# endpoint's backlog cannot fill a batch; locked at the middle level (a window function cannot
+# be), whose conditions PostgreSQL checks again on a row another sweep leased meanwhile.
 _CLAIM_SQL = """
 UPDATE {message} SET leased_until = %(lease)s
 WHERE id IN (
-    SELECT m.id FROM {message} m
-    JOIN {endpoint} e ON e.id = m.endpoint_id AND e.active
-    WHERE m.status = 'pending' AND m.next_attempt_at <= %(now)s
-      AND (m.leased_until IS NULL OR m.leased_until < %(now)s)
-      AND NOT EXISTS (
-          SELECT 1 FROM {message} p
-          WHERE p.endpoint_id = m.endpoint_id AND p.delivery_id = m.delivery_id
-            AND p.status = 'pending' AND p.event_id < m.event_id
-      )
-      AND NOT EXISTS (
-          SELECT 1 FROM {outbox} o
-          WHERE o.delivery_id = m.delivery_id AND o.fanned_out_at IS NULL AND o.seq < m.event_id
-      )
-    ORDER BY m.event_id
-    LIMIT %(limit)s
-    FOR UPDATE OF m SKIP LOCKED
+    SELECT l.id FROM {message} l
+    WHERE l.id IN (
+        SELECT ranked.id FROM (
+            SELECT m.id, m.event_id,
+                   row_number() OVER (PARTITION BY m.endpoint_id ORDER BY m.event_id) AS turn
+            FROM {message} m
+            JOIN {endpoint} e ON e.id = m.endpoint_id AND e.active
+            WHERE m.status = 'pending' AND m.next_attempt_at <= %(now)s
+              AND (m.leased_until IS NULL OR m.leased_until < %(now)s)
+              AND NOT EXISTS (
+                  SELECT 1 FROM {message} p
+                  WHERE p.endpoint_id = m.endpoint_id AND p.delivery_id = m.delivery_id
+                    AND p.status = 'pending' AND p.event_id < m.event_id
+              )
+              AND NOT EXISTS (
+                  SELECT 1 FROM {outbox} o
+                  WHERE o.delivery_id = m.delivery_id AND o.fanned_out_at IS NULL AND o.seq < m.event_id
+              )
+        ) ranked
+        WHERE ranked.turn <= %(per_endpoint)s
+        ORDER BY ranked.event_id
+        LIMIT %(limit)s
+    )
+      AND l.status = 'pending' AND (l.leased_until IS NULL OR l.leased_until < %(now)s)
+    FOR UPDATE OF l SKIP LOCKED
 )
 RETURNING id
 """
 
 
-def webhooks_claim_due(*, now: datetime, limit: int) -> list[int]:
-    """Lease up to `limit` due messages (see the module docstring), oldest event first."""
+# An endpoint's messages a claim takes at most: a sweep sends them in turn, and one that
+# times out (WEBHOOK_TIMEOUT_SECONDS) each would outlast the sweep's budget anyway.
+CLAIM_PER_ENDPOINT = 5
+
+
+def webhooks_claim_due(*, now: datetime, limit: int, per_endpoint: int = CLAIM_PER_ENDPOINT) -> list[int]:
+    """Lease up to `limit` due messages (see the module docstring), oldest event first, at
+    most `per_endpoint` of one endpoint."""
     sql = _CLAIM_SQL.format(
         message=WebhookMessage._meta.db_table, endpoint=WebhookEndpoint._meta.db_table, outbox=OutboxEvent._meta.db_table
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, {"now": now, "lease": now + timedelta(seconds=LEASE_SECONDS), "limit": limit})
+        cursor.execute(sql, {"now": now, "lease": now + timedelta(seconds=LEASE_SECONDS), "limit": limit,
+                             "per_endpoint": per_endpoint})
         return sorted(row[0] for row in cursor.fetchall())
 
 
 def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = None) -> int:
     """Fan out, then send what is due until nothing is or `max_seconds` have passed (a task's
-    time limit). Returns the number of attempts made. Safe to run in several workers at once."""
-    started = timezone.now()
-    budget = timedelta(seconds=max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS)
+    time limit). Returns the number of attempts made. Safe to run in several workers at once.
+
+    A claimed batch goes out an endpoint per thread (up to WEBHOOK_SEND_CONCURRENCY at once),
+    each endpoint's messages one after another; no thread starts an attempt once the budget
+    is spent, and what it leaves is released for the next sweep. One slow endpoint (10 s an
+    attempt) held every other endpoint's events behind its own and outran the task's time
+    limit, which killed the worker mid-batch."""
+    deadline = time.monotonic() + (max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS)
     attempts = 0
     while True:
         now = timezone.now()
@@ -246,33 +273,87 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
         claimed = webhooks_claim_due(now=now, limit=batch_size)
         if not claimed:
             return attempts
-        for message_id in claimed:
-            try:
-                message_send(message_id=message_id)
-            except Exception:  # one bad message never stops the sweep; its lease expires
-                logger.exception("webhook message %s could not be sent", message_id)
-            attempts += 1
-        if timezone.now() - started > budget:
+        attempts += _send_batch(claimed, deadline=deadline)
+        if time.monotonic() >= deadline:
             return attempts
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    message_id: int
+    endpoint_id: object
+    url: str
+    webhook_id: str
+    body: str
+    secrets_: list[str]
+
+
+def _outgoing(message_id: int) -> _Outgoing | None:
+    """What a claimed message sends (no HTTP yet). None: not pending any more, or its endpoint
+    was deleted after the claim (its messages went with it)."""
+    message = WebhookMessage.objects.select_related("event", "endpoint").filter(pk=message_id).first()
+    if message is None or message.status != MessageStatus.PENDING:
+        return None
+    endpoint, event = message.endpoint, message.event
+    return _Outgoing(
+        message_id=message_id, endpoint_id=endpoint.pk, url=endpoint.url, webhook_id=event.webhook_id,
+        body=json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False),
+        secrets_=endpoint_signing_secrets(endpoint, now=timezone.now()),
+    )
+
+
+def _post(out: _Outgoing) -> HttpResult:
+    """Sign (as of now) and POST: no database, so it may run in any thread."""
+    headers = signed_headers(webhook_id=out.webhook_id, timestamp=timezone.now(), body=out.body, secrets_=out.secrets_)
+    try:
+        return post_json(out.url, out.body.encode("utf-8"), headers, timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
+    except TargetRefused as exc:
+        return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"refused: {exc}"[:500])
+
+
+def _send_batch(message_ids: list[int], *, deadline: float) -> int:
+    """Send claimed messages (see `webhooks_deliver_due`); the database is read and written in
+    this thread only. Returns the number of attempts made."""
+    outgoing = [out for out in map(_outgoing, message_ids) if out is not None]
+    by_endpoint: dict[object, list[_Outgoing]] = {}
+    for out in outgoing:
+        by_endpoint.setdefault(out.endpoint_id, []).append(out)
+    results: dict[int, HttpResult] = {}
+
+    def send_in_turn(queue: list[_Outgoing]) -> None:
+        for out in queue:
+            if time.monotonic() >= deadline:
+                return
+            results[out.message_id] = _post(out)
+
+    workers = max(1, min(settings.WEBHOOK_SEND_CONCURRENCY, len(by_endpoint)))
+    if workers == 1:
+        for queue in by_endpoint.values():
+            send_in_turn(queue)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhooks") as pool:
+            list(pool.map(send_in_turn, by_endpoint.values()))
+    unsent = []
+    for out in outgoing:
+        if out.message_id not in results:
+            unsent.append(out.message_id)
+            continue
+        try:
+            message_attempt_record(message_id=out.message_id, result=results[out.message_id], now=timezone.now())
+        except Exception:  # one bad message never stops the sweep; its lease expires
+            logger.exception("webhook message %s: its attempt could not be recorded", out.message_id)
+    if unsent:  # the budget ran out before these: the next sweep, not the lease's end
+        WebhookMessage.objects.filter(pk__in=unsent, status=MessageStatus.PENDING).update(leased_until=None)
+    return len(results)
 
 
 def message_send(*, message_id: int) -> WebhookAttempt | None:
     """One attempt of a claimed message: sign, POST, record the outcome. A message whose
     endpoint was deleted after the claim (its messages go with it) is not sent."""
-    message = WebhookMessage.objects.select_related("event", "endpoint").filter(pk=message_id).first()
-    if message is None or message.status != MessageStatus.PENDING:
+    out = _outgoing(message_id)
+    if out is None:
         return None
-    endpoint, event = message.endpoint, message.event
-    now = timezone.now()
-    body = json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)
-    headers = signed_headers(
-        webhook_id=event.webhook_id, timestamp=now, body=body, secrets_=endpoint_signing_secrets(endpoint, now=now)
-    )
-    try:
-        result = post_json(endpoint.url, body.encode("utf-8"), headers, timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
-    except TargetRefused as exc:
-        result = HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"refused: {exc}"[:500])
-    return message_attempt_record(message_id=message_id, result=result, now=timezone.now())
+    return message_attempt_record(message_id=message_id, result=_post(out), now=timezone.now())
 
 
 def _retryable(status: int | None) -> bool:

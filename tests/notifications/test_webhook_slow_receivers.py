@@ -1,0 +1,94 @@
+"""Receivers that take their time: one slow endpoint does not hold the others' events (a sweep
+sends each endpoint in its own thread, stops at its budget and releases what it did not send),
+and a receiver trickling its answer is cut off at the timeout."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from django.utils import timezone
+
+from notifications import services
+from notifications.egress import post_json
+from notifications.models import MessageStatus, WebhookAttempt, WebhookMessage
+from tests.factories import IntegrationUserFactory
+from tests.notifications.receiver import Answer, Receiver
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_slow_endpoint_does_not_hold_another_endpoints_event_and_the_sweep_keeps_its_budget(receiver, settings):
+    settings.WEBHOOK_TIMEOUT_SECONDS = 1.0
+    merchant = IntegrationUserFactory()
+    slow_receiver = Receiver()
+    slow_receiver.default = Answer(delay=3)  # every attempt times out (1 s)
+    try:
+        slow = services.endpoint_create(owner=merchant, all_deliveries=False, url=slow_receiver.url, events=["*"])
+        fast = services.endpoint_create(owner=merchant, all_deliveries=False, url=receiver.url, events=["*"])
+        for _ in range(6):
+            services.endpoint_send_test(endpoint_id=slow.pk)
+        services.endpoint_send_test(endpoint_id=fast.pk)  # the newest event of all
+
+        attempts = services.webhooks_deliver_due(max_seconds=0.5)
+
+        # The fast endpoint got its event in the same sweep; the slow one had one attempt (its
+        # thread starts none after the budget), not six in a row (it held the fast one ~6 s).
+        assert len(receiver.requests) == 1
+        assert WebhookAttempt.objects.filter(message__endpoint=slow).count() == 1
+        assert attempts == 2
+        # the claimed messages it did not send are free for the next sweep at once (no lease)
+        waiting = WebhookMessage.objects.filter(endpoint=slow, status=MessageStatus.PENDING, attempt_count=0)
+        assert waiting.count() == 5 and not waiting.filter(leased_until__isnull=False).exists()
+    finally:
+        slow_receiver.close()
+
+
+def test_a_claim_takes_at_most_a_few_messages_of_one_endpoint():
+    merchant = IntegrationUserFactory()
+    busy = services.endpoint_create(owner=merchant, all_deliveries=False, url="https://busy.example.com/h", events=["*"])
+    other = services.endpoint_create(owner=merchant, all_deliveries=False, url="https://other.example.com/h", events=["*"])
+    for _ in range(services.CLAIM_PER_ENDPOINT + 4):
+        services.endpoint_send_test(endpoint_id=busy.pk)
+    services.endpoint_send_test(endpoint_id=other.pk)
+    while services.webhooks_fan_out(now=timezone.now()):
+        pass
+
+    claimed = services.webhooks_claim_due(now=timezone.now(), limit=20)
+
+    by_endpoint = list(WebhookMessage.objects.filter(pk__in=claimed).values_list("endpoint_id", flat=True))
+    assert by_endpoint.count(busy.pk) == services.CLAIM_PER_ENDPOINT and by_endpoint.count(other.pk) == 1
+
+
+def test_an_answer_trickled_a_byte_at_a_time_is_cut_off_at_the_timeout():
+    """The socket timeout bounds each read: 200, Content-Length 4096, then a byte every 0.3 s
+    kept an attempt (and a worker) for as long as the receiver liked."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n")
+            deadline = time.monotonic() + 5  # (then it hangs up: an old client got an IncompleteRead)
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.3)
+
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    try:
+        result = post_json(f"http://127.0.0.1:{listener.getsockname()[1]}/h", b"{}", {}, timeout=1.0)
+    finally:
+        stop.set()
+        listener.close()
+
+    assert result.status is None and result.error == "timeout: no complete answer within 1 s"
+    assert result.duration_ms < 4000  # (cut off at 1 s, not when the receiver hung up)
