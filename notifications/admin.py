@@ -3,6 +3,8 @@ time), every message with its attempt log (replay one or a selection), the outbo
 written by the services only; the actions call the same services as the API."""
 from __future__ import annotations
 
+import logging
+
 from django import forms
 from django.contrib import admin, messages
 from django.template.response import TemplateResponse
@@ -10,9 +12,11 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from common.admin import ReadOnlyInline, run_for_each
-from common.exceptions import InvalidInput
+from common.exceptions import InvalidInput, NotFound
 from notifications import services
 from notifications.models import CustomerMessage, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
+
+logger = logging.getLogger(__name__)
 
 RECENT_ATTEMPTS = 20
 
@@ -92,7 +96,10 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
                                  active=v["active"])
 
     def delete_model(self, request, obj):
-        services.endpoint_delete(endpoint_id=obj.pk)
+        try:
+            services.endpoint_delete(endpoint_id=obj.pk)
+        except NotFound:  # deleted meanwhile (the API, another tab): what was asked is done
+            logger.info("webhook endpoint %s was already deleted", obj.pk)
 
     @admin.action(description="Replay failed events since…", permissions=["change"])
     def replay_failed_since(self, request, queryset):

@@ -95,7 +95,7 @@ def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | 
     """Change an endpoint. Switching it back on clears its failure record and sends what
     waited meanwhile."""
     now = now or timezone.now()
-    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).get(pk=endpoint_id)
+    endpoint = _endpoint_locked(endpoint_id)
     if url is not None:
         endpoint.url = endpoint_url_clean(url)
     if events is not None:
@@ -117,15 +117,28 @@ def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | 
     return endpoint
 
 
+def _endpoint_locked(endpoint_id, *, no_key: bool = False) -> WebhookEndpoint:
+    """The endpoint, locked (404 if it is gone: a DELETE that won the race). Every write to an
+    endpoint and its messages locks the endpoint first (then its messages), so a delete and a
+    change, a test or an attempt's record wait for each other in one order."""
+    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",), no_key=no_key).filter(pk=endpoint_id).first()
+    if endpoint is None:
+        raise NotFound("Webhook endpoint not found.")
+    return endpoint
+
+
+@transaction.atomic
 def endpoint_delete(*, endpoint_id) -> None:
-    WebhookEndpoint.objects.filter(pk=endpoint_id).delete()
+    """Delete the endpoint and its messages. A test event written at the same instant waits for
+    the lock and then finds no endpoint (404), instead of breaking the key at commit (a 500)."""
+    _endpoint_locked(endpoint_id).delete()
 
 
 @transaction.atomic
 def endpoint_rotate_secret(*, endpoint_id, now: datetime | None = None) -> WebhookEndpoint:
     """A new secret; the current one keeps signing too for `WEBHOOK_SECRET_OVERLAP_SECONDS`."""
     now = now or timezone.now()
-    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).get(pk=endpoint_id)
+    endpoint = _endpoint_locked(endpoint_id)
     endpoint.previous_secret = endpoint.secret
     endpoint.previous_secret_expires_at = now + timedelta(seconds=settings.WEBHOOK_SECRET_OVERLAP_SECONDS)
     endpoint.secret = secret_new()
@@ -145,7 +158,7 @@ def endpoint_signing_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> lis
 def endpoint_send_test(*, endpoint_id, now: datetime | None = None) -> OutboxEvent:
     """A `webhook.test` event for this endpoint only, sent like any other."""
     now = now or timezone.now()
-    endpoint = WebhookEndpoint.objects.get(pk=endpoint_id)
+    endpoint = _endpoint_locked(endpoint_id, no_key=True)
     if not endpoint.active:
         raise Conflict("The endpoint is disabled; enable it first.")
     event = OutboxEvent(type=TEST_EVENT_TYPE, endpoint=endpoint, owner_id=endpoint.owner_id, created_at=now, payload={})
@@ -392,10 +405,13 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
     retried later, or given up when the retry window has passed. Failures for
     `WEBHOOK_DISABLE_AFTER_SECONDS` disable the endpoint and alert ops. The endpoint deleted
     during the attempt (the message with it): nothing to record, None."""
+    endpoint_id = WebhookMessage.objects.filter(pk=message_id).values_list("endpoint_id", flat=True).first()
+    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).filter(pk=endpoint_id).first()
+    if endpoint is None:  # (the endpoint first, as a delete locks it: never the other order)
+        return None
     message = WebhookMessage.objects.select_for_update(of=("self",)).select_related("event").filter(pk=message_id).first()
     if message is None:
         return None
-    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).get(pk=message.endpoint_id)
     message.attempt_count += 1
     message.leased_until = None
     message.last_status_code = result.status

@@ -1,0 +1,50 @@
+"""A DELETE of an endpoint racing a change, a rotation or a test of it (real transactions): the
+one that waited answers 404, nothing is left half done, never a 500."""
+from __future__ import annotations
+
+import pytest
+
+from notifications import services
+from notifications.models import OutboxEvent, WebhookEndpoint
+from tests.api import client_for
+from tests.concurrency import behind_lock
+from tests.factories import IntegrationUserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.mark.parametrize(("method", "suffix", "body"), [
+    ("post", "/test", None),
+    ("patch", "", {"description": "changed"}),
+    ("post", "/rotate-secret", None),
+    ("delete", "", None),
+])
+def test_a_request_waiting_behind_a_delete_of_its_endpoint_is_a_404(method, suffix, body):
+    merchant = IntegrationUserFactory()
+    endpoint = services.endpoint_create(owner=merchant, all_deliveries=False, url="https://hooks.example.com/h", events=["*"])
+    client = client_for(merchant)
+    client.raise_request_exception = False
+
+    answer = behind_lock(
+        lambda: services.endpoint_delete(endpoint_id=endpoint.pk),
+        lambda: getattr(client, method)(f"/v2/webhooks/{endpoint.pk}{suffix}", body, format="json"),
+    )
+
+    assert answer.status_code == 404, answer.content
+    assert answer.json()["message"] == "Webhook endpoint not found."
+    assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
+    assert not OutboxEvent.objects.filter(endpoint_id=endpoint.pk).exists()
+
+
+def test_a_delete_waiting_behind_a_test_of_its_endpoint_deletes_the_test_event_too():
+    merchant = IntegrationUserFactory()
+    endpoint = services.endpoint_create(owner=merchant, all_deliveries=False, url="https://hooks.example.com/h", events=["*"])
+
+    answer = behind_lock(
+        lambda: services.endpoint_send_test(endpoint_id=endpoint.pk),
+        lambda: client_for(merchant).delete(f"/v2/webhooks/{endpoint.pk}"),
+    )
+
+    assert answer.status_code == 204
+    assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
+    assert not OutboxEvent.objects.filter(endpoint_id=endpoint.pk).exists()
