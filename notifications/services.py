@@ -28,7 +28,6 @@ from email.utils import parsedate_to_datetime
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from common.broadcast import enqueue_kick_on_commit
@@ -117,11 +116,12 @@ def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | 
     return endpoint
 
 
-def _endpoint_locked(endpoint_id, *, no_key: bool = False) -> WebhookEndpoint:
+def _endpoint_locked(endpoint_id, *, for_delete: bool = False) -> WebhookEndpoint:
     """The endpoint, locked (404 if it is gone: a DELETE that won the race). Every write to an
     endpoint and its messages locks the endpoint first (then its messages), so a delete and a
-    change, a test or an attempt's record wait for each other in one order."""
-    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",), no_key=no_key).filter(pk=endpoint_id).first()
+    change, a test or an attempt's record wait for each other in one order. Only a delete
+    takes the full lock; the fan-out skips an endpoint under it (`_endpoints_to_fan_out_to`)."""
+    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",), no_key=not for_delete).filter(pk=endpoint_id).first()
     if endpoint is None:
         raise NotFound("Webhook endpoint not found.")
     return endpoint
@@ -131,7 +131,7 @@ def _endpoint_locked(endpoint_id, *, no_key: bool = False) -> WebhookEndpoint:
 def endpoint_delete(*, endpoint_id) -> None:
     """Delete the endpoint and its messages. A test event written at the same instant waits for
     the lock and then finds no endpoint (404), instead of breaking the key at commit (a 500)."""
-    _endpoint_locked(endpoint_id).delete()
+    _endpoint_locked(endpoint_id, for_delete=True).delete()
 
 
 @transaction.atomic
@@ -158,7 +158,7 @@ def endpoint_signing_secrets(endpoint: WebhookEndpoint, *, now: datetime) -> lis
 def endpoint_send_test(*, endpoint_id, now: datetime | None = None) -> OutboxEvent:
     """A `webhook.test` event for this endpoint only, sent like any other."""
     now = now or timezone.now()
-    endpoint = _endpoint_locked(endpoint_id, no_key=True)
+    endpoint = _endpoint_locked(endpoint_id)
     if not endpoint.active:
         raise Conflict("The endpoint is disabled; enable it first.")
     event = OutboxEvent(type=TEST_EVENT_TYPE, endpoint=endpoint, owner_id=endpoint.owner_id, created_at=now, payload={})
@@ -187,15 +187,12 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
     events = outbox_render_pending(events)  # the payloads written by one-statement changes
     if not events:
         return 0
-    owners = {e.owner_id for e in events if e.endpoint_id is None}
-    # switched-off endpoints too: their messages wait, and go out when they are switched on
-    endpoints = list(
-        WebhookEndpoint.objects.filter(Q(all_deliveries=True) | Q(owner_id__in=list(owners)))
-    ) if owners else []
+    endpoints = _endpoints_to_fan_out_to(events)
+    wanted = {ep.pk for ep in endpoints}
     messages = []
     for event in events:
         if event.endpoint_id is not None:
-            targets = [event.endpoint_id]
+            targets = [event.endpoint_id] if event.endpoint_id in wanted else []
         else:
             targets = [
                 ep.pk for ep in endpoints
@@ -211,6 +208,27 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
     message_rows_for_events(events, now=now)  # the customer's SMS and e-mail, once each
     OutboxEvent.objects.filter(seq__in=[e.seq for e in events]).update(fanned_out_at=now)
     return len(events)
+
+
+def _endpoints_to_fan_out_to(events: list[OutboxEvent]) -> list[WebhookEndpoint]:
+    """The endpoints the events may go to (switched-off ones too: their messages wait and go
+    out when switched on), each under a key-share lock, skipping any being deleted. The fan-out
+    holds its events' locks; waiting here for a delete that waits for one of those events (a
+    test event it deletes with its endpoint) deadlocked, and a message written for an endpoint
+    deleted meanwhile broke the key at commit."""
+    owners = list({e.owner_id for e in events if e.endpoint_id is None})
+    own = list({e.endpoint_id for e in events if e.endpoint_id is not None})
+    if not owners and not own:
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM {WebhookEndpoint._meta.db_table} "
+            "WHERE (all_deliveries AND %(any_owner)s) OR owner_id = ANY(%(owners)s) OR id = ANY(%(own)s) "
+            "FOR KEY SHARE SKIP LOCKED",
+            {"any_owner": bool(owners), "owners": owners, "own": own},
+        )
+        ids = [row[0] for row in cursor.fetchall()]
+    return list(WebhookEndpoint.objects.filter(pk__in=ids))
 
 
 # ------------------------------------------------------------------------------ sending
@@ -406,7 +424,7 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
     `WEBHOOK_DISABLE_AFTER_SECONDS` disable the endpoint and alert ops. The endpoint deleted
     during the attempt (the message with it): nothing to record, None."""
     endpoint_id = WebhookMessage.objects.filter(pk=message_id).values_list("endpoint_id", flat=True).first()
-    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",)).filter(pk=endpoint_id).first()
+    endpoint = WebhookEndpoint.objects.select_for_update(of=("self",), no_key=True).filter(pk=endpoint_id).first()
     if endpoint is None:  # (the endpoint first, as a delete locks it: never the other order)
         return None
     message = WebhookMessage.objects.select_for_update(of=("self",)).select_related("event").filter(pk=message_id).first()

@@ -48,3 +48,26 @@ def test_a_delete_waiting_behind_a_test_of_its_endpoint_deletes_the_test_event_t
     assert answer.status_code == 204
     assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
     assert not OutboxEvent.objects.filter(endpoint_id=endpoint.pk).exists()
+
+
+def test_a_delete_behind_a_fan_out_of_its_test_event_waits_for_it_and_deletes_both(no_worker):
+    """The fan-out locks its events, then (its message's key) the endpoint; the delete locks the
+    endpoint, then deletes the endpoint's test events: a deadlock, the delete a 503. The fan-out
+    now takes the endpoint's key-share lock before the delete can take the endpoint."""
+    from django.utils import timezone
+
+    from notifications.models import WebhookMessage
+
+    merchant = IntegrationUserFactory()
+    endpoint = services.endpoint_create(owner=merchant, all_deliveries=False, url="https://hooks.example.com/h", events=["*"])
+    services.endpoint_send_test(endpoint_id=endpoint.pk)  # (no worker: it waits for the sweep)
+
+    answer = behind_lock(
+        lambda: services.webhooks_fan_out(now=timezone.now()),
+        lambda: client_for(merchant).delete(f"/v2/webhooks/{endpoint.pk}"),
+    )
+
+    assert answer.status_code == 204, answer.content
+    assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
+    assert not OutboxEvent.objects.filter(endpoint_id=endpoint.pk).exists()
+    assert not WebhookMessage.objects.filter(endpoint_id=endpoint.pk).exists()
