@@ -38,6 +38,8 @@ class HttpResult:
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 7915): ::ffff:0:a.b.c.d
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # a network's own translator (RFC 8215)
 
 
 def address_allowed(ip: str) -> bool:
@@ -46,16 +48,20 @@ def address_allowed(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     if isinstance(address, ipaddress.IPv6Address):
         # An IPv4 address inside an IPv6 one is judged as itself: mapped (::ffff:a.b.c.d),
-        # compatible (::a.b.c.d), 6to4 (2002:…) and NAT64 (64:ff9b::/96, which a cloud's
-        # gateway forwards to the IPv4 address).
+        # compatible (::a.b.c.d), translated (::ffff:0:a.b.c.d), 6to4 (2002:…) and NAT64
+        # (64:ff9b::/96, which a cloud's gateway forwards to the IPv4 address). A local NAT64
+        # prefix may carry any of the network's own addresses: never.
+        if address in _LOCAL_NAT64:
+            return False
         embedded = address.ipv4_mapped or address.sixtofour
-        if embedded is None and (address in _NAT64 or address in _IPV4_COMPATIBLE):
+        if embedded is None and any(address in net for net in (_NAT64, _IPV4_COMPATIBLE, _IPV4_TRANSLATED)):
             embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         if embedded is not None:
             address = embedded
     return address.is_global and not address.is_multicast
 
 
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")  # (an underscore: names in the wild have them)
 
 
@@ -95,8 +101,12 @@ def url_check(url: str) -> tuple[str, str, int, str]:
         raise TargetRefused(f"Not a valid URL: {exc}.") from exc
     if parts.scheme not in ("http", "https"):
         raise TargetRefused("Only http and https URLs are allowed.")
-    if parts.username or parts.password:
+    if "@" in parts.netloc:  # (an empty user or password too: `http://@host/`)
         raise TargetRefused("URLs with credentials are not allowed.")
+    if _UNSENDABLE.search(url) or not (parts.path + parts.query).isascii():
+        # (http.client refuses control characters, the URL parser drops tabs and newlines,
+        # a space ends the request target: the request went elsewhere or nowhere, for a day)
+        raise TargetRefused("The URL may not contain spaces, control characters or non-ASCII characters in its path; percent-encode them.")
     host = parts.hostname
     if not host:
         raise TargetRefused("The URL has no host.")

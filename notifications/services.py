@@ -334,12 +334,17 @@ def _outgoing(message_id: int) -> _Outgoing | None:
 
 
 def _post(out: _Outgoing) -> HttpResult:
-    """Sign (as of now) and POST: no database, so it may run in any thread."""
+    """Sign (as of now) and POST: no database, so it may run in any thread. Whatever fails is
+    this attempt's error (a URL stored before its checks were tightened, say), never the
+    batch's."""
     headers = signed_headers(webhook_id=out.webhook_id, timestamp=timezone.now(), body=out.body, secrets_=out.secrets_)
     try:
         return post_json(out.url, out.body.encode("utf-8"), headers, timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
     except TargetRefused as exc:
         return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"refused: {exc}"[:500])
+    except Exception as exc:  # noqa: BLE001 - recorded as the attempt's failure
+        logger.warning("webhook message %s: the attempt failed before sending", out.message_id, exc_info=True)
+        return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"{type(exc).__name__}: {exc}"[:500])
 
 
 def _send_batch(message_ids: list[int], *, deadline: float) -> int:

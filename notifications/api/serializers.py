@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from common.fields import StrictBooleanField, StrictCharField, StrictChoiceField, StrictUrlStringField
+from common.fields import (
+    BoundedListField, SingleLineTextField, StrictBooleanField, StrictChoiceField, StrictRegexField, StrictUrlStringField,
+)
 from notifications.models import ALL_EVENTS, WEBHOOK_EVENT_TYPES, WebhookAttempt, WebhookEndpoint
 
 EVENT_CHOICES = [*WEBHOOK_EVENT_TYPES, ALL_EVENTS]
@@ -13,16 +15,16 @@ EVENTS_ERRORS = {"min_length": f'Subscribe to at least one event type, or ["{ALL
 
 class WebhookEndpointCreateSerializer(serializers.Serializer):
     url = StrictUrlStringField(max_length=2000, help_text="http(s) URL; private, loopback and link-local targets are refused.")
-    events = serializers.ListField(child=StrictChoiceField(choices=EVENT_CHOICES), min_length=1, max_length=len(EVENT_CHOICES),
-                                   error_messages=EVENTS_ERRORS, help_text=EVENTS_HELP)
-    description = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
+    events = BoundedListField(child=StrictChoiceField(choices=EVENT_CHOICES), min_length=1, max_length=len(EVENT_CHOICES),
+                              error_messages=EVENTS_ERRORS, help_text=EVENTS_HELP)
+    description = SingleLineTextField(max_length=500, required=False, allow_blank=True, default="")
 
 
 class WebhookEndpointUpdateSerializer(serializers.Serializer):
     url = StrictUrlStringField(max_length=2000, required=False)
-    events = serializers.ListField(child=StrictChoiceField(choices=EVENT_CHOICES), min_length=1, max_length=len(EVENT_CHOICES),
-                                   error_messages=EVENTS_ERRORS, required=False, help_text=EVENTS_HELP)
-    description = StrictCharField(max_length=500, required=False, allow_blank=True)
+    events = BoundedListField(child=StrictChoiceField(choices=EVENT_CHOICES), min_length=1, max_length=len(EVENT_CHOICES),
+                              error_messages=EVENTS_ERRORS, required=False, help_text=EVENTS_HELP)
+    description = SingleLineTextField(max_length=500, required=False, allow_blank=True)
     active = StrictBooleanField(required=False, help_text="false switches the endpoint off; true switches it back on.")
 
 
@@ -75,7 +77,11 @@ class WebhookAttemptSerializer(serializers.ModelSerializer):
 
 class DeviceRegisterSerializer(serializers.Serializer):
     platform = StrictChoiceField(choices=[("android", "android"), ("ios", "ios"), ("web", "web")])
-    token = StrictCharField(max_length=4096, help_text="The FCM registration token of the app on this device.")
+    # Printable ASCII, as FCM's tokens are; at most 2,048 bytes (the unique index on the token
+    # holds ~2,700: a longer one was a 503).
+    token = StrictRegexField(r"^[\x21-\x7e]+\Z", max_length=2048,
+                             error_messages={"invalid": "A push token is printable ASCII without spaces."},
+                             help_text="The FCM registration token of the app on this device.")
 
 
 class DeviceSerializer(serializers.Serializer):

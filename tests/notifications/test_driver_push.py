@@ -93,6 +93,11 @@ def test_a_driver_registers_and_removes_its_own_devices(db):
     assert_error(as_driver.delete(f"/v2/drivers/{driver.pk}/devices/{first.json()['id']}"), 404)  # now the other's
     assert_error(client_for(OpsUserFactory()).post(f"/v2/drivers/{driver.pk}/devices", {"platform": "web", "token": "y"}, format="json"), 403)
     assert "platform" in assert_error(_register(driver, "z", platform="blackberry"), 400)["details"]
+    # a token the unique index cannot hold (its entries stop near 2,700 bytes) was a 503
+    for bad in ("t" * 2049, "é" * 1000, "has space", "tab\there"):
+        assert "token" in assert_error(_register(driver, bad), 400)["details"], bad
+    assert _register(driver, "t" * 2048).status_code == 201
+    assert client_for(driver.user).delete(f"/v2/drivers/{driver.pk}/devices/{PushDevice.objects.get(token='t' * 2048).pk}").status_code == 204
     assert client_for(other.user).delete(f"/v2/drivers/{other.pk}/devices/{first.json()['id']}").status_code == 204
     assert not PushDevice.objects.exists()
 

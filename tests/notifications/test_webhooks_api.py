@@ -49,6 +49,14 @@ def test_creating_an_endpoint_shows_the_secret_once(receiver):
     ({"url": "http://exa<mple.com/h", "events": ["*"]}, "url"),
     ({"url": 12, "events": ["*"]}, "url"),
     ({"events": ["*"]}, "url"),
+    # accepted, and then never deliverable (retried for a day) or sent elsewhere
+    ({"url": "http://example.com/x\r\nX-Injected: 1", "events": ["*"]}, "url"),
+    ({"url": "http://example.com/a b", "events": ["*"]}, "url"),
+    ({"url": "http://example.com/a\tb", "events": ["*"]}, "url"),
+    ({"url": "http://example.com/caf\u00e9", "events": ["*"]}, "url"),
+    ({"url": "http://@example.com/h", "events": ["*"]}, "url"),
+    ({"url": "http://:@example.com/h", "events": ["*"]}, "url"),
+    ({"url": "http://example.com/h", "events": ["*"], "description": "a\u0001b\u001bc"}, "description"),
 ])
 def test_bad_endpoint_input_is_a_400_naming_the_field(db, body, field):
     response = client_for(IntegrationUserFactory()).post("/v2/webhooks", body, format="json")
@@ -64,6 +72,8 @@ def test_bad_endpoint_input_is_a_400_naming_the_field(db, body, field):
     # Full-width forms (a resolver folds them), and IPv4 inside IPv6: compatible, NAT64, 6to4.
     "http://１２７.０.０.１/h", "http://ｌｏｃａｌｈｏｓｔ/h", "http://[::127.0.0.1]/h", "http://[64:ff9b::7f00:1]/h",
     "http://[2002:7f00:1::1]/h", "http://[64:ff9b::a9fe:a9fe]/h",
+    # IPv4-translated (SIIT) and a network's local NAT64 prefix
+    "http://[::ffff:0:7f00:1]/h", "http://[64:ff9b:1::7f00:1]/h", "http://[64:ff9b:1::5db8:d822]/h",
 ])
 def test_private_targets_are_refused_when_the_endpoint_is_made(db, settings, url):
     settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
@@ -115,8 +125,10 @@ def test_a_target_that_turned_private_is_refused_at_send_time(receiver, settings
     ("93.184.216.34", True), ("2606:2800:220:1:248:1893:25c8:1946", True), ("127.0.0.1", False), ("10.0.0.1", False),
     ("172.16.5.4", False), ("192.168.1.1", False), ("169.254.169.254", False), ("::1", False), ("fe80::1", False),
     ("fc00::1", False), ("::ffff:10.0.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False), ("100.64.0.1", False),
+    ("::ffff:0:a00:1", False), ("::ffff:0:5db8:d822", True), ("64:ff9b:1::a00:1", False), ("64:ff9b::5db8:d822", True),
 ])
 def test_which_addresses_are_public(settings, address, allowed):
+    """(IPv4 inside IPv6 is judged as the IPv4 address; a local NAT64 prefix is never public.)"""
     settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
     assert address_allowed(address) is allowed
 
@@ -239,3 +251,11 @@ def test_public_names_and_addresses_in_their_usual_forms_are_accepted(db, settin
     settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
     response = client_for(IntegrationUserFactory()).post("/v2/webhooks", {"url": url, "events": ["*"]}, format="json")
     assert response.status_code == 201, response.content
+
+
+def test_a_huge_events_list_is_refused_by_its_length_in_a_short_answer(db):
+    """Each item was checked (and reported) before the list's length: a 3.9 MB error body."""
+    response = client_for(IntegrationUserFactory()).post(
+        "/v2/webhooks", {"url": "http://example.com/h", "events": ["x"] * 50_000}, format="json")
+
+    assert "events" in assert_error(response, 400)["details"] and len(response.content) < 2000
