@@ -28,6 +28,9 @@ CONSOLE_MODELS: dict[str, dict[str, tuple[str, ...]]] = {
     "zones": {"deliveryzone": ("add", "change"), "driverzonepreference": ("add", "change", "delete")},
     "tracking": {"deliveryrating": ()},
     "analytics": {"driverperformance": (), "deliverycost": (), "deliveryrevenue": ()},
+    # webhooks (switch on/off, replay; docs/notifications.md "Ops console") and customer messages
+    "notifications": {"webhookendpoint": ("change",), "webhookmessage": ("change",), "webhookattempt": (),
+                      "outboxevent": (), "customermessage": ()},
 }
 
 

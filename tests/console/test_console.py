@@ -59,6 +59,26 @@ def test_a_dispatcher_runs_the_console_pages():
     assert 'value="cancel_deliveries"' in actions and 'value="assign_to_driver"' in actions
 
 
+def test_a_dispatcher_runs_the_webhooks_pages_docs_notifications_md_promises():
+    """Switch endpoints on and off, replay messages, read attempts, the outbox and customer
+    messages: all were a 403 for the Dispatcher (only a superuser could)."""
+    from notifications import services as webhooks
+    from tests.factories import IntegrationUserFactory
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    endpoint = webhooks.endpoint_create(owner=IntegrationUserFactory(), all_deliveries=False,
+                                        url="https://hooks.example.com/h", events=["*"])
+    for url in ("/admin/notifications/webhookendpoint/", f"/admin/notifications/webhookendpoint/{endpoint.pk}/change/",
+                "/admin/notifications/webhookmessage/", "/admin/notifications/webhookattempt/",
+                "/admin/notifications/outboxevent/", "/admin/notifications/customermessage/"):
+        assert client.get(url).status_code == 200, url
+    page = client.get("/admin/notifications/webhookendpoint/").content.decode()
+    assert 'value="replay_failed_since"' in page
+    _, viewer = staff_in(VIEWER_GROUP)
+    assert viewer.get("/admin/notifications/webhookmessage/").status_code == 200
+    assert 'value="replay_failed_since"' not in viewer.get("/admin/notifications/webhookendpoint/").content.decode()
+
+
 def test_a_dispatcher_who_is_not_a_superuser_passes_the_apis_ops_permission():
     user, _ = staff_in(DISPATCHER_GROUP)
     assert not user.is_superuser
