@@ -83,6 +83,7 @@ def _change(event: dict) -> dict:
     change = {k: v for k, v in event.items() if k not in _SKIP_KEYS}
     if event.get("type") == "delivery_cancelled":
         change["status"] = DeliveryStatus.CANCELLED
+        change["changedAt"] = event.get("cancelledAt")  # (as every other status change has it)
     return change
 
 

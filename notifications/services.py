@@ -111,6 +111,13 @@ def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | 
         else:
             endpoint.disabled_at = now
             endpoint.disabled_reason = "switched off"
+    elif active and endpoint.failing_since is not None:
+        # On, but failing (the receiver was fixed): its failure record is cleared and what is
+        # waiting for a retry goes now, as switching it back on would do.
+        endpoint.failing_since = None
+        WebhookMessage.objects.filter(endpoint_id=endpoint.pk, status=MessageStatus.PENDING, next_attempt_at__gt=now).update(
+            next_attempt_at=now)
+        enqueue_kick_on_commit(DELIVER_TASK)
     endpoint.updated_at = now
     endpoint.save()
     return endpoint

@@ -57,8 +57,10 @@ def test_a_cancellation_is_a_status_change_to_cancelled():
     (event,) = OutboxEvent.objects.filter(delivery=delivery)
     assert event.type == "delivery.status_changed"
     assert event.payload["data"]["status"] == "cancelled"
-    assert event.payload["data"]["change"] == {
-        "fromStatus": "ready", "reason": "customer left", "cancelledAt": event.payload["data"]["cancelledAt"], "status": "cancelled",
+    cancelled_at = event.payload["data"]["cancelledAt"]
+    assert event.payload["data"]["change"] == {  # (changedAt, as every other status change has)
+        "fromStatus": "ready", "reason": "customer left", "cancelledAt": cancelled_at, "status": "cancelled",
+        "changedAt": cancelled_at,
     }
 
 

@@ -183,6 +183,23 @@ def test_an_endpoint_is_switched_off_and_on_and_what_waited_goes_out(receiver):
     assert [r.verified(secret)["type"] for r in receiver.requests] == ["delivery.assigned"]
 
 
+def test_active_true_on_a_failing_endpoint_clears_its_record_and_retries_now(receiver):
+    """The receiver was fixed: `active: true` on an endpoint that is on but failing did nothing
+    (the failure record stayed, the event waited for its backoff)."""
+    merchant = IntegrationUserFactory()
+    endpoint_id, secret = endpoint_via_api(merchant, receiver.url, events=["delivery.assigned"])
+    receiver.answer(Answer(503))
+    delivery_walk(merchant, steps=())
+    assert [r.status_code for r in WebhookAttempt.objects.all()] == [503]
+    assert WebhookEndpoint.objects.get(pk=endpoint_id).failing_since is not None
+
+    on = client_for(merchant).patch(f"/v2/webhooks/{endpoint_id}", {"active": True}, format="json")
+
+    assert on.status_code == 200 and on.json()["failingSince"] is None
+    assert [r.status_code for r in WebhookAttempt.objects.order_by("attempted_at")] == [503, 200]
+    assert [r.verified(secret)["type"] for r in receiver.requests] == ["delivery.assigned"] * 2
+
+
 def test_deleting_an_endpoint(receiver):
     merchant = IntegrationUserFactory()
     endpoint_id, _ = endpoint_via_api(merchant, receiver.url)
