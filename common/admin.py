@@ -1,7 +1,10 @@
+import datetime
+
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.gis.db import models as gis_models
-from import_export import resources
+from django.utils import timezone
+from import_export import resources, widgets
 from leaflet.admin import LeafletGeoAdminMixin
 
 from common import hooks
@@ -145,11 +148,28 @@ class MapAdminMixin(LeafletGeoAdminMixin):
 FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
+class UtcDateTimeWidget(widgets.DateTimeWidget):
+    """A time in UTC: ISO 8601 with `Z` in CSV, a UTC date-time cell in XLSX. The library's
+    widget wrote the server's local time with no offset (`2026-12-06 08:19:24`), which a
+    spreadsheet or a script cannot place."""
+
+    def render(self, value, obj=None, **kwargs):
+        if not isinstance(value, datetime.datetime):
+            return ""
+        value = value.astimezone(datetime.timezone.utc) if timezone.is_aware(value) else value
+        if kwargs.get("force_native_type"):
+            return value.replace(tzinfo=None)  # (XLSX cells hold no zone: the column says UTC)
+        return value.isoformat().replace("+00:00", "Z")
+
+
 class ExportResource(resources.ModelResource):
     """The console's exports (CSV, XLSX): text that a spreadsheet would read as a formula is
     written with a leading `'`, which spreadsheets show as text; numbers and dates stay as they
-    are. (django-import-export's own `IMPORT_EXPORT_ESCAPE_FORMULAE_ON_EXPORT` only drops a
-    first `=`, and turns every cell into text.)"""
+    are, times in UTC (`UtcDateTimeWidget`). (django-import-export's own
+    `IMPORT_EXPORT_ESCAPE_FORMULAE_ON_EXPORT` only drops a first `=`, and turns every cell into
+    text.)"""
+
+    WIDGETS_MAP = {**resources.ModelResource.WIDGETS_MAP, "DateTimeField": UtcDateTimeWidget}
 
     def export_field(self, field, instance, **kwargs):
         value = super().export_field(field, instance, **kwargs)

@@ -134,6 +134,13 @@ def actor_name(row, names) -> str:
             "integration": f"{who} (integration)"}.get(row.actor_type, who)
 
 
+def _driver_name(driver_id) -> str:
+    """A driver as the console's messages name them (their id only if they are gone)."""
+    if driver_id is None:
+        return "no driver"
+    return Driver.objects.filter(pk=driver_id).values_list("name", flat=True).first() or str(driver_id)
+
+
 def describe_ticket_action(d: dict, names) -> str:
     """A support ticket's audit row (`escalation.tickets`: the action in `details.action`)."""
     action = d.get("action") or "updated"
@@ -308,7 +315,7 @@ class DeliveryAdmin(ExportMixin, ChangedFieldsOnlyAdmin):
 
         def dispatch(delivery):
             result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.for_user(request.user), strict=True)
-            text = f"offered to driver {result.offer.driver_id}" if result.offer else f"unassigned ({result.failure_reason})"
+            text = f"offered to {_driver_name(result.offer.driver_id)}" if result.offer else f"unassigned ({result.failure_reason})"
             self.message_user(request, f"{delivery.seller_order_id}: {text}", messages.INFO)
 
         run_for_each(self, request, queryset, dispatch, label=lambda d: d.seller_order_id)
@@ -333,7 +340,7 @@ class DeliveryAdmin(ExportMixin, ChangedFieldsOnlyAdmin):
                 name = dict(candidates).get(driver_id, driver_id)
                 self.message_user(
                     request, f"{delivery.seller_order_id}: offered to {name}; the driver has until "
-                    f"{results[0].expires_at:%H:%M:%S} UTC to accept.", messages.SUCCESS,
+                    f"{timezone.localtime(results[0].expires_at):%H:%M:%S %Z} to accept.", messages.SUCCESS,
                 )
             return None
         return TemplateResponse(request, "admin/dispatch/delivery/assign_to_driver.html", {
@@ -349,7 +356,7 @@ class DeliveryAdmin(ExportMixin, ChangedFieldsOnlyAdmin):
 
             def reassign(delivery):
                 previous, result = deliveries.delivery_reassign(delivery_id=delivery.pk, reason=reason, actor=Actor.for_user(request.user))
-                self.message_user(request, f"{delivery.seller_order_id}: taken from {previous}, {result.outcome}", messages.INFO)
+                self.message_user(request, f"{delivery.seller_order_id}: taken from {_driver_name(previous)}, {result.outcome}", messages.INFO)
                 return result
 
             run_for_each(self, request, queryset, reassign, label=lambda d: d.seller_order_id)

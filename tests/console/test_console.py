@@ -256,10 +256,14 @@ def test_assign_to_driver_lists_nearby_available_drivers_by_distance_and_offers_
     assert page.index("Near Nadia · 0.5 km") < page.index("Far Farid · 3.0 km")
     assert "Out Of Town" not in page and "Resting Ravi" not in page
 
-    client.post("/admin/dispatch/delivery/", {**selected, "apply": "1", "driver": str(far.pk)})
+    done = client.post("/admin/dispatch/delivery/", {**selected, "apply": "1", "driver": str(far.pk)}, follow=True)
 
     offer = DriverOffer.objects.get(delivery=delivery)
     assert offer.driver_id == far.pk and offer.status == "PENDING"
+    # the expiry in the console's time zone, as every time there (it said UTC)
+    from zoneinfo import ZoneInfo
+    local = offer.expires_at.astimezone(ZoneInfo("Asia/Kolkata"))
+    assert f"the driver has until {local:%H:%M:%S} IST to accept" in done.content.decode()
     assert DeliveryAuditLog.objects.filter(delivery=delivery, event_type="driver_offer_sent").exists()
     assert near.pk != far.pk
 
@@ -431,3 +435,22 @@ def test_the_timeline_says_what_support_did_on_the_ticket(admin_client):
                  "Comment on the support ticket", "Support ticket resolved: Store will call back"):
         assert text in page, text
     assert "Support ticket updated" not in page
+
+
+def test_exported_times_are_utc_iso_8601_in_csv_and_utc_cells_in_xlsx():
+    """The export wrote the ops time zone's clock time with no offset (`2026-12-06 08:19:24`)."""
+    from datetime import datetime, timezone as dt_timezone
+    from io import BytesIO
+
+    from openpyxl import load_workbook
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    created = datetime(2026, 12, 6, 2, 49, 24, tzinfo=dt_timezone.utc)
+    Delivery.objects.filter(pk=DeliveryFactory(seller_order_id="ORD-T1").pk).update(created_at=created)
+    form = {"resource": "0", "deliveryexport_seller_order_id": "on", "deliveryexport_created_at": "on"}
+
+    csv = client.post("/admin/dispatch/delivery/export/", {**form, "format": "0"}).content.decode()
+    sheet = load_workbook(BytesIO(client.post("/admin/dispatch/delivery/export/", {**form, "format": "1"}).content)).active
+
+    assert "ORD-T1,2026-12-06T02:49:24Z" in csv
+    assert (created.replace(tzinfo=None)) in {cell for row in sheet.iter_rows(min_row=2, values_only=True) for cell in row}

@@ -98,8 +98,8 @@ def test_dispatch_now_and_expire_actions_go_through_the_services(admin_client):
     delivery = DeliveryFactory()
 
     r = admin_client.post("/admin/dispatch/delivery/", {"action": "dispatch_now", "_selected_action": [str(delivery.pk)]}, follow=True)
-    assert b"offered to driver" in r.content
     first = DriverOffer.objects.get(delivery=delivery)
+    assert f"{delivery.seller_order_id}: offered to {a.name}".encode() in r.content  # (was the driver's id)
     assert first.driver_id == a.pk
     assert admin_client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/").status_code == 200
     assert admin_client.get("/admin/offers/driveroffer/").status_code == 200
@@ -127,5 +127,5 @@ def test_reassign_action_takes_the_delivery_from_its_driver_and_reports_refusals
     a.refresh_from_db()
     assert delivery.status == "ready" and a.availability == "available"
     assert delivery.current_offer.driver_id == b.pk
-    assert f"taken from {a.pk}".encode() in r.content
+    assert f"taken from {a.name}".encode() in r.content  # (was the driver's id)
     assert b"only an assigned delivery" in r.content  # the ready one was refused, reported
