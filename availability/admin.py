@@ -1,6 +1,7 @@
 """Ops console for drivers: availability, location, performance, zone preferences."""
 from django import forms
 from django.contrib import admin
+from django.core.validators import RegexValidator
 from django.template.response import TemplateResponse
 from import_export import fields as export_fields
 from import_export.admin import ExportMixin
@@ -14,6 +15,7 @@ from availability.models import (
 )
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin, ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
+from dispatch.api.serializers import PHONE_HELP, PHONE_PATTERN
 from dispatch.models import Assignment
 from workflows.drivers import availability_override
 from zones.admin import DriverZonePreferenceInline
@@ -28,7 +30,8 @@ class SetAvailabilityForm(forms.Form):
 
     def clean(self):
         data = super().clean()
-        if data.get("state") == DriverAvailability.ON_BREAK and not data.get("duration_minutes"):
+        if data.get("state") == DriverAvailability.ON_BREAK and not data.get("duration_minutes") \
+                and "duration_minutes" not in self.errors:  # (an out-of-range value has its own error)
             self.add_error("duration_minutes", "Required when the state is on_break.")
         return data
 
@@ -105,6 +108,12 @@ class DriverAdmin(ExportMixin, MapAdminMixin, ChangedFieldsOnlyAdmin):
 
     def has_add_permission(self, request):
         return False  # drivers are created through the API (they need a login and token)
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if db_field.name == "phone":  # the API's rule (`<script>` was saved here)
+            field.validators.append(RegexValidator(PHONE_PATTERN, f"Enter a phone number: {PHONE_HELP}."))
+        return field
 
     def _perf(self, obj):
         return getattr(obj, "performance", None)

@@ -10,7 +10,6 @@ from django.utils.html import format_html
 
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin, run_for_each
-from common.exceptions import DomainError
 from escalation import tickets
 from escalation.models import (
     ACTIVE_TICKET_STATUSES,
@@ -155,8 +154,9 @@ class SupportTicketAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Take selected tickets (assign to me)", permissions=["change"])
     def take(self, request, queryset):
-        for ticket in queryset.order_by("pk"):
-            try:
-                tickets.ticket_take(ticket_id=ticket.pk, user=request.user, actor=Actor.for_user(request.user))
-            except DomainError as exc:
-                self.message_user(request, f"{ticket.title}: {exc.message}", messages.WARNING)
+        run_for_each(
+            self, request, queryset,
+            lambda ticket: tickets.ticket_take(ticket_id=ticket.pk, user=request.user, actor=Actor.for_user(request.user)),
+            label=lambda ticket: ticket.title,
+            done=lambda taken: f"You have taken {len(taken)} ticket{'s' if len(taken) != 1 else ''}.",
+        )

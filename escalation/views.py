@@ -25,6 +25,11 @@ from workflows import escalations
 QUEUE_PAGE_SIZE = 50
 
 
+def _read_only(user) -> bool:
+    """The console's Viewer role: reads the support views, may not post to them."""
+    return user.is_staff and in_group(user, VIEWER_GROUP)
+
+
 def support_required(view):
     @wraps(view)
     def wrapped(request, *args, **kwargs):
@@ -32,7 +37,7 @@ def support_required(view):
             return redirect_to_login(request.get_full_path(), login_url=reverse("support:login"))
         if not (request.user.is_active and is_support(request.user)):
             raise PermissionDenied("Support agents only.")
-        if request.method == "POST" and request.user.is_staff and in_group(request.user, VIEWER_GROUP):
+        if request.method == "POST" and _read_only(request.user):
             raise PermissionDenied("Viewers may only read.")  # the console's read-only role
         return view(request, *args, **kwargs)
 
@@ -51,7 +56,12 @@ class LoginView(auth_views.LoginView):
 @support_required
 def queue(request):
     form = forms.QueueFilterForm(request.GET or None)
-    f = form.cleaned_data if form.is_valid() else {}
+    # The filters that are valid apply (a bad one, `?status=bogus`, shows its error and dropped
+    # the others too).
+    f = {}
+    if form.is_bound:
+        form.full_clean()
+        f = form.cleaned_data
     tickets = selectors.tickets_queue(
         status=f.get("status") or selectors.ACTIVE, priority=f.get("priority") or None,
         zone_id=f["zone"].pk if f.get("zone") else None, level=f.get("level"),
@@ -85,6 +95,7 @@ def ticket_detail(request, ticket_id):
         "cancel_form": forms.CancelDeliveryForm(),
         "resolve_form": forms.ResolveForm(),
         "active": ticket.status in (TicketStatus.OPEN, TicketStatus.IN_PROGRESS),
+        "read_only": _read_only(request.user),
     }
     return render(request, "support/ticket.html", context)
 
@@ -103,6 +114,9 @@ def _act(request, ticket_id, action, done: str):
     """Run the action's service; its refusal (409, 400, 404) becomes a message on the page."""
     try:
         result = action(Actor.for_user(request.user))
+    except NotFound as exc:  # (no ticket page to go back to: the message went with its 404)
+        messages.error(request, _message(exc))
+        return redirect("support:queue"), None
     except DomainError as exc:
         messages.error(request, _message(exc))
         result = None

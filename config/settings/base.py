@@ -315,6 +315,9 @@ STORAGES = {
 }
 
 LOGIN_URL = "/admin/login/"
+# After a login with no (or an unsafe) `next`: `/`, which sends staff to the console and everyone
+# else to the API docs (Django's default, /accounts/profile/, is no page here).
+LOGIN_REDIRECT_URL = "/"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -2,7 +2,9 @@
 
 Django's admin saved the whole row as the request had read it: a driver-page save put back
 the availability a `resume`/`end-shift` had just changed, and a crafted POST to a page of
-read-only fields (a delivery) wrote the delivery back over a concurrent cancel."""
+read-only fields (a delivery) wrote the delivery back over a concurrent cancel. Also the
+console's smaller answers an audit found wrong: the driver page's phone rule, the login's
+landing page, a break's duration error, the admin's take action."""
 import pytest
 from django.contrib.gis.geos import Point
 
@@ -64,3 +66,51 @@ def test_a_new_vehicle_type_saved_on_the_page_brings_its_capacity(admin_client):
     assert admin_client.post(url, data).status_code == 302
     driver.refresh_from_db()
     assert (driver.vehicle_type, driver.capacity) == ("car", 3)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("phone", ["<script>", "abc", "12"])
+def test_the_driver_page_takes_a_phone_by_the_apis_rule(admin_client, phone):
+    driver = DriverFactory(phone="+34 612 345 678", home_location=Point(30.55, 11.45, srid=4326))
+    url, data = _page(admin_client, f"/admin/availability/driver/{driver.pk}/change/")
+    data["phone"] = phone
+
+    r = admin_client.post(url, data)
+
+    assert r.status_code == 200 and "Enter a phone number" in r.content.decode()
+    driver.refresh_from_db()
+    assert driver.phone == "+34 612 345 678"
+
+
+@pytest.mark.django_db
+def test_a_login_with_no_next_lands_on_the_console(client):
+    """It went to Django's default /accounts/profile/, a 404 here."""
+    from django.contrib.auth import get_user_model
+
+    get_user_model().objects.create_user("lead", password="pw-12345-x", is_staff=True)
+
+    r = client.post("/admin/login/", {"username": "lead", "password": "pw-12345-x"}, follow=True)
+
+    assert r.redirect_chain[0][0] == "/" and r.redirect_chain[-1][0] == "/admin/" and r.status_code == 200
+
+
+@pytest.mark.django_db
+def test_an_out_of_range_break_says_only_that(admin_client):
+    driver = DriverFactory()
+    r = admin_client.post("/admin/availability/driver/", {
+        "action": "set_availability", "_selected_action": [str(driver.pk)], "apply": "1",
+        "state": "on_break", "reason": "lunch", "duration_minutes": "99999"})
+
+    page = r.content.decode()
+    assert "Ensure this value is less than or equal to 1440" in page and "Required when the state is on_break" not in page
+
+
+@pytest.mark.django_db
+def test_taking_tickets_in_the_admin_says_so(admin_client):
+    from tests.support_fixtures import ticket_for
+
+    ticket = ticket_for()
+    r = admin_client.post("/admin/escalation/supportticket/", {"action": "take", "_selected_action": [str(ticket.pk)]},
+                          follow=True)
+
+    assert "You have taken 1 ticket." in r.content.decode()

@@ -63,6 +63,14 @@ def test_drivers_and_integrations_are_forbidden_and_staff_are_welcome():
         assert c.get(f"/support/tickets/{ticket.pk}/").status_code == 403
         assert c.post(f"/support/tickets/{ticket.pk}/take").status_code == 403
     assert SupportTicket.objects.get().assignee is None
+
+
+def test_an_action_on_a_ticket_that_does_not_exist_says_so_on_the_queue(web):
+    """It redirected to the ticket's page, a 404, and the message was lost."""
+    r = web.post("/support/tickets/00000000-0000-0000-0000-000000000000/take", follow=True)
+
+    assert r.status_code == 200 and r.redirect_chain[-1][0] == "/support/"
+    assert b"Ticket not found." in r.content
     assert login(OpsUserFactory()).get("/support/").status_code == 200
 
 
@@ -79,6 +87,12 @@ def test_a_viewer_reads_the_support_views_but_changes_nothing():
     assert c.get(f"/support/tickets/{ticket.pk}/").status_code == 200
     assert c.post(f"/support/tickets/{ticket.pk}/take").status_code == 403
     assert SupportTicket.objects.get().assignee is None
+    # ... and is shown no buttons it would only get a 403 from
+    page = c.get(f"/support/tickets/{ticket.pk}/").content.decode()
+    assert 'id="read-only"' in page
+    assert not any(f'id="action-{a}"' in page for a in ("take", "redispatch", "cancel", "resolve")) and "Add comment" not in page
+    agent_page = login(SupportUserFactory()).get(f"/support/tickets/{ticket.pk}/").content.decode()
+    assert 'id="action-take"' in agent_page and 'id="read-only"' not in agent_page
 
 
 def test_the_queue_lists_tickets_by_urgency_and_age_and_hooks_up_the_live_socket(web):
@@ -125,6 +139,7 @@ def test_queue_filters_status_priority_zone_level_and_mine(web, agent):
     assert orders("level=3") == {"ORD-L3"}
     assert orders("mine=on") == {"ORD-MINE"}
     assert orders("level=9&zone=nope") == {"ORD-ZONE", "ORD-L3", "ORD-MINE"}  # bad filters are ignored
+    assert orders("status=bogus&mine=on") == {"ORD-MINE"}  # ... and the good ones still apply (all were dropped)
     assert urgent.priority == "urgent"
 
 
