@@ -3,7 +3,7 @@ the services only; the escalate action calls the same workflow as the API."""
 import uuid
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
