@@ -180,8 +180,8 @@ def ticket_take(*, ticket_id, user, actor: Actor, now: datetime | None = None, s
         raise Conflict(f"Ticket is {ticket.status}; it can no longer be taken.")
     if ticket.assignee_id == user.pk and ticket.status == TicketStatus.IN_PROGRESS:
         return ticket
-    if seen_assignee_id is not _UNSET and str(ticket.assignee_id or "") != str(seen_assignee_id or "") \
-            and ticket.assignee_id != user.pk:
+    if seen_assignee_id is not _UNSET and ticket.assignee_id is not None and ticket.assignee_id != user.pk \
+            and str(ticket.assignee_id) != str(seen_assignee_id or ""):  # (released meanwhile: free to take)
         raise Conflict(f"{_name(ticket.assignee)} took this ticket meanwhile; reload the page to take it over.")
     previous = ticket.assignee
     ticket.assignee = user

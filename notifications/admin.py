@@ -92,8 +92,15 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         v = form.cleaned_data
+        # `active` only when it was changed: true on a failing endpoint clears its failure
+        # record and retries now, which an edit of its description must not do
         services.endpoint_update(endpoint_id=obj.pk, url=v["url"], events=v["events"], description=v["description"],
-                                 active=v["active"])
+                                 active=v["active"] if "active" in form.changed_data else None)
+
+    def delete_queryset(self, request, queryset):
+        """"Delete selected" through the service too (its locks), one endpoint at a time."""
+        for endpoint_id in queryset.values_list("pk", flat=True):
+            self.delete_model(request, WebhookEndpoint(pk=endpoint_id))
 
     def delete_model(self, request, obj):
         try:
@@ -160,7 +167,10 @@ class WebhookMessageAdmin(_ReadOnly):
         return format_html("<pre>{}</pre>", message.event.payload)
 
     def has_change_permission(self, request, obj=None):
-        # read-only pages, but the replay action needs the change permission
+        # read-only pages, but the replay action needs the change permission (on the list only:
+        # a POST of a message's page would save the row as the page read it, over the sender's)
+        if obj is not None and request.method not in ("GET", "HEAD"):
+            return False
         return admin.ModelAdmin.has_change_permission(self, request, obj)
 
     def get_readonly_fields(self, request, obj=None):

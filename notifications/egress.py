@@ -176,50 +176,84 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float, trusted: bool = False) -> HttpResult:
     """POST `body` to `url`. Raises TargetRefused before sending anything to a refused target;
     a network failure or timeout comes back as a result with `status=None` and the error.
-    `trusted`: a URL from our own settings (the ops chat webhook), which may be private."""
+    `trusted`: a URL from our own settings (the ops chat webhook), which may be private.
+
+    `timeout` bounds connecting and each read, and the attempt as a whole from its start: a
+    receiver trickling its answer (a byte every few seconds) kept an attempt, and its worker,
+    for minutes. A look-up that used up the time sends nothing; so does a connection that did;
+    once connected, a watchdog shuts the socket at the deadline. (The DNS look-up itself is
+    not cut short: `getaddrinfo` cannot be.)"""
     scheme, host, port, path = url_check(url) if not trusted else _url_parts(url)
     started = time.monotonic()
+    deadline = started + timeout
+
+    def timed_out() -> HttpResult:
+        return HttpResult(status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
+                          error=f"timeout: no complete answer within {timeout:g} s")
+
     try:
         address = resolve_checked(host, port, trusted=trusted)
     except ConnectionError as exc:
         return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=str(exc)[:500])
+    if time.monotonic() >= deadline:
+        return timed_out()
     cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
     connection = cls(host, port, address=address, timeout=timeout)
-    # The socket timeout bounds each read; a receiver trickling its answer (a byte every few
-    # seconds) kept one attempt, and the worker, for minutes. The watchdog ends the attempt
-    # at `timeout` from its start, whatever stage it is in.
-    cut_off = threading.Event()
-    watchdog = threading.Timer(max(0.0, timeout - (time.monotonic() - started)), _cut_off, args=(connection, cut_off))
-    watchdog.daemon = True
-    watchdog.start()
+    watchdog = _Watchdog(connection, deadline - time.monotonic())
     try:
+        connection.connect()
+        if watchdog.cut:  # (the time ran out while connecting: nothing is sent)
+            return timed_out()
         connection.request("POST", path, body=body, headers={
             "Content-Type": "application/json", "User-Agent": "dispatch-webhooks/1", **headers,
         })
         response = connection.getresponse()
         data = response.read(MAX_RESPONSE_BYTES)
-        if cut_off.is_set():  # (a read the shutdown ended early looks like a short answer)
-            raise TimeoutError(f"no complete answer within {timeout:g} s")
+        if watchdog.finish():  # (a read the shutdown ended early looks like a short answer)
+            return timed_out()
         return HttpResult(
             status=response.status, headers={k.lower(): v for k, v in response.getheaders()}, body=data,
             duration_ms=int((time.monotonic() - started) * 1000),
         )
-    except (OSError, http.client.HTTPException) as exc:
-        timed_out = cut_off.is_set() or isinstance(exc, (TimeoutError, socket.timeout))
-        message = f"no complete answer within {timeout:g} s" if cut_off.is_set() else exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # (ValueError: an SSL socket shut under a read)
+        if watchdog.finish():
+            return timed_out()
+        kind = "timeout" if isinstance(exc, (TimeoutError, socket.timeout)) else type(exc).__name__
         return HttpResult(
             status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
-            error=f"{'timeout' if timed_out else type(exc).__name__}: {message}"[:500],
+            error=f"{kind}: {exc}"[:500],
         )
     finally:
-        watchdog.cancel()
+        watchdog.finish()
         connection.close()
 
 
-def _cut_off(connection: http.client.HTTPConnection, flag: threading.Event) -> None:
-    """The attempt's time is up: shut its socket, which ends the read or write it is blocked in."""
-    flag.set()
-    sock = connection.sock
-    if sock is not None:
-        with contextlib.suppress(OSError):  # (closed meanwhile: nothing left to end)
-            sock.shutdown(socket.SHUT_RDWR)
+class _Watchdog:
+    """Ends an attempt at its deadline by shutting its connection's socket, which ends the read
+    or write blocked on it. `finish()` stops it and says whether it fired first."""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float):
+        self._connection = connection
+        self._lock = threading.Lock()
+        self._finished = False
+        self.cut = False
+        self._timer = threading.Timer(max(0.0, seconds), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.cut = True
+            sock = self._connection.sock  # (None while connecting: `post_json` checks `cut` after)
+        if sock is not None:
+            with contextlib.suppress(OSError):  # (closed meanwhile: nothing left to end)
+                # the plain socket's shutdown: an SSL socket's own would drop its state under a read
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def finish(self) -> bool:
+        self._timer.cancel()
+        with self._lock:
+            self._finished = True
+            return self.cut

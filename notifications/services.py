@@ -12,7 +12,7 @@ How a message goes out, and the races it has to survive:
   event of the same delivery is pending for that endpoint or not yet fanned out: per delivery
   the receiver gets events in order.
 - The HTTP request runs outside any transaction; `message_attempt_record` then locks the
-  message and the endpoint and writes the outcome, the attempt row and, after 24 h of
+  endpoint and the message (the order every write to an endpoint takes) and writes the outcome, the attempt row and, after 24 h of
   failures, disables the endpoint and alerts ops on commit.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -242,7 +242,8 @@ def _endpoints_to_fan_out_to(events: list[OutboxEvent]) -> list[WebhookEndpoint]
 
 # The due messages, at most `per_endpoint` of each endpoint (oldest first), so that one
 # endpoint's backlog cannot fill a batch; locked at the middle level (a window function cannot
-# be), whose conditions PostgreSQL checks again on a row another sweep leased meanwhile.
+# be), whose conditions PostgreSQL checks again on a row another sweep leased meanwhile, and
+# whose LIMIT counts only rows it locked (a sweep beside another takes the next ones).
 _CLAIM_SQL = """
 UPDATE {message} SET leased_until = %(lease)s
 WHERE id IN (
@@ -266,10 +267,10 @@ WHERE id IN (
               )
         ) ranked
         WHERE ranked.turn <= %(per_endpoint)s
-        ORDER BY ranked.event_id
-        LIMIT %(limit)s
     )
       AND l.status = 'pending' AND (l.leased_until IS NULL OR l.leased_until < %(now)s)
+    ORDER BY l.event_id
+    LIMIT %(limit)s
     FOR UPDATE OF l SKIP LOCKED
 )
 RETURNING id
@@ -297,11 +298,11 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
     """Fan out, then send what is due until nothing is or `max_seconds` have passed (a task's
     time limit). Returns the number of attempts made. Safe to run in several workers at once.
 
-    A claimed batch goes out an endpoint per thread (up to WEBHOOK_SEND_CONCURRENCY at once),
-    each endpoint's messages one after another; no thread starts an attempt once the budget
-    is spent, and what it leaves is released for the next sweep. One slow endpoint (10 s an
-    attempt) held every other endpoint's events behind its own and outran the task's time
-    limit, which killed the worker mid-batch."""
+    A claimed batch goes out in threads (up to WEBHOOK_SEND_CONCURRENCY endpoints at once),
+    each endpoint's messages one after another, each outcome recorded (in this thread) as it
+    comes; no attempt starts once the budget is spent, and what is left is released for the
+    next sweep. One slow endpoint (10 s an attempt) held every other endpoint's events behind
+    its own and outran the task's time limit, which killed the worker mid-batch."""
     deadline = time.monotonic() + (max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS)
     attempts = 0
     while True:
@@ -311,7 +312,7 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
         claimed = webhooks_claim_due(now=now, limit=batch_size)
         if not claimed:
             return attempts
-        attempts += _send_batch(claimed, deadline=deadline)
+        attempts += _send_batch(claimed, deadline=deadline, lease=now + timedelta(seconds=LEASE_SECONDS))
         if time.monotonic() >= deadline:
             return attempts
 
@@ -354,40 +355,56 @@ def _post(out: _Outgoing) -> HttpResult:
         return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"{type(exc).__name__}: {exc}"[:500])
 
 
-def _send_batch(message_ids: list[int], *, deadline: float) -> int:
-    """Send claimed messages (see `webhooks_deliver_due`); the database is read and written in
-    this thread only. Returns the number of attempts made."""
-    outgoing = [out for out in map(_outgoing, message_ids) if out is not None]
-    by_endpoint: dict[object, list[_Outgoing]] = {}
-    for out in outgoing:
-        by_endpoint.setdefault(out.endpoint_id, []).append(out)
-    results: dict[int, HttpResult] = {}
-
-    def send_in_turn(queue: list[_Outgoing]) -> None:
-        for out in queue:
-            if time.monotonic() >= deadline:
-                return
-            results[out.message_id] = _post(out)
-
-    workers = max(1, min(settings.WEBHOOK_SEND_CONCURRENCY, len(by_endpoint)))
-    if workers == 1:
-        for queue in by_endpoint.values():
-            send_in_turn(queue)
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhooks") as pool:
-            list(pool.map(send_in_turn, by_endpoint.values()))
-    unsent = []
-    for out in outgoing:
-        if out.message_id not in results:
-            unsent.append(out.message_id)
-            continue
+def _send_batch(message_ids: list[int], *, deadline: float, lease: datetime) -> int:
+    """Send claimed messages (see `webhooks_deliver_due`): the threads only sign and POST; the
+    database is read and written in this thread, each outcome as it comes. Returns the number
+    of attempts made."""
+    queues: dict[object, list[_Outgoing]] = {}
+    for message_id in message_ids:
         try:
-            message_attempt_record(message_id=out.message_id, result=results[out.message_id], now=timezone.now())
+            out = _outgoing(message_id)
+        except Exception:  # one bad message never stops the sweep; its lease expires
+            logger.exception("webhook message %s could not be prepared", message_id)
+            continue
+        if out is not None:
+            queues.setdefault(out.endpoint_id, []).append(out)
+    attempts = 0
+
+    def record(out: _Outgoing, result: HttpResult) -> None:
+        try:
+            message_attempt_record(message_id=out.message_id, result=result, now=timezone.now())
         except Exception:  # one bad message never stops the sweep; its lease expires
             logger.exception("webhook message %s: its attempt could not be recorded", out.message_id)
+
+    workers = min(settings.WEBHOOK_SEND_CONCURRENCY, len(queues))
+    if workers <= 1:
+        for queue in queues.values():
+            while queue and time.monotonic() < deadline:
+                out = queue.pop(0)
+                record(out, _post(out))
+                attempts += 1
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhooks") as pool:
+            running = {}
+            waiting = list(queues.values())
+            while waiting or running:
+                while waiting and len(running) < workers and time.monotonic() < deadline:
+                    queue = waiting.pop(0)
+                    out = queue.pop(0)
+                    running[pool.submit(_post, out)] = (out, queue)
+                if not running:
+                    break  # the budget is spent: what waits is released below
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    out, queue = running.pop(future)
+                    record(out, future.result())
+                    attempts += 1
+                    if queue:  # the endpoint's next message, after this one (in turn)
+                        waiting.append(queue)
+    unsent = [out.message_id for queue in queues.values() for out in queue]
     if unsent:  # the budget ran out before these: the next sweep, not the lease's end
-        WebhookMessage.objects.filter(pk__in=unsent, status=MessageStatus.PENDING).update(leased_until=None)
-    return len(results)
+        WebhookMessage.objects.filter(pk__in=unsent, status=MessageStatus.PENDING, leased_until=lease).update(leased_until=None)
+    return attempts
 
 
 def message_send(*, message_id: int) -> WebhookAttempt | None:

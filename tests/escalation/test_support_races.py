@@ -98,3 +98,16 @@ def test_a_take_from_a_page_that_showed_nobody_does_not_take_over_from_an_agent_
     r = web.post(f"/support/tickets/{ticket.pk}/take", {"assignee": str(first.pk)}, follow=True)
     assert b"You have taken this ticket." in r.content
     assert SupportTicket.objects.get(pk=ticket.pk).assignee_id == second.pk
+
+
+def test_a_take_from_a_page_that_showed_an_agent_who_has_since_let_go_takes_it():
+    """`ticket.assignee` was None and naming it raised (a 500)."""
+    ticket = ticket_for()
+    first, second = SupportUserFactory(), SupportUserFactory()
+    tickets.ticket_take(ticket_id=ticket.pk, user=first, actor=Actor.for_user(first))
+    SupportTicket.objects.filter(pk=ticket.pk).update(assignee=None, status="open")
+
+    r = login(second).post(f"/support/tickets/{ticket.pk}/take", {"assignee": str(first.pk)}, follow=True)
+
+    assert r.status_code == 200 and b"You have taken this ticket." in r.content
+    assert SupportTicket.objects.get(pk=ticket.pk).assignee_id == second.pk

@@ -71,3 +71,26 @@ def test_a_delete_behind_a_fan_out_of_its_test_event_waits_for_it_and_deletes_bo
     assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
     assert not OutboxEvent.objects.filter(endpoint_id=endpoint.pk).exists()
     assert not WebhookMessage.objects.filter(endpoint_id=endpoint.pk).exists()
+
+
+def test_a_sweep_beside_another_claims_the_next_messages_not_none(no_worker):
+    """The claim's LIMIT came before SKIP LOCKED: a second sweep ranked the same first 20, skipped
+    them all (the first held them) and stopped, with work left."""
+    from django.utils import timezone
+
+    merchant = IntegrationUserFactory()
+    for n in range(6):
+        endpoint = services.endpoint_create(owner=merchant, all_deliveries=False, url=f"https://h{n}.example.com/h",
+                                            events=["*"])
+        for _ in range(services.CLAIM_PER_ENDPOINT):
+            services.endpoint_send_test(endpoint_id=endpoint.pk)
+    while services.webhooks_fan_out(now=timezone.now()):
+        pass
+    first = []
+
+    def hold():
+        first.extend(services.webhooks_claim_due(now=timezone.now(), limit=20))
+
+    second = behind_lock(hold, lambda: services.webhooks_claim_due(now=timezone.now(), limit=20))
+
+    assert len(first) == 20 and len(second) == 10 and not set(first) & set(second)

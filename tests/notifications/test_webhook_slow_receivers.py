@@ -20,10 +20,10 @@ pytestmark = pytest.mark.django_db
 
 
 def test_a_slow_endpoint_does_not_hold_another_endpoints_event_and_the_sweep_keeps_its_budget(receiver, settings):
-    settings.WEBHOOK_TIMEOUT_SECONDS = 1.0
+    settings.WEBHOOK_TIMEOUT_SECONDS = 3.0
     merchant = IntegrationUserFactory()
     slow_receiver = Receiver()
-    slow_receiver.default = Answer(delay=3)  # every attempt times out (1 s)
+    slow_receiver.default = Answer(delay=5)  # every attempt times out (3 s)
     try:
         slow = services.endpoint_create(owner=merchant, all_deliveries=False, url=slow_receiver.url, events=["*"])
         fast = services.endpoint_create(owner=merchant, all_deliveries=False, url=receiver.url, events=["*"])
@@ -31,7 +31,7 @@ def test_a_slow_endpoint_does_not_hold_another_endpoints_event_and_the_sweep_kee
             services.endpoint_send_test(endpoint_id=slow.pk)
         services.endpoint_send_test(endpoint_id=fast.pk)  # the newest event of all
 
-        attempts = services.webhooks_deliver_due(max_seconds=0.5)
+        attempts = services.webhooks_deliver_due(max_seconds=1.5)  # (the fast one's attempt starts well within it)
 
         # The fast endpoint got its event in the same sweep; the slow one had one attempt (its
         # thread starts none after the budget), not six in a row (it held the fast one ~6 s).
@@ -92,3 +92,22 @@ def test_an_answer_trickled_a_byte_at_a_time_is_cut_off_at_the_timeout():
 
     assert result.status is None and result.error == "timeout: no complete answer within 1 s"
     assert result.duration_ms < 4000  # (cut off at 1 s, not when the receiver hung up)
+
+
+def test_a_look_up_that_used_up_the_time_sends_nothing(receiver, monkeypatch):
+    """The watchdog started after the DNS look-up: a slow one set it off before the connection
+    existed, the request then went out whole, and its 200 was recorded as a timeout (and sent
+    again)."""
+    from notifications import egress
+
+    real = egress.resolve_checked
+
+    def slow(host, port, *, trusted=False):
+        time.sleep(1.2)
+        return real(host, port, trusted=trusted)
+
+    monkeypatch.setattr(egress, "resolve_checked", slow)
+
+    result = post_json(receiver.url, b"{}", {}, timeout=1.0)
+
+    assert result.error == "timeout: no complete answer within 1 s" and receiver.requests == []

@@ -80,3 +80,56 @@ def test_an_endpoint_changed_in_the_admin_goes_through_the_service(admin_client,
         "url": "http://10.0.0.8/hook", "description": "", "events": "delivery.assigned", "active": "on",
     })
     assert page.status_code == 200 and b"not allowed" in page.content
+
+
+def test_an_edit_of_a_failing_endpoints_description_keeps_its_failure_record(admin_client):
+    """The page passed `active` always: saving a new description cleared the failure record
+    (and the 24 h clock to disabling it) and made every waiting retry due now."""
+    from django.utils import timezone
+
+    from notifications import services as webhook_services
+    from notifications.models import WebhookEndpoint
+    from tests.factories import IntegrationUserFactory
+    from tests.zones.test_zones_admin import form_data
+
+    endpoint = webhook_services.endpoint_create(owner=IntegrationUserFactory(), all_deliveries=False,
+                                                url="https://hooks.example.com/h", events=["*"])
+    failing = timezone.now()
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(failing_since=failing)
+    url = f"/admin/notifications/webhookendpoint/{endpoint.pk}/change/"
+    data = {**form_data(admin_client.get(url)), "description": "the new one"}
+
+    assert admin_client.post(url, data).status_code == 302
+    endpoint.refresh_from_db()
+    assert endpoint.description == "the new one" and endpoint.failing_since == failing
+
+
+def test_a_post_to_a_message_page_changes_nothing(admin_client, receiver):
+    """Its page is read-only, but a POST saved the row as the page had read it (over the
+    sender's record of an attempt); the list's replay action still works."""
+    _, message = _failed_walk(receiver)
+    before = WebhookMessage.objects.values().get(pk=message.pk)
+
+    r = admin_client.post(f"/admin/notifications/webhookmessage/{message.pk}/change/", {"_save": "Save"})
+
+    assert r.status_code == 403 and WebhookMessage.objects.values().get(pk=message.pk) == before
+
+
+def test_delete_selected_endpoints_goes_through_the_service(admin_client, monkeypatch):
+    """(Django deleted the rows itself, without the service's lock on the endpoint. An endpoint
+    with messages or events cannot be deleted here at all: their pages allow no delete.)"""
+    from notifications import services as webhook_services
+    from notifications.models import WebhookEndpoint
+    from tests.factories import IntegrationUserFactory
+
+    endpoint = webhook_services.endpoint_create(owner=IntegrationUserFactory(), all_deliveries=False,
+                                                url="https://hooks.example.com/h", events=["*"])
+    deleted = []
+    real = webhook_services.endpoint_delete
+    monkeypatch.setattr(webhook_services, "endpoint_delete", lambda **kw: deleted.append(kw) or real(**kw))
+
+    r = admin_client.post("/admin/notifications/webhookendpoint/", {
+        "action": "delete_selected", "_selected_action": [str(endpoint.pk)], "post": "yes"}, follow=True)
+
+    assert r.status_code == 200 and deleted == [{"endpoint_id": endpoint.pk}]
+    assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
