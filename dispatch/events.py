@@ -39,6 +39,7 @@ class DeliveryCancelledEvent(TypedDict):
     deliveryId: str
     sellerOrderId: str
     fromStatus: str
+    driverId: str | None  # the driver who had it (None: nobody had taken it)
     reason: str
     cancelledAt: str
 
@@ -72,12 +73,13 @@ def delivery_status_changed(delivery, *, from_status: str, driver_id, changed_at
     return event
 
 
-def delivery_cancelled(delivery, *, from_status: str, reason: str, cancelled_at) -> DeliveryCancelledEvent:
+def delivery_cancelled(delivery, *, from_status: str, driver_id, reason: str, cancelled_at) -> DeliveryCancelledEvent:
     return {
         "type": "delivery_cancelled",
         "deliveryId": str(delivery.pk),
         "sellerOrderId": delivery.seller_order_id,
         "fromStatus": from_status,
+        "driverId": str(driver_id) if driver_id else None,
         "reason": reason,
         "cancelledAt": iso(cancelled_at),
     }

@@ -198,7 +198,7 @@ def delivery_mark_cancelled(delivery: Delivery, *, reason: str, driver_id, actor
         delivery=delivery, event_type=E.DELIVERY_CANCELLED, actor=actor, now=now,
         details={"reason": reason, "fromStatus": from_status, "driverId": str(driver_id) if driver_id else None},
     )
-    event = events.delivery_cancelled(delivery, from_status=from_status, reason=reason, cancelled_at=now)
+    event = events.delivery_cancelled(delivery, from_status=from_status, driver_id=driver_id, reason=reason, cancelled_at=now)
     broadcast_on_commit([OPS_GROUP, delivery_group(delivery.pk)], event)
 
 

@@ -69,6 +69,7 @@ def test_staff_receive_delivery_events_after_commit(integration_user):
         assert_event_shape(by_type["assignment_cancelled"], events.AssignmentCancelledEvent)
         assert by_type["assignment_cancelled"]["driverId"] == str(driver.pk)
         assert by_type["delivery_cancelled"]["fromStatus"] == "assigned"
+        assert by_type["delivery_cancelled"]["driverId"] == str(driver.pk)  # (the driver who had it)
         await comm.disconnect()
 
     async_to_sync(scenario)()

@@ -60,7 +60,7 @@ def test_a_cancellation_is_a_status_change_to_cancelled():
     cancelled_at = event.payload["data"]["cancelledAt"]
     assert event.payload["data"]["change"] == {  # (changedAt, as every other status change has)
         "fromStatus": "ready", "reason": "customer left", "cancelledAt": cancelled_at, "status": "cancelled",
-        "changedAt": cancelled_at,
+        "changedAt": cancelled_at, "driverId": None,
     }
 
 
@@ -172,3 +172,15 @@ def test_the_payload_read_finds_each_deliverys_latest_assignment():
     ended = Assignment.objects.get(delivery=twice, driver=first)
     assert (ended.status, ended.end_reason) == ("cancelled", "reassigned")  # the older one is not picked
     assert deliveries_for_payload([]) == {}
+
+
+def test_the_cancellation_of_a_taken_delivery_names_its_driver_in_the_change():
+    """A cancellation's `change` had no `driverId` (the live event it comes from had none)."""
+    delivery, driver = DeliveryFactory(), online_driver()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    flows.delivery_cancel(delivery_id=delivery.pk, reason="store closed", actor=Actor.system())
+
+    cancelled = OutboxEvent.objects.filter(delivery=delivery).order_by("seq").last()
+
+    assert cancelled.payload["data"]["change"]["status"] == "cancelled"
+    assert cancelled.payload["data"]["change"]["driverId"] == str(driver.pk)
