@@ -1,6 +1,9 @@
 # Local development and CI entry points. `make run` and `make test` are the two commands.
 PORT ?= 8000
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (each has its own test database and Redis databases,
+# config/settings/test.py); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 PY := .venv/bin/python
 
 .PHONY: setup migrate run test clean cluster cluster-stop cluster-status
@@ -45,7 +48,7 @@ cluster-status:
 # (.importlinter, docs/architecture.md) are checked first: a broken layer fails the run.
 test: setup
 	.venv/bin/lint-imports
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

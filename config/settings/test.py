@@ -3,12 +3,19 @@ import os
 from urllib.parse import urlsplit, urlunsplit
 
 
+# Under pytest-xdist (`make test` runs two workers) each worker `gwN` has its own Redis
+# databases (15 - N for the tests, 9 - N for the simulator) and pytest-django gives it its own
+# test database (test_<name>_gwN). Up to four workers fit between the dev databases (0, 10).
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+assert _WORKER < 4, "at most four test workers: their Redis databases would reach the dev ones"
+
+
 def _test_redis_url() -> str:
     explicit = os.environ.get("TEST_REDIS_URL")
     if explicit:
         return explicit
     parts = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    return urlunsplit((parts.scheme, parts.netloc, "/15", "", ""))
+    return urlunsplit((parts.scheme, parts.netloc, f"/{15 - _WORKER}", "", ""))
 
 
 os.environ["REDIS_URL"] = _test_redis_url()
@@ -18,7 +25,9 @@ os.environ.setdefault("DB_POOL_MAX_SIZE", "0")
 from .base import *  # noqa: E402,F401,F403
 from .base import CHANNEL_LAYERS, REST_FRAMEWORK, env  # noqa: E402
 
-CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = "test-asgi"
+# Per worker: the tracking layer is Redis pub/sub, whose channels every Redis database shares.
+CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"test-asgi-{_WORKER}"
+CHANNEL_LAYERS["tracking"]["CONFIG"]["prefix"] = f"test-asgi-{_WORKER}.tracking"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=True)
 # The consumer runs inside the test process: it must not renice the test run.
@@ -39,4 +48,4 @@ STATIC_ROOT.mkdir(exist_ok=True)  # noqa: F405
 WEBHOOK_ALLOW_PRIVATE_TARGETS = True
 
 # The simulator's own Redis database in tests (another than the tests' REDIS_URL: a run flushes it).
-SIMULATION_REDIS_URL = env("TEST_SIMULATION_REDIS_URL", default=REDIS_URL.rsplit("/", 1)[0] + "/9")  # noqa: F405
+SIMULATION_REDIS_URL = env("TEST_SIMULATION_REDIS_URL", default=REDIS_URL.rsplit("/", 1)[0] + f"/{9 - _WORKER}")  # noqa: F405
