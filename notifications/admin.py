@@ -97,6 +97,23 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
         services.endpoint_update(endpoint_id=obj.pk, url=v["url"], events=v["events"], description=v["description"],
                                  active=v["active"] if "active" in form.changed_data else None)
 
+    def get_deleted_objects(self, objs, request):
+        """What the confirmation page lists: the endpoints, and as counts what goes with them (their
+        messages with their attempts, and their test events), as the API's DELETE does. Django's
+        own listing asked for the delete permission on those rows, which their read-only pages
+        never give, so an endpoint that had ever been sent anything could not be deleted here;
+        and it would have listed every one of an endpoint's messages."""
+        endpoints = list(objs)
+        ids = [endpoint.pk for endpoint in endpoints]
+        model_count = {WebhookEndpoint._meta.verbose_name_plural: len(endpoints)}
+        for model, rows in ((WebhookMessage, WebhookMessage.objects.filter(endpoint_id__in=ids)),
+                            (WebhookAttempt, WebhookAttempt.objects.filter(endpoint_id__in=ids)),
+                            (OutboxEvent, OutboxEvent.objects.filter(endpoint_id__in=ids))):
+            if count := rows.count():
+                model_count[model._meta.verbose_name_plural] = count
+        listed = [f"{WebhookEndpoint._meta.verbose_name.capitalize()}: {endpoint}" for endpoint in endpoints]
+        return listed, model_count, set(), []
+
     def delete_queryset(self, request, queryset):
         """"Delete selected" through the service too (its locks), one endpoint at a time."""
         for endpoint_id in queryset.values_list("pk", flat=True):

@@ -116,8 +116,7 @@ def test_a_post_to_a_message_page_changes_nothing(admin_client, receiver):
 
 
 def test_delete_selected_endpoints_goes_through_the_service(admin_client, monkeypatch):
-    """(Django deleted the rows itself, without the service's lock on the endpoint. An endpoint
-    with messages or events cannot be deleted here at all: their pages allow no delete.)"""
+    """(Django deleted the rows itself, without the service's lock on the endpoint.)"""
     from notifications import services as webhook_services
     from notifications.models import WebhookEndpoint
     from tests.factories import IntegrationUserFactory
@@ -133,3 +132,25 @@ def test_delete_selected_endpoints_goes_through_the_service(admin_client, monkey
 
     assert r.status_code == 200 and deleted == [{"endpoint_id": endpoint.pk}]
     assert not WebhookEndpoint.objects.filter(pk=endpoint.pk).exists()
+
+
+def test_an_endpoint_that_was_sent_events_can_be_deleted_and_the_page_counts_what_goes(receiver, admin_client):
+    """Django's confirmation asked for the delete permission on its messages and attempts, which
+    their read-only pages never give: "your account doesn't have permission to delete", even for
+    a superuser (a Dispatcher may not delete a merchant's endpoint at all), and nothing was deleted."""
+    from notifications.models import WebhookAttempt, WebhookEndpoint
+
+    endpoint_id, message = _failed_walk(receiver)
+    url = f"/admin/notifications/webhookendpoint/{endpoint_id}/delete/"
+
+    page = admin_client.get(url)
+    html = page.content.decode()
+    assert page.status_code == 200 and "permission to delete" not in html
+    assert "Webhook messages: 1" in html and "Webhook attempts: 1" in html, html
+
+    r = admin_client.post(url, {"post": "yes"})
+
+    assert r.status_code == 302
+    assert not WebhookEndpoint.objects.filter(pk=endpoint_id).exists()
+    assert not WebhookMessage.objects.filter(pk=message.pk).exists()
+    assert not WebhookAttempt.objects.filter(endpoint_id=endpoint_id).exists()
