@@ -7,6 +7,7 @@ followed. The timeout bounds connecting and each read, and the whole attempt: a 
 answers a byte at a time is cut off when it runs out (`post_json`)."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import http.client
 import ipaddress
@@ -132,11 +133,47 @@ def url_check(url: str) -> tuple[str, str, int, str]:
     return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), path
 
 
-def resolve_checked(host: str, port: int, *, trusted: bool = False) -> str:
-    """The first address of `host`, after checking that every address it resolves to is
-    allowed (an attacker's name may resolve to several)."""
+# Look-ups in flight, by (host, port): a name whose DNS hangs gets one thread however many
+# attempts ask for it meanwhile.
+_lookups: dict[tuple[str, int], concurrent.futures.Future] = {}
+_lookups_lock = threading.Lock()
+
+
+def _getaddrinfo_within(host: str, port: int, seconds: float | None) -> list:
+    """`socket.getaddrinfo(host, port)`, given up after `seconds` (None: waited for). The
+    look-up runs on a daemon thread, which a give-up leaves to end by the resolver's own
+    time-outs (`getaddrinfo` cannot be interrupted): a webhook receiver whose name server does
+    not answer held a sender's thread, and so the endpoints behind it in the sweep, for as long
+    as the resolver kept retrying."""
+    key = (host, port)
+    with _lookups_lock:
+        future = _lookups.get(key)
+        if future is None:
+            future = _lookups[key] = concurrent.futures.Future()
+
+            def look_up() -> None:
+                try:
+                    future.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+                except BaseException as exc:  # noqa: BLE001 (handed to the waiters)
+                    future.set_exception(exc)
+                finally:
+                    with _lookups_lock:
+                        if _lookups.get(key) is future:
+                            del _lookups[key]
+
+            threading.Thread(target=look_up, name=f"webhook DNS {host}", daemon=True).start()
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return future.result(timeout=None if seconds is None else max(0.0, seconds))
+    except concurrent.futures.TimeoutError:
+        raise ConnectionError(f"DNS lookup timed out: no answer for {host} within {seconds:g} s") from None
+
+
+def resolve_checked(host: str, port: int, *, trusted: bool = False, timeout: float | None = None) -> str:
+    """The first address of `host`, after checking that every address it resolves to is
+    allowed (an attacker's name may resolve to several). `timeout`: give up the look-up after
+    that many seconds (ConnectionError)."""
+    try:
+        infos = _getaddrinfo_within(host, port, timeout)
     except socket.gaierror as exc:
         raise ConnectionError(f"DNS lookup failed: {exc}") from exc
     addresses = [info[4][0] for info in infos]
@@ -181,8 +218,8 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
     `timeout` bounds connecting and each read, and the attempt as a whole from its start: a
     receiver trickling its answer (a byte every few seconds) kept an attempt, and its worker,
     for minutes. A look-up that used up the time sends nothing; so does a connection that did;
-    once connected, a watchdog shuts the socket at the deadline. (The DNS look-up itself is
-    not cut short: `getaddrinfo` cannot be.)"""
+    once connected, a watchdog shuts the socket at the deadline. The DNS look-up is given up
+    at the deadline too (its thread left to the resolver's own time-outs)."""
     scheme, host, port, path = url_check(url) if not trusted else _url_parts(url)
     started = time.monotonic()
     deadline = started + timeout
@@ -192,9 +229,10 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
                           error=f"timeout: no complete answer within {timeout:g} s")
 
     try:
-        address = resolve_checked(host, port, trusted=trusted)
+        address = resolve_checked(host, port, trusted=trusted, timeout=timeout)
     except ConnectionError as exc:
-        return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=str(exc)[:500])
+        return HttpResult(status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
+                          error=str(exc)[:500])
     if time.monotonic() >= deadline:
         return timed_out()
     cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection

@@ -102,12 +102,47 @@ def test_a_look_up_that_used_up_the_time_sends_nothing(receiver, monkeypatch):
 
     real = egress.resolve_checked
 
-    def slow(host, port, *, trusted=False):
+    def slow(host, port, **kwargs):
         time.sleep(1.2)
-        return real(host, port, trusted=trusted)
+        return real(host, port, **kwargs)
 
     monkeypatch.setattr(egress, "resolve_checked", slow)
 
     result = post_json(receiver.url, b"{}", {}, timeout=1.0)
 
     assert result.error == "timeout: no complete answer within 1 s" and receiver.requests == []
+
+
+def test_a_name_whose_dns_does_not_answer_is_given_up_at_the_timeout(monkeypatch):
+    """`getaddrinfo` cannot be interrupted and was waited for whole: a receiver whose name
+    server does not answer held the sender's thread for as long as the resolver retried. Now the
+    attempt gives the look-up up at its timeout, and attempts for the same name meanwhile share
+    the one look-up still running."""
+    release, returned, calls = threading.Event(), threading.Event(), []
+    real = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host != "hangs.example.com":
+            return real(host, *args, **kwargs)
+        calls.append(host)
+        release.wait(5)
+        returned.set()
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        results = [post_json("http://hangs.example.com/hook", b"{}", {}, timeout=0.3) for _ in range(3)]
+        still_looking_up = not returned.is_set()
+    finally:
+        release.set()
+
+    assert still_looking_up
+    assert [(r.status, r.error) for r in results] == [
+        (None, "DNS lookup timed out: no answer for hangs.example.com within 0.3 s")] * 3
+    assert calls == ["hangs.example.com"]
+    for thread in threading.enumerate():
+        if thread.name == "webhook DNS hangs.example.com":
+            thread.join(5)
+    # the next attempt, once that look-up has ended, looks up again
+    assert post_json("http://hangs.example.com/hook", b"{}", {}, timeout=1).error.startswith("DNS lookup failed")
+    assert calls == ["hangs.example.com"] * 2
