@@ -119,6 +119,10 @@ class WebhookMessage(models.Model):
             models.Index(fields=["next_attempt_at"], name="webhook_message_due_idx", condition=Q(status="pending")),
             # a delivery's messages to one endpoint, in the order of their events
             models.Index(fields=["endpoint", "delivery_id", "event"], name="webhook_message_chain_idx", condition=Q(status="pending")),
+            # an endpoint's messages in the order they are sent: the claim walks each endpoint's
+            # from the front until it has its few (services._CLAIM_SQL)
+            models.Index(fields=["endpoint", "event"], name="webhook_message_turn_idx", condition=Q(status="pending"),
+                         include=["next_attempt_at", "leased_until"]),
         ]
 
     def __str__(self) -> str:

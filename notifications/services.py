@@ -240,21 +240,22 @@ def _endpoints_to_fan_out_to(events: list[OutboxEvent]) -> list[WebhookEndpoint]
 
 # ------------------------------------------------------------------------------ sending
 
-# The due messages, at most `per_endpoint` of each endpoint (oldest first), so that one
-# endpoint's backlog cannot fill a batch; locked at the middle level (a window function cannot
-# be), whose conditions PostgreSQL checks again on a row another sweep leased meanwhile, and
-# whose LIMIT counts only rows it locked (a sweep beside another takes the next ones).
+# The due messages, at most `per_endpoint` of each active endpoint (its oldest sendable ones,
+# found by walking its pending messages in event order: webhook_message_turn_idx), so that one
+# endpoint's backlog cannot fill a batch; locked at the outer level (a LATERAL join cannot be),
+# whose conditions PostgreSQL checks again on a row another sweep leased meanwhile, and whose
+# LIMIT counts only rows it locked (a sweep beside another takes the next ones). The walk per
+# endpoint stops at its `per_endpoint`-th find: a claim of 20 against 100,000 due messages of 50
+# endpoints took 164 ms when every due message was ranked, 14 ms so (bench/webhook_claim.py).
 _CLAIM_SQL = """
 UPDATE {message} SET leased_until = %(lease)s
 WHERE id IN (
     SELECT l.id FROM {message} l
     WHERE l.id IN (
-        SELECT ranked.id FROM (
-            SELECT m.id, m.event_id,
-                   row_number() OVER (PARTITION BY m.endpoint_id ORDER BY m.event_id) AS turn
-            FROM {message} m
-            JOIN {endpoint} e ON e.id = m.endpoint_id AND e.active
-            WHERE m.status = 'pending' AND m.next_attempt_at <= %(now)s
+        SELECT turn.id FROM {endpoint} e
+        CROSS JOIN LATERAL (
+            SELECT m.id FROM {message} m
+            WHERE m.endpoint_id = e.id AND m.status = 'pending' AND m.next_attempt_at <= %(now)s
               AND (m.leased_until IS NULL OR m.leased_until < %(now)s)
               AND NOT EXISTS (
                   SELECT 1 FROM {message} p
@@ -265,8 +266,10 @@ WHERE id IN (
                   SELECT 1 FROM {outbox} o
                   WHERE o.delivery_id = m.delivery_id AND o.fanned_out_at IS NULL AND o.seq < m.event_id
               )
-        ) ranked
-        WHERE ranked.turn <= %(per_endpoint)s
+            ORDER BY m.event_id
+            LIMIT %(per_endpoint)s
+        ) turn
+        WHERE e.active
     )
       AND l.status = 'pending' AND (l.leased_until IS NULL OR l.leased_until < %(now)s)
     ORDER BY l.event_id

@@ -1,0 +1,148 @@
+"""The webhook sweep's claim (`notifications.services.webhooks_claim_due`) against a backlog:
+how long one claim of 20 takes when N messages are due across E endpoints, each delivery's
+events chained (only the first of a chain is sendable). Everything is written and claimed in
+one transaction that is rolled back: the running server's sweep never sees it. Uses the dev
+database (`make migrate` first).
+
+    .venv/bin/python bench/webhook_claim.py --messages 100000 --endpoints 50 --chain 5 --claims 20 --reference
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.db import connection, transaction  # noqa: E402
+from django.utils import timezone  # noqa: E402
+
+from benchlib import machine_state  # noqa: E402
+from notifications import services  # noqa: E402
+from notifications.models import OutboxEvent, WebhookEndpoint, WebhookMessage  # noqa: E402
+
+_BACKLOG_SQL = """
+WITH ev AS (
+    INSERT INTO {outbox} (event_id, type, owner_id, payload, created_at, fanned_out_at)
+    SELECT gen_random_uuid(), 'delivery.assigned', %(owner)s, '{{}}', now(), now()
+    FROM generate_series(1, %(messages)s)
+    RETURNING seq
+), numbered AS (
+    SELECT seq, row_number() OVER (ORDER BY seq) - 1 AS i FROM ev
+), eps AS (
+    SELECT id, row_number() OVER (ORDER BY id) - 1 AS j FROM {endpoint} WHERE owner_id = %(owner)s
+)
+INSERT INTO {message} (event_id, endpoint_id, delivery_id, status, attempt_count, next_attempt_at,
+                       window_started_at, last_error, created_at)
+SELECT n.seq, e.id, md5((n.i / %(chain)s)::text || 'bench')::uuid, 'pending', 0,
+       CASE WHEN e.j < %(backing_off)s THEN now() + interval '1 hour' ELSE now() - interval '1 minute' END,
+       now(), '', now()
+FROM numbered n JOIN eps e ON e.j = (n.i / %(chain)s) %% %(endpoints)s
+"""
+
+
+# The claim until 2026-12-06, for reference: every due message ranked per endpoint with a
+# window function, then the first few of each taken.
+_RANKED_SQL = """
+UPDATE {message} SET leased_until = %(lease)s
+WHERE id IN (
+    SELECT l.id FROM {message} l
+    WHERE l.id IN (
+        SELECT ranked.id FROM (
+            SELECT m.id, m.event_id,
+                   row_number() OVER (PARTITION BY m.endpoint_id ORDER BY m.event_id) AS turn
+            FROM {message} m
+            JOIN {endpoint} e ON e.id = m.endpoint_id AND e.active
+            WHERE m.status = 'pending' AND m.next_attempt_at <= %(now)s
+              AND (m.leased_until IS NULL OR m.leased_until < %(now)s)
+              AND NOT EXISTS (
+                  SELECT 1 FROM {message} p
+                  WHERE p.endpoint_id = m.endpoint_id AND p.delivery_id = m.delivery_id
+                    AND p.status = 'pending' AND p.event_id < m.event_id
+              )
+              AND NOT EXISTS (
+                  SELECT 1 FROM {outbox} o
+                  WHERE o.delivery_id = m.delivery_id AND o.fanned_out_at IS NULL AND o.seq < m.event_id
+              )
+        ) ranked
+        WHERE ranked.turn <= %(per_endpoint)s
+    )
+      AND l.status = 'pending' AND (l.leased_until IS NULL OR l.leased_until < %(now)s)
+    ORDER BY l.event_id
+    LIMIT %(limit)s
+    FOR UPDATE OF l SKIP LOCKED
+)
+RETURNING id
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--endpoints", type=int, default=50)
+    parser.add_argument("--chain", type=int, default=5, help="events per delivery (each waits for the one before)")
+    parser.add_argument("--claims", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--backing-off", type=int, default=0,
+                        help="this many of the endpoints are failing: their messages wait an hour (not due)")
+    parser.add_argument("--reference", action="store_true", help="also time the ranked claim it replaced")
+    args = parser.parse_args()
+    print(machine_state("before"))
+    tables = {"outbox": OutboxEvent._meta.db_table, "endpoint": WebhookEndpoint._meta.db_table,
+              "message": WebhookMessage._meta.db_table}
+    with transaction.atomic():
+        owner = get_user_model().objects.create(username=f"bench-claim-{time.time_ns()}")
+        WebhookEndpoint.objects.bulk_create(
+            WebhookEndpoint(owner=owner, url=f"http://bench.invalid/{j}", events=["*"], secret="x",
+                            created_at=timezone.now(), updated_at=timezone.now())
+            for j in range(args.endpoints))
+        started = time.perf_counter()
+        with connection.cursor() as cursor:
+            cursor.execute(_BACKLOG_SQL.format(**tables), {
+                "owner": owner.pk, "backing_off": args.backing_off, "messages": args.messages, "chain": args.chain, "endpoints": args.endpoints})
+            cursor.execute(f"ANALYZE {tables['message']}")
+        print(f"backlog: {args.messages:,} messages, {args.endpoints} endpoints ({args.backing_off} backing off: not due),"
+              f" chains of {args.chain}"
+              f" (written in {time.perf_counter() - started:.1f} s)")
+        now = timezone.now()
+        took, claimed = [], 0
+        for _ in range(args.claims):
+            t = time.perf_counter()
+            claimed += len(services.webhooks_claim_due(now=now, limit=args.batch))
+            took.append((time.perf_counter() - t) * 1000)
+        took.sort()
+        print(f"claim of {args.batch}: median {statistics.median(took):.1f} ms, max {took[-1]:.1f} ms over "
+              f"{args.claims} claims ({claimed} messages leased)")
+        if args.reference:
+            from datetime import timedelta
+            with connection.cursor() as cursor:
+                cursor.execute("UPDATE {message} SET leased_until = NULL WHERE leased_until IS NOT NULL".format(**tables))
+                took_r, claimed_r = [], 0
+                for _ in range(args.claims):
+                    t = time.perf_counter()
+                    cursor.execute(_RANKED_SQL.format(**tables), {
+                        "now": now, "lease": now + timedelta(seconds=services.LEASE_SECONDS), "limit": args.batch,
+                        "per_endpoint": services.CLAIM_PER_ENDPOINT})
+                    claimed_r += len(cursor.fetchall())
+                    took_r.append((time.perf_counter() - t) * 1000)
+            took_r.sort()
+            print(f"the ranked claim until 2026-12-06: median {statistics.median(took_r):.1f} ms, max {took_r[-1]:.1f} ms"
+                  f" ({claimed_r} leased)")
+        due = args.messages * (args.endpoints - args.backing_off) // args.endpoints
+        drain = due / args.batch * statistics.median(took) / 1000
+        print(f"draining the {due:,} due {args.batch} at a time would spend ~{drain:,.0f} s in claims alone")
+        transaction.set_rollback(True)
+    print(machine_state("after"))
+
+
+if __name__ == "__main__":
+    main()
