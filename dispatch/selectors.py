@@ -92,9 +92,14 @@ def proof_get(proof_id) -> DeliveryProof | None:
 
 
 def proofs_for_user(*, user, delivery_id) -> QuerySet[DeliveryProof]:
-    """The proofs of a delivery `user` may read (NotFound otherwise), oldest first."""
+    """The proofs of a delivery `user` may read (NotFound otherwise), oldest first: all of them
+    for ops and the owning integration, a driver's own only (a driver the delivery was taken
+    from read the next driver's notes, which carry what the customer said, and id)."""
     delivery = delivery_get_for_user(user=user, delivery_id=delivery_id)
-    return DeliveryProof.objects.filter(delivery=delivery).order_by("created_at", "id")
+    qs = DeliveryProof.objects.filter(delivery=delivery).order_by("created_at", "id")
+    if not is_ops(user) and not is_integration(user) and (driver := driver_of(user)) is not None:
+        qs = qs.filter(driver=driver)
+    return qs
 
 
 # Busy drivers with room under their capacity who carry a delivery not yet on its way (assigned,

@@ -177,7 +177,8 @@ class DeliveryProofsView(APIView):
         parameters=PAGE_PARAMETERS,
         responses={200: paginated_schema("DeliveryProofPage", "proofs", s.ProofSerializer), **errors(400, 404)},
         tags=["deliveries"],
-        description="Photos and signatures of the delivery, oldest first, for whoever may read the delivery. "
+        description="Photos and signatures of the delivery, oldest first, for whoever may read the delivery: "
+        "all of them for ops and the owning integration, a driver's own only. "
         "`url` is signed and works for PROOF_URL_TTL_SECONDS (300): given to ops and the owning integration, "
         "null for drivers.",
     )

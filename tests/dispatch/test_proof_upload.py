@@ -845,6 +845,26 @@ def test_a_failure_needs_a_photo_of_the_current_driver(integration_user, driver,
     assert fail(client_for(second.user), second, delivery).json()["status"] == "failed"
 
 
+def test_a_driver_the_delivery_was_taken_from_lists_only_its_own_proofs(integration_user, driver, driver_client, ops):
+    """It read the next driver's proofs, with their driver id and the note (what the customer
+    said at the door), while the delivery itself no longer showed it the customer."""
+    delivery = assigned(integration_user, driver, "photo")
+    assert upload(driver_client, driver, delivery).status_code == 201
+    second = DriverFactory()
+    reassigned_to(delivery, driver, second)
+    second_client = client_for(second.user)
+    r = upload(second_client, second, delivery, note="Customer at flat 4B")
+    assert r.status_code == 201, r.content
+
+    mine = driver_client.get(f"/v2/deliveries/{delivery.pk}/proofs").json()["proofs"]
+    theirs = second_client.get(f"/v2/deliveries/{delivery.pk}/proofs").json()["proofs"]
+    everyone = ops.get(f"/v2/deliveries/{delivery.pk}/proofs").json()["proofs"]
+
+    assert [p["driverId"] for p in mine] == [str(driver.pk)]
+    assert [(p["driverId"], p["note"]) for p in theirs] == [(str(second.pk), "Customer at flat 4B")]
+    assert [p["driverId"] for p in everyone] == [str(driver.pk), str(second.pk)]
+
+
 def test_a_photo_from_an_earlier_assignment_does_not_count(integration_user, driver, driver_client, settings):
     settings.PROOF_FAILURE_PHOTO_POLICIES = ["photo"]
     delivery = assigned(integration_user, driver, "photo")
