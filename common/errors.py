@@ -17,6 +17,7 @@ from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
 from common.exceptions import NON_FIELD_ERRORS, DomainError, InvalidInput
+from common.logfilters import RedactTokensFilter
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def error_body(status_code: int, path: str, message: str, details=None) -> dict:
         reason = HTTPStatus(status_code).phrase
     except ValueError:
         reason = "Error"
+    if "token=" in path.lower():  # a tracking link's credential is not echoed (nor cached with a 404)
+        path = RedactTokensFilter.redact_text(path)
     body = {
         "statusCode": status_code,
         "timestamp": iso_now(),

@@ -46,6 +46,10 @@ class RedactTokensFilter(logging.Filter):
             record.__dict__[key] = self._redact(record.__dict__[key])
         return True
 
+    @classmethod
+    def redact_text(cls, text: str) -> str:
+        return cls._TOKEN.sub(r"\1[redacted]", text)
+
     def _redact(self, value):
         if hasattr(value, "get_full_path"):  # a Django request, shown as its path and query:
             text = repr(value)  # its text once redacted (only these: str() of any object could run a query)

@@ -10,6 +10,8 @@ from django.conf import settings
 from django.contrib.auth import authenticate
 from django.db import DatabaseError, connection
 from django.http import HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_safe
 from django_celery_beat.models import PeriodicTask
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
@@ -31,6 +33,13 @@ from config.periodic import MANAGED_PREFIX, PERIODIC_TASKS
 logger = logging.getLogger(__name__)
 
 
+def _read_only(view):
+    """GET and HEAD only: anything else is a 405 with `Allow: GET, HEAD` (in the API's error
+    body, common.middleware.ApiErrorMiddleware), not the CSRF check's 403."""
+    return csrf_exempt(require_safe(view))
+
+
+@_read_only
 def live(request):
     """`/health/live`: the process answers (no dependency is checked: restart me if not)."""
     return JsonResponse({"status": "ok"})
@@ -54,6 +63,7 @@ def _dependency_checks() -> dict[str, str]:
     return checks
 
 
+@_read_only
 def health(request):
     """`/health/` and `/health/ready`: PostgreSQL and Redis answer (send me traffic)."""
     checks = _dependency_checks()
@@ -96,6 +106,7 @@ def celery_queues() -> list[str]:
     return sorted(names)
 
 
+@_read_only
 def jobs(request):
     """`/health/jobs`: every periodic job ran within twice its interval, and a worker answers.
 
@@ -126,6 +137,7 @@ metrics.register_scrape_collector(heartbeat.JobHealthCollector(periodic_jobs, ce
 LOOPBACK = {"127.0.0.1", "::1"}
 
 
+@_read_only
 def prometheus_metrics(request):
     """Prometheus scrape. With METRICS_TOKEN set it needs `Authorization: Bearer <token>`;
     without one it answers only the machine itself (a scraper on the box or a sidecar)."""

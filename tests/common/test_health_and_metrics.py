@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
@@ -82,3 +84,15 @@ def test_with_a_metrics_token_a_bearer_is_required_from_anywhere(db, anon, setti
     assert anon.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
     ok = anon.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-scrape", REMOTE_ADDR="203.0.113.9")
     assert ok.status_code == 200 and b"http_requests_total" in ok.content
+
+
+@pytest.mark.parametrize("path", ["/health/", "/health/live", "/health/ready", "/health/jobs", "/metrics"])
+@pytest.mark.parametrize("method", ["post", "put", "delete"])
+def test_a_write_method_on_health_and_metrics_is_a_405_naming_get_and_head(path, method, db):
+    """It was the CSRF check's 403 ("Forbidden"), for endpoints that need no login."""
+    from django.test import Client
+
+    r = getattr(Client(enforce_csrf_checks=True), method)(path)
+
+    body = assert_error_body(r, 405, path=path)
+    assert r["Allow"] == "GET, HEAD" and body["message"] == f'Method "{method.upper()}" not allowed.'

@@ -179,6 +179,29 @@ def test_with_a_token_anyone_logged_in_is_answered_as_the_customer(anon):
     assert_error(client_for(OpsUserFactory()).get(status_url(delivery, "wrong")), 404)
 
 
+def test_with_a_good_token_a_bad_authorization_header_is_ignored(anon):
+    """It was a 401 ("Invalid token."): the header was read before the link."""
+    delivery = delivery_in("ready")
+    anon.credentials(HTTP_AUTHORIZATION="Token deadbeef")
+
+    assert customer_get(anon, delivery).json()["deliveryId"] == str(delivery.pk)
+    assert_error(anon.get(status_url(delivery)), 401)  # without a link the header is the credential
+
+
+def test_a_404_is_private_and_does_not_echo_the_token(anon):
+    """The 404s had no `Cache-Control: no-store`, sent the referrer, and their `path` repeated
+    the query: with `?token=<good>&token=bad` (the last one counts) the good token sat in a
+    cacheable body."""
+    delivery = delivery_in("ready")
+
+    r = anon.get(status_url(delivery) + f"?token={delivery.tracking_token}&token=bad")
+    body = assert_error(r, 404)
+
+    assert r["Cache-Control"] == "no-store" and r["Referrer-Policy"] == "no-referrer"
+    assert delivery.tracking_token not in r.content.decode()
+    assert body["path"] == status_url(delivery) + "?token=[redacted]&token=[redacted]"
+
+
 def test_tokens_are_compared_in_constant_time(anon, monkeypatch):
     delivery = delivery_in("ready")
     calls = []

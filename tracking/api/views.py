@@ -108,11 +108,30 @@ class RatingResponseSerializer(serializers.Serializer):
     createdAt = serializers.DateTimeField()
 
 
-class DeliveryStatusView(APIView):
+class _CustomerView(APIView):
+    """Every answer, errors included, is private: the 404s were cacheable, and sent the page's
+    referrer on (the customer's link is a credential)."""
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        for name, value in PRIVATE_HEADERS.items():
+            response[name] = value
+        return response
+
+
+class DeliveryStatusView(_CustomerView):
     """`GET /v2/orders/{sellerOrderId}/delivery-status`: the customer (`?token=`), the owning
     integration, or ops (the most recently created delivery with that sellerOrderId)."""
 
     permission_classes = [AllowAny]
+
+    def get_authenticators(self):
+        """With `?token=` the caller is the customer, logged in or not: a stale or bad
+        `Authorization` header beside a good link is not a 401."""
+        request = getattr(self, "request", None)  # (none while the schema is generated)
+        if request is not None and "token" in request.GET:
+            return []
+        return super().get_authenticators()
 
     @extend_schema(operation_id="orders_delivery_status", parameters=[TOKEN],
                    responses={200: DeliveryStatusSerializer, **errors(404)}, tags=TAGS)
@@ -122,10 +141,10 @@ class DeliveryStatusView(APIView):
             delivery = tracking.delivery_for_customer(seller_order_id=seller_order_id, token=token)
         else:
             delivery = tracking.delivery_for_caller(user=request.user, seller_order_id=seller_order_id)
-        return Response(tracking.tracking_status(delivery), headers=PRIVATE_HEADERS)
+        return Response(tracking.tracking_status(delivery))
 
 
-class RatingView(APIView):
+class RatingView(_CustomerView):
     """`POST /v2/orders/{sellerOrderId}/rating?token=` `{stars, comment?}`: once, after delivery."""
 
     permission_classes = [AllowAny]
@@ -142,7 +161,7 @@ class RatingView(APIView):
         )
         body = {"success": True, "deliveryId": str(delivery.pk), "stars": rating.stars, "comment": rating.comment,
                 "createdAt": iso(rating.created_at)}
-        return Response(body, status=status.HTTP_201_CREATED, headers=PRIVATE_HEADERS)
+        return Response(body, status=status.HTTP_201_CREATED)
 
 
 STATUS_LABELS = {
