@@ -461,3 +461,21 @@ def test_global_dispatch_policy_settings_out_of_range_fail_the_system_check(sett
     assert check_dispatch_policy_settings() == []
     setattr(settings, name, value)
     assert [e.id for e in check_dispatch_policy_settings()] == [error]
+
+
+def test_a_zone_comes_back_with_the_coordinates_it_was_given_and_survives_a_round_trip(ops):
+    """GDAL's GeoJSON rounded to 15 significant digits: a valid square whose corners differ by
+    1e-15° came back as five equal points, which the API then refused as input."""
+    e = 2e-15
+    ring = [[10.0, 10.0], [10.0 + e, 10.0], [10.0 + e, 10.0 + e], [10.0, 10.0 + e], [10.0, 10.0]]
+    precise = [[30.123456789012345, 10.9], [30.6, 10.9], [30.6, 11.0], [30.123456789012345, 11.0], [30.123456789012345, 10.9]]
+
+    for name, coordinates in (("Tiny", ring), ("Precise", precise)):
+        created = ops.post("/v2/zones", {"name": name, "geometry": {"type": "Polygon", "coordinates": [coordinates]}},
+                           format="json")
+        assert created.status_code == 201, created.content
+        zone_id = created.json()["id"]
+        geometry = ops.get(f"/v2/zones/{zone_id}").json()["geometry"]
+
+        assert geometry == {"type": "Polygon", "coordinates": [coordinates]}
+        assert ops.patch(f"/v2/zones/{zone_id}", {"geometry": geometry}, format="json").status_code == 200

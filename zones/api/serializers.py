@@ -56,9 +56,10 @@ class PolygonGeoJSONField(serializers.Field):
             raise serializers.ValidationError(exc.messages)
 
     def to_representation(self, value):
-        import json
-
-        return json.loads(value.geojson)
+        # The stored coordinates exactly (Python's shortest repr of each double), not GDAL's
+        # GeoJSON, which rounds to 15 significant digits: a valid polygon whose corners differ
+        # past that came back as a collapsed ring, which the API then refused as input.
+        return {"type": "Polygon", "coordinates": [[[x, y] for x, y, *_ in ring] for ring in value.coords]}
 
 
 @extend_schema_field({"type": "string", "enum": ["FeatureCollection"]})
@@ -69,6 +70,7 @@ class FeatureCollectionTypeField(serializers.ReadOnlyField):
 class ZoneFeatureSerializer(GeoFeatureModelSerializer):
     """A zone as a GeoJSON Feature: `id`, `geometry` (Polygon), camelCase `properties`."""
 
+    geometry = PolygonGeoJSONField(read_only=True)  # (rest_framework_gis' own field goes through GDAL's rounding)
     priorityLevel = serializers.IntegerField(source="priority_level")
     minDriversOnline = serializers.IntegerField(source="min_drivers_online")
     currentDriversOnline = serializers.IntegerField(source="current_drivers_online")
