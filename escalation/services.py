@@ -107,13 +107,15 @@ def _resolve_open_record(*, delivery_id, status: str | None, now: datetime) -> U
 
 
 def unassigned_resolve(
-    *, delivery, now: datetime, status: str | None = None, actor: Actor | None = None
+    *, delivery, now: datetime, status: str | None = None, actor: Actor | None = None, ticket_closed_by_caller=None,
 ) -> UnassignedOrder | None:
     """Close the delivery's open record (assignment: RESOLVED, or REASSIGNED once escalated to
-    the wide-radius retry) and resolve its support ticket. Caller holds the delivery's lock."""
+    the wide-radius retry) and resolve its support ticket (unless it is `ticket_closed_by_caller`,
+    which the caller finishes). Caller holds the delivery's lock."""
     record = _resolve_open_record(delivery_id=delivery.pk, status=status, now=now)
-    if record is None:
-        return None
+    if record is None or (ticket_closed_by_caller is not None
+                          and str(record.support_ticket_id) == str(ticket_closed_by_caller)):
+        return record
     status = record.escalation_status
     if status == EscalationStatus.CANCELLED:
         _close_record_ticket(record, status=TicketStatus.CLOSED, resolution="Delivery cancelled.",
@@ -124,10 +126,12 @@ def unassigned_resolve(
     return record
 
 
-def unassigned_cancel(*, delivery, now: datetime, actor: Actor | None = None) -> UnassignedOrder | None:
+def unassigned_cancel(*, delivery, now: datetime, actor: Actor | None = None,
+                      ticket_closed_by_caller=None) -> UnassignedOrder | None:
     """The delivery was cancelled: close its open record as CANCELLED and close its ticket.
     Caller holds the delivery's lock."""
-    return unassigned_resolve(delivery=delivery, now=now, status=EscalationStatus.CANCELLED, actor=actor)
+    return unassigned_resolve(delivery=delivery, now=now, status=EscalationStatus.CANCELLED, actor=actor,
+                              ticket_closed_by_caller=ticket_closed_by_caller)
 
 
 # ------------------------------------------------------------------------------ escalation

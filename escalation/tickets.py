@@ -120,13 +120,19 @@ def ticket_raise_priority(*, ticket_id, priority: str, note: str, now: datetime)
     fields = ["priority"]
     change = "escalated"
     ticket.priority = priority
+    reopened_from = None
     if not ticket.is_active:
+        reopened_from = ticket.status
         ticket.status = TicketStatus.OPEN
         ticket.resolved_at = ticket.closed_at = None
-        fields += ["status", "resolved_at", "closed_at"]
+        ticket.resolution = ""  # (the old note stays in the history; the next resolve writes its own)
+        fields += ["status", "resolved_at", "closed_at", "resolution"]
         change = "reopened"
         note += " Reopened: the delivery still has no driver."
     _note(ticket, note, now=now)
+    if reopened_from is not None:  # (like every ticket action: the raise alone has escalation_critical)
+        _audit_ticket(ticket, action="reopened", actor=Actor.system(), now=now, previousStatus=reopened_from,
+                      priority=priority)
     _touched(ticket, change=change, now=now, fields=fields)
     return ticket
 
@@ -237,10 +243,14 @@ def ticket_update(
     is final (409)."""
     now = now or timezone.now()
     ticket = _lock_ticket(ticket_id)
+    was = ticket.status
     fields: list[str] = []
     changes: dict = {}
     notes: list[str] = []
 
+    if status is not _UNSET and status == was and status in (TicketStatus.RESOLVED, TicketStatus.CLOSED):
+        # (with another note too: a second agent's resolve replaced the first one's note)
+        raise Conflict(f"Ticket is already {was}.")
     if resolution is not _UNSET:
         resolution = (resolution or "").strip()
         if resolution != ticket.resolution:
@@ -288,15 +298,20 @@ def ticket_update(
                 ticket.resolved_at = None
                 fields.append("resolved_at")
                 change = "reopened"
+                if "resolution" not in changes:  # the next resolve needs its own note (this one stays in the notes)
+                    ticket.resolution = ""
+                    fields.append("resolution")
             if status == TicketStatus.IN_PROGRESS and ticket.taken_at is None:
                 ticket.taken_at = now
                 fields.append("taken_at")
         ticket.status = status
         fields.append("status")
-    elif status is not _UNSET and status in (TicketStatus.RESOLVED, TicketStatus.CLOSED) and "resolution" not in changes:
-        raise Conflict(f"Ticket is already {ticket.status}.")
     if not fields:
         return ticket
+    if was == TicketStatus.CLOSED:
+        raise Conflict("Ticket is closed; a closed ticket is final.")
+    if ticket.status in (TicketStatus.RESOLVED, TicketStatus.CLOSED) and not ticket.resolution:
+        raise InvalidInput({"resolution": ["A resolved or closed ticket keeps a resolution note."]})
     if notes:
         _note(ticket, " ".join(notes), now=now)
     _audit_ticket(ticket, action=change, actor=actor, now=now, changes=changes)

@@ -107,20 +107,25 @@ def _retried(attempt, gave_up: str, **kwargs):
     raise Conflict(gave_up)
 
 
-def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
+def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None,
+                    ticket_closed_by_caller=None) -> Delivery:
     """Cancel an open delivery: its pending offer (all of a round's) is withdrawn, its active
-    assignment ends and the driver is freed, its unassigned record and ticket are closed.
+    assignment ends and the driver is freed, its unassigned record and ticket are closed
+    (but for `ticket_closed_by_caller`: a support agent's cancel from that ticket closes it
+    itself, saying why, once).
 
     The pending offers are looked up and locked before the delivery (the lock order). A dispatch
     that commits an offer in between (a reject's next offer, the retry job, a matching round,
     whose delivery lock we were waiting for) would go unseen: the attempt then rolls back and
     starts again, locking that offer first."""
     return _retried(_delivery_cancel_attempt, "The delivery keeps getting new offers; try again.",
-                    delivery_id=delivery_id, reason=reason, actor=actor, now=now or timezone.now())
+                    delivery_id=delivery_id, reason=reason, actor=actor, now=now or timezone.now(),
+                    ticket_closed_by_caller=ticket_closed_by_caller)
 
 
 @unit_of_work()
-def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: datetime) -> Delivery:
+def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: datetime,
+                             ticket_closed_by_caller) -> Delivery:
     pending = locks.lock_pending_offers_of_delivery(delivery_id)  # a round's several, in pk order
     delivery = locks.lock_delivery(delivery_id)
     if not delivery.is_open:
@@ -136,7 +141,7 @@ def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: dat
         offer_cancel_locked(offer, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
     elif pending:  # a batch/broadcast round: withdrawn at once (offers_withdraw_locked says why no driver locks)
         offers_withdraw_locked(pending, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
-    unassigned_cancel(delivery=delivery, now=now)
+    unassigned_cancel(delivery=delivery, now=now, ticket_closed_by_caller=ticket_closed_by_caller)
     if assignment is not None:
         deliveries.assignment_end_locked(
             assignment, driver=driver, status=AssignmentStatus.CANCELLED, reason="delivery_cancelled", actor=actor, now=now

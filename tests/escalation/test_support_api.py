@@ -141,3 +141,37 @@ def test_staff_may_use_the_support_api_but_drivers_and_integrations_may_not(inte
         assert_error(client.patch(f"/v2/support/tickets/{ticket.pk}", {"priority": "low"}, format="json"), 403)
         assert_error(client.post(f"/v2/support/tickets/{ticket.pk}/comments", {"body": "x"}, format="json"), 403)
     assert_error(anon.get("/v2/support/tickets"), 401)
+
+
+def _patch(client, ticket, **body):
+    return client.patch(f"/v2/support/tickets/{ticket.pk}", body, format="json")
+
+
+def test_a_closed_ticket_is_final_for_every_field(support, agent):
+    """Only a reopen was refused: its note could be blanked, its priority and assignee changed
+    (and a take after a cancel's close left it assigned), each with an audit row and an event."""
+    ticket = ticket_for()
+    assert _patch(support, ticket, status="closed", resolution="duplicate order").status_code == 200
+    before = SupportTicket.objects.values().get(pk=ticket.pk)
+
+    for body in ({"resolution": ""}, {"resolution": "another"}, {"priority": "low"},
+                 {"assigneeId": str(SupportUserFactory().pk)}, {"status": "open"}):
+        message = assert_error(_patch(support, ticket, **body), 409)["message"]
+        assert "closed" in message, body
+
+    assert SupportTicket.objects.values().get(pk=ticket.pk) == before
+    assert _patch(support, ticket, priority=before["priority"]).status_code == 200  # no change: nothing to refuse
+
+
+def test_a_resolved_ticket_keeps_its_note_and_a_second_resolve_is_a_409(support, agent):
+    ticket = ticket_for()
+    assert _patch(support, ticket, status="resolved", resolution="fixed by agent 1").status_code == 200
+
+    assert "resolution" in assert_error(_patch(support, ticket, resolution="   "), 400)["details"]
+    assert "already resolved" in assert_error(
+        _patch(client_for(SupportUserFactory()), ticket, status="resolved", resolution="fixed by agent 2"), 409)["message"]
+    assert _patch(support, ticket, resolution="fixed by agent 1, driver called").status_code == 200  # an edit of the note
+
+    reopened = _patch(support, ticket, status="open").json()
+    assert reopened["resolution"] == "" and reopened["status"] == "open"  # the next resolve writes its own
+    assert "resolution" in assert_error(_patch(support, ticket, status="resolved"), 400)["details"]

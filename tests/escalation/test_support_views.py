@@ -224,6 +224,12 @@ def test_cancelling_the_delivery_from_the_ticket(web, agent):
     assert UnassignedOrder.objects.get(delivery=delivery).escalation_status == "CANCELLED"
     cancelled = DeliveryAuditLog.objects.get(delivery=delivery, event_type="delivery_cancelled")
     assert (cancelled.actor_type, cancelled.actor_id) == ("support", agent.pk)
+    # once, by the agent: the cancel also closed the ticket "automatically" (actor system), with
+    # its own note, audit row and event
+    ticket_rows = DeliveryAuditLog.objects.filter(delivery=delivery, event_type="support_ticket_updated")
+    assert [(r.details["action"], r.actor_type) for r in ticket_rows] == [("delivery_cancelled", "support")]
+    assert [c.body for c in TicketComment.objects.filter(ticket=ticket, kind="system")
+            if "cancelled" in c.body.lower()] == ["Delivery cancelled by Sam Agent: Store closed"]
 
     again = web.post(f"/support/tickets/{ticket.pk}/cancel-delivery", {"reason": "x"}, follow=True)
     assert b"can no longer be cancelled" in again.content
