@@ -13,7 +13,7 @@ import logging
 from datetime import datetime
 
 from django.db import connection
-from django.db.models import F
+from django.db.models import Case, F, Value, When
 
 from common.actors import Actor
 from common.broadcast import broadcast_on_commit
@@ -46,7 +46,10 @@ def unassigned_record_failure(*, delivery, reason: str, now: datetime) -> None:
     delivery has none, one INSERT. Caller holds the delivery's lock, so the open record (one
     per delivery, enforced by a partial unique constraint) cannot race."""
     bumped = UnassignedOrder.objects.filter(delivery=delivery, resolved_at__isnull=True).update(
-        attempt_count=F("attempt_count") + 1, last_attempt_at=now, failure_reason=reason
+        attempt_count=F("attempt_count") + 1, last_attempt_at=now, failure_reason=reason,
+        # a level-2 offer that came to nothing (rejected, expired, withdrawn) leaves no driver
+        escalation_status=Case(When(escalation_status=EscalationStatus.REASSIGNED, then=Value(EscalationStatus.NOTIFIED)),
+                               default=F("escalation_status")),
     )
     if not bumped:
         UnassignedOrder.objects.create(

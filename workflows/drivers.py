@@ -80,7 +80,7 @@ def _availability_change_attempt(
     apply_availability_change(driver, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now)
     if offer is not None:
         offer_cancel_locked(offer, delivery=delivery, reason=f"driver_{to_state}", actor=actor, now=now)
-        dispatch_next_locked(delivery, actor=Actor.system(), now=now)
+        dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=offer.search_radius_km)
     return driver
 
 

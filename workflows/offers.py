@@ -130,7 +130,9 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
     )
     # The offer just closed was the delivery's pending one, or one of its round's (under its
     # lock): the next round starts once none of the round is pending (`dispatch_locked`).
-    result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
+    # The next search is as wide as this offer's (a level-2 escalation's 10 km, ops' own radius).
+    result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True,
+                                  radius_km=offer.search_radius_km)
     return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
 
 
@@ -152,7 +154,8 @@ def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False) 
 
         offers.offer_mark_expired(offer, delivery=delivery, now=now)
         performance_offer_answered(driver_id=offer.driver_id, outcome=OfferStatus.EXPIRED, response_time_ms=None, now=now)
-        dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
+        dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True,
+                             radius_km=offer.search_radius_km)
     return True
 
 

@@ -429,3 +429,39 @@ def test_level_3_reopening_a_resolved_ticket_audits_the_reopen_and_asks_for_a_ne
     assert (ticket.status, ticket.priority, ticket.resolution) == ("open", "urgent", "")
     actions = [(r.details["action"], r.details.get("previousStatus")) for r in audit(delivery, "support_ticket_updated")]
     assert actions == [("resolved", None), ("reopened", "resolved")]
+
+
+@pytest.mark.parametrize("how", ["rejected", "expired"])
+def test_after_a_level_2_offer_comes_to_nothing_the_next_search_is_as_wide(how, django_capture_on_commit_callbacks):
+    """The next candidate was searched within 5 km (a driver 8 km away never got the offer, the
+    record said `distance_exceeded`) until the retry job searched 10 km again; and a record whose
+    wide offer came to nothing kept saying REASSIGNED, with no driver."""
+    with time_machine.travel(T0, tick=False) as t:
+        delivery = stuck_delivery()
+        t.shift(timedelta(minutes=5))
+        check(django_capture_on_commit_callbacks)
+        t.shift(timedelta(minutes=10))
+        nearer, farther = online_driver(km=7), online_driver(km=8)
+        check(django_capture_on_commit_callbacks)
+        first = DriverOffer.objects.get(delivery=delivery, status="PENDING")
+        assert first.driver_id == nearer.pk and first.search_radius_km == 10
+
+        with django_capture_on_commit_callbacks(execute=True):
+            if how == "rejected":
+                offers.offer_reject(offer_id=first.pk, driver_id=nearer.pk, reason="too far",
+                                    actor=Actor("driver", nearer.pk))
+            else:
+                t.shift(timedelta(minutes=1))
+                assert offers.offer_expire(offer_id=first.pk)
+
+        second = DriverOffer.objects.get(delivery=delivery, status="PENDING")
+        assert second.driver_id == farther.pk and second.search_radius_km == 10
+        assert audit(delivery, "assignment_started")[-1].details == {"searchRadiusKm": 10.0}
+        assert record_of(delivery).escalation_status == "REASSIGNED"
+
+        with django_capture_on_commit_callbacks(execute=True):  # nobody left: no driver, NOTIFIED again
+            offers.offer_reject(offer_id=second.pk, driver_id=farther.pk, reason="too far",
+                                actor=Actor("driver", farther.pk))
+        record = record_of(delivery)
+        assert (record.escalation_level, record.escalation_status) == (2, "NOTIFIED")
+        assert record.failure_reason == "no_available_drivers"
