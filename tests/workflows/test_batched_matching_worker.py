@@ -78,7 +78,7 @@ def test_the_sweep_on_a_real_worker_runs_a_due_round_whose_task_was_lost(celery_
         # (another test's eager run may have left celery believing this thread is a task)
         assert result.get(timeout=60, disable_sync_subtasks=False) == 1
         assert DriverOffer.objects.get(delivery=delivery, status="PENDING").driver_id == driver.pk
-        assert f"Task {TASK}[{result.id}] succeeded" in worker.log()
+        worker.wait_for_log(f"Task {TASK}[{result.id}] succeeded")  # (logged just after the result is stored)
 
 
 def test_beat_sends_the_installed_sweep_and_the_worker_offers_the_waiting_delivery(celery_processes):  # noqa: F811
