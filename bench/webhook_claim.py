@@ -62,17 +62,7 @@ WHERE id IN (
                    row_number() OVER (PARTITION BY m.endpoint_id ORDER BY m.event_id) AS turn
             FROM {message} m
             JOIN {endpoint} e ON e.id = m.endpoint_id AND e.active
-            WHERE m.status = 'pending' AND m.next_attempt_at <= %(now)s
-              AND (m.leased_until IS NULL OR m.leased_until < %(now)s)
-              AND NOT EXISTS (
-                  SELECT 1 FROM {message} p
-                  WHERE p.endpoint_id = m.endpoint_id AND p.delivery_id = m.delivery_id
-                    AND p.status = 'pending' AND p.event_id < m.event_id
-              )
-              AND NOT EXISTS (
-                  SELECT 1 FROM {outbox} o
-                  WHERE o.delivery_id = m.delivery_id AND o.fanned_out_at IS NULL AND o.seq < m.event_id
-              )
+            WHERE {sendable}
         ) ranked
         WHERE ranked.turn <= %(per_endpoint)s
     )
@@ -129,7 +119,7 @@ def main() -> None:
                 took_r, claimed_r = [], 0
                 for _ in range(args.claims):
                     t = time.perf_counter()
-                    cursor.execute(_RANKED_SQL.format(**tables), {
+                    cursor.execute(_RANKED_SQL.format(sendable=services.SENDABLE_SQL.format(**tables), **tables), {
                         "now": now, "lease": now + timedelta(seconds=services.LEASE_SECONDS), "limit": args.batch,
                         "per_endpoint": services.CLAIM_PER_ENDPOINT})
                     claimed_r += len(cursor.fetchall())

@@ -247,15 +247,9 @@ def _endpoints_to_fan_out_to(events: list[OutboxEvent]) -> list[WebhookEndpoint]
 # LIMIT counts only rows it locked (a sweep beside another takes the next ones). The walk per
 # endpoint stops at its `per_endpoint`-th find: a claim of 20 against 100,000 due messages of 50
 # endpoints took 164 ms when every due message was ranked, 14 ms so (bench/webhook_claim.py).
-_CLAIM_SQL = """
-UPDATE {message} SET leased_until = %(lease)s
-WHERE id IN (
-    SELECT l.id FROM {message} l
-    WHERE l.id IN (
-        SELECT turn.id FROM {endpoint} e
-        CROSS JOIN LATERAL (
-            SELECT m.id FROM {message} m
-            WHERE m.endpoint_id = e.id AND m.status = 'pending' AND m.next_attempt_at <= %(now)s
+# A message `m` that may go now: pending, due, not leased, and the first of its delivery's for
+# its endpoint, with none of that delivery's events still waiting for fan-out before it.
+SENDABLE_SQL = """m.status = 'pending' AND m.next_attempt_at <= %(now)s
               AND (m.leased_until IS NULL OR m.leased_until < %(now)s)
               AND NOT EXISTS (
                   SELECT 1 FROM {message} p
@@ -265,7 +259,16 @@ WHERE id IN (
               AND NOT EXISTS (
                   SELECT 1 FROM {outbox} o
                   WHERE o.delivery_id = m.delivery_id AND o.fanned_out_at IS NULL AND o.seq < m.event_id
-              )
+              )"""
+_CLAIM_SQL = """
+UPDATE {message} SET leased_until = %(lease)s
+WHERE id IN (
+    SELECT l.id FROM {message} l
+    WHERE l.id IN (
+        SELECT turn.id FROM {endpoint} e
+        CROSS JOIN LATERAL (
+            SELECT m.id FROM {message} m
+            WHERE m.endpoint_id = e.id AND {sendable}
             ORDER BY m.event_id
             LIMIT %(per_endpoint)s
         ) turn
@@ -288,9 +291,9 @@ CLAIM_PER_ENDPOINT = 5
 def webhooks_claim_due(*, now: datetime, limit: int, per_endpoint: int = CLAIM_PER_ENDPOINT) -> list[int]:
     """Lease up to `limit` due messages (see the module docstring), oldest event first, at
     most `per_endpoint` of one endpoint."""
-    sql = _CLAIM_SQL.format(
-        message=WebhookMessage._meta.db_table, endpoint=WebhookEndpoint._meta.db_table, outbox=OutboxEvent._meta.db_table
-    )
+    tables = {"message": WebhookMessage._meta.db_table, "endpoint": WebhookEndpoint._meta.db_table,
+              "outbox": OutboxEvent._meta.db_table}
+    sql = _CLAIM_SQL.format(sendable=SENDABLE_SQL.format(**tables), **tables)
     with connection.cursor() as cursor:
         cursor.execute(sql, {"now": now, "lease": now + timedelta(seconds=LEASE_SECONDS), "limit": limit,
                              "per_endpoint": per_endpoint})
