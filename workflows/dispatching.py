@@ -269,6 +269,8 @@ def _offer_round(
                 [c.driver_id for c in chunk if c.stacked], location__isnull=False, **_claim(stacked=True)
             ))
         drivers = [claimed[c.driver_id] for c in chunk if c.driver_id in claimed]
+        # held by another transaction (another dispatch, an answer) or no longer available: busy
+        screening.no_longer_available += len(chunk) - len(drivers)
         if not drivers:
             continue
         offers = offers_insert_round_locked(
@@ -335,7 +337,8 @@ def dispatch_locked(
     else:
         for candidate in screening.ranked:
             driver = locks.lock_driver(candidate.driver_id, skip_locked=True, location__isnull=False, **_claim(candidate))
-            if driver is None:
+            if driver is None:  # held by another transaction (another dispatch, an answer) or no longer available: busy
+                screening.no_longer_available += 1
                 continue
             try:
                 offer = offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, search_radius_km=radius)

@@ -82,16 +82,19 @@ def lock_offer_and_its_round(offer_id, *, driver_id) -> list[DriverOffer]:
     return cached_instances(("lock_offer_and_its_round",), DriverOffer, build, offer_id, driver_id)
 
 
-def lock_offer_if_due(offer_id, *, now, force: bool = False) -> DriverOffer | None:
+def lock_offer_if_due(offer_id, *, now, force: bool = False, wait: bool = False) -> DriverOffer | None:
     """A pending offer whose time is up (any pending one with `force`), skipping it when
-    another transaction holds it: whoever holds it decides its fate."""
+    another transaction holds it: whoever holds it decides its fate. `wait`: wait for that
+    transaction instead (its holder may be another late accept of the same round, which
+    decides nothing and leaves)."""
     def build(o, *t):
         due = {"expires_at__lte": t[0]} if t else {}
-        return (DriverOffer.objects.select_for_update(of=("self",), no_key=True, skip_locked=True)
+        return (DriverOffer.objects.select_for_update(of=("self",), no_key=True, skip_locked=not wait)
                 .filter(pk=o, status=OfferStatus.PENDING, **due))
+    key = ("lock_offer_if_due", "force" if force else "due", "wait" if wait else "skip")
     if force:
-        return cached_first(("lock_offer_if_due", "force"), DriverOffer, build, offer_id)
-    return cached_first(("lock_offer_if_due",), DriverOffer, build, offer_id, now)
+        return cached_first(key, DriverOffer, build, offer_id)
+    return cached_first(key, DriverOffer, build, offer_id, now)
 
 
 def lock_pending_offer_of_delivery(delivery_id) -> DriverOffer | None:

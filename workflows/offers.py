@@ -105,7 +105,9 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
                 eta_refresh_enqueue(delivery_id, now=now)  # stacked: the others' route has a new stop
             metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
             return AcceptResult(offer=offer, assignment_id=str(assignment.pk))
-    offer_expire(offer_id=offer_id, now=now)
+    # Waiting for the offer's lock: another late accept of the same round may hold it (with the
+    # whole round) for a moment; skipping it left the offer pending until the sweep, up to 5 s.
+    offer_expire(offer_id=offer_id, now=now, wait=True)
     raise Conflict(f"Offer {offer_id} has expired.")
 
 
@@ -136,17 +138,18 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
     return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
 
 
-def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False) -> bool:
+def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False, wait: bool = False) -> bool:
     """Expire a pending offer whose time is up and move its delivery to the next candidate
     (back to ops for an autoDispatch false delivery).
 
     Idempotent and safe to race with accept/reject and with itself: a locked offer is skipped
-    (whoever holds it decides), a processed or not-yet-due one is left alone. Returns True
+    (whoever holds it decides; `wait`: waited for, by a late accept, whose 409 says it expired),
+    a processed or not-yet-due one is left alone. Returns True
     when this call expired it. `force` expires it now, due or not (ops' "expire now").
     """
     now = now or timezone.now()
     with unit_of_work():
-        offer = locks.lock_offer_if_due(offer_id, now=now, force=force)
+        offer = locks.lock_offer_if_due(offer_id, now=now, force=force, wait=wait)
         if offer is None:
             return False
         delivery = locks.lock_delivery(offer.delivery_id, select_related=("zone",))

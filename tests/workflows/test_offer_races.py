@@ -215,3 +215,50 @@ def test_the_repair_migration_releases_deliveries_the_old_race_left_stuck():
     ended = Assignment.objects.get(offer_id=stuck_offer.pk)
     assert (stuck_offer.status, stuck_offer.cancellation_reason, stuck_offer.cancelled_at) == ("CANCELLED", "reassigned", ended.ended_at)
     assert kept_offer.status == "ACCEPTED"
+
+
+def test_a_late_accepts_expiry_waits_for_the_offers_lock_instead_of_leaving_it_pending(monkeypatch):
+    """A late accept answers 409 "expired" and expires the offer; another late accept of the
+    same round held the offer (with the whole round) at that moment, the expiry skipped it, and
+    the offer stayed pending, the next round waiting, until the sweep (up to 5 s later)."""
+    _, _, held = make_offer()
+    _, _, skipped = make_offer()
+    late = held.expires_at + timedelta(seconds=1)
+
+    assert behind_lock(hold=lambda: DriverOffer.objects.select_for_update().get(pk=held.pk),
+                       call=lambda: offers.offer_expire(offer_id=held.pk, now=late, wait=True)) is True
+    # the sweep and the offer's own timer still skip a held offer: its holder decides
+    assert behind_lock(hold=lambda: DriverOffer.objects.select_for_update().get(pk=skipped.pk),
+                       call=lambda: offers.offer_expire(offer_id=skipped.pk, now=late)) is False
+    assert DriverOffer.objects.get(pk=held.pk).status == "EXPIRED"
+    assert DriverOffer.objects.get(pk=skipped.pk).status == "PENDING"
+
+    # and the accept's own expiry is the waiting one
+    driver, _, offer = make_offer()
+    calls = []
+    real = offers.offer_expire
+    monkeypatch.setattr(offers, "offer_expire", lambda **kw: calls.append(kw) or real(**kw))
+    with pytest.raises(Conflict, match="has expired"):
+        offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk),
+                            now=offer.expires_at + timedelta(seconds=1))
+    assert {"offer_id": offer.pk, "now": offer.expires_at + timedelta(seconds=1), "wait": True} in calls
+    assert DriverOffer.objects.get(pk=offer.pk).status == "EXPIRED"
+
+
+@pytest.mark.parametrize("policy", ["sequential", "batch"])
+def test_a_driver_another_transaction_holds_counts_as_busy_not_as_nobody_near(policy, settings):
+    """Dispatch passes over a driver another transaction holds (SKIP LOCKED); the delivery's
+    record then said `no_available_drivers` ("nobody near, or all declined") for a driver near
+    and merely busy a moment."""
+    from availability.models import Driver
+    from escalation.models import UnassignedOrder
+
+    settings.DISPATCH_POLICY = policy
+    driver = online_driver(km=0.5)
+    delivery = DeliveryFactory()
+
+    result = behind_lock(hold=lambda: Driver.objects.select_for_update().get(pk=driver.pk),
+                         call=lambda: delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()))
+
+    assert (result.outcome, result.failure_reason) == ("unassigned", "all_drivers_busy")
+    assert UnassignedOrder.objects.get(delivery=delivery).failure_reason == "all_drivers_busy"
