@@ -77,6 +77,11 @@ class OutboxEvent(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["seq"], name="outbox_unfanned_idx", condition=Q(fanned_out_at__isnull=True)),
+            # a delivery's events still waiting for fan-out: the webhook claim asks, for each message
+            # it looks at, whether an earlier one of its delivery is among them (services.SENDABLE_SQL);
+            # through outbox_unfanned_idx that walked the whole backlog for every message
+            models.Index(fields=["delivery", "seq"], name="outbox_unfanned_delivery_idx",
+                         condition=Q(fanned_out_at__isnull=True)),
             models.Index(fields=["created_at"], name="outbox_created_idx"),
         ]
 
@@ -119,10 +124,6 @@ class WebhookMessage(models.Model):
             models.Index(fields=["next_attempt_at"], name="webhook_message_due_idx", condition=Q(status="pending")),
             # a delivery's messages to one endpoint, in the order of their events
             models.Index(fields=["endpoint", "delivery_id", "event"], name="webhook_message_chain_idx", condition=Q(status="pending")),
-            # an endpoint's messages in the order they are sent: the claim walks each endpoint's
-            # from the front until it has its few (services._CLAIM_SQL)
-            models.Index(fields=["endpoint", "event"], name="webhook_message_turn_idx", condition=Q(status="pending"),
-                         include=["next_attempt_at", "leased_until"]),
         ]
 
     def __str__(self) -> str:

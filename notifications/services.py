@@ -240,13 +240,15 @@ def _endpoints_to_fan_out_to(events: list[OutboxEvent]) -> list[WebhookEndpoint]
 
 # ------------------------------------------------------------------------------ sending
 
-# The due messages, at most `per_endpoint` of each active endpoint (its oldest sendable ones,
-# found by walking its pending messages in event order: webhook_message_turn_idx), so that one
-# endpoint's backlog cannot fill a batch; locked at the outer level (a LATERAL join cannot be),
-# whose conditions PostgreSQL checks again on a row another sweep leased meanwhile, and whose
-# LIMIT counts only rows it locked (a sweep beside another takes the next ones). The walk per
-# endpoint stops at its `per_endpoint`-th find: a claim of 20 against 100,000 due messages of 50
-# endpoints took 164 ms when every due message was ranked, 14 ms so (bench/webhook_claim.py).
+# The due messages, at most `per_endpoint` of each endpoint (oldest first), so that one
+# endpoint's backlog cannot fill a batch; locked at the middle level (a window function cannot
+# be), whose conditions PostgreSQL checks again on a row another sweep leased meanwhile, and
+# whose LIMIT counts only rows it locked (a sweep beside another takes the next ones).
+# Its cost grows with the due messages (every one is ranked): a claim of 20 took ~180-280 ms
+# against 100,000 due. A walk of each endpoint's messages in event order (LATERAL ... LIMIT)
+# took 15-90 ms there but 670 ms where endpoints failing for hours hold many messages not yet
+# due (this form: 17 ms): bench/webhook_claim.py, bench/README.md.
+#
 # A message `m` that may go now: pending, due, not leased, and the first of its delivery's for
 # its endpoint, with none of that delivery's events still waiting for fan-out before it.
 SENDABLE_SQL = """m.status = 'pending' AND m.next_attempt_at <= %(now)s
@@ -265,14 +267,14 @@ UPDATE {message} SET leased_until = %(lease)s
 WHERE id IN (
     SELECT l.id FROM {message} l
     WHERE l.id IN (
-        SELECT turn.id FROM {endpoint} e
-        CROSS JOIN LATERAL (
-            SELECT m.id FROM {message} m
-            WHERE m.endpoint_id = e.id AND {sendable}
-            ORDER BY m.event_id
-            LIMIT %(per_endpoint)s
-        ) turn
-        WHERE e.active
+        SELECT ranked.id FROM (
+            SELECT m.id, m.event_id,
+                   row_number() OVER (PARTITION BY m.endpoint_id ORDER BY m.event_id) AS turn
+            FROM {message} m
+            JOIN {endpoint} e ON e.id = m.endpoint_id AND e.active
+            WHERE {sendable}
+        ) ranked
+        WHERE ranked.turn <= %(per_endpoint)s
     )
       AND l.status = 'pending' AND (l.leased_until IS NULL OR l.leased_until < %(now)s)
     ORDER BY l.event_id
