@@ -310,7 +310,8 @@ def ticket_update(
         return ticket
     if was == TicketStatus.CLOSED:
         raise Conflict("Ticket is closed; a closed ticket is final.")
-    if ticket.status in (TicketStatus.RESOLVED, TicketStatus.CLOSED) and not ticket.resolution:
+    if ("resolution" in changes or "status" in changes) and ticket.status in (TicketStatus.RESOLVED, TicketStatus.CLOSED) \
+            and not ticket.resolution:
         raise InvalidInput({"resolution": ["A resolved or closed ticket keeps a resolution note."]})
     if notes:
         _note(ticket, " ".join(notes), now=now)
@@ -346,14 +347,15 @@ def ticket_delivery_cancelled(*, ticket_id, user, actor: Actor, reason: str, now
     """An agent cancelled the ticket's delivery (already done by the caller): the ticket is
     closed with the agent's reason as its resolution."""
     ticket = _lock_ticket(ticket_id)
+    text = f"Delivery cancelled by {_name(user)}: {reason}"
     fields = []
     if ticket.status != TicketStatus.CLOSED:
         ticket.status = TicketStatus.CLOSED
         ticket.closed_at = now
-        fields += ["status", "closed_at"]
-    ticket.resolution = f"Delivery cancelled by {_name(user)}: {reason}"
-    fields.append("resolution")
-    _note(ticket, ticket.resolution, now=now)
+        ticket.resolution = text
+        fields += ["status", "closed_at", "resolution"]
+    # (a closed ticket is final: it keeps its resolution, and the cancel goes in its history)
+    _note(ticket, text, now=now)
     _audit_ticket(ticket, action="delivery_cancelled", actor=actor, now=now, reason=reason)
-    _touched(ticket, change="closed", now=now, fields=fields)
+    _touched(ticket, change="closed" if fields else "updated", now=now, fields=fields)
     return ticket

@@ -161,7 +161,12 @@ def _getaddrinfo_within(host: str, port: int, seconds: float | None) -> list:
                         if _lookups.get(key) is future:
                             del _lookups[key]
 
-            threading.Thread(target=look_up, name=f"webhook DNS {host}", daemon=True).start()
+            try:
+                threading.Thread(target=look_up, name=f"webhook DNS {host}", daemon=True).start()
+            except BaseException as exc:  # (no thread to be had: no entry left for later attempts to wait on)
+                del _lookups[key]
+                future.set_exception(exc)
+                raise
     try:
         return future.result(timeout=None if seconds is None else max(0.0, seconds))
     except concurrent.futures.TimeoutError:

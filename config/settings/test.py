@@ -34,8 +34,9 @@ CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=True)
 FIX_CONSUMER_NICE = 0
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"anon": "100000/min", "user": "100000/min"}
 
-# Parallel test runs on one machine can isolate themselves: TEST_DB_NAME=test_dispatch_2
-# TEST_REDIS_URL=redis://127.0.0.1:6379/14
+# A second single-process run (TEST_WORKERS=0) beside `make test` can isolate itself:
+# TEST_DB_NAME=test_dispatch_2 TEST_REDIS_URL=redis://127.0.0.1:6379/11
+# TEST_SIMULATION_REDIS_URL=redis://127.0.0.1:6379/5 (not with xdist: every worker would share them).
 if env("TEST_DB_NAME", default=""):
     DATABASES["default"]["TEST"] = {"NAME": env("TEST_DB_NAME")}  # noqa: F405
 

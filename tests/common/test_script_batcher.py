@@ -52,7 +52,9 @@ def test_calls_made_together_share_one_pipeline_and_each_gets_its_own_reply():
     replies, later, sizes, stored = run(go)
     assert replies == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]  # each call atomic, in the order made
     assert later == 6 and stored == ["0", "2", "4", "6", "8", "x"]
-    assert sizes == [10, 1]
+    # (another xdist worker's SCRIPT FLUSH, tests of a Redis restart, may land between the load
+    # and a pipeline: the Redis script cache is the server's, and the missing calls go again)
+    assert sizes in ([10, 1], [10, 10, 1], [10, 1, 1])
 
 
 def test_one_failing_call_fails_alone():

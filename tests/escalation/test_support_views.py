@@ -308,3 +308,19 @@ def test_the_unassigned_orders_admin_lists_open_records_by_default(admin_client)
     assert listed("?open=yes") == {open_record.pk}
     assert listed("?open=no") == {cancelled.pk, resolved.pk}
     assert listed("?open=all") == {open_record.pk, cancelled.pk, resolved.pk}
+
+
+def test_cancelling_from_a_closed_ticket_keeps_its_resolution(web, agent):
+    """A closed ticket is final: the cancel replaced its resolution (and sent a `closed` event)."""
+    from escalation.tickets import ticket_update
+
+    ticket = ticket_for()
+    ticket_update(ticket_id=ticket.pk, user=agent, actor=Actor.for_user(agent), status="closed",
+                  resolution="Duplicate of another order")
+
+    web.post(f"/support/tickets/{ticket.pk}/cancel-delivery", {"reason": "Store closed"}, follow=True)
+
+    ticket.refresh_from_db()
+    assert (ticket.status, ticket.resolution) == ("closed", "Duplicate of another order")
+    assert Delivery.objects.get(pk=ticket.delivery_id).status == "cancelled"
+    assert TicketComment.objects.filter(ticket=ticket, body="Delivery cancelled by Sam Agent: Store closed").exists()
