@@ -70,6 +70,8 @@ class DriverOffer(models.Model):
         max_length=20, choices=NotificationMethod.choices, default=NotificationMethod.PUSH
     )
     driver_response_time_ms = models.PositiveIntegerField(null=True, blank=True)
+    # the radius the offer was found in, which the search after it ends uses (level 2 widens a
+    # pending one: offers.services.offers_widen_pending_locked)
     search_radius_km = models.FloatField(null=True, blank=True)
     # 0: a single offer; 1..N: its rank in a batch/broadcast round (1 = best-ranked driver)
     slot = models.PositiveSmallIntegerField(default=SINGLE_SLOT)

@@ -173,6 +173,15 @@ class PushFailed(Exception):
         self.claimed_at = claimed_at
 
 
+def offers_widen_pending_locked(delivery: Delivery, *, radius_km: float) -> int:
+    """The delivery's pending offers were found within a narrower radius than `radius_km` (level 2
+    escalated it meanwhile): the next search after one ends (rejected, expired, withdrawn: it reads
+    `search_radius_km` off the offer) is as wide. The caller holds the delivery's lock."""
+    return DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).filter(
+        Q(search_radius_km__isnull=True) | Q(search_radius_km__lt=radius_km)
+    ).update(search_radius_km=radius_km)
+
+
 def offer_push(
     *, offer_id, driver_id, event: dict, claimed_at: datetime | None = None, redelivered: bool = False
 ) -> bool:

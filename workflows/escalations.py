@@ -40,6 +40,7 @@ from escalation.models import (
     TicketType,
     UnassignedOrder,
 )
+from offers.services import offers_widen_pending_locked
 from workflows.deliveries import delivery_cancel
 from workflows.dispatching import DispatchResult, delivery_dispatch, dispatch_locked, dispatch_next_locked
 from workflows.locks import lock_delivery
@@ -168,6 +169,10 @@ def _tier2_wide_redispatch(step: _Step, result: Escalation) -> None:
     dispatch = dispatch_locked if step.manual else dispatch_next_locked
     dispatched = dispatch(delivery, actor=step.actor, now=step.now, radius_km=radius)
     result.dispatch_outcome = dispatched.outcome
+    if dispatched.outcome == "already_offered":
+        # the pending offer was found within the narrower radius: the search after it ends
+        # (rejected, expired, withdrawn) is the wide one (workflows.offers reads it off the offer)
+        offers_widen_pending_locked(delivery, radius_km=radius)
     record.refresh_from_db(fields=["attempt_count", "last_attempt_at", "failure_reason"])
     details = {"level": 2, "reason": step.why(2), "searchRadiusKm": radius, "outcome": dispatched.outcome,
                "ticketId": record.support_ticket_id, **step.extra}

@@ -449,3 +449,29 @@ def test_after_a_level_2_offer_comes_to_nothing_the_next_search_is_as_wide(how, 
         record = record_of(delivery)
         assert (record.escalation_level, record.escalation_status) == (2, "NOTIFIED")
         assert record.failure_reason == "no_available_drivers"
+
+
+def test_a_5_km_offer_pending_when_level_2_fires_is_followed_by_a_wide_search(django_capture_on_commit_callbacks):
+    """Level 2 found the delivery already offered (within 5 km); when that offer was rejected,
+    the next candidate was searched within 5 km again until the retry job."""
+    with time_machine.travel(T0, tick=False) as t:
+        delivery = stuck_delivery()
+        t.shift(timedelta(minutes=5))
+        check(django_capture_on_commit_callbacks)
+        t.shift(timedelta(minutes=9, seconds=50))
+        near = online_driver(km=3)
+        with django_capture_on_commit_callbacks(execute=True):
+            assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "offered"
+        pending = DriverOffer.objects.get(delivery=delivery, status="PENDING")
+        assert pending.driver_id == near.pk and pending.search_radius_km == 5
+        far = online_driver(km=8)
+        t.shift(timedelta(seconds=10))
+        check(django_capture_on_commit_callbacks)
+        assert record_of(delivery).escalation_level == 2
+        assert audit(delivery, "escalation_triggered")[-1].details["outcome"] == "already_offered"
+
+        with django_capture_on_commit_callbacks(execute=True):
+            offers.offer_reject(offer_id=pending.pk, driver_id=near.pk, reason="busy", actor=Actor("driver", near.pk))
+
+        second = DriverOffer.objects.get(delivery=delivery, status="PENDING")
+        assert second.driver_id == far.pk and second.search_radius_km == 10
