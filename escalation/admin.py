@@ -10,6 +10,7 @@ from django.utils.html import format_html
 
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin, run_for_each
+from common.exceptions import Conflict
 from escalation import tickets
 from escalation.models import (
     ACTIVE_TICKET_STATUSES,
@@ -154,9 +155,18 @@ class SupportTicketAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Take selected tickets (assign to me)", permissions=["change"])
     def take(self, request, queryset):
+        """Takes the selected tickets nobody holds (or the user does); one another agent holds is
+        left to them (it may have been taken after the list was shown): taking it over is a
+        deliberate act on its support page."""
+        def take_one(ticket):
+            try:
+                return tickets.ticket_take(ticket_id=ticket.pk, user=request.user, actor=Actor.for_user(request.user),
+                                           seen_assignee_id=None)
+            except tickets.TicketHeld as held:
+                raise Conflict(f"{held.holder} holds this ticket; take it over on its support page.") from None
+
         run_for_each(
-            self, request, queryset,
-            lambda ticket: tickets.ticket_take(ticket_id=ticket.pk, user=request.user, actor=Actor.for_user(request.user)),
+            self, request, queryset, take_one,
             label=lambda ticket: ticket.title,
             done=lambda taken: f"You have taken {len(taken)} ticket{'s' if len(taken) != 1 else ''}.",
         )

@@ -42,6 +42,15 @@ TICKET_AUDIT_EVENT = "support_ticket_updated"
 _UNSET = object()
 
 
+class TicketHeld(Conflict):
+    """A take that would take the ticket over from the agent holding it (`holder`), who took it
+    after the page the take came from was shown."""
+
+    def __init__(self, holder: str):
+        self.holder = holder
+        super().__init__(f"{holder} took this ticket meanwhile; reload the page to take it over.")
+
+
 def _lock_ticket(ticket_id) -> SupportTicket:
     """The ticket, locked, after a key-share lock on its delivery: the lock the audit row's
     foreign key takes anyway, taken first, in the order of the workflows (delivery, then
@@ -188,7 +197,7 @@ def ticket_take(*, ticket_id, user, actor: Actor, now: datetime | None = None, s
         return ticket
     if seen_assignee_id is not _UNSET and ticket.assignee_id is not None and ticket.assignee_id != user.pk \
             and str(ticket.assignee_id) != str(seen_assignee_id or ""):  # (released meanwhile: free to take)
-        raise Conflict(f"{_name(ticket.assignee)} took this ticket meanwhile; reload the page to take it over.")
+        raise TicketHeld(_name(ticket.assignee))
     previous = ticket.assignee
     ticket.assignee = user
     ticket.status = TicketStatus.IN_PROGRESS

@@ -114,3 +114,25 @@ def test_taking_tickets_in_the_admin_says_so(admin_client):
                           follow=True)
 
     assert "You have taken 1 ticket." in r.content.decode()
+
+
+@pytest.mark.django_db
+def test_taking_tickets_in_the_admin_leaves_one_another_agent_holds(admin_client):
+    """The bulk take took a ticket over from the agent working it (taken after the list was shown)."""
+    from escalation import tickets
+    from escalation.models import SupportTicket
+    from tests.factories import SupportUserFactory
+    from tests.support_fixtures import ticket_for
+
+    held, free = ticket_for(), ticket_for()
+    agent = SupportUserFactory(first_name="Ana", last_name="First")
+    tickets.ticket_take(ticket_id=held.pk, user=agent, actor=Actor.for_user(agent))
+
+    r = admin_client.post("/admin/escalation/supportticket/", {
+        "action": "take", "_selected_action": [str(held.pk), str(free.pk)]}, follow=True)
+
+    page = r.content.decode()
+    assert "Ana First holds this ticket; take it over on its support page." in page
+    assert "You have taken 1 ticket." in page
+    assert SupportTicket.objects.get(pk=held.pk).assignee_id == agent.pk
+    assert SupportTicket.objects.get(pk=free.pk).assignee.username == "admin"
