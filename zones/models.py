@@ -9,6 +9,7 @@ import uuid
 from django.contrib.gis.db import models
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db.models import Q
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 from common.validators import validate_positive
@@ -118,6 +119,9 @@ class DeliveryZone(models.Model):
             models.Index(fields=["min_drivers_online"], name="zone_min_drivers_online_idx"),
         ]
         constraints = [
+            # "Downtown" beside "downtown" on the map and in every zone picker: one name, one zone
+            models.UniqueConstraint(Lower("name"), name="zone_name_ci_unique",
+                                    violation_error_message="A zone with this name already exists."),
             models.CheckConstraint(
                 condition=Q(priority_level__gte=PRIORITY_MIN, priority_level__lte=PRIORITY_MAX),
                 name="zone_priority_level_range",

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 from django.contrib.gis.geos import Polygon
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Value
+from django.db.models.functions import Lower
 from django.utils import timezone
 
 from availability.models import Driver
@@ -54,7 +56,7 @@ def _clean_geometry(geometry) -> Polygon:
 
 
 def _name_taken(name: str, *, exclude_id=None) -> bool:
-    qs = DeliveryZone.objects.filter(name=name)
+    qs = DeliveryZone.objects.alias(lower_name=Lower("name")).filter(lower_name=Lower(Value(name)))  # zone_name_ci_unique
     if exclude_id is not None:
         qs = qs.exclude(pk=exclude_id)
     return qs.exists()
@@ -103,9 +105,9 @@ def zone_create(
         matching_window_seconds=matching_window_seconds, stacking_enabled=stacking_enabled,
         stacking_max_detour_minutes=stacking_max_detour_minutes,
     )
-    _validate(zone)
     if _name_taken(name):
         raise Conflict(f"A zone named {name!r} already exists.")
+    _validate(zone)
     try:
         with transaction.atomic():
             zone.save(force_insert=True)
@@ -160,9 +162,9 @@ def zone_update(
     geometry_changed = "geometry" in changes and not changes["geometry"].equals_exact(zone.geometry)
     for field, value in changes.items():
         setattr(zone, field, value)
-    _validate(zone)
     if "name" in changes and _name_taken(zone.name, exclude_id=zone.pk):
         raise Conflict(f"A zone named {zone.name!r} already exists.")
+    _validate(zone)
     try:
         with transaction.atomic():
             zone.save(update_fields=[*changes, "updated_at"])

@@ -143,6 +143,37 @@ def test_a_broken_boundary_is_a_form_error_and_nothing_is_stored(admin_client, g
     assert not DeliveryZone.objects.exists()
 
 
+def test_a_name_differing_only_in_case_is_a_form_error(admin_client):
+    ZoneFactory(name="Downtown", bbox=(30.7, 10.9, 30.8, 11.0))
+
+    r = admin_client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, "name": "downtown"})
+
+    assert r.status_code == 200
+    assert "A zone with this name already exists." in r.content.decode()
+    assert DeliveryZone.objects.count() == 1
+
+
+def test_the_migration_tells_apart_names_differing_only_in_case():
+    """Zones made before the constraint: all but the oldest of a name get a suffix."""
+    import importlib
+
+    from django.apps import apps
+    from django.db import connection
+
+    migration = importlib.import_module("zones.migrations.0008_zone_name_ci_unique")
+    with connection.cursor() as cursor:
+        cursor.execute("DROP INDEX zone_name_ci_unique")  # (an index: an expression); rolled back with the test
+    first = ZoneFactory(name="Downtown")
+    second = ZoneFactory(name="DOWNTOWN", bbox=(30.7, 10.9, 30.8, 11.0))
+    third = ZoneFactory(name="downtown", bbox=(30.8, 10.9, 30.9, 11.0))
+    ZoneFactory(name="downtown (2)", bbox=(30.9, 10.9, 31.0, 11.0))
+
+    migration.rename_case_duplicates(apps, None)
+
+    names = [z.name for z in DeliveryZone.objects.filter(pk__in=[first.pk, second.pk, third.pk]).order_by("created_at")]
+    assert names == ["Downtown", "DOWNTOWN (3)", "downtown (4)"]
+
+
 def test_out_of_range_overrides_are_form_errors(admin_client):
     r = admin_client.post(
         "/admin/zones/deliveryzone/add/", {**ADD_FORM, "offer_expires_seconds": "5", "search_radius_km": "0"}

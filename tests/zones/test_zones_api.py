@@ -138,6 +138,19 @@ def test_a_zone_name_already_in_use_is_a_conflict(ops):
     assert DeliveryZone.objects.count() == 2
 
 
+def test_a_zone_name_differing_only_in_case_is_a_conflict(ops):
+    """"Downtown" beside "DOWNTOWN" was two zones no picker could tell apart."""
+    ZoneFactory(name="Downtown")
+    other = ZoneFactory(name="Uptown", bbox=(30.7, 10.9, 30.8, 11.0))
+
+    body = assert_error(ops.post("/v2/zones", {"name": "DOWNTOWN", "geometry": SQUARE}, format="json"), 409)
+    assert "already exists" in body["message"]
+    assert_error(ops.patch(f"/v2/zones/{other.pk}", {"name": "downtown"}, format="json"), 409)
+    r = ops.patch(f"/v2/zones/{other.pk}", {"name": "UPTOWN"}, format="json")  # its own name, recased
+    assert r.status_code == 200, r.content
+    assert sorted(DeliveryZone.objects.values_list("name", flat=True)) == ["Downtown", "UPTOWN"]
+
+
 @pytest.mark.parametrize(
     "patch,field",
     [
