@@ -11,6 +11,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse
+from django.http.request import split_domain_port, validate_host
 from django.urls import Resolver404, resolve
 from django.utils import timezone as dj_timezone
 from whitenoise.middleware import WhiteNoiseMiddleware
@@ -312,6 +313,62 @@ class EarlyBodyLimit:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"x-content-type-options", b"nosniff"), (b"x-request-id", new_request_id().encode()),
             (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+
+INVALID_HOST_MESSAGE = "Invalid Host header: the host is not served here."
+
+
+class AllowedHostGuard:
+    """ASGI, in front of everything HTTP (the location fast lane, the lean API stack, Django):
+    a Host header ALLOWED_HOSTS does not name is a 400, before anything reads the request, in the
+    SPEC's error body on API paths. Django checks the host only when something asks for it
+    (CommonMiddleware, the full stack), so on the lean stack a token request with any Host was
+    served, and a paginated list, whose `next` link asks for it, was a 500 (DisallowedHost); on
+    the full stack the 400 was Django's HTML page. As `HttpRequest.get_host()`: the Host header
+    (X-Forwarded-Host with USE_X_FORWARDED_HOST), repeated headers joined by a comma (invalid);
+    a request without one is left to Django (it uses the server's name)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.security_logger = logging.getLogger("django.security.DisallowedHost")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = self._host(scope["headers"])
+            if host is not None and not self._valid(host):
+                return await self._refuse(scope, send, host)
+        return await self.app(scope, receive, send)
+
+    @staticmethod
+    def _host(headers) -> bytes | None:
+        wanted = b"x-forwarded-host" if settings.USE_X_FORWARDED_HOST else b"host"
+        values = [value for name, value in headers if name == wanted]
+        if not values and wanted != b"host":
+            values = [value for name, value in headers if name == b"host"]
+        return b",".join(values) if values else None
+
+    @staticmethod
+    def _valid(host: bytes) -> bool:
+        allowed = settings.ALLOWED_HOSTS
+        if settings.DEBUG and not allowed:
+            allowed = [".localhost", "127.0.0.1", "[::1]"]
+        domain, _port = split_domain_port(host.decode("latin-1"))
+        return bool(domain) and validate_host(domain, allowed)
+
+    async def _refuse(self, scope, send, host: bytes) -> None:
+        shown = host.decode("latin-1")[:255]
+        self.security_logger.error("Invalid HTTP_HOST header: %r. The host is not in ALLOWED_HOSTS.", shown)
+        if scope["path"].startswith(API_PREFIXES) or scope["path"] == "/v2":
+            path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+            body = json.dumps(error_body(400, path, INVALID_HOST_MESSAGE)).encode()
+            content_type = b"application/json"
+        else:
+            body, content_type = b"Bad Request (400): invalid Host header.", b"text/plain; charset=utf-8"
+        await send({"type": "http.response.start", "status": 400, "headers": [
+            (b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+            (b"x-content-type-options", b"nosniff"), (b"x-request-id", new_request_id().encode()),
         ]})
         await send({"type": "http.response.body", "body": body})
 

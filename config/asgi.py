@@ -37,7 +37,7 @@ from availability.api.fastlane import LocationFastLane  # noqa: E402
 from common.broadcast import bind_server_loop  # noqa: E402
 from common.consumers import QueryTokenAuthMiddleware, SocketRequestId, TrackingSocketSplit, origin_validator  # noqa: E402
 from common.metrics import API_REQUEST_WAIT, API_REQUESTS_ABANDONED  # noqa: E402
-from common.middleware import EarlyBodyLimit  # noqa: E402
+from common.middleware import AllowedHostGuard, EarlyBodyLimit  # noqa: E402
 from config import celery_app  # noqa: E402
 from config.routing import websocket_urlpatterns  # noqa: E402
 
@@ -304,7 +304,7 @@ django_asgi_app = DjangoHandler()
 
 application = ProtocolTypeRouter(
     {
-        "http": LocationFastLane(EarlyBodyLimit(ApiSplit(django_asgi_app, LeanApiHandler()))),
+        "http": AllowedHostGuard(LocationFastLane(EarlyBodyLimit(ApiSplit(django_asgi_app, LeanApiHandler())))),
         "websocket": origin_validator(TrackingSocketSplit(
             AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
             SocketRequestId(URLRouter(websocket_urlpatterns)),

@@ -6,7 +6,7 @@ from analytics.admin import analytics_page, ops_map_page
 from analytics.api import views as analytics_views
 from availability.api import views as availability_views
 from common.views import AuthTokenView, health, jobs, live, prometheus_metrics, ready
-from config.views import home, socket_over_http
+from config.views import bad_request, home, socket_over_http
 from dispatch.api import views as dispatch_views
 from dispatch.views import proof_file
 from escalation.api import views as escalation_views
@@ -110,3 +110,5 @@ urlpatterns = [
     path("proofs/<str:token>", proof_file, name="proof-file"),
     path("ws/<path:rest>", socket_over_http, name="socket-over-http"),
 ]
+
+handler400 = bad_request

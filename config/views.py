@@ -1,8 +1,11 @@
+from django.core.exceptions import DisallowedHost
 from django.http import JsonResponse
 from django.shortcuts import redirect
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
-from common.errors import error_body
+from common.errors import error_body, error_response
+from common.middleware import API_PREFIXES, INVALID_HOST_MESSAGE
 
 
 def home(request):
@@ -20,3 +23,14 @@ def socket_over_http(request, rest):
     response = JsonResponse(error_body(426, request.path, message), status=426)
     response["Upgrade"] = "websocket"
     return response
+
+
+def bad_request(request, exception):
+    """Django's 400 for what it refuses before any view (an invalid Host, found by
+    CommonMiddleware; other suspicious operations): in the API's error body on API paths.
+    Under ASGI an invalid Host never gets this far (common.middleware.AllowedHostGuard)."""
+    if request.path.startswith(API_PREFIXES) or request.path == "/v2":
+        if isinstance(exception, DisallowedHost):
+            return error_response(request, 400, INVALID_HOST_MESSAGE)
+        return error_response(request, 400, "Bad request.")
+    return defaults.bad_request(request, exception)

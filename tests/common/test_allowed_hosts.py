@@ -1,0 +1,96 @@
+"""A Host that ALLOWED_HOSTS does not name is a 400 on every HTTP path, in the SPEC's error body
+on API paths (common.middleware.AllowedHostGuard in config.asgi; config.views.bad_request for
+Django's own check). On the lean stack a token request with any Host was served, and a paginated
+list (its `next` link asks for the host) was a 500."""
+import asyncio
+import json
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from config.asgi import application
+from dispatch.models import Delivery
+from tests.api import token_for
+from tests.factories import DeliveryFactory, IntegrationUserFactory, OpsUserFactory, online_driver
+from tests.wire import delivery_body, http_scope
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def call(method, path, *, headers=(), body=b"", query=b""):
+    """One HTTP request through the ASGI app: (status, headers, body)."""
+    sent = []
+    chunks = [body]
+
+    async def receive():
+        if not chunks:
+            await asyncio.Event().wait()
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = http_scope(method, path, [(k.lower().encode(), v.encode()) for k, v in headers])
+    scope["query_string"] = query
+    async_to_sync(application)(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def assert_host_refused(status, headers, body, path):
+    assert status == 400, body
+    error = json.loads(body)
+    assert error["statusCode"] == 400 and error["error"] == "Bad Request" and error["path"] == path
+    assert error["message"] == "Invalid Host header: the host is not served here."
+    assert headers[b"content-type"] == b"application/json"
+
+
+def test_a_token_request_with_a_foreign_host_is_a_400_not_a_500():
+    token = token_for(OpsUserFactory())
+    DeliveryFactory()
+    auth = ("Authorization", f"Token {token}")
+
+    assert_host_refused(*call("GET", "/v2/deliveries", headers=[auth, ("Host", "evil.example")], query=b"limit=1"),
+                        "/v2/deliveries?limit=1")
+    status, _, body = call("GET", "/v2/deliveries", headers=[auth, ("Host", "testserver")], query=b"limit=1")
+    assert status == 200 and len(json.loads(body)["deliveries"]) == 1
+
+
+def test_a_write_with_a_foreign_host_changes_nothing():
+    token = token_for(IntegrationUserFactory())
+    headers = [("Authorization", f"Token {token}"), ("Content-Type", "application/json"), ("Host", "evil.example:8200")]
+
+    assert_host_refused(*call("POST", "/v2/deliveries", headers=headers, body=json.dumps(delivery_body()).encode()),
+                        "/v2/deliveries")
+    assert not Delivery.objects.exists()
+
+
+@pytest.mark.parametrize("hosts", [["testserver,evil.example"], ["testserver", "testserver"], ["bad host"], [""]])
+def test_a_malformed_or_repeated_host_is_refused(hosts):
+    assert_host_refused(*call("GET", "/health/", headers=[("Host", h) for h in hosts]), "/health/")
+
+
+def test_the_location_fast_lane_and_the_pages_check_the_host_too():
+    driver = online_driver()
+    token = token_for(driver.user)
+    fix = json.dumps({"lat": 12.97, "lon": 77.59, "recordedAt": "2026-01-01T00:00:00Z"}).encode()
+    headers = [("Authorization", f"Token {token}"), ("Content-Type", "application/json"), ("Host", "evil.example")]
+
+    assert_host_refused(*call("POST", f"/v2/drivers/{driver.pk}/location", headers=headers, body=fix),
+                        f"/v2/drivers/{driver.pk}/location")
+    status, headers, body = call("GET", "/admin/login/", headers=[("Host", "evil.example")])
+    assert status == 400 and headers[b"content-type"].startswith(b"text/plain") and b"invalid Host" in body
+
+
+def test_an_allowed_host_with_a_port_and_a_request_without_one_pass(settings):
+    settings.ALLOWED_HOSTS = ["api.example.com", "testserver"]
+    assert call("GET", "/health/live", headers=[("Host", "api.example.com:8443")])[0] == 200
+    assert call("GET", "/health/live")[0] == 200  # HTTP/1.0: no Host; Django uses the server's name
+
+
+def test_the_test_client_path_answers_in_the_error_body_too(client):
+    """Django's own check (CommonMiddleware, the full stack outside ASGI) goes through handler400."""
+    r = client.get("/health/", HTTP_HOST="evil.example")
+    assert r.status_code == 400 and r.json()["message"] == "Invalid Host header: the host is not served here."
+    r = client.get("/admin/login/", HTTP_HOST="evil.example")
+    assert r.status_code == 400 and "json" not in r["Content-Type"]
