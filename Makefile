@@ -29,6 +29,7 @@ run: migrate
 	PORT=$(PORT) HOST=$${HOST:-127.0.0.1} WEB_CONCURRENCY=$${WEB_CONCURRENCY:-2} \
 		CELERY_CONCURRENCY=$${CELERY_CONCURRENCY:-2} PROMETHEUS_MULTIPROC_DIR=$(CURDIR)/var/prometheus/$(PORT) \
 		TRACKING_BASE_URL=$${TRACKING_BASE_URL:-http://127.0.0.1:$(PORT)/track} \
+		FORWARDED_ALLOW_IPS=$${FORWARDED_ALLOW_IPS-} \
 		exec supervisord -n -c deploy/supervisord.conf
 
 # The local multi-node run: HAProxy :8080 → two web instances (:8101, :8102), PgBouncer :6433

@@ -334,6 +334,11 @@ REST_FRAMEWORK = {
         "common.throttling.AnonRateThrottle",
         "common.throttling.UserRateThrottle",
     ],
+    # An anonymous caller is counted by its address as the server saw it (uvicorn takes it from
+    # X-Forwarded-For only when the peer is in FORWARDED_ALLOW_IPS: a proxy of ours), never by
+    # the raw header: with DRF's default (None) any client sent a new X-Forwarded-For each time
+    # and was never throttled (password guessing on /v2/auth/token), or spent another's allowance.
+    "NUM_PROXIES": 0,
     "DEFAULT_THROTTLE_RATES": {
         "anon": env("THROTTLE_ANON_RATE", default="300/min"),
         "user": env("THROTTLE_USER_RATE", default="20000/min"),

@@ -39,3 +39,27 @@ def test_requests_are_served_when_redis_is_unreachable(ops, settings):
     statuses = [ops.get("/v2/deliveries").status_code for _ in range(5)]
     # then throttling fails open: all are served
     assert statuses == [200] * 5
+
+
+def test_an_anonymous_caller_is_counted_by_its_address_whatever_x_forwarded_for_says(anon, settings, db):
+    """With DRF's NUM_PROXIES None the raw header was the caller: a new X-Forwarded-For each time
+    was never throttled (password guessing on /v2/auth/token), and a victim's address in it spent
+    the victim's allowance."""
+    with_throttle_rates(settings, anon="3/min")
+    with time_machine.travel(MID_MINUTE, tick=False):
+        statuses = [
+            anon.post("/v2/auth/token", {"username": "ops", "password": f"guess{n}"}, format="json",
+                      HTTP_X_FORWARDED_FOR=f"203.0.113.{n}").status_code
+            for n in range(4)
+        ]
+    assert statuses == [401, 401, 401, 429]
+
+
+def test_a_victims_address_in_x_forwarded_for_does_not_spend_its_allowance(anon, settings, db):
+    with_throttle_rates(settings, anon="3/min")
+    with time_machine.travel(MID_MINUTE, tick=False):
+        for _ in range(3):
+            anon.post("/v2/auth/token", {"username": "ops", "password": "x"}, format="json",
+                      HTTP_X_FORWARDED_FOR="198.51.100.7", REMOTE_ADDR="192.0.2.1")
+        r = anon.post("/v2/auth/token", {"username": "ops", "password": "x"}, format="json", REMOTE_ADDR="198.51.100.7")
+    assert r.status_code == 401
