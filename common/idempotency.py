@@ -3,11 +3,13 @@ first response and has no second effect; the same key with another body is a 409
 
 The record is claimed (inserted with no response yet) before the view runs, so two
 concurrent requests with one key cannot both execute: the second sees the claim and gets 409.
-A response of 5xx or 429 releases the claim so that the caller can retry.
+A response of 5xx, 429 or one of a request that never ran (401, 403, 413, 415) releases the
+claim so that the caller can retry.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from datetime import timedelta
@@ -22,12 +24,17 @@ from django.utils import timezone
 
 from common.errors import error_response, is_database_unavailable, response_for_exception
 from common.models import IdempotencyRecord
+from common.parsers import PARSED_ATTR
 from common.tokens import api_token_live, authorization_token, token_digest
 
 logger = logging.getLogger(__name__)
 
 HEADER = "HTTP_IDEMPOTENCY_KEY"
 MAX_KEY_LENGTH = 255
+# Answers of a request that never ran (not authenticated, not allowed, a body the endpoint does
+# not take) or may be retried (throttled), not stored: the retry, fixed, runs. (A 400 may have
+# had an effect: a wrong handoff code is counted; it is stored.)
+NOT_STORED = frozenset({401, 403, 413, 415, 429})
 
 
 def _caller(request) -> str:
@@ -99,21 +106,26 @@ def _caller_of_record(request, caller: str, key: str) -> str:
     return legacy if IdempotencyRecord.objects.filter(caller=legacy, key=key).exists() else caller
 
 
-def _request_hash(request) -> str:
+def _request_hash(request, *, raw_json: bool = False) -> str:
     h = hashlib.sha256()
     h.update(request.method.encode())
     h.update(b"\0")
     h.update(request.get_full_path().encode("utf-8", "surrogatepass"))
     h.update(b"\0")
-    h.update(_comparable_body(request))
+    h.update(request.body if raw_json else _comparable_body(request))
     return h.hexdigest()
 
 
 def _comparable_body(request) -> bytes:
     """The body, with a multipart body's boundary replaced by a fixed one: clients pick a new
-    random boundary on every retry, which must not make the same upload a different request."""
+    random boundary on every retry, which must not make the same upload a different request;
+    a JSON body as its value (a retry that spaces or orders its keys otherwise is the same
+    request; RequestGuardMiddleware parsed it)."""
     body = request.body
     content_type, params = request.content_type.lower(), request.content_params
+    if hasattr(request, PARSED_ATTR):
+        return b"json\0" + json.dumps(getattr(request, PARSED_ATTR), sort_keys=True, separators=(",", ":"),
+                                      ensure_ascii=False).encode("utf-8", "surrogatepass")
     if content_type == "multipart/form-data" and params.get("boundary"):
         body = body.replace(b"--" + params["boundary"].encode("latin-1", "replace"), b"--\0boundary\0")
     return body
@@ -167,7 +179,7 @@ class IdempotencyMiddleware:
     def _finish(self, record, response):
         key = record.key
         try:
-            if response.status_code >= 500 or response.status_code == 429 or getattr(response, "streaming", False):
+            if response.status_code in NOT_STORED or response.status_code >= 500 or getattr(response, "streaming", False):
                 IdempotencyRecord.objects.filter(pk=record.pk).delete()
             else:
                 IdempotencyRecord.objects.filter(pk=record.pk).update(
@@ -196,7 +208,8 @@ class IdempotencyMiddleware:
                 if existing.created_at < now - ttl:
                     IdempotencyRecord.objects.filter(pk=existing.pk, created_at=existing.created_at).delete()
                     continue
-                if existing.request_hash != digest:
+                # (raw_json: how a JSON body was hashed before 2026-12-06, kept for the TTL after)
+                if existing.request_hash != digest and existing.request_hash != _request_hash(request, raw_json=True):
                     return None, error_response(
                         request, 409, "This Idempotency-Key was used with a different request."
                     )

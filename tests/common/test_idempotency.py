@@ -2,6 +2,7 @@
 concurrent requests with one key, and purging expired records."""
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from datetime import datetime, timedelta, timezone as dt_timezone
@@ -182,6 +183,43 @@ def test_a_400_response_is_replayed_too(integration, integration_user):
     assert again["Idempotent-Replayed"] == "true"
     assert again.content == first.content
     assert deliveries_of(integration_user).count() == 0
+
+
+def test_a_retry_with_its_json_spaced_or_ordered_otherwise_is_the_same_request(integration, integration_user):
+    body = delivery_body()
+    first = integration.post("/v2/deliveries", json.dumps(body), content_type="application/json", HTTP_IDEMPOTENCY_KEY="k")
+    reordered = json.dumps(dict(reversed(list(body.items()))), indent=2)
+
+    again = integration.post("/v2/deliveries", reordered, content_type="application/json", HTTP_IDEMPOTENCY_KEY="k")
+
+    assert first.status_code == 201 and again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.content == first.content and deliveries_of(integration_user).count() == 1
+
+
+def test_a_record_hashed_from_the_raw_json_before_the_change_is_still_replayed(integration, integration_user):
+    """Records written before JSON bodies were compared by value hold the raw bytes' hash: a
+    retry across the deploy is still replayed."""
+    raw = json.dumps(delivery_body()).encode()
+    first = integration.post("/v2/deliveries", raw, content_type="application/json", HTTP_IDEMPOTENCY_KEY="legacy")
+    IdempotencyRecord.objects.filter(key="legacy").update(
+        request_hash=hashlib.sha256(b"POST\0/v2/deliveries\0" + raw).hexdigest())
+
+    again = integration.post("/v2/deliveries", raw, content_type="application/json", HTTP_IDEMPOTENCY_KEY="legacy")
+
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true" and again.content == first.content
+
+
+def test_a_request_that_never_ran_releases_the_key(integration, integration_user):
+    """A 415 (a body the endpoint does not take) was stored: the same bytes sent again as JSON
+    with the key replayed the 415."""
+    raw = json.dumps(delivery_body())
+    refused = integration.post("/v2/deliveries", raw, content_type="text/plain", HTTP_IDEMPOTENCY_KEY="k415")
+    assert refused.status_code == 415
+
+    retried = integration.post("/v2/deliveries", raw, content_type="application/json", HTTP_IDEMPOTENCY_KEY="k415")
+
+    assert retried.status_code == 201, retried.content
+    assert "Idempotent-Replayed" not in retried and deliveries_of(integration_user).count() == 1
 
 
 def test_a_throttled_response_releases_the_idempotency_key(integration, integration_user, settings):
