@@ -31,6 +31,7 @@ from workflows.geofence import geofence_check
 from workflows.stacking import driver_may_stack
 from workflows.unit import eta_refresh_enqueue, unit_of_work
 from workflows.quotes import quote_use, serviceability_ensure
+from zones import pricing
 
 TRACKED = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
 
@@ -56,6 +57,8 @@ def delivery_create(
     quote = quote_use(quote_id=quote_id, created_by=created_by, data=data, now=now) if quote_id else None
     if quote is not None:
         data = replace(data, delivery_fee=quote.delivery_fee)  # the fee the quote locked
+    elif data.delivery_fee is None:  # not given: the pricing rule's, as a quote would have said
+        data = replace(data, delivery_fee=pricing.delivery_fee(leg_km=service.distance_km))
     delivery = deliveries.delivery_insert(
         data=data, created_by=created_by, zone=service.zone, actor=actor, now=now, auto_dispatch=auto_dispatch,
     )

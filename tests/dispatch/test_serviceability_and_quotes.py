@@ -153,6 +153,22 @@ def test_a_quote_locks_its_fee_for_five_minutes(integration, settings):
     assert Quote.objects.get().delivery_id == Delivery.objects.get().pk
 
 
+@pytest.mark.parametrize("fee", ["omitted", None])
+def test_a_delivery_created_without_a_fee_gets_the_fee_a_quote_would_have_given(integration, settings, fee):
+    """The seller was shown `deliveryFee: null` (the seed's column is NOT NULL) while the quote for
+    the same leg said 46.42, and economics charged the rule anyway."""
+    settings.DEFAULT_DELIVERY_FEE = "40.00"
+    settings.DELIVERY_FEE_PER_KM = "2.00"
+    quote = integration.post("/v2/quotes", {"pickupLocation": CITY, "dropoffLocation": NEAR}, format="json").json()
+
+    r = integration.post("/v2/deliveries", body(**({} if fee == "omitted" else {"deliveryFee": None})), format="json")
+
+    assert r.status_code == 201, r.content
+    assert r.json()["deliveryFee"] == quote["deliveryFee"] == 46.42
+    assert Delivery.objects.get().delivery_fee == Decimal("46.42")
+    assert integration.get(f"/v2/deliveries/{r.json()['id']}").json()["deliveryFee"] == 46.42
+
+
 def test_an_expired_or_used_quote_is_a_conflict(integration):
     with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
         first = integration.post("/v2/quotes", {"pickupLocation": CITY, "dropoffLocation": NEAR}, format="json").json()
