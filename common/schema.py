@@ -21,6 +21,8 @@ _DESCRIPTIONS = {
     403: "Authenticated but not allowed",
     404: "Unknown id, or not yours",
     409: "State conflict",
+    413: "Body too large",
+    415: "Unsupported media type or Content-Encoding",
     429: "Throttled",
     503: "A backing service is down",
 }
@@ -43,10 +45,13 @@ IDEMPOTENCY_KEY = OpenApiParameter(
 )
 
 # Any request under /v2/ may answer these: a control character or invalid UTF-8 in its path,
-# query string or Authorization header (common.middleware).
-_ANY_REQUEST_ERRORS = (400,)
+# query string or Authorization header (common.middleware); PostgreSQL or Redis down (503).
+_ANY_REQUEST_ERRORS = (400, 503)
 # Any POST under /v2/ may answer these because of the Idempotency-Key header (common.idempotency).
 _IDEMPOTENCY_ERRORS = (400, 409)
+# Any request with a body: over its size limit (EarlyBodyLimit, RequestGuardMiddleware), or not
+# JSON (multipart for uploads), or compressed.
+_BODY_ERRORS = (413, 415)
 
 # The `limit` and `cursor` query parameters of every paginated list (common.pagination).
 CURSOR_PATTERN = r"^[A-Za-z0-9+/]+={0,2}$"  # what common.pagination hands out: base64
@@ -102,7 +107,11 @@ class AutoSchema(_AutoSchema):
     def _get_response_bodies(self, direction="response"):
         # Not get_response_serializers: @extend_schema(responses=...) overrides that without super().
         responses = super()._get_response_bodies(direction)
-        codes = (_ANY_REQUEST_ERRORS + _IDEMPOTENCY_ERRORS) if self.method == "POST" else _ANY_REQUEST_ERRORS
+        codes = _ANY_REQUEST_ERRORS
+        if self.method == "POST":
+            codes += _IDEMPOTENCY_ERRORS
+        if self.method in ("POST", "PUT", "PATCH"):
+            codes += _BODY_ERRORS
         for code in codes:
             if str(code) not in responses:
                 responses[str(code)] = self._get_response_for_code(errors(code)[code], str(code), direction=direction)
