@@ -105,6 +105,28 @@ def test_an_action_on_ids_of_no_row_of_the_list_changes_nothing_and_says_so(admi
     assert delivery.status == "ready"
 
 
+@pytest.mark.parametrize("with_confirmation", [False, True])
+def test_an_action_on_a_row_that_left_the_filtered_list_changes_nothing_and_says_so(admin_client, with_confirmation):
+    """The list of assigned deliveries, drawn while D was assigned; D is ready again (reassigned)
+    when ops cancel it from that page: Django ran the action on the filtered list, which D is no
+    longer in, and said nothing (the confirmation page listed nothing; its Yes did nothing)."""
+    delivery = DeliveryFactory()  # ready: not on the list of assigned ones
+    form = {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)], "index": "0", "reason": "stale"}
+    if with_confirmation:
+        form["apply"] = "1"
+
+    r = admin_client.post("/admin/dispatch/delivery/?status__exact=assigned", form, follow=True)
+
+    assert r.status_code == 200
+    assert "Nothing was done: 1 of the selected rows is not in this list." in r.content.decode()
+    delivery.refresh_from_db()
+    assert delivery.status == "ready"
+    # on the unfiltered list the same action runs
+    r = admin_client.post("/admin/dispatch/delivery/", {**form, "apply": "1"}, follow=True)
+    delivery.refresh_from_db()
+    assert delivery.status == "cancelled"
+
+
 def _driver_page(admin_client, driver):
     from tests.zones.test_zones_admin import form_data
 
@@ -156,7 +178,7 @@ def test_an_error_in_an_action_on_a_filtered_list_is_not_hidden_as_a_bad_filter(
         raise ValueError("a bug in the action")
 
     monkeypatch.setattr(zones_admin.DeliveryZoneAdmin, "refresh_health", broken)
-    zone = ZoneFactory(name="Downtown")
+    zone = ZoneFactory(name="Downtown", priority_level=1)  # on the filtered list
     admin_client.raise_request_exception = False
 
     r = admin_client.post("/admin/zones/deliveryzone/?priority_level=1",
