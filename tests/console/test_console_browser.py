@@ -78,6 +78,28 @@ def test_a_dispatcher_sees_a_driver_move_on_the_live_map_within_two_seconds(cons
     card = wait.until(lambda b: (c := b.find_element(By.CSS_SELECTOR, f'[data-card-driver-id="{driver.pk}"]')).is_displayed()
                       and "Maria Lopez" in c.text and c)
     assert card.find_element(By.TAG_NAME, "a").get_attribute("href").endswith(f"/admin/availability/driver/{driver.pk}/change/")
+
+    # A fix, then ops pause the driver before the second's digest goes out: the digest carries
+    # the availability read with the fix ("available"), older than the pause, and it painted
+    # the driver available again until the next fix.
+    from availability import geo
+    from availability.management.commands.consume_fixes import DIGEST_LOCK
+    from common.redis import get_redis
+
+    further = km_north(-2.5)
+    geo.index_driver(driver_id=driver.pk, availability="available", lat=new.y, lon=new.x,  # its state in Redis,
+                     recorded_at=driver.location_recorded_at)  # as a real transition leaves it (read with each fix)
+    get_redis().set(DIGEST_LOCK, "the-test", px=900)  # as if another consumer had just sent one: the next waits
+    assert httpx.post(
+        f"{base}/v2/drivers/{driver.pk}/location", json={"lat": further.y, "lon": further.x, "accuracyMeters": 8},
+        headers={"Authorization": f"Token {token_for(driver.user)}"}, timeout=10,
+    ).json()["accepted"]
+    paused = httpx.post(f"{base}/v2/drivers/{driver.pk}/availability", json={"state": "paused", "reason": "check"},
+                        headers={"Authorization": f"Token {token_for(dispatcher)}"}, timeout=10)
+    assert paused.status_code == 200, paused.text
+    wait.until(lambda b: abs(float(b.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]').get_attribute("data-lat"))
+                             - further.y) < 1e-6)
+    assert chromium.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]').get_attribute("data-availability") == "paused"
     assert_nothing_loaded_from_elsewhere(chromium, base)
 
 

@@ -237,8 +237,10 @@
   // ---------------------------------------------------------------- events from /ws/ops/
   const handlers = {
     driver_positions(e) {
+      // The digest's availability is the one read with the fix, up to a second before the digest:
+      // an availability_changed since then is newer. It is taken only for a driver not on the map.
       e.drivers.forEach((p) => upsertDriver(Object.assign({ driverId: p.driverId, lat: p.lat, lon: p.lon, recordedAt: p.recordedAt },
-        p.heading != null ? { heading: p.heading } : {}, p.availability ? { availability: p.availability } : {})));
+        p.heading != null ? { heading: p.heading } : {}, p.availability && !drivers.has(p.driverId) ? { availability: p.availability } : {})));
       counts();
     },
     availability_changed(e) {
