@@ -3,6 +3,7 @@ from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.views.decorators.cache import never_cache
 from import_export import fields as export_fields
 from import_export.admin import ExportMixin
 from import_export.formats.base_formats import CSV, XLSX
@@ -11,6 +12,7 @@ from analytics.models import DeliveryCost
 from common.admin import ExportResource
 
 
+@never_cache  # (as every admin page: figures and names, not for a shared cache or the back button)
 @staff_member_required
 def analytics_page(request):
     """Ops analytics: charts drawn in the browser from the summary API (session auth)."""
@@ -27,6 +29,7 @@ def analytics_page(request):
     })
 
 
+@never_cache
 @staff_member_required
 def ops_map_page(request):
     """The live ops map: Leaflet from our static files; the state from `GET /v2/admin/live-map`,

@@ -165,4 +165,6 @@ class LiveMapView(APIView):
         tags=["analytics"],
     )
     def get(self, request):
-        return Response(console.live_map_state(now=timezone.now()))
+        response = Response(console.live_map_state(now=timezone.now()))
+        response["Cache-Control"] = "private, no-store"  # the fleet's names and positions
+        return response

@@ -454,3 +454,13 @@ def test_exported_times_are_utc_iso_8601_in_csv_and_utc_cells_in_xlsx():
 
     assert "ORD-T1,2026-12-06T02:49:24Z" in csv
     assert (created.replace(tzinfo=None)) in {cell for row in sheet.iter_rows(min_row=2, values_only=True) for cell in row}
+
+
+def test_the_map_and_analytics_pages_and_the_map_state_are_never_cached(admin_client, ops):
+    """The rest of the admin says `no-cache, no-store, private`; these two pages and the map's
+    state (the fleet's names and positions) said nothing."""
+    for url in ("/admin/map/", "/admin/analytics/"):
+        r = admin_client.get(url)
+        assert r.status_code == 200 and "no-store" in r["Cache-Control"] and "private" in r["Cache-Control"], url
+    r = ops.get("/v2/admin/live-map")
+    assert r.status_code == 200 and r["Cache-Control"] == "private, no-store"
