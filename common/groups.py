@@ -2,8 +2,8 @@
 
 - **Dispatcher**: runs the console. Views everything operational; may change deliveries,
   drivers, offers, unassigned orders and tickets (through the admin actions, which call the
-  workflows) and zones; may not see or edit users, groups, API tokens or the periodic
-  schedule.
+  workflows) and zones, and start simulations; may not see or edit users, groups, API tokens
+  or the periodic schedule.
 - **Viewer**: the same pages, read-only (view permissions only, no actions).
 
 Both are staff logins (the admin requires it); `is_ops` in `common.roles` is unchanged, so a
@@ -31,6 +31,9 @@ CONSOLE_MODELS: dict[str, dict[str, tuple[str, ...]]] = {
     # webhooks (switch on/off, replay; docs/notifications.md "Ops console") and customer messages
     "notifications": {"webhookendpoint": ("change",), "webhookmessage": ("change",), "webhookattempt": (),
                       "outboxevent": (), "customermessage": ()},
+    # the dispatch simulator: a Dispatcher runs it to compare policies before changing a zone's
+    # (docs/dispatch.md "The simulator"); one run at a time, in a worker of its own
+    "simulation": {"simulationrun": ("add",)},
 }
 
 

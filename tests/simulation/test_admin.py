@@ -92,3 +92,27 @@ def test_a_run_that_fails_records_its_error(monkeypatch):
 def services_params() -> dict:
     return {"drivers": 20, "ordersPerHour": 60, "minutes": 10, "seed": 7, "policies": ["sequential"], "stacking": False,
             "city": "demo"}
+
+
+def test_a_dispatcher_starts_simulations_and_a_viewer_reads_them(db):
+    """The simulator is the tool for choosing a zone's policy, which Dispatchers change; only
+    superusers could open it."""
+    from common.groups import groups_sync
+    from common.roles import DISPATCHER_GROUP, VIEWER_GROUP
+
+    run = SimulationRun.objects.create(parameters={**services_params(), "policies": ["sequential"]},
+                                       status=SimulationStatus.DONE, report_html="<!DOCTYPE html><p>r</p>")
+    clients = {}
+    for group in (DISPATCHER_GROUP, VIEWER_GROUP):
+        user = UserFactory(is_staff=True)
+        user.groups.add(groups_sync()[group])
+        clients[group] = Client()
+        clients[group].force_login(user)
+
+    dispatcher, viewer = clients[DISPATCHER_GROUP], clients[VIEWER_GROUP]
+    for client in (dispatcher, viewer):
+        assert client.get("/admin/simulation/simulationrun/").status_code == 200
+        assert client.get(f"/admin/simulation/simulationrun/{run.pk}/report/").status_code == 200
+    assert dispatcher.get("/admin/simulation/simulationrun/add/").status_code == 200
+    assert viewer.get("/admin/simulation/simulationrun/add/").status_code == 403
+    assert dispatcher.post(f"/admin/simulation/simulationrun/{run.pk}/delete/", {"post": "yes"}).status_code == 403
