@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone as dt_timezone
+from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.contrib.auth import get_user_model
 from django.contrib.gis.geos import Point
@@ -75,6 +75,12 @@ def apply_availability_change(
         if from_state == A.BUSY:
             raise Conflict(f"Driver is busy with a delivery; cannot change to {to_state}.")
         raise Conflict(f"Driver is {from_state}; cannot change to {to_state}.")
+    previous = driver.last_availability_change
+    if previous is not None and now <= previous:
+        # The caller read the clock, then waited for the driver's lock behind a change stamped
+        # later: stamped just after that one, the history reads as the chain it is (by time,
+        # "paused → on_break" was listed before the "offline → paused" it followed).
+        now = previous + timedelta(microseconds=1)
 
     driver.availability = to_state
     driver.availability_until = until

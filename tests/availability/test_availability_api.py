@@ -201,3 +201,25 @@ def test_history_is_newest_first_and_paginated(driver, driver_client, ops):
     assert [h["toState"] for h in rest["history"]] == ["on_break"]
     assert rest["next"] is None
     assert len(ops.get(url(driver, "history")).json()["history"]) == 3
+
+
+def test_a_change_that_waited_behind_a_later_stamped_one_comes_after_it_in_the_history(driver, driver_client, ops):
+    """Two changes at once: each reads the clock, then waits for the driver's lock. The one that
+    read it first but got the lock second was stamped earlier, so the history listed
+    "paused → on_break" before the "available → paused" it followed."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from workflows.drivers import availability_override
+
+    stamped = timezone.now()
+    availability_override(driver_id=driver.pk, to_state="paused", reason="check", actor=Actor("admin", None), now=stamped)
+    # the other change read the clock a moment before this one (it waited for the lock)
+    availability_override(driver_id=driver.pk, to_state="on_break", reason="lunch", actor=Actor("admin", None),
+                          duration_minutes=30, now=stamped - timedelta(microseconds=200))
+
+    history = ops.get(url(driver, "history")).json()["history"]
+    assert [(h["fromState"], h["toState"]) for h in history[:2]] == [("paused", "on_break"), ("available", "paused")]
+    rows = list(DriverAvailabilityHistory.objects.filter(driver=driver).order_by("timestamp"))
+    assert [r.to_state for r in rows][-2:] == ["paused", "on_break"] and rows[-1].timestamp > rows[-2].timestamp
