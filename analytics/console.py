@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import connection
-from django.db.models import Count
+from django.db.models import Case, Count, F, IntegerField, When
 
 from availability import live
 from availability.models import Driver, DriverAvailability
@@ -23,6 +23,7 @@ LIVE_MAP_MAX_DRIVERS = 5000
 LIVE_MAP_MAX_DELIVERIES = 2000
 IN_PROGRESS = (DeliveryStatus.ASSIGNED, DeliveryStatus.PICKED_UP, DeliveryStatus.IN_TRANSIT)
 ONLINE = (DriverAvailability.AVAILABLE, DriverAvailability.BUSY)
+OFF_WORK = (DriverAvailability.OFFLINE, DriverAvailability.SHIFT_ENDED)
 
 
 def _health_band(score: int | None) -> str:
@@ -33,12 +34,18 @@ def _health_band(score: int | None) -> str:
 
 def live_map_state(*, now: datetime) -> dict:
     """Drivers with a known position (Redis's live one where fresher than PostgreSQL's), open
-    deliveries with their driver and escalation level, and the zones with their health."""
+    deliveries with their driver and escalation level, and the zones with their health (and
+    their holes). Past the caps the map holds, the drivers at work (not offline, not off shift)
+    with the freshest fixes come first, and the deliveries waiting longest; `truncated` says
+    whether any were left out."""
+    off_work = Case(When(availability__in=OFF_WORK, then=1), default=0, output_field=IntegerField())
     drivers = list(
         Driver.objects.filter(location__isnull=False)
-        .order_by("pk")
-        .values("pk", "name", "availability", "location", "location_heading", "location_recorded_at")[:LIVE_MAP_MAX_DRIVERS]
+        .order_by(off_work, F("location_recorded_at").desc(nulls_last=True), "pk")
+        .values("pk", "name", "availability", "location", "location_heading", "location_recorded_at")[:LIVE_MAP_MAX_DRIVERS + 1]
     )
+    drivers_truncated = len(drivers) > LIVE_MAP_MAX_DRIVERS
+    drivers = drivers[:LIVE_MAP_MAX_DRIVERS]
     fresh = live.positions_of([d["pk"] for d in drivers])
     driver_rows = []
     for d in drivers:
@@ -54,10 +61,12 @@ def live_map_state(*, now: datetime) -> dict:
 
     open_deliveries = list(
         Delivery.objects.filter(status__in=OPEN_DELIVERY_STATUSES)
-        .order_by("-created_at")
+        .order_by("created_at", "pk")
         .values("pk", "seller_order_id", "store_name", "status", "zone_id", "pickup_location", "dropoff_location", "ready_at")
-        [:LIVE_MAP_MAX_DELIVERIES]
+        [:LIVE_MAP_MAX_DELIVERIES + 1]
     )
+    deliveries_truncated = len(open_deliveries) > LIVE_MAP_MAX_DELIVERIES
+    open_deliveries = open_deliveries[:LIVE_MAP_MAX_DELIVERIES]
     ids = [d["pk"] for d in open_deliveries]
     drivers_of = dict(
         Assignment.objects.filter(delivery_id__in=ids, status=AssignmentStatus.ACTIVE).values_list("delivery_id", "driver_id")
@@ -78,11 +87,13 @@ def live_map_state(*, now: datetime) -> dict:
     zone_rows = [{
         "zoneId": str(z.pk), "name": z.name, "priorityLevel": z.priority_level,
         "polygon": [[lat, lon] for lon, lat in z.geometry.exterior_ring.coords],
+        "holes": [[[lat, lon] for lon, lat in z.geometry[i].coords] for i in range(1, len(z.geometry))],
         "healthScore": z.health_score, "health": _health_band(z.health_score),
         "driversOnline": z.current_drivers_online, "minDriversOnline": z.min_drivers_online,
         "belowMinimum": z.below_minimum,
     } for z in DeliveryZone.objects.order_by("priority_level", "name")]
-    return {"drivers": driver_rows, "deliveries": delivery_rows, "zones": zone_rows, "generatedAt": iso(now)}
+    return {"drivers": driver_rows, "deliveries": delivery_rows, "zones": zone_rows, "generatedAt": iso(now),
+            "truncated": {"drivers": drivers_truncated, "deliveries": deliveries_truncated}}
 
 
 @dataclass

@@ -163,6 +163,38 @@ def test_the_live_map_state_has_drivers_open_deliveries_with_escalation_and_zone
     (centre,) = state["zones"]
     assert centre["health"] == "poor" and centre["belowMinimum"] and len(centre["polygon"]) == 5
     assert centre["polygon"][0] == [12.93, 77.55]  # [lat, lon], as Leaflet takes them
+    assert centre["holes"] == [] and state["truncated"] == {"drivers": False, "deliveries": False}
+
+
+def test_the_live_map_state_keeps_a_zones_holes_and_over_its_caps_the_drivers_at_work_and_the_oldest_deliveries(
+        ops, monkeypatch):
+    """The map drew a zone with a hole filled (its zone filter counted drivers in the hole); past
+    its caps it kept drivers by id (offline ones with old fixes before those at work) and the
+    newest deliveries (the oldest, most escalated, left out), and said nothing."""
+    from django.contrib.gis.geos import Polygon
+
+    from analytics import console
+
+    donut = Polygon(((77.0, 12.0), (78.0, 12.0), (78.0, 13.0), (77.0, 13.0), (77.0, 12.0)),
+                    ((77.4, 12.4), (77.6, 12.4), (77.6, 12.6), (77.4, 12.6), (77.4, 12.4)), srid=4326)
+    ZoneFactory(name="Donut", geometry=donut)
+    now = timezone.now()
+    offline = DriverFactory(availability="offline", location_recorded_at=now)
+    stale = DriverFactory(location_recorded_at=now - timedelta(minutes=10))
+    fresh = DriverFactory(location_recorded_at=now - timedelta(seconds=5))
+    oldest = DeliveryFactory(created_at=now - timedelta(minutes=30))
+    DeliveryFactory(created_at=now - timedelta(minutes=1))
+    monkeypatch.setattr(console, "LIVE_MAP_MAX_DRIVERS", 2)
+    monkeypatch.setattr(console, "LIVE_MAP_MAX_DELIVERIES", 1)
+
+    state = ops.get("/v2/admin/live-map").json()
+
+    (zone,) = state["zones"]
+    assert zone["holes"] == [[[12.4, 77.4], [12.4, 77.6], [12.6, 77.6], [12.6, 77.4], [12.4, 77.4]]]
+    assert [d["driverId"] for d in state["drivers"]] == [str(fresh.pk), str(stale.pk)]
+    assert str(offline.pk) not in {d["driverId"] for d in state["drivers"]}
+    assert [d["deliveryId"] for d in state["deliveries"]] == [str(oldest.pk)]
+    assert state["truncated"] == {"drivers": True, "deliveries": True}
 
 
 # ------------------------------------------------------------------------------ dashboard

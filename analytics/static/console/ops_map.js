@@ -21,6 +21,7 @@
   const drivers = new Map();     // id → {data, marker}
   const deliveries = new Map();  // id → {data, pickup, dropoff, route}
   const zones = new Map();       // id → {data, polygon}
+  let truncated = {};            // the state left drivers or deliveries out (over the map's caps)
 
   function adminUrl(template, id) { return template.replace("00000000-0000-0000-0000-000000000000", id); }
   function esc(text) {
@@ -42,6 +43,9 @@
   function checked(fieldsetId) {
     return new Set(Array.from(document.querySelectorAll(`#${fieldsetId} input:checked`)).map((i) => i.value));
   }
+  function insideZone(lat, lon, zone) {  // in its outer ring and in none of its holes
+    return insidePolygon(lat, lon, zone.polygon) && !(zone.holes || []).some((hole) => insidePolygon(lat, lon, hole));
+  }
   function insidePolygon(lat, lon, ring) {
     let inside = false;
     for (let i = 0, j = ring.length - 1; i < ring.length; j = i++) {
@@ -59,7 +63,7 @@
     const state = OFFLINE_STATES.includes(d.availability) ? "offline" : d.availability;
     if (!states.has(state)) return false;
     const zone = zoneFilter();
-    return !zone || insidePolygon(d.lat, d.lon, zone.polygon);
+    return !zone || insideZone(d.lat, d.lon, zone);
   }
   function deliveryVisible(d) {
     const kinds = checked("filter-deliveries");
@@ -86,7 +90,9 @@
   function counts() {
     const shownDrivers = Array.from(drivers.values()).filter((e) => layers.drivers.hasLayer(e.marker)).length;
     const shownDeliveries = Array.from(deliveries.values()).filter((e) => layers.deliveries.hasLayer(e.pickup)).length;
-    document.getElementById("ops-map-counts").textContent = `${shownDrivers} drivers, ${shownDeliveries} open deliveries shown`;
+    const left = Object.entries(truncated).filter(([, cut]) => cut).map(([kind]) => kind);
+    document.getElementById("ops-map-counts").textContent = `${shownDrivers} drivers, ${shownDeliveries} open deliveries shown`
+      + (left.length ? ` (more ${left.join(" and ")} than the map holds: those at work and waiting longest are shown)` : "");
   }
   document.querySelectorAll("#filter-drivers input, #filter-deliveries input").forEach((i) => i.addEventListener("change", applyFilters));
   zoneSelect.addEventListener("change", () => {
@@ -196,7 +202,7 @@
   function upsertZone(z) {
     let entry = zones.get(z.zoneId);
     if (!entry) {
-      const polygon = L.polygon(z.polygon, { weight: 2, fillOpacity: 0.08 });
+      const polygon = L.polygon([z.polygon, ...(z.holes || [])], { weight: 2, fillOpacity: 0.08 });
       entry = { data: z, polygon };
       zones.set(z.zoneId, entry);
       layers.zones.addLayer(polygon);
@@ -230,6 +236,8 @@
     const open = new Set(state.deliveries.map((d) => d.deliveryId));
     Array.from(deliveries.keys()).filter((id) => !open.has(id)).forEach(removeDelivery);
     state.deliveries.forEach(upsertDelivery);
+    truncated = state.truncated || {};
+    root.dataset.truncated = Object.values(truncated).some(Boolean) ? "true" : "false";
     counts();
     root.dataset.loadedAt = state.generatedAt;
   }
