@@ -45,6 +45,14 @@ class SimulationStartForm(forms.ModelForm):
                                   seed=p["seed"], policies=p["policies"], city=p["city"])
             except InvalidInput as e:
                 raise forms.ValidationError(e.message) from None
+            orders = services.orders_in(orders_per_hour=p["ordersPerHour"], minutes=p["minutes"], policies=p["policies"])
+            if orders > (limit := services.task_orders_limit()):
+                # it would hold the only simulation worker for hours, then be killed at the limit
+                raise forms.ValidationError(
+                    f"This run simulates {orders:,} orders (all policies together); the simulation worker's time "
+                    f"limit allows about {limit:,}. Fewer orders per hour, minutes or policies, or run "
+                    "`manage.py simulate` on a machine of its own."
+                )
         return cleaned
 
 

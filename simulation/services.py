@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from django.conf import settings
 from django.utils import timezone
 
 from common.exceptions import InvalidInput
@@ -45,6 +46,22 @@ def variants(policies: list[str], *, stacking: bool) -> list[tuple[str, bool]]:
         policy = name.removesuffix(STACKING_SUFFIX)
         out.append((policy, stacking or policy != name))
     return out
+
+
+# A worker's wall-clock seconds per simulated order and policy to plan with: 0.07 s of CPU an
+# order at the peak run, 0.15 s of wall clock on a shared 2-core box (bench/README.md).
+SECONDS_PER_ORDER = 0.2
+
+
+def orders_in(*, orders_per_hour, minutes, policies: list[str]) -> int:
+    """The orders a run simulates, all policies together."""
+    return round(orders_per_hour * minutes / 60) * len(policies)
+
+
+def task_orders_limit() -> int:
+    """The most orders (all policies together) a run started from the admin may simulate: what
+    fits in the simulation worker's time limit (SIMULATION_TASK_TIME_LIMIT)."""
+    return int(settings.SIMULATION_TASK_TIME_LIMIT / SECONDS_PER_ORDER)
 
 
 def validate(*, drivers, orders_per_hour, minutes, seed, policies: list[str], city: str) -> None:

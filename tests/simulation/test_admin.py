@@ -6,6 +6,7 @@ from django.test import Client
 
 from common.redis import get_redis
 from simulation import services
+from simulation.admin import SimulationStartForm
 from simulation.models import SimulationRun, SimulationStatus
 from tests.factories import OpsUserFactory, UserFactory
 
@@ -65,6 +66,22 @@ def test_bad_parameters_are_form_errors_and_start_nothing(admin_client):
     assert not SimulationRun.objects.exists()
     with pytest.raises(services.InvalidInput):
         services.run_create(parameters={**services_params(), "policies": ["nope"]}, user=None)
+
+
+def test_a_run_that_cannot_finish_within_the_workers_time_limit_is_a_form_error(admin_client, settings):
+    """5,000 drivers, 50,000 orders/h for 240 min and four policies passed: 800,000 orders, hours
+    of the only simulation worker, then killed at SIMULATION_TASK_TIME_LIMIT."""
+    settings.SIMULATION_TASK_TIME_LIMIT = 3 * 3600  # about 54,000 orders
+    too_many = {**FORM, "orders_per_hour": "20000", "minutes": "60", "policies": ["sequential", "batch", "broadcast"]}
+
+    response = admin_client.post("/admin/simulation/simulationrun/add/", too_many)
+
+    assert response.status_code == 200
+    assert "This run simulates 60,000 orders (all policies together)" in response.content.decode()
+    assert not SimulationRun.objects.exists()
+    fits = {**too_many, "policies": ["sequential", "batch"]}  # 40,000: the form takes it (not started here)
+    form = SimulationStartForm(data=fits)
+    assert form.is_valid(), form.errors
 
 
 def test_the_report_needs_admin_access(db):
