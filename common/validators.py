@@ -21,6 +21,12 @@ URL_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 # surrogates left out: JSON Schema tools cannot write them, and the JSON parser refuses them).
 URL_TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd]+$"
 URL_UNSAFE_MESSAGE = "Must not contain control characters or U+FFFD: it is looked up by URL."
+# An identifier people read (a seller's order id, on the console, the support pages, the customer's
+# page): URL-safe, and no bidirectional-text controls (U+061C, U+200E/F, U+202A-E, U+2066-9), which
+# make "ORD-\u202e9e06" show as "ORD-60e9": one order passing for another.
+ORDER_ID_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]+$"
+ORDER_ID_MESSAGE = ("Must not contain control characters, bidirectional-text controls or U+FFFD: it is shown to people "
+                    "and looked up by URL.")
 
 
 def validate_url_safe_text(value) -> None:
