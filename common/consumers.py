@@ -6,13 +6,13 @@ import asyncio
 import logging
 import random
 from importlib import import_module
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlparse
 
 import orjson
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from channels.security.websocket import OriginValidator
+from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone as django_timezone
@@ -187,9 +187,40 @@ class QueryTokenAuthMiddleware:
         return await self.app(scope, receive, send)
 
 
+_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+
+
+def _origin_key(scheme: str, netloc: str) -> str:
+    """host[:port] of an origin or a Host header, lower case, without the scheme's default port."""
+    netloc = netloc.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    return netloc.removesuffix(f":{default}") if default else netloc
+
+
 class ApiOriginValidator(OriginValidator):
-    """Browsers must come from an allowed host; clients that send no Origin (apps, servers)
-    are allowed through and must authenticate with a token like any API client."""
+    """Browsers must come from an allowed host, and from this very origin (scheme aside: port
+    included) or one in CSRF_TRUSTED_ORIGINS: a page on another port of the same host (another
+    app on the box) carries the console's session cookie too (cookies do not tell ports apart)
+    and could open `/ws/ops/` as the logged-in dispatcher. Clients that send no Origin (apps,
+    servers) are let through and must authenticate with a token like any API client."""
+
+    async def __call__(self, scope, receive, send):
+        origin = host = None
+        for name, value in scope.get("headers", []):
+            if name == b"origin":
+                origin = value.decode("latin-1")
+            elif name == b"host":
+                host = value.decode("latin-1")
+        if origin is not None and host is not None and not self._same_or_trusted(origin, host):
+            return await WebsocketDenier()(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+    @staticmethod
+    def _same_or_trusted(origin: str, host: str) -> bool:
+        if origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in settings.CSRF_TRUSTED_ORIGINS}:
+            return True
+        parsed = urlparse(origin)
+        return bool(parsed.netloc) and _origin_key(parsed.scheme, parsed.netloc) == _origin_key(parsed.scheme, host)
 
     def valid_origin(self, parsed_origin):
         if parsed_origin is None:

@@ -181,6 +181,32 @@ def test_a_browser_from_a_foreign_origin_is_refused_but_an_allowed_origin_connec
     async_to_sync(scenario)()
 
 
+def test_a_browser_page_on_another_port_of_this_host_is_refused(settings):
+    """Cookies do not tell ports apart: a page of another app on the box (127.0.0.1:9999)
+    carries the console's session cookie, and its socket to /ws/ops/ was let in (the host alone
+    was checked) as the logged-in dispatcher. Same origin (the Host, port included), or an origin
+    in CSRF_TRUSTED_ORIGINS."""
+    ops_user = OpsUserFactory()
+    url = f"/ws/ops/?token={token_for(ops_user)}"
+    host = (b"host", b"127.0.0.1:8200")
+
+    async def opens(origin: bytes, headers=(host,)) -> bool:
+        comm = connect(url, headers=[(b"origin", origin), *headers])
+        ok = (await comm.connect())[0]
+        if ok:
+            await comm.disconnect()
+        return ok
+
+    async def scenario():
+        assert await opens(b"http://127.0.0.1:9999") is False
+        assert await opens(b"http://127.0.0.1:8200") is True
+        assert await opens(b"https://LOCALHOST", headers=[(b"host", b"localhost:443")]) is True  # default port, any case
+        settings.CSRF_TRUSTED_ORIGINS = ["http://127.0.0.1:9999"]
+        assert await opens(b"http://127.0.0.1:9999") is True
+
+    async_to_sync(scenario)()
+
+
 def test_every_event_type_reaches_ops_and_unknown_ones_do_not_break_the_socket():
     ops_user = OpsUserFactory()
     expected = {
