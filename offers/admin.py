@@ -39,6 +39,11 @@ class DriverOfferAdmin(ChangedFieldsOnlyAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
+    def has_change_permission(self, request, obj=None):
+        # the list's action needs it; an offer's own page has nothing to save (every field
+        # read-only: a Save button that said "changed successfully" for nothing)
+        return obj is None and super().has_change_permission(request)
+
     @admin.action(description="Expire selected pending offers now (next candidate is offered)", permissions=["change"])
     def expire_now(self, request, queryset):
         done = 0

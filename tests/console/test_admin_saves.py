@@ -136,3 +136,24 @@ def test_taking_tickets_in_the_admin_leaves_one_another_agent_holds(admin_client
     assert "You have taken 1 ticket." in page
     assert SupportTicket.objects.get(pk=held.pk).assignee_id == agent.pk
     assert SupportTicket.objects.get(pk=free.pk).assignee.username == "admin"
+
+
+@pytest.mark.django_db
+def test_an_offers_page_is_read_only_and_the_list_still_expires(admin_client):
+    """Every field of an offer is read-only; its page offered Save and said "changed successfully"."""
+    from offers.models import DriverOffer
+    from workflows.dispatching import delivery_dispatch
+    from tests.factories import online_driver
+
+    online_driver()
+    delivery = DeliveryFactory()
+    delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+    offer = DriverOffer.objects.get(delivery=delivery)
+
+    page = admin_client.get(f"/admin/offers/driveroffer/{offer.pk}/change/").content.decode()
+    assert 'name="_save"' not in page and "Close" in page
+    r = admin_client.post("/admin/offers/driveroffer/", {"action": "expire_now", "_selected_action": [str(offer.pk)]},
+                          follow=True)
+    assert "Expired 1 offers." in r.content.decode()
+    offer.refresh_from_db()
+    assert offer.status == "EXPIRED"
