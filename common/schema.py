@@ -1,6 +1,7 @@
 """OpenAPI helpers: the shared error body, error responses per endpoint, Idempotency-Key."""
 from drf_spectacular.openapi import AutoSchema as _AutoSchema
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_serializer
+from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from common.validators import URL_TEXT_PATTERN
@@ -97,7 +98,36 @@ def query_parameters_as_served(result, generator, request, public):
     return result
 
 
+# What str.strip() (DRF's trim_whitespace) takes for whitespace, as a JSON Schema character class
+# body: Python's isspace() set, which is not ECMA's \s (\x1c-\x1f and \x85 are Python's only;
+# \ufeff is ECMA's only).
+_PY_WHITESPACE = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_NUL = r"\u0000"
+_CONTROL = r"\u0000-\u001f\u007f-\u009f"
+
+
+def _text_pattern(excluded: str, *, non_blank: bool) -> str:
+    if not non_blank:  # (drf-spectacular adds "" as a branch of its own: oneOf [pattern, maxLength 0])
+        return f"^[^{excluded}]+$"
+    return f"^[^{excluded}]*[^{excluded}{_PY_WHITESPACE}][^{excluded}]*$"
+
+
 class AutoSchema(_AutoSchema):
+    def _map_serializer_field(self, field, direction, bypass_extensions=False):
+        """A free-text request field says what the server refuses in it: NUL (DRF's rule for
+        every CharField), control characters in a single-line one, and text that is only
+        whitespace where blank is not allowed (DRF trims it to ""). A schema-valid request was
+        refused (`reason: "\t"`)."""
+        result = super()._map_serializer_field(field, direction, bypass_extensions)
+        if (direction == "request" and isinstance(field, serializers.CharField) and isinstance(result, dict)
+                and result.get("type") == "string" and not {"pattern", "format", "enum"} & result.keys()
+                and not any(isinstance(v, RegexValidator) for v in field.validators)):  # (its own pattern)
+            from common.fields import SingleLineTextField  # (fields imports this module's helpers)
+
+            excluded = _CONTROL if isinstance(field, SingleLineTextField) else _NUL
+            result["pattern"] = _text_pattern(excluded, non_blank=not field.allow_blank and field.trim_whitespace)
+        return result
+
     def get_override_parameters(self):
         params = list(super().get_override_parameters())
         if self.method == "POST":

@@ -220,3 +220,21 @@ def test_a_webhook_s_events_are_documented_and_checked_as_at_least_one(ops, db):
     assert refused.status_code == 400
     assert refused.json()["details"] == {"events": ['Subscribe to at least one event type, or ["*"] for all.']}
 
+
+
+@pytest.mark.parametrize(("value", "allowed"), [
+    ("\t", False), ("  \x1c\u3000 ", False), ("", False), ("a\x00b", False),  # blank once trimmed; NUL anywhere
+    (" lunch ", True), ("\ufeff", True), ("tab\tinside", True),  # \ufeff is no whitespace to str.strip()
+])
+def test_free_text_body_fields_document_blank_and_nul_as_the_server_refuses_them(ops, db, value, allowed):
+    """`reason: "\\t"` matched the schema (minLength 1) and was refused ("may not be blank"):
+    schema-driven clients saw valid requests fail. A request field's pattern now says it."""
+    rule = _component("OverrideRequest")["properties"]["reason"]
+    driver = DriverFactory()
+
+    r = ops.post(f"/v2/drivers/{driver.pk}/availability", {"state": "paused", "reason": value}, format="json")
+
+    assert _string_allows(rule, value) is allowed
+    assert (r.status_code == 200) is allowed, r.content
+    single_line = _component("WebhookEndpointCreateRequest")["properties"]["description"]
+    assert _string_allows(single_line, "two\nlines") is False and _string_allows(single_line, "") is True
