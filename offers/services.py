@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
@@ -173,13 +174,27 @@ class PushFailed(Exception):
         self.claimed_at = claimed_at
 
 
+_WIDEN_SQL = """
+UPDATE {offers} SET search_radius_km = %(radius)s
+WHERE id IN (
+    SELECT id FROM {offers}
+    WHERE delivery_id = %(delivery)s AND status = 'PENDING' AND (search_radius_km IS NULL OR search_radius_km < %(radius)s)
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+
 def offers_widen_pending_locked(delivery: Delivery, *, radius_km: float) -> int:
     """The delivery's pending offers were found within a narrower radius than `radius_km` (level 2
     escalated it meanwhile): the next search after one ends (rejected, expired, withdrawn: it reads
-    `search_radius_km` off the offer) is as wide. The caller holds the delivery's lock."""
-    return DriverOffer.objects.filter(delivery=delivery, status=OfferStatus.PENDING).filter(
-        Q(search_radius_km__isnull=True) | Q(search_radius_km__lt=radius_km)
-    ).update(search_radius_km=radius_km)
+    `search_radius_km` off the offer) is as wide. The caller holds the delivery's lock, so an
+    offer another transaction holds is skipped, never waited for: an answer or an expiry locks the
+    offer, then the delivery (workflows.locks), and waiting here would deadlock with it (that
+    offer is ending anyway; the search after it stays at its own radius)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_WIDEN_SQL.format(offers=DriverOffer._meta.db_table),
+                       {"radius": radius_km, "delivery": delivery.pk})
+        return cursor.rowcount
 
 
 def offer_push(
