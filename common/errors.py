@@ -7,7 +7,7 @@ from http import HTTPStatus
 
 import psycopg
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.exceptions import DisallowedHost, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpResponse, JsonResponse
@@ -158,6 +158,9 @@ def body_too_large_message(limit: int | None = None) -> str:
     return BODY_TOO_LARGE.format(limit=settings.API_MAX_BODY_BYTES if limit is None else limit)
 
 
+INVALID_HOST_MESSAGE = "Invalid Host header: the host is not served here."
+
+
 def response_for_exception(request, exc: BaseException, *, api: bool = True) -> HttpResponse | None:
     """The answer to an exception raised outside DRF (middleware, plain Django views): 503 when
     the database is unavailable, 413 for a body over the limit; None for anything else. `api`:
@@ -168,6 +171,10 @@ def response_for_exception(request, exc: BaseException, *, api: bool = True) -> 
         status, message = 503, database_unavailable_message(exc)
     elif isinstance(exc, RequestDataTooBig):
         status, message = 413, body_too_large_message()
+    elif isinstance(exc, DisallowedHost):  # (a request with no Host: the server's own name, not allowed)
+        status, message = 400, INVALID_HOST_MESSAGE
+    elif isinstance(exc, SuspiciousOperation):  # Django's 400 for what it refuses to touch
+        status, message = 400, "Bad request."
     else:
         return None
     if api:

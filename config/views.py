@@ -4,8 +4,8 @@ from django.shortcuts import redirect
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
-from common.errors import error_body, error_response
-from common.middleware import API_PREFIXES, INVALID_HOST_MESSAGE
+from common.errors import INVALID_HOST_MESSAGE, error_body, error_response
+from common.middleware import API_PREFIXES
 
 
 def home(request):

@@ -94,3 +94,21 @@ def test_the_test_client_path_answers_in_the_error_body_too(client):
     assert r.status_code == 400 and r.json()["message"] == "Invalid Host header: the host is not served here."
     r = client.get("/admin/login/", HTTP_HOST="evil.example")
     assert r.status_code == 400 and "json" not in r["Content-Type"]
+
+
+def test_a_request_without_a_host_whose_server_name_is_not_allowed_is_a_400_not_a_500(settings):
+    """HTTP/1.0 without Host: Django uses the server's name, which a paginated list's `next` link
+    asked for (DisallowedHost, a 500 on the lean stack when the bind address is not allowed)."""
+    token = token_for(OpsUserFactory())
+    DeliveryFactory()
+    settings.ALLOWED_HOSTS = ["api.example.com"]  # not the server's name ("testserver")
+
+    status, _, body = call("GET", "/v2/deliveries", headers=[("Authorization", f"Token {token}")], query=b"limit=1")
+
+    assert status == 400 and json.loads(body)["message"] == "Invalid Host header: the host is not served here."
+
+
+def test_the_answer_for_a_host_follows_a_change_of_allowed_hosts(settings):
+    assert call("GET", "/health/live", headers=[("Host", "api.example.com")])[0] == 400
+    settings.ALLOWED_HOSTS = ["api.example.com"]
+    assert call("GET", "/health/live", headers=[("Host", "api.example.com")])[0] == 200
