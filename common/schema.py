@@ -4,7 +4,8 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_seri
 from django.core.validators import RegexValidator
 from rest_framework import serializers
 
-from common.validators import URL_TEXT_PATTERN
+from common.fields import SingleLineTextField
+from common.validators import URL_TEXT_PATTERN, trimmed_text_pattern
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -85,8 +86,8 @@ def query_parameters_as_served(result, generator, request, public):
         for operation in item.values():
             for param in operation.get("parameters", []) if isinstance(operation, dict) else ():
                 schema = param.get("schema", {})
-                if param.get("in") in ("path", "query") and schema.get("type") == "string" \
-                        and not {"format", "enum", "pattern"} & schema.keys():
+                if param.get("in") in ("path", "query") and schema.get("type") == "string" and (
+                        not {"format", "enum", "pattern"} & schema.keys() or schema.get("pattern") in _FREE_TEXT_PATTERNS):
                     schema["pattern"] = URL_TEXT_PATTERN
                 if param.get("in") != "query" or param.get("required") or param["name"] in _EMPTY_IS_AN_ERROR:
                     continue
@@ -98,18 +99,11 @@ def query_parameters_as_served(result, generator, request, public):
     return result
 
 
-# What str.strip() (DRF's trim_whitespace) takes for whitespace, as a JSON Schema character class
-# body: Python's isspace() set, which is not ECMA's \s (\x1c-\x1f and \x85 are Python's only;
-# \ufeff is ECMA's only).
-_PY_WHITESPACE = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _NUL = r"\u0000"
 _CONTROL = r"\u0000-\u001f\u007f-\u009f"
-
-
-def _text_pattern(excluded: str, *, non_blank: bool) -> str:
-    if not non_blank:  # (drf-spectacular adds "" as a branch of its own: oneOf [pattern, maxLength 0])
-        return f"^[^{excluded}]+$"
-    return f"^[^{excluded}]*[^{excluded}{_PY_WHITESPACE}][^{excluded}]*$"
+# The patterns given to free-text request fields (AutoSchema): a query parameter's is replaced by
+# the URL rule (query_parameters_as_served), which refuses more.
+_FREE_TEXT_PATTERNS: set[str] = set()
 
 
 class AutoSchema(_AutoSchema):
@@ -122,10 +116,13 @@ class AutoSchema(_AutoSchema):
         if (direction == "request" and isinstance(field, serializers.CharField) and isinstance(result, dict)
                 and result.get("type") == "string" and not {"pattern", "format", "enum"} & result.keys()
                 and not any(isinstance(v, RegexValidator) for v in field.validators)):  # (its own pattern)
-            from common.fields import SingleLineTextField  # (fields imports this module's helpers)
-
             excluded = _CONTROL if isinstance(field, SingleLineTextField) else _NUL
-            result["pattern"] = _text_pattern(excluded, non_blank=not field.allow_blank and field.trim_whitespace)
+            if field.trim_whitespace:
+                pattern = trimmed_text_pattern(excluded, non_blank=not field.allow_blank)
+            else:
+                pattern = f"^[^{excluded}]+$"
+            _FREE_TEXT_PATTERNS.add(pattern)
+            result["pattern"] = pattern
         return result
 
     def get_override_parameters(self):

@@ -21,12 +21,33 @@ URL_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
 # surrogates left out: JSON Schema tools cannot write them, and the JSON parser refuses them).
 URL_TEXT_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd]+$"
 URL_UNSAFE_MESSAGE = "Must not contain control characters or U+FFFD: it is looked up by URL."
+# What str.strip() (DRF's trim_whitespace) takes for whitespace, as a regex character class body
+# (Python's and JSON Schema's alike): Python's isspace() set, which is not ECMA's \s (\x1c-\x1f
+# and \x85 are Python's only; \ufeff is ECMA's only).
+PY_WHITESPACE = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def trimmed_text_pattern(excluded: str, *, non_blank: bool) -> str:
+    """The pattern of a text field DRF trims (leading and trailing whitespace dropped) and then
+    refuses if what is left holds a character of `excluded` (a character class body), or is
+    empty (`non_blank`). Without `non_blank` the pattern is of a non-empty text (drf-spectacular
+    adds "" as a branch of its own: oneOf [pattern, maxLength 0])."""
+    core = f"[^{excluded}]*[^{excluded}{PY_WHITESPACE}][^{excluded}]*"
+    if non_blank:
+        return f"^[{PY_WHITESPACE}]*{core}[{PY_WHITESPACE}]*$"
+    return f"^(?:[{PY_WHITESPACE}]+|[{PY_WHITESPACE}]*{core}[{PY_WHITESPACE}]*)$"
+
+
 # An identifier people read (a seller's order id, on the console, the support pages, the customer's
-# page): URL-safe, and no bidirectional-text controls (U+061C, U+200E/F, U+202A-E, U+2066-9), which
-# make "ORD-\u202e9e06" show as "ORD-60e9": one order passing for another.
-ORDER_ID_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f\ufffd\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]+$"
-ORDER_ID_MESSAGE = ("Must not contain control characters, bidirectional-text controls or U+FFFD: it is shown to people "
-                    "and looked up by URL.")
+# page): URL-safe; no bidirectional-text controls (U+061C, U+200E/F, U+202A-E, U+2066-9), which make
+# "ORD-\u202e9e06" show as "ORD-60e9", nor invisible characters (U+00AD, U+200B, U+2060, U+FEFF),
+# which make "ORD-1\u200b" pass for "ORD-1": one order passing for another; not blank once trimmed.
+ORDER_ID_PATTERN = trimmed_text_pattern(
+    r"\u0000-\u001f\u007f-\u009f\ufffd\u00ad\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff",
+    non_blank=True,
+)
+ORDER_ID_MESSAGE = ("Must not contain control characters, bidirectional-text controls, invisible characters or "
+                    "U+FFFD: it is shown to people and looked up by URL.")
 
 
 def validate_url_safe_text(value) -> None:

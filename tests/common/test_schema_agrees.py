@@ -238,3 +238,13 @@ def test_free_text_body_fields_document_blank_and_nul_as_the_server_refuses_them
     assert (r.status_code == 200) is allowed, r.content
     single_line = _component("WebhookEndpointCreateRequest")["properties"]["description"]
     assert _string_allows(single_line, "two\nlines") is False and _string_allows(single_line, "") is True
+    assert _string_allows(single_line, "\tNightly\n") is True  # trimmed first: the server takes it
+
+
+def test_a_free_text_query_parameter_keeps_the_url_rule(db):
+    """drf-spectacular maps a query serializer as a request: its free-text pattern (NUL only)
+    took the place of the URL rule the middleware applies (control characters, U+FFFD)."""
+    from common.validators import URL_TEXT_PATTERN
+
+    params = {p["name"]: p for p in _schema()["paths"]["/v2/deliveries"]["get"]["parameters"]}
+    assert params["sellerOrderId"]["schema"]["pattern"] == URL_TEXT_PATTERN

@@ -53,11 +53,11 @@ def test_a_duplicate_seller_order_id_from_the_same_account_is_a_conflict(integra
     assert Delivery.objects.count() == 1
 
 
-@pytest.mark.parametrize("control", ["\u202e", "\u2066", "\u200f", "\u061c"])
+@pytest.mark.parametrize("control", ["\u202e", "\u2066", "\u200f", "\u061c", "\u200b", "\ufeff", "\u00ad", "\u2060"])
 def test_a_seller_order_id_with_bidirectional_text_controls_is_refused(integration, control):
     """"ORD-\u202e9e06" shows as "ORD-60e9" on the console and the support pages: one order passing for another."""
     body = assert_error(integration.post("/v2/deliveries", new_delivery(sellerOrderId=f"ORD-{control}9e06"), format="json"), 400)
-    assert "bidirectional-text controls" in body["details"]["sellerOrderId"][0]
+    assert "bidirectional-text controls, invisible characters" in body["details"]["sellerOrderId"][0]
     assert not Delivery.objects.exists()
     ok = integration.post("/v2/deliveries", new_delivery(sellerOrderId="ORD-é/ü 7 👨\u200d👩\u200d👧"), format="json")
     assert ok.status_code == 201, ok.content  # letters, a slash, spaces, an emoji sequence (joiners) are fine
@@ -164,3 +164,16 @@ def test_cancel_rules(ops, integration, driver_client, delivery):
 def test_unknown_delivery_is_404(ops):
     assert_error(ops.get("/v2/deliveries/00000000-0000-0000-0000-000000000000"), 404)
     assert_error(ops.post("/v2/deliveries/00000000-0000-0000-0000-000000000000/cancel", {"reason": "x"}, format="json"), 404)
+
+
+def test_the_seller_order_id_pattern_is_the_servers_rule(integration):
+    """The schema's pattern said " " was an order id; the server trims it and refuses it as blank."""
+    import re
+
+    from common.validators import ORDER_ID_PATTERN
+
+    for value, taken in ((" ", False), ("\u3000", False), (" ORD-1 ", True), ("ORD-1\u200b", False)):
+        assert bool(re.search(ORDER_ID_PATTERN, value)) is taken, value
+        r = integration.post("/v2/deliveries", new_delivery(sellerOrderId=value), format="json")
+        assert (r.status_code == 201) is taken, (value, r.content)
+    assert list(Delivery.objects.values_list("seller_order_id", flat=True)) == ["ORD-1"]
