@@ -6,21 +6,31 @@ from django.db import migrations, models
 
 
 def rename_case_duplicates(apps, schema_editor):
+    """Case-twins as the index will see them: PostgreSQL's lower() (the database's collation),
+    not Python's str.lower(), which differ ("ΟΔΟΣ" / "οδοσ", "İzmir" / "izmir")."""
+    from django.db import connection
+    from django.db.models.functions import Lower
+
     DeliveryZone = apps.get_model("zones", "DeliveryZone")
-    taken = {name.lower() for name in DeliveryZone.objects.values_list("name", flat=True)}
+
+    def lower(text: str) -> str:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT lower(%s)", [text])
+            return cursor.fetchone()[0]
+
+    zones = list(DeliveryZone.objects.annotate(key=Lower("name")).order_by("created_at", "id"))
+    taken = {zone.key for zone in zones}
     seen = set()
-    for zone in DeliveryZone.objects.order_by("created_at", "id"):
-        key = zone.name.lower()
-        if key not in seen:
-            seen.add(key)
+    for zone in zones:
+        if zone.key not in seen:
+            seen.add(zone.key)
             continue
         base, n = zone.name[:240], 2
-        while f"{base} ({n})".lower() in taken:
+        while lower(f"{base} ({n})") in taken:
             n += 1
         zone.name = f"{base} ({n})"
-        taken.add(zone.name.lower())
-        seen.add(zone.name.lower())
-        zone.save(update_fields=["name"])
+        taken.add(lower(zone.name))
+        DeliveryZone.objects.filter(pk=zone.pk).update(name=zone.name)
 
 
 class Migration(migrations.Migration):
