@@ -17,6 +17,7 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone as django_timezone
 from django.utils.crypto import constant_time_compare
+from django.utils.http import is_same_domain
 
 from common.logfilters import new_request_id, request_id
 
@@ -205,22 +206,34 @@ class ApiOriginValidator(OriginValidator):
     servers) are let through and must authenticate with a token like any API client."""
 
     async def __call__(self, scope, receive, send):
-        origin = host = None
+        origin = host = forwarded_host = None
         for name, value in scope.get("headers", []):
             if name == b"origin":
                 origin = value.decode("latin-1")
             elif name == b"host":
                 host = value.decode("latin-1")
+            elif name == b"x-forwarded-host":
+                forwarded_host = value.decode("latin-1")
+        if settings.USE_X_FORWARDED_HOST and forwarded_host:  # (as the HTTP side: AllowedHostGuard)
+            host = forwarded_host
         if origin is not None and host is not None and not self._same_or_trusted(origin, host):
             return await WebsocketDenier()(scope, receive, send)
         return await super().__call__(scope, receive, send)
 
     @staticmethod
     def _same_or_trusted(origin: str, host: str) -> bool:
-        if origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in settings.CSRF_TRUSTED_ORIGINS}:
-            return True
+        """As Django's CSRF check reads CSRF_TRUSTED_ORIGINS: an exact origin, or `scheme://*.domain`."""
         parsed = urlparse(origin)
-        return bool(parsed.netloc) and _origin_key(parsed.scheme, parsed.netloc) == _origin_key(parsed.scheme, host)
+        if not parsed.netloc:
+            return False
+        for trusted in settings.CSRF_TRUSTED_ORIGINS:
+            t = urlparse(trusted)
+            if t.scheme == parsed.scheme and (
+                t.netloc.lower() == parsed.netloc.lower()
+                or (t.netloc.startswith("*.") and is_same_domain(parsed.netloc.lower(), t.netloc[1:].lower()))
+            ):
+                return True
+        return _origin_key(parsed.scheme, parsed.netloc) == _origin_key(parsed.scheme, host)
 
     def valid_origin(self, parsed_origin):
         if parsed_origin is None:

@@ -197,12 +197,17 @@ def test_a_browser_page_on_another_port_of_this_host_is_refused(settings):
             await comm.disconnect()
         return ok
 
+    from common.consumers import ApiOriginValidator
+
     async def scenario():
         assert await opens(b"http://127.0.0.1:9999") is False
         assert await opens(b"http://127.0.0.1:8200") is True
         assert await opens(b"https://LOCALHOST", headers=[(b"host", b"localhost:443")]) is True  # default port, any case
-        settings.CSRF_TRUSTED_ORIGINS = ["http://127.0.0.1:9999"]
+        settings.CSRF_TRUSTED_ORIGINS = ["http://127.0.0.1:9999", "https://*.example.com"]
         assert await opens(b"http://127.0.0.1:9999") is True
+        # a wildcard, as Django's CSRF check reads it (the host must be in ALLOWED_HOSTS too)
+        assert ApiOriginValidator._same_or_trusted("https://console.example.com", "other.host")
+        assert not ApiOriginValidator._same_or_trusted("http://console.example.com", "other.host")  # another scheme
 
     async_to_sync(scenario)()
 
