@@ -208,7 +208,8 @@ class IdempotencyMiddleware:
                 if existing.created_at < now - ttl:
                     IdempotencyRecord.objects.filter(pk=existing.pk, created_at=existing.created_at).delete()
                     continue
-                # (raw_json: how a JSON body was hashed before 2026-12-06, kept for the TTL after)
+                # (raw_json: how a JSON body was hashed before 2026-12-06; records live 24 h: remove this
+                # second hash once every instance has run the new code a day)
                 if existing.request_hash != digest and existing.request_hash != _request_hash(request, raw_json=True):
                     return None, error_response(
                         request, 409, "This Idempotency-Key was used with a different request."
