@@ -186,6 +186,10 @@ def run_create(*, parameters: dict, user) -> SimulationRun:
     return SimulationRun.objects.create(parameters=parameters, created_by=user)
 
 
+class _RunDeleted(Exception):
+    """The run's row is gone (deleted in the admin): the run stops at its next progress step."""
+
+
 def run_execute(run_id: int) -> str:
     """Run a queued SimulationRun to its end (the Celery task): progress while it runs, then
     the JSON result and the report, or the error. Returns the final status."""
@@ -205,12 +209,16 @@ def run_execute(run_id: int) -> str:
             percent = min(99, int(fraction * 100))
             if (percent, stage) != (last["progress"], last["stage"]):
                 last.update(progress=percent, stage=stage)
-                runs.filter(pk=run_id).update(progress=percent, stage=stage[:60])
+                if not runs.filter(pk=run_id).update(progress=percent, stage=stage[:60]):
+                    raise _RunDeleted()  # deleted in the admin while it ran: stop, free the worker
 
         started = time.perf_counter()
         try:
             outcome = run(base, list(p["policies"]), progress=progress)
             report = render_report(outcome)
+        except _RunDeleted:
+            logger.info("simulation run %s was deleted while it ran: stopped", run_id)
+            return "deleted"
         except Exception as e:  # recorded for ops to read; the worker log has the traceback
             logger.exception("simulation run %s failed", run_id)
             runs.filter(pk=run_id).update(status=SimulationStatus.FAILED, error=f"{type(e).__name__}: {e}"[:5000],

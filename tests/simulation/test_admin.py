@@ -133,3 +133,23 @@ def test_a_dispatcher_starts_simulations_and_a_viewer_reads_them(db):
     assert dispatcher.get("/admin/simulation/simulationrun/add/").status_code == 200
     assert viewer.get("/admin/simulation/simulationrun/add/").status_code == 403
     assert dispatcher.post(f"/admin/simulation/simulationrun/{run.pk}/delete/", {"post": "yes"}).status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)  # (the run is read on a connection of its own)
+def test_a_run_deleted_while_it_runs_stops_at_its_next_step(monkeypatch):
+    """Deleting a running run left it running to its end (hours of the only simulation worker)."""
+    run = SimulationRun.objects.create(parameters={**services_params(), "policies": ["sequential"]})
+    steps = []
+
+    def simulated(base, policies, *, progress):
+        progress(0.1, "sequential")
+        steps.append(0.1)
+        SimulationRun.objects.filter(pk=run.pk).delete()  # ops delete it in the admin meanwhile
+        progress(0.2, "sequential")
+        steps.append(0.2)  # never reached
+        raise AssertionError("the run went on")
+
+    monkeypatch.setattr(services, "run", simulated)
+
+    assert services.run_execute(run.pk) == "deleted"
+    assert steps == [0.1]
