@@ -1,6 +1,7 @@
 """Run calls at the same moment in real threads (with real transactions)."""
 import threading
 import time
+from contextlib import contextmanager
 
 from django.db import connection, transaction
 
@@ -25,6 +26,36 @@ def race(calls):
     for t in threads:
         t.join(30)
     return results, errors
+
+
+@contextmanager
+def held_elsewhere(hold, timeout=10):
+    """While the block runs, another transaction (in its own thread) holds what `hold()` locked:
+    for code that must skip such rows, never wait for them."""
+    held, release, outcome = threading.Event(), threading.Event(), {}
+
+    def holder():
+        try:
+            with transaction.atomic():
+                hold()
+                held.set()
+                release.wait(timeout)
+        except Exception as exc:  # re-raised below, in the test's thread
+            outcome["error"] = exc
+            held.set()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(timeout)
+        if "error" in outcome:
+            raise outcome["error"]
+        yield
+    finally:
+        release.set()
+        thread.join(timeout)
 
 
 def behind_lock(hold, call, timeout=10, while_blocked=None):

@@ -1,14 +1,14 @@
 """Escalation beside answers and expiries, with real threads (transaction=True)."""
-import threading
 from datetime import timedelta
 
 import pytest
 import time_machine
-from django.db import connection, transaction
+from django.db import connection
 
 from common.actors import Actor
 from escalation.models import UnassignedOrder
 from offers.models import DriverOffer
+from tests.concurrency import held_elsewhere
 from tests.factories import DeliveryFactory, online_driver
 from workflows.dispatching import delivery_dispatch
 from workflows.escalations import escalation_check
@@ -31,29 +31,15 @@ def test_level_2_never_waits_for_a_pending_offer_another_transaction_holds():
         offer = DriverOffer.objects.get(delivery=delivery, status="PENDING")
         t.shift(timedelta(seconds=10))
 
-        held, release = threading.Event(), threading.Event()
-
-        def answering():  # an answer's first lock: the offer (then it would wait for the delivery)
-            try:
-                with transaction.atomic():
-                    DriverOffer.objects.select_for_update().get(pk=offer.pk)
-                    held.set()
-                    release.wait(10)
-            finally:
-                connection.close()
-
-        holder = threading.Thread(target=answering)
-        holder.start()
-        try:
-            assert held.wait(10)
+        # an answer's first lock: the offer (then it would wait for the delivery)
+        with held_elsewhere(lambda: DriverOffer.objects.select_for_update().get(pk=offer.pk)):
             with connection.cursor() as cursor:
                 cursor.execute("SET lock_timeout = '2s'")  # (waiting would fail the test, not hang it)
-            escalation_check()
-        finally:
-            release.set()
-            holder.join(10)
-            with connection.cursor() as cursor:
-                cursor.execute("RESET lock_timeout")
+            try:
+                escalation_check()
+            finally:
+                with connection.cursor() as cursor:
+                    cursor.execute("RESET lock_timeout")
 
     assert UnassignedOrder.objects.get(delivery=delivery).escalation_level == 2
     offer.refresh_from_db()

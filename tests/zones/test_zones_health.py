@@ -1,7 +1,6 @@
 """Zone health: drivers online in the polygon, wait to assignment, demand and a 0-100 score,
 written on the zone, cached in Redis for 60 s and announced to ops (formula: docs/zones.md)."""
 import json
-import threading
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 import pytest
@@ -9,12 +8,11 @@ import time_machine
 from asgiref.sync import async_to_sync
 from channels.testing import WebsocketCommunicator
 from django.contrib.gis.geos import Point
-from django.db import connection, transaction
 
 from common.redis import get_redis
 from config.asgi import application
 from tests.api import assert_error, token_for
-from tests.concurrency import race
+from tests.concurrency import held_elsewhere, race
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, ZoneFactory
 from tests.typecheck import assert_event_shape
 from zones import events
@@ -305,25 +303,8 @@ def test_the_periodic_task_refreshes_every_zone():
 def test_a_zone_another_run_is_refreshing_is_skipped_not_waited_for():
     busy = ZoneFactory(name="Busy", min_drivers_online=4)
     free = ZoneFactory(name="Free", bbox=(30.7, 10.9, 30.8, 11.0), min_drivers_online=4)
-    locked, release = threading.Event(), threading.Event()
-
-    def other_run_holding_the_zone():
-        try:
-            with transaction.atomic():
-                DeliveryZone.objects.select_for_update(no_key=True).get(pk=busy.pk)
-                locked.set()
-                release.wait(10)
-        finally:
-            connection.close()
-
-    other = threading.Thread(target=other_run_holding_the_zone)
-    other.start()
-    try:
-        assert locked.wait(10)
+    with held_elsewhere(lambda: DeliveryZone.objects.select_for_update(no_key=True).get(pk=busy.pk)):  # another run
         refreshed = zone_health_refresh(now=NOW, zone_ids=[busy.pk, free.pk])
-    finally:
-        release.set()
-        other.join()
 
     assert refreshed == 1
     assert DeliveryZone.objects.get(pk=free.pk).health_score is not None
