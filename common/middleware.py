@@ -578,14 +578,12 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
         # drawn, or one that left the filtered list: a delivery no longer `ready` on the list of
         # ready ones): Django runs the action on the rows of the list as filtered, none of
         # these, and says nothing.
-        model_admin = admin.site.get_model_admin(model)
-        if request.GET:  # a filtered list (its ChangeList counts and looks up: only then)
-            try:
-                listed = model_admin.get_changelist_instance(request).get_queryset(request)
-            except Exception:  # (filters the list cannot take: Django's own answer)
-                return None
-        else:
-            listed = model_admin.get_queryset(request)
+        # (the ChangeList, not get_queryset: a list may filter by default, as the unassigned
+        # orders' shows the open ones with no parameter in its URL)
+        try:
+            listed = admin.site.get_model_admin(model).get_changelist_instance(request).get_queryset(request)
+        except Exception:  # (filters the list cannot take: Django's own answer)
+            return None
         found = listed.filter(pk__in=selected).count()
         if found == len(selected):
             return None

@@ -127,6 +127,27 @@ def test_an_action_on_a_row_that_left_the_filtered_list_changes_nothing_and_says
     assert delivery.status == "cancelled"
 
 
+def test_an_action_on_a_row_a_list_leaves_out_by_default_changes_nothing_and_says_so(admin_client):
+    """The unassigned orders' list shows the open records with no parameter in its URL: a record
+    closed since the page was drawn (its delivery cancelled) got the escalate page listing
+    nothing, then nothing done and no word."""
+    from common.actors import Actor
+    from escalation.models import UnassignedOrder
+    from workflows.deliveries import delivery_cancel
+    from workflows.dispatching import delivery_dispatch
+
+    delivery = DeliveryFactory()
+    delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())  # nobody near: an open record
+    record = UnassignedOrder.objects.get(delivery=delivery)
+    delivery_cancel(delivery_id=delivery.pk, reason="customer left", actor=Actor.system())  # closes it
+
+    r = admin_client.post("/admin/escalation/unassignedorder/", {
+        "action": "escalate", "_selected_action": [str(record.pk)], "index": "0", "apply": "1", "level": "2",
+        "reason": "stale page"}, follow=True)
+
+    assert "Nothing was done: 1 of the selected rows is not in this list." in r.content.decode()
+
+
 def _driver_page(admin_client, driver):
     from tests.zones.test_zones_admin import form_data
 
