@@ -45,6 +45,14 @@ class SimulationStartForm(forms.ModelForm):
                                   seed=p["seed"], policies=p["policies"], city=p["city"])
             except InvalidInput as e:
                 raise forms.ValidationError(e.message) from None
+            if p["ordersPerHour"] > services.MAX_ORDERS_PER_DRIVER_HOUR * p["drivers"]:
+                # most orders would wait unassigned, retried and escalated every simulated minute:
+                # 20 drivers at 13,500 orders/h took 17 minutes for one percent of one policy
+                raise forms.ValidationError(
+                    f"More than {services.MAX_ORDERS_PER_DRIVER_HOUR} orders an hour per driver: a driver delivers 2-4 "
+                    "an hour, so most orders would wait unassigned and the run would take hours. Add drivers or lower "
+                    "the load (`manage.py simulate` takes any)."
+                )
             orders = services.orders_in(orders_per_hour=p["ordersPerHour"], minutes=p["minutes"], policies=p["policies"])
             if orders > (limit := services.task_orders_limit()):
                 # it would hold the only simulation worker for hours, then be killed at the limit

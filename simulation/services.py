@@ -51,6 +51,9 @@ def variants(policies: list[str], *, stacking: bool) -> list[tuple[str, bool]]:
 # A worker's wall-clock seconds per simulated order and policy to plan with: 0.07 s of CPU an
 # order at the peak run, 0.15 s of wall clock on a shared 2-core box (bench/README.md).
 SECONDS_PER_ORDER = 0.2
+# ... for a city that can serve its orders: past this many orders an hour per driver the backlog
+# of unassigned orders (each retried and escalated) makes a simulated minute cost minutes.
+MAX_ORDERS_PER_DRIVER_HOUR = 20
 
 
 def orders_in(*, orders_per_hour, minutes, policies: list[str]) -> int:

@@ -72,13 +72,17 @@ def test_a_run_that_cannot_finish_within_the_workers_time_limit_is_a_form_error(
     """5,000 drivers, 50,000 orders/h for 240 min and four policies passed: 800,000 orders, hours
     of the only simulation worker, then killed at SIMULATION_TASK_TIME_LIMIT."""
     settings.SIMULATION_TASK_TIME_LIMIT = 3 * 3600  # about 54,000 orders
-    too_many = {**FORM, "orders_per_hour": "20000", "minutes": "60", "policies": ["sequential", "batch", "broadcast"]}
+    too_many = {**FORM, "drivers": "1000", "orders_per_hour": "20000", "minutes": "60",
+                "policies": ["sequential", "batch", "broadcast"]}
 
     response = admin_client.post("/admin/simulation/simulationrun/add/", too_many)
 
     assert response.status_code == 200
     assert "This run simulates 60,000 orders (all policies together)" in response.content.decode()
     assert not SimulationRun.objects.exists()
+    overloaded = {**FORM, "drivers": "20", "orders_per_hour": "13500", "minutes": "60"}  # 675 orders/h a driver
+    assert "More than 20 orders an hour per driver" in admin_client.post(
+        "/admin/simulation/simulationrun/add/", overloaded).content.decode()
     fits = {**too_many, "policies": ["sequential", "batch"]}  # 40,000: the form takes it (not started here)
     form = SimulationStartForm(data=fits)
     assert form.is_valid(), form.errors
