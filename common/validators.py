@@ -1,6 +1,7 @@
 """Value rules that a model's form (the admin) and the API's field both apply, written once."""
 import math
 import re
+import unicodedata
 
 from django.core.exceptions import ValidationError
 
@@ -39,13 +40,42 @@ def trimmed_text_pattern(excluded: str, *, non_blank: bool) -> str:
 
 
 # An identifier people read (a seller's order id, on the console, the support pages, the customer's
-# page): URL-safe; no bidirectional-text controls (U+061C, U+200E/F, U+202A-E, U+2066-9), which make
-# "ORD-\u202e9e06" show as "ORD-60e9", nor invisible characters (U+00AD, U+200B, U+2060, U+FEFF),
-# which make "ORD-1\u200b" pass for "ORD-1": one order passing for another; not blank once trimmed.
-ORDER_ID_PATTERN = trimmed_text_pattern(
-    r"\u0000-\u001f\u007f-\u009f\ufffd\u00ad\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff",
-    non_blank=True,
-)
+# page): URL-safe, not blank once trimmed, and none of the characters that make one id pass for
+# another: controls, format characters (bidirectional-text controls: "ORD-\u202e9e06" shows as
+# "ORD-60e9"; zero-width and invisible operators: "ORD-1\u200b" as "ORD-1"), line and paragraph
+# separators, U+FFFD and the invisible fillers. The pattern lists those of the Basic Multilingual
+# Plane (a JSON Schema pattern cannot name the others portably); `validate_order_id_chars` holds
+# every plane to the same rule.
+_INVISIBLE_FILLERS = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0\ufffd")
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _order_id_refuses(char: str) -> bool:
+    return char in _INVISIBLE_FILLERS or unicodedata.category(char) in _REFUSED_CATEGORIES
+
+
+def _class_body(refused, last: int = 0xFFFF) -> str:
+    """A regex character class body (\\uXXXX ranges) of the code points up to `last` that
+    `refused` names, surrogates left out (no JSON string holds one alone)."""
+    ranges, start = [], None
+    for code in range(last + 2):
+        hit = code <= last and not 0xD800 <= code <= 0xDFFF and refused(chr(code))
+        if hit and start is None:
+            start = code
+        elif not hit and start is not None:
+            ranges.append(f"\\u{start:04x}" if code - 1 == start else f"\\u{start:04x}-\\u{code - 1:04x}")
+            start = None
+    return "".join(ranges)
+
+
+ORDER_ID_PATTERN = trimmed_text_pattern(_class_body(_order_id_refuses), non_blank=True)
+
+
+def validate_order_id_chars(value) -> None:
+    if value and any(_order_id_refuses(c) for c in value):
+        raise ValidationError(ORDER_ID_MESSAGE, code="invisible")
+
+
 ORDER_ID_MESSAGE = ("Must not contain control characters, bidirectional-text controls, invisible characters or "
                     "U+FFFD: it is shown to people and looked up by URL.")
 

@@ -12,7 +12,7 @@ from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
 from common.representation import PlainRepresentation
 from common.validation import PlainValidation
-from common.validators import ORDER_ID_MESSAGE, ORDER_ID_PATTERN
+from common.validators import ORDER_ID_MESSAGE, ORDER_ID_PATTERN, validate_order_id_chars
 from common.fields import (
     MoneyField,
     NullablePointField,
@@ -145,9 +145,10 @@ class DriverListQuerySerializer(serializers.Serializer):
 
 class DeliveryCreateSerializer(PlainValidation, serializers.Serializer):
     sellerOrderId = StrictRegexField(
-        ORDER_ID_PATTERN, max_length=255, help_text="Looked up by URL later (`/v2/orders/{sellerOrderId}/…`): no "
-        "control characters, bidirectional-text controls or U+FFFD; a slash is fine (%2F in a URL).",
-        error_messages={"invalid": ORDER_ID_MESSAGE},
+        ORDER_ID_PATTERN, max_length=255, help_text="Looked up by URL later (`/v2/orders/{sellerOrderId}/…`) and "
+        "read by people: no control or format characters (bidirectional-text controls, zero-width and invisible "
+        "characters), line separators or U+FFFD; a slash is fine (%2F in a URL).",
+        error_messages={"invalid": ORDER_ID_MESSAGE}, validators=[validate_order_id_chars],
     )
     sellerId = StrictCharField(max_length=255, required=False, allow_blank=True, default="")
     storeName = StrictCharField(max_length=255)
