@@ -1,7 +1,7 @@
 """OpenAPI helpers: the shared error body, error responses per endpoint, Idempotency-Key."""
+from django.core.validators import RegexValidator
 from drf_spectacular.openapi import AutoSchema as _AutoSchema
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_serializer
-from django.core.validators import RegexValidator
 from rest_framework import serializers
 
 from common.fields import SingleLineTextField
