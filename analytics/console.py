@@ -42,7 +42,8 @@ def live_map_state(*, now: datetime) -> dict:
     drivers = list(
         Driver.objects.filter(location__isnull=False)
         .order_by(off_work, F("location_recorded_at").desc(nulls_last=True), "pk")
-        .values("pk", "name", "availability", "location", "location_heading", "location_recorded_at")[:LIVE_MAP_MAX_DRIVERS + 1]
+        .values("pk", "name", "availability", "last_availability_change", "location", "location_heading",
+                "location_recorded_at")[:LIVE_MAP_MAX_DRIVERS + 1]
     )
     drivers_truncated = len(drivers) > LIVE_MAP_MAX_DRIVERS
     drivers = drivers[:LIVE_MAP_MAX_DRIVERS]
@@ -56,7 +57,7 @@ def live_map_state(*, now: datetime) -> dict:
             lat, lon, heading, at = d["location"].y, d["location"].x, d["location_heading"], d["location_recorded_at"]
         driver_rows.append({
             "driverId": str(d["pk"]), "name": d["name"], "availability": d["availability"],
-            "lat": lat, "lon": lon, "heading": heading, "recordedAt": iso(at) if at else None,
+            "availabilityChangedAt": iso(d["last_availability_change"]), "lat": lat, "lon": lon, "heading": heading, "recordedAt": iso(at) if at else None,
         })
 
     open_deliveries = list(

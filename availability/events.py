@@ -29,6 +29,7 @@ class DriverPosition(TypedDict):
     lon: float
     heading: float | None
     availability: str | None
+    availabilityChangedAt: str | None
     recordedAt: str
 
 
@@ -69,16 +70,19 @@ def break_expired(*, driver_id, duration_minutes: int, expired_at) -> BreakExpir
 
 
 def driver_positions(moved: dict[str, str], *, sent_at) -> DriverPositionsEvent:
-    """From availability.live.moved_drain(): driver id → "lat,lon,t,heading,status"."""
+    """From availability.live.moved_drain(): driver id → "lat,lon,t,heading,status,status since".
+    `availabilityChangedAt`: when that availability began (null when unknown), to be compared
+    with an `availability_changed` event's `changedAt`: the newer one is the driver's state."""
     drivers: list[DriverPosition] = []
     for driver_id, packed in moved.items():
-        lat, lon, t, heading, status = (packed.split(",") + ["", "", "", "", ""])[:5]
+        lat, lon, t, heading, status, since = (packed.split(",") + [""] * 6)[:6]
         drivers.append({
             "driverId": driver_id,
             "lat": round(float(lat), 7),
             "lon": round(float(lon), 7),
             "heading": float(heading) if heading else None,
             "availability": status or None,
+            "availabilityChangedAt": iso(datetime.fromtimestamp(float(since), tz=timezone.utc)) if since else None,
             "recordedAt": iso(datetime.fromtimestamp(float(t), tz=timezone.utc)),
         })
     return {"type": "driver_positions", "drivers": drivers, "sentAt": iso(sent_at)}

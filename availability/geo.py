@@ -8,6 +8,10 @@ script and the search script, which touch several of them, stay in one Redis Clu
                          A search removes the members whose fix went stale from both (see
                          _SEARCH_SCRIPT); their next fix puts them back.
 `{fleet}:drivers:status` hash driver id → availability, for every driver.
+`{fleet}:drivers:status_at` hash driver id → when that availability began (epoch seconds,
+                         PostgreSQL's `last_availability_change`): the fix script puts it in
+                         the ops position digest, so that the live map takes the newer of the
+                         digest's availability and the last `availability_changed` it saw.
 `{fleet}:drivers:version` hash driver id → how many transitions `index_driver` has written
                          (the reconcile repairs a member only if none came since it read).
 
@@ -37,6 +41,7 @@ logger = logging.getLogger(__name__)
 GEO_KEY = fleet_key("drivers:geo")
 FIX_KEY = fleet_key("drivers:fix")
 STATUS_KEY = fleet_key("drivers:status")
+STATUS_AT_KEY = fleet_key("drivers:status_at")
 VERSION_KEY = fleet_key("drivers:version")
 
 # Redis GEO cannot store latitudes beyond ±85.05112878° (one such pair fails a whole GEOADD);
@@ -73,6 +78,7 @@ def _stale_cutoff(now: datetime) -> datetime:
 # is dropped when the status already says the driver left `available` (a late fix write must not
 # bring back a driver whose break has begun). Either way a position older than the one indexed
 # is dropped, so after-commit writes that run out of order (two workers) never move a driver back.
+# A transition stamps its status with its time (ARGV[7], '' = unknown: the stamp is removed).
 _INDEX_SCRIPT = """
 local member, state, lon, lat, ts = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if ARGV[6] == '1' then
@@ -81,6 +87,7 @@ if ARGV[6] == '1' then
 else
   redis.call('HSET', KEYS[3], member, state)
   redis.call('HINCRBY', KEYS[4], member, 1)
+  if ARGV[7] ~= '' then redis.call('HSET', KEYS[5], member, ARGV[7]) else redis.call('HDEL', KEYS[5], member) end
 end
 if state == 'available' and lon ~= '' then
   local indexed_at = redis.call('ZSCORE', KEYS[2], member)
@@ -102,11 +109,12 @@ def _indexable(lat: float | None, recorded_at: datetime | None) -> bool:
 
 def index_driver(
     *, driver_id, availability: str, lat: float | None, lon: float | None, recorded_at: datetime | None,
-    from_fix: bool = False,
+    from_fix: bool = False, changed_at: datetime | None = None,
 ) -> None:
     """Bring one driver's Redis entries in line with its committed state. Never raises.
 
-    `from_fix`: called for a location fix rather than a transition (see _INDEX_SCRIPT)."""
+    `from_fix`: called for a location fix rather than a transition (see _INDEX_SCRIPT).
+    `changed_at`: when the availability began (a transition's time)."""
     member = str(driver_id)
     indexed = availability == DriverAvailability.AVAILABLE and _indexable(lat, recorded_at)
     try:
@@ -115,9 +123,10 @@ def index_driver(
         if script is None:
             script = _index_scripts.setdefault(id(client), client.register_script(_INDEX_SCRIPT))
         script(
-            keys=[GEO_KEY, FIX_KEY, STATUS_KEY, VERSION_KEY],
+            keys=[GEO_KEY, FIX_KEY, STATUS_KEY, VERSION_KEY, STATUS_AT_KEY],
             args=[member, availability, repr(lon) if indexed else "", repr(lat) if indexed else "",
-                  repr(recorded_at.timestamp()) if indexed else "", "1" if from_fix else "0"],
+                  repr(recorded_at.timestamp()) if indexed else "", "1" if from_fix else "0",
+                  repr(changed_at.timestamp()) if changed_at is not None else ""],
         )
     except RedisUnavailable:
         logger.warning("GEO index not updated for driver %s: Redis unavailable (reconcile will repair)", member)
@@ -134,19 +143,24 @@ def index_driver_on_commit(driver: Driver) -> None:
         lat=loc.y if loc is not None else None,
         lon=loc.x if loc is not None else None,
         recorded_at=driver.location_recorded_at,
+        changed_at=driver.last_availability_change,
     )
     transaction.on_commit(lambda: index_driver(**args), robust=True)
 
 
 def _desired_state(now: datetime):
-    rows = Driver.objects.values_list("id", "availability", "location", "location_recorded_at")
-    statuses, geo = {}, {}
-    for pk, availability, loc, recorded_at in rows.iterator(chunk_size=2000):
+    """PostgreSQL's view: driver id → availability, → when it began (epoch seconds, for the
+    drivers that have a time), and the indexable drivers' positions."""
+    rows = Driver.objects.values_list("id", "availability", "last_availability_change", "location", "location_recorded_at")
+    statuses, since, geo = {}, {}, {}
+    for pk, availability, changed_at, loc, recorded_at in rows.iterator(chunk_size=2000):
         member = str(pk)
         statuses[member] = availability
+        if changed_at is not None:
+            since[member] = changed_at.timestamp()
         if availability == DriverAvailability.AVAILABLE and loc is not None and _indexable(loc.y, recorded_at):
             geo[member] = (loc.x, loc.y, recorded_at.timestamp())
-    return statuses, geo
+    return statuses, since, geo
 
 
 def rebuild_index(*, now: datetime | None = None) -> int:
@@ -156,9 +170,9 @@ def rebuild_index(*, now: datetime | None = None) -> int:
     it does not write its older reading over it. What changed between the read of PostgreSQL
     and the swap (a transition, a fix) is overwritten: `manage.py rebuild_geo_index` runs a
     reconcile right after, which repairs the statuses (positions follow with the next fix)."""
-    statuses, geo = _desired_state(now or timezone.now())
+    statuses, since, geo = _desired_state(now or timezone.now())
     r = get_redis()
-    tmp = {k: f"{k}:rebuild" for k in (GEO_KEY, FIX_KEY, STATUS_KEY)}
+    tmp = {k: f"{k}:rebuild" for k in (GEO_KEY, FIX_KEY, STATUS_KEY, STATUS_AT_KEY)}
     pipe = r.pipeline(transaction=True)
     pipe.delete(*tmp.values())
     if geo:
@@ -169,8 +183,11 @@ def rebuild_index(*, now: datetime | None = None) -> int:
         pipe.zadd(tmp[FIX_KEY], {m: ts for m, (_, _, ts) in geo.items()})
     if statuses:
         pipe.hset(tmp[STATUS_KEY], mapping=statuses)
+    if since:
+        pipe.hset(tmp[STATUS_AT_KEY], mapping={m: repr(t) for m, t in since.items()})
+    filled = {GEO_KEY: geo, FIX_KEY: geo, STATUS_KEY: statuses, STATUS_AT_KEY: since}
     for key, temp in tmp.items():
-        if key == STATUS_KEY and not statuses or key != STATUS_KEY and not geo:
+        if not filled[key]:
             pipe.delete(key)
         else:
             pipe.rename(temp, key)
@@ -184,19 +201,22 @@ def rebuild_index(*, now: datetime | None = None) -> int:
 # wrote the member since the reconcile read Redis, before it read PostgreSQL (its version and
 # status unchanged: a transition meanwhile wrote Redis itself and is newer than the snapshot,
 # even one undone since), and never moving a member to an older fix than the one indexed.
-# KEYS: GEO set, fix zset, status hash, version hash. ARGV: seven per member: member, version
-# read ('' = none), status read ('' = none), PostgreSQL's status ('' = no such driver), lon,
-# lat, fix time ('' = no fix). Returns {removed from the index, statuses changed}.
+# A status it repairs gets PostgreSQL's time of it (the status stamp, '' = none).
+# KEYS: GEO set, fix zset, status hash, version hash, status stamp hash. ARGV: eight per member:
+# member, version read ('' = none), status read ('' = none), PostgreSQL's status ('' = no such
+# driver), lon, lat, fix time ('' = no fix), PostgreSQL's time of the status ('' = none).
+# Returns {removed from the index, statuses changed}.
 _RECONCILE_SCRIPT = """
 local removed, fixed = 0, 0
-for i = 1, #ARGV, 7 do
+for i = 1, #ARGV, 8 do
   local m, want = ARGV[i], ARGV[i + 3]
   local cur = redis.call('HGET', KEYS[3], m) or ''
   if (redis.call('HGET', KEYS[4], m) or '') == ARGV[i + 1] and cur == ARGV[i + 2] then
     if want == '' then
-      if cur ~= '' then redis.call('HDEL', KEYS[3], m) fixed = fixed + 1 end
+      if cur ~= '' then redis.call('HDEL', KEYS[3], m) redis.call('HDEL', KEYS[5], m) fixed = fixed + 1 end
     elseif cur ~= want then
       redis.call('HSET', KEYS[3], m, want) fixed = fixed + 1
+      if ARGV[i + 7] ~= '' then redis.call('HSET', KEYS[5], m, ARGV[i + 7]) else redis.call('HDEL', KEYS[5], m) end
     end
     if want == 'available' then
       if ARGV[i + 6] ~= '' then
@@ -232,7 +252,7 @@ def reconcile_index(*, now: datetime | None = None) -> dict[str, int]:
     known, versions, scored, in_geo = pipe.execute()
     scores = dict(scored)
     indexed = set(scores) | set(in_geo)
-    statuses, geo = _desired_state(now or timezone.now())
+    statuses, since, geo = _desired_state(now or timezone.now())
 
     # members indexed at the fix time PostgreSQL has: repaired only if at another place
     same_time = [m for m, (_, _, ts) in geo.items() if statuses[m] == known.get(m) and scores.get(m) == ts and m in in_geo]
@@ -255,12 +275,13 @@ def reconcile_index(*, now: datetime | None = None) -> dict[str, int]:
                                                       and member not in moved)):
                 continue  # indexed at this fix or a newer one only Redis has (or no fix to index)
         args.append((member, versions.get(member, ""), known.get(member, ""), want,
-                     repr(lon) if ts != "" else "", repr(lat) if ts != "" else "", repr(ts) if ts != "" else ""))
+                     repr(lon) if ts != "" else "", repr(lat) if ts != "" else "", repr(ts) if ts != "" else "",
+                     repr(since[member]) if member in since else ""))
     removed = fixed = 0
     script = r.register_script(_RECONCILE_SCRIPT)
     for start in range(0, len(args), _RECONCILE_CHUNK):
         flat = [value for member_args in args[start : start + _RECONCILE_CHUNK] for value in member_args]
-        chunk_removed, chunk_fixed = script(keys=[GEO_KEY, FIX_KEY, STATUS_KEY, VERSION_KEY], args=flat)
+        chunk_removed, chunk_fixed = script(keys=[GEO_KEY, FIX_KEY, STATUS_KEY, VERSION_KEY, STATUS_AT_KEY], args=flat)
         removed, fixed = removed + chunk_removed, fixed + chunk_fixed
     return {"removed": removed, "indexed": len(geo), "statusFixed": fixed}
 

@@ -9,10 +9,13 @@ under Redis Cluster):
                           past a token's expiry; forgotten on revoke)
 `{fleet}:tokens:gen`      counter of revocations: a token looked up before one is not cached
 `{fleet}:fixes`           stream of accepted fixes, read by `manage.py consume_fixes`
-`{fleet}:moved`           hash driver id → latest position since the last ops digest
+`{fleet}:moved`           hash driver id → latest position since the last ops digest, with the
+                          availability read with it and when that began ("lat,lon,t,heading,
+                          status,status since")
 `{fleet}:drivers:active`  hash driver id → the deliveries it is on, comma-separated in the order
                           they were assigned (for customer tracking; several with order stacking)
-plus the GEO index of availability/geo.py (`{fleet}:drivers:geo`, `…:fix`, `…:status`).
+plus the GEO index of availability/geo.py (`{fleet}:drivers:geo`, `…:fix`, `…:status`,
+`…:status_at`).
 
 PostgreSQL stays the source of truth for everything but the last second of positions: the
 stream consumer writes each fix with the same recorded-at guard, and the reconcile job and
@@ -54,7 +57,7 @@ def auth_key(driver_id) -> str:
 
 
 # One round trip per fix. KEYS: driver hash, status hash, GEO set, fix zset, stream, moved
-# hash, active hash, auth key, throttle key, auth generation. ARGV: driver id, lat, lon, t, acc, speed, heading,
+# hash, active hash, auth key, throttle key, auth generation, status stamp hash. ARGV: driver id, lat, lon, t, acc, speed, heading,
 # token digest ('' = already authenticated: the database path), throttle limit (-1: none), period,
 # stream max length, append (1: fast lane, 0: already in PostgreSQL), max GEO latitude.
 # Returns {code, accepted, active delivery ids (comma-separated)}: code 'ok', 'auth' (the token is not known to
@@ -86,7 +89,8 @@ if ARGV[12] == '1' then
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[11], '*', 'd', id, 'lat', ARGV[2], 'lon', ARGV[3], 't', ARGV[4],
              'acc', ARGV[5], 'speed', ARGV[6], 'heading', ARGV[7])
 end
-redis.call('HSET', KEYS[6], id, ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. ARGV[7] .. ',' .. (status or ''))
+redis.call('HSET', KEYS[6], id, ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. ARGV[7] .. ',' .. (status or '')
+           .. ',' .. (status and redis.call('HGET', KEYS[11], id) or ''))
 return {'ok', 1, active}
 """
 _FIX_SHA = hashlib.sha1(_FIX_SCRIPT.encode()).hexdigest()
@@ -117,7 +121,7 @@ def _num(value) -> str:
 
 def _script_call(fix: Fix, *, token_digest_: str, throttle_key: str, limit: int, period: int, append: bool):
     keys = [driver_key(fix.driver_id), geo.STATUS_KEY, geo.GEO_KEY, geo.FIX_KEY, STREAM_KEY, MOVED_KEY, ACTIVE_KEY,
-            auth_key(fix.driver_id), throttle_key, AUTH_GEN_KEY]
+            auth_key(fix.driver_id), throttle_key, AUTH_GEN_KEY, geo.STATUS_AT_KEY]
     args = [fix.driver_id, repr(fix.lat), repr(fix.lon), repr(fix.recorded_at), _num(fix.accuracy_m), _num(fix.speed),
             _num(fix.heading), token_digest_, limit, period, settings.FIX_STREAM_MAXLEN, "1" if append else "0",
             geo.GEO_MAX_LAT]

@@ -300,6 +300,35 @@ def test_reconcile_repairs_drift_and_reports_what_it_did():
     assert geo.reconcile_index() == {"removed": 0, "indexed": 3, "statusFixed": 0}
 
 
+def test_transitions_rebuild_and_reconcile_stamp_each_status_with_when_it_began(django_capture_on_commit_callbacks):
+    """`{fleet}:drivers:status_at` (read into the ops position digest) holds PostgreSQL's
+    `last_availability_change` of the status beside it, however the status was written."""
+    driver = DriverFactory()
+    with django_capture_on_commit_callbacks(execute=True):
+        driver_workflows.availability_take_break(driver_id=driver.pk, duration_minutes=15, reason="tea",
+                                                 actor=Actor("driver", driver.pk))
+    began = Driver.objects.get(pk=driver.pk).last_availability_change
+    member = str(driver.pk)
+    assert float(r().hget(geo.STATUS_AT_KEY, member)) == pytest.approx(began.timestamp(), abs=1e-6)
+
+    r().delete(geo.STATUS_KEY, geo.STATUS_AT_KEY)
+    geo.rebuild_index()
+    assert r().hget(geo.STATUS_KEY, member) == "on_break"
+    assert float(r().hget(geo.STATUS_AT_KEY, member)) == pytest.approx(began.timestamp(), abs=1e-6)
+
+    r().hset(geo.STATUS_KEY, member, "available")  # drift: the status and its stamp from elsewhere
+    r().hset(geo.STATUS_AT_KEY, member, "1")
+    assert geo.reconcile_index()["statusFixed"] == 1
+    assert r().hget(geo.STATUS_KEY, member) == "on_break"
+    assert float(r().hget(geo.STATUS_AT_KEY, member)) == pytest.approx(began.timestamp(), abs=1e-6)
+
+    ghost = str(uuid.uuid4())  # a driver PostgreSQL does not have: both go
+    r().hset(geo.STATUS_KEY, ghost, "available")
+    r().hset(geo.STATUS_AT_KEY, ghost, "5")
+    geo.reconcile_index()
+    assert r().hget(geo.STATUS_KEY, ghost) is None and r().hget(geo.STATUS_AT_KEY, ghost) is None
+
+
 def test_reconcile_moves_a_member_indexed_at_the_wrong_place():
     fleet = make_fleet()
     geo.rebuild_index()
@@ -395,7 +424,7 @@ def test_reconcile_sends_only_the_members_that_differ(monkeypatch):
     assert sent == []  # nothing differs: nothing written
     r().geoadd(geo.GEO_KEY, (0.0, 0.0, str(fleet["available"].pk)))  # one member at the wrong place
     geo.reconcile_index()
-    assert sent == [7]  # that member alone
+    assert sent == [8]  # that member alone (eight arguments a member)
 
 
 def test_the_reconcile_task_runs_and_repairs_the_index():

@@ -23,6 +23,7 @@ from availability.models import Driver
 from common import hooks
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, delivery_group
+from common.errors import iso
 from common.models import ApiToken
 from common.redis import get_redis
 from common.tokens import api_token_create, api_token_issue, api_tokens_revoke, token_digest
@@ -668,6 +669,33 @@ def test_the_customer_gets_the_fix_from_the_fast_lane_and_ops_a_digest(listen):
     assert_event_shape(digests[0], DriverPositionsEvent)
     assert [d["driverId"] for d in digests[0]["drivers"]] == [str(driver.pk)]
     assert not [e for e in ops.drain(timeout=0.2) if e["type"] == "delivery_location_updated"]
+
+
+def test_the_digest_says_when_the_availability_read_with_each_fix_began(listen, django_capture_on_commit_callbacks):
+    """The live map takes the newer of the digest's availability and the last
+    `availability_changed` it saw (a lost event is mended by the next fix): each entry carries
+    its transition's time, the one the event had; a status written without one carries none."""
+    from workflows import drivers as driver_workflows
+
+    on_break, unstamped = online_driver(), online_driver(km=0.7)
+    with django_capture_on_commit_callbacks(execute=True):
+        driver_workflows.availability_take_break(driver_id=on_break.pk, duration_minutes=15, reason="tea",
+                                                 actor=Actor("driver", on_break.pk))
+    began = Driver.objects.get(pk=on_break.pk).last_availability_change
+    ops = listen(OPS_GROUP)
+    ops.drain()
+
+    for driver in (on_break, unstamped):
+        assert post(url(driver), {"lat": 12.975, "lon": 77.605, "recordedAt": recorded()}, token=token(driver)).json()["accepted"]
+    call_command("consume_fixes", "--once")
+
+    (digest,) = [e for e in ops.drain(timeout=1.0) if e["type"] == "driver_positions"]
+    assert_event_shape(digest, DriverPositionsEvent)
+    entries = {d["driverId"]: d for d in digest["drivers"]}
+    assert entries[str(on_break.pk)]["availability"] == "on_break"
+    assert entries[str(on_break.pk)]["availabilityChangedAt"] == iso(began)
+    assert entries[str(unstamped.pk)]["availability"] == "available"
+    assert entries[str(unstamped.pk)]["availabilityChangedAt"] is None
 
 
 def test_a_stacked_driver_s_fix_reaches_every_customer_it_carries_for(listen, settings):

@@ -10,7 +10,9 @@ from django.utils import timezone
 
 from analytics.console import dashboard_kpis
 from audit.models import DeliveryAuditLog
+from availability.models import Driver
 from common.actors import Actor
+from common.errors import iso
 from common.groups import groups_sync
 from common.roles import DISPATCHER_GROUP, VIEWER_GROUP
 from dispatch.models import Delivery, DeliveryStatus
@@ -156,6 +158,7 @@ def test_the_live_map_state_has_drivers_open_deliveries_with_escalation_and_zone
     drivers = {d["driverId"]: d for d in state["drivers"]}
     assert drivers[str(driver.pk)]["name"] == "Asha Rao" and drivers[str(driver.pk)]["availability"] == "available"
     assert drivers[str(busy.pk)]["availability"] == "busy"
+    assert drivers[str(busy.pk)]["availabilityChangedAt"] == iso(Driver.objects.get(pk=busy.pk).last_availability_change)
     deliveries = {d["deliveryId"]: d for d in state["deliveries"]}
     assert set(deliveries) == {str(assigned.pk), str(stranded.pk)}  # open ones only
     assert deliveries[str(assigned.pk)]["driverId"] == str(busy.pk) and not deliveries[str(assigned.pk)]["unassigned"]

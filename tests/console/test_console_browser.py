@@ -5,12 +5,15 @@ delivery with a reason, reads the API docs, and is refused the user and token ad
 
 Every wait is on a DOM condition; screenshots go to artifacts/console/ (not committed)."""
 import time
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
+from availability.models import Driver
 from common.actors import Actor
 from dispatch.models import Delivery
 from tests.api import token_for
@@ -88,7 +91,8 @@ def test_a_dispatcher_sees_a_driver_move_on_the_live_map_within_two_seconds(cons
 
     further = km_north(-2.5)
     geo.index_driver(driver_id=driver.pk, availability="available", lat=new.y, lon=new.x,  # its state in Redis,
-                     recorded_at=driver.location_recorded_at)  # as a real transition leaves it (read with each fix)
+                     recorded_at=driver.location_recorded_at,  # as a real transition leaves it (read with each fix)
+                     changed_at=timezone.now() - timedelta(minutes=5))
     get_redis().set(DIGEST_LOCK, "the-test", px=900)  # as if another consumer had just sent one: the next waits
     assert httpx.post(
         f"{base}/v2/drivers/{driver.pk}/location", json={"lat": further.y, "lon": further.x, "accuracyMeters": 8},
@@ -100,6 +104,20 @@ def test_a_dispatcher_sees_a_driver_move_on_the_live_map_within_two_seconds(cons
     wait.until(lambda b: abs(float(b.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]').get_attribute("data-lat"))
                              - further.y) < 1e-6)
     assert chromium.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]').get_attribute("data-availability") == "paused"
+
+    # The driver resumes and its availability_changed never reaches the page (a channel layer
+    # over capacity drops it): the next fix's digest, newer than the pause, mends the marker
+    # (it stayed paused until the page reloaded its state).
+    resumed_at = timezone.now()
+    Driver.objects.filter(pk=driver.pk).update(availability="available", last_availability_change=resumed_at)
+    geo.index_driver(driver_id=driver.pk, availability="available", lat=further.y, lon=further.x,
+                     recorded_at=timezone.now(), changed_at=resumed_at)
+    assert httpx.post(
+        f"{base}/v2/drivers/{driver.pk}/location", json={"lat": new.y, "lon": new.x, "accuracyMeters": 8},
+        headers={"Authorization": f"Token {token_for(driver.user)}"}, timeout=10,
+    ).json()["accepted"]
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]').get_attribute("data-availability")
+               == "available")
     assert_nothing_loaded_from_elsewhere(chromium, base)
 
 

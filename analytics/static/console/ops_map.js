@@ -131,8 +131,30 @@
   function driverIcon(d) {
     return L.divIcon({ className: "", html: `<div class="ops-driver avail-${esc(d.availability || "offline")}"></div>`, iconSize: [16, 16], iconAnchor: [8, 8] });
   }
-  function upsertDriver(d) {
+  // A driver's availability comes from three feeds: the state, `availability_changed` and the
+  // position digest (read with a fix, sent up to a second later), each with the time it began
+  // (`availabilityChangedAt`, `changedAt`). The newest wins whatever the order they arrive in, so
+  // a lost `availability_changed` is mended by the driver's next fix. Without a time, the state
+  // and the events are taken, the digest only for a driver not on the map.
+  function micros(iso) {  // "…T09:10:11.123456Z" → microseconds since the epoch (Date keeps ms only)
+    const m = iso ? /^(.*?)(?:\.(\d+))?Z$/.exec(iso) : null;
+    const ms = m ? Date.parse(`${m[1]}Z`) : NaN;
+    return Number.isNaN(ms) ? null : ms * 1000 + Number(`${m[2] || ""}000000`.slice(0, 6));
+  }
+  function takesAvailability(d, known, timeless) {
+    if (!d.availability) return false;
+    if (!known) return true;
+    const at = micros(d.availabilityChangedAt), was = micros(known.availabilityChangedAt);
+    if (at === null) return timeless;
+    return was === null || at >= was;
+  }
+  function upsertDriver(d, { timeless = true } = {}) {
     let entry = drivers.get(d.driverId);
+    if (entry && !takesAvailability(d, entry.data, timeless)) {
+      d = Object.assign({}, d);
+      delete d.availability;
+      delete d.availabilityChangedAt;
+    }
     if (!entry) {
       const marker = L.marker([d.lat, d.lon], {
         icon: driverIcon(d), title: d.name || d.driverId, keyboard: true, zIndexOffset: 500,
@@ -245,15 +267,15 @@
   // ---------------------------------------------------------------- events from /ws/ops/
   const handlers = {
     driver_positions(e) {
-      // The digest's availability is the one read with the fix, up to a second before the digest:
-      // an availability_changed since then is newer. It is taken only for a driver not on the map.
+      // The availability read with each fix: taken when newer than the one on the map (takesAvailability).
       e.drivers.forEach((p) => upsertDriver(Object.assign({ driverId: p.driverId, lat: p.lat, lon: p.lon, recordedAt: p.recordedAt },
-        p.heading != null ? { heading: p.heading } : {}, p.availability && !drivers.has(p.driverId) ? { availability: p.availability } : {})));
+        p.heading != null ? { heading: p.heading } : {},
+        p.availability ? { availability: p.availability, availabilityChangedAt: p.availabilityChangedAt } : {}), { timeless: false }));
       counts();
     },
     availability_changed(e) {
       const entry = drivers.get(e.driverId);
-      if (entry) upsertDriver({ driverId: e.driverId, availability: e.toState });
+      if (entry) upsertDriver({ driverId: e.driverId, availability: e.toState, availabilityChangedAt: e.changedAt });
     },
     delivery_created(e) {
       upsertDelivery({ deliveryId: e.deliveryId, sellerOrderId: e.sellerOrderId, storeName: e.storeName, status: e.status,
