@@ -319,9 +319,10 @@ class EarlyBodyLimit:
 
 
 class AllowedHostGuard:
-    """ASGI, in front of everything HTTP (the location fast lane, the lean API stack, Django):
-    a Host header ALLOWED_HOSTS does not name is a 400, before anything reads the request, in the
-    SPEC's error body on API paths. Django checks the host only when something asks for it
+    """ASGI, in front of everything HTTP (the location fast lane, the lean API stack, Django)
+    and of the sockets: a Host header ALLOWED_HOSTS does not name is a 400, before anything reads
+    the request, in the SPEC's error body on API paths (a socket's handshake: a 403, as for a
+    foreign Origin). Django checks the host only when something asks for it
     (CommonMiddleware, the full stack), so on the lean stack a token request with any Host was
     served, and a paginated list, whose `next` link asks for it, was a 500 (DisallowedHost); on
     the full stack the 400 was Django's HTML page. As `HttpRequest.get_host()`: the Host header
@@ -344,7 +345,7 @@ class AllowedHostGuard:
             self._memo = {}
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             host = self._host(scope["headers"])
             if host is not None:
                 valid = self._memo.get(host)
@@ -353,7 +354,7 @@ class AllowedHostGuard:
                     if len(self._memo) < self.MEMO_MAX:
                         self._memo[host] = valid
                 if not valid:
-                    return await self._refuse(scope, send, host)
+                    return await self._refuse(scope, receive, send, host)
         return await self.app(scope, receive, send)
 
     @staticmethod
@@ -372,9 +373,13 @@ class AllowedHostGuard:
         domain, _port = split_domain_port(host.decode("latin-1"))
         return bool(domain) and validate_host(domain, allowed)
 
-    async def _refuse(self, scope, send, host: bytes) -> None:
+    async def _refuse(self, scope, receive, send, host: bytes) -> None:
         shown = host.decode("latin-1")[:255]
         self.security_logger.error("Invalid HTTP_HOST header: %r. The host is not in ALLOWED_HOSTS.", shown)
+        if scope["type"] == "websocket":  # a close before the accept: the server answers the handshake 403
+            if (await receive())["type"] == "websocket.connect":
+                await send({"type": "websocket.close"})
+            return
         if scope["path"].startswith(API_PREFIXES) or scope["path"] == "/v2":
             path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
             body = json.dumps(error_body(400, path, INVALID_HOST_MESSAGE)).encode()

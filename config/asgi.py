@@ -305,10 +305,10 @@ django_asgi_app = DjangoHandler()
 application = ProtocolTypeRouter(
     {
         "http": AllowedHostGuard(LocationFastLane(EarlyBodyLimit(ApiSplit(django_asgi_app, LeanApiHandler())))),
-        "websocket": origin_validator(TrackingSocketSplit(
+        "websocket": AllowedHostGuard(origin_validator(TrackingSocketSplit(
             AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
             SocketRequestId(URLRouter(websocket_urlpatterns)),
-        )),
+        ))),
     }
 )
 

@@ -112,3 +112,28 @@ def test_the_answer_for_a_host_follows_a_change_of_allowed_hosts(settings):
     assert call("GET", "/health/live", headers=[("Host", "api.example.com")])[0] == 400
     settings.ALLOWED_HOSTS = ["api.example.com"]
     assert call("GET", "/health/live", headers=[("Host", "api.example.com")])[0] == 200
+
+
+def test_a_socket_with_a_foreign_host_is_refused_at_the_handshake():
+    """The sockets checked the browser's Origin (same origin or trusted) but not the Host: a page
+    on a name that resolves to this server (DNS rebinding) is its own origin, and a client
+    without an Origin (a driver's app) reached the consumers under any name."""
+    from channels.testing import WebsocketCommunicator
+
+    driver = online_driver()
+    path = f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}"
+
+    async def opens(headers) -> bool:
+        comm = WebsocketCommunicator(application, path, headers=headers)
+        ok = (await comm.connect())[0]
+        if ok:
+            await comm.disconnect()
+        return ok
+
+    async def scenario():
+        assert await opens([(b"host", b"evil.example")]) is False
+        assert await opens([(b"host", b"evil.example:8200"), (b"origin", b"http://evil.example:8200")]) is False
+        assert await opens([(b"host", b"testserver")]) is True
+        assert await opens([]) is True  # no Host (a test client): left to the origin check, as on HTTP
+
+    async_to_sync(scenario)()
