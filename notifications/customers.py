@@ -1,5 +1,6 @@
 """Messages to a delivery's customer: on assignment (with the tracking link), when the driver
-is arriving (within `CUSTOMER_ARRIVING_METERS` of the drop-off, once), delivered and failed; an
+is arriving (within `CUSTOMER_ARRIVING_METERS` of the drop-off, once), delivered and failed, and
+cancelled when the customer had been told of a driver; an
 SMS to `customerPhone` and an e-mail to `customerEmail` when the delivery has them.
 
 They are made from the webhook outbox (`message_rows_for_events`, called by the fan-out after
@@ -19,7 +20,7 @@ from email.utils import make_msgid
 
 import phonenumbers
 from django.conf import settings
-from django.core.mail import EmailMessage
+from django.core.mail import EmailMessage, get_connection
 from django.db.models import F
 from django.template.loader import select_template
 from django.utils import timezone
@@ -46,7 +47,17 @@ def _kind_for(event: OutboxEvent) -> str | None:
         return MessageKind.DELIVERED if data["status"] == "delivered" else MessageKind.FAILED
     if event.type == "delivery.eta_updated" and data.get("status") == "in_transit" and _arriving(data):
         return MessageKind.ARRIVING
+    if event.type == "delivery.status_changed" and data.get("status") == "cancelled" and _told_of_a_driver(event.delivery_id):
+        return MessageKind.CANCELLED
     return None
+
+
+def _told_of_a_driver(delivery_id) -> bool:
+    """A cancellation is news to a customer who was told a driver is on the way (an assigned
+    message sent, or being sent; one still pending is skipped, the delivery being cancelled)."""
+    return CustomerMessage.objects.filter(
+        delivery_id=delivery_id, kind=MessageKind.ASSIGNED, status__in=(St.SENT, St.SENDING)
+    ).exists()
 
 
 def _arriving(data: dict) -> bool:
@@ -104,14 +115,54 @@ def message_rows_for_events(events: list[OutboxEvent], *, now: datetime) -> int:
     return len(made)
 
 
+def _subtag(part: str, index: int) -> str:
+    if index == 0 or len(part) not in (2, 4):
+        return part.lower()
+    return part.upper() if len(part) == 2 else part.title()  # a region (MX), a script (Hant)
+
+
+def language_chain(tag: str) -> list[str]:
+    """The template languages to try for a BCP 47 tag, most specific first, in the tags'
+    conventional case (tags are case-insensitive; template directories are not):
+    "ES-mx" → es-MX, es, en; "zh-hant-tw" → zh-Hant-TW, zh-Hant, zh, en."""
+    parts = [_subtag(part, i) for i, part in enumerate((tag or "").split("-")) if part]
+    return list(dict.fromkeys(["-".join(parts[:n]) for n in range(len(parts), 0, -1)] + [DEFAULT_LANGUAGE]))
+
+
 def _templates(message: CustomerMessage, part: str) -> list[str]:
-    languages = [message.language, message.language.split("-")[0], DEFAULT_LANGUAGE]
-    return [f"notifications/customer/{lang}/{message.kind}.{part}.txt" for lang in dict.fromkeys(languages)]
+    return [f"notifications/customer/{lang}/{message.kind}.{part}.txt" for lang in language_chain(message.language)]
 
 
 def _render(message: CustomerMessage, context: dict, part: str) -> tuple[str, str]:
     template = select_template(_templates(message, part))
     return template.template.name, template.render(context).strip()
+
+
+# What the customer reads of a failure: the driver's reason code in the customer's language (the
+# driver's own words, or a code without a phrase, are not sent: they are for ops).
+FAILURE_REASON_TEXT = {
+    "en": {
+        "customer_unavailable": "nobody was there to receive it",
+        "address_not_found": "the driver could not find the address",
+        "refused": "it was refused at the door",
+        "damaged": "it was damaged on the way",
+        "unsafe": "the driver could not reach the address safely",
+    },
+    "es": {
+        "customer_unavailable": "no había nadie para recibirlo",
+        "address_not_found": "el repartidor no encontró la dirección",
+        "refused": "fue rechazado en la puerta",
+        "damaged": "se dañó en el camino",
+        "unsafe": "el repartidor no pudo llegar a la dirección de forma segura",
+    },
+}
+
+
+def failure_reason_text(code: str, language: str) -> str:
+    for lang in language_chain(language):
+        if lang in FAILURE_REASON_TEXT:
+            return FAILURE_REASON_TEXT[lang].get(code, "")
+    return ""
 
 
 def _context(message: CustomerMessage) -> dict:
@@ -123,7 +174,7 @@ def _context(message: CustomerMessage) -> dict:
     return {
         "customer_name": delivery.customer_name, "store_name": delivery.store_name,
         "seller_order_id": delivery.seller_order_id, "tracking_url": delivery.tracking_url,
-        "driver_first_name": driver, "failure_reason": delivery.failure_reason,
+        "driver_first_name": driver, "failure_reason": failure_reason_text(delivery.failure_code, message.language),
         # The code the customer gives the driver at the door (code and code_or_photo policies):
         # in the customer's messages while it is on its way, never anywhere a driver reads.
         "handoff_code": delivery.handoff_code
@@ -133,7 +184,10 @@ def _context(message: CustomerMessage) -> dict:
 
 
 def customer_messages_send_due(*, now: datetime | None = None, batch_size: int = 50) -> int:
-    """Send the due pending messages (bounded). Safe in several workers at once."""
+    """Send the due pending messages (bounded). Safe in several workers at once. Nothing while
+    CUSTOMER_MESSAGES_ENABLED is false (pending ones wait)."""
+    if not settings.CUSTOMER_MESSAGES_ENABLED:
+        return 0
     now = now or timezone.now()
     ids = list(
         CustomerMessage.objects.filter(status=St.PENDING, next_attempt_at__lte=now)
@@ -148,8 +202,22 @@ def customer_messages_send_due(*, now: datetime | None = None, batch_size: int =
     return sent
 
 
+# News a later state makes wrong: "a driver is on the way" to a delivery that was cancelled (or
+# has ended) by the time a worker sends it (a retry waits up to minutes).
+_OUTDATED_BY = {
+    MessageKind.ASSIGNED: {"delivered", "failed", "cancelled"},
+    MessageKind.ARRIVING: {"delivered", "failed", "cancelled"},
+}
+_SMTP_TRANSIENT = range(400, 500)  # an SMTP 4xx: the server refused it for now (nothing was sent)
+
+
 def customer_message_send(*, message_id) -> int:
-    """Claim the message (pending → sending), render it, hand it to its provider once."""
+    """Claim the message (pending → sending), render it, hand it to its provider once.
+
+    What certainly was not sent goes back to pending (the provider answered 429/5xx or an SMTP
+    4xx, or could not be reached: the connection failed) or is `failed` (refused for good, or
+    the message cannot be made); what may have been sent is never repeated (`failed`, "outcome
+    unknown"). A message the delivery's state has outdated is `skipped`."""
     now = timezone.now()
     claimed = CustomerMessage.objects.filter(pk=message_id, status=St.PENDING, next_attempt_at__lte=now).update(
         status=St.SENDING, attempts=F("attempts") + 1
@@ -157,29 +225,72 @@ def customer_message_send(*, message_id) -> int:
     if claimed != 1:
         return 0
     message = CustomerMessage.objects.select_related("delivery").get(pk=message_id)
-    context = _context(message)
+    if message.delivery.status in _OUTDATED_BY.get(message.kind, ()):
+        _finish(message, status=St.SKIPPED, error=f"not sent: the delivery is {message.delivery.status}", now=now)
+        return 0
     try:
+        context = _context(message)
         if message.channel == Channel.SMS:
             template, body = _render(message, context, "sms")
-            provider_id = get_sms_backend().send(to=message.recipient, body=body)
         else:
             template, body = _render(message, context, "email")
-            _, subject = _render(message, context, "subject")
+            # one line whatever the store's name holds (a line break in a header is refused)
+            subject = " ".join(_render(message, context, "subject")[1].split())
             provider_id = make_msgid(domain=settings.CUSTOMER_EMAIL_FROM.rsplit("@", 1)[-1] or "localhost")
             email = EmailMessage(subject, body, settings.CUSTOMER_EMAIL_FROM, [message.recipient], headers={"Message-ID": provider_id})
-            email.send(fail_silently=False)
-            status = getattr(email, "anymail_status", None)  # django-anymail's backends report the provider's id
-            if status is not None and getattr(status, "message_id", None):
-                provider_id = str(status.message_id)
-    except (SmsNotSent, smtplib.SMTPConnectError, ConnectionRefusedError, smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as exc:
-        retry = getattr(exc, "retry", isinstance(exc, (smtplib.SMTPConnectError, ConnectionRefusedError)))
-        _not_sent(message, error=str(exc) or type(exc).__name__, retry=retry, now=now)
+            email.message()  # built now: a message that cannot be made is refused before any provider sees it
+    except Exception as exc:
+        logger.exception("customer message %s could not be made", message_id)
+        _finish(message, status=St.FAILED, error=f"could not be made: {exc or type(exc).__name__}", now=now)
+        return 0
+    try:
+        if message.channel == Channel.SMS:
+            provider_id = get_sms_backend().send(to=message.recipient, body=body)
+        else:
+            provider_id = _email_send(email, provider_id)
+    except (SmsNotSent, _EmailNotSent) as exc:
+        _not_sent(message, error=str(exc) or type(exc).__name__, retry=exc.retry, now=now)
         return 0
     except (SmsOutcomeUnknown, smtplib.SMTPException, OSError) as exc:
         _finish(message, status=St.FAILED, error=f"outcome unknown, not retried: {exc or type(exc).__name__}", now=now)
         return 0
     _finish(message, status=St.SENT, template=template, provider_id=provider_id, now=now)
     return 1
+
+
+class _EmailNotSent(Exception):
+    def __init__(self, message: str, *, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+def _email_send(email: EmailMessage, provider_id: str) -> str:
+    """Send through EMAIL_BACKEND: the connection first (a failure there sent nothing: a DNS
+    failure, a refused or timed-out connection, a refused login), then the message (refused
+    recipients or sender, or an SMTP 4xx for the data, sent nothing either). The provider's
+    id: django-anymail's, else our Message-ID."""
+    connection = get_connection(fail_silently=False)
+    try:
+        connection.open()
+    except (smtplib.SMTPException, OSError) as exc:
+        raise _EmailNotSent(f"could not reach the mail server: {exc or type(exc).__name__}", retry=True) from exc
+    try:
+        email.connection = connection
+        email.send(fail_silently=False)
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = [code for code, _ in exc.recipients.values()]
+        raise _EmailNotSent(str(exc), retry=all(code in _SMTP_TRANSIENT for code in codes)) from exc
+    except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+        raise _EmailNotSent(str(exc), retry=exc.smtp_code in _SMTP_TRANSIENT) from exc
+    finally:
+        try:
+            connection.close()
+        except (smtplib.SMTPException, OSError):  # after the message was taken: it is sent
+            logger.warning("closing the mail connection failed", exc_info=True)
+    status = getattr(email, "anymail_status", None)  # django-anymail's backends report the provider's id
+    if status is not None and getattr(status, "message_id", None):
+        return str(status.message_id)
+    return provider_id
 
 
 def _not_sent(message: CustomerMessage, *, error: str, retry: bool, now: datetime) -> None:

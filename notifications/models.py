@@ -152,6 +152,7 @@ class MessageKind(models.TextChoices):
     ARRIVING = "arriving"
     DELIVERED = "delivered"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class Channel(models.TextChoices):

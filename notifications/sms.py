@@ -35,7 +35,7 @@ class ConsoleSmsBackend:
 
     def send(self, *, to: str, body: str) -> str:
         message_id = f"console-{uuid.uuid4().hex[:12]}"
-        logger.info("sms %s to %s: %s", message_id, to, body)
+        logger.info("sms %s to %s: %r", message_id, to, body)  # repr: one log line whatever the body holds
         return message_id
 
 

@@ -52,7 +52,8 @@ class PhoneField(StrictCharField):
     """A phone number (`validate_phone`); the schema carries its rule."""
 
 
-LANGUAGE_RE = r"^[a-zA-Z]{2,3}(-[a-zA-Z0-9]{2,8})?$"
+# A BCP 47 tag (language, then any subtags: es, pt-BR, zh-Hant-TW, en-GB-oxendict), any case.
+LANGUAGE_RE = r"^[a-zA-Z]{2,3}(-[a-zA-Z0-9]{1,8})*$"
 
 
 def phone_e164(value: str) -> str:
@@ -164,7 +165,8 @@ class DeliveryCreateSerializer(PlainValidation, serializers.Serializer):
     customerEmail = StrictCharField(max_length=254, required=False, allow_blank=True, default="", validators=[EmailValidator()])
     customerLanguage = StrictRegexField(
         LANGUAGE_RE, max_length=16, required=False, allow_blank=True, default="",
-        help_text="The customer's language for messages, e.g. en, es, pt-BR (default English)",
+        help_text="The customer's language for messages, a BCP 47 tag in any case, e.g. en, es, pt-BR, zh-Hant-TW "
+        "(default English; a tag without templates falls back to its base language, then English)",
     )
     prepTimeMinutes = StrictIntegerField(min_value=0, max_value=240, required=False, default=0)
     deliveryFee = MoneyField(

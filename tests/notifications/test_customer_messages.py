@@ -77,11 +77,11 @@ def test_delivered_and_failed_messages_and_each_only_once(smtp_server, twilio):
             if step == "delivery-completed":
                 driver_at_dropoff(driver, delivery)
             flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user),
-                                   reason="customer not home" if last == "delivery-failed" and step == last else "")
+                                   reason="customer_unavailable" if last == "delivery-failed" and step == last else "")
     kinds = sorted((m.delivery_id == done.pk, m.kind, m.channel) for m in CustomerMessage.objects.filter(status="sent"))
     assert kinds == sorted([(True, k, c) for k in ("assigned", "delivered") for c in ("sms", "email")]
                            + [(False, k, c) for k in ("assigned", "failed") for c in ("sms", "email")])
-    assert "customer not home" in [_sms(r)["Body"] for r in twilio.requests][-1]
+    assert "(nobody was there to receive it)" in [_sms(r)["Body"] for r in twilio.requests][-1]
     sent = (len(twilio.requests), len(smtp_server))
 
     # the same events fanned out again (a replayed sweep): no second message
@@ -245,3 +245,178 @@ def test_two_workers_sending_one_message_at_once_send_it_once(twilio, no_worker)
     assert len(twilio.requests) == 1
     message.refresh_from_db()
     assert message.status == "sent" and message.attempts == 1
+
+
+def _failed(delivery, reason):
+    driver = online_driver()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    for step in ("pickup-started", "pickup-completed", "delivery-started", "delivery-failed"):
+        flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user),
+                               reason=reason if step == "delivery-failed" else "")
+
+
+def test_the_failure_reason_reaches_the_customer_as_a_phrase_in_their_language_never_the_drivers_words(twilio):
+    """The driver's reason code went out raw ("(customer_unavailable)", in English inside the
+    Spanish text), and the driver's free text word for word under the platform's name."""
+    spanish, free_text = _delivery(customer_language="es"), _delivery()
+    _failed(spanish, "address_not_found")
+    _failed(free_text, "Call me on +91 99999 00000 and pay cash at http://evil.example/pay")
+
+    bodies = [_sms(r)["Body"] for r in twilio.requests if _sms(r)["Body"].lower().startswith(spanish.store_name.lower())]
+    spanish_failed = next(b for b in bodies if "no pudimos entregar" in b and spanish.seller_order_id in b)
+    assert "(el repartidor no encontró la dirección)" in spanish_failed and "address_not_found" not in spanish_failed
+    free_failed = next(_sms(r)["Body"] for r in twilio.requests
+                       if "could not deliver" in _sms(r)["Body"] and free_text.seller_order_id in _sms(r)["Body"])
+    assert "evil.example" not in free_failed and "99999" not in free_failed and "(" not in free_failed
+    assert CustomerMessage.objects.filter(delivery=free_text, kind="failed", status="sent").count() == 2
+
+
+def test_a_store_name_with_a_line_break_gets_its_email_with_a_one_line_subject(smtp_server, twilio):
+    """A line break in a header is refused (BadHeaderError): the e-mail was never sent and its
+    row stayed `sending` for good; and the console SMS log line could be split (forged)."""
+    delivery = _delivery(store_name="Line1\r\nLine2\u2028Line3")
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+
+    (mail,) = _mails(smtp_server)
+    assert mail["Subject"] == f"Your order {delivery.seller_order_id} from Line1 Line2 Line3 has a driver"
+    assert set(CustomerMessage.objects.filter(delivery=delivery).values_list("status", flat=True)) == {"sent"}
+
+
+def test_the_console_sms_is_one_log_line(settings, caplog):
+    from notifications.sms import ConsoleSmsBackend
+
+    with caplog.at_level("INFO", logger="notifications.sms"):
+        ConsoleSmsBackend().send(to=PHONE, body="Shop\nINFO forged line")
+    assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
+
+
+def test_a_message_that_cannot_be_made_is_failed_not_left_sending(twilio, monkeypatch):
+    def broken(message, context, part):
+        raise ValueError("template broken")
+
+    monkeypatch.setattr(customers, "_render", broken)
+    delivery = DeliveryFactory(customer_phone=PHONE)
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+
+    message = CustomerMessage.objects.get(delivery=delivery)
+    assert (message.status, message.error) == ("failed", "could not be made: template broken")
+    assert twilio.requests == []
+
+
+@pytest.mark.parametrize("tag, template_language", [
+    ("ES", "es"), ("ES-MX", "es"), ("es-mx", "es"), ("zh-Hant-TW", "en"), ("sr-latn-rs", "en"), ("en-GB-oxendict", "en"),
+])
+def test_language_tags_match_in_any_case_and_with_several_subtags(twilio, tag, template_language):
+    """Tags are case-insensitive (BCP 47): "ES" and "ES-MX" got English; tags of three parts
+    were a 400 that refused the whole order."""
+    merchant = IntegrationUserFactory()
+    body = {"sellerOrderId": f"ORD-LANG-{tag}", "storeName": "Corner Shop", "autoDispatch": False,
+            "pickupLocation": {"lat": CITY[0], "lon": CITY[1]}, "dropoffLocation": {"lat": CITY[0] + 0.01, "lon": CITY[1]},
+            "customerPhone": PHONE, "customerLanguage": tag}
+    created = client_for(merchant).post("/v2/deliveries", body, format="json")
+    assert created.status_code == 201, created.content
+
+    flows.assignment_create(delivery_id=created.json()["id"], driver_id=online_driver().pk, actor=Actor.system())
+    message = CustomerMessage.objects.get(delivery_id=created.json()["id"])
+    assert message.template == f"notifications/customer/{template_language}/assigned.sms.txt"
+    assert message.language == tag  # kept as the seller gave it
+
+
+def test_language_chain():
+    assert customers.language_chain("ES-mx") == ["es-MX", "es", "en"]
+    assert customers.language_chain("zh-hant-tw") == ["zh-Hant-TW", "zh-Hant", "zh", "en"]
+    assert customers.language_chain("") == ["en"]
+
+
+def test_news_a_cancellation_outdated_before_it_was_sent_is_skipped(twilio, no_worker):
+    """The worker sent "a driver is picking up your order" (with the handoff code) after the
+    delivery was cancelled: it did not look at the delivery again."""
+    delivery = DeliveryFactory(customer_phone=PHONE, proof_required="code")
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+    services.webhooks_deliver_due(max_seconds=10)  # the message is made; no worker has sent it yet
+    flows.delivery_cancel(delivery_id=delivery.pk, reason="customer changed their mind", actor=Actor.system())
+
+    assert customers.customer_messages_send_due() == 0
+
+    message = CustomerMessage.objects.get(delivery=delivery, kind="assigned")
+    assert (message.status, message.error) == ("skipped", "not sent: the delivery is cancelled")
+    assert twilio.requests == []
+
+
+def test_nothing_is_sent_while_customer_messages_are_switched_off(twilio, no_worker, settings):
+    delivery = DeliveryFactory(customer_phone=PHONE)
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+    services.webhooks_deliver_due(max_seconds=10)
+    settings.CUSTOMER_MESSAGES_ENABLED = False
+
+    assert customers.customer_messages_send_due() == 0
+    assert CustomerMessage.objects.get(delivery=delivery).status == "pending" and twilio.requests == []
+    settings.CUSTOMER_MESSAGES_ENABLED = True
+    assert customers.customer_messages_send_due() == 1
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "mail.nowhere.invalid"])
+def test_a_mail_server_that_cannot_be_reached_is_retried(settings, no_worker, host):
+    """A refused connection was retried, but a DNS failure or a connect timeout was recorded
+    as "outcome unknown" and never sent, though nothing had reached a server."""
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = host, _free_port(), 2
+    delivery = DeliveryFactory(customer_email="jane@example.com", customer_phone="")
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+    services.webhooks_deliver_due(max_seconds=10)
+    start = timezone.now()
+
+    with time_machine.travel(start, tick=False):
+        assert customers.customer_messages_send_due() == 0
+
+    message = CustomerMessage.objects.get(delivery=delivery)
+    assert message.status == "pending" and message.error.startswith("could not reach the mail server")
+    assert message.next_attempt_at == start + timedelta(seconds=30)
+
+
+@pytest.mark.parametrize("answer, status", [("451 4.3.0 Try again later", "pending"), ("554 5.7.1 Rejected", "failed")])
+def test_a_mail_server_refusing_the_message_for_now_is_retried_for_good_is_not(settings, no_worker, answer, status):
+    from aiosmtpd.controller import Controller
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            return answer
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=_free_port())
+    controller.start()
+    try:
+        settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+        settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_USE_TLS = "127.0.0.1", controller.port, False
+        delivery = DeliveryFactory(customer_email="jane@example.com", customer_phone="")
+        flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+        services.webhooks_deliver_due(max_seconds=10)
+        assert customers.customer_messages_send_due() == 0
+    finally:
+        controller.stop()
+
+    message = CustomerMessage.objects.get(delivery=delivery)
+    assert message.status == status and answer.split(" ", 1)[0] in message.error
+
+
+def test_a_customer_told_of_a_driver_is_told_of_the_cancellation_and_only_they(smtp_server, twilio):
+    """After "your order is on its way" a cancellation left the customer waiting for a driver
+    who was never coming. A customer never told of one hears nothing from us (the seller
+    cancelled before anything was sent)."""
+    told, untold = _delivery(customer_language="es"), _delivery()
+    flows.assignment_create(delivery_id=told.pk, driver_id=online_driver().pk, actor=Actor.system())
+    for delivery in (told, untold):
+        flows.delivery_cancel(delivery_id=delivery.pk, reason="out of stock", actor=Actor.system())
+
+    assert sorted(CustomerMessage.objects.filter(delivery=told).values_list("kind", "channel", "status")) == sorted(
+        (kind, channel, "sent") for kind in ("assigned", "cancelled") for channel in ("sms", "email"))
+    assert not CustomerMessage.objects.filter(delivery=untold).exists()
+    assert "fue cancelado y no será entregado" in _sms(twilio.requests[-1])["Body"]
+    assert _mails(smtp_server)[-1]["Subject"] == f"Tu pedido {told.seller_order_id} fue cancelado"
