@@ -36,11 +36,18 @@ class ChatAlertFailed(Exception):
     pass
 
 
+def chat_escape(text: str) -> str:
+    """Slack's control characters as entities (its message formatting guide): a store name of
+    `<!channel>` or `<https://…|Open the admin>` is shown as written, not as a mention of
+    everyone or a disguised link. Mattermost and Rocket.Chat show the entities as the characters."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def ops_alert_chat_send(*, subject: str, body: str) -> int:
-    """POST `{"text": "*subject*\\nbody"}` to the chat webhook; raises (for the task's retry) on
-    anything but a 2xx."""
+    """POST `{"text": "*subject*\\nbody"}` (escaped: chat_escape) to the chat webhook; raises
+    (for the task's retry) on anything but a 2xx."""
     url = settings.OPS_ALERT_CHAT_WEBHOOK_URL
-    payload = json.dumps({"text": f"*{subject}*\n{body}"}).encode("utf-8")
+    payload = json.dumps({"text": f"*{chat_escape(subject)}*\n{chat_escape(body)}"}).encode("utf-8")
     result = post_json(url, payload, {}, timeout=settings.WEBHOOK_TIMEOUT_SECONDS, trusted=True)
     if result.status is None or not 200 <= result.status < 300:
         raise ChatAlertFailed(result.error or f"HTTP {result.status}")

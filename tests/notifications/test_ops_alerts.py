@@ -69,3 +69,16 @@ def test_a_failing_chat_webhook_raises_for_its_task_and_the_email_still_goes(cha
     assert [r.json()["text"] for r in chat.requests] == [
         "*[dispatch] webhook endpoint disabled*\ndetails", "*again*\ndetails", "*again*\ndetails",
     ]
+
+
+def test_a_store_name_cannot_mention_everyone_or_disguise_a_link_in_the_chat(chat, ops_user):
+    """A seller's store name went into Slack's text as written: `<!channel>` pinged the whole
+    channel and `<https://…|Open the admin>` showed as a harmless-looking link."""
+    delivery = DeliveryFactory(seller_order_id="ORD-SLACK", store_name="<!channel> <https://evil.example/login|Open the admin> & co")
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
+    record = UnassignedOrder.objects.get(delivery=delivery)
+    unassigned_escalate(record_id=record.pk, level=3, reason="VIP", notes="", actor=Actor.for_user(ops_user), user=ops_user)
+
+    (text,) = [r.json()["text"] for r in chat.requests]
+    assert "&lt;!channel&gt; &lt;https://evil.example/login|Open the admin&gt; &amp; co" in text
+    assert "<" not in text and ">" not in text
