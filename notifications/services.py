@@ -568,6 +568,9 @@ def webhooks_purge(*, now: datetime | None = None, batch_size: int = 5000) -> in
 # ------------------------------------------------------------------------------ push devices
 
 
+PUSH_DEVICES_PER_DRIVER = 10
+
+
 def device_register(*, driver, platform: str, token: str, now: datetime | None = None) -> tuple[PushDevice, bool]:
     """Register the driver's device for push; (device, created). A token already registered
     (by this driver, or by another who had the phone before) becomes this driver's. The token
@@ -578,6 +581,11 @@ def device_register(*, driver, platform: str, token: str, now: datetime | None =
         token=token, defaults={"driver": driver, "platform": platform, "last_seen_at": now},
         create_defaults={"driver": driver, "platform": platform, "created_at": now, "last_seen_at": now},
     )
+    # A driver keeps its PUSH_DEVICES_PER_DRIVER most recently registered devices: every offer is
+    # pushed to each (one FCM call apiece), and an app that registers a new token on every start
+    # would otherwise pile them up. The one just registered is always kept.
+    kept = PushDevice.objects.filter(driver=driver).order_by("-last_seen_at", "-id").values("pk")[:PUSH_DEVICES_PER_DRIVER]
+    PushDevice.objects.filter(driver=driver).exclude(pk=device.pk).exclude(pk__in=kept).delete()
     return device, created
 
 

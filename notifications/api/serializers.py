@@ -87,9 +87,11 @@ class DeviceRegisterSerializer(serializers.Serializer):
 class DeviceSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     platform = serializers.CharField()
-    tokenEnd = serializers.SerializerMethodField(help_text="The token's last 8 characters, to tell devices apart.")
+    tokenEnd = serializers.SerializerMethodField(
+        help_text="The token's last characters, to tell devices apart: 8 of a real token, never more than a quarter of it.")
     createdAt = serializers.DateTimeField(source="created_at")
     lastSeenAt = serializers.DateTimeField(source="last_seen_at")
 
     def get_tokenEnd(self, obj) -> str:
-        return obj.token[-8:]
+        shown = min(8, len(obj.token) // 4)  # (a short token shown whole is no secret)
+        return obj.token[-shown:] if shown else ""

@@ -2,7 +2,7 @@
 manage all. `/v2/drivers/{id}/devices`: a driver's phones for push. Thin views: validate, call one service or selector, render."""
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -126,18 +126,20 @@ class DeviceListCreateView(APIView):
         return super().get_permissions()
 
     @extend_schema(
-        operation_id="drivers_devices_list", tags=["drivers"],
-        responses={200: inline_serializer("DeviceList", {"devices": s.DeviceSerializer(many=True)}), **errors(404)},
+        operation_id="drivers_devices_list", tags=["drivers"], parameters=PAGE_PARAMETERS,
+        responses={200: paginated_schema("DevicePage", "devices", s.DeviceSerializer), **errors(400, 404)},
     )
     def get(self, request, driver_id):
         driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)
-        return Response({"devices": s.DeviceSerializer(driver.push_devices.all(), many=True).data})
+        return paginate(request, driver.push_devices.all(), s.DeviceSerializer, key="devices", ordering=("created_at", "id"),
+                        keyset=True)
 
     @extend_schema(
         operation_id="drivers_devices_register", request=s.DeviceRegisterSerializer,
         responses={201: s.DeviceSerializer, 200: s.DeviceSerializer, **errors(400, 404)}, tags=["drivers"],
         description="Register this device's FCM token for offers, withdrawn offers and the end of a break. "
-                    "The same token again is a 200; a token another driver had moves to this one.",
+                    "The same token again is a 200; a token another driver had moves to this one. A driver keeps "
+                    "its 10 most recently registered devices (an 11th replaces the one registered longest ago).",
     )
     def post(self, request, driver_id):
         driver = driver_selectors.driver_get_for_user(user=request.user, driver_id=driver_id)

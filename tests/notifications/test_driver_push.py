@@ -182,3 +182,34 @@ def test_a_delivery_taken_away_from_its_driver_is_pushed(fcm):
         ("Delivery reassigned", "assignment_cancelled", str(reassigned.pk), "reassigned"),
     ]
     assert all(m["token"] == "phone" and m["android"]["ttl"] == "300s" for m in messages)
+
+
+def test_a_driver_keeps_its_ten_latest_devices_listed_in_pages_and_short_tokens_are_not_shown(db):
+    """150 registrations were 150 devices, each pushed every offer (one FCM call apiece, 10 s
+    timeout each), all listed in one response without `next`; a token of 8 characters or
+    fewer was shown whole in `tokenEnd`."""
+    driver = DriverFactory()
+    tokens = [f"fcm-token-{i:03d}-" + "x" * 140 for i in range(12)]
+    start = timezone.now()
+    for i, token in enumerate(tokens):
+        with time_machine.travel(start + timedelta(seconds=i), tick=False):
+            assert _register(driver, token).status_code == 201
+    assert sorted(PushDevice.objects.filter(driver=driver).values_list("token", flat=True)) == sorted(tokens[2:])
+    with time_machine.travel(start + timedelta(seconds=20), tick=False):
+        _register(driver, tokens[2])  # seen again: now the newest, kept when a 13th comes
+    with time_machine.travel(start + timedelta(seconds=21), tick=False):
+        _register(driver, "fcm-token-new-" + "x" * 140)
+    assert tokens[2] in PushDevice.objects.filter(driver=driver).values_list("token", flat=True)
+    assert PushDevice.objects.filter(driver=driver).count() == 10
+
+    api = client_for(driver.user)
+    first = api.get(f"/v2/drivers/{driver.pk}/devices?limit=4").json()
+    assert len(first["devices"]) == 4 and first["next"]
+    listed, page = [d["id"] for d in first["devices"]], first
+    while page["next"]:
+        page = api.get(page["next"]).json()
+        listed += [d["id"] for d in page["devices"]]
+    assert sorted(listed) == sorted(str(pk) for pk in PushDevice.objects.filter(driver=driver).values_list("pk", flat=True))
+
+    short = _register(DriverFactory(), "a").json()
+    assert short["tokenEnd"] == "" and _register(DriverFactory(), "abcdefghijkl").json()["tokenEnd"] == "jkl"
