@@ -126,6 +126,7 @@ def cleanup_drivers(ids: list[str], mode: str) -> str:
         pipe = r.pipeline(transaction=False)
         pipe.delete(*[live.driver_key(i) for i in chunk], *[live.auth_key(i) for i in chunk])
         pipe.hdel(geo.STATUS_KEY, *chunk)
+        pipe.hdel(geo.STATUS_AT_KEY, *chunk)
         pipe.hdel(live.MOVED_KEY, *chunk)
         pipe.hdel(live.ACTIVE_KEY, *chunk)
         pipe.zrem(geo.GEO_KEY, *chunk)
