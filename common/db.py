@@ -4,6 +4,7 @@ several tables in one statement (`insert_many`); `save(update_fields=…)` witho
 its UPDATE each time (`save_fields`)."""
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.gis.db.models.fields import BaseSpatialField
@@ -12,6 +13,7 @@ from django.db.models import Model, QuerySet, signals
 from django.db.models.constants import OnConflict
 from django.db.models.expressions import DatabaseDefault
 from django.db.models.sql import InsertQuery, UpdateQuery
+from django.utils import timezone
 
 
 def _insert_sql(obj: Model, using: str) -> tuple[str, tuple]:
@@ -242,3 +244,22 @@ def save_fields(obj: Model, fields) -> None:
             connection.needs_rollback = True
         raise
     obj._state.db = using
+
+
+def locked_now(now: datetime | None, *previous: datetime | None) -> datetime:
+    """The time of a change made under the locks just taken: `now` when the caller gave one;
+    else the clock read now, after the locks (a change this one waited for has committed, its
+    times read before its commit), and past the latest of `previous` (the locked rows' last
+    change, e.g. `updated_at`: another machine's clock may run a little ahead). Read before
+    the locks, a change that waited was stamped before the one it waited for: an assignment
+    ended before it started, "cancelled, then picked up" in the audit trail."""
+    return now if now is not None else after_previous(timezone.now(), *previous)
+
+
+def after_previous(now: datetime, *previous: datetime | None) -> datetime:
+    """`now`, or just after the latest of `previous` when that is later (the same instant is
+    left alone: a clock frozen in a test, or the changes of one transaction)."""
+    latest = max((p for p in previous if p is not None), default=None)
+    if latest is not None and now < latest:
+        return latest + timedelta(microseconds=1)
+    return now

@@ -246,10 +246,13 @@ def assignment_ensure_active(assignment: Assignment, delivery: Delivery) -> None
 # after any wait), update the delivery and append the audit row, and whatever else the caller
 # writes from the updated row `u` ({also}: e.g. the webhook outbox row). No row back: the step
 # does not apply as asked, nothing was written, and the caller takes the full path, which says
-# why.
+# why. The step's time was read before the statement: a row changed after it (by the
+# transaction whose lock the statement waited for: PostgreSQL checks the conditions again on
+# the row it then finds) is left to the full path too, which stamps its change after its locks.
 _QUICK_STEP_SQL = """
 WITH d AS MATERIALIZED (
-    SELECT id FROM {delivery} WHERE id = %(delivery_id)s AND status = %(from_status)s {guard} FOR UPDATE
+    SELECT id FROM {delivery} WHERE id = %(delivery_id)s AND status = %(from_status)s AND updated_at <= %(now)s {guard}
+    FOR UPDATE
 ), a AS MATERIALIZED (
     SELECT a.id FROM {assignment} a JOIN d ON a.delivery_id = d.id
     WHERE a.driver_id = %(driver_id)s AND a.status = %(active)s FOR UPDATE OF a

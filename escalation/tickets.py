@@ -20,6 +20,7 @@ from django.utils import timezone
 from audit.services import audit_record
 from common.actors import Actor
 from common.broadcast import OPS_GROUP, broadcast_on_commit
+from common.db import after_previous
 from common.exceptions import Conflict, InvalidInput, NotFound
 from common.roles import is_support
 from dispatch.models import Delivery
@@ -70,6 +71,13 @@ def _lock_ticket(ticket_id) -> SupportTicket:
     return ticket
 
 
+def _stamped(now: datetime | None, ticket: SupportTicket) -> datetime:
+    """The time of a change of the ticket just locked: the caller's or the clock's (read after
+    the lock), and after the ticket's last change (a change that waited for the lock is not
+    stamped before the one it waited for: "resolved" listed before the "taken" it followed)."""
+    return after_previous(now or timezone.now(), ticket.updated_at)
+
+
 def _name(user) -> str:
     return user.get_full_name() or user.get_username()
 
@@ -116,6 +124,7 @@ def ticket_create_locked(
 @transaction.atomic
 def ticket_note_add(*, ticket_id, body: str, now: datetime) -> TicketComment:
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     note = _note(ticket, body, now=now)
     ticket.updated_at = now
     ticket.save(update_fields=["updated_at"])  # no event of its own: the escalation that wrote it has one
@@ -126,6 +135,7 @@ def ticket_note_add(*, ticket_id, body: str, now: datetime) -> TicketComment:
 def ticket_raise_priority(*, ticket_id, priority: str, note: str, now: datetime) -> SupportTicket:
     """Escalation raised the stakes: new priority, and a finished ticket is opened again."""
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     fields = ["priority"]
     change = "escalated"
     ticket.priority = priority
@@ -151,6 +161,7 @@ def ticket_retitle(*, ticket_id, title: str, note: str, now: datetime) -> Suppor
     """Escalation moved the ticket's record to another level: the title says the new level and
     the note (its history) says the move."""
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     ticket.title = title[:255]
     _note(ticket, note, now=now)
     _touched(ticket, change="escalated", now=now, fields=["title"])
@@ -162,6 +173,7 @@ def ticket_finish(*, ticket_id, status: str, resolution: str, actor: Actor, now:
     """Resolve or close a ticket because of what happened to its delivery (assigned,
     cancelled). Already finished that way: left alone."""
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     if ticket.status == status or ticket.status == TicketStatus.CLOSED:
         return ticket
     ticket.status = status
@@ -189,8 +201,8 @@ def ticket_take(*, ticket_id, user, actor: Actor, now: datetime | None = None, s
     """An agent takes the ticket: assigned to them, in progress. `seen_assignee_id`: who held
     it on the page the agent pressed Take on (None: nobody); if another agent took it since,
     nothing changes (409), and the page, reloaded, offers to take it over."""
-    now = now or timezone.now()
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     if not ticket.is_active:
         raise Conflict(f"Ticket is {ticket.status}; it can no longer be taken.")
     if ticket.assignee_id == user.pk and ticket.status == TicketStatus.IN_PROGRESS:
@@ -215,8 +227,8 @@ def ticket_comment(*, ticket_id, user, actor: Actor, body: str, now: datetime | 
     body = (body or "").strip()
     if not body:
         raise InvalidInput({"body": ["A comment cannot be empty."]})
-    now = now or timezone.now()
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     comment = _note(ticket, body, now=now, author=user, kind=CommentKind.COMMENT)
     _audit_ticket(ticket, action="commented", actor=actor, now=now, commentId=str(comment.pk))
     _touched(ticket, change="commented", now=now, fields=[])
@@ -250,8 +262,8 @@ def ticket_update(
     """Change a ticket's status, priority, assignee or resolution (PATCH, and the resolve
     action). Finishing a ticket (resolved/closed) needs a resolution note; a closed ticket
     is final (409)."""
-    now = now or timezone.now()
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     was = ticket.status
     fields: list[str] = []
     changes: dict = {}
@@ -340,6 +352,7 @@ def ticket_redispatched(
     """An agent dispatched the ticket's delivery again (already done by the caller): note the
     outcome on the ticket, audit it and tell the live queue."""
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     found = f"offered to {offer.driver.name}" if offer is not None else f"nobody found ({failure_reason})"
     _note(ticket, f"Redispatched within {radius_km:g} km by {_name(user)}: {found}.", now=now)
     _audit_ticket(
@@ -356,6 +369,7 @@ def ticket_delivery_cancelled(*, ticket_id, user, actor: Actor, reason: str, now
     """An agent cancelled the ticket's delivery (already done by the caller): the ticket is
     closed with the agent's reason as its resolution."""
     ticket = _lock_ticket(ticket_id)
+    now = _stamped(now, ticket)
     text = f"Delivery cancelled by {_name(user)}: {reason}"
     fields = []
     if ticket.status != TicketStatus.CLOSED:

@@ -14,6 +14,7 @@ from analytics.economics import economics_record
 from analytics.services import performance_delivery_finished
 from availability.models import DriverAvailability
 from common.actors import Actor
+from common.db import locked_now
 from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import events as dispatch_events
 from dispatch import selectors as delivery_selectors
@@ -122,12 +123,12 @@ def delivery_cancel(*, delivery_id, reason: str, actor: Actor, now: datetime | N
     whose delivery lock we were waiting for) would go unseen: the attempt then rolls back and
     starts again, locking that offer first."""
     return _retried(_delivery_cancel_attempt, "The delivery keeps getting new offers; try again.",
-                    delivery_id=delivery_id, reason=reason, actor=actor, now=now or timezone.now(),
+                    delivery_id=delivery_id, reason=reason, actor=actor, now=now,
                     ticket_closed_by_caller=ticket_closed_by_caller)
 
 
 @unit_of_work()
-def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: datetime,
+def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: datetime | None,
                              ticket_closed_by_caller) -> Delivery:
     pending = locks.lock_pending_offers_of_delivery(delivery_id)  # a round's several, in pk order
     delivery = locks.lock_delivery(delivery_id)
@@ -139,6 +140,7 @@ def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: dat
     offer = pending[0] if len(pending) == 1 else None  # a single offer: as always, with its driver's lock
     driver_id = offer.driver_id if offer is not None else (assignment.driver_id if assignment else None)
     driver = locks.lock_driver(driver_id) if driver_id else None
+    now = locked_now(now, delivery.updated_at, assignment.created_at if assignment else None)
 
     if offer is not None:
         offer_cancel_locked(offer, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
@@ -167,11 +169,11 @@ def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime |
     accept of the delivery would break on the one-accepted-offer rule: the attempt then rolls
     back and starts again, locking that offer first."""
     return _retried(_delivery_reassign_attempt, "The delivery keeps changing drivers; try again.",
-                    delivery_id=delivery_id, reason=reason, actor=actor, now=now or timezone.now())
+                    delivery_id=delivery_id, reason=reason, actor=actor, now=now)
 
 
 @unit_of_work()
-def _delivery_reassign_attempt(*, delivery_id, reason: str, actor: Actor, now: datetime) -> tuple[object, DispatchResult]:
+def _delivery_reassign_attempt(*, delivery_id, reason: str, actor: Actor, now: datetime | None) -> tuple[object, DispatchResult]:
     accepted = locks.lock_accepted_offer_of_delivery(delivery_id)  # offer → delivery, the lock order
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     if delivery.status != S.ASSIGNED:
@@ -180,6 +182,7 @@ def _delivery_reassign_attempt(*, delivery_id, reason: str, actor: Actor, now: d
     if accepted is None and assignment is not None and assignment.offer_id is not None:
         raise _OfferMadeMeanwhile()  # accepted while we waited for the delivery
     driver = locks.lock_driver(assignment.driver_id) if assignment else None
+    now = locked_now(now, delivery.updated_at, assignment.created_at if assignment else None)
 
     if assignment is not None:
         deliveries.assignment_end_locked(
@@ -273,9 +276,11 @@ def delivery_advance(
     decides (and raises the NotFound or Conflict)."""
     if step not in deliveries.STEPS:
         raise NotFound("Unknown step.")
-    now = now or timezone.now()
     if step not in deliveries.FINISHING_STEPS and not reason:
-        quick = _delivery_step_quick(delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor, now=now)
+        # (applies only to a row last changed before this time: one changed later, while the
+        # statement waited for its lock, takes the full path, stamped after its locks)
+        quick = _delivery_step_quick(delivery_id=delivery_id, driver_id=driver_id, step=step, actor=actor,
+                                     now=now or timezone.now())
         if quick is not None:
             return quick
     delivery = _delivery_advance_locked(
@@ -316,7 +321,7 @@ def _delivery_step_quick(*, delivery_id, driver_id, step: str, actor: Actor, now
 @unit_of_work()
 def _delivery_advance_locked(
     *, delivery_id, driver_id, step: str, actor: Actor, reason: str, note: str, handoff_code: str, override_reason: str,
-    now: datetime,
+    now: datetime | None,
 ) -> Delivery | None:
     """The step under the locks; None for a wrong handoff code (its count is written and
     commits with this transaction)."""
@@ -327,6 +332,7 @@ def _delivery_advance_locked(
         raise NotFound("Delivery not found.")
     delivery = assignment.delivery
     deliveries.assignment_ensure_active(assignment, delivery)
+    now = locked_now(now, delivery.updated_at, assignment.created_at)
     if finishing and delivery.status in deliveries.STEPS[step][0]:  # (out of order: the step says so below)
         if not deliveries.delivery_proof_check(
             delivery, assignment=assignment, step=step, code=handoff_code, driver_id=driver_id, actor=actor, now=now

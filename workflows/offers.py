@@ -13,6 +13,7 @@ from analytics.services import performance_offer_answered
 from availability.models import DriverAvailability
 from common import metrics
 from common.actors import Actor
+from common.db import locked_now
 from common.exceptions import Conflict
 from dispatch.models import DeliveryStatus
 from dispatch.services import active_deliveries_of, assignment_start_locked
@@ -70,7 +71,6 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
     An offer past `expiresAt` cannot be accepted even if the expiry job has not run yet: it is
     expired on the spot (and the next candidate offered) and the driver gets a 409.
     """
-    now = now or timezone.now()
     with unit_of_work():
         # The offer and the rest of its round (batch/broadcast: the delivery's other pending
         # offers; none in sequential dispatch) in primary-key order, then the delivery and the
@@ -78,6 +78,7 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
         # withdraws the siblings it holds (offers → delivery → driver).
         round_offers = locks.lock_offer_and_its_round(offer_id, driver_id=driver_id)
         offer = locks.lock_offer_delivery_driver(offer_id, driver_id=driver_id)
+        now = locked_now(now, offer.delivery.updated_at)  # (an accept that waited is past its expiry if it now is)
         overdue = offers.offer_is_overdue(offer, now)
         if not overdue:
             offers.offer_ensure_pending(offer, now)
@@ -121,8 +122,8 @@ class RejectResult:
 def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetime | None = None) -> RejectResult:
     """The driver declines; the delivery goes to its next candidate in the same transaction
     (back to ops for an autoDispatch false delivery)."""
-    now = now or timezone.now()
     offer = locks.lock_offer_delivery_driver(offer_id, driver_id=driver_id)  # offer → delivery → driver
+    now = locked_now(now, offer.delivery.updated_at)
     offers.offer_ensure_pending(offer, now)
     delivery = offer.delivery
 
