@@ -201,7 +201,8 @@ def rebuild_index(*, now: datetime | None = None) -> int:
 # wrote the member since the reconcile read Redis, before it read PostgreSQL (its version and
 # status unchanged: a transition meanwhile wrote Redis itself and is newer than the snapshot,
 # even one undone since), and never moving a member to an older fix than the one indexed.
-# A status it repairs gets PostgreSQL's time of it (the status stamp, '' = none).
+# A status it repairs gets PostgreSQL's time of it (the status stamp, '' = none), and a right
+# status without a stamp (written before stamps existed) gets one.
 # KEYS: GEO set, fix zset, status hash, version hash, status stamp hash. ARGV: eight per member:
 # member, version read ('' = none), status read ('' = none), PostgreSQL's status ('' = no such
 # driver), lon, lat, fix time ('' = no fix), PostgreSQL's time of the status ('' = none).
@@ -217,6 +218,8 @@ for i = 1, #ARGV, 8 do
     elseif cur ~= want then
       redis.call('HSET', KEYS[3], m, want) fixed = fixed + 1
       if ARGV[i + 7] ~= '' then redis.call('HSET', KEYS[5], m, ARGV[i + 7]) else redis.call('HDEL', KEYS[5], m) end
+    elseif ARGV[i + 7] ~= '' and redis.call('HEXISTS', KEYS[5], m) == 0 then
+      redis.call('HSET', KEYS[5], m, ARGV[i + 7])
     end
     if want == 'available' then
       if ARGV[i + 6] ~= '' then
@@ -249,7 +252,9 @@ def reconcile_index(*, now: datetime | None = None) -> dict[str, int]:
     pipe.hgetall(VERSION_KEY)
     pipe.zrange(FIX_KEY, 0, -1, withscores=True)
     pipe.zrange(GEO_KEY, 0, -1)
-    known, versions, scored, in_geo = pipe.execute()
+    pipe.hkeys(STATUS_AT_KEY)
+    known, versions, scored, in_geo, stamped = pipe.execute()
+    stamped = set(stamped)
     scores = dict(scored)
     indexed = set(scores) | set(in_geo)
     statuses, since, geo = _desired_state(now or timezone.now())
@@ -268,7 +273,7 @@ def reconcile_index(*, now: datetime | None = None) -> dict[str, int]:
     for member in set(statuses) | set(known) | indexed:
         want = statuses.get(member, "")
         lon, lat, ts = geo.get(member, ("", "", ""))
-        if want == known.get(member, ""):
+        if want == known.get(member, "") and (member in stamped or member not in since):
             if want != "available" and member not in indexed:
                 continue  # nothing to change
             if want == "available" and (ts == "" or (member in in_geo and scores.get(member, -1) >= ts

@@ -241,18 +241,18 @@ def customer_message_send(*, message_id) -> int:
             email.message()  # built now: a message that cannot be made is refused before any provider sees it
     except Exception as exc:
         logger.exception("customer message %s could not be made", message_id)
-        _finish(message, status=St.FAILED, error=f"could not be made: {exc or type(exc).__name__}", now=now)
+        _finish(message, status=St.FAILED, error=f"could not be made: {str(exc) or type(exc).__name__}", now=now)
         return 0
     try:
         if message.channel == Channel.SMS:
             provider_id = get_sms_backend().send(to=message.recipient, body=body)
         else:
             provider_id = _email_send(email, provider_id)
-    except (SmsNotSent, _EmailNotSent) as exc:
-        _not_sent(message, error=str(exc) or type(exc).__name__, retry=exc.retry, now=now)
+    except (SmsNotSent, _EmailNotSent, ConnectionRefusedError) as exc:  # (refused: nothing reached the provider)
+        _not_sent(message, error=str(exc) or type(exc).__name__, retry=getattr(exc, "retry", True), now=now)
         return 0
     except (SmsOutcomeUnknown, smtplib.SMTPException, OSError) as exc:
-        _finish(message, status=St.FAILED, error=f"outcome unknown, not retried: {exc or type(exc).__name__}", now=now)
+        _finish(message, status=St.FAILED, error=f"outcome unknown, not retried: {str(exc) or type(exc).__name__}", now=now)
         return 0
     _finish(message, status=St.SENT, template=template, provider_id=provider_id, now=now)
     return 1
@@ -273,7 +273,7 @@ def _email_send(email: EmailMessage, provider_id: str) -> str:
     try:
         connection.open()
     except (smtplib.SMTPException, OSError) as exc:
-        raise _EmailNotSent(f"could not reach the mail server: {exc or type(exc).__name__}", retry=True) from exc
+        raise _EmailNotSent(f"could not reach the mail server: {str(exc) or type(exc).__name__}", retry=True) from exc
     try:
         email.connection = connection
         email.send(fail_silently=False)

@@ -341,9 +341,10 @@ def ticket_cancel_delivery(*, ticket_id, user, actor: Actor, reason: str, now: d
     reason = (reason or "").strip()
     if not reason:
         raise InvalidInput({"reason": ["A reason is required to cancel a delivery."]})
-    now = now or timezone.now()
     delivery_id = selectors.ticket_delivery_id(ticket_id=ticket_id)
+    # each stamped after its own locks (none read before them: common.db.locked_now)
     delivery = delivery_cancel(delivery_id=delivery_id, reason=reason, actor=actor, now=now,
                                ticket_closed_by_caller=ticket_id)
-    tickets.ticket_delivery_cancelled(ticket_id=ticket_id, user=user, actor=actor, reason=reason, now=now)
+    tickets.ticket_delivery_cancelled(ticket_id=ticket_id, user=user, actor=actor, reason=reason,
+                                      now=now or delivery.cancelled_at)
     return delivery

@@ -322,6 +322,10 @@ def test_transitions_rebuild_and_reconcile_stamp_each_status_with_when_it_began(
     assert r().hget(geo.STATUS_KEY, member) == "on_break"
     assert float(r().hget(geo.STATUS_AT_KEY, member)) == pytest.approx(began.timestamp(), abs=1e-6)
 
+    r().hdel(geo.STATUS_AT_KEY, member)  # a right status written before stamps existed: stamped
+    assert geo.reconcile_index()["statusFixed"] == 0
+    assert float(r().hget(geo.STATUS_AT_KEY, member)) == pytest.approx(began.timestamp(), abs=1e-6)
+
     ghost = str(uuid.uuid4())  # a driver PostgreSQL does not have: both go
     r().hset(geo.STATUS_KEY, ghost, "available")
     r().hset(geo.STATUS_AT_KEY, ghost, "5")

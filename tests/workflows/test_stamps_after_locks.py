@@ -119,3 +119,54 @@ def test_a_ticket_resolved_by_an_accept_that_waited_for_an_agents_take_is_stampe
     actions = [d["action"] for d in DeliveryAuditLog.objects.filter(delivery_id=delivery.pk, event_type="support_ticket_updated")
                .order_by("timestamp").values_list("details", flat=True)]
     assert actions.index("resolved") > actions.index("taken")
+
+
+def test_a_one_statement_step_that_waited_on_a_row_changed_after_its_time_takes_the_locked_path():
+    """The step's time is read before its statement: a row another writer changed while the
+    statement waited for its lock (PostgreSQL checks the conditions again on the row it then
+    finds) is left to the locked path, which stamps the step after that change."""
+    from django.utils import timezone
+
+    driver = online_driver()
+    delivery = DeliveryFactory()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    touched = {}
+
+    def touch():
+        touched["at"] = timezone.now()
+        Delivery.objects.filter(pk=delivery.pk).update(updated_at=touched["at"])
+
+    behind_lock(
+        hold=_lock(Delivery, delivery.pk),
+        call=lambda: flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step="pickup-started",
+                                            actor=Actor.for_user(driver.user)),
+        while_blocked=touch,
+    )
+
+    assert Delivery.objects.get(pk=delivery.pk).pickup_started_at > touched["at"]
+
+
+def test_a_support_agents_cancel_that_waited_for_an_accept_is_stamped_after_it():
+    """The ticket's cancel read its time before the delivery's locks and handed it down."""
+    from escalation.models import UnassignedOrder
+    from workflows.escalations import ticket_cancel_delivery, unassigned_escalate
+
+    delivery = DeliveryFactory()
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
+    ops = OpsUserFactory()
+    unassigned_escalate(record_id=UnassignedOrder.objects.get(delivery=delivery).pk, level=3, reason="VIP", notes="",
+                        actor=Actor.for_user(ops), user=ops)
+    ticket = SupportTicket.objects.get(delivery=delivery)
+    driver = online_driver()
+    offer = offers.offer_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+
+    behind_lock(
+        hold=_lock(DriverOffer, offer.pk),
+        call=lambda: ticket_cancel_delivery(ticket_id=ticket.pk, user=ops, actor=Actor.for_user(ops), reason="customer asked"),
+        while_blocked=lambda: offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk)),
+    )
+
+    delivery = Delivery.objects.get(pk=delivery.pk)
+    assignment = Assignment.objects.get(delivery=delivery)
+    assert delivery.status == "cancelled" and assignment.ended_at > assignment.created_at
+    assert delivery.cancelled_at > delivery.assigned_at
