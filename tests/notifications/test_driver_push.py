@@ -213,3 +213,26 @@ def test_a_driver_keeps_its_ten_latest_devices_listed_in_pages_and_short_tokens_
 
     short = _register(DriverFactory(), "a").json()
     assert short["tokenEnd"] == "" and _register(DriverFactory(), "abcdefghijkl").json()["tokenEnd"] == "jkl"
+
+
+def test_the_migration_trims_the_devices_drivers_had_beyond_the_cap(db):
+    """Registrations before the cap left drivers with any number of devices."""
+    from importlib import import_module
+
+    from django.db import connection
+
+    trim = import_module("notifications.migrations.0007_push_devices_within_the_cap").TRIM
+    crowded, few = DriverFactory(), DriverFactory()
+    start = timezone.now()
+    for i in range(14):
+        PushDevice.objects.create(driver=crowded, platform="android", token=f"crowded-{i:02d}-" + "x" * 40,
+                                  created_at=start, last_seen_at=start + timedelta(seconds=i))
+    for i in range(3):
+        PushDevice.objects.create(driver=few, platform="ios", token=f"few-{i}-" + "x" * 40, created_at=start, last_seen_at=start)
+
+    with connection.cursor() as cursor:
+        cursor.execute(trim)
+
+    kept = sorted(PushDevice.objects.filter(driver=crowded).values_list("token", flat=True))
+    assert kept == sorted(f"crowded-{i:02d}-" + "x" * 40 for i in range(4, 14))  # the 10 seen last
+    assert PushDevice.objects.filter(driver=few).count() == 3
