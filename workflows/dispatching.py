@@ -36,7 +36,6 @@ from audit.services import audit_record
 from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
 from common.actors import Actor
-from common.db import locked_now
 from common.exceptions import Conflict
 from common.hotsql import cached_rows
 from dispatch.models import Delivery, DeliveryStatus, DispatchPolicy
@@ -385,8 +384,8 @@ def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **k
 def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = None, now: datetime | None = None, strict: bool = False) -> DispatchResult:
     """Lock the delivery and dispatch it. With `strict` (ops asking), a delivery that is not
     ready or already has a pending offer is a Conflict instead of a quiet no-op."""
+    now = now or timezone.now()
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
-    now = locked_now(now, delivery.updated_at)
     result = dispatch_locked(delivery, actor=actor, now=now, radius_km=radius_km)
     if strict and result.outcome == "not_ready":
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be dispatched.")
