@@ -248,7 +248,7 @@ def customer_message_send(*, message_id) -> int:
             provider_id = get_sms_backend().send(to=message.recipient, body=body)
         else:
             provider_id = _email_send(email, provider_id)
-    except (SmsNotSent, _EmailNotSent, ConnectionRefusedError) as exc:  # (refused: nothing reached the provider)
+    except (SmsNotSent, ConnectionRefusedError) as exc:  # (refused: nothing reached the provider)
         _not_sent(message, error=str(exc) or type(exc).__name__, retry=getattr(exc, "retry", True), now=now)
         return 0
     except (SmsOutcomeUnknown, smtplib.SMTPException, OSError) as exc:
@@ -258,10 +258,8 @@ def customer_message_send(*, message_id) -> int:
     return 1
 
 
-class _EmailNotSent(Exception):
-    def __init__(self, message: str, *, retry: bool):
-        super().__init__(message)
-        self.retry = retry
+class _EmailNotSent(SmsNotSent):
+    """An e-mail that certainly was not sent (the same contract as an SMS backend's SmsNotSent)."""
 
 
 def _email_send(email: EmailMessage, provider_id: str) -> str:
