@@ -384,8 +384,8 @@ def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **k
 def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = None, now: datetime | None = None, strict: bool = False) -> DispatchResult:
     """Lock the delivery and dispatch it. With `strict` (ops asking), a delivery that is not
     ready or already has a pending offer is a Conflict instead of a quiet no-op."""
-    now = now or timezone.now()
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
+    now = now or timezone.now()  # after the lock, as offer_create
     result = dispatch_locked(delivery, actor=actor, now=now, radius_km=radius_km)
     if strict and result.outcome == "not_ready":
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be dispatched.")

@@ -36,9 +36,9 @@ def offer_create(
     *, delivery_id, driver_id, actor: Actor, expires_in_seconds: int | None = None, now: datetime | None = None
 ) -> DriverOffer:
     """Ops offer a ready delivery to a chosen available driver."""
-    now = now or timezone.now()
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     driver = locks.lock_driver(driver_id)
+    now = now or timezone.now()  # after the locks (a change the offer waited for is before it), not pushed past updated_at
     if delivery.status != DeliveryStatus.READY:
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be offered.")
     if driver.availability != DriverAvailability.AVAILABLE:

@@ -170,3 +170,26 @@ def test_a_support_agents_cancel_that_waited_for_an_accept_is_stamped_after_it()
     assignment = Assignment.objects.get(delivery=delivery)
     assert delivery.status == "cancelled" and assignment.ended_at > assignment.created_at
     assert delivery.cancelled_at > delivery.assigned_at
+
+
+@pytest.mark.parametrize("how", ["offer_create", "delivery_dispatch"])
+def test_an_ops_offer_that_waited_for_the_delivery_is_stamped_after_its_last_change(how):
+    from django.utils import timezone
+
+    driver = online_driver()
+    delivery = DeliveryFactory()
+    touched = {}
+
+    def touch():  # a change of the delivery committed while the offer waited for its lock
+        touched["at"] = timezone.now()
+        Delivery.objects.filter(pk=delivery.pk).update(updated_at=touched["at"])
+
+    def offer():
+        if how == "offer_create":
+            return offers.offer_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+        return delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system(), strict=True)
+
+    behind_lock(hold=_lock(Delivery, delivery.pk), call=offer, while_blocked=touch)
+
+    made = DriverOffer.objects.get(delivery=delivery)
+    assert made.created_at > touched["at"]
