@@ -577,15 +577,20 @@ def device_register(*, driver, platform: str, token: str, now: datetime | None =
     is unique in the database: of two registrations racing, `update_or_create` turns the
     loser's IntegrityError into an update."""
     now = now or timezone.now()
-    device, created = PushDevice.objects.update_or_create(
-        token=token, defaults={"driver": driver, "platform": platform, "last_seen_at": now},
-        create_defaults={"driver": driver, "platform": platform, "created_at": now, "last_seen_at": now},
-    )
-    # A driver keeps its PUSH_DEVICES_PER_DRIVER most recently registered devices: every offer is
-    # pushed to each (one FCM call apiece), and an app that registers a new token on every start
-    # would otherwise pile them up. The one just registered is always kept.
-    kept = PushDevice.objects.filter(driver=driver).order_by("-last_seen_at", "-id").values("pk")[:PUSH_DEVICES_PER_DRIVER]
-    PushDevice.objects.filter(driver=driver).exclude(pk=device.pk).exclude(pk__in=kept).delete()
+    with transaction.atomic():
+        # One registration of a driver at a time (not its row lock, which offers take): two at
+        # once each trimmed what it saw without the other's new device, and left 11.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"push.devices:{driver.pk}"])
+        device, created = PushDevice.objects.update_or_create(
+            token=token, defaults={"driver": driver, "platform": platform, "last_seen_at": now},
+            create_defaults={"driver": driver, "platform": platform, "created_at": now, "last_seen_at": now},
+        )
+        # A driver keeps its PUSH_DEVICES_PER_DRIVER most recently registered devices: every offer is
+        # pushed to each (one FCM call apiece), and an app that registers a new token on every start
+        # would otherwise pile them up. The one just registered is always kept.
+        kept = PushDevice.objects.filter(driver=driver).order_by("-last_seen_at", "-id").values("pk")[:PUSH_DEVICES_PER_DRIVER]
+        PushDevice.objects.filter(driver=driver).exclude(pk=device.pk).exclude(pk__in=kept).delete()
     return device, created
 
 

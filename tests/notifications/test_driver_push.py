@@ -236,3 +236,25 @@ def test_the_migration_trims_the_devices_drivers_had_beyond_the_cap(db):
     kept = sorted(PushDevice.objects.filter(driver=crowded).values_list("token", flat=True))
     assert kept == sorted(f"crowded-{i:02d}-" + "x" * 40 for i in range(4, 14))  # the 10 seen last
     assert PushDevice.objects.filter(driver=few).count() == 3
+
+
+def test_two_registrations_at_once_leave_the_driver_ten_devices(db):
+    """Each registration trimmed what it saw, without the other's new device: two at once left
+    11 (the second waits for the first now, and trims after it)."""
+    from notifications import services
+    from tests.concurrency import behind_lock
+
+    driver = DriverFactory()
+    start = timezone.now() - timedelta(minutes=5)
+    for i in range(10):
+        services.device_register(driver=driver, platform="android", token=f"old-{i}", now=start + timedelta(seconds=i))
+
+    behind_lock(
+        hold=lambda: services.device_register(driver=driver, platform="android", token="first",
+                                              now=start + timedelta(seconds=20)),
+        call=lambda: services.device_register(driver=driver, platform="ios", token="second",
+                                              now=start + timedelta(seconds=21)),
+    )
+
+    tokens = set(PushDevice.objects.filter(driver=driver).values_list("token", flat=True))
+    assert len(tokens) == 10 and {"first", "second"} <= tokens and not {"old-0", "old-1"} & tokens
