@@ -10,7 +10,7 @@ from leaflet.admin import LeafletGeoAdminMixin
 
 from common import hooks
 from common.exceptions import DomainError
-from common.forms import MapPointField, MapPolygonField, SafeMapWidget
+from common.forms import MapPointField, MapPolygonField, SafeAutocompleteMixin, SafeMapWidget
 from common.models import ApiToken, DeferredTask, User
 from common.tokens import api_token_new_key
 
@@ -24,7 +24,7 @@ class UserAdmin(BaseUserAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(SafeAutocompleteMixin, admin.ModelAdmin):
     """Tokens are listed by prefix (only a hash of the key is stored). Adding one shows its
     key once, in the confirmation message; deleting one revokes it at once, the location
     fast lane's cache included."""

@@ -132,3 +132,13 @@ class SafeAutocompleteSelect(AutocompleteSelect):
             return True
 
         return super().optgroups(name, [v for v in value if v in (None, "") or is_key(v)], attr)
+
+
+class SafeAutocompleteMixin:
+    """For a ModelAdmin or an inline: its `autocomplete_fields` use SafeAutocompleteSelect
+    (`?user=notauuid` on an add page, or posted, was a 500)."""
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name in self.get_autocomplete_fields(request) and "widget" not in kwargs:
+            kwargs["widget"] = SafeAutocompleteSelect(db_field, self.admin_site, using=kwargs.get("using"))
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)

@@ -11,7 +11,7 @@ from django.db.models import F
 from django.utils.html import format_html
 
 from common.admin import MapAdminMixin
-from common.forms import SafeAutocompleteSelect
+from common.forms import SafeAutocompleteMixin
 from zones import services
 from zones.geometry import validate_zone_polygon
 from zones.models import DeliveryZone, DriverZonePreference
@@ -146,7 +146,7 @@ class DriverZonePreferenceFormSet(forms.BaseInlineFormSet):
         return saved
 
 
-class DriverZonePreferenceInline(admin.TabularInline):
+class DriverZonePreferenceInline(SafeAutocompleteMixin, admin.TabularInline):
     """Zone preferences on the driver page (dispatch.admin.DriverAdmin)."""
 
     model = DriverZonePreference
@@ -156,9 +156,4 @@ class DriverZonePreferenceInline(admin.TabularInline):
     readonly_fields = ("distance_to_zone_center",)
     autocomplete_fields = ("zone",)
     extra = 0
-
-    def formfield_for_foreignkey(self, db_field, request, **kwargs):
-        if db_field.name == "zone":
-            kwargs["widget"] = SafeAutocompleteSelect(db_field, self.admin_site, using=kwargs.get("using"))
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)
     verbose_name = "zone preference"
