@@ -356,7 +356,7 @@ class DeliveryAdmin(ExportMixin, ChangedFieldsOnlyAdmin):
 
             def reassign(delivery):
                 previous, result = deliveries.delivery_reassign(delivery_id=delivery.pk, reason=reason, actor=Actor.for_user(request.user))
-                self.message_user(request, f"{delivery.seller_order_id}: taken from {_driver_name(previous)}, {result.outcome}", messages.INFO)
+                self.message_user(request, f"{delivery.seller_order_id}: taken from {_driver_name(previous)}, {result.text()}", messages.INFO)
                 return result
 
             run_for_each(self, request, queryset, reassign, label=lambda d: d.seller_order_id)
@@ -375,7 +375,7 @@ class DeliveryAdmin(ExportMixin, ChangedFieldsOnlyAdmin):
                 self, request, queryset,
                 lambda d: deliveries.delivery_cancel(delivery_id=d.pk, reason=reason, actor=Actor.for_user(request.user)),
                 label=lambda d: d.seller_order_id,
-                done=lambda results: f"Cancelled {len(results)} deliveries.",
+                done=lambda results: f"Cancelled {len(results)} {'delivery' if len(results) == 1 else 'deliveries'}.",
             )
 
         return confirm_then(

@@ -2,7 +2,12 @@ from django.contrib import admin, messages
 
 from common.admin import ChangedFieldsOnlyAdmin
 from offers.models import DriverOffer
+from common.actors import Actor
 from workflows.offers import offer_expire
+
+
+def _offers(n: int) -> str:
+    return f"{n} offer" if n == 1 else f"{n} offers"
 
 
 class OfferInline(admin.TabularInline):
@@ -46,7 +51,9 @@ class DriverOfferAdmin(ChangedFieldsOnlyAdmin):
 
     @admin.action(description="Expire selected pending offers now (next candidate is offered)", permissions=["change"])
     def expire_now(self, request, queryset):
-        done = 0
+        done, selected = 0, queryset.count()
         for offer in queryset.filter(status="PENDING").order_by("pk"):
-            done += offer_expire(offer_id=offer.pk, force=True)
-        self.message_user(request, f"Expired {done} offers.", messages.SUCCESS if done else messages.WARNING)
+            done += offer_expire(offer_id=offer.pk, force=True, actor=Actor.for_user(request.user))
+        self.message_user(request, f"Expired {_offers(done)}.", messages.SUCCESS if done else messages.WARNING)
+        if selected > done:  # answered, expired or withdrawn meanwhile: left as they are
+            self.message_user(request, f"{_offers(selected - done)} of the selection not pending: left as is.", messages.WARNING)

@@ -316,14 +316,14 @@ def offer_mark_rejected(offer: DriverOffer, *, delivery: Delivery, reason: str, 
     broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], events.offer_rejected(offer))
 
 
-def offer_mark_expired(offer: DriverOffer, *, delivery: Delivery, now: datetime) -> None:
-    """EXPIRED. The caller holds the three locks."""
+def offer_mark_expired(offer: DriverOffer, *, delivery: Delivery, now: datetime, actor: Actor | None = None) -> None:
+    """EXPIRED (by the clock, or by `actor`: ops' "expire now"). The caller holds the three locks."""
     offer.status = OfferStatus.EXPIRED
     offer.expired_at = now
     offer.save(update_fields=["status", "expired_at"])
     _close_current_offer(delivery, offer, now)
     audit_record(
-        delivery=delivery, event_type=E.OFFER_EXPIRED, actor=Actor.system(), now=now,
+        delivery=delivery, event_type=E.OFFER_EXPIRED, actor=actor or Actor.system(), now=now,
         details={"offerId": str(offer.pk), "driverId": str(offer.driver_id), "expiresAt": iso(offer.expires_at)},
     )
     broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], events.offer_expired(offer))

@@ -86,6 +86,17 @@ class DispatchResult:
     candidates: list[Candidate] = field(default_factory=list)
     search_radius_km: float | None = None
 
+    def text(self) -> str:
+        """The outcome in words, for a person (a ticket's note, an ops console message)."""
+        return {
+            "offered": f"offered to {self.offer.driver.name}" if self.offer else "offered",
+            "already_offered": "an offer to a driver is already pending",
+            "unassigned": f"nobody found ({self.failure_reason})",
+            "not_ready": "not offered: the delivery is not ready",
+            "ops_only": "not offered: the delivery was created with autoDispatch false, ops offer it",
+            "waiting": "waiting for the zone's next matching round (batched_matching)",
+        }.get(self.outcome, self.outcome)
+
 
 def _zone(delivery: Delivery):
     return delivery.zone if getattr(delivery, "zone_id", None) else None

@@ -150,16 +150,6 @@ def _tier1_ticket(step: _Step, result: Escalation) -> None:
         )
 
 
-def _found_text(dispatched: DispatchResult) -> str:
-    return {
-        "offered": f"offered to {dispatched.offer.driver.name}" if dispatched.offer else "",
-        "already_offered": "an offer to a driver is already pending",
-        "unassigned": f"nobody found ({dispatched.failure_reason})",
-        "ops_only": "not offered: the delivery was created with autoDispatch false, ops offer it",
-        "waiting": "waiting for the zone's next matching round (batched_matching)",
-    }.get(dispatched.outcome, dispatched.outcome)
-
-
 def _tier2_wide_redispatch(step: _Step, result: Escalation) -> None:
     """Level 2: dispatch again within the wide radius, audit it (`escalation_triggered`) and
     note the outcome on the ticket. The check does not dispatch an autoDispatch false delivery
@@ -184,7 +174,7 @@ def _tier2_wide_redispatch(step: _Step, result: Escalation) -> None:
     if record.support_ticket_id:
         step.backend.add_note(
             ticket_id=record.support_ticket_id, now=step.now,
-            body=f"Level 2{step.who}: dispatched again within {radius:g} km — {_found_text(dispatched)}.",
+            body=f"Level 2{step.who}: dispatched again within {radius:g} km — {dispatched.text()}.",
         )
 
 

@@ -139,14 +139,16 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
     return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
 
 
-def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False, wait: bool = False) -> bool:
+def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False, wait: bool = False,
+                 actor: Actor | None = None) -> bool:
     """Expire a pending offer whose time is up and move its delivery to the next candidate
     (back to ops for an autoDispatch false delivery).
 
     Idempotent and safe to race with accept/reject and with itself: a locked offer is skipped
     (whoever holds it decides; `wait`: waited for, by a late accept, whose 409 says it expired),
     a processed or not-yet-due one is left alone. Returns True
-    when this call expired it. `force` expires it now, due or not (ops' "expire now").
+    when this call expired it. `force` expires it now, due or not (ops' "expire now", who are
+    the audit's `actor`; the clock's expiry is the system's).
     """
     now = now or timezone.now()
     with unit_of_work():
@@ -156,7 +158,7 @@ def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False, 
         delivery = locks.lock_delivery(offer.delivery_id, select_related=("zone",))
         locks.lock_driver(offer.driver_id)
 
-        offers.offer_mark_expired(offer, delivery=delivery, now=now)
+        offers.offer_mark_expired(offer, delivery=delivery, now=now, actor=actor)
         performance_offer_answered(driver_id=offer.driver_id, outcome=OfferStatus.EXPIRED, response_time_ms=None, now=now)
         dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True,
                              radius_km=offer.search_radius_km)

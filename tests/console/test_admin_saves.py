@@ -8,8 +8,10 @@ landing page, a break's duration error, the admin's take action."""
 import pytest
 from django.contrib.gis.geos import Point
 
+from audit.models import DeliveryAuditLog
 from availability.models import DriverAvailability
 from common.actors import Actor
+from common.models import User
 from dispatch.models import Delivery, DeliveryStatus
 from tests.concurrency import behind_lock
 from tests.factories import DeliveryFactory, DriverFactory
@@ -152,8 +154,19 @@ def test_an_offers_page_is_read_only_and_the_list_still_expires(admin_client):
 
     page = admin_client.get(f"/admin/offers/driveroffer/{offer.pk}/change/").content.decode()
     assert 'name="_save"' not in page and "Close" in page
-    r = admin_client.post("/admin/offers/driveroffer/", {"action": "expire_now", "_selected_action": [str(offer.pk)]},
+    from workflows import offers as offer_flows
+
+    other = online_driver(km=3)
+    answered = offer_flows.offer_create(delivery_id=DeliveryFactory().pk, driver_id=other.pk, actor=Actor.system())
+    offer_flows.offer_reject(offer_id=answered.pk, driver_id=other.pk, reason="too far", actor=Actor("driver", other.pk))
+    r = admin_client.post("/admin/offers/driveroffer/", {"action": "expire_now",
+                                                          "_selected_action": [str(offer.pk), str(answered.pk)]},
                           follow=True)
-    assert "Expired 1 offers." in r.content.decode()
+    page = r.content.decode()
+    assert "Expired 1 offer." in page and "1 offer of the selection not pending: left as is." in page
     offer.refresh_from_db()
     assert offer.status == "EXPIRED"
+    # ops' expiry is theirs in the audit trail (it read `system`, as the timer's does)
+    expired = DeliveryAuditLog.objects.get(delivery_id=delivery.pk, event_type="offer_expired")
+    admin_user = User.objects.get(username="admin")
+    assert (expired.actor_type, expired.actor_id) == ("admin", admin_user.pk)

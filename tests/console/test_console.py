@@ -255,7 +255,7 @@ def test_cancel_asks_for_a_reason_and_records_it_with_the_dispatcher(django_capt
     with django_capture_on_commit_callbacks(execute=True):
         done = client.post("/admin/dispatch/delivery/", {**selected, "apply": "1", "reason": "Customer phoned to cancel"}, follow=True)
 
-    assert "Cancelled 1 deliveries." in done.content.decode()
+    assert "Cancelled 1 delivery." in done.content.decode()
     delivery.refresh_from_db()
     assert delivery.status == "cancelled" and delivery.cancellation_reason == "Customer phoned to cancel"
     audit = DeliveryAuditLog.objects.get(delivery=delivery, event_type="delivery_cancelled")

@@ -181,7 +181,7 @@ def test_a_dispatcher_runs_the_console_in_chromium(console_server, chromium, dis
     chromium.find_element(By.ID, "id_reason").send_keys("Store closed early (called 18:05)")
     screenshot(chromium, "cancel-confirm")
     chromium.find_element(By.ID, "confirm-submit").click()
-    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".messagelist"), "Cancelled 1 deliveries."))
+    wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".messagelist"), "Cancelled 1 delivery."))
     doomed.refresh_from_db()
     assert doomed.status == "cancelled" and doomed.cancellation_reason == "Store closed early (called 18:05)"
     audit = DeliveryAuditLog.objects.get(delivery=doomed, event_type="delivery_cancelled")

@@ -127,5 +127,5 @@ def test_reassign_action_takes_the_delivery_from_its_driver_and_reports_refusals
     a.refresh_from_db()
     assert delivery.status == "ready" and a.availability == "available"
     assert delivery.current_offer.driver_id == b.pk
-    assert f"taken from {a.name}".encode() in r.content  # (was the driver's id)
+    assert f"taken from {a.name}, offered to {b.name}".encode() in r.content  # (was the driver's id, then `offered`)
     assert b"only an assigned delivery" in r.content  # the ready one was refused, reported
