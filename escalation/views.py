@@ -13,6 +13,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_GET, require_POST
 
 from common.actors import Actor
@@ -39,7 +40,10 @@ def support_required(view):
             raise PermissionDenied("Support agents only.")
         if request.method == "POST" and _read_only(request.user):
             raise PermissionDenied("Viewers may only read.")  # the console's read-only role
-        return view(request, *args, **kwargs)
+        response = view(request, *args, **kwargs)
+        # customers' names and phones: not for a shared cache or the back button (as the admin's pages)
+        add_never_cache_headers(response)
+        return response
 
     return wrapped
 

@@ -55,6 +55,15 @@ def test_a_support_agent_without_staff_logs_in_and_sees_the_queue(client):
     assert client.get("/admin/").status_code == 302  # the ops console stays closed to them
 
 
+def test_the_support_pages_are_not_kept_by_a_cache_or_the_back_button(web):
+    """They show customers' names and phones; they were sent without Cache-Control."""
+    ticket = ticket_for()
+    for url in ("/support/", f"/support/tickets/{ticket.pk}/"):
+        r = web.get(url)
+        assert r.status_code == 200
+        assert {"no-cache", "no-store", "must-revalidate", "private"} <= {v.strip() for v in r["Cache-Control"].split(",")}
+
+
 def test_drivers_and_integrations_are_forbidden_and_staff_are_welcome():
     ticket = ticket_for()
     for user in (DriverFactory().user, IntegrationUserFactory()):
