@@ -553,11 +553,13 @@ LOGGING["handlers"]["console"]["formatter"] = env("LOG_FORMAT", default="json")
 LOGGING["filters"] = {
     "redact_tokens": {"()": "common.logfilters.RedactTokensFilter"},
     "request_id": {"()": "common.logfilters.RequestIdFilter"},
+    "gis_input_warning": {"()": "common.logfilters.GisInputWarningFilter"},
 }
 LOGGING["handlers"]["console"]["filters"] = ["redact_tokens", "request_id"]
 # Proxies whose X-Request-ID is taken as given (others get a fresh id).
 REQUEST_ID_TRUSTED_PROXIES = env.list("REQUEST_ID_TRUSTED_PROXIES", default=["127.0.0.1", "::1"])
 LOGGING["loggers"]["uvicorn.error"] = {"filters": ["redact_tokens"]}
+LOGGING["loggers"]["django.contrib.gis"] = {"filters": ["gis_input_warning"]}
 
 # Escalation and support (docs/escalation.md).
 # Ops alert e-mails (comma-separated; empty: no e-mail, the /ws/ops/ event still goes out).
