@@ -15,6 +15,7 @@ from availability.models import (
 )
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin, ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
+from common.admin_confirm import selection
 from dispatch.api.serializers import PHONE_HELP, PHONE_PATTERN
 from dispatch.models import Assignment
 from workflows.drivers import availability_override
@@ -155,10 +156,11 @@ class DriverAdmin(ExportMixin, MapAdminMixin, ChangedFieldsOnlyAdmin):
                     duration_minutes=v["duration_minutes"], actor=Actor.for_user(request.user),
                 ),
                 label=lambda driver: driver.name,
-                done=lambda results: f"Availability set for {len(results)} drivers.",
+                done=lambda results: f"Availability set for {len(results)} driver{'s' if len(results) != 1 else ''}.",
             )
             return None
         return TemplateResponse(
             request, "admin/availability/driver/set_availability.html",
-            {**self.admin_site.each_context(request), "form": form, "drivers": queryset, "title": "Set availability"},
+            {**self.admin_site.each_context(request), "form": form, "title": "Set availability",
+             "selection": selection(request, queryset, lambda d: f"{d.name} ({d.availability})")},
         )

@@ -36,6 +36,22 @@ def confirm_then(
     return TemplateResponse(request, "admin/console/confirm_action.html", {
         **modeladmin.admin_site.each_context(request),
         "title": title, "explanation": explanation, "button": button, "action": action,
-        "form": form, "objects": [(obj.pk, describe(obj)) for obj in queryset.order_by("pk")],
-        "opts": opts, "media": modeladmin.media + form.media,
+        "form": form, "selection": selection(request, queryset, describe), "opts": opts,
+        "media": modeladmin.media + form.media,
     })
+
+
+SHOWN = 100  # rows a confirmation page lists
+
+
+def selection(request, queryset, describe: Callable = str) -> dict:
+    """What an action's confirmation page lists (at most SHOWN rows, and how many more) and
+    carries to its second POST (`admin/console/selection_inputs.html`). Django's "select all N"
+    (`select_across`) is carried as itself, the list's filters in the URL the form posts back
+    to: as one id per row, past ~1,000 rows the POST broke DATA_UPLOAD_MAX_NUMBER_FIELDS (a
+    bare 400, nothing done, the page listing every row)."""
+    across = request.POST.get("select_across") == "1"
+    count = queryset.count()
+    shown = [(obj.pk, describe(obj)) for obj in queryset.order_by("pk")[:SHOWN]]
+    pks = [pk for pk, _ in shown][:1] if across else list(queryset.order_by("pk").values_list("pk", flat=True))
+    return {"across": across, "count": count, "shown": shown, "more": count - len(shown), "pks": pks}

@@ -10,6 +10,7 @@ from django.utils.html import format_html
 
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin, run_for_each
+from common.admin_confirm import selection
 from common.exceptions import Conflict
 from escalation import tickets
 from escalation.models import (
@@ -124,7 +125,8 @@ class UnassignedOrderAdmin(ReadOnlyAdmin):
             return None
         return TemplateResponse(
             request, "admin/escalation/unassignedorder/escalate.html",
-            {**self.admin_site.each_context(request), "form": form, "records": queryset, "title": "Escalate"},
+            {**self.admin_site.each_context(request), "form": form, "title": "Escalate", "selection": selection(
+                request, queryset, lambda r: f"{r.seller_order_id} (level {r.escalation_level}, {r.escalation_status})")},
         )
 
 

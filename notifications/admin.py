@@ -12,6 +12,7 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from common.admin import ReadOnlyInline, run_for_each
+from common.admin_confirm import selection
 from common.exceptions import InvalidInput, NotFound
 from notifications import services
 from notifications.models import CustomerMessage, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
@@ -135,7 +136,8 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
             return None
         return TemplateResponse(
             request, "admin/notifications/webhookendpoint/replay.html",
-            {**self.admin_site.each_context(request), "form": form, "endpoints": queryset, "title": "Replay failed events"},
+            {**self.admin_site.each_context(request), "form": form, "title": "Replay failed events",
+             "selection": selection(request, queryset, lambda e: e.url)},
         )
 
     @admin.action(description="Switch on (and send what waited)", permissions=["change"])

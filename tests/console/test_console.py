@@ -241,6 +241,40 @@ def test_the_admin_index_shows_the_kpi_tiles_with_links_to_their_lists(admin_cli
 # ------------------------------------------------------------------------------ actions that ask first
 
 
+def test_cancel_of_every_row_the_filters_match_carries_the_selection_not_an_id_per_row(settings, monkeypatch):
+    """"Select all N" then cancel: the confirmation page carried one hidden id per row, and past
+    DATA_UPLOAD_MAX_NUMBER_FIELDS (1,000; 40 here) its POST was a bare 400 and nothing was
+    cancelled. It carries `select_across` (the list's filters are in the URL it posts back to)
+    and lists the first rows only."""
+    import re
+
+    from common import admin_confirm
+
+    settings.DATA_UPLOAD_MAX_NUMBER_FIELDS = 40
+    monkeypatch.setattr(admin_confirm, "SHOWN", 10)
+    user, client = staff_in(DISPATCHER_GROUP)
+    ready = [DeliveryFactory() for _ in range(45)]
+    other = DeliveryFactory(status="picked_up")  # outside the filter: left alone
+    url = "/admin/dispatch/delivery/?status__exact=ready"
+
+    confirm = client.post(url, {"action": "cancel_deliveries", "select_across": "1", "index": "0",
+                                "_selected_action": [str(ready[0].pk)]})
+    page = confirm.content.decode()
+    assert confirm.status_code == 200 and 'id="confirm-action"' in page
+    assert page.count("<li data-pk=") == 10 and "… and 35 more (45 in all" in page
+    hidden = re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', page)
+    assert len(hidden) < 10
+
+    data = {}
+    for name, value in hidden:
+        data.setdefault(name, []).append(value)
+    done = client.post(url, {**data, "apply": "1", "reason": "Storm: the city is closed"}, follow=True)
+
+    assert done.status_code == 200 and "Cancelled 45 deliveries." in done.content.decode()
+    assert Delivery.objects.filter(status="cancelled").count() == 45
+    assert Delivery.objects.get(pk=other.pk).status == "picked_up"
+
+
 def test_cancel_asks_for_a_reason_and_records_it_with_the_dispatcher(django_capture_on_commit_callbacks):
     user, client = staff_in(DISPATCHER_GROUP, first_name="Dina", last_name="Patcher")
     delivery = DeliveryFactory()
