@@ -1,10 +1,14 @@
 import datetime
 import re
 
+from celery import schedules as celery_schedules
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.gis.db import models as gis_models
 from django.utils import timezone
+from django_celery_beat.admin import CrontabScheduleAdmin, PeriodicTaskAdmin, PeriodicTaskForm
+from django_celery_beat.models import CrontabSchedule, PeriodicTask
 from import_export import resources, widgets
 from leaflet.admin import LeafletGeoAdminMixin
 
@@ -187,3 +191,51 @@ _SPREADSHEET_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", re.A
 def _is_number(text: str) -> bool:
     """A number as CSV writes it (`-3.50`): a value, not a formula; left as it is."""
     return _SPREADSHEET_NUMBER.fullmatch(text) is not None
+
+
+# ------------------------------------------------------------------------------ the periodic schedule
+# django-celery-beat's own admin (SPEC: the schedule is editable in the admin), with two of its
+# forms' holes closed: a value its parsers refuse was a 500, not a form error.
+
+
+class CrontabScheduleForm(forms.ModelForm):
+    """`minute=-1` passed the field's validators and broke Celery's parser (ParseException,
+    not a ValueError) while the page drew its "human readable" line: a 500."""
+
+    class Meta:
+        model = CrontabSchedule
+        fields = "__all__"
+
+    def clean(self):
+        data = super().clean()
+        for name in ("minute", "hour", "day_of_week", "day_of_month", "month_of_year"):
+            if name in data and not self.has_error(name):
+                try:
+                    celery_schedules.crontab(**{name: data[name]})
+                except (celery_schedules.ParseException, ValueError, TypeError, IndexError) as exc:
+                    self.add_error(name, f"Not a cron value Celery can read: {exc}")
+        return data
+
+
+class PeriodicTaskFormChecked(PeriodicTaskForm):
+    """A task name the field refused (a NUL, over 200 characters) left no `task` for the
+    library's check, which read it anyway: a KeyError, a 500. The field's own error is shown."""
+
+    def clean(self):
+        if "task" not in self.cleaned_data and not self.cleaned_data.get("regtask"):
+            return self.cleaned_data
+        return super().clean()
+
+
+admin.site.unregister(CrontabSchedule)
+admin.site.unregister(PeriodicTask)
+
+
+@admin.register(CrontabSchedule)
+class CheckedCrontabScheduleAdmin(CrontabScheduleAdmin):
+    form = CrontabScheduleForm
+
+
+@admin.register(PeriodicTask)
+class CheckedPeriodicTaskAdmin(PeriodicTaskAdmin):
+    form = PeriodicTaskFormChecked

@@ -1,6 +1,8 @@
 """Parameters a browser would never send (a stale bookmark, a tampered form) on the ops
 console's lists, exports and actions: Django's own answer to a wacky lookup (the list again,
 `?e=1`), or a message; never a 500."""
+import re
+
 import pytest
 from django.contrib import admin
 from django.contrib.gis.geos import Point
@@ -244,3 +246,34 @@ def test_a_value_that_is_no_key_in_an_autocomplete_field_is_a_form_error(admin_c
     r = admin_client.post(url, {field: value})
 
     assert r.status_code == 200 and "errorlist" in r.content.decode()
+
+
+@pytest.mark.parametrize(("field", "value"), [("minute", "-1"), ("day_of_week", "-5"), ("hour", "99"), ("month_of_year", "0")])
+def test_a_cron_value_celery_cannot_read_is_a_form_error(admin_client, field, value):
+    """django-celery-beat's crontab page: `minute=-1` was a 500 (Celery's ParseException)."""
+    from django_celery_beat.models import CrontabSchedule
+
+    form = {"minute": "0", "hour": "*", "day_of_week": "*", "day_of_month": "*", "month_of_year": "*", "timezone": "UTC",
+            "periodictask_set-TOTAL_FORMS": "0", "periodictask_set-INITIAL_FORMS": "0"}
+    r = admin_client.post("/admin/django_celery_beat/crontabschedule/add/", {**form, field: value})
+
+    assert r.status_code == 200 and re.search(rf'field-{field}">\s*<ul class="errorlist', r.content.decode())
+    assert not CrontabSchedule.objects.filter(**{field: value}).exists()
+    r = admin_client.post("/admin/django_celery_beat/crontabschedule/add/", {**form, "minute": "*/15", "day_of_week": "mon-fri"})
+    assert r.status_code == 302, re.findall(r"errorlist.{0,200}", r.content.decode())
+    assert CrontabSchedule.objects.filter(minute="*/15", day_of_week="mon-fri").exists()
+
+
+@pytest.mark.parametrize("task", ["a\x00b", "t" * 201])
+def test_a_task_name_the_field_refuses_is_a_form_error(admin_client, task):
+    """django-celery-beat's periodic task page: a NUL or 201 characters was a 500 (KeyError)."""
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    every = IntervalSchedule.objects.create(every=10, period="seconds")
+    form = {"name": "audit-task", "task": task, "interval": str(every.pk), "args": "[]", "kwargs": "{}",
+            "enabled": "on", "priority": "", "queue": "", "exchange": "", "routing_key": "", "headers": "{}",
+            "description": "", "expire_seconds": ""}
+    r = admin_client.post("/admin/django_celery_beat/periodictask/add/", form)
+
+    assert r.status_code == 200 and re.search(r'field-task">\s*<ul class="errorlist', r.content.decode())
+    assert not PeriodicTask.objects.filter(name="audit-task").exists()
