@@ -5,11 +5,9 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from import_export import fields as export_fields
-from import_export.admin import ExportMixin
-from import_export.formats.base_formats import CSV, XLSX
 
 from analytics.models import DeliveryCost
-from common.admin import ExportResource
+from common.admin import ConsoleExportMixin, ExportResource
 
 
 @never_cache  # (as every admin page: figures and names, not for a shared cache or the back button)
@@ -69,12 +67,11 @@ class DeliveryCostExport(ExportResource):
 
 
 @admin.register(DeliveryCost)
-class DeliveryCostAdmin(ExportMixin, admin.ModelAdmin):
+class DeliveryCostAdmin(ConsoleExportMixin, admin.ModelAdmin):
     """Costs are written by the economics service when a delivery finishes: read-only here,
     listed and exported (the list's filters apply to the export)."""
 
     resource_classes = [DeliveryCostExport]
-    formats = [CSV, XLSX]
     list_display = ("delivery", "driver_payment", "platform_fee", "total_cost", "created_at")
     list_filter = ("delivery__zone",)
     search_fields = ("delivery__seller_order_id",)

@@ -4,8 +4,6 @@ from django.contrib import admin
 from django.core.validators import RegexValidator
 from django.template.response import TemplateResponse
 from import_export import fields as export_fields
-from import_export.admin import ExportMixin
-from import_export.formats.base_formats import CSV, XLSX
 
 from availability.models import (
     SETTABLE_AVAILABILITY_CHOICES,
@@ -14,7 +12,7 @@ from availability.models import (
     DriverAvailabilityHistory,
 )
 from common.actors import Actor
-from common.admin import ChangedFieldsOnlyAdmin, ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
+from common.admin import ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
 from common.admin_confirm import selection
 from dispatch.api.serializers import PHONE_HELP, PHONE_PATTERN
 from dispatch.models import Assignment
@@ -75,7 +73,7 @@ class DriverPerformanceExport(ExportResource):
 
 
 @admin.register(Driver)
-class DriverAdmin(ExportMixin, MapAdminMixin, ChangedFieldsOnlyAdmin):
+class DriverAdmin(ConsoleExportMixin, MapAdminMixin, ChangedFieldsOnlyAdmin):
     """Profile fields and the home location (Leaflet, from our static files) are editable; the
     live location, availability and rating change only through the services (fixes, the
     availability action below, customer ratings)."""
@@ -86,7 +84,6 @@ class DriverAdmin(ExportMixin, MapAdminMixin, ChangedFieldsOnlyAdmin):
     )
     list_filter = ("availability", "vehicle_type")
     resource_classes = [DriverPerformanceExport]
-    formats = [CSV, XLSX]
     search_fields = ("name", "phone", "user__username", "id")
     list_select_related = ("user", "performance")
     readonly_fields = (

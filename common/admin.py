@@ -1,15 +1,23 @@
 import datetime
 import re
+from io import BytesIO
 
 from celery import schedules as celery_schedules
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.gis.db import models as gis_models
+from django.core.exceptions import PermissionDenied
 from django.utils import timezone
 from django_celery_beat.admin import CrontabScheduleAdmin, PeriodicTaskAdmin, PeriodicTaskForm
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 from import_export import resources, widgets
+from import_export.admin import ExportMixin
+from import_export.formats.base_formats import CSV, XLSX
+from openpyxl import Workbook
+from openpyxl.cell import WriteOnlyCell
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+from openpyxl.styles import Font
 from leaflet.admin import LeafletGeoAdminMixin
 
 from common import hooks
@@ -168,9 +176,10 @@ class UtcDateTimeWidget(widgets.DateTimeWidget):
 
 
 class ExportResource(resources.ModelResource):
-    """The console's exports (CSV, XLSX): text that a spreadsheet would read as a formula is
-    written with a leading `'`, which spreadsheets show as text; numbers and dates stay as they
-    are, times in UTC (`UtcDateTimeWidget`). (django-import-export's own
+    """The console's exports (CSV, XLSX): in CSV, text that a spreadsheet would read as a
+    formula is written with a leading `'`, which spreadsheets show as text; numbers and dates
+    stay as they are, times in UTC (`UtcDateTimeWidget`). XLSX needs no such mark: its text is
+    in text cells (`TextCellsXLSX`). (django-import-export's own
     `IMPORT_EXPORT_ESCAPE_FORMULAE_ON_EXPORT` only drops a first `=`, and turns every cell into
     text.)"""
 
@@ -178,9 +187,61 @@ class ExportResource(resources.ModelResource):
 
     def export_field(self, field, instance, **kwargs):
         value = super().export_field(field, instance, **kwargs)
+        if kwargs.get("force_native_type"):  # a typed format (XLSX): the value as it is
+            return value
         if isinstance(value, str) and value.startswith(FORMULA_LEADS) and not _is_number(value):
             return "'" + value
         return value
+
+
+class TextCellsXLSX(XLSX):
+    """XLSX whose text is always a text cell. tablib writes values through openpyxl, which makes
+    any text starting with `=` a formula: a store name `=HYPERLINK(…)` would run on the laptop
+    that opens the export, and escaped with a `'` it showed the apostrophe (as did a phone
+    number `+91…`). Characters XML cannot hold (control characters) become U+FFFD: openpyxl
+    refused them and the export failed."""
+
+    def export_data(self, dataset, **kwargs):
+        workbook = Workbook(write_only=True)
+        sheet = workbook.create_sheet(title="Export")
+        sheet.freeze_panes = "A2"
+        bold = Font(bold=True)
+
+        def cell(value, font=None):
+            if isinstance(value, str):
+                value = ILLEGAL_CHARACTERS_RE.sub("\N{REPLACEMENT CHARACTER}", value)
+            written = WriteOnlyCell(sheet, value=value)
+            if isinstance(value, str):
+                written.data_type = "s"  # text, even when it starts with `=`
+            if font is not None:
+                written.font = font
+            return written
+
+        if dataset.headers:
+            sheet.append([cell(header, bold) for header in dataset.headers])
+        for row in dataset:
+            sheet.append([cell(value) for value in row])
+        out = BytesIO()
+        workbook.save(out)
+        return out.getvalue()
+
+
+class ConsoleExportMixin(ExportMixin):
+    """The console's exports: CSV with a byte-order mark (Excel read a CSV without one as the
+    machine's ANSI code page: every name outside ASCII garbled) and `TextCellsXLSX`."""
+
+    formats = [CSV, TextCellsXLSX]
+    to_encoding = "utf-8-sig"
+
+    def get_export_data(self, file_format, request, queryset, **kwargs):
+        # the library's, but typed values for any binary format (it knew its own classes only)
+        if not self.has_export_permission(request):
+            raise PermissionDenied
+        data = self.get_data_for_export(request, queryset, force_native_type=file_format.is_binary(), **kwargs)
+        export_data = file_format.export_data(data)
+        if not file_format.is_binary() and kwargs.get("encoding"):
+            export_data = export_data.encode(kwargs["encoding"])
+        return export_data
 
 
 # A number as a spreadsheet reads one (ASCII digits, one point, an exponent): Python's float()

