@@ -50,24 +50,25 @@ FROM numbered n JOIN eps e ON e.j = (n.i / %(chain)s) %% %(endpoints)s
 """
 
 
-# The alternative measured on 2026-12-06 and not taken (bench/README.md): each active endpoint's
-# first sendable messages found by walking its pending messages in event order (LATERAL ... LIMIT)
-# on an index made for the run (in the run's transaction, rolled back with it).
-_ALTERNATIVE_INDEX = ("CREATE INDEX bench_claim_turn_idx ON {message} (endpoint_id, event_id) "
-                      "INCLUDE (next_attempt_at, leased_until) WHERE status = 'pending'")
-_ALTERNATIVE_SQL = """
+# The alternatives, timed with `--alternative` (bench/README.md). The claim in services walks each
+# active endpoint's due messages in the order they fell due (`webhook_message_turn_idx`); before
+# 2026-12-06 (twentieth session) it ranked every due message of every endpoint (the first here).
+# The second walks each endpoint's pending messages in event order, on an index made for the run
+# (in the run's transaction, rolled back with it): a failing endpoint's not-yet-due backlog is
+# walked on every claim.
+_RANKED_SQL = """
 UPDATE {message} SET leased_until = %(lease)s
 WHERE id IN (
     SELECT l.id FROM {message} l
     WHERE l.id IN (
-        SELECT turn.id FROM {endpoint} e
-        CROSS JOIN LATERAL (
-            SELECT m.id FROM {message} m
-            WHERE m.endpoint_id = e.id AND {sendable}
-            ORDER BY m.event_id
-            LIMIT %(per_endpoint)s
-        ) turn
-        WHERE e.active
+        SELECT ranked.id FROM (
+            SELECT m.id, m.event_id,
+                   row_number() OVER (PARTITION BY m.endpoint_id ORDER BY m.event_id) AS turn
+            FROM {message} m
+            JOIN {endpoint} e ON e.id = m.endpoint_id AND e.active
+            WHERE {sendable}
+        ) ranked
+        WHERE ranked.turn <= %(per_endpoint)s
     )
       AND l.status = 'pending' AND (l.leased_until IS NULL OR l.leased_until < %(now)s)
     ORDER BY l.event_id
@@ -76,6 +77,12 @@ WHERE id IN (
 )
 RETURNING id
 """
+_EVENT_ORDER_INDEX = ("CREATE INDEX bench_claim_event_order_idx ON {message} (endpoint_id, event_id) "
+                      "INCLUDE (next_attempt_at, leased_until) WHERE status = 'pending'")
+_EVENT_ORDER_SQL = services._CLAIM_SQL.replace("ORDER BY m.next_attempt_at, m.event_id\n", "ORDER BY m.event_id\n")
+assert _EVENT_ORDER_SQL != services._CLAIM_SQL
+ALTERNATIVES = [("the ranked claim (before 2026-12-06)", None, _RANKED_SQL),
+                ("walking each endpoint in event order", _EVENT_ORDER_INDEX, _EVENT_ORDER_SQL)]
 
 
 def main() -> None:
@@ -87,7 +94,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--backing-off", type=int, default=0,
                         help="this many of the endpoints are failing: their messages wait an hour (not due)")
-    parser.add_argument("--alternative", action="store_true", help="also time the LATERAL alternative")
+    parser.add_argument("--alternative", action="store_true", help="also time the alternatives (the claim before, event order)")
     args = parser.parse_args()
     print(machine_state("before"))
     tables = {"outbox": OutboxEvent._meta.db_table, "endpoint": WebhookEndpoint._meta.db_table,
@@ -117,22 +124,25 @@ def main() -> None:
               f"{args.claims} claims ({claimed} messages leased)")
         if args.alternative:
             from datetime import timedelta
-            with connection.cursor() as cursor:
-                cursor.execute("UPDATE {message} SET leased_until = NULL WHERE leased_until IS NOT NULL".format(**tables))
-                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # (pending FK checks forbid CREATE INDEX)
-                cursor.execute(_ALTERNATIVE_INDEX.format(**tables))
-                cursor.execute(f"ANALYZE {tables['message']}")
-                took_a, claimed_a = [], 0
-                for _ in range(args.claims):
-                    t = time.perf_counter()
-                    cursor.execute(_ALTERNATIVE_SQL.format(sendable=services.SENDABLE_SQL.format(**tables), **tables), {
-                        "now": now, "lease": now + timedelta(seconds=services.LEASE_SECONDS), "limit": args.batch,
-                        "per_endpoint": services.CLAIM_PER_ENDPOINT})
-                    claimed_a += len(cursor.fetchall())
-                    took_a.append((time.perf_counter() - t) * 1000)
-            took_a.sort()
-            print(f"the LATERAL alternative: median {statistics.median(took_a):.1f} ms, max {took_a[-1]:.1f} ms"
-                  f" ({claimed_a} leased)")
+            for name, index, sql in ALTERNATIVES:
+                with transaction.atomic(), connection.cursor() as cursor:  # (a savepoint: each index alone)
+                    cursor.execute("UPDATE {message} SET leased_until = NULL WHERE leased_until IS NOT NULL".format(**tables))
+                    cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # (pending FK checks forbid CREATE INDEX)
+                    if index:
+                        cursor.execute(index.format(**tables))
+                    cursor.execute(f"ANALYZE {tables['message']}")
+                    took_a, claimed_a = [], 0
+                    for _ in range(args.claims):
+                        t = time.perf_counter()
+                        cursor.execute(sql.format(sendable=services.SENDABLE_SQL.format(**tables), **tables), {
+                            "now": now, "lease": now + timedelta(seconds=services.LEASE_SECONDS), "limit": args.batch,
+                            "per_endpoint": services.CLAIM_PER_ENDPOINT})
+                        claimed_a += len(cursor.fetchall())
+                        took_a.append((time.perf_counter() - t) * 1000)
+                    if index:
+                        cursor.execute(f"DROP INDEX {index.split()[2]}")
+                took_a.sort()
+                print(f"{name}: median {statistics.median(took_a):.1f} ms, max {took_a[-1]:.1f} ms ({claimed_a} leased)")
         due = args.messages * (args.endpoints - args.backing_off) // args.endpoints
         drain = due / args.batch * statistics.median(took) / 1000
         print(f"draining the {due:,} due {args.batch} at a time would spend ~{drain:,.0f} s in claims alone")

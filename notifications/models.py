@@ -124,6 +124,10 @@ class WebhookMessage(models.Model):
             models.Index(fields=["next_attempt_at"], name="webhook_message_due_idx", condition=Q(status="pending")),
             # a delivery's messages to one endpoint, in the order of their events
             models.Index(fields=["endpoint", "delivery_id", "event"], name="webhook_message_chain_idx", condition=Q(status="pending")),
+            # an endpoint's pending messages in the order of their events, with what the claim
+            # checks of each (notifications.services: the claim walks each endpoint's turn)
+            models.Index(fields=["endpoint", "next_attempt_at", "event"], include=["leased_until"],
+                         name="webhook_message_turn_idx", condition=Q(status="pending")),
         ]
 
     def __str__(self) -> str:
