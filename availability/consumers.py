@@ -1,4 +1,5 @@
 from channels.db import database_sync_to_async
+from django.utils import timezone
 
 from availability import events as availability_events
 from common.broadcast import driver_group
@@ -6,6 +7,7 @@ from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsum
 from common.errors import iso
 from common.roles import driver_of
 from offers import events as offer_events
+from offers.models import DriverOffer, OfferStatus
 
 
 def _own_driver_of(user, driver_id: str):
@@ -15,11 +17,27 @@ def _own_driver_of(user, driver_id: str):
 
 @database_sync_to_async
 def _own_driver(user, driver_id: str):
-    driver = _own_driver_of(user, driver_id)
-    if driver is None:
-        return None
+    return _own_driver_of(user, driver_id)
+
+
+@database_sync_to_async
+def _snapshot(driver) -> dict:
+    """The driver's availability and pending offers, read after the socket joined its group:
+    a change committed after this read reaches the socket as its event. (Read before the
+    join, a change committed in between reached nobody: the app showed "available" to a
+    paused driver until the next change.)"""
     driver.refresh_from_db(fields=["availability", "availability_until", "availability_reason", "last_availability_change"])
-    return driver
+    pending = DriverOffer.objects.filter(driver_id=driver.pk, status=OfferStatus.PENDING, expires_at__gt=timezone.now())
+    return {
+        "type": "availability_snapshot",
+        "driverId": str(driver.pk),
+        "availability": driver.availability,
+        "until": iso(driver.availability_until),
+        "reason": driver.availability_reason,
+        "changedAt": iso(driver.last_availability_change),
+        # offers made while the app was away, each as its `offer_created` (events are sent once)
+        "pendingOffers": [offer_events.offer_created(offer) for offer in pending.order_by("created_at")],
+    }
 
 
 class DriverConsumer(RelayConsumer):
@@ -38,14 +56,7 @@ class DriverConsumer(RelayConsumer):
             await self.deny(CLOSE_FORBIDDEN)
             return
         await self.join_and_accept([driver_group(driver.pk)])
-        await self.send_json({
-            "type": "availability_snapshot",
-            "driverId": str(driver.pk),
-            "availability": driver.availability,
-            "until": iso(driver.availability_until),
-            "reason": driver.availability_reason,
-            "changedAt": iso(driver.last_availability_change),
-        })
+        await self.send_json(await _snapshot(driver))
 
     def allowed(self, user) -> bool:
         return _own_driver_of(user, self.scope["url_route"]["kwargs"]["driver_id"]) is not None

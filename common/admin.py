@@ -20,7 +20,6 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.styles import Font
 from leaflet.admin import LeafletGeoAdminMixin
 
-from common import hooks
 from common.exceptions import DomainError
 from common.forms import MapPointField, MapPolygonField, SafeAutocompleteMixin, SafeMapWidget
 from common.models import ApiToken, DeferredTask, User
@@ -54,24 +53,13 @@ class ApiTokenAdmin(SafeAutocompleteMixin, admin.ModelAdmin):
         return ("user", "name", "prefix", "created_at", "expires_at") if obj else self.fields
 
     def save_model(self, request, obj, form, change):
+        # (a shortened expiry, or a deletion, takes effect at once: hooks.api_token_changed)
         if change:
             super().save_model(request, obj, form, change)
-            hooks.login_revoked(obj.user)  # a shortened expiry takes effect at once
             return
         key = api_token_new_key(obj)
         super().save_model(request, obj, form, change)
         messages.warning(request, f"API token for {obj.user}: {key}. Copy it now: it is not shown again.")
-
-    def delete_model(self, request, obj):
-        user = obj.user
-        super().delete_model(request, obj)
-        hooks.login_revoked(user)
-
-    def delete_queryset(self, request, queryset):
-        users = {t.user for t in queryset.select_related("user")}
-        super().delete_queryset(request, queryset)
-        for user in users:
-            hooks.login_revoked(user)
 
 
 def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None) -> list:

@@ -25,3 +25,4 @@ class CommonConfig(AppConfig):
         pre_delete.connect(hooks.group_deleting, sender=Group, dispatch_uid="common.group_deleting")
         for signal in (post_save, post_delete):
             signal.connect(hooks.group_changed, sender=Group, dispatch_uid=f"common.group_changed.{id(signal)}")
+            signal.connect(hooks.api_token_changed, sender="common.ApiToken", dispatch_uid=f"common.api_token_changed.{id(signal)}")

@@ -44,6 +44,18 @@ def user_deleted(sender, instance, **kwargs) -> None:
     login_revoked(instance)
 
 
+def api_token_changed(sender, instance, created=False, **kwargs) -> None:
+    """`post_save` or `post_delete` of an API token, from any path (`api_tokens_revoke`, the
+    admin, a shell's `token.delete()` or `QuerySet.delete()`, a user's cascade): the sockets
+    open on it and the fast lane's cache check again. Deleted from a shell, a token's sockets
+    stayed open until their routine check (5 minutes). A new token revokes nothing."""
+    if created or kwargs.get("raw"):
+        return
+    from django.contrib.auth import get_user_model
+
+    login_revoked(get_user_model()(pk=instance.user_id))  # (the handlers need only its key)
+
+
 def group_deleting(sender, instance, **kwargs) -> None:
     """`pre_delete` of a group: its members, read before the rows go (the cascade sends no
     `m2m_changed`)."""

@@ -12,7 +12,6 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from common import hooks
 from common.models import ApiToken
 
 KEY_BYTES = 20
@@ -76,9 +75,7 @@ def api_tokens_revoke(user, *, token_id: int | None = None, name: str | None = N
         tokens = tokens.filter(pk=token_id)
     if name is not None:
         tokens = tokens.filter(name=name)
-    count, _ = tokens.delete()
-    if count:
-        hooks.login_revoked(user)  # (now and after commit)
+    count, _ = tokens.delete()  # (its post_delete tells the caches and sockets: hooks.api_token_changed)
     return count
 
 

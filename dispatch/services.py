@@ -106,7 +106,7 @@ def delivery_emit_status(delivery: Delivery, *, from_status: str, driver_id, now
 
 def assignment_start_locked(
     delivery: Delivery, driver: Driver, *, actor: Actor, now: datetime, details: dict | None = None,
-    also_save: tuple[str, ...] = (), offer=None, stacking: bool = False,
+    also_save: tuple[str, ...] = (), offer=None, stacking: bool = False, on_assigned=None,
 ) -> Assignment:
     """Assign a ready delivery to an available driver, who becomes busy. The caller holds the
     delivery's and the driver's locks. `stacking` (the delivery's zone stacks orders, and the
@@ -115,7 +115,9 @@ def assignment_start_locked(
     word (one active assignment per delivery: a partial unique index; at most `capacity` per
     driver: the trigger-kept count under a CHECK); the loser gets a Conflict. `also_save`:
     delivery fields the caller changed on the locked row, written in the same UPDATE. `offer`:
-    the offer the driver accepted (none when ops assign directly)."""
+    the offer the driver accepted (none when ops assign directly). `on_assigned(assignment)`
+    runs once the assignment row exists, before the driver turns busy (an accept announces
+    itself there: the driver's app hears which offer it won before it hears "busy")."""
     if delivery.status != S.READY:
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be assigned.")
     stacked = stacking and driver.availability == DriverAvailability.BUSY
@@ -129,6 +131,8 @@ def assignment_start_locked(
     if not insert_unless_conflict(assignment):
         raise Conflict("The delivery or the driver already has an active assignment.")
     driver.active_assignments += 1  # the trigger's count, as the row now has it
+    if on_assigned is not None:
+        on_assigned(assignment)
     if not stacked:
         apply_availability_change(driver, to_state=DriverAvailability.BUSY, reason="assigned", actor=actor, now=now)
     transaction.on_commit(lambda: live.active_delivery_set(driver.pk, delivery.pk), robust=True)  # its fixes reach the customer

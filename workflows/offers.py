@@ -91,6 +91,7 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
             assignment = assignment_start_locked(
                 delivery, driver, actor=actor, now=now, details={"offerId": str(offer.pk)},
                 also_save=offers.ACCEPTED_OFFER_FIELDS, offer=offer, stacking=stacking,
+                on_assigned=lambda started: offers.offer_announce_accepted(offer, assignment_id=started.pk),
             )
             siblings = [o for o in round_offers if o.pk != offer.pk and o.status == OfferStatus.PENDING]
             offers.offers_withdraw_locked(
@@ -101,7 +102,6 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
             delivery.latest_assignments = [assignment]
             outbox_hold(delivery)  # the webhook payload renders this row: not read again
 
-            offers.offer_announce_accepted(offer, assignment_id=assignment.pk)
             for delivery_id in active_deliveries_of(driver.pk) if stacking else (delivery.pk,):
                 eta_refresh_enqueue(delivery_id, now=now)  # stacked: the others' route has a new stop
             metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))

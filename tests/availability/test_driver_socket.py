@@ -145,3 +145,75 @@ def test_a_driver_hears_of_each_delivery_taken_away_even_while_still_busy_with_a
         await ops_comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_a_change_committed_while_the_socket_opens_is_in_the_snapshot_or_sent_after_it(monkeypatch):
+    """The snapshot was read before the socket joined its group: a change committed in between
+    reached nobody, and the app showed "offline" to an available driver until the next change
+    (the audit: 1 connect in ~700 with a change 0–30 ms after it). The change lands here right
+    after the connect authorised the driver, before anything else."""
+    from availability import consumers
+
+    driver = DriverFactory(availability="offline")
+    authorised = consumers._own_driver
+
+    async def authorised_then_changed(user, driver_id):
+        found = await authorised(user, driver_id)
+        await database_sync_to_async(driver_workflows.availability_resume)(driver_id=driver.pk, actor=Actor("driver", driver.pk))
+        return found
+
+    monkeypatch.setattr(consumers, "_own_driver", authorised_then_changed)
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        connected, _ = await comm.connect()
+        assert connected
+        snapshot = await comm.receive_json_from(timeout=5)
+        assert snapshot["availability"] == "available"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_the_snapshot_holds_the_offers_made_while_the_app_was_away():
+    """Events are sent once: an offer made while the socket was closed was only in
+    GET /offers; the snapshot has each pending offer as its `offer_created`."""
+    from offers.events import OfferCreatedEvent
+    from workflows import offers as offer_flows
+
+    driver = online_driver()
+    offer = offer_flows.offer_create(delivery_id=DeliveryFactory().pk, driver_id=driver.pk, actor=Actor.system())
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        connected, _ = await comm.connect()
+        assert connected
+        snapshot = await comm.receive_json_from(timeout=5)
+        assert [o["offerId"] for o in snapshot["pendingOffers"]] == [str(offer.pk)]
+        assert_event_shape(snapshot["pendingOffers"][0], OfferCreatedEvent)
+        assert snapshot["pendingOffers"][0]["expiresAt"] == iso(offer.expires_at)
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_an_accept_is_heard_before_the_driver_turns_busy():
+    """The driver's app heard `availability_changed` (busy) before `offer_accepted`: "I have a
+    job" before knowing which offer won (the seed: the offer is accepted, then the driver busy)."""
+    from workflows import offers as offer_flows
+
+    driver = online_driver()
+    offer = offer_flows.offer_create(delivery_id=DeliveryFactory().pk, driver_id=driver.pk, actor=Actor.system())
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        connected, _ = await comm.connect()
+        assert connected
+        assert (await comm.receive_json_from(timeout=5))["type"] == "availability_snapshot"
+        await database_sync_to_async(offer_flows.offer_accept)(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
+        first, second = await comm.receive_json_from(timeout=5), await comm.receive_json_from(timeout=5)
+        assert (first["type"], second["type"]) == ("offer_accepted", "availability_changed")
+        assert second["toState"] == "busy"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()

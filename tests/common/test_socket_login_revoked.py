@@ -55,6 +55,35 @@ def test_revoking_one_token_closes_its_sockets_and_leaves_the_users_other_tokens
     async_to_sync(scenario)()
 
 
+@pytest.mark.parametrize("how", ["instance delete", "queryset delete", "expiry saved"])
+def test_a_token_deleted_or_expired_through_the_models_closes_its_sockets_at_once(how):
+    """From a shell (`token.delete()`, `ApiToken.objects.filter(…).delete()`, a new expiry
+    saved), not through `api_tokens_revoke` or the admin: the token's sockets stayed open until
+    their routine check, 5 minutes, while REST already refused it."""
+    driver = DriverFactory()
+    key, token = api_token_issue(driver.user, name="phone", ttl=timedelta(days=1))
+    kept, _ = api_token_issue(driver.user, name="tablet", ttl=timedelta(days=1))
+
+    def change():
+        if how == "instance delete":
+            ApiToken.objects.get(pk=token.pk).delete()
+        elif how == "queryset delete":
+            ApiToken.objects.filter(pk=token.pk).delete()
+        else:
+            token.expires_at = timezone.now() - timedelta(seconds=1)
+            token.save()
+
+    async def scenario():
+        revoked = await open_socket(f"/ws/drivers/{driver.pk}/?token={key}")
+        other = await open_socket(f"/ws/drivers/{driver.pk}/?token={kept}")
+        await database_sync_to_async(change)()
+        assert await closed_with(revoked) == 4401
+        assert await other.receive_nothing(timeout=0.3)
+        await other.disconnect()
+
+    async_to_sync(scenario)()
+
+
 def test_logging_out_through_the_api_closes_the_sockets_of_that_token():
     ops_user = OpsUserFactory()
     key = api_token_create(ops_user, name="login")
@@ -97,7 +126,7 @@ def test_a_drivers_socket_closes_when_its_token_expires_or_its_expiry_is_brought
 
     def bring_forward():
         ApiToken.objects.filter(pk=later_token.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
-        hooks.login_revoked(driver.user)  # as the admin's token form does
+        hooks.login_revoked(driver.user)  # (an update sends no signal: as a caller that knows does)
 
     async def scenario():
         expiring = await open_socket(f"/ws/drivers/{driver.pk}/?token={soon}")
