@@ -13,7 +13,7 @@ from availability.models import (
 )
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
-from common.admin_confirm import selection
+from common.admin_confirm import selection, selection_holds, too_many
 from dispatch.api.serializers import PHONE_HELP, PHONE_PATTERN
 from dispatch.models import Assignment
 from workflows.drivers import availability_override
@@ -144,7 +144,9 @@ class DriverAdmin(ConsoleExportMixin, MapAdminMixin, ChangedFieldsOnlyAdmin):
     @admin.action(description="Set availability (with a reason)…", permissions=["change"])
     def set_availability(self, request, queryset):
         form = SetAvailabilityForm(request.POST if "apply" in request.POST else None)
-        if "apply" in request.POST and form.is_valid():
+        if "apply" not in request.POST and too_many(request, queryset):
+            return None
+        if "apply" in request.POST and form.is_valid() and selection_holds(request, queryset):
             v = form.cleaned_data
             run_for_each(
                 self, request, queryset,

@@ -4,9 +4,11 @@ required typed reason, and only then the service (through `common.admin.run_for_
 Used by the delivery actions (cancel, reassign) and the unassigned-order escalation."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 from django import forms
+from django.contrib import messages
 from django.template.response import TemplateResponse
 
 
@@ -29,8 +31,10 @@ def confirm_then(
     (no reason) shows the page again with the error."""
     applying = "apply" in request.POST
     form = form_class(request.POST if applying else None)
-    if applying and form.is_valid():
+    if applying and form.is_valid() and selection_holds(request, queryset):
         run(form)
+        return None
+    if not applying and too_many(request, queryset):
         return None
     opts = modeladmin.model._meta
     return TemplateResponse(request, "admin/console/confirm_action.html", {
@@ -51,7 +55,41 @@ def selection(request, queryset, describe: Callable = str) -> dict:
     to: as one id per row, past ~1,000 rows the POST broke DATA_UPLOAD_MAX_NUMBER_FIELDS (a
     bare 400, nothing done, the page listing every row)."""
     across = request.POST.get("select_across") == "1"
-    count = queryset.count()
+    every = list(queryset.order_by("pk").values_list("pk", flat=True))
     shown = [(obj.pk, describe(obj)) for obj in queryset.order_by("pk")[:SHOWN]]
-    pks = [pk for pk, _ in shown][:1] if across else list(queryset.order_by("pk").values_list("pk", flat=True))
-    return {"across": across, "count": count, "shown": shown, "more": count - len(shown), "pks": pks}
+    return {"across": across, "count": len(every), "shown": shown, "more": len(every) - len(shown),
+            "pks": every[:1] if across else every, "digest": _digest(every) if across else ""}
+
+
+ACROSS_MAX = 1000  # rows one "select all" action works through (one request, a service call each)
+
+
+def too_many(request, queryset) -> bool:
+    """A "select all N" of more than ACROSS_MAX rows is refused, with a message (the list is
+    shown again): one request working through thousands of rows outlasts a proxy's timeout and
+    stops half done, with no summary."""
+    if request.POST.get("select_across") != "1" or (count := queryset.count()) <= ACROSS_MAX:
+        return False
+    messages.error(request, f"{count} rows selected: at most {ACROSS_MAX} at once. Nothing was done; narrow the list's filters.")
+    return True
+
+
+def selection_holds(request, queryset) -> bool:
+    """On the confirming POST of a "select all N": the rows the list's filters match now are
+    the ones the page listed (the same ids); else a message, and the page is shown again. The
+    filters are read again at the click: a delivery that became ready, or late, between the
+    two POSTs would be cancelled without having been shown."""
+    if request.POST.get("select_across") != "1":
+        return True
+    if too_many(request, queryset):
+        return False
+    every = list(queryset.order_by("pk").values_list("pk", flat=True))
+    if request.POST.get("selection_digest") == _digest(every):
+        return True
+    messages.warning(request, f"The list changed since this page was shown (it now matches {len(every)} rows): "
+                              "nothing was done. Check the rows and confirm again.")
+    return False
+
+
+def _digest(pks) -> str:
+    return hashlib.sha256(",".join(str(pk) for pk in pks).encode()).hexdigest()

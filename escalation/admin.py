@@ -10,7 +10,7 @@ from django.utils.html import format_html
 
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin, run_for_each
-from common.admin_confirm import selection
+from common.admin_confirm import selection, selection_holds, too_many
 from common.exceptions import Conflict
 from escalation import tickets
 from escalation.models import (
@@ -111,7 +111,9 @@ class UnassignedOrderAdmin(ReadOnlyAdmin):
     @admin.action(description="Escalate to a level (with a reason)…", permissions=["change"])
     def escalate(self, request, queryset):
         form = EscalateForm(request.POST if "apply" in request.POST else None)
-        if "apply" in request.POST and form.is_valid():
+        if "apply" not in request.POST and too_many(request, queryset):
+            return None
+        if "apply" in request.POST and form.is_valid() and selection_holds(request, queryset):
             v = form.cleaned_data
             run_for_each(
                 self, request, queryset,

@@ -12,7 +12,7 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from common.admin import ReadOnlyInline, run_for_each
-from common.admin_confirm import selection
+from common.admin_confirm import selection, selection_holds, too_many
 from common.exceptions import InvalidInput, NotFound
 from notifications import services
 from notifications.models import CustomerMessage, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
@@ -129,7 +129,9 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
     @admin.action(description="Replay failed events since…", permissions=["change"])
     def replay_failed_since(self, request, queryset):
         form = ReplaySinceForm(request.POST if "apply" in request.POST else None)
-        if "apply" in request.POST and form.is_valid():
+        if "apply" not in request.POST and too_many(request, queryset):
+            return None
+        if "apply" in request.POST and form.is_valid() and selection_holds(request, queryset):
             since = form.cleaned_data["since"]
             counts = [services.endpoint_replay_failed(endpoint_id=e.pk, since=since) for e in queryset.order_by("pk")]
             self.message_user(request, f"Queued {sum(counts)} failed event(s) to send again.", messages.SUCCESS)

@@ -268,11 +268,31 @@ def test_cancel_of_every_row_the_filters_match_carries_the_selection_not_an_id_p
     data = {}
     for name, value in hidden:
         data.setdefault(name, []).append(value)
-    done = client.post(url, {**data, "apply": "1", "reason": "Storm: the city is closed"}, follow=True)
+    confirmed = {**data, "apply": "1", "reason": "Storm: the city is closed"}
+
+    # a delivery the page did not list comes to match the filter before the click: nothing is
+    # done (the filters are read again at the click), the page is shown again with the new rows
+    late = DeliveryFactory()
+    again = client.post(url, confirmed)
+    page = again.content.decode()
+    assert again.status_code == 200 and "The list changed since this page was shown (it now matches 46 rows)" in page
+    assert not Delivery.objects.filter(status="cancelled").exists()
+    Delivery.objects.filter(pk=late.pk).update(status="picked_up")  # (it leaves the list again)
+
+    done = client.post(url, confirmed, follow=True)
 
     assert done.status_code == 200 and "Cancelled 45 deliveries." in done.content.decode()
     assert Delivery.objects.filter(status="cancelled").count() == 45
     assert Delivery.objects.get(pk=other.pk).status == "picked_up"
+
+    # past ACROSS_MAX rows, "select all" is refused with a message, before any page
+    monkeypatch.setattr(admin_confirm, "ACROSS_MAX", 3)
+    for _ in range(4):
+        DeliveryFactory()
+    refused = client.post(url, {"action": "cancel_deliveries", "select_across": "1", "index": "0",
+                                "_selected_action": [str(Delivery.objects.filter(status="ready").first().pk)]}, follow=True)
+    assert "4 rows selected: at most 3 at once. Nothing was done" in refused.content.decode()
+    assert Delivery.objects.filter(status="ready").count() == 4
 
 
 def test_cancel_asks_for_a_reason_and_records_it_with_the_dispatcher(django_capture_on_commit_callbacks):
