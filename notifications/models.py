@@ -124,8 +124,8 @@ class WebhookMessage(models.Model):
             models.Index(fields=["next_attempt_at"], name="webhook_message_due_idx", condition=Q(status="pending")),
             # a delivery's messages to one endpoint, in the order of their events
             models.Index(fields=["endpoint", "delivery_id", "event"], name="webhook_message_chain_idx", condition=Q(status="pending")),
-            # an endpoint's pending messages in the order of their events, with what the claim
-            # checks of each (notifications.services: the claim walks each endpoint's turn)
+            # an endpoint's pending messages by due time, then event: the claim reads each
+            # endpoint's due ones in the order they fell due (notifications.services._CLAIM_SQL)
             models.Index(fields=["endpoint", "next_attempt_at", "event"], include=["leased_until"],
                          name="webhook_message_turn_idx", condition=Q(status="pending")),
         ]

@@ -212,6 +212,9 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
             for target in targets
         ]
     WebhookMessage.objects.bulk_create(messages, ignore_conflicts=True)
+    chained = [e.seq for e in events if e.delivery_id is not None]
+    if messages and chained:
+        _fall_due_with_the_chain(chained)
     message_rows_for_events(events, now=now)  # the customer's SMS and e-mail, once each
     OutboxEvent.objects.filter(seq__in=[e.seq for e in events]).update(fanned_out_at=now)
     return len(events)
@@ -240,14 +243,16 @@ def _endpoints_to_fan_out_to(events: list[OutboxEvent]) -> list[WebhookEndpoint]
 
 # ------------------------------------------------------------------------------ sending
 
-# The due messages, at most `per_endpoint` of each endpoint (oldest first), so that one
-# endpoint's backlog cannot fill a batch; locked at the middle level (a window function cannot
-# be), whose conditions PostgreSQL checks again on a row another sweep leased meanwhile, and
-# whose LIMIT counts only rows it locked (a sweep beside another takes the next ones).
-# Its cost grows with the due messages (every one is ranked): a claim of 20 took ~180-280 ms
-# against 100,000 due. A walk of each endpoint's messages in event order (LATERAL ... LIMIT)
-# took 15-90 ms there but 670 ms where endpoints failing for hours hold many messages not yet
-# due (this form: 17 ms): bench/webhook_claim.py, bench/README.md.
+# The claim: for each active endpoint, its first sendable messages in the order they fell due
+# (at most `per_endpoint`, so that one endpoint's backlog cannot fill a batch), read on
+# `webhook_message_turn_idx` (endpoint, due time, event), whose range is the due messages only:
+# a message waiting behind an earlier one of its delivery falls due with it (`_chain_follows`,
+# `_fall_due_with_the_chain`), so a failing endpoint's backlog is not walked. Of those, the
+# oldest events, locked at the outer level, whose conditions PostgreSQL checks again on a row
+# another sweep leased meanwhile, and whose LIMIT counts only rows it locked (a sweep beside
+# another takes the next ones). Until 2026-12-06 it ranked every due message of every endpoint
+# (a window function): 104 ms a claim with 100,000 due, 4 ms now (bench/webhook_claim.py,
+# bench/README.md).
 #
 # A message `m` that may go now: pending, due, not leased, and the first of its delivery's for
 # its endpoint, with none of that delivery's events still waiting for fan-out before it.
@@ -283,9 +288,6 @@ WHERE id IN (
 )
 RETURNING id
 """
-# (Each active endpoint's first sendable messages, walked in event order on
-# `webhook_message_turn_idx`. It ranked every due message of every endpoint before: a claim of
-# 20 took 116–337 ms with 100,000 due, 5–6 ms now; bench/webhook_claim.py.)
 
 
 # An endpoint's messages a claim takes at most: a sweep sends them in turn, and one that
@@ -499,11 +501,49 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
     message.save(update_fields=[
         "status", "attempt_count", "leased_until", "last_status_code", "last_error", "delivered_at", "next_attempt_at",
     ])
+    _chain_follows(message, next_retry=next_retry, now=now)
     return WebhookAttempt.objects.create(
         message=message, endpoint_id=endpoint.pk, attempted_at=now, status_code=result.status,
         duration_ms=result.duration_ms, error=(result.error or ("" if ok else f"HTTP {result.status}"))[:500],
         next_retry_at=next_retry,
     )
+
+
+_FALL_DUE_WITH_THE_CHAIN_SQL = """
+UPDATE {message} m SET next_attempt_at = h.due
+FROM (
+    SELECT n.id, max(p.next_attempt_at) AS due
+    FROM {message} n
+    JOIN {message} p ON p.endpoint_id = n.endpoint_id AND p.delivery_id = n.delivery_id
+                    AND p.status = 'pending' AND p.event_id < n.event_id
+    WHERE n.event_id = ANY(%(events)s) AND n.status = 'pending'
+    GROUP BY n.id
+) h
+WHERE m.id = h.id AND h.due > m.next_attempt_at
+"""
+
+
+def _fall_due_with_the_chain(event_seqs: list[int]) -> None:
+    """New messages behind an earlier pending one of their delivery (which is backing off) fall
+    due with it, not at once (`_chain_follows`, for messages made while it waits)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_FALL_DUE_WITH_THE_CHAIN_SQL.format(message=WebhookMessage._meta.db_table), {"events": event_seqs})
+
+
+def _chain_follows(message: WebhookMessage, *, next_retry: datetime | None, now: datetime) -> None:
+    """The later pending messages of the message's delivery for its endpoint wait for it (the
+    claim's "earlier event pending?" check); their due time follows it, so that the claim,
+    which reads the due ones only, does not walk them while it backs off: pushed to its next
+    attempt, and due now again once it is delivered or stopped (those never attempted; one
+    with attempts of its own keeps its backoff)."""
+    if message.delivery_id is None:
+        return
+    later = WebhookMessage.objects.filter(endpoint_id=message.endpoint_id, delivery_id=message.delivery_id,
+                                          status=MessageStatus.PENDING, event_id__gt=message.event_id)
+    if next_retry is not None:
+        later.filter(next_attempt_at__lt=next_retry).update(next_attempt_at=next_retry)
+    else:
+        later.filter(next_attempt_at__gt=now, attempt_count=0).update(next_attempt_at=now)
 
 
 def _endpoint_failed(endpoint: WebhookEndpoint, *, error: str, now: datetime) -> None:

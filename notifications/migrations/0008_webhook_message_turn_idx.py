@@ -1,6 +1,7 @@
-"""The index of the webhook claim's walk: each active endpoint's pending messages in the order of
-their events, with what the claim checks of each (due, leased) in the index itself
-(services._CLAIM_SQL). Built CONCURRENTLY, so that the sweep's writes go on while it is built."""
+"""The index of the webhook claim's walk: each active endpoint's pending messages by due time,
+then event (services._CLAIM_SQL reads the due ones in the order they fell due). Built
+CONCURRENTLY, so that the sweep's writes go on while it is built; an interrupted build leaves an
+INVALID index to drop before migrating again (docs/operations.md)."""
 from django.contrib.postgres.operations import AddIndexConcurrently
 from django.db import migrations, models
 

@@ -96,12 +96,20 @@ def test_events_wait_through_an_outage_and_arrive_in_order_with_the_same_ids(rec
         assert [r.verified(secret)["data"]["status"] for r in receiver.requests] == ["assigned"]
         assert all(m.status == MessageStatus.PENDING for m in messages_of(delivery))
 
+        # the later ones fall due with the first (the claim reads due messages only: a failing
+        # endpoint's blocked backlog was walked on every claim)
+        first.refresh_from_db()
+        assert {m.next_attempt_at for m in messages_of(delivery)} == {first.next_attempt_at}
+
         for _ in range(8):  # the receiver is back after the scripted failures
             first.refresh_from_db()
             clock.move_to(first.next_attempt_at + timedelta(seconds=1))
             sweep()
             if all(m.status == MessageStatus.DELIVERED for m in messages_of(delivery)):
                 break
+            first.refresh_from_db()
+            if first.status == MessageStatus.PENDING:  # failed again: the later ones pushed with it
+                assert {m.next_attempt_at for m in messages_of(delivery)} == {first.next_attempt_at}
 
     statuses = [m.status for m in messages_of(delivery)]
     assert statuses == [MessageStatus.DELIVERED] * 5
