@@ -53,16 +53,22 @@ PERIODIC_TASK_NAMES = frozenset(task for task, _, _ in PERIODIC_TASKS.values())
 
 
 class HealthHeartbeat(bootsteps.StartStopStep):
-    """Every worker heartbeats into Redis from its consumer's event loop (the timer celery's
-    own event heartbeat uses), so a worker whose loop is stuck stops answering too."""
+    """Every worker that runs the jobs (one not on the simulation queue alone) heartbeats into Redis
+    from its consumer's event loop (the timer celery's own event heartbeat uses), so a worker
+    whose loop is stuck stops answering too. The simulation worker (`-Q simulation`) does not:
+    counted, it kept `/health/jobs` and `celery_workers_alive` at 1 with the real worker down."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def __init__(self, c, **kwargs):
         self.tref = None
+        self.counted = False
         super().__init__(c, **kwargs)
 
     def start(self, c):
+        if {queue.name for queue in c.task_consumer.queues} <= {SIMULATION_QUEUE}:
+            return  # (runs simulations only: none of the jobs)
+        self.counted = True
         heartbeat.worker_alive(c.hostname)
         self.tref = c.timer.call_repeatedly(heartbeat.WORKER_BEAT_EVERY, heartbeat.worker_alive, (c.hostname,))
 
@@ -73,8 +79,11 @@ class HealthHeartbeat(bootsteps.StartStopStep):
 
     def shutdown(self, c):
         self.stop(c)
-        heartbeat.worker_gone(c.hostname)
+        if self.counted:  # (a simulation worker never heartbeat)
+            heartbeat.worker_gone(c.hostname)
 
+
+SIMULATION_QUEUE = "simulation"  # (settings' CELERY_TASK_ROUTES: simulation.run)
 
 app.steps["consumer"].add(HealthHeartbeat)
 

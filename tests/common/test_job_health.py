@@ -342,3 +342,26 @@ def test_eta_refreshes_and_work_due_at_a_moment_have_queues_of_their_own():
         assert router.route({}, task)["queue"].name == "timers", task
     for task in ("notifications.deliver_webhooks", "offers.push_offer", "common.purge_idempotency_records"):
         assert router.route({}, task)["queue"].name == "celery", task
+
+
+@pytest.mark.parametrize(("queues", "counted"), [(["timers", "celery", "eta"], True), (["simulation"], False)])
+def test_only_a_worker_that_runs_the_jobs_heartbeats(queues, counted):
+    """The simulation worker (`-Q simulation`) heartbeat too: with the real worker down,
+    `/health/jobs` and `celery_workers_alive` still counted one worker alive."""
+    from types import SimpleNamespace
+
+    from kombu import Queue
+
+    started = []
+    consumer = SimpleNamespace(
+        hostname="simulation@host", task_consumer=SimpleNamespace(queues=[Queue(name) for name in queues]),
+        timer=SimpleNamespace(call_repeatedly=lambda *args: started.append(args) or "tref", cancel=lambda tref: None),
+    )
+    step = config.celery.HealthHeartbeat(consumer)
+
+    step.start(consumer)
+
+    assert (get_redis().zscore(heartbeat.WORKERS_KEY, "simulation@host") is not None) is counted
+    assert bool(started) is counted
+    step.shutdown(consumer)
+    assert get_redis().zscore(heartbeat.WORKERS_KEY, "simulation@host") is None

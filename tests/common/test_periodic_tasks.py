@@ -51,6 +51,24 @@ def test_running_setup_twice_creates_no_duplicates(db):
     assert IntervalSchedule.objects.count() == len(declared_intervals)
 
 
+def test_running_setup_again_leaves_the_tasks_unchanged_so_beats_clock_goes_on(db):
+    """Beat counts a job that has not run yet from its `date_changed`; `make run` re-saved every
+    task, so an hourly purge restarted more often than hourly never ran (the jobs audit: never
+    run after 56 minutes up)."""
+    import time_machine
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    setup_periodic_tasks()
+    stamped = {name: t.date_changed for name, t in _installed().items()}
+
+    with time_machine.travel(timezone.now() + timedelta(minutes=30)):
+        setup_periodic_tasks()
+
+    assert {name: t.date_changed for name, t in _installed().items()} == stamped
+
+
 def test_setup_restores_a_declared_task_that_ops_changed(db):
     setup_periodic_tasks()
     name, (task, seconds, _) = next(iter(PERIODIC_TASKS.items()))

@@ -17,18 +17,25 @@ class Command(BaseCommand):
             full_name = MANAGED_PREFIX + name
             wanted.add(full_name)
             schedule, _ = IntervalSchedule.objects.get_or_create(every=seconds, period=IntervalSchedule.SECONDS)
-            PeriodicTask.objects.update_or_create(
-                name=full_name,
-                defaults={
-                    "task": task,
-                    "interval": schedule,
-                    "crontab": None,
-                    "enabled": True,
-                    "expires": None,
-                    "expire_seconds": opts.get("expires"),
-                    "kwargs": json.dumps(opts.get("kwargs", {})),
-                },
-            )
+            wanted_fields = {
+                "task": task,
+                "interval": schedule,
+                "crontab": None,
+                "enabled": True,
+                "expires": None,
+                "expire_seconds": opts.get("expires"),
+                "kwargs": json.dumps(opts.get("kwargs", {})),
+            }
+            # Saved only when something differs: a save stamps `date_changed`, from which beat
+            # counts a job that has not run yet; re-saved at every `make run`, an hourly purge
+            # restarted more often than hourly never ran.
+            row = PeriodicTask.objects.filter(name=full_name).first()
+            if row is None:
+                PeriodicTask.objects.create(name=full_name, **wanted_fields)
+            elif any(getattr(row, field) != value for field, value in wanted_fields.items()):
+                for field, value in wanted_fields.items():
+                    setattr(row, field, value)
+                row.save()
         stale = PeriodicTask.objects.filter(name__startswith=MANAGED_PREFIX).exclude(name__in=wanted)
         removed = stale.count()
         stale.delete()
