@@ -198,7 +198,11 @@ class TextCellsXLSX(XLSX):
         def cell(value, font=None):
             if isinstance(value, str):
                 value = ILLEGAL_CHARACTERS_RE.sub("\N{REPLACEMENT CHARACTER}", value)
-            written = WriteOnlyCell(sheet, value=value)
+            try:
+                written = WriteOnlyCell(sheet, value=value)
+            except ValueError:  # a type no cell holds (a UUID): its text, as tablib writes it
+                value = ILLEGAL_CHARACTERS_RE.sub("\N{REPLACEMENT CHARACTER}", str(value))
+                written = WriteOnlyCell(sheet, value=value)
             if isinstance(value, str):
                 written.data_type = "s"  # text, even when it starts with `=`
             if font is not None:
@@ -272,7 +276,7 @@ class PeriodicTaskFormChecked(PeriodicTaskForm):
 
     def clean(self):
         if "task" not in self.cleaned_data and not self.cleaned_data.get("regtask"):
-            return self.cleaned_data
+            return forms.ModelForm.clean(self)  # (the unique name still checked, only the library's step skipped)
         return super().clean()
 
 

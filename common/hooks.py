@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from django.db import transaction
+from django.db.models.signals import post_delete
+from django.utils import timezone
 
 _login_revoked: list[Callable[[object], None]] = []
 
@@ -51,6 +53,11 @@ def api_token_changed(sender, instance, created=False, **kwargs) -> None:
     stayed open until their routine check (5 minutes). A new token revokes nothing."""
     if created or kwargs.get("raw"):
         return
+    update_fields = kwargs.get("update_fields")
+    if update_fields is not None and not {"expires_at", "user"} & set(update_fields):
+        return  # (nothing a login depends on changed)
+    if kwargs.get("signal") is post_delete and instance.expires_at is not None and instance.expires_at <= timezone.now():
+        return  # already expired: nothing accepts it, its sockets closed at its expiry (a login's pruning)
     from django.contrib.auth import get_user_model
 
     login_revoked(get_user_model()(pk=instance.user_id))  # (the handlers need only its key)

@@ -25,13 +25,23 @@ class RequestIdFilter(logging.Filter):
 
 
 class GisInputWarningFilter(logging.Filter):
-    """GeoDjango logs, at ERROR, every value it could not read or transform (a typo in a map
-    field of the ops console: two lines a request) before raising; the exception is what
-    counts (a form error, or a 500 that `django.request` logs at ERROR). A client's mistake
-    writes no ERROR line for an alert to fire on: these are WARNINGs."""
+    """GeoDjango logs, at ERROR, every value it could not read (a typo in a map field of the
+    ops console: two lines a request: GEOS's error, then the widget's "Error creating
+    geometry") before raising; the exception is what counts (a form error, or a 500 that
+    `django.request` logs at ERROR). A client's mistake writes no ERROR line for an alert to
+    fire on: those are WARNINGs (GEOS's errors are all about the geometry it was given; of
+    GDAL's, a reference system the input names and PROJ does not know). The rest stays ERROR
+    (GDAL's other errors, a transformation that failed: proj.db missing after an upgrade
+    would show every map wrong)."""
+
+    _INPUT = ("GEOS_ERROR", "Error creating geometry from value")
+    _INPUT_CRS = "crs not found"
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR:
+        if record.levelno == logging.ERROR and isinstance(record.msg, str) and (
+            record.msg.startswith(self._INPUT)
+            or (record.msg.startswith("GDAL_ERROR") and self._INPUT_CRS in record.getMessage())
+        ):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 

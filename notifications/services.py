@@ -619,12 +619,12 @@ def device_register(*, driver, platform: str, token: str, now: datetime | None =
     (by this driver, or by another who had the phone before) becomes this driver's. The token
     is unique in the database: of two registrations racing, `update_or_create` turns the
     loser's IntegrityError into an update."""
-    now = now or timezone.now()
     with transaction.atomic():
         # One registration of a driver at a time (not its row lock, which offers take): two at
         # once each trimmed what it saw without the other's new device, and left 11.
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"push.devices:{driver.pk}"])
+        now = now or timezone.now()  # (after the lock: the one that waited is the newer)
         device, created = PushDevice.objects.update_or_create(
             token=token, defaults={"driver": driver, "platform": platform, "last_seen_at": now},
             create_defaults={"driver": driver, "platform": platform, "created_at": now, "last_seen_at": now},

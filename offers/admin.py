@@ -1,8 +1,8 @@
 from django.contrib import admin, messages
 
+from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin
 from offers.models import DriverOffer
-from common.actors import Actor
 from workflows.offers import offer_expire
 
 
@@ -55,5 +55,6 @@ class DriverOfferAdmin(ChangedFieldsOnlyAdmin):
         for offer in queryset.filter(status="PENDING").order_by("pk"):
             done += offer_expire(offer_id=offer.pk, force=True, actor=Actor.for_user(request.user))
         self.message_user(request, f"Expired {_offers(done)}.", messages.SUCCESS if done else messages.WARNING)
-        if selected > done:  # answered, expired or withdrawn meanwhile: left as they are
-            self.message_user(request, f"{_offers(selected - done)} of the selection not pending: left as is.", messages.WARNING)
+        if selected > done:  # answered, expired or withdrawn meanwhile, or being answered right now: left as they are
+            self.message_user(request, f"{_offers(selected - done)} of the selection not expired: no longer pending, "
+                                       "or being answered at that moment.", messages.WARNING)

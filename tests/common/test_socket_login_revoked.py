@@ -389,3 +389,24 @@ def test_a_consumer_cancelled_without_its_disconnect_stops_checking(monkeypatch,
         assert calls == []
 
     async_to_sync(scenario)()
+
+
+def test_pruning_expired_tokens_or_saving_a_token_unchanged_tells_nobody(monkeypatch):
+    """Every login prunes the user's expired tokens: each deletion told the caches and the
+    sockets (a query, a cache generation bump, a group send) for tokens nothing accepted."""
+    from common.tokens import api_tokens_prune
+
+    driver = DriverFactory()
+    _, old = api_token_issue(driver.user, name="login", ttl=timedelta(days=1))
+    _, live_token = api_token_issue(driver.user, name="login", ttl=timedelta(days=1))
+    ApiToken.objects.filter(pk=old.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
+    told = []
+    monkeypatch.setattr(hooks, "_login_revoked", [told.append])
+
+    assert api_tokens_prune(driver.user) == 1
+    live_token.save(update_fields=["name"])
+    assert told == []
+
+    live_token.expires_at = timezone.now()
+    live_token.save(update_fields=["expires_at"])
+    assert [user.pk for user in told] == [driver.user.pk]

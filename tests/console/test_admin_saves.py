@@ -163,7 +163,7 @@ def test_an_offers_page_is_read_only_and_the_list_still_expires(admin_client):
                                                           "_selected_action": [str(offer.pk), str(answered.pk)]},
                           follow=True)
     page = r.content.decode()
-    assert "Expired 1 offer." in page and "1 offer of the selection not pending: left as is." in page
+    assert "Expired 1 offer." in page and "1 offer of the selection not expired: no longer pending, or being answered at that moment." in page
     offer.refresh_from_db()
     assert offer.status == "EXPIRED"
     # ops' expiry is theirs in the audit trail (it read `system`, as the timer's does)

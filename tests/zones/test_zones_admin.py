@@ -317,3 +317,14 @@ def test_a_home_location_in_web_mercator_is_stored_in_wgs84(admin_client):
     driver.refresh_from_db()
     assert driver.home_location.srid == 4326
     assert driver.home_location.x == pytest.approx(30.55, abs=1e-4) and driver.home_location.y == pytest.approx(11.0, abs=1e-2)
+
+
+def test_geodjangos_errors_about_the_server_stay_errors(caplog):
+    """Only the lines about a value a client gave are lowered to WARNING: a PROJ database
+    missing after an upgrade (every map wrong) still fires an alert."""
+    gis = logging.getLogger("django.contrib.gis")
+    gis.error("GDAL_ERROR %d: %s", 1, b"PROJ: proj_create_from_database: Cannot find proj.db")
+    gis.error("Error transforming geometry from srid '%s' to srid '%s' (%s)", 4326, 3857, "no PROJ")
+    gis.error("GEOS_ERROR: %s\n", "ParseException: Expected word but encountered end of stream")
+
+    assert [r.levelname for r in caplog.records if r.name == "django.contrib.gis"] == ["ERROR", "ERROR", "WARNING"]
