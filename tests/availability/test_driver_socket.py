@@ -147,6 +147,14 @@ def test_a_driver_hears_of_each_delivery_taken_away_even_while_still_busy_with_a
     async_to_sync(scenario)()
 
 
+async def _connected(driver) -> WebsocketCommunicator:
+    """The driver's own socket, open (its snapshot not read yet)."""
+    comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+    connected, _ = await comm.connect()
+    assert connected
+    return comm
+
+
 def test_a_change_committed_while_the_socket_opens_is_in_the_snapshot_or_sent_after_it(monkeypatch):
     """The snapshot was read before the socket joined its group: a change committed in between
     reached nobody, and the app showed "offline" to an available driver until the next change
@@ -165,9 +173,7 @@ def test_a_change_committed_while_the_socket_opens_is_in_the_snapshot_or_sent_af
     monkeypatch.setattr(consumers, "_own_driver", authorised_then_changed)
 
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
-        connected, _ = await comm.connect()
-        assert connected
+        comm = await _connected(driver)
         snapshot = await comm.receive_json_from(timeout=5)
         assert snapshot["availability"] == "available"
         await comm.disconnect()
@@ -185,9 +191,7 @@ def test_the_snapshot_holds_the_offers_made_while_the_app_was_away():
     offer = offer_flows.offer_create(delivery_id=DeliveryFactory().pk, driver_id=driver.pk, actor=Actor.system())
 
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
-        connected, _ = await comm.connect()
-        assert connected
+        comm = await _connected(driver)
         snapshot = await comm.receive_json_from(timeout=5)
         assert [o["offerId"] for o in snapshot["pendingOffers"]] == [str(offer.pk)]
         assert_event_shape(snapshot["pendingOffers"][0], OfferCreatedEvent)
@@ -206,9 +210,7 @@ def test_an_accept_is_heard_before_the_driver_turns_busy():
     offer = offer_flows.offer_create(delivery_id=DeliveryFactory().pk, driver_id=driver.pk, actor=Actor.system())
 
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
-        connected, _ = await comm.connect()
-        assert connected
+        comm = await _connected(driver)
         assert (await comm.receive_json_from(timeout=5))["type"] == "availability_snapshot"
         await database_sync_to_async(offer_flows.offer_accept)(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
         first, second = await comm.receive_json_from(timeout=5), await comm.receive_json_from(timeout=5)
