@@ -408,12 +408,16 @@ def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = No
 def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> int:
     """The retry job: dispatch again every open unassigned delivery that is still ready and has
     no pending offer (oldest attempt first), except those created with autoDispatch false
-    (ops offer them: `dispatch_next_locked`) and those already waiting for a matching round.
+    (ops offer them: `dispatch_next_locked`), those already waiting for a matching round and
+    those attempted less than DISPATCH_RETRY_MIN_GAP_SECONDS ago (two runs close together, a
+    worker catching up on a backlog say, attempt each delivery once; the next run takes them).
     In a batched_matching zone the retry enters the next round. Returns how many got an offer."""
     now = now or timezone.now()
+    tried_before = now - timedelta(seconds=settings.DISPATCH_RETRY_MIN_GAP_SECONDS)
     rows = list(
         UnassignedOrder.objects.filter(
             resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True,
+            last_attempt_at__lte=tried_before,
             # autoDispatch false: ops offer it; retrying here would dispatch it against the seller's choice
             delivery__auto_dispatch=True,
             delivery__matching_since__isnull=True,  # waiting: the zone's matching round has it
@@ -429,6 +433,10 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
                 delivery = locks.lock_delivery(delivery_id, skip_locked=True, select_related=("zone",))
                 if delivery is None:
                     continue  # someone else is on it
+                if not UnassignedOrder.objects.filter(
+                    delivery_id=delivery_id, resolved_at__isnull=True, last_attempt_at__lte=tried_before,
+                ).exists():
+                    continue  # attempted since the list was read (a run at once with this one): its turn is next run
                 result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=radius)
                 offered += result.outcome == "offered"
         except Exception:

@@ -384,6 +384,10 @@ TRACKING_BASE_URL = env("TRACKING_BASE_URL", default="http://127.0.0.1:8000/trac
 OFFER_DEFAULT_EXPIRES_SECONDS = env.int("OFFER_DEFAULT_EXPIRES_SECONDS", default=30)
 DISPATCH_RADIUS_KM = env.float("DISPATCH_RADIUS_KM", default=5.0)
 DISPATCH_WIDE_RADIUS_KM = env.float("DISPATCH_WIDE_RADIUS_KM", default=10.0)
+# The retry job skips a delivery whose last attempt is more recent than this (an expired offer
+# that just found nobody, a run of the job a moment ago): two runs close together do not both
+# attempt it. Below the job's 30 s period, so a delivery the last run tried is always retried.
+DISPATCH_RETRY_MIN_GAP_SECONDS = env.int("DISPATCH_RETRY_MIN_GAP_SECONDS", default=10)
 ESCALATION_LEVEL1_SECONDS = env.int("ESCALATION_LEVEL1_SECONDS", default=300)
 ESCALATION_LEVEL2_SECONDS = env.int("ESCALATION_LEVEL2_SECONDS", default=900)
 ESCALATION_LEVEL3_SECONDS = env.int("ESCALATION_LEVEL3_SECONDS", default=1800)

@@ -257,11 +257,14 @@ def test_an_ops_offer_stays_single_and_waits_for_the_batch(ops):
 def test_the_retry_job_dispatches_an_unassigned_delivery_as_a_batch():
     zone = batch_zone(size=2)
     delivery = DeliveryFactory(zone=zone)
-    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
-    drivers_at(0.5, 1.0, 1.5)
-    assert unassigned_retry() == 1
-    assert [o.slot for o in pending(delivery)] == [1, 2]
-    assert unassigned_retry() == 0  # it has pending offers: not retried again
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
+        drivers_at(0.5, 1.0, 1.5)
+        t.shift(timedelta(seconds=30))  # the job's next run
+        assert unassigned_retry() == 1
+        assert [o.slot for o in pending(delivery)] == [1, 2]
+        t.shift(timedelta(seconds=30))
+        assert unassigned_retry() == 0  # it has pending offers: not retried again
 
 
 def test_the_level_2_escalation_searches_wide_with_a_batch():

@@ -126,6 +126,37 @@ def test_the_retry_job_counts_attempts_and_offers_when_a_driver_appears():
     assert record.resolved_at is not None and record.escalation_status == "RESOLVED"
 
 
+def test_two_retry_runs_close_together_attempt_a_delivery_once():
+    delivery = DeliveryFactory()
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+        t.shift(timedelta(seconds=30))
+        assert unassigned_retry() == 0
+        rows = DeliveryAuditLog.objects.filter(delivery=delivery).count()
+        t.shift(timedelta(seconds=2))  # a second run right behind the first (a worker catching up)
+        assert unassigned_retry() == 0
+        record = UnassignedOrder.objects.get(delivery=delivery)
+        assert record.attempt_count == 2
+        assert DeliveryAuditLog.objects.filter(delivery=delivery).count() == rows
+        driver = online_driver(km=1)
+        t.shift(timedelta(seconds=7))  # 9 s after the last attempt: still inside the gap
+        assert unassigned_retry() == 0
+        t.shift(timedelta(seconds=21))  # the next scheduled run
+        assert unassigned_retry() == 1
+        assert pending(delivery).driver_id == driver.pk
+    record.refresh_from_db()
+    assert record.attempt_count == 2  # the offer is not a failed attempt
+
+
+def test_the_retry_gap_is_a_setting(settings):
+    settings.DISPATCH_RETRY_MIN_GAP_SECONDS = 0
+    delivery = DeliveryFactory()
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False):
+        delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+        assert unassigned_retry() == 0
+    assert UnassignedOrder.objects.get(delivery=delivery).attempt_count == 2
+
+
 def test_ranking_prefers_acceptance_rate_among_near_equals():
     delivery = DeliveryFactory()
     flaky = online_driver(km=1.00)

@@ -63,3 +63,27 @@ def test_a_check_racing_an_accept_leaves_a_resolved_record_and_no_open_ticket():
         tickets = SupportTicket.objects.filter(delivery=delivery)
         assert tickets.count() <= 1
         assert not tickets.filter(status__in=["open", "in_progress"]).exists()
+
+
+def test_a_retry_run_skips_a_delivery_another_run_attempted_after_it_read_its_list(monkeypatch):
+    """Two runs at once: the second reads its list, the first attempts the delivery and commits,
+    then the second takes the delivery's lock. It must see the attempt and leave it."""
+    from workflows import dispatching
+
+    real_lock = dispatching.locks.lock_delivery
+    other_run = {}
+
+    def lock_after_another_run(*args, **kwargs):
+        monkeypatch.setattr(dispatching.locks, "lock_delivery", real_lock)  # this once
+        other_run["results"], other_run["errors"] = race([unassigned_retry])  # its own thread and transaction
+        return real_lock(*args, **kwargs)
+
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        delivery = stuck_delivery()
+        t.shift(timedelta(seconds=30))
+        monkeypatch.setattr(dispatching.locks, "lock_delivery", lock_after_another_run)
+        assert unassigned_retry() == 0
+
+    assert other_run == {"results": [0], "errors": []}
+    record = UnassignedOrder.objects.get(delivery=delivery)
+    assert record.attempt_count == 2  # the first dispatch and the other run's attempt, not this run's
