@@ -156,9 +156,13 @@ def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int =
     for driver_id in ids:
         # Each driver in its own transaction, through availability_change so that a pending
         # offer is withdrawn in lock order; re-checked first (a fix may have arrived, or another
-        # run got there first, in which case the transition is refused as a no-op).
+        # run got there first, in which case the transition is refused as a no-op), in
+        # PostgreSQL and then in Redis (a fix the fast lane took since the page was read is
+        # there first; the consumer writes it to PostgreSQL a moment later).
         with transaction.atomic():
             if not Driver.objects.filter(stale, settled, pk=driver_id, availability=A.AVAILABLE).exists():
+                continue
+            if _live_fix_since(driver_id, cutoff):
                 continue
             try:
                 availability_change(driver_id=driver_id, to_state=A.OFFLINE, reason="stale_location", actor=Actor.system(), now=now)
@@ -166,6 +170,16 @@ def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int =
                 continue
             changed += 1
     return changed
+
+
+def _live_fix_since(driver_id, cutoff: datetime) -> bool:
+    """Whether Redis holds a fix of the driver recorded at `cutoff` or later; True when Redis
+    cannot say (the driver is left for the next run, as a whole run is when its read fails)."""
+    try:
+        position = live.positions_known([driver_id]).get(str(driver_id))
+    except RedisFailed:
+        return True
+    return position is not None and position.recorded_at >= cutoff
 
 
 def driver_location_record(

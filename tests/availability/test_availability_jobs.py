@@ -162,3 +162,31 @@ def test_with_redis_unable_to_say_who_is_fresh_nobody_is_marked_offline(settings
         assert driver_workflows.stale_drivers_mark_offline() == 0
     assert Driver.objects.get(pk=driver.pk).availability == "available"
     assert "Redis unavailable" in caplog.text
+
+
+@pytest.mark.django_db
+def test_a_driver_is_left_for_the_next_run_when_redis_fails_at_its_recheck(settings, monkeypatch):
+    """The page's read answered (no live fix: stale), then Redis failed before the driver's own
+    re-check: the run cannot know whether a fix came in between, so the driver stays."""
+    import redis
+
+    from availability import live
+
+    settings.DRIVER_STALE_AFTER_SECONDS = 600
+    real = live.positions_known
+
+    def page_then_down(ids):
+        monkeypatch.setattr(live, "positions_known", down)
+        return real(ids)
+
+    def down(ids):
+        raise redis.ConnectionError("redis down")
+
+    with time_machine.travel(START, tick=False):
+        now = timezone.now()
+        driver = DriverFactory(location_recorded_at=now - timedelta(seconds=700), last_availability_change=now - timedelta(hours=1))
+        monkeypatch.setattr(live, "positions_known", page_then_down)
+        assert driver_workflows.stale_drivers_mark_offline() == 0
+        monkeypatch.setattr(live, "positions_known", real)
+        assert driver_workflows.stale_drivers_mark_offline() == 1  # the next run, Redis back
+    assert Driver.objects.get(pk=driver.pk).availability == "offline"

@@ -805,6 +805,26 @@ def test_readers_of_the_position_see_the_fast_lane_before_postgres_does():
     assert Driver.objects.get(pk=idle.pk).availability == "available"
 
 
+def test_the_stale_driver_job_leaves_a_driver_whose_fix_reached_redis_after_it_read_its_page(monkeypatch):
+    """The job reads a page of candidates and their live positions, then changes them one at a
+    time: a fix the fast lane takes in between (PostgreSQL still an hour old) keeps the driver."""
+    idle = online_driver()
+    hour_ago = timezone.now() - timedelta(hours=1)
+    Driver.objects.filter(pk=idle.pk).update(location_recorded_at=hour_ago, last_availability_change=hour_ago)
+    assert live.positions_known([idle.pk]) == {}  # no fix through the fast lane yet
+    real = live.positions_known
+
+    def page_then_a_fix(ids):
+        known = real(ids)
+        monkeypatch.setattr(live, "positions_known", real)  # the page's read only
+        post(url(idle), {"lat": 12.97, "lon": 77.59, "recordedAt": recorded(1)}, token=token(idle))
+        return known
+
+    monkeypatch.setattr(live, "positions_known", page_then_a_fix)
+    assert stale_drivers_mark_offline() == 0
+    assert Driver.objects.get(pk=idle.pk).availability == "available"
+
+
 def test_fixes_already_in_postgres_reach_the_live_state_in_one_pipeline_even_after_redis_forgot_the_script():
     """`fixes_record_persisted` (the simulator's fixes, one round trip a batch): every fix lands,
     an older one never wins, and a Redis that lost its scripts (restart, SCRIPT FLUSH) is
