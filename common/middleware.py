@@ -20,7 +20,7 @@ from whitenoise.middleware import WhiteNoiseMiddleware
 from common import metrics
 from common.errors import INVALID_HOST_MESSAGE, body_too_large_message, error_body, error_response, response_for_exception
 from common.logfilters import new_request_id, request_id
-from common.parsers import PARSED_ATTR, BodyRejected, load_json_body
+from common.parsers import PARSED_ATTR, BodyRejected, load_json_body, unusable_charset
 from common.validators import URL_UNSAFE_CHARS
 
 logger = logging.getLogger(__name__)
@@ -438,11 +438,16 @@ class RequestGuardMiddleware(AsyncCapableMiddleware):
         return refused if refused is not None else await self.get_response(request)
 
     def refuse(self, request):
+        charset = (request.content_params or {}).get("charset")
+        charset_problem = charset is not None and unusable_charset(charset) and (
+            f'The request\'s charset "{charset[:40]}" is not a text encoding: send UTF-8.')
         if not _is_api(request):
             if _url_problem(request, _BAD_PAGE_URL_CHARS):
                 return HttpResponse("Invalid characters in the URL.", status=400, content_type="text/plain; charset=utf-8")
+            if charset_problem:  # (a form in it: Django's parsers failed with a 500)
+                return HttpResponse(charset_problem, status=400, content_type="text/plain; charset=utf-8")
             return None
-        problem = _url_problem(request, _BAD_API_URL_CHARS) or _header_problem(request)
+        problem = _url_problem(request, _BAD_API_URL_CHARS) or _header_problem(request) or charset_problem
         if problem:
             return error_response(request, 400, problem)
         length = _content_length(request)
@@ -518,7 +523,7 @@ def _resolve(request):
 
 
 # The ops console's lists and their exports: /admin/<app>/<model>/ and …/export/.
-_ADMIN_LIST_PATH = re.compile(r"^/admin/(?P<app>\w+)/(?P<model>\w+)/(?P<export>export/)?$")
+_ADMIN_LIST_PATH = re.compile(r"^/admin/(?P<app>\w+)/(?P<model>\w+)/(?P<export>export/)?\Z")
 
 
 def _admin_list_model(request):

@@ -11,8 +11,10 @@ result to the view instead of parsing again.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
+from functools import lru_cache
 from itertools import accumulate
 
 from django.conf import settings
@@ -43,6 +45,24 @@ class BodyRejected(Exception):
         self.details = details
 
 
+# Codecs Python knows as text encodings that fail on some input with a bare UnicodeError
+# rather than UnicodeDecodeError (even with errors="replace", as Django's form parsers decode)
+_FAILING_TEXT_CODECS = frozenset({"undefined", "punycode", "idna"})
+
+
+@lru_cache(maxsize=64)
+def unusable_charset(charset: str) -> bool:
+    """Whether a request declaring this charset cannot be read as text: a codec that is not a
+    text encoding (base64, zlib, rot13: LookupError when decoding) or one of
+    _FAILING_TEXT_CODECS. A name Python does not know is not unusable: Django ignores it and
+    reads the body as UTF-8."""
+    try:
+        info = codecs.lookup(charset)
+    except (LookupError, ValueError):  # (ValueError: a name with a NUL)
+        return False
+    return not getattr(info, "_is_text_encoding", True) or info.name in _FAILING_TEXT_CODECS
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -51,7 +71,7 @@ def load_json_body(raw: bytes, charset: str | None = None):
     """The parsed body, or BodyRejected."""
     try:
         text = raw.decode(charset or settings.DEFAULT_CHARSET)
-    except (UnicodeDecodeError, LookupError) as exc:
+    except (UnicodeError, LookupError) as exc:  # (UnicodeError: a codec such as punycode on bytes it cannot take)
         raise BodyRejected(f"JSON parse error - {exc}") from exc
     if _may_nest_deeper(text, PARSE_DEPTH):
         raise BodyRejected(f"JSON parse error - nested deeper than {MAX_DEPTH} levels.")

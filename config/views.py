@@ -33,4 +33,7 @@ def bad_request(request, exception):
         if isinstance(exception, DisallowedHost):
             return error_response(request, 400, INVALID_HOST_MESSAGE)
         return error_response(request, 400, "Bad request.")
-    return defaults.bad_request(request, exception)
+    # Django's own view without its `requires_csrf_token`: that runs the CSRF check, which reads
+    # the form, and a form Django refused to read (url-encoded in a charset other than UTF-8)
+    # raised again in every middleware layer until the ASGI application failed (a 500).
+    return defaults.bad_request.__wrapped__(request, exception)

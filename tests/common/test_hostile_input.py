@@ -502,3 +502,67 @@ def test_a_negative_zero_fee_is_stored_and_shown_as_zero(integration, value):
     assert r.status_code == 201, r.content
     fee = r.json()["deliveryFee"]
     assert fee == 0 and math.copysign(1, fee) == 1  # not -0.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_charset_that_is_not_a_text_encoding_is_a_400_on_every_stack():
+    """`charset=undefined` or `punycode` made decoding raise a bare UnicodeError (a 500 in HTML),
+    `base64` a LookupError; an unknown name is ignored, as Django does (the body is UTF-8)."""
+    driver = DriverFactory()
+    targets = {
+        "fast lane": (f"/v2/drivers/{driver.pk}/location", {"Authorization": f"Token {token_for(driver.user)}"},
+                      {"lat": 12.98, "lon": 77.6}, 200),
+        "lean (token)": ("/v2/quotes", {"Authorization": f"Token {token_for(OpsUserFactory())}"},
+                         {"pickupLocation": {"lat": 12.97, "lon": 77.59}, "dropoffLocation": {"lat": 12.99, "lon": 77.6}}, 200),
+        "full (anonymous)": ("/v2/auth/token", {}, {"username": "x", "password": "y"}, 401),
+    }
+    failures = []
+    for stack, (path, headers, body, plain_status) in targets.items():
+        raw = json.dumps(body).encode()
+        for charset in ("undefined", "punycode", "idna", "base64", "rot13", "zlib"):
+            answer = asgi_post(path, raw, {**headers, "Content-Type": f"application/json; charset={charset}"})
+            problem = spec_error_problem(_AsgiResponse(answer), 400)
+            if problem:
+                failures.append(f"{stack}, {charset}: {problem}")
+            elif "is not a text encoding" not in answer.json()["message"]:
+                failures.append(f"{stack}, {charset}: {answer.json()['message']}")
+        for charset in ("utf-8", "UTF8", "latin-1", "no-such-charset"):
+            answer = asgi_post(path, raw, {**headers, "Content-Type": f"application/json; charset={charset}"})
+            if answer.status_code != plain_status:
+                failures.append(f"{stack}, {charset}: {answer.status_code} {answer.text[:200]}")
+
+    assert not failures, "\n".join(failures)
+
+
+def test_a_json_body_in_a_failing_codec_is_refused_by_the_parser_itself():
+    from common.parsers import BodyRejected, load_json_body
+
+    for charset in ("undefined", "punycode", "base64"):
+        with pytest.raises(BodyRejected):
+            load_json_body(b'{"a": 1}', charset)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_form_django_cannot_read_is_a_plain_400_on_the_pages_not_a_500():
+    """A url-encoded form in latin-1 (Django refuses to read it: BadRequest) made the 400 page's
+    own CSRF step read it again in every middleware layer, and the ASGI application failed; a
+    multipart form declaring `charset=undefined` failed in Django's parser."""
+
+    async def go():
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            page = await client.get("/admin/login/")
+            token = client.cookies["csrftoken"]
+            answers = [await client.post("/admin/login/", content=f"csrfmiddlewaretoken={token}&username=a&password=b",
+                                         headers={"Content-Type": "application/x-www-form-urlencoded; charset=iso-8859-1"})]
+            body = (f'--xx\r\nContent-Disposition: form-data; name="csrfmiddlewaretoken"\r\n\r\n{token}\r\n--xx--\r\n').encode()
+            for charset in ("undefined", "base64"):
+                answers.append(await client.post("/admin/login/", content=body, headers={
+                    "Content-Type": f"multipart/form-data; boundary=xx; charset={charset}"}))
+            return page, answers
+
+    page, answers = async_to_sync(go)()
+    assert page.status_code == 200
+    assert [a.status_code for a in answers] == [400, 400, 400]
+    assert "Bad Request (400)" in answers[0].text
+    assert answers[1].text == 'The request\'s charset "undefined" is not a text encoding: send UTF-8.'
