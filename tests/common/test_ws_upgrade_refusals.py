@@ -121,3 +121,42 @@ def test_every_deployed_web_process_runs_the_protocol_that_answers_refusals(path
     assert commands, f"no uvicorn command found in {path}"
     for command in commands:
         assert re.search(rf'--ws"?,? "?{re.escape(PROTOCOL)}', command), command
+
+
+def _frames(data: bytes):
+    """(opcode, payload) of the server's (unmasked) frames in `data`."""
+    i = 0
+    while i + 2 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        elif length == 127:
+            length, i = int.from_bytes(data[i:i + 8], "big"), i + 8
+        yield opcode, data[i:i + length]
+        i += length
+
+
+def test_a_text_message_that_is_not_utf8_closes_with_1007_and_one_warning_line(server):
+    from tests.api import token_for
+    from tests.factories import OpsUserFactory
+
+    port, log_path = server
+    token = token_for(OpsUserFactory())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        head = f"GET /ws/ops/?token={token} HTTP/1.1\r\n" + "".join(h + "\r\n" for h in UPGRADE_HEADERS) + "\r\n"
+        conn.sendall(head.encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += conn.recv(65536)
+        assert received.startswith(b"HTTP/1.1 101")
+        received = received.partition(b"\r\n\r\n")[2]
+        mask, payload = b"\x01\x02\x03\x04", b"\xc3\x28"  # not UTF-8
+        conn.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while chunk := conn.recv(65536):
+            received += chunk
+    closes = [payload for opcode, payload in _frames(received) if opcode == 0x8]
+    assert closes and int.from_bytes(closes[0][:2], "big") == 1007
+    log = log_path.read_text()
+    assert "Traceback" not in log and token not in log
+    assert "WebSocket /ws/ops/: a text message that is not UTF-8; closed (1007)." in log
