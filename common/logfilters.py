@@ -8,7 +8,7 @@ import uuid
 # set by common.middleware.RequestIdMiddleware, the fast lane, the socket auth middleware
 # and the Celery task signals (config/celery.py), which carry it from request to task.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
 
 
 def new_request_id(given: str | None = None) -> str:

@@ -14,7 +14,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from common.actors import Actor
 from common.exceptions import DomainError, NotFound
@@ -56,7 +56,7 @@ class LoginView(auth_views.LoginView):
         return reverse("support:queue")
 
 
-@require_GET
+@require_safe
 @support_required
 def queue(request):
     form = forms.QueueFilterForm(request.GET or None)
@@ -79,7 +79,7 @@ def queue(request):
     return render(request, "support/_queue_table.html" if partial else "support/queue.html", context)
 
 
-@require_GET
+@require_safe
 @support_required
 def ticket_detail(request, ticket_id):
     try:

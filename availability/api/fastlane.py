@@ -45,7 +45,7 @@ from tracking.events import delivery_location_updated
 
 logger = logging.getLogger(__name__)
 
-PATH = re.compile(r"^/v2/drivers/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/location$")
+PATH = re.compile(r"^/v2/drivers/(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/location\Z")  # (\Z: "$" also matches before a final newline)
 MAX_BODY = 16 * 1024
 ROUTE = "/v2/drivers/<uuid:driver_id>/location"
 

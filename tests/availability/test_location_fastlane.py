@@ -883,3 +883,16 @@ def test_after_a_redis_outage_the_reconcile_job_brings_redis_up_to_the_fixes_pos
     assert live.positions_reseed() == 0  # Redis ahead of PostgreSQL (the consumer has not run): kept
     assert round(live.positions_of([driver.pk])[str(driver.pk)].lat, 5) == 12.95
     assert live.positions_of([other.pk])[str(other.pk)].recorded_at == pg_fix_time(other)
+
+
+def test_a_path_with_a_final_newline_is_refused_as_django_refuses_it():
+    """The fast lane's path pattern ended in "$", which also matches before a final newline:
+    `…/location%0A` was taken (and the fix stored) where Django's stack answers 400."""
+    driver = online_driver()
+    before = live.positions_known([driver.pk])
+    for suffix in ("%0A", "%0a"):
+        r = post(url(driver) + suffix, {"lat": 12.5, "lon": 77.5, "recordedAt": recorded(1)}, token=token(driver))
+        assert r.status_code == 400, r.text
+        assert r.json()["message"] == "The path contains invalid characters (control characters or invalid UTF-8)."
+    assert live.positions_known([driver.pk]) == before
+    assert post(url(driver), {"lat": 12.5, "lon": 77.5, "recordedAt": recorded(1)}, token=token(driver)).status_code == 200

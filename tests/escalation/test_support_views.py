@@ -333,3 +333,11 @@ def test_cancelling_from_a_closed_ticket_keeps_its_resolution(web, agent):
     assert (ticket.status, ticket.resolution) == ("closed", "Duplicate of another order")
     assert Delivery.objects.get(pk=ticket.delivery_id).status == "cancelled"
     assert TicketComment.objects.filter(ticket=ticket, body="Delivery cancelled by Sam Agent: Store closed").exists()
+
+
+def test_head_is_answered_like_get_on_the_support_pages(web):
+    ticket = ticket_for()
+    for url in ("/support/", f"/support/tickets/{ticket.pk}/"):
+        head, get = web.head(url), web.get(url)
+        assert head.status_code == get.status_code == 200
+        assert head.content == b""
