@@ -126,11 +126,15 @@ STALE_SCAN_PAGES = 20
 
 def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int = 500) -> int:
     """Set `offline` the available drivers with no fix newer than DRIVER_STALE_AFTER_SECONDS
-    (and who have not just come online). Safe when two run at once."""
+    (SPEC), except those whose state changed less than DRIVER_STALE_GRACE_SECONDS ago (resumed
+    a moment ago, their first fix on its way). Safe when two run at once."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
     stale = Q(location_recorded_at__lt=cutoff) | Q(location_recorded_at__isnull=True)
-    settled = Q(last_availability_change__lt=cutoff) | Q(last_availability_change__isnull=True)
+    # (until 2026-12-06 the state had to be unchanged for DRIVER_STALE_AFTER_SECONDS too: a driver
+    # resuming with a fix an hour old stayed available, for the SPEC's job, up to eleven minutes)
+    settled_before = now - timedelta(seconds=settings.DRIVER_STALE_GRACE_SECONDS)
+    settled = Q(last_availability_change__lt=settled_before) | Q(last_availability_change__isnull=True)
     candidates = Driver.objects.filter(stale, settled, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)
     # PostgreSQL's fix time trails Redis by the stream consumer's lag (more while it is down):
     # a driver whose live position is fresh is not stale. Pages of candidates until a batch of

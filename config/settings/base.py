@@ -392,6 +392,9 @@ ESCALATION_LEVEL1_SECONDS = env.int("ESCALATION_LEVEL1_SECONDS", default=300)
 ESCALATION_LEVEL2_SECONDS = env.int("ESCALATION_LEVEL2_SECONDS", default=900)
 ESCALATION_LEVEL3_SECONDS = env.int("ESCALATION_LEVEL3_SECONDS", default=1800)
 DRIVER_STALE_AFTER_SECONDS = env.int("DRIVER_STALE_AFTER_SECONDS", default=600)
+# The stale-driver job leaves a driver whose state changed less than this ago (resumed a moment
+# ago: the app's first fix is on its way).
+DRIVER_STALE_GRACE_SECONDS = env.int("DRIVER_STALE_GRACE_SECONDS", default=15)
 IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=24 * 3600)
 # A token from POST /v2/auth/token expires after this (0: never). Onboarding tokens never do.
 API_LOGIN_TOKEN_TTL_SECONDS = env.int("API_LOGIN_TOKEN_TTL_SECONDS", default=30 * 24 * 3600)

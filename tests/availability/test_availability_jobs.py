@@ -93,13 +93,15 @@ def test_available_drivers_with_a_stale_fix_go_offline(settings):
         stale = DriverFactory(location_recorded_at=now - timedelta(seconds=601), last_availability_change=now - timedelta(hours=1))
         fresh = DriverFactory(location_recorded_at=now - timedelta(seconds=599), last_availability_change=now - timedelta(hours=1))
         never = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(hours=1))
-        just_resumed = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(seconds=30))
+        just_resumed = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(seconds=10))
+        # resumed 30 s ago with a fix an hour old: stale, past the 15 s grace (SPEC: the fix's age decides)
+        resumed_stale = DriverFactory(location_recorded_at=now - timedelta(hours=1), last_availability_change=now - timedelta(seconds=30))
         on_break = DriverFactory(availability="on_break", location_recorded_at=now - timedelta(hours=2))
 
-        assert tasks.mark_stale_drivers_offline() == 2
+        assert tasks.mark_stale_drivers_offline() == 3
 
     states = dict(Driver.objects.values_list("pk", "availability"))
-    assert states[stale.pk] == "offline" and states[never.pk] == "offline"
+    assert states[stale.pk] == "offline" and states[never.pk] == "offline" and states[resumed_stale.pk] == "offline"
     assert states[fresh.pk] == "available" and states[just_resumed.pk] == "available"
     assert states[on_break.pk] == "on_break"
     row = DriverAvailabilityHistory.objects.get(driver=stale)
