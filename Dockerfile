@@ -26,4 +26,4 @@ USER app
 ENV PROOF_MEDIA_ROOT=/var/lib/dispatch/proofs
 
 EXPOSE 8000
-CMD ["uvicorn", "config.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--no-access-log", "--ws", "common.wsprotocol:WebSocketProtocol", "--ws-max-size", "65536"]
+CMD ["uvicorn", "config.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--no-access-log", "--http", "common.httpprotocol:HttpToolsProtocol", "--ws", "common.wsprotocol:WebSocketProtocol", "--ws-max-size", "65536"]

@@ -343,13 +343,14 @@ class WrkResult:
 
 
 def run_wrk(base: str, *, seconds: float, threads: int, connections: int, lua_args: list[str],
-            timeout_s: float = 5.0, on_start=None) -> tuple[WrkResult, subprocess.Popen]:
-    """wrk with bench/location.lua; `on_start(proc)` is called once it runs (e.g. to add its pid
-    to a CPU meter). Bounded: wrk stops after `seconds`, and is killed 30 s later if not."""
+            timeout_s: float = 5.0, on_start=None, script: Path = LUA) -> tuple[WrkResult, subprocess.Popen]:
+    """wrk with bench/location.lua (or `script`, which prints the same WRKJSON line);
+    `on_start(proc)` is called once it runs (e.g. to add its pid to a CPU meter). Bounded: wrk
+    stops after `seconds`, and is killed 30 s later if not."""
     refuse_non_loopback(base)
     wrk = ensure_wrk()
     cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", f"{max(1, int(timeout_s))}s",
-           "-s", str(LUA), base, "--", *lua_args]
+           "-s", str(script), base, "--", *lua_args]
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if on_start:
@@ -440,7 +441,7 @@ class Server:
             self.web = self._spawn("uvicorn", [
                 str(ROOT / ".venv/bin/uvicorn"), "config.asgi:application", "--host", "127.0.0.1", "--port", str(self.port),
                 "--workers", str(self.workers), "--no-access-log", "--lifespan", "off",
-                "--ws", "common.wsprotocol:WebSocketProtocol", "--ws-max-size", "65536",  # as deployed
+                "--http", "common.httpprotocol:HttpToolsProtocol", "--ws", "common.wsprotocol:WebSocketProtocol", "--ws-max-size", "65536",  # as deployed
             ])
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and self.web.poll() is None:

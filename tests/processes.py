@@ -51,7 +51,7 @@ def uvicorn(port: int, env: dict, log_path, *, log_level: str = "warning", ready
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1", "--port", str(port),
          "--no-access-log", "--lifespan", "off", "--log-level", log_level,
-         "--ws", "common.wsprotocol:WebSocketProtocol", "--ws-max-size", "65536"],  # as deployed
+         "--http", "common.httpprotocol:HttpToolsProtocol", "--ws", "common.wsprotocol:WebSocketProtocol", "--ws-max-size", "65536"],  # as deployed
         cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"

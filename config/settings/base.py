@@ -79,6 +79,11 @@ API_MIDDLEWARE = [
 # Token-authenticated API requests a web process runs at once (config/asgi.py, LeanApiHandler);
 # the rest wait their turn, first come first served. 0: no limit.
 API_REQUEST_CONCURRENCY = env.int("API_REQUEST_CONCURRENCY", default=4)
+# The web processes' HTTP protocol (common/httpprotocol.py): a request's line and headers over
+# this many bytes are a 431; a head not complete this long after a connection opened (or a later
+# request began) closes the connection. 0: no limit.
+HTTP_MAX_HEAD_BYTES = env.int("HTTP_MAX_HEAD_BYTES", default=64 * 1024)
+HTTP_HEAD_TIMEOUT_SECONDS = env.float("HTTP_HEAD_TIMEOUT_SECONDS", default=30.0)
 
 ROOT_URLCONF = "config.urls"
 APPEND_SLASH = False

@@ -1,0 +1,104 @@
+"""uvicorn's HTTP/1.1 protocol (httptools) with bounds on a request's head.
+
+Every web process runs uvicorn with `--http common.httpprotocol:HttpToolsProtocol` (deploy/, the
+Dockerfile, tests.processes, the benches). httptools has no limit of its own: one header of 8 MB
+was taken whole, an unfinished header of 128 MB held ~218 MB of a web process until the client
+closed, and a connection that never finished its first request's head stayed open for good
+(uvicorn's keep-alive timeout runs only after a response). Here:
+
+- a head (request line and headers) over HTTP_MAX_HEAD_BYTES (64 KiB) is answered 431 in the
+  API's error body and the connection closed. The count is of the bytes received while a head is
+  incomplete; a chunk in which a head or a body ended is not counted (it may hold the rest of a
+  body), so a head is cut off within the limit and one chunk (asyncio reads at most 256 KiB);
+- a head not complete HTTP_HEAD_TIMEOUT_SECONDS (30) after the connection opened, or after the first
+  bytes of a later request arrived, closes the connection without an answer (as the keep-alive
+  timeout does). A request being answered is never cut: the timer only acts between requests.
+
+A body is not bounded here: the lean API refuses one over its limit before reading it
+(common.middleware), and Django's own limits apply to forms."""
+from __future__ import annotations
+
+import orjson
+from django.conf import settings
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as UvicornHttpToolsProtocol
+
+PATH_ECHO = 256
+REFUSED_LINGER_SECONDS = 1.0
+
+
+class HttpToolsProtocol(UvicornHttpToolsProtocol):
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_moved = False  # a head or a message ended in the chunk being fed
+        self._refused = False
+        self._head_timer = None
+        self._max_head_bytes = settings.HTTP_MAX_HEAD_BYTES
+        self._head_timeout = settings.HTTP_HEAD_TIMEOUT_SECONDS
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None and self._head_timeout > 0:
+            self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_head_timer()  # a pipelined head behind a request still being answered: later
+            return
+        self.logger.info("HTTP connection closed: no complete request head in %g s.", self._head_timeout)
+        self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        self._in_head, self._head_moved = False, True
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes, self._head_moved = True, 0, True
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # what the client sends after the 431 is dropped until the connection closes
+        if self._in_head:
+            self._arm_head_timer()
+        self._head_moved = False
+        super().data_received(data)
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:  # refused, or now a socket
+            return
+        if self._in_head and not self._head_moved:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._max_head_bytes > 0:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        from common.errors import error_body  # Django is set up once the application is loaded
+
+        self._disarm_head_timer()
+        path = bytes(getattr(self, "url", b"") or b"").split(b"?", 1)[0][:PATH_ECHO].decode("latin1")
+        message = f"The request's line and headers are too large (at most {self._max_head_bytes:,} bytes)."
+        body = orjson.dumps(error_body(431, path, message))
+        head = [b"HTTP/1.1 431 Request Header Fields Too Large"]
+        head += [name + b": " + value for name, value in self.server_state.default_headers]
+        head += [b"content-type: application/json", b"content-length: " + str(len(body)).encode(), b"connection: close"]
+        self.logger.warning("HTTP request refused: its head is over %d bytes.", self._max_head_bytes)
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        # A close with the client's bytes unread sends a reset, which can make the client lose
+        # the answer: end the sending side, drop what still comes for a moment, then close.
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)

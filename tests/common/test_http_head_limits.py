@@ -1,0 +1,131 @@
+"""A request's head is bounded in size and in time by the web processes' HTTP protocol
+(common.httpprotocol), under the real server as deployed. httptools has no limit of its own: an
+8 MB header was taken whole, an unfinished 128 MB one held ~218 MB of a web process, and a
+connection that never finished its head stayed open for good."""
+import json
+import os
+import select
+import socket
+import time
+
+import pytest
+from django.conf import settings
+
+from tests.processes import free_port, subprocess_database_url, uvicorn
+
+ERROR_KEYS = {"statusCode", "timestamp", "path", "message", "error"}
+
+
+@pytest.fixture
+def server(transactional_db, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": subprocess_database_url(),
+        "TEST_REDIS_URL": settings.REDIS_URL,
+        "PYTHONUNBUFFERED": "1",
+        "HTTP_HEAD_TIMEOUT_SECONDS": "1.5",
+    }
+    with uvicorn(port, env, tmp_path / "uvicorn.log", log_level="info"):
+        yield port, tmp_path / "uvicorn.log"
+
+
+def read_all(conn: socket.socket, limit_s: float = 10) -> bytes:
+    conn.settimeout(limit_s)
+    received = b""
+    try:
+        while chunk := conn.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def read_response(conn: socket.socket) -> int:
+    """One whole response (it has a Content-Length); its status."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, _, fields = head.partition(b"\r\n")
+    length = int(next(line.split(b":")[1] for line in fields.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return int(status_line.split(b" ")[1])
+
+
+def test_a_head_over_the_limit_is_a_431_in_the_error_body_before_it_is_all_sent(server):
+    port, log_path = server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /health/?token=secret HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        sent = 0
+        while sent < 4 * 1024 * 1024:  # a header of 4 MB that never ends, until the server answers
+            if select.select([conn], [], [], 0.005)[0]:
+                break
+            conn.sendall(b"a" * 16384)
+            sent += 16384
+        answer = read_all(conn)
+    assert sent < 1024 * 1024, f"the server took {sent:,} bytes of one header"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), head[:200]
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)
+    assert ERROR_KEYS <= set(error) and error["statusCode"] == 431
+    assert error["path"] == "/health/"  # the query, which may hold a token, is not echoed
+    assert error["message"] == "The request's line and headers are too large (at most 65,536 bytes)."
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_heads_and_bodies_within_the_limits_are_served_on_one_connection(server):
+    """A large body (its chunks are not counted as a head), then a request with a 40 KB header
+    and a plain one, on one kept-alive connection."""
+    port, _ = server
+    big = json.dumps({"username": "x", "password": "y" * 600_000}).encode()
+    requests = [
+        b"POST /v2/auth/token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(big) + big,
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Fill: " + b"f" * 40_000 + b"\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    ]
+    statuses = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        for request in requests:
+            conn.sendall(request)
+            statuses.append(read_response(conn))
+    assert statuses == [400, 200, 200]  # (400: the password is too long)
+
+
+def test_a_connection_that_never_completes_a_head_is_closed_after_the_timeout(server):
+    port, log_path = server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as dribbling:
+        dribbling.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        start = time.monotonic()
+        assert read_all(idle) == b"" and read_all(dribbling) == b""  # closed without an answer
+        assert time.monotonic() - start < 8
+    assert "no complete request head in 1.5 s" in log_path.read_text()
+    # a connection that sends its head in time is answered, and kept alive past the head timeout
+    # while it waits between requests (the keep-alive timeout, 5 s, governs that)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_response(conn) == 200
+        conn.settimeout(2.5)
+        with pytest.raises(socket.timeout):  # still open after 2.5 s: nothing is sent
+            conn.recv(65536)
+        conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert read_all(conn).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("path", [
+    "deploy/supervisord.conf", "deploy/cluster/supervisord.conf", "Dockerfile", "docs/operations.md",  # its systemd unit
+])
+def test_every_deployed_web_process_runs_the_protocol_that_bounds_heads(path):
+    import re
+    from pathlib import Path
+
+    text = (Path(settings.BASE_DIR) / path).read_text()
+    commands = [line for line in text.splitlines() if re.search(r'(bin/uvicorn|"uvicorn",) "?config\.asgi', line)]
+    assert commands, f"no uvicorn command found in {path}"
+    for command in commands:
+        assert re.search(r'--http"?,? "?common\.httpprotocol:HttpToolsProtocol', command), command
