@@ -15,8 +15,12 @@ percentiles by step, errors, and CPU per process group over the run.
     .venv/bin/python bench/offer_flow.py --ops-sockets 2   # with two ops consoles open
 
 The flows go through bench/rawhttp.py (a keep-alive client cheap enough that the client is not
-what is measured); `--client httpx` uses httpx as before. Drivers end their shift afterwards
-(they stay in the database, as do the delivered deliveries).
+what is measured); `--client httpx` uses httpx as before; `--client wrk` runs them in wrk with
+bench/offer_flow.lua (one thread and one connection a flow in flight; ~3 % of a core, the asyncio
+client ~5 %: a second client, in C, to show the figures are the server's). wrk stops at
+the deadline with the flows in flight cut off (their drivers stay busy: they cannot end their
+shift); the asyncio clients finish them. Drivers end their shift afterwards (they stay in the
+database, as do the delivered deliveries).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -178,10 +183,35 @@ async def one_flow(run: Run, tokens, centre, rng) -> None:
     run.flows += 1
 
 
-async def main(args, base: str, server_pids: list[int]) -> int:
+def wrk_flows(run: Run, base: str, tokens: dict[str, str], centre, args) -> tuple[float, float]:
+    """The flows through wrk and bench/offer_flow.lua: one connection a thread, one flow in
+    flight a connection. Fills `run` as `one_flow` does; returns (seconds, wrk's CPU seconds)."""
+    with tempfile.NamedTemporaryFile("w", prefix="offer-flow-", suffix=".txt", delete=False) as f:
+        f.write(f"run {uuid.uuid4().hex[:12]}\nops {run.ops['Authorization'][6:]}\ncentre {centre[0]!r} {centre[1]!r}\n")
+        f.writelines(f"driver {driver_id} {token}\n" for driver_id, token in tokens.items())
+    try:
+        result, _ = benchlib.run_wrk(base, seconds=args.seconds, threads=args.concurrency, connections=args.concurrency,
+                                     lua_args=[f.name], timeout_s=30, script=benchlib.BENCH / "offer_flow.lua")
+    finally:
+        os.unlink(f.name)
+    data = result.raw
+    order = ["create", "cancel", "offers", "accept", *STEPS[:-1], "location", STEPS[-1]]
+    for name in sorted(data["steps"], key=lambda n: order.index(n) if n in order else len(order)):
+        run.lat[name] = [v / 1000 for v in data["steps"][name]]
+    run.flows, run.unassigned = data["flows"], data["unassigned"]
+    for key, count in data["unexpected"].items():
+        run.status[key] += count
+    if data["bad_bodies"]:
+        run.samples["wrk"] = data["bad_bodies"][:600]
+    for kind, count in result.socket_errors.items():
+        run.status[f"socket:{kind}"] += count
+    return result.seconds, result.cpu_s
+
+
+async def main(args, base: str, server_pids: list[int], consumer_pids: list[int]) -> int:
     rng = random.Random(args.seed)
     centre = (rng.uniform(-40, 40), rng.uniform(-140, 140))
-    if args.client == "raw":
+    if args.client in ("raw", "wrk"):  # (wrk: the set-up goes through rawhttp)
         client_cm = RawClient(base, args.concurrency * 2)
     else:
         limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
@@ -211,18 +241,26 @@ async def main(args, base: str, server_pids: list[int]) -> int:
 
             readers = [asyncio.create_task(read(sock)) for sock in ops_sockets]
 
-        meter = CpuMeter({"uvicorn": server_pids, "bench (this)": [os.getpid()]})
-        deadline = time.perf_counter() + args.seconds
+        # (the stream consumer this bench started is a child of it: a group of its own, named first)
+        meter = CpuMeter({"uvicorn": server_pids, "consume_fixes": consumer_pids, "bench (this)": [os.getpid()]})
+        extra_cpu = {}
+        if args.client == "wrk":
+            meter.add("wrk", [])  # (its CPU comes from rusage once it has ended)
+            before = meter.snapshot()
+            elapsed, extra_cpu["wrk"] = await asyncio.to_thread(wrk_flows, run, base, tokens, centre, args)
+            after = meter.snapshot()
+        else:
+            deadline = time.perf_counter() + args.seconds
 
-        async def worker():
-            while time.perf_counter() < deadline:
-                await one_flow(run, tokens, centre, rng)
+            async def worker():
+                while time.perf_counter() < deadline:
+                    await one_flow(run, tokens, centre, rng)
 
-        before = meter.snapshot()
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        elapsed = time.perf_counter() - start
-        after = meter.snapshot()
+            before = meter.snapshot()
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            elapsed = time.perf_counter() - start
+            after = meter.snapshot()
         for sock in ops_sockets:
             await sock.close()
         await asyncio.gather(*readers, return_exceptions=True)
@@ -253,7 +291,7 @@ async def main(args, base: str, server_pids: list[int]) -> int:
     print("errors:", errors or "none")
     for name, sample in run.samples.items():
         print(f"  first {name} error: {sample}")
-    print(f"CPU over the run (% of one core; machine: % of all {benchlib.NPROC} cores): {format_cpu(meter.report(before, after))}")
+    print(f"CPU over the run (% of one core; machine: % of all {benchlib.NPROC} cores): {format_cpu(meter.report(before, after, extra_cpu))}")
     print(f"machine time by kind: {CpuMeter.split(before, after)}")
     print(f"load average after {after_state['loadavg']}; {ended}/{len(tokens)} bench drivers ended their shift")
     worst = max((pct(v, 99) for v in run.lat.values()), default=float("nan"))
@@ -276,7 +314,8 @@ def entry(args) -> int:
             server = Server(workers=args.workers, consumers=1)
             server.start()
             base, server_pids = server.base, server.web_pids()
-        return asyncio.run(main(args, base, server_pids))
+        consumers = [p.pid for p in server.consumer_procs] if server else []
+        return asyncio.run(main(args, base, server_pids, consumers))
     finally:
         if server:
             server.stop()
@@ -293,7 +332,8 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--health-seconds", type=float, default=10)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--client", choices=("raw", "httpx"), default="raw")
+    p.add_argument("--client", choices=("raw", "httpx", "wrk"), default="raw",
+                   help="raw: bench/rawhttp.py (asyncio); wrk: bench/offer_flow.lua, one wrk thread and connection a flow")
     p.add_argument("--ops-sockets", type=int, default=0,
                    help="ops console sockets (/ws/ops/) kept open through the flows: the ops group's events then go out")
     p.add_argument("--seed", type=int, default=None)
