@@ -12,11 +12,17 @@ closed, and a connection that never finished its first request's head stayed ope
   body), so a head is cut off within the limit and one chunk (asyncio reads at most 256 KiB);
 - a head not complete HTTP_HEAD_TIMEOUT_SECONDS (30) after the connection opened, or after the first
   bytes of a later request arrived, closes the connection without an answer (as the keep-alive
-  timeout does). A request being answered is never cut: the timer only acts between requests.
+  timeout does). A request being answered is never cut: the timer only acts between requests;
+- a head over the limit pipelined behind a request still being answered gets no 431 (it would be
+  read as that request's answer): the connection closes once that answer is sent;
+- a chunked body's trailers (fields after its last chunk, which uvicorn adds to the request's
+  headers) count against the same limit; over it the connection is closed.
 
 A body is not bounded here: the lean API refuses one over its limit before reading it
 (common.middleware), and Django's own limits apply to forms."""
 from __future__ import annotations
+
+from http import HTTPStatus
 
 import orjson
 from django.conf import settings
@@ -33,6 +39,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._head_bytes = 0
         self._head_moved = False  # a head or a message ended in the chunk being fed
         self._refused = False
+        self._trailer_bytes = 0
         self._head_timer = None
         self._max_head_bytes = settings.HTTP_MAX_HEAD_BYTES
         self._head_timeout = settings.HTTP_HEAD_TIMEOUT_SECONDS
@@ -61,8 +68,18 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._disarm_head_timer()
         super().connection_lost(exc)
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head and self._max_head_bytes > 0:  # a trailer, after a chunked body
+            self._trailer_bytes += len(name) + len(value)
+            if self._trailer_bytes > self._max_head_bytes:
+                self.logger.warning("HTTP connection closed: trailers over %d bytes.", self._max_head_bytes)
+                self._refused = True
+                self.transport.close()
+                return
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
-        self._in_head, self._head_moved = False, True
+        self._in_head, self._head_moved, self._trailer_bytes = False, True, 0
         self._disarm_head_timer()
         super().on_headers_complete()
 
@@ -85,20 +102,33 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
                 self._refuse_head()
 
     def _refuse_head(self) -> None:
-        from common.errors import error_body  # Django is set up once the application is loaded
-
         self._disarm_head_timer()
-        path = bytes(getattr(self, "url", b"") or b"").split(b"?", 1)[0][:PATH_ECHO].decode("latin1")
-        message = f"The request's line and headers are too large (at most {self._max_head_bytes:,} bytes)."
-        body = orjson.dumps(error_body(431, path, message))
-        head = [b"HTTP/1.1 431 Request Header Fields Too Large"]
-        head += [name + b": " + value for name, value in self.server_state.default_headers]
-        head += [b"content-type: application/json", b"content-length: " + str(len(body)).encode(), b"connection: close"]
+        self._refused = True  # what the client sends from now on is dropped
         self.logger.warning("HTTP request refused: its head is over %d bytes.", self._max_head_bytes)
-        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        if self.cycle is not None and not self.cycle.response_complete:
+            # pipelined behind a request still being answered: that answer first, then close
+            self.flow.pause_reading()
+            self.cycle.keep_alive = False
+            return
+        path = bytes(getattr(self, "url", b"") or b"").decode("latin1")
+        message = f"The request's line and headers are too large (at most {self._max_head_bytes:,} bytes)."
+        self.transport.write(raw_error_response(431, path, message, self.server_state.default_headers))
         # A close with the client's bytes unread sends a reset, which can make the client lose
         # the answer: end the sending side, drop what still comes for a moment, then close.
-        self._refused = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
+
+
+def raw_error_response(status: int, target: str, message: str, default_headers=()) -> bytes:
+    """A whole HTTP/1.1 response in the API's error body, written by a protocol before any
+    application runs: the path of `target` without its query (it may hold a token), at most
+    PATH_ECHO characters; `Connection: close`."""
+    from common.errors import error_body  # Django is set up once the application is loaded
+
+    body = orjson.dumps(error_body(status, target.split("?", 1)[0][:PATH_ECHO], message))
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    head += [name + b": " + value for name, value in default_headers]
+    head += [b"content-type: application/json", b"content-length: " + str(len(body)).encode(), b"connection: close",
+             b"x-content-type-options: nosniff"]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body

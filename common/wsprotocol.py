@@ -22,10 +22,11 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.datastructures import Headers
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS, Response
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from common.httpprotocol import PATH_ECHO, raw_error_response
 
-PATH_ECHO = 256  # httptools has no limit of its own: a 9 KB path is not sent back whole
 
 
 def _refusal(exc: Exception) -> tuple[int, str]:
@@ -84,8 +85,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             except UnicodeDecodeError:
                 self.frames = []
                 self.logger.warning("WebSocket %s: a text message that is not UTF-8; closed (1007).", _echo(self._target))
-                self.conn.send_close(1007)
-                self.handle_parser_exception()
+                if self.conn.state is State.OPEN:  # (a close frame read with it: the handshake is under way)
+                    self.conn.send_close(1007)
+                    self.handle_parser_exception()
                 return
         super().send_receive_event_to_app()
 
@@ -95,17 +97,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self._refuse(self.conn.handshake_exc, data)
 
     def _refuse(self, exc: Exception, request: bytes) -> None:
-        from common.errors import error_body  # Django is set up once the application is loaded
-
         status, message = _refusal(exc)
-        body = orjson.dumps(error_body(status, _path(request), message))
-        head = [
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-        ]
-        head += [f"{name.decode('latin1')}: {value.decode('latin1')}" for name, value in self.default_headers]
         self.handshake_initiated = self.handshake_complete = self.close_sent = True
-        self.transport.write("\r\n".join(head).encode("latin1") + b"\r\n\r\n" + body)
+        self.transport.write(raw_error_response(status, _path(request), message, self.default_headers))
         self.transport.close()

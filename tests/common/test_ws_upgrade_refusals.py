@@ -151,12 +151,25 @@ def test_a_text_message_that_is_not_utf8_closes_with_1007_and_one_warning_line(s
             received += conn.recv(65536)
         assert received.startswith(b"HTTP/1.1 101")
         received = received.partition(b"\r\n\r\n")[2]
-        mask, payload = b"\x01\x02\x03\x04", b"\xc3\x28"  # not UTF-8
-        conn.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        conn.sendall(masked(0x81, b"\xc3\x28"))  # a text frame, not UTF-8
         while chunk := conn.recv(65536):
             received += chunk
     closes = [payload for opcode, payload in _frames(received) if opcode == 0x8]
     assert closes and int.from_bytes(closes[0][:2], "big") == 1007
+    # the same frame and the client's own close in one read: the close handshake is under way
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head.encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += conn.recv(65536)
+        conn.sendall(masked(0x81, b"\xc3\x28") + masked(0x88, (1000).to_bytes(2, "big")))
+        while chunk := conn.recv(65536):
+            received += chunk
     log = log_path.read_text()
-    assert "Traceback" not in log and token not in log
-    assert "WebSocket /ws/ops/: a text message that is not UTF-8; closed (1007)." in log
+    assert "Traceback" not in log and "Fatal error" not in log and token not in log
+    assert log.count("WebSocket /ws/ops/: a text message that is not UTF-8; closed (1007).") == 2
+
+
+def masked(first_byte: int, payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    return bytes([first_byte, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
