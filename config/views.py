@@ -1,5 +1,6 @@
 from django.core.exceptions import DisallowedHost
-from django.http import JsonResponse
+from django.http import HttpResponseBadRequest, JsonResponse
+from django.template import TemplateDoesNotExist, loader
 from django.shortcuts import redirect
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
@@ -33,7 +34,12 @@ def bad_request(request, exception):
         if isinstance(exception, DisallowedHost):
             return error_response(request, 400, INVALID_HOST_MESSAGE)
         return error_response(request, 400, "Bad request.")
-    # Django's own view without its `requires_csrf_token`: that runs the CSRF check, which reads
-    # the form, and a form Django refused to read (url-encoded in a charset other than UTF-8)
-    # raised again in every middleware layer until the ASGI application failed (a 500).
-    return defaults.bad_request.__wrapped__(request, exception)
+    # Django's page (defaults.bad_request) without its `requires_csrf_token`: that runs the CSRF
+    # check, which reads the form, and a form Django refused to read (url-encoded in a charset
+    # other than UTF-8) raised again in every middleware layer until the ASGI application
+    # failed (a 500).
+    try:
+        template = loader.get_template(defaults.ERROR_400_TEMPLATE_NAME)
+    except TemplateDoesNotExist:
+        return HttpResponseBadRequest(defaults.ERROR_PAGE_TEMPLATE % {"title": "Bad Request (400)", "details": ""})
+    return HttpResponseBadRequest(template.render())

@@ -389,17 +389,17 @@ TRACKING_BASE_URL = env("TRACKING_BASE_URL", default="http://127.0.0.1:8000/trac
 OFFER_DEFAULT_EXPIRES_SECONDS = env.int("OFFER_DEFAULT_EXPIRES_SECONDS", default=30)
 DISPATCH_RADIUS_KM = env.float("DISPATCH_RADIUS_KM", default=5.0)
 DISPATCH_WIDE_RADIUS_KM = env.float("DISPATCH_WIDE_RADIUS_KM", default=10.0)
-# The retry job skips a delivery whose last attempt is more recent than this (an expired offer
-# that just found nobody, a run of the job a moment ago): two runs close together do not both
-# attempt it. Below the job's 30 s period, so a delivery the last run tried is always retried.
-DISPATCH_RETRY_MIN_GAP_SECONDS = env.int("DISPATCH_RETRY_MIN_GAP_SECONDS", default=10)
+# The retry job skips a delivery whose last attempt is more recent than this (a run of the job
+# a moment ago, a worker catching up on a backlog): two runs close together do not both attempt
+# it. Short: a delivery that failed otherwise (an expiry) just before a run waits one more period.
+DISPATCH_RETRY_MIN_GAP_SECONDS = env.int("DISPATCH_RETRY_MIN_GAP_SECONDS", default=3)
 ESCALATION_LEVEL1_SECONDS = env.int("ESCALATION_LEVEL1_SECONDS", default=300)
 ESCALATION_LEVEL2_SECONDS = env.int("ESCALATION_LEVEL2_SECONDS", default=900)
 ESCALATION_LEVEL3_SECONDS = env.int("ESCALATION_LEVEL3_SECONDS", default=1800)
 DRIVER_STALE_AFTER_SECONDS = env.int("DRIVER_STALE_AFTER_SECONDS", default=600)
 # The stale-driver job leaves a driver whose state changed less than this ago (resumed a moment
 # ago: the app's first fix is on its way).
-DRIVER_STALE_GRACE_SECONDS = env.int("DRIVER_STALE_GRACE_SECONDS", default=15)
+DRIVER_STALE_GRACE_SECONDS = env.int("DRIVER_STALE_GRACE_SECONDS", default=30)
 IDEMPOTENCY_TTL_SECONDS = env.int("IDEMPOTENCY_TTL_SECONDS", default=24 * 3600)
 # A token from POST /v2/auth/token expires after this (0: never). Onboarding tokens never do.
 API_LOGIN_TOKEN_TTL_SECONDS = env.int("API_LOGIN_TOKEN_TTL_SECONDS", default=30 * 24 * 3600)

@@ -94,8 +94,8 @@ def test_available_drivers_with_a_stale_fix_go_offline(settings):
         fresh = DriverFactory(location_recorded_at=now - timedelta(seconds=599), last_availability_change=now - timedelta(hours=1))
         never = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(hours=1))
         just_resumed = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(seconds=10))
-        # resumed 30 s ago with a fix an hour old: stale, past the 15 s grace (SPEC: the fix's age decides)
-        resumed_stale = DriverFactory(location_recorded_at=now - timedelta(hours=1), last_availability_change=now - timedelta(seconds=30))
+        # resumed 45 s ago with a fix an hour old: stale, past the 30 s grace (SPEC: the fix's age decides)
+        resumed_stale = DriverFactory(location_recorded_at=now - timedelta(hours=1), last_availability_change=now - timedelta(seconds=45))
         on_break = DriverFactory(availability="on_break", location_recorded_at=now - timedelta(hours=2))
 
         assert tasks.mark_stale_drivers_offline() == 3

@@ -133,15 +133,15 @@ def test_two_retry_runs_close_together_attempt_a_delivery_once():
         t.shift(timedelta(seconds=30))
         assert unassigned_retry() == 0
         rows = DeliveryAuditLog.objects.filter(delivery=delivery).count()
-        t.shift(timedelta(seconds=2))  # a second run right behind the first (a worker catching up)
+        t.shift(timedelta(seconds=1))  # a second run right behind the first (a worker catching up)
         assert unassigned_retry() == 0
         record = UnassignedOrder.objects.get(delivery=delivery)
         assert record.attempt_count == 2
         assert DeliveryAuditLog.objects.filter(delivery=delivery).count() == rows
         driver = online_driver(km=1)
-        t.shift(timedelta(seconds=7))  # 9 s after the last attempt: still inside the gap
+        t.shift(timedelta(seconds=1))  # 2 s after the last attempt: still inside the gap
         assert unassigned_retry() == 0
-        t.shift(timedelta(seconds=21))  # the next scheduled run
+        t.shift(timedelta(seconds=28))  # the next scheduled run
         assert unassigned_retry() == 1
         assert pending(delivery).driver_id == driver.pk
     record.refresh_from_db()
