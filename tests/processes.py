@@ -1,4 +1,5 @@
 """For tests that start real server processes (uvicorn, celery) against the test database."""
+import os
 import socket
 import subprocess
 import sys
@@ -71,3 +72,22 @@ def uvicorn(port: int, env: dict, log_path, *, log_level: str = "warning", ready
         yield base
     finally:
         stop(proc, log)
+
+
+@contextmanager
+def served(tmp_path, **extra_env):
+    """uvicorn as deployed (its protocols), on a free port, against this test's database and
+    Redis, logging at INFO to `tmp_path/uvicorn.log`: yields (port, log path)."""
+    from django.conf import settings
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": subprocess_database_url(),
+        "TEST_REDIS_URL": settings.REDIS_URL,
+        "PYTHONUNBUFFERED": "1",
+        **extra_env,
+    }
+    with uvicorn(port, env, tmp_path / "uvicorn.log", log_level="info"):
+        yield port, tmp_path / "uvicorn.log"

@@ -5,32 +5,21 @@ connection that never finished its head stayed open for good."""
 import asyncio
 import json
 import logging
-import os
 import select
 import socket
 import time
 
 import pytest
-from django.conf import settings
 
-from tests.processes import free_port, subprocess_database_url, uvicorn
+from tests.processes import free_port, served
 
 ERROR_KEYS = {"statusCode", "timestamp", "path", "message", "error"}
 
 
 @pytest.fixture
 def server(transactional_db, tmp_path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "DATABASE_URL": subprocess_database_url(),
-        "TEST_REDIS_URL": settings.REDIS_URL,
-        "PYTHONUNBUFFERED": "1",
-        "HTTP_HEAD_TIMEOUT_SECONDS": "1.5",
-    }
-    with uvicorn(port, env, tmp_path / "uvicorn.log", log_level="info"):
-        yield port, tmp_path / "uvicorn.log"
+    with served(tmp_path, HTTP_HEAD_TIMEOUT_SECONDS="1.5") as port_and_log:
+        yield port_and_log
 
 
 def read_all(conn: socket.socket, limit_s: float = 10) -> bytes:
@@ -118,18 +107,8 @@ def test_a_connection_that_never_completes_a_head_is_closed_after_the_timeout(se
         assert read_all(conn).startswith(b"HTTP/1.1 200")
 
 
-@pytest.mark.parametrize("path", [
-    "deploy/supervisord.conf", "deploy/cluster/supervisord.conf", "Dockerfile", "docs/operations.md",  # its systemd unit
-])
-def test_every_deployed_web_process_runs_the_protocol_that_bounds_heads(path):
-    import re
-    from pathlib import Path
-
-    text = (Path(settings.BASE_DIR) / path).read_text()
-    commands = [line for line in text.splitlines() if re.search(r'(bin/uvicorn|"uvicorn",) "?config\.asgi', line)]
-    assert commands, f"no uvicorn command found in {path}"
-    for command in commands:
-        assert re.search(r'--http"?,? "?common\.httpprotocol:HttpToolsProtocol', command), command
+# (every deployed web process runs this protocol: tests/common/test_ws_upgrade_refusals.py,
+# test_every_deployed_web_process_runs_both_protocols)
 
 
 # ------------------------------------------------------------ in process, with a stub application

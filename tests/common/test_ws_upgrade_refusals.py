@@ -3,7 +3,6 @@ many headers) is answered at once, in the API's error body, under the real serve
 deployed protocol (common.wsprotocol). Under uvicorn's own protocol the client heard nothing
 and the connection stayed open until the client gave up."""
 import json
-import os
 import re
 import socket
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from tests.processes import free_port, subprocess_database_url, uvicorn
+from tests.processes import served
 
 PROTOCOL = "common.wsprotocol:WebSocketProtocol"
 UPGRADE_HEADERS = [
@@ -26,16 +25,8 @@ ERROR_KEYS = {"statusCode", "timestamp", "path", "message", "error"}
 
 @pytest.fixture
 def server(transactional_db, tmp_path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "DATABASE_URL": subprocess_database_url(),
-        "TEST_REDIS_URL": settings.REDIS_URL,
-        "PYTHONUNBUFFERED": "1",
-    }
-    with uvicorn(port, env, tmp_path / "uvicorn.log", log_level="info") as base:
-        yield port, tmp_path / "uvicorn.log"
+    with served(tmp_path) as port_and_log:
+        yield port_and_log
 
 
 def exchange(port: int, target: str, headers: list[str]) -> bytes:
@@ -115,12 +106,14 @@ def test_a_refused_upgrade_is_answered_at_once_with_the_error_body(server):
 @pytest.mark.parametrize("path", [
     "deploy/supervisord.conf", "deploy/cluster/supervisord.conf", "Dockerfile", "docs/operations.md",  # its systemd unit
 ])
-def test_every_deployed_web_process_runs_the_protocol_that_answers_refusals(path):
+def test_every_deployed_web_process_runs_both_protocols(path):
+    """This one (refusals answered) and common.httpprotocol's (a request's head bounded)."""
     text = (Path(settings.BASE_DIR) / path).read_text()
     commands = [line for line in text.splitlines() if re.search(r'(bin/uvicorn|"uvicorn",) "?config\.asgi', line)]
     assert commands, f"no uvicorn command found in {path}"
     for command in commands:
         assert re.search(rf'--ws"?,? "?{re.escape(PROTOCOL)}', command), command
+        assert re.search(r'--http"?,? "?common\.httpprotocol:HttpToolsProtocol', command), command
 
 
 def _frames(data: bytes):
