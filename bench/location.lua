@@ -29,6 +29,8 @@ else
   now_us = function() return os.time() * 1000000 end
 end
 
+local wrkjson = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "wrkjson.lua")
+
 local threads = {}
 local counter = 0
 
@@ -117,10 +119,6 @@ end
 
 -- main state --------------------------------------------------------------------------------
 
-local function json_escape(s)
-  return (s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end))
-end
-
 function done(summary, latency, requests)
   local counts, refused, bodies = {}, 0, ""
   for _, thread in ipairs(threads) do
@@ -135,15 +133,6 @@ function done(summary, latency, requests)
   for status, c in pairs(counts) do
     table.insert(parts, string.format('"%d":%d', status, c))
   end
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"latency_us":{"min":%d,"mean":%.1f,"max":%d,"p50":%d,"p90":%d,"p99":%d,"p999":%d},' ..
-    '"statuses":{%s},"not_accepted":%d,"bad_bodies":"%s"}\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency.min, latency.mean, latency.max, latency:percentile(50), latency:percentile(90),
-    latency:percentile(99), latency:percentile(99.9),
-    table.concat(parts, ","), refused, json_escape(bodies)))
+  wrkjson.write(summary, latency, string.format('"statuses":{%s},"not_accepted":%d,"bad_bodies":"%s"',
+    table.concat(parts, ","), refused, wrkjson.escape(bodies)))
 end

@@ -28,6 +28,8 @@ local function now_us()
   return tonumber(ts.tv_sec) * 1000000 + math.floor(tonumber(ts.tv_nsec) / 1000)
 end
 
+local wrkjson = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "wrkjson.lua")
+
 local threads = {}
 local counter = 0
 
@@ -168,10 +170,6 @@ end
 
 -- main state --------------------------------------------------------------------------------
 
-local function json_escape(s)
-  return (s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end))
-end
-
 function done(summary, latency_all, requests)
   local steps, errs, total_flows, total_unassigned, bodies = {}, {}, 0, 0, ""
   for _, thread in ipairs(threads) do
@@ -194,18 +192,9 @@ function done(summary, latency_all, requests)
     table.insert(step_parts, string.format('"%s":[%s]', name, table.concat(list, ",")))
   end
   for key, c in pairs(errs) do
-    table.insert(err_parts, string.format('"%s":%d', json_escape(key), c))
+    table.insert(err_parts, string.format('"%s":%d', wrkjson.escape(key), c))
   end
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"latency_us":{"min":%d,"mean":%.1f,"max":%d,"p50":%d,"p90":%d,"p99":%d,"p999":%d},' ..
-    '"statuses":{},"not_accepted":0,"bad_bodies":"%s","flows":%d,"unassigned":%d,' ..
-    '"unexpected":{%s},"steps":{%s}}\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency_all.min, latency_all.mean, latency_all.max, latency_all:percentile(50), latency_all:percentile(90),
-    latency_all:percentile(99), latency_all:percentile(99.9),
-    json_escape(bodies), total_flows, total_unassigned, table.concat(err_parts, ","), table.concat(step_parts, ",")))
+  wrkjson.write(summary, latency_all, string.format(
+    '"statuses":{},"not_accepted":0,"bad_bodies":"%s","flows":%d,"unassigned":%d,"unexpected":{%s},"steps":{%s}',
+    wrkjson.escape(bodies), total_flows, total_unassigned, table.concat(err_parts, ","), table.concat(step_parts, ",")))
 end
