@@ -30,14 +30,8 @@ end
 
 local wrkjson = dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "wrkjson.lua")
 
-local threads = {}
-local counter = 0
-
-function setup(thread)
-  thread:set("tid", counter)
-  counter = counter + 1
-  table.insert(threads, thread)
-end
+local threads = wrkjson.threads
+setup = wrkjson.setup
 
 -- per thread --------------------------------------------------------------------------------
 

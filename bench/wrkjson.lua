@@ -1,7 +1,14 @@
--- The line "WRKJSON {...}" that bench/location.lua and bench/offer_flow.lua print at the end of
--- a wrk run and benchlib.run_wrk parses: wrk's own figures (requests, socket errors, latency
--- percentiles in microseconds), then the script's members. Loaded with dofile by both.
-local M = {}
+-- Shared by bench/location.lua and bench/offer_flow.lua (loaded with dofile): the threads (each
+-- numbered in its global `tid`), and the line "WRKJSON {...}" they print at the end of a wrk run
+-- and benchlib.run_wrk parses: wrk's own figures (requests, socket errors, latency percentiles in
+-- microseconds), then the script's members.
+local M = { threads = {} }
+
+-- wrk's setup(thread), in the main state: numbers the threads and keeps them for done()
+function M.setup(thread)
+  thread:set("tid", #M.threads)
+  table.insert(M.threads, thread)
+end
 
 function M.escape(s)
   return (s:gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end))
