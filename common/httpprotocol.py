@@ -7,16 +7,20 @@ closed, and a connection that never finished its first request's head stayed ope
 (uvicorn's keep-alive timeout runs only after a response). Here:
 
 - a head (request line and headers) over HTTP_MAX_HEAD_BYTES (64 KiB) is answered 431 in the
-  API's error body and the connection closed. The count is of the bytes received while a head is
-  incomplete; a chunk in which a head or a body ended is not counted (it may hold the rest of a
-  body), so a head is cut off within the limit and one chunk (asyncio reads at most 256 KiB);
+  API's error body and the connection closed: a complete head by its exact size; one still
+  arriving by the bytes received while it is incomplete (httptools holds a header line whole
+  before it reports it), counting no read in which a head or a body ended (it may hold the rest
+  of a body), so an endless head is cut off within the limit and one read (asyncio reads at most
+  256 KiB);
 - a head not complete HTTP_HEAD_TIMEOUT_SECONDS (30) after the connection opened, or after the first
   bytes of a later request arrived, closes the connection without an answer (as the keep-alive
   timeout does). A request being answered is never cut: the timer only acts between requests;
 - a head over the limit pipelined behind a request still being answered gets no 431 (it would be
   read as that request's answer): the connection closes once that answer is sent;
 - a chunked body's trailers (fields after its last chunk, which uvicorn adds to the request's
-  headers) count against the same limit; over it the connection is closed.
+  headers) count against the same limit; over it the connection is closed;
+- what httptools cannot parse (an unknown method, a target over 64 KiB, HTTP/1.2) is a 400 in the
+  API's error body (uvicorn's was plain text).
 
 A body is not bounded here: the lean API refuses one over its limit before reading it
 (common.middleware), and Django's own limits apply to forms."""
@@ -40,6 +44,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._head_moved = False  # a head or a message ended in the chunk being fed
         self._refused = False
         self._trailer_bytes = 0
+        self._head_size = 0
         self._head_timer = None
         self._max_head_bytes = settings.HTTP_MAX_HEAD_BYTES
         self._head_timeout = settings.HTTP_HEAD_TIMEOUT_SECONDS
@@ -68,7 +73,23 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._disarm_head_timer()
         super().connection_lost(exc)
 
+    # Parser callbacks. Once refused, the rest of what the parser already holds is ignored.
+
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        self._head_size = 0  # the request line's target and the headers, exactly
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self._refused:
+            return
+        self._head_size += len(url)
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
         if not self._in_head and self._max_head_bytes > 0:  # a trailer, after a chunked body
             self._trailer_bytes += len(name) + len(value)
             if self._trailer_bytes > self._max_head_bytes:
@@ -76,16 +97,37 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
                 self._refused = True
                 self.transport.close()
                 return
+        self._head_size += len(name) + len(value) + 4
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         self._in_head, self._head_moved, self._trailer_bytes = False, True, 0
         self._disarm_head_timer()
+        if self._head_size > self._max_head_bytes > 0:  # a head that came whole in one or two reads
+            self._refuse_head()
+            return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         super().on_message_complete()
         self._in_head, self._head_bytes, self._head_moved = True, 0, True
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what httptools cannot parse (a method it does not know, a target
+        over 64 KiB, HTTP/1.2, a folded header): in the API's error body, not plain text."""
+        self._disarm_head_timer()
+        self._refused = True
+        path = bytes(getattr(self, "url", b"") or b"").decode("latin1")
+        self.transport.write(raw_error_response(400, path, "The request is not valid HTTP/1.1.", self.server_state.default_headers))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
