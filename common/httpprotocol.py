@@ -45,6 +45,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._refused = False
         self._trailer_bytes = 0
         self._head_size = 0
+        self._head_started = False
         self._head_timer = None
         self._max_head_bytes = settings.HTTP_MAX_HEAD_BYTES
         self._head_timeout = settings.HTTP_HEAD_TIMEOUT_SECONDS
@@ -79,6 +80,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         if self._refused:
             return
         self._head_size = 0  # the request line's target and the headers, exactly
+        self._head_started = True
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -103,7 +105,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self._refused:
             return
-        self._in_head, self._head_moved, self._trailer_bytes = False, True, 0
+        self._in_head, self._head_moved, self._trailer_bytes, self._head_started = False, True, 0, False
         self._disarm_head_timer()
         if self._head_size > self._max_head_bytes > 0:  # a head that came whole in one or two reads
             self._refuse_head()
@@ -132,12 +134,12 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # what the client sends after the 431 is dropped until the connection closes
-        if self._in_head:
-            self._arm_head_timer()
         self._head_moved = False
         super().data_received(data)
         if self.transport.is_closing() or self.transport.get_protocol() is not self:  # refused, or now a socket
             return
+        if self._head_started:  # a head begun and not complete: timed (a whole one costs no timer)
+            self._arm_head_timer()
         if self._in_head and not self._head_moved:
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head_bytes > 0:
