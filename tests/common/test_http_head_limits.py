@@ -164,6 +164,22 @@ async def _read_to_close(reader, limit_s: float = 5) -> bytes:
     return data
 
 
+def answers_to(raws: list[bytes]) -> list[bytes]:
+    """What the stub server sends back to each raw request, each on a connection of its own,
+    until it closes the connection (at most 2 s)."""
+    async def scenario(port, release):
+        answers = []
+        for raw in raws:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            await writer.drain()
+            answers.append(await _read_to_close(reader, 2))
+            writer.close()
+        return answers
+
+    return serve_stub(scenario)
+
+
 def test_a_head_over_the_limit_behind_a_request_being_answered_lets_that_answer_out_then_closes(caplog):
     """A 431 written then would be read as the answer to the request before it (whose own answer
     then failed: write after write_eof)."""
@@ -196,18 +212,8 @@ def test_trailers_count_against_the_head_limit(caplog):
         return (b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"2\r\nhi\r\n0\r\n" + trailer + b"\r\n")
 
-    async def scenario(port, release):
-        answers = []
-        for trailer in (b"X-Sum: 1\r\n", b"X-Big: " + b"t" * 100_000 + b"\r\n"):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(chunked(trailer))
-            await writer.drain()
-            answers.append(await _read_to_close(reader, 2))
-            writer.close()
-        return answers
-
     with caplog.at_level(logging.INFO):
-        small, big = serve_stub(scenario)
+        small, big = answers_to([chunked(b"X-Sum: 1\r\n"), chunked(b"X-Big: " + b"t" * 100_000 + b"\r\n")])
     assert small.startswith(b"HTTP/1.1 200 ")
     assert big == b""  # closed: 10 MB of trailers were taken whole before
     assert caplog.text.count("trailers over 65536 bytes") == 1
@@ -230,19 +236,11 @@ def test_trailers_over_the_limit_log_one_line_however_many_follow(caplog):
 
 def test_a_head_over_the_limit_in_one_read_is_a_431_too():
     """A head arriving whole (or in two reads) was not counted: up to ~128 KiB got through."""
-    async def scenario(port, release):
-        answers = []
-        for head in (b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
-                     b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 95) for i in range(700)) + b"\r\n",
-                     b"GET /x HTTP/1.1\r\nHost: x\r\nX-Fine: " + b"a" * 60_000 + b"\r\n\r\n"):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(head)
-            await writer.drain()
-            answers.append(await _read_to_close(reader, 2))
-            writer.close()
-        return answers
-
-    one_header, many_headers, fine = serve_stub(scenario)
+    one_header, many_headers, fine = answers_to([
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 95) for i in range(700)) + b"\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-Fine: " + b"a" * 60_000 + b"\r\n\r\n",
+    ])
     for answer in (one_header, many_headers):
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 431 "), head[:100]
@@ -252,17 +250,7 @@ def test_a_head_over_the_limit_in_one_read_is_a_431_too():
 
 def test_what_httptools_cannot_parse_is_a_400_in_the_error_body():
     """(A target over the head limit is a 431 with the rest of the head.)"""
-    async def scenario(port, release):
-        answers = []
-        for raw in (b"FOO /x HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /x?token=secret HTTP/1.2\r\nHost: x\r\n\r\n"):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(raw)
-            await writer.drain()
-            answers.append(await _read_to_close(reader, 2))
-            writer.close()
-        return answers
-
-    for answer in serve_stub(scenario):
+    for answer in answers_to([b"FOO /x HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /x?token=secret HTTP/1.2\r\nHost: x\r\n\r\n"]):
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400 "), head[:100]
         assert b"content-type: application/json" in head.lower()
