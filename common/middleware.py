@@ -246,14 +246,21 @@ class EarlyBodyLimit:
     the connection, and a client still sending (most do: a phone uploading a photo) then sees
     a network error, not the 413, and retries. Not for a client that sent `Expect:
     100-continue` (it waits for our answer before sending), nor a declared body over the drain
-    budget (answered at once; the server closes the connection)."""
+    budget (answered at once; the server closes the connection).
+
+    Other paths (the admin, /support/, /track/): a declared Content-Length over
+    PAGE_MAX_BODY_BYTES is a plain-text 413 at once, the connection closed (a 300 MB post to the
+    admin's login was spooled to disk before its 403); a chunked body there is left to Django
+    (browsers send a length with every form and upload)."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v2/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if not scope["path"].startswith("/v2/"):
+            return await self._page(scope, receive, send)
         declared, content_type, chunked, expects_continue = None, "", False, False
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -305,6 +312,26 @@ class EarlyBodyLimit:
         # now has a length.
         scope = {**scope, "headers": [*scope["headers"], (b"content-length", str(len(body)).encode())]}
         return await self.app(scope, replay, send)
+
+    async def _page(self, scope, receive, send):
+        headers = dict(scope["headers"])  # (a repeated header: its last value, enough to judge)
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0  # (Django answers a malformed length)
+        if not declared > settings.PAGE_MAX_BODY_BYTES > 0:
+            return await self.app(scope, receive, send)
+        expects_continue = headers.get(b"expect", b"").strip().lower() == b"100-continue"
+        if not expects_continue and declared <= settings.API_BODY_DRAIN_BYTES:  # as for the API, above
+            if not await _drain(receive, settings.API_BODY_DRAIN_BYTES):
+                return None  # the client left
+        body = f"Request body too large: at most {settings.PAGE_MAX_BODY_BYTES:,} bytes.".encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+            (b"x-content-type-options", b"nosniff"), (b"x-request-id", new_request_id().encode()),
+            (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": body})
 
     @staticmethod
     async def _refuse(scope, send, limit: int) -> None:

@@ -178,6 +178,9 @@ API_MAX_BODY_BYTES = env.int("API_MAX_BODY_BYTES", default=1024 * 1024)
 # Before a 413 the rest of the upload is read and dropped, up to this many bytes in this many
 # seconds, so the client sees the 413 rather than a reset connection.
 API_BODY_DRAIN_BYTES = env.int("API_BODY_DRAIN_BYTES", default=32 * 1024 * 1024)
+# The pages (admin, /support/, /track/): a declared body over this is a 413 before it is read
+# (common.middleware.EarlyBodyLimit); room for the admin's imports. 0: no limit.
+PAGE_MAX_BODY_BYTES = env.int("PAGE_MAX_BODY_BYTES", default=20 * 1024 * 1024)
 API_BODY_DRAIN_SECONDS = env.float("API_BODY_DRAIN_SECONDS", default=10.0)
 
 # Web processes collect their youngest generation of objects every this many allocations

@@ -110,3 +110,27 @@ def test_the_proof_upload_route_takes_its_own_larger_limit_for_multipart_only(se
     assert status != 413 and read == 1  # past the early check: Django answers (401 without a token)
     as_json = {"Content-Type": "application/json", "Content-Length": "3000"}
     assert call(path, headers=as_json, chunks=[b"-" * 3000])[0] == 413
+
+
+def test_a_declared_page_body_over_the_page_limit_is_a_413_before_a_byte_is_read(settings):
+    """The admin's login took a 300 MB post whole (spooled to disk) before its 403."""
+    settings.PAGE_MAX_BODY_BYTES = 2048
+    settings.API_BODY_DRAIN_BYTES = 1024  # over the drain budget: answered at once
+    status, headers, body, read = call(
+        "/admin/login/", headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Length": str(300 * 1024 ** 2)},
+        chunks=[b"x" * 1024] * 3,
+    )
+    assert status == 413 and read == 0
+    assert headers[b"content-type"] == b"text/plain; charset=utf-8" and headers[b"connection"] == b"close"
+    assert body == b"Request body too large: at most 2,048 bytes."
+    # within the drain budget the upload is read and dropped first (the client sees the 413, not a reset)
+    settings.API_BODY_DRAIN_BYTES = 10_000
+    status, _, _, read = call(
+        "/support/login/", headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "3072"},
+        chunks=[b"x" * 1024] * 3,
+    )
+    assert status == 413 and read == 3
+    # within the limit: Django has it (the login page's CSRF refusal)
+    status, _, _, _ = call("/admin/login/", headers={"Content-Type": "application/x-www-form-urlencoded",
+                                                     "Content-Length": "1024"}, chunks=[b"x" * 1024])
+    assert status == 403
