@@ -454,7 +454,10 @@ DEFAULT_PROOF_POLICY = env("DEFAULT_PROOF_POLICY", default="none")
 # metres from the drop-off, by the driver's latest fix (none, or older than
 # DRIVER_STALE_AFTER_SECONDS, counts as unknown), is a 409 unless the driver gives an
 # overrideReason (then flagged on the delivery and audited). 0 switches the check off.
-DROPOFF_GEOFENCE_METERS = env.int("DROPOFF_GEOFENCE_METERS", default=200)
+# Off by default, as serviceability above: the SPEC completes a delivery wherever the driver is
+# (its flows put the driver's fix at the pickup and complete 2 km away). A city turns it on
+# (200 is the figure issue 15 gives); the tests run with it on (config/settings/test.py).
+DROPOFF_GEOFENCE_METERS = env.int("DROPOFF_GEOFENCE_METERS", default=0)
 # Photo and signature proofs (docs/dispatch.md, "Proof of delivery"): the largest file taken
 # (bytes; more is a 413), the most pixels an image may have (decompression bombs are refused
 # before they are decoded), the policies whose deliveries need a photo to fail (comma list, e.g.

@@ -45,6 +45,11 @@ if env("TEST_DB_NAME", default=""):
 WHITENOISE_USE_FINDERS = True
 STATIC_ROOT.mkdir(exist_ok=True)  # noqa: F405
 
+# The drop-off geofence on, at the figure a city would set (off by default: base.py): every
+# test that completes a delivery puts its driver at the door (tests.factories.driver_at_dropoff),
+# so each completion path, and its statement count, is exercised with the check.
+DROPOFF_GEOFENCE_METERS = env.int("DROPOFF_GEOFENCE_METERS", default=200)
+
 # The webhook tests' receivers listen on 127.0.0.1 (the SSRF tests switch this off).
 WEBHOOK_ALLOW_PRIVATE_TARGETS = True
 

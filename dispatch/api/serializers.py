@@ -409,7 +409,7 @@ class DeliveryStepSerializer(PlainValidation, serializers.Serializer):
     overrideReason = StrictRegexField(
         r"\S", max_length=500, required=False,
         help_text="delivery-completed: why the driver completes it away from the drop-off. Without it, completing "
-        "farther than DROPOFF_GEOFENCE_METERS (default 200 m) from the drop-off by the driver's latest location, or "
+        "farther than DROPOFF_GEOFENCE_METERS (when set; default 0: off) from the drop-off by the driver's latest location, or "
         "with no location in the last DRIVER_STALE_AFTER_SECONDS, is a 409 naming the distance "
         "(details.distanceMeters, null when unknown; details.limitMeters). With it the delivery is completed and "
         "flagged (geofenceOverrideReason, geofenceOverrideDistanceMeters) and audited (geofence_override). Not "

@@ -239,7 +239,7 @@ class DeliveryStepView(APIView):
         "delivery-completed of a delivery with proofRequired code takes `handoffCode`: missing or wrong is a 400 "
         "(`details.handoffCode`; each wrong code is counted), and after 5 wrong codes the delivery is flagged for "
         "ops and every code is a 409 until ops reset it (POST /v2/deliveries/{id}/handoff-code/reset). "
-        "delivery-completed farther than DROPOFF_GEOFENCE_METERS (default 200 m) from the drop-off, judged by the "
+        "delivery-completed farther than DROPOFF_GEOFENCE_METERS (when set; default 0: off) from the drop-off, judged by the "
         "driver's latest location (none in the last DRIVER_STALE_AFTER_SECONDS: unknown), is a 409 naming the "
         "distance (`details.distanceMeters`, null when unknown, `details.limitMeters`, `details.lastFixAt`) unless "
         "the body gives `overrideReason`: then it completes, flagged for ops and audited (`geofence_override`). With "

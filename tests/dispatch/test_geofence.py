@@ -245,6 +245,20 @@ def test_zero_switches_the_geofence_off(driver, driver_client, on_the_way, setti
     assert not DeliveryAuditLog.objects.filter(delivery=on_the_way, event_type="geofence_override").exists()
 
 
+def test_off_by_default_so_a_spec_flow_completes_where_its_driver_last_was(driver, driver_client, on_the_way, settings):
+    """The SPEC completes a delivery wherever the driver is: a flow whose only fix is at the
+    pickup (2.5 km from the drop-off) completes under the shipped default; the suite itself
+    runs with 200 m (config/settings/test.py)."""
+    from config.settings import base
+
+    assert base.DROPOFF_GEOFENCE_METERS == 0
+    settings.DROPOFF_GEOFENCE_METERS = base.DROPOFF_GEOFENCE_METERS
+
+    body = complete(driver_client, driver, on_the_way).json()
+
+    assert body["status"] == "delivered" and body["geofenceOverrideReason"] is None
+
+
 # -------------------------------------------------------------- what it applies to
 
 
