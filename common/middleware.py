@@ -250,8 +250,8 @@ class EarlyBodyLimit:
 
     Other paths (the admin, /support/, /track/): a declared Content-Length over
     PAGE_MAX_BODY_BYTES is a plain-text 413 at once, the connection closed (a 300 MB post to the
-    admin's login was spooled to disk before its 403); a chunked body there is left to Django
-    (browsers send a length with every form and upload)."""
+    admin's login was spooled to disk before its 403); a chunked body there is counted as it
+    streams to Django and refused the same way once past the limit (it was spooled whole)."""
 
     def __init__(self, app):
         self.app = app
@@ -315,16 +315,45 @@ class EarlyBodyLimit:
 
     async def _page(self, scope, receive, send):
         headers = dict(scope["headers"])  # (a repeated header: its last value, enough to judge)
+        limit = settings.PAGE_MAX_BODY_BYTES
+        if limit > 0 and b"content-length" not in headers and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            return await self.app(scope, self._page_counted(receive, send, limit), send)
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
             declared = 0  # (Django answers a malformed length)
-        if not declared > settings.PAGE_MAX_BODY_BYTES > 0:
+        if not declared > limit > 0:
             return await self.app(scope, receive, send)
         expects_continue = headers.get(b"expect", b"").strip().lower() == b"100-continue"
         if not expects_continue and declared <= settings.API_BODY_DRAIN_BYTES:  # as for the API, above
             if not await _drain(receive, settings.API_BODY_DRAIN_BYTES):
                 return None  # the client left
+        await self._page_refuse(send)
+
+    def _page_counted(self, receive, send, limit: int):
+        """`receive` for a chunked body to a page: passed through as it comes (Django spools it),
+        counted; past `limit` the rest is drained within the budget, the plain 413 sent, and
+        Django told the client left (its body read ends in RequestAborted: it sends nothing)."""
+        size, refused = 0, False
+
+        async def counted():
+            nonlocal size, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    refused = True
+                    if not message.get("more_body", False) or await _drain(receive, settings.API_BODY_DRAIN_BYTES - size):
+                        await self._page_refuse(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        return counted
+
+    @staticmethod
+    async def _page_refuse(send) -> None:
         body = f"Request body too large: at most {settings.PAGE_MAX_BODY_BYTES:,} bytes.".encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),

@@ -134,3 +134,22 @@ def test_a_declared_page_body_over_the_page_limit_is_a_413_before_a_byte_is_read
     status, _, _, _ = call("/admin/login/", headers={"Content-Type": "application/x-www-form-urlencoded",
                                                      "Content-Length": "1024"}, chunks=[b"x" * 1024])
     assert status == 403
+
+
+def test_a_chunked_page_body_is_refused_once_past_the_page_limit(settings):
+    """A chunked body to a page was spooled whole by Django before its 403; now counted as it
+    streams and refused past PAGE_MAX_BODY_BYTES, the rest drained within the budget."""
+    settings.PAGE_MAX_BODY_BYTES = 2048
+    settings.API_BODY_DRAIN_BYTES = 10_000
+    chunked = {"Content-Type": "application/x-www-form-urlencoded", "Transfer-Encoding": "chunked"}
+    status, headers, body, read = call("/admin/login/", headers=chunked, chunks=[b"x" * 1024] * 5)
+    assert status == 413 and read == 5  # past the limit at the third chunk; the last two drained
+    assert headers[b"content-type"] == b"text/plain; charset=utf-8" and headers[b"connection"] == b"close"
+    assert body == b"Request body too large: at most 2,048 bytes."
+    # over the drain budget as well: answered at the chunk that passed the limit
+    settings.API_BODY_DRAIN_BYTES = 1024
+    status, _, _, read = call("/support/login/", headers=chunked, chunks=[b"x" * 1024] * 5)
+    assert status == 413 and read == 3
+    # within the limit Django has it (the login page's CSRF refusal)
+    status, _, _, read = call("/admin/login/", headers=chunked, chunks=[b"x" * 1024] * 2)
+    assert status == 403 and read == 2
