@@ -55,8 +55,8 @@ class DriverConsumer(RelayConsumer):
         if driver is None:
             await self.deny(CLOSE_FORBIDDEN)
             return
-        await self.join_and_accept([driver_group(driver.pk)])
-        await self.send_json(await _snapshot(driver))
+        if await self.join_and_accept([driver_group(driver.pk)]):
+            await self.send_json(await _snapshot(driver))
 
     def allowed(self, user) -> bool:
         return _own_driver_of(user, self.scope["url_route"]["kwargs"]["driver_id"]) is not None

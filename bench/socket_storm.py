@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     machine_state("machine before")
     token, links = credentials(args.sockets // 4)
-    server = Server(workers=args.workers, consumers=0, env={"REDIS_URL": named(redis_url), "LOG_LEVEL": "WARNING"})
+    server = Server(workers=args.workers, consumers=0, env={"REDIS_URL": named(redis_url), "LOG_LEVEL": "WARNING",
+                                                                 "SOCKET_MAX_PER_CREDENTIAL": "0"})  # (all on one token)
     server.start()
     try:
         code = asyncio.run(storm(args, server.base, client, token, links))

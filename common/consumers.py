@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+CLOSE_TOO_MANY = 4429  # (as HTTP 429) SOCKET_MAX_PER_CREDENTIAL of this login's sockets are open here
+
+# This process's open sockets by credential (RelayConsumer.join_and_accept).
+_open_sockets: dict[str, int] = {}
 
 
 def query_param(scope, name: str) -> str | None:
@@ -266,6 +270,7 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
             return await super().__call__(scope, receive, send)
         finally:
             self._stop_checks()
+            self._uncount()
 
     @classmethod
     async def encode_json(cls, content) -> str:
@@ -299,23 +304,56 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
     async def relay(self, message):
         await self.send_json(message["event"])
 
-    async def join_and_accept(self, groups: list[str]) -> None:
+    async def join_and_accept(self, groups: list[str], *, credential: str | None = None) -> bool:
         """Join the groups, then accept. In this order an event committed after the client
         sees the socket open always reaches it; accepting first leaves a window in which the
         client believes it is live while the group does not yet hold this channel.
+
+        At most SOCKET_MAX_PER_CREDENTIAL sockets of this kind per credential (the login's
+        user, or `credential`: a customer's link) in this process; one more is refused with
+        4429 and False returned (one leaked token held hundreds of sockets, each a group member
+        every event is sent to).
 
         A logged-in socket also joins its login's group: a revoked token or a deactivated
         login closes it (`login_revoked`), and it closes when its token expires. It also checks
         again every SOCKET_LOGIN_RECHECK_SECONDS (jittered), for changes no hook sees (a bulk
         `QuerySet.update`, SQL)."""
         user = self.scope.get("user")
-        if getattr(user, "is_authenticated", False):
+        logged_in = getattr(user, "is_authenticated", False)
+        if credential is None and logged_in:
+            credential = f"user:{user.pk}"
+        if credential is not None and not await self._count(f"{type(self).__name__}:{credential}"):
+            return False
+        if logged_in:
             groups = [*groups, login_group(user.pk)]
         self.groups_to_join = groups
         for group in groups:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
         self._close_at(self.scope.get("api_token_expires_at"))
+        return True
+
+    async def _count(self, key: str) -> bool:
+        cap = settings.SOCKET_MAX_PER_CREDENTIAL
+        if cap > 0 and _open_sockets.get(key, 0) >= cap:
+            logger.info("%s refused (%s): %d sockets of this credential already open here", type(self).__name__,
+                        CLOSE_TOO_MANY, cap)
+            await self.deny(CLOSE_TOO_MANY)
+            return False
+        _open_sockets[key] = _open_sockets.get(key, 0) + 1
+        self._counted_as = key
+        return True
+
+    def _uncount(self) -> None:
+        key = getattr(self, "_counted_as", None)
+        if key is None:
+            return
+        self._counted_as = None
+        left = _open_sockets.get(key, 0) - 1
+        if left > 0:
+            _open_sockets[key] = left
+        else:
+            _open_sockets.pop(key, None)
 
     def allowed(self, user) -> bool:
         """Whether `user` may have this socket; checked again, in a worker thread, on a

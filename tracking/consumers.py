@@ -31,8 +31,8 @@ class TrackingConsumer(RelayConsumer):
             return
         self.delivery_id = delivery.pk
         # Join first, then read: a change committed in between is sent after the snapshot.
-        await self.join_and_accept([delivery_group(delivery.pk)])
-        await self._send_status("delivery_snapshot")
+        if await self.join_and_accept([delivery_group(delivery.pk)], credential=f"delivery:{delivery.pk}"):
+            await self._send_status("delivery_snapshot")
 
     async def dispatch(self, message):
         # Location and ETA are pure relays (no database: no per-message thread hop), but

@@ -409,6 +409,9 @@ API_LOGIN_TOKEN_TTL_SECONDS = env.int("API_LOGIN_TOKEN_TTL_SECONDS", default=30 
 # Open ops/driver/support sockets re-check their login this often (jittered down to 80%), for
 # changes no model signal reports (bulk updates, SQL); 0 = only on signals and token expiry.
 SOCKET_LOGIN_RECHECK_SECONDS = env.int("SOCKET_LOGIN_RECHECK_SECONDS", default=300)
+# At most this many sockets of one kind per login (per customer link on /ws/track/) in each web
+# process; one more closes with 4429. 0: no cap.
+SOCKET_MAX_PER_CREDENTIAL = env.int("SOCKET_MAX_PER_CREDENTIAL", default=20)
 DEMO_OPS_PASSWORD = env("DEMO_OPS_PASSWORD", default="ops")
 
 # Prometheus: set PROMETHEUS_MULTIPROC_DIR when running several processes.

@@ -33,6 +33,7 @@ async def close_all(comms) -> None:
 
 def test_a_storm_of_sockets_on_a_small_pool_connects_and_closes_without_errors(settings, caplog):
     settings.CHANNELS_REDIS_MAX_CONNECTIONS = 8  # far fewer than the sockets at once
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0  # (all on one token)
     token = token_for(OpsUserFactory())
 
     async def storm():
@@ -62,6 +63,7 @@ def test_after_a_storm_the_pool_keeps_only_its_idle_cap_open(settings):
     from common.redis import get_redis
 
     settings.CHANNELS_REDIS_MAX_CONNECTIONS = 40
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0  # (all on one token)
     settings.CHANNELS_REDIS_MAX_IDLE = 3
     settings.CHANNELS_REDIS_IDLE_SECONDS = 3600  # the timer never fires in this test: reap() is called
     token = token_for(OpsUserFactory())
