@@ -21,6 +21,9 @@ def new_request_id(given: str | None = None) -> str:
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        # uvicorn's lines carry their text again with terminal colours, which the JSON
+        # formatter would write out as one more field
+        record.__dict__.pop("color_message", None)
         return True
 
 

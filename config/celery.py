@@ -1,18 +1,18 @@
+import logging
 import os
 
 from celery import Celery, bootsteps
 from celery.signals import (
-    after_setup_logger,
-    after_setup_task_logger,
     after_task_publish,
     beat_init,
     before_task_publish,
     task_postrun,
+    setup_logging,
     task_prerun,
 )
 
 from common import heartbeat
-from common.logfilters import RedactTokensFilter, request_id
+from common.logfilters import request_id
 from config.periodic import PERIODIC_TASKS
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
@@ -37,15 +37,21 @@ def _count_publish_timeouts(sender, **kwargs):
 app.autodiscover_tasks()
 
 
-@after_setup_logger.connect
-@after_setup_task_logger.connect
-def _redact_tokens_in_worker_logs(sender=None, logger=None, **kwargs):
-    """A worker or beat logs through the handlers Celery installs in place of Django's LOGGING
-    (whose console handler redacts): tracking links (`?token=`) in a task's log line, e.g. the
-    console SMS backend's, must not keep the token there either."""
-    for handler in logger.handlers:
-        if not any(isinstance(f, RedactTokensFilter) for f in handler.filters):
-            handler.addFilter(RedactTokensFilter())
+@setup_logging.connect
+def _django_logging(**kwargs):
+    """A worker and beat log through Django's LOGGING, as the web does: one JSON object a line
+    (LOG_FORMAT), tokens in URLs redacted (a task's line may hold a tracking link: the console
+    SMS backend's), the request id. Celery's own set-up (its plain format, its handlers in place
+    of Django's) runs only when nothing answers this signal. `-l`/`--loglevel` is applied to the
+    root logger on top of LOG_LEVEL."""
+    from logging.config import dictConfig
+
+    from django.conf import settings
+
+    dictConfig(settings.LOGGING)
+    loglevel = kwargs.get("loglevel")
+    if loglevel:
+        logging.getLogger().setLevel(loglevel)
 
 # --------------------------------------------------------------------------- job liveness
 # /health/jobs and the job gauges read what these write (common/heartbeat.py, docs/operations.md).

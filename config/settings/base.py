@@ -581,6 +581,11 @@ LOGGING["handlers"]["console"]["filters"] = ["redact_tokens", "request_id"]
 # Proxies whose X-Request-ID is taken as given (others get a fresh id).
 REQUEST_ID_TRUSTED_PROXIES = env.list("REQUEST_ID_TRUSTED_PROXIES", default=["127.0.0.1", "::1"])
 LOGGING["loggers"]["uvicorn.error"] = {"filters": ["redact_tokens"]}
+# uvicorn's own lines (the server's start and stop, the HTTP protocol's refusals,
+# common/httpprotocol.py) through the same handler as everything else: its command line
+# configures plain-text handlers of its own on "uvicorn", which this replaces once Django is set up.
+LOGGING["loggers"]["uvicorn"] = {"handlers": ["console"], "level": "INFO", "propagate": False}
+LOGGING["loggers"]["uvicorn.access"] = {"handlers": ["console"], "level": "INFO", "propagate": False}
 LOGGING["loggers"]["django.contrib.gis"] = {"filters": ["gis_input_warning"]}
 
 # Escalation and support (docs/escalation.md).

@@ -1,6 +1,7 @@
 """Tracking links and socket URLs carry a credential in `?token=`: no log line keeps it, from
-the web (Django's LOGGING) or from a Celery worker or beat, which log through handlers of
-their own (the console SMS backend logs a customer's whole message, tracking link included)."""
+the web (Django's LOGGING), a Celery worker or beat (which log through Django's LOGGING too,
+config/celery.py; the console SMS backend logs a customer's whole message, tracking link
+included) or uvicorn. And every line is one JSON object (LOG_FORMAT=json), whoever writes it."""
 import json
 import os
 import subprocess
@@ -33,7 +34,7 @@ def _assert_redacted(logged: str) -> None:
 
 
 def test_a_worker_s_and_beat_s_log_lines_keep_no_token():
-    # what `celery worker` and `celery beat` do at start: Celery's own handlers replace Django's
+    # what `celery worker` and `celery beat` do at start
     _assert_redacted(_stderr_of("from config.celery import app\napp.log.setup(loglevel='INFO', redirect_stdouts=False)\n"))
 
 
@@ -62,3 +63,44 @@ def test_the_request_a_django_log_line_carries_is_written_without_its_token():
     assert "/track/7?token=[redacted]" in lines[0]["request"] and lines[0]["status_code"] == 405
     assert "token=[redacted]" in lines[1]["request"]
     assert lines[2]["message"] == "Not Found: <WSGIRequest: GET '/x?q=1'>" and lines[2]["status_code"] == 404
+
+
+def _json_lines_of(code: str) -> list[dict]:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.base", "LOG_FORMAT": "json"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines and all(line.startswith("{") for line in lines), out.stderr  # every line one JSON object
+    return [json.loads(line) for line in lines]
+
+
+def test_a_worker_s_and_beat_s_lines_are_json_like_the_web_s():
+    """Celery replaced Django's handlers with its plain `[time: LEVEL/Process] message` lines."""
+    lines = _json_lines_of(
+        "import django; django.setup()\n"
+        "from config.celery import app\napp.log.setup(loglevel='INFO', redirect_stdouts=False)\n"
+        "import logging\nfrom celery.utils.log import get_task_logger\n"
+        "get_task_logger('notifications.tasks').info('link %s', 'http://h/track/2?token=SECRETTWO')\n"
+        "logging.getLogger('celery.beat').info('beat: Starting...')\n"
+        "logging.getLogger('x').debug('not at INFO')\n"
+    )
+    assert [(line["level"], line["logger"], line["message"]) for line in lines] == [
+        ("INFO", "notifications.tasks", "link http://h/track/2?token=[redacted]"),
+        ("INFO", "celery.beat", "beat: Starting..."),
+    ]
+
+
+def test_uvicorn_s_own_lines_are_json_once_django_is_set_up():
+    """uvicorn's command line installs plain-text handlers on "uvicorn" before it loads the
+    application; the protocol's refusals (common/httpprotocol.py) came out in that format."""
+    lines = _json_lines_of(
+        "import logging, logging.config\nfrom uvicorn.config import LOGGING_CONFIG\n"
+        "logging.config.dictConfig(LOGGING_CONFIG)\n"
+        "import django; django.setup()\n"
+        "logging.getLogger('uvicorn.error').warning('HTTP request refused: its head is over %d bytes.', 65536,"
+        " extra={'color_message': '\\x1b[1mcoloured\\x1b[0m'})\n"
+        "logging.getLogger('uvicorn.access').info('%s - \"%s %s HTTP/%s\" %d', '127.0.0.1:1', 'GET', '/track/1?token=SECRET', '1.1', 200)\n"
+    )
+    assert [(line["level"], line["logger"]) for line in lines] == [("WARNING", "uvicorn.error"), ("INFO", "uvicorn.access")]
+    assert lines[0]["message"] == "HTTP request refused: its head is over 65536 bytes." and "color_message" not in lines[0]
+    assert "SECRET" not in lines[1]["message"] and "token=[redacted]" in lines[1]["message"]
