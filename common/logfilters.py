@@ -27,6 +27,19 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class CeleryTaskFilter(logging.Filter):
+    """A line written while a Celery task runs carries the task's name and id (`task_name`,
+    `task_id`: Celery's own line format had them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from celery._state import get_current_task
+
+        task = get_current_task()
+        if task is not None and task.request.id:
+            record.task_name, record.task_id = task.name, task.request.id
+        return True
+
+
 class GisInputWarningFilter(logging.Filter):
     """GeoDjango logs, at ERROR, every value it could not read (a typo in a map field of the
     ops console: two lines a request: GEOS's error, then the widget's "Error creating

@@ -575,9 +575,10 @@ LOGGING["handlers"]["console"]["formatter"] = env("LOG_FORMAT", default="json")
 LOGGING["filters"] = {
     "redact_tokens": {"()": "common.logfilters.RedactTokensFilter"},
     "request_id": {"()": "common.logfilters.RequestIdFilter"},
+    "celery_task": {"()": "common.logfilters.CeleryTaskFilter"},
     "gis_input_warning": {"()": "common.logfilters.GisInputWarningFilter"},
 }
-LOGGING["handlers"]["console"]["filters"] = ["redact_tokens", "request_id"]
+LOGGING["handlers"]["console"]["filters"] = ["redact_tokens", "request_id", "celery_task"]
 # Proxies whose X-Request-ID is taken as given (others get a fresh id).
 REQUEST_ID_TRUSTED_PROXIES = env.list("REQUEST_ID_TRUSTED_PROXIES", default=["127.0.0.1", "::1"])
 LOGGING["loggers"]["uvicorn.error"] = {"filters": ["redact_tokens"]}

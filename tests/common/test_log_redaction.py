@@ -83,11 +83,16 @@ def test_a_worker_s_and_beat_s_lines_are_json_like_the_web_s():
         "get_task_logger('notifications.tasks').info('link %s', 'http://h/track/2?token=SECRETTWO')\n"
         "logging.getLogger('celery.beat').info('beat: Starting...')\n"
         "logging.getLogger('x').debug('not at INFO')\n"
+        "@app.task(name='demo.say')\ndef say():\n    get_task_logger('demo').info('inside')\n"
+        "say.apply(task_id='T-1')\n"
     )
-    assert [(line["level"], line["logger"], line["message"]) for line in lines] == [
+    said = [line for line in lines if line["logger"] == "demo"]
+    assert [(line["level"], line["logger"], line["message"]) for line in lines if line["logger"] != "celery.app.trace"] == [
         ("INFO", "notifications.tasks", "link http://h/track/2?token=[redacted]"),
         ("INFO", "celery.beat", "beat: Starting..."),
+        ("INFO", "demo", "inside"),
     ]
+    assert "task_id" not in lines[0] and (said[0]["task_name"], said[0]["task_id"]) == ("demo.say", "T-1")
 
 
 def test_uvicorn_s_own_lines_are_json_once_django_is_set_up():
