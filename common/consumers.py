@@ -309,8 +309,8 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         sees the socket open always reaches it; accepting first leaves a window in which the
         client believes it is live while the group does not yet hold this channel.
 
-        At most SOCKET_MAX_PER_CREDENTIAL sockets of this kind per credential (the login's
-        user, or `credential`: a customer's link) in this process; one more is refused with
+        At most SOCKET_MAX_PER_CREDENTIAL sockets of this kind per credential (the API token,
+        else the session's user, or `credential`: a customer's link) in this process; one more is refused with
         4429 and False returned (one leaked token held hundreds of sockets, each a group member
         every event is sent to).
 
@@ -321,7 +321,10 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         user = self.scope.get("user")
         logged_in = getattr(user, "is_authenticated", False)
         if credential is None and logged_in:
-            credential = f"user:{user.pk}"
+            # by token when there is one: a leaked token filling the cap leaves its user's
+            # session and other tokens their own places
+            digest = self.scope.get("api_token_digest")
+            credential = f"token:{digest}" if digest else f"user:{user.pk}"
         if credential is not None and not await self._count(f"{type(self).__name__}:{credential}"):
             return False
         if logged_in:

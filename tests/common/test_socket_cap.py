@@ -8,6 +8,7 @@ from asgiref.sync import async_to_sync
 from channels.testing import WebsocketCommunicator
 
 from common import consumers
+from common.tokens import api_token_create
 from config.asgi import application
 from tests.api import token_for
 from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory
@@ -27,13 +28,17 @@ def test_one_socket_over_the_cap_is_closed_with_4429_and_a_closed_one_frees_its_
     settings.SOCKET_MAX_PER_CREDENTIAL = 2
     ops, other = OpsUserFactory(), OpsUserFactory()
     path = f"/ws/ops/?token={token_for(ops)}"
+    second_token = api_token_create(ops, name="second device")
 
     async def scenario():
         first, second = await opened(path), await opened(path)
         assert await refusal(WebsocketCommunicator(application, path)) == 4429
-        # another login has a count of its own
+        # another login has a count of its own, and so has another token of the same user (a
+        # leaked token filling the cap leaves its user's other credentials their places)
         third = await opened(f"/ws/ops/?token={token_for(other)}")
+        fourth = await opened(f"/ws/ops/?token={second_token}")
         await third.disconnect()
+        await fourth.disconnect()
         await first.disconnect()
         again = await opened(path)  # the closed socket's place is free
         assert await refusal(WebsocketCommunicator(application, path)) == 4429

@@ -1,5 +1,6 @@
 """The customer's tracking page `/track/<deliveryId>?token=`: server-rendered, and live in a real
 browser (headless Chromium) against a real ASGI server (uvicorn) started for the test."""
+import json
 import os
 from pathlib import Path
 
@@ -84,11 +85,9 @@ def test_the_tracking_url_of_a_delivery_is_this_page(client):
 # ------------------------------------------------------------------------------ live, in a browser
 
 
-@pytest.fixture
-def uvicorn_server(transactional_db, tmp_path):
-    """uvicorn serving config.asgi on a free loopback port, on the test database and Redis.
-
-    Depends on `transactional_db` so that it stops before the tables are flushed."""
+def _served(tmp_path, **extra_env):
+    """uvicorn serving config.asgi on a free loopback port, on the test database and Redis:
+    (base URL, log path)."""
     port = free_port()
     log_path = tmp_path / "uvicorn.log"
     env = {
@@ -99,8 +98,25 @@ def uvicorn_server(transactional_db, tmp_path):
         "TRACKING_BASE_URL": f"http://127.0.0.1:{port}/track",
         "TRACKING_LEAFLET_URL": "",  # no CDN from the test: the page must work without the map
         "PYTHONUNBUFFERED": "1",
+        **extra_env,
     }
-    with uvicorn(port, env, log_path, log_level="info", ready_path="/health", timeout=30) as base:
+    return uvicorn(port, env, log_path, log_level="info", ready_path="/health", timeout=30), log_path
+
+
+@pytest.fixture
+def uvicorn_server(transactional_db, tmp_path):
+    """Depends on `transactional_db` so that it stops before the tables are flushed."""
+    server, log_path = _served(tmp_path)
+    with server as base:
+        yield base, log_path
+
+
+@pytest.fixture
+def capped_server(transactional_db, tmp_path):
+    """As uvicorn_server, with one socket a customer link (SOCKET_MAX_PER_CREDENTIAL) on its one
+    process."""
+    server, log_path = _served(tmp_path, SOCKET_MAX_PER_CREDENTIAL="1")
+    with server as base:
         yield base, log_path
 
 
@@ -158,6 +174,31 @@ def test_in_a_browser_the_page_renders_and_moves_the_driver_when_a_fix_arrives(u
     assert "/ws/track/" in log  # uvicorn logged the socket, ...
     assert delivery.tracking_token not in log  # ... without its token
     assert token_for(driver.user) not in log
+
+
+@pytest.mark.slow
+def test_in_a_browser_a_link_over_its_socket_cap_says_so_and_does_not_retry_every_second(capped_server, chromium):
+    """A socket over SOCKET_MAX_PER_CREDENTIAL is accepted and closed with 4429: the page's
+    open handler reset its backoff, so it reconnected about once a second for good."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from websockets.sync.client import connect
+
+    base, log_path = capped_server
+    delivery = DeliveryFactory()
+    text = lambda element_id: chromium.find_element(By.ID, element_id).text  # noqa: E731
+
+    with connect(f"ws{base[4:]}/ws/track/{delivery.pk}/?token={delivery.tracking_token}") as held:
+        assert json.loads(held.recv(timeout=10))["type"] == "delivery_snapshot"
+        chromium.get(f"{base}/track/{delivery.pk}?token={delivery.tracking_token}")
+        WebDriverWait(chromium, 15).until(lambda b: text("connection") == "too many open pages, retrying in a minute")
+        refusals = lambda: log_path.read_text().count("TrackingConsumer refused (4429)")  # noqa: E731
+        assert refusals() == 1
+        # the old page tried again 1 s later, and every second after: now a minute
+        with pytest.raises(TimeoutException):
+            WebDriverWait(chromium, 3, poll_frequency=0.25).until(lambda b: refusals() > 1)
+        assert text("connection") == "too many open pages, retrying in a minute"
 
 
 @pytest.mark.django_db

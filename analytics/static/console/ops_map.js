@@ -327,6 +327,11 @@
         setState("offline", "Signed out: reload the page to sign in again");
         return;
       }
+      if (close.code === 4429) {  // too many of this login's sockets open (SOCKET_MAX_PER_CREDENTIAL)
+        setState("offline", "Too many consoles open for this login: close some tabs (trying again in a minute)");
+        setTimeout(connect, 60000 * (0.75 + Math.random() * 0.5));
+        return;
+      }
       attempt += 1;
       const delay = Math.min(30000, 1000 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() * 0.5);
       setState("offline", `Offline: reconnecting in ${Math.round(delay / 1000)} s`);

@@ -70,7 +70,12 @@
       clearTimeout(timer);
       timer = setTimeout(refresh, 300);  // a burst of events: one refresh
     };
-    socket.onclose = function () {
+    socket.onclose = function (close) {
+      if (close.code === 4429) {  // too many of this login's sockets open (SOCKET_MAX_PER_CREDENTIAL)
+        state("offline", "too many tabs open, retrying in a minute");
+        setTimeout(connect, 60000 * (0.75 + Math.random() * 0.5));
+        return;
+      }
       state("offline", "offline, retrying");
       setTimeout(connect, retry);
       retry = Math.min(retry * 2, 30000);
