@@ -153,3 +153,21 @@ def test_a_chunked_page_body_is_refused_once_past_the_page_limit(settings):
     # within the limit Django has it (the login page's CSRF refusal)
     status, _, _, read = call("/admin/login/", headers=chunked, chunks=[b"x" * 1024] * 2)
     assert status == 403 and read == 2
+
+
+def test_a_chunked_page_body_whose_client_leaves_while_it_is_drained_gets_no_answer(settings):
+    settings.PAGE_MAX_BODY_BYTES = 2048
+    settings.API_BODY_DRAIN_BYTES = 10_000
+    messages = [{"type": "http.request", "body": b"x" * 1024, "more_body": True}] * 3 + [{"type": "http.disconnect"}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = http_scope("POST", "/admin/login/", [(b"content-type", b"application/x-www-form-urlencoded"),
+                                                 (b"transfer-encoding", b"chunked")])
+    async_to_sync(application)(scope, receive, send)
+    assert sent == [] and messages == []
