@@ -29,7 +29,12 @@ class RequestIdFilter(logging.Filter):
 
 class CeleryTaskFilter(logging.Filter):
     """A line written while a Celery task runs carries the task's name and id (`task_name`,
-    `task_id`: Celery's own line format had them)."""
+    `task_id`: Celery's own line format had them). Celery's own lines about a task ("received",
+    "succeeded") carry a `data` extra, which the JSON formatter writes out: its arguments and
+    return value are dropped from it (an offer's push carries the offer's addresses, an ops
+    alert its text; Celery's plain format never showed them), its id, name and runtime kept."""
+
+    UNLOGGED = ("args", "kwargs", "return_value")
 
     def filter(self, record: logging.LogRecord) -> bool:
         from celery._state import get_current_task
@@ -37,6 +42,9 @@ class CeleryTaskFilter(logging.Filter):
         task = get_current_task()
         if task is not None and task.request.id:
             record.task_name, record.task_id = task.name, task.request.id
+        data = record.__dict__.get("data")
+        if isinstance(data, dict) and record.name.startswith("celery.") and any(k in data for k in self.UNLOGGED):
+            record.data = {k: v for k, v in data.items() if k not in self.UNLOGGED}
         return True
 
 
