@@ -310,9 +310,9 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         client believes it is live while the group does not yet hold this channel.
 
         At most SOCKET_MAX_PER_CREDENTIAL sockets of this kind per credential (the API token,
-        else the session's user, or `credential`: a customer's link) in this process; one more is refused with
-        4429 and False returned (one leaked token held hundreds of sockets, each a group member
-        every event is sent to).
+        else the session's user, or `credential`: a customer's link) in this process; one more
+        is refused with 4429 and False returned (one leaked token held hundreds of sockets, each
+        a group member every event is sent to).
 
         A logged-in socket also joins its login's group: a revoked token or a deactivated
         login closes it (`login_revoked`), and it closes when its token expires. It also checks

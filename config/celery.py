@@ -6,8 +6,8 @@ from celery.signals import (
     after_task_publish,
     beat_init,
     before_task_publish,
-    task_postrun,
     setup_logging,
+    task_postrun,
     task_prerun,
 )
 

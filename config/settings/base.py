@@ -584,9 +584,10 @@ REQUEST_ID_TRUSTED_PROXIES = env.list("REQUEST_ID_TRUSTED_PROXIES", default=["12
 LOGGING["loggers"]["uvicorn.error"] = {"filters": ["redact_tokens"]}
 # uvicorn's own lines (the server's start and stop, the HTTP protocol's refusals,
 # common/httpprotocol.py) through the same handler as everything else: its command line
-# configures plain-text handlers of its own on "uvicorn", which this replaces once Django is set up.
-LOGGING["loggers"]["uvicorn"] = {"handlers": ["console"], "level": "INFO", "propagate": False}
-LOGGING["loggers"]["uvicorn.access"] = {"handlers": ["console"], "level": "INFO", "propagate": False}
+# configures plain-text handlers of its own on "uvicorn", which this replaces once Django is set up
+# (its levels, from `--log-level`, are kept).
+LOGGING["loggers"]["uvicorn"] = {"handlers": ["console"], "propagate": False}
+LOGGING["loggers"]["uvicorn.access"] = {"handlers": ["console"], "propagate": False}
 LOGGING["loggers"]["django.contrib.gis"] = {"filters": ["gis_input_warning"]}
 
 # Escalation and support (docs/escalation.md).
