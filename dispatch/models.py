@@ -107,9 +107,9 @@ class Delivery(models.Model):
     )
     prep_time_minutes = models.PositiveIntegerField(default=0)
     delivery_fee = models.DecimalField(max_digits=10, decimal_places=2, null=True, blank=True)
-    # False: offered by ops only. No automatic offer is ever made for it (at intake, after a
-    # rejected, expired or withdrawn offer, on reassignment, by the retry job or the escalation
-    # check): it goes back to ops (docs/dispatch.md, "autoDispatch").
+    # False: not dispatched at intake; ops start its dispatch, and until they have nothing offers
+    # it (the retry job, the escalation check). Once they have, the next candidate after a
+    # rejected, expired or withdrawn offer as for any delivery (docs/dispatch.md, "autoDispatch").
     auto_dispatch = models.BooleanField(default=True)
 
     # Proof of delivery (docs/dispatch.md): the policy, the customer's handoff code (never shown

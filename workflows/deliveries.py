@@ -46,7 +46,7 @@ def delivery_create(
     `workflows.quotes`); with `quote_id`, at the fee the quote locked. With `auto_dispatch` the first candidate
     is offered in the same transaction (or the delivery is recorded as unassigned; in a
     batched_matching zone it waits for the zone's next matching round instead); without
-    it, ops offer it, and no automatic offer is ever made for it (`dispatch_next_locked`).
+    it, ops start its dispatch, and nothing offers it before they have (`dispatch_next_locked`).
 
     Returns the row as written (no assignment yet: `latest_assignments` is set), ready to
     render without reading it again."""
@@ -160,8 +160,7 @@ def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: dat
 def delivery_reassign(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> tuple[object, DispatchResult]:
     """Ops take an assigned delivery away from its driver: the assignment is cancelled, the
     driver freed, the delivery is ready again and goes to the next candidate (the previous
-    driver is excluded, having been offered it once), or back to ops for an autoDispatch false
-    delivery. Returns (previous driver id, dispatch result).
+    driver is excluded, having been offered it once). Returns (previous driver id, dispatch result).
 
     The accepted offer is looked up and locked before the delivery (the lock order). An accept
     that commits in between (its offer was still pending at the look-up, and we waited for the

@@ -27,7 +27,7 @@ from itertools import islice
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import CharField, Exists, F, OuterRef, Subquery, Value
+from django.db.models import CharField, Exists, F, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -367,13 +367,17 @@ def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **k
     """The automatic next offer: after a rejected, expired or withdrawn offer, a reassignment,
     by the retry job and the escalation check. The caller holds the delivery's lock.
 
-    One rule for a delivery created with autoDispatch false: no automatic offer, ever. It goes
-    back to ops instead: still ready, with an open unassigned record (reason `unassigned`)
-    that lists it in `/v2/admin/unassigned-orders` at once, for ops to offer or dispatch it.
+    A delivery created with autoDispatch false is not dispatched until ops offer it (an offer to
+    a chosen driver, a dispatch, a redispatch). Once ops have, the SPEC's rule holds for it as
+    for any other: a reject, an expiry or a withdrawal moves it to the next candidate, and the
+    retry job and the escalation check dispatch it. Until then it goes back to ops: still ready,
+    with an open unassigned record (reason `unassigned`) that lists it in
+    `/v2/admin/unassigned-orders`, for ops to offer or dispatch it.
 
     In a batched_matching zone the delivery waits for the zone's next matching round instead
     (outcome `waiting`; `workflows.matching`), unless that would carry it past the zone's target
-    wait. Ops asking (`delivery_dispatch`, a manual escalation) are served at once."""
+    wait. Ops asking (`delivery_dispatch`, a manual escalation) are served at once, and so is an
+    autoDispatch false delivery (the matching rounds take only automatic ones)."""
     if delivery.auto_dispatch:
         if (
             delivery.status == DeliveryStatus.READY
@@ -384,6 +388,8 @@ def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **k
         return dispatch_locked(delivery, actor=actor, now=now, **kwargs)
     if delivery.status != DeliveryStatus.READY:
         return DispatchResult("not_ready")
+    if DriverOffer.objects.filter(delivery=delivery).exists():  # ops started its dispatch
+        return dispatch_locked(delivery, actor=actor, now=now, **kwargs)
     waiting = _pending_offer(delivery, no_pending_offer=kwargs.get("no_pending_offer", False))
     if waiting is not None:  # the rest of an ops-dispatched round still waits for its answers
         return waiting
@@ -407,8 +413,8 @@ def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = No
 
 def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> int:
     """The retry job: dispatch again every open unassigned delivery that is still ready and has
-    no pending offer (oldest attempt first), except those created with autoDispatch false
-    (ops offer them: `dispatch_next_locked`), those already waiting for a matching round and
+    no pending offer (oldest attempt first), except those created with autoDispatch false that
+    ops never offered (`dispatch_next_locked`), those already waiting for a matching round and
     those attempted less than DISPATCH_RETRY_MIN_GAP_SECONDS ago (two runs close together, a
     worker catching up on a backlog say, attempt each delivery once; the next run takes them).
     In a batched_matching zone the retry enters the next round. Returns how many got an offer."""
@@ -418,10 +424,11 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
         UnassignedOrder.objects.filter(
             resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True,
             last_attempt_at__lte=tried_before,
-            # autoDispatch false: ops offer it; retrying here would dispatch it against the seller's choice
-            delivery__auto_dispatch=True,
             delivery__matching_since__isnull=True,  # waiting: the zone's matching round has it
         )
+        # autoDispatch false and never offered: ops offer it first (dispatching it here would go
+        # against the seller's choice)
+        .filter(Q(delivery__auto_dispatch=True) | Exists(DriverOffer.objects.filter(delivery_id=OuterRef("delivery_id"))))
         .order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
     )
     offered = 0

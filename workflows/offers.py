@@ -120,8 +120,7 @@ class RejectResult:
 
 @unit_of_work()
 def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetime | None = None) -> RejectResult:
-    """The driver declines; the delivery goes to its next candidate in the same transaction
-    (back to ops for an autoDispatch false delivery)."""
+    """The driver declines; the delivery goes to its next candidate in the same transaction."""
     offer = locks.lock_offer_delivery_driver(offer_id, driver_id=driver_id)  # offer → delivery → driver
     now = locked_now(now, offer.delivery.updated_at)
     offers.offer_ensure_pending(offer, now)
@@ -141,8 +140,7 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
 
 def offer_expire(*, offer_id, now: datetime | None = None, force: bool = False, wait: bool = False,
                  actor: Actor | None = None) -> bool:
-    """Expire a pending offer whose time is up and move its delivery to the next candidate
-    (back to ops for an autoDispatch false delivery).
+    """Expire a pending offer whose time is up and move its delivery to the next candidate.
 
     Idempotent and safe to race with accept/reject and with itself: a locked offer is skipped
     (whoever holds it decides; `wait`: waited for, by a late accept, whose 409 says it expired),

@@ -220,19 +220,21 @@ def test_cancelling_the_delivery_withdraws_the_whole_batch():
     assert current_offer_id(delivery) is None
 
 
-def test_auto_dispatch_false_gets_no_automatic_next_round(ops):
+def test_auto_dispatch_false_once_ops_dispatched_it_gets_the_next_round(ops):
+    """autoDispatch false waits for ops; once they dispatched it, the SPEC's rule holds: the
+    round over, the next candidates get it."""
     zone = batch_zone(size=2)
-    drivers_at(0.5, 1.0, 1.5)
+    _a, _b, c = drivers_at(0.5, 1.0, 1.5)
     delivery = DeliveryFactory(zone=zone, auto_dispatch=False)
     r = ops.post(f"/v2/deliveries/{delivery.pk}/dispatch", {}, format="json")  # ops dispatch: the zone's policy
     assert r.status_code in (200, 201), r.content
     first, second = pending(delivery)
 
-    reject(first)  # the other offer of the round still waits: nothing for ops yet
+    reject(first)  # the other offer of the round still waits
+    assert pending(delivery) == [second]
+    reject(second)  # the round is over: the next round, to the one candidate left
+    assert [offer.driver_id for offer in pending(delivery)] == [c.pk]
     assert not UnassignedOrder.objects.filter(delivery=delivery).exists()
-    reject(second)  # the round is over: back to ops, no automatic next round
-    assert pending(delivery) == []
-    assert UnassignedOrder.objects.get(delivery=delivery).failure_reason == "unassigned"
 
 
 def test_an_ops_offer_stays_single_and_waits_for_the_batch(ops):

@@ -376,46 +376,60 @@ def _manual_delivery_offered_by_ops(integration, ops, first, order_id="MANUAL-1"
     return delivery
 
 
-def _back_with_ops(delivery):
+def _moved_on_to(delivery, second):
+    """The SPEC's rule (Dispatch: "on reject/expiry/withdrawal of its offer") once ops have
+    offered an autoDispatch false delivery: the next candidate has it."""
     delivery.refresh_from_db()
-    assert delivery.status == "ready" and delivery.current_offer_id is None
-    assert DriverOffer.objects.filter(delivery=delivery).count() == 1  # nobody else was offered it
-    record = UnassignedOrder.objects.get(delivery=delivery, resolved_at__isnull=True)  # listed for ops at once
-    assert record.failure_reason == "unassigned"
-    assert unassigned_retry() == 0  # the retry job leaves it to ops as well
-    assert pending(delivery) is None
+    nxt = pending(delivery)
+    assert delivery.status == "ready" and nxt is not None and nxt.driver_id == second.pk
+    assert delivery.current_offer_id == nxt.pk
+    assert not UnassignedOrder.objects.filter(delivery=delivery, resolved_at__isnull=True).exists()
+    return nxt
 
 
-def test_an_expired_manual_offer_on_an_auto_dispatch_false_delivery_goes_back_to_ops(integration, ops):
-    first, _second = online_driver(km=0.5), online_driver(km=1.0)
+def test_an_expired_ops_offer_on_an_auto_dispatch_false_delivery_moves_on_to_the_next_candidate(integration, ops):
+    first, second = online_driver(km=0.5), online_driver(km=1.0)
     with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
         delivery = _manual_delivery_offered_by_ops(integration, ops, first)
         t.shift(timedelta(seconds=31))
         assert expire_overdue_offers() == 1
-        _back_with_ops(delivery)
-        listed = ops.get("/v2/admin/unassigned-orders").json()["orders"]
-        assert [o["deliveryId"] for o in listed] == [str(delivery.pk)]
+        _moved_on_to(delivery, second)
 
 
-def test_a_rejected_manual_offer_on_an_auto_dispatch_false_delivery_goes_back_to_ops(integration, ops):
-    first, _second = online_driver(km=0.5), online_driver(km=1.0)
+def test_a_rejected_ops_offer_on_an_auto_dispatch_false_delivery_moves_on_to_the_next_candidate(integration, ops):
+    first, second = online_driver(km=0.5), online_driver(km=1.0)
     delivery = _manual_delivery_offered_by_ops(integration, ops, first)
     offer = pending(delivery)
 
     r = client_for(first.user).post(f"/v2/drivers/{first.pk}/offers/{offer.pk}/reject", {"reason": "too_far"}, format="json")
 
     assert r.status_code == 200, r.content
-    assert r.json().get("nextOfferId") is None
-    _back_with_ops(delivery)
+    assert r.json()["nextOfferId"] == str(_moved_on_to(delivery, second).pk)
 
 
-def test_a_withdrawn_manual_offer_on_an_auto_dispatch_false_delivery_goes_back_to_ops(integration, ops):
-    first, _second = online_driver(km=0.5), online_driver(km=1.0)
+def test_a_withdrawn_ops_offer_on_an_auto_dispatch_false_delivery_moves_on_to_the_next_candidate(integration, ops):
+    first, second = online_driver(km=0.5), online_driver(km=1.0)
     delivery = _manual_delivery_offered_by_ops(integration, ops, first)
 
     availability.availability_take_break(driver_id=first.pk, duration_minutes=15, reason="", actor=Actor("driver", first.pk))
 
-    _back_with_ops(delivery)
+    _moved_on_to(delivery, second)
+
+
+def test_an_ops_offered_auto_dispatch_false_delivery_with_nobody_left_is_retried_by_the_job(integration, ops):
+    first = online_driver(km=0.5)
+    delivery = _manual_delivery_offered_by_ops(integration, ops, first)
+    offer = pending(delivery)
+
+    r = client_for(first.user).post(f"/v2/drivers/{first.pk}/offers/{offer.pk}/reject", {"reason": "too_far"}, format="json")
+    assert r.status_code == 200 and r.json().get("nextOfferId") is None, r.content
+    record = UnassignedOrder.objects.get(delivery=delivery, resolved_at__isnull=True)
+    assert record.failure_reason in ("no_available_drivers", "all_drivers_busy", "distance_exceeded", "zone_empty")
+
+    second = online_driver(km=1.0)
+    UnassignedOrder.objects.filter(pk=record.pk).update(last_attempt_at=timezone.now() - timedelta(minutes=1))
+    assert unassigned_retry() == 1
+    assert pending(delivery).driver_id == second.pk
 
 
 def test_the_escalation_check_does_not_dispatch_an_auto_dispatch_false_delivery(integration, ops):
