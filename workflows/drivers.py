@@ -125,17 +125,21 @@ STALE_SCAN_PAGES = 20
 
 
 def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int = 500) -> int:
-    """Set `offline` the available drivers with no fix newer than DRIVER_STALE_AFTER_SECONDS
+    """Set `offline` the available drivers whose last fix is older than DRIVER_STALE_AFTER_SECONDS
     (SPEC), except those whose state changed less than DRIVER_STALE_GRACE_SECONDS ago (resumed
-    a moment ago, their first fix on its way). Safe when two run at once."""
+    a moment ago, their new fix on its way); a driver with no fix at all once it has been
+    available that long without one (its staleness counts from its last change: a driver
+    resumed without a fix went offline 30–90 s later, its pending offer withdrawn, where the
+    SPEC's rule is about a fix older than 600 s). Safe when two run at once."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
-    stale = Q(location_recorded_at__lt=cutoff) | Q(location_recorded_at__isnull=True)
     # (until 2026-12-06 the state had to be unchanged for DRIVER_STALE_AFTER_SECONDS too: a driver
     # resuming with a fix an hour old stayed available, for the SPEC's job, up to eleven minutes)
     settled_before = now - timedelta(seconds=settings.DRIVER_STALE_GRACE_SECONDS)
     settled = Q(last_availability_change__lt=settled_before) | Q(last_availability_change__isnull=True)
-    candidates = Driver.objects.filter(stale, settled, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)
+    never_fixed = Q(last_availability_change__lt=cutoff) | Q(last_availability_change__isnull=True)
+    stale = (Q(location_recorded_at__lt=cutoff) & settled) | (Q(location_recorded_at__isnull=True) & never_fixed)
+    candidates = Driver.objects.filter(stale, availability=A.AVAILABLE).order_by("pk").values_list("pk", flat=True)
     # PostgreSQL's fix time trails Redis by the stream consumer's lag (more while it is down):
     # a driver whose live position is fresh is not stale. Pages of candidates until a batch of
     # really stale ones, so that drivers fresh only in Redis cannot crowd the stale ones out.
@@ -164,7 +168,7 @@ def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int =
         # PostgreSQL and then in Redis (a fix the fast lane took since the page was read is
         # there first; the consumer writes it to PostgreSQL a moment later).
         with transaction.atomic():
-            if not Driver.objects.filter(stale, settled, pk=driver_id, availability=A.AVAILABLE).exists():
+            if not Driver.objects.filter(stale, pk=driver_id, availability=A.AVAILABLE).exists():
                 continue
             if _live_fix_since(driver_id, cutoff):
                 continue

@@ -94,15 +94,20 @@ def test_available_drivers_with_a_stale_fix_go_offline(settings):
         fresh = DriverFactory(location_recorded_at=now - timedelta(seconds=599), last_availability_change=now - timedelta(hours=1))
         never = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(hours=1))
         just_resumed = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(seconds=10))
+        # no fix at all: stale once available for the stale age without one (it went offline
+        # after the 30 s grace, its pending offer withdrawn)
+        no_fix_a_minute = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(seconds=60))
+        no_fix_too_long = DriverFactory(location=None, location_recorded_at=None, last_availability_change=now - timedelta(seconds=601))
         # resumed 45 s ago with a fix an hour old: stale, past the 30 s grace (SPEC: the fix's age decides)
         resumed_stale = DriverFactory(location_recorded_at=now - timedelta(hours=1), last_availability_change=now - timedelta(seconds=45))
         on_break = DriverFactory(availability="on_break", location_recorded_at=now - timedelta(hours=2))
 
-        assert tasks.mark_stale_drivers_offline() == 3
+        assert tasks.mark_stale_drivers_offline() == 4
 
     states = dict(Driver.objects.values_list("pk", "availability"))
     assert states[stale.pk] == "offline" and states[never.pk] == "offline" and states[resumed_stale.pk] == "offline"
     assert states[fresh.pk] == "available" and states[just_resumed.pk] == "available"
+    assert states[no_fix_a_minute.pk] == "available" and states[no_fix_too_long.pk] == "offline"
     assert states[on_break.pk] == "on_break"
     row = DriverAvailabilityHistory.objects.get(driver=stale)
     assert (row.reason, row.actor_type, row.to_state) == ("stale_location", "system", "offline")
