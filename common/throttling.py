@@ -6,6 +6,7 @@ minute per driver that is both wrong and slow.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -81,6 +82,31 @@ class AnonRateThrottle(RedisRateThrottle):
         if request.user and request.user.is_authenticated:
             return None
         return self.get_ident(request)
+
+
+class CustomerLinkThrottle(RedisRateThrottle):
+    """The customer's endpoints (`?token=`: delivery status, rating), anonymous callers: counted
+    per tracking link (THROTTLE_CUSTOMER_RATE), not in the per-address `anon` count that guards
+    the login. Customers behind one carrier's NAT share an address: a few hundred of them
+    polling their status spent each other's allowance, and the login's. The address still has a
+    ceiling of its own (`CustomerAddressThrottle`), so that fresh made-up links cannot each get
+    a full allowance."""
+
+    scope = "customer"
+
+    def get_ident_for(self, request, view):
+        if request.user and request.user.is_authenticated:
+            return None
+        token = request.query_params.get("token")
+        if not token:
+            return None  # (no link: the address's count alone)
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+class CustomerAddressThrottle(AnonRateThrottle):
+    """The ceiling per client address on the customer's endpoints (THROTTLE_CUSTOMER_ADDRESS_RATE)."""
+
+    scope = "customer_address"
 
 
 class UserRateThrottle(RedisRateThrottle):

@@ -350,6 +350,9 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {
         "anon": env("THROTTLE_ANON_RATE", default="300/min"),
         "user": env("THROTTLE_USER_RATE", default="20000/min"),
+        # the customer's endpoints (delivery status, rating) by tracking link, and per address
+        "customer": env("THROTTLE_CUSTOMER_RATE", default="1200/min"),
+        "customer_address": env("THROTTLE_CUSTOMER_ADDRESS_RATE", default="20000/min"),
     },
     "EXCEPTION_HANDLER": "common.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "common.schema.AutoSchema",

@@ -219,13 +219,30 @@ def test_tokens_are_compared_in_constant_time(anon, monkeypatch):
     assert len(calls) == 2  # the unknown order still costs one comparison
 
 
-def test_anonymous_status_requests_are_throttled_at_the_anonymous_rate(anon, settings):
-    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"anon": "3/min", "user": "1000/min"}}
-    delivery = delivery_in("ready")
+def _rates(settings, **rates):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        "anon": "1000/min", "user": "1000/min", "customer": "1000/min", "customer_address": "1000/min", **rates}}
 
-    codes = [customer_get(anon, delivery).status_code for _ in range(4)]
 
-    assert codes == [200, 200, 200, 429]
+def test_customers_are_throttled_per_link_not_in_the_login_s_anonymous_count(anon, settings):
+    """Customers behind one carrier's NAT share an address: polling their status spent the
+    anonymous allowance per address, and with it the login's (POST /v2/auth/token 429)."""
+    _rates(settings, anon="3/min", customer="3/min")
+    mine, theirs = delivery_in("ready"), delivery_in("ready")
+
+    assert [customer_get(anon, mine).status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert customer_get(anon, theirs).status_code == 200  # another link, the same address
+    rated = anon.post(f"/v2/orders/{theirs.seller_order_id}/rating?token={theirs.tracking_token}", {"stars": 5}, format="json")
+    assert rated.status_code == 409  # (not delivered: the throttle let it through)
+    login = anon.post("/v2/auth/token", {"username": "nobody", "password": "x"}, format="json")
+    assert login.status_code == 401  # wrong credentials, not 429: the address's login allowance untouched
+
+
+def test_an_address_has_a_ceiling_over_all_the_links_it_asks_about(anon, settings):
+    _rates(settings, customer_address="3/min")
+    deliveries = [delivery_in("ready") for _ in range(4)]
+
+    assert [customer_get(anon, d).status_code for d in deliveries] == [200, 200, 200, 429]
 
 
 def test_the_status_and_rating_endpoints_are_documented_with_the_token_parameter():

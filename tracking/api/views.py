@@ -18,6 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common.errors import iso
+from common.throttling import CustomerAddressThrottle, CustomerLinkThrottle, UserRateThrottle
 from common.fields import point_json
 from common.schema import errors
 from tracking import selectors as tracking
@@ -110,7 +111,10 @@ class RatingResponseSerializer(serializers.Serializer):
 
 class _CustomerView(APIView):
     """Every answer, errors included, is private: the 404s were cacheable, and sent the page's
-    referrer on (the customer's link is a credential)."""
+    referrer on (the customer's link is a credential). Customers are counted per link and per
+    address (common.throttling), not in the login's anonymous count."""
+
+    throttle_classes = [CustomerLinkThrottle, CustomerAddressThrottle, UserRateThrottle]
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
