@@ -3,7 +3,7 @@ from django.utils import timezone
 
 from availability import events as availability_events
 from common.broadcast import driver_group
-from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer
+from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer, query_param
 from common.errors import iso
 from common.roles import driver_of
 from offers import events as offer_events
@@ -40,9 +40,17 @@ def _snapshot(driver) -> dict:
     }
 
 
+SNAPSHOT_ON = ("1", "true", "yes")
+
+
 class DriverConsumer(RelayConsumer):
     """`/ws/drivers/<driverId>/?token=<apiToken>`: that driver's offers and availability, and
-    a delivery taken away from them (`assignment_cancelled`)."""
+    a delivery taken away from them (`assignment_cancelled`).
+
+    With `&snapshot=1` the first message is an `availability_snapshot` (the state and the
+    offers still pending: an app back from a dropped connection finds there what it missed).
+    Without it, only the SPEC's events: a client that took the first message after an offer
+    for its `offer_created` read the snapshot instead."""
 
     relays = frozenset(availability_events.EVENT_TYPES + offer_events.EVENT_TYPES) | {"assignment_cancelled"}
 
@@ -55,7 +63,7 @@ class DriverConsumer(RelayConsumer):
         if driver is None:
             await self.deny(CLOSE_FORBIDDEN)
             return
-        if await self.join_and_accept([driver_group(driver.pk)]):
+        if await self.join_and_accept([driver_group(driver.pk)]) and query_param(self.scope, "snapshot") in SNAPSHOT_ON:
             await self.send_json(await _snapshot(driver))
 
     def allowed(self, user) -> bool:

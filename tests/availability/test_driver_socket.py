@@ -27,7 +27,7 @@ def test_a_driver_gets_its_state_on_connect_and_its_availability_events():
     actor = Actor("driver", driver.pk)
 
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}&snapshot=1")
         connected, _ = await comm.connect()
         assert connected
         snapshot = await comm.receive_json_from(timeout=5)
@@ -75,7 +75,6 @@ def test_frames_from_the_client_are_ignored_and_the_socket_stays_live():
         comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
         connected, _ = await comm.connect()
         assert connected
-        assert (await comm.receive_json_from(timeout=5))["type"] == "availability_snapshot"
         for frame in ({"text_data": "ping"}, {"bytes_data": b"\x00\xff"}, {"text_data": '{"type": "websocket.disconnect"}'},
                       {"text_data": "[1, 2]"}, {"text_data": '{"type": "offer_created", "event": {}}'}):
             await comm.send_to(**frame)
@@ -106,7 +105,7 @@ def test_a_driver_hears_of_each_delivery_taken_away_even_while_still_busy_with_a
     async def scenario():
         # the driver's app sends its token as on the REST API, in the header
         auth = [(b"authorization", f"Token {driver_token}".encode())]
-        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/", headers=auth)
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?snapshot=1", headers=auth)
         connected, _ = await comm.connect()
         assert connected
         assert (await comm.receive_json_from(timeout=5))["availability"] == "busy"
@@ -148,8 +147,8 @@ def test_a_driver_hears_of_each_delivery_taken_away_even_while_still_busy_with_a
 
 
 async def _connected(driver) -> WebsocketCommunicator:
-    """The driver's own socket, open (its snapshot not read yet)."""
-    comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+    """The driver's own socket with its snapshot asked for, open (the snapshot not read yet)."""
+    comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}&snapshot=1")
     connected, _ = await comm.connect()
     assert connected
     return comm
@@ -216,6 +215,27 @@ def test_an_accept_is_heard_before_the_driver_turns_busy():
         first, second = await comm.receive_json_from(timeout=5), await comm.receive_json_from(timeout=5)
         assert (first["type"], second["type"]) == ("offer_accepted", "availability_changed")
         assert second["toState"] == "busy"
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_without_snapshot_1_the_first_message_is_the_spec_s_event():
+    """The SPEC's driver socket gets offer_created, offer_expired, … and nothing else is
+    promised: a client reading the first message after an offer for its `offer_created` read
+    the `availability_snapshot` (now only with `&snapshot=1`)."""
+    from workflows import offers as offer_flows
+
+    driver = online_driver()
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}")
+        assert (await comm.connect())[0]
+        assert await comm.receive_nothing(timeout=0.2)
+        offer = await database_sync_to_async(offer_flows.offer_create)(
+            delivery_id=(await database_sync_to_async(DeliveryFactory)()).pk, driver_id=driver.pk, actor=Actor.system())
+        first = await comm.receive_json_from(timeout=5)
+        assert first["type"] == "offer_created" and first["offerId"] == str(offer.pk)
         await comm.disconnect()
 
     async_to_sync(scenario)()

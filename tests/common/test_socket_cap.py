@@ -56,7 +56,7 @@ def test_a_driver_and_a_customer_link_are_capped_each_and_refusals_take_no_place
     settings.SOCKET_MAX_PER_CREDENTIAL = 1
     driver = DriverFactory(availability="offline")
     delivery, another = DeliveryFactory(), DeliveryFactory()
-    mine = f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}"
+    mine = f"/ws/drivers/{driver.pk}/?token={token_for(driver.user)}&snapshot=1"
     link = f"/ws/track/{delivery.pk}/?token={delivery.tracking_token}"
 
     async def scenario():

@@ -39,7 +39,7 @@ def test_the_sockets_answer_without_their_trailing_slash_too():
     ops = OpsUserFactory()
 
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}?token={token_for(driver.user)}")
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}?token={token_for(driver.user)}&snapshot=1")
         assert (await comm.connect(timeout=10))[0]
         assert (await comm.receive_json_from(timeout=5))["type"] == "availability_snapshot"
         await comm.disconnect()
