@@ -38,7 +38,7 @@ def ops_map_page(request):
         "title": "Live map",
         "map_config": {
             "stateUrl": reverse("admin-live-map-state"),
-            "socketPath": "/ws/ops/",
+            "socketPath": "/ws/ops/?locations=0",  # (the map draws from the per-second digest)
             "tileUrl": settings.OPS_MAP_TILE_URL,
             "tileAttribution": settings.OPS_MAP_TILE_ATTRIBUTION,
             "center": [lat, lon],

@@ -44,6 +44,10 @@ from common.redis import RedisFailed, RedisUnavailable, breaker, get_redis, is_t
 logger = logging.getLogger(__name__)
 
 OPS_GROUP = "ops"
+# Every `delivery_location_updated` (one a fix of a driver on a delivery), for the ops sockets
+# that want them (SPEC: /ws/ops/ gets "all of the above"); the console's live map asks for
+# none (`?locations=0`) and follows the per-second `driver_positions` digest of OPS_GROUP.
+OPS_LOCATIONS_GROUP = "ops.locations"
 # The channel layer (settings.CHANNEL_LAYERS) of the customers' groups, "delivery.<id>":
 # Redis pub/sub, for fan-out to thousands of tracking sockets. Every other group is on the
 # default layer.

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from analytics import events as analytics_events
 from availability import events as availability_events
-from common.broadcast import OPS_GROUP
-from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer
+from common.broadcast import OPS_GROUP, OPS_LOCATIONS_GROUP
+from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer, query_param
 from common.roles import is_ops
 from dispatch import events as dispatch_events
 from escalation import events as escalation_events
@@ -12,8 +12,14 @@ from tracking import events as tracking_events
 from zones import events as zone_events
 
 
+LOCATIONS_OFF = ("0", "false", "no")
+
+
 class OpsConsumer(RelayConsumer):
-    """`/ws/ops/`: every live event, for staff (session or `?token=`)."""
+    """`/ws/ops/`: every live event, for staff (session or `?token=`): the SPEC's "all of the
+    above", each delivery's `delivery_location_updated` included, and the per-second
+    `driver_positions` digest. With `?locations=0` no `delivery_location_updated` (one a fix of
+    every driver on a delivery: the live map, which draws from the digest, asks for none)."""
 
     relays = frozenset(
         dispatch_events.EVENT_TYPES + availability_events.EVENT_TYPES + offer_events.EVENT_TYPES
@@ -29,7 +35,10 @@ class OpsConsumer(RelayConsumer):
         if not self.allowed(user):
             await self.deny(CLOSE_FORBIDDEN)
             return
-        await self.join_and_accept([OPS_GROUP])
+        groups = [OPS_GROUP]
+        if query_param(self.scope, "locations") not in LOCATIONS_OFF:
+            groups.append(OPS_LOCATIONS_GROUP)
+        await self.join_and_accept(groups)
 
     def allowed(self, user) -> bool:
         return is_ops(user)

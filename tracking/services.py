@@ -30,7 +30,7 @@ from django.db.models import Avg, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from availability.models import Driver
-from common.broadcast import OPS_GROUP, broadcast_on_commit, delivery_group, send_now
+from common.broadcast import OPS_GROUP, OPS_LOCATIONS_GROUP, broadcast_on_commit, delivery_group, send_now
 from common.exceptions import Conflict, NotFound
 from common.redis import RedisUnavailable, evalsha_many, get_redis
 from dispatch.models import Assignment, AssignmentStatus, Delivery
@@ -410,15 +410,16 @@ def etas_recompute_due(fixes: list[tuple[str, float, float]], *, now: datetime) 
 
 def delivery_location_send(
     *, delivery_id, lat: float, lon: float, accuracy_m: float | None, speed: float | None, heading: float | None,
-    recorded_at: datetime,
+    recorded_at: datetime, ops: bool = True,
 ) -> None:
-    """`delivery_location_updated` to the delivery's customers (ops follow the fleet through
-    the per-second position digest instead). Never raises."""
+    """`delivery_location_updated` to the delivery's customers and, unless `ops` is False (the
+    caller tells them itself), to the ops sockets that want each one (OPS_LOCATIONS_GROUP).
+    Never raises."""
     event = events.delivery_location_updated(
         delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed_mps=speed, heading=heading,
         recorded_at=recorded_at,
     )
-    send_now([delivery_group(delivery_id)], event)
+    send_now([delivery_group(delivery_id), *([OPS_LOCATIONS_GROUP] if ops else [])], event)
 
 
 def delivery_eta_on_fix(*, delivery_id, lat: float, lon: float, now: datetime) -> None:

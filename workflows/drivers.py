@@ -23,6 +23,7 @@ from availability.services import (
     positions_persist,
 )
 from common.actors import Actor
+from common.broadcast import OPS_LOCATIONS_GROUP, send_many
 from common.redis import RedisFailed
 from common.exceptions import Conflict
 from offers.models import DriverOffer, OfferStatus
@@ -34,6 +35,7 @@ from tracking.services import (
     delivery_track_fix,
     etas_recompute_due,
 )
+from tracking.events import delivery_location_updated
 from workflows import locks
 from workflows.dispatching import dispatch_next_locked
 from workflows.unit import unit_of_work
@@ -217,7 +219,9 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
     customer): PostgreSQL in one statement (a second for the drivers a request held locked),
     then, after commit, what Redis could not know by itself — the GEO entry of an available
     driver whose status Redis lacked, the customer of a delivery Redis did not know the driver
-    was on — and the throttled ETA refresh."""
+    was on — each fix of a driver on a delivery to the ops sockets that want them
+    (`delivery_location_updated`, OPS_LOCATIONS_GROUP: all in one send; the fast lane told the
+    customer), and the throttled ETA refresh."""
     now = now or timezone.now()
     # What Redis knows, read before PostgreSQL: an assignment made or ended between the two
     # reads then makes PostgreSQL's the newer, and one after them has written Redis itself,
@@ -234,10 +238,15 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
         with transaction.atomic():
             persisted += positions_persist(left, now=now)
     on_fix: list[tuple[str, float, float]] = []
+    to_ops = []
     for p in persisted:
         fix = p.fix
         recorded_at = datetime.fromtimestamp(fix.recorded_at, tz=dt_timezone.utc)
         on_fix += [(delivery_id, fix.lat, fix.lon) for delivery_id in p.active_delivery_ids]
+        to_ops += [([OPS_LOCATIONS_GROUP], delivery_location_updated(
+            delivery_id=delivery_id, lat=fix.lat, lon=fix.lon, accuracy_m=fix.accuracy_m, speed_mps=fix.speed,
+            heading=fix.heading, recorded_at=recorded_at,
+        )) for delivery_id in p.active_delivery_ids]
         if known is None:  # Redis did not answer: nothing to compare with, nothing to repair
             continue
         status, active = known.get(fix.driver_id, (None, ()))
@@ -250,7 +259,8 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
             for delivery_id in set(p.active_delivery_ids) - set(active):  # customers Redis did not know of
                 delivery_location_send(delivery_id=delivery_id, lat=fix.lat, lon=fix.lon,
                                        accuracy_m=fix.accuracy_m, speed=fix.speed, heading=fix.heading,
-                                       recorded_at=recorded_at)
+                                       recorded_at=recorded_at, ops=False)
+    send_many(to_ops)
     etas_on_fixes(on_fix, now=now)
     return persisted
 

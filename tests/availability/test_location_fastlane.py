@@ -22,7 +22,7 @@ from availability.events import DriverPositionsEvent
 from availability.models import Driver
 from common import hooks
 from common.actors import Actor
-from common.broadcast import OPS_GROUP, delivery_group
+from common.broadcast import OPS_GROUP, OPS_LOCATIONS_GROUP, delivery_group
 from common.errors import iso
 from common.models import ApiToken
 from common.redis import get_redis
@@ -648,14 +648,16 @@ def test_the_fast_lane_throttles_like_the_api(settings):
     assert int(codes[2].headers["Retry-After"]) >= 1
 
 
-def test_the_customer_gets_the_fix_from_the_fast_lane_and_ops_a_digest(listen):
+def test_the_customer_gets_the_fix_from_the_fast_lane_and_ops_a_digest_and_each_location(listen):
     driver = online_driver()
     delivery = DeliveryFactory()
     assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     customer = listen(delivery_group(delivery.pk))
     ops = listen(OPS_GROUP)
+    locations = listen(OPS_LOCATIONS_GROUP)
     customer.drain()
     ops.drain()
+    locations.drain()
 
     post(url(driver), {"lat": 12.975, "lon": 77.605, "speed": 5.0, "recordedAt": recorded()}, token=token(driver))
     events = [e for e in customer.drain(timeout=1.0) if e["type"] == "delivery_location_updated"]
@@ -669,6 +671,10 @@ def test_the_customer_gets_the_fix_from_the_fast_lane_and_ops_a_digest(listen):
     assert_event_shape(digests[0], DriverPositionsEvent)
     assert [d["driverId"] for d in digests[0]["drivers"]] == [str(driver.pk)]
     assert not [e for e in ops.drain(timeout=0.2) if e["type"] == "delivery_location_updated"]
+    # each location to the ops sockets that want them (SPEC: /ws/ops/ gets "all of the above"),
+    # sent by the consumer, once, as the customer's
+    (located,) = locations.drain(timeout=1.0)
+    assert located == events[0]
 
 
 def test_the_digest_says_when_the_availability_read_with_each_fix_began(listen, django_capture_on_commit_callbacks):

@@ -138,7 +138,7 @@ def test_the_live_map_is_for_staff_only(client):
     page_client = Client()
     page_client.force_login(OpsUserFactory())
     page = page_client.get("/admin/map/").content.decode()
-    assert 'id="ops-map"' in page and "/static/leaflet/leaflet.js" in page and '"socketPath": "/ws/ops/"' in page
+    assert 'id="ops-map"' in page and "/static/leaflet/leaflet.js" in page and '"socketPath": "/ws/ops/?locations=0"' in page
 
 
 def test_the_live_map_state_has_drivers_open_deliveries_with_escalation_and_zones(ops):

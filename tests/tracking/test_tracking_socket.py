@@ -187,23 +187,31 @@ def test_other_deliveries_and_internal_event_types_never_reach_the_customer():
     async_to_sync(scenario)()
 
 
-def test_ops_get_the_eta_events_and_the_position_digest_not_one_message_per_fix():
+def test_ops_get_each_location_and_eta_event_and_the_digest_unless_they_ask_for_no_locations():
+    """SPEC: /ws/ops/ gets "all of the above", `delivery_location_updated` included (it got only
+    the per-second digest); the live map asks for none with `?locations=0`."""
     delivery = DeliveryFactory()
     driver = driver_on(delivery)
     ops_user = OpsUserFactory()
 
+    async def types_until_quiet(comm) -> set:
+        types = set()
+        while not await comm.receive_nothing(timeout=1.0):
+            types.add((await comm.receive_json_from(timeout=5))["type"])
+        return types
+
     async def scenario():
-        comm = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}")
-        assert (await comm.connect())[0]
+        everything = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}")
+        map_only = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}&locations=0")
+        assert (await everything.connect())[0] and (await map_only.connect())[0]
         await database_sync_to_async(driver_location_record)(
             driver_id=driver.pk, lat=12.96, lon=77.59, recorded_at=timezone.now() + timedelta(seconds=1)
         )
         await database_sync_to_async(call_command)("consume_fixes", "--once")  # publishes the digest
-        types = set()
-        while len(types) < 2:
-            types.add((await comm.receive_json_from(timeout=5))["type"])
-        assert types == {"driver_positions", "delivery_eta_updated"}
-        await comm.disconnect()
+        assert await types_until_quiet(everything) == {"delivery_location_updated", "driver_positions", "delivery_eta_updated"}
+        assert await types_until_quiet(map_only) == {"driver_positions", "delivery_eta_updated"}
+        for comm in (everything, map_only):
+            await comm.disconnect()
 
     async_to_sync(scenario)()
 
