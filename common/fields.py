@@ -167,6 +167,14 @@ class MoneyField(serializers.DecimalField):
         kwargs.setdefault("min_value", 0)
         super().__init__(**kwargs)
 
+    def validate_empty_values(self, data):
+        """An empty or blank string is invalid money, not "omitted" (DRF's DecimalField takes it
+        for null when null is allowed: `deliveryFee: ""` was a delivery at the pricing rule's fee,
+        and slipped past "not with quoteId")."""
+        if isinstance(data, str) and not data.strip():
+            self.fail("invalid")
+        return super().validate_empty_values(data)
+
     def to_internal_value(self, data):
         if isinstance(data, bool) or not isinstance(data, (int, float, str)):
             self.fail("wrong_type", actual=_json_type_name(data))

@@ -352,7 +352,7 @@ def test_money_is_a_number_or_a_decimal_string(integration, field, value):
     assert r.json()["deliveryFee"] == (49.0 if value is None else float(value))  # null: the pricing rule's (DEFAULT_DELIVERY_FEE)
 
 
-@pytest.mark.parametrize("value", [True, [49.5], {"amount": 49.5}, "49.5.0", "1e3", "-1", "49.505"])
+@pytest.mark.parametrize("value", [True, [49.5], {"amount": 49.5}, "49.5.0", "1e3", "-1", "49.505", "", "  "])
 def test_money_in_any_other_form_is_a_400(integration, value):
     body = {"sellerOrderId": "ORD-MONEY-BAD", "storeName": "Corner Shop", "autoDispatch": False,
             "pickupLocation": {"lat": 12.97, "lon": 77.59}, "dropoffLocation": {"lat": 12.99, "lon": 77.6},
