@@ -42,3 +42,9 @@ class OpsConsumer(RelayConsumer):
 
     def allowed(self, user) -> bool:
         return is_ops(user)
+
+    async def delivery_locations(self, message):
+        """A stream consumer's batch of `delivery_location_updated` events (OPS_LOCATIONS_GROUP):
+        one frame each, as the customer gets them."""
+        for event in message["event"].get("events", ()):
+            await self.send_json(event)

@@ -23,7 +23,7 @@ from availability.services import (
     positions_persist,
 )
 from common.actors import Actor
-from common.broadcast import OPS_LOCATIONS_GROUP, send_many
+from common.broadcast import OPS_LOCATIONS_GROUP, send_now
 from common.redis import RedisFailed
 from common.exceptions import Conflict
 from offers.models import DriverOffer, OfferStatus
@@ -219,9 +219,11 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
     customer): PostgreSQL in one statement (a second for the drivers a request held locked),
     then, after commit, what Redis could not know by itself — the GEO entry of an available
     driver whose status Redis lacked, the customer of a delivery Redis did not know the driver
-    was on — each fix of a driver on a delivery to the ops sockets that want them
-    (`delivery_location_updated`, OPS_LOCATIONS_GROUP: all in one send; the fast lane told the
-    customer), and the throttled ETA refresh."""
+    was on — each fix of a driver on a delivery to the ops sockets that want them (the
+    batch's `delivery_location_updated` events in one `delivery_locations` message to
+    OPS_LOCATIONS_GROUP, which each socket writes out one frame an event: one channel-layer
+    message a batch, not one a fix; the fast lane told the customer), and the throttled ETA
+    refresh."""
     now = now or timezone.now()
     # What Redis knows, read before PostgreSQL: an assignment made or ended between the two
     # reads then makes PostgreSQL's the newer, and one after them has written Redis itself,
@@ -243,10 +245,10 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
         fix = p.fix
         recorded_at = datetime.fromtimestamp(fix.recorded_at, tz=dt_timezone.utc)
         on_fix += [(delivery_id, fix.lat, fix.lon) for delivery_id in p.active_delivery_ids]
-        to_ops += [([OPS_LOCATIONS_GROUP], delivery_location_updated(
+        to_ops += [delivery_location_updated(
             delivery_id=delivery_id, lat=fix.lat, lon=fix.lon, accuracy_m=fix.accuracy_m, speed_mps=fix.speed,
             heading=fix.heading, recorded_at=recorded_at,
-        )) for delivery_id in p.active_delivery_ids]
+        ) for delivery_id in p.active_delivery_ids]
         if known is None:  # Redis did not answer: nothing to compare with, nothing to repair
             continue
         status, active = known.get(fix.driver_id, (None, ()))
@@ -260,7 +262,8 @@ def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[Pers
                 delivery_location_send(delivery_id=delivery_id, lat=fix.lat, lon=fix.lon,
                                        accuracy_m=fix.accuracy_m, speed=fix.speed, heading=fix.heading,
                                        recorded_at=recorded_at, ops=False)
-    send_many(to_ops)
+    if to_ops:
+        send_now([OPS_LOCATIONS_GROUP], {"type": "delivery_locations", "events": to_ops})
     etas_on_fixes(on_fix, now=now)
     return persisted
 

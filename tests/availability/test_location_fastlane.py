@@ -672,9 +672,9 @@ def test_the_customer_gets_the_fix_from_the_fast_lane_and_ops_a_digest_and_each_
     assert [d["driverId"] for d in digests[0]["drivers"]] == [str(driver.pk)]
     assert not [e for e in ops.drain(timeout=0.2) if e["type"] == "delivery_location_updated"]
     # each location to the ops sockets that want them (SPEC: /ws/ops/ gets "all of the above"),
-    # sent by the consumer, once, as the customer's
-    (located,) = locations.drain(timeout=1.0)
-    assert located == events[0]
+    # sent by the consumer, once, as the customer's: one channel-layer message a batch
+    (batch,) = locations.drain(timeout=1.0)
+    assert batch == {"type": "delivery_locations", "events": [events[0]]}
 
 
 def test_the_digest_says_when_the_availability_read_with_each_fix_began(listen, django_capture_on_commit_callbacks):
@@ -902,3 +902,44 @@ def test_a_path_with_a_final_newline_is_refused_as_django_refuses_it():
         assert r.json()["message"] == "The path contains invalid characters (control characters or invalid UTF-8)."
     assert live.positions_known([driver.pk]) == before
     assert post(url(driver), {"lat": 12.5, "lon": 77.5, "recordedAt": recorded(1)}, token=token(driver)).status_code == 200
+
+
+def test_an_ops_socket_gets_each_fast_lane_location_as_its_own_frame_and_the_map_s_none():
+    """The consumer sends a batch's locations to `ops.locations` in one message; each ops socket
+    that did not ask `?locations=0` writes them out one `delivery_location_updated` frame each."""
+    from channels.db import database_sync_to_async
+    from channels.testing import WebsocketCommunicator
+
+    from tests.factories import OpsUserFactory
+
+    first, second = online_driver(), online_driver(km=0.7)
+    deliveries = [DeliveryFactory(), DeliveryFactory()]
+    for driver, delivery in zip((first, second), deliveries, strict=True):
+        assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    ops_token = token_for(OpsUserFactory())
+
+    async def scenario():
+        everything = WebsocketCommunicator(application, f"/ws/ops/?token={ops_token}")
+        map_only = WebsocketCommunicator(application, f"/ws/ops/?token={ops_token}&locations=0")
+        assert (await everything.connect())[0] and (await map_only.connect())[0]
+        for driver in (first, second):
+            body = {"lat": 12.975, "lon": 77.605, "recordedAt": recorded()}
+            response = await database_sync_to_async(post)(url(driver), body, token=token(driver))
+            assert response.json()["accepted"]
+        await database_sync_to_async(call_command)("consume_fixes", "--once")
+        frames = []
+        while not await everything.receive_nothing(timeout=1.0):
+            frames.append(await everything.receive_json_from(timeout=5))
+        located = [f for f in frames if f["type"] == "delivery_location_updated"]
+        assert sorted(f["deliveryId"] for f in located) == sorted(str(d.pk) for d in deliveries)
+        for frame in located:
+            assert_event_shape(frame, DeliveryLocationUpdatedEvent)
+        assert "delivery_locations" not in {f["type"] for f in frames}  # (the batch is not a frame)
+        others = []
+        while not await map_only.receive_nothing(timeout=0.5):
+            others.append((await map_only.receive_json_from(timeout=5))["type"])
+        assert "delivery_location_updated" not in others and "driver_positions" in others
+        for comm in (everything, map_only):
+            await comm.disconnect()
+
+    async_to_sync(scenario)()
