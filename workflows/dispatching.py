@@ -32,6 +32,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from audit.models import AuditEventType as E
+from audit.models import DeliveryAuditLog
 from audit.services import audit_record
 from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
@@ -363,12 +364,22 @@ def dispatch_locked(
     return DispatchResult("unassigned", failure_reason=reason, candidates=screening.ranked, search_radius_km=radius)
 
 
+def ops_started(delivery_ref: str = "pk") -> Q:
+    """Whether ops started a delivery's dispatch (for one created with autoDispatch false): it
+    was offered (an ops offer to a chosen driver, or a round ops asked for), or dispatched
+    and nobody found (every dispatch writes `assignment_started` first). `delivery_ref`: the
+    delivery's id as seen from the filtered model."""
+    offered = DriverOffer.objects.filter(delivery_id=OuterRef(delivery_ref))
+    searched = DeliveryAuditLog.objects.filter(delivery_id=OuterRef(delivery_ref), event_type=E.ASSIGNMENT_STARTED)
+    return Q(Exists(offered)) | Q(Exists(searched))
+
+
 def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **kwargs) -> DispatchResult:
     """The automatic next offer: after a rejected, expired or withdrawn offer, a reassignment,
     by the retry job and the escalation check. The caller holds the delivery's lock.
 
     A delivery created with autoDispatch false is not dispatched until ops offer it (an offer to
-    a chosen driver, a dispatch, a redispatch). Once ops have, the SPEC's rule holds for it as
+    a chosen driver, a dispatch, a redispatch: `ops_started`, even one that found nobody). Once ops have, the SPEC's rule holds for it as
     for any other: a reject, an expiry or a withdrawal moves it to the next candidate, and the
     retry job and the escalation check dispatch it. Until then it goes back to ops: still ready,
     with an open unassigned record (reason `unassigned`) that lists it in
@@ -388,11 +399,8 @@ def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **k
         return dispatch_locked(delivery, actor=actor, now=now, **kwargs)
     if delivery.status != DeliveryStatus.READY:
         return DispatchResult("not_ready")
-    if DriverOffer.objects.filter(delivery=delivery).exists():  # ops started its dispatch
+    if Delivery.objects.filter(ops_started(), pk=delivery.pk).exists():
         return dispatch_locked(delivery, actor=actor, now=now, **kwargs)
-    waiting = _pending_offer(delivery, no_pending_offer=kwargs.get("no_pending_offer", False))
-    if waiting is not None:  # the rest of an ops-dispatched round still waits for its answers
-        return waiting
     unassigned_record_failure(delivery=delivery, reason=FailureReason.UNASSIGNED, now=now)
     return DispatchResult("ops_only", failure_reason=FailureReason.UNASSIGNED)
 
@@ -428,7 +436,7 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
         )
         # autoDispatch false and never offered: ops offer it first (dispatching it here would go
         # against the seller's choice)
-        .filter(Q(delivery__auto_dispatch=True) | Exists(DriverOffer.objects.filter(delivery_id=OuterRef("delivery_id"))))
+        .filter(Q(delivery__auto_dispatch=True) | ops_started("delivery_id"))
         .order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
     )
     offered = 0

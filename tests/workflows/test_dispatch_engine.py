@@ -467,3 +467,18 @@ def test_an_auto_dispatch_delivery_still_moves_to_the_next_candidate_on_expiry(i
         t.shift(timedelta(seconds=31))
         assert expire_overdue_offers() == 1
     assert pending(delivery).driver_id == second.pk
+
+
+def test_an_auto_dispatch_false_delivery_ops_dispatched_to_nobody_is_retried_by_the_job(integration, ops):
+    """Ops started its dispatch though nobody was found (no offer row): it is an unassigned order
+    like any other from then on (review: only an offer counted, so it was never retried)."""
+    created = integration.post("/v2/deliveries", {**NEW, "autoDispatch": False}, format="json").json()
+    r = ops.post(f"/v2/deliveries/{created['id']}/dispatch", format="json")
+    assert r.json()["outcome"] == "unassigned"
+    record = UnassignedOrder.objects.get(delivery_id=created["id"], resolved_at__isnull=True)
+    assert record.failure_reason == "no_available_drivers"
+
+    driver = online_driver(km=0.5)
+    UnassignedOrder.objects.filter(pk=record.pk).update(last_attempt_at=timezone.now() - timedelta(minutes=1))
+    assert unassigned_retry() == 1
+    assert pending(Delivery.objects.get(pk=created["id"])).driver_id == driver.pk
