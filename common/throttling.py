@@ -109,6 +109,54 @@ class CustomerAddressThrottle(AnonRateThrottle):
     scope = "customer_address"
 
 
+class CustomerNoLinkThrottle(AnonRateThrottle):
+    """An anonymous call of a customer's endpoint without a link counts where any anonymous
+    call does (`anon`, the login's count): only a link buys the customer's allowance."""
+
+    def get_ident_for(self, request, view):
+        if request.query_params.get("token"):
+            return None
+        return super().get_ident_for(request, view)
+
+
+class CustomerMissThrottle(AnonRateThrottle):
+    """Links that matched no delivery, per address (THROTTLE_CUSTOMER_MISS_RATE): each made-up
+    link would otherwise get a fresh per-link allowance, every one a database lookup. Counted
+    by the view on each miss (`customer_miss_record`), read here: an address over the limit is
+    refused whatever link it sends."""
+
+    scope = "customer_miss"
+
+    def allow_request(self, request, view) -> bool:
+        ident = self.get_ident_for(request, view)
+        rate = api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
+        if ident is None or not rate or not request.query_params.get("token"):
+            return True
+        limit, period = parse_rate(rate)
+        now = time.time()
+        self._wait = period - (now % period)
+        try:
+            misses = get_redis().get(self.key_for(request, ident, int(now // period)))
+        except RedisUnavailable:
+            return True
+        return int(misses or 0) < limit
+
+
+def customer_miss_record(request) -> None:
+    """A customer's link matched no delivery: one more miss for the caller's address (see
+    CustomerMissThrottle). Never raises."""
+    throttle = CustomerMissThrottle()
+    rate = api_settings.DEFAULT_THROTTLE_RATES.get(throttle.scope)
+    ident = throttle.get_ident_for(request, None)
+    if ident is None or not rate:
+        return
+    _, period = parse_rate(rate)
+    try:
+        _count(throttle.key_for(request, ident, int(time.time() // period)), period + 1)
+    except RedisUnavailable:
+        logger.warning("customer miss not counted: Redis unavailable")
+
+
 class UserRateThrottle(RedisRateThrottle):
     scope = "user"
 

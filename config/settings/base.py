@@ -353,6 +353,8 @@ REST_FRAMEWORK = {
         # the customer's endpoints (delivery status, rating) by tracking link, and per address
         "customer": env("THROTTLE_CUSTOMER_RATE", default="1200/min"),
         "customer_address": env("THROTTLE_CUSTOMER_ADDRESS_RATE", default="20000/min"),
+        # links that matched no delivery, per address (made-up links: each a database lookup)
+        "customer_miss": env("THROTTLE_CUSTOMER_MISS_RATE", default="300/min"),
     },
     "EXCEPTION_HANDLER": "common.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "common.schema.AutoSchema",

@@ -221,7 +221,8 @@ def test_tokens_are_compared_in_constant_time(anon, monkeypatch):
 
 def _rates(settings, **rates):
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
-        "anon": "1000/min", "user": "1000/min", "customer": "1000/min", "customer_address": "1000/min", **rates}}
+        "anon": "1000/min", "user": "1000/min", "customer": "1000/min", "customer_address": "1000/min",
+        "customer_miss": "1000/min", **rates}}
 
 
 def test_customers_are_throttled_per_link_not_in_the_login_s_anonymous_count(anon, settings):
@@ -317,3 +318,19 @@ def test_after_a_reassign_the_new_drivers_customer_never_sees_the_previous_drive
 
     delivery_eta_refresh(delivery_id=delivery.pk)  # the refresh for the new driver
     assert "estimatedPickupTime" in customer_get(anon, delivery).json()
+
+
+def test_made_up_links_are_limited_per_address_and_a_call_without_one_counts_as_any_anonymous_call(anon, settings):
+    """Each made-up link got a fresh per-link allowance (review): misses are counted per
+    address; and without a link the call is an anonymous one like the login's."""
+    _rates(settings, customer_miss="2/min", anon="3/min")
+    delivery = delivery_in("ready")
+    made_up = [customer_get(anon, delivery, token=f"guess-{i}").status_code for i in range(3)]
+    assert made_up == [404, 404, 429]
+    assert customer_get(anon, delivery).status_code == 429  # the address, whatever link it sends now
+
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "customer_miss": "1000/min"}}
+    without = [anon.get(status_url(delivery)).status_code for _ in range(3)]
+    assert without == [404, 404, 404]  # counted as anonymous calls: the login has one left
+    assert anon.post("/v2/auth/token", {"username": "nobody", "password": "x"}, format="json").status_code == 429

@@ -18,7 +18,15 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common.errors import iso
-from common.throttling import CustomerAddressThrottle, CustomerLinkThrottle, UserRateThrottle
+from common.exceptions import NotFound
+from common.throttling import (
+    CustomerAddressThrottle,
+    CustomerLinkThrottle,
+    CustomerMissThrottle,
+    CustomerNoLinkThrottle,
+    UserRateThrottle,
+    customer_miss_record,
+)
 from common.fields import point_json
 from common.schema import errors
 from tracking import selectors as tracking
@@ -114,7 +122,15 @@ class _CustomerView(APIView):
     referrer on (the customer's link is a credential). Customers are counted per link and per
     address (common.throttling), not in the login's anonymous count."""
 
-    throttle_classes = [CustomerLinkThrottle, CustomerAddressThrottle, UserRateThrottle]
+    throttle_classes = [CustomerNoLinkThrottle, CustomerMissThrottle, CustomerLinkThrottle, CustomerAddressThrottle,
+                        UserRateThrottle]
+
+    def delivery_of_link(self, request, seller_order_id: str):
+        try:
+            return tracking.delivery_for_customer(seller_order_id=seller_order_id, token=request.query_params.get("token"))
+        except NotFound:
+            customer_miss_record(request)
+            raise
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
@@ -142,7 +158,7 @@ class DeliveryStatusView(_CustomerView):
     def get(self, request, seller_order_id):
         token = request.query_params.get("token")
         if token is not None:
-            delivery = tracking.delivery_for_customer(seller_order_id=seller_order_id, token=token)
+            delivery = self.delivery_of_link(request, seller_order_id)
         else:
             delivery = tracking.delivery_for_caller(user=request.user, seller_order_id=seller_order_id)
         return Response(tracking.tracking_status(delivery))
@@ -157,7 +173,7 @@ class RatingView(_CustomerView):
     @extend_schema(operation_id="orders_rating", parameters=[TOKEN], request=RatingSerializer,
                    responses={201: RatingResponseSerializer, **errors(400, 404, 409)}, tags=TAGS)
     def post(self, request, seller_order_id):
-        delivery = tracking.delivery_for_customer(seller_order_id=seller_order_id, token=request.query_params.get("token"))
+        delivery = self.delivery_of_link(request, seller_order_id)
         data = RatingSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         rating = services.delivery_rate(
