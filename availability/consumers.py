@@ -63,7 +63,7 @@ class DriverConsumer(RelayConsumer):
         if driver is None:
             await self.deny(CLOSE_FORBIDDEN)
             return
-        if await self.join_and_accept([driver_group(driver.pk)]) and query_param(self.scope, "snapshot") in SNAPSHOT_ON:
+        if await self.join_and_accept([driver_group(driver.pk)]) and (query_param(self.scope, "snapshot") or "").lower() in SNAPSHOT_ON:
             await self.send_json(await _snapshot(driver))
 
     def allowed(self, user) -> bool:

@@ -32,7 +32,8 @@ class CeleryTaskFilter(logging.Filter):
     `task_id`: Celery's own line format had them). Celery's own lines about a task ("received",
     "succeeded") carry a `data` extra, which the JSON formatter writes out: its arguments and
     return value are dropped from it (an offer's push carries the offer's addresses, an ops
-    alert its text; Celery's plain format never showed them), its id, name and runtime kept."""
+    alert its text; Celery's plain format never showed the arguments; the return value stays
+    in the message, as there), its id, name and runtime kept."""
 
     UNLOGGED = ("args", "kwargs", "return_value")
 

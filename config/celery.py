@@ -1,7 +1,9 @@
 import logging
 import os
+import sys
 
 from celery import Celery, bootsteps
+from celery.utils.log import LoggingProxy
 from celery.signals import (
     after_task_publish,
     beat_init,
@@ -52,6 +54,10 @@ def _django_logging(**kwargs):
     loglevel = kwargs.get("loglevel")
     if loglevel:
         logging.getLogger().setLevel(loglevel)
+    # Celery redirects a worker's print()s and stray stderr to its logger only when it set
+    # logging up itself: here too, so that they come out as JSON lines as well.
+    if app.conf.worker_redirect_stdouts and not isinstance(sys.stdout, LoggingProxy):
+        app.log.redirect_stdouts(app.conf.worker_redirect_stdouts_level)
 
 # --------------------------------------------------------------------------- job liveness
 # /health/jobs and the job gauges read what these write (common/heartbeat.py, docs/operations.md).

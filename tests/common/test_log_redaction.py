@@ -85,14 +85,18 @@ def test_a_worker_s_and_beat_s_lines_are_json_like_the_web_s():
         "logging.getLogger('x').debug('not at INFO')\n"
         "@app.task(name='demo.say')\ndef say():\n    get_task_logger('demo').info('inside')\n"
         "say.apply(task_id='T-1')\n"
+        "print('a stray print')\n"
         "logging.getLogger('celery.app.trace').info('Task %(name)s[%(id)s] succeeded', {'name': 'demo.say', 'id': 'T-2'},"
         " extra={'data': {'id': 'T-2', 'name': 'demo.say', 'args': \"('+15550001234',)\", 'kwargs': '{}',"
         " 'return_value': 'SECRETVALUE', 'runtime': 0.5}})\n"
     )
+    (stray,) = [line for line in lines if line["message"] == "a stray print"]  # stdout, redirected as Celery does
+    assert (stray["logger"], stray["level"]) == ("celery.redirected", "WARNING")
     (trace,) = [line for line in lines if line["message"] == "Task demo.say[T-2] succeeded"]
     assert trace["data"] == {"id": "T-2", "name": "demo.say", "runtime": 0.5}  # no arguments, no return value
     said = [line for line in lines if line["logger"] == "demo"]
-    assert [(line["level"], line["logger"], line["message"]) for line in lines if line["logger"] != "celery.app.trace"] == [
+    assert [(line["level"], line["logger"], line["message"]) for line in lines
+            if line["logger"] not in ("celery.app.trace", "celery.redirected")] == [
         ("INFO", "notifications.tasks", "link http://h/track/2?token=[redacted]"),
         ("INFO", "celery.beat", "beat: Starting..."),
         ("INFO", "demo", "inside"),
