@@ -3,7 +3,6 @@ import os
 import sys
 
 from celery import Celery, bootsteps
-from celery.utils.log import LoggingProxy
 from celery.signals import (
     after_task_publish,
     beat_init,
@@ -12,6 +11,7 @@ from celery.signals import (
     task_postrun,
     task_prerun,
 )
+from celery.utils.log import LoggingProxy
 
 from common import heartbeat
 from common.logfilters import request_id

@@ -379,8 +379,8 @@ def dispatch_next_locked(delivery: Delivery, *, actor: Actor, now: datetime, **k
     by the retry job and the escalation check. The caller holds the delivery's lock.
 
     A delivery created with autoDispatch false is not dispatched until ops offer it (an offer to
-    a chosen driver, a dispatch, a redispatch: `ops_started`, even one that found nobody). Once ops have, the SPEC's rule holds for it as
-    for any other: a reject, an expiry or a withdrawal moves it to the next candidate, and the
+    a chosen driver, a dispatch, a redispatch: `ops_started`, even one that found nobody). Once
+    ops have, the SPEC's rule holds for it as for any other: a reject, an expiry or a withdrawal moves it to the next candidate, and the
     retry job and the escalation check dispatch it. Until then it goes back to ops: still ready,
     with an open unassigned record (reason `unassigned`) that lists it in
     `/v2/admin/unassigned-orders`, for ops to offer or dispatch it.
@@ -434,8 +434,8 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
             last_attempt_at__lte=tried_before,
             delivery__matching_since__isnull=True,  # waiting: the zone's matching round has it
         )
-        # autoDispatch false and never offered: ops offer it first (dispatching it here would go
-        # against the seller's choice)
+        # autoDispatch false and never offered or dispatched by ops: ops start it (dispatching it
+        # here would go against the seller's choice)
         .filter(Q(delivery__auto_dispatch=True) | ops_started("delivery_id"))
         .order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
     )

@@ -19,6 +19,8 @@ from rest_framework.views import APIView
 
 from common.errors import iso
 from common.exceptions import NotFound
+from common.fields import point_json
+from common.schema import errors
 from common.throttling import (
     CustomerAddressThrottle,
     CustomerLinkThrottle,
@@ -27,8 +29,6 @@ from common.throttling import (
     UserRateThrottle,
     customer_miss_record,
 )
-from common.fields import point_json
-from common.schema import errors
 from tracking import selectors as tracking
 from tracking import services
 
