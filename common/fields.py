@@ -152,7 +152,8 @@ _DECIMAL_STRING = re.compile(r"-?[0-9]+(\.[0-9]+)?")
             {"type": "number", "minimum": 0, "maximum": 99999999.99},
             {"type": "string", "pattern": r"^\d{1,8}(\.\d{1,2})?$", "example": "49.50"},
         ],
-        "description": "An amount of money: a JSON number, or a decimal string (exact) such as \"49.50\".",
+        "description": "An amount of money: a JSON number, or a decimal string (exact) such as \"49.50\"; at most "
+        "two decimal places either way (a number with more is a 400, not rounded).",
     }
 )
 class MoneyField(serializers.DecimalField):

@@ -77,13 +77,31 @@ _EMPTY_NOTE = "An empty value is the same as leaving the parameter out."
 # (common.validators), is given to free-text path and query parameters.
 
 
+def _body_required_when_its_schema_requires_something(operation, components) -> None:
+    """A PATCH body is optional to drf-spectacular (its fields are); one whose schema still
+    requires something (`anyOf` of required fields: the ticket PATCH's "at least one of") is a
+    400 when absent, so the schema says the body is required (schemathesis sent none)."""
+    body = operation.get("requestBody") if isinstance(operation, dict) else None
+    if not body or body.get("required"):
+        return
+    for media in body.get("content", {}).values():
+        schema = media.get("schema", {})
+        ref = schema.get("$ref", "")
+        schema = components.get(ref.rsplit("/", 1)[-1], {}) if ref else schema
+        if schema.get("required") or schema.get("anyOf"):
+            body["required"] = True
+            return
+
+
 def query_parameters_as_served(result, generator, request, public):
     """Postprocessing hook: optional query parameters say what the server does with an empty
     value (`?sort=`): it is read as absent (DRF's rule for optional fields), so the schema
     allows it (`allowEmptyValue`) instead of claiming `minLength: 1`. And free-text path and
     query parameters say which characters the server refuses in any URL (`URL_TEXT_PATTERN`)."""
+    components = result.get("components", {}).get("schemas", {})
     for item in result.get("paths", {}).values():
         for operation in item.values():
+            _body_required_when_its_schema_requires_something(operation, components)
             for param in operation.get("parameters", []) if isinstance(operation, dict) else ():
                 schema = param.get("schema", {})
                 if param.get("in") in ("path", "query") and schema.get("type") == "string" and (
