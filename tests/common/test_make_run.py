@@ -22,3 +22,20 @@ def _run_command(**env) -> str:
 def test_make_run_gives_tracking_links_of_its_own_port_unless_told_otherwise():
     assert _run_command(TRACKING_BASE_URL=None) == "http://127.0.0.1:8311/track"
     assert _run_command(TRACKING_BASE_URL="https://track.example.com/t") == "https://track.example.com/t"
+
+
+def test_make_run_and_compose_run_a_worker_for_the_timers_queue_alone():
+    """Work due at a moment (queue `timers`: offer expiry, the retry, stale-driver and escalation
+    jobs) has a worker no long outbound call can take: under `make run` a webhook sweep held the
+    one worker's slots for 30-50 s a run and the jobs ran minutes late."""
+    import configparser
+
+    import yaml
+
+    conf = configparser.RawConfigParser(strict=False)
+    conf.read(ROOT / "deploy" / "supervisord.conf")
+    commands = [conf.get(section, "command") for section in conf.sections() if section.startswith("program:")]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for found in (commands, [str(service.get("command", "")) for service in compose.values()]):
+        timers_only = [c for c in found if "worker" in c and " -Q timers " in f"{c} " and "--concurrency 1" in c]
+        assert len(timers_only) == 1, found
