@@ -320,7 +320,10 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
     attempts = 0
     while True:
         now = timezone.now()
-        while webhooks_fan_out(now=now):
+        # (the fan-out is bounded by the budget too: after an outage of the workers it can
+        # have many thousands of events to go through; a delivery's messages wait for its
+        # events still to fan out, and the next sweep goes on with them)
+        while webhooks_fan_out(now=now) and time.monotonic() < deadline:
             pass
         claimed = webhooks_claim_due(now=now, limit=batch_size)
         if not claimed:
@@ -509,15 +512,26 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
     )
 
 
+# Each new message takes the due time of the last pending message of its delivery for its
+# endpoint written before this batch (`webhook_message_chain_idx`, read backwards: one entry),
+# which follows the first of them (`_chain_follows`); the batch's own earlier messages of that
+# delivery are due at once and are not asked. Until 2026-12-07 it took the latest due time of
+# all of them (a join grouped per new message): its cost grew with the chain, 0.5 s for 20
+# events when each delivery had 500 events waiting for an endpoint that did not answer
+# (bench/webhook_fan_out.py, bench/README.md).
 _FALL_DUE_WITH_THE_CHAIN_SQL = """
 UPDATE {message} m SET next_attempt_at = h.due
 FROM (
-    SELECT n.id, max(p.next_attempt_at) AS due
+    SELECT n.id, p.due
     FROM {message} n
-    JOIN {message} p ON p.endpoint_id = n.endpoint_id AND p.delivery_id = n.delivery_id
-                    AND p.status = 'pending' AND p.event_id < n.event_id
-    WHERE n.event_id = ANY(%(events)s) AND n.status = 'pending'
-    GROUP BY n.id
+    CROSS JOIN LATERAL (
+        SELECT q.next_attempt_at AS due FROM {message} q
+        WHERE q.endpoint_id = n.endpoint_id AND q.delivery_id = n.delivery_id
+          AND q.status = 'pending' AND q.event_id < %(first)s
+        ORDER BY q.event_id DESC
+        LIMIT 1
+    ) p
+    WHERE n.event_id = ANY(%(events)s) AND n.status = 'pending' AND n.delivery_id IS NOT NULL
 ) h
 WHERE m.id = h.id AND h.due > m.next_attempt_at
 """
@@ -527,7 +541,8 @@ def _fall_due_with_the_chain(event_seqs: list[int]) -> None:
     """New messages behind an earlier pending one of their delivery (which is backing off) fall
     due with it, not at once (`_chain_follows`, for messages made while it waits)."""
     with connection.cursor() as cursor:
-        cursor.execute(_FALL_DUE_WITH_THE_CHAIN_SQL.format(message=WebhookMessage._meta.db_table), {"events": event_seqs})
+        cursor.execute(_FALL_DUE_WITH_THE_CHAIN_SQL.format(message=WebhookMessage._meta.db_table),
+                       {"events": event_seqs, "first": min(event_seqs)})
 
 
 def _chain_follows(message: WebhookMessage, *, next_retry: datetime | None, now: datetime) -> None:

@@ -17,7 +17,7 @@ from common.actors import Actor
 from common.exceptions import Conflict
 from dispatch.models import Delivery
 from notifications import services
-from notifications.models import MessageStatus, OutboxEvent, WebhookAttempt, WebhookEndpoint
+from notifications.models import MessageStatus, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
 from tests.api import client_for
 from tests.factories import CITY, DeliveryFactory, IntegrationUserFactory, driver_at_dropoff, online_driver
 from tests.notifications.receiver import Answer
@@ -123,6 +123,32 @@ def test_events_wait_through_an_outage_and_arrive_in_order_with_the_same_ids(rec
     assert "timeout" in attempts[1].error
     gaps = [(b.attempted_at - a.attempted_at).total_seconds() for a, b in zip(attempts, attempts[1:])]
     assert gaps[0] >= settings.WEBHOOK_RETRY_BASE_SECONDS * 0.8 and gaps[1] >= gaps[0] * 1.2  # exponential
+
+
+def test_events_fanned_out_together_behind_a_backing_off_one_all_fall_due_with_it():
+    """One fan-out batch with three events of a delivery whose first message backs off for an
+    hour, and one of another delivery: the three wait the hour with it (the batch's own earlier
+    messages of the delivery are due at once and set nothing), the other is due at once."""
+    merchant = IntegrationUserFactory()
+    endpoint = services.endpoint_create(owner=merchant, all_deliveries=False, url="https://chain.example.com/h", events=["*"])
+    waiting, other = DeliveryFactory(created_by=merchant), DeliveryFactory(created_by=merchant)
+    now = timezone.now()
+
+    def event(delivery, at):
+        return OutboxEvent.objects.create(type="delivery.eta_updated", delivery=delivery, owner=merchant, payload={},
+                                          created_at=at)
+
+    event(waiting, now)
+    services.webhooks_fan_out(now=now)
+    WebhookMessage.objects.filter(endpoint=endpoint).update(attempt_count=1, next_attempt_at=now + timedelta(hours=1))
+    later = [event(waiting, now + timedelta(seconds=s)) for s in (1, 2, 3)]
+    elsewhere = event(other, now + timedelta(seconds=4))
+
+    assert services.webhooks_fan_out(now=now + timedelta(seconds=5)) == 4
+
+    due = dict(WebhookMessage.objects.filter(endpoint=endpoint).values_list("event_id", "next_attempt_at"))
+    assert [due[e.seq] for e in later] == [now + timedelta(hours=1)] * 3
+    assert due[elsewhere.seq] == elsewhere.created_at
 
 
 def test_retry_after_from_the_receiver_is_honoured(receiver):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import types
 
 import pytest
 from django.utils import timezone
@@ -146,3 +147,20 @@ def test_a_name_whose_dns_does_not_answer_is_given_up_at_the_timeout(monkeypatch
     # the next attempt, once that look-up has ended, looks up again
     assert post_json("http://hangs.example.com/hook", b"{}", {}, timeout=1).error.startswith("DNS lookup failed")
     assert calls == ["hangs.example.com"] * 2
+
+
+def test_a_sweep_stops_fanning_out_once_its_budget_is_spent(monkeypatch):
+    """Fan-out batches of an outbox backlog (each 10 s here) stop at the sweep's budget; the
+    next sweep goes on with them."""
+    clock, batches = [0.0], []
+
+    def fan_out(now):
+        batches.append(now)
+        clock[0] += 10.0
+        return 500 if len(batches) < 10 else 0
+
+    monkeypatch.setattr(services, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(services, "webhooks_fan_out", fan_out)
+
+    assert services.webhooks_deliver_due(max_seconds=25) == 0
+    assert len(batches) == 3
