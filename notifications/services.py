@@ -515,8 +515,8 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
 # Each new message takes the due time of the last pending message of its delivery for its
 # endpoint written before this batch (`webhook_message_chain_idx`, read backwards: one entry),
 # which follows the first of them (`_chain_follows`); the batch's own earlier messages of that
-# delivery are due at once and are not asked. Until 2026-12-07 it took the latest due time of
-# all of them (a join grouped per new message): its cost grew with the chain, 0.5 s for 20
+# delivery are due at once and are not asked. Until the twenty-third session it took the
+# latest due time of all of them (a join grouped per new message): its cost grew with the chain, 0.5 s for 20
 # events when each delivery had 500 events waiting for an endpoint that did not answer
 # (bench/webhook_fan_out.py, bench/README.md).
 _FALL_DUE_WITH_THE_CHAIN_SQL = """
