@@ -23,7 +23,7 @@ from django.utils import timezone
 from availability import live
 from availability.models import Driver
 from common.errors import iso
-from common.exceptions import NotFound
+from common.exceptions import Forbidden, NotFound
 from common.roles import is_integration, is_ops
 from dispatch.models import CODE_POLICIES, Assignment, AssignmentStatus, Delivery, DeliveryProof
 from dispatch.proofs import proof_signed_url
@@ -97,14 +97,15 @@ def delivery_for_customer(*, seller_order_id: str, token: str | None) -> Deliver
 
 def delivery_for_caller(*, user, seller_order_id: str) -> Delivery:
     """An integration reads its own delivery with this sellerOrderId; ops the most recently
-    created one with it (sellerOrderIds are unique per account, not globally). Anyone else: 404."""
+    created one with it (sellerOrderIds are unique per account, not globally). Another
+    integration's order: 404. Anyone else logged in (a driver, a support agent): 403."""
     qs = Delivery.objects.filter(seller_order_id=seller_order_id)
     if is_ops(user):
         qs = qs.order_by("-created_at", "-pk")
     elif is_integration(user):
         qs = qs.filter(created_by=user)
     else:
-        qs = qs.none()
+        raise Forbidden("Only the customer's tracking link, the integration that created the order, or ops may read it.")
     delivery = qs.first()
     if delivery is None:
         raise NotFound(_NOT_FOUND)

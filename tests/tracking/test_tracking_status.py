@@ -133,12 +133,15 @@ def test_a_wrong_token_and_an_unknown_order_look_the_same(anon):
     assert wrong["message"] == unknown["message"] == empty["message"] == too_long["message"] == "Order not found."
 
 
-def test_without_a_token_an_anonymous_caller_or_a_driver_gets_a_404(anon):
+def test_without_a_token_an_anonymous_caller_gets_a_401_and_a_driver_a_403(anon):
+    """SPEC: 401 without credentials, 403 logged in but not allowed (both were a 404)."""
     driver = john()
     delivery = delivery_in("assigned", driver=driver)
 
-    assert_error(anon.get(status_url(delivery)), 404)
-    assert_error(client_for(driver.user).get(status_url(delivery)), 404)
+    assert assert_error(anon.get(status_url(delivery)), 401)["message"] == "Authentication credentials were not provided."
+    assert_error(anon.get("/v2/orders/NO-SUCH-ORDER/delivery-status"), 401)  # before any lookup
+    assert_error(client_for(driver.user).get(status_url(delivery)), 403)
+    assert_error(client_for(driver.user).get("/v2/orders/NO-SUCH-ORDER/delivery-status"), 403)
 
 
 def test_the_token_of_another_delivery_with_the_same_seller_order_id_does_not_open_this_one(anon):
@@ -252,7 +255,7 @@ def test_the_status_and_rating_endpoints_are_documented_with_the_token_parameter
     paths = SchemaGenerator().get_schema(request=None, public=True)["paths"]
 
     for path, method, codes in (
-        ("/v2/orders/{seller_order_id}/delivery-status", "get", {"200", "404", "429"}),
+        ("/v2/orders/{seller_order_id}/delivery-status", "get", {"200", "401", "403", "404", "429"}),
         ("/v2/orders/{seller_order_id}/rating", "post", {"201", "400", "404", "409", "429"}),
     ):
         op = paths[path][method]
@@ -332,5 +335,5 @@ def test_made_up_links_are_limited_per_address_and_a_call_without_one_counts_as_
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
         **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "customer_miss": "1000/min"}}
     without = [anon.get(status_url(delivery)).status_code for _ in range(3)]
-    assert without == [404, 404, 404]  # counted as anonymous calls: the login has one left
+    assert without == [401, 401, 401]  # counted as anonymous calls: the login has one left
     assert anon.post("/v2/auth/token", {"username": "nobody", "password": "x"}, format="json").status_code == 429

@@ -13,6 +13,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_safe
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
+from rest_framework.exceptions import NotAuthenticated
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -154,11 +155,13 @@ class DeliveryStatusView(_CustomerView):
         return super().get_authenticators()
 
     @extend_schema(operation_id="orders_delivery_status", parameters=[TOKEN],
-                   responses={200: DeliveryStatusSerializer, **errors(404)}, tags=TAGS)
+                   responses={200: DeliveryStatusSerializer, **errors(401, 403, 404)}, tags=TAGS)
     def get(self, request, seller_order_id):
         token = request.query_params.get("token")
         if token is not None:
             delivery = self.delivery_of_link(request, seller_order_id)
+        elif not request.user.is_authenticated:
+            raise NotAuthenticated()  # no link, no credentials: a 401 like any API call without them
         else:
             delivery = tracking.delivery_for_caller(user=request.user, seller_order_id=seller_order_id)
         return Response(tracking.tracking_status(delivery))
