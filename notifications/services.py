@@ -609,18 +609,57 @@ def endpoint_replay_failed(*, endpoint_id, since: datetime, now: datetime | None
     return messages_replay(message_ids=list(ids), now=now)
 
 
-def webhooks_purge(*, now: datetime | None = None, batch_size: int = 5000) -> int:
+def webhooks_purge(*, now: datetime | None = None, batch_size: int = 5000, max_seconds: float = 30.0) -> int:
     """Delete outbox events older than `WEBHOOK_RETENTION_DAYS` with nothing left to send
-    (their messages and attempts go with them)."""
+    (their messages and attempts go with them), after giving up the messages a switched-off
+    endpoint has kept waiting that long (`_switched_off_give_up`). Returns the events purged.
+    Stops after the batch that passes `max_seconds` (within the task's time limit); the next
+    run goes on."""
+    deadline = time.monotonic() + max_seconds
     now = now or timezone.now()
     cutoff = now - timedelta(days=settings.WEBHOOK_RETENTION_DAYS)
+    _switched_off_give_up(cutoff=cutoff, batch_size=batch_size, deadline=deadline)
     old = (
         OutboxEvent.objects.filter(created_at__lt=cutoff, fanned_out_at__isnull=False)
         .exclude(messages__status=MessageStatus.PENDING)
-        .values_list("seq", flat=True)[:batch_size]
+        .values_list("seq", flat=True)
     )
-    deleted, _ = OutboxEvent.objects.filter(seq__in=list(old)).delete()
-    return deleted
+    purged = 0
+    while True:  # (in batches until none is left: one batch an hour fell behind 5,000 events an hour)
+        _, by_model = OutboxEvent.objects.filter(seq__in=list(old[:batch_size])).delete()
+        count = by_model.get(OutboxEvent._meta.label, 0)
+        purged += count
+        if count < batch_size or time.monotonic() >= deadline:
+            return purged
+
+
+def _switched_off_give_up(*, cutoff: datetime, batch_size: int, deadline: float) -> int:
+    """A switched-off endpoint's messages wait for it to be switched on again; those queued
+    (or replayed) before `cutoff` are given up (`failed`), so that an endpoint left off does not
+    keep every event from then on for ever: "Replay failed events since…" sends them again
+    until they are purged. The endpoint is locked first, then its messages (the order of every
+    write to them); one switched on meanwhile keeps its messages. Returns how many."""
+    given_up = 0
+    stale = WebhookMessage.objects.filter(status=MessageStatus.PENDING, window_started_at__lt=cutoff)
+    endpoint_ids = list(WebhookEndpoint.objects.filter(active=False).values_list("pk", flat=True))
+    for endpoint_id in endpoint_ids:
+        while time.monotonic() < deadline:
+            with transaction.atomic():
+                endpoint = WebhookEndpoint.objects.select_for_update(of=("self",), no_key=True, skip_locked=True).filter(
+                    pk=endpoint_id, active=False).first()
+                if endpoint is None:  # switched on, deleted, or being changed: the next run
+                    break
+                batch = stale.filter(endpoint_id=endpoint_id).values("pk")[:batch_size]
+                count = WebhookMessage.objects.filter(pk__in=batch).update(
+                    status=MessageStatus.FAILED, leased_until=None,
+                    last_error=f"gave up: the endpoint was switched off for {settings.WEBHOOK_RETENTION_DAYS} days",
+                )
+            given_up += count
+            if count < batch_size:
+                break
+    if given_up:
+        logger.info("webhooks: gave up %s messages of switched-off endpoints queued before %s", given_up, iso(cutoff))
+    return given_up
 
 
 # ------------------------------------------------------------------------------ push devices
