@@ -516,9 +516,9 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
 # endpoint written before this batch (`webhook_message_chain_idx`, read backwards: one entry),
 # which follows the first of them (`_chain_follows`); the batch's own earlier messages of that
 # delivery are due at once and are not asked. Until the twenty-third session it took the
-# latest due time of all of them (a join grouped per new message): its cost grew with the chain, 0.5 s for 20
-# events when each delivery had 500 events waiting for an endpoint that did not answer
-# (bench/webhook_fan_out.py, bench/README.md).
+# latest due time of all of them (a join grouped per new message): its cost grew with the
+# chain, 0.5 s for 20 events when each delivery had 500 events waiting for an endpoint that
+# did not answer (bench/webhook_fan_out.py, bench/README.md).
 _FALL_DUE_WITH_THE_CHAIN_SQL = """
 UPDATE {message} m SET next_attempt_at = h.due
 FROM (
@@ -652,7 +652,7 @@ def _switched_off_give_up(*, cutoff: datetime, batch_size: int, deadline: float)
                 batch = stale.filter(endpoint_id=endpoint_id).values("pk")[:batch_size]
                 count = WebhookMessage.objects.filter(pk__in=batch).update(
                     status=MessageStatus.FAILED, leased_until=None,
-                    last_error=f"gave up: the endpoint was switched off for {settings.WEBHOOK_RETENTION_DAYS} days",
+                    last_error=f"gave up: waited {settings.WEBHOOK_RETENTION_DAYS} days for a switched-off endpoint",
                 )
             given_up += count
             if count < batch_size:

@@ -77,7 +77,7 @@ def test_a_given_up_message_whose_event_is_still_kept_says_why_and_can_be_replay
 
     replayed.refresh_from_db()
     assert replayed.status == MessageStatus.FAILED
-    assert replayed.last_error == "gave up: the endpoint was switched off for 14 days"
+    assert replayed.last_error == "gave up: waited 14 days for a switched-off endpoint"
     assert services.endpoint_replay_failed(endpoint_id=off.pk, since=timezone.now() - 3 * DAY) == 1
     assert WebhookMessage.objects.get(pk=replayed.pk).status == MessageStatus.PENDING
 
