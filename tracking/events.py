@@ -6,11 +6,20 @@ from common.errors import iso
 # Customer tracking (seed "ETA & Tracking Events"; docs/tracking.md). Sent to the delivery's
 # group (its customer sockets) and to ops.
 
+# The accuracy of a fix sent without one (`accuracyMeters` is optional on the location
+# endpoint): what the customer's payloads show (the seed types it as a number; it was null) and
+# what the ETA's confidence counts.
+UNKNOWN_ACCURACY_M = 100.0
+
+
+def accuracy_shown(accuracy_m: float | None) -> float:
+    return UNKNOWN_ACCURACY_M if accuracy_m is None else accuracy_m
+
 
 class TrackedLocation(TypedDict):
     lat: float
     lon: float
-    accuracyMeters: float | None
+    accuracyMeters: float
 
 
 class DeliveryLocationUpdatedEvent(TypedDict):
@@ -38,7 +47,7 @@ def delivery_location_updated(
     event: DeliveryLocationUpdatedEvent = {
         "type": "delivery_location_updated",
         "deliveryId": str(delivery_id),
-        "location": {"lat": round(lat, 7), "lon": round(lon, 7), "accuracyMeters": accuracy_m},
+        "location": {"lat": round(lat, 7), "lon": round(lon, 7), "accuracyMeters": accuracy_shown(accuracy_m)},
         "updatedAt": iso(recorded_at),
     }
     if speed_mps is not None:

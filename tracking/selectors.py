@@ -29,6 +29,7 @@ from dispatch.models import CODE_POLICIES, Assignment, AssignmentStatus, Deliver
 from dispatch.proofs import proof_signed_url
 from dispatch.models import DeliveryStatus as S
 from tracking import eta
+from tracking.events import accuracy_shown
 
 CUSTOMER_STATUS = {S.READY: "pending"}
 ACTIVE_STATUSES = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
@@ -125,7 +126,7 @@ class TrackingDriver(TypedDict):
 class TrackingLocation(TypedDict):
     lat: float
     lon: float
-    accuracyMeters: float | None
+    accuracyMeters: float
     lastUpdated: str
 
 
@@ -189,14 +190,14 @@ def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> Track
             body["location"] = {
                 "lat": round(fresh.lat, 7),
                 "lon": round(fresh.lon, 7),
-                "accuracyMeters": fresh.accuracy_m,
+                "accuracyMeters": accuracy_shown(fresh.accuracy_m),
                 "lastUpdated": iso(fresh.recorded_at),
             }
         elif driver.location is not None and driver.location_recorded_at is not None:
             body["location"] = {
                 "lat": round(driver.location.y, 7),
                 "lon": round(driver.location.x, 7),
-                "accuracyMeters": driver.location_accuracy_m,
+                "accuracyMeters": accuracy_shown(driver.location_accuracy_m),
                 "lastUpdated": iso(driver.location_recorded_at),
             }
         if delivery.eta_calculated_at is not None and delivery.eta_pickup_at and delivery.eta_delivery_at:

@@ -53,7 +53,6 @@ ETA_REFRESH_TASK = "tracking.refresh_eta"  # one delivery's: when Redis is down,
 # up to the grace value and halves at grace + half-life.
 FIX_AGE_GRACE_S, FIX_AGE_HALF_LIFE_S = 30.0, 300.0
 ACCURACY_GRACE_M, ACCURACY_HALF_LIFE_M = 25.0, 250.0
-UNKNOWN_ACCURACY_M = 100.0
 MIN_CONFIDENCE = 0.05
 
 
@@ -67,7 +66,7 @@ class Eta:
 
 def fix_confidence(*, base: float, fix_age_s: float, accuracy_m: float | None) -> float:
     age_factor = 1.0 / (1.0 + max(0.0, fix_age_s - FIX_AGE_GRACE_S) / FIX_AGE_HALF_LIFE_S)
-    acc = UNKNOWN_ACCURACY_M if accuracy_m is None else accuracy_m
+    acc = events.UNKNOWN_ACCURACY_M if accuracy_m is None else accuracy_m
     accuracy_factor = 1.0 / (1.0 + max(0.0, acc - ACCURACY_GRACE_M) / ACCURACY_HALF_LIFE_M)
     return round(max(MIN_CONFIDENCE, min(1.0, base * age_factor * accuracy_factor)), 2)
 

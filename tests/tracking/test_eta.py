@@ -153,6 +153,21 @@ def test_every_fix_of_an_assigned_driver_reaches_the_delivery_group_and_ops(job,
     assert by_type(ops.drain(), "delivery_location_updated") == []  # ops follow the per-second digest instead
 
 
+def test_a_fix_without_an_accuracy_shows_the_one_the_eta_counts_not_null(job, listen, django_capture_on_commit_callbacks):
+    """The seed types `accuracyMeters` as a number (the event and the status body); it was null."""
+    delivery, driver = job
+    customer = listen(f"delivery.{delivery.pk}")
+
+    post_fix(driver, T0 + timedelta(seconds=2), -1.99, accuracy=None, capture=django_capture_on_commit_callbacks)
+
+    (sent,) = by_type(customer.drain(), "delivery_location_updated")
+    assert_event_shape(sent, DeliveryLocationUpdatedEvent)
+    assert sent["location"]["accuracyMeters"] == eta_service.events.UNKNOWN_ACCURACY_M == 100.0
+    with time_machine.travel(T0 + timedelta(seconds=3), tick=False):
+        shown = client_for(delivery.created_by).get(f"/v2/orders/{delivery.seller_order_id}/delivery-status").json()
+    assert shown["location"]["accuracyMeters"] == 100.0
+
+
 def test_the_eta_is_recomputed_at_most_every_interval_unless_the_driver_moved_far(job, listen, django_capture_on_commit_callbacks, settings):
     settings.ETA_MIN_INTERVAL_SECONDS = 15
     settings.ETA_MIN_MOVE_METERS = 250

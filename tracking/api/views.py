@@ -54,7 +54,7 @@ class TrackingDriverSerializer(serializers.Serializer):
 class TrackingLocationSerializer(serializers.Serializer):
     lat = serializers.FloatField()
     lon = serializers.FloatField()
-    accuracyMeters = serializers.FloatField(allow_null=True)
+    accuracyMeters = serializers.FloatField(help_text="As the driver's app reported it; 100 when it sent none.")
     lastUpdated = serializers.DateTimeField()
 
 
