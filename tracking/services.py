@@ -218,9 +218,8 @@ def delivery_eta_refresh(
             delivery_id=delivery.pk, pickup_at=new.pickup_at, delivery_at=new.delivery_at,
             confidence=new.confidence, calculated_at=new.calculated_at,
         )
-        # After a status change (force_event) ops already have delivery_status_changed; they get
-        # the ETA again with the driver's next fix.
-        broadcast_on_commit([delivery_group(delivery.pk)] if force_event else [delivery_group(delivery.pk), OPS_GROUP], event)
+        # (ops too after a status change: SPEC, /ws/ops/ gets every event the customers get)
+        broadcast_on_commit([delivery_group(delivery.pk), OPS_GROUP], event)
     return new
 
 

@@ -54,9 +54,11 @@ def test_staff_receive_delivery_events_after_commit(integration_user):
         assert created["deliveryId"] == str(delivery.pk) and created["status"] == "ready"
 
         await database_sync_to_async(assignment_create)(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
-        received = [await comm.receive_json_from(timeout=5) for _ in range(2)]
+        received = [await comm.receive_json_from(timeout=5) for _ in range(3)]
         by_type = {e["type"]: e for e in received}
-        assert set(by_type) == {"availability_changed", "delivery_status_changed"}
+        # (the ETA too, as the customer gets it: SPEC, /ws/ops/ gets every event; it was the customer's only)
+        assert set(by_type) == {"availability_changed", "delivery_status_changed", "delivery_eta_updated"}
+        assert by_type["delivery_eta_updated"]["deliveryId"] == str(delivery.pk)
         assert_event_shape(by_type["delivery_status_changed"], events.DeliveryStatusChangedEvent)
         assert by_type["delivery_status_changed"]["status"] == "assigned"
         assert by_type["delivery_status_changed"]["driverId"] == str(driver.pk)
