@@ -25,6 +25,22 @@ _REFUSED = (serializers.BaseSerializer, serializers.RelatedField, serializers.Ma
             serializers.HiddenField)
 
 
+class OmitNone:
+    """The keys in `omit_when_none` are left out when they have no value instead of sent as
+    null: the seed marks them optional (`responseTimeMs?: number`), and a client that checks a
+    body against it refuses a null. Their fields say `required=False` (not nullable) so that the
+    schema agrees."""
+
+    omit_when_none: tuple[str, ...] = ()
+
+    def to_representation(self, instance):
+        data = super().to_representation(instance)
+        for key in self.omit_when_none:
+            if key in data and data[key] is None:
+                del data[key]
+        return data
+
+
 class PlainRepresentation:
     plain_representation = True
 

@@ -10,7 +10,7 @@ from rest_framework import serializers
 
 from audit.models import AuditEventType
 from availability.models import Driver, DriverAvailability, VehicleType
-from common.representation import PlainRepresentation
+from common.representation import OmitNone, PlainRepresentation
 from common.validation import PlainValidation
 from common.validators import ORDER_ID_MESSAGE, ORDER_ID_PATTERN, validate_order_id_chars
 from common.fields import (
@@ -417,11 +417,13 @@ class DeliveryStepSerializer(PlainValidation, serializers.Serializer):
     )
 
 
-class AuditEventSerializer(serializers.Serializer):
+class AuditEventSerializer(OmitNone, serializers.Serializer):
+    omit_when_none = ("actorId",)
+
     id = serializers.UUIDField()
     timestamp = serializers.DateTimeField()
     eventType = serializers.CharField(source="event_type")
-    actorId = serializers.UUIDField(source="actor_id", allow_null=True)
+    actorId = serializers.UUIDField(source="actor_id", required=False, help_text="Absent for the system's own events.")
     actorType = serializers.CharField(source="actor_type")
     details = serializers.JSONField()
     version = serializers.IntegerField()

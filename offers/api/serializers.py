@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from common.fields import StrictIntegerField, StrictUUIDField
+from common.representation import OmitNone
 from common.validation import PlainValidation
 from offers.models import OfferStatus, RejectionReason
 from offers.services import MAX_EXPIRES_SECONDS, MIN_EXPIRES_SECONDS
@@ -32,7 +33,9 @@ class OfferCreatedSerializer(serializers.Serializer):
     payload = OfferPayloadSerializer()
 
 
-class OfferSerializer(serializers.Serializer):
+class OfferSerializer(OmitNone, serializers.Serializer):
+    omit_when_none = ("responseTimeMs",)
+
     id = serializers.UUIDField()
     deliveryId = serializers.UUIDField(source="delivery_id")
     driverId = serializers.UUIDField(source="driver_id")
@@ -43,7 +46,8 @@ class OfferSerializer(serializers.Serializer):
     acceptedAt = serializers.DateTimeField(source="accepted_at", allow_null=True)
     rejectedAt = serializers.DateTimeField(source="rejected_at", allow_null=True)
     rejectionReason = serializers.CharField(source="rejection_reason")
-    responseTimeMs = serializers.IntegerField(source="driver_response_time_ms", allow_null=True)
+    responseTimeMs = serializers.IntegerField(source="driver_response_time_ms", required=False,
+                                              help_text="Once the driver answered (accepted or rejected); absent before.")
     notificationSentAt = serializers.DateTimeField(source="notification_sent_at", allow_null=True)
     notificationMethod = serializers.CharField(source="notification_method")
 

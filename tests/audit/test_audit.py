@@ -20,13 +20,21 @@ def test_audit_trail_lists_events_in_order_with_a_summary(ops, delivery, driver)
     assert body["deliveryId"] == str(delivery.pk)
     assert [e["eventType"] for e in body["events"]] == ["created", "driver_assigned", "delivery_cancelled"]
     first = body["events"][0]
-    assert set(first) == {"id", "timestamp", "eventType", "actorId", "actorType", "details", "version"}
+    assert set(first) == {"id", "timestamp", "eventType", "actorType", "details", "version"}  # the seed's `actorId?`: absent, not null
     assert first["version"] == 1 and first["details"] == {"sellerOrderId": "X"}
     assert body["summary"] == {
         "totalEvents": 3,
         "byEventType": {"created": 1, "driver_assigned": 1, "delivery_cancelled": 1},
         "byActorType": {"system": 2, "admin": 1},
     }
+
+
+def test_an_event_by_a_person_names_them(ops, ops_user, delivery):
+    audit_record(delivery=delivery, event_type="escalation_triggered", actor=Actor.for_user(ops_user), details={})
+
+    (event,) = ops.get(f"/v2/admin/deliveries/{delivery.pk}/audit").json()["events"]
+
+    assert event["actorId"] == str(ops_user.pk) and event["actorType"] == "admin"
 
 
 def test_audit_trail_filters_by_event_type(ops, delivery, driver):
