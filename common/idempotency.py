@@ -40,7 +40,8 @@ NOT_STORED = frozenset({401, 403, 413, 415, 429})
 def _caller(request) -> str:
     """Who sent the request: the account, however it authenticates (any of its API tokens,
     the header written in any case, or its session), so that a retry is recognised. A token no
-    account holds is its own caller (the view refuses it); so is an unknown scheme."""
+    account holds is its own caller (the view refuses it); so is an unknown scheme. Without
+    credentials: the customer's tracking link (`?token=`), else the address."""
     auth = request.META.get("HTTP_AUTHORIZATION")
     if auth:
         key = authorization_token(auth.encode("latin-1", "replace"))
@@ -52,6 +53,9 @@ def _caller(request) -> str:
     user = getattr(request, "user", None)
     if user is not None and user.is_authenticated:
         return f"user:{user.pk}"
+    link = request.GET.get("token")
+    if link:  # a customer, by their tracking link: two customers behind one address shared a caller
+        return "link:" + hashlib.sha256(link.encode("utf-8", "surrogatepass")).hexdigest()
     return "anon:" + request.META.get("REMOTE_ADDR", "")
 
 

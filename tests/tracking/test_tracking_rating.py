@@ -38,6 +38,25 @@ def test_a_customer_rates_a_delivered_order_and_the_driver_rating_becomes_the_av
 
 
 @pytest.mark.django_db
+def test_customers_behind_one_address_each_have_their_own_idempotency_keys(anon):
+    """Idempotency-Key is per caller; a customer is their link, not their address (two with one
+    key: the second was a 409 "used with a different request", and so was the real customer
+    after someone had tried the key with a wrong link)."""
+    driver = john(rating=5)
+    mine, theirs = delivery_in("delivered", driver=driver), delivery_in("delivered", driver=driver)
+    anon.credentials(HTTP_IDEMPOTENCY_KEY="rate-once")
+
+    assert_error(rate(anon, mine, {"stars": 2}, token="not-the-link"), 404)
+    first = rate(anon, mine, {"stars": 5})
+    assert first.status_code == 201, first.content
+    assert rate(anon, theirs, {"stars": 4}).status_code == 201
+
+    again = rate(anon, mine, {"stars": 5})  # the same customer's retry: the first answer again
+    assert again.status_code == 201 and again.json() == first.json() and again["Idempotent-Replayed"] == "true"
+    assert DeliveryRating.objects.filter(delivery__in=[mine, theirs]).count() == 2
+
+
+@pytest.mark.django_db
 def test_an_order_is_rated_once_only(anon):
     driver = john(rating=5)
     delivery = delivery_in("delivered", driver=driver)
