@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 API_PREFIXES = ("/v2/", "/health", "/metrics", "/proofs/")  # /proofs/: the signed proof-file links the API hands out
 
 
+# The paths of pages (HTML for people); a URL that is neither under these nor the API's is
+# answered in the API's error body (a client that got a path wrong, `/v3/…`, `/nope`).
+PAGE_PREFIXES = ("/admin/", "/support/", "/track/", "/static/", "/media/")
+
+
 def _is_api(request) -> bool:
     return request.path.startswith(API_PREFIXES) or request.path == "/v2"
 
@@ -167,11 +172,12 @@ _KEPT_ERROR_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 
 class ApiErrorMiddleware(AsyncCapableMiddleware):
     """API paths always answer in the SPEC's error body, even for errors raised outside DRF
-    (unknown URLs, wrong path converters, unexpected exceptions)."""
+    (unknown URLs, wrong path converters, unexpected exceptions); so does a URL that matches
+    nothing outside the pages (it was Django's HTML "Not Found")."""
 
     def process(self, request, response):
         if (
-            _is_api(request)
+            (_is_api(request) or (response.status_code == 404 and not request.path.startswith(PAGE_PREFIXES)))
             and response.status_code >= 400
             and not isinstance(response, JsonResponse)
             and "json" not in response.get("Content-Type", "")

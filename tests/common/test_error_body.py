@@ -104,6 +104,19 @@ def test_unknown_paths_under_v2_are_a_404_in_the_error_body(ops, path):
     assert body["message"] == "Not found."
 
 
+@pytest.mark.parametrize("path", ["/nope", "/v3/deliveries", "/favicon.ico", "/v2deliveries"])
+def test_a_url_that_matches_nothing_outside_the_pages_is_a_404_in_the_error_body(client, path):
+    """It was Django's HTML "Not Found" (a client with a wrong base path got no JSON)."""
+    body = assert_error_body(client.get(path), 404, path=path)
+    assert body["message"] == "Not found."
+
+
+@pytest.mark.parametrize("path", ["/support/nope", "/admin/nope/", "/track/nope"])
+def test_an_unknown_page_is_still_an_html_404(admin_client, path):
+    r = admin_client.get(path)
+    assert r.status_code == 404 and r["Content-Type"].startswith("text/html")
+
+
 def test_an_unsupported_method_is_a_405_naming_the_allowed_ones(ops):
     r = ops.delete("/v2/deliveries")
 
