@@ -68,8 +68,8 @@ WITH ev AS (
 SELECT seq FROM numbered
 """
 
-# The alternative timed with `--alternative` (bench/README.md): the form before the
-# twenty-third session, a join grouped per new message over every earlier pending one.
+# The alternative timed with `--alternative` (bench/README.md): the form before 2026-12-06 (the
+# twenty-third session), a join grouped per new message over every earlier pending one.
 _GROUPED_SQL = """
 UPDATE {message} m SET next_attempt_at = h.due
 FROM (

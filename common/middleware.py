@@ -177,7 +177,7 @@ class ApiErrorMiddleware(AsyncCapableMiddleware):
 
     def process(self, request, response):
         if (
-            (_is_api(request) or (response.status_code == 404 and not request.path.startswith(PAGE_PREFIXES)))
+            (_is_api(request) or (response.status_code == 404 and not (request.path + "/").startswith(PAGE_PREFIXES)))
             and response.status_code >= 400
             and not isinstance(response, JsonResponse)
             and "json" not in response.get("Content-Type", "")

@@ -25,12 +25,13 @@ _REFUSED = (serializers.BaseSerializer, serializers.RelatedField, serializers.Ma
             serializers.HiddenField)
 
 
+# (A comment, not a docstring: drf-spectacular describes a serializer by the first docstring of
+# its classes, and this one became the description of every serializer using the mixin.)
+# The keys in `omit_when_none` are left out when they have no value instead of sent as null:
+# the seed marks them optional (`responseTimeMs?: number`), and a client that checks a body
+# against it refuses a null. Their fields say `required=False` (not nullable) so that the
+# schema agrees.
 class OmitNone:
-    """The keys in `omit_when_none` are left out when they have no value instead of sent as
-    null: the seed marks them optional (`responseTimeMs?: number`), and a client that checks a
-    body against it refuses a null. Their fields say `required=False` (not nullable) so that the
-    schema agrees."""
-
     omit_when_none: tuple[str, ...] = ()
 
     def to_representation(self, instance):

@@ -325,6 +325,8 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
         # events still to fan out, and the next sweep goes on with them)
         while webhooks_fan_out(now=now) and time.monotonic() < deadline:
             pass
+        if time.monotonic() >= deadline:  # (a claim now would only be released again)
+            return attempts
         claimed = webhooks_claim_due(now=now, limit=batch_size)
         if not claimed:
             return attempts
@@ -515,10 +517,13 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
 # Each new message takes the due time of the last pending message of its delivery for its
 # endpoint written before this batch (`webhook_message_chain_idx`, read backwards: one entry),
 # which follows the first of them (`_chain_follows`); the batch's own earlier messages of that
-# delivery are due at once and are not asked. Until the twenty-third session it took the
-# latest due time of all of them (a join grouped per new message): its cost grew with the
-# chain, 0.5 s for 20 events when each delivery had 500 events waiting for an endpoint that
-# did not answer (bench/webhook_fan_out.py, bench/README.md).
+# delivery are due at once and are not asked. Not quite always the latest of them: once the
+# first is delivered, a later one with attempts of its own keeps its backoff while those after
+# it fall due, and a new message then falls due at once too; the claim's "earlier event
+# pending?" check holds it back all the same (order is kept; the claim reads one more row).
+# Until 2026-12-06 it took the latest due time of all of them (a join grouped per new
+# message): its cost grew with the chain, 0.5 s for 20 events when each delivery had 500
+# events waiting for an endpoint that did not answer (bench/webhook_fan_out.py, bench/README.md).
 _FALL_DUE_WITH_THE_CHAIN_SQL = """
 UPDATE {message} m SET next_attempt_at = h.due
 FROM (
@@ -636,9 +641,11 @@ def webhooks_purge(*, now: datetime | None = None, batch_size: int = 5000, max_s
 def _switched_off_give_up(*, cutoff: datetime, batch_size: int, deadline: float) -> int:
     """A switched-off endpoint's messages wait for it to be switched on again; those queued
     (or replayed) before `cutoff` are given up (`failed`), so that an endpoint left off does not
-    keep every event from then on for ever: "Replay failed events since…" sends them again
-    until they are purged. The endpoint is locked first, then its messages (the order of every
-    write to them); one switched on meanwhile keeps its messages. Returns how many."""
+    keep every event from then on for ever. Their events are then as old as the retention, and
+    the purge that follows deletes them (unless another endpoint still has one pending): a
+    warning per endpoint says how many went. The endpoint is locked first, then its messages
+    (the order of every write to them); one switched on meanwhile keeps its messages. Returns
+    how many."""
     given_up = 0
     stale = WebhookMessage.objects.filter(status=MessageStatus.PENDING, window_started_at__lt=cutoff)
     endpoint_ids = list(WebhookEndpoint.objects.filter(active=False).values_list("pk", flat=True))
@@ -655,10 +662,11 @@ def _switched_off_give_up(*, cutoff: datetime, batch_size: int, deadline: float)
                     last_error=f"gave up: waited {settings.WEBHOOK_RETENTION_DAYS} days for a switched-off endpoint",
                 )
             given_up += count
+            if count:
+                logger.warning("webhooks: gave up %s messages queued before %s for the switched-off endpoint %s (%s)",
+                               count, iso(cutoff), endpoint.pk, endpoint.url)
             if count < batch_size:
                 break
-    if given_up:
-        logger.info("webhooks: gave up %s messages of switched-off endpoints queued before %s", given_up, iso(cutoff))
     return given_up
 
 

@@ -1,6 +1,7 @@
 """The hourly purge of the outbox: events past `WEBHOOK_RETENTION_DAYS` with nothing left to
 send go, with their messages and attempts; a switched-off endpoint's messages are given up
-once they have waited that long (they were kept for ever, and their events with them)."""
+once they have waited that long (they were kept for ever, and their events with them), and
+go with their events unless another endpoint still waits for one."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -65,21 +66,24 @@ def test_a_switched_off_endpoints_messages_are_given_up_after_the_retention_and_
     assert WebhookMessage.objects.get(pk=kept.pk).status == MessageStatus.PENDING
 
 
-def test_a_given_up_message_whose_event_is_still_kept_says_why_and_can_be_replayed(merchant, settings):
-    """Retention counts from when the message was queued (a replay restarts it), the event's
-    own age decides its purge: a replayed old event given up again stays until then."""
+def test_a_given_up_message_whose_event_another_endpoint_still_waits_for_says_why_and_can_be_replayed(
+        merchant, settings, caplog):
     settings.WEBHOOK_RETENTION_DAYS = 14
-    off = endpoint(merchant, "off", active=False)
-    replayed = message(merchant, off, age=15 * DAY)
-    OutboxEvent.objects.filter(seq=replayed.event_id).update(created_at=timezone.now() - 2 * DAY)
+    off, on = endpoint(merchant, "off", active=False), endpoint(merchant, "on")
+    given_up = message(merchant, off, age=15 * DAY)
+    at = given_up.created_at
+    WebhookMessage.objects.create(event_id=given_up.event_id, endpoint=on, next_attempt_at=at, window_started_at=at,
+                                  created_at=at)  # (pending: its retry window decides, at its next attempt)
 
-    assert services.webhooks_purge() == 0
+    assert services.webhooks_purge() == 0  # the event stays: the active endpoint still waits for it
 
-    replayed.refresh_from_db()
-    assert replayed.status == MessageStatus.FAILED
-    assert replayed.last_error == "gave up: waited 14 days for a switched-off endpoint"
-    assert services.endpoint_replay_failed(endpoint_id=off.pk, since=timezone.now() - 3 * DAY) == 1
-    assert WebhookMessage.objects.get(pk=replayed.pk).status == MessageStatus.PENDING
+    given_up.refresh_from_db()
+    assert given_up.status == MessageStatus.FAILED
+    assert given_up.last_error == "gave up: waited 14 days for a switched-off endpoint"
+    assert "gave up 1 messages queued before" in caplog.text and str(off.pk) in caplog.text
+    assert services.endpoint_replay_failed(endpoint_id=off.pk, since=at - DAY) == 1
+    assert services.webhooks_purge() == 0  # replayed: it waits 14 days more
+    assert WebhookMessage.objects.get(pk=given_up.pk).status == MessageStatus.PENDING
 
 
 def test_a_purge_stops_at_its_time_budget_and_the_next_run_goes_on(merchant, settings):

@@ -150,8 +150,9 @@ def test_a_name_whose_dns_does_not_answer_is_given_up_at_the_timeout(monkeypatch
 
 
 def test_a_sweep_stops_fanning_out_once_its_budget_is_spent(monkeypatch):
-    """Fan-out batches of an outbox backlog (each 10 s here) stop at the sweep's budget; the
-    next sweep goes on with them."""
+    """Fan-out batches of an outbox backlog (each 10 s here) stop at the sweep's budget, and
+    nothing is claimed after them. The fan-out and the clock are stand-ins: time-machine does
+    not move `time.monotonic`, and a real backlog slow enough would make a slow test."""
     clock, batches = [0.0], []
 
     def fan_out(now):
@@ -161,6 +162,7 @@ def test_a_sweep_stops_fanning_out_once_its_budget_is_spent(monkeypatch):
 
     monkeypatch.setattr(services, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(services, "webhooks_fan_out", fan_out)
+    monkeypatch.setattr(services, "webhooks_claim_due", lambda **kwargs: pytest.fail("claimed past the budget"))
 
     assert services.webhooks_deliver_due(max_seconds=25) == 0
     assert len(batches) == 3

@@ -57,6 +57,18 @@ def test_customers_behind_one_address_each_have_their_own_idempotency_keys(anon)
 
 
 @pytest.mark.django_db
+def test_a_rating_without_a_link_is_a_401_and_with_a_wrong_one_a_404(anon):
+    """The link is the only credential here (SPEC: 401 without credentials; it was a 404)."""
+    delivery = delivery_in("delivered")
+
+    no_link = anon.post(f"/v2/orders/{delivery.seller_order_id}/rating", {"stars": 5}, format="json")
+
+    assert assert_error(no_link, 401)["message"] == "Authentication credentials were not provided."
+    assert_error(rate(anon, delivery, {"stars": 5}, token="wrong"), 404)
+    assert not DeliveryRating.objects.filter(delivery=delivery).exists()
+
+
+@pytest.mark.django_db
 def test_an_order_is_rated_once_only(anon):
     driver = john(rating=5)
     delivery = delivery_in("delivered", driver=driver)
@@ -114,11 +126,11 @@ def test_invalid_ratings_are_a_400_naming_the_field(anon, body, field):
 
 
 @pytest.mark.django_db
-def test_a_wrong_or_missing_token_is_a_404_before_any_validation(anon):
+def test_a_wrong_or_missing_token_is_refused_before_any_validation(anon):
     delivery = delivery_in("delivered")
 
     assert_error(rate(anon, delivery, {"stars": 9}, token="nope"), 404)
-    assert_error(anon.post(f"/v2/orders/{delivery.seller_order_id}/rating", {"stars": 5}, format="json"), 404)
+    assert_error(anon.post(f"/v2/orders/{delivery.seller_order_id}/rating", {"stars": 9}, format="json"), 401)
     assert not DeliveryRating.objects.exists()
 
 
@@ -127,8 +139,9 @@ def test_an_api_token_does_not_replace_the_tracking_token(integration_user):
     delivery = delivery_in("delivered", created_by=integration_user)
 
     assert_error(
-        client_for(integration_user).post(f"/v2/orders/{delivery.seller_order_id}/rating", {"stars": 5}, format="json"), 404
+        client_for(integration_user).post(f"/v2/orders/{delivery.seller_order_id}/rating", {"stars": 5}, format="json"), 403
     )
+    assert not DeliveryRating.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -256,7 +256,7 @@ def test_the_status_and_rating_endpoints_are_documented_with_the_token_parameter
 
     for path, method, codes in (
         ("/v2/orders/{seller_order_id}/delivery-status", "get", {"200", "401", "403", "404", "429"}),
-        ("/v2/orders/{seller_order_id}/rating", "post", {"201", "400", "404", "409", "429"}),
+        ("/v2/orders/{seller_order_id}/rating", "post", {"201", "400", "401", "404", "409", "429"}),
     ):
         op = paths[path][method]
         assert any(p["name"] == "token" and p["in"] == "query" for p in op["parameters"]), path

@@ -19,7 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common.errors import iso
-from common.exceptions import NotFound
+from common.exceptions import Forbidden, NotFound
 from common.fields import point_json
 from common.schema import errors
 from common.throttling import (
@@ -40,7 +40,13 @@ CUSTOMER_STATUSES = ["pending", "assigned", "picked_up", "in_transit", "delivere
 TOKEN = OpenApiParameter(
     "token", str, required=False,
     description="The customer's tracking token (from `trackingUrl`). Without it, an integration "
-                "or ops API token is needed. A wrong or missing token is a 404.",
+                "or ops API token is needed: no credentials at all is a 401, a caller who is neither "
+                "a 403. A wrong token is a 404.",
+)
+RATING_TOKEN = OpenApiParameter(
+    "token", str, required=False,
+    description="The customer's tracking token (from `trackingUrl`), the only credential here: "
+                "without it a 401 (a 403 for a logged-in caller), a wrong one a 404.",
 )
 
 
@@ -126,6 +132,14 @@ class _CustomerView(APIView):
     throttle_classes = [CustomerNoLinkThrottle, CustomerMissThrottle, CustomerLinkThrottle, CustomerAddressThrottle,
                         UserRateThrottle]
 
+    def get_authenticators(self):
+        """With `?token=` the caller is the customer, logged in or not: a stale or bad
+        `Authorization` header beside a good link is not a 401 (and no session, so no CSRF)."""
+        request = getattr(self, "request", None)  # (none while the schema is generated)
+        if request is not None and "token" in request.GET:
+            return []
+        return super().get_authenticators()
+
     def delivery_of_link(self, request, seller_order_id: str):
         try:
             return tracking.delivery_for_customer(seller_order_id=seller_order_id, token=request.query_params.get("token"))
@@ -146,14 +160,6 @@ class DeliveryStatusView(_CustomerView):
 
     permission_classes = [AllowAny]
 
-    def get_authenticators(self):
-        """With `?token=` the caller is the customer, logged in or not: a stale or bad
-        `Authorization` header beside a good link is not a 401."""
-        request = getattr(self, "request", None)  # (none while the schema is generated)
-        if request is not None and "token" in request.GET:
-            return []
-        return super().get_authenticators()
-
     @extend_schema(operation_id="orders_delivery_status", parameters=[TOKEN],
                    responses={200: DeliveryStatusSerializer, **errors(401, 403, 404)}, tags=TAGS)
     def get(self, request, seller_order_id):
@@ -171,11 +177,14 @@ class RatingView(_CustomerView):
     """`POST /v2/orders/{sellerOrderId}/rating?token=` `{stars, comment?}`: once, after delivery."""
 
     permission_classes = [AllowAny]
-    authentication_classes = []  # the tracking token is the credential (no session, so no CSRF)
 
-    @extend_schema(operation_id="orders_rating", parameters=[TOKEN], request=RatingSerializer,
-                   responses={201: RatingResponseSerializer, **errors(400, 404, 409)}, tags=TAGS)
+    @extend_schema(operation_id="orders_rating", parameters=[RATING_TOKEN], request=RatingSerializer,
+                   responses={201: RatingResponseSerializer, **errors(400, 401, 403, 404, 409)}, tags=TAGS)
     def post(self, request, seller_order_id):
+        if request.query_params.get("token") is None:  # the link is the only credential here
+            if not request.user.is_authenticated:
+                raise NotAuthenticated()  # (SPEC: 401 without credentials; it was a 404)
+            raise Forbidden("Only the customer, with the tracking link, may rate a delivery.")
         delivery = self.delivery_of_link(request, seller_order_id)
         data = RatingSerializer(data=request.data)
         data.is_valid(raise_exception=True)
