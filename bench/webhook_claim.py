@@ -30,15 +30,18 @@ from benchlib import machine_state  # noqa: E402
 from notifications import services  # noqa: E402
 from notifications.models import OutboxEvent, WebhookEndpoint, WebhookMessage  # noqa: E402
 
-_BACKLOG_SQL = """
+# `%(count)s` outbox events of type `%(type)s` for `%(owner)s`, already fanned out, numbered
+# from 0 (`numbered`): what a bench's backlog starts from (webhook_fan_out.py too).
+EVENTS_CTE = """
 WITH ev AS (
     INSERT INTO {outbox} (event_id, type, owner_id, payload, created_at, fanned_out_at)
-    SELECT gen_random_uuid(), 'delivery.assigned', %(owner)s, '{{}}', now(), now()
-    FROM generate_series(1, %(messages)s)
+    SELECT gen_random_uuid(), %(type)s, %(owner)s, '{{}}', now(), now()
+    FROM generate_series(1, %(count)s)
     RETURNING seq
 ), numbered AS (
     SELECT seq, row_number() OVER (ORDER BY seq) - 1 AS i FROM ev
-), eps AS (
+)"""
+_BACKLOG_SQL = EVENTS_CTE + """, eps AS (
     SELECT id, row_number() OVER (ORDER BY id) - 1 AS j FROM {endpoint} WHERE owner_id = %(owner)s
 )
 INSERT INTO {message} (event_id, endpoint_id, delivery_id, status, attempt_count, next_attempt_at,
@@ -108,7 +111,8 @@ def main() -> None:
         started = time.perf_counter()
         with connection.cursor() as cursor:
             cursor.execute(_BACKLOG_SQL.format(**tables), {
-                "owner": owner.pk, "backing_off": args.backing_off, "messages": args.messages, "chain": args.chain, "endpoints": args.endpoints})
+                "owner": owner.pk, "type": "delivery.assigned", "backing_off": args.backing_off, "count": args.messages,
+                "chain": args.chain, "endpoints": args.endpoints})
             cursor.execute(f"ANALYZE {tables['message']}")
         print(f"backlog: {args.messages:,} messages, {args.endpoints} endpoints ({args.backing_off} backing off: not due),"
               f" chains of {args.chain}"

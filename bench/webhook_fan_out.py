@@ -30,18 +30,11 @@ from django.utils import timezone  # noqa: E402
 from benchlib import machine_state  # noqa: E402
 from notifications import services  # noqa: E402
 from notifications.models import OutboxEvent, WebhookEndpoint, WebhookMessage  # noqa: E402
+from webhook_claim import EVENTS_CTE  # noqa: E402
 
 # The backlog: every endpoint has each delivery's `chain` events pending, the first backing off
 # (due in an hour) and the rest following it, as `_chain_follows` leaves them.
-_BACKLOG_SQL = """
-WITH ev AS (
-    INSERT INTO {outbox} (event_id, type, owner_id, payload, created_at, fanned_out_at)
-    SELECT gen_random_uuid(), 'delivery.assigned', %(owner)s, '{{}}', now(), now()
-    FROM generate_series(1, %(events)s)
-    RETURNING seq
-), numbered AS (
-    SELECT seq, row_number() OVER (ORDER BY seq) - 1 AS i FROM ev
-)
+_BACKLOG_SQL = EVENTS_CTE + """
 INSERT INTO {message} (event_id, endpoint_id, delivery_id, status, attempt_count, next_attempt_at,
                        window_started_at, last_error, created_at)
 SELECT n.seq, e.id, md5((n.i / %(chain)s)::text || 'bench')::uuid, 'pending',
@@ -49,17 +42,9 @@ SELECT n.seq, e.id, md5((n.i / %(chain)s)::text || 'bench')::uuid, 'pending',
 FROM numbered n CROSS JOIN {endpoint} e WHERE e.owner_id = %(owner)s
 """
 
-# The new events of one fan-out batch: one for each of `events` deliveries of the backlog, a
+# The new events of one fan-out batch: one for each of `count` deliveries of the backlog, a
 # message per endpoint, due at once (as `webhooks_fan_out` writes them).
-_NEW_SQL = """
-WITH ev AS (
-    INSERT INTO {outbox} (event_id, type, owner_id, payload, created_at, fanned_out_at)
-    SELECT gen_random_uuid(), 'delivery.eta_updated', %(owner)s, '{{}}', now(), now()
-    FROM generate_series(1, %(events)s)
-    RETURNING seq
-), numbered AS (
-    SELECT seq, row_number() OVER (ORDER BY seq) - 1 AS i FROM ev
-), ins AS (
+_NEW_SQL = EVENTS_CTE + """, ins AS (
     INSERT INTO {message} (event_id, endpoint_id, delivery_id, status, attempt_count, next_attempt_at,
                            window_started_at, last_error, created_at)
     SELECT n.seq, e.id, md5(((n.i * %(stride)s) + %(offset)s)::text || 'bench')::uuid, 'pending', 0, now(), now(), '', now()
@@ -106,7 +91,8 @@ def main() -> None:
             for j in range(args.endpoints))
         started = time.perf_counter()
         with connection.cursor() as cursor:
-            cursor.execute(_BACKLOG_SQL.format(**tables), {"owner": owner.pk, "events": backlog_events, "chain": args.chain})
+            cursor.execute(_BACKLOG_SQL.format(**tables), {"owner": owner.pk, "type": "delivery.assigned",
+                                                           "count": backlog_events, "chain": args.chain})
             cursor.execute(f"ANALYZE {tables['message']}")
         print(f"backlog: {backlog_events * args.endpoints:,} pending messages, {args.endpoints} endpoints, "
               f"{deliveries:,} deliveries with chains of {args.chain}, due in an hour "
@@ -119,7 +105,7 @@ def main() -> None:
             took, moved = [], 0
             for run in range(args.runs):
                 with transaction.atomic(), connection.cursor() as cursor:  # (a savepoint, rolled back)
-                    cursor.execute(_NEW_SQL.format(**tables), {"owner": owner.pk, "events": args.events,
+                    cursor.execute(_NEW_SQL.format(**tables), {"owner": owner.pk, "type": "delivery.eta_updated", "count": args.events,
                                                                "stride": stride, "offset": run % stride})
                     seqs = [row[0] for row in cursor.fetchall()]
                     t = time.perf_counter()
