@@ -41,6 +41,20 @@ WITH ev AS (
 ), numbered AS (
     SELECT seq, row_number() OVER (ORDER BY seq) - 1 AS i FROM ev
 )"""
+TABLES = {"outbox": OutboxEvent._meta.db_table, "endpoint": WebhookEndpoint._meta.db_table,
+          "message": WebhookMessage._meta.db_table}
+
+
+def owner_with_endpoints(name: str, count: int):
+    """A user of the bench's own with `count` endpoints (on a host that does not exist)."""
+    owner = get_user_model().objects.create(username=f"{name}-{time.time_ns()}")
+    WebhookEndpoint.objects.bulk_create(
+        WebhookEndpoint(owner=owner, url=f"http://bench.invalid/{j}", events=["*"], secret="x",
+                        created_at=timezone.now(), updated_at=timezone.now())
+        for j in range(count))
+    return owner
+
+
 _BACKLOG_SQL = EVENTS_CTE + """, eps AS (
     SELECT id, row_number() OVER (ORDER BY id) - 1 AS j FROM {endpoint} WHERE owner_id = %(owner)s
 )
@@ -100,14 +114,9 @@ def main() -> None:
     parser.add_argument("--alternative", action="store_true", help="also time the alternatives (the claim before, event order)")
     args = parser.parse_args()
     print(machine_state("before"))
-    tables = {"outbox": OutboxEvent._meta.db_table, "endpoint": WebhookEndpoint._meta.db_table,
-              "message": WebhookMessage._meta.db_table}
+    tables = TABLES
     with transaction.atomic():
-        owner = get_user_model().objects.create(username=f"bench-claim-{time.time_ns()}")
-        WebhookEndpoint.objects.bulk_create(
-            WebhookEndpoint(owner=owner, url=f"http://bench.invalid/{j}", events=["*"], secret="x",
-                            created_at=timezone.now(), updated_at=timezone.now())
-            for j in range(args.endpoints))
+        owner = owner_with_endpoints("bench-claim", args.endpoints)
         started = time.perf_counter()
         with connection.cursor() as cursor:
             cursor.execute(_BACKLOG_SQL.format(**tables), {

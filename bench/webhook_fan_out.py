@@ -23,14 +23,11 @@ import django  # noqa: E402
 
 django.setup()
 
-from django.contrib.auth import get_user_model  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
-from django.utils import timezone  # noqa: E402
 
 from benchlib import machine_state  # noqa: E402
 from notifications import services  # noqa: E402
-from notifications.models import OutboxEvent, WebhookEndpoint, WebhookMessage  # noqa: E402
-from webhook_claim import EVENTS_CTE  # noqa: E402
+from webhook_claim import EVENTS_CTE, TABLES, owner_with_endpoints  # noqa: E402
 
 # The backlog: every endpoint has each delivery's `chain` events pending, the first backing off
 # (due in an hour) and the rest following it, as `_chain_follows` leaves them.
@@ -79,16 +76,11 @@ def main() -> None:
     parser.add_argument("--alternative", action="store_true", help="also time the grouped join (the form before)")
     args = parser.parse_args()
     machine_state("before")
-    tables = {"outbox": OutboxEvent._meta.db_table, "endpoint": WebhookEndpoint._meta.db_table,
-              "message": WebhookMessage._meta.db_table}
+    tables = TABLES
     backlog_events = max(args.messages // args.endpoints, args.chain)
     deliveries = backlog_events // args.chain
     with transaction.atomic():
-        owner = get_user_model().objects.create(username=f"bench-fan-out-{time.time_ns()}")
-        WebhookEndpoint.objects.bulk_create(
-            WebhookEndpoint(owner=owner, url=f"http://bench.invalid/{j}", events=["*"], secret="x",
-                            created_at=timezone.now(), updated_at=timezone.now())
-            for j in range(args.endpoints))
+        owner = owner_with_endpoints("bench-fan-out", args.endpoints)
         started = time.perf_counter()
         with connection.cursor() as cursor:
             cursor.execute(_BACKLOG_SQL.format(**tables), {"owner": owner.pk, "type": "delivery.assigned",
