@@ -205,6 +205,10 @@ _BAD_PAGE_URL_CHARS = re.compile("\x00")
 # In header values a tab is allowed (RFC 9110 field-value); other control characters are not.
 _BAD_HEADER_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 _CHECKED_HEADERS = {"HTTP_AUTHORIZATION": "Authorization", "HTTP_IDEMPOTENCY_KEY": "Idempotency-Key"}
+# The API takes JSON bodies (and multipart for the proof uploads, which DRF checks per route): a
+# body of another type is a 415 on any endpoint, also one that reads no body.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_BODY_TYPES = frozenset({"application/json", "multipart/form-data"})
 # A JSON body larger than this is parsed on a worker thread, not on the event loop.
 _PARSE_IN_LOOP_MAX_BYTES = 64 * 1024
 
@@ -524,7 +528,11 @@ class RequestGuardMiddleware(AsyncCapableMiddleware):
             response = error_response(request, 415, f'Content-Encoding "{encoding[:40]}" is not supported: send the body uncompressed.')
             response["Accept-Encoding"] = "identity"  # (RFC 9110 15.5.16: the codings a body may have)
             return response
-        if length and request.content_type.lower() == "application/json":
+        content_type = request.content_type.lower()
+        if length and request.method in _BODY_METHODS and content_type not in _BODY_TYPES:
+            # (every endpoint that reads a body refused it already; one that reads none ran with it)
+            return error_response(request, 415, f'Unsupported media type "{content_type[:60]}" in request.')  # (DRF's words)
+        if length and content_type == "application/json":
             try:
                 setattr(request, PARSED_ATTR, load_json_body(request.body, request.encoding))
             except BodyRejected as exc:

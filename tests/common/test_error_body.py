@@ -8,7 +8,8 @@ import uuid
 import pytest
 from rest_framework.test import APIClient
 
-from tests.factories import DeliveryFactory, IntegrationUserFactory
+from tests.api import client_for
+from tests.factories import DeliveryFactory, IntegrationUserFactory, online_driver
 from tests.wire import assert_error_body, deliveries_of, delivery_body
 
 
@@ -141,6 +142,21 @@ def test_a_text_plain_body_is_a_415(integration, integration_user):
     body = assert_error_body(r, 415, path="/v2/deliveries")
     assert body["message"] == 'Unsupported media type "text/plain" in request.'
     assert deliveries_of(integration_user).count() == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/xml", "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_not_json_is_a_415_also_where_the_endpoint_reads_none(content_type, db):
+    """end-shift reads no body: it ran with an XML one (conventions audit). Without a body it runs."""
+    driver = online_driver()
+    me = client_for(driver.user)
+    url = f"/v2/drivers/{driver.pk}/availability/end-shift"
+
+    body = assert_error_body(me.post(url, data="<xml/>", content_type=content_type), 415, path=url)
+
+    assert body["message"] == f'Unsupported media type "{content_type}" in request.'
+    driver.refresh_from_db()
+    assert driver.availability == "available"
+    assert me.post(url, content_type=content_type).status_code == 200  # (no body: nothing to refuse)
 
 
 def test_errors_of_no_one_field_are_under_a_camel_case_key_everywhere(settings):
