@@ -585,6 +585,7 @@ def _endpoint_failed(endpoint: WebhookEndpoint, *, error: str, now: datetime) ->
                 f"(since {iso(endpoint.failing_since)}) and was disabled at {iso(now)}.",
                 f"Last error: {error}",
                 "Its pending events wait; enable it again (API PATCH active=true or the admin) to send them.",
+                f"Events still waiting {settings.WEBHOOK_RETENTION_DAYS} days after they were queued are dropped.",
                 f"Admin: {settings.SITE_URL.rstrip('/')}/admin/notifications/webhookendpoint/{endpoint.pk}/change/",
             ]),
         )

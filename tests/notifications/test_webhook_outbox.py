@@ -281,6 +281,7 @@ def test_an_endpoint_failing_for_a_day_is_disabled_and_ops_are_told(receiver, se
         assert 10 <= len(attempts) <= 40
         (alert,) = chat.requests
         assert "webhook endpoint disabled" in alert.json()["text"] and receiver.url in alert.json()["text"]
+        assert "waiting 14 days after they were queued are dropped" in alert.json()["text"]  # (the purge's rule)
     finally:
         chat.close()
 
