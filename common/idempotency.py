@@ -41,7 +41,7 @@ def _caller(request) -> str:
     """Who sent the request: the account, however it authenticates (any of its API tokens,
     the header written in any case, or its session), so that a retry is recognised. A token no
     account holds is its own caller (the view refuses it); so is an unknown scheme. Without
-    credentials: the customer's tracking link (`?token=`), else the address."""
+    credentials: the customer's tracking link (`?token=`), else the address and the path."""
     auth = request.META.get("HTTP_AUTHORIZATION")
     if auth:
         key = authorization_token(auth.encode("latin-1", "replace"))
@@ -56,7 +56,9 @@ def _caller(request) -> str:
     link = request.GET.get("token")
     if link:  # a customer, by their tracking link: two customers behind one address shared a caller
         return "link:" + hashlib.sha256(link.encode("utf-8", "surrogatepass")).hexdigest()
-    return "anon:" + request.META.get("REMOTE_ADDR", "")
+    # Anyone else without credentials: per address and path. A key of a login (stored) made any
+    # later call with it and no credentials a 409 on every other endpoint, not the 401.
+    return f"anon:{request.META.get('REMOTE_ADDR', '')}:{request.path}"
 
 
 # Stored responses are sealed (AES-GCM under a key derived from SECRET_KEY, bound to their

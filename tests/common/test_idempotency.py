@@ -61,6 +61,20 @@ def test_the_same_idempotency_key_from_another_caller_is_independent(integration
     assert deliveries_of(other_user).count() == 1
 
 
+def test_a_key_used_for_a_login_does_not_turn_a_call_without_credentials_into_a_409(db):
+    """Callers without credentials are per address and path: the login's stored answer made any
+    later call with the key and no credentials a 409 "used with a different request" on every
+    endpoint, where a 401 belongs (schemathesis `ignored_auth`)."""
+    anon = APIClient()
+    anon.credentials(HTTP_IDEMPOTENCY_KEY="0")
+    login = anon.post("/v2/auth/token", {"username": 5}, format="json")
+    assert login.status_code == 400  # (stored)
+
+    for path in ("/v2/admin/escalation/check", "/v2/zones"):
+        assert_error_body(anon.post(path, {}, format="json"), 401, path=path)
+    assert anon.post("/v2/auth/token", {"username": 5}, format="json").json() == login.json()  # still replayed
+
+
 def test_the_same_account_is_the_same_caller_however_it_sends_its_token(integration_user):
     """A retry is recognised when the header's scheme is written in another case (DRF takes
     any) or comes with another of the account's tokens (a new login): before, the caller was
