@@ -159,6 +159,19 @@ def test_a_body_not_json_is_a_415_also_where_the_endpoint_reads_none(content_typ
     assert me.post(url, content_type=content_type).status_code == 200  # (no body: nothing to refuse)
 
 
+def test_a_multipart_body_is_a_415_except_where_files_are_taken(db):
+    """Multipart passed the check for every route (schemathesis run): end-shift ran with one,
+    and a JSON endpoint refused it only after the credentials (401 before 415)."""
+    driver = online_driver()
+    url = f"/v2/drivers/{driver.pk}/availability/end-shift"
+    form = {"a": "1"}  # (the test client's default: multipart)
+
+    assert_error_body(client_for(driver.user).post(url, form), 415, path=url)
+    assert_error_body(APIClient().post("/v2/deliveries", form), 415, path="/v2/deliveries")
+    driver.refresh_from_db()
+    assert driver.availability == "available"
+
+
 def test_errors_of_no_one_field_are_under_a_camel_case_key_everywhere(settings):
     from common.exceptions import NON_FIELD_ERRORS
 
