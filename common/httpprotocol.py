@@ -47,6 +47,8 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._head_size = 0
         self._head_started = False
         self._head_timer = None
+        self._chunk_starts_head = False  # the chunk being fed began a request's head: its first line is the request line
+        self._chunk = b""
         self._max_head_bytes = settings.HTTP_MAX_HEAD_BYTES
         self._head_timeout = settings.HTTP_HEAD_TIMEOUT_SECONDS
         self._arm_head_timer()
@@ -121,19 +123,30 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
             return
         super().on_message_complete()
         self._in_head, self._head_bytes, self._head_moved = True, 0, True
+        self._chunk_starts_head = False  # a later head in this chunk starts somewhere inside it
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to what httptools cannot parse (a method it does not know, a target
         over 64 KiB, HTTP/1.2, a folded header): in the API's error body, not plain text."""
         self._disarm_head_timer()
         self._refused = True
-        path = bytes(getattr(self, "url", b"") or b"").decode("latin1")
+        path = bytes(getattr(self, "url", b"") or b"").decode("latin1") or self._target_of_chunk()
         self.transport.write(raw_error_response(400, path, "The request is not valid HTTP/1.1.", self.server_state.default_headers))
         self.transport.close()
+
+    def _target_of_chunk(self) -> str:
+        """The target in the request line of a head httptools refused before it reported one (a
+        method it does not know): read from the chunk being fed when that head began it, else ""."""
+        if not self._chunk_starts_head:
+            return ""
+        parts = self._chunk[:PATH_ECHO + 64].split(b"\r\n", 1)[0].split(b" ")
+        return parts[1].decode("latin1") if len(parts) == 3 and parts[1].startswith(b"/") else ""
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # what the client sends after the 431 is dropped until the connection closes
+        self._chunk_starts_head = self._in_head and self._head_bytes == 0 and not self._head_started
+        self._chunk = data if self._chunk_starts_head else b""
         self._head_moved = False
         super().data_received(data)
         if self.transport.is_closing() or self.transport.get_protocol() is not self:  # refused, or now a socket
