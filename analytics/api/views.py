@@ -139,7 +139,8 @@ class AnalyticsSummaryView(APIView):
                    parameters=[OpenApiParameter("from", OpenApiTypes.DATETIME, description="ISO 8601; default: 24 h before `to`. "
                                                 "Must be before `to`, and the range at most 366 days (else 400, `details.from`)."),
                                OpenApiParameter("to", OpenApiTypes.DATETIME, description="ISO 8601; default: now"),
-                               OpenApiParameter("zone", OpenApiTypes.UUID, description="zone id")],
+                               OpenApiParameter("zone", OpenApiTypes.UUID,
+                                                description="zone id; one that does not exist is a 400 (`details.zone`)")],
                    responses={200: SummaryResponse, **errors(400)}, tags=["analytics"])
     def get(self, request):
         q = SummaryQuery(data=request.query_params)

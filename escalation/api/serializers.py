@@ -172,7 +172,8 @@ class TicketPatchSerializer(serializers.Serializer):
 
     status = serializers.ChoiceField(choices=TicketStatus.choices, required=False)
     priority = serializers.ChoiceField(choices=TicketPriority.choices, required=False)
-    assigneeId = StrictUUIDField(required=False, allow_null=True)
+    assigneeId = StrictUUIDField(required=False, allow_null=True, help_text="An active support agent or staff user "
+                                 "(else 400, `details.assigneeId`); null takes the ticket off its assignee.")
     resolution = StrictCharField(max_length=5000, required=False, allow_blank=True)
 
     def validate(self, attrs):

@@ -21,7 +21,8 @@ class WebhookEndpointCreateSerializer(serializers.Serializer):
 
 
 class WebhookEndpointUpdateSerializer(serializers.Serializer):
-    url = StrictUrlStringField(max_length=2000, required=False)
+    url = StrictUrlStringField(max_length=2000, required=False,
+                               help_text="http(s) URL; private, loopback and link-local targets are refused.")
     events = BoundedListField(child=StrictChoiceField(choices=EVENT_CHOICES), min_length=1, max_length=len(EVENT_CHOICES),
                               error_messages=EVENTS_ERRORS, required=False, help_text=EVENTS_HELP)
     description = SingleLineTextField(max_length=500, required=False, allow_blank=True)
