@@ -66,7 +66,7 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
     list_filter = ("active", "all_deliveries")
     search_fields = ("url", "description", "owner__username", "id")
     list_select_related = ("owner",)
-    readonly_fields = ("id", "owner", "all_deliveries", "failing_since", "disabled_at", "disabled_reason",
+    readonly_fields = ("id", "owner", "all_deliveries", "failing_since", "disabled_at", "disabled_reason", "drop_warned_at",
                        "previous_secret_expires_at", "created_at", "updated_at", "recent_attempts")
     actions = ["replay_failed_since", "switch_on", "switch_off"]
 

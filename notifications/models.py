@@ -40,6 +40,9 @@ class WebhookEndpoint(models.Model):
     failing_since = models.DateTimeField(null=True, blank=True)
     disabled_at = models.DateTimeField(null=True, blank=True)
     disabled_reason = models.CharField(max_length=200, blank=True, default="")
+    drop_warned_at = models.DateTimeField(
+        null=True, blank=True, help_text="When ops were last told that this switched-off endpoint's waiting events "
+        "are about to be dropped (messages queued or replayed later are warned about again).")
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
 

@@ -28,6 +28,7 @@ from email.utils import parsedate_to_datetime
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from common.broadcast import enqueue_kick_on_commit
@@ -103,6 +104,7 @@ def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | 
         endpoint.description = description
     if active is not None and active != endpoint.active:
         endpoint.active = active
+        endpoint.drop_warned_at = None
         if active:
             endpoint.failing_since = None
             endpoint.disabled_at = None
@@ -576,7 +578,8 @@ def _endpoint_failed(endpoint: WebhookEndpoint, *, error: str, now: datetime) ->
         endpoint.active = False
         endpoint.disabled_at = now
         endpoint.disabled_reason = "failing for 24 h"
-        endpoint.save(update_fields=["active", "disabled_at", "disabled_reason"])
+        endpoint.drop_warned_at = None
+        endpoint.save(update_fields=["active", "disabled_at", "disabled_reason", "drop_warned_at"])
         hours = int((now - endpoint.failing_since).total_seconds() // 3600)
         alerts.ops_alert_on_commit(
             subject=f"[dispatch] webhook endpoint disabled: {endpoint.url}",
@@ -585,7 +588,8 @@ def _endpoint_failed(endpoint: WebhookEndpoint, *, error: str, now: datetime) ->
                 f"(since {iso(endpoint.failing_since)}) and was disabled at {iso(now)}.",
                 f"Last error: {error}",
                 "Its pending events wait; enable it again (API PATCH active=true or the admin) to send them.",
-                f"Events still waiting {settings.WEBHOOK_RETENTION_DAYS} days after they were queued are dropped.",
+                f"Events still waiting {settings.WEBHOOK_RETENTION_DAYS} days after they were queued are dropped "
+                "(another alert comes before).",
                 f"Admin: {settings.SITE_URL.rstrip('/')}/admin/notifications/webhookendpoint/{endpoint.pk}/change/",
             ]),
         )
@@ -624,6 +628,7 @@ def webhooks_purge(*, now: datetime | None = None, batch_size: int = 5000, max_s
     deadline = time.monotonic() + max_seconds
     now = now or timezone.now()
     cutoff = now - timedelta(days=settings.WEBHOOK_RETENTION_DAYS)
+    _switched_off_warn(cutoff=cutoff, now=now)
     _switched_off_give_up(cutoff=cutoff, batch_size=batch_size, deadline=deadline)
     old = (
         OutboxEvent.objects.filter(created_at__lt=cutoff, fanned_out_at__isnull=False)
@@ -637,6 +642,52 @@ def webhooks_purge(*, now: datetime | None = None, batch_size: int = 5000, max_s
         purged += count
         if count < batch_size or time.monotonic() >= deadline:
             return purged
+
+
+DROP_WARNING = timedelta(days=2)
+
+
+def _switched_off_warn(*, cutoff: datetime, now: datetime) -> int:
+    """Ops are told, by the alert channels, when a switched-off endpoint has messages that the
+    purge will give up within DROP_WARNING (at most half the retention): how many, and when the
+    first go. Once for those messages: again only for messages queued (or replayed) after the
+    last warning that come that close in turn, so an endpoint left off is reminded about every
+    `WEBHOOK_RETENTION_DAYS - 2` days while it keeps losing events. The endpoint is locked first
+    (`SKIP LOCKED`: one being changed is warned by the next run). Returns how many endpoints
+    were warned."""
+    ahead = min(DROP_WARNING, timedelta(days=settings.WEBHOOK_RETENTION_DAYS) / 2)
+    soon = WebhookMessage.objects.filter(status=MessageStatus.PENDING, window_started_at__lt=cutoff + ahead)
+    unwarned = soon.filter(Q(endpoint__drop_warned_at__isnull=True) | Q(window_started_at__gt=F("endpoint__drop_warned_at")))
+    endpoint_ids = list(WebhookEndpoint.objects.filter(active=False, pk__in=unwarned.values("endpoint_id"))
+                        .values_list("pk", flat=True))
+    warned = 0
+    for endpoint_id in endpoint_ids:
+        with transaction.atomic():
+            endpoint = WebhookEndpoint.objects.select_for_update(of=("self",), no_key=True, skip_locked=True).filter(
+                pk=endpoint_id, active=False).select_related("owner").first()
+            if endpoint is None or not unwarned.filter(endpoint_id=endpoint_id).exists():
+                continue  # switched on, deleted, being changed, or warned meanwhile
+            mine = soon.filter(endpoint_id=endpoint.pk)
+            count, first = mine.count(), mine.order_by("window_started_at").values_list("window_started_at", flat=True).first()
+            endpoint.drop_warned_at = now
+            endpoint.save(update_fields=["drop_warned_at"])
+            days = settings.WEBHOOK_RETENTION_DAYS
+            drop_at = max(first + timedelta(days=days), now)
+            alerts.ops_alert_on_commit(
+                subject=f"[dispatch] webhook events about to be dropped: {endpoint.url}",
+                body="\n".join([
+                    f"The webhook endpoint {endpoint.url} ({endpoint.pk}) of {endpoint.owner} is switched off "
+                    f"({endpoint.disabled_reason or 'switched off'}, since {iso(endpoint.disabled_at) if endpoint.disabled_at else 'unknown'}).",
+                    f"{count} of its waiting events will have waited {days} days since they were queued by {iso(now + ahead)}, "
+                    f"and the hourly purge then drops them: the first at {iso(drop_at)} (or within the hour after).",
+                    "Switch it on (API PATCH active=true or the admin) to send them, or delete it if it is gone for good.",
+                    f"Admin: {settings.SITE_URL.rstrip('/')}/admin/notifications/webhookendpoint/{endpoint.pk}/change/",
+                ]),
+            )
+            logger.warning("webhooks: %s messages of the switched-off endpoint %s (%s) are dropped from %s",
+                           count, endpoint.pk, endpoint.url, iso(drop_at))
+            warned += 1
+    return warned
 
 
 def _switched_off_give_up(*, cutoff: datetime, batch_size: int, deadline: float) -> int:

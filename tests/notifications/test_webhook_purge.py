@@ -1,7 +1,8 @@
 """The hourly purge of the outbox: events past `WEBHOOK_RETENTION_DAYS` with nothing left to
 send go, with their messages and attempts; a switched-off endpoint's messages are given up
 once they have waited that long (they were kept for ever, and their events with them), and
-go with their events unless another endpoint still waits for one."""
+go with their events unless another endpoint still waits for one. Ops are warned two days
+before."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -94,3 +95,44 @@ def test_a_purge_stops_at_its_time_budget_and_the_next_run_goes_on(merchant, set
 
     assert services.webhooks_purge(batch_size=1, max_seconds=0) == 1  # (at least one batch a run)
     assert services.webhooks_purge(batch_size=1) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ops_are_warned_two_days_before_a_switched_off_endpoints_events_are_dropped_and_not_every_hour(
+        merchant, settings, receiver, time_machine):
+    """Before, the first ops heard of it was the purge's warning log line, with the events gone."""
+    settings.WEBHOOK_RETENTION_DAYS, settings.OPS_ALERT_CHAT_WEBHOOK_URL = 14, receiver.url
+    start = timezone.now()
+    time_machine.move_to(start, tick=False)
+    off, on = endpoint(merchant, "off", active=False), endpoint(merchant, "on")
+    message(merchant, on, age=13 * DAY)  # (an active endpoint's wait is its retry window's business)
+    message(merchant, off, age=11 * DAY)
+    services.webhooks_purge()
+    assert receiver.requests == []  # three days before: not yet
+
+    message(merchant, off, age=12 * DAY + timedelta(hours=1))
+    message(merchant, off, age=12 * DAY + timedelta(hours=2))
+    services.webhooks_purge()
+    services.webhooks_purge()  # (the next hour's run: no second alert)
+    texts = [r.json()["text"] for r in receiver.requests]
+    assert len(texts) == 1, texts
+    assert texts[0].startswith("*[dispatch] webhook events about to be dropped: https://off.example.com/h*")
+    assert "2 of its waiting events will have waited 14 days" in texts[0]
+    assert (start + 2 * DAY - timedelta(hours=2)).isoformat()[:16] in texts[0]  # the first dropped
+    assert f"/admin/notifications/webhookendpoint/{off.pk}/change/" in texts[0]
+    off.refresh_from_db()
+    assert off.drop_warned_at == start
+
+    time_machine.move_to(start + timedelta(hours=1), tick=False)
+    message(merchant, off, age=timedelta(0))  # queued after the warning
+    time_machine.move_to(start + 3 * DAY + timedelta(hours=1), tick=False)
+    services.webhooks_purge()  # all three warned about are dropped by now; no new alert
+    assert len(receiver.requests) == 1
+    time_machine.move_to(start + 12 * DAY + timedelta(hours=2), tick=False)
+    services.webhooks_purge()
+    assert len(receiver.requests) == 2  # a reminder: the endpoint is still off and still losing events
+    assert "1 of its waiting events" in receiver.requests[1].json()["text"]
+
+    services.endpoint_update(endpoint_id=off.pk, active=True)
+    off.refresh_from_db()
+    assert off.drop_warned_at is None
