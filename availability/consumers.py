@@ -6,6 +6,7 @@ from common.broadcast import driver_group
 from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsumer, query_param
 from common.errors import iso
 from common.roles import driver_of
+from dispatch.models import Assignment, AssignmentStatus
 from offers import events as offer_events
 from offers.models import DriverOffer, OfferStatus
 
@@ -22,7 +23,7 @@ def _own_driver(user, driver_id: str):
 
 @database_sync_to_async
 def _snapshot(driver) -> dict:
-    """The driver's availability and pending offers, read after the socket joined its group:
+    """The driver's availability, pending offers and active deliveries, read after the socket joined its group:
     a change committed after this read reaches the socket as its event. (Read before the
     join, a change committed in between reached nobody: the app showed "available" to a
     paused driver until the next change.)"""
@@ -37,6 +38,13 @@ def _snapshot(driver) -> dict:
         "changedAt": iso(driver.last_availability_change),
         # offers made while the app was away, each as its `offer_created` (events are sent once)
         "pendingOffers": [offer_events.offer_created(offer) for offer in pending.order_by("created_at")],
+        # the deliveries the driver holds now (one taken away meanwhile is not here: its
+        # `assignment_cancelled` went while the app was away)
+        "activeDeliveries": [
+            {"deliveryId": str(delivery_id), "status": status, "assignedAt": iso(assigned_at)}
+            for delivery_id, status, assigned_at in Assignment.objects.filter(driver_id=driver.pk, status=AssignmentStatus.ACTIVE)
+            .order_by("created_at").values_list("delivery_id", "delivery__status", "created_at")
+        ],
     }
 
 

@@ -195,6 +195,27 @@ def test_the_snapshot_holds_the_offers_made_while_the_app_was_away():
         assert [o["offerId"] for o in snapshot["pendingOffers"]] == [str(offer.pk)]
         assert_event_shape(snapshot["pendingOffers"][0], OfferCreatedEvent)
         assert snapshot["pendingOffers"][0]["expiresAt"] == iso(offer.expires_at)
+        assert snapshot["activeDeliveries"] == []
+        await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_the_snapshot_holds_the_deliveries_the_driver_has_now_and_not_one_taken_away():
+    """An app back from a dropped connection learns what it carries without another call; one
+    reassigned meanwhile is left out (its `assignment_cancelled` went while the app was away)."""
+    driver = online_driver()
+    kept, taken = DeliveryFactory(), DeliveryFactory()
+    ops = Actor.for_user(OpsUserFactory())
+    assignment_create(delivery_id=taken.pk, driver_id=driver.pk, actor=ops)
+    delivery_reassign(delivery_id=taken.pk, reason="customer moved", actor=ops)
+    first = assignment_create(delivery_id=kept.pk, driver_id=driver.pk, actor=ops)
+
+    async def scenario():
+        comm = await _connected(driver)
+        snapshot = await comm.receive_json_from(timeout=5)
+        assert snapshot["activeDeliveries"] == [
+            {"deliveryId": str(kept.pk), "status": "assigned", "assignedAt": iso(first.created_at)}]
         await comm.disconnect()
 
     async_to_sync(scenario)()
