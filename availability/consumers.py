@@ -55,8 +55,8 @@ class DriverConsumer(RelayConsumer):
     """`/ws/drivers/<driverId>/?token=<apiToken>`: that driver's offers and availability, and
     a delivery taken away from them (`assignment_cancelled`).
 
-    With `&snapshot=1` the first message is an `availability_snapshot` (the state and the
-    offers still pending: an app back from a dropped connection finds there what it missed).
+    With `&snapshot=1` the first message is an `availability_snapshot` (the state, the
+    offers still pending and the deliveries held: an app back from a dropped connection finds there what it missed).
     Without it, only the SPEC's events: a client that took the first message after an offer
     for its `offer_created` read the snapshot instead."""
 
