@@ -1,4 +1,5 @@
 import datetime
+import json
 import re
 from io import BytesIO
 
@@ -270,9 +271,38 @@ class CrontabScheduleForm(forms.ModelForm):
         return data
 
 
+JSON_SHAPES = {"args": (list, "a JSON array, e.g. []"), "kwargs": (dict, "a JSON object, e.g. {}"),
+               "headers": (dict, "a JSON object, e.g. {}")}
+
+
+def periodic_task_json_error(field: str, value) -> str | None:
+    """Why a periodic task's `args`, `kwargs` or `headers` text cannot be used (None: it can).
+    The library checks only that it parses: `kwargs` 5 was saved, and "Run selected tasks" (or
+    beat) then failed on it (`argument after ** must be a mapping`), a 500."""
+    kind, shape = JSON_SHAPES[field]
+    if value in (None, ""):
+        return None if field == "headers" else f"Must be {shape}."
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        return f"Unable to parse JSON: {exc}"
+    return None if isinstance(parsed, kind) else f"Must be {shape}."
+
+
 class PeriodicTaskFormChecked(PeriodicTaskForm):
     """A task name the field refused (a NUL, over 200 characters) left no `task` for the
-    library's check, which read it anyway: a KeyError, a 500. The field's own error is shown."""
+    library's check, which read it anyway: a KeyError, a 500. The field's own error is shown.
+    `args`, `kwargs` and `headers` must be JSON of the shape the task call takes."""
+
+    def _clean_json(self, field):
+        value = self.cleaned_data[field]
+        error = periodic_task_json_error(field, value)
+        if error:
+            raise forms.ValidationError(error)
+        return value
+
+    def clean_headers(self):
+        return self._clean_json("headers")
 
     def clean(self):
         if "task" not in self.cleaned_data and not self.cleaned_data.get("regtask"):
@@ -292,3 +322,16 @@ class CheckedCrontabScheduleAdmin(CrontabScheduleAdmin):
 @admin.register(PeriodicTask)
 class CheckedPeriodicTaskAdmin(PeriodicTaskAdmin):
     form = PeriodicTaskFormChecked
+
+    def run_tasks(self, request, queryset):
+        """The library's action, after refusing tasks whose stored arguments the call cannot
+        take (saved before the form checked them, or written elsewhere): a message, not a 500."""
+        bad = [f"{task.name}: {field} {error[0].lower()}{error[1:]}" for task in queryset
+               for field in ("args", "kwargs", "headers")
+               if (error := periodic_task_json_error(field, getattr(task, field)))]
+        if bad:
+            self.message_user(request, "Nothing was run. Fix these first: " + "; ".join(bad), level=messages.ERROR)
+            return None
+        return super().run_tasks(request, queryset)
+
+    run_tasks.short_description = PeriodicTaskAdmin.run_tasks.short_description

@@ -277,3 +277,34 @@ def test_a_task_name_the_field_refuses_is_a_form_error(admin_client, task):
 
     assert r.status_code == 200 and re.search(r'field-task">\s*<ul class="errorlist', r.content.decode())
     assert not PeriodicTask.objects.filter(name="audit-task").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [("kwargs", "5"), ("kwargs", "[]"), ("args", '"abc"'), ("args", "{}"),
+                                              ("headers", "[1]"), ("args", "")])
+def test_task_arguments_of_the_wrong_json_shape_are_a_form_error(admin_client, field, value):
+    """They parsed, so the library saved them; "Run selected tasks" then raised a TypeError (500)."""
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    every = IntervalSchedule.objects.create(every=10, period="seconds")
+    form = {"name": "audit-task", "task": "offers.expire_overdue_offers", "interval": str(every.pk), "args": "[]",
+            "kwargs": "{}", "enabled": "on", "priority": "", "queue": "", "exchange": "", "routing_key": "",
+            "headers": "{}", "description": "", "expire_seconds": ""}
+    r = admin_client.post("/admin/django_celery_beat/periodictask/add/", {**form, field: value})
+
+    assert r.status_code == 200 and re.search(rf'field-{field}">\s*<ul class="errorlist', r.content.decode())
+    assert not PeriodicTask.objects.filter(name="audit-task").exists()
+    r = admin_client.post("/admin/django_celery_beat/periodictask/add/", form)
+    assert r.status_code == 302, re.findall(r"errorlist.{0,200}", r.content.decode())
+
+
+def test_running_a_task_saved_with_unusable_arguments_is_a_message_not_a_500(admin_client):
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    every = IntervalSchedule.objects.create(every=10, period="seconds")
+    task = PeriodicTask.objects.create(name="saved-elsewhere", task="offers.expire_overdue_offers", interval=every,
+                                       kwargs="5", enabled=False)
+    r = admin_client.post("/admin/django_celery_beat/periodictask/",
+                          {"action": "run_tasks", "_selected_action": [str(task.pk)]}, follow=True)
+
+    assert r.status_code == 200
+    assert "Nothing was run. Fix these first: saved-elsewhere: kwargs must be a JSON object" in r.content.decode()
