@@ -367,7 +367,8 @@ def ticket_redispatched(
 @transaction.atomic
 def ticket_delivery_cancelled(*, ticket_id, user, actor: Actor, reason: str, now: datetime) -> SupportTicket:
     """An agent cancelled the ticket's delivery (already done by the caller): the ticket is
-    closed with the agent's reason as its resolution."""
+    closed with the agent's reason as its resolution, after the note of a resolved ticket
+    (which the cancel replaced: the agent's note was then only in the audit trail)."""
     ticket = _lock_ticket(ticket_id)
     now = _stamped(now, ticket)
     text = f"Delivery cancelled by {_name(user)}: {reason}"
@@ -375,7 +376,7 @@ def ticket_delivery_cancelled(*, ticket_id, user, actor: Actor, reason: str, now
     if ticket.status != TicketStatus.CLOSED:
         ticket.status = TicketStatus.CLOSED
         ticket.closed_at = now
-        ticket.resolution = text
+        ticket.resolution = f"{ticket.resolution}\n{text}" if ticket.resolution else text
         fields += ["status", "closed_at", "resolution"]
     # (a closed ticket is final: it keeps its resolution, and the cancel goes in its history)
     _note(ticket, text, now=now)

@@ -335,6 +335,19 @@ def test_cancelling_from_a_closed_ticket_keeps_its_resolution(web, agent):
     assert TicketComment.objects.filter(ticket=ticket, body="Delivery cancelled by Sam Agent: Store closed").exists()
 
 
+def test_cancelling_from_a_resolved_ticket_keeps_the_agents_note_before_the_cancel(web, agent):
+    """The cancel replaced the resolution: the agent's note was left only in the audit trail."""
+    from escalation.tickets import ticket_resolve
+
+    ticket = ticket_for()
+    ticket_resolve(ticket_id=ticket.pk, user=agent, actor=Actor.for_user(agent), resolution="Customer agreed to wait")
+
+    web.post(f"/support/tickets/{ticket.pk}/cancel-delivery", {"reason": "Store closed"}, follow=True)
+
+    ticket.refresh_from_db()
+    assert (ticket.status, ticket.resolution) == ("closed", "Customer agreed to wait\nDelivery cancelled by Sam Agent: Store closed")
+
+
 def test_head_is_answered_like_get_on_the_support_pages(web):
     ticket = ticket_for()
     for url in ("/support/", f"/support/tickets/{ticket.pk}/"):
