@@ -81,6 +81,11 @@ class ReadOnlyAdmin(ChangedFieldsOnlyAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
+    def has_change_permission(self, request, obj=None):
+        # the list's actions need it; a record's own page has nothing to save (every field
+        # read-only: its Save said "changed successfully" and wrote "No fields changed.")
+        return obj is None and super().has_change_permission(request)
+
     def get_readonly_fields(self, request, obj=None):
         return [f.name for f in self.model._meta.fields]
 

@@ -170,3 +170,25 @@ def test_an_offers_page_is_read_only_and_the_list_still_expires(admin_client):
     expired = DeliveryAuditLog.objects.get(delivery_id=delivery.pk, event_type="offer_expired")
     admin_user = User.objects.get(username="admin")
     assert (expired.actor_type, expired.actor_id) == ("admin", admin_user.pk)
+
+
+@pytest.mark.django_db
+def test_an_unassigned_orders_and_a_tickets_pages_are_read_only_with_their_list_actions_kept(admin_client):
+    """Every field is read-only; their pages offered Save, said "changed successfully" and wrote
+    "No fields changed." into the admin history."""
+    from django.contrib.admin.models import LogEntry
+
+    from tests.support_fixtures import ticket_for
+
+    ticket = ticket_for()
+    record = ticket.unassigned_order
+    for url in (f"/admin/escalation/unassignedorder/{record.pk}/change/", f"/admin/escalation/supportticket/{ticket.pk}/change/"):
+        page = admin_client.get(url).content.decode()
+        assert 'name="_save"' not in page and 'name="_continue"' not in page and "Close" in page, url
+        assert admin_client.post(url, {"_save": "Save"}).status_code == 403, url
+    assert not LogEntry.objects.exists()
+    form = admin_client.post("/admin/escalation/unassignedorder/", {"action": "escalate", "_selected_action": [str(record.pk)]})
+    assert b"Escalate unassigned orders" in form.content
+    taken = admin_client.post("/admin/escalation/supportticket/", {"action": "take", "_selected_action": [str(ticket.pk)]},
+                              follow=True)
+    assert taken.status_code == 200 and b"You have taken 1 ticket." in taken.content
