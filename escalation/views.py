@@ -6,8 +6,9 @@ from functools import wraps
 
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.views import redirect_to_login
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.http import Http404
 from django.shortcuts import redirect, render
@@ -37,7 +38,8 @@ def support_required(view):
         if not request.user.is_authenticated:
             return redirect_to_login(request.get_full_path(), login_url=reverse("support:login"))
         if not (request.user.is_active and is_support(request.user)):
-            raise PermissionDenied("Support agents only.")
+            # (Django's bare "403 Forbidden" left no way out but the admin's logout)
+            return render(request, "support/not_an_agent.html", {"not_an_agent": True}, status=403)
         if request.method == "POST" and _read_only(request.user):
             raise PermissionDenied("Viewers may only read.")  # the console's read-only role
         response = view(request, *args, **kwargs)
@@ -48,9 +50,29 @@ def support_required(view):
     return wrapped
 
 
+class SupportAuthenticationForm(AuthenticationForm):
+    """Only a support agent (or staff) signs in here: anyone else was signed in and then shown
+    a bare 403 on every page, with no way out but the admin's logout."""
+
+    def confirm_login_allowed(self, user):
+        super().confirm_login_allowed(user)
+        if not is_support(user):
+            raise ValidationError("This account is not a support agent's: sign in with a support account.",
+                                  code="not_support")
+
+
 class LoginView(auth_views.LoginView):
     template_name = "support/login.html"
-    redirect_authenticated_user = True
+    authentication_form = SupportAuthenticationForm
+
+    def dispatch(self, request, *args, **kwargs):
+        # a signed-in agent goes to the queue; anyone else signed in sees the form, told why
+        self.redirect_authenticated_user = is_support(request.user)
+        return super().dispatch(request, *args, **kwargs)
+
+    def get_context_data(self, **kwargs):
+        return {**super().get_context_data(**kwargs),
+                "not_an_agent": self.request.user.is_authenticated and not is_support(self.request.user)}
 
     def get_default_redirect_url(self):
         return reverse("support:queue")

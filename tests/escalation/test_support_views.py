@@ -74,6 +74,34 @@ def test_drivers_and_integrations_are_forbidden_and_staff_are_welcome():
     assert SupportTicket.objects.get().assignee is None
 
 
+def test_only_an_agent_signs_in_and_anyone_else_signed_in_is_told_why_with_a_way_out():
+    """A plain user signed in at /support/login/ and was then shown a bare "403 Forbidden"
+    (console audit)."""
+    from tests.factories import UserFactory
+
+    plain = UserFactory(username="plain")
+    c = Client()
+    r = c.post("/support/login/", {"username": "plain", "password": "pw-123456"})
+    assert r.status_code == 200 and "_auth_user_id" not in c.session
+    assert b"not a support agent&#x27;s: sign in with a support account" in r.content
+    bad = c.post("/support/login/", {"username": "plain", "password": "wrong"})
+    assert b"Please enter a correct username and password" in bad.content
+
+    c = login(plain)  # (signed in elsewhere, say the admin's login)
+    page = c.get("/support/")
+    assert page.status_code == 403 and b"which is not a support agent's account" in page.content
+    assert b'action="/support/logout/"' in page.content and b"data-live-socket" not in page.content
+    form = c.get("/support/login/")
+    assert form.status_code == 200 and b"which is not a support agent's account" in form.content
+
+    agent = SupportUserFactory(username="agent")
+    c = Client()
+    r = c.post("/support/login/", {"username": "agent", "password": "pw-123456"})
+    assert r.status_code == 302 and r["Location"] == "/support/"
+    assert c.get("/support/login/")["Location"] == "/support/"  # signed in: straight to the queue
+    assert str(agent.pk) == c.session["_auth_user_id"]
+
+
 def test_an_action_on_a_ticket_that_does_not_exist_says_so_on_the_queue(web):
     """It redirected to the ticket's page, a 404, and the message was lost."""
     r = web.post("/support/tickets/00000000-0000-0000-0000-000000000000/take", follow=True)
