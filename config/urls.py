@@ -6,7 +6,7 @@ from analytics.admin import analytics_page, ops_map_page
 from analytics.api import views as analytics_views
 from availability.api import views as availability_views
 from common.views import AuthTokenView, health, jobs, live, prometheus_metrics, ready
-from config.views import bad_request, home, socket_over_http
+from config.views import bad_request, docs_page, home, socket_over_http
 from dispatch.api import views as dispatch_views
 from dispatch.views import proof_file
 from escalation.api import views as escalation_views
@@ -89,8 +89,8 @@ api = [
     path("webhooks/<uuid:webhook_id>/test", webhook_views.WebhookTestView.as_view(), name="webhook-test"),
     path("webhooks/<uuid:webhook_id>/attempts", webhook_views.WebhookAttemptsView.as_view(), name="webhook-attempts"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
-    path("redoc/", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("docs/", docs_page(SpectacularSwaggerView.as_view(url_name="schema")), name="docs"),
+    path("redoc/", docs_page(SpectacularRedocView.as_view(url_name="schema")), name="redoc"),
 ]
 
 urlpatterns = [

@@ -4,6 +4,7 @@ logs in, reads the dashboard, watches a driver move on the live map, draws a zon
 delivery with a reason, reads the API docs, and is refused the user and token admin.
 
 Every wait is on a DOM condition; screenshots go to artifacts/console/ (not committed)."""
+import json
 import time
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -213,3 +214,33 @@ def test_a_dispatcher_runs_the_console_in_chromium(console_server, chromium, dis
     screenshot(chromium, "api-docs")
 
     assert_nothing_loaded_from_elsewhere(chromium, base)
+
+
+def test_the_api_docs_pages_render_and_ask_nothing_of_another_host(console_server, chromium):
+    """Redoc's bundle drew its footer logo from cdn.redoc.ly (console audit): the docs pages'
+    Content-Security-Policy now stops it in the browser, and both pages still render."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, wait = console_server, WebDriverWait(chromium, 20)
+    chromium.get(f"{base}/v2/redoc/")
+    wait.until(lambda b: "API docs by Redocly" in b.find_element(By.TAG_NAME, "body").text)
+    wait.until(lambda b: b.find_elements(By.XPATH, "//*[contains(text(), 'deliveries')]"))
+    chromium.get(f"{base}/v2/docs/")
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".opblock"))
+
+    ours = urlsplit(base).netloc
+    sent, blocked = {}, set()
+    for entry in chromium.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        params = message["params"]
+        if message["method"] == "Network.requestWillBeSent":
+            sent[params["requestId"]] = params["request"]["url"]
+        elif message["method"] == "Network.loadingFailed" and params.get("blockedReason") == "csp":
+            blocked.add(params["requestId"])
+    outside = {url for request_id, url in sent.items()
+               if url.startswith("http") and urlsplit(url).netloc != ours and request_id not in blocked}
+    assert outside == set()
+    errors = [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"
+              and e.get("source") != "network" and "Content Security Policy" not in e["message"]]
+    assert errors == []
