@@ -139,6 +139,9 @@ class ApiHeadersMiddleware(AsyncCapableMiddleware):
             response.headers.setdefault("Referrer-Policy", settings.SECURE_REFERRER_POLICY)
         if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
             response.headers.setdefault("Cross-Origin-Opener-Policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY)
+        if settings.SECURE_HSTS_SECONDS and request.is_secure():
+            response.headers.setdefault("Strict-Transport-Security", f"max-age={settings.SECURE_HSTS_SECONDS}"
+                                        + ("; includeSubDomains" if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS else ""))
         if not response.streaming and "Content-Length" not in response.headers:
             response.headers["Content-Length"] = str(len(response.content))
         return response

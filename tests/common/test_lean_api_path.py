@@ -53,6 +53,23 @@ def test_a_token_request_gets_the_same_answer_from_the_lean_stack():
     assert bad.status_code == 401 and bad.json()["error"] == "Unauthorized"
 
 
+def test_behind_https_the_lean_stack_sends_hsts_and_only_over_https(settings):
+    """SECURE_HSTS_SECONDS from the environment (`manage.py check --deploy`): the lean stack
+    gives it as Django's SecurityMiddleware does on the full stack (which reads the setting once,
+    when it is built), on a request that came over HTTPS only."""
+    settings.SECURE_HSTS_SECONDS, settings.SECURE_HSTS_INCLUDE_SUBDOMAINS = 31536000, True
+    driver = DriverFactory()
+    path, auth = f"/v2/drivers/{driver.pk}", {"Authorization": f"Token {token_for(driver.user)}"}
+
+    async def over(scheme, app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=f"{scheme}://testserver") as client:
+            return (await client.get(path, headers=auth)).headers.get("strict-transport-security")
+
+    assert async_to_sync(over)("https", application) == "max-age=31536000; includeSubDomains"
+    assert async_to_sync(over)("http", application) is None
+
+
 def test_a_lean_request_runs_on_one_thread_start_to_end_where_the_full_stack_hops_per_step(hops):
     driver = DriverFactory()
     path, auth = f"/v2/drivers/{driver.pk}", {"Authorization": f"Token {token_for(driver.user)}"}
