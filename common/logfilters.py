@@ -55,17 +55,17 @@ class GisInputWarningFilter(logging.Filter):
     geometry") before raising; the exception is what counts (a form error, or a 500 that
     `django.request` logs at ERROR). A client's mistake writes no ERROR line for an alert to
     fire on: those are WARNINGs (GEOS's errors are all about the geometry it was given; of
-    GDAL's, a reference system the input names and PROJ does not know). The rest stays ERROR
+    GDAL's, a reference system the input names and PROJ does not know, and a GeoJSON ring left open). The rest stays ERROR
     (GDAL's other errors, a transformation that failed: proj.db missing after an upgrade
     would show every map wrong)."""
 
     _INPUT = ("GEOS_ERROR", "Error creating geometry from value")
-    _INPUT_CRS = "crs not found"
+    _INPUT_GDAL = ("crs not found", "Non closed ring")  # (a GeoJSON ring that does not end where it began)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.ERROR and isinstance(record.msg, str) and (
             record.msg.startswith(self._INPUT)
-            or (record.msg.startswith("GDAL_ERROR") and self._INPUT_CRS in record.getMessage())
+            or (record.msg.startswith("GDAL_ERROR") and any(text in record.getMessage() for text in self._INPUT_GDAL))
         ):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True

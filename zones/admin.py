@@ -21,6 +21,14 @@ class DeliveryZoneForm(forms.ModelForm):
         model = DeliveryZone
         fields = "__all__"
 
+    def clean_name(self):
+        """One error for a name taken (in any case): the field's unique check and the
+        case-blind constraint each gave theirs, two messages for one mistake."""
+        name = self.cleaned_data.get("name")
+        if name and DeliveryZone.objects.filter(name__iexact=name).exclude(pk=self.instance.pk).exists():
+            raise forms.ValidationError("A zone with this name already exists.")
+        return name
+
     def clean_geometry(self):
         geometry = self.cleaned_data.get("geometry")
         if geometry is None:
@@ -114,7 +122,7 @@ class DeliveryZoneAdmin(MapAdminMixin, admin.ModelAdmin):
     @admin.action(description="Recompute health now", permissions=["change"])
     def refresh_health(self, request, queryset):
         done = services.zone_health_refresh(zone_ids=list(queryset.values_list("pk", flat=True)))
-        self.message_user(request, f"Health recomputed for {done} zones.", messages.SUCCESS)
+        self.message_user(request, f"Health recomputed for {done} zone{'s' if done != 1 else ''}.", messages.SUCCESS)
 
 
 class DriverZonePreferenceFormSet(forms.BaseInlineFormSet):
