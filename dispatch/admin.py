@@ -334,7 +334,7 @@ class DeliveryAdmin(ConsoleExportMixin, ChangedFieldsOnlyAdmin):
                 label=lambda d: d.seller_order_id,
             )
             if results:
-                name = dict(candidates).get(driver_id, driver_id)
+                name = _driver_name(driver_id)  # (the choice's label carries the distance: "· 0.0 km")
                 self.message_user(
                     request, f"{delivery.seller_order_id}: offered to {name}; the driver has until "
                     f"{timezone.localtime(results[0].expires_at):%H:%M:%S %Z} to accept.", messages.SUCCESS,

@@ -352,7 +352,7 @@ def test_assign_to_driver_lists_nearby_available_drivers_by_distance_and_offers_
     # the expiry in the console's time zone, as every time there (it said UTC)
     from zoneinfo import ZoneInfo
     local = offer.expires_at.astimezone(ZoneInfo("Asia/Kolkata"))
-    assert f"the driver has until {local:%H:%M:%S} IST to accept" in done.content.decode()
+    assert f"offered to Far Farid; the driver has until {local:%H:%M:%S} IST to accept" in done.content.decode()
     assert DeliveryAuditLog.objects.filter(delivery=delivery, event_type="driver_offer_sent").exists()
     assert near.pk != far.pk
 
