@@ -107,6 +107,7 @@ urlpatterns = [
     path("v2/", include(api)),
     path("support/", include("escalation.urls")),
     path("track/<uuid:delivery_id>", tracking_views.tracking_page, name="track"),
+    path("track/<uuid:delivery_id>/", tracking_views.tracking_page),  # (a link retyped with a slash: the same page)
     path("proofs/<str:token>", proof_file, name="proof-file"),
     path("ws/<path:rest>", socket_over_http, name="socket-over-http"),
 ]

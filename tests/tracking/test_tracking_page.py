@@ -80,6 +80,8 @@ def test_the_tracking_url_of_a_delivery_is_this_page(client):
     path = delivery.tracking_url.removeprefix("http://127.0.0.1:8000")
 
     assert client.get(path).status_code == 200
+    with_slash = path.replace("?", "/?", 1)  # (a link retyped with a slash was a 404)
+    assert client.get(with_slash).status_code == 200 and client.get(with_slash.split("?")[0]).status_code == 404
 
 
 # ------------------------------------------------------------------------------ live, in a browser
