@@ -297,9 +297,25 @@ class DeliveryAdmin(ConsoleExportMixin, ChangedFieldsOnlyAdmin):
         if obj is not None:
             context["delivery_map"] = delivery_map_data(obj)
             context["tile_url"] = settings.OPS_MAP_TILE_URL
-        # Nothing here is editable (changes go through the actions): no Save buttons.
+        # Nothing here is editable (changes go through the actions): no Save buttons; the
+        # actions this delivery takes now are buttons on its page (the live map links here).
         context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
+        if obj is not None and self.has_change_permission(request):
+            context["delivery_actions"] = self.page_actions(obj)
         return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
+
+    @staticmethod
+    def page_actions(delivery) -> list[tuple[str, str]]:
+        """(action, button) for the list actions this delivery takes in its status, each run as
+        from the list with this one delivery selected (the ones asking for a reason or a driver
+        show their form first)."""
+        if delivery.status == DeliveryStatus.READY:
+            actions = [("dispatch_now", "Dispatch now"), ("assign_to_driver", "Assign to a driver…")]
+        elif delivery.status == DeliveryStatus.ASSIGNED:
+            actions = [("reassign_deliveries", "Reassign…")]
+        else:
+            actions = []
+        return actions + [("cancel_deliveries", "Cancel…")] if delivery.is_open else actions
 
     def has_add_permission(self, request):
         return False  # deliveries come from sellers through the API

@@ -564,3 +564,32 @@ def test_the_map_and_analytics_pages_and_the_map_state_are_never_cached(admin_cl
         assert r.status_code == 200 and "no-store" in r["Cache-Control"] and "private" in r["Cache-Control"], url
     r = ops.get("/v2/admin/live-map")
     assert r.status_code == 200 and r["Cache-Control"] == "private, no-store"
+
+
+def test_a_deliverys_page_has_the_actions_its_status_takes_as_buttons_run_like_the_lists():
+    """The page the live map links to had no action: ops went back to the list, found the row,
+    ticked it and used the dropdown (console audit)."""
+    import re
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    ready, delivered = DeliveryFactory(seller_order_id='ORD "odd" one'), DeliveryFactory(status=DeliveryStatus.DELIVERED)
+
+    page = client.get(f"/admin/dispatch/delivery/{ready.pk}/change/").content.decode()
+    assert re.findall(r'name="action" value="(\w+)"', page) == ["dispatch_now", "assign_to_driver", "cancel_deliveries"]
+    target = re.search(r'<form method="post" action="([^"]+)" class="delivery-actions">', page).group(1)
+    assert target == f"/admin/dispatch/delivery/?q={ready.pk}"
+    chosen = {"action": "cancel_deliveries", "_selected_action": str(ready.pk), "index": "0"}
+    form = client.post(target, chosen)
+    assert form.status_code == 200 and b"Yes, cancel" in form.content
+    done = client.post(target, {**chosen, "apply": "1", "reason": "store closed"}, follow=True)
+    assert b"Cancelled 1 delivery." in done.content and str(ready.pk).encode() in done.content
+    assert Delivery.objects.get(pk=ready.pk).status == DeliveryStatus.CANCELLED
+
+    assert 'name="action"' not in client.get(f"/admin/dispatch/delivery/{delivered.pk}/change/").content.decode()
+    assigned = DeliveryFactory()
+    assignment_create(delivery_id=assigned.pk, driver_id=online_driver().pk, actor=Actor.system())
+    page = client.get(f"/admin/dispatch/delivery/{assigned.pk}/change/").content.decode()
+    assert re.findall(r'name="action" value="(\w+)"', page) == ["reassign_deliveries", "cancel_deliveries"]
+    _, viewer = staff_in(VIEWER_GROUP)
+    watched = DeliveryFactory()
+    assert 'name="action"' not in viewer.get(f"/admin/dispatch/delivery/{watched.pk}/change/").content.decode()
