@@ -335,3 +335,16 @@ class CheckedPeriodicTaskAdmin(PeriodicTaskAdmin):
         return super().run_tasks(request, queryset)
 
     run_tasks.short_description = PeriodicTaskAdmin.run_tasks.short_description
+
+
+class LiveListMixin:
+    """A change list that follows /ws/ops/: a bar counts the events of `live_events` since the
+    page was loaded, with a Reload link (analytics/static/console/live_refresh.js; the list is
+    not reloaded under the pointer: the rows ticked for an action would be lost)."""
+
+    live_events: tuple[str, ...] = ()
+
+    def changelist_view(self, request, extra_context=None):
+        live = {"mode": "banner", "events": " ".join(self.live_events), "regions": ""}
+        return super().changelist_view(request, extra_context={**(extra_context or {}), "live_refresh": live})
+

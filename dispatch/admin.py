@@ -17,7 +17,9 @@ from availability.geo import drivers_available_near
 from availability.live import positions_of
 from availability.models import Driver
 from common.actors import Actor
-from common.admin import ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, ReadOnlyInline, run_for_each
+from common.admin import (
+    ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, LiveListMixin, ReadOnlyInline, run_for_each,
+)
 from common.admin_confirm import confirm_then
 from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
 from dispatch.proofs import proof_signed_path
@@ -245,7 +247,8 @@ class DeliveryExport(ExportResource):
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(ConsoleExportMixin, ChangedFieldsOnlyAdmin):
+class DeliveryAdmin(LiveListMixin, ConsoleExportMixin, ChangedFieldsOnlyAdmin):
+    live_events = ("delivery_created", "delivery_status_changed", "delivery_cancelled")
     resource_classes = [DeliveryExport]
     list_display = ("seller_order_id", "store_name", "status", "zone", "created_by", "ready_at", "assigned_at", "delivered_at")
     list_filter = ("status", LateFilter, GeofenceOverrideFilter, "zone")

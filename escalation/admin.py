@@ -9,7 +9,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from common.actors import Actor
-from common.admin import ChangedFieldsOnlyAdmin, run_for_each
+from common.admin import ChangedFieldsOnlyAdmin, LiveListMixin, run_for_each
 from common.admin_confirm import selection, selection_holds, too_many
 from common.exceptions import Conflict
 from escalation import tickets
@@ -91,7 +91,11 @@ class ReadOnlyAdmin(ChangedFieldsOnlyAdmin):
 
 
 @admin.register(UnassignedOrder)
-class UnassignedOrderAdmin(ReadOnlyAdmin):
+class UnassignedOrderAdmin(LiveListMixin, ReadOnlyAdmin):
+    # (a record comes with a dispatch that found nobody: after a creation, an offer's end; it goes
+    # with an acceptance or a cancel)
+    live_events = ("delivery_created", "offer_accepted", "offer_rejected", "offer_expired", "offer_cancelled",
+                   "delivery_cancelled", "unassigned_order_escalated")
     list_display = (
         "seller_order_id", "failure_reason", "escalation_level", "escalation_status", "attempt_count",
         "first_attempt_at", "last_attempt_at", "ticket", "escalated_by", "resolved_at",
@@ -153,7 +157,8 @@ class TicketCommentInline(admin.TabularInline):
 
 
 @admin.register(SupportTicket)
-class SupportTicketAdmin(ReadOnlyAdmin):
+class SupportTicketAdmin(LiveListMixin, ReadOnlyAdmin):
+    live_events = ("support_ticket_created", "support_ticket_updated")
     list_display = ("title", "priority", "status", "type", "assignee", "created_at", "updated_at")
     list_filter = (ActiveTicketFilter, "status", "priority", "type")
     search_fields = ("title", "delivery__seller_order_id", "id")

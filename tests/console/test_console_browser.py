@@ -244,3 +244,37 @@ def test_the_api_docs_pages_render_and_ask_nothing_of_another_host(console_serve
     errors = [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"
               and e.get("source") != "network" and "Content Security Policy" not in e["message"]]
     assert errors == []
+
+
+def test_the_dashboard_and_the_unassigned_list_follow_the_ops_socket(console_server, chromium, dispatcher):
+    """They showed what was true when they were loaded until someone reloaded them (console
+    audit: a new unassigned order, and both still said 10 fifteen seconds later)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    base = console_server
+    wait = WebDriverWait(chromium, 15, ignored_exceptions=(StaleElementReferenceException,))  # (the KPIs are swapped)
+    login(chromium, base, dispatcher, wait)
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-live-refreshed"))  # (once on open)
+    assert chromium.find_element(By.ID, "kpi-unassigned").get_attribute("data-value") == "0"
+
+    create = {"sellerOrderId": "ORD-LIVE-1", "storeName": "Live Store", "pickupLocation": {"lat": 12.97, "lon": 77.59},
+              "dropoffLocation": {"lat": 12.98, "lon": 77.60}}
+    ops = {"Authorization": f"Token {token_for(dispatcher)}"}
+    assert httpx.post(f"{base}/v2/deliveries", json=create, headers=ops, timeout=10).status_code == 201  # nobody free
+    wait.until(lambda b: b.find_element(By.ID, "kpi-unassigned").get_attribute("data-value") == "1")
+
+    chromium.get(f"{base}/admin/escalation/unassignedorder/")
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-live-state") == "live")
+    assert not chromium.find_elements(By.ID, "live-changes")
+    chromium.find_element(By.CSS_SELECTOR, "input.action-select").click()  # a row ticked: the list must not reload under it
+    assert httpx.post(f"{base}/v2/deliveries", json={**create, "sellerOrderId": "ORD-LIVE-2"}, headers=ops,
+                      timeout=10).status_code == 201
+    bar = wait.until(lambda b: b.find_elements(By.ID, "live-changes") and b.find_element(By.ID, "live-changes"))
+    assert "1 change since this page was loaded" in bar.text
+    assert chromium.find_element(By.CSS_SELECTOR, "input.action-select").is_selected()
+    bar.find_element(By.LINK_TEXT, "Reload").click()
+    wait.until(lambda b: "ORD-LIVE-2" in b.find_element(By.ID, "result_list").text)
+    assert_nothing_loaded_from_elsewhere(chromium, base)

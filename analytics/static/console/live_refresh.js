@@ -1,0 +1,100 @@
+/* Live queues in the ops console: the dashboard and the delivery, unassigned-order and ticket
+ * lists follow /ws/ops/ (without locations: only state changes reach them).
+ *
+ * <script src=".../live_refresh.js" data-socket="/ws/ops/?locations=0" data-events="a b c"
+ *         data-mode="swap" data-regions="id1 id2"></script>
+ *
+ * - swap (the dashboard): on an event of `data-events`, this page is fetched again and the
+ *   elements named in `data-regions` are replaced by their fresh copies, at most every 5 s;
+ * - banner (a list): a bar at the top counts the changes since the page was loaded, with a
+ *   Reload link. The list itself is left alone: a reload under the pointer would lose the rows
+ *   ticked for an action and the place being read.
+ * Every reopen counts as a change in banner mode (what happened while the socket was down is
+ * unknown); every open refreshes in swap mode. Reconnects with backoff; a signed-out socket (4401/4403)
+ * stops; too many of this login's sockets (4429) tries again in a minute. */
+(function () {
+  "use strict";
+  const script = document.currentScript;
+  if (!script || !("WebSocket" in window)) return;
+  const socketPath = script.dataset.socket;
+  const wanted = new Set((script.dataset.events || "").split(/\s+/).filter(Boolean));
+  const mode = script.dataset.mode === "swap" ? "swap" : "banner";
+  const regions = (script.dataset.regions || "").split(/\s+/).filter(Boolean);
+  const SWAP_GAP_MS = 5000;
+  const body = document.body;
+  let changes = 0, opened = 0, lastSwap = 0, swapTimer = null, attempt = 0;
+
+  function state(name) { body.dataset.liveState = name; }
+
+  function banner() {
+    let bar = document.getElementById("live-changes");
+    if (!bar) {
+      bar = document.createElement("p");
+      bar.id = "live-changes";
+      bar.className = "live-changes";
+      bar.setAttribute("role", "status");
+      const content = document.getElementById("content") || body;
+      content.insertBefore(bar, content.firstChild);
+    }
+    bar.textContent = "";
+    bar.append(`${changes} change${changes === 1 ? "" : "s"} since this page was loaded. `);
+    const link = document.createElement("a");
+    link.href = window.location.href;
+    link.textContent = "Reload";
+    bar.append(link);
+    body.dataset.liveChanges = String(changes);
+  }
+
+  function swap() {
+    swapTimer = null;
+    lastSwap = Date.now();
+    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Requested-With": "console-live" } })
+      .then((r) => (r.ok ? r.text() : Promise.reject(r.status)))
+      .then((html) => {
+        const fresh = new DOMParser().parseFromString(html, "text/html");
+        for (const id of regions) {
+          const here = document.getElementById(id), there = fresh.getElementById(id);
+          if (here && there) here.replaceWith(document.importNode(there, true));
+        }
+        body.dataset.liveRefreshed = String(Date.now());
+      })
+      .catch(() => { /* the next event or reconnect tries again */ });
+  }
+
+  function changed() {
+    if (mode === "banner") {
+      changes += 1;
+      banner();
+    } else if (!swapTimer) {
+      swapTimer = setTimeout(swap, Math.max(0, lastSwap + SWAP_GAP_MS - Date.now()));
+    }
+  }
+
+  function connect() {
+    state("connecting");
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${location.host}${socketPath}`);
+    socket.onopen = () => {
+      attempt = 0;
+      state("live");
+      // swap: the page was rendered before the socket joined, so fetch it once now; banner:
+      // back after a drop, what happened meanwhile is unknown
+      if (mode === "swap" || opened) changed();
+      opened += 1;
+    };
+    socket.onmessage = (message) => {
+      let event;
+      try { event = JSON.parse(message.data); } catch (err) { return; }
+      if (wanted.has(event.type)) changed();
+    };
+    socket.onclose = (close) => {
+      if (close.code === 4401 || close.code === 4403) { state("signed-out"); return; }
+      state("offline");
+      if (close.code === 4429) { setTimeout(connect, 60000 * (0.75 + Math.random() * 0.5)); return; }
+      attempt += 1;
+      setTimeout(connect, Math.min(30000, 1000 * 2 ** Math.min(attempt - 1, 5)) * (0.75 + Math.random() * 0.5));
+    };
+  }
+
+  connect();
+})();
