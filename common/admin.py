@@ -280,8 +280,8 @@ def periodic_task_json_error(field: str, value) -> str | None:
     The library checks only that it parses: `kwargs` 5 was saved, and "Run selected tasks" (or
     beat) then failed on it (`argument after ** must be a mapping`), a 500."""
     kind, shape = JSON_SHAPES[field]
-    if value in (None, ""):
-        return None if field == "headers" else f"Must be {shape}."
+    if value in (None, "") and field == "headers":
+        return None  # (the form stores "{}")
     try:
         parsed = json.loads(value)
     except ValueError as exc:
@@ -302,7 +302,9 @@ class PeriodicTaskFormChecked(PeriodicTaskForm):
         return value
 
     def clean_headers(self):
-        return self._clean_json("headers")
+        # blank is no headers; stored as "{}" (the model's save turns "" into NULL, and the
+        # column is NOT NULL: an IntegrityError, a 500)
+        return self._clean_json("headers") or "{}"
 
     def clean(self):
         if "task" not in self.cleaned_data and not self.cleaned_data.get("regtask"):
@@ -327,7 +329,7 @@ class CheckedPeriodicTaskAdmin(PeriodicTaskAdmin):
         """The library's action, after refusing tasks whose stored arguments the call cannot
         take (saved before the form checked them, or written elsewhere): a message, not a 500."""
         bad = [f"{task.name}: {field} {error[0].lower()}{error[1:]}" for task in queryset
-               for field in ("args", "kwargs", "headers")
+               for field in ("args", "kwargs")  # (what the library's run reads)
                if (error := periodic_task_json_error(field, getattr(task, field)))]
         if bad:
             self.message_user(request, "Nothing was run. Fix these first: " + "; ".join(bad), level=messages.ERROR)
@@ -347,4 +349,3 @@ class LiveListMixin:
     def changelist_view(self, request, extra_context=None):
         live = {"mode": "banner", "events": " ".join(self.live_events), "regions": ""}
         return super().changelist_view(request, extra_context={**(extra_context or {}), "live_refresh": live})
-

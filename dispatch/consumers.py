@@ -19,7 +19,11 @@ class OpsConsumer(RelayConsumer):
     """`/ws/ops/`: every live event, for staff (session or `?token=`): the SPEC's "all of the
     above", each delivery's `delivery_location_updated` included, and the per-second
     `driver_positions` digest. With `?locations=0` no `delivery_location_updated` (one a fix of
-    every driver on a delivery: the live map, which draws from the digest, asks for none)."""
+    every driver on a delivery: the live map, which draws from the digest, asks for none); with
+    `?positions=0` no digest (the console's lists and dashboard, which only count state changes,
+    had every moved driver parsed and thrown away each second)."""
+
+    positions_off = False
 
     relays = frozenset(
         dispatch_events.EVENT_TYPES + availability_events.EVENT_TYPES + offer_events.EVENT_TYPES
@@ -36,12 +40,18 @@ class OpsConsumer(RelayConsumer):
             await self.deny(CLOSE_FORBIDDEN)
             return
         groups = [OPS_GROUP]
+        self.positions_off = query_param(self.scope, "positions") in LOCATIONS_OFF
         if query_param(self.scope, "locations") not in LOCATIONS_OFF:
             groups.append(OPS_LOCATIONS_GROUP)
         await self.join_and_accept(groups)
 
     def allowed(self, user) -> bool:
         return is_ops(user)
+
+    async def dispatch(self, message):
+        if self.positions_off and message.get("type") == "driver_positions":
+            return
+        await super().dispatch(message)
 
     async def delivery_locations(self, message):
         """A stream consumer's batch of `delivery_location_updated` events (OPS_LOCATIONS_GROUP):

@@ -293,8 +293,9 @@ def test_task_arguments_of_the_wrong_json_shape_are_a_form_error(admin_client, f
 
     assert r.status_code == 200 and re.search(rf'field-{field}">\s*<ul class="errorlist', r.content.decode())
     assert not PeriodicTask.objects.filter(name="audit-task").exists()
-    r = admin_client.post("/admin/django_celery_beat/periodictask/add/", form)
+    r = admin_client.post("/admin/django_celery_beat/periodictask/add/", {**form, "headers": ""})
     assert r.status_code == 302, re.findall(r"errorlist.{0,200}", r.content.decode())
+    assert PeriodicTask.objects.get(name="audit-task").headers == "{}"  # (blank: none; NULL broke the NOT NULL column)
 
 
 def test_running_a_task_saved_with_unusable_arguments_is_a_message_not_a_500(admin_client):

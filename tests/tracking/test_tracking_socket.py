@@ -203,14 +203,16 @@ def test_ops_get_each_location_and_eta_event_and_the_digest_unless_they_ask_for_
     async def scenario():
         everything = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}")
         map_only = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}&locations=0")
-        assert (await everything.connect())[0] and (await map_only.connect())[0]
+        lists = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}&locations=0&positions=0")
+        assert (await everything.connect())[0] and (await map_only.connect())[0] and (await lists.connect())[0]
         await database_sync_to_async(driver_location_record)(
             driver_id=driver.pk, lat=12.96, lon=77.59, recorded_at=timezone.now() + timedelta(seconds=1)
         )
         await database_sync_to_async(call_command)("consume_fixes", "--once")  # publishes the digest
         assert await types_until_quiet(everything) == {"delivery_location_updated", "driver_positions", "delivery_eta_updated"}
         assert await types_until_quiet(map_only) == {"driver_positions", "delivery_eta_updated"}
-        for comm in (everything, map_only):
+        assert await types_until_quiet(lists) == {"delivery_eta_updated"}  # (the console's lists: no digest)
+        for comm in (everything, map_only, lists):
             await comm.disconnect()
 
     async_to_sync(scenario)()

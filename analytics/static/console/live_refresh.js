@@ -5,7 +5,8 @@
  *         data-mode="swap" data-regions="id1 id2"></script>
  *
  * - swap (the dashboard): on an event of `data-events`, this page is fetched again and the
- *   elements named in `data-regions` are replaced by their fresh copies, at most every 5 s;
+ *   elements named in `data-regions` that changed are replaced by their fresh copies, at most
+ *   every 10 s (each swap reads the dashboard's aggregates);
  * - banner (a list): a bar at the top counts the changes since the page was loaded, with a
  *   Reload link. The list itself is left alone: a reload under the pointer would lose the rows
  *   ticked for an action and the place being read.
@@ -20,9 +21,10 @@
   const wanted = new Set((script.dataset.events || "").split(/\s+/).filter(Boolean));
   const mode = script.dataset.mode === "swap" ? "swap" : "banner";
   const regions = (script.dataset.regions || "").split(/\s+/).filter(Boolean);
-  const SWAP_GAP_MS = 5000;
+  const SWAP_GAP_MS = 10000;
+  const SETTLED_MS = 500;  // a refused socket is accepted, then closed at once (4401/4403/4429)
   const body = document.body;
-  let changes = 0, opened = 0, lastSwap = 0, swapTimer = null, attempt = 0;
+  let changes = 0, opened = 0, lastSwap = 0, swapTimer = null, attempt = 0, requested = 0, applied = 0;
 
   function state(name) { body.dataset.liveState = name; }
 
@@ -48,17 +50,21 @@
   function swap() {
     swapTimer = null;
     lastSwap = Date.now();
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Requested-With": "console-live" } })
+    const seq = ++requested;
+    fetch(window.location.href, { credentials: "same-origin", redirect: "error", headers: { "X-Requested-With": "console-live" } })
       .then((r) => (r.ok ? r.text() : Promise.reject(r.status)))
       .then((html) => {
+        if (seq < applied) return;  // a later fetch landed first
+        applied = seq;
         const fresh = new DOMParser().parseFromString(html, "text/html");
         for (const id of regions) {
           const here = document.getElementById(id), there = fresh.getElementById(id);
-          if (here && there) here.replaceWith(document.importNode(there, true));
+          // (only what changed: an element under the pointer stays the same element)
+          if (here && there && here.outerHTML !== there.outerHTML) here.replaceWith(document.importNode(there, true));
         }
         body.dataset.liveRefreshed = String(Date.now());
       })
-      .catch(() => { /* the next event or reconnect tries again */ });
+      .catch(() => { /* signed out (a redirect to the login), or down: the next event or reconnect tries again */ });
   }
 
   function changed() {
@@ -74,13 +80,16 @@
     state("connecting");
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const socket = new WebSocket(`${scheme}://${location.host}${socketPath}`);
+    let settled = null;
     socket.onopen = () => {
-      attempt = 0;
-      state("live");
-      // swap: the page was rendered before the socket joined, so fetch it once now; banner:
-      // back after a drop, what happened meanwhile is unknown
-      if (mode === "swap" || opened) changed();
-      opened += 1;
+      settled = setTimeout(() => {  // still open: not a refusal
+        attempt = 0;
+        state("live");
+        // swap: the page was rendered before the socket joined, so fetch it once now; banner:
+        // back after a drop, what happened meanwhile is unknown
+        if (mode === "swap" || opened) changed();
+        opened += 1;
+      }, SETTLED_MS);
     };
     socket.onmessage = (message) => {
       let event;
@@ -88,6 +97,7 @@
       if (wanted.has(event.type)) changed();
     };
     socket.onclose = (close) => {
+      clearTimeout(settled);
       if (close.code === 4401 || close.code === 4403) { state("signed-out"); return; }
       state("offline");
       if (close.code === 4429) { setTimeout(connect, 60000 * (0.75 + Math.random() * 0.5)); return; }
