@@ -139,14 +139,14 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         method it does not know): read from the chunk being fed when that head began it, else ""."""
         if not self._chunk_starts_head:
             return ""
-        parts = self._chunk[:PATH_ECHO + 64].split(b"\r\n", 1)[0].split(b" ")
+        parts = self._chunk.split(b"\r\n", 1)[0].split(b" ")
         return parts[1].decode("latin1") if len(parts) == 3 and parts[1].startswith(b"/") else ""
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # what the client sends after the 431 is dropped until the connection closes
         self._chunk_starts_head = self._in_head and self._head_bytes == 0 and not self._head_started
-        self._chunk = data if self._chunk_starts_head else b""
+        self._chunk = data[:PATH_ECHO + 64] if self._chunk_starts_head else b""  # (the request line's start only)
         self._head_moved = False
         super().data_received(data)
         if self.transport.is_closing() or self.transport.get_protocol() is not self:  # refused, or now a socket

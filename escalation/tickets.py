@@ -367,8 +367,9 @@ def ticket_redispatched(
 @transaction.atomic
 def ticket_delivery_cancelled(*, ticket_id, user, actor: Actor, reason: str, now: datetime) -> SupportTicket:
     """An agent cancelled the ticket's delivery (already done by the caller): the ticket is
-    closed with the agent's reason as its resolution, after the note of a resolved ticket
-    (which the cancel replaced: the agent's note was then only in the audit trail)."""
+    closed with the agent's reason as its resolution, after any note already there (a resolved
+    ticket's, or a draft: the cancel replaced it, and the agent's note was then only in the
+    audit trail)."""
     ticket = _lock_ticket(ticket_id)
     now = _stamped(now, ticket)
     text = f"Delivery cancelled by {_name(user)}: {reason}"

@@ -39,7 +39,9 @@ def support_required(view):
             return redirect_to_login(request.get_full_path(), login_url=reverse("support:login"))
         if not (request.user.is_active and is_support(request.user)):
             # (Django's bare "403 Forbidden" left no way out but the admin's logout)
-            return render(request, "support/not_an_agent.html", {"not_an_agent": True}, status=403)
+            refused = render(request, "support/not_an_agent.html", {"not_an_agent": True}, status=403)
+            add_never_cache_headers(refused)
+            return refused
         if request.method == "POST" and _read_only(request.user):
             raise PermissionDenied("Viewers may only read.")  # the console's read-only role
         response = view(request, *args, **kwargs)

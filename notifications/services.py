@@ -28,7 +28,7 @@ from email.utils import parsedate_to_datetime
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import Count, Max, Min
 from django.utils import timezone
 
 from common.broadcast import enqueue_kick_on_commit
@@ -649,43 +649,49 @@ DROP_WARNING = timedelta(days=2)
 
 def _switched_off_warn(*, cutoff: datetime, now: datetime) -> int:
     """Ops are told, by the alert channels, when a switched-off endpoint has messages that the
-    purge will give up within DROP_WARNING (at most half the retention): how many, and when the
-    first go. Once for those messages: again only for messages queued (or replayed) after the
-    last warning that come that close in turn, so an endpoint left off is reminded about every
-    `WEBHOOK_RETENTION_DAYS - 2` days while it keeps losing events. The endpoint is locked first
-    (`SKIP LOCKED`: one being changed is warned by the next run). Returns how many endpoints
-    were warned."""
-    ahead = min(DROP_WARNING, timedelta(days=settings.WEBHOOK_RETENTION_DAYS) / 2)
-    soon = WebhookMessage.objects.filter(status=MessageStatus.PENDING, window_started_at__lt=cutoff + ahead)
-    unwarned = soon.filter(Q(endpoint__drop_warned_at__isnull=True) | Q(window_started_at__gt=F("endpoint__drop_warned_at")))
-    endpoint_ids = list(WebhookEndpoint.objects.filter(active=False, pk__in=unwarned.values("endpoint_id"))
-                        .values_list("pk", flat=True))
+    purge will give up within DROP_WARNING (at most half the retention): how many events wait
+    in all, how many go by then, and when the first and the last of those waiting now go. The
+    alert covers every message waiting at that moment (`drop_warned_at`); messages queued (or
+    replayed) after it get one of their own when they come as close, so an endpoint left off is
+    reminded about every `WEBHOOK_RETENTION_DAYS - 2` days while it keeps losing events. Read
+    per switched-off endpoint (few), on the pending messages' endpoint index; the endpoint is
+    locked first (`SKIP LOCKED`: one being changed is warned by the next run). Returns how many
+    endpoints were warned."""
+    days = settings.WEBHOOK_RETENTION_DAYS
+    ahead = min(DROP_WARNING, timedelta(days=days) / 2)
     warned = 0
-    for endpoint_id in endpoint_ids:
+    for endpoint_id in WebhookEndpoint.objects.filter(active=False).values_list("pk", flat=True):
         with transaction.atomic():
             endpoint = WebhookEndpoint.objects.select_for_update(of=("self",), no_key=True, skip_locked=True).filter(
                 pk=endpoint_id, active=False).select_related("owner").first()
-            if endpoint is None or not unwarned.filter(endpoint_id=endpoint_id).exists():
-                continue  # switched on, deleted, being changed, or warned meanwhile
-            mine = soon.filter(endpoint_id=endpoint.pk)
-            count, first = mine.count(), mine.order_by("window_started_at").values_list("window_started_at", flat=True).first()
+            if endpoint is None:
+                continue  # switched on, deleted or being changed meanwhile
+            waiting = WebhookMessage.objects.filter(endpoint_id=endpoint.pk, status=MessageStatus.PENDING)
+            soon = waiting.filter(window_started_at__lt=cutoff + ahead)
+            if endpoint.drop_warned_at is not None:
+                soon = soon.filter(window_started_at__gt=endpoint.drop_warned_at)  # (the last alert covered the rest)
+            if not soon.exists():
+                continue
+            span = waiting.aggregate(total=Count("pk"), first=Min("window_started_at"), last=Max("window_started_at"))
+            going = waiting.filter(window_started_at__lt=cutoff + ahead).count()
             endpoint.drop_warned_at = now
             endpoint.save(update_fields=["drop_warned_at"])
-            days = settings.WEBHOOK_RETENTION_DAYS
-            drop_at = max(first + timedelta(days=days), now)
+            first_at = max(span["first"] + timedelta(days=days), now)
+            last_at = max(span["last"] + timedelta(days=days), now)
             alerts.ops_alert_on_commit(
                 subject=f"[dispatch] webhook events about to be dropped: {endpoint.url}",
                 body="\n".join([
                     f"The webhook endpoint {endpoint.url} ({endpoint.pk}) of {endpoint.owner} is switched off "
                     f"({endpoint.disabled_reason or 'switched off'}, since {iso(endpoint.disabled_at) if endpoint.disabled_at else 'unknown'}).",
-                    f"{count} of its waiting events will have waited {days} days since they were queued by {iso(now + ahead)}, "
-                    f"and the hourly purge then drops them: the first at {iso(drop_at)} (or within the hour after).",
+                    f"{span['total']} of its events are waiting. The hourly purge drops each once it has waited {days} days "
+                    f"since it was queued: {going} by {iso(now + ahead)}, the first at {iso(first_at)}, the last of those "
+                    f"waiting now at {iso(last_at)} (each within the hour after).",
                     "Switch it on (API PATCH active=true or the admin) to send them, or delete it if it is gone for good.",
                     f"Admin: {settings.SITE_URL.rstrip('/')}/admin/notifications/webhookendpoint/{endpoint.pk}/change/",
                 ]),
             )
-            logger.warning("webhooks: %s messages of the switched-off endpoint %s (%s) are dropped from %s",
-                           count, endpoint.pk, endpoint.url, iso(drop_at))
+            logger.warning("webhooks: %s messages of the switched-off endpoint %s (%s) are dropped from %s to %s",
+                           span["total"], endpoint.pk, endpoint.url, iso(first_at), iso(last_at))
             warned += 1
     return warned
 

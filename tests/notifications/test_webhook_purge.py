@@ -117,8 +117,9 @@ def test_ops_are_warned_two_days_before_a_switched_off_endpoints_events_are_drop
     texts = [r.json()["text"] for r in receiver.requests]
     assert len(texts) == 1, texts
     assert texts[0].startswith("*[dispatch] webhook events about to be dropped: https://off.example.com/h*")
-    assert "2 of its waiting events will have waited 14 days" in texts[0]
-    assert (start + 2 * DAY - timedelta(hours=2)).isoformat()[:16] in texts[0]  # the first dropped
+    assert "3 of its events are waiting." in texts[0] and "has waited 14 days since it was queued: 2 by " in texts[0]
+    assert f"the first at {(start + 2 * DAY - timedelta(hours=2)).isoformat()[:16]}" in texts[0]
+    assert f"the last of those waiting now at {(start + 3 * DAY).isoformat()[:16]}" in texts[0]  # (the one queued 11 days before)
     assert f"/admin/notifications/webhookendpoint/{off.pk}/change/" in texts[0]
     off.refresh_from_db()
     assert off.drop_warned_at == start
@@ -131,7 +132,7 @@ def test_ops_are_warned_two_days_before_a_switched_off_endpoints_events_are_drop
     time_machine.move_to(start + 12 * DAY + timedelta(hours=2), tick=False)
     services.webhooks_purge()
     assert len(receiver.requests) == 2  # a reminder: the endpoint is still off and still losing events
-    assert "1 of its waiting events" in receiver.requests[1].json()["text"]
+    assert "1 of its events are waiting." in receiver.requests[1].json()["text"]
 
     services.endpoint_update(endpoint_id=off.pk, active=True)
     off.refresh_from_db()
