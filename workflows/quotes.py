@@ -25,7 +25,7 @@ from common.exceptions import InvalidInput
 from dispatch import services as deliveries
 from dispatch.models import Delivery, Quote
 from tracking import eta
-from workflows.dispatching import search_radius_for
+from workflows.dispatching import rank_candidates, search_radius_for
 from workflows.unit import unit_of_work
 from zones import pricing
 from zones.selectors import zone_for_point_and_any
@@ -94,8 +94,8 @@ def quote_create(
 ) -> QuoteResult:
     """What `POST /v2/deliveries` would do with this pickup and drop-off now: serviceable or
     why not, the fee (locked for `QUOTE_TTL_SECONDS` by the quote it stores when serviceable),
-    and the pickup and delivery estimates from the nearest available driver (none nearby:
-    no estimates)."""
+    and the pickup and delivery estimates from the driver dispatch would offer it to first
+    (the nearest by pickup time of those it would offer to; none: no estimates)."""
     now = now or timezone.now()
     result = serviceability_of(pickup=pickup, dropoff=dropoff)
     fee = pricing.delivery_fee(leg_km=result.distance_km)
@@ -105,9 +105,13 @@ def quote_create(
     nearby = drivers_available_near(
         lat=pickup.y, lon=pickup.x, radius_km=search_radius_for(draft), limit=NEARBY_LIMIT, now=now, positions=False,
     ) if result.serviceable else []
+    # screened as dispatch would (a driver holding another offer, or UNAVAILABLE for the zone,
+    # was counted and priced while the delivery then found nobody), the estimate from the
+    # driver dispatch would offer it to first
+    candidates = rank_candidates(draft, nearby).ranked
     pickup_at = delivery_at = None
-    if nearby:
-        nearest = nearby[0]
+    if candidates:
+        nearest = candidates[0]
         vehicle = Driver.objects.filter(pk=nearest.driver_id).values_list("vehicle_type", flat=True).first() or "car"
         pickup_s = eta.pickup_eta_seconds(delivery=draft, distance_to_pickup_km=nearest.distance_km, vehicle_type=vehicle, now=now)
         deliver_s = pickup_s + eta.travel_seconds(result.distance_km, vehicle) + eta.HANDOVER_SECONDS
@@ -121,7 +125,7 @@ def quote_create(
             ttl_seconds=settings.QUOTE_TTL_SECONDS,
         )
     return QuoteResult(
-        serviceability=result, delivery_fee=fee, drivers_nearby=len(nearby),
+        serviceability=result, delivery_fee=fee, drivers_nearby=len(candidates),
         estimated_pickup_at=pickup_at, estimated_delivery_at=delivery_at, quote=quote,
     )
 

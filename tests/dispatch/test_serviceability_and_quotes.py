@@ -135,6 +135,26 @@ def test_an_unserviceable_quote_says_why_and_locks_nothing(integration):
     assert not Quote.objects.exists()
 
 
+def test_a_quote_counts_and_prices_only_the_drivers_dispatch_would_offer_to(integration):
+    """A driver holding another delivery's offer, or UNAVAILABLE for the zone, was counted and
+    priced; the delivery then found nobody (audit)."""
+    from workflows import offers as offer_flows
+    from zones.models import DriverZonePreference
+
+    zone = ZoneFactory(bbox=CITY_BOX)
+    holding, unwilling = online_driver(km=0.2), online_driver(km=0.4)
+    offer_flows.offer_create(delivery_id=DeliveryFactory(seller_order_id="OTHER").pk, driver_id=holding.pk,
+                             actor=Actor.system())
+    DriverZonePreference.objects.create(driver=unwilling, zone=zone, preference="UNAVAILABLE")
+
+    q = integration.post("/v2/quotes", {"pickupLocation": CITY, "dropoffLocation": NEAR}, format="json").json()
+    assert q["serviceable"] is True and q["availableDriversNearby"] == 0 and q["estimatedPickupAt"] is None
+
+    online_driver(km=3.0)
+    q = integration.post("/v2/quotes", {"pickupLocation": CITY, "dropoffLocation": NEAR}, format="json").json()
+    assert q["availableDriversNearby"] == 1 and q["estimatedPickupAt"] is not None
+
+
 def test_no_driver_nearby_means_no_estimates(integration):
     q = integration.post("/v2/quotes", {"pickupLocation": CITY, "dropoffLocation": NEAR}, format="json").json()
     assert q["serviceable"] is True and q["availableDriversNearby"] == 0
