@@ -283,7 +283,11 @@ WHERE id IN (
         ) turn
         WHERE e.active
     )
-      AND l.status = 'pending' AND (l.leased_until IS NULL OR l.leased_until < %(now)s)
+      -- (again on the row itself: PostgreSQL re-checks only these on the newest version of a row
+      -- changed while this statement ran; without the due time, a sweep whose snapshot predated
+      -- another's claim, send and release took the message again, sent it twice within 0.1 s)
+      AND l.status = 'pending' AND l.next_attempt_at <= %(now)s
+      AND (l.leased_until IS NULL OR l.leased_until < %(now)s)
     ORDER BY l.event_id
     LIMIT %(limit)s
     FOR UPDATE OF l SKIP LOCKED
