@@ -35,6 +35,7 @@ from dispatch.models import (
     OPEN_DELIVERY_STATUSES,
     POLICY_PROOF_KIND,
     Assignment,
+    AssignmentEndReason,
     AssignmentStatus,
     Delivery,
     DeliveryProof,
@@ -458,10 +459,14 @@ def delivery_geofence_override(
 def proof_upload_ensure_allowed(assignment: Assignment, delivery: Delivery, *, now: datetime) -> None:
     """May the driver of `assignment` add a proof to `delivery` now? While its assignment is
     active (assigned, picked up, in transit), and for PROOF_FAILURE_EVIDENCE_SECONDS after it
-    failed the delivery (evidence of the failure). Anything else is a Conflict. Asked once
-    without a lock before the image is decoded, and again under the delivery's lock."""
+    failed the delivery (evidence of the failure). A driver ops took the delivery from is
+    another driver now: NotFound, as for one who never had it (a 409 told them its state).
+    Anything else is a Conflict. Asked once without a lock before the image is decoded, and
+    again under the delivery's lock."""
     if assignment.status == AssignmentStatus.ACTIVE and delivery.status in OPEN_DELIVERY_STATUSES:
         return
+    if assignment.ended_because == AssignmentEndReason.REASSIGNED:
+        raise NotFound("Delivery not found.")
     window = settings.PROOF_FAILURE_EVIDENCE_SECONDS
     if (
         assignment.status == AssignmentStatus.FAILED and delivery.status == S.FAILED and delivery.failed_at is not None

@@ -324,6 +324,24 @@ def test_another_driver_gets_a_404_and_ops_and_integrations_a_403(moving, driver
     assert stored_files(proof_dir) == []
 
 
+def test_a_driver_ops_took_the_delivery_from_gets_a_404_as_another_driver(integration_user, driver, driver_client, proof_dir):
+    """It was a 409 naming the delivery's state ("Delivery is ready"), told to a driver who no
+    longer has it (webhook audit); a cancelled delivery's driver still hears why (409)."""
+    from tests.factories import OpsUserFactory
+    from workflows.deliveries import delivery_reassign
+
+    delivery = DeliveryFactory(created_by=integration_user)
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    delivery_reassign(delivery_id=delivery.pk, reason="customer moved", actor=Actor.for_user(OpsUserFactory()))
+
+    assert_error(upload(driver_client, driver, delivery), 404)
+    cancelled = DeliveryFactory(created_by=integration_user)
+    assignment_create(delivery_id=cancelled.pk, driver_id=driver.pk, actor=Actor.system())
+    delivery_cancel(delivery_id=cancelled.pk, reason="store closed", actor=Actor.system())
+    assert_error(upload(driver_client, driver, cancelled), 409)
+    assert stored_files(proof_dir) == []
+
+
 def test_no_proof_before_the_driver_has_the_delivery(integration_user, driver, driver_client):
     delivery = DeliveryFactory(created_by=integration_user)
 
