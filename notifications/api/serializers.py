@@ -37,19 +37,21 @@ class WebhookEndpointSerializer(serializers.ModelSerializer):
     disabledReason = serializers.CharField(source="disabled_reason")
     createdAt = serializers.DateTimeField(source="created_at")
     updatedAt = serializers.DateTimeField(source="updated_at")
+    previousSecretExpiresAt = serializers.DateTimeField(
+        source="previous_secret_expires_at", allow_null=True,
+        help_text="After a rotation, until when events are signed with the previous secret too (null: never rotated).")
 
     class Meta:
         model = WebhookEndpoint
         fields = ["id", "url", "description", "events", "active", "allDeliveries", "failingSince", "disabledAt",
-                  "disabledReason", "createdAt", "updatedAt"]
+                  "disabledReason", "previousSecretExpiresAt", "createdAt", "updatedAt"]
 
 
 class WebhookEndpointWithSecretSerializer(WebhookEndpointSerializer):
     secret = serializers.CharField(help_text="whsec_…: shown only here; verify signatures with it (Standard Webhooks).")
-    previousSecretExpiresAt = serializers.DateTimeField(source="previous_secret_expires_at", allow_null=True)
 
     class Meta(WebhookEndpointSerializer.Meta):
-        fields = WebhookEndpointSerializer.Meta.fields + ["secret", "previousSecretExpiresAt"]
+        fields = WebhookEndpointSerializer.Meta.fields + ["secret"]
 
 
 class WebhookTestSerializer(serializers.Serializer):

@@ -216,6 +216,8 @@ def test_after_a_rotation_both_secrets_sign_for_a_day(receiver):
     assert rotated.status_code == 200
     new = rotated.json()["secret"]
     assert new != old and rotated.json()["previousSecretExpiresAt"]
+    shown = client_for(merchant).get(f"/v2/webhooks/{endpoint_id}").json()  # (only the rotate answer had it)
+    assert shown["previousSecretExpiresAt"] == rotated.json()["previousSecretExpiresAt"] and "secret" not in shown
     with time_machine.travel(now + timedelta(hours=23), tick=False):
         client_for(merchant).post(f"/v2/webhooks/{endpoint_id}/test")
         (during,) = receiver.requests
