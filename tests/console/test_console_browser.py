@@ -278,4 +278,13 @@ def test_the_dashboard_and_the_unassigned_list_follow_the_ops_socket(console_ser
     assert chromium.find_element(By.CSS_SELECTOR, "input.action-select").is_selected()
     bar.find_element(By.LINK_TEXT, "Reload").click()
     wait.until(lambda b: "ORD-LIVE-2" in b.find_element(By.ID, "result_list").text)
+    wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-live-state") == "live")
+    assert not chromium.find_elements(By.ID, "live-changes")
     assert_nothing_loaded_from_elsewhere(chromium, base)
+
+    # signed out (here: the login switched off, which closes its sockets with 4401): the list
+    # says its live updates stopped, rather than sitting there looking live
+    dispatcher.is_active = False
+    dispatcher.save(update_fields=["is_active"])
+    bar = wait.until(lambda b: b.find_elements(By.ID, "live-changes") and b.find_element(By.ID, "live-changes"))
+    assert "Live updates stopped: signed out." in bar.text

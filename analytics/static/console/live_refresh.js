@@ -8,7 +8,7 @@
  *   elements named in `data-regions` that changed are replaced by their fresh copies, at most
  *   every 10 s (each swap reads the dashboard's aggregates);
  * - banner (a list): a bar at the top counts the changes since the page was loaded, with a
- *   Reload link. The list itself is left alone: a reload under the pointer would lose the rows
+ *   Reload link, and says when live updates are paused (reconnecting) or stopped (signed out). The list itself is left alone: a reload under the pointer would lose the rows
  *   ticked for an action and the place being read.
  * Every reopen counts as a change in banner mode (what happened while the socket was down is
  * unknown); every open refreshes in swap mode. Reconnects with backoff; a signed-out socket (4401/4403)
@@ -26,10 +26,23 @@
   const body = document.body;
   let changes = 0, opened = 0, lastSwap = 0, swapTimer = null, attempt = 0, requested = 0, applied = 0;
 
-  function state(name) { body.dataset.liveState = name; }
+  function state(name) {
+    body.dataset.liveState = name;
+    if (mode === "banner") banner();
+  }
+
+  const STATE_TEXT = {
+    offline: "Live updates are paused: reconnecting. ",
+    "signed-out": "Live updates stopped: signed out. ",
+  };
 
   function banner() {
+    const stateText = STATE_TEXT[body.dataset.liveState] || "";
     let bar = document.getElementById("live-changes");
+    if (!changes && !stateText) {  // nothing to say (yet, or again: back online with no change)
+      if (bar) bar.remove();
+      return;
+    }
     if (!bar) {
       bar = document.createElement("p");
       bar.id = "live-changes";
@@ -39,7 +52,8 @@
       content.insertBefore(bar, content.firstChild);
     }
     bar.textContent = "";
-    bar.append(`${changes} change${changes === 1 ? "" : "s"} since this page was loaded. `);
+    if (changes) bar.append(`${changes} change${changes === 1 ? "" : "s"} since this page was loaded. `);
+    bar.append(stateText);
     const link = document.createElement("a");
     link.href = window.location.href;
     link.textContent = "Reload";
