@@ -4,8 +4,8 @@ unassigned records): find candidates for a ready delivery and offer it to the be
 Candidates are available drivers with a fresh fix within the search radius (the zone's
 override, else DISPATCH_RADIUS_KM), not UNAVAILABLE for the delivery's zone, never offered
 this delivery before and with no pending offer. They are ranked by estimated pickup time;
-among near-equals (same two-minute band) PREFERRED-zone drivers come first, then the higher
-acceptance rate.
+among near-equals (within two minutes of the fastest driver not yet ranked) PREFERRED-zone
+drivers come first, then the higher acceptance rate (`rank`).
 
 How many are offered at once is the zone's dispatch policy (`zones.policies.zone_policy`,
 docs/dispatch.md "Dispatch policies"): `sequential` offers the best one (one pending offer per
@@ -20,6 +20,7 @@ estimate near zero, so it usually wins). A driver never has two pending offers e
 """
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -55,7 +56,7 @@ from zones.policies import zone_policy
 logger = logging.getLogger(__name__)
 
 CANDIDATE_POOL = 100  # nearest drivers considered per attempt
-NEAR_EQUAL_SECONDS = 120  # pickup estimates within the same band count as near-equal
+NEAR_EQUAL_SECONDS = 120  # pickup estimates within this of the fastest remaining count as near-equal
 TOP_CANDIDATES_AUDITED = 5
 
 
@@ -68,14 +69,33 @@ class Candidate:
     acceptance_rate: float
     stacked: bool = False  # busy, taking it on top of what it carries (order stacking)
 
-    def rank_key(self):
-        return (
-            int(self.pickup_seconds // NEAR_EQUAL_SECONDS),
-            0 if self.preference == "PREFERRED" else 1,
-            -self.acceptance_rate,
-            self.pickup_seconds,
-            self.driver_id,
-        )
+    def tie_key(self):
+        """The order among near-equals (see `rank`)."""
+        return (0 if self.preference == "PREFERRED" else 1, -self.acceptance_rate, self.pickup_seconds, self.driver_id)
+
+
+def rank(candidates: list[Candidate]) -> list[Candidate]:
+    """Candidates best first: by estimated pickup time, except that among near-equals, those
+    within NEAR_EQUAL_SECONDS of the fastest driver not yet ranked, PREFERRED-zone drivers come
+    first, then the higher acceptance rate. The window is anchored on that fastest driver, not
+    on fixed two-minute bands: with bands, two drivers 3 s apart across a band's edge were
+    ranked by band, and a PREFERRED driver 30 s behind lost where one 110 s behind won."""
+    by_time = sorted(candidates, key=lambda c: (c.pickup_seconds, c.driver_id))
+    ranked: list[Candidate] = []
+    window: list[tuple] = []  # heap of (tie_key, position in by_time) of the drivers in the window
+    taken = [False] * len(by_time)
+    fastest = added = 0  # by_time[fastest]: the fastest not yet ranked; by_time[:added] entered the window
+    while len(ranked) < len(by_time):
+        while fastest < len(by_time) and taken[fastest]:
+            fastest += 1
+        horizon = by_time[fastest].pickup_seconds + NEAR_EQUAL_SECONDS
+        while added < len(by_time) and by_time[added].pickup_seconds <= horizon:
+            heapq.heappush(window, (by_time[added].tie_key(), added))
+            added += 1
+        _, position = heapq.heappop(window)
+        taken[position] = True
+        ranked.append(by_time[position])
+    return ranked
 
 
 @dataclass
@@ -204,7 +224,7 @@ def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver], *, stackable
                     stacked=availability == DriverAvailability.BUSY,
                 )
             )
-    screening.ranked.sort(key=Candidate.rank_key)
+    screening.ranked = rank(screening.ranked)
     return screening
 
 

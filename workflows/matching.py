@@ -61,6 +61,7 @@ from workflows.dispatching import (
     answer_counts,
     _failure_reason,
     _Screening,
+    rank,
     search_radius_for,
 )
 from workflows.matching_window import ROUND_TASK, past_target, policy_of, window_seconds
@@ -264,7 +265,7 @@ def _screen(item: _Item, drivers: dict[str, Driver], facts: dict[str, _Facts], o
                 # as the sequential ranking: (accepted + 1) / (answered or expired + 1)
                 acceptance_rate=(fact.accepted + 1) / (fact.answered + 1),
             ))
-    item.candidates.sort(key=Candidate.rank_key)
+    item.candidates = rank(item.candidates)
 
 
 def _audit_search(item: _Item, *, actor: Actor, now: datetime, round_size: tuple[int, int], cost: float | None) -> None:
