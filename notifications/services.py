@@ -22,9 +22,12 @@ import logging
 import random
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
+
+from redis.exceptions import LockError
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -33,6 +36,7 @@ from django.utils import timezone
 
 from common.broadcast import enqueue_kick_on_commit
 from common.errors import iso
+from common.redis import RedisUnavailable, get_redis
 from common.exceptions import Conflict, InvalidInput, NotFound
 from notifications import alerts
 from notifications.customers import message_rows_for_events
@@ -281,7 +285,7 @@ WHERE id IN (
             ORDER BY m.next_attempt_at, m.event_id
             LIMIT %(per_endpoint)s
         ) turn
-        WHERE e.active
+        WHERE e.active AND NOT (e.id = ANY(%(skip)s))
     )
       -- (again on the row itself: PostgreSQL re-checks only these on the newest version of a row
       -- changed while this statement ran; without the due time, a sweep whose snapshot predated
@@ -301,44 +305,85 @@ RETURNING id
 CLAIM_PER_ENDPOINT = 5
 
 
-def webhooks_claim_due(*, now: datetime, limit: int, per_endpoint: int = CLAIM_PER_ENDPOINT) -> list[int]:
+def webhooks_claim_due(*, now: datetime, limit: int, per_endpoint: int = CLAIM_PER_ENDPOINT,
+                       skip_endpoints=()) -> list[int]:
     """Lease up to `limit` due messages (see the module docstring), oldest event first, at
-    most `per_endpoint` of one endpoint."""
+    most `per_endpoint` of one endpoint, none of `skip_endpoints` (those a sweep is sending)."""
     tables = {"message": WebhookMessage._meta.db_table, "endpoint": WebhookEndpoint._meta.db_table,
               "outbox": OutboxEvent._meta.db_table}
     sql = _CLAIM_SQL.format(sendable=SENDABLE_SQL.format(**tables), **tables)
     with connection.cursor() as cursor:
         cursor.execute(sql, {"now": now, "lease": now + timedelta(seconds=LEASE_SECONDS), "limit": limit,
-                             "per_endpoint": per_endpoint})
+                             "per_endpoint": per_endpoint, "skip": list(skip_endpoints)})
         return sorted(row[0] for row in cursor.fetchall())
+
+
+# How many sweeps send at once (WEBHOOK_SENDING_SWEEPS, each with up to
+# WEBHOOK_SEND_CONCURRENCY threads): a sweep that finds every slot taken only fans out (the
+# customer messages too) and ends. Before 2026-12-07 every sweep sent: with a slow receiver,
+# the beat's sweep every 15 s and each kick ran to the 30 s budget, and the worker's processes
+# were all in them; customer messages, ETA refreshes and every other task of its queues waited.
+SENDING_KEY = "webhooks:sending:{}"
+# While it sends, a sweep fans out what was committed meanwhile, and claims more for its idle
+# threads, at most this often (seconds).
+TOP_UP_SECONDS = 1.0
+
+
+@contextmanager
+def _sending_slot(ttl_seconds: float):
+    """Yields whether this sweep may send: it holds one of the WEBHOOK_SENDING_SWEEPS slots (a
+    Redis lock that expires after `ttl_seconds`, should the worker die holding it). Redis
+    unreachable: yes (every sweep sends, as before the slots)."""
+    lock = None
+    try:
+        client = get_redis()
+        for slot in range(max(settings.WEBHOOK_SENDING_SWEEPS, 1)):
+            candidate = client.lock(SENDING_KEY.format(slot), timeout=ttl_seconds, blocking=False)
+            if candidate.acquire():
+                lock = candidate
+                break
+        may_send = lock is not None
+    except RedisUnavailable:
+        may_send = True
+    try:
+        yield may_send
+    finally:
+        if lock is not None:
+            try:
+                lock.release()
+            except (LockError, *RedisUnavailable):  # expired (the TTL is a worst case) or Redis gone: it lapses
+                pass
+
+
+def _fan_out_until(deadline: float) -> None:
+    # (bounded by the budget: after an outage of the workers the fan-out can have many thousands
+    # of events to go through; a delivery's messages wait for its events still to fan out, and
+    # the next sweep goes on with them)
+    while webhooks_fan_out(now=timezone.now()) and time.monotonic() < deadline:
+        pass
 
 
 def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = None) -> int:
     """Fan out, then send what is due until nothing is or `max_seconds` have passed (a task's
-    time limit). Returns the number of attempts made. Safe to run in several workers at once.
+    time limit). Returns the number of attempts made. Safe to run in several workers at once;
+    at most WEBHOOK_SENDING_SWEEPS of them send (`_sending_slot`), the others only fan out.
 
-    A claimed batch goes out in threads (up to WEBHOOK_SEND_CONCURRENCY endpoints at once),
+    Claimed messages go out in threads (up to WEBHOOK_SEND_CONCURRENCY endpoints at once),
     each endpoint's messages one after another, each outcome recorded (in this thread) as it
-    comes; no attempt starts once the budget is spent, and what is left is released for the
-    next sweep. One slow endpoint (10 s an attempt) held every other endpoint's events behind
-    its own and outran the task's time limit, which killed the worker mid-batch."""
-    deadline = time.monotonic() + (max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS)
-    attempts = 0
-    while True:
-        now = timezone.now()
-        # (the fan-out is bounded by the budget too: after an outage of the workers it can
-        # have many thousands of events to go through; a delivery's messages wait for its
-        # events still to fan out, and the next sweep goes on with them)
-        while webhooks_fan_out(now=now) and time.monotonic() < deadline:
-            pass
-        if time.monotonic() >= deadline:  # (a claim now would only be released again)
-            return attempts
-        claimed = webhooks_claim_due(now=now, limit=batch_size)
-        if not claimed:
-            return attempts
-        attempts += _send_batch(claimed, deadline=deadline, lease=now + timedelta(seconds=LEASE_SECONDS))
-        if time.monotonic() >= deadline:
-            return attempts
+    comes. While one endpoint is slow, the sweep goes on fanning out and claiming for its idle
+    threads (other endpoints' messages; at most every TOP_UP_SECONDS), so a slow receiver holds
+    back only its own events. No attempt starts once the budget is spent, and what is left is
+    released for the next sweep. (One slow endpoint, 10 s an attempt, once held every other
+    endpoint's events behind its own and outran the task's time limit, which killed the worker
+    mid-batch.)"""
+    budget = max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS
+    deadline = time.monotonic() + budget
+    # (the slot outlives the budget by the longest attempt started just before its end)
+    with _sending_slot(budget + settings.WEBHOOK_TIMEOUT_SECONDS + 5) as may_send:
+        _fan_out_until(deadline)
+        if not may_send or time.monotonic() >= deadline:  # (a claim now would only be released again)
+            return 0
+        return _Sweep(deadline=deadline, batch_size=batch_size).run()
 
 
 @dataclass(frozen=True)
@@ -379,56 +424,84 @@ def _post(out: _Outgoing) -> HttpResult:
         return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"{type(exc).__name__}: {exc}"[:500])
 
 
-def _send_batch(message_ids: list[int], *, deadline: float, lease: datetime) -> int:
-    """Send claimed messages (see `webhooks_deliver_due`): the threads only sign and POST; the
-    database is read and written in this thread, each outcome as it comes. Returns the number
-    of attempts made."""
-    queues: dict[object, list[_Outgoing]] = {}
-    for message_id in message_ids:
-        try:
-            out = _outgoing(message_id)
-        except Exception:  # one bad message never stops the sweep; its lease expires
-            logger.exception("webhook message %s could not be prepared", message_id)
-            continue
-        if out is not None:
-            queues.setdefault(out.endpoint_id, []).append(out)
-    attempts = 0
+class _Sweep:
+    """One sweep's sending (see `webhooks_deliver_due`): the threads only sign and POST; the
+    database is read and written in this thread, each outcome as it comes."""
 
-    def record(out: _Outgoing, result: HttpResult) -> None:
+    def __init__(self, *, deadline: float, batch_size: int):
+        self.deadline, self.batch_size = deadline, batch_size
+        self.queues: dict[object, list[_Outgoing]] = {}  # endpoint → its claimed messages not started, in turn
+        self.leases: dict[int, datetime] = {}  # message → the lease its claim set
+        self.in_flight: set = set()  # endpoints with an attempt running
+        self.attempts = 0
+
+    def claim(self) -> int:
+        """Lease due messages of the endpoints this sweep is not sending; how many."""
+        waiting = sum(len(q) for q in self.queues.values())
+        if waiting >= self.batch_size:
+            return 0
+        now = timezone.now()
+        claimed = webhooks_claim_due(now=now, limit=self.batch_size - waiting,
+                                     skip_endpoints=[*self.queues, *self.in_flight])
+        for message_id in claimed:
+            self.leases[message_id] = now + timedelta(seconds=LEASE_SECONDS)
+            try:
+                out = _outgoing(message_id)
+            except Exception:  # one bad message never stops the sweep; its lease expires
+                logger.exception("webhook message %s could not be prepared", message_id)
+                continue
+            if out is not None:
+                self.queues.setdefault(out.endpoint_id, []).append(out)
+        return len(claimed)
+
+    def record(self, out: _Outgoing, result: HttpResult) -> None:
+        self.attempts += 1
         try:
             message_attempt_record(message_id=out.message_id, result=result, now=timezone.now())
         except Exception:  # one bad message never stops the sweep; its lease expires
             logger.exception("webhook message %s: its attempt could not be recorded", out.message_id)
 
-    workers = min(settings.WEBHOOK_SEND_CONCURRENCY, len(queues))
-    if workers <= 1:
-        for queue in queues.values():
-            while queue and time.monotonic() < deadline:
-                out = queue.pop(0)
-                record(out, _post(out))
-                attempts += 1
-    else:
+    def run(self) -> int:
+        if not self.claim():
+            return 0
+        workers = max(settings.WEBHOOK_SEND_CONCURRENCY, 1)
+        running = {}
+        topped_up = time.monotonic()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhooks") as pool:
-            running = {}
-            waiting = list(queues.values())
-            while waiting or running:
-                while waiting and len(running) < workers and time.monotonic() < deadline:
-                    queue = waiting.pop(0)
-                    out = queue.pop(0)
-                    running[pool.submit(_post, out)] = (out, queue)
+            while True:
+                for endpoint_id in [e for e, q in self.queues.items() if q and e not in self.in_flight]:
+                    if len(running) >= workers or time.monotonic() >= self.deadline:
+                        break
+                    out = self.queues[endpoint_id].pop(0)
+                    self.in_flight.add(endpoint_id)
+                    running[pool.submit(_post, out)] = out
+                self.queues = {e: q for e, q in self.queues.items() if q}
                 if not running:
-                    break  # the budget is spent: what waits is released below
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    # nothing in flight: claim again (fanning out first), unless the budget is spent
+                    if time.monotonic() >= self.deadline:
+                        break
+                    _fan_out_until(self.deadline)
+                    if not self.claim():
+                        break
+                    continue
+                done, _ = wait(running, timeout=TOP_UP_SECONDS, return_when=FIRST_COMPLETED)
                 for future in done:
-                    out, queue = running.pop(future)
-                    record(out, future.result())
-                    attempts += 1
-                    if queue:  # the endpoint's next message, after this one (in turn)
-                        waiting.append(queue)
-    unsent = [out.message_id for queue in queues.values() for out in queue]
-    if unsent:  # the budget ran out before these: the next sweep, not the lease's end
-        WebhookMessage.objects.filter(pk__in=unsent, status=MessageStatus.PENDING, leased_until=lease).update(leased_until=None)
-    return attempts
+                    out = running.pop(future)
+                    self.in_flight.discard(out.endpoint_id)
+                    self.record(out, future.result())
+                    if out.endpoint_id in self.queues:  # its next message, after the others' (in turn)
+                        self.queues[out.endpoint_id] = self.queues.pop(out.endpoint_id)
+                if time.monotonic() - topped_up >= TOP_UP_SECONDS and time.monotonic() < self.deadline:
+                    # an endpoint is slow: what was committed meanwhile, and the others' due messages
+                    topped_up = time.monotonic()
+                    _fan_out_until(self.deadline)
+                    if len(running) < workers:
+                        self.claim()
+        unsent = [out.message_id for queue in self.queues.values() for out in queue]
+        for lease in {self.leases[m] for m in unsent}:  # the budget ran out before these: the next sweep, not the lease's end
+            WebhookMessage.objects.filter(pk__in=unsent, status=MessageStatus.PENDING, leased_until=lease).update(
+                leased_until=None)
+        return self.attempts
 
 
 def message_send(*, message_id: int) -> WebhookAttempt | None:

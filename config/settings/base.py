@@ -676,6 +676,8 @@ WEBHOOK_ETA_MIN_INTERVAL_SECONDS = env.float("WEBHOOK_ETA_MIN_INTERVAL_SECONDS",
 WEBHOOK_SEND_BUDGET_SECONDS = env.float("WEBHOOK_SEND_BUDGET_SECONDS", default=30.0)
 # Endpoints a sweep sends to at once (a thread each; one endpoint's messages go in turn).
 WEBHOOK_SEND_CONCURRENCY = env.int("WEBHOOK_SEND_CONCURRENCY", default=8)
+# Sweeps that send at once across all workers (a Redis lock each); another sweep only fans out.
+WEBHOOK_SENDING_SWEEPS = env.int("WEBHOOK_SENDING_SWEEPS", default=1)
 WEBHOOK_RETENTION_DAYS = env.int("WEBHOOK_RETENTION_DAYS", default=14)
 # A Slack-compatible incoming webhook for ops alerts (escalations, disabled endpoints); empty: none.
 OPS_ALERT_CHAT_WEBHOOK_URL = env("OPS_ALERT_CHAT_WEBHOOK_URL", default="")

@@ -1,0 +1,97 @@
+"""At most WEBHOOK_SENDING_SWEEPS sweeps send at once; another only fans out. A sending sweep
+goes on fanning out and claiming other endpoints' messages while one endpoint is slow, so a
+slow receiver holds back neither the others' events nor the customer's messages (made by the
+fan-out), nor, with every worker process in a 30 s sweep, the worker's other tasks."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from common.actors import Actor
+from common.redis import get_redis
+from notifications import services
+from notifications.models import CustomerMessage, MessageStatus, WebhookAttempt, WebhookMessage
+from tests.factories import DeliveryFactory, IntegrationUserFactory, online_driver
+from tests.notifications.receiver import Answer, Receiver
+from workflows import deliveries as flows
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def endpoint_for(url):
+    return services.endpoint_create(owner=IntegrationUserFactory(), all_deliveries=False, url=url, events=["*"])
+
+
+def test_a_sweep_that_finds_the_slot_taken_only_fans_out(receiver, no_worker):
+    endpoint = endpoint_for(receiver.url)
+    services.endpoint_send_test(endpoint_id=endpoint.pk)
+    held = get_redis().lock(services.SENDING_KEY.format(0), timeout=60, blocking=False)
+    assert held.acquire()  # another sweep is sending
+
+    assert services.webhooks_deliver_due(max_seconds=5) == 0
+
+    message = WebhookMessage.objects.get(endpoint=endpoint)  # fanned out
+    assert message.status == MessageStatus.PENDING and message.leased_until is None and not receiver.requests
+
+    held.release()
+    assert services.webhooks_deliver_due(max_seconds=5) == 1
+    assert len(receiver.requests) == 1
+    assert not get_redis().exists(services.SENDING_KEY.format(0))  # the sweep gave its slot back
+
+
+def test_more_slots_let_more_sweeps_send(receiver, no_worker, settings):
+    settings.WEBHOOK_SENDING_SWEEPS = 2
+    endpoint = endpoint_for(receiver.url)
+    services.endpoint_send_test(endpoint_id=endpoint.pk)
+    held = get_redis().lock(services.SENDING_KEY.format(0), timeout=60, blocking=False)
+    assert held.acquire()
+
+    assert services.webhooks_deliver_due(max_seconds=5) == 1
+    held.release()
+
+
+def test_with_redis_unreachable_every_sweep_sends(receiver, no_worker, monkeypatch):
+    endpoint = endpoint_for(receiver.url)
+    services.endpoint_send_test(endpoint_id=endpoint.pk)
+    monkeypatch.setattr(services, "get_redis", lambda: get_redis("redis://127.0.0.1:1/0"))
+
+    assert services.webhooks_deliver_due(max_seconds=5) == 1
+    assert len(receiver.requests) == 1
+
+
+def test_while_one_endpoint_is_slow_the_sweep_sends_what_was_committed_meanwhile(receiver, no_worker, settings):
+    """Before: the sweep waited for the slow attempt (3 s) past its budget (2.5 s) and ended;
+    the fast endpoint's event and the customer's messages waited for the next sweep."""
+    settings.WEBHOOK_TIMEOUT_SECONDS = 3.0
+    in_flight = threading.Event()
+    slow_receiver = Receiver()
+
+    def slow(received):
+        in_flight.set()
+        return Answer(delay=5)  # times out (3 s)
+
+    slow_receiver.responder = slow
+    try:
+        slow = endpoint_for(slow_receiver.url)
+        fast = endpoint_for(receiver.url)
+        services.endpoint_send_test(endpoint_id=slow.pk)
+        outcome = {}
+        sweep = threading.Thread(target=lambda: outcome.update(attempts=services.webhooks_deliver_due(max_seconds=2.5)))
+        sweep.start()
+        assert in_flight.wait(10)
+        ttl_ms = get_redis().pttl(services.SENDING_KEY.format(0))  # the sweep holds the slot, with an expiry
+        assert 0 < ttl_ms <= (2.5 + 3.0 + 5) * 1000
+
+        services.endpoint_send_test(endpoint_id=fast.pk)  # committed while the slow attempt runs
+        delivery = DeliveryFactory(customer_phone="+14155552671")
+        flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+        sweep.join(15)
+
+        assert not sweep.is_alive()
+        assert outcome["attempts"] == 2
+        assert len(receiver.requests) == 1
+        assert WebhookAttempt.objects.filter(message__endpoint=fast, status_code=200).count() == 1
+        assert CustomerMessage.objects.filter(delivery=delivery, kind="assigned").count() == 1  # made, to be sent
+    finally:
+        slow_receiver.close()
