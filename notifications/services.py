@@ -378,12 +378,43 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
     mid-batch.)"""
     budget = max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS
     deadline = time.monotonic() + budget
-    # (the slot outlives the budget by the longest attempt started just before its end)
-    with _sending_slot(budget + settings.WEBHOOK_TIMEOUT_SECONDS + 5) as may_send:
-        _fan_out_until(deadline)
-        if not may_send or time.monotonic() >= deadline:  # (a claim now would only be released again)
-            return 0
-        return _Sweep(deadline=deadline, batch_size=batch_size).run()
+    # The fan-out commits before the slot is tried, and a sweep that held the slot looks again
+    # for due messages after letting it go: a sweep that fanned out while another held the slot
+    # (and found nothing to claim any more) leaves what it made to that one, which sees it.
+    _fan_out_until(deadline)
+    attempts = idle_rounds = 0
+    while time.monotonic() < deadline and idle_rounds < 2:  # (a claim after the budget would only be released again)
+        # (the slot outlives the budget by the longest attempt started just before its end)
+        with _sending_slot(budget + settings.WEBHOOK_TIMEOUT_SECONDS + 5) as may_send:
+            if not may_send:
+                return attempts
+            made = _Sweep(deadline=deadline, batch_size=batch_size).run()
+        attempts += made
+        idle_rounds = 0 if made else idle_rounds + 1
+        if not webhooks_due_exist(now=timezone.now()):
+            break
+    return attempts
+
+
+_DUE_SQL = """
+SELECT EXISTS (
+    SELECT 1 FROM {endpoint} e
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM {message} m WHERE m.endpoint_id = e.id AND {sendable}
+        ORDER BY m.next_attempt_at, m.event_id LIMIT 1
+    ) turn
+    WHERE e.active
+)
+"""
+
+
+def webhooks_due_exist(*, now: datetime) -> bool:
+    """Whether a claim now would find a message (as `webhooks_claim_due` reads them, no lock)."""
+    tables = {"message": WebhookMessage._meta.db_table, "endpoint": WebhookEndpoint._meta.db_table,
+              "outbox": OutboxEvent._meta.db_table}
+    with connection.cursor() as cursor:
+        cursor.execute(_DUE_SQL.format(sendable=SENDABLE_SQL.format(**tables), **tables), {"now": now})
+        return cursor.fetchone()[0]
 
 
 @dataclass(frozen=True)

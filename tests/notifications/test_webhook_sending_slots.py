@@ -95,3 +95,36 @@ def test_while_one_endpoint_is_slow_the_sweep_sends_what_was_committed_meanwhile
         assert CustomerMessage.objects.filter(delivery=delivery, kind="assigned").count() == 1  # made, to be sent
     finally:
         slow_receiver.close()
+
+
+def test_what_a_sweep_without_the_slot_fanned_out_is_sent_by_the_one_that_held_it(receiver, no_worker, monkeypatch):
+    """The holder found nothing to claim; meanwhile another sweep fanned out an event, found the
+    slot taken and ended. The holder must see it after letting the slot go (a lost wake-up:
+    before, nobody sent it until the next sweep)."""
+    from django.db import connection
+
+    endpoint = endpoint_for(receiver.url)
+    claim = services.webhooks_claim_due
+    other = {}
+
+    def another_sweep():
+        try:
+            services.endpoint_send_test(endpoint_id=endpoint.pk)
+            other["attempts"] = services.webhooks_deliver_due(max_seconds=5)
+        finally:
+            connection.close()
+
+    def claim_then_another_sweep(**kwargs):
+        found = claim(**kwargs)
+        if not other:
+            t = threading.Thread(target=another_sweep)
+            t.start()
+            t.join(10)
+        return found
+
+    monkeypatch.setattr(services, "webhooks_claim_due", claim_then_another_sweep)
+
+    attempts = services.webhooks_deliver_due(max_seconds=5)
+
+    assert other == {"attempts": 0}  # it fanned out, found the slot taken and ended
+    assert attempts == 1 and len(receiver.requests) == 1
