@@ -4,6 +4,8 @@ written by the services only; the actions call the same services as the API."""
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 
 from django import forms
 from django.contrib import admin, messages
@@ -20,6 +22,23 @@ from notifications.models import CustomerMessage, OutboxEvent, WebhookAttempt, W
 logger = logging.getLogger(__name__)
 
 RECENT_ATTEMPTS = 20
+
+
+# A receiver logs the `webhook-id` header, `msg_` and the event's id in hex; the search's
+# icontains reads the UUID column as text with hyphens, so that never matched anything.
+WEBHOOK_ID = re.compile(r"msg_([0-9a-f]{32})", re.IGNORECASE)
+
+
+class _WebhookIdSearch:
+    """A search for a `webhook-id` lists that event's rows only (anything else: the search fields)."""
+
+    event_id_path = "event__event_id"
+
+    def get_search_results(self, request, queryset, search_term):
+        match = WEBHOOK_ID.fullmatch(search_term.strip())
+        if match:
+            return queryset.filter(**{self.event_id_path: uuid.UUID(match[1])}), False
+        return super().get_search_results(request, queryset, search_term)
 
 
 class _ReadOnly(admin.ModelAdmin):
@@ -161,11 +180,12 @@ class AttemptInline(ReadOnlyInline):
 
 
 @admin.register(WebhookMessage)
-class WebhookMessageAdmin(_ReadOnly):
+class WebhookMessageAdmin(_WebhookIdSearch, _ReadOnly):
     list_display = ("webhook_id", "event_type", "endpoint", "delivery_id", "status", "attempt_count", "next_attempt_at",
                     "last_status_code", "last_error", "created_at")
     list_filter = ("status", "event__type", "endpoint")
     search_fields = ("delivery_id", "event__event_id", "endpoint__url")
+    search_help_text = "A webhook-id (msg_…), a delivery id or an endpoint URL."
     list_select_related = ("event", "endpoint")
     date_hierarchy = "created_at"
     readonly_fields = ("event", "endpoint", "delivery_id", "status", "attempt_count", "next_attempt_at",
@@ -204,18 +224,23 @@ class WebhookMessageAdmin(_ReadOnly):
 
 
 @admin.register(WebhookAttempt)
-class WebhookAttemptAdmin(_ReadOnly):
+class WebhookAttemptAdmin(_WebhookIdSearch, _ReadOnly):
     list_display = ("attempted_at", "endpoint", "message", "status_code", "duration_ms", "error", "next_retry_at")
+    event_id_path = "message__event__event_id"
+    search_fields = ("message__delivery_id", "endpoint__url")
+    search_help_text = "A webhook-id (msg_…), a delivery id or an endpoint URL."
     list_filter = ("endpoint", "status_code")
     list_select_related = ("endpoint", "message__event")
     date_hierarchy = "attempted_at"
 
 
 @admin.register(OutboxEvent)
-class OutboxEventAdmin(_ReadOnly):
+class OutboxEventAdmin(_WebhookIdSearch, _ReadOnly):
     list_display = ("seq", "type", "delivery_id", "owner", "created_at", "fanned_out_at")
     list_filter = ("type",)
     search_fields = ("delivery__id", "delivery__seller_order_id", "event_id")
+    search_help_text = "A webhook-id (msg_…), a delivery id or a seller order id."
+    event_id_path = "event_id"
     list_select_related = ("owner",)
     date_hierarchy = "created_at"
 

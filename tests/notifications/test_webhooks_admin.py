@@ -154,3 +154,22 @@ def test_an_endpoint_that_was_sent_events_can_be_deleted_and_the_page_counts_wha
     assert not WebhookEndpoint.objects.filter(pk=endpoint_id).exists()
     assert not WebhookMessage.objects.filter(pk=message.pk).exists()
     assert not WebhookAttempt.objects.filter(endpoint_id=endpoint_id).exists()
+
+
+def test_the_admin_finds_a_message_by_the_webhook_id_a_receiver_logged(admin_client, receiver):
+    """The search read the event's UUID with hyphens: `msg_<hex>` matched nothing."""
+    _, message = _failed_walk(receiver)
+    _, other = _failed_walk(receiver)
+    webhook_id = receiver.requests[0].headers["webhook-id"]
+    assert webhook_id == message.event.webhook_id
+
+    for path, row in (("webhookmessage", message.pk), ("webhookattempt", message.attempts.get().pk),
+                      ("outboxevent", message.event.pk)):
+        for term in (webhook_id, f" {webhook_id.upper().replace('MSG_', 'msg_')} "):
+            page = admin_client.get(f"/admin/notifications/{path}/", {"q": term})
+            assert page.status_code == 200
+            assert [r.pk for r in page.context["cl"].result_list] == [row], (path, term)
+    by_delivery = admin_client.get("/admin/notifications/webhookmessage/", {"q": str(other.delivery_id)})
+    assert [r.pk for r in by_delivery.context["cl"].result_list] == [other.pk]
+    nothing = admin_client.get("/admin/notifications/webhookmessage/", {"q": "msg_" + "0" * 32})
+    assert list(nothing.context["cl"].result_list) == []
