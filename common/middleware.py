@@ -6,6 +6,8 @@ import logging
 import re
 import time
 import zoneinfo
+from functools import lru_cache
+from urllib.parse import urlsplit
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
@@ -144,6 +146,45 @@ class ApiHeadersMiddleware(AsyncCapableMiddleware):
                                         + ("; includeSubDomains" if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS else ""))
         if not response.streaming and "Content-Length" not in response.headers:
             response.headers["Content-Length"] = str(len(response.content))
+        return response
+
+
+def _asset_origin(url: str) -> str | None:
+    """The origin a browser fetches an absolute URL from, for a CSP source list (a tile
+    template's `{s}` subdomain as `*.`); None for a path on this server."""
+    parts = urlsplit(url.replace("{s}", "sub"))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.netloc.rsplit("@", 1)[-1]
+    if "{s}" in urlsplit(url).netloc:
+        host = "*." + host.split(".", 1)[1] if "." in host else host
+    return f"{parts.scheme}://{host}"
+
+
+@lru_cache(maxsize=8)
+def _page_csp(tile_urls: tuple[str, ...], leaflet_url: str) -> str:
+    tiles = " ".join(sorted({o for o in map(_asset_origin, tile_urls) if o}))
+    leaflet = _asset_origin(leaflet_url) or ""
+    return "; ".join(" ".join(part.split()) for part in [
+        "default-src 'self'", f"script-src 'self' 'unsafe-inline' {leaflet}", f"style-src 'self' 'unsafe-inline' {leaflet}",
+        f"img-src 'self' data: blob: {tiles} {leaflet}", "font-src 'self' data:", "connect-src 'self'",
+        "object-src 'none'", "base-uri 'self'", "form-action 'self'", "frame-ancestors 'none'",
+    ])
+
+
+class PageCspMiddleware(AsyncCapableMiddleware):
+    """A Content-Security-Policy on every HTML page (the ops console, /support/, /track/),
+    unless its view set its own (the API docs pages: config/views.py DOCS_CSP). Scripts and
+    styles load from this server only (inline ones allowed: the admin's, django-leaflet's
+    widget, ours), images from here and the map tile servers (OPS_MAP_TILE_URL,
+    TRACKING_TILE_URL), sockets and fetches to here only; no plugins, frames or off-site form
+    posts. STYLE: nothing from a CDN; the browser now refuses what a template might slip in."""
+
+    def process(self, request, response):
+        if "Content-Security-Policy" not in response.headers and response.get("Content-Type", "").startswith("text/html"):
+            response.headers["Content-Security-Policy"] = _page_csp(
+                (settings.OPS_MAP_TILE_URL, settings.TRACKING_TILE_URL), settings.TRACKING_LEAFLET_URL,
+            )
         return response
 
 

@@ -20,4 +20,10 @@ def chrome_options(binary: str):
     options.binary_location = str(binary)
     for flag in FLAGS:
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # (csp_violations reads it)
     return options
+
+
+def csp_violations(browser) -> list[str]:
+    """What the page's Content-Security-Policy refused since the last read of the browser log."""
+    return [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]

@@ -66,6 +66,7 @@ MIDDLEWARE = [
     "common.middleware.OpsTimeZoneMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "common.middleware.PageCspMiddleware",
     "common.middleware.RequestGuardMiddleware",
     "common.middleware.AdminListGuardMiddleware",
     "common.middleware.ApiErrorMiddleware",

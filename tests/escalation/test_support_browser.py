@@ -14,7 +14,7 @@ from common.actors import Actor
 from workflows.dispatching import delivery_dispatch
 from escalation.models import SupportTicket
 from workflows.escalations import escalation_check
-from tests.browser import chrome_options
+from tests.browser import chrome_options, csp_violations
 from tests.factories import DeliveryFactory, SupportUserFactory, online_driver
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -99,6 +99,7 @@ def test_a_support_agent_works_the_queue_and_a_ticket_in_chromium(browser, live_
     browser.save_screenshot(str(tmp_path / "ticket.png"))
     urgent.refresh_from_db()
     assert urgent.assignee_id == agent.pk and urgent.status == "in_progress"
+    assert csp_violations(browser) == []  # the pages' CSP lets their scripts, styles and socket work
 
 
 def _login(browser, base_url, wait):

@@ -10,7 +10,7 @@ from django.conf import settings
 
 from common.actors import Actor
 from workflows.deliveries import assignment_create
-from tests.browser import chrome_options
+from tests.browser import chrome_options, csp_violations
 from tests.factories import DeliveryFactory, DriverFactory, km_north
 from tests.processes import free_port, subprocess_database_url, uvicorn
 from tests.tracking_fixtures import delivery_in
@@ -171,6 +171,8 @@ def test_in_a_browser_the_page_renders_and_moves_the_driver_when_a_fix_arrives(u
         and abs(float(b.find_element(By.ID, "location").get_attribute("data-lat")) - new.y) < 1e-6
     )
     assert text("location").startswith(f"{new.y:.5f}, {new.x:.5f} at ")
+
+    assert csp_violations(chromium) == []  # the page's CSP lets its Leaflet, styles, socket and script work
 
     log = log_path.read_text()
     assert "/ws/track/" in log  # uvicorn logged the socket, ...
