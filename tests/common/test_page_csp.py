@@ -54,3 +54,16 @@ def test_an_origin_is_read_off_an_absolute_url_only():
     assert _asset_origin("https://user:pw@tile.example.com/{z}/{x}/{y}.png") == "https://tile.example.com"
     assert _asset_origin("javascript:alert(1)") is None
     assert "tile" not in _page_csp(("",), "/static/leaflet")  # no tiles configured: images from here only
+
+
+def test_every_page_names_an_icon_served_from_here(admin_client, client):
+    """Browsers asked for /favicon.ico on every page and got the API's JSON 404."""
+    import re
+
+    delivery = DeliveryFactory()
+    pages = [admin_client.get("/admin/"), client.get("/support/login/"), client.get("/v2/redoc/"),
+             client.get(f"/track/{delivery.pk}?token={delivery.tracking_token}"), client.get(f"/track/{delivery.pk}?token=wrong")]
+    icons = {re.search(r'<link rel="icon" href="([^"]+)"', p.content.decode())[1] for p in pages}
+    assert icons == {"/static/console/favicon.svg"}
+    icon = client.get("/static/console/favicon.svg")
+    assert icon.status_code == 200 and icon["Content-Type"] == "image/svg+xml"
