@@ -20,7 +20,8 @@ closed, and a connection that never finished its first request's head stayed ope
 - a chunked body's trailers (fields after its last chunk, which uvicorn adds to the request's
   headers) count against the same limit; over it the connection is closed;
 - what httptools cannot parse (an unknown method, a target over 64 KiB, HTTP/1.2) is a 400 in the
-  API's error body (uvicorn's was plain text).
+  API's error body (uvicorn's was plain text), sent after the answers to the requests before it
+  on the connection (uvicorn wrote it at once and closed, and their answers were lost).
 
 A body is not bounded here: the lean API refuses one over its limit before reading it
 (common.middleware), and Django's own limits apply to forms."""
@@ -49,6 +50,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._head_timer = None
         self._chunk_starts_head = False  # the chunk being fed began a request's head: its first line is the request line
         self._chunk = b""
+        self._deferred_answer = None  # a 400 waiting for the answers to the requests before it
         self._max_head_bytes = settings.HTTP_MAX_HEAD_BYTES
         self._head_timeout = settings.HTTP_HEAD_TIMEOUT_SECONDS
         self._arm_head_timer()
@@ -127,12 +129,33 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to what httptools cannot parse (a method it does not know, a target
-        over 64 KiB, HTTP/1.2, a folded header): in the API's error body, not plain text."""
+        over 64 KiB, HTTP/1.2, a folded header): in the API's error body, not plain text. A
+        head that came behind requests still being answered gets it after their answers
+        (uvicorn wrote it at once and closed: the answer before it was lost, and the client
+        read the 400 as that request's); a broken body, at once."""
         self._disarm_head_timer()
         self._refused = True
         path = bytes(getattr(self, "url", b"") or b"").decode("latin1") or self._target_of_chunk()
-        self.transport.write(raw_error_response(400, path, "The request is not valid HTTP/1.1.", self.server_state.default_headers))
+        answer = raw_error_response(400, path, "The request is not valid HTTP/1.1.", self.server_state.default_headers)
+        if self._in_head and self._answering():
+            self.flow.pause_reading()
+            self._deferred_answer = answer
+            return
+        self.transport.write(answer)
         self.transport.close()
+
+    def _answering(self) -> bool:
+        """Requests read on this connection are still being answered (one running, more queued)."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._deferred_answer is not None and not self.transport.is_closing() and not self._answering():
+            answer, self._deferred_answer = self._deferred_answer, None
+            self.transport.write(answer)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
 
     def _target_of_chunk(self) -> str:
         """The target in the request line of a head httptools refused before it reported one (a

@@ -248,12 +248,42 @@ def test_a_head_over_the_limit_in_one_read_is_a_431_too():
     assert fine.startswith(b"HTTP/1.1 200 ")
 
 
-def test_an_unknown_method_behind_a_request_in_the_same_read_leaves_the_path_out():
-    """Its line is not where the read began: no path rather than another request's."""
+def test_an_unknown_method_behind_a_request_in_the_same_read_is_a_400_after_its_answer():
+    """uvicorn wrote the 400 at once and closed: /first's answer never came, and the client
+    read the 400 as /first's. The 400 leaves the path out: its line is not where the read began
+    (no path rather than another request's)."""
     answer = answers_to([b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nFOO /second HTTP/1.1\r\nHost: x\r\n\r\n"])[0]
-    assert answer.startswith(b"HTTP/1.1 400 ")  # (uvicorn's: written at once, /first's answer never comes)
-    error = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 2
+    second = answer[answer.index(b"HTTP/1.1 ", 1):]
+    assert second.startswith(b"HTTP/1.1 400 ")
+    error = json.loads(second.partition(b"\r\n\r\n")[2])
     assert error["path"] == "" and error["message"] == "The request is not valid HTTP/1.1."
+
+
+def test_a_bad_head_behind_a_request_being_answered_waits_for_that_answer():
+    async def scenario(port, release):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /queued HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)  # /slow is read and waits for `release`; /queued waits behind it
+        writer.write(b"GET /x HTTP/1.2\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        early = await _read_to_close(reader, 0.5)  # nothing may come before /slow is answered
+        release.set()
+        rest = await _read_to_close(reader)
+        writer.close()
+        return early, rest
+
+    early, rest = serve_stub(scenario)
+    assert early == b""
+    answers = [b"HTTP/1.1 " + a for a in rest.split(b"HTTP/1.1 ")[1:]]
+    assert [a[9:12] for a in answers] == [b"200", b"200", b"400"]
+    assert json.loads(answers[2].partition(b"\r\n\r\n")[2])["path"] == "/x"
+
+
+def test_a_broken_body_is_a_400_at_once():
+    answer = answers_to([b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n"])[0]
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
 
 
 def test_what_httptools_cannot_parse_is_a_400_in_the_error_body():
