@@ -15,8 +15,9 @@ closed, and a connection that never finished its first request's head stayed ope
 - a head not complete HTTP_HEAD_TIMEOUT_SECONDS (30) after the connection opened, or after the first
   bytes of a later request arrived, closes the connection without an answer (as the keep-alive
   timeout does). A request being answered is never cut: the timer only acts between requests;
-- a head over the limit pipelined behind a request still being answered gets no 431 (it would be
-  read as that request's answer): the connection closes once that answer is sent;
+- a head over the limit pipelined behind a request still being answered gets its 431 once that
+  answer is sent (written before, it would be read as that request's answer), then the
+  connection closes;
 - a chunked body's trailers (fields after its last chunk, which uvicorn adds to the request's
   headers) count against the same limit; over it the connection is closed;
 - what httptools cannot parse (an unknown method, a target over 64 KiB, HTTP/1.2) is a 400 in the
@@ -185,14 +186,15 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._disarm_head_timer()
         self._refused = True  # what the client sends from now on is dropped
         self.logger.warning("HTTP request refused: its head is over %d bytes.", self._max_head_bytes)
-        if self.cycle is not None and not self.cycle.response_complete:
-            # pipelined behind a request still being answered: that answer first, then close
-            self.flow.pause_reading()
-            self.cycle.keep_alive = False
-            return
         path = bytes(getattr(self, "url", b"") or b"").decode("latin1")
         message = f"The request's line and headers are too large (at most {self._max_head_bytes:,} bytes)."
-        self.transport.write(raw_error_response(431, path, message, self.server_state.default_headers))
+        answer = raw_error_response(431, path, message, self.server_state.default_headers)
+        if self._answering():
+            # pipelined behind requests still being answered: their answers first, then this one
+            self.flow.pause_reading()
+            self._deferred_answer = answer
+            return
+        self.transport.write(answer)
         # A close with the client's bytes unread sends a reset, which can make the client lose
         # the answer: end the sending side, drop what still comes for a moment, then close.
         if self.transport.can_write_eof():

@@ -180,9 +180,9 @@ def answers_to(raws: list[bytes]) -> list[bytes]:
     return serve_stub(scenario)
 
 
-def test_a_head_over_the_limit_behind_a_request_being_answered_lets_that_answer_out_then_closes(caplog):
-    """A 431 written then would be read as the answer to the request before it (whose own answer
-    then failed: write after write_eof)."""
+def test_a_head_over_the_limit_behind_a_request_being_answered_gets_its_431_after_that_answer(caplog):
+    """A 431 written at once would be read as the answer to the request before it (whose own
+    answer then failed: write after write_eof); until 2026-12-07 it was left out (a bare close)."""
     async def scenario(port, release):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -202,7 +202,10 @@ def test_a_head_over_the_limit_behind_a_request_being_answered_lets_that_answer_
     with caplog.at_level(logging.INFO):
         early, rest = serve_stub(scenario)
     assert early == b""
-    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"ok") and rest.count(b"HTTP/1.1 ") == 1
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.count(b"HTTP/1.1 ") == 2
+    second = rest[rest.index(b"HTTP/1.1 ", 1):]
+    assert rest[:rest.index(b"HTTP/1.1 ", 1)].endswith(b"ok") and second.startswith(b"HTTP/1.1 431 ")
+    assert json.loads(second.partition(b"\r\n\r\n")[2])["path"] == "/next"
     assert "Traceback" not in caplog.text and "Exception in ASGI application" not in caplog.text
     assert "its head is over 65536 bytes" in caplog.text
 
