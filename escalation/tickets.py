@@ -148,6 +148,10 @@ def ticket_raise_priority(*, ticket_id, priority: str, note: str, now: datetime)
         fields += ["status", "resolved_at", "closed_at", "resolution"]
         change = "reopened"
         note += " Reopened: the delivery still has no driver."
+        if ticket.assignee_id is not None:  # open: back in the queue for whoever takes it
+            note += f" Unassigned from {_name(ticket.assignee)}."
+            ticket.assignee = None
+            fields.append("assignee")
     _note(ticket, note, now=now)
     if reopened_from is not None:  # (like every ticket action: the raise alone has escalation_critical)
         _audit_ticket(ticket, action="reopened", actor=Actor.system(), now=now, previousStatus=reopened_from,
@@ -228,6 +232,8 @@ def ticket_comment(*, ticket_id, user, actor: Actor, body: str, now: datetime | 
     if not body:
         raise InvalidInput({"body": ["A comment cannot be empty."]})
     ticket = _lock_ticket(ticket_id)
+    if ticket.status == TicketStatus.CLOSED:  # (it was taken: "closed is final" held for every change but this)
+        raise Conflict("Ticket is closed; a closed ticket is final.")
     now = _stamped(now, ticket)
     comment = _note(ticket, body, now=now, author=user, kind=CommentKind.COMMENT)
     _audit_ticket(ticket, action="commented", actor=actor, now=now, commentId=str(comment.pk))
@@ -322,6 +328,13 @@ def ticket_update(
                 if "resolution" not in changes:  # the next resolve needs its own note (this one stays in the notes)
                     ticket.resolution = ""
                     fields.append("resolution")
+            if status == TicketStatus.OPEN and ticket.assignee_id is not None and assignee_id is _UNSET:
+                # open is the queue's: a ticket released or reopened is held by nobody (it kept
+                # its assignee, and the queue showed an open ticket someone held)
+                notes.append(f"Unassigned from {_name(ticket.assignee)}.")
+                changes["assigneeId"] = None
+                ticket.assignee = None
+                fields.append("assignee")
             if status == TicketStatus.IN_PROGRESS and ticket.taken_at is None:
                 ticket.taken_at = now
                 fields.append("taken_at")

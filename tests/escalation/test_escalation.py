@@ -15,7 +15,7 @@ from escalation import events as ev
 from escalation.models import SupportTicket, TicketComment, UnassignedOrder
 from workflows.escalations import escalation_check
 from escalation.tasks import escalation_check as escalation_check_task
-from escalation.tickets import ticket_resolve
+from escalation.tickets import ticket_resolve, ticket_take
 from workflows import offers
 from offers.models import DriverOffer
 from tests.factories import DeliveryFactory, SupportUserFactory, online_driver
@@ -306,17 +306,22 @@ def test_a_resolved_ticket_is_reopened_when_its_still_unassigned_delivery_goes_c
         t.shift(timedelta(minutes=5))
         check(django_capture_on_commit_callbacks)
         ticket = SupportTicket.objects.get()
+        ticket_take(ticket_id=ticket.pk, user=agent, actor=Actor.for_user(agent))
         ticket_resolve(ticket_id=ticket.pk, user=agent, actor=Actor.for_user(agent), resolution="Called the store.")
         t.shift(timedelta(minutes=25))
         check(django_capture_on_commit_callbacks)
 
     ticket.refresh_from_db()
     assert (ticket.status, ticket.priority, ticket.resolved_at) == ("open", "urgent", None)
+    # open again: back in the queue, held by nobody (it stayed with the agent who resolved it)
+    assert ticket.assignee_id is None
+    assert any(c.body.endswith(f"Reopened: the delivery still has no driver. Unassigned from {agent.get_full_name() or agent.username}.")
+               for c in ticket.comments.all())
     assert record_of(delivery).escalation_level == 3
     # the reopen is audited like every ticket action, and the next resolve writes its own note
     assert ticket.resolution == ""
     actions = [(r.details["action"], r.details.get("previousStatus")) for r in audit(delivery, "support_ticket_updated")]
-    assert actions == [("resolved", None), ("reopened", "resolved")]
+    assert actions == [("taken", None), ("resolved", None), ("reopened", "resolved")]
 
 
 def test_the_alert_email_goes_out_only_after_commit_and_not_on_rollback(django_capture_on_commit_callbacks):

@@ -163,6 +163,41 @@ def test_a_closed_ticket_is_final_for_every_field(support, agent):
     assert _patch(support, ticket, priority=before["priority"]).status_code == 200  # no change: nothing to refuse
 
 
+def test_a_closed_ticket_takes_no_comment(support, agent):
+    """A comment was the one change a closed ticket still took (201)."""
+    ticket = ticket_for()
+    assert _patch(support, ticket, status="closed", resolution="duplicate order").status_code == 200
+    comments = TicketComment.objects.filter(ticket=ticket).count()
+
+    message = assert_error(support.post(f"/v2/support/tickets/{ticket.pk}/comments", {"body": "late note"}, format="json"),
+                           409)["message"]
+
+    assert "closed" in message and TicketComment.objects.filter(ticket=ticket).count() == comments
+
+
+@pytest.mark.parametrize("finish", [None, "resolved"])
+def test_a_ticket_set_back_to_open_is_held_by_nobody(support, agent, finish):
+    """It kept its assignee: the queue showed an open ticket someone held, and "unassigned"
+    left it out."""
+    ticket = ticket_for()
+    assert _patch(support, ticket, assigneeId=str(agent.pk)).json()["status"] == "in_progress"
+    if finish:
+        assert _patch(support, ticket, status=finish, resolution="done").status_code == 200
+
+    body = _patch(support, ticket, status="open").json()
+
+    assert body["status"] == "open" and body["assigneeId"] is None
+    assert [t["id"] for t in support.get("/v2/support/tickets?unassigned=true").json()["tickets"]] == [str(ticket.pk)]
+    reopen = [r.details["changes"] for r in DeliveryAuditLog.objects.filter(delivery=ticket.delivery, event_type="support_ticket_updated")
+              if r.details.get("changes", {}).get("status", [None, None])[1] == "open"]
+    assert len(reopen) == 1 and reopen[0]["assigneeId"] is None
+    # with an assignee named in the same change, that one holds it
+    colleague = SupportUserFactory()
+    assert _patch(support, ticket, assigneeId=str(agent.pk)).json()["assigneeId"] == str(agent.pk)
+    both = _patch(support, ticket, status="open", assigneeId=str(colleague.pk)).json()
+    assert (both["status"], both["assigneeId"]) == ("open", str(colleague.pk))
+
+
 def test_a_resolved_ticket_keeps_its_note_and_a_second_resolve_is_a_409(support, agent):
     ticket = ticket_for()
     assert _patch(support, ticket, status="resolved", resolution="fixed by agent 1").status_code == 200

@@ -222,6 +222,19 @@ def test_commenting(web, agent):
     assert TicketComment.objects.filter(ticket=ticket, kind="comment").count() == 1
 
 
+def test_a_closed_ticket_page_offers_no_comment_box_and_a_posted_comment_is_refused(web, agent):
+    from escalation.tickets import ticket_update
+
+    ticket = ticket_for()
+    ticket_update(ticket_id=ticket.pk, user=agent, actor=Actor.for_user(agent), status="closed", resolution="Duplicate")
+
+    page = web.get(f"/support/tickets/{ticket.pk}/").content.decode()
+    assert "it takes no more comments" in page and "Add comment" not in page
+    r = web.post(f"/support/tickets/{ticket.pk}/comment", {"body": "late note"}, follow=True)
+    assert b"a closed ticket is final" in r.content
+    assert not TicketComment.objects.filter(ticket=ticket, kind="comment").exists()
+
+
 def test_redispatching_searches_the_wide_radius(web, agent, settings):
     ticket = ticket_for()
     far = online_driver(km=8)
