@@ -123,7 +123,7 @@ class TicketCommentsView(APIView):
     permission_classes = [IsSupport]
 
     @extend_schema(operation_id="support_tickets_comments_create", request=s.CommentCreateSerializer,
-                   responses={201: s.CommentSerializer, **errors(400, 404)}, tags=["support"])
+                   responses={201: s.CommentSerializer, **errors(400, 404, 409)}, tags=["support"])
     def post(self, request, ticket_id):
         data = s.CommentCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
