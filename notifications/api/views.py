@@ -32,9 +32,10 @@ class WebhookListCreateView(APIView):
 
     @extend_schema(
         operation_id="webhooks_create", request=s.WebhookEndpointCreateSerializer,
-        responses={201: s.WebhookEndpointWithSecretSerializer, **errors(400)}, tags=TAGS,
+        responses={201: s.WebhookEndpointWithSecretSerializer, **errors(400, 409)}, tags=TAGS,
         description="An endpoint for signed events (Standard Webhooks). An integration's gets the events of its own "
-                    "deliveries, an ops endpoint every delivery's. The secret is shown only in this response.",
+                    "deliveries, an ops endpoint every delivery's. The secret is shown only in this response. "
+                    "An account has at most WEBHOOK_MAX_ENDPOINTS_PER_OWNER (16) endpoints: one more is a 409.",
     )
     def post(self, request):
         data = s.WebhookEndpointCreateSerializer(data=request.data)

@@ -278,3 +278,71 @@ def test_a_huge_events_list_is_refused_by_its_length_in_a_short_answer(db):
         "/v2/webhooks", {"url": "http://example.com/h", "events": ["x"] * 50_000}, format="json")
 
     assert "events" in assert_error(response, 400)["details"] and len(response.content) < 2000
+
+
+def test_an_account_has_at_most_the_set_number_of_endpoints(settings):
+    """Each event is one message per endpoint: a fuzzer's 850 ops endpoints made 4 million
+    messages in 15 minutes."""
+    settings.WEBHOOK_MAX_ENDPOINTS_PER_OWNER = 3
+    merchant, other = IntegrationUserFactory(), IntegrationUserFactory()
+    api = client_for(merchant)
+    made = [api.post("/v2/webhooks", {"url": f"https://h{n}.example.com/hook", "events": ["*"]}, format="json")
+            for n in range(4)]
+
+    assert [r.status_code for r in made] == [201, 201, 201, 409]
+    assert "at most 3 webhook endpoints" in assert_error(made[3], 409)["message"]
+    assert WebhookEndpoint.objects.filter(owner=merchant).count() == 3
+    assert client_for(other).post("/v2/webhooks", {"url": "https://o.example.com/hook", "events": ["*"]},
+                                  format="json").status_code == 201  # per account
+    assert api.delete(f"/v2/webhooks/{made[0].json()['id']}").status_code == 204
+    assert api.post("/v2/webhooks", {"url": "https://h9.example.com/hook", "events": ["*"]}, format="json").status_code == 201
+
+
+def test_two_creates_at_the_cap_make_one_endpoint(settings):
+    import threading
+
+    from django.db import connection
+
+    from notifications import services
+
+    settings.WEBHOOK_MAX_ENDPOINTS_PER_OWNER = 2
+    merchant = IntegrationUserFactory()
+    services.endpoint_create(owner=merchant, all_deliveries=False, url="https://first.example.com/h", events=["*"])
+    barrier, outcomes = threading.Barrier(4), []
+
+    def create(n):
+        try:
+            barrier.wait()
+            services.endpoint_create(owner=merchant, all_deliveries=False, url=f"https://r{n}.example.com/h", events=["*"])
+            outcomes.append("made")
+        except Exception as exc:  # the Conflict, counted below
+            outcomes.append(type(exc).__name__)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert sorted(outcomes) == ["Conflict", "Conflict", "Conflict", "made"]
+    assert WebhookEndpoint.objects.filter(owner=merchant).count() == 2
+
+
+def test_a_fan_out_writes_a_bounded_number_of_messages_a_transaction(monkeypatch, no_worker):
+    from notifications import services
+
+    monkeypatch.setattr(services, "FAN_OUT_MAX_MESSAGES", 12)
+    merchant = IntegrationUserFactory()
+    endpoints = [services.endpoint_create(owner=merchant, all_deliveries=False, url=f"https://b{n}.example.com/h",
+                                          events=["*"]) for n in range(5)]
+    for endpoint in endpoints:
+        for _ in range(2):
+            services.endpoint_send_test(endpoint_id=endpoint.pk)  # (no worker: they wait for the sweep)
+
+    assert services.webhooks_fan_out(now=timezone.now()) == 2  # 12 // 5 endpoints: 2 events
+    assert OutboxEvent.objects.filter(fanned_out_at__isnull=False).count() == 2
+    while services.webhooks_fan_out(now=timezone.now()):
+        pass
+    assert OutboxEvent.objects.filter(fanned_out_at__isnull=True).count() == 0
