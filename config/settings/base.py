@@ -678,7 +678,7 @@ WEBHOOK_SEND_BUDGET_SECONDS = env.float("WEBHOOK_SEND_BUDGET_SECONDS", default=3
 # Endpoints a sweep sends to at once (a thread each; one endpoint's messages go in turn).
 WEBHOOK_SEND_CONCURRENCY = env.int("WEBHOOK_SEND_CONCURRENCY", default=8)
 # Webhook endpoints an account may have (each event is a message per endpoint); 0: no limit.
-WEBHOOK_MAX_ENDPOINTS_PER_OWNER = env.int("WEBHOOK_MAX_ENDPOINTS_PER_OWNER", default=16)
+WEBHOOK_MAX_ENDPOINTS_PER_OWNER = env.int("WEBHOOK_MAX_ENDPOINTS_PER_OWNER", default=100)
 # Sweeps that send at once across all workers (a Redis lock each); another sweep only fans out.
 WEBHOOK_SENDING_SWEEPS = env.int("WEBHOOK_SENDING_SWEEPS", default=1)
 WEBHOOK_RETENTION_DAYS = env.int("WEBHOOK_RETENTION_DAYS", default=14)

@@ -35,7 +35,7 @@ class WebhookListCreateView(APIView):
         responses={201: s.WebhookEndpointWithSecretSerializer, **errors(400, 409)}, tags=TAGS,
         description="An endpoint for signed events (Standard Webhooks). An integration's gets the events of its own "
                     "deliveries, an ops endpoint every delivery's. The secret is shown only in this response. "
-                    "An account has at most WEBHOOK_MAX_ENDPOINTS_PER_OWNER (16) endpoints: one more is a 409.",
+                    "An account has at most WEBHOOK_MAX_ENDPOINTS_PER_OWNER (100) endpoints: one more is a 409.",
     )
     def post(self, request):
         data = s.WebhookEndpointCreateSerializer(data=request.data)
