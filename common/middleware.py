@@ -152,6 +152,8 @@ class ApiHeadersMiddleware(AsyncCapableMiddleware):
 def _asset_origin(url: str) -> str | None:
     """The origin a browser fetches an absolute URL from, for a CSP source list (a tile
     template's `{s}` subdomain as `*.`); None for a path on this server."""
+    if url.startswith("//"):  # scheme-relative: the page's own, https in production
+        url = "https:" + url
     parts = urlsplit(url.replace("{s}", "sub"))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return None
@@ -161,15 +163,24 @@ def _asset_origin(url: str) -> str | None:
     return f"{parts.scheme}://{host}"
 
 
-@lru_cache(maxsize=8)
-def _page_csp(tile_urls: tuple[str, ...], leaflet_url: str) -> str:
+@lru_cache(maxsize=64)
+def _page_csp(tile_urls: tuple[str, ...], leaflet_url: str, host: str = "") -> str:
     tiles = " ".join(sorted({o for o in map(_asset_origin, tile_urls) if o}))
     leaflet = _asset_origin(leaflet_url) or ""
     return "; ".join(" ".join(part.split()) for part in [
         "default-src 'self'", f"script-src 'self' 'unsafe-inline' {leaflet}", f"style-src 'self' 'unsafe-inline' {leaflet}",
-        f"img-src 'self' data: blob: {tiles} {leaflet}", "font-src 'self' data:", "connect-src 'self'",
+        f"img-src 'self' data: blob: {tiles} {leaflet}", "font-src 'self' data:",
+        # (ws: and wss: to this host named too: older browsers did not count them as 'self')
+        "connect-src 'self'" + (f" ws://{host} wss://{host}" if host else ""),
         "object-src 'none'", "base-uri 'self'", "form-action 'self'", "frame-ancestors 'none'",
     ])
+
+
+def _host_of(request) -> str:
+    try:
+        return request.get_host()
+    except Exception:  # (DisallowedHost: refused before any page; no socket to name then)
+        return ""
 
 
 class PageCspMiddleware(AsyncCapableMiddleware):
@@ -183,7 +194,7 @@ class PageCspMiddleware(AsyncCapableMiddleware):
     def process(self, request, response):
         if "Content-Security-Policy" not in response.headers and response.get("Content-Type", "").startswith("text/html"):
             response.headers["Content-Security-Policy"] = _page_csp(
-                (settings.OPS_MAP_TILE_URL, settings.TRACKING_TILE_URL), settings.TRACKING_LEAFLET_URL,
+                (settings.OPS_MAP_TILE_URL, settings.TRACKING_TILE_URL), settings.TRACKING_LEAFLET_URL, _host_of(request),
             )
         return response
 

@@ -150,8 +150,8 @@ def ticket_raise_priority(*, ticket_id, priority: str, note: str, now: datetime)
         note += " Reopened: the delivery still has no driver."
         if ticket.assignee_id is not None:  # open: back in the queue for whoever takes it
             note += f" Unassigned from {_name(ticket.assignee)}."
-            ticket.assignee = None
-            fields.append("assignee")
+            ticket.assignee, ticket.taken_at = None, None
+            fields += ["assignee", "taken_at"]
     _note(ticket, note, now=now)
     if reopened_from is not None:  # (like every ticket action: the raise alone has escalation_critical)
         _audit_ticket(ticket, action="reopened", actor=Actor.system(), now=now, previousStatus=reopened_from,
@@ -333,8 +333,8 @@ def ticket_update(
                 # its assignee, and the queue showed an open ticket someone held)
                 notes.append(f"Unassigned from {_name(ticket.assignee)}.")
                 changes["assigneeId"] = None
-                ticket.assignee = None
-                fields.append("assignee")
+                ticket.assignee, ticket.taken_at = None, None
+                fields += ["assignee", "taken_at"]
             if status == TicketStatus.IN_PROGRESS and ticket.taken_at is None:
                 ticket.taken_at = now
                 fields.append("taken_at")

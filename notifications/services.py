@@ -37,7 +37,7 @@ from django.utils import timezone
 
 from common.broadcast import enqueue_kick_on_commit
 from common.errors import iso
-from common.redis import RedisUnavailable, get_redis
+from common.redis import RedisFailed, get_redis
 from common.exceptions import Conflict, InvalidInput, NotFound
 from notifications import alerts
 from notifications.customers import message_rows_for_events
@@ -209,9 +209,6 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
     every delivery's for an ops endpoint. A switched-off endpoint gets its messages too; they
     wait until it is switched on again. Returns the number of events fanned out."""
     now = now or timezone.now()
-    # (at most ~FAN_OUT_MAX_MESSAGES messages a transaction, which share-locks its endpoints:
-    # 500 events to 850 endpoints were 425,000 rows in one, and an endpoint's delete waited)
-    batch_size = max(1, min(batch_size, FAN_OUT_MAX_MESSAGES // max(WebhookEndpoint.objects.count(), 1)))
     events = list(
         OutboxEvent.objects.select_for_update(skip_locked=True).filter(fanned_out_at__isnull=True).order_by("seq")[:batch_size]
     )
@@ -230,6 +227,12 @@ def webhooks_fan_out(*, now: datetime | None = None, batch_size: int = 500) -> i
                 if (ep.all_deliveries or ep.owner_id == event.owner_id) and ep.subscribes_to(event.type)
                 and ep.created_at <= event.created_at
             ]
+        if messages and len(messages) + len(targets) > FAN_OUT_MAX_MESSAGES:
+            # (at most FAN_OUT_MAX_MESSAGES a transaction, which share-locks its endpoints: 500
+            # events to 850 endpoints were 425,000 rows in one, and an endpoint's delete waited;
+            # the events left stay for the next fan-out, unlocked at commit)
+            events = events[:events.index(event)]
+            break
         messages += [
             WebhookMessage(event=event, endpoint_id=target, delivery_id=event.delivery_id, next_attempt_at=event.created_at,
                            window_started_at=event.created_at, created_at=now)
@@ -361,7 +364,8 @@ def _sending_slot(ttl_seconds: float):
                 lock = candidate
                 break
         may_send = lock is not None
-    except RedisUnavailable:
+    except RedisFailed:  # (unreachable, read-only after a failover, out of memory)
+        logger.warning("webhook sending slot: Redis failed; this sweep sends", exc_info=True)
         may_send = True
     try:
         yield may_send
@@ -369,7 +373,7 @@ def _sending_slot(ttl_seconds: float):
         if lock is not None:
             try:
                 lock.release()
-            except (LockError, *RedisUnavailable):  # expired (the TTL is a worst case) or Redis gone: it lapses
+            except (LockError, *RedisFailed):  # expired (the TTL is a worst case) or Redis failed: it lapses
                 pass
 
 
@@ -514,6 +518,19 @@ class _Sweep:
         if not self.claim():
             return 0
         workers = max(settings.WEBHOOK_SEND_CONCURRENCY, 1)
+        try:
+            self._send(workers)
+        finally:
+            # what was claimed and not started goes to the next sweep now, not at its lease's end
+            # (the budget ran out, or a database error or the task's time limit stopped the sweep:
+            # an attempt already running then goes again once its lease ends, at least once)
+            unsent = [out.message_id for queue in self.queues.values() for out in queue]
+            for lease in {self.leases[m] for m in unsent}:
+                WebhookMessage.objects.filter(pk__in=unsent, status=MessageStatus.PENDING, leased_until=lease).update(
+                    leased_until=None)
+        return self.attempts
+
+    def _send(self, workers: int) -> None:
         running = {}
         topped_up = time.monotonic()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhooks") as pool:
@@ -546,11 +563,6 @@ class _Sweep:
                     _fan_out_until(self.deadline)
                     if len(running) < workers:
                         self.claim()
-        unsent = [out.message_id for queue in self.queues.values() for out in queue]
-        for lease in {self.leases[m] for m in unsent}:  # the budget ran out before these: the next sweep, not the lease's end
-            WebhookMessage.objects.filter(pk__in=unsent, status=MessageStatus.PENDING, leased_until=lease).update(
-                leased_until=None)
-        return self.attempts
 
 
 def message_send(*, message_id: int) -> WebhookAttempt | None:

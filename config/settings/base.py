@@ -675,8 +675,9 @@ WEBHOOK_SECRET_OVERLAP_SECONDS = env.int("WEBHOOK_SECRET_OVERLAP_SECONDS", defau
 WEBHOOK_ETA_MIN_INTERVAL_SECONDS = env.float("WEBHOOK_ETA_MIN_INTERVAL_SECONDS", default=60.0)
 # One send task stops taking new messages after this long (below the task time limit).
 WEBHOOK_SEND_BUDGET_SECONDS = env.float("WEBHOOK_SEND_BUDGET_SECONDS", default=30.0)
-# Endpoints a sweep sends to at once (a thread each; one endpoint's messages go in turn).
-WEBHOOK_SEND_CONCURRENCY = env.int("WEBHOOK_SEND_CONCURRENCY", default=8)
+# Endpoints a sweep sends to at once (a thread each; one endpoint's messages go in turn): with
+# one sweep sending (WEBHOOK_SENDING_SWEEPS), this many receivers hanging hold up the others.
+WEBHOOK_SEND_CONCURRENCY = env.int("WEBHOOK_SEND_CONCURRENCY", default=32)
 # Webhook endpoints an account may have (each event is a message per endpoint); 0: no limit.
 WEBHOOK_MAX_ENDPOINTS_PER_OWNER = env.int("WEBHOOK_MAX_ENDPOINTS_PER_OWNER", default=100)
 # Sweeps that send at once across all workers (a Redis lock each); another sweep only fans out.

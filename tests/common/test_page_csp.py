@@ -21,7 +21,8 @@ def test_pages_carry_the_policy(client, path):
     csp = directives(r)
     assert csp["default-src"] == ["'self'"] and csp["script-src"] == ["'self'", "'unsafe-inline'"]
     assert csp["img-src"] == ["'self'", "data:", "blob:", "https://tile.openstreetmap.org"]
-    assert csp["connect-src"] == ["'self'"] and csp["object-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"]
+    assert csp["connect-src"] == ["'self'", "ws://testserver", "wss://testserver"]
+    assert csp["object-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"]
     assert csp["form-action"] == ["'self'"] and csp["base-uri"] == ["'self'"]
 
 
@@ -53,6 +54,7 @@ def test_an_origin_is_read_off_an_absolute_url_only():
     assert _asset_origin("/static/leaflet") is None and _asset_origin("") is None
     assert _asset_origin("https://user:pw@tile.example.com/{z}/{x}/{y}.png") == "https://tile.example.com"
     assert _asset_origin("javascript:alert(1)") is None
+    assert _asset_origin("//cdn.example.org/leaflet") == "https://cdn.example.org"  # scheme-relative
     assert "tile" not in _page_csp(("",), "/static/leaflet")  # no tiles configured: images from here only
 
 

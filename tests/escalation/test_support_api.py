@@ -186,7 +186,7 @@ def test_a_ticket_set_back_to_open_is_held_by_nobody(support, agent, finish):
 
     body = _patch(support, ticket, status="open").json()
 
-    assert body["status"] == "open" and body["assigneeId"] is None
+    assert body["status"] == "open" and body["assigneeId"] is None and body["takenAt"] is None
     assert [t["id"] for t in support.get("/v2/support/tickets?unassigned=true").json()["tickets"]] == [str(ticket.pk)]
     reopen = [r.details["changes"] for r in DeliveryAuditLog.objects.filter(delivery=ticket.delivery, event_type="support_ticket_updated")
               if r.details.get("changes", {}).get("status", [None, None])[1] == "open"]

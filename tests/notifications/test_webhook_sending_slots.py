@@ -128,3 +128,35 @@ def test_what_a_sweep_without_the_slot_fanned_out_is_sent_by_the_one_that_held_i
 
     assert other == {"attempts": 0}  # it fanned out, found the slot taken and ended
     assert attempts == 1 and len(receiver.requests) == 1
+
+
+def test_a_sweep_stopped_by_an_error_frees_what_it_claimed_and_its_slot(no_worker, settings, monkeypatch):
+    """A database error in the middle of a sweep left its queued messages leased for 2 minutes."""
+    from django.db import OperationalError
+
+    settings.WEBHOOK_TIMEOUT_SECONDS = 3.0
+    slow_receiver = Receiver()
+    slow_receiver.default = Answer(delay=1.5)
+    try:
+        endpoint = endpoint_for(slow_receiver.url)
+        for _ in range(5):
+            services.endpoint_send_test(endpoint_id=endpoint.pk)
+        fan_out = services.webhooks_fan_out
+        calls = []
+
+        def failing_after_the_first(**kwargs):
+            calls.append(1)
+            if len(calls) > 2:  # (1, 2: the sweep's own fan-out) the top-up while the first attempt runs
+                raise OperationalError("server closed the connection unexpectedly")
+            return fan_out(**kwargs)
+
+        monkeypatch.setattr(services, "webhooks_fan_out", failing_after_the_first)
+        with pytest.raises(OperationalError):
+            services.webhooks_deliver_due(max_seconds=10)
+
+        waiting = WebhookMessage.objects.filter(endpoint=endpoint, status=MessageStatus.PENDING, attempt_count=0)
+        assert waiting.count() == 5  # (the attempt that ran was not recorded: it goes again, at least once)
+        assert waiting.filter(leased_until__isnull=True).count() == 4  # the queued ones, free at once
+        assert not get_redis().exists(services.SENDING_KEY.format(0))
+    finally:
+        slow_receiver.close()

@@ -331,18 +331,22 @@ def test_two_creates_at_the_cap_make_one_endpoint(settings):
 
 
 def test_a_fan_out_writes_a_bounded_number_of_messages_a_transaction(monkeypatch, no_worker):
+    """500 events to 850 endpoints were 425,000 rows in one transaction; an endpoint's delete waited."""
     from notifications import services
+    from notifications.models import WebhookMessage
 
     monkeypatch.setattr(services, "FAN_OUT_MAX_MESSAGES", 12)
     merchant = IntegrationUserFactory()
-    endpoints = [services.endpoint_create(owner=merchant, all_deliveries=False, url=f"https://b{n}.example.com/h",
-                                          events=["*"]) for n in range(5)]
-    for endpoint in endpoints:
-        for _ in range(2):
-            services.endpoint_send_test(endpoint_id=endpoint.pk)  # (no worker: they wait for the sweep)
+    for n in range(5):
+        services.endpoint_create(owner=merchant, all_deliveries=False, url=f"https://b{n}.example.com/h", events=["*"])
+    for _ in range(4):  # each goes to all 5
+        OutboxEvent.objects.create(type="delivery.status_changed", owner=merchant, payload={"data": {}},
+                                   created_at=timezone.now())
+    lone = [services.endpoint_send_test(endpoint_id=WebhookEndpoint.objects.filter(owner=merchant).first().pk)]
 
-    assert services.webhooks_fan_out(now=timezone.now()) == 2  # 12 // 5 endpoints: 2 events
-    assert OutboxEvent.objects.filter(fanned_out_at__isnull=False).count() == 2
-    while services.webhooks_fan_out(now=timezone.now()):
-        pass
+    assert services.webhooks_fan_out(now=timezone.now()) == 2  # 10 messages; a third event would make 15
+    assert WebhookMessage.objects.count() == 10
+    assert services.webhooks_fan_out(now=timezone.now()) == 3 and len(lone) == 1  # 10 + the test event's 1
+    assert services.webhooks_fan_out(now=timezone.now()) == 0
     assert OutboxEvent.objects.filter(fanned_out_at__isnull=True).count() == 0
+    assert WebhookMessage.objects.count() == 21
