@@ -299,34 +299,21 @@ def test_an_account_has_at_most_the_set_number_of_endpoints(settings):
 
 
 def test_two_creates_at_the_cap_make_one_endpoint(settings):
-    import threading
-
-    from django.db import connection
-
+    from common.exceptions import Conflict
     from notifications import services
+    from tests.concurrency import race
 
     settings.WEBHOOK_MAX_ENDPOINTS_PER_OWNER = 2
     merchant = IntegrationUserFactory()
     services.endpoint_create(owner=merchant, all_deliveries=False, url="https://first.example.com/h", events=["*"])
-    barrier, outcomes = threading.Barrier(4), []
 
-    def create(n):
-        try:
-            barrier.wait()
-            services.endpoint_create(owner=merchant, all_deliveries=False, url=f"https://r{n}.example.com/h", events=["*"])
-            outcomes.append("made")
-        except Exception as exc:  # the Conflict, counted below
-            outcomes.append(type(exc).__name__)
-        finally:
-            connection.close()
+    made, errors = race([
+        lambda n=n: services.endpoint_create(owner=merchant, all_deliveries=False, url=f"https://r{n}.example.com/h",
+                                             events=["*"])
+        for n in range(4)
+    ])
 
-    threads = [threading.Thread(target=create, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-
-    assert sorted(outcomes) == ["Conflict", "Conflict", "Conflict", "made"]
+    assert len(made) == 1 and len(errors) == 3 and all(isinstance(e, Conflict) for e in errors)
     assert WebhookEndpoint.objects.filter(owner=merchant).count() == 2
 
 
