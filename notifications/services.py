@@ -354,7 +354,7 @@ TOP_UP_SECONDS = 1.0
 def _sending_slot(ttl_seconds: float):
     """Yields whether this sweep may send: it holds one of the WEBHOOK_SENDING_SWEEPS slots (a
     Redis lock that expires after `ttl_seconds`, should the worker die holding it). Redis
-    unreachable: yes (every sweep sends, as before the slots)."""
+    failing (unreachable, read-only, out of memory): yes (every sweep sends, as before the slots)."""
     lock = None
     try:
         client = get_redis()
