@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
+from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import LockError
 
 from django.conf import settings
@@ -500,6 +501,8 @@ class _Sweep:
             self.leases[message_id] = now + timedelta(seconds=LEASE_SECONDS)
             try:
                 out = _outgoing(message_id)
+            except SoftTimeLimitExceeded:
+                raise  # (the task's time limit stops the sweep, not this message)
             except Exception:  # one bad message never stops the sweep; its lease expires
                 logger.exception("webhook message %s could not be prepared", message_id)
                 continue
@@ -511,6 +514,8 @@ class _Sweep:
         self.attempts += 1
         try:
             message_attempt_record(message_id=out.message_id, result=result, now=timezone.now())
+        except SoftTimeLimitExceeded:
+            raise  # (the task's time limit stops the sweep: logged as a failed record, it ran on to the hard kill)
         except Exception:  # one bad message never stops the sweep; its lease expires
             logger.exception("webhook message %s: its attempt could not be recorded", out.message_id)
 

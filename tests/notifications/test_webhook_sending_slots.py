@@ -160,3 +160,25 @@ def test_a_sweep_stopped_by_an_error_frees_what_it_claimed_and_its_slot(no_worke
         assert not get_redis().exists(services.SENDING_KEY.format(0))
     finally:
         slow_receiver.close()
+
+
+def test_the_tasks_time_limit_stops_the_sweep_and_frees_what_it_claimed(receiver, no_worker, monkeypatch):
+    """`record()` caught every Exception: the soft time limit raised while recording was logged
+    as one message's failure and the sweep ran on to the hard kill."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    endpoint = endpoint_for(receiver.url)
+    for _ in range(3):
+        services.endpoint_send_test(endpoint_id=endpoint.pk)
+
+    def time_is_up(**kwargs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(services, "message_attempt_record", time_is_up)
+    with pytest.raises(SoftTimeLimitExceeded):
+        services.webhooks_deliver_due(max_seconds=10)
+
+    assert len(receiver.requests) == 1  # no attempt after the limit
+    waiting = WebhookMessage.objects.filter(endpoint=endpoint, status=MessageStatus.PENDING)
+    assert waiting.filter(leased_until__isnull=True).count() == 2  # the queued ones, free at once
+    assert not get_redis().exists(services.SENDING_KEY.format(0))
