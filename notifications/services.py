@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -351,16 +352,39 @@ SENDING_KEY = "webhooks:sending:{}"
 TOP_UP_SECONDS = 1.0
 
 
+# A sending sweep's slot expires SLOT_TTL_SECONDS after its last renewal (every
+# SLOT_RENEW_SECONDS, by a thread of the holder's process): a worker killed while it sends frees
+# its slot within that, not at the end of the longest sweep (45 s). A holder stuck past its
+# budget stops renewing at `hold_seconds`. The slot bounds how many sweeps send, nothing more:
+# two sweeps sending at once (a slot that lapsed under a frozen holder) never send one
+# message twice (the claims' leases see to that).
+SLOT_TTL_SECONDS = 10.0
+SLOT_RENEW_SECONDS = 2.0
+
+
+def _renew_slot(lock, stop: threading.Event, until: float) -> None:
+    while not stop.wait(SLOT_RENEW_SECONDS) and time.monotonic() < until:
+        try:
+            lock.reacquire()
+        except LockError:  # lapsed (Redis was unreachable longer than the TTL): another sweep may send too
+            logger.warning("webhook sending slot %s lapsed while its sweep ran", lock.name)
+            return
+        except RedisFailed:  # (it lapses if Redis stays away: every sweep then sends, as without slots)
+            logger.warning("webhook sending slot %s: could not renew it", lock.name, exc_info=True)
+
+
 @contextmanager
-def _sending_slot(ttl_seconds: float):
+def _sending_slot(hold_seconds: float):
     """Yields whether this sweep may send: it holds one of the WEBHOOK_SENDING_SWEEPS slots (a
-    Redis lock that expires after `ttl_seconds`, should the worker die holding it). Redis
-    failing (unreachable, read-only, out of memory): yes (every sweep sends, as before the slots)."""
+    Redis lock renewed while the sweep runs, for at most `hold_seconds`, and lapsing
+    SLOT_TTL_SECONDS after its holder dies). Redis failing (unreachable, read-only, out of
+    memory): yes (every sweep sends, as before the slots)."""
     lock = None
     try:
         client = get_redis()
         for slot in range(max(settings.WEBHOOK_SENDING_SWEEPS, 1)):
-            candidate = client.lock(SENDING_KEY.format(slot), timeout=ttl_seconds, blocking=False)
+            candidate = client.lock(SENDING_KEY.format(slot), timeout=SLOT_TTL_SECONDS, blocking=False,
+                                    thread_local=False)  # (renewed from another thread)
             if candidate.acquire():
                 lock = candidate
                 break
@@ -368,13 +392,22 @@ def _sending_slot(ttl_seconds: float):
     except RedisFailed:  # (unreachable, read-only after a failover, out of memory)
         logger.warning("webhook sending slot: Redis failed; this sweep sends", exc_info=True)
         may_send = True
+    stop = threading.Event()
+    renewer = None
+    if lock is not None:
+        renewer = threading.Thread(target=_renew_slot, args=(lock, stop, time.monotonic() + hold_seconds),
+                                   name="webhooks-slot", daemon=True)
+        renewer.start()
     try:
         yield may_send
     finally:
+        if renewer is not None:
+            stop.set()
+            renewer.join()
         if lock is not None:
             try:
                 lock.release()
-            except (LockError, *RedisFailed):  # expired (the TTL is a worst case) or Redis failed: it lapses
+            except (LockError, *RedisFailed):  # lapsed, or Redis failed: it lapses
                 pass
 
 
@@ -398,7 +431,7 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
     back only its own events. No attempt starts once the budget is spent, and what is left is
     released for the next sweep. (One slow endpoint, 10 s an attempt, once held every other
     endpoint's events behind its own and outran the task's time limit, which killed the worker
-    mid-batch.)"""
+    mid-batch.) A sweep that ends at its budget with messages still due kicks the next one."""
     budget = max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS
     deadline = time.monotonic() + budget
     # The fan-out commits before the slot is tried, and a sweep that held the slot looks again
@@ -406,8 +439,13 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
     # (and found nothing to claim any more) leaves what it made to that one, which sees it.
     _fan_out_until(deadline)
     attempts = idle_rounds = 0
-    while time.monotonic() < deadline and idle_rounds < 2:  # (a claim after the budget would only be released again)
-        # (the slot outlives the budget by the longest attempt started just before its end)
+    while idle_rounds < 2:
+        if time.monotonic() >= deadline:  # (a claim after the budget would only be released again)
+            # Messages are still due (a backlog, slow receivers) or events still to fan out: the
+            # next sweep starts now (a kick, unless one is queued), not at the beat's next (≤ 15 s).
+            enqueue_kick_on_commit(DELIVER_TASK)
+            break
+        # (the slot is held at most until the longest attempt started just before the budget's end ends)
         with _sending_slot(budget + settings.WEBHOOK_TIMEOUT_SECONDS + 5) as may_send:
             if not may_send:
                 return attempts

@@ -5,6 +5,7 @@ fan-out), nor, with every worker process in a 30 s sweep, the worker's other tas
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -182,3 +183,105 @@ def test_the_tasks_time_limit_stops_the_sweep_and_frees_what_it_claimed(receiver
     waiting = WebhookMessage.objects.filter(endpoint=endpoint, status=MessageStatus.PENDING)
     assert waiting.filter(leased_until__isnull=True).count() == 2  # the queued ones, free at once
     assert not get_redis().exists(services.SENDING_KEY.format(0))
+
+
+def test_a_sweep_running_longer_than_the_slots_ttl_keeps_it(receiver, no_worker, monkeypatch):
+    """The holder's process renews the slot while the sweep runs (the TTL only bounds how long a
+    dead holder keeps it)."""
+    monkeypatch.setattr(services, "SLOT_TTL_SECONDS", 1.0)
+    monkeypatch.setattr(services, "SLOT_RENEW_SECONDS", 0.2)
+    key = services.SENDING_KEY.format(0)
+    seen = {}
+
+    def slow(received):  # a receiver taking twice the slot's TTL to answer
+        threading.Event().wait(2.0)
+        seen["held"], seen["ttl_ms"] = get_redis().exists(key), get_redis().pttl(key)
+        return Answer()
+
+    receiver.responder = slow
+    services.endpoint_send_test(endpoint_id=endpoint_for(receiver.url).pk)
+
+    assert services.webhooks_deliver_due(max_seconds=5) == 1
+    assert seen["held"] == 1 and 0 < seen["ttl_ms"] <= 1000
+    assert not get_redis().exists(key)  # given back at the end
+
+
+def test_a_worker_killed_while_it_sends_frees_its_slot_within_the_ttl(monkeypatch):
+    """Before: the slot's lock outlived the longest sweep (budget + timeout + 5 s = 45 s), and a
+    worker killed holding it stopped every webhook for that long."""
+    import os
+    import signal
+
+    monkeypatch.setattr(services, "SLOT_TTL_SECONDS", 1.0)
+    monkeypatch.setattr(services, "SLOT_RENEW_SECONDS", 0.2)
+    key = services.SENDING_KEY.format(0)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: holds the slot (as a sweep sending for the whole budget would) until killed
+        try:
+            with services._sending_slot(60) as may_send:
+                os.write(ready_w, b"1" if may_send else b"0")
+                threading.Event().wait(60)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        threading.Event().wait(1.5)  # past one TTL: the holder's renewals keep it
+        assert get_redis().exists(key)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+    ttl_ms = get_redis().pttl(key)
+    assert ttl_ms == -2 or 0 < ttl_ms <= 1000  # gone, or going within the TTL (no renewal any more)
+    deadline = time.monotonic() + 5
+    while get_redis().exists(key) and time.monotonic() < deadline:
+        threading.Event().wait(0.1)
+    with services._sending_slot(5) as may_send_now:
+        assert may_send_now
+
+
+def test_a_sweep_out_of_budget_with_messages_due_kicks_the_next(no_worker, settings, monkeypatch):
+    """Before: what the budget left waited for the beat's sweep (up to 15 s) or the next commit."""
+    from celery.app.task import Task
+
+    from common.broadcast import kick_started
+    from notifications.outbox import DELIVER_TASK
+
+    settings.WEBHOOK_TIMEOUT_SECONDS = 3.0
+    slow_receiver = Receiver()
+    slow_receiver.default = Answer(delay=1.5)
+    published = []
+    monkeypatch.setattr(Task, "apply_async", lambda self, *a, **kw: published.append(self.name))
+    try:
+        endpoint = endpoint_for(slow_receiver.url)
+        for _ in range(3):
+            services.endpoint_send_test(endpoint_id=endpoint.pk)
+        kick_started(DELIVER_TASK)  # (as the task does first)
+        published.clear()
+
+        assert services.webhooks_deliver_due(max_seconds=1.0) == 1  # one attempt, then the budget was spent
+
+        assert published == [DELIVER_TASK]
+        assert WebhookMessage.objects.filter(endpoint=endpoint, leased_until__isnull=True, attempt_count=0).count() == 2
+    finally:
+        slow_receiver.close()
+
+
+def test_a_sweep_that_sent_everything_kicks_nothing(receiver, no_worker, monkeypatch):
+    from celery.app.task import Task
+
+    from common.broadcast import kick_started
+    from notifications.outbox import DELIVER_TASK
+
+    published = []
+    monkeypatch.setattr(Task, "apply_async", lambda self, *a, **kw: published.append(self.name))
+    endpoint = endpoint_for(receiver.url)
+    for _ in range(3):
+        services.endpoint_send_test(endpoint_id=endpoint.pk)
+    kick_started(DELIVER_TASK)
+    published.clear()
+
+    assert services.webhooks_deliver_due(max_seconds=10) == 3
+    assert published == []
