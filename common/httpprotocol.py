@@ -20,9 +20,10 @@ closed, and a connection that never finished its first request's head stayed ope
   connection closes;
 - a chunked body's trailers (fields after its last chunk, which uvicorn adds to the request's
   headers) count against the same limit; over it the connection is closed;
-- what httptools cannot parse (an unknown method, a target over 64 KiB, HTTP/1.2) is a 400 in the
-  API's error body (uvicorn's was plain text), sent after the answers to the requests before it
-  on the connection (uvicorn wrote it at once and closed, and their answers were lost).
+- what httptools cannot parse (an unknown method, a target over 64 KiB, HTTP/1.2, a broken chunked
+  body) is a 400 in the API's error body (uvicorn's was plain text), sent after the answers to
+  the requests before it on the connection (uvicorn wrote it at once and closed, and their
+  answers were lost); a request queued with a broken body never runs.
 
 A body is not bounded here: the lean API refuses one over its limit before reading it
 (common.middleware), and Django's own limits apply to forms."""
@@ -52,6 +53,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._chunk_starts_head = False  # the chunk being fed began a request's head: its first line is the request line
         self._chunk = b""
         self._deferred_answer = None  # a 400 waiting for the answers to the requests before it
+        self._running = None  # the request whose application runs (uvicorn's `cycle` is the last one read)
         self._max_head_bytes = settings.HTTP_MAX_HEAD_BYTES
         self._head_timeout = settings.HTTP_HEAD_TIMEOUT_SECONDS
         self._arm_head_timer()
@@ -130,20 +132,38 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to what httptools cannot parse (a method it does not know, a target
-        over 64 KiB, HTTP/1.2, a folded header): in the API's error body, not plain text. A
-        head that came behind requests still being answered gets it after their answers
-        (uvicorn wrote it at once and closed: the answer before it was lost, and the client
-        read the 400 as that request's); a broken body, at once."""
+        over 64 KiB, HTTP/1.2, a folded header, a broken chunked body): in the API's error body,
+        not plain text. A request that came behind requests still being answered gets it after
+        their answers (uvicorn wrote it at once and closed: the answer before it was lost, and
+        the client read the 400 as that request's); one with a broken body is then taken off
+        the queue, never run. A broken body of the request being run: at once (its application
+        sees the connection close)."""
         self._disarm_head_timer()
         self._refused = True
         path = bytes(getattr(self, "url", b"") or b"").decode("latin1") or self._target_of_chunk()
         answer = raw_error_response(400, path, "The request is not valid HTTP/1.1.", self.server_state.default_headers)
-        if self._in_head and self._answering():
+        # (a broken body of the request being run is answered at once: it is the one answering)
+        if (self._in_head or self._unqueue(self.cycle)) and self._answering():
             self.flow.pause_reading()
             self._deferred_answer = answer
             return
         self.transport.write(answer)
         self.transport.close()
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def _unqueue(self, cycle) -> bool:
+        """Take a request read behind others (queued, not started) off the connection's queue;
+        False when it is not queued (it runs)."""
+        if cycle is None or cycle is self._running:
+            return False
+        kept = [entry for entry in self.pipeline if entry[0] is not cycle]
+        self.pipeline.clear()
+        self.pipeline.extend(kept)
+        self.cycle = kept[0][0] if kept else self._running  # (the last one read: the newest is on the left)
+        return True
 
     def _answering(self) -> bool:
         """Requests read on this connection are still being answered (one running, more queued)."""

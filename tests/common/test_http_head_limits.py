@@ -114,10 +114,10 @@ def test_a_connection_that_never_completes_a_head_is_closed_after_the_timeout(se
 # ------------------------------------------------------------ in process, with a stub application
 
 
-def serve_stub(scenario):
+def serve_stub(scenario, seen: list | None = None):
     """Run `scenario(port, release)` against uvicorn with this protocol, in process, serving a
     stub application: `/slow` answers once `release` is set, anything else at once (reading
-    its body first)."""
+    its body first). `seen` gets the path of every request the application runs."""
     import uvicorn
 
     from common.httpprotocol import HttpToolsProtocol
@@ -125,6 +125,8 @@ def serve_stub(scenario):
     async def app(scope, receive, send):
         if scope["type"] != "http":
             return
+        if seen is not None:
+            seen.append(scope["path"])
         while (message := await receive())["type"] == "http.request" and message.get("more_body"):
             pass
         if message["type"] == "http.disconnect":
@@ -287,6 +289,33 @@ def test_a_bad_head_behind_a_request_being_answered_waits_for_that_answer():
 def test_a_broken_body_is_a_400_at_once():
     answer = answers_to([b"POST /t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n"])[0]
     assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1
+
+
+def test_a_broken_body_behind_a_request_being_answered_waits_for_that_answer_and_never_runs():
+    """Before: the 400 was written at once, ahead of /slow's answer (read as its answer), and
+    the connection closed under /slow."""
+    ran = []
+
+    async def scenario(port, release):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)  # /slow is read and waits for `release`
+        writer.write(b"GET /queued HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"POST /broken HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n")
+        await writer.drain()
+        early = await _read_to_close(reader, 0.5)  # nothing may come before /slow is answered
+        release.set()
+        rest = await _read_to_close(reader)
+        writer.close()
+        return early, rest
+
+    early, rest = serve_stub(scenario, seen=ran)
+    assert early == b""
+    answers = [b"HTTP/1.1 " + a for a in rest.split(b"HTTP/1.1 ")[1:]]
+    assert [a[9:12] for a in answers] == [b"200", b"200", b"400"]
+    assert json.loads(answers[2].partition(b"\r\n\r\n")[2])["path"] == "/broken"
+    assert ran == ["/slow", "/queued"]  # the broken request never reached the application
 
 
 def test_what_httptools_cannot_parse_is_a_400_in_the_error_body():
