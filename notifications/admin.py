@@ -9,6 +9,7 @@ import uuid
 
 from django import forms
 from django.contrib import admin, messages
+from django.db.models import Q
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
@@ -27,17 +28,35 @@ RECENT_ATTEMPTS = 20
 # A receiver logs the `webhook-id` header, `msg_` and the event's id in hex; the search's
 # icontains reads the UUID column as text with hyphens, so that never matched anything.
 WEBHOOK_ID = re.compile(r"msg_([0-9a-f]{32})", re.IGNORECASE)
+# what may be part of an id read as text (else a term can only match an endpoint's URL)
+ID_PART = re.compile(r"[0-9a-f-]+", re.IGNORECASE)
 
 
 class _WebhookIdSearch:
-    """A search for a `webhook-id` lists that event's rows only (anything else: the search fields)."""
+    """The searches ops make, by indexed paths: a `webhook-id` lists that event's rows only; a
+    whole UUID, a delivery's (or an event's) rows; a word that cannot be part of an id (a URL,
+    a host), its endpoints' rows. Anything else (part of an id, a seller order id, several
+    words): the search fields, which read every row's text (the messages and attempts grow by
+    millions; before, a whole id or URL did so too)."""
 
     event_id_path = "event__event_id"
+    delivery_path = "event__delivery_id"
+    endpoint_path: str | None = "endpoint_id"  # None: rows with no endpoint (the outbox)
 
     def get_search_results(self, request, queryset, search_term):
-        match = WEBHOOK_ID.fullmatch(search_term.strip())
+        term = search_term.strip()
+        match = WEBHOOK_ID.fullmatch(term)
         if match:
             return queryset.filter(**{self.event_id_path: uuid.UUID(match[1])}), False
+        try:
+            as_uuid = uuid.UUID(term)
+        except ValueError:
+            as_uuid = None
+        if as_uuid is not None:
+            return queryset.filter(Q(**{self.delivery_path: as_uuid}) | Q(**{self.event_id_path: as_uuid})), False
+        if self.endpoint_path and term and not ID_PART.fullmatch(term) and not any(c.isspace() for c in term):
+            endpoints = WebhookEndpoint.objects.filter(url__icontains=term).values("pk")  # (a few rows)
+            return queryset.filter(**{f"{self.endpoint_path}__in": endpoints}), False
         return super().get_search_results(request, queryset, search_term)
 
 
@@ -227,6 +246,7 @@ class WebhookMessageAdmin(_WebhookIdSearch, _ReadOnly):
 class WebhookAttemptAdmin(_WebhookIdSearch, _ReadOnly):
     list_display = ("attempted_at", "endpoint", "message", "status_code", "duration_ms", "error", "next_retry_at")
     event_id_path = "message__event__event_id"
+    delivery_path = "message__event__delivery_id"
     search_fields = ("message__delivery_id", "endpoint__url")
     search_help_text = "A webhook-id (msg_…), a delivery id or an endpoint URL."
     list_filter = ("endpoint", "status_code")
@@ -241,6 +261,8 @@ class OutboxEventAdmin(_WebhookIdSearch, _ReadOnly):
     search_fields = ("delivery__id", "delivery__seller_order_id", "event_id")
     search_help_text = "A webhook-id (msg_…), a delivery id or a seller order id."
     event_id_path = "event_id"
+    delivery_path = "delivery_id"
+    endpoint_path = None
     list_select_related = ("owner",)
     date_hierarchy = "created_at"
 

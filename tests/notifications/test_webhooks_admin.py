@@ -2,6 +2,7 @@
 replaying one message, replaying an endpoint's failed events since a time."""
 from __future__ import annotations
 
+import re
 import zoneinfo
 from datetime import timedelta
 
@@ -173,3 +174,38 @@ def test_the_admin_finds_a_message_by_the_webhook_id_a_receiver_logged(admin_cli
     assert [r.pk for r in by_delivery.context["cl"].result_list] == [other.pk]
     nothing = admin_client.get("/admin/notifications/webhookmessage/", {"q": "msg_" + "0" * 32})
     assert list(nothing.context["cl"].result_list) == []
+
+
+def test_a_whole_id_or_a_url_is_searched_by_indexed_paths(admin_client, receiver):
+    """A delivery id or an endpoint URL was matched as text against every message and attempt
+    (`UPPER(…::text) LIKE`): a scan of tables that grow by millions. Now the delivery's
+    events and the URL's endpoints are looked up first; the rows found are the same."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from notifications.models import OutboxEvent
+
+    _, message = _failed_walk(receiver)
+    _, other = _failed_walk(receiver)
+    attempt = message.attempts.get()
+    host = receiver.url.split("://", 1)[1].split("/", 1)[0]
+    cases = [
+        ("webhookmessage", str(message.delivery_id), [message.pk]),
+        ("webhookmessage", str(message.delivery_id).upper().replace("-", ""), [message.pk]),
+        ("webhookattempt", str(message.delivery_id), [attempt.pk]),
+        ("outboxevent", str(message.delivery_id), sorted(OutboxEvent.objects.filter(delivery_id=message.delivery_id)
+                                                         .values_list("pk", flat=True))),
+        ("outboxevent", str(message.event.event_id), [message.event.pk]),
+        ("webhookmessage", receiver.url, sorted([message.pk, other.pk])),
+        ("webhookattempt", host, sorted([attempt.pk, other.attempts.get().pk])),
+        ("webhookmessage", "https://nowhere.invalid/hook", []),
+    ]
+    for path, term, rows in cases:
+        with CaptureQueriesContext(connection) as queries:
+            page = admin_client.get(f"/admin/notifications/{path}/", {"q": term})
+        assert page.status_code == 200
+        assert sorted(r.pk for r in page.context["cl"].result_list) == rows, (path, term)
+        read_as_text = {m for q in queries for m in re.findall(r'("\w+"\."\w+")::text', q["sql"])}
+        assert read_as_text <= {'"notifications_webhookendpoint"."url"'}, (path, term, read_as_text)  # (a few rows)
+    partial = admin_client.get("/admin/notifications/webhookmessage/", {"q": str(other.delivery_id)[:8]})
+    assert [r.pk for r in partial.context["cl"].result_list] == [other.pk]  # (part of an id: the text search)
