@@ -103,6 +103,12 @@ def performance_delivery_finished(*, driver_id, delivery: Delivery, earning: Dec
         _bump(driver_id, now, deliveries_failed=1, total_earnings=earning)
 
 
+def performance_rated(*, driver_id, now: datetime) -> None:
+    """A customer's rating changed the driver's (`tracking.services.delivery_rate`, in this
+    transaction): ops get the metrics with it, as after every other change."""
+    _bump(driver_id, now)
+
+
 def promised_delivery_time(delivery: Delivery):
     """On time means by the estimate the driver accepted (the accepted offer's payload)."""
     from django.utils.dateparse import parse_datetime

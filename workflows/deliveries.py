@@ -11,7 +11,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from analytics.economics import economics_record
-from analytics.services import performance_delivery_finished
+from analytics.services import performance_delivery_finished, performance_rated
 from availability.models import DriverAvailability
 from common.actors import Actor
 from common.db import locked_now
@@ -26,6 +26,8 @@ from dispatch.services import DeliveryInput
 from escalation.services import unassigned_cancel, unassigned_resolve
 from notifications.outbox import outbox_hold, outbox_pickup_started, outbox_row_sql, outbox_written, pickup_started_event
 from offers.services import offer_cancel_locked, offer_mark_superseded, offers_withdraw_locked
+from tracking import services as tracking
+from tracking.models import DeliveryRating
 from workflows import locks
 from workflows.dispatching import DispatchResult, dispatch_next_locked
 from workflows.geofence import geofence_check
@@ -366,3 +368,13 @@ def _after_step(delivery: Delivery, *, step: str, from_status: str, driver_id, r
         deliveries.delivery_emit_status(delivery, from_status=from_status, driver_id=driver_id, now=now, reason=reason)
         if delivery.status in TRACKED:
             eta_refresh_enqueue(delivery.pk, now=now)  # the legs changed: a fresh ETA for the customer
+
+
+@unit_of_work()
+def delivery_rate(*, delivery_id, stars: int, comment: str = "", now: datetime | None = None) -> DeliveryRating:
+    """The customer rates a delivered delivery, once (`tracking.services.delivery_rate`); ops
+    see the driver's new rating at once (`driver_performance_updated` after commit)."""
+    now = now or timezone.now()
+    rating = tracking.delivery_rate(delivery_id=delivery_id, stars=stars, comment=comment, now=now)
+    performance_rated(driver_id=rating.driver_id, now=now)
+    return rating

@@ -170,3 +170,24 @@ def test_two_ratings_of_one_driver_at_once_are_both_counted():
     assert errors == []
     driver.refresh_from_db()
     assert driver.rating == Decimal("3.33")  # 20 / 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ops_hear_of_the_drivers_new_rating(anon, listen):
+    """The rating changed the driver's `customerRating` with no `driver_performance_updated`:
+    the console kept the old one until the driver's next offer or delivery."""
+    from analytics.events import DriverPerformanceUpdatedEvent
+    from tests.typecheck import assert_event_shape
+
+    driver = john(rating=5)
+    first, second = delivery_in("delivered", driver=driver), delivery_in("delivered", driver=driver)
+    events = listen("ops")
+
+    assert rate(anon, first, {"stars": 4}).status_code == 201
+    assert rate(anon, second, {"stars": 1}).status_code == 201
+
+    updates = [e for e in events.drain() if e["type"] == "driver_performance_updated"]
+    assert [(u["driverId"], u["metrics"]["customerRating"]) for u in updates] == [(str(driver.pk), 4.0), (str(driver.pk), 2.5)]
+    assert_event_shape(updates[-1], DriverPerformanceUpdatedEvent)
+    assert rate(anon, first, {"stars": 2}).status_code == 409  # refused: nothing to tell
+    assert not [e for e in events.drain() if e["type"] == "driver_performance_updated"]

@@ -31,7 +31,7 @@ from common.throttling import (
     customer_miss_record,
 )
 from tracking import selectors as tracking
-from tracking import services
+from workflows import deliveries
 
 TAGS = ["tracking"]
 PRIVATE_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
@@ -188,7 +188,7 @@ class RatingView(_CustomerView):
         delivery = self.delivery_of_link(request, seller_order_id)
         data = RatingSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        rating = services.delivery_rate(
+        rating = deliveries.delivery_rate(
             delivery_id=delivery.pk, stars=data.validated_data["stars"], comment=data.validated_data["comment"]
         )
         body = {"success": True, "deliveryId": str(delivery.pk), "stars": rating.stars, "comment": rating.comment,
