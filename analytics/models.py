@@ -38,7 +38,9 @@ class DriverPerformance(models.Model):
 
     @property
     def avg_response_time_ms(self) -> int:
-        return round(self.response_time_total_ms / self.responses) if self.responses else 0
+        """Rounded half up, in integers, as the analytics API's query does (`round()` rounds a
+        half to even: 4356.5 → 4356 where PostgreSQL said 4357)."""
+        return (2 * self.response_time_total_ms + self.responses) // (2 * self.responses) if self.responses else 0
 
 
 class DeliveryCost(models.Model):

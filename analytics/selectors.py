@@ -56,7 +56,9 @@ def drivers_with_performance():
         m_responses=Coalesce(F("performance__responses"), 0),
         m_response_total=Coalesce(F("performance__response_time_total_ms"), 0),
         m_avg_response_time_ms=Case(
-            When(m_responses__gt=0, then=F("m_response_total") / F("m_responses")), default=Value(0), output_field=IntegerField()
+            # half up, in integers (as DriverPerformance.avg_response_time_ms; `/` alone truncated: 2989.67 → 2989)
+            When(m_responses__gt=0, then=(2 * F("m_response_total") + F("m_responses")) / (2 * F("m_responses"))),
+            default=Value(0), output_field=IntegerField()
         ),
         m_total_earnings=Coalesce(F("performance__total_earnings"), Value(Decimal("0")), output_field=DecimalField(max_digits=12, decimal_places=2)),
         m_updated_at=F("performance__updated_at"),
@@ -84,7 +86,9 @@ def _money(value) -> float:
 
 def summary(*, start: datetime, end: datetime, zone_id=None) -> dict:
     deliveries = Delivery.objects.filter(created_at__gte=start, created_at__lt=end)
-    offers = DriverOffer.objects.filter(created_at__gte=start, created_at__lt=end)
+    # the offers of those deliveries (by the offer's own time, a delivery near an edge had its
+    # offers split between two ranges, and a range with no delivery could show offers)
+    offers = DriverOffer.objects.filter(delivery__created_at__gte=start, delivery__created_at__lt=end)
     if zone_id:
         deliveries = deliveries.filter(zone_id=zone_id)
         offers = offers.filter(delivery__zone_id=zone_id)

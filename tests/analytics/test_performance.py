@@ -323,3 +323,46 @@ def test_rates_are_given_to_four_places(ops):
     metrics = ops.get(f"/v2/admin/analytics/drivers/{driver.pk}").json()["metrics"]
 
     assert metrics["acceptanceRate"] == 0.6667
+
+
+def test_the_summary_counts_the_offers_of_the_deliveries_in_its_range(ops):
+    """The offers were counted by their own time: a delivery made just before `to` had its
+    later offers in the next range, where no delivery was (audit: 2 offers, 0 accepted, then
+    1 accepted for a range with no delivery)."""
+    first, second = online_driver(km=0.4), online_driver(km=0.6)
+    with time_machine.travel("2026-02-01T10:59:58Z", tick=False) as t:
+        delivery, offer = offer_to(first)
+        t.shift(timedelta(seconds=4))  # 11:00:02: rejected, and the next candidate offered, after the range's end
+        offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor.system())
+        later = DriverOffer.objects.get(delivery=delivery, status="PENDING")
+        assert later.driver_id == second.pk
+        accept(second, later)
+
+    inside = ops.get("/v2/admin/analytics/summary?from=2026-02-01T10:00:00Z&to=2026-02-01T11:00:00Z").json()
+    assert inside["deliveries"]["total"] == 1
+    assert (inside["offers"]["total"], inside["offers"]["accepted"], inside["offers"]["rejected"]) == (2, 1, 1)
+    assert inside["acceptanceRate"] == 0.5
+    after = ops.get("/v2/admin/analytics/summary?from=2026-02-01T11:00:00Z&to=2026-02-01T12:00:00Z").json()
+    assert after["deliveries"]["total"] == 0 and after["offers"]["total"] == 0 and after["acceptanceRate"] is None
+
+
+def test_the_average_response_time_is_rounded_half_up_alike_everywhere(ops, listen, django_capture_on_commit_callbacks):
+    """The API truncated (2989.67 → 2989) where the event and the console rounded (2990), and
+    Python's round() took 4356.5 to 4356 (half to even)."""
+    driver = online_driver(name="John Doe")
+    events = listen("ops")
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        for answer_ms in (2414, 477, 6078):  # mean 2989.67
+            delivery, offer = offer_to(driver)
+            t.shift(timedelta(milliseconds=answer_ms))
+            with django_capture_on_commit_callbacks(execute=True):
+                offers.offer_reject(offer_id=offer.pk, driver_id=driver.pk, reason="no_time", actor=Actor.system())
+    api = ops.get(f"/v2/admin/analytics/drivers/{driver.pk}").json()["metrics"]["avgResponseTimeMs"]
+    perf = DriverPerformance.objects.get(driver=driver)
+    event = [e for e in events.drain() if e["type"] == "driver_performance_updated"][-1]["metrics"]["avgResponseTimeMs"]
+    assert (api, perf.avg_response_time_ms, event) == (2990, 2990, 2990)
+
+    DriverPerformance.objects.filter(driver=driver).update(response_time_total_ms=8713, responses=2)  # 4356.5
+    perf.refresh_from_db()
+    api = ops.get(f"/v2/admin/analytics/drivers/{driver.pk}").json()["metrics"]["avgResponseTimeMs"]
+    assert (api, perf.avg_response_time_ms) == (4357, 4357)
