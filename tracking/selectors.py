@@ -30,6 +30,7 @@ from dispatch.proofs import proof_signed_url
 from dispatch.models import DeliveryStatus as S
 from tracking import eta
 from tracking.events import accuracy_shown
+from tracking.models import DeliveryRating
 
 CUSTOMER_STATUS = {S.READY: "pending"}
 ACTIVE_STATUSES = (S.ASSIGNED, S.PICKED_UP, S.IN_TRANSIT)
@@ -225,6 +226,11 @@ def _customer_proofs(delivery: Delivery) -> list[TrackingProof]:
             proof["url"] = proof_signed_url(proof_id)
         proofs.append(proof)
     return proofs
+
+
+def delivery_rating(delivery: Delivery):
+    """The customer's rating of the delivery, or None (rated once at most)."""
+    return DeliveryRating.objects.filter(delivery=delivery).first()
 
 
 def tracking_message(delivery: Delivery, *, kind: str, now: datetime | None = None) -> dict:

@@ -41,6 +41,28 @@ def test_the_page_renders_status_driver_and_eta_without_javascript(client, djang
 
 
 @pytest.mark.django_db
+def test_a_delivered_page_offers_the_rating_once(client):
+    """The form stayed after the customer had rated: sending it again was a 409."""
+    import re
+
+    delivery = delivery_in("delivered")
+    url = f"/track/{delivery.pk}?token={delivery.tracking_token}"
+
+    def cards(html):
+        return {name: not re.search(rf'id="{name}"[^>]* hidden', html) for name in ("rating-card", "rated")}
+
+    before = client.get(url).content.decode()
+    assert cards(before) == {"rating-card": True, "rated": False}
+    assert '"rated": false' in before
+    assert client.post(f"/v2/orders/{delivery.seller_order_id}/rating?token={delivery.tracking_token}",
+                       {"stars": 4}, content_type="application/json").status_code == 201
+
+    after = client.get(url).content.decode()
+    assert cards(after) == {"rating-card": False, "rated": True}
+    assert '"rated": true' in after and "★★★★<" in after
+
+
+@pytest.mark.django_db
 def test_head_answers_as_get_does_without_a_body_and_other_methods_are_405(client):
     delivery = delivery_in("assigned")
     url = f"/track/{delivery.pk}?token={delivery.tracking_token}"
@@ -203,6 +225,28 @@ def test_in_a_browser_a_link_over_its_socket_cap_says_so_and_does_not_retry_ever
         with pytest.raises(TimeoutException):
             WebDriverWait(chromium, 3, poll_frequency=0.25).until(lambda b: refusals() > 1)
         assert text("connection") == "too many open pages, retrying in a minute"
+
+
+@pytest.mark.slow
+def test_in_a_browser_a_rating_sent_replaces_the_form(uvicorn_server, chromium):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from tracking.models import DeliveryRating
+
+    base, _ = uvicorn_server
+    delivery = delivery_in("delivered")
+    chromium.get(f"{base}/track/{delivery.pk}?token={delivery.tracking_token}")
+    element = lambda element_id: chromium.find_element(By.ID, element_id)  # noqa: E731
+    assert element("rating-card").is_displayed() and not element("rated").is_displayed()
+
+    Select(chromium.find_element(By.NAME, "stars")).select_by_value("3")
+    chromium.find_element(By.CSS_SELECTOR, "#rating-form button").click()
+    WebDriverWait(chromium, 10).until(lambda b: element("rated").is_displayed())
+
+    assert not element("rating-card").is_displayed() and element("rated-stars").text == "★★★"
+    assert DeliveryRating.objects.get(delivery=delivery).stars == 3
+    assert csp_violations(chromium) == []
 
 
 @pytest.mark.django_db

@@ -224,8 +224,10 @@ def tracking_page(request, delivery_id):
     else:
         now = timezone.now()
         body = tracking.tracking_status(delivery, now=now)
+        rating = tracking.delivery_rating(delivery) if body["status"] == "delivered" else None
         context = {
             "body": body,
+            "rating": {"stars_text": "★" * rating.stars} if rating else None,
             "label": STATUS_LABELS.get(body["status"], body["status"]),
             "final": delivery.status in tracking.FINAL_STATUSES,
             "pickup_clock": _clock(body.get("estimatedPickupTime")),
@@ -239,6 +241,7 @@ def tracking_page(request, delivery_id):
                 "dropoff": point_json(delivery.dropoff_location),
                 "tileUrl": settings.TRACKING_TILE_URL,
                 "snapshot": {k: v for k, v in body.items() if k != "trackingUrl"},  # keep the token out of the page
+                "rated": rating is not None,  # (the page offers no second rating: it would be a 409)
             },
             "leaflet_url": settings.TRACKING_LEAFLET_URL.rstrip("/"),
         }
