@@ -39,6 +39,11 @@ API_REQUESTS_ABANDONED = Counter(
 LIVE_EVENTS_DROPPED = Counter(
     "live_events_dropped_total", "Live socket events not sent to a group, by reason", ["reason"]
 )
+# Each reason is exported from the start, at 0: a labelled counter nothing has incremented
+# yet is not exported at all, and `rate(live_events_dropped_total[5m])` saw no data, not 0.
+LIVE_EVENTS_DROPPED_REASONS = ("redis_unavailable", "backlog", "send_failed")
+for _reason in LIVE_EVENTS_DROPPED_REASONS:
+    LIVE_EVENTS_DROPPED.labels(_reason)
 
 
 # The seed's metrics (Monitoring and Metrics). Gauges are computed from PostgreSQL at scrape

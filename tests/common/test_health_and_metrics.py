@@ -96,3 +96,28 @@ def test_a_write_method_on_health_and_metrics_is_a_405_naming_get_and_head(path,
 
     body = assert_error_body(r, 405, path=path)
     assert r["Allow"] == "GET, HEAD" and body["message"] == f'Method "{method.upper()}" not allowed.'
+
+
+def test_every_reason_of_dropped_live_events_is_exported_from_the_start(anon, db, tmp_path):
+    """A labelled counter nothing has incremented is not exported: `live_events_dropped_total`
+    was missing from /metrics, and an alert on its rate saw no data instead of 0. Also under
+    several processes (PROMETHEUS_MULTIPROC_DIR), where a fresh process wrote nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    from common.metrics import LIVE_EVENTS_DROPPED_REASONS
+
+    text = anon.get("/metrics").content.decode()
+    for reason in LIVE_EVENTS_DROPPED_REASONS:
+        assert f'live_events_dropped_total{{reason="{reason}"}}' in text
+
+    subprocess.run([sys.executable, "-c", "import common.metrics"], check=True, timeout=60,
+                   env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    samples = {s.labels["reason"]: s.value for s in families["live_events_dropped"].samples if s.name.endswith("_total")}
+    assert samples == {reason: 0.0 for reason in LIVE_EVENTS_DROPPED_REASONS}
