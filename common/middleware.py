@@ -680,6 +680,42 @@ def _admin_list_model(request):
     return model if admin.site.is_registered(model) else None
 
 
+# Fields a list's URL may not filter by (a yes/no row count reads them a character at a time):
+# credentials and codes the console never shows.
+_SECRET_FIELDS = frozenset({"password", "secret", "previous_secret", "digest", "token", "tracking_token", "handoff_code"})
+# Lookups that fail when the query runs, on input the console never sends: a broken pattern
+# (`?store_name__regex=[`), a geometry in any SRID (`?pickup_location__bbcontains=SRID=999999;…`).
+_RUN_TIME_LOOKUPS = frozenset({"regex", "iregex"})
+
+
+def _refused_lookup(model, params) -> str | None:
+    """The first URL parameter of a list that filters by a secret field, by a pattern, or by a
+    geometry (other than `__isnull`); None when there is none. Parameters that name no field
+    (the page, the search, a list filter's own) pass: the admin reads them."""
+    from django.contrib.gis.db.models import GeometryField
+    from django.core.exceptions import FieldDoesNotExist
+
+    for key in params:
+        current, fields, rest = model, [], key.split("__")
+        while rest and current is not None:
+            try:
+                field = current._meta.get_field(rest[0])
+            except FieldDoesNotExist:
+                break
+            fields.append(field)
+            rest.pop(0)
+            current = field.related_model if field.is_relation else None
+        if not fields:
+            continue
+        if any(f.name in _SECRET_FIELDS for f in fields):
+            return key
+        if rest and rest[-1] in _RUN_TIME_LOOKUPS:
+            return key
+        if isinstance(fields[-1], GeometryField) and rest != ["isnull"]:
+            return key
+    return None
+
+
 class AdminListGuardMiddleware(AsyncCapableMiddleware):
     """Parameters no page of the console sends (a stale bookmark, a hand-edited URL, a tampered
     form) get the console's own answers, never a 500:
@@ -692,21 +728,35 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
       (Django raised on them while building the action's queryset), and the same for ids of
       rows the list does not have (Django ran the action on none of them and said nothing). Checked after the CSRF
       check (`process_view`), for a staff login that may change the list; anyone else gets
-      the admin's own answer."""
+      the admin's own answer;
+    - a filter by a secret field (a webhook's signing secret, a token's digest: a row count
+      read them a character at a time), by a pattern or by a geometry (they failed in the
+      database: a 500 on every list, export and action): the list again with `?e=1`, for any
+      staff login, before the list, export or action runs."""
 
     def process_view(self, request, view_func, view_args, view_kwargs):
         from django.contrib import admin, messages
         from django.contrib.admin import helpers
+        from django.contrib.admin.views.main import ERROR_FLAG
         from django.core.exceptions import ValidationError
+        from django.db import DatabaseError
         from django.http import HttpResponseRedirect
 
-        if request.method != "POST" or not _ADMIN_LIST_PATH.match(request.path):
+        match = _ADMIN_LIST_PATH.match(request.path)
+        if match is None:
             return None
-        if getattr(request, "csrf_processing_done", False) is not True:
+        if request.method == "POST" and getattr(request, "csrf_processing_done", False) is not True:
             return None  # (refused by the CSRF check: its 403 stands)
         model = _admin_list_model(request)
         user = getattr(request, "user", None)
-        if model is None or not (user is not None and user.is_active and user.is_staff) or "action" not in request.POST:
+        if model is None or not (user is not None and user.is_active and user.is_staff):
+            return None
+        refused = _refused_lookup(model, request.GET)
+        if refused is not None:
+            logger.warning("admin list %s: a filter the console does not take (%s); sent back to the list",
+                           request.path, refused[:100])
+            return HttpResponseRedirect(f"{request.path.removesuffix('export/')}?{ERROR_FLAG}=1")
+        if request.method != "POST" or "action" not in request.POST:
             return None
         if not admin.site.get_model_admin(model).has_change_permission(request):
             return None
@@ -733,7 +783,12 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
             listed = admin.site.get_model_admin(model).get_changelist_instance(request).get_queryset(request)
         except Exception:  # (filters the list cannot take: Django's own answer)
             return None
-        found = listed.filter(pk__in=selected).count()
+        try:
+            found = listed.filter(pk__in=selected).count()
+        except DatabaseError:  # (a filter that fails when it runs: the action would fail alike)
+            logger.warning("admin list %s: its filters fail in the database; the action was not run", request.get_full_path())
+            messages.error(request, "Nothing was done: the list's filters cannot be run.")
+            return HttpResponseRedirect(f"{request.path}?{ERROR_FLAG}=1")
         if found == len(selected):
             return None
         missing = len(selected) - found
@@ -746,10 +801,15 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
         from django.core.exceptions import FieldError, ValidationError
         from django.http import HttpResponseRedirect
 
-        if not isinstance(exception, (IncorrectLookupParameters, FieldError, ValidationError, ValueError, OverflowError)):
+        from django.db import DataError
+
+        # (DataError: a value the database refused when the list's query ran, e.g. out of range)
+        if not isinstance(exception, (IncorrectLookupParameters, FieldError, ValidationError, ValueError, OverflowError,
+                                      DataError)):
             return None
         match = _ADMIN_LIST_PATH.match(request.path)
-        if match is None or not (request.method == "GET" or match["export"]):
+        # (an action on "all N" of a list whose filter fails in the database: the same answer)
+        if match is None or not (request.method == "GET" or match["export"] or isinstance(exception, DataError)):
             return None
         if not set(request.GET) - {ERROR_FLAG} or _admin_list_model(request) is None:
             return None  # (no parameters to drop: the list's own error; `?e=1&<bad filter>`, as any bad filter)

@@ -309,3 +309,55 @@ def test_running_a_task_saved_with_unusable_arguments_is_a_message_not_a_500(adm
 
     assert r.status_code == 200
     assert "Nothing was run. Fix these first: saved-elsewhere: kwargs must be a JSON object" in r.content.decode()
+
+
+ALL_LISTS = sorted(f"/admin/{m._meta.app_label}/{m._meta.model_name}/" for m in admin.site._registry)
+
+
+@pytest.mark.parametrize("url", ALL_LISTS)
+def test_a_pattern_filter_on_any_list_is_the_list_again_not_a_500(admin_client, url):
+    """`?pk__regex=[` failed in the database when the list ran: a 500 on every list."""
+    r = admin_client.get(url + "?pk__regex=%5B")
+
+    assert r.status_code == 302 and r["Location"] == url + "?e=1"
+
+
+@pytest.mark.parametrize("query", [
+    "?store_name__regex=%5B", "?store_name__iregex=a", "?pickup_location__bbcontains=SRID%3D999999%3BPOINT(1%202)",
+    "?dropoff_location__exact=POINT(1%202)", "?tracking_token__startswith=a", "?handoff_code=1234",
+])
+def test_filters_by_pattern_geometry_or_secret_are_refused_on_lists_exports_and_actions(admin_client, query):
+    delivery = DeliveryFactory()
+    url = "/admin/dispatch/delivery/"
+
+    assert admin_client.get(url + query)["Location"] == url + "?e=1"
+    exported = admin_client.post(url + "export/" + query, {"format": "0", "resource": "0"})
+    assert exported.status_code == 302 and exported["Location"] == url + "?e=1"
+    for across in ("0", "1"):
+        r = admin_client.post(url + query, {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)],
+                                            "index": "0", "apply": "1", "reason": "x", "select_across": across})
+        assert r.status_code == 302 and r["Location"] == url + "?e=1"
+    delivery.refresh_from_db()
+    assert delivery.status == "ready"
+    assert admin_client.get(url + "?pickup_location__isnull=False").status_code == 200  # (a geometry's presence: fine)
+
+
+def test_a_webhook_secret_or_a_token_digest_cannot_be_read_through_a_filter(admin_client):
+    """A yes/no row count (`?secret__startswith=whsec_c`) recovered a signing secret one
+    character at a time; the token list's `digest` the same."""
+    from common.tokens import api_token_create
+    from notifications import services
+    from tests.factories import IntegrationUserFactory
+
+    endpoint = services.endpoint_create(owner=IntegrationUserFactory(), all_deliveries=False,
+                                        url="https://hooks.example.com/x", events=["*"])
+    api_token_create(DriverFactory().user, name="t")
+    for url, query in [
+        ("/admin/notifications/webhookendpoint/", f"?id__exact={endpoint.pk}&secret__startswith={endpoint.secret[:8]}"),
+        ("/admin/notifications/webhookendpoint/", "?previous_secret__isnull=True"),
+        ("/admin/common/apitoken/", "?digest__startswith=0"),
+        ("/admin/common/apitoken/", "?digest__gt="),
+    ]:
+        r = admin_client.get(url + query)
+        assert r.status_code == 302 and r["Location"] == url + "?e=1", (url, query)
+    assert admin_client.get(f"/admin/notifications/webhookendpoint/?id__exact={endpoint.pk}").status_code == 200
