@@ -35,6 +35,56 @@ def _r(x: float | None, digits: int = 1) -> float | None:
     return None if x is None else round(x, digits)
 
 
+# The means a comparison weighs, with the per-order series each is the mean of.
+COMPARED = (
+    ("meanPickupEtaSeconds", "pickupEta"), ("meanTimeToAssignSeconds", "timeToAssign"), ("meanDeliverySeconds", "delivery"),
+)
+Z95 = 1.959964  # the normal quantile of a two-sided 95 % interval (runs hold hundreds of orders or more)
+
+
+def difference(base: list[float], other: list[float]) -> dict | None:
+    """`other`'s mean minus `base`'s, with its 95 % confidence interval (Welch's: the two runs'
+    orders taken as independent samples, normal approximation), and what it says: "lower",
+    "higher" or "within noise" (the interval holds 0). None with fewer than 2 values a side.
+    (Both runs face the same orders, but a driver's draws follow its own events, which differ
+    between policies: the pairs are not matched, so the unpaired interval is the honest one.)"""
+    if len(base) < 2 or len(other) < 2:
+        return None
+    mean_b, mean_o = sum(base) / len(base), sum(other) / len(other)
+    var_b = sum((x - mean_b) ** 2 for x in base) / (len(base) - 1)
+    var_o = sum((x - mean_o) ** 2 for x in other) / (len(other) - 1)
+    d = mean_o - mean_b
+    half = Z95 * math.sqrt(var_b / len(base) + var_o / len(other))
+    verdict = "lower" if d + half < 0 else "higher" if d - half > 0 else "within noise"
+    return {"difference": round(d, 1), "ci95": [round(d - half, 1), round(d + half, 1)],
+            "relative": round(d / mean_b, 4) if mean_b else None, "verdict": verdict}
+
+
+def comparison(series: dict[str, dict]) -> dict:
+    """Each policy against the first (the baseline): the difference of each compared mean with
+    its 95 % interval (`difference`)."""
+    names = list(series)
+    base = series[names[0]]
+    return {
+        "baseline": names[0],
+        "against": {name: {key: difference(base[s], series[name][s]) for key, s in COMPARED} for name in names[1:]},
+    }
+
+
+# The settings a policy's figures depend on, beside the policy itself (which each run sets):
+# two runs compared side by side must have had the same (`services.outcome_merge`).
+_SETTINGS_PREFIXES = ("DISPATCH_", "OFFER_", "DRIVER_STALE_", "ESCALATION_LEVEL", "STACKING_", "CANDIDATE_")
+_SETTINGS_PER_RUN = ("DISPATCH_POLICY", "STACKING_ENABLED")
+
+
+def platform_settings() -> dict:
+    from django.conf import settings
+
+    return {name: getattr(settings, name) for name in sorted(dir(settings))
+            if name.startswith(_SETTINGS_PREFIXES) and name not in _SETTINGS_PER_RUN
+            and isinstance(getattr(settings, name), int | float | str | bool)}
+
+
 def collect(params: Params, trace: Trace) -> tuple[dict, dict]:
     """(the JSON result, the series the report plots)."""
     horizon = params.minutes * 60
@@ -58,7 +108,7 @@ def collect(params: Params, trace: Trace) -> tuple[dict, dict]:
     ever_unassigned = set(UnassignedOrder.objects.values_list("delivery_id", flat=True))
     escalated = UnassignedOrder.objects.filter(escalation_level__gte=1).count()
 
-    window = [s for s in trace.samples if s["t"] < horizon]
+    window = [s for s in trace.samples if 0 < s["t"] < horizon]  # (at 0 every driver is free: no sample of service)
     utilization = []
     active_hours = 0.0
     for s in window:
@@ -79,6 +129,9 @@ def collect(params: Params, trace: Trace) -> tuple[dict, dict]:
         "ordersCreated": created,
         "ordersAssigned": assigned_n,
         "ordersDelivered": len(delivery),
+        # assigned, not at the pickup when the run stopped (its 30 minutes of drain spent): the
+        # slowest, left out of the pickup mean, in numbers that differ between policies
+        "ordersAssignedNotPickedUp": assigned_n - len(pickup),
         "ordersEverUnassigned": len(ever_unassigned),
         "ordersByStatus": dict(sorted(Delivery.objects.order_by().values_list("status").annotate(n=Count("pk")))),
         "stepsRefused": trace.steps_refused,
@@ -88,12 +141,14 @@ def collect(params: Params, trace: Trace) -> tuple[dict, dict]:
         "breaks": trace.breaks,
         "simulatedSeconds": trace.end_s,
         "parameters": params.as_json(),
+        "platformSettings": platform_settings(),
         "seed": params.seed,
         "policy": params.policy,
         "stacking": params.stacking,
     }
     heat = [(loc.y, loc.x) for pk, *_rest, loc in rows if pk in ever_unassigned]
     series = {
+        "parameters": params.as_json(),  # (which run these are: `simulate_report` checks them against its JSON)
         "timeToAssign": tta,
         "pickupEta": pickup,
         "delivery": delivery,

@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from simulation.metrics import METRIC_KEYS  # noqa: E402
 from zones.demo import DEMO_ZONES  # noqa: E402
 
-TABLE_KEYS = METRIC_KEYS + ("p95DeliverySeconds", "ordersCreated", "ordersAssigned", "ordersDelivered", "offers")
+TABLE_KEYS = METRIC_KEYS + ("p95DeliverySeconds", "ordersCreated", "ordersAssigned", "ordersAssignedNotPickedUp",
+                            "ordersDelivered", "offers")
 BARS = (
     ("meanTimeToAssignSeconds", "Mean time to assign (s)"), ("p95TimeToAssignSeconds", "p95 time to assign (s)"),
     ("meanPickupEtaSeconds", "Mean pickup time (s)"), ("assignmentRate", "Assignment rate"),
@@ -90,8 +91,27 @@ def _fmt(value) -> str:
     return "–" if value is None else html.escape(str(value))
 
 
-def render(runs: dict, series: dict) -> str:
-    """runs: label → JSON result; series: label → the series of that run."""
+def _comparison(compared: dict) -> str:
+    """Each policy against the baseline: the difference of each mean, its 95 % interval, and
+    whether it is a difference at all."""
+    rows = []
+    for name, figures in compared["against"].items():
+        for key, d in figures.items():
+            if d is None:
+                rows.append(f"<tr><th>{html.escape(name)}</th><td>{key}</td><td colspan=3>too few orders</td></tr>")
+                continue
+            rel = "" if d["relative"] is None else f" ({d['relative'] * 100:+.1f} %)"
+            rows.append(f"<tr><th>{html.escape(name)}</th><td>{key}</td><td>{d['difference']:+.1f} s{rel}</td>"
+                        f"<td>{d['ci95'][0]:+.1f} … {d['ci95'][1]:+.1f} s</td><td>{html.escape(d['verdict'])}</td></tr>")
+    return (f"<h2>Against {html.escape(compared['baseline'])}</h2><p>The difference of each mean, with its 95 % "
+            "confidence interval (Welch). An interval that holds 0 is no difference this run can show: run "
+            "more minutes or more seeds.</p><table><tr><th>policy</th><th>figure</th><th>difference</th>"
+            f"<th>95 % interval</th><th>verdict</th></tr>{''.join(rows)}</table>")
+
+
+def render(runs: dict, series: dict, compared: dict | None = None) -> str:
+    """runs: label → JSON result; series: label → the series of that run; compared: the
+    JSON's `comparison` (several runs)."""
     names = list(runs)
     first = runs[names[0]]["parameters"]
     params = ", ".join(f"{k} {v}" for k, v in first.items() if k not in ("policy", "stacking"))
@@ -101,6 +121,8 @@ def render(runs: dict, series: dict) -> str:
     )
     sections = []
     if len(names) > 1:
+        if compared:
+            sections.append(_comparison(compared))
         sections.append(f"<h2>Policies side by side</h2>{_bars(runs)}")
     sections += [
         "<h2>Time to assign</h2>" + _hist(series, "timeToAssign", "Time from ready to accepted offer", "seconds"),

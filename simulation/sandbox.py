@@ -108,6 +108,14 @@ def _ensure_database(name: str) -> None:
     try:
         with conn.cursor() as cur:
             cur.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
+            # btree_gist too (offers' exclusion constraint): created by a run's migration it
+            # landed in that run's schema, and the run's DROP SCHEMA … CASCADE took it, and with
+            # it the constraint of every other run going on at once (two processes side by side).
+            cur.execute("CREATE EXTENSION IF NOT EXISTS btree_gist SCHEMA public")
+            cur.execute("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                        "WHERE e.extname = 'btree_gist'")
+            if cur.fetchone()[0] != "public":  # (left in a run's schema by an earlier version)
+                cur.execute("ALTER EXTENSION btree_gist SET SCHEMA public")
             # The run's schema comes first on the search path, `public` after it: a table of
             # the platform's in `public` would answer for one the run lacks. Refuse such a database.
             cur.execute(

@@ -13,7 +13,7 @@ from common.exceptions import InvalidInput
 from dispatch.models import DispatchPolicy
 from simulation.city import CITIES
 from simulation.engine import Params, Simulation
-from simulation.metrics import collect
+from simulation.metrics import collect, comparison
 from simulation.models import SimulationRun, SimulationStatus
 from simulation.sandbox import control_connection, sandbox
 
@@ -132,7 +132,8 @@ def run(base: Params, policies: list[str], *, progress: Progress | None = None) 
         return Outcome(json=next(iter(results.values())), series=series)
     parameters = {k: v for k, v in base.as_json().items() if k not in ("policy", "stacking")}
     return Outcome(
-        json={"parameters": {**parameters, "policies": [label(p, st) for p, st in todo]}, "seed": base.seed, "runs": results},
+        json={"parameters": {**parameters, "policies": [label(p, st) for p, st in todo]}, "seed": base.seed, "runs": results,
+              "comparison": comparison(series)},
         series=series,
     )
 
@@ -146,7 +147,7 @@ def outcome_merge(parts: list[tuple[dict, dict]]) -> Outcome:
     must share the city, seed and load (only the policy differs), or the comparison means
     nothing; a policy may appear once."""
     runs, series = {}, {}
-    base = None
+    base = settings_seen = None
     for result, part_series in parts:
         part_runs = result["runs"] if "runs" in result else {label(result["policy"], result["stacking"]): result}
         for name, run in part_runs.items():
@@ -163,11 +164,23 @@ def outcome_merge(parts: list[tuple[dict, dict]]) -> Outcome:
                 raise InvalidInput({"runs": [f"{name} is given twice."]})
             if name not in part_series:
                 raise InvalidInput({"runs": [f"The series of {name} are missing."]})
+            made = part_series[name].get("parameters")  # (series written before 2026-12-07 do not say)
+            if made is not None and {k: made.get(k) for k in given} != given:
+                raise InvalidInput({"runs": [f"The series given for {name} are of another run ({made})."]})
+            ran_with = run.get("platformSettings")
+            if ran_with is not None:
+                if settings_seen is None:
+                    settings_seen = ran_with
+                elif ran_with != settings_seen:
+                    changed = sorted(k for k in set(ran_with) | set(settings_seen) if ran_with.get(k) != settings_seen.get(k))
+                    raise InvalidInput({"runs": [f"{name} ran with other settings ({', '.join(changed)}): only the policy may differ."]})
             runs[name], series[name] = run, part_series[name]
     if not runs:
         raise InvalidInput({"runs": ["No run given."]})
     return Outcome(
-        json={"parameters": {**base, "policies": list(runs)}, "seed": base["seed"], "runs": runs}, series=series
+        json={"parameters": {**base, "policies": list(runs)}, "seed": base["seed"], "runs": runs,
+              "comparison": comparison(series)},
+        series=series,
     )
 
 
@@ -175,7 +188,7 @@ def render_report(outcome: Outcome) -> str:
     runs = outcome.json["runs"] if "runs" in outcome.json else {label(outcome.json["policy"], outcome.json["stacking"]): outcome.json}
     from simulation import report as report_module  # matplotlib: loaded by a run, not by every web process
 
-    return report_module.render(runs, outcome.series)
+    return report_module.render(runs, outcome.series, outcome.json.get("comparison"))
 
 
 # ------------------------------------------------------------------------------ admin runs

@@ -457,7 +457,10 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
         # autoDispatch false and never offered or dispatched by ops: ops start it (dispatching it
         # here would go against the seller's choice)
         .filter(Q(delivery__auto_dispatch=True) | ops_started("delivery_id"))
-        .order_by("last_attempt_at").values_list("delivery_id", "escalation_level")[:batch_size]
+        # (ties, common when one run attempted them all at once: the oldest order first, then
+        # by id, so the order never depends on a query plan; the simulator's runs repeat)
+        .order_by("last_attempt_at", "delivery__created_at", "delivery_id")
+        .values_list("delivery_id", "escalation_level")[:batch_size]
     )
     offered = 0
     for delivery_id, level in rows:

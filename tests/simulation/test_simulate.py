@@ -13,7 +13,7 @@ from django.db.utils import load_backend
 from common.broadcast import enqueue_task_on_commit, tasks_diverted
 from common.redis import get_redis
 from simulation.city import City
-from simulation.metrics import METRIC_KEYS, percentile
+from simulation.metrics import METRIC_KEYS, difference, percentile
 from simulation.sandbox import CLAIM_KEY
 
 SMALL = ["--drivers", "20", "--orders-per-hour", "60", "--minutes", "10", "--seed", "7", "--no-progress"]
@@ -27,6 +27,17 @@ def _run_schemas() -> list[str]:
         with conn.cursor() as cur:
             cur.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'run\\_%%'")
             return [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def _sim_query(sql: str) -> list[tuple]:
+    conf = {**connection.settings_dict, "NAME": connection.settings_dict["NAME"] + "_sim"}
+    conn = load_backend(conf["ENGINE"]).DatabaseWrapper(conf, "sim_probe")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
     finally:
         conn.close()
 
@@ -68,6 +79,10 @@ def test_same_seed_same_figures_and_a_self_contained_report(tmp_path, sim_redis)
     # nothing left behind: the run's schema is dropped, its Redis database flushed
     assert _run_schemas() == []
     assert sim_redis.dbsize() == 0
+    # btree_gist lives in `public`: in a run's schema, that run's DROP SCHEMA … CASCADE took it,
+    # and with it the offers' exclusion constraint of every run going on beside it
+    assert _sim_query("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+                      "WHERE e.extname = 'btree_gist'") == [("public",)]
 
 
 @pytest.mark.timeout(900)
@@ -90,6 +105,17 @@ def test_compare_runs_the_policies_side_by_side_on_the_same_city(tmp_path, sim_r
     html = report.read_text()
     assert "Policies side by side" in html and "batch+stacking" in html
     assert _run_schemas() == [] and sim_redis.dbsize() == 0
+    # each mean against the baseline, with its 95 % interval: no winner named from noise
+    compared = result["comparison"]
+    assert compared["baseline"] == "sequential" and list(compared["against"]) == ["batch+stacking"]
+    figures = compared["against"]["batch+stacking"]
+    assert set(figures) == {"meanPickupEtaSeconds", "meanTimeToAssignSeconds", "meanDeliverySeconds"}
+    for d in filter(None, figures.values()):
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+        assert d["verdict"] == ("within noise" if d["ci95"][0] <= 0 <= d["ci95"][1] else "lower" if d["ci95"][1] < 0 else "higher")
+    assert "Against sequential" in html and "95 % interval" in html
+    assert sequential["platformSettings"]["DISPATCH_RADIUS_KM"] == settings.DISPATCH_RADIUS_KM
+    assert "DISPATCH_POLICY" not in sequential["platformSettings"]  # (the policy is the run's own)
 
     # The same two runs made apart (each its own `simulate --json … --series …`, e.g. two
     # processes at once) give the same side-by-side report through `simulate_report`.
@@ -113,6 +139,21 @@ def test_compare_runs_the_policies_side_by_side_on_the_same_city(tmp_path, sim_r
                      "--report", str(tmp_path / "x.html"))
     with pytest.raises(CommandError, match="given twice"):
         call_command("simulate_report", *parts[:3], *parts[:3], "--report", str(tmp_path / "x.html"))
+    # a run made with other settings (a matching window, a radius), or the series of another run
+    tuned = dict(result["runs"]["batch+stacking"], platformSettings={
+        **result["runs"]["batch+stacking"]["platformSettings"], "DISPATCH_MATCHING_WINDOW_SECONDS": 60})
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned))
+    with pytest.raises(CommandError, match=r"ran with other settings \(DISPATCH_MATCHING_WINDOW_SECONDS\)"):
+        call_command("simulate_report", *parts[:3], "--run", str(tmp_path / "tuned.json"), parts[5],
+                     "--report", str(tmp_path / "x.html"))
+    stray = {"batch+stacking": {**series["batch+stacking"],
+                                "parameters": {**series["batch+stacking"]["parameters"], "seed": 99}}}
+    (tmp_path / "stray.series.json").write_text(json.dumps(stray))
+    with pytest.raises(CommandError, match="are of another run"):
+        call_command("simulate_report", *parts[:3], "--run", parts[4], str(tmp_path / "stray.series.json"),
+                     "--report", str(tmp_path / "x.html"))
+    with pytest.raises(CommandError, match="directory does not exist"):
+        call_command("simulate_report", *parts, "--report", "/nonexistent-dir/x.html")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -134,6 +175,8 @@ def test_a_second_run_at_the_same_time_is_refused(sim_redis):
     (["--city", "atlantis"], "Unknown city 'atlantis'"),
     (["--drivers", "many"], "invalid int value"),
     (["--json", "/nonexistent-dir/out.json"], "directory does not exist"),
+    (["--json", "/tmp"], "/tmp: it is a directory"),  # (found only after the run, its figures lost)
+    (["--policy", ""], "Unknown policy ''"),  # (ran the default: 1,000 drivers for an hour)
 ])
 def test_bad_arguments_are_a_clear_command_error(args, message):
     with pytest.raises(CommandError, match=re.escape(message)):
@@ -189,3 +232,14 @@ def test_the_periodic_jobs_run_on_the_production_schedule():
             assert name in tasks, name
         else:  # not on this code base (yet): the simulator skips it
             assert name not in tasks, name
+
+
+def test_a_difference_inside_its_interval_is_within_noise():
+    """The docs named a winner from 1-4 % differences that two runs of one policy also show."""
+    base = [300.0, 320.0, 280.0, 310.0, 290.0] * 20
+    assert difference(base, [x - 2 for x in base])["verdict"] == "within noise"  # -2 s: the interval is ±3.9 s here
+    far = difference(base, [x - 40 for x in base])
+    assert far["verdict"] == "lower" and far["difference"] == -40.0 and far["ci95"][1] < 0
+    assert far["relative"] == round(-40 / 300, 4)
+    assert difference(base, [x + 40 for x in base])["verdict"] == "higher"
+    assert difference([1.0], [2.0, 3.0]) is None

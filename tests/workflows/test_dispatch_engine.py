@@ -148,6 +148,29 @@ def test_two_retry_runs_close_together_attempt_a_delivery_once():
     assert record.attempt_count == 2  # the offer is not a failed attempt
 
 
+def test_the_retry_job_takes_orders_attempted_at_one_moment_oldest_first_whatever_the_plan(monkeypatch):
+    """Records one run attempted share `last_attempt_at`; they came back in the order of the
+    query plan, which PostgreSQL may change between runs: the simulator's same seed gave other
+    figures run to run (the same driver got another delivery)."""
+    from workflows import dispatching
+
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        made = []
+        for _ in range(6):
+            made.append(DeliveryFactory())
+            t.shift(timedelta(seconds=1))
+        for delivery in reversed(made):  # attempted in one run, the newest first
+            delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+        UnassignedOrder.objects.update(last_attempt_at=timezone.now())  # (one run's `now`)
+        tried = []
+        real = dispatching.dispatch_next_locked
+        monkeypatch.setattr(dispatching, "dispatch_next_locked",
+                            lambda delivery, **kw: tried.append(delivery.pk) or real(delivery, **kw))
+        t.shift(timedelta(seconds=30))
+        unassigned_retry()
+    assert tried == [d.pk for d in made]
+
+
 def test_the_retry_gap_is_a_setting(settings):
     settings.DISPATCH_RETRY_MIN_GAP_SECONDS = 0
     delivery = DeliveryFactory()

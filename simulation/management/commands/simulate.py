@@ -33,10 +33,10 @@ class Command(BaseCommand):
     def handle(self, *args, **o):
         if o["policy"] and o["compare"]:
             raise CommandError("Give --policy or --compare, not both.")
-        policies = [p.strip() for p in o["compare"].split(",")] if o["compare"] else [o["policy"] or "sequential"]
-        for path in (o["json_path"], o["report_path"], o["series_path"]):
-            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-                raise CommandError(f"Cannot write {path}: its directory does not exist.")
+        # (an empty --policy is refused as an unknown one: it ran the default, 1,000 drivers for an hour)
+        policies = [p.strip() for p in o["compare"].split(",")] if o["compare"] else [
+            "sequential" if o["policy"] is None else o["policy"].strip()]
+        _writable(o["json_path"], o["report_path"], o["series_path"])
         base = Params(drivers=o["drivers"], orders_per_hour=o["orders_per_hour"], minutes=o["minutes"], seed=o["seed"],
                       policy=policies[0], stacking=o["stacking"], city=o["city"])
         try:
@@ -74,6 +74,18 @@ class Command(BaseCommand):
             with open(o["series_path"], "w") as f:
                 json.dump(outcome.series, f)
         self.stderr.write(f"done in {elapsed:.1f} s (wall clock)")
+
+
+def _writable(*paths) -> None:
+    """CommandError for an output path that cannot be written, before the run (after it, its
+    figures were lost with a traceback)."""
+    for path in paths:
+        if not path:
+            continue
+        if os.path.isdir(path):
+            raise CommandError(f"Cannot write {path}: it is a directory.")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise CommandError(f"Cannot write {path}: its directory does not exist.")
 
 
 def _message(error) -> str:

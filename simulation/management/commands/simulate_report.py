@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from common.exceptions import InvalidInput
 from simulation import services
-from simulation.management.commands.simulate import _message
+from simulation.management.commands.simulate import _message, _writable
 
 
 class Command(BaseCommand):
@@ -19,6 +19,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", dest="json_path", default=None, help="write the merged JSON here")
 
     def handle(self, *args, **o):
+        _writable(o["report_path"], o["json_path"])
         parts = []
         for json_path, series_path in o["run"]:
             try:
