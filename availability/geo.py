@@ -89,6 +89,15 @@ else
   redis.call('HINCRBY', KEYS[4], member, 1)
   if ARGV[7] ~= '' then redis.call('HSET', KEYS[5], member, ARGV[7]) else redis.call('HDEL', KEYS[5], member) end
 end
+if state == 'available' then
+  -- the driver's live position (the fast lane's, KEYS[6]) when it is newer than the one given:
+  -- a fix the stream consumer has not written to PostgreSQL yet (a resume right after the
+  -- app's first fix read none there, took the driver out, and no later fix put it back)
+  local live = redis.call('HMGET', KEYS[6], 'lat', 'lon', 't')
+  if live[3] and (ts == '' or tonumber(live[3]) > tonumber(ts)) and math.abs(tonumber(live[1])) <= tonumber(ARGV[8]) then
+    lat, lon, ts = live[1], live[2], live[3]
+  end
+end
 if state == 'available' and lon ~= '' then
   local indexed_at = redis.call('ZSCORE', KEYS[2], member)
   if indexed_at and tonumber(indexed_at) > tonumber(ts) then return 0 end
@@ -103,6 +112,12 @@ return 1
 _index_scripts: dict[int, redis.commands.core.Script] = {}
 
 
+def live_driver_key(driver_id) -> str:
+    """The driver's live state in Redis (its last position, written by every accepted fix;
+    `availability.live`), beside the index's keys (the fleet's hash tag)."""
+    return fleet_key(f"drv:{driver_id}")
+
+
 def _indexable(lat: float | None, recorded_at: datetime | None) -> bool:
     return lat is not None and recorded_at is not None and abs(lat) <= GEO_MAX_LAT
 
@@ -114,7 +129,9 @@ def index_driver(
     """Bring one driver's Redis entries in line with its committed state. Never raises.
 
     `from_fix`: called for a location fix rather than a transition (see _INDEX_SCRIPT).
-    `changed_at`: when the availability began (a transition's time)."""
+    `changed_at`: when the availability began (a transition's time). An available driver is
+    indexed at the newer of the position given and its live one in Redis (the fast lane's fix,
+    which the stream consumer may not have written to PostgreSQL yet)."""
     member = str(driver_id)
     indexed = availability == DriverAvailability.AVAILABLE and _indexable(lat, recorded_at)
     try:
@@ -123,10 +140,10 @@ def index_driver(
         if script is None:
             script = _index_scripts.setdefault(id(client), client.register_script(_INDEX_SCRIPT))
         script(
-            keys=[GEO_KEY, FIX_KEY, STATUS_KEY, VERSION_KEY, STATUS_AT_KEY],
+            keys=[GEO_KEY, FIX_KEY, STATUS_KEY, VERSION_KEY, STATUS_AT_KEY, live_driver_key(member)],
             args=[member, availability, repr(lon) if indexed else "", repr(lat) if indexed else "",
                   repr(recorded_at.timestamp()) if indexed else "", "1" if from_fix else "0",
-                  repr(changed_at.timestamp()) if changed_at is not None else ""],
+                  repr(changed_at.timestamp()) if changed_at is not None else "", repr(GEO_MAX_LAT)],
         )
     except RedisUnavailable:
         logger.warning("GEO index not updated for driver %s: Redis unavailable (reconcile will repair)", member)

@@ -48,8 +48,7 @@ AUTH_TTL_SECONDS = 60
 AUTH_GEN_KEY = fleet_key("tokens:gen")
 
 
-def driver_key(driver_id) -> str:
-    return fleet_key(f"drv:{driver_id}")
+driver_key = geo.live_driver_key
 
 
 def auth_key(driver_id) -> str:

@@ -117,6 +117,31 @@ def test_each_availability_transition_is_reflected_in_the_index_after_commit(dja
     assert index_snapshot() == expected_snapshot()
 
 
+@pytest.mark.parametrize("stored", ["none", "older"])
+def test_a_driver_resuming_right_after_a_fix_not_yet_in_postgresql_is_indexed_where_that_fix_is(
+    django_capture_on_commit_callbacks, stored,
+):
+    """The app's order: a fix (the fast lane: Redis at once, PostgreSQL by the stream consumer a
+    moment later), then resume. The resume read no position in PostgreSQL and took the driver
+    out of the index; the fix's later write saw "available" and did not repair it: invisible to
+    dispatch until the reconcile (20-75 s in an audit), or indexed at the older place."""
+    older = {"location": None, "location_recorded_at": None} if stored == "none" else {
+        "location": near(3000), "location_recorded_at": timezone.now() - timedelta(minutes=5)}
+    driver = DriverFactory(availability="offline", **older)
+    now = timezone.now()
+    lat, lon = destination(*CITY, 200, 90)
+    live.fix_record_persisted(live.Fix(driver_id=str(driver.pk), lat=lat, lon=lon, recorded_at=now.timestamp()))
+    assert not in_geo(driver)  # (offline: a fix does not index it)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        driver_workflows.availability_resume(driver_id=driver.pk, actor=Actor("driver", driver.pk))
+
+    found = geo.drivers_available_near(lat=lat, lon=lon, radius_km=0.1, limit=5)
+    assert [d.driver_id for d in found] == [str(driver.pk)]
+    assert r().zscore(geo.FIX_KEY, str(driver.pk)) == pytest.approx(now.timestamp())
+    assert geo.drivers_available_near(lat=lat, lon=lon, radius_km=0.1, limit=5)  # (the search kept it: fresh)
+
+
 def test_a_driver_who_becomes_busy_leaves_the_index_and_returns_when_the_delivery_ends(django_capture_on_commit_callbacks):
     driver = DriverFactory()
     delivery = DeliveryFactory()
