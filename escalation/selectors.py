@@ -14,7 +14,7 @@ from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 
 from audit.models import DeliveryAuditLog
 from availability.models import Driver, DriverAvailability
-from common.exceptions import NotFound
+from common.exceptions import Conflict, NotFound
 from common.roles import SUPPORT_GROUP
 from dispatch.models import Delivery, DeliveryStatus
 from escalation.levels import level_thresholds
@@ -22,6 +22,7 @@ from escalation.models import (
     ACTIVE_TICKET_STATUSES,
     SupportTicket,
     TicketComment,
+    TicketStatus,
     UnassignedOrder,
 )
 
@@ -131,12 +132,15 @@ def ticket_get(*, ticket_id) -> SupportTicket:
     return ticket
 
 
-def ticket_delivery_id(*, ticket_id):
-    """The delivery of a ticket (to lock it before the ticket: delivery → ticket)."""
-    delivery_id = SupportTicket.objects.filter(pk=ticket_id).values_list("delivery_id", flat=True).first()
-    if delivery_id is None:
+def ticket_delivery_id(*, ticket_id, open_only: bool = False):
+    """The delivery of a ticket (to lock it before the ticket: delivery → ticket). With
+    `open_only`, a closed ticket is a Conflict (closed is final: no action from it)."""
+    row = SupportTicket.objects.filter(pk=ticket_id).values_list("delivery_id", "status").first()
+    if row is None or row[0] is None:
         raise NotFound("Ticket not found.")
-    return delivery_id
+    if open_only and row[1] == TicketStatus.CLOSED:
+        raise Conflict("Ticket is closed; a closed ticket is final.")
+    return row[0]
 
 
 def ticket_comments(*, ticket_id) -> QuerySet[TicketComment]:

@@ -315,7 +315,9 @@ def ticket_redispatch(*, ticket_id, user, actor: Actor, now: datetime | None = N
     """Dispatch the ticket's delivery again with the wide radius (ops' level-2 search, on
     demand). A delivery that is not ready or already has a pending offer is a Conflict."""
     now = now or timezone.now()
-    delivery_id = selectors.ticket_delivery_id(ticket_id=ticket_id)
+    # (a closed ticket: the search ran and its note went onto the closed ticket; a closed
+    # ticket's delivery is dispatched from the console instead)
+    delivery_id = selectors.ticket_delivery_id(ticket_id=ticket_id, open_only=True)
     radius = float(settings.DISPATCH_WIDE_RADIUS_KM)
     result = delivery_dispatch(delivery_id=delivery_id, actor=actor, radius_km=radius, strict=True, now=now)
     tickets.ticket_redispatched(

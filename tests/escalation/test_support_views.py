@@ -255,6 +255,26 @@ def test_redispatching_searches_the_wide_radius(web, agent, settings):
     assert b"already has a pending offer" in again.content
 
 
+def test_a_closed_ticket_redispatches_nothing(web, agent):
+    """A closed ticket refused comments, yet its redispatch ran a 10 km search and noted the
+    outcome on it (audit): closed is final."""
+    from escalation.tickets import ticket_update
+
+    ticket = ticket_for()
+    online_driver(km=8)
+    ticket_update(ticket_id=ticket.pk, user=agent, actor=Actor.for_user(agent), status="closed", resolution="Duplicate")
+    notes = TicketComment.objects.filter(ticket=ticket).count()
+    assert b'id="action-redispatch"' not in web.get(f"/support/tickets/{ticket.pk}/").content
+
+    r = web.post(f"/support/tickets/{ticket.pk}/redispatch", follow=True)
+
+    assert b"a closed ticket is final" in r.content
+    assert not DriverOffer.objects.filter(delivery=ticket.delivery).exists()
+    assert not DeliveryAuditLog.objects.filter(delivery=ticket.delivery, event_type="assignment_started",
+                                               actor_type="support").exists()
+    assert TicketComment.objects.filter(ticket=ticket).count() == notes
+
+
 def test_redispatching_when_nobody_is_near_says_so(web):
     ticket = ticket_for()
     r = web.post(f"/support/tickets/{ticket.pk}/redispatch", follow=True)
