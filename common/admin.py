@@ -66,7 +66,14 @@ class ApiTokenAdmin(SafeAutocompleteMixin, admin.ModelAdmin):
 def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None) -> list:
     """Admin actions call a service per selected row (in primary-key order, the lock order):
     a row the service refuses (409/404/400...) is reported and skipped, the rest go on.
-    Returns the services' results; `done(results)` gives the summary message, if any."""
+    Returns the services' results; `done(results)` gives the summary message, if any. A
+    "select all N" of more than ACROSS_MAX rows does nothing and says so (`too_many`), as the
+    actions that ask first do: one request working through thousands of rows outlasts a
+    proxy's timeout and stops half done."""
+    from common.admin_confirm import too_many
+
+    if too_many(request, queryset):
+        return []
     results = []
     for obj in queryset.order_by("pk"):
         try:

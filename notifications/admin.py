@@ -238,6 +238,8 @@ class WebhookMessageAdmin(_WebhookIdSearch, _ReadOnly):
 
     @admin.action(description="Replay (send again with the same webhook-id)", permissions=["change"])
     def replay(self, request, queryset):
+        if too_many(request, queryset):
+            return
         count = services.messages_replay(message_ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"Queued {count} message(s) to send again.", messages.SUCCESS)
 

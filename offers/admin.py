@@ -2,6 +2,7 @@ from django.contrib import admin, messages
 
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin
+from common.admin_confirm import too_many
 from offers.models import DriverOffer
 from workflows.offers import offer_expire
 
@@ -51,6 +52,8 @@ class DriverOfferAdmin(ChangedFieldsOnlyAdmin):
 
     @admin.action(description="Expire selected pending offers now (next candidate is offered)", permissions=["change"])
     def expire_now(self, request, queryset):
+        if too_many(request, queryset):
+            return
         done, selected = 0, queryset.count()
         for offer in queryset.filter(status="PENDING").order_by("pk"):
             done += offer_expire(offer_id=offer.pk, force=True, actor=Actor.for_user(request.user))

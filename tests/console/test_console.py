@@ -19,7 +19,9 @@ from dispatch.models import Delivery, DeliveryStatus
 from escalation.models import UnassignedOrder
 from offers.models import DriverOffer
 from tests.api import client_for
-from tests.factories import DeliveryFactory, DriverFactory, OpsUserFactory, UserFactory, ZoneFactory, online_driver
+from tests.factories import (
+    DeliveryFactory, DriverFactory, OfferFactory, OpsUserFactory, UserFactory, ZoneFactory, online_driver,
+)
 from workflows.deliveries import assignment_create
 from workflows.dispatching import delivery_dispatch
 from zones.models import DeliveryZone
@@ -593,3 +595,28 @@ def test_a_deliverys_page_has_the_actions_its_status_takes_as_buttons_run_like_t
     _, viewer = staff_in(VIEWER_GROUP)
     watched = DeliveryFactory()
     assert 'name="action"' not in viewer.get(f"/admin/dispatch/delivery/{watched.pk}/change/").content.decode()
+
+
+def test_select_all_past_the_cap_is_refused_by_every_action(monkeypatch):
+    """Only the actions that ask first (cancel, reassign, set availability, escalate, replay
+    since) refused a "select all" of more than ACROSS_MAX rows; dispatch now, expire offers,
+    take tickets, webhook replay and switch on/off worked through the whole list in one request."""
+    from common import admin_confirm
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    monkeypatch.setattr(admin_confirm, "ACROSS_MAX", 2)
+    for _ in range(3):
+        DeliveryFactory()
+    driver = online_driver()
+    offers = [OfferFactory() for _ in range(3)]
+    for url, action, one in [
+        ("/admin/dispatch/delivery/?status__exact=ready", "dispatch_now", Delivery.objects.filter(status="ready").first().pk),
+        ("/admin/offers/driveroffer/", "expire_now", offers[0].pk),
+    ]:
+        r = client.post(url, {"action": action, "select_across": "1", "index": "0", "_selected_action": [str(one)]},
+                        follow=True)
+        assert "rows selected: at most 2 at once. Nothing was done" in r.content.decode(), action
+    assert not DriverOffer.objects.exclude(pk__in=[o.pk for o in offers]).exists()  # nothing dispatched
+    assert DriverOffer.objects.filter(status="PENDING").count() == 3  # nothing expired
+    driver.refresh_from_db()
+    assert driver.availability == "available"
