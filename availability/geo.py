@@ -94,7 +94,8 @@ if state == 'available' then
   -- a fix the stream consumer has not written to PostgreSQL yet (a resume right after the
   -- app's first fix read none there, took the driver out, and no later fix put it back)
   local live = redis.call('HMGET', KEYS[6], 'lat', 'lon', 't')
-  if live[3] and (ts == '' or tonumber(live[3]) > tonumber(ts)) and math.abs(tonumber(live[1])) <= tonumber(ARGV[8]) then
+  local live_lat, live_lon, live_t = tonumber(live[1]), tonumber(live[2]), tonumber(live[3])
+  if live_lat and live_lon and live_t and (ts == '' or live_t > tonumber(ts)) and math.abs(live_lat) <= tonumber(ARGV[8]) then
     lat, lon, ts = live[1], live[2], live[3]
   end
 end

@@ -699,7 +699,7 @@ def _refused_lookup(model, params) -> str | None:
         current, fields, rest = model, [], key.split("__")
         while rest and current is not None:
             try:
-                field = current._meta.get_field(rest[0])
+                field = current._meta.pk if rest[0] == "pk" else current._meta.get_field(rest[0])
             except FieldDoesNotExist:
                 break
             fields.append(field)
@@ -739,7 +739,7 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
         from django.contrib.admin import helpers
         from django.contrib.admin.views.main import ERROR_FLAG
         from django.core.exceptions import ValidationError
-        from django.db import DatabaseError
+        from django.db import DataError, transaction
         from django.http import HttpResponseRedirect
 
         match = _ADMIN_LIST_PATH.match(request.path)
@@ -760,6 +760,19 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
             return None
         if not admin.site.get_model_admin(model).has_change_permission(request):
             return None
+        if set(request.GET) - {ERROR_FLAG}:
+            # Filters that fail only when they run (a value the database refuses): found before
+            # the action runs, not as its error half way through ("select all" included)
+            try:
+                with transaction.atomic():  # (a savepoint inside a transaction: the failure leaves it usable)
+                    admin.site.get_model_admin(model).get_changelist_instance(request)  # (it counts the rows)
+            except DataError:
+                logger.warning("admin list %s: its filters fail in the database; the action was not run",
+                               request.get_full_path())
+                messages.error(request, "Nothing was done: the list's filters cannot be run.")
+                return HttpResponseRedirect(f"{request.path}?{ERROR_FLAG}=1")
+            except Exception:  # (filters the list cannot build: Django's own answer)
+                return None
         bad = []
         for value in request.POST.getlist(helpers.ACTION_CHECKBOX_NAME):
             try:
@@ -783,12 +796,7 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
             listed = admin.site.get_model_admin(model).get_changelist_instance(request).get_queryset(request)
         except Exception:  # (filters the list cannot take: Django's own answer)
             return None
-        try:
-            found = listed.filter(pk__in=selected).count()
-        except DatabaseError:  # (a filter that fails when it runs: the action would fail alike)
-            logger.warning("admin list %s: its filters fail in the database; the action was not run", request.get_full_path())
-            messages.error(request, "Nothing was done: the list's filters cannot be run.")
-            return HttpResponseRedirect(f"{request.path}?{ERROR_FLAG}=1")
+        found = listed.filter(pk__in=selected).count()
         if found == len(selected):
             return None
         missing = len(selected) - found
@@ -799,17 +807,15 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
         from django.contrib.admin.options import IncorrectLookupParameters
         from django.contrib.admin.views.main import ERROR_FLAG
         from django.core.exceptions import FieldError, ValidationError
-        from django.http import HttpResponseRedirect
-
         from django.db import DataError
+        from django.http import HttpResponseRedirect
 
         # (DataError: a value the database refused when the list's query ran, e.g. out of range)
         if not isinstance(exception, (IncorrectLookupParameters, FieldError, ValidationError, ValueError, OverflowError,
                                       DataError)):
             return None
         match = _ADMIN_LIST_PATH.match(request.path)
-        # (an action on "all N" of a list whose filter fails in the database: the same answer)
-        if match is None or not (request.method == "GET" or match["export"] or isinstance(exception, DataError)):
+        if match is None or not (request.method == "GET" or match["export"]):
             return None
         if not set(request.GET) - {ERROR_FLAG} or _admin_list_model(request) is None:
             return None  # (no parameters to drop: the list's own error; `?e=1&<bad filter>`, as any bad filter)

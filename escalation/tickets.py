@@ -365,6 +365,8 @@ def ticket_redispatched(
     """An agent dispatched the ticket's delivery again (already done by the caller): note the
     outcome on the ticket, audit it and tell the live queue."""
     ticket = _lock_ticket(ticket_id)
+    if ticket.status == TicketStatus.CLOSED:  # (closed since the caller looked: its transaction rolls the dispatch back)
+        raise Conflict("Ticket is closed; a closed ticket is final.")
     now = _stamped(now, ticket)
     found = f"offered to {offer.driver.name}" if offer is not None else f"nobody found ({failure_reason})"
     _note(ticket, f"Redispatched within {radius_km:g} km by {_name(user)}: {found}.", now=now)

@@ -42,6 +42,7 @@ class _WebhookIdSearch:
     event_id_path = "event__event_id"
     delivery_path = "event__delivery_id"
     endpoint_path: str | None = "endpoint_id"  # None: rows with no endpoint (the outbox)
+    seller_order_path: str | None = None  # where the list's search fields take a seller order id
 
     def get_search_results(self, request, queryset, search_term):
         term = search_term.strip()
@@ -53,7 +54,10 @@ class _WebhookIdSearch:
         except ValueError:
             as_uuid = None
         if as_uuid is not None:
-            return queryset.filter(Q(**{self.delivery_path: as_uuid}) | Q(**{self.event_id_path: as_uuid})), False
+            found = Q(**{self.delivery_path: as_uuid}) | Q(**{self.event_id_path: as_uuid})
+            if self.seller_order_path:  # (a seller's order id may look like a UUID)
+                found |= Q(**{self.seller_order_path: term})
+            return queryset.filter(found), False
         if self.endpoint_path and term and not ID_PART.fullmatch(term) and not any(c.isspace() for c in term):
             endpoints = WebhookEndpoint.objects.filter(url__icontains=term).values("pk")  # (a few rows)
             return queryset.filter(**{f"{self.endpoint_path}__in": endpoints}), False
@@ -265,6 +269,7 @@ class OutboxEventAdmin(_WebhookIdSearch, _ReadOnly):
     event_id_path = "event_id"
     delivery_path = "delivery_id"
     endpoint_path = None
+    seller_order_path = "delivery__seller_order_id"
     list_select_related = ("owner",)
     date_hierarchy = "created_at"
 

@@ -114,7 +114,9 @@ def test_every_reason_of_dropped_live_events_is_exported_from_the_start(anon, db
     for reason in LIVE_EVENTS_DROPPED_REASONS:
         assert f'live_events_dropped_total{{reason="{reason}"}}' in text
 
-    subprocess.run([sys.executable, "-c", "import common.metrics"], check=True, timeout=60,
+    from django.conf import settings
+
+    subprocess.run([sys.executable, "-c", "import common.metrics"], check=True, timeout=60, cwd=settings.BASE_DIR,
                    env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(tmp_path))

@@ -361,3 +361,26 @@ def test_a_webhook_secret_or_a_token_digest_cannot_be_read_through_a_filter(admi
         r = admin_client.get(url + query)
         assert r.status_code == 302 and r["Location"] == url + "?e=1", (url, query)
     assert admin_client.get(f"/admin/notifications/webhookendpoint/?id__exact={endpoint.pk}").status_code == 200
+
+
+@pytest.mark.parametrize("across", ["0", "1"])
+def test_an_action_on_a_list_whose_filters_fail_in_the_database_runs_on_nothing(admin_client, monkeypatch, across):
+    """A filter the database refuses only when it runs (here: a division by zero added to the
+    list's query): the action's "select all" ran it half way through as a 500; now nothing runs."""
+    from dispatch.admin import DeliveryAdmin
+
+    delivery = DeliveryFactory()
+    get_queryset = DeliveryAdmin.get_queryset
+
+    def failing(self, request):
+        qs = get_queryset(self, request)
+        return qs.extra(where=["1 / 0 = 1"]) if "store_name__exact" in request.GET else qs
+
+    monkeypatch.setattr(DeliveryAdmin, "get_queryset", failing)
+    url = "/admin/dispatch/delivery/?store_name__exact=Mall"
+    r = admin_client.post(url, {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)], "index": "0",
+                                "apply": "1", "reason": "x", "select_across": across}, follow=True)
+
+    assert r.status_code == 200 and "Nothing was done: the list&#x27;s filters cannot be run." in r.content.decode()
+    delivery.refresh_from_db()
+    assert delivery.status == "ready"

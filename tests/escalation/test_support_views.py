@@ -415,3 +415,26 @@ def test_head_is_answered_like_get_on_the_support_pages(web):
         head, get = web.head(url), web.get(url)
         assert head.status_code == get.status_code == 200
         assert head.content == b""
+
+
+def test_a_ticket_closed_while_its_redispatch_runs_keeps_nothing_of_it(agent, monkeypatch):
+    """The closed check read the ticket before the dispatch: a close committed in between let
+    the search and its note through. Checked again under the ticket's lock, the dispatch rolls back."""
+    from common.exceptions import Conflict
+    from escalation import selectors
+    from escalation.tickets import ticket_update
+    from workflows import escalations
+
+    ticket = ticket_for()
+    online_driver(km=8)
+    read = selectors.ticket_delivery_id
+
+    def then_closed(**kwargs):
+        delivery_id = read(**kwargs)
+        ticket_update(ticket_id=ticket.pk, user=agent, actor=Actor.for_user(agent), status="closed", resolution="Duplicate")
+        return delivery_id
+
+    monkeypatch.setattr(selectors, "ticket_delivery_id", then_closed)
+    with pytest.raises(Conflict, match="closed ticket is final"):
+        escalations.ticket_redispatch(ticket_id=ticket.pk, user=agent, actor=Actor.for_user(agent))
+    assert not DriverOffer.objects.filter(delivery=ticket.delivery).exists()

@@ -177,6 +177,8 @@ def test_a_second_run_at_the_same_time_is_refused(sim_redis):
     (["--json", "/nonexistent-dir/out.json"], "directory does not exist"),
     (["--json", "/tmp"], "/tmp: it is a directory"),  # (found only after the run, its figures lost)
     (["--policy", ""], "Unknown policy ''"),  # (ran the default: 1,000 drivers for an hour)
+    (["--compare", ""], "Unknown policy ''"),
+    (["--policy", "", "--compare", "batch,broadcast"], "not both"),
 ])
 def test_bad_arguments_are_a_clear_command_error(args, message):
     with pytest.raises(CommandError, match=re.escape(message)):

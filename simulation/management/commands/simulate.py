@@ -31,10 +31,11 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **o):
-        if o["policy"] and o["compare"]:
+        if o["policy"] is not None and o["compare"] is not None:
             raise CommandError("Give --policy or --compare, not both.")
-        # (an empty --policy is refused as an unknown one: it ran the default, 1,000 drivers for an hour)
-        policies = [p.strip() for p in o["compare"].split(",")] if o["compare"] else [
+        # (an empty --policy or --compare is refused as an unknown policy: it ran the default,
+        # 1,000 drivers for an hour)
+        policies = [p.strip() for p in o["compare"].split(",")] if o["compare"] is not None else [
             "sequential" if o["policy"] is None else o["policy"].strip()]
         _writable(o["json_path"], o["report_path"], o["series_path"])
         base = Params(drivers=o["drivers"], orders_per_hour=o["orders_per_hour"], minutes=o["minutes"], seed=o["seed"],
