@@ -265,13 +265,16 @@ def test_an_unknown_method_behind_a_request_in_the_same_read_is_a_400_after_its_
     assert error["path"] == "" and error["message"] == "The request is not valid HTTP/1.1."
 
 
-def test_a_bad_head_behind_a_request_being_answered_waits_for_that_answer():
+def _behind_slow(first: bytes, later: bytes, seen: list | None = None) -> tuple[bytes, list[bytes]]:
+    """`first` (beginning with /slow, which waits for `release`), then `later` on the same
+    connection once /slow is read: what came before /slow was released (must be nothing),
+    and every answer after, in order."""
     async def scenario(port, release):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /queued HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(first)
         await writer.drain()
-        await asyncio.sleep(0.1)  # /slow is read and waits for `release`; /queued waits behind it
-        writer.write(b"GET /x HTTP/1.2\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.1)  # /slow is read and waits for `release`; what came with it waits behind it
+        writer.write(later)
         await writer.drain()
         early = await _read_to_close(reader, 0.5)  # nothing may come before /slow is answered
         release.set()
@@ -279,9 +282,14 @@ def test_a_bad_head_behind_a_request_being_answered_waits_for_that_answer():
         writer.close()
         return early, rest
 
-    early, rest = serve_stub(scenario)
+    early, rest = serve_stub(scenario, seen=seen)
+    return early, [b"HTTP/1.1 " + a for a in rest.split(b"HTTP/1.1 ")[1:]]
+
+
+def test_a_bad_head_behind_a_request_being_answered_waits_for_that_answer():
+    early, answers = _behind_slow(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /queued HTTP/1.1\r\nHost: x\r\n\r\n",
+                                  b"GET /x HTTP/1.2\r\nHost: x\r\n\r\n")
     assert early == b""
-    answers = [b"HTTP/1.1 " + a for a in rest.split(b"HTTP/1.1 ")[1:]]
     assert [a[9:12] for a in answers] == [b"200", b"200", b"400"]
     assert json.loads(answers[2].partition(b"\r\n\r\n")[2])["path"] == "/x"
 
@@ -295,24 +303,13 @@ def test_a_broken_body_behind_a_request_being_answered_waits_for_that_answer_and
     """Before: the 400 was written at once, ahead of /slow's answer (read as its answer), and
     the connection closed under /slow."""
     ran = []
-
-    async def scenario(port, release):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.1)  # /slow is read and waits for `release`
-        writer.write(b"GET /queued HTTP/1.1\r\nHost: x\r\n\r\n"
-                     b"POST /broken HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n")
-        await writer.drain()
-        early = await _read_to_close(reader, 0.5)  # nothing may come before /slow is answered
-        release.set()
-        rest = await _read_to_close(reader)
-        writer.close()
-        return early, rest
-
-    early, rest = serve_stub(scenario, seen=ran)
+    early, answers = _behind_slow(
+        b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /queued HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /broken HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n",
+        seen=ran,
+    )
     assert early == b""
-    answers = [b"HTTP/1.1 " + a for a in rest.split(b"HTTP/1.1 ")[1:]]
     assert [a[9:12] for a in answers] == [b"200", b"200", b"400"]
     assert json.loads(answers[2].partition(b"\r\n\r\n")[2])["path"] == "/broken"
     assert ran == ["/slow", "/queued"]  # the broken request never reached the application
