@@ -58,6 +58,13 @@ logger = logging.getLogger(__name__)
 CANDIDATE_POOL = 100  # nearest drivers considered per attempt
 NEAR_EQUAL_SECONDS = 120  # pickup estimates within this of the fastest remaining count as near-equal
 TOP_CANDIDATES_AUDITED = 5
+# A dispatch that found every candidate held by another transaction or gone waits, a moment
+# each, for the first few held ones (`locks.lock_driver_waiting`): a batch of location fixes
+# being written, or another dispatch's claim, holds its drivers' rows for milliseconds, and
+# passing them over left the delivery unassigned ("all drivers busy") with a free driver next
+# to it, until the retry job 30 s later (an audit: 6 of 30 rounds of 5 orders at one spot).
+HELD_RECHECKS = 3
+HELD_WAIT_MS = 200
 
 
 @dataclass
@@ -367,16 +374,29 @@ def dispatch_locked(
         if made:
             return DispatchResult("offered", offer=made[0], offers=made, candidates=screening.ranked, search_radius_km=radius)
     else:
+        passed_over = []
         for candidate in screening.ranked:
             driver = locks.lock_driver(candidate.driver_id, skip_locked=True, location__isnull=False, **_claim(candidate))
             if driver is None:  # held by another transaction (another dispatch, an answer) or no longer available: busy
                 screening.no_longer_available += 1
+                passed_over.append(candidate)
                 continue
             try:
                 offer = offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, search_radius_km=radius)
             except Conflict:
                 screening.pending_elsewhere += 1
                 continue
+            return DispatchResult("offered", offer=offer, offers=[offer], candidates=screening.ranked, search_radius_km=radius)
+        for candidate in passed_over[:HELD_RECHECKS] if HELD_WAIT_MS > 0 else ():  # (nobody else: the held ones)
+            driver = locks.lock_driver_waiting(candidate.driver_id, wait_ms=HELD_WAIT_MS, location__isnull=False,
+                                               **_claim(candidate))
+            if driver is None:
+                continue
+            try:
+                offer = offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, search_radius_km=radius)
+            except Conflict:
+                continue
+            screening.no_longer_available -= 1
             return DispatchResult("offered", offer=offer, offers=[offer], candidates=screening.ranked, search_radius_km=radius)
 
     reason = _failure_reason(delivery, screening, nearby, radius, now)

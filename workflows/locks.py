@@ -29,6 +29,8 @@ another transaction is passed over instead of waited for.
 """
 from __future__ import annotations
 
+import psycopg
+from django.db import OperationalError, connection, transaction
 from django.db.models import Q, Subquery
 
 from availability.models import Driver
@@ -145,6 +147,26 @@ def lock_driver(driver_id, *, skip_locked: bool = False, **filters) -> Driver | 
     if driver is None and not (skip_locked or filters):
         raise NotFound("Driver not found.")
     return driver
+
+
+def lock_driver_waiting(driver_id, *, wait_ms: int, **filters) -> Driver | None:
+    """Dispatch's second look at a candidate another transaction held (`lock_driver` with
+    `skip_locked` passed it over): wait for it at most `wait_ms` (the transaction's
+    `lock_timeout`, for this statement only), then None, as when it no longer matches
+    `filters`. The caller holds the delivery's lock and no driver's, the lock order's way."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, true)", [f"{int(wait_ms)}ms"])
+        previous = cursor.fetchone()[0]
+    try:
+        with transaction.atomic():  # (a savepoint: a wait that times out rolls back only this statement)
+            return Driver.objects.select_for_update(of=("self",)).filter(pk=driver_id, **filters).first()
+    except OperationalError as exc:
+        if isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+            return None
+        raise
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('lock_timeout', %s, true)", [previous])
 
 
 def lock_drivers_skip_locked(driver_ids, **filters) -> dict[str, Driver]:

@@ -505,3 +505,76 @@ def test_an_auto_dispatch_false_delivery_ops_dispatched_to_nobody_is_retried_by_
     UnassignedOrder.objects.filter(pk=record.pk).update(last_attempt_at=timezone.now() - timedelta(minutes=1))
     assert unassigned_retry() == 1
     assert pending(Delivery.objects.get(pk=created["id"])).driver_id == driver.pk
+
+
+def _held_driver(driver):
+    """A thread's transaction holding the driver's row (as a batch of location fixes being
+    written does, for milliseconds): (held, release) events; the thread commits on release."""
+    import threading
+
+    from django.db import connection, transaction
+
+    from availability.models import Driver
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        try:
+            with transaction.atomic():
+                list(Driver.objects.select_for_update().filter(pk=driver.pk))
+                held.set()
+                release.wait(20)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(10)
+    return thread, release
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_candidate_held_for_a_moment_by_another_transaction_is_waited_for(monkeypatch):
+    """Skipped as "held elsewhere", the only free driver left the delivery unassigned (all
+    drivers busy) until the retry job, 30 s later."""
+    from workflows import dispatching, locks
+
+    driver = online_driver(km=1)
+    delivery = DeliveryFactory()
+    monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 10_000)  # (the commit below comes well within it)
+    thread, release = _held_driver(driver)
+    real = locks.lock_driver_waiting
+
+    def waiting(*args, **kwargs):
+        release.set()  # the holder commits while dispatch waits for the row
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(locks, "lock_driver_waiting", waiting)
+    try:
+        result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+    finally:
+        release.set()
+        thread.join(20)
+    assert result.outcome == "offered" and result.offer.driver_id == driver.pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_candidate_held_past_the_wait_leaves_the_delivery_unassigned_and_the_transaction_whole(monkeypatch):
+    from django.db import connection
+
+    from workflows import dispatching
+
+    driver = online_driver(km=1)
+    delivery = DeliveryFactory()
+    monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 50)
+    thread, release = _held_driver(driver)
+    try:
+        result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+    finally:
+        release.set()
+        thread.join(20)
+    assert result.outcome == "unassigned" and result.failure_reason == "all_drivers_busy"
+    assert UnassignedOrder.objects.filter(delivery=delivery).exists()  # (written after the wait timed out)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW lock_timeout")
+        assert cursor.fetchone()[0] in ("0", "10s")  # the connection's own again

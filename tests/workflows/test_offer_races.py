@@ -246,14 +246,17 @@ def test_a_late_accepts_expiry_waits_for_the_offers_lock_instead_of_leaving_it_p
 
 
 @pytest.mark.parametrize("policy", ["sequential", "batch"])
-def test_a_driver_another_transaction_holds_counts_as_busy_not_as_nobody_near(policy, settings):
+def test_a_driver_another_transaction_holds_counts_as_busy_not_as_nobody_near(policy, settings, monkeypatch):
     """Dispatch passes over a driver another transaction holds (SKIP LOCKED); the delivery's
     record then said `no_available_drivers` ("nobody near, or all declined") for a driver near
     and merely busy a moment."""
     from availability.models import Driver
     from escalation.models import UnassignedOrder
 
+    from workflows import dispatching
+
     settings.DISPATCH_POLICY = policy
+    monkeypatch.setattr(dispatching, "HELD_RECHECKS", 0)  # (no second look: a driver held past it, as here for good)
     driver = online_driver(km=0.5)
     delivery = DeliveryFactory()
 
