@@ -69,7 +69,7 @@ def delivery_create(
         deliveries.quote_link(quote, delivery=delivery)
     if auto_dispatch:
         # A new row: nobody else can hold it, and it has no offer yet.
-        dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True)
+        dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True, wait_for_held=True)
     delivery.latest_assignments = []
     outbox_hold(delivery)  # the webhook payloads render this row: not read again
     return delivery

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
@@ -63,6 +64,10 @@ TOP_CANDIDATES_AUDITED = 5
 # being written, or another dispatch's claim, holds its drivers' rows for milliseconds, and
 # passing them over left the delivery unassigned ("all drivers busy") with a free driver next
 # to it, until the retry job 30 s later (an audit: 6 of 30 rounds of 5 orders at one spot).
+# Only a caller that holds no driver row waits (`wait_for_held`: a new delivery, ops' dispatch,
+# the retry job): a reject, an expiry, an availability change or a reassign holds the answering
+# driver, and waiting on another driver then could meet the stream consumer's batch, which
+# takes driver rows in id order, in a cycle. The wait is one budget for all the looks.
 HELD_RECHECKS = 3
 HELD_WAIT_MS = 200
 
@@ -323,7 +328,7 @@ def _offer_round(
 
 def dispatch_locked(
     delivery: Delivery, *, actor: Actor, now: datetime, radius_km: float | None = None, exclude_driver_ids=(),
-    no_pending_offer: bool = False,
+    no_pending_offer: bool = False, wait_for_held: bool = False,
 ) -> DispatchResult:
     """Offer a ready delivery to its best candidate, or to its best N in one round (the zone's
     policy: `round_size_for`). The caller holds the delivery's lock.
@@ -334,6 +339,8 @@ def dispatch_locked(
 
     Candidate drivers are locked with SKIP LOCKED: a driver another transaction is working on
     is passed over rather than waited for, so dispatch never deadlocks with accept/availability.
+    With `wait_for_held` (a caller holding no driver row) and every candidate passed over, the
+    first few held ones are waited for within one HELD_WAIT_MS budget (`locks.lock_driver_waiting`).
     """
     if delivery.status != DeliveryStatus.READY:
         return DispatchResult("not_ready")
@@ -387,16 +394,21 @@ def dispatch_locked(
                 screening.pending_elsewhere += 1
                 continue
             return DispatchResult("offered", offer=offer, offers=[offer], candidates=screening.ranked, search_radius_km=radius)
-        for candidate in passed_over[:HELD_RECHECKS] if HELD_WAIT_MS > 0 else ():  # (nobody else: the held ones)
-            driver = locks.lock_driver_waiting(candidate.driver_id, wait_ms=HELD_WAIT_MS, location__isnull=False,
+        deadline = time.monotonic() + HELD_WAIT_MS / 1000
+        for candidate in passed_over[:HELD_RECHECKS] if wait_for_held else ():  # (nobody else: the held ones)
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            driver = locks.lock_driver_waiting(candidate.driver_id, wait_ms=left_ms, location__isnull=False,
                                                **_claim(candidate))
             if driver is None:
                 continue
+            # (stamped after the wait: the holder's change, committed meanwhile, comes first)
+            later = max(now, timezone.now())
             try:
-                offer = offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=now, search_radius_km=radius)
+                offer = offer_insert_locked(delivery=delivery, driver=driver, actor=actor, now=later, search_radius_km=radius)
             except Conflict:
                 continue
-            screening.no_longer_available -= 1
             return DispatchResult("offered", offer=offer, offers=[offer], candidates=screening.ranked, search_radius_km=radius)
 
     reason = _failure_reason(delivery, screening, nearby, radius, now)
@@ -451,7 +463,7 @@ def delivery_dispatch(*, delivery_id, actor: Actor, radius_km: float | None = No
     ready or already has a pending offer is a Conflict instead of a quiet no-op."""
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     now = now or timezone.now()  # after the lock, as offer_create
-    result = dispatch_locked(delivery, actor=actor, now=now, radius_km=radius_km)
+    result = dispatch_locked(delivery, actor=actor, now=now, radius_km=radius_km, wait_for_held=True)
     if strict and result.outcome == "not_ready":
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be dispatched.")
     if strict and result.outcome == "already_offered":
@@ -495,7 +507,7 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
                     delivery_id=delivery_id, resolved_at__isnull=True, last_attempt_at__lte=tried_before,
                 ).exists():
                     continue  # attempted since the list was read (a run at once with this one): its turn is next run
-                result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=radius)
+                result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=radius, wait_for_held=True)
                 offered += result.outcome == "offered"
         except Exception:
             logger.exception("retrying dispatch of delivery %s failed", delivery_id)

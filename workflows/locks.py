@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import psycopg
 from django.db import OperationalError, connection, transaction
+from django.db.transaction import TransactionManagementError
 from django.db.models import Q, Subquery
 
 from availability.models import Driver
@@ -153,7 +154,10 @@ def lock_driver_waiting(driver_id, *, wait_ms: int, **filters) -> Driver | None:
     """Dispatch's second look at a candidate another transaction held (`lock_driver` with
     `skip_locked` passed it over): wait for it at most `wait_ms` (the transaction's
     `lock_timeout`, for this statement only), then None, as when it no longer matches
-    `filters`. The caller holds the delivery's lock and no driver's, the lock order's way."""
+    `filters`. The caller holds the delivery's lock and no driver's, the lock order's way.
+    A deadlock reported on this statement is a None too (the savepoint keeps the rest)."""
+    if not connection.in_atomic_block:  # (set_config(…, true) would not hold: the wait would be the session's)
+        raise TransactionManagementError("lock_driver_waiting runs inside the caller's transaction.")
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, true)", [f"{int(wait_ms)}ms"])
         previous = cursor.fetchone()[0]
@@ -161,7 +165,7 @@ def lock_driver_waiting(driver_id, *, wait_ms: int, **filters) -> Driver | None:
         with transaction.atomic():  # (a savepoint: a wait that times out rolls back only this statement)
             return Driver.objects.select_for_update(of=("self",)).filter(pk=driver_id, **filters).first()
     except OperationalError as exc:
-        if isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+        if isinstance(exc.__cause__, (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)):
             return None
         raise
     finally:
