@@ -6,6 +6,7 @@ from io import BytesIO
 from celery import schedules as celery_schedules
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected as django_delete_selected
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.gis.db import models as gis_models
 from django.core.exceptions import PermissionDenied
@@ -25,6 +26,21 @@ from common.exceptions import DomainError
 from common.forms import MapPointField, MapPolygonField, SafeAutocompleteMixin, SafeMapWidget
 from common.models import ApiToken, DeferredTask, User
 from common.tokens import api_token_new_key
+
+
+@admin.action(permissions=["delete"], description=django_delete_selected.short_description)
+def delete_selected(modeladmin, request, queryset):
+    """Django's "delete selected", refusing a "select all N" past ACROSS_MAX rows as the
+    console's own actions do (`too_many`): its confirmation page lists every row with what
+    goes with it, and posts one field per row back."""
+    from common.admin_confirm import too_many
+
+    if too_many(request, queryset):
+        return None
+    return django_delete_selected(modeladmin, request, queryset)
+
+
+admin.site.add_action(delete_selected, "delete_selected")
 
 
 @admin.register(User)

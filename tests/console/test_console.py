@@ -620,3 +620,21 @@ def test_select_all_past_the_cap_is_refused_by_every_action(monkeypatch):
     assert DriverOffer.objects.filter(status="PENDING").count() == 3  # nothing expired
     driver.refresh_from_db()
     assert driver.availability == "available"
+
+
+def test_delete_selected_keeps_the_cap(monkeypatch, admin_client):
+    """Django's own "delete selected" took a "select all" of any size: a confirmation page
+    listing every row and what goes with it, posting one field per row back."""
+    from common import admin_confirm
+
+    monkeypatch.setattr(admin_confirm, "ACROSS_MAX", 2)
+    zones = [ZoneFactory() for _ in range(3)]
+    url = "/admin/zones/deliveryzone/"
+    form = {"action": "delete_selected", "index": "0", "_selected_action": [str(zones[0].pk)]}
+    refused = admin_client.post(url, {**form, "select_across": "1"}, follow=True)
+    assert "3 rows selected: at most 2 at once. Nothing was done" in refused.content.decode()
+    assert DeliveryZone.objects.count() == 3
+    asked = admin_client.post(url, {**form, "select_across": "0"})  # within the cap: Django's page
+    assert asked.status_code == 200 and "Are you sure" in asked.content.decode()
+    done = admin_client.post(url, {**form, "select_across": "0", "post": "yes"}, follow=True)
+    assert done.status_code == 200 and not DeliveryZone.objects.filter(pk=zones[0].pk).exists()
