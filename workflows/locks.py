@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import psycopg
 from django.db import OperationalError, connection, transaction
-from django.db.transaction import TransactionManagementError
 from django.db.models import Q, Subquery
+from django.db.transaction import TransactionManagementError
 
 from availability.models import Driver
 from common.exceptions import NotFound
