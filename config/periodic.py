@@ -26,7 +26,8 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
 }
 
 # Work due at a moment — the safety nets above that keep the fleet moving, an offer's expiry at
-# its deadline, a zone's matching round at the end of its window — has a queue of its own, taken
+# its deadline, a zone's matching round at the end of its window, a dispatch's second look
+# (workflows.dispatching.SECOND_LOOK_TASK) — has a queue of its own, taken
 # by every worker (`-Q timers,celery,eta`): kombu's Redis transport rotates the queues it pops, so
 # a backlog on `celery` (a burst of pushes, a slow webhook endpoint) delays it by one message at
 # most, where it used to wait behind the whole backlog and the jobs' `expires` discarded it.
@@ -38,6 +39,7 @@ TIMERS_QUEUE = "timers"
 TIMER_TASKS = frozenset({
     "offers.expire_offer", "offers.expire_overdue_offers", "availability.expire_breaks",
     "dispatch.retry_unassigned", "dispatch.run_matching_round", "dispatch.run_matching_rounds",
+    "dispatch.second_look",
     "escalation.check", "availability.mark_stale_drivers_offline", "availability.reconcile_geo_index",
     "zones.refresh_zone_health", "common.republish_deferred_tasks",
 })

@@ -1,3 +1,5 @@
+from datetime import datetime
+
 from celery import shared_task
 
 from workflows import dispatching as engine
@@ -19,3 +21,10 @@ def run_matching_round(zone_id: str | None) -> int:
 def run_matching_rounds() -> int:
     """Every 15 s, the safety net: every batched_matching round that is due and was not run."""
     return matching.matching_rounds_run()
+
+
+@shared_task(name=engine.SECOND_LOOK_TASK, ignore_result=True)
+def second_look(delivery_id: str, attempted_at: str) -> bool:
+    """A moment after a dispatch that found its candidates held by other transactions and could
+    not wait for them (workflows.dispatching.SECOND_LOOK_TASK)."""
+    return engine.delivery_second_look(delivery_id=delivery_id, attempted_at=datetime.fromisoformat(attempted_at))

@@ -39,6 +39,7 @@ from audit.services import audit_record
 from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
 from common.actors import Actor
+from common.broadcast import enqueue_task_on_commit
 from common.exceptions import Conflict
 from common.hotsql import cached_rows
 from dispatch.models import Delivery, DeliveryStatus, DispatchPolicy
@@ -70,6 +71,13 @@ TOP_CANDIDATES_AUDITED = 5
 # takes driver rows in id order, in a cycle. The wait is one budget for all the looks.
 HELD_RECHECKS = 3
 HELD_WAIT_MS = 200
+# A dispatch that did not wait (its caller holds a driver row, or a batch/broadcast round, which
+# claims its drivers in one SKIP LOCKED statement) and found nobody because candidates were held
+# takes a second look after commit, off the request, a moment later: the task
+# `dispatch.second_look` (`delivery_second_look`), which holds no driver row and waits as above.
+# Before it, such a delivery waited for the retry job (up to 30 s) with a free driver next to it.
+SECOND_LOOK_TASK = "dispatch.second_look"
+SECOND_LOOK_DELAY_SECONDS = 0.2
 
 
 @dataclass
@@ -160,6 +168,7 @@ class _Screening:
     offered_before: int = 0
     unavailable_for_zone: int = 0
     no_longer_available: int = 0
+    passed_over: int = 0  # ranked, but not claimed under the lock: held by another transaction (or just gone)
 
 
 def answer_counts():
@@ -315,6 +324,7 @@ def _offer_round(
         drivers = [claimed[c.driver_id] for c in chunk if c.driver_id in claimed]
         # held by another transaction (another dispatch, an answer) or no longer available: busy
         screening.no_longer_available += len(chunk) - len(drivers)
+        screening.passed_over += len(chunk) - len(drivers)
         if not drivers:
             continue
         offers = offers_insert_round_locked(
@@ -328,7 +338,7 @@ def _offer_round(
 
 def dispatch_locked(
     delivery: Delivery, *, actor: Actor, now: datetime, radius_km: float | None = None, exclude_driver_ids=(),
-    no_pending_offer: bool = False, wait_for_held: bool = False,
+    no_pending_offer: bool = False, wait_for_held: bool = False, look_again: bool = True,
 ) -> DispatchResult:
     """Offer a ready delivery to its best candidate, or to its best N in one round (the zone's
     policy: `round_size_for`). The caller holds the delivery's lock.
@@ -341,6 +351,8 @@ def dispatch_locked(
     is passed over rather than waited for, so dispatch never deadlocks with accept/availability.
     With `wait_for_held` (a caller holding no driver row) and every candidate passed over, the
     first few held ones are waited for within one HELD_WAIT_MS budget (`locks.lock_driver_waiting`).
+    Without it (or in a round), and nobody found because candidates were held, a second look is
+    taken after commit (SECOND_LOOK_TASK), unless `look_again` is False (the second look itself).
     """
     if delivery.status != DeliveryStatus.READY:
         return DispatchResult("not_ready")
@@ -386,6 +398,7 @@ def dispatch_locked(
             driver = locks.lock_driver(candidate.driver_id, skip_locked=True, location__isnull=False, **_claim(candidate))
             if driver is None:  # held by another transaction (another dispatch, an answer) or no longer available: busy
                 screening.no_longer_available += 1
+                screening.passed_over += 1
                 passed_over.append(candidate)
                 continue
             try:
@@ -413,6 +426,9 @@ def dispatch_locked(
 
     reason = _failure_reason(delivery, screening, nearby, radius, now)
     unassigned_record_failure(delivery=delivery, reason=reason, now=now)
+    if look_again and screening.passed_over and (size > 1 or not wait_for_held):
+        enqueue_task_on_commit(SECOND_LOOK_TASK, str(delivery.pk), now.isoformat(),
+                               countdown=SECOND_LOOK_DELAY_SECONDS)
     return DispatchResult("unassigned", failure_reason=reason, candidates=screening.ranked, search_radius_km=radius)
 
 
@@ -496,19 +512,42 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
     )
     offered = 0
     for delivery_id, level in rows:
-        # Once escalated to the wide-radius tier, keep searching that wide.
-        radius = settings.DISPATCH_WIDE_RADIUS_KM if level >= 2 else None
         try:
-            with unit_of_work():
-                delivery = locks.lock_delivery(delivery_id, skip_locked=True, select_related=("zone",))
-                if delivery is None:
-                    continue  # someone else is on it
-                if not UnassignedOrder.objects.filter(
-                    delivery_id=delivery_id, resolved_at__isnull=True, last_attempt_at__lte=tried_before,
-                ).exists():
-                    continue  # attempted since the list was read (a run at once with this one): its turn is next run
-                result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=radius, wait_for_held=True)
-                offered += result.outcome == "offered"
+            # (attempted since the list was read, by a run at once with this one: its turn is next run)
+            result = _retry_one(delivery_id, level, now=now, attempted=Q(last_attempt_at__lte=tried_before))
+            offered += result is not None and result.outcome == "offered"
         except Exception:
             logger.exception("retrying dispatch of delivery %s failed", delivery_id)
     return offered
+
+
+def _retry_one(delivery_id, level: int, *, now: datetime, attempted: Q, look_again: bool = True) -> DispatchResult | None:
+    """Dispatch an unassigned delivery again, as the retry job does, if its open record still
+    matches `attempted` (None: it does not, or another transaction holds the delivery)."""
+    # Once escalated to the wide-radius tier, keep searching that wide.
+    radius = settings.DISPATCH_WIDE_RADIUS_KM if level >= 2 else None
+    with unit_of_work():
+        delivery = locks.lock_delivery(delivery_id, skip_locked=True, select_related=("zone",))
+        if delivery is None:
+            return None  # someone else is on it
+        if not UnassignedOrder.objects.filter(attempted, delivery_id=delivery_id, resolved_at__isnull=True).exists():
+            return None
+        return dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=radius, wait_for_held=True,
+                                    look_again=look_again)
+
+
+def delivery_second_look(*, delivery_id, attempted_at: datetime, now: datetime | None = None) -> bool:
+    """SECOND_LOOK_TASK: a dispatch at `attempted_at` found nobody because candidates were held
+    by other transactions for a moment, and could not wait for them. Dispatch the delivery again
+    as the retry job would, now, holding no driver row (so waiting for a held one), unless it
+    was attempted since (its record's last attempt is no longer `attempted_at`), answered or
+    resolved. No third look: the retry job takes it from there. True if it got an offer."""
+    record = (
+        UnassignedOrder.objects.filter(delivery_id=delivery_id, resolved_at__isnull=True, last_attempt_at=attempted_at)
+        .values_list("escalation_level", flat=True).first()
+    )
+    if record is None:
+        return False
+    result = _retry_one(delivery_id, record, now=now or timezone.now(), attempted=Q(last_attempt_at=attempted_at),
+                        look_again=False)
+    return result is not None and result.outcome == "offered"

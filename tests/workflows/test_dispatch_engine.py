@@ -19,6 +19,8 @@ from offers.tasks import expire_offer, expire_overdue_offers
 from tests.api import assert_error, client_for
 from tests.factories import DeliveryFactory, DriverFactory, km_north, online_driver
 from tests.typecheck import assert_event_shape
+from common.broadcast import tasks_diverted
+from dispatch.tasks import second_look
 
 pytestmark = pytest.mark.django_db
 
@@ -598,14 +600,137 @@ def test_a_reject_holding_its_driver_does_not_wait_for_a_held_candidate(monkeypa
     delivery = DeliveryFactory()
     offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
     assert offer.driver_id == first.pk
-    waited = []
-    monkeypatch.setattr(locks, "lock_driver_waiting", lambda *a, **kw: waited.append(a) or None)
+    waited, enqueued = [], []
+    real = locks.lock_driver_waiting
+    monkeypatch.setattr(locks, "lock_driver_waiting", lambda *a, **kw: waited.append(a) or real(*a, **kw))
     thread, release = _held_driver(held)
     try:
-        result = offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
+        with tasks_diverted(lambda name, *rest: name.startswith("dispatch.") and enqueued.append((name, *rest))):
+            result = offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far",
+                                         actor=Actor("driver", first.pk))
     finally:
         release.set()
         thread.join(20)
     assert waited == []
     assert result.next_offer is None
-    assert UnassignedOrder.objects.get(delivery=delivery).failure_reason == "all_drivers_busy"
+    record = UnassignedOrder.objects.get(delivery=delivery)
+    assert record.failure_reason == "all_drivers_busy"
+    # ... and takes a second look after commit, a moment later, off the request (it waited for
+    # the retry job, up to 30 s, with the driver free next to the pickup)
+    assert enqueued == [("dispatch.second_look", (str(delivery.pk), record.last_attempt_at.isoformat()),
+                         {"countdown": dispatching.SECOND_LOOK_DELAY_SECONDS})]
+    assert second_look(*enqueued[0][1]) is True
+    assert pending(delivery).driver_id == held.pk
+    assert second_look(*enqueued[0][1]) is False  # (once)
+
+
+def _looks(enqueued: list):
+    """A task sink keeping the second looks' arguments."""
+    return lambda name, args, options: name == "dispatch.second_look" and enqueued.append(args)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_look_waits_for_a_candidate_still_held(monkeypatch):
+    """The second look holds no driver row: it waits for a held candidate as a new delivery's
+    dispatch does, and takes no third look when nobody is found."""
+    from workflows import dispatching, locks
+
+    first, held = online_driver(km=1), online_driver(km=2)
+    delivery = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+    enqueued = []
+    with tasks_diverted(_looks(enqueued)):
+        thread, release = _held_driver(held)
+        try:
+            offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
+            assert len(enqueued) == 1
+            monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 10_000)
+            real = locks.lock_driver_waiting
+
+            def waiting(*args, **kwargs):
+                release.set()  # the holder commits while the second look waits for the row
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(locks, "lock_driver_waiting", waiting)
+            assert second_look(*enqueued[0]) is True
+        finally:
+            release.set()
+            thread.join(20)
+        assert pending(delivery).driver_id == held.pk
+        assert len(enqueued) == 1
+
+        # held past its wait: unassigned again, attempted once more, and no third look
+        second = DeliveryFactory()
+        offer = delivery_dispatch(delivery_id=second.pk, actor=Actor.system()).offer
+        assert offer.driver_id == first.pk
+        monkeypatch.setattr(locks, "lock_driver_waiting", real)
+        monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 50)
+        other = online_driver(km=3)
+        thread, release = _held_driver(other)
+        try:
+            offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
+            assert len(enqueued) == 2
+            assert second_look(*enqueued[1]) is False
+        finally:
+            release.set()
+            thread.join(20)
+        assert UnassignedOrder.objects.get(delivery=second).attempt_count == 2
+        assert len(enqueued) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_look_is_dropped_once_the_delivery_was_attempted_again_or_offered():
+    first, held = online_driver(km=1), online_driver(km=2)
+    delivery = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+    enqueued = []
+    thread, release = _held_driver(held)
+    try:
+        with tasks_diverted(_looks(enqueued)):
+            offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
+    finally:
+        release.set()
+        thread.join(20)
+    UnassignedOrder.objects.filter(delivery=delivery).update(last_attempt_at=timezone.now())  # the retry job, say
+    assert second_look(*enqueued[0]) is False
+    assert not DriverOffer.objects.filter(delivery=delivery, status="PENDING").exists()
+    assert UnassignedOrder.objects.get(delivery=delivery).attempt_count == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_waiting_dispatch_whose_wait_ran_out_takes_no_second_look(monkeypatch):
+    """A new delivery's dispatch waited already: the retry job takes it from there."""
+    from workflows import dispatching
+
+    monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 50)
+    held = online_driver(km=1)
+    delivery = DeliveryFactory()
+    enqueued = []
+    thread, release = _held_driver(held)
+    try:
+        with tasks_diverted(_looks(enqueued)):
+            result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+    finally:
+        release.set()
+        thread.join(20)
+    assert result.outcome == "unassigned" and enqueued == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_round_that_found_its_candidates_held_takes_a_second_look(settings):
+    """A round claims its drivers in one SKIP LOCKED statement and never waits, whoever asks."""
+    settings.DISPATCH_POLICY = "batch"
+    settings.DISPATCH_BATCH_SIZE = 2
+    near = online_driver(km=1)
+    delivery = DeliveryFactory()
+    enqueued = []
+    thread, release = _held_driver(near)
+    try:
+        with tasks_diverted(_looks(enqueued)):
+            result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+    finally:
+        release.set()
+        thread.join(20)
+    assert result.outcome == "unassigned" and result.failure_reason == "all_drivers_busy"
+    assert second_look(*enqueued[0]) is True
+    assert pending(delivery).driver_id == near.pk
