@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import http.client
 import ipaddress
+import logging
 import re
 import socket
 import ssl
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from django.conf import settings
+
+logger = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 4096
 
@@ -173,6 +176,14 @@ def _getaddrinfo_within(host: str, port: int, seconds: float | None) -> list:
         raise ConnectionError(f"DNS lookup timed out: no answer for {host} within {seconds:g} s") from None
 
 
+# What an attempt's error (which its endpoint's owner reads) says of a name that does not resolve
+# and of one that resolves to a refused address alike: naming the address, or telling the two
+# apart, let any integration map this network's internal names (`http://db-primary:5432/`, then
+# its test event and attempts). The log has the detail.
+NO_PUBLIC_ADDRESS = ("{host} has no public address: the name does not resolve, or resolves to a private, loopback or "
+                     "link-local address.")
+
+
 def resolve_checked(host: str, port: int, *, trusted: bool = False, timeout: float | None = None) -> str:
     """The first address of `host`, after checking that every address it resolves to is
     allowed (an attacker's name may resolve to several). `timeout`: give up the look-up after
@@ -180,11 +191,15 @@ def resolve_checked(host: str, port: int, *, trusted: bool = False, timeout: flo
     try:
         infos = _getaddrinfo_within(host, port, timeout)
     except socket.gaierror as exc:
-        raise ConnectionError(f"DNS lookup failed: {exc}") from exc
+        if trusted:
+            raise ConnectionError(f"DNS lookup failed: {exc}") from exc
+        logger.info("webhook target %s: DNS lookup failed: %s", host, exc)
+        raise TargetRefused(NO_PUBLIC_ADDRESS.format(host=host)) from exc
     addresses = [info[4][0] for info in infos]
     refused = [] if trusted else [a for a in addresses if not address_allowed(a)]
     if refused or not addresses:
-        raise TargetRefused(f"{host} resolves to a private, loopback or link-local address ({refused[0] if refused else 'none'}).")
+        logger.info("webhook target %s refused: resolves to %s", host, refused[0] if refused else "nothing")
+        raise TargetRefused(NO_PUBLIC_ADDRESS.format(host=host))
     return addresses[0]
 
 
