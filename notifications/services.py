@@ -90,7 +90,7 @@ def endpoint_url_clean(url: str) -> str:
 
 @transaction.atomic
 def endpoint_create(*, owner, all_deliveries: bool, url: str, events: list[str], description: str = "",
-                    now: datetime | None = None) -> WebhookEndpoint:
+                    active: bool = True, now: datetime | None = None) -> WebhookEndpoint:
     """A new endpoint; at most WEBHOOK_MAX_ENDPOINTS_PER_OWNER per account (409). Every event
     is one message per endpoint that wants it: a fuzzer's 850 ops endpoints made 800 messages
     of each event, 4 million in 15 minutes, and the fan-out held endpoint deletes up to 15 s."""
@@ -105,6 +105,7 @@ def endpoint_create(*, owner, all_deliveries: bool, url: str, events: list[str],
     return WebhookEndpoint.objects.create(
         owner=owner, all_deliveries=all_deliveries, url=endpoint_url_clean(url), events=endpoint_events_clean(events),
         description=description, secret=secret_new(), created_at=now, updated_at=now,
+        **({} if active else {"active": False, "disabled_at": now, "disabled_reason": "switched off"}),
     )
 
 
@@ -112,33 +113,39 @@ def endpoint_create(*, owner, all_deliveries: bool, url: str, events: list[str],
 def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | None = None,
                     description: str | None = None, active: bool | None = None, now: datetime | None = None) -> WebhookEndpoint:
     """Change an endpoint. Switching it back on clears its failure record and sends what
-    waited meanwhile."""
+    waited meanwhile, at once (its messages' backoff is over); so does a new URL for an
+    endpoint that is on and failing (the usual fix of a wrong URL). A change that changes
+    nothing writes nothing (`updatedAt` stays)."""
     now = now or timezone.now()
     endpoint = _endpoint_locked(endpoint_id)
+    before = (endpoint.url, endpoint.events, endpoint.description, endpoint.active)
     if url is not None:
         endpoint.url = endpoint_url_clean(url)
     if events is not None:
         endpoint.events = endpoint_events_clean(events)
     if description is not None:
         endpoint.description = description
+    send_waiting = False
     if active is not None and active != endpoint.active:
         endpoint.active = active
         endpoint.drop_warned_at = None
         if active:
-            endpoint.failing_since = None
             endpoint.disabled_at = None
             endpoint.disabled_reason = ""
-            enqueue_kick_on_commit(DELIVER_TASK)
+            send_waiting = True
         else:
             endpoint.disabled_at = now
             endpoint.disabled_reason = "switched off"
-    elif active and endpoint.failing_since is not None:
-        # On, but failing (the receiver was fixed): its failure record is cleared and what is
-        # waiting for a retry goes now, as switching it back on would do.
+    elif endpoint.active and endpoint.failing_since is not None and (active or endpoint.url != before[0]):
+        # On, but failing, and fixed (the receiver, said by switching it on again; or its URL)
+        send_waiting = True
+    if send_waiting:
         endpoint.failing_since = None
         WebhookMessage.objects.filter(endpoint_id=endpoint.pk, status=MessageStatus.PENDING, next_attempt_at__gt=now).update(
             next_attempt_at=now)
         enqueue_kick_on_commit(DELIVER_TASK)
+    elif (endpoint.url, endpoint.events, endpoint.description, endpoint.active) == before:
+        return endpoint
     endpoint.updated_at = now
     endpoint.save()
     return endpoint
@@ -785,10 +792,11 @@ def _endpoint_failed(endpoint: WebhookEndpoint, *, error: str, now: datetime) ->
 @transaction.atomic
 def messages_replay(*, message_ids, now: datetime | None = None) -> int:
     """Send these messages again (same event, same `webhook-id`), now, with a fresh retry
-    window. Returns how many were queued."""
+    window and backoff (`attempt_count` counts the window's attempts; the attempts' rows keep
+    the history). Returns how many were queued."""
     now = now or timezone.now()
     count = WebhookMessage.objects.filter(pk__in=list(message_ids)).update(
-        status=MessageStatus.PENDING, next_attempt_at=now, window_started_at=now, leased_until=None,
+        status=MessageStatus.PENDING, next_attempt_at=now, window_started_at=now, leased_until=None, attempt_count=0,
     )
     if count:
         enqueue_kick_on_commit(DELIVER_TASK)

@@ -18,6 +18,8 @@ class WebhookEndpointCreateSerializer(serializers.Serializer):
     events = BoundedListField(child=StrictChoiceField(choices=EVENT_CHOICES), min_length=1, max_length=len(EVENT_CHOICES),
                               error_messages=EVENTS_ERRORS, help_text=EVENTS_HELP)
     description = SingleLineTextField(max_length=500, required=False, allow_blank=True, default="")
+    active = StrictBooleanField(required=False, default=True,
+                                help_text="false: made switched off (its events wait until it is switched on).")
 
 
 class WebhookEndpointUpdateSerializer(serializers.Serializer):

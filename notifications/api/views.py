@@ -43,7 +43,7 @@ class WebhookListCreateView(APIView):
         v = data.validated_data
         endpoint = services.endpoint_create(
             owner=request.user, all_deliveries=is_ops(request.user), url=v["url"], events=v["events"],
-            description=v["description"],
+            description=v["description"], active=v["active"],
         )
         return Response(s.WebhookEndpointWithSecretSerializer(endpoint).data, status=status.HTTP_201_CREATED)
 

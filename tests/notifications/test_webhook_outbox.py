@@ -298,3 +298,22 @@ def test_replay_sends_a_failed_event_again_with_the_same_id(receiver):
     message.refresh_from_db()
     assert message.status == MessageStatus.DELIVERED
     assert [r.headers["webhook-id"] for r in receiver.requests] == [message.event.webhook_id] * 2
+
+
+def test_a_replay_starts_the_backoff_again(receiver, settings):
+    """A replay restarted the retry window but not the backoff: a message with five attempts
+    behind it was retried 4–5 minutes after its replay failed, not 10 s."""
+    merchant = IntegrationUserFactory()
+    endpoint_id, _ = endpoint_via_api(merchant, receiver.url, events=["delivery.assigned"])
+    receiver.answer(Answer(410))
+    delivery, _ = delivery_walk(merchant, steps=())
+    (message,) = messages_of(delivery)
+    WebhookMessage.objects.filter(pk=message.pk).update(attempt_count=5)
+    receiver.answer(Answer(503))
+    now = timezone.now()
+    with time_machine.travel(now, tick=False):
+        services.messages_replay(message_ids=[message.pk])
+    message.refresh_from_db()
+    assert message.status == MessageStatus.PENDING and message.attempt_count == 1  # the replay's own attempt
+    assert message.next_attempt_at - now <= timedelta(seconds=settings.WEBHOOK_RETRY_BASE_SECONDS * 1.2)
+    assert WebhookAttempt.objects.filter(message=message).count() == 2  # (the history kept)

@@ -13,7 +13,7 @@ from django.utils import timezone
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from notifications.egress import address_allowed
-from notifications.models import OutboxEvent, WebhookAttempt, WebhookEndpoint
+from notifications.models import OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
 from tests.api import assert_error, client_for
 from tests.factories import IntegrationUserFactory, OpsUserFactory
 from tests.notifications.receiver import Answer
@@ -81,7 +81,7 @@ def test_private_targets_are_refused_when_the_endpoint_is_made(db, settings, url
     assert "url" in assert_error(response, 400)["details"]
 
 
-def test_a_name_that_resolves_to_a_private_address_is_refused_at_send_time(receiver, settings):
+def test_a_name_that_resolves_to_a_private_address_is_refused_at_send_time(receiver, settings, monkeypatch):
     """The name passes when the endpoint is made; at send time it resolves to loopback, and
     nothing is sent (the attempt says why)."""
     settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
@@ -93,6 +93,21 @@ def test_a_name_that_resolves_to_a_private_address_is_refused_at_send_time(recei
     assert receiver.requests == []
     (attempt,) = WebhookAttempt.objects.filter(endpoint_id=endpoint_id)
     assert attempt.status_code is None and "refused" in attempt.error and name in attempt.error
+    # the owner reads the error: it names no address, and says the same of a name that does not
+    # resolve (else an integration maps the network's internal names and addresses)
+    assert "127." not in attempt.error and "::1" not in attempt.error
+    missing, real = "no-such-host.invalid", socket.getaddrinfo
+
+    def lookup(host, *args, **kwargs):  # (no name server asked: NXDOMAIN as the resolver says it)
+        if host == missing:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    other_id, _ = endpoint_via_api(merchant, f"http://{missing}:{port}/hooks", events=["delivery.assigned"])
+    delivery_walk(merchant, steps=())
+    (other,) = WebhookAttempt.objects.filter(endpoint_id=other_id)
+    assert other.error.replace(missing, "NAME") == attempt.error.replace(name, "NAME")
 
 
 def _a_name_for_this_machine() -> str:
@@ -198,6 +213,63 @@ def test_active_true_on_a_failing_endpoint_clears_its_record_and_retries_now(rec
     assert on.status_code == 200 and on.json()["failingSince"] is None
     assert [r.status_code for r in WebhookAttempt.objects.order_by("attempted_at")] == [503, 200]
     assert [r.verified(secret)["type"] for r in receiver.requests] == ["delivery.assigned"] * 2
+
+
+def test_switching_a_failing_endpoint_off_and_on_sends_what_waited_at_once(receiver):
+    """Off then on (after an automatic disable, say): the messages kept their backoff, up to
+    two hours, though the docs say switching it on sends what waited."""
+    merchant = IntegrationUserFactory()
+    endpoint_id, secret = endpoint_via_api(merchant, receiver.url, events=["delivery.assigned"])
+    receiver.answer(Answer(503))
+    delivery_walk(merchant, steps=())
+    api = client_for(merchant)
+    assert api.patch(f"/v2/webhooks/{endpoint_id}", {"active": False}, format="json").status_code == 200
+    assert WebhookMessage.objects.get(endpoint_id=endpoint_id).next_attempt_at > timezone.now()  # (its backoff)
+
+    on = api.patch(f"/v2/webhooks/{endpoint_id}", {"active": True}, format="json")
+
+    assert on.status_code == 200 and on.json()["failingSince"] is None
+    assert [r.status_code for r in WebhookAttempt.objects.order_by("attempted_at")] == [503, 200]
+
+
+def test_a_new_url_for_a_failing_endpoint_clears_its_record_and_sends_now(receiver):
+    """The usual fix of a wrong URL: the new one waited for the old one's backoff, and the
+    failures went on counting towards the automatic disable."""
+    merchant = IntegrationUserFactory()
+    endpoint_id, secret = endpoint_via_api(merchant, f"{receiver.url}/wrong", events=["delivery.assigned"])
+    receiver.answer(Answer(503))
+    delivery_walk(merchant, steps=())
+    assert WebhookEndpoint.objects.get(pk=endpoint_id).failing_since is not None
+
+    fixed = client_for(merchant).patch(f"/v2/webhooks/{endpoint_id}", {"url": f"{receiver.url}/right"}, format="json")
+
+    assert fixed.status_code == 200 and fixed.json()["failingSince"] is None
+    assert [r.path for r in receiver.requests] == ["/hooks/wrong", "/hooks/right"]
+    assert [r.status_code for r in WebhookAttempt.objects.order_by("attempted_at")] == [503, 200]
+
+
+def test_a_change_that_changes_nothing_keeps_updated_at(receiver):
+    merchant = IntegrationUserFactory()
+    endpoint_id, _ = endpoint_via_api(merchant, receiver.url, events=["delivery.assigned"])
+    api = client_for(merchant)
+    before = api.get(f"/v2/webhooks/{endpoint_id}").json()
+    for body in ({}, {"events": ["delivery.assigned"]}, {"url": receiver.url, "active": True}):
+        assert api.patch(f"/v2/webhooks/{endpoint_id}", body, format="json").json()["updatedAt"] == before["updatedAt"]
+    changed = api.patch(f"/v2/webhooks/{endpoint_id}", {"description": "new"}, format="json").json()
+    assert changed["updatedAt"] != before["updatedAt"]
+
+
+def test_an_endpoint_made_switched_off(receiver):
+    """`active` on create was ignored (201 with active true); a string is refused as on PATCH."""
+    merchant = IntegrationUserFactory()
+    api = client_for(merchant)
+    assert_error(api.post("/v2/webhooks", {"url": receiver.url, "events": ["*"], "active": "false"}, format="json"), 400)
+    made = api.post("/v2/webhooks", {"url": receiver.url, "events": ["delivery.assigned"], "active": False}, format="json")
+    assert made.status_code == 201 and made.json()["active"] is False and made.json()["disabledAt"] is not None
+    delivery_walk(merchant, steps=())
+    assert receiver.requests == []
+    on = api.patch(f"/v2/webhooks/{made.json()['id']}", {"active": True}, format="json")
+    assert on.json()["active"] is True and [r.json()["type"] for r in receiver.requests] == ["delivery.assigned"]
 
 
 def test_deleting_an_endpoint(receiver):
