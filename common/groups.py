@@ -21,7 +21,7 @@ from common.roles import DISPATCHER_GROUP, VIEWER_GROUP
 # app_label → model → actions beyond "view" that a Dispatcher has.
 CONSOLE_MODELS: dict[str, dict[str, tuple[str, ...]]] = {
     "availability": {"driver": ("change",), "driveravailabilityhistory": ()},
-    "dispatch": {"delivery": ("change",), "assignment": ()},
+    "dispatch": {"delivery": ("change",), "assignment": (), "deliveryproof": ()},
     "offers": {"driveroffer": ("change",)},
     "escalation": {"unassignedorder": ("change",), "supportticket": ("change",), "ticketcomment": ()},
     "audit": {"deliveryauditlog": ()},

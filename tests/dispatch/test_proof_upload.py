@@ -615,7 +615,19 @@ def test_no_proofs_key_without_proofs(moving, anon):
 # -------------------------------------------------------------------------------- admin
 
 
-def test_the_admin_page_shows_thumbnails_through_signed_urls(photo, moving, admin_client):
+@pytest.mark.parametrize("role", ["superuser", "Dispatcher", "Viewer"])
+def test_the_admin_page_shows_thumbnails_through_signed_urls(photo, moving, admin_client, role):
+    """The console's roles too: they had no view permission on proofs, and Django hid the inline."""
+    from django.test import Client
+
+    from common.groups import groups_sync
+    from tests.factories import OpsUserFactory
+
+    if role != "superuser":
+        user = OpsUserFactory()
+        user.groups.add(groups_sync()[role])
+        admin_client = Client()
+        admin_client.force_login(user)
     page = admin_client.get(f"/admin/dispatch/delivery/{moving.pk}/change/").content.decode()
 
     assert 'class="proof-thumbnail"' in page
