@@ -4,6 +4,7 @@ import asyncio
 import contextvars
 import gc
 import os
+import re
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -94,18 +95,25 @@ class LeanApiHandler(ASGIHandler):
     at a time still overlap one's queries with another's Python; a request waits its turn, then
     runs without sharing the interpreter with a dozen others (offer flow at 16 in flight, limit
     3 against none: flows +10 %, all requests' p99 -14 %; bench/README.md, 2026-12-04, third
-    session). Only these requests are limited: the fast lane's fixes (but not those it hands
+    session). Proof uploads have a lane of their own (UPLOAD_PATH). Only these requests are limited: the fast lane's fixes (but not those it hands
     to Django, e.g. with Redis down), the sockets and the full stack (admin, /support/,
     session-authenticated API calls) are not.
     """
 
     IDLE_EXECUTORS = 32
+    # A proof upload (a photo decoded and re-encoded, up to seconds of CPU, with a wait for a
+    # decode slot before it: dispatch/proofs.py) takes a turn in a lane of its own,
+    # PROOF_UPLOAD_CONCURRENCY: in the API's, a driver's burst of large photos held every turn
+    # and every other API call of the process waited behind it (an audit: 40 uploads of a 43 KB
+    # 12-megapixel PNG, the seller's list and another driver's offers took 6-16 s).
+    UPLOAD_PATH = re.compile(r"/v2/drivers/[^/]+/deliveries/[^/]+/proof/?")
 
     def __init__(self):
         super().__init__()
         self._idle: list[ThreadPoolExecutor] = []
-        self._concurrency = settings.API_REQUEST_CONCURRENCY
-        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+        self._concurrency = {"api": settings.API_REQUEST_CONCURRENCY, "upload": settings.PROOF_UPLOAD_CONCURRENCY}
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = (
+            weakref.WeakKeyDictionary())
 
     def load_middleware(self, is_async=False):
         full = settings.MIDDLEWARE
@@ -123,7 +131,8 @@ class LeanApiHandler(ASGIHandler):
         except RequestAborted:
             return
         try:
-            slots = self._slots_of_running_loop()
+            slots = self._slots_of_running_loop(
+                "upload" if scope["method"] == "POST" and self.UPLOAD_PATH.fullmatch(scope["path"]) else "api")
             if slots is not None and not await self._turn(slots, receive):
                 return  # the client left while the request waited: it never runs
             executor = self._idle.pop() if self._idle else ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-request")
@@ -150,13 +159,13 @@ class LeanApiHandler(ASGIHandler):
         finally:
             body_file.close()
 
-    def _slots_of_running_loop(self) -> asyncio.Semaphore | None:
-        if not self._concurrency:
+    def _slots_of_running_loop(self, lane: str) -> asyncio.Semaphore | None:
+        if not self._concurrency[lane]:
             return None
-        loop = asyncio.get_running_loop()
-        slots = self._slots.get(loop)
+        lanes = self._slots.setdefault(asyncio.get_running_loop(), {})
+        slots = lanes.get(lane)
         if slots is None:
-            slots = self._slots[loop] = asyncio.Semaphore(self._concurrency)
+            slots = lanes[lane] = asyncio.Semaphore(self._concurrency[lane])
         return slots
 
     @staticmethod

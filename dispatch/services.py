@@ -461,8 +461,16 @@ def proof_upload_ensure_allowed(assignment: Assignment, delivery: Delivery, *, n
     active (assigned, picked up, in transit), and for PROOF_FAILURE_EVIDENCE_SECONDS after it
     failed the delivery (evidence of the failure). A driver ops took the delivery from is
     another driver now: NotFound, as for one who never had it (a 409 told them its state).
-    Anything else is a Conflict. Asked once without a lock before the image is decoded, and
-    again under the delivery's lock."""
+    Anything else is a Conflict, and so is a delivery with PROOF_MAX_PER_DELIVERY proofs
+    already. Asked once without a lock before the image is decoded, and again under the
+    delivery's lock."""
+    _proof_upload_ensure_open(assignment, delivery, now=now)
+    limit = settings.PROOF_MAX_PER_DELIVERY
+    if limit and DeliveryProof.objects.filter(delivery_id=delivery.pk).count() >= limit:
+        raise Conflict(f"The delivery has {limit} proofs already, the most it may have (PROOF_MAX_PER_DELIVERY).")
+
+
+def _proof_upload_ensure_open(assignment: Assignment, delivery: Delivery, *, now: datetime) -> None:
     if assignment.status == AssignmentStatus.ACTIVE and delivery.status in OPEN_DELIVERY_STATUSES:
         return
     if assignment.ended_because == AssignmentEndReason.REASSIGNED:

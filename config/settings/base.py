@@ -489,6 +489,12 @@ PROOF_MAX_DIMENSION = env.int("PROOF_MAX_DIMENSION", default=2560)
 # How many proof images one process decodes and re-encodes at once (the others wait their turn,
 # up to 30 s, then a 503): a burst of large uploads cannot take every core of the box.
 PROOF_DECODE_CONCURRENCY = env.int("PROOF_DECODE_CONCURRENCY", default=2)
+# Proof uploads a web process runs at once, in a lane of their own instead of the API's turns
+# (API_REQUEST_CONCURRENCY; config/asgi.py): uploads waiting to be decoded held every turn, and
+# one driver's burst of large photos stalled every other API call. The rest wait on the loop.
+PROOF_UPLOAD_CONCURRENCY = env.int("PROOF_UPLOAD_CONCURRENCY", default=4)
+# Proofs one delivery may have (any driver's); one more is a 409.
+PROOF_MAX_PER_DELIVERY = env.int("PROOF_MAX_PER_DELIVERY", default=20)
 PROOF_FAILURE_PHOTO_POLICIES = env.list("PROOF_FAILURE_PHOTO_POLICIES", default=[])
 PROOF_FAILURE_EVIDENCE_SECONDS = env.int("PROOF_FAILURE_EVIDENCE_SECONDS", default=900)
 PROOF_URL_TTL_SECONDS = env.int("PROOF_URL_TTL_SECONDS", default=300)

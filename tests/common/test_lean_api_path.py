@@ -220,7 +220,7 @@ def test_at_most_api_request_concurrency_requests_run_at_once_the_others_wait_th
             first_ones = len(started) <= limit
         if first_ones:
             all_in.wait()  # the first `limit` are all running at once, and stay until the others queue up
-            slots = next(iter(handler._slots.values()), None)
+            slots = next(iter(handler._slots.values()), {}).get("api")
             assert slots is not None, "no limit on requests at once"
             wait_until(lambda: len(slots._waiters or ()) == 2, "the other two requests wait for a slot")
             assert len(started) == limit  # ... and neither has started
@@ -288,7 +288,7 @@ def test_a_request_whose_client_leaves_while_it_waits_never_runs(settings):
         def on_start(scope, **kwargs):
             started.append(scope["path"])
             if len(started) == 1:  # the first holds its slot until the second waited and gave up
-                slots = handler._slots[loop]
+                slots = handler._slots[loop]["api"]
                 wait_until(lambda: len(slots._waiters or ()) == 1, "the second request waits")
                 loop.call_soon_threadsafe(b.left.set)
                 assert b_done.wait(10), "the second request did not give up"
@@ -304,7 +304,7 @@ def test_a_request_whose_client_leaves_while_it_waits_never_runs(settings):
             await asyncio.gather(task_a, run_b())
         finally:
             signals.request_started.disconnect(dispatch_uid="test-leave-start")
-        return a, b, handler._slots[loop]
+        return a, b, handler._slots[loop]["api"]
 
     a, b, slots = async_to_sync(scenario)()
     assert a.status() == 200
@@ -425,3 +425,43 @@ def test_a_lean_request_runs_in_a_copy_of_the_loops_context_and_leaves_nothing_o
     assert (first.status_code, second.status_code) == (200, 200)
     assert seen == ["from the loop", "later on the loop"] and after == "later on the loop"
     assert len(handler._idle) == 1  # both ran on the one borrowed thread
+
+
+def test_a_proof_upload_waits_in_a_lane_of_its_own_not_in_the_apis(settings):
+    """Uploads waiting for a decode slot, or decoding, held the API's turns: one driver's burst
+    of large photos held up every other API call of the process."""
+    import uuid
+
+    settings.API_REQUEST_CONCURRENCY = 1
+    settings.PROOF_UPLOAD_CONCURRENCY = 1
+    driver, other = DriverFactory(), DriverFactory()
+    handler = LeanApiHandler()
+    upload_path = f"/v2/drivers/{driver.pk}/deliveries/{uuid.uuid4()}/proof"
+    uploading, release = threading.Event(), threading.Event()
+
+    def on_start(scope, **kwargs):
+        if scope["path"] == upload_path:
+            uploading.set()
+            assert release.wait(10), "never released"
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        up, down = Client(), Client()
+        upload = asyncio.ensure_future(handler(
+            http_scope("POST", upload_path, [(b"host", b"testserver"), (b"authorization", f"Token {token_for(driver.user)}".encode())]),
+            up.receive, up.send))
+        await loop.run_in_executor(None, uploading.wait, 10)
+        try:  # the upload runs, holding its lane's one turn: an API call still gets the API's
+            await asyncio.wait_for(handler(asgi_get(f"/v2/drivers/{other.pk}", token_for(other.user)), down.receive, down.send), 10)
+            lanes = handler._slots[loop]
+            return down.status(), lanes["upload"].locked(), lanes["api"].locked()
+        finally:
+            release.set()
+            await upload
+
+    signals.request_started.connect(on_start, weak=False, dispatch_uid="test-upload-lane")
+    try:
+        status, upload_lane_full, api_lane_full = async_to_sync(scenario)()
+    finally:
+        signals.request_started.disconnect(dispatch_uid="test-upload-lane")
+    assert status == 200 and upload_lane_full and not api_lane_full
