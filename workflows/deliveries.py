@@ -200,9 +200,13 @@ def _delivery_reassign_attempt(*, delivery_id, reason: str, actor: Actor, now: d
 @unit_of_work()
 def delivery_handoff_code_reset(*, delivery_id, reason: str, actor: Actor, now: datetime | None = None) -> Delivery:
     """Ops clear the wrong handoff codes of a delivery (after the 5th its codes are refused):
-    the driver may try the customer's code again. Nothing to clear is a Conflict."""
+    the driver may try the customer's code again. Nothing to clear is a Conflict, and so is a
+    delivery that is over (delivered, failed, cancelled): no code is asked for any more, and
+    its count of wrong codes is the record of what happened."""
     now = now or timezone.now()
     delivery = locks.lock_delivery(delivery_id)
+    if not delivery.is_open:
+        raise Conflict(f"Delivery is {delivery.status}; its handoff codes can no longer be reset.")
     if delivery.handoff_code_failures == 0 and delivery.handoff_code_locked_at is None:
         raise Conflict("No wrong handoff codes to reset.")
     deliveries.delivery_handoff_code_reset(delivery, reason=reason, actor=actor, now=now)

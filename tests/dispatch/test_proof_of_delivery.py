@@ -222,6 +222,10 @@ def test_after_five_wrong_codes_the_delivery_is_flagged_and_codes_are_refused_un
 
     assert complete(driver_client, driver, coded, handoffCode=coded.handoff_code).json()["status"] == "delivered"
     assert DeliveryAuditLog.objects.filter(delivery=coded, event_type="handoff_code_failed").count() == 5
+    # over: its wrong codes are the record, no longer reset (the audit: a 200 wiped them)
+    Delivery.objects.filter(pk=coded.pk).update(handoff_code_failures=1)
+    assert "delivered" in assert_error(ops.post(url, {"reason": "x"}, format="json"), 409)["message"]
+    assert Delivery.objects.get(pk=coded.pk).handoff_code_failures == 1
     locked = DeliveryAuditLog.objects.filter(delivery=coded, event_type="handoff_code_failed", details__locked=True)
     assert locked.count() == 1
 
