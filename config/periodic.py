@@ -16,6 +16,7 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
     "zone health": ("zones.refresh_zone_health", 60, {"expires": 55}),
     "webhooks sweep": ("notifications.deliver_webhooks", 15, {"expires": 15}),
     "purge webhook events": ("notifications.purge_webhook_events", 3600, {"expires": 3000}),
+    "purge expired quotes": ("dispatch.purge_expired_quotes", 3600, {"expires": 3000}),
     # status changes mark their deliveries' ETA refresh due in Redis and kick one run; this
     # sweep takes what a lost kick left (tracking.refresh_due_etas)
     "ETA refresh sweep": ("tracking.refresh_due_etas", 15, {"expires": 15}),

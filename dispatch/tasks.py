@@ -3,7 +3,7 @@ from datetime import datetime
 from celery import shared_task
 
 from workflows import dispatching as engine
-from workflows import matching
+from workflows import matching, quotes
 
 
 @shared_task(name="dispatch.retry_unassigned")
@@ -28,3 +28,9 @@ def second_look(delivery_id: str, attempted_at: str) -> bool:
     """A moment after a dispatch that found its candidates held by other transactions and could
     not wait for them (workflows.dispatching.SECOND_LOOK_TASK)."""
     return engine.delivery_second_look(delivery_id=delivery_id, attempted_at=datetime.fromisoformat(attempted_at))
+
+
+@shared_task(name="dispatch.purge_expired_quotes")
+def purge_expired_quotes() -> int:
+    """Hourly: the quotes never used, a while after they expired (workflows.quotes.quotes_purge)."""
+    return quotes.quotes_purge()

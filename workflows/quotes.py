@@ -137,3 +137,18 @@ def quote_use(*, quote_id, created_by, data, now: datetime):
         quote_id=quote_id, created_by=created_by, pickup_location=data.pickup_location,
         dropoff_location=data.dropoff_location, now=now,
     )
+
+
+def quotes_purge(*, now: datetime | None = None, batch_size: int = 5000) -> int:
+    """The hourly purge: delete the quotes never used that expired more than
+    QUOTE_RETENTION_SECONDS ago (one bounded batch; the next run goes on). A quote can be asked
+    for by anyone with a token, at any rate the throttles allow, and nothing deleted them.
+    Returns how many were deleted."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.QUOTE_RETENTION_SECONDS)
+    expired = Quote.objects.filter(used_at__isnull=True, expires_at__lt=cutoff).order_by()
+    ids = list(expired.values_list("pk", flat=True)[:batch_size])
+    if not ids:
+        return 0
+    deleted, _ = Quote.objects.filter(pk__in=ids, used_at__isnull=True).delete()
+    return deleted

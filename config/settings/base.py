@@ -464,6 +464,9 @@ DELIVERY_FEE_CAP = env("DELIVERY_FEE_CAP", default="500.00")
 SERVICEABILITY_REQUIRE_ZONE = env.bool("SERVICEABILITY_REQUIRE_ZONE", default=False)
 MAX_DELIVERY_DISTANCE_KM = env.float("MAX_DELIVERY_DISTANCE_KM", default=0.0)
 QUOTE_TTL_SECONDS = env.int("QUOTE_TTL_SECONDS", default=300)
+# An unused quote is deleted this long after it expired (the hourly purge); a used one stays
+# with its delivery.
+QUOTE_RETENTION_SECONDS = env.int("QUOTE_RETENTION_SECONDS", default=86400)
 # Proof of delivery (docs/dispatch.md): the policy of a delivery created without proofRequired
 # in a zone that sets none (none, code).
 DEFAULT_PROOF_POLICY = env("DEFAULT_PROOF_POLICY", default="none")

@@ -4,6 +4,7 @@ from decimal import Decimal
 
 import pytest
 import time_machine
+from django.utils import timezone
 
 from analytics.models import DeliveryCost, DeliveryRevenue
 from common.actors import Actor
@@ -198,6 +199,23 @@ def test_an_expired_or_used_quote_is_a_conflict(integration):
         t.shift(timedelta(minutes=5))
         assert_error(integration.post("/v2/deliveries", body("Q-3", quoteId=second["quoteId"]), format="json"), 409)
     assert Delivery.objects.count() == 1
+
+
+def test_the_hourly_purge_deletes_the_quotes_never_used_a_day_after_they_expired(integration):
+    """Nothing deleted quotes: anyone with a token makes them at the throttles' rate."""
+    from dispatch.tasks import purge_expired_quotes
+
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        used, unused, later = (
+            integration.post("/v2/quotes", {"pickupLocation": CITY, "dropoffLocation": NEAR}, format="json").json()["quoteId"]
+            for _ in range(3))
+        assert integration.post("/v2/deliveries", body("Q-P", quoteId=used), format="json").status_code == 201
+        Quote.objects.filter(pk=later).update(expires_at=timezone.now() + timedelta(hours=2))
+        t.shift(timedelta(hours=24, minutes=4))  # the others expired 23 h 59 min ago
+        assert purge_expired_quotes() == 0
+        t.shift(timedelta(minutes=2))
+        assert purge_expired_quotes() == 1
+    assert sorted(str(pk) for pk in Quote.objects.values_list("pk", flat=True)) == sorted([used, later])
 
 
 @pytest.mark.parametrize("case", ["another_owner", "other_places", "with_a_fee", "unknown"])
