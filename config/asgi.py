@@ -95,9 +95,10 @@ class LeanApiHandler(ASGIHandler):
     at a time still overlap one's queries with another's Python; a request waits its turn, then
     runs without sharing the interpreter with a dozen others (offer flow at 16 in flight, limit
     3 against none: flows +10 %, all requests' p99 -14 %; bench/README.md, 2026-12-04, third
-    session). Proof uploads have a lane of their own (UPLOAD_PATH). Only these requests are limited: the fast lane's fixes (but not those it hands
-    to Django, e.g. with Redis down), the sockets and the full stack (admin, /support/,
-    session-authenticated API calls) are not.
+    session). Proof uploads take their turns in a lane of their own (UPLOAD_PATH). Only these
+    requests are limited: the fast lane's fixes (but not those it hands to Django, e.g. with
+    Redis down), the sockets and the full stack (admin, /support/, session-authenticated API
+    calls) are not.
     """
 
     IDLE_EXECUTORS = 32

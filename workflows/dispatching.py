@@ -542,12 +542,12 @@ def delivery_second_look(*, delivery_id, attempted_at: datetime, now: datetime |
     as the retry job would, now, holding no driver row (so waiting for a held one), unless it
     was attempted since (its record's last attempt is no longer `attempted_at`), answered or
     resolved. No third look: the retry job takes it from there. True if it got an offer."""
-    record = (
+    level = (
         UnassignedOrder.objects.filter(delivery_id=delivery_id, resolved_at__isnull=True, last_attempt_at=attempted_at)
         .values_list("escalation_level", flat=True).first()
     )
-    if record is None:
+    if level is None:
         return False
-    result = _retry_one(delivery_id, record, now=now or timezone.now(), attempted=Q(last_attempt_at=attempted_at),
+    result = _retry_one(delivery_id, level, now=now or timezone.now(), attempted=Q(last_attempt_at=attempted_at),
                         look_again=False)
     return result is not None and result.outcome == "offered"
