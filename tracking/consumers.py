@@ -4,6 +4,7 @@ from channels.db import database_sync_to_async
 
 from common.broadcast import TRACKING_LAYER, delivery_group
 from common.consumers import CLOSE_UNAUTHENTICATED, RelayConsumer, query_param
+from dispatch.models import DeliveryStatus
 from tracking import selectors
 
 
@@ -16,10 +17,17 @@ class TrackingConsumer(RelayConsumer):
     after the change committed, so nothing internal such as driver ids or ops' reasons reaches
     the customer). After a final status (delivered, failed, cancelled) it closes itself (1000).
     Only event types with a handler here reach a customer; anything else sent to the group is
-    dropped."""
+    dropped.
+
+    Each change's message has that change's status, not whatever the row says when this socket
+    reads it: a delivery walked through its steps in quick succession (or a socket among
+    hundreds, reading late) read the last status for every change, and the customer saw
+    pending, in transit twice, delivered. A message whose status is the one last sent is not
+    sent (a change the snapshot already showed: each change changes the status)."""
 
     channel_layer_alias = TRACKING_LAYER  # Redis pub/sub: see settings.CHANNEL_LAYERS
     finished = False
+    shown = None  # the status of the last message sent
 
     async def connect(self):
         delivery_id = self.scope["url_route"]["kwargs"]["delivery_id"]
@@ -43,19 +51,20 @@ class TrackingConsumer(RelayConsumer):
             return
         await super().dispatch(message)
 
-    async def _send_status(self, kind: str) -> None:
+    async def _send_status(self, kind: str, *, status: str | None = None) -> None:
         if self.finished:
             return
-        body = await database_sync_to_async(selectors.tracking_update_for)(self.delivery_id, kind=kind)
-        if body is None:
+        body = await database_sync_to_async(selectors.tracking_update_for)(self.delivery_id, kind=kind, status=status)
+        if body is None or (status is not None and body["status"] == self.shown):
             return
+        self.shown = body["status"]
         await self.send_json(body)
         if body["status"] in selectors.FINAL_STATUSES:
             self.finished = True
             await self.close(code=1000)
 
     async def delivery_status_changed(self, message):
-        await self._send_status("delivery_status_updated")
+        await self._send_status("delivery_status_updated", status=(message.get("event") or {}).get("status"))
 
     async def delivery_cancelled(self, message):
-        await self._send_status("delivery_status_updated")
+        await self._send_status("delivery_status_updated", status=DeliveryStatus.CANCELLED)

@@ -244,6 +244,18 @@ def tracking_snapshot_for_link(*, delivery_id, token: str | None) -> dict | None
     return None if delivery is None else tracking_message(delivery, kind="delivery_snapshot")
 
 
-def tracking_update_for(delivery_id, *, kind: str = "delivery_status_updated") -> dict | None:
+def tracking_update_for(delivery_id, *, kind: str = "delivery_status_updated", status: str | None = None) -> dict | None:
+    """The socket's message, or None (the delivery is gone). With `status` (a change's own
+    status, which a later change may have overtaken by the time its socket reads the row): the
+    body as of that status, the rest as read. Of a delivery over by then, such a body shows no
+    driver (none is active any more) and no handoff code."""
     delivery = Delivery.objects.filter(pk=delivery_id).first()
-    return None if delivery is None else tracking_message(delivery, kind=kind)
+    if delivery is None:
+        return None
+    over = delivery.status in FINAL_STATUSES
+    if status is not None and status != delivery.status:
+        delivery.status = status  # (in memory only: this body's view)
+    body = tracking_message(delivery, kind=kind)
+    if over:
+        body.pop("handoffCode", None)
+    return body

@@ -1,5 +1,6 @@
 """`/ws/track/<deliveryId>/?token=` over the real Redis channel layer: the snapshot on connect,
 the relayed location/ETA events, status updates, and closing itself at the end."""
+import json
 from datetime import timedelta
 
 import pytest
@@ -127,6 +128,42 @@ def test_the_customer_gets_a_snapshot_then_location_eta_and_status_updates_then_
         assert (await comm.receive_output(timeout=5)) == {"type": "websocket.close", "code": 1000}
 
     async_to_sync(scenario)()
+
+
+def test_changes_in_quick_succession_each_reach_the_customer_with_their_own_status():
+    """The socket read the row for each change when it got to it: steps done back to back (or
+    a socket among hundreds, reading late) gave pending, in transit twice, delivered."""
+    delivery = DeliveryFactory(prep_time_minutes=0)
+    driver = driver_on(delivery)
+    actor = Actor("driver", driver.pk)
+
+    def walk():
+        for step in ("pickup-started", "pickup-completed", "delivery-started"):
+            delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=actor)
+        driver_at_dropoff(driver, delivery)
+        delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step="delivery-completed", actor=actor)
+
+    async def scenario():
+        comm = connect(delivery)
+        assert (await comm.connect())[0]
+        assert (await comm.receive_json_from(timeout=5))["status"] == "assigned"
+        await database_sync_to_async(walk)()  # all committed before the socket reads any of them
+        updates = []
+        while True:
+            output = await comm.receive_output(timeout=5)
+            if output["type"] == "websocket.close":
+                break
+            message = json.loads(output["text"])
+            if message["type"] == "delivery_status_updated":
+                assert_event_shape(message, DeliveryStatusUpdatedMessage)
+                updates.append(message)
+        return updates
+
+    updates = async_to_sync(scenario)()
+    assert [u["status"] for u in updates] == ["picked_up", "in_transit", "delivered"]
+    assert all("driver" not in u for u in updates)  # read once it was over: no driver any more
+    assert updates[-1] == {"type": "delivery_status_updated", "status": "delivered",
+                           "trackingUrl": delivery.tracking_url, "deliveryId": str(delivery.pk)}
 
 
 def test_a_cancelled_delivery_sends_its_final_state_and_closes_even_before_assignment():
