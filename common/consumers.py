@@ -314,7 +314,8 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         is refused with 4429 and False returned (one leaked token held hundreds of sockets, each
         a group member every event is sent to).
 
-        A logged-in socket also joins its login's group: a revoked token or a deactivated
+        A logged-in socket also joins its login's group, and its login is checked again once
+        it has (`_login_check`; refused 4401/4403 and False): a revoked token or a deactivated
         login closes it (`login_revoked`), and it closes when its token expires. It also checks
         again every SOCKET_LOGIN_RECHECK_SECONDS (jittered), for changes no hook sees (a bulk
         `QuerySet.update`, SQL)."""
@@ -332,8 +333,20 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         self.groups_to_join = groups
         for group in groups:
             await self.channel_layer.group_add(group, self.channel_name)
+        expires_at = self.scope.get("api_token_expires_at")
+        if logged_in:
+            # Checked again once in the login's group: a revocation committed between the
+            # look-up on connect and the join told a group this socket was not yet in, and the
+            # socket stayed open on a dead token until its routine check, minutes later (an
+            # audit: 22 of 60 driver sockets opened while their token was deleted). From here
+            # on, a revocation's message reaches it.
+            code, expires_at = await _login_check(self.scope, self.allowed)
+            if code is not None:
+                logger.info("%s refused (%s): its login was revoked while it connected", type(self).__name__, code)
+                await self.deny(code)
+                return False
         await self.accept()
-        self._close_at(self.scope.get("api_token_expires_at"))
+        self._close_at(expires_at)
         return True
 
     async def _count(self, key: str) -> bool:

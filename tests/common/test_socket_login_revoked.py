@@ -323,9 +323,9 @@ def test_a_routine_check_sees_what_sends_no_signal_and_keeps_sockets_open_when_i
         raise RuntimeError("database away")
 
     async def scenario():
-        monkeypatch.setattr(consumers, "_login_check", broken)
         losing = await open_socket(f"/ws/ops/?token={demoted_key}")
         staying = await open_socket(f"/ws/ops/?token={kept_key}")
+        monkeypatch.setattr(consumers, "_login_check", broken)  # (after the check on connect)
         assert await losing.receive_nothing(timeout=2.5)  # two routine checks failed: still open
         assert demoted.pk in failures and kept.pk in failures
         monkeypatch.setattr(consumers, "_login_check", real_check)
@@ -378,8 +378,8 @@ def test_a_consumer_cancelled_without_its_disconnect_stops_checking(monkeypatch,
         return await real_check(scope, allowed)
 
     async def scenario():
-        monkeypatch.setattr(consumers, "_login_check", counting)
         comm = await open_socket(f"/ws/ops/?token={key}")
+        monkeypatch.setattr(consumers, "_login_check", counting)  # (after the check on connect)
         comm.future.cancel()
         with pytest.raises(asyncio.CancelledError):
             await comm.future
@@ -408,3 +408,28 @@ def test_pruning_expired_tokens_or_saving_a_token_unchanged_tells_nobody(monkeyp
     live_token.expires_at = timezone.now()
     live_token.save(update_fields=["expires_at"])
     assert [user.pk for user in told] == [driver.user.pk]
+
+
+@pytest.mark.parametrize("path", ["driver", "ops"])
+def test_a_token_revoked_while_its_socket_connects_closes_it(monkeypatch, path):
+    """The revocation committed between the look-up on connect and the socket's joining its
+    login's group: its message reached no one, and the socket stayed open on the dead token,
+    getting events, until its routine check minutes later (an audit: 22 of 60 driver sockets)."""
+    from channels.layers import get_channel_layer
+
+    from common.consumers import login_group
+    from tests.sockets import refusal
+
+    user = DriverFactory().user if path == "driver" else OpsUserFactory()
+    key, _ = api_token_issue(user, name="phone", ttl=timedelta(days=1))
+    url = f"/ws/drivers/{user.driver.pk}/?token={key}" if path == "driver" else f"/ws/ops/?token={key}"
+    layer = get_channel_layer()
+    real_add = layer.group_add
+
+    async def add(group, channel):
+        if group == login_group(user.pk):  # revoked (and told) just before this socket is in the group
+            await database_sync_to_async(api_tokens_revoke)(user, name="phone")
+        await real_add(group, channel)
+
+    monkeypatch.setattr(layer, "group_add", add)
+    assert async_to_sync(refusal)(WebsocketCommunicator(application, url)) == 4401
