@@ -315,10 +315,13 @@ django_asgi_app = DjangoHandler()
 application = ProtocolTypeRouter(
     {
         "http": AllowedHostGuard(LocationFastLane(EarlyBodyLimit(ApiSplit(django_asgi_app, LeanApiHandler())))),
-        "websocket": AllowedHostGuard(origin_validator(TrackingSocketSplit(
-            AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns))),
+        # (the customer's socket from any origin: its link's token is its only credential, no
+        # cookie, so another site's page gains nothing a copied link does not give; a tracker
+        # embedded on a seller's site, or a TRACKING_BASE_URL on another host, was refused)
+        "websocket": AllowedHostGuard(TrackingSocketSplit(
+            origin_validator(AuthMiddlewareStack(QueryTokenAuthMiddleware(URLRouter(websocket_urlpatterns)))),
             SocketRequestId(URLRouter(websocket_urlpatterns)),
-        ))),
+        )),
     }
 )
 

@@ -283,3 +283,22 @@ def test_an_idle_customer_socket_survives_quiet_spells_longer_than_the_layers_bl
         await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_the_customer_socket_opens_from_any_origin_the_logged_in_ones_do_not():
+    """A tracker embedded on a seller's site was refused (403): the customer's socket has no
+    cookie to protect, its link's token is its only credential."""
+    delivery = DeliveryFactory()
+    ops_user = OpsUserFactory()
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/track/{delivery.pk}/?token={delivery.tracking_token}",
+                                     headers=[(b"origin", b"https://shop.example")])
+        assert (await comm.connect(timeout=10))[0]
+        assert (await comm.receive_json_from(timeout=5))["type"] == "delivery_snapshot"
+        await comm.disconnect()
+        ops = WebsocketCommunicator(application, f"/ws/ops/?token={token_for(ops_user)}",
+                                    headers=[(b"origin", b"https://shop.example")])
+        assert (await ops.connect(timeout=10))[0] is False
+
+    async_to_sync(scenario)()
