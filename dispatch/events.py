@@ -30,6 +30,7 @@ class DeliveryStatusChangedEvent(TypedDict):
     fromStatus: str
     status: str
     driverId: str | None
+    previousDriverId: NotRequired[str]  # ready again: the driver ops took it from
     reason: NotRequired[str]
     changedAt: str
 
@@ -58,7 +59,8 @@ def delivery_created(delivery) -> DeliveryCreatedEvent:
     }
 
 
-def delivery_status_changed(delivery, *, from_status: str, driver_id, changed_at, reason: str = "") -> DeliveryStatusChangedEvent:
+def delivery_status_changed(delivery, *, from_status: str, driver_id, changed_at, reason: str = "",
+                            previous_driver_id=None) -> DeliveryStatusChangedEvent:
     event: DeliveryStatusChangedEvent = {
         "type": "delivery_status_changed",
         "deliveryId": str(delivery.pk),
@@ -68,6 +70,8 @@ def delivery_status_changed(delivery, *, from_status: str, driver_id, changed_at
         "driverId": str(driver_id) if driver_id else None,
         "changedAt": iso(changed_at),
     }
+    if previous_driver_id:
+        event["previousDriverId"] = str(previous_driver_id)
     if reason:
         event["reason"] = reason
     return event

@@ -100,8 +100,10 @@ def delivery_insert(
     return delivery
 
 
-def delivery_emit_status(delivery: Delivery, *, from_status: str, driver_id, now: datetime, reason: str = "") -> None:
-    event = events.delivery_status_changed(delivery, from_status=from_status, driver_id=driver_id, changed_at=now, reason=reason)
+def delivery_emit_status(delivery: Delivery, *, from_status: str, driver_id, now: datetime, reason: str = "",
+                         previous_driver_id=None) -> None:
+    event = events.delivery_status_changed(delivery, from_status=from_status, driver_id=driver_id, changed_at=now,
+                                           reason=reason, previous_driver_id=previous_driver_id)
     broadcast_on_commit([OPS_GROUP, delivery_group(delivery.pk)], event)
 
 
@@ -224,7 +226,8 @@ def delivery_mark_ready_again(delivery: Delivery, *, reason: str, previous: Assi
         details={"reason": reason, "previousDriverId": str(previous.driver_id) if previous else None,
                  "assignmentId": str(previous.pk) if previous else None},
     )
-    delivery_emit_status(delivery, from_status=S.ASSIGNED, driver_id=None, now=now, reason=reason)
+    delivery_emit_status(delivery, from_status=S.ASSIGNED, driver_id=None, now=now, reason=reason,
+                         previous_driver_id=previous.driver_id if previous else None)
 
 
 # Delivery steps by the assigned driver: step -> (allowed from, new status, audit event, time stamp).

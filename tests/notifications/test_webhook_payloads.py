@@ -110,6 +110,11 @@ def test_the_events_of_one_workflow_are_written_in_the_order_emitted():
     flows.delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.system())
     types = list(OutboxEvent.objects.filter(delivery=delivery).order_by("seq").values_list("type", flat=True))
     assert types[:2] == ["delivery.assigned", "delivery.unassigned"]
+    # the driver it was taken from (its driverId is null: nobody has it now; an audit: merchants
+    # could not tell whom)
+    unassigned = OutboxEvent.objects.get(delivery=delivery, type="delivery.unassigned")
+    change = unassigned.payload["data"]["change"]
+    assert change["previousDriverId"] == str(driver.pk) and change["driverId"] is None
 
 
 @pytest.mark.parametrize("steps", [
