@@ -299,3 +299,33 @@ def test_a_backlog_on_the_celery_queue_does_not_hold_back_the_expiry_sweep(trans
         received = re.findall(r"Task [\w.]+\[([\w-]+)\] received", worker.log())
     assert len(received) == 41, worker.log()
     assert received.index(sweep.id) <= 1, worker.log()
+
+
+def test_a_real_worker_on_the_timers_queue_takes_a_rejects_second_look(transactional_db, tmp_path, sending_to_workers):
+    """A reject that found the next driver held by another transaction for a moment: its second
+    look is published after commit to the timers queue, and a real worker there offers the
+    delivery to that driver (workflows.dispatching.SECOND_LOOK_TASK; before, the retry job 30 s
+    later). The task's arguments cross the broker as JSON (its attempt time as ISO text)."""
+    from common.actors import Actor
+    from offers.models import DriverOffer
+    from tests.factories import DeliveryFactory, online_driver
+    from tests.workflows.test_dispatch_engine import _held_driver
+    from workflows import offers
+    from workflows.dispatching import delivery_dispatch
+
+    first, held = online_driver(km=1), online_driver(km=2)
+    delivery = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+    with worker_on("timers", tmp_path / "worker.log") as worker:
+        thread, release = _held_driver(held)
+        try:
+            offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
+        finally:
+            release.set()
+            thread.join(20)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not DriverOffer.objects.filter(delivery=delivery, status="PENDING").exists():
+            time.sleep(0.1)
+        pending = DriverOffer.objects.filter(delivery=delivery, status="PENDING").first()
+        assert pending is not None and pending.driver_id == held.pk, worker.log()
+        assert "dispatch.second_look" in worker.log()
