@@ -340,7 +340,11 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
             # socket stayed open on a dead token until its routine check, minutes later (an
             # audit: 22 of 60 driver sockets opened while their token was deleted). From here
             # on, a revocation's message reaches it.
-            code, expires_at = await _login_check(self.scope, self.allowed)
+            try:
+                code, expires_at = await _login_check(self.scope, self.allowed)
+            except Exception:  # noqa: BLE001 - (the database away) refused as a failed check closes: the client retries
+                logger.warning("%s refused: its login could not be checked", type(self).__name__, exc_info=True)
+                code = 1011
             if code is not None:
                 logger.info("%s refused (%s): its login was revoked while it connected", type(self).__name__, code)
                 await self.deny(code)

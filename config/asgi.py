@@ -107,7 +107,7 @@ class LeanApiHandler(ASGIHandler):
     # PROOF_UPLOAD_CONCURRENCY: in the API's, a driver's burst of large photos held every turn
     # and every other API call of the process waited behind it (an audit: 40 uploads of a 43 KB
     # 12-megapixel PNG, the seller's list and another driver's offers took 6-16 s).
-    UPLOAD_PATH = re.compile(r"/v2/drivers/[^/]+/deliveries/[^/]+/proof/?")
+    UPLOAD_PATH = re.compile(r"/v2/drivers/[^/]+/deliveries/[^/]+/proof")
 
     def __init__(self):
         super().__init__()

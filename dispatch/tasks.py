@@ -24,10 +24,11 @@ def run_matching_rounds() -> int:
 
 
 @shared_task(name=engine.SECOND_LOOK_TASK, ignore_result=True)
-def second_look(delivery_id: str, attempted_at: str) -> bool:
+def second_look(delivery_id: str, attempted_at: str, radius_km: float | None = None, exclude_driver_ids=()) -> bool:
     """A moment after a dispatch that found its candidates held by other transactions and could
     not wait for them (workflows.dispatching.SECOND_LOOK_TASK)."""
-    return engine.delivery_second_look(delivery_id=delivery_id, attempted_at=datetime.fromisoformat(attempted_at))
+    return engine.delivery_second_look(delivery_id=delivery_id, attempted_at=datetime.fromisoformat(attempted_at),
+                                       radius_km=radius_km, exclude_driver_ids=exclude_driver_ids or ())
 
 
 @shared_task(name="dispatch.purge_expired_quotes")

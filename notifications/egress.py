@@ -180,6 +180,7 @@ def _getaddrinfo_within(host: str, port: int, seconds: float | None) -> list:
 # and of one that resolves to a refused address alike: naming the address, or telling the two
 # apart, let any integration map this network's internal names (`http://db-primary:5432/`, then
 # its test event and attempts). The log has the detail.
+_DNS_TEMPORARY = {socket.EAI_AGAIN, socket.EAI_FAIL}
 NO_PUBLIC_ADDRESS = ("{host} has no public address: the name does not resolve, or resolves to a private, loopback or "
                      "link-local address.")
 
@@ -193,6 +194,9 @@ def resolve_checked(host: str, port: int, *, trusted: bool = False, timeout: flo
     except socket.gaierror as exc:
         if trusted:
             raise ConnectionError(f"DNS lookup failed: {exc}") from exc
+        if exc.errno in _DNS_TEMPORARY:  # our resolver failing, not the name: says nothing about it
+            logger.warning("webhook target %s: DNS lookup failed: %s", host, exc)
+            raise ConnectionError("DNS lookup failed temporarily; it is tried again.") from exc
         logger.info("webhook target %s: DNS lookup failed: %s", host, exc)
         raise TargetRefused(NO_PUBLIC_ADDRESS.format(host=host)) from exc
     addresses = [info[4][0] for info in infos]
@@ -231,8 +235,9 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 
 def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float, trusted: bool = False) -> HttpResult:
-    """POST `body` to `url`. Raises TargetRefused before sending anything to a refused target;
-    a network failure or timeout comes back as a result with `status=None` and the error.
+    """POST `body` to `url`. Raises TargetRefused before sending anything to a refused target
+    (a name that does not resolve, too, unless `trusted`: NO_PUBLIC_ADDRESS); a network failure
+    or timeout comes back as a result with `status=None` and the error.
     `trusted`: a URL from our own settings (the ops chat webhook), which may be private.
 
     `timeout` bounds connecting and each read, and the attempt as a whole from its start: a

@@ -139,10 +139,10 @@ def endpoint_update(*, endpoint_id, url: str | None = None, events: list[str] | 
     elif endpoint.active and endpoint.failing_since is not None and (active or endpoint.url != before[0]):
         # On, but failing, and fixed (the receiver, said by switching it on again; or its URL)
         send_waiting = True
-    if send_waiting:
+    if send_waiting:  # (the backoff starts again, as after a replay)
         endpoint.failing_since = None
         WebhookMessage.objects.filter(endpoint_id=endpoint.pk, status=MessageStatus.PENDING, next_attempt_at__gt=now).update(
-            next_attempt_at=now)
+            next_attempt_at=now, attempt_count=0)
         enqueue_kick_on_commit(DELIVER_TASK)
     elif (endpoint.url, endpoint.events, endpoint.description, endpoint.active) == before:
         return endpoint

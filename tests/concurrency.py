@@ -118,3 +118,26 @@ def _blocked_by(pid: int) -> int:
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", [pid])
         return cursor.fetchone()[0]
+
+
+def hold_driver_row(driver):
+    """A thread's transaction holding the driver's row (as a batch of location fixes being
+    written does, for milliseconds), once this returns: (thread, release), the thread commits
+    when `release` is set."""
+    from availability.models import Driver
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        try:
+            with transaction.atomic():
+                list(Driver.objects.select_for_update().filter(pk=driver.pk))
+                held.set()
+                release.wait(20)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(10)
+    return thread, release

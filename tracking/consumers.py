@@ -22,8 +22,9 @@ class TrackingConsumer(RelayConsumer):
     Each change's message has that change's status, not whatever the row says when this socket
     reads it: a delivery walked through its steps in quick succession (or a socket among
     hundreds, reading late) read the last status for every change, and the customer saw
-    pending, in transit twice, delivered. A message whose status is the one last sent is not
-    sent (a change the snapshot already showed: each change changes the status)."""
+    pending, in transit twice, delivered. A message whose status is the one last sent, or one
+    before it in the delivery's course, is not sent (a change the snapshot already showed: each
+    change moves the status on), except `pending` again (ops took the delivery from its driver)."""
 
     channel_layer_alias = TRACKING_LAYER  # Redis pub/sub: see settings.CHANNEL_LAYERS
     finished = False
@@ -55,7 +56,7 @@ class TrackingConsumer(RelayConsumer):
         if self.finished:
             return
         body = await database_sync_to_async(selectors.tracking_update_for)(self.delivery_id, kind=kind, status=status)
-        if body is None or (status is not None and body["status"] == self.shown):
+        if body is None or (status is not None and not _moves_on(self.shown, body["status"])):
             return
         self.shown = body["status"]
         await self.send_json(body)
@@ -68,3 +69,14 @@ class TrackingConsumer(RelayConsumer):
 
     async def delivery_cancelled(self, message):
         await self._send_status("delivery_status_updated", status=DeliveryStatus.CANCELLED)
+
+
+# A delivery's course as its customer sees it (selectors.customer_status); a reassign takes it
+# back to pending, any other change moves it on.
+_COURSE = {"pending": 0, "assigned": 1, "picked_up": 2, "in_transit": 3}
+
+
+def _moves_on(shown: str | None, status: str) -> bool:
+    if shown is None or status == "pending":
+        return status != shown
+    return _COURSE.get(status, len(_COURSE)) > _COURSE.get(shown, len(_COURSE))

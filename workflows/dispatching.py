@@ -74,7 +74,8 @@ HELD_WAIT_MS = 200
 # A dispatch that did not wait (its caller holds a driver row, or a batch/broadcast round, which
 # claims its drivers in one SKIP LOCKED statement) and found nobody because candidates were held
 # takes a second look after commit, off the request, a moment later: the task
-# `dispatch.second_look` (`delivery_second_look`), which holds no driver row and waits as above.
+# `dispatch.second_look` (`delivery_second_look`), which holds no driver row, so a sequential
+# dispatch waits as above (a round claims again, SKIP LOCKED, the moment later).
 # Before it, such a delivery waited for the retry job (up to 30 s) with a free driver next to it.
 SECOND_LOOK_TASK = "dispatch.second_look"
 SECOND_LOOK_DELAY_SECONDS = 0.2
@@ -427,8 +428,10 @@ def dispatch_locked(
     reason = _failure_reason(delivery, screening, nearby, radius, now)
     unassigned_record_failure(delivery=delivery, reason=reason, now=now)
     if look_again and screening.passed_over and (size > 1 or not wait_for_held):
-        enqueue_task_on_commit(SECOND_LOOK_TASK, str(delivery.pk), now.isoformat(),
-                               countdown=SECOND_LOOK_DELAY_SECONDS)
+        # (this look's radius and exclusions: ops' own radius or the wide tier of an expired
+        # offer, a reassign's previous driver)
+        enqueue_task_on_commit(SECOND_LOOK_TASK, str(delivery.pk), now.isoformat(), radius_km,
+                               [str(x) for x in exclude_driver_ids], countdown=SECOND_LOOK_DELAY_SECONDS)
     return DispatchResult("unassigned", failure_reason=reason, candidates=screening.ranked, search_radius_km=radius)
 
 
@@ -521,33 +524,37 @@ def unassigned_retry(*, now: datetime | None = None, batch_size: int = 100) -> i
     return offered
 
 
-def _retry_one(delivery_id, level: int, *, now: datetime, attempted: Q, look_again: bool = True) -> DispatchResult | None:
+def _retry_one(delivery_id, level: int, *, now: datetime, attempted: Q, radius_km: float | None = None,
+               **kwargs) -> DispatchResult | None:
     """Dispatch an unassigned delivery again, as the retry job does, if its open record still
     matches `attempted` (None: it does not, or another transaction holds the delivery)."""
     # Once escalated to the wide-radius tier, keep searching that wide.
-    radius = settings.DISPATCH_WIDE_RADIUS_KM if level >= 2 else None
+    radius = max(radius_km or 0, settings.DISPATCH_WIDE_RADIUS_KM if level >= 2 else 0) or None
     with unit_of_work():
         delivery = locks.lock_delivery(delivery_id, skip_locked=True, select_related=("zone",))
         if delivery is None:
             return None  # someone else is on it
         if not UnassignedOrder.objects.filter(attempted, delivery_id=delivery_id, resolved_at__isnull=True).exists():
             return None
-        return dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=radius, wait_for_held=True,
-                                    look_again=look_again)
+        return dispatch_next_locked(delivery, actor=Actor.system(), now=now, radius_km=radius, wait_for_held=True, **kwargs)
 
 
-def delivery_second_look(*, delivery_id, attempted_at: datetime, now: datetime | None = None) -> bool:
+def delivery_second_look(*, delivery_id, attempted_at: datetime, radius_km: float | None = None, exclude_driver_ids=(),
+                         now: datetime | None = None) -> bool:
     """SECOND_LOOK_TASK: a dispatch at `attempted_at` found nobody because candidates were held
     by other transactions for a moment, and could not wait for them. Dispatch the delivery again
-    as the retry job would, now, holding no driver row (so waiting for a held one), unless it
-    was attempted since (its record's last attempt is no longer `attempted_at`), answered or
-    resolved. No third look: the retry job takes it from there. True if it got an offer."""
+    as the retry job would (with the first look's radius and exclusions, if it had its own), now,
+    holding no driver row (so a sequential dispatch waits for a held one; a round is another
+    SKIP LOCKED claim, a moment later), unless it was attempted since (its record's last attempt
+    is no longer `attempted_at`), answered, resolved, or is waiting for a matching round. No
+    third look: the retry job takes it from there. True if it got an offer."""
+    attempted = Q(last_attempt_at=attempted_at, delivery__matching_since__isnull=True)
     level = (
-        UnassignedOrder.objects.filter(delivery_id=delivery_id, resolved_at__isnull=True, last_attempt_at=attempted_at)
+        UnassignedOrder.objects.filter(attempted, delivery_id=delivery_id, resolved_at__isnull=True)
         .values_list("escalation_level", flat=True).first()
     )
     if level is None:
         return False
-    result = _retry_one(delivery_id, level, now=now or timezone.now(), attempted=Q(last_attempt_at=attempted_at),
-                        look_again=False)
+    result = _retry_one(delivery_id, level, now=now or timezone.now(), attempted=attempted, radius_km=radius_km,
+                        exclude_driver_ids=tuple(exclude_driver_ids), look_again=False)
     return result is not None and result.outcome == "offered"

@@ -11,6 +11,7 @@ judged on land or sea.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -139,16 +140,20 @@ def quote_use(*, quote_id, created_by, data, now: datetime):
     )
 
 
-def quotes_purge(*, now: datetime | None = None, batch_size: int = 5000) -> int:
+def quotes_purge(*, now: datetime | None = None, batch_size: int = 5000, max_seconds: float = 60.0) -> int:
     """The hourly purge: delete the quotes never used that expired more than
-    QUOTE_RETENTION_SECONDS ago (one bounded batch; the next run goes on). A quote can be asked
-    for by anyone with a token, at any rate the throttles allow, and nothing deleted them.
-    Returns how many were deleted."""
+    QUOTE_RETENTION_SECONDS ago, in batches, until none is left or the batch that passes
+    `max_seconds` (the next run goes on). A quote can be asked for by anyone with a token, at
+    any rate the throttles allow, and nothing deleted them. Returns how many were deleted."""
     now = now or timezone.now()
+    deadline = time.monotonic() + max_seconds
     cutoff = now - timedelta(seconds=settings.QUOTE_RETENTION_SECONDS)
     expired = Quote.objects.filter(used_at__isnull=True, expires_at__lt=cutoff).order_by()
-    ids = list(expired.values_list("pk", flat=True)[:batch_size])
-    if not ids:
-        return 0
-    deleted, _ = Quote.objects.filter(pk__in=ids, used_at__isnull=True).delete()
-    return deleted
+    total = 0
+    while True:
+        ids = list(expired.values_list("pk", flat=True)[:batch_size])
+        if ids:
+            deleted, _ = Quote.objects.filter(pk__in=ids, used_at__isnull=True).delete()
+            total += deleted
+        if len(ids) < batch_size or time.monotonic() >= deadline:
+            return total

@@ -309,7 +309,7 @@ def test_a_real_worker_on_the_timers_queue_takes_a_rejects_second_look(transacti
     from common.actors import Actor
     from offers.models import DriverOffer
     from tests.factories import DeliveryFactory, online_driver
-    from tests.workflows.test_dispatch_engine import _held_driver
+    from tests.concurrency import hold_driver_row
     from workflows import offers
     from workflows.dispatching import delivery_dispatch
 
@@ -317,7 +317,7 @@ def test_a_real_worker_on_the_timers_queue_takes_a_rejects_second_look(transacti
     delivery = DeliveryFactory()
     offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
     with worker_on("timers", tmp_path / "worker.log") as worker:
-        thread, release = _held_driver(held)
+        thread, release = hold_driver_row(held)
         try:
             offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
         finally:

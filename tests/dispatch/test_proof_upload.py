@@ -112,7 +112,6 @@ def test_the_assigned_driver_uploads_a_photo_stored_without_exif_or_gps(moving, 
     assert proof.size_bytes == len(stored)
 
 
-
 def test_a_delivery_takes_at_most_proof_max_per_delivery_proofs(moving, driver, driver_client, proof_dir, settings, monkeypatch):
     """No cap: one delivery of an audit ended up with over 100 proofs (tables and storage grow
     without bound). The next one is refused before its image is decoded."""
@@ -126,6 +125,7 @@ def test_a_delivery_takes_at_most_proof_max_per_delivery_proofs(moving, driver, 
     r = upload(driver_client, driver, moving)
     assert "2 proofs already" in assert_error(r, 409)["message"] and decoded == []
     assert moving.proofs.count() == 2
+
 
 def test_a_proof_is_audited_and_told_to_merchants(moving, driver, driver_client):
     proof_id = upload(driver_client, driver, moving, note="door").json()["id"]

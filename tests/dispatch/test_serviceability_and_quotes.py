@@ -218,6 +218,18 @@ def test_the_hourly_purge_deletes_the_quotes_never_used_a_day_after_they_expired
     assert sorted(str(pk) for pk in Quote.objects.values_list("pk", flat=True)) == sorted([used, later])
 
 
+def test_the_purge_goes_on_batch_after_batch_within_its_time(integration):
+    """One batch of 5,000 an hour fell behind what the throttles let one token make."""
+    from workflows.quotes import quotes_purge
+
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        for _ in range(5):
+            integration.post("/v2/quotes", {"pickupLocation": CITY, "dropoffLocation": NEAR}, format="json")
+        t.shift(timedelta(days=2))
+        assert quotes_purge(batch_size=2) == 5
+    assert not Quote.objects.exists()
+
+
 @pytest.mark.parametrize("case", ["another_owner", "other_places", "with_a_fee", "unknown"])
 def test_a_quote_is_only_for_its_owner_and_its_places(integration, integration_user, case):
     owner = client_for(IntegrationUserFactory()) if case == "another_owner" else integration

@@ -302,3 +302,4 @@ def test_the_customer_socket_opens_from_any_origin_the_logged_in_ones_do_not():
         assert (await ops.connect(timeout=10))[0] is False
 
     async_to_sync(scenario)()
+

@@ -8,8 +8,10 @@ from django.utils import timezone
 from audit.models import DeliveryAuditLog
 from workflows import drivers as availability
 from common.actors import Actor
+from common.broadcast import tasks_diverted
 from workflows.dispatching import delivery_dispatch, unassigned_retry
 from dispatch.models import Delivery
+from dispatch.tasks import second_look
 from escalation.models import UnassignedOrder
 from workflows.escalations import escalation_check
 from workflows import offers
@@ -17,10 +19,9 @@ from offers.events import OfferCancelledEvent, OfferExpiredEvent
 from offers.models import DriverOffer
 from offers.tasks import expire_offer, expire_overdue_offers
 from tests.api import assert_error, client_for
+from tests.concurrency import hold_driver_row
 from tests.factories import DeliveryFactory, DriverFactory, km_north, online_driver
 from tests.typecheck import assert_event_shape
-from common.broadcast import tasks_diverted
-from dispatch.tasks import second_look
 
 pytestmark = pytest.mark.django_db
 
@@ -509,32 +510,6 @@ def test_an_auto_dispatch_false_delivery_ops_dispatched_to_nobody_is_retried_by_
     assert pending(Delivery.objects.get(pk=created["id"])).driver_id == driver.pk
 
 
-def _held_driver(driver):
-    """A thread's transaction holding the driver's row (as a batch of location fixes being
-    written does, for milliseconds): (held, release) events; the thread commits on release."""
-    import threading
-
-    from django.db import connection, transaction
-
-    from availability.models import Driver
-
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        try:
-            with transaction.atomic():
-                list(Driver.objects.select_for_update().filter(pk=driver.pk))
-                held.set()
-                release.wait(20)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert held.wait(10)
-    return thread, release
-
-
 @pytest.mark.django_db(transaction=True)
 def test_a_candidate_held_for_a_moment_by_another_transaction_is_waited_for(monkeypatch):
     """Skipped as "held elsewhere", the only free driver left the delivery unassigned (all
@@ -544,7 +519,7 @@ def test_a_candidate_held_for_a_moment_by_another_transaction_is_waited_for(monk
     driver = online_driver(km=1)
     delivery = DeliveryFactory()
     monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 10_000)  # (the commit below comes well within it)
-    thread, release = _held_driver(driver)
+    thread, release = hold_driver_row(driver)
     real = locks.lock_driver_waiting
 
     def waiting(*args, **kwargs):
@@ -573,7 +548,7 @@ def test_a_candidate_held_past_the_wait_leaves_the_delivery_unassigned_and_the_t
     from workflows import locks
 
     monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 50)
-    thread, release = _held_driver(driver)
+    thread, release = hold_driver_row(driver)
     try:
         with transaction.atomic():
             with connection.cursor() as cursor:
@@ -603,7 +578,7 @@ def test_a_reject_holding_its_driver_does_not_wait_for_a_held_candidate(monkeypa
     waited, enqueued = [], []
     real = locks.lock_driver_waiting
     monkeypatch.setattr(locks, "lock_driver_waiting", lambda *a, **kw: waited.append(a) or real(*a, **kw))
-    thread, release = _held_driver(held)
+    thread, release = hold_driver_row(held)
     try:
         with tasks_diverted(lambda name, *rest: name.startswith("dispatch.") and enqueued.append((name, *rest))):
             result = offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far",
@@ -617,7 +592,9 @@ def test_a_reject_holding_its_driver_does_not_wait_for_a_held_candidate(monkeypa
     assert record.failure_reason == "all_drivers_busy"
     # ... and takes a second look after commit, a moment later, off the request (it waited for
     # the retry job, up to 30 s, with the driver free next to the pickup)
-    assert enqueued == [("dispatch.second_look", (str(delivery.pk), record.last_attempt_at.isoformat()),
+    # (with the first look's radius: the offer's own, which a wide tier or ops may have set)
+    assert enqueued == [("dispatch.second_look", (str(delivery.pk), record.last_attempt_at.isoformat(),
+                                                  offer.search_radius_km, []),
                          {"countdown": dispatching.SECOND_LOOK_DELAY_SECONDS})]
     assert second_look(*enqueued[0][1]) is True
     assert pending(delivery).driver_id == held.pk
@@ -640,7 +617,7 @@ def test_a_second_look_waits_for_a_candidate_still_held(monkeypatch):
     offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
     enqueued = []
     with tasks_diverted(_looks(enqueued)):
-        thread, release = _held_driver(held)
+        thread, release = hold_driver_row(held)
         try:
             offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
             assert len(enqueued) == 1
@@ -666,7 +643,7 @@ def test_a_second_look_waits_for_a_candidate_still_held(monkeypatch):
         monkeypatch.setattr(locks, "lock_driver_waiting", real)
         monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 50)
         other = online_driver(km=3)
-        thread, release = _held_driver(other)
+        thread, release = hold_driver_row(other)
         try:
             offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
             assert len(enqueued) == 2
@@ -684,17 +661,46 @@ def test_a_second_look_is_dropped_once_the_delivery_was_attempted_again_or_offer
     delivery = DeliveryFactory()
     offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
     enqueued = []
-    thread, release = _held_driver(held)
+    thread, release = hold_driver_row(held)
     try:
         with tasks_diverted(_looks(enqueued)):
             offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
     finally:
         release.set()
         thread.join(20)
-    UnassignedOrder.objects.filter(delivery=delivery).update(last_attempt_at=timezone.now())  # the retry job, say
+    record = UnassignedOrder.objects.get(delivery=delivery)
+    UnassignedOrder.objects.filter(pk=record.pk).update(last_attempt_at=timezone.now())  # the retry job, say
     assert second_look(*enqueued[0]) is False
     assert not DriverOffer.objects.filter(delivery=delivery, status="PENDING").exists()
     assert UnassignedOrder.objects.get(delivery=delivery).attempt_count == 1
+
+    # offered meanwhile (ops' dispatch): the look finds the pending offer and makes none
+    UnassignedOrder.objects.filter(pk=record.pk).update(last_attempt_at=record.last_attempt_at)
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer.driver_id == held.pk
+    assert second_look(*enqueued[0]) is False
+    assert DriverOffer.objects.filter(delivery=delivery, status="PENDING").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_look_searches_as_far_as_the_first(settings):
+    """The first look's radius (ops' own, or the wide tier, which the offer keeps and its
+    reject, expiry or withdrawal dispatches with) goes with the second: it looked at the default
+    radius, where the held driver 12 km away is not."""
+    settings.DISPATCH_RADIUS_KM = 5
+    first, held = online_driver(km=1), online_driver(km=12)
+    delivery = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system(), radius_km=20).offer
+    assert offer.driver_id == first.pk and offer.search_radius_km == 20
+    enqueued = []
+    thread, release = hold_driver_row(held)
+    try:
+        with tasks_diverted(_looks(enqueued)):
+            offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
+    finally:
+        release.set()
+        thread.join(20)
+    assert second_look(*enqueued[0]) is True
+    assert pending(delivery).driver_id == held.pk
 
 
 @pytest.mark.django_db(transaction=True)
@@ -706,7 +712,7 @@ def test_a_waiting_dispatch_whose_wait_ran_out_takes_no_second_look(monkeypatch)
     held = online_driver(km=1)
     delivery = DeliveryFactory()
     enqueued = []
-    thread, release = _held_driver(held)
+    thread, release = hold_driver_row(held)
     try:
         with tasks_diverted(_looks(enqueued)):
             result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
@@ -724,7 +730,7 @@ def test_a_batch_round_that_found_its_candidates_held_takes_a_second_look(settin
     near = online_driver(km=1)
     delivery = DeliveryFactory()
     enqueued = []
-    thread, release = _held_driver(near)
+    thread, release = hold_driver_row(near)
     try:
         with tasks_diverted(_looks(enqueued)):
             result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())

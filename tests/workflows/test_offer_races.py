@@ -256,7 +256,7 @@ def test_a_driver_another_transaction_holds_counts_as_busy_not_as_nobody_near(po
     from workflows import dispatching
 
     settings.DISPATCH_POLICY = policy
-    monkeypatch.setattr(dispatching, "HELD_RECHECKS", 0)  # (no second look: a driver held past it, as here for good)
+    monkeypatch.setattr(dispatching, "HELD_RECHECKS", 0)  # (no wait for held drivers: one held past it, as here for good)
     driver = online_driver(km=0.5)
     delivery = DeliveryFactory()
 
