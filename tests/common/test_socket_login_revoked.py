@@ -433,3 +433,32 @@ def test_a_token_revoked_while_its_socket_connects_closes_it(monkeypatch, path):
 
     monkeypatch.setattr(layer, "group_add", add)
     assert async_to_sync(refusal)(WebsocketCommunicator(application, url)) == 4401
+
+
+def test_a_socket_whose_login_cannot_be_checked_on_connect_is_refused_1011(monkeypatch):
+    """The database away at the check after the join: the connect raised, the socket died with no
+    close code and its channel stayed in its groups, a dead member every event was sent to."""
+    from channels.layers import get_channel_layer
+
+    from common import consumers
+    from tests.sockets import refusal
+
+    user = OpsUserFactory()
+    key = api_token_create(user, name="t")
+
+    @database_sync_to_async
+    def broken(scope, allowed):
+        raise RuntimeError("database away")
+
+    monkeypatch.setattr(consumers, "_login_check", broken)
+    group = consumers.login_group(user.pk)
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/ops/?token={key}")
+        code = await refusal(comm)
+        await comm.disconnect()  # (the server's websocket.disconnect after the close)
+        layer = get_channel_layer()
+        return code, await layer.connection(layer.consistent_hash(group)).zcard(layer._group_key(group))
+
+    code, members = async_to_sync(scenario)()
+    assert code == 1011 and members == 0  # refused, and out of its groups again
