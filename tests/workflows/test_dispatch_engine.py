@@ -606,6 +606,25 @@ def _looks(enqueued: list):
     return lambda name, args, options: name == "dispatch.second_look" and enqueued.append(args)
 
 
+def _looks_while_held(driver, call):
+    """`call()` while another transaction holds `driver`'s row: (its result, the arguments of
+    the second looks it published)."""
+    enqueued = []
+    thread, release = hold_driver_row(driver)
+    try:
+        with tasks_diverted(_looks(enqueued)):
+            result = call()
+    finally:
+        release.set()
+        thread.join(20)
+    return result, enqueued
+
+
+def _reject(offer):
+    return offers.offer_reject(offer_id=offer.pk, driver_id=offer.driver_id, reason="too_far",
+                               actor=Actor("driver", offer.driver_id))
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_second_look_waits_for_a_candidate_still_held(monkeypatch):
     """The second look holds no driver row: it waits for a held candidate as a new delivery's
@@ -660,14 +679,7 @@ def test_a_second_look_is_dropped_once_the_delivery_was_attempted_again_or_offer
     first, held = online_driver(km=1), online_driver(km=2)
     delivery = DeliveryFactory()
     offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
-    enqueued = []
-    thread, release = hold_driver_row(held)
-    try:
-        with tasks_diverted(_looks(enqueued)):
-            offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
-    finally:
-        release.set()
-        thread.join(20)
+    _, enqueued = _looks_while_held(held, lambda: _reject(offer))
     record = UnassignedOrder.objects.get(delivery=delivery)
     UnassignedOrder.objects.filter(pk=record.pk).update(last_attempt_at=timezone.now())  # the retry job, say
     assert second_look(*enqueued[0]) is False
@@ -691,14 +703,7 @@ def test_a_second_look_searches_as_far_as_the_first(settings):
     delivery = DeliveryFactory()
     offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system(), radius_km=20).offer
     assert offer.driver_id == first.pk and offer.search_radius_km == 20
-    enqueued = []
-    thread, release = hold_driver_row(held)
-    try:
-        with tasks_diverted(_looks(enqueued)):
-            offers.offer_reject(offer_id=offer.pk, driver_id=first.pk, reason="too_far", actor=Actor("driver", first.pk))
-    finally:
-        release.set()
-        thread.join(20)
+    _, enqueued = _looks_while_held(held, lambda: _reject(offer))
     assert second_look(*enqueued[0]) is True
     assert pending(delivery).driver_id == held.pk
 
@@ -711,14 +716,7 @@ def test_a_waiting_dispatch_whose_wait_ran_out_takes_no_second_look(monkeypatch)
     monkeypatch.setattr(dispatching, "HELD_WAIT_MS", 50)
     held = online_driver(km=1)
     delivery = DeliveryFactory()
-    enqueued = []
-    thread, release = hold_driver_row(held)
-    try:
-        with tasks_diverted(_looks(enqueued)):
-            result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
-    finally:
-        release.set()
-        thread.join(20)
+    result, enqueued = _looks_while_held(held, lambda: delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()))
     assert result.outcome == "unassigned" and enqueued == []
 
 
@@ -729,14 +727,7 @@ def test_a_batch_round_that_found_its_candidates_held_takes_a_second_look(settin
     settings.DISPATCH_BATCH_SIZE = 2
     near = online_driver(km=1)
     delivery = DeliveryFactory()
-    enqueued = []
-    thread, release = hold_driver_row(near)
-    try:
-        with tasks_diverted(_looks(enqueued)):
-            result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
-    finally:
-        release.set()
-        thread.join(20)
+    result, enqueued = _looks_while_held(near, lambda: delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()))
     assert result.outcome == "unassigned" and result.failure_reason == "all_drivers_busy"
     assert second_look(*enqueued[0]) is True
     assert pending(delivery).driver_id == near.pk
