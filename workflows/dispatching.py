@@ -75,7 +75,10 @@ HELD_WAIT_MS = 200
 # claims its drivers in one SKIP LOCKED statement) and found nobody because candidates were held
 # takes a second look after commit, off the request, a moment later: the task
 # `dispatch.second_look` (`delivery_second_look`), which holds no driver row, so a sequential
-# dispatch waits as above (a round claims again, SKIP LOCKED, the moment later).
+# dispatch waits as above (a round claims again, SKIP LOCKED, the moment later). So does an
+# answer's follow-up (a reject, an expiry, a withdrawal: no waiting caller) that found its
+# candidates' offers for other deliveries pending: answered at the same moment, they are free
+# a moment later.
 # Before it, such a delivery waited for the retry job (up to 30 s) with a free driver next to it.
 SECOND_LOOK_TASK = "dispatch.second_look"
 SECOND_LOOK_DELAY_SECONDS = 0.2
@@ -427,7 +430,12 @@ def dispatch_locked(
 
     reason = _failure_reason(delivery, screening, nearby, radius, now)
     unassigned_record_failure(delivery=delivery, reason=reason, now=now)
-    if look_again and screening.passed_over and (size > 1 or not wait_for_held):
+    held = screening.passed_over and (size > 1 or not wait_for_held)
+    # (an answer's follow-up that found the others' offers pending: drivers rejecting at once, or
+    # their offers expiring together, free each other a moment later; each follow-up saw the
+    # others' offers still pending, and the deliveries waited for the retry job, ~30 s: an audit)
+    answering = screening.pending_elsewhere and not wait_for_held
+    if look_again and (held or answering):
         # (this look's radius and exclusions: ops' own radius or the wide tier of an expired
         # offer, a reassign's previous driver)
         enqueue_task_on_commit(SECOND_LOOK_TASK, str(delivery.pk), now.isoformat(), radius_km,

@@ -731,3 +731,22 @@ def test_a_batch_round_that_found_its_candidates_held_takes_a_second_look(settin
     assert result.outcome == "unassigned" and result.failure_reason == "all_drivers_busy"
     assert second_look(*enqueued[0]) is True
     assert pending(delivery).driver_id == near.pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_drivers_rejecting_at_once_free_each_other_for_a_second_look():
+    """Two drivers reject at the same moment: each follow-up saw the other's offer still pending
+    (its reject not yet committed) and the deliveries waited for the retry job, ~30 s (an audit:
+    95 of 134 such cases)."""
+    first, second = online_driver(km=1), online_driver(km=2)
+    x, y = DeliveryFactory(), DeliveryFactory()
+    to_first = delivery_dispatch(delivery_id=x.pk, actor=Actor.system()).offer
+    to_second = delivery_dispatch(delivery_id=y.pk, actor=Actor.system()).offer
+    assert (to_first.driver_id, to_second.driver_id) == (first.pk, second.pk)
+    enqueued = []
+    with tasks_diverted(_looks(enqueued)):
+        _reject(to_first)  # the second driver's offer is still pending: nobody for x now
+    assert UnassignedOrder.objects.get(delivery=x).failure_reason == "all_drivers_busy"
+    _reject(to_second)  # ... a moment later it is free
+    assert second_look(*enqueued[0]) is True
+    assert pending(x).driver_id == second.pk
