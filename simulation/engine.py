@@ -227,15 +227,18 @@ class Simulation:
 
     def _task(self, name: str, args: tuple, options: dict) -> None:
         """A task the platform enqueued. The offer's push: the driver hears of it. A task with
-        an eta (the offer's expiry, a matching round): a worker runs it then. Anything else
-        (ETA refreshes, webhooks, alerts) is not part of the model (docs/dispatch.md)."""
-        eta_at = options.get("eta")
+        an eta (the offer's expiry, a matching round) or a countdown (a dispatch's second look):
+        a worker runs it then. Anything else (ETA refreshes, webhooks, alerts) is not part of
+        the model (docs/dispatch.md)."""
+        eta_at, countdown = options.get("eta"), options.get("countdown")
         if name == PUSH_TASK:
             # Heard once the current event is over (the push runs after commit, and the order's
             # delivery id is known to the loop only when delivery_create has returned).
             self.schedule(self.now_s, "heard", *args)
         elif isinstance(eta_at, datetime) and name in self.tasks:
             self.schedule(max((eta_at - START).total_seconds(), self.now_s), "task", name, args)
+        elif isinstance(countdown, (int, float)) and name in self.tasks:
+            self.schedule(self.now_s + countdown, "task", name, args)
         else:
             self.trace.tasks_dropped[name] = self.trace.tasks_dropped.get(name, 0) + 1
 

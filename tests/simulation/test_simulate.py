@@ -245,3 +245,17 @@ def test_a_difference_inside_its_interval_is_within_noise():
     assert far["relative"] == round(-40 / 300, 4)
     assert difference(base, [x + 40 for x in base])["verdict"] == "higher"
     assert difference([1.0], [2.0, 3.0]) is None
+
+
+def test_a_task_with_a_countdown_runs_then_and_an_unknown_one_is_dropped():
+    """A dispatch's second look (a countdown, no eta) was dropped: the simulator left deliveries
+    unassigned until the retry job where production looks again 0.2 s later."""
+    from simulation.engine import Params, Simulation
+
+    sim = Simulation(Params(drivers=1, orders_per_hour=1, minutes=1, seed=1, policy="sequential"))
+    sim.now_s = 10.0
+    sim._task("dispatch.second_look", ("d1", "t", None, []), {"countdown": 0.2})
+    sim._task("no.such_task", (), {"countdown": 0.2})
+    look = ("dispatch.second_look", ("d1", "t", None, []))
+    assert [(t, kind, args) for t, _, kind, args in sim._heap] == [(10.2, "task", look)]
+    assert sim.trace.tasks_dropped == {"no.such_task": 1}
