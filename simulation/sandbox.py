@@ -107,6 +107,10 @@ def _ensure_database(name: str) -> None:
     conn = load_backend(conf["ENGINE"]).DatabaseWrapper(conf, "simulation_setup")
     try:
         with conn.cursor() as cur:
+            # One process at a time (released when the connection closes): two runs started at
+            # once on a new database both tried CREATE EXTENSION, and IF NOT EXISTS does not
+            # settle that race (the second failed on pg_extension_name_index).
+            cur.execute("SELECT pg_advisory_lock(hashtext('simulation database setup'))")
             cur.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
             # btree_gist too (offers' exclusion constraint): created by a run's migration it
             # landed in that run's schema, and the run's DROP SCHEMA … CASCADE took it, and with
