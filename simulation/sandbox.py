@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from django.apps import apps
 from django.conf import settings
 from django.core.management import call_command
-from django.db import ProgrammingError, connections
+from django.db import IntegrityError, ProgrammingError, connections
 from django.db.utils import load_backend
 from django.test.utils import override_settings
 
@@ -100,7 +100,10 @@ def _ensure_database(name: str) -> None:
     if not _database_exists(name):
         try:
             _admin_execute(f'CREATE DATABASE "{name}"')
-        except ProgrammingError:  # another process created it meanwhile
+        except (ProgrammingError, IntegrityError):
+            # another process created it meanwhile: "already exists" once it has committed, a
+            # unique violation on pg_database while its CREATE DATABASE is still going on (two
+            # runs started at once on a new machine: the second failed)
             pass
     conf = {**copy.deepcopy(connections["default"].settings_dict), "NAME": name}
     conf.get("OPTIONS", {}).pop("pool", None)
