@@ -19,7 +19,7 @@ from availability import events, geo, live
 from availability.models import Driver, DriverAvailabilityHistory
 from availability.models import DriverAvailability as A
 from common.actors import Actor
-from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group
+from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group, enqueue_task_on_commit
 from common.exceptions import Conflict, Forbidden
 from common.tokens import api_token_create
 from common.txbuffer import insert_rows
@@ -47,6 +47,14 @@ def transition_allowed(from_state: str, to_state: str, *, by_ops: bool, releasin
     if to_state in TRANSITIONS.get(from_state, ()):
         return True
     return by_ops and from_state != A.BUSY and to_state in OPS_TARGETS
+
+
+# A driver free again (a delivery done or called off, a break over, back on shift, resumed by
+# ops) is offered the oldest delivery waiting near it, a moment later: the task
+# `dispatch.driver_freed` (workflows.dispatching.driver_freed_pull). Before it, a delivery that
+# had found nobody waited for the retry job, up to 30 s, with a free driver next to it.
+DRIVER_FREED_TASK = "dispatch.driver_freed"
+DRIVER_FREED_DELAY_SECONDS = 0.2
 
 
 def apply_availability_change(
@@ -102,6 +110,10 @@ def apply_availability_change(
     )
     broadcast_on_commit([driver_group(driver.pk), OPS_GROUP], event)
     geo.index_driver_on_commit(driver)
+    if to_state == A.AVAILABLE:
+        # (a moment after commit, off the request: the deliveries waiting near the driver;
+        # workflows.dispatching.driver_freed_pull)
+        enqueue_task_on_commit(DRIVER_FREED_TASK, str(driver.pk), now.isoformat(), countdown=DRIVER_FREED_DELAY_SECONDS)
     return row
 
 

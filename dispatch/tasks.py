@@ -2,6 +2,7 @@ from datetime import datetime
 
 from celery import shared_task
 
+from availability.services import DRIVER_FREED_TASK
 from workflows import dispatching as engine
 from workflows import matching, quotes
 
@@ -35,3 +36,10 @@ def second_look(delivery_id: str, attempted_at: str, radius_km: float | None = N
 def purge_expired_quotes() -> int:
     """Hourly: the quotes never used, a while after they expired (workflows.quotes.quotes_purge)."""
     return quotes.quotes_purge()
+
+
+@shared_task(name=DRIVER_FREED_TASK, ignore_result=True)
+def driver_freed(driver_id: str, freed_at: str) -> bool:
+    """A moment after a driver became available: the deliveries waiting near it
+    (workflows.dispatching.driver_freed_pull)."""
+    return engine.driver_freed_pull(driver_id=driver_id, freed_at=datetime.fromisoformat(freed_at))

@@ -28,21 +28,25 @@ from datetime import datetime, timedelta
 from itertools import islice
 
 from django.conf import settings
+from django.contrib.gis.db.models.functions import Distance as GeographyDistance
+from django.contrib.gis.geos import Point
+from django.contrib.gis.measure import D
 from django.db import connection
-from django.db.models import CharField, Exists, F, OuterRef, Q, Subquery, Value
+from django.db.models import CharField, Case, Exists, ExpressionWrapper, F, FloatField, OuterRef, Q, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from audit.models import AuditEventType as E
 from audit.models import DeliveryAuditLog
 from audit.services import audit_record
+from availability import live
 from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
 from common.actors import Actor
 from common.broadcast import enqueue_task_on_commit
 from common.exceptions import Conflict
 from common.hotsql import cached_rows
-from dispatch.models import Delivery, DeliveryStatus, DispatchPolicy
+from dispatch.models import Assignment, Delivery, DeliveryStatus, DispatchPolicy
 from escalation.models import FailureReason, UnassignedOrder
 from escalation.services import unassigned_record_failure
 from offers.models import DriverOffer, OfferStatus
@@ -52,7 +56,7 @@ from workflows import locks
 from workflows.matching_window import delivery_wait_for_round_locked
 from workflows.stacking import stacking_candidates
 from workflows.unit import unit_of_work
-from zones.models import DriverZonePreference
+from zones.models import SEARCH_RADIUS_MAX_KM, DriverZonePreference
 from zones.policies import zone_policy
 
 logger = logging.getLogger(__name__)
@@ -566,3 +570,67 @@ def delivery_second_look(*, delivery_id, attempted_at: datetime, radius_km: floa
     result = _retry_one(delivery_id, level, now=now or timezone.now(), attempted=attempted, radius_km=radius_km,
                         exclude_driver_ids=tuple(exclude_driver_ids), look_again=False)
     return result is not None and result.outcome == "offered"
+
+
+# How many waiting deliveries one freed driver's look dispatches at most: each is dispatched to
+# its own best candidate, which may be another free driver (then the next one is tried).
+DRIVER_FREED_TRIES = 3
+
+
+def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = None) -> bool:
+    """`availability.services.DRIVER_FREED_TASK`: the driver became available at `freed_at`.
+    Dispatch again, as the retry job would and oldest first, the deliveries waiting for a driver
+    whose search would reach it: open unassigned records of ready deliveries with no pending
+    offer, not waiting for a matching round, dispatched automatically (or once by ops), whose
+    pickup is within their search radius of the driver's live position (the wide one from
+    escalation level 2), never offered or assigned to the driver, in a zone the driver has not marked
+    UNAVAILABLE. Each goes to its best candidate, as any dispatch; up to DRIVER_FREED_TRIES,
+    until one is offered to the driver.
+
+    Nothing is done if the driver changed state since `freed_at` (a later change has its own
+    look), has a pending offer, or has no fresh fix (its next fix does not look: the retry job
+    does). True if the driver got an offer."""
+    now = now or timezone.now()
+    driver = (
+        Driver.objects.filter(pk=driver_id, availability=DriverAvailability.AVAILABLE, last_availability_change=freed_at)
+        .exclude(Exists(DriverOffer.objects.filter(driver=OuterRef("pk"), status=OfferStatus.PENDING)))
+        .only("pk", "location", "location_recorded_at", "location_accuracy_m", "location_speed", "location_heading")
+        .first()
+    )
+    if driver is None:
+        return False
+    position = live.position_latest(driver)
+    if position is None or position.recorded_at < now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS):
+        return False
+    here = Point(position.lon, position.lat, srid=4326)
+    own_radius_km = Coalesce(F("delivery__zone__search_radius_km"), Value(float(settings.DISPATCH_RADIUS_KM)))
+    radius_m = ExpressionWrapper(
+        Case(When(escalation_level__gte=2, then=Value(float(settings.DISPATCH_WIDE_RADIUS_KM))), default=own_radius_km)
+        * 1000, output_field=FloatField(),
+    )
+    widest_km = max(settings.DISPATCH_RADIUS_KM, settings.DISPATCH_WIDE_RADIUS_KM, SEARCH_RADIUS_MAX_KM)
+    waiting = list(
+        UnassignedOrder.objects.filter(
+            resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True,
+            delivery__matching_since__isnull=True, location__dwithin=(here, D(km=widest_km)),
+        )
+        .filter(Q(delivery__auto_dispatch=True) | ops_started("delivery_id"))
+        .exclude(Exists(DriverOffer.objects.filter(delivery_id=OuterRef("delivery_id"), driver_id=driver_id)))
+        # (nor one taken away from it: ops' reassign of a delivery they had assigned, no offer)
+        .exclude(Exists(Assignment.objects.filter(delivery_id=OuterRef("delivery_id"), driver_id=driver_id)))
+        .exclude(Exists(DriverZonePreference.objects.filter(
+            driver_id=driver_id, zone_id=OuterRef("delivery__zone_id"), preference="UNAVAILABLE")))
+        .annotate(reach_m=radius_m, distance_m=GeographyDistance("location", here))
+        .filter(distance_m__lte=F("reach_m"))
+        .order_by("first_attempt_at", "delivery__created_at", "delivery_id")
+        .values_list("delivery_id", "escalation_level")[:DRIVER_FREED_TRIES]
+    )
+    for delivery_id, level in waiting:
+        try:
+            result = _retry_one(delivery_id, level, now=now, attempted=Q(delivery__matching_since__isnull=True))
+        except Exception:
+            logger.exception("dispatching delivery %s to freed driver %s failed", delivery_id, driver_id)
+            continue
+        if result is not None and any(str(o.driver_id) == str(driver_id) for o in result.offers or ()):
+            return True
+    return False

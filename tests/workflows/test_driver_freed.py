@@ -1,0 +1,205 @@
+"""A driver free again pulls the deliveries waiting near it (workflows.dispatching.driver_freed_pull):
+a moment after the change, off the request, where the retry job took up to 30 s."""
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.test import TestCase
+from django.utils import timezone
+
+from availability.models import Driver
+from common.actors import Actor
+from common.broadcast import tasks_diverted
+from dispatch.models import Delivery
+from dispatch.tasks import driver_freed
+from escalation.models import UnassignedOrder
+from offers.models import DriverOffer
+from tests.api import client_for
+from tests.factories import DeliveryFactory, OpsUserFactory, ZoneFactory, driver_at_dropoff, km_north, online_driver
+from workflows import drivers as availability
+from workflows.deliveries import assignment_create, delivery_reassign
+from workflows import offers
+from workflows.dispatching import DRIVER_FREED_TRIES, delivery_dispatch
+from zones.models import DriverZonePreference
+
+pytestmark = pytest.mark.django_db
+
+
+def _waiting(**kwargs) -> Delivery:
+    """A delivery dispatched to nobody (an open unassigned record), at the city centre unless told."""
+    delivery = DeliveryFactory(**kwargs)
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
+    return delivery
+
+
+def _freed(call) -> list[tuple]:
+    """`call()`, keeping the `dispatch.driver_freed` tasks it published: [(args, options)]."""
+    enqueued = []
+    with tasks_diverted(lambda name, args, options: name == "dispatch.driver_freed" and enqueued.append((args, options))):
+        with TestCase.captureOnCommitCallbacks(execute=True):
+            call()
+    return enqueued
+
+
+def _pending(delivery):
+    return DriverOffer.objects.filter(delivery=delivery, status="PENDING").first()
+
+
+def _on_break(km=1.0, **kwargs) -> Driver:
+    driver = online_driver(km=km, **kwargs)
+    availability.availability_take_break(driver_id=driver.pk, duration_minutes=15, reason="", actor=Actor("driver", driver.pk))
+    return driver
+
+
+def _resume(driver) -> tuple:
+    """Resume `driver`; the arguments of the one look it published."""
+    enqueued = _freed(lambda: availability.availability_resume(driver_id=driver.pk, actor=Actor("driver", driver.pk)))
+    assert len(enqueued) == 1 and enqueued[0][1] == {"countdown": 0.2}
+    return enqueued[0][0]
+
+
+def test_a_driver_back_from_a_break_is_offered_the_delivery_waiting_next_to_it():
+    driver = _on_break(km=1)
+    delivery = _waiting()
+    attempts = UnassignedOrder.objects.get(delivery=delivery).attempt_count
+
+    args = _resume(driver)
+
+    assert args == (str(driver.pk), Driver.objects.get(pk=driver.pk).last_availability_change.isoformat())
+    assert _pending(delivery) is None  # (a moment later, off the request)
+    assert driver_freed(*args) is True
+    assert _pending(delivery).driver_id == driver.pk
+    record = UnassignedOrder.objects.get(delivery=delivery)
+    assert record.attempt_count == attempts  # the offer is the attempt; the record resolves on accept
+    assert driver_freed(*args) is False  # (it has an offer now)
+
+
+def test_finishing_a_delivery_frees_the_driver_for_the_oldest_waiting_one():
+    driver = online_driver(km=0.2)
+    first = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=first.pk, actor=Actor.system()).offer
+    offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
+    older = _waiting(pickup_location=km_north(1.5))
+    newer = _waiting(pickup_location=km_north(0.1))
+    api = client_for(driver.user)
+    for step in ("pickup-started", "pickup-completed", "delivery-started"):
+        assert api.post(f"/v2/drivers/{driver.pk}/deliveries/{first.pk}/{step}").status_code == 200
+    driver_at_dropoff(driver, first)
+    enqueued = _freed(lambda: api.post(f"/v2/drivers/{driver.pk}/deliveries/{first.pk}/delivery-completed"))
+
+    assert len(enqueued) == 1
+    assert driver_freed(*enqueued[0][0]) is True
+    assert _pending(older).driver_id == driver.pk  # waiting longest, though farther
+    assert _pending(newer) is None
+
+
+def test_a_delivery_out_of_reach_is_left_alone_until_it_reaches_the_wide_radius(settings):
+    settings.DISPATCH_RADIUS_KM, settings.DISPATCH_WIDE_RADIUS_KM = 5, 10
+    driver = _on_break(km=8)
+    delivery = _waiting()
+    args = _resume(driver)
+
+    assert driver_freed(*args) is False
+    assert UnassignedOrder.objects.get(delivery=delivery).attempt_count == 1  # not even tried
+
+    UnassignedOrder.objects.filter(delivery=delivery).update(escalation_level=2)
+    assert driver_freed(*args) is True
+    assert _pending(delivery).search_radius_km == 10
+
+
+def test_a_zones_own_radius_counts(settings):
+    settings.DISPATCH_RADIUS_KM = 5
+    zone = ZoneFactory(search_radius_km=2)
+    driver = _on_break(km=3)
+    delivery = _waiting(zone=zone)
+    assert driver_freed(*_resume(driver)) is False
+    assert _pending(delivery) is None
+
+
+def test_a_delivery_the_driver_was_offered_before_or_in_a_zone_it_refuses_is_not_tried():
+    driver = online_driver(km=1)
+    offered_before = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=offered_before.pk, actor=Actor.system()).offer
+    offers.offer_reject(offer_id=offer.pk, driver_id=driver.pk, reason="too_far", actor=Actor("driver", driver.pk))
+    availability.availability_take_break(driver_id=driver.pk, duration_minutes=15, reason="", actor=Actor("driver", driver.pk))
+    zone = ZoneFactory()
+    refused = _waiting(zone=zone)
+    DriverZonePreference.objects.create(driver=driver, zone=zone, preference="UNAVAILABLE")
+    tried = dict(UnassignedOrder.objects.values_list("delivery_id", "attempt_count"))
+    assert set(tried) == {offered_before.pk, refused.pk}
+
+    assert driver_freed(*_resume(driver)) is False
+
+    assert dict(UnassignedOrder.objects.values_list("delivery_id", "attempt_count")) == tried
+    assert not DriverOffer.objects.filter(status="PENDING").exists()
+
+
+def test_a_driver_that_changed_since_or_got_an_offer_or_has_no_fresh_fix_pulls_nothing(settings):
+    driver = _on_break(km=1)
+    delivery = _waiting()
+    args = _resume(driver)
+    availability.availability_take_break(driver_id=driver.pk, duration_minutes=5, reason="", actor=Actor("driver", driver.pk))
+    assert driver_freed(*args) is False  # on a break again
+    stale_args, args = args, _resume(driver)
+    assert driver_freed(*stale_args) is False  # back, but that is the later resume's look to take
+
+    other = DeliveryFactory(pickup_location=km_north(30))
+    offers.offer_create(delivery_id=other.pk, driver_id=driver.pk, actor=Actor.system())
+    assert driver_freed(*args) is False  # busy with an offer
+    assert UnassignedOrder.objects.get(delivery=delivery).attempt_count == 1  # (not tried)
+
+    DriverOffer.objects.filter(delivery=other).update(status="REJECTED")
+    Delivery.objects.filter(pk=other.pk).update(current_offer=None)
+    with time_machine.travel(timezone.now() + timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS + 60)):
+        assert driver_freed(*args) is False  # its fix is stale by now
+    assert UnassignedOrder.objects.get(delivery=delivery).attempt_count == 1
+    assert _pending(delivery) is None
+    assert driver_freed(*args) is True
+
+
+def test_deliveries_ops_must_start_or_a_matching_round_holds_are_left_to_them(integration):
+    driver = _on_break(km=1)
+    r = integration.post("/v2/deliveries", {
+        "sellerOrderId": "MANUAL-1", "storeName": "S", "pickupLocation": {"lat": 12.9716, "lon": 77.5946},
+        "dropoffLocation": {"lat": 12.99, "lon": 77.6}, "autoDispatch": False,
+    }, format="json")
+    manual = Delivery.objects.get(pk=r.json()["id"])
+    UnassignedOrder.objects.create(
+        delivery=manual, location=manual.pickup_location, failure_reason="unassigned",
+        first_attempt_at=timezone.now(), last_attempt_at=timezone.now(),
+    )
+    in_round = [_waiting() for _ in range(DRIVER_FREED_TRIES)]
+    Delivery.objects.filter(pk__in=[d.pk for d in in_round]).update(matching_since=timezone.now())
+    free = _waiting()  # waiting least long: the others, not tried, leave it a try
+
+    assert driver_freed(*_resume(driver)) is True
+    assert list(DriverOffer.objects.filter(status="PENDING").values_list("delivery_id", flat=True)) == [free.pk]
+    assert UnassignedOrder.objects.get(delivery=manual).attempt_count == 1  # ops' to start, not even tried
+
+
+def test_a_better_placed_free_driver_takes_the_delivery_and_the_freed_one_the_next():
+    driver = _on_break(km=3)
+    first = _waiting()
+    second = _waiting(pickup_location=km_north(3.2))
+    nearer = online_driver(km=0.1)  # came online after both were attempted
+
+    assert driver_freed(*_resume(driver)) is True
+
+    assert _pending(first).driver_id == nearer.pk  # its best candidate, as any dispatch
+    assert _pending(second).driver_id == driver.pk
+
+
+def test_a_driver_reassigned_away_from_a_delivery_ops_gave_it_is_not_handed_it_back():
+    """Ops assign a delivery straight to a driver (no offer), then reassign it: nobody else is
+    near, so it waits; the freed driver's look must not give it back to the driver ops took it
+    from (no offer says it had it; its assignment does)."""
+    driver = online_driver(km=0.5)
+    delivery = DeliveryFactory()
+    ops = Actor.for_user(OpsUserFactory())
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=ops)
+    enqueued = _freed(lambda: delivery_reassign(delivery_id=delivery.pk, reason="too slow", actor=ops))
+
+    assert len(enqueued) == 1
+    assert UnassignedOrder.objects.filter(delivery=delivery, resolved_at__isnull=True).exists()
+    assert driver_freed(*enqueued[0][0]) is False
+    assert not DriverOffer.objects.filter(delivery=delivery, status="PENDING").exists()
