@@ -53,8 +53,13 @@ def transition_allowed(from_state: str, to_state: str, *, by_ops: bool, releasin
 # ops) is offered the oldest delivery waiting near it, a moment later: the task
 # `dispatch.driver_freed` (workflows.dispatching.driver_freed_pull). Before it, a delivery that
 # had found nobody waited for the retry job, up to 30 s, with a free driver next to it.
+# On the `celery` queue, not `timers`: a break job freeing 500 drivers at once, or a surge of
+# completions while hundreds of orders wait, would queue that many looks (each up to three
+# dispatches) ahead of the offers' expiry. Dropped if not started within 30 s: the retry job
+# has looked by then.
 DRIVER_FREED_TASK = "dispatch.driver_freed"
 DRIVER_FREED_DELAY_SECONDS = 0.2
+DRIVER_FREED_EXPIRES_SECONDS = 30
 
 
 def apply_availability_change(
@@ -113,7 +118,8 @@ def apply_availability_change(
     if to_state == A.AVAILABLE:
         # (a moment after commit, off the request: the deliveries waiting near the driver;
         # workflows.dispatching.driver_freed_pull)
-        enqueue_task_on_commit(DRIVER_FREED_TASK, str(driver.pk), now.isoformat(), countdown=DRIVER_FREED_DELAY_SECONDS)
+        enqueue_task_on_commit(DRIVER_FREED_TASK, str(driver.pk), now.isoformat(), countdown=DRIVER_FREED_DELAY_SECONDS,
+                               expires=DRIVER_FREED_DELAY_SECONDS + DRIVER_FREED_EXPIRES_SECONDS)
     return row
 
 

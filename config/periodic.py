@@ -40,7 +40,7 @@ TIMERS_QUEUE = "timers"
 TIMER_TASKS = frozenset({
     "offers.expire_offer", "offers.expire_overdue_offers", "availability.expire_breaks",
     "dispatch.retry_unassigned", "dispatch.run_matching_round", "dispatch.run_matching_rounds",
-    "dispatch.second_look", "dispatch.driver_freed",
+    "dispatch.second_look",
     "escalation.check", "availability.mark_stale_drivers_offline", "availability.reconcile_geo_index",
     "zones.refresh_zone_health", "common.republish_deferred_tasks",
 })

@@ -30,9 +30,8 @@ from itertools import islice
 from django.conf import settings
 from django.contrib.gis.db.models.functions import Distance as GeographyDistance
 from django.contrib.gis.geos import Point
-from django.contrib.gis.measure import D
 from django.db import connection
-from django.db.models import CharField, Case, Exists, ExpressionWrapper, F, FloatField, OuterRef, Q, Subquery, Value, When
+from django.db.models import BooleanField, CharField, Case, Exists, ExpressionWrapper, F, FloatField, OuterRef, Q, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -56,7 +55,7 @@ from workflows import locks
 from workflows.matching_window import delivery_wait_for_round_locked
 from workflows.stacking import stacking_candidates
 from workflows.unit import unit_of_work
-from zones.models import SEARCH_RADIUS_MAX_KM, DriverZonePreference
+from zones.models import DriverZonePreference
 from zones.policies import zone_policy
 
 logger = logging.getLogger(__name__)
@@ -192,7 +191,7 @@ def answer_counts():
 def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
     """What screening needs of each nearby driver, in one statement: availability and vehicle
     (PostgreSQL has the last word: Redis is derived and may lag a moment), whether it was
-    offered this delivery before, whether it has a pending offer, its preference for the
+    offered this delivery before (or assigned it), whether it has a pending offer, its preference for the
     delivery's zone, and its answered / accepted offer counts (the acceptance rate)."""
     zone_id = getattr(delivery, "zone_id", None)
     ids = list(dict.fromkeys(ids))
@@ -209,7 +208,13 @@ def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
         )
         return Driver.objects.filter(pk__in=driver_ids).order_by().values_list(
             "pk", "availability", "vehicle_type",
-            Exists(offers.filter(delivery_id=delivery_id)),
+            # offered it before, or had it (ops' direct assignment, no offer, then a reassign
+            # that took it away: the retry job offered it back to that driver)
+            ExpressionWrapper(
+                Q(Exists(offers.filter(delivery_id=delivery_id)))
+                | Q(Exists(Assignment.objects.filter(driver=OuterRef("pk"), delivery_id=delivery_id))),
+                output_field=BooleanField(),
+            ),
             Exists(offers.filter(status=OfferStatus.PENDING)),
             preference,
             *answer_counts(),
@@ -592,7 +597,8 @@ def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = N
     does). True if the driver got an offer."""
     now = now or timezone.now()
     driver = (
-        Driver.objects.filter(pk=driver_id, availability=DriverAvailability.AVAILABLE, last_availability_change=freed_at)
+        Driver.objects.filter(pk=driver_id, availability=DriverAvailability.AVAILABLE, last_availability_change=freed_at,
+                              location__isnull=False)  # (dispatch claims only a driver with a stored fix)
         .exclude(Exists(DriverOffer.objects.filter(driver=OuterRef("pk"), status=OfferStatus.PENDING)))
         .only("pk", "location", "location_recorded_at", "location_accuracy_m", "location_speed", "location_heading")
         .first()
@@ -608,11 +614,12 @@ def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = N
         Case(When(escalation_level__gte=2, then=Value(float(settings.DISPATCH_WIDE_RADIUS_KM))), default=own_radius_km)
         * 1000, output_field=FloatField(),
     )
-    widest_km = max(settings.DISPATCH_RADIUS_KM, settings.DISPATCH_WIDE_RADIUS_KM, SEARCH_RADIUS_MAX_KM)
+    # (the open records are few, found by their partial index; a distance bound in SQL would
+    # pick the location index instead, which holds every resolved record ever made)
     waiting = list(
         UnassignedOrder.objects.filter(
             resolved_at__isnull=True, delivery__status=DeliveryStatus.READY, delivery__current_offer__isnull=True,
-            delivery__matching_since__isnull=True, location__dwithin=(here, D(km=widest_km)),
+            delivery__matching_since__isnull=True,
         )
         .filter(Q(delivery__auto_dispatch=True) | ops_started("delivery_id"))
         .exclude(Exists(DriverOffer.objects.filter(delivery_id=OuterRef("delivery_id"), driver_id=driver_id)))
@@ -631,6 +638,10 @@ def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = N
         except Exception:
             logger.exception("dispatching delivery %s to freed driver %s failed", delivery_id, driver_id)
             continue
-        if result is not None and any(str(o.driver_id) == str(driver_id) for o in result.offers or ()):
+        if result is None:
+            continue
+        if any(str(o.driver_id) == str(driver_id) for o in result.offers):
             return True
+        if result.outcome == "waiting":
+            return False  # a batched_matching zone's round has it now, and weighs this driver too
     return False

@@ -48,7 +48,7 @@ from availability.models import Driver, DriverAvailability
 from common.actors import Actor
 from common.broadcast import enqueue_task_on_commit
 from common.exceptions import Conflict
-from dispatch.models import Delivery, DeliveryStatus
+from dispatch.models import Assignment, Delivery, DeliveryStatus
 from escalation.models import UnassignedOrder
 from escalation.services import unassigned_record_failure
 from offers.models import DriverOffer, OfferStatus
@@ -233,7 +233,9 @@ def _offered_before(delivery_ids: list, driver_ids: list[str]) -> set[tuple[str,
     if not delivery_ids or not driver_ids:
         return set()
     pairs = DriverOffer.objects.filter(delivery_id__in=delivery_ids, driver_id__in=driver_ids).values_list("delivery_id", "driver_id")
-    return {(str(d), str(u)) for d, u in pairs}
+    # (and those a driver had: ops' direct assignment, no offer, then a reassign took it away)
+    had = Assignment.objects.filter(delivery_id__in=delivery_ids, driver_id__in=driver_ids).values_list("delivery_id", "driver_id")
+    return {(str(d), str(u)) for d, u in pairs.union(had)}
 
 
 def _screen(item: _Item, drivers: dict[str, Driver], facts: dict[str, _Facts], offered_before: set) -> None:

@@ -331,11 +331,11 @@ def test_a_real_worker_on_the_timers_queue_takes_a_rejects_second_look(transacti
         assert "dispatch.second_look" in worker.log()
 
 
-def test_a_real_worker_on_the_timers_queue_offers_a_freed_driver_the_delivery_waiting_near_it(
+def test_a_real_worker_offers_a_freed_driver_the_delivery_waiting_near_it(
         transactional_db, tmp_path, sending_to_workers):
     """A driver back from a break next to a delivery that found nobody: the look published after
     the resume's commit crosses the broker (its change time as ISO text, matched to the
-    microsecond) and a real worker on the timers queue offers the delivery to the driver
+    microsecond) and a real worker on the `celery` queue offers the delivery to the driver
     (workflows.dispatching.driver_freed_pull; before, the retry job up to 30 s later)."""
     from common.actors import Actor
     from offers.models import DriverOffer
@@ -347,7 +347,7 @@ def test_a_real_worker_on_the_timers_queue_offers_a_freed_driver_the_delivery_wa
     drivers.availability_take_break(driver_id=driver.pk, duration_minutes=15, reason="", actor=Actor("driver", driver.pk))
     delivery = DeliveryFactory()
     assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
-    with worker_on("timers", tmp_path / "worker.log") as worker:
+    with worker_on("celery", tmp_path / "worker.log") as worker:
         drivers.availability_resume(driver_id=driver.pk, actor=Actor("driver", driver.pk))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not DriverOffer.objects.filter(delivery=delivery, status="PENDING").exists():

@@ -429,6 +429,22 @@ def test_a_delivery_with_no_candidate_goes_the_unassigned_way_and_the_retry_brin
                      "driver_candidates_found", "driver_offer_sent"]
 
 
+def test_a_round_does_not_offer_a_delivery_back_to_the_driver_ops_took_it_from():
+    """A delivery ops assigned straight (no offer) and then reassigned: the round's screening
+    passes over that driver as it passes over one offered it before."""
+    from dispatch.models import Assignment
+
+    zone = matching_zone()
+    with time_machine.travel(T0, tick=False) as clock:
+        taken_from, other = driver_at(0.3), driver_at(2.0)
+        delivery, _ = new_delivery(zone)
+        Assignment.objects.create(delivery=delivery, driver=taken_from, status="cancelled", end_reason="reassigned")
+        clock.shift(timedelta(seconds=5))
+        result = matching_round(zone_id=zone.pk)
+
+    assert [o.driver_id for o in result.offered] == [other.pk]
+
+
 def test_a_delivery_that_loses_the_matching_waits_without_an_unassigned_record():
     zone = matching_zone()
     driver_at(0.0)

@@ -54,7 +54,7 @@ def _on_break(km=1.0, **kwargs) -> Driver:
 def _resume(driver) -> tuple:
     """Resume `driver`; the arguments of the one look it published."""
     enqueued = _freed(lambda: availability.availability_resume(driver_id=driver.pk, actor=Actor("driver", driver.pk)))
-    assert len(enqueued) == 1 and enqueued[0][1] == {"countdown": 0.2}
+    assert len(enqueued) == 1 and enqueued[0][1] == {"countdown": 0.2, "expires": 30.2}
     return enqueued[0][0]
 
 
@@ -79,8 +79,8 @@ def test_finishing_a_delivery_frees_the_driver_for_the_oldest_waiting_one():
     first = DeliveryFactory()
     offer = delivery_dispatch(delivery_id=first.pk, actor=Actor.system()).offer
     offers.offer_accept(offer_id=offer.pk, driver_id=driver.pk, actor=Actor("driver", driver.pk))
-    older = _waiting(pickup_location=km_north(1.5))
-    newer = _waiting(pickup_location=km_north(0.1))
+    older = _waiting(pickup_location=km_north(1.5))  # ~1.3 km from the drop-off
+    newer = _waiting(pickup_location=first.dropoff_location)  # at the drop-off
     api = client_for(driver.user)
     for step in ("pickup-started", "pickup-completed", "delivery-started"):
         assert api.post(f"/v2/drivers/{driver.pk}/deliveries/{first.pk}/{step}").status_code == 200
@@ -91,6 +91,7 @@ def test_finishing_a_delivery_frees_the_driver_for_the_oldest_waiting_one():
     assert driver_freed(*enqueued[0][0]) is True
     assert _pending(older).driver_id == driver.pk  # waiting longest, though farther
     assert _pending(newer) is None
+    assert UnassignedOrder.objects.get(delivery=newer).attempt_count == 1  # the look stopped there
 
 
 def test_a_delivery_out_of_reach_is_left_alone_until_it_reaches_the_wide_radius(settings):
@@ -114,6 +115,7 @@ def test_a_zones_own_radius_counts(settings):
     delivery = _waiting(zone=zone)
     assert driver_freed(*_resume(driver)) is False
     assert _pending(delivery) is None
+    assert UnassignedOrder.objects.get(delivery=delivery).attempt_count == 1  # not even tried
 
 
 def test_a_delivery_the_driver_was_offered_before_or_in_a_zone_it_refuses_is_not_tried():
@@ -200,6 +202,64 @@ def test_a_driver_reassigned_away_from_a_delivery_ops_gave_it_is_not_handed_it_b
     enqueued = _freed(lambda: delivery_reassign(delivery_id=delivery.pk, reason="too slow", actor=ops))
 
     assert len(enqueued) == 1
-    assert UnassignedOrder.objects.filter(delivery=delivery, resolved_at__isnull=True).exists()
+    attempts = UnassignedOrder.objects.get(delivery=delivery, resolved_at__isnull=True).attempt_count
     assert driver_freed(*enqueued[0][0]) is False
     assert not DriverOffer.objects.filter(delivery=delivery, status="PENDING").exists()
+    assert UnassignedOrder.objects.get(delivery=delivery).attempt_count == attempts  # not even tried
+
+
+def test_the_retry_job_does_not_offer_a_delivery_back_to_the_driver_ops_took_it_from():
+    """The same rule for every dispatch: a reassign's exclusion of the previous driver held only
+    for its own dispatch, and a delivery ops had assigned straight (no offer) was offered back to
+    that driver by the retry job 30 s later."""
+    driver = online_driver(km=0.5)
+    delivery = DeliveryFactory()
+    ops = Actor.for_user(OpsUserFactory())
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=ops)
+    delivery_reassign(delivery_id=delivery.pk, reason="too slow", actor=ops)
+
+    result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+
+    assert result.outcome == "unassigned" and result.failure_reason == "no_available_drivers"
+    other = online_driver(km=0.8)
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer.driver_id == other.pk
+
+
+def test_one_look_dispatches_three_deliveries_at_most():
+    """Each waiting delivery has a driver nearer than the freed one (come online since it was
+    attempted): each goes to that driver, and the look stops after DRIVER_FREED_TRIES."""
+    driver = _on_break(km=4)
+    spots = [0.0, 0.5, 1.0, 1.5]
+    deliveries = [_waiting(pickup_location=km_north(km)) for km in spots]
+    nearer = [online_driver(km=km) for km in spots]
+
+    assert driver_freed(*_resume(driver)) is False
+
+    offered = [getattr(_pending(d), "driver_id", None) for d in deliveries]
+    assert offered == [n.pk for n in nearer[:DRIVER_FREED_TRIES]] + [None] * (len(spots) - DRIVER_FREED_TRIES)
+    assert UnassignedOrder.objects.get(delivery=deliveries[-1]).attempt_count == 1
+
+
+def test_a_delivery_of_a_batched_matching_zone_enters_its_round_and_the_look_stops():
+    from availability.geo import index_driver
+    from tests.factories import DriverFactory
+
+    zone = ZoneFactory(dispatch_policy="batched_matching", matching_window_seconds=5)
+    centre = dict(lat=10.95, lon=30.55)  # ZoneFactory's box
+    in_round = DeliveryFactory(zone=zone, pickup_location=km_north(0, **centre))
+    UnassignedOrder.objects.create(delivery=in_round, location=in_round.pickup_location, failure_reason="zone_empty",
+                                   first_attempt_at=timezone.now(), last_attempt_at=timezone.now())
+    elsewhere = DeliveryFactory(pickup_location=km_north(0.5, **centre))
+    UnassignedOrder.objects.create(delivery=elsewhere, location=elsewhere.pickup_location, failure_reason="zone_empty",
+                                   first_attempt_at=timezone.now(), last_attempt_at=timezone.now())
+    driver = DriverFactory(location=km_north(0.2, **centre))
+    index_driver(driver_id=driver.pk, availability=driver.availability, lat=driver.location.y, lon=driver.location.x,
+                 recorded_at=driver.location_recorded_at)
+    availability.availability_take_break(driver_id=driver.pk, duration_minutes=15, reason="", actor=Actor("driver", driver.pk))
+
+    assert driver_freed(*_resume(driver)) is False
+
+    in_round.refresh_from_db()
+    assert in_round.matching_since is not None  # the zone's next round has it, and weighs the driver
+    assert not DriverOffer.objects.exists()
+    assert UnassignedOrder.objects.get(delivery=elsewhere).attempt_count == 1
