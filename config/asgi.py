@@ -3,6 +3,7 @@ token-authenticated API requests, the full one for everything else), and the soc
 import asyncio
 import contextvars
 import gc
+import hashlib
 import os
 import re
 import time
@@ -36,6 +37,7 @@ from django.utils.functional import SimpleLazyObject  # noqa: E402
 
 from availability.api.fastlane import LocationFastLane  # noqa: E402
 from common.broadcast import bind_server_loop  # noqa: E402
+from common.lanes import FairLane, Seat  # noqa: E402
 from common.consumers import QueryTokenAuthMiddleware, SocketRequestId, TrackingSocketSplit, origin_validator  # noqa: E402
 from common.metrics import API_REQUEST_WAIT, API_REQUESTS_ABANDONED  # noqa: E402
 from common.middleware import AllowedHostGuard, EarlyBodyLimit  # noqa: E402
@@ -106,7 +108,10 @@ class LeanApiHandler(ASGIHandler):
     # decode slot before it: dispatch/proofs.py) takes a turn in a lane of its own,
     # PROOF_UPLOAD_CONCURRENCY: in the API's, a driver's burst of large photos held every turn
     # and every other API call of the process waited behind it (an audit: 40 uploads of a 43 KB
-    # 12-megapixel PNG, the seller's list and another driver's offers took 6-16 s).
+    # 12-megapixel PNG, the seller's list and another driver's offers took 6-16 s). The lane is
+    # fair among callers (common.lanes.FairLane, by their credentials): a turn that comes free
+    # goes to the waiting caller holding the fewest; in a first-come lane one driver's burst of
+    # 40 photos took every turn and another driver's one photo waited behind it (3.2 s seen).
     UPLOAD_PATH = re.compile(r"/v2/drivers/[^/]+/deliveries/[^/]+/proof")
 
     def __init__(self):
@@ -133,7 +138,7 @@ class LeanApiHandler(ASGIHandler):
             return
         try:
             slots = self._slots_of_running_loop(
-                "upload" if scope["method"] == "POST" and self.UPLOAD_PATH.fullmatch(scope["path"]) else "api")
+                "upload" if scope["method"] == "POST" and self.UPLOAD_PATH.fullmatch(scope["path"]) else "api", scope)
             if slots is not None and not await self._turn(slots, receive):
                 return  # the client left while the request waited: it never runs
             executor = self._idle.pop() if self._idle else ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-request")
@@ -160,14 +165,15 @@ class LeanApiHandler(ASGIHandler):
         finally:
             body_file.close()
 
-    def _slots_of_running_loop(self, lane: str) -> asyncio.Semaphore | None:
+    def _slots_of_running_loop(self, lane: str, scope) -> asyncio.Semaphore | Seat | None:
         if not self._concurrency[lane]:
             return None
         lanes = self._slots.setdefault(asyncio.get_running_loop(), {})
         slots = lanes.get(lane)
         if slots is None:
-            slots = lanes[lane] = asyncio.Semaphore(self._concurrency[lane])
-        return slots
+            size = self._concurrency[lane]
+            slots = lanes[lane] = FairLane(size) if lane == "upload" else asyncio.Semaphore(size)
+        return slots.seat(_caller_key(scope)) if lane == "upload" else slots
 
     @staticmethod
     async def _turn(slots: asyncio.Semaphore, receive) -> bool:
@@ -234,6 +240,15 @@ class LeanApiHandler(ASGIHandler):
             return response
         finally:
             bind_server_loop(None)
+
+
+def _caller_key(scope) -> bytes:
+    """Who sends a request, for the upload lane's fairness: a digest of its credentials (its
+    Authorization header), else its address."""
+    credentials = next((value for name, value in scope.get("headers", ()) if name == b"authorization"), None)
+    if credentials is None:
+        credentials = repr(scope.get("client")).encode()
+    return hashlib.blake2b(credentials, digest_size=16).digest()
 
 
 def _release(request, response) -> None:

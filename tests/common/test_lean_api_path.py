@@ -465,3 +465,55 @@ def test_a_proof_upload_waits_in_a_lane_of_its_own_not_in_the_apis(settings):
     finally:
         signals.request_started.disconnect(dispatch_uid="test-upload-lane")
     assert status == 200 and upload_lane_full and not api_lane_full
+
+
+def test_a_freed_upload_turn_goes_to_another_driver_before_the_rest_of_one_drivers_burst(settings):
+    """The upload lane is fair among callers (common.lanes.FairLane): first come first served,
+    one driver's burst of photos took every turn and another driver's one photo waited behind
+    the whole burst (3.2 s seen). A driver alone still gets every turn."""
+    import uuid
+
+    settings.PROOF_UPLOAD_CONCURRENCY = 2
+    burst, other = DriverFactory(), DriverFactory()
+    handler = LeanApiHandler()
+    senders = {"a1": burst, "a2": burst, "a3": burst, "b1": other}
+    paths = {name: f"/v2/drivers/{driver.pk}/deliveries/{uuid.uuid4()}/proof" for name, driver in senders.items()}
+    started = {name: threading.Event() for name in paths}
+    release = {name: threading.Event() for name in paths}
+    order = []
+
+    def on_start(scope, **kwargs):
+        for name, path in paths.items():
+            if scope["path"] == path:
+                order.append(name)
+                started[name].set()
+                assert release[name].wait(10), "never released"
+
+    def upload(name):
+        client = Client()
+        headers = [(b"host", b"testserver"), (b"authorization", f"Token {token_for(senders[name].user)}".encode())]
+        return asyncio.ensure_future(handler(http_scope("POST", paths[name], headers), client.receive, client.send))
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        tasks = [upload("a1"), upload("a2")]  # alone: both turns
+        assert await loop.run_in_executor(None, lambda: started["a1"].wait(10) and started["a2"].wait(10))
+        tasks.append(upload("a3"))
+        await asyncio.sleep(0.05)
+        tasks.append(upload("b1"))
+        await asyncio.sleep(0.05)
+        try:
+            release["a1"].set()  # a turn comes free: the other driver's, though a3 came first
+            assert await loop.run_in_executor(None, lambda: started["b1"].wait(10))
+            return list(order)
+        finally:
+            for event in release.values():
+                event.set()
+            await asyncio.gather(*tasks)
+
+    signals.request_started.connect(on_start, weak=False, dispatch_uid="test-upload-fair")
+    try:
+        seen = async_to_sync(scenario)()
+    finally:
+        signals.request_started.disconnect(dispatch_uid="test-upload-fair")
+    assert seen == ["a1", "a2", "b1"] and order[-1] == "a3"
