@@ -116,11 +116,19 @@ def apply_availability_change(
     broadcast_on_commit([driver_group(driver.pk), OPS_GROUP], event)
     geo.index_driver_on_commit(driver)
     if to_state == A.AVAILABLE:
-        # (a moment after commit, off the request: the deliveries waiting near the driver;
-        # workflows.dispatching.driver_freed_pull)
-        enqueue_task_on_commit(DRIVER_FREED_TASK, str(driver.pk), now.isoformat(), countdown=DRIVER_FREED_DELAY_SECONDS,
-                               expires=DRIVER_FREED_DELAY_SECONDS + DRIVER_FREED_EXPIRES_SECONDS)
+        driver_freed_on_commit(driver)
     return row
+
+
+def driver_freed_on_commit(driver: Driver) -> None:
+    """After commit, a moment later, off the request: the deliveries waiting near `driver`, free
+    again (DRIVER_FREED_TASK, workflows.dispatching.driver_freed_pull), unless its state changes
+    meanwhile. Also after a reject: the driver is free of its offer."""
+    if driver.last_availability_change is None:  # (never changed: not a driver dispatch offers to)
+        return
+    enqueue_task_on_commit(DRIVER_FREED_TASK, str(driver.pk), driver.last_availability_change.isoformat(),
+                           countdown=DRIVER_FREED_DELAY_SECONDS,
+                           expires=DRIVER_FREED_DELAY_SECONDS + DRIVER_FREED_EXPIRES_SECONDS)
 
 
 

@@ -101,9 +101,9 @@ def _ensure_database(name: str) -> None:
         try:
             _admin_execute(f'CREATE DATABASE "{name}"')
         except (ProgrammingError, IntegrityError):
-            # another process created it meanwhile: "already exists" once it has committed, a
-            # unique violation on pg_database while its CREATE DATABASE is still going on (two
-            # runs started at once on a new machine: the second failed)
+            # another process created it meanwhile: "already exists" if it had committed before
+            # ours began, a unique violation on pg_database if both inserted the name (ours
+            # waited for its commit, then failed: two runs started at once on a new machine)
             pass
     conf = {**copy.deepcopy(connections["default"].settings_dict), "NAME": name}
     conf.get("OPTIONS", {}).pop("pool", None)

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from analytics.services import performance_offer_answered
 from availability.models import DriverAvailability
+from availability.services import driver_freed_on_commit
 from common import metrics
 from common.actors import Actor
 from common.db import locked_now
@@ -135,6 +136,10 @@ def offer_reject(*, offer_id, driver_id, reason: str, actor: Actor, now: datetim
     # The next search is as wide as this offer's (a level-2 escalation's 10 km, ops' own radius).
     result = dispatch_next_locked(delivery, actor=Actor.system(), now=now, no_pending_offer=True,
                                   radius_km=offer.search_radius_km)
+    # Free of its offer, the driver takes a look at the deliveries waiting near it, as one free
+    # again does (it waited for the retry job, up to 30 s). Not after an expiry: a driver who did
+    # not answer is likely not looking at its phone.
+    driver_freed_on_commit(offer.driver)
     return RejectResult(offer=offer, next_offer=result.offer if result.outcome == "offered" else None)
 
 

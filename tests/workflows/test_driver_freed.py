@@ -225,19 +225,36 @@ def test_the_retry_job_does_not_offer_a_delivery_back_to_the_driver_ops_took_it_
     assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer.driver_id == other.pk
 
 
-def test_one_look_dispatches_three_deliveries_at_most():
-    """Each waiting delivery has a driver nearer than the freed one (come online since it was
-    attempted): each goes to that driver, and the look stops after DRIVER_FREED_TRIES."""
+def test_deliveries_that_go_to_better_placed_drivers_are_no_tries_lost():
+    """Four older deliveries each with a driver nearer than the freed one (freed at the same
+    moment, say), and a newer one at the freed driver: the look goes past the four, each
+    offered to its own driver, to the fifth (counting every dispatch, the look stopped after three
+    and the driver beside the fifth waited for the retry job: a black-box audit, 4-26 s)."""
     driver = _on_break(km=4)
     spots = [0.0, 0.5, 1.0, 1.5]
-    deliveries = [_waiting(pickup_location=km_north(km)) for km in spots]
+    older = [_waiting(pickup_location=km_north(km)) for km in spots]
+    beside = _waiting(pickup_location=km_north(4))
     nearer = [online_driver(km=km) for km in spots]
 
-    assert driver_freed(*_resume(driver)) is False
+    assert driver_freed(*_resume(driver)) is True
 
-    offered = [getattr(_pending(d), "driver_id", None) for d in deliveries]
-    assert offered == [n.pk for n in nearer[:DRIVER_FREED_TRIES]] + [None] * (len(spots) - DRIVER_FREED_TRIES)
-    assert UnassignedOrder.objects.get(delivery=deliveries[-1]).attempt_count == 1
+    assert [_pending(d).driver_id for d in older] == [n.pk for n in nearer]
+    assert _pending(beside).driver_id == driver.pk
+
+
+def test_a_look_stops_after_three_dispatches_that_offered_nobody():
+    from availability.geo import GEO_KEY
+    from common.redis import get_redis
+
+    driver = _on_break(km=1)
+    deliveries = [_waiting(pickup_location=km_north(km)) for km in (0.0, 0.2, 0.4, 0.6)]
+    args = _resume(driver)
+    get_redis().zrem(GEO_KEY, str(driver.pk))  # (the search does not find it: each dispatch offers nobody)
+
+    assert driver_freed(*args) is False
+
+    attempts = [UnassignedOrder.objects.get(delivery=d).attempt_count for d in deliveries]
+    assert attempts == [2] * DRIVER_FREED_TRIES + [1] * (len(deliveries) - DRIVER_FREED_TRIES)
 
 
 def test_a_delivery_of_a_batched_matching_zone_enters_its_round_and_the_look_stops():
@@ -263,3 +280,30 @@ def test_a_delivery_of_a_batched_matching_zone_enters_its_round_and_the_look_sto
     assert in_round.matching_since is not None  # the zone's next round has it, and weighs the driver
     assert not DriverOffer.objects.exists()
     assert UnassignedOrder.objects.get(delivery=elsewhere).attempt_count == 1
+
+
+def test_a_driver_that_rejects_an_offer_is_offered_the_delivery_waiting_near_it():
+    """Free of its offer, the driver looks at the waiting work as one free again does (it waited
+    for the retry job); the delivery it rejected goes its own way (the next candidate)."""
+    driver = online_driver(km=1)
+    availability.availability_take_break(driver_id=driver.pk, duration_minutes=5, reason="", actor=Actor("driver", driver.pk))
+    waiting = _waiting(pickup_location=km_north(1.2))
+    _resume(driver)  # (its look would have found the waiting one: taken by the offer below first)
+    offered = DeliveryFactory(pickup_location=km_north(3))
+    offer = delivery_dispatch(delivery_id=offered.pk, actor=Actor.system()).offer
+    assert offer.driver_id == driver.pk
+
+    enqueued = _freed(lambda: offers.offer_reject(offer_id=offer.pk, driver_id=driver.pk, reason="too_far",
+                                                  actor=Actor("driver", driver.pk)))
+
+    assert len(enqueued) == 1
+    assert driver_freed(*enqueued[0][0]) is True
+    assert _pending(waiting).driver_id == driver.pk
+    assert UnassignedOrder.objects.filter(delivery=offered, resolved_at__isnull=True).exists()  # nobody else
+
+
+def test_an_expired_offer_takes_no_look():
+    driver = online_driver(km=1)
+    offered = DeliveryFactory()
+    offer = delivery_dispatch(delivery_id=offered.pk, actor=Actor.system()).offer
+    assert _freed(lambda: offers.offer_expire(offer_id=offer.pk, force=True)) == []
