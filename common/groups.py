@@ -30,7 +30,10 @@ CONSOLE_MODELS: dict[str, dict[str, tuple[str, ...]]] = {
     "analytics": {"driverperformance": (), "deliverycost": (), "deliveryrevenue": ()},
     # webhooks (switch on/off, replay; docs/notifications.md "Ops console") and customer messages
     "notifications": {"webhookendpoint": ("change",), "webhookmessage": ("change",), "webhookattempt": (),
-                      "outboxevent": (), "customermessage": ()},
+                      "outboxevent": (), "customermessage": (),
+                      # a customer who asked by phone for no more messages (removing one, when it asks
+                      # to be messaged again, is a superuser's: a Dispatcher deletes nothing)
+                      "customeroptout": ("add",)},
     # the dispatch simulator: a Dispatcher runs it to compare policies before changing a zone's
     # (docs/dispatch.md "The simulator"); one run at a time, in a worker of its own
     "simulation": {"simulationrun": ("add",)},

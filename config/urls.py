@@ -108,6 +108,7 @@ urlpatterns = [
     path("support/", include("escalation.urls")),
     path("track/<uuid:delivery_id>", tracking_views.tracking_page, name="track"),
     path("track/<uuid:delivery_id>/", tracking_views.tracking_page),  # (a link retyped with a slash: the same page)
+    path("track/<uuid:delivery_id>/opt-out", tracking_views.opt_out_page, name="track-opt-out"),
     path("proofs/<str:token>", proof_file, name="proof-file"),
     path("ws/<path:rest>", socket_over_http, name="socket-over-http"),
 ]

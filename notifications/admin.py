@@ -17,8 +17,10 @@ from django.utils.html import format_html, format_html_join
 from common.admin import ReadOnlyInline, run_for_each
 from common.admin_confirm import selection, selection_holds, too_many
 from common.exceptions import InvalidInput, NotFound
-from notifications import services
-from notifications.models import CustomerMessage, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage
+from notifications import customers, services
+from notifications.models import (
+    CustomerMessage, CustomerOptOut, OptOutSource, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -292,3 +294,30 @@ class CustomerMessageAdmin(_ReadOnly):
     search_fields = ("delivery__seller_order_id", "recipient", "provider_id")
     list_select_related = ("delivery",)
     date_hierarchy = "created_at"
+
+
+class CustomerOptOutForm(forms.ModelForm):
+    class Meta:
+        model = CustomerOptOut
+        fields = ("channel", "recipient")
+
+
+@admin.register(CustomerOptOut)
+class CustomerOptOutAdmin(admin.ModelAdmin):
+    """Who asked for no more messages. Ops add one for a customer who asked by phone (its
+    pending messages are skipped); a superuser deletes one to send again (the customer asked
+    to be messaged again)."""
+
+    form = CustomerOptOutForm
+    list_display = ("created_at", "channel", "recipient", "source")
+    list_filter = ("channel", "source")
+    search_fields = ("recipient",)
+    date_hierarchy = "created_at"
+
+    def has_change_permission(self, request, obj=None):
+        return obj is None and super().has_change_permission(request, obj)  # add or delete; never rewritten
+
+    def save_model(self, request, obj, form, change):
+        customers.customer_opt_out(channel=obj.channel, recipient=obj.recipient, source=OptOutSource.OPS)
+        found = CustomerOptOut.objects.get(channel=obj.channel, recipient=customers.opt_out_key(obj.channel, obj.recipient))
+        obj.pk, obj.recipient, obj.source, obj.created_at = found.pk, found.recipient, found.source, found.created_at

@@ -28,9 +28,9 @@ from django.utils import timezone
 from availability.models import Driver
 from common.broadcast import enqueue_task_on_commit
 from dispatch.models import CODE_POLICIES
-from notifications.models import Channel, CustomerMessage, MessageKind, OutboxEvent
+from notifications.models import Channel, CustomerMessage, CustomerOptOut, MessageKind, OptOutSource, OutboxEvent
 from notifications.models import CustomerMessageStatus as St
-from notifications.sms import SmsNotSent, SmsOutcomeUnknown, get_sms_backend
+from notifications.sms import SmsNotSent, SmsOutcomeUnknown, SmsRecipientOptedOut, get_sms_backend
 from tracking.eta import haversine_km
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,51 @@ def sms_number(raw: str) -> str | None:
     if not phonenumbers.is_valid_number(number):
         return None
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+OPTED_OUT = "not sent: the customer opted out"
+
+
+def opt_out_key(channel: str, recipient: str) -> str:
+    """A recipient as opt-outs hold it: a number in E.164 (as valid numbers' messages hold it),
+    an address in lower case."""
+    if channel == Channel.SMS:
+        return sms_number(recipient) or recipient.strip()
+    return recipient.strip().lower()
+
+
+def customer_opt_out(*, channel: str, recipient: str, source: str) -> bool:
+    """No more messages to `recipient` on `channel`: recorded once, and its pending messages
+    skipped. True if it was not opted out already."""
+    key = opt_out_key(channel, recipient)
+    _, made = CustomerOptOut.objects.get_or_create(channel=channel, recipient=key, defaults={"source": source})
+    CustomerMessage.objects.filter(channel=channel, recipient__iexact=key, status=St.PENDING).update(
+        status=St.SKIPPED, error=OPTED_OUT)
+    return made
+
+
+def delivery_customer_opt_out(*, delivery, source: str = OptOutSource.CUSTOMER) -> list[str]:
+    """The customer of `delivery` wants no more messages: its number and its address, each
+    on its channel. The channels it had (and has opted out of)."""
+    channels = []
+    if delivery.customer_phone:
+        customer_opt_out(channel=Channel.SMS, recipient=delivery.customer_phone, source=source)
+        channels.append(Channel.SMS)
+    if delivery.customer_email:
+        customer_opt_out(channel=Channel.EMAIL, recipient=delivery.customer_email, source=source)
+        channels.append(Channel.EMAIL)
+    return channels
+
+
+def _opted_out(message: CustomerMessage) -> bool:
+    return CustomerOptOut.objects.filter(
+        channel=message.channel, recipient=opt_out_key(message.channel, message.recipient)).exists()
+
+
+def opt_out_url(delivery) -> str:
+    """The customer's page for no more messages (the tracking link's, with its token)."""
+    base = settings.TRACKING_BASE_URL.rstrip("/")
+    return f"{base}/{delivery.pk}/opt-out?token={delivery.tracking_token}"
 
 
 def message_rows_for_events(events: list[OutboxEvent], *, now: datetime) -> int:
@@ -228,6 +273,9 @@ def customer_message_send(*, message_id) -> int:
     if message.delivery.status in _OUTDATED_BY.get(message.kind, ()):
         _finish(message, status=St.SKIPPED, error=f"not sent: the delivery is {message.delivery.status}", now=now)
         return 0
+    if _opted_out(message):
+        _finish(message, status=St.SKIPPED, error=OPTED_OUT, now=now)
+        return 0
     try:
         context = _context(message)
         if message.channel == Channel.SMS:
@@ -237,7 +285,12 @@ def customer_message_send(*, message_id) -> int:
             # one line whatever the store's name holds (a line break in a header is refused)
             subject = " ".join(_render(message, context, "subject")[1].split())
             provider_id = make_msgid(domain=settings.CUSTOMER_EMAIL_FROM.rsplit("@", 1)[-1] or "localhost")
-            email = EmailMessage(subject, body, settings.CUSTOMER_EMAIL_FROM, [message.recipient], headers={"Message-ID": provider_id})
+            # (one-click unsubscribe, RFC 8058: mail clients offer it, and large mailbox providers
+            # expect it of bulk senders)
+            email = EmailMessage(subject, body, settings.CUSTOMER_EMAIL_FROM, [message.recipient], headers={
+                "Message-ID": provider_id, "List-Unsubscribe": f"<{opt_out_url(message.delivery)}>",
+                "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+            })
             email.message()  # built now: a message that cannot be made is refused before any provider sees it
     except Exception as exc:
         logger.exception("customer message %s could not be made", message_id)
@@ -248,6 +301,10 @@ def customer_message_send(*, message_id) -> int:
             provider_id = get_sms_backend().send(to=message.recipient, body=body)
         else:
             provider_id = _email_send(email, provider_id)
+    except SmsRecipientOptedOut as exc:  # (the number replied STOP to the provider)
+        customer_opt_out(channel=Channel.SMS, recipient=message.recipient, source=OptOutSource.PROVIDER)
+        _finish(message, status=St.SKIPPED, error=f"{OPTED_OUT} (at the SMS provider: {exc})", now=now)
+        return 0
     except (SmsNotSent, ConnectionRefusedError) as exc:  # (refused: nothing reached the provider)
         _not_sent(message, error=str(exc) or type(exc).__name__, retry=getattr(exc, "retry", True), now=now)
         return 0

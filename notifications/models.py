@@ -208,6 +208,33 @@ class CustomerMessage(models.Model):
         return f"{self.kind} {self.channel} to {self.recipient} ({self.status})"
 
 
+class OptOutSource(models.TextChoices):
+    CUSTOMER = "customer"  # the link in a message (or the e-mail's one-click unsubscribe)
+    PROVIDER = "provider"  # the SMS provider refused: the number replied STOP (Twilio 21610)
+    OPS = "ops"  # ops, in the console (a customer who asked by phone)
+
+
+class CustomerOptOut(models.Model):
+    """A recipient who asked for no more messages on a channel: nothing is sent there again
+    (a pending message is skipped). Ops can remove one in the console (the customer opted in
+    again). Keyed by the recipient as messages hold it: E.164 numbers, e-mail addresses in
+    lower case."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    channel = models.CharField(max_length=8, choices=Channel.choices)
+    recipient = models.CharField(max_length=254)
+    source = models.CharField(max_length=16, choices=OptOutSource.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["channel", "recipient"], name="customer_opt_out_once")]
+        verbose_name = "customer opt-out"
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.recipient} ({self.source})"
+
+
 class DevicePlatform(models.TextChoices):
     ANDROID = "android"
     IOS = "ios"

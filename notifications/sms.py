@@ -30,6 +30,18 @@ class SmsOutcomeUnknown(Exception):
     pass
 
 
+class SmsRecipientOptedOut(SmsNotSent):
+    """The provider refused: the number has opted out (replied STOP). Never retried."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retry=False)
+
+
+# Twilio's error for a number that replied STOP (Advanced Opt-Out): "Attempt to send to
+# unsubscribed recipient".
+TWILIO_UNSUBSCRIBED = 21610
+
+
 class ConsoleSmsBackend:
     """Development: the message goes to the log."""
 
@@ -66,6 +78,8 @@ class TwilioSmsBackend:
         if result.status in (200, 201) and answer.get("sid"):
             return answer["sid"]
         message = f"HTTP {result.status}: {answer.get('code', '')} {answer.get('message', '')}".strip()
+        if answer.get("code") == TWILIO_UNSUBSCRIBED:
+            raise SmsRecipientOptedOut(message)
         if result.status == 429 or result.status >= 500:
             raise SmsNotSent(message, retry=True)
         raise SmsNotSent(message, retry=False)

@@ -10,7 +10,8 @@ from datetime import datetime
 from django.conf import settings
 from django.shortcuts import render
 from django.utils import timezone
-from django.views.decorators.http import require_safe
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_http_methods, require_safe
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotAuthenticated
@@ -30,6 +31,7 @@ from common.throttling import (
     UserRateThrottle,
     customer_miss_record,
 )
+from notifications.customers import delivery_customer_opt_out
 from tracking import selectors as tracking
 from workflows import deliveries
 
@@ -246,6 +248,28 @@ def tracking_page(request, delivery_id):
             "leaflet_url": settings.TRACKING_LEAFLET_URL.rstrip("/"),
         }
         response = render(request, "track/page.html", context)
+    for name, value in PRIVATE_HEADERS.items():
+        response[name] = value
+    return response
+
+
+@csrf_exempt  # (the link's token is the credential, no cookie: nothing for another site to ride on)
+@require_http_methods(["GET", "HEAD", "POST"])
+def opt_out_page(request, delivery_id):
+    """`/track/<deliveryId>/opt-out?token=`: the customer asks for no more messages (text and
+    e-mail, to the number and address of this delivery, about any delivery). GET asks to
+    confirm; POST does it (the page's button, or a mail client's one-click unsubscribe, RFC
+    8058, from the e-mails' List-Unsubscribe header). Done again, it says so again."""
+    delivery = tracking.delivery_for_tracking_link(delivery_id=delivery_id, token=request.GET.get("token"))
+    if delivery is None:
+        response = render(request, "track/not_found.html", status=404)
+    else:
+        done = request.method == "POST"
+        channels = delivery_customer_opt_out(delivery=delivery) if done else []
+        response = render(request, "track/opt_out.html", {
+            "done": done, "channels": channels, "store_name": delivery.store_name,
+            "has_contact": bool(delivery.customer_phone or delivery.customer_email),
+        })
     for name, value in PRIVATE_HEADERS.items():
         response[name] = value
     return response
