@@ -1,5 +1,7 @@
-"""A fair lane: N turns on one event loop, shared among callers so that one caller's burst
-cannot keep another waiting behind all of it (config.asgi: the proof-upload lane).
+"""A fair lane: N turns shared among callers so that one caller's burst cannot keep another
+waiting behind all of it: `FairLane` on one event loop (config.asgi: the proof-upload lane),
+`FairGate` for threads (dispatch.proofs: the decode slots inside that lane; a first-come gate
+there undid the lane's fairness, a burst's queued decodes still went first).
 
 A turn that comes free goes to the waiting caller holding the fewest turns, the one that has
 waited longest among equals; a caller alone takes every free turn (nothing is held back when
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from collections import Counter, deque
 
 
@@ -44,7 +47,7 @@ class FairLane:
     def _hand_on(self) -> None:
         """Free turns to the waiters: each to the caller holding the fewest, longest waiting among equals."""
         while self.busy < self.size and self.waiting:
-            key = min(self.waiting, key=lambda k: (self.held[k], self.waiting[k][0][0]))
+            key = _next_caller(self.held, {k: queue[0][0] for k, queue in self.waiting.items()})
             queue = self.waiting[key]
             _, future = queue.popleft()
             if not queue:
@@ -60,6 +63,60 @@ class FairLane:
             queue.remove(entry)
             if not queue:
                 del self.waiting[key]
+
+
+def _next_caller(held: Counter, first_arrival: dict):
+    """The waiting caller a free turn goes to: the one holding the fewest turns, the one whose
+    first waiter came first among equals."""
+    return min(first_arrival, key=lambda key: (held[key], first_arrival[key]))
+
+
+class FairGate:
+    """FairLane's rule for threads: `acquire(key, timeout)` (False if no turn came in time) and
+    `release(key)`."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.busy = 0
+        self.held: Counter = Counter()
+        self.waiting: list[tuple[int, object, threading.Event]] = []  # (arrival, caller, its wake-up)
+        self._lock = threading.Lock()
+        self._arrivals = itertools.count()
+
+    def acquire(self, key, timeout: float) -> bool:
+        with self._lock:
+            if self.busy < self.size and not self.waiting:
+                self._take(key)
+                return True
+            entry = (next(self._arrivals), key, threading.Event())
+            self.waiting.append(entry)
+        if entry[2].wait(timeout):
+            return True
+        with self._lock:
+            if entry[2].is_set():  # (given a turn just as the wait ran out: it is ours)
+                return True
+            self.waiting.remove(entry)
+            return False
+
+    def release(self, key) -> None:
+        with self._lock:
+            self.busy -= 1
+            self.held[key] -= 1
+            if not self.held[key]:
+                del self.held[key]
+            while self.busy < self.size and self.waiting:
+                firsts = {}
+                for arrival, caller, _ in self.waiting:
+                    firsts.setdefault(caller, arrival)
+                chosen = _next_caller(self.held, firsts)
+                entry = next(e for e in self.waiting if e[1] == chosen)
+                self.waiting.remove(entry)
+                self._take(chosen)
+                entry[2].set()
+
+    def _take(self, key) -> None:
+        self.busy += 1
+        self.held[key] += 1
 
 
 class Seat:

@@ -20,7 +20,6 @@ serves the file for PROOF_URL_TTL_SECONDS after signing and refuses anything els
 from __future__ import annotations
 
 import io
-import threading
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from django.urls import reverse
 from PIL import Image, ImageOps
 
 from common.exceptions import DomainError, InvalidInput, PayloadTooLarge, ServiceUnavailable
+from common.lanes import FairGate
 from dispatch.models import DeliveryProof, proof_storage
 
 # Pillow format → (content type, file extension). Nothing else is accepted. MPO is a JPEG with
@@ -44,7 +44,9 @@ _OPENERS = ["JPEG", "PNG", "WEBP"]  # the Pillow openers tried (the JPEG one ope
 _JPEG_KINDS = ("JPEG", "MPO")
 PNG_COMPRESS_LEVEL = 6  # zlib's default: optimize=True (every filter, level 9) cost seconds on a large image
 DECODE_WAIT_SECONDS = 30  # how long an upload waits for a decode slot before it is a 503
-_decode_slots = threading.BoundedSemaphore(max(1, settings.PROOF_DECODE_CONCURRENCY))
+# fair among drivers (common.lanes): a first-come gate let a burst's queued decodes go before
+# another driver's photo that the upload lane had let in after one of them
+_decode_slots = FairGate(max(1, settings.PROOF_DECODE_CONCURRENCY))
 _URL_SALT = "dispatch.proof-file"
 _NOT_AN_IMAGE = "Not a JPEG, PNG or WebP image (judged by the file's content, not its name)."
 
@@ -60,10 +62,11 @@ class CleanImage:
     height: int
 
 
-def proof_image_clean(upload) -> CleanImage:
+def proof_image_clean(upload, *, caller=None) -> CleanImage:
     """The upload (a Django UploadedFile or any binary file object with `size`) checked and
     re-encoded; InvalidInput (`details.file`) when it is not an acceptable image,
-    PayloadTooLarge over PROOF_MAX_BYTES."""
+    PayloadTooLarge over PROOF_MAX_BYTES. `caller` (the uploading driver) takes its turn for a
+    decode slot fairly with the others'."""
     size = getattr(upload, "size", None)
     if size is None:
         upload.seek(0, io.SEEK_END)
@@ -72,7 +75,7 @@ def proof_image_clean(upload) -> CleanImage:
         raise PayloadTooLarge(f"file: {size} bytes is over the limit of {settings.PROOF_MAX_BYTES} bytes (PROOF_MAX_BYTES).")
     if size == 0:
         raise InvalidInput({"file": ["The file is empty."]})
-    if not _decode_slots.acquire(timeout=DECODE_WAIT_SECONDS):
+    if not _decode_slots.acquire(caller, timeout=DECODE_WAIT_SECONDS):
         raise ServiceUnavailable("Too many proof images are being processed; try again shortly.")
     try:
         with warnings.catch_warnings():
@@ -85,7 +88,7 @@ def proof_image_clean(upload) -> CleanImage:
     except Exception:  # whatever a malformed file makes a decoder raise: bad input, never a 500
         raise InvalidInput({"file": [_NOT_AN_IMAGE]})
     finally:
-        _decode_slots.release()
+        _decode_slots.release(caller)
 
 
 def _clean(upload) -> CleanImage:

@@ -226,7 +226,7 @@ def delivery_proof_add(
     file whose row does not commit is deleted."""
     now = now or timezone.now()
     _proof_upload_precheck(delivery_id=delivery_id, driver_id=driver_id, now=now)
-    image = proof_image_clean(upload)
+    image = proof_image_clean(upload, caller=str(driver_id))
     proof_id = uuid.uuid4()
     name = proof_file_store(proof_file_name(delivery_id=delivery_id, proof_id=proof_id, extension=image.extension), image)
     try:

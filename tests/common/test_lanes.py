@@ -95,3 +95,40 @@ def test_a_newcomer_behind_waiters_who_all_left_takes_the_free_turn_at_once():
         return lane.seat("c").locked(), await asyncio.wait_for(lane.seat("c").acquire(), 1), dict(lane.held)
 
     assert run(scenario) == (False, True, {"c": 1})
+
+
+# ------------------------------------------------------------------ FairGate (threads)
+
+
+def test_the_gate_gives_a_freed_slot_to_the_caller_holding_fewest_and_times_out_cleanly():
+    import threading
+
+    from common.lanes import FairGate
+
+    gate, order = FairGate(2), []
+    assert gate.acquire("a", timeout=1) and gate.acquire("a", timeout=1)  # alone: both slots
+
+    def wait_for_turn(key, name):
+        if gate.acquire(key, timeout=5):
+            order.append(name)
+
+    a3 = threading.Thread(target=wait_for_turn, args=("a", "a3"))
+    a3.start()
+    while not gate.waiting:
+        pass
+    b1 = threading.Thread(target=wait_for_turn, args=("b", "b1"))
+    b1.start()
+    while len(gate.waiting) < 2:
+        pass
+    gate.release("a")  # b holds none, a one: b's turn, though a3 came first
+    b1.join(5)
+    assert order == ["b1"] and a3.is_alive()
+    gate.release("a")
+    a3.join(5)
+    assert order == ["b1", "a3"]
+
+    assert gate.acquire("c", timeout=0.01) is False  # both slots held: no turn in time
+    assert gate.waiting == [] and dict(gate.held) == {"a": 1, "b": 1}
+    gate.release("a")
+    gate.release("b")
+    assert gate.busy == 0 and dict(gate.held) == {}

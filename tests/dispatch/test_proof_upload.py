@@ -745,9 +745,9 @@ def test_the_check_comes_before_the_decoding_and_again_under_the_lock(moving, dr
         order.append("check")
         return real_check(**kwargs)
 
-    def clean(upload_file):
+    def clean(upload_file, **kwargs):
         order.append("decode")
-        image = real_clean(upload_file)
+        image = real_clean(upload_file, **kwargs)
         delivery_cancel(delivery_id=moving.pk, reason="customer changed mind", actor=Actor.system())
         return image
 
@@ -794,7 +794,9 @@ def test_the_default_limits_suit_evidence_photos():
 def test_no_more_decodes_at_once_than_the_slots_and_a_long_wait_is_a_503(moving, driver, driver_client, monkeypatch, proof_dir):
     import threading
 
-    monkeypatch.setattr(proofs, "_decode_slots", threading.BoundedSemaphore(2))
+    from common.lanes import FairGate
+
+    monkeypatch.setattr(proofs, "_decode_slots", FairGate(2))
     monkeypatch.setattr(proofs, "DECODE_WAIT_SECONDS", 0.05)
     real_clean = proofs._clean
     inside = threading.Condition()
@@ -1003,3 +1005,18 @@ def test_the_customer_keeps_seeing_proofs_when_the_delivery_is_ready_again(integ
 
     body = anon.get(f"/v2/orders/{delivery.seller_order_id}/delivery-status?token={delivery.tracking_token}").json()
     assert [p["kind"] for p in body["proofs"]] == ["photo"]
+
+
+def test_an_upload_waits_for_its_decode_slot_as_its_driver(moving, driver, driver_client, monkeypatch, proof_dir):
+    """The decode slots are fair among drivers (common.lanes.FairGate): each upload asks as its
+    driver (asking as nobody in particular, they were first come, first served again)."""
+    from common.lanes import FairGate
+
+    asked = []
+    gate = FairGate(2)
+    real_acquire = gate.acquire
+    monkeypatch.setattr(gate, "acquire", lambda key, timeout: asked.append(key) or real_acquire(key, timeout))
+    monkeypatch.setattr(proofs, "_decode_slots", gate)
+
+    assert upload(driver_client, driver, moving).status_code == 201
+    assert asked == [str(driver.pk)] and gate.busy == 0
