@@ -191,7 +191,16 @@ class PageCspMiddleware(AsyncCapableMiddleware):
     TRACKING_TILE_URL), sockets and fetches to here only; no plugins, frames or off-site form
     posts. STYLE: nothing from a CDN; the browser now refuses what a template might slip in."""
 
+    # The customer's /track/ links hold their token: every answer there is private and refers
+    # nowhere, those Django makes outside the views too (a 405, the 404 of a malformed id, a
+    # request guard's 400), which came with no Cache-Control and `same-origin`.
+    LINK_PATH = "/track/"
+    LINK_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
     def process(self, request, response):
+        if request.path.startswith(self.LINK_PATH):
+            for name, value in self.LINK_HEADERS.items():
+                response.headers[name] = value
         if "Content-Security-Policy" not in response.headers and response.get("Content-Type", "").startswith("text/html"):
             response.headers["Content-Security-Policy"] = _page_csp(
                 (settings.OPS_MAP_TILE_URL, settings.TRACKING_TILE_URL), settings.TRACKING_LEAFLET_URL, _host_of(request),

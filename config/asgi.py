@@ -3,7 +3,6 @@ token-authenticated API requests, the full one for everything else), and the soc
 import asyncio
 import contextvars
 import gc
-import hashlib
 import os
 import re
 import time
@@ -97,7 +96,8 @@ class LeanApiHandler(ASGIHandler):
     at a time still overlap one's queries with another's Python; a request waits its turn, then
     runs without sharing the interpreter with a dozen others (offer flow at 16 in flight, limit
     3 against none: flows +10 %, all requests' p99 -14 %; bench/README.md, 2026-12-04, third
-    session). Proof uploads take their turns in a lane of their own (UPLOAD_PATH). Only these
+    session). Proof uploads take their turns in a lane of their own (UPLOAD_PATH), fair among
+    drivers rather than first come first served (common.lanes.FairLane). Only these
     requests are limited: the fast lane's fixes (but not those it hands to Django, e.g. with
     Redis down), the sockets and the full stack (admin, /support/, session-authenticated API
     calls) are not.
@@ -109,16 +109,16 @@ class LeanApiHandler(ASGIHandler):
     # PROOF_UPLOAD_CONCURRENCY: in the API's, a driver's burst of large photos held every turn
     # and every other API call of the process waited behind it (an audit: 40 uploads of a 43 KB
     # 12-megapixel PNG, the seller's list and another driver's offers took 6-16 s). The lane is
-    # fair among callers (common.lanes.FairLane, by their credentials): a turn that comes free
+    # fair among drivers (common.lanes.FairLane, by the driver of the path): a turn that comes free
     # goes to the waiting caller holding the fewest; in a first-come lane one driver's burst of
     # 40 photos took every turn and another driver's one photo waited behind it (3.2 s seen).
-    UPLOAD_PATH = re.compile(r"/v2/drivers/[^/]+/deliveries/[^/]+/proof")
+    UPLOAD_PATH = re.compile(r"/v2/drivers/(?P<driver>[^/]+)/deliveries/[^/]+/proof")
 
     def __init__(self):
         super().__init__()
         self._idle: list[ThreadPoolExecutor] = []
         self._concurrency = {"api": settings.API_REQUEST_CONCURRENCY, "upload": settings.PROOF_UPLOAD_CONCURRENCY}
-        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = (
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore | FairLane]] = (
             weakref.WeakKeyDictionary())
 
     def load_middleware(self, is_async=False):
@@ -137,8 +137,8 @@ class LeanApiHandler(ASGIHandler):
         except RequestAborted:
             return
         try:
-            slots = self._slots_of_running_loop(
-                "upload" if scope["method"] == "POST" and self.UPLOAD_PATH.fullmatch(scope["path"]) else "api", scope)
+            upload = self.UPLOAD_PATH.fullmatch(scope["path"]) if scope["method"] == "POST" else None
+            slots = self._slots_of_running_loop("upload" if upload else "api", upload and upload["driver"])
             if slots is not None and not await self._turn(slots, receive):
                 return  # the client left while the request waited: it never runs
             executor = self._idle.pop() if self._idle else ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-request")
@@ -165,7 +165,7 @@ class LeanApiHandler(ASGIHandler):
         finally:
             body_file.close()
 
-    def _slots_of_running_loop(self, lane: str, scope) -> asyncio.Semaphore | Seat | None:
+    def _slots_of_running_loop(self, lane: str, driver: str | None) -> asyncio.Semaphore | Seat | None:
         if not self._concurrency[lane]:
             return None
         lanes = self._slots.setdefault(asyncio.get_running_loop(), {})
@@ -173,11 +173,14 @@ class LeanApiHandler(ASGIHandler):
         if slots is None:
             size = self._concurrency[lane]
             slots = lanes[lane] = FairLane(size) if lane == "upload" else asyncio.Semaphore(size)
-        return slots.seat(_caller_key(scope)) if lane == "upload" else slots
+        # (an upload's caller is the driver of its path, whom the view holds to its token: a
+        # token's spellings, or a driver's several logins, are one caller)
+        return slots.seat(driver) if lane == "upload" else slots
 
     @staticmethod
-    async def _turn(slots: asyncio.Semaphore, receive) -> bool:
-        """Wait for a slot, first come first served. False, holding no slot, if the client
+    async def _turn(slots: asyncio.Semaphore | Seat, receive) -> bool:
+        """Wait for a slot (the API's first come first served; the upload lane's fair among
+        drivers). False, holding no slot, if the client
         disconnects first: a request whose client gave up (and may have retried) never runs."""
         if not slots.locked():
             await slots.acquire()  # a free slot: no wait
@@ -240,15 +243,6 @@ class LeanApiHandler(ASGIHandler):
             return response
         finally:
             bind_server_loop(None)
-
-
-def _caller_key(scope) -> bytes:
-    """Who sends a request, for the upload lane's fairness: a digest of its credentials (its
-    Authorization header), else its address."""
-    credentials = next((value for name, value in scope.get("headers", ()) if name == b"authorization"), None)
-    if credentials is None:
-        credentials = repr(scope.get("client")).encode()
-    return hashlib.blake2b(credentials, digest_size=16).digest()
 
 
 def _release(request, response) -> None:

@@ -9,6 +9,7 @@ import uuid
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.validators import validate_email
 from django.db.models import Q
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -297,9 +298,29 @@ class CustomerMessageAdmin(_ReadOnly):
 
 
 class CustomerOptOutForm(forms.ModelForm):
+    """A valid number (stored in E.164) or address (in lower case), as messages are matched: a
+    typo was stored as typed and matched nothing, and one written another way than the row
+    there was passed the unique check and read "added"."""
+
     class Meta:
         model = CustomerOptOut
         fields = ("channel", "recipient")
+
+    def clean(self):
+        data = super().clean()
+        channel, recipient = data.get("channel"), (data.get("recipient") or "").strip()
+        if not channel or not recipient:
+            return data
+        if channel == "sms" and customers.sms_number(recipient) is None:
+            raise forms.ValidationError({"recipient": "Not a valid phone number (give it with its country code, +…)."})
+        if channel == "email":
+            try:
+                validate_email(recipient)
+            except forms.ValidationError:
+                raise forms.ValidationError({"recipient": "Not a valid e-mail address."})
+        data["recipient"] = customers.opt_out_key(channel, recipient)
+        self.instance.recipient = data["recipient"]
+        return data
 
 
 @admin.register(CustomerOptOut)
@@ -318,6 +339,5 @@ class CustomerOptOutAdmin(admin.ModelAdmin):
         return obj is None and super().has_change_permission(request, obj)  # add or delete; never rewritten
 
     def save_model(self, request, obj, form, change):
-        customers.customer_opt_out(channel=obj.channel, recipient=obj.recipient, source=OptOutSource.OPS)
-        found = CustomerOptOut.objects.get(channel=obj.channel, recipient=customers.opt_out_key(obj.channel, obj.recipient))
-        obj.pk, obj.recipient, obj.source, obj.created_at = found.pk, found.recipient, found.source, found.created_at
+        made = customers.customer_opt_out(channel=obj.channel, recipient=obj.recipient, source=OptOutSource.OPS)
+        obj.pk, obj.source, obj.created_at = made.pk, made.source, made.created_at  # (the console's message names it)

@@ -21,6 +21,7 @@ from email.utils import make_msgid
 import phonenumbers
 from django.conf import settings
 from django.core.mail import EmailMessage, get_connection
+from django.db import transaction
 from django.db.models import F
 from django.template.loader import select_template
 from django.utils import timezone
@@ -93,16 +94,19 @@ def opt_out_key(channel: str, recipient: str) -> str:
     return recipient.strip().lower()
 
 
-def customer_opt_out(*, channel: str, recipient: str, source: str) -> bool:
+@transaction.atomic
+def customer_opt_out(*, channel: str, recipient: str, source: str) -> CustomerOptOut:
     """No more messages to `recipient` on `channel`: recorded once, and its pending messages
-    skipped. True if it was not opted out already."""
+    skipped (one being sent at that moment still goes). The opt-out row (the one there was, if
+    any: its source is kept)."""
     key = opt_out_key(channel, recipient)
-    _, made = CustomerOptOut.objects.get_or_create(channel=channel, recipient=key, defaults={"source": source})
+    opt_out, _ = CustomerOptOut.objects.get_or_create(channel=channel, recipient=key, defaults={"source": source})
     CustomerMessage.objects.filter(channel=channel, recipient__iexact=key, status=St.PENDING).update(
         status=St.SKIPPED, error=OPTED_OUT)
-    return made
+    return opt_out
 
 
+@transaction.atomic
 def delivery_customer_opt_out(*, delivery, source: str = OptOutSource.CUSTOMER) -> list[str]:
     """The customer of `delivery` wants no more messages: its number and its address, each
     on its channel. The channels it had (and has opted out of)."""
@@ -219,6 +223,7 @@ def _context(message: CustomerMessage) -> dict:
     return {
         "customer_name": delivery.customer_name, "store_name": delivery.store_name,
         "seller_order_id": delivery.seller_order_id, "tracking_url": delivery.tracking_url,
+        "opt_out_url": opt_out_url(delivery),  # (the e-mails' footer; texts: STOP, at the provider)
         "driver_first_name": driver, "failure_reason": failure_reason_text(delivery.failure_code, message.language),
         # The code the customer gives the driver at the door (code and code_or_photo policies):
         # in the customer's messages while it is on its way, never anywhere a driver reads.

@@ -172,7 +172,7 @@ class CustomerMessageStatus(models.TextChoices):
     SENDING = "sending"  # handed to the provider; a worker that died here leaves it so (never sent twice)
     SENT = "sent"
     FAILED = "failed"
-    SKIPPED = "skipped"  # nothing to send to (no valid number), or outdated by the delivery's end
+    SKIPPED = "skipped"  # nothing to send to (no valid number), outdated by the delivery's end, or opted out
 
 
 class CustomerMessage(models.Model):

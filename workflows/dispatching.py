@@ -588,7 +588,8 @@ DRIVER_FREED_TRIES = 3
 
 
 def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = None) -> bool:
-    """`availability.services.DRIVER_FREED_TASK`: the driver became available at `freed_at`.
+    """`availability.services.DRIVER_FREED_TASK`: the driver became available (or rejected an
+    offer) with `freed_at` its last state change.
     Dispatch again, as the retry job would and oldest first, the deliveries waiting for a driver
     whose search would reach it: open unassigned records of ready deliveries with no pending
     offer, not waiting for a matching round, dispatched automatically (or once by ops), whose
@@ -649,7 +650,9 @@ def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = N
             return True
         if result is not None and result.outcome == "waiting":
             return False  # a batched_matching zone's round has it now, and weighs this driver too
-        if result is None or result.outcome != "offered":  # (offered to another driver: not a try lost)
+        # (offered to another driver, or another worker has it, or it is no longer waiting: not a
+        # try lost; several drivers freed at once look at the same oldest deliveries together)
+        if result is not None and result.outcome != "offered":
             fruitless += 1
             if fruitless >= DRIVER_FREED_TRIES:
                 break

@@ -301,13 +301,25 @@ def test_a_backlog_on_the_celery_queue_does_not_hold_back_the_expiry_sweep(trans
     assert received.index(sweep.id) <= 1, worker.log()
 
 
+def _pending_offer_within(delivery, *, seconds: float):
+    """The delivery's pending offer once a worker has made it (None after `seconds`)."""
+    from offers.models import DriverOffer
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pending = DriverOffer.objects.filter(delivery=delivery, status="PENDING").first()
+        if pending is not None:
+            return pending
+        time.sleep(0.1)
+    return None
+
+
 def test_a_real_worker_on_the_timers_queue_takes_a_rejects_second_look(transactional_db, tmp_path, sending_to_workers):
     """A reject that found the next driver held by another transaction for a moment: its second
     look is published after commit to the timers queue, and a real worker there offers the
     delivery to that driver (workflows.dispatching.SECOND_LOOK_TASK; before, the retry job 30 s
     later). The task's arguments cross the broker as JSON (its attempt time as ISO text)."""
     from common.actors import Actor
-    from offers.models import DriverOffer
     from tests.factories import DeliveryFactory, online_driver
     from tests.concurrency import hold_driver_row
     from workflows import offers
@@ -323,10 +335,7 @@ def test_a_real_worker_on_the_timers_queue_takes_a_rejects_second_look(transacti
         finally:
             release.set()
             thread.join(20)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not DriverOffer.objects.filter(delivery=delivery, status="PENDING").exists():
-            time.sleep(0.1)
-        pending = DriverOffer.objects.filter(delivery=delivery, status="PENDING").first()
+        pending = _pending_offer_within(delivery, seconds=30)
         assert pending is not None and pending.driver_id == held.pk, worker.log()
         assert "dispatch.second_look" in worker.log()
 
@@ -338,7 +347,6 @@ def test_a_real_worker_offers_a_freed_driver_the_delivery_waiting_near_it(
     microsecond) and a real worker on the `celery` queue offers the delivery to the driver
     (workflows.dispatching.driver_freed_pull; before, the retry job up to 30 s later)."""
     from common.actors import Actor
-    from offers.models import DriverOffer
     from tests.factories import DeliveryFactory, online_driver
     from workflows import drivers
     from workflows.dispatching import delivery_dispatch
@@ -349,9 +357,6 @@ def test_a_real_worker_offers_a_freed_driver_the_delivery_waiting_near_it(
     assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
     with worker_on("celery", tmp_path / "worker.log") as worker:
         drivers.availability_resume(driver_id=driver.pk, actor=Actor("driver", driver.pk))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not DriverOffer.objects.filter(delivery=delivery, status="PENDING").exists():
-            time.sleep(0.1)
-        pending = DriverOffer.objects.filter(delivery=delivery, status="PENDING").first()
+        pending = _pending_offer_within(delivery, seconds=30)
         assert pending is not None and pending.driver_id == driver.pk, worker.log()
         assert "dispatch.driver_freed" in worker.log()

@@ -517,3 +517,18 @@ def test_a_freed_upload_turn_goes_to_another_driver_before_the_rest_of_one_drive
     finally:
         signals.request_started.disconnect(dispatch_uid="test-upload-fair")
     assert seen == ["a1", "a2", "b1"] and order[-1] == "a3"
+
+
+def test_an_upload_is_seated_as_the_driver_of_its_path_whatever_the_tokens_spelling(settings):
+    """The upload lane's caller is the path's driver (the view holds it to its token): keyed on
+    the Authorization header, a token's spellings (`token`, `TOKEN`, two spaces) or a driver's
+    several logins were callers of their own, each served before a driver already holding a turn."""
+    handler = LeanApiHandler()
+
+    async def seats():
+        path = "/v2/drivers/d-1/deliveries/x/proof"
+        return (handler._slots_of_running_loop("upload", handler.UPLOAD_PATH.fullmatch(path)["driver"]).key,
+                handler._slots_of_running_loop("api", None))
+
+    key, api = async_to_sync(seats)()
+    assert key == "d-1" and isinstance(api, asyncio.Semaphore)

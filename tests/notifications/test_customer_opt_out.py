@@ -38,6 +38,7 @@ def test_the_email_carries_a_one_click_unsubscribe_and_its_post_stops_every_mess
     (mail,) = [email.message_from_bytes(e.content) for e in smtp_server]
     assert mail["List-Unsubscribe"].strip() == f"<{customers.opt_out_url(first)}>"  # (folded: a long line)
     assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert f"To stop these messages: {customers.opt_out_url(first)}" in mail.get_payload(decode=True).decode()
 
     # a mail client's one-click: a form POST, no cookie, no CSRF token
     response = Client(enforce_csrf_checks=True).post(
@@ -123,3 +124,43 @@ def test_ops_add_an_opt_out_in_the_console_and_a_superuser_removes_it_to_send_ag
     assert response.status_code == 302 and not CustomerOptOut.objects.exists()
     _assign(DeliveryFactory(customer_phone=PHONE))
     assert len(twilio.requests) == 1
+
+
+def test_every_answer_under_the_link_is_private_even_those_made_outside_the_views(db):
+    delivery = _delivery()
+    answers = [
+        Client().put(_opt_out_path(delivery)),  # 405 (the method decorator)
+        Client().get(f"/track/not-a-uuid/opt-out?token={delivery.tracking_token}"),  # 404 (no route)
+        Client().get(f"/track/{delivery.pk}/opt-out?token=%00"),  # 400 (the request guard)
+        Client().get(_opt_out_path(delivery)),
+    ]
+    assert [a.status_code for a in answers] == [405, 404, 400, 200]
+    assert all(a["Cache-Control"] == "no-store" and a["Referrer-Policy"] == "no-referrer" for a in answers)
+
+
+def test_the_console_refuses_a_recipient_that_matches_nothing_and_a_duplicate_written_another_way(db):
+    ops = OpsUserFactory(is_superuser=False)
+    from common.groups import groups_sync
+    from common.roles import DISPATCHER_GROUP
+
+    ops.groups.add(groups_sync()[DISPATCHER_GROUP])
+    console = Client()
+    console.force_login(ops)
+    add = "/admin/notifications/customeroptout/add/"
+    for channel, typo in (("sms", "555-1234"), ("email", "jane at example.com")):
+        response = console.post(add, {"channel": channel, "recipient": typo})
+        assert response.status_code == 200 and b"Not a valid" in response.content
+    assert not CustomerOptOut.objects.exists()
+
+    assert console.post(add, {"channel": "email", "recipient": "Jane@Example.com"}).status_code == 302
+    assert CustomerOptOut.objects.get().recipient == "jane@example.com"
+    again = console.post(add, {"channel": "email", "recipient": "JANE@example.com "})
+    assert again.status_code == 200 and b"already exists" in again.content
+    assert CustomerOptOut.objects.count() == 1
+
+
+def test_a_delivery_without_a_number_or_address_says_so_and_records_nothing(db):
+    delivery = DeliveryFactory(customer_phone="", customer_email="")
+    response = Client().post(_opt_out_path(delivery))
+    assert response.status_code == 200 and b"no phone number or e-mail address" in response.content
+    assert not CustomerOptOut.objects.exists()

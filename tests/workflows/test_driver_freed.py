@@ -307,3 +307,21 @@ def test_an_expired_offer_takes_no_look():
     offered = DeliveryFactory()
     offer = delivery_dispatch(delivery_id=offered.pk, actor=Actor.system()).offer
     assert _freed(lambda: offers.offer_expire(offer_id=offer.pk, force=True)) == []
+
+
+def test_deliveries_another_worker_has_are_no_tries_lost(monkeypatch):
+    """Drivers freed at once look at the same oldest deliveries together: one another look (or
+    the retry job) holds is skipped (`_retry_one` finds it locked) and not counted, so the look
+    still reaches the delivery beside this driver."""
+    from workflows import dispatching
+
+    driver = _on_break(km=3)
+    held = [_waiting(pickup_location=km_north(km)) for km in (0.0, 0.3, 0.6)]
+    beside = _waiting(pickup_location=km_north(3))
+    real_lock = dispatching.locks.lock_delivery
+    held_ids = {d.pk for d in held}
+    monkeypatch.setattr(dispatching.locks, "lock_delivery",
+                        lambda pk, **kw: None if pk in held_ids else real_lock(pk, **kw))
+
+    assert driver_freed(*_resume(driver)) is True
+    assert _pending(beside).driver_id == driver.pk
