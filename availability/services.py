@@ -54,7 +54,7 @@ def transition_allowed(from_state: str, to_state: str, *, by_ops: bool, releasin
 # `dispatch.driver_freed` (workflows.dispatching.driver_freed_pull). Before it, a delivery that
 # had found nobody waited for the retry job, up to 30 s, with a free driver next to it.
 # On the `celery` queue, not `timers`: a break job freeing 500 drivers at once, or a surge of
-# completions while hundreds of orders wait, would queue that many looks (each up to three
+# completions while hundreds of orders wait, would queue that many looks (each up to ten
 # dispatches) ahead of the offers' expiry. Dropped if not started within 30 s: the retry job
 # has looked by then.
 DRIVER_FREED_TASK = "dispatch.driver_freed"
