@@ -39,7 +39,7 @@ def purge_expired_quotes() -> int:
 
 
 @shared_task(name=DRIVER_FREED_TASK, ignore_result=True)
-def driver_freed(driver_id: str, freed_at: str) -> bool:
+def driver_freed(driver_id: str, freed_at: str, waited: bool = False) -> bool:
     """A moment after a driver became available: the deliveries waiting near it
-    (workflows.dispatching.driver_freed_pull)."""
-    return engine.driver_freed_pull(driver_id=driver_id, freed_at=datetime.fromisoformat(freed_at))
+    (workflows.dispatching.driver_freed_pull; `waited`: its second look, for a fix)."""
+    return engine.driver_freed_pull(driver_id=driver_id, freed_at=datetime.fromisoformat(freed_at), waited=waited)

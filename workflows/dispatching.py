@@ -41,6 +41,7 @@ from audit.services import audit_record
 from availability import live
 from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
+from availability.services import DRIVER_FREED_EXPIRES_SECONDS, DRIVER_FREED_TASK
 from common.actors import Actor
 from common.broadcast import enqueue_task_on_commit
 from common.exceptions import Conflict
@@ -585,9 +586,12 @@ def delivery_second_look(*, delivery_id, attempted_at: datetime, radius_km: floa
 # for the retry job: 4 of 4 runs of a black-box audit, 4-26 s.)
 DRIVER_FREED_LOOK_AHEAD = 10
 DRIVER_FREED_TRIES = 3
+# A driver freed with no fresh fix (back on shift: the resume comes first, the app's fix just
+# after it, and the look 0.2 s later found none) is looked at once more, this much later.
+DRIVER_FREED_FIX_WAIT_SECONDS = 5
 
 
-def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = None) -> bool:
+def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = None, waited: bool = False) -> bool:
     """`availability.services.DRIVER_FREED_TASK`: the driver became available (or rejected an
     offer) with `freed_at` its last state change.
     Dispatch again, as the retry job would and oldest first, the deliveries waiting for a driver
@@ -600,12 +604,12 @@ def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = N
     dispatched.
 
     Nothing is done if the driver changed state since `freed_at` (a later change has its own
-    look), has a pending offer, or has no fresh fix (its next fix does not look: the retry job
-    does). True if the driver got an offer."""
+    look) or has a pending offer. A driver with no fresh fix yet (back on shift after hours: its
+    app posts one just after the resume) is looked at once more DRIVER_FREED_FIX_WAIT_SECONDS
+    later (`waited`); still none, the retry job takes it. True if the driver got an offer."""
     now = now or timezone.now()
     driver = (
-        Driver.objects.filter(pk=driver_id, availability=DriverAvailability.AVAILABLE, last_availability_change=freed_at,
-                              location__isnull=False)  # (dispatch claims only a driver with a stored fix)
+        Driver.objects.filter(pk=driver_id, availability=DriverAvailability.AVAILABLE, last_availability_change=freed_at)
         .exclude(Exists(DriverOffer.objects.filter(driver=OuterRef("pk"), status=OfferStatus.PENDING)))
         .only("pk", "location", "location_recorded_at", "location_accuracy_m", "location_speed", "location_heading")
         .first()
@@ -613,7 +617,12 @@ def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = N
     if driver is None:
         return False
     position = live.position_latest(driver)
-    if position is None or position.recorded_at < now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS):
+    fresh = position is not None and position.recorded_at >= now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
+    if not fresh or driver.location is None:  # (dispatch claims only a driver with a stored fix)
+        if not waited:
+            enqueue_task_on_commit(DRIVER_FREED_TASK, str(driver_id), freed_at.isoformat(), True,
+                                   countdown=DRIVER_FREED_FIX_WAIT_SECONDS,
+                                   expires=DRIVER_FREED_FIX_WAIT_SECONDS + DRIVER_FREED_EXPIRES_SECONDS)
         return False
     here = Point(position.lon, position.lat, srid=4326)
     own_radius_km = Coalesce(F("delivery__zone__search_radius_km"), Value(float(settings.DISPATCH_RADIUS_KM)))

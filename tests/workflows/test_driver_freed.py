@@ -325,3 +325,34 @@ def test_deliveries_another_worker_has_are_no_tries_lost(monkeypatch):
 
     assert driver_freed(*_resume(driver)) is True
     assert _pending(beside).driver_id == driver.pk
+
+
+def test_a_driver_back_on_shift_without_a_fresh_fix_is_looked_at_again_once_its_fix_is_in(settings):
+    """Back on shift after hours: the resume comes first and the app's fix just after it, so the
+    look 0.2 s later found no fresh fix and gave up (the retry job offered it the waiting work,
+    up to 30 s later). It looks once more, 5 s later; still no fix, it stops."""
+    from availability.services import driver_location_update
+    from tests.factories import CITY
+
+    hours_ago = timezone.now() - timedelta(hours=3)
+    driver = _on_break(km=1, location_recorded_at=hours_ago)
+    delivery = _waiting()
+    args = _resume(driver)
+
+    again = _freed(lambda: driver_freed(*args))
+    assert [(a, o) for a, o in again] == [((*args, True), {"countdown": 5, "expires": 35})]
+    assert _pending(delivery) is None
+
+    lat = CITY[0] + 1 / 111.195
+    with TestCase.captureOnCommitCallbacks(execute=True):  # (the GEO index after commit)
+        assert driver_location_update(driver_id=driver.pk, lat=lat, lon=CITY[1], recorded_at=timezone.now()).accepted
+    assert _freed(lambda: driver_freed(*again[0][0])) == []  # (the second look publishes no third)
+    assert _pending(delivery).driver_id == driver.pk
+
+
+def test_a_second_look_that_still_finds_no_fix_publishes_no_third():
+    driver = _on_break(km=1, location_recorded_at=timezone.now() - timedelta(hours=3))
+    _waiting()
+    args = _resume(driver)
+    assert _freed(lambda: driver_freed(*args, True)) == []
+    assert not DriverOffer.objects.filter(status="PENDING").exists()
