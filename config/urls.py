@@ -10,6 +10,7 @@ from config.views import bad_request, docs_page, home, socket_over_http
 from dispatch.api import views as dispatch_views
 from dispatch.views import proof_file
 from escalation.api import views as escalation_views
+from notifications.api import twilio as twilio_views
 from notifications.api import views as webhook_views
 from offers.api import views as offer_views
 from tracking.api import views as tracking_views
@@ -110,6 +111,8 @@ urlpatterns = [
     path("track/<uuid:delivery_id>/", tracking_views.tracking_page),  # (a link retyped with a slash: the same page)
     path("track/<uuid:delivery_id>/opt-out", tracking_views.opt_out_page, name="track-opt-out"),
     path("proofs/<str:token>", proof_file, name="proof-file"),
+    path("hooks/twilio/inbound", twilio_views.twilio_inbound, name="twilio-sms-inbound"),
+    path("hooks/twilio/status", twilio_views.twilio_status, name="twilio-sms-status"),
     path("ws/<path:rest>", socket_over_http, name="socket-over-http"),
 ]
 

@@ -31,7 +31,7 @@ from common.broadcast import enqueue_task_on_commit
 from dispatch.models import CODE_POLICIES
 from notifications.models import Channel, CustomerMessage, CustomerOptOut, MessageKind, OptOutSource, OutboxEvent
 from notifications.models import CustomerMessageStatus as St
-from notifications.sms import SmsNotSent, SmsOutcomeUnknown, SmsRecipientOptedOut, get_sms_backend
+from notifications.sms import TWILIO_UNSUBSCRIBED, SmsNotSent, SmsOutcomeUnknown, SmsRecipientOptedOut, get_sms_backend
 from tracking.eta import haversine_km
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,64 @@ def customer_opt_out(*, channel: str, recipient: str, source: str) -> CustomerOp
     CustomerMessage.objects.filter(channel=channel, recipient__iexact=key, status=St.PENDING).update(
         status=St.SKIPPED, error=OPTED_OUT)
     return opt_out
+
+
+# The words a text to our number opts out or back in with, as Twilio's defaults (a message of
+# that word alone, any case; with Advanced Opt-Out Twilio names it in `OptOutType`, which wins).
+SMS_OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"})
+SMS_OPT_IN_WORDS = frozenset({"START", "YES", "UNSTOP"})
+
+
+def customer_opt_in(*, channel: str, recipient: str) -> bool:
+    """`recipient` wants messages on `channel` again (the number texted START): its opt-out,
+    whoever recorded it, is removed; messages skipped meanwhile stay skipped. Whether there was
+    one."""
+    deleted, _ = CustomerOptOut.objects.filter(channel=channel, recipient=opt_out_key(channel, recipient)).delete()
+    return bool(deleted)
+
+
+def sms_reply_received(*, sender: str, body: str, opt_out_type: str = "") -> str | None:
+    """A text a customer sent to our number (Twilio's incoming-message webhook): STOP and its
+    kin record the number's opt-out (source `provider`, as Twilio's own block), START and its kin
+    remove it. "stop", "start", or None for any other text (nothing done: Twilio answers HELP
+    itself)."""
+    word = (opt_out_type or body).strip().upper()
+    if word in SMS_OPT_OUT_WORDS:
+        customer_opt_out(channel=Channel.SMS, recipient=sender, source=OptOutSource.PROVIDER)
+        logger.info("sms opt-out by reply %r", word)
+        return "stop"
+    if word in SMS_OPT_IN_WORDS:
+        had = customer_opt_in(channel=Channel.SMS, recipient=sender)
+        logger.info("sms opt-in by reply %r (an opt-out removed: %s)", word, had)
+        return "start"
+    return None
+
+
+# A message's end as Twilio's status callback reports it (`MessageStatus`) that means it never
+# reached the phone.
+SMS_UNDELIVERED = frozenset({"failed", "undelivered"})
+
+
+@transaction.atomic
+def sms_status_reported(*, provider_id: str, status: str, error_code: str = "") -> str | None:
+    """Twilio's status callback for one of our SMS (by its `sid`): one that did not reach the
+    phone is `failed`, with the provider's words; refused as the number had replied STOP (21610,
+    reported this way with a Messaging Service) it is `skipped` and the number recorded, as
+    when the send itself is refused. Only a message recorded `sent` changes (a late or repeated
+    report changes nothing). Its new status, or None."""
+    message = (CustomerMessage.objects.select_for_update()
+               .filter(channel=Channel.SMS, provider_id=provider_id, status=St.SENT).first()) if provider_id else None
+    if message is None:
+        return None
+    if error_code == str(TWILIO_UNSUBSCRIBED):
+        customer_opt_out(channel=Channel.SMS, recipient=message.recipient, source=OptOutSource.PROVIDER)
+        new, error = St.SKIPPED, f"{OPTED_OUT} (at the SMS provider: {status}, error {error_code})"
+    elif status in SMS_UNDELIVERED:
+        new, error = St.FAILED, f"the SMS provider reported it {status}" + (f" (error {error_code})" if error_code else "")
+    else:
+        return None
+    CustomerMessage.objects.filter(pk=message.pk).update(status=new, error=error[:500])
+    return new
 
 
 @transaction.atomic

@@ -7,12 +7,16 @@ gets a message at most once)."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import uuid
-from urllib.parse import urlencode
+from collections.abc import Iterable
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from django.conf import settings
+from django.urls import reverse
 from django.utils.module_loading import import_string
 
 from notifications.egress import post_json
@@ -62,7 +66,10 @@ class TwilioSmsBackend:
         if not (sid and token and settings.TWILIO_FROM_NUMBER):
             raise SmsNotSent("Twilio is not configured (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_FROM_NUMBER)", retry=False)
         url = f"{settings.TWILIO_API_BASE.rstrip('/')}/2010-04-01/Accounts/{sid}/Messages.json"
-        form = urlencode({"To": to, "From": settings.TWILIO_FROM_NUMBER, "Body": body}).encode()
+        fields = {"To": to, "From": settings.TWILIO_FROM_NUMBER, "Body": body}
+        if settings.TWILIO_WEBHOOK_BASE_URL:  # (Twilio reports the message's fate there: notifications.api.twilio)
+            fields["StatusCallback"] = settings.TWILIO_WEBHOOK_BASE_URL.rstrip("/") + reverse("twilio-sms-status")
+        form = urlencode(fields).encode()
         auth = base64.b64encode(f"{sid}:{token}".encode()).decode()
         result = post_json(url, form, {
             "Content-Type": "application/x-www-form-urlencoded", "Authorization": f"Basic {auth}", "Accept": "application/json",
@@ -83,6 +90,42 @@ class TwilioSmsBackend:
         if result.status == 429 or result.status >= 500:
             raise SmsNotSent(message, retry=True)
         raise SmsNotSent(message, retry=False)
+
+
+def twilio_signature(token: str, url: str, params: Iterable[tuple[str, list[str]]]) -> str:
+    """What Twilio puts in `X-Twilio-Signature`: HMAC-SHA1 with the account's auth token over
+    the URL it called (query string included) followed by each form field, sorted by name, as
+    name + value with nothing between (a field given several times: each value, sorted), in
+    base64 (twilio.com/docs/usage/webhooks/webhooks-security)."""
+    signed = url + "".join(name + value for name, values in sorted(params) for value in sorted(set(values)))
+    return base64.b64encode(hmac.new(token.encode(), signed.encode(), hashlib.sha1).digest()).decode()
+
+
+def twilio_request_signed(token: str, url: str, params: Iterable[tuple[str, list[str]]], signature: str) -> bool:
+    """Whether `signature` is Twilio's for this request. The URL as called, and with its
+    default port added or taken away (Twilio's own libraries accept both: a proxy may show
+    either)."""
+    if not token or not signature:
+        return False
+    params = [(name, list(values)) for name, values in params]
+    return any(hmac.compare_digest(twilio_signature(token, candidate, params), signature) for candidate in _with_and_without_port(url))
+
+
+def _with_and_without_port(url: str) -> list[str]:
+    parts = urlsplit(url)
+    default = {"https": 443, "http": 80}.get(parts.scheme)
+    try:
+        port = parts.port
+    except ValueError:  # (a malformed port: only the URL as called)
+        return [url]
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port == default:
+        return [url, urlunsplit(parts._replace(netloc=host))]
+    if port is None and default is not None:
+        return [url, urlunsplit(parts._replace(netloc=f"{host}:{default}"))]
+    return [url]
 
 
 def get_sms_backend():

@@ -707,6 +707,11 @@ TWILIO_API_BASE = env("TWILIO_API_BASE", default="https://api.twilio.com")
 TWILIO_ACCOUNT_SID = env("TWILIO_ACCOUNT_SID", default="")
 TWILIO_AUTH_TOKEN = env("TWILIO_AUTH_TOKEN", default="")
 TWILIO_FROM_NUMBER = env("TWILIO_FROM_NUMBER", default="")
+# This server's public base URL as Twilio calls it (https://dispatch.example.com): the number's
+# incoming-message webhook is <it>/hooks/twilio/inbound (STOP, START), and each SMS asks for its
+# status at <it>/hooks/twilio/status. Empty: requests are checked against the URL they came to,
+# and SMS ask for no status.
+TWILIO_WEBHOOK_BASE_URL = env("TWILIO_WEBHOOK_BASE_URL", default="")
 # Driver push through FCM's HTTP v1 API: PUSH_BACKEND=notifications.push.FcmPushBackend with a
 # Google service account's JSON key file (FCM_PROJECT_ID defaults to the file's project_id).
 FCM_SERVICE_ACCOUNT_FILE = env("FCM_SERVICE_ACCOUNT_FILE", default="")

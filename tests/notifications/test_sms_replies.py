@@ -1,0 +1,153 @@
+"""What Twilio tells us about customers' texts, signed with the account's auth token: a reply
+STOP opts the number out and START opts it back in (the incoming-message webhook); a message
+the status callback reports undelivered is marked so, and 21610 there records the opt-out."""
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+import pytest
+from django.test import Client
+
+from common.actors import Actor
+from notifications import customers
+from notifications.models import CustomerMessage, CustomerOptOut
+from notifications.sms import twilio_request_signed, twilio_signature
+from tests.factories import DeliveryFactory, online_driver
+from workflows import deliveries as flows
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PHONE = "+14155552671"
+INBOUND, STATUS = "/hooks/twilio/inbound", "/hooks/twilio/status"
+
+
+def _post(path: str, fields: dict, *, token: str = "secret-token", url: str | None = None, signature: str | None = None):
+    """POST `fields` form-encoded as Twilio does, signed for `url` (the test client's own by
+    default) with `token`, unless `signature` is given."""
+    url = url or f"http://testserver{path}"
+    if signature is None:
+        signature = twilio_signature(token, url, [(name, [value]) for name, value in fields.items()])
+    return Client(enforce_csrf_checks=True).post(path, fields, HTTP_X_TWILIO_SIGNATURE=signature)
+
+
+def _reply(body: str, **extra):
+    return _post(INBOUND, {"MessageSid": "SM" + "1" * 32, "AccountSid": "AC123", "From": "+1 415-555-2671",
+                           "To": "+15005550006", "Body": body, **extra})
+
+
+def _assigned_delivery():
+    delivery = DeliveryFactory(customer_phone=PHONE)
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+    return delivery
+
+
+def _form(request) -> dict:
+    return {k: v[0] for k, v in parse_qs(request.body.decode()).items()}
+
+
+def test_the_signature_is_twilios_documented_example_with_or_without_the_default_port():
+    params = [("CallSid", ["CA1234567890ABCDE"]), ("Caller", ["+12349013030"]), ("Digits", ["1234"]),
+              ("From", ["+12349013030"]), ("To", ["+18005551212"])]
+    url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+    assert twilio_signature("12345", url, params) == "0/KCTR6DLpKmkAf8muzZqo1nDgQ="
+    assert twilio_request_signed("12345", "https://mycompany.com:443/myapp.php?foo=1&bar=2", params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ=")
+    assert not twilio_request_signed("12345", "https://mycompany.com:8443/myapp.php?foo=1&bar=2", params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ=")
+    assert not twilio_request_signed("12345", url, params[:-1], "0/KCTR6DLpKmkAf8muzZqo1nDgQ=")
+    assert not twilio_request_signed("", url, params, "0/KCTR6DLpKmkAf8muzZqo1nDgQ=")
+
+
+def test_a_reply_stop_opts_the_number_out_and_start_opts_it_back_in(twilio):
+    first = _assigned_delivery()
+    assert "Reply STOP to opt out." in _form(twilio.requests[0])["Body"]
+
+    response = _reply(" stop ")
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/xml")
+    assert b"<Response></Response>" in response.content
+    assert list(CustomerOptOut.objects.values_list("channel", "recipient", "source")) == [("sms", PHONE, "provider")]
+    assert _reply("STOP").status_code == 200  # again: still one row
+    assert CustomerOptOut.objects.count() == 1
+
+    _assigned_delivery()
+    assert len(twilio.requests) == 1  # the second delivery's message was not sent
+    assert CustomerMessage.objects.exclude(delivery=first).get().error == customers.OPTED_OUT
+
+    assert _reply("Start").status_code == 200
+    assert not CustomerOptOut.objects.exists()
+    _assigned_delivery()
+    assert len(twilio.requests) == 2 and _form(twilio.requests[1])["To"] == PHONE
+
+
+def test_twilios_opt_out_type_wins_and_other_texts_change_nothing(twilio):
+    assert _reply("Where is my order? stop").status_code == 200
+    assert _reply("HELP").status_code == 200
+    assert not CustomerOptOut.objects.exists()
+
+    assert _reply("ARRET", OptOutType="STOP").status_code == 200  # (a keyword of the account's own)
+    assert CustomerOptOut.objects.get().recipient == PHONE
+
+    customers.customer_opt_out(channel="sms", recipient=PHONE, source="ops")  # (kept: recorded before)
+    assert _reply("oui", OptOutType="START").status_code == 200  # the number's own word wins over ops'
+    assert not CustomerOptOut.objects.exists()
+
+
+def test_a_request_not_signed_by_twilio_is_refused_and_changes_nothing(twilio, settings):
+    fields = {"From": PHONE, "Body": "STOP"}
+    for response in (
+        _post(INBOUND, fields, signature=""),
+        _post(INBOUND, fields, token="another-token"),
+        _post(INBOUND, fields, url="http://testserver/hooks/twilio/other"),
+        Client().post(INBOUND, {**fields, "Body": "START"}, HTTP_X_TWILIO_SIGNATURE=twilio_signature(
+            "secret-token", "http://testserver" + INBOUND, [(k, [v]) for k, v in fields.items()])),  # (signed for other fields)
+        _post(STATUS, {"MessageSid": "SM1", "MessageStatus": "failed", "ErrorCode": "21610"}, signature="x"),
+    ):
+        assert response.status_code == 403
+        assert response.json()["statusCode"] == 403 and "Twilio" in response.json()["message"]
+    assert not CustomerOptOut.objects.exists()
+
+    wrong = Client().get(INBOUND)
+    assert wrong.status_code == 405 and wrong["Allow"] == "POST" and wrong.json()["error"] == "Method Not Allowed"
+
+    settings.TWILIO_AUTH_TOKEN = ""
+    off = _post(INBOUND, fields, token="")
+    assert off.status_code == 404 and off.json()["path"] == INBOUND
+    assert not CustomerOptOut.objects.exists()
+
+
+def test_the_signature_is_checked_against_the_public_url_when_one_is_set(twilio, settings):
+    settings.TWILIO_WEBHOOK_BASE_URL = "https://dispatch.example.com/"
+    fields = {"From": PHONE, "Body": "STOP"}
+    assert _post(INBOUND, fields).status_code == 403  # (signed for the URL the test client used)
+    assert _post(INBOUND, fields, url="https://dispatch.example.com" + INBOUND).status_code == 200
+    assert CustomerOptOut.objects.filter(recipient=PHONE).exists()
+
+    CustomerOptOut.objects.all().delete()
+    _assigned_delivery()
+    assert _form(twilio.requests[0])["StatusCallback"] == "https://dispatch.example.com" + STATUS
+
+
+def test_the_status_callback_marks_undelivered_messages_and_records_21610(twilio):
+    first = _assigned_delivery()
+    message = CustomerMessage.objects.get(delivery=first)
+    assert message.status == "sent" and message.provider_id == "SM00000000000000000000000000000001"
+
+    for status in ("sent", "delivered"):  # on its way, then there: nothing changes
+        assert _post(STATUS, {"MessageSid": message.provider_id, "MessageStatus": status}).status_code == 204
+    assert CustomerMessage.objects.get(pk=message.pk).status == "sent"
+
+    assert _post(STATUS, {"MessageSid": message.provider_id, "MessageStatus": "undelivered", "ErrorCode": "30003"}).status_code == 204
+    message.refresh_from_db()
+    assert (message.status, message.error) == ("failed", "the SMS provider reported it undelivered (error 30003)")
+    assert not CustomerOptOut.objects.exists()
+
+    twilio.default.body = b'{"sid": "SM00000000000000000000000000000002", "status": "queued"}'
+    second = CustomerMessage.objects.get(delivery=_assigned_delivery())
+    assert _post(STATUS, {"MessageSid": "SMunknown", "MessageStatus": "failed", "ErrorCode": "21610"}).status_code == 204
+    assert not CustomerOptOut.objects.exists()  # (not one of ours)
+    assert _post(STATUS, {"MessageSid": second.provider_id, "MessageStatus": "failed", "ErrorCode": "21610"}).status_code == 204
+    second.refresh_from_db()
+    assert second.status == "skipped" and second.error.startswith(customers.OPTED_OUT) and "21610" in second.error
+    assert list(CustomerOptOut.objects.values_list("recipient", "source")) == [(PHONE, "provider")]
+
+    # a late report of the first message changes nothing more
+    assert _post(STATUS, {"MessageSid": message.provider_id, "MessageStatus": "failed", "ErrorCode": "21610"}).status_code == 204
+    assert CustomerMessage.objects.get(pk=message.pk).error == "the SMS provider reported it undelivered (error 30003)"
