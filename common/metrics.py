@@ -22,15 +22,18 @@ HTTP_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
-# Token-authenticated API requests that waited for a turn (config/asgi.py, API_REQUEST_CONCURRENCY):
+# Token-authenticated API requests that waited for a turn (config/asgi.py), by lane: `api`
+# (API_REQUEST_CONCURRENCY) or `upload` (proof photos, PROOF_UPLOAD_CONCURRENCY, seconds each):
 # how long, and those whose client left first (never run).
 API_REQUEST_WAIT = Histogram(
     "api_request_queue_wait_seconds",
-    "Time a token-authenticated API request waited for its turn to run (requests that waited)",
+    "Time a token-authenticated API request waited for its turn to run (requests that waited), by lane",
+    ["lane"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 API_REQUESTS_ABANDONED = Counter(
-    "api_requests_abandoned_total", "Token-authenticated API requests whose client left while they waited for a turn"
+    "api_requests_abandoned_total", "Token-authenticated API requests whose client left while they waited for a turn, by lane",
+    ["lane"],
 )
 
 # Live socket events not sent (common/broadcast.py), one per event and group: Redis known to

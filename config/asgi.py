@@ -138,8 +138,9 @@ class LeanApiHandler(ASGIHandler):
             return
         try:
             upload = self.UPLOAD_PATH.fullmatch(scope["path"]) if scope["method"] == "POST" else None
-            slots = self._slots_of_running_loop("upload" if upload else "api", upload and upload["driver"])
-            if slots is not None and not await self._turn(slots, receive):
+            lane = "upload" if upload else "api"
+            slots = self._slots_of_running_loop(lane, upload and upload["driver"])
+            if slots is not None and not await self._turn(slots, receive, lane):
                 return  # the client left while the request waited: it never runs
             executor = self._idle.pop() if self._idle else ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-request")
             try:
@@ -178,7 +179,7 @@ class LeanApiHandler(ASGIHandler):
         return slots.seat(driver) if lane == "upload" else slots
 
     @staticmethod
-    async def _turn(slots: asyncio.Semaphore | Seat, receive) -> bool:
+    async def _turn(slots: asyncio.Semaphore | Seat, receive, lane: str) -> bool:
         """Wait for a slot (the API's first come first served; the upload lane's fair among
         drivers). False, holding no slot, if the client
         disconnects first: a request whose client gave up (and may have retried) never runs."""
@@ -204,9 +205,9 @@ class LeanApiHandler(ASGIHandler):
         if gone.done() and not gone.cancelled():
             gone.exception()  # (retrieved: a receive that failed counts as the client gone)
         if acquire.done():
-            API_REQUEST_WAIT.observe(time.perf_counter() - started)
+            API_REQUEST_WAIT.labels(lane).observe(time.perf_counter() - started)
             return True
-        API_REQUESTS_ABANDONED.inc()
+        API_REQUESTS_ABANDONED.labels(lane).inc()
         acquire.cancel()  # (a Semaphore waiter cancelled after it was woken hands the slot on)
         try:
             await acquire

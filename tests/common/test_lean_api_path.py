@@ -205,7 +205,7 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
 @pytest.mark.parametrize("limit", [1, 2])
 def test_at_most_api_request_concurrency_requests_run_at_once_the_others_wait_their_turn_in_order(settings, limit):
     settings.API_REQUEST_CONCURRENCY = limit
-    waited_before = REGISTRY.get_sample_value("api_request_queue_wait_seconds_count") or 0
+    waited_before = REGISTRY.get_sample_value("api_request_queue_wait_seconds_count", {"lane": "api"}) or 0
     drivers = DriverFactory.create_batch(limit + 2)
     handler = LeanApiHandler()
     started, running, most = [], [0], [0]
@@ -241,7 +241,7 @@ def test_at_most_api_request_concurrency_requests_run_at_once_the_others_wait_th
     assert [r.status_code for r in responses] == [200] * len(drivers)
     assert [r.json()["id"] for r in responses] == [str(d.pk) for d in drivers]
     assert most[0] == limit
-    assert REGISTRY.get_sample_value("api_request_queue_wait_seconds_count") - waited_before == 2  # the two that waited
+    assert REGISTRY.get_sample_value("api_request_queue_wait_seconds_count", {"lane": "api"}) - waited_before == 2  # the two that waited
     ids = [str(d.pk) for d in drivers]
     assert sorted(started[:limit]) == sorted(ids[:limit]) and sorted(started[limit:]) == sorted(ids[limit:])
     if limit == 1:
@@ -278,7 +278,7 @@ def test_a_request_whose_client_leaves_while_it_waits_never_runs(settings):
     first, second = DriverFactory(), DriverFactory()
     handler = LeanApiHandler()
     started = []
-    abandoned_before = REGISTRY.get_sample_value("api_requests_abandoned_total") or 0
+    abandoned_before = REGISTRY.get_sample_value("api_requests_abandoned_total", {"lane": "api"}) or 0
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -310,7 +310,7 @@ def test_a_request_whose_client_leaves_while_it_waits_never_runs(settings):
     assert a.status() == 200
     assert b.sent == [] and started == [f"/v2/drivers/{first.pk}"]  # the second never ran
     assert slots._value == 1 and not slots._waiters  # and holds no slot
-    assert REGISTRY.get_sample_value("api_requests_abandoned_total") - abandoned_before == 1
+    assert REGISTRY.get_sample_value("api_requests_abandoned_total", {"lane": "api"}) - abandoned_before == 1
 
 
 def test_a_request_gives_its_slot_back_before_its_response_is_sent(settings):
@@ -511,12 +511,17 @@ def test_a_freed_upload_turn_goes_to_another_driver_before_the_rest_of_one_drive
                 event.set()
             await asyncio.gather(*tasks)
 
+    uploads_waited = REGISTRY.get_sample_value("api_request_queue_wait_seconds_count", {"lane": "upload"}) or 0
+    api_waited = REGISTRY.get_sample_value("api_request_queue_wait_seconds_count", {"lane": "api"}) or 0
     signals.request_started.connect(on_start, weak=False, dispatch_uid="test-upload-fair")
     try:
         seen = async_to_sync(scenario)()
     finally:
         signals.request_started.disconnect(dispatch_uid="test-upload-fair")
     assert seen == ["a1", "a2", "b1"] and order[-1] == "a3"
+    # (their waits are the upload lane's, not the API's: seconds each, they would hide its own)
+    assert REGISTRY.get_sample_value("api_request_queue_wait_seconds_count", {"lane": "upload"}) - uploads_waited == 2
+    assert (REGISTRY.get_sample_value("api_request_queue_wait_seconds_count", {"lane": "api"}) or 0) == api_waited
 
 
 def test_an_upload_is_seated_as_the_driver_of_its_path_whatever_the_tokens_spelling(settings):
