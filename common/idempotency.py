@@ -224,9 +224,9 @@ class IdempotencyMiddleware:
                         request, 409, "This Idempotency-Key was used with a different request."
                     )
                 if existing.status_code is None:
-                    return None, error_response(
+                    return None, _retry_soon(error_response(
                         request, 409, "A request with this Idempotency-Key is still being processed."
-                    )
+                    ))
                 body = unseal_response(bytes(existing.response_body or b""), caller=caller, key=key)
                 if body is None:
                     return None, error_response(
@@ -240,7 +240,14 @@ class IdempotencyMiddleware:
                 )
                 replay["Idempotent-Replayed"] = "true"
                 return None, replay
-        return None, error_response(request, 409, "This Idempotency-Key could not be claimed; retry.")
+        return None, _retry_soon(error_response(request, 409, "This Idempotency-Key could not be claimed; retry."))
+
+
+def _retry_soon(response):
+    """A 409 that a retry in a moment resolves (the first request is still running): says when
+    (`Retry-After`), so a client backs off instead of taking it for a conflict of bodies."""
+    response["Retry-After"] = "1"
+    return response
 
 
 def purge_expired_idempotency_records(*, now=None, batch_size: int = 5000) -> int:

@@ -44,6 +44,19 @@ def test_reusing_an_idempotency_key_with_another_body_is_a_conflict(integration,
 
     body = assert_error_body(r, 409, path="/v2/deliveries")
     assert body["message"] == "This Idempotency-Key was used with a different request."
+    assert "Retry-After" not in r  # (a retry cannot resolve it)
+
+
+def test_a_retry_while_the_first_request_runs_is_told_when_to_try_again(integration, integration_user):
+    post_delivery(integration, key="create-running")
+    IdempotencyRecord.objects.filter(key="create-running").update(status_code=None)  # as while it runs
+
+    r = post_delivery(integration, key="create-running")
+
+    body = assert_error_body(r, 409, path="/v2/deliveries")
+    assert body["message"] == "A request with this Idempotency-Key is still being processed."
+    assert r["Retry-After"] == "1"
+    assert deliveries_of(integration_user).count() == 1
     assert list(deliveries_of(integration_user).values_list("seller_order_id", flat=True)) == ["ORD-CONV-1"]
 
 
@@ -287,7 +300,7 @@ def test_concurrent_requests_with_one_idempotency_key_create_exactly_one_deliver
             client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
             barrier.wait(timeout=10)
             r = post_delivery(client, key="race")
-            results[i] = (r.status_code, r.get("Idempotent-Replayed"), r.content)
+            results[i] = (r.status_code, r.get("Idempotent-Replayed"), r.content, r.get("Retry-After"))
         except Exception as exc:  # surfaced by the assertions below
             results[i] = exc
         finally:
@@ -302,12 +315,12 @@ def test_concurrent_requests_with_one_idempotency_key_create_exactly_one_deliver
     # then exactly one executed; the others saw the claim (409) or the stored answer (replay)
     assert all(isinstance(r, tuple) for r in results), results
     executed = [r for r in results if r[0] == 201 and r[1] is None]
-    assert len(executed) == 1, [(s, h) for s, h, _ in results]
-    for status, replayed, content in results:
+    assert len(executed) == 1, [(s, h) for s, h, _, _ in results]
+    for status, replayed, content, retry_after in results:
         if (status, replayed) == (201, "true"):
             assert content == executed[0][2]
         elif status != 201:
-            assert status == 409
+            assert status == 409 and retry_after == "1"
             assert json.loads(content)["message"] in (
                 "A request with this Idempotency-Key is still being processed.",
                 "This Idempotency-Key could not be claimed; retry.",
