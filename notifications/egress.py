@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
 
@@ -107,10 +107,10 @@ def url_check(url: str) -> tuple[str, str, int, str]:
         raise TargetRefused("Only http and https URLs are allowed.")
     if "@" in parts.netloc:  # (an empty user or password too: `http://@host/`)
         raise TargetRefused("URLs with credentials are not allowed.")
-    if _UNSENDABLE.search(url) or not (parts.path + parts.query).isascii():
+    if _UNSENDABLE.search(url) or not (parts.path + parts.query + parts.fragment).isascii():
         # (http.client refuses control characters, the URL parser drops tabs and newlines,
         # a space ends the request target: the request went elsewhere or nowhere, for a day)
-        raise TargetRefused("The URL may not contain spaces, control characters or non-ASCII characters in its path; percent-encode them.")
+        raise TargetRefused("The URL may not contain spaces, control characters or non-ASCII characters in its path, query or fragment; percent-encode them.")
     host = parts.hostname
     if not host:
         raise TargetRefused("The URL has no host.")
@@ -134,6 +134,19 @@ def url_check(url: str) -> tuple[str, str, int, str]:
     if parts.query:
         path += "?" + parts.query
     return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), path
+
+
+def ascii_host_url(url: str) -> str:
+    """`url` with its host name in ASCII (IDNA) form, as url_check reads it; the rest as given.
+    TargetRefused if the name has none."""
+    parts = urlsplit(url)
+    if parts.netloc.isascii():
+        return url
+    try:
+        host = parts.hostname.encode("idna").decode("ascii")
+    except (UnicodeError, AttributeError):
+        raise TargetRefused(f"{parts.hostname!r} is not a valid host name.") from None
+    return urlunsplit(parts._replace(netloc=host if parts.port is None else f"{host}:{parts.port}"))
 
 
 # Look-ups in flight, by (host, port): a name whose DNS hangs gets one thread however many

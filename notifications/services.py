@@ -44,7 +44,7 @@ from common.redis import RedisFailed, get_redis
 from common.exceptions import Conflict, InvalidInput, NotFound
 from notifications import alerts
 from notifications.customers import message_rows_for_events
-from notifications.egress import HttpResult, TargetRefused, post_json, url_check
+from notifications.egress import HttpResult, TargetRefused, ascii_host_url, post_json, url_check
 from notifications.models import (
     ALL_EVENTS,
     TEST_EVENT_TYPE,
@@ -80,11 +80,18 @@ def endpoint_events_clean(events: list[str]) -> list[str]:
 
 def endpoint_url_clean(url: str) -> str:
     """The URL if we would send to its form (scheme, no credentials, no private literal), or
-    InvalidInput naming `url`. Its addresses are checked again at each send."""
+    InvalidInput naming `url`. Its addresses are checked again at each send. A host name in
+    another script is kept in its ASCII form (`https://xn--exmple-cua.example/` for
+    `https://exämple.example/`): the name a resolver looks up, and a URI (stored as given it was
+    shown back as an IRI, which the schema's `format: uri` refuses)."""
     try:
         url_check(url)
+        url = ascii_host_url(url)
     except TargetRefused as exc:
         raise InvalidInput({"url": [str(exc)]}) from exc
+    if len(url) > WebhookEndpoint._meta.get_field("url").max_length:
+        raise InvalidInput({"url": [f"Ensure this field has no more than {WebhookEndpoint._meta.get_field('url').max_length} characters "
+                                    "(its host name in ASCII form)."]})
     return url
 
 

@@ -344,6 +344,26 @@ def test_public_names_and_addresses_in_their_usual_forms_are_accepted(db, settin
     assert response.status_code == 201, response.content
 
 
+def test_a_host_name_in_another_script_is_kept_in_its_ascii_form_a_uri(db, settings):
+    """Stored as given, `https://exämple.example/` was shown back as an IRI: `format: uri` in the
+    schema refused our own answer. The name a resolver looks up is the IDNA one."""
+    settings.WEBHOOK_ALLOW_PRIVATE_TARGETS = False
+    client = client_for(IntegrationUserFactory())
+    made = client.post("/v2/webhooks", {"url": "https://Exämple.example:8443/h?q=1", "events": ["*"]}, format="json")
+    assert made.status_code == 201, made.content
+    assert made.json()["url"] == "https://xn--exmple-cua.example:8443/h?q=1"
+    assert client.get(f"/v2/webhooks/{made.json()['id']}").json()["url"] == "https://xn--exmple-cua.example:8443/h?q=1"
+    changed = client.patch(f"/v2/webhooks/{made.json()['id']}", {"url": "http://ＢÜＣＨＥＲ.example./"}, format="json")
+    assert changed.status_code == 200 and changed.json()["url"] == "http://xn--bcher-kva.example./"
+
+    fragment = client.post("/v2/webhooks", {"url": "https://example.com/h#é", "events": ["*"]}, format="json")
+    assert "url" in assert_error(fragment, 400)["details"]
+    host = ".".join(["é"] * 30) + ".example"  # 67 characters, 248 in ASCII form (xn--9ca. × 30)
+    long_name = client.post("/v2/webhooks", {"url": f"https://{host}/" + "a" * (2000 - 9 - len(host)), "events": ["*"]},
+                            format="json")  # (2,000 characters as given: too long for the column in ASCII form)
+    assert "ASCII form" in assert_error(long_name, 400)["details"]["url"][0]
+
+
 def test_a_huge_events_list_is_refused_by_its_length_in_a_short_answer(db):
     """Each item was checked (and reported) before the list's length: a 3.9 MB error body."""
     response = client_for(IntegrationUserFactory()).post(
