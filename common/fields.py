@@ -46,12 +46,23 @@ def _json_type_name(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
-class StrictCharField(_JsonTyped, serializers.CharField):
+class _LengthAsSent:
+    """`max_length` of the string as sent, as the schema's `maxLength` says: DRF measured it
+    after trimming the whitespace around it, and 255 letters with spaces around them passed a
+    field of at most 255."""
+
+    def to_internal_value(self, data):
+        if self.max_length is not None and isinstance(data, str) and len(data) > self.max_length:
+            self.fail("max_length", max_length=self.max_length)
+        return super().to_internal_value(data)
+
+
+class StrictCharField(_LengthAsSent, _JsonTyped, serializers.CharField):
     json_types = (str,)
     expected = "string"
 
 
-class StrictRegexField(_JsonTyped, serializers.RegexField):
+class StrictRegexField(_LengthAsSent, _JsonTyped, serializers.RegexField):
     json_types = (str,)
     expected = "string"
 
