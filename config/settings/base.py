@@ -320,6 +320,11 @@ AUTH_PASSWORD_VALIDATORS = [
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
+# The customer's pages under /track/ speak the delivery's customerLanguage (else the browser's
+# Accept-Language) when it is one of these; the API, the console and the messages' own
+# templates do not use them (locale/: the .po and its compiled .mo, both committed).
+LANGUAGES = [("en", "English"), ("es", "Español")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
 USE_TZ = True
 
 STATIC_URL = "static/"

@@ -97,6 +97,35 @@ def test_a_bad_tracking_link_is_a_404_page(client, token):
 
 
 @pytest.mark.django_db
+def test_the_page_speaks_the_customers_language_else_the_browsers(client):
+    """The messages were in the delivery's customerLanguage and the page they link to in
+    English. Now the page, its script's words and the opt-out page follow it ("es-MX" reads
+    es); without one, or one the pages lack, the browser's Accept-Language; else English."""
+    delivery = delivery_in("ready")
+    delivery.customer_language = "es-MX"
+    delivery.save(update_fields=["customer_language"])
+    url = f"/track/{delivery.pk}?token={delivery.tracking_token}"
+
+    spanish = client.get(url, HTTP_ACCEPT_LANGUAGE="en")
+    html = spanish.content.decode()
+    assert spanish["Content-Language"] == "es" and '<html lang="es">' in html
+    assert "Tu pedido se está preparando" in html and "Preparación" in html and "conectando…" in html
+    page = json.loads(html.split('id="tracking-page" type="application/json">')[1].split("</script>")[0])
+    assert page["labels"]["delivered"] == "Entregado" and page["text"]["live"] == "en directo"
+    opt_out = client.get(f"/track/{delivery.pk}/opt-out?token={delivery.tracking_token}").content.decode()
+    assert "¿Dejar de recibir mensajes de entrega?" in opt_out and f"tu pedido de {delivery.store_name}" in opt_out
+
+    delivery.customer_language = "hi"  # (the messages have no Hindi page either: the browser's)
+    delivery.save(update_fields=["customer_language"])
+    assert "Your order is being prepared" in client.get(url).content.decode()
+    assert "Tu pedido se está preparando" in client.get(url, HTTP_ACCEPT_LANGUAGE="es-ES,es;q=0.9").content.decode()
+    wrong = client.get(f"/track/{delivery.pk}?token=wrong", HTTP_ACCEPT_LANGUAGE="es")
+    assert wrong.status_code == 404 and "Este enlace de seguimiento no es válido" in wrong.content.decode()
+    english = client.get(url, HTTP_ACCEPT_LANGUAGE="fr")
+    assert english["Content-Language"] == "en" and "Your order is being prepared" in english.content.decode()
+
+
+@pytest.mark.django_db
 def test_the_tracking_url_of_a_delivery_is_this_page(client):
     delivery = delivery_in("ready")
     path = delivery.tracking_url.removeprefix("http://127.0.0.1:8000")

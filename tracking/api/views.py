@@ -9,7 +9,8 @@ from datetime import datetime
 
 from django.conf import settings
 from django.shortcuts import render
-from django.utils import timezone
+from django.utils import timezone, translation
+from django.utils.translation import gettext_lazy as _
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_safe
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -199,14 +200,33 @@ class RatingView(_CustomerView):
 
 
 STATUS_LABELS = {
-    "pending": "Your order is being prepared",
-    "assigned": "A driver is on the way to the store",
-    "picked_up": "Your order has been picked up",
-    "in_transit": "Your order is on its way",
-    "delivered": "Delivered",
-    "failed": "The delivery could not be completed",
-    "cancelled": "This delivery was cancelled",
+    "pending": _("Your order is being prepared"),
+    "assigned": _("A driver is on the way to the store"),
+    "picked_up": _("Your order has been picked up"),
+    "in_transit": _("Your order is on its way"),
+    "delivered": _("Delivered"),
+    "failed": _("The delivery could not be completed"),
+    "cancelled": _("This delivery was cancelled"),
 }
+# What the page's script writes, in the page's language.
+PAGE_TEXT = {
+    "at": _("at"), "min": _("min"), "done": _("done"), "store": _("Store"), "you": _("You"), "live": _("live"),
+    "final": _("final"), "linkNotValid": _("link not valid"), "reconnecting": _("reconnecting…"),
+    "tooManyPages": _("too many open pages, retrying in a minute"), "ratingNotSent": _("Could not send the rating."),
+}
+
+
+def page_language(request, delivery=None) -> str:
+    """The language of a page under /track/: the delivery's `customerLanguage` (its messages'
+    language: "es-MX" reads es) when the pages have it, else the browser's Accept-Language,
+    else English."""
+    tag = (delivery.customer_language if delivery is not None else "").strip().lower()
+    if tag:
+        try:
+            return translation.get_supported_language_variant(tag)
+        except LookupError:
+            pass
+    return translation.get_language_from_request(request)
 
 
 def _clock(value: str | None) -> str:
@@ -221,6 +241,16 @@ def tracking_page(request, delivery_id):
     """`/track/<deliveryId>?token=`: the customer's page. Server-rendered status and ETA; the
     map and live updates need JavaScript (the socket) and the map a CDN, neither is required."""
     delivery = tracking.delivery_for_tracking_link(delivery_id=delivery_id, token=request.GET.get("token"))
+    language = page_language(request, delivery)
+    with translation.override(language):
+        response = _tracking_page(request, delivery)
+    response["Content-Language"] = language
+    for name, value in PRIVATE_HEADERS.items():
+        response[name] = value
+    return response
+
+
+def _tracking_page(request, delivery):
     if delivery is None:
         response = render(request, "track/not_found.html", status=404)
     else:
@@ -238,7 +268,8 @@ def tracking_page(request, delivery_id):
             "page": {
                 "deliveryId": str(delivery.pk),
                 "sellerOrderId": delivery.seller_order_id,
-                "labels": STATUS_LABELS,
+                "labels": {status: str(label) for status, label in STATUS_LABELS.items()},
+                "text": {name: str(text) for name, text in PAGE_TEXT.items()},
                 "pickup": point_json(delivery.pickup_location),
                 "dropoff": point_json(delivery.dropoff_location),
                 "tileUrl": settings.TRACKING_TILE_URL,
@@ -248,8 +279,6 @@ def tracking_page(request, delivery_id):
             "leaflet_url": settings.TRACKING_LEAFLET_URL.rstrip("/"),
         }
         response = render(request, "track/page.html", context)
-    for name, value in PRIVATE_HEADERS.items():
-        response[name] = value
     return response
 
 
@@ -261,15 +290,18 @@ def opt_out_page(request, delivery_id):
     confirm; POST does it (the page's button, or a mail client's one-click unsubscribe, RFC
     8058, from the e-mails' List-Unsubscribe header). Done again, it says so again."""
     delivery = tracking.delivery_for_tracking_link(delivery_id=delivery_id, token=request.GET.get("token"))
-    if delivery is None:
-        response = render(request, "track/not_found.html", status=404)
-    else:
-        done = request.method == "POST"
-        channels = delivery_customer_opt_out(delivery=delivery) if done else []
-        response = render(request, "track/opt_out.html", {
-            "done": done, "channels": channels, "store_name": delivery.store_name,
-            "has_contact": bool(delivery.customer_phone or delivery.customer_email),
-        })
+    language = page_language(request, delivery)
+    with translation.override(language):
+        if delivery is None:
+            response = render(request, "track/not_found.html", status=404)
+        else:
+            done = request.method == "POST"
+            channels = delivery_customer_opt_out(delivery=delivery) if done else []
+            response = render(request, "track/opt_out.html", {
+                "done": done, "channels": channels, "store_name": delivery.store_name,
+                "has_contact": bool(delivery.customer_phone or delivery.customer_email),
+            })
+    response["Content-Language"] = language
     for name, value in PRIVATE_HEADERS.items():
         response[name] = value
     return response
