@@ -287,3 +287,16 @@ def test_the_page_loads_leaflet_from_our_own_static_files(client, settings):
     assert "unpkg" not in page and "cdn" not in page.lower()
     for asset in ("leaflet.js", "leaflet.css", "images/marker-icon.png"):
         assert client.get(f"/static/leaflet/{asset}").status_code == 200, asset
+
+
+def test_the_committed_translations_are_compiled_from_their_po():
+    """Set-up compiles nothing (no gettext on a fresh machine): the .mo beside each .po must say
+    what the .po says, or an edit would not show."""
+    import gettext
+    import re
+
+    for po in Path(settings.BASE_DIR, "locale").glob("*/LC_MESSAGES/django.po"):
+        entries = dict(re.findall(r'^msgid "(.+)"\nmsgstr "(.*)"$', po.read_text(encoding="utf-8"), flags=re.M))
+        with open(po.with_suffix(".mo"), "rb") as mo:
+            compiled = gettext.GNUTranslations(mo)
+        assert entries and {msgid: compiled.gettext(msgid) for msgid in entries} == entries, po
