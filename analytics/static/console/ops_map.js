@@ -284,8 +284,13 @@
       counts();
     },
     delivery_status_changed(e) {
-      if (deliveries.has(e.deliveryId) || TERMINAL.includes(e.status)) {
-        upsertDelivery({ deliveryId: e.deliveryId, status: e.status, driverId: e.driverId, unassigned: e.status === "ready" && deliveries.get(e.deliveryId)?.data.unassigned });
+      // Two steps committed a few ms apart publish in either order: a change older than the one
+      // on the map is not applied (it painted a delivery in transit as picked up again).
+      const known = deliveries.get(e.deliveryId), at = micros(e.changedAt);
+      if (known && at !== null && micros(known.data.statusChangedAt) > at) return;
+      if (known || TERMINAL.includes(e.status)) {
+        upsertDelivery({ deliveryId: e.deliveryId, status: e.status, driverId: e.driverId, statusChangedAt: e.changedAt,
+          unassigned: e.status === "ready" && known?.data.unassigned });
       } else {
         scheduleReload();
       }
