@@ -2,6 +2,7 @@
 browser (headless Chromium) against a real ASGI server (uvicorn) started for the test."""
 import json
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -112,6 +113,13 @@ def test_the_page_speaks_the_customers_language_else_the_browsers(client):
     assert "Tu pedido se está preparando" in html and "Preparación" in html and "conectando…" in html
     page = json.loads(html.split('id="tracking-page" type="application/json">')[1].split("</script>")[0])
     assert page["labels"]["delivered"] == "Entregado" and page["text"]["live"] == "en directo"
+    assigned = delivery_in("assigned")  # (numbers as the script writes them: "12,98959, 77,59460" read as four)
+    assigned.customer_language = "es"
+    assigned.save(update_fields=["customer_language"])
+    html = client.get(f"/track/{assigned.pk}?token={assigned.tracking_token}").content.decode()
+    location = html.split('id="location">')[1].split("<time")[0]
+    assert re.fullmatch(r"-?\d+\.\d{5}, -?\d+\.\d{5} a las ", location), location
+    assert re.search(r'id="driver-rating">\d\.\d+<', html)
     opt_out = client.get(f"/track/{delivery.pk}/opt-out?token={delivery.tracking_token}").content.decode()
     assert "¿Dejar de recibir mensajes de entrega?" in opt_out and f"tu pedido de {delivery.store_name}" in opt_out
 
