@@ -49,12 +49,12 @@ def _json_type_name(value) -> str:
 class _LengthAsSent:
     """`max_length` of the string as sent, as the schema's `maxLength` says: DRF measured it
     after trimming the whitespace around it, and 255 letters with spaces around them passed a
-    field of at most 255."""
+    field of at most 255 (and 50 spaces, a blank, one of at most 5)."""
 
-    def to_internal_value(self, data):
+    def run_validation(self, data=serializers.empty):
         if self.max_length is not None and isinstance(data, str) and len(data) > self.max_length:
             self.fail("max_length", max_length=self.max_length)
-        return super().to_internal_value(data)
+        return super().run_validation(data)
 
 
 class StrictCharField(_LengthAsSent, _JsonTyped, serializers.CharField):

@@ -224,9 +224,10 @@ class IdempotencyMiddleware:
                         request, 409, "This Idempotency-Key was used with a different request."
                     )
                 if existing.status_code is None:
-                    return None, _retry_soon(error_response(
-                        request, 409, "A request with this Idempotency-Key is still being processed."
-                    ))
+                    running = error_response(request, 409, "A request with this Idempotency-Key is still being processed.")
+                    # (a claim older than any request runs was left by a process that died, or a
+                    # response that could not be stored: a retry in a second would not help)
+                    return None, _retry_soon(running) if existing.created_at >= now - CLAIM_RUNNING_SECONDS else running
                 body = unseal_response(bytes(existing.response_body or b""), caller=caller, key=key)
                 if body is None:
                     return None, error_response(
@@ -241,6 +242,11 @@ class IdempotencyMiddleware:
                 replay["Idempotent-Replayed"] = "true"
                 return None, replay
         return None, _retry_soon(error_response(request, 409, "This Idempotency-Key could not be claimed; retry."))
+
+
+# How long a claimed key's first request may still be running (web statement timeout 30 s, plus
+# its Python): a retry of one claimed more recently is told to come back in a second.
+CLAIM_RUNNING_SECONDS = timedelta(seconds=60)
 
 
 def _retry_soon(response):

@@ -35,6 +35,9 @@ API_REQUESTS_ABANDONED = Counter(
     "api_requests_abandoned_total", "Token-authenticated API requests whose client left while they waited for a turn, by lane",
     ["lane"],
 )
+for _lane in ("api", "upload"):  # (exported from the start, at 0, as they were before the label)
+    API_REQUEST_WAIT.labels(_lane)
+    API_REQUESTS_ABANDONED.labels(_lane)
 
 # Live socket events not sent (common/broadcast.py), one per event and group: Redis known to
 # be unavailable (the breaker open), too many sends already running late (`MAX_LATE_SENDS`), or

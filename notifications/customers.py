@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import uuid
 from datetime import datetime, timedelta
 from email.utils import make_msgid
 
@@ -143,24 +144,39 @@ SMS_UNDELIVERED = frozenset({"failed", "undelivered"})
 
 
 @transaction.atomic
-def sms_status_reported(*, provider_id: str, status: str, error_code: str = "") -> str | None:
-    """Twilio's status callback for one of our SMS (by its `sid`): one that did not reach the
-    phone is `failed`, with the provider's words; refused as the number had replied STOP (21610,
-    reported this way with a Messaging Service) it is `skipped` and the number recorded, as
-    when the send itself is refused. Only a message recorded `sent` changes (a late or repeated
-    report changes nothing). Its new status, or None."""
-    message = (CustomerMessage.objects.select_for_update()
-               .filter(channel=Channel.SMS, provider_id=provider_id, status=St.SENT).first()) if provider_id else None
-    if message is None:
-        return None
-    if error_code == str(TWILIO_UNSUBSCRIBED):
-        customer_opt_out(channel=Channel.SMS, recipient=message.recipient, source=OptOutSource.PROVIDER)
+def sms_status_reported(*, message_id: str = "", provider_id: str, status: str, error_code: str = "") -> str | None:
+    """Twilio's status callback for one of our SMS (by our id in the callback's URL, else by its
+    `sid`): one that did not reach the phone is `failed`, with the provider's words; refused as
+    the number had replied STOP (21610, reported this way with a Messaging Service) it is
+    `skipped` and the number recorded, as when the send itself is refused. Only a message
+    recorded `sent`, or still `sending` (the report came before the provider's answer was
+    written), changes: a late or repeated report changes nothing. Its new status, or None."""
+    unsubscribed = error_code == str(TWILIO_UNSUBSCRIBED)
+    if not (unsubscribed or status in SMS_UNDELIVERED):
+        return None  # (on its way, sent, delivered: nothing to record)
+    if unsubscribed:
         new, error = St.SKIPPED, f"{OPTED_OUT} (at the SMS provider: {status}, error {error_code})"
-    elif status in SMS_UNDELIVERED:
+    else:
         new, error = St.FAILED, f"the SMS provider reported it {status}" + (f" (error {error_code})" if error_code else "")
+    messages = CustomerMessage.objects.filter(channel=Channel.SMS, status__in=(St.SENT, St.SENDING))
+    if message_id:
+        try:
+            messages = messages.filter(pk=uuid.UUID(message_id))
+        except ValueError:
+            return None
+    elif provider_id:
+        messages = messages.filter(provider_id=provider_id)
     else:
         return None
-    CustomerMessage.objects.filter(pk=message.pk).update(status=new, error=error[:500])
+    message = messages.select_for_update().first()
+    if message is None:
+        return None
+    if unsubscribed:
+        customer_opt_out(channel=Channel.SMS, recipient=message.recipient, source=OptOutSource.PROVIDER)
+    # (a message still `sending` gets its provider's id from the report: the sender's own
+    # finish, which changes only a `sending` row, then changes nothing)
+    CustomerMessage.objects.filter(pk=message.pk).update(
+        status=new, error=error[:500], provider_id=(message.provider_id or provider_id)[:200])
     return new
 
 
@@ -361,7 +377,7 @@ def customer_message_send(*, message_id) -> int:
         return 0
     try:
         if message.channel == Channel.SMS:
-            provider_id = get_sms_backend().send(to=message.recipient, body=body)
+            provider_id = get_sms_backend().send(to=message.recipient, body=body, message_id=str(message.pk))
         else:
             provider_id = _email_send(email, provider_id)
     except SmsRecipientOptedOut as exc:  # (the number replied STOP to the provider)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+import idna
 from django.conf import settings
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,10 @@ def url_check(url: str) -> tuple[str, str, int, str]:
         raise TargetRefused("Only http and https URLs are allowed.")
     if "@" in parts.netloc:  # (an empty user or password too: `http://@host/`)
         raise TargetRefused("URLs with credentials are not allowed.")
-    if _UNSENDABLE.search(url) or not (parts.path + parts.query + parts.fragment).isascii():
+    if _UNSENDABLE.search(url) or not (parts.path + parts.query).isascii():
         # (http.client refuses control characters, the URL parser drops tabs and newlines,
         # a space ends the request target: the request went elsewhere or nowhere, for a day)
-        raise TargetRefused("The URL may not contain spaces, control characters or non-ASCII characters in its path, query or fragment; percent-encode them.")
+        raise TargetRefused("The URL may not contain spaces, control characters or non-ASCII characters in its path; percent-encode them.")
     host = parts.hostname
     if not host:
         raise TargetRefused("The URL has no host.")
@@ -118,10 +119,7 @@ def url_check(url: str) -> tuple[str, str, int, str]:
         raise TargetRefused("Port 0 is not a port to send to.")
     bare = host[:-1] if host.endswith(".") else host
     if not bare.isascii() and ":" not in bare:
-        try:  # as a resolver reads it: IDNA, full-width digits and letters folded (NFKC)
-            bare = bare.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise TargetRefused(f"{host!r} is not a valid host name.") from None
+        bare = _ascii_host(bare)  # (as a resolver reads it)
     literal = _host_literal(bare)
     if literal is None and not _host_name_ok(bare):
         raise TargetRefused(f"{host!r} is not a valid host name.")
@@ -136,16 +134,23 @@ def url_check(url: str) -> tuple[str, str, int, str]:
     return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), path
 
 
+def _ascii_host(host: str) -> str:
+    """A host name in ASCII form as browsers and resolvers make it (IDNA 2008 with UTS 46:
+    full-width letters and digits folded, `faß.de` is xn--fa-hia.de, not fass.de as Python's
+    IDNA 2003 codec made it), or TargetRefused."""
+    try:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        raise TargetRefused(f"{host!r} is not a valid host name.") from None
+
+
 def ascii_host_url(url: str) -> str:
-    """`url` with its host name in ASCII (IDNA) form, as url_check reads it; the rest as given.
+    """`url` with its host name in ASCII form, as url_check reads it; the rest as given.
     TargetRefused if the name has none."""
     parts = urlsplit(url)
     if parts.netloc.isascii():
         return url
-    try:
-        host = parts.hostname.encode("idna").decode("ascii")
-    except (UnicodeError, AttributeError):
-        raise TargetRefused(f"{parts.hostname!r} is not a valid host name.") from None
+    host = _ascii_host(parts.hostname or "")
     return urlunsplit(parts._replace(netloc=host if parts.port is None else f"{host}:{parts.port}"))
 
 

@@ -202,6 +202,8 @@ class CustomerMessage(models.Model):
         ]
         indexes = [
             models.Index(fields=["next_attempt_at"], name="customer_message_due_idx", condition=Q(status="pending")),
+            # (a provider's status report names the message by its id: notifications.api.twilio)
+            models.Index(fields=["provider_id"], name="customer_message_provider_idx", condition=~Q(provider_id="")),
         ]
 
     def __str__(self) -> str:

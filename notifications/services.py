@@ -89,6 +89,8 @@ def endpoint_url_clean(url: str) -> str:
         url = ascii_host_url(url)
     except TargetRefused as exc:
         raise InvalidInput({"url": [str(exc)]}) from exc
+    if not url.isascii():  # (a fragment: never sent, but shown back, and a URI is ASCII)
+        raise InvalidInput({"url": ["The URL may not contain non-ASCII characters; percent-encode them."]})
     if len(url) > WebhookEndpoint._meta.get_field("url").max_length:
         raise InvalidInput({"url": [f"Ensure this field has no more than {WebhookEndpoint._meta.get_field('url').max_length} characters "
                                     "(its host name in ASCII form)."]})

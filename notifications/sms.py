@@ -1,6 +1,6 @@
 """SMS providers behind one small interface, chosen by `CUSTOMER_SMS_BACKEND`.
 
-`send(to=E.164, body=…)` returns the provider's message id, or raises `SmsNotSent` (the
+`send(to=E.164, body=…, message_id=our CustomerMessage id)` returns the provider's message id, or raises `SmsNotSent` (the
 provider refused it, or we could not reach it: nothing was sent, it may be retried when
 `retry` is true) or `SmsOutcomeUnknown` (it may have been sent: never retried, so a customer
 gets a message at most once)."""
@@ -49,7 +49,7 @@ TWILIO_UNSUBSCRIBED = 21610
 class ConsoleSmsBackend:
     """Development: the message goes to the log."""
 
-    def send(self, *, to: str, body: str) -> str:
+    def send(self, *, to: str, body: str, message_id: str = "") -> str:
         message_id = f"console-{uuid.uuid4().hex[:12]}"
         logger.info("sms %s to %s: %r", message_id, to, body)  # repr: one log line whatever the body holds
         return message_id
@@ -61,14 +61,17 @@ class TwilioSmsBackend:
     token) answers 201 with the message resource (`sid`), or an error object `{code, message,
     status}`. `TWILIO_API_BASE` points elsewhere for tests (a local server answering alike)."""
 
-    def send(self, *, to: str, body: str) -> str:
+    def send(self, *, to: str, body: str, message_id: str = "") -> str:
         sid, token = settings.TWILIO_ACCOUNT_SID, settings.TWILIO_AUTH_TOKEN
         if not (sid and token and settings.TWILIO_FROM_NUMBER):
             raise SmsNotSent("Twilio is not configured (TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, TWILIO_FROM_NUMBER)", retry=False)
         url = f"{settings.TWILIO_API_BASE.rstrip('/')}/2010-04-01/Accounts/{sid}/Messages.json"
         fields = {"To": to, "From": settings.TWILIO_FROM_NUMBER, "Body": body}
         if settings.TWILIO_WEBHOOK_BASE_URL:  # (Twilio reports the message's fate there: notifications.api.twilio)
-            fields["StatusCallback"] = settings.TWILIO_WEBHOOK_BASE_URL.rstrip("/") + reverse("twilio-sms-status")
+            # (our id in the URL, which the signature covers: a report may come before the
+            # provider's id is written, and finds the message by it)
+            fields["StatusCallback"] = settings.TWILIO_WEBHOOK_BASE_URL.rstrip("/") + reverse("twilio-sms-status") + (
+                f"?message={message_id}" if message_id else "")
         form = urlencode(fields).encode()
         auth = base64.b64encode(f"{sid}:{token}".encode()).decode()
         result = post_json(url, form, {
@@ -105,7 +108,7 @@ def twilio_request_signed(token: str, url: str, params: Iterable[tuple[str, list
     """Whether `signature` is Twilio's for this request. The URL as called, and with its
     default port added or taken away (Twilio's own libraries accept both: a proxy may show
     either)."""
-    if not token or not signature:
+    if not token or not signature or not signature.isascii():  # (compare_digest refuses other str: a 500)
         return False
     params = [(name, list(values)) for name, values in params]
     return any(hmac.compare_digest(twilio_signature(token, candidate, params), signature) for candidate in _with_and_without_port(url))

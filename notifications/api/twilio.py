@@ -31,6 +31,8 @@ def _refused(request) -> HttpResponse | None:
         response = error_response(request, 405, f'Method "{request.method}" not allowed.')
         response["Allow"] = "POST"
         return response
+    if request.content_type != "application/x-www-form-urlencoded":
+        return error_response(request, 415, "Twilio posts application/x-www-form-urlencoded.")
     base = settings.TWILIO_WEBHOOK_BASE_URL.rstrip("/")
     url = base + request.get_full_path() if base else request.build_absolute_uri()
     if not twilio_request_signed(settings.TWILIO_AUTH_TOKEN, url, request.POST.lists(), request.headers.get("X-Twilio-Signature", "")):
@@ -57,6 +59,6 @@ def twilio_status(request):
     refused = _refused(request)
     if refused is not None:
         return refused
-    sms_status_reported(provider_id=_field(request, "MessageSid"), status=_field(request, "MessageStatus"),
-                        error_code=_field(request, "ErrorCode"))
+    sms_status_reported(message_id=request.GET.get("message", ""), provider_id=_field(request, "MessageSid"),
+                        status=_field(request, "MessageStatus"), error_code=_field(request, "ErrorCode"))
     return HttpResponse(status=204)

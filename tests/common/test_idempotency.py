@@ -57,6 +57,12 @@ def test_a_retry_while_the_first_request_runs_is_told_when_to_try_again(integrat
     assert body["message"] == "A request with this Idempotency-Key is still being processed."
     assert r["Retry-After"] == "1"
     assert deliveries_of(integration_user).count() == 1
+
+    # a claim older than any request runs was left by a process that died: no "retry in a second"
+    IdempotencyRecord.objects.filter(key="create-running").update(created_at=timezone.now() - timedelta(minutes=2))
+    stale = post_delivery(integration, key="create-running")
+    assert assert_error_body(stale, 409, path="/v2/deliveries")["message"] == body["message"]
+    assert "Retry-After" not in stale
     assert list(deliveries_of(integration_user).values_list("seller_order_id", flat=True)) == ["ORD-CONV-1"]
 
 

@@ -3,7 +3,7 @@ STOP opts the number out and START opts it back in (the incoming-message webhook
 the status callback reports undelivered is marked so, and 21610 there records the opt-out."""
 from __future__ import annotations
 
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import pytest
 from django.test import Client
@@ -19,6 +19,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 PHONE = "+14155552671"
 INBOUND, STATUS = "/hooks/twilio/inbound", "/hooks/twilio/status"
+FORM = "application/x-www-form-urlencoded"  # (as Twilio posts)
 
 
 def _post(path: str, fields: dict, *, token: str = "secret-token", url: str | None = None, signature: str | None = None):
@@ -27,7 +28,7 @@ def _post(path: str, fields: dict, *, token: str = "secret-token", url: str | No
     url = url or f"http://testserver{path}"
     if signature is None:
         signature = twilio_signature(token, url, [(name, [value]) for name, value in fields.items()])
-    return Client(enforce_csrf_checks=True).post(path, fields, HTTP_X_TWILIO_SIGNATURE=signature)
+    return Client(enforce_csrf_checks=True).post(path, urlencode(fields), content_type=FORM, HTTP_X_TWILIO_SIGNATURE=signature)
 
 
 def _reply(body: str, **extra):
@@ -96,12 +97,18 @@ def test_a_request_not_signed_by_twilio_is_refused_and_changes_nothing(twilio, s
         _post(INBOUND, fields, signature=""),
         _post(INBOUND, fields, token="another-token"),
         _post(INBOUND, fields, url="http://testserver/hooks/twilio/other"),
-        Client().post(INBOUND, {**fields, "Body": "START"}, HTTP_X_TWILIO_SIGNATURE=twilio_signature(
+        Client().post(INBOUND, urlencode({**fields, "Body": "START"}), content_type=FORM, HTTP_X_TWILIO_SIGNATURE=twilio_signature(
             "secret-token", "http://testserver" + INBOUND, [(k, [v]) for k, v in fields.items()])),  # (signed for other fields)
         _post(STATUS, {"MessageSid": "SM1", "MessageStatus": "failed", "ErrorCode": "21610"}, signature="x"),
     ):
         assert response.status_code == 403
         assert response.json()["statusCode"] == 403 and "Twilio" in response.json()["message"]
+    assert not CustomerOptOut.objects.exists()
+
+    odd = _post(INBOUND, fields, signature="é" + "A" * 27)  # (not ASCII: compare_digest raised, a 500)
+    assert odd.status_code == 403
+    as_json = Client().post(INBOUND, fields, content_type="application/json", HTTP_X_TWILIO_SIGNATURE="x")
+    assert as_json.status_code == 415 and as_json.json()["statusCode"] == 415
     assert not CustomerOptOut.objects.exists()
 
     wrong = Client().get(INBOUND)
@@ -121,8 +128,30 @@ def test_the_signature_is_checked_against_the_public_url_when_one_is_set(twilio,
     assert CustomerOptOut.objects.filter(recipient=PHONE).exists()
 
     CustomerOptOut.objects.all().delete()
-    _assigned_delivery()
-    assert _form(twilio.requests[0])["StatusCallback"] == "https://dispatch.example.com" + STATUS
+    message = CustomerMessage.objects.get(delivery=_assigned_delivery())
+    assert _form(twilio.requests[0])["StatusCallback"] == f"https://dispatch.example.com{STATUS}?message={message.pk}"
+
+
+def test_a_report_that_comes_before_the_senders_answer_is_written_finds_its_message(twilio, settings):
+    """Twilio may report a failure (21610 through a Messaging Service) before our sender has
+    written the provider's id: by the id in the callback's URL the report finds the message, and
+    the sender's own finish, which changes only a message still being sent, then changes nothing."""
+    settings.TWILIO_WEBHOOK_BASE_URL = "https://dispatch.example.com"
+    reported = {}
+
+    def report_first(received):
+        from tests.notifications.receiver import Answer
+
+        callback = _form(received)["StatusCallback"]
+        path = callback.removeprefix("https://dispatch.example.com")
+        reported["response"] = _post(path, {"MessageSid": "SM9", "MessageStatus": "failed", "ErrorCode": "21610"}, url=callback)
+        return Answer(201, {"Content-Type": "application/json"}, b'{"sid": "SM9", "status": "queued"}')
+
+    twilio.responder = report_first
+    message = CustomerMessage.objects.get(delivery=_assigned_delivery())
+    assert reported["response"].status_code == 204
+    assert (message.status, message.provider_id) == ("skipped", "SM9") and "21610" in message.error
+    assert CustomerOptOut.objects.get().source == "provider"
 
 
 def test_the_status_callback_marks_undelivered_messages_and_records_21610(twilio):

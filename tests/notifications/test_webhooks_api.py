@@ -355,6 +355,9 @@ def test_a_host_name_in_another_script_is_kept_in_its_ascii_form_a_uri(db, setti
     assert client.get(f"/v2/webhooks/{made.json()['id']}").json()["url"] == "https://xn--exmple-cua.example:8443/h?q=1"
     changed = client.patch(f"/v2/webhooks/{made.json()['id']}", {"url": "http://ＢÜＣＨＥＲ.example./"}, format="json")
     assert changed.status_code == 200 and changed.json()["url"] == "http://xn--bcher-kva.example./"
+    # as browsers and resolvers read it (IDNA 2008, UTS 46), not as Python's IDNA 2003 codec: fass.de
+    german = client.patch(f"/v2/webhooks/{made.json()['id']}", {"url": "https://faß.example/"}, format="json")
+    assert german.status_code == 200 and german.json()["url"] == "https://xn--fa-hia.example/"
 
     fragment = client.post("/v2/webhooks", {"url": "https://example.com/h#é", "events": ["*"]}, format="json")
     assert "url" in assert_error(fragment, 400)["details"]

@@ -308,3 +308,20 @@ def test_the_committed_translations_are_compiled_from_their_po():
         with open(po.with_suffix(".mo"), "rb") as mo:
             compiled = gettext.GNUTranslations(mo)
         assert entries and {msgid: compiled.gettext(msgid) for msgid in entries} == entries, po
+
+
+def test_every_word_of_the_pages_has_its_translation():
+    """A msgid that differs from the template's by one character shows English, silently."""
+    import re
+
+    root = Path(settings.BASE_DIR)
+    wanted = set()
+    for template in (root / "templates" / "track").glob("*.html"):
+        text = template.read_text(encoding="utf-8")
+        wanted |= set(re.findall(r'{% translate "([^"]+)" %}', text))
+        for block in re.findall(r"{% blocktranslate trimmed %}(.*?){% endblocktranslate %}", text, flags=re.S):
+            wanted.add(re.sub(r"{{ (\w+) }}", r"%(\1)s", " ".join(block.split())))
+    wanted |= set(re.findall(r'\b_\("([^"]+)"\)', (root / "tracking" / "api" / "views.py").read_text(encoding="utf-8")))
+    for po in (root / "locale").glob("*/LC_MESSAGES/django.po"):
+        translated = dict(re.findall(r'^msgid "(.+)"\nmsgstr "(.+)"$', po.read_text(encoding="utf-8"), flags=re.M))
+        assert len(wanted) > 40 and wanted <= set(translated), sorted(wanted - set(translated))
