@@ -119,7 +119,7 @@ def url_check(url: str) -> tuple[str, str, int, str]:
         raise TargetRefused("Port 0 is not a port to send to.")
     bare = host[:-1] if host.endswith(".") else host
     if not bare.isascii() and ":" not in bare:
-        bare = _ascii_host(bare)  # (as a resolver reads it)
+        bare = _ascii_host(bare, legacy=True)  # (as a resolver reads it)
     literal = _host_literal(bare)
     if literal is None and not _host_name_ok(bare):
         raise TargetRefused(f"{host!r} is not a valid host name.")
@@ -134,13 +134,20 @@ def url_check(url: str) -> tuple[str, str, int, str]:
     return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), path
 
 
-def _ascii_host(host: str) -> str:
+def _ascii_host(host: str, *, legacy: bool = False) -> str:
     """A host name in ASCII form as browsers and resolvers make it (IDNA 2008 with UTS 46:
     full-width letters and digits folded, `faß.de` is xn--fa-hia.de, not fass.de as Python's
-    IDNA 2003 codec made it), or TargetRefused."""
+    IDNA 2003 codec made it), or TargetRefused. `legacy`: a name IDNA 2008 refuses (a symbol,
+    `☃.net`) but IDNA 2003 took is taken as that did (endpoints stored before it still send;
+    a new URL must pass IDNA 2008: endpoint_url_clean)."""
     try:
         return idna.encode(host, uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError):
+        if legacy:
+            try:
+                return host.encode("idna").decode("ascii")
+            except UnicodeError:
+                pass
         raise TargetRefused(f"{host!r} is not a valid host name.") from None
 
 

@@ -358,6 +358,11 @@ def test_a_host_name_in_another_script_is_kept_in_its_ascii_form_a_uri(db, setti
     # as browsers and resolvers read it (IDNA 2008, UTS 46), not as Python's IDNA 2003 codec: fass.de
     german = client.patch(f"/v2/webhooks/{made.json()['id']}", {"url": "https://faß.example/"}, format="json")
     assert german.status_code == 200 and german.json()["url"] == "https://xn--fa-hia.example/"
+    # a symbol IDNA 2008 refuses: not a new URL; one stored before still sends as it did
+    assert "url" in assert_error(client.post("/v2/webhooks", {"url": "https://☃.example/h", "events": ["*"]}, format="json"), 400)["details"]
+    from notifications.egress import url_check
+
+    assert url_check("https://☃.example/h")[1] == "☃.example"
 
     fragment = client.post("/v2/webhooks", {"url": "https://example.com/h#é", "events": ["*"]}, format="json")
     assert "url" in assert_error(fragment, 400)["details"]
