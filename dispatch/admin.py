@@ -18,7 +18,7 @@ from availability.live import positions_of
 from availability.models import Driver
 from common.actors import Actor
 from common.admin import (
-    ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, LiveListMixin, ReadOnlyInline, run_for_each,
+    ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, LiveListMixin, ReadOnlyInline, recent_filter, run_for_each,
 )
 from common.admin_confirm import confirm_then
 from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
@@ -251,7 +251,7 @@ class DeliveryAdmin(LiveListMixin, ConsoleExportMixin, ChangedFieldsOnlyAdmin):
     live_events = ("delivery_created", "delivery_status_changed", "delivery_cancelled")
     resource_classes = [DeliveryExport]
     list_display = ("seller_order_id", "store_name", "status", "zone", "created_by", "ready_at", "assigned_at", "delivered_at")
-    list_filter = ("status", LateFilter, GeofenceOverrideFilter, "zone")
+    list_filter = ("status", LateFilter, recent_filter("assigned_at", "assigned"), GeofenceOverrideFilter, "zone")
     search_fields = ("seller_order_id", "store_name", "customer_name", "id")
     list_select_related = ("created_by", "zone")
     date_hierarchy = "created_at"

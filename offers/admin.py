@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from common.actors import Actor
-from common.admin import ChangedFieldsOnlyAdmin
+from common.admin import ChangedFieldsOnlyAdmin, recent_filter
 from common.admin_confirm import too_many
 from offers.models import DriverOffer
 from workflows.offers import offer_expire
@@ -30,7 +30,7 @@ class OfferInline(admin.TabularInline):
 @admin.register(DriverOffer)
 class DriverOfferAdmin(ChangedFieldsOnlyAdmin):
     list_display = ("id", "delivery", "driver", "status", "created_at", "expires_at", "driver_response_time_ms")
-    list_filter = ("status", "notification_method")
+    list_filter = ("status", recent_filter("created_at", "created"), "notification_method")
     search_fields = ("delivery__seller_order_id", "driver__name", "id")
     list_select_related = ("delivery", "driver")
     date_hierarchy = "created_at"

@@ -1,7 +1,4 @@
 """The admin index's KPI tiles (templates/admin/index.html): `{% ops_kpis as kpis %}`."""
-from datetime import timedelta
-from urllib.parse import quote
-
 from django import template
 from django.conf import settings
 from django.urls import reverse
@@ -20,8 +17,6 @@ def ops_kpis():
     drivers = reverse("admin:availability_driver_changelist")
     tickets = reverse("admin:escalation_supportticket_changelist")
     offers = reverse("admin:offers_driveroffer_changelist")
-    # with its offset (a naive time would be read as UTC), URL-quoted (the "+")
-    hour_ago = quote(timezone.localtime(now - timedelta(hours=1)).isoformat(timespec="seconds"))
     return {
         "now": now,
         "tz": settings.OPS_TIME_ZONE,
@@ -38,8 +33,10 @@ def ops_kpis():
         "zones_url": reverse("admin:zones_deliveryzone_changelist"),
         "zones_below_url": reverse("admin:zones_deliveryzone_changelist") + "?staffing=below",
         "offers_url": f"{offers}?status__exact=PENDING",
-        "answered_url": f"{offers}?created_at__gte={hour_ago}",
-        "assigned_url": reverse("admin:dispatch_delivery_changelist") + f"?assigned_at__gte={hour_ago}",
+        # (relative: the list counts back from when it is opened, and the link is the same each
+        # second, so a live refresh leaves the tile alone)
+        "answered_url": f"{offers}?created_within=1h",
+        "assigned_url": reverse("admin:dispatch_delivery_changelist") + "?assigned_within=1h",
         "tickets": [
             (priority, n, f"{tickets}?active=yes&priority__exact={priority}") for priority, n in k.tickets_by_priority.items()
         ],

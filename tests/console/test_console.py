@@ -240,6 +240,52 @@ def test_the_admin_index_shows_the_kpi_tiles_with_links_to_their_lists(admin_cli
         assert admin_client.get(link).status_code == 200, link
 
 
+def test_the_dashboard_tiles_read_the_same_a_few_seconds_later_when_nothing_changed(admin_client):
+    """The live refresh swaps in the tiles whose HTML changed. The last hour's links carried the
+    time they were rendered (`?created_at__gte=<an hour ago, to the second>`), so every refresh
+    replaced those tiles under the pointer (and a browser test holding one went stale)."""
+    import re
+
+    import time_machine
+
+    DeliveryFactory()
+
+    def tiles():
+        page = admin_client.get("/admin/").content.decode()
+        return re.search(r'<div id="ops-kpis">.*?\n</div>', page, re.S).group(0)
+
+    with time_machine.travel(timezone.now(), tick=False) as clock:
+        first = tiles()
+        clock.shift(timedelta(seconds=7))
+        assert tiles() == first
+    assert "/admin/offers/driveroffer/?created_within=1h" in first
+    assert "/admin/dispatch/delivery/?assigned_within=1h" in first
+
+
+def test_the_last_hour_filters_count_back_from_when_the_list_is_opened(admin_client):
+    now = timezone.now()
+    recent, old = OfferFactory(), OfferFactory()
+    DriverOffer.objects.filter(pk=recent.pk).update(created_at=now - timedelta(minutes=50))
+    DriverOffer.objects.filter(pk=old.pk).update(created_at=now - timedelta(minutes=70))
+    just, earlier = DeliveryFactory(seller_order_id="ORD-JUST"), DeliveryFactory(seller_order_id="ORD-EARLIER")
+    Delivery.objects.filter(pk=just.pk).update(assigned_at=now - timedelta(minutes=59))
+    Delivery.objects.filter(pk=earlier.pk).update(assigned_at=now - timedelta(hours=3))
+
+    def ids(url):
+        response = admin_client.get(url)
+        assert response.status_code == 200, url
+        return {obj.pk for obj in response.context["cl"].result_list}
+
+    assert ids("/admin/offers/driveroffer/?created_within=1h") == {recent.pk}
+    assert ids("/admin/offers/driveroffer/?created_within=24h") == {recent.pk, old.pk}
+    assert ids("/admin/dispatch/delivery/?assigned_within=1h") == {just.pk}
+    assert ids("/admin/dispatch/delivery/?assigned_within=24h") == {just.pk, earlier.pk}
+    everything = set(Delivery.objects.values_list("pk", flat=True))  # (the offers' deliveries too)
+    assert ids("/admin/dispatch/delivery/?assigned_within=zzz") == everything  # (a tampered value: the whole list)
+    page = admin_client.get("/admin/dispatch/delivery/").content.decode()
+    assert "By assigned" in page and "In the last hour" in page
+
+
 # ------------------------------------------------------------------------------ actions that ask first
 
 
