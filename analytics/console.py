@@ -63,7 +63,8 @@ def live_map_state(*, now: datetime) -> dict:
     open_deliveries = list(
         Delivery.objects.filter(status__in=OPEN_DELIVERY_STATUSES)
         .order_by("created_at", "pk")
-        .values("pk", "seller_order_id", "store_name", "status", "zone_id", "pickup_location", "dropoff_location", "ready_at")
+        .values("pk", "seller_order_id", "store_name", "status", "zone_id", "pickup_location", "dropoff_location", "ready_at",
+                "updated_at")
         [:LIVE_MAP_MAX_DELIVERIES + 1]
     )
     deliveries_truncated = len(open_deliveries) > LIVE_MAP_MAX_DELIVERIES
@@ -83,6 +84,10 @@ def live_map_state(*, now: datetime) -> dict:
         "driverId": str(drivers_of[d["pk"]]) if d["pk"] in drivers_of else None,
         "unassigned": d["pk"] in levels, "escalationLevel": levels.get(d["pk"]),
         "readyAt": iso(d["ready_at"]),
+        # Every status change stamps its time (`changedAt`) at or before the row's updated_at,
+        # and one written later is stamped at or after it (workflows: `locked_now`): an event
+        # with an older `changedAt` is already in this state.
+        "updatedAt": iso(d["updated_at"]),
     } for d in open_deliveries]
 
     zone_rows = [{

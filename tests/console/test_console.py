@@ -165,6 +165,7 @@ def test_the_live_map_state_has_drivers_open_deliveries_with_escalation_and_zone
     assert set(deliveries) == {str(assigned.pk), str(stranded.pk)}  # open ones only
     assert deliveries[str(assigned.pk)]["driverId"] == str(busy.pk) and not deliveries[str(assigned.pk)]["unassigned"]
     assert deliveries[str(stranded.pk)]["unassigned"] and deliveries[str(stranded.pk)]["escalationLevel"] == 2
+    assert deliveries[str(assigned.pk)]["updatedAt"] == iso(Delivery.objects.get(pk=assigned.pk).updated_at)
     (centre,) = state["zones"]
     assert centre["health"] == "poor" and centre["belowMinimum"] and len(centre["polygon"]) == 5
     assert centre["polygon"][0] == [12.93, 77.55]  # [lat, lon], as Leaflet takes them

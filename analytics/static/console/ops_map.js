@@ -257,7 +257,15 @@
     state.drivers.forEach(upsertDriver);
     const open = new Set(state.deliveries.map((d) => d.deliveryId));
     Array.from(deliveries.keys()).filter((id) => !open.has(id)).forEach(removeDelivery);
-    state.deliveries.forEach(upsertDelivery);
+    state.deliveries.forEach((d) => {
+      // The row's updatedAt: a status change stamped before it is in this state (and an event
+      // applied since the state was read, newer than it, is kept).
+      const known = deliveries.get(d.deliveryId), row = Object.assign({}, d, { statusChangedAt: d.updatedAt });
+      if (known && micros(known.data.statusChangedAt) > micros(d.updatedAt)) {
+        delete row.status; delete row.driverId; delete row.statusChangedAt;
+      }
+      upsertDelivery(row);
+    });
     truncated = state.truncated || {};
     root.dataset.truncated = Object.values(truncated).some(Boolean) ? "true" : "false";
     counts();
