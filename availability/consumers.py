@@ -52,15 +52,16 @@ SNAPSHOT_ON = ("1", "true", "yes")
 
 
 class DriverConsumer(RelayConsumer):
-    """`/ws/drivers/<driverId>/?token=<apiToken>`: that driver's offers and availability, and
-    a delivery taken away from them (`assignment_cancelled`).
+    """`/ws/drivers/<driverId>/?token=<apiToken>`: that driver's offers and availability, a
+    delivery taken away from them (`assignment_cancelled`) and what the customer of a delivery
+    they have texted back (`customer_replied`).
 
     With `&snapshot=1` the first message is an `availability_snapshot` (the state, the
     offers still pending and the deliveries held: an app back from a dropped connection finds there what it missed).
     Without it, only the SPEC's events: a client that took the first message after an offer
     for its `offer_created` read the snapshot instead."""
 
-    relays = frozenset(availability_events.EVENT_TYPES + offer_events.EVENT_TYPES) | {"assignment_cancelled"}
+    relays = frozenset(availability_events.EVENT_TYPES + offer_events.EVENT_TYPES) | {"assignment_cancelled", "customer_replied"}
 
     async def connect(self):
         user = self.scope.get("user")

@@ -30,7 +30,7 @@ CONSOLE_MODELS: dict[str, dict[str, tuple[str, ...]]] = {
     "analytics": {"driverperformance": (), "deliverycost": (), "deliveryrevenue": ()},
     # webhooks (switch on/off, replay; docs/notifications.md "Ops console") and customer messages
     "notifications": {"webhookendpoint": ("change",), "webhookmessage": ("change",), "webhookattempt": (),
-                      "outboxevent": (), "customermessage": (),
+                      "outboxevent": (), "customermessage": (), "customerreply": (),
                       # a customer who asked by phone for no more messages (removing one, when it asks
                       # to be messaged again, is a superuser's: a Dispatcher deletes nothing)
                       "customeroptout": ("add",)},

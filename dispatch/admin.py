@@ -23,7 +23,7 @@ from common.admin import (
 from common.admin_confirm import confirm_then
 from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
 from dispatch.proofs import proof_signed_path
-from notifications.admin import CustomerMessageInline
+from notifications.admin import CustomerMessageInline, CustomerReplyInline
 from offers.admin import OfferInline
 from workflows import deliveries
 from workflows.dispatching import delivery_dispatch
@@ -255,7 +255,8 @@ class DeliveryAdmin(LiveListMixin, ConsoleExportMixin, ChangedFieldsOnlyAdmin):
     search_fields = ("seller_order_id", "store_name", "customer_name", "id")
     list_select_related = ("created_by", "zone")
     date_hierarchy = "created_at"
-    inlines = [OfferInline, AssignmentInline, ProofInline, CostInline, RevenueInline, CustomerMessageInline]
+    inlines = [OfferInline, AssignmentInline, ProofInline, CostInline, RevenueInline, CustomerMessageInline,
+               CustomerReplyInline]
     actions = ["dispatch_now", "assign_to_driver", "reassign_deliveries", "cancel_deliveries"]
 
     change_form_template = "admin/dispatch/delivery/change_form.html"

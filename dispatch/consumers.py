@@ -7,6 +7,7 @@ from common.consumers import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED, RelayConsum
 from common.roles import is_ops
 from dispatch import events as dispatch_events
 from escalation import events as escalation_events
+from notifications import events as notification_events
 from offers import events as offer_events
 from tracking import events as tracking_events
 from zones import events as zone_events
@@ -28,7 +29,7 @@ class OpsConsumer(RelayConsumer):
     relays = frozenset(
         dispatch_events.EVENT_TYPES + availability_events.EVENT_TYPES + offer_events.EVENT_TYPES
         + zone_events.EVENT_TYPES + escalation_events.EVENT_TYPES + tracking_events.EVENT_TYPES
-        + analytics_events.EVENT_TYPES
+        + analytics_events.EVENT_TYPES + notification_events.EVENT_TYPES
     )
 
     async def connect(self):

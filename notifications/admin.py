@@ -15,12 +15,13 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from common.admin import ReadOnlyInline, run_for_each
+from common.admin import LiveListMixin, ReadOnlyInline, recent_filter, run_for_each
 from common.admin_confirm import selection, selection_holds, too_many
 from common.exceptions import InvalidInput, NotFound
 from notifications import customers, services
 from notifications.models import (
-    CustomerMessage, CustomerOptOut, OptOutSource, OutboxEvent, WebhookAttempt, WebhookEndpoint, WebhookMessage,
+    CustomerMessage, CustomerOptOut, CustomerReply, OptOutSource, OutboxEvent, WebhookAttempt, WebhookEndpoint,
+    WebhookMessage,
 )
 
 logger = logging.getLogger(__name__)
@@ -286,6 +287,28 @@ class CustomerMessageInline(ReadOnlyInline):
     readonly_fields = fields
     ordering = ("created_at",)
     verbose_name_plural = "customer messages"
+
+
+class CustomerReplyInline(ReadOnlyInline):
+    """On the delivery's admin page: what its customer texted back."""
+
+    model = CustomerReply
+    fields = ("received_at", "channel", "sender", "body")
+    readonly_fields = fields
+    ordering = ("received_at",)
+    verbose_name_plural = "customer replies"
+
+
+@admin.register(CustomerReply)
+class CustomerReplyAdmin(LiveListMixin, _ReadOnly):
+    """Customers' texts back, newest first; the bar counts new ones while the list is open."""
+
+    live_events = ("customer_replied",)
+    list_display = ("received_at", "delivery", "channel", "sender", "body")
+    list_filter = ("channel", recent_filter("received_at", "received"))
+    search_fields = ("delivery__seller_order_id", "sender", "body")
+    list_select_related = ("delivery",)
+    date_hierarchy = "received_at"
 
 
 @admin.register(CustomerMessage)

@@ -28,9 +28,13 @@ from django.template.loader import select_template
 from django.utils import timezone
 
 from availability.models import Driver
-from common.broadcast import enqueue_task_on_commit
-from dispatch.models import CODE_POLICIES
-from notifications.models import Channel, CustomerMessage, CustomerOptOut, MessageKind, OptOutSource, OutboxEvent
+from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group, enqueue_task_on_commit
+from common.db import insert_unless_conflict
+from dispatch.models import CODE_POLICIES, OPEN_DELIVERY_STATUSES, Assignment, AssignmentStatus
+from notifications import events
+from notifications.models import (
+    Channel, CustomerMessage, CustomerOptOut, CustomerReply, MessageKind, OptOutSource, OutboxEvent,
+)
 from notifications.models import CustomerMessageStatus as St
 from notifications.sms import TWILIO_UNSUBSCRIBED, SmsNotSent, SmsOutcomeUnknown, SmsRecipientOptedOut, get_sms_backend
 from tracking.eta import haversine_km
@@ -121,11 +125,12 @@ def customer_opt_in(*, channel: str, recipient: str) -> bool:
     return bool(deleted)
 
 
-def sms_reply_received(*, sender: str, body: str, opt_out_type: str = "") -> str | None:
+def sms_reply_received(*, sender: str, body: str, opt_out_type: str = "", provider_id: str = "") -> str | None:
     """A text a customer sent to our number (Twilio's incoming-message webhook): STOP and its
     kin record the number's opt-out (source `provider`, as Twilio's own block), START and its kin
-    remove it. "stop", "start", or None for any other text (nothing done: Twilio answers HELP
-    itself)."""
+    remove it, HELP and INFO are Twilio's to answer. "stop", "start", "help"; any other text is
+    the customer's reply (`customer_reply_record`): "reply", or None when it was recorded
+    before (the provider sent the webhook again) or is empty."""
     word = (opt_out_type or body).strip().upper()
     if word in SMS_OPT_OUT_WORDS:
         customer_opt_out(channel=Channel.SMS, recipient=sender, source=OptOutSource.PROVIDER)
@@ -135,7 +140,46 @@ def sms_reply_received(*, sender: str, body: str, opt_out_type: str = "") -> str
         had = customer_opt_in(channel=Channel.SMS, recipient=sender)
         logger.info("sms opt-in by reply %r (an opt-out removed: %s)", word, had)
         return "start"
-    return None
+    if word in SMS_HELP_WORDS:
+        return "help"
+    if not body.strip():
+        return None  # (a picture alone, say: nothing to read)
+    reply = customer_reply_record(channel=Channel.SMS, sender=sender, body=body, provider_id=provider_id,
+                                  now=timezone.now())
+    return "reply" if reply is not None else None
+
+
+SMS_HELP_WORDS = frozenset({"HELP", "INFO"})
+
+
+@transaction.atomic
+def customer_reply_record(*, channel: str, sender: str, body: str, provider_id: str, now: datetime):
+    """Keep a customer's reply with the delivery it answers: of the deliveries our texts to that
+    number were about, an open one first, then the latest (none when we never texted it).
+    Ops hear of it (`customer_replied`), and so does the driver who has that delivery (on their
+    socket and as a push notice). The reply, or None when the provider's message id was
+    recorded before (a retried webhook: nothing is told twice)."""
+    key = opt_out_key(channel, sender)[:254]
+    body = body.replace("\x00", "")  # (PostgreSQL's text holds no NUL)
+    last = (
+        CustomerMessage.objects.filter(channel=channel, recipient=key)
+        .filter(status__in=(St.SENT, St.SENDING))  # (texts that reached, or may have reached, the number)
+        .select_related("delivery").order_by("-created_at")
+    )
+    message = last.filter(delivery__status__in=OPEN_DELIVERY_STATUSES).first() or last.first()
+    delivery = message.delivery if message is not None else None
+    reply = CustomerReply(delivery=delivery, channel=channel, sender=key, body=body, provider_id=provider_id,
+                          received_at=now)
+    if not insert_unless_conflict(reply):
+        return None
+    driver_id = None
+    if delivery is not None and delivery.status in OPEN_DELIVERY_STATUSES:
+        driver_id = (Assignment.objects.filter(delivery=delivery, status=AssignmentStatus.ACTIVE)
+                     .values_list("driver_id", flat=True).first())
+    groups = [OPS_GROUP] + ([driver_group(driver_id)] if driver_id else [])
+    broadcast_on_commit(groups, events.customer_replied(reply, delivery=delivery, driver_id=driver_id))
+    logger.info("customer reply %s recorded (delivery %s)", reply.pk, delivery.pk if delivery else None)
+    return reply
 
 
 # A message's end as Twilio's status callback reports it (`MessageStatus`) that means it never

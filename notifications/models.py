@@ -204,10 +204,39 @@ class CustomerMessage(models.Model):
             models.Index(fields=["next_attempt_at"], name="customer_message_due_idx", condition=Q(status="pending")),
             # (a provider's status report names the message by its id: notifications.api.twilio)
             models.Index(fields=["provider_id"], name="customer_message_provider_idx", condition=~Q(provider_id="")),
+            # (a customer's reply finds the delivery our last text to that number was about)
+            models.Index(fields=["channel", "recipient", "-created_at"], name="customer_message_recipient_idx"),
         ]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.channel} to {self.recipient} ({self.status})"
+
+
+class CustomerReply(models.Model):
+    """A text a customer sent to our number that is not a keyword (STOP, START, HELP and their
+    kin): "leave it at the door", "where is my order?". Kept with the delivery it answers (the
+    open one our texts to that number were last about, else the latest; none when we never
+    texted the number) and told to ops and to that delivery's driver (`customer_replied`).
+    At most one per provider message id: a webhook the provider retries is recorded once."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    delivery = models.ForeignKey("dispatch.Delivery", null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="customer_replies")
+    channel = models.CharField(max_length=8, choices=Channel.choices, default=Channel.SMS)
+    sender = models.CharField(max_length=254, help_text="E.164 number")
+    body = models.CharField(max_length=1600)
+    provider_id = models.CharField(max_length=200, blank=True, default="")
+    received_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-received_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["provider_id"], name="customer_reply_once", condition=~Q(provider_id="")),
+        ]
+        verbose_name_plural = "customer replies"
+
+    def __str__(self) -> str:
+        return f"{self.channel} from {self.sender} at {self.received_at:%Y-%m-%d %H:%M}"
 
 
 class OptOutSource(models.TextChoices):

@@ -95,6 +95,9 @@ class FcmPushBackend:
         elif kind == "break_expired":
             title, body = "Break over", "Your break has ended: you are available for offers again."
             data = {"type": kind, "expiredAt": event.get("expiredAt", "")}
+        elif kind == "customer_replied":
+            title, body = f"Customer of {event.get('sellerOrderId') or 'your delivery'}", event["body"][:PUSH_TEXT_MAX]
+            data = {"type": kind, "replyId": event["replyId"], "deliveryId": event.get("deliveryId") or "", "body": body}
         else:
             return False
         return self._send(driver_id=driver_id, title=title, body=body, data=data, ttl=300)
@@ -133,13 +136,15 @@ class FcmPushBackend:
 
 
 NOTICE_TASK = "notifications.push_driver_notice"
-NOTICE_EVENTS = ("offer_cancelled", "break_expired", "assignment_cancelled")
+NOTICE_EVENTS = ("offer_cancelled", "break_expired", "assignment_cancelled", "customer_replied")
+PUSH_TEXT_MAX = 500  # a customer's text shown in a notice (FCM takes 4 KB in all; the app has the whole)
 NOTICE_KEEP_SECONDS = 60  # a notice whose publish failed is kept and sent this late at most
 
 
 def push_notice_capture(event: dict) -> None:
-    """The `common.hooks.on_event_emitted` handler: an offer withdrawn, a delivery taken away
-    or a break ended is also pushed to the driver's phone, after commit, from a task."""
+    """The `common.hooks.on_event_emitted` handler: an offer withdrawn, a delivery taken away,
+    a break ended or a customer's text is also pushed to the driver's phone, after commit, from
+    a task."""
     if event.get("type") in NOTICE_EVENTS and event.get("driverId"):
         enqueue_task_on_commit(
             NOTICE_TASK, event["driverId"], event["type"], dict(event), durable_seconds=NOTICE_KEEP_SECONDS

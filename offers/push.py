@@ -24,7 +24,7 @@ class PushBackend:
 
     def send_notice(self, *, driver_id: str, kind: str, event: dict) -> bool:
         """Tell the driver of `offer_cancelled` (withdrawn), `assignment_cancelled` (a delivery
-        taken away) or `break_expired`; True when sent."""
+        taken away), `break_expired` or `customer_replied` (the customer's text); True when sent."""
         return False
 
 

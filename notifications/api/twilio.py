@@ -4,7 +4,8 @@
 - `POST /hooks/twilio/inbound`: the number's incoming-message webhook. A customer who texts
   STOP (or its kin) is opted out of SMS, START opts back in (notifications.customers
   .sms_reply_received); Twilio's Advanced Opt-Out sends the confirmation, so the answer is an
-  empty TwiML `<Response/>`.
+  empty TwiML `<Response/>`. Any other text is the customer's reply: kept with the delivery
+  it answers, told to ops and to its driver (notifications.customers.customer_reply_record).
 - `POST /hooks/twilio/status`: the status callback each SMS asks for (TWILIO_WEBHOOK_BASE_URL
   set). A message that did not reach the phone is marked so; 21610 records the opt-out.
 
@@ -50,7 +51,8 @@ def twilio_inbound(request):
     if refused is not None:
         return refused
     if _field(request, "From"):
-        sms_reply_received(sender=_field(request, "From"), body=_field(request, "Body"), opt_out_type=_field(request, "OptOutType"))
+        sms_reply_received(sender=_field(request, "From"), body=_field(request, "Body"), opt_out_type=_field(request, "OptOutType"),
+                           provider_id=_field(request, "MessageSid"))
     return HttpResponse(EMPTY_TWIML, content_type="text/xml")
 
 

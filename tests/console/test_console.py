@@ -74,7 +74,8 @@ def test_a_dispatcher_runs_the_webhooks_pages_docs_notifications_md_promises():
                                         url="https://hooks.example.com/h", events=["*"])
     for url in ("/admin/notifications/webhookendpoint/", f"/admin/notifications/webhookendpoint/{endpoint.pk}/change/",
                 "/admin/notifications/webhookmessage/", "/admin/notifications/webhookattempt/",
-                "/admin/notifications/outboxevent/", "/admin/notifications/customermessage/"):
+                "/admin/notifications/outboxevent/", "/admin/notifications/customermessage/",
+                "/admin/notifications/customerreply/", "/admin/notifications/customerreply/?received_within=1h"):
         assert client.get(url).status_code == 200, url
     page = client.get("/admin/notifications/webhookendpoint/").content.decode()
     assert 'value="replay_failed_since"' in page

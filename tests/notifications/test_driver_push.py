@@ -258,3 +258,21 @@ def test_two_registrations_at_once_leave_the_driver_ten_devices(db):
 
     tokens = set(PushDevice.objects.filter(driver=driver).values_list("token", flat=True))
     assert len(tokens) == 10 and {"first", "second"} <= tokens and not {"old-0", "old-1"} & tokens
+
+
+def test_a_customers_text_back_is_pushed_to_the_driver_who_has_the_delivery(fcm):
+    from notifications import customers
+    from notifications.models import CustomerMessage
+
+    driver = online_driver()
+    _register(driver, "phone")
+    delivery = DeliveryFactory(customer_phone="+14155552671", seller_order_id="ORD-77")
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    CustomerMessage.objects.filter(delivery=delivery, channel="sms").update(status="sent")  # (as Twilio took it)
+
+    assert customers.sms_reply_received(sender="+14155552671", body="Gate code 4411 " + "x" * 600, provider_id="SM1") == "reply"
+
+    (message,) = [r.json()["message"] for r in _sent(fcm)]
+    assert message["notification"]["title"] == "Customer of ORD-77"
+    assert message["notification"]["body"].startswith("Gate code 4411") and len(message["notification"]["body"]) == 500
+    assert (message["data"]["type"], message["data"]["deliveryId"]) == ("customer_replied", str(delivery.pk))

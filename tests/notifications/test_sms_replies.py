@@ -180,3 +180,80 @@ def test_the_status_callback_marks_undelivered_messages_and_records_21610(twilio
     # a late report of the first message changes nothing more
     assert _post(STATUS, {"MessageSid": message.provider_id, "MessageStatus": "failed", "ErrorCode": "21610"}).status_code == 204
     assert CustomerMessage.objects.get(pk=message.pk).error == "the SMS provider reported it undelivered (error 30003)"
+
+
+def test_any_other_text_is_the_customers_reply_kept_with_the_open_delivery_and_told_to_ops_and_its_driver(twilio):
+    from asgiref.sync import async_to_sync
+    from channels.db import database_sync_to_async
+    from channels.testing import WebsocketCommunicator
+
+    from config.asgi import application
+    from dispatch.models import Assignment
+    from notifications.events import CustomerRepliedEvent
+    from notifications.models import CustomerReply
+    from tests.api import token_for
+    from tests.factories import OpsUserFactory
+    from tests.typecheck import assert_event_shape
+
+    current = _assigned_delivery()
+    done = _assigned_delivery()  # texted after the current one, and over: the open one is the one answered
+    flows.delivery_cancel(delivery_id=done.pk, reason="store closed", actor=Actor.system())  # (told: cancelled)
+    assert CustomerMessage.objects.filter(delivery=done).count() == 2
+    driver = Assignment.objects.get(delivery=current, status="active").driver
+    ops_token, driver_token = token_for(OpsUserFactory()), token_for(driver.user)
+
+    async def scenario():
+        ops = WebsocketCommunicator(application, f"/ws/ops/?token={ops_token}&locations=0&positions=0")
+        phone = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={driver_token}")
+        assert (await ops.connect())[0] and (await phone.connect())[0]
+
+        response = await database_sync_to_async(_reply)("Leave it at the door, please", MessageSid="SM" + "7" * 32)
+        assert response.status_code == 200 and b"<Response></Response>" in response.content
+        seen = await ops.receive_json_from(timeout=5)
+        assert_event_shape(seen, CustomerRepliedEvent)
+        assert seen == await phone.receive_json_from(timeout=5)
+        assert (seen["deliveryId"], seen["sellerOrderId"], seen["driverId"], seen["channel"], seen["body"]) == (
+            str(current.pk), current.seller_order_id, str(driver.pk), "sms", "Leave it at the door, please")
+
+        # Twilio retries a webhook it got no answer to in time: the reply is kept, and told, once
+        again = await database_sync_to_async(_reply)("Leave it at the door, please", MessageSid="SM" + "7" * 32)
+        assert again.status_code == 200
+        assert await ops.receive_nothing(timeout=0.5)
+        await ops.disconnect()
+        await phone.disconnect()
+        return seen
+
+    seen = async_to_sync(scenario)()
+    reply = CustomerReply.objects.get()
+    assert (reply.delivery_id, reply.sender, reply.body, reply.provider_id) == (
+        current.pk, PHONE, "Leave it at the door, please", "SM" + "7" * 32)
+    assert seen["replyId"] == str(reply.pk)
+    assert not CustomerOptOut.objects.exists()
+
+    # Twilio's own keywords are not replies; once the delivery is over, the latest one it was
+    # about still gets the text, and nobody's driver hears of it
+    assert _reply("help", MessageSid="SM" + "8" * 32).status_code == 200
+    assert CustomerReply.objects.count() == 1
+    flows.delivery_cancel(delivery_id=current.pk, reason="customer", actor=Actor.system())
+    assert _reply("Why was it cancelled?", MessageSid="SM" + "9" * 32).status_code == 200
+    late = CustomerReply.objects.get(provider_id="SM" + "9" * 32)
+    assert late.delivery_id == current.pk
+
+    # ops read them on the delivery's page and in their own list (which counts new ones live)
+    admin = Client()
+    admin.force_login(OpsUserFactory(is_superuser=True))
+    page = admin.get(f"/admin/dispatch/delivery/{current.pk}/change/").content.decode()
+    assert "customer replies" in page.lower() and "Leave it at the door, please" in page and "Why was it cancelled?" in page
+    listing = admin.get("/admin/notifications/customerreply/?q=door").content.decode()
+    assert "Leave it at the door, please" in listing and "Why was it cancelled?" not in listing
+    assert 'data-events="customer_replied"' in listing
+
+
+def test_a_reply_from_a_number_we_never_texted_is_kept_for_ops_with_no_delivery(twilio):
+    from notifications.models import CustomerReply
+
+    other = DeliveryFactory(customer_phone="+14155550100")  # (a delivery of that number, but no text sent: not matched)
+    assert _post(INBOUND, {"MessageSid": "SM" + "5" * 32, "From": "+14155550100", "Body": "Hello?\x00"}).status_code == 200
+    reply = CustomerReply.objects.get()
+    assert (reply.delivery_id, reply.sender, reply.body) == (None, "+14155550100", "Hello?")
+    assert other.customer_replies.count() == 0
