@@ -84,9 +84,9 @@ def live_map_state(*, now: datetime) -> dict:
         "driverId": str(drivers_of[d["pk"]]) if d["pk"] in drivers_of else None,
         "unassigned": d["pk"] in levels, "escalationLevel": levels.get(d["pk"]),
         "readyAt": iso(d["ready_at"]),
-        # Every status change stamps its time (`changedAt`) at or before the row's updated_at,
-        # and one written later is stamped at or after it (workflows: `locked_now`): an event
-        # with an older `changedAt` is already in this state.
+        # A status change stamps its time (`changedAt`) at or before the row's updated_at, and
+        # one made after this read at or after it (workflows: `locked_now`, past the row's last
+        # change): an event with an older `changedAt` is already in this state (docs/console.md).
         "updatedAt": iso(d["updated_at"]),
     } for d in open_deliveries]
 

@@ -80,12 +80,12 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
     """Ops assign a ready delivery straight to an available driver (no offer): the driver
     becomes busy, the delivery assigned, its unassigned record resolved. In a zone with order
     stacking on, a busy driver who qualifies (`workflows.stacking`) takes it as well."""
-    now = now or timezone.now()
     offer = locks.lock_pending_offer_of_delivery(delivery_id)
     if offer is not None:
         raise Conflict("The delivery has a pending offer; withdraw it or wait for the answer.")
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
     driver = locks.lock_driver(driver_id)
+    now = locked_now(now, delivery.updated_at)  # (after the locks: a change it waited for is before it)
 
     stacking = driver.availability == DriverAvailability.BUSY and driver_may_stack(delivery, driver, now=now)
     assignment = deliveries.assignment_start_locked(

@@ -261,6 +261,9 @@ def test_the_dashboard_tiles_read_the_same_a_few_seconds_later_when_nothing_chan
         clock.shift(timedelta(seconds=7))
         assert tiles() == first
     assert "/admin/offers/driveroffer/?created_within=1h" in first
+    page = admin_client.get("/admin/").content.decode()
+    regions = set(re.search(r'data-mode="swap" data-regions="([^"]+)"', page).group(1).split())
+    assert set(re.findall(r'<section class="kpi" id="([^"]+)"', page)) | {"kpi-time"} == regions  # (each tile refreshes)
     assert "/admin/dispatch/delivery/?assigned_within=1h" in first
 
 

@@ -152,13 +152,25 @@ def test_a_dispatcher_sees_a_driver_move_on_the_live_map_within_two_seconds(cons
                == "on_break")
     assert pickup_status(chromium) == "in_transit"
 
-    # A state read before that change (here: the row still says ready, as a state fetched just
-    # before the commit would) does not paint it back: an event about a delivery not on the
-    # map reloads the state.
+    # A state read before those changes (here: the rows still say ready, and waiting unassigned,
+    # as a state fetched just before the commits would) does not paint them back: neither the
+    # step back, nor the unassigned mark, nor a delivery a final event took off the map. (An
+    # event about a delivery not on the map reloads the state.)
+    from escalation.models import UnassignedOrder
+
+    UnassignedOrder.objects.create(delivery=delivery, failure_reason="no_available_drivers", first_attempt_at=timezone.now(),
+                                   last_attempt_at=timezone.now(), escalation_level=2)
+    delivered = DeliveryFactory(seller_order_id="ORD-DONE")  # (created after the load: reloads the state)
+    send_now([OPS_GROUP], dict(status_event("assigned", timezone.now()), deliveryId=str(delivered.pk)))
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, f'[data-delivery-id="{delivered.pk}"]'))
+    send_now([OPS_GROUP], dict(status_event("delivered", timezone.now()), deliveryId=str(delivered.pk)))
+    wait.until(lambda b: not b.find_elements(By.CSS_SELECTOR, f'[data-delivery-id="{delivered.pk}"]'))
     loaded = chromium.find_element(By.ID, "ops-map-page").get_attribute("data-loaded-at")
     send_now([OPS_GROUP], dict(status_event("assigned", timezone.now()), deliveryId=str(uuid.uuid4())))
     wait.until(lambda b: b.find_element(By.ID, "ops-map-page").get_attribute("data-loaded-at") != loaded)
     assert pickup_status(chromium) == "in_transit"
+    assert not chromium.find_elements(By.CSS_SELECTOR, f'[data-delivery-id="{delivery.pk}"][data-kind="pickup"] .unassigned')
+    assert not chromium.find_elements(By.CSS_SELECTOR, f'[data-delivery-id="{delivered.pk}"]')
     assert_nothing_loaded_from_elsewhere(chromium, base)
 
 

@@ -181,9 +181,10 @@
     const level = d.unassigned ? ` unassigned lvl-${d.escalationLevel || 0}` : "";
     return L.divIcon({ className: "", html: `<div class="ops-delivery status-${esc(d.status)}${level}"></div>`, iconSize: [14, 14], iconAnchor: [7, 7] });
   }
+  const ended = new Set();  // deliveries a final event removed (a state read before it lists them open)
   function upsertDelivery(d) {
     let entry = deliveries.get(d.deliveryId);
-    if (TERMINAL.includes(d.status)) { removeDelivery(d.deliveryId); return; }
+    if (TERMINAL.includes(d.status)) { ended.add(d.deliveryId); removeDelivery(d.deliveryId); return; }
     if (!entry) {
       const pickup = L.marker([d.pickup.lat, d.pickup.lon], {
         icon: deliveryIcon(d), title: d.sellerOrderId, zIndexOffset: d.unassigned ? 400 : 0,
@@ -255,17 +256,25 @@
     if (seq !== loadSeq) return;  // a newer load is on its way
     state.zones.forEach(upsertZone);
     state.drivers.forEach(upsertDriver);
-    const open = new Set(state.deliveries.map((d) => d.deliveryId));
-    Array.from(deliveries.keys()).filter((id) => !open.has(id)).forEach(removeDelivery);
+    // A state is read a moment before it arrives: what the events said since is kept. A delivery
+    // the state lacks goes, unless an event newer than the read put it on the map (created, or
+    // changed, since); one a final event removed stays off (a final status is final); and a
+    // delivery whose last applied change is newer than its row keeps that change.
+    const open = new Set(state.deliveries.map((d) => d.deliveryId)), readAt = micros(state.generatedAt);
+    Array.from(deliveries.entries())
+      .filter(([id, entry]) => !open.has(id) && !(micros(entry.data.statusChangedAt) > readAt))
+      .forEach(([id]) => removeDelivery(id));
     state.deliveries.forEach((d) => {
-      // The row's updatedAt: a status change stamped before it is in this state (and an event
-      // applied since the state was read, newer than it, is kept).
+      if (ended.has(d.deliveryId)) return;
       const known = deliveries.get(d.deliveryId), row = Object.assign({}, d, { statusChangedAt: d.updatedAt });
       if (known && micros(known.data.statusChangedAt) > micros(d.updatedAt)) {
-        delete row.status; delete row.driverId; delete row.statusChangedAt;
+        ["status", "driverId", "statusChangedAt", "unassigned", "escalationLevel"].forEach((key) => delete row[key]);
       }
       upsertDelivery(row);
     });
+    // (a later state is read after every final event that reached the page: only those it still
+    // lists can come back, from a state read before them)
+    Array.from(ended).filter((id) => !open.has(id)).forEach((id) => ended.delete(id));
     truncated = state.truncated || {};
     root.dataset.truncated = Object.values(truncated).some(Boolean) ? "true" : "false";
     counts();
@@ -288,7 +297,7 @@
     delivery_created(e) {
       upsertDelivery({ deliveryId: e.deliveryId, sellerOrderId: e.sellerOrderId, storeName: e.storeName, status: e.status,
         zoneId: e.zoneId, pickup: e.pickupLocation, dropoff: e.dropoffLocation, driverId: null, unassigned: false,
-        escalationLevel: null, readyAt: e.createdAt });
+        escalationLevel: null, readyAt: e.createdAt, statusChangedAt: e.createdAt });
       counts();
     },
     delivery_status_changed(e) {
@@ -304,7 +313,7 @@
       }
       counts();
     },
-    delivery_cancelled(e) { removeDelivery(e.deliveryId); counts(); },
+    delivery_cancelled(e) { ended.add(e.deliveryId); removeDelivery(e.deliveryId); counts(); },
     unassigned_order_escalated(e) {
       if (deliveries.has(e.deliveryId)) upsertDelivery({ deliveryId: e.deliveryId, unassigned: true, escalationLevel: e.level });
     },
