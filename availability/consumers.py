@@ -8,7 +8,10 @@ from common.errors import iso
 from common.roles import driver_of
 from dispatch.models import Assignment, AssignmentStatus
 from offers import events as offer_events
+from notifications.models import CustomerReply
 from offers.models import DriverOffer, OfferStatus
+
+SNAPSHOT_REPLIES = 50  # the latest customers' texts in a snapshot
 
 
 def _own_driver_of(user, driver_id: str):
@@ -29,6 +32,11 @@ def _snapshot(driver) -> dict:
     paused driver until the next change.)"""
     driver.refresh_from_db(fields=["availability", "availability_until", "availability_reason", "last_availability_change"])
     pending = DriverOffer.objects.filter(driver_id=driver.pk, status=OfferStatus.PENDING, expires_at__gt=timezone.now())
+    active = [
+        {"deliveryId": str(delivery_id), "status": status, "assignedAt": iso(assigned_at)}
+        for delivery_id, status, assigned_at in Assignment.objects.filter(driver_id=driver.pk, status=AssignmentStatus.ACTIVE)
+        .order_by("created_at").values_list("delivery_id", "delivery__status", "created_at")
+    ]
     return {
         "type": "availability_snapshot",
         "driverId": str(driver.pk),
@@ -40,11 +48,16 @@ def _snapshot(driver) -> dict:
         "pendingOffers": [offer_events.offer_created(offer) for offer in pending.order_by("created_at")],
         # the deliveries the driver holds now (one taken away meanwhile is not here: its
         # `assignment_cancelled` went while the app was away)
-        "activeDeliveries": [
-            {"deliveryId": str(delivery_id), "status": status, "assignedAt": iso(assigned_at)}
-            for delivery_id, status, assigned_at in Assignment.objects.filter(driver_id=driver.pk, status=AssignmentStatus.ACTIVE)
-            .order_by("created_at").values_list("delivery_id", "delivery__status", "created_at")
-        ],
+        "activeDeliveries": active,
+        # what the customers of those deliveries texted back (a driver who was away, or took the
+        # delivery over, missed their `customer_replied`), oldest first
+        "customerReplies": [
+            {"replyId": str(pk), "deliveryId": str(delivery_id), "body": body, "receivedAt": iso(received_at)}
+            for pk, delivery_id, body, received_at in list(
+                CustomerReply.objects.filter(delivery_id__in=[d["deliveryId"] for d in active])
+                .order_by("-received_at").values_list("pk", "delivery_id", "body", "received_at")[:SNAPSHOT_REPLIES]
+            )[::-1]
+        ] if active else [],
     }
 
 
@@ -58,8 +71,8 @@ class DriverConsumer(RelayConsumer):
 
     With `&snapshot=1` the first message is an `availability_snapshot` (the state, the
     offers still pending and the deliveries held: an app back from a dropped connection finds there what it missed).
-    Without it, only the SPEC's events: a client that took the first message after an offer
-    for its `offer_created` read the snapshot instead."""
+    Without it, no snapshot (the SPEC's events, and the two above): a client that took the first
+    message after an offer for its `offer_created` read the snapshot instead."""
 
     relays = frozenset(availability_events.EVENT_TYPES + offer_events.EVENT_TYPES) | {"assignment_cancelled", "customer_replied"}
 

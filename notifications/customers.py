@@ -30,7 +30,7 @@ from django.utils import timezone
 from availability.models import Driver
 from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group, enqueue_task_on_commit
 from common.db import insert_unless_conflict
-from dispatch.models import CODE_POLICIES, OPEN_DELIVERY_STATUSES, Assignment, AssignmentStatus
+from dispatch.models import CODE_POLICIES, OPEN_DELIVERY_STATUSES, Assignment, AssignmentStatus, Delivery
 from notifications import events
 from notifications.models import (
     Channel, CustomerMessage, CustomerOptOut, CustomerReply, MessageKind, OptOutSource, OutboxEvent,
@@ -131,6 +131,7 @@ def sms_reply_received(*, sender: str, body: str, opt_out_type: str = "", provid
     remove it, HELP and INFO are Twilio's to answer. "stop", "start", "help"; any other text is
     the customer's reply (`customer_reply_record`): "reply", or None when it was recorded
     before (the provider sent the webhook again) or is empty."""
+    body = body.replace("\x00", "")  # (PostgreSQL's text holds no NUL)
     word = (opt_out_type or body).strip().upper()
     if word in SMS_OPT_OUT_WORDS:
         customer_opt_out(channel=Channel.SMS, recipient=sender, source=OptOutSource.PROVIDER)
@@ -150,25 +151,30 @@ def sms_reply_received(*, sender: str, body: str, opt_out_type: str = "", provid
 
 
 SMS_HELP_WORDS = frozenset({"HELP", "INFO"})
+REPLY_MATCH_WINDOW = timedelta(days=7)  # a closed delivery's texts answered this long after
 
 
 @transaction.atomic
 def customer_reply_record(*, channel: str, sender: str, body: str, provider_id: str, now: datetime):
     """Keep a customer's reply with the delivery it answers: of the deliveries our texts to that
-    number were about, an open one first, then the latest (none when we never texted it).
+    number were about, an open one first, then the latest texted in the last 7 days (none when
+    we never texted it, or not lately).
     Ops hear of it (`customer_replied`), and so does the driver who has that delivery (on their
     socket and as a push notice). The reply, or None when the provider's message id was
     recorded before (a retried webhook: nothing is told twice)."""
     key = opt_out_key(channel, sender)[:254]
-    body = body.replace("\x00", "")  # (PostgreSQL's text holds no NUL)
     last = (
         CustomerMessage.objects.filter(channel=channel, recipient=key)
         .filter(status__in=(St.SENT, St.SENDING))  # (texts that reached, or may have reached, the number)
-        .select_related("delivery").order_by("-created_at")
+        .order_by("-created_at").values_list("delivery_id", flat=True)
     )
-    message = last.filter(delivery__status__in=OPEN_DELIVERY_STATUSES).first() or last.first()
-    delivery = message.delivery if message is not None else None
-    reply = CustomerReply(delivery=delivery, channel=channel, sender=key, body=body, provider_id=provider_id,
+    # (a text weeks after our last one, from a number that may have changed hands, answers none)
+    delivery_id = (last.filter(delivery__status__in=OPEN_DELIVERY_STATUSES).first()
+                   or last.filter(created_at__gte=now - REPLY_MATCH_WINDOW).first())
+    # The delivery locked (a reassign or a cancel in flight finishes first), so the driver told
+    # is the one who has it when the reply is recorded.
+    delivery = Delivery.objects.select_for_update(of=("self",)).filter(pk=delivery_id).first() if delivery_id else None
+    reply = CustomerReply(delivery=delivery, channel=channel, sender=key, body=body, provider_id=provider_id[:200],
                           received_at=now)
     if not insert_unless_conflict(reply):
         return None

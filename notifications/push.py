@@ -96,8 +96,9 @@ class FcmPushBackend:
             title, body = "Break over", "Your break has ended: you are available for offers again."
             data = {"type": kind, "expiredAt": event.get("expiredAt", "")}
         elif kind == "customer_replied":
-            title, body = f"Customer of {event.get('sellerOrderId') or 'your delivery'}", event["body"][:PUSH_TEXT_MAX]
-            data = {"type": kind, "replyId": event["replyId"], "deliveryId": event.get("deliveryId") or "", "body": body}
+            title = f"Customer of {event.get('sellerOrderId') or 'your delivery'}"
+            body = event["body"].encode()[:PUSH_TEXT_BYTES].decode("utf-8", "ignore")  # (not cut inside a character)
+            data = {"type": kind, "replyId": event["replyId"], "deliveryId": event.get("deliveryId") or ""}
         else:
             return False
         return self._send(driver_id=driver_id, title=title, body=body, data=data, ttl=300)
@@ -137,7 +138,9 @@ class FcmPushBackend:
 
 NOTICE_TASK = "notifications.push_driver_notice"
 NOTICE_EVENTS = ("offer_cancelled", "break_expired", "assignment_cancelled", "customer_replied")
-PUSH_TEXT_MAX = 500  # a customer's text shown in a notice (FCM takes 4 KB in all; the app has the whole)
+# A customer's text in a notice, in UTF-8 bytes (FCM takes 4,096 in all; the whole text is in the
+# socket's event and the driver's snapshot)
+PUSH_TEXT_BYTES = 1000
 NOTICE_KEEP_SECONDS = 60  # a notice whose publish failed is kept and sent this late at most
 
 

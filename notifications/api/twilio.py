@@ -42,7 +42,8 @@ def _refused(request) -> HttpResponse | None:
 
 
 def _field(request, name: str) -> str:
-    return request.POST.get(name, "")[:1600]  # (an SMS body is at most 1,600 characters)
+    # (an SMS body is at most 1,600 characters; PostgreSQL's text holds no NUL)
+    return request.POST.get(name, "")[:1600].replace("\x00", "")
 
 
 @csrf_exempt  # (signed by Twilio: no cookie to ride on)

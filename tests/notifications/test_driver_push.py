@@ -270,9 +270,10 @@ def test_a_customers_text_back_is_pushed_to_the_driver_who_has_the_delivery(fcm)
     assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
     CustomerMessage.objects.filter(delivery=delivery, channel="sms").update(status="sent")  # (as Twilio took it)
 
-    assert customers.sms_reply_received(sender="+14155552671", body="Gate code 4411 " + "x" * 600, provider_id="SM1") == "reply"
+    text = "Gate code 4411 " + "🚪" * 400  # (1,615 bytes in UTF-8: FCM refuses a message over 4,096)
+    assert customers.sms_reply_received(sender="+14155552671", body=text, provider_id="SM1") == "reply"
 
     (message,) = [r.json()["message"] for r in _sent(fcm)]
     assert message["notification"]["title"] == "Customer of ORD-77"
-    assert message["notification"]["body"].startswith("Gate code 4411") and len(message["notification"]["body"]) == 500
-    assert (message["data"]["type"], message["data"]["deliveryId"]) == ("customer_replied", str(delivery.pk))
+    assert message["notification"]["body"] == "Gate code 4411 " + "🚪" * 246  # (1,000 bytes, no character cut)
+    assert message["data"] == {"type": "customer_replied", "replyId": message["data"]["replyId"], "deliveryId": str(delivery.pk)}

@@ -257,3 +257,62 @@ def test_a_reply_from_a_number_we_never_texted_is_kept_for_ops_with_no_delivery(
     reply = CustomerReply.objects.get()
     assert (reply.delivery_id, reply.sender, reply.body) == (None, "+14155550100", "Hello?")
     assert other.customer_replies.count() == 0
+
+    # a closed delivery's texts are answered for a week; later the number may be someone else's
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    done = _assigned_delivery()
+    flows.delivery_cancel(delivery_id=done.pk, reason="store closed", actor=Actor.system())
+    CustomerMessage.objects.filter(delivery=done).update(created_at=timezone.now() - timedelta(days=6))
+    assert customers.sms_reply_received(sender=PHONE, body="Refund?", provider_id="SMa") == "reply"
+    CustomerMessage.objects.filter(delivery=done).update(created_at=timezone.now() - timedelta(days=8))
+    assert customers.sms_reply_received(sender=PHONE, body="Hi, new number", provider_id="SMb") == "reply"
+    assert dict(CustomerReply.objects.filter(sender=PHONE).values_list("body", "delivery_id")) == {
+        "Refund?": done.pk, "Hi, new number": None}
+
+
+def test_a_reply_during_a_reassign_is_told_to_whoever_has_the_delivery_once_it_is_done(twilio, monkeypatch):
+    """The driver was read without a lock: a reply racing ops' reassign went to the driver who
+    had just lost the delivery (a gate code, to the wrong person)."""
+    from tests.concurrency import behind_lock
+
+    told = []
+    monkeypatch.setattr(customers, "broadcast_on_commit", lambda groups, event: told.append((groups, event)))
+    delivery = _assigned_delivery()
+
+    behind_lock(
+        lambda: flows.delivery_reassign(delivery_id=delivery.pk, reason="driver stuck", actor=Actor.system()),
+        lambda: customers.sms_reply_received(sender=PHONE, body="Gate code 4411", provider_id="SM" + "4" * 32),
+    )
+
+    ((groups, event),) = told
+    assert groups == ["ops"] and event["driverId"] is None and event["deliveryId"] == str(delivery.pk)
+
+
+def test_a_drivers_snapshot_holds_what_the_customers_of_its_deliveries_texted(twilio):
+    from asgiref.sync import async_to_sync
+    from channels.testing import WebsocketCommunicator
+
+    from config.asgi import application
+    from dispatch.models import Assignment
+    from tests.api import token_for
+
+    delivery = _assigned_delivery()
+    driver = Assignment.objects.get(delivery=delivery, status="active").driver
+    assert _reply("Leave it with the neighbour at 4B", MessageSid="SM" + "3" * 32).status_code == 200
+    assert _reply("Thanks!", MessageSid="SM" + "2" * 32).status_code == 200
+
+    token = token_for(driver.user)
+
+    async def snapshot():
+        comm = WebsocketCommunicator(application, f"/ws/drivers/{driver.pk}/?token={token}&snapshot=1")
+        assert (await comm.connect())[0]
+        first = await comm.receive_json_from(timeout=5)
+        await comm.disconnect()
+        return first
+
+    first = async_to_sync(snapshot)()
+    assert [(r["deliveryId"], r["body"]) for r in first["customerReplies"]] == [
+        (str(delivery.pk), "Leave it with the neighbour at 4B"), (str(delivery.pk), "Thanks!")]

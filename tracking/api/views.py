@@ -208,6 +208,16 @@ STATUS_LABELS = {
     "failed": _("The delivery could not be completed"),
     "cancelled": _("This delivery was cancelled"),
 }
+# The status in a word or two, beside the sentence (the API's code is the element's data-status).
+STATUS_NAMES = {
+    "pending": _("Preparing"),
+    "assigned": _("Driver assigned"),
+    "picked_up": _("Picked up"),
+    "in_transit": _("On the way"),
+    "delivered": _("Delivered"),
+    "failed": _("Not delivered"),
+    "cancelled": _("Cancelled"),
+}
 # What the page's script writes, in the page's language.
 PAGE_TEXT = {
     "at": _("at"), "min": _("min"), "done": _("done"), "store": _("Store"), "you": _("You"), "live": _("live"),
@@ -261,6 +271,7 @@ def _tracking_page(request, delivery):
             "body": body,
             "rating": {"stars_text": "★" * rating.stars} if rating else None,
             "label": STATUS_LABELS.get(body["status"], body["status"]),
+            "status_name": STATUS_NAMES.get(body["status"], body["status"]),
             "final": delivery.status in tracking.FINAL_STATUSES,
             "pickup_clock": _clock(body.get("estimatedPickupTime")),
             "delivery_clock": _clock(body.get("estimatedDeliveryTime")),
@@ -269,6 +280,7 @@ def _tracking_page(request, delivery):
                 "deliveryId": str(delivery.pk),
                 "sellerOrderId": delivery.seller_order_id,
                 "labels": {status: str(label) for status, label in STATUS_LABELS.items()},
+                "names": {status: str(name) for status, name in STATUS_NAMES.items()},
                 "text": {name: str(text) for name, text in PAGE_TEXT.items()},
                 "pickup": point_json(delivery.pickup_location),
                 "dropoff": point_json(delivery.dropoff_location),
