@@ -160,7 +160,8 @@ def customer_reply_record(*, channel: str, sender: str, body: str, provider_id: 
     number were about, an open one first, then the latest texted in the last 7 days (none when
     we never texted it, or not lately).
     Ops hear of it (`customer_replied`), and so does the driver who has that delivery (on their
-    socket and as a push notice). The reply, or None when the provider's message id was
+    socket and as a push notice), up to CUSTOMER_REPLIES_TOLD_PER_HOUR of a number's texts an
+    hour (past it a reply is only kept). The reply, or None when the provider's message id was
     recorded before (a retried webhook: nothing is told twice)."""
     key = opt_out_key(channel, sender)[:254]
     last = (
@@ -178,6 +179,10 @@ def customer_reply_record(*, channel: str, sender: str, body: str, provider_id: 
                           received_at=now)
     if not insert_unless_conflict(reply):
         return None
+    told = CustomerReply.objects.filter(sender=key, received_at__gt=now - timedelta(hours=1)).count()
+    if told > settings.CUSTOMER_REPLIES_TOLD_PER_HOUR:
+        logger.warning("customer reply %s kept, not told: %s texts from one number in the hour", reply.pk, told)
+        return reply
     driver_id = None
     if delivery is not None and delivery.status in OPEN_DELIVERY_STATUSES:
         driver_id = (Assignment.objects.filter(delivery=delivery, status=AssignmentStatus.ACTIVE)

@@ -233,6 +233,7 @@ class CustomerReply(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["provider_id"], name="customer_reply_once", condition=~Q(provider_id="")),
         ]
+        indexes = [models.Index(fields=["sender", "-received_at"], name="customer_reply_sender_idx")]  # (the hourly cap)
         verbose_name_plural = "customer replies"
 
     def __str__(self) -> str:

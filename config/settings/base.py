@@ -717,6 +717,9 @@ TWILIO_FROM_NUMBER = env("TWILIO_FROM_NUMBER", default="")
 # status at <it>/hooks/twilio/status. Empty: requests are checked against the URL they came to,
 # and SMS ask for no status.
 TWILIO_WEBHOOK_BASE_URL = env("TWILIO_WEBHOOK_BASE_URL", default="")
+# A number's texts back told to ops and the driver (socket, push) per hour; past it they are only
+# kept (the console lists them): a number texting in a loop does not flood every ops screen.
+CUSTOMER_REPLIES_TOLD_PER_HOUR = env.int("CUSTOMER_REPLIES_TOLD_PER_HOUR", default=20)
 # Driver push through FCM's HTTP v1 API: PUSH_BACKEND=notifications.push.FcmPushBackend with a
 # Google service account's JSON key file (FCM_PROJECT_ID defaults to the file's project_id).
 FCM_SERVICE_ACCOUNT_FILE = env("FCM_SERVICE_ACCOUNT_FILE", default="")

@@ -316,3 +316,17 @@ def test_a_drivers_snapshot_holds_what_the_customers_of_its_deliveries_texted(tw
     first = async_to_sync(snapshot)()
     assert [(r["deliveryId"], r["body"]) for r in first["customerReplies"]] == [
         (str(delivery.pk), "Leave it with the neighbour at 4B"), (str(delivery.pk), "Thanks!")]
+
+
+def test_a_number_texting_in_a_loop_is_kept_but_told_to_nobody_past_the_hourly_cap(twilio, settings, monkeypatch):
+    settings.CUSTOMER_REPLIES_TOLD_PER_HOUR = 3
+    told = []
+    monkeypatch.setattr(customers, "broadcast_on_commit", lambda groups, event: told.append(event["body"]))
+    _assigned_delivery()
+
+    for n in range(5):
+        assert customers.sms_reply_received(sender=PHONE, body=f"hello {n}", provider_id=f"SMloop{n}") == "reply"
+
+    assert told == ["hello 0", "hello 1", "hello 2"]
+    from notifications.models import CustomerReply
+    assert CustomerReply.objects.filter(sender=PHONE).count() == 5  # (all listed in the console)
