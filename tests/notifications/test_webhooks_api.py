@@ -372,6 +372,28 @@ def test_a_host_name_in_another_script_is_kept_in_its_ascii_form_a_uri(db, setti
     assert "ASCII form" in assert_error(long_name, 400)["details"]["url"][0]
 
 
+def test_the_migration_writes_the_hosts_stored_before_in_ascii_form_and_leaves_what_idna_2008_refuses(db):
+    from importlib import import_module
+
+    from django.apps import apps
+
+    migration = import_module("notifications.migrations.0015_webhook_endpoint_ascii_hosts")
+    owner = IntegrationUserFactory()
+    stored = {
+        "https://Exämple.example:8443/h?q=ä#frag": "https://xn--exmple-cua.example:8443/h?q=ä#frag",
+        "https://faß.example/": "https://xn--fa-hia.example/",
+        "https://☃.example/h": "https://☃.example/h",  # (IDNA 2008 refuses it: the sender reads it as before)
+        "https://example.com/é": "https://example.com/é",  # (the host is ASCII already)
+        "https://plain.example/h": "https://plain.example/h",
+    }
+    made = {url: WebhookEndpoint.objects.create(owner=owner, url=url, events=["*"], secret="s", created_at=timezone.now(),
+                                               updated_at=timezone.now()).pk for url in stored}
+
+    migration.rewrite(apps, None)
+
+    assert {url: WebhookEndpoint.objects.get(pk=pk).url for url, pk in made.items()} == stored
+
+
 def test_a_huge_events_list_is_refused_by_its_length_in_a_short_answer(db):
     """Each item was checked (and reported) before the list's length: a 3.9 MB error body."""
     response = client_for(IntegrationUserFactory()).post(
