@@ -32,10 +32,11 @@ def _snapshot(driver) -> dict:
     paused driver until the next change.)"""
     driver.refresh_from_db(fields=["availability", "availability_until", "availability_reason", "last_availability_change"])
     pending = DriverOffer.objects.filter(driver_id=driver.pk, status=OfferStatus.PENDING, expires_at__gt=timezone.now())
+    # (assignedAt: the delivery's, as its accept's events and GET /v2/deliveries/{id} give it)
     active = [
         {"deliveryId": str(delivery_id), "status": status, "assignedAt": iso(assigned_at)}
         for delivery_id, status, assigned_at in Assignment.objects.filter(driver_id=driver.pk, status=AssignmentStatus.ACTIVE)
-        .order_by("created_at").values_list("delivery_id", "delivery__status", "created_at")
+        .order_by("created_at").values_list("delivery_id", "delivery__status", "delivery__assigned_at")
     ]
     return {
         "type": "availability_snapshot",

@@ -209,13 +209,14 @@ def test_the_snapshot_holds_the_deliveries_the_driver_has_now_and_not_one_taken_
     ops = Actor.for_user(OpsUserFactory())
     assignment_create(delivery_id=taken.pk, driver_id=driver.pk, actor=ops)
     delivery_reassign(delivery_id=taken.pk, reason="customer moved", actor=ops)
-    first = assignment_create(delivery_id=kept.pk, driver_id=driver.pk, actor=ops)
+    assignment_create(delivery_id=kept.pk, driver_id=driver.pk, actor=ops)
+    kept.refresh_from_db()
 
     async def scenario():
         comm = await _connected(driver)
         snapshot = await comm.receive_json_from(timeout=5)
         assert snapshot["activeDeliveries"] == [
-            {"deliveryId": str(kept.pk), "status": "assigned", "assignedAt": iso(first.created_at)}]
+            {"deliveryId": str(kept.pk), "status": "assigned", "assignedAt": iso(kept.assigned_at)}]
         await comm.disconnect()
 
     async_to_sync(scenario)()
