@@ -28,6 +28,14 @@ from common.validators import URL_UNSAFE_CHARS
 logger = logging.getLogger(__name__)
 
 API_PREFIXES = ("/v2/", "/health", "/metrics", "/proofs/")  # /proofs/: the signed proof-file links the API hands out
+# Paths machines call that are not the API (no token, no JSON body: Twilio's signed form posts):
+# their errors, even those refused before any view, are in the API's error body too.
+HOOK_PREFIXES = ("/hooks/",)
+
+
+def error_body_path(path: str) -> bool:
+    """Whether an error on `path` is answered in the API's error body (not a page's text)."""
+    return path.startswith(API_PREFIXES + HOOK_PREFIXES) or path == "/v2"
 
 
 # The paths of pages (HTML for people); a URL that is neither under these nor the API's is
@@ -403,7 +411,7 @@ class EarlyBodyLimit:
         headers = dict(scope["headers"])  # (a repeated header: its last value, enough to judge)
         limit = settings.PAGE_MAX_BODY_BYTES
         if limit > 0 and b"content-length" not in headers and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            return await self.app(scope, self._page_counted(receive, send, limit), send)
+            return await self.app(scope, self._page_counted(scope, receive, send, limit), send)
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
@@ -414,9 +422,9 @@ class EarlyBodyLimit:
         if not expects_continue and declared <= settings.API_BODY_DRAIN_BYTES:  # as for the API, above
             if not await _drain(receive, settings.API_BODY_DRAIN_BYTES):
                 return None  # the client left
-        await self._page_refuse(send)
+        await self._page_refuse(scope, send, limit)
 
-    def _page_counted(self, receive, send, limit: int):
+    def _page_counted(self, scope, receive, send, limit: int):
         """`receive` for a chunked body to a page: passed through as it comes (Django spools it),
         counted; past `limit` the rest is drained within the budget, the plain 413 sent, and
         Django told the client left (its body read ends in RequestAborted: it sends nothing)."""
@@ -432,14 +440,15 @@ class EarlyBodyLimit:
                 if size > limit:
                     refused = True
                     if not message.get("more_body", False) or await _drain(receive, settings.API_BODY_DRAIN_BYTES - size):
-                        await self._page_refuse(send)
+                        await self._page_refuse(scope, send, limit)
                     return {"type": "http.disconnect"}
             return message
 
         return counted
 
-    @staticmethod
-    async def _page_refuse(send) -> None:
+    async def _page_refuse(self, scope, send, limit: int) -> None:
+        if error_body_path(scope["path"]):  # (a hook: a machine reads the answer)
+            return await self._refuse(scope, send, limit)
         body = f"Request body too large: at most {settings.PAGE_MAX_BODY_BYTES:,} bytes.".encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
@@ -522,7 +531,7 @@ class AllowedHostGuard:
             if (await receive())["type"] == "websocket.connect":
                 await send({"type": "websocket.close"})
             return
-        if scope["path"].startswith(API_PREFIXES) or scope["path"] == "/v2":
+        if error_body_path(scope["path"]):
             path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
             body = json.dumps(error_body(400, path, INVALID_HOST_MESSAGE)).encode()
             content_type = b"application/json"
@@ -584,6 +593,9 @@ class RequestGuardMiddleware(AsyncCapableMiddleware):
         charset_problem = charset is not None and unusable_charset(charset) and (
             f'The request\'s charset "{charset[:40]}" is not a text encoding: send UTF-8.')
         if not _is_api(request):
+            if error_body_path(request.path):  # a hook: the API's error body, none of its parsing
+                problem = _url_problem(request, _BAD_PAGE_URL_CHARS) or charset_problem
+                return error_response(request, 400, problem) if problem else None
             if _url_problem(request, _BAD_PAGE_URL_CHARS):
                 return HttpResponse("Invalid characters in the URL.", status=400, content_type="text/plain; charset=utf-8")
             if charset_problem:  # (a form in it: Django's parsers failed with a 500)

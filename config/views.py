@@ -8,7 +8,7 @@ from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
 from common.errors import INVALID_HOST_MESSAGE, error_body, error_response
-from common.middleware import API_PREFIXES
+from common.middleware import error_body_path
 
 
 # The API docs pages (Swagger UI, Redoc: bundles served here, spectacular's inline start-up
@@ -54,7 +54,7 @@ def bad_request(request, exception):
     """Django's 400 for what it refuses before any view (an invalid Host, found by
     CommonMiddleware; other suspicious operations): in the API's error body on API paths.
     Under ASGI an invalid Host never gets this far (common.middleware.AllowedHostGuard)."""
-    if request.path.startswith(API_PREFIXES) or request.path == "/v2":
+    if error_body_path(request.path):
         if isinstance(exception, DisallowedHost):
             return error_response(request, 400, INVALID_HOST_MESSAGE)
         return error_response(request, 400, "Bad request.")

@@ -80,6 +80,7 @@ def test_the_location_fast_lane_and_the_pages_check_the_host_too():
                         f"/v2/drivers/{driver.pk}/location")
     status, headers, body = call("GET", "/admin/login/", headers=[("Host", "evil.example")])
     assert status == 400 and headers[b"content-type"].startswith(b"text/plain") and b"invalid Host" in body
+    assert_host_refused(*call("POST", "/hooks/twilio/inbound", headers=[("Host", "evil.example")]), "/hooks/twilio/inbound")
 
 
 def test_an_allowed_host_with_a_port_and_a_request_without_one_pass(settings):

@@ -155,6 +155,19 @@ def test_a_chunked_page_body_is_refused_once_past_the_page_limit(settings):
     assert status == 403 and read == 2
 
 
+def test_a_hooks_body_over_the_limit_is_refused_in_the_apis_error_body(settings):
+    """Twilio's hooks are read by a machine: their 413 was the pages' plain text."""
+    settings.PAGE_MAX_BODY_BYTES = 2048
+    settings.API_BODY_DRAIN_BYTES = 1024
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for headers, chunks in (({**form, "Content-Length": "4096"}, [b"x" * 1024] * 4),
+                            ({**form, "Transfer-Encoding": "chunked"}, [b"x" * 1024] * 4)):
+        status, answered, body, _ = call("/hooks/twilio/inbound", headers=headers, chunks=chunks)
+        assert status == 413 and answered[b"content-type"] == b"application/json"
+        error = json.loads(body)
+        assert (error["statusCode"], error["error"], error["path"]) == (413, "Request Entity Too Large", "/hooks/twilio/inbound")
+
+
 def test_a_chunked_page_body_whose_client_leaves_while_it_is_drained_gets_no_answer(settings):
     settings.PAGE_MAX_BODY_BYTES = 2048
     settings.API_BODY_DRAIN_BYTES = 10_000

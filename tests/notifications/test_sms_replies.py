@@ -120,6 +120,18 @@ def test_a_request_not_signed_by_twilio_is_refused_and_changes_nothing(twilio, s
     assert not CustomerOptOut.objects.exists()
 
 
+def test_what_is_refused_before_the_hook_runs_is_in_the_apis_error_body_too(twilio):
+    """A NUL in the URL, a charset that is no text encoding, over 1,000 fields: plain text or
+    HTML from the pages' defences (a machine reads these answers)."""
+    for response in (
+        Client().post(INBOUND + "?x=%00", "From=1", content_type=FORM),
+        Client().generic("POST", INBOUND, b"From=1", content_type=FORM + "; charset=zip"),
+        Client().get(INBOUND + "?" + "&".join(f"a{n}=b" for n in range(1001))),
+    ):
+        assert response.status_code == 400 and response["Content-Type"] == "application/json", response.content[:200]
+        assert response.json()["statusCode"] == 400 and response.json()["path"].startswith(INBOUND)
+
+
 def test_the_signature_is_checked_against_the_public_url_when_one_is_set(twilio, settings):
     settings.TWILIO_WEBHOOK_BASE_URL = "https://dispatch.example.com/"
     fields = {"From": PHONE, "Body": "STOP"}
