@@ -33,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+from datetime import datetime
 import uuid
 from collections import Counter, defaultdict
 
@@ -228,7 +229,7 @@ async def main(args, base: str, server_pids: list[int], consumer_pids: list[int]
         health = await asyncio.to_thread(health_baseline, base, seconds=args.health_seconds, threads=min(2, args.concurrency),
                                          connections=args.concurrency)
 
-        ops_events = [0]
+        ops_events, ops_lag = [0], []
         ops_sockets, readers = [], []
         if args.ops_sockets:
             ws_base = base.replace("http", "ws", 1)
@@ -236,8 +237,12 @@ async def main(args, base: str, server_pids: list[int], consumer_pids: list[int]
                            for _ in range(args.ops_sockets)]
 
             async def read(sock):
-                async for _ in sock:
+                async for frame in sock:
                     ops_events[0] += 1
+                    event = json.loads(frame)
+                    if event.get("type") == "delivery_status_changed":  # (same clock: the server is here)
+                        changed = datetime.fromisoformat(event["changedAt"].replace("Z", "+00:00")).timestamp()
+                        ops_lag.append((time.time() - changed) * 1000)
 
             readers = [asyncio.create_task(read(sock)) for sock in ops_sockets]
 
@@ -287,6 +292,8 @@ async def main(args, base: str, server_pids: list[int], consumer_pids: list[int]
     print(f"{'all':20} {len(everything):6d} {pct(everything, 50):8.1f} {pct(everything, 95):8.1f} {pct(everything, 99):8.1f}")
     if args.ops_sockets:
         print(f"ops consoles: {args.ops_sockets} sockets on /ws/ops/ open through the run, {ops_events[0]:,} events received")
+        print(f"  delivery_status_changed, its changedAt → the ops socket (ms, n={len(ops_lag)}): p50 {pct(ops_lag, 50):.1f}  "
+              f"p95 {pct(ops_lag, 95):.1f}  p99 {pct(ops_lag, 99):.1f}  max {max(ops_lag, default=float('nan')):.1f}")
     errors = {k: v for k, v in run.status.items() if not k.endswith((":200", ":201"))}
     print("errors:", errors or "none")
     for name, sample in run.samples.items():

@@ -259,9 +259,9 @@ class _Coalescer:
 
 
 class CoalescingPubSubChannelLayer(RedisPubSubChannelLayer):
-    """channels_redis's pub/sub layer (the customers' tracking groups) whose group sends are
-    pipelined. channels_redis publishes one message per round trip under a per-shard lock that
-    subscribes also take, so a worker's concurrent fixes (and a socket storm's subscribes)
+    """channels_redis's pub/sub layer (both layers: settings.CHANNEL_LAYERS) whose group sends
+    are pipelined. channels_redis publishes one message per round trip under a per-shard lock
+    that subscribes also take, so a worker's concurrent fixes (and a socket storm's subscribes)
     queued behind one another; here the publishes of a loop tick, and those arriving while a
     pipeline is in flight, go in one pipeline (`_Coalescer`). The messages and what a
     subscriber receives are unchanged."""

@@ -37,32 +37,37 @@ def assert_error(response, status):
 class ChannelListener:
     """Joins groups on the real Redis channel layers and collects what is sent to them.
 
-    Groups on the default (core) layer are joined with a plain channel name (no "!"), read
-    straight from Redis with no buffer tied to one event loop, so each drain() may run in its
-    own loop. The customers' groups live on the pub/sub layer (common.broadcast.layer_alias):
-    they are subscribed to in Redis directly, on the layer's own channel names, so the test
-    sees exactly what a web process subscribed to the group receives."""
+    Groups on a pub/sub layer (both layers by default: settings.CHANNEL_LAYERS) are subscribed
+    to in Redis directly, on the layer's own channel names, so the test sees exactly what a web
+    process subscribed to the group receives, with no buffer tied to one event loop. Groups on
+    a core layer (CHANNELS_LAYER=core) are joined with a plain channel name (no "!"), read
+    straight from Redis, so each drain() may run in its own loop."""
 
     def __init__(self, groups):
+        from channels_redis.pubsub import RedisPubSubChannelLayer
         from django.conf import settings
 
-        from common.broadcast import TRACKING_LAYER, layer_alias
+        from common.broadcast import layer_alias
         import redis
 
-        self.layer = get_channel_layer()
-        self.groups = [g for g in groups if layer_alias(g) != TRACKING_LAYER]
         self.channel = f"test-listener.{uuid.uuid4().hex}"
-        for g in self.groups:
-            async_to_sync(self.layer.group_add)(g, self.channel)
+        self.groups, self.layer, self.layers_by_channel = [], None, {}
+        for g in groups:
+            alias = layer_alias(g)
+            layer = get_channel_layer(alias)
+            if isinstance(layer, RedisPubSubChannelLayer):
+                prefix = settings.CHANNEL_LAYERS[alias]["CONFIG"]["prefix"]
+                self.layers_by_channel[f"{prefix}__group__{g}".encode()] = layer
+            else:
+                self.layer = layer
+                self.groups.append(g)
+                async_to_sync(layer.group_add)(g, self.channel)
         self.pubsub = None
-        pubsub_groups = [g for g in groups if layer_alias(g) == TRACKING_LAYER]
-        if pubsub_groups:
-            self.tracking_layer = get_channel_layer(TRACKING_LAYER)
-            prefix = settings.CHANNEL_LAYERS[TRACKING_LAYER]["CONFIG"]["prefix"]
+        if self.layers_by_channel:
             self.pubsub = redis.Redis.from_url(settings.REDIS_URL).pubsub()  # bytes: msgpack
-            self.pubsub.subscribe(*(f"{prefix}__group__{g}" for g in pubsub_groups))
+            self.pubsub.subscribe(*self.layers_by_channel)
             confirmed = 0
-            while confirmed < len(pubsub_groups):  # Redis has the subscriptions before we go on
+            while confirmed < len(self.layers_by_channel):  # Redis has the subscriptions before we go on
                 message = self.pubsub.get_message(timeout=5)
                 assert message is not None, "no subscribe confirmation from Redis"
                 confirmed += message["type"] == "subscribe"
@@ -81,7 +86,7 @@ class ChannelListener:
         if self.pubsub is not None:
             while (message := self.pubsub.get_message(timeout=timeout)) is not None:
                 if message["type"] == "message":
-                    out.append(self.tracking_layer.deserialize(message["data"])["event"])
+                    out.append(self.layers_by_channel[message["channel"]].deserialize(message["data"])["event"])
         return out
 
     def close(self):

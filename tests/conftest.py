@@ -104,3 +104,15 @@ def listen():
     yield make
     for listener in listeners:
         listener.close()
+
+
+@pytest.fixture
+def core_layer(settings):
+    """The default channel layer as channels_redis's core layer (Channels rebuilds its layers
+    when CHANNEL_LAYERS changes)."""
+    from config.settings.base import core_channel_layer
+
+    layers = dict(settings.CHANNEL_LAYERS)
+    layers["default"] = core_channel_layer(settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] + ".core")
+    layers["default"]["CONFIG"]["hosts"][0]["address"] = settings.REDIS_URL
+    settings.CHANNEL_LAYERS = layers

@@ -229,18 +229,38 @@ CACHES = {
     }
 }
 
-CHANNEL_LAYERS = {
-    "default": {
+# The default layer (ops, support, driver and login groups): Redis pub/sub, as the customers'
+# tracking layer below. channels_redis's core layer (CHANNELS_LAYER=core) queues each message
+# in Redis for each socket and a web process pays a round trip and ~3–4 ms of CPU per message
+# it receives: under 16 offer flows a process fell behind, ops events arrived 6–12 s late and
+# most expired unsent (bench/README.md, thirtieth session). Pub/sub pushes each message to the
+# processes whose sockets joined the group. Core still bounds a slow process's backlog
+# (capacity, expiry) where pub/sub queues it in memory.
+CHANNELS_LAYER = env("CHANNELS_LAYER", default="pubsub")
+
+
+def core_channel_layer(prefix: str) -> dict:
+    """channels_redis's core layer (common.channels.PooledRedisChannelLayer) under `prefix`."""
+    return {
         "BACKEND": "common.channels.PooledRedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
-            "prefix": env("CHANNELS_PREFIX", default="asgi"),
+            # (reads wait a margin above its 5 s blocking BZPOPMIN: redis-py's default 5 s
+            # socket timeout could end an idle socket's receive first and kill the consumer)
+            "hosts": [{"address": REDIS_URL, "socket_timeout": env.float("CHANNELS_REDIS_SOCKET_TIMEOUT", default=15.0)}],
+            "prefix": prefix,
             "capacity": 1000,
             # A process's sockets share one Redis list ("specific.<process>!"): give it room
-            # for a burst to thousands of customers while its receive loop catches up.
+            # for a burst while its receive loop catches up.
             "channel_capacity": {"specific.*": env.int("CHANNELS_PROCESS_CAPACITY", default=20000)},
             "expiry": 30,
         },
+    }
+
+
+CHANNEL_LAYERS = {
+    "default": core_channel_layer(env("CHANNELS_PREFIX", default="asgi")) if CHANNELS_LAYER == "core" else {
+        "BACKEND": "common.channels.CoalescingPubSubChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": env("CHANNELS_PREFIX", default="asgi")},
     },
     # Customer tracking (groups "delivery.<id>", common.broadcast.TRACKING_LAYER): Redis
     # pub/sub. A message is pushed to the processes whose sockets joined the group and put on
@@ -640,13 +660,6 @@ SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"].update({
     "FailureReasonEnum": "escalation.models.FailureReason",
 })
 
-# The channel layer waits on Redis with BZPOPMIN for up to 5 s (channels_redis' brpop_timeout);
-# redis-py 8's default socket timeout is also 5 s, so an idle socket's receive could time out
-# first and kill the consumer (customer, driver and ops sockets closed after a quiet spell).
-# Give reads a margin above the blocking timeout.
-CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
-    {"address": REDIS_URL, "socket_timeout": env.float("CHANNELS_REDIS_SOCKET_TIMEOUT", default=15.0)}
-]
 
 # The ops console (docs/console.md). Times in the admin, the support views and
 # the dashboard are shown in OPS_TIME_ZONE (the zone is printed beside them); the API stays UTC.

@@ -25,7 +25,7 @@ os.environ.setdefault("DB_POOL_MAX_SIZE", "0")
 from .base import *  # noqa: E402,F401,F403
 from .base import CHANNEL_LAYERS, REST_FRAMEWORK, env  # noqa: E402
 
-# Per worker: the tracking layer is Redis pub/sub, whose channels every Redis database shares.
+# Per worker: the layers are Redis pub/sub, whose channels every Redis database shares.
 CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"test-asgi-{_WORKER}"
 CHANNEL_LAYERS["tracking"]["CONFIG"]["prefix"] = f"test-asgi-{_WORKER}.tracking"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

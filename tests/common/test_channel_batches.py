@@ -1,10 +1,12 @@
-"""A request's live events go to the default channel layer through `group_send_many`
-(common/channels.py): one scripted read of every group's members, then each group with
-members gets its messages in order, exactly as one `group_send` per message would; a group
-that fails is logged and does not stop the others."""
+"""On the core layer (CHANNELS_LAYER=core), a request's live events go through
+`group_send_many` (common/channels.py): one scripted read of every group's members, then each
+group with members gets its messages in order, exactly as one `group_send` per message would;
+a group that fails is logged and does not stop the others. (The pub/sub default's batches are
+what every socket test receives.)"""
 import logging
 import time
 
+import pytest
 import time_machine
 
 from asgiref.sync import async_to_sync
@@ -12,6 +14,8 @@ from channels.layers import get_channel_layer
 
 from common import broadcast
 from common.channels import PooledRedisChannelLayer
+
+pytestmark = pytest.mark.usefixtures("core_layer")
 
 
 def test_the_default_layer_sends_batches():

@@ -379,8 +379,8 @@ def test_a_broadcast_skipped_or_failed_is_counted(listen, settings, monkeypatch)
     async def refused(self, batches):
         raise redis.ConnectionError("refused")
 
-    from common.channels import PooledRedisChannelLayer
-    monkeypatch.setattr(PooledRedisChannelLayer, "group_send_many", refused)
+    from common.channels import CoalescingPubSubChannelLayer
+    monkeypatch.setattr(CoalescingPubSubChannelLayer, "group_send_many", refused)
     broadcast.send_many([(["ops"], {"type": "a"}), (["ops", "driver.x"], {"type": "b"})])
 
     assert dropped("redis_unavailable") - unavailable_before == 2

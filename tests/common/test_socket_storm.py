@@ -1,6 +1,8 @@
-"""A socket storm: many sockets opening and closing at once share a small channel-layer pool
-(common/channels.py); they wait for a connection instead of failing (redis-py's default
-pool raises MaxConnectionsError past its size), and the storm reuses the pool's connections."""
+"""A socket storm: many sockets opening and closing at once, on the pub/sub layer (the default:
+each gets the group's message, nothing is logged as an error) and on the core layer (CHANNELS_LAYER=core) they share a
+small channel-layer pool (common/channels.py) and wait for a connection instead of failing
+(redis-py's default pool raises MaxConnectionsError past its size), and the storm reuses the
+pool's connections."""
 import asyncio
 import logging
 import time
@@ -31,7 +33,26 @@ async def close_all(comms) -> None:
     await asyncio.gather(*(close(c) for c in comms))
 
 
-def test_a_storm_of_sockets_on_a_small_pool_connects_and_closes_without_errors(settings, caplog):
+def test_a_storm_of_sockets_on_the_pub_sub_layer_connects_and_closes_without_errors(settings, caplog):
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0  # (all on one token)
+    token = token_for(OpsUserFactory())
+
+    async def storm():
+        comms = [WebsocketCommunicator(application, f"/ws/ops/?token={token}") for _ in range(SOCKETS)]
+        connected = await asyncio.gather(*(c.connect(timeout=30) for c in comms))
+        await get_channel_layer().group_send("ops", {"type": "zone_health_updated", "event": {"type": "zone_health_updated"}})
+        received = await asyncio.gather(*(c.receive_json_from(timeout=30) for c in comms))
+        await close_all(comms)
+        return connected, received
+
+    with caplog.at_level(logging.WARNING):
+        connected, received = async_to_sync(storm)()
+
+    assert all(ok for ok, _ in connected) and len(received) == SOCKETS
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_storm_of_sockets_on_a_small_pool_connects_and_closes_without_errors(settings, caplog, core_layer):
     settings.CHANNELS_REDIS_MAX_CONNECTIONS = 8  # far fewer than the sockets at once
     settings.SOCKET_MAX_PER_CREDENTIAL = 0  # (all on one token)
     token = token_for(OpsUserFactory())
@@ -56,7 +77,7 @@ def test_a_storm_of_sockets_on_a_small_pool_connects_and_closes_without_errors(s
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "MaxConnections" in r.getMessage()]
 
 
-def test_after_a_storm_the_pool_keeps_only_its_idle_cap_open(settings):
+def test_after_a_storm_the_pool_keeps_only_its_idle_cap_open(settings, core_layer):
     """Redis's connection count returns to its baseline once the storm is over: the pool
     closes what it holds idle beyond CHANNELS_REDIS_MAX_IDLE after CHANNELS_REDIS_IDLE_SECONDS
     (a timer), and nothing while the burst lasts. Redis's own CLIENT LIST is the judge."""

@@ -4,7 +4,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
-from channels_redis.core import RedisChannelLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.contrib.gis.geos import Point
 
 from common.actors import Actor
@@ -28,7 +28,7 @@ def connect(path, headers=None):
 
 
 def test_the_channel_layer_is_redis():
-    assert isinstance(get_channel_layer(), RedisChannelLayer)
+    assert isinstance(get_channel_layer(), RedisPubSubChannelLayer)  # (Redis pub/sub: settings.CHANNEL_LAYERS)
 
 
 def test_staff_receive_delivery_events_after_commit(integration_user):
