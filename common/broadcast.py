@@ -216,7 +216,8 @@ class _Queued:
 
 # A sync caller (a request thread, a task) waits at most this long for its events to go out (a
 # few ms as a rule); then the send goes on in the background without it. A hung Redis costs
-# the send the channel layer's socket timeout (15 s: its receive blocks for 5), which is what
+# the send the channel layer's socket timeout (redis-py's 5 s; 15 s with CHANNELS_LAYER=core,
+# whose receive blocks for 5), which is what
 # every request and task touching it used to wait, twice before the breaker opened. While it
 # runs late, what the same thread emits waits behind it in one batch and the caller does not
 # wait at all: a thread's events stay in order (`_send_behind`).

@@ -35,8 +35,8 @@ from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
-from channels_redis.core import RedisChannelLayer
-from channels_redis.pubsub import RedisPubSubChannelLayer
+from channels_redis.core import BoundedQueue, RedisChannelLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, _wrap_close
 from django.conf import settings
 
 from common.redis import TickBatcher
@@ -258,13 +258,36 @@ class _Coalescer:
         await publisher.submit((channel, payload))
 
 
+class _BoundedLoopLayer(RedisPubSubLoopLayer):
+    async def _subscribe_to_channel(self, channel):
+        self.channels[channel] = BoundedQueue(self.channel_layer.capacity)
+        await self._get_shard(channel).subscribe(channel)
+
+
 class CoalescingPubSubChannelLayer(RedisPubSubChannelLayer):
     """channels_redis's pub/sub layer (both layers: settings.CHANNEL_LAYERS) whose group sends
     are pipelined. channels_redis publishes one message per round trip under a per-shard lock
     that subscribes also take, so a worker's concurrent fixes (and a socket storm's subscribes)
     queued behind one another; here the publishes of a loop tick, and those arriving while a
     pipeline is in flight, go in one pipeline (`_Coalescer`). The messages and what a
-    subscriber receives are unchanged."""
+    subscriber receives are unchanged.
+
+    A socket's queue in the web process holds at most `capacity` messages (CONFIG; 1,000, as
+    the core layer's channels), the oldest dropped past it: channels_redis's queue is
+    unbounded, and a client reading slower than its events arrive (an ops console on every
+    fix) grew the process's memory without end."""
+
+    def __init__(self, *args, capacity: int = 1000, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capacity = capacity
+
+    def _get_layer(self):
+        loop = asyncio.get_running_loop()
+        layer = self._layers.get(loop)
+        if layer is None:
+            layer = self._layers[loop] = _BoundedLoopLayer(*self._args, **self._kwargs, channel_layer=self)
+            _wrap_close(self, loop)
+        return layer
 
     def _coalescer(self) -> _Coalescer:
         layer = self._get_layer()

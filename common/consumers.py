@@ -453,7 +453,8 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
                 await self.channel_layer.group_discard(group, self.channel_name)
             except Exception as exc:  # noqa: BLE001 - the socket is gone either way
                 # A storm of closing sockets can outwait the pool, or Redis be away: the group
-                # keeps a dead channel, whose messages expire unread (channels_redis drops it
+                # keeps a dead channel (pub/sub: this process stays subscribed, its queue gone;
+                # CHANNELS_LAYER=core: its messages expire unread, and channels_redis drops it
                 # from the group after group_expiry). Nothing for the client to see.
                 logger.warning("socket left group %s without group_discard: %s", group, type(exc).__name__)
 

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 from config.periodic import TIMER_TASKS, TIMERS_QUEUE
 
@@ -237,6 +238,8 @@ CACHES = {
 # processes whose sockets joined the group. Core still bounds a slow process's backlog
 # (capacity, expiry) where pub/sub queues it in memory.
 CHANNELS_LAYER = env("CHANNELS_LAYER", default="pubsub")
+if CHANNELS_LAYER not in ("pubsub", "core"):
+    raise ImproperlyConfigured(f"CHANNELS_LAYER must be pubsub or core, not {CHANNELS_LAYER!r}.")
 
 
 def core_channel_layer(prefix: str) -> dict:
@@ -260,7 +263,8 @@ def core_channel_layer(prefix: str) -> dict:
 CHANNEL_LAYERS = {
     "default": core_channel_layer(env("CHANNELS_PREFIX", default="asgi")) if CHANNELS_LAYER == "core" else {
         "BACKEND": "common.channels.CoalescingPubSubChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": env("CHANNELS_PREFIX", default="asgi")},
+        # (capacity: a socket's queue in the web process, the oldest dropped past it)
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": env("CHANNELS_PREFIX", default="asgi"), "capacity": 1000},
     },
     # Customer tracking (groups "delivery.<id>", common.broadcast.TRACKING_LAYER): Redis
     # pub/sub. A message is pushed to the processes whose sockets joined the group and put on

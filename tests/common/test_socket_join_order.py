@@ -10,7 +10,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
-from channels_redis.core import RedisChannelLayer
+from channels_redis.pubsub import RedisPubSubLoopLayer
 
 from common.broadcast import OPS_GROUP
 from config.asgi import application
@@ -23,13 +23,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def slow_group_add(monkeypatch):
-    original = RedisChannelLayer.group_add
+    original = RedisPubSubLoopLayer.group_add  # (the default layer's, per event loop)
 
     async def slow(self, group, channel):
         await asyncio.sleep(0.3)
         return await original(self, group, channel)
 
-    monkeypatch.setattr(RedisChannelLayer, "group_add", slow)
+    monkeypatch.setattr(RedisPubSubLoopLayer, "group_add", slow)
 
 
 def _first_event_after_open(path: str, group: str) -> dict:

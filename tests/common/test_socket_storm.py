@@ -126,3 +126,26 @@ def test_after_a_storm_the_pool_keeps_only_its_idle_cap_open(settings, core_laye
 
     assert peak >= 12 and during == peak and timer_set
     assert closed >= 9 and after <= 3 and idle <= 3
+
+
+def test_a_sockets_queue_in_the_process_keeps_the_newest_messages_up_to_the_layers_capacity(settings):
+    """channels_redis's pub/sub queue is unbounded: a client reading slower than its events
+    arrive grew the web process's memory without end. Past `capacity` the oldest go."""
+    layers = {alias: dict(layer, CONFIG=dict(layer["CONFIG"])) for alias, layer in settings.CHANNEL_LAYERS.items()}
+    layers["default"]["CONFIG"]["capacity"] = 5
+    settings.CHANNEL_LAYERS = layers
+
+    async def scenario():
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add("ops.capacity-test", channel)
+        for n in range(8):
+            await layer.group_send("ops.capacity-test", {"type": "probe", "n": n})
+        queue = layer._get_layer().channels[channel]
+        for _ in range(250):  # (until Redis has delivered the last one to this process)
+            if queue.qsize() and layer.deserialize(queue._queue[-1])["n"] == 7:
+                break
+            await asyncio.sleep(0.02)
+        return [(await layer.receive(channel))["n"] for _ in range(queue.qsize())]
+
+    assert async_to_sync(scenario)() == [3, 4, 5, 6, 7]
