@@ -95,12 +95,11 @@ def test_no_event_goes_for_a_rolled_back_workflow_or_savepoint(listen):
     assert [e["n"] for e in ops.drain()] == [1, 3]
 
 
-def test_a_channel_layer_failure_is_logged_never_raised(settings, caplog):
+@pytest.mark.parametrize("backend", ["common.channels.CoalescingPubSubChannelLayer", "channels_redis.core.RedisChannelLayer"])
+def test_a_channel_layer_failure_is_logged_never_raised(settings, caplog, backend):
     from channels.layers import channel_layers
 
-    settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": ["redis://127.0.0.1:6399/0"]}}
-    }
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": backend, "CONFIG": {"hosts": ["redis://127.0.0.1:6399/0"]}}}
     channel_layers.backends.pop("default", None)
     try:
         with caplog.at_level(logging.WARNING), unit_of_work():
