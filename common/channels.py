@@ -35,10 +35,11 @@ from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
-from channels_redis.core import BoundedQueue, RedisChannelLayer
+from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, _wrap_close
 from django.conf import settings
 
+from common.metrics import LIVE_EVENTS_DROPPED
 from common.redis import TickBatcher
 
 logger = logging.getLogger(__name__)
@@ -258,9 +259,42 @@ class _Coalescer:
         await publisher.submit((channel, payload))
 
 
+# What a socket's queue holds once it has overflowed: its consumer closes the socket (1013).
+SOCKET_BEHIND = {"type": "socket.behind"}
+
+
+class _SocketQueue(asyncio.Queue):
+    """A socket's messages in its web process, at most `maxsize`. Past it the socket has fallen
+    behind (its client, or its process, slower than its events): what waits is dropped and the
+    consumer told (`socket.behind`: it closes the socket with 1013, and the client reconnects
+    and reloads its state), and nothing more is queued for it. Dropping the oldest instead lost
+    events with no sign to anyone (an audit: 263 consoles on one busy process got 407 of 576
+    status changes each, and stayed open). Counted in live_events_dropped_total{reason=
+    "socket_behind"}."""
+
+    def __init__(self, maxsize: int, behind: bytes):
+        super().__init__(maxsize)
+        self._behind = behind
+        self.fell_behind = False
+
+    def put_nowait(self, item):
+        if self.fell_behind:
+            LIVE_EVENTS_DROPPED.labels("socket_behind").inc()
+            return
+        if self.full():
+            dropped = self.qsize() + 1
+            while not self.empty():
+                self.get_nowait()
+            self.fell_behind = True
+            LIVE_EVENTS_DROPPED.labels("socket_behind").inc(dropped)
+            logger.warning("a socket fell %d events behind: closing it", dropped)
+            item = self._behind
+        super().put_nowait(item)
+
+
 class _BoundedLoopLayer(RedisPubSubLoopLayer):
     async def _subscribe_to_channel(self, channel):
-        self.channels[channel] = BoundedQueue(self.channel_layer.capacity)
+        self.channels[channel] = _SocketQueue(self.channel_layer.capacity, self.channel_layer.serialize(SOCKET_BEHIND))
         await self._get_shard(channel).subscribe(channel)
 
 
@@ -273,9 +307,9 @@ class CoalescingPubSubChannelLayer(RedisPubSubChannelLayer):
     subscriber receives are unchanged.
 
     A socket's queue in the web process holds at most `capacity` messages (CONFIG; 1,000, as
-    the core layer's channels), the oldest dropped past it: channels_redis's queue is
-    unbounded, and a client reading slower than its events arrive (an ops console on every
-    fix) grew the process's memory without end."""
+    the core layer's channels); past it the socket is closed (`_SocketQueue`): channels_redis's
+    queue is unbounded, and a client reading slower than its events arrive (an ops console on
+    every fix) grew the process's memory without end."""
 
     def __init__(self, *args, capacity: int = 1000, **kwargs):
         super().__init__(*args, **kwargs)

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+CLOSE_BEHIND = 1013  # (try again later) its events overflowed its queue in the process: reconnect, reload
 CLOSE_TOO_MANY = 4429  # (as HTTP 429) SOCKET_MAX_PER_CREDENTIAL of this login's sockets are open here
 
 # This process's open sockets by credential (RelayConsumer.join_and_accept).
@@ -379,6 +380,12 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         """Whether `user` may have this socket; checked again, in a worker thread, on a
         fresh read of the user whenever the login changes (`login_revoked`)."""
         return True
+
+    async def socket_behind(self, message):
+        """This socket's queue in the process overflowed (common.channels._SocketQueue): events
+        were dropped, so what the client shows is out of date. Close with 1013: it reconnects
+        and reloads (the live map its state, a driver's app its snapshot)."""
+        await self.close(code=CLOSE_BEHIND)
 
     async def login_revoked(self, message):
         """A login of this user was revoked or changed: close if this socket's credentials no

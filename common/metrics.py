@@ -47,7 +47,8 @@ LIVE_EVENTS_DROPPED = Counter(
 )
 # Each reason is exported from the start, at 0: a labelled counter nothing has incremented
 # yet is not exported at all, and `rate(live_events_dropped_total[5m])` saw no data, not 0.
-LIVE_EVENTS_DROPPED_REASONS = ("redis_unavailable", "backlog", "send_failed")
+# (socket_behind: dropped in a web process for a socket that fell behind, then closed 1013)
+LIVE_EVENTS_DROPPED_REASONS = ("redis_unavailable", "backlog", "send_failed", "socket_behind")
 for _reason in LIVE_EVENTS_DROPPED_REASONS:
     LIVE_EVENTS_DROPPED.labels(_reason)
 

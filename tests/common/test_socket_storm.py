@@ -128,12 +128,20 @@ def test_after_a_storm_the_pool_keeps_only_its_idle_cap_open(settings, core_laye
     assert closed >= 9 and after <= 3 and idle <= 3
 
 
-def test_a_sockets_queue_in_the_process_keeps_the_newest_messages_up_to_the_layers_capacity(settings):
-    """channels_redis's pub/sub queue is unbounded: a client reading slower than its events
-    arrive grew the web process's memory without end. Past `capacity` the oldest go."""
+def _capacity(settings, n: int) -> None:
     layers = {alias: dict(layer, CONFIG=dict(layer["CONFIG"])) for alias, layer in settings.CHANNEL_LAYERS.items()}
-    layers["default"]["CONFIG"]["capacity"] = 5
+    layers["default"]["CONFIG"]["capacity"] = n
     settings.CHANNEL_LAYERS = layers
+
+
+def test_a_sockets_queue_past_the_layers_capacity_is_dropped_and_its_consumer_told(settings):
+    """channels_redis's pub/sub queue is unbounded: a client reading slower than its events
+    arrive grew the web process's memory without end. Past `capacity` what waits is dropped and
+    the consumer told (`socket.behind`); dropping the oldest lost events with no sign."""
+    from common.metrics import LIVE_EVENTS_DROPPED
+
+    _capacity(settings, 5)
+    before = LIVE_EVENTS_DROPPED.labels("socket_behind")._value.get()
 
     async def scenario():
         layer = get_channel_layer()
@@ -141,11 +149,32 @@ def test_a_sockets_queue_in_the_process_keeps_the_newest_messages_up_to_the_laye
         await layer.group_add("ops.capacity-test", channel)
         for n in range(8):
             await layer.group_send("ops.capacity-test", {"type": "probe", "n": n})
+        await layer.group_send("ops.capacity-test", {"type": "probe", "n": "last"})
         queue = layer._get_layer().channels[channel]
-        for _ in range(250):  # (until Redis has delivered the last one to this process)
-            if queue.qsize() and layer.deserialize(queue._queue[-1])["n"] == 7:
+        for _ in range(250):  # (until Redis has delivered them all to this process)
+            if queue.fell_behind and LIVE_EVENTS_DROPPED.labels("socket_behind")._value.get() - before == 9:
                 break
             await asyncio.sleep(0.02)
-        return [(await layer.receive(channel))["n"] for _ in range(queue.qsize())]
+        return [await layer.receive(channel) for _ in range(queue.qsize())]
 
-    assert async_to_sync(scenario)() == [3, 4, 5, 6, 7]
+    assert async_to_sync(scenario)() == [{"type": "socket.behind"}]
+    assert LIVE_EVENTS_DROPPED.labels("socket_behind")._value.get() - before == 9  # 5 waiting, the 6th, 3 after
+
+
+def test_a_socket_that_fell_behind_is_closed_1013_to_reconnect_and_reload(settings):
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0
+    _capacity(settings, 2)
+    token = token_for(OpsUserFactory())
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/ops/?token={token}&locations=0&positions=0")
+        assert (await comm.connect(timeout=10))[0]
+        layer = get_channel_layer()._get_layer()
+        (queue,) = [q for q in layer.channels.values() if not q.qsize()][-1:]  # (its consumer's, waiting)
+        for n in range(3):  # faster than the consumer reads: no await between them
+            queue.put_nowait(get_channel_layer().serialize({"type": "zone_health_updated", "event": {"n": n}}))
+        closed = await comm.receive_output(timeout=10)
+        await comm.disconnect()
+        return closed
+
+    assert async_to_sync(scenario)() == {"type": "websocket.close", "code": 1013}
