@@ -234,7 +234,7 @@ CACHES = {
 # tracking layer below. channels_redis's core layer (CHANNELS_LAYER=core) queues each message
 # in Redis for each socket and a web process pays a round trip and ~3–4 ms of CPU per message
 # it receives: under 16 offer flows a process fell behind, ops events arrived 6–12 s late and
-# most expired unsent (bench/README.md, thirtieth session). Pub/sub pushes each message to the
+# most had not arrived when the run ended (bench/README.md, thirtieth session). Pub/sub pushes each message to the
 # processes whose sockets joined the group. Core still bounds a slow process's backlog
 # (capacity, expiry) where pub/sub queues it in memory.
 CHANNELS_LAYER = env("CHANNELS_LAYER", default="pubsub")
