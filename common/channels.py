@@ -30,16 +30,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 from channels_redis.core import RedisChannelLayer
-from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, _wrap_close
+from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection, _wrap_close
 from django.conf import settings
 
-from common.metrics import LIVE_EVENTS_DROPPED
+from common.metrics import LIVE_EVENTS_DROPPED, PUBSUB_RECONNECTS
 from common.redis import TickBatcher
 
 logger = logging.getLogger(__name__)
@@ -292,7 +295,162 @@ class _SocketQueue(asyncio.Queue):
         super().put_nowait(item)
 
 
+# What each socket of a web process is told when its pub/sub connection to Redis comes back
+# (`_Shard`): its consumer closes the socket with 1012, after `delay`.
+LAYER_RECONNECTED = "layer.reconnected"
+# Sockets told per second, at most, after a reconnect: their closes (and their clients'
+# reconnects, each reading its state afresh) are spread over up to RECONNECT_SPREAD_MAX seconds.
+RECONNECT_SPREAD_RATE = 500
+RECONNECT_SPREAD_MAX = 5.0
+
+
+class _Shard(RedisSingleShardConnection):
+    """channels_redis's connection to one Redis shard, that says when it lost messages and
+    when a subscription holds.
+
+    - **Reconnects.** redis-py reconnects a dropped pub/sub connection and subscribes again,
+      silently: what was published meanwhile never reaches this process, and its sockets stayed
+      open, showing a fleet that had moved on (a driver without the offer made to them, a
+      customer without "delivered"). When the connection comes back, every socket whose
+      channel or group is on this shard is told (`layer.reconnected`); its consumer closes it
+      with 1012 (service restart), and the client reconnects and reads its state. The closes
+      are spread (RECONNECT_SPREAD_RATE a second) so that thousands of tracking pages do not
+      all reconnect in the same second. Counted in channel_layer_pubsub_reconnects_total.
+      (channels_redis's pub/sub layer takes `on_reconnect` and never calls it:
+      django/channels_redis#406.)
+    - **Subscriptions confirmed.** redis-py's SUBSCRIBE returns once the command is written;
+      `subscribe` here returns once Redis has confirmed it (the receive loop reads the
+      confirmations channels_redis skipped), so "joined, then accepted" holds: an event
+      published after the client sees its socket open reaches it. A confirmation Redis owes
+      for a subscription since unsubscribed is not taken for the new one."""
+
+    confirm_seconds = 5.0
+
+    def __init__(self, host, channel_layer):
+        super().__init__(host, channel_layer)
+        self._watched = None  # the pub/sub connection whose reconnects are watched
+        self._confirming: dict[str, asyncio.Future] = {}
+        self._unsubscribing: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._failing = False
+
+    async def subscribe(self, channel):
+        async with self._lock:
+            confirmed = self._confirming.get(channel)
+            if channel not in self._subscribed_to:
+                self._ensure_redis()
+                self._ensure_receiver()
+                confirmed = self._confirming[channel] = asyncio.get_running_loop().create_future()
+                try:
+                    await self._pubsub.subscribe(channel)
+                except BaseException:
+                    self._confirming.pop(channel, None)
+                    raise
+                self._subscribed_to.add(channel)
+                self._watch()
+                self._wake.set()
+        if confirmed is not None and not confirmed.done():
+            await asyncio.wait_for(asyncio.shield(confirmed), self.confirm_seconds)
+
+    async def unsubscribe(self, channel):
+        async with self._lock:
+            if channel in self._subscribed_to:
+                self._ensure_redis()
+                self._ensure_receiver()
+                self._unsubscribing[channel] += 1
+                await self._pubsub.unsubscribe(channel)
+                self._subscribed_to.remove(channel)
+                confirmed = self._confirming.pop(channel, None)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)  # (its waiter is leaving; a new subscribe waits anew)
+
+    async def flush(self):
+        await super().flush()
+        self._watched = None
+        self._unsubscribing.clear()
+        for confirmed in self._confirming.values():
+            confirmed.cancel()
+        self._confirming.clear()
+
+    def _watch(self) -> None:
+        connection = self._pubsub.connection
+        if connection is not None and connection is not self._watched:
+            # (after the connection's first connect: called on reconnects only, after
+            # redis-py's own callback has subscribed again; held as a weak method)
+            connection.register_connect_callback(self._reconnected)
+            self._watched = connection
+
+    def _reconnected(self, connection) -> None:
+        self._failing = False
+        self._unsubscribing.clear()  # (the replies owed on the old connection never come)
+        layer = self.channel_layer
+        told = {c for c in layer.channels if layer._get_shard(c) is self}
+        for group, members in layer.groups.items():
+            if layer._get_shard(group) is self:
+                told |= members
+        told &= layer.channels.keys()
+        PUBSUB_RECONNECTS.inc()
+        logger.warning("the channel layer's pub/sub connection to Redis came back: what was published "
+                       "meanwhile is lost; %d sockets told to reconnect (1012)", len(told))
+        spread = min(RECONNECT_SPREAD_MAX, len(told) / RECONNECT_SPREAD_RATE)
+        serialize = layer.channel_layer.serialize
+        for channel in told:
+            layer.channels[channel].put_nowait(serialize({"type": LAYER_RECONNECTED, "delay": random.uniform(0, spread)}))
+
+    def _received(self, message) -> None:
+        kind = message["type"]
+        name = message["channel"]
+        if isinstance(name, bytes):
+            name = name.decode()
+        if kind == "subscribe":
+            if self._unsubscribing[name]:
+                return  # (owed for a subscription since unsubscribed)
+            confirmed = self._confirming.pop(name, None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+        elif kind == "unsubscribe":
+            if self._unsubscribing[name] > 1:
+                self._unsubscribing[name] -= 1
+            else:
+                del self._unsubscribing[name]
+        else:
+            self._receive_message(message)
+
+    async def _do_receiving(self):
+        """channels_redis's receive loop, reading the subscriptions' confirmations too, and
+        woken by a first subscription instead of polling every 0.1 s (a confirmation waited
+        up to 0.1 s)."""
+        while True:
+            try:
+                if self._pubsub and self._pubsub.subscribed:
+                    message = await self._pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1)
+                    if message is not None:
+                        self._received(message)
+                else:
+                    self._wake.clear()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), 0.1)
+                    except asyncio.TimeoutError:
+                        pass
+            except (asyncio.CancelledError, asyncio.TimeoutError, GeneratorExit):
+                raise
+            except RedisConnectionError as error:
+                # (Redis restarting or away: once, not every second while it is; the next
+                # read reconnects, and `_reconnected` says when it is back)
+                if not self._failing:
+                    logger.warning("the channel layer's pub/sub connection to Redis failed (%s): reconnecting", error)
+                self._failing = True
+                await asyncio.sleep(1)
+            except BaseException:
+                logger.exception("Unexpected exception in receive task")
+                await asyncio.sleep(1)
+
+
 class _BoundedLoopLayer(RedisPubSubLoopLayer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shards = [_Shard(shard.host, self) for shard in self._shards]
+
     async def _subscribe_to_channel(self, channel):
         self.channels[channel] = _SocketQueue(self.channel_layer.capacity, self.channel_layer.serialize(SOCKET_BEHIND))
         await self._get_shard(channel).subscribe(channel)

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_BEHIND = 1013  # (try again later) its events overflowed its queue in the process: reconnect, reload
+CLOSE_RESTART = 1012  # (service restart) its process's pub/sub connection to Redis dropped: reconnect, reload
 CLOSE_TOO_MANY = 4429  # (as HTTP 429) SOCKET_MAX_PER_CREDENTIAL of this login's sockets are open here
 
 # This process's open sockets by credential (RelayConsumer.join_and_accept).
@@ -386,6 +387,14 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         were dropped, so what the client shows is out of date. Close with 1013: it reconnects
         and reloads (the live map its state, a driver's app its snapshot)."""
         await self.close(code=CLOSE_BEHIND)
+
+    async def layer_reconnected(self, message):
+        """This socket's process lost its pub/sub connection to Redis and has it back
+        (common.channels._Shard): what was published meanwhile never reached it. Close with
+        1012 after the message's `delay` (the closes of a process's sockets spread): it
+        reconnects and reloads."""
+        await asyncio.sleep(message.get("delay", 0))
+        await self.close(code=CLOSE_RESTART)
 
     async def login_revoked(self, message):
         """A login of this user was revoked or changed: close if this socket's credentials no

@@ -51,6 +51,13 @@ LIVE_EVENTS_DROPPED = Counter(
 LIVE_EVENTS_DROPPED_REASONS = ("redis_unavailable", "backlog", "send_failed", "socket_behind")
 for _reason in LIVE_EVENTS_DROPPED_REASONS:
     LIVE_EVENTS_DROPPED.labels(_reason)
+# A web process's channel-layer pub/sub connection to Redis dropped and came back
+# (common.channels._Shard): what was published meanwhile never reached its sockets, which were
+# then closed (1012) to reconnect and read their state afresh.
+PUBSUB_RECONNECTS = Counter(
+    "channel_layer_pubsub_reconnects_total",
+    "Pub/sub connections to Redis that came back after a drop (their sockets closed 1012 to reload)",
+)
 
 
 # The seed's metrics (Monitoring and Metrics). Gauges are computed from PostgreSQL at scrape

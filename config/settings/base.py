@@ -263,7 +263,7 @@ def core_channel_layer(prefix: str) -> dict:
 CHANNEL_LAYERS = {
     "default": core_channel_layer(env("CHANNELS_PREFIX", default="asgi")) if CHANNELS_LAYER == "core" else {
         "BACKEND": "common.channels.CoalescingPubSubChannelLayer",
-        # (capacity: a socket's queue in the web process, the oldest dropped past it)
+        # (capacity: a socket's queue in the web process; past it the socket is closed, 1013)
         "CONFIG": {"hosts": [REDIS_URL], "prefix": env("CHANNELS_PREFIX", default="asgi"), "capacity": 1000},
     },
     # Customer tracking (groups "delivery.<id>", common.broadcast.TRACKING_LAYER): Redis

@@ -1,0 +1,164 @@
+"""The pub/sub layer's connection to Redis (common.channels._Shard): a subscription holds once
+`subscribe` returns (Redis confirmed it), and when a dropped connection comes back the sockets
+that may have missed events meanwhile are closed with 1012 to reconnect and reload."""
+import asyncio
+import logging
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+
+from common.channels import CoalescingPubSubChannelLayer, _Shard
+from common.metrics import PUBSUB_RECONNECTS
+from config.asgi import application
+from tests.api import token_for
+from tests.factories import OpsUserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class SlowLink:
+    """A TCP proxy to the tests' Redis holding what the client writes for `delay` seconds: a
+    command reaches Redis that long after redis-py has written it."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        db = urlsplit(django_settings.REDIS_URL).path
+        self.url = f"redis://127.0.0.1:{port}{db}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+    async def _serve(self, reader, writer):
+        target = urlsplit(django_settings.REDIS_URL)
+        up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port or 6379)
+
+        async def pipe(source, sink, delay):
+            try:
+                while data := await source.read(65536):
+                    await asyncio.sleep(delay)
+                    sink.write(data)
+                    await sink.drain()
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer, self.delay), pipe(up_reader, writer, 0), return_exceptions=True)
+
+
+def test_a_group_joined_is_subscribed_at_redis_when_group_add_returns():
+    """redis-py's SUBSCRIBE returns once written: a consumer that joined its groups and then
+    accepted could miss an event published before Redis had read the command (here 0.3 s
+    later). Now group_add returns once Redis has confirmed."""
+    prefix = f"confirm-{uuid.uuid4().hex[:8]}"
+
+    async def scenario():
+        async with SlowLink(0.3) as link:
+            layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
+            direct = aioredis.from_url(django_settings.REDIS_URL)
+            try:
+                channel = await layer.new_channel()
+                await layer.group_add("ops", channel)
+                group = f"{prefix}__group__ops"
+                subscribed = dict(await direct.pubsub_numsub(group))[group.encode()]
+                await direct.publish(group, layer.serialize({"type": "probe"}))
+                received = await asyncio.wait_for(layer.receive(channel), 5)
+                return subscribed, received
+            finally:
+                await layer.flush()
+                await direct.aclose()
+
+    assert async_to_sync(scenario)() == (1, {"type": "probe"})
+
+
+def test_a_confirmation_owed_to_an_earlier_subscription_is_not_taken_for_a_new_one():
+    """Redis answers SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE of one channel in order: the first
+    confirmation, read after the unsubscribe was sent, says nothing of the second subscription."""
+    async def scenario():
+        shard = _Shard("redis://unused", channel_layer=None)
+        shard._confirming["c"] = waiting = asyncio.get_running_loop().create_future()
+        shard._unsubscribing["c"] = 1
+        shard._received({"type": "subscribe", "channel": b"c", "data": 1})  # the first's
+        first = waiting.done()
+        shard._received({"type": "unsubscribe", "channel": b"c", "data": 0})
+        shard._received({"type": "subscribe", "channel": b"c", "data": 1})  # the new one's
+        return first, waiting.done(), dict(shard._unsubscribing)
+
+    assert async_to_sync(scenario)() == (False, True, {})
+
+
+def _kill_pubsub_connection(connection) -> None:
+    """Close, at the server, the Redis connection this process's layer subscribes on (as a
+    Redis restart or a network drop would), and only that one: other test workers share Redis."""
+    port = connection._writer.get_extra_info("sockname")[1]
+    admin = redis.Redis.from_url(django_settings.REDIS_URL)
+    try:
+        (client,) = [c for c in admin.client_list(_type="pubsub") if c["addr"].endswith(f":{port}")]
+        assert admin.client_kill_filter(_id=client["id"]) == 1
+    finally:
+        admin.close()
+
+
+def test_sockets_are_closed_1012_when_their_pubsub_connection_comes_back(settings, caplog):
+    """Redis drops the process's pub/sub connection; redis-py reconnects and subscribes again,
+    silently, and what was published meanwhile never arrived: the sockets stayed open, out of
+    date. Now each is closed with 1012 (its client reconnects and reloads), and a socket that
+    connects afterwards hears what comes next."""
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0
+    token = token_for(OpsUserFactory())
+    before = PUBSUB_RECONNECTS._value.get()
+
+    async def scenario():
+        url = f"/ws/ops/?token={token}&locations=0&positions=0"
+        old = [WebsocketCommunicator(application, url) for _ in range(2)]
+        for comm in old:
+            assert (await comm.connect(timeout=10))[0]
+        (shard,) = get_channel_layer()._get_layer()._shards
+        await asyncio.to_thread(_kill_pubsub_connection, shard._pubsub.connection)
+        closed = [await comm.receive_output(timeout=10) for comm in old]
+        new = WebsocketCommunicator(application, url)
+        assert (await new.connect(timeout=10))[0]
+        await get_channel_layer().group_send("ops", {"type": "zone_health_updated", "event": {"type": "zone_health_updated"}})
+        heard = await new.receive_json_from(timeout=10)
+        await new.disconnect()
+        for comm in old:
+            await comm.disconnect(timeout=10)
+        return closed, heard
+
+    with caplog.at_level(logging.WARNING):
+        closed, heard = async_to_sync(scenario)()
+
+    assert closed == [{"type": "websocket.close", "code": 1012}] * 2
+    assert heard == {"type": "zone_health_updated"}
+    assert PUBSUB_RECONNECTS._value.get() - before == 1
+    assert "2 sockets told to reconnect (1012)" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # (a drop is a warning)
+
+
+def test_a_first_connection_tells_no_socket(settings):
+    """Only a connection that comes back closes sockets: the first one each loop opens does not."""
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0
+    token = token_for(OpsUserFactory())
+    before = PUBSUB_RECONNECTS._value.get()
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/ops/?token={token}&locations=0&positions=0")
+        assert (await comm.connect(timeout=10))[0]
+        await get_channel_layer().group_send("ops", {"type": "zone_health_updated", "event": {"n": 1}})
+        heard = await comm.receive_json_from(timeout=10)
+        quiet = await comm.receive_nothing(timeout=0.3)
+        await comm.disconnect()
+        return heard, quiet
+
+    assert async_to_sync(scenario)() == ({"n": 1}, True)
+    assert PUBSUB_RECONNECTS._value.get() == before
