@@ -28,6 +28,7 @@ makes two round trips a message.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import random
@@ -416,6 +417,12 @@ class _Shard(RedisSingleShardConnection):
         else:
             self._receive_message(message)
 
+    def _ensure_receiver(self):
+        if self._receive_task is None:
+            # (in a context of its own: it outlives the socket whose subscribe started it, and
+            # its log lines carried that socket's request id)
+            self._receive_task = asyncio.get_running_loop().create_task(self._do_receiving(), context=contextvars.Context())
+
     async def _do_receiving(self):
         """channels_redis's receive loop, reading the subscriptions' confirmations too, and
         woken by a first subscription instead of polling every 0.1 s (a confirmation waited
@@ -424,6 +431,7 @@ class _Shard(RedisSingleShardConnection):
             try:
                 if self._pubsub and self._pubsub.subscribed:
                     message = await self._pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1)
+                    self._failing = False
                     if message is not None:
                         self._received(message)
                 else:
