@@ -3,6 +3,7 @@ from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+from redis.connection import parse_url as redis_parse_url
 
 from config.periodic import TIMER_TASKS, TIMERS_QUEUE
 
@@ -242,6 +243,13 @@ if CHANNELS_LAYER not in ("pubsub", "core"):
     raise ImproperlyConfigured(f"CHANNELS_LAYER must be pubsub or core, not {CHANNELS_LAYER!r}.")
 
 
+# The channel layers' names in Redis. Pub/sub channels are shared by every database of a Redis
+# server: a deployment on database N (not 0) gets its own names by default (`asgi.dbN`), so two
+# deployments (or a bench) on one server's databases no longer hear each other's events.
+_REDIS_DB = int(redis_parse_url(REDIS_URL).get("db") or 0)
+CHANNELS_PREFIX = env("CHANNELS_PREFIX", default="asgi" if _REDIS_DB == 0 else f"asgi.db{_REDIS_DB}")
+
+
 def core_channel_layer(prefix: str) -> dict:
     """channels_redis's core layer (common.channels.PooledRedisChannelLayer) under `prefix`."""
     return {
@@ -261,10 +269,10 @@ def core_channel_layer(prefix: str) -> dict:
 
 
 CHANNEL_LAYERS = {
-    "default": core_channel_layer(env("CHANNELS_PREFIX", default="asgi")) if CHANNELS_LAYER == "core" else {
+    "default": core_channel_layer(CHANNELS_PREFIX) if CHANNELS_LAYER == "core" else {
         "BACKEND": "common.channels.CoalescingPubSubChannelLayer",
         # (capacity: a socket's queue in the web process; past it the socket is closed, 1013)
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": env("CHANNELS_PREFIX", default="asgi"), "capacity": 1000},
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": CHANNELS_PREFIX, "capacity": 1000},
     },
     # Customer tracking (groups "delivery.<id>", common.broadcast.TRACKING_LAYER): Redis
     # pub/sub. A message is pushed to the processes whose sockets joined the group and put on
@@ -275,7 +283,7 @@ CHANNEL_LAYERS = {
         "BACKEND": "common.channels.CoalescingPubSubChannelLayer",
         "CONFIG": {
             "hosts": [REDIS_URL],
-            "prefix": env("CHANNELS_PREFIX", default="asgi") + ".tracking",
+            "prefix": CHANNELS_PREFIX + ".tracking",
         },
     },
 }

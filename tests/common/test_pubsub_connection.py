@@ -3,7 +3,11 @@
 that may have missed events meanwhile are closed with 1012 to reconnect and reload."""
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -21,6 +25,8 @@ from tests.api import token_for
 from tests.factories import OpsUserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class SlowLink:
@@ -162,3 +168,23 @@ def test_a_first_connection_tells_no_socket(settings):
 
     assert async_to_sync(scenario)() == ({"n": 1}, True)
     assert PUBSUB_RECONNECTS._value.get() == before
+
+
+def _prefixes_for(**env_vars) -> list[str]:
+    code = ("from django.conf import settings\n"
+            "print(*(settings.CHANNEL_LAYERS[a]['CONFIG']['prefix'] for a in ('default', 'tracking')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("CHANNELS_PREFIX", "REDIS_URL")}
+    env.update(DJANGO_SETTINGS_MODULE="config.settings.base", **env_vars)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_deployments_on_two_databases_of_one_redis_server_get_their_own_pubsub_names():
+    """Pub/sub channels belong to the Redis server, not to a database: two deployments on
+    databases 0 and 1 of one server heard each other's events (a driver of one told of the
+    other's offers) unless someone set CHANNELS_PREFIX."""
+    assert _prefixes_for(REDIS_URL="redis://127.0.0.1:6379/0") == ["asgi", "asgi.tracking"]
+    assert _prefixes_for(REDIS_URL="redis://127.0.0.1:6379/1") == ["asgi.db1", "asgi.db1.tracking"]
+    assert _prefixes_for(REDIS_URL="unix:///run/redis.sock?db=2") == ["asgi.db2", "asgi.db2.tracking"]
+    assert _prefixes_for(REDIS_URL="redis://127.0.0.1:6379/1", CHANNELS_PREFIX="city-a") == ["city-a", "city-a.tracking"]
