@@ -334,6 +334,7 @@ class _Shard(RedisSingleShardConnection):
         self._unsubscribing: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._failing = False
+        self._reconnects = 0
 
     async def subscribe(self, channel):
         async with self._lock:
@@ -382,6 +383,7 @@ class _Shard(RedisSingleShardConnection):
             self._watched = connection
 
     def _reconnected(self, connection) -> None:
+        self._reconnects += 1
         self._failing = False
         self._unsubscribing.clear()  # (the replies owed on the old connection never come)
         layer = self.channel_layer
@@ -428,6 +430,7 @@ class _Shard(RedisSingleShardConnection):
         woken by a first subscription instead of polling every 0.1 s (a confirmation waited
         up to 0.1 s)."""
         while True:
+            reconnects = self._reconnects
             try:
                 if self._pubsub and self._pubsub.subscribed:
                     message = await self._pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1)
@@ -443,6 +446,8 @@ class _Shard(RedisSingleShardConnection):
             except (asyncio.CancelledError, asyncio.TimeoutError, GeneratorExit):
                 raise
             except RedisConnectionError as error:
+                if self._reconnects != reconnects:
+                    continue  # (redis-py reconnected, then raised what made it: `_reconnected` has told)
                 # (Redis restarting or away: once, not every second while it is; the next
                 # read reconnects, and `_reconnected` says when it is back)
                 if not self._failing:
