@@ -29,12 +29,21 @@ pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class SlowLink:
-    """A TCP proxy to the tests' Redis holding what the client writes for `delay` seconds: a
-    command reaches Redis that long after redis-py has written it."""
+class Link:
+    """A TCP proxy to the tests' Redis holding what the client writes for `delay` seconds (a
+    command reaches Redis that long after redis-py has written it), and that can be cut (its
+    connections closed, new ones closed at once) and restored: Redis away for a while."""
 
-    def __init__(self, delay: float):
+    def __init__(self, delay: float = 0):
         self.delay = delay
+        self.down = False
+        self.writers = []
+
+    def cut(self):
+        self.down = True
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
 
     async def __aenter__(self):
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -47,6 +56,10 @@ class SlowLink:
         self.server.close()
 
     async def _serve(self, reader, writer):
+        if self.down:
+            writer.close()
+            return
+        self.writers.append(writer)
         target = urlsplit(django_settings.REDIS_URL)
         up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port or 6379)
 
@@ -69,7 +82,7 @@ def test_a_group_joined_is_subscribed_at_redis_when_group_add_returns():
     prefix = f"confirm-{uuid.uuid4().hex[:8]}"
 
     async def scenario():
-        async with SlowLink(0.3) as link:
+        async with Link(delay=0.3) as link:
             layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
             direct = aioredis.from_url(django_settings.REDIS_URL)
             try:
@@ -101,6 +114,42 @@ def test_a_confirmation_owed_to_an_earlier_subscription_is_not_taken_for_a_new_o
         return first, waiting.done(), dict(shard._unsubscribing)
 
     assert async_to_sync(scenario)() == (False, True, {})
+
+
+def test_redis_away_for_a_while_then_back_tells_the_sockets_once_and_they_hear_what_comes_next(caplog):
+    """Redis unreachable for ~1.5 s (each read fails, each reconnect is refused), then back: one
+    warning that the connection failed, one that it came back, the channel told, and the group
+    heard again."""
+    prefix = f"away-{uuid.uuid4().hex[:8]}"
+
+    async def scenario():
+        async with Link() as link:
+            layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
+            direct = aioredis.from_url(django_settings.REDIS_URL)
+            try:
+                channel = await layer.new_channel()
+                await layer.group_add("ops", channel)
+                link.cut()
+                await asyncio.sleep(1.5)
+                link.down = False
+                told = await asyncio.wait_for(layer.receive(channel), 10)
+                await direct.publish(f"{prefix}__group__ops", layer.serialize({"type": "probe"}))
+                heard = await asyncio.wait_for(layer.receive(channel), 5)
+                return told, heard
+            finally:
+                await layer.flush()
+                await direct.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="common.channels"):
+        told, heard = async_to_sync(scenario)()
+
+    assert told["type"] == "layer.reconnected" and 0 <= told["delay"] <= 0.01
+    assert heard == {"type": "probe"}
+    messages = [r.getMessage() for r in caplog.records if r.name == "common.channels"]
+    assert [m.split(" (")[0].split(":")[0] for m in messages] == [
+        "the channel layer's pub/sub connection to Redis failed",
+        "the channel layer's pub/sub connection to Redis came back",
+    ], messages
 
 
 def _kill_pubsub_connection(connection) -> None:
