@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection, _wrap_close
 from django.conf import settings
@@ -299,10 +299,11 @@ class _SocketQueue(asyncio.Queue):
 # What each socket of a web process is told when its pub/sub connection to Redis comes back
 # (`_Shard`): its consumer closes the socket with 1012, after `delay`.
 LAYER_RECONNECTED = "layer.reconnected"
-# Sockets told per second, at most, after a reconnect: their closes (and their clients'
-# reconnects, each reading its state afresh) are spread over up to RECONNECT_SPREAD_MAX seconds.
+# After a reconnect a process's sockets are closed at about this many a second (their clients
+# reconnect, each reading its state afresh), over RECONNECT_SPREAD_MAX seconds at most (past
+# 30,000 sockets in one process, faster).
 RECONNECT_SPREAD_RATE = 500
-RECONNECT_SPREAD_MAX = 5.0
+RECONNECT_SPREAD_MAX = 60.0
 
 
 class _Shard(RedisSingleShardConnection):
@@ -315,8 +316,8 @@ class _Shard(RedisSingleShardConnection):
       customer without "delivered"). When the connection comes back, every socket whose
       channel or group is on this shard is told (`layer.reconnected`); its consumer closes it
       with 1012 (service restart), and the client reconnects and reads its state. The closes
-      are spread (RECONNECT_SPREAD_RATE a second) so that thousands of tracking pages do not
-      all reconnect in the same second. Counted in channel_layer_pubsub_reconnects_total.
+      are spread (about RECONNECT_SPREAD_RATE a second) so that thousands of tracking pages do
+      not all reconnect in the same second. Counted in channel_layer_pubsub_reconnects_total.
       (channels_redis's pub/sub layer takes `on_reconnect` and never calls it:
       django/channels_redis#406.)
     - **Subscriptions confirmed.** redis-py's SUBSCRIBE returns once the command is written;
@@ -326,6 +327,7 @@ class _Shard(RedisSingleShardConnection):
       for a subscription since unsubscribed is not taken for the new one."""
 
     confirm_seconds = 5.0
+    retry_seconds = 1.0  # (between reads while the connection fails)
 
     def __init__(self, host, channel_layer):
         super().__init__(host, channel_layer)
@@ -352,7 +354,10 @@ class _Shard(RedisSingleShardConnection):
                 self._watch()
                 self._wake.set()
         if confirmed is not None and not confirmed.done():
-            await asyncio.wait_for(asyncio.shield(confirmed), self.confirm_seconds)
+            # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # lands as the confirmation arrives, CPython gh-86296)
+            async with asyncio.timeout(self.confirm_seconds):
+                await asyncio.shield(confirmed)
 
     async def unsubscribe(self, channel):
         async with self._lock:
@@ -371,7 +376,8 @@ class _Shard(RedisSingleShardConnection):
         self._watched = None
         self._unsubscribing.clear()
         for confirmed in self._confirming.values():
-            confirmed.cancel()
+            if not confirmed.done():
+                confirmed.set_result(None)  # (the layer starts afresh; its waiters go on)
         self._confirming.clear()
 
     def _watch(self) -> None:
@@ -386,6 +392,12 @@ class _Shard(RedisSingleShardConnection):
         self._reconnects += 1
         self._failing = False
         self._unsubscribing.clear()  # (the replies owed on the old connection never come)
+        # redis-py has just sent SUBSCRIBE again for every channel: until Redis confirms, a
+        # socket joining one of them waits, as for a first subscription
+        loop = asyncio.get_running_loop()
+        for channel in self._subscribed_to:
+            if channel not in self._confirming:
+                self._confirming[channel] = loop.create_future()
         layer = self.channel_layer
         told = {c for c in layer.channels if layer._get_shard(c) is self}
         for group, members in layer.groups.items():
@@ -445,7 +457,7 @@ class _Shard(RedisSingleShardConnection):
                         pass
             except (asyncio.CancelledError, asyncio.TimeoutError, GeneratorExit):
                 raise
-            except RedisConnectionError as error:
+            except (RedisConnectionError, RedisTimeoutError, OSError) as error:
                 if self._reconnects != reconnects:
                     continue  # (redis-py reconnected, then raised what made it: `_reconnected` has told)
                 # (Redis restarting or away: once, not every second while it is; the next
@@ -453,7 +465,7 @@ class _Shard(RedisSingleShardConnection):
                 if not self._failing:
                     logger.warning("the channel layer's pub/sub connection to Redis failed (%s): reconnecting", error)
                 self._failing = True
-                await asyncio.sleep(1)
+                await asyncio.sleep(self.retry_seconds)
             except BaseException:
                 logger.exception("Unexpected exception in receive task")
                 await asyncio.sleep(1)
@@ -466,7 +478,19 @@ class _BoundedLoopLayer(RedisPubSubLoopLayer):
 
     async def _subscribe_to_channel(self, channel):
         self.channels[channel] = _SocketQueue(self.channel_layer.capacity, self.channel_layer.serialize(SOCKET_BEHIND))
-        await self._get_shard(channel).subscribe(channel)
+        shard = self._get_shard(channel)
+        try:
+            await shard.subscribe(channel)
+        except BaseException:
+            # (Redis away, its confirmation late, or the socket gone meanwhile: the channel's
+            # name never reaches its consumer, so nothing else would unsubscribe it; it stayed
+            # subscribed, with a queue, and was told of every reconnect)
+            self.channels.pop(channel, None)
+            try:
+                await asyncio.shield(shard.unsubscribe(channel))
+            except BaseException:  # noqa: BLE001 - the error that brought us here is the one to raise
+                logger.warning("a channel that failed to subscribe is left subscribed", exc_info=True)
+            raise
 
 
 class CoalescingPubSubChannelLayer(RedisPubSubChannelLayer):

@@ -333,8 +333,14 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         if logged_in:
             groups = [*groups, login_group(user.pk)]
         self.groups_to_join = groups
-        for group in groups:
-            await self.channel_layer.group_add(group, self.channel_name)
+        try:
+            for group in groups:
+                await self.channel_layer.group_add(group, self.channel_name)
+        except BaseException:
+            # (Redis away, or its confirmation late: the socket is refused, and leaves the
+            # groups it joined; a refused socket never reaches `disconnect`)
+            await self._leave_groups()
+            raise
         expires_at = self.scope.get("api_token_expires_at")
         if logged_in:
             # Checked again once in the login's group: a revocation committed between the
@@ -392,9 +398,9 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         """This socket's process lost its pub/sub connection to Redis and has it back
         (common.channels._Shard): what was published meanwhile never reached it. Close with
         1012 after the message's `delay` (the closes of a process's sockets spread): it
-        reconnects and reloads."""
+        reconnects and reloads. (Once: a login check may have closed it during the delay.)"""
         await asyncio.sleep(message.get("delay", 0))
-        await self.close(code=CLOSE_RESTART)
+        await self._close_once(CLOSE_RESTART)
 
     async def login_revoked(self, message):
         """A login of this user was revoked or changed: close if this socket's credentials no
@@ -464,6 +470,9 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
 
     async def disconnect(self, code):
         self._stop_checks()
+        await self._leave_groups()
+
+    async def _leave_groups(self) -> None:
         for group in getattr(self, "groups_to_join", []):
             try:
                 await self.channel_layer.group_discard(group, self.channel_name)

@@ -237,3 +237,113 @@ def test_deployments_on_two_databases_of_one_redis_server_get_their_own_pubsub_n
     assert _prefixes_for(REDIS_URL="redis://127.0.0.1:6379/1") == ["asgi.db1", "asgi.db1.tracking"]
     assert _prefixes_for(REDIS_URL="unix:///run/redis.sock?db=2") == ["asgi.db2", "asgi.db2.tracking"]
     assert _prefixes_for(REDIS_URL="redis://127.0.0.1:6379/1", CHANNELS_PREFIX="city-a") == ["city-a", "city-a.tracking"]
+
+
+def test_a_channel_whose_subscription_is_abandoned_or_unconfirmed_is_not_left_subscribed():
+    """A socket gone while its channel waited for Redis's confirmation (or one whose
+    confirmation came too late) never learns its channel's name, so nothing else would
+    unsubscribe it: it stayed subscribed, with a queue, told of every reconnect."""
+    prefix = f"abandon-{uuid.uuid4().hex[:8]}"
+
+    async def scenario():
+        async with Link(delay=0.3) as link:
+            layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
+            try:
+                await layer.new_channel()  # (the connection made, one channel kept)
+                waiting = asyncio.ensure_future(layer.new_channel())
+                await asyncio.sleep(0.1)
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                loop_layer = layer._get_layer()
+                (shard,) = loop_layer._shards
+                shard.confirm_seconds = 0.1
+                with pytest.raises(TimeoutError):
+                    await layer.new_channel()
+                await asyncio.sleep(0.7)  # (the unsubscribes through the link)
+                return len(loop_layer.channels), len(shard._subscribed_to), len(shard._pubsub.channels)
+            finally:
+                await layer.flush()
+
+    assert async_to_sync(scenario)() == (1, 1, 1)
+
+
+def test_a_socket_refused_while_joining_its_groups_leaves_those_it_joined(settings, monkeypatch):
+    """A refused socket never reaches `disconnect`: the groups it had joined kept its channel
+    (this process subscribed to them, and each event looked it up) for good."""
+    from common.channels import _BoundedLoopLayer as Layer
+
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0
+    token = token_for(OpsUserFactory())
+    group_add = Layer.group_add
+
+    async def failing_group_add(self, group, channel):
+        await group_add(self, group, channel)
+        if group.startswith("login"):
+            raise TimeoutError("not confirmed")
+
+    monkeypatch.setattr(Layer, "group_add", failing_group_add)
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/ops/?token={token}&locations=0&positions=0")
+        with pytest.raises(TimeoutError):
+            await comm.connect(timeout=10)
+        return {group: members for group, members in get_channel_layer()._get_layer().groups.items() if members}
+
+    assert async_to_sync(scenario)() == {}
+
+
+def test_a_group_joined_right_after_a_reconnect_waits_for_its_subscription_again():
+    """redis-py subscribes again on a reconnect without waiting: a socket joining a group this
+    process already had returned at once, before Redis had the subscription back."""
+    prefix = f"rejoin-{uuid.uuid4().hex[:8]}"
+
+    async def scenario():
+        async with Link(delay=0.3) as link:
+            layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
+            direct = aioredis.from_url(django_settings.REDIS_URL)
+            try:
+                first, second = await layer.new_channel(), await layer.new_channel()
+                await layer.group_add("ops", first)
+                link.cut()
+                await asyncio.sleep(0.3)
+                link.down = False
+                assert (await asyncio.wait_for(layer.receive(first), 10))["type"] == "layer.reconnected"
+                await layer.group_add("ops", second)
+                group = f"{prefix}__group__ops"
+                return dict(await direct.pubsub_numsub(group))[group.encode()]
+            finally:
+                await layer.flush()
+                await direct.aclose()
+
+    assert async_to_sync(scenario)() == 1
+
+
+def test_a_redis_that_times_out_is_one_warning_not_an_error_a_second(caplog):
+    """A Redis that takes connections and never answers (a failover's old address, a
+    partition) fails each read with a timeout, not a connection error: it was logged as an
+    unexpected ERROR, with its traceback, every few seconds."""
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    class Silent:
+        subscribed = True
+        connection = None
+        reads = 0
+
+        async def get_message(self, **kwargs):
+            Silent.reads += 1
+            raise RedisTimeoutError("Timeout connecting to server")
+
+    async def scenario():
+        shard = _Shard("redis://unused", channel_layer=None)
+        shard._pubsub = Silent()
+        shard.retry_seconds = 0.01
+        receiving = asyncio.ensure_future(shard._do_receiving())
+        while Silent.reads < 5:
+            await asyncio.sleep(0.01)
+        receiving.cancel()
+
+    with caplog.at_level(logging.WARNING):
+        async_to_sync(scenario)()
+    assert [(r.levelname, r.getMessage().split(" (")[0]) for r in caplog.records] == [
+        ("WARNING", "the channel layer's pub/sub connection to Redis failed")]
