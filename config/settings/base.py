@@ -1,4 +1,5 @@
 """Settings for every environment; values come from the environment with working defaults."""
+import socket
 from pathlib import Path
 
 import environ
@@ -268,11 +269,25 @@ def core_channel_layer(prefix: str) -> dict:
     }
 
 
+
+def pubsub_hosts(url: str) -> list[dict]:
+    """The pub/sub layers' Redis. Their connections probe an idle peer (TCP keep-alive after
+    10 s idle, every 5 s, 3 missed): a connection whose Redis vanished without a word (a
+    failover's old address, a partition) fails within ~25 s and is made again, and its
+    sockets are closed (1012) to reload (common.channels._Shard). Without it a web process
+    listened on a dead connection for the kernel's two hours, its sockets open and silent.
+    A connect waits 5 s at most (the kernel's own wait is minutes)."""
+    options = {getattr(socket, name): value for name, value in
+               (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)) if hasattr(socket, name)}
+    return [{"address": url, "socket_keepalive": True, "socket_keepalive_options": options,
+             "socket_connect_timeout": 5.0}]
+
+
 CHANNEL_LAYERS = {
     "default": core_channel_layer(CHANNELS_PREFIX) if CHANNELS_LAYER == "core" else {
         "BACKEND": "common.channels.CoalescingPubSubChannelLayer",
         # (capacity: a socket's queue in the web process; past it the socket is closed, 1013)
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": CHANNELS_PREFIX, "capacity": 1000},
+        "CONFIG": {"hosts": pubsub_hosts(REDIS_URL), "prefix": CHANNELS_PREFIX, "capacity": 1000},
     },
     # Customer tracking (groups "delivery.<id>", common.broadcast.TRACKING_LAYER): Redis
     # pub/sub. A message is pushed to the processes whose sockets joined the group and put on
@@ -282,7 +297,7 @@ CHANNEL_LAYERS = {
     "tracking": {
         "BACKEND": "common.channels.CoalescingPubSubChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            "hosts": pubsub_hosts(REDIS_URL),
             "prefix": CHANNELS_PREFIX + ".tracking",
         },
     },

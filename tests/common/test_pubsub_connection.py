@@ -347,3 +347,30 @@ def test_a_redis_that_times_out_is_one_warning_not_an_error_a_second(caplog):
         async_to_sync(scenario)()
     assert [(r.levelname, r.getMessage().split(" (")[0]) for r in caplog.records] == [
         ("WARNING", "the channel layer's pub/sub connection to Redis failed")]
+
+
+def test_the_layers_connections_to_redis_probe_an_idle_peer(settings):
+    """A pub/sub connection whose Redis vanished without a word (a failover's old address, a
+    partition) was listened on for the kernel's two hours: no reconnect, so no socket told.
+    With TCP keep-alive it fails within ~25 s, and the reconnect tells the sockets."""
+    import socket
+
+    from config.settings.base import pubsub_hosts
+
+    assert settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] == pubsub_hosts(settings.REDIS_URL)
+    assert settings.CHANNEL_LAYERS["tracking"]["CONFIG"]["hosts"] == pubsub_hosts(settings.REDIS_URL)
+
+    async def scenario():
+        layer = CoalescingPubSubChannelLayer(hosts=pubsub_hosts(settings.REDIS_URL), prefix=f"keep-{uuid.uuid4().hex[:8]}")
+        try:
+            await layer.new_channel()
+            (shard,) = layer._get_layer()._shards
+            sock = shard._pubsub.connection._writer.get_extra_info("socket")
+            return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0,
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+        finally:
+            await layer.flush()
+
+    assert async_to_sync(scenario)() == (True, 10, 5, 3)

@@ -31,7 +31,7 @@ def test_each_worker_has_its_own_redis_databases_and_channel_prefixes():
     assert settings.CELERY_BROKER_URL == settings.CELERY_RESULT_BACKEND == settings.REDIS_URL
     assert settings.CACHES["default"]["LOCATION"] == settings.REDIS_URL
     default, tracking = settings.CHANNEL_LAYERS["default"]["CONFIG"], settings.CHANNEL_LAYERS["tracking"]["CONFIG"]
-    assert default["hosts"][0] == tracking["hosts"][0] == settings.REDIS_URL
+    assert default["hosts"][0]["address"] == tracking["hosts"][0]["address"] == settings.REDIS_URL
     assert default["prefix"] == f"test-asgi-{n}"
     assert tracking["prefix"] == f"test-asgi-{n}.tracking"
     # never the development databases (0 for the app, 10 for the simulator)
