@@ -41,6 +41,7 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer, RedisSingleShardConnection, _wrap_close
+from channels_redis.utils import create_pool
 from django.conf import settings
 
 from common.metrics import LIVE_EVENTS_DROPPED, PUBSUB_RECONNECTS
@@ -296,6 +297,53 @@ class _SocketQueue(asyncio.Queue):
         super().put_nowait(item)
 
 
+class ConnectsOnce:
+    """A connection that one task at a time connects (or disconnects), and that other tasks see
+    as not connected until that is done. redis-py's pub/sub connection is shared by the layer's
+    receive loop and every subscribe, and any of them reconnects it when it finds it dropped:
+    two at once each ran the handshake on the other's socket (a reply read by the wrong task:
+    "unknown subcommand 'SETINFO'"), or one disconnected what the other was connecting
+    ("'NoneType' object has no attribute 'writelines'"), and a socket connecting just then
+    failed its handshake with a 500 (a socket audit: 10 drops under 300 connects a second)."""
+
+    _connect_lock: asyncio.Lock | None = None
+    _connecting: asyncio.Task | None = None
+
+    @property
+    def is_connected(self):
+        connecting = self._connecting
+        return super().is_connected and (connecting is None or connecting is asyncio.current_task())
+
+    def _turn(self) -> asyncio.Lock:
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        return self._connect_lock
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+        task = asyncio.current_task()
+        if self._connecting is task:  # (its own handshake's commands)
+            return await super().connect_check_health(check_health, retry_socket_connect)
+        async with self._turn():
+            self._connecting = task
+            try:
+                return await super().connect_check_health(check_health, retry_socket_connect)
+            finally:
+                self._connecting = None
+
+    async def disconnect(self, *args, **kwargs):
+        task = asyncio.current_task()
+        if task is None or self._connecting is task or self._connect_lock is None:
+            return await super().disconnect(*args, **kwargs)
+        async with self._turn():
+            return await super().disconnect(*args, **kwargs)
+
+
+@functools.cache
+def connecting_once(connection_class: type) -> type:
+    """`connection_class` (plain, TLS or Unix socket, as the URL's scheme says) with ConnectsOnce."""
+    return type(connection_class.__name__, (ConnectsOnce, connection_class), {})
+
+
 # What each socket of a web process is told when its pub/sub connection to Redis comes back
 # (`_Shard`): its consumer closes the socket with 1012, after `delay`.
 LAYER_RECONNECTED = "layer.reconnected"
@@ -379,6 +427,13 @@ class _Shard(RedisSingleShardConnection):
             if not confirmed.done():
                 confirmed.set_result(None)  # (the layer starts afresh; its waiters go on)
         self._confirming.clear()
+
+    def _ensure_redis(self):
+        if self._redis is None:
+            pool = create_pool(self.host)
+            pool.connection_class = connecting_once(pool.connection_class)
+            self._redis = aioredis.Redis(connection_pool=pool)
+            self._pubsub = self._redis.pubsub()
 
     def _watch(self) -> None:
         connection = self._pubsub.connection

@@ -14,6 +14,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.security.websocket import OriginValidator, WebsocketDenier
 from django.conf import settings
+from redis.exceptions import RedisError
 from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone as django_timezone
 from django.utils.crypto import constant_time_compare
@@ -42,6 +43,21 @@ def query_param(scope, name: str) -> str | None:
         if key == name:
             value = item
     return value
+
+
+async def _refuse_unavailable(scope, send) -> None:
+    """Answer the handshake 503 with the API's error body and Retry-After (where the server can
+    send an HTTP answer to a WebSocket handshake), else close it (an HTTP 403)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": CLOSE_BEHIND})
+        return
+    from common.errors import error_body
+
+    body = orjson.dumps(error_body(503, scope.get("path", ""), "Live updates are unavailable for a moment: try again shortly."))
+    await send({"type": "websocket.http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 @database_sync_to_async
@@ -270,9 +286,21 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         its login every few minutes."""
         try:
             return await super().__call__(scope, receive, send)
+        except (RedisError, OSError, TimeoutError) as error:
+            if getattr(self, "_accepted", False):
+                raise
+            # Redis away (or a subscription not confirmed in time) while the socket connected:
+            # refused as unavailable, with one line in the log, instead of uvicorn's 500 and a
+            # traceback per attempt. The client retries with backoff.
+            logger.warning("%s refused (503): the channel layer failed while it connected: %r", type(self).__name__, error)
+            await _refuse_unavailable(scope, send)
         finally:
             self._stop_checks()
             self._uncount()
+
+    async def accept(self, *args, **kwargs):
+        self._accepted = True
+        await super().accept(*args, **kwargs)
 
     @classmethod
     async def encode_json(cls, content) -> str:

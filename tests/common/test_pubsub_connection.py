@@ -2,6 +2,7 @@
 `subscribe` returns (Redis confirmed it), and when a dropped connection comes back the sockets
 that may have missed events meanwhile are closed with 1012 to reconnect and reload."""
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -286,11 +287,10 @@ def test_a_socket_refused_while_joining_its_groups_leaves_those_it_joined(settin
 
     async def scenario():
         comm = WebsocketCommunicator(application, f"/ws/ops/?token={token}&locations=0&positions=0")
-        with pytest.raises(TimeoutError):
-            await comm.connect(timeout=10)
-        return {group: members for group, members in get_channel_layer()._get_layer().groups.items() if members}
+        refused = await comm.connect(timeout=10)
+        return refused, {group: members for group, members in get_channel_layer()._get_layer().groups.items() if members}
 
-    assert async_to_sync(scenario)() == {}
+    assert async_to_sync(scenario)() == ((False, 1013), {})  # (no HTTP answer to send here: a close, 403)
 
 
 def test_a_group_joined_right_after_a_reconnect_waits_for_its_subscription_again():
@@ -374,3 +374,66 @@ def test_the_layers_connections_to_redis_probe_an_idle_peer(settings):
             await layer.flush()
 
     assert async_to_sync(scenario)() == (True, 10, 5, 3)
+
+
+def test_two_tasks_finding_the_connection_dropped_connect_it_once():
+    """The receive loop and a subscribe that both find the pub/sub connection dropped both
+    reconnected it: each ran the handshake on the other's socket, or closed what the other
+    was opening, and a socket connecting just then failed its handshake (500)."""
+    from redis.asyncio.connection import Connection
+
+    from common.channels import connecting_once
+
+    async def scenario():
+        async with Link(delay=0.05) as link:
+            connection = connecting_once(Connection)(**aioredis.connection.parse_url(link.url))
+            handshakes = []
+
+            class Watcher:
+                def seen(self, conn):
+                    handshakes.append(conn._writer)
+
+            watcher = Watcher()
+            connection.register_connect_callback(watcher.seen)
+            await asyncio.gather(*(connection.connect() for _ in range(4)))
+            await connection.send_command("PING")
+            reply = await connection.read_response()
+            await connection.disconnect()
+            return len(handshakes), reply
+
+    assert async_to_sync(scenario)() == (1, b"PONG")
+
+
+def test_a_socket_connecting_while_the_layer_fails_is_refused_503_with_one_warning(settings, monkeypatch, caplog):
+    """Redis away while a socket connects: uvicorn answered the handshake 500 and logged a
+    traceback per attempt (a socket audit: 991 in ten minutes of drops). Now a 503 with the
+    error body and Retry-After, and one warning line."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from common.channels import _BoundedLoopLayer
+
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0
+    token = token_for(OpsUserFactory())
+
+    async def refused(self, group, channel):
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(_BoundedLoopLayer, "group_add", refused)
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/ops/?token={token}&locations=0&positions=0")
+        comm.scope["extensions"] = {"websocket.http.response": {}}
+        await comm.send_input({"type": "websocket.connect"})
+        start = await comm.receive_output(timeout=10)
+        body = await comm.receive_output(timeout=10)
+        await comm.wait(timeout=10)
+        return start, body
+
+    with caplog.at_level(logging.WARNING):
+        start, body = async_to_sync(scenario)()
+
+    assert start["status"] == 503 and dict(start["headers"])[b"retry-after"] == b"1"
+    payload = json.loads(body["body"])
+    assert payload["statusCode"] == 503 and payload["path"] == "/ws/ops/"
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == ["WARNING"]
+    assert "OpsConsumer refused (503)" in caplog.text

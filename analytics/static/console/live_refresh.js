@@ -22,6 +22,7 @@
   const mode = script.dataset.mode === "swap" ? "swap" : "banner";
   const regions = (script.dataset.regions || "").split(/\s+/).filter(Boolean);
   const SWAP_GAP_MS = 10000;
+  const STEADY_MS = 10000;
   const SETTLED_MS = 500;  // a refused socket is accepted, then closed at once (4401/4403/4429)
   const body = document.body;
   let changes = 0, opened = 0, lastSwap = 0, swapTimer = null, attempt = 0, requested = 0, applied = 0;
@@ -94,10 +95,12 @@
     state("connecting");
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const socket = new WebSocket(`${scheme}://${location.host}${socketPath}`);
-    let settled = null;
+    let settled = null, steady = null;
     socket.onopen = () => {
+      // the backoff starts again once the socket has stayed open a while: a server closing it
+      // at once (1012, 1013: overloaded) is not met every second
+      steady = setTimeout(() => { attempt = 0; }, STEADY_MS);
       settled = setTimeout(() => {  // still open: not a refusal
-        attempt = 0;
         state("live");
         // swap: the page was rendered before the socket joined, so fetch it once now; banner:
         // back after a drop, what happened meanwhile is unknown
@@ -112,6 +115,7 @@
     };
     socket.onclose = (close) => {
       clearTimeout(settled);
+      clearTimeout(steady);
       if (close.code === 4401 || close.code === 4403) { state("signed-out"); return; }
       state("offline");
       if (close.code === 4429) { setTimeout(connect, 60000 * (0.75 + Math.random() * 0.5)); return; }

@@ -332,8 +332,11 @@
     setState(attempt ? "offline" : "connecting", attempt ? `Reconnecting (try ${attempt})…` : "Connecting…");
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     socket = new WebSocket(`${scheme}://${location.host}${config.socketPath}`);
+    let steady = null;
     socket.onopen = () => {
-      attempt = 0;
+      // the backoff starts again once the socket has stayed open a while: a server closing it
+      // at once (1012, 1013: overloaded) is not met every second, each time reloading the state
+      steady = setTimeout(() => { attempt = 0; }, 10000);
       // Joined before it opened (the server's order), so reloading now misses nothing.
       loadState().then(() => setState("live", "Live")).catch(() => setState("live", "Live (state reload failed)"));
     };
@@ -345,6 +348,7 @@
       root.dataset.lastEvent = event.type;
     };
     socket.onclose = (close) => {
+      clearTimeout(steady);
       if (close.code === 4401 || close.code === 4403) {
         setState("offline", "Signed out: reload the page to sign in again");
         return;

@@ -55,8 +55,11 @@
     state("connecting", "connecting…");
     var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     var socket = new WebSocket(scheme + window.location.host + path);
+    var steady = null;
     socket.onopen = function () {
-      retry = 1000;
+      // the backoff starts again once the socket has stayed open a while (a server closing it
+      // at once, 1012 or 1013, is not met every second)
+      steady = setTimeout(function () { retry = 1000; }, 10000);
       clearTimeout(timer);
       // "live" once the page holds everything up to the moment the socket opened.
       refresh().then(function () {
@@ -76,8 +79,9 @@
         setTimeout(connect, 60000 * (0.75 + Math.random() * 0.5));
         return;
       }
+      clearTimeout(steady);
       state("offline", "offline, retrying");
-      setTimeout(connect, retry);
+      setTimeout(connect, retry * (0.75 + Math.random() * 0.5));
       retry = Math.min(retry * 2, 30000);
     };
   }
