@@ -3,6 +3,7 @@ browser (headless Chromium) against a real ASGI server (uvicorn) started for the
 import json
 import os
 import re
+import uuid
 from pathlib import Path
 
 import httpx
@@ -264,6 +265,49 @@ def test_in_a_browser_a_link_over_its_socket_cap_says_so_and_does_not_retry_ever
         with pytest.raises(TimeoutException):
             WebDriverWait(chromium, 3, poll_frequency=0.25).until(lambda b: refusals() > 1)
         assert text("connection") == "too many open pages, retrying in a minute"
+
+
+@pytest.fixture
+def named_server(transactional_db, tmp_path):
+    """As uvicorn_server, with every Redis connection of the server named (CLIENT LIST shows
+    it): (base URL, the name)."""
+    name = f"track-page-{uuid.uuid4().hex[:8]}"
+    server, _ = _served(tmp_path, TEST_REDIS_URL=f"{settings.REDIS_URL}?client_name={name}")
+    with server as base:
+        yield base, name
+
+
+@pytest.mark.slow
+def test_in_a_browser_a_page_whose_socket_is_closed_at_once_backs_off(named_server, chromium):
+    """A server that closes the page's socket as soon as it opens (1012 after each of its
+    pub/sub connection's drops here; 1013 when overloaded): the page reset its backoff on
+    every open and came back every second, for good. Now the backoff starts over only once a
+    socket has stayed open 10 s: 1, 2, 4 s (± 25 %)."""
+    import time
+
+    import redis
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, name = named_server
+    delivery = DeliveryFactory()
+    admin = redis.Redis.from_url(settings.REDIS_URL)
+    text = lambda: chromium.find_element(By.ID, "connection").text  # noqa: E731
+
+    chromium.get(f"{base}/track/{delivery.pk}?token={delivery.tracking_token}")
+    WebDriverWait(chromium, 15).until(lambda b: text() == "live")
+    gaps = []
+    try:
+        for _ in range(3):
+            killed = sum(admin.client_kill_filter(_id=c["id"]) for c in admin.client_list(_type="pubsub") if c.get("name") == name)
+            assert killed >= 1
+            dropped = time.monotonic()
+            WebDriverWait(chromium, 10, poll_frequency=0.05).until(lambda b: text() != "live")
+            WebDriverWait(chromium, 15, poll_frequency=0.05).until(lambda b: text() == "live")
+            gaps.append(time.monotonic() - dropped)
+    finally:
+        admin.close()
+    assert gaps[0] < 2.5 and gaps[1] > 1.4 and gaps[2] > 2.9, gaps  # (was ~1 s each)
 
 
 @pytest.mark.slow
