@@ -2,6 +2,7 @@
 `subscribe` returns (Redis confirmed it), and when a dropped connection comes back the sockets
 that may have missed events meanwhile are closed with 1012 to reconnect and reload."""
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -76,27 +77,36 @@ class Link:
         await asyncio.gather(pipe(reader, up_writer, self.delay), pipe(up_reader, writer, 0), return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def through_link(name: str, delay: float = 0):
+    """A pub/sub layer of its own (prefix `name-<random>`) that reaches Redis through a Link,
+    and a client straight to Redis: (link, layer, direct)."""
+    async with Link(delay=delay) as link:
+        layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=f"{name}-{uuid.uuid4().hex[:8]}")
+        direct = aioredis.from_url(django_settings.REDIS_URL)
+        try:
+            yield link, layer, direct
+        finally:
+            await layer.flush()
+            await direct.aclose()
+
+
+def group_channel(layer, group: str) -> str:
+    return layer._get_layer()._get_group_channel_name(group)
+
+
 def test_a_group_joined_is_subscribed_at_redis_when_group_add_returns():
     """redis-py's SUBSCRIBE returns once written: a consumer that joined its groups and then
     accepted could miss an event published before Redis had read the command (here 0.3 s
     later). Now group_add returns once Redis has confirmed."""
-    prefix = f"confirm-{uuid.uuid4().hex[:8]}"
-
     async def scenario():
-        async with Link(delay=0.3) as link:
-            layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
-            direct = aioredis.from_url(django_settings.REDIS_URL)
-            try:
-                channel = await layer.new_channel()
-                await layer.group_add("ops", channel)
-                group = f"{prefix}__group__ops"
-                subscribed = dict(await direct.pubsub_numsub(group))[group.encode()]
-                await direct.publish(group, layer.serialize({"type": "probe"}))
-                received = await asyncio.wait_for(layer.receive(channel), 5)
-                return subscribed, received
-            finally:
-                await layer.flush()
-                await direct.aclose()
+        async with through_link("confirm", delay=0.3) as (link, layer, direct):
+            channel = await layer.new_channel()
+            await layer.group_add("ops", channel)
+            group = group_channel(layer, "ops")
+            subscribed = dict(await direct.pubsub_numsub(group))[group.encode()]
+            await direct.publish(group, layer.serialize({"type": "probe"}))
+            return subscribed, await asyncio.wait_for(layer.receive(channel), 5)
 
     assert async_to_sync(scenario)() == (1, {"type": "probe"})
 
@@ -121,25 +131,16 @@ def test_redis_away_for_a_while_then_back_tells_the_sockets_once_and_they_hear_w
     """Redis unreachable for ~1.5 s (each read fails, each reconnect is refused), then back: one
     warning that the connection failed, one that it came back, the channel told, and the group
     heard again."""
-    prefix = f"away-{uuid.uuid4().hex[:8]}"
-
     async def scenario():
-        async with Link() as link:
-            layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
-            direct = aioredis.from_url(django_settings.REDIS_URL)
-            try:
-                channel = await layer.new_channel()
-                await layer.group_add("ops", channel)
-                link.cut()
-                await asyncio.sleep(1.5)
-                link.down = False
-                told = await asyncio.wait_for(layer.receive(channel), 10)
-                await direct.publish(f"{prefix}__group__ops", layer.serialize({"type": "probe"}))
-                heard = await asyncio.wait_for(layer.receive(channel), 5)
-                return told, heard
-            finally:
-                await layer.flush()
-                await direct.aclose()
+        async with through_link("away") as (link, layer, direct):
+            channel = await layer.new_channel()
+            await layer.group_add("ops", channel)
+            link.cut()
+            await asyncio.sleep(1.5)
+            link.down = False
+            told = await asyncio.wait_for(layer.receive(channel), 10)
+            await direct.publish(group_channel(layer, "ops"), layer.serialize({"type": "probe"}))
+            return told, await asyncio.wait_for(layer.receive(channel), 5)
 
     with caplog.at_level(logging.WARNING, logger="common.channels"):
         told, heard = async_to_sync(scenario)()
@@ -244,27 +245,21 @@ def test_a_channel_whose_subscription_is_abandoned_or_unconfirmed_is_not_left_su
     """A socket gone while its channel waited for Redis's confirmation (or one whose
     confirmation came too late) never learns its channel's name, so nothing else would
     unsubscribe it: it stayed subscribed, with a queue, told of every reconnect."""
-    prefix = f"abandon-{uuid.uuid4().hex[:8]}"
-
     async def scenario():
-        async with Link(delay=0.3) as link:
-            layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
-            try:
-                await layer.new_channel()  # (the connection made, one channel kept)
-                waiting = asyncio.ensure_future(layer.new_channel())
-                await asyncio.sleep(0.1)
-                waiting.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await waiting
-                loop_layer = layer._get_layer()
-                (shard,) = loop_layer._shards
-                shard.confirm_seconds = 0.1
-                with pytest.raises(TimeoutError):
-                    await layer.new_channel()
-                await asyncio.sleep(0.7)  # (the unsubscribes through the link)
-                return len(loop_layer.channels), len(shard._subscribed_to), len(shard._pubsub.channels)
-            finally:
-                await layer.flush()
+        async with through_link("abandon", delay=0.3) as (link, layer, direct):
+            await layer.new_channel()  # (the connection made, one channel kept)
+            waiting = asyncio.ensure_future(layer.new_channel())
+            await asyncio.sleep(0.1)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            loop_layer = layer._get_layer()
+            (shard,) = loop_layer._shards
+            shard.confirm_seconds = 0.1
+            with pytest.raises(TimeoutError):
+                await layer.new_channel()
+            await asyncio.sleep(0.7)  # (the unsubscribes through the link)
+            return len(loop_layer.channels), len(shard._subscribed_to), len(shard._pubsub.channels)
 
     assert async_to_sync(scenario)() == (1, 1, 1)
 
@@ -296,25 +291,17 @@ def test_a_socket_refused_while_joining_its_groups_leaves_those_it_joined(settin
 def test_a_group_joined_right_after_a_reconnect_waits_for_its_subscription_again():
     """redis-py subscribes again on a reconnect without waiting: a socket joining a group this
     process already had returned at once, before Redis had the subscription back."""
-    prefix = f"rejoin-{uuid.uuid4().hex[:8]}"
-
     async def scenario():
-        async with Link(delay=0.3) as link:
-            layer = CoalescingPubSubChannelLayer(hosts=[link.url], prefix=prefix)
-            direct = aioredis.from_url(django_settings.REDIS_URL)
-            try:
-                first, second = await layer.new_channel(), await layer.new_channel()
-                await layer.group_add("ops", first)
-                link.cut()
-                await asyncio.sleep(0.3)
-                link.down = False
-                assert (await asyncio.wait_for(layer.receive(first), 10))["type"] == "layer.reconnected"
-                await layer.group_add("ops", second)
-                group = f"{prefix}__group__ops"
-                return dict(await direct.pubsub_numsub(group))[group.encode()]
-            finally:
-                await layer.flush()
-                await direct.aclose()
+        async with through_link("rejoin", delay=0.3) as (link, layer, direct):
+            first, second = await layer.new_channel(), await layer.new_channel()
+            await layer.group_add("ops", first)
+            link.cut()
+            await asyncio.sleep(0.3)
+            link.down = False
+            assert (await asyncio.wait_for(layer.receive(first), 10))["type"] == "layer.reconnected"
+            await layer.group_add("ops", second)
+            group = group_channel(layer, "ops")
+            return dict(await direct.pubsub_numsub(group))[group.encode()]
 
     assert async_to_sync(scenario)() == 1
 
