@@ -408,16 +408,28 @@ class _Shard(RedisSingleShardConnection):
                 await asyncio.shield(confirmed)
 
     async def unsubscribe(self, channel):
+        """Forgotten here at once, whatever Redis says: redis-py keeps a channel in its list
+        until Redis confirms the UNSUBSCRIBE, and subscribes its list again on a reconnect, so a
+        socket that closed while the connection was down (its UNSUBSCRIBE failed, or its answer
+        was lost with the connection) stayed subscribed for good, told of every reconnect, and
+        channels_redis logged an ERROR for each."""
         async with self._lock:
-            if channel in self._subscribed_to:
-                self._ensure_redis()
-                self._ensure_receiver()
-                self._unsubscribing[channel] += 1
+            if channel not in self._subscribed_to:
+                return
+            self._subscribed_to.remove(channel)
+            confirmed = self._confirming.pop(channel, None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)  # (its waiter is leaving; a new subscribe waits anew)
+            self._ensure_redis()
+            self._ensure_receiver()
+            self._pubsub.channels.pop(next(iter(self._pubsub._normalize_keys({channel: None}))), None)
+            self._unsubscribing[channel] += 1
+            try:
                 await self._pubsub.unsubscribe(channel)
-                self._subscribed_to.remove(channel)
-                confirmed = self._confirming.pop(channel, None)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)  # (its waiter is leaving; a new subscribe waits anew)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+                # (the connection's subscriptions went with it; no answer will come)
+                self._unsubscribing[channel] -= 1
+                logger.debug("unsubscribed %s while the connection was down: %r", channel, error)
 
     async def flush(self):
         await super().flush()

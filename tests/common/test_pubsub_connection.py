@@ -424,3 +424,28 @@ def test_a_socket_connecting_while_the_layer_fails_is_refused_503_with_one_warni
     assert payload["statusCode"] == 503 and payload["path"] == "/ws/ops/"
     assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == ["WARNING"]
     assert "OpsConsumer refused (503)" in caplog.text
+
+
+def test_a_socket_that_closes_while_redis_is_away_is_not_subscribed_again(caplog):
+    """Its UNSUBSCRIBE failed with the connection: channels_redis logged an ERROR, and redis-py,
+    which keeps a channel until Redis confirms, subscribed it again on the reconnect, for good
+    (a socket audit: subscriptions of sockets long gone grew with every drop)."""
+    async def scenario():
+        async with through_link("gone") as (link, layer, direct):
+            kept, gone = await layer.new_channel(), await layer.new_channel()
+            receiving = asyncio.ensure_future(layer.receive(gone))
+            await asyncio.sleep(0.05)
+            link.cut()
+            receiving.cancel()  # (what a consumer's end does: its receive is cancelled)
+            with pytest.raises(asyncio.CancelledError):
+                await receiving
+            await asyncio.sleep(1.2)
+            link.down = False
+            assert (await asyncio.wait_for(layer.receive(kept), 10))["type"] == "layer.reconnected"
+            await asyncio.sleep(0.2)
+            counts = dict(await direct.pubsub_numsub(kept, gone))
+            return counts[kept.encode()], counts[gone.encode()]
+
+    with caplog.at_level(logging.WARNING):
+        assert async_to_sync(scenario)() == (1, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
