@@ -284,23 +284,26 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         application cancelled mid-handler (a server shutting down, a client gone while a
         handler awaited) never reaches `disconnect`, and its timer kept it alive, checking
         its login every few minutes."""
+        answered = False
+
+        async def answering(message):
+            nonlocal answered
+            answered = True
+            await send(message)
+
         try:
-            return await super().__call__(scope, receive, send)
-        except (RedisError, OSError, TimeoutError) as error:
-            if getattr(self, "_accepted", False):
+            return await super().__call__(scope, receive, answering)
+        except RedisError as error:
+            if answered:
                 raise
-            # Redis away (or a subscription not confirmed in time) while the socket connected:
-            # refused as unavailable, with one line in the log, instead of uvicorn's 500 and a
-            # traceback per attempt. The client retries with backoff.
+            # Redis away (or a subscription not confirmed in time: channels.LayerUnavailable)
+            # before the handshake was answered: refused as unavailable, with one line in the
+            # log, instead of uvicorn's 500 and a traceback per attempt. The client retries.
             logger.warning("%s refused (503): the channel layer failed while it connected: %r", type(self).__name__, error)
             await _refuse_unavailable(scope, send)
         finally:
             self._stop_checks()
             self._uncount()
-
-    async def accept(self, *args, **kwargs):
-        self._accepted = True
-        await super().accept(*args, **kwargs)
 
     @classmethod
     async def encode_json(cls, content) -> str:
@@ -427,8 +430,17 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         (common.channels._Shard): what was published meanwhile never reached it. Close with
         1012 after the message's `delay` (the closes of a process's sockets spread): it
         reconnects and reloads. (Once: a login check may have closed it during the delay.)"""
-        await asyncio.sleep(message.get("delay", 0))
-        await self._close_once(CLOSE_RESTART)
+        delay = message.get("delay", 0)
+        if delay <= 0:
+            await self._close_once(CLOSE_RESTART)
+            return
+        # (a timer, not a sleep in the handler: the socket's events and its client's leaving
+        # are handled meanwhile)
+        self._restart = asyncio.get_running_loop().call_later(delay, self._restart_now)
+
+    def _restart_now(self) -> None:
+        # The task is kept: the loop holds tasks only weakly.
+        self._restart_close = asyncio.ensure_future(self._close_once(CLOSE_RESTART))
 
     async def login_revoked(self, message):
         """A login of this user was revoked or changed: close if this socket's credentials no
@@ -492,6 +504,9 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
     def _stop_checks(self) -> None:
         self._closing = True
         self._close_at(None)
+        restart = getattr(self, "_restart", None)
+        if restart is not None:
+            restart.cancel()
         check = getattr(self, "_expiry_check", None)
         if check is not None and not check.done():
             check.cancel()

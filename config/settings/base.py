@@ -247,8 +247,19 @@ if CHANNELS_LAYER not in ("pubsub", "core"):
 # The channel layers' names in Redis. Pub/sub channels are shared by every database of a Redis
 # server: a deployment on database N (not 0) gets its own names by default (`asgi.dbN`), so two
 # deployments (or a bench) on one server's databases no longer hear each other's events.
-_REDIS_DB = int(redis_parse_url(REDIS_URL).get("db") or 0)
-CHANNELS_PREFIX = env("CHANNELS_PREFIX", default="asgi" if _REDIS_DB == 0 else f"asgi.db{_REDIS_DB}")
+# (Upgrading a deployment on database N from before this: set CHANNELS_PREFIX=asgi, or restart
+# every web process and worker at once; old and new processes do not hear each other.)
+
+
+def _default_channels_prefix(url: str) -> str:
+    try:
+        db = int(redis_parse_url(url).get("db") or 0)
+    except ValueError:  # (a scheme redis-py's URL parser does not know: sentinel, …)
+        db = 0
+    return "asgi" if db == 0 else f"asgi.db{db}"
+
+
+CHANNELS_PREFIX = env("CHANNELS_PREFIX", default=None) or _default_channels_prefix(REDIS_URL)
 
 
 def core_channel_layer(prefix: str) -> dict:
@@ -277,10 +288,13 @@ def pubsub_hosts(url: str) -> list[dict]:
     sockets are closed (1012) to reload (common.channels._Shard). Without it a web process
     listened on a dead connection for the kernel's two hours, its sockets open and silent.
     A connect waits 5 s at most (the kernel's own wait is minutes)."""
-    options = {getattr(socket, name): value for name, value in
-               (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)) if hasattr(socket, name)}
-    return [{"address": url, "socket_keepalive": True, "socket_keepalive_options": options,
-             "socket_connect_timeout": 5.0}]
+    host = {"address": url, "socket_connect_timeout": 5.0}
+    if url.split("://", 1)[0] in ("redis", "rediss"):  # (TCP: a Unix socket has no keep-alive)
+        host["socket_keepalive"] = True
+        host["socket_keepalive_options"] = {getattr(socket, name): value for name, value in
+                                            (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+                                            if hasattr(socket, name)}
+    return [host]
 
 
 CHANNEL_LAYERS = {
