@@ -92,6 +92,23 @@ async def through_link(name: str, delay: float = 0):
             await direct.aclose()
 
 
+async def until(condition, seconds: float = 5.0) -> None:
+    """Wait for `condition()` to hold, polling (no fixed sleep that a loaded machine outruns)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def until_async(read, condition, seconds: float = 5.0):
+    """Wait for `condition(await read())` to hold; returns the last value read."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition(value := await read()):
+        assert asyncio.get_running_loop().time() < deadline, f"condition not met in time: {value!r}"
+        await asyncio.sleep(0.02)
+    return value
+
+
 def group_channel(layer, group: str) -> str:
     return layer._get_layer()._get_group_channel_name(group)
 
@@ -259,7 +276,7 @@ def test_a_channel_whose_subscription_is_abandoned_or_unconfirmed_is_not_left_su
             shard.confirm_seconds = 0.1
             with pytest.raises(LayerUnavailable):
                 await layer.new_channel()
-            await asyncio.sleep(0.7)  # (the unsubscribes through the link)
+            await until(lambda: len(shard._subscribed_to) == 1 and len(shard._pubsub.channels) == 1)
             return len(loop_layer.channels), len(shard._subscribed_to), len(shard._pubsub.channels)
 
     assert async_to_sync(scenario)() == (1, 1, 1)
@@ -443,9 +460,13 @@ def test_a_socket_that_closes_while_redis_is_away_is_not_subscribed_again(caplog
             await asyncio.sleep(1.2)
             link.down = False
             assert (await asyncio.wait_for(layer.receive(kept), 10))["type"] == "layer.reconnected"
-            await asyncio.sleep(0.2)
-            counts = dict(await direct.pubsub_numsub(kept, gone))
-            return counts[kept.encode()], counts[gone.encode()]
+
+            async def counts():
+                found = dict(await direct.pubsub_numsub(kept, gone))
+                return found[kept.encode()], found[gone.encode()]
+
+            await until_async(counts, lambda found: found[0] == 1)  # (subscribed again)
+            return await counts()
 
     with caplog.at_level(logging.WARNING):
         assert async_to_sync(scenario)() == (1, 0)
