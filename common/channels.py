@@ -418,24 +418,37 @@ class _Shard(RedisSingleShardConnection):
         self._wake = asyncio.Event()
         self._failing = False
         self._reconnects = 0
+        self._failed_at: float | None = None  # (loop time of the last failed connect or read)
 
     async def subscribe(self, channel):
+        loop = asyncio.get_running_loop()
         async with self._lock:
             confirmed = self._confirming.get(channel)
             if channel not in self._subscribed_to:
                 self._ensure_redis()
                 self._ensure_receiver()
-                confirmed = self._confirming[channel] = asyncio.get_running_loop().create_future()
+                if self._failed_at is not None and loop.time() - self._failed_at < self.retry_seconds and not self._connected():
+                    # (Redis away or dropping packets: one attempt a second goes out, the others
+                    # fail at once instead of each waiting its turn under this lock, 5 s apiece)
+                    raise LayerUnavailable("the pub/sub connection to Redis failed a moment ago")
+                confirmed = self._confirming[channel] = loop.create_future()
                 reconnects = self._reconnects
                 try:
-                    try:
-                        await self._pubsub.subscribe(channel)
-                    except RedisConnectionError:
-                        if self._reconnects == reconnects:
-                            raise
-                        await self._pubsub.subscribe(channel)  # (redis-py reconnected, then raised what made it)
-                except BaseException:
+                    async with asyncio.timeout(self.confirm_seconds):  # (a Redis that never answers)
+                        try:
+                            await self._pubsub.subscribe(channel)
+                        except RedisConnectionError:
+                            if self._reconnects == reconnects:
+                                raise
+                            await self._pubsub.subscribe(channel)  # (redis-py reconnected, then raised what made it)
+                except BaseException as error:
                     self._confirming.pop(channel, None)
+                    if isinstance(error, (RedisError, OSError)):
+                        self._failed_at = loop.time()
+                        raise
+                    if isinstance(error, TimeoutError):
+                        self._failed_at = loop.time()
+                        raise LayerUnavailable(f"Redis did not take a subscription within {self.confirm_seconds} s") from None
                     raise
                 self._subscribed_to.add(channel)
                 self._watch()
@@ -492,6 +505,10 @@ class _Shard(RedisSingleShardConnection):
             self._redis = aioredis.Redis(connection_pool=pool)
             self._pubsub = self._redis.pubsub()
 
+    def _connected(self) -> bool:
+        connection = self._pubsub.connection if self._pubsub is not None else None
+        return connection is not None and connection.is_connected
+
     def _watch(self) -> None:
         connection = self._pubsub.connection
         if connection is not None and connection is not self._watched:
@@ -503,6 +520,7 @@ class _Shard(RedisSingleShardConnection):
     def _reconnected(self, connection) -> None:
         self._reconnects += 1
         self._failing = False
+        self._failed_at = None
         self._unsubscribing.clear()  # (the replies owed on the old connection never come)
         # redis-py has just sent SUBSCRIBE again for every channel: until Redis confirms, a
         # socket joining one of them waits, as for a first subscription
@@ -581,6 +599,7 @@ class _Shard(RedisSingleShardConnection):
                 if not self._failing:
                     logger.warning("the channel layer's pub/sub connection to Redis failed (%s): reconnecting", error)
                 self._failing = True
+                self._failed_at = asyncio.get_running_loop().time()
                 await asyncio.sleep(self.retry_seconds)
             except BaseException:
                 logger.exception("Unexpected exception in receive task")

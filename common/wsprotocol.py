@@ -18,6 +18,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 import orjson
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.datastructures import Headers
@@ -95,6 +96,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         super().data_received(data)
         if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.transport.is_closing():
             self._refuse(self.conn.handshake_exc, data)
+
+    async def send(self, message) -> None:
+        """uvicorn's, but
+        - an HTTP answer to the handshake (`websocket.http.response.*`: the consumers' 503 when
+          the channel layer fails) completes it: uvicorn logged "ASGI callable returned without
+          completing handshake" as an ERROR for each such answer;
+        - an accept for a client that left meanwhile raises ClientDisconnected, as any other
+          send to it does: uvicorn dropped the accept, and the consumer's next send raised
+          RuntimeError ("Expected ASGI message 'websocket.accept' … but got 'websocket.send'")
+          with a traceback (a socket audit: handshakes taking seconds under overload)."""
+        if message["type"] == "websocket.accept" and not self.handshake_complete and self.transport.is_closing():
+            raise ClientDisconnected()
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True
 
     def _refuse(self, exc: Exception, request: bytes) -> None:
         status, message = _refusal(exc)

@@ -40,6 +40,7 @@ class Link:
     def __init__(self, delay: float = 0):
         self.delay = delay
         self.down = False
+        self.silent = False  # (new connections taken and never answered: packets dropped)
         self.writers = []
 
     def cut(self):
@@ -61,6 +62,10 @@ class Link:
     async def _serve(self, reader, writer):
         if self.down:
             writer.close()
+            return
+        if self.silent:
+            while await reader.read(65536):
+                pass
             return
         self.writers.append(writer)
         target = urlsplit(django_settings.REDIS_URL)
@@ -559,3 +564,27 @@ def test_a_unix_socket_redis_gets_no_tcp_options():
     (tcp,) = pubsub_hosts("rediss://example.com:6380/1")
     create_pool(tcp).make_connection()
     assert tcp["socket_keepalive"] is True
+
+
+def test_while_redis_is_away_sockets_connecting_are_refused_at_once_not_one_after_another():
+    """Each subscribe waited its turn under the shard's lock for its own connect attempt: with
+    Redis dropping packets (here: connections taken and never answered), 20 sockets connecting
+    waited 20 attempts, one after another (0.5 s each here, 5 s in production; before this
+    session, without end). Now one attempt a second goes out; the others are refused
+    (LayerUnavailable: a 503) at once."""
+    async def scenario():
+        async with through_link("away-fast") as (link, layer, direct):
+            await layer.new_channel()
+            (shard,) = layer._get_layer()._shards
+            shard.confirm_seconds = 0.5
+            link.silent = True
+            link.cut()
+            await until(lambda: shard._failed_at is not None)  # (the receive loop saw it)
+            started = asyncio.get_running_loop().time()
+            results = await asyncio.gather(*(layer.new_channel() for _ in range(20)), return_exceptions=True)
+            took = asyncio.get_running_loop().time() - started
+            link.down = link.silent = False
+            return [type(r).__name__ for r in results], took
+
+    kinds, took = async_to_sync(scenario)()
+    assert set(kinds) == {"LayerUnavailable"} and took < 2.0, (kinds, took)

@@ -166,3 +166,21 @@ def test_a_text_message_that_is_not_utf8_closes_with_1007_and_one_warning_line(s
 def masked(first_byte: int, payload: bytes) -> bytes:
     mask = b"\x01\x02\x03\x04"
     return bytes([first_byte, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_a_socket_whose_channel_layer_fails_is_answered_503_and_logged_once(transactional_db, tmp_path):
+    """Redis unreachable while a socket connects: uvicorn answered 500 with a traceback ("Exception
+    in ASGI application"); then, with the consumers' 503, still logged "ASGI callable returned
+    without completing handshake" as an ERROR for each. Now a 503 in the error body with
+    Retry-After, and one warning line."""
+    from tests.api import token_for
+    from tests.factories import OpsUserFactory
+
+    token = token_for(OpsUserFactory())
+    with served(tmp_path, TEST_REDIS_URL="redis://127.0.0.1:1/15") as (port, log_path):  # (nothing listens on port 1)
+        status, fields, body = parse(exchange(port, f"/ws/ops/?token={token}", UPGRADE_HEADERS))
+    assert status == 503 and fields["retry-after"] == "1" and fields["content-type"] == "application/json"
+    assert set(body) >= ERROR_KEYS and body["path"] == "/ws/ops/"
+    log = log_path.read_text()
+    assert "Traceback" not in log and '"ERROR"' not in log and " ERROR " not in log, log[-3000:]
+    assert log.count("OpsConsumer refused (503)") == 1
