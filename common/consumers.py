@@ -304,6 +304,9 @@ class RelayConsumer(AsyncJsonWebsocketConsumer):
         finally:
             self._stop_checks()
             self._uncount()
+            forget = getattr(self.channel_layer, "forget_channel", None)
+            if forget is not None and getattr(self, "channel_name", None):
+                await asyncio.shield(forget(self.channel_name))
 
     @classmethod
     async def encode_json(cls, content) -> str:

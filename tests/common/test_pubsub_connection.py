@@ -588,3 +588,26 @@ def test_while_redis_is_away_sockets_connecting_are_refused_at_once_not_one_afte
 
     kinds, took = async_to_sync(scenario)()
     assert set(kinds) == {"LayerUnavailable"} and took < 2.0, (kinds, took)
+
+
+def test_a_socket_closed_right_after_a_channel_message_leaves_no_subscription(settings):
+    """A channel message dispatched, then the client's close: the consumer made a new receive
+    and cancelled it before it ran, so channels_redis's clean-up (in that receive) never ran,
+    and the socket's channel stayed subscribed, with its queue, for good (an audit: 67 of 100
+    sockets closed just after a reconnect's notice; resubscribed at every reconnect since)."""
+    settings.SOCKET_MAX_PER_CREDENTIAL = 0
+    token = token_for(OpsUserFactory())
+
+    async def scenario():
+        comm = WebsocketCommunicator(application, f"/ws/ops/?token={token}&locations=0&positions=0")
+        assert (await comm.connect(timeout=10))[0]
+        layer = get_channel_layer()
+        loop_layer = layer._get_layer()
+        (shard,) = loop_layer._shards
+        (channel,) = loop_layer.channels  # (this socket's)
+        loop_layer.channels[channel].put_nowait(layer.serialize({"type": "layer.reconnected", "delay": 5}))
+        await comm.send_input({"type": "websocket.disconnect", "code": 1000})
+        await comm.wait(timeout=10)
+        return channel in loop_layer.channels, channel in shard._subscribed_to
+
+    assert async_to_sync(scenario)() == (False, False)
