@@ -405,10 +405,19 @@ class _Shard(RedisSingleShardConnection):
       `subscribe` here returns once Redis has confirmed it (the receive loop reads the
       confirmations channels_redis skipped), so "joined, then accepted" holds: an event
       published after the client sees its socket open reaches it. A confirmation Redis owes
-      for a subscription since unsubscribed is not taken for the new one."""
+      for a subscription since unsubscribed is not taken for the new one.
+    - **A connection that says nothing.** A connection whose peer stops answering without
+      closing it (a Redis paused or stuck, a proxy whose Redis is gone, a half-open connection
+      whose TCP peer still acknowledges: keep-alive sees nothing wrong) was listened on for good,
+      its sockets open and silent. After `ping_seconds` without a word from Redis the receive
+      loop sends a PING; no answer within `answer_seconds` and the connection is dropped and made
+      again (a reconnect, as above: its sockets are closed with 1012 once it is back). A reconnect
+      waits `answer_seconds` at most for Redis's handshake, then tries again a second later."""
 
     confirm_seconds = 5.0
     retry_seconds = 1.0  # (between reads while the connection fails)
+    ping_seconds = 5.0  # (silence on the connection before a PING)
+    answer_seconds = 10.0  # (for the PING's answer, and for a reconnect's handshake)
 
     def __init__(self, host, channel_layer):
         super().__init__(host, channel_layer)
@@ -419,6 +428,8 @@ class _Shard(RedisSingleShardConnection):
         self._failing = False
         self._reconnects = 0
         self._failed_at: float | None = None  # (loop time of the last failed connect or read)
+        self._heard_at: float | None = None  # (loop time Redis last said anything on the connection)
+        self._pinged_at: float | None = None  # (loop time of the PING not yet answered)
 
     async def subscribe(self, channel):
         loop = asyncio.get_running_loop()
@@ -492,6 +503,7 @@ class _Shard(RedisSingleShardConnection):
     async def flush(self):
         await super().flush()
         self._watched = None
+        self._heard_at = self._pinged_at = None  # (the next connection is a new one)
         self._unsubscribing.clear()
         for confirmed in self._confirming.values():
             if not confirmed.done():
@@ -521,6 +533,7 @@ class _Shard(RedisSingleShardConnection):
         self._reconnects += 1
         self._failing = False
         self._failed_at = None
+        self._heard_at, self._pinged_at = asyncio.get_running_loop().time(), None
         self._unsubscribing.clear()  # (the replies owed on the old connection never come)
         # redis-py has just sent SUBSCRIBE again for every channel: until Redis confirms, a
         # socket joining one of them waits, as for a first subscription
@@ -551,6 +564,8 @@ class _Shard(RedisSingleShardConnection):
 
     def _received(self, message) -> None:
         kind = message["type"]
+        if kind == "pong":
+            return  # (the receive loop's PING answered: `_probe`)
         name = message["channel"]
         if isinstance(name, bytes):
             name = name.decode()
@@ -575,14 +590,19 @@ class _Shard(RedisSingleShardConnection):
         """channels_redis's receive loop, reading the subscriptions' confirmations too, and
         woken by a first subscription instead of polling every 0.1 s (a confirmation waited
         up to 0.1 s)."""
+        loop = asyncio.get_running_loop()
         while True:
             reconnects = self._reconnects
             try:
                 if self._pubsub and self._pubsub.subscribed:
+                    await self._connect_within()
                     message = await self._pubsub.get_message(ignore_subscribe_messages=False, timeout=0.1)
                     self._failing = False
                     if message is not None:
+                        self._heard_at, self._pinged_at = loop.time(), None
                         self._received(message)
+                    else:
+                        await self._probe(loop.time())
                 else:
                     self._wake.clear()
                     try:
@@ -604,6 +624,42 @@ class _Shard(RedisSingleShardConnection):
             except BaseException:
                 logger.exception("Unexpected exception in receive task")
                 await asyncio.sleep(1)
+
+    async def _connect_within(self) -> None:
+        """Reconnect a dropped connection (redis-py would in the read), waiting for Redis's
+        handshake `answer_seconds` at most: a Redis that takes the connection and does not answer
+        (paused, stuck; for good behind a proxy whose Redis is gone) held the receive loop until
+        it did, and a Redis back behind another connection was never heard again."""
+        connection = self._pubsub.connection
+        if connection is None or connection.is_connected:
+            return
+        try:
+            async with asyncio.timeout(self.answer_seconds):
+                await connection.connect()
+        except TimeoutError:
+            raise RedisTimeoutError(f"no answer to a connect within {self.answer_seconds:g} s") from None
+
+    async def _probe(self, now: float) -> None:
+        """After `ping_seconds` of silence, a PING; unanswered for `answer_seconds`, the
+        connection is dropped (the next read makes it again). Judged only after a read that
+        found nothing: an answer that waits unread, on a loop too busy to read it, is not
+        taken for silence."""
+        if self._pinged_at is not None:
+            if now - self._pinged_at >= self.answer_seconds:
+                self._pinged_at = None
+                await self._pubsub.connection.disconnect()
+                raise RedisTimeoutError(f"no answer to a PING within {self.answer_seconds:g} s")
+            return
+        if self._heard_at is None:
+            self._heard_at = now
+        elif now - self._heard_at >= self.ping_seconds:
+            self._pinged_at = now
+            try:
+                async with asyncio.timeout(self.answer_seconds):  # (a peer that stopped reading)
+                    await self._pubsub.ping()
+            except TimeoutError:
+                await self._pubsub.connection.disconnect()
+                raise RedisTimeoutError(f"a PING not written within {self.answer_seconds:g} s") from None
 
 
 class _BoundedLoopLayer(RedisPubSubLoopLayer):

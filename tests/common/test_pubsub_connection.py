@@ -35,13 +35,21 @@ ROOT = Path(__file__).resolve().parents[2]
 class Link:
     """A TCP proxy to the tests' Redis holding what the client writes for `delay` seconds (a
     command reaches Redis that long after redis-py has written it), and that can be cut (its
-    connections closed, new ones closed at once) and restored: Redis away for a while."""
+    connections closed, new ones closed at once) and restored: Redis away for a while. Or
+    stalled: the connections open now carry nothing more either way and stay open (a Redis
+    stuck, a half-open connection whose peer still acknowledges), new ones work."""
 
     def __init__(self, delay: float = 0):
         self.delay = delay
         self.down = False
         self.silent = False  # (new connections taken and never answered: packets dropped)
         self.writers = []
+        self.stalls: list[asyncio.Event] = []  # (one per connection carried)
+        self.taken = 0  # (connections taken)
+
+    def stall(self):
+        for stalled in self.stalls:
+            stalled.set()
 
     def cut(self):
         self.down = True
@@ -60,6 +68,7 @@ class Link:
         self.server.close()
 
     async def _serve(self, reader, writer):
+        self.taken += 1
         if self.down:
             writer.close()
             return
@@ -70,11 +79,15 @@ class Link:
         self.writers.append(writer)
         target = urlsplit(django_settings.REDIS_URL)
         up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port or 6379)
+        stalled = asyncio.Event()
+        self.stalls.append(stalled)
 
         async def pipe(source, sink, delay):
             try:
                 while data := await source.read(65536):
                     await asyncio.sleep(delay)
+                    if stalled.is_set():
+                        continue  # (read and dropped: the sender's TCP sees it taken)
                     sink.write(data)
                     await sink.drain()
             finally:
@@ -611,3 +624,79 @@ def test_a_socket_closed_right_after_a_channel_message_leaves_no_subscription(se
         return channel in loop_layer.channels, channel in shard._subscribed_to
 
     assert async_to_sync(scenario)() == (False, False)
+
+
+def quick_probe(layer) -> _Shard:
+    """The layer's shard, probing its connection after 0.2 s of silence and giving up on it
+    after 0.5 s without an answer (5 s and 10 s in production)."""
+    (shard,) = layer._get_layer()._shards
+    shard.ping_seconds, shard.answer_seconds = 0.2, 0.5
+    return shard
+
+
+def test_a_connection_that_stops_answering_is_made_again_and_its_sockets_told(caplog):
+    """A connection whose peer stops answering without closing it (a Redis stuck, a half-open
+    connection whose TCP peer still acknowledges: keep-alive sees nothing wrong) was listened
+    on for good, its sockets open and hearing nothing. Now an unanswered PING drops it; it is
+    made again and the sockets are told (1012), and they hear what comes next."""
+    async def scenario():
+        async with through_link("stalled") as (link, layer, direct):
+            channel = await layer.new_channel()
+            shard = quick_probe(layer)
+            await layer.group_add("ops", channel)
+            link.stall()
+            told = await asyncio.wait_for(layer.receive(channel), 10)
+            await direct.publish(group_channel(layer, "ops"), layer.serialize({"type": "probe"}))
+            return told["type"], await asyncio.wait_for(layer.receive(channel), 5), shard._reconnects
+
+    with caplog.at_level(logging.WARNING, logger="common.channels"):
+        told, heard, reconnects = async_to_sync(scenario)()
+
+    assert (told, heard, reconnects) == ("layer.reconnected", {"type": "probe"}, 1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "common.channels"]
+    assert [m.split(":")[0] for m in messages] == [
+        "the channel layer's pub/sub connection to Redis failed (no answer to a PING within 0.5 s)",
+        "the channel layer's pub/sub connection to Redis came back",
+    ], messages
+
+
+def test_a_reconnect_that_redis_never_answers_is_tried_again():
+    """A reconnect's handshake waited for Redis's answer without end: a Redis that takes
+    connections and never answers (stuck, or a proxy whose Redis is gone) held the receive loop
+    for good, and it never came back once Redis did. Now each attempt waits `answer_seconds`,
+    and the next goes out a second later."""
+    async def scenario():
+        async with through_link("unanswered") as (link, layer, direct):
+            channel = await layer.new_channel()
+            quick_probe(layer)
+            await layer.group_add("ops", channel)
+            taken = link.taken
+            link.silent = True
+            link.stall()
+            await until(lambda: link.taken >= taken + 2, seconds=10)  # (two reconnects never answered)
+            link.silent = False
+            told = await asyncio.wait_for(layer.receive(channel), 10)
+            await direct.publish(group_channel(layer, "ops"), layer.serialize({"type": "probe"}))
+            return told["type"], await asyncio.wait_for(layer.receive(channel), 5)
+
+    assert async_to_sync(scenario)() == ("layer.reconnected", {"type": "probe"})
+
+
+def test_a_quiet_connection_that_answers_its_pings_is_kept():
+    """The probe's PONG is an answer: a connection with nothing published on it for a while
+    (three PINGs answered here) stays, and nobody is told anything."""
+    async def scenario():
+        async with through_link("quiet") as (link, layer, direct):
+            channel = await layer.new_channel()
+            shard = quick_probe(layer)
+            pongs = []
+            received = shard._received
+            shard._received = lambda message: pongs.append(message) if message["type"] == "pong" else received(message)
+            await layer.group_add("ops", channel)
+            await until(lambda: len(pongs) >= 3, seconds=10)
+            await direct.publish(group_channel(layer, "ops"), layer.serialize({"type": "probe"}))
+            heard = await asyncio.wait_for(layer.receive(channel), 5)
+            return heard, shard._reconnects, link.taken
+
+    assert async_to_sync(scenario)() == ({"type": "probe"}, 0, 1)
+
