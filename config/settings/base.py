@@ -287,8 +287,12 @@ def pubsub_hosts(url: str) -> list[dict]:
     failover's old address, a partition) fails within ~25 s and is made again, and its
     sockets are closed (1012) to reload (common.channels._Shard). Without it a web process
     listened on a dead connection for the kernel's two hours, its sockets open and silent.
-    A connect waits 5 s at most (the kernel's own wait is minutes)."""
-    host = {"address": url, "socket_connect_timeout": 5.0}
+    One that stays open and says nothing (a Redis stuck, half-open behind a proxy) is found
+    by the layer's PING (`_Shard.ping_seconds`, `answer_seconds`). A connect waits 5 s at most
+    (the kernel's own wait is minutes), and each write and each reply of a connect's
+    handshake 5 s (redis-py's default, spelled out: a reconnect Redis does not answer gives up
+    and is tried again a second later; the receive loop's reads set their own wait)."""
+    host = {"address": url, "socket_connect_timeout": 5.0, "socket_timeout": 5.0}
     if url.split("://", 1)[0] in ("redis", "rediss"):  # (TCP: a Unix socket has no keep-alive)
         host["socket_keepalive"] = True
         host["socket_keepalive_options"] = {getattr(socket, name): value for name, value in
