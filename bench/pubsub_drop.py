@@ -16,12 +16,19 @@ connections (`CLIENT KILL ID`), whatever else uses the same Redis. It then
 4. once all are back, sends one event to every group and counts who heard it;
 5. scans the server's log for tracebacks and ERROR lines.
 
+With `--stall` the connections are not killed but stalled: the server reaches Redis through a
+TCP proxy (a thread of this process with its own event loop), and its connections that Redis
+lists as pub/sub stop carrying anything either way while staying open (a Redis stuck, a half-open connection behind a proxy: no error, no
+close, TCP keep-alive sees nothing). The server's probe (a PING after 5 s of silence, dropped
+10 s later without an answer) finds them; new connections through the proxy work.
+
 Prints: close codes, time to the last close (the spread), time until all are open again,
 failed handshakes on the way, events heard after, and the machine state. Uses the database and
 Redis of the environment (DATABASE_URL, REDIS_URL): run seed_demo there first. Exit 1 if a
 socket was not closed 1012, did not come back, or missed the event after, or the log has errors.
 
     .venv/bin/python bench/pubsub_drop.py --ops 1000 --tracking 4000
+    .venv/bin/python bench/pubsub_drop.py --ops 1000 --tracking 4000 --stall
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import random
 import re
 import resource
 import sys
+import threading
 import time
 from collections import Counter
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -126,11 +134,95 @@ async def all_hear(clients: list[Client], links, marker: str) -> int:
     return sum(await asyncio.gather(*waiting))
 
 
+class StallingProxy:
+    """A TCP proxy to Redis, in a thread with its own event loop (the clients' loop, busy with
+    thousands of sockets, must not hold up the server's Redis traffic), that can stall the
+    connections Redis lists as pub/sub (`CLIENT LIST TYPE pubsub`, by the proxy's own port to
+    Redis): what they carry afterwards, either way, is read and dropped, and they stay open."""
+
+    def __init__(self, target: str):
+        parts = urlsplit(target)
+        if parts.scheme != "redis":
+            raise SystemExit("--stall needs a redis:// REDIS_URL (the proxy speaks plain TCP)")
+        self.target_url = target
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self.upstreams: dict[int, dict] = {}  # (the proxy's local port to Redis → that connection)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="stalling-proxy", daemon=True)
+
+    def start(self) -> int:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop).result()
+        return self.server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    def stall(self, client: redis.Redis) -> int:
+        """Stall the server's pub/sub connections now open; returns how many."""
+        ports = {int(c["addr"].rsplit(":", 1)[1]) for c in client.client_list(_type="pubsub")}
+        chosen = [c for port, c in list(self.upstreams.items()) if port in ports]
+        for connection in chosen:
+            connection["stalled"] = True
+        return len(chosen)
+
+    async def _serve(self, reader, writer):
+        connection = {"stalled": False}
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        port = up_writer.get_extra_info("sockname")[1]
+        self.upstreams[port] = connection
+
+        async def pipe(source, sink):
+            try:
+                while data := await source.read(65536):
+                    if connection["stalled"]:
+                        continue
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self.upstreams.pop(port, None)
+
+
+def with_port(url: str, port: int) -> str:
+    """`url` with its host and port replaced by 127.0.0.1:`port` (credentials kept)."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"))
+
+
 def kill_pubsub(client: redis.Redis, name: str) -> int:
     return sum(client.client_kill_filter(_id=c["id"]) for c in client.client_list(_type="pubsub") if c.get("name") == name)
 
 
-async def run(args, base: str, client: redis.Redis, token: str, links: list[tuple[str, str]], name: str) -> int:
+async def run(args, server: Server, client: redis.Redis, token: str, links: list[tuple[str, str]], name: str,
+              proxy: StallingProxy | None) -> int:
+    if proxy is not None:
+        server.env["REDIS_URL"] = with_port(server.env["REDIS_URL"], proxy.start())
+    await asyncio.to_thread(server.start)
+    try:
+        return await measure(args, server.base, client, token, links, name, proxy)
+    finally:
+        if proxy is not None:  # (the server before the proxy it reaches Redis through)
+            await asyncio.sleep(1)
+            await asyncio.to_thread(server.stop)
+            proxy.stop()
+
+
+async def measure(args, base: str, client: redis.Redis, token: str, links: list[tuple[str, str]], name: str,
+                  proxy: StallingProxy | None) -> int:
     ws = base.replace("http://", "ws://")
     clients = [Client(f"{ws}/ws/ops/?token={token}&locations=0&positions=0") for _ in range(args.ops)]
     clients += [Client(f"{ws}/ws/track/{links[i % len(links)][0]}/?token={links[i % len(links)][1]}")
@@ -145,8 +237,10 @@ async def run(args, base: str, client: redis.Redis, token: str, links: list[tupl
 
     dropped_at = time.monotonic()
     following = [asyncio.ensure_future(c.follow_drop(dropped_at)) for c in clients]
-    killed = kill_pubsub(client, name)
-    print(f"killed {killed} pub/sub connections of the server", flush=True)
+    if proxy is None:
+        print(f"killed {kill_pubsub(client, name)} pub/sub connections of the server", flush=True)
+    else:
+        print(f"stalled {proxy.stall(client)} pub/sub connections of the server", flush=True)
     done, pending = await asyncio.wait(following, timeout=args.watch)
     for task in pending:
         task.cancel()
@@ -158,7 +252,7 @@ async def run(args, base: str, client: redis.Redis, token: str, links: list[tupl
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
     print(f"close codes: {dict(codes)}")
-    print(f"closed after the kill: p50 {at(closes, 0.5):.2f} s, p99 {at(closes, 0.99):.2f} s, last {closes[-1] if closes else float('nan'):.2f} s")
+    print(f"closed after the {'stall' if proxy else 'kill'}: p50 {at(closes, 0.5):.2f} s, p99 {at(closes, 0.99):.2f} s, last {closes[-1] if closes else float('nan'):.2f} s")
     print(f"open again: {len(reopens)} of {len(clients)}; p50 {at(reopens, 0.5):.2f} s, p99 {at(reopens, 0.99):.2f} s, "
           f"last {reopens[-1] if reopens else float('nan'):.2f} s; failed handshakes on the way "
           f"{sum(c.failed_handshakes for c in clients)}", flush=True)
@@ -178,6 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=200, help="sockets opened at once")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--watch", type=float, default=120.0, help="seconds to wait for every socket to be back")
+    p.add_argument("--stall", action="store_true", help="stall the pub/sub connections (through a proxy) instead of killing them")
     args = p.parse_args(argv)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -189,9 +284,8 @@ def main(argv=None) -> int:
     token, links = credentials(max(1, args.tracking))
     server = Server(workers=args.workers, consumers=0, env={"REDIS_URL": named(redis_url, name),
                                                                  "LOG_LEVEL": "WARNING", "SOCKET_MAX_PER_CREDENTIAL": "0"})
-    server.start()
     try:
-        code = asyncio.run(run(args, server.base, client, token, links, name))
+        code = asyncio.run(run(args, server, client, token, links, name, StallingProxy(redis_url) if args.stall else None))
         time.sleep(1)
     finally:
         server.stop()
