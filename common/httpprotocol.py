@@ -23,7 +23,8 @@ closed, and a connection that never finished its first request's head stayed ope
 - what httptools cannot parse (an unknown method, a target over 64 KiB, HTTP/1.2, a broken chunked
   body) is a 400 in the API's error body (uvicorn's was plain text), sent after the answers to
   the requests before it on the connection (uvicorn wrote it at once and closed, and their
-  answers were lost); a request queued with a broken body never runs.
+  answers were lost); a request queued with a broken body never runs. So is an HTTP/1.1
+  request without a Host header (RFC 9112, 3.2: uvicorn served it; HTTP/1.0 may leave it out).
 
 A body is not bounded here: the lean API refuses one over its limit before reading it
 (common.middleware), and Django's own limits apply to forms."""
@@ -46,6 +47,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         self._head_bytes = 0
         self._head_moved = False  # a head or a message ended in the chunk being fed
         self._refused = False
+        self._has_host = False
         self._trailer_bytes = 0
         self._head_size = 0
         self._head_started = False
@@ -88,6 +90,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
             return
         self._head_size = 0  # the request line's target and the headers, exactly
         self._head_started = True
+        self._has_host = False
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -107,10 +110,15 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
                 self.transport.close()
                 return
         self._head_size += len(name) + len(value) + 4
+        if self._in_head and name.lower() == b"host":
+            self._has_host = True
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         if self._refused:
+            return
+        if not self._has_host and self.parser.get_http_version() == "1.1" and not self._head_size > self._max_head_bytes > 0:
+            self._answer_400("The request is not valid HTTP/1.1: it has no Host header.")
             return
         self._in_head, self._head_moved, self._trailer_bytes, self._head_started = False, True, 0, False
         self._disarm_head_timer()
@@ -138,10 +146,13 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         the client read the 400 as that request's); one with a broken body is then taken off
         the queue, never run. A broken body of the request being run: at once (its application
         sees the connection close)."""
+        self._answer_400("The request is not valid HTTP/1.1.")
+
+    def _answer_400(self, message: str) -> None:
         self._disarm_head_timer()
         self._refused = True
         path = bytes(getattr(self, "url", b"") or b"").decode("latin1") or self._target_of_chunk()
-        answer = raw_error_response(400, path, "The request is not valid HTTP/1.1.", self.server_state.default_headers)
+        answer = raw_error_response(400, path, message, self.server_state.default_headers)
         # (a broken body of the request being run is answered at once: it is the one answering)
         if (self._in_head or self._unqueue(self.cycle)) and self._answering():
             self.flow.pause_reading()

@@ -472,7 +472,7 @@ class EarlyBodyLimit:
 class AllowedHostGuard:
     """ASGI, in front of everything HTTP (the location fast lane, the lean API stack, Django)
     and of the sockets: a Host header ALLOWED_HOSTS does not name is a 400, before anything reads
-    the request, in the SPEC's error body on API paths (a socket's handshake: a 403, as for a
+    the request, in the SPEC's error body outside the pages (a socket's handshake: a 403, as for a
     foreign Origin). Django checks the host only when something asks for it
     (CommonMiddleware, the full stack), so on the lean stack a token request with any Host was
     served, and a paginated list, whose `next` link asks for it, was a 500 (DisallowedHost); on
@@ -524,6 +524,13 @@ class AllowedHostGuard:
         domain, _port = split_domain_port(host.decode("latin-1"))
         return bool(domain) and validate_host(domain, allowed)
 
+    @staticmethod
+    def _page(path: str) -> bool:
+        """Whether `path` is a page's (HTML for people: its refusal in plain text). Anything
+        else, the sockets' paths (a plain GET there) and unknown URLs included, is answered in
+        the error body, as their other errors are (ApiErrorMiddleware)."""
+        return path == "/" or (path + "/").startswith(PAGE_PREFIXES)
+
     async def _refuse(self, scope, receive, send, host: bytes) -> None:
         shown = host.decode("latin-1")[:255]
         self.security_logger.error("Invalid HTTP_HOST header: %r. The host is not in ALLOWED_HOSTS.", shown)
@@ -531,7 +538,7 @@ class AllowedHostGuard:
             if (await receive())["type"] == "websocket.connect":
                 await send({"type": "websocket.close"})
             return
-        if error_body_path(scope["path"]):
+        if not self._page(scope["path"]):
             path = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
             body = json.dumps(error_body(400, path, INVALID_HOST_MESSAGE)).encode()
             content_type = b"application/json"

@@ -83,6 +83,16 @@ def test_the_location_fast_lane_and_the_pages_check_the_host_too():
     assert_host_refused(*call("POST", "/hooks/twilio/inbound", headers=[("Host", "evil.example")]), "/hooks/twilio/inbound")
 
 
+def test_outside_the_pages_a_foreign_host_is_refused_in_the_error_body():
+    """A plain GET of a socket's path and an unknown URL answer their other errors in the error
+    body (426, 404); a foreign Host there was plain text (a fuzzing audit)."""
+    for path in ("/ws/ops/", "/nope"):
+        assert_host_refused(*call("GET", path, headers=[("Host", "evil.example")]), path)
+    for page in ("/track/x", "/support/", "/"):
+        status, headers, body = call("GET", page, headers=[("Host", "evil.example")])
+        assert status == 400 and headers[b"content-type"].startswith(b"text/plain") and b"invalid Host" in body, page
+
+
 def test_an_allowed_host_with_a_port_and_a_request_without_one_pass(settings):
     settings.ALLOWED_HOSTS = ["api.example.com", "testserver"]
     assert call("GET", "/health/live", headers=[("Host", "api.example.com:8443")])[0] == 200

@@ -324,3 +324,21 @@ def test_what_httptools_cannot_parse_is_a_400_in_the_error_body():
         error = json.loads(body)
         assert ERROR_KEYS <= set(error) and error["message"] == "The request is not valid HTTP/1.1."
         assert error["path"] == "/x"  # (the query left out: it may hold a token)
+
+
+def test_an_http_1_1_request_without_a_host_is_a_400_and_http_1_0_may_leave_it_out():
+    """RFC 9112, 3.2: a server must answer 400 to an HTTP/1.1 request without Host (uvicorn
+    served it). HTTP/1.0 has no such rule. A request behind one being answered waits its turn."""
+    no_host, old_http, with_host = answers_to([
+        b"GET /x?token=secret HTTP/1.1\r\n\r\n",
+        b"GET /x HTTP/1.0\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nhOsT: x\r\nConnection: close\r\n\r\n",
+    ])
+    head, _, body = no_host.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower(), head[:200]
+    error = json.loads(body)
+    assert ERROR_KEYS <= set(error) and error["path"] == "/x"
+    assert error["message"] == "The request is not valid HTTP/1.1: it has no Host header."
+    assert old_http.startswith(b"HTTP/1.1 200 ") and with_host.startswith(b"HTTP/1.1 200 ")
+    early, answers = _behind_slow(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /later HTTP/1.1\r\n\r\n")
+    assert early == b"" and [a[9:12] for a in answers] == [b"200", b"400"]
