@@ -160,9 +160,10 @@ class StallingProxy:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
-    def stall(self, client: redis.Redis) -> int:
-        """Stall the server's pub/sub connections now open; returns how many."""
-        ports = {int(c["addr"].rsplit(":", 1)[1]) for c in client.client_list(_type="pubsub")}
+    def stall(self, client: redis.Redis, name: str) -> int:
+        """Stall the server's pub/sub connections now open (named `name`, from this proxy's
+        ports); returns how many."""
+        ports = {int(c["addr"].rsplit(":", 1)[1]) for c in client.client_list(_type="pubsub") if c.get("name") == name}
         chosen = [c for port, c in list(self.upstreams.items()) if port in ports]
         for connection in chosen:
             connection["stalled"] = True
@@ -240,7 +241,10 @@ async def measure(args, base: str, client: redis.Redis, token: str, links: list[
     if proxy is None:
         print(f"killed {kill_pubsub(client, name)} pub/sub connections of the server", flush=True)
     else:
-        print(f"stalled {proxy.stall(client)} pub/sub connections of the server", flush=True)
+        stalled = proxy.stall(client, name)
+        print(f"stalled {stalled} pub/sub connections of the server", flush=True)
+        if not stalled:
+            return 1
     done, pending = await asyncio.wait(following, timeout=args.watch)
     for task in pending:
         task.cancel()

@@ -362,27 +362,21 @@ class ConnectsOnce:
 
     async def disconnect(self, *args, **kwargs):
         task = asyncio.current_task()
+        failed = kwargs.get("nowait") or kwargs.get("error") is not None
         if task is None or self._connecting is task or self._connect_lock is None:
-            return await super().disconnect(*args, **kwargs)
+            return await self._close(failed, *args, **kwargs)
         used = self.__dict__.get("_used", {}).get(task)
         async with self._turn():
-            if (kwargs.get("nowait") or kwargs.get("error") is not None) and used is not None and used != self._generation:
+            if failed and used is not None and used != self._generation:
                 return None  # (an error on a socket since replaced: the new one stays)
-            return await super().disconnect(*args, **kwargs)
+            return await self._close(failed, *args, **kwargs)
 
-
-    async def drop(self, error: Exception) -> None:
-        """Close the connection at once, what waits to be written included (a peer that reads
-        nothing held a closed socket open until it took that: for good), unless the calling
-        task's socket has since been replaced (a subscribe reconnected meanwhile: the new one
-        stays)."""
-        used = self.__dict__.get("_used", {}).get(asyncio.current_task())
-        async with self._turn():
-            if used is not None and used != self._generation:
-                return
-            if self._writer is not None:
-                self._writer.transport.abort()
-            await super().disconnect(nowait=True, error=error)
+    async def _close(self, failed: bool, *args, **kwargs):
+        if failed and self._writer is not None:
+            # (after an error, what waits to be written goes too: a peer that reads nothing, a
+            # Redis stuck, held a closed socket open until it took that, for good)
+            self._writer.transport.abort()
+        return await super().disconnect(*args, **kwargs)
 
 
 @functools.cache
@@ -653,9 +647,12 @@ class _Shard(RedisSingleShardConnection):
                 self._heard_at, self._pinged_at = now, None
                 self._received(message)
                 return
+            if self._pinged_at is None:
+                return  # (the read found the connection dropped and made it again: a new one)
             self._pinged_at = None
             error = RedisTimeoutError(f"no answer to a PING within {self.answer_seconds:g} s")
-            await self._pubsub.connection.drop(error)
+            # (nowait with the error: at once, unless a subscribe made a new socket meanwhile)
+            await self._pubsub.connection.disconnect(nowait=True, error=error)
             raise error
         if self._heard_at is None:
             self._heard_at = now

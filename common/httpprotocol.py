@@ -118,7 +118,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         if self._refused:
             return
         if not self._has_host and self.parser.get_http_version() == "1.1" and not self._head_size > self._max_head_bytes > 0:
-            self._answer_400("The request is not valid HTTP/1.1: it has no Host header.")
+            self._answer_400("The request is not valid HTTP/1.1: it has no Host header.", linger=True)
             return
         self._in_head, self._head_moved, self._trailer_bytes, self._head_started = False, True, 0, False
         self._disarm_head_timer()
@@ -148,7 +148,8 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         sees the connection close)."""
         self._answer_400("The request is not valid HTTP/1.1.")
 
-    def _answer_400(self, message: str) -> None:
+    def _answer_400(self, message: str, *, linger: bool = False) -> None:
+        """`linger`: no application runs for this request (its body may still be coming)."""
         self._disarm_head_timer()
         self._refused = True
         path = bytes(getattr(self, "url", b"") or b"").decode("latin1") or self._target_of_chunk()
@@ -159,7 +160,27 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
             self._deferred_answer = answer
             return
         self.transport.write(answer)
-        self.transport.close()
+        if linger:
+            self._linger()
+        else:
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """After a refusal's answer: a close with the client's bytes unread (a body still
+        coming) sends a reset, which can make the client lose the answer: end the sending side,
+        drop what still comes for a moment, then close."""
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
+
+    def _should_upgrade(self) -> bool:
+        # (a refused head asking for a WebSocket: uvicorn upgraded it anyway, with no method in
+        # its scope, and logged a traceback for it)
+        return not self._refused and super()._should_upgrade()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        if not self._refused:
+            super()._unsupported_upgrade_warning()
 
     def _start_asgi_task(self, cycle, app) -> None:
         self._running = cycle
@@ -185,9 +206,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
         if self._deferred_answer is not None and not self.transport.is_closing() and not self._answering():
             answer, self._deferred_answer = self._deferred_answer, None
             self.transport.write(answer)
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
+            self._linger()
 
     def _target_of_chunk(self) -> str:
         """The target in the request line of a head httptools refused before it reported one (a
@@ -226,11 +245,7 @@ class HttpToolsProtocol(UvicornHttpToolsProtocol):
             self._deferred_answer = answer
             return
         self.transport.write(answer)
-        # A close with the client's bytes unread sends a reset, which can make the client lose
-        # the answer: end the sending side, drop what still comes for a moment, then close.
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.loop.call_later(REFUSED_LINGER_SECONDS, self.transport.close)
+        self._linger()
 
 
 def raw_error_response(status: int, target: str, message: str, default_headers=()) -> bytes:

@@ -115,46 +115,29 @@ def _caller_of_record(request, caller: str, key: str) -> str:
     return legacy if IdempotencyRecord.objects.filter(caller=legacy, key=key).exists() else caller
 
 
-def _request_hash(request, *, raw_json: bool = False, numbers_as_sent: bool = False) -> str:
-    """The request's hash; `raw_json` and `numbers_as_sent` give the hashes of records stored
-    before JSON bodies were compared by value, and before their numbers were (within the 24 h
-    after each change, a retry across it is still replayed)."""
+def _request_hash(request, *, raw_json: bool = False) -> str:
     h = hashlib.sha256()
     h.update(request.method.encode())
     h.update(b"\0")
     h.update(request.get_full_path().encode("utf-8", "surrogatepass"))
     h.update(b"\0")
-    h.update(request.body if raw_json else _comparable_body(request, numbers_as_sent=numbers_as_sent))
+    h.update(request.body if raw_json else _comparable_body(request))
     return h.hexdigest()
 
 
-def _comparable_body(request, *, numbers_as_sent: bool = False) -> bytes:
+def _comparable_body(request) -> bytes:
     """The body, with a multipart body's boundary replaced by a fixed one: clients pick a new
     random boundary on every retry, which must not make the same upload a different request;
-    a JSON body as its value (a retry that spaces or orders its keys otherwise, or writes a
-    number otherwise, `-45.0` for `-45`, is the same request; RequestGuardMiddleware parsed
-    it)."""
+    a JSON body as its value (a retry that spaces or orders its keys otherwise is the same
+    request; RequestGuardMiddleware parsed it)."""
     body = request.body
     content_type, params = request.content_type.lower(), request.content_params
     if hasattr(request, PARSED_ATTR):
-        value = getattr(request, PARSED_ATTR)
-        return b"json\0" + json.dumps(value if numbers_as_sent else _number_values(value), sort_keys=True,
-                                      separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+        return b"json\0" + json.dumps(getattr(request, PARSED_ATTR), sort_keys=True, separators=(",", ":"),
+                                      ensure_ascii=False).encode("utf-8", "surrogatepass")
     if content_type == "multipart/form-data" and params.get("boundary"):
         body = body.replace(b"--" + params["boundary"].encode("latin-1", "replace"), b"--\0boundary\0")
     return body
-
-
-def _number_values(value):
-    """`value` with each whole float as the integer it equals (JSON has one kind of number:
-    `-45`, `-45.0` and `-4.5e1` are one value, and `-0.0` is `0`)."""
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else value
-    if isinstance(value, dict):
-        return {k: _number_values(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_number_values(v) for v in value]
-    return value
 
 
 class IdempotencyMiddleware:
@@ -236,8 +219,7 @@ class IdempotencyMiddleware:
                     continue
                 # (raw_json: how a JSON body was hashed before 2026-12-06; records live 24 h: remove this
                 # second hash once every instance has run the new code a day)
-                if existing.request_hash != digest and existing.request_hash not in (
-                        _request_hash(request, raw_json=True), _request_hash(request, numbers_as_sent=True)):
+                if existing.request_hash != digest and existing.request_hash != _request_hash(request, raw_json=True):
                     return None, error_response(
                         request, 409, "This Idempotency-Key was used with a different request."
                     )

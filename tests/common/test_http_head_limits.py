@@ -342,3 +342,18 @@ def test_an_http_1_1_request_without_a_host_is_a_400_and_http_1_0_may_leave_it_o
     assert old_http.startswith(b"HTTP/1.1 200 ") and with_host.startswith(b"HTTP/1.1 200 ")
     early, answers = _behind_slow(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /later HTTP/1.1\r\n\r\n")
     assert early == b"" and [a[9:12] for a in answers] == [b"200", b"400"]
+
+
+def test_a_refused_head_asking_for_a_websocket_is_answered_not_upgraded(caplog):
+    """A WebSocket handshake without Host, or with a head over the limit in one read: uvicorn
+    upgraded it after the refusal, with no method in its scope, and asyncio logged "Fatal error:
+    protocol.data_received() call failed" with a KeyError traceback (a review)."""
+    upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    with caplog.at_level(logging.WARNING):
+        no_host, too_big = answers_to([
+            b"GET /ws/ops/ HTTP/1.1\r\n" + upgrade + b"\r\n",
+            b"GET /ws/ops/ HTTP/1.1\r\nHost: x\r\n" + upgrade + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        ])
+    assert no_host.startswith(b"HTTP/1.1 400 ") and too_big.startswith(b"HTTP/1.1 431 "), (no_host[:80], too_big[:80])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Unsupported upgrade request" not in caplog.text

@@ -46,6 +46,8 @@ class Link:
         self.writers = []
         self.stalls: list[asyncio.Event] = []  # (one per connection carried)
         self.taken = 0  # (connections taken)
+        self.hearing = asyncio.Event()  # (cleared: what clients write is no longer read)
+        self.hearing.set()
 
     def stall(self):
         for stalled in self.stalls:
@@ -82,9 +84,9 @@ class Link:
         stalled = asyncio.Event()
         self.stalls.append(stalled)
 
-        async def pipe(source, sink, delay):
+        async def pipe(source, sink, delay, gate=None):
             try:
-                while data := await source.read(65536):
+                while (gate is None or await gate.wait()) and (data := await source.read(65536)):
                     await asyncio.sleep(delay)
                     if stalled.is_set():
                         continue  # (read and dropped: the sender's TCP sees it taken)
@@ -93,7 +95,7 @@ class Link:
             finally:
                 sink.close()
 
-        await asyncio.gather(pipe(reader, up_writer, self.delay), pipe(up_reader, writer, 0), return_exceptions=True)
+        await asyncio.gather(pipe(reader, up_writer, self.delay, self.hearing), pipe(up_reader, writer, 0), return_exceptions=True)
 
 
 @contextlib.asynccontextmanager
@@ -710,7 +712,7 @@ def test_an_answer_that_came_in_as_the_read_gave_up_is_not_taken_for_silence():
     class Connection:
         dropped = None
 
-        async def drop(self, error):
+        async def disconnect(self, nowait=False, error=None):
             self.dropped = error
 
     class BufferedPong:
@@ -750,7 +752,7 @@ def test_a_drop_for_no_answer_spares_a_socket_made_since():
                 await connection.read_response()  # (this task's socket: the first)
                 read.set()
                 await remade.wait()
-                await connection.drop(RedisError("no answer"))
+                await connection.disconnect(nowait=True, error=RedisError("no answer"))
                 done.set()
 
             task = asyncio.ensure_future(receive_loop())
@@ -766,3 +768,26 @@ def test_a_drop_for_no_answer_spares_a_socket_made_since():
             return link.taken, reply
 
     assert async_to_sync(scenario)() == (2, b"PONG")
+
+
+def test_a_connection_closed_after_an_error_goes_at_once_with_what_waits_to_be_written():
+    """A write to a peer that reads nothing (a Redis stuck) fails, and the connection is closed:
+    the close waited for what was left to be written, so the socket stayed open, for good."""
+    from redis.asyncio.connection import Connection
+
+    from common.channels import connecting_once
+
+    async def scenario():
+        async with Link() as link:
+            connection = connecting_once(Connection)(**aioredis.connection.parse_url(link.url))
+            await connection.connect()
+            link.hearing.clear()
+            writer = connection._writer
+            writer.write(b"x" * (32 * 1024 * 1024))  # (more than the kernels' buffers take)
+            await until(lambda: writer.transport.get_write_buffer_size() > 0)
+            sock = writer.get_extra_info("socket")
+            await connection.disconnect(nowait=True, error=RedisError("Timeout writing to socket"))
+            await until(lambda: sock.fileno() == -1, seconds=2)
+            link.hearing.set()
+
+    async_to_sync(scenario)()
