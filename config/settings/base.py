@@ -413,6 +413,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "common.negotiation.ContentNegotiation",
     "DEFAULT_PARSER_CLASSES": ["common.parsers.JSONParser"],
     # Errors not of one field, under `details` (SPEC: JSON keys are camelCase)
     "NON_FIELD_ERRORS_KEY": "nonFieldErrors",

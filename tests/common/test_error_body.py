@@ -176,3 +176,14 @@ def test_errors_of_no_one_field_are_under_a_camel_case_key_everywhere(settings):
     from common.exceptions import NON_FIELD_ERRORS
 
     assert NON_FIELD_ERRORS == settings.REST_FRAMEWORK["NON_FIELD_ERRORS_KEY"] == "nonFieldErrors"
+
+
+def test_a_format_that_no_renderer_has_is_ignored_as_other_unknown_parameters_are(integration, ops):
+    """DRF answered `?format=xml` with 404 "Not found." for a URL that exists, where any other
+    parameter a view does not read is ignored (a fuzzing audit). A format the view renders
+    still selects it."""
+    for query in ("format=xml", "format=api", "format="):
+        r = integration.get(f"/v2/deliveries?{query}")
+        assert r.status_code == 200 and r["Content-Type"] == "application/json", (query, r.content[:200])
+    assert ops.get("/v2/schema/?format=json")["Content-Type"].startswith("application/vnd.oai.openapi+json")
+    assert ops.get("/v2/schema/")["Content-Type"].startswith("application/vnd.oai.openapi;")
