@@ -9,6 +9,12 @@ is none. The client heard nothing until its own timeout and the connection staye
 the client closed it. Here the refusal is answered at once, in the API's error body, and the
 connection is closed.
 
+A client that leaves the server's keepalive ping unanswered for its timeout (20 s: it stopped
+reading, its events piling up in the kernel's buffers before they reach the socket's queue) is
+closed with 1013, as a socket that falls behind its queue is (common.channels._SocketQueue):
+reconnect and reload. uvicorn closed it with 1011 ("internal error"), which the API documents as
+a check that could not run.
+
 An upgrade the library parses but will not accept (no `Sec-WebSocket-Key`, a version other than
 13, a method other than GET) and the answers uvicorn builds itself (a 500 when the application
 fails before accepting) go through the library's `reject`, which wrote a plain-text body; here
@@ -91,6 +97,17 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                     self.handle_parser_exception()
                 return
         super().send_receive_event_to_app()
+
+    def keepalive_timeout(self) -> None:
+        """uvicorn's, closing with 1013 (see above) rather than 1011."""
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.conn.fail(1013, "keepalive ping timeout: the client is not reading")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from tests.processes import served
+from tests.processes import free_port, served
 
 PROTOCOL = "common.wsprotocol:WebSocketProtocol"
 UPGRADE_HEADERS = [
@@ -184,3 +184,56 @@ def test_a_socket_whose_channel_layer_fails_is_answered_503_and_logged_once(tran
     log = log_path.read_text()
     assert "Traceback" not in log and '"ERROR"' not in log and " ERROR " not in log, log[-3000:]
     assert log.count("OpsConsumer refused (503)") == 1
+
+
+def test_a_client_that_answers_no_ping_is_closed_1013_to_reload():
+    """A client that stopped reading leaves the keepalive ping unanswered: uvicorn closed it with
+    1011 ("internal error", documented as a check that could not run) before its queue of 1,000
+    events could fill (a socket audit: the kernel's buffers held ~1,900 events). Now 1013, as a
+    socket that falls behind: reconnect and reload. (uvicorn in process, pings every 0.2 s.)"""
+    import asyncio
+    import struct
+
+    import uvicorn
+
+    from common.wsprotocol import WebSocketProtocol
+
+    async def app(scope, receive, send):
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+
+    async def scenario(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(("GET /ws/x/ HTTP/1.1\r\n" + "".join(h + "\r\n" for h in UPGRADE_HEADERS) + "\r\n").encode())
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        frames = []
+        while True:  # (reads what comes, answers nothing)
+            first, second = await asyncio.wait_for(reader.readexactly(2), 10)
+            payload = await reader.readexactly(second & 0x7F)
+            frames.append((first & 0x0F, payload))
+            if first & 0x0F == 0x8:
+                writer.close()
+                return frames
+
+    async def main():
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws=WebSocketProtocol, lifespan="off",
+                                               log_config=None, ws_ping_interval=0.2, ws_ping_timeout=0.2))
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            return await scenario(port)
+        finally:
+            server.should_exit = True
+            await task
+
+    frames = asyncio.run(main())
+    assert [opcode for opcode, _ in frames] == [0x9, 0x8], frames  # one ping, then the close
+    code, reason = struct.unpack("!H", frames[-1][1][:2])[0], frames[-1][1][2:].decode()
+    assert (code, reason) == (1013, "keepalive ping timeout: the client is not reading")
