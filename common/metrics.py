@@ -59,6 +59,12 @@ PUBSUB_RECONNECTS = Counter(
     "Pub/sub connections to Redis that came back after a drop (their sockets closed 1012 to reload)",
 )
 
+# Requests and socket handshakes refused for a Host that ALLOWED_HOSTS does not name
+# (common.middleware.AllowedHostGuard; its log lines are capped, this counts them all): a
+# steady rate is a proxy or DNS name missing from ALLOWED_HOSTS, not only scanners.
+HTTP_INVALID_HOST = Counter(
+    "http_invalid_host_total", "HTTP requests and socket handshakes refused for a Host not in ALLOWED_HOSTS"
+)
 
 # The seed's metrics (Monitoring and Metrics). Gauges are computed from PostgreSQL at scrape
 # time (dispatch/metrics.py), so they are right whatever number of processes serve.

@@ -484,11 +484,17 @@ class AllowedHostGuard:
     front of every location fix."""
 
     MEMO_MAX = 256
+    # Each refusal counts (`http_invalid_host_total`); at most LOG_LINES of them a LOG_WINDOW
+    # are logged (WARNING: the client's request, not our failure), the next line saying how many
+    # were not. Django logs each at ERROR: a scanner filled the log and fired ERROR alerts.
+    LOG_LINES, LOG_WINDOW = 10, 60.0
+    clock = staticmethod(time.monotonic)
 
     def __init__(self, app):
         self.app = app
         self.security_logger = logging.getLogger("django.security.DisallowedHost")
         self._memo: dict[bytes, bool] = {}
+        self._window_start, self._logged, self._unlogged = float("-inf"), 0, 0
         setting_changed.connect(self._forget, weak=False)
 
     def _forget(self, *, setting, **kwargs):
@@ -531,9 +537,23 @@ class AllowedHostGuard:
         the error body, as their other errors are (ApiErrorMiddleware)."""
         return path == "/" or (path + "/").startswith(PAGE_PREFIXES)
 
+    def _log_refusal(self, shown: str) -> None:
+        metrics.HTTP_INVALID_HOST.inc()
+        now = self.clock()
+        if now - self._window_start >= self.LOG_WINDOW:
+            self._window_start, self._logged = now, 0
+        if self._logged >= self.LOG_LINES:
+            self._unlogged += 1
+            return
+        self._logged += 1
+        unlogged, self._unlogged = self._unlogged, 0
+        self.security_logger.warning(
+            "Invalid HTTP_HOST header: %r. The host is not in ALLOWED_HOSTS.%s", shown,
+            f" ({unlogged} more refused before this, not logged: at most {self.LOG_LINES} lines in {self.LOG_WINDOW:g} s)" if unlogged else "",
+        )
+
     async def _refuse(self, scope, receive, send, host: bytes) -> None:
-        shown = host.decode("latin-1")[:255]
-        self.security_logger.error("Invalid HTTP_HOST header: %r. The host is not in ALLOWED_HOSTS.", shown)
+        self._log_refusal(host.decode("latin-1")[:255])
         if scope["type"] == "websocket":  # a close before the accept: the server answers the handshake 403
             if (await receive())["type"] == "websocket.connect":
                 await send({"type": "websocket.close"})

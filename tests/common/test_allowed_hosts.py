@@ -148,3 +148,56 @@ def test_a_socket_with_a_foreign_host_is_refused_at_the_handshake():
         assert await opens([]) is True  # no Host (a test client): left to the origin check, as on HTTP
 
     async_to_sync(scenario)()
+
+
+def test_refusals_are_counted_and_logged_as_warnings_at_most_ten_a_minute(caplog):
+    """Django's convention logged each refusal at ERROR: a scanner sending foreign Hosts filled
+    the log and fired ERROR alerts without credentials. Each is counted; ten a minute are logged
+    (WARNING), the next line saying how many were not."""
+    from prometheus_client import REGISTRY
+
+    from common.middleware import AllowedHostGuard
+
+    async def inner(scope, receive, send):
+        raise AssertionError("a foreign Host reached the app")
+
+    now = [1000.0]
+    guard = AllowedHostGuard(inner)
+    guard.clock = lambda: now[0]
+
+    def refuse(host: str) -> int:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        async_to_sync(guard)(http_scope("GET", "/v2/deliveries", [(b"host", host.encode())]), receive, send)
+        return sent[0]["status"]
+
+    def lines():
+        records = [r for r in caplog.records if r.name == "django.security.DisallowedHost"]
+        caplog.clear()
+        return records
+
+    counted = REGISTRY.get_sample_value("http_invalid_host_total") or 0
+    caplog.set_level("WARNING", logger="django.security.DisallowedHost")
+    assert [refuse(f"scan{i}.example") for i in range(15)] == [400] * 15
+    first = lines()
+    assert len(first) == 10 and {r.levelname for r in first} == {"WARNING"}
+    assert "'scan0.example'" in first[0].getMessage() and "not logged" not in first[9].getMessage()
+    assert REGISTRY.get_sample_value("http_invalid_host_total") - counted == 15
+
+    now[0] += 59.0  # the same minute: still nothing more
+    refuse("scan15.example")
+    assert lines() == []
+    now[0] += 1.0  # the next: logged, with what was left out
+    refuse("scan16.example")
+    (line,) = lines()
+    assert "'scan16.example'" in line.getMessage()
+    assert "(6 more refused before this, not logged: at most 10 lines in 60 s)" in line.getMessage()
+    refuse("scan17.example")
+    assert "not logged" not in lines()[0].getMessage()
+    assert REGISTRY.get_sample_value("http_invalid_host_total") - counted == 18
