@@ -7,6 +7,7 @@ and the editor works without them."""
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
+from django.db import connection
 from django.db.models import F
 from django.utils.html import format_html
 
@@ -23,8 +24,16 @@ class DeliveryZoneForm(forms.ModelForm):
 
     def clean_name(self):
         """One error for a name taken (in any case): the field's unique check and the
-        case-blind constraint each gave theirs, two messages for one mistake."""
+        case-blind constraint each gave theirs, two messages for one mistake.
+
+        Two saves of one new name at once (two dispatchers, a resubmit) both passed this check,
+        and the second's save was a 500 (the service's Conflict). The admin validates and saves
+        in one transaction: a lock on the name, held to its commit, makes the second wait here
+        and then see the first's zone."""
         name = self.cleaned_data.get("name")
+        if name:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"zones.name:{name.lower()}"])
         if name and DeliveryZone.objects.filter(name__iexact=name).exclude(pk=self.instance.pk).exists():
             raise forms.ValidationError("A zone with this name already exists.")
         return name

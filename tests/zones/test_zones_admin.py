@@ -332,3 +332,46 @@ def test_geodjangos_errors_about_the_server_stay_errors(caplog):
     gis.error("GEOS_ERROR: %s\n", "ParseException: Expected word but encountered end of stream")
 
     assert [r.levelname for r in caplog.records if r.name == "django.contrib.gis"] == ["ERROR", "ERROR", "WARNING"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_saves_of_one_new_name_at_once_give_one_zone_and_one_form_error(monkeypatch):
+    """Both passed the form's name check before either was saved, and the second's save was a 500
+    (the service's Conflict; an audit: two dispatchers, or a resubmit). Both requests are held
+    after their checks until the other arrives (or 2 s pass): without the name's lock both get
+    there, and one save meets the other's zone."""
+    import threading
+
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from tests.concurrency import race
+    from zones import services
+
+    user = get_user_model().objects.create_superuser("zoner", "zoner@example.com", "pw")
+    both_checked = threading.Barrier(2, timeout=2)
+    create = services.zone_create
+
+    def held_create(**fields):
+        try:
+            both_checked.wait()
+        except threading.BrokenBarrierError:
+            pass  # (the other waits for the name's lock: this one goes on alone)
+        return create(**fields)
+
+    monkeypatch.setattr(services, "zone_create", held_create)
+
+    def save(bbox):
+        client = Client()
+        client.force_login(user)
+        geometry = Polygon.from_bbox(bbox)
+        geometry.srid = 4326
+        return client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, "name": "Harbour", "geometry": geometry.ewkt})
+
+    results, errors = race([lambda: save((30.5, 10.9, 30.6, 11.0)), lambda: save((30.7, 10.9, 30.8, 11.0))])
+
+    assert errors == []
+    assert sorted(r.status_code for r in results) == [200, 302]
+    (refused,) = [r for r in results if r.status_code == 200]
+    assert "A zone with this name already exists." in refused.content.decode()
+    assert DeliveryZone.objects.filter(name="Harbour").count() == 1
