@@ -25,6 +25,7 @@ from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
 from dispatch.proofs import proof_signed_path
 from notifications.admin import CustomerMessageInline, CustomerReplyInline
 from offers.admin import OfferInline
+from offers.models import DriverOffer, OfferStatus
 from workflows import deliveries
 from workflows.dispatching import delivery_dispatch
 from workflows.offers import offer_create
@@ -223,11 +224,16 @@ class AssignToDriverForm(forms.Form):
 
 
 def assign_candidates(delivery: Delivery) -> list[tuple[str, str]]:
-    """Available drivers with a fresh fix near the pickup, nearest first, as (id, "name · 1.2 km")."""
+    """Available drivers with a fresh fix near the pickup, nearest first, as (id, "name · 1.2 km").
+    A driver holding a pending offer is left out: an offer to them is always refused (one pending
+    offer a driver), and the list put them first, at 0.0 km, waiting at this very store."""
     pickup = delivery.pickup_location
     nearby = drivers_available_near(lat=pickup.y, lon=pickup.x, radius_km=ASSIGN_RADIUS_KM, limit=25, positions=False)
-    names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=[n.driver_id for n in nearby]).values_list("pk", "name")}
-    return [(n.driver_id, f"{names.get(n.driver_id, n.driver_id)} · {n.distance_km:.1f} km") for n in nearby]
+    ids = [n.driver_id for n in nearby]
+    names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=ids).values_list("pk", "name")}
+    offered = {str(pk) for pk in DriverOffer.objects.filter(driver_id__in=ids, status=OfferStatus.PENDING).values_list("driver_id", flat=True)}
+    return [(n.driver_id, f"{names.get(n.driver_id, n.driver_id)} · {n.distance_km:.1f} km") for n in nearby
+            if n.driver_id not in offered]
 
 
 class DeliveryExport(ExportResource):

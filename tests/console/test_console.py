@@ -431,6 +431,24 @@ def test_assign_to_driver_lists_nearby_available_drivers_by_distance_and_offers_
     assert near.pk != far.pk
 
 
+def test_assign_to_driver_leaves_out_drivers_holding_a_pending_offer():
+    """An offer to such a driver is always refused (one pending offer a driver), and the list put
+    them first (0.0 km: waiting at the store for the offer they hold; a page audit)."""
+    from tests.factories import OfferFactory
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    holding = online_driver(km=0.1, name="Holding Hema")
+    free = online_driver(km=2, name="Free Farah")
+    OfferFactory(driver=holding, delivery=DeliveryFactory())
+    delivery = DeliveryFactory()
+    selected = {"action": "assign_to_driver", "_selected_action": [str(delivery.pk)]}
+
+    page = client.post("/admin/dispatch/delivery/", selected).content.decode()
+
+    assert "Free Farah · 2.0 km" in page and "Holding Hema" not in page
+    assert free.pk != holding.pk
+
+
 def test_service_only_fields_are_read_only():
     _, client = staff_in(DISPATCHER_GROUP)
     delivery, driver = DeliveryFactory(), DriverFactory()
