@@ -434,8 +434,6 @@ def test_assign_to_driver_lists_nearby_available_drivers_by_distance_and_offers_
 def test_assign_to_driver_leaves_out_drivers_holding_a_pending_offer():
     """An offer to such a driver is always refused (one pending offer a driver), and the list put
     them first (0.0 km: waiting at the store for the offer they hold; a page audit)."""
-    from tests.factories import OfferFactory
-
     _, client = staff_in(DISPATCHER_GROUP)
     holding = online_driver(km=0.1, name="Holding Hema")
     free = online_driver(km=2, name="Free Farah")
