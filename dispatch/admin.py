@@ -18,7 +18,8 @@ from availability.live import positions_of
 from availability.models import Driver
 from common.actors import Actor
 from common.admin import (
-    ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, LiveListMixin, ReadOnlyInline, recent_filter, run_for_each,
+    ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, LiveListMixin, ReadOnlyInline, bidi_isolated, recent_filter,
+    run_for_each,
 )
 from common.admin_confirm import confirm_then
 from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
@@ -121,9 +122,9 @@ def timeline_names(rows) -> dict[str, str]:
         for key in ("assigneeId", "previousAssigneeId"):  # (support tickets' agents)
             if row.details.get(key):
                 user_ids.add(row.details[key])
-    names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=driver_ids).values_list("pk", "name")}
+    names = {str(pk): bidi_isolated(name) for pk, name in Driver.objects.filter(pk__in=driver_ids).values_list("pk", "name")}
     for user in User.objects.filter(pk__in=user_ids).only("pk", "username", "first_name", "last_name"):
-        names[str(user.pk)] = user.get_full_name() or user.username
+        names[str(user.pk)] = bidi_isolated(user.get_full_name() or user.username)
     return names
 
 
@@ -139,7 +140,7 @@ def _driver_name(driver_id) -> str:
     """A driver as the console's messages name them (their id only if they are gone)."""
     if driver_id is None:
         return "no driver"
-    return Driver.objects.filter(pk=driver_id).values_list("name", flat=True).first() or str(driver_id)
+    return bidi_isolated(Driver.objects.filter(pk=driver_id).values_list("name", flat=True).first() or str(driver_id))
 
 
 def describe_ticket_action(d: dict, names) -> str:
@@ -161,7 +162,7 @@ def describe_ticket_action(d: dict, names) -> str:
 
 def describe_event(row, names) -> str:
     """One audit row in words."""
-    d = row.details or {}
+    d = {k: bidi_isolated(v) if isinstance(v, str) else v for k, v in (row.details or {}).items()}  # (reasons, notes, names)
     driver = names.get(str(d.get("driverId")), "a driver") if d.get("driverId") else "a driver"
     reason = f": {d['reason']}" if d.get("reason") else ""
     text = {
@@ -232,7 +233,7 @@ def assign_candidates(delivery: Delivery) -> list[tuple[str, str]]:
     ids = [n.driver_id for n in nearby]
     names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=ids).values_list("pk", "name")}
     offered = {str(pk) for pk in DriverOffer.objects.filter(driver_id__in=ids, status=OfferStatus.PENDING).values_list("driver_id", flat=True)}
-    return [(n.driver_id, f"{names.get(n.driver_id, n.driver_id)} · {n.distance_km:.1f} km") for n in nearby
+    return [(n.driver_id, f"{bidi_isolated(names.get(n.driver_id, n.driver_id))} · {n.distance_km:.1f} km") for n in nearby
             if n.driver_id not in offered]
 
 

@@ -447,6 +447,24 @@ def test_assign_to_driver_leaves_out_drivers_holding_a_pending_offer():
     assert free.pk != holding.pk
 
 
+def test_bidirectional_text_controls_in_a_name_do_not_reorder_the_consoles_sentences():
+    """A driver named with a right-to-left override turned the timeline's "Offered to …" and the
+    assign list's "· 0.5 km" around (a page audit): in the console's sentences and labels such a
+    name loses its controls and is isolated (FSI … PDI). Other names are shown as they are."""
+    _, client = staff_in(DISPATCHER_GROUP)
+    tricky = online_driver(km=0.5, name="Ravi \u202eevil")
+    online_driver(km=1, name="Plain Priya")
+    delivery = DeliveryFactory()
+    selected = {"action": "assign_to_driver", "_selected_action": [str(delivery.pk)]}
+
+    page = client.post("/admin/dispatch/delivery/", selected).content.decode()
+    assert "\u2068Ravi evil\u2069 · 0.5 km" in page and "Plain Priya · 1.0 km" in page and "\u202e" not in page
+
+    client.post("/admin/dispatch/delivery/", {**selected, "apply": "1", "driver": str(tricky.pk)})
+    page = client.get(f"/admin/dispatch/delivery/{delivery.pk}/change/").content.decode()
+    assert "Offered to \u2068Ravi evil\u2069" in page
+
+
 def test_service_only_fields_are_read_only():
     _, client = staff_in(DISPATCHER_GROUP)
     delivery, driver = DeliveryFactory(), DriverFactory()
