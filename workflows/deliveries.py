@@ -13,13 +13,14 @@ from django.utils import timezone
 from analytics.economics import economics_record
 from analytics.services import performance_delivery_finished, performance_rated
 from availability.models import DriverAvailability
+from common import metrics
 from common.actors import Actor
 from common.db import locked_now
 from common.exceptions import Conflict, InvalidInput, NotFound
 from dispatch import events as dispatch_events
 from dispatch import selectors as delivery_selectors
 from dispatch import services as deliveries
-from dispatch.models import AssignmentStatus, Delivery, DeliveryProof, proof_file_name
+from dispatch.models import Assignment, AssignmentStatus, Delivery, DeliveryProof, proof_file_name
 from dispatch.models import DeliveryStatus as S
 from dispatch.proofs import proof_file_discard, proof_file_store, proof_image_clean
 from dispatch.services import DeliveryInput
@@ -94,6 +95,9 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
     unassigned_resolve(delivery=delivery, now=now)
     for other_id in deliveries.active_deliveries_of(driver.pk) if stacking else (delivery.pk,):
         eta_refresh_enqueue(other_id, now=now)  # stacked: the others' route has a new stop
+    if delivery.offer_acceptance_count == 0 and not Assignment.objects.filter(delivery_id=delivery.pk).exclude(pk=assignment.pk).exists():
+        # (ready → first assigned, as for an accepted offer: this assignment was not counted)
+        metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
     return assignment
 
 

@@ -105,7 +105,8 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
 
             for delivery_id in active_deliveries_of(driver.pk) if stacking else (delivery.pk,):
                 eta_refresh_enqueue(delivery_id, now=now)  # stacked: the others' route has a new stop
-            metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
+            if delivery.offer_acceptance_count == 1:  # (its first driver: one observation a delivery)
+                metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
             return AcceptResult(offer=offer, assignment_id=str(assignment.pk))
     # Waiting for the offer's lock: another late accept of the same round may hold it (with the
     # whole round) for a moment; skipping it left the offer pending until the sweep, up to 5 s.
