@@ -23,14 +23,14 @@ import phonenumbers
 from django.conf import settings
 from django.core.mail import EmailMessage, get_connection
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef
 from django.template.loader import select_template
 from django.utils import timezone
 
 from availability.models import Driver
 from common.broadcast import OPS_GROUP, broadcast_on_commit, driver_group, enqueue_task_on_commit
 from common.db import insert_unless_conflict
-from dispatch.models import CODE_POLICIES, OPEN_DELIVERY_STATUSES, Assignment, AssignmentStatus, Delivery
+from dispatch.models import CODE_POLICIES, OPEN_DELIVERY_STATUSES, Assignment, AssignmentStatus, Delivery, DeliveryStatus
 from notifications import events
 from notifications.models import (
     Channel, CustomerMessage, CustomerOptOut, CustomerReply, MessageKind, OptOutSource, OutboxEvent,
@@ -273,19 +273,56 @@ def message_rows_for_events(events: list[OutboxEvent], *, now: datetime) -> int:
         if kind is None:
             continue
         data = event.payload["data"]
-        language = data.get("customerLanguage") or DEFAULT_LANGUAGE
-        if data.get("customerPhone"):
-            number = sms_number(data["customerPhone"])
-            rows.append(CustomerMessage(
-                delivery_id=event.delivery_id, kind=kind, channel=Channel.SMS, recipient=number or data["customerPhone"],
-                language=language, status=St.PENDING if number else St.SKIPPED,
-                error="" if number else "not a valid phone number", next_attempt_at=now, created_at=now,
-            ))
-        if data.get("customerEmail"):
-            rows.append(CustomerMessage(
-                delivery_id=event.delivery_id, kind=kind, channel=Channel.EMAIL, recipient=data["customerEmail"],
-                language=language, next_attempt_at=now, created_at=now,
-            ))
+        rows += _message_rows(event.delivery_id, kind, phone=data.get("customerPhone"), email=data.get("customerEmail"),
+                              language=data.get("customerLanguage"), now=now)
+    return _messages_create(rows)
+
+
+def arriving_message_rows(fixes: list[tuple[str, float, float]], *, now: datetime) -> int:
+    """The arriving messages of the in-transit deliveries among `fixes` ((delivery id, lat, lon)
+    of their drivers' fixes, the latest last) whose driver is within CUSTOMER_ARRIVING_METERS of
+    the drop-off and whose customer has none yet: one read. Called with the ETA refresh of
+    fixes (at its cadence: ETA_MIN_INTERVAL_SECONDS, sooner after ETA_MIN_MOVE_METERS). Seen
+    only in an ETA update's webhook row, the message was lost when the ETA did not move by its
+    threshold near the door, or when that update's webhook was held back by the merchants' 60 s
+    throttle (an audit: the driver reached the door 34 s after the last one; no message)."""
+    if not settings.CUSTOMER_MESSAGES_ENABLED or not fixes:
+        return 0
+    last = {str(delivery_id): (lat, lon) for delivery_id, lat, lon in fixes}
+    told = CustomerMessage.objects.filter(delivery_id=OuterRef("pk"), kind=MessageKind.ARRIVING)
+    rows = []
+    for pk, drop, phone, email, language in (
+        Delivery.objects.filter(pk__in=list(last), status=DeliveryStatus.IN_TRANSIT).exclude(Exists(told))
+        .values_list("pk", "dropoff_location", "customer_phone", "customer_email", "customer_language")
+    ):
+        lat, lon = last[str(pk)]
+        if haversine_km(lat, lon, drop.y, drop.x) * 1000 <= settings.CUSTOMER_ARRIVING_METERS:
+            rows += _message_rows(pk, MessageKind.ARRIVING, phone=phone, email=email, language=language, now=now)
+    return _messages_create(rows)
+
+
+def _message_rows(delivery_id, kind: str, *, phone: str | None, email: str | None, language: str | None,
+                  now: datetime) -> list[CustomerMessage]:
+    """A message's rows: an SMS to `phone` (skipped when it is not a valid number), an e-mail to `email`."""
+    language = language or DEFAULT_LANGUAGE
+    rows = []
+    if phone:
+        number = sms_number(phone)
+        rows.append(CustomerMessage(
+            delivery_id=delivery_id, kind=kind, channel=Channel.SMS, recipient=number or phone,
+            language=language, status=St.PENDING if number else St.SKIPPED,
+            error="" if number else "not a valid phone number", next_attempt_at=now, created_at=now,
+        ))
+    if email:
+        rows.append(CustomerMessage(
+            delivery_id=delivery_id, kind=kind, channel=Channel.EMAIL, recipient=email,
+            language=language, next_attempt_at=now, created_at=now,
+        ))
+    return rows
+
+
+def _messages_create(rows: list[CustomerMessage]) -> int:
+    """Store the rows (once each: existing rows win) and have a worker send them after commit."""
     if not rows:
         return 0
     made = CustomerMessage.objects.bulk_create(rows, ignore_conflicts=True)

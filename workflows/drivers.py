@@ -26,6 +26,7 @@ from common.actors import Actor
 from common.broadcast import OPS_LOCATIONS_GROUP, send_now
 from common.redis import RedisFailed
 from common.exceptions import Conflict
+from notifications.customers import arriving_message_rows
 from offers.models import DriverOffer, OfferStatus
 from offers.services import offer_cancel_locked
 from tracking.services import (
@@ -211,7 +212,17 @@ def driver_location_record(
             ),
             robust=True,
         )
+    if result.accepted and result.active_delivery_ids:
+        transaction.on_commit(lambda: _arriving_messages([(d, lat, lon) for d in result.active_delivery_ids], now=now))
     return result
+
+
+def _arriving_messages(fixes: list[tuple[str, float, float]], *, now: datetime) -> None:
+    """`notifications.customers.arriving_message_rows` of these fixes. Never raises."""
+    try:
+        arriving_message_rows(fixes, now=now)
+    except Exception:
+        logger.warning("arriving messages of %d deliveries failed", len(fixes), exc_info=True)
 
 
 def fixes_process(fixes: list[Fix], *, now: datetime | None = None) -> list[PersistedFix]:
@@ -281,6 +292,9 @@ def etas_on_fixes(fixes: list[tuple[str, float, float]], *, now: datetime) -> No
             due[delivery_id] = None if claimed else fallback  # Redis cannot say: by the stored time
     if not due:
         return
+    # the customer's "arriving" message at the same cadence, from the fix (whether or not the
+    # ETA moved, or its webhook went out)
+    _arriving_messages([fix for fix in fixes if fix[0] in due], now=now)
     try:
         with unit_of_work():
             deliveries_eta_refresh(due=due, now=now)

@@ -420,3 +420,51 @@ def test_a_customer_told_of_a_driver_is_told_of_the_cancellation_and_only_they(s
     assert not CustomerMessage.objects.filter(delivery=untold).exists()
     assert "fue cancelado y no será entregado" in _sms(twilio.requests[-1])["Body"]
     assert _mails(smtp_server)[-1]["Subject"] == f"Tu pedido {told.seller_order_id} fue cancelado"
+
+
+def test_the_arriving_message_goes_from_the_fixes_when_no_eta_webhook_does(twilio):
+    """It was seen only in an ETA update's webhook row, which the merchants' throttle (one per
+    60 s a delivery) holds back, and which an ETA that did not move never makes: a driver at the
+    door 34 s after the last one told the customer nothing (an audit). The fixes' ETA cadence
+    checks it now, from the fix itself."""
+    import time
+
+    from availability import live
+    from workflows import drivers as driver_workflows
+
+    delivery = _delivery()
+    driver = online_driver()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    for step in ("pickup-started", "pickup-completed", "delivery-started"):
+        flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user))
+    assert OutboxEvent.objects.filter(delivery_id=delivery.pk, type="delivery.eta_updated").exists()  # (the throttle's)
+    drop = delivery.dropoff_location
+
+    def fix(lat, lon):
+        driver_workflows.fixes_process([live.Fix(driver_id=str(driver.pk), lat=lat, lon=lon, recorded_at=time.time())])
+
+    fix(drop.y - 0.02, drop.x)  # ~2.2 km away
+    assert not CustomerMessage.objects.filter(delivery=delivery, kind="arriving").exists()
+    fix(drop.y - 0.001, drop.x)  # ~110 m
+    fix(drop.y - 0.0005, drop.x)
+
+    (arriving,) = CustomerMessage.objects.filter(delivery=delivery, kind="arriving", channel="sms")
+    assert arriving.status == "sent" and sum("almost there" in _sms(r)["Body"] for r in twilio.requests) == 1
+    assert OutboxEvent.objects.filter(delivery_id=delivery.pk, type="delivery.eta_updated").count() == 1  # (still throttled)
+    assert CustomerMessage.objects.filter(delivery=delivery, kind="arriving", channel="email").count() == 1
+
+
+def test_the_arriving_message_waits_for_the_delivery_to_be_under_way(twilio):
+    """A driver at the drop-off before the pickup (assigned, picked up) is not arriving."""
+    import time
+
+    from availability import live
+    from workflows import drivers as driver_workflows
+
+    delivery = _delivery()
+    driver = online_driver()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    drop = delivery.dropoff_location
+    driver_workflows.fixes_process([live.Fix(driver_id=str(driver.pk), lat=drop.y, lon=drop.x, recorded_at=time.time())])
+
+    assert not CustomerMessage.objects.filter(delivery=delivery, kind="arriving").exists()
