@@ -39,6 +39,10 @@ class HttpResult:
     body: bytes
     duration_ms: int
     error: str = ""
+    # Whether the request may have reached the receiver: False when the attempt failed before a
+    # connection was made (the name, a refused, unreachable or timed-out connect), so that a
+    # retry cannot repeat it (an SMS provider's send).
+    sent: bool = True
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -274,7 +278,12 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
     started = time.monotonic()
     deadline = started + timeout
 
+    connected = False
+
     def timed_out() -> HttpResult:
+        if not connected:
+            return HttpResult(status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
+                              error=f"timeout: could not connect within {timeout:g} s", sent=False)
         return HttpResult(status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
                           error=f"timeout: no complete answer within {timeout:g} s")
 
@@ -282,7 +291,7 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
         address = resolve_checked(host, port, trusted=trusted, timeout=timeout)
     except ConnectionError as exc:
         return HttpResult(status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
-                          error=str(exc)[:500])
+                          error=str(exc)[:500], sent=False)
     if time.monotonic() >= deadline:
         return timed_out()
     cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
@@ -292,6 +301,7 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
         connection.connect()
         if watchdog.cut:  # (the time ran out while connecting: nothing is sent)
             return timed_out()
+        connected = True  # (a TLS handshake included: nothing of the request is written before it)
         connection.request("POST", path, body=body, headers={
             "Content-Type": "application/json", "User-Agent": "dispatch-webhooks/1", **headers,
         })
@@ -306,10 +316,12 @@ def post_json(url: str, body: bytes, headers: dict[str, str], *, timeout: float,
     except (OSError, http.client.HTTPException, ValueError) as exc:  # (ValueError: an SSL socket shut under a read)
         if watchdog.finish():
             return timed_out()
+        if not connected and isinstance(exc, (TimeoutError, socket.timeout)):
+            return timed_out()
         kind = "timeout" if isinstance(exc, (TimeoutError, socket.timeout)) else type(exc).__name__
         return HttpResult(
             status=None, headers={}, body=b"", duration_ms=int((time.monotonic() - started) * 1000),
-            error=f"{kind}: {exc}"[:500],
+            error=f"{kind}: {exc}"[:500], sent=connected,
         )
     finally:
         watchdog.finish()

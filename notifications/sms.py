@@ -78,8 +78,8 @@ class TwilioSmsBackend:
             "Content-Type": "application/x-www-form-urlencoded", "Authorization": f"Basic {auth}", "Accept": "application/json",
         }, timeout=settings.WEBHOOK_TIMEOUT_SECONDS, trusted=True)
         if result.status is None:
-            if "Refused" in result.error or "DNS" in result.error:
-                raise SmsNotSent(result.error, retry=True)  # never reached Twilio
+            if not result.sent:  # never reached Twilio (the name, or a refused, unreachable or timed-out connect)
+                raise SmsNotSent(result.error, retry=True)
             raise SmsOutcomeUnknown(result.error)
         try:
             answer = json.loads(result.body or b"{}")

@@ -167,6 +167,29 @@ def test_a_send_whose_outcome_is_unknown_is_never_repeated(twilio, settings):
     assert len(twilio.requests) == 1
 
 
+@pytest.mark.parametrize("failure", [TimeoutError("timed out"), OSError(101, "Network is unreachable")],
+                         ids=["connect timed out", "network unreachable"])
+def test_a_send_that_never_connected_is_retried(twilio, monkeypatch, failure):
+    """Only a refused connection or a failed look-up counted as never sent (their error texts):
+    a connect that timed out, or an unreachable network, was taken for a send of unknown outcome
+    and failed for good, with nothing sent (an audit: a full accept queue at the provider)."""
+    import socket
+
+    def cannot_connect(*args, **kwargs):
+        raise failure
+
+    delivery = DeliveryFactory(customer_phone=PHONE)
+    with monkeypatch.context() as patched:
+        patched.setattr(socket, "create_connection", cannot_connect)
+        flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+    message = CustomerMessage.objects.get(delivery=delivery)
+    assert message.status == "pending" and message.attempts == 1 and twilio.requests == [], message.error
+    with time_machine.travel(timezone.now() + timedelta(seconds=31), tick=False):
+        assert customers.customer_messages_send_due() == 1
+    message.refresh_from_db()
+    assert (message.status, message.attempts) == ("sent", 2) and len(twilio.requests) == 1
+
+
 def test_the_arriving_message_goes_once_when_the_driver_is_within_500_m(twilio):
     delivery = _delivery()
     driver = online_driver()
