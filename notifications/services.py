@@ -613,12 +613,21 @@ class _Sweep:
                         break
                     continue
                 done, _ = wait(running, timeout=TOP_UP_SECONDS, return_when=FIRST_COMPLETED)
+                drained = False
                 for future in done:
                     out = running.pop(future)
                     self.in_flight.discard(out.endpoint_id)
                     self.record(out, future.result())
                     if out.endpoint_id in self.queues:  # its next message, after the others' (in turn)
                         self.queues[out.endpoint_id] = self.queues.pop(out.endpoint_id)
+                    else:
+                        drained = True
+                if drained and running and len(running) < workers and time.monotonic() < self.deadline:
+                    # An endpoint sent all it had while another's attempt runs on: what is due to
+                    # it now (a delivery's next event, due once the one before was delivered) is
+                    # claimed at once. It waited for the next top-up, a second: one event a second
+                    # behind a hanging receiver.
+                    self.claim()
                 if time.monotonic() - topped_up >= TOP_UP_SECONDS and time.monotonic() < self.deadline:
                     # an endpoint is slow: what was committed meanwhile, and the others' due messages
                     topped_up = time.monotonic()

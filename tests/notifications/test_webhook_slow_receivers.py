@@ -168,3 +168,35 @@ def test_a_sweep_stops_fanning_out_once_its_budget_is_spent(monkeypatch):
 
     assert services.webhooks_deliver_due(max_seconds=25) == 0
     assert len(batches) == 3
+
+
+def test_a_hanging_endpoint_does_not_slow_another_endpoints_events_of_one_delivery(receiver, settings, monkeypatch):
+    """One delivery's events go to an endpoint in order, each due once the one before it is
+    delivered. While another endpoint's attempt hung, the next was claimed only at the sweep's
+    next top-up (every second): 13 events of a quick flow took 10 s instead of 1 (an audit). The
+    top-ups are put out of reach here: the fast endpoint gets all four within the budget only
+    if a finished attempt's successor is claimed when it finishes."""
+    from common.actors import Actor
+    from tests.factories import DeliveryFactory, online_driver
+    from workflows import deliveries as flows
+
+    settings.WEBHOOK_TIMEOUT_SECONDS = 4.0
+    monkeypatch.setattr(services, "TOP_UP_SECONDS", 60.0)
+    merchant = IntegrationUserFactory()
+    hanging = Receiver()
+    hanging.default = Answer(delay=6)  # (cut at 4 s: after the sweep's budget)
+    try:
+        services.endpoint_create(owner=merchant, all_deliveries=False, url=hanging.url, events=["delivery.assigned"])
+        fast = services.endpoint_create(owner=merchant, all_deliveries=False, url=receiver.url, events=["*"])
+        delivery, driver = DeliveryFactory(created_by=merchant), online_driver()
+        flows.assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+        for step in ("pickup-started", "pickup-completed", "delivery-started"):
+            flows.delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.for_user(driver.user))
+
+        services.webhooks_deliver_due(max_seconds=2.5)
+
+        assert WebhookMessage.objects.filter(endpoint=fast).count() == 4
+        assert len(receiver.requests) == 4
+        assert len(hanging.requests) <= 1
+    finally:
+        hanging.close()
