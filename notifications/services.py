@@ -719,7 +719,9 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
     ])
     _chain_follows(message, next_retry=next_retry, now=now)
     return WebhookAttempt.objects.create(
-        message=message, endpoint_id=endpoint.pk, attempted_at=now, status_code=result.status,
+        # (when it started: the receiver got the request then, durationMs before its outcome was known)
+        message=message, endpoint_id=endpoint.pk, attempted_at=now - timedelta(milliseconds=result.duration_ms),
+        status_code=result.status,
         duration_ms=result.duration_ms, error=(result.error or ("" if ok else f"HTTP {result.status}"))[:500],
         next_retry_at=next_retry,
     )

@@ -200,3 +200,24 @@ def test_a_hanging_endpoint_does_not_slow_another_endpoints_events_of_one_delive
         assert len(hanging.requests) <= 1
     finally:
         hanging.close()
+
+
+def test_an_attempt_is_dated_when_its_request_was_sent():
+    """`attemptedAt` was when the outcome was known: a timed-out attempt read 10 s after the
+    receiver got it (and its `webhook-timestamp`), which made receivers' logs hard to match."""
+    from datetime import timedelta
+
+    from notifications.egress import HttpResult
+
+    merchant = IntegrationUserFactory()
+    endpoint = services.endpoint_create(owner=merchant, all_deliveries=False, url="https://slow.example.com/h", events=["*"])
+    services.endpoint_send_test(endpoint_id=endpoint.pk)
+    while services.webhooks_fan_out(now=timezone.now()):
+        pass
+    message = WebhookMessage.objects.get(endpoint=endpoint)
+    now = timezone.now()
+
+    attempt = services.message_attempt_record(message_id=message.pk, now=now, result=HttpResult(
+        status=None, headers={}, body=b"", duration_ms=10_000, error="timeout: no complete answer within 10 s"))
+
+    assert attempt.attempted_at == now - timedelta(seconds=10) and attempt.duration_ms == 10_000
