@@ -200,6 +200,13 @@ def test_a_dispatcher_runs_the_console_in_chromium(console_server, chromium, dis
     assert "Asia/Kolkata" in chromium.find_element(By.CLASS_NAME, "kpi-meta").text
     assert "Users" not in chromium.find_element(By.ID, "content-main").text
     screenshot(chromium, "dashboard")
+    # a second submission of a form while the first is on its way is ignored (a double click on
+    # "Offer to this driver" showed "already has a pending offer" after the offer was made)
+    assert chromium.execute_script("""
+        var form = document.getElementById("logout-form"), seen = [];
+        window.addEventListener("submit", function (e) { seen.push(e.defaultPrevented); e.preventDefault(); });
+        form.requestSubmit(); form.requestSubmit();
+        return seen;""") == [False, True]
 
     # a Dispatcher cannot open the user or the token admin
     for path in ("/admin/common/user/", "/admin/common/apitoken/", "/admin/django_celery_beat/periodictask/"):

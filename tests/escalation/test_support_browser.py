@@ -101,6 +101,17 @@ def test_a_support_agent_works_the_queue_and_a_ticket_in_chromium(browser, live_
     assert urgent.assignee_id == agent.pk and urgent.status == "in_progress"
     assert csp_violations(browser) == []  # the pages' CSP lets their scripts, styles and socket work
 
+    # A second submission of a form while the first is on its way is ignored (a double click
+    # stored a comment twice, or showed "already cancelled" after a cancel that worked). A
+    # listener on the window, after the page's own, records what it saw and keeps the page here.
+    seen = browser.execute_script("""
+        var form = document.querySelector("form.comment-form"), seen = [];
+        form.querySelector("textarea").value = "Called the store: ten more minutes.";
+        window.addEventListener("submit", function (e) { seen.push(e.defaultPrevented); e.preventDefault(); });
+        form.requestSubmit(); form.requestSubmit();
+        return seen;""")
+    assert seen == [False, True]
+
 
 def _login(browser, base_url, wait):
     from selenium.webdriver.common.by import By
