@@ -111,6 +111,20 @@ def test_ops_draw_a_zone_through_the_api(ops):
     assert zone.geometry.srid == 4326 and zone.geometry.equals(box(30.50, 10.90, 30.60, 11.00))
 
 
+def test_a_new_zone_shows_its_health_computed_not_the_columns_defaults(ops):
+    """Until the health job's next run a new zone showed a 300 s average wait (the column's
+    default) dated its creation, while its /health said 0 s (an analytics audit)."""
+    r = ops.post("/v2/zones", {"name": "Fresh", "geometry": SQUARE, "minDriversOnline": 2}, format="json")
+
+    assert r.status_code == 201, r.content
+    created = r.json()["properties"]
+    health = ops.get(f"/v2/zones/{r.json()['id']}/health").json()
+    assert created["avgWaitTimeSeconds"] == 0 and created["healthScore"] is not None and created["currentDriversOnline"] == 0
+    listed = next(f["properties"] for f in ops.get("/v2/zones").json()["features"] if f["id"] == r.json()["id"])
+    assert listed["avgWaitTimeSeconds"] == 0 and listed["healthScore"] == created["healthScore"]
+    assert (health["avgWaitTimeSeconds"], health["healthScore"]) == (created["avgWaitTimeSeconds"], created["healthScore"])
+
+
 def test_editing_a_zone_changes_only_what_was_sent(ops):
     zone = ZoneFactory(name="Downtown", priority_level=3, search_radius_km=4.0)
 
