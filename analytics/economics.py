@@ -6,7 +6,8 @@ Rules (docs/analytics.md):
   offer's estimated earning, never above the pay cap of the delivery's zone (or the global one).
 - Failed: the customer's delivery fee is refunded (0) but the seller commission is kept; the
   driver is paid in full if the order was picked up (they did the driving), else the base pay.
-- Costs add the payment processing fee (PAYMENT_FEE_RATE × delivery fee charged) and per-
+- Costs add the payment processing fee (PAYMENT_FEE_RATE × what was charged: the delivery fee
+  charged plus the seller commission) and per-
   delivery infrastructure estimates (PostgreSQL, Redis, API calls).
 Money is Decimal, rounded half-up to the cent; never float.
 """

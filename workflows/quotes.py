@@ -96,7 +96,7 @@ def quote_create(
     """What `POST /v2/deliveries` would do with this pickup and drop-off now: serviceable or
     why not, the fee (locked for `QUOTE_TTL_SECONDS` by the quote it stores when serviceable),
     and the pickup and delivery estimates from the driver dispatch would offer it to first
-    (the nearest by pickup time of those it would offer to; none: no estimates)."""
+    (the first in dispatch's order, docs/dispatch.md; none: no estimates)."""
     now = now or timezone.now()
     result = serviceability_of(pickup=pickup, dropoff=dropoff)
     fee = pricing.delivery_fee(leg_km=result.distance_km)
@@ -112,9 +112,9 @@ def quote_create(
     candidates = rank_candidates(draft, nearby).ranked
     pickup_at = delivery_at = None
     if candidates:
-        nearest = candidates[0]
-        vehicle = Driver.objects.filter(pk=nearest.driver_id).values_list("vehicle_type", flat=True).first() or "car"
-        pickup_s = eta.pickup_eta_seconds(delivery=draft, distance_to_pickup_km=nearest.distance_km, vehicle_type=vehicle, now=now)
+        first = candidates[0]
+        vehicle = Driver.objects.filter(pk=first.driver_id).values_list("vehicle_type", flat=True).first() or "car"
+        pickup_s = eta.pickup_eta_seconds(delivery=draft, distance_to_pickup_km=first.distance_km, vehicle_type=vehicle, now=now)
         deliver_s = pickup_s + eta.travel_seconds(result.distance_km, vehicle) + eta.HANDOVER_SECONDS
         pickup_at = now + timedelta(seconds=math.ceil(pickup_s))
         delivery_at = now + timedelta(seconds=math.ceil(deliver_s))
