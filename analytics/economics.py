@@ -3,7 +3,8 @@
 Rules (docs/analytics.md):
 - Delivered: revenue = delivery fee (the delivery's, else the pricing rule's for its leg:
   `zones.pricing.delivery_fee`) + the seller commission; the driver is paid the accepted
-  offer's estimated earning, never above the pay cap of the delivery's zone (or the global one).
+  offer's estimated earning, never above the pay cap of the delivery's zone (or the global one);
+  one assigned by ops (no offer) is paid by the same rule for the pickup → drop-off leg.
 - Failed: the customer's delivery fee is refunded (0) but the seller commission is kept; the
   driver is paid in full if the order was picked up (they did the driving), else the base pay.
 - Costs add the payment processing fee (PAYMENT_FEE_RATE × what was charged: the delivery fee
@@ -37,7 +38,10 @@ def _zone_of(delivery: Delivery):
 
 def driver_payment_for(delivery: Delivery) -> Decimal:
     offer = delivery.accepted_offer if delivery.accepted_offer_id else None
-    full = money(offer.offer_payload.get("estimatedEarning", settings.DRIVER_BASE_PAY)) if offer else money(settings.DRIVER_BASE_PAY)
+    if offer is not None:
+        full = money(offer.offer_payload.get("estimatedEarning", settings.DRIVER_BASE_PAY))
+    else:  # (assigned by ops, no offer: paid as an offer pays, for the leg it knows of; it was the base pay, 30.00 for any distance)
+        full = pricing.driver_pay(total_km=eta.delivery_leg_km(delivery), zone=_zone_of(delivery))
     full = min(full, pricing.driver_pay_cap(_zone_of(delivery)))  # whatever an offer said: never above the cap
     if delivery.status == DeliveryStatus.FAILED and delivery.picked_up_at is None:
         return min(full, money(settings.DRIVER_BASE_PAY))

@@ -107,6 +107,23 @@ def test_economics_of_a_delivered_order(settings):
     assert all(isinstance(v, Decimal) for v in (cost.total_cost, revenue.total_revenue))
 
 
+def test_a_delivery_assigned_by_ops_pays_the_driver_for_its_leg(settings):
+    """With no offer there is no estimated earning: the driver was paid the base pay, 30.00 for
+    any distance (an analytics audit). The offers' rule for the leg: base + per km × leg km."""
+    from tracking.eta import delivery_leg_km
+    from workflows.deliveries import assignment_create
+
+    settings.DRIVER_BASE_PAY, settings.DRIVER_PAY_PER_KM, settings.DRIVER_PAY_CAP = "30.00", "8.00", "500.00"
+    driver = online_driver(km=1.0)
+    delivery = DeliveryFactory()
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    walk(driver, delivery)
+
+    leg_km = delivery_leg_km(delivery)
+    assert leg_km > 2
+    assert DeliveryCost.objects.get(delivery=delivery).driver_payment == money(Decimal("30.00") + Decimal("8.00") * Decimal(str(leg_km)))
+
+
 def test_a_failure_before_pickup_pays_base_and_refunds_the_fee(settings):
     driver = online_driver(km=1.0)
     delivery, offer = offer_to(driver, delivery_fee=Decimal("40.00"))
