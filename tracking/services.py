@@ -420,30 +420,32 @@ def delivery_location_send(
     send_now([delivery_group(delivery_id), *([OPS_LOCATIONS_GROUP] if ops else [])], event)
 
 
-def delivery_eta_on_fix(*, delivery_id, lat: float, lon: float, now: datetime) -> None:
+def delivery_eta_on_fix(*, delivery_id, lat: float, lon: float, now: datetime) -> bool:
     """A fix of the driver on `delivery_id`: refresh the ETA when due (throttled per delivery
-    in Redis; without Redis, by the stored calculation time). Never raises."""
+    in Redis; without Redis, by the stored calculation time). Whether it was due (what else
+    goes at the ETA's cadence: the customer's arriving check). Never raises."""
     due = eta_recompute_due(delivery_id=delivery_id, lat=lat, lon=lon, now=now)
     if due is False:
-        return
+        return False
     not_since = now - timedelta(seconds=settings.ETA_MIN_INTERVAL_SECONDS) if due is None else None
     try:
         delivery_eta_refresh(delivery_id=delivery_id, now=now, not_since=not_since)
     except Exception:
         logger.warning("ETA refresh of delivery %s failed", delivery_id, exc_info=True)
+    return True
 
 
 def delivery_track_fix(
     *, delivery_id, lat: float, lon: float, accuracy_m: float | None, speed: float | None, heading: float | None,
     recorded_at: datetime, now: datetime,
-) -> None:
+) -> bool:
     """An accepted fix of the driver assigned to `delivery_id`, after it committed (the direct
-    database path): the location to the customer, the ETA when due. Never raises."""
+    database path): the location to the customer, the ETA when due; whether it was. Never raises."""
     delivery_location_send(
         delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed=speed, heading=heading,
         recorded_at=recorded_at,
     )
-    delivery_eta_on_fix(delivery_id=delivery_id, lat=lat, lon=lon, now=now)
+    return delivery_eta_on_fix(delivery_id=delivery_id, lat=lat, lon=lon, now=now)
 
 
 # ------------------------------------------------------------------------------ rating

@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from analytics.economics import economics_record
@@ -96,9 +97,18 @@ def assignment_create(*, delivery_id, driver_id, actor: Actor, now: datetime | N
     for other_id in deliveries.active_deliveries_of(driver.pk) if stacking else (delivery.pk,):
         eta_refresh_enqueue(other_id, now=now)  # stacked: the others' route has a new stop
     if delivery.offer_acceptance_count == 0 and not Assignment.objects.filter(delivery_id=delivery.pk).exclude(pk=assignment.pk).exists():
-        # (ready → first assigned, as for an accepted offer: this assignment was not counted)
-        metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
+        assignment_latency_observe(delivery, now=now)
     return assignment
+
+
+def assignment_latency_observe(delivery: Delivery, *, now: datetime) -> None:
+    """`assignment_latency_seconds` (ready → assigned) of a delivery's first assignment, once its
+    transaction commits (an accept rolled back is not counted). First: its first accepted offer
+    (no statement on the accept's path), or an ops assignment of a delivery never assigned nor
+    accepted. A delivery assigned by ops, taken back and then accepted from an offer counts twice:
+    telling it apart would cost the accept a read."""
+    seconds = max(0.0, (now - delivery.ready_at).total_seconds())
+    transaction.on_commit(lambda: metrics.ASSIGNMENT_LATENCY.observe(seconds))
 
 
 class _OfferMadeMeanwhile(Exception):

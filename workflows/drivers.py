@@ -204,16 +204,13 @@ def driver_location_record(
         driver_id=driver_id, lat=lat, lon=lon, recorded_at=recorded_at, accuracy_m=accuracy_m, speed=speed,
         heading=heading, now=now,
     )
+    def track(delivery_id) -> None:
+        if delivery_track_fix(delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed=speed,
+                              heading=heading, recorded_at=recorded_at, now=now):
+            _arriving_messages([(delivery_id, lat, lon)], now=now)  # (at the ETA's cadence, as in fixes_process)
+
     for delivery_id in result.active_delivery_ids:  # several with order stacking
-        transaction.on_commit(
-            lambda delivery_id=delivery_id: delivery_track_fix(
-                delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed=speed,
-                heading=heading, recorded_at=recorded_at, now=now,
-            ),
-            robust=True,
-        )
-    if result.accepted and result.active_delivery_ids:
-        transaction.on_commit(lambda: _arriving_messages([(d, lat, lon) for d in result.active_delivery_ids], now=now))
+        transaction.on_commit(lambda delivery_id=delivery_id: track(delivery_id), robust=True)
     return result
 
 

@@ -12,7 +12,6 @@ from django.utils import timezone
 from analytics.services import performance_offer_answered
 from availability.models import DriverAvailability
 from availability.services import driver_freed_on_commit
-from common import metrics
 from common.actors import Actor
 from common.db import locked_now
 from common.exceptions import Conflict
@@ -23,6 +22,7 @@ from notifications.outbox import outbox_hold
 from offers import services as offers
 from offers.models import DriverOffer, OfferStatus
 from workflows import locks
+from workflows.deliveries import assignment_latency_observe
 from workflows.dispatching import dispatch_next_locked
 from workflows.stacking import driver_may_stack
 from workflows.unit import eta_refresh_enqueue, unit_of_work
@@ -105,8 +105,8 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
 
             for delivery_id in active_deliveries_of(driver.pk) if stacking else (delivery.pk,):
                 eta_refresh_enqueue(delivery_id, now=now)  # stacked: the others' route has a new stop
-            if delivery.offer_acceptance_count == 1:  # (its first driver: one observation a delivery)
-                metrics.ASSIGNMENT_LATENCY.observe(max(0.0, (now - delivery.ready_at).total_seconds()))
+            if delivery.offer_acceptance_count == 1:  # (its first accepted offer: see assignment_latency_observe)
+                assignment_latency_observe(delivery, now=now)
             return AcceptResult(offer=offer, assignment_id=str(assignment.pk))
     # Waiting for the offer's lock: another late accept of the same round may hold it (with the
     # whole round) for a moment; skipping it left the offer pending until the sweep, up to 5 s.

@@ -385,31 +385,36 @@ def test_the_average_response_time_is_rounded_half_up_alike_everywhere(ops, list
     assert (api, perf.avg_response_time_ms) == (4357, 4357)
 
 
-def test_assignment_latency_counts_each_delivery_once_from_ready_to_its_first_driver():
+def test_assignment_latency_counts_each_delivery_once_from_ready_to_its_first_driver(django_capture_on_commit_callbacks):
     """`assignment_latency_seconds` ("delivery ready → assigned") was observed at every accept:
-    a reassigned delivery counted twice (the second from its first ready time), and an ops
-    assignment never (an analytics audit: 5 observations for 4 deliveries)."""
+    a reassigned delivery counted twice (the second time from its first ready time), and an ops
+    assignment never (an analytics audit: 5 observations for 4 deliveries). It is observed once
+    the transaction commits."""
     from prometheus_client import REGISTRY
 
     from workflows.deliveries import assignment_create, delivery_reassign
 
-    def count():
-        return REGISTRY.get_sample_value("assignment_latency_seconds_count") or 0
+    def sample(name="assignment_latency_seconds_count", **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0
 
-    before = count()
+    def between_60_and_120_s():
+        return sample("assignment_latency_seconds_bucket", le="120.0") - sample("assignment_latency_seconds_bucket", le="60.0")
+
+    before, band_before = sample(), between_60_and_120_s()
     first, second = online_driver(), online_driver(km=1)
     delivery, offer = offer_to(first, ready_at=timezone.now() - timedelta(seconds=90))
-    accept(first, offer)
-    assert count() - before == 1
-    assert REGISTRY.get_sample_value("assignment_latency_seconds_bucket", {"le": "60.0"}) < REGISTRY.get_sample_value(
-        "assignment_latency_seconds_bucket", {"le": "120.0"})  # (90 s: this one)
+    with django_capture_on_commit_callbacks(execute=True):
+        accept(first, offer)
+    assert sample() - before == 1 and between_60_and_120_s() - band_before == 1  # (90 s: this one)
 
-    delivery_reassign(delivery_id=delivery.pk, reason="vehicle broke down", actor=Actor.system())
-    offer = DriverOffer.objects.filter(delivery=delivery, driver=second, status="PENDING").first() or offers.offer_create(
-        delivery_id=delivery.pk, driver_id=second.pk, actor=Actor.system())
-    accept(second, offer)
-    assert count() - before == 1  # the same delivery: not again
+    with django_capture_on_commit_callbacks(execute=True):
+        delivery_reassign(delivery_id=delivery.pk, reason="vehicle broke down", actor=Actor.system())
+        offer = DriverOffer.objects.filter(delivery=delivery, driver=second, status="PENDING").first() or offers.offer_create(
+            delivery_id=delivery.pk, driver_id=second.pk, actor=Actor.system())
+        accept(second, offer)
+    assert sample() - before == 1  # the same delivery: not again
 
     assigned_by_ops = DeliveryFactory()
-    assignment_create(delivery_id=assigned_by_ops.pk, driver_id=online_driver(km=2).pk, actor=Actor.system())
-    assert count() - before == 2
+    with django_capture_on_commit_callbacks(execute=True):
+        assignment_create(delivery_id=assigned_by_ops.pk, driver_id=online_driver(km=2).pk, actor=Actor.system())
+    assert sample() - before == 2

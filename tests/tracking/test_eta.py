@@ -297,6 +297,10 @@ def test_a_fix_of_a_driver_without_an_assignment_adds_no_query_and_no_event(list
     assert len(outbox) == 2 and outbox[-1].startswith("INSERT"), outbox
     # And the customer's arriving check: one read (the delivery, if under way with no arriving message yet).
     assert len(request_sql) == len(idle_sql) + 2 + 3 + 1, "\n".join(q[:150] for q in request_sql)
+    assert sum("notifications_customermessage" in sql for sql in request_sql) == 1
+    # at the ETA's cadence: a fix a second later, a few metres on, is not due, and checks nothing
+    again = queries_of_one_fix(busy, T0 + timedelta(seconds=2))
+    assert not any("notifications_customermessage" in sql or "dispatch_delivery" in sql for sql in again), again
 
 
 def _first_task_statement(sqls: list[str]) -> int:
