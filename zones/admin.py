@@ -7,7 +7,6 @@ and the editor works without them."""
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
-from django.db import connection
 from django.db.models import F
 from django.utils.html import format_html
 
@@ -32,8 +31,7 @@ class DeliveryZoneForm(forms.ModelForm):
         and then see the first's zone."""
         name = self.cleaned_data.get("name")
         if name:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"zones.name:{name.lower()}"])
+            services.zone_name_lock(name)
         if name and DeliveryZone.objects.filter(name__iexact=name).exclude(pk=self.instance.pk).exists():
             raise forms.ValidationError("A zone with this name already exists.")
         return name

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from django.contrib.gis.geos import Polygon
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Value
 from django.db.models.functions import Lower
 from django.utils import timezone
@@ -53,6 +53,14 @@ def _clean_geometry(geometry) -> Polygon:
         return validate_zone_polygon(geometry)
     except ValidationError as exc:
         raise ValidationError({"geometry": exc.messages}) from exc
+
+
+def zone_name_lock(name: str) -> None:
+    """Hold the name (in any case) to the end of the transaction: two saves of one new name, or
+    a rename racing a create, wait for each other here and the second sees the first's zone (a
+    Conflict, or the console's form error), never the database's constraint."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended('zones.name:' || lower(%s), 0))", [name])
 
 
 def _name_taken(name: str, *, exclude_id=None) -> bool:
@@ -105,18 +113,22 @@ def zone_create(
         matching_window_seconds=matching_window_seconds, stacking_enabled=stacking_enabled,
         stacking_max_detour_minutes=stacking_max_detour_minutes,
     )
-    if _name_taken(name):
-        raise Conflict(f"A zone named {name!r} already exists.")
-    _validate(zone)
     try:
         with transaction.atomic():
+            zone_name_lock(name)
+            if _name_taken(name):
+                raise Conflict(f"A zone named {name!r} already exists.")
+            _validate(zone)
             zone.save(force_insert=True)
     except IntegrityError:
         raise Conflict(f"A zone named {name!r} already exists.")
     # Its health now, not at the job's next run: until then it showed the column's defaults, a
     # 300 s average wait dated its creation, while GET /v2/zones/{id}/health said 0 s (an audit).
-    zone_health_refresh(zone_ids=[zone.pk])
-    zone.refresh_from_db(fields=HEALTH_FIELDS)
+    try:
+        zone_health_refresh(zone_ids=[zone.pk])
+        zone.refresh_from_db(fields=HEALTH_FIELDS)
+    except DatabaseError:  # (the zone is stored: the job computes its health within the minute)
+        logger.warning("health of the new zone %s could not be computed", zone.pk, exc_info=True)
     return zone
 
 
@@ -166,8 +178,10 @@ def zone_update(
     geometry_changed = "geometry" in changes and not changes["geometry"].equals_exact(zone.geometry)
     for field, value in changes.items():
         setattr(zone, field, value)
-    if "name" in changes and _name_taken(zone.name, exclude_id=zone.pk):
-        raise Conflict(f"A zone named {zone.name!r} already exists.")
+    if "name" in changes:
+        zone_name_lock(zone.name)
+        if _name_taken(zone.name, exclude_id=zone.pk):
+            raise Conflict(f"A zone named {zone.name!r} already exists.")
     _validate(zone)
     try:
         with transaction.atomic():
