@@ -18,6 +18,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import idna
@@ -43,6 +44,7 @@ class HttpResult:
     # connection was made (the name, a refused, unreachable or timed-out connect), so that a
     # retry cannot repeat it (an SMS provider's send).
     sent: bool = True
+    started_at: datetime | None = None  # (set by a caller that dates its attempts)
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")

@@ -17,6 +17,7 @@ How a message goes out, and the races it has to survive:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -525,14 +526,17 @@ def _post(out: _Outgoing) -> HttpResult:
     """Sign (as of now) and POST: no database, so it may run in any thread. Whatever fails is
     this attempt's error (a URL stored before its checks were tightened, say), never the
     batch's."""
-    headers = signed_headers(webhook_id=out.webhook_id, timestamp=timezone.now(), body=out.body, secrets_=out.secrets_)
+    started = timezone.now()  # (the attempt's date: the `webhook-timestamp` the receiver logs)
+    headers = signed_headers(webhook_id=out.webhook_id, timestamp=started, body=out.body, secrets_=out.secrets_)
     try:
-        return post_json(out.url, out.body.encode("utf-8"), headers, timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
+        result = post_json(out.url, out.body.encode("utf-8"), headers, timeout=settings.WEBHOOK_TIMEOUT_SECONDS)
     except TargetRefused as exc:
-        return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"refused: {exc}"[:500])
+        result = HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"refused: {exc}"[:500], sent=False)
     except Exception as exc:  # noqa: BLE001 - recorded as the attempt's failure
         logger.warning("webhook message %s: the attempt failed before sending", out.message_id, exc_info=True)
-        return HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"{type(exc).__name__}: {exc}"[:500])
+        result = HttpResult(status=None, headers={}, body=b"", duration_ms=0, error=f"{type(exc).__name__}: {exc}"[:500],
+                            sent=False)
+    return dataclasses.replace(result, started_at=started)
 
 
 class _Sweep:
@@ -720,7 +724,8 @@ def message_attempt_record(*, message_id: int, result: HttpResult, now: datetime
     _chain_follows(message, next_retry=next_retry, now=now)
     return WebhookAttempt.objects.create(
         # (when it started: the receiver got the request then, durationMs before its outcome was known)
-        message=message, endpoint_id=endpoint.pk, attempted_at=now - timedelta(milliseconds=result.duration_ms),
+        message=message, endpoint_id=endpoint.pk,
+        attempted_at=result.started_at or now - timedelta(milliseconds=result.duration_ms),
         status_code=result.status,
         duration_ms=result.duration_ms, error=(result.error or ("" if ok else f"HTTP {result.status}"))[:500],
         next_retry_at=next_retry,

@@ -197,6 +197,9 @@ def test_a_hanging_endpoint_does_not_slow_another_endpoints_events_of_one_delive
 
         assert WebhookMessage.objects.filter(endpoint=fast).count() == 4
         assert len(receiver.requests) == 4
+        # each attempt dated when its request was signed and sent (the receiver's webhook-timestamp)
+        dated = sorted(int(a.attempted_at.timestamp()) for a in WebhookAttempt.objects.filter(message__endpoint=fast))
+        assert dated == sorted(int(r.headers["webhook-timestamp"]) for r in receiver.requests)
         assert len(hanging.requests) <= 1
     finally:
         hanging.close()
