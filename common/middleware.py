@@ -469,6 +469,34 @@ class EarlyBodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class RefusedHostsLog:
+    """The log lines of a process's refused Hosts: at most LINES a WINDOW (WARNING: the client's
+    request, not our failure), the next line saying how many were not. Django logs each at ERROR:
+    a scanner without credentials filled the log and fired ERROR alerts. Every refusal is counted
+    (`http_invalid_host_total`) all the same."""
+
+    LINES, WINDOW = 10, 60.0
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.logger = logging.getLogger("django.security.DisallowedHost")
+        self.window_start, self.logged, self.unlogged = float("-inf"), 0, 0
+
+    def write(self, shown: str) -> None:
+        now = self.clock()
+        if now - self.window_start >= self.WINDOW:
+            self.window_start, self.logged = now, 0
+        if self.logged >= self.LINES:
+            self.unlogged += 1
+            return
+        self.logged += 1
+        unlogged, self.unlogged = self.unlogged, 0
+        self.logger.warning(
+            "Invalid HTTP_HOST header: %r. The host is not in ALLOWED_HOSTS.%s", shown,
+            f" ({unlogged} more refused before this, not logged: at most {self.LINES} lines in {self.WINDOW:g} s)" if unlogged else "",
+        )
+
+
 class AllowedHostGuard:
     """ASGI, in front of everything HTTP (the location fast lane, the lean API stack, Django)
     and of the sockets: a Host header ALLOWED_HOSTS does not name is a 400, before anything reads
@@ -484,17 +512,11 @@ class AllowedHostGuard:
     front of every location fix."""
 
     MEMO_MAX = 256
-    # Each refusal counts (`http_invalid_host_total`); at most LOG_LINES of them a LOG_WINDOW
-    # are logged (WARNING: the client's request, not our failure), the next line saying how many
-    # were not. Django logs each at ERROR: a scanner filled the log and fired ERROR alerts.
-    LOG_LINES, LOG_WINDOW = 10, 60.0
-    clock = staticmethod(time.monotonic)
+    refusals_log = RefusedHostsLog()  # (one a process: the HTTP and the socket guards share it)
 
     def __init__(self, app):
         self.app = app
-        self.security_logger = logging.getLogger("django.security.DisallowedHost")
         self._memo: dict[bytes, bool] = {}
-        self._window_start, self._logged, self._unlogged = float("-inf"), 0, 0
         setting_changed.connect(self._forget, weak=False)
 
     def _forget(self, *, setting, **kwargs):
@@ -539,18 +561,7 @@ class AllowedHostGuard:
 
     def _log_refusal(self, shown: str) -> None:
         metrics.HTTP_INVALID_HOST.inc()
-        now = self.clock()
-        if now - self._window_start >= self.LOG_WINDOW:
-            self._window_start, self._logged = now, 0
-        if self._logged >= self.LOG_LINES:
-            self._unlogged += 1
-            return
-        self._logged += 1
-        unlogged, self._unlogged = self._unlogged, 0
-        self.security_logger.warning(
-            "Invalid HTTP_HOST header: %r. The host is not in ALLOWED_HOSTS.%s", shown,
-            f" ({unlogged} more refused before this, not logged: at most {self.LOG_LINES} lines in {self.LOG_WINDOW:g} s)" if unlogged else "",
-        )
+        self.refusals_log.write(shown)
 
     async def _refuse(self, scope, receive, send, host: bytes) -> None:
         self._log_refusal(host.decode("latin-1")[:255])

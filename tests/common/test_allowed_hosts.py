@@ -156,14 +156,15 @@ def test_refusals_are_counted_and_logged_as_warnings_at_most_ten_a_minute(caplog
     (WARNING), the next line saying how many were not."""
     from prometheus_client import REGISTRY
 
-    from common.middleware import AllowedHostGuard
+    from common.middleware import AllowedHostGuard, RefusedHostsLog
 
     async def inner(scope, receive, send):
         raise AssertionError("a foreign Host reached the app")
 
     now = [1000.0]
     guard = AllowedHostGuard(inner)
-    guard.clock = lambda: now[0]
+    guard.refusals_log = RefusedHostsLog(clock=lambda: now[0])
+    assert isinstance(AllowedHostGuard.refusals_log, RefusedHostsLog)  # (the process's: the socket guard's too)
 
     def refuse(host: str) -> int:
         sent = []
