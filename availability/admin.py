@@ -14,6 +14,7 @@ from availability.models import (
 from common.actors import Actor
 from common.admin import ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, MapAdminMixin, ReadOnlyInline, run_for_each
 from common.admin_confirm import selection, selection_holds, too_many
+from common.bidi import bidi_isolated
 from dispatch.api.serializers import PHONE_HELP, PHONE_PATTERN
 from dispatch.models import Assignment
 from workflows.drivers import availability_override
@@ -161,5 +162,5 @@ class DriverAdmin(ConsoleExportMixin, MapAdminMixin, ChangedFieldsOnlyAdmin):
         return TemplateResponse(
             request, "admin/availability/driver/set_availability.html",
             {**self.admin_site.each_context(request), "form": form, "title": "Set availability",
-             "selection": selection(request, queryset, lambda d: f"{d.name} ({d.availability})")},
+             "selection": selection(request, queryset, lambda d: f"{bidi_isolated(d.name)} ({d.availability})")},
         )

@@ -158,22 +158,6 @@ def recent_filter(field: str, title: str) -> type[admin.SimpleListFilter]:
         "lookups": lookups, "queryset": queryset,
     })
 
-
-# Bidirectional-text controls (embeddings, overrides, isolates). Invisible, but one in a name
-# reorders the text after it: a driver named "Ravi \u202eevil" turned the timeline's "The offer
-# to Ravi … expired unanswered" into "…evil derewsnanu deripxe" (a page audit).
-_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
-
-
-def bidi_isolated(text) -> str:
-    """Text someone else wrote (a driver's name, a store's, a reason), for a sentence or a label of
-    the console: one holding bidirectional-text controls loses them and is isolated (FSI … PDI),
-    so nothing it says reorders the words around it. Text without them is returned as it is."""
-    text = str(text)
-    if not _BIDI_CONTROLS.search(text):
-        return text
-    return "\u2068" + _BIDI_CONTROLS.sub("", text) + "\u2069"
-
 class ChangedFieldsOnlyAdmin(admin.ModelAdmin):
     """A change form writes the fields its form changed, and nothing else.
 

@@ -18,10 +18,10 @@ from availability.live import positions_of
 from availability.models import Driver
 from common.actors import Actor
 from common.admin import (
-    ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, LiveListMixin, ReadOnlyInline, bidi_isolated, recent_filter,
-    run_for_each,
+    ChangedFieldsOnlyAdmin, ConsoleExportMixin, ExportResource, LiveListMixin, ReadOnlyInline, recent_filter, run_for_each,
 )
 from common.admin_confirm import confirm_then
+from common.bidi import bidi_isolated
 from dispatch.models import Assignment, Delivery, DeliveryProof, DeliveryStatus
 from dispatch.proofs import proof_signed_path
 from notifications.admin import CustomerMessageInline, CustomerReplyInline
@@ -388,7 +388,7 @@ class DeliveryAdmin(LiveListMixin, ConsoleExportMixin, ChangedFieldsOnlyAdmin):
         return confirm_then(
             self, request, queryset, action="reassign_deliveries", title="Reassign deliveries",
             explanation="Each delivery is taken from its driver (who becomes available again) and offered to the next candidate.",
-            button="Yes, reassign", run=run, describe=lambda d: f"{d.seller_order_id} · {d.store_name} ({d.status})",
+            button="Yes, reassign", run=run, describe=lambda d: f"{d.seller_order_id} · {bidi_isolated(d.store_name)} ({d.status})",
         )
 
     @admin.action(description="Cancel selected deliveries (asks for a reason)…", permissions=["change"])
@@ -405,7 +405,7 @@ class DeliveryAdmin(LiveListMixin, ConsoleExportMixin, ChangedFieldsOnlyAdmin):
         return confirm_then(
             self, request, queryset, action="cancel_deliveries", title="Cancel deliveries",
             explanation="Cancelling withdraws any pending offer, frees the driver and closes the unassigned record. It cannot be undone.",
-            button="Yes, cancel", run=run, describe=lambda d: f"{d.seller_order_id} · {d.store_name} ({d.status})",
+            button="Yes, cancel", run=run, describe=lambda d: f"{d.seller_order_id} · {bidi_isolated(d.store_name)} ({d.status})",
         )
 
 

@@ -14,6 +14,7 @@ from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 
 from audit.models import DeliveryAuditLog
 from availability.models import Driver, DriverAvailability
+from common.bidi import bidi_isolated
 from common.exceptions import Conflict, NotFound
 from common.roles import SUPPORT_GROUP
 from dispatch.models import Delivery, DeliveryStatus
@@ -205,7 +206,7 @@ def pickup_map(*, delivery: Delivery, now: datetime, size: int = 240) -> dict:
         km = driver.distance.km
         nearby.append({"name": driver.name, "availability": driver.availability, "km": round(km, 1)})
         if xy:
-            points.append(MapPoint(xy[0], xy[1], f"{driver.name} ({driver.availability}, {km:.1f} km)", driver.availability))
+            points.append(MapPoint(xy[0], xy[1], f"{bidi_isolated(driver.name)} ({driver.availability}, {km:.1f} km)", driver.availability))
     return {
         "size": size, "center": half, "points": points, "drivers": nearby,
         "rings": [{"km": normal, "r": round(normal * scale, 1)}, {"km": wide, "r": round(wide * scale, 1)}],

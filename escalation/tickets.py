@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from common.actors import Actor
+from common.bidi import bidi_isolated
 from common.broadcast import OPS_GROUP, broadcast_on_commit
 from common.db import after_previous
 from common.exceptions import Conflict, InvalidInput, NotFound
@@ -368,7 +369,7 @@ def ticket_redispatched(
     if ticket.status == TicketStatus.CLOSED:  # (closed since the caller looked: its transaction rolls the dispatch back)
         raise Conflict("Ticket is closed; a closed ticket is final.")
     now = _stamped(now, ticket)
-    found = f"offered to {offer.driver.name}" if offer is not None else f"nobody found ({failure_reason})"
+    found = f"offered to {bidi_isolated(offer.driver.name)}" if offer is not None else f"nobody found ({failure_reason})"
     _note(ticket, f"Redispatched within {radius_km:g} km by {_name(user)}: {found}.", now=now)
     _audit_ticket(
         ticket, action="redispatched", actor=actor, now=now, searchRadiusKm=radius_km, outcome=outcome,

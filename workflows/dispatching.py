@@ -43,6 +43,7 @@ from availability.geo import NearbyDriver, drivers_available_near
 from availability.models import Driver, DriverAvailability
 from availability.services import DRIVER_FREED_EXPIRES_SECONDS, DRIVER_FREED_TASK
 from common.actors import Actor
+from common.bidi import bidi_isolated
 from common.broadcast import enqueue_task_on_commit
 from common.exceptions import Conflict
 from common.hotsql import cached_rows
@@ -138,7 +139,7 @@ class DispatchResult:
     def text(self) -> str:
         """The outcome in words, for a person (a ticket's note, an ops console message)."""
         return {
-            "offered": f"offered to {self.offer.driver.name}" if self.offer else "offered",
+            "offered": f"offered to {bidi_isolated(self.offer.driver.name)}" if self.offer else "offered",
             "already_offered": "an offer to a driver is already pending",
             "unassigned": f"nobody found ({self.failure_reason})",
             "not_ready": "not offered: the delivery is not ready",
