@@ -204,6 +204,7 @@ def driver_location_record(
         driver_id=driver_id, lat=lat, lon=lon, recorded_at=recorded_at, accuracy_m=accuracy_m, speed=speed,
         heading=heading, now=now,
     )
+
     def track(delivery_id) -> None:
         if delivery_track_fix(delivery_id=delivery_id, lat=lat, lon=lon, accuracy_m=accuracy_m, speed=speed,
                               heading=heading, recorded_at=recorded_at, now=now):
