@@ -631,8 +631,8 @@ class RequestGuardMiddleware(AsyncCapableMiddleware):
         charset_problem = charset is not None and unusable_charset(charset) and (
             f'The request\'s charset "{charset[:40]}" is not a text encoding: send UTF-8.')
         if not _is_api(request):
-            if error_body_path(request.path):  # a hook: the API's error body, none of its parsing
-                problem = _url_problem(request, _BAD_PAGE_URL_CHARS) or charset_problem
+            if error_body_path(request.path):  # a hook: the API's error body and URL check, none of its parsing
+                problem = _url_problem(request, _BAD_API_URL_CHARS) or charset_problem
                 return error_response(request, 400, problem) if problem else None
             if _url_problem(request, _BAD_PAGE_URL_CHARS):
                 return HttpResponse("Invalid characters in the URL.", status=400, content_type="text/plain; charset=utf-8")

@@ -122,9 +122,12 @@ def test_a_request_not_signed_by_twilio_is_refused_and_changes_nothing(twilio, s
 
 def test_what_is_refused_before_the_hook_runs_is_in_the_apis_error_body_too(twilio):
     """A NUL in the URL, a charset that is no text encoding, over 1,000 fields: plain text or
-    HTML from the pages' defences (a machine reads these answers)."""
+    HTML from the pages' defences (a machine reads these answers). Control characters in the
+    path or query are refused as on the API (they reached the hook, or made a 404: an audit)."""
     for response in (
         Client().post(INBOUND + "?x=%00", "From=1", content_type=FORM),
+        Client().post(INBOUND + "?x=%01", "From=1", content_type=FORM),
+        Client().post(INBOUND + "%01", "From=1", content_type=FORM),
         Client().generic("POST", INBOUND, b"From=1", content_type=FORM + "; charset=zip"),
         Client().get(INBOUND + "?" + "&".join(f"a{n}=b" for n in range(1001))),
     ):
