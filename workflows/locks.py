@@ -156,14 +156,29 @@ def lock_driver_waiting(driver_id, *, wait_ms: int, **filters) -> Driver | None:
     `lock_timeout`, for this statement only), then None, as when it no longer matches
     `filters`. The caller holds the delivery's lock and no driver's, the lock order's way.
     A deadlock reported on this statement is a None too (the savepoint keeps the rest)."""
+    return _first_waiting(Driver.objects.select_for_update(of=("self",)).filter(pk=driver_id, **filters), wait_ms=wait_ms)
+
+
+def lock_delivery_waiting(delivery_id, *, wait_ms: int, select_related: tuple[str, ...] = ()) -> Delivery | None:
+    """A job's second try at a delivery another transaction held (`lock_delivery` with
+    `skip_locked` passed it over): wait for it at most `wait_ms`, then None (as missing). The
+    caller holds no other lock (the delivery comes first in the lock order)."""
+    qs = Delivery.objects.select_for_update(of=("self",)).filter(pk=delivery_id)
+    return _first_waiting(qs.select_related(*select_related) if select_related else qs, wait_ms=wait_ms)
+
+
+def _first_waiting(queryset, *, wait_ms: int):
+    """The first row of `queryset` (a SELECT … FOR UPDATE), waiting for its lock at most
+    `wait_ms` (the transaction's `lock_timeout`, for this statement only), else None. A
+    deadlock reported on this statement is a None too (the savepoint keeps the rest)."""
     if not connection.in_atomic_block:  # (set_config(…, true) would not hold: the wait would be the session's)
-        raise TransactionManagementError("lock_driver_waiting runs inside the caller's transaction.")
+        raise TransactionManagementError("a waiting lock runs inside the caller's transaction.")
     with connection.cursor() as cursor:
         cursor.execute("SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, true)", [f"{int(wait_ms)}ms"])
         previous = cursor.fetchone()[0]
     try:
         with transaction.atomic():  # (a savepoint: a wait that times out rolls back only this statement)
-            return Driver.objects.select_for_update(of=("self",)).filter(pk=driver_id, **filters).first()
+            return queryset.first()
     except OperationalError as exc:
         if isinstance(exc.__cause__, (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)):
             return None

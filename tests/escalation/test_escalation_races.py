@@ -44,3 +44,22 @@ def test_level_2_never_waits_for_a_pending_offer_another_transaction_holds():
     assert UnassignedOrder.objects.get(delivery=delivery).escalation_level == 2
     offer.refresh_from_db()
     assert offer.search_radius_km == 5  # skipped: the offer was ending under the other transaction
+
+
+def test_a_delivery_another_job_holds_is_escalated_once_it_is_free_not_at_the_next_check():
+    """The retry job runs on the same 30 s beat and holds each delivery while it dispatches it:
+    the check passed the held one over ("looked at next time"), met the same collision at the
+    next run, and its tier came 30-70 s late (an audit). It is tried again after the others,
+    waiting for the lock a moment."""
+    from dispatch.models import Delivery
+    from tests.concurrency import behind_lock
+
+    with time_machine.travel("2026-02-01T10:00:00Z", tick=False) as t:
+        delivery = DeliveryFactory()
+        assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).outcome == "unassigned"
+        t.shift(timedelta(minutes=5, seconds=1))
+
+        result = behind_lock(hold=lambda: Delivery.objects.select_for_update().get(pk=delivery.pk), call=escalation_check)
+
+    assert (result.escalated[1], result.skipped) == (1, 0)
+    assert UnassignedOrder.objects.get(delivery=delivery).escalation_level == 1
