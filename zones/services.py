@@ -157,6 +157,8 @@ def zone_update(
     """Change a zone's settings or boundary. A new boundary refreshes the drivers' distances
     to the zone centre; the cached health is dropped after commit. Deliveries keep the zone
     they were given at creation."""
+    if isinstance(name, str):  # (the name's lock first, as the console's form takes it: then the zone's row)
+        zone_name_lock(name)
     zone = DeliveryZone.objects.select_for_update(of=("self",), no_key=True).filter(pk=zone_id).first()
     if zone is None:
         raise NotFound("Zone not found.")
@@ -178,10 +180,8 @@ def zone_update(
     geometry_changed = "geometry" in changes and not changes["geometry"].equals_exact(zone.geometry)
     for field, value in changes.items():
         setattr(zone, field, value)
-    if "name" in changes:
-        zone_name_lock(zone.name)
-        if _name_taken(zone.name, exclude_id=zone.pk):
-            raise Conflict(f"A zone named {zone.name!r} already exists.")
+    if "name" in changes and _name_taken(zone.name, exclude_id=zone.pk):
+        raise Conflict(f"A zone named {zone.name!r} already exists.")
     _validate(zone)
     try:
         with transaction.atomic():
