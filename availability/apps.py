@@ -10,3 +10,7 @@ class AvailabilityConfig(AppConfig):
         from common import hooks
 
         hooks.on_login_revoked(live.driver_auth_forget_for_user)
+        # A deactivated login's driver goes offline after the deactivation commits.
+        from workflows.drivers import deactivated_drivers_mark_offline
+
+        hooks.on_user_deactivated(deactivated_drivers_mark_offline)

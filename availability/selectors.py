@@ -38,3 +38,10 @@ def drivers_list(*, availability: str | None = None) -> QuerySet[Driver]:
     if availability:
         qs = qs.filter(availability=availability)
     return qs
+
+
+def driver_login_deactivated(driver_id) -> bool:
+    """Whether the driver's login is deactivated (the admin's Users page): such a driver can
+    answer nothing, so ops cannot put it back to work. False for an
+    unknown driver (its caller's 404)."""
+    return Driver.objects.filter(pk=driver_id, user__is_active=False).exists()

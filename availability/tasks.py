@@ -11,7 +11,8 @@ def expire_breaks() -> int:
 
 @shared_task(name="availability.mark_stale_drivers_offline")
 def mark_stale_drivers_offline() -> int:
-    return driver_workflows.stale_drivers_mark_offline()
+    """Drivers with a stale fix, and those of deactivated logins still available or on a break."""
+    return driver_workflows.stale_drivers_mark_offline() + driver_workflows.deactivated_drivers_mark_offline()
 
 
 @shared_task(name="availability.reconcile_geo_index")

@@ -32,6 +32,16 @@ def _run_login_revoked(user) -> None:
         handler(user)
 
 
+_user_deactivated: list[Callable[[object], None]] = []
+
+
+def on_user_deactivated(handler: Callable[[object], None]) -> None:
+    """`handler(user)` runs after the transaction that saved `user` inactive commits (each save
+    of an inactive user: a handler acts only on what is still to do)."""
+    if handler not in _user_deactivated:
+        _user_deactivated.append(handler)
+
+
 def user_saved(sender, instance, created, update_fields=None, **kwargs) -> None:
     """`post_save` of the user model, from any path (the admin's user and password forms,
     `changepassword`, a shell): a login changed (active or staff flag, password, ...) is
@@ -39,6 +49,9 @@ def user_saved(sender, instance, created, update_fields=None, **kwargs) -> None:
     if created or kwargs.get("raw") or (update_fields is not None and set(update_fields) <= {"last_login"}):
         return
     login_revoked(instance)
+    if not instance.is_active:
+        for handler in _user_deactivated:
+            transaction.on_commit(lambda handler=handler: handler(instance), robust=True)
 
 
 def user_deleted(sender, instance, **kwargs) -> None:

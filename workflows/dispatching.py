@@ -610,7 +610,10 @@ def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = N
     later (`waited`); still none, the retry job takes it. True if the driver got an offer."""
     now = now or timezone.now()
     driver = (
-        Driver.objects.filter(pk=driver_id, availability=DriverAvailability.AVAILABLE, last_availability_change=freed_at)
+        # (a deactivated login's driver, freed from a delivery it kept: offered nothing, the
+        # stale-driver job takes it offline within a minute: workflows.drivers.deactivated_drivers_mark_offline)
+        Driver.objects.filter(pk=driver_id, availability=DriverAvailability.AVAILABLE, last_availability_change=freed_at,
+                              user__is_active=True)
         .exclude(Exists(DriverOffer.objects.filter(driver=OuterRef("pk"), status=OfferStatus.PENDING)))
         .only("pk", "location", "location_recorded_at", "location_accuracy_m", "location_speed", "location_heading")
         .first()

@@ -15,6 +15,7 @@ from availability.geo import index_driver
 from availability.live import Fix
 from availability.models import Driver
 from availability.models import DriverAvailability as A
+from availability.selectors import driver_login_deactivated
 from availability.services import (
     LocationResult,
     PersistedFix,
@@ -118,6 +119,8 @@ def availability_override(
     # Only a break ends by itself (the break job); a duration given with another state would
     # show an end nothing acts on.
     until = now + timedelta(minutes=duration_minutes) if duration_minutes and to_state == A.ON_BREAK else None
+    if to_state in DEACTIVATED_OFFLINE_FROM and driver_login_deactivated(driver_id):
+        raise Conflict("The driver's login is deactivated: reactivate it (admin → Users) first.")
     return availability_change(
         driver_id=driver_id, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=True, now=now
     )
@@ -178,6 +181,38 @@ def stale_drivers_mark_offline(*, now: datetime | None = None, batch_size: int =
             try:
                 availability_change(driver_id=driver_id, to_state=A.OFFLINE, reason="stale_location", actor=Actor.system(), now=now)
             except Conflict:
+                continue
+            changed += 1
+    return changed
+
+
+# Who a deactivated login's driver could still be offered work as: available, or on a break
+# that would end into available.
+DEACTIVATED_OFFLINE_FROM = (A.AVAILABLE, A.ON_BREAK)
+
+
+def deactivated_drivers_mark_offline(user=None, *, now: datetime | None = None, batch_size: int = 500) -> int:
+    """Set `offline` the drivers whose login is deactivated (`is_active` cleared in the admin,
+    a shell or SQL) while they were available or on a break: their app's token stopped working
+    at once, but dispatch kept offering them deliveries until their last fix went stale (up to
+    DRIVER_STALE_AFTER_SECONDS, 10 minutes), each offer expiring unanswered, and the live map
+    showed them available. `user`: that login's driver only (the deactivation's hook, after its
+    commit); without it, all of them (the stale-driver job, each minute: what a bulk update or
+    SQL changed, and a busy driver freed since). A busy driver keeps its delivery until ops
+    reassign or cancel it."""
+    now = now or timezone.now()
+    inactive = Driver.objects.filter(user__is_active=False, availability__in=DEACTIVATED_OFFLINE_FROM)
+    if user is not None:
+        inactive = inactive.filter(user_id=user.pk)
+    changed = 0
+    for driver_id in list(inactive.order_by("pk").values_list("pk", flat=True)[:batch_size]):
+        with transaction.atomic():
+            if not inactive.filter(pk=driver_id).exists():  # (reactivated, or moved on, since the read)
+                continue
+            try:
+                availability_change(driver_id=driver_id, to_state=A.OFFLINE, reason="account_deactivated",
+                                    actor=Actor.system(), by_ops=True, now=now)
+            except Conflict:  # (busy meanwhile: taken offline once freed)
                 continue
             changed += 1
     return changed
