@@ -428,15 +428,17 @@ def positions_known(driver_ids) -> dict[str, Position]:
     return out
 
 
-def fix_time_of(driver_id) -> float | None:
-    """The recorded-at (epoch seconds) of the driver's live position in Redis, the newest fix
-    any path accepted (the stream consumer may not have written it to PostgreSQL yet); None
-    when Redis has none or is down."""
+def fix_of(driver_id) -> tuple[float, float, float] | None:
+    """(recorded-at in epoch seconds, lat, lon) of the driver's live position in Redis, the
+    newest fix any path accepted (the stream consumer may not have written it to PostgreSQL
+    yet); None when Redis has none or is down."""
     try:
-        value = get_redis().hget(driver_key(driver_id), "t")
+        t, lat, lon = get_redis().hmget(driver_key(driver_id), ["t", "lat", "lon"])
     except RedisFailed:
         return None
-    return _float(value)
+    if not t or not lat or not lon:
+        return None
+    return float(t), float(lat), float(lon)
 
 
 def position_latest(driver: Driver) -> Position | None:

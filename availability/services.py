@@ -208,7 +208,8 @@ SET location = ST_SetSRID(ST_MakePoint(%(lon)s, %(lat)s), 4326)::geography,
     location_heading = %(heading)s,
     location_recorded_at = %(recorded_at)s,
     updated_at = %(now)s
-WHERE id = %(id)s AND (location_recorded_at IS NULL OR location_recorded_at < %(recorded_at)s)
+WHERE id = %(id)s AND (location_recorded_at IS NULL OR location_recorded_at < %(recorded_at)s
+                       OR (%(again)s AND location_recorded_at = %(recorded_at)s))
 RETURNING availability,
     -- the deliveries this driver is on (several with order stacking, in the order assigned), for
     -- their customers' tracking: one probe of the partial index assignment_active_driver_idx,
@@ -235,22 +236,32 @@ def driver_location_update(
     speed: float | None = None,
     heading: float | None = None,
     now: datetime | None = None,
+    handed_over: bool = False,
 ) -> LocationResult:
     """Store a driver's fix: one conditional UPDATE, so two fixes racing can never move the
     driver back in time; a fix not newer than the stored one is ignored. No audit row per fix.
     The GEO index is updated after commit; the result names the delivery the driver is on,
     for its customer's tracking (the workflow hands the fix on). A fix not newer than the live
     position in Redis (one the fast lane accepted that the stream consumer has not yet written
-    here) is ignored too, as the fast lane would."""
+    here) is ignored too, as the fast lane would.
+
+    `handed_over`: the fast lane's wait for Redis ran out (a busy event loop) and it handed the
+    fix here; Redis may have stored it all the same. The very fix Redis holds as the live
+    position (same time and place) is then the fast lane's own write, and accepted: it was
+    answered "older_than_last_fix" though stored, and its customer was not told. (Any other
+    fix at the same time, and a client's repeat, are ignored, as the fast lane's script does.)"""
     now = now or timezone.now()
-    live_at = live.fix_time_of(driver_id)
-    if live_at is not None and live_at >= recorded_at.timestamp():
-        return LocationResult(accepted=False, availability=None)
+    live_fix = live.fix_of(driver_id)
+    again = False
+    if live_fix is not None and live_fix[0] >= recorded_at.timestamp():
+        if not handed_over or live_fix != (recorded_at.timestamp(), float(lat), float(lon)):
+            return LocationResult(accepted=False, availability=None)
+        again = True
     with connection.cursor() as cur:
         cur.execute(
             _LOCATION_UPDATE_SQL,
             {"lat": lat, "lon": lon, "accuracy": accuracy_m, "speed": speed, "heading": heading,
-             "recorded_at": recorded_at, "now": now, "id": driver_id},
+             "recorded_at": recorded_at, "now": now, "id": driver_id, "again": again},
         )
         row = cur.fetchone()
     if row is None:

@@ -230,14 +230,15 @@ def _live_fix_since(driver_id, cutoff: datetime) -> bool:
 
 def driver_location_record(
     *, driver_id, lat: float, lon: float, recorded_at: datetime, accuracy_m: float | None = None,
-    speed: float | None = None, heading: float | None = None, now: datetime | None = None,
+    speed: float | None = None, heading: float | None = None, now: datetime | None = None, handed_over: bool = False,
 ) -> LocationResult:
     """A driver's fix: stored (never back in time), the GEO index updated after commit, and,
-    when the driver is on a delivery, handed to that customer's tracking after commit."""
+    when the driver is on a delivery, handed to that customer's tracking after commit.
+    `handed_over`: by the fast lane, after its wait for Redis ran out (`driver_location_update`)."""
     now = now or timezone.now()
     result = driver_location_update(
         driver_id=driver_id, lat=lat, lon=lon, recorded_at=recorded_at, accuracy_m=accuracy_m, speed=speed,
-        heading=heading, now=now,
+        heading=heading, now=now, handed_over=handed_over,
     )
 
     def track(delivery_id) -> None:

@@ -77,6 +77,10 @@ _READ_HEADERS = frozenset((b"authorization", b"content-type", b"accept", b"conte
 _PLAIN_ACCEPT = frozenset((b"*/*", b"application/json"))
 
 
+# In the scope of a request the fast lane hands to Django after its wait for Redis ran out.
+FIX_HANDED_OVER = "dispatch.location_fix_handed_over"
+
+
 class _Delegate(Exception):
     """Not for the fast lane: let Django answer."""
 
@@ -335,6 +339,9 @@ class LocationFastLane:
             # event loop, and a breaker opened by load would send every fix to the slow path.
             # The database path's own Redis calls (socket timeouts) count a hung Redis.
             logger.warning("location fast lane: Redis unavailable, falling back to the database path")
+            # Redis may have run the script after the wait ran out: the database path then finds
+            # this very fix there, the fast lane's own write, not an older fix's (FIX_HANDED_OVER).
+            scope[FIX_HANDED_OVER] = True
             raise _Delegate
         except DatabaseError:
             raise _Delegate  # the token lookup failed: Django answers (a 503 in the SPEC's body)

@@ -5,6 +5,7 @@ from rest_framework.views import APIView
 
 from availability import selectors
 from availability.api import serializers as s
+from availability.api.fastlane import FIX_HANDED_OVER
 from availability.selectors import driver_get_for_user, driver_get_own
 from common.actors import Actor
 from common.pagination import paginate, paginated_schema
@@ -104,6 +105,7 @@ class LocationView(APIView):
         result = driver_workflows.driver_location_record(
             driver_id=driver.pk, lat=v["lat"], lon=v["lon"], recorded_at=recorded_at,
             accuracy_m=v.get("accuracyMeters"), speed=v.get("speed"), heading=v.get("heading"), now=now,
+            handed_over=bool(getattr(request._request, "scope", {}).get(FIX_HANDED_OVER)),
         )
         body = {
             "success": True,
