@@ -174,6 +174,53 @@ def test_a_dispatcher_sees_a_driver_move_on_the_live_map_within_two_seconds(cons
     assert_nothing_loaded_from_elsewhere(chromium, base)
 
 
+def test_the_live_map_keeps_a_newer_position_over_an_older_state_and_counts_the_markers_it_shows(
+    console_server, chromium, dispatcher,
+):
+    """A state read before a digest the page applied moved the marker back to the older fix
+    until the driver's next one (a map audit: 124 of 201 markers after a reconnect's reload);
+    and the "N drivers shown" line missed the markers an `availability_changed` hid, for as long
+    as no digest came (500 said, 407 shown, for 15 s)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from common.broadcast import OPS_GROUP, send_now
+    from common.errors import iso
+
+    base, wait = console_server, WebDriverWait(chromium, 15)
+    driver = DriverFactory(name="Asha Map", location=km_north(1))
+    login(chromium, base, dispatcher, wait)
+    chromium.get(f"{base}/admin/map/")
+    wait.until(lambda b: b.find_element(By.ID, "ops-map-page").get_attribute("data-live-state") == "live")
+
+    def marker_lat(b):
+        return float(b.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]').get_attribute("data-lat"))
+
+    def shown(b):
+        return b.find_element(By.ID, "ops-map-counts").text
+
+    wait.until(lambda b: abs(marker_lat(b) - driver.location.y) < 1e-6)
+    wait.until(lambda b: shown(b).startswith("1 drivers"))
+    ahead = km_north(-2)  # the digest of a fix newer than the row the next state reads
+    send_now([OPS_GROUP], {"type": "driver_positions", "sentAt": iso(timezone.now()), "drivers": [{
+        "driverId": str(driver.pk), "lat": ahead.y, "lon": ahead.x, "heading": None, "availability": None,
+        "availabilityChangedAt": None, "recordedAt": iso(timezone.now() + timedelta(seconds=30))}]})
+    wait.until(lambda b: abs(marker_lat(b) - ahead.y) < 1e-6)
+
+    loaded = chromium.find_element(By.ID, "ops-map-page").get_attribute("data-loaded-at")
+    send_now([OPS_GROUP], {"type": "delivery_status_changed", "deliveryId": str(uuid.uuid4()), "sellerOrderId": "ORD-X",
+                           "fromStatus": "ready", "status": "assigned", "driverId": None,
+                           "changedAt": iso(timezone.now())})  # (not on the map: the page reads the state again)
+    wait.until(lambda b: b.find_element(By.ID, "ops-map-page").get_attribute("data-loaded-at") != loaded)
+    assert abs(marker_lat(chromium) - ahead.y) < 1e-6  # the state's older fix is not taken
+
+    send_now([OPS_GROUP], {"type": "availability_changed", "driverId": str(driver.pk), "fromState": "available",
+                           "toState": "offline", "changedAt": iso(timezone.now())})
+    wait.until(lambda b: shown(b).startswith("0 drivers"))  # (offline ones are not shown by default)
+    assert not chromium.find_elements(By.CSS_SELECTOR, f'.leaflet-marker-pane [data-driver-id="{driver.pk}"]')
+    assert_nothing_loaded_from_elsewhere(chromium, base)
+
+
 def test_a_dispatcher_runs_the_console_in_chromium(console_server, chromium, dispatcher):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

@@ -94,6 +94,10 @@
     document.getElementById("ops-map-counts").textContent = `${shownDrivers} drivers, ${shownDeliveries} open deliveries shown`
       + (left.length ? ` (more ${left.join(" and ")} than the map holds: those at work and waiting longest are shown)` : "");
   }
+  let countsTimer = null;
+  function countsSoon() {  // once for a burst of events (the stale-driver job's hundreds), not once each
+    if (countsTimer === null) countsTimer = setTimeout(() => { countsTimer = null; counts(); }, 0);
+  }
   document.querySelectorAll("#filter-drivers input, #filter-deliveries input").forEach((i) => i.addEventListener("change", applyFilters));
   zoneSelect.addEventListener("change", () => {
     const zone = zoneFilter();
@@ -148,12 +152,23 @@
     if (at === null) return timeless;
     return was === null || at >= was;
   }
+  // A position older than the one on the map (a state read before a digest the page applied:
+  // it moved half the markers back to their fix of a few seconds before) is not taken.
+  function takesPosition(d, known) {
+    if (d.lat == null || !known || !known.recordedAt) return true;
+    const at = micros(d.recordedAt), was = micros(known.recordedAt);
+    return at === null || was === null || at >= was;
+  }
   function upsertDriver(d, { timeless = true } = {}) {
     let entry = drivers.get(d.driverId);
     if (entry && !takesAvailability(d, entry.data, timeless)) {
       d = Object.assign({}, d);
       delete d.availability;
       delete d.availabilityChangedAt;
+    }
+    if (entry && !takesPosition(d, entry.data)) {
+      d = Object.assign({}, d);
+      ["lat", "lon", "heading", "recordedAt"].forEach((key) => delete d[key]);
     }
     if (!entry) {
       const marker = L.marker([d.lat, d.lon], {
@@ -293,6 +308,7 @@
     availability_changed(e) {
       const entry = drivers.get(e.driverId);
       if (entry) upsertDriver({ driverId: e.driverId, availability: e.toState, availabilityChangedAt: e.changedAt });
+      countsSoon();  // (a marker the filters now hide or show: the line said 500 shown while 407 were, for 15 s)
     },
     delivery_created(e) {
       upsertDelivery({ deliveryId: e.deliveryId, sellerOrderId: e.sellerOrderId, storeName: e.storeName, status: e.status,
@@ -316,6 +332,7 @@
     delivery_cancelled(e) { ended.add(e.deliveryId); removeDelivery(e.deliveryId); counts(); },
     unassigned_order_escalated(e) {
       if (deliveries.has(e.deliveryId)) upsertDelivery({ deliveryId: e.deliveryId, unassigned: true, escalationLevel: e.level });
+      countsSoon();
     },
     zone_health_updated(e) {
       if (zones.has(e.zoneId)) upsertZone({ zoneId: e.zoneId, healthScore: e.metrics.healthScore, driversOnline: e.metrics.currentDriversOnline });
