@@ -288,12 +288,42 @@ def _failure_reason(delivery: Delivery, screening: _Screening, nearby: list, rad
         cur.execute(_BUSY_NEAR_SQL, {"cutoff": cutoff, "lat": lat, "lon": lon, "radius_m": radius_km * 1000})
         if cur.fetchone()[0]:
             return FailureReason.ALL_DRIVERS_BUSY
+    # Beyond the radius, only drivers who could take it count (the screening's rules): one who
+    # marked the zone UNAVAILABLE, or had the delivery before, made it "distance_exceeded",
+    # which tells ops a wider search will help, where none would. In a zone larger than the
+    # wide ring, its own drivers count too: "zone_empty" was said with drivers in the zone.
     wide = max(settings.DISPATCH_WIDE_RADIUS_KM, radius_km * 2)
-    if drivers_available_near(lat=lat, lon=lon, radius_km=wide, limit=1, now=now, positions=False):
+    further = drivers_available_near(lat=lat, lon=lon, radius_km=wide, limit=FAILURE_LOOK_AHEAD, now=now, positions=False)
+    if further and rank_candidates(delivery, further).ranked:
         return FailureReason.DISTANCE_EXCEEDED
     if getattr(delivery, "zone_id", None):
+        if _available_in_zone(delivery, now):
+            return FailureReason.DISTANCE_EXCEEDED
         return FailureReason.ZONE_EMPTY
     return FailureReason.NO_AVAILABLE_DRIVERS
+
+
+# How many drivers beyond the radius the failure reason screens (nearest first)
+FAILURE_LOOK_AHEAD = 50
+
+_AVAILABLE_IN_ZONE_SQL = """
+SELECT EXISTS (
+  SELECT 1 FROM dispatch_driver d JOIN delivery_zones z ON z.id = %(zone)s
+  WHERE d.availability = 'available' AND d.location IS NOT NULL AND d.location_recorded_at >= %(cutoff)s
+    AND ST_Covers(z.geometry, d.location::geometry)
+    AND NOT EXISTS (SELECT 1 FROM driver_zone_preferences p
+                    WHERE p.driver_id = d.id AND p.zone_id = z.id AND p.preference = 'UNAVAILABLE')
+    AND NOT EXISTS (SELECT 1 FROM driver_offers o WHERE o.driver_id = d.id AND o.delivery_id = %(delivery)s)
+)
+"""
+
+
+def _available_in_zone(delivery: Delivery, now: datetime) -> bool:
+    """Whether an available driver with a fresh fix, who could take the delivery, is in its zone."""
+    cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
+    with connection.cursor() as cur:
+        cur.execute(_AVAILABLE_IN_ZONE_SQL, {"zone": delivery.zone_id, "cutoff": cutoff, "delivery": delivery.pk})
+        return cur.fetchone()[0]
 
 
 def _pending_offer(delivery: Delivery, *, no_pending_offer: bool) -> DispatchResult | None:

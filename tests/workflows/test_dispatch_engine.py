@@ -20,7 +20,8 @@ from offers.models import DriverOffer
 from offers.tasks import expire_offer, expire_overdue_offers
 from tests.api import assert_error, client_for
 from tests.concurrency import hold_driver_row
-from tests.factories import DeliveryFactory, DriverFactory, km_north, online_driver
+from tests.factories import CITY, DeliveryFactory, DriverFactory, ZoneFactory, km_north, online_driver
+from zones.models import DriverZonePreference
 from tests.typecheck import assert_event_shape
 
 pytestmark = pytest.mark.django_db
@@ -97,6 +98,39 @@ def test_no_candidate_records_an_unassigned_order_with_the_right_reason(setup, r
     assert (record.attempt_count, record.escalation_level, record.escalation_status) == (1, 0, "PENDING")
     assert record.seller_order_id == delivery.seller_order_id
     assert record.location.y == pytest.approx(delivery.pickup_location.y)
+
+
+def test_distance_exceeded_counts_only_drivers_beyond_the_radius_who_could_take_the_delivery():
+    """A driver at 8 km who marked the zone UNAVAILABLE, or who had the delivery before, made it
+    "distance_exceeded" (a dispatch audit): a wider search cannot help, and the escalation's
+    10 km search then said "no_available_drivers"."""
+    zone = ZoneFactory(bbox=(CITY[1] - 0.5, CITY[0] - 0.5, CITY[1] + 0.5, CITY[0] + 0.5))
+    unwilling, had_it = online_driver(km=8), online_driver(km=8.5)
+    DriverZonePreference.objects.create(driver=unwilling, zone=zone, preference="UNAVAILABLE")
+    delivery = DeliveryFactory(zone=zone)
+    DriverOffer.objects.create(delivery=delivery, driver=had_it, status="EXPIRED", offer_payload={},
+                               created_at=timezone.now() - timedelta(minutes=2), expires_at=timezone.now() - timedelta(minutes=1))
+
+    result = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system())
+    assert (result.outcome, result.failure_reason) == ("unassigned", "zone_empty")
+
+    willing = online_driver(km=9)
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).failure_reason == "distance_exceeded"
+    DriverZonePreference.objects.create(driver=willing, zone=zone, preference="UNAVAILABLE")
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).failure_reason == "zone_empty"
+
+
+def test_a_zone_with_an_available_driver_beyond_the_wide_ring_is_not_empty():
+    """"zone_empty" was said of a zone larger than the wide ring (10 km) with an available driver
+    in it 12.6 km from the pickup (a dispatch audit; its health counted the driver online)."""
+    zone = ZoneFactory(bbox=(CITY[1] - 0.5, CITY[0] - 0.5, CITY[1] + 0.5, CITY[0] + 0.5))
+    delivery = DeliveryFactory(zone=zone)
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).failure_reason == "zone_empty"
+
+    online_driver(km=15)  # in the zone, beyond max(DISPATCH_WIDE_RADIUS_KM, 2 × radius)
+    online_driver(km=80)  # outside it
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).failure_reason == "distance_exceeded"
+    assert UnassignedOrder.objects.get(delivery=delivery).failure_reason == "distance_exceeded"
 
 
 def test_a_driver_with_a_pending_offer_elsewhere_is_busy_for_dispatch():
