@@ -33,6 +33,17 @@ class OfferCreatedSerializer(serializers.Serializer):
     payload = OfferPayloadSerializer()
 
 
+class _ReasonField(serializers.CharField):
+    """The rejection reason: null until the offer is rejected (the seed's nullable column; it
+    read "" for every other offer)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_null=True, **kwargs)
+
+    def to_representation(self, value):
+        return value or None
+
+
 class OfferSerializer(OmitNone, serializers.Serializer):
     omit_when_none = ("responseTimeMs",)
 
@@ -45,7 +56,7 @@ class OfferSerializer(OmitNone, serializers.Serializer):
     expiresAt = serializers.DateTimeField(source="expires_at")
     acceptedAt = serializers.DateTimeField(source="accepted_at", allow_null=True)
     rejectedAt = serializers.DateTimeField(source="rejected_at", allow_null=True)
-    rejectionReason = serializers.CharField(source="rejection_reason")
+    rejectionReason = _ReasonField(source="rejection_reason")
     responseTimeMs = serializers.IntegerField(source="driver_response_time_ms", required=False,
                                               help_text="Once the driver answered (accepted or rejected); absent before.")
     notificationSentAt = serializers.DateTimeField(source="notification_sent_at", allow_null=True)

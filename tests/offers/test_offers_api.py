@@ -229,6 +229,8 @@ def test_delivery_offers_list_for_ops_owner_and_the_offered_driver(ops, integrat
     listed = ops.get(f"/v2/deliveries/{delivery.pk}/offers").json()["offers"]
     assert len(listed) == 2
     assert [isinstance(o.get("responseTimeMs"), int) for o in listed] == [o["driverId"] == str(a.pk) for o in listed]
+    # the seed's nullable rejection reason: null but for the rejected offer (it read "")
+    assert {o["driverId"]: o["rejectionReason"] for o in listed} == {str(a.pk): "other", str(b.pk): None}
     assert len(integration.get(f"/v2/deliveries/{delivery.pk}/offers").json()["offers"]) == 2
     b_offer = DriverOffer.objects.get(driver=b)
     client_for(b.user).post(offer_url(b, b_offer.pk, "accept"))
