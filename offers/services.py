@@ -116,7 +116,7 @@ def offer_insert_locked(
     broadcast_on_commit([driver_group(driver.pk), OPS_GROUP], event)
     enqueue_task_on_commit(PUSH_TASK, str(offer.pk), str(driver.pk), event, durable_seconds=expires_in)
     enqueue_task_on_commit("offers.expire_offer", str(offer.pk), eta=offer.expires_at)
-    metrics.OFFER_CREATION_LATENCY.observe(time.perf_counter() - started)
+    metrics.observe(metrics.OFFER_CREATION_LATENCY, time.perf_counter() - started)
     return offer
 
 
@@ -161,7 +161,7 @@ def offers_insert_round_locked(
         broadcast_on_commit([driver_group(offer.driver_id), OPS_GROUP], event)
         enqueue_task_on_commit(PUSH_TASK, str(offer.pk), str(offer.driver_id), event, durable_seconds=expires_in)
         enqueue_task_on_commit("offers.expire_offer", str(offer.pk), eta=offer.expires_at)
-        metrics.OFFER_CREATION_LATENCY.observe(elapsed)
+        metrics.observe(metrics.OFFER_CREATION_LATENCY, elapsed)
     return made
 
 

@@ -108,13 +108,18 @@ def collect(params: Params, trace: Trace) -> tuple[dict, dict]:
     ever_unassigned = set(UnassignedOrder.objects.values_list("delivery_id", flat=True))
     escalated = UnassignedOrder.objects.filter(escalation_level__gte=1).count()
 
-    window = [s for s in trace.samples if 0 < s["t"] < horizon]  # (at 0 every driver is free: no sample of service)
+    # One sample a minute, each for the minute that starts at it: the driver-hours count every
+    # minute of the window, the first included (without it a 10-minute run counted 9, and a
+    # 1-minute run had no figure). Utilization leaves the first out: at 0 every driver is free.
     utilization = []
     active_hours = 0.0
-    for s in window:
+    for s in trace.samples:
+        if not 0 <= s["t"] < horizon:
+            continue
         busy, available = s["counts"].get("busy", 0), s["counts"].get("available", 0)
-        utilization.append(busy / (busy + available) if busy + available else 0.0)
-        active_hours += (busy + available) / 60.0  # one sample a minute
+        active_hours += (busy + available) / 60.0
+        if s["t"] > 0:
+            utilization.append(busy / (busy + available) if busy + available else 0.0)
     result = {
         "assignmentRate": _r(assigned_n / created if created else None, 4),
         "meanTimeToAssignSeconds": _r(_mean(tta)),

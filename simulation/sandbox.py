@@ -22,11 +22,13 @@ thread next to requests.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
+import socket
+import threading
 import uuid
 from contextlib import contextmanager
-from urllib.parse import urlsplit
 
 from django.apps import apps
 from django.conf import settings
@@ -34,33 +36,89 @@ from django.core.management import call_command
 from django.db import IntegrityError, ProgrammingError, connections
 from django.db.utils import load_backend
 from django.test.utils import override_settings
+from redis.connection import parse_url
 
+from common import metrics
 from common.exceptions import Conflict, InvalidInput
 from common.redis import get_redis
+
+logger = logging.getLogger(__name__)
 
 CONTROL_ALIAS = "simulation_control"
 CLAIM_KEY = "simulation:claim"
 CLAIM_TTL_SECONDS = 300  # a crashed run's claim lapses after this
+CLAIM_HEARTBEAT_SECONDS = 30
 
 
-def _redis_db(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.netloc.rsplit("@", 1)[-1], (parts.path.strip("/") or "0")
+def _redis_target(url: str) -> tuple:
+    """(where, port, db) a Redis URL reaches: its host's addresses (`localhost` and 127.0.0.1
+    are one server), or a unix socket's path; the database from the path or `?db=`."""
+    found = parse_url(url)
+    db = int(found.get("db") or 0)
+    if "path" in found:
+        return frozenset({os.path.realpath(found["path"])}), None, db
+    host, port = found.get("host") or "localhost", int(found.get("port") or 6379)
+    try:
+        addresses = frozenset(info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP))
+    except OSError:
+        addresses = frozenset({host})
+    return addresses, port, db
+
+
+def _platform_redis_urls() -> list[str]:
+    """Every Redis database the platform itself uses: REDIS_URL, Celery's broker and results,
+    the caches, the channel layers."""
+    urls = [settings.REDIS_URL, settings.CELERY_BROKER_URL, settings.CELERY_RESULT_BACKEND]
+    urls += [c["LOCATION"] for c in settings.CACHES.values() if "redis" in c.get("BACKEND", "").lower()]
+    for layer in settings.CHANNEL_LAYERS.values():
+        urls += [h["address"] if isinstance(h, dict) else h for h in layer.get("CONFIG", {}).get("hosts", [])]
+    return [u for u in urls if isinstance(u, str) and u.split("://", 1)[0] in ("redis", "rediss", "unix")]
 
 
 def simulation_redis_url() -> str:
+    """SIMULATION_REDIS_URL, refused when it is a database the platform uses (the run deletes
+    every key there): compared by server and database, not by the URLs' text (with REDIS_URL
+    at redis://127.0.0.1:6379/12, redis://localhost:6379/12 passed, and a run wiped it)."""
     url = settings.SIMULATION_REDIS_URL
-    if _redis_db(url) == _redis_db(settings.REDIS_URL):
-        raise InvalidInput({"SIMULATION_REDIS_URL": ["Must be another Redis database than REDIS_URL: the run flushes it."]})
+    try:
+        where, port, db = _redis_target(url)
+    except ValueError as e:
+        raise InvalidInput({"SIMULATION_REDIS_URL": [f"Not a Redis URL: {e}"]}) from None
+    for platform in _platform_redis_urls():
+        try:
+            other_where, other_port, other_db = _redis_target(platform)
+        except ValueError:
+            continue
+        if (port, db) == (other_port, other_db) and where & other_where:
+            raise InvalidInput({"SIMULATION_REDIS_URL": [
+                "Must be another Redis database than the platform's (REDIS_URL, Celery's, the caches', the "
+                "channel layers'): the run deletes every key in it."]})
     return url
 
 
+# The claim's value is its run's token: only the run that holds it refreshes it or flushes the
+# database (a run whose claim had lapsed flushed the database another run had claimed since).
+_REFRESH_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('FLUSHDB') return 1 end
+return 0
+"""
+
+
 class Claim:
-    """The run's hold on its Redis database."""
+    """The run's hold on its Redis database: refreshed every CLAIM_HEARTBEAT_SECONDS by a
+    thread while the run lasts (set-up and long simulated minutes included: a 5,000-driver
+    set-up used half the time-to-live before the first tick)."""
 
     def __init__(self, url: str):
         self.client = get_redis(url)
         self.token = uuid.UUID(bytes=os.urandom(16)).hex
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self.lost = False
 
     def take(self) -> None:
         if not self.client.set(CLAIM_KEY, self.token, nx=True, ex=CLAIM_TTL_SECONDS):
@@ -69,12 +127,29 @@ class Claim:
         for key in self.client.scan_iter(count=1000):
             if key != CLAIM_KEY:
                 self.client.delete(key)
+        self._heartbeat = threading.Thread(target=self._beat, name="simulation-claim", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(CLAIM_HEARTBEAT_SECONDS) and not self.lost:
+            try:
+                self.refresh()
+            except Exception:  # (Redis away a moment: the next beat tries again, well within the TTL)
+                logger.warning("simulation: the claim could not be refreshed", exc_info=True)
 
     def refresh(self) -> None:
-        self.client.expire(CLAIM_KEY, CLAIM_TTL_SECONDS)
+        """Keep the claim; Conflict if it is no longer this run's (it lapsed and another run took it)."""
+        if not self.client.eval(_REFRESH_SCRIPT, 1, CLAIM_KEY, self.token, CLAIM_TTL_SECONDS):
+            self.lost = True
+            raise Conflict("This simulation's hold on SIMULATION_REDIS_URL lapsed and another run took it.")
 
     def release(self) -> None:
-        self.client.flushdb()  # everything of the run, the claim with it
+        """Everything of the run, the claim with it; nothing when the claim is another run's."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        if not self.client.eval(_RELEASE_SCRIPT, 1, CLAIM_KEY, self.token):
+            logger.warning("simulation: the claim was no longer this run's; its Redis database is left as it is")
 
 
 def _sim_db_name(base: str) -> str:
@@ -222,7 +297,8 @@ def sandbox(*, seed: int, settings_overrides: dict | None = None):
             with connections["default"].cursor() as cur:
                 cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # left by a crashed run of this pid
                 cur.execute(f'CREATE SCHEMA "{schema}"')
-            with override_settings(**_overrides(redis_url, settings_overrides or {})), seeded_uuids(seed):
+            with override_settings(**_overrides(redis_url, settings_overrides or {})), seeded_uuids(seed), \
+                    metrics.simulating():
                 call_command("migrate", verbosity=0, interactive=False)
                 yield claim
         finally:

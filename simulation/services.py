@@ -150,6 +150,10 @@ def outcome_merge(parts: list[tuple[dict, dict]]) -> Outcome:
     base = settings_seen = None
     for result, part_series in parts:
         part_runs = result["runs"] if "runs" in result else {label(result["policy"], result["stacking"]): result}
+        # in the order the comparison ran them (its first the baseline): a JSON file written
+        # with sorted keys lists `runs` alphabetically, and the merge made another the baseline
+        order = [p for p in (result.get("parameters") or {}).get("policies", []) if p in part_runs]
+        part_runs = {name: part_runs[name] for name in order + [n for n in part_runs if n not in order]}
         for name, run in part_runs.items():
             # in `Params.as_json` order, as a run writes them (a JSON file may have sorted them)
             given = run["parameters"]

@@ -108,7 +108,7 @@ def assignment_latency_observe(delivery: Delivery, *, now: datetime) -> None:
     accepted. A delivery assigned by ops, taken back and then accepted from an offer counts twice:
     telling it apart would cost the accept a read."""
     seconds = max(0.0, (now - delivery.ready_at).total_seconds())
-    transaction.on_commit(lambda: metrics.ASSIGNMENT_LATENCY.observe(seconds))
+    transaction.on_commit(lambda: metrics.observe(metrics.ASSIGNMENT_LATENCY, seconds))
 
 
 class _OfferMadeMeanwhile(Exception):

@@ -787,6 +787,18 @@ FCM_API_BASE = env("FCM_API_BASE", default="https://fcm.googleapis.com")
 
 # The dispatch simulator (`manage.py simulate`, docs/dispatch.md "The simulator"): the Redis
 # database a run uses in place of REDIS_URL (never REDIS_URL's own: the run flushes it when done).
-SIMULATION_REDIS_URL = env("SIMULATION_REDIS_URL", default=REDIS_URL.rsplit("/", 1)[0] + "/10")
+def _redis_db_url(url: str, db: int) -> str:
+    """`url` with database `db` (path and `?db=` alike): `redis://host:6379` (no path) became
+    `redis://10`, a host named 10."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "db"])
+    if parts.scheme == "unix":
+        return f"unix://{parts.netloc}{parts.path}?" + urlencode([*parse_qsl(query), ("db", str(db))])
+    return urlunsplit(parts._replace(path=f"/{db}", query=query))
+
+
+SIMULATION_REDIS_URL = env("SIMULATION_REDIS_URL", default=_redis_db_url(REDIS_URL, 10))
 # The longest a simulation run started from the admin may take in its Celery worker (seconds).
 SIMULATION_TASK_TIME_LIMIT = env.int("SIMULATION_TASK_TIME_LIMIT", default=3 * 3600)

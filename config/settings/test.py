@@ -23,7 +23,7 @@ os.environ["REDIS_URL"] = _test_redis_url()
 os.environ.setdefault("DB_POOL_MAX_SIZE", "0")
 
 from .base import *  # noqa: E402,F401,F403
-from .base import CHANNEL_LAYERS, REST_FRAMEWORK, env  # noqa: E402
+from .base import CHANNEL_LAYERS, REST_FRAMEWORK, _redis_db_url, env  # noqa: E402
 
 # Per worker: the layers are Redis pub/sub, whose channels every Redis database shares.
 CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"test-asgi-{_WORKER}"
@@ -54,4 +54,4 @@ DROPOFF_GEOFENCE_METERS = env.int("DROPOFF_GEOFENCE_METERS", default=200)
 WEBHOOK_ALLOW_PRIVATE_TARGETS = True
 
 # The simulator's own Redis database in tests (another than the tests' REDIS_URL: a run flushes it).
-SIMULATION_REDIS_URL = env("TEST_SIMULATION_REDIS_URL", default=REDIS_URL.rsplit("/", 1)[0] + f"/{9 - _WORKER}")  # noqa: F405
+SIMULATION_REDIS_URL = env("TEST_SIMULATION_REDIS_URL", default=_redis_db_url(REDIS_URL, 9 - _WORKER))  # noqa: F405

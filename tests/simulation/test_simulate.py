@@ -3,6 +3,7 @@ database and a Redis database of their own that are gone afterwards; the same se
 same figures; the report is one self-contained HTML file; bad arguments are a CommandError."""
 import json
 import re
+import time
 
 import pytest
 from django.conf import settings
@@ -10,10 +11,13 @@ from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.db.utils import load_backend
 
+from common import metrics
 from common.broadcast import enqueue_task_on_commit, tasks_diverted
+from common.exceptions import Conflict
 from common.redis import get_redis
 from simulation.city import City
 from simulation.metrics import METRIC_KEYS, difference, percentile
+from simulation import sandbox
 from simulation.sandbox import CLAIM_KEY
 
 SMALL = ["--drivers", "20", "--orders-per-hour", "60", "--minutes", "10", "--seed", "7", "--no-progress"]
@@ -50,12 +54,20 @@ def sim_redis():
     client.flushdb()
 
 
+def _observed(histogram) -> float:
+    return next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count"))
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.django_db(transaction=True)
 def test_same_seed_same_figures_and_a_self_contained_report(tmp_path, sim_redis):
     first, second, report = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "r.html"
+    before = _observed(metrics.ASSIGNMENT_LATENCY), _observed(metrics.OFFER_CREATION_LATENCY)
     call_command("simulate", *SMALL, "--json", str(first), "--report", str(report))
     call_command("simulate", *SMALL, "--json", str(second))
+    # the simulated city's assignments and offers are not the platform's (an admin run put
+    # them into the live histograms)
+    assert (_observed(metrics.ASSIGNMENT_LATENCY), _observed(metrics.OFFER_CREATION_LATENCY)) == before
 
     a, b = json.loads(first.read_text()), json.loads(second.read_text())
     assert a == b
@@ -131,6 +143,12 @@ def test_compare_runs_the_policies_side_by_side_on_the_same_city(tmp_path, sim_r
     call_command("simulate_report", *parts, "--report", str(merged_report), "--json", str(merged))
     assert json.loads(merged.read_text()) == result
     assert merged_report.read_text() == html
+    # the comparison's own JSON again (written with sorted keys, its `runs` alphabetical: the
+    # merge made batch+stacking the baseline)
+    again = tmp_path / "again.json"
+    call_command("simulate_report", "--run", str(out), str(series_path), "--report", str(tmp_path / "again.html"),
+                 "--json", str(again))
+    assert json.loads(again.read_text()) == result
 
     other = dict(result["runs"]["sequential"], parameters={**result["runs"]["sequential"]["parameters"], "seed": 4})
     (tmp_path / "other.json").write_text(json.dumps(other))
@@ -154,6 +172,77 @@ def test_compare_runs_the_policies_side_by_side_on_the_same_city(tmp_path, sim_r
                      "--report", str(tmp_path / "x.html"))
     with pytest.raises(CommandError, match="directory does not exist"):
         call_command("simulate_report", *parts, "--report", "/nonexistent-dir/x.html")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_a_one_minute_run_has_its_driver_hours(tmp_path, sim_redis):
+    """Driver-hours counted every minute of the window but the first: a 10-minute run counted 9
+    (its ordersPerDriverHour 10/9 too high), a 1-minute run none (null)."""
+    out = tmp_path / "one.json"
+    call_command("simulate", "--drivers", "5", "--orders-per-hour", "120", "--minutes", "1", "--seed", "3",
+                 "--no-progress", "--json", str(out))
+    figures = json.loads(out.read_text())
+    assert figures["ordersPerDriverHour"] is not None and figures["ordersPerDriverHour"] >= 0
+
+
+@pytest.mark.parametrize("platform, simulation", [
+    ("redis://127.0.0.1:6379/12", "redis://localhost:6379/12"),  # (passed, and the run wiped it)
+    ("redis://127.0.0.1:6379/12", "redis://127.0.0.1/12"),
+    ("redis://127.0.0.1:6379?db=12", "redis://127.0.0.1:6379/12"),
+])
+def test_the_simulation_redis_is_never_the_platforms_whatever_the_urls_spelling(settings, platform, simulation):
+    settings.REDIS_URL, settings.SIMULATION_REDIS_URL = platform, simulation
+    with pytest.raises(CommandError, match="Must be another Redis database"):
+        call_command("simulate", *SMALL)
+
+
+def test_nor_celerys_nor_a_channel_layers(settings):
+    settings.SIMULATION_REDIS_URL = "redis://localhost:6379/13"
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/13"
+    with pytest.raises(CommandError, match="Must be another Redis database"):
+        call_command("simulate", *SMALL)
+    settings.CELERY_BROKER_URL = settings.REDIS_URL
+    settings.SIMULATION_REDIS_URL = "redis://127.0.0.1:6379/12"
+    assert sandbox.simulation_redis_url() == "redis://127.0.0.1:6379/12"
+
+
+def test_the_default_simulation_redis_is_database_10_of_redis_urls_server():
+    from config.settings.base import _redis_db_url
+
+    assert _redis_db_url("redis://127.0.0.1:6379", 10) == "redis://127.0.0.1:6379/10"  # (was redis://10)
+    assert _redis_db_url("redis://:pw@cache:6380/0?socket_timeout=5", 10) == "redis://:pw@cache:6380/10?socket_timeout=5"
+    assert _redis_db_url("redis://127.0.0.1:6379?db=2", 10) == "redis://127.0.0.1:6379/10"
+
+
+def test_a_claim_that_lapsed_and_was_taken_is_neither_refreshed_nor_flushed(sim_redis):
+    """Only the run holding the claim keeps it or empties the database: a run whose claim had
+    lapsed flushed the database of the run that took it since."""
+    mine = sandbox.Claim(settings.SIMULATION_REDIS_URL)
+    mine.take()
+    sim_redis.set(CLAIM_KEY, "another run")  # (lapsed, then taken)
+    sim_redis.set("run:data", "theirs")
+    with pytest.raises(Conflict, match="lapsed"):
+        mine.refresh()
+    mine.release()
+    assert sim_redis.get(CLAIM_KEY) == "another run" and sim_redis.get("run:data") == "theirs"
+
+
+def test_a_claim_is_kept_alive_by_its_heartbeat_while_the_run_sets_up(sim_redis, monkeypatch):
+    """Refreshed only at each simulated minute, a 5,000-driver set-up used half the claim's
+    time-to-live before the first."""
+    monkeypatch.setattr(sandbox, "CLAIM_HEARTBEAT_SECONDS", 0.05)
+    claim = sandbox.Claim(settings.SIMULATION_REDIS_URL)
+    claim.take()
+    try:
+        sim_redis.expire(CLAIM_KEY, 5)
+        deadline = time.monotonic() + 5
+        while sim_redis.ttl(CLAIM_KEY) <= 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sim_redis.ttl(CLAIM_KEY) > 5
+    finally:
+        claim.release()
+    assert sim_redis.dbsize() == 0
 
 
 @pytest.mark.django_db(transaction=True)
