@@ -86,6 +86,14 @@ class SimulationRunAdmin(admin.ModelAdmin):
             return [(None, {"fields": ["drivers", "orders_per_hour", "minutes", "seed", "policies", "stacking", "city"]})]
         return [(None, {"fields": list(self.readonly_fields)})]
 
+    def changelist_view(self, request, extra_context=None):
+        services.runs_lost_fail()  # (a run whose worker stopped is shown failed, not running for ever)
+        return super().changelist_view(request, extra_context)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        services.runs_lost_fail()
+        return super().change_view(request, object_id, form_url, extra_context)
+
     def has_change_permission(self, request, obj=None):
         return False  # a run is started and read, never edited
 
@@ -143,7 +151,8 @@ class SimulationRunAdmin(admin.ModelAdmin):
                 "meanDeliverySeconds", "offersPerAssignment", "driverUtilization", "escalations", "ordersPerDriverHour")
         head = format_html("<tr><th></th>{}</tr>", format_html("".join("<th>{}</th>" for _ in runs), *runs))
         rows = [
-            format_html("<tr><th>{}</th>{}</tr>", k, format_html("".join("<td>{}</td>" for _ in runs), *[r.get(k) for r in runs.values()]))
+            format_html("<tr><th>{}</th>{}</tr>", k, format_html("".join("<td>{}</td>" for _ in runs),
+                                                                 *["–" if r.get(k) is None else r.get(k) for r in runs.values()]))
             for k in keys
         ]
         return format_html("<table>{}{}</table>", head, format_html("".join("{}" for _ in rows), *rows))

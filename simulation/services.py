@@ -5,8 +5,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from common.exceptions import InvalidInput
@@ -206,6 +208,26 @@ def run_create(*, parameters: dict, user) -> SimulationRun:
     return SimulationRun.objects.create(parameters=parameters, created_by=user)
 
 
+# A running run writes its heartbeat at least this often while it simulates (each simulated
+# minute reports its progress); one silent for RUN_LOST_AFTER_SECONDS lost its worker (restarted,
+# out of memory, killed at its time limit) and is failed: it showed "running" for ever.
+HEARTBEAT_SECONDS = 60
+RUN_LOST_AFTER_SECONDS = 15 * 60
+
+
+def runs_lost_fail(*, using: str = "default", now=None) -> int:
+    """Fail the running runs whose worker stopped (no heartbeat for RUN_LOST_AFTER_SECONDS).
+    Run before a run starts and when the admin lists or shows runs."""
+    now = now or timezone.now()
+    silent_since = now - timedelta(seconds=RUN_LOST_AFTER_SECONDS)
+    return SimulationRun.objects.using(using).filter(
+        Q(heartbeat_at__lt=silent_since) | Q(heartbeat_at__isnull=True, started_at__lt=silent_since),
+        status=SimulationStatus.RUNNING,
+    ).update(status=SimulationStatus.FAILED, finished_at=now,
+             error="Stopped without finishing: no sign of it for 15 minutes (its worker was restarted, ran out of "
+                   "memory or reached its time limit). Start it again.")
+
+
 class _RunDeleted(Exception):
     """The run's row is gone (deleted in the admin): the run stops at its next progress step."""
 
@@ -215,21 +237,22 @@ def run_execute(run_id: int) -> str:
     the JSON result and the report, or the error. Returns the final status."""
     with control_connection() as control:
         runs = SimulationRun.objects.using(control)
+        runs_lost_fail(using=control)
         claimed = runs.filter(pk=run_id, status=SimulationStatus.QUEUED).update(
-            status=SimulationStatus.RUNNING, started_at=timezone.now(), progress=0
+            status=SimulationStatus.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), progress=0
         )
         if not claimed:
             return runs.get(pk=run_id).status if runs.filter(pk=run_id).exists() else "missing"
         p = runs.get(pk=run_id).parameters
         base = Params(drivers=p["drivers"], orders_per_hour=p["ordersPerHour"], minutes=p["minutes"], seed=p["seed"],
                       policy=p["policies"][0], stacking=bool(p.get("stacking")), city=p.get("city", "demo"))
-        last = {"progress": -1, "stage": ""}
+        last = {"progress": -1, "stage": "", "beat": time.monotonic()}
 
         def progress(fraction: float, stage: str) -> None:
             percent = min(99, int(fraction * 100))
-            if (percent, stage) != (last["progress"], last["stage"]):
-                last.update(progress=percent, stage=stage)
-                if not runs.filter(pk=run_id).update(progress=percent, stage=stage[:60]):
+            if (percent, stage) != (last["progress"], last["stage"]) or time.monotonic() - last["beat"] >= HEARTBEAT_SECONDS:
+                last.update(progress=percent, stage=stage, beat=time.monotonic())
+                if not runs.filter(pk=run_id).update(progress=percent, stage=stage[:60], heartbeat_at=timezone.now()):
                     raise _RunDeleted()  # deleted in the admin while it ran: stop, free the worker
 
         started = time.perf_counter()

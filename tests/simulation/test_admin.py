@@ -35,6 +35,7 @@ def test_start_runs_the_task_and_the_report_downloads(admin_client):
                               "stacking": False, "city": "demo"}
     assert run.result["assignmentRate"] > 0 and run.result["seed"] == 7
     assert run.started_at <= run.finished_at and run.runtime_seconds > 0
+    assert run.started_at <= run.heartbeat_at <= run.finished_at
 
     page = admin_client.get(f"/admin/simulation/simulationrun/{run.pk}/change/")
     assert page.status_code == 200
@@ -57,6 +58,39 @@ def test_a_running_run_shows_its_progress_and_has_no_report_yet(admin_client):
     assert page.status_code == 200
     assert b'<progress max="100" value="42">' in page.content and b'http-equiv="refresh"' in page.content
     assert admin_client.get(f"/admin/simulation/simulationrun/{run.pk}/report/").status_code == 404
+
+
+def test_a_run_whose_worker_stopped_is_shown_failed_not_running_for_ever(admin_client):
+    """Nothing moved a running run on when its worker died (restarted, out of memory, killed at
+    its time limit): its page refreshed every 5 s for ever. Silent for 15 minutes, it fails."""
+    from datetime import timedelta
+
+    import time_machine
+    from django.utils import timezone
+
+    with time_machine.travel("2026-12-01T10:00:00Z", tick=False) as clock:
+        alive = SimulationRun.objects.create(parameters=services_params(), status=SimulationStatus.RUNNING,
+                                             started_at=timezone.now(), heartbeat_at=timezone.now())
+        lost = SimulationRun.objects.create(parameters=services_params(), status=SimulationStatus.RUNNING,
+                                            started_at=timezone.now(), heartbeat_at=timezone.now())
+        clock.shift(timedelta(minutes=14))
+        SimulationRun.objects.filter(pk=alive.pk).update(heartbeat_at=timezone.now())
+        assert admin_client.get("/admin/simulation/simulationrun/").status_code == 200
+        assert set(SimulationRun.objects.values_list("status", flat=True)) == {SimulationStatus.RUNNING}
+        clock.shift(timedelta(minutes=1, seconds=1))
+        page = admin_client.get(f"/admin/simulation/simulationrun/{lost.pk}/change/")
+    assert page.status_code == 200 and b'http-equiv="refresh"' not in page.content
+    assert b"no sign of it for 15 minutes" in page.content
+    alive.refresh_from_db(), lost.refresh_from_db()
+    assert (alive.status, lost.status) == (SimulationStatus.RUNNING, SimulationStatus.FAILED)
+    assert lost.finished_at is not None
+
+
+def test_a_figure_a_run_could_not_compute_reads_a_dash(admin_client):
+    run = SimulationRun.objects.create(parameters=services_params(), status=SimulationStatus.DONE,
+                                       result={"policy": "sequential", "assignmentRate": 1.0, "driverUtilization": None})
+    page = admin_client.get(f"/admin/simulation/simulationrun/{run.pk}/change/").content.decode()
+    assert "<th>driverUtilization</th><td>–</td>" in page and "None" not in page.split("figures")[-1]
 
 
 def test_bad_parameters_are_form_errors_and_start_nothing(admin_client):
