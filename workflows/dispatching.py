@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from itertools import islice
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.gis.db.models.functions import Distance as GeographyDistance
 from django.contrib.gis.geos import Point
 from django.db import connection
@@ -57,7 +58,7 @@ from workflows import locks
 from workflows.matching_window import delivery_wait_for_round_locked
 from workflows.stacking import stacking_candidates
 from workflows.unit import unit_of_work
-from zones.models import DriverZonePreference
+from zones.models import DeliveryZone, DriverZonePreference
 from zones.policies import zone_policy
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
     """What screening needs of each nearby driver, in one statement: availability and vehicle
     (PostgreSQL has the last word: Redis is derived and may lag a moment), whether it was
     offered this delivery before (or assigned it), whether it has a pending offer, its preference for the
-    delivery's zone, and its answered / accepted offer counts (the acceptance rate)."""
+    delivery's zone, its answered / accepted offer counts (the acceptance rate) and whether its
+    login is active."""
     zone_id = getattr(delivery, "zone_id", None)
     ids = list(dict.fromkeys(ids))
     # The statement's shape is its number of ids: padded to a power of two with the last one
@@ -209,7 +211,9 @@ def _screening_rows(delivery: Delivery, ids: list[str]) -> dict[str, tuple]:
             if zone_id else Value(None, output_field=CharField())
         )
         return Driver.objects.filter(pk__in=driver_ids).order_by().values_list(
-            "pk", "availability", "vehicle_type",
+            # (the login: a deactivated one, freed since, is no candidate; the stale-driver job
+            # takes it offline. Named fields before the expressions: Django lists them first.)
+            "pk", "availability", "vehicle_type", "user__is_active",
             # offered it before, or had it (ops' direct assignment, no offer, then a reassign
             # that took it away: the retry job offered it back to that driver)
             ExpressionWrapper(
@@ -235,8 +239,8 @@ def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver], *, stackable
     rows = _screening_rows(delivery, ids)
     screening = _Screening(ranked=[])
     for n in nearby:
-        availability, vehicle_type, offered_before, pending, preference, answered, accepted = rows.get(
-            n.driver_id, (None, None, False, False, None, 0, 0)
+        availability, vehicle_type, active, offered_before, pending, preference, answered, accepted = rows.get(
+            n.driver_id, (None, None, False, False, False, None, 0, 0)
         )
         if offered_before:
             screening.offered_before += 1
@@ -244,7 +248,7 @@ def rank_candidates(delivery: Delivery, nearby: list[NearbyDriver], *, stackable
             screening.pending_elsewhere += 1
         elif preference == "UNAVAILABLE":
             screening.unavailable_for_zone += 1
-        elif availability != DriverAvailability.AVAILABLE and not (
+        elif not active or availability != DriverAvailability.AVAILABLE and not (
             n.driver_id in stackable and availability == DriverAvailability.BUSY
         ):
             screening.no_longer_available += 1
@@ -290,8 +294,9 @@ def _failure_reason(delivery: Delivery, screening: _Screening, nearby: list, rad
             return FailureReason.ALL_DRIVERS_BUSY
     # Beyond the radius, only drivers who could take it count (the screening's rules): one who
     # marked the zone UNAVAILABLE, or had the delivery before, made it "distance_exceeded",
-    # which tells ops a wider search will help, where none would. In a zone larger than the
-    # wide ring, its own drivers count too: "zone_empty" was said with drivers in the zone.
+    # where a wider search cannot help. A zone larger than the wide ring with such a driver in
+    # it, out of the ring's reach, is not "zone_empty" either (it was said with drivers in the
+    # zone): drivers there are too far, "distance_exceeded".
     wide = max(settings.DISPATCH_WIDE_RADIUS_KM, radius_km * 2)
     further = drivers_available_near(lat=lat, lon=lon, radius_km=wide, limit=FAILURE_LOOK_AHEAD, now=now, positions=False)
     if further and rank_candidates(delivery, further).ranked:
@@ -303,23 +308,32 @@ def _failure_reason(delivery: Delivery, screening: _Screening, nearby: list, rad
     return FailureReason.NO_AVAILABLE_DRIVERS
 
 
-# How many drivers beyond the radius the failure reason screens (nearest first)
-FAILURE_LOOK_AHEAD = 50
+# How many drivers beyond the radius the failure reason screens, nearest first (a failed
+# attempt, the retry job's every 30 s included, pays one search and one screening for them)
+FAILURE_LOOK_AHEAD = 10
 
-_AVAILABLE_IN_ZONE_SQL = """
+# An available driver with a fresh fix in the delivery's zone who could take it: the
+# screening's rules (not UNAVAILABLE for the zone, never offered or assigned the delivery, no
+# pending offer, an active login). `&&` on the geography finds the drivers in the zone's
+# bounding box by the location index; ST_Covers then keeps those in the polygon.
+_AVAILABLE_IN_ZONE_SQL = f"""
 SELECT EXISTS (
-  SELECT 1 FROM dispatch_driver d JOIN delivery_zones z ON z.id = %(zone)s
-  WHERE d.availability = 'available' AND d.location IS NOT NULL AND d.location_recorded_at >= %(cutoff)s
-    AND ST_Covers(z.geometry, d.location::geometry)
-    AND NOT EXISTS (SELECT 1 FROM driver_zone_preferences p
+  SELECT 1 FROM {Driver._meta.db_table} d
+  JOIN {DeliveryZone._meta.db_table} z ON z.id = %(zone)s
+  JOIN {get_user_model()._meta.db_table} u ON u.id = d.user_id AND u.is_active
+  WHERE d.availability = 'available' AND d.location_recorded_at >= %(cutoff)s
+    AND d.location && z.geometry::geography AND ST_Covers(z.geometry, d.location::geometry)
+    AND NOT EXISTS (SELECT 1 FROM {DriverZonePreference._meta.db_table} p
                     WHERE p.driver_id = d.id AND p.zone_id = z.id AND p.preference = 'UNAVAILABLE')
-    AND NOT EXISTS (SELECT 1 FROM driver_offers o WHERE o.driver_id = d.id AND o.delivery_id = %(delivery)s)
+    AND NOT EXISTS (SELECT 1 FROM {DriverOffer._meta.db_table} o
+                    WHERE o.driver_id = d.id AND (o.delivery_id = %(delivery)s OR o.status = 'PENDING'))
+    AND NOT EXISTS (SELECT 1 FROM {Assignment._meta.db_table} a WHERE a.driver_id = d.id AND a.delivery_id = %(delivery)s)
 )
 """
 
 
 def _available_in_zone(delivery: Delivery, now: datetime) -> bool:
-    """Whether an available driver with a fresh fix, who could take the delivery, is in its zone."""
+    """Whether the delivery's zone has a driver who could take it (_AVAILABLE_IN_ZONE_SQL)."""
     cutoff = now - timedelta(seconds=settings.DRIVER_STALE_AFTER_SECONDS)
     with connection.cursor() as cur:
         cur.execute(_AVAILABLE_IN_ZONE_SQL, {"zone": delivery.zone_id, "cutoff": cutoff, "delivery": delivery.pk})

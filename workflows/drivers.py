@@ -81,6 +81,10 @@ def _availability_change_attempt(
     driver = locks.lock_driver(driver_id)
     if withdrawing and offer is None and DriverOffer.objects.filter(driver_id=driver_id, status=OfferStatus.PENDING).exists():
         raise _OfferMadeMeanwhile()
+    if to_state in DEACTIVATED_OFFLINE_FROM and driver_login_deactivated(driver_id):
+        # (ops' override, resume or break; the driver's own token no longer works): the job
+        # would take it offline again within the minute, and it can answer nothing
+        raise Conflict("The driver's login is deactivated: reactivate it (admin → Users) first.")
     apply_availability_change(driver, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=by_ops, now=now)
     if offer is not None:
         offer_cancel_locked(offer, delivery=delivery, reason=f"driver_{to_state}", actor=actor, now=now)
@@ -119,8 +123,6 @@ def availability_override(
     # Only a break ends by itself (the break job); a duration given with another state would
     # show an end nothing acts on.
     until = now + timedelta(minutes=duration_minutes) if duration_minutes and to_state == A.ON_BREAK else None
-    if to_state in DEACTIVATED_OFFLINE_FROM and driver_login_deactivated(driver_id):
-        raise Conflict("The driver's login is deactivated: reactivate it (admin → Users) first.")
     return availability_change(
         driver_id=driver_id, to_state=to_state, reason=reason, actor=actor, until=until, by_ops=True, now=now
     )

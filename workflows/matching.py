@@ -207,6 +207,7 @@ class _Facts:
     preference: str | None
     answered: int
     accepted: int
+    active: bool = True  # the login (a deactivated one is offered nothing)
 
 
 def _driver_facts(ids: list[str], zone_id) -> dict[str, _Facts]:
@@ -219,13 +220,13 @@ def _driver_facts(ids: list[str], zone_id) -> dict[str, _Facts]:
         if zone_id else Value(None, output_field=CharField())
     )
     rows = Driver.objects.filter(pk__in=ids).order_by().values_list(
-        "pk", "availability", Exists(DriverOffer.objects.filter(driver=OuterRef("pk"), status=OfferStatus.PENDING)),
-        preference, *answer_counts(),
+        "pk", "availability", "user__is_active",  # (named fields before the expressions: Django lists them first)
+        Exists(DriverOffer.objects.filter(driver=OuterRef("pk"), status=OfferStatus.PENDING)), preference, *answer_counts(),
     )
     return {
         str(pk): _Facts(available=availability == DriverAvailability.AVAILABLE, pending=pending, preference=pref,
-                        answered=answered, accepted=accepted)
-        for pk, availability, pending, pref, answered, accepted in rows
+                        answered=answered, accepted=accepted, active=active)
+        for pk, availability, active, pending, pref, answered, accepted in rows
     }
 
 
@@ -253,8 +254,8 @@ def _screen(item: _Item, drivers: dict[str, Driver], facts: dict[str, _Facts], o
             item.screening.pending_elsewhere += 1
         elif fact is not None and fact.preference == "UNAVAILABLE":
             item.screening.unavailable_for_zone += 1
-        elif driver is None:
-            if fact is not None and fact.available:
+        elif driver is None or (fact is not None and not fact.active):  # (a deactivated login, freed since)
+            if driver is None and fact is not None and fact.available:
                 item.held_elsewhere += 1
             else:
                 item.screening.no_longer_available += 1

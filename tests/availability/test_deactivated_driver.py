@@ -126,8 +126,11 @@ def test_ops_cannot_put_a_deactivated_driver_back_to_work(ops):
     get_user_model().objects.filter(pk=driver.user_id).update(is_active=False)
     assert tasks.mark_stale_drivers_offline() == 1
 
-    for body in ({"state": "available"}, {"state": "on_break", "durationMinutes": 15}):
-        r = ops.post(f"/v2/drivers/{driver.pk}/availability", {**body, "reason": "back"}, format="json")
+    base = f"/v2/drivers/{driver.pk}/availability"
+    for path, body in ((base, {"state": "available", "reason": "back"}),
+                       (base, {"state": "on_break", "durationMinutes": 15, "reason": "back"}),
+                       (f"{base}/resume", {}), (f"{base}/take-break", {"durationMinutes": 15})):
+        r = ops.post(path, body, format="json")
         assert_error(r, 409)
         assert "login is deactivated" in r.json()["message"]
     assert state(driver) == "offline"
@@ -135,3 +138,30 @@ def test_ops_cannot_put_a_deactivated_driver_back_to_work(ops):
     assert r.status_code == 200 and state(driver) == "paused"
     assert_error(ops.post("/v2/drivers/00000000-0000-0000-0000-000000000000/availability",
                           {"state": "available", "reason": "x"}, format="json"), 404)
+
+
+def test_a_freed_deactivated_driver_is_no_candidate_until_the_job_takes_it_offline():
+    """Freed (`available`) before the job's next run, it was still the nearest candidate of a
+    new delivery, the retry job's and a reject's next one: each offer expired unanswered."""
+    inactive, other = online_driver(km=0.3), online_driver(km=2.0)
+    get_user_model().objects.filter(pk=inactive.user_id).update(is_active=False)
+    delivery = DeliveryFactory()
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer.driver_id == other.pk
+
+
+def test_nor_a_matching_rounds():
+    from datetime import timedelta
+
+    import time_machine
+
+    from tests.workflows.test_batched_matching import T0, driver_at, matching_zone, new_delivery
+    from workflows.matching import matching_rounds_run
+
+    zone = matching_zone(matching_window_seconds=5)
+    inactive, other = driver_at(0.2), driver_at(1.5)
+    get_user_model().objects.filter(pk=inactive.user_id).update(is_active=False)
+    with time_machine.travel(T0, tick=False) as clock:
+        delivery, _ = new_delivery(zone, km=0.0)
+        clock.shift(timedelta(seconds=5))
+        assert matching_rounds_run() == 1
+    assert DriverOffer.objects.get(delivery=delivery, status="PENDING").driver_id == other.pk

@@ -3,6 +3,7 @@ from datetime import timedelta
 
 import pytest
 import time_machine
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from audit.models import DeliveryAuditLog
@@ -18,10 +19,10 @@ from workflows import offers
 from offers.events import OfferCancelledEvent, OfferExpiredEvent
 from offers.models import DriverOffer
 from offers.tasks import expire_offer, expire_overdue_offers
+from zones.models import DriverZonePreference
 from tests.api import assert_error, client_for
 from tests.concurrency import hold_driver_row
 from tests.factories import CITY, DeliveryFactory, DriverFactory, ZoneFactory, km_north, online_driver
-from zones.models import DriverZonePreference
 from tests.typecheck import assert_event_shape
 
 pytestmark = pytest.mark.django_db
@@ -125,6 +126,14 @@ def test_a_zone_with_an_available_driver_beyond_the_wide_ring_is_not_empty():
     in it 12.6 km from the pickup (a dispatch audit; its health counted the driver online)."""
     zone = ZoneFactory(bbox=(CITY[1] - 0.5, CITY[0] - 0.5, CITY[1] + 0.5, CITY[0] + 0.5))
     delivery = DeliveryFactory(zone=zone)
+    assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).failure_reason == "zone_empty"
+
+    # in the zone but holding another delivery's offer, or deactivated: nobody who could take it
+    holding = online_driver(km=14)
+    elsewhere = DeliveryFactory(pickup_location=km_north(14))
+    assert delivery_dispatch(delivery_id=elsewhere.pk, actor=Actor.system()).offer.driver_id == holding.pk
+    inactive = online_driver(km=16)
+    get_user_model().objects.filter(pk=inactive.user_id).update(is_active=False)
     assert delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).failure_reason == "zone_empty"
 
     online_driver(km=15)  # in the zone, beyond max(DISPATCH_WIDE_RADIUS_KM, 2 × radius)

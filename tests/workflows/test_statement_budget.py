@@ -51,6 +51,7 @@ from tests.factories import (
     DeliveryFactory,
     IntegrationUserFactory,
     OpsUserFactory,
+    ZoneFactory,
     driver_at_dropoff,
     online_driver,
 )
@@ -93,6 +94,10 @@ BUDGET = {
     "reject": 11,
     "dispatch": 9,
     "offer": 7,
+    # ops' dispatch that finds nobody near (a driver beyond the radius, in the zone): its failure
+    # reason screens the drivers beyond the radius as candidates (one statement); the zone's
+    # EXISTS runs only when none of them could take it
+    "unassigned": 10,
 }
 FLOW_BUDGET = 37  # the issue's target: <= 40
 
@@ -280,3 +285,15 @@ def test_ops_dispatch_and_ops_offer_stay_within_budget(ops_client, budget):
         r = ops_client.post(f"/v2/deliveries/{second.pk}/offers", {"driverId": str(chosen.pk)}, format="json")
     assert r.status_code == 201, r.content
     print("\ndispatch:", len(budget.logs["dispatch"]), "offer:", len(budget.logs["offer"]))
+
+
+def test_a_dispatch_that_finds_nobody_stays_within_budget(ops_client, budget):
+    zone = ZoneFactory(bbox=(CITY[1] - 0.5, CITY[0] - 0.5, CITY[1] + 0.5, CITY[0] + 0.5))
+    online_driver(km=8)  # beyond the radius, within the wide ring
+    delivery = DeliveryFactory(zone=zone)
+    _warm_up(ops_client)
+
+    with budget("unassigned"):
+        r = ops_client.post(f"/v2/deliveries/{delivery.pk}/dispatch", format="json")
+    assert r.status_code == 200, r.content
+    assert (r.json()["outcome"], r.json()["failureReason"]) == ("unassigned", "distance_exceeded")
