@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -82,23 +83,22 @@ ASSIGNMENT_LATENCY = Histogram(
 # a simulated city: what they observe is not the platform's. A run started from the admin put
 # its assignments and offers into the live histograms (its worker writes PROMETHEUS_MULTIPROC_DIR
 # like every process): at peak, 5,000 simulated assignments of ~600 s each.
-_simulating = False
+_simulating: ContextVar[bool] = ContextVar("metrics_simulating", default=False)
 
 
 @contextmanager
 def simulating():
-    """While it lasts, `observe` records nothing (this process runs a simulation)."""
-    global _simulating
-    saved, _simulating = _simulating, True
+    """While it lasts, `observe` records nothing in this context (a simulation runs here)."""
+    token = _simulating.set(True)
     try:
         yield
     finally:
-        _simulating = saved
+        _simulating.reset(token)
 
 
 def observe(histogram: Histogram, value: float) -> None:
-    """A domain observation (the seed's histograms), unless this process is simulating."""
-    if not _simulating:
+    """A domain observation (the seed's histograms), unless a simulation is running here."""
+    if not _simulating.get():
         histogram.observe(value)
 
 

@@ -22,8 +22,8 @@ class SimulationRun(models.Model):
     progress = models.PositiveSmallIntegerField(default=0)  # percent
     stage = models.CharField(max_length=60, blank=True, default="")  # the policy being run
     started_at = models.DateTimeField(null=True, blank=True)
-    # Written while the run goes on (at least once a minute of simulated time, and when it
-    # starts): a running run without one for RUN_LOST_AFTER_SECONDS lost its worker.
+    # Written when the run starts and with its progress (services.HEARTBEAT_SECONDS): a running
+    # run without one for services.RUN_LOST_AFTER_SECONDS lost its worker.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     runtime_seconds = models.FloatField(null=True, blank=True)  # wall clock

@@ -40,7 +40,7 @@ from redis.connection import parse_url
 
 from common import metrics
 from common.exceptions import Conflict, InvalidInput
-from common.redis import get_redis
+from common.redis import RedisFailed, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,17 @@ def _platform_redis_urls() -> list[str]:
     """Every Redis database the platform itself uses: REDIS_URL, Celery's broker and results,
     the caches, the channel layers."""
     urls = [settings.REDIS_URL, settings.CELERY_BROKER_URL, settings.CELERY_RESULT_BACKEND]
-    urls += [c["LOCATION"] for c in settings.CACHES.values() if "redis" in c.get("BACKEND", "").lower()]
+    for cache in settings.CACHES.values():
+        if "redis" in cache.get("BACKEND", "").lower():
+            location = cache.get("LOCATION")
+            urls += location if isinstance(location, (list, tuple)) else [location]
     for layer in settings.CHANNEL_LAYERS.values():
-        urls += [h["address"] if isinstance(h, dict) else h for h in layer.get("CONFIG", {}).get("hosts", [])]
+        for host in layer.get("CONFIG", {}).get("hosts", []):
+            if isinstance(host, dict):
+                host = host.get("address")
+            if isinstance(host, (list, tuple)) and len(host) == 2:  # channels_redis' ("host", port): database 0
+                host = f"redis://{host[0]}:{host[1]}/0"
+            urls.append(host)
     return [u for u in urls if isinstance(u, str) and u.split("://", 1)[0] in ("redis", "rediss", "unix")]
 
 
@@ -121,7 +129,11 @@ class Claim:
         self.lost = False
 
     def take(self) -> None:
-        if not self.client.set(CLAIM_KEY, self.token, nx=True, ex=CLAIM_TTL_SECONDS):
+        try:
+            taken = self.client.set(CLAIM_KEY, self.token, nx=True, ex=CLAIM_TTL_SECONDS)
+        except RedisFailed as e:  # (a traceback before)
+            raise InvalidInput({"SIMULATION_REDIS_URL": [f"Cannot be reached: {e}"]}) from None
+        if not taken:
             raise Conflict("Another simulation is running on SIMULATION_REDIS_URL; try again when it has finished.")
         # Keys left by a run that crashed (its claim lapsed): not ours to keep.
         for key in self.client.scan_iter(count=1000):

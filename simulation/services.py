@@ -208,9 +208,11 @@ def run_create(*, parameters: dict, user) -> SimulationRun:
     return SimulationRun.objects.create(parameters=parameters, created_by=user)
 
 
-# A running run writes its heartbeat at least this often while it simulates (each simulated
-# minute reports its progress); one silent for RUN_LOST_AFTER_SECONDS lost its worker (restarted,
-# out of memory, killed at its time limit) and is failed: it showed "running" for ever.
+# A running run writes its heartbeat with its progress: with each percent, and every this many
+# seconds when the percent stands still (not while it sets up its sandbox, a few minutes at the
+# largest runs); one silent for
+# RUN_LOST_AFTER_SECONDS lost its worker (restarted, out of memory, killed at its time limit)
+# and is failed: it showed "running" for ever.
 HEARTBEAT_SECONDS = 60
 RUN_LOST_AFTER_SECONDS = 15 * 60
 
@@ -224,8 +226,8 @@ def runs_lost_fail(*, using: str = "default", now=None) -> int:
         Q(heartbeat_at__lt=silent_since) | Q(heartbeat_at__isnull=True, started_at__lt=silent_since),
         status=SimulationStatus.RUNNING,
     ).update(status=SimulationStatus.FAILED, finished_at=now,
-             error="Stopped without finishing: no sign of it for 15 minutes (its worker was restarted, ran out of "
-                   "memory or reached its time limit). Start it again.")
+             error=f"Stopped without finishing: no sign of it for {RUN_LOST_AFTER_SECONDS // 60} minutes (its worker was "
+                   "restarted, ran out of memory or reached its time limit). Start it again.")
 
 
 class _RunDeleted(Exception):
@@ -252,8 +254,10 @@ def run_execute(run_id: int) -> str:
             percent = min(99, int(fraction * 100))
             if (percent, stage) != (last["progress"], last["stage"]) or time.monotonic() - last["beat"] >= HEARTBEAT_SECONDS:
                 last.update(progress=percent, stage=stage, beat=time.monotonic())
-                if not runs.filter(pk=run_id).update(progress=percent, stage=stage[:60], heartbeat_at=timezone.now()):
-                    raise _RunDeleted()  # deleted in the admin while it ran: stop, free the worker
+                if not runs.filter(pk=run_id, status=SimulationStatus.RUNNING).update(
+                    progress=percent, stage=stage[:60], heartbeat_at=timezone.now()
+                ):
+                    raise _RunDeleted()  # deleted in the admin (or failed as lost) while it ran: stop, free the worker
 
         started = time.perf_counter()
         try:
@@ -264,10 +268,10 @@ def run_execute(run_id: int) -> str:
             return "deleted"
         except Exception as e:  # recorded for ops to read; the worker log has the traceback
             logger.exception("simulation run %s failed", run_id)
-            runs.filter(pk=run_id).update(status=SimulationStatus.FAILED, error=f"{type(e).__name__}: {e}"[:5000],
+            runs.filter(pk=run_id, status=SimulationStatus.RUNNING).update(status=SimulationStatus.FAILED, error=f"{type(e).__name__}: {e}"[:5000],
                                           finished_at=timezone.now(), runtime_seconds=time.perf_counter() - started)
             return SimulationStatus.FAILED
-        runs.filter(pk=run_id).update(
+        runs.filter(pk=run_id, status=SimulationStatus.RUNNING).update(
             status=SimulationStatus.DONE, progress=100, stage="", result=outcome.json, report_html=report,
             finished_at=timezone.now(), runtime_seconds=time.perf_counter() - started,
         )

@@ -105,7 +105,7 @@ class LocationView(APIView):
         result = driver_workflows.driver_location_record(
             driver_id=driver.pk, lat=v["lat"], lon=v["lon"], recorded_at=recorded_at,
             accuracy_m=v.get("accuracyMeters"), speed=v.get("speed"), heading=v.get("heading"), now=now,
-            handed_over=bool(getattr(request._request, "scope", {}).get(FIX_HANDED_OVER)),
+            handed_over=bool(getattr(request, "scope", {}).get(FIX_HANDED_OVER)),
         )
         body = {
             "success": True,

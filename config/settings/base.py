@@ -1,6 +1,7 @@
 """Settings for every environment; values come from the environment with working defaults."""
 import socket
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -790,8 +791,6 @@ FCM_API_BASE = env("FCM_API_BASE", default="https://fcm.googleapis.com")
 def _redis_db_url(url: str, db: int) -> str:
     """`url` with database `db` (path and `?db=` alike): `redis://host:6379` (no path) became
     `redis://10`, a host named 10."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
     parts = urlsplit(url)
     query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "db"])
     if parts.scheme == "unix":

@@ -13,11 +13,11 @@ from django.db.utils import load_backend
 
 from common import metrics
 from common.broadcast import enqueue_task_on_commit, tasks_diverted
-from common.exceptions import Conflict
+from common.exceptions import Conflict, InvalidInput
 from common.redis import get_redis
+from simulation import sandbox
 from simulation.city import City
 from simulation.metrics import METRIC_KEYS, difference, percentile
-from simulation import sandbox
 from simulation.sandbox import CLAIM_KEY
 
 SMALL = ["--drivers", "20", "--orders-per-hour", "60", "--minutes", "10", "--seed", "7", "--no-progress"]
@@ -192,19 +192,30 @@ def test_a_one_minute_run_has_its_driver_hours(tmp_path, sim_redis):
     ("redis://127.0.0.1:6379?db=12", "redis://127.0.0.1:6379/12"),
 ])
 def test_the_simulation_redis_is_never_the_platforms_whatever_the_urls_spelling(settings, platform, simulation):
+    # (the guard alone: a regression must not let a run delete that database's keys)
     settings.REDIS_URL, settings.SIMULATION_REDIS_URL = platform, simulation
-    with pytest.raises(CommandError, match="Must be another Redis database"):
-        call_command("simulate", *SMALL)
+    with pytest.raises(InvalidInput, match="Must be another Redis database"):
+        sandbox.simulation_redis_url()
 
 
 def test_nor_celerys_nor_a_channel_layers(settings):
     settings.SIMULATION_REDIS_URL = "redis://localhost:6379/13"
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/13"
-    with pytest.raises(CommandError, match="Must be another Redis database"):
-        call_command("simulate", *SMALL)
+    with pytest.raises(InvalidInput, match="Must be another Redis database"):
+        sandbox.simulation_redis_url()
     settings.CELERY_BROKER_URL = settings.REDIS_URL
+    settings.CHANNEL_LAYERS = {"default": {"CONFIG": {"hosts": [("127.0.0.1", 6379)]}}}  # (channels_redis: database 0)
+    settings.SIMULATION_REDIS_URL = "redis://localhost:6379/0"
+    with pytest.raises(InvalidInput, match="Must be another Redis database"):
+        sandbox.simulation_redis_url()
     settings.SIMULATION_REDIS_URL = "redis://127.0.0.1:6379/12"
     assert sandbox.simulation_redis_url() == "redis://127.0.0.1:6379/12"
+
+
+def test_a_simulation_redis_out_of_reach_is_a_clear_command_error(settings):
+    settings.SIMULATION_REDIS_URL = "redis://127.0.0.1:1/0"  # (nothing listens on port 1)
+    with pytest.raises(CommandError, match="SIMULATION_REDIS_URL: Cannot be reached"):
+        call_command("simulate", *SMALL)
 
 
 def test_the_default_simulation_redis_is_database_10_of_redis_urls_server():

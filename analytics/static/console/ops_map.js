@@ -96,7 +96,7 @@
   }
   let countsTimer = null;
   function countsSoon() {  // once for a burst of events (the stale-driver job's hundreds), not once each
-    if (countsTimer === null) countsTimer = setTimeout(() => { countsTimer = null; counts(); }, 0);
+    if (countsTimer === null) countsTimer = setTimeout(() => { countsTimer = null; counts(); }, 100);
   }
   document.querySelectorAll("#filter-drivers input, #filter-deliveries input").forEach((i) => i.addEventListener("change", applyFilters));
   zoneSelect.addEventListener("change", () => {

@@ -7,7 +7,6 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from common.exceptions import Conflict, InvalidInput
-from common.redis import RedisFailed
 from simulation import services
 from simulation.engine import Params
 
@@ -59,8 +58,6 @@ class Command(BaseCommand):
             outcome = services.run(base, policies, progress=progress)
         except (InvalidInput, Conflict) as e:
             raise CommandError(_message(e)) from None
-        except RedisFailed as e:  # (SIMULATION_REDIS_URL unreachable: a traceback before)
-            raise CommandError(f"The simulation's Redis (SIMULATION_REDIS_URL) cannot be used: {e}") from None
         finally:
             if bar is not None:
                 bar.close()
