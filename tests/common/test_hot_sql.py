@@ -95,7 +95,7 @@ def test_screening_rows_match_the_uncached_query_for_every_shape():
         ids = [str(i) for i in ids]
         expected = {
             str(r[0]): r[1:] for r in Driver.objects.filter(pk__in=ids).order_by().values_list(
-                "pk", "availability", "vehicle_type",
+                "pk", "availability", "vehicle_type", "user__is_active",
                 Exists(offers_q.filter(delivery_id=delivery.pk)),
                 Exists(offers_q.filter(status=OfferStatus.PENDING)),
                 Value(None, output_field=CharField()) if not delivery.zone_id else Value("x"),
@@ -104,8 +104,9 @@ def test_screening_rows_match_the_uncached_query_for_every_shape():
         got = _screening_rows(delivery, ids)
         assert set(got) == set(expected)
         for k, row in got.items():
-            assert row[:4] == expected[k][:4] and row[5:] == expected[k][5:]
-    assert got[str(driver.pk)][2] is True and got[str(driver.pk)][3] is True  # offered this delivery, pending
+            assert row[:5] == expected[k][:5] and row[6:] == expected[k][6:]
+    assert got[str(driver.pk)][3] is True and got[str(driver.pk)][4] is True  # offered this delivery, pending
+    assert got[str(driver.pk)][2] is True  # its login is active
 
 
 def test_a_geometry_parameter_is_bound_per_call_and_annotations_come_back():

@@ -180,7 +180,7 @@ def test_a_one_minute_run_has_its_driver_hours(tmp_path, sim_redis):
     """Driver-hours counted every minute of the window but the first: a 10-minute run counted 9
     (its ordersPerDriverHour 10/9 too high), a 1-minute run none (null)."""
     out = tmp_path / "one.json"
-    call_command("simulate", "--drivers", "5", "--orders-per-hour", "120", "--minutes", "1", "--seed", "3",
+    call_command("simulate", "--drivers", "2", "--orders-per-hour", "1", "--minutes", "1", "--seed", "3",
                  "--no-progress", "--json", str(out))
     figures = json.loads(out.read_text())
     assert figures["ordersPerDriverHour"] is not None and figures["ordersPerDriverHour"] >= 0
