@@ -174,16 +174,29 @@ def test_compare_runs_the_policies_side_by_side_on_the_same_city(tmp_path, sim_r
         call_command("simulate_report", *parts, "--report", "/nonexistent-dir/x.html")
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.django_db(transaction=True)
-def test_a_one_minute_run_has_its_driver_hours(tmp_path, sim_redis):
-    """Driver-hours counted every minute of the window but the first: a 10-minute run counted 9
-    (its ordersPerDriverHour 10/9 too high), a 1-minute run none (null)."""
-    out = tmp_path / "one.json"
-    call_command("simulate", "--drivers", "2", "--orders-per-hour", "1", "--minutes", "1", "--seed", "3",
-                 "--no-progress", "--json", str(out))
-    figures = json.loads(out.read_text())
-    assert figures["ordersPerDriverHour"] is not None and figures["ordersPerDriverHour"] >= 0
+@pytest.mark.django_db
+def test_driver_hours_count_every_minute_of_the_window():
+    """Each minute's sample stands for that minute, the first included: a 10-minute run counted
+    9 (its ordersPerDriverHour 10/9 too high), a 1-minute run none (null)."""
+    from datetime import timedelta
+
+    from simulation.engine import START, Params, Trace
+    from simulation.metrics import collect
+    from tests.factories import DeliveryFactory
+
+    def sample(t, available, busy=0):
+        return {"t": t, "counts": {"available": available, "busy": busy}, "unassigned": 0, "open": 0}
+
+    for minute in (1, 2, 3):
+        DeliveryFactory(ready_at=START, delivered_at=START + timedelta(minutes=minute), status="delivered")
+    ten = Params(drivers=3, orders_per_hour=18, minutes=10, seed=1, policy="sequential")
+    figures, _ = collect(ten, Trace(samples=[sample(60 * m, available=2, busy=1) for m in range(11)]))
+    assert figures["ordersPerDriverHour"] == 6.0  # 3 delivered / (10 minutes × 3 drivers); 6.667 before
+    assert figures["driverUtilization"] == round(1 / 3, 4)  # (minute 0, all free, left out of it)
+
+    one = Params(drivers=2, orders_per_hour=1, minutes=1, seed=1, policy="sequential")
+    figures, _ = collect(one, Trace(samples=[sample(0, available=2)]))
+    assert figures["ordersPerDriverHour"] is not None and figures["driverUtilization"] is None
 
 
 @pytest.mark.parametrize("platform, simulation", [
