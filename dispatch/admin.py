@@ -227,14 +227,16 @@ class AssignToDriverForm(forms.Form):
 def assign_candidates(delivery: Delivery) -> list[tuple[str, str]]:
     """Available drivers with a fresh fix near the pickup, nearest first, as (id, "name · 1.2 km").
     A driver holding a pending offer is left out: an offer to them is always refused (one pending
-    offer a driver), and the list put them first, at 0.0 km, waiting at this very store."""
+    offer a driver), and the list put them first, at 0.0 km, waiting at this very store. So is
+    one whose login is deactivated (freed from a delivery it kept, available until the
+    stale-driver job's next run): the offer is refused too."""
     pickup = delivery.pickup_location
     nearby = drivers_available_near(lat=pickup.y, lon=pickup.x, radius_km=ASSIGN_RADIUS_KM, limit=25, positions=False)
     ids = [n.driver_id for n in nearby]
-    names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=ids).values_list("pk", "name")}
+    names = {str(pk): name for pk, name in Driver.objects.filter(pk__in=ids, user__is_active=True).values_list("pk", "name")}
     offered = {str(pk) for pk in DriverOffer.objects.filter(driver_id__in=ids, status=OfferStatus.PENDING).values_list("driver_id", flat=True)}
-    return [(n.driver_id, f"{bidi_isolated(names.get(n.driver_id, n.driver_id))} · {n.distance_km:.1f} km") for n in nearby
-            if n.driver_id not in offered]
+    return [(n.driver_id, f"{bidi_isolated(names[n.driver_id])} · {n.distance_km:.1f} km") for n in nearby
+            if n.driver_id in names and n.driver_id not in offered]
 
 
 class DeliveryExport(ExportResource):

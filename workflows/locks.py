@@ -139,12 +139,16 @@ def lock_delivery(delivery_id, *, skip_locked: bool = False, select_related: tup
     return delivery
 
 
-def lock_driver(driver_id, *, skip_locked: bool = False, **filters) -> Driver | None:
+def lock_driver(driver_id, *, skip_locked: bool = False, select_related: tuple[str, ...] = (), **filters) -> Driver | None:
     """The driver; NotFound when it does not exist. With `skip_locked` or extra filters
-    (dispatch claiming a candidate), None when it is held elsewhere or no longer matches."""
-    key = ("lock_driver", skip_locked, *sorted((k, repr(v)) for k, v in filters.items()))  # constant filters only
-    driver = cached_first(key, Driver, lambda x: (
-        Driver.objects.select_for_update(of=("self",), skip_locked=skip_locked).filter(pk=x, **filters)), driver_id)
+    (dispatch claiming a candidate), None when it is held elsewhere or no longer matches.
+    `select_related` rows are read in the same statement, not locked."""
+    key = ("lock_driver", skip_locked, tuple(select_related), *sorted((k, repr(v)) for k, v in filters.items()))  # constant filters only
+
+    def build(x):
+        qs = Driver.objects.select_for_update(of=("self",), skip_locked=skip_locked)
+        return (qs.select_related(*select_related) if select_related else qs).filter(pk=x, **filters)
+    driver = cached_first(key, Driver, build, driver_id)
     if driver is None and not (skip_locked or filters):
         raise NotFound("Driver not found.")
     return driver

@@ -38,12 +38,16 @@ def offer_create(
 ) -> DriverOffer:
     """Ops offer a ready delivery to a chosen available driver."""
     delivery = locks.lock_delivery(delivery_id, select_related=("zone",))
-    driver = locks.lock_driver(driver_id)
+    driver = locks.lock_driver(driver_id, select_related=("user",))  # its login read in the lock's statement
     now = now or timezone.now()  # after the locks (a change the offer waited for is before it), not pushed past updated_at
     if delivery.status != DeliveryStatus.READY:
         raise Conflict(f"Delivery is {delivery.status}; only a ready delivery can be offered.")
     if driver.availability != DriverAvailability.AVAILABLE:
         raise Conflict(f"Driver {driver.pk} is not available for assignment (currently {driver.availability}).")
+    if not driver.user.is_active:
+        # Freed from a delivery it kept after ops deactivated its login: offline at the stale
+        # job's next run (within a minute); it could not answer an offer meanwhile.
+        raise Conflict("The driver's login is deactivated: reactivate it (admin → Users) first.")
     try:
         return offers.offer_insert_locked(
             delivery=delivery, driver=driver, actor=actor, now=now, expires_in_seconds=expires_in_seconds

@@ -165,3 +165,16 @@ def test_nor_a_matching_rounds():
         clock.shift(timedelta(seconds=5))
         assert matching_rounds_run() == 1
     assert DriverOffer.objects.get(delivery=delivery, status="PENDING").driver_id == other.pk
+
+
+def test_nor_can_ops_offer_it_a_delivery_by_hand(ops):
+    """`POST /v2/deliveries/{id}/offers` to a driver freed with its login deactivated (still
+    `available` until the job's next run): a 409 that says why, nothing offered. The login is
+    read in the driver's lock statement (the ops offer's statement pin holds)."""
+    inactive = online_driver(km=0.3)
+    get_user_model().objects.filter(pk=inactive.user_id).update(is_active=False)
+    delivery = DeliveryFactory()
+    r = ops.post(f"/v2/deliveries/{delivery.pk}/offers", {"driverId": str(inactive.pk)}, format="json")
+    assert_error(r, 409)
+    assert "login is deactivated" in r.json()["message"]
+    assert not DriverOffer.objects.filter(delivery=delivery).exists()

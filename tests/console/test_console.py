@@ -3,6 +3,7 @@ actions that ask first, the delivery page, the ops time zone and `/`."""
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.test import Client
@@ -445,6 +446,20 @@ def test_assign_to_driver_leaves_out_drivers_holding_a_pending_offer():
 
     assert "Free Farah · 2.0 km" in page and "Holding Hema" not in page
     assert free.pk != holding.pk
+
+
+def test_assign_to_driver_leaves_out_drivers_whose_login_is_deactivated():
+    """Freed from a delivery it kept, such a driver is available until the stale-driver job's
+    next run; the offer would be refused (it cannot answer one)."""
+    _, client = staff_in(DISPATCHER_GROUP)
+    inactive = online_driver(km=0.1, name="Gone Gita")
+    online_driver(km=2, name="Free Farah")
+    get_user_model().objects.filter(pk=inactive.user_id).update(is_active=False)
+    selected = {"action": "assign_to_driver", "_selected_action": [str(DeliveryFactory().pk)]}
+
+    page = client.post("/admin/dispatch/delivery/", selected).content.decode()
+
+    assert "Free Farah · 2.0 km" in page and "Gone Gita" not in page
 
 
 def test_bidirectional_text_controls_in_a_name_do_not_reorder_the_consoles_sentences():
