@@ -10,7 +10,9 @@ from django.contrib.admin.actions import delete_selected as django_delete_select
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.gis.db import models as gis_models
 from django.core.exceptions import PermissionDenied
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
 from django_celery_beat.admin import CrontabScheduleAdmin, PeriodicTaskAdmin, PeriodicTaskForm
 from django_celery_beat.models import CrontabSchedule, PeriodicTask
 from import_export import resources, widgets
@@ -49,6 +51,29 @@ class UserAdmin(BaseUserAdmin):
     its open sockets and in the fast lane's cache: `common.hooks.user_saved`."""
 
     list_filter = ("is_staff", "is_active", "groups")
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            self._warn_of_carried_deliveries(request, obj)
+
+    def _warn_of_carried_deliveries(self, request, user) -> None:
+        """A driver deactivated mid-delivery keeps what it carries (it goes offline once freed:
+        workflows.drivers.deactivated_drivers_mark_offline), but its app no longer works: the
+        dispatcher who deactivated it is told which deliveries to reassign or cancel, with links."""
+        from availability.models import Driver
+        from dispatch.selectors import carried_deliveries
+
+        driver_id = Driver.objects.filter(user=user).values_list("pk", flat=True).first()
+        carried = carried_deliveries([driver_id]).get(str(driver_id), []) if driver_id else []
+        if not carried:
+            return
+        links = format_html_join(", ", '<a href="{}">{}</a>', (
+            (reverse("admin:dispatch_delivery_change", args=[d.pk]), d.seller_order_id) for d in carried))
+        messages.warning(request, format_html(
+            "{} was carrying {} {}: {}. Its app no longer works: reassign or cancel {} (the driver goes "
+            "offline once freed).", user.get_username(), len(carried),
+            "delivery" if len(carried) == 1 else "deliveries", links, "it" if len(carried) == 1 else "them"))
 
 
 @admin.register(ApiToken)

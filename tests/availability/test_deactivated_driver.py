@@ -178,3 +178,65 @@ def test_nor_can_ops_offer_it_a_delivery_by_hand(ops):
     assert_error(r, 409)
     assert "login is deactivated" in r.json()["message"]
     assert not DriverOffer.objects.filter(delivery=delivery).exists()
+
+
+def _user_change_form(client, user, **changes) -> dict:
+    """The admin's user change form as the page renders it, with `changes` applied."""
+    page = client.get(f"/admin/common/user/{user.pk}/change/")
+    form = page.context["adminform"].form
+    data = {}
+    for name, field in form.fields.items():
+        value = form.initial.get(name, field.initial)
+        if name in ("groups", "user_permissions"):
+            data[name] = [getattr(v, "pk", v) for v in (value or [])]
+        elif isinstance(value, bool):
+            if value:
+                data[name] = "on"
+        elif value is not None:
+            data[name] = value.strftime("%Y-%m-%d %H:%M:%S") if hasattr(value, "strftime") else value
+    for key in [k for k in data if k in ("date_joined", "last_login")]:
+        stamp = data.pop(key)
+        data[f"{key}_0"], data[f"{key}_1"] = stamp.split(" ") if isinstance(stamp, str) else ("", "")
+    for name, value in changes.items():
+        if value is False:
+            data.pop(name, None)
+        else:
+            data[name] = value
+    return data
+
+
+def test_deactivating_a_busy_drivers_login_in_the_admin_names_the_deliveries_to_reassign(
+    django_capture_on_commit_callbacks,
+):
+    """It keeps what it carries (its app no longer works): the dispatcher who deactivated it is
+    told which deliveries, with links to them. A login with nothing carried, or a save that
+    does not deactivate, says nothing of the kind."""
+    from django.test import Client
+
+    from tests.factories import OpsUserFactory
+
+    admin = Client()
+    admin.force_login(OpsUserFactory(is_superuser=True))
+    busy, idle = online_driver(km=0.5), online_driver(km=3.0)
+    delivery = DeliveryFactory(seller_order_id="ORD-KEPT-1")
+    offer = delivery_dispatch(delivery_id=delivery.pk, actor=Actor.system()).offer
+    assert offer.driver_id == busy.pk
+    offer_accept(offer_id=offer.pk, driver_id=busy.pk, actor=Actor("driver", busy.pk))
+    busy_user = get_user_model().objects.get(pk=busy.user_id)
+    idle_user = get_user_model().objects.get(pk=idle.user_id)
+
+    def save(user, **changes):
+        with django_capture_on_commit_callbacks(execute=True):
+            r = admin.post(f"/admin/common/user/{user.pk}/change/", _user_change_form(admin, user, **changes), follow=True)
+        assert r.status_code == 200 and r.redirect_chain, r.context["adminform"].form.errors
+        return [str(m) for m in r.context["messages"]], r.content.decode()
+
+    said, page = save(busy_user, is_active=False)
+    assert f'<a href="/admin/dispatch/delivery/{delivery.pk}/change/">ORD-KEPT-1</a>' in page  # (a link, not escaped text)
+
+    warning = next(m for m in said if "was carrying" in m)
+    assert "1 delivery" in warning and f'/admin/dispatch/delivery/{delivery.pk}/change/">ORD-KEPT-1</a>' in warning
+    assert state(busy) == "busy" and not get_user_model().objects.get(pk=busy.user_id).is_active
+    assert not any("was carrying" in m for m in save(get_user_model().objects.get(pk=busy.user_id), first_name="Again")[0])
+    assert not any("was carrying" in m for m in save(idle_user, is_active=False)[0])
+    assert state(idle) == "offline"
