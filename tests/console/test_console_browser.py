@@ -58,6 +58,10 @@ def test_a_dispatcher_sees_a_driver_move_on_the_live_map_within_two_seconds(cons
     assert abs(float(marker.get_attribute("data-lat")) - driver.location.y) < 1e-6
     assert chromium.find_elements(By.CSS_SELECTOR, f'[data-delivery-id="{delivery.pk}"]')
     before = marker.rect
+    # the state is read once, when the socket has joined (it was read before the socket too)
+    from django.urls import reverse
+    state_path = reverse("admin-live-map-state")
+    assert [url for _, url in requested_urls(chromium) if urlsplit(url).path == state_path] == [f"{base}{state_path}"]
 
     # A status change stamped before the row the state was read from is already in the state:
     # arriving after the load (sent before it, delivered late), it is not applied.
@@ -219,6 +223,24 @@ def test_the_live_map_keeps_a_newer_position_over_an_older_state_and_counts_the_
     wait.until(lambda b: shown(b).startswith("0 drivers"))  # (offline ones are not shown by default)
     assert not chromium.find_elements(By.CSS_SELECTOR, f'.leaflet-marker-pane [data-driver-id="{driver.pk}"]')
     assert_nothing_loaded_from_elsewhere(chromium, base)
+
+
+def test_the_live_map_shows_the_state_when_its_socket_does_not_open(console_server, chromium, dispatcher):
+    """The page reads the state once its socket has joined; a socket that never opens (a proxy
+    without WebSocket upgrade) still gets the map drawn, read once after 2 s, and says offline."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, wait = console_server, WebDriverWait(chromium, 15)
+    driver = DriverFactory(name="Asha Stuck", location=km_north(1))
+    login(chromium, base, dispatcher, wait)
+    chromium.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        window.WebSocket = class { constructor() { this.readyState = 0; } close() {} };
+        window.WebSocket.OPEN = 1;"""})  # (connecting for ever)
+    chromium.get(f"{base}/admin/map/")
+    marker = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, f'[data-driver-id="{driver.pk}"]'))
+    assert abs(float(marker.get_attribute("data-lat")) - driver.location.y) < 1e-6
+    assert chromium.find_element(By.ID, "ops-map-page").get_attribute("data-live-state") == "connecting"
 
 
 def test_a_dispatcher_runs_the_console_in_chromium(console_server, chromium, dispatcher):

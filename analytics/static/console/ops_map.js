@@ -262,7 +262,7 @@
   }
 
   // ---------------------------------------------------------------- state over the API
-  let loadSeq = 0;
+  let loadSeq = 0, stateShown = false;
   async function loadState() {
     const seq = ++loadSeq;
     const response = await fetch(config.stateUrl, { credentials: "same-origin", headers: { Accept: "application/json" } });
@@ -294,6 +294,7 @@
     root.dataset.truncated = Object.values(truncated).some(Boolean) ? "true" : "false";
     counts();
     root.dataset.loadedAt = state.generatedAt;
+    stateShown = true;
   }
 
   // ---------------------------------------------------------------- events from /ws/ops/
@@ -366,6 +367,7 @@
     };
     socket.onclose = (close) => {
       clearTimeout(steady);
+      if (!stateShown) loadState().catch(() => {});  // (the map is drawn while it tries again)
       if (close.code === 4401 || close.code === 4403) {
         setState("offline", "Signed out: reload the page to sign in again");
         return;
@@ -382,5 +384,13 @@
     };
   }
 
-  loadState().catch((err) => setState("offline", `Could not load the map state (${err.message})`)).finally(connect);
+  // The state is read once the socket has joined (onopen), so the page reads it once, not once
+  // before the socket and again when it opens (the state is the heavy read with a large fleet).
+  // A socket that is slow to open, or fails, does not keep the map empty: the state is read
+  // after 2 s without it, or when it closes first.
+  connect();
+  setTimeout(() => {
+    if (stateShown || socket.readyState === WebSocket.OPEN) return;
+    loadState().catch((err) => { if (!stateShown) setState("offline", `Could not load the map state (${err.message})`); });
+  }, 2000);
 })();
