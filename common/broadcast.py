@@ -700,9 +700,17 @@ def task_registered(name: str) -> bool:
     return True
 
 
+_autodiscover_lock = threading.Lock()
+
+
 def _registered_task(name: str):
     tasks = current_app.tasks
     if name not in tasks:
-        # Outside a worker the apps' tasks modules load lazily: autodiscover them once.
-        current_app.loader.import_default_modules()
+        # Outside a worker the apps' tasks modules load lazily: autodiscover them once, one
+        # thread at a time. Threads that asked while another was importing them got
+        # NotRegistered (5 of 6 threads at once; a web process's first concurrent enqueues
+        # after a start lost their tasks).
+        with _autodiscover_lock:
+            if name not in tasks:
+                current_app.loader.import_default_modules()
     return tasks[name]
