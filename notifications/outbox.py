@@ -35,15 +35,18 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.db.models import Model
+from django.db.models import Max, Model
 from django.utils import timezone
 
 from common.broadcast import enqueue_kick_on_commit
 from common.txbuffer import current, insert_rows, transaction_buffer
 from common.errors import iso
-from dispatch.models import Assignment, DeliveryStatus
+from common.redis import RedisFailed, get_redis
+from dispatch.models import Assignment, Delivery, DeliveryStatus
 from notifications.models import OutboxEvent
 from notifications.payloads import deliveries_for_payload, deliveries_from_rows, held_for_payload, render_delivery, webhook_body
+from tracking.events import delivery_eta_updated
+from tracking.services import TRACKED_STATUSES
 
 logger = logging.getLogger(__name__)
 
@@ -219,9 +222,13 @@ def outbox_write(items: list) -> list[OutboxEvent]:
     now = timezone.now()
     # The throttle first: an ETA update it drops (most of them: the stream consumer refreshes
     # ETAs more often than merchants hear of them) needs no delivery read and rendered.
-    throttled = _eta_throttled({e["deliveryId"] for e in events if webhook_type_for(e) == ETA_TYPE}, now=now)
+    last_sent = _eta_throttled({e["deliveryId"] for e in events if webhook_type_for(e) == ETA_TYPE}, now=now)
+    throttled = set(last_sent)
+    held_back = {e["deliveryId"]: last_sent[e["deliveryId"]] for e in events
+                 if webhook_type_for(e) == ETA_TYPE and e["deliveryId"] in throttled}
     events = [e for e in events if not (webhook_type_for(e) == ETA_TYPE and e["deliveryId"] in throttled)]
     if not events:
+        eta_hold_back(held_back)
         return []
     held = {  # without its latest assignment set it is read like the others
         str(item.pk): held_for_payload(item) for item in items
@@ -235,7 +242,10 @@ def outbox_write(items: list) -> list[OutboxEvent]:
     for event in events:
         kind = webhook_type_for(event)
         delivery = deliveries.get(event["deliveryId"])
-        if delivery is None or (kind == ETA_TYPE and event["deliveryId"] in throttled):
+        if delivery is None:
+            continue
+        if kind == ETA_TYPE and event["deliveryId"] in throttled:
+            held_back.setdefault(event["deliveryId"], now)  # (a second in this transaction: the latest waits)
             continue
         if kind == ETA_TYPE:
             throttled.add(event["deliveryId"])  # one per delivery and transaction as well
@@ -248,6 +258,7 @@ def outbox_write(items: list) -> list[OutboxEvent]:
     if rows:
         insert_rows(rows)  # `seq` drawn row by row, in list order (with the audit rows, in a workflow)
         enqueue_kick_on_commit(DELIVER_TASK)
+    eta_hold_back(held_back)
     return rows
 
 
@@ -286,9 +297,73 @@ def outbox_render_pending(events: list[OutboxEvent]) -> list[OutboxEvent]:
     return [e for e in events if e.seq not in failed]
 
 
-def _eta_throttled(delivery_ids: set[str], *, now) -> set[str]:
+def _eta_throttled(delivery_ids: set[str], *, now) -> dict[str, datetime]:
+    """The deliveries among `delivery_ids` told of an ETA within the interval: id → when."""
     if not delivery_ids:
-        return set()
+        return {}
     since = now - timedelta(seconds=settings.WEBHOOK_ETA_MIN_INTERVAL_SECONDS)
-    recent = OutboxEvent.objects.filter(delivery_id__in=list(delivery_ids), type=ETA_TYPE, created_at__gt=since)
-    return {str(d) for d in recent.values_list("delivery_id", flat=True)}
+    recent = (OutboxEvent.objects.filter(delivery_id__in=list(delivery_ids), type=ETA_TYPE, created_at__gt=since)
+              .values("delivery_id").annotate(last=Max("created_at")).values_list("delivery_id", "last"))
+    return {str(d): last for d, last in recent}
+
+
+# An ETA update the throttle held back is not dropped: its delivery is marked here for the end of
+# its interval (a sorted set: delivery id → when it may go), and `eta_updates_held_back_write`
+# then writes the delivery's ETA as it is by then, unless it is what merchants were last told.
+# Dropped, a pickup inside the minute after the accept (the common case) left the seller with
+# the pre-pickup ETA until a later fix moved it again.
+ETA_HELD_BACK_KEY = "{webhook-eta}:held-back"
+_TAKE_HELD_BACK_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
+
+
+def eta_hold_back(last_sent: dict[str, datetime]) -> None:
+    """Mark the deliveries whose ETA update was held back (id → when merchants were last told)
+    for the end of their interval; an earlier mark stays (NX). Redis down: logged, and the
+    update is dropped, as before."""
+    if not last_sent:
+        return
+    interval = timedelta(seconds=settings.WEBHOOK_ETA_MIN_INTERVAL_SECONDS)
+    try:
+        get_redis().zadd(ETA_HELD_BACK_KEY, {d: (at + interval).timestamp() for d, at in last_sent.items()}, nx=True)
+    except RedisFailed:
+        logger.warning("could not hold back the ETA updates of %d deliveries for later", len(last_sent), exc_info=True)
+
+
+def eta_updates_held_back_write(*, now: datetime | None = None, limit: int = 500) -> int:
+    """Write the ETA updates whose interval has ended (`eta_hold_back`): each delivery still
+    tracked, with an ETA other than the one in its last ETA update, gets one with its ETA as it
+    is now. Run by every webhook sweep and kick. Returns the number of rows written."""
+    now = now or timezone.now()
+    try:
+        due = get_redis().eval(_TAKE_HELD_BACK_LUA, 1, ETA_HELD_BACK_KEY, now.timestamp(), limit)
+    except RedisFailed:
+        logger.warning("could not take the held-back ETA updates", exc_info=True)
+        return 0
+    ids = [d.decode() if isinstance(d, bytes) else d for d in due]
+    if not ids:
+        return 0
+    current = {
+        str(pk): (pickup, drop, confidence, at) for pk, pickup, drop, confidence, at in Delivery.objects.filter(
+            pk__in=ids, status__in=TRACKED_STATUSES, eta_pickup_at__isnull=False, eta_delivery_at__isnull=False,
+        ).values_list("pk", "eta_pickup_at", "eta_delivery_at", "eta_confidence", "eta_calculated_at")
+    }
+    told = {
+        str(pk): change for pk, change in OutboxEvent.objects.filter(delivery_id__in=list(current), type=ETA_TYPE)
+        .order_by("delivery_id", "-created_at", "-seq").distinct("delivery_id").values_list("delivery_id", "payload__data__change")
+    }
+    events = []
+    for pk, (pickup, drop, confidence, at) in current.items():
+        event = delivery_eta_updated(delivery_id=pk, pickup_at=pickup, delivery_at=drop, confidence=confidence,
+                                     calculated_at=at or now)
+        last = told.get(pk) or {}
+        if (last.get("estimatedPickupTime"), last.get("estimatedDeliveryTime")) != (
+                event["estimatedPickupTime"], event["estimatedDeliveryTime"]):
+            events.append(event)
+    if not events:
+        return 0
+    with transaction.atomic():
+        return len(outbox_write(events))

@@ -6,17 +6,19 @@ from common.broadcast import kick_started
 from offers.push import get_push_backend
 
 from notifications import alerts, customers, services
-from notifications.outbox import DELIVER_TASK
+from notifications.outbox import DELIVER_TASK, eta_updates_held_back_write
 from notifications.push import PushTransientError
 
 
 @shared_task(name="notifications.deliver_webhooks", ignore_result=True)
 def deliver_webhooks() -> int:
-    """After each commit that wrote outbox rows, and every 15 s as the sweep: fan out and send
+    """After each commit that wrote outbox rows, and every 15 s as the sweep: write the ETA
+    updates held back whose interval has ended, fan out and send
     what is due (idempotent; several may run at once). A commit kicks it only when no kick is
     queued yet (`common.broadcast.enqueue_kick_on_commit`): taking the kick first means any
     commit from now on queues the next one."""
     kick_started(DELIVER_TASK)
+    eta_updates_held_back_write()  # (the ETA updates whose throttle interval has ended)
     return services.webhooks_deliver_due()
 
 

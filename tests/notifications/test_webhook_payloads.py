@@ -13,6 +13,7 @@ from rest_framework.test import APIRequestFactory
 
 from common.actors import Actor
 from common.broadcast import broadcast_on_commit
+from common.errors import iso
 from dispatch.api.serializers import DeliverySerializer
 from dispatch.models import Assignment, Delivery
 from notifications.models import OutboxEvent
@@ -189,3 +190,46 @@ def test_the_cancellation_of_a_taken_delivery_names_its_driver_in_the_change():
 
     assert cancelled.payload["data"]["change"]["status"] == "cancelled"
     assert cancelled.payload["data"]["change"]["driverId"] == str(driver.pk)
+
+
+def _eta_rows(delivery) -> list[dict]:
+    rows = OutboxEvent.objects.filter(delivery=delivery, type="delivery.eta_updated").order_by("seq")
+    return [row.payload["data"]["change"] for row in rows]
+
+
+def test_an_eta_update_the_throttle_held_back_goes_out_when_the_interval_ends():
+    """It was dropped: a pickup inside the minute after the accept (the common case) left the
+    seller with the pre-pickup ETA until a later fix moved it again (a seller audit). Now the
+    delivery's ETA as it is then goes out once the interval has ended; one already told, or a
+    delivery no longer tracked, gets nothing."""
+    from notifications.outbox import eta_updates_held_back_write
+
+    moving, unchanged, finished = (DeliveryFactory() for _ in range(3))
+    for d in (moving, unchanged, finished):
+        flows.assignment_create(delivery_id=d.pk, driver_id=online_driver().pk, actor=Actor.system())
+    t0 = timezone.now()
+
+    def eta(d, minutes):
+        at = t0 + timedelta(minutes=minutes)
+        Delivery.objects.filter(pk=d.pk).update(eta_pickup_at=at, eta_delivery_at=at + timedelta(minutes=10),
+                                                eta_confidence=0.8, eta_calculated_at=timezone.now())
+        return tracking_events.delivery_eta_updated(delivery_id=d.pk, pickup_at=at, delivery_at=at + timedelta(minutes=10),
+                                                    confidence=0.8, calculated_at=timezone.now())
+
+    with time_machine.travel(t0, tick=False):
+        outbox_write([eta(moving, 5), eta(unchanged, 5), eta(finished, 5)])  # told
+    with time_machine.travel(t0 + timedelta(seconds=10), tick=False):
+        outbox_write([eta(moving, 1), eta(finished, 1)])  # picked up: held back
+        outbox_write([eta(unchanged, 5)])  # (a forced one, no move: held back too)
+    Delivery.objects.filter(pk=finished.pk).update(status="delivered")
+    with time_machine.travel(t0 + timedelta(seconds=30), tick=False):
+        outbox_write([eta(moving, 0.5)])  # moved again within the interval: the latest goes
+        assert eta_updates_held_back_write() == 0  # (not yet)
+
+    with time_machine.travel(t0 + timedelta(seconds=61), tick=False):
+        assert eta_updates_held_back_write() == 1
+    assert [c["estimatedPickupTime"] for c in _eta_rows(moving)] == [
+        iso(t0 + timedelta(minutes=5)), iso(t0 + timedelta(seconds=30))]
+    assert len(_eta_rows(unchanged)) == 1 and len(_eta_rows(finished)) == 1
+    with time_machine.travel(t0 + timedelta(seconds=200), tick=False):
+        assert eta_updates_held_back_write() == 0  # (taken once)
