@@ -45,7 +45,7 @@ def trimmed_text_pattern(excluded: str, *, non_blank: bool) -> str:
 # "ORD-60e9"; zero-width and invisible operators: "ORD-1\u200b" as "ORD-1"), line and paragraph
 # separators, U+FFFD and the invisible fillers. The pattern lists those of the Basic Multilingual
 # Plane (a JSON Schema pattern cannot name the others portably); `validate_order_id_chars` holds
-# every plane to the same rule.
+# the other planes to the same rule.
 _INVISIBLE_FILLERS = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0\ufffd")
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
@@ -72,7 +72,9 @@ ORDER_ID_PATTERN = trimmed_text_pattern(_class_body(_order_id_refuses), non_blan
 
 
 def validate_order_id_chars(value) -> None:
-    if value and any(_order_id_refuses(c) for c in value):
+    """Those beyond the Basic Multilingual Plane (the pattern refuses the others, with the same
+    message: both said it twice for one character)."""
+    if value and any(c > "\uffff" and _order_id_refuses(c) for c in value):
         raise ValidationError(ORDER_ID_MESSAGE, code="invisible")
 
 
