@@ -1,5 +1,5 @@
-"""Messages to a delivery's customer: on assignment (with the tracking link), when the driver
-is arriving (within `CUSTOMER_ARRIVING_METERS` of the drop-off, once), delivered and failed, and
+"""Messages to a delivery's customer: on assignment (with the tracking link), when another
+driver takes over after that message went (once a delivery), when the driver is arriving (within `CUSTOMER_ARRIVING_METERS` of the drop-off, once), delivered and failed, and
 cancelled when the customer had been told of a driver; an
 SMS to `customerPhone` and an e-mail to `customerEmail` when the delivery has them.
 
@@ -48,7 +48,7 @@ DEFAULT_LANGUAGE = "en"
 def _kind_for(event: OutboxEvent) -> str | None:
     data = event.payload.get("data", {})
     if event.type == "delivery.assigned":
-        return MessageKind.ASSIGNED
+        return MessageKind.DRIVER_CHANGED if _told_of_a_driver(event.delivery_id, before=event.created_at) else MessageKind.ASSIGNED
     if event.type == "delivery.status_changed" and data.get("status") in ("delivered", "failed"):
         return MessageKind.DELIVERED if data["status"] == "delivered" else MessageKind.FAILED
     if event.type == "delivery.eta_updated" and data.get("status") == "in_transit" and _arriving(data):
@@ -58,12 +58,15 @@ def _kind_for(event: OutboxEvent) -> str | None:
     return None
 
 
-def _told_of_a_driver(delivery_id) -> bool:
+def _told_of_a_driver(delivery_id, *, before: datetime | None = None) -> bool:
     """A cancellation is news to a customer who was told a driver is on the way (an assigned
-    message sent, or being sent; one still pending is skipped, the delivery being cancelled)."""
-    return CustomerMessage.objects.filter(
-        delivery_id=delivery_id, kind=MessageKind.ASSIGNED, status__in=(St.SENT, St.SENDING)
-    ).exists()
+    message sent, or being sent; one still pending is skipped, the delivery being cancelled).
+    So is another driver's assignment (ops reassigned it): the customer was told the first
+    one's name, and nothing more. `before`: told by a message made before that time (an
+    assignment's event fanned out again after its own message went is not another driver's);
+    a message still pending when another driver took over names that one when it goes."""
+    told = CustomerMessage.objects.filter(delivery_id=delivery_id, kind=MessageKind.ASSIGNED, status__in=(St.SENT, St.SENDING))
+    return (told.filter(created_at__lt=before) if before is not None else told).exists()
 
 
 def _arriving(data: dict) -> bool:
@@ -380,10 +383,13 @@ def failure_reason_text(code: str, language: str) -> str:
     return ""
 
 
+_NAMES_THE_DRIVER = (MessageKind.ASSIGNED, MessageKind.DRIVER_CHANGED, MessageKind.ARRIVING)
+
+
 def _context(message: CustomerMessage) -> dict:
     delivery = message.delivery
     driver = None
-    if message.kind in (MessageKind.ASSIGNED, MessageKind.ARRIVING):
+    if message.kind in _NAMES_THE_DRIVER:
         assignment = delivery.assignments.select_related("driver").order_by("-created_at").first()
         driver = assignment.driver.name.split(" ")[0] if assignment else None
     return {
@@ -394,7 +400,7 @@ def _context(message: CustomerMessage) -> dict:
         # The code the customer gives the driver at the door (code and code_or_photo policies):
         # in the customer's messages while it is on its way, never anywhere a driver reads.
         "handoff_code": delivery.handoff_code
-        if delivery.proof_required in CODE_POLICIES and message.kind in (MessageKind.ASSIGNED, MessageKind.ARRIVING)
+        if delivery.proof_required in CODE_POLICIES and message.kind in _NAMES_THE_DRIVER
         else "",
     }
 
@@ -422,6 +428,7 @@ def customer_messages_send_due(*, now: datetime | None = None, batch_size: int =
 # has ended) by the time a worker sends it (a retry waits up to minutes).
 _OUTDATED_BY = {
     MessageKind.ASSIGNED: {"delivered", "failed", "cancelled"},
+    MessageKind.DRIVER_CHANGED: {"delivered", "failed", "cancelled"},
     MessageKind.ARRIVING: {"delivered", "failed", "cancelled"},
 }
 _SMTP_TRANSIENT = range(400, 500)  # an SMTP 4xx: the server refused it for now (nothing was sent)

@@ -156,6 +156,7 @@ class WebhookAttempt(models.Model):
 
 class MessageKind(models.TextChoices):
     ASSIGNED = "assigned"
+    DRIVER_CHANGED = "driver_changed"  # another driver took over after the customer was told of one
     ARRIVING = "arriving"
     DELIVERED = "delivered"
     FAILED = "failed"

@@ -491,3 +491,32 @@ def test_the_arriving_message_waits_for_the_delivery_to_be_under_way(twilio):
     driver_workflows.fixes_process([live.Fix(driver_id=str(driver.pk), lat=drop.y, lon=drop.x, recorded_at=time.time())])
 
     assert not CustomerMessage.objects.filter(delivery=delivery, kind="arriving").exists()
+
+
+def test_a_customer_told_of_a_driver_is_told_of_the_new_one_after_a_reassign(smtp_server, twilio):
+    """Ops took the delivery from Ravi and Meena accepted it: the customer kept "on its way with
+    Ravi" and heard nothing more (a seller audit). Told once a delivery; the first assignment's
+    event fanned out again makes nothing."""
+    from offers.models import DriverOffer
+    from workflows.offers import offer_accept
+
+    delivery = _delivery()
+    first = online_driver(name="Ravi Kumar", km=0.5)
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=first.pk, actor=Actor.system())
+    second = online_driver(name="Meena Das", km=1.0)
+    flows.delivery_reassign(delivery_id=delivery.pk, reason="driver's bike broke down", actor=Actor.system())
+    offer = DriverOffer.objects.get(delivery=delivery, status="PENDING")
+    assert offer.driver_id == second.pk
+    offer_accept(offer_id=offer.pk, driver_id=second.pk, actor=Actor("driver", second.pk))
+
+    assert sorted(CustomerMessage.objects.filter(delivery=delivery).values_list("kind", "channel", "status")) == sorted(
+        (kind, channel, "sent") for kind in ("assigned", "driver_changed") for channel in ("sms", "email"))
+    body = _sms(twilio.requests[-1])["Body"]
+    assert "new driver, Meena" in body and delivery.tracking_url in body and "Ravi" not in body
+    assert _mails(smtp_server)[-1]["Subject"] == f"Your order {delivery.seller_order_id} from {delivery.store_name} has a new driver"
+
+    kept = _delivery()
+    flows.assignment_create(delivery_id=kept.pk, driver_id=online_driver(name="Asha Rao", km=2.0).pk, actor=Actor.system())
+    (assigned,) = OutboxEvent.objects.filter(delivery=kept, type="delivery.assigned")
+    customers.message_rows_for_events([assigned], now=timezone.now())  # (its message went already)
+    assert sorted(CustomerMessage.objects.filter(delivery=kept).values_list("kind", flat=True)) == ["assigned", "assigned"]
