@@ -5,6 +5,7 @@ from django.conf import settings
 from django.contrib.gis.db import models
 from django.core.files.storage import storages
 from django.db.models import Q
+from django.utils import timezone
 
 from common.validators import validate_url_safe_text
 
@@ -155,7 +156,9 @@ class Delivery(models.Model):
     failure_note = models.CharField(max_length=1000, blank=True, default="")
     cancellation_reason = models.CharField(max_length=500, blank=True, default="")
 
-    created_at = models.DateTimeField(auto_now_add=True)
+    # (the creating workflow's time, which its ready_at, audit row and first dispatch share:
+    # auto_now_add stamped it a few ms later, after the dispatch's updatedAt)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
     ready_at = models.DateTimeField()
     assigned_at = models.DateTimeField(null=True, blank=True)
     pickup_started_at = models.DateTimeField(null=True, blank=True)

@@ -85,6 +85,7 @@ def delivery_insert(
         delivery_fee=data.delivery_fee,
         auto_dispatch=auto_dispatch,
         proof_required=data.proof_required,
+        created_at=now,
         ready_at=now,
         zone=zone,
     )

@@ -183,3 +183,22 @@ def test_the_seller_order_id_pattern_is_the_servers_rule(integration):
         r = integration.post("/v2/deliveries", new_delivery(sellerOrderId=value), format="json")
         assert (r.status_code == 201) is taken, (value, r.content)
     assert list(Delivery.objects.values_list("seller_order_id", flat=True)) == ["ORD-1"]
+
+
+def test_a_delivery_dispatched_as_it_is_created_was_not_updated_before_it_was_created(integration):
+    """createdAt was stamped at the INSERT, a few ms after the workflow's time, which readyAt,
+    the audit row and the first dispatch (updatedAt) share: the `delivery.created` webhook and
+    the API showed updatedAt before createdAt (a seller audit: 15 of 151 created events)."""
+    from notifications.models import OutboxEvent
+    from tests.factories import CITY, online_driver
+
+    online_driver(km=0.5)
+    r = integration.post("/v2/deliveries", new_delivery(
+        autoDispatch=True, pickupLocation={"lat": CITY[0], "lon": CITY[1]}), format="json")
+    assert r.status_code == 201, r.content
+    shown = integration.get(f"/v2/deliveries/{r.json()['id']}").json()
+    (created,) = OutboxEvent.objects.filter(delivery_id=shown["id"], type="delivery.created")
+    for body in (r.json(), shown, created.payload["data"]):
+        assert body["createdAt"] == body["readyAt"] <= body["updatedAt"], body
+    assert DeliveryAuditLog.objects.get(delivery_id=shown["id"], event_type="created").timestamp.isoformat().replace(
+        "+00:00", "Z") == shown["createdAt"]
