@@ -202,7 +202,11 @@ def tracking_status(delivery: Delivery, *, now: datetime | None = None) -> Track
                 "lastUpdated": iso(driver.location_recorded_at),
             }
         if delivery.eta_calculated_at is not None and delivery.eta_pickup_at and delivery.eta_delivery_at:
-            body["estimatedPickupTime"] = iso(delivery.eta_pickup_at)
+            # Once picked up, the pickup time is the one it happened at (as the next ETA refresh
+            # has it): the status message of the pickup, read before that refresh, showed the
+            # estimate of before, up to minutes ahead.
+            picked_up = delivery.picked_up_at if delivery.status in (S.PICKED_UP, S.IN_TRANSIT) else None
+            body["estimatedPickupTime"] = iso(picked_up or delivery.eta_pickup_at)
             body["estimatedDeliveryTime"] = iso(delivery.eta_delivery_at)
     if delivery.status in (S.READY, S.ASSIGNED):
         body["estimatedPrepTimeMinutes"] = math.ceil(eta.remaining_prep_seconds(delivery, now) / 60)

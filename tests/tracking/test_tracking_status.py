@@ -6,6 +6,7 @@ import time_machine
 from django.utils import timezone
 
 from common.actors import Actor
+from common.errors import iso
 from tracking import selectors as tracking
 from dispatch.models import Delivery
 from workflows.deliveries import delivery_reassign
@@ -63,6 +64,22 @@ def test_under_way_the_customer_sees_the_driver_masked_their_fix_and_the_eta(ano
         "status", "driver", "location", "estimatedPickupTime", "estimatedDeliveryTime",
         *(["estimatedPrepTimeMinutes"] if status == "assigned" else []), "trackingUrl", "deliveryId",
     ]
+
+
+def test_once_picked_up_the_pickup_time_is_when_it_happened_not_the_estimate_before(anon, django_capture_on_commit_callbacks):
+    """The pickup's status message (socket and this endpoint) is read before the ETA refresh the
+    pickup asks for: it showed the estimate of before, up to 5 minutes ahead (a seller audit)."""
+    with django_capture_on_commit_callbacks(execute=True):
+        delivery = delivery_in("picked_up")
+    picked_up_at = timezone.now() - timedelta(seconds=20)
+    ahead = timezone.now() + timedelta(minutes=5)
+    Delivery.objects.filter(pk=delivery.pk).update(picked_up_at=picked_up_at, eta_pickup_at=ahead)
+
+    body = customer_get(anon, delivery).json()
+
+    assert body["estimatedPickupTime"] == iso(picked_up_at)
+    Delivery.objects.filter(pk=delivery.pk).update(status="assigned", picked_up_at=None)
+    assert customer_get(anon, delivery).json()["estimatedPickupTime"] == iso(ahead)
 
 
 @pytest.mark.parametrize("status", ["delivered", "failed", "cancelled"])
