@@ -171,7 +171,9 @@ class DeliveryCreateSerializer(PlainValidation, serializers.Serializer):
     prepTimeMinutes = StrictIntegerField(min_value=0, max_value=240, required=False, default=0)
     deliveryFee = MoneyField(
         required=False, allow_null=True, default=None,
-        help_text="Not with quoteId (400). Omitted: the pricing rule's fee for the leg.",
+        help_text="An amount of money: a JSON number, or a decimal string (exact) such as \"49.50\"; at most two "
+        "decimal places either way (a number with more is a 400, not rounded). Not with quoteId (400). Omitted: "
+        "the pricing rule's fee for the leg.",
     )
     autoDispatch = StrictBooleanField(required=False, default=True)
     proofRequired = StrictChoiceField(

@@ -151,3 +151,15 @@ def test_the_schema_s_phone_pattern_is_the_phone_rule():
                "+" + "1" * 32, "(((1)))234", "12 34\u0662", " 1234", "12\n34"]
     assert [(v, rule(v)) for v in samples] == [(v, schema(v)) for v in samples]
 
+
+
+def test_the_schema_states_the_rules_the_server_refuses_by(anon, db):
+    """A fuzzing audit: `deliveryFee` 12.345 is refused (two decimal places at most) and a zone's
+    position beyond lon 180 too, where the published schema said nothing of either (the fee's
+    own help text replaced its field's description). Stated, not as `multipleOf` or bounds: a
+    float `multipleOf: 0.01` makes validators refuse 0.07, and altitudes are taken."""
+    schema = yaml.safe_load(anon.get("/v2/schema/").content)["components"]["schemas"]
+    fee = schema["DeliveryCreateRequest"]["properties"]["deliveryFee"]
+    assert "at most two decimal places" in fee["description"] and "Not with quoteId" in fee["description"]
+    polygons = [s for name, s in schema.items() if name.endswith("ZoneWriteRequest")]  # (what clients send)
+    assert polygons and all("lon -180..180, lat -90..90" in s["properties"]["geometry"]["description"] for s in polygons)

@@ -28,7 +28,8 @@ from zones.models import (
 
 POLYGON_SCHEMA = {
     "type": "object",
-    "description": "GeoJSON Polygon in WGS84 (SRID 4326): [lon, lat] positions, each ring closed.",
+    "description": "GeoJSON Polygon in WGS84 (SRID 4326): [lon, lat] positions (lon -180..180, lat -90..90; an "
+    "altitude, if any, is dropped), each ring closed.",
     "required": ["type", "coordinates"],
     "properties": {
         "type": {"type": "string", "enum": ["Polygon"]},
