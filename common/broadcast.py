@@ -700,7 +700,7 @@ def task_registered(name: str) -> bool:
     return True
 
 
-_autodiscover_lock = threading.Lock()
+_autodiscover_lock = threading.RLock()  # (a tasks module that enqueues while it is imported re-enters)
 
 
 def _registered_task(name: str):

@@ -45,10 +45,12 @@ SEND_TASK = "notifications.send_customer_messages"
 DEFAULT_LANGUAGE = "en"
 
 
-def _kind_for(event: OutboxEvent) -> str | None:
+def _kind_for(event: OutboxEvent, told: dict[str, str]) -> str | None:
+    """`told`: delivery id → the driver its customer was last told of (`_drivers_told`)."""
     data = event.payload.get("data", {})
     if event.type == "delivery.assigned":
-        return MessageKind.DRIVER_CHANGED if _told_of_a_driver(event.delivery_id, before=event.created_at) else MessageKind.ASSIGNED
+        named, new = told.get(str(event.delivery_id)), data.get("driverId")
+        return MessageKind.DRIVER_CHANGED if named and new and named != new else MessageKind.ASSIGNED
     if event.type == "delivery.status_changed" and data.get("status") in ("delivered", "failed"):
         return MessageKind.DELIVERED if data["status"] == "delivered" else MessageKind.FAILED
     if event.type == "delivery.eta_updated" and data.get("status") == "in_transit" and _arriving(data):
@@ -58,15 +60,29 @@ def _kind_for(event: OutboxEvent) -> str | None:
     return None
 
 
-def _told_of_a_driver(delivery_id, *, before: datetime | None = None) -> bool:
+def _told_of_a_driver(delivery_id) -> bool:
     """A cancellation is news to a customer who was told a driver is on the way (an assigned
-    message sent, or being sent; one still pending is skipped, the delivery being cancelled).
-    So is another driver's assignment (ops reassigned it): the customer was told the first
-    one's name, and nothing more. `before`: told by a message made before that time (an
-    assignment's event fanned out again after its own message went is not another driver's);
-    a message still pending when another driver took over names that one when it goes."""
-    told = CustomerMessage.objects.filter(delivery_id=delivery_id, kind=MessageKind.ASSIGNED, status__in=(St.SENT, St.SENDING))
-    return (told.filter(created_at__lt=before) if before is not None else told).exists()
+    message sent, or being sent; one still pending is skipped, the delivery being cancelled)."""
+    return CustomerMessage.objects.filter(
+        delivery_id=delivery_id, kind=MessageKind.ASSIGNED, status__in=(St.SENT, St.SENDING)
+    ).exists()
+
+
+def _drivers_told(delivery_ids) -> dict[str, str]:
+    """Delivery id → the driver its customer was last told of: named by an assigned or
+    driver-changed message sent or being sent (one read for a fan-out's batch). Another
+    driver's assignment (ops reassigned it) is news: the customer had that one's name and
+    nothing more. The same driver's (its event fanned out again, or ops offered it back), or
+    one an assigned message still pending will name when it goes, is not."""
+    if not delivery_ids:
+        return {}
+    rows = (
+        CustomerMessage.objects.filter(
+            delivery_id__in=list(delivery_ids), kind__in=(MessageKind.ASSIGNED, MessageKind.DRIVER_CHANGED),
+            status__in=(St.SENT, St.SENDING), driver_id__isnull=False,
+        ).order_by("delivery_id", "-created_at").distinct("delivery_id").values_list("delivery_id", "driver_id")
+    )
+    return {str(delivery_id): str(driver_id) for delivery_id, driver_id in rows}
 
 
 def _arriving(data: dict) -> bool:
@@ -269,15 +285,20 @@ def message_rows_for_events(events: list[OutboxEvent], *, now: datetime) -> int:
     if not settings.CUSTOMER_MESSAGES_ENABLED:
         return 0
     rows = []
+    told = _drivers_told({
+        event.delivery_id for event in events if event.type == "delivery.assigned" and event.delivery_id is not None
+        and (event.payload["data"].get("customerPhone") or event.payload["data"].get("customerEmail"))
+    })
     for event in events:
         if event.delivery_id is None:
             continue
-        kind = _kind_for(event)
+        kind = _kind_for(event, told)
         if kind is None:
             continue
         data = event.payload["data"]
         rows += _message_rows(event.delivery_id, kind, phone=data.get("customerPhone"), email=data.get("customerEmail"),
-                              language=data.get("customerLanguage"), now=now)
+                              language=data.get("customerLanguage"), now=now,
+                              driver_id=data.get("driverId") if kind == MessageKind.DRIVER_CHANGED else None)
     return _messages_create(rows)
 
 
@@ -305,7 +326,7 @@ def arriving_message_rows(fixes: list[tuple[str, float, float]], *, now: datetim
 
 
 def _message_rows(delivery_id, kind: str, *, phone: str | None, email: str | None, language: str | None,
-                  now: datetime) -> list[CustomerMessage]:
+                  now: datetime, driver_id=None) -> list[CustomerMessage]:
     """A message's rows: an SMS to `phone` (skipped when it is not a valid number), an e-mail to `email`."""
     language = language or DEFAULT_LANGUAGE
     rows = []
@@ -314,12 +335,12 @@ def _message_rows(delivery_id, kind: str, *, phone: str | None, email: str | Non
         rows.append(CustomerMessage(
             delivery_id=delivery_id, kind=kind, channel=Channel.SMS, recipient=number or phone,
             language=language, status=St.PENDING if number else St.SKIPPED,
-            error="" if number else "not a valid phone number", next_attempt_at=now, created_at=now,
+            error="" if number else "not a valid phone number", next_attempt_at=now, created_at=now, driver_id=driver_id,
         ))
     if email:
         rows.append(CustomerMessage(
             delivery_id=delivery_id, kind=kind, channel=Channel.EMAIL, recipient=email,
-            language=language, next_attempt_at=now, created_at=now,
+            language=language, next_attempt_at=now, created_at=now, driver_id=driver_id,
         ))
     return rows
 
@@ -386,12 +407,17 @@ def failure_reason_text(code: str, language: str) -> str:
 _NAMES_THE_DRIVER = (MessageKind.ASSIGNED, MessageKind.DRIVER_CHANGED, MessageKind.ARRIVING)
 
 
-def _context(message: CustomerMessage) -> dict:
+def _named_driver(message: CustomerMessage):
+    """The driver a message naming one names: the delivery's latest assignment's."""
+    if message.kind not in _NAMES_THE_DRIVER:
+        return None
+    assignment = message.delivery.assignments.select_related("driver").order_by("-created_at").first()
+    return assignment.driver if assignment else None
+
+
+def _context(message: CustomerMessage, named=None) -> dict:
     delivery = message.delivery
-    driver = None
-    if message.kind in _NAMES_THE_DRIVER:
-        assignment = delivery.assignments.select_related("driver").order_by("-created_at").first()
-        driver = assignment.driver.name.split(" ")[0] if assignment else None
+    driver = named.name.split(" ")[0] if named is not None else None
     return {
         "customer_name": delivery.customer_name, "store_name": delivery.store_name,
         "seller_order_id": delivery.seller_order_id, "tracking_url": delivery.tracking_url,
@@ -455,7 +481,15 @@ def customer_message_send(*, message_id) -> int:
         _finish(message, status=St.SKIPPED, error=OPTED_OUT, now=now)
         return 0
     try:
-        context = _context(message)
+        named = _named_driver(message)
+        if message.kind == MessageKind.DRIVER_CHANGED and (named is None or str(named.pk) != str(message.driver_id)):
+            # (yet another driver took over before it went: that one's message says so)
+            _finish(message, status=St.SKIPPED, error="not sent: another driver has the delivery now", now=now)
+            return 0
+        if named is not None and message.kind != MessageKind.DRIVER_CHANGED:
+            # who the customer is told of, before it goes (a send whose outcome is unknown told them too)
+            CustomerMessage.objects.filter(pk=message.pk).update(driver_id=named.pk)
+        context = _context(message, named)
         if message.channel == Channel.SMS:
             template, body = _render(message, context, "sms")
         else:

@@ -177,8 +177,8 @@ class CustomerMessageStatus(models.TextChoices):
 
 
 class CustomerMessage(models.Model):
-    """One message to a delivery's customer. At most one per (delivery, kind, channel): the
-    unique constraint has the last word, and a message is handed to its provider once (a
+    """One message to a delivery's customer. At most one per (delivery, kind, channel), and
+    per new driver for driver_changed: the unique constraints have the last word, and a message is handed to its provider once (a
     send whose outcome is unknown is not repeated)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -195,11 +195,18 @@ class CustomerMessage(models.Model):
     next_attempt_at = models.DateTimeField()
     created_at = models.DateTimeField()
     sent_at = models.DateTimeField(null=True, blank=True)
+    # The driver the message named: written as an assigned or arriving message is sent; a
+    # driver_changed message's is the driver it is about, from its making.
+    driver_id = models.UUIDField(null=True, blank=True)
 
     class Meta:
         ordering = ["created_at"]
         constraints = [
-            models.UniqueConstraint(fields=["delivery", "kind", "channel"], name="customer_message_once_per_delivery"),
+            models.UniqueConstraint(fields=["delivery", "kind", "channel"], name="customer_message_once_per_delivery",
+                                    condition=~Q(kind="driver_changed")),
+            # (a customer is told of each new driver once: a second reassign names the third)
+            models.UniqueConstraint(fields=["delivery", "kind", "channel", "driver_id"],
+                                    name="customer_message_once_per_new_driver", condition=Q(kind="driver_changed")),
         ]
         indexes = [
             models.Index(fields=["next_attempt_at"], name="customer_message_due_idx", condition=Q(status="pending")),

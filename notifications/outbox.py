@@ -322,35 +322,61 @@ return due
 
 def eta_hold_back(last_sent: dict[str, datetime]) -> None:
     """Mark the deliveries whose ETA update was held back (id → when merchants were last told)
-    for the end of their interval; an earlier mark stays (NX). Redis down: logged, and the
+    for the end of their interval, once the caller's transaction commits (no Redis call while
+    it holds the delivery's row); an earlier mark stays (NX). Redis down: logged, and the
     update is dropped, as before."""
     if not last_sent:
         return
     interval = timedelta(seconds=settings.WEBHOOK_ETA_MIN_INTERVAL_SECONDS)
-    try:
-        get_redis().zadd(ETA_HELD_BACK_KEY, {d: (at + interval).timestamp() for d, at in last_sent.items()}, nx=True)
-    except RedisFailed:
-        logger.warning("could not hold back the ETA updates of %d deliveries for later", len(last_sent), exc_info=True)
+    _eta_mark({d: (at + interval).timestamp() for d, at in last_sent.items()}, nx=True)
+
+
+def _eta_mark(due: dict[str, float], *, nx: bool) -> None:
+    def mark():
+        try:
+            get_redis().zadd(ETA_HELD_BACK_KEY, due, nx=nx)
+        except RedisFailed:
+            logger.warning("could not hold back the ETA updates of %d deliveries for later", len(due), exc_info=True)
+    transaction.on_commit(mark, robust=True)
 
 
 def eta_updates_held_back_write(*, now: datetime | None = None, limit: int = 500) -> int:
     """Write the ETA updates whose interval has ended (`eta_hold_back`): each delivery still
     tracked, with an ETA other than the one in its last ETA update, gets one with its ETA as it
-    is now. Run by every webhook sweep and kick. Returns the number of rows written."""
+    is now. Run by every webhook sweep and kick (safe in several at once: a mark is taken by
+    one). The deliveries are locked while it reads and writes (a step committing meanwhile
+    waits, so no ETA goes out after the delivery's final status); one another transaction
+    holds is marked again for the next run, as are all of them when the write fails. Returns
+    the number of rows written. (The marks' times are the web process's and are compared with
+    this one's clock: hosts whose clocks agree, as elsewhere.)"""
     now = now or timezone.now()
     try:
-        due = get_redis().eval(_TAKE_HELD_BACK_LUA, 1, ETA_HELD_BACK_KEY, now.timestamp(), limit)
+        client = get_redis()
+        due = client.register_script(_TAKE_HELD_BACK_LUA)(keys=[ETA_HELD_BACK_KEY], args=[now.timestamp(), limit])
     except RedisFailed:
         logger.warning("could not take the held-back ETA updates", exc_info=True)
         return 0
     ids = [d.decode() if isinstance(d, bytes) else d for d in due]
     if not ids:
         return 0
-    current = {
-        str(pk): (pickup, drop, confidence, at) for pk, pickup, drop, confidence, at in Delivery.objects.filter(
-            pk__in=ids, status__in=TRACKED_STATUSES, eta_pickup_at__isnull=False, eta_delivery_at__isnull=False,
-        ).values_list("pk", "eta_pickup_at", "eta_delivery_at", "eta_confidence", "eta_calculated_at")
-    }
+    try:
+        with transaction.atomic():
+            return _eta_held_back_write_locked(ids, now=now)
+    except Exception:
+        _eta_mark(dict.fromkeys(ids, now.timestamp()), nx=True)  # (after the rollback: outside any transaction)
+        raise
+
+
+def _eta_held_back_write_locked(ids: list[str], *, now: datetime) -> int:
+    rows = list(
+        Delivery.objects.select_for_update(of=("self",), skip_locked=True).filter(pk__in=ids).order_by("pk")
+        .values_list("pk", "status", "eta_pickup_at", "eta_delivery_at", "eta_confidence", "eta_calculated_at")
+    )
+    held = set(ids) - {str(row[0]) for row in rows}
+    if held:  # another transaction has them (a step, a refresh): the next run looks again
+        _eta_mark(dict.fromkeys(held, now.timestamp()), nx=True)
+    current = {str(pk): values for pk, status, *values in rows
+               if status in TRACKED_STATUSES and values[0] is not None and values[1] is not None}
     told = {
         str(pk): change for pk, change in OutboxEvent.objects.filter(delivery_id__in=list(current), type=ETA_TYPE)
         .order_by("delivery_id", "-created_at", "-seq").distinct("delivery_id").values_list("delivery_id", "payload__data__change")
@@ -363,7 +389,4 @@ def eta_updates_held_back_write(*, now: datetime | None = None, limit: int = 500
         if (last.get("estimatedPickupTime"), last.get("estimatedDeliveryTime")) != (
                 event["estimatedPickupTime"], event["estimatedDeliveryTime"]):
             events.append(event)
-    if not events:
-        return 0
-    with transaction.atomic():
-        return len(outbox_write(events))
+    return len(outbox_write(events)) if events else 0

@@ -1,3 +1,4 @@
+import logging
 from smtplib import SMTPException
 
 from celery import shared_task
@@ -9,6 +10,8 @@ from notifications import alerts, customers, services
 from notifications.outbox import DELIVER_TASK, eta_updates_held_back_write
 from notifications.push import PushTransientError
 
+logger = logging.getLogger(__name__)
+
 
 @shared_task(name="notifications.deliver_webhooks", ignore_result=True)
 def deliver_webhooks() -> int:
@@ -18,7 +21,10 @@ def deliver_webhooks() -> int:
     queued yet (`common.broadcast.enqueue_kick_on_commit`): taking the kick first means any
     commit from now on queues the next one."""
     kick_started(DELIVER_TASK)
-    eta_updates_held_back_write()  # (the ETA updates whose throttle interval has ended)
+    try:
+        eta_updates_held_back_write()  # (the ETA updates whose throttle interval has ended)
+    except Exception:  # (marked again for the next run) one failure never stops the sweep's sending
+        logger.exception("the held-back ETA updates could not be written")
     return services.webhooks_deliver_due()
 
 

@@ -511,12 +511,58 @@ def test_a_customer_told_of_a_driver_is_told_of_the_new_one_after_a_reassign(smt
 
     assert sorted(CustomerMessage.objects.filter(delivery=delivery).values_list("kind", "channel", "status")) == sorted(
         (kind, channel, "sent") for kind in ("assigned", "driver_changed") for channel in ("sms", "email"))
+    assert {str(m) for m in CustomerMessage.objects.filter(delivery=delivery, kind="assigned").values_list("driver_id", flat=True)} == {
+        str(first.pk)}  # (who it named)
     body = _sms(twilio.requests[-1])["Body"]
     assert "new driver, Meena" in body and delivery.tracking_url in body and "Ravi" not in body
     assert _mails(smtp_server)[-1]["Subject"] == f"Your order {delivery.seller_order_id} from {delivery.store_name} has a new driver"
+
+    # a second reassign: the customer is told of the third driver too
+    third = online_driver(name="Kiran Rao", km=1.5)
+    flows.delivery_reassign(delivery_id=delivery.pk, reason="Meena's shift ended", actor=Actor.system())
+    offer = DriverOffer.objects.get(delivery=delivery, status="PENDING")
+    assert offer.driver_id == third.pk
+    offer_accept(offer_id=offer.pk, driver_id=third.pk, actor=Actor("driver", third.pk))
+    changed = CustomerMessage.objects.filter(delivery=delivery, kind="driver_changed").order_by("created_at", "channel")
+    assert [(str(m.driver_id), m.status) for m in changed] == [(str(d.pk), "sent") for d in (second, second, third, third)]
+    assert "new driver, Kiran" in _sms(twilio.requests[-1])["Body"]
 
     kept = _delivery()
     flows.assignment_create(delivery_id=kept.pk, driver_id=online_driver(name="Asha Rao", km=2.0).pk, actor=Actor.system())
     (assigned,) = OutboxEvent.objects.filter(delivery=kept, type="delivery.assigned")
     customers.message_rows_for_events([assigned], now=timezone.now())  # (its message went already)
     assert sorted(CustomerMessage.objects.filter(delivery=kept).values_list("kind", flat=True)) == ["assigned", "assigned"]
+
+
+def test_a_message_still_waiting_when_another_driver_takes_over_names_the_new_one_and_only_once(twilio, no_worker):
+    """The first message, made before the reassign and sent after it, names the new driver: no
+    "new driver" message follows it. A driver-changed message overtaken by yet another driver
+    before it went is skipped (the newer one's says so)."""
+    from offers.models import DriverOffer
+    from workflows.offers import offer_accept
+
+    delivery = _delivery()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver(name="Ravi Kumar", km=0.5).pk,
+                            actor=Actor.system())
+    services.webhooks_deliver_due(max_seconds=10)  # the assigned messages are made, not sent
+    second = online_driver(name="Meena Das", km=1.0)
+    flows.delivery_reassign(delivery_id=delivery.pk, reason="bike broke down", actor=Actor.system())
+    offer_accept(offer_id=DriverOffer.objects.get(delivery=delivery, status="PENDING").pk, driver_id=second.pk,
+                 actor=Actor("driver", second.pk))
+    services.webhooks_deliver_due(max_seconds=10)
+    assert customers.customer_messages_send_due() == 2
+    assert "on its way with Meena" in _sms(twilio.requests[-1])["Body"]
+    assert sorted(CustomerMessage.objects.filter(delivery=delivery).values_list("kind", "status")) == [
+        ("assigned", "sent"), ("assigned", "sent")]
+
+    third, fourth = online_driver(name="Kiran Rao", km=1.5), online_driver(name="Lata Shah", km=2.0)
+    for driver in (third, fourth):
+        flows.delivery_reassign(delivery_id=delivery.pk, reason="again", actor=Actor.system())
+        offer_accept(offer_id=DriverOffer.objects.get(delivery=delivery, status="PENDING").pk, driver_id=driver.pk,
+                     actor=Actor("driver", driver.pk))
+        services.webhooks_deliver_due(max_seconds=10)
+    assert customers.customer_messages_send_due() == 2  # (Lata's text and e-mail; Kiran's are overtaken)
+    changed = dict(CustomerMessage.objects.filter(delivery=delivery, kind="driver_changed", channel="sms")
+                   .values_list("driver_id", "status"))
+    assert changed == {third.pk: "skipped", fourth.pk: "sent"}
+    assert "new driver, Lata" in _sms(twilio.requests[-1])["Body"]

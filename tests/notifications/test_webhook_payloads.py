@@ -197,7 +197,7 @@ def _eta_rows(delivery) -> list[dict]:
     return [row.payload["data"]["change"] for row in rows]
 
 
-def test_an_eta_update_the_throttle_held_back_goes_out_when_the_interval_ends():
+def test_an_eta_update_the_throttle_held_back_goes_out_when_the_interval_ends(django_capture_on_commit_callbacks):
     """It was dropped: a pickup inside the minute after the accept (the common case) left the
     seller with the pre-pickup ETA until a later fix moved it again (a seller audit). Now the
     delivery's ETA as it is then goes out once the interval has ended; one already told, or a
@@ -216,20 +216,74 @@ def test_an_eta_update_the_throttle_held_back_goes_out_when_the_interval_ends():
         return tracking_events.delivery_eta_updated(delivery_id=d.pk, pickup_at=at, delivery_at=at + timedelta(minutes=10),
                                                     confidence=0.8, calculated_at=timezone.now())
 
+    def write(events):  # (the marks are made once the write's transaction commits)
+        with django_capture_on_commit_callbacks(execute=True):
+            outbox_write(events)
+
     with time_machine.travel(t0, tick=False):
-        outbox_write([eta(moving, 5), eta(unchanged, 5), eta(finished, 5)])  # told
+        write([eta(moving, 5), eta(unchanged, 5), eta(finished, 5)])  # told
     with time_machine.travel(t0 + timedelta(seconds=10), tick=False):
-        outbox_write([eta(moving, 1), eta(finished, 1)])  # picked up: held back
-        outbox_write([eta(unchanged, 5)])  # (a forced one, no move: held back too)
+        write([eta(moving, 1), eta(finished, 1)])  # picked up: held back
+        write([eta(unchanged, 5)])  # (a forced one, no move: held back too)
     Delivery.objects.filter(pk=finished.pk).update(status="delivered")
     with time_machine.travel(t0 + timedelta(seconds=30), tick=False):
-        outbox_write([eta(moving, 0.5)])  # moved again within the interval: the latest goes
+        write([eta(moving, 0.5)])  # moved again within the interval: the latest goes
         assert eta_updates_held_back_write() == 0  # (not yet)
 
-    with time_machine.travel(t0 + timedelta(seconds=61), tick=False):
+    with time_machine.travel(t0 + timedelta(seconds=61), tick=False), django_capture_on_commit_callbacks(execute=True):
         assert eta_updates_held_back_write() == 1
     assert [c["estimatedPickupTime"] for c in _eta_rows(moving)] == [
         iso(t0 + timedelta(minutes=5)), iso(t0 + timedelta(seconds=30))]
     assert len(_eta_rows(unchanged)) == 1 and len(_eta_rows(finished)) == 1
     with time_machine.travel(t0 + timedelta(seconds=200), tick=False):
         assert eta_updates_held_back_write() == 0  # (taken once)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_held_back_eta_update_of_a_delivery_another_transaction_holds_waits_for_the_next_run():
+    """A step committing the delivery's final status holds its row: the sweep does not write an
+    ETA beside it (it could go out after `delivered`); it looks again at its next run. A
+    write that fails puts them all back."""
+    import threading
+
+    from common.redis import get_redis
+    from notifications.outbox import ETA_HELD_BACK_KEY, eta_updates_held_back_write
+
+    delivery = DeliveryFactory()
+    flows.assignment_create(delivery_id=delivery.pk, driver_id=online_driver().pk, actor=Actor.system())
+    at = timezone.now() + timedelta(minutes=7)
+    Delivery.objects.filter(pk=delivery.pk).update(eta_pickup_at=at, eta_delivery_at=at, eta_confidence=0.8,
+                                                   eta_calculated_at=timezone.now())
+    redis = get_redis()
+    redis.zadd(ETA_HELD_BACK_KEY, {str(delivery.pk): timezone.now().timestamp() - 1})
+
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        from django.db import connection
+        with transaction.atomic():
+            Delivery.objects.select_for_update().get(pk=delivery.pk)
+            holding.set()
+            release.wait(10)
+        connection.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    try:
+        assert eta_updates_held_back_write() == 0
+        assert redis.zscore(ETA_HELD_BACK_KEY, str(delivery.pk)) is not None  # (marked again)
+    finally:
+        release.set()
+        holder.join()
+    later = timezone.now() + timedelta(seconds=61)  # (past the assignment's own ETA update's interval)
+    with time_machine.travel(later, tick=False):
+        assert eta_updates_held_back_write() == 1
+
+    Delivery.objects.filter(pk=delivery.pk).update(eta_delivery_at=at + timedelta(minutes=3))  # (moved again)
+    redis.zadd(ETA_HELD_BACK_KEY, {str(delivery.pk): timezone.now().timestamp() - 1})
+    from unittest import mock
+    with mock.patch("notifications.outbox.outbox_write", side_effect=RuntimeError("database went away")):
+        with pytest.raises(RuntimeError):
+            eta_updates_held_back_write(now=later + timedelta(seconds=61))
+    assert redis.zscore(ETA_HELD_BACK_KEY, str(delivery.pk)) is not None

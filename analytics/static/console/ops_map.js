@@ -262,12 +262,18 @@
   }
 
   // ---------------------------------------------------------------- state over the API
-  let loadSeq = 0, stateShown = false;
+  let loadSeq = 0, stateShown = false, stateLoading = 0;  // (reads on their way: the first one's fallbacks wait for it)
   async function loadState() {
     const seq = ++loadSeq;
-    const response = await fetch(config.stateUrl, { credentials: "same-origin", headers: { Accept: "application/json" } });
-    if (!response.ok) throw new Error(`state: HTTP ${response.status}`);
-    const state = await response.json();
+    stateLoading += 1;
+    let state;
+    try {
+      const response = await fetch(config.stateUrl, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (!response.ok) throw new Error(`state: HTTP ${response.status}`);
+      state = await response.json();
+    } finally {
+      stateLoading -= 1;
+    }
     if (seq !== loadSeq) return;  // a newer load is on its way
     state.zones.forEach(upsertZone);
     state.drivers.forEach(upsertDriver);
@@ -367,7 +373,7 @@
     };
     socket.onclose = (close) => {
       clearTimeout(steady);
-      if (!stateShown) loadState().catch(() => {});  // (the map is drawn while it tries again)
+      if (!stateShown && !stateLoading) loadState().catch(() => {});  // (the map is drawn while it tries again)
       if (close.code === 4401 || close.code === 4403) {
         setState("offline", "Signed out: reload the page to sign in again");
         return;
@@ -390,7 +396,7 @@
   // after 2 s without it, or when it closes first.
   connect();
   setTimeout(() => {
-    if (stateShown || socket.readyState === WebSocket.OPEN) return;
+    if (stateShown || stateLoading || socket.readyState === WebSocket.OPEN) return;
     loadState().catch((err) => { if (!stateShown) setState("offline", `Could not load the map state (${err.message})`); });
   }, 2000);
 })();
