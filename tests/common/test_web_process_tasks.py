@@ -7,6 +7,13 @@ import subprocess
 import sys
 
 
+def _last_line_of(code: str) -> str:
+    """What a fresh interpreter running `code` printed last (it must succeed)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
 def test_the_asgi_entry_point_registers_every_task_before_the_first_request():
     code = (
         "import json, os, sys; os.environ['DJANGO_SETTINGS_MODULE'] = 'config.settings.base';"
@@ -19,10 +26,7 @@ def test_the_asgi_entry_point_registers_every_task_before_the_first_request():
         "names = sorted({task for task, _, _ in PERIODIC_TASKS.values()} | {DELIVER_TASK});"
         "print(json.dumps({'finalized': finalized, 'missing': [n for n in names if n not in registered]}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"finalized": True, "missing": []}
+    assert json.loads(_last_line_of(code)) == {"finalized": True, "missing": []}
 
 
 def test_a_process_that_loads_them_lazily_registers_them_for_threads_asking_at_once():
@@ -39,6 +43,4 @@ def test_a_process_that_loads_them_lazily_registers_them_for_threads_asking_at_o
         "[t.start() for t in threads]; [t.join() for t in threads];"
         "print(sum(seen))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "6"
+    assert _last_line_of(code) == "6"
