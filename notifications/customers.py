@@ -1,5 +1,6 @@
 """Messages to a delivery's customer: on assignment (with the tracking link), when another
-driver takes over after that message went (once a delivery), when the driver is arriving (within `CUSTOMER_ARRIVING_METERS` of the drop-off, once), delivered and failed, and
+driver takes over after the customer was told of one (once per new driver), when the driver is
+arriving (within `CUSTOMER_ARRIVING_METERS` of the drop-off, once), delivered and failed, and
 cancelled when the customer had been told of a driver; an
 SMS to `customerPhone` and an e-mail to `customerEmail` when the delivery has them.
 
