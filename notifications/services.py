@@ -429,12 +429,22 @@ def _sending_slot(hold_seconds: float):
                 pass
 
 
-def _fan_out_until(deadline: float) -> None:
-    # (bounded by the budget: after an outage of the workers the fan-out can have many thousands
-    # of events to go through; a delivery's messages wait for its events still to fan out, and
-    # the next sweep goes on with them)
-    while webhooks_fan_out(now=timezone.now()) and time.monotonic() < deadline:
-        pass
+# One fan-out's share of a sweep's time. After an outage of the workers the fan-out can have many
+# thousands of events to go through: gone through in slices, the sending sweep records and sends
+# between them, and a sweep that may not send hands its worker back (the ETA refreshes and the
+# customer messages share it) after a slice, kicking the next sweep, instead of fanning out for
+# its whole budget: two such sweeps held a worker's two processes 30 s each (a live check, with
+# 1.1 M messages queued), and the ETA refreshes and customer messages waited behind them.
+FAN_OUT_SLICE_SECONDS = 5.0
+
+
+def _fan_out_until(deadline: float) -> bool:
+    """Fan out until nothing is left, `deadline` or the slice's end; whether events are left."""
+    end = min(deadline, time.monotonic() + FAN_OUT_SLICE_SECONDS)
+    while webhooks_fan_out(now=timezone.now()):
+        if time.monotonic() >= end:
+            return True
+    return False
 
 
 def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = None) -> int:
@@ -449,13 +459,14 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
     back only its own events. No attempt starts once the budget is spent, and what is left is
     released for the next sweep. (One slow endpoint, 10 s an attempt, once held every other
     endpoint's events behind its own and outran the task's time limit, which killed the worker
-    mid-batch.) A sweep that ends at its budget with messages still due kicks the next one."""
+    mid-batch.) A sweep that ends at its budget with messages still due kicks the next one, as
+    does one that left events to fan out (`FAN_OUT_SLICE_SECONDS`)."""
     budget = max_seconds if max_seconds is not None else settings.WEBHOOK_SEND_BUDGET_SECONDS
     deadline = time.monotonic() + budget
     # The fan-out commits before the slot is tried, and a sweep that held the slot looks again
     # for due messages after letting it go: a sweep that fanned out while another held the slot
     # (and found nothing to claim any more) leaves what it made to that one, which sees it.
-    _fan_out_until(deadline)
+    more_to_fan_out = _fan_out_until(deadline)
     attempts = idle_rounds = 0
     while idle_rounds < 2:
         if time.monotonic() >= deadline:  # (a claim after the budget would only be released again)
@@ -468,12 +479,14 @@ def webhooks_deliver_due(*, batch_size: int = 20, max_seconds: float | None = No
         # (the slot is held at most until the longest attempt started just before the budget's end ends)
         with _sending_slot(budget + settings.WEBHOOK_TIMEOUT_SECONDS + 5) as may_send:
             if not may_send:
-                return attempts
+                break
             made = _Sweep(deadline=deadline, batch_size=batch_size).run()
         attempts += made
         idle_rounds = 0 if made else idle_rounds + 1
         if not webhooks_due_exist(now=timezone.now()):
             break
+    if more_to_fan_out and not current_celery_app.conf.task_always_eager:
+        enqueue_kick_on_commit(DELIVER_TASK)  # (a backlog's rest: the next sweep goes on with it, at once)
     return attempts
 
 
@@ -613,7 +626,7 @@ class _Sweep:
                     if time.monotonic() >= self.deadline:
                         break
                     _fan_out_until(self.deadline)
-                    if not self.claim():
+                    if time.monotonic() >= self.deadline or not self.claim():  # (a slice may end at the budget)
                         break
                     continue
                 done, _ = wait(running, timeout=TOP_UP_SECONDS, return_when=FIRST_COMPLETED)
@@ -636,7 +649,7 @@ class _Sweep:
                     # an endpoint is slow: what was committed meanwhile, and the others' due messages
                     topped_up = time.monotonic()
                     _fan_out_until(self.deadline)
-                    if len(running) < workers:
+                    if len(running) < workers and time.monotonic() < self.deadline:
                         self.claim()
 
 

@@ -88,3 +88,33 @@ def test_redis_down_still_queues_the_kick(published, monkeypatch):
 def test_a_queued_kick_stops_holding_the_slot_after_its_ttl(published):
     commit_kick()
     assert 0 < get_redis().pttl(kick_key(DELIVER_TASK)) <= broadcast.KICK_TTL_MS
+
+
+def test_a_fan_out_backlog_is_gone_through_in_slices_each_sweep_kicking_the_next(published, monkeypatch):
+    """After an outage of the workers: a sweep fanned out for its whole budget (30 s), holding a
+    worker process the ETA refreshes and customer messages share (a live check: two sweeps held
+    both for 30 s each). Now it fans out for at most FAN_OUT_SLICE_SECONDS and kicks the next."""
+    from celery import current_app
+
+    from common.actors import Actor
+    from notifications.models import OutboxEvent
+    from tests.factories import DeliveryFactory
+    from workflows.deliveries import delivery_cancel
+
+    for _ in range(10):
+        delivery_cancel(delivery_id=DeliveryFactory().pk, reason="backlog", actor=Actor.system())
+    assert OutboxEvent.objects.filter(fanned_out_at__isnull=True).count() == 10
+    one_at_a_time = services.webhooks_fan_out
+    monkeypatch.setattr(services, "webhooks_fan_out", lambda now: one_at_a_time(now=now, batch_size=1))
+    monkeypatch.setattr(services, "FAN_OUT_SLICE_SECONDS", 0.0)  # (a slice: one batch)
+    published.clear()
+    get_redis().delete(kick_key(DELIVER_TASK))  # (as the task does when it starts: the backlog's kick was taken)
+
+    eager, current_app.conf.task_always_eager = current_app.conf.task_always_eager, False  # (kicks are queued)
+    try:
+        services.webhooks_deliver_due(max_seconds=30)
+    finally:
+        current_app.conf.task_always_eager = eager
+
+    assert 0 < OutboxEvent.objects.filter(fanned_out_at__isnull=True).count() < 10
+    assert published == [DELIVER_TASK]

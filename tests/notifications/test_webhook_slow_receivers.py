@@ -153,21 +153,35 @@ def test_a_name_whose_dns_does_not_answer_is_given_up_at_the_timeout(monkeypatch
 
 def test_a_sweep_stops_fanning_out_once_its_budget_is_spent(monkeypatch):
     """Fan-out batches of an outbox backlog (each 10 s here) stop at the sweep's budget, and
-    nothing is claimed after them. The fan-out and the clock are stand-ins: time-machine does
-    not move `time.monotonic`, and a real backlog slow enough would make a slow test."""
-    clock, batches = [0.0], []
+    nothing is claimed after them. In slices (FAN_OUT_SLICE_SECONDS), a sweep claims what a
+    slice made and leaves the rest to the next (kicked: tests/notifications/test_webhook_kicks.py).
+    The fan-out and the clock are stand-ins: time-machine does not move `time.monotonic`, and a
+    real backlog slow enough would make a slow test."""
+    clock, batches, claims = [0.0], [], []
 
     def fan_out(now):
         batches.append(now)
         clock[0] += 10.0
         return 500 if len(batches) < 10 else 0
 
+    def claim_due(**kwargs):
+        if clock[0] >= 25:
+            pytest.fail("claimed past the budget")
+        claims.append(clock[0])
+        return []
+
     monkeypatch.setattr(services, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(services, "webhooks_fan_out", fan_out)
-    monkeypatch.setattr(services, "webhooks_claim_due", lambda **kwargs: pytest.fail("claimed past the budget"))
+    monkeypatch.setattr(services, "webhooks_claim_due", claim_due)
+    monkeypatch.setattr(services, "FAN_OUT_SLICE_SECONDS", 100.0)  # (a slice longer than the budget)
 
     assert services.webhooks_deliver_due(max_seconds=25) == 0
-    assert len(batches) == 3
+    assert len(batches) == 3 and claims == []
+
+    clock[0], batches[:] = 0.0, []
+    monkeypatch.setattr(services, "FAN_OUT_SLICE_SECONDS", 5.0)  # a slice, then what it made is claimed
+    assert services.webhooks_deliver_due(max_seconds=25) == 0
+    assert len(batches) == 1 and claims and all(at < 25 for at in claims)
 
 
 def test_a_hanging_endpoint_does_not_slow_another_endpoints_events_of_one_delivery(receiver, settings, monkeypatch):
