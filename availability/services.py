@@ -126,9 +126,19 @@ def driver_freed_on_commit(driver: Driver) -> None:
     meanwhile. Also after a reject: the driver is free of its offer."""
     if driver.last_availability_change is None:  # (never changed: not a driver dispatch offers to)
         return
-    enqueue_task_on_commit(DRIVER_FREED_TASK, str(driver.pk), driver.last_availability_change.isoformat(),
-                           countdown=DRIVER_FREED_DELAY_SECONDS,
-                           expires=DRIVER_FREED_DELAY_SECONDS + DRIVER_FREED_EXPIRES_SECONDS)
+    drivers_freed_on_commit([driver.pk], at=driver.last_availability_change)
+
+
+def drivers_freed_on_commit(driver_ids, *, at: datetime) -> None:
+    """DRIVER_FREED_TASK for each of `driver_ids`, after commit, unless its state changes after
+    `at`. Also for the drivers whose pending offers were withdrawn at `at` (the delivery
+    cancelled, a round taken by another driver): free of their offers, they are as free as
+    after a reject, and a delivery that had found nobody while those offers were pending
+    waited for the retry job, up to 30 s, beside them (a race audit: 9 of 20 runs)."""
+    for driver_id in driver_ids:
+        enqueue_task_on_commit(DRIVER_FREED_TASK, str(driver_id), at.isoformat(),
+                               countdown=DRIVER_FREED_DELAY_SECONDS,
+                               expires=DRIVER_FREED_DELAY_SECONDS + DRIVER_FREED_EXPIRES_SECONDS)
 
 
 

@@ -14,6 +14,7 @@ from django.utils import timezone
 from analytics.economics import economics_record
 from analytics.services import performance_delivery_finished, performance_rated
 from availability.models import DriverAvailability
+from availability.services import drivers_freed_on_commit
 from common import metrics
 from common.actors import Actor
 from common.db import locked_now
@@ -162,6 +163,7 @@ def _delivery_cancel_attempt(*, delivery_id, reason: str, actor: Actor, now: dat
         offer_cancel_locked(offer, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
     elif pending:  # a batch/broadcast round: withdrawn at once (offers_withdraw_locked says why no driver locks)
         offers_withdraw_locked(pending, delivery=delivery, reason="delivery_cancelled", actor=actor, now=now)
+    drivers_freed_on_commit([o.driver_id for o in pending], at=now)  # free of their offers: a look, as after a reject
     unassigned_cancel(delivery=delivery, now=now, ticket_closed_by_caller=ticket_closed_by_caller)
     if assignment is not None:
         deliveries.assignment_end_locked(

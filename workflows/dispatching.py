@@ -637,8 +637,8 @@ DRIVER_FREED_FIX_WAIT_SECONDS = 5
 
 
 def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = None, waited: bool = False) -> bool:
-    """`availability.services.DRIVER_FREED_TASK`: the driver became available (or rejected an
-    offer) with `freed_at` its last state change.
+    """`availability.services.DRIVER_FREED_TASK`: the driver became available at `freed_at` (its
+    last state change), or was freed of its pending offer then (a reject, a withdrawal).
     Dispatch again, as the retry job would and oldest first, the deliveries waiting for a driver
     whose search would reach it: open unassigned records of ready deliveries with no pending
     offer, not waiting for a matching round, dispatched automatically (or once by ops), whose
@@ -656,8 +656,9 @@ def driver_freed_pull(*, driver_id, freed_at: datetime, now: datetime | None = N
     driver = (
         # (a deactivated login's driver, freed from a delivery it kept: offered nothing, the
         # stale-driver job takes it offline within a minute: workflows.drivers.deactivated_drivers_mark_offline)
-        Driver.objects.filter(pk=driver_id, availability=DriverAvailability.AVAILABLE, last_availability_change=freed_at,
-                              user__is_active=True)
+        # (no change since `freed_at`, or none ever: a row made available by SQL or an import)
+        Driver.objects.filter(Q(last_availability_change__lte=freed_at) | Q(last_availability_change__isnull=True),
+                              pk=driver_id, availability=DriverAvailability.AVAILABLE, user__is_active=True)
         .exclude(Exists(DriverOffer.objects.filter(driver=OuterRef("pk"), status=OfferStatus.PENDING)))
         .only("pk", "location", "location_recorded_at", "location_accuracy_m", "location_speed", "location_heading")
         .first()

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from analytics.services import performance_offer_answered
 from availability.models import DriverAvailability
-from availability.services import driver_freed_on_commit
+from availability.services import driver_freed_on_commit, drivers_freed_on_commit
 from common.actors import Actor
 from common.db import locked_now
 from common.exceptions import Conflict
@@ -102,6 +102,7 @@ def offer_accept(*, offer_id, driver_id, actor: Actor, now: datetime | None = No
             offers.offers_withdraw_locked(
                 siblings, delivery=delivery, reason=TAKEN_BY_ANOTHER_DRIVER, actor=Actor.system(), now=now
             )
+            drivers_freed_on_commit([o.driver_id for o in siblings], at=now)  # free of them: a look, as after a reject
             unassigned_resolve(delivery=delivery, now=now)
             performance_offer_answered(driver_id=driver_id, outcome=OfferStatus.ACCEPTED, response_time_ms=response_ms, now=now)
             delivery.latest_assignments = [assignment]

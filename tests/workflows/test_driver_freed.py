@@ -15,9 +15,9 @@ from dispatch.tasks import driver_freed
 from escalation.models import UnassignedOrder
 from offers.models import DriverOffer
 from tests.api import client_for
-from tests.factories import DeliveryFactory, OpsUserFactory, ZoneFactory, driver_at_dropoff, km_north, online_driver
+from tests.factories import CITY, DeliveryFactory, OpsUserFactory, ZoneFactory, driver_at_dropoff, km_north, online_driver
 from workflows import drivers as availability
-from workflows.deliveries import assignment_create, delivery_reassign
+from workflows.deliveries import assignment_create, delivery_cancel, delivery_reassign
 from workflows import offers
 from workflows.dispatching import DRIVER_FREED_TRIES, delivery_dispatch
 from zones.models import DriverZonePreference
@@ -300,6 +300,49 @@ def test_a_driver_that_rejects_an_offer_is_offered_the_delivery_waiting_near_it(
     assert driver_freed(*enqueued[0][0]) is True
     assert _pending(waiting).driver_id == driver.pk
     assert UnassignedOrder.objects.filter(delivery=offered, resolved_at__isnull=True).exists()  # nobody else
+
+
+def test_a_driver_whose_offer_is_withdrawn_as_its_delivery_is_cancelled_is_offered_the_one_waiting_near_it():
+    """The delivery beside the driver found nobody while the driver's offer for another was
+    pending; that one's cancel frees the driver, as a reject does (it waited for the retry job,
+    up to 30 s: a race audit, 9 of 20 runs)."""
+    driver = online_driver(km=1)
+    offered = DeliveryFactory(pickup_location=km_north(3))
+    offer = delivery_dispatch(delivery_id=offered.pk, actor=Actor.system()).offer
+    assert offer.driver_id == driver.pk
+    waiting = _waiting(pickup_location=km_north(1.2))  # (the driver's offer is pending: nobody)
+
+    enqueued = _freed(lambda: delivery_cancel(delivery_id=offered.pk, reason="customer_request", actor=Actor.system()))
+
+    assert [(args[0], options) for args, options in enqueued] == [(str(driver.pk), {"countdown": 0.2, "expires": 30.2})]
+    assert _pending(waiting) is None  # (a moment later, off the request)
+    assert driver_freed(*enqueued[0][0]) is True
+    assert _pending(waiting).driver_id == driver.pk
+
+
+def test_the_drivers_of_a_round_another_took_or_that_was_cancelled_are_offered_the_one_waiting_near_them():
+    bbox = (CITY[1] - 0.2, CITY[0] - 0.2, CITY[1] + 0.2, CITY[0] + 0.2)
+    zone = ZoneFactory(bbox=bbox, dispatch_policy="broadcast", broadcast_max_drivers=4)
+    winner, loser = online_driver(km=0.5), online_driver(km=1)
+    taken, cancelled = DeliveryFactory(zone=zone), DeliveryFactory(zone=zone, pickup_location=km_north(0.1))
+    made = {o.driver_id: o for o in delivery_dispatch(delivery_id=taken.pk, actor=Actor.system()).offers}
+    assert set(made) == {winner.pk, loser.pk}
+    waiting = _waiting(pickup_location=km_north(1.2))
+
+    accepted = _freed(lambda: offers.offer_accept(offer_id=made[winner.pk].pk, driver_id=winner.pk,
+                                                  actor=Actor("driver", winner.pk)))
+
+    assert [args[0] for args, _ in accepted] == [str(loser.pk)]  # the winner is busy now: no look
+    assert driver_freed(*accepted[0][0]) is True
+    assert _pending(waiting).driver_id == loser.pk
+
+    DriverOffer.objects.filter(delivery=waiting).update(status="REJECTED")  # (free again, quietly)
+    Delivery.objects.filter(pk=waiting.pk).update(current_offer=None)
+    third = online_driver(km=0.8)
+    round_offers = delivery_dispatch(delivery_id=cancelled.pk, actor=Actor.system()).offers
+    assert {o.driver_id for o in round_offers} == {loser.pk, third.pk}
+    withdrawn = _freed(lambda: delivery_cancel(delivery_id=cancelled.pk, reason="customer_request", actor=Actor.system()))
+    assert sorted(args[0] for args, _ in withdrawn) == sorted([str(loser.pk), str(third.pk)])
 
 
 def test_an_expired_offer_takes_no_look():
