@@ -32,11 +32,15 @@ PERIODIC_TASKS: dict[str, tuple[str, int, dict]] = {
 # by every worker (`-Q timers,celery,eta`): kombu's Redis transport rotates the queues it pops, so
 # a backlog on `celery` (a burst of pushes, a slow webhook endpoint) delays it by one message at
 # most, where it used to wait behind the whole backlog and the jobs' `expires` discarded it.
-# The sweeps of outbound messages (webhooks, customer messages; also kicked after commits, and
-# they call other services) and the hourly purges stay on `celery`; the ETA sweep is on `eta`.
+# The customer messages' sweep (also kicked after commits; it calls the SMS and e-mail services)
+# and the hourly purges stay on `celery`; the ETA sweep is on `eta`, the webhook sweep on
+# `webhooks` (WEBHOOKS_QUEUE).
 # (Offer pushes call FCM: on `celery`, so a worker on `-Q timers` alone keeps outbound calls off
 # the timers, docs/operations.md.)
 TIMERS_QUEUE = "timers"
+# The webhook sweep, the one task that waits on outside endpoints for up to its budget: a worker
+# of its own, which no other worker shares (config/settings/base.py CELERY_TASK_ROUTES).
+WEBHOOKS_QUEUE = "webhooks"
 TIMER_TASKS = frozenset({
     "offers.expire_offer", "offers.expire_overdue_offers", "availability.expire_breaks",
     "dispatch.retry_unassigned", "dispatch.run_matching_round", "dispatch.run_matching_rounds",

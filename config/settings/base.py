@@ -7,7 +7,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 from redis.connection import parse_url as redis_parse_url
 
-from config.periodic import TIMER_TASKS, TIMERS_QUEUE
+from config.periodic import TIMER_TASKS, TIMERS_QUEUE, WEBHOOKS_QUEUE
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
@@ -370,11 +370,17 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # whole fleet, or one task per change while Redis is down) has its own queue, `eta`; work due at
 # a moment (offer expiry, the safety nets) has `timers` (config/periodic.py). Every worker takes
 # the three: `celery worker -Q timers,celery,eta`.
+# The webhook sweep (notifications.deliver_webhooks) calls the sellers' endpoints: a hanging one
+# holds its process up to the sweep's budget (WEBHOOK_SEND_BUDGET_SECONDS), so it has a queue,
+# `webhooks`, and a worker of its own that no other worker takes (`-Q webhooks --concurrency 2`:
+# one sweep sends, WEBHOOK_SENDING_SWEEPS, another fans out meanwhile). On the general worker it
+# held one of two processes 30 s at a time, and the ETA refreshes and customer messages waited.
 # simulation.run takes over its worker process's database connection for minutes: a worker of
 # its own (`-Q simulation --concurrency 1`, docs/dispatch.md "The simulator").
 CELERY_TASK_ROUTES = {
     **{task: {"queue": TIMERS_QUEUE} for task in TIMER_TASKS},
     "tracking.refresh_eta": {"queue": "eta"}, "tracking.refresh_due_etas": {"queue": "eta"},
+    "notifications.deliver_webhooks": {"queue": WEBHOOKS_QUEUE},
     "simulation.run": {"queue": "simulation"},
 }
 CELERY_TIMEZONE = "UTC"

@@ -97,7 +97,7 @@ def test_jobs_is_ok_while_every_job_runs_on_time_and_a_worker_answers(anon, db):
         "late": False,
     }
     assert body["workers"] == {WORKER: {"lastHeartbeatAgeSeconds": 3.0, "alive": True}}
-    assert body["queues"] == {"celery": 0, "eta": 0, "simulation": 0, "timers": 0}  # the default queue and the routed ones
+    assert body["queues"] == {"celery": 0, "eta": 0, "simulation": 0, "timers": 0, "webhooks": 0}  # the default queue and the routed ones
 
 
 def test_a_job_is_late_only_past_twice_its_interval_and_the_503_names_it(anon, db):
@@ -263,7 +263,7 @@ def test_metrics_show_job_lag_lateness_workers_and_queue_depth(anon, db):
     assert len(lag) == len(PERIODIC_TASKS)
     assert alive == {(): 1.0}
     assert depth == {(("queue", "celery"),): 3.0, (("queue", "eta"),): 0.0, (("queue", "simulation"),): 0.0,
-                     (("queue", "timers"),): 0.0}
+                     (("queue", "timers"),): 0.0, (("queue", "webhooks"),): 0.0}
 
 
 @pytest.mark.parametrize("ok_age, interval, late", [(9.9, 5, False), (10.0, 5, False), (10.1, 5, True), (7201, 3600, True)])
@@ -340,7 +340,8 @@ def test_eta_refreshes_and_work_due_at_a_moment_have_queues_of_their_own():
     for task in ("offers.expire_overdue_offers", "offers.expire_offer", "escalation.check", "dispatch.run_matching_round",
                  "common.republish_deferred_tasks"):
         assert router.route({}, task)["queue"].name == "timers", task
-    for task in ("notifications.deliver_webhooks", "offers.push_offer", "common.purge_idempotency_records"):
+    assert router.route({}, "notifications.deliver_webhooks")["queue"].name == "webhooks"  # (a worker of its own)
+    for task in ("offers.push_offer", "common.purge_idempotency_records"):
         assert router.route({}, task)["queue"].name == "celery", task
 
 

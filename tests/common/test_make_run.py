@@ -39,3 +39,39 @@ def test_make_run_and_compose_run_a_worker_for_the_timers_queue_alone():
     for found in (commands, [str(service.get("command", "")) for service in compose.values()]):
         timers_only = [c for c in found if "worker" in c and " -Q timers " in f"{c} " and "--concurrency 1" in c]
         assert len(timers_only) == 1, found
+
+
+def _worker_queues() -> dict[str, list[set[str]]]:
+    """The queues of each Celery worker, as `make run`, the local cluster and docker-compose start them."""
+    import configparser
+    import re
+
+    import yaml
+
+    found = {}
+    for name, path in (("make run", ROOT / "deploy" / "supervisord.conf"),
+                       ("cluster", ROOT / "deploy" / "cluster" / "supervisord.conf")):
+        conf = configparser.RawConfigParser(strict=False)
+        conf.read(path)
+        found[name] = [conf.get(section, "command") for section in conf.sections() if section.startswith("program:")]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    found["compose"] = [str(service.get("command", "")) for service in compose.values()]
+    return {
+        name: [set(re.search(r" -Q (\S+)", c).group(1).split(",")) for c in commands if " worker " in f" {c} "]
+        for name, commands in found.items()
+    }
+
+
+def test_the_webhook_sweep_has_a_worker_of_its_own_and_every_routed_queue_a_worker():
+    """The webhook sweep waits on the sellers' endpoints for up to its budget: on the general
+    worker it held one of two processes 30 s at a time, and the ETA refreshes and customer
+    messages waited behind it. Its queue has one worker, which takes nothing else. And a queue
+    tasks are routed to with no worker would never run them."""
+    from django.conf import settings
+
+    routed = {"celery"} | {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()}
+    assert settings.CELERY_TASK_ROUTES["notifications.deliver_webhooks"] == {"queue": "webhooks"}
+    for name, workers in _worker_queues().items():
+        assert [queues for queues in workers if "webhooks" in queues] == [{"webhooks"}], name
+        # (the local cluster runs no simulations)
+        assert routed - (set() if name != "cluster" else {"simulation"}) <= set().union(*workers), name
