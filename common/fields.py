@@ -129,6 +129,21 @@ class StrictBooleanField(_JsonTyped, serializers.BooleanField):
     expected = "boolean (true or false)"
 
 
+# A date-time as the schema's `format: date-time` (RFC 3339) writes it: a date and a time. A date
+# alone, which Python's parser takes as midnight, is refused (a fix "recorded" on 2026-12-08 was
+# stored as taken at 00:00 UTC).
+DATE_TIME_SHAPE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+class StrictDateTimeField(serializers.DateTimeField):
+    """A date-time input with its time of day (DATE_TIME_SHAPE); otherwise DRF's field."""
+
+    def to_internal_value(self, value):
+        if isinstance(value, str) and not DATE_TIME_SHAPE.match(value):
+            self.fail("invalid", format="YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z]")
+        return super().to_internal_value(value)
+
+
 class FiniteFloatField(_JsonTyped, serializers.FloatField):
     """A finite JSON number: "12.5", true, NaN and ±Infinity are refused."""
 

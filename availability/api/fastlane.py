@@ -36,6 +36,7 @@ from availability.api.serializers import MAX_CLOCK_SKEW
 from common import metrics
 from common.broadcast import TRACKING_LAYER, delivery_group
 from common.errors import error_body
+from common.fields import DATE_TIME_SHAPE
 from common.parsers import MAX_DEPTH
 from common.logfilters import new_request_id, request_id
 from common.redis import RedisFailed, breaker, redis_address
@@ -103,7 +104,7 @@ def _recorded_at(body: dict, now: datetime) -> datetime:
     if "recordedAt" not in body:
         return now
     raw = body["recordedAt"]
-    if not isinstance(raw, str):
+    if not isinstance(raw, str) or not DATE_TIME_SHAPE.match(raw):  # (a date alone: refused there)
         raise _Delegate
     try:
         parsed = parse_datetime(raw)

@@ -5,7 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from availability.models import SETTABLE_AVAILABILITY_CHOICES, DriverAvailability
-from common.fields import FiniteFloatField, StrictCharField, StrictIntegerField
+from common.fields import FiniteFloatField, StrictCharField, StrictDateTimeField, StrictIntegerField
 
 # How far in the future a device clock may be before a fix is refused.
 MAX_CLOCK_SKEW = timedelta(seconds=30)
@@ -82,7 +82,7 @@ class LocationSerializer(serializers.Serializer):
         help_text="metres per second, as phones report it (the customer's socket shows km/h)",
     )
     heading = HeadingField(min_value=0, required=False, allow_null=True, help_text="degrees, 0 to less than 360")
-    recordedAt = serializers.DateTimeField(
+    recordedAt = StrictDateTimeField(
         required=False, help_text="When the phone took the fix; not in the future (a little clock skew is allowed). Default: now.",
     )
 

@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from common.fields import StrictIntegerField, StrictUUIDField
+from common.fields import StrictDateTimeField, StrictIntegerField, StrictUUIDField
 from common.representation import OmitNone
 from common.validation import PlainValidation
 from offers.models import OfferStatus, RejectionReason
@@ -68,7 +68,7 @@ class OfferListQuerySerializer(serializers.Serializer):
 
 
 class AcceptSerializer(PlainValidation, serializers.Serializer):
-    acceptedAt = serializers.DateTimeField(required=False, help_text="The device's time; response time uses the server clock.")
+    acceptedAt = StrictDateTimeField(required=False, help_text="The device's time; response time uses the server clock.")
 
 
 class AcceptResponseSerializer(serializers.Serializer):

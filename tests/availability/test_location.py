@@ -212,6 +212,7 @@ INFINITY_LITERAL = '{"lat": 12.9, "lon": Infinity}'
         (fix(recordedAt="2026-02-01T10:05:00Z"), "recordedAt"),
         (fix(recordedAt="2027-01-01T00:00:00Z"), "recordedAt"),
         (fix(recordedAt="yesterday-ish"), "recordedAt"),
+        (fix(recordedAt="2026-02-01"), "recordedAt"),  # (a date alone was taken as midnight)
         (fix(recordedAt="2026-02-30T10:00:00Z"), "recordedAt"),
         (fix(recordedAt=1769939998), "recordedAt"),
     ],

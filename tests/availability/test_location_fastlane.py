@@ -97,6 +97,8 @@ CASES = {
     "negative speed": lambda d: ({"lat": 12.9, "lon": 77.6, "speed": -1}, token(d)),
     "future": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "2099-01-01T00:00:00Z"}, token(d)),
     "bad time": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "yesterday"}, token(d)),
+    "a date alone": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "2026-01-01"}, token(d)),
+    "a date and an hour": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "2026-01-01T04"}, token(d)),
     "null time": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": None}, token(d)),
     "year 1 east of UTC": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "0001-01-01T00:00:00+01:00"}, token(d)),
     "year 9999 west of UTC": lambda d: ({"lat": 12.9, "lon": 77.6, "recordedAt": "9999-12-31T23:30:00-01:00"}, token(d)),

@@ -141,6 +141,7 @@ def test_accept_and_reject_errors(ops, delivery):
     assert_error(ops.post(offer_url(driver, offer_id, "accept")), 403)
     assert_error(me.post(offer_url(driver, offer_id, "reject"), {"reason": "lazy"}, format="json"), 400)
     assert_error(me.post(offer_url(driver, offer_id, "accept"), {"acceptedAt": "yesterday"}, format="json"), 400)
+    assert_error(me.post(offer_url(driver, offer_id, "accept"), {"acceptedAt": "2026-02-01"}, format="json"), 400)
 
     assert me.post(offer_url(driver, offer_id, "accept")).status_code == 200
     assert_error(me.post(offer_url(driver, offer_id, "accept")), 409)
