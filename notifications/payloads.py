@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timezone as dt_timezone
+
+from django.utils import timezone
 
 from common.errors import iso
 from common.fields import point_json
@@ -148,7 +151,11 @@ def set_delivery_renderer(renderer) -> None:
 
 
 def render_delivery(delivery: Delivery) -> dict:
-    return (_renderer or delivery_data)(delivery)
+    """The delivery as the API shows it, its times in UTC with a Z whatever the request's time
+    zone: the console (OPS_TIME_ZONE, common.middleware.OpsTimeZoneMiddleware) rendered the
+    webhooks of its actions with +05:30 times."""
+    with timezone.override(dt_timezone.utc):
+        return (_renderer or delivery_data)(delivery)
 
 
 def latest_assignments_of(delivery: Delivery) -> list[Assignment]:

@@ -391,6 +391,23 @@ def test_cancel_asks_for_a_reason_and_records_it_with_the_dispatcher(django_capt
     assert audit.actor_id == user.pk and audit.details["reason"] == "Customer phoned to cancel"
 
 
+def test_the_webhook_of_a_console_action_carries_utc_times_not_the_consoles():
+    """The console shows OPS_TIME_ZONE (+05:30 here); the webhook its cancel writes was rendered
+    in it: `readyAt` "…+05:30" beside `changedAt` "…Z". docs/api.md: UTC with a Z."""
+    from notifications.models import OutboxEvent
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    delivery = DeliveryFactory()
+    selected = {"action": "cancel_deliveries", "_selected_action": [str(delivery.pk)], "apply": "1", "reason": "Shop shut"}
+    assert client.post("/admin/dispatch/delivery/", selected).status_code == 302
+
+    data = OutboxEvent.objects.get(delivery_id=delivery.pk, type="delivery.status_changed").payload["data"]
+    assert data["status"] == "cancelled"
+    times = {key: data[key] for key in ("readyAt", "createdAt", "updatedAt", "cancelledAt")}
+    assert all(value.endswith("Z") for value in times.values()), times
+    assert data["change"]["changedAt"].endswith("Z")
+
+
 def test_reassign_asks_for_a_reason_and_passes_it_to_the_workflow():
     _, client = staff_in(DISPATCHER_GROUP)
     delivery, first = DeliveryFactory(), DriverFactory()
