@@ -183,7 +183,33 @@ def recent_filter(field: str, title: str) -> type[admin.SimpleListFilter]:
         "lookups": lookups, "queryset": queryset,
     })
 
-class ChangedFieldsOnlyAdmin(admin.ModelAdmin):
+class _OpenedValuesForm:
+    """Each field carries the value its page was opened with (a hidden `initial-<name>`, Django's
+    `show_hidden_initial`), so `changed_data` is what this page changed, not what differs from
+    the row as it is when the page is saved."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for field in self.fields.values():
+            field.show_hidden_initial = True
+
+
+class OpenedValuesMixin:
+    """A change page saves the fields it changed from the values it was opened with: a field
+    another dispatcher saved meanwhile (another tab, another desk) is not put back to the value
+    this page showed. (Django compared the post with the row as it was at the save, so every
+    field the other page had changed counted as changed here and its old value was written
+    back: an audit, a zone's minimum drivers and a driver's name undone without a word.) Two
+    pages changing the same field: the later save wins, as before."""
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        if obj is None:
+            return form
+        return type(form.__name__, (_OpenedValuesForm, form), {})
+
+
+class ChangedFieldsOnlyAdmin(OpenedValuesMixin, admin.ModelAdmin):
     """A change form writes the fields its form changed, and nothing else.
 
     Django's `save_model` saves the whole row as the request read it: an edit of a driver's

@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import F
 from django.utils.html import format_html
 
-from common.admin import MapAdminMixin
+from common.admin import MapAdminMixin, OpenedValuesMixin
 from common.forms import SafeAutocompleteMixin
 from zones import services
 from zones.geometry import validate_zone_polygon
@@ -62,7 +62,7 @@ class BelowMinimumFilter(admin.SimpleListFilter):
 
 
 @admin.register(DeliveryZone)
-class DeliveryZoneAdmin(MapAdminMixin, admin.ModelAdmin):
+class DeliveryZoneAdmin(OpenedValuesMixin, MapAdminMixin, admin.ModelAdmin):
     form = DeliveryZoneForm
     list_display = (
         "name", "priority_level", "drivers_online", "below_minimum", "health", "demand_level",

@@ -192,3 +192,37 @@ def test_an_unassigned_orders_and_a_tickets_pages_are_read_only_with_their_list_
     taken = admin_client.post("/admin/escalation/supportticket/", {"action": "take", "_selected_action": [str(ticket.pk)]},
                               follow=True)
     assert taken.status_code == 200 and b"You have taken 1 ticket." in taken.content
+
+
+@pytest.mark.django_db
+def test_a_stale_driver_page_does_not_put_back_what_another_page_saved(admin_client):
+    """Two tabs on one driver: the second, opened before the first saved, changes the phone and
+    leaves the name as it showed it. The name the first saved stays (it was put back: an audit)."""
+    driver = DriverFactory(name="Asha", phone="+34 612 345 678", home_location=Point(30.55, 11.45, srid=4326))
+    url = f"/admin/availability/driver/{driver.pk}/change/"
+    first, second = form_data(admin_client.get(url)), form_data(admin_client.get(url))
+
+    assert admin_client.post(url, {**first, "name": "Asha Rao"}).status_code == 302
+    assert admin_client.post(url, {**second, "phone": "+34 612 345 679"}).status_code == 302
+
+    driver.refresh_from_db()
+    assert (driver.name, driver.phone) == ("Asha Rao", "+34 612 345 679")
+
+
+@pytest.mark.django_db
+def test_a_stale_zone_page_does_not_put_back_what_another_page_saved(admin_client):
+    from tests.factories import ZoneFactory
+    from zones.models import DeliveryZone
+
+    zone = ZoneFactory(min_drivers_online=1, target_wait_time_seconds=300)
+    url = f"/admin/zones/deliveryzone/{zone.pk}/change/"
+    first, second = form_data(admin_client.get(url)), form_data(admin_client.get(url))
+
+    assert admin_client.post(url, {**first, "min_drivers_online": "7"}).status_code == 302
+    assert admin_client.post(url, {**second, "target_wait_time_seconds": "444"}).status_code == 302
+
+    zone = DeliveryZone.objects.get(pk=zone.pk)
+    assert (zone.min_drivers_online, zone.target_wait_time_seconds) == (7, 444)
+    # and the polygon, which neither page changed, was not written again
+    assert admin_client.post(url, form_data(admin_client.get(url))).status_code == 302
+    assert DeliveryZone.objects.get(pk=zone.pk).updated_at == zone.updated_at
