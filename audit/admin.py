@@ -1,6 +1,7 @@
 from django.contrib import admin
 
 from audit.models import DeliveryAuditLog
+from common.admin import json_block
 
 
 @admin.register(DeliveryAuditLog)
@@ -12,6 +13,12 @@ class DeliveryAuditLogAdmin(admin.ModelAdmin):
     search_fields = ("delivery__seller_order_id", "delivery__id")
     list_select_related = ("delivery",)
     date_hierarchy = "timestamp"
+    fields = ("id", "delivery", "timestamp", "event_type", "actor_id", "actor_type", "details_shown", "version", "seq")
+    readonly_fields = fields
+
+    @admin.display(description="details")
+    def details_shown(self, entry):
+        return json_block(entry.details)
 
     def has_add_permission(self, request):
         return False

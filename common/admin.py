@@ -10,6 +10,7 @@ from django.contrib.admin.actions import delete_selected as django_delete_select
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.gis.db import models as gis_models
 from django.core.exceptions import PermissionDenied
+from django.core.serializers.json import DjangoJSONEncoder
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -24,6 +25,7 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.styles import Font
 from leaflet.admin import LeafletGeoAdminMixin
 
+from common.bidi import bidi_controls_escaped, bidi_isolated
 from common.exceptions import DomainError
 from common.forms import MapPointField, MapPolygonField, SafeAutocompleteMixin, SafeMapWidget
 from common.models import ApiToken, DeferredTask, User
@@ -104,6 +106,13 @@ class ApiTokenAdmin(SafeAutocompleteMixin, admin.ModelAdmin):
         messages.warning(request, f"API token for {obj.user}: {key}. Copy it now: it is not shown again.")
 
 
+def json_block(value):
+    """A JSON value for a console page: indented, in a <pre>, its bidirectional-text controls
+    written as \\u escapes (`common.bidi.bidi_controls_escaped`)."""
+    text = json.dumps(value, ensure_ascii=False, indent=2, sort_keys=False, cls=DjangoJSONEncoder)
+    return format_html("<pre class=\"json\">{}</pre>", bidi_controls_escaped(text))
+
+
 def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None) -> list:
     """Admin actions call a service per selected row (in primary-key order, the lock order):
     a row the service refuses (409/404/400...) is reported and skipped, the rest go on.
@@ -120,7 +129,7 @@ def run_for_each(modeladmin, request, queryset, action, *, label=str, done=None)
         try:
             results.append(action(obj))
         except DomainError as exc:
-            modeladmin.message_user(request, f"{label(obj)}: {exc.message}", messages.WARNING)
+            modeladmin.message_user(request, f"{bidi_isolated(label(obj))}: {exc.message}", messages.WARNING)
     if done is not None and results:
         modeladmin.message_user(request, done(results), messages.SUCCESS)
     return results

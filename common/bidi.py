@@ -23,3 +23,11 @@ def bidi_isolated(text) -> str:
     if stripped == text and not any(unicodedata.bidirectional(c) in _RIGHT_TO_LEFT for c in text if ord(c) >= 0x0590):
         return text
     return "\u2068" + stripped + "\u2069"
+
+
+def bidi_controls_escaped(text: str) -> str:
+    """`text` with each bidirectional-text control written as its \\u escape: for a block shown
+    as it is (a JSON payload on a console page), where isolating a value is not possible and
+    one RLO in a store name read the rest of the block backwards ("estimatedEarning": 104.7
+    as 7.401: an audit). The evidence keeps the control, visibly."""
+    return _BIDI_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", str(text))

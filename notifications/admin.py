@@ -15,7 +15,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from common.admin import LiveListMixin, ReadOnlyInline, recent_filter, run_for_each
+from common.admin import LiveListMixin, ReadOnlyInline, json_block, recent_filter, run_for_each
 from common.admin_confirm import selection, selection_holds, too_many
 from common.exceptions import InvalidInput, NotFound
 from notifications import customers, services
@@ -232,7 +232,7 @@ class WebhookMessageAdmin(_WebhookIdSearch, _ReadOnly):
 
     @admin.display(description="payload")
     def payload(self, message):
-        return format_html("<pre>{}</pre>", message.event.payload)
+        return json_block(message.event.payload)
 
     def has_change_permission(self, request, obj=None):
         # read-only pages, but the replay action needs the change permission (on the list only:
@@ -276,6 +276,12 @@ class OutboxEventAdmin(_WebhookIdSearch, _ReadOnly):
     seller_order_path = "delivery__seller_order_id"
     list_select_related = ("owner",)
     date_hierarchy = "created_at"
+    fields = ("seq", "event_id", "type", "delivery", "owner", "endpoint", "payload_shown", "created_at", "fanned_out_at")
+    readonly_fields = fields
+
+    @admin.display(description="payload")
+    def payload_shown(self, event):
+        return json_block(event.payload)
 
 
 class CustomerMessageInline(ReadOnlyInline):

@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from common.actors import Actor
-from common.admin import ChangedFieldsOnlyAdmin, recent_filter
+from common.admin import ChangedFieldsOnlyAdmin, json_block, recent_filter
 from common.admin_confirm import too_many
 from offers.models import DriverOffer
 from workflows.offers import offer_expire
@@ -36,8 +36,14 @@ class DriverOfferAdmin(ChangedFieldsOnlyAdmin):
     date_hierarchy = "created_at"
     actions = ["expire_now"]
 
+    exclude = ("offer_payload",)
+
     def get_readonly_fields(self, request, obj=None):
-        return [f.name for f in DriverOffer._meta.fields]
+        return [f"{f.name}_shown" if f.name == "offer_payload" else f.name for f in DriverOffer._meta.fields]
+
+    @admin.display(description="offer payload")
+    def offer_payload_shown(self, offer):
+        return json_block(offer.offer_payload)
 
     def has_add_permission(self, request):
         return False

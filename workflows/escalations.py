@@ -22,6 +22,7 @@ from django.utils import timezone
 from audit.models import AuditEventType as E
 from audit.services import audit_record
 from common.actors import Actor
+from common.bidi import bidi_isolated
 from common.broadcast import broadcast_batch
 from common.exceptions import Conflict, InvalidInput
 from dispatch.models import Delivery, DeliveryStatus
@@ -132,7 +133,8 @@ def _tier1_ticket(step: _Step, result: Escalation) -> None:
         title = _ticket_title(step)
         zone = delivery.zone.name if getattr(delivery, "zone_id", None) else "no zone"
         description = (
-            f"Delivery {delivery.pk} from {delivery.store_name} in {zone} has been waiting for a driver "
+            # (the store's and zone's names isolated: one with an RLO read the rest backwards)
+            f"Delivery {delivery.pk} from {bidi_isolated(delivery.store_name)} in {bidi_isolated(zone)} has been waiting for a driver "
             f"for {step.waited} minutes (ready since {delivery.ready_at:%Y-%m-%d %H:%M} UTC, "
             f"{record.attempt_count} dispatch attempts, last failure: {record.failure_reason})."
         )
