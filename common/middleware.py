@@ -263,6 +263,10 @@ class ApiErrorMiddleware(AsyncCapableMiddleware):
         return response
 
     def process_exception(self, request, exception):
+        from django.contrib.admin.exceptions import DisallowedModelAdminLookup
+
+        if isinstance(exception, DisallowedModelAdminLookup) and not _is_api(request):
+            return None  # (a console list's filter: AdminListGuardMiddleware sends it back to the list)
         mapped = response_for_exception(request, exception, api=_is_api(request))
         if mapped is not None or not _is_api(request):
             return mapped
@@ -863,15 +867,18 @@ class AdminListGuardMiddleware(AsyncCapableMiddleware):
         return HttpResponseRedirect(request.get_full_path())
 
     def process_exception(self, request, exception):
+        from django.contrib.admin.exceptions import DisallowedModelAdminLookup
         from django.contrib.admin.options import IncorrectLookupParameters
         from django.contrib.admin.views.main import ERROR_FLAG
         from django.core.exceptions import FieldError, ValidationError
         from django.db import DataError
         from django.http import HttpResponseRedirect
 
-        # (DataError: a value the database refused when the list's query ran, e.g. out of range)
+        # (DataError: a value the database refused when the list's query ran, e.g. out of range;
+        # DisallowedModelAdminLookup: a filter by a field the list offers no filter for, e.g.
+        # `?zone__name__startswith=A`, was a bare "Bad Request (400)" page)
         if not isinstance(exception, (IncorrectLookupParameters, FieldError, ValidationError, ValueError, OverflowError,
-                                      DataError)):
+                                      DataError, DisallowedModelAdminLookup)):
             return None
         match = _ADMIN_LIST_PATH.match(request.path)
         if match is None or not (request.method == "GET" or match["export"]):

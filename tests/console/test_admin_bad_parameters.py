@@ -32,6 +32,17 @@ def test_a_year_out_of_range_on_a_list_is_djangos_wacky_lookup_answer(admin_clie
     assert admin_client.get(url + "?e=1").status_code == 200
 
 
+@pytest.mark.parametrize("url, query", [
+    ("/admin/dispatch/delivery/", "?zone__name__startswith=A"),
+    ("/admin/availability/driver/", "?user__username__startswith=driver"),
+])
+def test_a_filter_by_a_field_the_list_offers_no_filter_for_is_the_list_again(admin_client, url, query):
+    """Django refuses it (DisallowedModelAdminLookup): it was a bare "Bad Request (400)" page."""
+    r = admin_client.get(url + query)
+
+    assert r.status_code == 302 and r["Location"] == url + "?e=1"
+
+
 @pytest.mark.parametrize("url", ["/admin/availability/driver/", "/admin/zones/deliveryzone/", "/admin/common/apitoken/"])
 def test_a_filter_that_fails_to_run_with_the_error_flag_already_there_is_the_list_again(admin_client, url):
     """`?e=1&created_at__year=99999` on a list with rows: the guard left it alone because of the
