@@ -17,6 +17,8 @@ from dispatch.models import DispatchPolicy, ProofPolicy
 
 PRIORITY_MIN, PRIORITY_MAX = 1, 5
 OFFER_EXPIRES_MIN, OFFER_EXPIRES_MAX = 10, 120
+MIN_DRIVERS_ONLINE_MAX = 100_000
+TARGET_WAIT_MAX_SECONDS = 86_400  # a day
 SEARCH_RADIUS_MAX_KM = 100
 BATCH_SIZE_MIN, BATCH_SIZE_MAX = 2, 20
 BROADCAST_MAX_MIN, BROADCAST_MAX_MAX = 1, 200
@@ -35,8 +37,11 @@ class DeliveryZone(models.Model):
         validators=[MinValueValidator(PRIORITY_MIN), MaxValueValidator(PRIORITY_MAX)],
         help_text="1 (highest) to 5 (lowest). Where zones overlap, the highest priority wins.",
     )
-    min_drivers_online = models.PositiveIntegerField(default=5)
-    target_wait_time_seconds = models.PositiveIntegerField(default=300, validators=[MinValueValidator(1)])
+    # (the API's bounds; the admin's form took up to 2,147,483,647: 68 years' wait)
+    min_drivers_online = models.PositiveIntegerField(default=5, validators=[MaxValueValidator(MIN_DRIVERS_ONLINE_MAX)])
+    target_wait_time_seconds = models.PositiveIntegerField(
+        default=300, validators=[MinValueValidator(1), MaxValueValidator(TARGET_WAIT_MAX_SECONDS)],
+    )
 
     # Dispatch overrides (null: use the global setting).
     offer_expires_seconds = models.PositiveSmallIntegerField(

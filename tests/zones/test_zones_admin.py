@@ -102,6 +102,18 @@ def test_a_boundary_drawn_on_the_map_is_stored_as_drawn(admin_client):
     assert stored.srid == 4326 and stored.equals_exact(square, tolerance=1e-9)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("target_wait_time_seconds", "2147483647"), ("target_wait_time_seconds", "86401"), ("min_drivers_online", "100001"),
+])
+def test_the_zone_page_takes_the_apis_bounds_for_staffing_and_targets(admin_client, field, value):
+    """It took up to 2,147,483,647 (a 68-year target wait; an audit), the API at most a day and
+    100,000 drivers."""
+    r = admin_client.post("/admin/zones/deliveryzone/add/", {**ADD_FORM, field: value})
+
+    assert r.status_code == 200 and "Ensure this value is less than or equal to" in r.content.decode()
+    assert not DeliveryZone.objects.exists()
+
+
 def test_ops_draw_a_zone_in_the_admin(admin_client):
     r = admin_client.post("/admin/zones/deliveryzone/add/", ADD_FORM)
 

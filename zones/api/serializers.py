@@ -16,11 +16,13 @@ from zones.models import (
     DETOUR_MINUTES_MAX,
     DETOUR_MINUTES_MIN,
     MATCHING_WINDOW_MAX,
+    MIN_DRIVERS_ONLINE_MAX,
     OFFER_EXPIRES_MAX,
     OFFER_EXPIRES_MIN,
     PRIORITY_MAX,
     PRIORITY_MIN,
     SEARCH_RADIUS_MAX_KM,
+    TARGET_WAIT_MAX_SECONDS,
     DeliveryZone,
     DriverZonePreference,
     ZonePreference,
@@ -116,8 +118,8 @@ class ZoneWriteSerializer(serializers.Serializer):
     name = StrictCharField(max_length=255)
     geometry = PolygonGeoJSONField()
     priorityLevel = StrictIntegerField(min_value=PRIORITY_MIN, max_value=PRIORITY_MAX, required=False, default=3)
-    minDriversOnline = StrictIntegerField(min_value=0, max_value=100_000, required=False, default=5)
-    targetWaitTimeSeconds = StrictIntegerField(min_value=1, max_value=86_400, required=False, default=300)
+    minDriversOnline = StrictIntegerField(min_value=0, max_value=MIN_DRIVERS_ONLINE_MAX, required=False, default=5)
+    targetWaitTimeSeconds = StrictIntegerField(min_value=1, max_value=TARGET_WAIT_MAX_SECONDS, required=False, default=300)
     offerExpiresSeconds = StrictIntegerField(
         min_value=OFFER_EXPIRES_MIN, max_value=OFFER_EXPIRES_MAX, required=False, allow_null=True, default=None
     )
