@@ -460,18 +460,35 @@ def delivery_geofence_override(
 # ------------------------------------------------------------------- photo and signature
 
 
-def proof_upload_ensure_allowed(assignment: Assignment, delivery: Delivery, *, now: datetime) -> None:
-    """May the driver of `assignment` add a proof to `delivery` now? While its assignment is
-    active (assigned, picked up, in transit), and for PROOF_FAILURE_EVIDENCE_SECONDS after it
-    failed the delivery (evidence of the failure). A driver ops took the delivery from is
-    another driver now: NotFound, as for one who never had it (a 409 told them its state).
-    Anything else is a Conflict, and so is a delivery with PROOF_MAX_PER_DELIVERY proofs
-    already. Asked once without a lock before the image is decoded, and again under the
-    delivery's lock."""
+def proof_upload_ensure_allowed(assignment: Assignment, delivery: Delivery, *, now: datetime, kind: str | None = None) -> None:
+    """May the driver of `assignment` add a proof (of `kind`) to `delivery` now? While its
+    assignment is active (assigned, picked up, in transit), and for
+    PROOF_FAILURE_EVIDENCE_SECONDS after it failed the delivery (evidence of the failure). A
+    driver ops took the delivery from is another driver now: NotFound, as for one who never had
+    it (a 409 told them its state). Anything else is a Conflict, and so is a delivery with
+    PROOF_MAX_PER_DELIVERY proofs already, unless this one is the proof its policy asks of this
+    assignment and it has none yet (`_proof_still_needed`: twenty photos at the store, or a
+    previous driver's, left a photo-policy delivery that could be neither proven nor completed).
+    Asked once without a lock before the image is decoded, and again under the delivery's lock."""
     _proof_upload_ensure_open(assignment, delivery, now=now)
     limit = settings.PROOF_MAX_PER_DELIVERY
-    if limit and DeliveryProof.objects.filter(delivery_id=delivery.pk).count() >= limit:
+    if (limit and DeliveryProof.objects.filter(delivery_id=delivery.pk).count() >= limit
+            and not _proof_still_needed(delivery, assignment, kind)):
         raise Conflict(f"The delivery has {limit} proofs already, the most it may have (PROOF_MAX_PER_DELIVERY).")
+
+
+def _proof_still_needed(delivery: Delivery, assignment: Assignment, kind: str | None) -> bool:
+    """Would a proof of `kind` now be the one a finishing step asks of this assignment
+    (`delivery_proof_check`), which it does not have yet? One per kind and assignment at most,
+    so the cap is passed by little."""
+    if kind is None or assignment.status != AssignmentStatus.ACTIVE:
+        return False
+    policy = delivery.proof_required
+    if (delivery.status == S.IN_TRANSIT and POLICY_PROOF_KIND.get(policy) == kind
+            and not _has_proof(delivery, kind, (S.IN_TRANSIT,), assignment=assignment)):
+        return True
+    return (kind == ProofKind.PHOTO and policy in settings.PROOF_FAILURE_PHOTO_POLICIES
+            and not _has_proof(delivery, kind, OPEN_DELIVERY_STATUSES, assignment=assignment))
 
 
 def _proof_upload_ensure_open(assignment: Assignment, delivery: Delivery, *, now: datetime) -> None:

@@ -240,8 +240,7 @@ def delivery_proof_add(
     image is decoded or a file written to its storage. Under the lock the same check again (the
     delivery may have moved on meanwhile), then the row, its audit row and its event. A stored
     file whose row does not commit is deleted."""
-    now = now or timezone.now()
-    _proof_upload_precheck(delivery_id=delivery_id, driver_id=driver_id, now=now)
+    _proof_upload_precheck(delivery_id=delivery_id, driver_id=driver_id, kind=kind, now=now or timezone.now())
     image = proof_image_clean(upload, caller=str(driver_id))
     proof_id = uuid.uuid4()
     name = proof_file_store(proof_file_name(delivery_id=delivery_id, proof_id=proof_id, extension=image.extension), image)
@@ -255,12 +254,12 @@ def delivery_proof_add(
         raise
 
 
-def _proof_upload_precheck(*, delivery_id, driver_id, now: datetime) -> None:
+def _proof_upload_precheck(*, delivery_id, driver_id, kind: str, now: datetime) -> None:
     """The locked path's answer (NotFound, Conflict), given cheaply before any decoding."""
     assignment = delivery_selectors.assignment_of_driver(delivery_id=delivery_id, driver_id=driver_id)
     if assignment is None:
         raise NotFound("Delivery not found.")
-    deliveries.proof_upload_ensure_allowed(assignment, assignment.delivery, now=now)
+    deliveries.proof_upload_ensure_allowed(assignment, assignment.delivery, now=now, kind=kind)
 
 
 @unit_of_work()
@@ -269,7 +268,12 @@ def _delivery_proof_add_locked(*, delivery_id, driver_id, kind, name, image, not
     if assignment is None:
         raise NotFound("Delivery not found.")
     delivery = assignment.delivery
-    deliveries.proof_upload_ensure_allowed(assignment, delivery, now=now)
+    # Stamped under the lock, after the decode: read before it (up to its 30 s wait for a decode
+    # slot and the decode itself), a photo begun while picked up and finished after
+    # delivery-started was stored "in transit" at a time before it, and counted as the proof of
+    # delivery (an audit).
+    now = locked_now(now, delivery.updated_at)
+    deliveries.proof_upload_ensure_allowed(assignment, delivery, now=now, kind=kind)
     return deliveries.delivery_proof_insert(
         delivery, driver_id=driver_id, kind=kind, file_name=name, content_type=image.content_type,
         size_bytes=len(image.content), width=image.width, height=image.height, note=note, actor=actor, now=now,

@@ -127,6 +127,57 @@ def test_a_delivery_takes_at_most_proof_max_per_delivery_proofs(moving, driver, 
     assert moving.proofs.count() == 2
 
 
+def _picked_up(integration_user, driver, policy):
+    delivery = DeliveryFactory(created_by=integration_user, proof_required=policy)
+    assignment_create(delivery_id=delivery.pk, driver_id=driver.pk, actor=Actor.system())
+    for step in ("pickup-started", "pickup-completed"):
+        delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step=step, actor=Actor.system())
+    return delivery
+
+
+def test_the_proof_a_delivery_policy_asks_for_is_taken_over_the_cap_once(integration_user, driver, driver_client, settings):
+    """Photos at the store filled the cap, and a photo-policy delivery could be neither proven
+    nor completed, by this driver or the next (an audit: 20 photos, then two 409s)."""
+    settings.PROOF_MAX_PER_DELIVERY = 2
+    delivery = _picked_up(integration_user, driver, "photo")
+    assert upload(driver_client, driver, delivery).status_code == 201  # (at the store)
+    assert upload(driver_client, driver, delivery).status_code == 201
+    assert_error(upload(driver_client, driver, delivery), 409)  # a third at the store: the cap
+    delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step="delivery-started", actor=Actor.system())
+    driver_at_dropoff(driver, delivery)
+
+    assert upload(driver_client, driver, delivery).status_code == 201  # the proof of delivery
+
+    assert "2 proofs already" in assert_error(upload(driver_client, driver, delivery), 409)["message"]  # once
+    assert_error(upload(driver_client, driver, delivery, kind="signature"), 409)  # not one the policy asks
+    assert complete(driver_client, driver, delivery).status_code == 200
+
+
+def test_a_proof_is_stamped_under_the_lock_after_its_decode(integration_user, driver, monkeypatch):
+    """A photo begun while picked up, decoded while the driver set off: it was stored "in
+    transit" at a time before delivery_started, and audited before it (an audit)."""
+    from workflows import deliveries as flows
+
+    delivery = _picked_up(integration_user, driver, "photo")
+    real_clean = flows.proof_image_clean
+
+    def decoded_while_the_driver_sets_off(upload, caller=None):
+        image = real_clean(upload, caller=caller)
+        delivery_advance(delivery_id=delivery.pk, driver_id=driver.pk, step="delivery-started", actor=Actor.system())
+        return image
+
+    monkeypatch.setattr(flows, "proof_image_clean", decoded_while_the_driver_sets_off)
+    photo = SimpleUploadedFile("p.jpg", jpeg_with_gps(), content_type="image/jpeg")
+    proof = flows.delivery_proof_add(delivery_id=delivery.pk, driver_id=driver.pk, kind="photo", upload=photo, note="",
+                                     actor=Actor("driver", driver.pk))
+
+    delivery.refresh_from_db()
+    assert proof.delivery_status == "in_transit" and proof.created_at > delivery.in_transit_at
+    trail = list(DeliveryAuditLog.objects.filter(delivery=delivery).order_by("seq").values_list("event_type", "timestamp"))
+    assert [event for event, _ in trail][-2:] == ["delivery_started", "proof_added"]
+    assert [at for _, at in trail] == sorted(at for _, at in trail)
+
+
 def test_a_proof_is_audited_and_told_to_merchants(moving, driver, driver_client):
     proof_id = upload(driver_client, driver, moving, note="door").json()["id"]
 
