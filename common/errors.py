@@ -61,10 +61,21 @@ def error_response(request, status_code: int, message: str, details=None) -> Jso
     return JsonResponse(error_body(status_code, request.get_full_path(), message, details), status=status_code)
 
 
+# An error message (or field name) is cut to this many characters: a field error may echo the
+# input, and a 5 MB invalid choice came back twice in full, a 10 MB answer to a 5 MB request
+# (an audit).
+MAX_ERROR_TEXT = 1000
+
+
 def _text(value) -> str:
-    """Field errors may echo the input (a choice, a UUID); a lone surrogate there cannot be
-    encoded as UTF-8 and would turn a 400 into a 500 when the body is rendered."""
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    """Field errors may echo the input (a choice, a UUID): cut to MAX_ERROR_TEXT characters in
+    the middle, and a lone surrogate there, which cannot be encoded as UTF-8 and would turn a
+    400 into a 500 when the body is rendered, escaped."""
+    text = str(value)
+    if len(text) > MAX_ERROR_TEXT:  # (its middle: the echo, keeping what the message says of it)
+        half = (MAX_ERROR_TEXT - 1) // 2
+        text = text[:half] + "…" + text[-half:]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _flatten_message(detail) -> str:

@@ -187,3 +187,17 @@ def test_a_format_that_no_renderer_has_is_ignored_as_other_unknown_parameters_ar
         assert r.status_code == 200 and r["Content-Type"] == "application/json", (query, r.content[:200])
     assert ops.get("/v2/schema/?format=json")["Content-Type"].startswith("application/vnd.oai.openapi+json")
     assert ops.get("/v2/schema/")["Content-Type"].startswith("application/vnd.oai.openapi;")
+
+
+def test_an_echoed_input_is_cut_not_sent_back_whole(ops, db):
+    """An invalid choice is echoed in the message and the details: a 1 MB `state` came back
+    twice in full, a 2 MB answer (an audit: 10 MB for a 5 MB proof `kind`)."""
+    driver = online_driver()
+    state = "k" * 1_000_000
+
+    r = ops.post(f"/v2/drivers/{driver.pk}/availability", {"state": state, "reason": "x"}, format="json")
+
+    body = assert_error_body(r, 400, path=f"/v2/drivers/{driver.pk}/availability")
+    assert len(r.content) < 5_000
+    shown = body["details"]["state"][0]
+    assert shown.startswith('"kkkk') and "…" in shown and shown.endswith('" is not a valid choice.')
