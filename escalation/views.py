@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import wraps
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.forms import AuthenticationForm
@@ -124,6 +125,7 @@ def ticket_detail(request, ticket_id):
         "resolve_form": forms.ResolveForm(),
         "active": ticket.status in (TicketStatus.OPEN, TicketStatus.IN_PROGRESS),
         "read_only": _read_only(request.user),
+        "live_poll_ms": max(settings.SUPPORT_TICKET_REFRESH_SECONDS, 0) * 1000,
     }
     return render(request, "support/ticket.html", context)
 

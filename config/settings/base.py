@@ -695,6 +695,10 @@ LOGGING["loggers"]["django.contrib.gis"] = {"filters": ["gis_input_warning"]}
 OPS_ALERT_EMAILS = env.list("OPS_ALERT_EMAILS", default=[])
 # Where support tickets live (dotted path to a TicketBackend); the default keeps them here.
 SUPPORT_TICKET_BACKEND = env("SUPPORT_TICKET_BACKEND", default="escalation.backends.LocalTicketBackend")
+# A ticket page open in /support/ re-reads its sections this often while its socket is live:
+# /ws/support/ carries the ticket and escalation events, not its delivery's offers, rejects and
+# expiries (an audit: an offer and its reject never showed until a reload). 0: never.
+SUPPORT_TICKET_REFRESH_SECONDS = env.int("SUPPORT_TICKET_REFRESH_SECONDS", default=10)
 # Absolute links in alert e-mails.
 SITE_URL = env("SITE_URL", default="http://127.0.0.1:8000")
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")

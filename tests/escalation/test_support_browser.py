@@ -141,6 +141,9 @@ class TestSupportQueueRefreshesLive(ChannelsLiveServerTestCase):
         test = settings.DATABASES["default"].setdefault("TEST", {})
         cls._saved_test_name = test.get("NAME")
         test["NAME"] = connection.settings_dict["NAME"]
+        # (the server process is forked from this one: it serves ticket pages polling each second)
+        cls._saved_refresh = settings.SUPPORT_TICKET_REFRESH_SECONDS
+        settings.SUPPORT_TICKET_REFRESH_SECONDS = 1
         super().setUpClass()
 
     @classmethod
@@ -149,6 +152,37 @@ class TestSupportQueueRefreshesLive(ChannelsLiveServerTestCase):
 
         super().tearDownClass()
         settings.DATABASES["default"]["TEST"]["NAME"] = cls._saved_test_name
+        settings.SUPPORT_TICKET_REFRESH_SECONDS = cls._saved_refresh
+
+    def test_an_open_ticket_shows_its_deliverys_new_offer_without_a_reload(self):
+        """The support socket carries no offer events: the page re-reads its sections while live
+        (SUPPORT_TICKET_REFRESH_SECONDS, 1 s here); an offer and its reject never showed until a
+        reload (an audit)."""
+        from selenium.common.exceptions import StaleElementReferenceException
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        agent = SupportUserFactory(username="nightshift")
+        agent.set_password("pw-123456")
+        agent.save()
+        ticket = ticket_for(6, "ORD-POLL")
+        browser = make_browser()
+        try:
+            wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
+            _login(browser, self.live_server_url, wait)
+            wait.until(lambda d: d.find_elements(By.ID, "queue-table"))
+            browser.get(f"{self.live_server_url}/support/tickets/{ticket.pk}/")
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-live-state") == "live")
+            assert "pending with" not in browser.find_element(By.ID, "delivery-facts").text
+            browser.execute_script("window.__sameDocument = true;")
+
+            online_driver(km=0.5, name="Priya Live")
+            assert delivery_dispatch(delivery_id=ticket.delivery_id, actor=Actor.system()).outcome == "offered"
+
+            wait.until(lambda d: "pending with Priya Live" in d.find_element(By.ID, "delivery-facts").text)
+            assert browser.execute_script("return window.__sameDocument === true;")  # not a reload
+        finally:
+            browser.quit()
 
     def test_a_new_ticket_appears_in_an_open_queue_without_a_reload(self):
         from selenium.common.exceptions import StaleElementReferenceException

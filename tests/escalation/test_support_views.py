@@ -197,6 +197,22 @@ def test_the_ticket_page_shows_the_delivery_its_map_record_timeline_and_comments
     assert web.get("/support/tickets/7f0c5b8e-2a7e-4f53-9a53-0d0f7e1f0c11/").status_code == 404
 
 
+def test_the_ticket_page_isolates_what_the_seller_wrote_and_polls_while_live(web, settings):
+    """A customer name ending in an RLO read the phone number after it backwards ("Marco
+    765432174393+"; an audit). And the page re-reads its sections every
+    SUPPORT_TICKET_REFRESH_SECONDS: the support socket carries no offer events."""
+    ticket = ticket_for(seller_order_id="ORD-RLO", store_name="Pizza \u202e Roma", customer_name="Marco \u202e",
+                        customer_phone="+393471234567", dropoff_address="Via \u202e 1")
+
+    html = web.get(f"/support/tickets/{ticket.pk}/").content.decode()
+
+    assert '<bdi>Marco \u202e</bdi> <bdi dir="ltr">+393471234567</bdi>' in html
+    assert "<bdi>Pizza \u202e Roma</bdi>" in html and "<bdi>Via \u202e 1</bdi>" in html
+    assert 'data-live-poll="10000"' in html
+    settings.SUPPORT_TICKET_REFRESH_SECONDS = 0
+    assert 'data-live-poll="0"' in web.get(f"/support/tickets/{ticket.pk}/").content.decode()
+
+
 def test_taking_a_ticket(web, agent):
     ticket = ticket_for()
 
@@ -249,7 +265,7 @@ def test_redispatching_searches_the_wide_radius(web, agent, settings):
     row = DeliveryAuditLog.objects.get(delivery=ticket.delivery, event_type="support_ticket_updated")
     assert row.details["action"] == "redispatched" and row.details["driverId"] == str(far.pk)
 
-    assert escape(f"pending with {far.name}").encode() in r.content
+    assert f"pending with <bdi>{escape(far.name)}</bdi>".encode() in r.content
     assert b"Redispatch (wide radius)" not in r.content  # no second search while an offer is out
     again = web.post(f"/support/tickets/{ticket.pk}/redispatch", follow=True)
     assert b"already has a pending offer" in again.content

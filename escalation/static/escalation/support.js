@@ -17,6 +17,11 @@
   var retry = 1000;
   var timer = null;
   var requested = 0;  // sequence of refreshes asked for
+  // A ticket page also re-reads its regions every data-live-poll ms while the socket is open (and
+  // the tab is shown): the socket carries ticket and escalation events, not its delivery's
+  // offers, rejects and expiries (SUPPORT_TICKET_REFRESH_SECONDS).
+  var pollMs = parseInt(body.getAttribute("data-live-poll") || "0", 10) || 0;
+  var poller = null;
   var applied = 0;    // the newest one swapped in
 
   function state(name, text) {
@@ -65,6 +70,12 @@
       refresh().then(function () {
         if (socket.readyState === WebSocket.OPEN) state("live", "live");
       });
+      if (pollMs > 0) {
+        clearInterval(poller);
+        poller = setInterval(function () {
+          if (socket.readyState === WebSocket.OPEN && !document.hidden) refresh();
+        }, pollMs);
+      }
     };
     socket.onmessage = function (message) {
       var event;
@@ -74,6 +85,7 @@
       timer = setTimeout(refresh, 300);  // a burst of events: one refresh
     };
     socket.onclose = function (close) {
+      clearInterval(poller);
       if (close.code === 4429) {  // too many of this login's sockets open (SOCKET_MAX_PER_CREDENTIAL)
         state("offline", "too many tabs open, retrying in a minute");
         setTimeout(connect, 60000 * (0.75 + Math.random() * 0.5));
