@@ -298,10 +298,21 @@ def ticket_update(
             raise InvalidInput({"assigneeId": ["Must be an active support agent or staff user."]})
         notes.append(f"Assigned to {_name(assignee)}." if assignee else "Unassigned.")
         changes["assigneeId"] = str(assignee.pk) if assignee else None
-        ticket.assignee = assignee
-        fields.append("assignee")
+        # (taken by the new holder now: it kept the first holder's time through reassigns)
+        ticket.assignee, ticket.taken_at = assignee, (now if assignee is not None else None)
+        fields += ["assignee", "taken_at"]
         if assignee is not None and ticket.status == TicketStatus.OPEN and status is _UNSET:
             status = TicketStatus.IN_PROGRESS
+        if assignee is None and ticket.status == TicketStatus.IN_PROGRESS and status is _UNSET:
+            status = TicketStatus.OPEN  # (held by nobody: back in the queue)
+    if (status == TicketStatus.IN_PROGRESS and ticket.assignee_id is None and assignee_id is _UNSET
+            and ticket.status != TicketStatus.IN_PROGRESS and user is not None):
+        # In progress is someone's: the one who puts it there works it (it was "in progress ·
+        # nobody", listed among the unassigned; an audit)
+        notes.append(f"Assigned to {_name(user)}.")
+        changes["assigneeId"] = str(user.pk)
+        ticket.assignee, ticket.taken_at = user, now
+        fields += ["assignee", "taken_at"]
     change = "updated"
     if status is not _UNSET and status != ticket.status:
         if status not in TicketStatus.values:
@@ -336,6 +347,9 @@ def ticket_update(
                 changes["assigneeId"] = None
                 ticket.assignee, ticket.taken_at = None, None
                 fields += ["assignee", "taken_at"]
+            elif status == TicketStatus.OPEN and ticket.assignee_id is None and ticket.taken_at is not None:
+                ticket.taken_at = None  # (nobody holds it)
+                fields.append("taken_at")
             if status == TicketStatus.IN_PROGRESS and ticket.taken_at is None:
                 ticket.taken_at = now
                 fields.append("taken_at")

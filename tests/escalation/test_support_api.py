@@ -111,6 +111,27 @@ def test_patch_assigns_changes_priority_and_resolves_with_a_note(support, agent)
     assert actions == ["updated", "resolved", "reopened", "closed"]
 
 
+def test_in_progress_is_always_someones_and_taken_at_is_the_holders(support, agent):
+    """A ticket put in progress with nobody on it was "in progress · nobody" (listed among the
+    unassigned), and a reassigned one kept its first holder's takenAt (an audit)."""
+    import time_machine
+    from datetime import timedelta
+
+    ticket = ticket_for()
+    url = f"/v2/support/tickets/{ticket.pk}"
+
+    r = support.patch(url, {"status": "in_progress"}, format="json").json()
+    assert (r["status"], r["assigneeId"]) == ("in_progress", str(agent.pk)) and r["takenAt"]
+    colleague = SupportUserFactory()
+    with time_machine.travel(timezone.now() + timedelta(minutes=3)):
+        later = support.patch(url, {"assigneeId": str(colleague.pk)}, format="json").json()
+    assert later["assigneeId"] == str(colleague.pk) and later["takenAt"] > r["takenAt"]
+
+    released = support.patch(url, {"assigneeId": None}, format="json").json()
+    assert (released["status"], released["assigneeId"], released["takenAt"]) == ("open", None, None)
+    assert support.get("/v2/support/tickets?unassigned=true&status=in_progress").json()["tickets"] == []
+
+
 @pytest.mark.parametrize("payload", [
     {}, {"status": "done"}, {"priority": "asap"}, {"assigneeId": "nope"},
 ])
