@@ -226,3 +226,12 @@ def test_a_stale_zone_page_does_not_put_back_what_another_page_saved(admin_clien
     # and the polygon, which neither page changed, was not written again
     assert admin_client.post(url, form_data(admin_client.get(url))).status_code == 302
     assert DeliveryZone.objects.get(pk=zone.pk).updated_at == zone.updated_at
+
+
+@pytest.mark.django_db
+def test_the_set_availability_page_has_one_heading(admin_client):
+    driver = DriverFactory(home_location=Point(30.55, 11.45, srid=4326))
+    page = admin_client.post("/admin/availability/driver/", {
+        "action": "set_availability", "_selected_action": [str(driver.pk)]}).content.decode()
+
+    assert page.count("<h1>") == 1 and "<h1>Set availability</h1>" in page
