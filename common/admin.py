@@ -143,13 +143,18 @@ class DeferredTaskAdmin(admin.ModelAdmin):
     list_display = ("task", "created_at", "expires_at", "attempts")
     list_filter = ("task",)
     ordering = ("created_at",)
-    readonly_fields = ("task", "args", "created_at", "expires_at", "attempts")
+    readonly_fields = ("task", "args_shown", "created_at", "expires_at", "attempts")
+    exclude = ("args",)
 
     def has_add_permission(self, request):
         return False
 
     def has_change_permission(self, request, obj=None):
         return False
+
+    @admin.display(description="args")
+    def args_shown(self, task):
+        return json_block(task.args)  # (an offer push carries the seller's store name)
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -216,6 +221,16 @@ class OpenedValuesMixin:
         if obj is None:
             return form
         return type(form.__name__, (_OpenedValuesForm, form), {})
+
+
+class OpenedValuesInlineMixin:
+    """OpenedValuesMixin for an inline's rows: a row this page did not change is not saved back
+    over another page's change of it."""
+
+    def get_formset(self, request, obj=None, **kwargs):
+        formset = super().get_formset(request, obj, **kwargs)
+        formset.form = type(formset.form.__name__, (_OpenedValuesForm, formset.form), {})
+        return formset
 
 
 class ChangedFieldsOnlyAdmin(OpenedValuesMixin, admin.ModelAdmin):

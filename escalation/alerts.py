@@ -11,6 +11,7 @@ from datetime import datetime
 from django.conf import settings
 from django.core.mail import send_mail
 
+from common.bidi import bidi_isolated
 from common.broadcast import OPS_ALERT_KEEP_SECONDS, enqueue_task_on_commit
 from common.errors import iso
 
@@ -35,7 +36,7 @@ def ops_alert_on_commit(
     prefix = "CRITICAL: " if severity == CRITICAL else ""
     subject = f"[dispatch] {prefix}order {delivery.seller_order_id} unassigned for {waited_minutes} min (level {level})"
     lines = [
-        f"Order {delivery.seller_order_id} from {delivery.store_name} has no driver.",
+        f"Order {delivery.seller_order_id} from {bidi_isolated(delivery.store_name)} has no driver.",
         "",
         f"Escalation level: {level} ({severity})",
         f"Reason: {reason}",

@@ -362,6 +362,9 @@ def ticket_update(
     if ("resolution" in changes or "status" in changes) and ticket.status in (TicketStatus.RESOLVED, TicketStatus.CLOSED) \
             and not ticket.resolution:
         raise InvalidInput({"resolution": ["A resolved or closed ticket keeps a resolution note."]})
+    if ("status" in changes or "assigneeId" in changes) and ticket.status == TicketStatus.IN_PROGRESS \
+            and ticket.assignee_id is None:  # (`assigneeId: null` with it, or on one in progress)
+        raise InvalidInput({"assigneeId": ["An in-progress ticket is someone's: name who works it, or put it back open."]})
     if notes:
         _note(ticket, " ".join(notes), now=now)
     _audit_ticket(ticket, action=change, actor=actor, now=now, changes=changes)

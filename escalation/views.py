@@ -125,7 +125,9 @@ def ticket_detail(request, ticket_id):
         "resolve_form": forms.ResolveForm(),
         "active": ticket.status in (TicketStatus.OPEN, TicketStatus.IN_PROGRESS),
         "read_only": _read_only(request.user),
-        "live_poll_ms": max(settings.SUPPORT_TICKET_REFRESH_SECONDS, 0) * 1000,
+        # (a finished ticket of a finished delivery has nothing more to show: no polling)
+        "live_poll_ms": max(settings.SUPPORT_TICKET_REFRESH_SECONDS, 0) * 1000
+        if ticket.status in (TicketStatus.OPEN, TicketStatus.IN_PROGRESS) or ticket.delivery.is_open else 0,
     }
     return render(request, "support/ticket.html", context)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The local multi-node run (`make cluster`, `make cluster-stop`): HAProxy on 127.0.0.1:8080 in
 # front of two web instances (8101, 8102), PgBouncer (transaction mode) on 6433 in front of
-# PostgreSQL, two Celery workers, one beat and the fix stream consumer, all under supervisord
+# PostgreSQL, two Celery workers and the webhook sweep's own, one beat and the fix stream consumer, all under supervisord
 # with deploy/cluster/supervisord.conf. docs/operations.md ("A local cluster") explains it.
 #
 #   scripts/cluster.sh start            migrate, seed, then run in the foreground (Ctrl-C stops all)

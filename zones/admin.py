@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import F
 from django.utils.html import format_html
 
-from common.admin import MapAdminMixin, OpenedValuesMixin
+from common.admin import MapAdminMixin, OpenedValuesInlineMixin, OpenedValuesMixin
 from common.forms import SafeAutocompleteMixin
 from zones import services
 from zones.geometry import validate_zone_polygon
@@ -161,7 +161,7 @@ class DriverZonePreferenceFormSet(forms.BaseInlineFormSet):
         return saved
 
 
-class DriverZonePreferenceInline(SafeAutocompleteMixin, admin.TabularInline):
+class DriverZonePreferenceInline(OpenedValuesInlineMixin, SafeAutocompleteMixin, admin.TabularInline):
     """Zone preferences on the driver page (dispatch.admin.DriverAdmin)."""
 
     model = DriverZonePreference

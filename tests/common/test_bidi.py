@@ -61,6 +61,13 @@ def test_console_pages_of_a_store_name_with_an_rlo_do_not_read_the_rest_backward
         page = admin_client.get(url)
         assert page.status_code == 200 and "\u202e" not in page.content.decode(), url
 
+    from common.models import DeferredTask
+
+    kept = DeferredTask.objects.create(task="offers.push_offer", args=[{"pickupStoreName": "Shop\u202eevil"}],
+                                       created_at=timezone.now(), expires_at=timezone.now() + timedelta(minutes=1))
+    page = admin_client.get(f"/admin/common/deferredtask/{kept.pk}/change/").content.decode()
+    assert "Shop\\u202eevil" in page and "\u202e" not in page
+
     driver = DriverFactory(name="Ravi\u202eevil", availability="paused")
     done = admin_client.post("/admin/availability/driver/", {
         "action": "set_availability", "_selected_action": [str(driver.pk)], "apply": "1", "state": "paused",

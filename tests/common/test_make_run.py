@@ -75,3 +75,13 @@ def test_the_webhook_sweep_has_a_worker_of_its_own_and_every_routed_queue_a_work
         assert [queues for queues in workers if "webhooks" in queues] == [{"webhooks"}], name
         # (the local cluster runs no simulations)
         assert routed - (set() if name != "cluster" else {"simulation"}) <= set().union(*workers), name
+
+
+def test_compose_workers_keep_the_node_name_their_healthcheck_looks_for():
+    """`manage.py healthcheck worker` looks for `celery@<hostname>`: a compose worker named
+    with `-n timers@%h` never passed it."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    workers = {name: str(s.get("command", "")) for name, s in compose.items() if " worker " in f" {s.get('command', '')} "}
+    assert len(workers) >= 4 and not [name for name, command in workers.items() if " -n " in f" {command} "], workers

@@ -9,7 +9,7 @@ import pytest
 from django.contrib.gis.geos import Point
 
 from audit.models import DeliveryAuditLog
-from availability.models import DriverAvailability
+from availability.models import Driver, DriverAvailability
 from common.actors import Actor
 from common.models import User
 from dispatch.models import Delivery, DeliveryStatus
@@ -207,6 +207,25 @@ def test_a_stale_driver_page_does_not_put_back_what_another_page_saved(admin_cli
 
     driver.refresh_from_db()
     assert (driver.name, driver.phone) == ("Asha Rao", "+34 612 345 679")
+
+
+@pytest.mark.django_db
+def test_a_stale_driver_page_does_not_put_back_a_zone_preference_another_page_saved(admin_client):
+    from tests.factories import ZoneFactory
+    from zones.models import DriverZonePreference
+
+    driver = DriverFactory(vehicle="Honda", home_location=Point(30.55, 11.45, srid=4326))
+    zone = ZoneFactory(name="North")
+    DriverZonePreference.objects.create(driver=driver, zone=zone, preference="PREFERRED")
+    url = f"/admin/availability/driver/{driver.pk}/change/"
+    first, second = form_data(admin_client.get(url)), form_data(admin_client.get(url))
+    row = next(key for key, value in first.items() if key.endswith("-preference") and not key.startswith("initial-"))
+
+    assert admin_client.post(url, {**first, row: "UNAVAILABLE"}).status_code == 302
+    assert admin_client.post(url, {**second, "vehicle": "Vespa"}).status_code == 302
+
+    assert DriverZonePreference.objects.get(driver=driver, zone=zone).preference == "UNAVAILABLE"
+    assert Driver.objects.get(pk=driver.pk).vehicle == "Vespa"
 
 
 @pytest.mark.django_db

@@ -131,6 +131,13 @@ def test_in_progress_is_always_someones_and_taken_at_is_the_holders(support, age
     assert (released["status"], released["assigneeId"], released["takenAt"]) == ("open", None, None)
     assert support.get("/v2/support/tickets?unassigned=true&status=in_progress").json()["tickets"] == []
 
+    # in progress with nobody said outright is refused, and changes nothing
+    assert "assigneeId" in assert_error(support.patch(url, {"status": "in_progress", "assigneeId": None}, format="json"), 400)["details"]
+    support.patch(url, {"assigneeId": str(colleague.pk)}, format="json")
+    assert "assigneeId" in assert_error(support.patch(url, {"status": "in_progress", "assigneeId": None}, format="json"), 400)["details"]
+    ticket.refresh_from_db()
+    assert (ticket.status, ticket.assignee_id) == ("in_progress", colleague.pk)
+
 
 @pytest.mark.parametrize("payload", [
     {}, {"status": "done"}, {"priority": "asap"}, {"assigneeId": "nope"},

@@ -211,6 +211,9 @@ def test_the_ticket_page_isolates_what_the_seller_wrote_and_polls_while_live(web
     assert 'data-live-poll="10000"' in html
     settings.SUPPORT_TICKET_REFRESH_SECONDS = 0
     assert 'data-live-poll="0"' in web.get(f"/support/tickets/{ticket.pk}/").content.decode()
+    settings.SUPPORT_TICKET_REFRESH_SECONDS = 10
+    delivery_cancel(delivery_id=ticket.delivery_id, reason="shop shut", actor=Actor.system())  # (closes the ticket too)
+    assert 'data-live-poll="0"' in web.get(f"/support/tickets/{ticket.pk}/").content.decode()  # nothing more to come
 
 
 def test_taking_a_ticket(web, agent):
