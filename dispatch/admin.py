@@ -352,6 +352,10 @@ class DeliveryAdmin(LiveListMixin, ConsoleExportMixin, ChangedFieldsOnlyAdmin):
             self.message_user(request, "Choose exactly one delivery to assign.", messages.WARNING)
             return None
         delivery = queryset.get()
+        if delivery.status != DeliveryStatus.READY:  # (the page listed drivers, and only the submit said no)
+            self.message_user(request, f"{delivery.seller_order_id}: Delivery is {delivery.status}; only a ready "
+                              "delivery can be offered.", messages.WARNING)
+            return None
         candidates = assign_candidates(delivery)
         applying = "apply" in request.POST
         form = AssignToDriverForm(request.POST if applying else None, candidates=candidates)

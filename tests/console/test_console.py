@@ -424,6 +424,21 @@ def test_reassign_asks_for_a_reason_and_passes_it_to_the_workflow():
     assert first.availability == "available"
 
 
+def test_assign_to_driver_on_a_delivery_no_longer_ready_says_so_at_once():
+    """It listed the nearby drivers, and only the submit said the delivery was cancelled (an audit)."""
+    from workflows.deliveries import delivery_cancel
+
+    _, client = staff_in(DISPATCHER_GROUP)
+    online_driver(km=0.5, name="Near Nadia")
+    delivery = DeliveryFactory(seller_order_id="ORD-GONE")
+    delivery_cancel(delivery_id=delivery.pk, reason="customer", actor=Actor.system())
+
+    page = client.post("/admin/dispatch/delivery/", {"action": "assign_to_driver", "_selected_action": [str(delivery.pk)]},
+                       follow=True).content.decode()
+
+    assert "ORD-GONE: Delivery is cancelled; only a ready delivery can be offered." in page and "Near Nadia" not in page
+
+
 def test_assign_to_driver_lists_nearby_available_drivers_by_distance_and_offers_through_the_workflow():
     _, client = staff_in(DISPATCHER_GROUP)
     near = online_driver(km=0.5, name="Near Nadia")
