@@ -123,9 +123,10 @@ def apply_availability_change(
 def driver_freed_on_commit(driver: Driver) -> None:
     """After commit, a moment later, off the request: the deliveries waiting near `driver`, free
     again (DRIVER_FREED_TASK, workflows.dispatching.driver_freed_pull), unless its state changes
-    meanwhile. Also after a reject: the driver is free of its offer. (A driver whose state never
-    changed, made available by SQL or an import: as of now.)"""
-    drivers_freed_on_commit([driver.pk], at=driver.last_availability_change or timezone.now())
+    meanwhile. Also after a reject: the driver is free of its offer."""
+    if driver.last_availability_change is None:  # (never changed: made available by SQL or an import)
+        return
+    drivers_freed_on_commit([driver.pk], at=driver.last_availability_change)
 
 
 def drivers_freed_on_commit(driver_ids, *, at: datetime) -> None:
