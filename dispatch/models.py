@@ -204,6 +204,16 @@ class Delivery(models.Model):
     def is_open(self) -> bool:
         return self.status in OPEN_DELIVERY_STATUSES
 
+    @property
+    def wait_ended_at(self):
+        """When it stopped waiting for a driver: the first assignment, cancel or failure since it
+        was last ready; None while it is ready (the support queue's "Waiting" counted on after
+        a delivery was assigned or cancelled)."""
+        if self.status == DeliveryStatus.READY:
+            return None
+        ends = [t for t in (self.assigned_at, self.cancelled_at, self.failed_at) if t is not None and t >= self.ready_at]
+        return min(ends) if ends else self.updated_at
+
 
 class AssignmentStatus(models.TextChoices):
     ACTIVE = "active"

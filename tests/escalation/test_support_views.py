@@ -216,6 +216,23 @@ def test_the_ticket_page_isolates_what_the_seller_wrote_and_polls_while_live(web
     assert 'data-live-poll="0"' in web.get(f"/support/tickets/{ticket.pk}/").content.decode()  # nothing more to come
 
 
+def test_the_wait_stops_counting_once_the_delivery_is_no_longer_waiting(web):
+    """The queue's "Waiting" and the page's "Ready since" counted on after the delivery was
+    cancelled or assigned (an audit: a closed ticket "7 minutes" and counting)."""
+    import time_machine
+    from datetime import timedelta
+
+    ticket = ticket_for(minutes_waiting=6, seller_order_id="ORD-WAIT")
+    delivery_cancel(delivery_id=ticket.delivery_id, reason="shop shut", actor=Actor.system())
+
+    with time_machine.travel(timezone.now() + timedelta(hours=2)):
+        queue = web.get("/support/?status=all").content.decode()
+        page = web.get(f"/support/tickets/{ticket.pk}/").content.decode()
+
+    assert "6\xa0minutes (cancelled)" in queue
+    assert "waited 6\xa0minutes, then cancelled" in page
+
+
 def test_taking_a_ticket(web, agent):
     ticket = ticket_for()
 
